@@ -1,0 +1,1 @@
+"""wherefrom: which training examples made a language model say this?"""

@@ -1,0 +1,217 @@
+"""High-level Python API: one :class:`Attributor` per (model, module selection, settings).
+
+Typical use::
+
+    attributor = Attributor(model, tokenizer, AttributionConfig(strategy="ekfac"))
+    attributor.fit(train_records)
+    scores = attributor.scores(query_records, train_records)
+    scores.top(0, k=10)  # [(train_id, score), ...], positive = proponent
+
+Every score follows the sign convention of :mod:`wherefrom.scoring`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .curvature import Curvature, make_curvature
+from .curvature.base import Progress, no_progress
+from .data import Record
+from .encoding import EncodedExample, encode_records, iterate_batches, pad_id
+from .gradients import Batch, LossFn, per_example_gradients, token_factors
+from .scoring import QueryBlock, Scores, compress_queries, module_scores, token_scores
+from .task import LanguageModelingTask
+from .tracking import TrackedModule, select_modules, selection_signature
+
+
+@dataclass
+class AttributionConfig:
+    """Every setting that changes the numbers; saved as ``config.json`` beside a run's outputs.
+
+    ``fisher``: ``"true"`` samples the fitting targets from the model (Gauss-Newton / true Fisher),
+    ``"empirical"`` uses the data's completions. ``damping``: absolute lambda, or ``None`` for
+    ``damping_factor`` x mean eigenvalue per module. ``query_rank``: rank of the low-rank query
+    batching (``None`` = full rank). ``include``/``exclude``: module-name regexes.
+    """
+
+    strategy: str = "ekfac"
+    fisher: Literal["true", "empirical"] = "true"
+    damping: float | None = None
+    damping_factor: float = 0.1
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    batch_size: int = 8
+    max_length: int = 512
+    chat_template: bool = False
+    reduction: Literal["sum", "mean"] = "sum"
+    query_rank: int | None = None
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.fisher not in ("true", "empirical"):
+            raise ValueError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Attributor:
+    """Fits curvature and computes influence scores for one model and module selection."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        config: AttributionConfig | None = None,
+        task: LanguageModelingTask | None = None,
+        progress: Progress = no_progress,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or AttributionConfig()
+        self.task = task or LanguageModelingTask(reduction=self.config.reduction)
+        self.progress = progress
+        self.modules: list[TrackedModule] = select_modules(model, self.config.include, self.config.exclude)
+        self.curvature: Curvature = make_curvature(self.config.strategy, self.config.damping, self.config.damping_factor)
+        if not self.curvature.needs_fit:
+            self.curvature.modules = selection_signature(self.modules)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def module_names(self) -> list[str]:
+        return [m.name for m in self.modules]
+
+    # --- data ----------------------------------------------------------------------------------
+    def encode(self, records: Sequence[Record]) -> list[EncodedExample]:
+        return encode_records(records, self.tokenizer, self.config.max_length, self.config.chat_template)
+
+    def batches(self, records: Sequence[Record] | Sequence[EncodedExample]) -> Iterator[tuple[list[str], Batch]]:
+        """``(ids, batch)`` in order; accepts records or already-encoded examples."""
+        encoded = records if records and isinstance(records[0], EncodedExample) else self.encode(records)  # type: ignore[arg-type]
+        return iterate_batches(encoded, self.config.batch_size, pad_id(self.tokenizer), self.device)
+
+    # --- losses --------------------------------------------------------------------------------
+    def train_loss_fn(self) -> LossFn:
+        """``L(z)`` per example with the data's targets."""
+        return lambda model, batch: self.task.train_loss(model, batch)
+
+    def fisher_loss_fn(self) -> LossFn:
+        """The loss whose gradients define the Fisher: sampled targets for ``fisher="true"``."""
+        if self.config.fisher == "empirical":
+            return self.train_loss_fn()
+        generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        return lambda model, batch: self.task.train_loss(model, batch, sample=True, generator=generator)
+
+    def query_loss_fn(self) -> LossFn:
+        """``-f(z_q)`` per example: its gradient is the query vector ``q`` of :mod:`wherefrom.scoring`."""
+        return lambda model, batch: -self.task.measurement(model, batch)
+
+    # --- curvature -----------------------------------------------------------------------------
+    def fit(self, train: Sequence[Record] | Sequence[EncodedExample]) -> Curvature:
+        """Fit the configured curvature strategy on ``train`` (true or empirical Fisher)."""
+        encoded = train if train and isinstance(train[0], EncodedExample) else self.encode(train)  # type: ignore[arg-type]
+
+        def batches() -> Iterable[Batch]:
+            return (batch for _, batch in self.batches(encoded))
+
+        self.curvature = make_curvature(self.config.strategy, self.config.damping, self.config.damping_factor)
+        with _eval_mode(self.model):
+            self.curvature.fit(self.model, self.modules, batches, self.fisher_loss_fn(), self.progress)
+        return self.curvature
+
+    def use_curvature(self, curvature: Curvature) -> None:
+        """Adopt a loaded curvature after checking it was fitted on this module selection."""
+        curvature.check_modules(self.modules)
+        self.curvature = curvature.to(self.device)
+
+    # --- gradients -----------------------------------------------------------------------------
+    def gradients(
+        self, records: Sequence[Record] | Sequence[EncodedExample], loss_fn: LossFn | None = None, description: str = "gradients"
+    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        """``(ids, {module: (b, out, in')})`` per batch; training-loss gradients unless ``loss_fn`` is given."""
+        loss_fn = loss_fn or self.train_loss_fn()
+        with _eval_mode(self.model):
+            for ids, batch in self.progress(self.batches(records), description):  # type: ignore[arg-type]
+                yield ids, per_example_gradients(self.model, self.modules, batch, loss_fn)
+
+    def preconditioned_queries(self, queries: Sequence[Record] | Sequence[EncodedExample]) -> tuple[list[str], dict[str, QueryBlock]]:
+        """Query ids and ``(G + lambda I)^-1 q`` per module, low-rank when ``query_rank`` is set."""
+        ids, parts = [], []
+        for batch_ids, grads in self.gradients(queries, self.query_loss_fn(), "query gradients"):
+            ids += batch_ids
+            parts.append(self.curvature.precondition(grads))
+        merged = {name: torch.cat([p[name] for p in parts]) for name in self.module_names}
+        return ids, compress_queries(merged, self.config.query_rank)
+
+    # --- scores --------------------------------------------------------------------------------
+    def scores_from_gradients(
+        self,
+        query_ids: list[str],
+        queries: dict[str, QueryBlock],
+        train_gradients: Iterable[tuple[list[str], dict[str, torch.Tensor]]],
+    ) -> Scores:
+        """Pairwise scores of preconditioned queries against a stream of dense train gradients."""
+        train_ids: list[str] = []
+        columns = []
+        for ids, grads in train_gradients:
+            train_ids += ids
+            columns.append(torch.stack([module_scores(queries[n], grads[n].to(self.device)) for n in self.module_names]).cpu())
+        return Scores(query_ids, train_ids, self.module_names, torch.cat(columns, dim=2))
+
+    def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
+        """Pairwise influence ``(n_query, n_train)`` with a per-module split; positive = proponent."""
+        query_ids, pre = self.preconditioned_queries(queries)
+        return self.scores_from_gradients(query_ids, pre, self.gradients(train, description="train gradients"))
+
+    def self_influence(self, train: Sequence[Record]) -> tuple[list[str], torch.Tensor]:
+        """``grad L(z)^T (G + lambda I)^-1 grad L(z)`` for each training row, ``(n,)``."""
+        ids, values = [], []
+        for batch_ids, grads in self.gradients(train, description="self-influence"):
+            pre = self.curvature.precondition(grads)
+            ids += batch_ids
+            values.append(sum((pre[n] * grads[n]).flatten(1).sum(1) for n in self.module_names).cpu())
+        return ids, torch.cat(values)
+
+    def token_scores(self, queries: Sequence[Record], train: Sequence[Record]) -> tuple[list[str], list[tuple[str, list[int], torch.Tensor]]]:
+        """Per-token split of the scores of ``train`` rows: ``[(train_id, input_ids, (n_query, T))]``.
+
+        Token ``t`` gets ``sum_modules g_t^T Q a_t``; the tokens of a row sum to its total score.
+        """
+        query_ids, pre = self.preconditioned_queries(queries)
+        encoded = self.encode(train)
+        out = []
+        loss_fn = self.train_loss_fn()
+        with _eval_mode(self.model):
+            for ids, batch in self.batches(encoded):
+                factors, _ = token_factors(self.model, self.modules, batch, loss_fn)
+                per_token = sum(token_scores(pre[n], factors[n]) for n in self.module_names)
+                lengths = batch["attention_mask"].sum(1).tolist()
+                for j, (row_id, length) in enumerate(zip(ids, lengths)):
+                    example = encoded[len(out)]
+                    out.append((row_id, example.input_ids, per_token[:, j, : int(length)].cpu()))
+        return query_ids, out
+
+
+class _eval_mode:
+    """Context manager: ``model.eval()`` inside, previous mode restored after (no dropout in gradients)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc) -> None:
+        self.model.train(self.was_training)

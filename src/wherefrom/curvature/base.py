@@ -1,0 +1,126 @@
+"""The curvature interface: fit on a data stream, save/load, precondition gradients by module.
+
+``precondition(grads)`` returns ``(G + lambda I)^-1 grads`` for each tracked module, where ``G`` is
+that module's block of the Gauss-Newton / Fisher matrix of the *average* training loss (per-example
+loss summed over completion tokens by default) and ``lambda`` is the module's damping.
+
+Damping: an absolute value when ``damping`` is given; otherwise ``damping_factor`` (default 0.1)
+times the mean eigenvalue of the module's curvature block (Grosse et al., 2023).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..gradients import Batch, LossFn
+from ..store import atomic_write_json, atomic_save_tensors
+from ..tracking import TrackedModule
+
+BatchSource = Callable[[], Iterable[Batch]]
+"""A callable that returns a fresh iterable over the fitting batches (some strategies need two passes)."""
+
+Progress = Callable[[Iterable[Batch], str], Iterator[Batch]]
+
+
+def no_progress(batches: Iterable[Batch], _description: str) -> Iterator[Batch]:
+    return iter(batches)
+
+
+class Curvature(ABC):
+    """One curvature estimator. Subclasses set ``name`` and implement the abstract methods."""
+
+    name: ClassVar[str]
+    needs_fit: ClassVar[bool] = True
+
+    def __init__(self, damping: float | None = None, damping_factor: float = 0.1):
+        if damping is not None and damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
+        if damping_factor < 0:
+            raise ValueError(f"damping_factor must be >= 0, got {damping_factor}")
+        self.damping = damping
+        self.damping_factor = damping_factor
+        self.modules: list[list] = []  # [[name, out, in'], ...] of the selection fitted on
+        self.state: dict[str, torch.Tensor] = {}
+        self.info: dict[str, Any] = {}
+
+    # --- fitting -------------------------------------------------------------------------------
+    def fit(
+        self,
+        model: nn.Module,
+        modules: Sequence[TrackedModule],
+        batches: BatchSource,
+        loss_fn: LossFn,
+        progress: Progress = no_progress,
+    ) -> "Curvature":
+        """Estimate the curvature from ``loss_fn`` gradients over ``batches()``; returns ``self``."""
+        self.modules = [[m.name, *m.shape] for m in modules]
+        self._fit(model, modules, batches, loss_fn, progress)
+        return self
+
+    @abstractmethod
+    def _fit(self, model, modules, batches: BatchSource, loss_fn: LossFn, progress: Progress) -> None: ...
+
+    def damping_for(self, mean_eigenvalue: float) -> float:
+        """The damping lambda of one module given the mean eigenvalue of its curvature block."""
+        return float(self.damping) if self.damping is not None else self.damping_factor * mean_eigenvalue
+
+    # --- use -----------------------------------------------------------------------------------
+    @abstractmethod
+    def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
+        """``(G_m + lambda_m I)^-1`` applied to ``grads`` of shape ``(n, out, in')``."""
+
+    def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Apply :meth:`precondition_module` to every module in ``grads`` (``{name: (n, out, in')}``)."""
+        return {name: self.precondition_module(name, g) for name, g in grads.items()}
+
+    def to(self, device: torch.device | str) -> "Curvature":
+        self.state = {k: v.to(device) for k, v in self.state.items()}
+        return self
+
+    # --- persistence ---------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "strategy": self.name,
+            "damping": self.damping,
+            "damping_factor": self.damping_factor,
+            "modules": self.modules,
+            "info": self.info,
+        }
+
+    def save(self, folder: Path) -> None:
+        """Write ``curvature.json`` and ``curvature.safetensors`` into ``folder`` atomically."""
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors({k: v.contiguous().cpu() for k, v in self.state.items()}, folder / "curvature.safetensors")
+        atomic_write_json(self.metadata(), folder / "curvature.json")
+
+    @classmethod
+    def load_state(cls, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        meta_path, tensors_path = folder / "curvature.json", folder / "curvature.safetensors"
+        if not meta_path.exists() or not tensors_path.exists():
+            raise FileNotFoundError(f"no fitted curvature in {folder} (expected curvature.json and curvature.safetensors)")
+        return json.loads(meta_path.read_text()), load_file(str(tensors_path))
+
+    def restore(self, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> "Curvature":
+        self.modules = meta["modules"]
+        self.info = meta.get("info", {})
+        self.state = state
+        return self
+
+    def check_modules(self, modules: Sequence[TrackedModule]) -> None:
+        """Raise if ``modules`` is not the selection this curvature was fitted on."""
+        wanted = [[m.name, *m.shape] for m in modules]
+        if wanted != self.modules:
+            fitted = {tuple(x) for x in self.modules}
+            missing = [x for x in wanted if tuple(x) not in fitted][:5]
+            raise ValueError(
+                f"curvature was fitted on a different module selection ({len(self.modules)} modules) than "
+                f"the current one ({len(wanted)} modules); e.g. not fitted: {missing}"
+            )

@@ -1,0 +1,140 @@
+"""Exact damped Gauss-Newton inverse, for models small enough to form the matrix.
+
+The GGN of the summed token cross-entropy equals the true Fisher:
+``G = mean_n sum_t sum_c p_{ntc} grad log p_{ntc} grad log p_{ntc}^T`` over completion positions
+``t`` and every vocabulary entry ``c``. It is computed here with ``torch.func.jacrev`` on
+``functional_call``, independently of the hook-based gradient code, so it can serve as ground truth
+for every other strategy.
+
+``blocks="module"`` keeps one dense block per tracked module (the structure K-FAC approximates);
+``blocks="full"`` keeps the whole ``(P, P)`` matrix, cross-module terms included.
+Damping per block (or for the full matrix): ``damping_factor x trace(G_block) / dim`` unless an
+absolute ``damping`` is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, jacrev
+
+from ..task import IGNORE_INDEX
+from .base import Curvature
+
+BYTES_LIMIT = 4 * 2**30
+
+
+@contextmanager
+def _eager_attention(model) -> Iterator[None]:
+    """Use eager attention inside (SDPA has no vmap batching rule for its backward: ~10x slower)."""
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    if previous is not None:
+        config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        if previous is not None:
+            config._attn_implementation = previous
+
+
+class ExactGGN(Curvature):
+    """Dense damped GGN inverse; refuses (with the byte count) when the matrix would be too large."""
+
+    name = "exact"
+
+    def __init__(self, damping: float | None = None, damping_factor: float = 0.1, blocks: Literal["module", "full"] = "module"):
+        super().__init__(damping, damping_factor)
+        if blocks not in ("module", "full"):
+            raise ValueError(f"blocks must be 'module' or 'full', got {blocks!r}")
+        self.blocks = blocks
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "blocks": self.blocks}
+
+    def _fit(self, model, modules, batches, loss_fn, progress) -> None:
+        sizes = [m.shape[0] * m.shape[1] for m in modules]
+        total = sum(sizes)
+        needed = 8 * (total**2 if self.blocks == "full" else sum(s * s for s in sizes))
+        if needed > BYTES_LIMIT:
+            raise MemoryError(
+                f"exact GGN over {total:,} parameters needs {needed / 2**30:.1f} GiB in float64 "
+                f"(limit {BYTES_LIMIT / 2**30:.0f} GiB); track fewer modules or use an approximate strategy"
+            )
+        params = {f"{m.name}.{suffix}": p for m in modules for suffix, p in zip(("weight", "bias"), m.parameters())}
+        device = next(model.parameters()).device
+        ggn = torch.zeros(total, total, dtype=torch.float64, device=device)
+
+        def log_probs(p, input_ids, attention_mask):
+            logits = functional_call(model, p, (), {"input_ids": input_ids[None], "attention_mask": attention_mask[None]}).logits
+            return F.log_softmax(logits[0, :-1].double(), dim=-1)
+
+        jacobian = jacrev(log_probs)
+        with _eager_attention(model):
+            self._accumulate(modules, batches, progress, jacobian, log_probs, params, ggn)
+        ggn /= max(self.info["examples"], 1)
+        self._invert(modules, ggn)
+
+    def _accumulate(self, modules, batches, progress, jacobian, log_probs, params, ggn: torch.Tensor) -> None:
+        """Add ``sum_t sum_c p_c grad log p_c grad log p_c^T`` of every example to ``ggn``."""
+        examples = 0
+        detached = {k: v.detach() for k, v in params.items()}
+        for batch in progress(batches(), "exact GGN"):
+            for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+                keep = labels[1:] != IGNORE_INDEX
+                with torch.no_grad():  # torch.func transforms still differentiate inside
+                    jac = jacobian(detached, ids, mask)
+                    probs = log_probs(detached, ids, mask)[keep].exp()
+                flat = torch.cat([self._layout(m, jac) for m in modules], dim=-1)[keep]  # (t, V, P)
+                rows = (flat * probs.sqrt().unsqueeze(-1)).reshape(-1, ggn.shape[0])
+                ggn += rows.T @ rows
+                examples += 1
+        self.info["examples"] = examples
+
+    @staticmethod
+    def _layout(module, jac: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Jacobian blocks of one module in Linear orientation, flattened: ``(T, V, out * in')``."""
+        weight = jac[f"{module.name}.weight"]
+        bias = jac.get(f"{module.name}.bias") if module.has_bias else None
+        dense = module.from_param_layout(weight, bias)
+        return dense.reshape(*dense.shape[:2], -1)
+
+    def _invert(self, modules, ggn: torch.Tensor) -> None:
+        if self.blocks == "full":
+            spans = {"full": (0, ggn.shape[0])}
+        else:
+            spans, start = {}, 0
+            for m in modules:
+                size = m.shape[0] * m.shape[1]
+                spans[m.name] = (start, start + size)
+                start += size
+        for key, (lo, hi) in spans.items():
+            block = ggn[lo:hi, lo:hi]
+            damping = self.damping_for((torch.trace(block) / block.shape[0]).item())
+            eye = torch.eye(hi - lo, dtype=block.dtype, device=block.device)
+            self.state[f"{key}.ggn"] = block.float().cpu()
+            self.state[f"{key}.inverse"] = torch.linalg.inv(block + damping * eye).cpu()
+            self.state[f"{key}.damping"] = torch.tensor(damping)
+
+    def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.blocks == "module":
+            return super().precondition(grads)
+        names = [m[0] for m in self.modules]
+        if set(names) != set(grads):
+            raise ValueError("blocks='full' preconditions all fitted modules at once; got a subset")
+        flat = torch.cat([grads[n].flatten(1) for n in names], dim=1)
+        pre = (flat.double() @ self.state["full.inverse"].to(flat.device)).to(flat.dtype)
+        out, start = {}, 0
+        for name, rows, cols in self.modules:
+            out[name] = pre[:, start : start + rows * cols].reshape(-1, rows, cols)
+            start += rows * cols
+        return out
+
+    def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
+        inverse = self.state[f"{name}.inverse"].to(grads.device)
+        flat = grads.flatten(1).double() @ inverse  # symmetric inverse: row-vector form is fine
+        return flat.to(grads.dtype).reshape(grads.shape)

@@ -1,0 +1,102 @@
+"""K-FAC and EK-FAC (George et al. 2018; Grosse et al. 2023).
+
+For a module with per-token inputs ``a_t`` (``in'``) and output gradients ``g_t`` (``out``):
+
+* ``A = sum_{tokens} a a^T / n_tokens`` and ``S = sum_{tokens} g g^T / n_examples``, so that with
+  ``G_n = sum_t g_t a_t^T`` and no cross-token terms, ``mean_n vec(G_n) vec(G_n)^T ~= A (x) S``.
+  With one example of one token the factorisation is exact.
+* K-FAC eigenvalues: ``Lambda[i, j] = s_i * a_j`` from ``A = Q_A diag(a) Q_A^T``, ``S = Q_S diag(s) Q_S^T``.
+* EK-FAC eigenvalues (the eigenvalue correction): ``Lambda[i, j] = mean_n (Q_S^T G_n Q_A)[i, j]^2``,
+  estimated in a second pass over the data.
+
+``(G + lambda I)^-1 V = Q_S [(Q_S^T V Q_A) / (Lambda + lambda)] Q_A^T`` with ``lambda`` =
+``damping_factor * mean(Lambda)`` unless an absolute ``damping`` is given.
+
+Gradients come from the ``loss_fn`` handed to :meth:`fit`: a sampled-label loss gives the true
+Fisher (the default in :mod:`wherefrom.api`), the data's labels the empirical Fisher.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..gradients import token_factors
+from .base import Curvature
+
+
+def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric eigendecomposition in float64, eigenvalues clamped at 0."""
+    m = matrix.double()
+    values, vectors = torch.linalg.eigh((m + m.T) / 2)
+    return values.clamp_min(0.0), vectors
+
+
+class KFAC(Curvature):
+    """Kronecker-factored curvature with eigenvalues ``s_i a_j``."""
+
+    name = "kfac"
+
+    def _fit(self, model, modules, batches, loss_fn, progress) -> None:
+        self._fit_factors(model, modules, batches, loss_fn, progress)
+        for m in modules:
+            s, a = self.state[f"{m.name}.s_eigvals"].double(), self.state[f"{m.name}.a_eigvals"].double()
+            self._set_eigenvalues(m.name, torch.outer(s, a))
+
+    def _fit_factors(self, model, modules, batches, loss_fn, progress) -> None:
+        """First pass: covariances ``A`` and ``S``, then their eigenbases (stored float32)."""
+        device = next(model.parameters()).device
+        a_cov = {m.name: torch.zeros(m.shape[1], m.shape[1], dtype=torch.float64, device=device) for m in modules}
+        s_cov = {m.name: torch.zeros(m.shape[0], m.shape[0], dtype=torch.float64, device=device) for m in modules}
+        tokens = {m.name: 0 for m in modules}
+        examples = 0
+        for batch in progress(batches(), "covariance factors"):
+            factors, losses = token_factors(model, modules, batch, loss_fn)
+            examples += losses.shape[0]
+            for name, f in factors.items():
+                a = f.a.reshape(-1, f.a.shape[-1])
+                g = f.g.reshape(-1, f.g.shape[-1])
+                a_cov[name] += (a.T @ a).double()
+                s_cov[name] += (g.T @ g).double()
+                tokens[name] += int(f.token_mask.sum())
+        self.info.update(examples=examples, tokens=tokens)
+        for m in modules:
+            a_vals, a_vecs = _eigh(a_cov[m.name] / max(tokens[m.name], 1))
+            s_vals, s_vecs = _eigh(s_cov[m.name] / max(examples, 1))
+            self.state[f"{m.name}.a_eigvecs"] = a_vecs.float().cpu()
+            self.state[f"{m.name}.a_eigvals"] = a_vals.float().cpu()
+            self.state[f"{m.name}.s_eigvecs"] = s_vecs.float().cpu()
+            self.state[f"{m.name}.s_eigvals"] = s_vals.float().cpu()
+
+    def _set_eigenvalues(self, name: str, eigenvalues: torch.Tensor) -> None:
+        self.state[f"{name}.eigenvalues"] = eigenvalues.float().cpu()
+        self.state[f"{name}.damping"] = torch.tensor(self.damping_for(eigenvalues.mean().item()))
+
+    def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
+        q_s = self.state[f"{name}.s_eigvecs"].to(grads.device, grads.dtype)
+        q_a = self.state[f"{name}.a_eigvecs"].to(grads.device, grads.dtype)
+        scale = self.state[f"{name}.eigenvalues"].to(grads.device, grads.dtype) + self.state[f"{name}.damping"].item()
+        return q_s @ ((q_s.T @ grads @ q_a) / scale) @ q_a.T
+
+
+class EKFAC(KFAC):
+    """K-FAC eigenbasis with eigenvalues re-fitted to per-example gradients (a second data pass)."""
+
+    name = "ekfac"
+
+    def _fit(self, model, modules, batches, loss_fn, progress) -> None:
+        self._fit_factors(model, modules, batches, loss_fn, progress)
+        device = next(model.parameters()).device
+        sums = {m.name: torch.zeros(m.shape, dtype=torch.float64, device=device) for m in modules}
+        examples = 0
+        for batch in progress(batches(), "eigenvalue correction"):
+            factors, losses = token_factors(model, modules, batch, loss_fn)
+            examples += losses.shape[0]
+            for name, f in factors.items():
+                # Rotate the token factors first: (Q_S^T g)(Q_A^T a)^T summed over tokens.
+                q_s = self.state[f"{name}.s_eigvecs"].to(device)
+                q_a = self.state[f"{name}.a_eigvecs"].to(device)
+                rotated = torch.einsum("bto,bti->boi", f.g @ q_s, f.a @ q_a)
+                sums[name] += rotated.double().pow(2).sum(0)
+        self.info["correction_examples"] = examples
+        for m in modules:
+            self._set_eigenvalues(m.name, sums[m.name] / max(examples, 1))

@@ -1,0 +1,45 @@
+"""The two simplest strategies: identity (gradient dot product) and diagonal Fisher."""
+
+from __future__ import annotations
+
+import torch
+
+from ..gradients import per_example_gradients
+from .base import Curvature
+
+
+class Identity(Curvature):
+    """``G = 0`` and no damping: scores are plain gradient dot products (Grosse et al.'s baseline)."""
+
+    name = "identity"
+    needs_fit = False
+
+    def _fit(self, model, modules, batches, loss_fn, progress) -> None:
+        """Nothing to estimate."""
+
+    def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
+        return grads
+
+
+class Diagonal(Curvature):
+    """Diagonal of the Fisher, ``diag(G)[j] = mean_n (grad_j L_n)^2``, per module ``(out, in')``."""
+
+    name = "diagonal"
+
+    def _fit(self, model, modules, batches, loss_fn, progress) -> None:
+        sums = {m.name: torch.zeros(m.shape, dtype=torch.float64) for m in modules}
+        count = 0
+        for batch in progress(batches(), "diagonal Fisher"):
+            grads = per_example_gradients(model, modules, batch, loss_fn)
+            for name, g in grads.items():
+                sums[name] += g.double().pow(2).sum(0).cpu()
+            count += next(iter(grads.values())).shape[0]
+        self.info["examples"] = count
+        for name, total in sums.items():
+            diag = total / max(count, 1)
+            self.state[f"{name}.diagonal"] = diag.float()
+            self.state[f"{name}.damping"] = torch.tensor(self.damping_for(diag.mean().item()))
+
+    def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
+        diag = self.state[f"{name}.diagonal"].to(grads.device)
+        return grads / (diag + self.state[f"{name}.damping"].to(grads.device))

@@ -1,0 +1,71 @@
+"""Atomic writes and run-directory bookkeeping.
+
+Every file wherefrom writes goes to a temporary name in the same folder and is renamed into place,
+so an interrupted job never leaves a half-written file behind: a rerun sees either the finished
+file or nothing, and resumes from there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+
+def _atomic_replace(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    _atomic_replace(Path(path), write)
+
+
+def atomic_write_json(obj: Any, path: Path) -> None:
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
+
+
+def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, str] | None = None) -> None:
+    """Save ``tensors`` as safetensors at ``path`` atomically (values must be contiguous CPU tensors)."""
+    _atomic_replace(Path(path), lambda tmp: save_file(dict(tensors), tmp, metadata=dict(meta) if meta else None))
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide the numbers a run produces."""
+    versions = {"python": sys.version.split()[0]}
+    for name in ("wherefrom", "torch", "transformers", "peft", "safetensors", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["cuda"] = torch.cuda.get_device_name(0)
+    return info

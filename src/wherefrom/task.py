@@ -1,0 +1,99 @@
+"""The training loss L(z) and the query measurement f(z_q).
+
+Conventions (see README, "Sign and scale"):
+
+* ``labels`` are aligned with ``input_ids`` (Hugging Face convention): ``labels[b, t]`` is the
+  token at position ``t`` or ``-100`` where no loss is taken (prompt and padding). Logits at
+  position ``t`` predict the token at ``t + 1``; the shift happens here.
+* The training loss of one example is the **sum** over its completion tokens of the token
+  cross-entropy (nats), as Grosse et al. (2023) need; ``reduction="mean"`` divides by the number of
+  completion tokens instead.
+* The query measurement is ``f(z) = log p(completion | prompt) = -L_sum(z)``.
+* With ``sample=True`` the target tokens are drawn from the model's own predictive distribution
+  (true Fisher); otherwise the data's tokens are used (empirical Fisher / plain loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+Reduction = Literal["sum", "mean"]
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Targets for logits ``[:, :-1]``: ``labels[:, 1:]``, shape ``(B, T-1)``."""
+    return labels[:, 1:]
+
+
+def token_losses(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    sample: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-token cross-entropy, shape ``(B, T-1)``, zero where the target is ``-100``.
+
+    ``logits``: ``(B, T, V)``; ``labels``: ``(B, T)``. With ``sample=True`` each unmasked target is
+    replaced by a token drawn from ``softmax(logits)`` (detached), which gives true-Fisher gradients.
+    """
+    pred = logits[:, :-1, :].float()
+    targets = shifted_targets(labels)
+    mask = targets != IGNORE_INDEX
+    if sample:
+        with torch.no_grad():
+            probs = torch.softmax(pred.detach(), dim=-1)
+            drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+            targets = torch.where(mask, drawn.view_as(targets), targets)
+    safe = targets.masked_fill(~mask, 0)
+    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), safe.reshape(-1), reduction="none")
+    return nll.view_as(targets) * mask
+
+
+def per_example_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    reduction: Reduction = "sum",
+    sample: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Training loss of each example, shape ``(B,)``, in nats (sum or mean over completion tokens)."""
+    losses = token_losses(logits, labels, sample=sample, generator=generator)
+    total = losses.sum(dim=1)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        count = (shifted_targets(labels) != IGNORE_INDEX).sum(dim=1).clamp_min(1)
+        return total / count
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+@dataclass(frozen=True)
+class LanguageModelingTask:
+    """Default task: summed completion-token loss for training rows, log-likelihood for queries.
+
+    A user task may subclass this and override :meth:`train_loss` / :meth:`measurement`; both must
+    return one value per example, shape ``(B,)``.
+    """
+
+    reduction: Reduction = "sum"
+
+    def train_loss(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """L(z) per example, ``(B,)``; ``sample=True`` draws targets from the model (true Fisher)."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return per_example_loss(logits, batch["labels"], self.reduction, sample, generator)
+
+    def measurement(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """f(z_q) = log p(completion | prompt) per example, ``(B,)``; equals ``-L_sum``."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return -per_example_loss(logits, batch["labels"], "sum")

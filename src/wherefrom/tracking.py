@@ -1,0 +1,197 @@
+"""Which modules we attribute through, and capture of their inputs and output gradients.
+
+A tracked module has a weight ``W`` that acts on its input ``a`` as ``out = W a (+ b)``. Three kinds
+are supported:
+
+* ``nn.Linear`` (weight stored ``(out, in)``), including PEFT LoRA ``lora_A`` / ``lora_B`` layers,
+  which are plain ``nn.Linear`` modules inside a ``ModuleDict``;
+* Hugging Face ``Conv1D`` (GPT-2), whose weight is stored transposed, ``(in, out)``.
+
+Every gradient wherefrom handles is in the **Linear orientation** ``(out, in + has_bias)``: the
+bias, when present and trainable, is an extra input column of ones. :meth:`TrackedModule.to_param_layout`
+maps such a matrix back to the module's own ``(weight, bias)`` layout.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+try:  # transformers is a hard dependency, but keep tracking usable on bare torch models.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+LORA_PATTERN = re.compile(r"\.lora_[AB]\.")
+DEFAULT_EXCLUDE = (r"lm_head", r"embed", r"wte", r"wpe")
+
+
+@dataclass
+class TrackedModule:
+    """A module whose weight gradient is attributed through.
+
+    ``shape`` is ``(out, in + has_bias)``: the Linear-orientation gradient shape.
+    """
+
+    name: str
+    module: nn.Module
+    is_conv1d: bool
+    has_bias: bool
+
+    @property
+    def in_features(self) -> int:
+        w = self.module.weight
+        return w.shape[0] if self.is_conv1d else w.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        w = self.module.weight
+        return w.shape[1] if self.is_conv1d else w.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features + int(self.has_bias))
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters this module's gradient covers, weight first."""
+        params = [self.module.weight]
+        if self.has_bias:
+            params.append(self.module.bias)
+        return params
+
+    def to_param_layout(self, grad: torch.Tensor) -> list[torch.Tensor]:
+        """Split a ``(..., out, in + has_bias)`` matrix into ``[weight, bias?]`` in module layout."""
+        weight = grad[..., : self.in_features]
+        if self.is_conv1d:
+            weight = weight.transpose(-1, -2)
+        parts = [weight]
+        if self.has_bias:
+            parts.append(grad[..., self.in_features])
+        return parts
+
+    def from_param_layout(self, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> torch.Tensor:
+        """Inverse of :meth:`to_param_layout`: ``(out, in + has_bias)``."""
+        w = weight_grad.transpose(-1, -2) if self.is_conv1d else weight_grad
+        if self.has_bias:
+            assert bias_grad is not None
+            w = torch.cat([w, bias_grad.unsqueeze(-1)], dim=-1)
+        return w
+
+
+def _is_trackable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def select_modules(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> list[TrackedModule]:
+    """Modules to track, in ``named_modules`` order.
+
+    ``include``/``exclude`` are regular expressions searched in the module's qualified name.
+    Default: if the model has LoRA layers, their ``lora_A``/``lora_B`` Linear modules (the trained
+    parameters); otherwise every ``nn.Linear``/``Conv1D`` except the LM head and embeddings.
+    Biases are tracked when present and trainable.
+    """
+    candidates = [(n, m) for n, m in model.named_modules() if _is_trackable(m)]
+    if include is None:
+        lora = [(n, m) for n, m in candidates if LORA_PATTERN.search(n + ".")]
+        chosen = lora or [(n, m) for n, m in candidates if not any(re.search(p, n) for p in DEFAULT_EXCLUDE)]
+    else:
+        chosen = [(n, m) for n, m in candidates if any(re.search(p, n) for p in include)]
+    if exclude:
+        chosen = [(n, m) for n, m in chosen if not any(re.search(p, n) for p in exclude)]
+    if not chosen:
+        raise ValueError(
+            f"no Linear/Conv1D module matches include={list(include) if include else None} "
+            f"exclude={list(exclude) if exclude else None}; "
+            f"available: {[n for n, _ in candidates][:20]}{' ...' if len(candidates) > 20 else ''}"
+        )
+    tracked = []
+    for name, module in chosen:
+        is_conv1d = bool(Conv1D) and isinstance(module, Conv1D)
+        bias = getattr(module, "bias", None)
+        tracked.append(TrackedModule(name, module, is_conv1d, bias is not None and bias.requires_grad))
+    return tracked
+
+
+def selection_signature(modules: Sequence[TrackedModule]) -> list[list]:
+    """JSON-friendly description of a selection: ``[[name, out, in_with_bias], ...]``."""
+    return [[m.name, *m.shape] for m in modules]
+
+
+@dataclass
+class _Calls:
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+class Capture:
+    """Collects, during one forward pass, each tracked module's input and (graph-attached) output."""
+
+    def __init__(self, modules: Sequence[TrackedModule]):
+        self.modules = list(modules)
+        self.calls: dict[str, _Calls] = {m.name: _Calls() for m in self.modules}
+
+    def _hook(self, tracked: TrackedModule):
+        def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            a = args[0].detach()
+            if tracked.has_bias:
+                a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+            self.calls[tracked.name].inputs.append(a)
+            self.calls[tracked.name].outputs.append(output)
+
+        return hook
+
+    def output_gradients(self, objective: torch.Tensor) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Backpropagate a scalar ``objective``; return ``{name: [(a, g), ...]}`` per call.
+
+        ``a``: ``(B, T, in + has_bias)`` (or ``(B, in)`` for 2-D inputs); ``g = d objective / d out``,
+        ``(B, T, out)``. Only the paths to tracked outputs are differentiated; no ``.grad`` is written.
+        """
+        names, outputs = [], []
+        for m in self.modules:
+            for out in self.calls[m.name].outputs:
+                if not out.requires_grad:
+                    raise RuntimeError(
+                        f"output of tracked module {m.name!r} does not require grad; "
+                        "its weight must have requires_grad=True"
+                    )
+                names.append(m.name)
+                outputs.append(out)
+        if not outputs:
+            raise RuntimeError("no tracked module ran in the forward pass")
+        grads = torch.autograd.grad(objective, outputs, allow_unused=True)
+        result: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m.name: [] for m in self.modules}
+        counters = {m.name: 0 for m in self.modules}
+        for name, out, g in zip(names, outputs, grads):
+            a = self.calls[name].inputs[counters[name]]
+            counters[name] += 1
+            result[name].append((a, torch.zeros_like(out) if g is None else g.detach()))
+        return result
+
+
+@contextmanager
+def capturing(modules: Sequence[TrackedModule]) -> Iterator[Capture]:
+    """Context in which forward passes record tracked inputs/outputs; tracked weights require grad."""
+    capture = Capture(modules)
+    handles = []
+    previous: list[tuple[nn.Parameter, bool]] = []
+    for m in modules:
+        for p in m.parameters():
+            previous.append((p, p.requires_grad))
+            p.requires_grad_(True)
+        handles.append(m.module.register_forward_hook(capture._hook(m)))
+    try:
+        yield capture
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in previous:
+            p.requires_grad_(flag)

@@ -1,0 +1,53 @@
+"""Shared fixtures: the tiny character tokenizer, tiny models of each supported kind, small data."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from wherefrom.data import Record
+from wherefrom.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer, with_lora
+
+torch.set_num_threads(2)
+
+WORDS = ["ab", "cd", "ef", "gh", "ij", "kl"]
+
+
+def make_records(n: int, seed: int, prefix: str = "r") -> list[Record]:
+    """Rows of varying length (so batches carry padding): prompt ``"w w:"`` or ``"w w w:"``, completion ``" w"``."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.choice([1, 2, 3]))) + ":"
+        completion = " " + " ".join(rng.choice(WORDS) for _ in range(rng.choice([1, 2])))
+        rows.append(Record(f"{prefix}{i}", prompt, completion, label=completion.split()[0]))
+    return rows
+
+
+def build_model(kind: str, seed: int = 0) -> torch.nn.Module:
+    """``llama`` (Linear), ``gpt2`` (Conv1D) or ``lora`` (LoRA A/B on a tiny Llama), tiny sizes."""
+    vocab = len(tiny_tokenizer())
+    if kind == "llama":
+        return tiny_llama(vocab, hidden=16, intermediate=32, layers=1, seed=seed)
+    if kind == "gpt2":
+        return tiny_gpt2(vocab, hidden=16, layers=1, seed=seed)
+    if kind == "lora":
+        return with_lora(tiny_llama(vocab, hidden=16, intermediate=32, layers=1, seed=seed), r=2, seed=seed)
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def train_records() -> list[Record]:
+    return make_records(12, seed=1)
+
+
+@pytest.fixture(scope="session")
+def query_records() -> list[Record]:
+    return make_records(4, seed=2, prefix="q")
