@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from wherefrom.data import DataError, Record
+from wherefrom.task import IGNORE_INDEX
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
@@ -35,8 +36,6 @@ __all__ = [
     "pad_id",
     "iterate_batches",
 ]
-
-from wherefrom.task import IGNORE_INDEX  # noqa: E402  (one definition, shared with the loss)
 
 
 @dataclass(frozen=True)

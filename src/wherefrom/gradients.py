@@ -66,7 +66,8 @@ def token_factors(
     for m in modules:
         a_parts, g_parts, mask_parts = [], [], []
         for a, g in calls[m.name]:
-            a, g = _as_3d(a).float(), _as_3d(g).float()
+            dtype = torch.promote_types(a.dtype, torch.float32)  # accumulate half precision in float32
+            a, g = _as_3d(a).to(dtype), _as_3d(g).to(dtype)
             keep = torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
             if mask is not None and a.shape[1] == mask.shape[1]:
                 keep = mask.bool()

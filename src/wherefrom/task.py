@@ -41,7 +41,8 @@ def token_losses(
     ``logits``: ``(B, T, V)``; ``labels``: ``(B, T)``. With ``sample=True`` each unmasked target is
     replaced by a token drawn from ``softmax(logits)`` (detached), which gives true-Fisher gradients.
     """
-    pred = logits[:, :-1, :].float()
+    pred = logits[:, :-1, :]
+    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # half precision -> float32
     targets = shifted_targets(labels)
     mask = targets != IGNORE_INDEX
     if sample:

@@ -93,8 +93,8 @@ class EKFAC(KFAC):
             examples += losses.shape[0]
             for name, f in factors.items():
                 # Rotate the token factors first: (Q_S^T g)(Q_A^T a)^T summed over tokens.
-                q_s = self.state[f"{name}.s_eigvecs"].to(device)
-                q_a = self.state[f"{name}.a_eigvecs"].to(device)
+                q_s = self.state[f"{name}.s_eigvecs"].to(device, f.g.dtype)
+                q_a = self.state[f"{name}.a_eigvecs"].to(device, f.a.dtype)
                 rotated = torch.einsum("bto,bti->boi", f.g @ q_s, f.a @ q_a)
                 sums[name] += rotated.double().pow(2).sum(0)
         self.info["correction_examples"] = examples
