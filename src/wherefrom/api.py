@@ -145,12 +145,18 @@ class Attributor:
             for ids, batch in self.progress(self.batches(records), description):  # type: ignore[arg-type]
                 yield ids, per_example_gradients(self.model, self.modules, batch, loss_fn)
 
-    def preconditioned_queries(self, queries: Sequence[Record] | Sequence[EncodedExample]) -> tuple[list[str], dict[str, QueryBlock]]:
-        """Query ids and ``(G + lambda I)^-1 q`` per module, low-rank when ``query_rank`` is set."""
+    def preconditioned_queries(
+        self, queries: Sequence[Record] | Sequence[EncodedExample], curvature: Curvature | None = None
+    ) -> tuple[list[str], dict[str, QueryBlock]]:
+        """Query ids and ``(G + lambda I)^-1 q`` per module, low-rank when ``query_rank`` is set.
+
+        ``curvature`` overrides the fitted one (e.g. identity, to compare methods on one index).
+        """
+        curvature = curvature or self.curvature
         ids, parts = [], []
         for batch_ids, grads in self.gradients(queries, self.query_loss_fn(), "query gradients"):
             ids += batch_ids
-            parts.append(self.curvature.precondition(grads))
+            parts.append(curvature.precondition(grads))
         merged = {name: torch.cat([p[name] for p in parts]) for name in self.module_names}
         return ids, compress_queries(merged, self.config.query_rank)
 

@@ -1,0 +1,196 @@
+"""Command line: ``wherefrom fit | index | scores | query | demo``.
+
+Every command prints where its outputs went; ``--json`` output goes to stdout alone (progress bars
+go to stderr), so it can be piped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from .api import AttributionConfig
+from .data import DataError, Record, load_records
+from .models import ModelLoadError
+from .run import Run, RunConfig, RunMismatch
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Which training examples made a language model say this?")
+console = Console(stderr=True)
+
+
+def _progress(batches: Iterable, description: str) -> Iterator:
+    return iter(tqdm(batches, desc=description, file=sys.stderr, leave=False, dynamic_ncols=True))
+
+
+def _fail(error: Exception) -> None:
+    console.print(f"[bold red]error:[/] {error}")
+    raise typer.Exit(code=2)
+
+
+RunOption = typer.Option(..., "--run", help="Run directory (created by `fit`).")
+
+
+@app.command()
+def fit(
+    train: Path = typer.Option(..., help="Training rows: JSONL, CSV or Parquet with prompt, completion[, id, label]."),
+    run: Path = RunOption,
+    model: Optional[str] = typer.Option(None, help="Local Hugging Face model folder (default: SmolLM2-135M-Instruct)."),
+    adapter: Optional[str] = typer.Option(None, help="PEFT LoRA adapter folder."),
+    strategy: str = typer.Option("ekfac", help="identity | diagonal | kfac | ekfac | exact"),
+    fisher: str = typer.Option("true", help="true (labels sampled from the model) | empirical"),
+    damping: Optional[float] = typer.Option(None, help="Absolute damping; default: damping-factor x mean eigenvalue."),
+    damping_factor: float = typer.Option(0.1, help="Relative damping per module."),
+    include: Optional[list[str]] = typer.Option(None, help="Regex of module names to track (repeatable)."),
+    exclude: Optional[list[str]] = typer.Option(None, help="Regex of module names to skip (repeatable)."),
+    batch_size: int = typer.Option(8),
+    max_length: int = typer.Option(512, help="Longest prompt+completion in tokens; longer rows are an error."),
+    chat_template: bool = typer.Option(False, help="Wrap prompts in the tokenizer's chat template."),
+    reduction: str = typer.Option("sum", help="Training loss over completion tokens: sum | mean."),
+    query_rank: Optional[int] = typer.Option(None, help="Low-rank query batching rank (default: full rank)."),
+    seed: int = typer.Option(0),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
+) -> None:
+    """Fit the curvature on the training set (resumes: an existing fit is reused)."""
+    try:
+        attribution = AttributionConfig(
+            strategy=strategy, fisher=fisher, damping=damping, damping_factor=damping_factor, include=include or None,  # type: ignore[arg-type]
+            exclude=exclude or None, batch_size=batch_size, max_length=max_length, chat_template=chat_template,
+            reduction=reduction, query_rank=query_rank, seed=seed,  # type: ignore[arg-type]
+        )
+        config = RunConfig(train=str(train), model=model, adapter=adapter, device=device, attribution=attribution)
+        opened = Run.create(run, config, progress=_progress)
+        fitted = opened.fit()
+    except (DataError, ModelLoadError, RunMismatch, ValueError, MemoryError) as error:
+        _fail(error)
+    state = "fitted" if fitted else "already fitted (reused)"
+    console.print(f"{strategy} {state}: {len(opened.attributor.modules)} modules, {len(opened.train)} rows -> {run / 'factors'}")
+
+
+@app.command()
+def index(
+    run: Path = RunOption,
+    shard_size: int = typer.Option(256, help="Rows per shard (an interrupted index resumes at shard granularity)."),
+    dtype: str = typer.Option("float32", help="Storage dtype: float32 | bfloat16 | float16."),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Store the training set's per-example gradients so that queries need no train pass."""
+    try:
+        opened = Run.open(run, progress=_progress, device=device)
+        written = opened.build_index(shard_size, dtype)
+    except (FileNotFoundError, RunMismatch, ValueError) as error:
+        _fail(error)
+    console.print(f"index complete ({written} shards written now) -> {run / 'index'}")
+
+
+@app.command()
+def scores(
+    run: Path = RunOption,
+    queries: Path = typer.Option(..., help="Query rows (same formats as training rows)."),
+    name: str = typer.Option("scores", help="Output name under RUN/scores/."),
+    top_k: int = typer.Option(5, help="Proponents per query to print."),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Pairwise influence of every training row on every query row; saved under RUN/scores/."""
+    try:
+        opened = Run.open(run, progress=_progress, device=device)
+        result = opened.scores(load_records(queries))
+    except (DataError, FileNotFoundError, RunMismatch, RuntimeError, ValueError) as error:
+        _fail(error)
+    path = opened.save_scores(result, name)
+    for q, query_id in enumerate(result.query_ids):
+        tops = ", ".join(f"{i} ({s:+.3g})" for i, s in result.top(q, top_k))
+        console.print(f"[bold]{query_id}[/]: {tops}")
+    console.print(f"{tuple(result.total.shape)} scores -> {path}")
+
+
+@app.command()
+def query(
+    prompt: str = typer.Argument(..., help="The query prompt."),
+    completion: str = typer.Argument(..., help="The completion whose log-likelihood is attributed."),
+    run: Path = RunOption,
+    top_k: int = typer.Option(10),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON to stdout."),
+    by_module: int = typer.Option(3, help="Show the modules with the largest share for each proponent (0 = none)."),
+    per_token: bool = typer.Option(False, help="Split each top row's score over its tokens."),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Top proponents and opponents of one (prompt, completion) among the training rows."""
+    try:
+        opened = Run.open(run, progress=_progress, device=device)
+        record = Record(id="query", prompt=prompt, completion=completion)
+        result = opened.scores([record])
+    except (DataError, FileNotFoundError, RunMismatch, RuntimeError, ValueError) as error:
+        _fail(error)
+    rows = {r.id: r for r in opened.train}
+    index = {row_id: i for i, row_id in enumerate(result.train_ids)}
+    tokenizer = opened.loaded.tokenizer
+
+    def describe(row_id: str, score: float) -> dict:
+        row = rows[row_id]
+        column = result.per_module[:, 0, index[row_id]]
+        order = column.abs().argsort(descending=True)[:by_module].tolist()
+        return {
+            "id": row_id, "score": score, "label": row.label, "prompt": row.prompt, "completion": row.completion,
+            "top_modules": [[result.module_names[i], float(column[i])] for i in order],
+        }
+
+    report = {
+        "query": {"prompt": prompt, "completion": completion},
+        "strategy": opened.config.attribution.strategy,
+        "sign": "positive = proponent (raises log p(completion | prompt))",
+        "proponents": [describe(i, s) for i, s in result.top(0, top_k)],
+        "opponents": [describe(i, s) for i, s in result.top(0, top_k, opponents=True)],
+    }
+    if per_token:
+        top_rows = [rows[p["id"]] for p in report["proponents"]]
+        _, tokens = opened.attributor.token_scores([record], top_rows)
+        for entry, (_row_id, input_ids, values) in zip(report["proponents"], tokens):
+            entry["tokens"] = [[tokenizer.decode([t]), float(v)] for t, v in zip(input_ids, values[0])]
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    _print_report(report)
+
+
+def _print_report(report: dict) -> None:
+    out = Console()
+    for kind in ("proponents", "opponents"):
+        table = Table(title=f"{kind} ({report['strategy']}; {report['sign']})", show_lines=False)
+        for column in ("rank", "score", "id", "label", "text", "top modules"):
+            table.add_column(column, overflow="fold")
+        for rank, entry in enumerate(report[kind], 1):
+            text = (entry["prompt"] + entry["completion"]).replace("\n", " ")
+            modules = "; ".join(f"{name} {value:+.2g}" for name, value in entry["top_modules"])
+            table.add_row(str(rank), f"{entry['score']:+.4g}", entry["id"], str(entry["label"] or ""), text[:160], modules)
+        out.print(table)
+    for entry in report["proponents"]:
+        if "tokens" in entry:
+            shown = " ".join(f"{tok!r}:{value:+.2g}" for tok, value in entry["tokens"])
+            out.print(f"[bold]{entry['id']}[/] by token: {shown}")
+
+
+@app.command()
+def demo(
+    cache: Optional[Path] = typer.Option(None, help="Demo folder (default: $WHEREFROM_CACHE/demo or ~/.cache/wherefrom/demo)."),
+    n_train: int = typer.Option(160, help="Generated training rows."),
+    n_queries: int = typer.Option(10, help="Held-out queries to attribute."),
+    epochs: int = typer.Option(2),
+    model: Optional[str] = typer.Option(None, help="Local model folder (default: SmolLM2-135M-Instruct)."),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """LoRA-fine-tune the default model on a generated task, then attribute held-out queries with EK-FAC and identity."""
+    from .demo import run_demo
+
+    run_demo(cache=cache, n_train=n_train, n_queries=n_queries, epochs=epochs, model=model, device=device, progress=_progress)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
