@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 from wherefrom.data import Record
 from wherefrom.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer, with_lora
 
-torch.set_num_threads(2)
+# Parallel test runs on a 2-core machine: set WHEREFROM_TEST_THREADS=1 to avoid oversubscription.
+torch.set_num_threads(int(os.environ.get("WHEREFROM_TEST_THREADS", "2")))
 
 WORDS = ["ab", "cd", "ef", "gh", "ij", "kl"]
 

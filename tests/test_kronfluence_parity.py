@@ -23,7 +23,8 @@ Settings that had to be matched, and how
 * **Padding.** kronfluence zeroes padded activations and counts only real tokens in the activation
   covariance only when ``Task.get_attention_mask`` returns the batch's ``attention_mask``; wherefrom
   always does. Without it, kronfluence's ``A`` would include the (non-zero) activations of padding
-  positions and divide by ``B * T``.
+  positions and divide by ``B * T``: measured on the data below, EK-FAC parity then drops from a
+  2e-7 to a 0.12 max relative difference (Spearman 0.995).
 * **Batches.** Same encoding (``wherefrom.encoding.encode_records``, right padding with the
   tokenizer's pad id via ``collate`` as kronfluence's ``collate_fn``), same batch size and order
   (kronfluence uses a ``SequentialSampler``); explicit ``per_device_*_batch_size`` so kronfluence
@@ -49,7 +50,11 @@ Settings that had to be matched, and how
   kronfluence does not. The clamped values are round-off sized and do not move the scores.
 * **True Fisher.** Both libraries draw their own labels (wherefrom from a ``torch.Generator`` seeded
   with ``config.seed``, kronfluence from the global RNG, seeded here inside ``fork_rng``), so the
-  factors differ by Monte-Carlo noise only: a Spearman floor, measured over several seeds.
+  factors differ by Monte-Carlo noise only: a Spearman floor, measured over seeds 0-5 (EK-FAC
+  0.993-0.997, K-FAC 0.988-0.994). On the MLP the kronfluence task instead draws its labels from a
+  generator seeded like wherefrom's, so both see the same labels and differ by algorithm only
+  (measured: identical Spearman vs the exact Fisher, 0.6718 both; with kronfluence drawing from its
+  own global RNG, seed 7: kronfluence 0.680, wherefrom 0.672, i.e. Monte-Carlo noise of ~0.01).
 """
 
 from __future__ import annotations
@@ -65,20 +70,26 @@ from scipy.stats import spearmanr
 
 pytest.importorskip("kronfluence")
 
-from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402
-from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
-from kronfluence.task import Task  # noqa: E402
-from kronfluence.utils.dataset import DataLoaderKwargs  # noqa: E402
+from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.task import Task
+from kronfluence.utils.dataset import DataLoaderKwargs
 
-from wherefrom.api import Attributor, AttributionConfig  # noqa: E402
-from wherefrom.curvature import make_curvature  # noqa: E402
-from wherefrom.encoding import collate, encode_records, pad_id  # noqa: E402
-from wherefrom.gradients import per_example_gradients  # noqa: E402
-from wherefrom.tiny import tiny_llama  # noqa: E402
-from wherefrom.tracking import select_modules  # noqa: E402
+from wherefrom.api import AttributionConfig, Attributor
+from wherefrom.curvature import make_curvature
+from wherefrom.encoding import collate, encode_records, pad_id
+from wherefrom.gradients import per_example_gradients
+from wherefrom.tiny import tiny_llama
+from wherefrom.tracking import select_modules
 
-from .conftest import make_records  # noqa: E402
-from .test_curvature import block_damped_inverse, exact_mlp_fisher, mlp, mlp_batch, mlp_loss  # noqa: E402
+from .conftest import make_records
+from .test_curvature import (
+    block_damped_inverse,
+    exact_mlp_fisher,
+    mlp,
+    mlp_batch,
+    mlp_loss,
+)
 
 BATCH = 8
 IGNORE = -100
@@ -115,17 +126,25 @@ class LanguageModelTask(Task):
 
 
 class ClassificationTask(Task):
-    """kronfluence task for the MLP: summed cross-entropy, sampled labels for the true Fisher."""
+    """kronfluence task for the MLP: summed cross-entropy, sampled labels for the true Fisher.
 
-    def __init__(self, module_names: list[str]):
+    ``label_seed``: draw the labels from a ``torch.Generator`` seeded so, exactly as
+    ``tests.test_curvature.mlp_loss(sample=True, seed=...)`` does; with the same batches in the same
+    order (and kronfluence's two passes, covariance then Lambda, like wherefrom's) both libraries then
+    see the same labels and differ only by algorithm.
+    """
+
+    def __init__(self, module_names: list[str], label_seed: int | None = None):
         self.module_names = list(module_names)
+        self.generator = None if label_seed is None else torch.Generator().manual_seed(label_seed)
 
     def compute_train_loss(self, batch, model, sample: bool = False) -> torch.Tensor:
         logits = model(batch["x"])
         y = batch["y"]
         if sample:
             with torch.no_grad():
-                y = torch.multinomial(torch.softmax(logits.detach(), -1), 1).squeeze(1)
+                probs = torch.softmax(logits.detach(), -1)
+                y = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
         return F.cross_entropy(logits, y, reduction="sum")
 
     def compute_measurement(self, batch, model) -> torch.Tensor:
@@ -179,13 +198,21 @@ def kronfluence_scores(
         warnings.simplefilter("ignore", FutureWarning)  # torch.cuda.amp.GradScaler deprecation inside kronfluence
         torch.manual_seed(seed)
         analyzer.fit_all_factors(
-            name, ListDataset(fit_train if fit_train is not None else train), per_device_batch_size=batch_size,
-            factor_args=factor_args, overwrite_output_dir=True,
+            name,
+            ListDataset(fit_train if fit_train is not None else train),
+            per_device_batch_size=batch_size,
+            factor_args=factor_args,
+            overwrite_output_dir=True,
         )
         analyzer.compute_pairwise_scores(
-            scores_name=name, factors_name=name, query_dataset=ListDataset(queries), train_dataset=ListDataset(train),
-            per_device_query_batch_size=batch_size, per_device_train_batch_size=batch_size,
-            score_args=ScoreArguments(damping_factor=None), overwrite_output_dir=True,
+            scores_name=name,
+            factors_name=name,
+            query_dataset=ListDataset(queries),
+            train_dataset=ListDataset(train),
+            per_device_query_batch_size=batch_size,
+            per_device_train_batch_size=batch_size,
+            score_args=ScoreArguments(damping_factor=None),
+            overwrite_output_dir=True,
         )
     return analyzer.load_pairwise_scores(name)["all_modules"].double()
 
@@ -197,16 +224,27 @@ def lm_setup(tokenizer):
     return model, train, queries
 
 
-def lm_scores(tokenizer, strategy: str, fisher: str, output_dir, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def lm_scores(
+    tokenizer, strategy: str, fisher: str, output_dir, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     model, train, queries = lm_setup(tokenizer)
-    attributor = Attributor(model, tokenizer, AttributionConfig(strategy=strategy, fisher=fisher, batch_size=BATCH, seed=seed))
+    attributor = Attributor(
+        model, tokenizer, AttributionConfig(strategy=strategy, fisher=fisher, batch_size=BATCH, seed=seed)
+    )
     attributor.fit(train)
     ours = attributor.scores(queries, train).total.double()
     pad = pad_id(tokenizer)
     train_enc, query_enc = encode_records(train, tokenizer), encode_records(queries, tokenizer)
     theirs = kronfluence_scores(
-        model, LanguageModelTask(attributor.module_names), train_enc, query_enc, output_dir, strategy=strategy,
-        empirical=fisher == "empirical", collate_fn=lambda rows: collate(rows, pad), seed=seed,
+        model,
+        LanguageModelTask(attributor.module_names),
+        train_enc,
+        query_enc,
+        output_dir,
+        strategy=strategy,
+        empirical=fisher == "empirical",
+        collate_fn=lambda rows: collate(rows, pad),
+        seed=seed,
     )
     masks = [collate(train_enc[i : i + BATCH], pad)["attention_mask"] for i in range(0, len(train_enc), BATCH)]
     info = {
@@ -232,7 +270,9 @@ def test_ekfac_empirical_fisher_equals_kronfluence(tokenizer, tmp_path):
     ours, theirs, info = lm_scores(tokenizer, "ekfac", "empirical", tmp_path)
     assert info["padding_tokens"] > 0, "the data must carry padding for this test to mean anything"
     rho, rel = spearman(ours, theirs), max_relative_difference(ours, theirs)
-    print(f"EK-FAC empirical Fisher vs kronfluence: Spearman {rho:.6f}, max relative difference {rel:.2e} ({info})")
+    print(
+        f"EK-FAC empirical Fisher vs kronfluence: Spearman {rho:.6f}, max relative difference {rel:.2e} ({info['n_examples']} rows, {info['n_tokens']} tokens, {info['padding_tokens']} padding)"
+    )
     assert rho >= 0.99
     assert rel <= 1e-4  # measured 2e-7: float32 vs float64 accumulation only
 
@@ -257,8 +297,8 @@ def test_kfac_empirical_fisher_equals_kronfluence_up_to_token_normalisation(toke
 @pytest.mark.peers
 @pytest.mark.parametrize("strategy, floor", [("ekfac", 0.98), ("kfac", 0.97)])
 def test_true_fisher_ranks_agree_with_kronfluence(tokenizer, tmp_path, strategy, floor):
-    """Different label samples on each side: the floors sit below the minimum over seeds 0-4
-    (module docstring; measured EK-FAC 0.991-0.997, K-FAC 0.985-0.994)."""
+    """Different label samples on each side: the floors sit below the minimum over seeds 0-5
+    (measured EK-FAC 0.993-0.997, K-FAC 0.988-0.994)."""
     ours, theirs, _ = lm_scores(tokenizer, strategy, "true", tmp_path)
     rho = spearman(ours, theirs)
     print(f"{strategy} true Fisher vs kronfluence (independent label samples): Spearman {rho:.4f}")
@@ -270,7 +310,8 @@ def test_true_fisher_ranks_agree_with_kronfluence(tokenizer, tmp_path, strategy,
 def test_ekfac_at_least_as_faithful_as_kronfluence_on_mlp(tmp_path):
     """Both libraries' EK-FAC against the exact layer-block-diagonal damped true Fisher (DESIGN.md:
     kronfluence measured 0.67). Same MLP, data, training and 4 label samples per example as
-    tests/test_curvature.py."""
+    tests/test_curvature.py; both draw the same labels (see ``ClassificationTask``), so the two
+    Spearman values differ by algorithm only (measured 0.6718 and 0.6718)."""
     model = mlp(seed=1, d_in=8, hidden=16)
     train, query = mlp_batch(512, seed=4, d_in=8), mlp_batch(16, seed=5, d_in=8)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -290,12 +331,25 @@ def test_ekfac_at_least_as_faithful_as_kronfluence_on_mlp(tmp_path):
     pre = curvature.precondition(query_grads)
     ours = sum(pre[n].flatten(1).double() @ train_grads[n].flatten(1).double().T for n in names)
 
-    rows = lambda batch: [{"x": batch["x"][i], "y": batch["y"][i]} for i in range(batch["x"].shape[0])]  # noqa: E731
+    rows = lambda batch: [{"x": batch["x"][i], "y": batch["y"][i]} for i in range(batch["x"].shape[0])]
     theirs = kronfluence_scores(
-        model, ClassificationTask(names), rows(train), rows(query), tmp_path, strategy="ekfac", empirical=False,
-        fit_train=rows(train) * 4, seed=7, batch_size=64,
+        model,
+        ClassificationTask(names, label_seed=7),
+        rows(train),
+        rows(query),
+        tmp_path,
+        strategy="ekfac",
+        empirical=False,
+        fit_train=rows(train) * 4,
+        seed=7,
+        batch_size=64,
     )
-    measured = {"wherefrom": spearman(ours, exact), "kronfluence": spearman(theirs, exact), "between": spearman(ours, theirs)}
+    measured = {
+        "wherefrom": spearman(ours, exact),
+        "kronfluence": spearman(theirs, exact),
+        "between": spearman(ours, theirs),
+    }
     print("EK-FAC Spearman vs exact block-diagonal damped Fisher (MLP, 512 examples):", measured)
     assert measured["wherefrom"] >= measured["kronfluence"] - 0.01
-    assert measured["wherefrom"] >= 0.6
+    assert measured["wherefrom"] >= 0.66
+    assert measured["between"] >= 0.999  # same labels, same algorithm: equal up to round-off

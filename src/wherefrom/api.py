@@ -23,7 +23,7 @@ from .curvature import Curvature, make_curvature
 from .curvature.base import Progress, no_progress
 from .data import Record
 from .encoding import EncodedExample, encode_records, iterate_batches, pad_id
-from .gradients import Batch, LossFn, per_example_gradients, token_factors
+from .gradients import Batch, LossFn, TokenFactors, token_factors
 from .scoring import QueryBlock, Scores, compress_queries, module_scores, token_scores
 from .task import LanguageModelingTask
 from .tracking import TrackedModule, select_modules, selection_signature
@@ -128,7 +128,7 @@ class Attributor:
         self.curvature = make_curvature(self.config.strategy, self.config.damping, self.config.damping_factor)
         with _eval_mode(self.model):
             self.curvature.fit(self.model, self.modules, batches, self.fisher_loss_fn(), self.progress)
-        return self.curvature
+        return self.curvature.to(self.device)
 
     def use_curvature(self, curvature: Curvature) -> None:
         """Adopt a loaded curvature after checking it was fitted on this module selection."""
@@ -136,14 +136,21 @@ class Attributor:
         self.curvature = curvature.to(self.device)
 
     # --- gradients -----------------------------------------------------------------------------
+    def token_factor_stream(
+        self, records: Sequence[Record] | Sequence[EncodedExample], loss_fn: LossFn | None = None, description: str = "gradients"
+    ) -> Iterator[tuple[list[str], dict[str, TokenFactors]]]:
+        """``(ids, {module: TokenFactors})`` per batch; training-loss gradients unless ``loss_fn`` is given."""
+        loss_fn = loss_fn or self.train_loss_fn()
+        with _eval_mode(self.model):
+            for ids, batch in self.progress(self.batches(records), description):  # type: ignore[arg-type]
+                yield ids, token_factors(self.model, self.modules, batch, loss_fn)[0]
+
     def gradients(
         self, records: Sequence[Record] | Sequence[EncodedExample], loss_fn: LossFn | None = None, description: str = "gradients"
     ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
         """``(ids, {module: (b, out, in')})`` per batch; training-loss gradients unless ``loss_fn`` is given."""
-        loss_fn = loss_fn or self.train_loss_fn()
-        with _eval_mode(self.model):
-            for ids, batch in self.progress(self.batches(records), description):  # type: ignore[arg-type]
-                yield ids, per_example_gradients(self.model, self.modules, batch, loss_fn)
+        for ids, factors in self.token_factor_stream(records, loss_fn, description):
+            yield ids, {n: factors.pop(n).dense() for n in self.module_names}
 
     def preconditioned_queries(
         self, queries: Sequence[Record] | Sequence[EncodedExample], curvature: Curvature | None = None
@@ -157,7 +164,7 @@ class Attributor:
         for batch_ids, grads in self.gradients(queries, self.query_loss_fn(), "query gradients"):
             ids += batch_ids
             parts.append(curvature.precondition(grads))
-        merged = {name: torch.cat([p[name] for p in parts]) for name in self.module_names}
+        merged = {name: torch.cat([p.pop(name) for p in parts]) for name in self.module_names}
         return ids, compress_queries(merged, self.config.query_rank)
 
     # --- scores --------------------------------------------------------------------------------
@@ -165,20 +172,30 @@ class Attributor:
         self,
         query_ids: list[str],
         queries: dict[str, QueryBlock],
-        train_gradients: Iterable[tuple[list[str], dict[str, torch.Tensor]]],
+        train_gradients: Iterable[tuple[list[str], dict[str, torch.Tensor | TokenFactors]]],
     ) -> Scores:
-        """Pairwise scores of preconditioned queries against a stream of dense train gradients."""
+        """Pairwise scores of preconditioned queries against a stream of train gradients.
+
+        Each batch maps module names to dense gradients ``(b, out, in')`` or to :class:`TokenFactors`;
+        modules are scored one at a time and popped, so one module's dense gradients live at once.
+        """
         train_ids: list[str] = []
         columns = []
         for ids, grads in train_gradients:
             train_ids += ids
-            columns.append(torch.stack([module_scores(queries[n], grads[n].to(self.device)) for n in self.module_names]).cpu())
+            column = []
+            for n in self.module_names:
+                value = grads.pop(n)
+                dense = value.dense() if isinstance(value, TokenFactors) else value.to(self.device)
+                column.append(module_scores(queries[n], dense))
+                del value, dense
+            columns.append(torch.stack(column).cpu())
         return Scores(query_ids, train_ids, self.module_names, torch.cat(columns, dim=2))
 
     def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
         """Pairwise influence ``(n_query, n_train)`` with a per-module split; positive = proponent."""
         query_ids, pre = self.preconditioned_queries(queries)
-        return self.scores_from_gradients(query_ids, pre, self.gradients(train, description="train gradients"))
+        return self.scores_from_gradients(query_ids, pre, self.token_factor_stream(train, description="train gradients"))
 
     def self_influence(self, train: Sequence[Record]) -> tuple[list[str], torch.Tensor]:
         """``grad L(z)^T (G + lambda I)^-1 grad L(z)`` for each training row, ``(n,)``."""
@@ -197,15 +214,11 @@ class Attributor:
         query_ids, pre = self.preconditioned_queries(queries)
         encoded = self.encode(train)
         out = []
-        loss_fn = self.train_loss_fn()
-        with _eval_mode(self.model):
-            for ids, batch in self.batches(encoded):
-                factors, _ = token_factors(self.model, self.modules, batch, loss_fn)
-                per_token = sum(token_scores(pre[n], factors[n]) for n in self.module_names)
-                lengths = batch["attention_mask"].sum(1).tolist()
-                for j, (row_id, length) in enumerate(zip(ids, lengths)):
-                    example = encoded[len(out)]
-                    out.append((row_id, example.input_ids, per_token[:, j, : int(length)].cpu()))
+        for ids, factors in self.token_factor_stream(encoded, description="token scores"):
+            per_token = sum(token_scores(pre[n], factors[n]) for n in self.module_names)
+            for j, row_id in enumerate(ids):
+                example = encoded[len(out)]
+                out.append((row_id, example.input_ids, per_token[:, j, : len(example.input_ids)].cpu()))
         return query_ids, out
 
 

@@ -24,13 +24,11 @@ Interrupted runs are not resumed mid-way (no optimiser state is kept); they rest
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ from torch import nn
 from wherefrom.data import Record, data_fingerprint
 from wherefrom.encoding import encode_records, iterate_batches, pad_id
 from wherefrom.models import model_fingerprint, tokenizer_fingerprint
+from wherefrom.store import atomic_write_dir, atomic_write_text
 from wherefrom.task import per_example_loss
 
 __all__ = [
@@ -61,7 +60,6 @@ CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 _FORMAT_VERSION = 1
-_PARTIAL = ".partial-"
 
 
 @dataclass
@@ -143,42 +141,6 @@ class FinetuneResult:
 # --------------------------------------------------------------------------------------------
 # atomic writes
 # --------------------------------------------------------------------------------------------
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_PARTIAL}", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_dir(target: Path, fill: Callable[[Path], None]) -> None:
-    """Build a folder with ``fill(tmp)`` under a temporary name, then rename it to ``target``.
-
-    An existing ``target`` is moved aside first and deleted after the rename.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_PARTIAL}", dir=target.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        fill(tmp)
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _remove(path: Path) -> None:
@@ -485,25 +447,23 @@ def finetune(
                     )
 
                 target = output_dir / CHECKPOINTS_DIR / f"epoch-{epoch}"
-                _atomic_write_dir(target, fill)
+                atomic_write_dir(target, fill)
                 checkpoints.append(target)
     finally:
         bar.close()
         model.eval()
 
     weights_dir = output_dir / (ADAPTER_DIR if lora else MODEL_DIR)
-    _atomic_write_dir(
+    atomic_write_dir(
         weights_dir, lambda folder: _save_weights(model, tokenizer, folder, lora, progress)
     )
-    _atomic_write_text(
-        output_dir / TRAIN_LOG_FILE, "".join(json.dumps(row) + "\n" for row in log)
-    )
+    atomic_write_text("".join(json.dumps(row) + "\n" for row in log), output_dir / TRAIN_LOG_FILE)
     summary = dict(identity)
     summary["epoch_losses"] = epoch_losses
     summary["steps"] = step
     summary["checkpoints"] = [str(c.relative_to(output_dir)) for c in checkpoints]
     summary["weights_dir"] = weights_dir.name
-    _atomic_write_text(output_dir / CONFIG_FILE, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(json.dumps(summary, indent=2) + "\n", output_dir / CONFIG_FILE)
 
     if lora:  # match load_model(base, adapter=...): a frozen adapter
         for param in model.parameters():

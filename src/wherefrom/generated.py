@@ -17,13 +17,12 @@ Example (the first training row for ``seed=0``)::
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from wherefrom.data import Record
+from wherefrom.store import atomic_write_text
 
 __all__ = [
     "RULES",
@@ -175,22 +174,6 @@ def write_jsonl(records: Sequence[Record], path: str | Path) -> Path:
     interrupted write never leaves a partial file. Parent folders are created. Returns the path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in records:
-                row = {
-                    "id": record.id,
-                    "prompt": record.prompt,
-                    "completion": record.completion,
-                    "label": record.label,
-                }
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    rows = ({"id": r.id, "prompt": r.prompt, "completion": r.completion, "label": r.label} for r in records)
+    atomic_write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), path)
     return path

@@ -59,13 +59,13 @@ def token_factors(
     enter covariance statistics).
     """
     mask = batch.get("attention_mask")
-    with torch.enable_grad(), capturing(modules) as capture:
+    with torch.enable_grad(), capturing(modules, model) as capture:
         losses = loss_fn(model, batch)
         calls = capture.output_gradients(losses.sum())
     factors: dict[str, TokenFactors] = {}
     for m in modules:
         a_parts, g_parts, mask_parts = [], [], []
-        for a, g in calls[m.name]:
+        for a, g in calls.pop(m.name):  # pop: each module's raw captures are freed once converted
             dtype = torch.promote_types(a.dtype, torch.float32)  # accumulate half precision in float32
             a, g = _as_3d(a).to(dtype), _as_3d(g).to(dtype)
             keep = torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
@@ -75,9 +75,8 @@ def token_factors(
             a_parts.append(a)
             g_parts.append(g)
             mask_parts.append(keep)
-        factors[m.name] = TokenFactors(
-            torch.cat(a_parts, dim=1), torch.cat(g_parts, dim=1), torch.cat(mask_parts, dim=1)
-        )
+        join = (lambda parts: parts[0]) if len(a_parts) == 1 else (lambda parts: torch.cat(parts, dim=1))
+        factors[m.name] = TokenFactors(join(a_parts), join(g_parts), join(mask_parts))
     return factors, losses.detach()
 
 

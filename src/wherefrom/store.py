@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,17 @@ import torch
 from safetensors.torch import save_file
 
 
+PARTIAL = ".partial-"
+"""Infix of the temporary names: ``.<name>.partial-XXXX`` (a crash may leave one behind)."""
+
+
 def _atomic_replace(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL}", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -42,6 +48,28 @@ def atomic_write_text(text: str, path: Path) -> None:
             os.fsync(fh.fileno())
 
     _atomic_replace(Path(path), write)
+
+
+def atomic_write_dir(target: Path, fill: Callable[[Path], None]) -> None:
+    """Build a folder with ``fill(tmp)`` under a temporary name, then rename it to ``target``.
+
+    An existing ``target`` is moved aside first (``.<name>.old-XXXX``) and deleted after the rename.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL}", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        fill(tmp)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_json(obj: Any, path: Path) -> None:

@@ -178,11 +178,19 @@ class Capture:
 
 
 @contextmanager
-def capturing(modules: Sequence[TrackedModule]) -> Iterator[Capture]:
-    """Context in which forward passes record tracked inputs/outputs; tracked weights require grad."""
+def capturing(modules: Sequence[TrackedModule], model: nn.Module | None = None) -> Iterator[Capture]:
+    """Context in which forward passes record tracked inputs/outputs; tracked weights require grad.
+
+    With ``model`` given, its other parameters are frozen inside the context, so the forward pass
+    keeps no activations for layers below the lowest tracked module (less memory and time).
+    """
     capture = Capture(modules)
     handles = []
-    previous: list[tuple[nn.Parameter, bool]] = []
+    tracked = {id(p) for m in modules for p in m.parameters()}
+    others = [p for p in model.parameters() if id(p) not in tracked] if model is not None else []
+    previous: list[tuple[nn.Parameter, bool]] = [(p, p.requires_grad) for p in others]
+    for p in others:
+        p.requires_grad_(False)
     for m in modules:
         for p in m.parameters():
             previous.append((p, p.requires_grad))

@@ -1,0 +1,466 @@
+"""wherefrom vs kronfluence: EK-FAC fitting and pairwise scoring on the same model, data and modules.
+
+Measured in one run, for both libraries:
+
+* wall time of EK-FAC factor fitting (covariances + eigendecomposition + eigenvalue correction,
+  factors written to disk: kronfluence always writes them, wherefrom's ``curvature.save`` is timed too)
+  and of pairwise scoring (factors loaded from disk, query gradients preconditioned, train gradients
+  streamed, scores returned); best (minimum) and median of ``--repeats`` runs, ratios from the best;
+* peak memory of each phase: every (library, phase) runs in a fresh ``spawn`` subprocess and reports
+  ``ru_maxrss`` at the end minus ``ru_maxrss`` after the model and data were loaded (and
+  ``torch.cuda.max_memory_allocated`` minus the allocation at that point, on CUDA);
+* the Spearman correlation and max relative difference between the two libraries' scores, so the
+  timings compare equal outputs (with ``--fisher empirical``, the default, both are deterministic and
+  agree to float round-off: see tests/test_kronfluence_parity.py for every matched setting);
+* wherefrom's per-example gradient throughput (``Attributor.gradients`` over the train set) as a
+  fraction of a plain forward + ``loss.backward()`` over the same batches.
+
+Usage::
+
+    python benchmarks/bench_kronfluence.py                  # tiny Llama, ~2.5 min on 2 CPU cores
+    python benchmarks/bench_kronfluence.py --model smollm2  # SmolLM2-135M, last two MLP blocks, ~4 min
+
+Writes ``benchmarks/results/kronfluence_<model>.md`` atomically and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import os
+import random
+import resource
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+_WORD_TEXT = (
+    "the a of to and in is it that for on with as was at by an be this from or are but not have all one "
+    "cat dog bird fish tree river stone cloud rain wind fire snow light sound green blue red small large "
+    "old new fast slow warm cold bright dark sweet quiet loud north south east west morning evening night "
+    "walks runs sings reads writes finds keeps gives takes makes sees hears knows grows flies swims"
+)
+WORDS = _WORD_TEXT.split()
+IGNORE = -100
+
+
+# --- configuration -------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="tiny: random Llama (hidden 256, 4 layers, intermediate 512) with the char tokenizer; "
+        "smollm2: wherefrom.models.load_model() (SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--include",
+        nargs="*",
+        default=None,
+        help="module-name regexes to track (default: all Linear layers but lm_head for tiny; "
+        r"'layers\.(28|29)\.mlp\.' for smollm2)",
+    )
+    p.add_argument("--train", type=int, default=None, help="training rows (default: 128 tiny, 32 smollm2)")
+    p.add_argument("--queries", type=int, default=None, help="query rows (default: 16 tiny, 8 smollm2)")
+    p.add_argument(
+        "--tokens", type=int, default=64, help="mean tokens per row (rows vary +-25%%, so batches are padded)"
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--fisher",
+        choices=["empirical", "true"],
+        default="empirical",
+        help="empirical: deterministic, both libraries give the same scores; true: sampled labels",
+    )
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per phase (default: 3 tiny, 2 smollm2)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/kronfluence_<model>.md")
+    args = p.parse_args(argv)
+    small = args.model == "tiny"
+    args.train = args.train or (128 if small else 32)
+    args.queries = args.queries or (16 if small else 8)
+    args.repeats = args.repeats or (3 if small else 2)
+    if args.include is None:
+        args.include = None if small else [r"layers\.(28|29)\.mlp\."]
+    args.output = args.output or HERE / "results" / f"kronfluence_{args.model}.md"
+    return args
+
+
+def make_rows(tokenizer, n: int, prefix: str, seed: int, mean_tokens: int):
+    """``n`` records of about ``mean_tokens`` tokens (+-25%), prompt ~half, completion ~half (then EOS)."""
+    from wherefrom.data import Record
+
+    rng = random.Random(seed)
+
+    def text(target: int) -> str:
+        words: list[str] = []
+        while len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) < target:
+            words.append(rng.choice(WORDS))
+        return " ".join(words)
+
+    rows = []
+    for i in range(n):
+        total = rng.randint(int(0.75 * mean_tokens), int(1.25 * mean_tokens)) - 2
+        prompt_len = rng.randint(total // 3, 2 * total // 3)
+        rows.append(Record(f"{prefix}{i}", text(prompt_len) + ":", " " + text(total - prompt_len)))
+    return rows
+
+
+def setup(args: argparse.Namespace):
+    """Model (eval mode, on the device), tokenizer, train and query records, wherefrom config."""
+    import torch
+
+    from wherefrom.api import AttributionConfig
+    from wherefrom.models import pick_device
+
+    device = pick_device(args.device)
+    if args.model == "tiny":
+        from wherefrom.tiny import tiny_llama, tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        model = tiny_llama(len(tokenizer), hidden=256, layers=4, heads=4, kv_heads=2, intermediate=512, seed=args.seed)
+        model.to(device)
+    else:
+        from transformers.utils import logging as hf_logging
+
+        from wherefrom.models import load_model
+
+        hf_logging.disable_progress_bar()
+        loaded = load_model(device=device)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    model.eval()
+    train = make_rows(tokenizer, args.train, "t", args.seed + 1, args.tokens)
+    queries = make_rows(tokenizer, args.queries, "q", args.seed + 2, args.tokens)
+    config = AttributionConfig(
+        strategy="ekfac",
+        fisher=args.fisher,
+        include=args.include,
+        batch_size=args.batch_size,
+        max_length=4 * args.tokens,
+        seed=args.seed,
+    )
+    torch.manual_seed(args.seed)
+    return model, tokenizer, train, queries, config, device
+
+
+# --- kronfluence task ---------------------------------------------------------------------------------
+def kronfluence_task(module_names: list[str]):
+    """The kronfluence Task equal to wherefrom's defaults (see tests/test_kronfluence_parity.py)."""
+    import torch
+    import torch.nn.functional as F
+    from kronfluence.task import Task
+
+    class LanguageModelTask(Task):
+        def compute_train_loss(self, batch, model, sample: bool = False):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]
+            if sample:
+                with torch.no_grad():
+                    probs = torch.softmax(logits.detach(), dim=-1)
+                    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view_as(labels)
+                    labels = torch.where(labels == IGNORE, labels, drawn)
+            return F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            )
+
+        def compute_measurement(self, batch, model):
+            return self.compute_train_loss(batch, model, sample=False)
+
+        def get_influence_tracked_modules(self):
+            return list(module_names)
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+    return LanguageModelTask()
+
+
+class _Rows:
+    """A map-style dataset over a list (kronfluence wants ``len`` and indexing)."""
+
+    def __init__(self, items):
+        self.items = list(items)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _analyzer(model, module_names, device, workdir: Path, pad: int):
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    from wherefrom.encoding import collate
+
+    task = kronfluence_task(module_names)
+    kmodel = prepare_model(model, task)
+    analyzer = Analyzer(
+        analysis_name="bench",
+        model=kmodel,
+        task=task,
+        cpu=device.type == "cpu",
+        disable_tqdm=True,
+        output_dir=str(workdir / "kronfluence"),
+        disable_model_save=True,
+        log_level=logging.WARNING,
+    )
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=lambda rows: collate(rows, pad)))
+    return analyzer
+
+
+# --- one phase in a fresh process ---------------------------------------------------------------------
+def _rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_phase(job: dict) -> dict:
+    """Run one (library, phase) ``--repeats`` times in this (fresh) process; return times and memory."""
+    warnings.simplefilter("ignore")  # kronfluence's torch.cuda.amp.GradScaler deprecation, transformers notices
+    import torch
+
+    from wherefrom.api import Attributor
+    from wherefrom.curvature import load_curvature
+    from wherefrom.encoding import encode_records, pad_id
+
+    args = argparse.Namespace(**job["args"])
+    workdir, lib, phase = Path(job["workdir"]), job["lib"], job["phase"]
+    model, tokenizer, train, queries, config, device = setup(args)
+    attributor = Attributor(model, tokenizer, config)
+    names = attributor.module_names
+    train_enc, query_enc = (
+        encode_records(train, tokenizer, config.max_length),
+        encode_records(queries, tokenizer, config.max_length),
+    )
+    pad = pad_id(tokenizer)
+    if lib == "kronfluence":
+        from kronfluence.arguments import FactorArguments, ScoreArguments
+
+        analyzer = _analyzer(model, names, device, workdir, pad)
+    _sync(device)
+    base_rss = _rss_peak_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+
+    times: list[float] = []
+    extra: dict = {}
+    for _ in range(args.repeats):
+        torch.manual_seed(args.seed)
+        _sync(device)
+        start = time.perf_counter()
+        if (lib, phase) == ("wherefrom", "fit"):
+            attributor.fit(train_enc).save(workdir / "wherefrom_factors")
+        elif (lib, phase) == ("wherefrom", "score"):
+            attributor.use_curvature(load_curvature(workdir / "wherefrom_factors"))
+            scores = attributor.scores(query_enc, train_enc).total
+        elif (lib, phase) == ("kronfluence", "fit"):
+            factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=args.fisher == "empirical")
+            analyzer.fit_all_factors(
+                "ekfac",
+                _Rows(train_enc),
+                per_device_batch_size=args.batch_size,
+                factor_args=factor_args,
+                overwrite_output_dir=True,
+            )
+        elif (lib, phase) == ("kronfluence", "score"):
+            analyzer.compute_pairwise_scores(
+                scores_name="pairwise",
+                factors_name="ekfac",
+                query_dataset=_Rows(query_enc),
+                train_dataset=_Rows(train_enc),
+                per_device_query_batch_size=args.batch_size,
+                per_device_train_batch_size=args.batch_size,
+                score_args=ScoreArguments(damping_factor=None),
+                overwrite_output_dir=True,
+            )
+            scores = analyzer.load_pairwise_scores("pairwise")["all_modules"]
+        elif (lib, phase) == ("wherefrom", "gradients"):
+            for _ids, grads in attributor.gradients(train_enc):
+                next(iter(grads.values())).sum().item()  # materialised, like an index build would
+        elif (lib, phase) == ("plain", "gradients"):
+            # The same loss and batches, gradients of the same (tracked) parameters, summed over the batch.
+            loss_fn = attributor.train_loss_fn()
+            tracked = {id(p) for m in attributor.modules for p in m.parameters()}
+            for p in model.parameters():
+                p.requires_grad_(id(p) in tracked)
+            for _ids, batch in attributor.batches(train_enc):
+                model.zero_grad(set_to_none=True)
+                loss_fn(model, batch).sum().backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            raise ValueError((lib, phase))
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    if phase == "score":
+        torch.save(scores.detach().cpu().double(), workdir / f"{lib}_scores.pt")
+    result = {"times": times, "rss_peak_mb": _rss_peak_mb() - base_rss, "rss_total_mb": _rss_peak_mb(), **extra}
+    if device.type == "cuda":
+        result["cuda_peak_mb"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
+    if phase == "fit" and lib == "wherefrom":
+        result["tracked"] = {
+            "modules": len(names),
+            "parameters": sum(m.shape[0] * m.shape[1] for m in attributor.modules),
+        }
+        result["train_tokens"] = next(iter(attributor.curvature.info["tokens"].values()))
+    result["device"] = str(device)
+    result["threads"] = torch.get_num_threads()
+    return result
+
+
+def in_fresh_process(job: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(processes=1, maxtasksperchild=1) as pool:
+        return pool.apply(run_phase, (job,))
+
+
+# --- report ---------------------------------------------------------------------------------------------
+def _fmt_time(times: list[float]) -> str:
+    return f"{min(times):.2f} (median {statistics.median(times):.2f})"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else "n/a"
+
+
+def report(args, results: dict, agreement: dict, command: str, load: tuple[float, float]) -> str:
+    import kronfluence
+
+    from wherefrom.store import hardware, package_versions
+
+    wf_fit, kf_fit = results["wherefrom", "fit"], results["kronfluence", "fit"]
+    wf_sc, kf_sc = results["wherefrom", "score"], results["kronfluence", "score"]
+    wf_gr, plain = results["wherefrom", "gradients"], results["plain", "gradients"]
+
+    def best(result: dict) -> float:
+        return min(result["times"])
+
+    def mem_row(label: str, key: str, wf: dict, kf: dict) -> tuple[str, str, str, str]:
+        return (label, f"{wf[key]:.0f}", f"{kf[key]:.0f}", _ratio(kf[key], wf[key]))
+
+    fit_label = "EK-FAC fit (covariances + eigendecomposition + eigenvalue correction), s"
+    rows = [
+        (fit_label, _fmt_time(wf_fit["times"]), _fmt_time(kf_fit["times"]), _ratio(best(kf_fit), best(wf_fit))),
+        ("pairwise scores, s", _fmt_time(wf_sc["times"]), _fmt_time(kf_sc["times"]), _ratio(best(kf_sc), best(wf_sc))),
+        mem_row("fit: peak RSS over baseline, MiB", "rss_peak_mb", wf_fit, kf_fit),
+        mem_row("scores: peak RSS over baseline, MiB", "rss_peak_mb", wf_sc, kf_sc),
+    ]
+    if "cuda_peak_mb" in wf_fit:
+        rows += [
+            mem_row("fit: CUDA peak allocated over baseline, MiB", "cuda_peak_mb", wf_fit, kf_fit),
+            mem_row("scores: CUDA peak allocated over baseline, MiB", "cuda_peak_mb", wf_sc, kf_sc),
+        ]
+    tokens = wf_fit["train_tokens"]
+    include = args.include or "default: every Linear but lm_head"
+    setup_text = (
+        f"Setup: {args.train} train rows / {args.queries} queries of ~{args.tokens} tokens ({tokens} real tokens "
+        f"in the train set, right-padded batches of {args.batch_size}), {args.fisher} Fisher, damping 0.1 x mean "
+        f"eigenvalue per module, {wf_fit['tracked']['modules']} tracked modules "
+        f"({wf_fit['tracked']['parameters']:,} parameters; include={include}), device {wf_fit['device']}, "
+        f"{wf_fit['threads']} torch threads. Times: best (median) of {args.repeats} run(s), ratios from the best; "
+        f"load average {load[0]:.2f} before, {load[1]:.2f} after (a shared machine adds time, never removes it). "
+        "Each (library, phase) "
+        "runs in a fresh process; memory: `ru_maxrss` at the end of the phase minus `ru_maxrss` after the model "
+        "and data were loaded."
+    )
+    agreement_text = (
+        f"Scores at parity: Spearman {agreement['spearman']:.6f}, max |difference| / max |score| "
+        f"{agreement['max_rel_diff']:.1e} ({args.queries} x {args.train} pairs)."
+    )
+    throughput_text = (
+        "Gradient throughput: wherefrom per-example gradients (`Attributor.gradients`, dense `(n, out, in)` per "
+        f"module) over the train set {_fmt_time(wf_gr['times'])} s vs a plain forward + `loss.backward()` over "
+        f"the same batches (same loss; only the tracked parameters require grad) {_fmt_time(plain['times'])} s: "
+        f"**{best(plain) / best(wf_gr):.2f}** of plain throughput "
+        f"({args.train / best(wf_gr):.1f} vs {args.train / best(plain):.1f} examples/s)."
+    )
+    versions = {**package_versions(), "kronfluence": kronfluence.__version__}
+    lines = [
+        f"# wherefrom vs kronfluence {kronfluence.__version__}: EK-FAC on `{args.model}`",
+        "",
+        setup_text,
+        "",
+        "| metric | wherefrom | kronfluence | kronfluence / wherefrom |",
+        "|---|---:|---:|---:|",
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+        "",
+        agreement_text,
+        "",
+        throughput_text,
+        "",
+        "Command:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "",
+        "Hardware: " + ", ".join(f"{k} {v}" for k, v in hardware().items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    from wherefrom.store import atomic_write_text
+
+    args = parse_args(argv)
+    command = ("python benchmarks/bench_kronfluence.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
+    results = {}
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench_kronfluence_") as tmp:
+        plain_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        for lib, phase in [
+            ("wherefrom", "fit"),
+            ("kronfluence", "fit"),
+            ("wherefrom", "score"),
+            ("kronfluence", "score"),
+            ("plain", "gradients"),
+            ("wherefrom", "gradients"),
+        ]:
+            t0 = time.perf_counter()
+            results[lib, phase] = in_fresh_process({"args": plain_args, "workdir": tmp, "lib": lib, "phase": phase})
+            print(
+                f"{lib:11s} {phase:9s} times {[round(t, 2) for t in results[lib, phase]['times']]} "
+                f"peak RSS +{results[lib, phase]['rss_peak_mb']:.0f} MiB ({time.perf_counter() - t0:.0f} s incl. start-up)",
+                flush=True,
+            )
+        ours, theirs = torch.load(Path(tmp) / "wherefrom_scores.pt"), torch.load(Path(tmp) / "kronfluence_scores.pt")
+    from scipy.stats import spearmanr
+
+    agreement = {
+        "spearman": float(spearmanr(ours.flatten().numpy(), theirs.flatten().numpy()).statistic),
+        "max_rel_diff": float((ours - theirs).abs().max() / ours.abs().max()),
+    }
+    text = report(args, results, agreement, command, (load_before, os.getloadavg()[0]))
+    atomic_write_text(text, args.output)
+    print()
+    print(text)
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
