@@ -37,6 +37,11 @@ class AttributionConfig:
     ``"empirical"`` uses the data's completions. ``damping``: absolute lambda, or ``None`` for
     ``damping_factor`` x mean eigenvalue per module. ``query_rank``: rank of the low-rank query
     batching (``None`` = full rank). ``include``/``exclude``: module-name regexes.
+    ``normalize="cosine"`` divides each score by ``||q|| * ||g_m||``, with ``q`` the preconditioned
+    query over all tracked modules (taken before low-rank compression) and ``g_m`` the training
+    gradient over all tracked modules: with the ``identity`` strategy that is the cosine similarity
+    of the gradients (gradsim cosine), in ``[-1, 1]``. Per-module parts are divided by the same two
+    norms, so they still sum to the total.
     """
 
     strategy: str = "ekfac"
@@ -50,17 +55,38 @@ class AttributionConfig:
     chat_template: bool = False
     reduction: Literal["sum", "mean"] = "sum"
     query_rank: int | None = None
+    normalize: Literal["cosine"] | None = None
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.fisher not in ("true", "empirical"):
             raise ValueError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
+        if self.normalize not in (None, "cosine"):
+            raise ValueError(f"normalize must be None or 'cosine', got {self.normalize!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class QueryBlocks(dict):
+    """``{module: QueryBlock}`` of preconditioned queries, plus ``norms``: ``(n_query,)`` float64
+    norms of each full preconditioned query over all modules, taken before low-rank compression
+    (``None`` when unknown; then cosine normalisation recomputes them from the blocks)."""
+
+    norms: torch.Tensor | None = None
+
+
+def _block_sq_norms(block: QueryBlock) -> torch.Tensor:
+    """``(q,)`` squared Frobenius norms of one module's query block (dense or low-rank factors)."""
+    if isinstance(block, tuple):
+        u, v = (x.double() for x in block)
+        # ||U V^T||_F^2 = trace((U^T U)(V^T V))
+        return ((u.mT @ u) * (v.mT @ v)).sum((-2, -1))
+    flat = block.double().flatten(1)
+    return torch.einsum("qp,qp->q", flat, flat)
 
 
 class Attributor:
@@ -118,21 +144,33 @@ class Attributor:
         return lambda model, batch: -self.task.measurement(model, batch)
 
     # --- curvature -----------------------------------------------------------------------------
-    def fit(self, train: Sequence[Record] | Sequence[EncodedExample]) -> Curvature:
-        """Fit the configured curvature strategy on ``train`` (true or empirical Fisher)."""
+    def fit(self, train: Sequence[Record] | Sequence[EncodedExample], curvature: Curvature | None = None) -> Curvature:
+        """Fit ``curvature`` (default: the configured strategy) on ``train`` (true or empirical Fisher).
+
+        Pass a strategy built with :func:`wherefrom.curvature.make_curvature` to set constructor
+        options (e.g. ``rank`` for ``arnoldi``); it is fitted and becomes this attributor's curvature.
+        """
         encoded = train if train and isinstance(train[0], EncodedExample) else self.encode(train)  # type: ignore[arg-type]
 
         def batches() -> Iterable[Batch]:
             return (batch for _, batch in self.batches(encoded))
 
-        self.curvature = make_curvature(self.config.strategy, self.config.damping, self.config.damping_factor)
+        self.curvature = curvature or make_curvature(self.config.strategy, self.config.damping, self.config.damping_factor)
         with _eval_mode(self.model):
             self.curvature.fit(self.model, self.modules, batches, self.fisher_loss_fn(), self.progress)
         return self.curvature.to(self.device)
 
-    def use_curvature(self, curvature: Curvature) -> None:
-        """Adopt a loaded curvature after checking it was fitted on this module selection."""
+    def use_curvature(self, curvature: Curvature, train: Sequence[Record] | None = None) -> None:
+        """Adopt a loaded curvature after checking it was fitted on this module selection.
+
+        Strategies that multiply by ``G`` on the fly (``cg``, ``lissa``) are re-attached to the model
+        and to batches of ``train`` (the rows they were fitted on).
+        """
         curvature.check_modules(self.modules)
+        attach = getattr(curvature, "attach", None)
+        if attach is not None and train is not None:
+            encoded = self.encode(train)
+            attach(self.model, self.modules, lambda: (batch for _, batch in self.batches(encoded)), self.progress)
         self.curvature = curvature.to(self.device)
 
     # --- gradients -----------------------------------------------------------------------------
@@ -154,10 +192,12 @@ class Attributor:
 
     def preconditioned_queries(
         self, queries: Sequence[Record] | Sequence[EncodedExample], curvature: Curvature | None = None
-    ) -> tuple[list[str], dict[str, QueryBlock]]:
+    ) -> tuple[list[str], QueryBlocks]:
         """Query ids and ``(G + lambda I)^-1 q`` per module, low-rank when ``query_rank`` is set.
 
         ``curvature`` overrides the fitted one (e.g. identity, to compare methods on one index).
+        The returned :class:`QueryBlocks` also carries ``norms``: each full preconditioned query's
+        norm over all tracked modules, before compression (used by ``normalize="cosine"``).
         """
         curvature = curvature or self.curvature
         ids, parts = [], []
@@ -165,7 +205,10 @@ class Attributor:
             ids += batch_ids
             parts.append(curvature.precondition(grads))
         merged = {name: torch.cat([p.pop(name) for p in parts]) for name in self.module_names}
-        return ids, compress_queries(merged, self.config.query_rank)
+        norms = sum(_block_sq_norms(block) for block in merged.values()).sqrt()
+        blocks = QueryBlocks(compress_queries(merged, self.config.query_rank))
+        blocks.norms = norms
+        return ids, blocks
 
     # --- scores --------------------------------------------------------------------------------
     def scores_from_gradients(
@@ -178,22 +221,46 @@ class Attributor:
 
         Each batch maps module names to dense gradients ``(b, out, in')`` or to :class:`TokenFactors`;
         modules are scored one at a time and popped, so one module's dense gradients live at once.
+        With ``config.normalize == "cosine"`` every part is divided by ``||q|| * ||g_m||`` (norms over
+        all tracked modules; ``||q||`` from ``queries.norms`` when it is a :class:`QueryBlocks`, else
+        from the blocks themselves); a zero gradient gets score 0.
         """
+        cosine = self.config.normalize == "cosine"
+        query_norms = None
+        if cosine:
+            query_norms = getattr(queries, "norms", None)
+            if query_norms is None:
+                query_norms = sum(_block_sq_norms(queries[n]) for n in self.module_names).sqrt()
+            query_norms = query_norms.detach().to("cpu", torch.float64)
         train_ids: list[str] = []
         columns = []
         for ids, grads in train_gradients:
             train_ids += ids
             column = []
+            train_sq_norms = torch.zeros(len(ids), dtype=torch.float64)
             for n in self.module_names:
                 value = grads.pop(n)
                 dense = value.dense() if isinstance(value, TokenFactors) else value.to(self.device)
                 column.append(module_scores(queries[n], dense))
+                if cosine:
+                    flat = dense.reshape(dense.shape[0], -1)
+                    train_sq_norms += torch.einsum("np,np->n", flat, flat).double().cpu()
+                    del flat
                 del value, dense
-            columns.append(torch.stack(column).cpu())
+            block = torch.stack(column).cpu()
+            if cosine:
+                denominator = query_norms[:, None] * train_sq_norms.sqrt()[None, :]
+                denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+                block = (block.double() / denominator).to(block.dtype)
+            columns.append(block)
         return Scores(query_ids, train_ids, self.module_names, torch.cat(columns, dim=2))
 
     def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
-        """Pairwise influence ``(n_query, n_train)`` with a per-module split; positive = proponent."""
+        """Pairwise influence ``(n_query, n_train)`` with a per-module split; positive = proponent.
+
+        With ``config.normalize == "cosine"``, divided by ``||q|| * ||g_m||`` (see
+        :meth:`scores_from_gradients`): with the identity strategy, the gradient cosine similarity.
+        """
         query_ids, pre = self.preconditioned_queries(queries)
         return self.scores_from_gradients(query_ids, pre, self.token_factor_stream(train, description="train gradients"))
 

@@ -44,7 +44,7 @@ def fit(
     run: Path = RunOption,
     model: Optional[str] = typer.Option(None, help="Local Hugging Face model folder (default: SmolLM2-135M-Instruct)."),
     adapter: Optional[str] = typer.Option(None, help="PEFT LoRA adapter folder."),
-    strategy: str = typer.Option("ekfac", help="identity | diagonal | kfac | ekfac | exact"),
+    strategy: str = typer.Option("ekfac", help="identity | diagonal | kfac | ekfac | exact | cg | lissa | arnoldi | datainf"),
     fisher: str = typer.Option("true", help="true (labels sampled from the model) | empirical"),
     damping: Optional[float] = typer.Option(None, help="Absolute damping; default: damping-factor x mean eigenvalue."),
     damping_factor: float = typer.Option(0.1, help="Relative damping per module."),
@@ -175,6 +175,103 @@ def _print_report(report: dict) -> None:
         if "tokens" in entry:
             shown = " ".join(f"{tok!r}:{value:+.2g}" for tok, value in entry["tokens"])
             out.print(f"[bold]{entry['id']}[/] by token: {shown}")
+
+
+def _options(pairs: list[str] | None) -> dict[str, dict]:
+    """``method.key=value`` (or ``key=value`` for every method) -> ``{method: {key: value}}``; values parsed as JSON when they parse."""
+    parsed: dict[str, dict] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise typer.BadParameter(f"--option {pair!r}: expected key=value or method.key=value")
+        key, raw = pair.split("=", 1)
+        method, _, name = key.rpartition(".")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        parsed.setdefault(method or "*", {})[name] = value
+    return parsed
+
+
+def _load_for_methods(model: Optional[str], adapter: Optional[str], device: Optional[str]):
+    from .models import load_model
+
+    return load_model(model, adapter, device=device)
+
+
+@app.command()
+def attribute(
+    method: str = typer.Option(..., help="Method name: see `wherefrom.methods.METHODS` (ekfac, kfac, lissa, cg, arnoldi, datainf, gradsim, gradsim-cosine, tracin, repsim, bm25, trak, logra, ...)."),
+    train: Path = typer.Option(..., help="Training rows."),
+    queries: Path = typer.Option(..., help="Query rows."),
+    out: Path = typer.Option(..., help="Output folder: scores.safetensors, scores.json, config.json."),
+    model: Optional[str] = typer.Option(None, help="Local model folder (default: SmolLM2-135M-Instruct)."),
+    adapter: Optional[str] = typer.Option(None, help="PEFT LoRA adapter folder."),
+    option: Optional[list[str]] = typer.Option(None, help="Method option key=value (JSON value), e.g. depth=200, rank=64, checkpoints='[\"a\"]'."),
+    damping: Optional[float] = typer.Option(None),
+    include: Optional[list[str]] = typer.Option(None, help="Regex of module names to track (repeatable)."),
+    batch_size: int = typer.Option(8),
+    max_length: int = typer.Option(512),
+    device: Optional[str] = typer.Option(None),
+    top_k: int = typer.Option(3),
+) -> None:
+    """Any method end to end (fit, then score queries against the training rows)."""
+    from .methods import make_method
+    from .scoring import save_scores
+    from .store import atomic_write_json
+
+    try:
+        options = _options(option)
+        options = {**options.get("*", {}), **options.get(method, {})}
+        config = AttributionConfig(damping=damping, include=include or None, batch_size=batch_size, max_length=max_length)
+        loaded = _load_for_methods(model, adapter, device)
+        train_rows, query_rows = load_records(train), load_records(queries)
+        chosen = make_method(method, loaded.model, loaded.tokenizer, config, **options)
+        chosen.fit(train_rows)
+        result = chosen.scores(query_rows, train_rows)
+    except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError, KeyError) as error:
+        _fail(error)
+    atomic_write_json({"method": method, "options": options, "train": str(train), "queries": str(queries), "model": model, "adapter": adapter, "attribution": config.to_dict()}, out / "config.json")
+    path = save_scores(result, out, "scores")
+    for q, query_id in enumerate(result.query_ids):
+        console.print(f"[bold]{query_id}[/]: " + ", ".join(f"{i} ({s:+.3g})" for i, s in result.top(q, top_k)))
+    console.print(f"{method}: {tuple(result.total.shape)} scores -> {path}")
+
+
+@app.command()
+def diagnose(
+    train: Path = typer.Option(..., help="Training rows (keep it small: the exact GGN is formed)."),
+    queries: Path = typer.Option(..., help="Query rows."),
+    methods: str = typer.Option("ekfac,kfac,diagonal,datainf,cg,lissa,arnoldi,gradsim", help="Comma-separated method names."),
+    out: Path = typer.Option(..., help="Output folder for diagnose.json and diagnose.md."),
+    model: Optional[str] = typer.Option(None),
+    adapter: Optional[str] = typer.Option(None),
+    option: Optional[list[str]] = typer.Option(None, help="method.key=value options, e.g. lissa.depth=300."),
+    damping: Optional[float] = typer.Option(None, help="One absolute damping for every method and the exact reference."),
+    exact_blocks: str = typer.Option("full", help="Exact reference: full (whole GGN) | module (block diagonal)."),
+    include: Optional[list[str]] = typer.Option(None, help="Regex of module names to track (repeatable); keep the exact GGN small."),
+    batch_size: int = typer.Option(8),
+    max_length: int = typer.Option(512),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Each method against exact influence: iHVP relative error, rank correlation, time, memory."""
+    from .diagnose import diagnose as run_diagnosis
+    from .diagnose import write_report
+
+    try:
+        loaded = _load_for_methods(model, adapter, device)
+        config = AttributionConfig(damping=damping, include=include or None, batch_size=batch_size, max_length=max_length)
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        options = _options(option)
+        rows, reason = run_diagnosis(
+            loaded.model, loaded.tokenizer, load_records(train), load_records(queries), names, config,
+            {n: {**options.get("*", {}), **options.get(n, {})} for n in names}, exact_blocks,
+        )
+    except (DataError, ModelLoadError, ValueError) as error:
+        _fail(error)
+    context = {"command": " ".join(["wherefrom", *sys.argv[1:]]), "train": str(train), "queries": str(queries), "model": model, "adapter": adapter, "methods": names}
+    _, md_path = write_report(rows, reason, out, context)
+    Console().print(md_path.read_text())
 
 
 @app.command()

@@ -31,7 +31,7 @@ from .curvature import Curvature, load_curvature
 from .curvature.base import Progress, no_progress
 from .data import Record, data_fingerprint, load_records
 from .models import LoadedModel, load_model
-from .scoring import Scores
+from .scoring import Scores, save_scores
 from .store import atomic_save_tensors, atomic_write_json, hardware, package_versions
 from .tracking import selection_signature
 
@@ -109,7 +109,7 @@ class Run:
         run = cls(folder, config, loaded, load_records(config.train), progress)
         run._check(json.loads((folder / "manifest.json").read_text()), run.manifest())
         if (folder / "factors" / "curvature.json").exists():
-            run.attributor.use_curvature(load_curvature(folder / "factors"))
+            run.attributor.use_curvature(load_curvature(folder / "factors"), run.train)
         return run
 
     def manifest(self) -> dict[str, Any]:
@@ -140,7 +140,7 @@ class Run:
         """Fit the curvature unless finished factors exist; returns True when it fitted."""
         target = self.folder / "factors"
         if (target / "curvature.json").exists():
-            self.attributor.use_curvature(load_curvature(target))
+            self.attributor.use_curvature(load_curvature(target), self.train)
             return False
         started = time.perf_counter()
         curvature = self.attributor.fit(self.train)
@@ -198,12 +198,5 @@ class Run:
         return self.attributor.scores_from_gradients(query_ids, pre, train)
 
     def save_scores(self, scores: Scores, name: str) -> Path:
-        """Write ``scores/<name>.safetensors`` (total, per_module) and ``scores/<name>.json`` (ids, modules)."""
-        folder = self.folder / "scores"
-        path = folder / f"{name}.safetensors"
-        atomic_save_tensors({"total": scores.total.contiguous(), "per_module": scores.per_module.contiguous()}, path)
-        atomic_write_json(
-            {"query_ids": scores.query_ids, "train_ids": scores.train_ids, "modules": scores.module_names, "sign": "positive = proponent"},
-            folder / f"{name}.json",
-        )
-        return path
+        """Write ``scores/<name>.safetensors`` and ``scores/<name>.json`` (see :func:`wherefrom.scoring.save_scores`)."""
+        return save_scores(scores, self.folder / "scores", name)

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import torch
 
 from .gradients import TokenFactors
+from .store import atomic_save_tensors, atomic_write_json
 
 LowRank = tuple[torch.Tensor, torch.Tensor]
 """``(U, V)`` with ``U``: ``(q, out, r)`` (singular values folded in) and ``V``: ``(q, in', r)``."""
@@ -89,3 +92,14 @@ class Scores:
         values, indices = torch.topk(-row if opponents else row, k)
         sign = -1.0 if opponents else 1.0
         return [(self.train_ids[i], sign * float(v)) for v, i in zip(values, indices.tolist())]
+
+
+def save_scores(scores: Scores, folder: Path, name: str) -> Path:
+    """Write ``<name>.safetensors`` (``total``, ``per_module``) and ``<name>.json`` (ids, modules) atomically."""
+    path = Path(folder) / f"{name}.safetensors"
+    atomic_save_tensors({"total": scores.total.contiguous().cpu(), "per_module": scores.per_module.contiguous().cpu()}, path)
+    atomic_write_json(
+        {"query_ids": scores.query_ids, "train_ids": scores.train_ids, "modules": scores.module_names, "sign": "positive = proponent"},
+        Path(folder) / f"{name}.json",
+    )
+    return path

@@ -1,0 +1,525 @@
+"""Iterative inverse-Hessian-vector products over a matrix-free :class:`GGNOperator`.
+
+All three strategies solve ``(G + lambda I) x = v`` for **all tracked modules jointly** (cross-module
+terms included: the ``G`` of ``ExactGGN(blocks="full")``), one solve per row of the gradient batch
+handed to :meth:`precondition`. ``curvature="hessian"`` uses the true Hessian of the mean training
+loss instead (it may be indefinite: then CG/LiSSA can fail and say so).
+
+* ``cg`` (:class:`ConjugateGradient`): conjugate gradients, batched over the rows; stops when every
+  row's relative residual ``||v - (G + lambda I) x|| / ||v||`` is below ``tol`` or after ``max_iter``.
+* ``lissa`` (:class:`LiSSA`): ``r_0 = v``, ``r_j = v + (I - alpha (G + lambda I)) r_{j-1}``, estimate
+  ``alpha r_J`` (DESIGN.md's sign: the damping *adds* to ``G``). It converges to the exact damped inverse
+  when ``alpha (lambda_max + lambda) < 1``; by default ``alpha = 1 / (safety (lambda_max + lambda))``
+  with ``lambda_max`` from power iterations. Each step uses ``batch_size`` random fitting examples
+  (seeded), or all of them (``batch_size=None``: deterministic). Convergence check: since
+  ``G + lambda I >= lambda I``, ``||x* - alpha r_j|| <= ||r_j - r_{j-1}|| / lambda``; that bound,
+  relative to ``||alpha r_j||``, must fall below ``tol``. A norm that outgrows what any contracting
+  recursion can reach (``(1 + 2 / (alpha lambda)) ||v||``) is divergence: warned, recursion stopped.
+* ``arnoldi`` (:class:`Arnoldi`): Schioppa et al. (2022): ``iterations`` Arnoldi steps with full
+  re-orthogonalisation from a seeded start vector give the top-``rank`` eigenpairs ``(mu_i, u_i)``;
+  then ``x = sum_i u_i u_i^T v / (mu_i + lambda)``. Like the paper, this *drops the orthogonal
+  complement* of the top eigenspace (the projection of ``v`` onto it is lost); ``complement=True`` adds
+  ``(I - U U^T) v / lambda`` (the damped inverse where ``G`` is taken as 0), which makes any rank exact
+  wherever ``G`` vanishes outside the top eigenspace, and full rank exact in any case. The eigenpairs
+  are saved with the curvature: a loaded ``arnoldi`` needs neither model nor data.
+
+``cg`` and ``lissa`` need model and data at precondition time: :meth:`OperatorCurvature.attach` gives
+them (``fit`` does it too); a loaded one used unattached raises ``RuntimeError``.
+
+Damping: absolute ``damping``, else ``damping_factor x trace(G) / P`` with the trace estimated by
+Hutchinson's method (``probes`` seeded Rademacher vectors), P the number of tracked parameters.
+Every solve reports iterations, residuals and convergence in :attr:`info` and warns
+(:class:`ConvergenceWarning`) when it did not converge.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ..tracking import TrackedModule, selection_signature
+from .base import BatchSource, Curvature, Progress, no_progress
+from .products import GGNOperator
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """An iterative inverse did not reach its tolerance, or diverged."""
+
+
+class OperatorCurvature(Curvature):
+    """A curvature that solves with a :class:`GGNOperator` over all tracked modules at once.
+
+    ``options`` (constructor keyword arguments listed in :attr:`option_names`) are saved in
+    ``metadata()["options"]`` so that :func:`wherefrom.curvature.load_curvature` rebuilds the same
+    strategy.
+    """
+
+    option_names: ClassVar[tuple[str, ...]] = ("curvature", "probes", "seed", "max_vectors")
+
+    def __init__(
+        self,
+        damping: float | None = None,
+        damping_factor: float = 0.1,
+        curvature: Literal["ggn", "hessian"] = "ggn",
+        probes: int = 32,
+        seed: int = 0,
+        max_vectors: int = 4,
+    ):
+        super().__init__(damping, damping_factor)
+        if curvature not in ("ggn", "hessian"):
+            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
+        if probes < 1:
+            raise ValueError(f"probes must be >= 1, got {probes}")
+        self.curvature = curvature
+        self.probes = probes
+        self.seed = seed
+        self.max_vectors = max_vectors
+        self.operator: GGNOperator | None = None
+
+    # --- persistence -------------------------------------------------------------------------------
+    def options(self) -> dict[str, Any]:
+        """Constructor keyword arguments (besides the damping) that reproduce this strategy."""
+        return {name: getattr(self, name) for name in self.option_names}
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "options": self.options()}
+
+    # --- fitting -----------------------------------------------------------------------------------
+    def attach(
+        self,
+        model: nn.Module,
+        modules: Sequence[TrackedModule],
+        batches: BatchSource,
+        progress: Progress = no_progress,
+    ) -> OperatorCurvature:
+        """Give the model and fitting data that products with ``G`` need (after ``load_curvature``).
+
+        ``modules`` must be the selection this curvature was fitted on; ``batches`` should be the
+        fitting batches (the damping and, for LiSSA, the scale saved at fit time are reused).
+        """
+        if self.modules:
+            self.check_modules(modules)
+        else:
+            self.modules = selection_signature(modules)
+        self.operator = GGNOperator(model, modules, batches, self.curvature, self.max_vectors, progress)
+        return self
+
+    def _fit(self, model, modules, batches: BatchSource, loss_fn, progress: Progress) -> None:
+        # loss_fn is not needed: G is the analytic GGN (expectation over model-sampled labels).
+        self.state, self.info = {}, {}
+        operator = self.attach(model, modules, batches, progress).operator
+        assert operator is not None
+        size = operator.num_parameters
+        self.info.update(parameters=size, examples=operator.num_examples, curvature=self.curvature)
+        if self.damping is None:
+            trace, error = operator.trace(self.probes, self.seed)
+            self.info.update(trace_estimate=trace, trace_standard_error=error)
+            damping = self.damping_for(trace / size)
+        else:
+            damping = float(self.damping)
+        self.state["damping"] = torch.tensor(damping, dtype=torch.float64)
+        self.info["damping"] = damping
+        self._prepare(operator)
+
+    def _prepare(self, operator: GGNOperator) -> None:
+        """Strategy-specific work at fit time (scale, eigenpairs)."""
+
+    @property
+    def lam(self) -> float:
+        """The damping lambda in use."""
+        if "damping" not in self.state:
+            raise RuntimeError(f"{self.name!r} curvature is not fitted; call fit(...) first")
+        return float(self.state["damping"])
+
+    def _require_operator(self) -> GGNOperator:
+        if self.operator is None:
+            raise RuntimeError(
+                f"the {self.name!r} curvature needs the model and fitting data to multiply by G, and has none "
+                "(it was loaded from disk, or never fitted): call attach(model, modules, batches) or fit(...) first"
+            )
+        return self.operator
+
+    def _apply(self, x: torch.Tensor, examples=None) -> torch.Tensor:
+        """``(G + lambda I) x`` for rows ``x`` ``(k, P)``, float64."""
+        return self._require_operator().matvec_flat(x, examples) + self.lam * x
+
+    # --- use ---------------------------------------------------------------------------------------
+    def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``(G + lambda I)^-1`` applied to every row, all modules jointly (like ``ExactGGN(blocks="full")``)."""
+        names = [m[0] for m in self.modules]
+        if set(names) != set(grads):
+            raise ValueError(f"{self.name!r} preconditions all fitted modules at once; got {len(grads)} of {len(names)}")
+        first = grads[names[0]]
+        flat = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=1).double()
+        solved = self._solve(flat) if flat.shape[0] else flat
+        out, start = {}, 0
+        for name, rows, cols in self.modules:
+            out[name] = solved[:, start : start + rows * cols].reshape(-1, rows, cols).to(first.device, grads[name].dtype)
+            start += rows * cols
+        return out
+
+    def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"{self.name!r} preconditions all tracked modules jointly; call precondition({{name: grads, ...}}) with every module")
+
+    def _solve(self, b: torch.Tensor) -> torch.Tensor:
+        """``(G + lambda I)^-1`` for every row of ``b`` ``(n, P)`` float64."""
+        raise NotImplementedError
+
+    def _record(self, report: dict[str, Any]) -> None:
+        """Keep the last solve's report in ``info`` and running totals over solves."""
+        self.info["last_solve"] = report
+        self.info["solves"] = self.info.get("solves", 0) + 1
+        self.info["vectors"] = self.info.get("vectors", 0) + report["vectors"]
+        self.info["all_converged"] = bool(self.info.get("all_converged", True) and report["converged"])
+
+
+def _row_norms(x: torch.Tensor) -> torch.Tensor:
+    return x.norm(dim=1)
+
+
+class ConjugateGradient(OperatorCurvature):
+    """``cg``: conjugate gradients on ``(G + lambda I) x = v``, batched over the rows.
+
+    ``tol``: relative residual ``||v - (G + lambda I) x|| / ||v||`` every row must reach;
+    ``max_iter``: products with ``G`` at most per solve. ``info["last_solve"]`` reports iterations and
+    the *true* final relative residual (recomputed with one more product).
+    """
+
+    name = "cg"
+    option_names = OperatorCurvature.option_names + ("tol", "max_iter")
+
+    def __init__(self, damping=None, damping_factor=0.1, tol: float = 1e-6, max_iter: int = 100, **options):
+        super().__init__(damping, damping_factor, **options)
+        if tol <= 0 or max_iter < 1:
+            raise ValueError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
+        self.tol, self.max_iter = tol, max_iter
+
+    def _solve(self, b: torch.Tensor) -> torch.Tensor:
+        self._require_operator()
+        x = torch.zeros_like(b)
+        r = b.clone()
+        p = r.clone()
+        rs = (r * r).sum(1)
+        b_norm = rs.sqrt()
+        active = b_norm > 0
+        failed = torch.zeros_like(active)
+        iterations = torch.zeros(b.shape[0], dtype=torch.long)
+        for _ in range(self.max_iter):
+            rows = active.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                break
+            ap = self._apply(p[rows])
+            curvature = (p[rows] * ap).sum(1)
+            bad = ~(curvature > 0) | ~torch.isfinite(curvature)  # indefinite (Hessian) or broken down
+            if bad.any():
+                failed[rows[bad]] = True
+                active[rows[bad]] = False
+            alpha = torch.where(bad, torch.zeros_like(curvature), rs[rows] / curvature.where(~bad, torch.ones_like(curvature)))
+            x[rows] += alpha[:, None] * p[rows]
+            r[rows] -= alpha[:, None] * ap
+            rs_new = (r[rows] * r[rows]).sum(1)
+            iterations[rows[~bad]] += 1
+            beta = rs_new / rs[rows].where(rs[rows] > 0, torch.ones_like(rs_new))
+            p[rows] = r[rows] + beta[:, None] * p[rows]
+            rs[rows] = rs_new
+            done = rs_new.sqrt() <= self.tol * b_norm[rows]
+            active[rows[done]] = False
+        nonzero = b_norm > 0
+        residual = torch.zeros_like(b_norm)
+        if nonzero.any():
+            residual[nonzero] = _row_norms(b[nonzero] - self._apply(x[nonzero])) / b_norm[nonzero]
+        recursive = rs.sqrt() / b_norm.where(nonzero, torch.ones_like(b_norm))
+        converged = bool((recursive[nonzero] <= self.tol).all()) and not bool(failed.any())
+        report = {
+            "vectors": int(b.shape[0]),
+            "iterations": int(iterations.max()) if iterations.numel() else 0,
+            "mean_iterations": float(iterations.float().mean()),
+            "relative_residual": float(residual.max()),
+            "recursive_relative_residual": float(recursive.max()),
+            "tol": self.tol,
+            "converged": converged,
+        }
+        self._record(report)
+        if failed.any():
+            warnings.warn(
+                f"cg: non-positive curvature p^T (G + lambda I) p in {int(failed.sum())} of {b.shape[0]} solves "
+                f"(indefinite {self.curvature}? raise the damping); those rows stopped early",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        elif not converged:
+            warnings.warn(
+                f"cg did not converge in max_iter={self.max_iter} iterations: relative residual "
+                f"{report['relative_residual']:.2e} > tol={self.tol:g} (raise max_iter or the damping)",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        return x
+
+
+class LiSSA(OperatorCurvature):
+    """``lissa``: ``r_j = v + (I - alpha (G + lambda I)) r_{j-1}``, estimate ``alpha r_J``.
+
+    ``depth``: J at most (the recursion stops early once the error bound is below ``tol``, for the
+    deterministic ``batch_size=None`` only); ``scale``: alpha, by default ``1 / (safety (lambda_max +
+    lambda))`` with ``lambda_max`` from ``power_iterations`` on the full operator (and, with
+    ``batch_size``, on a few sampled mini-batches: their spectra are wider); ``batch_size``: examples per
+    stochastic product (``None``: all, deterministic); ``repeats``: independent recursions averaged.
+    """
+
+    name = "lissa"
+    option_names = OperatorCurvature.option_names + (
+        "depth", "scale", "batch_size", "repeats", "tol", "power_iterations", "safety"
+    )
+
+    def __init__(
+        self,
+        damping=None,
+        damping_factor=0.1,
+        depth: int = 1000,
+        scale: float | None = None,
+        batch_size: int | None = None,
+        repeats: int = 1,
+        tol: float = 1e-4,
+        power_iterations: int = 20,
+        safety: float = 1.25,
+        **options,
+    ):
+        super().__init__(damping, damping_factor, **options)
+        if depth < 1 or repeats < 1 or (batch_size is not None and batch_size < 1):
+            raise ValueError(f"need depth >= 1, repeats >= 1, batch_size >= 1 or None; got {depth}, {repeats}, {batch_size}")
+        if scale is not None and scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        if safety < 1:
+            raise ValueError(f"safety must be >= 1, got {safety}")
+        self.depth, self.scale, self.batch_size, self.repeats = depth, scale, batch_size, repeats
+        self.tol, self.power_iterations, self.safety = tol, power_iterations, safety
+
+    def _stochastic(self, operator: GGNOperator) -> bool:
+        return self.batch_size is not None and self.batch_size < operator.num_examples
+
+    def _prepare(self, operator: GGNOperator) -> None:
+        if self.scale is not None:
+            scale = float(self.scale)
+        else:
+            top = operator.top_eigenvalue(self.power_iterations, self.seed)
+            if self._stochastic(operator):
+                generator = torch.Generator().manual_seed(self.seed)
+                for i in range(3):
+                    sample = self._sample(operator, generator)
+                    top = max(top, operator.top_eigenvalue(self.power_iterations, self.seed + 1 + i, sample))
+            self.info["lambda_max_estimate"] = top
+            scale = 1.0 / (self.safety * (top + self.lam))
+        self.state["scale"] = torch.tensor(scale, dtype=torch.float64)
+        self.info["scale"] = scale
+
+    def _sample(self, operator: GGNOperator, generator: torch.Generator):
+        chosen = torch.randperm(operator.num_examples, generator=generator)[: self.batch_size]
+        return [operator.examples[i] for i in chosen.tolist()]
+
+    def _solve(self, b: torch.Tensor) -> torch.Tensor:
+        operator = self._require_operator()
+        alpha, lam = float(self.state["scale"]), self.lam
+        stochastic = self._stochastic(operator)
+        b_norm = _row_norms(b)
+        # ||r_j|| of a contracting recursion stays below ||v|| + 2 ||r*|| <= (1 + 2 / (alpha lambda)) ||v||
+        ceiling = 2 * (1 + 2 / (alpha * lam)) * b_norm if lam > 0 else torch.full_like(b_norm, math.inf)
+        estimates, steps, diverged, bound, ratio = [], 0, False, torch.zeros_like(b_norm), torch.zeros_like(b_norm)
+        for repeat in range(self.repeats):
+            generator = torch.Generator().manual_seed(self.seed + 1000 + repeat)
+            r = b.clone()
+            for j in range(1, self.depth + 1):
+                sample = self._sample(operator, generator) if stochastic else None
+                update = b - alpha * (operator.matvec_flat(r, sample) + lam * r)  # r_j - r_{j-1}
+                r = r + update
+                steps = max(steps, j)
+                r_norm, u_norm = _row_norms(r), _row_norms(update)
+                if not bool(torch.isfinite(r_norm).all()) or bool((r_norm > ceiling).any()):
+                    diverged = True
+                    break
+                scale = r_norm.where(r_norm > 0, torch.ones_like(r_norm))
+                ratio = u_norm / scale
+                bound = u_norm / (lam * alpha * scale) if lam > 0 else torch.full_like(ratio, math.inf)
+                if not stochastic and bool((bound <= self.tol).all()):
+                    break
+            estimates.append(alpha * r)
+            if diverged:
+                break
+        x = torch.stack(estimates).mean(0)
+        if stochastic and not diverged:  # the running update is noisy: check the average with the full G
+            x_norm = _row_norms(x)
+            residual = _row_norms(b - self._apply(x))
+            bound = residual / (lam * x_norm.where(x_norm > 0, torch.ones_like(x_norm))) if lam > 0 else torch.full_like(x_norm, math.inf)
+        converged = not diverged and bool((bound <= self.tol).all())
+        report = {
+            "vectors": int(b.shape[0]),
+            "iterations": steps,
+            "repeats": len(estimates),
+            "scale": alpha,
+            "update_ratio": float(ratio.max()) if ratio.numel() else 0.0,
+            "relative_error_bound": float(bound.max()) if bound.numel() else 0.0,
+            "tol": self.tol,
+            "diverged": diverged,
+            "converged": converged,
+        }
+        self._record(report)
+        if diverged:
+            warnings.warn(
+                f"lissa diverged at step {steps}: ||r_j|| outgrew every contracting recursion "
+                f"(scale alpha={alpha:.3g} too large for lambda_max + lambda, or G + lambda I not positive "
+                "definite); lower `scale` or raise the damping",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        elif not converged:
+            warnings.warn(
+                f"lissa did not converge in depth={self.depth}: relative error bound "
+                f"{report['relative_error_bound']:.2e} > tol={self.tol:g} (raise depth or the damping)",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        return x
+
+
+class Arnoldi(OperatorCurvature):
+    """``arnoldi``: top-``rank`` eigenpairs of ``G`` by Arnoldi iterations, then a low-rank inverse.
+
+    ``iterations`` (default ``min(P, 2 rank)``, at least ``rank``) Arnoldi steps with two passes of
+    Gram-Schmidt against the whole basis; an invariant subspace (breakdown) restarts from a fresh random
+    vector orthogonal to the basis, so ``rank = P`` yields a complete basis and the exact inverse.
+    The kept pairs are the largest eigenvalues (largest in magnitude for ``curvature="hessian"``).
+    ``block_size > 1``: block Arnoldi, ``block_size`` vectors per (vmapped) product, fewer passes over
+    the data for the same subspace size. ``info["ritz_relative_residual"]`` is
+    ``max_i ||G u_i - mu_i u_i|| / |mu_1|`` over the kept pairs; above ``ritz_tol`` it warns.
+    """
+
+    name = "arnoldi"
+    option_names = OperatorCurvature.option_names + ("rank", "iterations", "complement", "block_size", "ritz_tol")
+
+    def __init__(
+        self,
+        damping=None,
+        damping_factor=0.1,
+        rank: int = 64,
+        iterations: int | None = None,
+        complement: bool = False,
+        block_size: int = 1,
+        ritz_tol: float = 0.1,
+        **options,
+    ):
+        super().__init__(damping, damping_factor, **options)
+        if rank < 1 or (iterations is not None and iterations < rank):
+            raise ValueError(f"need rank >= 1 and iterations >= rank, got rank={rank}, iterations={iterations}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.rank, self.iterations, self.complement = rank, iterations, complement
+        self.block_size, self.ritz_tol = block_size, ritz_tol
+
+    def _prepare(self, operator: GGNOperator) -> None:
+        if self.complement and self.lam <= 0:
+            raise ValueError("arnoldi complement=True needs a positive damping (it applies 1/lambda)")
+        size = operator.num_parameters
+        rank = min(self.rank, size)
+        steps = min(size, self.iterations if self.iterations is not None else 2 * rank)
+        basis, projected, restarts = self._arnoldi(operator, steps)
+        values, vectors = torch.linalg.eigh(projected)
+        order = (values.abs() if self.curvature == "hessian" else values).argsort(descending=True)[:rank]
+        values = values[order]
+        eigenvectors = vectors[:, order].T @ basis  # (rank, P), orthonormal rows
+        top = float(values.abs().max()) if values.numel() else 0.0
+        ritz = 0.0
+        if steps < size and top > 0:  # ||G u - mu u|| / |mu_max| of the kept pairs (one more pass)
+            applied = operator.matvec_flat(eigenvectors)
+            ritz = float(_row_norms(applied - values[:, None] * eigenvectors).max() / top)
+        self.state["eigenvalues"] = values.cpu()
+        self.state["eigenvectors"] = eigenvectors.cpu()
+        self.info.update(
+            rank=rank,
+            iterations=steps,
+            block_size=self.block_size,
+            restarts=restarts,
+            top_eigenvalues=[float(v) for v in values[:5]],
+            smallest_kept_eigenvalue=float(values[-1]) if values.numel() else 0.0,
+            ritz_relative_residual=ritz,
+        )
+        if ritz > self.ritz_tol:
+            warnings.warn(
+                f"arnoldi: the kept eigenpairs are not converged (relative Ritz residual {ritz:.2e} > "
+                f"{self.ritz_tol:g}); raise `iterations` (now {steps}) or lower `rank`",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
+
+    def _arnoldi(self, operator: GGNOperator, steps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Orthonormal basis ``Q`` ``(steps, P)``, ``Q G Q^T`` ``(steps, steps)`` and the number of restarts.
+
+        Block Arnoldi with ``block_size`` vectors per product (1: the classical method). Column block
+        ``[start, end)`` yields ``(Q G Q^T)[:end, start:end]`` exactly (two Gram-Schmidt passes against
+        the whole basis); the rest of the symmetric matrix is its mirror image.
+        """
+        size, device = operator.num_parameters, operator.device
+        generator = torch.Generator().manual_seed(self.seed)
+        basis = torch.zeros(steps, size, dtype=torch.float64, device=device)
+        product = torch.zeros(steps, steps, dtype=torch.float64, device=device)
+        known = torch.zeros(steps, steps, dtype=torch.bool, device=device)
+
+        def orthogonalise(w: torch.Tensor, filled: int) -> torch.Tensor:
+            for _ in range(2):
+                w = w - (basis[:filled] @ w) @ basis[:filled]
+            return w
+
+        def append(w: torch.Tensor, filled: int, scale: float) -> bool:
+            """Put ``w`` (orthogonalised) at ``basis[filled]``; a random vector if ``w`` vanished."""
+            w = orthogonalise(w, filled)
+            norm = float(w.norm())
+            restarted = norm <= 1e-10 * max(scale, 1e-300)
+            if restarted:  # invariant subspace found: go on from a fresh direction orthogonal to it
+                w = orthogonalise(torch.randn(size, generator=generator, dtype=torch.float64).to(device), filled)
+                norm = float(w.norm())
+            basis[filled] = w / norm
+            return restarted
+
+        block = max(1, min(self.block_size, steps))
+        filled, restarts, scale = 0, 0, 0.0
+        for _ in range(block):
+            append(torch.randn(size, generator=generator, dtype=torch.float64).to(device), filled, 1.0)
+            filled += 1
+        start = 0
+        while start < steps:
+            end = filled  # the newest block: basis[start:end]
+            w = operator.matvec_flat(basis[start:end])
+            coefficients = torch.zeros(end, end - start, dtype=torch.float64, device=device)
+            for _ in range(2):  # re-orthogonalise
+                h = basis[:end] @ w.T
+                w = w - h.T @ basis[:end]
+                coefficients += h
+            product[:end, start:end] = coefficients
+            known[:end, start:end] = True
+            scale = max(scale, float(coefficients.abs().max()))
+            for row in w:
+                if filled == steps:
+                    break
+                restarts += append(row, filled, scale)
+                filled += 1
+            start = end
+        mirrored = torch.where(known, product, product.T)
+        both = known & known.T
+        projected = torch.where(both, (product + product.T) / 2, mirrored)
+        return basis, projected, restarts
+
+    def _solve(self, b: torch.Tensor) -> torch.Tensor:
+        if "eigenvectors" not in self.state:
+            raise RuntimeError("the 'arnoldi' curvature is not fitted; call fit(...) first")
+        vectors = self.state["eigenvectors"].to(b.device, torch.float64)
+        values = self.state["eigenvalues"].to(b.device, torch.float64)
+        coefficients = b @ vectors.T
+        x = (coefficients / (values + self.lam)) @ vectors
+        if self.complement:
+            x = x + (b - coefficients @ vectors) / self.lam
+        self._record({"vectors": int(b.shape[0]), "converged": True})
+        return x

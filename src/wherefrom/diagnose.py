@@ -1,0 +1,170 @@
+"""The iHVP-approximation study of Li et al. (2024), made a tool: each method against exact influence.
+
+For every method on one model and data set, :func:`diagnose` reports
+
+* ``ihvp_rel_error``: ``||P_method q - P_exact q|| / ||P_exact q||`` over all queries and tracked
+  parameters (influence methods only), where ``P_exact = (G + lambda I)^-1`` with the dense GGN over
+  all tracked parameters (``exact_blocks="full"``, cross-module terms included) or its module blocks;
+* ``spearman``: rank correlation of the method's ``(n_query, n_train)`` scores with exact scores,
+  over all pairs, and ``spearman_per_query``, the mean over queries;
+* ``seconds`` (fit + scores) and ``peak_mib``, the peak memory above the level at the start
+  (CUDA: ``max_memory_allocated``; Linux CPU: the process's resident-set high-water mark, reset
+  through ``/proc/self/clear_refs``; elsewhere ``None``).
+
+Every method uses its own default damping unless ``config.damping`` sets one absolute value for all;
+the exact reference uses the same setting.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from scipy.stats import spearmanr
+
+from .api import AttributionConfig, Attributor
+from .curvature import make_curvature
+from .data import Record
+from .methods import InfluenceMethod, make_method
+from .store import atomic_write_json, atomic_write_text
+
+
+@dataclass
+class Diagnosis:
+    """One method's row of the study (``None`` where a quantity does not apply or was not measured)."""
+
+    method: str
+    seconds: float
+    peak_mib: float | None
+    ihvp_rel_error: float | None = None
+    spearman: float | None = None
+    spearman_per_query: float | None = None
+    error: str | None = None
+
+
+def _resident_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@contextmanager
+def measured(device: torch.device) -> Iterator[dict[str, float | None]]:
+    """Wall time and peak memory (MiB above the start) of the block, written into the yielded dict."""
+    result: dict[str, float | None] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as clear:  # "5": reset the peak RSS (Linux >= 4.0)
+                clear.write("5")
+            base = _resident_bytes("VmRSS")
+        except OSError:
+            base = None
+    started = time.perf_counter()
+    try:
+        yield result
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+        else:
+            peak = _resident_bytes("VmHWM") if base is not None else None
+        result["seconds"] = time.perf_counter() - started
+        result["peak_mib"] = None if peak is None or base is None else max(peak - base, 0) / 2**20
+
+
+def _flat(blocks: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    return torch.cat([blocks[n].reshape(blocks[n].shape[0], -1).double().cpu() for n in names], dim=1)
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    overall = float(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
+    per_query = [float(spearmanr(x.numpy(), y.numpy()).statistic) for x, y in zip(a, b)]
+    return overall, sum(per_query) / len(per_query)
+
+
+def diagnose(
+    model,
+    tokenizer,
+    train: Sequence[Record],
+    queries: Sequence[Record],
+    methods: Sequence[str],
+    config: AttributionConfig | None = None,
+    method_options: dict[str, dict[str, Any]] | None = None,
+    exact_blocks: str = "full",
+) -> tuple[list[Diagnosis], str | None]:
+    """Run every method and compare it with exact influence; returns the rows and, when the exact
+    reference could not be formed, the reason (the comparisons are then ``None``)."""
+    config = replace(config or AttributionConfig(), query_rank=None)
+    method_options = method_options or {}
+    reference = Attributor(model, tokenizer, replace(config, strategy="exact"))
+    device = reference.device
+    exact_scores = exact_queries = None
+    reason = None
+    try:
+        reference.fit(train, make_curvature("exact", config.damping, config.damping_factor, blocks=exact_blocks))
+        _, exact_queries = reference.preconditioned_queries(queries)
+        exact_scores = reference.scores(queries, train).total.double()
+    except MemoryError as error:
+        reason = str(error)
+    names = reference.module_names
+    rows = []
+    for name in methods:
+        try:
+            method = make_method(name, model, tokenizer, config, **method_options.get(name, {}))
+            with measured(device) as cost:
+                method.fit(train)
+                scores = method.scores(queries, train)
+        except (MemoryError, RuntimeError, ValueError) as error:
+            rows.append(Diagnosis(name, float("nan"), None, error=f"{type(error).__name__}: {error}"))
+            continue
+        row = Diagnosis(name, cost["seconds"], cost["peak_mib"])
+        if exact_scores is not None:
+            row.spearman, row.spearman_per_query = _spearman(scores.total.double(), exact_scores)
+            if isinstance(method, InfluenceMethod) and method.attributor.config.normalize is None:
+                _, approx = method.attributor.preconditioned_queries(queries)
+                reference_flat = _flat(exact_queries, names)
+                row.ihvp_rel_error = float((_flat(approx, names) - reference_flat).norm() / reference_flat.norm())
+        rows.append(row)
+    return rows, reason
+
+
+def write_report(rows: Sequence[Diagnosis], reason: str | None, folder: Path, context: dict[str, Any]) -> tuple[Path, Path]:
+    """``diagnose.json`` (context + rows) and ``diagnose.md`` (a table) in ``folder``, atomically."""
+
+    def cell(value: float | None, fmt: str) -> str:
+        return "–" if value is None or value != value else format(value, fmt)
+
+    lines = [
+        "| method | iHVP rel. error vs exact | Spearman vs exact (all pairs) | mean per-query Spearman | time, s | peak memory, MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.method} | failed: {r.error} | | | | |")
+            continue
+        lines.append(
+            f"| {r.method} | {cell(r.ihvp_rel_error, '.3g')} | {cell(r.spearman, '.3f')} | {cell(r.spearman_per_query, '.3f')} "
+            f"| {cell(r.seconds, '.2f')} | {cell(r.peak_mib, '.0f')} |"
+        )
+    if reason:
+        lines.append(f"\nNo exact reference: {reason}")
+    command = context.get("command", "")
+    text = "# wherefrom diagnose\n\n" + ("Command: `" + command + "`\n\n" if command else "") + "\n".join(lines) + "\n"
+    json_path, md_path = folder / "diagnose.json", folder / "diagnose.md"
+    atomic_write_json({**context, "exact_reference_missing": reason, "rows": [asdict(r) for r in rows]}, json_path)
+    atomic_write_text(text, md_path)
+    return json_path, md_path

@@ -1,0 +1,85 @@
+"""Named attribution methods: recipes over the parts (tracking, gradients, curvature, scoring).
+
+Every method has the same two-phase contract (dattri-style): ``fit(train)`` once, then
+``scores(queries, train)`` returning :class:`wherefrom.scoring.Scores` with the README's sign
+convention (positive = proponent). :func:`make_method` builds one by name; ``options`` go to the
+method's constructor (e.g. ``depth`` for ``lissa``, ``rank`` for ``arnoldi``, ``dim`` for ``trak``,
+``layer``/``pooling`` for ``repsim``, ``checkpoints`` for ``tracin``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, Protocol
+
+from .api import AttributionConfig, Attributor
+from .curvature import make_curvature
+from .data import Record
+from .lexical import BM25
+from .projection import ProjectedInfluence
+from .representation import RepSim
+from .scoring import Scores
+from .tracin import TracIn
+
+
+class Method(Protocol):
+    """A named attribution recipe: ``fit`` once on the training rows, then ``scores`` query rows."""
+
+    def fit(self, train: Sequence[Record]) -> Any: ...
+
+    def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores: ...
+
+
+class InfluenceMethod:
+    """Influence with one curvature strategy: ``-grad f(z_q)^T (G + lambda I)^-1 grad L(z_m)``."""
+
+    def __init__(self, name: str, model, tokenizer, config: AttributionConfig, **curvature_options: Any):
+        self.name = name
+        self.attributor = Attributor(model, tokenizer, config)
+        self.curvature_options = curvature_options
+
+    def fit(self, train: Sequence[Record]) -> None:
+        config = self.attributor.config
+        self.attributor.fit(train, make_curvature(config.strategy, config.damping, config.damping_factor, **self.curvature_options))
+
+    def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
+        return self.attributor.scores(queries, train)
+
+
+def _influence(strategy: str, **overrides: Any) -> Callable[..., InfluenceMethod]:
+    def build(name: str, model, tokenizer, config: AttributionConfig, **options: Any) -> InfluenceMethod:
+        return InfluenceMethod(name, model, tokenizer, replace(config, strategy=strategy, **overrides), **options)
+
+    return build
+
+
+METHODS: dict[str, Callable[..., Method]] = {
+    "gradsim": _influence("identity"),
+    "gradsim-cosine": _influence("identity", normalize="cosine"),
+    "identity": _influence("identity"),
+    "diagonal": _influence("diagonal"),
+    "kfac": _influence("kfac"),
+    "ekfac": _influence("ekfac"),
+    "exact": _influence("exact"),
+    "cg": _influence("cg"),
+    "lissa": _influence("lissa"),
+    "arnoldi": _influence("arnoldi"),
+    # Kwon et al. form DataInf from the training-loss gradients (empirical Fisher).
+    "datainf": _influence("datainf", fisher="empirical"),
+    "tracin": lambda name, model, tokenizer, config, **options: TracIn(options.pop("base", None), options.pop("checkpoints"), tokenizer, config, **options),
+    "repsim": lambda name, model, tokenizer, config, **options: RepSim.from_config(model, tokenizer, config, **options),
+    "bm25": lambda name, model, tokenizer, config, **options: BM25(**options),
+    "trak": lambda name, model, tokenizer, config, **options: ProjectedInfluence.trak(model, tokenizer, config, **options),
+    "logra": lambda name, model, tokenizer, config, **options: ProjectedInfluence.logra(model, tokenizer, config, **options),
+}
+"""Every method by name. ``tracin`` needs ``checkpoints=[...]`` (and ``base=`` for LoRA checkpoints)."""
+
+
+def make_method(name: str, model, tokenizer, config: AttributionConfig | None = None, **options: Any) -> Method:
+    """A method by name (one of :data:`METHODS`); ``options`` go to its constructor."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    if name == "tracin" and "checkpoints" not in options:
+        raise ValueError("method 'tracin' needs checkpoints=[...] (folders a fine-tuning run saved)")
+    return METHODS[name](name, model, tokenizer, config or AttributionConfig(), **options)
