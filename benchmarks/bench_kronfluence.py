@@ -47,7 +47,6 @@ _WORD_TEXT = (
     "walks runs sings reads writes finds keeps gives takes makes sees hears knows grows flies swims"
 )
 WORDS = _WORD_TEXT.split()
-IGNORE = -100
 
 
 # --- configuration -------------------------------------------------------------------------------------
@@ -153,39 +152,6 @@ def setup(args: argparse.Namespace):
     return model, tokenizer, train, queries, config, device
 
 
-# --- kronfluence task ---------------------------------------------------------------------------------
-def kronfluence_task(module_names: list[str]):
-    """The kronfluence Task equal to wherefrom's defaults (see tests/test_kronfluence_parity.py)."""
-    import torch
-    import torch.nn.functional as F
-    from kronfluence.task import Task
-
-    class LanguageModelTask(Task):
-        def compute_train_loss(self, batch, model, sample: bool = False):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logits = logits[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            if sample:
-                with torch.no_grad():
-                    probs = torch.softmax(logits.detach(), dim=-1)
-                    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view_as(labels)
-                    labels = torch.where(labels == IGNORE, labels, drawn)
-            return F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-            )
-
-        def compute_measurement(self, batch, model):
-            return self.compute_train_loss(batch, model, sample=False)
-
-        def get_influence_tracked_modules(self):
-            return list(module_names)
-
-        def get_attention_mask(self, batch):
-            return batch["attention_mask"]
-
-    return LanguageModelTask()
-
-
 class _Rows:
     """A map-style dataset over a list (kronfluence wants ``len`` and indexing)."""
 
@@ -204,8 +170,9 @@ def _analyzer(model, module_names, device, workdir: Path, pad: int):
     from kronfluence.utils.dataset import DataLoaderKwargs
 
     from wherefrom.encoding import collate
+    from wherefrom.peers import kronfluence_lm_task
 
-    task = kronfluence_task(module_names)
+    task = kronfluence_lm_task(module_names)
     kmodel = prepare_model(model, task)
     analyzer = Analyzer(
         analysis_name="bench",

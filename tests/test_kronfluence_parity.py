@@ -76,55 +76,18 @@ from kronfluence.task import Task
 from kronfluence.utils.dataset import DataLoaderKwargs
 
 from wherefrom.api import AttributionConfig, Attributor
+from wherefrom.peers import kronfluence_lm_task
 from wherefrom.curvature import make_curvature
 from wherefrom.encoding import collate, encode_records, pad_id
-from wherefrom.gradients import per_example_gradients
 from wherefrom.tiny import tiny_llama
-from wherefrom.tracking import select_modules
 
 from .conftest import make_records
-from .test_curvature import (
-    block_damped_inverse,
-    exact_mlp_fisher,
-    mlp,
-    mlp_batch,
-    mlp_loss,
-)
+from .test_curvature import mlp_loss, trained_mlp_problem
 
 BATCH = 8
-IGNORE = -100
 
 
 # --- kronfluence side ----------------------------------------------------------------------------
-class LanguageModelTask(Task):
-    """kronfluence task equal to wherefrom's default: summed completion-token loss, ``m = L(z_q)``."""
-
-    def __init__(self, module_names: list[str]):
-        self.module_names = list(module_names)
-
-    def compute_train_loss(self, batch, model, sample: bool = False) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        if sample:
-            with torch.no_grad():
-                probs = torch.softmax(logits.detach(), dim=-1)
-                drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view_as(labels)
-                labels = torch.where(labels == IGNORE, labels, drawn)
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-        )
-
-    def compute_measurement(self, batch, model) -> torch.Tensor:
-        return self.compute_train_loss(batch, model, sample=False)
-
-    def get_influence_tracked_modules(self) -> list[str]:
-        return self.module_names
-
-    def get_attention_mask(self, batch) -> torch.Tensor:
-        return batch["attention_mask"]
-
-
 class ClassificationTask(Task):
     """kronfluence task for the MLP: summed cross-entropy, sampled labels for the true Fisher.
 
@@ -237,7 +200,7 @@ def lm_scores(
     train_enc, query_enc = encode_records(train, tokenizer), encode_records(queries, tokenizer)
     theirs = kronfluence_scores(
         model,
-        LanguageModelTask(attributor.module_names),
+        kronfluence_lm_task(attributor.module_names),
         train_enc,
         query_enc,
         output_dir,
@@ -312,24 +275,12 @@ def test_ekfac_at_least_as_faithful_as_kronfluence_on_mlp(tmp_path):
     kronfluence measured 0.67). Same MLP, data, training and 4 label samples per example as
     tests/test_curvature.py; both draw the same labels (see ``ClassificationTask``), so the two
     Spearman values differ by algorithm only (measured 0.6718 and 0.6718)."""
-    model = mlp(seed=1, d_in=8, hidden=16)
-    train, query = mlp_batch(512, seed=4, d_in=8), mlp_batch(16, seed=5, d_in=8)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        opt.zero_grad()
-        F.cross_entropy(model(train["x"]), train["y"]).backward()
-        opt.step()
-    modules = select_modules(model, include=[r"^\d+$"])
-    names = [m.name for m in modules]
-    chunks = [{k: v[i : i + 64] for k, v in train.items()} for i in range(0, 512, 64)] * 4  # 4 label samples
-    train_grads = per_example_gradients(model, modules, train, mlp_loss())
-    query_grads = per_example_gradients(model, modules, query, mlp_loss())
-    inverse = block_damped_inverse(exact_mlp_fisher(model, modules, train["x"]))
-    exact = sum((query_grads[n].flatten(1).double() @ inverse[n]) @ train_grads[n].flatten(1).double().T for n in names)
-
-    curvature = make_curvature("ekfac").fit(model, modules, lambda: chunks, mlp_loss(sample=True, seed=7))
-    pre = curvature.precondition(query_grads)
-    ours = sum(pre[n].flatten(1).double() @ train_grads[n].flatten(1).double().T for n in names)
+    p = trained_mlp_problem()
+    model, train, query, exact = p.model, p.train, p.query, p.exact
+    names = [m.name for m in p.modules]
+    curvature = make_curvature("ekfac").fit(model, p.modules, lambda: p.chunks, mlp_loss(sample=True, seed=7))
+    pre = curvature.precondition(p.query_grads)
+    ours = sum(pre[n].flatten(1).double() @ p.train_grads[n].flatten(1).double().T for n in names)
 
     rows = lambda batch: [{"x": batch["x"][i], "y": batch["y"][i]} for i in range(batch["x"].shape[0])]
     theirs = kronfluence_scores(

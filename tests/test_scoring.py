@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from wherefrom.api import Attributor, AttributionConfig
+from wherefrom.curvature import make_curvature
 
 from .conftest import build_model
 
@@ -79,12 +80,16 @@ def _shift(modules, direction: dict[str, torch.Tensor], eps: float) -> None:
                 param.add_(eps * delta.to(param.dtype))
 
 
-@pytest.mark.parametrize("strategy", ["identity", "diagonal", "kfac", "ekfac", "exact"])
-def test_sign_matches_actual_change_after_upweighting(strategy, tokenizer, train_records, query_records):
+SIGN_CASES = [("identity", {}), ("diagonal", {}), ("kfac", {}), ("ekfac", {}), ("exact", {}), ("datainf", {}),
+              ("cg", {"max_iter": 400}), ("arnoldi", {})]  # cg: converged, so that P is the (linear) inverse
+
+
+@pytest.mark.parametrize("strategy,options", SIGN_CASES, ids=[name for name, _ in SIGN_CASES])
+def test_sign_matches_actual_change_after_upweighting(strategy, options, tokenizer, train_records, query_records):
     """Upweighting z_m by eps moves the weights by -eps P grad L(z_m); f(z_q) must move by eps * I."""
     model = build_model("llama").double()
     attributor = Attributor(model, tokenizer, AttributionConfig(strategy=strategy, batch_size=6))
-    attributor.fit(train_records)
+    attributor.fit(train_records, make_curvature(strategy, **options))
     scores = attributor.scores(query_records[:2], train_records[:3]).total
     _, train_grads = next(attributor.gradients(train_records[:3]))
     step = attributor.curvature.precondition(train_grads)
