@@ -195,3 +195,30 @@ def test_absolute_damping_and_bad_arguments():
     batch = mlp_batch(8, seed=0)
     curvature = make_curvature("ekfac", damping=0.25).fit(model, modules, lambda: [batch], mlp_loss())
     assert all(float(curvature.state[f"{m.name}.damping"]) == 0.25 for m in modules)
+
+
+def test_exact_hessian_option_matches_double_backward(tokenizer):
+    """``exact`` with ``curvature="hessian"``: H v equals an autograd Hessian-vector product of the mean loss."""
+    from wherefrom.curvature.exact import _eager_attention
+    from wherefrom.encoding import collate, pad_id
+    from wherefrom.task import per_example_loss
+
+    model = build_model("lora").double()
+    train = make_records(6, seed=3)
+    attributor = Attributor(model, tokenizer, AttributionConfig(batch_size=3))
+    curvature = attributor.fit(train, make_curvature("exact", blocks="full", curvature="hessian"))
+    hessian = curvature.state["full.ggn"].double()
+    batch = collate(attributor.encode(train), pad_id(tokenizer))
+    params = [p for m in attributor.modules for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    with _eager_attention(model):  # SDPA has no double backward on CPU
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = per_example_loss(logits, batch["labels"]).mean()
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    flat_grad = torch.cat([m.from_param_layout(g, None).flatten() for m, g in zip(attributor.modules, grads)])
+    v = torch.randn(flat_grad.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    hv = torch.autograd.grad(flat_grad @ v, params)
+    expected = torch.cat([m.from_param_layout(h, None).flatten() for m, h in zip(attributor.modules, hv)])
+    torch.testing.assert_close(hessian @ v, expected, rtol=1e-4, atol=1e-6)
+    assert "negative_eigenvalues" in curvature.info

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jacrev
 
-from ..task import IGNORE_INDEX
+from ..task import IGNORE_INDEX, per_example_loss
 from .base import Curvature
 
 BYTES_LIMIT = 4 * 2**30
@@ -43,18 +43,33 @@ def _eager_attention(model) -> Iterator[None]:
 
 
 class ExactGGN(Curvature):
-    """Dense damped GGN inverse; refuses (with the byte count) when the matrix would be too large."""
+    """Dense damped GGN (or true Hessian) inverse; refuses, with the byte count, when too large.
+
+    ``curvature="hessian"`` forms the Hessian of the mean summed-completion-token training loss
+    (data labels) with ``torch.func.jacrev`` twice instead of the GGN. It may be indefinite away from a
+    minimum; the damping is then ``damping_factor x trace / dim`` as well, and the inverse can have
+    negative directions (reported in ``info["negative_eigenvalues"]``).
+    """
 
     name = "exact"
 
-    def __init__(self, damping: float | None = None, damping_factor: float = 0.1, blocks: Literal["module", "full"] = "module"):
+    def __init__(
+        self,
+        damping: float | None = None,
+        damping_factor: float = 0.1,
+        blocks: Literal["module", "full"] = "module",
+        curvature: Literal["ggn", "hessian"] = "ggn",
+    ):
         super().__init__(damping, damping_factor)
         if blocks not in ("module", "full"):
             raise ValueError(f"blocks must be 'module' or 'full', got {blocks!r}")
+        if curvature not in ("ggn", "hessian"):
+            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
         self.blocks = blocks
+        self.curvature = curvature
 
     def metadata(self) -> dict:
-        return {**super().metadata(), "blocks": self.blocks}
+        return {**super().metadata(), "blocks": self.blocks, "curvature": self.curvature}
 
     def _fit(self, model, modules, batches, loss_fn, progress) -> None:
         sizes = [m.shape[0] * m.shape[1] for m in modules]
@@ -75,9 +90,39 @@ class ExactGGN(Curvature):
 
         jacobian = jacrev(log_probs)
         with _eager_attention(model):
-            self._accumulate(modules, batches, progress, jacobian, log_probs, params, ggn)
+            if self.curvature == "hessian":
+                self._accumulate_hessian(model, modules, batches, progress, params, ggn)
+            else:
+                self._accumulate(modules, batches, progress, jacobian, log_probs, params, ggn)
         ggn /= max(self.info["examples"], 1)
         self._invert(modules, ggn)
+
+    def _accumulate_hessian(self, model, modules, batches, progress, params, hessian: torch.Tensor) -> None:
+        """Add the Hessian of each batch's summed training loss, in the flat Linear-orientation layout."""
+        sizes = [m.shape[0] * m.shape[1] for m in modules]
+        flat0 = torch.cat(
+            [m.from_param_layout(m.module.weight.detach(), m.module.bias.detach() if m.has_bias else None).flatten() for m in modules]
+        )
+
+        def unflatten(flat: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = {}
+            for m, part in zip(modules, torch.split(flat, sizes)):
+                for suffix, value in zip(("weight", "bias"), m.to_param_layout(part.reshape(m.shape))):
+                    out[f"{m.name}.{suffix}"] = value
+            return out
+
+        examples = 0
+        for batch in progress(batches(), "exact Hessian"):
+
+            def loss(flat: torch.Tensor) -> torch.Tensor:
+                logits = functional_call(model, unflatten(flat), (), {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).logits
+                return per_example_loss(logits.double(), batch["labels"], "sum").sum()
+
+            with torch.no_grad():  # torch.func transforms still differentiate inside
+                # reverse-over-reverse: some activations (SiLU) have no forward-mode rule for their backward
+                hessian += jacrev(jacrev(loss))(flat0.double()).to(hessian.dtype)
+            examples += batch["input_ids"].shape[0]
+        self.info["examples"] = examples
 
     def _accumulate(self, modules, batches, progress, jacobian, log_probs, params, ggn: torch.Tensor) -> None:
         """Add ``sum_t sum_c p_c grad log p_c grad log p_c^T`` of every example to ``ggn``."""
@@ -118,6 +163,9 @@ class ExactGGN(Curvature):
             eye = torch.eye(hi - lo, dtype=block.dtype, device=block.device)
             self.state[f"{key}.ggn"] = block.float().cpu()
             self.state[f"{key}.inverse"] = torch.linalg.inv(block + damping * eye).cpu()
+            if self.curvature == "hessian":
+                negative = int((torch.linalg.eigvalsh(block + damping * eye) < 0).sum())
+                self.info.setdefault("negative_eigenvalues", {})[key] = negative
             self.state[f"{key}.damping"] = torch.tensor(damping)
 
     def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
