@@ -105,3 +105,19 @@ def test_errors_name_the_culprit(workspace, tmp_path):
 
     other = invoke(*fit_args(root, "check")[:-4], "--batch-size", "4", "--max-length", "128", "--strategy", "kfac")
     assert other.exit_code == 2 and "other settings" in other.output
+
+
+@pytest.mark.parametrize("strategy,option", [("cg", "max_iter=300"), ("arnoldi", "rank=16")])
+def test_operator_strategies_through_run_directories(workspace, strategy, option):
+    """cg is re-attached to the model and training rows when a run is reopened; arnoldi loads its eigenpairs."""
+    root = workspace
+    run = root / f"run-{strategy}"
+    args = fit_args(root, run.name)
+    args[args.index("--batch-size") + 1] = "10"
+    fitted = invoke(*args, "--strategy", strategy, "--strategy-option", option, "--include", r"h\.1\.mlp\.c_proj")
+    assert fitted.exit_code == 0, fitted.output
+    saved = json.loads((run / "factors" / "curvature.json").read_text())
+    key, value = option.split("=")
+    assert saved["options"][key] == int(value)
+    result = invoke("scores", "--run", run, "--queries", root / "queries.jsonl")
+    assert result.exit_code == 0, result.output

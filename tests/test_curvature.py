@@ -199,7 +199,7 @@ def test_absolute_damping_and_bad_arguments():
 
 def test_exact_hessian_option_matches_double_backward(tokenizer):
     """``exact`` with ``curvature="hessian"``: H v equals an autograd Hessian-vector product of the mean loss."""
-    from wherefrom.curvature.exact import _eager_attention
+    from wherefrom.curvature.exact import eager_attention
     from wherefrom.encoding import collate, pad_id
     from wherefrom.task import per_example_loss
 
@@ -207,12 +207,12 @@ def test_exact_hessian_option_matches_double_backward(tokenizer):
     train = make_records(6, seed=3)
     attributor = Attributor(model, tokenizer, AttributionConfig(batch_size=3))
     curvature = attributor.fit(train, make_curvature("exact", blocks="full", curvature="hessian"))
-    hessian = curvature.state["full.ggn"].double()
+    hessian = curvature.state["full.matrix"].double()
     batch = collate(attributor.encode(train), pad_id(tokenizer))
     params = [p for m in attributor.modules for p in m.parameters()]
     for p in params:
         p.requires_grad_(True)
-    with _eager_attention(model):  # SDPA has no double backward on CPU
+    with eager_attention(model):  # SDPA has no double backward on CPU
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss = per_example_loss(logits, batch["labels"]).mean()
     grads = torch.autograd.grad(loss, params, create_graph=True)
@@ -222,3 +222,13 @@ def test_exact_hessian_option_matches_double_backward(tokenizer):
     expected = torch.cat([m.from_param_layout(h, None).flatten() for m, h in zip(attributor.modules, hv)])
     torch.testing.assert_close(hessian @ v, expected, rtol=1e-4, atol=1e-6)
     assert "negative_eigenvalues" in curvature.info
+
+
+def test_exact_refuses_infeasible_sizes_with_the_byte_count(tokenizer, train_records, monkeypatch):
+    import wherefrom.curvature.exact as exact_module
+
+    monkeypatch.setattr(exact_module, "BYTES_LIMIT", 1024)
+    attributor = Attributor(build_model("llama"), tokenizer, AttributionConfig(strategy="exact"))
+    parameters = sum(m.shape[0] * m.shape[1] for m in attributor.modules)
+    with pytest.raises(MemoryError, match=rf"exact GGN over {parameters:,} parameters needs .* GiB"):
+        attributor.fit(train_records)

@@ -78,7 +78,7 @@ def setup(kind: str) -> Setup:
     encoded = encode_records(make_records(8, seed=1), tokenizer, 64, False)
     data = [batch for _, batch in iterate_batches(encoded, 8, pad_id(tokenizer))]
     exact = ExactGGN(blocks="full").fit(model, modules, lambda: data, None)
-    eigenvalues = torch.linalg.eigvalsh(exact.state["full.ggn"].double())
+    eigenvalues = torch.linalg.eigvalsh(exact.state["full.matrix"].double())
     generator = torch.Generator().manual_seed(0)
     vectors = {m.name: torch.randn(4, *m.shape, generator=generator, dtype=torch.float64) for m in modules}
     return Setup(
@@ -101,16 +101,16 @@ def fit(s: Setup, strategy: str, **options):
 def test_operator_matches_exact_full_ggn(kind):
     s = setup(kind)
     operator = GGNOperator(s.model, s.modules, s.batches)
-    assert operator.num_parameters == s.exact.state["full.ggn"].shape[0]
+    assert operator.num_parameters == s.exact.state["full.matrix"].shape[0]
     product = operator.matvec(s.vectors)
-    expected = s.flat(s.vectors) @ s.exact.state["full.ggn"].double()
+    expected = s.flat(s.vectors) @ s.exact.state["full.matrix"].double()
     error = float((s.flat(product) - expected).norm() / expected.norm())
     print(f"{kind}: matvec relative error {error:.1e}")
     assert error < 1e-6
     subset = operator.matvec_flat(s.flat(s.vectors), examples=operator.examples)  # all examples, by index
     torch.testing.assert_close(subset, s.flat(product), rtol=1e-10, atol=1e-14)
     trace, standard_error = operator.trace(probes=32, seed=0)
-    exact_trace = float(torch.trace(s.exact.state["full.ggn"].double()))
+    exact_trace = float(torch.trace(s.exact.state["full.matrix"].double()))
     print(f"{kind}: Hutchinson trace {trace:.4g} +- {standard_error:.2g}, exact {exact_trace:.4g}")
     assert abs(trace - exact_trace) < 4 * standard_error
 
@@ -142,14 +142,14 @@ def test_lissa_reaches_exact_damped_inverse(kind):
 def test_arnoldi_full_rank_and_complement_are_exact(kind):
     s = setup(kind)
     expected = s.exact.precondition(s.vectors)
-    size = s.exact.state["full.ggn"].shape[0]
+    size = s.exact.state["full.matrix"].shape[0]
     full = fit(s, "arnoldi", damping=s.lam0, rank=size, block_size=8, max_vectors=8)
     complement = fit(s, "arnoldi", damping=s.lam0, rank=s.rank + 4, block_size=8, max_vectors=8, complement=True)
     errors = {"full": s.error(full.precondition(s.vectors), expected), "complement": s.error(complement.precondition(s.vectors), expected)}
     print(f"{kind}: arnoldi errors {errors} (rank(G) = {s.rank} of {size}, restarts {full.info['restarts']})")
     assert errors["full"] < 1e-5 and errors["complement"] < 1e-5
     # the top eigenvalues are G's
-    top = torch.linalg.eigvalsh(s.exact.state["full.ggn"].double()).flip(0)[:5]
+    top = torch.linalg.eigvalsh(s.exact.state["full.matrix"].double()).flip(0)[:5]
     torch.testing.assert_close(torch.tensor(full.info["top_eigenvalues"], dtype=torch.float64), top, rtol=1e-5, atol=0)
     # Schioppa et al.'s projection (no complement) loses the rest of v: far from exact at low rank
     with pytest.warns(ConvergenceWarning, match="not converged"):  # 16 steps: the 8th pair is rough

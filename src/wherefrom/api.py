@@ -41,7 +41,9 @@ class AttributionConfig:
     query over all tracked modules (taken before low-rank compression) and ``g_m`` the training
     gradient over all tracked modules: with the ``identity`` strategy that is the cosine similarity
     of the gradients (gradsim cosine), in ``[-1, 1]``. Per-module parts are divided by the same two
-    norms, so they still sum to the total.
+    norms, so they still sum to the total. ``strategy_options``: constructor options of the strategy
+    (e.g. ``{"max_iter": 300}`` for ``cg``, ``{"rank": 64}`` for ``arnoldi``); ``extra``: settings
+    of methods that are not curvature strategies (e.g. ``layer``/``pooling`` for ``repsim``).
     """
 
     strategy: str = "ekfac"
@@ -57,6 +59,7 @@ class AttributionConfig:
     query_rank: int | None = None
     normalize: Literal["cosine"] | None = None
     seed: int = 0
+    strategy_options: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -106,9 +109,14 @@ class Attributor:
         self.task = task or LanguageModelingTask(reduction=self.config.reduction)
         self.progress = progress
         self.modules: list[TrackedModule] = select_modules(model, self.config.include, self.config.exclude)
-        self.curvature: Curvature = make_curvature(self.config.strategy, self.config.damping, self.config.damping_factor)
+        self.curvature: Curvature = self.new_curvature()
         if not self.curvature.needs_fit:
             self.curvature.modules = selection_signature(self.modules)
+
+    def new_curvature(self) -> Curvature:
+        """An unfitted instance of the configured strategy, damping and strategy options."""
+        c = self.config
+        return make_curvature(c.strategy, c.damping, c.damping_factor, **c.strategy_options)
 
     @property
     def device(self) -> torch.device:
@@ -155,7 +163,7 @@ class Attributor:
         def batches() -> Iterable[Batch]:
             return (batch for _, batch in self.batches(encoded))
 
-        self.curvature = curvature or make_curvature(self.config.strategy, self.config.damping, self.config.damping_factor)
+        self.curvature = curvature or self.new_curvature()
         with _eval_mode(self.model):
             self.curvature.fit(self.model, self.modules, batches, self.fisher_loss_fn(), self.progress)
         return self.curvature.to(self.device)

@@ -35,6 +35,22 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _options(pairs: list[str] | None) -> dict[str, dict]:
+    """``method.key=value`` (or ``key=value`` for every method) -> ``{method: {key: value}}``; values parsed as JSON when they parse."""
+    parsed: dict[str, dict] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise typer.BadParameter(f"--option {pair!r}: expected key=value or method.key=value")
+        key, raw = pair.split("=", 1)
+        method, _, name = key.rpartition(".")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        parsed.setdefault(method or "*", {})[name] = value
+    return parsed
+
+
 RunOption = typer.Option(..., "--run", help="Run directory (created by `fit`).")
 
 
@@ -55,12 +71,14 @@ def fit(
     chat_template: bool = typer.Option(False, help="Wrap prompts in the tokenizer's chat template."),
     reduction: str = typer.Option("sum", help="Training loss over completion tokens: sum | mean."),
     query_rank: Optional[int] = typer.Option(None, help="Low-rank query batching rank (default: full rank)."),
+    strategy_option: Optional[list[str]] = typer.Option(None, help="Strategy option key=value (JSON value), e.g. max_iter=300, rank=64."),
     seed: int = typer.Option(0),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
 ) -> None:
     """Fit the curvature on the training set (resumes: an existing fit is reused)."""
     try:
         attribution = AttributionConfig(
+            strategy_options=_options(strategy_option).get("*", {}),
             strategy=strategy, fisher=fisher, damping=damping, damping_factor=damping_factor, include=include or None,  # type: ignore[arg-type]
             exclude=exclude or None, batch_size=batch_size, max_length=max_length, chat_template=chat_template,
             reduction=reduction, query_rank=query_rank, seed=seed,  # type: ignore[arg-type]
@@ -175,22 +193,6 @@ def _print_report(report: dict) -> None:
         if "tokens" in entry:
             shown = " ".join(f"{tok!r}:{value:+.2g}" for tok, value in entry["tokens"])
             out.print(f"[bold]{entry['id']}[/] by token: {shown}")
-
-
-def _options(pairs: list[str] | None) -> dict[str, dict]:
-    """``method.key=value`` (or ``key=value`` for every method) -> ``{method: {key: value}}``; values parsed as JSON when they parse."""
-    parsed: dict[str, dict] = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise typer.BadParameter(f"--option {pair!r}: expected key=value or method.key=value")
-        key, raw = pair.split("=", 1)
-        method, _, name = key.rpartition(".")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        parsed.setdefault(method or "*", {})[name] = value
-    return parsed
 
 
 def _load_for_methods(model: Optional[str], adapter: Optional[str], device: Optional[str]):

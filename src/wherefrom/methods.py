@@ -14,7 +14,6 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from .api import AttributionConfig, Attributor
-from .curvature import make_curvature
 from .data import Record
 from .lexical import BM25
 from .projection import ProjectedInfluence
@@ -34,14 +33,13 @@ class Method(Protocol):
 class InfluenceMethod:
     """Influence with one curvature strategy: ``-grad f(z_q)^T (G + lambda I)^-1 grad L(z_m)``."""
 
-    def __init__(self, name: str, model, tokenizer, config: AttributionConfig, **curvature_options: Any):
+    def __init__(self, name: str, model, tokenizer, config: AttributionConfig, **strategy_options: Any):
         self.name = name
-        self.attributor = Attributor(model, tokenizer, config)
-        self.curvature_options = curvature_options
+        options = {**config.strategy_options, **strategy_options}
+        self.attributor = Attributor(model, tokenizer, replace(config, strategy_options=options))
 
     def fit(self, train: Sequence[Record]) -> None:
-        config = self.attributor.config
-        self.attributor.fit(train, make_curvature(config.strategy, config.damping, config.damping_factor, **self.curvature_options))
+        self.attributor.fit(train)
 
     def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
         return self.attributor.scores(queries, train)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
-from typing import Any
 
 from .base import BatchSource, Curvature
 from .datainf import DataInf
@@ -26,23 +24,6 @@ def make_curvature(strategy: str, damping: float | None = None, damping_factor: 
     return STRATEGIES[strategy](damping=damping, damping_factor=damping_factor, **options)
 
 
-def saved_options(meta: dict[str, Any]) -> dict[str, Any]:
-    """Constructor options recorded in a curvature's ``metadata()``.
-
-    Two places count: an ``"options"`` dict (strategies that save all their settings there), and any
-    top-level key named like a constructor keyword of the strategy (e.g. ``ExactGGN``'s ``blocks``).
-    """
-    cls = STRATEGIES.get(meta.get("strategy", ""))
-    options: dict[str, Any] = {}
-    if cls is not None:
-        parameters = inspect.signature(cls.__init__).parameters
-        reserved = {"self", "damping", "damping_factor"}
-        named = [k for k, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        options = {k: meta[k] for k in named if k not in reserved and k in meta}
-    options.update(meta.get("options") or {})
-    return options
-
-
 def load_curvature(folder: Path) -> Curvature:
     """Load a curvature saved by :meth:`Curvature.save`, with the constructor options it was made with.
 
@@ -50,7 +31,7 @@ def load_curvature(folder: Path) -> Curvature:
     before ``precondition``.
     """
     meta, state = Curvature.load_state(Path(folder))
-    curvature = make_curvature(meta["strategy"], meta["damping"], meta["damping_factor"], **saved_options(meta))
+    curvature = make_curvature(meta["strategy"], meta["damping"], meta["damping_factor"], **meta.get("options", {}))
     return curvature.restore(meta, state)
 
 
@@ -71,5 +52,4 @@ __all__ = [
     "LiSSA",
     "load_curvature",
     "make_curvature",
-    "saved_options",
 ]

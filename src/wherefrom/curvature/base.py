@@ -39,6 +39,8 @@ class Curvature(ABC):
 
     name: ClassVar[str]
     needs_fit: ClassVar[bool] = True
+    option_names: ClassVar[tuple[str, ...]] = ()
+    """Constructor keywords (besides the damping) saved in ``metadata()["options"]`` and restored on load."""
 
     def __init__(self, damping: float | None = None, damping_factor: float = 0.1):
         if damping is not None and damping < 0:
@@ -86,11 +88,16 @@ class Curvature(ABC):
         return self
 
     # --- persistence ---------------------------------------------------------------------------
+    def options(self) -> dict[str, Any]:
+        """Constructor keyword arguments (besides the damping) that reproduce this strategy."""
+        return {name: getattr(self, name) for name in self.option_names}
+
     def metadata(self) -> dict[str, Any]:
         return {
             "strategy": self.name,
             "damping": self.damping,
             "damping_factor": self.damping_factor,
+            "options": self.options(),
             "modules": self.modules,
             "info": self.info,
         }

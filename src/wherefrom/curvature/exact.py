@@ -29,7 +29,7 @@ BYTES_LIMIT = 4 * 2**30
 
 
 @contextmanager
-def _eager_attention(model) -> Iterator[None]:
+def eager_attention(model) -> Iterator[None]:
     """Use eager attention inside (SDPA has no vmap batching rule for its backward: ~10x slower)."""
     config = getattr(model, "config", None)
     previous = getattr(config, "_attn_implementation", None)
@@ -52,6 +52,7 @@ class ExactGGN(Curvature):
     """
 
     name = "exact"
+    option_names = ("blocks", "curvature")
 
     def __init__(
         self,
@@ -67,9 +68,6 @@ class ExactGGN(Curvature):
             raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
         self.blocks = blocks
         self.curvature = curvature
-
-    def metadata(self) -> dict:
-        return {**super().metadata(), "blocks": self.blocks, "curvature": self.curvature}
 
     def _fit(self, model, modules, batches, loss_fn, progress) -> None:
         sizes = [m.shape[0] * m.shape[1] for m in modules]
@@ -89,7 +87,7 @@ class ExactGGN(Curvature):
             return F.log_softmax(logits[0, :-1].double(), dim=-1)
 
         jacobian = jacrev(log_probs)
-        with _eager_attention(model):
+        with eager_attention(model):
             if self.curvature == "hessian":
                 self._accumulate_hessian(model, modules, batches, progress, params, ggn)
             else:
@@ -161,7 +159,7 @@ class ExactGGN(Curvature):
             block = ggn[lo:hi, lo:hi]
             damping = self.damping_for((torch.trace(block) / block.shape[0]).item())
             eye = torch.eye(hi - lo, dtype=block.dtype, device=block.device)
-            self.state[f"{key}.ggn"] = block.float().cpu()
+            self.state[f"{key}.matrix"] = block.float().cpu()  # the GGN or Hessian block
             self.state[f"{key}.inverse"] = torch.linalg.inv(block + damping * eye).cpu()
             if self.curvature == "hessian":
                 negative = int((torch.linalg.eigvalsh(block + damping * eye) < 0).sum())

@@ -36,7 +36,7 @@ from ..gradients import Batch
 from ..task import IGNORE_INDEX, per_example_loss
 from ..tracking import TrackedModule
 from .base import BatchSource, Progress, no_progress
-from .exact import _eager_attention
+from .exact import eager_attention
 
 Example = tuple[int, int]
 """``(batch index, row index)`` of one fitting example."""
@@ -157,7 +157,7 @@ class GGNOperator:
         chosen = self._group(examples)
         count = sum(self.batches[b]["input_ids"].shape[0] if rows is None else len(rows) for b, rows in chosen)
         params = self._params()
-        with torch.no_grad(), _eval(self.model), _eager_attention(self.model):  # torch.func differentiates inside
+        with torch.no_grad(), _eval(self.model), eager_attention(self.model):  # torch.func differentiates inside
             for lo in range(0, flat.shape[0], self.max_vectors):
                 tangents = self._to_params(flat[lo : lo + self.max_vectors].to(self.device))
                 for batch_index, rows in chosen:
