@@ -100,6 +100,16 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def _build(model_class, config, seed: int):
+    """Instantiate ``model_class(config)`` with seeded weights, fp32, eval mode, tiny-tokenizer pad id."""
+    with _seeded(seed):
+        model = model_class(config)
+    model.to(torch.float32)
+    model.config.pad_token_id = PAD_ID
+    model.eval()
+    return model
+
+
 def tiny_llama(
     vocab_size: int,
     hidden: int = 32,
@@ -132,12 +142,7 @@ def tiny_llama(
         eos_token_id=EOS_ID,
         bos_token_id=None,
     )
-    with _seeded(seed):
-        model = LlamaForCausalLM(config)
-    model.to(torch.float32)
-    model.config.pad_token_id = PAD_ID
-    model.eval()
-    return model
+    return _build(LlamaForCausalLM, config, seed)
 
 
 def tiny_gpt2(
@@ -171,12 +176,7 @@ def tiny_gpt2(
         eos_token_id=EOS_ID,
         bos_token_id=EOS_ID,
     )
-    with _seeded(seed):
-        model = GPT2LMHeadModel(config)
-    model.to(torch.float32)
-    model.config.pad_token_id = PAD_ID
-    model.eval()
-    return model
+    return _build(GPT2LMHeadModel, config, seed)
 
 
 def _is_gpt2(model: nn.Module) -> bool:
