@@ -77,6 +77,12 @@ def test_cli_attribute_and_diagnose(tmp_path):
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "logra" / "scores.json").read_text())
     assert len(saved["train_ids"]) == 10 and json.loads((tmp_path / "logra" / "config.json").read_text())["options"] == {"dim_in": 4, "dim_out": 4}
+    result = runner.invoke(app, ["attribute", "--method", "gradsim", "--prefilter", "3", "--out", str(tmp_path / "pre"), *common])
+    assert result.exit_code == 0, result.output
+    from safetensors.torch import load_file
+
+    total = load_file(str(tmp_path / "pre" / "scores.safetensors"))["total"]
+    assert (~torch.isnan(total)).sum(1).tolist() == [3, 3]  # only the BM25 candidates are scored
     result = runner.invoke(app, ["diagnose", "--methods", "ekfac,gradsim", "--exact-blocks", "module", "--include", "layers.1.mlp.down", "--out", str(tmp_path / "diag"), *common])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "diag" / "diagnose.json").read_text())

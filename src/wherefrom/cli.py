@@ -216,6 +216,7 @@ def attribute(
     max_length: int = typer.Option(512),
     device: Optional[str] = typer.Option(None),
     top_k: int = typer.Option(3),
+    prefilter: Optional[int] = typer.Option(None, help="Score only each query's top-K BM25 candidates (Grosse et al.'s prefilter); others are NaN."),
 ) -> None:
     """Any method end to end (fit, then score queries against the training rows)."""
     from .methods import make_method
@@ -230,10 +231,15 @@ def attribute(
         train_rows, query_rows = load_records(train), load_records(queries)
         chosen = make_method(method, loaded.model, loaded.tokenizer, config, **options)
         chosen.fit(train_rows)
-        result = chosen.scores(query_rows, train_rows)
+        if prefilter is not None:
+            from .lexical import prefiltered_scores
+
+            result = prefiltered_scores(chosen, query_rows, train_rows, prefilter)
+        else:
+            result = chosen.scores(query_rows, train_rows)
     except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError, KeyError) as error:
         _fail(error)
-    atomic_write_json({"method": method, "options": options, "train": str(train), "queries": str(queries), "model": model, "adapter": adapter, "attribution": config.to_dict()}, out / "config.json")
+    atomic_write_json({"method": method, "options": options, "prefilter": prefilter, "train": str(train), "queries": str(queries), "model": model, "adapter": adapter, "attribution": config.to_dict()}, out / "config.json")
     path = save_scores(result, out, "scores")
     for q, query_id in enumerate(result.query_ids):
         console.print(f"[bold]{query_id}[/]: " + ", ".join(f"{i} ({s:+.3g})" for i, s in result.top(q, top_k)))
