@@ -188,6 +188,8 @@ def test_save_load_roundtrip_and_selection_check(tmp_path, tokenizer, train_reco
 def test_absolute_damping_and_bad_arguments():
     with pytest.raises(ValueError, match="unknown strategy"):
         make_curvature("nope")
+    with pytest.raises(ValueError, match=r"'ekfac' has no option\(s\) \['rank'\]"):
+        make_curvature("ekfac", rank=3)
     with pytest.raises(ValueError, match="damping"):
         make_curvature("ekfac", damping=-1.0)
     model = mlp()
@@ -222,6 +224,10 @@ def test_exact_hessian_option_matches_double_backward(tokenizer):
     expected = torch.cat([m.from_param_layout(h, None).flatten() for m, h in zip(attributor.modules, hv)])
     torch.testing.assert_close(hessian @ v, expected, rtol=1e-4, atol=1e-6)
     assert "negative_eigenvalues" in curvature.info
+
+    float32 = Attributor(build_model("llama"), tokenizer, AttributionConfig(include=[r"mlp\.down_proj"]))
+    fitted = float32.fit(train, make_curvature("exact", curvature="hessian"))  # differentiates in the model's dtype
+    assert all(torch.isfinite(v).all() for v in fitted.state.values())
 
 
 def test_exact_refuses_infeasible_sizes_with_the_byte_count(tokenizer, train_records, monkeypatch):

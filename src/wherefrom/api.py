@@ -24,6 +24,7 @@ from .curvature.base import Progress, no_progress
 from .data import Record
 from .encoding import EncodedExample, encode_records, iterate_batches, pad_id
 from .gradients import Batch, LossFn, TokenFactors, token_factors
+from .models import eval_mode
 from .scoring import QueryBlock, Scores, compress_queries, module_scores, token_scores
 from .task import LanguageModelingTask
 from .tracking import TrackedModule, select_modules, selection_signature
@@ -164,7 +165,12 @@ class Attributor:
             return (batch for _, batch in self.batches(encoded))
 
         self.curvature = curvature or self.new_curvature()
-        with _eval_mode(self.model):
+        if self.curvature.own_ggn and self.config.reduction != "sum":
+            raise ValueError(
+                f"strategy {self.curvature.name!r} forms the GGN of the summed completion loss itself; "
+                f"reduction={self.config.reduction!r} is not supported with it (use reduction='sum')"
+            )
+        with eval_mode(self.model):
             self.curvature.fit(self.model, self.modules, batches, self.fisher_loss_fn(), self.progress)
         return self.curvature.to(self.device)
 
@@ -175,10 +181,9 @@ class Attributor:
         and to batches of ``train`` (the rows they were fitted on).
         """
         curvature.check_modules(self.modules)
-        attach = getattr(curvature, "attach", None)
-        if attach is not None and train is not None:
+        if curvature.needs_operator and train is not None:
             encoded = self.encode(train)
-            attach(self.model, self.modules, lambda: (batch for _, batch in self.batches(encoded)), self.progress)
+            curvature.attach(self.model, self.modules, lambda: (batch for _, batch in self.batches(encoded)), self.progress)  # type: ignore[attr-defined]
         self.curvature = curvature.to(self.device)
 
     # --- gradients -----------------------------------------------------------------------------
@@ -187,7 +192,7 @@ class Attributor:
     ) -> Iterator[tuple[list[str], dict[str, TokenFactors]]]:
         """``(ids, {module: TokenFactors})`` per batch; training-loss gradients unless ``loss_fn`` is given."""
         loss_fn = loss_fn or self.train_loss_fn()
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             for ids, batch in self.progress(self.batches(records), description):  # type: ignore[arg-type]
                 yield ids, token_factors(self.model, self.modules, batch, loss_fn)[0]
 
@@ -295,17 +300,3 @@ class Attributor:
                 example = encoded[len(out)]
                 out.append((row_id, example.input_ids, per_token[:, j, : len(example.input_ids)].cpu()))
         return query_ids, out
-
-
-class _eval_mode:
-    """Context manager: ``model.eval()`` inside, previous mode restored after (no dropout in gradients)."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.was_training = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc) -> None:
-        self.model.train(self.was_training)

@@ -35,12 +35,12 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def _options(pairs: list[str] | None) -> dict[str, dict]:
+def _options(pairs: list[str] | None, flag: str = "--option") -> dict[str, dict]:
     """``method.key=value`` (or ``key=value`` for every method) -> ``{method: {key: value}}``; values parsed as JSON when they parse."""
     parsed: dict[str, dict] = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise typer.BadParameter(f"--option {pair!r}: expected key=value or method.key=value")
+            raise typer.BadParameter(f"{flag} {pair!r}: expected key=value or method.key=value")
         key, raw = pair.split("=", 1)
         method, _, name = key.rpartition(".")
         try:
@@ -77,8 +77,9 @@ def fit(
 ) -> None:
     """Fit the curvature on the training set (resumes: an existing fit is reused)."""
     try:
+        groups = _options(strategy_option, "--strategy-option")
         attribution = AttributionConfig(
-            strategy_options=_options(strategy_option).get("*", {}),
+            strategy_options={**groups.get("*", {}), **groups.get(strategy, {})},
             strategy=strategy, fisher=fisher, damping=damping, damping_factor=damping_factor, include=include or None,  # type: ignore[arg-type]
             exclude=exclude or None, batch_size=batch_size, max_length=max_length, chat_template=chat_template,
             reduction=reduction, query_rank=query_rank, seed=seed,  # type: ignore[arg-type]
@@ -275,7 +276,7 @@ def diagnose(
             loaded.model, loaded.tokenizer, load_records(train), load_records(queries), names, config,
             {n: {**options.get("*", {}), **options.get(n, {})} for n in names}, exact_blocks,
         )
-    except (DataError, ModelLoadError, ValueError) as error:
+    except (DataError, ModelLoadError, ValueError, RuntimeError) as error:
         _fail(error)
     context = {"command": " ".join(["wherefrom", *sys.argv[1:]]), "train": str(train), "queries": str(queries), "model": model, "adapter": adapter, "methods": names}
     _, md_path = write_report(rows, reason, out, context)

@@ -238,3 +238,8 @@ def data_fingerprint(records: Sequence[Record]) -> str:
         separators=(",", ":"),
     )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def records_key(records: Sequence[Record]) -> tuple:
+    """A hashable identity of a row list (ids and texts, in order), for caches keyed on the training set."""
+    return tuple((r.id, r.prompt, r.completion) for r in records)

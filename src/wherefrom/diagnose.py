@@ -91,6 +91,7 @@ def _flat(blocks: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    a, b = a.cpu(), b.cpu()
     overall = float(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
     per_query = [float(spearmanr(x.numpy(), y.numpy()).statistic) for x, y in zip(a, b)]
     return overall, sum(per_query) / len(per_query)
@@ -108,6 +109,10 @@ def diagnose(
 ) -> tuple[list[Diagnosis], str | None]:
     """Run every method and compare it with exact influence; returns the rows and, when the exact
     reference could not be formed, the reason (the comparisons are then ``None``)."""
+    if exact_blocks not in ("full", "module"):
+        raise ValueError(f"exact_blocks must be 'full' or 'module', got {exact_blocks!r}")
+    if not queries:
+        raise ValueError("diagnose needs at least one query row")
     config = replace(config or AttributionConfig(), query_rank=None)
     method_options = method_options or {}
     reference = Attributor(model, tokenizer, replace(config, strategy="exact"))
@@ -118,7 +123,7 @@ def diagnose(
         reference.fit(train, make_curvature("exact", config.damping, config.damping_factor, blocks=exact_blocks))
         _, exact_queries = reference.preconditioned_queries(queries)
         exact_scores = reference.scores(queries, train).total.double()
-    except MemoryError as error:
+    except (MemoryError, torch.OutOfMemoryError) as error:
         reason = str(error)
     names = reference.module_names
     rows = []

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from .data import Record
+from .data import Record, records_key
 from .scoring import Scores
 
 __all__ = [
@@ -60,8 +60,6 @@ def record_text(record: Record) -> str:
     return record.prompt + "\n" + record.completion
 
 
-def _key(records: Sequence[Record]) -> tuple:
-    return tuple((r.id, r.prompt, r.completion) for r in records)
 
 
 class BM25:
@@ -109,7 +107,7 @@ class BM25:
         self._weights = sparse.csr_matrix((values, (weights.row, weights.col)), shape=(size, n))
         self.vocabulary, self.idf = vocabulary, idf
         self.train_ids = [r.id for r in train]
-        self._key = _key(train)
+        self._key = records_key(train)
         return self
 
     def score_matrix(self, queries: Sequence[Record] | Sequence[str]) -> np.ndarray:
@@ -132,7 +130,7 @@ class BM25:
     # --- method contract ------------------------------------------------------------------------
     def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
         """BM25 scores as :class:`Scores` with one module, ``"bm25"``; refits when ``train`` differs from the index."""
-        if self._key != _key(train):
+        if self._key != records_key(train):
             self.fit(train)
         values = torch.from_numpy(self.score_matrix(queries)).to(torch.float32)
         return Scores([q.id for q in queries], list(self.train_ids), ["bm25"], values.unsqueeze(0))

@@ -49,7 +49,7 @@ from torch import nn
 
 from .api import AttributionConfig, Attributor
 from .curvature.base import Progress, no_progress
-from .data import Record
+from .data import Record, records_key
 from .encoding import EncodedExample
 from .gradients import LossFn, TokenFactors
 from .scoring import Scores
@@ -343,7 +343,7 @@ class ProjectedInfluence:
             for n in self.module_names:
                 parts[n].append(grads.pop(n).cpu())
         stored = {n: torch.cat(p) for n, p in parts.items()} if ids else {}
-        self._index = (_key(train), ids, stored)
+        self._index = (records_key(train), ids, stored)
         return stored
 
     def preconditioned_queries(self, queries: Sequence[Record]) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -366,7 +366,7 @@ class ProjectedInfluence:
         """
         cosine = getattr(self.attributor.config, "normalize", None) == "cosine"
         query_ids, pre = self.preconditioned_queries(queries)
-        if self._index is not None and self._index[0] == _key(train):
+        if self._index is not None and self._index[0] == records_key(train):
             _, ids, stored = self._index
             stream: Iterator[tuple[list[str], dict[str, torch.Tensor]]] = iter([(list(ids), dict(stored))])
         else:
@@ -406,5 +406,3 @@ class ProjectedInfluence:
         }
 
 
-def _key(records: Sequence[Record]) -> tuple:
-    return tuple((r.id, r.prompt, r.completion) for r in records)

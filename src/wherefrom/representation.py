@@ -19,15 +19,15 @@ same ``max_length`` / ``chat_template`` rules), batched right-padded; PEFT model
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Record
+from .data import Record, records_key
+from .models import eval_mode
 from .encoding import EncodedExample, encode_records, iterate_batches, pad_id
 from .scoring import Scores
 
@@ -37,20 +37,6 @@ POOLINGS: tuple[str, ...] = ("last_prompt", "last", "mean")
 __all__ = ["POOLINGS", "Pooling", "RepSim"]
 
 
-@contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
-    """``eval()`` and ``no_grad`` inside; the previous train/eval mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _key(records: Sequence[Record]) -> tuple:
-    return tuple((r.id, r.prompt, r.completion) for r in records)
 
 
 class RepSim:
@@ -122,7 +108,7 @@ class RepSim:
         encoded = self.encode(records)
         ids: list[str] = []
         parts: list[torch.Tensor] = []
-        with _inference(self.model):
+        with eval_mode(self.model), torch.no_grad():
             for start, (batch_ids, batch) in zip(
                 range(0, len(encoded), self.batch_size),
                 iterate_batches(encoded, self.batch_size, pad_id(self.tokenizer), self.device),
@@ -153,10 +139,10 @@ class RepSim:
     def fit(self, train: Sequence[Record]) -> None:
         """Compute and cache the (normalised) train representations."""
         ids, reps = self.representations(train)
-        self._cache = ((self.layer, self.pooling, _key(train)), ids, F.normalize(reps, dim=-1))
+        self._cache = ((self.layer, self.pooling, records_key(train)), ids, F.normalize(reps, dim=-1))
 
     def _train_representations(self, train: Sequence[Record]) -> tuple[list[str], torch.Tensor]:
-        key = (self.layer, self.pooling, _key(train))
+        key = (self.layer, self.pooling, records_key(train))
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
         ids, reps = self.representations(train)

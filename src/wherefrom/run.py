@@ -151,6 +151,8 @@ class Run:
     # --- index ---------------------------------------------------------------------------------
     def build_index(self, shard_size: int = 256, dtype: str = "float32") -> int:
         """Write raw training gradients in shards of ``shard_size`` rows; resumes. Returns shards written now."""
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         folder = self.folder / "index"

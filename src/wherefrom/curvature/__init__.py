@@ -21,7 +21,11 @@ def make_curvature(strategy: str, damping: float | None = None, damping_factor: 
     """A fresh, unfitted strategy by name (one of :data:`STRATEGIES`); ``options`` go to its constructor."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
-    return STRATEGIES[strategy](damping=damping, damping_factor=damping_factor, **options)
+    cls = STRATEGIES[strategy]
+    unknown = sorted(set(options) - set(cls.option_names))
+    if unknown:
+        raise ValueError(f"strategy {strategy!r} has no option(s) {unknown}; its options are {list(cls.option_names)}")
+    return cls(damping=damping, damping_factor=damping_factor, **options)
 
 
 def load_curvature(folder: Path) -> Curvature:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..gradients import Batch, LossFn
 from ..store import atomic_write_json, atomic_save_tensors
-from ..tracking import TrackedModule
+from ..tracking import TrackedModule, selection_signature
 
 BatchSource = Callable[[], Iterable[Batch]]
 """A callable that returns a fresh iterable over the fitting batches (some strategies need two passes)."""
@@ -41,6 +41,12 @@ class Curvature(ABC):
     needs_fit: ClassVar[bool] = True
     option_names: ClassVar[tuple[str, ...]] = ()
     """Constructor keywords (besides the damping) saved in ``metadata()["options"]`` and restored on load."""
+    needs_operator: ClassVar[bool] = False
+    """True for strategies that multiply by ``G`` on the fly (``cg``, ``lissa``): they must be attached
+    to the model and fitting data again after loading."""
+    own_ggn: ClassVar[bool] = False
+    """True for strategies that form the GGN of the summed token loss themselves (``exact`` and the
+    operator strategies) instead of using the ``loss_fn`` handed to :meth:`fit`."""
 
     def __init__(self, damping: float | None = None, damping_factor: float = 0.1):
         if damping is not None and damping < 0:
@@ -63,7 +69,8 @@ class Curvature(ABC):
         progress: Progress = no_progress,
     ) -> "Curvature":
         """Estimate the curvature from ``loss_fn`` gradients over ``batches()``; returns ``self``."""
-        self.modules = [[m.name, *m.shape] for m in modules]
+        self.modules = selection_signature(modules)
+        self.state, self.info = {}, {}
         self._fit(model, modules, batches, loss_fn, progress)
         return self
 
@@ -123,7 +130,7 @@ class Curvature(ABC):
 
     def check_modules(self, modules: Sequence[TrackedModule]) -> None:
         """Raise if ``modules`` is not the selection this curvature was fitted on."""
-        wanted = [[m.name, *m.shape] for m in modules]
+        wanted = selection_signature(modules)
         if wanted != self.modules:
             fitted = {tuple(x) for x in self.modules}
             missing = [x for x in wanted if tuple(x) not in fitted][:5]

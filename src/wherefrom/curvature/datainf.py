@@ -48,12 +48,11 @@ class DataInf(Curvature):
 
     name = "datainf"
 
+    option_names = ("max_bytes",)
+
     def __init__(self, damping: float | None = None, damping_factor: float = 0.1, max_bytes: int = DEFAULT_MAX_BYTES):
         super().__init__(damping=damping, damping_factor=damping_factor)
         self.max_bytes = int(max_bytes)
-
-    def metadata(self) -> dict:
-        return {**super().metadata(), "max_bytes": self.max_bytes}
 
     def _fit(self, model, modules, batches, loss_fn, progress) -> None:
         parts: dict[str, list[torch.Tensor]] = {m.name: [] for m in modules}

@@ -53,6 +53,7 @@ class ExactGGN(Curvature):
 
     name = "exact"
     option_names = ("blocks", "curvature")
+    own_ggn = True
 
     def __init__(
         self,
@@ -118,7 +119,7 @@ class ExactGGN(Curvature):
 
             with torch.no_grad():  # torch.func transforms still differentiate inside
                 # reverse-over-reverse: some activations (SiLU) have no forward-mode rule for their backward
-                hessian += jacrev(jacrev(loss))(flat0.double()).to(hessian.dtype)
+                hessian += jacrev(jacrev(loss))(flat0).to(hessian.dtype)  # in the model's own dtype
             examples += batch["input_ids"].shape[0]
         self.info["examples"] = examples
 

@@ -67,6 +67,8 @@ class OperatorCurvature(Curvature):
     """
 
     option_names: ClassVar[tuple[str, ...]] = ("curvature", "probes", "seed", "max_vectors")
+    needs_operator: ClassVar[bool] = True
+    own_ggn: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -110,7 +112,6 @@ class OperatorCurvature(Curvature):
 
     def _fit(self, model, modules, batches: BatchSource, loss_fn, progress: Progress) -> None:
         # loss_fn is not needed: G is the analytic GGN (expectation over model-sampled labels).
-        self.state, self.info = {}, {}
         operator = self.attach(model, modules, batches, progress).operator
         assert operator is not None
         size = operator.num_parameters
@@ -207,7 +208,7 @@ class ConjugateGradient(OperatorCurvature):
         b_norm = rs.sqrt()
         active = b_norm > 0
         failed = torch.zeros_like(active)
-        iterations = torch.zeros(b.shape[0], dtype=torch.long)
+        iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
         for _ in range(self.max_iter):
             rows = active.nonzero().squeeze(1)
             if rows.numel() == 0:
@@ -398,6 +399,7 @@ class Arnoldi(OperatorCurvature):
     """
 
     name = "arnoldi"
+    needs_operator = False  # its eigenpairs are saved; no products after fitting
     option_names = OperatorCurvature.option_names + ("rank", "iterations", "complement", "block_size", "ritz_tol")
 
     def __init__(

@@ -24,7 +24,6 @@ forward-AD rules for some of its ops).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -33,6 +32,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from ..gradients import Batch
+from ..models import eval_mode
 from ..task import IGNORE_INDEX, per_example_loss
 from ..tracking import TrackedModule
 from .base import BatchSource, Progress, no_progress
@@ -40,16 +40,6 @@ from .exact import eager_attention
 
 Example = tuple[int, int]
 """``(batch index, row index)`` of one fitting example."""
-
-
-@contextmanager
-def _eval(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class GGNOperator:
@@ -157,7 +147,7 @@ class GGNOperator:
         chosen = self._group(examples)
         count = sum(self.batches[b]["input_ids"].shape[0] if rows is None else len(rows) for b, rows in chosen)
         params = self._params()
-        with torch.no_grad(), _eval(self.model), eager_attention(self.model):  # torch.func differentiates inside
+        with torch.no_grad(), eval_mode(self.model), eager_attention(self.model):  # torch.func differentiates inside
             for lo in range(0, flat.shape[0], self.max_vectors):
                 tangents = self._to_params(flat[lo : lo + self.max_vectors].to(self.device))
                 for batch_index, rows in chosen:
