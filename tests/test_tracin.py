@@ -91,6 +91,13 @@ def test_tracin_equals_hand_sum_over_checkpoints(run):
     _, q1, g1, _ = hand[0]
     torch.testing.assert_close(first_only, sum(q1[n] @ g1[n].T for n in q1), rtol=1e-4, atol=1e-6)
 
+    # By name, with the LoRA checkpoints applied to a copy of the (base) model handed to make_method.
+    from wherefrom.methods import make_method
+
+    named = make_method("tracin", load_model(base_dir, device="cpu").model, tokenizer, attribution_config(), checkpoints=result.checkpoints)
+    named.fit(train)
+    torch.testing.assert_close(named.scores(queries, train).per_module, scores.per_module, rtol=1e-5, atol=1e-7)
+
 
 def test_tracin_sign_is_proponent(run):
     """A small SGD step on z_m at a checkpoint lowers L(z_q) exactly when the TracIn term is positive."""

@@ -9,6 +9,7 @@ method's constructor (e.g. ``depth`` for ``lissa``, ``rank`` for ``arnoldi``, ``
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
@@ -65,13 +66,16 @@ METHODS: dict[str, Callable[..., Method]] = {
     "arnoldi": _influence("arnoldi"),
     # Kwon et al. form DataInf from the training-loss gradients (empirical Fisher).
     "datainf": _influence("datainf", fisher="empirical"),
-    "tracin": lambda name, model, tokenizer, config, **options: TracIn(options.pop("base", None), options.pop("checkpoints"), tokenizer, config, **options),
+    "tracin": lambda name, model, tokenizer, config, **options: TracIn(
+        options.pop("base", None) or (lambda: copy.deepcopy(model)), options.pop("checkpoints"), tokenizer, config, **options
+    ),
     "repsim": lambda name, model, tokenizer, config, **options: RepSim.from_config(model, tokenizer, config, **options),
     "bm25": lambda name, model, tokenizer, config, **options: BM25(**options),
     "trak": lambda name, model, tokenizer, config, **options: ProjectedInfluence.trak(model, tokenizer, config, **options),
     "logra": lambda name, model, tokenizer, config, **options: ProjectedInfluence.logra(model, tokenizer, config, **options),
 }
-"""Every method by name. ``tracin`` needs ``checkpoints=[...]`` (and ``base=`` for LoRA checkpoints)."""
+"""Every method by name. ``tracin`` needs ``checkpoints=[...]``; LoRA checkpoints are applied to ``base``
+(a model folder), by default to a copy of the given (base) model."""
 
 
 def make_method(name: str, model, tokenizer, config: AttributionConfig | None = None, **options: Any) -> Method:
