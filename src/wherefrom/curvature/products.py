@@ -76,8 +76,7 @@ class GGNOperator:
         if not self.examples:
             raise ValueError("the curvature operator needs at least one fitting example")
         self.sizes = [m.shape[0] * m.shape[1] for m in self.modules]
-        first = self.modules[0].parameters()[0]
-        self.dtype, self.device = first.dtype, first.device
+        self.device = self.modules[0].parameters()[0].device
 
     # --- layout ----------------------------------------------------------------------------------
     @property
@@ -114,9 +113,9 @@ class GGNOperator:
     def _to_params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(k, P)`` -> ``{param name: (k, *param.shape)}`` in the modules' own layouts."""
         out = {}
-        for m, (name, block) in zip(self.modules, self.unflatten(flat.to(self.dtype)).items()):
-            for suffix, part in zip(("weight", "bias"), m.to_param_layout(block)):
-                out[f"{name}.{suffix}"] = part.contiguous()
+        for m, (name, block) in zip(self.modules, self.unflatten(flat).items()):
+            for suffix, part, param in zip(("weight", "bias"), m.to_param_layout(block), m.parameters()):
+                out[f"{name}.{suffix}"] = part.to(param.dtype).contiguous()  # each tangent in its primal's dtype
         return out
 
     def _from_params(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
