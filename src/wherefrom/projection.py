@@ -364,35 +364,14 @@ class ProjectedInfluence:
         With ``config.normalize == "cosine"`` every score (and per-module part) is divided by
         ``||q~_pre|| ||G~_m||``, both norms over all modules, in the projected space.
         """
-        cosine = getattr(self.attributor.config, "normalize", None) == "cosine"
         query_ids, pre = self.preconditioned_queries(queries)
         if self._index is not None and self._index[0] == records_key(train):
             _, ids, stored = self._index
             stream: Iterator[tuple[list[str], dict[str, torch.Tensor]]] = iter([(list(ids), dict(stored))])
         else:
             stream = self.projected_gradients(train, description="projected train gradients")
-        train_ids: list[str] = []
-        columns = []
-        for ids, grads in stream:
-            train_ids += ids
-            column = []
-            norms = 0.0
-            for n in self.module_names:
-                g = grads.pop(n)
-                q = pre[n]
-                g = g.to(device=q.device, dtype=q.dtype)
-                column.append(q @ g.T)
-                if cosine:
-                    norms = norms + g.double().square().sum(1)
-            block = torch.stack(column)
-            if cosine:
-                block = block / torch.as_tensor(norms).sqrt().clamp_min(1e-30).to(block.dtype)
-            columns.append(block.cpu())
-        per_module = torch.cat(columns, dim=2) if columns else torch.zeros(len(self.module_names), len(query_ids), 0)
-        if cosine and query_ids:
-            query_norms = sum(pre[n].double().square().sum(1) for n in self.module_names).sqrt().clamp_min(1e-30)
-            per_module = per_module / query_norms.cpu().to(per_module.dtype)[:, None]
-        return Scores(query_ids, train_ids, self.module_names, per_module)
+        # Projected blocks are (n, k) matrices: the attributor's scoring (and cosine) applies as is.
+        return self.attributor.scores_from_gradients(query_ids, pre, stream)
 
     def metadata(self) -> dict[str, Any]:
         return {
