@@ -1,4 +1,4 @@
-"""Command line: ``wherefrom fit | index | scores | query | demo``.
+"""Command line: ``wherefrom fit | index | scores | query | attribute | diagnose | bench | demo``.
 
 Every command prints where its outputs went; ``--json`` output goes to stdout alone (progress bars
 go to stderr), so it can be piped.
@@ -281,6 +281,39 @@ def diagnose(
     context = {"command": " ".join(["wherefrom", *sys.argv[1:]]), "train": str(train), "queries": str(queries), "model": model, "adapter": adapter, "methods": names}
     _, md_path = write_report(rows, reason, out, context)
     Console().print(md_path.read_text())
+
+
+@app.command()
+def bench(
+    task: str = typer.Option(..., help="rules | math | backdoor | backdoor-multi | unwanted, or path:<train file>:<test file> (labelled rows)."),
+    out: Path = typer.Option(..., help="Output folder: bench.json, bench.md, seed-<s>/<method>.json (a rerun resumes)."),
+    methods: str = typer.Option("ekfac,kfac,datainf,gradsim,tracin,repsim,bm25", help="Comma-separated method names."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds (task data and fine-tuning)."),
+    n_train: Optional[int] = typer.Option(None, help="Training rows (default: the task's)."),
+    n_test: Optional[int] = typer.Option(None, help="Test queries (default: the task's)."),
+    model: Optional[str] = typer.Option(None, help="Local model folder (default: SmolLM2-135M-Instruct)."),
+    epochs: int = typer.Option(2, help="LoRA fine-tuning epochs."),
+    learning_rate: float = typer.Option(1e-3, help="LoRA fine-tuning learning rate."),
+    lora_rank: int = typer.Option(4),
+    batch_size: int = typer.Option(8),
+    max_length: int = typer.Option(256),
+    device: Optional[str] = typer.Option(None),
+    option: Optional[list[str]] = typer.Option(None, help="method.key=value options (JSON value), e.g. repsim.layer=-1."),
+) -> None:
+    """Every method on a benchmark task over seeds: metrics with 95% intervals, time and memory."""
+    from .bench import BenchConfig, run_bench
+
+    try:
+        config = BenchConfig(
+            task=task, out=str(out), methods=[m.strip() for m in methods.split(",") if m.strip()],
+            seeds=[int(s) for s in seeds.split(",") if s.strip()], n_train=n_train, n_test=n_test, model=model,
+            epochs=epochs, learning_rate=learning_rate, lora_rank=lora_rank, batch_size=batch_size,
+            max_length=max_length, device=device, method_options=_options(option),
+        )
+        run_bench(config, progress=_progress, log=lambda line: console.print(line, markup=False, highlight=False))
+    except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+        _fail(error)
+    typer.echo((out / "bench.md").read_text())
 
 
 @app.command()

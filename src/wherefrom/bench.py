@@ -1,0 +1,291 @@
+"""``wherefrom bench``: every method on a benchmark task, over seeds, with metrics, time and memory.
+
+For each seed: build the task (:data:`wherefrom.benchtasks.TASKS`, or files with
+``"path:<train>:<test>"``), LoRA-fine-tune a fresh base model on its training rows (cached under
+``out/seed-<s>/finetune`` by :func:`wherefrom.finetune.finetune`), then run every method (fit +
+scores, timed with :func:`wherefrom.diagnose.measured`) and score it with
+:func:`wherefrom.metrics.class_attribution` (``kind == "class"``) or
+:func:`wherefrom.metrics.identification` (``kind == "identify"``). A method that raises gets an
+``error`` in its row; the others go on.
+
+Outputs (all written atomically):
+
+* ``out/seed-<s>/<method>.json``: one row (metrics with per-query values, seconds, peak MiB, error)
+  and the ``key`` of settings it was computed with. A later run skips a (seed, method) whose file
+  exists with the same key and no error, so an interrupted run resumes;
+* ``out/bench.json``: config, package versions, hardware, command, every row and the aggregate
+  (per method and metric: mean and 95% Student-t interval over seeds, :func:`wherefrom.metrics.mean_ci`;
+  mean seconds and peak MiB);
+* ``out/bench.md``: the same aggregate as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .api import AttributionConfig
+from .benchtasks import TASKS, BenchTask, from_path
+from .curvature.base import Progress, no_progress
+from .diagnose import measured
+from .finetune import FinetuneConfig, finetune
+from .methods import METHODS, make_method
+from .metrics import class_attribution, identification, mean_ci
+from .models import load_model, pick_device
+from .store import atomic_write_json, atomic_write_text, hardware, package_versions
+
+__all__ = ["DEFAULT_METHODS", "BenchConfig", "build_task", "command_line", "run_bench"]
+
+DEFAULT_METHODS = ["ekfac", "kfac", "datainf", "gradsim", "tracin", "repsim", "bm25"]
+_FORMAT_VERSION = 1
+_NOT_AGGREGATED = {"k", "n_queries", "per_query"}
+
+
+@dataclass
+class BenchConfig:
+    """Settings of one benchmark: task, methods, seeds, fine-tuning, attribution batching, output.
+
+    ``task``: a name in :data:`wherefrom.benchtasks.TASKS` or ``"path:<train file>:<test file>"``
+    (a labelled class task, :func:`wherefrom.benchtasks.from_path`; the same files for every seed).
+    ``n_train`` / ``n_test``: ``None`` keeps the task's default. ``model``: local model folder
+    (``None``: the default model). ``method_options``: ``{method: {key: value}}`` passed to
+    :func:`wherefrom.methods.make_method`; the key ``"*"`` applies to every method.
+    """
+
+    task: str
+    out: str
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    n_train: int | None = None
+    n_test: int | None = None
+    model: str | None = None
+    epochs: int = 2
+    learning_rate: float = 1e-3
+    lora_rank: int = 4
+    batch_size: int = 8
+    max_length: int = 256
+    device: str | None = None
+    method_options: dict[str, dict] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for an unknown task or method, or an empty method / seed list."""
+        if not self.task.startswith("path:") and self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {sorted(TASKS)} or path:<train>:<test>")
+        if self.task.startswith("path:") and len(self.task.split(":")) != 3:
+            raise ValueError(f"task {self.task!r}: expected path:<train file>:<test file>")
+        if not self.methods:
+            raise ValueError("at least one method is needed")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods repeat: {self.methods}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
+
+    def options_for(self, method: str) -> dict[str, Any]:
+        return {**self.method_options.get("*", {}), **self.method_options.get(method, {})}
+
+
+def build_task(config: BenchConfig, seed: int) -> BenchTask:
+    """The task of ``config`` for one seed."""
+    if config.task.startswith("path:"):
+        _, train, test = config.task.split(":")
+        return from_path(Path(train).stem, train, test)
+    sizes = {k: v for k, v in (("n_train", config.n_train), ("n_test", config.n_test)) if v is not None}
+    return TASKS[config.task](seed=seed, **sizes)
+
+
+def command_line(config: BenchConfig) -> str:
+    """A ``wherefrom bench`` command line equivalent to ``config``."""
+    parts = ["wherefrom", "bench", "--task", config.task, "--methods", ",".join(config.methods),
+             "--seeds", ",".join(map(str, config.seeds))]
+    for flag, value in (("--n-train", config.n_train), ("--n-test", config.n_test), ("--model", config.model),
+                        ("--device", config.device)):
+        if value is not None:
+            parts += [flag, str(value)]
+    parts += ["--epochs", str(config.epochs), "--learning-rate", repr(config.learning_rate), "--lora-rank",
+              str(config.lora_rank), "--batch-size", str(config.batch_size), "--max-length", str(config.max_length)]
+    for method, options in sorted(config.method_options.items()):
+        for key, value in sorted(options.items()):
+            name = key if method == "*" else f"{method}.{key}"
+            parts += ["--option", f"{name}={json.dumps(value)}"]
+    parts += ["--out", config.out]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _key(config: BenchConfig, seed: int, method: str) -> dict[str, Any]:
+    """Every setting a (seed, method) row depends on; a cached row is reused only when it matches."""
+    return {
+        "format": _FORMAT_VERSION, "task": config.task, "n_train": config.n_train, "n_test": config.n_test,
+        "model": config.model, "epochs": config.epochs, "learning_rate": config.learning_rate,
+        "lora_rank": config.lora_rank, "batch_size": config.batch_size, "max_length": config.max_length,
+        "seed": seed, "method": method, "options": config.options_for(method),
+    }
+
+
+def _row_path(out: Path, seed: int, method: str) -> Path:
+    return out / f"seed-{seed}" / f"{method}.json"
+
+
+def _cached(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        row = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    # the key goes through JSON both ways, so compare JSON forms (tuples vs lists, etc.)
+    if json.loads(json.dumps(key, default=str)) != row.get("key") or row.get("error"):
+        return None
+    return row
+
+
+def _metrics(task: BenchTask, scores) -> dict[str, Any]:
+    if task.kind == "class":
+        return class_attribution(scores, {r.id: r.label for r in task.train}, {r.id: r.label for r in task.test})
+    return identification(scores, task.targets)
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_method(config: BenchConfig, task: BenchTask, seed: int, method: str, tuned, tokenizer) -> dict[str, Any]:
+    device = pick_device(config.device)
+    options = config.options_for(method)
+    if method == "tracin":
+        options.setdefault("checkpoints", [str(p) for p in tuned.checkpoints])
+        options.setdefault("base", lambda: load_model(config.model, device=config.device).model)
+    attribution = AttributionConfig(batch_size=config.batch_size, max_length=config.max_length, seed=seed)
+    row: dict[str, Any] = {"seed": seed, "method": method, "metrics": None, "seconds": None, "peak_mib": None, "error": None}
+    try:
+        with measured(device) as usage:
+            chosen = make_method(method, tuned.model, tokenizer, attribution, **options)
+            chosen.fit(task.train)
+            scores = chosen.scores(task.test, task.train)
+        row["seconds"], row["peak_mib"] = usage["seconds"], usage["peak_mib"]
+        row["metrics"] = _metrics(task, scores)
+    except Exception as error:  # one failing method must not end the benchmark
+        row["error"] = f"{type(error).__name__}: {error}"
+    finally:
+        chosen = scores = None  # release them before the next method
+        _free()
+    return row
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
+    """Per method: ``metrics`` ``{name: {mean, low, high}}`` over the seeds that succeeded (95% t
+    interval; ``low``/``high`` are ``None`` with one seed), mean ``seconds`` / ``peak_mib``,
+    ``n_ok`` and the ``errors`` of failed seeds."""
+    result: dict[str, Any] = {}
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        ok = [r for r in mine if not r["error"]]
+        entry: dict[str, Any] = {"n_ok": len(ok), "n_seeds": len(mine), "errors": {str(r["seed"]): r["error"] for r in mine if r["error"]},
+                                 "metrics": {}, "seconds": None, "peak_mib": None}
+        if ok:
+            names = [k for k, v in ok[0]["metrics"].items() if k not in _NOT_AGGREGATED and isinstance(v, (int, float))]
+            for name in names:
+                values = [r["metrics"][name] for r in ok if r["metrics"].get(name) is not None and math.isfinite(r["metrics"][name])]
+                if values:
+                    mean, low, high = mean_ci(values)
+                    entry["metrics"][name] = {"mean": mean, "low": _finite(low), "high": _finite(high), "n": len(values)}
+            for what in ("seconds", "peak_mib"):
+                values = [r[what] for r in ok if r[what] is not None]
+                entry[what] = sum(values) / len(values) if values else None
+        result[method] = entry
+    return result
+
+
+def markdown(summary: dict[str, Any], kind: str, command: str, title: str) -> str:
+    """The aggregate as a Markdown table: method x metrics ("mean [low, high]" over seeds), time, memory."""
+    names = ["acc", "cover", "mrr"] if kind == "class" else ["auprc", "auroc", "mrr", "recall_at_k"]
+
+    def cell(stat: dict[str, Any] | None) -> str:
+        if not stat:
+            return "–"
+        text = f"{stat['mean']:.3f}"
+        if stat.get("low") is not None:
+            text += f" [{stat['low']:.3f}, {stat['high']:.3f}]"
+        return text
+
+    lines = ["| method | " + " | ".join(names) + " | time, s | peak memory, MiB | seeds ok |",
+             "| --- | " + " | ".join("---:" for _ in names) + " | ---: | ---: | ---: |"]
+    for method, entry in summary.items():
+        if not entry["n_ok"]:
+            error = next(iter(entry["errors"].values()), "no result").replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {method} | failed: {error[:200]} |" + " |" * (len(names) + 2))
+            continue
+        seconds = "–" if entry["seconds"] is None else f"{entry['seconds']:.2f}"
+        memory = "–" if entry["peak_mib"] is None else f"{entry['peak_mib']:.0f}"
+        lines.append(f"| {method} | " + " | ".join(cell(entry["metrics"].get(n)) for n in names)
+                     + f" | {seconds} | {memory} | {entry['n_ok']}/{entry['n_seeds']} |")
+    return f"# wherefrom bench: {title}\n\nCommand: `{command}`\n\n" + "\n".join(lines) + "\n"
+
+
+def run_bench(config: BenchConfig, progress: Progress = no_progress, command: str | None = None,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark of ``config`` (resuming from ``config.out``); returns what ``bench.json`` holds.
+
+    ``progress`` wraps the loop over methods of each seed (tqdm-like, as elsewhere in wherefrom);
+    ``log`` receives one line per step; ``command`` is recorded (default: :func:`command_line`).
+    """
+    config.validate()
+    say = log or (lambda _line: None)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    kind = title = None
+    for seed in config.seeds:
+        task = build_task(config, seed)
+        kind, title = task.kind, task.description or task.name
+        keys = {m: _key(config, seed, m) for m in config.methods}
+        cached = {m: _cached(_row_path(out, seed, m), keys[m]) for m in config.methods}
+        todo = [m for m in config.methods if cached[m] is None]
+        tuned = loaded = None
+        if todo:
+            loaded = load_model(config.model, device=config.device)
+            finetune_config = FinetuneConfig(epochs=config.epochs, learning_rate=config.learning_rate,
+                                             batch_size=config.batch_size, max_length=config.max_length,
+                                             seed=seed, lora_rank=config.lora_rank)
+            tuned = finetune(loaded.model, loaded.tokenizer, task.train, finetune_config,
+                             out / f"seed-{seed}" / "finetune", progress=False)
+            say(f"seed {seed}: {'reused' if tuned.reused else 'trained'} the fine-tuned model")
+        for method in progress(config.methods, f"seed {seed}"):
+            if cached[method] is not None:
+                say(f"seed {seed} {method}: reused")
+                rows.append(cached[method])
+                continue
+            row = _run_method(config, task, seed, method, tuned, loaded.tokenizer)
+            row["key"] = keys[method]
+            atomic_write_json(row, _row_path(out, seed, method))
+            say(f"seed {seed} {method}: " + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s"))
+            rows.append(row)
+        tuned = loaded = None
+        _free()
+
+    summary = aggregate(rows, config.methods)
+    command = command or command_line(config)
+    report = {
+        "format": _FORMAT_VERSION, "command": command, "config": asdict(config), "kind": kind,
+        "versions": package_versions(), "hardware": hardware(),
+        "rows": [{k: v for k, v in r.items()} for r in rows], "aggregate": summary,
+    }
+    atomic_write_json(report, out / "bench.json")
+    atomic_write_text(markdown(summary, kind or "class", command, f"{config.task} ({title})"), out / "bench.md")
+    return report
