@@ -121,3 +121,15 @@ def test_operator_strategies_through_run_directories(workspace, strategy, option
     assert saved["options"][key] == int(value)
     result = invoke("scores", "--run", run, "--queries", root / "queries.jsonl")
     assert result.exit_code == 0, result.output
+
+
+def test_run_made_before_a_setting_existed_is_reused(workspace):
+    """A config.json without settings added later (they take their defaults) still matches."""
+    root = workspace
+    assert invoke(*fit_args(root, "older")).exit_code == 0
+    path = root / "older" / "config.json"
+    config = json.loads(path.read_text())
+    del config["attribution"]["normalize"], config["attribution"]["strategy_options"]
+    path.write_text(json.dumps(config))
+    again = invoke(*fit_args(root, "older"))
+    assert again.exit_code == 0 and "reused" in again.output, again.output

@@ -328,7 +328,10 @@ def demo(
     """LoRA-fine-tune the default model on a generated task, then attribute held-out queries with EK-FAC and identity."""
     from .demo import run_demo
 
-    run_demo(cache=cache, n_train=n_train, n_queries=n_queries, epochs=epochs, model=model, device=device, progress=_progress)
+    try:
+        run_demo(cache=cache, n_train=n_train, n_queries=n_queries, epochs=epochs, model=model, device=device, progress=_progress)
+    except (DataError, ModelLoadError, RunMismatch, ValueError) as error:
+        _fail(error)
 
 
 if __name__ == "__main__":  # pragma: no cover

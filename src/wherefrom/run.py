@@ -85,7 +85,8 @@ class Run:
         manifest = run.manifest()
         if (folder / "manifest.json").exists():
             run._check(json.loads((folder / "manifest.json").read_text()), manifest)
-            saved = json.loads((folder / "config.json").read_text())
+            # Round-trip through RunConfig: settings added in later versions take their defaults.
+            saved = RunConfig.from_dict(json.loads((folder / "config.json").read_text())).to_dict()
             if saved != config.to_dict():
                 raise RunMismatch(
                     f"{folder} holds a run with other settings; use a new --run folder or the same arguments.\n"
