@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .api import AttributionConfig
 from .data import DataError, Record, load_records
-from .models import ModelLoadError
+from .models import ModelLoadError, load_model
 from .run import Run, RunConfig, RunMismatch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Which training examples made a language model say this?")
@@ -196,12 +196,6 @@ def _print_report(report: dict) -> None:
             out.print(f"[bold]{entry['id']}[/] by token: {shown}")
 
 
-def _load_for_methods(model: Optional[str], adapter: Optional[str], device: Optional[str]):
-    from .models import load_model
-
-    return load_model(model, adapter, device=device)
-
-
 @app.command()
 def attribute(
     method: str = typer.Option(..., help="Method name: see `wherefrom.methods.METHODS` (ekfac, kfac, lissa, cg, arnoldi, datainf, gradsim, gradsim-cosine, tracin, repsim, bm25, trak, logra, ...)."),
@@ -228,7 +222,7 @@ def attribute(
         options = _options(option)
         options = {**options.get("*", {}), **options.get(method, {})}
         config = AttributionConfig(damping=damping, include=include or None, batch_size=batch_size, max_length=max_length)
-        loaded = _load_for_methods(model, adapter, device)
+        loaded = load_model(model, adapter, device=device)
         train_rows, query_rows = load_records(train), load_records(queries)
         chosen = make_method(method, loaded.model, loaded.tokenizer, config, **options)
         chosen.fit(train_rows)
@@ -268,7 +262,7 @@ def diagnose(
     from .diagnose import write_report
 
     try:
-        loaded = _load_for_methods(model, adapter, device)
+        loaded = load_model(model, adapter, device=device)
         config = AttributionConfig(damping=damping, include=include or None, batch_size=batch_size, max_length=max_length)
         names = [m.strip() for m in methods.split(",") if m.strip()]
         options = _options(option)

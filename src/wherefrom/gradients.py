@@ -89,8 +89,3 @@ def per_example_gradients(
     """Dense per-example gradients ``{name: (B, out, in')}`` of ``loss_fn`` for one batch."""
     factors, _ = token_factors(model, modules, batch, loss_fn)
     return {name: f.dense() for name, f in factors.items()}
-
-
-def flatten(grads: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
-    """Concatenate ``{name: (B, out, in')}`` into ``(B, P)`` in the order of ``names``."""
-    return torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=1)

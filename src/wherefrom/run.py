@@ -127,12 +127,12 @@ class Run:
     @staticmethod
     def _check(saved: dict[str, Any], now: dict[str, Any]) -> None:
         checks = [
-            ("model", saved["model"]["fingerprint"], now["model"]["fingerprint"], "model weights (or adapter)"),
-            ("tokenizer", saved["tokenizer_fingerprint"], now["tokenizer_fingerprint"], "tokenizer"),
-            ("modules", saved["modules"], now["modules"], "module selection"),
-            ("data", saved["data"]["fingerprint"], now["data"]["fingerprint"], f"training data ({now['data']['path']})"),
+            (saved["model"]["fingerprint"], now["model"]["fingerprint"], "model weights (or adapter)"),
+            (saved["tokenizer_fingerprint"], now["tokenizer_fingerprint"], "tokenizer"),
+            (saved["modules"], now["modules"], "module selection"),
+            (saved["data"]["fingerprint"], now["data"]["fingerprint"], f"training data ({now['data']['path']})"),
         ]
-        for _key, before, after, what in checks:
+        for before, after, what in checks:
             if before != after:
                 raise RunMismatch(f"the {what} differ from those this run was made with; refit in a new run folder")
 

@@ -30,6 +30,8 @@ import json
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -134,16 +136,13 @@ def tracin_scores(
     total: torch.Tensor | None = None
     reference: Scores | None = None
     for k, checkpoint in enumerate(checkpoints):
-        if isinstance(checkpoint, tuple):
-            model, lr = checkpoint
-            loaded = False
+        loaded = not isinstance(checkpoint, tuple)
+        if loaded:
+            model = _load_checkpoint(base, Path(checkpoint), device, dtype)
+            lr = _learning_rate(Path(checkpoint)) if learning_rates is None else learning_rates[k]
         else:
-            folder = Path(checkpoint)
-            lr = _learning_rate(folder) if learning_rates is None else None
-            model = _load_checkpoint(base, folder, device, dtype)
-            loaded = True
-        if learning_rates is not None:
-            lr = learning_rates[k]
+            model, lr = checkpoint
+            lr = lr if learning_rates is None else learning_rates[k]
         attributor = Attributor(model, tokenizer, config, task=task, progress=progress)
         scores = attributor.scores(queries, train)
         if reference is None:
@@ -172,46 +171,15 @@ class TracIn:
 
     name = "tracin"
 
-    def __init__(
-        self,
-        base: BaseModel,
-        checkpoints: Sequence[Checkpoint],
-        tokenizer,
-        config: AttributionConfig | None = None,
-        *,
-        learning_rates: Sequence[float] | None = None,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
-        task: LanguageModelingTask | None = None,
-        progress: Progress = no_progress,
-    ):
+    def __init__(self, base: BaseModel, checkpoints: Sequence[Checkpoint], tokenizer, config: AttributionConfig | None = None, **options: Any):
+        """``options``: the keyword arguments of :func:`tracin_scores` (``learning_rates``, ``device``, ...)."""
         if not checkpoints:
             raise ValueError("TracIn needs at least one checkpoint")
-        self.base = base
-        self.checkpoints = list(checkpoints)
-        self.tokenizer = tokenizer
-        self.config = config or AttributionConfig(strategy="identity")
-        self.learning_rates = None if learning_rates is None else list(learning_rates)
-        self.device = device
-        self.dtype = dtype
-        self.task = task
-        self.progress = progress
+        self._scores = partial(tracin_scores, base, list(checkpoints), tokenizer, config=config, **options)
 
     def fit(self, train: Sequence[Record]) -> None:
         """Nothing to precompute (the checkpoints are the fit)."""
 
     def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
         """``(n_query, n_train)`` TracInCP scores with ids; positive = proponent."""
-        return tracin_scores(
-            self.base,
-            self.checkpoints,
-            self.tokenizer,
-            queries,
-            train,
-            self.config,
-            learning_rates=self.learning_rates,
-            device=self.device,
-            dtype=self.dtype,
-            task=self.task,
-            progress=self.progress,
-        )
+        return self._scores(queries, train)
