@@ -63,6 +63,18 @@ def test_bench_identify_task(tmp_path, tiny_model):
     assert command_line(config).startswith("wherefrom bench --task backdoor")
 
 
+def test_bench_task_from_files_is_subsampled(tmp_path, tiny_model):
+    rows = [{"id": f"{split}{i}", "prompt": f"{i} {w}:", "completion": f" {w}", "label": w}
+            for split in ("a", "b") for i, w in enumerate(["x", "y", "z"] * 6)]
+    for split in ("a", "b"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["id"].startswith(split)))
+    config = BenchConfig(task=f"path:{tmp_path / 'a.jsonl'}:{tmp_path / 'b.jsonl'}", out=str(tmp_path / "p"),
+                         methods=["bm25"], n_train=9, n_test=3, model=tiny_model, epochs=1, max_length=64, device="cpu")
+    report = run_bench(config)
+    metrics = report["rows"][0]["metrics"]
+    assert report["kind"] == "class" and metrics["n_queries"] == 3 and metrics["k"] == 3  # 9 rows / 3 classes
+
+
 def test_failed_method_is_recorded_and_retried(tmp_path, tiny_model):
     # gradsim with an unknown option fails; bm25 still runs, the failure is in the table, and a rerun
     # retries the failed method but reuses the good one

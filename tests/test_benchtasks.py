@@ -20,6 +20,7 @@ from wherefrom.benchtasks import (
     from_path,
     math_templates,
     rule_rewriting,
+    subsampled,
     unwanted_behaviour,
 )
 from wherefrom.data import DataError
@@ -216,3 +217,19 @@ def test_shared_datasets_load(name: str) -> None:
     assert task.kind == "class" and task.train and task.test
     assert all(r.label for r in task.train + task.test)
     assert {r.label for r in task.test} <= {r.label for r in task.train}
+
+
+def test_subsampled_is_class_balanced_seeded_and_ordered() -> None:
+    task = rule_rewriting(n_train=60, n_test=20, seed=0)
+    small = subsampled(task, 23, 7, seed=3)
+    assert len(small.train) == 23 and len(small.test) == 7
+    counts = Counter(r.label for r in small.train)
+    assert max(counts.values()) - min(counts.values()) <= 1 and len(counts) == len({r.label for r in task.train})
+    positions = [task.train.index(r) for r in small.train]
+    assert positions == sorted(positions) and len(set(positions)) == 23
+    assert subsampled(task, 23, 7, seed=3) == small and subsampled(task, 23, 7, seed=4) != small
+    assert subsampled(task, None, 100, seed=0) == task  # None or too large keeps a split whole
+    with pytest.raises(ValueError, match="n_train"):
+        subsampled(task, 0, 5, seed=0)
+    with pytest.raises(ValueError, match="only class tasks"):
+        subsampled(backdoor(n_train=40, n_test=2), 10, 1, seed=0)

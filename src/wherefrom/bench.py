@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .api import AttributionConfig
-from .benchtasks import TASKS, BenchTask, from_path
+from .benchtasks import TASKS, BenchTask, from_path, subsampled
 from .curvature.base import Progress, no_progress
 from .diagnose import measured
 from .finetune import FinetuneConfig, finetune
@@ -55,7 +55,8 @@ class BenchConfig:
 
     ``task``: a name in :data:`wherefrom.benchtasks.TASKS` or ``"path:<train file>:<test file>"``
     (a labelled class task, :func:`wherefrom.benchtasks.from_path`; the same files for every seed).
-    ``n_train`` / ``n_test``: ``None`` keeps the task's default. ``model``: local model folder
+    ``n_train`` / ``n_test``: ``None`` keeps the task's default (a file task: all its rows; a size
+    draws a class-balanced subset per seed, :func:`wherefrom.benchtasks.subsampled`). ``model``: local model folder
     (``None``: the default model). ``method_options``: ``{method: {key: value}}`` passed to
     :func:`wherefrom.methods.make_method`; the key ``"*"`` applies to every method.
     """
@@ -99,7 +100,7 @@ def build_task(config: BenchConfig, seed: int) -> BenchTask:
     """The task of ``config`` for one seed."""
     if config.task.startswith("path:"):
         _, train, test = config.task.split(":")
-        return from_path(Path(train).stem, train, test)
+        return subsampled(from_path(Path(train).stem, train, test), config.n_train, config.n_test, seed)
     sizes = {k: v for k, v in (("n_train", config.n_train), ("n_test", config.n_test)) if v is not None}
     return TASKS[config.task](seed=seed, **sizes)
 
@@ -176,7 +177,7 @@ def _run_method(config: BenchConfig, task: BenchTask, seed: int, method: str, tu
             scores = chosen.scores(task.test, task.train)
         row["seconds"], row["peak_mib"] = usage["seconds"], usage["peak_mib"]
         row["metrics"] = _metrics(task, scores)
-    except Exception as error:  # one failing method must not end the benchmark
+    except Exception as error:  # noqa: BLE001  (one failing method must not end the benchmark)
         row["error"] = f"{type(error).__name__}: {error}"
     finally:
         chosen = scores = None  # release them before the next method

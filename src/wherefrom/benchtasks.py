@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -48,6 +48,8 @@ __all__ = [
     "from_path",
     "math_templates",
     "rule_rewriting",
+    "stratified_subset",
+    "subsampled",
     "unwanted_behaviour",
 ]
 
@@ -545,6 +547,37 @@ def from_path(name: str, train_path: str | Path, test_path: str | Path) -> Bench
         targets={},
         description=f"Class attribution on {Path(train_path).name} / {Path(test_path).name}.",
     )
+
+
+def stratified_subset(records: Sequence[Record], n: int | None, rng: random.Random, what: str) -> list[Record]:
+    """``n`` of ``records`` drawn without replacement, classes as balanced as their sizes allow
+    (round-robin over the labels in a seeded random order), in their original order; all of them
+    when ``n`` is ``None`` or not smaller. Raises ``ValueError`` naming ``what`` for ``n < 1``."""
+    if n is None or n >= len(records):
+        return list(records)
+    if n < 1:
+        raise ValueError(f"{what}: need at least 1 row, got {n}")
+    by_label: dict[str, list[int]] = {}
+    for position, record in enumerate(records):
+        by_label.setdefault(str(record.label), []).append(position)
+    pools = [rng.sample(positions, len(positions)) for _, positions in sorted(by_label.items())]
+    rng.shuffle(pools)
+    chosen: list[int] = []
+    while len(chosen) < n:
+        for pool in pools:
+            if pool and len(chosen) < n:
+                chosen.append(pool.pop())
+    return [records[i] for i in sorted(chosen)]
+
+
+def subsampled(task: BenchTask, n_train: int | None, n_test: int | None, seed: int) -> BenchTask:
+    """A class task cut to ``n_train`` / ``n_test`` rows (:func:`stratified_subset`, seeded), e.g. the
+    750-row emotion set at a size a CPU handles; ``None`` keeps a split whole."""
+    if task.kind != "class":
+        raise ValueError(f"task {task.name!r}: only class tasks are subsampled, this one is {task.kind!r}")
+    rng = random.Random(seed)
+    return replace(task, train=stratified_subset(task.train, n_train, rng, "n_train"),
+                   test=stratified_subset(task.test, n_test, rng, "n_test"))
 
 
 TASKS: dict[str, Callable[..., BenchTask]] = {
