@@ -133,3 +133,26 @@ def test_run_made_before_a_setting_existed_is_reused(workspace):
     path.write_text(json.dumps(config))
     again = invoke(*fit_args(root, "older"))
     assert again.exit_code == 0 and "reused" in again.output, again.output
+
+
+@pytest.mark.parametrize("mode", [["--lora-target", "c_attn", "--lora-rank", "2"], ["--full"]])
+def test_finetune_command_trains_then_reuses(workspace, mode):
+    out = workspace / f"finetune{len(mode)}"
+    args = ["finetune", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--out", out,
+            "--epochs", "2", "--max-length", "128", "--device", "cpu", *mode]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert "trained" in first.output and "2 checkpoints" in first.output
+    assert (out / ("model" if mode == ["--full"] else "adapter")).is_dir()
+    assert (out / "checkpoints" / "epoch-2" / "trainer_state.json").is_file()
+    again = invoke(*args)
+    assert again.exit_code == 0 and "reused" in again.output
+
+
+def test_finetune_command_names_bad_input(workspace):
+    result = invoke("finetune", "--train", workspace / "missing.jsonl", "--model", workspace / "model",
+                    "--out", workspace / "ft-bad", "--device", "cpu")
+    assert result.exit_code == 2 and "missing.jsonl" in result.output
+    result = invoke("finetune", "--train", workspace / "train.jsonl", "--model", workspace / "model",
+                    "--out", workspace / "ft-bad", "--epochs", "0", "--device", "cpu")
+    assert result.exit_code == 2 and "epochs" in result.output

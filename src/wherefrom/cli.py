@@ -1,4 +1,5 @@
-"""Command line: ``wherefrom fit | index | scores | query | attribute | diagnose | bench | demo``.
+"""Command line: ``wherefrom fit | index | scores | query | attribute | diagnose | finetune | bench | demo``
+(and the ground-truth and analysis commands below).
 
 Every command prints where its outputs went; ``--json`` output goes to stdout alone (progress bars
 go to stderr), so it can be piped.
@@ -275,6 +276,46 @@ def diagnose(
     context = {"command": " ".join(["wherefrom", *sys.argv[1:]]), "train": str(train), "queries": str(queries), "model": model, "adapter": adapter, "methods": names}
     _, md_path = write_report(rows, reason, out, context)
     Console().print(md_path.read_text())
+
+
+@app.command()
+def finetune(
+    train: Path = typer.Option(..., help="Training rows: JSONL, CSV or Parquet with prompt, completion[, id, label]."),
+    out: Path = typer.Option(..., help="Output folder: adapter/ or model/, checkpoints/epoch-k/, train_log.jsonl, finetune_config.json."),
+    model: Optional[str] = typer.Option(None, help="Local Hugging Face base model folder (default: SmolLM2-135M-Instruct)."),
+    full: bool = typer.Option(False, "--full", help="Train every parameter instead of a LoRA adapter."),
+    lora_rank: int = typer.Option(4, help="LoRA rank (ignored with --full)."),
+    lora_alpha: int = typer.Option(8, help="LoRA alpha (scale alpha / rank)."),
+    lora_target: Optional[list[str]] = typer.Option(None, help="Module name to adapt (repeatable; default q_proj and v_proj)."),
+    epochs: int = typer.Option(2),
+    learning_rate: float = typer.Option(1e-3, help="Constant AdamW learning rate (full fine-tuning of a real model: ~1e-5)."),
+    batch_size: int = typer.Option(8),
+    max_length: int = typer.Option(256, help="Longest prompt+completion in tokens; longer rows are an error."),
+    weight_decay: float = typer.Option(0.0),
+    chat_template: bool = typer.Option(False, help="Wrap prompts in the tokenizer's chat template."),
+    seed: int = typer.Option(0, help="Seeds LoRA initialisation and the epoch orders."),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
+) -> None:
+    """Fine-tune a causal LM on prompt/completion rows (loss on completion tokens only), saving a
+    checkpoint per epoch for TracIn and the convergence analysis; an identical earlier run is reused."""
+    from .finetune import FinetuneConfig
+    from .finetune import finetune as run_finetune
+
+    try:
+        config = FinetuneConfig(
+            epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, max_length=max_length, seed=seed,
+            lora_rank=None if full else lora_rank, lora_alpha=lora_alpha, weight_decay=weight_decay,
+            chat_template=chat_template, **({"lora_targets": list(lora_target)} if lora_target else {}),
+        )
+        config.validate()
+        records = load_records(train)
+        loaded = load_model(model, device=device)
+        result = run_finetune(loaded.model, loaded.tokenizer, records, config, out, progress=True)
+    except (DataError, ModelLoadError, ValueError, MemoryError) as error:
+        _fail(error)
+    losses = ", ".join(f"{loss:.3f}" for loss in result.epoch_losses)
+    state = "reused an identical earlier run" if result.reused else "trained"
+    console.print(f"{state}: mean loss per epoch {losses} -> {result.weights_dir} ({len(result.checkpoints)} checkpoints)")
 
 
 @app.command()
