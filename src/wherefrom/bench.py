@@ -40,9 +40,15 @@ from .finetune import FinetuneConfig, finetune
 from .methods import METHODS, make_method
 from .metrics import class_attribution, identification, mean_ci
 from .models import load_model, pick_device
-from .store import atomic_write_json, atomic_write_text, hardware, package_versions
+from .store import (
+    atomic_write_json,
+    atomic_write_text,
+    hardware,
+    package_versions,
+    read_keyed_json,
+)
 
-__all__ = ["DEFAULT_METHODS", "BenchConfig", "build_task", "command_line", "run_bench"]
+__all__ = ["DEFAULT_METHODS", "BenchConfig", "build_task", "check_task_name", "command_line", "make_task", "run_bench"]
 
 DEFAULT_METHODS = ["ekfac", "kfac", "datainf", "gradsim", "tracin", "repsim", "bm25"]
 _FORMAT_VERSION = 1
@@ -78,10 +84,7 @@ class BenchConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` for an unknown task or method, or an empty method / seed list."""
-        if not self.task.startswith("path:") and self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose one of {sorted(TASKS)} or path:<train>:<test>")
-        if self.task.startswith("path:") and len(self.task.split(":")) != 3:
-            raise ValueError(f"task {self.task!r}: expected path:<train file>:<test file>")
+        check_task_name(self.task)
         if not self.methods:
             raise ValueError("at least one method is needed")
         unknown = [m for m in self.methods if m not in METHODS]
@@ -98,11 +101,26 @@ class BenchConfig:
 
 def build_task(config: BenchConfig, seed: int) -> BenchTask:
     """The task of ``config`` for one seed."""
-    if config.task.startswith("path:"):
-        _, train, test = config.task.split(":")
-        return subsampled(from_path(Path(train).stem, train, test), config.n_train, config.n_test, seed)
-    sizes = {k: v for k, v in (("n_train", config.n_train), ("n_test", config.n_test)) if v is not None}
-    return TASKS[config.task](seed=seed, **sizes)
+    return make_task(config.task, config.n_train, config.n_test, seed)
+
+
+def check_task_name(task: str) -> None:
+    """Raise ``ValueError`` unless ``task`` is a name in :data:`wherefrom.benchtasks.TASKS` or ``path:<train>:<test>``."""
+    if not task.startswith("path:") and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)} or path:<train>:<test>")
+    if task.startswith("path:") and len(task.split(":")) != 3:
+        raise ValueError(f"task {task!r}: expected path:<train file>:<test file>")
+
+
+def make_task(task: str, n_train: int | None, n_test: int | None, seed: int) -> BenchTask:
+    """A task by name (:data:`wherefrom.benchtasks.TASKS`) or ``"path:<train>:<test>"`` (a class
+    task from files, cut to a class-balanced ``n_train`` / ``n_test`` per seed); ``None`` sizes keep
+    the task's default."""
+    if task.startswith("path:"):
+        _, train, test = task.split(":")
+        return subsampled(from_path(Path(train).stem, train, test), n_train, n_test, seed)
+    sizes = {k: v for k, v in (("n_train", n_train), ("n_test", n_test)) if v is not None}
+    return TASKS[task](seed=seed, **sizes)
 
 
 def command_line(config: BenchConfig) -> str:
@@ -138,16 +156,8 @@ def _row_path(out: Path, seed: int, method: str) -> Path:
 
 
 def _cached(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        row = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    # the key goes through JSON both ways, so compare JSON forms (tuples vs lists, etc.)
-    if json.loads(json.dumps(key, default=str)) != row.get("key") or row.get("error"):
-        return None
-    return row
+    row = read_keyed_json(path, key)
+    return None if row is None or row.get("error") else row
 
 
 def _metrics(task: BenchTask, scores) -> dict[str, Any]:

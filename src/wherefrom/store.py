@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-
 PARTIAL = ".partial-"
 """Infix of the temporary names: ``.<name>.partial-XXXX`` (a crash may leave one behind)."""
 
@@ -74,6 +73,25 @@ def atomic_write_dir(target: Path, fill: Callable[[Path], None]) -> None:
 
 def atomic_write_json(obj: Any, path: Path) -> None:
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
+
+
+def read_keyed_json(path: Path, key: Any) -> dict[str, Any] | None:
+    """The JSON object at ``path`` if its ``"key"`` entry equals ``key``, else ``None``.
+
+    The cache check of resumable jobs: a missing or unreadable file, or one written with other
+    settings, is ``None``. ``key`` is compared in its JSON form (tuples become lists, other objects
+    ``str``), the form :func:`atomic_write_json` stored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("key") != json.loads(json.dumps(key, default=str)):
+        return None
+    return saved
 
 
 def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, str] | None = None) -> None:
