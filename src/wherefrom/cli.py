@@ -369,5 +369,50 @@ def demo(
         _fail(error)
 
 
+def _grid(pairs: list[str]) -> dict[str, list]:
+    """``key=v1,v2,...`` (values parsed as JSON when they parse, e.g. ``null``, ``0.1``) -> ``{key: [v1, v2, ...]}``."""
+    grid: dict[str, list] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key or not raw:
+            raise typer.BadParameter(f"--grid {pair!r}: expected key=value1,value2,... e.g. damping_factor=0.01,0.1,1")
+        if key in grid:
+            raise typer.BadParameter(f"--grid key {key!r} given twice")
+        values = []
+        for text in raw.split(","):
+            try:
+                values.append(json.loads(text))
+            except json.JSONDecodeError:
+                values.append(text)
+        grid[key] = values
+    return grid
+
+
+@app.command()
+def tune(
+    groundtruth: Path = typer.Argument(..., help="Ground-truth folder with LDS subsets (built by `wherefrom groundtruth`)."),
+    method: str = typer.Option(..., help="Method to tune (ekfac, kfac, cg, lissa, arnoldi, datainf, ...)."),
+    grid: list[str] = typer.Option(..., help="key=v1,v2,... (repeatable; the grid is their product): damping_factor=0.001,0.01,0.1,1, damping=..., depth=100,500, rank=16,64."),
+    option: Optional[list[str]] = typer.Option(None, help="Fixed method option key=value (JSON value) for every grid point."),
+    split_seed: int = typer.Option(0, help="Seed of the selection / held-out split of the queries."),
+    selection_share: float = typer.Option(0.5, help="Share of the queries the choice is made on; the rest are held out."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: GROUNDTRUTH/tune-METHOD): tune.json, tune.md, points/."),
+) -> None:
+    """Pick the damping (and LiSSA / Arnoldi knobs) that maximise LDS on a selection half of the queries;
+    report every point's LDS on both halves and the chosen point's held-out LDS."""
+    from .groundtruth.tune import tune as run_tune
+
+    try:
+        parsed = _grid(grid)
+        groups = _options(option)
+        run_tune(groundtruth, method, parsed, split_seed=split_seed, selection_share=selection_share, out=out,
+                 method_options={**groups.get("*", {}), **groups.get(method, {})}, progress=_progress,
+                 log=lambda line: console.print(line, markup=False, highlight=False),
+                 command=" ".join(["wherefrom", *sys.argv[1:]]))
+    except (FileNotFoundError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+        _fail(error)
+    typer.echo(((out or groundtruth / f"tune-{method}") / "tune.md").read_text())
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

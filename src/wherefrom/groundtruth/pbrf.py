@@ -62,7 +62,7 @@ from ..curvature.products import GGNOperator
 from ..data import Record
 from ..encoding import EncodedExample, collate, encode_records, pad_id
 from ..models import eval_mode
-from ..store import atomic_write_json
+from ..store import atomic_write_json, read_keyed_json
 from ..task import IGNORE_INDEX, per_example_loss
 from ..tracking import TrackedModule, select_modules
 
@@ -423,7 +423,7 @@ def pbrf_influence(
             try:
                 for j, row in enumerate(progress(indices, "PBRF rows")):  # type: ignore[arg-type]
                     path = folder / f"row-{row}.json" if folder is not None else None
-                    cached = _cached(path, key)
+                    cached = read_keyed_json(path, key) if path is not None else None
                     if cached is not None:
                         columns.append(torch.tensor(cached["column"], dtype=torch.float64))
                         info["rows"].append({**cached["report"], "reused": True})
@@ -470,13 +470,3 @@ def _one_row(problem: _Problem, row: int, eps: float, base: torch.Tensor, querie
     report = {"index": row, "initial_grad_max_abs": scale, "solves": solves,
               "converged": all(s["converged"] for s in solves)}
     return column, report
-
-
-def _cached(path: Path | None, key: dict[str, Any] | None) -> dict[str, Any] | None:
-    if path is None or not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return saved if saved.get("key") == json.loads(json.dumps(key, default=str)) else None
