@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The reference study (Li et al. 2024) as one command: `wherefrom bench` on every task on the default
+# model (SmolLM2-135M-Instruct + rank-4 LoRA on q/v), then the tables copied to benchmarks/results/.
+#
+#   bash benchmarks/study.sh [WORK_DIR]      (WORK_DIR keeps fine-tuned adapters and per-seed rows;
+#                                             a rerun resumes from it; default .cache/study)
+#
+# Environment knobs (defaults = the CPU size whose tables are in benchmarks/results/study-smollm2):
+#   SEEDS=0,1,2  N_TRAIN=40  N_TEST=8  EPOCHS=2  TASKS="rules math ..."  DATA=../shared/datasets
+#   METHODS=ekfac,kfac,lissa,datainf,gradsim,tracin,repsim,bm25  LISSA="depth=... batch_size=..."
+#   RESULTS=benchmarks/results/study-smollm2  MODEL=<local model folder>  DEVICE=cuda|cpu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-.cache/study}
+SEEDS=${SEEDS:-0,1,2}
+N_TRAIN=${N_TRAIN:-40}
+N_TEST=${N_TEST:-8}
+EPOCHS=${EPOCHS:-2}
+DATA=${DATA:-../shared/datasets}
+METHODS=${METHODS:-ekfac,kfac,lissa,datainf,gradsim,tracin,repsim,bm25}
+LISSA=${LISSA:-depth=10 batch_size=4 power_iterations=3 probes=4}
+RESULTS=${RESULTS:-benchmarks/results/study-smollm2}
+TASKS=${TASKS:-rules backdoor unwanted math emotion grammars backdoor-multi}
+WHEREFROM=${WHEREFROM:-.venv/bin/wherefrom}
+mkdir -p "$WORK"
+
+extra=()
+[[ -n "${MODEL:-}" ]] && extra+=(--model "$MODEL")
+[[ -n "${DEVICE:-}" ]] && extra+=(--device "$DEVICE")
+for pair in $LISSA; do extra+=(--option "lissa.$pair"); done
+
+for name in $TASKS; do
+  case "$name" in
+    emotion|grammars) task="path:$DATA/$name.train.jsonl:$DATA/$name.test.jsonl" ;;
+    *) task="$name" ;;
+  esac
+  start=$(date +%s)
+  "$WHEREFROM" bench --task "$task" --methods "$METHODS" --seeds "$SEEDS" --n-train "$N_TRAIN" \
+    --n-test "$N_TEST" --epochs "$EPOCHS" "${extra[@]}" --out "$WORK/$name" > "$WORK/$name.log" 2>&1 \
+    || { echo "$name: failed, see $WORK/$name.log" >&2; continue; }
+  mkdir -p "$RESULTS/$name"
+  cp "$WORK/$name/bench.md" "$WORK/$name/bench.json" "$RESULTS/$name/"
+  echo "$name: $(( $(date +%s) - start )) s"
+done
