@@ -48,7 +48,7 @@ from .store import (
     read_keyed_json,
 )
 
-__all__ = ["DEFAULT_METHODS", "BenchConfig", "build_task", "check_task_name", "command_line", "make_task", "run_bench"]
+__all__ = ["DEFAULT_METHODS", "BenchConfig", "build_task", "check_task_name", "command_line", "interval_cell", "make_task", "run_bench"]
 
 DEFAULT_METHODS = ["ekfac", "kfac", "datainf", "gradsim", "tracin", "repsim", "bm25"]
 _FORMAT_VERSION = 1
@@ -223,18 +223,22 @@ def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[st
     return result
 
 
+def interval_cell(stat: dict[str, Any] | None) -> str:
+    """A Markdown table cell ``"mean [low, high]"`` (3 decimals; no interval when ``low`` is ``None``;
+    ``–`` for no value)."""
+    if not stat or stat.get("mean") is None:
+        return "–"
+    text = f"{stat['mean']:.3f}"
+    if stat.get("low") is not None:
+        text += f" [{stat['low']:.3f}, {stat['high']:.3f}]"
+    return text
+
+
 def markdown(summary: dict[str, Any], kind: str, command: str, title: str) -> str:
     """The aggregate as a Markdown table: method x metrics ("mean [low, high]" over seeds), time, memory."""
     names = ["acc", "cover", "mrr"] if kind == "class" else ["auprc", "auroc", "mrr", "recall_at_k"]
 
-    def cell(stat: dict[str, Any] | None) -> str:
-        if not stat:
-            return "–"
-        text = f"{stat['mean']:.3f}"
-        if stat.get("low") is not None:
-            text += f" [{stat['low']:.3f}, {stat['high']:.3f}]"
-        return text
-
+    cell = interval_cell
     lines = ["| method | " + " | ".join(names) + " | time, s | peak memory, MiB | seeds ok |",
              "| --- | " + " | ".join("---:" for _ in names) + " | ---: | ---: | ---: |"]
     for method, entry in summary.items():
