@@ -352,6 +352,54 @@ def bench(
 
 
 @app.command()
+def analyze(
+    kind: str = typer.Argument(..., help="ihvp (iHVP error vs metric) | convergence (metric per epoch) | weights (weight change vs behaviour change)."),
+    bench: Path = typer.Option(..., help="Bench folder written by `wherefrom bench` (bench.json, seed-<s>/finetune)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (ihvp: default the bench's influence methods; convergence: those + repsim)."),
+    option: Optional[list[str]] = typer.Option(None, help="method.key=value options (JSON value) over the bench's own."),
+    damping: Optional[float] = typer.Option(None, help="ihvp: one absolute damping (default: damping-factor x Hutchinson mean GGN eigenvalue)."),
+    damping_factor: float = typer.Option(0.1, help="ihvp: relative damping of the default rule."),
+    reference: str = typer.Option("auto", help="ihvp: exact | cg | auto (exact when the dense GGN fits, else cg)."),
+    cg_tol: float = typer.Option(1e-8, help="ihvp: relative residual of the cg reference."),
+    cg_max_iter: int = typer.Option(1000, help="ihvp: iterations of the cg reference at most."),
+    n_queries: Optional[int] = typer.Option(None, help="ihvp, weights: the first N test rows only (default: all)."),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: the bench's setting)."),
+) -> None:
+    """The reference study's analyses on a bench folder: writes <kind>.json and <kind>.md into it (resumable)."""
+    from .analyses import (
+        ANALYSES,
+        ConvergenceSettings,
+        IhvpSettings,
+        open_bench,
+        run_convergence,
+        run_ihvp,
+        run_weights,
+    )
+
+    if kind not in ANALYSES:
+        _fail(ValueError(f"unknown analysis {kind!r}; choose one of {list(ANALYSES)}"))
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    command = " ".join(["wherefrom", *sys.argv[1:]])
+
+    def say(line: str) -> None:
+        console.print(line, markup=False, highlight=False)
+
+    try:
+        folder = open_bench(bench, device)
+        if kind == "ihvp":
+            settings = IhvpSettings(methods=chosen, damping=damping, damping_factor=damping_factor, reference=reference,  # type: ignore[arg-type]
+                                    cg_tol=cg_tol, cg_max_iter=cg_max_iter, n_queries=n_queries, method_options=_options(option))
+            run_ihvp(folder, settings, command=command, log=say)
+        elif kind == "convergence":
+            run_convergence(folder, ConvergenceSettings(methods=chosen, method_options=_options(option)), command=command, log=say)
+        else:
+            run_weights(folder, n_queries=n_queries, command=command, log=say)
+    except (FileNotFoundError, DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+        _fail(error)
+    typer.echo((bench / f"{kind}.md").read_text())
+
+
+@app.command()
 def demo(
     cache: Optional[Path] = typer.Option(None, help="Demo folder (default: $WHEREFROM_CACHE/demo or ~/.cache/wherefrom/demo)."),
     n_train: int = typer.Option(160, help="Generated training rows."),

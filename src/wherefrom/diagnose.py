@@ -17,6 +17,7 @@ the exact reference uses the same setting.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,7 +29,6 @@ import torch
 from scipy.stats import spearmanr
 
 from .api import AttributionConfig, Attributor
-from .curvature import make_curvature
 from .data import Record
 from .methods import InfluenceMethod, make_method
 from .store import atomic_write_json, atomic_write_text
@@ -97,6 +97,27 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return overall, sum(per_query) / len(per_query)
 
 
+def fit_reference(model, tokenizer, train: Sequence[Record], config: AttributionConfig, strategy: str = "exact",
+                  **options: Any) -> Attributor:
+    """An :class:`Attributor` fitted on ``train`` with a reference strategy, ``exact`` (options:
+    ``blocks``) or ``cg`` (options: ``tol``, ``max_iter``, ``probes``), at ``config``'s damping.
+
+    ``exact`` raises ``MemoryError`` (with the byte count) when the dense GGN does not fit. A fitted
+    ``cg`` with ``config.damping=None`` holds the damping it estimated (``0.1 x trace(G) / P`` by
+    Hutchinson) in ``curvature.lam``: the one absolute value to give every method for a comparison.
+    """
+    reference = Attributor(model, tokenizer, replace(config, strategy=strategy, strategy_options=dict(options)))
+    reference.fit(train)
+    return reference
+
+
+def ihvp_relative_error(approx: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], names: Sequence[str]) -> float:
+    """``||P_method q - P_ref q|| / ||P_ref q||`` (Frobenius, over all queries and the modules ``names``)
+    of preconditioned query blocks ``{module: (n_query, out, in')}``."""
+    reference_flat = _flat(reference, names)
+    return float((_flat(approx, names) - reference_flat).norm() / reference_flat.norm())
+
+
 def diagnose(
     model,
     tokenizer,
@@ -115,17 +136,17 @@ def diagnose(
         raise ValueError("diagnose needs at least one query row")
     config = replace(config or AttributionConfig(), query_rank=None)
     method_options = method_options or {}
-    reference = Attributor(model, tokenizer, replace(config, strategy="exact"))
-    device = reference.device
+    names = Attributor(model, tokenizer, config).module_names
+    device = next(model.parameters()).device
     exact_scores = exact_queries = None
     reason = None
     try:
-        reference.fit(train, make_curvature("exact", config.damping, config.damping_factor, blocks=exact_blocks))
-        _, exact_queries = reference.preconditioned_queries(queries)
-        exact_scores = reference.scores(queries, train).total.double()
+        reference = fit_reference(model, tokenizer, train, config, "exact", blocks=exact_blocks)
+        query_ids, exact_queries = reference.preconditioned_queries(queries)
+        train_gradients = reference.token_factor_stream(train, description="train gradients")
+        exact_scores = reference.scores_from_gradients(query_ids, exact_queries, train_gradients).total.double()
     except (MemoryError, torch.OutOfMemoryError) as error:
         reason = str(error)
-    names = reference.module_names
     rows = []
     for name in methods:
         try:
@@ -141,8 +162,7 @@ def diagnose(
             row.spearman, row.spearman_per_query = _spearman(scores.total.double(), exact_scores)
             if isinstance(method, InfluenceMethod) and method.attributor.config.normalize is None:
                 _, approx = method.attributor.preconditioned_queries(queries)
-                reference_flat = _flat(exact_queries, names)
-                row.ihvp_rel_error = float((_flat(approx, names) - reference_flat).norm() / reference_flat.norm())
+                row.ihvp_rel_error = ihvp_relative_error(approx, exact_queries, names)
         rows.append(row)
     return rows, reason
 
@@ -151,7 +171,7 @@ def write_report(rows: Sequence[Diagnosis], reason: str | None, folder: Path, co
     """``diagnose.json`` (context + rows) and ``diagnose.md`` (a table) in ``folder``, atomically."""
 
     def cell(value: float | None, fmt: str) -> str:
-        return "–" if value is None or value != value else format(value, fmt)
+        return "–" if value is None or math.isnan(value) else format(value, fmt)
 
     lines = [
         "| method | iHVP rel. error vs exact | Spearman vs exact (all pairs) | mean per-query Spearman | time, s | peak memory, MiB |",
