@@ -362,6 +362,7 @@ def analyze(
     reference: str = typer.Option("auto", help="ihvp: exact | cg | auto (exact when the dense GGN fits, else cg)."),
     cg_tol: float = typer.Option(1e-8, help="ihvp: relative residual of the cg reference."),
     cg_max_iter: int = typer.Option(1000, help="ihvp: iterations of the cg reference at most."),
+    probes: int = typer.Option(32, help="ihvp: Hutchinson probes of the default damping's trace estimate."),
     n_queries: Optional[int] = typer.Option(None, help="ihvp, weights: the first N test rows only (default: all)."),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: the bench's setting)."),
 ) -> None:
@@ -388,7 +389,7 @@ def analyze(
         folder = open_bench(bench, device)
         if kind == "ihvp":
             settings = IhvpSettings(methods=chosen, damping=damping, damping_factor=damping_factor, reference=reference,  # type: ignore[arg-type]
-                                    cg_tol=cg_tol, cg_max_iter=cg_max_iter, n_queries=n_queries, method_options=_options(option))
+                                    cg_tol=cg_tol, cg_max_iter=cg_max_iter, probes=probes, n_queries=n_queries, method_options=_options(option))
             run_ihvp(folder, settings, command=command, log=say)
         elif kind == "convergence":
             run_convergence(folder, ConvergenceSettings(methods=chosen, method_options=_options(option)), command=command, log=say)
