@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -187,3 +188,15 @@ def test_bad_rows_and_inputs_raise():
         pbrf_influence(model, tokenizer, train, queries, [0], config, AttributionConfig(include=SMALL, reduction="mean"))
     with pytest.raises(ValueError, match="queries"):
         pbrf_influence(model, tokenizer, train, [], [0], config, attribution)
+
+
+def test_float64_option_solves_on_a_double_copy():
+    _, tokenizer, train, queries, lam, _ = setup()
+    single = build_model("gpt2")  # float32
+    before = _state(single)
+    config, attribution = PBRFConfig(eps=1e-3, damping=lam, tol=1e-6), AttributionConfig(include=SMALL)
+    got = pbrf_influence(single, tokenizer, train, queries, [5], replace(config, float64=True), attribution)
+    want = pbrf_influence(build_model("gpt2").double(), tokenizer, train, queries, [5], config, attribution)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+    assert next(single.parameters()).dtype == torch.float32
+    assert all(torch.equal(before[k], v) for k, v in _state(single).items())
