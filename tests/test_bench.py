@@ -102,6 +102,11 @@ def test_aggregate_over_seeds_gives_intervals():
     assert summary["m"]["seconds"] == pytest.approx(2.0) and summary["m"]["peak_mib"] is None
     assert "0.400 [" in markdown(summary, "class", "wherefrom bench", "t")
 
+    # two far-apart seeds: the t interval (df = 1) spans far past [0, 1]; a [0, 1] metric is clipped
+    wide = aggregate([{**rows[0], "metrics": {"acc": 0.1, "cover": 0.1, "mrr": 0.1}},
+                      {**rows[1], "metrics": {"acc": 0.9, "cover": 0.9, "mrr": 0.9}}], ["m"])["m"]["metrics"]["acc"]
+    assert (wide["low"], wide["high"]) == (0.0, 1.0) and wide["mean"] == pytest.approx(0.5)
+
 
 def test_bad_config_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown task"):

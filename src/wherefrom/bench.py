@@ -53,6 +53,9 @@ __all__ = ["DEFAULT_METHODS", "BenchConfig", "build_task", "check_task_name", "c
 DEFAULT_METHODS = ["ekfac", "kfac", "datainf", "gradsim", "tracin", "repsim", "bm25"]
 _FORMAT_VERSION = 1
 _NOT_AGGREGATED = {"k", "n_queries", "per_query"}
+_UNIT_INTERVAL = {"acc", "cover", "cover_ceiling", "mrr", "auprc", "auroc", "recall_at_k"}
+"""Metrics that lie in [0, 1]: their interval over seeds is clipped to it (with few seeds a Student-t
+interval reaches past the range the metric can take)."""
 
 
 @dataclass
@@ -201,7 +204,7 @@ def _finite(value: float) -> float | None:
 
 def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
     """Per method: ``metrics`` ``{name: {mean, low, high}}`` over the seeds that succeeded (95% t
-    interval; ``low``/``high`` are ``None`` with one seed), mean ``seconds`` / ``peak_mib``,
+    interval, clipped to [0, 1] for the metrics in that range; ``low``/``high`` are ``None`` with one seed), mean ``seconds`` / ``peak_mib``,
     ``n_ok`` and the ``errors`` of failed seeds."""
     result: dict[str, Any] = {}
     for method in methods:
@@ -215,6 +218,8 @@ def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[st
                 values = [r["metrics"][name] for r in ok if r["metrics"].get(name) is not None and math.isfinite(r["metrics"][name])]
                 if values:
                     mean, low, high = mean_ci(values)
+                    if name in _UNIT_INTERVAL and math.isfinite(low):
+                        low, high = max(low, 0.0), min(high, 1.0)
                     entry["metrics"][name] = {"mean": mean, "low": _finite(low), "high": _finite(high), "n": len(values)}
             for what in ("seconds", "peak_mib"):
                 values = [r[what] for r in ok if r[what] is not None]
