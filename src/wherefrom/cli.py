@@ -418,6 +418,72 @@ def demo(
         _fail(error)
 
 
+@app.command()
+def groundtruth(
+    task: str = typer.Option(..., help="rules | math | backdoor | backdoor-multi | unwanted, or path:<train file>:<test file> (labelled rows); the test rows are the queries."),
+    out: Path = typer.Option(..., help="Ground-truth folder: groundtruth.json, lds/loo/pbrf.safetensors, model/, jobs/ (a rerun resumes)."),
+    n_train: Optional[int] = typer.Option(None, help="Training rows (default: the task's)."),
+    n_test: Optional[int] = typer.Option(None, help="Queries (default: the task's)."),
+    model: Optional[str] = typer.Option(None, help="Local base model folder (default: SmolLM2-135M-Instruct)."),
+    epochs: int = typer.Option(2, help="Fine-tuning epochs of every training run."),
+    learning_rate: float = typer.Option(1e-3),
+    lora_rank: int = typer.Option(4, help="LoRA rank; 0 fine-tunes every weight (e.g. a tiny model from a saved random init)."),
+    lora_target: Optional[list[str]] = typer.Option(None, help="LoRA target module name (repeatable; default q_proj, v_proj)."),
+    batch_size: int = typer.Option(8),
+    max_length: int = typer.Option(256),
+    alpha: float = typer.Option(0.5, help="LDS subset fraction."),
+    subsets: int = typer.Option(32, help="LDS subsets (0: no LDS)."),
+    subset_seeds: int = typer.Option(1, help="Training seeds per LDS subset (averaged)."),
+    loo_rows: int = typer.Option(16, help="Rows left out one at a time (0: no LOO)."),
+    loo_seeds: int = typer.Option(2, help="Training seeds per LOO set and for the full set (averaged)."),
+    pbrf_rows: int = typer.Option(0, help="Rows for PBRF on the full-data model (0: none)."),
+    pbrf_option: Optional[list[str]] = typer.Option(None, help="PBRFConfig field key=value (JSON value), e.g. steps=200."),
+    workers: int = typer.Option(1, help="Parallel retraining processes (each gets cores // workers threads)."),
+    seed: int = typer.Option(0, help="Task, subsets, rows and the first training seed."),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Ground truth for attribution: retrain on LDS subsets and leave-one-out sets, and PBRF; resumable."""
+    from .groundtruth.build import GroundTruthConfig, build_groundtruth
+
+    try:
+        config = GroundTruthConfig(
+            task=task, out=str(out), n_train=n_train, n_test=n_test, model=model, epochs=epochs,
+            learning_rate=learning_rate, lora_rank=lora_rank or None, lora_targets=lora_target or None,
+            batch_size=batch_size, max_length=max_length, alpha=alpha, n_subsets=subsets, subset_seeds=subset_seeds,
+            loo_rows=loo_rows, loo_seeds=loo_seeds, pbrf_rows=pbrf_rows, pbrf_options=_options(pbrf_option, "--pbrf-option").get("*", {}),
+            workers=workers, seed=seed, device=device,
+        )
+        gt = build_groundtruth(config, progress=_progress, log=lambda line: console.print(line, markup=False, highlight=False),
+                               command=" ".join(["wherefrom", *sys.argv[1:]]))
+    except (FileNotFoundError, DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+        _fail(error)
+    meta = gt.meta
+    targets = [name for name, array in (("LDS", gt.lds_masks), ("LOO", gt.loo_rows), ("PBRF", gt.pbrf_rows)) if array is not None]
+    console.print(f"ground truth ({', '.join(targets)}) for {len(gt.train_ids)} rows x {len(gt.query_ids)} queries in "
+                  f"{meta['timings']['total_s']:.1f} s -> {out}")
+    typer.echo(json.dumps(meta["noise"], indent=2))
+
+
+@app.command()
+def evaluate(
+    groundtruth: Path = typer.Argument(..., help="Ground-truth folder (built by `wherefrom groundtruth`)."),
+    methods: str = typer.Option("ekfac,kfac,datainf,gradsim,tracin", help="Comma-separated method names."),
+    option: Optional[list[str]] = typer.Option(None, help="method.key=value options (JSON value), e.g. lissa.depth=300."),
+    out: Optional[Path] = typer.Option(None, help="File stem of the report (default GROUNDTRUTH/evaluate): STEM.json, STEM.md."),
+) -> None:
+    """Score methods against a ground truth: LDS, LOO Pearson/Spearman, PBRF Spearman with intervals, time, memory."""
+    from .groundtruth.evaluate import evaluate as run_evaluate
+
+    try:
+        run_evaluate(groundtruth, [m.strip() for m in methods.split(",") if m.strip()], _options(option), out,
+                     progress=_progress, log=lambda line: console.print(line, markup=False, highlight=False),
+                     command=" ".join(["wherefrom", *sys.argv[1:]]))
+    except (FileNotFoundError, DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+        _fail(error)
+    stem = out if out is not None else groundtruth / "evaluate"
+    typer.echo(stem.with_name(stem.name + ".md").read_text())
+
+
 def _grid(pairs: list[str]) -> dict[str, list]:
     """``key=v1,v2,...`` (values parsed as JSON when they parse, e.g. ``null``, ``0.1``) -> ``{key: [v1, v2, ...]}``."""
     grid: dict[str, list] = {}
