@@ -53,7 +53,7 @@ from ..store import (
 from .build import GroundTruth
 from .lds import lds_per_query, loo_correlations, spearman_rows, summarize
 
-__all__ = ["TARGETS", "evaluate", "evaluate_scores", "markdown", "score_matrix"]
+__all__ = ["TARGETS", "evaluate", "evaluate_scores", "load_method_scores", "markdown", "method_key", "run_method", "score_matrix"]
 
 TARGETS = ("lds", "loo_pearson", "loo_spearman", "pbrf_spearman")
 _FORMAT_VERSION = 1
@@ -108,7 +108,7 @@ def evaluate_scores(gt: GroundTruth, scores: Scores, queries: Sequence[int] | No
     return result
 
 
-def _key(gt: GroundTruth, method: str, options: dict[str, Any], attribution: AttributionConfig) -> dict[str, Any]:
+def method_key(gt: GroundTruth, method: str, options: dict[str, Any], attribution: AttributionConfig) -> dict[str, Any]:
     """What a method's scores depend on: the method, its options, the attribution settings, the
     fine-tuned model (its saved fine-tuning identity) and the rows."""
     identity = json.loads((gt.model_dir / "finetune_config.json").read_text(encoding="utf-8"))
@@ -118,14 +118,18 @@ def _key(gt: GroundTruth, method: str, options: dict[str, Any], attribution: Att
             "train": gt.meta["train_fingerprint"], "queries": gt.meta["query_fingerprint"]}
 
 
-def _load_scores(folder: Path, method: str) -> Scores:
+def load_method_scores(folder: Path, method: str) -> Scores:
+    """The scores :func:`run_method` saved for ``method`` in ``folder`` (with their ids and modules)."""
     tensors = load_file(str(folder / f"{method}.safetensors"))
     ids = json.loads((folder / f"{method}.json").read_text(encoding="utf-8"))
     return Scores(ids["query_ids"], ids["train_ids"], ids["modules"], tensors["per_module"])
 
 
-def _run_method(gt: GroundTruth, method: str, options: dict[str, Any], attribution: AttributionConfig,
-                model, tokenizer, folder: Path) -> dict[str, Any]:
+def run_method(gt: GroundTruth, method: str, options: dict[str, Any], attribution: AttributionConfig,
+               model, tokenizer, folder: Path) -> dict[str, Any]:
+    """Fit and score ``method`` on the ground truth's full-data model (``tracin`` gets its checkpoints),
+    save the scores in ``folder`` and return the row: ``method``, ``seconds``, ``peak_mib``, ``error``
+    (a failure is recorded, not raised)."""
     options = dict(options)
     config = gt.config
     if method == "tracin":
@@ -210,19 +214,19 @@ def evaluate(gt_folder: str | Path, methods: Sequence[str], method_options: dict
     rows: dict[str, dict[str, Any]] = {}
     for method in progress(methods, "methods"):
         options = {**method_options.get("*", {}), **method_options.get(method, {})}
-        key = _key(gt, method, options, attribution)
+        key = method_key(gt, method, options, attribution)
         row = read_keyed_json(folder / f"{method}.row.json", key)
         if row is not None and not row.get("error") and (folder / f"{method}.safetensors").is_file():
             say(f"{method}: reused")
         else:
             if model is None:
                 model, tokenizer = gt.load_model()
-            row = _run_method(gt, method, options, replace(attribution), model, tokenizer, folder)
+            row = run_method(gt, method, options, replace(attribution), model, tokenizer, folder)
             row["key"] = key
             atomic_write_json(row, folder / f"{method}.row.json")
             say(f"{method}: " + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s"))
         row = dict(row)
-        row["metrics"] = None if row["error"] else evaluate_scores(gt, _load_scores(folder, method))
+        row["metrics"] = None if row["error"] else evaluate_scores(gt, load_method_scores(folder, method))
         rows[method] = row
     model = tokenizer = None
     gc.collect()

@@ -46,7 +46,7 @@ from ..store import (
     read_keyed_json,
 )
 from .build import GroundTruth
-from .evaluate import _key, _load_scores, _run_method, evaluate_scores
+from .evaluate import evaluate_scores, load_method_scores, method_key, run_method
 
 __all__ = ["ATTRIBUTION_KEYS", "grid_points", "split_queries", "tune"]
 
@@ -181,21 +181,21 @@ def tune(
         nonlocal model, tokenizer
         settings, options = _split_point(point, base, method_options)
         where = _point_folder(folder, {"method": method, "point": point, "options": method_options})
-        key = _key(gt, method, options, settings)
+        key = method_key(gt, method, options, settings)
         row = read_keyed_json(where / "row.json", key)
         if row is not None and not row.get("error") and (where / f"{method}.safetensors").is_file():
             say(f"{json.dumps(point)}: reused")
         else:
             if model is None:
                 model, tokenizer = gt.load_model()
-            row = _run_method(gt, method, options, settings, model, tokenizer, where)
+            row = run_method(gt, method, options, settings, model, tokenizer, where)
             row["key"] = key
             atomic_write_json(row, where / "row.json")
             say(f"{json.dumps(point)}: " + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s"))
         result = {"point": point, "seconds": row["seconds"], "peak_mib": row["peak_mib"], "error": row["error"],
                   "selection": None, "held_out": None, "per_query": None}
         if not row["error"]:
-            scores = _load_scores(where, method)
+            scores = load_method_scores(where, method)
             everything = evaluate_scores(gt, scores)["lds"]
             result["per_query"] = everything["per_query"]
             result["selection"] = _lds(evaluate_scores(gt, scores, selection)["lds"])
