@@ -67,12 +67,16 @@ def test_ihvp_exact_is_exact_and_identity_is_not(reports, bench_dir):
     assert all(r["error"] is None for r in payload["rows"])
     assert errors["exact"] < 1e-10  # the same damped inverse as the reference
     assert errors["gradsim"] > 0.1 and 0 < errors["ekfac"] < errors["gradsim"]
+    for row in payload["rows"]:  # the best per-query scale can only lower the error
+        assert 0 <= row["ihvp_rel_error_scaled"] <= row["ihvp_rel_error"] + 1e-12
+    assert next(r for r in payload["rows"] if r["method"] == "gradsim")["ihvp_rel_error_scaled"] > 0.1
     for method in payload["methods"]:
         metrics = payload["per_method"][method]["metrics"]
         assert set(metrics) == {"acc", "cover"} and all(0 <= metrics[n]["mean"] <= 1 for n in metrics)
-    assert set(payload["spearman"]) == {"acc", "cover"} and payload["spearman"]["cover"]["n_methods"] == 3
+    assert set(payload["spearman"]) == {f"{e}:{m}" for e in ("ihvp_rel_error", "ihvp_rel_error_scaled") for m in ("acc", "cover")}
+    assert payload["spearman"]["ihvp_rel_error:cover"]["n_methods"] == 3
     text = (bench_dir / "ihvp.md").read_text()
-    assert "| method | iHVP rel. error | acc | cover |" in text and "| gradsim |" in text
+    assert "| method | iHVP rel. error | scale-free | acc | cover |" in text and "| gradsim |" in text
     assert json.loads((bench_dir / "ihvp.json").read_text())["versions"]["torch"]
 
 
@@ -192,6 +196,8 @@ def test_cli_and_bad_input(reports, bench_dir, tmp_path):
     assert missing.exit_code == 2 and "bench.json" in missing.output
     unknown = runner.invoke(app, ["analyze", "nope", "--bench", str(bench_dir)])
     assert unknown.exit_code == 2 and "unknown analysis" in unknown.output
+    with pytest.raises(ValueError, match="ran seeds"):
+        open_bench(bench_dir, seeds=[5])
     with pytest.raises(ValueError, match="not influence methods"):
         run_ihvp(bench_dir, IhvpSettings(methods=["repsim"]))
 

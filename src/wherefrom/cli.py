@@ -364,6 +364,7 @@ def analyze(
     cg_max_iter: int = typer.Option(1000, help="ihvp: iterations of the cg reference at most."),
     probes: int = typer.Option(32, help="ihvp: Hutchinson probes of the default damping's trace estimate."),
     n_queries: Optional[int] = typer.Option(None, help="ihvp, weights: the first N test rows only (default: all)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated subset of the bench's seeds (default: all)."),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: the bench's setting)."),
 ) -> None:
     """The reference study's analyses on a bench folder: writes <kind>.json and <kind>.md into it (resumable)."""
@@ -386,7 +387,7 @@ def analyze(
         console.print(line, markup=False, highlight=False)
 
     try:
-        folder = open_bench(bench, device)
+        folder = open_bench(bench, device, [int(s) for s in seeds.split(",") if s.strip()] if seeds else None)
         if kind == "ihvp":
             settings = IhvpSettings(methods=chosen, damping=damping, damping_factor=damping_factor, reference=reference,  # type: ignore[arg-type]
                                     cg_tol=cg_tol, cg_max_iter=cg_max_iter, probes=probes, n_queries=n_queries, method_options=_options(option))

@@ -111,11 +111,23 @@ def fit_reference(model, tokenizer, train: Sequence[Record], config: Attribution
     return reference
 
 
-def ihvp_relative_error(approx: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], names: Sequence[str]) -> float:
+def ihvp_relative_error(approx: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], names: Sequence[str],
+                        scale_free: bool = False) -> float:
     """``||P_method q - P_ref q|| / ||P_ref q||`` (Frobenius, over all queries and the modules ``names``)
-    of preconditioned query blocks ``{module: (n_query, out, in')}``."""
-    reference_flat = _flat(reference, names)
-    return float((_flat(approx, names) - reference_flat).norm() / reference_flat.norm())
+    of preconditioned query blocks ``{module: (n_query, out, in')}``.
+
+    ``scale_free=True`` first multiplies each query's row of ``P_method q`` by its best non-negative
+    scale ``c_i = max(0, <a_i, r_i> / ||a_i||^2)``: a query's ranking of training rows does not depend
+    on that scale (e.g. identity vs a heavily damped inverse differ mostly by ``1 / lambda``), so what
+    remains is the error of the direction, ``sqrt(sum_i ||r_i||^2 sin^2 theta_i) / ||R||`` for rows
+    at an acute angle ``theta_i`` (1 for a row at a right or obtuse angle).
+    """
+    reference_flat, approx_flat = _flat(reference, names), _flat(approx, names)
+    if scale_free:
+        norms = (approx_flat * approx_flat).sum(1)
+        scale = ((approx_flat * reference_flat).sum(1) / norms.where(norms > 0, torch.ones_like(norms))).clamp_min(0)
+        approx_flat = scale[:, None] * approx_flat
+    return float((approx_flat - reference_flat).norm() / reference_flat.norm())
 
 
 def diagnose(

@@ -76,11 +76,12 @@ class Bench:
         return self.folder / f"seed-{seed}" / analysis / f"{name}{suffix}"
 
 
-def open_bench(folder: str | Path, device: str | None = None) -> Bench:
-    """Read ``folder/bench.json``; ``device`` (``cpu``, ``cuda``) replaces the bench's own setting.
+def open_bench(folder: str | Path, device: str | None = None, seeds: Sequence[int] | None = None) -> Bench:
+    """Read ``folder/bench.json``; ``device`` (``cpu``, ``cuda``) replaces the bench's own setting and
+    ``seeds`` (a subset of the bench's) restricts an analysis to those seeds.
 
     Raises ``FileNotFoundError`` naming the file when it is missing and ``ValueError`` when it holds
-    no bench config.
+    no bench config or ``seeds`` names a seed the bench did not run.
     """
     folder = Path(folder)
     path = folder / BENCH_FILE
@@ -93,6 +94,11 @@ def open_bench(folder: str | Path, device: str | None = None) -> Bench:
     known = {f.name for f in fields(BenchConfig)}
     config = BenchConfig(**{k: v for k, v in saved.items() if k in known})
     config = replace(config, out=str(folder), device=device if device is not None else config.device)
+    if seeds is not None:
+        unknown = [s for s in seeds if s not in config.seeds]
+        if unknown or not seeds:
+            raise ValueError(f"seeds {list(seeds)}: the bench in {folder} ran seeds {config.seeds}")
+        config = replace(config, seeds=list(seeds))
     config.validate()
     return Bench(folder, config, report)
 

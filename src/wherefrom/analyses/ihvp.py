@@ -7,7 +7,10 @@ For each influence method of a bench (any :class:`wherefrom.methods.InfluenceMet
     error = ||P_method q - P_ref q|| / ||P_ref q||        (Frobenius over queries and tracked parameters)
 
 with ``q = grad L(z_q)`` the query gradients and ``P = (G + lambda I)^-1`` as each strategy applies
-it (:func:`wherefrom.diagnose.ihvp_relative_error`). The reference ``P_ref`` is the exact damped GGN
+it (:func:`wherefrom.diagnose.ihvp_relative_error`), and its **scale-free** form, where each query's
+row is first multiplied by its best non-negative scale (a query's ranking of training rows does not
+depend on that scale; identity against a heavily damped inverse differs mostly by ``1 / lambda``).
+The reference ``P_ref`` is the exact damped GGN
 over all tracked parameters (``exact``, ``blocks="full"``) when it fits, else ``cg`` at a tight
 tolerance (its iterations and relative residual are reported). Every method and the reference use
 **one absolute damping** ``lambda`` per seed, so the error measures the approximation, not a damping
@@ -16,7 +19,7 @@ Hutchinson estimate (``probes`` Rademacher vectors), the rule of the iterative s
 
 Each error is paired with the method's bench metric for the same seed (Acc and Cover for class
 tasks, AUPRC for identification, from ``bench.json``); the report gives per-method means with 95%
-intervals over seeds and the Spearman correlation between error and metric across methods (of the
+intervals over seeds and the Spearman correlation between each error and each metric across methods (of the
 per-method means) and across all (seed, method) pairs. A lower error should come with a higher
 metric if the iHVP approximation is what limits attribution: a negative correlation.
 
@@ -59,6 +62,8 @@ __all__ = ["IhvpSettings", "influence_methods", "run_ihvp"]
 
 NAME = "ihvp"
 _FORMAT_VERSION = 1
+_ROW_FORMAT = 2  # rows carry ihvp_rel_error_scaled
+ERRORS = ("ihvp_rel_error", "ihvp_rel_error_scaled")
 
 
 def influence_methods(names: list[str]) -> list[str]:
@@ -169,7 +174,7 @@ def _reference(bench: Bench, settings: IhvpSettings, seed: int, model, tokenizer
 
 def _method_key(bench: Bench, settings: IhvpSettings, ref_key: dict[str, Any], ref: dict[str, Any], method: str) -> dict[str, Any]:
     """Everything a (seed, method) error depends on: the reference's key, its damping, the method's options."""
-    return {"reference": ref_key, "damping": ref["info"]["damping"], "method": method,
+    return {"reference": ref_key, "row_format": _ROW_FORMAT, "damping": ref["info"]["damping"], "method": method,
             "options": method_options(bench, settings.method_options, method)}
 
 
@@ -178,7 +183,7 @@ def _method_row(bench: Bench, settings: IhvpSettings, seed: int, method: str, mo
     c = bench.config
     config = AttributionConfig(batch_size=c.batch_size, max_length=c.max_length, seed=seed, damping=damping)
     options = method_options(bench, settings.method_options, method)
-    row: dict[str, Any] = {"seed": seed, "method": method, "ihvp_rel_error": None, "seconds": None, "peak_mib": None,
+    row: dict[str, Any] = {"seed": seed, "method": method, "ihvp_rel_error": None, "ihvp_rel_error_scaled": None, "seconds": None, "peak_mib": None,
                            "error": None, "info": None}
     try:
         chosen = make_method(method, model, tokenizer, config, **options)
@@ -188,6 +193,7 @@ def _method_row(bench: Bench, settings: IhvpSettings, seed: int, method: str, mo
             chosen.fit(task.train)
             _, approx = chosen.attributor.preconditioned_queries(queries)
         row["ihvp_rel_error"] = ihvp_relative_error(approx, reference, chosen.attributor.module_names)
+        row["ihvp_rel_error_scaled"] = ihvp_relative_error(approx, reference, chosen.attributor.module_names, scale_free=True)
         row["seconds"], row["peak_mib"] = usage["seconds"], usage["peak_mib"]
         row["info"] = _scalars(chosen.attributor.curvature.info)
     except Exception as error:  # noqa: BLE001  (one failing method must not end the analysis)
@@ -257,27 +263,30 @@ def run_ihvp(bench: Bench | str, settings: IhvpSettings | None = None, command: 
 
 
 def _summary(bench: Bench, rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
-    """Per method: error and bench metrics over seeds; Spearman(error, metric) across methods and pairs."""
+    """Per method: both errors and the bench metrics over seeds; Spearman(error, metric) across methods
+    (of the per-method means) and across (seed, method) pairs, for each error and metric."""
     per_method: dict[str, Any] = {}
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         per_method[method] = {
-            "ihvp_rel_error": mean_stat([r["ihvp_rel_error"] for r in mine]),
+            **{e: mean_stat([r.get(e) for r in mine]) for e in ERRORS},
             "seconds": mean_stat([r["seconds"] for r in mine]),
             "metrics": {n: mean_stat([bench.metric(r["seed"], method, n) for r in mine]) for n in bench.metric_names},
             "errors": {str(r["seed"]): r["error"] for r in mine if r["error"]},
         }
     correlation: dict[str, Any] = {}
-    for name in bench.metric_names:
-        errors = [(per_method[m]["ihvp_rel_error"] or {}).get("mean") for m in methods]
-        metrics = [(per_method[m]["metrics"][name] or {}).get("mean") for m in methods]
-        pairs = [(r["ihvp_rel_error"], bench.metric(r["seed"], r["method"], name)) for r in rows]
-        correlation[name] = {
-            "across_methods": spearman(errors, metrics),
-            "n_methods": sum(e is not None and v is not None for e, v in zip(errors, metrics)),
-            "across_pairs": spearman([e for e, _ in pairs], [v for _, v in pairs]),
-            "n_pairs": sum(e is not None and v is not None for e, v in pairs),
-        }
+    for error in ERRORS:
+        for name in bench.metric_names:
+            means = [(per_method[m][error] or {}).get("mean") for m in methods]
+            metrics = [(per_method[m]["metrics"][name] or {}).get("mean") for m in methods]
+            pairs = [(r.get(error), bench.metric(r["seed"], r["method"], name)) for r in rows]
+            correlation[f"{error}:{name}"] = {
+                "error": error, "metric": name,
+                "across_methods": spearman(means, metrics),
+                "n_methods": sum(e is not None and v is not None for e, v in zip(means, metrics)),
+                "across_pairs": spearman([e for e, _ in pairs], [v for _, v in pairs]),
+                "n_pairs": sum(e is not None and v is not None for e, v in pairs),
+            }
     return {"per_method": per_method, "spearman": correlation}
 
 
@@ -286,20 +295,23 @@ def _markdown(bench: Bench, payload: dict[str, Any]) -> str:
     lines = [f"# wherefrom analyze ihvp: {bench.config.task}", "", f"Command: `{payload['command']}`", "",
              ("iHVP relative error `||P q - P_ref q|| / ||P_ref q||` of each method's preconditioned test-query "
               "gradients at one absolute damping per seed, against its bench metric; mean [95% t interval] over seeds."), "",
-             "| method | iHVP rel. error | " + " | ".join(names) + " | time, s | seeds |",
-             "| --- | ---: | " + " | ".join("---:" for _ in names) + " | ---: | ---: |"]
+             ("Scale-free: each query's row first multiplied by its best non-negative scale (a query's ranking "
+              "does not depend on it), so only the direction's error remains."), "",
+             "| method | iHVP rel. error | scale-free | " + " | ".join(names) + " | time, s | seeds |",
+             "| --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " | ---: | ---: |"]
     for method, entry in payload["per_method"].items():
         if entry["ihvp_rel_error"] is None:
             error = next(iter(entry["errors"].values()), "no result").replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {method} | failed: {error[:200]} |" + " |" * (len(names) + 2))
+            lines.append(f"| {method} | failed: {error[:200]} |" + " |" * (len(names) + 3))
             continue
         seconds = entry["seconds"]["mean"] if entry["seconds"] else None
-        lines.append(f"| {method} | {cell(entry['ihvp_rel_error'], '.3g')} | "
+        lines.append(f"| {method} | {cell(entry['ihvp_rel_error'], '.3g')} | {cell(entry['ihvp_rel_error_scaled'], '.3g')} | "
                      + " | ".join(cell(entry["metrics"][n]) for n in names)
                      + f" | {number(seconds, '.1f')} | {entry['ihvp_rel_error']['n']} |")
     lines += ["", "Spearman correlation between iHVP error and metric (negative: smaller error, better attribution):", ""]
-    for name, corr in payload["spearman"].items():
-        lines.append(f"- {name}: across methods {number(corr['across_methods'])} (n = {corr['n_methods']}), "
+    for corr in payload["spearman"].values():
+        label = "scale-free error" if corr["error"].endswith("scaled") else "error"
+        lines.append(f"- {label} vs {corr['metric']}: across methods {number(corr['across_methods'])} (n = {corr['n_methods']}), "
                      f"across (seed, method) pairs {number(corr['across_pairs'])} (n = {corr['n_pairs']})")
     lines += ["", "References:", ""]
     for seed, info in payload["references"].items():
