@@ -8,6 +8,7 @@ file or nothing, and resumes from there.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -71,8 +72,21 @@ def atomic_write_dir(target: Path, fill: Callable[[Path], None]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf: "undefined", e.g. a correlation over one seed)
+    replaced by ``None``, so the JSON written is strict (``json.dumps`` would write ``NaN``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(obj: Any, path: Path) -> None:
-    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
+    """Write ``obj`` as indented, key-sorted strict JSON (:func:`strict_json`; other objects as ``str``)."""
+    atomic_write_text(json.dumps(strict_json(obj), indent=2, sort_keys=True, default=str) + "\n", path)
 
 
 def read_keyed_json(path: Path, key: Any) -> dict[str, Any] | None:
@@ -89,7 +103,7 @@ def read_keyed_json(path: Path, key: Any) -> dict[str, Any] | None:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(saved, dict) or saved.get("key") != json.loads(json.dumps(key, default=str)):
+    if not isinstance(saved, dict) or saved.get("key") != json.loads(json.dumps(strict_json(key), default=str)):
         return None
     return saved
 
