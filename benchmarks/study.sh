@@ -6,7 +6,7 @@
 #                                             a rerun resumes from it; default .cache/study)
 #
 # Environment knobs (defaults = the CPU size whose tables are in benchmarks/results/study-smollm2):
-#   SEEDS=0,1,2  N_TRAIN=40  N_TEST=8  EPOCHS=2  TASKS="rules math ..."  DATA=../shared/datasets
+#   SEEDS=0,1,2  N_TRAIN=40 (backdoor-multi: 1.5x)  N_TEST=8  EPOCHS=2  TASKS="rules math ..."  DATA=../shared/datasets
 #   METHODS=ekfac,kfac,datainf,gradsim,tracin,repsim,bm25  LISSA="depth=... batch_size=..."
 #   LISSA_TASKS="rules"   tasks that also run lissa (GGN-vector products through SmolLM2 cost ~10 min
 #                         a seed at the default size on 2 CPU cores, so by default only one task)
@@ -37,10 +37,13 @@ for name in $TASKS; do
     emotion|grammars) task="path:$DATA/$name.train.jsonl:$DATA/$name.test.jsonl" ;;
     *) task="$name" ;;
   esac
+  n_train=$N_TRAIN
+  # 3 triggers at a 6% poison share need >= 50 rows to give every trigger a row
+  [[ "$name" == backdoor-multi ]] && n_train=$(( N_TRAIN * 3 / 2 ))
   methods=$METHODS
   [[ " $LISSA_TASKS " == *" $name "* ]] && methods="$methods,lissa"
   start=$(date +%s)
-  "$WHEREFROM" bench --task "$task" --methods "$methods" --seeds "$SEEDS" --n-train "$N_TRAIN" \
+  "$WHEREFROM" bench --task "$task" --methods "$methods" --seeds "$SEEDS" --n-train "$n_train" \
     --n-test "$N_TEST" --epochs "$EPOCHS" "${extra[@]}" --out "$WORK/$name" > "$WORK/$name.log" 2>&1 \
     || { echo "$name: failed, see $WORK/$name.log" >&2; continue; }
   mkdir -p "$RESULTS/$name"
