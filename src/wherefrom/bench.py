@@ -37,7 +37,7 @@ from .benchtasks import TASKS, BenchTask, from_path, subsampled
 from .curvature.base import Progress, no_progress
 from .diagnose import measured
 from .finetune import FinetuneConfig, finetune
-from .methods import METHODS, make_method
+from .methods import check_methods, make_method
 from .metrics import class_attribution, identification, mean_ci
 from .models import load_model, pick_device
 from .store import (
@@ -88,13 +88,7 @@ class BenchConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` for an unknown task or method, or an empty method / seed list."""
         check_task_name(self.task)
-        if not self.methods:
-            raise ValueError("at least one method is needed")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods repeat: {self.methods}")
+        check_methods(self.methods)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
 

@@ -85,3 +85,16 @@ def make_method(name: str, model, tokenizer, config: AttributionConfig | None = 
     if name == "tracin" and "checkpoints" not in options:
         raise ValueError("method 'tracin' needs checkpoints=[...] (folders a fine-tuning run saved)")
     return METHODS[name](name, model, tokenizer, config or AttributionConfig(), **options)
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """``methods`` as a list; ``ValueError`` when it is empty, names an unknown method or repeats one."""
+    methods = list(methods)
+    if not methods:
+        raise ValueError("at least one method is needed")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods repeat: {methods}")
+    return methods

@@ -40,7 +40,7 @@ from ..api import AttributionConfig
 from ..bench import interval_cell
 from ..curvature.base import Progress, no_progress
 from ..diagnose import measured
-from ..methods import METHODS, make_method
+from ..methods import check_methods, make_method
 from ..models import load_model, pick_device
 from ..scoring import Scores, save_scores
 from ..store import (
@@ -195,14 +195,7 @@ def evaluate(gt_folder: str | Path, methods: Sequence[str], method_options: dict
     ``attribution``: batching/damping settings (default: the ground truth's batch size and maximum
     length, :meth:`GroundTruthConfig.attribution`).
     """
-    methods = list(methods)
-    if not methods:
-        raise ValueError("at least one method is needed")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
-    if len(set(methods)) != len(methods):
-        raise ValueError(f"methods repeat: {methods}")
+    methods = check_methods(methods)
     method_options = method_options or {}
     say = log or (lambda _line: None)
     gt = GroundTruth.load(gt_folder)
