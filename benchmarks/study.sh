@@ -50,3 +50,4 @@ for name in $TASKS; do
   cp "$WORK/$name/bench.md" "$WORK/$name/bench.json" "$RESULTS/$name/"
   echo "$name: $(( $(date +%s) - start )) s"
 done
+"${PY:-.venv/bin/python}" benchmarks/study_summary.py "$RESULTS"

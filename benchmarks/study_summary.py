@@ -1,0 +1,41 @@
+"""One table over every task of a study folder: each method's headline metric (Acc for class tasks,
+AUPRC for identification tasks), mean over seeds, read from each ``<task>/bench.json``.
+
+    python benchmarks/study_summary.py [benchmarks/results/study-smollm2]   # writes summary.md there
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from wherefrom.store import atomic_write_text
+
+TASK_ORDER = ["rules", "math", "emotion", "grammars", "backdoor", "backdoor-multi", "unwanted"]
+METHOD_ORDER = ["ekfac", "kfac", "lissa", "datainf", "gradsim", "tracin", "repsim", "bm25"]
+
+
+def summary(folder: Path) -> str:
+    """The Markdown table of the tasks found in ``folder`` (known tasks first, in TASK_ORDER)."""
+    reports = {path.parent.name: json.loads(path.read_text(encoding="utf-8")) for path in folder.glob("*/bench.json")}
+    tasks = [t for t in TASK_ORDER if t in reports] + sorted(set(reports) - set(TASK_ORDER))
+    methods = [m for m in METHOD_ORDER if any(m in r["aggregate"] for r in reports.values())]
+    lines = ["| task (metric) | " + " | ".join(methods) + " | seeds |", "| --- |" + " ---: |" * (len(methods) + 1)]
+    for task in tasks:
+        report = reports[task]
+        metric = "acc" if report["kind"] == "class" else "auprc"
+        cells = []
+        for method in methods:
+            entry = report["aggregate"].get(method)
+            cells.append(f"{entry['metrics'][metric]['mean']:.2f}" if entry and entry["n_ok"] else "–")
+        seeds = max(entry["n_seeds"] for entry in report["aggregate"].values())
+        lines.append(f"| {task} ({'Acc' if metric == 'acc' else 'AUPRC'}) | " + " | ".join(cells) + f" | {seeds} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/study-smollm2")
+    text = summary(folder)
+    atomic_write_text(text, folder / "summary.md")
+    print(text)
