@@ -169,26 +169,42 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
+def scored_method(method: str, model, tokenizer, attribution: AttributionConfig, options: dict[str, Any],
+                  train: Sequence, test: Sequence, device: str | None) -> tuple[Any, dict[str, Any]]:
+    """Fit ``method`` (:func:`wherefrom.methods.make_method`) on ``train`` and score ``test``, timed and
+    memory-measured (:func:`wherefrom.diagnose.measured`). Returns ``(scores, usage)`` with ``usage``
+    ``{seconds, peak_mib, error}``; a failure is recorded in ``error`` (``scores`` is then ``None``),
+    not raised, so one failing method never stops the others. The method is released afterwards."""
+    usage: dict[str, Any] = {"seconds": None, "peak_mib": None, "error": None}
+    chosen = scores = None
+    try:
+        with measured(pick_device(device)) as measurement:
+            chosen = make_method(method, model, tokenizer, attribution, **options)
+            chosen.fit(train)
+            scores = chosen.scores(test, train)
+        usage["seconds"], usage["peak_mib"] = measurement["seconds"], measurement["peak_mib"]
+    except Exception as error:  # noqa: BLE001  (one failing method must not stop the others)
+        usage["error"] = f"{type(error).__name__}: {error}"
+        scores = None
+    finally:
+        chosen = None  # release it before the next method
+        _free()
+    return scores, usage
+
+
 def _run_method(config: BenchConfig, task: BenchTask, seed: int, method: str, tuned, tokenizer) -> dict[str, Any]:
-    device = pick_device(config.device)
     options = config.options_for(method)
     if method == "tracin":
         options.setdefault("checkpoints", [str(p) for p in tuned.checkpoints])
         options.setdefault("base", lambda: load_model(config.model, device=config.device).model)
     attribution = AttributionConfig(batch_size=config.batch_size, max_length=config.max_length, seed=seed)
-    row: dict[str, Any] = {"seed": seed, "method": method, "metrics": None, "seconds": None, "peak_mib": None, "error": None}
-    try:
-        with measured(device) as usage:
-            chosen = make_method(method, tuned.model, tokenizer, attribution, **options)
-            chosen.fit(task.train)
-            scores = chosen.scores(task.test, task.train)
-        row["seconds"], row["peak_mib"] = usage["seconds"], usage["peak_mib"]
-        row["metrics"] = _metrics(task, scores)
-    except Exception as error:  # noqa: BLE001  (one failing method must not end the benchmark)
-        row["error"] = f"{type(error).__name__}: {error}"
-    finally:
-        chosen = scores = None  # release them before the next method
-        _free()
+    scores, usage = scored_method(method, tuned.model, tokenizer, attribution, options, task.train, task.test, config.device)
+    row: dict[str, Any] = {"seed": seed, "method": method, "metrics": None, **usage}
+    if scores is not None:
+        try:
+            row["metrics"] = _metrics(task, scores)
+        except Exception as error:  # noqa: BLE001  (as for the method itself)
+            row["error"] = f"{type(error).__name__}: {error}"
     return row
 
 

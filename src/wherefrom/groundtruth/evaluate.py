@@ -33,15 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors.torch import load_file
 
 from ..api import AttributionConfig
-from ..bench import interval_cell
+from ..bench import interval_cell, scored_method
 from ..curvature.base import Progress, no_progress
-from ..diagnose import measured
-from ..methods import check_methods, make_method
-from ..models import load_model, pick_device
+from ..methods import check_methods
+from ..models import load_model
 from ..scoring import Scores, save_scores
 from ..store import (
     atomic_write_json,
@@ -136,22 +134,13 @@ def run_method(gt: GroundTruth, method: str, options: dict[str, Any], attributio
         options.setdefault("checkpoints", [str(p) for p in gt.checkpoints])
         if config.lora_rank is not None:
             options.setdefault("base", lambda: load_model(config.model, device=config.device).model)
-    row: dict[str, Any] = {"method": method, "seconds": None, "peak_mib": None, "error": None}
-    chosen = scores = None
-    try:
-        with measured(pick_device(config.device)) as usage:
-            chosen = make_method(method, model, tokenizer, attribution, **options)
-            chosen.fit(gt.task.train)
-            scores = chosen.scores(gt.task.test, gt.task.train)
-        row["seconds"], row["peak_mib"] = usage["seconds"], usage["peak_mib"]
-        save_scores(scores, folder, method)  # <method>.safetensors + <method>.json (ids)
-    except Exception as error:  # noqa: BLE001  (one failing method must not stop the others)
-        row["error"] = f"{type(error).__name__}: {error}"
-    finally:
-        chosen = scores = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    scores, usage = scored_method(method, model, tokenizer, attribution, options, gt.task.train, gt.task.test, config.device)
+    row = {"method": method, **usage}
+    if scores is not None:
+        try:
+            save_scores(scores, folder, method)  # <method>.safetensors + <method>.json (ids)
+        except Exception as error:  # noqa: BLE001  (recorded like a failing method)
+            row["error"] = f"{type(error).__name__}: {error}"
     return row
 
 
