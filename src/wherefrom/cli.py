@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from tqdm import tqdm
 
@@ -24,7 +25,7 @@ from .models import ModelLoadError, load_model
 from .run import Run, RunConfig, RunMismatch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Which training examples made a language model say this?")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # unwrapped: paths and messages stay copyable and greppable
 
 
 def _progress(batches: Iterable, description: str) -> Iterator:
@@ -32,7 +33,8 @@ def _progress(batches: Iterable, description: str) -> Iterator:
 
 
 def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}")
+    """Print ``error`` verbatim (brackets in it are not rich markup), then exit 2."""
+    console.print("[bold red]error:[/]", escape(str(error)))
     raise typer.Exit(code=2)
 
 
