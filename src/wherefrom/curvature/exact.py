@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, jacrev
+from torch.func import functional_call, jacfwd, jacrev
 
 from ..task import IGNORE_INDEX, per_example_loss
 from .base import Curvature
@@ -83,16 +83,16 @@ class ExactGGN(Curvature):
         device = next(model.parameters()).device
         ggn = torch.zeros(total, total, dtype=torch.float64, device=device)
 
-        def log_probs(p, input_ids, attention_mask):
+        def log_probs(p, input_ids, attention_mask, positions):
+            """``(t, V)`` float64 next-token log-probabilities at the predicting ``positions``."""
             logits = functional_call(model, p, (), {"input_ids": input_ids[None], "attention_mask": attention_mask[None]}).logits
-            return F.log_softmax(logits[0, :-1].double(), dim=-1)
+            return F.log_softmax(logits[0, positions].double(), dim=-1)
 
-        jacobian = jacrev(log_probs)
         with eager_attention(model):
             if self.curvature == "hessian":
                 self._accumulate_hessian(model, modules, batches, progress, params, ggn)
             else:
-                self._accumulate(modules, batches, progress, jacobian, log_probs, params, ggn)
+                self._accumulate(modules, batches, progress, log_probs, params, ggn)
         ggn /= max(self.info["examples"], 1)
         self._invert(modules, ggn)
 
@@ -123,17 +123,27 @@ class ExactGGN(Curvature):
             examples += batch["input_ids"].shape[0]
         self.info["examples"] = examples
 
-    def _accumulate(self, modules, batches, progress, jacobian, log_probs, params, ggn: torch.Tensor) -> None:
-        """Add ``sum_t sum_c p_c grad log p_c grad log p_c^T`` of every example to ``ggn``."""
+    def _accumulate(self, modules, batches, progress, log_probs, params, ggn: torch.Tensor) -> None:
+        """Add ``sum_t sum_c p_c grad log p_c grad log p_c^T`` of every example to ``ggn``.
+
+        The ``(t, V, P)`` Jacobian of the completion positions' log-probabilities is built in forward
+        mode (``P`` tangents) when the tracked parameters are fewer than its ``t x V`` outputs, else in
+        reverse mode (``t x V`` cotangents): the same matrix, whichever pass count is smaller.
+        """
         examples = 0
         detached = {k: v.detach() for k, v in params.items()}
+        forward, reverse = jacfwd(log_probs), jacrev(log_probs)
         for batch in progress(batches(), "exact GGN"):
             for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
-                keep = labels[1:] != IGNORE_INDEX
+                positions = (labels[1:] != IGNORE_INDEX).nonzero().flatten()  # position t predicts token t + 1
+                if positions.numel() == 0:
+                    examples += 1
+                    continue
                 with torch.no_grad():  # torch.func transforms still differentiate inside
-                    jac = jacobian(detached, ids, mask)
-                    probs = log_probs(detached, ids, mask)[keep].exp()
-                flat = torch.cat([self._layout(m, jac) for m in modules], dim=-1)[keep]  # (t, V, P)
+                    probs = log_probs(detached, ids, mask, positions).exp()
+                    jacobian = forward if ggn.shape[0] < probs.numel() else reverse
+                    jac = jacobian(detached, ids, mask, positions)
+                flat = torch.cat([self._layout(m, jac) for m in modules], dim=-1)  # (t, V, P)
                 rows = (flat * probs.sqrt().unsqueeze(-1)).reshape(-1, ggn.shape[0])
                 ggn += rows.T @ rows
                 examples += 1
