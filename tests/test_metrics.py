@@ -16,6 +16,7 @@ from wherefrom.metrics import (
     class_attribution,
     identification,
     mean_ci,
+    mean_stat,
     ranking,
 )
 from wherefrom.scoring import Scores
@@ -187,6 +188,14 @@ def test_mean_ci_matches_scipy_t_interval():
     single = mean_ci([0.7])
     assert single[0] == 0.7 and math.isnan(single[1]) and math.isnan(single[2])
     assert mean_ci([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
+
+
+def test_mean_stat_skips_missing_values_and_clips_to_the_range():
+    stat = mean_stat([0.9, None, 1.0, float("nan"), 0.6])
+    assert stat["n"] == 3 and stat["mean"] == pytest.approx(2.5 / 3) and stat["high"] > 1.0  # the raw t interval
+    clipped = mean_stat([0.9, 1.0, 0.6], within=(0.0, 1.0))
+    assert clipped["high"] == 1.0 and clipped["low"] == pytest.approx(stat["low"])
+    assert mean_stat([0.7])["low"] is None and mean_stat([None, float("inf")]) is None
 
 
 def test_bootstrap_ci_is_seeded_and_brackets_the_mean():

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,7 @@ from .curvature.base import Progress, no_progress
 from .diagnose import measured
 from .finetune import FinetuneConfig, finetune
 from .methods import check_methods, make_method
-from .metrics import class_attribution, identification, mean_ci
+from .metrics import class_attribution, identification, mean_stat
 from .models import load_model, pick_device
 from .store import (
     atomic_write_json,
@@ -208,10 +207,6 @@ def _run_method(config: BenchConfig, task: BenchTask, seed: int, method: str, tu
     return row
 
 
-def _finite(value: float) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
 def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
     """Per method: ``metrics`` ``{name: {mean, low, high}}`` over the seeds that succeeded (95% t
     interval, clipped to [0, 1] for the metrics in that range; ``low``/``high`` are ``None`` with one seed), mean ``seconds`` / ``peak_mib``,
@@ -225,12 +220,9 @@ def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[st
         if ok:
             names = [k for k, v in ok[0]["metrics"].items() if k not in _NOT_AGGREGATED and isinstance(v, (int, float))]
             for name in names:
-                values = [r["metrics"][name] for r in ok if r["metrics"].get(name) is not None and math.isfinite(r["metrics"][name])]
-                if values:
-                    mean, low, high = mean_ci(values)
-                    if name in _UNIT_INTERVAL and math.isfinite(low):
-                        low, high = max(low, 0.0), min(high, 1.0)
-                    entry["metrics"][name] = {"mean": mean, "low": _finite(low), "high": _finite(high), "n": len(values)}
+                stat = mean_stat([r["metrics"].get(name) for r in ok], within=(0.0, 1.0) if name in _UNIT_INTERVAL else None)
+                if stat:
+                    entry["metrics"][name] = stat
             for what in ("seconds", "peak_mib"):
                 values = [r[what] for r in ok if r[what] is not None]
                 entry[what] = sum(values) / len(values) if values else None
@@ -238,14 +230,14 @@ def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[st
     return result
 
 
-def interval_cell(stat: dict[str, Any] | None) -> str:
-    """A Markdown table cell ``"mean [low, high]"`` (3 decimals; no interval when ``low`` is ``None``;
-    ``–`` for no value)."""
+def interval_cell(stat: dict[str, Any] | None, fmt: str = ".3f") -> str:
+    """A Markdown table cell ``"mean [low, high]"`` of a :func:`wherefrom.metrics.mean_stat` (no interval
+    when ``low`` is ``None``; ``–`` for no value)."""
     if not stat or stat.get("mean") is None:
         return "–"
-    text = f"{stat['mean']:.3f}"
+    text = format(stat["mean"], fmt)
     if stat.get("low") is not None:
-        text += f" [{stat['low']:.3f}, {stat['high']:.3f}]"
+        text += f" [{format(stat['low'], fmt)}, {format(stat['high'], fmt)}]"
     return text
 
 

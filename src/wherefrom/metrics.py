@@ -26,7 +26,9 @@ Every metric function returns means over queries plus a ``per_query`` dict of li
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -230,6 +232,21 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
         return mean, float("nan"), float("nan")
     half = float(stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
     return mean, mean - half, mean + half
+
+
+def mean_stat(values: Sequence[float | None], within: tuple[float, float] | None = None) -> dict[str, Any] | None:
+    """``{mean, low, high, n}`` over the finite ``values`` (95% Student-t interval, :func:`mean_ci`);
+    ``low``/``high`` are ``None`` for one value, and clipped to ``within`` when given (with few seeds a
+    t interval reaches past the range a bounded quantity can take). ``None`` for no finite value."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return None
+    mean, low, high = mean_ci(finite)
+    if len(finite) < 2 or not (math.isfinite(low) and math.isfinite(high)):
+        low = high = None
+    elif within is not None:
+        low, high = max(low, within[0]), min(high, within[1])
+    return {"mean": mean, "low": low, "high": high, "n": len(finite)}
 
 
 def bootstrap_ci(

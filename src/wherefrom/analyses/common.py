@@ -28,12 +28,11 @@ from torch import nn
 from ..bench import BenchConfig
 from ..benchtasks import BenchTask
 from ..finetune import FinetuneConfig, FinetuneResult, finetune
-from ..metrics import mean_ci
 from ..models import LoadedModel, load_model
 from ..store import atomic_write_json, atomic_write_text, hardware, package_versions
 from ..tracin import _load_checkpoint
 
-__all__ = ["Bench", "cell", "finetuned", "free_memory", "load_checkpoint", "mean_stat", "method_options", "number", "open_bench", "spearman", "write_report"]
+__all__ = ["Bench", "finetuned", "free_memory", "load_checkpoint", "method_options", "number", "open_bench", "spearman", "write_report"]
 
 BENCH_FILE = "bench.json"
 CLASS_METRICS = ("acc", "cover")
@@ -145,25 +144,6 @@ def spearman(x: Sequence[float | None], y: Sequence[float | None]) -> float | No
         return None
     value = float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)
     return value if math.isfinite(value) else None
-
-
-def mean_stat(values: Sequence[float | None]) -> dict[str, Any] | None:
-    """``{mean, low, high, n}`` over the finite values (95% Student-t interval,
-    :func:`wherefrom.metrics.mean_ci`; ``low``/``high`` ``None`` for one value); ``None`` for none."""
-    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return None
-    mean, low, high = mean_ci(finite)
-    bounds = (low, high) if len(finite) > 1 and math.isfinite(low) and math.isfinite(high) else (None, None)
-    return {"mean": mean, "low": bounds[0], "high": bounds[1], "n": len(finite)}
-
-
-def cell(stat: dict[str, Any] | None, fmt: str = ".3f") -> str:
-    """A Markdown cell ``"mean [low, high]"`` of a :func:`mean_stat` (no interval for one value; ``–`` for none)."""
-    if not stat:
-        return "–"
-    text = format(stat["mean"], fmt)
-    return text + (f" [{format(stat['low'], fmt)}, {format(stat['high'], fmt)}]" if stat.get("low") is not None else "")
 
 
 def number(value: float | None, fmt: str = ".3f") -> str:

@@ -20,16 +20,15 @@ from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
-from ..bench import _run_method, aggregate, build_task
+from ..bench import _run_method, aggregate, build_task, interval_cell
 from ..finetune import read_trainer_state
+from ..metrics import mean_stat
 from ..store import atomic_write_json, read_keyed_json
 from .common import (
     Bench,
-    cell,
     finetuned,
     free_memory,
     load_checkpoint,
-    mean_stat,
     method_options,
     open_bench,
     write_report,
@@ -123,13 +122,13 @@ def _markdown(bench: Bench, payload: dict[str, Any]) -> str:
              ("The bench metric of each method on the model of each epoch's checkpoint; mean [95% t interval] over "
              f"seeds ({len(bench.config.seeds)})."), "",
              "| | " + " | ".join(f"epoch {k}" for k in epochs) + " |", "| --- | " + " | ".join("---:" for _ in epochs) + " |",
-             "| training loss (mean over the epoch's steps) | " + " | ".join(cell(payload["train_loss"][str(k)]) for k in epochs) + " |"]
+             "| training loss (mean over the epoch's steps) | " + " | ".join(interval_cell(payload["train_loss"][str(k)]) for k in epochs) + " |"]
     for name in bench.metric_names:
         lines += ["", f"## {name}", "", header, rule]
         for method in payload["methods"]:
             cells = []
             for k in epochs:
                 entry = payload["per_epoch"][str(k)][method]
-                cells.append(cell(entry["metrics"].get(name)) if entry["n_ok"] else "failed")
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {cell(payload['bench_final'][method].get(name))} |")
+                cells.append(interval_cell(entry["metrics"].get(name)) if entry["n_ok"] else "failed")
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {interval_cell(payload['bench_final'][method].get(name))} |")
     return "\n".join(lines) + "\n"

@@ -40,17 +40,16 @@ import torch
 from safetensors.torch import load_file
 
 from ..api import AttributionConfig, Attributor
-from ..bench import build_task
+from ..bench import build_task, interval_cell
 from ..curvature.exact import BYTES_LIMIT
 from ..diagnose import fit_reference, ihvp_relative_error, measured
 from ..methods import METHODS, InfluenceMethod, make_method
+from ..metrics import mean_stat
 from ..store import atomic_save_tensors, atomic_write_json, read_keyed_json
 from .common import (
     Bench,
-    cell,
     finetuned,
     free_memory,
-    mean_stat,
     method_options,
     number,
     open_bench,
@@ -271,7 +270,7 @@ def _summary(bench: Bench, rows: list[dict[str, Any]], methods: list[str]) -> di
         per_method[method] = {
             **{e: mean_stat([r.get(e) for r in mine]) for e in ERRORS},
             "seconds": mean_stat([r["seconds"] for r in mine]),
-            "metrics": {n: mean_stat([bench.metric(r["seed"], method, n) for r in mine]) for n in bench.metric_names},
+            "metrics": {n: mean_stat([bench.metric(r["seed"], method, n) for r in mine], within=(0.0, 1.0)) for n in bench.metric_names},
             "errors": {str(r["seed"]): r["error"] for r in mine if r["error"]},
         }
     correlation: dict[str, Any] = {}
@@ -305,8 +304,8 @@ def _markdown(bench: Bench, payload: dict[str, Any]) -> str:
             lines.append(f"| {method} | failed: {error[:200]} |" + " |" * (len(names) + 3))
             continue
         seconds = entry["seconds"]["mean"] if entry["seconds"] else None
-        lines.append(f"| {method} | {cell(entry['ihvp_rel_error'], '.3g')} | {cell(entry['ihvp_rel_error_scaled'], '.3g')} | "
-                     + " | ".join(cell(entry["metrics"][n]) for n in names)
+        lines.append(f"| {method} | {interval_cell(entry['ihvp_rel_error'], '.3g')} | {interval_cell(entry['ihvp_rel_error_scaled'], '.3g')} | "
+                     + " | ".join(interval_cell(entry["metrics"][n]) for n in names)
                      + f" | {number(seconds, '.1f')} | {entry['ihvp_rel_error']['n']} |")
     lines += ["", "Spearman correlation between iHVP error and metric (negative: smaller error, better attribution):", ""]
     for corr in payload["spearman"].values():

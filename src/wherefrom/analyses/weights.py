@@ -33,20 +33,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bench import build_task
+from ..bench import build_task, interval_cell
 from ..encoding import encode_records, iterate_batches, pad_id
 from ..finetune import read_trainer_state
 from ..gradients import Batch
+from ..metrics import mean_stat
 from ..models import eval_mode, load_model
 from ..store import atomic_write_json, read_keyed_json
 from ..task import IGNORE_INDEX
 from .common import (
     Bench,
-    cell,
     finetuned,
     free_memory,
     load_checkpoint,
-    mean_stat,
     number,
     open_bench,
     spearman,
@@ -305,7 +304,7 @@ def _summary(seeds: Sequence[int], names: Sequence[str], records: dict[str, dict
             "relative": mean_stat([e["relative"] for e in entries]),
             **{k: mean_stat([e["ablation"][k] for e in entries]) for k in ("mean_delta_f", "mean_abs_delta_f", "kl_per_token")},
         }
-    correlation = {k: mean_stat([r["spearman"][k] for r in finals]) for k in finals[0]["spearman"]}
+    correlation = {k: mean_stat([r["spearman"][k] for r in finals], within=(-1.0, 1.0)) for k in finals[0]["spearman"]}
     return {"per_checkpoint": per_checkpoint, "per_module": per_module, "spearman": correlation}
 
 
@@ -318,14 +317,14 @@ def _markdown(bench: Bench, payload: dict[str, Any]) -> str:
              "| checkpoint | training loss | \\|\\|dW\\|\\|_F (all modules) | mean \\|\\|dW\\|\\| / \\|\\|W\\|\\| | mean df | mean \\|df\\| | KL per token |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, e in payload["per_checkpoint"].items():
-        lines.append(f"| {name} | {cell(e['train_loss'])} | {cell(e['total_delta_norm'], g)} | {cell(e['mean_relative'], g)} "
-                     f"| {cell(e['mean_delta_f'])} | {cell(e['mean_abs_delta_f'])} | {cell(e['kl_per_token'], g)} |")
+        lines.append(f"| {name} | {interval_cell(e['train_loss'])} | {interval_cell(e['total_delta_norm'], g)} | {interval_cell(e['mean_relative'], g)} "
+                     f"| {interval_cell(e['mean_delta_f'])} | {interval_cell(e['mean_abs_delta_f'])} | {interval_cell(e['kl_per_token'], g)} |")
     lines += ["", ("Does the size of a module's change track its effect? Spearman across modules (per seed, then "
               "mean over seeds) between the change size and the behaviour change its revert causes at the final model:"), ""]
     labels = {"delta_norm_vs_kl": "||dW||_F vs ablation KL", "delta_norm_vs_abs_delta_f": "||dW||_F vs ablation mean |df|",
               "relative_vs_kl": "||dW|| / ||W|| vs ablation KL"}
     for k, stat in payload["spearman"].items():
-        lines.append(f"- {labels.get(k, k)}: {cell(stat)}")
+        lines.append(f"- {labels.get(k, k)}: {interval_cell(stat)}")
     lines += ["", ("Per module at the final model (ablation: that module's change reverted, the others kept; "
               "df = f_tuned - f_ablated):"), "",
               "| module | \\|\\|dW\\|\\|_F | \\|\\|dW\\|\\| / \\|\\|W\\|\\| | ablation KL per token | ablation mean df | ablation mean \\|df\\| |",
