@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -268,7 +269,7 @@ def _summary(bench: Bench, rows: list[dict[str, Any]], methods: list[str]) -> di
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         per_method[method] = {
-            **{e: mean_stat([r.get(e) for r in mine]) for e in ERRORS},
+            **{e: mean_stat([r.get(e) for r in mine], within=(0.0, math.inf)) for e in ERRORS},  # norms: >= 0
             "seconds": mean_stat([r["seconds"] for r in mine]),
             "metrics": {n: mean_stat([bench.metric(r["seed"], method, n) for r in mine], within=(0.0, 1.0)) for n in bench.metric_names},
             "errors": {str(r["seed"]): r["error"] for r in mine if r["error"]},
