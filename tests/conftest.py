@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,9 @@ from wherefrom.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer, with_lora
 
 # Parallel test runs on a 2-core machine: set WHEREFROM_TEST_THREADS=1 to avoid oversubscription.
 torch.set_num_threads(int(os.environ.get("WHEREFROM_TEST_THREADS", "2")))
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+"""The evaluation sets beside the project (``../shared/datasets``); tests that read them skip without them."""
 
 WORDS = ["ab", "cd", "ef", "gh", "ij", "kl"]
 

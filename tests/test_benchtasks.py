@@ -25,7 +25,7 @@ from wherefrom.benchtasks import (
 )
 from wherefrom.data import DataError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+from .conftest import SHARED
 
 
 def _check_common(task: BenchTask) -> None:

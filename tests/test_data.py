@@ -8,9 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from wherefrom.data import DataError, Record, data_fingerprint, load_records, records_from_rows
+from wherefrom.data import (
+    DataError,
+    Record,
+    data_fingerprint,
+    load_records,
+    records_from_rows,
+)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+from .conftest import SHARED
 
 ROWS = [
     {"id": "a", "prompt": "p one", "completion": "c one", "label": "x"},
