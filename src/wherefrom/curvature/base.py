@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..gradients import Batch, LossFn
-from ..store import atomic_write_json, atomic_save_tensors
+from ..store import atomic_save_tensors, atomic_write_json
 from ..tracking import TrackedModule, selection_signature
 
 BatchSource = Callable[[], Iterable[Batch]]
@@ -67,7 +67,7 @@ class Curvature(ABC):
         batches: BatchSource,
         loss_fn: LossFn,
         progress: Progress = no_progress,
-    ) -> "Curvature":
+    ) -> Curvature:
         """Estimate the curvature from ``loss_fn`` gradients over ``batches()``; returns ``self``."""
         self.modules = selection_signature(modules)
         self.state, self.info = {}, {}
@@ -90,7 +90,23 @@ class Curvature(ABC):
         """Apply :meth:`precondition_module` to every module in ``grads`` (``{name: (n, out, in')}``)."""
         return {name: self.precondition_module(name, g) for name, g in grads.items()}
 
-    def to(self, device: torch.device | str) -> "Curvature":
+    def precondition_jointly(self, grads: dict[str, torch.Tensor], solve: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """For strategies whose inverse couples modules: ``solve`` maps the ``(n, P)`` float64 rows of
+        every fitted module's ``grads``, flattened jointly in fitted order, to ``(n, P)``; returns
+        ``{name: (n, out, in')}`` with each block in its input's dtype and device. Refuses a subset of
+        the modules (the coupled inverse needs them all)."""
+        names = [name for name, _, _ in self.modules]
+        if set(names) != set(grads):
+            raise ValueError(f"{self.name!r} preconditions all fitted modules at once; got {len(grads)} of {len(names)}")
+        flat = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=1).double()
+        solved = solve(flat) if flat.shape[0] else flat
+        out, start = {}, 0
+        for name, rows, cols in self.modules:
+            out[name] = solved[:, start : start + rows * cols].reshape(-1, rows, cols).to(grads[name].device, grads[name].dtype)
+            start += rows * cols
+        return out
+
+    def to(self, device: torch.device | str) -> Curvature:
         self.state = {k: v.to(device) for k, v in self.state.items()}
         return self
 
@@ -122,7 +138,7 @@ class Curvature(ABC):
             raise FileNotFoundError(f"no fitted curvature in {folder} (expected curvature.json and curvature.safetensors)")
         return json.loads(meta_path.read_text()), load_file(str(tensors_path))
 
-    def restore(self, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> "Curvature":
+    def restore(self, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> Curvature:
         self.modules = meta["modules"]
         self.info = meta.get("info", {})
         self.state = state

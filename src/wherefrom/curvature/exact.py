@@ -180,16 +180,8 @@ class ExactGGN(Curvature):
     def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.blocks == "module":
             return super().precondition(grads)
-        names = [m[0] for m in self.modules]
-        if set(names) != set(grads):
-            raise ValueError("blocks='full' preconditions all fitted modules at once; got a subset")
-        flat = torch.cat([grads[n].flatten(1) for n in names], dim=1)
-        pre = (flat.double() @ self.state["full.inverse"].to(flat.device)).to(flat.dtype)
-        out, start = {}, 0
-        for name, rows, cols in self.modules:
-            out[name] = pre[:, start : start + rows * cols].reshape(-1, rows, cols)
-            start += rows * cols
-        return out
+        inverse = self.state["full.inverse"]
+        return self.precondition_jointly(grads, lambda flat: flat @ inverse.to(flat.device))
 
     def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         inverse = self.state[f"{name}.inverse"].to(grads.device)

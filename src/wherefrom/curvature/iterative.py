@@ -151,17 +151,7 @@ class OperatorCurvature(Curvature):
     # --- use ---------------------------------------------------------------------------------------
     def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``(G + lambda I)^-1`` applied to every row, all modules jointly (like ``ExactGGN(blocks="full")``)."""
-        names = [m[0] for m in self.modules]
-        if set(names) != set(grads):
-            raise ValueError(f"{self.name!r} preconditions all fitted modules at once; got {len(grads)} of {len(names)}")
-        first = grads[names[0]]
-        flat = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=1).double()
-        solved = self._solve(flat) if flat.shape[0] else flat
-        out, start = {}, 0
-        for name, rows, cols in self.modules:
-            out[name] = solved[:, start : start + rows * cols].reshape(-1, rows, cols).to(first.device, grads[name].dtype)
-            start += rows * cols
-        return out
+        return self.precondition_jointly(grads, self._solve)
 
     def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{self.name!r} preconditions all tracked modules jointly; call precondition({{name: grads, ...}}) with every module")
