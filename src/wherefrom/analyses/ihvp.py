@@ -308,6 +308,12 @@ def _markdown(bench: Bench, payload: dict[str, Any]) -> str:
         lines.append(f"| {method} | {interval_cell(entry['ihvp_rel_error'], '.3g')} | {interval_cell(entry['ihvp_rel_error_scaled'], '.3g')} | "
                      + " | ".join(interval_cell(entry["metrics"][n]) for n in names)
                      + f" | {number(seconds, '.1f')} | {entry['ihvp_rel_error']['n']} |")
+    options = {m: method_options(bench, payload["settings"]["method_options"], m) for m in payload["per_method"]}
+    if any(options.values()):
+        lines += ["", "Method options: " + "; ".join(f"{m} " + ", ".join(f"{k}={v}" for k, v in o.items()) for m, o in options.items() if o) + "."]
+    if "exact" in options and options["exact"].get("blocks", "module") != "full":
+        lines += ["", ("`exact` is the bench's method: one exact inverse per module (`blocks=\"module\"`, no cross-module "
+                       "terms); its error against the full-GGN reference is what those terms carry.")]
     lines += ["", "Spearman correlation between iHVP error and metric (negative: smaller error, better attribution):", ""]
     for corr in payload["spearman"].values():
         label = "scale-free error" if corr["error"].endswith("scaled") else "error"
