@@ -107,6 +107,17 @@ def test_errors_name_the_culprit(workspace, tmp_path):
     assert other.exit_code == 2 and "other settings" in other.output
 
 
+def test_errors_print_long_paths_whole_and_brackets_verbatim(workspace, tmp_path):
+    """An error naming a long path with brackets in it prints that path on one line, as it is (CI once
+    failed when rich wrapped a long tmp path across lines and parsed ``[...]`` as markup)."""
+    folder = tmp_path / ("a-folder-with-a-long-name-" * 4 + "[bold]")
+    folder.mkdir()
+    bad = folder / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n')
+    result = invoke("fit", "--train", bad, "--model", workspace / "model", "--run", tmp_path / "r")
+    assert result.exit_code == 2 and str(bad) in result.output
+
+
 @pytest.mark.parametrize("strategy,option", [("cg", "max_iter=300"), ("arnoldi", "rank=16")])
 def test_operator_strategies_through_run_directories(workspace, strategy, option):
     """cg is re-attached to the model and training rows when a run is reopened; arnoldi loads its eigenpairs."""
