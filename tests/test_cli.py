@@ -50,8 +50,8 @@ def test_fit_index_scores_query(workspace):
     assert sorted(p.name for p in (root / "run" / "index").glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in range(3)]
     from_index = invoke("scores", "--run", root / "run", "--queries", root / "queries.jsonl", "--name", "indexed")
     assert from_index.exit_code == 0, from_index.output
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     a = load_file(str(root / "run" / "scores" / "streamed.safetensors"))["total"]
     b = load_file(str(root / "run" / "scores" / "indexed.safetensors"))["total"]

@@ -17,7 +17,7 @@ from scipy.stats import spearmanr
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from wherefrom.api import Attributor, AttributionConfig
+from wherefrom.api import AttributionConfig, Attributor
 from wherefrom.curvature import load_curvature, make_curvature
 from wherefrom.gradients import per_example_gradients
 from wherefrom.tracking import select_modules
@@ -244,8 +244,9 @@ def test_exact_refuses_infeasible_sizes_with_the_byte_count(tokenizer, train_rec
 def test_exact_ggn_is_the_same_in_forward_and_reverse_mode(tokenizer, monkeypatch):
     """``exact`` builds each Jacobian in whichever mode needs fewer passes (here P=256 tangents against
     t x V = 56 t outputs: forward for rows with t > 4 completion tokens); forcing either mode gives the same GGN to float64 round-off."""
-    import wherefrom.curvature.exact as exact_module
     from torch.func import jacfwd
+
+    import wherefrom.curvature.exact as exact_module
 
     attributor = Attributor(build_model("llama").double(), tokenizer, AttributionConfig(batch_size=3, include=[r"k_proj", r"v_proj"]))
     train = make_records(6, seed=3)
