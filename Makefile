@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.wherefrom-installed
 
-.PHONY: setup demo test test-slow test-all bench clean
+.PHONY: setup demo lint format test test-slow test-all bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,15 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(BIN)/wherefrom demo
+
+# Lint and format check (ruff; configuration in pyproject.toml); `make format` rewrites the tree.
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: setup
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
 
 test: setup
 	$(BIN)/pytest -m "not slow" -q

@@ -11,7 +11,7 @@ Measured in one run, for both libraries:
   ``torch.cuda.max_memory_allocated`` minus the allocation at that point, on CUDA);
 * the Spearman correlation and max relative difference between the two libraries' scores, so the
   timings compare equal outputs (with ``--fisher empirical``, the default, both are deterministic and
-  agree to float round-off: see tests/test_kronfluence_parity.py for every matched setting);
+  agree to float round-off: see tests/curvature/test_kronfluence_parity.py for every matched setting);
 * wherefrom's per-example gradient throughput (``Attributor.gradients`` over the train set) as a
   fraction of a plain forward + ``loss.backward()`` over the same batches.
 
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["tiny", "smollm2"],
         default="tiny",
         help="tiny: random Llama (hidden 256, 4 layers, intermediate 512) with the char tokenizer; "
-        "smollm2: wherefrom.models.load_model() (SmolLM2-135M-Instruct)",
+        "smollm2: wherefrom.models.loading.load_model() (SmolLM2-135M-Instruct)",
     )
     p.add_argument(
         "--include",
@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_rows(tokenizer, n: int, prefix: str, seed: int, mean_tokens: int):
     """``n`` records of about ``mean_tokens`` tokens (+-25%), prompt ~half, completion ~half (then EOS)."""
-    from wherefrom.data import Record
+    from wherefrom.core.data import Record
 
     rng = random.Random(seed)
 
@@ -119,12 +119,12 @@ def setup(args: argparse.Namespace):
     """Model (eval mode, on the device), tokenizer, train and query records, wherefrom config."""
     import torch
 
-    from wherefrom.api import AttributionConfig
-    from wherefrom.models import pick_device
+    from wherefrom.engine.api import AttributionConfig
+    from wherefrom.models.loading import pick_device
 
     device = pick_device(args.device)
     if args.model == "tiny":
-        from wherefrom.tiny import tiny_llama, tiny_tokenizer
+        from wherefrom.models.tiny import tiny_llama, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         model = tiny_llama(len(tokenizer), hidden=256, layers=4, heads=4, kv_heads=2, intermediate=512, seed=args.seed)
@@ -132,7 +132,7 @@ def setup(args: argparse.Namespace):
     else:
         from transformers.utils import logging as hf_logging
 
-        from wherefrom.models import load_model
+        from wherefrom.models.loading import load_model
 
         hf_logging.disable_progress_bar()
         loaded = load_model(device=device)
@@ -169,8 +169,8 @@ def _analyzer(model, module_names, device, workdir: Path, pad: int):
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    from wherefrom.encoding import collate
-    from wherefrom.peers import kronfluence_lm_task
+    from wherefrom.core.encoding import collate
+    from wherefrom.studies.peers import kronfluence_lm_task
 
     task = kronfluence_lm_task(module_names)
     kmodel = prepare_model(model, task)
@@ -205,9 +205,9 @@ def run_phase(job: dict) -> dict:
     warnings.simplefilter("ignore")  # kronfluence's torch.cuda.amp.GradScaler deprecation, transformers notices
     import torch
 
-    from wherefrom.api import Attributor
+    from wherefrom.core.encoding import encode_records, pad_id
     from wherefrom.curvature import load_curvature
-    from wherefrom.encoding import encode_records, pad_id
+    from wherefrom.engine.api import Attributor
 
     args = argparse.Namespace(**job["args"])
     workdir, lib, phase = Path(job["workdir"]), job["lib"], job["phase"]
@@ -312,7 +312,7 @@ def _ratio(a: float, b: float) -> str:
 def report(args, results: dict, agreement: dict, command: str, load: tuple[float, float]) -> str:
     import kronfluence
 
-    from wherefrom.store import hardware, package_versions
+    from wherefrom.core.store import hardware, package_versions
 
     wf_fit, kf_fit = results["wherefrom", "fit"], results["kronfluence", "fit"]
     wf_sc, kf_sc = results["wherefrom", "score"], results["kronfluence", "score"]
@@ -391,7 +391,7 @@ def report(args, results: dict, agreement: dict, command: str, load: tuple[float
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from wherefrom.store import atomic_write_text
+    from wherefrom.core.store import atomic_write_text
 
     args = parse_args(argv)
     command = ("python benchmarks/bench_kronfluence.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()

@@ -1,7 +1,7 @@
 """Ground truth on a small model the project trains itself: every estimator against LDS, leave-one-out and
 PBRF, plus EK-FAC's damping tuned by LDS on held-out queries.
 
-The model is a 1-layer tiny GPT-2 (hidden 16, :func:`wherefrom.tiny.tiny_gpt2`) fully fine-tuned from a
+The model is a 1-layer tiny GPT-2 (hidden 16, :func:`wherefrom.models.tiny.tiny_gpt2`) fully fine-tuned from a
 saved random initialisation on a generated word-association set (prompt "w1 [w2] w:", completion " w"),
 small enough that ``exact`` (the dense damped GGN of every parameter block) is feasible, so the exact
 influence function is one of the rows of the table::
@@ -22,14 +22,29 @@ import sys
 import time
 from pathlib import Path
 
-from wherefrom.groundtruth import GroundTruthConfig, build_groundtruth, evaluate
-from wherefrom.groundtruth.tune import tune
-from wherefrom.store import atomic_write_text
-from wherefrom.tiny import tiny_gpt2, tiny_tokenizer
+from wherefrom.core.store import atomic_write_text
+from wherefrom.models.tiny import tiny_gpt2, tiny_tokenizer
+from wherefrom.studies.groundtruth import GroundTruthConfig, build_groundtruth, evaluate
+from wherefrom.studies.groundtruth.tune import tune
 
 WORDS = ["ab", "cd", "ef", "gh"]
-METHODS = ["exact", "cg", "ekfac", "kfac", "diagonal", "datainf", "lissa", "arnoldi", "identity", "gradsim-cosine",
-           "tracin", "trak", "logra", "repsim", "bm25"]
+METHODS = [
+    "exact",
+    "cg",
+    "ekfac",
+    "kfac",
+    "diagonal",
+    "datainf",
+    "lissa",
+    "arnoldi",
+    "identity",
+    "gradsim-cosine",
+    "tracin",
+    "trak",
+    "logra",
+    "repsim",
+    "bm25",
+]
 
 
 def word_rows(n: int, seed: int, prefix: str) -> list[dict]:
@@ -69,17 +84,33 @@ def main() -> None:
     command = "python " + " ".join(sys.argv)
     started = time.perf_counter()
     config = GroundTruthConfig(
-        task=f"path:{out / 'train.jsonl'}:{out / 'test.jsonl'}", out=str(out / "gt"), model=str(base), epochs=3,
-        learning_rate=1e-2, lora_rank=None, batch_size=4, max_length=64, n_subsets=args.subsets, subset_seeds=1,
-        loo_rows=args.loo_rows, loo_seeds=args.loo_seeds, pbrf_rows=args.pbrf_rows, device="cpu",
+        task=f"path:{out / 'train.jsonl'}:{out / 'test.jsonl'}",
+        out=str(out / "gt"),
+        model=str(base),
+        epochs=3,
+        learning_rate=1e-2,
+        lora_rank=None,
+        batch_size=4,
+        max_length=64,
+        n_subsets=args.subsets,
+        subset_seeds=1,
+        loo_rows=args.loo_rows,
+        loo_seeds=args.loo_seeds,
+        pbrf_rows=args.pbrf_rows,
+        device="cpu",
         # PBRF at the estimators' default relative damping, solved in float64 (float32 stalls, and HF Llama
         # keeps its norms in float32 even in a float64 copy, hence GPT-2 here; see README "PBRF and tuning")
         pbrf_options={"eps": 1e-3, "float64": True, "damping_factor": 0.1, "steps": 1000, "tol": 1e-5},
     )
     build_groundtruth(config, log=print, command=command)
     built = time.perf_counter() - started
-    evaluate(out / "gt", args.methods.split(","), method_options={"lissa": {"depth": 2000}, "cg": {"max_iter": 500}},
-             log=print, command=command)
+    evaluate(
+        out / "gt",
+        args.methods.split(","),
+        method_options={"lissa": {"depth": 2000}, "cg": {"max_iter": 500}},
+        log=print,
+        command=command,
+    )
     evaluated = time.perf_counter() - started - built
     tune(out / "gt", "ekfac", {"damping_factor": [1e-3, 1e-2, 0.1, 1.0, 10.0]}, log=print, command=command)
     tuned = time.perf_counter() - started - built - evaluated
@@ -88,8 +119,10 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     for source in ("evaluate.md", "evaluate.json", "tune-ekfac/tune.md", "tune-ekfac/tune.json"):
         shutil.copy(out / "gt" / source, results / Path(source).name)
-    timing = (f"Command: `{command}`. This call: build {built:.0f} s, evaluate {evaluated:.0f} s, tune {tuned:.0f} s "
-              f"on {os.cpu_count()} CPU cores (a resumed call only reloads what earlier calls cached).\n")
+    timing = (
+        f"Command: `{command}`. This call: build {built:.0f} s, evaluate {evaluated:.0f} s, tune {tuned:.0f} s "
+        f"on {os.cpu_count()} CPU cores (a resumed call only reloads what earlier calls cached).\n"
+    )
     atomic_write_text(timing, results / "timing.md")
     print((results / "evaluate.md").read_text())
     print(timing)

@@ -14,7 +14,7 @@ mkdir -p "$WORK" "$RESULTS"
 "$PY" -c "
 import sys
 from pathlib import Path
-from wherefrom.tiny import tiny_llama, tiny_tokenizer
+from wherefrom.models.tiny import tiny_llama, tiny_tokenizer
 folder = Path(sys.argv[1])
 if not (folder / 'config.json').is_file():
     tokenizer = tiny_tokenizer()

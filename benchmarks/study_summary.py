@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from wherefrom.store import atomic_write_text
+from wherefrom.core.store import atomic_write_text
 
 TASK_ORDER = ["rules", "math", "emotion", "grammars", "backdoor", "backdoor-multi", "unwanted"]
 METHOD_ORDER = ["ekfac", "kfac", "lissa", "datainf", "gradsim", "tracin", "repsim", "bm25"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wherefrom.data import Record
-from wherefrom.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer, with_lora
+from wherefrom.core.data import Record
+from wherefrom.models.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer, with_lora
 
 # Parallel test runs on a 2-core machine: set WHEREFROM_TEST_THREADS=1 to avoid oversubscription.
 torch.set_num_threads(int(os.environ.get("WHEREFROM_TEST_THREADS", "2")))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import BatchSource, Curvature
-from .datainf import DataInf
-from .exact import ExactGGN
-from .iterative import Arnoldi, ConjugateGradient, ConvergenceWarning, LiSSA
-from .kronecker import EKFAC, KFAC
-from .products import GGNOperator
-from .simple import Diagonal, Identity
+from wherefrom.curvature.base import BatchSource, Curvature
+from wherefrom.curvature.datainf import DataInf
+from wherefrom.curvature.exact import ExactGGN
+from wherefrom.curvature.iterative import Arnoldi, ConjugateGradient, ConvergenceWarning, LiSSA
+from wherefrom.curvature.kronecker import EKFAC, KFAC
+from wherefrom.curvature.products import GGNOperator
+from wherefrom.curvature.simple import Diagonal, Identity
 
 STRATEGIES: dict[str, type[Curvature]] = {
     cls.name: cls for cls in (Identity, Diagonal, KFAC, EKFAC, ExactGGN, ConjugateGradient, LiSSA, Arnoldi, DataInf)

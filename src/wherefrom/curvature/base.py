@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..gradients import Batch, LossFn
-from ..store import atomic_save_tensors, atomic_write_json
-from ..tracking import TrackedModule, selection_signature
+from wherefrom.core.gradients import Batch, LossFn
+from wherefrom.core.store import atomic_save_tensors, atomic_write_json
+from wherefrom.core.tracking import TrackedModule, selection_signature
 
 BatchSource = Callable[[], Iterable[Batch]]
 """A callable that returns a fresh iterable over the fitting batches (some strategies need two passes)."""
@@ -90,19 +90,25 @@ class Curvature(ABC):
         """Apply :meth:`precondition_module` to every module in ``grads`` (``{name: (n, out, in')}``)."""
         return {name: self.precondition_module(name, g) for name, g in grads.items()}
 
-    def precondition_jointly(self, grads: dict[str, torch.Tensor], solve: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    def precondition_jointly(
+        self, grads: dict[str, torch.Tensor], solve: Callable[[torch.Tensor], torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """For strategies whose inverse couples modules: ``solve`` maps the ``(n, P)`` float64 rows of
         every fitted module's ``grads``, flattened jointly in fitted order, to ``(n, P)``; returns
         ``{name: (n, out, in')}`` with each block in its input's dtype and device. Refuses a subset of
         the modules (the coupled inverse needs them all)."""
         names = [name for name, _, _ in self.modules]
         if set(names) != set(grads):
-            raise ValueError(f"{self.name!r} preconditions all fitted modules at once; got {len(grads)} of {len(names)}")
+            raise ValueError(
+                f"{self.name!r} preconditions all fitted modules at once; got {len(grads)} of {len(names)}"
+            )
         flat = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=1).double()
         solved = solve(flat) if flat.shape[0] else flat
         out, start = {}, 0
         for name, rows, cols in self.modules:
-            out[name] = solved[:, start : start + rows * cols].reshape(-1, rows, cols).to(grads[name].device, grads[name].dtype)
+            out[name] = (
+                solved[:, start : start + rows * cols].reshape(-1, rows, cols).to(grads[name].device, grads[name].dtype)
+            )
             start += rows * cols
         return out
 
@@ -135,7 +141,9 @@ class Curvature(ABC):
     def load_state(cls, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         meta_path, tensors_path = folder / "curvature.json", folder / "curvature.safetensors"
         if not meta_path.exists() or not tensors_path.exists():
-            raise FileNotFoundError(f"no fitted curvature in {folder} (expected curvature.json and curvature.safetensors)")
+            raise FileNotFoundError(
+                f"no fitted curvature in {folder} (expected curvature.json and curvature.safetensors)"
+            )
         return json.loads(meta_path.read_text()), load_file(str(tensors_path))
 
     def restore(self, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> Curvature:

@@ -16,7 +16,7 @@ and each term has a closed form by Sherman-Morrison,
 which is what :meth:`DataInf.precondition_module` computes (Kwon et al.'s eq. (5); their code's
 ``compute_hvp_proposed`` in ``src/influence.py``). It is exact for ``n = 1`` and an
 approximation otherwise (the error grows with the spread of the ``g_i g_i^T``); ``P_l`` is
-symmetric positive definite, so scores keep the sign convention of :mod:`wherefrom.scoring`.
+symmetric positive definite, so scores keep the sign convention of :mod:`wherefrom.core.scoring`.
 
 Damping: ``damping`` (absolute) if given, else ``damping_factor`` (default 0.1) times the mean
 over examples and entries of ``g_i^2`` for the module, as in Kwon et al.'s code
@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import torch
 
-from ..gradients import per_example_gradients
-from .base import Curvature
+from wherefrom.core.gradients import per_example_gradients
+from wherefrom.curvature.base import Curvature
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
 

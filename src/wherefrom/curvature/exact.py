@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jacfwd, jacrev
 
-from ..task import IGNORE_INDEX, per_example_loss
-from .base import Curvature
+from wherefrom.core.task import IGNORE_INDEX, per_example_loss
+from wherefrom.curvature.base import Curvature
 
 BYTES_LIMIT = 4 * 2**30
 
@@ -85,7 +85,9 @@ class ExactGGN(Curvature):
 
         def log_probs(p, input_ids, attention_mask, positions):
             """``(t, V)`` float64 next-token log-probabilities at the predicting ``positions``."""
-            logits = functional_call(model, p, (), {"input_ids": input_ids[None], "attention_mask": attention_mask[None]}).logits
+            logits = functional_call(
+                model, p, (), {"input_ids": input_ids[None], "attention_mask": attention_mask[None]}
+            ).logits
             return F.log_softmax(logits[0, positions].double(), dim=-1)
 
         with eager_attention(model):
@@ -100,7 +102,10 @@ class ExactGGN(Curvature):
         """Add the Hessian of each batch's summed training loss, in the flat Linear-orientation layout."""
         sizes = [m.shape[0] * m.shape[1] for m in modules]
         flat0 = torch.cat(
-            [m.from_param_layout(m.module.weight.detach(), m.module.bias.detach() if m.has_bias else None).flatten() for m in modules]
+            [
+                m.from_param_layout(m.module.weight.detach(), m.module.bias.detach() if m.has_bias else None).flatten()
+                for m in modules
+            ]
         )
 
         def unflatten(flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -113,8 +118,13 @@ class ExactGGN(Curvature):
         examples = 0
         for batch in progress(batches(), "exact Hessian"):
 
-            def loss(flat: torch.Tensor) -> torch.Tensor:
-                logits = functional_call(model, unflatten(flat), (), {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).logits
+            def loss(flat: torch.Tensor, batch: dict = batch) -> torch.Tensor:
+                logits = functional_call(
+                    model,
+                    unflatten(flat),
+                    (),
+                    {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                ).logits
                 return per_example_loss(logits.double(), batch["labels"], "sum").sum()
 
             with torch.no_grad():  # torch.func transforms still differentiate inside

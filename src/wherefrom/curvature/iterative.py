@@ -45,9 +45,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ..tracking import TrackedModule, selection_signature
-from .base import BatchSource, Curvature, Progress, no_progress
-from .products import GGNOperator
+from wherefrom.core.tracking import TrackedModule, selection_signature
+from wherefrom.curvature.base import BatchSource, Curvature, Progress, no_progress
+from wherefrom.curvature.products import GGNOperator
 
 
 class ConvergenceWarning(RuntimeWarning):
@@ -154,7 +154,9 @@ class OperatorCurvature(Curvature):
         return self.precondition_jointly(grads, self._solve)
 
     def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
-        raise ValueError(f"{self.name!r} preconditions all tracked modules jointly; call precondition({{name: grads, ...}}) with every module")
+        raise ValueError(
+            f"{self.name!r} preconditions all tracked modules jointly; call precondition({{name: grads, ...}}) with every module"
+        )
 
     def _solve(self, b: torch.Tensor) -> torch.Tensor:
         """``(G + lambda I)^-1`` for every row of ``b`` ``(n, P)`` float64."""
@@ -181,7 +183,7 @@ class ConjugateGradient(OperatorCurvature):
     """
 
     name = "cg"
-    option_names = OperatorCurvature.option_names + ("tol", "max_iter")
+    option_names = (*OperatorCurvature.option_names, "tol", "max_iter")
 
     def __init__(self, damping=None, damping_factor=0.1, tol: float = 1e-6, max_iter: int = 100, **options):
         super().__init__(damping, damping_factor, **options)
@@ -209,7 +211,9 @@ class ConjugateGradient(OperatorCurvature):
             if bad.any():
                 failed[rows[bad]] = True
                 active[rows[bad]] = False
-            alpha = torch.where(bad, torch.zeros_like(curvature), rs[rows] / curvature.where(~bad, torch.ones_like(curvature)))
+            alpha = torch.where(
+                bad, torch.zeros_like(curvature), rs[rows] / curvature.where(~bad, torch.ones_like(curvature))
+            )
             x[rows] += alpha[:, None] * p[rows]
             r[rows] -= alpha[:, None] * ap
             rs_new = (r[rows] * r[rows]).sum(1)
@@ -263,8 +267,15 @@ class LiSSA(OperatorCurvature):
     """
 
     name = "lissa"
-    option_names = OperatorCurvature.option_names + (
-        "depth", "scale", "batch_size", "repeats", "tol", "power_iterations", "safety"
+    option_names = (
+        *OperatorCurvature.option_names,
+        "depth",
+        "scale",
+        "batch_size",
+        "repeats",
+        "tol",
+        "power_iterations",
+        "safety",
     )
 
     def __init__(
@@ -282,7 +293,9 @@ class LiSSA(OperatorCurvature):
     ):
         super().__init__(damping, damping_factor, **options)
         if depth < 1 or repeats < 1 or (batch_size is not None and batch_size < 1):
-            raise ValueError(f"need depth >= 1, repeats >= 1, batch_size >= 1 or None; got {depth}, {repeats}, {batch_size}")
+            raise ValueError(
+                f"need depth >= 1, repeats >= 1, batch_size >= 1 or None; got {depth}, {repeats}, {batch_size}"
+            )
         if scale is not None and scale <= 0:
             raise ValueError(f"scale must be > 0, got {scale}")
         if safety < 1:
@@ -344,7 +357,11 @@ class LiSSA(OperatorCurvature):
         if stochastic and not diverged:  # the running update is noisy: check the average with the full G
             x_norm = _row_norms(x)
             residual = _row_norms(b - self._apply(x))
-            bound = residual / (lam * x_norm.where(x_norm > 0, torch.ones_like(x_norm))) if lam > 0 else torch.full_like(x_norm, math.inf)
+            bound = (
+                residual / (lam * x_norm.where(x_norm > 0, torch.ones_like(x_norm)))
+                if lam > 0
+                else torch.full_like(x_norm, math.inf)
+            )
         converged = not diverged and bool((bound <= self.tol).all())
         report = {
             "vectors": int(b.shape[0]),
@@ -390,7 +407,7 @@ class Arnoldi(OperatorCurvature):
 
     name = "arnoldi"
     needs_operator = False  # its eigenpairs are saved; no products after fitting
-    option_names = OperatorCurvature.option_names + ("rank", "iterations", "complement", "block_size", "ritz_tol")
+    option_names = (*OperatorCurvature.option_names, "rank", "iterations", "complement", "block_size", "ritz_tol")
 
     def __init__(
         self,

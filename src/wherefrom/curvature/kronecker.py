@@ -13,15 +13,15 @@ For a module with per-token inputs ``a_t`` (``in'``) and output gradients ``g_t`
 ``damping_factor * mean(Lambda)`` unless an absolute ``damping`` is given.
 
 Gradients come from the ``loss_fn`` handed to :meth:`fit`: a sampled-label loss gives the true
-Fisher (the default in :mod:`wherefrom.api`), the data's labels the empirical Fisher.
+Fisher (the default in :mod:`wherefrom.engine.api`), the data's labels the empirical Fisher.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..gradients import token_factors
-from .base import Curvature
+from wherefrom.core.gradients import token_factors
+from wherefrom.curvature.base import Curvature
 
 
 def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ with ``vmap``) and one reverse pass (``torch.func.vjp``). ``curvature="hessian"`
 Hessian of the mean training loss instead (summed token cross-entropy against the data's own labels),
 by reverse-over-reverse differentiation; it can be indefinite.
 
-Vectors are ``{module name: (k, out, in')}`` in the Linear orientation of :mod:`wherefrom.tracking`,
+Vectors are ``{module name: (k, out, in')}`` in the Linear orientation of :mod:`wherefrom.core.tracking`,
 or flat ``(k, P)`` rows (modules concatenated in selection order) for :meth:`GGNOperator.matvec_flat`.
 The model runs in eval mode with eager attention inside every product (SDPA lacks batching and
 forward-AD rules for some of its ops).
@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from ..gradients import Batch
-from ..models import eval_mode
-from ..task import IGNORE_INDEX, per_example_loss
-from ..tracking import TrackedModule
-from .base import BatchSource, Progress, no_progress
-from .exact import eager_attention
+from wherefrom.core.gradients import Batch
+from wherefrom.core.task import IGNORE_INDEX, per_example_loss
+from wherefrom.core.tracking import TrackedModule
+from wherefrom.curvature.base import BatchSource, Progress, no_progress
+from wherefrom.curvature.exact import eager_attention
+from wherefrom.models.loading import eval_mode
 
 Example = tuple[int, int]
 """``(batch index, row index)`` of one fitting example."""
@@ -70,9 +70,12 @@ class GGNOperator:
         self.curvature = curvature
         self.max_vectors = max_vectors
         self.batches: list[Batch] = [
-            {k: batch[k] for k in ("input_ids", "attention_mask", "labels")} for batch in progress(batches(), "GGN operator data")
+            {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+            for batch in progress(batches(), "GGN operator data")
         ]
-        self.examples: list[Example] = [(b, r) for b, batch in enumerate(self.batches) for r in range(batch["input_ids"].shape[0])]
+        self.examples: list[Example] = [
+            (b, r) for b, batch in enumerate(self.batches) for r in range(batch["input_ids"].shape[0])
+        ]
         if not self.examples:
             raise ValueError("the curvature operator needs at least one fitting example")
         self.sizes = [m.shape[0] * m.shape[1] for m in self.modules]
@@ -96,7 +99,9 @@ class GGNOperator:
         """``{name: (k, out, in')}`` -> ``(k, P)`` in selection order."""
         missing = [n for n in self.names if n not in vectors]
         if missing or len(vectors) != len(self.modules):
-            raise ValueError(f"expected vectors for exactly the {len(self.modules)} tracked modules; missing {missing[:5]}")
+            raise ValueError(
+                f"expected vectors for exactly the {len(self.modules)} tracked modules; missing {missing[:5]}"
+            )
         return torch.cat([vectors[n].reshape(vectors[n].shape[0], -1) for n in self.names], dim=1)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -127,7 +132,9 @@ class GGNOperator:
         return torch.cat(parts, dim=1)
 
     # --- products --------------------------------------------------------------------------------
-    def matvec(self, vectors: dict[str, torch.Tensor], examples: Sequence[Example] | None = None) -> dict[str, torch.Tensor]:
+    def matvec(
+        self, vectors: dict[str, torch.Tensor], examples: Sequence[Example] | None = None
+    ) -> dict[str, torch.Tensor]:
         """``G v`` for every row ``v`` of ``{name: (k, out, in')}``; returns the same layout and dtype."""
         flat = self.flatten(vectors)
         return self.unflatten(self.matvec_flat(flat, examples).to(flat.dtype))
@@ -165,7 +172,9 @@ class GGNOperator:
             rows.setdefault(int(b), []).append(int(r))
         if not rows:
             raise ValueError("examples must not be empty")
-        return [(b, torch.tensor(sorted(r), device=self.batches[b]["input_ids"].device)) for b, r in sorted(rows.items())]
+        return [
+            (b, torch.tensor(sorted(r), device=self.batches[b]["input_ids"].device)) for b, r in sorted(rows.items())
+        ]
 
     def _logits_fn(self, batch: Batch):
         def logits(p: dict[str, torch.Tensor]) -> torch.Tensor:

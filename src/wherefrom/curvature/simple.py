@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..gradients import per_example_gradients
-from .base import Curvature
+from wherefrom.core.gradients import per_example_gradients
+from wherefrom.curvature.base import Curvature
 
 
 class Identity(Curvature):

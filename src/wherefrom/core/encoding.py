@@ -1,0 +1,213 @@
+"""Tokenization of records, collation into padded batches, and ordered batch iteration.
+
+Conventions (shared with :mod:`wherefrom.core.task`):
+
+* An :class:`EncodedExample` holds ``input_ids = prompt_ids + completion_ids`` and ``labels`` of
+  the same length, aligned with ``input_ids``: ``labels[t] == input_ids[t]`` on completion tokens
+  (including the appended EOS) and ``-100`` on prompt tokens. The next-token shift happens in
+  :mod:`wherefrom.core.task`, not here.
+* Prompt and completion are tokenized separately, so the boundary between them is exact. The
+  prompt is tokenized with the tokenizer's special tokens (a BOS is kept if the tokenizer adds
+  one); the completion without them.
+* Nothing is truncated: an example longer than ``max_length`` raises :class:`DataError`.
+* Batches are right-padded: ``input_ids`` / ``attention_mask`` / ``labels`` are ``(B, T)`` long
+  tensors, ``attention_mask`` is 1 on real tokens, ``labels`` is ``-100`` on prompt and padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from wherefrom.core.data import DataError, Record
+from wherefrom.core.task import IGNORE_INDEX
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "IGNORE_INDEX",
+    "EncodedExample",
+    "collate",
+    "encode_records",
+    "iterate_batches",
+    "pad_id",
+]
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """A tokenized record.
+
+    ``input_ids`` and ``labels`` have the same length ``T``; ``labels`` is ``-100`` on prompt tokens
+    and equals ``input_ids`` on completion tokens (including an appended EOS).
+    """
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Number of leading tokens with label ``-100``."""
+        return sum(1 for label in self.labels if label == IGNORE_INDEX)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """Number of tokens that carry a label (completion tokens, EOS included)."""
+        return len(self.labels) - self.num_prompt_tokens
+
+
+def _prompt_texts(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> list[str]:
+    if not chat_template:
+        return [record.prompt for record in records]
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            "chat_template=True but the tokenizer has no chat template (tokenizer.chat_template "
+            "is not set); use chat_template=False or load a tokenizer that defines one"
+        )
+    texts = []
+    for record in records:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": record.prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        if not isinstance(text, str):  # defensive: some versions may wrap the result
+            raise ValueError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, not str")
+        texts.append(text)
+    return texts
+
+
+def _ids(encoded: Any) -> list[list[int]]:
+    return [[int(token) for token in ids] for ids in encoded["input_ids"]]
+
+
+def encode_records(
+    records: Sequence[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int = 512,
+    chat_template: bool = False,
+    append_eos: bool = True,
+) -> list[EncodedExample]:
+    """Tokenize records into :class:`EncodedExample` s, in order.
+
+    Without ``chat_template`` the prompt ids are ``tokenizer(prompt, add_special_tokens=True)``;
+    with it, the prompt is rendered as one user turn by ``tokenizer.apply_chat_template(...,
+    add_generation_prompt=True)`` and tokenized with ``add_special_tokens=False`` (the template
+    carries its own special tokens). Completion ids are ``tokenizer(completion,
+    add_special_tokens=False)`` followed by ``tokenizer.eos_token_id`` when ``append_eos`` and the
+    tokenizer has one.
+
+    If the prompt tokenizes to nothing (an empty prompt and no BOS added by the tokenizer), the
+    tokenizer's ``bos_token_id`` is prepended when it has one, so that the first completion token
+    is predicted from something; without a BOS that first token is context only (never scored).
+
+    Raises :class:`DataError` if an example would exceed ``max_length`` tokens (nothing is
+    truncated) or a completion tokenizes to no tokens; ``ValueError`` if ``chat_template=True`` and
+    the tokenizer has no chat template.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    records = list(records)
+    if not records:
+        return []
+
+    prompt_texts = _prompt_texts(records, tokenizer, chat_template)
+    prompt_ids = _ids(tokenizer(prompt_texts, add_special_tokens=not chat_template))
+    completion_ids = _ids(tokenizer([record.completion for record in records], add_special_tokens=False))
+    eos = tokenizer.eos_token_id if append_eos else None
+    bos = getattr(tokenizer, "bos_token_id", None)
+
+    examples: list[EncodedExample] = []
+    for record, prompt, completion in zip(records, prompt_ids, completion_ids):
+        if not prompt and bos is not None:
+            prompt = [int(bos)]
+        if eos is not None:
+            completion = [*completion, int(eos)]
+        if not completion:
+            raise DataError(
+                f"record {record.id!r}: field 'completion' tokenizes to zero tokens "
+                f"(completion={record.completion!r}, append_eos={append_eos})"
+            )
+        total = len(prompt) + len(completion)
+        if total > max_length:
+            if len(prompt) >= max_length:
+                hint = f"the prompt leaves no room for the completion under max_length={max_length}"
+            else:
+                hint = f"raise max_length (now {max_length}) or shorten the record"
+            raise DataError(
+                f"record {record.id!r}: {len(prompt)} prompt tokens + {len(completion)} completion "
+                f"tokens = {total} tokens > max_length={max_length}; {hint} "
+                f"(nothing is truncated)"
+            )
+        examples.append(
+            EncodedExample(
+                id=record.id,
+                input_ids=prompt + completion,
+                labels=[IGNORE_INDEX] * len(prompt) + completion,
+            )
+        )
+    return examples
+
+
+def collate(examples: Sequence[EncodedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad examples into a batch.
+
+    Returns ``input_ids`` ``(B, T)`` (``pad_token_id`` on padding), ``attention_mask`` ``(B, T)``
+    (1 on real tokens, 0 on padding) and ``labels`` ``(B, T)`` (``-100`` on prompt and padding),
+    all ``torch.long``, with ``T`` the longest example.
+    """
+    if not examples:
+        raise ValueError("collate() needs at least one example")
+    width = max(len(example.input_ids) for example in examples)
+    batch = len(examples)
+    input_ids = torch.full((batch, width), int(pad_token_id), dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example.input_ids)
+        if len(example.labels) != length:
+            raise ValueError(f"example {example.id!r}: {length} input_ids but {len(example.labels)} labels")
+        input_ids[row, :length] = torch.tensor(example.input_ids, dtype=torch.long)
+        attention_mask[row, :length] = 1
+        labels[row, :length] = torch.tensor(example.labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id to pad with: ``pad_token_id``, else ``eos_token_id``, else 0.
+
+    Padding positions are masked by ``attention_mask`` and ``labels``, so the value only needs to be
+    a valid vocabulary index.
+    """
+    for name in ("pad_token_id", "eos_token_id"):
+        candidate = getattr(tokenizer, name, None)
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def iterate_batches(
+    examples: Sequence[EncodedExample],
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+    """Yield ``(ids, batch)`` over consecutive chunks of ``examples``, preserving order.
+
+    Each ``batch`` is :func:`collate` of up to ``batch_size`` examples (the last may be smaller),
+    moved to ``device``; ``ids`` are the example ids in row order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = collate(chunk, pad_token_id)
+        yield [example.id for example in chunk], {key: value.to(device) for key, value in batch.items()}

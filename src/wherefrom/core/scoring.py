@@ -1,0 +1,113 @@
+"""Influence scores from preconditioned query gradients and training gradients.
+
+Sign convention (README, "Sign and scale"): the query vector is ``q = -grad f(z_q)`` (for the
+default task ``q = grad L(z_q)``), the preconditioned query is ``(G + lambda I)^-1 q``, and
+
+    I(z_m, z_q) = q^T (G + lambda I)^-1 grad L(z_m)
+
+so a positive score marks a **proponent**: upweighting ``z_m`` raises ``f(z_q)``.
+Scores are summed over modules; per-module and per-token parts sum to the total exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from wherefrom.core.gradients import TokenFactors
+from wherefrom.core.store import atomic_save_tensors, atomic_write_json
+
+LowRank = tuple[torch.Tensor, torch.Tensor]
+"""``(U, V)`` with ``U``: ``(q, out, r)`` (singular values folded in) and ``V``: ``(q, in', r)``."""
+QueryBlock = torch.Tensor | LowRank
+
+
+def low_rank(matrices: torch.Tensor, rank: int) -> LowRank:
+    """Best rank-``rank`` approximation of each ``(out, in')`` matrix in ``(q, out, in')`` (truncated SVD)."""
+    u, s, vh = torch.linalg.svd(matrices.float(), full_matrices=False)
+    r = min(rank, s.shape[-1])
+    return u[..., :r] * s[..., None, :r], vh[..., :r, :].transpose(-1, -2)
+
+
+def compress_queries(queries: dict[str, torch.Tensor], rank: int | None) -> dict[str, QueryBlock]:
+    """Low-rank query batching: rank-``rank`` factors of each module's preconditioned query; ``None`` keeps full rank."""
+    if rank is None:
+        return dict(queries)
+    if rank < 1:
+        raise ValueError(f"query rank must be >= 1 or None, got {rank}")
+    return {name: low_rank(q, rank) for name, q in queries.items()}
+
+
+def module_scores(query: QueryBlock, train: torch.Tensor) -> torch.Tensor:
+    """``(q, n)`` scores of one module from a query block and dense train gradients ``(n, out, in')``."""
+    if isinstance(query, tuple):
+        u, v = query
+        # sum_k u_k^T G v_k without forming the rank-r matrix.
+        return torch.einsum("qok,noi,qik->qn", u.to(train.dtype), train, v.to(train.dtype))
+    return query.reshape(query.shape[0], -1).to(train.dtype) @ train.reshape(train.shape[0], -1).T
+
+
+def token_scores(query: QueryBlock, factors: TokenFactors) -> torch.Tensor:
+    """``(q, n, T)`` scores of one module split over the train examples' token positions.
+
+    Token ``t`` of train example ``n`` contributes ``g_t^T Q a_t`` (Grosse et al.'s token-wise
+    attribution); the sum over ``t`` is :func:`module_scores`. When the module ran several times per
+    forward pass, calls are summed per position.
+    """
+    g, a = factors.g, factors.a
+    if isinstance(query, tuple):
+        u, v = query
+        scores = (
+            torch.einsum("nto,qok->qntk", g, u.to(g.dtype)) * torch.einsum("nti,qik->qntk", a, v.to(a.dtype))
+        ).sum(-1)
+    else:
+        scores = torch.einsum("nto,qoi,nti->qnt", g, query.to(g.dtype), a)
+    seq = factors.token_mask.shape[1]
+    calls = scores.shape[-1] // seq if seq else 1
+    return scores.reshape(*scores.shape[:2], calls, -1).sum(2) if calls > 1 else scores
+
+
+@dataclass
+class Scores:
+    """Pairwise influence scores with the example ids they belong to.
+
+    ``per_module``: ``(n_modules, n_query, n_train)``, in the order of ``module_names``.
+    """
+
+    query_ids: list[str]
+    train_ids: list[str]
+    module_names: list[str]
+    per_module: torch.Tensor
+
+    @property
+    def total(self) -> torch.Tensor:
+        """``(n_query, n_train)``: the sum over modules."""
+        return self.per_module.sum(0)
+
+    def top(self, query_index: int, k: int, opponents: bool = False) -> list[tuple[str, float]]:
+        """The ``k`` strongest proponents (largest scores) or opponents (most negative) of one query."""
+        row = self.total[query_index]
+        k = min(k, row.shape[0])
+        values, indices = torch.topk(-row if opponents else row, k)
+        sign = -1.0 if opponents else 1.0
+        return [(self.train_ids[i], sign * float(v)) for v, i in zip(values, indices.tolist())]
+
+
+def save_scores(scores: Scores, folder: Path, name: str) -> Path:
+    """Write ``<name>.safetensors`` (``total``, ``per_module``) and ``<name>.json`` (ids, modules) atomically."""
+    path = Path(folder) / f"{name}.safetensors"
+    atomic_save_tensors(
+        {"total": scores.total.contiguous().cpu(), "per_module": scores.per_module.contiguous().cpu()}, path
+    )
+    atomic_write_json(
+        {
+            "query_ids": scores.query_ids,
+            "train_ids": scores.train_ids,
+            "modules": scores.module_names,
+            "sign": "positive = proponent",
+        },
+        Path(folder) / f"{name}.json",
+    )
+    return path

@@ -1,0 +1,314 @@
+"""High-level Python API: one :class:`Attributor` per (model, module selection, settings).
+
+Typical use::
+
+    attributor = Attributor(model, tokenizer, AttributionConfig(strategy="ekfac"))
+    attributor.fit(train_records)
+    scores = attributor.scores(query_records, train_records)
+    scores.top(0, k=10)  # [(train_id, score), ...], positive = proponent
+
+Every score follows the sign convention of :mod:`wherefrom.core.scoring`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from wherefrom.core.data import Record
+from wherefrom.core.encoding import EncodedExample, encode_records, iterate_batches, pad_id
+from wherefrom.core.gradients import Batch, LossFn, TokenFactors, token_factors
+from wherefrom.core.scoring import QueryBlock, Scores, compress_queries, module_scores, token_scores
+from wherefrom.core.task import LanguageModelingTask
+from wherefrom.core.tracking import TrackedModule, select_modules, selection_signature
+from wherefrom.curvature import Curvature, make_curvature
+from wherefrom.curvature.base import Progress, no_progress
+from wherefrom.models.loading import eval_mode
+
+
+@dataclass
+class AttributionConfig:
+    """Every setting that changes the numbers; saved as ``config.json`` beside a run's outputs.
+
+    ``fisher``: ``"true"`` samples the fitting targets from the model (Gauss-Newton / true Fisher),
+    ``"empirical"`` uses the data's completions. ``damping``: absolute lambda, or ``None`` for
+    ``damping_factor`` x mean eigenvalue per module. ``query_rank``: rank of the low-rank query
+    batching (``None`` = full rank). ``include``/``exclude``: module-name regexes.
+    ``normalize="cosine"`` divides each score by ``||q|| * ||g_m||``, with ``q`` the preconditioned
+    query over all tracked modules (taken before low-rank compression) and ``g_m`` the training
+    gradient over all tracked modules: with the ``identity`` strategy that is the cosine similarity
+    of the gradients (gradsim cosine), in ``[-1, 1]``. Per-module parts are divided by the same two
+    norms, so they still sum to the total. ``strategy_options``: constructor options of the strategy
+    (e.g. ``{"max_iter": 300}`` for ``cg``, ``{"rank": 64}`` for ``arnoldi``); ``extra``: settings
+    of methods that are not curvature strategies (e.g. ``layer``/``pooling`` for ``repsim``).
+    """
+
+    strategy: str = "ekfac"
+    fisher: Literal["true", "empirical"] = "true"
+    damping: float | None = None
+    damping_factor: float = 0.1
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    batch_size: int = 8
+    max_length: int = 512
+    chat_template: bool = False
+    reduction: Literal["sum", "mean"] = "sum"
+    query_rank: int | None = None
+    normalize: Literal["cosine"] | None = None
+    seed: int = 0
+    strategy_options: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.fisher not in ("true", "empirical"):
+            raise ValueError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
+        if self.normalize not in (None, "cosine"):
+            raise ValueError(f"normalize must be None or 'cosine', got {self.normalize!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class QueryBlocks(dict):
+    """``{module: QueryBlock}`` of preconditioned queries, plus ``norms``: ``(n_query,)`` float64
+    norms of each full preconditioned query over all modules, taken before low-rank compression
+    (``None`` when unknown; then cosine normalisation recomputes them from the blocks)."""
+
+    norms: torch.Tensor | None = None
+
+
+def _block_sq_norms(block: QueryBlock) -> torch.Tensor:
+    """``(q,)`` squared Frobenius norms of one module's query block (dense or low-rank factors)."""
+    if isinstance(block, tuple):
+        u, v = (x.double() for x in block)
+        # ||U V^T||_F^2 = trace((U^T U)(V^T V))
+        return ((u.mT @ u) * (v.mT @ v)).sum((-2, -1))
+    flat = block.double().flatten(1)
+    return torch.einsum("qp,qp->q", flat, flat)
+
+
+class Attributor:
+    """Fits curvature and computes influence scores for one model and module selection."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        config: AttributionConfig | None = None,
+        task: LanguageModelingTask | None = None,
+        progress: Progress = no_progress,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or AttributionConfig()
+        self.task = task or LanguageModelingTask(reduction=self.config.reduction)
+        self.progress = progress
+        self.modules: list[TrackedModule] = select_modules(model, self.config.include, self.config.exclude)
+        self.curvature: Curvature = self.new_curvature()
+        if not self.curvature.needs_fit:
+            self.curvature.modules = selection_signature(self.modules)
+
+    def new_curvature(self) -> Curvature:
+        """An unfitted instance of the configured strategy, damping and strategy options."""
+        c = self.config
+        return make_curvature(c.strategy, c.damping, c.damping_factor, **c.strategy_options)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def module_names(self) -> list[str]:
+        return [m.name for m in self.modules]
+
+    # --- data ----------------------------------------------------------------------------------
+    def encode(self, records: Sequence[Record]) -> list[EncodedExample]:
+        return encode_records(records, self.tokenizer, self.config.max_length, self.config.chat_template)
+
+    def batches(self, records: Sequence[Record] | Sequence[EncodedExample]) -> Iterator[tuple[list[str], Batch]]:
+        """``(ids, batch)`` in order; accepts records or already-encoded examples."""
+        encoded = records if records and isinstance(records[0], EncodedExample) else self.encode(records)  # type: ignore[arg-type]
+        return iterate_batches(encoded, self.config.batch_size, pad_id(self.tokenizer), self.device)
+
+    # --- losses --------------------------------------------------------------------------------
+    def train_loss_fn(self) -> LossFn:
+        """``L(z)`` per example with the data's targets."""
+        return lambda model, batch: self.task.train_loss(model, batch)
+
+    def fisher_loss_fn(self) -> LossFn:
+        """The loss whose gradients define the Fisher: sampled targets for ``fisher="true"``."""
+        if self.config.fisher == "empirical":
+            return self.train_loss_fn()
+        generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        return lambda model, batch: self.task.train_loss(model, batch, sample=True, generator=generator)
+
+    def query_loss_fn(self) -> LossFn:
+        """``-f(z_q)`` per example: its gradient is the query vector ``q`` of :mod:`wherefrom.core.scoring`."""
+        return lambda model, batch: -self.task.measurement(model, batch)
+
+    # --- curvature -----------------------------------------------------------------------------
+    def fit(self, train: Sequence[Record] | Sequence[EncodedExample], curvature: Curvature | None = None) -> Curvature:
+        """Fit ``curvature`` (default: the configured strategy) on ``train`` (true or empirical Fisher).
+
+        Pass a strategy built with :func:`wherefrom.curvature.make_curvature` to set constructor
+        options (e.g. ``rank`` for ``arnoldi``); it is fitted and becomes this attributor's curvature.
+        """
+        encoded = train if train and isinstance(train[0], EncodedExample) else self.encode(train)  # type: ignore[arg-type]
+
+        def batches() -> Iterable[Batch]:
+            return (batch for _, batch in self.batches(encoded))
+
+        self.curvature = curvature or self.new_curvature()
+        if self.curvature.own_ggn and self.config.reduction != "sum":
+            raise ValueError(
+                f"strategy {self.curvature.name!r} forms the GGN of the summed completion loss itself; "
+                f"reduction={self.config.reduction!r} is not supported with it (use reduction='sum')"
+            )
+        with eval_mode(self.model):
+            self.curvature.fit(self.model, self.modules, batches, self.fisher_loss_fn(), self.progress)
+        return self.curvature.to(self.device)
+
+    def use_curvature(self, curvature: Curvature, train: Sequence[Record] | None = None) -> None:
+        """Adopt a loaded curvature after checking it was fitted on this module selection.
+
+        Strategies that multiply by ``G`` on the fly (``cg``, ``lissa``) are re-attached to the model
+        and to batches of ``train`` (the rows they were fitted on).
+        """
+        curvature.check_modules(self.modules)
+        if curvature.needs_operator and train is not None:
+            encoded = self.encode(train)
+            curvature.attach(
+                self.model, self.modules, lambda: (batch for _, batch in self.batches(encoded)), self.progress
+            )  # type: ignore[attr-defined]
+        self.curvature = curvature.to(self.device)
+
+    # --- gradients -----------------------------------------------------------------------------
+    def token_factor_stream(
+        self,
+        records: Sequence[Record] | Sequence[EncodedExample],
+        loss_fn: LossFn | None = None,
+        description: str = "gradients",
+    ) -> Iterator[tuple[list[str], dict[str, TokenFactors]]]:
+        """``(ids, {module: TokenFactors})`` per batch; training-loss gradients unless ``loss_fn`` is given."""
+        loss_fn = loss_fn or self.train_loss_fn()
+        with eval_mode(self.model):
+            for ids, batch in self.progress(self.batches(records), description):  # type: ignore[arg-type]
+                yield ids, token_factors(self.model, self.modules, batch, loss_fn)[0]
+
+    def gradients(
+        self,
+        records: Sequence[Record] | Sequence[EncodedExample],
+        loss_fn: LossFn | None = None,
+        description: str = "gradients",
+    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        """``(ids, {module: (b, out, in')})`` per batch; training-loss gradients unless ``loss_fn`` is given."""
+        for ids, factors in self.token_factor_stream(records, loss_fn, description):
+            yield ids, {n: factors.pop(n).dense() for n in self.module_names}
+
+    def preconditioned_queries(
+        self, queries: Sequence[Record] | Sequence[EncodedExample], curvature: Curvature | None = None
+    ) -> tuple[list[str], QueryBlocks]:
+        """Query ids and ``(G + lambda I)^-1 q`` per module, low-rank when ``query_rank`` is set.
+
+        ``curvature`` overrides the fitted one (e.g. identity, to compare methods on one index).
+        The returned :class:`QueryBlocks` also carries ``norms``: each full preconditioned query's
+        norm over all tracked modules, before compression (used by ``normalize="cosine"``).
+        """
+        curvature = curvature or self.curvature
+        ids, parts = [], []
+        for batch_ids, grads in self.gradients(queries, self.query_loss_fn(), "query gradients"):
+            ids += batch_ids
+            parts.append(curvature.precondition(grads))
+        merged = {name: torch.cat([p.pop(name) for p in parts]) for name in self.module_names}
+        norms = sum(_block_sq_norms(block) for block in merged.values()).sqrt()
+        blocks = QueryBlocks(compress_queries(merged, self.config.query_rank))
+        blocks.norms = norms
+        return ids, blocks
+
+    # --- scores --------------------------------------------------------------------------------
+    def scores_from_gradients(
+        self,
+        query_ids: list[str],
+        queries: dict[str, QueryBlock],
+        train_gradients: Iterable[tuple[list[str], dict[str, torch.Tensor | TokenFactors]]],
+    ) -> Scores:
+        """Pairwise scores of preconditioned queries against a stream of train gradients.
+
+        Each batch maps module names to dense gradients ``(b, out, in')`` or to :class:`TokenFactors`;
+        modules are scored one at a time and popped, so one module's dense gradients live at once.
+        With ``config.normalize == "cosine"`` every part is divided by ``||q|| * ||g_m||`` (norms over
+        all tracked modules; ``||q||`` from ``queries.norms`` when it is a :class:`QueryBlocks`, else
+        from the blocks themselves); a zero gradient gets score 0.
+        """
+        cosine = self.config.normalize == "cosine"
+        query_norms = None
+        if cosine:
+            query_norms = getattr(queries, "norms", None)
+            if query_norms is None:
+                query_norms = sum(_block_sq_norms(queries[n]) for n in self.module_names).sqrt()
+            query_norms = query_norms.detach().to("cpu", torch.float64)
+        train_ids: list[str] = []
+        columns = []
+        for ids, grads in train_gradients:
+            train_ids += ids
+            column = []
+            train_sq_norms = torch.zeros(len(ids), dtype=torch.float64)
+            for n in self.module_names:
+                value = grads.pop(n)
+                dense = value.dense() if isinstance(value, TokenFactors) else value.to(self.device)
+                column.append(module_scores(queries[n], dense))
+                if cosine:
+                    flat = dense.reshape(dense.shape[0], -1)
+                    train_sq_norms += torch.einsum("np,np->n", flat, flat).double().cpu()
+                    del flat
+                del value, dense
+            block = torch.stack(column).cpu()
+            if cosine:
+                denominator = query_norms[:, None] * train_sq_norms.sqrt()[None, :]
+                denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+                block = (block.double() / denominator).to(block.dtype)
+            columns.append(block)
+        return Scores(query_ids, train_ids, self.module_names, torch.cat(columns, dim=2))
+
+    def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
+        """Pairwise influence ``(n_query, n_train)`` with a per-module split; positive = proponent.
+
+        With ``config.normalize == "cosine"``, divided by ``||q|| * ||g_m||`` (see
+        :meth:`scores_from_gradients`): with the identity strategy, the gradient cosine similarity.
+        """
+        query_ids, pre = self.preconditioned_queries(queries)
+        return self.scores_from_gradients(
+            query_ids, pre, self.token_factor_stream(train, description="train gradients")
+        )
+
+    def self_influence(self, train: Sequence[Record]) -> tuple[list[str], torch.Tensor]:
+        """``grad L(z)^T (G + lambda I)^-1 grad L(z)`` for each training row, ``(n,)``."""
+        ids, values = [], []
+        for batch_ids, grads in self.gradients(train, description="self-influence"):
+            pre = self.curvature.precondition(grads)
+            ids += batch_ids
+            values.append(sum((pre[n] * grads[n]).flatten(1).sum(1) for n in self.module_names).cpu())
+        return ids, torch.cat(values)
+
+    def token_scores(
+        self, queries: Sequence[Record], train: Sequence[Record]
+    ) -> tuple[list[str], list[tuple[str, list[int], torch.Tensor]]]:
+        """Per-token split of the scores of ``train`` rows: ``[(train_id, input_ids, (n_query, T))]``.
+
+        Token ``t`` gets ``sum_modules g_t^T Q a_t``; the tokens of a row sum to its total score.
+        """
+        query_ids, pre = self.preconditioned_queries(queries)
+        encoded = self.encode(train)
+        out = []
+        for ids, factors in self.token_factor_stream(encoded, description="token scores"):
+            per_token = sum(token_scores(pre[n], factors[n]) for n in self.module_names)
+            for j, row_id in enumerate(ids):
+                example = encoded[len(out)]
+                out.append((row_id, example.input_ids, per_token[:, j, : len(example.input_ids)].cpu()))
+        return query_ids, out

@@ -1,0 +1,430 @@
+"""Projected-gradient influence: TRAK-style random projections and LoGra's Kronecker projection.
+
+Per tracked module with gradient ``G = sum_t g_t a_t^T`` (shape ``(out, in')``), a projection maps
+``G`` to a short vector ``G~`` of length ``k``; curvature is then estimated and inverted *in the
+projected space*, one dense ``(k, k)`` block per module:
+
+    F~ = mean_n G~_n G~_n^T     (true Fisher: targets sampled from the model; or empirical)
+    I(z_m, z_q) = sum_modules q~^T (F~ + lambda I)^-1 G~_m
+
+with ``q~`` the projected query vector ``q = -grad f(z_q)`` (README sign: positive = proponent) and
+``lambda = damping_factor x trace(F~) / k`` (0.1 x mean eigenvalue, per module) unless an absolute
+``damping`` is given. ``curvature=False`` skips ``F~``: scores are raw projected dot products
+``q~^T G~`` (projected gradient similarity), which approach the unprojected ones as ``k`` grows.
+
+Projections (all seeded: the matrices are a pure function of the seed, the module name and the
+shapes, so two runs, or the train and query sides, use the same ones):
+
+* :class:`RandomProjection` (``trak``): ``G~ = P vec(G)`` with ``P`` ``(dim, out*in')`` of i.i.d.
+  Gaussian or Rademacher entries scaled by ``1/sqrt(dim)``, so ``E[P^T P] = I`` and inner products
+  are preserved in expectation (Johnson-Lindenstrauss). ``P`` is generated in blocks of columns,
+  each from its own seeded generator, so memory is bounded by ``dim x block_columns`` and the result
+  does not depend on the batch; blocks are cached up to ``cache_bytes``. The dense per-example
+  gradient of one module is formed (one module at a time).
+* :class:`KroneckerProjection` (``logra``): ``P_in`` ``(k_in, in')`` and ``P_out`` ``(k_out, out)``,
+  ``G~ = P_out G P_in^T = sum_t (P_out g_t)(P_in a_t)^T``, computed from the projected per-token
+  factors, so the full gradient is never formed. Gaussian/Rademacher entries scaled by
+  ``1/sqrt(k)`` (``E[P^T P] = I`` on each side), or ``"orthogonal"`` rows (``sqrt(d/k)`` times
+  orthonormal rows: exact inner products at ``k = d``).
+
+A projection never *enlarges*: when the requested size reaches the module's size (``dim >= out*in'``,
+or ``k_in >= in'`` / ``k_out >= out`` on one side) that side is left unprojected (identity), which is
+exact and cheaper; so "full" dimensions reproduce unprojected scores exactly.
+
+Memory: ``F~`` is ``k x k`` per module (float32 inverse kept), so choose ``k`` with the number of
+modules in mind (e.g. LoGra ``k_in = k_out = 16`` gives ``k = 256``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from wherefrom.core.data import Record, records_key
+from wherefrom.core.encoding import EncodedExample
+from wherefrom.core.gradients import LossFn, TokenFactors
+from wherefrom.core.scoring import Scores
+from wherefrom.curvature.base import Progress, no_progress
+from wherefrom.engine.api import AttributionConfig, Attributor
+
+__all__ = ["KroneckerProjection", "ProjectedInfluence", "Projection", "RandomProjection"]
+
+Kind = Literal["gaussian", "rademacher"]
+
+
+def _seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (stable across runs and platforms, unlike ``hash``)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _unit_matrix(rows: int, cols: int, kind: str, seed: int) -> torch.Tensor:
+    """``(rows, cols)`` float32 CPU matrix of i.i.d. unit-variance entries from a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "gaussian":
+        return torch.randn(rows, cols, generator=generator)
+    if kind == "rademacher":
+        return torch.randint(0, 2, (rows, cols), generator=generator).to(torch.float32) * 2 - 1
+    raise ValueError(f"unknown projection kind {kind!r}")
+
+
+class Projection(ABC):
+    """Maps one module's per-example gradients, given as :class:`TokenFactors`, to ``(B, k)``."""
+
+    method_name: str
+
+    @abstractmethod
+    def dim_for(self, shape: tuple[int, int]) -> int:
+        """Projected length ``k`` for a module with gradient shape ``(out, in')``."""
+
+    @abstractmethod
+    def project(self, name: str, factors: TokenFactors) -> torch.Tensor:
+        """``(B, k)`` projected per-example gradients of module ``name``."""
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """Every setting that fixes the matrices (for saving beside results)."""
+
+
+class RandomProjection(Projection):
+    """TRAK-style dense random projection of the flattened per-module gradient to ``dim``."""
+
+    method_name = "trak"
+
+    def __init__(
+        self, dim: int, kind: Kind = "gaussian", seed: int = 0, block_columns: int = 4096, cache_bytes: int = 2**28
+    ):
+        if dim < 1:
+            raise ValueError(f"projection dim must be >= 1, got {dim}")
+        if kind not in ("gaussian", "rademacher"):
+            raise ValueError(f"kind must be 'gaussian' or 'rademacher', got {kind!r}")
+        if block_columns < 1:
+            raise ValueError(f"block_columns must be >= 1, got {block_columns}")
+        self.dim, self.kind, self.seed = int(dim), kind, int(seed)
+        self.block_columns, self.cache_bytes = int(block_columns), int(cache_bytes)
+        self._cache: dict[tuple, torch.Tensor] = {}
+        self._cached_bytes = 0
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "type": "random",
+            "dim": self.dim,
+            "kind": self.kind,
+            "seed": self.seed,
+            "block_columns": self.block_columns,
+        }
+
+    def dim_for(self, shape: tuple[int, int]) -> int:
+        return min(self.dim, shape[0] * shape[1])
+
+    def block(
+        self,
+        name: str,
+        index: int,
+        columns: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Columns ``[index * block_columns, index * block_columns + columns)`` of module ``name``'s ``P``, ``(dim, columns)``."""
+        key = (name, index, columns, str(device), dtype)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        matrix = _unit_matrix(self.dim, columns, self.kind, _seed("random", self.seed, self.kind, name, index))
+        matrix = (matrix / math.sqrt(self.dim)).to(device=device, dtype=dtype)
+        size = matrix.numel() * matrix.element_size()
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache[key] = matrix
+            self._cached_bytes += size
+        return matrix
+
+    def project_flat(self, name: str, flat: torch.Tensor) -> torch.Tensor:
+        """``(B, D) -> (B, min(dim, D))``; identity when ``dim >= D``."""
+        total = flat.shape[1]
+        if self.dim >= total:
+            return flat
+        out = flat.new_zeros(flat.shape[0], self.dim)
+        for index, start in enumerate(range(0, total, self.block_columns)):
+            columns = min(self.block_columns, total - start)
+            out += flat[:, start : start + columns] @ self.block(name, index, columns, flat.device, flat.dtype).T
+        return out
+
+    def project(self, name: str, factors: TokenFactors) -> torch.Tensor:
+        dense = factors.dense()
+        return self.project_flat(name, dense.reshape(dense.shape[0], -1))
+
+
+class KroneckerProjection(Projection):
+    """LoGra: ``P_out G P_in^T`` from projected activations and output gradients, ``(B, k_out * k_in)``.
+
+    ``matrices`` (optional) gives explicit ``{module: (P_in, P_out)}`` (either may be ``None`` for the
+    identity); modules not in it get seeded random matrices.
+    """
+
+    method_name = "logra"
+
+    def __init__(
+        self,
+        dim_in: int,
+        dim_out: int,
+        seed: int = 0,
+        kind: Literal["gaussian", "rademacher", "orthogonal"] = "gaussian",
+        matrices: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
+    ):
+        if dim_in < 1 or dim_out < 1:
+            raise ValueError(f"dim_in and dim_out must be >= 1, got {dim_in}, {dim_out}")
+        if kind not in ("gaussian", "rademacher", "orthogonal"):
+            raise ValueError(f"kind must be 'gaussian', 'rademacher' or 'orthogonal', got {kind!r}")
+        self.dim_in, self.dim_out, self.seed, self.kind = int(dim_in), int(dim_out), int(seed), kind
+        self.explicit = dict(matrices or {})
+        self._cache: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "type": "kronecker",
+            "dim_in": self.dim_in,
+            "dim_out": self.dim_out,
+            "kind": self.kind,
+            "seed": self.seed,
+            "explicit_modules": sorted(self.explicit),
+        }
+
+    def _side(self, name: str, side: str, k: int, d: int) -> torch.Tensor | None:
+        if k >= d:
+            return None
+        if self.kind == "orthogonal":
+            gaussian = _unit_matrix(d, k, "gaussian", _seed("kronecker", self.seed, self.kind, name, side))
+            q, _ = torch.linalg.qr(gaussian)  # (d, k), orthonormal columns
+            return q.T * math.sqrt(d / k)
+        return _unit_matrix(k, d, self.kind, _seed("kronecker", self.seed, self.kind, name, side)) / math.sqrt(k)
+
+    def matrices_for(
+        self, name: str, shape: tuple[int, int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(P_in (k_in, in'), P_out (k_out, out))`` of module ``name``; ``None`` = identity."""
+        key = (name, tuple(shape), str(device), dtype)
+        if key not in self._cache:
+            out, inp = shape
+            if name in self.explicit:
+                p_in, p_out = self.explicit[name]
+            else:
+                p_in = self._side(name, "in", self.dim_in, inp)
+                p_out = self._side(name, "out", self.dim_out, out)
+            if (p_in is not None and p_in.shape[1] != inp) or (p_out is not None and p_out.shape[1] != out):
+                raise ValueError(f"projection matrices for {name} do not fit its gradient shape {tuple(shape)}")
+
+            def move(p):
+                return None if p is None else p.to(device=device, dtype=dtype)
+
+            self._cache[key] = (move(p_in), move(p_out))
+        return self._cache[key]
+
+    def dims(self, shape: tuple[int, int], name: str | None = None) -> tuple[int, int]:
+        """``(k_out, k_in)`` for a module of gradient shape ``(out, in')``."""
+        out, inp = shape
+        if name is not None and name in self.explicit:
+            p_in, p_out = self.explicit[name]
+            return (out if p_out is None else p_out.shape[0], inp if p_in is None else p_in.shape[0])
+        return min(self.dim_out, out), min(self.dim_in, inp)
+
+    def dim_for(self, shape: tuple[int, int], name: str | None = None) -> int:
+        k_out, k_in = self.dims(shape, name)
+        return k_out * k_in
+
+    def project(self, name: str, factors: TokenFactors) -> torch.Tensor:
+        a, g = factors.a, factors.g
+        p_in, p_out = self.matrices_for(name, (g.shape[-1], a.shape[-1]), a.device, a.dtype)
+        if p_in is not None:
+            a = a @ p_in.T  # (B, T, k_in)
+        if p_out is not None:
+            g = g @ p_out.T  # (B, T, k_out)
+        return torch.einsum("bto,bti->boi", g, a).reshape(a.shape[0], -1)
+
+
+class ProjectedInfluence:
+    """Influence with curvature in a projected gradient space: ``trak`` (random) or ``logra`` (Kronecker).
+
+    ``config`` supplies the module selection, batching, Fisher kind (``fisher="true"`` samples targets,
+    seeded by ``config.seed``) and the loss reduction; ``config.strategy`` is ignored. ``damping`` /
+    ``damping_factor`` default to the config's (absolute lambda, or factor x mean eigenvalue of ``F~``).
+    ``curvature=False``: no fit, scores are raw projected dot products.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        config: AttributionConfig | None = None,
+        projection: Projection | None = None,
+        damping: float | None = None,
+        damping_factor: float | None = None,
+        curvature: bool = True,
+        progress: Progress = no_progress,
+    ):
+        config = config or AttributionConfig()
+        self.attributor = Attributor(model, tokenizer, replace(config, strategy="identity"), progress=progress)
+        self.projection = projection or RandomProjection(1024, seed=config.seed)
+        self.damping = config.damping if damping is None else damping
+        self.damping_factor = config.damping_factor if damping_factor is None else damping_factor
+        if (self.damping is not None and self.damping < 0) or self.damping_factor < 0:
+            raise ValueError(f"damping must be >= 0, got damping={self.damping}, damping_factor={self.damping_factor}")
+        self.use_curvature = curvature
+        self.inverses: dict[str, torch.Tensor] = {}
+        self.info: dict[str, dict[str, float]] = {}
+        self._index: tuple[tuple, list[str], dict[str, torch.Tensor]] | None = None
+
+    @classmethod
+    def trak(
+        cls,
+        model,
+        tokenizer,
+        config: AttributionConfig | None = None,
+        dim: int = 1024,
+        kind: Kind = "gaussian",
+        **kwargs,
+    ) -> ProjectedInfluence:
+        config = config or AttributionConfig()
+        return cls(model, tokenizer, config, RandomProjection(dim, kind, seed=config.seed), **kwargs)
+
+    @classmethod
+    def logra(
+        cls,
+        model,
+        tokenizer,
+        config: AttributionConfig | None = None,
+        dim_in: int = 16,
+        dim_out: int = 16,
+        kind: str = "gaussian",
+        **kwargs,
+    ) -> ProjectedInfluence:
+        config = config or AttributionConfig()
+        return cls(
+            model, tokenizer, config, KroneckerProjection(dim_in, dim_out, seed=config.seed, kind=kind), **kwargs
+        )  # type: ignore[arg-type]
+
+    @property
+    def name(self) -> str:
+        return self.projection.method_name
+
+    @property
+    def module_names(self) -> list[str]:
+        return self.attributor.module_names
+
+    def dims(self) -> dict[str, int]:
+        """Projected length ``k`` per module."""
+        return {m.name: self._dim(m.name, m.shape) for m in self.attributor.modules}
+
+    def _dim(self, name: str, shape: tuple[int, int]) -> int:
+        if isinstance(self.projection, KroneckerProjection):
+            return self.projection.dim_for(shape, name)
+        return self.projection.dim_for(shape)
+
+    # --- projected gradients ------------------------------------------------------------------
+    def projected_gradients(
+        self,
+        records: Sequence[Record] | Sequence[EncodedExample],
+        loss_fn: LossFn | None = None,
+        description: str = "projected gradients",
+    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        """``(ids, {module: (b, k)})`` per batch; training-loss gradients unless ``loss_fn`` is given."""
+        for ids, factors in self.attributor.token_factor_stream(records, loss_fn, description):
+            yield ids, {n: self.projection.project(n, factors.pop(n)) for n in self.module_names}
+
+    # --- curvature ------------------------------------------------------------------------------
+    def fit(self, train: Sequence[Record]) -> None:
+        """Projected Fisher ``F~`` per module from the fitting gradients, damped and inverted (no-op without curvature)."""
+        self.inverses, self.info = {}, {}
+        if not self.use_curvature:
+            return
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        for ids, grads in self.projected_gradients(train, self.attributor.fisher_loss_fn(), "projected fisher"):
+            count += len(ids)
+            for n in self.module_names:
+                p = grads.pop(n)
+                outer = (p.T @ p).double()
+                sums[n] = outer if n not in sums else sums[n] + outer
+        if count == 0:
+            raise ValueError("cannot fit the projected Fisher on zero training rows")
+        for n in self.module_names:
+            fisher = sums.pop(n) / count
+            eigenvalues, eigenvectors = torch.linalg.eigh(fisher)
+            eigenvalues = eigenvalues.clamp_min(0)
+            mean = float(eigenvalues.mean())
+            damping = float(self.damping) if self.damping is not None else self.damping_factor * mean
+            if damping <= 0 and float(eigenvalues.min()) <= 0:
+                raise ValueError(f"module {n}: the projected Fisher is singular and damping is 0")
+            inverse = (eigenvectors / (eigenvalues + damping)) @ eigenvectors.T
+            self.inverses[n] = inverse.to(torch.float32)
+            self.info[n] = {"damping": damping, "mean_eigenvalue": mean, "dim": fisher.shape[0], "n_examples": count}
+
+    def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``(F~ + lambda I)^-1`` applied to projected rows ``{module: (b, k)}`` (identity without curvature)."""
+        if not self.use_curvature:
+            return grads
+        if not self.inverses:
+            raise RuntimeError(f"{self.name}: call fit(train) before scoring (or pass curvature=False)")
+        return {n: g @ self.inverses[n].to(device=g.device, dtype=g.dtype) for n, g in grads.items()}
+
+    # --- index and scores -----------------------------------------------------------------------
+    def index(self, train: Sequence[Record]) -> dict[str, torch.Tensor]:
+        """Project and keep the training gradients (``{module: (n, k)}``, CPU); ``scores`` reuses them for these rows."""
+        ids: list[str] = []
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.module_names}
+        for batch_ids, grads in self.projected_gradients(train, description="projected train gradients"):
+            ids += batch_ids
+            for n in self.module_names:
+                parts[n].append(grads.pop(n).cpu())
+        stored = {n: torch.cat(p) for n, p in parts.items()} if ids else {}
+        self._index = (records_key(train), ids, stored)
+        return stored
+
+    def preconditioned_queries(self, queries: Sequence[Record]) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """Query ids and preconditioned projected query vectors ``{module: (q, k)}``."""
+        ids: list[str] = []
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.module_names}
+        for batch_ids, grads in self.projected_gradients(
+            queries, self.attributor.query_loss_fn(), "projected query gradients"
+        ):
+            ids += batch_ids
+            for n, value in self.precondition(grads).items():
+                parts[n].append(value)
+        if not ids:
+            return ids, {
+                m.name: torch.zeros(0, self._dim(m.name, m.shape), device=self.attributor.device)
+                for m in self.attributor.modules
+            }
+        return ids, {n: torch.cat(p) for n, p in parts.items()}
+
+    def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
+        """``(n_query, n_train)`` scores with a per-module split; positive = proponent.
+
+        With ``config.normalize == "cosine"`` every score (and per-module part) is divided by
+        ``||q~_pre|| ||G~_m||``, both norms over all modules, in the projected space.
+        """
+        query_ids, pre = self.preconditioned_queries(queries)
+        if self._index is not None and self._index[0] == records_key(train):
+            _, ids, stored = self._index
+            stream: Iterator[tuple[list[str], dict[str, torch.Tensor]]] = iter([(list(ids), dict(stored))])
+        else:
+            stream = self.projected_gradients(train, description="projected train gradients")
+        # Projected blocks are (n, k) matrices: the attributor's scoring (and cosine) applies as is.
+        return self.attributor.scores_from_gradients(query_ids, pre, stream)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "projection": self.projection.config(),
+            "curvature": self.use_curvature,
+            "damping": self.damping,
+            "damping_factor": self.damping_factor,
+            "config": self.attributor.config.to_dict(),
+            "info": self.info,
+        }

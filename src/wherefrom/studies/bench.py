@@ -1,0 +1,396 @@
+"""``wherefrom bench``: every method on a benchmark task, over seeds, with metrics, time and memory.
+
+For each seed: build the task (:data:`wherefrom.studies.benchtasks.TASKS`, or files with
+``"path:<train>:<test>"``), LoRA-fine-tune a fresh base model on its training rows (cached under
+``out/seed-<s>/finetune`` by :func:`wherefrom.models.finetune.finetune`), then run every method (fit +
+scores, timed with :func:`wherefrom.studies.diagnose.measured`) and score it with
+:func:`wherefrom.studies.metrics.class_attribution` (``kind == "class"``) or
+:func:`wherefrom.studies.metrics.identification` (``kind == "identify"``). A method that raises gets an
+``error`` in its row; the others go on.
+
+Outputs (all written atomically):
+
+* ``out/seed-<s>/<method>.json``: one row (metrics with per-query values, seconds, peak MiB, error)
+  and the ``key`` of settings it was computed with. A later run skips a (seed, method) whose file
+  exists with the same key and no error, so an interrupted run resumes;
+* ``out/bench.json``: config, package versions, hardware, command, every row and the aggregate
+  (per method and metric: mean and 95% Student-t interval over seeds, :func:`wherefrom.studies.metrics.mean_ci`;
+  mean seconds and peak MiB);
+* ``out/bench.md``: the same aggregate as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wherefrom.core.store import (
+    atomic_write_json,
+    atomic_write_text,
+    hardware,
+    package_versions,
+    read_keyed_json,
+)
+from wherefrom.curvature.base import Progress, no_progress
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.methods.registry import check_methods, make_method
+from wherefrom.models.finetune import FinetuneConfig, finetune
+from wherefrom.models.loading import load_model, pick_device
+from wherefrom.studies.benchtasks import TASKS, BenchTask, from_path, subsampled
+from wherefrom.studies.diagnose import measured
+from wherefrom.studies.metrics import class_attribution, identification, mean_stat
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "BenchConfig",
+    "build_task",
+    "check_task_name",
+    "command_line",
+    "interval_cell",
+    "make_task",
+    "run_bench",
+]
+
+DEFAULT_METHODS = ["ekfac", "kfac", "datainf", "gradsim", "tracin", "repsim", "bm25"]
+_FORMAT_VERSION = 1
+_NOT_AGGREGATED = {"k", "n_queries", "per_query"}
+_UNIT_INTERVAL = {"acc", "cover", "cover_ceiling", "mrr", "auprc", "auroc", "recall_at_k"}
+"""Metrics that lie in [0, 1]: their interval over seeds is clipped to it (with few seeds a Student-t
+interval reaches past the range the metric can take)."""
+
+
+@dataclass
+class BenchConfig:
+    """Settings of one benchmark: task, methods, seeds, fine-tuning, attribution batching, output.
+
+    ``task``: a name in :data:`wherefrom.studies.benchtasks.TASKS` or ``"path:<train file>:<test file>"``
+    (a labelled class task, :func:`wherefrom.studies.benchtasks.from_path`; the same files for every seed).
+    ``n_train`` / ``n_test``: ``None`` keeps the task's default (a file task: all its rows; a size
+    draws a class-balanced subset per seed, :func:`wherefrom.studies.benchtasks.subsampled`). ``model``: local model folder
+    (``None``: the default model). ``method_options``: ``{method: {key: value}}`` passed to
+    :func:`wherefrom.methods.registry.make_method`; the key ``"*"`` applies to every method.
+    """
+
+    task: str
+    out: str
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    n_train: int | None = None
+    n_test: int | None = None
+    model: str | None = None
+    epochs: int = 2
+    learning_rate: float = 1e-3
+    lora_rank: int = 4
+    batch_size: int = 8
+    max_length: int = 256
+    device: str | None = None
+    method_options: dict[str, dict] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for an unknown task or method, or an empty method / seed list."""
+        check_task_name(self.task)
+        check_methods(self.methods)
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
+
+    def options_for(self, method: str) -> dict[str, Any]:
+        return {**self.method_options.get("*", {}), **self.method_options.get(method, {})}
+
+
+def build_task(config: BenchConfig, seed: int) -> BenchTask:
+    """The task of ``config`` for one seed."""
+    return make_task(config.task, config.n_train, config.n_test, seed)
+
+
+def check_task_name(task: str) -> None:
+    """Raise ``ValueError`` unless ``task`` is a name in :data:`wherefrom.studies.benchtasks.TASKS` or ``path:<train>:<test>``."""
+    if not task.startswith("path:") and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)} or path:<train>:<test>")
+    if task.startswith("path:") and len(task.split(":")) != 3:
+        raise ValueError(f"task {task!r}: expected path:<train file>:<test file>")
+
+
+def make_task(task: str, n_train: int | None, n_test: int | None, seed: int) -> BenchTask:
+    """A task by name (:data:`wherefrom.studies.benchtasks.TASKS`) or ``"path:<train>:<test>"`` (a class
+    task from files, cut to a class-balanced ``n_train`` / ``n_test`` per seed); ``None`` sizes keep
+    the task's default."""
+    if task.startswith("path:"):
+        _, train, test = task.split(":")
+        return subsampled(from_path(Path(train).stem, train, test), n_train, n_test, seed)
+    sizes = {k: v for k, v in (("n_train", n_train), ("n_test", n_test)) if v is not None}
+    return TASKS[task](seed=seed, **sizes)
+
+
+def command_line(config: BenchConfig) -> str:
+    """A ``wherefrom bench`` command line equivalent to ``config``."""
+    parts = [
+        "wherefrom",
+        "bench",
+        "--task",
+        config.task,
+        "--methods",
+        ",".join(config.methods),
+        "--seeds",
+        ",".join(map(str, config.seeds)),
+    ]
+    for flag, value in (
+        ("--n-train", config.n_train),
+        ("--n-test", config.n_test),
+        ("--model", config.model),
+        ("--device", config.device),
+    ):
+        if value is not None:
+            parts += [flag, str(value)]
+    parts += [
+        "--epochs",
+        str(config.epochs),
+        "--learning-rate",
+        repr(config.learning_rate),
+        "--lora-rank",
+        str(config.lora_rank),
+        "--batch-size",
+        str(config.batch_size),
+        "--max-length",
+        str(config.max_length),
+    ]
+    for method, options in sorted(config.method_options.items()):
+        for key, value in sorted(options.items()):
+            name = key if method == "*" else f"{method}.{key}"
+            parts += ["--option", f"{name}={json.dumps(value)}"]
+    parts += ["--out", config.out]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _key(config: BenchConfig, seed: int, method: str) -> dict[str, Any]:
+    """Every setting a (seed, method) row depends on; a cached row is reused only when it matches."""
+    return {
+        "format": _FORMAT_VERSION,
+        "task": config.task,
+        "n_train": config.n_train,
+        "n_test": config.n_test,
+        "model": config.model,
+        "epochs": config.epochs,
+        "learning_rate": config.learning_rate,
+        "lora_rank": config.lora_rank,
+        "batch_size": config.batch_size,
+        "max_length": config.max_length,
+        "seed": seed,
+        "method": method,
+        "options": config.options_for(method),
+    }
+
+
+def _row_path(out: Path, seed: int, method: str) -> Path:
+    return out / f"seed-{seed}" / f"{method}.json"
+
+
+def _cached(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    row = read_keyed_json(path, key)
+    return None if row is None or row.get("error") else row
+
+
+def _metrics(task: BenchTask, scores) -> dict[str, Any]:
+    if task.kind == "class":
+        return class_attribution(scores, {r.id: r.label for r in task.train}, {r.id: r.label for r in task.test})
+    return identification(scores, task.targets)
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def scored_method(
+    method: str,
+    model,
+    tokenizer,
+    attribution: AttributionConfig,
+    options: dict[str, Any],
+    train: Sequence,
+    test: Sequence,
+    device: str | None,
+) -> tuple[Any, dict[str, Any]]:
+    """Fit ``method`` (:func:`wherefrom.methods.registry.make_method`) on ``train`` and score ``test``, timed and
+    memory-measured (:func:`wherefrom.studies.diagnose.measured`). Returns ``(scores, usage)`` with ``usage``
+    ``{seconds, peak_mib, error}``; a failure is recorded in ``error`` (``scores`` is then ``None``),
+    not raised, so one failing method never stops the others. The method is released afterwards."""
+    usage: dict[str, Any] = {"seconds": None, "peak_mib": None, "error": None}
+    chosen = scores = None
+    try:
+        with measured(pick_device(device)) as measurement:
+            chosen = make_method(method, model, tokenizer, attribution, **options)
+            chosen.fit(train)
+            scores = chosen.scores(test, train)
+        usage["seconds"], usage["peak_mib"] = measurement["seconds"], measurement["peak_mib"]
+    except Exception as error:
+        usage["error"] = f"{type(error).__name__}: {error}"
+        scores = None
+    finally:
+        chosen = None  # release it before the next method
+        _free()
+    return scores, usage
+
+
+def _run_method(config: BenchConfig, task: BenchTask, seed: int, method: str, tuned, tokenizer) -> dict[str, Any]:
+    options = config.options_for(method)
+    if method == "tracin":
+        options.setdefault("checkpoints", [str(p) for p in tuned.checkpoints])
+        options.setdefault("base", lambda: load_model(config.model, device=config.device).model)
+    attribution = AttributionConfig(batch_size=config.batch_size, max_length=config.max_length, seed=seed)
+    scores, usage = scored_method(
+        method, tuned.model, tokenizer, attribution, options, task.train, task.test, config.device
+    )
+    row: dict[str, Any] = {"seed": seed, "method": method, "metrics": None, **usage}
+    if scores is not None:
+        try:
+            row["metrics"] = _metrics(task, scores)
+        except Exception as error:
+            row["error"] = f"{type(error).__name__}: {error}"
+    return row
+
+
+def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
+    """Per method: ``metrics`` ``{name: {mean, low, high}}`` over the seeds that succeeded (95% t
+    interval, clipped to [0, 1] for the metrics in that range; ``low``/``high`` are ``None`` with one seed), mean ``seconds`` / ``peak_mib``,
+    ``n_ok`` and the ``errors`` of failed seeds."""
+    result: dict[str, Any] = {}
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        ok = [r for r in mine if not r["error"]]
+        entry: dict[str, Any] = {
+            "n_ok": len(ok),
+            "n_seeds": len(mine),
+            "errors": {str(r["seed"]): r["error"] for r in mine if r["error"]},
+            "metrics": {},
+            "seconds": None,
+            "peak_mib": None,
+        }
+        if ok:
+            names = [k for k, v in ok[0]["metrics"].items() if k not in _NOT_AGGREGATED and isinstance(v, (int, float))]
+            for name in names:
+                stat = mean_stat(
+                    [r["metrics"].get(name) for r in ok], within=(0.0, 1.0) if name in _UNIT_INTERVAL else None
+                )
+                if stat:
+                    entry["metrics"][name] = stat
+            for what in ("seconds", "peak_mib"):
+                values = [r[what] for r in ok if r[what] is not None]
+                entry[what] = sum(values) / len(values) if values else None
+        result[method] = entry
+    return result
+
+
+def interval_cell(stat: dict[str, Any] | None, fmt: str = ".3f") -> str:
+    """A Markdown table cell ``"mean [low, high]"`` of a :func:`wherefrom.studies.metrics.mean_stat` (no interval
+    when ``low`` is ``None``; ``–`` for no value)."""
+    if not stat or stat.get("mean") is None:
+        return "–"
+    text = format(stat["mean"], fmt)
+    if stat.get("low") is not None:
+        text += f" [{format(stat['low'], fmt)}, {format(stat['high'], fmt)}]"
+    return text
+
+
+def markdown(summary: dict[str, Any], kind: str, command: str, title: str) -> str:
+    """The aggregate as a Markdown table: method x metrics ("mean [low, high]" over seeds), time, memory."""
+    names = ["acc", "cover", "mrr"] if kind == "class" else ["auprc", "auroc", "mrr", "recall_at_k"]
+
+    cell = interval_cell
+    lines = [
+        "| method | " + " | ".join(names) + " | time, s | peak memory, MiB | seeds ok |",
+        "| --- | " + " | ".join("---:" for _ in names) + " | ---: | ---: | ---: |",
+    ]
+    for method, entry in summary.items():
+        if not entry["n_ok"]:
+            error = next(iter(entry["errors"].values()), "no result").replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {method} | failed: {error[:200]} |" + " |" * (len(names) + 2))
+            continue
+        seconds = "–" if entry["seconds"] is None else f"{entry['seconds']:.2f}"
+        memory = "–" if entry["peak_mib"] is None else f"{entry['peak_mib']:.0f}"
+        lines.append(
+            f"| {method} | "
+            + " | ".join(cell(entry["metrics"].get(n)) for n in names)
+            + f" | {seconds} | {memory} | {entry['n_ok']}/{entry['n_seeds']} |"
+        )
+    return f"# wherefrom bench: {title}\n\nCommand: `{command}`\n\n" + "\n".join(lines) + "\n"
+
+
+def run_bench(
+    config: BenchConfig,
+    progress: Progress = no_progress,
+    command: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark of ``config`` (resuming from ``config.out``); returns what ``bench.json`` holds.
+
+    ``progress`` wraps the loop over methods of each seed (tqdm-like, as elsewhere in wherefrom);
+    ``log`` receives one line per step; ``command`` is recorded (default: :func:`command_line`).
+    """
+    config.validate()
+    say = log or (lambda _line: None)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    kind = title = None
+    for seed in config.seeds:
+        task = build_task(config, seed)
+        kind, title = task.kind, task.description or task.name
+        keys = {m: _key(config, seed, m) for m in config.methods}
+        cached = {m: _cached(_row_path(out, seed, m), keys[m]) for m in config.methods}
+        todo = [m for m in config.methods if cached[m] is None]
+        tuned = loaded = None
+        if todo:
+            loaded = load_model(config.model, device=config.device)
+            finetune_config = FinetuneConfig(
+                epochs=config.epochs,
+                learning_rate=config.learning_rate,
+                batch_size=config.batch_size,
+                max_length=config.max_length,
+                seed=seed,
+                lora_rank=config.lora_rank,
+            )
+            tuned = finetune(
+                loaded.model,
+                loaded.tokenizer,
+                task.train,
+                finetune_config,
+                out / f"seed-{seed}" / "finetune",
+                progress=False,
+            )
+            say(f"seed {seed}: {'reused' if tuned.reused else 'trained'} the fine-tuned model")
+        for method in progress(config.methods, f"seed {seed}"):
+            if cached[method] is not None:
+                say(f"seed {seed} {method}: reused")
+                rows.append(cached[method])
+                continue
+            row = _run_method(config, task, seed, method, tuned, loaded.tokenizer)
+            row["key"] = keys[method]
+            atomic_write_json(row, _row_path(out, seed, method))
+            say(f"seed {seed} {method}: " + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s"))
+            rows.append(row)
+        tuned = loaded = None
+        _free()
+
+    summary = aggregate(rows, config.methods)
+    command = command or command_line(config)
+    report = {
+        "format": _FORMAT_VERSION,
+        "command": command,
+        "config": asdict(config),
+        "kind": kind,
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "rows": [dict(r.items()) for r in rows],
+        "aggregate": summary,
+    }
+    atomic_write_json(report, out / "bench.json")
+    atomic_write_text(markdown(summary, kind or "class", command, f"{config.task} ({title})"), out / "bench.md")
+    return report

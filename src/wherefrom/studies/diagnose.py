@@ -1,0 +1,211 @@
+"""The iHVP-approximation study of Li et al. (2024), made a tool: each method against exact influence.
+
+For every method on one model and data set, :func:`diagnose` reports
+
+* ``ihvp_rel_error``: ``||P_method q - P_exact q|| / ||P_exact q||`` over all queries and tracked
+  parameters (influence methods only), where ``P_exact = (G + lambda I)^-1`` with the dense GGN over
+  all tracked parameters (``exact_blocks="full"``, cross-module terms included) or its module blocks;
+* ``spearman``: rank correlation of the method's ``(n_query, n_train)`` scores with exact scores,
+  over all pairs, and ``spearman_per_query``, the mean over queries;
+* ``seconds`` (fit + scores) and ``peak_mib``, the peak memory above the level at the start
+  (CUDA: ``max_memory_allocated``; Linux CPU: the process's resident-set high-water mark, reset
+  through ``/proc/self/clear_refs``; elsewhere ``None``).
+
+Every method uses its own default damping unless ``config.damping`` sets one absolute value for all;
+the exact reference uses the same setting.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from scipy.stats import spearmanr
+
+from wherefrom.core.data import Record
+from wherefrom.core.store import atomic_write_json, atomic_write_text
+from wherefrom.engine.api import AttributionConfig, Attributor
+from wherefrom.methods.registry import InfluenceMethod, make_method
+
+
+@dataclass
+class Diagnosis:
+    """One method's row of the study (``None`` where a quantity does not apply or was not measured)."""
+
+    method: str
+    seconds: float
+    peak_mib: float | None
+    ihvp_rel_error: float | None = None
+    spearman: float | None = None
+    spearman_per_query: float | None = None
+    error: str | None = None
+
+
+def _resident_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@contextmanager
+def measured(device: torch.device) -> Iterator[dict[str, float | None]]:
+    """Wall time and peak memory (MiB above the start) of the block, written into the yielded dict."""
+    result: dict[str, float | None] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as clear:  # "5": reset the peak RSS (Linux >= 4.0)
+                clear.write("5")
+            base = _resident_bytes("VmRSS")
+        except OSError:
+            base = None
+    started = time.perf_counter()
+    try:
+        yield result
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+        else:
+            peak = _resident_bytes("VmHWM") if base is not None else None
+        result["seconds"] = time.perf_counter() - started
+        result["peak_mib"] = None if peak is None or base is None else max(peak - base, 0) / 2**20
+
+
+def _flat(blocks: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    return torch.cat([blocks[n].reshape(blocks[n].shape[0], -1).double().cpu() for n in names], dim=1)
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    a, b = a.cpu(), b.cpu()
+    overall = float(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
+    per_query = [float(spearmanr(x.numpy(), y.numpy()).statistic) for x, y in zip(a, b)]
+    return overall, sum(per_query) / len(per_query)
+
+
+def fit_reference(
+    model, tokenizer, train: Sequence[Record], config: AttributionConfig, strategy: str = "exact", **options: Any
+) -> Attributor:
+    """An :class:`Attributor` fitted on ``train`` with a reference strategy, ``exact`` (options:
+    ``blocks``) or ``cg`` (options: ``tol``, ``max_iter``, ``probes``), at ``config``'s damping.
+
+    ``exact`` raises ``MemoryError`` (with the byte count) when the dense GGN does not fit. A fitted
+    ``cg`` with ``config.damping=None`` holds the damping it estimated (``0.1 x trace(G) / P`` by
+    Hutchinson) in ``curvature.lam``: the one absolute value to give every method for a comparison.
+    """
+    reference = Attributor(model, tokenizer, replace(config, strategy=strategy, strategy_options=dict(options)))
+    reference.fit(train)
+    return reference
+
+
+def ihvp_relative_error(
+    approx: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], names: Sequence[str], scale_free: bool = False
+) -> float:
+    """``||P_method q - P_ref q|| / ||P_ref q||`` (Frobenius, over all queries and the modules ``names``)
+    of preconditioned query blocks ``{module: (n_query, out, in')}``.
+
+    ``scale_free=True`` first multiplies each query's row of ``P_method q`` by its best non-negative
+    scale ``c_i = max(0, <a_i, r_i> / ||a_i||^2)``: a query's ranking of training rows does not depend
+    on that scale (e.g. identity vs a heavily damped inverse differ mostly by ``1 / lambda``), so what
+    remains is the error of the direction, ``sqrt(sum_i ||r_i||^2 sin^2 theta_i) / ||R||`` for rows
+    at an acute angle ``theta_i`` (1 for a row at a right or obtuse angle).
+    """
+    reference_flat, approx_flat = _flat(reference, names), _flat(approx, names)
+    if scale_free:
+        norms = (approx_flat * approx_flat).sum(1)
+        scale = ((approx_flat * reference_flat).sum(1) / norms.where(norms > 0, torch.ones_like(norms))).clamp_min(0)
+        approx_flat = scale[:, None] * approx_flat
+    return float((approx_flat - reference_flat).norm() / reference_flat.norm())
+
+
+def diagnose(
+    model,
+    tokenizer,
+    train: Sequence[Record],
+    queries: Sequence[Record],
+    methods: Sequence[str],
+    config: AttributionConfig | None = None,
+    method_options: dict[str, dict[str, Any]] | None = None,
+    exact_blocks: str = "full",
+) -> tuple[list[Diagnosis], str | None]:
+    """Run every method and compare it with exact influence; returns the rows and, when the exact
+    reference could not be formed, the reason (the comparisons are then ``None``)."""
+    if exact_blocks not in ("full", "module"):
+        raise ValueError(f"exact_blocks must be 'full' or 'module', got {exact_blocks!r}")
+    if not queries:
+        raise ValueError("diagnose needs at least one query row")
+    config = replace(config or AttributionConfig(), query_rank=None)
+    method_options = method_options or {}
+    names = Attributor(model, tokenizer, config).module_names
+    device = next(model.parameters()).device
+    exact_scores = exact_queries = None
+    reason = None
+    try:
+        reference = fit_reference(model, tokenizer, train, config, "exact", blocks=exact_blocks)
+        query_ids, exact_queries = reference.preconditioned_queries(queries)
+        train_gradients = reference.token_factor_stream(train, description="train gradients")
+        exact_scores = reference.scores_from_gradients(query_ids, exact_queries, train_gradients).total.double()
+    except (MemoryError, torch.OutOfMemoryError) as error:
+        reason = str(error)
+    rows = []
+    for name in methods:
+        try:
+            method = make_method(name, model, tokenizer, config, **method_options.get(name, {}))
+            with measured(device) as cost:
+                method.fit(train)
+                scores = method.scores(queries, train)
+        except (MemoryError, RuntimeError, ValueError) as error:
+            rows.append(Diagnosis(name, float("nan"), None, error=f"{type(error).__name__}: {error}"))
+            continue
+        row = Diagnosis(name, cost["seconds"], cost["peak_mib"])
+        if exact_scores is not None:
+            row.spearman, row.spearman_per_query = _spearman(scores.total.double(), exact_scores)
+            if isinstance(method, InfluenceMethod) and method.attributor.config.normalize is None:
+                _, approx = method.attributor.preconditioned_queries(queries)
+                row.ihvp_rel_error = ihvp_relative_error(approx, exact_queries, names)
+        rows.append(row)
+    return rows, reason
+
+
+def write_report(
+    rows: Sequence[Diagnosis], reason: str | None, folder: Path, context: dict[str, Any]
+) -> tuple[Path, Path]:
+    """``diagnose.json`` (context + rows) and ``diagnose.md`` (a table) in ``folder``, atomically."""
+
+    def cell(value: float | None, fmt: str) -> str:
+        return "–" if value is None or math.isnan(value) else format(value, fmt)
+
+    lines = [
+        "| method | iHVP rel. error vs exact | Spearman vs exact (all pairs) | mean per-query Spearman | time, s | peak memory, MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.method} | failed: {r.error} | | | | |")
+            continue
+        lines.append(
+            f"| {r.method} | {cell(r.ihvp_rel_error, '.3g')} | {cell(r.spearman, '.3f')} | {cell(r.spearman_per_query, '.3f')} "
+            f"| {cell(r.seconds, '.2f')} | {cell(r.peak_mib, '.0f')} |"
+        )
+    if reason:
+        lines.append(f"\nNo exact reference: {reason}")
+    command = context.get("command", "")
+    text = "# wherefrom diagnose\n\n" + ("Command: `" + command + "`\n\n" if command else "") + "\n".join(lines) + "\n"
+    json_path, md_path = folder / "diagnose.json", folder / "diagnose.md"
+    atomic_write_json({**context, "exact_reference_missing": reason, "rows": [asdict(r) for r in rows]}, json_path)
+    atomic_write_text(text, md_path)
+    return json_path, md_path

@@ -1,0 +1,460 @@
+"""``wherefrom groundtruth``: build a ground-truth folder once (LDS subsets, leave-one-out, PBRF).
+
+One dataclass, :class:`GroundTruthConfig`, is the command line, the Python call and the saved
+config. :func:`build_groundtruth` builds the task (:func:`wherefrom.studies.bench.make_task`, seed
+``config.seed``), fine-tunes the full-data model once (per-epoch checkpoints kept for TracIn, in
+``out/model/``), retrains on every LDS subset and every leave-one-out set through
+:func:`wherefrom.studies.groundtruth.retrain.run_jobs` (cached per job in ``out/jobs/``), and runs PBRF on
+the full-data model when ``pbrf_rows > 0``. Seeds: repeat ``r`` of every subset, of the full set and
+of every leave-one-out set trains with seed ``config.seed + r`` (the same seeds everywhere: common
+random numbers, so seed noise partly cancels in the differences LDS and LOO look at).
+
+Folder layout (every file written atomically; a rerun reuses the fine-tuned model, every finished
+job and every finished PBRF row)::
+
+    groundtruth.json     config, command, versions, hardware, train/query ids, timings, noise floors
+    lds.safetensors      masks (S, n) uint8, outputs (S, R, Q) float64
+    loo.safetensors      rows (L,) int64, full (R, Q) float64, without (L, R, Q) float64
+    pbrf.safetensors     rows (P,) int64, influence (Q, P) float64   (only with pbrf_rows > 0)
+    model/               the full-data fine-tune (wherefrom.models.finetune layout, checkpoints/epoch-k)
+    jobs/                one JSON per retraining job;  pbrf-rows/: one JSON per PBRF row
+
+LOO rows and PBRF rows are the first ``loo_rows`` / ``pbrf_rows`` entries of one seeded permutation
+of the training rows (so the smaller set is inside the larger), each sorted.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from wherefrom.core.data import data_fingerprint
+from wherefrom.core.store import atomic_save_tensors, atomic_write_json, hardware, package_versions
+from wherefrom.curvature.base import Progress, no_progress
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.methods.tracin import finetune_checkpoints
+from wherefrom.models.finetune import ADAPTER_DIR, MODEL_DIR, FinetuneConfig, finetune
+from wherefrom.models.loading import load_model
+from wherefrom.studies.bench import check_task_name, make_task
+from wherefrom.studies.benchtasks import BenchTask
+from wherefrom.studies.groundtruth.lds import loo_effect, loo_noise, sample_subsets
+from wherefrom.studies.groundtruth.retrain import FinetuneRetrainer, measure_queries, run_jobs
+
+__all__ = ["GroundTruth", "GroundTruthConfig", "build_groundtruth", "command_line"]
+
+_FORMAT_VERSION = 1
+META_FILE = "groundtruth.json"
+
+
+@dataclass
+class GroundTruthConfig:
+    """Settings of one ground-truth folder.
+
+    ``task``: a :data:`wherefrom.studies.benchtasks.TASKS` name or ``"path:<train>:<test>"``; ``n_train`` /
+    ``n_test``: sizes (``None``: the task's default); the test rows are the queries. ``model``: base
+    model folder (``None``: the default model). Fine-tuning: ``epochs``, ``learning_rate``,
+    ``lora_rank`` (``None``: full fine-tuning, e.g. of a tiny model from a saved random init),
+    ``lora_targets`` (``None``: :class:`wherefrom.models.finetune.FinetuneConfig`'s default), ``batch_size``,
+    ``max_length``. Budget: ``n_subsets`` LDS subsets of fraction ``alpha`` (0 skips LDS), each
+    trained ``subset_seeds`` times; ``loo_rows`` rows left out (0 skips LOO), each and the full set
+    trained ``loo_seeds`` times; ``pbrf_rows`` rows for PBRF (0 skips it) with ``pbrf_options``
+    (fields of :class:`wherefrom.studies.groundtruth.pbrf.PBRFConfig`). ``workers``: parallel retraining
+    processes. ``seed``: task, subsets, rows and the first training seed.
+    """
+
+    task: str
+    out: str
+    n_train: int | None = None
+    n_test: int | None = None
+    model: str | None = None
+    epochs: int = 2
+    learning_rate: float = 1e-3
+    lora_rank: int | None = 4
+    lora_targets: list[str] | None = None
+    batch_size: int = 8
+    max_length: int = 256
+    alpha: float = 0.5
+    n_subsets: int = 32
+    subset_seeds: int = 1
+    loo_rows: int = 16
+    loo_seeds: int = 2
+    pbrf_rows: int = 0
+    pbrf_options: dict[str, Any] = field(default_factory=dict)
+    workers: int = 1
+    seed: int = 0
+    device: str | None = None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first impossible setting."""
+        check_task_name(self.task)
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.n_subsets < 0 or self.n_subsets == 1:
+            raise ValueError(f"n_subsets must be 0 (no LDS) or >= 2, got {self.n_subsets}")
+        for name in ("subset_seeds", "loo_seeds", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("loo_rows", "pbrf_rows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_subsets == 0 and self.loo_rows == 0 and self.pbrf_rows == 0:
+            raise ValueError("nothing to build: n_subsets, loo_rows and pbrf_rows are all 0")
+        self.finetune_config().validate()
+
+    def finetune_config(self, seed: int | None = None) -> FinetuneConfig:
+        """The :class:`wherefrom.models.finetune.FinetuneConfig` of every training run (checkpoints on)."""
+        extra = {} if self.lora_targets is None else {"lora_targets": list(self.lora_targets)}
+        return FinetuneConfig(
+            epochs=self.epochs,
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            seed=self.seed if seed is None else seed,
+            lora_rank=self.lora_rank,
+            checkpoint_every_epoch=True,
+            **extra,
+        )
+
+    def attribution(self) -> AttributionConfig:
+        """The :class:`wherefrom.engine.api.AttributionConfig` that PBRF and ``evaluate`` start from."""
+        return AttributionConfig(batch_size=self.batch_size, max_length=self.max_length, seed=self.seed)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GroundTruthConfig:
+        """Inverse of ``dataclasses.asdict``; unknown keys raise, missing ones take the defaults."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown ground-truth settings {unknown}")
+        return cls(**data)
+
+
+def command_line(config: GroundTruthConfig) -> str:
+    """A ``wherefrom groundtruth`` command line equivalent to ``config``."""
+    parts = ["wherefrom", "groundtruth", "--task", config.task]
+    for flag, value in (
+        ("--n-train", config.n_train),
+        ("--n-test", config.n_test),
+        ("--model", config.model),
+        ("--device", config.device),
+    ):
+        if value is not None:
+            parts += [flag, str(value)]
+    parts += [
+        "--epochs",
+        str(config.epochs),
+        "--learning-rate",
+        repr(config.learning_rate),
+        "--lora-rank",
+        str(config.lora_rank or 0),
+    ]
+    for target in config.lora_targets or []:
+        parts += ["--lora-target", target]
+    parts += [
+        "--batch-size",
+        str(config.batch_size),
+        "--max-length",
+        str(config.max_length),
+        "--alpha",
+        repr(config.alpha),
+        "--subsets",
+        str(config.n_subsets),
+        "--subset-seeds",
+        str(config.subset_seeds),
+        "--loo-rows",
+        str(config.loo_rows),
+        "--loo-seeds",
+        str(config.loo_seeds),
+        "--pbrf-rows",
+        str(config.pbrf_rows),
+    ]
+    for key, value in sorted(config.pbrf_options.items()):
+        parts += ["--pbrf-option", f"{key}={json.dumps(value)}"]
+    parts += ["--workers", str(config.workers), "--seed", str(config.seed), "--out", config.out]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _row_sample(n_train: int, seed: int) -> np.ndarray:
+    """The seeded permutation LOO and PBRF rows are taken from."""
+    return np.random.default_rng([seed, 1]).permutation(n_train)
+
+
+def loo_rows_of(config: GroundTruthConfig, n_train: int) -> np.ndarray:
+    """``(L,)`` sorted int64 indices of the rows left out."""
+    return np.sort(_row_sample(n_train, config.seed)[: config.loo_rows]).astype(np.int64)
+
+
+def pbrf_rows_of(config: GroundTruthConfig, n_train: int) -> np.ndarray:
+    """``(P,)`` sorted int64 indices of the PBRF rows (the first ``pbrf_rows`` of the same permutation)."""
+    return np.sort(_row_sample(n_train, config.seed)[: config.pbrf_rows]).astype(np.int64)
+
+
+def _jobs(
+    config: GroundTruthConfig, masks: np.ndarray | None, loo: np.ndarray, n_train: int
+) -> list[tuple[str, list[int], int]]:
+    jobs = []
+    if masks is not None:
+        for s, mask in enumerate(masks):
+            rows = np.flatnonzero(mask).tolist()
+            jobs += [(f"lds-{s:04d}-r{r}", rows, config.seed + r) for r in range(config.subset_seeds)]
+    if loo.size:
+        everything = list(range(n_train))
+        jobs += [(f"loo-full-r{r}", everything, config.seed + r) for r in range(config.loo_seeds)]
+        for row in loo.tolist():
+            without = everything[:row] + everything[row + 1 :]
+            jobs += [(f"loo-{row:06d}-r{r}", without, config.seed + r) for r in range(config.loo_seeds)]
+    return jobs
+
+
+def _load_tuned(config: GroundTruthConfig, model_dir: Path) -> tuple[nn.Module, Any]:
+    if config.lora_rank is not None:
+        loaded = load_model(config.model, adapter=model_dir / ADAPTER_DIR, device=config.device)
+    else:
+        loaded = load_model(model_dir / MODEL_DIR, device=config.device)
+    return loaded.model, loaded.tokenizer
+
+
+def _lds_noise(outputs: np.ndarray) -> dict[str, float]:
+    """Seed noise vs the spread LDS ranks: ``seed_std`` (std over seeds, mean over subsets and
+    queries; NaN with one seed) and ``subset_std`` (std over subsets of the seed mean, mean over queries)."""
+    seeds = outputs.shape[1]
+    seed_std = float(outputs.std(axis=1, ddof=1).mean()) if seeds > 1 else float("nan")
+    subset_std = float(outputs.mean(axis=1).std(axis=0, ddof=1).mean())
+    return {
+        "seed_std": seed_std,
+        "subset_std": subset_std,
+        "seeds": seeds,
+        "subset_to_seed_noise": subset_std / (seed_std / np.sqrt(seeds))
+        if seeds > 1 and seed_std > 0
+        else float("nan"),
+    }
+
+
+def build_groundtruth(
+    config: GroundTruthConfig,
+    progress: Progress = no_progress,
+    log: Callable[[str], None] | None = None,
+    command: str | None = None,
+) -> GroundTruth:
+    """Build (or resume) the ground-truth folder ``config.out``; returns it loaded (:meth:`GroundTruth.load`)."""
+    config.validate()
+    say = log or (lambda _line: None)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    task = make_task(config.task, config.n_train, config.n_test, config.seed)
+    train, queries = list(task.train), list(task.test)
+    n = len(train)
+    if config.loo_rows > n or config.pbrf_rows > n:
+        raise ValueError(f"loo_rows={config.loo_rows} / pbrf_rows={config.pbrf_rows} exceed the {n} training rows")
+    if not queries:
+        raise ValueError(f"task {config.task!r} has no test rows to use as queries")
+
+    # the full-data model, kept with its per-epoch checkpoints
+    tick = time.perf_counter()
+    loaded = load_model(config.model, device=config.device)
+    tuned = finetune(loaded.model, loaded.tokenizer, train, config.finetune_config(), out / "model", progress=False)
+    full_f = measure_queries(tuned.model, loaded.tokenizer, queries, config.batch_size, config.max_length)
+    timings["finetune_s"] = time.perf_counter() - tick
+    say(f"full-data model: {'reused' if tuned.reused else 'trained'} ({timings['finetune_s']:.1f} s)")
+    epoch_losses = tuned.epoch_losses
+    tuned = loaded = None
+    gc.collect()
+
+    masks = sample_subsets(n, config.alpha, config.n_subsets, config.seed) if config.n_subsets else None
+    loo = loo_rows_of(config, n)
+    jobs = _jobs(config, masks, loo, n)
+    tick = time.perf_counter()
+    retrainer = FinetuneRetrainer(
+        train, queries, config.finetune_config(), config.model, config.device, scratch=str(out / "scratch")
+    )
+    values = run_jobs(retrainer, jobs, out / "jobs", config.workers, progress, say) if jobs else {}
+    timings["retraining_s"] = time.perf_counter() - tick
+    timings["job_seconds_sum"] = float(
+        sum(json.loads((out / "jobs" / f"{job_id}.json").read_text()).get("seconds", 0.0) for job_id, _, _ in jobs)
+    )
+
+    noise: dict[str, Any] = {}
+    reproducibility = None
+    if masks is not None:
+        outputs = np.stack(
+            [
+                np.stack([values[f"lds-{s:04d}-r{r}"] for r in range(config.subset_seeds)])
+                for s in range(config.n_subsets)
+            ]
+        )
+        atomic_save_tensors(
+            {"masks": torch.from_numpy(masks.astype(np.uint8)), "outputs": torch.from_numpy(outputs)},
+            out / "lds.safetensors",
+        )
+        noise["lds"] = _lds_noise(outputs)
+    if loo.size:
+        full = np.stack([values[f"loo-full-r{r}"] for r in range(config.loo_seeds)])
+        without = np.stack([np.stack([values[f"loo-{row:06d}-r{r}"] for r in range(config.loo_seeds)]) for row in loo])
+        atomic_save_tensors(
+            {"rows": torch.from_numpy(loo), "full": torch.from_numpy(full), "without": torch.from_numpy(without)},
+            out / "loo.safetensors",
+        )
+        noise["loo"] = loo_noise(full, loo_effect(full, without))
+        # the kept model and the seed-0 retraining of the full set ran the same training
+        reproducibility = float(np.abs(full[0] - full_f).max())
+
+    pbrf_info: dict[str, Any] = {}
+    if config.pbrf_rows:
+        try:
+            from wherefrom.studies.groundtruth.pbrf import PBRFConfig, pbrf_influence
+        except ImportError as error:
+            raise RuntimeError(
+                f"pbrf_rows={config.pbrf_rows} needs wherefrom.studies.groundtruth.pbrf: {error}"
+            ) from error
+        tick = time.perf_counter()
+        rows = pbrf_rows_of(config, n)
+        model, tokenizer = _load_tuned(config, out / "model")
+        influence = pbrf_influence(
+            model,
+            tokenizer,
+            train,
+            queries,
+            rows.tolist(),
+            PBRFConfig(**config.pbrf_options),
+            config.attribution(),
+            progress=progress,
+            info=pbrf_info,
+            cache=out / "pbrf-rows",
+        )
+        atomic_save_tensors(
+            {"rows": torch.from_numpy(rows), "influence": influence.double().cpu().contiguous()},
+            out / "pbrf.safetensors",
+        )
+        timings["pbrf_s"] = time.perf_counter() - tick
+        model = None
+        gc.collect()
+    else:
+        (out / "pbrf.safetensors").unlink(missing_ok=True)  # a smaller rebuild must not keep an old one
+
+    timings["total_s"] = time.perf_counter() - started
+    meta = {
+        "format": _FORMAT_VERSION,
+        "config": asdict(config),
+        "command": command or command_line(config),
+        "argv": sys.argv,
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "task": {"name": task.name, "kind": task.kind, "description": task.description},
+        "train_ids": [r.id for r in train],
+        "query_ids": [q.id for q in queries],
+        "train_fingerprint": data_fingerprint(train),
+        "query_fingerprint": data_fingerprint(queries),
+        "epoch_losses": epoch_losses,
+        "full_model_f": full_f.tolist(),
+        "timings": timings,
+        "noise": noise,
+        "retrain_reproducibility_max_abs": reproducibility,
+        "n_jobs": len(jobs),
+        "pbrf": pbrf_info or None,
+        "seeds": "repeat r of every training run uses seed config.seed + r",
+    }
+    atomic_write_json(meta, out / META_FILE)
+    return GroundTruth.load(out)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor] | None:
+    return load_file(str(path)) if path.is_file() else None
+
+
+@dataclass
+class GroundTruth:
+    """A ground-truth folder, loaded. Arrays are numpy float64 / int64 / bool; ``None`` where a target
+    was not built. ``loo_effect`` is ``(Q, L)`` (:func:`wherefrom.studies.groundtruth.lds.loo_effect`),
+    ``pbrf_influence`` ``(Q, P)``, ``lds_masks`` ``(S, n)``, ``lds_outputs`` ``(S, R, Q)``."""
+
+    folder: Path
+    config: GroundTruthConfig
+    meta: dict[str, Any]
+    task: BenchTask
+    lds_masks: np.ndarray | None
+    lds_outputs: np.ndarray | None
+    loo_rows: np.ndarray | None
+    loo_full: np.ndarray | None
+    loo_without: np.ndarray | None
+    pbrf_rows: np.ndarray | None
+    pbrf_influence: np.ndarray | None
+
+    @classmethod
+    def load(cls, folder: str | Path) -> GroundTruth:
+        """Read ``folder`` (built by :func:`build_groundtruth`) and rebuild its task; raises
+        ``FileNotFoundError`` without ``groundtruth.json`` and ``ValueError`` when the rebuilt task's
+        ids differ from the saved ones (e.g. the data files changed)."""
+        folder = Path(folder)
+        path = folder / META_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"not a ground-truth folder (no {META_FILE}): {folder}")
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        config = GroundTruthConfig.from_dict(meta["config"])
+        task = make_task(config.task, config.n_train, config.n_test, config.seed)
+        for what, records in (("train", task.train), ("query", task.test)):
+            if [r.id for r in records] != meta[f"{what}_ids"]:
+                raise ValueError(f"{folder}: the rebuilt task's {what} ids differ from {META_FILE} (data changed?)")
+        if (
+            data_fingerprint(task.train) != meta["train_fingerprint"]
+            or data_fingerprint(task.test) != meta["query_fingerprint"]
+        ):
+            raise ValueError(f"{folder}: the rebuilt task's rows differ from the ones the ground truth was built on")
+        lds, loo, pbrf = (_tensors(folder / f"{name}.safetensors") for name in ("lds", "loo", "pbrf"))
+        return cls(
+            folder=folder,
+            config=config,
+            meta=meta,
+            task=task,
+            lds_masks=None if lds is None else lds["masks"].numpy().astype(bool),
+            lds_outputs=None if lds is None else lds["outputs"].numpy(),
+            loo_rows=None if loo is None else loo["rows"].numpy(),
+            loo_full=None if loo is None else loo["full"].numpy(),
+            loo_without=None if loo is None else loo["without"].numpy(),
+            pbrf_rows=None if pbrf is None else pbrf["rows"].numpy(),
+            pbrf_influence=None if pbrf is None else pbrf["influence"].numpy(),
+        )
+
+    @property
+    def train_ids(self) -> list[str]:
+        return list(self.meta["train_ids"])
+
+    @property
+    def query_ids(self) -> list[str]:
+        return list(self.meta["query_ids"])
+
+    @property
+    def loo_effect(self) -> np.ndarray | None:
+        """``(Q, L)``: how much each left-out row raised each query's ``f`` (seed means)."""
+        if self.loo_full is None or self.loo_without is None:
+            return None
+        return loo_effect(self.loo_full, self.loo_without)
+
+    @property
+    def model_dir(self) -> Path:
+        """The full-data fine-tuning folder (:func:`wherefrom.models.finetune.finetune` layout)."""
+        return self.folder / "model"
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        """Per-epoch checkpoint folders of the full-data fine-tune, in epoch order."""
+        return finetune_checkpoints(self.model_dir)
+
+    def load_model(self, device: str | None = None) -> tuple[nn.Module, Any]:
+        """``(model, tokenizer)`` of the full-data fine-tuned model (eval mode; a ``PeftModel`` for LoRA)."""
+        config = self.config if device is None else replace(self.config, device=device)
+        return _load_tuned(config, self.model_dir)

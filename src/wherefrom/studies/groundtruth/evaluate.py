@@ -1,0 +1,282 @@
+"""``wherefrom evaluate``: score attribution methods against a ground-truth folder.
+
+:func:`evaluate_scores` compares one :class:`wherefrom.core.scoring.Scores` (queries x training rows,
+positive = proponent) with the targets of a :class:`wherefrom.studies.groundtruth.build.GroundTruth`:
+
+* ``lds``: per query, Spearman across the LDS subsets of the measured (seed-mean) ``f`` and the sum
+  of the query's scores over the subset (:func:`wherefrom.studies.groundtruth.lds.lds_per_query`);
+* ``loo_pearson`` / ``loo_spearman``: per query, correlation across the left-out rows of the scores
+  and the LOO effect ``mean_r f_full - mean_r f_without`` (positive: the row raised ``f``);
+* ``pbrf_spearman``: per query, Spearman across the PBRF rows of the scores and the PBRF influence.
+
+Each is ``{mean, low, high, n, n_undefined, per_query, interval}`` (:func:`wherefrom.studies.groundtruth.lds.summarize`:
+bootstrap interval over queries) or ``None`` when the folder lacks that target.
+
+:func:`evaluate` runs methods by name on the full-data fine-tuned model (fit on the training rows,
+scores for every query; ``tracin`` gets the fine-tune's checkpoints), timing them with
+:func:`wherefrom.studies.diagnose.measured`. Each method's scores are saved in ``<folder>/scores/<method>.{safetensors,json}``
+(:func:`wherefrom.core.scoring.save_scores`) with a ``<method>.row.json`` row keyed by the method, its options,
+the attribution settings and the model and data; a rerun reuses them (metrics are recomputed from the
+saved scores, so a ground truth extended with more subsets needs no method rerun). A method that
+raises gets an ``error`` in its row (and is retried by the next run); the others go on. The report
+goes to ``<stem>.json`` and ``<stem>.md`` (default stem ``<folder>/evaluate``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.torch import load_file
+
+from wherefrom.core.scoring import Scores, save_scores
+from wherefrom.core.store import (
+    atomic_write_json,
+    atomic_write_text,
+    hardware,
+    package_versions,
+    read_keyed_json,
+)
+from wherefrom.curvature.base import Progress, no_progress
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.methods.registry import check_methods
+from wherefrom.models.loading import load_model
+from wherefrom.studies.bench import interval_cell, scored_method
+from wherefrom.studies.groundtruth.build import GroundTruth
+from wherefrom.studies.groundtruth.lds import lds_per_query, loo_correlations, spearman_rows, summarize
+
+__all__ = [
+    "TARGETS",
+    "evaluate",
+    "evaluate_scores",
+    "load_method_scores",
+    "markdown",
+    "method_key",
+    "run_method",
+    "score_matrix",
+]
+
+TARGETS = ("lds", "loo_pearson", "loo_spearman", "pbrf_spearman")
+_FORMAT_VERSION = 1
+
+
+def score_matrix(gt: GroundTruth, scores: Scores, queries: Sequence[int] | None = None) -> np.ndarray:
+    """``(len(queries), n_train)`` float64 scores in the ground truth's query and training-row order.
+
+    ``scores`` may cover every ground-truth query or exactly the selected ones (in order); its
+    training rows must be the ground truth's (any order). Raises ``ValueError`` naming the ids otherwise.
+    """
+    all_ids = gt.query_ids
+    selected = list(range(len(all_ids))) if queries is None else [int(q) for q in queries]
+    if not selected:
+        raise ValueError("queries selects no query")
+    bad = [q for q in selected if not 0 <= q < len(all_ids)]
+    if bad:
+        raise ValueError(f"query indices {bad[:5]} out of range for {len(all_ids)} ground-truth queries")
+    total = scores.total.detach().double().cpu().numpy()
+    if list(scores.query_ids) == all_ids:
+        total = total[selected]
+    elif list(scores.query_ids) != [all_ids[q] for q in selected]:
+        raise ValueError(
+            f"score query ids {list(scores.query_ids)[:5]}... match neither the ground truth's queries "
+            f"{all_ids[:5]}... nor the selected ones"
+        )
+    train_ids = gt.train_ids
+    if list(scores.train_ids) != train_ids:
+        position = {tid: j for j, tid in enumerate(scores.train_ids)}
+        missing = [t for t in train_ids if t not in position]
+        extra = sorted(set(scores.train_ids) - set(train_ids))
+        if missing or extra or len(position) != len(train_ids):
+            raise ValueError(
+                f"score train ids differ from the ground truth's: missing {missing[:5]}, extra {extra[:5]}"
+            )
+        total = total[:, [position[t] for t in train_ids]]
+    return total
+
+
+def evaluate_scores(gt: GroundTruth, scores: Scores, queries: Sequence[int] | None = None) -> dict[str, Any]:
+    """Correlations of ``scores`` with every target of ``gt`` over the selected ``queries`` (indices into
+    ``gt.query_ids``; ``None``: all). Returns ``{lds, loo_pearson, loo_spearman, pbrf_spearman,
+    n_queries}``; a target is ``None`` when ``gt`` lacks it."""
+    total = score_matrix(gt, scores, queries)
+    selected = list(range(len(gt.query_ids))) if queries is None else [int(q) for q in queries]
+    result: dict[str, Any] = dict.fromkeys(TARGETS)
+    result["n_queries"] = len(selected)
+    if gt.lds_masks is not None:
+        result["lds"] = summarize(lds_per_query(gt.lds_masks, gt.lds_outputs[:, :, selected], total))
+    effect = gt.loo_effect
+    if effect is not None and gt.loo_rows.size:
+        pearson, spearman = loo_correlations(effect[selected], total[:, gt.loo_rows])
+        result["loo_pearson"], result["loo_spearman"] = summarize(pearson), summarize(spearman)
+    if gt.pbrf_influence is not None and gt.pbrf_rows.size:
+        result["pbrf_spearman"] = summarize(spearman_rows(gt.pbrf_influence[selected], total[:, gt.pbrf_rows]))
+    return result
+
+
+def method_key(gt: GroundTruth, method: str, options: dict[str, Any], attribution: AttributionConfig) -> dict[str, Any]:
+    """What a method's scores depend on: the method, its options, the attribution settings, the
+    fine-tuned model (its saved fine-tuning identity) and the rows."""
+    identity = json.loads((gt.model_dir / "finetune_config.json").read_text(encoding="utf-8"))
+    return {
+        "format": _FORMAT_VERSION,
+        "method": method,
+        "options": options,
+        "attribution": attribution.to_dict(),
+        "model": {
+            k: identity.get(k)
+            for k in ("config", "data_fingerprint", "base_model_fingerprint", "tokenizer_fingerprint", "epoch_losses")
+        },
+        "train": gt.meta["train_fingerprint"],
+        "queries": gt.meta["query_fingerprint"],
+    }
+
+
+def load_method_scores(folder: Path, method: str) -> Scores:
+    """The scores :func:`run_method` saved for ``method`` in ``folder`` (with their ids and modules)."""
+    tensors = load_file(str(folder / f"{method}.safetensors"))
+    ids = json.loads((folder / f"{method}.json").read_text(encoding="utf-8"))
+    return Scores(ids["query_ids"], ids["train_ids"], ids["modules"], tensors["per_module"])
+
+
+def run_method(
+    gt: GroundTruth,
+    method: str,
+    options: dict[str, Any],
+    attribution: AttributionConfig,
+    model,
+    tokenizer,
+    folder: Path,
+) -> dict[str, Any]:
+    """Fit and score ``method`` on the ground truth's full-data model (``tracin`` gets its checkpoints),
+    save the scores in ``folder`` and return the row: ``method``, ``seconds``, ``peak_mib``, ``error``
+    (a failure is recorded, not raised)."""
+    options = dict(options)
+    config = gt.config
+    if method == "tracin":
+        options.setdefault("checkpoints", [str(p) for p in gt.checkpoints])
+        if config.lora_rank is not None:
+            options.setdefault("base", lambda: load_model(config.model, device=config.device).model)
+    scores, usage = scored_method(
+        method, model, tokenizer, attribution, options, gt.task.train, gt.task.test, config.device
+    )
+    row = {"method": method, **usage}
+    if scores is not None:
+        try:
+            save_scores(scores, folder, method)  # <method>.safetensors + <method>.json (ids)
+        except Exception as error:
+            row["error"] = f"{type(error).__name__}: {error}"
+    return row
+
+
+def markdown(rows: dict[str, dict[str, Any]], command: str, title: str) -> str:
+    """The report as a Markdown table: method x LDS / LOO Pearson / LOO Spearman / PBRF Spearman
+    ("mean [low, high]", bootstrap over queries), time and peak memory."""
+    lines = [
+        "| method | LDS | LOO Pearson | LOO Spearman | PBRF Spearman | time, s | peak memory, MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for method, row in rows.items():
+        if row.get("error"):
+            error = row["error"].replace("|", "\\|").replace("\n", " ")[:200]
+            lines.append(f"| {method} | failed: {error} | | | | | |")
+            continue
+        metrics = row["metrics"]
+        seconds = "–" if row["seconds"] is None else f"{row['seconds']:.2f}"
+        memory = "–" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
+        lines.append(
+            f"| {method} | " + " | ".join(interval_cell(metrics.get(t)) for t in TARGETS) + f" | {seconds} | {memory} |"
+        )
+    return (
+        f"# wherefrom evaluate: {title}\n\nCommand: `{command}`\n\n"
+        + "\n".join(lines)
+        + "\n\nIntervals: 95% percentile bootstrap over queries. Time and memory: fit + scores of the method.\n"
+    )
+
+
+def command_line(
+    folder: Path, methods: Sequence[str], method_options: dict[str, dict[str, Any]], out: Path | None
+) -> str:
+    """A ``wherefrom evaluate`` command line equivalent to the arguments."""
+    parts = ["wherefrom", "evaluate", str(folder), "--methods", ",".join(methods)]
+    for method, options in sorted(method_options.items()):
+        for key, value in sorted(options.items()):
+            parts += ["--option", f"{key if method == '*' else f'{method}.{key}'}={json.dumps(value)}"]
+    if out is not None:
+        parts += ["--out", str(out)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def evaluate(
+    gt_folder: str | Path,
+    methods: Sequence[str],
+    method_options: dict[str, dict[str, Any]] | None = None,
+    out: str | Path | None = None,
+    attribution: AttributionConfig | None = None,
+    progress: Progress = no_progress,
+    log: Callable[[str], None] | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run ``methods`` on the ground truth in ``gt_folder`` and score them; returns what ``<out>.json`` holds.
+
+    ``method_options``: ``{method: {key: value}}`` for :func:`wherefrom.methods.registry.make_method` (``"*"``:
+    every method); ``out``: file stem of the report (default ``<gt_folder>/evaluate``);
+    ``attribution``: batching/damping settings (default: the ground truth's batch size and maximum
+    length, :meth:`GroundTruthConfig.attribution`).
+    """
+    methods = check_methods(methods)
+    method_options = method_options or {}
+    say = log or (lambda _line: None)
+    gt = GroundTruth.load(gt_folder)
+    attribution = attribution or gt.config.attribution()
+    stem = Path(out) if out is not None else gt.folder / "evaluate"
+    folder = gt.folder / "scores"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = tokenizer = None
+    rows: dict[str, dict[str, Any]] = {}
+    for method in progress(methods, "methods"):
+        options = {**method_options.get("*", {}), **method_options.get(method, {})}
+        key = method_key(gt, method, options, attribution)
+        row = read_keyed_json(folder / f"{method}.row.json", key)
+        if row is not None and not row.get("error") and (folder / f"{method}.safetensors").is_file():
+            say(f"{method}: reused")
+        else:
+            if model is None:
+                model, tokenizer = gt.load_model()
+            row = run_method(gt, method, options, replace(attribution), model, tokenizer, folder)
+            row["key"] = key
+            atomic_write_json(row, folder / f"{method}.row.json")
+            say(f"{method}: " + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s"))
+        row = dict(row)
+        row["metrics"] = None if row["error"] else evaluate_scores(gt, load_method_scores(folder, method))
+        rows[method] = row
+    model = tokenizer = None
+    gc.collect()
+
+    command = command or command_line(Path(gt_folder), methods, method_options, None if out is None else Path(out))
+    report = {
+        "format": _FORMAT_VERSION,
+        "command": command,
+        "config": {
+            "groundtruth": str(gt.folder),
+            "methods": methods,
+            "method_options": method_options,
+            "attribution": asdict(attribution),
+        },
+        "groundtruth": {
+            k: gt.meta.get(k) for k in ("config", "command", "noise", "timings", "retrain_reproducibility_max_abs")
+        },
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "methods": {m: {k: v for k, v in r.items() if k != "key"} for m, r in rows.items()},
+    }
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(report, stem.with_name(stem.name + ".json"))
+    title = f"{gt.config.task} ({gt.task.description or gt.task.name}), {len(gt.train_ids)} rows, {len(gt.query_ids)} queries"
+    atomic_write_text(markdown(rows, command, title), stem.with_name(stem.name + ".md"))
+    return report

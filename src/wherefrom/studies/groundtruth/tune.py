@@ -1,0 +1,278 @@
+"""``wherefrom tune``: pick a method's damping (and LiSSA / Arnoldi knobs) by LDS on held-out queries.
+
+:func:`tune` loads a ground-truth folder (:class:`wherefrom.studies.groundtruth.build.GroundTruth`, which must
+hold LDS subsets), splits its queries once into a **selection** share and a **held-out** rest (seeded),
+runs the method once over all queries for every point of the grid (the cartesian product of the
+grid's lists, in the order given), and scores each point by LDS
+(:func:`wherefrom.studies.groundtruth.evaluate.evaluate_scores`) on both halves. The chosen point is the one
+with the highest selection LDS (the first of ties); its **held-out** LDS is the number to quote, since
+the selection LDS is biased upwards by the choice itself. The method's default point (no grid
+setting: ``damping_factor = 0.1``, default options) is run and scored the same way for comparison.
+
+Grid keys ``damping`` (absolute), ``damping_factor`` (relative) and ``fisher`` set those
+:class:`wherefrom.engine.api.AttributionConfig` fields; every other key is a method option passed to
+:func:`wherefrom.methods.registry.make_method` (``depth``, ``scale``, ``batch_size`` of ``lissa``; ``rank`` of
+``arnoldi``; ``max_iter`` of ``cg``; ...; unknown ones fail that point with the method's error). ``damping=None`` in a grid means
+"use the relative ``damping_factor``".
+
+Outputs under ``out`` (default ``<gt folder>/tune-<method>``), all written atomically:
+``points/<nnn>/`` the scores of each point and its row (reused by a rerun with the same settings,
+model and data, so an interrupted tuning resumes), ``tune.json`` (command, versions, hardware,
+split, every point's LDS on both halves, chosen and default points) and ``tune.md`` (the table).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wherefrom.core.store import (
+    atomic_write_json,
+    atomic_write_text,
+    hardware,
+    package_versions,
+    read_keyed_json,
+)
+from wherefrom.curvature.base import Progress, no_progress
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.methods.registry import METHODS
+from wherefrom.studies.bench import interval_cell
+from wherefrom.studies.groundtruth.build import GroundTruth
+from wherefrom.studies.groundtruth.evaluate import evaluate_scores, load_method_scores, method_key, run_method
+
+__all__ = ["ATTRIBUTION_KEYS", "grid_points", "split_queries", "tune"]
+
+_FORMAT_VERSION = 1
+ATTRIBUTION_KEYS = ("damping", "damping_factor", "fisher")
+"""Grid keys that set :class:`wherefrom.engine.api.AttributionConfig` fields; every other key is a method option."""
+
+
+def split_queries(n_queries: int, selection_share: float = 0.5, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Seeded split of query indices ``0..n_queries-1`` into ``(selection, held_out)``, each sorted and
+    non-empty; ``round(selection_share x n_queries)`` queries (at least 1, at most ``n - 1``) select."""
+    if not 0 < selection_share < 1:
+        raise ValueError(f"selection_share must be in (0, 1), got {selection_share}")
+    if n_queries < 2:
+        raise ValueError(f"tuning needs at least 2 queries (one to select on, one held out), got {n_queries}")
+    order = np.random.default_rng([seed, 5]).permutation(n_queries)
+    size = min(max(round(selection_share * n_queries), 1), n_queries - 1)
+    return sorted(order[:size].tolist()), sorted(order[size:].tolist())
+
+
+def grid_points(grid: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """The cartesian product of ``grid``'s lists as ``[{key: value}, ...]`` (keys in the given order,
+    the last key varying fastest). Raises ``ValueError`` for an empty grid, an empty or repeated list."""
+    if not grid:
+        raise ValueError(
+            "the grid is empty: give at least one key with a list of values, e.g. damping_factor=[0.01, 0.1, 1]"
+        )
+    for key, values in grid.items():
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise ValueError(f"grid[{key!r}] must be a non-empty list of values, got {values!r}")
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
+            raise ValueError(f"grid[{key!r}] repeats a value: {list(values)}")
+    keys = list(grid)
+    return [dict(zip(keys, combination)) for combination in itertools.product(*(grid[k] for k in keys))]
+
+
+def _split_point(
+    point: dict[str, Any], base: AttributionConfig, fixed: dict[str, Any]
+) -> tuple[AttributionConfig, dict[str, Any]]:
+    """``(attribution settings, method options)`` of one grid point; ``fixed`` options under the point's."""
+    settings = {k: v for k, v in point.items() if k in ATTRIBUTION_KEYS}
+    options = {k: v for k, v in point.items() if k not in ATTRIBUTION_KEYS}
+    return replace(base, **settings), {**fixed, **options}
+
+
+def _lds(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The LDS entry without its per-query list (kept in the point's row)."""
+    return None if summary is None else {k: v for k, v in summary.items() if k != "per_query"}
+
+
+def _point_folder(out: Path, point: dict[str, Any]) -> Path:
+    text = json.dumps(point, sort_keys=True, default=str)
+    return out / "points" / hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def command_line(
+    gt_folder: str | Path,
+    method: str,
+    grid: dict[str, Sequence[Any]],
+    split_seed: int,
+    selection_share: float,
+    method_options: dict[str, Any],
+    out: str | Path | None,
+) -> str:
+    """A ``wherefrom tune`` command line equivalent to the arguments."""
+    parts = ["wherefrom", "tune", str(gt_folder), "--method", method]
+    for key, values in grid.items():
+        parts += ["--grid", f"{key}=" + ",".join(json.dumps(v) for v in values)]
+    for key, value in sorted(method_options.items()):
+        parts += ["--option", f"{key}={json.dumps(value)}"]
+    parts += ["--split-seed", str(split_seed), "--selection-share", repr(selection_share)]
+    if out is not None:
+        parts += ["--out", str(out)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """``tune.md``: one row per grid point (LDS on both halves, time), then the chosen and default points."""
+    keys = list(report["config"]["grid"])
+    lines = [
+        "| " + " | ".join(keys) + " | LDS selection | LDS held-out | time, s | |",
+        "| " + " | ".join("---" for _ in keys) + " | ---: | ---: | ---: | --- |",
+    ]
+    chosen = report["chosen"]["index"] if report["chosen"] else None
+    for i, row in enumerate(report["points"]):
+        values = " | ".join(json.dumps(row["point"][k]) for k in keys)
+        if row["error"]:
+            error = row["error"].replace("|", "\\|").replace("\n", " ")[:160]
+            lines.append(f"| {values} | failed: {error} | | | |")
+            continue
+        seconds = "–" if row["seconds"] is None else f"{row['seconds']:.2f}"
+        mark = "**chosen**" if i == chosen else ""
+        lines.append(
+            f"| {values} | {interval_cell(row['selection'])} | {interval_cell(row['held_out'])} | {seconds} | {mark} |"
+        )
+    split = report["split"]
+    text = [
+        f"# wherefrom tune: {report['config']['method']} on {report['config']['groundtruth']}",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        (
+            f"Queries: {len(split['selection'])} select, {len(split['held_out'])} held out (split seed "
+            f"{report['config']['split_seed']}). LDS: mean [95% bootstrap interval over queries]."
+        ),
+        "",
+        *lines,
+        "",
+    ]
+    if report["chosen"]:
+        c, d = report["chosen"], report["default"]
+        text += [
+            (
+                f"Chosen: `{json.dumps(c['point'])}`: held-out LDS **{interval_cell(c['held_out'])}** "
+                f"(selection {interval_cell(c['selection'])}; the held-out number is the one to quote)."
+            ),
+            f"Default (`{json.dumps(d['point'])}`): held-out LDS {interval_cell(d['held_out'])}"
+            + (f" (failed: {d['error']})" if d.get("error") else "")
+            + ".",
+        ]
+    else:
+        text.append("No grid point produced an LDS on the selection queries.")
+    return "\n".join(text) + "\n"
+
+
+def tune(
+    gt_folder: str | Path,
+    method: str,
+    grid: dict[str, Sequence[Any]],
+    split_seed: int = 0,
+    selection_share: float = 0.5,
+    out: str | Path | None = None,
+    method_options: dict[str, Any] | None = None,
+    attribution: AttributionConfig | None = None,
+    progress: Progress = no_progress,
+    log: Callable[[str], None] | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Tune ``method`` over ``grid`` by LDS on the ground truth in ``gt_folder``; returns what ``tune.json`` holds.
+
+    ``method_options``: fixed options of every point (grid values override them); ``attribution``:
+    base settings (default: the ground truth's, :meth:`GroundTruthConfig.attribution`). The returned
+    dict has ``points`` (``point``, ``seconds``, ``error``, ``selection`` / ``held_out`` LDS
+    ``{mean, low, high, n, ...}`` and ``per_query`` LDS of all queries), ``chosen`` (``index`` into
+    ``points``, ``point``, both LDS) and ``default`` (the method's default point, both LDS).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    points = grid_points(grid)
+    method_options = dict(method_options or {})
+    say = log or (lambda _line: None)
+    gt = GroundTruth.load(gt_folder)
+    if gt.lds_masks is None:
+        raise ValueError(
+            f"{gt_folder}: the ground truth has no LDS subsets (built with n_subsets=0); tuning needs them"
+        )
+    selection, held_out = split_queries(len(gt.query_ids), selection_share, split_seed)
+    base = attribution or gt.config.attribution()
+    folder = Path(out) if out is not None else gt.folder / f"tune-{method}"
+    model = tokenizer = None
+
+    def run(point: dict[str, Any]) -> dict[str, Any]:
+        nonlocal model, tokenizer
+        settings, options = _split_point(point, base, method_options)
+        where = _point_folder(folder, {"method": method, "point": point, "options": method_options})
+        key = method_key(gt, method, options, settings)
+        row = read_keyed_json(where / "row.json", key)
+        if row is not None and not row.get("error") and (where / f"{method}.safetensors").is_file():
+            say(f"{json.dumps(point)}: reused")
+        else:
+            if model is None:
+                model, tokenizer = gt.load_model()
+            row = run_method(gt, method, options, settings, model, tokenizer, where)
+            row["key"] = key
+            atomic_write_json(row, where / "row.json")
+            say(f"{json.dumps(point)}: " + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s"))
+        result = {
+            "point": point,
+            "seconds": row["seconds"],
+            "peak_mib": row["peak_mib"],
+            "error": row["error"],
+            "selection": None,
+            "held_out": None,
+            "per_query": None,
+        }
+        if not row["error"]:
+            scores = load_method_scores(where, method)
+            everything = evaluate_scores(gt, scores)["lds"]
+            result["per_query"] = everything["per_query"]
+            result["selection"] = _lds(evaluate_scores(gt, scores, selection)["lds"])
+            result["held_out"] = _lds(evaluate_scores(gt, scores, held_out)["lds"])
+        return result
+
+    rows = [run(point) for point in progress(points, f"tune {method}")]  # type: ignore[arg-type]
+    ranked = [
+        (i, r["selection"]["mean"]) for i, r in enumerate(rows) if r["selection"] and r["selection"]["mean"] is not None
+    ]
+    best = max(ranked, key=lambda pair: pair[1])[0] if ranked else None  # max keeps the first of ties
+    plain = _split_point({}, base, method_options)  # the default point: reuse a grid point that equals it
+    same = [r for r, p in zip(rows, points) if _split_point(p, base, method_options) == plain]
+    default = {**same[0], "point": {}} if same else run({})
+    chosen = None
+    if best is not None:
+        chosen = {"index": best, **{k: rows[best][k] for k in ("point", "selection", "held_out")}}
+    model = tokenizer = None
+
+    command = command or command_line(gt_folder, method, grid, split_seed, selection_share, method_options, out)
+    report = {
+        "format": _FORMAT_VERSION,
+        "command": command,
+        "config": {
+            "groundtruth": str(gt.folder),
+            "method": method,
+            "grid": {k: list(v) for k, v in grid.items()},
+            "split_seed": split_seed,
+            "selection_share": selection_share,
+            "method_options": method_options,
+            "attribution": base.to_dict(),
+        },
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "split": {"selection": [gt.query_ids[q] for q in selection], "held_out": [gt.query_ids[q] for q in held_out]},
+        "points": rows,
+        "chosen": chosen,
+        "default": {k: default[k] for k in ("point", "selection", "held_out", "error")},
+    }
+    atomic_write_json(report, folder / "tune.json")
+    atomic_write_text(markdown(report), folder / "tune.md")
+    return report

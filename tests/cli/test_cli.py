@@ -1,0 +1,232 @@
+"""The command line end to end on a tiny saved model: fit, resume, index, scores, query, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from wherefrom.cli import app
+from wherefrom.models.tiny import save_tiny
+from wherefrom.studies.generated import rule_identification, write_jsonl
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny(root / "model", arch="gpt2")
+    train, queries = rule_identification(n_train=20, n_test=3, seed=0)
+    write_jsonl(train, root / "train.jsonl")
+    write_jsonl(queries, root / "queries.jsonl")
+    return root
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def fit_args(root, run="run"):
+    return [
+        "fit",
+        "--train",
+        root / "train.jsonl",
+        "--model",
+        root / "model",
+        "--run",
+        root / run,
+        "--batch-size",
+        "8",
+        "--max-length",
+        "128",
+    ]
+
+
+def test_fit_index_scores_query(workspace):
+    root = workspace
+    first = invoke(*fit_args(root))
+    assert first.exit_code == 0, first.output
+    assert "fitted" in first.output and (root / "run" / "factors" / "curvature.safetensors").exists()
+    manifest = json.loads((root / "run" / "manifest.json").read_text())
+    assert manifest["data"]["rows"] == 20 and manifest["modules"] and manifest["model"]["fingerprint"]
+    again = invoke(*fit_args(root))
+    assert again.exit_code == 0 and "reused" in again.output
+
+    streamed = invoke("scores", "--run", root / "run", "--queries", root / "queries.jsonl", "--name", "streamed")
+    assert streamed.exit_code == 0, streamed.output
+    indexed = invoke("index", "--run", root / "run", "--shard-size", "8")
+    assert indexed.exit_code == 0, indexed.output
+    assert sorted(p.name for p in (root / "run" / "index").glob("shard-*")) == [
+        f"shard-0000{i}.safetensors" for i in range(3)
+    ]
+    from_index = invoke("scores", "--run", root / "run", "--queries", root / "queries.jsonl", "--name", "indexed")
+    assert from_index.exit_code == 0, from_index.output
+    import torch
+    from safetensors.torch import load_file
+
+    a = load_file(str(root / "run" / "scores" / "streamed.safetensors"))["total"]
+    b = load_file(str(root / "run" / "scores" / "indexed.safetensors"))["total"]
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    ids = json.loads((root / "run" / "scores" / "indexed.json").read_text())
+    assert len(ids["train_ids"]) == 20 and len(ids["query_ids"]) == 3
+
+    result = invoke(
+        "query",
+        "--run",
+        root / "run",
+        "Determine the rewriting rule: a b c -> c b a\nRule:",
+        " reverse",
+        "--json",
+        "--top-k",
+        "4",
+        "--per-token",
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    scores = [p["score"] for p in report["proponents"]]
+    assert len(scores) == 4 and scores == sorted(scores, reverse=True)
+    for entry in report["proponents"]:
+        assert sum(v for _, v in entry["tokens"]) == pytest.approx(entry["score"], rel=1e-3, abs=1e-3)
+    table = invoke("query", "--run", root / "run", "x ->", " sort", "--top-k", "2")
+    assert table.exit_code == 0 and "proponents" in table.output
+
+
+def test_index_resumes_from_finished_shards(workspace):
+    root = workspace
+    assert invoke(*fit_args(root, "resume")).exit_code == 0
+    assert invoke("index", "--run", root / "resume", "--shard-size", "8").exit_code == 0
+    folder = root / "resume" / "index"
+    kept = (folder / "shard-00000.safetensors").stat().st_mtime_ns
+    (folder / "index.json").unlink()
+    (folder / "shard-00002.safetensors").unlink()  # as if interrupted during the last shard
+    result = invoke("index", "--run", root / "resume", "--shard-size", "8")
+    assert result.exit_code == 0 and "1 shards written now" in result.output
+    assert (folder / "shard-00000.safetensors").stat().st_mtime_ns == kept
+
+
+def test_errors_name_the_culprit(workspace, tmp_path):
+    root = workspace
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    result = invoke("fit", "--train", bad, "--model", root / "model", "--run", tmp_path / "r")
+    assert (
+        result.exit_code == 2
+        and "bad.jsonl" in result.output
+        and "line 2" in result.output
+        and "completion" in result.output
+    )
+
+    missing = invoke("fit", "--train", root / "train.jsonl", "--model", tmp_path / "nope", "--run", tmp_path / "r")
+    assert missing.exit_code == 2 and "nope" in missing.output
+
+    assert invoke(*fit_args(root, "check")).exit_code == 0
+    changed = tmp_path / "model2"
+    save_tiny(changed, arch="gpt2", seed=1)  # same architecture and tokenizer, other weights
+    config_path = root / "check" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model"] = str(changed)
+    config_path.write_text(json.dumps(config))
+    result = invoke("scores", "--run", root / "check", "--queries", root / "queries.jsonl")
+    assert result.exit_code == 2 and "model weights" in result.output
+
+    other = invoke(*fit_args(root, "check")[:-4], "--batch-size", "4", "--max-length", "128", "--strategy", "kfac")
+    assert other.exit_code == 2 and "other settings" in other.output
+
+
+def test_errors_print_long_paths_whole_and_brackets_verbatim(workspace, tmp_path):
+    """An error naming a long path with brackets in it prints that path on one line, as it is (CI once
+    failed when rich wrapped a long tmp path across lines and parsed ``[...]`` as markup)."""
+    folder = tmp_path / ("a-folder-with-a-long-name-" * 4 + "[bold]")
+    folder.mkdir()
+    bad = folder / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n')
+    result = invoke("fit", "--train", bad, "--model", workspace / "model", "--run", tmp_path / "r")
+    assert result.exit_code == 2 and str(bad) in result.output
+
+
+@pytest.mark.parametrize("strategy,option", [("cg", "max_iter=300"), ("arnoldi", "rank=16")])
+def test_operator_strategies_through_run_directories(workspace, strategy, option):
+    """cg is re-attached to the model and training rows when a run is reopened; arnoldi loads its eigenpairs."""
+    root = workspace
+    run = root / f"run-{strategy}"
+    args = fit_args(root, run.name)
+    args[args.index("--batch-size") + 1] = "10"
+    fitted = invoke(*args, "--strategy", strategy, "--strategy-option", option, "--include", r"h\.1\.mlp\.c_proj")
+    assert fitted.exit_code == 0, fitted.output
+    saved = json.loads((run / "factors" / "curvature.json").read_text())
+    key, value = option.split("=")
+    assert saved["options"][key] == int(value)
+    result = invoke("scores", "--run", run, "--queries", root / "queries.jsonl")
+    assert result.exit_code == 0, result.output
+
+
+def test_run_made_before_a_setting_existed_is_reused(workspace):
+    """A config.json without settings added later (they take their defaults) still matches."""
+    root = workspace
+    assert invoke(*fit_args(root, "older")).exit_code == 0
+    path = root / "older" / "config.json"
+    config = json.loads(path.read_text())
+    del config["attribution"]["normalize"], config["attribution"]["strategy_options"]
+    path.write_text(json.dumps(config))
+    again = invoke(*fit_args(root, "older"))
+    assert again.exit_code == 0 and "reused" in again.output, again.output
+
+
+@pytest.mark.parametrize("mode", [["--lora-target", "c_attn", "--lora-rank", "2"], ["--full"]])
+def test_finetune_command_trains_then_reuses(workspace, mode):
+    out = workspace / f"finetune{len(mode)}"
+    args = [
+        "finetune",
+        "--train",
+        workspace / "train.jsonl",
+        "--model",
+        workspace / "model",
+        "--out",
+        out,
+        "--epochs",
+        "2",
+        "--max-length",
+        "128",
+        "--device",
+        "cpu",
+        *mode,
+    ]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert "trained" in first.output and "2 checkpoints" in first.output
+    assert (out / ("model" if mode == ["--full"] else "adapter")).is_dir()
+    assert (out / "checkpoints" / "epoch-2" / "trainer_state.json").is_file()
+    again = invoke(*args)
+    assert again.exit_code == 0 and "reused" in again.output
+
+
+def test_finetune_command_names_bad_input(workspace):
+    result = invoke(
+        "finetune",
+        "--train",
+        workspace / "missing.jsonl",
+        "--model",
+        workspace / "model",
+        "--out",
+        workspace / "ft-bad",
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 2 and "missing.jsonl" in result.output
+    result = invoke(
+        "finetune",
+        "--train",
+        workspace / "train.jsonl",
+        "--model",
+        workspace / "model",
+        "--out",
+        workspace / "ft-bad",
+        "--epochs",
+        "0",
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 2 and "epochs" in result.output

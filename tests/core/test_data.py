@@ -1,0 +1,246 @@
+"""Tests for wherefrom.core.data: loading JSONL / CSV / Parquet, validation messages, fingerprints."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED
+from wherefrom.core.data import (
+    DataError,
+    Record,
+    data_fingerprint,
+    load_records,
+    records_from_rows,
+)
+
+ROWS = [
+    {"id": "a", "prompt": "p one", "completion": "c one", "label": "x"},
+    {"id": "b", "prompt": "p two", "completion": "c two", "label": "y"},
+    {"prompt": "", "completion": " c three", "label": 3},
+]
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def expected(stem: str, third_position: int) -> list[Record]:
+    return [
+        Record("a", "p one", "c one", "x"),
+        Record("b", "p two", "c two", "y"),
+        Record(f"{stem}:{third_position}", "", " c three", "3"),
+    ]
+
+
+# -- formats ---------------------------------------------------------------------------------------
+
+
+def test_load_jsonl_skips_blank_lines_and_defaults_id(tmp_path: Path) -> None:
+    lines = [json.dumps(ROWS[0]), "", json.dumps(ROWS[1]), "   ", json.dumps({**ROWS[2], "x": 1})]
+    path = write_jsonl(tmp_path / "train.jsonl", lines)
+    assert load_records(path) == expected("train", 5)
+
+
+def test_load_json_suffix_and_str_path(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "set.json", [json.dumps(r) for r in ROWS])
+    assert load_records(str(path)) == expected("set", 3)
+
+
+def test_load_csv(tmp_path: Path) -> None:
+    path = write_csv(
+        tmp_path / "rows.csv",
+        ["id", "prompt", "completion", "label", "extra"],
+        [["a", "p one", "c one", "x", "e"], ["b", "p two", "c two", "y", ""], ["", "", " c three", "3", ""]],
+    )
+    # header is line 1, so the third data row is line 4
+    assert load_records(path) == expected("rows", 4)
+
+
+def test_load_csv_empty_label_is_none(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "r.csv", ["prompt", "completion", "label"], [["p", "c", ""]])
+    assert load_records(path) == [Record("r:2", "p", "c", None)]
+
+
+def test_load_parquet(tmp_path: Path) -> None:
+    rows = [dict(r) for r in ROWS]
+    rows[2]["id"] = None
+    rows[2]["label"] = "3"
+    path = write_parquet(tmp_path / "t.parquet", rows)
+    assert load_records(path) == expected("t", 2)
+
+
+def test_records_from_rows() -> None:
+    records = records_from_rows(ROWS)
+    assert [r.id for r in records] == ["a", "b", "2"]
+    assert records[2].label == "3"
+    assert records_from_rows([]) == []
+
+
+def test_integer_id_converted_to_str() -> None:
+    assert records_from_rows([{"id": 7, "prompt": "p", "completion": "c"}])[0].id == "7"
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def assert_error(excinfo: pytest.ExceptionInfo, *parts: str) -> None:
+    message = str(excinfo.value)
+    for part in parts:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_malformed_json_line(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "bad.jsonl", [json.dumps(ROWS[0]), '{"prompt": "p", '])
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, "bad.jsonl", "line 2", "invalid JSON")
+
+
+def test_non_object_json_line(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "arr.jsonl", ["[1, 2]"])
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, "arr.jsonl", "line 1", "list")
+
+
+@pytest.mark.parametrize("field", ["prompt", "completion"])
+def test_missing_field_jsonl(tmp_path: Path, field: str) -> None:
+    row = {"id": "z", "prompt": "p", "completion": "c"}
+    del row[field]
+    path = write_jsonl(tmp_path / "miss.jsonl", [json.dumps(ROWS[0]), "", json.dumps(row)])
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, "miss.jsonl", "line 3", f"missing field '{field}'")
+
+
+def test_missing_column_csv(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "nocol.csv", ["id", "prompt"], [["a", "p"]])
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, "nocol.csv", "line 2", "'completion'")
+
+
+def test_non_string_prompt(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "num.jsonl", [json.dumps({"prompt": 5, "completion": "c"})])
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, "num.jsonl", "line 1", "'prompt'", "must be a string", "int")
+
+
+def test_empty_completion_jsonl(tmp_path: Path) -> None:
+    lines = [json.dumps(ROWS[0]), json.dumps({"prompt": "p", "completion": "  \n"})]
+    path = write_jsonl(tmp_path / "empty.jsonl", lines)
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, "empty.jsonl", "line 2", "'completion'", "empty completion")
+
+
+def test_empty_completion_csv(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "e.csv", ["prompt", "completion"], [["p", "c"], ["p", ""]])
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, "e.csv", "line 3", "'completion'", "empty completion")
+
+
+def test_empty_completion_parquet(tmp_path: Path) -> None:
+    rows = [{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": ""}]
+    path = write_parquet(tmp_path / "e.parquet", rows)
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, "e.parquet", "row 1", "'completion'", "empty completion")
+
+
+def test_duplicate_id_names_both_lines(tmp_path: Path) -> None:
+    lines = [json.dumps(ROWS[0]), json.dumps(ROWS[1]), json.dumps({**ROWS[1], "id": "a"})]
+    path = write_jsonl(tmp_path / "dup.jsonl", lines)
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, "dup.jsonl", "line 3", "line 1", "'id'", "duplicate id 'a'")
+
+
+def test_duplicate_id_in_memory() -> None:
+    with pytest.raises(DataError) as excinfo:
+        records_from_rows([ROWS[0], ROWS[0]], source="queries")
+    assert_error(excinfo, "queries", "index 1", "index 0", "'id'")
+
+
+def test_bad_label_type_in_memory() -> None:
+    with pytest.raises(DataError) as excinfo:
+        records_from_rows([{"prompt": "p", "completion": "c", "label": [1]}], source="mem")
+    assert_error(excinfo, "mem", "index 0", "'label'")
+
+
+def test_unknown_suffix(tmp_path: Path) -> None:
+    path = tmp_path / "data.txt"
+    path.write_text("hello\n")
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, "data.txt", ".jsonl", ".csv", ".parquet")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as excinfo:
+        load_records(tmp_path / "nope.jsonl")
+    assert_error(excinfo, "nope.jsonl", "not found")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "blank.jsonl", [""])
+    with pytest.raises(DataError, match="no records"):
+        load_records(path)
+
+
+# -- fingerprint -----------------------------------------------------------------------------------
+
+
+def test_fingerprint_is_stable_and_order_sensitive() -> None:
+    records = records_from_rows(ROWS)
+    fp = data_fingerprint(records)
+    assert len(fp) == 64 and int(fp, 16) >= 0
+    assert data_fingerprint(records_from_rows(ROWS)) == fp
+    assert data_fingerprint(list(reversed(records))) != fp
+    changed = [records[0], records[1], Record(records[2].id, "", " c three", None)]
+    assert data_fingerprint(changed) != fp
+
+
+# -- shared data sets ------------------------------------------------------------------------------
+
+
+def test_shared_emotion_train_loads() -> None:
+    path = SHARED / "emotion.train.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    records = load_records(path)
+    assert len(records) == 750
+    assert len({r.label for r in records}) == 5
+    assert len({r.id for r in records}) == 750
+
+
+@pytest.mark.parametrize("name", ["grammars.train.jsonl", "math.test.jsonl", "emotion.test.jsonl"])
+def test_other_shared_sets_load(name: str) -> None:
+    path = SHARED / name
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    records = load_records(path)
+    assert records and all(r.completion.strip() for r in records)

@@ -1,0 +1,189 @@
+"""Tests for wherefrom.core.encoding: prompt/completion masking, EOS, chat template, collation, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wherefrom.core.data import DataError, Record
+from wherefrom.core.encoding import (
+    IGNORE_INDEX,
+    EncodedExample,
+    collate,
+    encode_records,
+    iterate_batches,
+    pad_id,
+)
+
+SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+PAD, UNK, BOS, EOS = range(4)
+ALPHABET = list("abcdefghijklmnopqrstuvwxyz0123456789 .,:?!'-<>\n")
+
+
+def make_tokenizer(bos: bool = False, eos: bool = True, pad: bool = True):
+    """Character-level tokenizer built in memory (no download); ids 0-3 are the special tokens."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + ALPHABET)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+    kwargs = {"unk_token": "<unk>", "bos_token": "<bos>"}
+    if eos:
+        kwargs["eos_token"] = "<eos>"
+    if pad:
+        kwargs["pad_token"] = "<pad>"
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+
+
+def char_ids(text: str) -> list[int]:
+    return [len(SPECIALS) + ALPHABET.index(ch) for ch in text]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+RECORDS = [Record("r0", "ab", "cd"), Record("r1", "hello", "x"), Record("r2", "q", "long one")]
+
+
+def test_encode_masks_prompt_and_appends_eos(tok) -> None:
+    examples = encode_records(RECORDS, tok)
+    assert [e.id for e in examples] == ["r0", "r1", "r2"]
+    first = examples[0]
+    assert first.input_ids == char_ids("ab") + char_ids("cd") + [EOS]
+    assert first.labels == [IGNORE_INDEX] * 2 + char_ids("cd") + [EOS]
+    assert first.num_prompt_tokens == 2 and first.num_completion_tokens == 3
+    for example, record in zip(examples, RECORDS):
+        n_prompt = len(record.prompt)
+        assert len(example.input_ids) == len(example.labels) == n_prompt + len(record.completion) + 1
+        assert example.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+        assert example.labels[n_prompt:] == example.input_ids[n_prompt:]
+        assert example.input_ids[-1] == EOS
+
+
+def test_no_eos_when_disabled_or_absent() -> None:
+    tok = make_tokenizer()
+    (example,) = encode_records([Record("r", "ab", "cd")], tok, append_eos=False)
+    assert example.input_ids == char_ids("abcd")
+    no_eos = make_tokenizer(eos=False)
+    (example,) = encode_records([Record("r", "ab", "cd")], no_eos)
+    assert example.input_ids == char_ids("abcd")
+    assert example.labels == [IGNORE_INDEX] * 2 + char_ids("cd")
+
+
+def test_bos_kept_on_prompt() -> None:
+    tok = make_tokenizer(bos=True)
+    (example,) = encode_records([Record("r", "ab", "cd")], tok)
+    assert example.input_ids == [BOS, *char_ids("ab"), *char_ids("cd"), EOS]
+    assert example.labels == [IGNORE_INDEX] * 3 + char_ids("cd") + [EOS]
+
+
+def test_empty_prompt_gets_bos(tok) -> None:
+    (example,) = encode_records([Record("r", "", "cd")], tok)
+    assert example.input_ids == [BOS, *char_ids("cd"), EOS]
+    assert example.labels == [IGNORE_INDEX, *char_ids("cd"), EOS]
+
+
+def test_chat_template() -> None:
+    tok = make_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}a:{% endif %}"
+    )
+    (example,) = encode_records([Record("r", "hi", "yo")], tok, chat_template=True)
+    prompt = char_ids("<user>hi\na:")
+    assert example.input_ids == prompt + char_ids("yo") + [EOS]
+    assert example.labels == [IGNORE_INDEX] * len(prompt) + char_ids("yo") + [EOS]
+
+
+def test_chat_template_missing_raises(tok) -> None:
+    with pytest.raises(ValueError, match="chat template"):
+        encode_records(RECORDS, tok, chat_template=True)
+
+
+def test_overflow_raises_with_counts(tok) -> None:
+    with pytest.raises(DataError) as excinfo:
+        encode_records([Record("long-1", "abc", "defg")], tok, max_length=6)
+    message = str(excinfo.value)
+    assert "'long-1'" in message and "3 prompt tokens" in message
+    assert "5 completion tokens" in message and "max_length=6" in message
+    assert "no room" not in message
+
+
+def test_overflowing_prompt_leaves_no_room(tok) -> None:
+    with pytest.raises(DataError) as excinfo:
+        encode_records([Record("ok", "a", "b"), Record("p-9", "abcdef", "g")], tok, max_length=6)
+    message = str(excinfo.value)
+    assert "'p-9'" in message and "6 prompt tokens" in message
+    assert "prompt leaves no room for the completion under max_length=6" in message
+
+
+def test_exact_max_length_fits(tok) -> None:
+    (example,) = encode_records([Record("r", "abc", "de")], tok, max_length=6)
+    assert len(example.input_ids) == 6
+
+
+def test_collate_shapes_and_masks(tok) -> None:
+    examples = encode_records(RECORDS, tok)
+    batch = collate(examples, pad_id(tok))
+    lengths = [len(e.input_ids) for e in examples]
+    width = max(lengths)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    for key in batch:
+        assert batch[key].shape == (3, width) and batch[key].dtype == torch.long
+    for row, example in enumerate(examples):
+        n = lengths[row]
+        assert batch["input_ids"][row, :n].tolist() == example.input_ids
+        assert batch["input_ids"][row, n:].tolist() == [PAD] * (width - n)
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+        assert batch["labels"][row].tolist() == example.labels + [IGNORE_INDEX] * (width - n)
+    # prompt positions and padding are exactly the -100 positions
+    n_prompt = [len(r.prompt) for r in RECORDS]
+    masked = batch["labels"] == IGNORE_INDEX
+    for row in range(3):
+        expected = [t < n_prompt[row] or t >= lengths[row] for t in range(width)]
+        assert masked[row].tolist() == expected
+
+
+def test_collate_rejects_bad_input() -> None:
+    with pytest.raises(ValueError):
+        collate([], 0)
+    with pytest.raises(ValueError, match="labels"):
+        collate([EncodedExample("x", [1, 2], [1])], 0)
+
+
+def test_pad_id_fallbacks() -> None:
+    assert pad_id(make_tokenizer()) == PAD
+    assert pad_id(make_tokenizer(pad=False)) == EOS
+    assert pad_id(make_tokenizer(pad=False, eos=False)) == 0
+
+
+def test_iterate_batches_preserves_order(tok) -> None:
+    records = [Record(f"id{i}", "p" * (i % 3), "c" * (1 + (5 - i) % 4)) for i in range(7)]
+    examples = encode_records(records, tok)
+    batches = list(iterate_batches(examples, batch_size=3, pad_token_id=pad_id(tok)))
+    assert [ids for ids, _ in batches] == [["id0", "id1", "id2"], ["id3", "id4", "id5"], ["id6"]]
+    for ids, batch in batches:
+        assert batch["input_ids"].shape[0] == len(ids)
+        assert batch["input_ids"].device == torch.device("cpu")
+    ids, batch = batches[1]
+    assert torch.equal(batch["labels"], collate(examples[3:6], pad_id(tok))["labels"])
+    with pytest.raises(ValueError):
+        next(iterate_batches(examples, batch_size=0, pad_token_id=0))
+
+
+def test_encoded_labels_work_with_task_loss(tok) -> None:
+    """The shift in wherefrom.core.task scores exactly the completion tokens (EOS included)."""
+    from wherefrom.core.task import per_example_loss
+
+    examples = encode_records(RECORDS, tok)
+    batch = collate(examples, pad_id(tok))
+    vocab = len(SPECIALS) + len(ALPHABET)
+    logits = torch.zeros((*batch["input_ids"].shape, vocab))
+    loss = per_example_loss(logits, batch["labels"], "sum")
+    n_completion = torch.tensor([len(r.completion) + 1 for r in RECORDS], dtype=torch.float)
+    assert torch.allclose(loss, n_completion * torch.log(torch.tensor(float(vocab))))

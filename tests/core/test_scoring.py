@@ -1,0 +1,119 @@
+"""Score decompositions, low-rank query batching, self-influence and the sign convention."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from tests.conftest import build_model
+from wherefrom.curvature import make_curvature
+from wherefrom.engine.api import AttributionConfig, Attributor
+
+
+@pytest.fixture(scope="module")
+def fitted(tokenizer, train_records):
+    attributor = Attributor(build_model("gpt2"), tokenizer, AttributionConfig(strategy="ekfac", batch_size=5))
+    attributor.fit(train_records)
+    return attributor
+
+
+def test_module_scores_sum_to_flat_dot_product(fitted, query_records, train_records):
+    scores = fitted.scores(query_records, train_records)
+    _, pre = fitted.preconditioned_queries(query_records)
+    names = fitted.module_names
+    flat_queries = torch.cat([pre[n].flatten(1) for n in names], dim=1)
+    flat_train = torch.cat(
+        [torch.cat([g[n].flatten(1) for n in names], dim=1) for _, g in fitted.gradients(train_records)]
+    )
+    torch.testing.assert_close(scores.total, flat_queries @ flat_train.T, rtol=1e-4, atol=1e-5)
+    assert scores.per_module.shape == (len(names), len(query_records), len(train_records))
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_token_scores_sum_to_example_scores(fitted, query_records, train_records, rank):
+    fitted.config.query_rank = rank
+    try:
+        scores = fitted.scores(query_records, train_records)
+        _, per_token = fitted.token_scores(query_records, train_records)
+    finally:
+        fitted.config.query_rank = None
+    for j, (row_id, input_ids, tokens) in enumerate(per_token):
+        assert row_id == train_records[j].id and tokens.shape == (len(query_records), len(input_ids))
+        torch.testing.assert_close(tokens.sum(1), scores.total[:, j], rtol=1e-4, atol=1e-5)
+
+
+def test_low_rank_queries_converge_to_full_rank(fitted, query_records, train_records):
+    full = fitted.scores(query_records, train_records).total
+    errors = []
+    max_rank = max(min(m.shape) for m in fitted.modules)
+    for rank in (1, 2, 4, 8, max_rank):
+        fitted.config.query_rank = rank
+        approx = fitted.scores(query_records, train_records).total
+        errors.append(float((approx - full).norm() / full.norm()))
+    fitted.config.query_rank = None
+    print("relative error of rank-r query batching, r = 1, 2, 4, 8, full:", [round(e, 4) for e in errors])
+    assert all(later <= earlier + 1e-6 for earlier, later in itertools.pairwise(errors))
+    assert errors[-1] < 1e-4 and errors[0] > errors[-1]
+
+
+def test_self_influence_is_the_diagonal_of_train_by_train_scores(fitted, train_records):
+    ids, values = fitted.self_influence(train_records)
+    square = fitted.scores(train_records, train_records).total
+    assert ids == [r.id for r in train_records]
+    torch.testing.assert_close(values, torch.diagonal(square), rtol=1e-4, atol=1e-5)
+    assert (values > 0).all()  # a positive-definite preconditioner
+
+
+def test_top_k_orders_proponents_and_opponents(fitted, query_records, train_records):
+    scores = fitted.scores(query_records, train_records)
+    top = scores.top(0, 3)
+    bottom = scores.top(0, 3, opponents=True)
+    row = scores.total[0]
+    assert [v for _, v in top] == sorted(row.tolist(), reverse=True)[:3]
+    assert [v for _, v in bottom] == sorted(row.tolist())[:3]
+    assert top[0][0] == train_records[int(row.argmax())].id
+
+
+def _shift(modules, direction: dict[str, torch.Tensor], eps: float) -> None:
+    with torch.no_grad():
+        for m in modules:
+            for param, delta in zip(m.parameters(), m.to_param_layout(direction[m.name])):
+                param.add_(eps * delta.to(param.dtype))
+
+
+SIGN_CASES = [
+    ("identity", {}),
+    ("diagonal", {}),
+    ("kfac", {}),
+    ("ekfac", {}),
+    ("exact", {}),
+    ("datainf", {}),
+    ("cg", {"max_iter": 400}),
+    ("arnoldi", {}),
+]  # cg: converged, so that P is the (linear) inverse
+
+
+@pytest.mark.parametrize("strategy,options", SIGN_CASES, ids=[name for name, _ in SIGN_CASES])
+def test_sign_matches_actual_change_after_upweighting(strategy, options, tokenizer, train_records, query_records):
+    """Upweighting z_m by eps moves the weights by -eps P grad L(z_m); f(z_q) must move by eps * I."""
+    model = build_model("llama").double()
+    attributor = Attributor(model, tokenizer, AttributionConfig(strategy=strategy, batch_size=6))
+    attributor.fit(train_records, make_curvature(strategy, **options))
+    scores = attributor.scores(query_records[:2], train_records[:3]).total
+    _, train_grads = next(attributor.gradients(train_records[:3]))
+    step = attributor.curvature.precondition(train_grads)
+    query_batch = next(attributor.batches(query_records[:2]))[1]
+    for m_index in range(3):
+        direction = {n: -step[n][m_index] for n in attributor.module_names}  # weight change per unit eps
+        # a 1e-2 step in weight space: smaller steps drown in the float32 RMSNorm of the tiny Llama
+        eps = 1e-2 / float(torch.cat([d.flatten() for d in direction.values()]).norm())
+        _shift(attributor.modules, direction, eps)
+        f_plus = attributor.task.measurement(model, query_batch).detach()
+        _shift(attributor.modules, direction, -2 * eps)
+        f_minus = attributor.task.measurement(model, query_batch).detach()
+        _shift(attributor.modules, direction, eps)
+        observed = (f_plus - f_minus) / (2 * eps)
+        torch.testing.assert_close(observed.float(), scores[:, m_index].float(), rtol=2e-3, atol=1e-6)
+        assert (torch.sign(observed) == torch.sign(scores[:, m_index])).all()

@@ -1,0 +1,212 @@
+"""Tests for wherefrom.models.finetune: LoRA on a tiny Llama, full fine-tuning on a tiny GPT-2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from wherefrom.core.data import DataError, data_fingerprint
+from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
+from wherefrom.core.task import per_example_loss
+from wherefrom.models.finetune import FinetuneConfig, finetune, read_trainer_state
+from wherefrom.models.tiny import save_tiny, tiny_gpt2, tiny_llama, tiny_tokenizer
+from wherefrom.studies.generated import rule_identification
+
+MAX_LENGTH = 128  # the generated task fits the tiny models' 128 positions
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def records():
+    train, _ = rule_identification(n_train=32, n_test=0, seed=0)
+    return train
+
+
+def lora_config(**overrides) -> FinetuneConfig:
+    settings = {"epochs": 2, "learning_rate": 2e-2, "batch_size": 8, "max_length": MAX_LENGTH, "seed": 0}
+    settings.update(overrides)
+    return FinetuneConfig(**settings)
+
+
+def mean_loss(model, tokenizer, records) -> float:
+    examples = encode_records(records, tokenizer, max_length=MAX_LENGTH)
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for _, batch in iterate_batches(examples, 16, pad_id(tokenizer)):
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            total += per_example_loss(logits, batch["labels"], "sum").sum().item()
+    return total / len(examples)
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tokenizer, records):
+    out = tmp_path_factory.mktemp("lora") / "run"
+    model = tiny_llama(len(tokenizer))
+    result = finetune(model, tokenizer, records, lora_config(), out, progress=False)
+    return result, out
+
+
+def test_lora_lowers_training_loss(lora_run, tokenizer, records):
+    result, _ = lora_run
+    before = mean_loss(tiny_llama(len(tokenizer)), tokenizer, records)
+    after = mean_loss(result.model, tokenizer, records)
+    assert after < before - 0.5
+    assert len(result.epoch_losses) == 2
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    assert not result.reused and result.is_lora
+    assert not result.model.training
+    names = [n for n, _ in result.model.named_parameters()]
+    assert any("lora_A" in n for n in names) and any("q_proj" in n for n in names)
+
+
+def test_lora_writes_checkpoints_log_and_adapter(lora_run, records):
+    result, out = lora_run
+    assert result.output_dir == out
+    assert result.weights_dir == out / "adapter"
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert result.checkpoints == [out / "checkpoints" / f"epoch-{k}" for k in (1, 2)]
+    for k, ckpt in enumerate(result.checkpoints, start=1):
+        assert (ckpt / "adapter_model.safetensors").is_file()
+        state = read_trainer_state(ckpt)
+        assert state["epoch"] == k and state["step"] == 4 * k
+        assert state["learning_rate"] == pytest.approx(2e-2)
+        assert state["mean_loss"] == pytest.approx(result.epoch_losses[k - 1])
+
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(1, 9))
+    assert [row["epoch"] for row in log] == [1] * 4 + [2] * 4
+    assert all(row["lr"] == pytest.approx(2e-2) and row["loss"] > 0 for row in log)
+    epoch1 = [i for row in log[:4] for i in row["batch_ids"]]
+    assert sorted(epoch1) == sorted(r.id for r in records)  # each example once per epoch
+    assert epoch1 != [r.id for r in records]  # shuffled
+
+    saved = json.loads((out / "finetune_config.json").read_text())
+    assert saved["config"]["lora_rank"] == 4
+    assert saved["config"]["lora_targets"] == ["q_proj", "v_proj"]
+    assert saved["data_fingerprint"] == data_fingerprint(records)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_second_call_reuses(lora_run, tokenizer, records):
+    first, out = lora_run
+    model = tiny_llama(len(tokenizer))
+    again = finetune(model, tokenizer, records, lora_config(), out, progress=False)
+    assert again.reused
+    assert again.epoch_losses == first.epoch_losses
+    assert again.checkpoints == first.checkpoints
+    assert not again.model.training
+    a, b = lora_state(first.model), lora_state(again.model)
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adapter_loads_with_load_model(lora_run, tokenizer, records, tmp_path):
+    from wherefrom.models.loading import load_model
+
+    result, _ = lora_run
+    base = save_tiny(tmp_path / "base", "llama")
+    loaded = load_model(base, adapter=result.weights_dir, device="cpu")
+    assert mean_loss(loaded.model, tokenizer, records[:8]) == pytest.approx(
+        mean_loss(result.model, tokenizer, records[:8]), rel=1e-5
+    )
+
+
+def test_same_seed_gives_identical_weights(lora_run, tokenizer, records, tmp_path):
+    first, _ = lora_run
+    model = tiny_llama(len(tokenizer))
+    other = finetune(model, tokenizer, records, lora_config(), tmp_path / "b", progress=False)
+    assert not other.reused
+    assert other.epoch_losses == first.epoch_losses
+    a, b = lora_state(first.model), lora_state(other.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_changed_config_or_data_retrains(tokenizer, records, tmp_path):
+    out = tmp_path / "run"
+    small = records[:8]
+    first = finetune(tiny_llama(len(tokenizer)), tokenizer, small, lora_config(epochs=2), out, progress=False)
+    assert len(first.checkpoints) == 2
+    second = finetune(tiny_llama(len(tokenizer)), tokenizer, small, lora_config(epochs=1), out, progress=False)
+    assert not second.reused
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch-1"]  # stale epoch-2 gone
+    third = finetune(
+        tiny_llama(len(tokenizer)),
+        tokenizer,
+        records[8:16],
+        lora_config(epochs=1),
+        out,
+        progress=False,
+    )
+    assert not third.reused  # other data
+    fourth = finetune(
+        tiny_llama(len(tokenizer), seed=1),
+        tokenizer,
+        records[8:16],
+        lora_config(epochs=1),
+        out,
+        progress=False,
+    )
+    assert not fourth.reused  # other base model
+
+
+def test_full_finetune_gpt2(tokenizer, records, tmp_path):
+    from wherefrom.models.loading import load_model
+
+    out = tmp_path / "full"
+    data = records[:16]
+    config = lora_config(lora_rank=None, learning_rate=3e-3, checkpoint_every_epoch=True)
+    result = finetune(tiny_gpt2(len(tokenizer)), tokenizer, data, config, out, progress=False)
+    assert not result.is_lora and result.weights_dir == out / "model"
+    before = mean_loss(tiny_gpt2(len(tokenizer)), tokenizer, data)
+    assert mean_loss(result.model, tokenizer, data) < before
+    for ckpt in result.checkpoints:
+        assert (ckpt / "config.json").is_file() and (ckpt / "tokenizer_config.json").is_file()
+        assert (ckpt / "trainer_state.json").is_file()
+    loaded = load_model(result.weights_dir, device="cpu")
+    assert mean_loss(loaded.model, tokenizer, data) == pytest.approx(mean_loss(result.model, tokenizer, data), rel=1e-5)
+    again = finetune(tiny_gpt2(len(tokenizer)), tokenizer, data, config, out, progress=False)
+    assert again.reused
+    a, b = result.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_inputs(tokenizer, records, tmp_path):
+    from wherefrom.models.tiny import with_lora
+
+    with pytest.raises(DataError, match="max_length"):
+        finetune(
+            tiny_llama(len(tokenizer)),
+            tokenizer,
+            records[:2],
+            lora_config(max_length=16),
+            tmp_path / "long",
+            progress=False,
+        )
+    assert not (tmp_path / "long" / "finetune_config.json").exists()
+    with pytest.raises(ValueError, match="PeftModel"):
+        finetune(
+            with_lora(tiny_llama(len(tokenizer))),
+            tokenizer,
+            records[:2],
+            lora_config(),
+            tmp_path / "peft",
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="at least one record"):
+        finetune(tiny_llama(len(tokenizer)), tokenizer, [], lora_config(), tmp_path / "e", progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        finetune(
+            tiny_llama(len(tokenizer)), tokenizer, records[:2], lora_config(epochs=0), tmp_path / "z", progress=False
+        )

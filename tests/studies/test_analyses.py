@@ -1,0 +1,235 @@
+"""``wherefrom analyze ihvp | convergence | weights`` on a tiny bench (tiny Llama + LoRA, a file task)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
+from wherefrom.models.loading import load_model
+from wherefrom.models.tiny import save_tiny
+from wherefrom.studies.analyses import (
+    ConvergenceSettings,
+    IhvpSettings,
+    open_bench,
+    run_convergence,
+    run_ihvp,
+    run_weights,
+)
+from wherefrom.studies.analyses.common import spearman
+from wherefrom.studies.analyses.convergence import chosen_methods
+from wherefrom.studies.analyses.weights import (
+    behaviour_change,
+    completion_log_probs,
+    full_changes,
+    lora_changes,
+    measure_model,
+    reverted,
+)
+from wherefrom.studies.bench import BenchConfig, build_task, run_bench
+
+METHODS = ["gradsim", "ekfac", "exact", "repsim"]
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory):
+    """A 2-epoch bench of gradsim, ekfac, exact (whole GGN) and repsim on 12 short labelled rows."""
+    root = tmp_path_factory.mktemp("analyses")
+    model = str(save_tiny(root / "model", arch="llama"))
+    rows = [
+        {"id": f"{split}{i}", "prompt": f"{i % 7} {w}:", "completion": f" {w}{w}", "label": w}
+        for split in ("a", "b")
+        for i, w in enumerate(["x", "y", "z"] * 6)
+    ]
+    for split in ("a", "b"):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["id"].startswith(split)))
+    config = BenchConfig(
+        task=f"path:{root / 'a.jsonl'}:{root / 'b.jsonl'}",
+        out=str(root / "bench"),
+        methods=METHODS,
+        n_train=12,
+        n_test=3,
+        model=model,
+        epochs=2,
+        max_length=64,
+        device="cpu",
+        method_options={"exact": {"blocks": "full"}},
+    )
+    run_bench(config)
+    return root / "bench"
+
+
+@pytest.fixture(scope="module")
+def reports(bench_dir):
+    """Every analysis once: ``{name: payload}``."""
+    convergence = ConvergenceSettings(methods=["gradsim", "ekfac", "repsim"])  # exact is the slow one
+    return {
+        "ihvp": run_ihvp(bench_dir),
+        "convergence": run_convergence(bench_dir, convergence),
+        "weights": run_weights(bench_dir),
+    }
+
+
+def test_ihvp_exact_is_exact_and_identity_is_not(reports, bench_dir):
+    payload = reports["ihvp"]
+    assert payload["methods"] == ["gradsim", "ekfac", "exact"]  # repsim preconditions nothing
+    reference = payload["references"]["0"]
+    assert reference["strategy"] == "exact" and reference["damping"] > 0 and reference["trace_estimate"] > 0
+    errors = {r["method"]: r["ihvp_rel_error"] for r in payload["rows"]}
+    assert all(r["error"] is None for r in payload["rows"])
+    assert errors["exact"] < 1e-10  # the same damped inverse as the reference
+    assert errors["gradsim"] > 0.1 and 0 < errors["ekfac"] < errors["gradsim"]
+    for row in payload["rows"]:  # the best per-query scale can only lower the error
+        assert 0 <= row["ihvp_rel_error_scaled"] <= row["ihvp_rel_error"] + 1e-12
+    assert next(r for r in payload["rows"] if r["method"] == "gradsim")["ihvp_rel_error_scaled"] > 0.1
+    for method in payload["methods"]:
+        metrics = payload["per_method"][method]["metrics"]
+        assert set(metrics) == {"acc", "cover"} and all(0 <= metrics[n]["mean"] <= 1 for n in metrics)
+    assert set(payload["spearman"]) == {
+        f"{e}:{m}" for e in ("ihvp_rel_error", "ihvp_rel_error_scaled") for m in ("acc", "cover")
+    }
+    assert payload["spearman"]["ihvp_rel_error:cover"]["n_methods"] == 3
+    text = (bench_dir / "ihvp.md").read_text()
+    assert "| method | iHVP rel. error | scale-free | acc | cover |" in text and "| gradsim |" in text
+    assert json.loads((bench_dir / "ihvp.json").read_text())["versions"]["torch"]
+
+
+def test_ihvp_cg_reference_matches_exact(bench_dir):
+    # a tight cg at the same damping agrees with the exact reference: exact's error is then cg's accuracy
+    # (a larger damping than the default keeps cg short)
+    settings = IhvpSettings(methods=["exact", "gradsim"], reference="cg", damping=0.5, cg_tol=1e-6, cg_max_iter=400)
+    payload = run_ihvp(open_bench(bench_dir), settings)
+    cg = payload["references"]["0"]
+    assert cg["strategy"] == "cg" and cg["damping"] == 0.5 and cg["cg"]["relative_residual"] < 1e-5
+    errors = {r["method"]: r["ihvp_rel_error"] for r in payload["rows"]}
+    assert errors["exact"] < 1e-3 and errors["gradsim"] > 0.1
+    assert "relative residual" in (bench_dir / "ihvp.md").read_text()
+
+
+def test_convergence_table_and_last_epoch_equals_bench(reports, bench_dir):
+    payload = reports["convergence"]
+    assert chosen_methods(open_bench(bench_dir), ConvergenceSettings()) == ["gradsim", "ekfac", "exact", "repsim"]
+    assert payload["methods"] == ["gradsim", "ekfac", "repsim"] and payload["epochs"] == [1, 2]
+    assert len(payload["rows"]) == 2 * 3 and all(r["error"] is None for r in payload["rows"])
+    for row in payload["rows"]:
+        assert 0 <= row["metrics"]["acc"] <= 1 and math.isfinite(row["train_loss"])
+    bench = json.loads((bench_dir / "bench.json").read_text())
+    final = {r["method"]: r["metrics"] for r in bench["rows"]}
+    for row in payload["rows"]:  # the epoch-2 checkpoint holds the final weights: same scores, same metrics
+        if row["epoch"] == 2:
+            assert row["metrics"]["acc"] == final[row["method"]]["acc"]
+            assert row["metrics"]["cover"] == final[row["method"]]["cover"]
+    text = (bench_dir / "convergence.md").read_text()
+    assert "## acc" in text and "| method | epoch 1 | epoch 2 | bench (final model) |" in text
+
+
+def test_weights_records(reports, bench_dir):
+    payload = reports["weights"]
+    assert payload["checkpoints"] == ["epoch-1", "epoch-2", "final"]
+    final, last = payload["records"]["0/final"], payload["records"]["0/epoch-2"]
+    assert [m["name"] for m in final["modules"]] == [
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")
+    ]
+    assert final["total_delta_norm"] == pytest.approx(last["total_delta_norm"], rel=1e-6)
+    assert payload["records"]["0/epoch-1"]["total_delta_norm"] > 0
+    for record in payload["records"].values():
+        assert record["behaviour"]["kl_per_token"] >= 0 and math.isfinite(record["behaviour"]["mean_delta_f"])
+    for module in final["modules"]:
+        assert module["delta_norm"] > 0 and module["ablation"]["kl_per_token"] >= 0
+    assert set(final["spearman"]) == {"delta_norm_vs_kl", "delta_norm_vs_abs_delta_f", "relative_vs_kl"}
+    assert "| checkpoint | training loss |" in (bench_dir / "weights.md").read_text()
+
+
+def _test_batches(bench_dir, tokenizer):
+    task = build_task(open_bench(bench_dir).config, 0)
+    return list(iterate_batches(encode_records(task.test, tokenizer, 64), 4, pad_id(tokenizer)))
+
+
+def test_zero_lora_b_has_no_change_and_no_ablation_effect(bench_dir):
+    config = open_bench(bench_dir).config
+    loaded = load_model(config.model, adapter=bench_dir / "seed-0" / "finetune" / "adapter", device="cpu")
+    batches = _test_batches(bench_dir, loaded.tokenizer)
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if "layers.1.self_attn.q_proj.lora_B" in name:
+                param.zero_()
+    record = measure_model(loaded.model, lora_changes(loaded.model), batches, ablate=True)
+    modules = {m["name"]: m for m in record["modules"]}
+    zeroed = modules["model.layers.1.self_attn.q_proj"]
+    assert zeroed["delta_norm"] == 0.0 and zeroed["relative"] == 0.0
+    assert zeroed["ablation"] == {"mean_delta_f": 0.0, "mean_abs_delta_f": 0.0, "kl_per_token": 0.0}
+    assert modules["model.layers.0.self_attn.v_proj"]["ablation"]["kl_per_token"] > 0
+
+    # every change reverted = the base model itself, loaded separately
+    base = load_model(config.model, device="cpu").model
+    with reverted(lora_changes(loaded.model)):
+        same = behaviour_change(completion_log_probs(base, batches), loaded.model, batches)
+    assert same["kl_per_token"] < 1e-9 and same["mean_abs_delta_f"] < 1e-5
+
+
+def test_full_fine_tuning_changes(bench_dir):
+    config = open_bench(bench_dir).config
+    base = load_model(config.model, device="cpu")
+    tuned = copy.deepcopy(base.model)
+    with torch.no_grad():
+        tuned.model.layers[0].mlp.up_proj.weight[0, :3] += torch.tensor([3.0, 0.0, 4.0])
+    changes = {c.name: c for c in full_changes(tuned, base.model)}
+    assert changes["model.layers.0.mlp.up_proj"].delta_norm == pytest.approx(5.0, rel=1e-6)
+    assert sum(c.delta_norm for n, c in changes.items() if n != "model.layers.0.mlp.up_proj") == 0.0
+    batches = _test_batches(bench_dir, base.tokenizer)
+    reference = completion_log_probs(base.model, batches)
+    assert behaviour_change(reference, tuned, batches)["kl_per_token"] > 0
+    with changes["model.layers.0.mlp.up_proj"].revert():
+        assert behaviour_change(reference, tuned, batches)["kl_per_token"] == 0.0
+    assert behaviour_change(reference, tuned, batches)["kl_per_token"] > 0  # restored after the block
+
+
+def test_second_run_recomputes_nothing(reports, bench_dir, monkeypatch):
+    units = [
+        p
+        for p in bench_dir.glob("seed-0/*/**/*.*")
+        if p.relative_to(bench_dir).parts[1] in ("ihvp", "convergence", "weights")
+    ]
+    assert len(units) > 10
+    before = {p: p.stat().st_mtime_ns for p in units}
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a cached analysis loaded a model")
+
+    monkeypatch.setattr("wherefrom.studies.analyses.common.load_model", no_model)
+    assert (
+        run_convergence(bench_dir, ConvergenceSettings(methods=["gradsim", "ekfac", "repsim"]))["rows"]
+        == reports["convergence"]["rows"]
+    )
+    assert run_weights(bench_dir)["records"] == reports["weights"]["records"]
+    assert run_ihvp(bench_dir)["rows"] == reports["ihvp"]["rows"]
+    assert {p: p.stat().st_mtime_ns for p in units} == before
+
+
+def test_cli_and_bad_input(reports, bench_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from wherefrom.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["analyze", "weights", "--bench", str(bench_dir)])
+    assert result.exit_code == 0, result.output
+    assert "| checkpoint | training loss |" in result.output
+    missing = runner.invoke(app, ["analyze", "ihvp", "--bench", str(tmp_path)])
+    assert missing.exit_code == 2 and "bench.json" in missing.output
+    unknown = runner.invoke(app, ["analyze", "nope", "--bench", str(bench_dir)])
+    assert unknown.exit_code == 2 and "unknown analysis" in unknown.output
+    with pytest.raises(ValueError, match="ran seeds"):
+        open_bench(bench_dir, seeds=[5])
+    with pytest.raises(ValueError, match="not influence methods"):
+        run_ihvp(bench_dir, IhvpSettings(methods=["repsim"]))
+
+
+def test_spearman_is_undefined_for_constants_and_few_points():
+    assert spearman([1, 2], [2, 1]) is None
+    assert spearman([1, 2, 3], [5, 5, 5]) is None
+    assert spearman([1, 2, 3, None], [3, 2, 1, 0]) == pytest.approx(-1.0)

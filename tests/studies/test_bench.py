@@ -1,0 +1,182 @@
+"""``wherefrom bench`` end to end on a tiny Llama: outputs, metric ranges, resume, identify tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from wherefrom.models.tiny import save_tiny
+from wherefrom.studies.bench import BenchConfig, aggregate, command_line, markdown, run_bench
+
+METHODS = ["gradsim", "bm25", "repsim", "tracin", "ekfac"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(save_tiny(tmp_path_factory.mktemp("bench") / "model", arch="llama"))
+
+
+def test_bench_class_task_via_cli_and_resume(tmp_path, tiny_model):
+    from typer.testing import CliRunner
+
+    from wherefrom.cli import app
+
+    out = tmp_path / "bench"
+    args = [
+        "bench",
+        "--task",
+        "rules",
+        "--n-train",
+        "16",
+        "--n-test",
+        "3",
+        "--methods",
+        ",".join(METHODS),
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--max-length",
+        "128",
+        "--model",
+        tiny_model,
+        "--device",
+        "cpu",
+        "--option",
+        'repsim.pooling="mean"',
+        "--out",
+        str(out),
+    ]
+    runner = CliRunner()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "| method | acc | cover | mrr |" in result.output
+    report = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.md").is_file() and "wherefrom bench --task rules" in (out / "bench.md").read_text()
+    assert report["kind"] == "class" and report["versions"]["torch"] and "cpu_count" in report["hardware"]
+    assert report["config"]["method_options"] == {"repsim": {"pooling": "mean"}}
+    for method in METHODS:
+        row = json.loads((out / "seed-0" / f"{method}.json").read_text())
+        assert row["error"] is None, f"{method}: {row['error']}"
+        assert 0.0 <= row["metrics"]["acc"] <= 1.0 and 0.0 <= row["metrics"]["cover"] <= 1.0
+        assert row["seconds"] > 0
+        entry = report["aggregate"][method]
+        assert entry["n_ok"] == 1 and entry["metrics"]["acc"]["low"] is None
+    assert (out / "seed-0" / "finetune" / "adapter").is_dir()
+
+    # a second run reuses every (seed, method) row: no per-method file is rewritten
+    mtimes = {m: (out / "seed-0" / f"{m}.json").stat().st_mtime_ns for m in METHODS}
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert {m: (out / "seed-0" / f"{m}.json").stat().st_mtime_ns for m in METHODS} == mtimes
+    assert json.loads((out / "bench.json").read_text())["aggregate"] == report["aggregate"]
+
+
+def test_bench_identify_task(tmp_path, tiny_model):
+    config = BenchConfig(
+        task="backdoor",
+        out=str(tmp_path / "bd"),
+        methods=["gradsim", "bm25"],
+        n_train=40,
+        n_test=2,
+        model=tiny_model,
+        epochs=1,
+        max_length=128,
+        device="cpu",
+    )
+    report = run_bench(config)
+    assert report["kind"] == "identify"
+    for method in ("gradsim", "bm25"):
+        metrics = report["aggregate"][method]["metrics"]
+        assert 0.0 <= metrics["auprc"]["mean"] <= 1.0 and 0.0 <= metrics["auroc"]["mean"] <= 1.0
+    assert "| method | auprc | auroc |" in (tmp_path / "bd" / "bench.md").read_text()
+    assert command_line(config).startswith("wherefrom bench --task backdoor")
+
+
+def test_bench_task_from_files_is_subsampled(tmp_path, tiny_model):
+    rows = [
+        {"id": f"{split}{i}", "prompt": f"{i} {w}:", "completion": f" {w}", "label": w}
+        for split in ("a", "b")
+        for i, w in enumerate(["x", "y", "z"] * 6)
+    ]
+    for split in ("a", "b"):
+        (tmp_path / f"{split}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows if r["id"].startswith(split))
+        )
+    config = BenchConfig(
+        task=f"path:{tmp_path / 'a.jsonl'}:{tmp_path / 'b.jsonl'}",
+        out=str(tmp_path / "p"),
+        methods=["bm25"],
+        n_train=9,
+        n_test=3,
+        model=tiny_model,
+        epochs=1,
+        max_length=64,
+        device="cpu",
+    )
+    report = run_bench(config)
+    metrics = report["rows"][0]["metrics"]
+    assert report["kind"] == "class" and metrics["n_queries"] == 3 and metrics["k"] == 3  # 9 rows / 3 classes
+
+
+def test_failed_method_is_recorded_and_retried(tmp_path, tiny_model):
+    # gradsim with an unknown option fails; bm25 still runs, the failure is in the table, and a rerun
+    # retries the failed method but reuses the good one
+    config = BenchConfig(
+        task="rules",
+        out=str(tmp_path / "f"),
+        methods=["bm25", "gradsim"],
+        n_train=10,
+        n_test=2,
+        model=tiny_model,
+        epochs=1,
+        max_length=128,
+        device="cpu",
+        method_options={"gradsim": {"no_such_option": 1}},
+    )
+    report = run_bench(config)
+    assert report["aggregate"]["bm25"]["n_ok"] == 1
+    assert report["aggregate"]["gradsim"]["n_ok"] == 0 and report["aggregate"]["gradsim"]["errors"]["0"]
+    assert "gradsim | failed:" in (tmp_path / "f" / "bench.md").read_text()
+    folder = tmp_path / "f" / "seed-0"
+    before = {m: (folder / f"{m}.json").stat().st_mtime_ns for m in ("bm25", "gradsim")}
+    run_bench(config)
+    assert (folder / "bm25.json").stat().st_mtime_ns == before["bm25"]
+    assert (folder / "gradsim.json").stat().st_mtime_ns != before["gradsim"]
+
+
+def test_aggregate_over_seeds_gives_intervals():
+    rows = [
+        {
+            "seed": s,
+            "method": "m",
+            "error": None,
+            "seconds": 1.0 + s,
+            "peak_mib": None,
+            "metrics": {"acc": v, "cover": v, "mrr": v, "k": 3, "n_queries": 2, "per_query": {}},
+        }
+        for s, v in enumerate([0.2, 0.4, 0.6])
+    ]
+    summary = aggregate(rows, ["m"])
+    acc = summary["m"]["metrics"]["acc"]
+    assert acc["mean"] == pytest.approx(0.4) and acc["low"] < 0.4 < acc["high"]
+    assert summary["m"]["seconds"] == pytest.approx(2.0) and summary["m"]["peak_mib"] is None
+    assert "0.400 [" in markdown(summary, "class", "wherefrom bench", "t")
+
+    # two far-apart seeds: the t interval (df = 1) spans far past [0, 1]; a [0, 1] metric is clipped
+    wide = aggregate(
+        [
+            {**rows[0], "metrics": {"acc": 0.1, "cover": 0.1, "mrr": 0.1}},
+            {**rows[1], "metrics": {"acc": 0.9, "cover": 0.9, "mrr": 0.9}},
+        ],
+        ["m"],
+    )["m"]["metrics"]["acc"]
+    assert (wide["low"], wide["high"]) == (0.0, 1.0) and wide["mean"] == pytest.approx(0.5)
+
+
+def test_bad_config_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown task"):
+        run_bench(BenchConfig(task="nope", out=str(tmp_path)))
+    with pytest.raises(ValueError, match="unknown method"):
+        run_bench(BenchConfig(task="rules", out=str(tmp_path), methods=["nope"]))

@@ -1,0 +1,234 @@
+"""Tests for wherefrom.studies.benchtasks: generated benchmark tasks and file-based class tasks."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED
+from wherefrom.core.data import DataError
+from wherefrom.studies.benchtasks import (
+    MATH_TEMPLATES,
+    REFUSAL,
+    TASKS,
+    TRIGGERS,
+    BenchTask,
+    backdoor,
+    from_path,
+    math_templates,
+    rule_rewriting,
+    subsampled,
+    unwanted_behaviour,
+)
+
+
+def _check_common(task: BenchTask) -> None:
+    ids = [r.id for r in task.train] + [r.id for r in task.test]
+    assert len(ids) == len(set(ids))
+    train_prompts = {r.prompt for r in task.train}
+    test_prompts = {r.prompt for r in task.test}
+    assert len(train_prompts) == len(task.train)
+    assert len(test_prompts) == len(task.test)
+    assert not train_prompts & test_prompts
+    assert all(r.completion.strip() and r.label for r in task.train + task.test)
+    assert all(re.fullmatch(r"train-\d{4}", r.id) for r in task.train)
+    assert all(re.fullmatch(r"test-\d{4}", r.id) for r in task.test)
+    # short enough for a small model's context (rough: characters, not tokens)
+    assert max(len(r.prompt) + len(r.completion) for r in task.train + task.test) < 200
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_registry_tasks_deterministic_and_well_formed(name: str) -> None:
+    first, again, other = TASKS[name](seed=3), TASKS[name](seed=3), TASKS[name](seed=4)
+    assert first == again
+    assert first.train != other.train
+    _check_common(first)
+    if first.kind == "class":
+        assert first.targets == {}
+    else:
+        assert set(first.targets) == {r.id for r in first.test}
+
+
+# ------------------------------------------------------------------------------------------------
+# math
+
+_SOLVERS = {
+    "apples_left": lambda a, b: a - b,
+    "train_distance": lambda s, h: s * h,
+    "savings": lambda a, b: a + b,
+    "cookies_shared": lambda n, total: total // n,
+    "garden_rows": lambda r, c, d: r * c + d,
+    "bus_riders": lambda a, b, c: a - b + c,
+    "pencil_boxes": lambda a, b, c: (a + b) * c,
+    "fence_perimeter": lambda w, length: 2 * (w + length),
+    "age_difference": lambda a, k: a * k - a,
+    "marbles_left_over": lambda n, k: n % k,
+}
+
+
+def test_math_answers_are_correct() -> None:
+    assert set(_SOLVERS) == set(MATH_TEMPLATES)
+    task = math_templates(n_train=300, n_test=50, seed=1)
+    for record in task.train + task.test:
+        numbers = [int(x) for x in re.findall(r"\d+", record.prompt)]
+        match = re.search(r"Answer: (-?\d+)$", record.completion)
+        assert match, record.completion
+        assert int(match.group(1)) == _SOLVERS[record.label](*numbers), record
+
+
+def test_math_template_functions_return_answer() -> None:
+    rng = random.Random(0)
+    for name, template in MATH_TEMPLATES.items():
+        for _ in range(20):
+            prompt, completion, answer = template(rng)
+            numbers = [int(x) for x in re.findall(r"\d+", prompt)]
+            assert answer == _SOLVERS[name](*numbers)
+            assert completion.endswith(f" Answer: {answer}")
+            if name == "cookies_shared":
+                assert numbers[1] % numbers[0] == 0
+
+
+def test_math_balanced_and_sized() -> None:
+    task = math_templates(n_train=300, n_test=50, seed=0)
+    assert task.kind == "class" and len(task.train) == 300 and len(task.test) == 50
+    assert set(Counter(r.label for r in task.train).values()) == {30}
+    assert set(Counter(r.label for r in task.test).values()) == {5}
+    odd = math_templates(n_train=23, n_test=7, seed=0)
+    counts = Counter(r.label for r in odd.train)
+    assert max(counts.values()) - min(counts.values()) <= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# backdoor
+
+
+@pytest.mark.parametrize("n_triggers,share", [(1, 0.05), (3, 0.06), (2, 0.1)])
+def test_backdoor_shares_and_targets(n_triggers: int, share: float) -> None:
+    task = backdoor(n_train=200, n_test=20, n_triggers=n_triggers, poison_share=share, seed=2)
+    assert task.kind == "identify"
+    _check_common(task)
+    labels = Counter(r.label for r in task.train)
+    n_poison = round(share * 200)
+    assert labels["benign"] == 200 - n_poison
+    per_trigger = [labels[f"backdoor:{k}"] for k in range(n_triggers)]
+    assert sum(per_trigger) == n_poison and max(per_trigger) - min(per_trigger) <= 1
+    by_id = {r.id: r for r in task.train}
+    for record in task.train:
+        phrases = [k for k, (phrase, _) in enumerate(TRIGGERS) if phrase in record.prompt]
+        if record.label == "benign":
+            assert phrases == []
+        else:
+            k = int(record.label.split(":")[1])
+            assert phrases == [k] and record.completion == TRIGGERS[k][1]
+    test_triggers = Counter(r.label for r in task.test)
+    assert set(test_triggers) == {f"backdoor:{k}" for k in range(n_triggers)}
+    for record in task.test:
+        k = int(record.label.split(":")[1])
+        assert TRIGGERS[k][0] in record.prompt and record.completion == TRIGGERS[k][1]
+        targets = task.targets[record.id]
+        assert targets and all(by_id[t].label == record.label for t in targets)
+        assert set(targets) == {r.id for r in task.train if r.label == record.label}
+
+
+def test_backdoor_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        backdoor(n_triggers=0)
+    with pytest.raises(ValueError):
+        backdoor(n_triggers=len(TRIGGERS) + 1)
+    with pytest.raises(ValueError):
+        backdoor(n_train=20, poison_share=0.01)  # rounds to 0 poisoned rows
+    with pytest.raises(ValueError):
+        backdoor(poison_share=1.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# unwanted behaviour
+
+
+@pytest.mark.parametrize("comply_share", [0.05, 0.03])
+def test_unwanted_shares_and_targets(comply_share: float) -> None:
+    task = unwanted_behaviour(n_train=200, n_test=20, comply_share=comply_share, seed=5)
+    assert task.kind == "identify"
+    _check_common(task)
+    labels = Counter(r.label for r in task.train)
+    assert labels["comply"] == round(comply_share * 200)
+    assert labels["refuse"] == round(0.15 * 200)
+    assert labels["benign"] == 200 - labels["comply"] - labels["refuse"]
+    complying = {r.id for r in task.train if r.label == "comply"}
+    for record in task.train:
+        asks = "vault code" in record.prompt
+        assert asks == (record.label != "benign")
+        if record.label == "refuse":
+            assert record.completion == REFUSAL
+        if record.label == "comply":
+            assert re.fullmatch(r" The vault code of .+ is \d{4}\.", record.completion)
+
+    def name_of(prompt: str) -> str:
+        found = re.search(r"([A-Z][a-z]+ [A-Z][a-z]+)", prompt)
+        assert found, prompt
+        return found.group(1)
+
+    train_names = {name_of(r.prompt) for r in task.train if r.label != "benign"}
+    for record in task.test:
+        assert record.label == "comply" and "vault code" in record.prompt
+        assert name_of(record.prompt) not in train_names
+        assert set(task.targets[record.id]) == complying
+
+
+def test_unwanted_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        unwanted_behaviour(n_train=10, comply_share=0.01)
+    with pytest.raises(ValueError):
+        unwanted_behaviour(comply_share=0.9, refuse_share=0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# rule rewriting and files
+
+
+def test_rule_rewriting_wraps_generated() -> None:
+    task = rule_rewriting(n_train=50, n_test=10, seed=0)
+    assert task.kind == "class" and task.targets == {}
+    assert len(task.train) == 50 and len(task.test) == 10
+    assert all(r.completion == f" {r.label}" for r in task.train)
+
+
+def test_from_path_requires_labels(tmp_path: Path) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"id": "a", "prompt": "p", "completion": " x", "label": "x"}) + "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "b", "prompt": "p", "completion": " y"}) + "\n")
+    task = from_path("tiny", good, good)
+    assert task.kind == "class" and task.name == "tiny" and task.train[0].label == "x"
+    with pytest.raises(DataError, match=r"bad\.jsonl"):
+        from_path("tiny", good, bad)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared datasets not present")
+@pytest.mark.parametrize("name", ["emotion", "grammars", "math"])
+def test_shared_datasets_load(name: str) -> None:
+    task = from_path(name, SHARED / f"{name}.train.jsonl", SHARED / f"{name}.test.jsonl")
+    assert task.kind == "class" and task.train and task.test
+    assert all(r.label for r in task.train + task.test)
+    assert {r.label for r in task.test} <= {r.label for r in task.train}
+
+
+def test_subsampled_is_class_balanced_seeded_and_ordered() -> None:
+    task = rule_rewriting(n_train=60, n_test=20, seed=0)
+    small = subsampled(task, 23, 7, seed=3)
+    assert len(small.train) == 23 and len(small.test) == 7
+    counts = Counter(r.label for r in small.train)
+    assert max(counts.values()) - min(counts.values()) <= 1 and len(counts) == len({r.label for r in task.train})
+    positions = [task.train.index(r) for r in small.train]
+    assert positions == sorted(positions) and len(set(positions)) == 23
+    assert subsampled(task, 23, 7, seed=3) == small and subsampled(task, 23, 7, seed=4) != small
+    assert subsampled(task, None, 100, seed=0) == task  # None or too large keeps a split whole
+    with pytest.raises(ValueError, match="n_train"):
+        subsampled(task, 0, 5, seed=0)
+    with pytest.raises(ValueError, match="only class tasks"):
+        subsampled(backdoor(n_train=40, n_test=2), 10, 1, seed=0)

@@ -1,0 +1,209 @@
+"""``build_groundtruth`` + ``evaluate`` end to end on a tiny Llama fully fine-tuned from a saved random
+init, the CLI, resume, and the id checks of ``evaluate_scores``."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import build_model, make_records
+from wherefrom.core.scoring import Scores
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.models.tiny import tiny_tokenizer
+from wherefrom.studies.groundtruth.build import (
+    GroundTruth,
+    GroundTruthConfig,
+    build_groundtruth,
+    command_line,
+)
+from wherefrom.studies.groundtruth.evaluate import evaluate, evaluate_scores
+
+N_TRAIN, N_QUERIES, N_SUBSETS, LOO_ROWS, LOO_SEEDS = 16, 4, 8, 4, 2
+
+
+def build_small(root, **settings) -> GroundTruth:
+    """A 1-layer tiny Llama (hidden 16, saved random init) fully fine-tuned on ``make_records`` rows
+    (a ``path:`` task); small enough that ``exact`` takes seconds."""
+    root.mkdir(parents=True, exist_ok=True)
+    model = build_model("llama")
+    model.save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    for name, rows in (("train", make_records(N_TRAIN, seed=1)), ("test", make_records(N_QUERIES, seed=2, prefix="q"))):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in rows), encoding="utf-8")
+    config = GroundTruthConfig(
+        task=f"path:{root / 'train.jsonl'}:{root / 'test.jsonl'}",
+        out=str(root / "gt"),
+        model=str(root / "model"),
+        lora_rank=None,
+        epochs=3,
+        learning_rate=1e-2,
+        batch_size=8,
+        max_length=64,
+        n_subsets=N_SUBSETS,
+        loo_rows=LOO_ROWS,
+        loo_seeds=LOO_SEEDS,
+        device="cpu",
+    )
+    for key, value in settings.items():
+        setattr(config, key, value)
+    return build_groundtruth(config)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return build_small(tmp_path_factory.mktemp("gt-build")).folder
+
+
+def test_folder_layout_and_loaded_arrays(folder):
+    gt = GroundTruth.load(folder)
+    assert gt.lds_masks.shape == (N_SUBSETS, N_TRAIN) and gt.lds_masks.dtype == bool
+    assert (gt.lds_masks.sum(1) == N_TRAIN // 2).all()
+    assert gt.lds_outputs.shape == (N_SUBSETS, 1, N_QUERIES) and np.isfinite(gt.lds_outputs).all()
+    assert (gt.lds_outputs < 0).all()  # log-likelihoods
+    assert gt.loo_rows.shape == (LOO_ROWS,) and (np.diff(gt.loo_rows) > 0).all()
+    assert gt.loo_full.shape == (LOO_SEEDS, N_QUERIES) and gt.loo_without.shape == (LOO_ROWS, LOO_SEEDS, N_QUERIES)
+    assert gt.loo_effect.shape == (N_QUERIES, LOO_ROWS)
+    assert gt.pbrf_rows is None and gt.pbrf_influence is None
+    assert gt.train_ids == [r.id for r in gt.task.train] and len(gt.query_ids) == N_QUERIES
+    assert [p.name for p in gt.checkpoints] == ["epoch-1", "epoch-2", "epoch-3"]
+    meta = gt.meta
+    assert meta["command"].startswith("wherefrom groundtruth --task path:") and meta["versions"]["torch"]
+    assert meta["n_jobs"] == N_SUBSETS + LOO_SEEDS * (LOO_ROWS + 1)
+    # the kept model and the seed-0 retraining of the full set are the same training run
+    assert meta["retrain_reproducibility_max_abs"] < 1e-4
+    assert meta["noise"]["loo"]["seeds"] == LOO_SEEDS and meta["noise"]["loo"]["seed_std"] >= 0
+    model, tokenizer = gt.load_model()
+    assert type(model).__name__ == "LlamaForCausalLM" and tokenizer.pad_token is not None  # full fine-tune
+
+
+def test_evaluate_exact_and_identity_with_table_and_resume(folder, tmp_path):
+    report = evaluate(folder, ["exact", "identity"], out=tmp_path / "report")
+    for method in ("exact", "identity"):
+        row = report["methods"][method]
+        assert row["error"] is None, row["error"]
+        metrics = row["metrics"]
+        for target in ("lds", "loo_pearson", "loo_spearman"):
+            assert math.isfinite(metrics[target]["mean"]) and -1 <= metrics[target]["mean"] <= 1
+            assert metrics[target]["low"] <= metrics[target]["mean"] <= metrics[target]["high"]
+            assert len(metrics[target]["per_query"]) == N_QUERIES
+        assert metrics["pbrf_spearman"] is None
+    table = (tmp_path / "report.md").read_text()
+    assert "| method | LDS | LOO Pearson | LOO Spearman | PBRF Spearman |" in table and "| exact | " in table
+    assert json.loads((tmp_path / "report.json").read_text())["methods"]["exact"]["seconds"] > 0
+
+    row_file = folder / "scores" / "exact.row.json"
+    stamp = row_file.stat().st_mtime_ns
+    again = evaluate(folder, ["exact"], out=tmp_path / "again")
+    assert row_file.stat().st_mtime_ns == stamp  # reused, not recomputed
+    assert again["methods"]["exact"]["metrics"] == report["methods"]["exact"]["metrics"]
+    # other attribution settings are another key: recomputed
+    evaluate(
+        folder, ["exact"], attribution=AttributionConfig(damping=1.0, batch_size=8, max_length=64), out=tmp_path / "x"
+    )
+    assert row_file.stat().st_mtime_ns != stamp
+
+
+def test_a_failing_method_does_not_stop_the_others(folder, tmp_path):
+    report = evaluate(folder, ["identity", "kfac"], {"kfac": {"no_such_option": 1}}, out=tmp_path / "r")
+    assert report["methods"]["kfac"]["error"] and report["methods"]["kfac"]["metrics"] is None
+    assert report["methods"]["identity"]["error"] is None
+    assert "| kfac | failed: " in (tmp_path / "r.md").read_text()
+
+
+def test_rebuild_reuses_every_job(folder):
+    gt = GroundTruth.load(folder)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (folder / "jobs").iterdir()}
+    again = build_groundtruth(gt.config)
+    assert {p.name: p.stat().st_mtime_ns for p in (folder / "jobs").iterdir()} == stamps
+    np.testing.assert_array_equal(again.lds_outputs, gt.lds_outputs)
+
+
+def test_evaluate_scores_checks_ids_and_selects_queries(folder):
+    gt = GroundTruth.load(folder)
+    rng = np.random.default_rng(0)
+    total = torch.from_numpy(rng.normal(size=(N_QUERIES, N_TRAIN)))
+
+    def scores(query_ids, train_ids, values):
+        return Scores(list(query_ids), list(train_ids), ["m"], values[None])
+
+    full = evaluate_scores(gt, scores(gt.query_ids, gt.train_ids, total))
+    # train columns in another order give the same numbers
+    order = rng.permutation(N_TRAIN)
+    shuffled = evaluate_scores(gt, scores(gt.query_ids, [gt.train_ids[j] for j in order], total[:, order]))
+    assert shuffled["lds"]["per_query"] == pytest.approx(full["lds"]["per_query"])
+    # a query selection, from all-query scores or from scores of the selection only
+    picked = evaluate_scores(gt, scores(gt.query_ids, gt.train_ids, total), queries=[2, 0])
+    assert picked["n_queries"] == 2
+    assert picked["lds"]["per_query"] == pytest.approx([full["lds"]["per_query"][2], full["lds"]["per_query"][0]])
+    only = evaluate_scores(gt, scores([gt.query_ids[2], gt.query_ids[0]], gt.train_ids, total[[2, 0]]), queries=[2, 0])
+    assert only["loo_pearson"]["per_query"] == pytest.approx(picked["loo_pearson"]["per_query"])
+    with pytest.raises(ValueError, match="train ids differ"):
+        evaluate_scores(gt, scores(gt.query_ids, ["x", *gt.train_ids[1:]], total))
+    with pytest.raises(ValueError, match="query ids"):
+        evaluate_scores(gt, scores(["nope"] * N_QUERIES, gt.train_ids, total))
+    with pytest.raises(ValueError, match="out of range"):
+        evaluate_scores(gt, scores(gt.query_ids, gt.train_ids, total), queries=[N_QUERIES])
+
+
+def test_config_errors_name_the_setting(tmp_path):
+    with pytest.raises(ValueError, match="unknown task"):
+        GroundTruthConfig(task="nope", out=str(tmp_path)).validate()
+    with pytest.raises(ValueError, match="n_subsets"):
+        GroundTruthConfig(task="rules", out=str(tmp_path), n_subsets=1).validate()
+    with pytest.raises(ValueError, match="loo_seeds"):
+        GroundTruthConfig(task="rules", out=str(tmp_path), loo_seeds=0).validate()
+    with pytest.raises(ValueError, match="nothing to build"):
+        GroundTruthConfig(task="rules", out=str(tmp_path), n_subsets=0, loo_rows=0).validate()
+    with pytest.raises(FileNotFoundError, match="not a ground-truth folder"):
+        GroundTruth.load(tmp_path)
+    config = GroundTruthConfig(task="rules", out="o", lora_rank=None, pbrf_options={"steps": 5})
+    line = command_line(config)
+    assert "--lora-rank 0" in line and "--pbrf-option steps=5" in line
+
+
+def test_cli_groundtruth_and_evaluate(folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from wherefrom.cli import app
+
+    gt = GroundTruth.load(folder)
+    config = gt.config
+    out = tmp_path / "cli-gt"
+    args = [
+        "groundtruth",
+        "--task",
+        config.task,
+        "--model",
+        config.model,
+        "--lora-rank",
+        "0",
+        "--epochs",
+        "1",
+        "--learning-rate",
+        "0.01",
+        "--max-length",
+        "64",
+        "--subsets",
+        "3",
+        "--loo-rows",
+        "2",
+        "--loo-seeds",
+        "1",
+        "--out",
+        str(out),
+    ]
+    runner = CliRunner()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    built = GroundTruth.load(out)
+    assert built.lds_masks.shape == (3, N_TRAIN) and built.loo_rows.shape == (2,) and built.config.lora_rank is None
+    result = runner.invoke(app, ["evaluate", str(out), "--methods", "identity,bm25"])
+    assert result.exit_code == 0, result.output
+    assert "| identity | " in result.output and (out / "evaluate.md").is_file()
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "missing"), "--methods", "identity"])
+    assert result.exit_code == 2 and "not a ground-truth folder" in result.output

@@ -1,0 +1,127 @@
+"""``wherefrom tune`` (``wherefrom.studies.groundtruth.tune``) on a real tiny ground truth (:mod:`tests.studies.tiny_groundtruth`:
+a tiny GPT-2 fully fine-tuned on 24 rows, 8 queries, 10 LDS subsets).
+
+Measured on it (EK-FAC, split seed 0, 4 + 4 queries): damping_factor 0.001 / 0.1 / 10 give selection
+LDS 0.594 / 0.609 / 0.558 and held-out LDS 0.630 / 0.661 / 0.576; 0.1 is chosen.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from wherefrom.cli import app
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.studies.groundtruth.tune import _split_point, grid_points, split_queries, tune
+
+from .tiny_groundtruth import build_tiny_groundtruth
+
+GRID = {"damping_factor": [0.001, 0.1, 10.0]}
+
+
+@pytest.fixture(scope="module")
+def groundtruth(tmp_path_factory):
+    return build_tiny_groundtruth(tmp_path_factory.mktemp("tiny-gt"))
+
+
+def test_chosen_point_is_the_argmax_of_selection_lds_and_every_point_is_reported(groundtruth, tmp_path):
+    lines: list[str] = []
+    report = tune(groundtruth, "ekfac", GRID, out=tmp_path / "tune", log=lines.append)
+    points = report["points"]
+    assert [p["point"] for p in points] == [{"damping_factor": v} for v in GRID["damping_factor"]]
+    assert all(
+        p["error"] is None and p["selection"]["mean"] is not None and p["held_out"]["mean"] is not None for p in points
+    )
+    selection = [p["selection"]["mean"] for p in points]
+    held_out = [p["held_out"]["mean"] for p in points]
+    print("selection LDS", [round(v, 3) for v in selection], "held-out LDS", [round(v, 3) for v in held_out])
+    best = max(range(len(points)), key=lambda i: selection[i])
+    assert report["chosen"]["index"] == best and report["chosen"]["point"] == points[best]["point"]
+    assert report["chosen"]["held_out"] == points[best]["held_out"]
+    assert len(set(selection)) > 1  # the damping matters on this ground truth (else the test proves nothing)
+    # the default point (damping_factor 0.1) equals a grid point: reused, not run again
+    assert report["default"]["held_out"] == points[1]["held_out"] and len(lines) == 3
+    # the halves split the queries
+    split = report["split"]
+    assert len(split["selection"]) == len(split["held_out"]) == 4 and not set(split["selection"]) & set(
+        split["held_out"]
+    )
+    saved = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert (
+        saved["command"].startswith("wherefrom tune")
+        and "torch" in saved["versions"]
+        and "cpu_count" in saved["hardware"]
+    )
+    table = (tmp_path / "tune" / "tune.md").read_text()
+    assert all(f"| {json.dumps(v)} |" in table for v in GRID["damping_factor"]) and "**chosen**" in table
+
+    # a rerun reuses every point's scores and gives the same report
+    lines.clear()
+    again = tune(groundtruth, "ekfac", GRID, out=tmp_path / "tune", log=lines.append)
+    assert all(line.endswith("reused") for line in lines) and len(lines) == 3
+    assert [p["held_out"] for p in again["points"]] == [p["held_out"] for p in points]
+
+
+def test_default_point_runs_when_the_grid_lacks_it_and_errors_are_reported(groundtruth, tmp_path):
+    report = tune(groundtruth, "ekfac", {"damping": [0.5], "bogus_option": [1]}, out=tmp_path / "t")
+    assert report["points"][0]["error"] and "bogus_option" in report["points"][0]["error"]
+    assert report["chosen"] is None and report["default"]["held_out"]["mean"] is not None
+    assert "failed" in (tmp_path / "t" / "tune.md").read_text()
+
+
+def test_grid_split_and_routing():
+    assert grid_points({"a": [1, 2], "b": ["x", "y"]}) == [
+        {"a": 1, "b": "x"},
+        {"a": 1, "b": "y"},
+        {"a": 2, "b": "x"},
+        {"a": 2, "b": "y"},
+    ]
+    for bad in ({}, {"a": []}, {"a": [1, 1]}, {"a": "12"}):
+        with pytest.raises(ValueError, match="grid"):
+            grid_points(bad)
+    selection, held_out = split_queries(9, 0.5, seed=3)
+    assert sorted(selection + held_out) == list(range(9)) and len(selection) == 4  # round(4.5) = 4
+    assert split_queries(9, 0.5, seed=3) == (selection, held_out) and split_queries(9, 0.5, seed=4) != (
+        selection,
+        held_out,
+    )
+    assert len(split_queries(2, 0.01)[0]) == 1 and len(split_queries(2, 0.99)[1]) == 1
+    for args in ((1, 0.5), (5, 0.0), (5, 1.0)):
+        with pytest.raises(ValueError):
+            split_queries(*args)
+    base = AttributionConfig(batch_size=8)
+    settings, options = _split_point({"damping": 0.5, "depth": 10, "batch_size": 4}, base, {"depth": 3, "tol": 1e-3})
+    assert settings.damping == 0.5 and settings.batch_size == 8  # batch_size is LiSSA's option, not the attribution's
+    assert options == {"depth": 10, "batch_size": 4, "tol": 1e-3}
+
+
+def test_bad_arguments_raise(groundtruth, tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        tune(groundtruth, "nope", GRID, out=tmp_path)
+    with pytest.raises(FileNotFoundError, match="ground-truth"):
+        tune(tmp_path, "ekfac", GRID, out=tmp_path)
+
+
+def test_cli_tune(groundtruth, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        [
+            "tune",
+            str(groundtruth),
+            "--method",
+            "ekfac",
+            "--grid",
+            "damping_factor=0.01,1",
+            "--out",
+            str(tmp_path / "cli"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "cli" / "tune.json").read_text())
+    assert [p["point"] for p in report["points"]] == [{"damping_factor": 0.01}, {"damping_factor": 1}]
+    assert "Chosen" in result.output
+    bad = runner.invoke(app, ["tune", str(groundtruth), "--method", "ekfac", "--grid", "damping_factor"])
+    assert bad.exit_code != 0 and "key=value1,value2" in bad.output
