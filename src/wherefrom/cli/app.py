@@ -19,6 +19,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from wherefrom.core.data import DataError, Record, load_records
+from wherefrom.core.store import StoreError
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch
 from wherefrom.models.loading import ModelLoadError, load_model
@@ -53,6 +54,12 @@ def _options(pairs: list[str] | None, flag: str = "--option") -> dict[str, dict]
             value = raw
         parsed.setdefault(method or "*", {})[name] = value
     return parsed
+
+
+def _notify(opened: Run) -> None:
+    """Print what a writer found and repaired (damaged files rebuilt, unknown partial state discarded)."""
+    for notice in opened.notices:
+        console.print("[yellow]note:[/]", escape(notice))
 
 
 RunOption = typer.Option(..., "--run", help="Run directory (created by `fit`).")
@@ -104,9 +111,10 @@ def fit(
         config = RunConfig(train=str(train), model=model, adapter=adapter, device=device, attribution=attribution)
         opened = Run.create(run, config, progress=_progress)
         fitted = opened.fit()
-    except (DataError, ModelLoadError, RunMismatch, ValueError, MemoryError) as error:
+    except (DataError, ModelLoadError, RunMismatch, StoreError, ValueError, MemoryError) as error:
         _fail(error)
-    state = "fitted" if fitted else "already fitted (reused)"
+    _notify(opened)
+    state = "fitted" if fitted else "already fitted (reused, checksums verified)"
     console.print(
         f"{strategy} {state}: {len(opened.attributor.modules)} modules, {len(opened.train)} rows -> {run / 'factors'}"
     )
@@ -119,12 +127,14 @@ def index(
     dtype: str = typer.Option("float32", help="Storage dtype: float32 | bfloat16 | float16."),
     device: str | None = typer.Option(None),
 ) -> None:
-    """Store the training set's per-example gradients so that queries need no train pass."""
+    """Store the training set's per-example gradients so that queries need no train pass (resumes;
+    refuses another --shard-size / --dtype than the interrupted index was started with)."""
     try:
-        opened = Run.open(run, progress=_progress, device=device)
+        opened = Run.open(run, progress=_progress, device=device, factors=False)
         written = opened.build_index(shard_size, dtype)
-    except (FileNotFoundError, RunMismatch, ValueError) as error:
+    except (FileNotFoundError, RunMismatch, StoreError, ValueError) as error:
         _fail(error)
+    _notify(opened)
     console.print(f"index complete ({written} shards written now) -> {run / 'index'}")
 
 
@@ -140,9 +150,9 @@ def scores(
     try:
         opened = Run.open(run, progress=_progress, device=device)
         result = opened.scores(load_records(queries))
+        path = opened.save_scores(result, name)
     except (DataError, FileNotFoundError, RunMismatch, RuntimeError, ValueError) as error:
         _fail(error)
-    path = opened.save_scores(result, name)
     for q, query_id in enumerate(result.query_ids):
         tops = ", ".join(f"{i} ({s:+.3g})" for i, s in result.top(q, top_k))
         console.print(f"[bold]{query_id}[/]: {tops}")

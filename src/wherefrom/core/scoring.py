@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from wherefrom.core.gradients import TokenFactors
-from wherefrom.core.store import atomic_save_tensors, atomic_write_json
+from wherefrom.core.store import save_tensors_checked, write_json_checked
 
 LowRank = tuple[torch.Tensor, torch.Tensor]
 """``(U, V)`` with ``U``: ``(q, out, r)`` (singular values folded in) and ``V``: ``(q, in', r)``."""
@@ -96,12 +96,13 @@ class Scores:
 
 
 def save_scores(scores: Scores, folder: Path, name: str) -> Path:
-    """Write ``<name>.safetensors`` (``total``, ``per_module``) and ``<name>.json`` (ids, modules) atomically."""
+    """Write ``<name>.safetensors`` (``total``, ``per_module``) and ``<name>.json`` (ids, modules) atomically,
+    with their checksums recorded in ``folder/checksums.json`` (:mod:`wherefrom.core.store`)."""
     path = Path(folder) / f"{name}.safetensors"
-    atomic_save_tensors(
+    save_tensors_checked(
         {"total": scores.total.contiguous().cpu(), "per_module": scores.per_module.contiguous().cpu()}, path
     )
-    atomic_write_json(
+    write_json_checked(
         {
             "query_ids": scores.query_ids,
             "train_ids": scores.train_ids,

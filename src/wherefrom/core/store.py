@@ -1,25 +1,54 @@
-"""Atomic writes and run-directory bookkeeping.
+"""Atomic writes and run-directory bookkeeping: the shared mechanism of every resumable job.
 
-Every file wherefrom writes goes to a temporary name in the same folder and is renamed into place,
-so an interrupted job never leaves a half-written file behind: a rerun sees either the finished
-file or nothing, and resumes from there.
+Every file wherefrom writes goes to a temporary name in the same folder (``.<name>.partial-XXXX``)
+and is renamed into place, so an interrupted job never leaves a half-written file under its real
+name: a rerun sees either the finished file or nothing, and resumes from there.
+
+**Contract of a resumable job** (``fit`` and ``index`` follow it; bench, ground truth, tune and the
+analysis caches can call the same functions):
+
+1. Hold the folder's writer lock for the whole job: ``with writer_lock(folder): ...``. A second
+   writer gets :class:`FolderLocked` at once (naming the folder and the holder's pid), never a
+   wait; readers take no lock. Acquiring it removes the ``.partial-`` leftovers of killed writers
+   under the folder (:func:`cleanup_partials`).
+2. Record the settings that decide the job's bytes *before* the first result file:
+   ``record_settings(job_folder, settings)`` writes ``settings.json`` the first time and compares
+   on every later run: different values raise :class:`SettingsMismatch` naming each setting with
+   both values; a folder whose settings are missing or damaged (older version, bit rot) is emptied
+   and started afresh, so a resumed job never mixes parts made under different settings.
+3. Write each result with :func:`save_tensors_checked` / :func:`write_json_checked`: the file is
+   written atomically, then its sha256 and size go into the folder's ``checksums.json``. A file
+   is finished only once its checksum is recorded (:func:`is_intact`); a resuming writer redoes
+   every file that is not intact (missing, unrecorded, truncated or changed).
+4. Read with :func:`load_tensors_checked` / :func:`read_json_checked`: the bytes are hashed as they
+   are read and a mismatch raises :class:`DamagedFile` naming the file, so damaged data is never used.
+5. Write a small "complete" marker last (e.g. ``index.json``) with :func:`write_json_checked`.
+6. Per-stage results of a long computation can go through :class:`StageFolder` (same rules).
+
+``checksums.json`` is read-modified-written, so only the lock holder may call the writing functions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import platform
 import shutil
+import struct
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 PARTIAL = ".partial-"
@@ -133,3 +162,275 @@ def hardware() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["cuda"] = torch.cuda.get_device_name(0)
     return info
+
+
+# --- integrity, settings and locking (the resumable-job contract of the module docstring) ---------
+CHECKSUMS = "checksums.json"
+"""Per-folder checksum manifest: ``{"files": {name: {"sha256": hex, "bytes": size}}}``."""
+SETTINGS = "settings.json"
+"""A job folder's settings, recorded before its first result (:func:`record_settings`)."""
+LOCK = ".wherefrom.lock"
+"""The writer lock file of a folder; ``.wherefrom.lock.json`` beside it names the holder."""
+
+
+class StoreError(RuntimeError):
+    """A stored folder cannot be used as it is (locked, damaged, or made with other settings)."""
+
+
+class FolderLocked(StoreError):
+    """Another process holds the folder's writer lock."""
+
+
+class DamagedFile(StoreError):
+    """A stored file is missing, truncated, changed since it was written, or has no recorded checksum."""
+
+
+class SettingsMismatch(StoreError):
+    """A job folder was started with other settings than the current run's."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def _checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    """The folder's recorded checksums; an unreadable manifest counts as none recorded."""
+    try:
+        saved = json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))
+        return dict(saved["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _set_checksum(path: Path, entry: dict[str, Any] | None) -> None:
+    files = _checksums(path.parent)
+    if entry is None:
+        if path.name not in files:
+            return
+        del files[path.name]
+    else:
+        files[path.name] = entry
+    atomic_write_json({"files": files}, path.parent / CHECKSUMS)
+
+
+def record_checksum(path: Path) -> None:
+    """Hash the finished file ``path`` and record its sha256 and size in its folder's ``checksums.json``."""
+    path = Path(path)
+    digest, size = _file_sha256(path)
+    _set_checksum(path, {"sha256": digest, "bytes": size})
+
+
+def forget_file(path: Path) -> None:
+    """Delete ``path`` (if present) and its checksum entry: the file counts as not yet written."""
+    path = Path(path)
+    _set_checksum(path, None)
+    path.unlink(missing_ok=True)
+
+
+def _compare(path: Path, digest: str, size: int) -> None:
+    """Raise :class:`DamagedFile` unless ``(digest, size)`` of ``path``'s bytes are the recorded ones."""
+    entry = _checksums(path.parent).get(path.name)
+    if entry is None:
+        raise DamagedFile(
+            f"{path} has no checksum in {path.parent / CHECKSUMS} (unfinished write, or made by an older wherefrom)"
+        )
+    if size != entry["bytes"]:
+        raise DamagedFile(f"{path} is truncated or changed: {size} bytes, {entry['bytes']} were written")
+    if digest != entry["sha256"]:
+        raise DamagedFile(f"{path} is damaged: its sha256 differs from the one recorded when it was written")
+
+
+def _verified_bytes(path: Path) -> bytes:
+    """The bytes of ``path``, read once and checked against the recorded checksum."""
+    if not path.is_file():
+        raise DamagedFile(f"{path} is missing")
+    data = path.read_bytes()
+    _compare(path, _sha256(data), len(data))
+    return data
+
+
+def check_file(path: Path) -> None:
+    """Raise :class:`DamagedFile` naming ``path`` unless it matches its recorded checksum."""
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedFile(f"{path} is missing")
+    _compare(path, *_file_sha256(path))
+
+
+def damage(path: Path) -> str | None:
+    """Why ``path`` is not a finished, intact file (the :class:`DamagedFile` message), or ``None`` if it is."""
+    try:
+        check_file(path)
+    except DamagedFile as error:
+        return str(error)
+    return None
+
+
+def is_intact(path: Path) -> bool:
+    """``path`` exists and matches its recorded checksum (it was finished and is unchanged)."""
+    return damage(path) is None
+
+
+def save_tensors_checked(
+    tensors: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, str] | None = None
+) -> None:
+    """:func:`atomic_save_tensors`, then record the file's checksum (the file is finished only then)."""
+    atomic_save_tensors(tensors, path, meta)
+    record_checksum(path)
+
+
+def load_tensors_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file written by :func:`save_tensors_checked`.
+
+    The bytes are read once and hashed before they are decoded; raises :class:`DamagedFile` naming
+    ``path`` when they differ from the recorded checksum (or none is recorded).
+    """
+    data = _verified_bytes(Path(path))
+    (header_size,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
+    return load_safetensors_bytes(data), dict(meta)
+
+
+def write_json_checked(obj: Any, path: Path) -> None:
+    """:func:`atomic_write_json`, then record the file's checksum."""
+    atomic_write_json(obj, path)
+    record_checksum(path)
+
+
+def read_json_checked(path: Path) -> Any:
+    """The JSON at ``path`` after checking its checksum (:class:`DamagedFile` names the file otherwise)."""
+    return json.loads(_verified_bytes(Path(path)).decode("utf-8"))
+
+
+def settings_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """``"key: recorded X, now Y"`` for every (dotted) key whose value differs between two settings dicts."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for key in sorted(set(saved) | set(now), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in saved:
+                out.append(f"{name}: not recorded, now {now[key]!r}")
+            elif key not in now:
+                out.append(f"{name}: recorded {saved[key]!r}, now absent")
+            else:
+                out += settings_differences(saved[key], now[key], name)
+        return out
+    return [] if saved == now else [f"{prefix or 'value'}: recorded {saved!r}, now {now!r}"]
+
+
+def record_settings(folder: Path, settings: Mapping[str, Any], hint: str = "") -> list[str]:
+    """Record ``settings`` in ``folder/settings.json`` before the job's first result, or compare them.
+
+    ``folder`` belongs to the job alone. Values are compared in their JSON form. Returns notes of
+    what was discarded (empty when nothing was). Raises :class:`SettingsMismatch` naming every
+    differing setting with the recorded and the current value (``hint`` says what to do). A folder
+    with results but no intact ``settings.json`` (made by an older version, or damaged) is emptied
+    and started afresh: its results' settings are unknown.
+    """
+    folder = Path(folder)
+    now = json.loads(json.dumps(strict_json(dict(settings)), default=str))
+    path = folder / SETTINGS
+    notes = []
+    try:
+        saved = read_json_checked(path)
+    except (DamagedFile, ValueError) as error:
+        leftovers = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        if leftovers:
+            notes.append(f"{folder}: settings unknown ({error}); discarded {len(leftovers)} entries and started again")
+            shutil.rmtree(folder)
+        write_json_checked(now, path)
+        return notes
+    differences = settings_differences(saved, now)
+    if differences:
+        raise SettingsMismatch(
+            f"{folder} was started with other settings ({'; '.join(differences)}). "
+            + (hint or f"Rerun with the recorded settings, or delete {folder} to start again with the new ones.")
+        )
+    return notes
+
+
+def cleanup_partials(folder: Path) -> list[Path]:
+    """Delete the temporary files and folders of killed writers under ``folder`` (names
+    ``.*.partial-*`` and ``.*.old-*``); returns them. Call it only while holding the writer lock."""
+    found = [p for p in Path(folder).rglob(".*") if PARTIAL in p.name or ".old-" in p.name]
+    for path in sorted(found, key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+@contextmanager
+def writer_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s writer lock (``folder/.wherefrom.lock``) for the block; reentrant in one process.
+
+    Raises :class:`FolderLocked` at once, naming the folder and the holder's pid and command, when
+    another process holds it (it never waits). On acquiring, writes the holder's description and
+    removes the leftovers of killed writers (:func:`cleanup_partials`). The lock is an OS file lock,
+    so a killed holder releases it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / LOCK, timeout=0, is_singleton=True)
+    holder = folder / f"{LOCK}.json"
+    outermost = not lock.is_locked
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            who = json.loads(holder.read_text(encoding="utf-8"))
+            by = f"pid {who['pid']} ({who['command']}, since {who['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            by = "another process"
+        raise FolderLocked(
+            f"{folder} is being written by {by}; wait until it finishes, or use another folder"
+        ) from None
+    try:
+        if outermost:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
+            atomic_write_json({"pid": os.getpid(), "command": " ".join(sys.argv), "since": stamp}, holder)
+            cleanup_partials(folder)
+        yield
+    finally:
+        lock.release()
+
+
+class StageFolder:
+    """Persisted stages of a long computation (kronfluence-style): ``<folder>/<stage>.safetensors``.
+
+    Each stage is a dict of tensors plus a JSON-able ``info`` dict, written with
+    :func:`save_tensors_checked`; :meth:`load` returns ``None`` for a stage that is missing or not
+    intact (it is then recomputed), so a killed job resumes after its last finished stage. The
+    caller holds the writer lock and records the settings of an enclosing folder first.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def path(self, stage: str) -> Path:
+        return self.folder / f"{stage.replace(' ', '-')}.safetensors"
+
+    def load(self, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        try:
+            tensors, meta = load_tensors_checked(self.path(stage))
+        except DamagedFile:
+            return None
+        return tensors, json.loads(meta.get("info", "{}"))
+
+    def save(self, stage: str, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
+        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_tensors_checked(contiguous, self.path(stage), meta={"info": json.dumps(strict_json(dict(info)))})
+
+    def clear(self) -> None:
+        """Delete every stage (after the final result is recorded)."""
+        shutil.rmtree(self.folder, ignore_errors=True)

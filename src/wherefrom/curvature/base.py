@@ -6,28 +6,47 @@ loss summed over completion tokens by default) and ``lambda`` is the module's da
 
 Damping: an absolute value when ``damping`` is given; otherwise ``damping_factor`` (default 0.1)
 times the mean eigenvalue of the module's curvature block (Grosse et al., 2023).
+
+Persistence: :meth:`Curvature.save` writes checksummed files (:mod:`wherefrom.core.store`) and
+:meth:`Curvature.load_state` verifies them, raising :class:`wherefrom.core.store.DamagedFile` naming a
+damaged file. A fit given a :class:`wherefrom.core.store.StageFolder` persists each stage that
+:meth:`Curvature.run_stage` wraps (K-FAC: covariances, eigenbases; EK-FAC: also the eigenvalue
+correction), so a killed fit resumes after its last finished stage with bit-identical results on
+the same device: a ``loss_fn`` carrying a ``generator`` attribute (sampled labels of the true
+Fisher) has that generator's state saved with each stage and restored when the stage is reused.
 """
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from wherefrom.core.gradients import Batch, LossFn
-from wherefrom.core.store import atomic_save_tensors, atomic_write_json
+from wherefrom.core.store import (
+    StageFolder,
+    load_tensors_checked,
+    read_json_checked,
+    save_tensors_checked,
+    write_json_checked,
+)
 from wherefrom.core.tracking import TrackedModule, selection_signature
 
 BatchSource = Callable[[], Iterable[Batch]]
 """A callable that returns a fresh iterable over the fitting batches (some strategies need two passes)."""
 
 Progress = Callable[[Iterable[Batch], str], Iterator[Batch]]
+
+RNG_KEY = "__generator_state__"
+"""Key of the sampling generator's state in a persisted fitting stage."""
+
+
+META_FILE = "curvature.json"
+TENSORS_FILE = "curvature.safetensors"
 
 
 def no_progress(batches: Iterable[Batch], _description: str) -> Iterator[Batch]:
@@ -58,6 +77,7 @@ class Curvature(ABC):
         self.modules: list[list] = []  # [[name, out, in'], ...] of the selection fitted on
         self.state: dict[str, torch.Tensor] = {}
         self.info: dict[str, Any] = {}
+        self.stages: StageFolder | None = None
 
     # --- fitting -------------------------------------------------------------------------------
     def fit(
@@ -67,12 +87,44 @@ class Curvature(ABC):
         batches: BatchSource,
         loss_fn: LossFn,
         progress: Progress = no_progress,
+        stages: StageFolder | None = None,
     ) -> Curvature:
-        """Estimate the curvature from ``loss_fn`` gradients over ``batches()``; returns ``self``."""
+        """Estimate the curvature from ``loss_fn`` gradients over ``batches()``; returns ``self``.
+
+        ``stages``: where finished fitting stages are persisted and found again (see the module
+        docstring); the caller records the fit's settings beside them first.
+        """
         self.modules = selection_signature(modules)
         self.state, self.info = {}, {}
-        self._fit(model, modules, batches, loss_fn, progress)
+        self.stages = stages
+        try:
+            self._fit(model, modules, batches, loss_fn, progress)
+        finally:
+            self.stages = None
         return self
+
+    def run_stage(
+        self, stage: str, compute: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]], loss_fn: LossFn
+    ) -> dict[str, torch.Tensor]:
+        """``compute()``'s tensors, or the persisted ones of ``stage`` when a finished copy exists.
+
+        ``compute`` returns ``(tensors, info)``; ``info`` is merged into ``self.info`` in both cases.
+        The state of ``loss_fn.generator`` (if any) after the stage is saved and restored with it.
+        """
+        generator: torch.Generator | None = getattr(loss_fn, "generator", None)
+        saved = self.stages.load(stage) if self.stages is not None else None
+        if saved is not None:
+            tensors, info = saved
+            rng = tensors.pop(RNG_KEY, None)
+            if generator is not None and rng is not None:
+                generator.set_state(rng)
+        else:
+            tensors, info = compute()
+            if self.stages is not None:
+                rng = {RNG_KEY: generator.get_state()} if generator is not None else {}
+                self.stages.save(stage, {**tensors, **rng}, info)
+        self.info.update(info)
+        return tensors
 
     @abstractmethod
     def _fit(self, model, modules, batches: BatchSource, loss_fn: LossFn, progress: Progress) -> None: ...
@@ -132,19 +184,24 @@ class Curvature(ABC):
         }
 
     def save(self, folder: Path) -> None:
-        """Write ``curvature.json`` and ``curvature.safetensors`` into ``folder`` atomically."""
+        """Write ``curvature.safetensors`` then ``curvature.json`` (the "finished" marker) into
+        ``folder``, atomically and with their checksums recorded in ``folder/checksums.json``."""
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_save_tensors({k: v.contiguous().cpu() for k, v in self.state.items()}, folder / "curvature.safetensors")
-        atomic_write_json(self.metadata(), folder / "curvature.json")
+        save_tensors_checked({k: v.contiguous().cpu() for k, v in self.state.items()}, folder / TENSORS_FILE)
+        write_json_checked(self.metadata(), folder / META_FILE)
 
     @classmethod
     def load_state(cls, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        meta_path, tensors_path = folder / "curvature.json", folder / "curvature.safetensors"
-        if not meta_path.exists() or not tensors_path.exists():
-            raise FileNotFoundError(
-                f"no fitted curvature in {folder} (expected curvature.json and curvature.safetensors)"
-            )
-        return json.loads(meta_path.read_text()), load_file(str(tensors_path))
+        """``(metadata, state)`` saved by :meth:`save`, verified against the recorded checksums.
+
+        Raises ``FileNotFoundError`` when ``folder`` holds no fitted curvature and
+        :class:`wherefrom.core.store.DamagedFile` naming a file that is truncated, changed or unrecorded.
+        """
+        meta_path, tensors_path = folder / META_FILE, folder / TENSORS_FILE
+        if not meta_path.exists() and not tensors_path.exists():
+            raise FileNotFoundError(f"no fitted curvature in {folder} (expected {META_FILE} and {TENSORS_FILE})")
+        meta = read_json_checked(meta_path)
+        return meta, load_tensors_checked(tensors_path)[0]
 
     def restore(self, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> Curvature:
         self.modules = meta["modules"]

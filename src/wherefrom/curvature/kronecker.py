@@ -14,6 +14,11 @@ For a module with per-token inputs ``a_t`` (``in'``) and output gradients ``g_t`
 
 Gradients come from the ``loss_fn`` handed to :meth:`fit`: a sampled-label loss gives the true
 Fisher (the default in :mod:`wherefrom.engine.api`), the data's labels the empirical Fisher.
+
+Fitting stages (each persisted on its own when :meth:`fit` is given a stage folder, as in
+kronfluence): ``covariances`` (the float64 sums ``sum a a^T``, ``sum g g^T`` and the token and
+example counts), ``eigenbases`` (``Q_A, a, Q_S, s`` as stored), and for EK-FAC ``eigenvalue
+correction`` (``Lambda``). A resumed fit reuses the finished ones and gives identical factors.
 """
 
 from __future__ import annotations
@@ -44,6 +49,20 @@ class KFAC(Curvature):
 
     def _fit_factors(self, model, modules, batches, loss_fn, progress) -> None:
         """First pass: covariances ``A`` and ``S``, then their eigenbases (stored float32)."""
+
+        def eigenbases():
+            covariances = self.run_stage(
+                "covariances", lambda: self._covariances(model, modules, batches, loss_fn, progress), loss_fn
+            )
+            return self._eigenbases(modules, covariances), {
+                "examples": self.info["examples"],
+                "tokens": self.info["tokens"],
+            }
+
+        self.state.update(self.run_stage("eigenbases", eigenbases, loss_fn))
+
+    def _covariances(self, model, modules, batches, loss_fn, progress):
+        """``({name.a_cov, name.s_cov: float64 sums}, {examples, tokens})`` over one pass of ``batches()``."""
         device = next(model.parameters()).device
         a_cov = {m.name: torch.zeros(m.shape[1], m.shape[1], dtype=torch.float64, device=device) for m in modules}
         s_cov = {m.name: torch.zeros(m.shape[0], m.shape[0], dtype=torch.float64, device=device) for m in modules}
@@ -58,14 +77,23 @@ class KFAC(Curvature):
                 a_cov[name] += (a.T @ a).double()
                 s_cov[name] += (g.T @ g).double()
                 tokens[name] += int(f.token_mask.sum())
-        self.info.update(examples=examples, tokens=tokens)
+        sums = {
+            **{f"{n}.a_cov": v.cpu() for n, v in a_cov.items()},
+            **{f"{n}.s_cov": v.cpu() for n, v in s_cov.items()},
+        }
+        return sums, {"examples": examples, "tokens": tokens}
+
+    def _eigenbases(self, modules, covariances) -> dict[str, torch.Tensor]:
+        """Eigenvectors and eigenvalues of ``A = sum a a^T / n_tokens`` and ``S = sum g g^T / n_examples``."""
+        eig = {}
         for m in modules:
-            a_vals, a_vecs = _eigh(a_cov[m.name] / max(tokens[m.name], 1))
-            s_vals, s_vecs = _eigh(s_cov[m.name] / max(examples, 1))
-            self.state[f"{m.name}.a_eigvecs"] = a_vecs.float().cpu()
-            self.state[f"{m.name}.a_eigvals"] = a_vals.float().cpu()
-            self.state[f"{m.name}.s_eigvecs"] = s_vecs.float().cpu()
-            self.state[f"{m.name}.s_eigvals"] = s_vals.float().cpu()
+            a_vals, a_vecs = _eigh(covariances[f"{m.name}.a_cov"] / max(self.info["tokens"][m.name], 1))
+            s_vals, s_vecs = _eigh(covariances[f"{m.name}.s_cov"] / max(self.info["examples"], 1))
+            eig[f"{m.name}.a_eigvecs"] = a_vecs.float().cpu()
+            eig[f"{m.name}.a_eigvals"] = a_vals.float().cpu()
+            eig[f"{m.name}.s_eigvecs"] = s_vecs.float().cpu()
+            eig[f"{m.name}.s_eigvals"] = s_vals.float().cpu()
+        return eig
 
     def _set_eigenvalues(self, name: str, eigenvalues: torch.Tensor) -> None:
         self.state[f"{name}.eigenvalues"] = eigenvalues.float().cpu()
@@ -85,6 +113,14 @@ class EKFAC(KFAC):
 
     def _fit(self, model, modules, batches, loss_fn, progress) -> None:
         self._fit_factors(model, modules, batches, loss_fn, progress)
+        corrected = self.run_stage(
+            "eigenvalue correction", lambda: self._correction(model, modules, batches, loss_fn, progress), loss_fn
+        )
+        for m in modules:
+            self._set_eigenvalues(m.name, corrected[f"{m.name}.eigenvalues"].double())
+
+    def _correction(self, model, modules, batches, loss_fn, progress):
+        """``({name.eigenvalues: float64 mean_n (Q_S^T G_n Q_A)^2}, {correction_examples})`` over one pass."""
         device = next(model.parameters()).device
         sums = {m.name: torch.zeros(m.shape, dtype=torch.float64, device=device) for m in modules}
         examples = 0
@@ -97,6 +133,5 @@ class EKFAC(KFAC):
                 q_a = self.state[f"{name}.a_eigvecs"].to(device, f.a.dtype)
                 rotated = torch.einsum("bto,bti->boi", f.g @ q_s, f.a @ q_a)
                 sums[name] += rotated.double().pow(2).sum(0)
-        self.info["correction_examples"] = examples
-        for m in modules:
-            self._set_eigenvalues(m.name, sums[m.name] / max(examples, 1))
+        eigenvalues = {f"{m.name}.eigenvalues": (sums[m.name] / max(examples, 1)).cpu() for m in modules}
+        return eigenvalues, {"correction_examples": examples}

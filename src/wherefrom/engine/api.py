@@ -23,6 +23,7 @@ from wherefrom.core.data import Record
 from wherefrom.core.encoding import EncodedExample, encode_records, iterate_batches, pad_id
 from wherefrom.core.gradients import Batch, LossFn, TokenFactors, token_factors
 from wherefrom.core.scoring import QueryBlock, Scores, compress_queries, module_scores, token_scores
+from wherefrom.core.store import StageFolder
 from wherefrom.core.task import LanguageModelingTask
 from wherefrom.core.tracking import TrackedModule, select_modules, selection_signature
 from wherefrom.curvature import Curvature, make_curvature
@@ -142,22 +143,37 @@ class Attributor:
         return lambda model, batch: self.task.train_loss(model, batch)
 
     def fisher_loss_fn(self) -> LossFn:
-        """The loss whose gradients define the Fisher: sampled targets for ``fisher="true"``."""
+        """The loss whose gradients define the Fisher: sampled targets for ``fisher="true"``.
+
+        The sampled loss carries its seeded generator as ``.generator``, so that a resumable fit can
+        save and restore the sampling state between stages.
+        """
         if self.config.fisher == "empirical":
             return self.train_loss_fn()
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
-        return lambda model, batch: self.task.train_loss(model, batch, sample=True, generator=generator)
+
+        def sampled_loss(model, batch):
+            return self.task.train_loss(model, batch, sample=True, generator=generator)
+
+        sampled_loss.generator = generator  # type: ignore[attr-defined]
+        return sampled_loss
 
     def query_loss_fn(self) -> LossFn:
         """``-f(z_q)`` per example: its gradient is the query vector ``q`` of :mod:`wherefrom.core.scoring`."""
         return lambda model, batch: -self.task.measurement(model, batch)
 
     # --- curvature -----------------------------------------------------------------------------
-    def fit(self, train: Sequence[Record] | Sequence[EncodedExample], curvature: Curvature | None = None) -> Curvature:
+    def fit(
+        self,
+        train: Sequence[Record] | Sequence[EncodedExample],
+        curvature: Curvature | None = None,
+        stages: StageFolder | None = None,
+    ) -> Curvature:
         """Fit ``curvature`` (default: the configured strategy) on ``train`` (true or empirical Fisher).
 
         Pass a strategy built with :func:`wherefrom.curvature.make_curvature` to set constructor
         options (e.g. ``rank`` for ``arnoldi``); it is fitted and becomes this attributor's curvature.
+        ``stages``: persist and reuse finished fitting stages there (see :meth:`Curvature.fit`).
         """
         encoded = train if train and isinstance(train[0], EncodedExample) else self.encode(train)  # type: ignore[arg-type]
 
@@ -171,7 +187,7 @@ class Attributor:
                 f"reduction={self.config.reduction!r} is not supported with it (use reduction='sum')"
             )
         with eval_mode(self.model):
-            self.curvature.fit(self.model, self.modules, batches, self.fisher_loss_fn(), self.progress)
+            self.curvature.fit(self.model, self.modules, batches, self.fisher_loss_fn(), self.progress, stages)
         return self.curvature.to(self.device)
 
     def use_curvature(self, curvature: Curvature, train: Sequence[Record] | None = None) -> None:

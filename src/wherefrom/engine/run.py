@@ -4,14 +4,23 @@ Layout::
 
     RUN/config.json            every argument (RunConfig), enough to redo the run in one line
     RUN/manifest.json          versions, hardware, model/tokenizer/data fingerprints, module shapes
-    RUN/factors/               curvature.json + curvature.safetensors
+    RUN/.wherefrom.lock        writer lock: one fit / index / scores writer at a time
+    RUN/factors/settings.json  the fit's settings, recorded before its first stage
+    RUN/factors/stages/        finished fitting stages (deleted once the factors are saved)
+    RUN/factors/               curvature.safetensors, then curvature.json (finished)
+    RUN/index/settings.json    shard size, dtype, device and the run's settings, recorded first
     RUN/index/shard-NNNNN.safetensors   raw training gradients {module: (n, out, in')} + ids
     RUN/index/index.json       written last: the index is complete
     RUN/scores/<name>.safetensors + <name>.json   pairwise scores with their ids
+    RUN/*/checksums.json       sha256 and size of every file above, recorded after it is written
 
-Every file is written atomically; ``fit`` and ``index`` resume from whatever finished. Opening a
-run with another model, tokenizer, module selection or training set raises :class:`RunMismatch`
-naming what differs.
+Every file is written atomically and checksummed, following the resumable-job contract of
+:mod:`wherefrom.core.store`: ``fit`` and ``index`` hold the run's writer lock, resume from whatever
+finished intact (rebuilding a damaged or truncated file, named in :attr:`Run.notices`) and refuse
+to resume under other settings (:class:`wherefrom.core.store.SettingsMismatch` names each one); readers
+(``scores``, ``query``) verify every file before using it and refuse a damaged one
+(:class:`wherefrom.core.store.DamagedFile`). Opening a run with another model, tokenizer, module
+selection or training set raises :class:`RunMismatch` naming what differs.
 """
 
 from __future__ import annotations
@@ -24,11 +33,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from wherefrom.core.data import Record, data_fingerprint, load_records
 from wherefrom.core.scoring import Scores, save_scores
-from wherefrom.core.store import atomic_save_tensors, atomic_write_json, hardware, package_versions
+from wherefrom.core.store import (
+    DamagedFile,
+    StageFolder,
+    atomic_write_json,
+    check_file,
+    damage,
+    forget_file,
+    hardware,
+    is_intact,
+    load_tensors_checked,
+    package_versions,
+    read_json_checked,
+    record_settings,
+    save_tensors_checked,
+    settings_differences,
+    write_json_checked,
+    writer_lock,
+)
 from wherefrom.core.tracking import selection_signature
 from wherefrom.curvature import Curvature, load_curvature
 from wherefrom.curvature.base import Progress, no_progress
@@ -36,6 +61,8 @@ from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.models.loading import LoadedModel, load_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+GRADIENT_SETTINGS = ("batch_size", "max_length", "chat_template", "reduction", "include", "exclude")
+"""The attribution settings that change stored training gradients (recorded with an index)."""
 
 
 class RunMismatch(ValueError):
@@ -87,32 +114,46 @@ class Run:
         self.loaded = loaded
         self.train = train
         self.attributor = Attributor(loaded.model, loaded.tokenizer, config.attribution, progress=progress)
+        self.notices: list[str] = []
+        """What a writer found and repaired (damaged files rebuilt, partial state of unknown settings discarded)."""
 
     # --- opening -------------------------------------------------------------------------------
     @classmethod
     def create(cls, folder: Path, config: RunConfig, progress: Progress = no_progress) -> Run:
-        """Open ``folder`` for ``config``, writing config/manifest, or check them if they exist."""
+        """Open ``folder`` for ``config``, writing config/manifest, or check them if they exist.
+
+        Raises :class:`RunMismatch` naming each setting that differs from the saved config (with
+        both values), and :class:`wherefrom.core.store.FolderLocked` while another process writes the run.
+        """
         folder = Path(folder)
         loaded = load_model(config.model, config.adapter, device=config.device)
         run = cls(folder, config, loaded, load_records(config.train), progress)
         manifest = run.manifest()
-        if (folder / "manifest.json").exists():
-            run._check(json.loads((folder / "manifest.json").read_text()), manifest)
-            # Round-trip through RunConfig: settings added in later versions take their defaults.
-            saved = RunConfig.from_dict(json.loads((folder / "config.json").read_text())).to_dict()
-            if saved != config.to_dict():
-                raise RunMismatch(
-                    f"{folder} holds a run with other settings; use a new --run folder or the same arguments.\n"
-                    f"saved: {json.dumps(saved, sort_keys=True)}\nnow:   {json.dumps(config.to_dict(), sort_keys=True)}"
-                )
-        else:
-            atomic_write_json(config.to_dict(), folder / "config.json")
-            atomic_write_json(manifest, folder / "manifest.json")
+        with writer_lock(folder):
+            if (folder / "manifest.json").exists():
+                # Round-trip through RunConfig: settings added in later versions take their defaults.
+                saved = RunConfig.from_dict(json.loads((folder / "config.json").read_text())).to_dict()
+                differences = settings_differences(saved, config.to_dict())
+                if differences:
+                    raise RunMismatch(
+                        f"{folder} holds a run with other settings ({'; '.join(differences)}); "
+                        "use a new --run folder or the same arguments"
+                    )
+                run._check(json.loads((folder / "manifest.json").read_text()), manifest)
+            else:
+                atomic_write_json(config.to_dict(), folder / "config.json")
+                atomic_write_json(manifest, folder / "manifest.json")
         return run
 
     @classmethod
-    def open(cls, folder: Path, progress: Progress = no_progress, device: str | None = None) -> Run:
-        """Open an existing run: reload model and data from its config and verify the fingerprints."""
+    def open(
+        cls, folder: Path, progress: Progress = no_progress, device: str | None = None, factors: bool = True
+    ) -> Run:
+        """Open an existing run: reload model and data from its config and verify the fingerprints.
+
+        With ``factors`` (the default) a fitted curvature is loaded, verified against its checksums
+        (:class:`wherefrom.core.store.DamagedFile` names a damaged file); ``index`` does not need it.
+        """
         folder = Path(folder)
         if not (folder / "config.json").exists():
             raise FileNotFoundError(
@@ -124,7 +165,7 @@ class Run:
         loaded = load_model(config.model, config.adapter, device=config.device)
         run = cls(folder, config, loaded, load_records(config.train), progress)
         run._check(json.loads((folder / "manifest.json").read_text()), run.manifest())
-        if (folder / "factors" / "curvature.json").exists():
+        if factors and (folder / "factors" / "curvature.json").exists():
             run.attributor.use_curvature(load_curvature(folder / "factors"), run.train)
         return run
 
@@ -157,58 +198,130 @@ class Run:
                 raise RunMismatch(f"the {what} differ from those this run was made with; refit in a new run folder")
 
     # --- fit -----------------------------------------------------------------------------------
+    def fit_settings(self) -> dict[str, Any]:
+        """What decides the fitted factors' bytes: recorded in ``factors/settings.json`` first."""
+        manifest = self.manifest()
+        return {
+            "attribution": self.config.attribution.to_dict(),
+            "model": manifest["model"]["fingerprint"],
+            "tokenizer": manifest["tokenizer_fingerprint"],
+            "data": manifest["data"]["fingerprint"],
+            "modules": manifest["modules"],
+            "device": self.attributor.device.type,
+        }
+
     def fit(self) -> bool:
-        """Fit the curvature unless finished factors exist; returns True when it fitted."""
+        """Fit the curvature unless intact finished factors exist; returns True when it fitted.
+
+        Holds the run's writer lock. Finished fitting stages under ``factors/stages/`` are reused,
+        so a killed fit resumes and gives the same factors; damaged factors are refitted (noted in
+        :attr:`notices`). Raises :class:`wherefrom.core.store.SettingsMismatch` if ``factors/`` was
+        started with other settings.
+        """
         target = self.folder / "factors"
-        if (target / "curvature.json").exists():
-            self.attributor.use_curvature(load_curvature(target), self.train)
-            return False
-        started = time.perf_counter()
-        curvature = self.attributor.fit(self.train)
-        curvature.info["fit_seconds"] = round(time.perf_counter() - started, 3)
-        curvature.save(target)
+        with writer_lock(self.folder):
+            self.notices += record_settings(
+                target, self.fit_settings(), f"Delete {target} to fit again with the current settings."
+            )
+            problems = [p for p in (damage(target / "curvature.safetensors"), damage(target / "curvature.json")) if p]
+            if not problems:
+                self.attributor.use_curvature(load_curvature(target), self.train)
+                StageFolder(target / "stages").clear()  # left by a fit killed after its final save
+                return False
+            if (target / "curvature.json").exists() or (target / "curvature.safetensors").exists():
+                self.notices.append(f"refitting: {problems[0]}")
+            forget_file(target / "curvature.json")  # the factors are unfinished until both are rewritten
+            started = time.perf_counter()
+            stages = StageFolder(target / "stages")
+            curvature = self.attributor.fit(self.train, stages=stages)
+            curvature.info["fit_seconds"] = round(time.perf_counter() - started, 3)
+            curvature.save(target)
+            stages.clear()
         return True
 
     # --- index ---------------------------------------------------------------------------------
+    def index_settings(self, shard_size: int, dtype: str) -> dict[str, Any]:
+        """What decides the index's bytes: recorded in ``index/settings.json`` before the first shard."""
+        return {
+            "shard_size": shard_size,
+            "dtype": dtype,
+            **{k: v for k, v in self.fit_settings().items() if k != "attribution"},
+            "gradients": {k: v for k, v in self.config.attribution.to_dict().items() if k in GRADIENT_SETTINGS},
+        }
+
     def build_index(self, shard_size: int = 256, dtype: str = "float32") -> int:
-        """Write raw training gradients in shards of ``shard_size`` rows; resumes. Returns shards written now."""
+        """Write raw training gradients in shards of ``shard_size`` rows; resumes. Returns shards written now.
+
+        Holds the run's writer lock; records the settings first and refuses to resume under other
+        ones (:class:`wherefrom.core.store.SettingsMismatch` names e.g. ``shard_size: recorded 4, now 2``);
+        rewrites every shard that is missing, unfinished or damaged (noted in :attr:`notices`).
+        """
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         folder = self.folder / "index"
-        if (folder / "index.json").exists():
-            return 0
-        written = 0
         n_shards = (len(self.train) + shard_size - 1) // shard_size
-        for shard in range(n_shards):
-            path = folder / f"shard-{shard:05d}.safetensors"
-            if path.exists():
-                continue
-            rows = self.train[shard * shard_size : (shard + 1) * shard_size]
-            ids, parts = [], []
-            for batch_ids, grads in self.attributor.gradients(rows, description=f"index shard {shard + 1}/{n_shards}"):
-                ids += batch_ids
-                parts.append({n: g.to(DTYPES[dtype]).cpu() for n, g in grads.items()})
-            tensors = {n: torch.cat([p[n] for p in parts]).contiguous() for n in self.attributor.module_names}
-            atomic_save_tensors(tensors, path, meta={"ids": json.dumps(ids)})
-            written += 1
-        atomic_write_json(
-            {"shards": n_shards, "rows": len(self.train), "dtype": dtype, "shard_size": shard_size},
-            folder / "index.json",
-        )
+        with writer_lock(self.folder):
+            hint = f"Resume with the recorded values, or delete {folder} to index with the new ones."
+            self.notices += record_settings(folder, self.index_settings(shard_size, dtype), hint)
+            if is_intact(folder / "index.json") and all(is_intact(self.shard_path(k)) for k in range(n_shards)):
+                return 0
+            forget_file(folder / "index.json")  # incomplete until every shard is intact again
+            written = 0
+            for shard in range(n_shards):
+                path = self.shard_path(shard)
+                problem = damage(path)
+                if problem is None:
+                    continue
+                if path.exists():
+                    self.notices.append(f"rebuilding: {problem}")
+                rows = self.train[shard * shard_size : (shard + 1) * shard_size]
+                ids, parts = [], []
+                for batch_ids, grads in self.attributor.gradients(
+                    rows, description=f"index shard {shard + 1}/{n_shards}"
+                ):
+                    ids += batch_ids
+                    parts.append({n: g.to(DTYPES[dtype]).cpu() for n, g in grads.items()})
+                tensors = {n: torch.cat([p[n] for p in parts]).contiguous() for n in self.attributor.module_names}
+                save_tensors_checked(tensors, path, meta={"ids": json.dumps(ids)})
+                written += 1
+            write_json_checked(
+                {"shards": n_shards, "rows": len(self.train), "dtype": dtype, "shard_size": shard_size},
+                folder / "index.json",
+            )
         return written
+
+    def shard_path(self, shard: int) -> Path:
+        return self.folder / "index" / f"shard-{shard:05d}.safetensors"
 
     def has_index(self) -> bool:
         return (self.folder / "index" / "index.json").exists()
 
-    def indexed_gradients(self) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
-        """``(ids, {module: (n, out, in')})`` per shard of a complete index, as float32."""
-        info = json.loads((self.folder / "index" / "index.json").read_text())
+    def check_index(self) -> dict[str, Any]:
+        """``index.json`` after verifying it and every shard's checksum; raises :class:`wherefrom.core.store.DamagedFile`."""
+        info = read_json_checked(self.folder / "index" / "index.json")
         for shard in range(info["shards"]):
-            with safe_open(str(self.folder / "index" / f"shard-{shard:05d}.safetensors"), "pt") as fh:
-                ids = json.loads(fh.metadata()["ids"])
-                yield ids, {n: fh.get_tensor(n).float() for n in self.attributor.module_names}
+            check_file(self.shard_path(shard))
+        return info
+
+    def indexed_gradients(self) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        """``(ids, {module: (n, out, in')})`` per shard of a complete index, as float32.
+
+        Each shard is verified as it is read (:class:`wherefrom.core.store.DamagedFile` names it), and the
+        ids must come out as the run's training ids in order, each once.
+        """
+        info = read_json_checked(self.folder / "index" / "index.json")
+        seen: list[str] = []
+        for shard in range(info["shards"]):
+            tensors, meta = load_tensors_checked(self.shard_path(shard))
+            ids = json.loads(meta["ids"])
+            seen += ids
+            yield ids, {n: tensors[n].float() for n in self.attributor.module_names}
+        if seen != [r.id for r in self.train]:
+            raise DamagedFile(
+                f"{self.folder / 'index'} holds {len(seen)} rows that are not the run's {len(self.train)} training ids in order; rebuild it"
+            )
 
     # --- scores --------------------------------------------------------------------------------
     def scores(self, queries: list[Record], curvature: Curvature | None = None) -> Scores:
@@ -219,6 +332,8 @@ class Run:
         curvature = curvature or self.attributor.curvature
         if curvature.needs_fit and not curvature.state:
             raise RuntimeError(f"no fitted curvature in {self.folder / 'factors'}; run `wherefrom fit` first")
+        if self.has_index():
+            self.check_index()  # refuse a damaged index before the query work
         query_ids, pre = self.attributor.preconditioned_queries(queries, curvature)
         train = (
             self.indexed_gradients()
@@ -228,5 +343,7 @@ class Run:
         return self.attributor.scores_from_gradients(query_ids, pre, train)
 
     def save_scores(self, scores: Scores, name: str) -> Path:
-        """Write ``scores/<name>.safetensors`` and ``scores/<name>.json`` (see :func:`wherefrom.core.scoring.save_scores`)."""
-        return save_scores(scores, self.folder / "scores", name)
+        """Write ``scores/<name>.safetensors`` and ``scores/<name>.json`` (see :func:`wherefrom.core.scoring.save_scores`)
+        under the run's writer lock."""
+        with writer_lock(self.folder):
+            return save_scores(scores, self.folder / "scores", name)
