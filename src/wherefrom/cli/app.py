@@ -19,7 +19,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from wherefrom.core.data import DataError, Record, load_records
-from wherefrom.core.store import StoreError
+from wherefrom.core.store import StoreError, writer_lock
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch
 from wherefrom.models.loading import ModelLoadError, load_model
@@ -149,8 +149,9 @@ def scores(
     """Pairwise influence of every training row on every query row; saved under RUN/scores/."""
     try:
         opened = Run.open(run, progress=_progress, device=device)
-        result = opened.scores(load_records(queries))
-        path = opened.save_scores(result, name)
+        with writer_lock(run):  # a writer of RUN/scores: refuse before the work while another writer runs
+            result = opened.scores(load_records(queries))
+            path = opened.save_scores(result, name)
     except (DataError, FileNotFoundError, RunMismatch, RuntimeError, ValueError) as error:
         _fail(error)
     for q, query_id in enumerate(result.query_ids):

@@ -1,0 +1,137 @@
+"""Resuming with changed settings (issue 10, kind 4): an interrupted `index` or `fit` refuses to
+resume under other settings, naming each one with both values, and a resumed index equals an
+uninterrupted one; partial state of unknown settings is discarded, never mixed in."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from wherefrom.core.store import SettingsMismatch, record_settings
+
+from .robust_workspace import fit_args, invoke, make_workspace
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = make_workspace(tmp_path_factory.mktemp("resume"), n_train=10)
+    code, out = invoke(*fit_args(root, "run", "--strategy", "identity"))
+    assert code == 0, out
+    code, out = invoke("index", "--run", root / "run", "--shard-size", "4")
+    assert code == 0, out
+    code, out = invoke("scores", "--run", root / "run", "--queries", root / "queries.jsonl", "--name", "clean")
+    assert code == 0, out
+    return root
+
+
+def interrupt_after_first_shard(index):
+    """The state a kill after shard 0 leaves: later shards and the completion marker are gone."""
+    for name in ("index.json", "shard-00001.safetensors", "shard-00002.safetensors"):
+        (index / name).unlink()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--shard-size", "2"], "shard_size: recorded 4, now 2"),
+        (["--shard-size", "3"], "shard_size: recorded 4, now 3"),
+        (["--shard-size", "4", "--dtype", "float16"], "dtype: recorded 'float32', now 'float16'"),
+        (["--shard-size", "4", "--dtype", "bfloat16"], "dtype: recorded 'float32', now 'bfloat16'"),
+        (
+            ["--shard-size", "5", "--dtype", "float16"],
+            "dtype: recorded 'float32', now 'float16'; shard_size: recorded 4, now 5",
+        ),
+    ],
+)
+def test_resume_with_other_index_settings_is_refused_then_equals_clean(root, flags, named):
+    index = root / "run" / "index"
+    kept = (index / "shard-00000.safetensors").read_bytes()
+    interrupt_after_first_shard(index)
+    code, out = invoke("index", "--run", root / "run", *flags)
+    assert code == 2 and named in out and str(index) in out, out
+    assert (index / "shard-00000.safetensors").read_bytes() == kept and not (index / "index.json").exists()
+    assert not (index / "shard-00001.safetensors").exists()  # nothing written under the other settings
+    code, out = invoke("index", "--run", root / "run", "--shard-size", "4")
+    assert code == 0 and "2 shards written now" in out, out
+    assert json.loads((index / "index.json").read_text()) == {
+        "dtype": "float32",
+        "rows": 10,
+        "shard_size": 4,
+        "shards": 3,
+    }
+    code, out = invoke("scores", "--run", root / "run", "--queries", root / "queries.jsonl", "--name", "resumed")
+    assert code == 0, out
+    scores = root / "run" / "scores"
+    ids = json.loads((scores / "resumed.json").read_text())["train_ids"]
+    assert ids == [f"r{i}" for i in range(10)]  # every training row once, in order
+    assert torch.equal(
+        load_file(str(scores / "resumed.safetensors"))["total"], load_file(str(scores / "clean.safetensors"))["total"]
+    )
+
+
+def test_complete_index_is_not_mixed_with_new_settings(root):
+    code, out = invoke("index", "--run", root / "run", "--shard-size", "4", "--dtype", "float16")
+    assert code == 2 and "dtype: recorded 'float32', now 'float16'" in out, out
+    code, out = invoke("index", "--run", root / "run", "--shard-size", "4")
+    assert code == 0 and "0 shards written now" in out, out
+
+
+def test_index_of_unknown_settings_is_discarded_and_rebuilt(root):
+    """Shards without a recorded settings.json (an older version's, or bit rot) are never mixed in."""
+    index = root / "run" / "index"
+    (index / "settings.json").unlink()
+    interrupt_after_first_shard(index)
+    code, out = invoke("index", "--run", root / "run", "--shard-size", "4")
+    assert code == 0 and "3 shards written now" in out and "settings unknown" in out, out
+    code, out = invoke("scores", "--run", root / "run", "--queries", root / "queries.jsonl", "--name", "rebuilt")
+    assert code == 0, out
+    scores = root / "run" / "scores"
+    assert torch.equal(
+        load_file(str(scores / "rebuilt.safetensors"))["total"], load_file(str(scores / "clean.safetensors"))["total"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "named"),
+    [
+        (["--strategy", "kfac"], ["--strategy", "ekfac"], "attribution.strategy: recorded 'kfac', now 'ekfac'"),
+        (
+            ["--strategy", "kfac", "--include", "q_proj"],
+            ["--strategy", "kfac", "--include", "v_proj"],
+            "attribution.include: recorded ['q_proj'], now ['v_proj']",
+        ),
+        (
+            ["--strategy", "kfac", "--seed", "0"],
+            ["--strategy", "kfac", "--seed", "1"],
+            "attribution.seed: recorded 0, now 1",
+        ),
+    ],
+)
+def test_fit_resumed_with_other_settings_is_refused(root, tmp_path, first, second, named):
+    run = f"fit-{tmp_path.name}"
+    code, out = invoke(*fit_args(root, run, *first))
+    assert code == 0, out
+    saved = (root / run / "factors" / "curvature.safetensors").read_bytes()
+    code, out = invoke(*fit_args(root, run, *second))
+    assert code == 2 and named in out, out
+    assert (root / run / "factors" / "curvature.safetensors").read_bytes() == saved
+
+
+def test_record_settings_names_nested_differences_and_keeps_the_record(tmp_path):
+    folder = tmp_path / "job"
+    assert record_settings(folder, {"a": 1, "b": {"c": [1, 2], "d": None}}) == []
+    assert record_settings(folder, {"a": 1, "b": {"c": (1, 2), "d": None}}) == []  # compared in JSON form
+    with pytest.raises(SettingsMismatch) as error:
+        record_settings(folder, {"a": 2, "b": {"c": [1, 3]}, "e": "x"})
+    message = str(error.value)
+    for part in (
+        "a: recorded 1, now 2",
+        "b.c: recorded [1, 2], now [1, 3]",
+        "b.d: recorded None, now absent",
+        "e: not recorded, now 'x'",
+    ):
+        assert part in message
+    assert json.loads((folder / "settings.json").read_text()) == {"a": 1, "b": {"c": [1, 2], "d": None}}
