@@ -18,7 +18,15 @@ from wherefrom.curvature import make_curvature
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.models.loading import load_model
 
-from .robust_workspace import fit_args, invoke, make_workspace, partials, spawn, tensors_equal, wait_until
+from .robust_workspace import (
+    fit_args,
+    invoke,
+    make_workspace,
+    partials,
+    spawn,
+    tensors_equal,
+    wait_until,
+)
 
 ROWS = 160
 SLOW = ("--strategy", "ekfac", "--batch-size", "1")  # one row per batch: passes long enough to be caught part-way
