@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wherefrom.core.store import SettingsMismatch, record_settings
+from wherefrom.core.store import SettingsMismatch, record_checksum, record_settings
 
 from .robust_workspace import fit_args, invoke, make_workspace
 
@@ -135,3 +135,19 @@ def test_record_settings_names_nested_differences_and_keeps_the_record(tmp_path)
     ):
         assert part in message
     assert json.loads((folder / "settings.json").read_text()) == {"a": 1, "b": {"c": [1, 2], "d": None}}
+
+
+def test_device_is_compared_when_resuming_but_not_when_reusing_a_finished_index(root):
+    """Parts computed on another device are not mixed in; a finished index is reused anywhere."""
+    index = root / "run" / "index"
+    settings = json.loads((index / "settings.json").read_text())
+    (index / "settings.json").write_text(json.dumps({**settings, "device": "cuda"}))
+    record_checksum(index / "settings.json")  # as if the index had been built on a GPU
+    code, out = invoke("index", "--run", root / "run", "--shard-size", "4")
+    assert code == 0 and "0 shards written now" in out, out
+    interrupt_after_first_shard(index)
+    code, out = invoke("index", "--run", root / "run", "--shard-size", "4")
+    assert code == 2 and "device: recorded 'cuda', now 'cpu'" in out, out
+    with pytest.raises(SettingsMismatch, match="device: recorded 'cuda', now 'cpu'"):
+        record_settings(index, {**settings, "device": "cpu"})
+    assert record_settings(index, {**settings, "device": "cpu"}, ignore=("device",)) == []

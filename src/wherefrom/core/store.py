@@ -40,7 +40,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -327,14 +327,18 @@ def settings_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
     return [] if saved == now else [f"{prefix or 'value'}: recorded {saved!r}, now {now!r}"]
 
 
-def record_settings(folder: Path, settings: Mapping[str, Any], hint: str = "") -> list[str]:
+def record_settings(
+    folder: Path, settings: Mapping[str, Any], hint: str = "", ignore: Collection[str] = ()
+) -> list[str]:
     """Record ``settings`` in ``folder/settings.json`` before the job's first result, or compare them.
 
-    ``folder`` belongs to the job alone. Values are compared in their JSON form. Returns notes of
-    what was discarded (empty when nothing was). Raises :class:`SettingsMismatch` naming every
-    differing setting with the recorded and the current value (``hint`` says what to do). A folder
-    with results but no intact ``settings.json`` (made by an older version, or damaged) is emptied
-    and started afresh: its results' settings are unknown.
+    ``folder`` belongs to the job alone. Values are compared in their JSON form; top-level keys in
+    ``ignore`` are not compared (e.g. the device, when a finished result is only being reused and
+    no part of it is computed again). Returns notes of what was discarded (empty when nothing was).
+    Raises :class:`SettingsMismatch` naming every differing setting with the recorded and the
+    current value (``hint`` says what to do). A folder with results but no intact ``settings.json``
+    (made by an older version, or damaged) is emptied and started afresh: its results' settings
+    are unknown.
     """
     folder = Path(folder)
     now = json.loads(json.dumps(strict_json(dict(settings)), default=str))
@@ -349,7 +353,9 @@ def record_settings(folder: Path, settings: Mapping[str, Any], hint: str = "") -
             shutil.rmtree(folder)
         write_json_checked(now, path)
         return notes
-    differences = settings_differences(saved, now)
+    differences = settings_differences(
+        {k: v for k, v in saved.items() if k not in ignore}, {k: v for k, v in now.items() if k not in ignore}
+    )
     if differences:
         raise SettingsMismatch(
             f"{folder} was started with other settings ({'; '.join(differences)}). "

@@ -166,7 +166,11 @@ class Run:
         run = cls(folder, config, loaded, load_records(config.train), progress)
         run._check(json.loads((folder / "manifest.json").read_text()), run.manifest())
         if factors and (folder / "factors" / "curvature.json").exists():
-            run.attributor.use_curvature(load_curvature(folder / "factors"), run.train)
+            try:
+                curvature = load_curvature(folder / "factors")
+            except DamagedFile as error:
+                raise DamagedFile(f"{error}; rerun `wherefrom fit` with this run's arguments to refit it") from None
+            run.attributor.use_curvature(curvature, run.train)
         return run
 
     def manifest(self) -> dict[str, Any]:
@@ -220,16 +224,27 @@ class Run:
         """
         target = self.folder / "factors"
         with writer_lock(self.folder):
-            self.notices += record_settings(
-                target, self.fit_settings(), f"Delete {target} to fit again with the current settings."
+
+            def problems() -> list[str]:
+                return [p for p in (damage(target / "curvature.safetensors"), damage(target / "curvature.json")) if p]
+
+            found = problems()
+            # Finished factors are reused on any device; a resumed fit must run where it started.
+            notes = record_settings(
+                target,
+                self.fit_settings(),
+                f"Delete {target} to fit again with the current settings.",
+                ignore=() if found else ("device",),
             )
-            problems = [p for p in (damage(target / "curvature.safetensors"), damage(target / "curvature.json")) if p]
-            if not problems:
+            if notes:  # factors of unknown settings were discarded
+                self.notices += notes
+                found = problems()
+            if not found:
                 self.attributor.use_curvature(load_curvature(target), self.train)
                 StageFolder(target / "stages").clear()  # left by a fit killed after its final save
                 return False
             if (target / "curvature.json").exists() or (target / "curvature.safetensors").exists():
-                self.notices.append(f"refitting: {problems[0]}")
+                self.notices.append(f"refitting: {found[0]}")
             forget_file(target / "curvature.json")  # the factors are unfinished until both are rewritten
             started = time.perf_counter()
             stages = StageFolder(target / "stages")
@@ -263,9 +278,20 @@ class Run:
         folder = self.folder / "index"
         n_shards = (len(self.train) + shard_size - 1) // shard_size
         with writer_lock(self.folder):
+
+            def complete() -> bool:
+                return is_intact(folder / "index.json") and all(is_intact(self.shard_path(k)) for k in range(n_shards))
+
+            finished = complete()
             hint = f"Resume with the recorded values, or delete {folder} to index with the new ones."
-            self.notices += record_settings(folder, self.index_settings(shard_size, dtype), hint)
-            if is_intact(folder / "index.json") and all(is_intact(self.shard_path(k)) for k in range(n_shards)):
+            # A finished index is reused on any device; a resumed one must run where it started.
+            notes = record_settings(
+                folder, self.index_settings(shard_size, dtype), hint, ignore=("device",) if finished else ()
+            )
+            if notes:  # shards of unknown settings were discarded
+                self.notices += notes
+                finished = complete()
+            if finished:
                 return 0
             forget_file(folder / "index.json")  # incomplete until every shard is intact again
             written = 0
@@ -300,9 +326,12 @@ class Run:
 
     def check_index(self) -> dict[str, Any]:
         """``index.json`` after verifying it and every shard's checksum; raises :class:`wherefrom.core.store.DamagedFile`."""
-        info = read_json_checked(self.folder / "index" / "index.json")
-        for shard in range(info["shards"]):
-            check_file(self.shard_path(shard))
+        try:
+            info = read_json_checked(self.folder / "index" / "index.json")
+            for shard in range(info["shards"]):
+                check_file(self.shard_path(shard))
+        except DamagedFile as error:
+            raise DamagedFile(f"{error}; rerun `wherefrom index --run {self.folder}` to rebuild it") from None
         return info
 
     def indexed_gradients(self) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:

@@ -1,0 +1,160 @@
+"""Stored state is verified before it is used (issue 10, kind 11): a damaged, truncated, missing or
+unrecorded factors file or index shard is named; `scores`/`query` refuse it (exit 2, no scores
+written), `fit`/`index` rebuild it (never "reused"), and the rebuilt state gives the original scores.
+Leftover `.partial-*` files of killed writers are removed by the next writer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from wherefrom.core.store import (
+    DamagedFile,
+    atomic_save_tensors,
+    load_tensors_checked,
+    read_json_checked,
+    save_tensors_checked,
+    write_json_checked,
+)
+
+from .robust_workspace import fit_args, invoke, make_workspace, partials
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = make_workspace(tmp_path_factory.mktemp("integrity"), n_train=20)
+    for args in (
+        fit_args(root, "run"),
+        ["index", "--run", root / "run", "--shard-size", "4"],
+        ["scores", "--run", root / "run", "--queries", root / "queries.jsonl", "--name", "clean"],
+    ):
+        code, out = invoke(*args)
+        assert code == 0, out
+    return root
+
+
+def flip_middle(path):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+    path.write_bytes(bytes(data))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def forget_checksum(path):
+    """The state a kill between the rename and the checksum record leaves: a file nobody vouched for."""
+    manifest = path.parent / "checksums.json"
+    files = json.loads(manifest.read_text())
+    del files["files"][path.name]
+    manifest.write_text(json.dumps(files))
+
+
+DAMAGE = {
+    "flipped": (flip_middle, "is damaged"),
+    "truncated": (truncate, "is truncated or changed"),
+    "unrecorded": (forget_checksum, "has no checksum"),
+}
+
+
+def scores_of(root, name):
+    return load_file(str(root / "run" / "scores" / f"{name}.safetensors"))["total"]
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+@pytest.mark.parametrize("file", ["curvature.safetensors", "curvature.json"])
+def test_damaged_factors_are_refused_then_refitted(root, kind, file):
+    path = root / "run" / "factors" / file
+    original = (root / "run" / "factors" / "curvature.safetensors").read_bytes()
+    hurt, named = DAMAGE[kind]
+    hurt(path)
+    code, out = invoke("scores", "--run", root / "run", "--queries", root / "queries.jsonl", "--name", "damaged")
+    assert code == 2 and str(path) in out and named in out, out
+    assert not (root / "run" / "scores" / "damaged.safetensors").exists()
+    code, out = invoke("query", "--run", root / "run", "ab cd:", " ef")
+    assert code == 2 and str(path) in out, out
+    code, out = invoke(*fit_args(root, "run"))
+    assert code == 0 and "ekfac fitted" in out and "reused" not in out and "refitting" in out and file in out, out
+    assert (root / "run" / "factors" / "curvature.safetensors").read_bytes() == original  # same seed: same bytes
+    code, out = invoke(*fit_args(root, "run"))
+    assert code == 0 and "reused" in out, out
+
+
+@pytest.mark.parametrize("kind", [*DAMAGE, "deleted"])
+def test_damaged_index_shard_is_refused_then_rebuilt(root, kind):
+    path = root / "run" / "index" / "shard-00002.safetensors"
+    if kind == "deleted":
+        path.unlink()
+        named = "is missing"
+    else:
+        hurt, named = DAMAGE[kind]
+        hurt(path)
+    code, out = invoke("scores", "--run", root / "run", "--queries", root / "queries.jsonl", "--name", "damaged")
+    assert code == 2 and str(path) in out and named in out, out
+    assert not (root / "run" / "scores" / "damaged.safetensors").exists()
+    code, out = invoke("index", "--run", root / "run", "--shard-size", "4")
+    assert code == 0 and "1 shards written now" in out, out
+    assert kind == "deleted" or "rebuilding" in out
+    code, out = invoke("scores", "--run", root / "run", "--queries", root / "queries.jsonl", "--name", "rebuilt")
+    assert code == 0, out
+    assert torch.equal(scores_of(root, "rebuilt"), scores_of(root, "clean"))
+
+
+def test_damaged_index_marker_is_refused_then_rewritten(root):
+    path = root / "run" / "index" / "index.json"
+    path.write_text(path.read_text().replace('"rows": 20', '"rows": 21'))
+    code, out = invoke("scores", "--run", root / "run", "--queries", root / "queries.jsonl", "--name", "damaged")
+    assert code == 2 and str(path) in out, out
+    code, out = invoke("index", "--run", root / "run", "--shard-size", "4")
+    assert code == 0 and "0 shards written now" in out, out
+    assert json.loads(path.read_text())["rows"] == 20
+
+
+def test_factors_without_recorded_checksums_are_refitted(root):
+    """Factors made by a version without checksums (or whose manifest is lost) are never reused blindly."""
+    factors = root / "run" / "factors"
+    (factors / "checksums.json").unlink()
+    code, out = invoke(*fit_args(root, "run"))
+    assert code == 0 and "ekfac fitted" in out and "settings unknown" in out, out
+
+
+def test_partial_leftovers_are_ignored_by_readers_and_removed_by_the_next_writer(root):
+    run = root / "run"
+    junk = [
+        run / "index" / ".shard-00001.safetensors.partial-k1ll3d",
+        run / "factors" / ".curvature.safetensors.partial-x9",
+        run / "scores" / ".clean.safetensors.partial-ab",
+    ]
+    for path in junk:
+        path.write_bytes(b"half a file")
+    (run / ".index.partial-dir").mkdir()
+    (run / ".index.partial-dir" / "shard-00000.safetensors").write_bytes(b"x")
+    code, out = invoke("query", "--run", run, "ab cd:", " ef")  # a reader: neither uses nor removes them
+    assert code == 0, out
+    assert len(partials(run)) == 4
+    code, out = invoke("index", "--run", run, "--shard-size", "4")
+    assert code == 0, out
+    assert partials(run) == []
+
+
+def test_checked_files_name_the_damage(tmp_path):
+    path = tmp_path / "a.safetensors"
+    save_tensors_checked({"x": torch.arange(1000.0)}, path, meta={"ids": "[1]"})
+    tensors, meta = load_tensors_checked(path)
+    assert torch.equal(tensors["x"], torch.arange(1000.0)) and meta == {"ids": "[1]"}
+    flip_middle(path)
+    with pytest.raises(DamagedFile, match="a.safetensors is damaged"):
+        load_tensors_checked(path)
+    atomic_save_tensors({"x": torch.zeros(3)}, tmp_path / "b.safetensors")  # written, checksum never recorded
+    with pytest.raises(DamagedFile, match="b.safetensors has no checksum"):
+        load_tensors_checked(tmp_path / "b.safetensors")
+    write_json_checked({"k": 1}, tmp_path / "c.json")
+    assert read_json_checked(tmp_path / "c.json") == {"k": 1}
+    (tmp_path / "c.json").write_text('{"k": 2}\n')
+    with pytest.raises(DamagedFile, match="c.json"):
+        read_json_checked(tmp_path / "c.json")

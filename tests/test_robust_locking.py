@@ -1,0 +1,101 @@
+"""Concurrent writers (issue 10, kind 12), with real processes: a second writer of a run folder
+(fit, index, scores) gets a named error at once (the folder and the holder's pid), readers are
+unaffected, a killed holder frees the folder, and two CLI writers started together leave a
+consistent folder (one config, factors of that config; every training row indexed once)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from wherefrom.core.store import FolderLocked, is_intact, writer_lock
+
+from .robust_workspace import SRC, fit_args, invoke, make_workspace, spawn
+
+ROWS = 40
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = make_workspace(tmp_path_factory.mktemp("locking"), n_train=ROWS)
+    code, out = invoke(*fit_args(root, "run", "--strategy", "identity"))
+    assert code == 0, out
+    return root
+
+
+def hold_lock(folder) -> subprocess.Popen:
+    """Another process that holds ``folder``'s writer lock until killed (prints ``held`` once it does)."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from wherefrom.core.store import writer_lock
+        with writer_lock({str(folder)!r}):
+            print("held", flush=True)
+            time.sleep(600)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_second_writer_is_refused_by_name_and_readers_are_unaffected(root):
+    run = root / "run"
+    holder = hold_lock(run)
+    try:
+        expected = f"{run} is being written by pid {holder.pid}"
+        for args in (
+            ["index", "--run", run, "--shard-size", "8"],
+            fit_args(root, "run", "--strategy", "identity"),
+            ["scores", "--run", run, "--queries", root / "queries.jsonl"],
+        ):
+            code, out = invoke(*args)
+            assert code == 2 and expected in out, (args[0], out)
+        assert not (run / "index" / "index.json").exists() and not (run / "scores").exists()
+        with pytest.raises(FolderLocked, match="is being written by pid"), writer_lock(run):
+            pass
+        code, out = invoke("query", "--run", run, "ab cd:", " ef", "--json")  # a reader
+        assert code == 0 and '"proponents"' in out, out
+    finally:
+        holder.kill()
+        holder.wait()
+    code, out = invoke("index", "--run", run, "--shard-size", "8")  # the killed holder freed the folder
+    assert code == 0 and "5 shards written now" in out, out
+
+
+def test_two_index_and_two_fit_processes_at_once(root):
+    """Two `index` runs on one folder (formerly rows went missing) and two `fit` runs with different
+    strategies on one new folder (formerly both exited 0, config.json saying kfac beside ekfac
+    factors), all four processes started together."""
+    code, out = invoke(*fit_args(root, "pair", "--strategy", "identity", "--batch-size", "1"))
+    assert code == 0, out
+    pair, contested = root / "pair", root / "contested"
+    indexers = [spawn("index", "--run", pair, "--shard-size", "2") for _ in range(2)]
+    fitters = [spawn(*fit_args(root, "contested", "--strategy", s, "--batch-size", "1")) for s in ("kfac", "ekfac")]
+    index_out = [p.communicate()[0] for p in indexers]
+    fit_out = [p.communicate()[0] for p in fitters]
+
+    codes = [p.returncode for p in indexers]
+    assert 0 in codes, index_out
+    for code, out in zip(codes, index_out):
+        assert code == 0 or (code == 2 and f"{pair} is being written by pid" in out), out
+    info = json.loads((pair / "index" / "index.json").read_text())
+    assert info["rows"] == ROWS and all(
+        is_intact(pair / "index" / f"shard-{k:05d}.safetensors") for k in range(info["shards"])
+    )
+    code, out = invoke("scores", "--run", pair, "--queries", root / "queries.jsonl")
+    assert code == 0, out
+    ids = json.loads((pair / "scores" / "scores.json").read_text())["train_ids"]
+    assert ids == [f"r{i}" for i in range(ROWS)]  # every row once, in order
+
+    codes = [p.returncode for p in fitters]
+    assert sorted(codes) == [0, 2], fit_out
+    loser = fit_out[codes.index(2)]
+    assert f"{contested} is being written by pid" in loser or "other settings (attribution.strategy" in loser, loser
+    config = json.loads((contested / "config.json").read_text())
+    factors = json.loads((contested / "factors" / "curvature.json").read_text())
+    assert config["attribution"]["strategy"] == factors["strategy"] == ("kfac", "ekfac")[codes.index(0)]
