@@ -44,9 +44,10 @@ Progress = Callable[[Iterable[Batch], str], Iterator[Batch]]
 RNG_KEY = "__generator_state__"
 """Key of the sampling generator's state in a persisted fitting stage."""
 
-
 META_FILE = "curvature.json"
+"""Strategy, damping, options, modules and info of a saved curvature (written last: "finished")."""
 TENSORS_FILE = "curvature.safetensors"
+"""The fitted state tensors of a saved curvature."""
 
 
 def no_progress(batches: Iterable[Batch], _description: str) -> Iterator[Batch]:
