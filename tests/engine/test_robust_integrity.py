@@ -148,13 +148,13 @@ def test_checked_files_name_the_damage(tmp_path):
     tensors, meta = load_tensors_checked(path)
     assert torch.equal(tensors["x"], torch.arange(1000.0)) and meta == {"ids": "[1]"}
     flip_middle(path)
-    with pytest.raises(DamagedFile, match="a.safetensors is damaged"):
+    with pytest.raises(DamagedFile, match=r"a\.safetensors is damaged"):
         load_tensors_checked(path)
     atomic_save_tensors({"x": torch.zeros(3)}, tmp_path / "b.safetensors")  # written, checksum never recorded
-    with pytest.raises(DamagedFile, match="b.safetensors has no checksum"):
+    with pytest.raises(DamagedFile, match=r"b\.safetensors has no checksum"):
         load_tensors_checked(tmp_path / "b.safetensors")
     write_json_checked({"k": 1}, tmp_path / "c.json")
     assert read_json_checked(tmp_path / "c.json") == {"k": 1}
     (tmp_path / "c.json").write_text('{"k": 2}\n')
-    with pytest.raises(DamagedFile, match="c.json"):
+    with pytest.raises(DamagedFile, match=r"c\.json"):
         read_json_checked(tmp_path / "c.json")
