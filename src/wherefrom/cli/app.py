@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 from tqdm import tqdm
 
+from wherefrom.cli.methods import methods as methods_command
 from wherefrom.core.data import DataError, Record, load_records
 from wherefrom.core.store import StoreError, writer_lock
 from wherefrom.engine.api import AttributionConfig
@@ -27,6 +28,7 @@ from wherefrom.models.loading import ModelLoadError, load_model
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Which training examples made a language model say this?"
 )
+app.command(name="methods")(methods_command)
 console = Console(stderr=True, soft_wrap=True)  # unwrapped: paths and messages stay copyable and greppable
 
 
@@ -236,7 +238,7 @@ def _print_report(report: dict) -> None:
 def attribute(
     method: str = typer.Option(
         ...,
-        help="Method name: see `wherefrom.methods.registry.METHODS` (ekfac, kfac, lissa, cg, arnoldi, datainf, gradsim, gradsim-cosine, tracin, repsim, bm25, trak, logra, ...).",
+        help="Method name: `wherefrom methods` lists them with their options (ekfac, kfac, lissa, tracin, repsim, bm25, ...).",
     ),
     train: Path = typer.Option(..., help="Training rows."),
     queries: Path = typer.Option(..., help="Query rows."),
@@ -259,11 +261,11 @@ def attribute(
     """Any method end to end (fit, then score queries against the training rows)."""
     from wherefrom.core.scoring import save_scores
     from wherefrom.core.store import atomic_write_json
-    from wherefrom.methods.registry import make_method
+    from wherefrom.methods.registry import make_method, method_spec
 
     try:
         options = _options(option)
-        options = {**options.get("*", {}), **options.get(method, {})}
+        options = method_spec(method).check({**options.get("*", {}), **options.get(method, {})})
         config = AttributionConfig(
             damping=damping, include=include or None, batch_size=batch_size, max_length=max_length
         )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wherefrom.curvature.base import BatchSource, Curvature
+from wherefrom.core.options import check_options
+from wherefrom.curvature.base import DAMPING_OPTIONS, BatchSource, Curvature
 from wherefrom.curvature.datainf import DataInf
 from wherefrom.curvature.exact import ExactGGN
 from wherefrom.curvature.iterative import Arnoldi, ConjugateGradient, ConvergenceWarning, LiSSA
@@ -18,14 +19,22 @@ STRATEGIES: dict[str, type[Curvature]] = {
 
 
 def make_curvature(strategy: str, damping: float | None = None, damping_factor: float = 0.1, **options) -> Curvature:
-    """A fresh, unfitted strategy by name (one of :data:`STRATEGIES`); ``options`` go to its constructor."""
+    """A fresh, unfitted strategy by name (one of :data:`STRATEGIES`); ``options`` go to its constructor.
+
+    The damping and ``options`` are validated against :data:`wherefrom.curvature.base.DAMPING_OPTIONS`
+    and the strategy's ``option_specs`` first (text read as JSON, e.g. ``"300"`` -> ``300``):
+    :class:`wherefrom.core.options.OptionError` (a ``ValueError``) names the strategy, the option, the
+    value and what is allowed. ``ValueError`` for an unknown strategy.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
     cls = STRATEGIES[strategy]
-    unknown = sorted(set(options) - set(cls.option_names))
-    if unknown:
-        raise ValueError(f"strategy {strategy!r} has no option(s) {unknown}; its options are {list(cls.option_names)}")
-    return cls(damping=damping, damping_factor=damping_factor, **options)
+    checked = check_options(
+        f"strategy {strategy!r}",
+        (*DAMPING_OPTIONS, *cls.option_specs),
+        {"damping": damping, "damping_factor": damping_factor, **options},
+    )
+    return cls(**checked)
 
 
 def load_curvature(folder: Path) -> Curvature:

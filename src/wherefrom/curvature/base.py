@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from wherefrom.core.gradients import Batch, LossFn
+from wherefrom.core.options import OptionSpec, from_signature
 from wherefrom.core.store import (
     StageFolder,
     load_tensors_checked,
@@ -59,8 +60,9 @@ class Curvature(ABC):
 
     name: ClassVar[str]
     needs_fit: ClassVar[bool] = True
-    option_names: ClassVar[tuple[str, ...]] = ()
-    """Constructor keywords (besides the damping) saved in ``metadata()["options"]`` and restored on load."""
+    option_specs: ClassVar[tuple[OptionSpec, ...]] = ()
+    """Typed constructor keywords (besides the damping, :data:`DAMPING_OPTIONS`), validated by
+    :func:`wherefrom.curvature.make_curvature`, saved in ``metadata()["options"]`` and restored on load."""
     needs_operator: ClassVar[bool] = False
     """True for strategies that multiply by ``G`` on the fly (``cg``, ``lissa``): they must be attached
     to the model and fitting data again after loading."""
@@ -172,7 +174,7 @@ class Curvature(ABC):
     # --- persistence ---------------------------------------------------------------------------
     def options(self) -> dict[str, Any]:
         """Constructor keyword arguments (besides the damping) that reproduce this strategy."""
-        return {name: getattr(self, name) for name in self.option_names}
+        return {spec.name: getattr(self, spec.name) for spec in self.option_specs}
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -220,3 +222,23 @@ class Curvature(ABC):
                 f"curvature was fitted on a different module selection ({len(self.modules)} modules) than "
                 f"the current one ({len(wanted)} modules); e.g. not fitted: {missing}"
             )
+
+
+GROSSE_2023 = "Grosse et al. 2023, Studying Large Language Model Generalization with Influence Functions"
+
+DAMPING_OPTIONS: tuple[OptionSpec, ...] = from_signature(
+    Curvature.__init__,
+    OptionSpec(
+        "damping",
+        low=0.0,
+        help="absolute damping lambda added to G; null: damping_factor x mean eigenvalue, per module",
+        source=GROSSE_2023,
+    ),
+    OptionSpec(
+        "damping_factor",
+        low=0.0,
+        help="relative damping: lambda = damping_factor x mean eigenvalue of the module's G (when damping is null)",
+        source=GROSSE_2023,
+    ),
+)
+"""The damping every strategy takes (its default rule and range), shared by the influence methods."""

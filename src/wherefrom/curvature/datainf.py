@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 
 from wherefrom.core.gradients import per_example_gradients
+from wherefrom.core.options import OptionSpec, from_signature
 from wherefrom.curvature.base import Curvature
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
@@ -48,11 +49,16 @@ class DataInf(Curvature):
 
     name = "datainf"
 
-    option_names = ("max_bytes",)
-
     def __init__(self, damping: float | None = None, damping_factor: float = 0.1, max_bytes: int = DEFAULT_MAX_BYTES):
         super().__init__(damping=damping, damping_factor=damping_factor)
         self.max_bytes = int(max_bytes)
+
+    option_specs = from_signature(
+        __init__,
+        OptionSpec(
+            "max_bytes", low=1, help="memory guard: most bytes of kept per-example gradients before fit refuses"
+        ),
+    )
 
     def _fit(self, model, modules, batches, loss_fn, progress) -> None:
         parts: dict[str, list[torch.Tensor]] = {m.name: [] for m in modules}

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jacfwd, jacrev
 
+from wherefrom.core.options import OptionSpec, from_signature
 from wherefrom.core.task import IGNORE_INDEX, per_example_loss
 from wherefrom.curvature.base import Curvature
 
@@ -52,7 +53,6 @@ class ExactGGN(Curvature):
     """
 
     name = "exact"
-    option_names = ("blocks", "curvature")
     own_ggn = True
 
     def __init__(
@@ -69,6 +69,12 @@ class ExactGGN(Curvature):
             raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
         self.blocks = blocks
         self.curvature = curvature
+
+    option_specs = from_signature(
+        __init__,
+        OptionSpec("blocks", help="module: one dense block per tracked module; full: all tracked parameters jointly"),
+        OptionSpec("curvature", help="ggn: Gauss-Newton matrix; hessian: the true Hessian (may be indefinite)"),
+    )
 
     def _fit(self, model, modules, batches, loss_fn, progress) -> None:
         sizes = [m.shape[0] * m.shape[1] for m in modules]

@@ -45,9 +45,13 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from wherefrom.core.options import OptionSpec, from_signature
 from wherefrom.core.tracking import TrackedModule, selection_signature
 from wherefrom.curvature.base import BatchSource, Curvature, Progress, no_progress
 from wherefrom.curvature.products import GGNOperator
+
+AGARWAL_2017 = "Agarwal, Bullins & Hazan 2017, Second-Order Stochastic Optimization in Linear Time (LiSSA)"
+SCHIOPPA_2022 = "Schioppa et al. 2022, Scaling Up Influence Functions (Arnoldi iteration)"
 
 
 class ConvergenceWarning(RuntimeWarning):
@@ -61,12 +65,11 @@ class OperatorCurvature(Curvature):
     default damping), ``seed`` (probes, start vectors, mini-batch draws), ``max_vectors`` (vectors per
     vmapped product: memory grows like that times the logits of a batch).
 
-    ``options`` (constructor keyword arguments listed in :attr:`option_names`) are saved in
+    ``options`` (constructor keyword arguments declared in :attr:`option_specs`) are saved in
     ``metadata()["options"]`` so that :func:`wherefrom.curvature.load_curvature` rebuilds the same
     strategy.
     """
 
-    option_names: ClassVar[tuple[str, ...]] = ("curvature", "probes", "seed", "max_vectors")
     needs_operator: ClassVar[bool] = True
     own_ggn: ClassVar[bool] = True
 
@@ -89,6 +92,14 @@ class OperatorCurvature(Curvature):
         self.seed = seed
         self.max_vectors = max_vectors
         self.operator: GGNOperator | None = None
+
+    option_specs: ClassVar[tuple[OptionSpec, ...]] = from_signature(
+        __init__,
+        OptionSpec("curvature", help="ggn: Gauss-Newton matrix; hessian: the true Hessian of the mean training loss"),
+        OptionSpec("probes", low=1, help="Hutchinson probes estimating trace(G) for the default damping"),
+        OptionSpec("seed", help="seed of the probes, start vectors and mini-batch draws"),
+        OptionSpec("max_vectors", low=1, help="vectors per vmapped product with G (memory grows with it)"),
+    )
 
     # --- fitting -----------------------------------------------------------------------------------
     def attach(
@@ -183,13 +194,21 @@ class ConjugateGradient(OperatorCurvature):
     """
 
     name = "cg"
-    option_names = (*OperatorCurvature.option_names, "tol", "max_iter")
 
     def __init__(self, damping=None, damping_factor=0.1, tol: float = 1e-6, max_iter: int = 100, **options):
         super().__init__(damping, damping_factor, **options)
         if tol <= 0 or max_iter < 1:
             raise ValueError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
         self.tol, self.max_iter = tol, max_iter
+
+    option_specs = (
+        *OperatorCurvature.option_specs,
+        *from_signature(
+            __init__,
+            OptionSpec("tol", low=0.0, low_inclusive=False, help="relative residual every row must reach"),
+            OptionSpec("max_iter", low=1, help="products with G at most per solve"),
+        ),
+    )
 
     def _solve(self, b: torch.Tensor) -> torch.Tensor:
         self._require_operator()
@@ -267,16 +286,6 @@ class LiSSA(OperatorCurvature):
     """
 
     name = "lissa"
-    option_names = (
-        *OperatorCurvature.option_names,
-        "depth",
-        "scale",
-        "batch_size",
-        "repeats",
-        "tol",
-        "power_iterations",
-        "safety",
-    )
 
     def __init__(
         self,
@@ -302,6 +311,20 @@ class LiSSA(OperatorCurvature):
             raise ValueError(f"safety must be >= 1, got {safety}")
         self.depth, self.scale, self.batch_size, self.repeats = depth, scale, batch_size, repeats
         self.tol, self.power_iterations, self.safety = tol, power_iterations, safety
+
+    option_specs = (
+        *OperatorCurvature.option_specs,
+        *from_signature(
+            __init__,
+            OptionSpec("depth", low=1, help="recursion steps J at most", source=AGARWAL_2017),
+            OptionSpec("scale", low=0.0, low_inclusive=False, help="alpha; null: 1 / (safety (lambda_max + lambda))"),
+            OptionSpec("batch_size", low=1, help="examples per stochastic product; null: all (deterministic)"),
+            OptionSpec("repeats", low=1, help="independent recursions averaged", source=AGARWAL_2017),
+            OptionSpec("tol", low=0.0, low_inclusive=False, help="relative error bound that stops the recursion"),
+            OptionSpec("power_iterations", low=1, help="power iterations estimating lambda_max for the scale"),
+            OptionSpec("safety", low=1.0, help="alpha's margin below 1 / (lambda_max + lambda)"),
+        ),
+    )
 
     def _stochastic(self, operator: GGNOperator) -> bool:
         return self.batch_size is not None and self.batch_size < operator.num_examples
@@ -407,7 +430,6 @@ class Arnoldi(OperatorCurvature):
 
     name = "arnoldi"
     needs_operator = False  # its eigenpairs are saved; no products after fitting
-    option_names = (*OperatorCurvature.option_names, "rank", "iterations", "complement", "block_size", "ritz_tol")
 
     def __init__(
         self,
@@ -427,6 +449,18 @@ class Arnoldi(OperatorCurvature):
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.rank, self.iterations, self.complement = rank, iterations, complement
         self.block_size, self.ritz_tol = block_size, ritz_tol
+
+    option_specs = (
+        *OperatorCurvature.option_specs,
+        *from_signature(
+            __init__,
+            OptionSpec("rank", low=1, help="top eigenpairs of G kept", source=SCHIOPPA_2022),
+            OptionSpec("iterations", low=1, help="Arnoldi steps (>= rank); null: min(P, 2 rank)", source=SCHIOPPA_2022),
+            OptionSpec("complement", help="add (I - U U^T) v / lambda, the part outside the kept eigenspace"),
+            OptionSpec("block_size", low=1, help="vectors per Arnoldi step (block Arnoldi)"),
+            OptionSpec("ritz_tol", low=0.0, low_inclusive=False, help="Ritz residual above which fit warns"),
+        ),
+    )
 
     def _prepare(self, operator: GGNOperator) -> None:
         if self.complement and self.lam <= 0:

@@ -1,4 +1,5 @@
-"""BM25: a lexical baseline, and a candidate prefilter for any attribution method.
+"""BM25 (Robertson & Zaragoza, 2009, The Probabilistic Relevance Framework: BM25 and Beyond): a lexical
+baseline, and a candidate prefilter for any attribution method.
 
 Each row's text is ``prompt + "\\n" + completion``, tokenised as lower-cased words (the regex
 ``\\w+``, Unicode-aware). Score of train row ``d`` for query ``q`` (Okapi BM25):

@@ -1,4 +1,6 @@
-"""Projected-gradient influence: TRAK-style random projections and LoGra's Kronecker projection.
+"""Projected-gradient influence: TRAK-style random projections (Park et al., 2023, TRAK: Attributing
+Model Behavior at Scale) and LoGra's Kronecker projection (Choe et al., 2024, What is Your Data Worth
+to GPT?).
 
 Per tracked module with gradient ``G = sum_t g_t a_t^T`` (shape ``(out, in')``), a projection maps
 ``G`` to a short vector ``G~`` of length ``k``; curvature is then estimated and inverted *in the

@@ -1,26 +1,54 @@
-"""Named attribution methods: recipes over the parts (tracking, gradients, curvature, scoring).
+"""The registry of named attribution methods: what each computes, its typed options and its paper.
 
 Every method has the same two-phase contract (dattri-style): ``fit(train)`` once, then
 ``scores(queries, train)`` returning :class:`wherefrom.core.scoring.Scores` with the README's sign
-convention (positive = proponent). :func:`make_method` builds one by name; ``options`` go to the
-method's constructor (e.g. ``depth`` for ``lissa``, ``rank`` for ``arnoldi``, ``dim`` for ``trak``,
-``layer``/``pooling`` for ``repsim``, ``checkpoints`` for ``tracin``).
+convention (positive = proponent). :data:`METHODS` holds one :class:`MethodSpec` per name: its
+family (``influence``: a curvature strategy over exact gradients; ``projected``: influence in a
+random projection of the gradients; ``checkpoint``: summed over fine-tuning checkpoints;
+``representation``; ``lexical``), a description, the citation (paper, equation where there is one),
+its options as :class:`wherefrom.core.options.OptionSpec` and the builder.
+
+:func:`make_method` validates the options against the spec before any model work (unknown option,
+wrong type, out of range or missing required option: :class:`wherefrom.core.options.OptionError`, a
+``ValueError`` naming the method, the option, the value and what is allowed). Options that are
+:class:`~wherefrom.engine.api.AttributionConfig` settings changing a method's numbers (``damping``,
+``damping_factor``, ``fisher``, ``reduction``, ``query_rank``, where the method has them) override
+the config's value; every other option goes to the method's constructor (an influence method's to
+its curvature strategy, :data:`wherefrom.curvature.STRATEGIES`). ``wherefrom methods`` prints the
+registry.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from wherefrom.core.data import Record
+from wherefrom.core.options import UNSET, OptionSpec, check_options, from_signature
 from wherefrom.core.scoring import Scores
+from wherefrom.curvature import STRATEGIES
+from wherefrom.curvature.base import DAMPING_OPTIONS, GROSSE_2023
+from wherefrom.curvature.iterative import AGARWAL_2017, SCHIOPPA_2022
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.lexical import BM25
-from wherefrom.methods.projection import ProjectedInfluence
+from wherefrom.methods.projection import KroneckerProjection, ProjectedInfluence
 from wherefrom.methods.representation import RepSim
-from wherefrom.methods.tracin import TracIn
+from wherefrom.methods.tracin import TracIn, tracin_scores
+
+__all__ = [
+    "FAMILIES",
+    "METHODS",
+    "SETTING_OPTIONS",
+    "InfluenceMethod",
+    "Method",
+    "MethodSpec",
+    "check_methods",
+    "in_family",
+    "make_method",
+    "method_spec",
+]
 
 
 class Method(Protocol):
@@ -46,53 +74,279 @@ class InfluenceMethod:
         return self.attributor.scores(queries, train)
 
 
-def _influence(strategy: str, **overrides: Any) -> Callable[..., InfluenceMethod]:
-    def build(name: str, model, tokenizer, config: AttributionConfig, **options: Any) -> InfluenceMethod:
-        return InfluenceMethod(name, model, tokenizer, replace(config, strategy=strategy, **overrides), **options)
+FAMILIES = ("influence", "projected", "checkpoint", "representation", "lexical")
 
-    return build
+SETTING_OPTIONS: tuple[OptionSpec, ...] = from_signature(
+    AttributionConfig,
+    # the damping's range and help as every strategy declares them; type and default from AttributionConfig
+    *(replace(spec, type=UNSET, default=UNSET) for spec in DAMPING_OPTIONS),
+    OptionSpec(
+        "fisher",
+        help="true: G from labels sampled from the model (Gauss-Newton); empirical: from the data's completions",
+        source="Martens & Grosse 2015 (true vs empirical Fisher)",
+    ),
+    OptionSpec("reduction", help="training loss over completion tokens: sum (Grosse et al.) or mean"),
+    OptionSpec("query_rank", low=1, help="rank of the low-rank query batching; null: full rank"),
+)
+""":class:`~wherefrom.engine.api.AttributionConfig` settings a method may take as options (they override
+the config's value); a method declares the ones that change its numbers."""
+
+SETTING_NAMES = frozenset(spec.name for spec in SETTING_OPTIONS)
 
 
-METHODS: dict[str, Callable[..., Method]] = {
-    "gradsim": _influence("identity"),
-    "gradsim-cosine": _influence("identity", normalize="cosine"),
-    "identity": _influence("identity"),
-    "diagonal": _influence("diagonal"),
-    "kfac": _influence("kfac"),
-    "ekfac": _influence("ekfac"),
-    "exact": _influence("exact"),
-    "cg": _influence("cg"),
-    "lissa": _influence("lissa"),
-    "arnoldi": _influence("arnoldi"),
-    # Kwon et al. form DataInf from the training-loss gradients (empirical Fisher).
-    "datainf": _influence("datainf", fisher="empirical"),
-    "tracin": lambda name, model, tokenizer, config, **options: TracIn(
-        options.pop("base", None) or (lambda: copy.deepcopy(model)),
-        options.pop("checkpoints"),
-        tokenizer,
-        config,
-        **options,
+def _settings(*names: str, **presets: Any) -> tuple[OptionSpec, ...]:
+    """The :data:`SETTING_OPTIONS` called ``names``, with a method's ``presets`` as their defaults."""
+    chosen = [spec for spec in SETTING_OPTIONS if spec.name in names]
+    return tuple(replace(spec, default=presets[spec.name]) if spec.name in presets else spec for spec in chosen)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One named method: ``build(name, model, tokenizer, config, **options)`` makes it.
+
+    ``settings``: :class:`~wherefrom.engine.api.AttributionConfig` values the method fixes (``strategy``,
+    ``normalize``) or presets (``fisher`` for ``datainf``); setting options given to :func:`make_method`
+    override the presets. ``options``: every keyword the method accepts.
+    """
+
+    name: str
+    family: str
+    description: str
+    citation: str
+    options: tuple[OptionSpec, ...]
+    build: Callable[..., Method]
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def check(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` validated and converted (see :func:`wherefrom.core.options.check_options`)."""
+        return check_options(f"method {self.name!r}", self.options, options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description (what ``wherefrom methods --json`` prints for this method)."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "description": self.description,
+            "citation": self.citation,
+            "settings": dict(self.settings),
+            "options": [spec.to_dict() for spec in self.options],
+        }
+
+
+KOH_LIANG = "Koh & Liang 2017, Understanding Black-box Predictions via Influence Functions, eq. 2"
+CHARPIAT = "Charpiat et al. 2019, Input Similarity from the Neural Network Perspective"
+
+
+def _influence(name: str, description: str, citation: str, **settings: Any) -> MethodSpec:
+    """An :class:`InfluenceMethod` over the strategy ``settings["strategy"]``, with its options."""
+    options = (*_settings(*SETTING_NAMES, **settings), *STRATEGIES[settings["strategy"]].option_specs)
+    return MethodSpec(name, "influence", description, citation, options, InfluenceMethod, settings)
+
+
+def _tracin(name: str, model, tokenizer, config: AttributionConfig, checkpoints, base=None, **options) -> TracIn:
+    return TracIn(base or (lambda: copy.deepcopy(model)), checkpoints, tokenizer, config, **options)
+
+
+PROJECTED_CURVATURE = from_signature(
+    ProjectedInfluence,
+    OptionSpec("curvature", help="false: no projected Fisher, scores are raw projected gradient dot products"),
+)
+
+
+def _projected(
+    name: str, description: str, citation: str, build: Callable[..., ProjectedInfluence], *projection: OptionSpec
+) -> MethodSpec:
+    """A :class:`ProjectedInfluence` made by ``build`` (``trak``/``logra``), with its projection options
+    (type and default read from ``build`` unless given), ``curvature`` and the damping and Fisher settings."""
+    options = (
+        *from_signature(build, *projection),
+        *PROJECTED_CURVATURE,
+        *_settings("damping", "damping_factor", "fisher", "reduction"),
+    )
+    return MethodSpec(
+        name,
+        "projected",
+        description,
+        citation,
+        options,
+        lambda _name, model, tokenizer, config, **chosen: build(model, tokenizer, config, **chosen),
+    )
+
+
+_SPECS = [
+    _influence(
+        "gradsim",
+        "gradient dot product grad L(z_q)^T grad L(z_m) (identity curvature)",
+        f"{CHARPIAT}; {GROSSE_2023} (baseline)",
+        strategy="identity",
     ),
-    "repsim": lambda name, model, tokenizer, config, **options: RepSim.from_config(model, tokenizer, config, **options),
-    "bm25": lambda name, model, tokenizer, config, **options: BM25(**options),
-    "trak": lambda name, model, tokenizer, config, **options: ProjectedInfluence.trak(
-        model, tokenizer, config, **options
+    _influence(
+        "gradsim-cosine",
+        "gradient cosine similarity, in [-1, 1]",
+        CHARPIAT,
+        strategy="identity",
+        normalize="cosine",
     ),
-    "logra": lambda name, model, tokenizer, config, **options: ProjectedInfluence.logra(
-        model, tokenizer, config, **options
+    _influence("identity", "gradient dot product (the identity strategy, as gradsim)", CHARPIAT, strategy="identity"),
+    _influence(
+        "diagonal",
+        "influence with the diagonal of the Fisher per module",
+        f"{KOH_LIANG} (diagonal G)",
+        strategy="diagonal",
     ),
-}
-"""Every method by name. ``tracin`` needs ``checkpoints=[...]``; LoRA checkpoints are applied to ``base``
-(a model folder), by default to a copy of the given (base) model."""
+    _influence(
+        "kfac",
+        "influence with Kronecker-factored Fisher blocks A (x) S per module",
+        f"Martens & Grosse 2015, Optimizing Neural Networks with Kronecker-factored Approximate Curvature; {KOH_LIANG}",
+        strategy="kfac",
+    ),
+    _influence(
+        "ekfac",
+        "influence with K-FAC's eigenbasis and eigenvalues re-fitted to per-example gradients",
+        "George et al. 2018, Fast Approximate Natural Gradient Descent in a Kronecker-factored Eigenbasis; "
+        f"{GROSSE_2023} (EK-FAC influence for LLMs, approximating the PBRF of Bae et al. 2022)",
+        strategy="ekfac",
+    ),
+    _influence(
+        "exact",
+        "influence with the dense damped GGN (or Hessian) per module block or over all tracked parameters",
+        f"{KOH_LIANG}; Bae et al. 2022, If Influence Functions are the Answer, Then What is the Question? (GGN, PBRF)",
+        strategy="exact",
+    ),
+    _influence(
+        "cg",
+        "influence by conjugate gradients on GGN-vector products (no matrix formed)",
+        f"{KOH_LIANG}, sec. 3 (conjugate gradients; Martens 2010)",
+        strategy="cg",
+    ),
+    _influence(
+        "lissa",
+        "influence by the LiSSA recursion r_j = v + (I - alpha (G + lambda I)) r_(j-1), estimate alpha r_J",
+        f"{AGARWAL_2017}; {KOH_LIANG}, sec. 3 (stochastic estimation)",
+        strategy="lissa",
+    ),
+    _influence(
+        "arnoldi",
+        "influence with the top eigenpairs of the GGN from Arnoldi iterations",
+        SCHIOPPA_2022,
+        strategy="arnoldi",
+    ),
+    _influence(
+        "datainf",
+        "Kwon et al.'s closed-form inverse per module (Sherman-Morrison per example), empirical Fisher",
+        "Kwon et al. 2024, DataInf: Efficiently Estimating Data Influence in LoRA-tuned LLMs and Diffusion Models, eq. 5",
+        strategy="datainf",
+        fisher="empirical",  # Kwon et al. form DataInf from the training-loss gradients (empirical Fisher)
+    ),
+    _projected(
+        "trak",
+        "influence in a dense random (Gaussian/Rademacher) projection of the gradients, damped projected Fisher",
+        "Park et al. 2023, TRAK: Attributing Model Behavior at Scale",
+        ProjectedInfluence.trak,
+        OptionSpec("dim", low=1, help="projected length k per module"),
+        OptionSpec("kind", help="distribution of the projection's entries"),
+    ),
+    _projected(
+        "logra",
+        "influence in LoGra's Kronecker projection P_out g a^T P_in^T (the gradient is never formed)",
+        "Choe et al. 2024, What is Your Data Worth to GPT? LLM-Scale Data Valuation with Influence Functions",
+        ProjectedInfluence.logra,
+        OptionSpec("dim_in", low=1, help="projected input side k_in per module"),
+        OptionSpec("dim_out", low=1, help="projected output side k_out per module"),
+        # logra's own signature types kind as str: the choices are the projection's
+        *from_signature(KroneckerProjection, OptionSpec("kind", help="projection matrices' entries")),
+    ),
+    MethodSpec(
+        "tracin",
+        "checkpoint",
+        "sum_k lr_k grad L(z_q; theta_k)^T grad L(z_m; theta_k) over saved fine-tuning checkpoints",
+        "Pruthi et al. 2020, Estimating Training Data Influence by Tracing Gradient Descent (TracInCP)",
+        (
+            *from_signature(
+                TracIn,
+                OptionSpec(
+                    "checkpoints",
+                    help="folders a fine-tuning run saved (LoRA adapters or full models), or (model, lr) pairs",
+                ),
+            ),
+            OptionSpec(
+                "base",
+                type=object,
+                default=None,
+                nullable=True,
+                help="base model folder (or loader) for LoRA checkpoints; null: a copy of the given model",
+            ),
+            *from_signature(
+                tracin_scores,
+                OptionSpec("learning_rates", help="one per checkpoint; null: from each trainer_state.json"),
+                OptionSpec("device", help="where checkpoint folders are loaded; null: GPU if available"),
+                OptionSpec("dtype", help="dtype checkpoint folders are loaded in (a torch.dtype)"),
+            ),
+            *_settings("reduction"),
+        ),
+        _tracin,
+    ),
+    MethodSpec(
+        "repsim",
+        "representation",
+        "cosine similarity of one layer's hidden states, pooled over positions",
+        "Hanawa et al. 2021, Evaluation of Similarity-based Explanations; "
+        "Li et al. 2024, Do Influence Functions Work on Large Language Models?",
+        from_signature(
+            RepSim,
+            OptionSpec("layer", help="hidden-state index: 0 = embeddings, -1 = last layer"),
+            OptionSpec("pooling", help="last_prompt: last prompt token; last: last token; mean: over real tokens"),
+        ),
+        lambda name, model, tokenizer, config, **options: RepSim.from_config(model, tokenizer, config, **options),
+    ),
+    MethodSpec(
+        "bm25",
+        "lexical",
+        "Okapi BM25 of the query's words against prompt + completion (no model)",
+        "Robertson & Zaragoza 2009, The Probabilistic Relevance Framework: BM25 and Beyond",
+        from_signature(
+            BM25,
+            OptionSpec("k1", low=0.0, help="term-frequency saturation"),
+            OptionSpec("b", low=0.0, high=1.0, help="document-length normalisation"),
+            OptionSpec("idf", help="lucene: log(1 + (N - n + 0.5) / (n + 0.5)); okapi: the classic form"),
+            OptionSpec("epsilon", help="okapi idf: negative values become epsilon x mean idf"),
+        ),
+        lambda name, model, tokenizer, config, **options: BM25(**options),
+    ),
+]
+
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in _SPECS}
+"""Every method by name (``wherefrom methods`` lists them with their options and papers)."""
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` of ``name``; ``ValueError`` naming the known methods otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def in_family(name: str, family: str) -> bool:
+    """True when ``name`` is a method of :data:`METHODS` in ``family`` (one of :data:`FAMILIES`)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown method family {family!r}; choose one of {list(FAMILIES)}")
+    return name in METHODS and METHODS[name].family == family
 
 
 def make_method(name: str, model, tokenizer, config: AttributionConfig | None = None, **options: Any) -> Method:
-    """A method by name (one of :data:`METHODS`); ``options`` go to its constructor."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-    if name == "tracin" and "checkpoints" not in options:
-        raise ValueError("method 'tracin' needs checkpoints=[...] (folders a fine-tuning run saved)")
-    return METHODS[name](name, model, tokenizer, config or AttributionConfig(), **options)
+    """The method ``name`` (one of :data:`METHODS`) with ``options``, validated before any model work.
+
+    Setting options (:data:`SETTING_OPTIONS` the method declares) replace the ``config``'s values; the
+    others go to the method's constructor. Raises ``ValueError`` for an unknown method and
+    :class:`wherefrom.core.options.OptionError` (a ``ValueError``) for an unknown option, a value of the
+    wrong type or out of range, or a required option missing (``tracin``'s ``checkpoints``), naming the
+    method, the option, the value and what is allowed.
+    """
+    spec = method_spec(name)
+    checked = spec.check(options)
+    settings = {key: checked.pop(key) for key in list(checked) if key in SETTING_NAMES}
+    config = replace(config or AttributionConfig(), **{**spec.settings, **settings})
+    return spec.build(name, model, tokenizer, config, **checked)
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:

@@ -1,4 +1,6 @@
-"""RepSim: cosine similarity of hidden states, the representation baseline of Li et al. (2024).
+"""RepSim: cosine similarity of hidden states (Hanawa et al., 2021, Evaluation of Similarity-based
+Explanations), the representation baseline of Li et al. (2024, Do Influence Functions Work on Large
+Language Models?).
 
 ``score(z_q, z_m) = cos(h(z_q), h(z_m))`` where ``h`` is one hidden layer of the model, pooled over
 token positions. Larger = more similar; like every method it reads "positive = proponent", but it

@@ -40,7 +40,7 @@ from wherefrom.core.store import (
 )
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
-from wherefrom.methods.registry import check_methods, make_method
+from wherefrom.methods.registry import check_methods, in_family, make_method
 from wherefrom.models.finetune import FinetuneConfig, finetune
 from wherefrom.models.loading import load_model, pick_device
 from wherefrom.studies.benchtasks import TASKS, BenchTask, from_path, subsampled
@@ -241,7 +241,7 @@ def scored_method(
 
 def _run_method(config: BenchConfig, task: BenchTask, seed: int, method: str, tuned, tokenizer) -> dict[str, Any]:
     options = config.options_for(method)
-    if method == "tracin":
+    if in_family(method, "checkpoint"):
         options.setdefault("checkpoints", [str(p) for p in tuned.checkpoints])
         options.setdefault("base", lambda: load_model(config.model, device=config.device).model)
     attribution = AttributionConfig(batch_size=config.batch_size, max_length=config.max_length, seed=seed)

@@ -43,7 +43,7 @@ from safetensors.torch import load_file
 from wherefrom.core.store import atomic_save_tensors, atomic_write_json, read_keyed_json
 from wherefrom.curvature.exact import BYTES_LIMIT
 from wherefrom.engine.api import AttributionConfig, Attributor
-from wherefrom.methods.registry import METHODS, InfluenceMethod, make_method
+from wherefrom.methods.registry import InfluenceMethod, in_family, make_method
 from wherefrom.studies.analyses.common import (
     Bench,
     finetuned,
@@ -67,9 +67,9 @@ ERRORS = ("ihvp_rel_error", "ihvp_rel_error_scaled")
 
 
 def influence_methods(names: list[str]) -> list[str]:
-    """The names among ``names`` that :data:`wherefrom.methods.registry.METHODS` builds as an influence method
-    (a curvature strategy: they precondition query gradients)."""
-    return [n for n in names if n in METHODS and METHODS[n].__qualname__.startswith("_influence.")]
+    """The names among ``names`` that :data:`wherefrom.methods.registry.METHODS` lists in the ``influence``
+    family (a curvature strategy: they precondition query gradients)."""
+    return [n for n in names if in_family(n, "influence")]
 
 
 @dataclass

@@ -45,7 +45,7 @@ from wherefrom.core.store import (
 )
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
-from wherefrom.methods.registry import check_methods
+from wherefrom.methods.registry import check_methods, in_family
 from wherefrom.models.loading import load_model
 from wherefrom.studies.bench import interval_cell, scored_method
 from wherefrom.studies.groundtruth.build import GroundTruth
@@ -158,7 +158,7 @@ def run_method(
     (a failure is recorded, not raised)."""
     options = dict(options)
     config = gt.config
-    if method == "tracin":
+    if in_family(method, "checkpoint"):
         options.setdefault("checkpoints", [str(p) for p in gt.checkpoints])
         if config.lora_rank is not None:
             options.setdefault("base", lambda: load_model(config.model, device=config.device).model)

@@ -1,0 +1,239 @@
+"""Typed option declarations (:class:`OptionSpec`) and the one validator every named component uses.
+
+A curvature strategy (:data:`wherefrom.curvature.STRATEGIES`) and a method
+(:data:`wherefrom.methods.registry.METHODS`) each declare their keyword options as a tuple of
+:class:`OptionSpec`: name, type, default, allowed range or choices, help and the paper it comes from.
+:func:`check_options` validates a ``{name: value}`` dict against such a tuple before any model work
+and raises :class:`OptionError` (a ``ValueError``) naming the owner (e.g. ``method 'lissa'``), the
+option, the value given and what is allowed.
+
+Values that arrive as text (the command line's ``--option key=value`` keeps a value that is not
+JSON as a string) are read as JSON for number, boolean and list options: ``"300"`` becomes ``300``
+for an ``int`` option and ``"abc"`` is an error. An ``int`` given to a ``float`` option becomes a
+float; a ``bool`` is never taken for a number, nor a float for an ``int``.
+
+Type and default are usually read from the signature that consumes the option
+(:func:`from_signature`), so the default lives in one place, the constructor; the spec adds help,
+range and source.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import inspect
+import json
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+__all__ = ["UNSET", "OptionError", "OptionSpec", "check_options", "from_signature"]
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+"""Marks a type or default not given yet (filled by :func:`from_signature`)."""
+
+
+class OptionError(ValueError):
+    """An option that its owner does not have, or a value of the wrong type or out of its range."""
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One keyword option of a strategy or method.
+
+    ``type``: ``int``, ``float``, ``bool``, ``str``, ``list`` (a list or tuple), ``callable`` (any
+    callable), ``object`` (anything) or a class (``isinstance``). ``low``/``high``: inclusive bounds for
+    numbers (``low_inclusive=False`` makes ``low`` exclusive); ``choices``: the allowed values;
+    ``nullable``: ``None`` is allowed; ``required``: the option must be given (it has no default).
+    ``source``: the paper (and equation) the option's meaning comes from, if any.
+    """
+
+    name: str
+    type: Any = UNSET
+    default: Any = UNSET
+    help: str = ""
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    choices: tuple | None = None
+    nullable: bool = False
+    required: bool = False
+    source: str = ""
+
+    def allowed(self) -> str:
+        """What the option accepts, in words (used by error messages and ``wherefrom methods``)."""
+        if self.choices is not None:
+            text = "one of " + ", ".join(json.dumps(c) for c in self.choices)
+        elif self.type is bool:
+            text = "true or false"
+        elif self.type in (int, float):
+            text = "an integer" if self.type is int else "a number"
+            if self.low is not None and self.high is not None:
+                text += f" in {'[' if self.low_inclusive else '('}{self.low:g}, {self.high:g}]"
+            elif self.low is not None:
+                text += f" {'>=' if self.low_inclusive else '>'} {self.low:g}"
+            elif self.high is not None:
+                text += f" <= {self.high:g}"
+        elif self.type is str:
+            text = "a string"
+        elif self.type is list:
+            text = "a list (JSON on the command line)"
+        elif self.type is callable:
+            text = "a callable (Python only)"
+        elif self.type is object:
+            text = "any value"
+        else:
+            text = f"a {self.type.__name__} (Python only)"
+        return text + (" or null" if self.nullable else "")
+
+    def check(self, value: Any, owner: str) -> Any:
+        """``value`` converted to this option's type; :class:`OptionError` when it is not allowed."""
+        if value is None and self.nullable:
+            return None
+        converted = self._convert(value)
+        if converted is None:  # "null" text for a nullable option
+            return None
+        if converted is UNSET or not self._in_range(converted):
+            raise OptionError(f"{owner}: option {self.name!r} got {value!r}; allowed: {self.allowed()}")
+        return converted
+
+    def _convert(self, value: Any) -> Any:
+        """``value`` as this type (text read as JSON where that helps), or :data:`UNSET`."""
+        if isinstance(value, str) and self.type in (int, float, bool, list):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                return UNSET
+            if value is None:
+                return None if self.nullable else UNSET
+        if self.type is int:
+            return value if isinstance(value, int) and not isinstance(value, bool) else UNSET
+        if self.type is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            return float(value) if ok else UNSET
+        if self.type is list:
+            return value if isinstance(value, (list, tuple)) else UNSET
+        if self.type is callable:
+            return value if callable(value) else UNSET
+        if self.type is object:
+            return value
+        return value if isinstance(value, self.type) else UNSET
+
+    def _in_range(self, value: Any) -> bool:
+        if self.choices is not None and value not in self.choices:
+            return False
+        if self.type in (int, float):
+            if self.low is not None and not (value >= self.low if self.low_inclusive else value > self.low):
+                return False
+            if self.high is not None and not value <= self.high:
+                return False
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description: name, type, default, allowed, help, source, required, ..."""
+        default = self.default
+        if not (default is None or isinstance(default, (bool, int, float, str, list, tuple))):
+            default = str(default)
+        return {
+            "name": self.name,
+            "type": _type_name(self.type),
+            "default": None if self.required else default,
+            "required": self.required,
+            "allowed": self.allowed(),
+            "choices": None if self.choices is None else list(self.choices),
+            "low": self.low,
+            "high": self.high,
+            "nullable": self.nullable,
+            "help": self.help,
+            "source": self.source,
+        }
+
+
+def _type_name(kind: Any) -> str:
+    if kind is callable:
+        return "callable"
+    return getattr(kind, "__name__", str(kind))
+
+
+def check_options(owner: str, specs: Iterable[OptionSpec], given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` validated against ``specs`` and converted to their types (same keys, same order).
+
+    ``owner`` names who the options belong to in messages, e.g. ``"method 'lissa'"``. Raises
+    :class:`OptionError` for an option not in ``specs`` (listing those that are), a required option
+    missing, or a value of the wrong type or out of range (naming the option, the value and what is
+    allowed).
+    """
+    by_name = {spec.name: spec for spec in specs}
+    unknown = sorted(set(given) - set(by_name))
+    if unknown:
+        raise OptionError(
+            f"{owner} has no option(s) {unknown} (given { ({k: given[k] for k in unknown}) }); "
+            f"its options are {list(by_name)}"
+        )
+    missing = [spec for spec in by_name.values() if spec.required and spec.name not in given]
+    if missing:
+        spec = missing[0]
+        raise OptionError(f"{owner} needs option {spec.name!r} ({spec.allowed()}): {spec.help}")
+    return {name: by_name[name].check(value, owner) for name, value in given.items()}
+
+
+def from_signature(function: Callable, *specs: OptionSpec) -> tuple[OptionSpec, ...]:
+    """``specs`` with their unset ``type``, ``default``, ``choices`` and ``nullable`` read from the
+    parameter of the same name of ``function`` (a function, or a class: its ``__init__``).
+
+    A ``Literal[...]`` annotation gives the choices, ``X | None`` makes the option nullable, a
+    parameter without a default makes it required. ``TypeError`` (at import time) when ``function``
+    has no such parameter or no annotation to read a type from.
+    """
+    signature = inspect.signature(function)
+    hints = typing.get_type_hints(function.__init__ if isinstance(function, type) else function)
+    out = []
+    for spec in specs:
+        if spec.name not in signature.parameters:
+            raise TypeError(f"{function.__qualname__} has no parameter {spec.name!r}")
+        parameter = signature.parameters[spec.name]
+        changes: dict[str, Any] = {}
+        if spec.default is UNSET:
+            if parameter.default is inspect.Parameter.empty:
+                changes.update(default=None, required=True)
+            else:
+                changes["default"] = parameter.default
+        if spec.type is UNSET:
+            if spec.name not in hints:
+                raise TypeError(f"{function.__qualname__}: parameter {spec.name!r} has no annotation; give a type")
+            kind, choices, nullable = _read_annotation(hints[spec.name])
+            changes["type"] = kind
+            changes["nullable"] = spec.nullable or nullable
+            if spec.choices is None and choices is not None:
+                changes["choices"] = choices
+        out.append(replace(spec, **changes))
+    return tuple(out)
+
+
+def _read_annotation(hint: Any) -> tuple[Any, tuple | None, bool]:
+    """``(type, choices, nullable)`` of a parameter annotation (see :class:`OptionSpec` for types)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        members = [m for m in typing.get_args(hint) if m is not type(None)]
+        nullable = len(members) < len(typing.get_args(hint))
+        if len(members) == 1:
+            kind, choices, _ = _read_annotation(members[0])
+            return kind, choices, nullable
+        return object, None, nullable
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        return type(choices[0]), choices, False
+    if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
+        return list, None, False
+    if origin is collections.abc.Callable:
+        return callable, None, False
+    if hint is Any:
+        return object, None, False
+    return hint, None, False

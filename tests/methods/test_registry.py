@@ -1,0 +1,181 @@
+"""The method registry: every method builds from its spec, every option is validated with a named error
+before any model work, setting options act like the config's settings, and `wherefrom methods` prints it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.conftest import build_model, make_records
+from wherefrom.cli import app
+from wherefrom.core.options import OptionError, OptionSpec, check_options
+from wherefrom.core.store import write_json_checked
+from wherefrom.curvature import STRATEGIES, load_curvature, make_curvature
+from wherefrom.curvature.base import DAMPING_OPTIONS
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.methods.registry import FAMILIES, METHODS, SETTING_OPTIONS, InfluenceMethod, make_method
+from wherefrom.studies.analyses.ihvp import influence_methods
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model("lora")
+
+
+def required(name: str, model) -> dict:
+    """The required options of ``name`` (only ``tracin``'s checkpoints): one in-memory checkpoint."""
+    return {"checkpoints": [(model, 0.1)]} if name == "tracin" else {}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_builds_with_its_defaults_given_or_not(name, model, tokenizer):
+    spec = METHODS[name]
+    assert spec.family in FAMILIES and spec.citation and spec.description
+    plain = make_method(name, model, tokenizer, AttributionConfig(batch_size=5), **required(name, model))
+    defaults = {o.name: o.default for o in spec.options if not o.required}
+    explicit = make_method(name, model, tokenizer, AttributionConfig(batch_size=5), **defaults, **required(name, model))
+    assert callable(plain.fit) and callable(plain.scores) and type(explicit) is type(plain)
+    if spec.family == "influence":
+        # The spec's defaults are the constructors' and the config's: giving them changes nothing.
+        assert isinstance(plain, InfluenceMethod)
+        assert plain.attributor.config.strategy == spec.settings["strategy"]
+        assert explicit.attributor.curvature.options() == plain.attributor.curvature.options()
+        plain_config = plain.attributor.config.to_dict()
+        explicit_config = explicit.attributor.config.to_dict()
+        assert {k: v for k, v in explicit_config.items() if k != "strategy_options"} == {
+            k: v for k, v in plain_config.items() if k != "strategy_options"
+        }
+
+
+def every_spec() -> list[tuple[str, OptionSpec]]:
+    specs = [("setting", s) for s in (*SETTING_OPTIONS, *DAMPING_OPTIONS)]
+    specs += [(f"strategy {n}", s) for n, cls in STRATEGIES.items() for s in cls.option_specs]
+    specs += [(f"method {n}", s) for n, m in METHODS.items() for s in m.options]
+    return specs
+
+
+@pytest.mark.parametrize(("owner", "spec"), every_spec(), ids=lambda x: getattr(x, "name", x))
+def test_every_default_passes_its_own_validation(owner, spec):
+    assert spec.help, f"{owner}: option {spec.name} has no help"
+    if spec.required:
+        with pytest.raises(OptionError, match=f"needs option '{spec.name}'"):
+            check_options(owner, [spec], {})
+    else:
+        assert check_options(owner, [spec], {spec.name: spec.default}) == {spec.name: spec.default}
+
+
+def test_datainf_presets_the_empirical_fisher_and_an_option_overrides_it(model, tokenizer):
+    assert make_method("datainf", model, tokenizer).attributor.config.fisher == "empirical"
+    assert make_method("datainf", model, tokenizer, fisher="true").attributor.config.fisher == "true"
+    assert make_method("gradsim-cosine", model, tokenizer).attributor.config.normalize == "cosine"
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "words"),
+    [
+        ("ekfac", {"rank": 3}, ["method 'ekfac' has no option(s) ['rank']", "3", "'damping'", "'fisher'"]),
+        ("lissa", {"depth": "abc"}, ["method 'lissa'", "option 'depth'", "'abc'", "an integer >= 1"]),
+        ("lissa", {"depth": 0}, ["method 'lissa'", "option 'depth'", "got 0", "an integer >= 1"]),
+        ("arnoldi", {"rank": 2.5}, ["method 'arnoldi'", "option 'rank'", "2.5", "an integer >= 1"]),
+        ("arnoldi", {"complement": 1}, ["method 'arnoldi'", "option 'complement'", "got 1", "true or false"]),
+        ("cg", {"tol": 0.0}, ["method 'cg'", "option 'tol'", "got 0.0", "a number > 0"]),
+        ("exact", {"blocks": "diag"}, ["method 'exact'", "option 'blocks'", "'diag'", 'one of "module", "full"']),
+        ("ekfac", {"damping": -1.0}, ["method 'ekfac'", "option 'damping'", "-1.0", "a number >= 0 or null"]),
+        ("ekfac", {"fisher": "sampled"}, ["method 'ekfac'", "option 'fisher'", 'one of "true", "empirical"']),
+        ("bm25", {"b": 2}, ["method 'bm25'", "option 'b'", "got 2", "a number in [0, 1]"]),
+        ("repsim", {"pooling": "max"}, ["method 'repsim'", "option 'pooling'", '"last_prompt", "last", "mean"']),
+        ("trak", {"dim": "many"}, ["method 'trak'", "option 'dim'", "'many'", "an integer >= 1"]),
+        ("tracin", {}, ["method 'tracin' needs option 'checkpoints'", "a list"]),
+        ("tracin", {"checkpoints": "ckpt"}, ["method 'tracin'", "option 'checkpoints'", "'ckpt'", "a list"]),
+    ],
+)
+def test_bad_options_are_named_errors_before_any_model_work(name, options, words):
+    """No model at all: the error must come from the spec, before anything touches the model."""
+    with pytest.raises(OptionError) as caught:
+        make_method(name, None, None, **options)
+    assert isinstance(caught.value, ValueError)
+    for word in words:
+        assert word in str(caught.value), f"{word!r} not in {caught.value}"
+
+
+def test_text_values_are_read_as_json_for_typed_options(model, tokenizer):
+    lissa = make_method("lissa", model, tokenizer, depth="300", scale="null", tol="1e-3").attributor.curvature
+    assert (lissa.depth, lissa.scale, lissa.tol) == (300, None, 1e-3)
+    assert make_method("arnoldi", model, tokenizer, complement="true").attributor.curvature.complement is True
+    assert make_method("cg", model, tokenizer, tol=1).attributor.curvature.tol == 1.0  # an int is a number
+    with pytest.raises(OptionError, match=r"strategy 'lissa': option 'depth' got 'abc'; allowed: an integer >= 1"):
+        make_curvature("lissa", depth="abc")
+
+
+def test_load_curvature_validates_the_saved_options(tmp_path):
+    make_curvature("datainf", max_bytes=100).save(tmp_path)
+    assert load_curvature(tmp_path).max_bytes == 100
+    meta = json.loads((tmp_path / "curvature.json").read_text())
+    meta["options"]["max_bytes"] = "lots"
+    write_json_checked(meta, tmp_path / "curvature.json")  # a consistent file whose saved option is invalid
+    with pytest.raises(OptionError, match="strategy 'datainf': option 'max_bytes' got 'lots'"):
+        load_curvature(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["ekfac", "trak"])
+def test_damping_option_gives_the_scores_of_the_damping_setting(name, model, tokenizer):
+    train, queries = make_records(8, seed=31), make_records(2, seed=32, prefix="q")
+    options = {"dim": 32} if name == "trak" else {}
+
+    def scores(config: AttributionConfig, **extra) -> torch.Tensor:
+        method = make_method(name, model, tokenizer, config, **options, **extra)
+        method.fit(train)
+        return method.scores(queries, train).total
+
+    by_option = scores(AttributionConfig(batch_size=4), damping=0.5)
+    by_setting = scores(AttributionConfig(batch_size=4, damping=0.5))
+    torch.testing.assert_close(by_option, by_setting, rtol=0, atol=0)
+    assert not torch.allclose(by_option, scores(AttributionConfig(batch_size=4))), "damping had no effect"
+
+
+def test_influence_methods_come_from_the_registry():
+    names = ["ekfac", "tracin", "repsim", "trak", "gradsim-cosine", "bm25", "lissa", "nope"]
+    assert influence_methods(names) == ["ekfac", "gradsim-cosine", "lissa"]
+
+
+def test_cli_methods_lists_every_method_with_its_options():
+    runner = CliRunner()
+    result = runner.invoke(app, ["methods", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)["methods"]
+    assert [m["name"] for m in listed] == list(METHODS)
+    lissa = next(m for m in listed if m["name"] == "lissa")
+    depth = next(o for o in lissa["options"] if o["name"] == "depth")
+    assert (depth["type"], depth["default"], depth["allowed"]) == ("int", 1000, "an integer >= 1")
+    assert "Agarwal" in lissa["citation"]
+    text = runner.invoke(app, ["methods"], env={"COLUMNS": "250"})
+    assert text.exit_code == 0 and all(name in text.stdout for name in METHODS)
+
+
+def test_cli_attribute_bad_option_exits_2_with_the_named_message_before_loading_the_model(tmp_path):
+    """The model folder does not exist: the option error must come first, as a message, not a traceback."""
+    result = CliRunner().invoke(
+        app,
+        [
+            "attribute",
+            "--method",
+            "lissa",
+            "--option",
+            "depth=abc",
+            "--train",
+            str(tmp_path / "train.jsonl"),
+            "--queries",
+            str(tmp_path / "queries.jsonl"),
+            "--model",
+            str(tmp_path / "no-model"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "method 'lissa': option 'depth' got 'abc'; allowed: an integer >= 1" in result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "out").exists()
