@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wherefrom import models
+from wherefrom.models import loading as models
 from wherefrom.models.loading import (
     LoadedModel,
     ModelLoadError,
