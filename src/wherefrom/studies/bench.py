@@ -60,6 +60,7 @@ __all__ = [
     "method_row",
     "run_bench",
     "scored_method",
+    "training_options",
 ]
 
 DEFAULT_METHODS = ["ekfac", "kfac", "datainf", "gradsim", "tracin", "repsim", "bm25"]
@@ -150,21 +151,32 @@ def command_line(config: BenchConfig) -> str:
         ("--task", config.task),
         ("--methods", ",".join(config.methods)),
         ("--seeds", ",".join(map(str, config.seeds))),
-        ("--n-train", config.n_train),
-        ("--n-test", config.n_test),
-        ("--model", config.model),
-        ("--device", config.device),
-        ("--epochs", config.epochs),
-        ("--learning-rate", repr(config.learning_rate)),
-        ("--lora-rank", config.lora_rank),
-        ("--batch-size", config.batch_size),
-        ("--max-length", config.max_length),
+        *training_options(config),
     ]
     for method, method_options in sorted(config.method_options.items()):
         for key, value in sorted(method_options.items()):
             name = key if method == "*" else f"{method}.{key}"
             options.append(("--option", f"{name}={json.dumps(value)}"))
     return shell_command(["wherefrom", "bench"], [*options, ("--out", config.out)])
+
+
+def training_options(config: Any) -> list[tuple[str, Any]]:
+    """The command-line ``(flag, value)`` pairs of the task size, model and fine-tuning settings that
+    :class:`BenchConfig` and :class:`wherefrom.studies.groundtruth.build.GroundTruthConfig` share (fields
+    ``n_train``, ``n_test``, ``model``, ``device``, ``epochs``, ``learning_rate``, ``lora_rank``
+    (``None``: 0, full fine-tuning), ``batch_size``, ``max_length``); ``None`` values are left out by
+    :func:`wherefrom.studies.toolkit.shell_command`."""
+    return [
+        ("--n-train", config.n_train),
+        ("--n-test", config.n_test),
+        ("--model", config.model),
+        ("--device", config.device),
+        ("--epochs", config.epochs),
+        ("--learning-rate", repr(config.learning_rate)),
+        ("--lora-rank", config.lora_rank or 0),
+        ("--batch-size", config.batch_size),
+        ("--max-length", config.max_length),
+    ]
 
 
 def _key(config: BenchConfig, seed: int, method: str) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.tracin import finetune_checkpoints
 from wherefrom.models.finetune import ADAPTER_DIR, MODEL_DIR, FinetuneConfig, finetune
 from wherefrom.models.loading import load_model
-from wherefrom.studies.bench import check_task_name, make_task
+from wherefrom.studies.bench import check_task_name, make_task, training_options
 from wherefrom.studies.benchtasks import BenchTask
 from wherefrom.studies.groundtruth.lds import loo_effect, loo_noise, sample_subsets
 from wherefrom.studies.groundtruth.retrain import FinetuneRetrainer, measure_queries, run_jobs
@@ -144,16 +144,8 @@ def command_line(config: GroundTruthConfig) -> str:
     """A ``wherefrom groundtruth`` command line equivalent to ``config``."""
     options = [
         ("--task", config.task),
-        ("--n-train", config.n_train),
-        ("--n-test", config.n_test),
-        ("--model", config.model),
-        ("--device", config.device),
-        ("--epochs", config.epochs),
-        ("--learning-rate", repr(config.learning_rate)),
-        ("--lora-rank", config.lora_rank or 0),
+        *training_options(config),
         *(("--lora-target", target) for target in config.lora_targets or []),
-        ("--batch-size", config.batch_size),
-        ("--max-length", config.max_length),
         ("--alpha", repr(config.alpha)),
         ("--subsets", config.n_subsets),
         ("--subset-seeds", config.subset_seeds),
