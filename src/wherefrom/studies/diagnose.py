@@ -6,10 +6,11 @@ For every method on one model and data set, :func:`diagnose` reports
   parameters (influence methods only), where ``P_exact = (G + lambda I)^-1`` with the dense GGN over
   all tracked parameters (``exact_blocks="full"``, cross-module terms included) or its module blocks;
 * ``spearman``: rank correlation of the method's ``(n_query, n_train)`` scores with exact scores,
-  over all pairs, and ``spearman_per_query``, the mean over queries;
+  over all pairs, and ``spearman_per_query``, the mean over queries
+  (:func:`wherefrom.studies.metrics.spearman_rows`);
 * ``seconds`` (fit + scores) and ``peak_mib``, the peak memory above the level at the start
-  (CUDA: ``max_memory_allocated``; Linux CPU: the process's resident-set high-water mark, reset
-  through ``/proc/self/clear_refs``; elsewhere ``None``).
+  (:func:`wherefrom.studies.toolkit.measured`: CUDA ``max_memory_allocated``; Linux CPU the process's
+  resident-set high-water mark; elsewhere ``None``).
 
 Every method uses its own default damping unless ``config.damping`` sets one absolute value for all;
 the exact reference uses the same setting.
