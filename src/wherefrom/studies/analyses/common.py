@@ -77,13 +77,18 @@ class Bench:
         return self.folder / f"seed-{seed}" / analysis / f"{name}{suffix}"
 
 
-def open_bench(folder: str | Path, device: str | None = None, seeds: Sequence[int] | None = None) -> Bench:
+def open_bench(folder: str | Path | Bench, device: str | None = None, seeds: Sequence[int] | None = None) -> Bench:
     """Read ``folder/bench.json``; ``device`` (``cpu``, ``cuda``) replaces the bench's own setting and
-    ``seeds`` (a subset of the bench's) restricts an analysis to those seeds.
+    ``seeds`` (a subset of the bench's) restricts an analysis to those seeds. A :class:`Bench` is
+    returned as it is when neither is given (else its folder is read again).
 
     Raises ``FileNotFoundError`` naming the file when it is missing and ``ValueError`` when it holds
     no bench config or ``seeds`` names a seed the bench did not run.
     """
+    if isinstance(folder, Bench):
+        if device is None and seeds is None:
+            return folder
+        folder = folder.folder
     folder = Path(folder)
     path = folder / BENCH_FILE
     if not path.is_file():

@@ -66,7 +66,7 @@ def run_convergence(
 ) -> dict[str, Any]:
     """Run analysis (b) on a bench folder (resuming from its cache); returns what ``convergence.json``
     holds and writes ``convergence.json`` / ``convergence.md`` into the folder."""
-    bench = bench if isinstance(bench, Bench) else open_bench(bench)
+    bench = open_bench(bench)
     settings = settings or ConvergenceSettings()
     say = log or (lambda _line: None)
     methods = chosen_methods(bench, settings)

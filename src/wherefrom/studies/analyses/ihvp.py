@@ -261,7 +261,7 @@ def run_ihvp(
 ) -> dict[str, Any]:
     """Run analysis (a) on a bench folder (resuming from its cache); returns what ``ihvp.json`` holds
     and writes ``ihvp.json`` / ``ihvp.md`` into the folder."""
-    bench = bench if isinstance(bench, Bench) else open_bench(bench)
+    bench = open_bench(bench)
     settings = settings or IhvpSettings()
     settings.validate()
     say = log or (lambda _line: None)

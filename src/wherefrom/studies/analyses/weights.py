@@ -268,7 +268,7 @@ def run_weights(
 ) -> dict[str, Any]:
     """Run analysis (c) on a bench folder (resuming from its cache) on the first ``n_queries`` test rows
     (``None``: all); returns what ``weights.json`` holds and writes ``weights.json`` / ``weights.md``."""
-    bench = bench if isinstance(bench, Bench) else open_bench(bench)
+    bench = open_bench(bench)
     if n_queries is not None and n_queries < 1:
         raise ValueError(f"n_queries must be >= 1, got {n_queries}")
     say = log or (lambda _line: None)
