@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from wherefrom.models.loading import (
     load_model,
     model_fingerprint,
     pick_device,
+    quiet_peft,
     tokenizer_fingerprint,
 )
 from wherefrom.models.tiny import (
@@ -304,3 +306,13 @@ def test_default_model_dir_converts_smollm2(tmp_path):
     assert diff < 1e-3
     again = load_model(folder)
     assert again.fingerprint == loaded.fingerprint
+
+
+def test_quiet_peft_hides_only_the_peft_notice():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_peft():
+            warnings.warn("Accessing `is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
+            warnings.warn("something else", UserWarning, stacklevel=1)
+        warnings.warn("Accessing `is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else", "Accessing `is_gradient_checkpointing` is deprecated"]

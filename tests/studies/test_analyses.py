@@ -20,7 +20,6 @@ from wherefrom.studies.analyses import (
     run_ihvp,
     run_weights,
 )
-from wherefrom.studies.analyses.common import spearman
 from wherefrom.studies.analyses.convergence import chosen_methods
 from wherefrom.studies.analyses.weights import (
     behaviour_change,
@@ -31,6 +30,7 @@ from wherefrom.studies.analyses.weights import (
     reverted,
 )
 from wherefrom.studies.bench import BenchConfig, build_task, run_bench
+from wherefrom.studies.metrics import spearman
 
 METHODS = ["gradsim", "ekfac", "exact", "repsim"]
 

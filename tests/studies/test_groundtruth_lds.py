@@ -12,13 +12,11 @@ from wherefrom.studies.groundtruth.lds import (
     loo_correlations,
     loo_effect,
     loo_noise,
-    pearson_rows,
     sample_subsets,
-    spearman_rows,
     subset_predictions,
     summarize,
 )
-from wherefrom.studies.metrics import bootstrap_ci
+from wherefrom.studies.metrics import bootstrap_ci, pearson_rows, spearman_rows
 
 
 def test_sample_subsets_sizes_seed_and_errors():

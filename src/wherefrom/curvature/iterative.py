@@ -128,9 +128,8 @@ class OperatorCurvature(Curvature):
         size = operator.num_parameters
         self.info.update(parameters=size, examples=operator.num_examples, curvature=self.curvature)
         if self.damping is None:
-            trace, error = operator.trace(self.probes, self.seed)
-            self.info.update(trace_estimate=trace, trace_standard_error=error)
-            damping = self.damping_for(trace / size)
+            damping, estimate = operator.hutchinson_damping(self.damping_factor, self.probes, self.seed)
+            self.info.update(estimate)
         else:
             damping = float(self.damping)
         self.state["damping"] = torch.tensor(damping, dtype=torch.float64)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import gc
 import json
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
@@ -43,9 +42,9 @@ from wherefrom.core.task import LanguageModelingTask
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.models.finetune import CONFIG_FILE, TRAINER_STATE_FILE, read_trainer_state
-from wherefrom.models.loading import ModelLoadError, load_model, pick_device
+from wherefrom.models.loading import ModelLoadError, load_model, pick_device, quiet_peft
 
-__all__ = ["TracIn", "finetune_checkpoints", "tracin_scores"]
+__all__ = ["TracIn", "checkpoint_model", "finetune_checkpoints", "tracin_scores"]
 
 BaseModel = str | Path | Callable[[], nn.Module] | None
 """A base-model folder (for :func:`wherefrom.models.loading.load_model`), a callable returning a *fresh*
@@ -81,16 +80,22 @@ def _learning_rate(folder: Path) -> float:
     return float(state["learning_rate"])
 
 
-def _load_checkpoint(base: BaseModel, folder: Path, device, dtype: torch.dtype) -> nn.Module:
-    """The model of one checkpoint folder, in eval mode on ``device``."""
+def checkpoint_model(base: BaseModel, folder: Path, device, dtype: torch.dtype) -> nn.Module:
+    """The model of one checkpoint folder (a :func:`wherefrom.models.finetune.finetune` epoch checkpoint or its
+    final weights), in eval mode on ``device`` (``None``: :func:`wherefrom.models.loading.pick_device`) in ``dtype``.
+
+    A LoRA adapter folder (``adapter_config.json``) is applied to ``base`` (:data:`BaseModel`: a folder,
+    or a callable returning a fresh base model); a full model folder (``config.json``) is loaded as it
+    is. Raises ``ValueError`` for an adapter without ``base`` and
+    :class:`wherefrom.models.loading.ModelLoadError` for a folder holding neither.
+    """
     if (folder / "adapter_config.json").is_file():
         if base is None:
             raise ValueError(f"checkpoint {folder} is a LoRA adapter: give the base model (folder or loader)")
         if callable(base):
             from peft import PeftModel
 
-            with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecates
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            with quiet_peft():
                 model = PeftModel.from_pretrained(base(), str(folder), is_trainable=False)
             model.to(device=pick_device(device), dtype=dtype)
         else:
@@ -142,7 +147,7 @@ def tracin_scores(
     for k, checkpoint in enumerate(checkpoints):
         loaded = not isinstance(checkpoint, tuple)
         if loaded:
-            model = _load_checkpoint(base, Path(checkpoint), device, dtype)
+            model = checkpoint_model(base, Path(checkpoint), device, dtype)
             lr = _learning_rate(Path(checkpoint)) if learning_rates is None else learning_rates[k]
         else:
             model, lr = checkpoint

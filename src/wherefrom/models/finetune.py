@@ -27,9 +27,7 @@ import json
 import random
 import re
 import shutil
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,7 @@ from wherefrom.core.data import Record, data_fingerprint
 from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
 from wherefrom.core.store import atomic_write_dir, atomic_write_text
 from wherefrom.core.task import per_example_loss
-from wherefrom.models.loading import model_fingerprint, tokenizer_fingerprint
+from wherefrom.models.loading import model_fingerprint, quiet_peft, tokenizer_fingerprint
 
 __all__ = [
     "CONFIG_FILE",
@@ -188,14 +186,6 @@ def _is_peft(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-@contextmanager
-def _quiet_peft() -> Iterator[None]:
-    """Hide the FutureWarning peft triggers by reading ``model.is_gradient_checkpointing``."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
 def _wrap_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -209,7 +199,7 @@ def _wrap_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
         task_type="CAUSAL_LM",
         fan_in_fan_out=gpt2,  # GPT-2's Conv1D stores weights (in, out)
     )
-    with _quiet_peft():
+    with quiet_peft():
         return get_peft_model(model, lora)
 
 
@@ -276,7 +266,7 @@ def _load_saved(model: nn.Module, weights_dir: Path, lora: bool) -> nn.Module:
     if lora:
         from peft import PeftModel
 
-        with _quiet_peft():
+        with quiet_peft():
             loaded = PeftModel.from_pretrained(model, str(weights_dir), is_trainable=False)
     else:
         from transformers import AutoModelForCausalLM

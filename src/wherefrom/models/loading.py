@@ -42,6 +42,7 @@ __all__ = [
     "load_model",
     "model_fingerprint",
     "pick_device",
+    "quiet_peft",
     "tokenizer_fingerprint",
 ]
 
@@ -87,6 +88,15 @@ class ModelLoadError(FileNotFoundError):
 # --------------------------------------------------------------------------------------------
 # devices and cache
 # --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Hide, inside the block, the warning peft triggers by reading ``model.is_gradient_checkpointing``
+    (deprecated in transformers 5; not actionable by a user). Every peft call in wherefrom goes through it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
 
 
 def pick_device(requested: str | torch.device | None = None) -> torch.device:
@@ -318,9 +328,7 @@ def load_model(
     if adapter_dir is not None:
         from peft import PeftModel
 
-        with warnings.catch_warnings():
-            # peft reads an attribute that transformers 5 deprecates; not actionable here
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        with quiet_peft():
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable_adapter)
     model.to(pick_device(device))
     model.eval()

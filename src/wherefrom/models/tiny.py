@@ -12,7 +12,6 @@ Example::
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
+
+from wherefrom.models.loading import quiet_peft
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -213,9 +214,7 @@ def with_lora(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with _seeded(seed), warnings.catch_warnings():
-        # peft calls a transformers attribute that is deprecated in transformers 5
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    with _seeded(seed), quiet_peft():
         peft_model = get_peft_model(model, config)
         if init_b_random:
             with torch.no_grad():

@@ -3,7 +3,7 @@
 For each seed: build the task (:data:`wherefrom.studies.benchtasks.TASKS`, or files with
 ``"path:<train>:<test>"``), LoRA-fine-tune a fresh base model on its training rows (cached under
 ``out/seed-<s>/finetune`` by :func:`wherefrom.models.finetune.finetune`), then run every method (fit +
-scores, timed with :func:`wherefrom.studies.diagnose.measured`) and score it with
+scores, timed with :func:`wherefrom.studies.toolkit.measured`) and score it with
 :func:`wherefrom.studies.metrics.class_attribution` (``kind == "class"``) or
 :func:`wherefrom.studies.metrics.identification` (``kind == "identify"``). A method that raises gets an
 ``error`` in its row; the others go on.
@@ -11,8 +11,9 @@ scores, timed with :func:`wherefrom.studies.diagnose.measured`) and score it wit
 Outputs (all written atomically):
 
 * ``out/seed-<s>/<method>.json``: one row (metrics with per-query values, seconds, peak MiB, error)
-  and the ``key`` of settings it was computed with. A later run skips a (seed, method) whose file
-  exists with the same key and no error, so an interrupted run resumes;
+  and the ``key`` of settings it was computed with (:func:`wherefrom.studies.toolkit.cached` /
+  :func:`wherefrom.studies.toolkit.store`). A later run skips a (seed, method) whose file exists with the
+  same key and no error, so an interrupted run resumes;
 * ``out/bench.json``: config, package versions, hardware, command, every row and the aggregate
   (per method and metric: mean and 95% Student-t interval over seeds, :func:`wherefrom.studies.metrics.mean_ci`;
   mean seconds and peak MiB);
@@ -21,31 +22,32 @@ Outputs (all written atomically):
 
 from __future__ import annotations
 
-import gc
 import json
-import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from wherefrom.core.store import (
-    atomic_write_json,
-    atomic_write_text,
-    hardware,
-    package_versions,
-    read_keyed_json,
-)
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import check_methods, in_family, make_method
-from wherefrom.models.finetune import FinetuneConfig, finetune
-from wherefrom.models.loading import load_model, pick_device
+from wherefrom.models.finetune import FinetuneConfig, FinetuneResult, finetune
+from wherefrom.models.loading import LoadedModel, load_model, pick_device
 from wherefrom.studies.benchtasks import TASKS, BenchTask, from_path, subsampled
-from wherefrom.studies.diagnose import measured
 from wherefrom.studies.metrics import class_attribution, identification, mean_stat
+from wherefrom.studies.toolkit import (
+    cached,
+    failure_cell,
+    free_memory,
+    interval_cell,
+    markdown_table,
+    measured,
+    number,
+    provenance,
+    shell_command,
+    store,
+    write_report,
+)
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -53,9 +55,12 @@ __all__ = [
     "build_task",
     "check_task_name",
     "command_line",
-    "interval_cell",
+    "finetuned",
     "make_task",
+    "method_row",
     "run_bench",
+    "scored_method",
+    "training_options",
 ]
 
 DEFAULT_METHODS = ["ekfac", "kfac", "datainf", "gradsim", "tracin", "repsim", "bm25"]
@@ -101,7 +106,19 @@ class BenchConfig:
             raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
 
     def options_for(self, method: str) -> dict[str, Any]:
+        """The options of ``method``: those under ``"*"`` updated with the method's own."""
         return {**self.method_options.get("*", {}), **self.method_options.get(method, {})}
+
+    def finetune_config(self, seed: int) -> FinetuneConfig:
+        """The :class:`wherefrom.models.finetune.FinetuneConfig` of the seed's fine-tuning."""
+        return FinetuneConfig(
+            epochs=self.epochs,
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            seed=seed,
+            lora_rank=self.lora_rank,
+        )
 
 
 def build_task(config: BenchConfig, seed: int) -> BenchTask:
@@ -130,42 +147,36 @@ def make_task(task: str, n_train: int | None, n_test: int | None, seed: int) -> 
 
 def command_line(config: BenchConfig) -> str:
     """A ``wherefrom bench`` command line equivalent to ``config``."""
-    parts = [
-        "wherefrom",
-        "bench",
-        "--task",
-        config.task,
-        "--methods",
-        ",".join(config.methods),
-        "--seeds",
-        ",".join(map(str, config.seeds)),
+    options = [
+        ("--task", config.task),
+        ("--methods", ",".join(config.methods)),
+        ("--seeds", ",".join(map(str, config.seeds))),
+        *training_options(config),
     ]
-    for flag, value in (
+    for method, method_options in sorted(config.method_options.items()):
+        for key, value in sorted(method_options.items()):
+            name = key if method == "*" else f"{method}.{key}"
+            options.append(("--option", f"{name}={json.dumps(value)}"))
+    return shell_command(["wherefrom", "bench"], [*options, ("--out", config.out)])
+
+
+def training_options(config: Any) -> list[tuple[str, Any]]:
+    """The command-line ``(flag, value)`` pairs of the task size, model and fine-tuning settings that
+    :class:`BenchConfig` and :class:`wherefrom.studies.groundtruth.build.GroundTruthConfig` share (fields
+    ``n_train``, ``n_test``, ``model``, ``device``, ``epochs``, ``learning_rate``, ``lora_rank``
+    (``None``: 0, full fine-tuning), ``batch_size``, ``max_length``); ``None`` values are left out by
+    :func:`wherefrom.studies.toolkit.shell_command`."""
+    return [
         ("--n-train", config.n_train),
         ("--n-test", config.n_test),
         ("--model", config.model),
         ("--device", config.device),
-    ):
-        if value is not None:
-            parts += [flag, str(value)]
-    parts += [
-        "--epochs",
-        str(config.epochs),
-        "--learning-rate",
-        repr(config.learning_rate),
-        "--lora-rank",
-        str(config.lora_rank),
-        "--batch-size",
-        str(config.batch_size),
-        "--max-length",
-        str(config.max_length),
+        ("--epochs", config.epochs),
+        ("--learning-rate", repr(config.learning_rate)),
+        ("--lora-rank", config.lora_rank or 0),
+        ("--batch-size", config.batch_size),
+        ("--max-length", config.max_length),
     ]
-    for method, options in sorted(config.method_options.items()):
-        for key, value in sorted(options.items()):
-            name = key if method == "*" else f"{method}.{key}"
-            parts += ["--option", f"{name}={json.dumps(value)}"]
-    parts += ["--out", config.out]
-    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _key(config: BenchConfig, seed: int, method: str) -> dict[str, Any]:
@@ -191,21 +202,10 @@ def _row_path(out: Path, seed: int, method: str) -> Path:
     return out / f"seed-{seed}" / f"{method}.json"
 
 
-def _cached(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    row = read_keyed_json(path, key)
-    return None if row is None or row.get("error") else row
-
-
 def _metrics(task: BenchTask, scores) -> dict[str, Any]:
     if task.kind == "class":
         return class_attribution(scores, {r.id: r.label for r in task.train}, {r.id: r.label for r in task.test})
     return identification(scores, task.targets)
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def scored_method(
@@ -219,7 +219,7 @@ def scored_method(
     device: str | None,
 ) -> tuple[Any, dict[str, Any]]:
     """Fit ``method`` (:func:`wherefrom.methods.registry.make_method`) on ``train`` and score ``test``, timed and
-    memory-measured (:func:`wherefrom.studies.diagnose.measured`). Returns ``(scores, usage)`` with ``usage``
+    memory-measured (:func:`wherefrom.studies.toolkit.measured`). Returns ``(scores, usage)`` with ``usage``
     ``{seconds, peak_mib, error}``; a failure is recorded in ``error`` (``scores`` is then ``None``),
     not raised, so one failing method never stops the others. The method is released afterwards."""
     usage: dict[str, Any] = {"seconds": None, "peak_mib": None, "error": None}
@@ -235,11 +235,32 @@ def scored_method(
         scores = None
     finally:
         chosen = None  # release it before the next method
-        _free()
+        free_memory()
     return scores, usage
 
 
-def _run_method(config: BenchConfig, task: BenchTask, seed: int, method: str, tuned, tokenizer) -> dict[str, Any]:
+def finetuned(config: BenchConfig, seed: int, task: BenchTask) -> tuple[LoadedModel, FinetuneResult]:
+    """The base model (tokenizer included) and the seed's fine-tuned model: :func:`wherefrom.models.finetune.finetune`
+    on ``task.train`` with :meth:`BenchConfig.finetune_config` in ``<config.out>/seed-<seed>/finetune``
+    (reused when that folder holds the same run, trained otherwise).
+
+    The returned ``LoadedModel.model`` is the base model with the adapter injected (LoRA modifies it
+    in place); ``FinetuneResult.model`` is the fine-tuned model.
+    """
+    loaded = load_model(config.model, device=config.device)
+    folder = Path(config.out) / f"seed-{seed}" / "finetune"
+    tuned = finetune(loaded.model, loaded.tokenizer, task.train, config.finetune_config(seed), folder, progress=False)
+    return loaded, tuned
+
+
+def method_row(config: BenchConfig, task: BenchTask, seed: int, method: str, tuned, tokenizer) -> dict[str, Any]:
+    """One bench row: ``method`` fitted and scored on ``task`` with the fine-tuned ``tuned.model`` (:func:`scored_method`;
+    ``tracin`` gets ``tuned.checkpoints`` and a loader of the base model), then its metrics.
+
+    Returns ``{seed, method, metrics, seconds, peak_mib, error}``: ``metrics`` from
+    :func:`wherefrom.studies.metrics.class_attribution` (``task.kind == "class"``) or
+    :func:`wherefrom.studies.metrics.identification`; a failure is recorded in ``error``, not raised.
+    """
     options = config.options_for(method)
     if in_family(method, "checkpoint"):
         options.setdefault("checkpoints", [str(p) for p in tuned.checkpoints])
@@ -288,39 +309,25 @@ def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[st
     return result
 
 
-def interval_cell(stat: dict[str, Any] | None, fmt: str = ".3f") -> str:
-    """A Markdown table cell ``"mean [low, high]"`` of a :func:`wherefrom.studies.metrics.mean_stat` (no interval
-    when ``low`` is ``None``; ``–`` for no value)."""
-    if not stat or stat.get("mean") is None:
-        return "–"
-    text = format(stat["mean"], fmt)
-    if stat.get("low") is not None:
-        text += f" [{format(stat['low'], fmt)}, {format(stat['high'], fmt)}]"
-    return text
-
-
 def markdown(summary: dict[str, Any], kind: str, command: str, title: str) -> str:
     """The aggregate as a Markdown table: method x metrics ("mean [low, high]" over seeds), time, memory."""
     names = ["acc", "cover", "mrr"] if kind == "class" else ["auprc", "auroc", "mrr", "recall_at_k"]
-
-    cell = interval_cell
-    lines = [
-        "| method | " + " | ".join(names) + " | time, s | peak memory, MiB | seeds ok |",
-        "| --- | " + " | ".join("---:" for _ in names) + " | ---: | ---: | ---: |",
-    ]
+    rows = []
     for method, entry in summary.items():
         if not entry["n_ok"]:
-            error = next(iter(entry["errors"].values()), "no result").replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {method} | failed: {error[:200]} |" + " |" * (len(names) + 2))
+            rows.append([method, failure_cell(next(iter(entry["errors"].values()), None))])
             continue
-        seconds = "–" if entry["seconds"] is None else f"{entry['seconds']:.2f}"
-        memory = "–" if entry["peak_mib"] is None else f"{entry['peak_mib']:.0f}"
-        lines.append(
-            f"| {method} | "
-            + " | ".join(cell(entry["metrics"].get(n)) for n in names)
-            + f" | {seconds} | {memory} | {entry['n_ok']}/{entry['n_seeds']} |"
+        rows.append(
+            [
+                method,
+                *(interval_cell(entry["metrics"].get(n)) for n in names),
+                number(entry["seconds"], ".2f"),
+                number(entry["peak_mib"], ".0f"),
+                f"{entry['n_ok']}/{entry['n_seeds']}",
+            ]
         )
-    return f"# wherefrom bench: {title}\n\nCommand: `{command}`\n\n" + "\n".join(lines) + "\n"
+    table = markdown_table(["method", *names, "time, s", "peak memory, MiB", "seeds ok"], rows)
+    return f"# wherefrom bench: {title}\n\nCommand: `{command}`\n\n" + table + "\n"
 
 
 def run_bench(
@@ -344,53 +351,35 @@ def run_bench(
         task = build_task(config, seed)
         kind, title = task.kind, task.description or task.name
         keys = {m: _key(config, seed, m) for m in config.methods}
-        cached = {m: _cached(_row_path(out, seed, m), keys[m]) for m in config.methods}
-        todo = [m for m in config.methods if cached[m] is None]
+        done = {m: cached(_row_path(out, seed, m), keys[m]) for m in config.methods}
         tuned = loaded = None
-        if todo:
-            loaded = load_model(config.model, device=config.device)
-            finetune_config = FinetuneConfig(
-                epochs=config.epochs,
-                learning_rate=config.learning_rate,
-                batch_size=config.batch_size,
-                max_length=config.max_length,
-                seed=seed,
-                lora_rank=config.lora_rank,
-            )
-            tuned = finetune(
-                loaded.model,
-                loaded.tokenizer,
-                task.train,
-                finetune_config,
-                out / f"seed-{seed}" / "finetune",
-                progress=False,
-            )
+        if any(done[m] is None for m in config.methods):
+            loaded, tuned = finetuned(config, seed, task)
             say(f"seed {seed}: {'reused' if tuned.reused else 'trained'} the fine-tuned model")
         for method in progress(config.methods, f"seed {seed}"):
-            if cached[method] is not None:
+            if done[method] is not None:
                 say(f"seed {seed} {method}: reused")
-                rows.append(cached[method])
+                rows.append(done[method])
                 continue
-            row = _run_method(config, task, seed, method, tuned, loaded.tokenizer)
-            row["key"] = keys[method]
-            atomic_write_json(row, _row_path(out, seed, method))
+            row = store(
+                _row_path(out, seed, method),
+                keys[method],
+                method_row(config, task, seed, method, tuned, loaded.tokenizer),
+            )
             say(f"seed {seed} {method}: " + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s"))
             rows.append(row)
         tuned = loaded = None
-        _free()
+        free_memory()
 
     summary = aggregate(rows, config.methods)
     command = command or command_line(config)
     report = {
         "format": _FORMAT_VERSION,
-        "command": command,
+        **provenance(command),
         "config": asdict(config),
         "kind": kind,
-        "versions": package_versions(),
-        "hardware": hardware(),
         "rows": [dict(r.items()) for r in rows],
         "aggregate": summary,
     }
-    atomic_write_json(report, out / "bench.json")
-    atomic_write_text(markdown(summary, kind or "class", command, f"{config.task} ({title})"), out / "bench.md")
+    write_report(out / "bench", report, markdown(summary, kind or "class", command, f"{config.task} ({title})"))
     return report

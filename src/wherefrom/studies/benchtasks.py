@@ -44,6 +44,7 @@ __all__ = [
     "TASKS",
     "TRIGGERS",
     "BenchTask",
+    "MathTemplate",
     "backdoor",
     "from_path",
     "math_templates",
@@ -104,134 +105,98 @@ def _balanced(names: Sequence[_T], n: int, rng: random.Random) -> list[_T]:
 # the completion is " <one reasoning line> Answer: N".
 
 _Problem = tuple[str, str, int]
+_Bound = int | Callable[[dict[str, int]], int]
 
 
-def _apples(rng: random.Random) -> _Problem:
-    a = rng.randint(10, 60)
-    b = rng.randint(1, a - 1)
-    ans = a - b
-    return (
-        f"Tom buys {a} apples and eats {b} of them. How many apples are left?",
-        f" Left = {a} - {b} = {ans}. Answer: {ans}",
-        ans,
-    )
+@dataclass(frozen=True)
+class MathTemplate:
+    """A word-problem template; calling it with a ``random.Random`` draws one ``(prompt, completion, answer)``.
+
+    ``draws``: ``(name, low, high)`` in draw order, each value ``rng.randint(low, high)`` (inclusive); a
+    bound may be a function of the values drawn before it. ``derive``: the answer ``ans`` (and any other
+    value the texts name) from the drawn values. ``prompt`` and ``reasoning`` are ``str.format``
+    templates over all values; the completion is ``reasoning + " Answer: {ans}"``.
+    """
+
+    draws: tuple[tuple[str, _Bound, _Bound], ...]
+    derive: Callable[[dict[str, int]], dict[str, int]]
+    prompt: str
+    reasoning: str
+
+    def __call__(self, rng: random.Random) -> _Problem:
+        values: dict[str, int] = {}
+        for name, low, high in self.draws:
+            bounds = [bound(values) if callable(bound) else bound for bound in (low, high)]
+            values[name] = rng.randint(*bounds)
+        values.update(self.derive(values))
+        completion = self.reasoning.format(**values) + f" Answer: {values['ans']}"
+        return self.prompt.format(**values), completion, values["ans"]
 
 
-def _train_distance(rng: random.Random) -> _Problem:
-    s = rng.randint(20, 120)
-    h = rng.randint(2, 9)
-    ans = s * h
-    return (
-        f"A train travels at {s} km per hour for {h} hours. How many km does it travel?",
-        f" Distance = {s} * {h} = {ans}. Answer: {ans}",
-        ans,
-    )
-
-
-def _savings(rng: random.Random) -> _Problem:
-    a = rng.randint(5, 90)
-    b = rng.randint(5, 90)
-    ans = a + b
-    return (
-        f"Mia has {a} dollars and earns {b} more dollars. How many dollars does she have now?",
-        f" Total = {a} + {b} = {ans}. Answer: {ans}",
-        ans,
-    )
-
-
-def _cookies(rng: random.Random) -> _Problem:
-    n = rng.randint(2, 12)
-    k = rng.randint(2, 15)
-    total = n * k
-    return (
-        f"{n} children share {total} cookies equally. How many cookies does each child get?",
-        f" Each = {total} / {n} = {k}. Answer: {k}",
-        k,
-    )
-
-
-def _garden(rng: random.Random) -> _Problem:
-    r = rng.randint(2, 12)
-    c = rng.randint(2, 12)
-    d = rng.randint(1, 30)
-    ans = r * c + d
-    return (
-        (f"A garden has {r} rows of {c} tulips, and {d} more tulips are planted. How many tulips are there?"),
-        f" Tulips = {r} * {c} + {d} = {ans}. Answer: {ans}",
-        ans,
-    )
-
-
-def _bus(rng: random.Random) -> _Problem:
-    a = rng.randint(10, 50)
-    b = rng.randint(1, a - 1)
-    c = rng.randint(1, 30)
-    ans = a - b + c
-    return (
-        (f"A bus has {a} people. At a stop {b} get off and {c} get on. How many people are on the bus?"),
-        f" People = {a} - {b} + {c} = {ans}. Answer: {ans}",
-        ans,
-    )
-
-
-def _pencil_boxes(rng: random.Random) -> _Problem:
-    a = rng.randint(2, 12)
-    b = rng.randint(2, 12)
-    c = rng.randint(2, 9)
-    ans = (a + b) * c
-    return (
-        f"Each box holds {a} red and {b} blue pencils. How many pencils are in {c} boxes?",
-        f" Pencils = ({a} + {b}) * {c} = {ans}. Answer: {ans}",
-        ans,
-    )
-
-
-def _fence(rng: random.Random) -> _Problem:
-    w = rng.randint(2, 40)
-    length = rng.randint(2, 40)
-    ans = 2 * (w + length)
-    return (
-        f"A field is {w} m wide and {length} m long. How many m of fence go around it?",
-        f" Fence = 2 * ({w} + {length}) = {ans}. Answer: {ans}",
-        ans,
-    )
-
-
-def _ages(rng: random.Random) -> _Problem:
-    a = rng.randint(3, 15)
-    k = rng.randint(2, 6)
-    ans = a * k - a
-    return (
-        (f"Sam is {a} years old and his grandpa is {k} times as old. How many years older is his grandpa?"),
-        f" Difference = {a} * {k} - {a} = {ans}. Answer: {ans}",
-        ans,
-    )
-
-
-def _marbles(rng: random.Random) -> _Problem:
-    k = rng.randint(3, 12)
-    n = rng.randint(k + 1, 100)
-    ans = n % k
-    return (
-        f"Lena packs {n} marbles into bags of {k}. How many marbles are left over?",
-        f" Left over = {n} mod {k} = {ans}. Answer: {ans}",
-        ans,
-    )
-
-
-MATH_TEMPLATES: dict[str, Callable[[random.Random], _Problem]] = {
-    "apples_left": _apples,
-    "train_distance": _train_distance,
-    "savings": _savings,
-    "cookies_shared": _cookies,
-    "garden_rows": _garden,
-    "bus_riders": _bus,
-    "pencil_boxes": _pencil_boxes,
-    "fence_perimeter": _fence,
-    "age_difference": _ages,
-    "marbles_left_over": _marbles,
+MATH_TEMPLATES: dict[str, MathTemplate] = {
+    "apples_left": MathTemplate(
+        (("a", 10, 60), ("b", 1, lambda v: v["a"] - 1)),
+        lambda v: {"ans": v["a"] - v["b"]},
+        "Tom buys {a} apples and eats {b} of them. How many apples are left?",
+        " Left = {a} - {b} = {ans}.",
+    ),
+    "train_distance": MathTemplate(
+        (("s", 20, 120), ("h", 2, 9)),
+        lambda v: {"ans": v["s"] * v["h"]},
+        "A train travels at {s} km per hour for {h} hours. How many km does it travel?",
+        " Distance = {s} * {h} = {ans}.",
+    ),
+    "savings": MathTemplate(
+        (("a", 5, 90), ("b", 5, 90)),
+        lambda v: {"ans": v["a"] + v["b"]},
+        "Mia has {a} dollars and earns {b} more dollars. How many dollars does she have now?",
+        " Total = {a} + {b} = {ans}.",
+    ),
+    "cookies_shared": MathTemplate(
+        (("n", 2, 12), ("k", 2, 15)),
+        lambda v: {"total": v["n"] * v["k"], "ans": v["k"]},
+        "{n} children share {total} cookies equally. How many cookies does each child get?",
+        " Each = {total} / {n} = {ans}.",
+    ),
+    "garden_rows": MathTemplate(
+        (("r", 2, 12), ("c", 2, 12), ("d", 1, 30)),
+        lambda v: {"ans": v["r"] * v["c"] + v["d"]},
+        "A garden has {r} rows of {c} tulips, and {d} more tulips are planted. How many tulips are there?",
+        " Tulips = {r} * {c} + {d} = {ans}.",
+    ),
+    "bus_riders": MathTemplate(
+        (("a", 10, 50), ("b", 1, lambda v: v["a"] - 1), ("c", 1, 30)),
+        lambda v: {"ans": v["a"] - v["b"] + v["c"]},
+        "A bus has {a} people. At a stop {b} get off and {c} get on. How many people are on the bus?",
+        " People = {a} - {b} + {c} = {ans}.",
+    ),
+    "pencil_boxes": MathTemplate(
+        (("a", 2, 12), ("b", 2, 12), ("c", 2, 9)),
+        lambda v: {"ans": (v["a"] + v["b"]) * v["c"]},
+        "Each box holds {a} red and {b} blue pencils. How many pencils are in {c} boxes?",
+        " Pencils = ({a} + {b}) * {c} = {ans}.",
+    ),
+    "fence_perimeter": MathTemplate(
+        (("w", 2, 40), ("length", 2, 40)),
+        lambda v: {"ans": 2 * (v["w"] + v["length"])},
+        "A field is {w} m wide and {length} m long. How many m of fence go around it?",
+        " Fence = 2 * ({w} + {length}) = {ans}.",
+    ),
+    "age_difference": MathTemplate(
+        (("a", 3, 15), ("k", 2, 6)),
+        lambda v: {"ans": v["a"] * v["k"] - v["a"]},
+        "Sam is {a} years old and his grandpa is {k} times as old. How many years older is his grandpa?",
+        " Difference = {a} * {k} - {a} = {ans}.",
+    ),
+    "marbles_left_over": MathTemplate(
+        (("k", 3, 12), ("n", lambda v: v["k"] + 1, 100)),
+        lambda v: {"ans": v["n"] % v["k"]},
+        "Lena packs {n} marbles into bags of {k}. How many marbles are left over?",
+        " Left over = {n} mod {k} = {ans}.",
+    ),
 }
-"""Template name (the class label) -> problem generator returning ``(prompt, completion, answer)``."""
+"""Template name (the class label) -> :class:`MathTemplate` (called with a ``random.Random``, returns
+``(prompt, completion, answer)``)."""
 
 _MATH_PREFIX = "Solve: "
 
@@ -267,7 +232,6 @@ def math_templates(n_train: int = 300, n_test: int = 50, seed: int = 0) -> Bench
         kind="class",
         train=train,
         test=test,
-        targets={},
         description="Math backtracking: the label is the word-problem template a row came from.",
     )
 
@@ -546,7 +510,6 @@ def rule_rewriting(n_train: int = 240, n_test: int = 40, seed: int = 0) -> Bench
         kind="class",
         train=train,
         test=test,
-        targets={},
         description="Class attribution: the label is the rewriting rule applied to the sentence.",
     )
 
@@ -572,7 +535,6 @@ def from_path(name: str, train_path: str | Path, test_path: str | Path) -> Bench
         kind="class",
         train=train,
         test=test,
-        targets={},
         description=f"Class attribution on {Path(train_path).name} / {Path(test_path).name}.",
     )
 

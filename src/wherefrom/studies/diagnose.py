@@ -6,10 +6,11 @@ For every method on one model and data set, :func:`diagnose` reports
   parameters (influence methods only), where ``P_exact = (G + lambda I)^-1`` with the dense GGN over
   all tracked parameters (``exact_blocks="full"``, cross-module terms included) or its module blocks;
 * ``spearman``: rank correlation of the method's ``(n_query, n_train)`` scores with exact scores,
-  over all pairs, and ``spearman_per_query``, the mean over queries;
+  over all pairs, and ``spearman_per_query``, the mean over queries
+  (:func:`wherefrom.studies.metrics.spearman_rows`);
 * ``seconds`` (fit + scores) and ``peak_mib``, the peak memory above the level at the start
-  (CUDA: ``max_memory_allocated``; Linux CPU: the process's resident-set high-water mark, reset
-  through ``/proc/self/clear_refs``; elsewhere ``None``).
+  (:func:`wherefrom.studies.toolkit.measured`: CUDA ``max_memory_allocated``; Linux CPU the process's
+  resident-set high-water mark; elsewhere ``None``).
 
 Every method uses its own default damping unless ``config.damping`` sets one absolute value for all;
 the exact reference uses the same setting.
@@ -17,21 +18,19 @@ the exact reference uses the same setting.
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from scipy.stats import spearmanr
 
 from wherefrom.core.data import Record
-from wherefrom.core.store import atomic_write_json, atomic_write_text
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import InfluenceMethod, make_method
+from wherefrom.studies import toolkit
+from wherefrom.studies.metrics import spearman_rows
+from wherefrom.studies.toolkit import failure_cell, markdown_table, measured, number, provenance
 
 
 @dataclass
@@ -47,54 +46,15 @@ class Diagnosis:
     error: str | None = None
 
 
-def _resident_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-@contextmanager
-def measured(device: torch.device) -> Iterator[dict[str, float | None]]:
-    """Wall time and peak memory (MiB above the start) of the block, written into the yielded dict."""
-    result: dict[str, float | None] = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        try:
-            with open("/proc/self/clear_refs", "w") as clear:  # "5": reset the peak RSS (Linux >= 4.0)
-                clear.write("5")
-            base = _resident_bytes("VmRSS")
-        except OSError:
-            base = None
-    started = time.perf_counter()
-    try:
-        yield result
-    finally:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device)
-        else:
-            peak = _resident_bytes("VmHWM") if base is not None else None
-        result["seconds"] = time.perf_counter() - started
-        result["peak_mib"] = None if peak is None or base is None else max(peak - base, 0) / 2**20
-
-
 def _flat(blocks: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
     return torch.cat([blocks[n].reshape(blocks[n].shape[0], -1).double().cpu() for n in names], dim=1)
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    a, b = a.cpu(), b.cpu()
-    overall = float(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
-    per_query = [float(spearmanr(x.numpy(), y.numpy()).statistic) for x, y in zip(a, b)]
-    return overall, sum(per_query) / len(per_query)
+    """``(Spearman over all pairs, mean over queries of the per-query Spearman)`` of two ``(n_query, n_train)`` score matrices."""
+    a, b = a.cpu().double().numpy(), b.cpu().double().numpy()
+    overall = float(spearman_rows(a.reshape(1, -1), b.reshape(1, -1))[0])
+    return overall, float(spearman_rows(a, b).mean())
 
 
 def fit_reference(
@@ -184,28 +144,36 @@ def diagnose(
 def write_report(
     rows: Sequence[Diagnosis], reason: str | None, folder: Path, context: dict[str, Any]
 ) -> tuple[Path, Path]:
-    """``diagnose.json`` (context + rows) and ``diagnose.md`` (a table) in ``folder``, atomically."""
-
-    def cell(value: float | None, fmt: str) -> str:
-        return "–" if value is None or math.isnan(value) else format(value, fmt)
-
-    lines = [
-        "| method | iHVP rel. error vs exact | Spearman vs exact (all pairs) | mean per-query Spearman | time, s | peak memory, MiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    """``diagnose.json`` (provenance, ``context``, rows) and ``diagnose.md`` (a table) in ``folder``,
+    atomically (:func:`wherefrom.studies.toolkit.write_report`); ``context["command"]`` is the command line."""
+    header = [
+        "method",
+        "iHVP rel. error vs exact",
+        "Spearman vs exact (all pairs)",
+        "mean per-query Spearman",
+        "time, s",
+        "peak memory, MiB",
     ]
-    for r in rows:
-        if r.error:
-            lines.append(f"| {r.method} | failed: {r.error} | | | | |")
-            continue
-        lines.append(
-            f"| {r.method} | {cell(r.ihvp_rel_error, '.3g')} | {cell(r.spearman, '.3f')} | {cell(r.spearman_per_query, '.3f')} "
-            f"| {cell(r.seconds, '.2f')} | {cell(r.peak_mib, '.0f')} |"
-        )
-    if reason:
-        lines.append(f"\nNo exact reference: {reason}")
+    table = [
+        [r.method, failure_cell(r.error)]
+        if r.error
+        else [
+            r.method,
+            number(r.ihvp_rel_error, ".3g"),
+            number(r.spearman),
+            number(r.spearman_per_query),
+            number(r.seconds, ".2f"),
+            number(r.peak_mib, ".0f"),
+        ]
+        for r in rows
+    ]
     command = context.get("command", "")
-    text = "# wherefrom diagnose\n\n" + ("Command: `" + command + "`\n\n" if command else "") + "\n".join(lines) + "\n"
-    json_path, md_path = folder / "diagnose.json", folder / "diagnose.md"
-    atomic_write_json({**context, "exact_reference_missing": reason, "rows": [asdict(r) for r in rows]}, json_path)
-    atomic_write_text(text, md_path)
-    return json_path, md_path
+    text = (
+        "# wherefrom diagnose\n\n"
+        + (f"Command: `{command}`\n\n" if command else "")
+        + markdown_table(header, table)
+        + (f"\n\nNo exact reference: {reason}" if reason else "")
+        + "\n"
+    )
+    payload = {**provenance(command), **context, "exact_reference_missing": reason, "rows": [asdict(r) for r in rows]}
+    return toolkit.write_report(Path(folder) / "diagnose", payload, text)

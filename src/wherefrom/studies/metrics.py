@@ -1,4 +1,4 @@
-"""Benchmark metrics for attribution scores: class attribution, identification, confidence intervals.
+"""Benchmark metrics for attribution scores: class attribution, identification, correlations, confidence intervals.
 
 Conventions (as in :mod:`wherefrom.core.scoring`): a **positive** score marks a proponent and a **higher**
 score means **more influential**, so rankings are by descending ``Scores.total``.
@@ -22,6 +22,11 @@ used by scikit-learn's ``average_precision_score``).
 Every metric function returns means over queries plus a ``per_query`` dict of lists (in
 ``Scores.query_ids`` order) so that :func:`bootstrap_ci` can give an interval over queries;
 :func:`mean_ci` gives a Student-t interval over seeds.
+
+**Correlations** (the one implementation every study calls): :func:`pearson_rows` and
+:func:`spearman_rows` correlate row ``q`` of one matrix with row ``q`` of another (Spearman = Pearson of
+average ranks, ties averaged, as ``scipy.stats.spearmanr``); a row with a constant side is NaN
+(undefined). :func:`spearman` is the single-pair form over the finite pairs, ``None`` when undefined.
 """
 
 from __future__ import annotations
@@ -272,3 +277,45 @@ def bootstrap_ci(
     alpha = (1 - confidence) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
     return float(x.mean()), float(low), float(high)
+
+
+def as_2d(name: str, value: Any) -> np.ndarray:
+    """``value`` as a 2-d float64 array; ``ValueError`` naming ``name`` otherwise."""
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be 2-d, got shape {array.shape}")
+    return array
+
+
+def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of ``a`` with the same row of ``b`` (``(Q, m)`` each) -> ``(Q,)``;
+    NaN for a row where either side is constant."""
+    a, b = as_2d("a", a), as_2d("b", b)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    if a.shape[1] < 2:
+        return np.full(a.shape[0], np.nan)
+    constant = (np.ptp(a, axis=1) == 0) | (np.ptp(b, axis=1) == 0)
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    denominator = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (a * b).sum(axis=1) / denominator
+    out[constant | ~(denominator > 0)] = np.nan
+    return out
+
+
+def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation row by row (Pearson of average ranks, ties averaged) -> ``(Q,)``."""
+    a, b = as_2d("a", a), as_2d("b", b)
+    return pearson_rows(stats.rankdata(a, axis=1), stats.rankdata(b, axis=1))
+
+
+def spearman(x: Sequence[float | None], y: Sequence[float | None]) -> float | None:
+    """Spearman rank correlation (:func:`spearman_rows`) of the pairs where both values are finite;
+    ``None`` with fewer than 3 such pairs or a constant side (undefined)."""
+    pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
+        return None
+    value = float(spearman_rows([[a for a, _ in pairs]], [[b for _, b in pairs]])[0])
+    return value if math.isfinite(value) else None

@@ -4,16 +4,15 @@ A bench folder is what ``wherefrom bench`` wrote (:mod:`wherefrom.studies.bench`
 rows, aggregate) and ``seed-<s>/finetune`` (the LoRA fine-tune with ``checkpoints/epoch-k``). An
 analysis reads the config from ``bench.json``, rebuilds each seed's task with
 :func:`wherefrom.studies.bench.build_task` and gets each seed's fine-tuned model through
-:func:`wherefrom.models.finetune.finetune` with the bench's settings (which reuses the saved run; it would
+:func:`wherefrom.studies.bench.finetuned` with the bench's settings (which reuses the saved run; it would
 train again only if the folder were missing or stale). Its cache files live under
 ``seed-<s>/<analysis>/`` and carry a ``key`` of every setting they depend on
-(:func:`wherefrom.core.store.read_keyed_json`); its report is ``<analysis>.json`` + ``<analysis>.md`` in
-the bench folder.
+(:func:`wherefrom.studies.toolkit.cached`); its report is ``<analysis>.json`` + ``<analysis>.md`` in
+the bench folder (:func:`write_report`).
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 from collections.abc import Sequence
@@ -22,25 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from scipy.stats import spearmanr
 from torch import nn
 
-from wherefrom.core.store import atomic_write_json, atomic_write_text, hardware, package_versions
-from wherefrom.methods.tracin import _load_checkpoint
-from wherefrom.models.finetune import FinetuneConfig, FinetuneResult, finetune
-from wherefrom.models.loading import LoadedModel, load_model
+from wherefrom.methods.tracin import checkpoint_model
+from wherefrom.models.loading import load_model
+from wherefrom.studies import toolkit
 from wherefrom.studies.bench import BenchConfig
-from wherefrom.studies.benchtasks import BenchTask
 
 __all__ = [
     "Bench",
-    "finetuned",
-    "free_memory",
     "load_checkpoint",
     "method_options",
-    "number",
     "open_bench",
-    "spearman",
     "write_report",
 ]
 
@@ -85,13 +77,18 @@ class Bench:
         return self.folder / f"seed-{seed}" / analysis / f"{name}{suffix}"
 
 
-def open_bench(folder: str | Path, device: str | None = None, seeds: Sequence[int] | None = None) -> Bench:
+def open_bench(folder: str | Path | Bench, device: str | None = None, seeds: Sequence[int] | None = None) -> Bench:
     """Read ``folder/bench.json``; ``device`` (``cpu``, ``cuda``) replaces the bench's own setting and
-    ``seeds`` (a subset of the bench's) restricts an analysis to those seeds.
+    ``seeds`` (a subset of the bench's) restricts an analysis to those seeds. A :class:`Bench` is
+    returned as it is when neither is given (else its folder is read again).
 
     Raises ``FileNotFoundError`` naming the file when it is missing and ``ValueError`` when it holds
     no bench config or ``seeds`` names a seed the bench did not run.
     """
+    if isinstance(folder, Bench):
+        if device is None and seeds is None:
+            return folder
+        folder = folder.folder
     folder = Path(folder)
     path = folder / BENCH_FILE
     if not path.is_file():
@@ -112,34 +109,11 @@ def open_bench(folder: str | Path, device: str | None = None, seeds: Sequence[in
     return Bench(folder, config, report)
 
 
-def finetuned(bench: Bench, seed: int, task: BenchTask) -> tuple[LoadedModel, FinetuneResult]:
-    """The base model (tokenizer included) and the seed's fine-tuned model, exactly as ``wherefrom bench``
-    made it (same :class:`FinetuneConfig`, same folder ``seed-<s>/finetune``: reused when complete).
-
-    The returned ``LoadedModel.model`` is the base model with the adapter injected (LoRA modifies it
-    in place); ``FinetuneResult.model`` is the fine-tuned model.
-    """
-    c = bench.config
-    loaded = load_model(c.model, device=c.device)
-    config = FinetuneConfig(
-        epochs=c.epochs,
-        learning_rate=c.learning_rate,
-        batch_size=c.batch_size,
-        max_length=c.max_length,
-        seed=seed,
-        lora_rank=c.lora_rank,
-    )
-    tuned = finetune(
-        loaded.model, loaded.tokenizer, task.train, config, bench.folder / f"seed-{seed}" / "finetune", progress=False
-    )
-    return loaded, tuned
-
-
 def load_checkpoint(bench: Bench, folder: Path) -> nn.Module:
     """The model of a checkpoint (or final weights) folder: the base model plus its LoRA adapter, or a
-    full model folder; eval mode, on the bench's device (:mod:`wherefrom.methods.tracin` loads them the same way)."""
+    full model folder; eval mode, on the bench's device (:func:`wherefrom.methods.tracin.checkpoint_model`)."""
     c = bench.config
-    return _load_checkpoint(lambda: load_model(c.model, device=c.device).model, Path(folder), c.device, torch.float32)
+    return checkpoint_model(lambda: load_model(c.model, device=c.device).model, Path(folder), c.device, torch.float32)
 
 
 def method_options(bench: Bench, extra: dict[str, dict], method: str) -> dict[str, Any]:
@@ -147,40 +121,14 @@ def method_options(bench: Bench, extra: dict[str, dict], method: str) -> dict[st
     return {**bench.config.options_for(method), **extra.get("*", {}), **extra.get(method, {})}
 
 
-def free_memory() -> None:
-    """Collect garbage and empty the CUDA cache between models."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def spearman(x: Sequence[float | None], y: Sequence[float | None]) -> float | None:
-    """Spearman rank correlation of the pairs where both values are finite; ``None`` with fewer than
-    3 pairs or a constant side (undefined)."""
-    pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
-    if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
-        return None
-    value = float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)
-    return value if math.isfinite(value) else None
-
-
-def number(value: float | None, fmt: str = ".3f") -> str:
-    """``value`` formatted, ``–`` for ``None`` or a non-finite value."""
-    return "–" if value is None or not math.isfinite(value) else format(value, fmt)
-
-
 def write_report(bench: Bench, name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
-    """``<name>.json`` (``payload`` + bench config, versions, hardware) and ``<name>.md`` in the bench
-    folder, atomically."""
+    """``<name>.json`` (the analysis name, the bench folder and config, provenance of ``payload["command"]``,
+    then ``payload``) and ``<name>.md`` in the bench folder, atomically (:func:`wherefrom.studies.toolkit.write_report`)."""
     report = {
         "analysis": name,
         "bench": str(bench.folder),
         "bench_config": asdict(bench.config),
-        "versions": package_versions(),
-        "hardware": hardware(),
+        **toolkit.provenance(payload["command"]),
         **payload,
     }
-    json_path, md_path = bench.folder / f"{name}.json", bench.folder / f"{name}.md"
-    atomic_write_json(report, json_path)
-    atomic_write_text(markdown, md_path)
-    return json_path, md_path
+    return toolkit.write_report(bench.folder / name, report, markdown)

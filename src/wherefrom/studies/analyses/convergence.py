@@ -3,7 +3,7 @@
 Does attribution improve, or settle, as training converges? For each seed and each per-epoch
 checkpoint ``epoch-k`` of the bench's fine-tuning (``seed-<s>/finetune/checkpoints``), the checkpoint's
 model (base model + that epoch's LoRA adapter) is attributed with every chosen method exactly as
-``wherefrom bench`` does for the final model (:func:`wherefrom.studies.bench._run_method`: fit, scores, time,
+``wherefrom bench`` does for the final model (:func:`wherefrom.studies.bench.method_row`: fit, scores, time,
 memory, then Acc / Cover / MRR or AUPRC / AUROC / MRR / recall), and the epoch's mean training loss
 (``trainer_state.json``) is recorded beside it. TracIn at checkpoint ``k`` sums over checkpoints
 ``1..k`` (the training seen so far). The last checkpoint holds the final weights, so its row should
@@ -20,20 +20,12 @@ from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
-from wherefrom.core.store import atomic_write_json, read_keyed_json
 from wherefrom.models.finetune import read_trainer_state
-from wherefrom.studies.analyses.common import (
-    Bench,
-    finetuned,
-    free_memory,
-    load_checkpoint,
-    method_options,
-    open_bench,
-    write_report,
-)
+from wherefrom.studies.analyses.common import Bench, load_checkpoint, method_options, open_bench, write_report
 from wherefrom.studies.analyses.ihvp import influence_methods
-from wherefrom.studies.bench import _run_method, aggregate, build_task, interval_cell
+from wherefrom.studies.bench import aggregate, build_task, finetuned, method_row
 from wherefrom.studies.metrics import mean_stat
+from wherefrom.studies.toolkit import cached, free_memory, interval_cell, store
 
 __all__ = ["ConvergenceSettings", "chosen_methods", "run_convergence"]
 
@@ -74,7 +66,7 @@ def run_convergence(
 ) -> dict[str, Any]:
     """Run analysis (b) on a bench folder (resuming from its cache); returns what ``convergence.json``
     holds and writes ``convergence.json`` / ``convergence.md`` into the folder."""
-    bench = bench if isinstance(bench, Bench) else open_bench(bench)
+    bench = open_bench(bench)
     settings = settings or ConvergenceSettings()
     say = log or (lambda _line: None)
     methods = chosen_methods(bench, settings)
@@ -89,12 +81,9 @@ def run_convergence(
     for seed in bench.config.seeds:
         task = build_task(bench.config, seed)
         path = {(k, m): bench.unit_path(seed, NAME, f"epoch-{k}-{m}") for k in epochs for m in methods}
-        cached = {}
-        for (k, m), file in path.items():
-            row = read_keyed_json(file, _key(bench, settings, seed, k, m))
-            cached[k, m] = None if row is None or row.get("error") else row
-        if any(row is None for row in cached.values()):
-            loaded, tuned = finetuned(bench, seed, task)
+        done = {(k, m): cached(file, _key(bench, settings, seed, k, m)) for (k, m), file in path.items()}
+        if any(row is None for row in done.values()):
+            loaded, tuned = finetuned(bench.config, seed, task)
             tokenizer, checkpoints = loaded.tokenizer, list(tuned.checkpoints)
             loaded = tuned = None
             if len(checkpoints) != len(epochs):
@@ -102,17 +91,16 @@ def run_convergence(
                     f"seed {seed}: {len(checkpoints)} checkpoints for {len(epochs)} epochs in {bench.folder}"
                 )
             for k, checkpoint in zip(epochs, checkpoints):
-                todo = [m for m in methods if cached[k, m] is None]
+                todo = [m for m in methods if done[k, m] is None]
                 if not todo:
                     continue
                 model = load_checkpoint(bench, checkpoint)
                 state = SimpleNamespace(model=model, checkpoints=checkpoints[:k])
                 loss = read_trainer_state(checkpoint).get("mean_loss")
                 for m in todo:
-                    row = _run_method(config, task, seed, m, state, tokenizer)
-                    row.update(epoch=k, train_loss=loss, key=_key(bench, settings, seed, k, m))
-                    atomic_write_json(row, path[k, m])
-                    cached[k, m] = row
+                    row = method_row(config, task, seed, m, state, tokenizer)
+                    row.update(epoch=k, train_loss=loss)
+                    done[k, m] = store(path[k, m], _key(bench, settings, seed, k, m), row)
                     say(
                         f"seed {seed} epoch {k} {m}: "
                         + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s")
@@ -121,7 +109,7 @@ def run_convergence(
                 free_memory()
         else:
             say(f"seed {seed}: reused every row")
-        rows += [cached[k, m] for k in epochs for m in methods]
+        rows += [done[k, m] for k in epochs for m in methods]
     per_epoch = {str(k): aggregate([r for r in rows if r["epoch"] == k], methods) for k in epochs}
     loss = {
         str(k): mean_stat([r["train_loss"] for r in rows if r["epoch"] == k and r["method"] == methods[0]])

@@ -40,23 +40,24 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file
 
-from wherefrom.core.store import atomic_save_tensors, atomic_write_json, read_keyed_json
+from wherefrom.core.store import atomic_save_tensors
 from wherefrom.curvature.exact import BYTES_LIMIT
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import InfluenceMethod, in_family, make_method
-from wherefrom.studies.analyses.common import (
-    Bench,
-    finetuned,
+from wherefrom.studies.analyses.common import Bench, method_options, open_bench, write_report
+from wherefrom.studies.bench import build_task, finetuned
+from wherefrom.studies.diagnose import fit_reference, ihvp_relative_error
+from wherefrom.studies.metrics import mean_stat, spearman
+from wherefrom.studies.toolkit import (
+    cached,
+    failure_cell,
     free_memory,
-    method_options,
+    interval_cell,
+    markdown_table,
+    measured,
     number,
-    open_bench,
-    spearman,
-    write_report,
+    store,
 )
-from wherefrom.studies.bench import build_task, interval_cell
-from wherefrom.studies.diagnose import fit_reference, ihvp_relative_error, measured
-from wherefrom.studies.metrics import mean_stat
 
 __all__ = ["IhvpSettings", "influence_methods", "run_ihvp"]
 
@@ -260,7 +261,7 @@ def run_ihvp(
 ) -> dict[str, Any]:
     """Run analysis (a) on a bench folder (resuming from its cache); returns what ``ihvp.json`` holds
     and writes ``ihvp.json`` / ``ihvp.md`` into the folder."""
-    bench = bench if isinstance(bench, Bench) else open_bench(bench)
+    bench = open_bench(bench)
     settings = settings or IhvpSettings()
     settings.validate()
     say = log or (lambda _line: None)
@@ -283,23 +284,19 @@ def run_ihvp(
             bench.unit_path(seed, folder, "reference"),
             bench.unit_path(seed, folder, "reference", ".safetensors"),
         )
-        ref = read_keyed_json(ref_json, ref_key) if ref_tensors.is_file() else None
-
-        cached = {}
+        ref = cached(ref_json, ref_key, needs=[ref_tensors])
+        done = {}
         if ref is not None:
             for method in methods:
-                row = read_keyed_json(
-                    bench.unit_path(seed, folder, method), _method_key(bench, settings, ref_key, ref, method)
-                )
-                cached[method] = None if row is None or row.get("error") else row
-        todo = [m for m in methods if cached.get(m) is None]
+                key = _method_key(bench, settings, ref_key, ref, method)
+                done[method] = cached(bench.unit_path(seed, folder, method), key)
+        todo = [m for m in methods if done.get(m) is None]
         if todo:
-            loaded, tuned = finetuned(bench, seed, task)
+            loaded, tuned = finetuned(bench.config, seed, task)
             if ref is None:
                 info, blocks = _reference(bench, settings, seed, tuned.model, loaded.tokenizer, task, queries, say)
                 atomic_save_tensors(blocks, ref_tensors)
-                ref = {"info": info, "key": ref_key}
-                atomic_write_json(ref, ref_json)
+                ref = store(ref_json, ref_key, {"info": info})
             else:
                 blocks = dict(load_file(str(ref_tensors)).items())
             for method in todo:
@@ -315,9 +312,8 @@ def run_ihvp(
                     ref["info"]["damping"],
                     blocks,
                 )
-                row["key"] = _method_key(bench, settings, ref_key, ref, method)
-                atomic_write_json(row, bench.unit_path(seed, folder, method))
-                cached[method] = row
+                key = _method_key(bench, settings, ref_key, ref, method)
+                done[method] = store(bench.unit_path(seed, folder, method), key, row)
                 say(
                     f"seed {seed} {method}: "
                     + (f"failed: {row['error']}" if row["error"] else f"error {row['ihvp_rel_error']:.3g}")
@@ -327,7 +323,7 @@ def run_ihvp(
         else:
             say(f"seed {seed}: reused every row")
         references[str(seed)] = ref["info"]
-        rows += [cached[m] for m in methods]
+        rows += [done[m] for m in methods]
     summary = _summary(bench, rows, methods)
     command = command or f"wherefrom analyze ihvp --bench {bench.folder}"
     payload = {
@@ -391,20 +387,24 @@ def _markdown(bench: Bench, payload: dict[str, Any]) -> str:
             "does not depend on it), so only the direction's error remains."
         ),
         "",
-        "| method | iHVP rel. error | scale-free | " + " | ".join(names) + " | time, s | seeds |",
-        "| --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " | ---: | ---: |",
     ]
+    table = []
     for method, entry in payload["per_method"].items():
         if entry["ihvp_rel_error"] is None:
-            error = next(iter(entry["errors"].values()), "no result").replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {method} | failed: {error[:200]} |" + " |" * (len(names) + 3))
+            table.append([method, failure_cell(next(iter(entry["errors"].values()), None))])
             continue
         seconds = entry["seconds"]["mean"] if entry["seconds"] else None
-        lines.append(
-            f"| {method} | {interval_cell(entry['ihvp_rel_error'], '.3g')} | {interval_cell(entry['ihvp_rel_error_scaled'], '.3g')} | "
-            + " | ".join(interval_cell(entry["metrics"][n]) for n in names)
-            + f" | {number(seconds, '.1f')} | {entry['ihvp_rel_error']['n']} |"
+        table.append(
+            [
+                method,
+                interval_cell(entry["ihvp_rel_error"], ".3g"),
+                interval_cell(entry["ihvp_rel_error_scaled"], ".3g"),
+                *(interval_cell(entry["metrics"][n]) for n in names),
+                number(seconds, ".1f"),
+                str(entry["ihvp_rel_error"]["n"]),
+            ]
         )
+    lines.append(markdown_table(["method", "iHVP rel. error", "scale-free", *names, "time, s", "seeds"], table))
     options = {m: method_options(bench, payload["settings"]["method_options"], m) for m in payload["per_method"]}
     if any(options.values()):
         lines += [

@@ -35,22 +35,13 @@ from torch import nn
 
 from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
 from wherefrom.core.gradients import Batch
-from wherefrom.core.store import atomic_write_json, read_keyed_json
 from wherefrom.core.task import IGNORE_INDEX
 from wherefrom.models.finetune import read_trainer_state
 from wherefrom.models.loading import eval_mode, load_model
-from wherefrom.studies.analyses.common import (
-    Bench,
-    finetuned,
-    free_memory,
-    load_checkpoint,
-    number,
-    open_bench,
-    spearman,
-    write_report,
-)
-from wherefrom.studies.bench import build_task, interval_cell
-from wherefrom.studies.metrics import mean_stat
+from wherefrom.studies.analyses.common import Bench, load_checkpoint, open_bench, write_report
+from wherefrom.studies.bench import build_task, finetuned
+from wherefrom.studies.metrics import mean_stat, spearman
+from wherefrom.studies.toolkit import cached, free_memory, interval_cell, number, store
 
 __all__ = [
     "ParameterChange",
@@ -277,7 +268,7 @@ def run_weights(
 ) -> dict[str, Any]:
     """Run analysis (c) on a bench folder (resuming from its cache) on the first ``n_queries`` test rows
     (``None``: all); returns what ``weights.json`` holds and writes ``weights.json`` / ``weights.md``."""
-    bench = bench if isinstance(bench, Bench) else open_bench(bench)
+    bench = open_bench(bench)
     if n_queries is not None and n_queries < 1:
         raise ValueError(f"n_queries must be >= 1, got {n_queries}")
     say = log or (lambda _line: None)
@@ -288,9 +279,9 @@ def run_weights(
         task = build_task(c, seed)
         queries = task.test[:n_queries] if n_queries else task.test
         key = {**bench.seed_key(seed), "analysis": NAME, "format": _FORMAT_VERSION, "n_queries": n_queries}
-        cached = {n: read_keyed_json(bench.unit_path(seed, NAME, n), {**key, "checkpoint": n}) for n in names}
-        if any(v is None for v in cached.values()):
-            loaded, tuned = finetuned(bench, seed, task)
+        done = {n: cached(bench.unit_path(seed, NAME, n), {**key, "checkpoint": n}) for n in names}
+        if any(v is None for v in done.values()):
+            loaded, tuned = finetuned(c, seed, task)
             encoded = encode_records(queries, loaded.tokenizer, c.max_length)
             batches = list(
                 iterate_batches(encoded, c.batch_size, pad_id(loaded.tokenizer), next(tuned.model.parameters()).device)
@@ -298,7 +289,7 @@ def run_weights(
             folders = dict(zip(names, [*tuned.checkpoints, None]))
             base = None
             for name in names:
-                if cached[name] is not None:
+                if done[name] is not None:
                     continue
                 model = tuned.model if folders[name] is None else load_checkpoint(bench, folders[name])
                 if not _is_peft(model) and base is None:
@@ -308,11 +299,9 @@ def run_weights(
                 record.update(
                     seed=seed,
                     checkpoint=name,
-                    key={**key, "checkpoint": name},
                     train_loss=read_trainer_state(folders[name]).get("mean_loss") if folders[name] else None,
                 )
-                atomic_write_json(record, bench.unit_path(seed, NAME, name))
-                cached[name] = record
+                done[name] = store(bench.unit_path(seed, NAME, name), {**key, "checkpoint": name}, record)
                 say(
                     f"seed {seed} {name}: ||dW|| {record['total_delta_norm']:.4g}, KL {record['behaviour']['kl_per_token']:.4g}"
                 )
@@ -322,7 +311,7 @@ def run_weights(
             free_memory()
         else:
             say(f"seed {seed}: reused every record")
-        records.update({f"{seed}/{n}": cached[n] for n in names})
+        records.update({f"{seed}/{n}": done[n] for n in names})
     payload = {
         "command": command or f"wherefrom analyze weights --bench {bench.folder}",
         "n_queries": n_queries,

@@ -25,9 +25,7 @@ of the training rows (so the smaller set is inside the larger), each sorted.
 
 from __future__ import annotations
 
-import gc
 import json
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -41,16 +39,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from wherefrom.core.data import data_fingerprint
-from wherefrom.core.store import atomic_save_tensors, atomic_write_json, hardware, package_versions
+from wherefrom.core.store import atomic_save_tensors, atomic_write_json
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.tracin import finetune_checkpoints
 from wherefrom.models.finetune import ADAPTER_DIR, MODEL_DIR, FinetuneConfig, finetune
 from wherefrom.models.loading import load_model
-from wherefrom.studies.bench import check_task_name, make_task
+from wherefrom.studies.bench import check_task_name, make_task, training_options
 from wherefrom.studies.benchtasks import BenchTask
 from wherefrom.studies.groundtruth.lds import loo_effect, loo_noise, sample_subsets
 from wherefrom.studies.groundtruth.retrain import FinetuneRetrainer, measure_queries, run_jobs
+from wherefrom.studies.toolkit import free_memory, provenance, shell_command
 
 __all__ = ["GroundTruth", "GroundTruthConfig", "build_groundtruth", "command_line"]
 
@@ -143,47 +142,22 @@ class GroundTruthConfig:
 
 def command_line(config: GroundTruthConfig) -> str:
     """A ``wherefrom groundtruth`` command line equivalent to ``config``."""
-    parts = ["wherefrom", "groundtruth", "--task", config.task]
-    for flag, value in (
-        ("--n-train", config.n_train),
-        ("--n-test", config.n_test),
-        ("--model", config.model),
-        ("--device", config.device),
-    ):
-        if value is not None:
-            parts += [flag, str(value)]
-    parts += [
-        "--epochs",
-        str(config.epochs),
-        "--learning-rate",
-        repr(config.learning_rate),
-        "--lora-rank",
-        str(config.lora_rank or 0),
+    options = [
+        ("--task", config.task),
+        *training_options(config),
+        *(("--lora-target", target) for target in config.lora_targets or []),
+        ("--alpha", repr(config.alpha)),
+        ("--subsets", config.n_subsets),
+        ("--subset-seeds", config.subset_seeds),
+        ("--loo-rows", config.loo_rows),
+        ("--loo-seeds", config.loo_seeds),
+        ("--pbrf-rows", config.pbrf_rows),
+        *(("--pbrf-option", f"{key}={json.dumps(value)}") for key, value in sorted(config.pbrf_options.items())),
+        ("--workers", config.workers),
+        ("--seed", config.seed),
+        ("--out", config.out),
     ]
-    for target in config.lora_targets or []:
-        parts += ["--lora-target", target]
-    parts += [
-        "--batch-size",
-        str(config.batch_size),
-        "--max-length",
-        str(config.max_length),
-        "--alpha",
-        repr(config.alpha),
-        "--subsets",
-        str(config.n_subsets),
-        "--subset-seeds",
-        str(config.subset_seeds),
-        "--loo-rows",
-        str(config.loo_rows),
-        "--loo-seeds",
-        str(config.loo_seeds),
-        "--pbrf-rows",
-        str(config.pbrf_rows),
-    ]
-    for key, value in sorted(config.pbrf_options.items()):
-        parts += ["--pbrf-option", f"{key}={json.dumps(value)}"]
-    parts += ["--workers", str(config.workers), "--seed", str(config.seed), "--out", config.out]
-    return " ".join(shlex.quote(p) for p in parts)
+    return shell_command(["wherefrom", "groundtruth"], options)
 
 
 def _row_sample(n_train: int, seed: int) -> np.ndarray:
@@ -273,7 +247,7 @@ def build_groundtruth(
     say(f"full-data model: {'reused' if tuned.reused else 'trained'} ({timings['finetune_s']:.1f} s)")
     epoch_losses = tuned.epoch_losses
     tuned = loaded = None
-    gc.collect()
+    free_memory()
 
     masks = sample_subsets(n, config.alpha, config.n_subsets, config.seed) if config.n_subsets else None
     loo = loo_rows_of(config, n)
@@ -342,7 +316,7 @@ def build_groundtruth(
         )
         timings["pbrf_s"] = time.perf_counter() - tick
         model = None
-        gc.collect()
+        free_memory()
     else:
         (out / "pbrf.safetensors").unlink(missing_ok=True)  # a smaller rebuild must not keep an old one
 
@@ -350,15 +324,11 @@ def build_groundtruth(
     meta = {
         "format": _FORMAT_VERSION,
         "config": asdict(config),
-        "command": command or command_line(config),
+        **provenance(command or command_line(config), train=train, query=queries),
         "argv": sys.argv,
-        "versions": package_versions(),
-        "hardware": hardware(),
         "task": {"name": task.name, "kind": task.kind, "description": task.description},
         "train_ids": [r.id for r in train],
         "query_ids": [q.id for q in queries],
-        "train_fingerprint": data_fingerprint(train),
-        "query_fingerprint": data_fingerprint(queries),
         "epoch_losses": epoch_losses,
         "full_model_f": full_f.tolist(),
         "timings": timings,

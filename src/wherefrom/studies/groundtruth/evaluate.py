@@ -14,7 +14,7 @@ bootstrap interval over queries) or ``None`` when the folder lacks that target.
 
 :func:`evaluate` runs methods by name on the full-data fine-tuned model (fit on the training rows,
 scores for every query; ``tracin`` gets the fine-tune's checkpoints), timing them with
-:func:`wherefrom.studies.diagnose.measured`. Each method's scores are saved in ``<folder>/scores/<method>.{safetensors,json}``
+:func:`wherefrom.studies.toolkit.measured`. Each method's scores are saved in ``<folder>/scores/<method>.{safetensors,json}``
 (:func:`wherefrom.core.scoring.save_scores`) with a ``<method>.row.json`` row keyed by the method, its options,
 the attribution settings and the model and data; a rerun reuses them (metrics are recomputed from the
 saved scores, so a ground truth extended with more subsets needs no method rerun). A method that
@@ -24,11 +24,10 @@ goes to ``<stem>.json`` and ``<stem>.md`` (default stem ``<folder>/evaluate``).
 
 from __future__ import annotations
 
-import gc
 import json
-import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +35,25 @@ import numpy as np
 from safetensors.torch import load_file
 
 from wherefrom.core.scoring import Scores, save_scores
-from wherefrom.core.store import (
-    atomic_write_json,
-    atomic_write_text,
-    hardware,
-    package_versions,
-    read_keyed_json,
-)
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import check_methods, in_family
 from wherefrom.models.loading import load_model
-from wherefrom.studies.bench import interval_cell, scored_method
+from wherefrom.studies.bench import scored_method
 from wherefrom.studies.groundtruth.build import GroundTruth
-from wherefrom.studies.groundtruth.lds import lds_per_query, loo_correlations, spearman_rows, summarize
+from wherefrom.studies.groundtruth.lds import lds_per_query, loo_correlations, summarize
+from wherefrom.studies.metrics import spearman_rows
+from wherefrom.studies.toolkit import (
+    failure_cell,
+    free_memory,
+    interval_cell,
+    markdown_table,
+    number,
+    provenance,
+    resumable,
+    shell_command,
+    write_report,
+)
 
 __all__ = [
     "TARGETS",
@@ -60,6 +64,7 @@ __all__ = [
     "method_key",
     "run_method",
     "score_matrix",
+    "scored_row",
 ]
 
 TARGETS = ("lds", "loo_pearson", "loo_spearman", "pbrf_spearman")
@@ -174,27 +179,53 @@ def run_method(
     return row
 
 
+def scored_row(
+    gt: GroundTruth,
+    method: str,
+    options: dict[str, Any],
+    attribution: AttributionConfig,
+    folder: Path,
+    row_path: Path,
+    models: Callable[[], tuple[Any, Any]],
+    log: Callable[[str], None],
+    label: str,
+) -> dict[str, Any]:
+    """The row of ``method`` with ``options`` and ``attribution`` on the ground truth's model: reused from
+    ``row_path`` when it was written with the same :func:`method_key` and its scores are in ``folder``
+    (:func:`wherefrom.studies.toolkit.resumable`), else :func:`run_method` on ``models()`` (called only
+    then: ``(model, tokenizer)``) and stored. ``log`` gets one line, starting with ``label``."""
+
+    def compute() -> dict[str, Any]:
+        model, tokenizer = models()
+        return run_method(gt, method, options, replace(attribution), model, tokenizer, folder)
+
+    key = method_key(gt, method, options, attribution)
+    row, reused = resumable(row_path, key, compute, needs=[folder / f"{method}.safetensors"])
+    if reused:
+        log(f"{label}: reused")
+    else:
+        log(f"{label}: " + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s"))
+    return row
+
+
 def markdown(rows: dict[str, dict[str, Any]], command: str, title: str) -> str:
     """The report as a Markdown table: method x LDS / LOO Pearson / LOO Spearman / PBRF Spearman
     ("mean [low, high]", bootstrap over queries), time and peak memory."""
-    lines = [
-        "| method | LDS | LOO Pearson | LOO Spearman | PBRF Spearman | time, s | peak memory, MiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    table = [
+        [method, failure_cell(row["error"])]
+        if row.get("error")
+        else [
+            method,
+            *(interval_cell(row["metrics"].get(t)) for t in TARGETS),
+            number(row["seconds"], ".2f"),
+            number(row["peak_mib"], ".0f"),
+        ]
+        for method, row in rows.items()
     ]
-    for method, row in rows.items():
-        if row.get("error"):
-            error = row["error"].replace("|", "\\|").replace("\n", " ")[:200]
-            lines.append(f"| {method} | failed: {error} | | | | | |")
-            continue
-        metrics = row["metrics"]
-        seconds = "–" if row["seconds"] is None else f"{row['seconds']:.2f}"
-        memory = "–" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
-        lines.append(
-            f"| {method} | " + " | ".join(interval_cell(metrics.get(t)) for t in TARGETS) + f" | {seconds} | {memory} |"
-        )
+    header = ["method", "LDS", "LOO Pearson", "LOO Spearman", "PBRF Spearman", "time, s", "peak memory, MiB"]
     return (
         f"# wherefrom evaluate: {title}\n\nCommand: `{command}`\n\n"
-        + "\n".join(lines)
+        + markdown_table(header, table)
         + "\n\nIntervals: 95% percentile bootstrap over queries. Time and memory: fit + scores of the method.\n"
     )
 
@@ -203,13 +234,12 @@ def command_line(
     folder: Path, methods: Sequence[str], method_options: dict[str, dict[str, Any]], out: Path | None
 ) -> str:
     """A ``wherefrom evaluate`` command line equivalent to the arguments."""
-    parts = ["wherefrom", "evaluate", str(folder), "--methods", ",".join(methods)]
-    for method, options in sorted(method_options.items()):
-        for key, value in sorted(options.items()):
-            parts += ["--option", f"{key if method == '*' else f'{method}.{key}'}={json.dumps(value)}"]
-    if out is not None:
-        parts += ["--out", str(out)]
-    return " ".join(shlex.quote(p) for p in parts)
+    options = [("--methods", ",".join(methods))]
+    for method, chosen in sorted(method_options.items()):
+        for key, value in sorted(chosen.items()):
+            options.append(("--option", f"{key if method == '*' else f'{method}.{key}'}={json.dumps(value)}"))
+    options.append(("--out", out))
+    return shell_command(["wherefrom", "evaluate", str(folder)], options)
 
 
 def evaluate(
@@ -237,31 +267,21 @@ def evaluate(
     stem = Path(out) if out is not None else gt.folder / "evaluate"
     folder = gt.folder / "scores"
     folder.mkdir(parents=True, exist_ok=True)
-    model = tokenizer = None
+    models = cache(gt.load_model)  # loaded once, when the first method runs
     rows: dict[str, dict[str, Any]] = {}
     for method in progress(methods, "methods"):
         options = {**method_options.get("*", {}), **method_options.get(method, {})}
-        key = method_key(gt, method, options, attribution)
-        row = read_keyed_json(folder / f"{method}.row.json", key)
-        if row is not None and not row.get("error") and (folder / f"{method}.safetensors").is_file():
-            say(f"{method}: reused")
-        else:
-            if model is None:
-                model, tokenizer = gt.load_model()
-            row = run_method(gt, method, options, replace(attribution), model, tokenizer, folder)
-            row["key"] = key
-            atomic_write_json(row, folder / f"{method}.row.json")
-            say(f"{method}: " + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s"))
+        row = scored_row(gt, method, options, attribution, folder, folder / f"{method}.row.json", models, say, method)
         row = dict(row)
         row["metrics"] = None if row["error"] else evaluate_scores(gt, load_method_scores(folder, method))
         rows[method] = row
-    model = tokenizer = None
-    gc.collect()
+    models = None
+    free_memory()
 
     command = command or command_line(Path(gt_folder), methods, method_options, None if out is None else Path(out))
     report = {
         "format": _FORMAT_VERSION,
-        "command": command,
+        **provenance(command),
         "config": {
             "groundtruth": str(gt.folder),
             "methods": methods,
@@ -271,12 +291,8 @@ def evaluate(
         "groundtruth": {
             k: gt.meta.get(k) for k in ("config", "command", "noise", "timings", "retrain_reproducibility_max_abs")
         },
-        "versions": package_versions(),
-        "hardware": hardware(),
         "methods": {m: {k: v for k, v in r.items() if k != "key"} for m, r in rows.items()},
     }
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(report, stem.with_name(stem.name + ".json"))
     title = f"{gt.config.task} ({gt.task.description or gt.task.name}), {len(gt.train_ids)} rows, {len(gt.query_ids)} queries"
-    atomic_write_text(markdown(rows, command, title), stem.with_name(stem.name + ".md"))
+    write_report(stem, report, markdown(rows, command, title))
     return report

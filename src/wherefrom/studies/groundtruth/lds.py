@@ -23,18 +23,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 
-from wherefrom.studies.metrics import bootstrap_ci
+from wherefrom.studies.metrics import as_2d, bootstrap_ci, pearson_rows, spearman_rows
 
 __all__ = [
     "lds_per_query",
     "loo_correlations",
     "loo_effect",
     "loo_noise",
-    "pearson_rows",
     "sample_subsets",
-    "spearman_rows",
     "subset_predictions",
     "summarize",
 ]
@@ -62,41 +59,10 @@ def sample_subsets(n_train: int, alpha: float = 0.5, count: int = 32, seed: int 
     return masks
 
 
-def _as_2d(name: str, value: Any) -> np.ndarray:
-    array = np.asarray(value, dtype=np.float64)
-    if array.ndim != 2:
-        raise ValueError(f"{name} must be 2-d, got shape {array.shape}")
-    return array
-
-
-def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson correlation of each row of ``a`` with the same row of ``b`` (``(Q, m)`` each) -> ``(Q,)``;
-    NaN for a row where either side is constant."""
-    a, b = _as_2d("a", a), _as_2d("b", b)
-    if a.shape != b.shape:
-        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
-    if a.shape[1] < 2:
-        return np.full(a.shape[0], np.nan)
-    constant = (np.ptp(a, axis=1) == 0) | (np.ptp(b, axis=1) == 0)
-    a = a - a.mean(axis=1, keepdims=True)
-    b = b - b.mean(axis=1, keepdims=True)
-    denominator = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = (a * b).sum(axis=1) / denominator
-    out[constant | ~(denominator > 0)] = np.nan
-    return out
-
-
-def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation row by row (Pearson of average ranks, ties averaged) -> ``(Q,)``."""
-    a, b = _as_2d("a", a), _as_2d("b", b)
-    return pearson_rows(rankdata(a, axis=1), rankdata(b, axis=1))
-
-
 def subset_predictions(masks: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """``(S, Q)``: the sum of each query's scores over the rows of each subset (``masks @ scores.T``)."""
     masks = np.asarray(masks, dtype=bool)
-    scores = _as_2d("scores", scores)
+    scores = as_2d("scores", scores)
     if masks.ndim != 2 or masks.shape[1] != scores.shape[1]:
         raise ValueError(f"masks {masks.shape} and scores {scores.shape} disagree on the number of training rows")
     return masks.astype(np.float64) @ scores.T
@@ -118,7 +84,7 @@ def lds_per_query(masks: np.ndarray, outputs: np.ndarray, scores: np.ndarray) ->
 
 def loo_effect(full: np.ndarray, without: np.ndarray) -> np.ndarray:
     """``(Q, L)``: ``mean_r full[r, q] - mean_r without[l, r, q]`` (positive: row ``l`` raised ``f(z_q)``)."""
-    full = _as_2d("full", full)
+    full = as_2d("full", full)
     without = np.asarray(without, dtype=np.float64)
     if without.ndim != 3 or without.shape[2] != full.shape[1]:
         raise ValueError(f"without must be (L, R, Q={full.shape[1]}), got {without.shape}")
@@ -137,8 +103,8 @@ def loo_noise(full: np.ndarray, effect: np.ndarray) -> dict[str, float]:
     error of one effect if the ``full`` and ``without`` runs were independent), ``mean_abs_effect``
     (mean of ``|loo|``) and ``signal_to_noise`` = ``mean_abs_effect / effect_std_error``. Near or
     below 1 the measured effects are mostly training noise."""
-    full = _as_2d("full", full)
-    effect = _as_2d("effect", effect)
+    full = as_2d("full", full)
+    effect = as_2d("effect", effect)
     repeats = full.shape[0]
     seed_std = float(full.std(axis=0, ddof=1).mean()) if repeats > 1 else float("nan")
     std_error = seed_std * float(np.sqrt(2.0 / repeats))

@@ -58,7 +58,6 @@ from torch import nn
 
 from wherefrom.core.data import Record
 from wherefrom.core.encoding import EncodedExample, collate, encode_records, pad_id
-from wherefrom.core.store import atomic_write_json, read_keyed_json
 from wherefrom.core.task import IGNORE_INDEX, per_example_loss
 from wherefrom.core.tracking import TrackedModule, select_modules
 from wherefrom.curvature.base import Progress, no_progress
@@ -66,6 +65,7 @@ from wherefrom.curvature.iterative import ConvergenceWarning
 from wherefrom.curvature.products import GGNOperator
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.models.loading import eval_mode
+from wherefrom.studies.toolkit import cached, store
 
 __all__ = ["PBRFConfig", "pbrf_influence"]
 
@@ -386,13 +386,8 @@ def _damping(problem: _Problem, config: PBRFConfig, info: dict[str, Any]) -> flo
         return float(config.damping)
     batches = [problem._batch(chunk) for chunk in problem.chunks()]
     operator = GGNOperator(problem.model, problem.modules, lambda: batches)
-    trace, error = operator.trace(config.probes, config.seed)
-    info.update(trace_estimate=trace, trace_standard_error=error)
-    lam = config.damping_factor * trace / operator.num_parameters
-    if not lam > 0:
-        raise ValueError(
-            f"the default damping {lam:g} is not positive (trace(G) estimate {trace:g}); pass an absolute damping"
-        )
+    lam, estimate = operator.hutchinson_damping(config.damping_factor, config.probes, config.seed)
+    info.update(estimate)
     return lam
 
 
@@ -470,10 +465,10 @@ def pbrf_influence(
             try:
                 for j, row in enumerate(progress(indices, "PBRF rows")):  # type: ignore[arg-type]
                     path = folder / f"row-{row}.json" if folder is not None else None
-                    cached = read_keyed_json(path, key) if path is not None else None
-                    if cached is not None:
-                        columns.append(torch.tensor(cached["column"], dtype=torch.float64))
-                        info["rows"].append({**cached["report"], "reused": True})
+                    saved = cached(path, key) if path is not None else None
+                    if saved is not None:
+                        columns.append(torch.tensor(saved["column"], dtype=torch.float64))
+                        info["rows"].append({**saved["report"], "reused": True})
                         continue
                     column, report = _one_row(
                         problem, row, eps, base, encoded_queries, pad, attribution.batch_size, config.seed + j
@@ -482,7 +477,7 @@ def pbrf_influence(
                     columns.append(column)
                     info["rows"].append(report)
                     if path is not None:
-                        atomic_write_json({"key": key, "column": column.tolist(), "report": report}, path)
+                        store(path, key, {"column": column.tolist(), "report": report})
             finally:
                 problem.reset()
     failed = [r["id"] for r in info["rows"] if not r["converged"]]

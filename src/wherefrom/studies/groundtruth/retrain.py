@@ -36,11 +36,11 @@ from torch import nn
 
 from wherefrom.core.data import Record, data_fingerprint
 from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
-from wherefrom.core.store import atomic_write_json, read_keyed_json
 from wherefrom.core.task import LanguageModelingTask
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.models.finetune import FinetuneConfig, finetune
 from wherefrom.models.loading import eval_mode, load_model
+from wherefrom.studies.toolkit import cached, store
 
 __all__ = [
     "FinetuneRetrainer",
@@ -255,7 +255,7 @@ def run_jobs(
     todo = []
     for job_id, indices, seed in checked:
         key = {"retrainer": base_key, "indices": indices, "seed": seed}
-        saved = read_keyed_json(cache_dir / f"{job_id}.json", key)
+        saved = cached(cache_dir / f"{job_id}.json", key)
         if saved is not None:
             results[job_id] = np.asarray(saved["values"], dtype=np.float64)
         else:
@@ -263,17 +263,15 @@ def run_jobs(
     if len(results):
         say(f"{len(results)} of {len(checked)} jobs reused from {cache_dir}")
 
-    def store(job_id: str, key: dict[str, Any], values: np.ndarray, seconds: float) -> None:
-        atomic_write_json(
-            {"key": key, "job_id": job_id, "values": values.tolist(), "seconds": seconds}, cache_dir / f"{job_id}.json"
-        )
+    def finish(job_id: str, key: dict[str, Any], values: np.ndarray, seconds: float) -> None:
+        store(cache_dir / f"{job_id}.json", key, {"job_id": job_id, "values": values.tolist(), "seconds": seconds})
         results[job_id] = values
         say(f"job {job_id}: {seconds:.1f} s")
 
     if workers == 1 or len(todo) <= 1:
         for job_id, indices, seed, key in progress(todo, "retraining"):
             values, seconds = _run_one(retrainer, indices, seed)
-            store(job_id, key, values, seconds)
+            finish(job_id, key, values, seconds)
     elif todo:
         threads = max(1, available_cores() // workers)
         with ProcessPoolExecutor(
@@ -289,7 +287,7 @@ def run_jobs(
                 for future in progress(as_completed(futures), "retraining"):
                     job_id, key = futures[future]
                     values, seconds = future.result()
-                    store(job_id, key, values, seconds)
+                    finish(job_id, key, values, seconds)
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise

@@ -26,27 +26,29 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from wherefrom.core.store import (
-    atomic_write_json,
-    atomic_write_text,
-    hardware,
-    package_versions,
-    read_keyed_json,
-)
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import METHODS
-from wherefrom.studies.bench import interval_cell
 from wherefrom.studies.groundtruth.build import GroundTruth
-from wherefrom.studies.groundtruth.evaluate import evaluate_scores, load_method_scores, method_key, run_method
+from wherefrom.studies.groundtruth.evaluate import evaluate_scores, load_method_scores, scored_row
+from wherefrom.studies.toolkit import (
+    failure_cell,
+    free_memory,
+    interval_cell,
+    markdown_table,
+    number,
+    provenance,
+    shell_command,
+    write_report,
+)
 
 __all__ = ["ATTRIBUTION_KEYS", "grid_points", "split_queries", "tune"]
 
@@ -112,36 +114,34 @@ def command_line(
     out: str | Path | None,
 ) -> str:
     """A ``wherefrom tune`` command line equivalent to the arguments."""
-    parts = ["wherefrom", "tune", str(gt_folder), "--method", method]
-    for key, values in grid.items():
-        parts += ["--grid", f"{key}=" + ",".join(json.dumps(v) for v in values)]
-    for key, value in sorted(method_options.items()):
-        parts += ["--option", f"{key}={json.dumps(value)}"]
-    parts += ["--split-seed", str(split_seed), "--selection-share", repr(selection_share)]
-    if out is not None:
-        parts += ["--out", str(out)]
-    return " ".join(shlex.quote(p) for p in parts)
+    options = [("--method", method)]
+    options += [("--grid", f"{key}=" + ",".join(json.dumps(v) for v in values)) for key, values in grid.items()]
+    options += [("--option", f"{key}={json.dumps(value)}") for key, value in sorted(method_options.items())]
+    options += [("--split-seed", split_seed), ("--selection-share", repr(selection_share)), ("--out", out)]
+    return shell_command(["wherefrom", "tune", str(gt_folder)], options)
 
 
 def markdown(report: dict[str, Any]) -> str:
     """``tune.md``: one row per grid point (LDS on both halves, time), then the chosen and default points."""
     keys = list(report["config"]["grid"])
-    lines = [
-        "| " + " | ".join(keys) + " | LDS selection | LDS held-out | time, s | |",
-        "| " + " | ".join("---" for _ in keys) + " | ---: | ---: | ---: | --- |",
-    ]
     chosen = report["chosen"]["index"] if report["chosen"] else None
+    table = []
     for i, row in enumerate(report["points"]):
-        values = " | ".join(json.dumps(row["point"][k]) for k in keys)
+        values = [json.dumps(row["point"][k]) for k in keys]
         if row["error"]:
-            error = row["error"].replace("|", "\\|").replace("\n", " ")[:160]
-            lines.append(f"| {values} | failed: {error} | | | |")
+            table.append([*values, failure_cell(row["error"], 160)])
             continue
-        seconds = "–" if row["seconds"] is None else f"{row['seconds']:.2f}"
-        mark = "**chosen**" if i == chosen else ""
-        lines.append(
-            f"| {values} | {interval_cell(row['selection'])} | {interval_cell(row['held_out'])} | {seconds} | {mark} |"
+        table.append(
+            [
+                *values,
+                interval_cell(row["selection"]),
+                interval_cell(row["held_out"]),
+                number(row["seconds"], ".2f"),
+                "**chosen**" if i == chosen else "",
+            ]
         )
+    header = [*keys, "LDS selection", "LDS held-out", "time, s", ""]
+    lines = [markdown_table(header, table, ["---"] * len(keys) + ["---:", "---:", "---:", "---"])]
     split = report["split"]
     text = [
         f"# wherefrom tune: {report['config']['method']} on {report['config']['groundtruth']}",
@@ -206,23 +206,12 @@ def tune(
     selection, held_out = split_queries(len(gt.query_ids), selection_share, split_seed)
     base = attribution or gt.config.attribution()
     folder = Path(out) if out is not None else gt.folder / f"tune-{method}"
-    model = tokenizer = None
+    models = cache(gt.load_model)  # loaded once, when the first point runs
 
     def run(point: dict[str, Any]) -> dict[str, Any]:
-        nonlocal model, tokenizer
         settings, options = _split_point(point, base, method_options)
         where = _point_folder(folder, {"method": method, "point": point, "options": method_options})
-        key = method_key(gt, method, options, settings)
-        row = read_keyed_json(where / "row.json", key)
-        if row is not None and not row.get("error") and (where / f"{method}.safetensors").is_file():
-            say(f"{json.dumps(point)}: reused")
-        else:
-            if model is None:
-                model, tokenizer = gt.load_model()
-            row = run_method(gt, method, options, settings, model, tokenizer, where)
-            row["key"] = key
-            atomic_write_json(row, where / "row.json")
-            say(f"{json.dumps(point)}: " + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s"))
+        row = scored_row(gt, method, options, settings, where, where / "row.json", models, say, json.dumps(point))
         result = {
             "point": point,
             "seconds": row["seconds"],
@@ -251,12 +240,13 @@ def tune(
     chosen = None
     if best is not None:
         chosen = {"index": best, **{k: rows[best][k] for k in ("point", "selection", "held_out")}}
-    model = tokenizer = None
+    models = None
+    free_memory()
 
     command = command or command_line(gt_folder, method, grid, split_seed, selection_share, method_options, out)
     report = {
         "format": _FORMAT_VERSION,
-        "command": command,
+        **provenance(command),
         "config": {
             "groundtruth": str(gt.folder),
             "method": method,
@@ -266,13 +256,10 @@ def tune(
             "method_options": method_options,
             "attribution": base.to_dict(),
         },
-        "versions": package_versions(),
-        "hardware": hardware(),
         "split": {"selection": [gt.query_ids[q] for q in selection], "held_out": [gt.query_ids[q] for q in held_out]},
         "points": rows,
         "chosen": chosen,
         "default": {k: default[k] for k in ("point", "selection", "held_out", "error")},
     }
-    atomic_write_json(report, folder / "tune.json")
-    atomic_write_text(markdown(report), folder / "tune.md")
+    write_report(folder / "tune", report, markdown(report))
     return report

@@ -1,0 +1,214 @@
+"""What every study shares: a resumable per-item cache, time and memory measurement, provenance, report tables.
+
+The studies (``bench``, ``diagnose``, ``groundtruth`` build / evaluate / tune and the three analyses)
+call these and write none of them again:
+
+* **cache**: a unit of work (one method on one seed, one retraining job, one checkpoint...) is one
+  JSON file holding its result and the ``key`` of every setting the result depends on.
+  :func:`cached` reads a finished unit back; a missing file, one written with another key, one
+  that recorded an ``error`` or one whose companion files (``needs``) are missing is ``None``, so
+  the unit is computed (again). :func:`store` writes it atomically (temporary name + rename,
+  :mod:`wherefrom.core.store`), so an interrupted run leaves either the finished file or nothing and
+  a rerun resumes. :func:`resumable` is the two together.
+* **measurement**: :func:`measured` gives the wall time (seconds) and the peak memory (MiB above
+  the level at the start) of a block; :func:`free_memory` releases a model between units.
+* **provenance**: :func:`provenance` (command line, package versions, hardware, data fingerprints)
+  and :func:`shell_command`, a quoted command line from its words and ``--flag value`` pairs.
+* **report tables**: :func:`interval_cell` (``"mean [low, high]"`` of a
+  :func:`wherefrom.studies.metrics.mean_stat` or :func:`wherefrom.studies.groundtruth.lds.summarize`
+  entry), :func:`number`, :func:`failure_cell`, :func:`markdown_table` and :func:`write_report`
+  (``<stem>.json`` + ``<stem>.md``, atomically).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import shlex
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wherefrom.core.data import Record, data_fingerprint
+from wherefrom.core.store import atomic_write_json, atomic_write_text, hardware, package_versions, read_keyed_json
+
+__all__ = [
+    "cached",
+    "failure_cell",
+    "free_memory",
+    "interval_cell",
+    "markdown_table",
+    "measured",
+    "number",
+    "provenance",
+    "resumable",
+    "shell_command",
+    "store",
+    "write_report",
+]
+
+
+# --- cache -----------------------------------------------------------------------------------------
+def cached(path: Path, key: Any, needs: Iterable[Path] = ()) -> dict[str, Any] | None:
+    """The finished unit of work at ``path`` if it was computed with ``key``, else ``None``.
+
+    ``None`` (compute it) when the file is missing or unreadable, holds another ``key`` (compared in
+    JSON form, :func:`wherefrom.core.store.read_keyed_json`), recorded an ``error`` (a failure is retried)
+    or when one of the companion files ``needs`` (e.g. the unit's saved scores) is missing.
+    """
+    row = read_keyed_json(Path(path), key)
+    if row is None or row.get("error") or not all(Path(p).is_file() for p in needs):
+        return None
+    return row
+
+
+def store(path: Path, key: Any, row: dict[str, Any]) -> dict[str, Any]:
+    """Write ``row`` with ``row["key"] = key`` atomically to ``path`` (strict JSON); returns ``row``."""
+    row["key"] = key
+    atomic_write_json(row, Path(path))
+    return row
+
+
+def resumable(
+    path: Path, key: Any, compute: Callable[[], dict[str, Any]], needs: Iterable[Path] = ()
+) -> tuple[dict[str, Any], bool]:
+    """``(row, reused)``: the :func:`cached` unit at ``path``, or ``compute()`` stored there (:func:`store`).
+
+    ``compute`` returns the unit's row; a failure it wants retried is a row with an ``error``.
+    ``needs`` are files ``compute`` writes beside ``path`` that a reuse requires.
+    """
+    needs = list(needs)
+    row = cached(path, key, needs)
+    if row is not None:
+        return row, True
+    return store(path, key, compute()), False
+
+
+# --- measurement -----------------------------------------------------------------------------------
+def _resident_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@contextmanager
+def measured(device: torch.device) -> Iterator[dict[str, float | None]]:
+    """Wall time and peak memory of the block, written into the yielded dict when it ends.
+
+    ``seconds``: ``time.perf_counter`` difference (CUDA synchronised at both ends). ``peak_mib``: the
+    peak memory above the level at the start, MiB: CUDA ``max_memory_allocated`` (its peak statistic
+    is reset on entry); on Linux CPU the process's resident-set high-water mark (``VmHWM``, reset on
+    entry through ``/proc/self/clear_refs``); ``None`` where neither is available.
+    """
+    result: dict[str, float | None] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as clear:  # "5": reset the peak RSS (Linux >= 4.0)
+                clear.write("5")
+            base = _resident_bytes("VmRSS")
+        except OSError:
+            base = None
+    started = time.perf_counter()
+    try:
+        yield result
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+        else:
+            peak = _resident_bytes("VmHWM") if base is not None else None
+        result["seconds"] = time.perf_counter() - started
+        result["peak_mib"] = None if peak is None or base is None else max(peak - base, 0) / 2**20
+
+
+def free_memory() -> None:
+    """Collect garbage and empty the CUDA cache (between models and units of work)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- provenance ------------------------------------------------------------------------------------
+def provenance(command: str, **records: Sequence[Record]) -> dict[str, Any]:
+    """What a report records about how it was made: ``command`` (the command line, as given),
+    ``versions`` (:func:`wherefrom.core.store.package_versions`), ``hardware``
+    (:func:`wherefrom.core.store.hardware`) and, for every keyword ``name=rows``, ``<name>_fingerprint``
+    (:func:`wherefrom.core.data.data_fingerprint` of the rows)."""
+    record: dict[str, Any] = {"command": command, "versions": package_versions(), "hardware": hardware()}
+    for name, rows in records.items():
+        record[f"{name}_fingerprint"] = data_fingerprint(rows)
+    return record
+
+
+def shell_command(words: Sequence[str], options: Sequence[tuple[str, Any]] = ()) -> str:
+    """``words`` followed by ``flag value`` for every ``(flag, value)`` in ``options`` whose value is not
+    ``None`` (values as ``str``), each word shell-quoted (``shlex.quote``) and joined by spaces."""
+    parts = [str(w) for w in words]
+    for flag, value in options:
+        if value is not None:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+# --- report tables ---------------------------------------------------------------------------------
+def number(value: float | None, fmt: str = ".3f") -> str:
+    """``value`` formatted with ``fmt``; ``–`` for ``None`` or a non-finite value."""
+    return "–" if value is None or not math.isfinite(value) else format(value, fmt)
+
+
+def interval_cell(stat: Mapping[str, Any] | None, fmt: str = ".3f") -> str:
+    """``"mean [low, high]"`` of a ``{mean, low, high, ...}`` entry (:func:`wherefrom.studies.metrics.mean_stat`,
+    :func:`wherefrom.studies.groundtruth.lds.summarize`); only the mean when ``low`` is ``None``; ``–``
+    for no entry or no mean."""
+    if not stat or stat.get("mean") is None:
+        return "–"
+    text = format(stat["mean"], fmt)
+    if stat.get("low") is not None:
+        text += f" [{format(stat['low'], fmt)}, {format(stat['high'], fmt)}]"
+    return text
+
+
+def failure_cell(error: str | None, limit: int = 200) -> str:
+    """``"failed: <error>"`` made safe for one Markdown table cell (``|`` escaped, newlines as spaces,
+    the error cut to ``limit`` characters)."""
+    text = (error or "no result").replace("|", "\\|").replace("\n", " ")
+    return f"failed: {text[:limit]}"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: Sequence[str] | None = None) -> str:
+    """A Markdown table: ``header``, a rule (``align``: ``"---"`` / ``"---:"`` per column; default the
+    first column left, the others right) and one line per row of cells (a short row is padded with
+    empty cells). No trailing newline."""
+    align = list(align) if align is not None else ["---"] + ["---:"] * (len(header) - 1)
+    if len(align) != len(header):
+        raise ValueError(f"align has {len(align)} entries for {len(header)} columns")
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    for row in rows:
+        if len(row) > len(header):
+            raise ValueError(f"a table row has {len(row)} cells for {len(header)} columns: {list(row)[:3]}...")
+        cells = list(row) + [""] * (len(header) - len(row))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(stem: Path, payload: Mapping[str, Any], markdown: str) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` (``payload``, strict key-sorted JSON) and ``<stem>.md`` (``markdown``),
+    each atomically; returns both paths."""
+    stem = Path(stem)
+    json_path, md_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")
+    atomic_write_json(dict(payload), json_path)
+    atomic_write_text(markdown, md_path)
+    return json_path, md_path

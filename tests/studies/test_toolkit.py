@@ -1,0 +1,185 @@
+"""The studies' toolkit: the resumable per-item cache, measurement, provenance and report tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from wherefrom.core import store as core_store
+from wherefrom.core.data import Record, data_fingerprint
+from wherefrom.studies.metrics import spearman, spearman_rows
+from wherefrom.studies.toolkit import (
+    cached,
+    failure_cell,
+    interval_cell,
+    markdown_table,
+    measured,
+    number,
+    provenance,
+    resumable,
+    shell_command,
+    store,
+    write_report,
+)
+
+
+class Counter:
+    """A unit of work that counts its calls and returns ``row`` (a copy)."""
+
+    def __init__(self, row):
+        self.row, self.calls = row, 0
+
+    def __call__(self):
+        self.calls += 1
+        return dict(self.row)
+
+
+def test_resume_reads_a_finished_unit_back(tmp_path):
+    path, key = tmp_path / "seed-0" / "ekfac.json", {"seed": 0, "method": "ekfac", "options": {"rank": (1, 2)}}
+    work = Counter({"value": 1.5, "error": None})
+    row, reused = resumable(path, key, work)
+    assert not reused and work.calls == 1 and row["value"] == 1.5
+    again, reused = resumable(path, key, work)
+    assert reused and work.calls == 1  # not computed again
+    assert again["value"] == 1.5 and again["key"] == {"seed": 0, "method": "ekfac", "options": {"rank": [1, 2]}}
+    assert cached(path, key) == again
+
+
+def test_failed_unit_is_retried(tmp_path):
+    path, key = tmp_path / "u.json", {"k": 1}
+    failing = Counter({"value": None, "error": "RuntimeError: boom"})
+    row, _ = resumable(path, key, failing)
+    assert row["error"] and json.loads(path.read_text())["error"]  # the failure is on disk, for the report
+    assert cached(path, key) is None
+    working = Counter({"value": 2.0, "error": None})
+    row, reused = resumable(path, key, working)
+    assert not reused and working.calls == 1 and row["value"] == 2.0
+    assert cached(path, key)["value"] == 2.0
+
+
+def test_unit_written_with_other_settings_is_recomputed(tmp_path):
+    path = tmp_path / "u.json"
+    resumable(path, {"damping": 0.1}, Counter({"value": 1}))
+    work = Counter({"value": 2})
+    row, reused = resumable(path, {"damping": 0.2}, work)
+    assert not reused and work.calls == 1 and row["value"] == 2
+    assert cached(path, {"damping": 0.1}) is None and cached(path, {"damping": 0.2})["value"] == 2
+
+
+def test_unit_missing_a_companion_file_is_recomputed(tmp_path):
+    path, scores, key = tmp_path / "m.row.json", tmp_path / "m.safetensors", {"m": 1}
+    store(path, key, {"error": None})
+    assert cached(path, key) is not None and cached(path, key, needs=[scores]) is None
+    scores.write_bytes(b"x")
+    assert cached(path, key, needs=[scores]) is not None
+
+
+def test_partial_file_is_never_read_as_complete(tmp_path, monkeypatch):
+    path, key = tmp_path / "u.json", {"k": 1}
+    # a file cut short (as a non-atomic writer would leave it) is not a finished unit
+    text = json.dumps({"key": key, "value": 1.0})
+    path.write_text(text[: len(text) // 2])
+    assert cached(path, key) is None
+    path.unlink()
+
+    # an interruption while storing leaves neither the file nor its temporary behind
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(core_store.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store(path, key, {"value": 1.0})
+    monkeypatch.undo()
+    assert not path.exists() and os.listdir(tmp_path) == []
+    work = Counter({"value": 3.0})
+    row, reused = resumable(path, key, work)
+    assert not reused and work.calls == 1 and row["value"] == 3.0
+
+
+def test_measured_time_and_memory():
+    with measured(torch.device("cpu")) as usage:
+        time.sleep(0.05)
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        block[::512] = 2.0
+    print(usage)
+    assert usage["seconds"] >= 0.05
+    if usage["peak_mib"] is not None:  # Linux: the resident-set high-water mark
+        assert usage["peak_mib"] >= 48, usage
+    del block
+
+
+def test_measured_records_even_when_the_block_raises():
+    seen = []
+
+    def failing():
+        with measured(torch.device("cpu")) as usage:
+            seen.append(usage)
+            raise ValueError("x")
+
+    with pytest.raises(ValueError):
+        failing()
+    assert seen[0]["seconds"] >= 0 and "peak_mib" in seen[0]
+
+
+def test_provenance_records_command_versions_hardware_and_fingerprints():
+    rows = [Record("a", "p", " c"), Record("b", "q", " d")]
+    record = provenance("wherefrom bench --task rules", train=rows)
+    assert record["command"] == "wherefrom bench --task rules"
+    assert record["versions"]["torch"] not in ("", "absent") and record["versions"]["numpy"] == np.__version__
+    assert record["hardware"]["cpu_count"] == os.cpu_count()
+    assert record["train_fingerprint"] == data_fingerprint(rows)
+    assert provenance("x", train=rows[:1])["train_fingerprint"] != record["train_fingerprint"]
+
+
+def test_shell_command_skips_unset_options_and_quotes():
+    text = shell_command(["wherefrom", "bench"], [("--task", "rules"), ("--model", None), ("--out", "my dir")])
+    assert text == "wherefrom bench --task rules --out 'my dir'"
+
+
+def test_report_cells():
+    assert interval_cell({"mean": 0.4, "low": 0.1234, "high": 0.9}) == "0.400 [0.123, 0.900]"
+    assert interval_cell({"mean": 0.4, "low": None, "high": None}) == "0.400"
+    assert interval_cell(None) == "–" and interval_cell({"mean": None}) == "–"
+    assert interval_cell({"mean": 1234.5, "low": 1000.0, "high": 1500.0}, ".3g") == "1.23e+03 [1e+03, 1.5e+03]"
+    assert number(None) == "–" and number(float("nan")) == "–" and number(2.0, ".1f") == "2.0"
+    assert failure_cell("ValueError: a | b\nc" + "x" * 300) == "failed: " + ("ValueError: a \\| b c" + "x" * 300)[:200]
+    assert failure_cell(None) == "failed: no result"
+
+
+def test_markdown_table_pads_short_rows_and_rejects_long_ones():
+    table = markdown_table(["method", "acc", "time, s"], [["a", "0.5", "1.0"], ["b", "failed: x"]])
+    assert table.splitlines() == [
+        "| method | acc | time, s |",
+        "| --- | ---: | ---: |",
+        "| a | 0.5 | 1.0 |",
+        "| b | failed: x |  |",
+    ]
+    with pytest.raises(ValueError, match="4 cells for 3 columns"):
+        markdown_table(["a", "b", "c"], [["1", "2", "3", "4"]])
+    with pytest.raises(ValueError, match="align"):
+        markdown_table(["a", "b"], [], align=["---"])
+
+
+def test_write_report_writes_strict_json_and_markdown(tmp_path):
+    json_path, md_path = write_report(tmp_path / "out" / "bench", {"x": float("nan"), "y": 1}, "# title\n")
+    assert json_path == tmp_path / "out" / "bench.json" and md_path == tmp_path / "out" / "bench.md"
+    assert json.loads(json_path.read_text()) == {"x": None, "y": 1}
+    assert md_path.read_text() == "# title\n"
+
+
+def test_one_spearman_matches_scipy():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 5, size=(4, 30)).astype(float)  # ties
+    b = a + rng.normal(size=a.shape)
+    want = [stats.spearmanr(x, y).statistic for x, y in zip(a, b)]
+    np.testing.assert_allclose(spearman_rows(a, b), want, rtol=1e-12)
+    assert spearman(a[0].tolist(), b[0].tolist()) == pytest.approx(want[0], rel=1e-12)
+    assert spearman([1, 2, float("nan"), 3], [1, 2, 5, 3]) == pytest.approx(1.0)
+    assert math.isnan(spearman_rows([[1.0, 1.0, 1.0]], [[1.0, 2.0, 3.0]])[0])
