@@ -71,6 +71,19 @@ class RunConfig:
         )
 
 
+def changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, new value)`` for every setting that differs, nested dicts walked
+    (e.g. ``("attribution.max_length", 128, 2048)``)."""
+    differ = []
+    for key in sorted(set(saved) | set(now)):
+        before, after = saved.get(key), now.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            differ += changed_settings(before, after, f"{prefix}{key}.")
+        elif before != after:
+            differ.append((f"{prefix}{key}", before, after))
+    return differ
+
+
 class Run:
     """An open run directory with its model loaded and checked against the manifest."""
 
@@ -96,19 +109,26 @@ class Run:
         loaded = load_model(config.model, config.adapter, device=config.device)
         run = cls(folder, config, loaded, load_records(config.train), progress)
         manifest = run.manifest()
-        if (folder / "manifest.json").exists():
+        if run.finished():
             run._check(json.loads((folder / "manifest.json").read_text()), manifest)
             # Round-trip through RunConfig: settings added in later versions take their defaults.
             saved = RunConfig.from_dict(json.loads((folder / "config.json").read_text())).to_dict()
-            if saved != config.to_dict():
+            differ = changed_settings(saved, config.to_dict())
+            if differ:
                 raise RunMismatch(
-                    f"{folder} holds a run with other settings; use a new --run folder or the same arguments.\n"
-                    f"saved: {json.dumps(saved, sort_keys=True)}\nnow:   {json.dumps(config.to_dict(), sort_keys=True)}"
+                    f"{folder} holds a run with other settings; use a new --run folder or the same arguments. "
+                    "Differing: "
+                    + "; ".join(f"{key}: saved {before!r}, now {after!r}" for key, before, after in differ)
                 )
-        else:
+        else:  # nothing finished here yet (e.g. a fit that failed): the new settings replace the old
             atomic_write_json(config.to_dict(), folder / "config.json")
             atomic_write_json(manifest, folder / "manifest.json")
         return run
+
+    def finished(self) -> bool:
+        """Whether the folder holds a finished result (fitted factors, an index or scores): only then are
+        its settings fixed."""
+        return any((self.folder / part).exists() for part in ("factors/curvature.json", "index", "scores"))
 
     @classmethod
     def open(cls, folder: Path, progress: Progress = no_progress, device: str | None = None) -> Run:

@@ -22,8 +22,6 @@ Outputs (all written atomically):
 from __future__ import annotations
 
 import gc
-import json
-import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +29,8 @@ from typing import Any
 
 import torch
 
+from wherefrom.core.commandline import command_line as render_command
+from wherefrom.core.options import format_option_pairs, options_for
 from wherefrom.core.store import (
     atomic_write_json,
     atomic_write_text,
@@ -76,6 +76,7 @@ class BenchConfig:
     draws a class-balanced subset per seed, :func:`wherefrom.studies.benchtasks.subsampled`). ``model``: local model folder
     (``None``: the default model). ``method_options``: ``{method: {key: value}}`` passed to
     :func:`wherefrom.methods.registry.make_method`; the key ``"*"`` applies to every method.
+    ``damping`` / ``damping_factor``: as in :class:`wherefrom.engine.api.AttributionConfig`.
     """
 
     task: str
@@ -90,6 +91,8 @@ class BenchConfig:
     lora_rank: int = 4
     batch_size: int = 8
     max_length: int = 256
+    damping: float | None = None
+    damping_factor: float = 0.1
     device: str | None = None
     method_options: dict[str, dict] = field(default_factory=dict)
 
@@ -101,7 +104,7 @@ class BenchConfig:
             raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
 
     def options_for(self, method: str) -> dict[str, Any]:
-        return {**self.method_options.get("*", {}), **self.method_options.get(method, {})}
+        return options_for(self.method_options, method)
 
 
 def build_task(config: BenchConfig, seed: int) -> BenchTask:
@@ -130,42 +133,27 @@ def make_task(task: str, n_train: int | None, n_test: int | None, seed: int) -> 
 
 def command_line(config: BenchConfig) -> str:
     """A ``wherefrom bench`` command line equivalent to ``config``."""
-    parts = [
-        "wherefrom",
+    return render_command(
         "bench",
-        "--task",
-        config.task,
-        "--methods",
-        ",".join(config.methods),
-        "--seeds",
-        ",".join(map(str, config.seeds)),
-    ]
-    for flag, value in (
-        ("--n-train", config.n_train),
-        ("--n-test", config.n_test),
-        ("--model", config.model),
-        ("--device", config.device),
-    ):
-        if value is not None:
-            parts += [flag, str(value)]
-    parts += [
-        "--epochs",
-        str(config.epochs),
-        "--learning-rate",
-        repr(config.learning_rate),
-        "--lora-rank",
-        str(config.lora_rank),
-        "--batch-size",
-        str(config.batch_size),
-        "--max-length",
-        str(config.max_length),
-    ]
-    for method, options in sorted(config.method_options.items()):
-        for key, value in sorted(options.items()):
-            name = key if method == "*" else f"{method}.{key}"
-            parts += ["--option", f"{name}={json.dumps(value)}"]
-    parts += ["--out", config.out]
-    return " ".join(shlex.quote(p) for p in parts)
+        [
+            ("--task", config.task),
+            ("--methods", ",".join(config.methods)),
+            ("--seeds", ",".join(map(str, config.seeds))),
+            ("--n-train", config.n_train),
+            ("--n-test", config.n_test),
+            ("--model", config.model),
+            ("--device", config.device),
+            ("--epochs", config.epochs),
+            ("--learning-rate", float(config.learning_rate)),
+            ("--lora-rank", config.lora_rank),
+            ("--batch-size", config.batch_size),
+            ("--max-length", config.max_length),
+            ("--damping", config.damping),
+            ("--damping-factor", float(config.damping_factor)),
+            ("--option", format_option_pairs(config.method_options)),
+            ("--out", config.out),
+        ],
+    )
 
 
 def _key(config: BenchConfig, seed: int, method: str) -> dict[str, Any]:
@@ -184,6 +172,12 @@ def _key(config: BenchConfig, seed: int, method: str) -> dict[str, Any]:
         "seed": seed,
         "method": method,
         "options": config.options_for(method),
+        # only when set: rows cached before these settings existed keep matching
+        **{
+            k: v
+            for k, v in (("damping", config.damping), ("damping_factor", config.damping_factor))
+            if v != getattr(BenchConfig, k)
+        },
     }
 
 
@@ -244,7 +238,13 @@ def _run_method(config: BenchConfig, task: BenchTask, seed: int, method: str, tu
     if method == "tracin":
         options.setdefault("checkpoints", [str(p) for p in tuned.checkpoints])
         options.setdefault("base", lambda: load_model(config.model, device=config.device).model)
-    attribution = AttributionConfig(batch_size=config.batch_size, max_length=config.max_length, seed=seed)
+    attribution = AttributionConfig(
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        seed=seed,
+        damping=config.damping,
+        damping_factor=config.damping_factor,
+    )
     scores, usage = scored_method(
         method, tuned.model, tokenizer, attribution, options, task.train, task.test, config.device
     )

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import gc
 import json
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -40,7 +38,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from wherefrom.core.commandline import command_line as render_command
 from wherefrom.core.data import data_fingerprint
+from wherefrom.core.options import format_option_pairs
 from wherefrom.core.store import atomic_save_tensors, atomic_write_json, hardware, package_versions
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
@@ -143,47 +143,32 @@ class GroundTruthConfig:
 
 def command_line(config: GroundTruthConfig) -> str:
     """A ``wherefrom groundtruth`` command line equivalent to ``config``."""
-    parts = ["wherefrom", "groundtruth", "--task", config.task]
-    for flag, value in (
-        ("--n-train", config.n_train),
-        ("--n-test", config.n_test),
-        ("--model", config.model),
-        ("--device", config.device),
-    ):
-        if value is not None:
-            parts += [flag, str(value)]
-    parts += [
-        "--epochs",
-        str(config.epochs),
-        "--learning-rate",
-        repr(config.learning_rate),
-        "--lora-rank",
-        str(config.lora_rank or 0),
-    ]
-    for target in config.lora_targets or []:
-        parts += ["--lora-target", target]
-    parts += [
-        "--batch-size",
-        str(config.batch_size),
-        "--max-length",
-        str(config.max_length),
-        "--alpha",
-        repr(config.alpha),
-        "--subsets",
-        str(config.n_subsets),
-        "--subset-seeds",
-        str(config.subset_seeds),
-        "--loo-rows",
-        str(config.loo_rows),
-        "--loo-seeds",
-        str(config.loo_seeds),
-        "--pbrf-rows",
-        str(config.pbrf_rows),
-    ]
-    for key, value in sorted(config.pbrf_options.items()):
-        parts += ["--pbrf-option", f"{key}={json.dumps(value)}"]
-    parts += ["--workers", str(config.workers), "--seed", str(config.seed), "--out", config.out]
-    return " ".join(shlex.quote(p) for p in parts)
+    return render_command(
+        "groundtruth",
+        [
+            ("--task", config.task),
+            ("--n-train", config.n_train),
+            ("--n-test", config.n_test),
+            ("--model", config.model),
+            ("--device", config.device),
+            ("--epochs", config.epochs),
+            ("--learning-rate", float(config.learning_rate)),
+            ("--lora-rank", config.lora_rank or 0),
+            ("--lora-target", config.lora_targets),
+            ("--batch-size", config.batch_size),
+            ("--max-length", config.max_length),
+            ("--alpha", float(config.alpha)),
+            ("--subsets", config.n_subsets),
+            ("--subset-seeds", config.subset_seeds),
+            ("--loo-rows", config.loo_rows),
+            ("--loo-seeds", config.loo_seeds),
+            ("--pbrf-rows", config.pbrf_rows),
+            ("--pbrf-option", format_option_pairs({"*": config.pbrf_options})),
+            ("--workers", config.workers),
+            ("--seed", config.seed),
+            ("--out", config.out),
+        ],
+    )
 
 
 def _row_sample(n_train: int, seed: int) -> np.ndarray:
@@ -351,7 +336,6 @@ def build_groundtruth(
         "format": _FORMAT_VERSION,
         "config": asdict(config),
         "command": command or command_line(config),
-        "argv": sys.argv,
         "versions": package_versions(),
         "hardware": hardware(),
         "task": {"name": task.name, "kind": task.kind, "description": task.description},

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gc
 import json
-import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -35,6 +34,8 @@ from typing import Any
 import numpy as np
 from safetensors.torch import load_file
 
+from wherefrom.core.commandline import command_line as render_command
+from wherefrom.core.options import format_option_pairs, options_for
 from wherefrom.core.scoring import Scores, save_scores
 from wherefrom.core.store import (
     atomic_write_json,
@@ -203,13 +204,15 @@ def command_line(
     folder: Path, methods: Sequence[str], method_options: dict[str, dict[str, Any]], out: Path | None
 ) -> str:
     """A ``wherefrom evaluate`` command line equivalent to the arguments."""
-    parts = ["wherefrom", "evaluate", str(folder), "--methods", ",".join(methods)]
-    for method, options in sorted(method_options.items()):
-        for key, value in sorted(options.items()):
-            parts += ["--option", f"{key if method == '*' else f'{method}.{key}'}={json.dumps(value)}"]
-    if out is not None:
-        parts += ["--out", str(out)]
-    return " ".join(shlex.quote(p) for p in parts)
+    return render_command(
+        "evaluate",
+        [
+            (None, folder),
+            ("--methods", ",".join(methods)),
+            ("--option", format_option_pairs(method_options)),
+            ("--out", out),
+        ],
+    )
 
 
 def evaluate(
@@ -240,7 +243,7 @@ def evaluate(
     model = tokenizer = None
     rows: dict[str, dict[str, Any]] = {}
     for method in progress(methods, "methods"):
-        options = {**method_options.get("*", {}), **method_options.get(method, {})}
+        options = options_for(method_options, method)
         key = method_key(gt, method, options, attribution)
         row = read_keyed_json(folder / f"{method}.row.json", key)
         if row is not None and not row.get("error") and (folder / f"{method}.safetensors").is_file():

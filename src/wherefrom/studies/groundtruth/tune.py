@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from wherefrom.core.commandline import command_line as render_command
+from wherefrom.core.options import format_option_pairs
 from wherefrom.core.store import (
     atomic_write_json,
     atomic_write_text,
@@ -112,15 +113,18 @@ def command_line(
     out: str | Path | None,
 ) -> str:
     """A ``wherefrom tune`` command line equivalent to the arguments."""
-    parts = ["wherefrom", "tune", str(gt_folder), "--method", method]
-    for key, values in grid.items():
-        parts += ["--grid", f"{key}=" + ",".join(json.dumps(v) for v in values)]
-    for key, value in sorted(method_options.items()):
-        parts += ["--option", f"{key}={json.dumps(value)}"]
-    parts += ["--split-seed", str(split_seed), "--selection-share", repr(selection_share)]
-    if out is not None:
-        parts += ["--out", str(out)]
-    return " ".join(shlex.quote(p) for p in parts)
+    return render_command(
+        "tune",
+        [
+            (None, gt_folder),
+            ("--method", method),
+            ("--grid", [f"{key}=" + ",".join(json.dumps(v) for v in values) for key, values in grid.items()]),
+            ("--option", format_option_pairs({"*": method_options})),
+            ("--split-seed", split_seed),
+            ("--selection-share", float(selection_share)),
+            ("--out", out),
+        ],
+    )
 
 
 def markdown(report: dict[str, Any]) -> str:
