@@ -16,23 +16,13 @@ from wherefrom.cli.app import COMMANDS, torch_threads
 from wherefrom.cli.settings import ATTRIBUTION, SETTINGS, default_threads
 from wherefrom.core.data import Record
 from wherefrom.models.tiny import save_tiny
-from wherefrom.studies.generated import rule_identification, write_jsonl
+from wherefrom.studies.generated import write_jsonl
 
 runner = CliRunner()
 
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("settings")
-    save_tiny(root / "model", arch="gpt2")
-    train, queries = rule_identification(n_train=12, n_test=2, seed=0)
-    write_jsonl(train, root / "train.jsonl")
-    write_jsonl(queries, root / "queries.jsonl")
-    return root
 
 
 def fit_args(root, run, *extra):

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["command_line", "portable", "repository_root"]
+__all__ = ["command_line", "field_flags", "portable", "repository_root"]
 
 
 def repository_root(start: Path | None = None) -> Path | None:
@@ -63,3 +63,9 @@ def command_line(command: str, arguments: Iterable[tuple[str | None, Any]], exac
         words += _tokens(flag, value)
     line = " ".join(shlex.quote(word) for word in words)
     return line if exact else portable(line)
+
+
+def field_flags(config: Any, names: Iterable[str]) -> list[tuple[str, Any]]:
+    """``(--field-name, value)`` pairs of the named fields of a configuration object, for :func:`command_line`
+    (where a field and its flag share a name)."""
+    return [("--" + name.replace("_", "-"), getattr(config, name)) for name in names]

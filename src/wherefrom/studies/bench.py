@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from wherefrom.core.commandline import command_line as render_command
+from wherefrom.core.commandline import field_flags
 from wherefrom.core.options import format_option_pairs, options_for
 from wherefrom.core.store import (
     atomic_write_json,
@@ -139,17 +140,8 @@ def command_line(config: BenchConfig) -> str:
             ("--task", config.task),
             ("--methods", ",".join(config.methods)),
             ("--seeds", ",".join(map(str, config.seeds))),
-            ("--n-train", config.n_train),
-            ("--n-test", config.n_test),
-            ("--model", config.model),
-            ("--device", config.device),
-            ("--epochs", config.epochs),
-            ("--learning-rate", float(config.learning_rate)),
-            ("--lora-rank", config.lora_rank),
-            ("--batch-size", config.batch_size),
-            ("--max-length", config.max_length),
-            ("--damping", config.damping),
-            ("--damping-factor", float(config.damping_factor)),
+            *field_flags(config, ("n_train", "n_test", "model", "device", "epochs", "learning_rate", "lora_rank")),
+            *field_flags(config, ("batch_size", "max_length", "damping", "damping_factor")),
             ("--option", format_option_pairs(config.method_options)),
             ("--out", config.out),
         ],

@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from wherefrom.core.commandline import command_line as render_command
+from wherefrom.core.commandline import field_flags
 from wherefrom.core.data import data_fingerprint
 from wherefrom.core.options import format_option_pairs
 from wherefrom.core.store import atomic_save_tensors, atomic_write_json, hardware, package_versions
@@ -146,27 +147,14 @@ def command_line(config: GroundTruthConfig) -> str:
     return render_command(
         "groundtruth",
         [
-            ("--task", config.task),
-            ("--n-train", config.n_train),
-            ("--n-test", config.n_test),
-            ("--model", config.model),
-            ("--device", config.device),
-            ("--epochs", config.epochs),
-            ("--learning-rate", float(config.learning_rate)),
+            *field_flags(config, ("task", "n_train", "n_test", "model", "device", "epochs", "learning_rate")),
             ("--lora-rank", config.lora_rank or 0),
             ("--lora-target", config.lora_targets),
-            ("--batch-size", config.batch_size),
-            ("--max-length", config.max_length),
-            ("--alpha", float(config.alpha)),
+            *field_flags(config, ("batch_size", "max_length", "alpha")),
             ("--subsets", config.n_subsets),
-            ("--subset-seeds", config.subset_seeds),
-            ("--loo-rows", config.loo_rows),
-            ("--loo-seeds", config.loo_seeds),
-            ("--pbrf-rows", config.pbrf_rows),
+            *field_flags(config, ("subset_seeds", "loo_rows", "loo_seeds", "pbrf_rows")),
             ("--pbrf-option", format_option_pairs({"*": config.pbrf_options})),
-            ("--workers", config.workers),
-            ("--seed", config.seed),
-            ("--out", config.out),
+            *field_flags(config, ("workers", "seed", "out")),
         ],
     )
 
