@@ -37,7 +37,6 @@ __all__ = [
     "command",
     "console",
     "fail",
-    "method_options",
     "progress",
     "recorded_line",
     "remember",
@@ -71,11 +70,6 @@ def say(line: str) -> None:
     console.print(line, markup=False, highlight=False)
 
 
-def method_options(pairs: list[str] | None, flag: str = "--option") -> dict[str, dict[str, Any]]:
-    """``--option`` pairs as ``{method: {key: value}}`` (``"*"``: every method); see :mod:`wherefrom.core.options`."""
-    return parse_option_pairs(pairs, flag)
-
-
 def merged_options(pairs: list[str] | None, method: str, flag: str = "--option") -> dict[str, Any]:
     """The options of one ``method`` from ``--option`` pairs (its own over the ``"*"`` ones)."""
     return options_for(parse_option_pairs(pairs, flag), method)
@@ -104,20 +98,18 @@ class Invocation:
     def pairs(self) -> list[tuple[str | None, Any]]:
         """``(flag or None for a positional argument, value)`` in order, for :func:`command_line`."""
         return [
-            (None if SETTINGS[name].argument else SETTINGS[name].flag, value)
-            for name, value in self.arguments.items()
-            if name in SETTINGS
+            (None if SETTINGS[name].argument else SETTINGS[name].flag, value) for name, value in self.arguments.items()
         ]
 
 
 _CURRENT: contextvars.ContextVar[Invocation] = contextvars.ContextVar("wherefrom_invocation")
 
 
-def recorded_line(exact: bool = False) -> str:
-    """The running command as one line that reruns it; paths made portable unless ``exact``
+def recorded_line() -> str:
+    """The running command as one line that reruns it, its paths portable
     (:func:`wherefrom.core.commandline.command_line`)."""
     invocation = _CURRENT.get()
-    return command_line(invocation.name, invocation.pairs(), exact=exact)
+    return command_line(invocation.name, invocation.pairs())
 
 
 def remember(folder: Path, key: str | None = None) -> None:

@@ -11,7 +11,6 @@ from wherefrom.cli.app import (
     fail,
     merged_options,
     method_list,
-    method_options,
     recorded_line,
     remember,
     required,
@@ -20,7 +19,7 @@ from wherefrom.cli.app import (
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.commandline import portable
 from wherefrom.core.data import DataError, load_records
-from wherefrom.core.options import options_for
+from wherefrom.core.options import options_for, parse_option_pairs
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.models.loading import ModelLoadError, load_model
 
@@ -87,7 +86,7 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
     out = required(out, "out")
     names = method_list(methods, DIAGNOSE_METHODS)
     try:
-        options = method_options(option)
+        options = parse_option_pairs(option)
         config = settings_as(AttributionConfig)
         loaded = load_model(model, adapter, device=device)
         train_rows, query_rows = load_records(train), load_records(queries)

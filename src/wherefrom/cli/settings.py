@@ -182,6 +182,7 @@ def method_names(value: Any) -> str | None:
 
 
 def strategy_name(value: Any) -> str | None:
+    """A curvature strategy in :data:`wherefrom.curvature.STRATEGIES`."""
     from wherefrom.curvature import STRATEGIES
 
     return None if value in STRATEGIES else f"unknown strategy; choose one of {', '.join(sorted(STRATEGIES))}"

@@ -14,7 +14,6 @@ from wherefrom.cli.app import (
     fail,
     merged_options,
     method_list,
-    method_options,
     progress,
     recorded_line,
     remember,
@@ -24,6 +23,7 @@ from wherefrom.cli.app import (
 )
 from wherefrom.cli.settings import FINETUNING, int_list, parse_grid
 from wherefrom.core.data import DataError, load_records
+from wherefrom.core.options import parse_option_pairs
 from wherefrom.engine.run import RunMismatch
 from wherefrom.models.loading import ModelLoadError, load_model
 
@@ -75,7 +75,7 @@ def bench(task, out, methods, seeds, option, **settings) -> None:
             out=str(out),
             methods=method_list(methods, DEFAULT_METHODS),
             seeds=int_list(seeds or "0"),
-            method_options=method_options(option),
+            method_options=parse_option_pairs(option),
         )
         config.validate()
         out.mkdir(parents=True, exist_ok=True)
@@ -112,14 +112,14 @@ def analyze(kind, bench, methods, option, n_queries, seeds, device, **settings) 
         if kind == "ihvp":
             run_ihvp(
                 folder,
-                settings_as(IhvpSettings, methods=chosen, method_options=method_options(option)),
+                settings_as(IhvpSettings, methods=chosen, method_options=parse_option_pairs(option)),
                 command=recorded_line(),
                 log=say,
             )
         elif kind == "convergence":
             run_convergence(
                 folder,
-                ConvergenceSettings(methods=chosen, method_options=method_options(option)),
+                ConvergenceSettings(methods=chosen, method_options=parse_option_pairs(option)),
                 command=recorded_line(),
                 log=say,
             )
@@ -212,7 +212,7 @@ def evaluate(groundtruth, methods, option, damping, damping_factor, out, threads
         run_evaluate(
             groundtruth,
             method_list(methods, EVALUATE_METHODS),
-            method_options(option),
+            parse_option_pairs(option),
             out,
             attribution=replace(base, damping=damping, damping_factor=damping_factor),
             progress=progress,

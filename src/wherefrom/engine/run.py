@@ -104,7 +104,8 @@ class Run:
     # --- opening -------------------------------------------------------------------------------
     @classmethod
     def create(cls, folder: Path, config: RunConfig, progress: Progress = no_progress) -> Run:
-        """Open ``folder`` for ``config``, writing config/manifest, or check them if they exist."""
+        """Open ``folder`` for ``config``: check it against a finished result there (fitted factors, an
+        index or scores; :class:`RunMismatch` names each setting that differs), else write config/manifest."""
         folder = Path(folder)
         loaded = load_model(config.model, config.adapter, device=config.device)
         run = cls(folder, config, loaded, load_records(config.train), progress)
