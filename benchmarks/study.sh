@@ -44,7 +44,7 @@ for name in $TASKS; do
   [[ " $LISSA_TASKS " == *" $name "* ]] && methods="$methods,lissa"
   start=$(date +%s)
   "$WHEREFROM" bench --task "$task" --methods "$methods" --seeds "$SEEDS" --n-train "$n_train" \
-    --n-test "$N_TEST" --epochs "$EPOCHS" "${extra[@]}" --out "$WORK/$name" > "$WORK/$name.log" 2>&1 \
+    --n-test "$N_TEST" --epochs "$EPOCHS" --max-length 256 "${extra[@]}" --out "$WORK/$name" > "$WORK/$name.log" 2>&1 \
     || { echo "$name: failed, see $WORK/$name.log" >&2; continue; }
   mkdir -p "$RESULTS/$name"
   cp "$WORK/$name/bench.md" "$WORK/$name/bench.json" "$RESULTS/$name/"

@@ -9,19 +9,8 @@ from typer.testing import CliRunner
 
 from wherefrom.cli import app
 from wherefrom.models.tiny import save_tiny
-from wherefrom.studies.generated import rule_identification, write_jsonl
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    save_tiny(root / "model", arch="gpt2")
-    train, queries = rule_identification(n_train=20, n_test=3, seed=0)
-    write_jsonl(train, root / "train.jsonl")
-    write_jsonl(queries, root / "queries.jsonl")
-    return root
 
 
 def invoke(*args: str):

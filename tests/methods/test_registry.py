@@ -18,6 +18,7 @@ from wherefrom.curvature.base import DAMPING_OPTIONS
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import FAMILIES, METHODS, SETTING_OPTIONS, InfluenceMethod, make_method
 from wherefrom.studies.analyses.ihvp import influence_methods
+from wherefrom.studies.generated import write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +158,8 @@ def test_cli_methods_lists_every_method_with_its_options():
 
 def test_cli_attribute_bad_option_exits_2_with_the_named_message_before_loading_the_model(tmp_path):
     """The model folder does not exist: the option error must come first, as a message, not a traceback."""
+    for name in ("train", "queries"):  # valid rows: the argument checks pass, the model is never loaded
+        write_jsonl(make_records(2, seed=1, prefix=name), tmp_path / f"{name}.jsonl")
     result = CliRunner().invoke(
         app,
         [

@@ -24,7 +24,6 @@ from wherefrom.studies.toolkit import (
     number,
     provenance,
     resumable,
-    shell_command,
     store,
     write_report,
 )
@@ -136,11 +135,6 @@ def test_provenance_records_command_versions_hardware_and_fingerprints():
     assert record["hardware"]["cpu_count"] == os.cpu_count()
     assert record["train_fingerprint"] == data_fingerprint(rows)
     assert provenance("x", train=rows[:1])["train_fingerprint"] != record["train_fingerprint"]
-
-
-def test_shell_command_skips_unset_options_and_quotes():
-    text = shell_command(["wherefrom", "bench"], [("--task", "rules"), ("--model", None), ("--out", "my dir")])
-    assert text == "wherefrom bench --task rules --out 'my dir'"
 
 
 def test_report_cells():

@@ -1,5 +1,9 @@
-"""Command line: ``wherefrom <command>``; :data:`app` is the Typer application."""
+"""Command line: ``wherefrom <command>``; :data:`app` is the Typer application.
 
+Importing this package registers every command family on :data:`app`.
+"""
+
+from wherefrom.cli import attribute, methods, replay, run, studies
 from wherefrom.cli.app import app
 
-__all__ = ["app"]
+__all__ = ["app", "attribute", "methods", "replay", "run", "studies"]

@@ -9,10 +9,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from wherefrom.cli.app import command
 
-def methods(
-    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON to stdout."),
-) -> None:
+
+@command
+def methods(as_json, threads) -> None:
     """Every method `attribute`, `bench`, `diagnose`, `evaluate` and `tune` accept, with its typed options
     (type, default, allowed values, help) and the paper it follows."""
     from wherefrom.methods.registry import METHODS  # imported here: `wherefrom --help` stays quick

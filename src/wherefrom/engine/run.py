@@ -120,9 +120,11 @@ class Run:
     # --- opening -------------------------------------------------------------------------------
     @classmethod
     def create(cls, folder: Path, config: RunConfig, progress: Progress = no_progress) -> Run:
-        """Open ``folder`` for ``config``, writing config/manifest, or check them if they exist.
+        """Open ``folder`` for ``config``: check it against a finished result there (fitted factors, an
+        index or scores), else write config/manifest (a folder with nothing finished, e.g. after a fit that
+        failed, takes the new settings).
 
-        Raises :class:`RunMismatch` naming each setting that differs from the saved config (with
+        Raises :class:`RunMismatch` naming each setting that differs from a finished run's config (with
         both values), and :class:`wherefrom.core.store.FolderLocked` while another process writes the run.
         """
         folder = Path(folder)
@@ -130,7 +132,7 @@ class Run:
         run = cls(folder, config, loaded, load_records(config.train), progress)
         manifest = run.manifest()
         with writer_lock(folder):
-            if (folder / "manifest.json").exists():
+            if run.finished():
                 # Round-trip through RunConfig: settings added in later versions take their defaults.
                 saved = RunConfig.from_dict(json.loads((folder / "config.json").read_text())).to_dict()
                 differences = settings_differences(saved, config.to_dict())
@@ -140,10 +142,15 @@ class Run:
                         "use a new --run folder or the same arguments"
                     )
                 run._check(json.loads((folder / "manifest.json").read_text()), manifest)
-            else:
+            else:  # nothing finished here yet: the new settings replace the old
                 atomic_write_json(config.to_dict(), folder / "config.json")
                 atomic_write_json(manifest, folder / "manifest.json")
         return run
+
+    def finished(self) -> bool:
+        """Whether the folder holds a finished result (fitted factors, an index or scores): only then are
+        its settings fixed."""
+        return any((self.folder / part).exists() for part in ("factors/curvature.json", "index", "scores"))
 
     @classmethod
     def open(
@@ -229,6 +236,14 @@ class Run:
                 return [p for p in (damage(target / "curvature.safetensors"), damage(target / "curvature.json")) if p]
 
             found = problems()
+            stages = StageFolder(target / "stages")
+            started_before = stages.folder.is_dir() or any(
+                (target / name).exists() for name in ("curvature.json", "curvature.safetensors")
+            )
+            if not started_before:
+                # Nothing of a fit is finished here (e.g. an earlier fit was refused): its settings bind nothing.
+                forget_file(target / "settings.json")
+                self.attributor.encode(self.train)  # rows the model cannot take: a DataError before anything is written
             # Finished factors are reused on any device; a resumed fit must run where it started.
             notes = record_settings(
                 target,
@@ -247,7 +262,6 @@ class Run:
                 self.notices.append(f"refitting: {found[0]}")
             forget_file(target / "curvature.json")  # the factors are unfinished until both are rewritten
             started = time.perf_counter()
-            stages = StageFolder(target / "stages")
             curvature = self.attributor.fit(self.train, stages=stages)
             curvature.info["fit_seconds"] = round(time.perf_counter() - started, 3)
             curvature.save(target)

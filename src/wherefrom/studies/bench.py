@@ -22,12 +22,14 @@ Outputs (all written atomically):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wherefrom.core.commandline import command_line as render_command
+from wherefrom.core.commandline import field_flags
+from wherefrom.core.option_pairs import format_option_pairs, options_for
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import check_methods, in_family, make_method
@@ -44,7 +46,6 @@ from wherefrom.studies.toolkit import (
     measured,
     number,
     provenance,
-    shell_command,
     store,
     write_report,
 )
@@ -60,7 +61,6 @@ __all__ = [
     "method_row",
     "run_bench",
     "scored_method",
-    "training_options",
 ]
 
 DEFAULT_METHODS = ["ekfac", "kfac", "datainf", "gradsim", "tracin", "repsim", "bm25"]
@@ -81,6 +81,7 @@ class BenchConfig:
     draws a class-balanced subset per seed, :func:`wherefrom.studies.benchtasks.subsampled`). ``model``: local model folder
     (``None``: the default model). ``method_options``: ``{method: {key: value}}`` passed to
     :func:`wherefrom.methods.registry.make_method`; the key ``"*"`` applies to every method.
+    ``damping`` / ``damping_factor``: as in :class:`wherefrom.engine.api.AttributionConfig`.
     """
 
     task: str
@@ -95,6 +96,8 @@ class BenchConfig:
     lora_rank: int = 4
     batch_size: int = 8
     max_length: int = 256
+    damping: float | None = None
+    damping_factor: float = 0.1
     device: str | None = None
     method_options: dict[str, dict] = field(default_factory=dict)
 
@@ -106,8 +109,7 @@ class BenchConfig:
             raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
 
     def options_for(self, method: str) -> dict[str, Any]:
-        """The options of ``method``: those under ``"*"`` updated with the method's own."""
-        return {**self.method_options.get("*", {}), **self.method_options.get(method, {})}
+        return options_for(self.method_options, method)
 
     def finetune_config(self, seed: int) -> FinetuneConfig:
         """The :class:`wherefrom.models.finetune.FinetuneConfig` of the seed's fine-tuning."""
@@ -147,36 +149,18 @@ def make_task(task: str, n_train: int | None, n_test: int | None, seed: int) -> 
 
 def command_line(config: BenchConfig) -> str:
     """A ``wherefrom bench`` command line equivalent to ``config``."""
-    options = [
-        ("--task", config.task),
-        ("--methods", ",".join(config.methods)),
-        ("--seeds", ",".join(map(str, config.seeds))),
-        *training_options(config),
-    ]
-    for method, method_options in sorted(config.method_options.items()):
-        for key, value in sorted(method_options.items()):
-            name = key if method == "*" else f"{method}.{key}"
-            options.append(("--option", f"{name}={json.dumps(value)}"))
-    return shell_command(["wherefrom", "bench"], [*options, ("--out", config.out)])
-
-
-def training_options(config: Any) -> list[tuple[str, Any]]:
-    """The command-line ``(flag, value)`` pairs of the task size, model and fine-tuning settings that
-    :class:`BenchConfig` and :class:`wherefrom.studies.groundtruth.build.GroundTruthConfig` share (fields
-    ``n_train``, ``n_test``, ``model``, ``device``, ``epochs``, ``learning_rate``, ``lora_rank``
-    (``None``: 0, full fine-tuning), ``batch_size``, ``max_length``); ``None`` values are left out by
-    :func:`wherefrom.studies.toolkit.shell_command`."""
-    return [
-        ("--n-train", config.n_train),
-        ("--n-test", config.n_test),
-        ("--model", config.model),
-        ("--device", config.device),
-        ("--epochs", config.epochs),
-        ("--learning-rate", repr(config.learning_rate)),
-        ("--lora-rank", config.lora_rank or 0),
-        ("--batch-size", config.batch_size),
-        ("--max-length", config.max_length),
-    ]
+    return render_command(
+        "bench",
+        [
+            ("--task", config.task),
+            ("--methods", ",".join(config.methods)),
+            ("--seeds", ",".join(map(str, config.seeds))),
+            *field_flags(config, ("n_train", "n_test", "model", "device", "epochs", "learning_rate", "lora_rank")),
+            *field_flags(config, ("batch_size", "max_length", "damping", "damping_factor")),
+            ("--option", format_option_pairs(config.method_options)),
+            ("--out", config.out),
+        ],
+    )
 
 
 def _key(config: BenchConfig, seed: int, method: str) -> dict[str, Any]:
@@ -195,6 +179,12 @@ def _key(config: BenchConfig, seed: int, method: str) -> dict[str, Any]:
         "seed": seed,
         "method": method,
         "options": config.options_for(method),
+        # only when set: rows cached before these settings existed keep matching
+        **{
+            k: v
+            for k, v in (("damping", config.damping), ("damping_factor", config.damping_factor))
+            if v != getattr(BenchConfig, k)
+        },
     }
 
 
@@ -265,7 +255,13 @@ def method_row(config: BenchConfig, task: BenchTask, seed: int, method: str, tun
     if in_family(method, "checkpoint"):
         options.setdefault("checkpoints", [str(p) for p in tuned.checkpoints])
         options.setdefault("base", lambda: load_model(config.model, device=config.device).model)
-    attribution = AttributionConfig(batch_size=config.batch_size, max_length=config.max_length, seed=seed)
+    attribution = AttributionConfig(
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        seed=seed,
+        damping=config.damping,
+        damping_factor=config.damping_factor,
+    )
     scores, usage = scored_method(
         method, tuned.model, tokenizer, attribution, options, task.train, task.test, config.device
     )

@@ -12,8 +12,8 @@ call these and write none of them again:
   a rerun resumes. :func:`resumable` is the two together.
 * **measurement**: :func:`measured` gives the wall time (seconds) and the peak memory (MiB above
   the level at the start) of a block; :func:`free_memory` releases a model between units.
-* **provenance**: :func:`provenance` (command line, package versions, hardware, data fingerprints)
-  and :func:`shell_command`, a quoted command line from its words and ``--flag value`` pairs.
+* **provenance**: :func:`provenance` (command line, package versions, hardware, data fingerprints);
+  the command line itself comes from :func:`wherefrom.core.commandline.command_line`.
 * **report tables**: :func:`interval_cell` (``"mean [low, high]"`` of a
   :func:`wherefrom.studies.metrics.mean_stat` or :func:`wherefrom.studies.groundtruth.lds.summarize`
   entry), :func:`number`, :func:`failure_cell`, :func:`markdown_table` and :func:`write_report`
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gc
 import math
-import shlex
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -46,7 +45,6 @@ __all__ = [
     "number",
     "provenance",
     "resumable",
-    "shell_command",
     "store",
     "write_report",
 ]
@@ -153,17 +151,6 @@ def provenance(command: str, **records: Sequence[Record]) -> dict[str, Any]:
     return record
 
 
-def shell_command(words: Sequence[str], options: Sequence[tuple[str, Any]] = ()) -> str:
-    """``words`` followed by ``flag value`` for every ``(flag, value)`` in ``options`` whose value is not
-    ``None`` (values as ``str``), each word shell-quoted (``shlex.quote``) and joined by spaces."""
-    parts = [str(w) for w in words]
-    for flag, value in options:
-        if value is not None:
-            parts += [flag, str(value)]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
-# --- report tables ---------------------------------------------------------------------------------
 def number(value: float | None, fmt: str = ".3f") -> str:
     """``value`` formatted with ``fmt``; ``–`` for ``None`` or a non-finite value."""
     return "–" if value is None or not math.isfinite(value) else format(value, fmt)

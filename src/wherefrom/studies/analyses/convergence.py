@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
+from wherefrom.core.commandline import command_line
 from wherefrom.models.finetune import read_trainer_state
 from wherefrom.studies.analyses.common import Bench, load_checkpoint, method_options, open_bench, write_report
 from wherefrom.studies.analyses.ihvp import influence_methods
@@ -116,7 +117,7 @@ def run_convergence(
         for k in epochs
     }
     final = {m: bench.report.get("aggregate", {}).get(m, {}).get("metrics", {}) for m in methods}
-    command = command or f"wherefrom analyze convergence --bench {bench.folder}"
+    command = command or command_line("analyze convergence", [("--bench", bench.folder)])
     payload = {
         "command": command,
         "settings": asdict(settings),

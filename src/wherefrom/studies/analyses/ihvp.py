@@ -40,6 +40,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file
 
+from wherefrom.core.commandline import command_line
 from wherefrom.core.store import atomic_save_tensors
 from wherefrom.curvature.exact import BYTES_LIMIT
 from wherefrom.engine.api import AttributionConfig, Attributor
@@ -325,7 +326,7 @@ def run_ihvp(
         references[str(seed)] = ref["info"]
         rows += [done[m] for m in methods]
     summary = _summary(bench, rows, methods)
-    command = command or f"wherefrom analyze ihvp --bench {bench.folder}"
+    command = command or command_line("analyze ihvp", [("--bench", bench.folder)])
     payload = {
         "command": command,
         "settings": asdict(settings),

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wherefrom.core.commandline import command_line
 from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
 from wherefrom.core.gradients import Batch
 from wherefrom.core.task import IGNORE_INDEX
@@ -313,7 +314,7 @@ def run_weights(
             say(f"seed {seed}: reused every record")
         records.update({f"{seed}/{n}": done[n] for n in names})
     payload = {
-        "command": command or f"wherefrom analyze weights --bench {bench.folder}",
+        "command": command or command_line("analyze weights", [("--bench", bench.folder)]),
         "n_queries": n_queries,
         "checkpoints": names,
         "records": records,

@@ -26,7 +26,6 @@ of the training rows (so the smaller set is inside the larger), each sorted.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -38,18 +37,21 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from wherefrom.core.commandline import command_line as render_command
+from wherefrom.core.commandline import field_flags
 from wherefrom.core.data import data_fingerprint
+from wherefrom.core.option_pairs import format_option_pairs
 from wherefrom.core.store import atomic_save_tensors, atomic_write_json
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.tracin import finetune_checkpoints
 from wherefrom.models.finetune import ADAPTER_DIR, MODEL_DIR, FinetuneConfig, finetune
 from wherefrom.models.loading import load_model
-from wherefrom.studies.bench import check_task_name, make_task, training_options
+from wherefrom.studies.bench import check_task_name, make_task
 from wherefrom.studies.benchtasks import BenchTask
 from wherefrom.studies.groundtruth.lds import loo_effect, loo_noise, sample_subsets
 from wherefrom.studies.groundtruth.retrain import FinetuneRetrainer, measure_queries, run_jobs
-from wherefrom.studies.toolkit import free_memory, provenance, shell_command
+from wherefrom.studies.toolkit import free_memory, provenance
 
 __all__ = ["GroundTruth", "GroundTruthConfig", "build_groundtruth", "command_line"]
 
@@ -142,22 +144,19 @@ class GroundTruthConfig:
 
 def command_line(config: GroundTruthConfig) -> str:
     """A ``wherefrom groundtruth`` command line equivalent to ``config``."""
-    options = [
-        ("--task", config.task),
-        *training_options(config),
-        *(("--lora-target", target) for target in config.lora_targets or []),
-        ("--alpha", repr(config.alpha)),
-        ("--subsets", config.n_subsets),
-        ("--subset-seeds", config.subset_seeds),
-        ("--loo-rows", config.loo_rows),
-        ("--loo-seeds", config.loo_seeds),
-        ("--pbrf-rows", config.pbrf_rows),
-        *(("--pbrf-option", f"{key}={json.dumps(value)}") for key, value in sorted(config.pbrf_options.items())),
-        ("--workers", config.workers),
-        ("--seed", config.seed),
-        ("--out", config.out),
-    ]
-    return shell_command(["wherefrom", "groundtruth"], options)
+    return render_command(
+        "groundtruth",
+        [
+            *field_flags(config, ("task", "n_train", "n_test", "model", "device", "epochs", "learning_rate")),
+            ("--lora-rank", config.lora_rank or 0),
+            ("--lora-target", config.lora_targets),
+            *field_flags(config, ("batch_size", "max_length", "alpha")),
+            ("--subsets", config.n_subsets),
+            *field_flags(config, ("subset_seeds", "loo_rows", "loo_seeds", "pbrf_rows")),
+            ("--pbrf-option", format_option_pairs({"*": config.pbrf_options})),
+            *field_flags(config, ("workers", "seed", "out")),
+        ],
+    )
 
 
 def _row_sample(n_train: int, seed: int) -> np.ndarray:
@@ -325,7 +324,6 @@ def build_groundtruth(
         "format": _FORMAT_VERSION,
         "config": asdict(config),
         **provenance(command or command_line(config), train=train, query=queries),
-        "argv": sys.argv,
         "task": {"name": task.name, "kind": task.kind, "description": task.description},
         "train_ids": [r.id for r in train],
         "query_ids": [q.id for q in queries],

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from safetensors.torch import load_file
 
+from wherefrom.core.commandline import command_line as render_command
+from wherefrom.core.option_pairs import format_option_pairs, options_for
 from wherefrom.core.scoring import Scores, save_scores
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
@@ -51,7 +53,6 @@ from wherefrom.studies.toolkit import (
     number,
     provenance,
     resumable,
-    shell_command,
     write_report,
 )
 
@@ -234,12 +235,15 @@ def command_line(
     folder: Path, methods: Sequence[str], method_options: dict[str, dict[str, Any]], out: Path | None
 ) -> str:
     """A ``wherefrom evaluate`` command line equivalent to the arguments."""
-    options = [("--methods", ",".join(methods))]
-    for method, chosen in sorted(method_options.items()):
-        for key, value in sorted(chosen.items()):
-            options.append(("--option", f"{key if method == '*' else f'{method}.{key}'}={json.dumps(value)}"))
-    options.append(("--out", out))
-    return shell_command(["wherefrom", "evaluate", str(folder)], options)
+    return render_command(
+        "evaluate",
+        [
+            (None, folder),
+            ("--methods", ",".join(methods)),
+            ("--option", format_option_pairs(method_options)),
+            ("--out", out),
+        ],
+    )
 
 
 def evaluate(
@@ -270,7 +274,7 @@ def evaluate(
     models = cache(gt.load_model)  # loaded once, when the first method runs
     rows: dict[str, dict[str, Any]] = {}
     for method in progress(methods, "methods"):
-        options = {**method_options.get("*", {}), **method_options.get(method, {})}
+        options = options_for(method_options, method)
         row = scored_row(gt, method, options, attribution, folder, folder / f"{method}.row.json", models, say, method)
         row = dict(row)
         row["metrics"] = None if row["error"] else evaluate_scores(gt, load_method_scores(folder, method))

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from wherefrom.core.commandline import command_line as render_command
+from wherefrom.core.option_pairs import format_option_pairs
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import METHODS
@@ -46,7 +48,6 @@ from wherefrom.studies.toolkit import (
     markdown_table,
     number,
     provenance,
-    shell_command,
     write_report,
 )
 
@@ -114,11 +115,18 @@ def command_line(
     out: str | Path | None,
 ) -> str:
     """A ``wherefrom tune`` command line equivalent to the arguments."""
-    options = [("--method", method)]
-    options += [("--grid", f"{key}=" + ",".join(json.dumps(v) for v in values)) for key, values in grid.items()]
-    options += [("--option", f"{key}={json.dumps(value)}") for key, value in sorted(method_options.items())]
-    options += [("--split-seed", split_seed), ("--selection-share", repr(selection_share)), ("--out", out)]
-    return shell_command(["wherefrom", "tune", str(gt_folder)], options)
+    return render_command(
+        "tune",
+        [
+            (None, gt_folder),
+            ("--method", method),
+            ("--grid", [f"{key}=" + ",".join(json.dumps(v) for v in values) for key, values in grid.items()]),
+            ("--option", format_option_pairs({"*": method_options})),
+            ("--split-seed", split_seed),
+            ("--selection-share", float(selection_share)),
+            ("--out", out),
+        ],
+    )
 
 
 def markdown(report: dict[str, Any]) -> str:

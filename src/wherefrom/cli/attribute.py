@@ -1,0 +1,116 @@
+"""Commands that run methods end to end on rows: ``attribute`` (any method's scores) and ``diagnose``
+(each method against exact influence)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from wherefrom.cli.app import (
+    command,
+    console,
+    fail,
+    merged_options,
+    method_list,
+    recorded_line,
+    remember,
+    required,
+    settings_as,
+)
+from wherefrom.cli.settings import ATTRIBUTION
+from wherefrom.core.commandline import portable
+from wherefrom.core.data import DataError, load_records
+from wherefrom.core.option_pairs import options_for, parse_option_pairs
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.models.loading import ModelLoadError, load_model
+
+DIAGNOSE_METHODS = ("ekfac", "kfac", "diagonal", "datainf", "cg", "lissa", "arnoldi", "gradsim")
+"""What ``diagnose`` compares when ``--methods`` is not given."""
+
+
+@command(uses=(*ATTRIBUTION, "threads"))
+def attribute(method, train, queries, out, model, adapter, option, top_k, prefilter, device, **settings) -> None:
+    """Any method end to end (fit, then score queries against the training rows).
+
+    --out receives scores.safetensors, scores.json and config.json."""
+    from wherefrom.core.scoring import save_scores
+    from wherefrom.core.store import atomic_write_json
+    from wherefrom.methods.registry import make_method, method_spec
+
+    out = required(out, "out")
+    try:
+        options = method_spec(method).check(merged_options(option, method))
+        config = settings_as(AttributionConfig)
+        loaded = load_model(model, adapter, device=device)
+        train_rows, query_rows = load_records(train), load_records(queries)
+        chosen = make_method(method, loaded.model, loaded.tokenizer, config, **options)
+        chosen.fit(train_rows)
+        if prefilter is not None:
+            from wherefrom.methods.lexical import prefiltered_scores
+
+            result = prefiltered_scores(chosen, query_rows, train_rows, prefilter)
+        else:
+            result = chosen.scores(query_rows, train_rows)
+    except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError, KeyError) as error:
+        fail(error)
+    atomic_write_json(
+        {
+            "method": method,
+            "options": options,
+            "prefilter": prefilter,
+            "train": str(train),
+            "queries": str(queries),
+            "model": model,
+            "adapter": adapter,
+            "attribution": config.to_dict(),
+        },
+        out / "config.json",
+    )
+    remember(out)
+    path = save_scores(result, out, "scores")
+    for q, query_id in enumerate(result.query_ids):
+        console.print(f"[bold]{query_id}[/]: " + ", ".join(f"{i} ({s:+.3g})" for i, s in result.top(q, top_k)))
+    console.print(f"{method}: {tuple(result.total.shape)} scores -> {path}")
+
+
+@command(uses=(*ATTRIBUTION, "threads"))
+def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks, device, **settings) -> None:
+    """Each method against exact influence: iHVP relative error, rank correlation, time, memory.
+
+    Keep the training rows and the tracked modules few: the exact GGN is formed. --damping is one
+    absolute damping for every method and the exact reference. --methods defaults to
+    ekfac,kfac,diagonal,datainf,cg,lissa,arnoldi,gradsim. --out receives diagnose.json, diagnose.md
+    and config.json."""
+    from wherefrom.studies.diagnose import diagnose as run_diagnosis
+    from wherefrom.studies.diagnose import write_report
+
+    out = required(out, "out")
+    names = method_list(methods, DIAGNOSE_METHODS)
+    try:
+        options = parse_option_pairs(option)
+        config = settings_as(AttributionConfig)
+        loaded = load_model(model, adapter, device=device)
+        train_rows, query_rows = load_records(train), load_records(queries)
+        out.mkdir(parents=True, exist_ok=True)
+        remember(out)
+        rows, reason = run_diagnosis(
+            loaded.model,
+            loaded.tokenizer,
+            train_rows,
+            query_rows,
+            names,
+            config,
+            {n: options_for(options, n) for n in names},
+            exact_blocks,
+        )
+    except (DataError, ModelLoadError, ValueError, RuntimeError) as error:
+        fail(error)
+    context = {
+        "command": recorded_line(),
+        "train": portable(str(train)),
+        "queries": portable(str(queries)),
+        "model": model and portable(model),
+        "adapter": adapter and portable(adapter),
+        "methods": names,
+    }
+    _, md_path = write_report(rows, reason, out, context)
+    Console().print(md_path.read_text())

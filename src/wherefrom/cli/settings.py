@@ -1,0 +1,516 @@
+"""Every command-line setting, declared once: option groups as dataclasses whose fields carry the help,
+the allowed values and the check of each flag.
+
+A command names the settings it takes as its parameters (see :func:`wherefrom.cli.app.command`);
+each parameter then gets the flag ``--field-name`` (or the field's ``flag``), the field's type,
+default and help, and is shown in ``--help`` under its group's title. So a flag has one name, one
+default and one help text in every command, and one check that runs before a command writes
+anything (:func:`check_arguments`).
+
+Settings map onto the saved configurations by name: ``AttributionConfig``, ``RunConfig``,
+``BenchConfig``, ``GroundTruthConfig``, ``FinetuneConfig``, ``IhvpSettings`` keep their fields; a
+command builds them from these values. Where a domain configuration has another default (e.g.
+``BenchConfig.max_length`` 256 for Python callers) the command line passes its own value, so the
+command line has one default per meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from wherefrom.core.option_pairs import parse_option_pairs, parse_value
+
+__all__ = [
+    "ATTRIBUTION",
+    "FINETUNING",
+    "GROUPS",
+    "SETTINGS",
+    "CurvatureSettings",
+    "DataSettings",
+    "DeviceSettings",
+    "FinetuneSettings",
+    "GroundTruthSettings",
+    "MethodSettings",
+    "ModelSettings",
+    "OutputSettings",
+    "ScoringSettings",
+    "Setting",
+    "StudySettings",
+    "TrackingSettings",
+    "check_arguments",
+    "default_threads",
+    "int_list",
+    "parse_grid",
+]
+
+REQUIRED = ...
+"""Default of a setting the user must give."""
+
+Check = Callable[[Any], str | None]
+"""A check of one value: ``None`` when valid, else what is wrong (the flag and value are added)."""
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    check: Check | None = None,
+    flag: str | None = None,
+    argument: bool = False,
+) -> Any:
+    """A dataclass field carrying a command-line setting: its default, help, check, flag (default
+    ``--field-name``) and whether it is a positional argument."""
+    return field(default=default, metadata={"help": help, "check": check, "flag": flag, "argument": argument})
+
+
+# --- checks -------------------------------------------------------------------------------------
+def at_least(minimum: float) -> Check:
+    """Numbers (or each number of a list) must be ``>= minimum``."""
+
+    def check(value: Any) -> str | None:
+        values = value if isinstance(value, list) else [value]
+        low = [v for v in values if v < minimum]
+        return f"must be >= {minimum:g}, got {low[0]}" if low else None
+
+    return check
+
+
+def one_of(*allowed: str) -> Check:
+    """The value must be one of ``allowed``."""
+
+    def check(value: Any) -> str | None:
+        return None if value in allowed else f"unknown value; choose one of {', '.join(allowed)}"
+
+    return check
+
+
+def existing_path(value: Any) -> str | None:
+    """A file or folder that exists."""
+    return None if Path(value).exists() else f"no such file or folder: {value}"
+
+
+def groundtruth_folder(value: Any) -> str | None:
+    """A folder built by ``wherefrom groundtruth`` (it holds ``groundtruth.json``)."""
+    return None if (Path(value) / "groundtruth.json").is_file() else "not a ground-truth folder (no groundtruth.json)"
+
+
+def replay_folder(value: Any) -> str | None:
+    """A folder whose ``config.json`` records commands (written by :func:`wherefrom.cli.app.remember`)."""
+    path = Path(value) / "config.json"
+    if not path.is_file():
+        return "no config.json here: not an output folder of wherefrom"
+    try:
+        return None if json.loads(path.read_text()).get("replay") else "its config.json records no command to replay"
+    except (json.JSONDecodeError, AttributeError) as error:
+        return f"unreadable config.json: {error}"
+
+
+def regexes(value: Any) -> str | None:
+    """Each value a valid Python regular expression."""
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            return f"invalid regular expression {pattern!r}: {error}"
+    return None
+
+
+def int_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; ``ValueError`` unless every comma-separated item is an integer."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        return [int(item) for item in items]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def integers(value: Any) -> str | None:
+    """Comma-separated integers, at least one."""
+    try:
+        return None if int_list(value) else "expected at least one integer"
+    except ValueError as error:
+        return str(error)
+
+
+def option_pairs(value: Any) -> str | None:
+    """``key=value`` or ``method.key=value`` pairs (:func:`wherefrom.core.options.parse_option_pairs`)."""
+    try:
+        parse_option_pairs(value)
+    except ValueError as error:
+        return str(error).split(": ", 1)[-1]
+    return None
+
+
+def parse_grid(pairs: list[str]) -> dict[str, list]:
+    """``["damping_factor=0.01,0.1"]`` -> ``{"damping_factor": [0.01, 0.1]}`` (values parsed as JSON when they
+    parse, e.g. ``null``); ``ValueError`` naming the pair when it is not ``key=value1,value2,...`` or a key repeats."""
+    grid: dict[str, list] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key or not raw:
+            raise ValueError(f"--grid {pair!r}: expected key=value1,value2,... e.g. damping_factor=0.01,0.1,1")
+        if key in grid:
+            raise ValueError(f"--grid key {key!r} given twice")
+        grid[key] = [parse_value(text) for text in raw.split(",")]
+    return grid
+
+
+def grid_pairs(value: Any) -> str | None:
+    try:
+        parse_grid(value)
+    except ValueError as error:
+        return str(error).split(": ", 1)[-1]
+    return None
+
+
+def method_names(value: Any) -> str | None:
+    """Comma-separated names of methods in :data:`wherefrom.methods.registry.METHODS`."""
+    from wherefrom.methods.registry import check_methods
+
+    try:
+        check_methods([m.strip() for m in value.split(",") if m.strip()])
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def strategy_name(value: Any) -> str | None:
+    """A curvature strategy in :data:`wherefrom.curvature.STRATEGIES`."""
+    from wherefrom.curvature import STRATEGIES
+
+    return None if value in STRATEGIES else f"unknown strategy; choose one of {', '.join(sorted(STRATEGIES))}"
+
+
+def available_devices() -> list[str]:
+    """``cpu`` and the accelerators torch sees here (``cuda:0``..., ``mps``)."""
+    import torch
+
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return devices + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def device_here(value: Any) -> str | None:
+    """A torch device that exists on this machine."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        return f"not a device; available here: {', '.join(available_devices())}"
+    here = available_devices()
+    name = "cuda:0" if str(device) == "cuda" else str(device)
+    if device.type in ("cuda", "mps") and name not in here:
+        return f"{device.type.upper()} device {name} is not available on this machine; available: {', '.join(here)}"
+    if device.type not in ("cpu", "cuda", "mps"):
+        return f"unsupported device type {device.type!r}; available here: {', '.join(here)}"
+    return None
+
+
+def default_threads() -> int:
+    """Torch CPU threads when ``--threads`` is not given: the cores this process may run on
+    (``os.sched_getaffinity``) minus the current 1-minute load average, at least 1.
+
+    Oversubscribed cores are slow: measured on 2 shared cores with another job on one of them, a
+    tiny-model ``fit`` ran at 0.85 batches/s with torch's default of 2 threads and 29 with 1.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, int(cores - load))
+
+
+# --- groups -------------------------------------------------------------------------------------
+@dataclass
+class ModelSettings:
+    """Model: the model attributed or fine-tuned."""
+
+    model: str | None = setting(None, "Local Hugging Face model folder (default: SmolLM2-135M-Instruct).")
+    adapter: str | None = setting(None, "PEFT LoRA adapter folder on top of --model.", check=existing_path)
+
+
+@dataclass
+class DataSettings:
+    """Data: rows and how they are tokenized and batched."""
+
+    train: Path = setting(
+        REQUIRED,
+        "Training rows: JSONL, CSV or Parquet with prompt, completion[, id, label].",
+        check=existing_path,
+    )
+    queries: Path = setting(REQUIRED, "Query rows (same formats as training rows).", check=existing_path)
+    task: str = setting(
+        REQUIRED,
+        "rules | math | backdoor | backdoor-multi | unwanted, or path:<train file>:<test file> (labelled rows); "
+        "the test rows are the queries.",
+    )
+    n_train: int | None = setting(None, "Training rows (default: the task's).", check=at_least(1))
+    n_test: int | None = setting(None, "Test rows, the queries (default: the task's).", check=at_least(1))
+    n_queries: int | None = setting(None, "Only the first N queries (default: all; the demo: 10).", check=at_least(1))
+    batch_size: int = setting(8, "Rows per batch.", check=at_least(1))
+    max_length: int = setting(
+        512,
+        "Longest prompt+completion in tokens, for fine-tuning and attribution alike; a longer row is an "
+        "error (nothing is truncated).",
+        check=at_least(1),
+    )
+    chat_template: bool = setting(False, "Wrap prompts in the tokenizer's chat template.")
+
+
+@dataclass
+class TrackingSettings:
+    """Tracking: which modules are attributed through."""
+
+    include: list[str] | None = setting(None, "Regex of module names to track (repeatable).", check=regexes)
+    exclude: list[str] | None = setting(None, "Regex of module names to skip (repeatable).", check=regexes)
+
+
+@dataclass
+class CurvatureSettings:
+    """Curvature: the curvature G and its damping in (G + lambda I)^-1."""
+
+    strategy: str = setting(
+        "ekfac", "identity | diagonal | kfac | ekfac | exact | cg | lissa | arnoldi | datainf", check=strategy_name
+    )
+    fisher: str = setting("true", "true (labels sampled from the model) | empirical", check=one_of("true", "empirical"))
+    damping: float | None = setting(
+        None,
+        "Absolute damping lambda; default: --damping-factor x the mean eigenvalue per module (Grosse et al.).",
+        check=at_least(0),
+    )
+    damping_factor: float = setting(0.1, "Relative damping, used when --damping is not given.", check=at_least(0))
+    reduction: str = setting("sum", "Training loss over completion tokens: sum | mean.", check=one_of("sum", "mean"))
+    query_rank: int | None = setting(None, "Low-rank query batching rank (default: full rank).", check=at_least(1))
+    strategy_option: list[str] | None = setting(
+        None,
+        "Strategy option key=value (JSON value; repeatable), e.g. max_iter=300, rank=64.",
+        check=option_pairs,
+    )
+    exact_blocks: str = setting(
+        "full", "Exact reference: full (whole GGN) | module (block diagonal).", check=one_of("full", "module")
+    )
+
+
+@dataclass
+class MethodSettings:
+    """Methods: which attribution methods run, with which options."""
+
+    method: str = setting(
+        REQUIRED,
+        "Method name (see `wherefrom.methods.registry.METHODS`): ekfac, kfac, lissa, cg, arnoldi, datainf, gradsim, "
+        "gradsim-cosine, tracin, repsim, bm25, trak, logra, ...",
+        check=method_names,
+    )
+    methods: str | None = setting(
+        None, "Comma-separated method names (default: the command's own set, in its description).", check=method_names
+    )
+    option: list[str] | None = setting(
+        None,
+        "Method option key=value or method.key=value (JSON value; repeatable), e.g. lissa.depth=300, repsim.layer=-1.",
+        check=option_pairs,
+    )
+    prefilter: int | None = setting(
+        None,
+        "Score only each query's top-K BM25 candidates (Grosse et al.'s prefilter); others are NaN.",
+        check=at_least(1),
+    )
+
+
+@dataclass
+class ScoringSettings:
+    """Scoring: what is shown of the scores."""
+
+    prompt: str = setting(REQUIRED, "The query prompt.", argument=True)
+    completion: str = setting(REQUIRED, "The completion whose log-likelihood is attributed.", argument=True)
+    top_k: int = setting(10, "Proponents (and opponents) shown per query.", check=at_least(1))
+    by_module: int = setting(
+        3, "Show the modules with the largest share for each proponent (0 = none).", check=at_least(0)
+    )
+    per_token: bool = setting(False, "Split each top row's score over its tokens.")
+    as_json: bool = setting(False, "Print machine-readable JSON to stdout.", flag="--json")
+
+
+@dataclass
+class FinetuneSettings:
+    """Fine-tuning: fine-tuning (LoRA or full) before attribution, and the seeds."""
+
+    epochs: int = setting(2, "Fine-tuning epochs.", check=at_least(1))
+    learning_rate: float = setting(
+        1e-3, "Constant AdamW fine-tuning learning rate (full fine-tuning of a real model: ~1e-5).", check=at_least(0)
+    )
+    lora_rank: int = setting(4, "LoRA rank; 0 fine-tunes every weight.", check=at_least(0))
+    lora_alpha: int = setting(8, "LoRA alpha (scale alpha / rank).", check=at_least(1))
+    lora_target: list[str] | None = setting(
+        None, "Module name to adapt with LoRA (repeatable; default q_proj and v_proj)."
+    )
+    weight_decay: float = setting(0.0, "AdamW weight decay.", check=at_least(0))
+    full: bool = setting(False, "Fine-tune every weight (the same as --lora-rank 0).", flag="--full")
+    seed: int = setting(0, "Seed of the task data, LoRA initialisation, epoch orders and Fisher labels.")
+    seeds: str | None = setting(
+        None,
+        "Comma-separated seeds (default: 0 for a new bench; every seed of the bench for analyze).",
+        check=integers,
+    )
+
+
+@dataclass
+class GroundTruthSettings:
+    """Ground truth: retraining budget of a ground truth (LDS, leave-one-out, PBRF)."""
+
+    alpha: float = setting(0.5, "LDS subset fraction.")
+    subsets: int = setting(32, "LDS subsets (0: no LDS).", check=at_least(0))
+    subset_seeds: int = setting(1, "Training seeds per LDS subset (averaged).", check=at_least(1))
+    loo_rows: int = setting(16, "Rows left out one at a time (0: no LOO).", check=at_least(0))
+    loo_seeds: int = setting(2, "Training seeds per LOO set and for the full set (averaged).", check=at_least(1))
+    pbrf_rows: int = setting(0, "Rows for PBRF on the full-data model (0: none).", check=at_least(0))
+    pbrf_option: list[str] | None = setting(
+        None, "PBRFConfig field key=value (JSON value; repeatable), e.g. steps=200.", check=option_pairs
+    )
+    workers: int = setting(1, "Parallel retraining processes (each gets cores // workers threads).", check=at_least(1))
+
+
+@dataclass
+class StudySettings:
+    """Analyses and tuning: analyses and tuning on a bench or ground-truth folder."""
+
+    kind: str = setting(
+        REQUIRED,
+        "ihvp (iHVP error vs metric) | convergence (metric per epoch) | weights (weight change vs behaviour change).",
+        argument=True,
+    )
+    reference: str = setting(
+        "auto", "ihvp: exact | cg | auto (exact when the dense GGN fits, else cg).", check=one_of("exact", "cg", "auto")
+    )
+    cg_tol: float = setting(1e-8, "ihvp: relative residual of the cg reference.", check=at_least(0))
+    cg_max_iter: int = setting(1000, "ihvp: iterations of the cg reference at most.", check=at_least(1))
+    probes: int = setting(32, "ihvp: Hutchinson probes of the default damping's trace estimate.", check=at_least(1))
+    grid: list[str] = setting(
+        REQUIRED,
+        "key=v1,v2,... (repeatable; the grid is their product): damping_factor=0.001,0.01,0.1,1, damping=..., "
+        "depth=100,500, rank=16,64.",
+        check=grid_pairs,
+    )
+    split_seed: int = setting(0, "Seed of the selection / held-out split of the queries.")
+    selection_share: float = setting(0.5, "Share of the queries the choice is made on; the rest are held out.")
+
+
+@dataclass
+class DeviceSettings:
+    """Device: where the work runs."""
+
+    device: str | None = setting(
+        None,
+        "cpu | cuda | cuda:N | mps (default: cuda when available; on an existing run or bench folder: its setting).",
+        check=device_here,
+    )
+    threads: int | None = setting(
+        None,
+        "Torch CPU threads (default: the cores this process may use minus the 1-minute load average, at least 1).",
+        check=at_least(1),
+    )
+
+
+@dataclass
+class OutputSettings:
+    """Output: where results go, and folders written by earlier commands."""
+
+    run: Path = setting(REQUIRED, "Run directory (created by `fit`).")
+    out: Path | None = setting(
+        None, "Output folder (its contents: see the command's description; required except for evaluate and tune)."
+    )
+    name: str = setting("scores", "Output name under RUN/scores/.")
+    shard_size: int = setting(
+        256, "Rows per index shard (an interrupted index resumes at shard granularity).", check=at_least(1)
+    )
+    dtype: str = setting(
+        "float32", "Index storage dtype: float32 | bfloat16 | float16.", check=one_of("float32", "bfloat16", "float16")
+    )
+    bench: Path = setting(
+        REQUIRED, "Bench folder written by `wherefrom bench` (bench.json, seed-<s>/finetune).", check=existing_path
+    )
+    groundtruth: Path = setting(
+        REQUIRED, "Ground-truth folder (built by `wherefrom groundtruth`).", check=groundtruth_folder, argument=True
+    )
+    folder: Path = setting(
+        REQUIRED, "An output folder holding a config.json written by wherefrom.", check=replay_folder, argument=True
+    )
+    cache: Path | None = setting(None, "Demo folder (default: $WHEREFROM_CACHE/demo or ~/.cache/wherefrom/demo).")
+
+
+GROUPS: tuple[type, ...] = (
+    ModelSettings,
+    DataSettings,
+    TrackingSettings,
+    CurvatureSettings,
+    MethodSettings,
+    ScoringSettings,
+    FinetuneSettings,
+    GroundTruthSettings,
+    StudySettings,
+    DeviceSettings,
+    OutputSettings,
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One command-line setting: ``name`` (the parameter), ``flag``, ``type``, ``default`` (``...``:
+    required), ``help``, ``check``, ``argument`` (positional) and ``group`` (the panel title)."""
+
+    name: str
+    flag: str
+    type: Any
+    default: Any
+    help: str
+    check: Check | None
+    argument: bool
+    group: str
+
+    def validate(self, value: Any) -> str | None:
+        """``None`` when ``value`` is valid (or ``None``), else a message naming the flag and the value."""
+        if value is None or self.check is None:
+            return None
+        problem = self.check(value)
+        shown = value if not isinstance(value, list) else " ".join(map(str, value))
+        name = self.name.upper() if self.argument else self.flag
+        return None if problem is None else f"{name} {shown}: {problem}"
+
+
+def _settings() -> dict[str, Setting]:
+    table: dict[str, Setting] = {}
+    for group in GROUPS:
+        hints = typing.get_type_hints(group)
+        title = (group.__doc__ or group.__name__).split(":")[0]
+        for item in fields(group):
+            table[item.name] = Setting(
+                name=item.name,
+                flag=item.metadata["flag"] or "--" + item.name.replace("_", "-"),
+                type=hints[item.name],
+                default=item.default,
+                help=item.metadata["help"],
+                check=item.metadata["check"],
+                argument=item.metadata["argument"],
+                group=title,
+            )
+    return table
+
+
+SETTINGS: dict[str, Setting] = _settings()
+"""Every setting by parameter name."""
+
+ATTRIBUTION = ("damping", "damping_factor", "include", "exclude", "batch_size", "max_length", "chat_template")
+"""The :class:`wherefrom.engine.api.AttributionConfig` settings of every command that runs a method on rows."""
+
+FINETUNING = ("epochs", "learning_rate", "lora_rank", "batch_size", "max_length")
+"""The fine-tuning settings shared by ``bench`` and ``groundtruth``."""
+
+
+def check_arguments(arguments: dict[str, Any]) -> list[str]:
+    """Problems with ``{parameter: value}`` (the settings among them), one message each, in order."""
+    problems = [SETTINGS[name].validate(value) for name, value in arguments.items() if name in SETTINGS]
+    return [p for p in problems if p is not None]

@@ -1,0 +1,256 @@
+"""Commands of the studies: ``finetune``, ``bench``, ``analyze``, ``groundtruth``, ``evaluate``, ``tune``
+and ``demo``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import typer
+
+from wherefrom.cli.app import (
+    command,
+    console,
+    fail,
+    merged_options,
+    method_list,
+    progress,
+    recorded_line,
+    remember,
+    required,
+    say,
+    settings_as,
+)
+from wherefrom.cli.settings import FINETUNING, int_list, parse_grid
+from wherefrom.core.data import DataError, load_records
+from wherefrom.core.option_pairs import parse_option_pairs
+from wherefrom.engine.run import RunMismatch
+from wherefrom.models.loading import ModelLoadError, load_model
+
+EVALUATE_METHODS = ("ekfac", "kfac", "datainf", "gradsim", "tracin")
+"""What ``evaluate`` scores when ``--methods`` is not given."""
+
+DEMO_SIZES = {"n_train": 160, "n_queries": 10}
+"""The demo's generated training rows and held-out queries when ``--n-train`` / ``--n-queries`` are not given."""
+
+
+@command(uses=(*FINETUNING, "lora_alpha", "weight_decay", "chat_template", "seed", "threads"))
+def finetune(train, out, model, full, lora_rank, lora_target, device, **settings) -> None:
+    """Fine-tune a causal LM on prompt/completion rows (loss on completion tokens only), saving a
+    checkpoint per epoch for TracIn and the convergence analysis; an identical earlier run is reused.
+
+    --out receives adapter/ or model/, checkpoints/epoch-k/, train_log.jsonl, finetune_config.json."""
+    from wherefrom.models.finetune import FinetuneConfig
+    from wherefrom.models.finetune import finetune as run_finetune
+
+    out = required(out, "out")
+    try:
+        targets = {"lora_targets": lora_target} if lora_target else {}
+        config = settings_as(FinetuneConfig, lora_rank=None if full or lora_rank == 0 else lora_rank, **targets)
+        config.validate()
+        records = load_records(train)
+        loaded = load_model(model, device=device)
+        result = run_finetune(loaded.model, loaded.tokenizer, records, config, out, progress=True)
+    except (DataError, ModelLoadError, ValueError, MemoryError) as error:
+        fail(error)
+    losses = ", ".join(f"{loss:.3f}" for loss in result.epoch_losses)
+    state = "reused an identical earlier run" if result.reused else "trained"
+    console.print(
+        f"{state}: mean loss per epoch {losses} -> {result.weights_dir} ({len(result.checkpoints)} checkpoints)"
+    )
+
+
+@command(uses=(*FINETUNING, "n_train", "n_test", "model", "damping", "damping_factor", "device", "threads"))
+def bench(task, out, methods, seeds, option, **settings) -> None:
+    """Every method on a benchmark task over seeds: metrics with 95% intervals, time and memory.
+
+    --methods defaults to ekfac,kfac,datainf,gradsim,tracin,repsim,bm25 and --seeds to 0. --out
+    receives bench.json, bench.md, seed-<s>/<method>.json and config.json (a rerun resumes)."""
+    from wherefrom.studies.bench import DEFAULT_METHODS, BenchConfig, run_bench
+
+    out = required(out, "out")
+    try:
+        config = settings_as(
+            BenchConfig,
+            out=str(out),
+            methods=method_list(methods, DEFAULT_METHODS),
+            seeds=int_list(seeds or "0"),
+            method_options=parse_option_pairs(option),
+        )
+        config.validate()
+        out.mkdir(parents=True, exist_ok=True)
+        remember(out)
+        run_bench(config, progress=progress, log=say, command=recorded_line())
+    except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+        fail(error)
+    typer.echo((out / "bench.md").read_text())
+
+
+@command(uses=("damping", "damping_factor", "reference", "exact_blocks", "cg_tol", "cg_max_iter", "probes", "threads"))
+def analyze(kind, bench, methods, option, n_queries, seeds, device, **settings) -> None:
+    """The reference study's analyses on a bench folder: writes <kind>.json and <kind>.md into it (resumable).
+
+    --methods: ihvp defaults to the bench's influence methods, convergence to those and repsim.
+    ihvp's default damping is --damping-factor x the Hutchinson estimate of the mean GGN eigenvalue.
+    --n-queries applies to ihvp and weights."""
+    from wherefrom.studies.analyses import (
+        ANALYSES,
+        ConvergenceSettings,
+        IhvpSettings,
+        open_bench,
+        run_convergence,
+        run_ihvp,
+        run_weights,
+    )
+
+    if kind not in ANALYSES:
+        fail(ValueError(f"unknown analysis {kind!r}; choose one of {list(ANALYSES)}"))
+    chosen = method_list(methods, []) or None
+    try:
+        folder = open_bench(bench, device, int_list(seeds) if seeds else None)
+        remember(bench, f"analyze {kind}")
+        if kind == "ihvp":
+            run_ihvp(
+                folder,
+                settings_as(IhvpSettings, methods=chosen, method_options=parse_option_pairs(option)),
+                command=recorded_line(),
+                log=say,
+            )
+        elif kind == "convergence":
+            run_convergence(
+                folder,
+                ConvergenceSettings(methods=chosen, method_options=parse_option_pairs(option)),
+                command=recorded_line(),
+                log=say,
+            )
+        else:
+            run_weights(folder, n_queries=n_queries, command=recorded_line(), log=say)
+    except (FileNotFoundError, DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+        fail(error)
+    typer.echo((bench / f"{kind}.md").read_text())
+
+
+@command
+def demo(cache, n_train, n_queries, epochs, model, device, threads) -> None:
+    """LoRA-fine-tune the default model on a generated task, then attribute held-out queries with EK-FAC
+    and identity (default sizes: 160 training rows, 10 queries)."""
+    from wherefrom.studies.demo import run_demo
+
+    sizes = {k: v for k, v in (("n_train", n_train), ("n_queries", n_queries)) if v is not None}
+    try:
+        run_demo(cache=cache, epochs=epochs, model=model, device=device, progress=progress, **{**DEMO_SIZES, **sizes})
+    except (DataError, ModelLoadError, RunMismatch, ValueError) as error:
+        fail(error)
+
+
+@command(
+    uses=(
+        *FINETUNING,
+        "n_train",
+        "n_test",
+        "model",
+        "alpha",
+        "subset_seeds",
+        "loo_rows",
+        "loo_seeds",
+        "pbrf_rows",
+        "workers",
+        "seed",
+        "device",
+        "threads",
+    )
+)
+def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, **settings) -> None:
+    """Ground truth for attribution: retrain on LDS subsets and leave-one-out sets, and PBRF; resumable.
+
+    --out receives groundtruth.json, lds/loo/pbrf.safetensors, model/, jobs/ and config.json."""
+    from wherefrom.studies.groundtruth.build import GroundTruthConfig, build_groundtruth
+
+    out = required(out, "out")
+    try:
+        config = settings_as(
+            GroundTruthConfig,
+            out=str(out),
+            lora_rank=lora_rank or None,
+            lora_targets=lora_target,
+            n_subsets=subsets,
+            pbrf_options=merged_options(pbrf_option, "*", "--pbrf-option"),
+        )
+        config.validate()
+        out.mkdir(parents=True, exist_ok=True)
+        remember(out)
+        gt = build_groundtruth(config, progress=progress, log=say, command=recorded_line())
+    except (FileNotFoundError, DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+        fail(error)
+    meta = gt.meta
+    targets = [
+        name
+        for name, array in (("LDS", gt.lds_masks), ("LOO", gt.loo_rows), ("PBRF", gt.pbrf_rows))
+        if array is not None
+    ]
+    console.print(
+        f"ground truth ({', '.join(targets)}) for {len(gt.train_ids)} rows x {len(gt.query_ids)} queries in "
+        f"{meta['timings']['total_s']:.1f} s -> {out}"
+    )
+    typer.echo(json.dumps(meta["noise"], indent=2))
+
+
+@command
+def evaluate(groundtruth, methods, option, damping, damping_factor, out, threads) -> None:
+    """Score methods against a ground truth: LDS, LOO Pearson/Spearman, PBRF Spearman with intervals, time, memory.
+
+    --methods defaults to ekfac,kfac,datainf,gradsim,tracin. --out is the file stem of the report
+    (default GROUNDTRUTH/evaluate): STEM.json, STEM.md; the command is recorded in the config.json
+    beside them."""
+    from wherefrom.studies.groundtruth.build import GroundTruth
+    from wherefrom.studies.groundtruth.evaluate import evaluate as run_evaluate
+
+    stem = out if out is not None else groundtruth / "evaluate"
+    try:
+        base = GroundTruth.load(groundtruth).config.attribution()
+        remember(stem.parent, f"evaluate {stem.name}")
+        run_evaluate(
+            groundtruth,
+            method_list(methods, EVALUATE_METHODS),
+            parse_option_pairs(option),
+            out,
+            attribution=replace(base, damping=damping, damping_factor=damping_factor),
+            progress=progress,
+            log=say,
+            command=recorded_line(),
+        )
+    except (FileNotFoundError, DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+        fail(error)
+    typer.echo(stem.with_name(stem.name + ".md").read_text())
+
+
+@command
+def tune(groundtruth, method, grid, option, split_seed, selection_share, out, threads) -> None:
+    """Pick the damping (and LiSSA / Arnoldi knobs) that maximise LDS on a selection half of the queries;
+    report every point's LDS on both halves and the chosen point's held-out LDS.
+
+    --option gives fixed options of every grid point. --out (default GROUNDTRUTH/tune-METHOD) receives
+    tune.json, tune.md, points/ and config.json."""
+    from wherefrom.studies.groundtruth.tune import tune as run_tune
+
+    folder = out or groundtruth / f"tune-{method}"
+    try:
+        parsed = parse_grid(grid)
+        options = merged_options(option, method)
+        folder.mkdir(parents=True, exist_ok=True)
+        remember(folder)
+        run_tune(
+            groundtruth,
+            method,
+            parsed,
+            split_seed=split_seed,
+            selection_share=selection_share,
+            out=out,
+            method_options=options,
+            progress=progress,
+            log=say,
+            command=recorded_line(),
+        )
+    except (FileNotFoundError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+        fail(error)
+    typer.echo((folder / "tune.md").read_text())

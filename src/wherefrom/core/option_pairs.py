@@ -1,0 +1,53 @@
+"""Method options given as text: ``method.key=value`` pairs parsed once, merged per method once.
+
+A pair ``key=value`` applies to every method (it is stored under the method name ``"*"``);
+``method.key=value`` to that method alone, and wins over the ``"*"`` entry of the same key.
+Values are parsed as JSON when they parse (``300``, ``0.1``, ``null``, ``"mean"``, ``["a"]``),
+and kept as text otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["format_option_pairs", "options_for", "parse_option_pairs", "parse_value"]
+
+
+def parse_value(text: str) -> Any:
+    """``text`` as JSON when it parses, else ``text`` itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_option_pairs(pairs: Iterable[str] | None, flag: str = "--option") -> dict[str, dict[str, Any]]:
+    """``["lissa.depth=300", "seed=1"]`` -> ``{"lissa": {"depth": 300}, "*": {"seed": 1}}``.
+
+    Raises ``ValueError`` naming ``flag`` and the pair when a pair has no ``=`` or no key.
+    """
+    parsed: dict[str, dict[str, Any]] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        method, _, name = key.rpartition(".")
+        if not sep or not name:
+            raise ValueError(f"{flag} {pair!r}: expected key=value or method.key=value")
+        parsed.setdefault(method or "*", {})[name] = parse_value(raw)
+    return parsed
+
+
+def options_for(options: dict[str, dict[str, Any]], method: str) -> dict[str, Any]:
+    """The options of ``method``: the ``"*"`` entries overridden by the method's own."""
+    return {**options.get("*", {}), **options.get(method, {})}
+
+
+def format_option_pairs(options: dict[str, dict[str, Any]]) -> list[str]:
+    """Inverse of :func:`parse_option_pairs`: ``{"lissa": {"depth": 300}}`` -> ``["lissa.depth=300"]``
+    (sorted by method, then key; values as JSON)."""
+    return [
+        f"{key if method == '*' else f'{method}.{key}'}={json.dumps(value)}"
+        for method, entries in sorted(options.items())
+        for key, value in sorted(entries.items())
+    ]

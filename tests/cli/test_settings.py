@@ -1,0 +1,177 @@
+"""Settings declared once: one flag name, default and help everywhere; checks before any write; replay."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import typer
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from wherefrom.cli import app
+from wherefrom.cli.app import COMMANDS, torch_threads
+from wherefrom.cli.settings import ATTRIBUTION, SETTINGS, default_threads
+from wherefrom.core.data import Record
+from wherefrom.models.tiny import save_tiny
+from wherefrom.studies.generated import write_jsonl
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def fit_args(root, run, *extra):
+    return [
+        "fit",
+        "--train",
+        root / "train.jsonl",
+        "--model",
+        root / "model",
+        "--run",
+        run,
+        "--max-length",
+        "128",
+        *extra,
+    ]
+
+
+def test_every_flag_has_one_name_default_and_help_across_commands():
+    seen: dict[str, tuple] = {}
+    group = typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        flags = {opt for param in cmd.params for opt in param.opts}
+        assert "--threads" in flags, f"{name} has no --threads"
+        for param in cmd.params:
+            if param.name == "help":
+                continue
+            key = param.opts[0]
+            now = (param.default, getattr(param, "help", None), param.required)
+            assert seen.setdefault(key, now) == now, f"{key} differs in {name}: {now} vs {seen[key]}"
+            assert SETTINGS[param.name].argument or SETTINGS[param.name].flag == key
+    assert seen["--max-length"][0] == 512 and seen["--top-k"][0] == 10
+    for name in ("fit", "attribute", "diagnose", "bench", "evaluate", "analyze"):
+        flags = {opt for param in group.commands[name].params for opt in param.opts}
+        assert {"--damping", "--damping-factor"} <= flags, name
+    assert set(ATTRIBUTION) <= set(SETTINGS)
+
+
+def test_threads_default_and_restore():
+    cores = len(__import__("os").sched_getaffinity(0))
+    assert 1 <= default_threads() <= cores
+    before = torch.get_num_threads()
+    with torch_threads(1) as chosen:
+        assert chosen == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def invalid_cases(root, out):
+    """(arguments, words the message must hold) for each invalid argument; ``out`` must stay absent."""
+    cases = [
+        (fit_args(root, out, "--include", "["), ["--include [", "invalid regular expression"]),
+        (fit_args(root, out, "--batch-size", "0"), ["--batch-size 0", ">= 1"]),
+        (fit_args(root, out, "--fisher", "exact"), ["--fisher exact", "true, empirical"]),
+        (fit_args(root, out, "--reduction", "max"), ["--reduction max", "sum, mean"]),
+        (fit_args(root, out, "--strategy", "nope"), ["--strategy nope", "ekfac"]),
+        (fit_args(root, out, "--strategy-option", "rank"), ["--strategy-option", "key=value"]),
+        (["fit", "--train", root / "nope.jsonl", "--run", out], ["--train", "nope.jsonl", "no such file"]),
+        (["query", "x", "y", "--run", out, "--top-k", "-1"], ["--top-k -1", ">= 1"]),
+        (["query", "x", "y", "--run", out, "--by-module", "-1"], ["--by-module -1", ">= 0"]),
+        (["bench", "--task", "rules", "--out", out, "--seeds", "a,b"], ["--seeds a,b", "integers"]),
+        (["bench", "--task", "rules", "--out", out, "--methods", "ekfac,nope"], ["--methods", "nope"]),
+        (
+            [
+                "attribute",
+                "--method",
+                "gradsim",
+                "--train",
+                root / "train.jsonl",
+                "--queries",
+                root / "q.jsonl",
+                "--out",
+                out,
+            ],
+            ["--queries", "q.jsonl", "no such file"],
+        ),
+        (["evaluate", out], ["GROUNDTRUTH", "not a ground-truth folder"]),
+        (["replay", out], ["FOLDER", "no config.json"]),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((fit_args(root, out, "--device", "cuda"), ["--device cuda", "not available", "available: cpu"]))
+    cases.append((fit_args(root, out, "--device", "gpu"), ["--device gpu"]))
+    return cases
+
+
+def test_invalid_arguments_exit_2_name_the_flag_and_write_nothing(workspace, tmp_path):
+    out = tmp_path / "out"
+    for args, words in invalid_cases(workspace, out):
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+        for word in words:
+            assert word in result.output, (args, word, result.output)
+        assert not out.exists(), args
+
+
+def test_failed_fit_accepts_new_settings_and_a_finished_one_names_what_differs(workspace, tmp_path):
+    long_rows = tmp_path / "long.jsonl"
+    write_jsonl([Record("a", "ab " * 10, " end"), Record("b", "x", " y")], long_rows)
+    run = tmp_path / "run"
+    args = ["fit", "--train", long_rows, "--model", workspace / "model", "--run", run, "--strategy", "diagonal"]
+    short = invoke(*args, "--max-length", "16")
+    assert short.exit_code == 2 and "16" in short.output
+    assert not (run / "factors").exists()
+    fixed = invoke(*args, "--max-length", "64")
+    assert fixed.exit_code == 0, fixed.output
+    other = invoke(*args, "--max-length", "100")
+    assert other.exit_code == 2 and "other settings" in other.output
+    assert "attribution.max_length: recorded 64, now 100" in other.output
+
+
+def test_replay_of_a_fit_recomputes_identical_factors(workspace, tmp_path):
+    run = tmp_path / "run"
+    assert invoke(*fit_args(workspace, run, "--strategy", "kfac", "--threads", "1")).exit_code == 0
+    saved = json.loads((run / "config.json").read_text())
+    record = saved["replay"]["fit"]
+    assert record["command"] == "fit" and record["arguments"]["strategy"] == "kfac"
+    assert record["line"].startswith("wherefrom fit --train <tmp>/") and str(tmp_path) not in record["line"]
+    assert saved["attribution"]["strategy"] == "kfac"  # the run's own settings stay beside the record
+    before = load_file(str(run / "factors" / "curvature.safetensors"))
+    shutil.rmtree(run / "factors")
+    replayed = invoke("replay", run)
+    assert replayed.exit_code == 0, replayed.output
+    after = load_file(str(run / "factors" / "curvature.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_replay_of_a_bench_reproduces_its_rows(tmp_path):
+    model = save_tiny(tmp_path / "model", arch="llama")
+    out = tmp_path / "bench"
+    args = ["bench", "--task", "rules", "--n-train", "8", "--n-test", "2", "--methods", "gradsim,bm25"]
+    args += ["--epochs", "1", "--max-length", "128", "--model", model, "--device", "cpu", "--damping", "0.5"]
+    first = invoke(*args, "--out", out)
+    assert first.exit_code == 0, first.output
+    report = json.loads((out / "bench.json").read_text())
+    assert report["command"].startswith("wherefrom bench --task rules") and str(tmp_path) not in report["command"]
+    assert report["config"]["damping"] == 0.5
+    for item in out.iterdir():
+        if item.name != "config.json":
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    again = invoke("replay", out)
+    assert again.exit_code == 0, again.output
+    replayed = json.loads((out / "bench.json").read_text())
+
+    def numbers(rows):  # what the numbers are, not how long they took
+        return [{k: row[k] for k in ("seed", "method", "metrics", "error", "key")} for row in rows]
+
+    assert numbers(replayed["rows"]) == numbers(report["rows"])
+    assert replayed["command"] == report["command"]
+
+
+def test_commands_are_callable_with_keywords_and_reject_unknown_settings(workspace):
+    with pytest.raises(typer.Exit):
+        COMMANDS["index"](run=workspace / "absent", colour="blue")
