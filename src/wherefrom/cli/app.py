@@ -158,6 +158,7 @@ def query(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON to stdout."),
     by_module: int = typer.Option(3, help="Show the modules with the largest share for each proponent (0 = none)."),
     per_token: bool = typer.Option(False, help="Split each top row's score over its tokens."),
+    html: Path | None = typer.Option(None, help="Also write this query's view as one self-contained HTML file."),
     device: str | None = typer.Option(None),
 ) -> None:
     """Top proponents and opponents of one (prompt, completion) among the training rows."""
@@ -196,6 +197,10 @@ def query(
         _, tokens = opened.attributor.token_scores([record], top_rows)
         for entry, (_row_id, input_ids, values) in zip(report["proponents"], tokens):
             entry["tokens"] = [[tokenizer.decode([t]), float(v)] for t, v in zip(input_ids, values[0])]
+    if html is not None:
+        from wherefrom.cli.report import write_query_html
+
+        console.print(f"query view -> {write_query_html(html, report, result, opened, record)}")
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -715,6 +720,8 @@ def tune(
         _fail(error)
     typer.echo(((out or groundtruth / f"tune-{method}") / "tune.md").read_text())
 
+
+import wherefrom.cli.report  # noqa: E402, F401  (registers `wherefrom report`)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

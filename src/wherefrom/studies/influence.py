@@ -22,6 +22,9 @@ minimising the Kolmogorov-Smirnov distance), with the interval ``alpha +- 1.96 s
 the estimator's standard error) and the normalised log-likelihood ratio ``R`` against a log-normal
 (``R > 0`` favours the power law; ``p`` its two-sided significance, Clauset et al., 2009).
 Grosse et al. report exponents between 2 and 4.3.
+
+**Agreement** between methods: for two score sets over the same queries and rows, the mean over
+queries of the Spearman correlation of their total scores across training rows.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from wherefrom.core.scoring import Scores
+from wherefrom.studies.groundtruth.lds import spearman_rows
 from wherefrom.studies.metrics import bootstrap_ci
 
 MODULE_KINDS = ("attention", "mlp", "lora_A", "lora_B", "other")
@@ -95,13 +99,15 @@ def group_shares(per_module: np.ndarray, groups: Sequence[str]) -> tuple[list[st
 
 
 def _summary(labels: Sequence[str], shares: np.ndarray) -> dict[str, dict[str, float]]:
-    """``{label: {mean, low, high, n}}`` over the queries with a finite share (bootstrap interval)."""
+    """``{label: {mean, low, high, n}}`` over the queries with a finite value (bootstrap interval;
+    ``low``/``high`` ``None`` for one query)."""
     out = {}
     for j, label in enumerate(labels):
         finite = shares[:, j][np.isfinite(shares[:, j])]
         if finite.size:
             mean, low, high = bootstrap_ci(finite)
-            out[label] = {"mean": mean, "low": low, "high": high, "n": int(finite.size)}
+            interval = (low, high) if finite.size > 1 else (None, None)
+            out[label] = {"mean": mean, "low": interval[0], "high": interval[1], "n": int(finite.size)}
     return out
 
 
@@ -224,3 +230,28 @@ def tail_profile(scores: Scores, fractions: Sequence[float] = TAIL_FRACTIONS) ->
         "shares": _summary(labels, shares),
         "alpha": _summary(["alpha"], alphas).get("alpha"),
     }
+
+
+def agreement(named: Mapping[str, Scores]) -> dict[str, Any]:
+    """Method-vs-method agreement: ``{labels, matrix}``, ``matrix[i][j]`` the mean per-query Spearman
+    correlation of the total scores of ``labels[i]`` and ``labels[j]`` across training rows (NaN scores,
+    as from a prefilter, make a query's correlation undefined; undefined queries are left out; ``None``
+    when no query is defined). Raises ``ValueError`` when the score sets disagree on query or row ids.
+    """
+    labels = list(named)
+    first = named[labels[0]] if labels else None
+    totals = {}
+    for label in labels:
+        scores = named[label]
+        if scores.query_ids != first.query_ids or scores.train_ids != first.train_ids:
+            raise ValueError(f"score sets {labels[0]!r} and {label!r} cover different queries or training rows")
+        totals[label] = scores.total.detach().cpu().double().numpy()
+    matrix = []
+    for a in labels:
+        row = []
+        for b in labels:
+            per_query = spearman_rows(totals[a], totals[b])
+            per_query = per_query[np.isfinite(per_query)]
+            row.append(float(per_query.mean()) if per_query.size else None)
+        matrix.append(row)
+    return {"labels": labels, "matrix": matrix}

@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import load_file
 
-from wherefrom.core.scoring import Scores, save_scores
+from wherefrom.core.scoring import Scores, load_scores, save_scores
 from wherefrom.core.store import (
     atomic_write_json,
     atomic_write_text,
@@ -139,9 +138,7 @@ def method_key(gt: GroundTruth, method: str, options: dict[str, Any], attributio
 
 def load_method_scores(folder: Path, method: str) -> Scores:
     """The scores :func:`run_method` saved for ``method`` in ``folder`` (with their ids and modules)."""
-    tensors = load_file(str(folder / f"{method}.safetensors"))
-    ids = json.loads((folder / f"{method}.json").read_text(encoding="utf-8"))
-    return Scores(ids["query_ids"], ids["train_ids"], ids["modules"], tensors["per_module"])
+    return load_scores(folder, method)
 
 
 def run_method(
