@@ -721,7 +721,5 @@ def tune(
     typer.echo(((out or groundtruth / f"tune-{method}") / "tune.md").read_text())
 
 
-import wherefrom.cli.report  # noqa: E402, F401  (registers `wherefrom report`)
-
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -7,6 +7,7 @@ Recognised, in this order:
 * an **evaluate** report: ``evaluate.json`` (``wherefrom evaluate``), with the methods' saved scores in
   the ground-truth folder's ``scores/`` when they are there (method agreement);
 * a **diagnose** folder: ``diagnose.json`` (``wherefrom diagnose``);
+* a **word-order** folder: ``wordorder.json`` (``wherefrom word-order``);
 * a **run** folder: ``config.json`` + ``manifest.json`` (``wherefrom fit``), with the score sets under
   ``scores/`` (``wherefrom scores``);
 * an **attribute** folder: ``config.json`` + ``scores.safetensors`` (``wherefrom attribute``).
@@ -31,10 +32,13 @@ from wherefrom.studies.report.sections import (
     query_sections,
     scores_sections,
     settings_section,
+    word_order_section,
 )
 
 PROVENANCE_KEYS = ("command", "versions", "hardware", "format")
 """Keys of a result JSON shown as provenance; the others (``config`` and the like) as settings."""
+RESULT_KEYS = ("aggregate", "rows", "methods", "seeds", "summary")
+"""Keys of a result JSON that hold results (shown in their own sections, not as settings)."""
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -62,7 +66,7 @@ def _rows(train: str | None) -> dict[str, Record] | None:
 
 
 def _provenance(data: dict[str, Any]) -> list[dict[str, Any]]:
-    settings = {k: v for k, v in data.items() if k not in PROVENANCE_KEYS and k not in ("aggregate", "rows", "methods")}
+    settings = {k: v for k, v in data.items() if k not in PROVENANCE_KEYS and k not in RESULT_KEYS}
     provenance = {k: data[k] for k in PROVENANCE_KEYS if k in data}
     out = [settings_section("Settings", settings)] if settings else []
     return out + ([settings_section("Provenance", provenance)] if provenance else [])
@@ -98,6 +102,9 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
         if (path / "diagnose.json").is_file():
             data = _read(path / "diagnose.json")
             return f"Diagnose: {path.name}", [diagnose_section(data["rows"]), *_provenance(data)]
+        if (path / "wordorder.json").is_file():
+            data = _read(path / "wordorder.json")
+            return f"Word order: {path.name}", [word_order_section(data["summary"]), *_provenance(data)]
         if (path / "config.json").is_file() and (path / "manifest.json").is_file():
             config, manifest = _read(path / "config.json"), _read(path / "manifest.json")
             named = score_sets(path / "scores") if (path / "scores").is_dir() else {}
@@ -120,7 +127,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             return f"Attribution: {config.get('method', path.name)}", [*sections, settings_section("Settings", config)]
     raise FileNotFoundError(
         f"{path} is not a result wherefrom can report on: expected a query JSON (`wherefrom query --json`), or a "
-        "folder with bench.json, evaluate.json, diagnose.json, config.json + manifest.json (a run) or "
+        "folder with bench.json, evaluate.json, diagnose.json, wordorder.json, config.json + manifest.json (a run) or "
         "config.json + scores.safetensors (`wherefrom attribute`)"
     )
 

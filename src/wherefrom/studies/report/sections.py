@@ -288,6 +288,29 @@ def diagnose_section(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"heading": "Each method against exact influence", "blocks": blocks}
 
 
+def word_order_section(summary: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]:
+    """The word-order study (:mod:`wherefrom.studies.wordorder`): mean influence per row group and the
+    ratio reversed / same, each with its 95% interval over seeds, as a table and an interval plot."""
+    rows = [[group, interval_cell(stat, ".4g")] for group, stat in summary.items()]
+    groups = {g: stat for g, stat in summary.items() if g != "reversed/same"}
+    return {
+        "heading": "Word order: the fact in the query's order, reversed, and unrelated rows",
+        "blocks": [
+            {
+                "type": "table",
+                "caption": "mean [95% interval over seeds]",
+                "columns": ["rows", "mean influence"],
+                "rows": rows,
+            },
+            {
+                "type": "figure",
+                "caption": "Mean influence per row",
+                "svg": plots.interval_plot(groups, "mean influence per row"),
+            },
+        ],
+    }
+
+
 def query_sections(
     report: Mapping[str, Any], scores: Scores | None = None, query_tokens: Sequence[Mapping[str, Any]] = ()
 ) -> list[dict[str, Any]]:
