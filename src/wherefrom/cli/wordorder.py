@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -24,11 +25,13 @@ def word_order(
     n_controls: int = typer.Option(DEFAULTS.n_controls, help="Rows stating unrelated invented facts."),
     seeds: str = typer.Option(",".join(map(str, DEFAULTS.seeds)), help="Comma-separated seeds (facts and training)."),
     method: str = typer.Option(DEFAULTS.method, help="Attribution method (see `wherefrom attribute --help`)."),
-    epochs: int = typer.Option(DEFAULTS.epochs),
-    learning_rate: float = typer.Option(DEFAULTS.learning_rate),
-    lora_rank: int | None = typer.Option(DEFAULTS.lora_rank, help="LoRA rank (default: fine-tune every parameter)."),
-    batch_size: int = typer.Option(DEFAULTS.batch_size),
-    max_length: int = typer.Option(DEFAULTS.max_length),
+    epochs: int = typer.Option(DEFAULTS.finetune.epochs),
+    learning_rate: float = typer.Option(DEFAULTS.finetune.learning_rate),
+    lora_rank: int | None = typer.Option(
+        DEFAULTS.finetune.lora_rank, help="LoRA rank (default: fine-tune every parameter)."
+    ),
+    batch_size: int = typer.Option(DEFAULTS.finetune.batch_size),
+    max_length: int = typer.Option(DEFAULTS.finetune.max_length),
     device: str | None = typer.Option(None),
 ) -> None:
     """Influence on a query of training rows stating its fact in the query's order, reversed, and of unrelated rows."""
@@ -40,11 +43,14 @@ def word_order(
         n_controls=n_controls,
         seeds=[int(s) for s in seeds.split(",") if s.strip()],
         method=method,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        lora_rank=lora_rank,
-        batch_size=batch_size,
-        max_length=max_length,
+        finetune=replace(
+            DEFAULTS.finetune,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            lora_rank=lora_rank,
+            batch_size=batch_size,
+            max_length=max_length,
+        ),
         device=device,
     )
     try:
