@@ -134,7 +134,8 @@ def layer_profile(scores: Scores, top_k: int = 10) -> dict[str, Any]:
     ``by_kind``, each ``{labels, abs_share, pos_share, per_query_abs_share}``: ``abs_share[label]`` /
     ``pos_share[label]`` are ``{mean, low, high, n}`` over queries (see the module docstring), and
     ``per_query_abs_share`` is ``(n_query, n_groups)``. ``"top"`` restricts each query to its ``top_k``
-    rows by total score (NaN rows, as from a prefilter, are never among them).
+    rows by total score. NaN scores (rows a prefilter did not score) count as 0 in the shares and are
+    never among the top rows.
     Raises ``ValueError`` for ``top_k < 1``.
     """
     if top_k < 1:
