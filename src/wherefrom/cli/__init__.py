@@ -3,7 +3,7 @@
 Importing this package registers every command family on :data:`app`.
 """
 
-from wherefrom.cli import attribute, methods, replay, run, studies
+from wherefrom.cli import attribute, methods, replay, report, run, studies, wordorder
 from wherefrom.cli.app import app
 
-__all__ = ["app", "attribute", "methods", "replay", "run", "studies"]
+__all__ = ["app", "attribute", "methods", "replay", "report", "run", "studies", "wordorder"]

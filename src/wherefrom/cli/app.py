@@ -183,8 +183,8 @@ def settings_as(cls: type[T], **overrides: Any) -> T:
     return cls(**taken, **overrides)
 
 
-def command(function: Callable[..., None] | None = None, *, uses: Iterable[str] = ()) -> Any:
-    """Register a function as the command of its name. Its parameters, and the names in ``uses``
+def command(function: Callable[..., None] | None = None, *, uses: Iterable[str] = (), name: str | None = None) -> Any:
+    """Register a function as the command of its name (or ``name``, e.g. ``word-order``). Its parameters, and the names in ``uses``
     (received through ``**settings`` and read by :func:`settings_as`), name settings of
     :data:`wherefrom.cli.settings.SETTINGS`; each gets that setting's flag, type, default and help.
 
@@ -195,8 +195,8 @@ def command(function: Callable[..., None] | None = None, *, uses: Iterable[str] 
     reruns a record.
     """
     if function is None:
-        return functools.partial(command, uses=tuple(uses))
-    name = function.__name__
+        return functools.partial(command, uses=tuple(uses), name=name)
+    name = name or function.__name__
     own = [p.name for p in inspect.signature(function).parameters.values() if p.kind is not p.VAR_KEYWORD]
     names = own + [u for u in uses if u not in own]
     unknown = [p for p in names if p not in SETTINGS]
@@ -235,5 +235,5 @@ def command(function: Callable[..., None] | None = None, *, uses: Iterable[str] 
     run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     run.__annotations__ = {s.name: s.type for s in settings}
     COMMANDS[name] = run
-    app.command()(run)
+    app.command(name=name)(run)
     return run

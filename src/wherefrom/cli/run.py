@@ -74,7 +74,7 @@ def scores(run, queries, name, top_k, device, threads) -> None:
 
 
 @command
-def query(prompt, completion, run, top_k, as_json, by_module, per_token, device, threads) -> None:
+def query(prompt, completion, run, top_k, as_json, by_module, per_token, html, device, threads) -> None:
     """Top proponents and opponents of one (prompt, completion) among the training rows."""
     try:
         opened = Run.open(run, progress=progress, device=device)
@@ -111,6 +111,10 @@ def query(prompt, completion, run, top_k, as_json, by_module, per_token, device,
         _, tokens = opened.attributor.token_scores([record], top_rows)
         for entry, (_row_id, input_ids, values) in zip(report["proponents"], tokens):
             entry["tokens"] = [[tokenizer.decode([t]), float(v)] for t, v in zip(input_ids, values[0])]
+    if html is not None:
+        from wherefrom.cli.report import write_query_html
+
+        console.print(f"query view -> {write_query_html(html, report, result, opened, record)}")
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

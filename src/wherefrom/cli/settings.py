@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from wherefrom.core.option_pairs import parse_option_pairs, parse_value
+from wherefrom.studies.wordorder import WordOrderConfig
 
 __all__ = [
     "ATTRIBUTION",
@@ -395,6 +396,13 @@ class StudySettings:
         "depth=100,500, rank=16,64.",
         check=grid_pairs,
     )
+    n_facts: int = setting(WordOrderConfig.n_facts, "word-order: invented facts, one query each.", check=at_least(1))
+    repeats: int = setting(
+        WordOrderConfig.repeats, "word-order: training rows per fact and ordering.", check=at_least(1)
+    )
+    n_controls: int = setting(
+        WordOrderConfig.n_controls, "word-order: rows stating unrelated invented facts.", check=at_least(0)
+    )
     split_seed: int = setting(0, "Seed of the selection / held-out split of the queries.")
     selection_share: float = setting(0.5, "Share of the queries the choice is made on; the rest are held out.")
 
@@ -440,6 +448,13 @@ class OutputSettings:
         REQUIRED, "An output folder holding a config.json written by wherefrom.", check=replay_folder, argument=True
     )
     cache: Path | None = setting(None, "Demo folder (default: $WHEREFROM_CACHE/demo or ~/.cache/wherefrom/demo).")
+    html: Path | None = setting(None, "Also write this query's view as one self-contained HTML file.")
+    path: Path = setting(
+        REQUIRED,
+        "A run, bench, evaluate, diagnose, word-order or attribute folder, or a query JSON (`wherefrom query --json`).",
+        check=existing_path,
+        argument=True,
+    )
 
 
 GROUPS: tuple[type, ...] = (

@@ -11,10 +11,12 @@ Scores are summed over modules; per-module and per-token parts sum to the total 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from wherefrom.core.gradients import TokenFactors
 from wherefrom.core.store import save_tensors_checked, write_json_checked
@@ -112,3 +114,10 @@ def save_scores(scores: Scores, folder: Path, name: str) -> Path:
         Path(folder) / f"{name}.json",
     )
     return path
+
+
+def load_scores(folder: Path, name: str) -> Scores:
+    """The :class:`Scores` that :func:`save_scores` wrote as ``<name>.safetensors`` + ``<name>.json`` in ``folder``."""
+    tensors = load_file(str(Path(folder) / f"{name}.safetensors"))
+    ids = json.loads((Path(folder) / f"{name}.json").read_text(encoding="utf-8"))
+    return Scores(ids["query_ids"], ids["train_ids"], ids["modules"], tensors["per_module"])

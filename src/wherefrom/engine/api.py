@@ -94,6 +94,17 @@ def _block_sq_norms(block: QueryBlock) -> torch.Tensor:
     return torch.einsum("qp,qp->q", flat, flat)
 
 
+def _sq_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(n,)`` float64 squared norms of dense gradients ``{module: (n, out, in')}`` over all modules, on CPU."""
+    return sum(torch.einsum("np,np->n", g.flatten(1), g.flatten(1)).double().cpu() for g in grads.values())
+
+
+def cosine_denominator(query_norms: torch.Tensor, train_norms: torch.Tensor) -> torch.Tensor:
+    """``(q, n)`` float64 ``||q|| * ||g_m||`` of cosine normalisation, with 1 where it is 0 (score stays 0)."""
+    denominator = query_norms.double().cpu()[:, None] * train_norms.double().cpu()[None, :]
+    return torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+
+
 class Attributor:
     """Fits curvature and computes influence scores for one model and module selection."""
 
@@ -286,9 +297,7 @@ class Attributor:
                 del value, dense
             block = torch.stack(column).cpu()
             if cosine:
-                denominator = query_norms[:, None] * train_sq_norms.sqrt()[None, :]
-                denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-                block = (block.double() / denominator).to(block.dtype)
+                block = (block.double() / cosine_denominator(query_norms, train_sq_norms.sqrt())).to(block.dtype)
             columns.append(block)
         return Scores(query_ids, train_ids, self.module_names, torch.cat(columns, dim=2))
 
@@ -315,16 +324,54 @@ class Attributor:
     def token_scores(
         self, queries: Sequence[Record], train: Sequence[Record]
     ) -> tuple[list[str], list[tuple[str, list[int], torch.Tensor]]]:
-        """Per-token split of the scores of ``train`` rows: ``[(train_id, input_ids, (n_query, T))]``.
+        """Per-token split of the scores of ``train`` rows (the training side): ``[(train_id, input_ids, (n_query, T))]``.
 
-        Token ``t`` gets ``sum_modules g_t^T Q a_t``; the tokens of a row sum to its total score.
+        Token ``t`` gets ``sum_modules g_t^T Q a_t`` (Grosse et al. 2023, section 5.3.2), with ``Q`` the
+        preconditioned query; the tokens of a row sum to its total score, also with ``query_rank`` and with
+        ``normalize="cosine"`` (each token divided by the row's ``||q|| * ||g_m||``).
         """
         query_ids, pre = self.preconditioned_queries(queries)
         encoded = self.encode(train)
         out = []
         for ids, factors in self.token_factor_stream(encoded, description="token scores"):
             per_token = sum(token_scores(pre[n], factors[n]) for n in self.module_names)
+            if self.config.normalize == "cosine":
+                train_norms = _sq_norms({n: f.dense() for n, f in factors.items()}).sqrt()
+                per_token = per_token / cosine_denominator(pre.norms, train_norms)[:, :, None].to(per_token)
             for j, row_id in enumerate(ids):
                 example = encoded[len(out)]
                 out.append((row_id, example.input_ids, per_token[:, j, : len(example.input_ids)].cpu()))
         return query_ids, out
+
+    def query_token_scores(
+        self, queries: Sequence[Record], train: Sequence[Record]
+    ) -> tuple[list[str], list[tuple[str, list[int], torch.Tensor]]]:
+        """Per-token split on the query side: ``(train_ids, [(query_id, input_ids, (n_train, T))])``.
+
+        The query gradient is ``q = sum_t g_t a_t^T`` over the query's tokens, so with the symmetric
+        preconditioner ``P = (G + lambda I)^-1`` the score ``q^T P grad L(z_m)`` splits into query token
+        ``t``'s part ``sum_modules g_t^T [P grad L(z_m)] a_t``; the tokens of a query sum to its
+        full-rank score (``query_rank`` is not applied: the preconditioner acts on the training side;
+        iterative solvers such as ``cg`` agree up to their tolerance). Under ``normalize="cosine"`` each
+        part is divided by ``||P q|| * ||grad L(z_m)||``. Holds every training row's preconditioned
+        gradient in memory: meant for a few rows (e.g. a query's top proponents).
+        """
+        train_ids, blocks, train_sq = [], [], []
+        for ids, grads in self.gradients(train, description="train gradients"):
+            train_ids += ids
+            train_sq.append(_sq_norms(grads))
+            blocks.append(self.curvature.precondition(grads))
+        preconditioned = {n: torch.cat([b.pop(n) for b in blocks]) for n in self.module_names}
+        encoded = self.encode(queries)
+        cosine = None
+        if self.config.normalize == "cosine":
+            cosine = cosine_denominator(self.preconditioned_queries(encoded)[1].norms, torch.cat(train_sq).sqrt())
+        out = []
+        for ids, factors in self.token_factor_stream(encoded, self.query_loss_fn(), "query token scores"):
+            per_token = sum(token_scores(preconditioned[n], factors[n]) for n in self.module_names)  # (n_train, b, T)
+            if cosine is not None:
+                per_token = per_token / cosine[len(out) : len(out) + len(ids)].T[:, :, None].to(per_token)
+            for j, query_id in enumerate(ids):
+                example = encoded[len(out)]
+                out.append((query_id, example.input_ids, per_token[:, j, : len(example.input_ids)].cpu()))
+        return train_ids, out

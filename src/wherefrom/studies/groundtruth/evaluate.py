@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import load_file
 
 from wherefrom.core.commandline import command_line as render_command
 from wherefrom.core.option_pairs import format_option_pairs, options_for
-from wherefrom.core.scoring import Scores, save_scores
+from wherefrom.core.scoring import Scores, load_scores, save_scores
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import check_methods, in_family
@@ -145,9 +144,7 @@ def method_key(gt: GroundTruth, method: str, options: dict[str, Any], attributio
 
 def load_method_scores(folder: Path, method: str) -> Scores:
     """The scores :func:`run_method` saved for ``method`` in ``folder`` (with their ids and modules)."""
-    tensors = load_file(str(folder / f"{method}.safetensors"))
-    ids = json.loads((folder / f"{method}.json").read_text(encoding="utf-8"))
-    return Scores(ids["query_ids"], ids["train_ids"], ids["modules"], tensors["per_module"])
+    return load_scores(folder, method)
 
 
 def run_method(

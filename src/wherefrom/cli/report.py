@@ -1,0 +1,62 @@
+"""``wherefrom report PATH`` and the HTML view of ``wherefrom query --html``.
+
+Both write one self-contained HTML file (:mod:`wherefrom.studies.report`): it opens without network
+access, styles and SVG figures inline, no script.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from wherefrom.cli.app import command, fail
+from wherefrom.core.data import Record
+from wherefrom.core.scoring import Scores
+from wherefrom.engine.run import Run
+from wherefrom.studies.report import render, write_html, write_report
+from wherefrom.studies.report.sections import query_sections, settings_section
+
+QUERY_SIDE_ROWS = 3
+"""Top proponents whose query-side token heatmap the query view shows."""
+
+
+@command
+def report(path, out, threads) -> None:
+    """One self-contained HTML report (no network needed to open it) of a result folder or query JSON;
+    --out is the HTML file (default: PATH/report.html, or PATH.html for a file)."""
+    try:
+        written = write_report(path, out)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        fail(error)
+    typer.echo(f"report -> {written}")
+
+
+def write_query_html(out: Path, result: dict[str, Any], scores: Scores, opened: Run, record: Record) -> Path:
+    """The query view of ``wherefrom query``: ``result`` (its JSON report), with token heatmaps on the
+    training side for every shown row and on the query side for the top :data:`QUERY_SIDE_ROWS`
+    proponents, the query's layer profile and tail (from ``scores``), the run's settings and provenance."""
+    tokenizer = opened.loaded.tokenizer
+    rows = {r.id: r for r in opened.train}
+    shown = {kind: [dict(entry) for entry in result[kind]] for kind in ("proponents", "opponents")}
+    entries = shown["proponents"] + shown["opponents"]
+    _, per_row = opened.attributor.token_scores([record], [rows[e["id"]] for e in entries])
+    for entry, (_row_id, input_ids, values) in zip(entries, per_row):
+        entry["tokens"] = [[tokenizer.decode([t]), float(v)] for t, v in zip(input_ids, values[0])]
+    top = [rows[e["id"]] for e in shown["proponents"][:QUERY_SIDE_ROWS]]
+    train_ids, query_side = opened.attributor.query_token_scores([record], top) if top else ([], [])
+    query_tokens = []
+    if query_side:
+        _query_id, input_ids, values = query_side[0]
+        for j, row_id in enumerate(train_ids):
+            query_tokens.append(
+                {"id": row_id, "tokens": [[tokenizer.decode([t]), float(v)] for t, v in zip(input_ids, values[j])]}
+            )
+    sections = query_sections({**result, **shown}, scores, query_tokens)
+    sections.append(settings_section("Settings", opened.config.to_dict()))
+    manifest = opened.folder / "manifest.json"
+    if manifest.is_file():
+        sections.append(settings_section("Provenance", json.loads(manifest.read_text(encoding="utf-8"))))
+    return write_html(render("Query: " + record.prompt[:80], str(opened.folder), sections), out)

@@ -1,0 +1,59 @@
+"""``wherefrom word-order``: Grosse et al.'s word-order study on invented facts (:mod:`wherefrom.studies.wordorder`)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import typer
+
+from wherefrom.cli.app import command, fail, recorded_line, remember, required, say
+from wherefrom.core.data import DataError
+from wherefrom.models.loading import ModelLoadError
+from wherefrom.studies.wordorder import WordOrderConfig, run_word_order
+
+
+@command(name="word-order")
+def word_order(
+    out,
+    model,
+    n_facts,
+    repeats,
+    n_controls,
+    seeds,
+    method,
+    epochs,
+    learning_rate,
+    lora_rank,
+    batch_size,
+    max_length,
+    device,
+    threads,
+) -> None:
+    """Influence on a query of training rows stating its fact in the query's order, reversed, and of unrelated
+    rows; --out receives wordorder.json, wordorder.md and seed-<s>/finetune."""
+    out = required(out, "out")
+    defaults = WordOrderConfig(out=str(out))
+    config = replace(
+        defaults,
+        model=model,
+        n_facts=n_facts,
+        repeats=repeats,
+        n_controls=n_controls,
+        seeds=[int(s) for s in seeds.split(",")] if seeds else defaults.seeds,
+        method=method or defaults.method,
+        finetune=replace(
+            defaults.finetune,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            lora_rank=lora_rank or None,
+            batch_size=batch_size,
+            max_length=max_length,
+        ),
+        device=device,
+    )
+    try:
+        remember(out)
+        run_word_order(config, command=recorded_line(), log=say)
+    except (DataError, ModelLoadError, ValueError, RuntimeError) as error:
+        fail(error)
+    typer.echo((out / "wordorder.md").read_text())

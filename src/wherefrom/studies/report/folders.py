@@ -1,0 +1,141 @@
+"""``wherefrom report PATH``: recognise what a result folder (or file) holds and build its report.
+
+Recognised, in this order:
+
+* a **query result**: a JSON file as ``wherefrom query --json`` prints it (``query``, ``proponents``);
+* a **bench** folder: ``bench.json`` (``wherefrom bench``): metric table and interval plots per method;
+* an **evaluate** report: ``evaluate.json`` (``wherefrom evaluate``), with the methods' saved scores in
+  the ground-truth folder's ``scores/`` when they are there (method agreement);
+* a **diagnose** folder: ``diagnose.json`` (``wherefrom diagnose``);
+* a **word-order** folder: ``wordorder.json`` (``wherefrom word-order``);
+* a **run** folder: ``config.json`` + ``manifest.json`` (``wherefrom fit``), with the score sets under
+  ``scores/`` (``wherefrom scores``);
+* an **attribute** folder: ``config.json`` + ``scores.safetensors`` (``wherefrom attribute``).
+
+Every report ends with the settings and provenance it found. Raises ``FileNotFoundError`` naming what
+was expected when ``PATH`` is none of these.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from wherefrom.core.data import DataError, Record, load_records
+from wherefrom.core.scoring import Scores, load_scores
+from wherefrom.studies.report.render import render, write_html
+from wherefrom.studies.report.sections import (
+    agreement_section,
+    diagnose_section,
+    metric_sections,
+    query_sections,
+    scores_sections,
+    settings_section,
+    word_order_section,
+)
+
+PROVENANCE_KEYS = ("command", "versions", "hardware", "format")
+"""Keys of a result JSON shown as provenance; the others (``config`` and the like) as settings."""
+RESULT_KEYS = ("aggregate", "rows", "methods", "seeds", "summary")
+"""Keys of a result JSON that hold results (shown in their own sections, not as settings)."""
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def score_sets(folder: Path) -> dict[str, Scores]:
+    """Every score set :func:`wherefrom.core.scoring.save_scores` wrote in ``folder``, by name (sorted)."""
+    found = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        ids = path.with_suffix(".json")
+        if ids.is_file() and "train_ids" in _read(ids):
+            found[path.stem] = load_scores(folder, path.stem)
+    return found
+
+
+def _rows(train: str | None) -> dict[str, Record] | None:
+    """The training rows by id, or ``None`` when the file is gone or unreadable (the report shows ids)."""
+    if not train:
+        return None
+    try:
+        return {r.id: r for r in load_records(train)}
+    except (DataError, FileNotFoundError, OSError):
+        return None
+
+
+def _provenance(data: dict[str, Any]) -> list[dict[str, Any]]:
+    settings = {k: v for k, v in data.items() if k not in PROVENANCE_KEYS and k not in RESULT_KEYS}
+    provenance = {k: data[k] for k in PROVENANCE_KEYS if k in data}
+    out = [settings_section("Settings", settings)] if settings else []
+    return out + ([settings_section("Provenance", provenance)] if provenance else [])
+
+
+def _scores_report(named: dict[str, Scores], rows: dict[str, Record] | None) -> list[dict[str, Any]]:
+    sections = []
+    for name, scores in named.items():
+        sections += scores_sections(name, scores, rows)
+    together = agreement_section(named)
+    return sections + ([together] if together else [])
+
+
+def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
+    """``(title, sections)`` of the report on ``path`` (see the module docstring for what is recognised)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".json":
+        data = _read(path)
+        if "proponents" in data and "query" in data:
+            return "Query: " + data["query"]["prompt"][:80], query_sections(data)
+    if path.is_dir():
+        if (path / "bench.json").is_file():
+            data = _read(path / "bench.json")
+            extra = {"seconds": "time, s", "peak_mib": "peak memory, MiB"}
+            sections = [metric_sections(data["aggregate"], f"Bench ({data.get('kind', '')})", extra)]
+            return f"Bench: {path.name}", sections + _provenance(data)
+        if (path / "evaluate.json").is_file():
+            data = _read(path / "evaluate.json")
+            sections = [metric_sections(data["methods"], "Methods against the ground truth", {"seconds": "time, s"})]
+            scores_folder = Path(data.get("config", {}).get("groundtruth", path)) / "scores"
+            together = agreement_section(score_sets(scores_folder)) if scores_folder.is_dir() else None
+            return f"Evaluate: {path.name}", sections + ([together] if together else []) + _provenance(data)
+        if (path / "diagnose.json").is_file():
+            data = _read(path / "diagnose.json")
+            return f"Diagnose: {path.name}", [diagnose_section(data["rows"]), *_provenance(data)]
+        if (path / "wordorder.json").is_file():
+            data = _read(path / "wordorder.json")
+            return f"Word order: {path.name}", [word_order_section(data["summary"]), *_provenance(data)]
+        if (path / "config.json").is_file() and (path / "manifest.json").is_file():
+            config, manifest = _read(path / "config.json"), _read(path / "manifest.json")
+            named = score_sets(path / "scores") if (path / "scores").is_dir() else {}
+            sections = _scores_report(named, _rows(config.get("train")))
+            if not named:
+                sections.append(
+                    {
+                        "heading": "Scores",
+                        "blocks": [{"type": "note", "text": "No scores yet: run `wherefrom scores`."}],
+                    }
+                )
+            return f"Run: {path.name}", [
+                *sections,
+                settings_section("Settings", config),
+                settings_section("Provenance", manifest),
+            ]
+        if (path / "config.json").is_file() and (path / "scores.safetensors").is_file():
+            config = _read(path / "config.json")
+            sections = _scores_report(score_sets(path), _rows(config.get("train")))
+            return f"Attribution: {config.get('method', path.name)}", [*sections, settings_section("Settings", config)]
+    raise FileNotFoundError(
+        f"{path} is not a result wherefrom can report on: expected a query JSON (`wherefrom query --json`), or a "
+        "folder with bench.json, evaluate.json, diagnose.json, wordorder.json, config.json + manifest.json (a run) or "
+        "config.json + scores.safetensors (`wherefrom attribute`)"
+    )
+
+
+def write_report(path: Path, out: Path | None = None) -> Path:
+    """Write the HTML report on ``path`` to ``out`` (default ``<folder>/report.html``, or ``<file>.html``)."""
+    path = Path(path)
+    title, sections = report_sections(path)
+    if out is None:
+        out = path / "report.html" if path.is_dir() else path.with_suffix(".html")
+    return write_html(render(title, str(path), sections), out)

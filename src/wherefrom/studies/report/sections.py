@@ -1,0 +1,346 @@
+"""Report sections: results turned into headed lists of blocks that the HTML template lays out.
+
+A section is ``{"heading": str, "blocks": [block, ...]}``; a block is one of
+
+* ``{"type": "note", "text"}`` — a paragraph;
+* ``{"type": "table", "caption", "columns", "rows"}`` — cells are strings;
+* ``{"type": "figure", "caption", "svg"}`` — an inline SVG from :mod:`wherefrom.studies.report.plots`;
+* ``{"type": "entries", "caption", "entries"}`` — ranked training rows with their text and, when known,
+  a token heatmap (``tokens``: ``[{text, value, color}]``);
+* ``{"type": "tokens", "caption", "tokens"}`` — one token heatmap (e.g. the query side);
+* ``{"type": "pre", "caption", "text"}`` — preformatted text (settings, provenance).
+
+Every number shown keeps the sign convention of :mod:`wherefrom.core.scoring` (positive = proponent).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from wherefrom.core.data import Record
+from wherefrom.core.scoring import Scores
+from wherefrom.studies.bench import interval_cell
+from wherefrom.studies.influence import agreement, layer_profile, tail_profile
+from wherefrom.studies.report import plots
+
+SHARE_NOTE = (
+    "Share of |influence|: for each query, the sum over training rows of |score part| of the modules in a group, "
+    "divided by the same sum over all modules (the groups sum to 1); positive share: the same with the positive "
+    "parts only. Bars are means over queries with a 95% bootstrap interval; 'top proponents' restricts each "
+    "query to its highest-scoring rows."
+)
+TAIL_NOTE = (
+    "Top 1% / 10%: share of the query's total positive influence held by its highest-scoring 1% / 10% of "
+    "training rows. alpha: exponent of a power law p(x) ~ x^-alpha fitted (powerlaw package) to the positive "
+    "scores above xmin, with a 95% interval; R > 0 favours the power law over a log-normal (p: significance). "
+    "Grosse et al. (2023) report alpha between 2 and 4.3."
+)
+
+
+def cell(value: float | None, fmt: str = ".3g") -> str:
+    """A number for a table cell; ``–`` for a missing or non-finite value."""
+    return "–" if value is None or not math.isfinite(value) else format(value, fmt)
+
+
+def token_spans(tokens: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    """``[[text, value], ...]`` -> ``[{text, value, color}]`` coloured by :func:`plots.token_colors`."""
+    colors = plots.token_colors([float(v) for _, v in tokens])
+    return [{"text": str(t), "value": float(v), "color": c} for (t, v), c in zip(tokens, colors)]
+
+
+def entries_block(entries: Sequence[Mapping[str, Any]], caption: str) -> dict[str, Any]:
+    """Ranked rows (``{id, score, label?, prompt?, completion?, top_modules?, tokens?}``) as an entries block."""
+    shown = []
+    for rank, entry in enumerate(entries, 1):
+        modules = "; ".join(f"{name} {value:+.2g}" for name, value in entry.get("top_modules") or [])
+        shown.append(
+            {
+                "rank": rank,
+                "id": entry["id"],
+                "score": cell(entry["score"], "+.4g"),
+                "label": entry.get("label") or "",
+                "prompt": entry.get("prompt"),
+                "completion": entry.get("completion"),
+                "modules": modules,
+                "tokens": token_spans(entry["tokens"]) if entry.get("tokens") else None,
+            }
+        )
+    return {"type": "entries", "caption": caption, "entries": shown}
+
+
+def top_entries(
+    scores: Scores, query: int, k: int, rows: Mapping[str, Record] | None, opponents: bool = False
+) -> list[dict[str, Any]]:
+    """The ``k`` top proponents (or opponents) of one query with their text when ``rows`` is given."""
+    out = []
+    for row_id, score in scores.top(query, k, opponents=opponents):
+        entry: dict[str, Any] = {"id": row_id, "score": score}
+        if rows is not None and row_id in rows:
+            row = rows[row_id]
+            entry.update(label=row.label, prompt=row.prompt, completion=row.completion)
+        out.append(entry)
+    return out
+
+
+def layer_section(profile: Mapping[str, Any], heading: str = "Influence by layer and module type") -> dict[str, Any]:
+    """Bars of the by-layer and by-type shares (all rows vs top proponents) and a table of the means."""
+    blocks: list[dict[str, Any]] = [{"type": "note", "text": SHARE_NOTE}]
+    top_name = f"top {profile['top_k']} proponents"
+    for key, axis in (("by_layer", "layer"), ("by_kind", "module type")):
+        labels = profile["all"][key]["labels"]
+        for share, what in (("abs_share", "|influence|"), ("pos_share", "positive influence")):
+            series = {"all rows": profile["all"][key][share], top_name: profile["top"][key][share]}
+            blocks.append(
+                {
+                    "type": "figure",
+                    "caption": f"Share of {what} by {axis}",
+                    "svg": plots.share_plot(series, labels, f"share of {what} by {axis}", axis),
+                }
+            )
+        rows = [
+            [
+                label,
+                interval_cell(profile["all"][key]["abs_share"].get(label)),
+                interval_cell(profile["all"][key]["pos_share"].get(label)),
+                interval_cell(profile["top"][key]["abs_share"].get(label)),
+            ]
+            for label in labels
+        ]
+        blocks.append(
+            {
+                "type": "table",
+                "caption": f"Shares by {axis} (mean [95% interval] over queries)",
+                "columns": [axis, "|influence|, all rows", "positive, all rows", f"|influence|, {top_name}"],
+                "rows": rows,
+            }
+        )
+    return {"heading": heading, "blocks": blocks}
+
+
+def tail_section(scores: Scores, max_plots: int = 3) -> dict[str, Any]:
+    """Top-1%/10% shares and the power-law fit per query, their means, and CCDF plots of the first queries."""
+    tail = tail_profile(scores)
+    labels = list(tail["shares"]) or ["top_1%", "top_10%"]
+    rows = []
+    for entry in tail["per_query"]:
+        fit = entry["fit"] or {}
+        rows.append(
+            [
+                entry["query"],
+                *[cell(entry["shares"].get(label), ".3f") for label in labels],
+                f"{cell(fit.get('alpha'), '.2f')} [{cell(fit.get('alpha_low'), '.2f')}, {cell(fit.get('alpha_high'), '.2f')}]"
+                if fit
+                else entry["fit_error"],
+                cell(fit.get("xmin")),
+                str(fit.get("n_tail", "–")),
+                cell(fit.get("lognormal_R"), ".2f"),
+                cell(fit.get("lognormal_p"), ".2f"),
+            ]
+        )
+    summary = [[label, interval_cell(tail["shares"].get(label))] for label in labels]
+    summary.append(["alpha", interval_cell(tail["alpha"], ".2f")])
+    blocks: list[dict[str, Any]] = [
+        {"type": "note", "text": TAIL_NOTE},
+        {"type": "table", "caption": "Means over queries [95% interval]", "columns": ["", "mean"], "rows": summary},
+        {
+            "type": "table",
+            "caption": "Per query",
+            "columns": ["query", *labels, "alpha [95%]", "xmin", "rows in tail", "R vs log-normal", "p"],
+            "rows": rows,
+        },
+    ]
+    total = scores.total.detach().cpu().double().numpy()
+    for q, entry in enumerate(tail["per_query"][:max_plots]):
+        blocks.append(
+            {
+                "type": "figure",
+                "caption": f"Tail of query {entry['query']}",
+                "svg": plots.tail_plot(total[q], entry["fit"], f"tail of {entry['query']}"),
+            }
+        )
+    return {"heading": "The tail: how concentrated influence is", "blocks": blocks}
+
+
+def agreement_section(named: Mapping[str, Scores]) -> dict[str, Any] | None:
+    """Mean per-query Spearman between every two score sets over the same ids; ``None`` for fewer than two."""
+    groups: dict[tuple, dict[str, Scores]] = {}
+    for name, scores in named.items():
+        groups.setdefault((tuple(scores.query_ids), tuple(scores.train_ids)), {})[name] = scores
+    blocks = []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        result = agreement(group)
+        blocks.append(
+            {
+                "type": "figure",
+                "caption": "Mean per-query Spearman correlation of the total scores across training rows",
+                "svg": plots.matrix_plot(result["labels"], result["matrix"], "method agreement"),
+            }
+        )
+    if not blocks:
+        return None
+    return {"heading": "Method-vs-method agreement", "blocks": blocks}
+
+
+def scores_sections(
+    name: str, scores: Scores, rows: Mapping[str, Record] | None, top_k: int = 5, max_queries: int = 5
+) -> list[dict[str, Any]]:
+    """Top proponents and opponents of the first queries, the layer profile and the tail of one score set."""
+    blocks: list[dict[str, Any]] = [
+        {
+            "type": "note",
+            "text": f"{len(scores.query_ids)} queries x {len(scores.train_ids)} training rows, "
+            f"{len(scores.module_names)} modules; positive = proponent (raises log p(completion | prompt)).",
+        }
+    ]
+    if rows is None:
+        blocks.append({"type": "note", "text": "The training rows could not be read: ids only."})
+    for q, query_id in enumerate(scores.query_ids[:max_queries]):
+        for opponents, kind in ((False, "proponents"), (True, "opponents")):
+            entries = top_entries(scores, q, top_k, rows, opponents)
+            blocks.append(entries_block(entries, f"Query {query_id}: top {kind}"))
+    if len(scores.query_ids) > max_queries:
+        blocks.append({"type": "note", "text": f"The first {max_queries} queries are shown."})
+    tops = {"heading": f"Scores {name}: top rows", "blocks": blocks}
+    layers = layer_section(layer_profile(scores), f"Scores {name}: influence by layer and module type")
+    tail = tail_section(scores)
+    tail["heading"] = f"Scores {name}: {tail['heading']}"
+    return [tops, layers, tail]
+
+
+def settings_section(heading: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings or provenance shown as indented JSON, one block per top-level entry group."""
+    return {
+        "heading": heading,
+        "blocks": [{"type": "pre", "caption": "", "text": json.dumps(settings, indent=2, sort_keys=True, default=str)}],
+    }
+
+
+def metric_sections(
+    per_method: Mapping[str, Mapping[str, Any]], heading: str, extra_columns: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """A table of every metric (mean [95% interval]) per method, and one interval plot per metric.
+
+    ``per_method``: ``{method: {"metrics": {name: {mean, low, high} | None}, ...}}`` (other metric
+    entries, such as counts, are left out); ``extra_columns``
+    maps a key of the method's entry (e.g. ``seconds``) to its column title.
+    """
+    extra_columns = extra_columns or {}
+    metrics = sorted(
+        {
+            m
+            for e in per_method.values()
+            for m, v in (e.get("metrics") or {}).items()
+            if v is None or isinstance(v, dict)
+        }
+    )
+    rows = []
+    for method, entry in per_method.items():
+        values = entry.get("metrics") or {}
+        rows.append(
+            [
+                method,
+                *[interval_cell(values.get(m)) for m in metrics],
+                *[cell(entry.get(key)) for key in extra_columns],
+            ]
+        )
+    blocks: list[dict[str, Any]] = [
+        {
+            "type": "table",
+            "caption": "mean [95% interval]",
+            "columns": ["method", *metrics, *extra_columns.values()],
+            "rows": rows,
+        }
+    ]
+    for metric in metrics:
+        stats = {m: (e.get("metrics") or {}).get(metric) for m, e in per_method.items()}
+        if any(s for s in stats.values()):
+            blocks.append({"type": "figure", "caption": metric, "svg": plots.interval_plot(stats, metric)})
+    return {"heading": heading, "blocks": blocks}
+
+
+def diagnose_section(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The diagnose table (each method against exact influence) and a plot of its rank agreement."""
+    columns = ["method", "iHVP rel. error vs exact", "Spearman vs exact", "mean per-query Spearman", "time, s"]
+    table = [
+        [
+            r["method"],
+            cell(r.get("ihvp_rel_error")),
+            cell(r.get("spearman"), ".3f"),
+            cell(r.get("spearman_per_query"), ".3f"),
+            cell(r.get("seconds"), ".3g"),
+        ]
+        if not r.get("error")
+        else [r["method"], f"failed: {r['error']}", "", "", ""]
+        for r in rows
+    ]
+    stats = {
+        r["method"]: {"mean": r.get("spearman_per_query")} for r in rows if r.get("spearman_per_query") is not None
+    }
+    blocks: list[dict[str, Any]] = [{"type": "table", "caption": "", "columns": columns, "rows": table}]
+    if stats:
+        svg = plots.interval_plot(stats, "mean per-query Spearman vs exact influence")
+        blocks.append({"type": "figure", "caption": "Agreement with exact influence", "svg": svg})
+    return {"heading": "Each method against exact influence", "blocks": blocks}
+
+
+def word_order_section(summary: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]:
+    """The word-order study (:mod:`wherefrom.studies.wordorder`): mean influence per row group and the
+    ratio reversed / same, each with its 95% interval over seeds, as a table and an interval plot."""
+    rows = [[group, interval_cell(stat, ".4g")] for group, stat in summary.items()]
+    groups = {g: stat for g, stat in summary.items() if g != "reversed/same"}
+    return {
+        "heading": "Word order: the fact in the query's order, reversed, and unrelated rows",
+        "blocks": [
+            {
+                "type": "table",
+                "caption": "mean [95% interval over seeds]",
+                "columns": ["rows", "mean influence"],
+                "rows": rows,
+            },
+            {
+                "type": "figure",
+                "caption": "Mean influence per row",
+                "svg": plots.interval_plot(groups, "mean influence per row"),
+            },
+        ],
+    }
+
+
+def query_sections(
+    report: Mapping[str, Any], scores: Scores | None = None, query_tokens: Sequence[Mapping[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """The view of one query: its top proponents and opponents (with token heatmaps when the report has
+    them), the query-side token heatmaps, and, with the query's ``scores``, its layer profile and tail.
+
+    ``report``: the dict ``wherefrom query --json`` prints; ``query_tokens``: ``[{"id": train_id,
+    "tokens": [[text, value], ...]}]``, the query's tokens' share of its score on that row.
+    """
+    query = report["query"]
+    blocks: list[dict[str, Any]] = [
+        {"type": "note", "text": f"strategy {report.get('strategy')}; {report.get('sign', '')}"},
+        {
+            "type": "table",
+            "caption": "Query",
+            "columns": ["prompt", "completion"],
+            "rows": [[query["prompt"], query["completion"]]],
+        },
+        entries_block(report["proponents"], "Top proponents (heatmap: each training token's part of the score)"),
+        entries_block(report["opponents"], "Top opponents"),
+    ]
+    for entry in query_tokens:
+        blocks.append(
+            {
+                "type": "tokens",
+                "caption": f"Query tokens' part of the score on row {entry['id']}",
+                "tokens": token_spans(entry["tokens"]),
+            }
+        )
+    sections = [{"heading": "Which training rows made the model say this?", "blocks": blocks}]
+    if scores is not None:
+        sections += [layer_section(layer_profile(scores)), tail_section(scores)]
+    return sections

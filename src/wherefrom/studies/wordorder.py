@@ -1,0 +1,183 @@
+"""Sensitivity of influence to word order (Grosse et al. 2023, section 5.3.3), on invented facts.
+
+Each seed invents ``n_facts`` facts "the capital of S is O" from nonce words (no model has seen them)
+and builds training rows whose completion states a fact (the loss covers the statement):
+
+* ``same``: ``"fact:"`` -> ``" the capital of S is O."``, the query's order (S before O);
+* ``reversed``: ``"fact:"`` -> ``" O is the capital of S."``, the same fact, O before S;
+* ``control``: the same-order statement of an unrelated invented fact (never queried).
+
+Every fact gets ``repeats`` rows of each order. The query of fact ``i`` is ``"fact: the capital of S_i
+is"`` -> ``" O_i"``. A fresh base model is fine-tuned on the rows (:func:`wherefrom.models.finetune.finetune`,
+cached under ``out/seed-<s>/finetune``), then ``method`` scores every row for every query
+(:func:`wherefrom.studies.bench.scored_method`). For each query the mean score of its fact's
+``same`` rows, of its fact's ``reversed`` rows and of the ``control`` rows are taken (sign: positive =
+proponent); a seed's value is the mean over its queries, and the report gives the mean over seeds with
+a 95% Student-t interval (:func:`wherefrom.studies.metrics.mean_stat`), and the ratio reversed / same.
+Grosse et al. found that the reversed ordering carries almost no influence on large models.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wherefrom.core.data import Record
+from wherefrom.core.store import atomic_write_json, atomic_write_text, hardware, package_versions
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.methods.registry import check_methods
+from wherefrom.models.finetune import FinetuneConfig, finetune
+from wherefrom.models.loading import load_model
+from wherefrom.studies.bench import interval_cell, scored_method
+from wherefrom.studies.metrics import mean_stat
+
+GROUPS = ("same", "reversed", "control")
+"""Training-row groups of the study, by how the row states a fact relative to the query."""
+_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+
+
+def tiny_finetune() -> FinetuneConfig:
+    """The default fine-tuning of the study: every parameter, 40 epochs at 3e-3 (on the tiny models the
+    summed completion loss falls from about 113 to about 7 nats); ``seed`` is set per study seed."""
+    return FinetuneConfig(epochs=40, learning_rate=3e-3, lora_rank=None, max_length=128)
+
+
+@dataclass
+class WordOrderConfig:
+    """Settings of :func:`run_word_order` (saved in ``wordorder.json``).
+
+    ``model``: base model folder (``None``: the default SmolLM2); ``finetune``: the fine-tuning settings
+    (its ``seed`` is replaced by each study seed; its ``batch_size`` and ``max_length`` also serve the
+    attribution). The default suits the tiny models (:func:`tiny_finetune`); a real model wants a
+    LoRA rank and fewer epochs.
+    """
+
+    out: str
+    model: str | None = None
+    n_facts: int = 6
+    repeats: int = 2
+    n_controls: int = 12
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    method: str = "ekfac"
+    finetune: FinetuneConfig = field(default_factory=tiny_finetune)
+    device: str | None = None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the setting when one is impossible, before any training."""
+        for name in ("n_facts", "repeats", "n_controls"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+        check_methods([self.method])
+        self.finetune.validate()
+
+
+def _nonce(rng: random.Random, used: set[str]) -> str:
+    """A new pronounceable nonce word of 2-3 consonant-vowel syllables."""
+    while True:
+        word = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.choice([2, 3])))
+        if word not in used:
+            used.add(word)
+            return word
+
+
+def word_order_rows(n_facts: int, repeats: int, n_controls: int, seed: int) -> tuple[list[Record], list[Record]]:
+    """``(train, queries)`` of one seed (see the module docstring). Train labels are ``"same:<i>"``,
+    ``"reversed:<i>"`` or ``"control"``; query ``i`` has id ``"fact-<i>"`` and label ``str(i)``."""
+    rng = random.Random(seed)
+    used: set[str] = set()
+    facts = [(_nonce(rng, used), _nonce(rng, used)) for _ in range(n_facts + n_controls)]
+    train = []
+    for i, (subject, obj) in enumerate(facts[:n_facts]):
+        for r in range(repeats):
+            train.append(Record(f"same-{i}-{r}", "fact:", f" the capital of {subject} is {obj}.", f"same:{i}"))
+            train.append(Record(f"reversed-{i}-{r}", "fact:", f" {obj} is the capital of {subject}.", f"reversed:{i}"))
+    for j, (subject, obj) in enumerate(facts[n_facts:]):
+        train.append(Record(f"control-{j}", "fact:", f" the capital of {subject} is {obj}.", "control"))
+    rng.shuffle(train)
+    queries = [
+        Record(f"fact-{i}", f"fact: the capital of {subject} is", f" {obj}", str(i))
+        for i, (subject, obj) in enumerate(facts[:n_facts])
+    ]
+    return train, queries
+
+
+def group_means(total: np.ndarray, train: Sequence[Record], queries: Sequence[Record]) -> dict[str, list[float]]:
+    """Per query, the mean score of its fact's ``same`` rows, its ``reversed`` rows and the ``control`` rows.
+
+    ``total``: ``(n_query, n_train)`` in the order of ``queries`` and ``train``. Returns ``{group: [per query]}``
+    (NaN for a group without rows).
+    """
+    labels = np.array([r.label for r in train])
+    out: dict[str, list[float]] = {g: [] for g in GROUPS}
+    for q, query in enumerate(queries):
+        for group in GROUPS:
+            mask = labels == (group if group == "control" else f"{group}:{query.label}")
+            out[group].append(float(total[q, mask].mean()) if mask.any() else float("nan"))
+    return out
+
+
+def run_word_order(config: WordOrderConfig, command: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the study for every seed; writes ``out/wordorder.json`` and ``out/wordorder.md``, returns the payload.
+
+    Raises ``ValueError`` for a bad setting (before training) and ``RuntimeError`` when the method fails.
+    """
+    config.validate()
+    out = Path(config.out)
+    per_seed = []
+    for seed in config.seeds:
+        train, queries = word_order_rows(config.n_facts, config.repeats, config.n_controls, seed)
+        loaded = load_model(config.model, device=config.device)
+        tuning = replace(config.finetune, seed=seed)
+        tuned = finetune(
+            loaded.model, loaded.tokenizer, train, tuning, out / f"seed-{seed}" / "finetune", progress=False
+        )
+        attribution = AttributionConfig(batch_size=tuning.batch_size, max_length=tuning.max_length, seed=seed)
+        scores, usage = scored_method(
+            config.method, tuned.model, loaded.tokenizer, attribution, {}, train, queries, config.device
+        )
+        if scores is None:
+            raise RuntimeError(f"word-order: method {config.method!r} failed on seed {seed}: {usage['error']}")
+        per_query = group_means(scores.total.double().numpy(), train, queries)
+        means = {g: float(np.mean(v)) for g, v in per_query.items()}
+        log(f"seed {seed}: " + ", ".join(f"{g} {v:+.4g}" for g, v in means.items()))
+        per_seed.append({"seed": seed, "means": means, "per_query": per_query, "final_loss": tuned.epoch_losses[-1]})
+    summary = {g: mean_stat([s["means"][g] for s in per_seed]) for g in GROUPS}
+    ratios = [s["means"]["reversed"] / s["means"]["same"] for s in per_seed if s["means"]["same"] != 0]
+    summary["reversed/same"] = mean_stat(ratios)
+    payload = {
+        "config": asdict(config),
+        "command": command,
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "seeds": per_seed,
+        "summary": summary,
+    }
+    atomic_write_json(payload, out / "wordorder.json")
+    atomic_write_text(markdown(payload), out / "wordorder.md")
+    return payload
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The summary as a Markdown table (mean [95% interval over seeds])."""
+    config = payload["config"]
+    lines = [
+        f"# Word order: influence of a fact stated in the query's order and reversed ({config['method']})",
+        "",
+        f"{config['n_facts']} invented facts x {config['repeats']} rows per order, {config['n_controls']} controls, "
+        f"seeds {config['seeds']}; mean score per row, mean over queries, then over seeds [95% t interval].",
+        "",
+        "| rows | mean influence |",
+        "| --- | ---: |",
+    ]
+    for key, stat in payload["summary"].items():
+        lines.append(f"| {key} | {interval_cell(stat, '.4g')} |")
+    if payload.get("command"):
+        lines += ["", f"Command: `{payload['command']}`"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,190 @@
+"""The HTML report: what each kind of folder shows, that it is self-contained, and that a real browser
+renders it (headless Chromium: no console message, plots and heatmaps drawn, a screenshot kept)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from html import escape
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.cli.conftest import workspace as cli_workspace  # noqa: F401  (a fixture)
+from tests.cli.test_cli import fit_args
+from wherefrom.cli import app
+from wherefrom.core.scoring import Scores, save_scores
+from wherefrom.studies.diagnose import Diagnosis
+from wherefrom.studies.diagnose import write_report as write_diagnosis
+from wherefrom.studies.generated import rule_identification, write_jsonl
+from wherefrom.studies.report import write_report
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+ARTIFACTS = Path(__file__).resolve().parents[2] / ".cache" / "test-artifacts"
+"""Screenshots the browser test keeps for a person to look at."""
+EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.IGNORECASE)
+MODULES = [f"model.layers.{i}.{part}" for i in range(2) for part in ("self_attn.q_proj", "mlp.up_proj")]
+runner = CliRunner()
+
+
+def self_contained(html: str) -> bool:
+    """No resource or link that needs the network (``src``/``href`` to http(s) or protocol-relative)."""
+    return EXTERNAL.search(html) is None
+
+
+def heavy_tailed_scores(seed: int, train_ids: list[str], n_query: int = 3) -> Scores:
+    rng = np.random.default_rng(seed)
+    size = (len(MODULES), n_query, len(train_ids))
+    per_module = (rng.pareto(2.0, size=size) + 1) * rng.choice([-1.0, 1.0], size=size, p=[0.3, 0.7])
+    return Scores([f"q{i}" for i in range(n_query)], train_ids, MODULES, torch.from_numpy(per_module))
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A run folder as `fit` and `scores` leave it, with two score sets over the same ids (no model needed)."""
+    root = tmp_path_factory.mktemp("report-run")
+    train, _ = rule_identification(n_train=200, n_test=2, seed=0)
+    write_jsonl(train, root / "train.jsonl")
+    (root / "config.json").write_text(
+        json.dumps({"train": str(root / "train.jsonl"), "attribution": {"strategy": "ekfac"}})
+    )
+    (root / "manifest.json").write_text(json.dumps({"versions": {"torch": torch.__version__}, "data": {"rows": 200}}))
+    ids = [r.id for r in train]
+    save_scores(heavy_tailed_scores(0, ids), root / "scores", "ekfac")
+    save_scores(heavy_tailed_scores(1, ids), root / "scores", "gradsim")
+    return root, train
+
+
+def test_run_report_is_self_contained_with_every_section(run_folder, tmp_path):
+    root, train = run_folder
+    html = write_report(root, tmp_path / "run.html").read_text()
+    assert self_contained(html)
+    for heading in (
+        "Scores ekfac: top rows",
+        "Scores gradsim: influence by layer and module type",
+        "The tail: how concentrated influence is",
+        "Method-vs-method agreement",
+        "Settings",
+        "Provenance",
+    ):
+        assert heading in html, heading
+    # 2 score sets x (4 share plots: layer and type x |influence| and positive; 3 tail plots) + the agreement matrix
+    assert html.count("<svg") == 2 * (4 + 3) + 1
+    scores = heavy_tailed_scores(0, [r.id for r in train])
+    top_id, _ = scores.top(0, 1)[0]
+    top_row = next(r for r in train if r.id == top_id)
+    assert f"<b>{top_id}</b>" in html and escape(top_row.prompt.split("\n")[0]) in html
+    assert "alpha" in html and "top_1%" in html
+    assert write_report(root).name == "report.html"  # default: inside the folder
+
+
+def test_bench_evaluate_and_diagnose_reports(tmp_path):
+    bench = write_report(RESULTS / "study-smollm2" / "emotion", tmp_path / "bench.html").read_text()
+    assert self_contained(bench) and "ekfac" in bench and bench.count("<svg") >= 3 and "Provenance" in bench
+    evaluate = write_report(RESULTS / "groundtruth-tiny", tmp_path / "evaluate.html").read_text()
+    assert self_contained(evaluate) and "lds" in evaluate and "0.688 [0.613, 0.760]" in evaluate  # ekfac's LDS
+    rows = [Diagnosis("ekfac", 1.5, 10.0, 0.2, 0.9, 0.85), Diagnosis("cg", 2.0, None, error="diverged")]
+    write_diagnosis(rows, None, tmp_path / "diag", {"command": "wherefrom diagnose ..."})
+    diagnosis = write_report(tmp_path / "diag").read_text()
+    assert "failed: diverged" in diagnosis and "0.850" in diagnosis and diagnosis.count("<svg") == 1
+
+
+def test_report_on_an_unknown_path_names_what_it_expects(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"bench\.json, evaluate\.json"):
+        write_report(tmp_path)
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    message = re.sub(r"[\s│]+", " ", result.output)  # typer's error box wraps the message
+    assert result.exit_code == 2 and "is not a result wherefrom can report on" in message
+
+
+@pytest.fixture(scope="module")
+def query_view(request):
+    """`wherefrom fit` then `wherefrom query --html` on the tiny GPT-2 of the command-line tests."""
+    root = request.getfixturevalue("cli_workspace")
+    fit = runner.invoke(app, [str(a) for a in fit_args(root, "run-report")])
+    assert fit.exit_code == 0, fit.output
+    prompt, completion = "Determine the rewriting rule: a b c -> c b a\nRule:", " reverse"
+    args = ["query", prompt, completion, "--run", str(root / "run-report"), "--top-k", "3"]
+    result = runner.invoke(app, [*args, "--html", str(root / "query.html"), "--json"])
+    assert result.exit_code == 0, result.output
+    return root, json.loads(result.stdout)
+
+
+def test_query_html_shows_rows_heatmaps_on_both_sides_layers_and_tail(query_view):
+    root, report = query_view
+    html = (root / "query.html").read_text()
+    assert self_contained(html)
+    assert "tokens" not in report["proponents"][0]  # --html leaves the JSON report as it was
+    # Heatmaps: the 3 proponents and 3 opponents on the training side, 3 rows on the query side.
+    assert html.count('class="heatmap"') == 6 + 3
+    assert "Query tokens&#39; part of the score on row" in html
+    assert "influence by layer" in html.lower() and "The tail" in html and "Provenance" in html
+    assert report["proponents"][0]["id"] in html
+    from_json = root / "query.json"
+    from_json.write_text(json.dumps(report))
+    again = runner.invoke(app, ["report", str(from_json), "--out", str(root / "from-json.html")])
+    assert again.exit_code == 0, again.output
+    rendered = (root / "from-json.html").read_text()
+    assert self_contained(rendered) and report["opponents"][0]["id"] in rendered
+
+
+def chromium() -> str:
+    """Path of the Chromium binary; skips when it is missing, except where CI requires it
+    (``WHEREFROM_REQUIRE_BROWSER=1``, set by ``.ci/run`` after installing Debian's ``chromium``)."""
+    found = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if found is None:
+        if os.environ.get("WHEREFROM_REQUIRE_BROWSER") == "1":
+            pytest.fail("WHEREFROM_REQUIRE_BROWSER=1 but no chromium on PATH: `apt-get install -y chromium`")
+        pytest.skip("no chromium on PATH (Debian package `chromium`; .ci/run installs it as root)")
+    return found
+
+
+def browse(page: Path, screenshot: Path | None = None) -> tuple[str, list[str]]:
+    """Open ``page`` in headless Chromium: ``(dom, console_lines)``, the DOM after load and every console
+    message the page produced (Chromium's ``--enable-logging=stderr`` prints each as ``...:CONSOLE...``);
+    with ``screenshot``, also a 1280x2400 PNG of the page."""
+    flags = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr"]
+    flags += ["--v=0", "--window-size=1280,2400", "--virtual-time-budget=2000"]
+    if screenshot is not None:
+        flags.append(f"--screenshot={screenshot}")
+    else:
+        flags.append("--dump-dom")
+    done = subprocess.run([*flags, page.resolve().as_uri()], capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout, [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+
+
+def test_console_capture_sees_a_broken_page(tmp_path):
+    """The check below can fail: a page that logs an error and throws is caught."""
+    page = tmp_path / "broken.html"
+    page.write_text('<html><body><p>x</p><script>console.error("boom"); notDefined();</script></body></html>')
+    _, console = browse(page)
+    assert any("boom" in line for line in console) and any("notDefined" in line for line in console)
+
+
+def test_query_view_renders_in_a_real_browser(query_view):
+    from PIL import Image
+
+    root, _ = query_view
+    page = root / "query.html"
+    dom, console = browse(page)
+    assert console == []
+    assert (
+        dom.count('class="tok"') > 20 and dom.count("<svg") == 4 + 1
+    )  # shares by layer and type (|influence|, positive), the tail and "</html>" in dom
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "report-query.png"
+    _, console = browse(page, shot)
+    assert console == []
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    not_white = (pixels < 235).any(-1).mean()
+    heat_red = ((red > 180) & (green < 140) & (blue < 140)).sum()  # proponent token backgrounds (RdBu_r)
+    heat_blue = ((blue > 150) & (red < 120) & (green < 170)).sum()  # opponent tokens and matplotlib's blue
+    print(f"screenshot {shot}: {not_white:.1%} non-white pixels, {heat_red} red, {heat_blue} blue")
+    assert not_white > 0.03 and heat_red > 50 and heat_blue > 50

@@ -1,0 +1,70 @@
+"""Grosse et al.'s word-order study on invented facts, end to end on a tiny Llama."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from wherefrom.cli import app
+from wherefrom.core.data import Record
+from wherefrom.models.tiny import save_tiny
+from wherefrom.studies.report import write_report
+from wherefrom.studies.wordorder import WordOrderConfig, group_means, run_word_order, word_order_rows
+
+
+def test_rows_state_each_fact_in_both_orders():
+    train, queries = word_order_rows(n_facts=3, repeats=2, n_controls=4, seed=0)
+    assert len(train) == 3 * 2 * 2 + 4 and [q.id for q in queries] == ["fact-0", "fact-1", "fact-2"]
+    query = queries[1]
+    subject = query.prompt.split("capital of ")[1].removesuffix(" is")
+    obj = query.completion.strip()
+    same = [r for r in train if r.label == "same:1"]
+    reversed_ = [r for r in train if r.label == "reversed:1"]
+    assert all(r.completion == f" the capital of {subject} is {obj}." for r in same) and len(same) == 2
+    assert all(r.completion == f" {obj} is the capital of {subject}." for r in reversed_) and len(reversed_) == 2
+    controls = [r for r in train if r.label == "control"]
+    assert all(subject not in r.completion and obj not in r.completion for r in controls)
+    assert word_order_rows(3, 2, 4, seed=0) == (train, queries)  # seeded
+
+
+def test_group_means_by_hand():
+    train = [
+        Record("a", "p", " c", "same:0"),
+        Record("b", "p", " c", "reversed:0"),
+        Record("c", "p", " c", "control"),
+        Record("d", "p", " c", "same:1"),
+        Record("e", "p", " c", "control"),
+    ]
+    queries = [Record("fact-0", "p", " c", "0"), Record("fact-1", "p", " c", "1")]
+    total = np.array([[4.0, 2.0, 1.0, 9.0, 3.0], [0.0, 7.0, 5.0, 6.0, 1.0]])
+    assert group_means(total, train, queries)["same"] == [4.0, 6.0]
+    assert group_means(total, train, queries)["control"] == [2.0, 3.0]
+    reversed_ = group_means(total, train, queries)["reversed"]
+    assert reversed_[0] == 2.0 and np.isnan(reversed_[1])  # fact 1 has no reversed row here
+
+
+def test_reversed_statements_carry_less_influence_than_the_query_order(tmp_path):
+    save_tiny(tmp_path / "model", arch="llama")
+    config = WordOrderConfig(out=str(tmp_path / "out"), model=str(tmp_path / "model"), seeds=[0, 1], device="cpu")
+    payload = run_word_order(config, log=lambda line: None)
+    for seed in payload["seeds"]:
+        means = seed["means"]
+        print(f"seed {seed['seed']}: {means}, final loss {seed['final_loss']:.2f}")
+        assert means["same"] > 2 * means["reversed"] and means["same"] > 2 * means["control"]
+    summary = payload["summary"]
+    assert summary["same"]["n"] == 2 and summary["reversed/same"]["high"] is not None
+    assert summary["reversed/same"]["mean"] < 0.5
+    saved = json.loads((tmp_path / "out" / "wordorder.json").read_text())
+    assert saved["summary"] == summary and "| reversed/same |" in (tmp_path / "out" / "wordorder.md").read_text()
+    html = write_report(tmp_path / "out").read_text()
+    assert "Word order" in html and html.count("<svg") == 1 and "reversed/same" in html
+
+
+def test_bad_settings_are_named_before_training(tmp_path):
+    with pytest.raises(ValueError, match="n_facts"):
+        run_word_order(WordOrderConfig(out=str(tmp_path), n_facts=0))
+    result = CliRunner().invoke(app, ["word-order", "--out", str(tmp_path), "--method", "nonsense"])
+    assert result.exit_code == 2 and "unknown method" in result.output
