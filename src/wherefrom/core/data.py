@@ -6,30 +6,52 @@ is context (see :mod:`wherefrom.core.task` and :mod:`wherefrom.core.encoding`).
 
 File formats (chosen by suffix, case-insensitive):
 
-* ``.jsonl`` / ``.json``: one JSON object per line; blank lines are skipped. Positions in error
-  messages are 1-based line numbers.
-* ``.csv``: a header row naming the columns (``csv.DictReader``, UTF-8). Positions are 1-based line
-  numbers counting the header as line 1, so the first data row is line 2. Empty ``id`` / ``label``
-  cells count as absent.
+* ``.jsonl`` / ``.json``: one JSON object per line; blank lines are skipped. A ``.json`` file
+  whose first non-blank character is ``[`` is read as one JSON array of objects (as
+  ``pandas.to_json(orient="records")`` or ``jq`` write it); a trailing comma before ``]`` is
+  named. Positions in error messages are 1-based line numbers (of the line an object starts on).
+* ``.csv``: a header row naming the columns. The delimiter is the first of ``,`` ``;`` tab ``|``
+  that splits the header into a row naming both ``prompt`` and ``completion`` (European Excel
+  writes ``;``, Excel's "Unicode text" tab); header names are stripped of surrounding whitespace.
+  Quoted cells may span lines. Positions are 1-based line numbers counting the header as line 1,
+  so the first data row is line 2 (a multi-line row is named by the line it starts on). Rows whose
+  cells are all empty (blank lines, Excel's ``;;;``) are skipped. Empty ``id`` / ``label`` cells
+  count as absent.
 * ``.parquet``: read with ``pyarrow.parquet``. Positions are 0-based row indices ("row N").
+
+Text files are decoded as UTF-8; a UTF-8 byte-order mark is dropped, and a UTF-16 or UTF-32 BOM
+(Excel's "Unicode text", Windows Notepad) selects that encoding. CRLF and CR line endings read as
+LF. Any other bytes that are not UTF-8 (Latin-1 / cp1252 from an older editor) raise
+:class:`DataError` naming the line and column of the first bad byte.
 
 Field rules, the same for every source (extra fields are ignored):
 
 * ``prompt``: required, a string; may be empty (some LM data has no prompt).
 * ``completion``: required, a string that is not empty after stripping whitespace. It is stored
   unstripped: leading/trailing whitespace is part of what the model is scored on.
-* ``id``: optional string or integer, stored as ``str``; defaults to ``"{file stem}:{position}"``
-  for files and ``str(index)`` for in-memory rows. Ids must be unique within one set.
-* ``label``: optional string or number, stored as ``str`` (or ``None`` when absent/null).
+* ``id``: optional string or number, stored as ``str``; defaults to ``"{file stem}:{position}"``
+  for files and ``str(index)`` for in-memory rows. Ids must be unique within one set. A whole
+  float is stored as an integer (``1.0`` -> ``"1"``, so the id ``1`` of a JSON file, the cell
+  ``1`` of a CSV file and a Parquet column that pandas turned into floats agree); NaN (pandas'
+  missing value) counts as absent.
+* ``label``: optional string or number, stored as ``str`` like ``id`` (or ``None`` when
+  absent/null/NaN).
+
+Rows given in memory (the Python API) pass the same validator through :func:`check_records`, which
+also refuses an empty list.
 
 Every problem raises :class:`DataError` whose message names the source, the position and the field.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import json
+import math
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +61,8 @@ __all__ = [
     "SUPPORTED_SUFFIXES",
     "DataError",
     "Record",
+    "check_ids",
+    "check_records",
     "data_fingerprint",
     "load_records",
     "records_from_rows",
@@ -76,9 +100,16 @@ def _scalar_to_str(value: Any, field: str, where: str) -> str:
     """Convert an ``id`` / ``label`` value to ``str``; only strings and (non-bool) numbers pass."""
     if isinstance(value, str):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return str(value)
     raise DataError(f"{where}: field {field!r} must be a string or a number, got {type(value).__name__}")
+
+
+def _absent_if_nan(value: Any) -> Any:
+    """NaN (how pandas marks a missing cell) reads as an absent value."""
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _validate_row(row: Any, where: str, default_id: str) -> Record:
@@ -94,12 +125,12 @@ def _validate_row(row: Any, where: str, default_id: str) -> Record:
     if not completion.strip():
         raise DataError(f"{where}: field 'completion': empty completion")
 
-    raw_id = row.get("id")
+    raw_id = _absent_if_nan(row.get("id"))
     record_id = default_id if raw_id is None else _scalar_to_str(raw_id, "id", where)
     if not record_id:
         raise DataError(f"{where}: field 'id' is an empty string")
 
-    raw_label = row.get("label")
+    raw_label = _absent_if_nan(row.get("label"))
     label = None if raw_label is None else _scalar_to_str(raw_label, "label", where)
     return Record(id=record_id, prompt=prompt, completion=completion, label=label)
 
@@ -109,54 +140,160 @@ def _build(rows: Iterable[tuple[str, Any, str]], source: str) -> list[Record]:
     records: list[Record] = []
     seen: dict[str, str] = {}
     for position, row, default_id in rows:
-        where = _where(source, position)
-        record = _validate_row(row, where, default_id)
-        if record.id in seen:
-            raise DataError(f"{where}: field 'id': duplicate id {record.id!r} (first used at {seen[record.id]})")
-        seen[record.id] = position
+        record = _validate_row(row, _where(source, position), default_id)
+        _check_new_id(seen, record.id, position, source)
         records.append(record)
     return records
+
+
+def _check_new_id(seen: dict[str, str], record_id: str, position: str, source: str) -> None:
+    """Record ``record_id`` at ``position`` in ``seen``; :class:`DataError` when it is there already."""
+    if record_id in seen:
+        raise DataError(
+            f"{_where(source, position)}: field 'id': duplicate id {record_id!r} (first used at {seen[record_id]})"
+        )
+    seen[record_id] = position
 
 
 # --------------------------------------------------------------------------------------------------
 # Readers: each yields (position, row, default_id)
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any, str]]:
-    lineno = 0
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),  # before UTF-16 LE: it starts with the same two bytes
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+
+
+def _read_text(path: Path) -> str:
+    """The file's text with LF line ends: UTF-8, or the encoding its byte-order mark names."""
+    data = path.read_bytes()
+    encoding, start = "utf-8", 0
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            encoding, start = name, len(bom)
+            break
     try:
-        with path.open("r", encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(
-                        f"{_where(str(path), f'line {lineno}')}: invalid JSON ({err.msg} at column {err.colno})"
-                    ) from None
-                yield f"line {lineno}", row, f"{path.stem}:{lineno}"
+        text = data[start:].decode(encoding)
     except UnicodeDecodeError as err:
-        raise DataError(f"{_where(str(path), f'line {lineno + 1}')}: not valid UTF-8 ({err.reason})") from None
+        bad = start + err.start
+        line_start = data.rfind(b"\n", 0, bad) + 1
+        lineno = data.count(b"\n", 0, bad) + 1
+        if encoding != "utf-8":
+            hint = f"the byte-order mark says {encoding}"
+        elif b"\x00" in data:
+            hint = "it looks like UTF-16 without a byte-order mark; save it as UTF-8"
+        else:
+            hint = (
+                "it looks like Latin-1 / cp1252 (an older editor, or Excel's plain 'CSV'); "
+                "save it as UTF-8 ('CSV UTF-8' in Excel)"
+            )
+        raise DataError(
+            f"{_where(str(path), f'line {lineno}')}: not valid {encoding.upper()} (byte "
+            f"0x{data[bad]:02x} at column {bad - line_start + 1}: {err.reason}); {hint}"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any, str]]:
+    text = _read_text(path)
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        yield from _json_array(path, text)
+        return
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            hint = ""
+            if line.rstrip().endswith(","):
+                hint = "; a JSONL line holds one object with no comma after it"
+            elif re.search(r",\s*[}\]]", line):
+                hint = "; a trailing comma before } or ] is not JSON"
+            raise DataError(
+                f"{_where(str(path), f'line {lineno}')}: invalid JSON ({err.msg} at column {err.colno}){hint}"
+            ) from None
+        yield f"line {lineno}", row, f"{path.stem}:{lineno}"
+
+
+def _json_array(path: Path, text: str) -> Iterator[tuple[str, Any, str]]:
+    """The items of a JSON array, each with the line its value starts on."""
+    decoder = json.JSONDecoder()
+
+    def skip(at: int) -> int:
+        while at < len(text) and text[at] in " \t\n":
+            at += 1
+        return at
+
+    def fail(at: int, message: str) -> DataError:
+        return DataError(f"{_where(str(path), f'line {text.count(chr(10), 0, at) + 1}')}: {message}")
+
+    at = skip(text.index("[") + 1)
+    first = True
+    while True:
+        if at < len(text) and text[at] == "]":
+            if not first:
+                raise fail(at, "invalid JSON (a trailing comma before ']' is not JSON)")
+            break
+        try:
+            row, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as err:
+            raise fail(err.pos, f"invalid JSON ({err.msg})") from None
+        lineno = text.count("\n", 0, at) + 1
+        yield f"line {lineno}", row, f"{path.stem}:{lineno}"
+        first = False
+        at = skip(end)
+        if at < len(text) and text[at] == ",":
+            at = skip(at + 1)
+            if at < len(text) and text[at] == "]":
+                raise fail(at, "invalid JSON (a trailing comma before ']' is not JSON)")
+            continue
+        if at < len(text) and text[at] == "]":
+            break
+        raise fail(at, "invalid JSON (expected ',' or ']' after an array item)")
+    if skip(at + 1) < len(text):
+        raise fail(skip(at + 1), "invalid JSON (text after the closing ']')")
+
+
+_DELIMITERS = (",", ";", "\t", "|")
+
+
+def _csv_delimiter(text: str) -> str:
+    """The delimiter that splits the header into a row naming ``prompt`` and ``completion`` (else ``,``)."""
+    for delimiter in _DELIMITERS:
+        try:
+            header = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), [])
+        except csv.Error:
+            continue
+        if {"prompt", "completion"} <= {name.strip() for name in header}:
+            return delimiter
+    return ","
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any, str]]:
+    text = _read_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_csv_delimiter(text))
+    header: list[str] | None = None
+    last_line = 0
     try:
-        with path.open("r", encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            try:
-                for row in reader:
-                    # line_num is the physical line the row ends on (header = line 1).
-                    lineno = reader.line_num
-                    cleaned = {k: v for k, v in row.items() if k is not None}
-                    for optional in ("id", "label"):
-                        if cleaned.get(optional) == "":
-                            cleaned[optional] = None
-                    yield f"line {lineno}", cleaned, f"{path.stem}:{lineno}"
-            except csv.Error as err:
-                raise DataError(f"{_where(str(path), f'line {reader.line_num}')}: malformed CSV ({err})") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not valid UTF-8 ({err.reason})") from None
+        for cells in reader:
+            lineno, last_line = last_line + 1, reader.line_num  # a quoted cell may span lines
+            if not any(cell.strip() for cell in cells):
+                continue
+            if header is None:
+                header = [name.strip() for name in cells]
+                continue
+            row = dict(zip(header, cells))
+            for optional in ("id", "label"):
+                if row.get(optional) == "":
+                    row[optional] = None
+            yield f"line {lineno}", row, f"{path.stem}:{lineno}"
+    except csv.Error as err:
+        raise DataError(f"{_where(str(path), f'line {reader.line_num}')}: malformed CSV ({err})") from None
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, Any, str]]:
@@ -212,6 +349,31 @@ def records_from_rows(rows: Iterable[Mapping[str, Any]], source: str = "<memory>
     ``source`` and the 0-based index. An empty iterable gives an empty list.
     """
     return _build(((f"index {i}", row, str(i)) for i, row in enumerate(rows)), source)
+
+
+def check_records(records: Iterable[Record | Mapping[str, Any]], source: str = "<memory>") -> list[Record]:
+    """Validate rows handed to the Python API with the rules of :func:`load_records`.
+
+    ``records``: :class:`Record` objects or mappings as :func:`records_from_rows` takes them.
+    ``source`` names the rows in messages (e.g. ``"training rows"``); positions are 0-based list
+    indices. Returns the validated records (ids and labels as ``str``). Raises :class:`DataError`
+    for an empty list, an invalid row (wrong field type, empty completion) or a repeated id.
+    """
+    rows = [asdict(r) if isinstance(r, Record) else r for r in records]
+    if not rows:
+        raise DataError(f"{source}: no rows (an empty list); at least one row is needed")
+    return records_from_rows(rows, source)
+
+
+def check_ids(ids: Iterable[str], source: str = "<memory>") -> list[str]:
+    """Check the ids of already-encoded rows: :class:`DataError` when there are none or one repeats."""
+    ids = list(ids)
+    if not ids:
+        raise DataError(f"{source}: no rows (an empty list); at least one row is needed")
+    seen: dict[str, str] = {}
+    for index, record_id in enumerate(ids):
+        _check_new_id(seen, record_id, f"index {index}", source)
+    return ids
 
 
 def data_fingerprint(records: Sequence[Record]) -> str:
