@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from wherefrom.core.data import Record
+from wherefrom.core.data import Record, check_ids, check_records
 from wherefrom.core.encoding import EncodedExample, encode_records, iterate_batches, pad_id
 from wherefrom.core.gradients import Batch, LossFn, TokenFactors, token_factors
 from wherefrom.core.scoring import QueryBlock, Scores, compress_queries, module_scores, token_scores
@@ -74,6 +74,21 @@ class AttributionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+Rows = Sequence[Record] | Sequence[EncodedExample]
+
+
+def checked_rows(rows: Rows, source: str) -> list[Record] | list[EncodedExample]:
+    """``rows`` validated as the file loaders validate them (:func:`wherefrom.core.data.check_records`;
+    for encoded rows, their ids with :func:`wherefrom.core.data.check_ids`). ``source`` names them in
+    messages (``"training rows"``, ``"query rows"``). Raises :class:`~wherefrom.core.data.DataError` for an
+    empty list, an invalid row or a repeated id."""
+    rows = list(rows)
+    if rows and isinstance(rows[0], EncodedExample):
+        check_ids([row.id for row in rows], source)
+        return rows
+    return check_records(rows, source)
 
 
 class QueryBlocks(dict):
@@ -185,8 +200,10 @@ class Attributor:
         Pass a strategy built with :func:`wherefrom.curvature.make_curvature` to set constructor
         options (e.g. ``rank`` for ``arnoldi``); it is fitted and becomes this attributor's curvature.
         ``stages``: persist and reuse finished fitting stages there (see :meth:`Curvature.fit`).
+        Raises :class:`~wherefrom.core.data.DataError` for no rows, an invalid row or a repeated id.
         """
-        encoded = train if train and isinstance(train[0], EncodedExample) else self.encode(train)  # type: ignore[arg-type]
+        train = checked_rows(train, "training rows")
+        encoded = train if isinstance(train[0], EncodedExample) else self.encode(train)  # type: ignore[arg-type]
 
         def batches() -> Iterable[Batch]:
             return (batch for _, batch in self.batches(encoded))
@@ -209,7 +226,7 @@ class Attributor:
         """
         curvature.check_modules(self.modules)
         if curvature.needs_operator and train is not None:
-            encoded = self.encode(train)
+            encoded = self.encode(checked_rows(train, "training rows"))
             curvature.attach(
                 self.model, self.modules, lambda: (batch for _, batch in self.batches(encoded)), self.progress
             )  # type: ignore[attr-defined]
@@ -222,7 +239,11 @@ class Attributor:
         loss_fn: LossFn | None = None,
         description: str = "gradients",
     ) -> Iterator[tuple[list[str], dict[str, TokenFactors]]]:
-        """``(ids, {module: TokenFactors})`` per batch; training-loss gradients unless ``loss_fn`` is given."""
+        """``(ids, {module: TokenFactors})`` per batch; training-loss gradients unless ``loss_fn`` is given.
+
+        Raises :class:`~wherefrom.core.data.DataError` (before the first pass) for no rows, an invalid row
+        or a repeated id."""
+        records = checked_rows(records, f"{description} rows")
         loss_fn = loss_fn or self.train_loss_fn()
         with eval_mode(self.model):
             for ids, batch in self.progress(self.batches(records), description):  # type: ignore[arg-type]
@@ -234,7 +255,10 @@ class Attributor:
         loss_fn: LossFn | None = None,
         description: str = "gradients",
     ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
-        """``(ids, {module: (b, out, in')})`` per batch; training-loss gradients unless ``loss_fn`` is given."""
+        """``(ids, {module: (b, out, in')})`` per batch; training-loss gradients unless ``loss_fn`` is given.
+
+        Raises :class:`~wherefrom.core.data.DataError` for no rows, an invalid row or a repeated id."""
+        records = checked_rows(records, f"{description} rows")
         for ids, factors in self.token_factor_stream(records, loss_fn, description):
             yield ids, {n: factors.pop(n).dense() for n in self.module_names}
 
@@ -248,6 +272,7 @@ class Attributor:
         norm over all tracked modules, before compression (used by ``normalize="cosine"``).
         """
         curvature = curvature or self.curvature
+        queries = checked_rows(queries, "query rows")
         ids, parts = [], []
         for batch_ids, grads in self.gradients(queries, self.query_loss_fn(), "query gradients"):
             ids += batch_ids
@@ -306,14 +331,20 @@ class Attributor:
 
         With ``config.normalize == "cosine"``, divided by ``||q|| * ||g_m||`` (see
         :meth:`scores_from_gradients`): with the identity strategy, the gradient cosine similarity.
+        Raises :class:`~wherefrom.core.data.DataError` before any pass for an empty ``queries`` or
+        ``train``, an invalid row or an id repeated within one of them.
         """
+        queries, train = checked_rows(queries, "query rows"), checked_rows(train, "training rows")
         query_ids, pre = self.preconditioned_queries(queries)
         return self.scores_from_gradients(
             query_ids, pre, self.token_factor_stream(train, description="train gradients")
         )
 
     def self_influence(self, train: Sequence[Record]) -> tuple[list[str], torch.Tensor]:
-        """``grad L(z)^T (G + lambda I)^-1 grad L(z)`` for each training row, ``(n,)``."""
+        """``grad L(z)^T (G + lambda I)^-1 grad L(z)`` for each training row, ``(n,)``.
+
+        Raises :class:`~wherefrom.core.data.DataError` for no rows, an invalid row or a repeated id."""
+        train = checked_rows(train, "training rows")
         ids, values = [], []
         for batch_ids, grads in self.gradients(train, description="self-influence"):
             pre = self.curvature.precondition(grads)
@@ -329,7 +360,9 @@ class Attributor:
         Token ``t`` gets ``sum_modules g_t^T Q a_t`` (Grosse et al. 2023, section 5.3.2), with ``Q`` the
         preconditioned query; the tokens of a row sum to its total score, also with ``query_rank`` and with
         ``normalize="cosine"`` (each token divided by the row's ``||q|| * ||g_m||``).
+        Raises :class:`~wherefrom.core.data.DataError` before any pass as :meth:`scores` does.
         """
+        queries, train = checked_rows(queries, "query rows"), checked_rows(train, "training rows")
         query_ids, pre = self.preconditioned_queries(queries)
         encoded = self.encode(train)
         out = []

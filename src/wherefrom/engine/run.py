@@ -57,7 +57,7 @@ from wherefrom.core.store import (
 from wherefrom.core.tracking import selection_signature
 from wherefrom.curvature import Curvature, load_curvature
 from wherefrom.curvature.base import Progress, no_progress
-from wherefrom.engine.api import AttributionConfig, Attributor
+from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
 from wherefrom.models.loading import LoadedModel, load_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -112,7 +112,7 @@ class Run:
         self.folder = Path(folder)
         self.config = config
         self.loaded = loaded
-        self.train = train
+        self.train = checked_rows(train, f"training rows ({config.train})")
         self.attributor = Attributor(loaded.model, loaded.tokenizer, config.attribution, progress=progress)
         self.notices: list[str] = []
         """What a writer found and repaired (damaged files rebuilt, partial state of unknown settings discarded)."""
@@ -371,7 +371,9 @@ class Run:
         """Pairwise scores of ``queries`` against the training set (from the index when complete).
 
         ``curvature`` overrides the run's fitted one (e.g. identity on the same index).
+        Raises :class:`~wherefrom.core.data.DataError` for no queries, an invalid row or a repeated id.
         """
+        queries = checked_rows(queries, "query rows")
         curvature = curvature or self.attributor.curvature
         if curvature.needs_fit and not curvature.state:
             raise RuntimeError(f"no fitted curvature in {self.folder / 'factors'}; run `wherefrom fit` first")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from wherefrom.core.data import Record, records_key
+from wherefrom.core.data import Record, check_records, records_key
 from wherefrom.core.scoring import Scores
 
 __all__ = [
@@ -82,6 +82,8 @@ class BM25:
 
     # --- index ----------------------------------------------------------------------------------
     def fit(self, train: Sequence[Record]) -> BM25:
+        """Index ``train``; :class:`~wherefrom.core.data.DataError` for no rows, an invalid row or a repeated id."""
+        train = check_records(train, "training rows")
         docs = [tokenize(record_text(r)) for r in train]
         vocabulary: dict[str, int] = {}
         rows, cols = [], []
@@ -130,7 +132,10 @@ class BM25:
 
     # --- method contract ------------------------------------------------------------------------
     def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
-        """BM25 scores as :class:`Scores` with one module, ``"bm25"``; refits when ``train`` differs from the index."""
+        """BM25 scores as :class:`Scores` with one module, ``"bm25"``; refits when ``train`` differs from the index.
+
+        :class:`~wherefrom.core.data.DataError` for an empty ``queries`` or ``train``, an invalid row or a repeated id."""
+        queries, train = check_records(queries, "query rows"), check_records(train, "training rows")
         if self._key != records_key(train):
             self.fit(train)
         values = torch.from_numpy(self.score_matrix(queries)).to(torch.float32)

@@ -54,7 +54,7 @@ from wherefrom.core.encoding import EncodedExample
 from wherefrom.core.gradients import LossFn, TokenFactors
 from wherefrom.core.scoring import Scores
 from wherefrom.curvature.base import Progress, no_progress
-from wherefrom.engine.api import AttributionConfig, Attributor
+from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
 
 __all__ = ["KroneckerProjection", "ProjectedInfluence", "Projection", "RandomProjection"]
 
@@ -341,7 +341,10 @@ class ProjectedInfluence:
 
     # --- curvature ------------------------------------------------------------------------------
     def fit(self, train: Sequence[Record]) -> None:
-        """Projected Fisher ``F~`` per module from the fitting gradients, damped and inverted (no-op without curvature)."""
+        """Projected Fisher ``F~`` per module from the fitting gradients, damped and inverted (no-op without curvature).
+
+        Raises :class:`~wherefrom.core.data.DataError` for no rows, an invalid row or a repeated id."""
+        train = checked_rows(train, "training rows")
         self.inverses, self.info = {}, {}
         if not self.use_curvature:
             return
@@ -378,6 +381,7 @@ class ProjectedInfluence:
     # --- index and scores -----------------------------------------------------------------------
     def index(self, train: Sequence[Record]) -> dict[str, torch.Tensor]:
         """Project and keep the training gradients (``{module: (n, k)}``, CPU); ``scores`` reuses them for these rows."""
+        train = checked_rows(train, "training rows")
         ids: list[str] = []
         parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.module_names}
         for batch_ids, grads in self.projected_gradients(train, description="projected train gradients"):
@@ -410,7 +414,10 @@ class ProjectedInfluence:
 
         With ``config.normalize == "cosine"`` every score (and per-module part) is divided by
         ``||q~_pre|| ||G~_m||``, both norms over all modules, in the projected space.
+        Raises :class:`~wherefrom.core.data.DataError` before any pass for an empty ``queries`` or
+        ``train``, an invalid row or a repeated id.
         """
+        queries, train = checked_rows(queries, "query rows"), checked_rows(train, "training rows")
         query_ids, pre = self.preconditioned_queries(queries)
         if self._index is not None and self._index[0] == records_key(train):
             _, ids, stored = self._index

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wherefrom.core.data import Record, records_key
+from wherefrom.core.data import Record, check_records, records_key
 from wherefrom.core.encoding import EncodedExample, encode_records, iterate_batches, pad_id
 from wherefrom.core.scoring import Scores
 from wherefrom.models.loading import eval_mode
@@ -139,7 +139,10 @@ class RepSim:
 
     # --- method contract ------------------------------------------------------------------------
     def fit(self, train: Sequence[Record]) -> None:
-        """Compute and cache the (normalised) train representations."""
+        """Compute and cache the (normalised) train representations.
+
+        Raises :class:`~wherefrom.core.data.DataError` for no rows, an invalid row or a repeated id."""
+        train = check_records(train, "training rows")
         ids, reps = self.representations(train)
         self._cache = ((self.layer, self.pooling, records_key(train)), ids, F.normalize(reps, dim=-1))
 
@@ -152,7 +155,10 @@ class RepSim:
 
     def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
         """Cosine similarities ``(n_query, n_train)`` as :class:`Scores` with one "module",
-        ``hidden_states[layer]`` (``per_module`` shape ``(1, q, n)``)."""
+        ``hidden_states[layer]`` (``per_module`` shape ``(1, q, n)``). Raises
+        :class:`~wherefrom.core.data.DataError` before any pass for an empty ``queries`` or ``train``, an
+        invalid row or a repeated id."""
+        queries, train = check_records(queries, "query rows"), check_records(train, "training rows")
         train_ids, train_reps = self._train_representations(train)
         query_ids, query_reps = self.representations(queries)
         cosine = (

@@ -40,7 +40,7 @@ from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores
 from wherefrom.core.task import LanguageModelingTask
 from wherefrom.curvature.base import Progress, no_progress
-from wherefrom.engine.api import AttributionConfig, Attributor
+from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
 from wherefrom.models.finetune import CONFIG_FILE, TRAINER_STATE_FILE, read_trainer_state
 from wherefrom.models.loading import ModelLoadError, load_model, pick_device, quiet_peft
 
@@ -136,7 +136,10 @@ def tracin_scores(
     in-memory models stay where they are. ``config`` sets batching, module selection, reduction and
     ``normalize``; its strategy is replaced by ``identity``. Every checkpoint must expose the same
     tracked modules. Per-module parts are ``sum_k lr_k`` times each checkpoint's per-module part.
+    Raises :class:`~wherefrom.core.data.DataError` before loading any checkpoint for an empty
+    ``queries`` or ``train``, an invalid row or a repeated id.
     """
+    queries, train = checked_rows(queries, "query rows"), checked_rows(train, "training rows")
     if not checkpoints:
         raise ValueError("TracIn needs at least one checkpoint")
     if learning_rates is not None and len(learning_rates) != len(checkpoints):

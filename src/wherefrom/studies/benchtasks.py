@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from wherefrom.core.data import DataError, Record, load_records
+from wherefrom.core.data import DataError, Record, check_records, load_records
 from wherefrom.studies.generated import rule_identification
 
 __all__ = [
@@ -76,6 +76,9 @@ class BenchTask:
     def __post_init__(self) -> None:
         if self.kind not in ("class", "identify"):
             raise ValueError(f"kind must be 'class' or 'identify', got {self.kind!r}")
+        # The rows of a task pass the loaders' validator: no empty set, no repeated id.
+        check_records(self.train, f"task {self.name!r}: training rows")
+        check_records(self.test, f"task {self.name!r}: test rows")
 
 
 def _ids(prefix: str, n: int) -> list[str]:
