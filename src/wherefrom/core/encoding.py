@@ -9,7 +9,11 @@ Conventions (shared with :mod:`wherefrom.core.task`):
 * Prompt and completion are tokenized separately, so the boundary between them is exact. The
   prompt is tokenized with the tokenizer's special tokens (a BOS is kept if the tokenizer adds
   one); the completion without them.
-* Nothing is truncated: an example longer than ``max_length`` raises :class:`DataError`.
+* Nothing is truncated: an example longer than ``max_length`` raises :class:`DataError`. Given the
+  model, ``max_length`` is capped at the model's position table (:func:`model_positions`:
+  ``config.n_positions`` / ``config.max_position_embeddings``) and every token id (padding
+  included) must index its input embedding (:func:`model_vocabulary`); a row that breaks either is a
+  :class:`DataError` naming the row and both numbers, raised before any pass.
 * Batches are right-padded: ``input_ids`` / ``attention_mask`` / ``labels`` are ``(B, T)`` long
   tensors, ``attention_mask`` is 1 on real tokens, ``labels`` is ``-100`` on prompt and padding.
 """
@@ -34,6 +38,8 @@ __all__ = [
     "collate",
     "encode_records",
     "iterate_batches",
+    "model_positions",
+    "model_vocabulary",
     "pad_id",
 ]
 
@@ -85,6 +91,41 @@ def _prompt_texts(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase,
     return texts
 
 
+POSITION_FIELDS = ("n_positions", "max_position_embeddings")
+"""Config fields that hold the length of a model's position table (GPT-2; Llama, Mistral, Qwen, ...)."""
+
+
+def model_positions(model: Any) -> tuple[int, str] | None:
+    """``(limit, "config.<field>")``: the most tokens ``model`` takes in one row, or ``None`` when its
+    config states no limit. Learned position tables (GPT-2) fail beyond it with an index error; rotary
+    models run past it on positions they were never trained on."""
+    config = getattr(model, "config", None)
+    for name in POSITION_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value, f"config.{name}"
+    return None
+
+
+def model_vocabulary(model: Any) -> int | None:
+    """Rows of the model's input embedding (the token ids it can take: ``0 .. rows-1``), or ``None``
+    when the model has no ``get_input_embeddings``."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    weight = getattr(embedding, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def _check_vocabulary(record: Record, ids: list[int], vocabulary: int, tokenizer: Any) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocabulary), None)
+    if bad is not None:
+        raise DataError(
+            f"record {record.id!r}: token id {bad} ({tokenizer.convert_ids_to_tokens(bad)!r}) is outside "
+            f"the model's vocabulary of {vocabulary} embeddings (get_input_embeddings()); the tokenizer "
+            f"has {len(tokenizer)} tokens: use the model's own tokenizer, or resize the embeddings"
+        )
+
+
 def _ids(encoded: Any) -> list[list[int]]:
     return [[int(token) for token in ids] for ids in encoded["input_ids"]]
 
@@ -95,6 +136,7 @@ def encode_records(
     max_length: int = 512,
     chat_template: bool = False,
     append_eos: bool = True,
+    model: Any = None,
 ) -> list[EncodedExample]:
     """Tokenize records into :class:`EncodedExample` s, in order.
 
@@ -109,15 +151,27 @@ def encode_records(
     tokenizer's ``bos_token_id`` is prepended when it has one, so that the first completion token
     is predicted from something; without a BOS that first token is context only (never scored).
 
-    Raises :class:`DataError` if an example would exceed ``max_length`` tokens (nothing is
-    truncated) or a completion tokenizes to no tokens; ``ValueError`` if ``chat_template=True`` and
-    the tokenizer has no chat template.
+    ``model``: the model the rows are for; when given, rows must also fit its position table
+    (:func:`model_positions`) and every id, the padding id included, its input embedding
+    (:func:`model_vocabulary`).
+
+    Raises :class:`DataError` if an example would exceed ``max_length`` tokens or the model's
+    positions (nothing is truncated), holds a token id outside the model's embedding, or a
+    completion tokenizes to no tokens; ``ValueError`` if ``chat_template=True`` and the tokenizer
+    has no chat template.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     records = list(records)
     if not records:
         return []
+    positions = model_positions(model) if model is not None else None
+    vocabulary = model_vocabulary(model) if model is not None else None
+    if vocabulary is not None and not 0 <= pad_id(tokenizer) < vocabulary:
+        raise DataError(
+            f"the padding id {pad_id(tokenizer)} (tokenizer.pad_token_id, else eos_token_id) is outside the "
+            f"model's vocabulary of {vocabulary} embeddings; set tokenizer.pad_token to a token the model has"
+        )
 
     prompt_texts = _prompt_texts(records, tokenizer, chat_template)
     prompt_ids = _ids(tokenizer(prompt_texts, add_special_tokens=not chat_template))
@@ -137,6 +191,14 @@ def encode_records(
                 f"(completion={record.completion!r}, append_eos={append_eos})"
             )
         total = len(prompt) + len(completion)
+        if positions is not None and max_length >= total > positions[0]:
+            raise DataError(
+                f"record {record.id!r}: {total} tokens > the model's {positions[0]} positions "
+                f"({positions[1]}); shorten the record (nothing is truncated; max_length={max_length} "
+                f"is capped at {positions[0]} for this model)"
+            )
+        if vocabulary is not None:
+            _check_vocabulary(record, prompt + completion, vocabulary, tokenizer)
         if total > max_length:
             if len(prompt) >= max_length:
                 hint = f"the prompt leaves no room for the completion under max_length={max_length}"

@@ -156,11 +156,17 @@ class Attributor:
 
     # --- data ----------------------------------------------------------------------------------
     def encode(self, records: Sequence[Record]) -> list[EncodedExample]:
-        return encode_records(records, self.tokenizer, self.config.max_length, self.config.chat_template)
+        return encode_records(
+            records, self.tokenizer, self.config.max_length, self.config.chat_template, model=self.model
+        )
+
+    def encoded(self, records: Rows) -> list[EncodedExample]:
+        """``records`` encoded for this model (:meth:`encode`); already-encoded examples pass as they are."""
+        return list(records) if records and isinstance(records[0], EncodedExample) else self.encode(records)  # type: ignore[arg-type]
 
     def batches(self, records: Sequence[Record] | Sequence[EncodedExample]) -> Iterator[tuple[list[str], Batch]]:
         """``(ids, batch)`` in order; accepts records or already-encoded examples."""
-        encoded = records if records and isinstance(records[0], EncodedExample) else self.encode(records)  # type: ignore[arg-type]
+        encoded = self.encoded(records)
         return iterate_batches(encoded, self.config.batch_size, pad_id(self.tokenizer), self.device)
 
     # --- losses --------------------------------------------------------------------------------
@@ -202,8 +208,7 @@ class Attributor:
         ``stages``: persist and reuse finished fitting stages there (see :meth:`Curvature.fit`).
         Raises :class:`~wherefrom.core.data.DataError` for no rows, an invalid row or a repeated id.
         """
-        train = checked_rows(train, "training rows")
-        encoded = train if isinstance(train[0], EncodedExample) else self.encode(train)  # type: ignore[arg-type]
+        encoded = self.encoded(checked_rows(train, "training rows"))
 
         def batches() -> Iterable[Batch]:
             return (batch for _, batch in self.batches(encoded))
@@ -335,6 +340,7 @@ class Attributor:
         ``train``, an invalid row or an id repeated within one of them.
         """
         queries, train = checked_rows(queries, "query rows"), checked_rows(train, "training rows")
+        queries, train = self.encoded(queries), self.encoded(train)  # every row checked before any pass
         query_ids, pre = self.preconditioned_queries(queries)
         return self.scores_from_gradients(
             query_ids, pre, self.token_factor_stream(train, description="train gradients")
@@ -363,8 +369,8 @@ class Attributor:
         Raises :class:`~wherefrom.core.data.DataError` before any pass as :meth:`scores` does.
         """
         queries, train = checked_rows(queries, "query rows"), checked_rows(train, "training rows")
-        query_ids, pre = self.preconditioned_queries(queries)
-        encoded = self.encode(train)
+        encoded = self.encoded(train)
+        query_ids, pre = self.preconditioned_queries(self.encoded(queries))
         out = []
         for ids, factors in self.token_factor_stream(encoded, description="token scores"):
             per_token = sum(token_scores(pre[n], factors[n]) for n in self.module_names)

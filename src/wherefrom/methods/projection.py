@@ -418,12 +418,14 @@ class ProjectedInfluence:
         ``train``, an invalid row or a repeated id.
         """
         queries, train = checked_rows(queries, "query rows"), checked_rows(train, "training rows")
-        query_ids, pre = self.preconditioned_queries(queries)
-        if self._index is not None and self._index[0] == records_key(train):
+        indexed = self._index is not None and self._index[0] == records_key(train)
+        encoded_train = None if indexed else self.attributor.encoded(train)  # checked before any pass
+        query_ids, pre = self.preconditioned_queries(self.attributor.encoded(queries))
+        if indexed:
             _, ids, stored = self._index
             stream: Iterator[tuple[list[str], dict[str, torch.Tensor]]] = iter([(list(ids), dict(stored))])
         else:
-            stream = self.projected_gradients(train, description="projected train gradients")
+            stream = self.projected_gradients(encoded_train, description="projected train gradients")
         # Projected blocks are (n, k) matrices: the attributor's scoring (and cosine) applies as is.
         return self.attributor.scores_from_gradients(query_ids, pre, stream)
 

@@ -96,7 +96,7 @@ class RepSim:
 
     # --- representations ----------------------------------------------------------------------
     def encode(self, records: Sequence[Record]) -> list[EncodedExample]:
-        return encode_records(records, self.tokenizer, self.max_length, self.chat_template)
+        return encode_records(records, self.tokenizer, self.max_length, self.chat_template, model=self.model)
 
     def _positions(self, examples: Sequence[EncodedExample]) -> list[int]:
         if self.pooling == "last_prompt":
@@ -159,8 +159,9 @@ class RepSim:
         :class:`~wherefrom.core.data.DataError` before any pass for an empty ``queries`` or ``train``, an
         invalid row or a repeated id."""
         queries, train = check_records(queries, "query rows"), check_records(train, "training rows")
-        train_ids, train_reps = self._train_representations(train)
+        self.encode(train)  # every row checked against the model before any pass
         query_ids, query_reps = self.representations(queries)
+        train_ids, train_reps = self._train_representations(train)
         cosine = (
             F.normalize(query_reps, dim=-1) @ train_reps.T
             if len(query_ids) and len(train_ids)

@@ -344,7 +344,9 @@ def finetune(
         )
 
     # Encode first, so bad data fails before anything on disk is touched.
-    examples = encode_records(records, tokenizer, max_length=config.max_length, chat_template=config.chat_template)
+    examples = encode_records(
+        records, tokenizer, max_length=config.max_length, chat_template=config.chat_template, model=model
+    )
     _clear_outputs(output_dir)
 
     device = _device_of(model)

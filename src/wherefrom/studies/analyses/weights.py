@@ -283,7 +283,7 @@ def run_weights(
         done = {n: cached(bench.unit_path(seed, NAME, n), {**key, "checkpoint": n}) for n in names}
         if any(v is None for v in done.values()):
             loaded, tuned = finetuned(c, seed, task)
-            encoded = encode_records(queries, loaded.tokenizer, c.max_length)
+            encoded = encode_records(queries, loaded.tokenizer, c.max_length, model=tuned.model)
             batches = list(
                 iterate_batches(encoded, c.batch_size, pad_id(loaded.tokenizer), next(tuned.model.parameters()).device)
             )

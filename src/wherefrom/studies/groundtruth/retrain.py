@@ -102,7 +102,7 @@ def measure_queries(
 ) -> np.ndarray:
     """``(n_query,)`` float64 ``f(z_q) = log p(completion | prompt)`` (nats, summed over completion
     tokens; :meth:`wherefrom.core.task.LanguageModelingTask.measurement`) under ``torch.no_grad`` in eval mode."""
-    examples = encode_records(queries, tokenizer, max_length=max_length, chat_template=chat_template)
+    examples = encode_records(queries, tokenizer, max_length=max_length, chat_template=chat_template, model=model)
     device = next(model.parameters()).device
     task = LanguageModelingTask()
     values: list[torch.Tensor] = []
