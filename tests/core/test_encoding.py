@@ -95,7 +95,10 @@ def test_chat_template() -> None:
         "{% if add_generation_prompt %}a:{% endif %}"
     )
     (example,) = encode_records([Record("r", "hi", "yo")], tok, chat_template=True)
-    prompt = char_ids("<user>hi\na:")
+    # The prompt is what the template renders before the assistant content in the conversation (the
+    # generation prompt "a:" is not what a model trained on this template saw); the template has no
+    # end-of-turn token, so the EOS is appended.
+    prompt = char_ids("<user>hi\n<assistant>")
     assert example.input_ids == prompt + char_ids("yo") + [EOS]
     assert example.labels == [IGNORE_INDEX] * len(prompt) + char_ids("yo") + [EOS]
 

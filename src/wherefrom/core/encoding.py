@@ -6,9 +6,11 @@ Conventions (shared with :mod:`wherefrom.core.task`):
   the same length, aligned with ``input_ids``: ``labels[t] == input_ids[t]`` on completion tokens
   (including the appended EOS) and ``-100`` on prompt tokens. The next-token shift happens in
   :mod:`wherefrom.core.task`, not here.
-* Prompt and completion are tokenized separately, so the boundary between them is exact. The
-  prompt is tokenized with the tokenizer's special tokens (a BOS is kept if the tokenizer adds
-  one); the completion without them.
+* Without a chat template, prompt and completion are tokenized separately, so the boundary
+  between them is exact. The prompt is tokenized with the tokenizer's special tokens (a BOS is kept
+  if the tokenizer adds one); the completion without them. With a chat template, the rendered
+  conversation is tokenized as one text and the labels cover exactly the assistant content and its
+  end-of-turn marker (:func:`encode_records`).
 * Nothing is truncated: an example longer than ``max_length`` raises :class:`DataError`. Given the
   model, ``max_length`` is capped at the model's position table (:func:`model_positions`:
   ``config.n_positions`` / ``config.max_position_embeddings``) and every token id (padding
@@ -70,25 +72,80 @@ class EncodedExample:
         return len(self.labels) - self.num_prompt_tokens
 
 
-def _prompt_texts(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> list[str]:
-    if not chat_template:
-        return [record.prompt for record in records]
+CONTENT_SENTINEL = "WHEREFROMASSISTANTCONTENT"
+"""A stand-in assistant message: rendering it shows what the template puts around any content."""
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    if not isinstance(text, str):  # defensive: some versions may wrap the result
+        raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, not str")
+    return text
+
+
+def _end_of_turn(suffix: str, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Characters of ``suffix`` (what the template renders after the assistant content) up to and
+    including its first special token (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ``<end_of_turn>``...);
+    0 when it holds none."""
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    specials += [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special and t.content]
+    found = [(suffix.find(t), -len(t), t) for t in set(specials) if t in suffix]
+    if not found:
+        return 0
+    at, _, token = min(found)
+    return at + len(token)
+
+
+def _chat_texts(record: Record, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str, bool]:
+    """``(prompt_text, completion_text, has_marker)``: the conversation ``[user: prompt, assistant:
+    completion]`` as the template renders it, cut where the assistant content starts and after its
+    end-of-turn marker (``has_marker``: the template renders one). The template is rendered once with :data:`CONTENT_SENTINEL` as the assistant content,
+    which shows the text before and after any content (header, trimming, marker)."""
+    user = {"role": "user", "content": record.prompt}
+    probe = _render(tokenizer, [user, {"role": "assistant", "content": CONTENT_SENTINEL}])
+    full = _render(tokenizer, [user, {"role": "assistant", "content": record.completion}])
+    if probe.count(CONTENT_SENTINEL) != 1:
+        raise ValueError(f"the chat template does not render the assistant message once (record {record.id!r})")
+    before, after = probe.split(CONTENT_SENTINEL)
+    if not (full.startswith(before) and full.endswith(after) and len(full) >= len(before) + len(after)):
+        raise ValueError(
+            f"record {record.id!r}: the chat template renders text around the assistant content that depends on "
+            f"the content; wherefrom cannot tell which tokens are the answer (use chat_template=False)"
+        )
+    content = full[len(before) : len(full) - len(after)]
+    marker_end = _end_of_turn(after, tokenizer)
+    return before, content + after[:marker_end], marker_end > 0
+
+
+def _split_tokens(
+    record: Record, tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str
+) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt + completion`` tokenized as one text (as a trainer tokenizes the rendered
+    conversation), split into the tokens before the completion and the rest; a token that straddles
+    the boundary (e.g. SentencePiece's ``"▁word"`` after ``"[/INST] "``) carries completion text and
+    goes to the completion. Tokenizers without offsets must tokenize the prompt to a prefix."""
+    text = prompt + completion
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = [int(t) for t in encoded["input_ids"]], encoded["offset_mapping"]
+        cut = next((i for i, (_, stop) in enumerate(offsets) if stop > len(prompt)), len(ids))
+        return ids[:cut], ids[cut:]
+    ids = [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    head = [int(t) for t in tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    if ids[: len(head)] != head:
+        raise ValueError(
+            f"record {record.id!r}: the prompt's last token merges with the completion's first under this "
+            f"(slow) tokenizer; load the fast tokenizer so the boundary can be placed by character offsets"
+        )
+    return head, ids[len(head) :]
+
+
+def _check_template(tokenizer: PreTrainedTokenizerBase) -> None:
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
             "chat_template=True but the tokenizer has no chat template (tokenizer.chat_template "
             "is not set); use chat_template=False or load a tokenizer that defines one"
         )
-    texts = []
-    for record in records:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": record.prompt}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        if not isinstance(text, str):  # defensive: some versions may wrap the result
-            raise ValueError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, not str")
-        texts.append(text)
-    return texts
 
 
 POSITION_FIELDS = ("n_positions", "max_position_embeddings")
@@ -140,12 +197,20 @@ def encode_records(
 ) -> list[EncodedExample]:
     """Tokenize records into :class:`EncodedExample` s, in order.
 
-    Without ``chat_template`` the prompt ids are ``tokenizer(prompt, add_special_tokens=True)``;
-    with it, the prompt is rendered as one user turn by ``tokenizer.apply_chat_template(...,
-    add_generation_prompt=True)`` and tokenized with ``add_special_tokens=False`` (the template
-    carries its own special tokens). Completion ids are ``tokenizer(completion,
-    add_special_tokens=False)`` followed by ``tokenizer.eos_token_id`` when ``append_eos`` and the
-    tokenizer has one.
+    Without ``chat_template`` the prompt ids are ``tokenizer(prompt, add_special_tokens=True)`` and
+    the completion ids ``tokenizer(completion, add_special_tokens=False)`` followed by
+    ``tokenizer.eos_token_id`` when ``append_eos`` and the tokenizer has one.
+
+    With ``chat_template`` the row is the conversation ``[user: prompt, assistant: completion]``
+    rendered by ``tokenizer.apply_chat_template`` and tokenized as one text without added special
+    tokens (the template carries its own), as a trainer sees it. The scored (labelled) tokens are
+    exactly what the template renders for the assistant content (after its own trimming) plus the
+    turn's end-of-turn marker, the first special token after the content (``<|im_end|>`` ChatML,
+    ``<|eot_id|>`` Llama-3, ``</s>`` Llama-2 / Mistral / Zephyr, ``<end_of_turn>`` Gemma; text the
+    template renders between content and marker, such as Llama-2's space, included); text after the
+    marker is dropped; the prompt is everything the template renders before the content (system
+    turn, user turn, assistant header). A token straddling the boundary goes to the completion.
+    ``append_eos`` adds the EOS only for a template that renders no end-of-turn marker.
 
     If the prompt tokenizes to nothing (an empty prompt and no BOS added by the tokenizer), the
     tokenizer's ``bos_token_id`` is prepended when it has one, so that the first completion token
@@ -173,18 +238,26 @@ def encode_records(
             f"model's vocabulary of {vocabulary} embeddings; set tokenizer.pad_token to a token the model has"
         )
 
-    prompt_texts = _prompt_texts(records, tokenizer, chat_template)
-    prompt_ids = _ids(tokenizer(prompt_texts, add_special_tokens=not chat_template))
-    completion_ids = _ids(tokenizer([record.completion for record in records], add_special_tokens=False))
     eos = tokenizer.eos_token_id if append_eos else None
     bos = getattr(tokenizer, "bos_token_id", None)
+    if chat_template:
+        _check_template(tokenizer)
+        pairs = []
+        for record in records:
+            prompt_text, completion_text, has_marker = _chat_texts(record, tokenizer)
+            prompt, completion = _split_tokens(record, tokenizer, prompt_text, completion_text)
+            if eos is not None and not has_marker:
+                completion = completion + [int(eos)]  # a template without an end-of-turn marker
+            pairs.append((prompt, completion))
+    else:
+        prompt_ids = _ids(tokenizer([record.prompt for record in records], add_special_tokens=True))
+        completion_ids = _ids(tokenizer([record.completion for record in records], add_special_tokens=False))
+        pairs = [(p, [*c, int(eos)] if eos is not None else c) for p, c in zip(prompt_ids, completion_ids)]
 
     examples: list[EncodedExample] = []
-    for record, prompt, completion in zip(records, prompt_ids, completion_ids):
+    for record, (prompt, completion) in zip(records, pairs):
         if not prompt and bos is not None:
             prompt = [int(bos)]
-        if eos is not None:
-            completion = [*completion, int(eos)]
         if not completion:
             raise DataError(
                 f"record {record.id!r}: field 'completion' tokenizes to zero tokens "
