@@ -230,12 +230,12 @@ def test_exact_hessian_option_matches_double_backward(tokenizer):
 
 
 def test_exact_refuses_infeasible_sizes_with_the_byte_count(tokenizer, train_records, monkeypatch):
-    import wherefrom.curvature.exact as exact_module
-
-    monkeypatch.setattr(exact_module, "BYTES_LIMIT", 1024)
+    monkeypatch.setenv("WHEREFROM_MEMORY_LIMIT", "1024")  # the shared limit of wherefrom.memory
     attributor = Attributor(build_model("llama"), tokenizer, AttributionConfig(strategy="exact"))
     parameters = sum(m.shape[0] * m.shape[1] for m in attributor.modules)
-    with pytest.raises(MemoryError, match=rf"exact GGN over {parameters:,} parameters needs .* GiB"):
+    with pytest.raises(
+        MemoryError, match=rf"dense GGN over {parameters:,} parameters \(P x P, float64\): {8 * parameters**2:,} bytes"
+    ):
         attributor.fit(train_records)
 
 

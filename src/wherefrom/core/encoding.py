@@ -247,7 +247,7 @@ def encode_records(
             prompt_text, completion_text, has_marker = _chat_texts(record, tokenizer)
             prompt, completion = _split_tokens(record, tokenizer, prompt_text, completion_text)
             if eos is not None and not has_marker:
-                completion = completion + [int(eos)]  # a template without an end-of-turn marker
+                completion = [*completion, int(eos)]  # a template without an end-of-turn marker
             pairs.append((prompt, completion))
     else:
         prompt_ids = _ids(tokenizer([record.prompt for record in records], add_special_tokens=True))

@@ -14,12 +14,16 @@ damaged file. A fit given a :class:`wherefrom.core.store.StageFolder` persists e
 correction), so a killed fit resumes after its last finished stage with bit-identical results on
 the same device: a ``loss_fn`` carrying a ``generator`` attribute (sampled labels of the true
 Fisher) has that generator's state saved with each stage and restored when the stage is reused.
+Memory: before the first pass, :meth:`Curvature.fit` measures the data (:class:`DataShape`), asks
+the strategy for the bytes it will allocate (:meth:`Curvature.memory_needs`, ``{part: bytes}``) and
+refuses with :class:`wherefrom.memory.MemoryLimitError` (module, bytes, limit) when they do not fit.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,7 +39,9 @@ from wherefrom.core.store import (
     save_tensors_checked,
     write_json_checked,
 )
+from wherefrom.core.task import IGNORE_INDEX
 from wherefrom.core.tracking import TrackedModule, selection_signature
+from wherefrom.memory import check_memory, nbytes
 
 BatchSource = Callable[[], Iterable[Batch]]
 """A callable that returns a fresh iterable over the fitting batches (some strategies need two passes)."""
@@ -53,6 +59,51 @@ TENSORS_FILE = "curvature.safetensors"
 
 def no_progress(batches: Iterable[Batch], _description: str) -> Iterator[Batch]:
     return iter(batches)
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """Sizes of the fitting data that set the memory a strategy needs (measured without a model pass).
+
+    ``examples``: rows; ``max_batch``: rows of the largest batch; ``max_tokens``: the widest batch's
+    sequence length ``T`` (1 for batches without ``input_ids``); ``max_labelled``: most predicting
+    positions of one row (``labels[1:] != -100``; ``max_tokens`` without labels); ``vocabulary``: the
+    width of the model's logits (0 when it has no output embedding or ``config.vocab_size``).
+    """
+
+    examples: int
+    max_batch: int
+    max_tokens: int
+    max_labelled: int
+    vocabulary: int
+
+    @classmethod
+    def measure(cls, model: nn.Module, batches: BatchSource) -> DataShape:
+        examples = max_batch = max_labelled = 0
+        max_tokens = 1
+        for batch in batches():
+            rows = next(iter(batch.values())).shape[0]
+            examples, max_batch = examples + rows, max(max_batch, rows)
+            if "input_ids" in batch:
+                max_tokens = max(max_tokens, batch["input_ids"].shape[1])
+            if "labels" in batch and batch["labels"].shape[1] > 1:
+                max_labelled = max(max_labelled, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).max()))
+        getter = getattr(model, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        vocabulary = (
+            int(head.weight.shape[0])
+            if head is not None
+            else int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+        )
+        return cls(examples, max_batch, max_tokens, max_labelled or max_tokens, vocabulary)
+
+    def token_factor_bytes(self, modules: Sequence[TrackedModule]) -> int:
+        """Bytes of one batch's :class:`~wherefrom.core.gradients.TokenFactors` (``a`` and ``g``, float32) over ``modules``."""
+        return sum(nbytes(self.max_batch, self.max_tokens, m.shape[0] + m.shape[1]) for m in modules)
+
+    def dense_gradient_bytes(self, modules: Sequence[TrackedModule]) -> int:
+        """Bytes of one batch's dense per-example gradients ``(B, out, in')`` (float32) over ``modules``."""
+        return sum(nbytes(self.max_batch, *m.shape) for m in modules)
 
 
 class Curvature(ABC):
@@ -96,7 +147,15 @@ class Curvature(ABC):
 
         ``stages``: where finished fitting stages are persisted and found again (see the module
         docstring); the caller records the fit's settings beside them first.
-        """
+        Raises :class:`wherefrom.memory.MemoryLimitError` before the first pass when
+        :meth:`memory_needs` exceeds the memory limit of the model's device."""
+        needs = self.memory_needs(modules, DataShape.measure(model, batches))
+        check_memory(
+            needs,
+            f"fitting {self.name!r}",
+            next(model.parameters()).device,
+            "Track fewer or smaller modules (include/exclude, LoRA), fit on fewer rows, or use a cheaper strategy.",
+        )
         self.modules = selection_signature(modules)
         self.state, self.info = {}, {}
         self.stages = stages
@@ -128,6 +187,15 @@ class Curvature(ABC):
                 self.stages.save(stage, {**tensors, **rng}, info)
         self.info.update(info)
         return tensors
+
+    def memory_needs(self, modules: Sequence[TrackedModule], data: DataShape) -> dict[str, int]:
+        """``{part: bytes}`` the fit will allocate for ``modules`` on ``data`` (accumulators, fitted
+        state, the largest per-batch buffers); parts name the module or buffer. Default: nothing."""
+        return {}
+
+    def state_bytes(self, modules: Sequence[TrackedModule], data: DataShape) -> int:
+        """Predicted bytes of the fitted :attr:`state` (what :meth:`save` writes)."""
+        return 0
 
     @abstractmethod
     def _fit(self, model, modules, batches: BatchSource, loss_fn: LossFn, progress: Progress) -> None: ...

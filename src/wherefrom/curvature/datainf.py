@@ -30,7 +30,9 @@ loss with the data's targets, i.e. ``AttributionConfig(fisher="empirical")``. Wi
 State: the per-example gradients of every module (``{name}.gradients``, ``(n, out, in')``) and
 the damping (``{name}.damping``), so a fitted DataInf saves and loads like any strategy. That is
 ``n x (number of tracked parameters)`` numbers: fine for LoRA modules, too much for full layers
-of a large model; :meth:`fit` raises :class:`MemoryError` beyond ``max_bytes`` (default 2 GiB).
+of a large model. Before the first pass :meth:`fit` predicts those bytes and raises
+:class:`wherefrom.memory.MemoryLimitError` when they exceed ``max_bytes`` (default 2 GiB) or,
+with the working buffers, the memory limit (:mod:`wherefrom.memory`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ import torch
 
 from wherefrom.core.gradients import per_example_gradients
 from wherefrom.core.options import OptionSpec, from_signature
-from wherefrom.curvature.base import Curvature
+from wherefrom.curvature.base import Curvature, DataShape
+from wherefrom.memory import check_memory, nbytes
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
 
@@ -60,6 +63,30 @@ class DataInf(Curvature):
         ),
     )
 
+    def state_bytes(self, modules, data: DataShape) -> int:
+        """Per module: the ``(n, out, in')`` float32 gradients and the float64 damping."""
+        return sum(nbytes(data.examples, *m.shape) + 8 for m in modules)
+
+    def memory_needs(self, modules, data: DataShape) -> dict[str, int]:
+        needs = {
+            f"{m.name}: per-example gradients of all {data.examples} rows": nbytes(data.examples, *m.shape) + 8
+            for m in modules
+        }
+        check_memory(
+            needs,
+            "fitting 'datainf' (the kept per-example gradients)",
+            hint=("Track fewer or smaller modules (e.g. LoRA), fit on fewer rows, or raise max_bytes."),
+            limit=(self.max_bytes, "the datainf option max_bytes"),
+        )
+        largest = max((m.shape[0] * m.shape[1] for m in modules), default=0)
+        needs["concatenation and float64 mean of the largest module"] = nbytes(
+            data.examples, largest, dtype=torch.float64
+        ) + nbytes(data.examples, largest)
+        needs["per-example gradients of one batch"] = data.dense_gradient_bytes(modules) + data.token_factor_bytes(
+            modules
+        )
+        return needs
+
     def _fit(self, model, modules, batches, loss_fn, progress) -> None:
         parts: dict[str, list[torch.Tensor]] = {m.name: [] for m in modules}
         held = 0
@@ -70,13 +97,6 @@ class DataInf(Curvature):
                 held += g.numel() * g.element_size()
                 parts[name].append(g.detach().cpu())
             count += next(iter(grads.values())).shape[0]
-            if held > self.max_bytes:
-                raise MemoryError(
-                    f"DataInf keeps every per-example training gradient: already {held:,} bytes after "
-                    f"{count} examples, over the limit of {self.max_bytes:,} bytes "
-                    f"({sum(m.shape[0] * m.shape[1] for m in modules):,} tracked parameters per example). "
-                    "Track fewer or smaller modules (e.g. LoRA), fit on fewer rows, or raise max_bytes."
-                )
         if count == 0:
             raise ValueError("DataInf needs at least one training example to fit")
         self.info["examples"] = count

@@ -24,9 +24,8 @@ from torch.func import functional_call, jacfwd, jacrev
 
 from wherefrom.core.options import OptionSpec, from_signature
 from wherefrom.core.task import IGNORE_INDEX, per_example_loss
-from wherefrom.curvature.base import Curvature
-
-BYTES_LIMIT = 4 * 2**30
+from wherefrom.curvature.base import Curvature, DataShape
+from wherefrom.memory import check_memory, nbytes
 
 
 @contextmanager
@@ -76,15 +75,41 @@ class ExactGGN(Curvature):
         OptionSpec("curvature", help="ggn: Gauss-Newton matrix; hessian: the true Hessian (may be indefinite)"),
     )
 
-    def _fit(self, model, modules, batches, loss_fn, progress) -> None:
-        sizes = [m.shape[0] * m.shape[1] for m in modules]
-        total = sum(sizes)
-        needed = 8 * (total**2 if self.blocks == "full" else sum(s * s for s in sizes))
-        if needed > BYTES_LIMIT:
-            raise MemoryError(
-                f"exact GGN over {total:,} parameters needs {needed / 2**30:.1f} GiB in float64 "
-                f"(limit {BYTES_LIMIT / 2**30:.0f} GiB); track fewer modules or use an approximate strategy"
+    def _blocks(self, modules) -> dict[str, int]:
+        """``{block: size}``: one per module, or ``{"full": P}``."""
+        sizes = {m.name: m.shape[0] * m.shape[1] for m in modules}
+        return {"full": sum(sizes.values())} if self.blocks == "full" else sizes
+
+    def state_bytes(self, modules, data: DataShape) -> int:
+        """Per block of size ``s``: the float32 matrix, the float64 inverse and a float32 damping."""
+        return sum(nbytes(s, s) + nbytes(s, s, dtype=torch.float64) + 4 for s in self._blocks(modules).values())
+
+    def memory_needs(self, modules, data: DataShape) -> dict[str, int]:
+        """The whole ``(P, P)`` float64 matrix is accumulated whatever ``blocks`` is (the blocks are cut
+        from it), plus each block's saved matrix and inverse, the inversion workspace of the largest
+        block, and one example's ``(t, V, P)`` Jacobian (or one batch's ``(P, P)`` Hessian)."""
+        total = sum(m.shape[0] * m.shape[1] for m in modules)
+        needs = {
+            f"dense {self.curvature.upper()} over {total:,} parameters (P x P, float64)": nbytes(
+                total, total, dtype=torch.float64
             )
+        }
+        for name, size in self._blocks(modules).items():
+            needs[f"{name}: saved matrix (float32) and inverse (float64)"] = (
+                nbytes(size, size) + nbytes(size, size, dtype=torch.float64) + 4
+            )
+        largest = max(self._blocks(modules).values(), default=0)
+        needs["inversion workspace (largest block, float64)"] = 3 * nbytes(largest, largest, dtype=torch.float64)
+        if self.curvature == "hessian":
+            needs["Hessian of one batch (torch.func)"] = nbytes(total, total)
+        else:  # jac (t, V, P) in the parameters' dtype, its flattened copy and the float64 weighted rows
+            needs["Jacobian of one example (t x V x P)"] = 2 * nbytes(
+                data.max_labelled, data.vocabulary, total
+            ) + nbytes(data.max_labelled, data.vocabulary, total, dtype=torch.float64)
+        return needs
+
+    def _fit(self, model, modules, batches, loss_fn, progress) -> None:
+        total = sum(m.shape[0] * m.shape[1] for m in modules)
         params = {f"{m.name}.{suffix}": p for m in modules for suffix, p in zip(("weight", "bias"), m.parameters())}
         device = next(model.parameters()).device
         ggn = torch.zeros(total, total, dtype=torch.float64, device=device)
@@ -197,6 +222,16 @@ class ExactGGN(Curvature):
         if self.blocks == "module":
             return super().precondition(grads)
         inverse = self.state["full.inverse"]
+        rows, device = next(iter(grads.values())).shape[0], next(iter(grads.values())).device
+        check_memory(
+            {
+                "gradient rows and their solutions (float64)": 2 * nbytes(rows, inverse.shape[0], dtype=torch.float64),
+                "the full inverse on the gradients' device": 0 if inverse.device == device else inverse.numel() * 8,
+            },
+            f"preconditioning {rows} rows with 'exact' (blocks='full')",
+            device,
+            "Precondition fewer rows at once.",
+        )
         return self.precondition_jointly(grads, lambda flat: flat @ inverse.to(flat.device))
 
     def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,9 @@ from torch import nn
 
 from wherefrom.core.options import OptionSpec, from_signature
 from wherefrom.core.tracking import TrackedModule, selection_signature
-from wherefrom.curvature.base import BatchSource, Curvature, Progress, no_progress
+from wherefrom.curvature.base import BatchSource, Curvature, DataShape, Progress, no_progress
 from wherefrom.curvature.products import GGNOperator
+from wherefrom.memory import check_memory, nbytes
 
 AGARWAL_2017 = "Agarwal, Bullins & Hazan 2017, Second-Order Stochastic Optimization in Linear Time (LiSSA)"
 SCHIOPPA_2022 = "Schioppa et al. 2022, Scaling Up Influence Functions (Arnoldi iteration)"
@@ -139,6 +140,31 @@ class OperatorCurvature(Curvature):
     def _prepare(self, operator: GGNOperator) -> None:
         """Strategy-specific work at fit time (scale, eigenpairs)."""
 
+    def state_bytes(self, modules, data: DataShape) -> int:
+        """The float64 damping (and LiSSA's scale, Arnoldi's eigenpairs: see the subclasses)."""
+        return 8
+
+    def memory_needs(self, modules, data: DataShape) -> dict[str, int]:
+        """Vectors of length ``P`` (float64) the fit holds: Hutchinson probes and their products (for
+        the default damping), one vmapped product's tangents and logit tangents, and the state."""
+        size = sum(m.shape[0] * m.shape[1] for m in modules)
+        needs = {
+            "GGN-vector product (max_vectors tangents and logit tangents)": (
+                2 * nbytes(self.max_vectors, size, dtype=torch.float64)
+                + 3 * nbytes(self.max_vectors, data.max_batch, data.max_tokens, data.vocabulary)
+            ),
+            "fitted state": self.state_bytes(modules, data),
+        }
+        if self.damping is None:
+            needs[f"Hutchinson probes ({self.probes} x P, float64) and their products"] = 2 * nbytes(
+                self.probes, size, dtype=torch.float64
+            )
+        return needs
+
+    def solve_needs(self, rows: int, size: int) -> dict[str, int]:
+        """``{part: bytes}`` one :meth:`precondition` of ``rows`` gradient rows over ``size`` parameters holds."""
+        return {}
+
     @property
     def lam(self) -> float:
         """The damping lambda in use."""
@@ -160,7 +186,19 @@ class OperatorCurvature(Curvature):
 
     # --- use ---------------------------------------------------------------------------------------
     def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``(G + lambda I)^-1`` applied to every row, all modules jointly (like ``ExactGGN(blocks="full")``)."""
+        """``(G + lambda I)^-1`` applied to every row, all modules jointly (like ``ExactGGN(blocks="full")``).
+
+        Raises :class:`wherefrom.memory.MemoryLimitError` before solving when :meth:`solve_needs`
+        does not fit."""
+        first = next(iter(grads.values()), None)
+        if first is not None:
+            size = sum(rows * cols for _, rows, cols in self.modules)
+            check_memory(
+                self.solve_needs(first.shape[0], size),
+                f"preconditioning {first.shape[0]} rows with {self.name!r}",
+                first.device,
+                "Precondition fewer rows at once (fewer queries, a smaller batch_size).",
+            )
         return self.precondition_jointly(grads, self._solve)
 
     def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
@@ -208,6 +246,13 @@ class ConjugateGradient(OperatorCurvature):
             OptionSpec("max_iter", low=1, help="products with G at most per solve"),
         ),
     )
+
+    def solve_needs(self, rows: int, size: int) -> dict[str, int]:
+        """The right-hand sides, the solution, residual, direction and product: ``6 x rows x P`` float64."""
+        return {
+            f"conjugate-gradient vectors ({rows} rows x {size:,} parameters, float64)": 6
+            * nbytes(rows, size, dtype=torch.float64)
+        }
 
     def _solve(self, b: torch.Tensor) -> torch.Tensor:
         self._require_operator()
@@ -324,6 +369,18 @@ class LiSSA(OperatorCurvature):
             OptionSpec("safety", low=1.0, help="alpha's margin below 1 / (lambda_max + lambda)"),
         ),
     )
+
+    def state_bytes(self, modules, data: DataShape) -> int:
+        """The float64 damping and scale."""
+        return 16
+
+    def solve_needs(self, rows: int, size: int) -> dict[str, int]:
+        """The right-hand sides, ``r``, the update and a product, plus one estimate per repeat and
+        their mean: ``(5 + repeats) x rows x P`` float64."""
+        return {
+            f"LiSSA vectors ({rows} rows x {size:,} parameters, {self.repeats} repeats, float64)": (5 + self.repeats)
+            * nbytes(rows, size, dtype=torch.float64)
+        }
 
     def _stochastic(self, operator: GGNOperator) -> bool:
         return self.batch_size is not None and self.batch_size < operator.num_examples
@@ -461,12 +518,41 @@ class Arnoldi(OperatorCurvature):
         ),
     )
 
+    def _steps(self, size: int) -> tuple[int, int]:
+        """``(rank, Arnoldi steps)`` for ``size`` parameters."""
+        rank = min(self.rank, size)
+        return rank, min(size, self.iterations if self.iterations is not None else 2 * rank)
+
+    def state_bytes(self, modules, data: DataShape) -> int:
+        """The float64 damping, ``rank`` eigenvalues and the ``(rank, P)`` eigenvectors (float64)."""
+        size = sum(m.shape[0] * m.shape[1] for m in modules)
+        rank, _ = self._steps(size)
+        return 8 + nbytes(rank, dtype=torch.float64) + nbytes(rank, size, dtype=torch.float64)
+
+    def memory_needs(self, modules, data: DataShape) -> dict[str, int]:
+        size = sum(m.shape[0] * m.shape[1] for m in modules)
+        rank, steps = self._steps(size)
+        needs = super().memory_needs(modules, data)
+        needs[f"Arnoldi basis ({steps} x {size:,}, float64) and projected matrix"] = (
+            nbytes(steps, size, dtype=torch.float64)
+            + nbytes(steps, steps, dtype=torch.float64)
+            + steps * steps
+            + 2 * nbytes(self.block_size, size, dtype=torch.float64)
+        )
+        needs[f"Ritz check of the {rank} kept eigenvectors"] = nbytes(rank, size, dtype=torch.float64)
+        return needs
+
+    def solve_needs(self, rows: int, size: int) -> dict[str, int]:
+        return {
+            f"Arnoldi projection ({rows} rows x {size:,} parameters, float64)": 3
+            * nbytes(rows, size, dtype=torch.float64)
+        }
+
     def _prepare(self, operator: GGNOperator) -> None:
         if self.complement and self.lam <= 0:
             raise ValueError("arnoldi complement=True needs a positive damping (it applies 1/lambda)")
         size = operator.num_parameters
-        rank = min(self.rank, size)
-        steps = min(size, self.iterations if self.iterations is not None else 2 * rank)
+        rank, steps = self._steps(size)
         basis, projected, restarts = self._arnoldi(operator, steps)
         values, vectors = torch.linalg.eigh(projected)
         order = (values.abs() if self.curvature == "hessian" else values).argsort(descending=True)[:rank]

@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 
 from wherefrom.core.gradients import token_factors
-from wherefrom.curvature.base import Curvature
+from wherefrom.curvature.base import Curvature, DataShape
+from wherefrom.memory import nbytes
 
 
 def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +41,24 @@ class KFAC(Curvature):
     """Kronecker-factored curvature with eigenvalues ``s_i a_j``."""
 
     name = "kfac"
+
+    def state_bytes(self, modules, data: DataShape) -> int:
+        """Per module, float32: eigenbases ``(in', in')`` and ``(out, out)``, their eigenvalues, the
+        ``(out, in')`` eigenvalue grid, and the damping scalar."""
+        return sum(nbytes(o * o + i * i + o + i + o * i) + 4 for o, i in (m.shape for m in modules))
+
+    def memory_needs(self, modules, data: DataShape) -> dict[str, int]:
+        needs = {}
+        for m in modules:
+            o, i = m.shape
+            accumulators = nbytes(o * o + i * i, dtype=torch.float64)
+            needs[f"{m.name}: covariance factors and eigenbases"] = (
+                accumulators + nbytes(o * o + i * i + o + i + o * i) + 4
+            )
+        side = max((max(m.shape) for m in modules), default=0)
+        needs["eigendecomposition workspace (largest factor, float64)"] = 3 * nbytes(side, side, dtype=torch.float64)
+        needs["token factors of one batch"] = data.token_factor_bytes(modules)
+        return needs
 
     def _fit(self, model, modules, batches, loss_fn, progress) -> None:
         self._fit_factors(model, modules, batches, loss_fn, progress)
@@ -110,6 +129,22 @@ class EKFAC(KFAC):
     """K-FAC eigenbasis with eigenvalues re-fitted to per-example gradients (a second data pass)."""
 
     name = "ekfac"
+
+    def memory_needs(self, modules, data: DataShape) -> dict[str, int]:
+        needs = super().memory_needs(modules, data)
+        for m in modules:
+            needs[f"{m.name}: covariance factors and eigenbases"] += nbytes(
+                *m.shape, dtype=torch.float64
+            )  # correction sums
+        needs["rotated factors of one batch (largest module)"] = max(
+            (
+                nbytes(data.max_batch, data.max_tokens, m.shape[0] + m.shape[1])
+                + nbytes(data.max_batch, *m.shape, dtype=torch.float64)
+                for m in modules
+            ),
+            default=0,
+        )
+        return needs
 
     def _fit(self, model, modules, batches, loss_fn, progress) -> None:
         self._fit_factors(model, modules, batches, loss_fn, progress)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from wherefrom.core.gradients import per_example_gradients
-from wherefrom.curvature.base import Curvature
+from wherefrom.curvature.base import Curvature, DataShape
+from wherefrom.memory import nbytes
 
 
 class Identity(Curvature):
@@ -25,6 +26,23 @@ class Diagonal(Curvature):
     """Diagonal of the Fisher, ``diag(G)[j] = mean_n (grad_j L_n)^2``, per module ``(out, in')``."""
 
     name = "diagonal"
+
+    def state_bytes(self, modules, data: DataShape) -> int:
+        """``{name}.diagonal`` ``(out, in')`` float32 and ``{name}.damping`` (float32 scalar) per module."""
+        return sum(nbytes(*m.shape) + 4 for m in modules)
+
+    def memory_needs(self, modules, data: DataShape) -> dict[str, int]:
+        needs = {
+            f"{m.name}: diagonal (float64 sums, float32 state)": nbytes(*m.shape, dtype=torch.float64)
+            + nbytes(*m.shape)
+            + 4
+            for m in modules
+        }
+        largest = max((nbytes(data.max_batch, *m.shape, dtype=torch.float64) for m in modules), default=0)
+        needs["per-example gradients of one batch"] = (
+            data.dense_gradient_bytes(modules) + data.token_factor_bytes(modules) + 2 * largest
+        )
+        return needs
 
     def _fit(self, model, modules, batches, loss_fn, progress) -> None:
         sums = {m.name: torch.zeros(m.shape, dtype=torch.float64) for m in modules}

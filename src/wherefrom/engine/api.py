@@ -28,6 +28,7 @@ from wherefrom.core.task import LanguageModelingTask
 from wherefrom.core.tracking import TrackedModule, select_modules, selection_signature
 from wherefrom.curvature import Curvature, make_curvature
 from wherefrom.curvature.base import Progress, no_progress
+from wherefrom.memory import check_memory, nbytes
 from wherefrom.models.loading import eval_mode
 
 
@@ -154,6 +155,29 @@ class Attributor:
     def module_names(self) -> list[str]:
         return [m.name for m in self.modules]
 
+    @property
+    def num_parameters(self) -> int:
+        """``P``: tracked parameters (weights and biases) over all selected modules."""
+        return sum(m.shape[0] * m.shape[1] for m in self.modules)
+
+    def check_scoring_memory(self, n_queries: int, n_train: int = 0) -> int:
+        """Bytes that scoring ``n_queries`` against ``n_train`` rows holds, checked against the memory
+        limit (:func:`wherefrom.memory.check_memory`) before the first pass: the query gradients and
+        their preconditioned copies ``(n_q, P)`` float32 (twice, before and after merging), one
+        batch's dense training gradients ``(B, P)``, and the per-module scores ``(M, n_q, n_train)``
+        (twice, parts and result). Raises :class:`wherefrom.memory.MemoryLimitError` naming the part."""
+        size, batch = self.num_parameters, self.config.batch_size
+        needs = {
+            f"query gradients ({n_queries} rows x {size:,} parameters, float32, raw and preconditioned)": 3
+            * nbytes(n_queries, size),
+            f"per-example gradients of one batch ({batch} rows x {size:,} parameters)": nbytes(batch, size),
+            f"per-module scores ({len(self.modules)} x {n_queries} x {n_train})": 2
+            * nbytes(len(self.modules), n_queries, n_train),
+        }
+        return check_memory(
+            needs, "scoring", self.device, "Score fewer queries at once, set query_rank, or track fewer modules."
+        )
+
     # --- data ----------------------------------------------------------------------------------
     def encode(self, records: Sequence[Record]) -> list[EncodedExample]:
         return encode_records(
@@ -278,6 +302,7 @@ class Attributor:
         """
         curvature = curvature or self.curvature
         queries = checked_rows(queries, "query rows")
+        self.check_scoring_memory(len(queries))
         ids, parts = [], []
         for batch_ids, grads in self.gradients(queries, self.query_loss_fn(), "query gradients"):
             ids += batch_ids
@@ -341,6 +366,7 @@ class Attributor:
         """
         queries, train = checked_rows(queries, "query rows"), checked_rows(train, "training rows")
         queries, train = self.encoded(queries), self.encoded(train)  # every row checked before any pass
+        self.check_scoring_memory(len(queries), len(train))
         query_ids, pre = self.preconditioned_queries(queries)
         return self.scores_from_gradients(
             query_ids, pre, self.token_factor_stream(train, description="train gradients")

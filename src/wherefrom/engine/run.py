@@ -58,6 +58,7 @@ from wherefrom.core.tracking import selection_signature
 from wherefrom.curvature import Curvature, load_curvature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
+from wherefrom.memory import check_memory, nbytes
 from wherefrom.models.loading import LoadedModel, load_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -307,6 +308,17 @@ class Run:
                 finished = complete()
             if finished:
                 return 0
+            rows, size = min(shard_size, len(self.train)), self.attributor.num_parameters
+            check_memory(
+                {
+                    f"one index shard ({rows} rows x {size:,} parameters, {dtype}, parts and joined)": 2
+                    * nbytes(rows, size, dtype=DTYPES[dtype]),
+                    "per-example gradients of one batch (float32)": nbytes(self.attributor.config.batch_size, size),
+                },
+                "building the gradient index",
+                self.attributor.device,
+                "Use a smaller shard_size or dtype bfloat16.",
+            )
             forget_file(folder / "index.json")  # incomplete until every shard is intact again
             written = 0
             for shard in range(n_shards):
@@ -374,6 +386,7 @@ class Run:
         Raises :class:`~wherefrom.core.data.DataError` for no queries, an invalid row or a repeated id.
         """
         queries = checked_rows(queries, "query rows")
+        self.attributor.check_scoring_memory(len(queries), len(self.train))
         curvature = curvature or self.attributor.curvature
         if curvature.needs_fit and not curvature.state:
             raise RuntimeError(f"no fitted curvature in {self.folder / 'factors'}; run `wherefrom fit` first")

@@ -55,6 +55,7 @@ from wherefrom.core.gradients import LossFn, TokenFactors
 from wherefrom.core.scoring import Scores
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
+from wherefrom.memory import check_memory, nbytes
 
 __all__ = ["KroneckerProjection", "ProjectedInfluence", "Projection", "RandomProjection"]
 
@@ -94,6 +95,10 @@ class Projection(ABC):
     def config(self) -> dict[str, Any]:
         """Every setting that fixes the matrices (for saving beside results)."""
 
+    @abstractmethod
+    def matrix_bytes(self, shapes: dict[str, tuple[int, int]]) -> int:
+        """Bytes of the projection matrices (float32) kept for modules ``{name: (out, in')}``."""
+
 
 class RandomProjection(Projection):
     """TRAK-style dense random projection of the flattened per-module gradient to ``dim``."""
@@ -125,6 +130,11 @@ class RandomProjection(Projection):
 
     def dim_for(self, shape: tuple[int, int]) -> int:
         return min(self.dim, shape[0] * shape[1])
+
+    def matrix_bytes(self, shapes: dict[str, tuple[int, int]]) -> int:
+        """The cached blocks (at most ``cache_bytes``) plus one uncached block."""
+        cached = sum(nbytes(self.dim, o * i) for o, i in shapes.values() if self.dim < o * i)
+        return min(cached, self.cache_bytes) + nbytes(self.dim, self.block_columns)
 
     def block(
         self,
@@ -240,6 +250,14 @@ class KroneckerProjection(Projection):
         k_out, k_in = self.dims(shape, name)
         return k_out * k_in
 
+    def matrix_bytes(self, shapes: dict[str, tuple[int, int]]) -> int:
+        """``P_in (k_in, in')`` and ``P_out (k_out, out)`` per module (none where ``k >= d``)."""
+        total = 0
+        for name, (out, inp) in shapes.items():
+            k_out, k_in = self.dims((out, inp), name)
+            total += nbytes(k_in, inp) * (k_in < inp) + nbytes(k_out, out) * (k_out < out)
+        return total
+
     def project(self, name: str, factors: TokenFactors) -> torch.Tensor:
         a, g = factors.a, factors.g
         p_in, p_out = self.matrices_for(name, (g.shape[-1], a.shape[-1]), a.device, a.dtype)
@@ -328,6 +346,30 @@ class ProjectedInfluence:
             return self.projection.dim_for(shape, name)
         return self.projection.dim_for(shape)
 
+    def check_memory(self, rows: int, fit: bool) -> int:
+        """Bytes this method holds for ``rows`` rows, checked before the first pass: the projection
+        matrices, ``rows`` projected gradients ``(rows, k)`` float32 (parts and joined), and with
+        ``fit`` each module's ``k x k`` Fisher (float64 sum, eigenvectors, inverse; float32 inverse).
+        Raises :class:`wherefrom.memory.MemoryLimitError` naming the part."""
+        shapes = {m.name: tuple(m.shape) for m in self.attributor.modules}
+        dims = self.dims()
+        needs = {
+            f"{self.name} projection matrices": self.projection.matrix_bytes(shapes),
+            f"projected gradients ({rows} rows x {sum(dims.values()):,})": 2 * nbytes(rows, sum(dims.values())),
+            "per-example gradients of one batch (float32)": nbytes(
+                self.attributor.config.batch_size, max((o * i for o, i in shapes.values()), default=0)
+            ),
+        }
+        if fit and self.use_curvature:
+            for name, k in dims.items():
+                needs[f"{name}: projected Fisher ({k} x {k})"] = 4 * nbytes(k, k, dtype=torch.float64) + nbytes(k, k)
+        return check_memory(
+            needs,
+            f"{self.name} ({'fit' if fit else 'scores'})",
+            self.attributor.device,
+            "Lower the projected dimension or track fewer modules.",
+        )
+
     # --- projected gradients ------------------------------------------------------------------
     def projected_gradients(
         self,
@@ -345,6 +387,7 @@ class ProjectedInfluence:
 
         Raises :class:`~wherefrom.core.data.DataError` for no rows, an invalid row or a repeated id."""
         train = checked_rows(train, "training rows")
+        self.check_memory(0, fit=True)
         self.inverses, self.info = {}, {}
         if not self.use_curvature:
             return
@@ -382,6 +425,7 @@ class ProjectedInfluence:
     def index(self, train: Sequence[Record]) -> dict[str, torch.Tensor]:
         """Project and keep the training gradients (``{module: (n, k)}``, CPU); ``scores`` reuses them for these rows."""
         train = checked_rows(train, "training rows")
+        self.check_memory(len(train), fit=False)
         ids: list[str] = []
         parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.module_names}
         for batch_ids, grads in self.projected_gradients(train, description="projected train gradients"):
@@ -420,6 +464,7 @@ class ProjectedInfluence:
         queries, train = checked_rows(queries, "query rows"), checked_rows(train, "training rows")
         indexed = self._index is not None and self._index[0] == records_key(train)
         encoded_train = None if indexed else self.attributor.encoded(train)  # checked before any pass
+        self.check_memory(len(queries), fit=False)
         query_ids, pre = self.preconditioned_queries(self.attributor.encoded(queries))
         if indexed:
             _, ids, stored = self._index

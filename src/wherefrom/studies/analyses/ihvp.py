@@ -42,8 +42,10 @@ from safetensors.torch import load_file
 
 from wherefrom.core.commandline import command_line
 from wherefrom.core.store import atomic_save_tensors
-from wherefrom.curvature.exact import BYTES_LIMIT
+from wherefrom.curvature.base import DataShape
+from wherefrom.curvature.exact import ExactGGN
 from wherefrom.engine.api import AttributionConfig, Attributor
+from wherefrom.memory import memory_limit
 from wherefrom.methods.registry import InfluenceMethod, in_family, make_method
 from wherefrom.studies.analyses.common import Bench, method_options, open_bench, write_report
 from wherefrom.studies.bench import build_task, finetuned
@@ -81,8 +83,8 @@ class IhvpSettings:
     ``methods``: default the bench's influence methods. ``damping``: one absolute lambda for every
     method and the reference (``None``: ``damping_factor x`` Hutchinson mean eigenvalue of the GGN,
     estimated once per seed). ``reference``: ``"exact"``, ``"cg"`` or ``"auto"`` (exact when the
-    dense GGN and the per-example Jacobian fit in :data:`wherefrom.curvature.exact.BYTES_LIMIT`,
-    else cg). ``n_queries``: the first test rows only (``None``: all). ``method_options``:
+    memory ``exact`` predicts (:meth:`wherefrom.curvature.ExactGGN.memory_needs`) fits the memory
+    limit of :mod:`wherefrom.memory`, else cg). ``n_queries``: the first test rows only (``None``: all). ``method_options``:
     ``{method: {key: value}}`` over the bench's own options (``"*"``: every method).
     """
 
@@ -126,14 +128,18 @@ def _scalars(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _exact_fits(attributor: Attributor, train_lengths: list[int], blocks: str) -> bool:
-    """Whether ``exact`` can form its GGN: the matrix and one example's Jacobian of the log-probabilities
-    (``T x V x P`` float64) within :data:`BYTES_LIMIT`."""
-    sizes = [m.shape[0] * m.shape[1] for m in attributor.modules]
-    total = sum(sizes)
-    matrix = 8 * (total**2 if blocks == "full" else sum(s * s for s in sizes))
-    vocabulary = attributor.model.get_output_embeddings().weight.shape[0]
-    jacobian = 8 * max(train_lengths, default=1) * vocabulary * total
-    return max(matrix, jacobian) <= BYTES_LIMIT
+    """Whether the bytes ``exact`` predicts for its fit (:meth:`ExactGGN.memory_needs`: the dense GGN,
+    its blocks and inverses, one example's Jacobian) are within the memory limit."""
+    longest = max(train_lengths, default=1)
+    data = DataShape(
+        len(train_lengths),
+        attributor.config.batch_size,
+        longest,
+        longest,
+        attributor.model.get_output_embeddings().weight.shape[0],
+    )
+    limit, _ = memory_limit(attributor.device)
+    return limit is None or sum(ExactGGN(blocks=blocks).memory_needs(attributor.modules, data).values()) <= limit
 
 
 def _reference(
