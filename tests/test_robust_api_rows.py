@@ -137,3 +137,20 @@ def test_bench_task_rows_are_checked() -> None:
     with pytest.raises(DataError, match="task 'mine': test rows: no rows"):
         BenchTask("mine", "class", TRAIN, [])
     assert BenchTask("mine", "class", TRAIN, QUERIES).train == TRAIN
+
+
+def test_finetune_and_groundtruth_entry_points(tokenizer, tmp_path) -> None:
+    from wherefrom.models.finetune import FinetuneConfig, finetune
+    from wherefrom.studies.groundtruth.pbrf import pbrf_influence
+    from wherefrom.studies.groundtruth.retrain import measure_queries
+
+    model = build_model("llama")
+    with pytest.raises(DataError, match="fine-tuning rows, index 1: field 'id': duplicate id 'r0'"):
+        finetune(model, tokenizer, DUPLICATE, FinetuneConfig(epochs=1), tmp_path / "ft", progress=False)
+    assert not (tmp_path / "ft").exists() or not any((tmp_path / "ft").iterdir())
+    with pytest.raises(DataError, match=r"queries \(query rows\): no rows"):
+        pbrf_influence(model, tokenizer, TRAIN, [], [0])
+    with pytest.raises(DataError, match=r"train \(training rows\), index 1: field 'id': duplicate id 'r0'"):
+        pbrf_influence(model, tokenizer, DUPLICATE, QUERIES, [0])
+    with pytest.raises(DataError, match="query rows, index 1: field 'completion': empty completion"):
+        measure_queries(model, tokenizer, BAD)

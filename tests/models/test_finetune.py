@@ -204,7 +204,7 @@ def test_bad_inputs(tokenizer, records, tmp_path):
             tmp_path / "peft",
             progress=False,
         )
-    with pytest.raises(ValueError, match="at least one record"):
+    with pytest.raises(ValueError, match="fine-tuning rows: no rows"):
         finetune(tiny_llama(len(tokenizer)), tokenizer, [], lora_config(), tmp_path / "e", progress=False)
     with pytest.raises(ValueError, match="epochs"):
         finetune(

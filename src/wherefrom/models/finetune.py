@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wherefrom.core.data import Record, data_fingerprint
+from wherefrom.core.data import Record, check_records, data_fingerprint
 from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
 from wherefrom.core.store import atomic_write_dir, atomic_write_text
 from wherefrom.core.task import per_example_loss
@@ -154,7 +154,7 @@ def _clear_outputs(output_dir: Path) -> None:
     for name in (TRAIN_LOG_FILE, CHECKPOINTS_DIR, ADAPTER_DIR, MODEL_DIR):
         _remove(output_dir / name)
     names = (CONFIG_FILE, TRAIN_LOG_FILE, CHECKPOINTS_DIR, ADAPTER_DIR, MODEL_DIR)
-    pattern = re.compile(r"^\.({})(\.partial-|\.old-)".format("|".join(re.escape(n) for n in names)))
+    pattern = re.compile(r"^\.(" + "|".join(re.escape(n) for n in names) + r")(\.partial-|\.old-)")
     for leftover in output_dir.iterdir():
         if pattern.match(leftover.name):
             _remove(leftover)
@@ -314,13 +314,12 @@ def finetune(
     in ``output_dir``, its weights are loaded instead (``reused=True``); otherwise what earlier
     runs left there (only the names above) is deleted first.
 
-    Raises ``ValueError`` for an empty ``records``, a bad config or a PEFT model,
-    :class:`wherefrom.core.data.DataError` for an example longer than ``max_length``.
+    Raises ``ValueError`` for a bad config or a PEFT model, :class:`wherefrom.core.data.DataError` for
+    an empty ``records``, an invalid row, a repeated id or an example longer than ``max_length``
+    (or the model's positions).
     """
     config.validate()
-    records = list(records)
-    if not records:
-        raise ValueError("finetune() needs at least one record")
+    records = check_records(records, "fine-tuning rows")
     if _is_peft(model):
         raise ValueError(
             "finetune() expects a base model, not a peft.PeftModel; it adds the LoRA adapter "

@@ -56,7 +56,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from wherefrom.core.data import Record
+from wherefrom.core.data import Record, check_records
 from wherefrom.core.encoding import EncodedExample, collate, encode_records, pad_id
 from wherefrom.core.task import IGNORE_INDEX, per_example_loss
 from wherefrom.core.tracking import TrackedModule, select_modules
@@ -423,10 +423,7 @@ def pbrf_influence(
         raise ValueError(
             f"PBRF uses the summed completion loss; attribution.reduction={attribution.reduction!r} is not supported"
         )
-    if not train:
-        raise ValueError("train must hold at least one row")
-    if not queries:
-        raise ValueError("queries must hold at least one row")
+    train, queries = check_records(train, "train (training rows)"), check_records(queries, "queries (query rows)")
     indices = _resolve_rows(rows, train)
     info = info if info is not None else {}
     if config.float64 and next(model.parameters()).dtype != torch.float64:

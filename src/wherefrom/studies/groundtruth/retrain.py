@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wherefrom.core.data import Record, data_fingerprint
+from wherefrom.core.data import Record, check_records, data_fingerprint
 from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
 from wherefrom.core.task import LanguageModelingTask
 from wherefrom.curvature.base import Progress, no_progress
@@ -102,6 +102,7 @@ def measure_queries(
 ) -> np.ndarray:
     """``(n_query,)`` float64 ``f(z_q) = log p(completion | prompt)`` (nats, summed over completion
     tokens; :meth:`wherefrom.core.task.LanguageModelingTask.measurement`) under ``torch.no_grad`` in eval mode."""
+    queries = check_records(queries, "query rows")
     examples = encode_records(queries, tokenizer, max_length=max_length, chat_template=chat_template, model=model)
     device = next(model.parameters()).device
     task = LanguageModelingTask()
