@@ -230,7 +230,7 @@ def test_exact_hessian_option_matches_double_backward(tokenizer):
 
 
 def test_exact_refuses_infeasible_sizes_with_the_byte_count(tokenizer, train_records, monkeypatch):
-    monkeypatch.setenv("WHEREFROM_MEMORY_LIMIT", "1024")  # the shared limit of wherefrom.memory
+    monkeypatch.setenv("WHEREFROM_MEMORY_LIMIT", "1024")  # the shared limit of wherefrom.core.memory
     attributor = Attributor(build_model("llama"), tokenizer, AttributionConfig(strategy="exact"))
     parameters = sum(m.shape[0] * m.shape[1] for m in attributor.modules)
     with pytest.raises(

@@ -16,7 +16,7 @@ the same device: a ``loss_fn`` carrying a ``generator`` attribute (sampled label
 Fisher) has that generator's state saved with each stage and restored when the stage is reused.
 Memory: before the first pass, :meth:`Curvature.fit` measures the data (:class:`DataShape`), asks
 the strategy for the bytes it will allocate (:meth:`Curvature.memory_needs`, ``{part: bytes}``) and
-refuses with :class:`wherefrom.memory.MemoryLimitError` (module, bytes, limit) when they do not fit.
+refuses with :class:`wherefrom.core.memory.MemoryLimitError` (module, bytes, limit) when they do not fit.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from wherefrom.core.gradients import Batch, LossFn
+from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import OptionSpec, from_signature
 from wherefrom.core.store import (
     StageFolder,
@@ -41,7 +42,6 @@ from wherefrom.core.store import (
 )
 from wherefrom.core.task import IGNORE_INDEX
 from wherefrom.core.tracking import TrackedModule, selection_signature
-from wherefrom.memory import check_memory, nbytes
 
 BatchSource = Callable[[], Iterable[Batch]]
 """A callable that returns a fresh iterable over the fitting batches (some strategies need two passes)."""
@@ -147,7 +147,7 @@ class Curvature(ABC):
 
         ``stages``: where finished fitting stages are persisted and found again (see the module
         docstring); the caller records the fit's settings beside them first.
-        Raises :class:`wherefrom.memory.MemoryLimitError` before the first pass when
+        Raises :class:`wherefrom.core.memory.MemoryLimitError` before the first pass when
         :meth:`memory_needs` exceeds the memory limit of the model's device."""
         needs = self.memory_needs(modules, DataShape.measure(model, batches))
         check_memory(

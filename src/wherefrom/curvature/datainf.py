@@ -31,8 +31,8 @@ State: the per-example gradients of every module (``{name}.gradients``, ``(n, ou
 the damping (``{name}.damping``), so a fitted DataInf saves and loads like any strategy. That is
 ``n x (number of tracked parameters)`` numbers: fine for LoRA modules, too much for full layers
 of a large model. Before the first pass :meth:`fit` predicts those bytes and raises
-:class:`wherefrom.memory.MemoryLimitError` when they exceed ``max_bytes`` (default 2 GiB) or,
-with the working buffers, the memory limit (:mod:`wherefrom.memory`).
+:class:`wherefrom.core.memory.MemoryLimitError` when they exceed ``max_bytes`` (default 2 GiB) or,
+with the working buffers, the memory limit (:mod:`wherefrom.core.memory`).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from __future__ import annotations
 import torch
 
 from wherefrom.core.gradients import per_example_gradients
+from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import OptionSpec, from_signature
 from wherefrom.curvature.base import Curvature, DataShape
-from wherefrom.memory import check_memory, nbytes
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
 

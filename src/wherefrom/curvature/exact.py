@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jacfwd, jacrev
 
+from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import OptionSpec, from_signature
 from wherefrom.core.task import IGNORE_INDEX, per_example_loss
 from wherefrom.curvature.base import Curvature, DataShape
-from wherefrom.memory import check_memory, nbytes
 
 
 @contextmanager

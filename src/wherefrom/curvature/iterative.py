@@ -45,11 +45,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import OptionSpec, from_signature
 from wherefrom.core.tracking import TrackedModule, selection_signature
 from wherefrom.curvature.base import BatchSource, Curvature, DataShape, Progress, no_progress
 from wherefrom.curvature.products import GGNOperator
-from wherefrom.memory import check_memory, nbytes
 
 AGARWAL_2017 = "Agarwal, Bullins & Hazan 2017, Second-Order Stochastic Optimization in Linear Time (LiSSA)"
 SCHIOPPA_2022 = "Schioppa et al. 2022, Scaling Up Influence Functions (Arnoldi iteration)"
@@ -188,7 +188,7 @@ class OperatorCurvature(Curvature):
     def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``(G + lambda I)^-1`` applied to every row, all modules jointly (like ``ExactGGN(blocks="full")``).
 
-        Raises :class:`wherefrom.memory.MemoryLimitError` before solving when :meth:`solve_needs`
+        Raises :class:`wherefrom.core.memory.MemoryLimitError` before solving when :meth:`solve_needs`
         does not fit."""
         first = next(iter(grads.values()), None)
         if first is not None:

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from wherefrom.core.gradients import token_factors
+from wherefrom.core.memory import nbytes
 from wherefrom.curvature.base import Curvature, DataShape
-from wherefrom.memory import nbytes
 
 
 def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from wherefrom.core.gradients import per_example_gradients
+from wherefrom.core.memory import nbytes
 from wherefrom.curvature.base import Curvature, DataShape
-from wherefrom.memory import nbytes
 
 
 class Identity(Curvature):

@@ -22,13 +22,13 @@ from torch import nn
 from wherefrom.core.data import Record, check_ids, check_records
 from wherefrom.core.encoding import EncodedExample, encode_records, iterate_batches, pad_id
 from wherefrom.core.gradients import Batch, LossFn, TokenFactors, token_factors
+from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import QueryBlock, Scores, compress_queries, module_scores, token_scores
 from wherefrom.core.store import StageFolder
 from wherefrom.core.task import LanguageModelingTask
 from wherefrom.core.tracking import TrackedModule, select_modules, selection_signature
 from wherefrom.curvature import Curvature, make_curvature
 from wherefrom.curvature.base import Progress, no_progress
-from wherefrom.memory import check_memory, nbytes
 from wherefrom.models.loading import eval_mode
 
 
@@ -162,10 +162,10 @@ class Attributor:
 
     def check_scoring_memory(self, n_queries: int, n_train: int = 0) -> int:
         """Bytes that scoring ``n_queries`` against ``n_train`` rows holds, checked against the memory
-        limit (:func:`wherefrom.memory.check_memory`) before the first pass: the query gradients and
+        limit (:func:`wherefrom.core.memory.check_memory`) before the first pass: the query gradients and
         their preconditioned copies ``(n_q, P)`` float32 (twice, before and after merging), one
         batch's dense training gradients ``(B, P)``, and the per-module scores ``(M, n_q, n_train)``
-        (twice, parts and result). Raises :class:`wherefrom.memory.MemoryLimitError` naming the part."""
+        (twice, parts and result). Raises :class:`wherefrom.core.memory.MemoryLimitError` naming the part."""
         size, batch = self.num_parameters, self.config.batch_size
         needs = {
             f"query gradients ({n_queries} rows x {size:,} parameters, float32, raw and preconditioned)": 3

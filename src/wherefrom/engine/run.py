@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from wherefrom.core.data import Record, data_fingerprint, load_records
+from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import Scores, save_scores
 from wherefrom.core.store import (
     DamagedFile,
@@ -58,7 +59,6 @@ from wherefrom.core.tracking import selection_signature
 from wherefrom.curvature import Curvature, load_curvature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
-from wherefrom.memory import check_memory, nbytes
 from wherefrom.models.loading import LoadedModel, load_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -52,10 +52,10 @@ from torch import nn
 from wherefrom.core.data import Record, records_key
 from wherefrom.core.encoding import EncodedExample
 from wherefrom.core.gradients import LossFn, TokenFactors
+from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import Scores
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
-from wherefrom.memory import check_memory, nbytes
 
 __all__ = ["KroneckerProjection", "ProjectedInfluence", "Projection", "RandomProjection"]
 
@@ -350,7 +350,7 @@ class ProjectedInfluence:
         """Bytes this method holds for ``rows`` rows, checked before the first pass: the projection
         matrices, ``rows`` projected gradients ``(rows, k)`` float32 (parts and joined), and with
         ``fit`` each module's ``k x k`` Fisher (float64 sum, eigenvectors, inverse; float32 inverse).
-        Raises :class:`wherefrom.memory.MemoryLimitError` naming the part."""
+        Raises :class:`wherefrom.core.memory.MemoryLimitError` naming the part."""
         shapes = {m.name: tuple(m.shape) for m in self.attributor.modules}
         dims = self.dims()
         needs = {

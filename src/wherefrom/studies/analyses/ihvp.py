@@ -41,11 +41,11 @@ import torch
 from safetensors.torch import load_file
 
 from wherefrom.core.commandline import command_line
+from wherefrom.core.memory import memory_limit
 from wherefrom.core.store import atomic_save_tensors
 from wherefrom.curvature.base import DataShape
 from wherefrom.curvature.exact import ExactGGN
 from wherefrom.engine.api import AttributionConfig, Attributor
-from wherefrom.memory import memory_limit
 from wherefrom.methods.registry import InfluenceMethod, in_family, make_method
 from wherefrom.studies.analyses.common import Bench, method_options, open_bench, write_report
 from wherefrom.studies.bench import build_task, finetuned
@@ -84,7 +84,7 @@ class IhvpSettings:
     method and the reference (``None``: ``damping_factor x`` Hutchinson mean eigenvalue of the GGN,
     estimated once per seed). ``reference``: ``"exact"``, ``"cg"`` or ``"auto"`` (exact when the
     memory ``exact`` predicts (:meth:`wherefrom.curvature.ExactGGN.memory_needs`) fits the memory
-    limit of :mod:`wherefrom.memory`, else cg). ``n_queries``: the first test rows only (``None``: all). ``method_options``:
+    limit of :mod:`wherefrom.core.memory`, else cg). ``n_queries``: the first test rows only (``None``: all). ``method_options``:
     ``{method: {key: value}}`` over the bench's own options (``"*"``: every method).
     """
 

@@ -1,5 +1,5 @@
 """Memory is predicted, not discovered: every strategy and store computes the bytes it will allocate,
-checks them against one shared limit (wherefrom.memory) before its first pass, and refuses with the
+checks them against one shared limit (wherefrom.core.memory) before its first pass, and refuses with the
 module, the byte count and the limit. The predictions are checked against what is really held."""
 
 from __future__ import annotations
@@ -11,10 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import build_model, make_records
-from wherefrom.curvature import make_curvature
-from wherefrom.curvature.base import DataShape
-from wherefrom.engine.api import AttributionConfig, Attributor
-from wherefrom.memory import (
+from wherefrom.core.memory import (
     LIMIT_ENV,
     MemoryLimitError,
     available_bytes,
@@ -22,6 +19,9 @@ from wherefrom.memory import (
     memory_limit,
     nbytes,
 )
+from wherefrom.curvature import make_curvature
+from wherefrom.curvature.base import DataShape
+from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.projection import ProjectedInfluence
 from wherefrom.studies.diagnose import measured
 
