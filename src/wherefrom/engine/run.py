@@ -291,6 +291,18 @@ class Run:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         folder = self.folder / "index"
+        if not (folder / "index.json").exists():  # predicted before anything is written
+            rows, size = min(shard_size, len(self.train)), self.attributor.num_parameters
+            check_memory(
+                {
+                    f"one index shard ({rows} rows x {size:,} parameters, {dtype}, parts and joined)": 2
+                    * nbytes(rows, size, dtype=DTYPES[dtype]),
+                    "per-example gradients of one batch (float32)": nbytes(self.attributor.config.batch_size, size),
+                },
+                "building the gradient index",
+                self.attributor.device,
+                "Use a smaller shard_size or dtype bfloat16.",
+            )
         n_shards = (len(self.train) + shard_size - 1) // shard_size
         with writer_lock(self.folder):
 
@@ -308,17 +320,6 @@ class Run:
                 finished = complete()
             if finished:
                 return 0
-            rows, size = min(shard_size, len(self.train)), self.attributor.num_parameters
-            check_memory(
-                {
-                    f"one index shard ({rows} rows x {size:,} parameters, {dtype}, parts and joined)": 2
-                    * nbytes(rows, size, dtype=DTYPES[dtype]),
-                    "per-example gradients of one batch (float32)": nbytes(self.attributor.config.batch_size, size),
-                },
-                "building the gradient index",
-                self.attributor.device,
-                "Use a smaller shard_size or dtype bfloat16.",
-            )
             forget_file(folder / "index.json")  # incomplete until every shard is intact again
             written = 0
             for shard in range(n_shards):
