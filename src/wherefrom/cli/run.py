@@ -13,7 +13,7 @@ from rich.table import Table
 from wherefrom.cli.app import command, console, fail, merged_options, progress, remember, settings_as
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, load_records
-from wherefrom.core.store import StoreError, writer_lock
+from wherefrom.core.store import StoreError, strict_json, writer_lock
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch
 from wherefrom.models.loading import ModelLoadError
@@ -116,7 +116,7 @@ def query(prompt, completion, run, top_k, as_json, by_module, per_token, html, d
 
         console.print(f"query view -> {write_query_html(html, report, result, opened, record)}")
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(json.dumps(strict_json(report), indent=2, allow_nan=False))
         return
     print_report(report)
 

@@ -97,9 +97,27 @@ class Scores:
         return [(self.train_ids[i], sign * float(v)) for v, i in zip(values, indices.tolist())]
 
 
+def check_finite(scores: Scores) -> Scores:
+    """Return ``scores`` if every per-module value is finite; else raise ``ValueError`` naming the
+    modules and the first (query, train) pair with a NaN or infinite value."""
+    bad = ~torch.isfinite(scores.per_module)
+    if bool(bad.any()):
+        modules = [scores.module_names[i] for i in bad.flatten(1).any(1).nonzero().flatten().tolist()]
+        _, q, m = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{int(bad.sum())} non-finite score(s) (NaN/inf) in module(s) {modules[:5]}{' ...' if len(modules) > 5 else ''}, "
+            f"e.g. query {scores.query_ids[q]!r} x train row {scores.train_ids[m]!r}"
+        )
+    return scores
+
+
 def save_scores(scores: Scores, folder: Path, name: str) -> Path:
     """Write ``<name>.safetensors`` (``total``, ``per_module``) and ``<name>.json`` (ids, modules) atomically,
-    with their checksums recorded in ``folder/checksums.json`` (:mod:`wherefrom.core.store`)."""
+    with their checksums recorded in ``folder/checksums.json`` (:mod:`wherefrom.core.store`).
+
+    Raises ``ValueError`` (:func:`check_finite`) before writing anything if a score is NaN or infinite.
+    """
+    check_finite(scores)
     path = Path(folder) / f"{name}.safetensors"
     save_tensors_checked(
         {"total": scores.total.contiguous().cpu(), "per_module": scores.per_module.contiguous().cpu()}, path

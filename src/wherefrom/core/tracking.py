@@ -10,6 +10,13 @@ are supported:
 Every gradient wherefrom handles is in the **Linear orientation** ``(out, in + has_bias)``: the
 bias, when present and trainable, is an extra input column of ones. :meth:`TrackedModule.to_param_layout`
 maps such a matrix back to the module's own ``(weight, bias)`` layout.
+
+Shared parameters: the per-example gradient of a tracked module is built from *its own* calls
+(``sum_t g_t a_t^T`` over every call, so a module called several times in one forward pass gets the
+sum of its uses, the full gradient of its weight). A parameter that is also used by *another*
+module (tied input/output embeddings: ``lm_head.weight is embed_tokens.weight``; two layers sharing
+one weight) would get only this module's share, so :func:`select_modules` refuses to track it,
+naming both owners.
 """
 
 from __future__ import annotations
@@ -87,6 +94,42 @@ def _is_trackable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
 
 
+def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(parameter): [qualified names]}`` over every distinct module that holds the parameter.
+
+    A module registered under several names counts once (its calls are all captured by one hook);
+    a list of two or more names means the parameter is shared (tied) between different modules.
+    """
+    owners: dict[int, list[str]] = {}
+    seen: set[tuple[int, int, str]] = set()
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            key = (id(param), id(module), param_name)
+            if key in seen:
+                continue
+            seen.add(key)
+            owners.setdefault(id(param), []).append(f"{module_name}.{param_name}" if module_name else param_name)
+    return owners
+
+
+def check_unshared(model: nn.Module, tracked: Sequence[TrackedModule]) -> None:
+    """Raise ``ValueError`` if a tracked module's weight or bias is also a parameter of another module.
+
+    The hook-based gradient of the tracked module would miss the other module's use of the shared
+    parameter (e.g. the embedding lookup of a tied ``lm_head.weight``), so its scores would be wrong.
+    """
+    owners = parameter_owners(model)
+    ties = [names for m in tracked for p in m.parameters() if len(names := owners.get(id(p), [])) > 1]
+    if ties:
+        described = "; ".join(" is ".join(names) for names in ties[:5])
+        raise ValueError(
+            f"cannot track a parameter that another module also uses: {described} (tied weights, e.g. "
+            "tie_word_embeddings=True). Per-example gradients come from each tracked module's own inputs and "
+            "output gradients, so the other use would be missing from the gradient. Exclude the module (lm_head "
+            "and embeddings are excluded by default) or untie the weights before attributing"
+        )
+
+
 def select_modules(
     model: nn.Module,
     include: Sequence[str] | None = None,
@@ -97,7 +140,8 @@ def select_modules(
     ``include``/``exclude`` are regular expressions searched in the module's qualified name.
     Default: if the model has LoRA layers, their ``lora_A``/``lora_B`` Linear modules (the trained
     parameters); otherwise every ``nn.Linear``/``Conv1D`` except the LM head and embeddings.
-    Biases are tracked when present and trainable.
+    Biases are tracked when present and trainable. Raises ``ValueError`` when nothing matches, and
+    when a chosen module's parameter is shared with another module (:func:`check_unshared`).
     """
     candidates = [(n, m) for n, m in model.named_modules() if _is_trackable(m)]
     if include is None:
@@ -118,6 +162,7 @@ def select_modules(
         is_conv1d = bool(Conv1D) and isinstance(module, Conv1D)
         bias = getattr(module, "bias", None)
         tracked.append(TrackedModule(name, module, is_conv1d, bias is not None and bias.requires_grad))
+    check_unshared(model, tracked)
     return tracked
 
 

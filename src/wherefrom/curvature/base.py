@@ -17,10 +17,24 @@ Fisher) has that generator's state saved with each stage and restored when the s
 Memory: before the first pass, :meth:`Curvature.fit` measures the data (:class:`DataShape`), asks
 the strategy for the bytes it will allocate (:meth:`Curvature.memory_needs`, ``{part: bytes}``) and
 refuses with :class:`wherefrom.core.memory.MemoryLimitError` (module, bytes, limit) when they do not fit.
+
+Degenerate curvature, one rule for every strategy (:func:`check_damping`, :func:`relative_damping`):
+
+* ``damping`` and ``damping_factor`` must be finite and > 0 (``ValueError`` naming the setting, at
+  construction): with fewer fitting rows than parameters ``G`` is singular, and ``(G + 0 I)^-1`` does
+  not exist; an undamped solve would return values decided by round-off eigenvalues.
+* With the relative damping, a block whose curvature is exactly zero (every fitting gradient of the
+  module is 0, e.g. ``lora_A`` of a fresh LoRA adapter, whose ``lora_B = 0``) has ``lambda = 0`` too;
+  its preconditioner is defined as 0, the pseudo-inverse of the zero matrix, so the block contributes
+  exactly 0 to every score. ``fit`` warns (:class:`DegenerateCurvatureWarning`) naming those blocks
+  (listed in ``info["zero_curvature"]``). A negative mean eigenvalue (an indefinite Hessian) is
+  refused by name.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -106,6 +120,60 @@ class DataShape:
         return sum(nbytes(self.max_batch, *m.shape) for m in modules)
 
 
+class DegenerateCurvatureWarning(RuntimeWarning):
+    """Some curvature blocks are exactly zero: they contribute 0 to every score (see the module doc)."""
+
+
+def check_damping(damping: float | None, damping_factor: float) -> None:
+    """Refuse a damping that leaves ``(G + lambda I)`` without an inverse where ``G`` is singular.
+
+    Raises ``ValueError`` naming the setting unless ``damping`` is ``None`` or finite and > 0, and
+    ``damping_factor`` is finite and > 0.
+    """
+    if damping is not None and not (math.isfinite(damping) and damping > 0):
+        raise ValueError(
+            f"damping must be a finite number > 0 (an absolute lambda), got {damping}: with lambda = 0 the damped "
+            "inverse (G + lambda I)^-1 does not exist when G is singular (fewer fitting rows than parameters), and an "
+            "undamped solve returns values decided by round-off; pass e.g. 1e-3, or leave damping unset for "
+            "damping_factor x mean eigenvalue"
+        )
+    if not (math.isfinite(damping_factor) and damping_factor > 0):
+        raise ValueError(
+            f"damping_factor must be a finite number > 0, got {damping_factor} (default 0.1: lambda = 0.1 x mean eigenvalue)"
+        )
+
+
+def relative_damping(damping: float | None, damping_factor: float, mean_eigenvalue: float, block: str) -> float:
+    """lambda of one curvature ``block``: the absolute ``damping``, else ``damping_factor x mean_eigenvalue``.
+
+    Returns 0.0 only for a block whose curvature is exactly zero under the relative rule (the caller
+    then treats the block's preconditioner as 0). Raises ``ValueError`` naming ``block`` when the mean
+    eigenvalue is negative or not finite (e.g. an indefinite Hessian): pass an absolute damping.
+    """
+    if damping is not None:
+        return float(damping)
+    if not math.isfinite(mean_eigenvalue) or mean_eigenvalue < 0:
+        raise ValueError(
+            f"curvature block {block!r} has mean eigenvalue {mean_eigenvalue:g}, so the relative damping "
+            f"damping_factor x mean eigenvalue would not be positive (indefinite Hessian?); pass an absolute damping > 0"
+        )
+    return damping_factor * mean_eigenvalue
+
+
+def warn_zero_curvature(blocks: Sequence[str]) -> None:
+    """Warn that ``blocks`` have exactly zero curvature and therefore contribute 0 to every score."""
+    if blocks:
+        warnings.warn(
+            f"the curvature of {len(blocks)} block(s) is exactly zero on the fitting rows (every gradient of theirs "
+            f"is 0, e.g. lora_A of a fresh LoRA adapter whose lora_B = 0): {list(blocks)[:8]}"
+            f"{' ...' if len(blocks) > 8 else ''}. With the relative damping lambda is 0 there too, so they "
+            "contribute exactly 0 to every score (the pseudo-inverse of a zero block); exclude them, or pass an "
+            "absolute damping to score them as gradient dot products / lambda",
+            DegenerateCurvatureWarning,
+            stacklevel=3,
+        )
+
+
 class Curvature(ABC):
     """One curvature estimator. Subclasses set ``name`` and implement the abstract methods."""
 
@@ -122,10 +190,7 @@ class Curvature(ABC):
     operator strategies) instead of using the ``loss_fn`` handed to :meth:`fit`."""
 
     def __init__(self, damping: float | None = None, damping_factor: float = 0.1):
-        if damping is not None and damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
-        if damping_factor < 0:
-            raise ValueError(f"damping_factor must be >= 0, got {damping_factor}")
+        check_damping(damping, damping_factor)
         self.damping = damping
         self.damping_factor = damping_factor
         self.modules: list[list] = []  # [[name, out, in'], ...] of the selection fitted on
@@ -163,6 +228,7 @@ class Curvature(ABC):
             self._fit(model, modules, batches, loss_fn, progress)
         finally:
             self.stages = None
+        warn_zero_curvature(self.zero_blocks)
         return self
 
     def run_stage(
@@ -200,9 +266,19 @@ class Curvature(ABC):
     @abstractmethod
     def _fit(self, model, modules, batches: BatchSource, loss_fn: LossFn, progress: Progress) -> None: ...
 
-    def damping_for(self, mean_eigenvalue: float) -> float:
-        """The damping lambda of one module given the mean eigenvalue of its curvature block."""
-        return float(self.damping) if self.damping is not None else self.damping_factor * mean_eigenvalue
+    def damping_for(self, mean_eigenvalue: float, block: str) -> float:
+        """The damping lambda of one curvature ``block`` (a module name, or ``"full"`` for a joint inverse)
+        given the mean eigenvalue of its curvature (:func:`relative_damping`); a zero block is recorded
+        in ``info["zero_curvature"]`` and preconditions to 0."""
+        damping = relative_damping(self.damping, self.damping_factor, mean_eigenvalue, block)
+        if damping == 0:
+            self.info.setdefault("zero_curvature", []).append(block)
+        return damping
+
+    @property
+    def zero_blocks(self) -> list[str]:
+        """Blocks whose curvature is exactly zero under the relative damping: their preconditioner is 0."""
+        return list(self.info.get("zero_curvature", []))
 
     # --- use -----------------------------------------------------------------------------------
     @abstractmethod
@@ -210,8 +286,13 @@ class Curvature(ABC):
         """``(G_m + lambda_m I)^-1`` applied to ``grads`` of shape ``(n, out, in')``."""
 
     def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Apply :meth:`precondition_module` to every module in ``grads`` (``{name: (n, out, in')}``)."""
-        return {name: self.precondition_module(name, g) for name, g in grads.items()}
+        """Apply :meth:`precondition_module` to every module in ``grads`` (``{name: (n, out, in')}``);
+        0 for a module in :attr:`zero_blocks`."""
+        zero = set(self.zero_blocks)
+        return {
+            name: torch.zeros_like(g) if name in zero else self.precondition_module(name, g)
+            for name, g in grads.items()
+        }
 
     def precondition_jointly(
         self, grads: dict[str, torch.Tensor], solve: Callable[[torch.Tensor], torch.Tensor]
@@ -226,7 +307,7 @@ class Curvature(ABC):
                 f"{self.name!r} preconditions all fitted modules at once; got {len(grads)} of {len(names)}"
             )
         flat = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=1).double()
-        solved = solve(flat) if flat.shape[0] else flat
+        solved = solve(flat) if flat.shape[0] and "full" not in self.zero_blocks else torch.zeros_like(flat)
         out, start = {}, 0
         for name, rows, cols in self.modules:
             out[name] = (

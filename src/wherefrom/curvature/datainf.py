@@ -21,7 +21,8 @@ symmetric positive definite, so scores keep the sign convention of :mod:`wherefr
 Damping: ``damping`` (absolute) if given, else ``damping_factor`` (default 0.1) times the mean
 over examples and entries of ``g_i^2`` for the module, as in Kwon et al.'s code
 (``lambda = mean_i mean(g_i**2) / 10``). That mean equals ``trace(G_l) / dim``, the mean
-eigenvalue of ``G_l``, so it is the same rule as the other strategies' default.
+eigenvalue of ``G_l``, so it is the same rule as the other strategies' default, with the same
+treatment of a module whose gradients are all zero (it contributes 0; :mod:`.base`).
 
 The gradients are those of the ``loss_fn`` given to :meth:`fit`; Kwon et al. use the training
 loss with the data's targets, i.e. ``AttributionConfig(fisher="empirical")``. With
@@ -106,7 +107,7 @@ class DataInf(Curvature):
             chunks.clear()
             mean_square = float(stacked.double().pow(2).mean())  # mean over examples and entries
             self.state[f"{name}.gradients"] = stacked
-            self.state[f"{name}.damping"] = torch.tensor(self.damping_for(mean_square), dtype=torch.float64)
+            self.state[f"{name}.damping"] = torch.tensor(self.damping_for(mean_square, name), dtype=torch.float64)
 
     def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         """``(1/(n lambda)) sum_i [v - (g_i^T v)/(lambda + ||g_i||^2) g_i]`` for each ``v`` in ``grads``.
@@ -116,8 +117,6 @@ class DataInf(Curvature):
         """
         train = self.state[f"{name}.gradients"].to(grads.device, torch.float64).flatten(1)  # (n, P)
         lam = float(self.state[f"{name}.damping"])
-        if lam <= 0:
-            raise ValueError(f"DataInf needs a positive damping, got {lam} for module {name!r}")
         v = grads.to(torch.float64).flatten(1)  # (k, P)
         norms = torch.einsum("np,np->n", train, train)  # ||g_i||^2
         coefficients = (v @ train.T) / (lam + norms)  # (k, n)

@@ -47,8 +47,10 @@ class ExactGGN(Curvature):
 
     ``curvature="hessian"`` forms the Hessian of the mean summed-completion-token training loss
     (data labels) with ``torch.func.jacrev`` twice instead of the GGN. It may be indefinite away from a
-    minimum; the damping is then ``damping_factor x trace / dim`` as well, and the inverse can have
-    negative directions (reported in ``info["negative_eigenvalues"]``).
+    minimum; the damping is then ``damping_factor x trace / dim`` as well (refused, naming the block,
+    when that trace is negative: pass an absolute damping), and the inverse can have negative
+    directions (reported in ``info["negative_eigenvalues"]``). A damped block that is singular is
+    refused by name. A zero block under the relative damping preconditions to 0 (:mod:`.base`).
     """
 
     name = "exact"
@@ -209,10 +211,19 @@ class ExactGGN(Curvature):
                 start += size
         for key, (lo, hi) in spans.items():
             block = ggn[lo:hi, lo:hi]
-            damping = self.damping_for((torch.trace(block) / block.shape[0]).item())
+            damping = self.damping_for((torch.trace(block) / block.shape[0]).item(), key)
             eye = torch.eye(hi - lo, dtype=block.dtype, device=block.device)
             self.state[f"{key}.matrix"] = block.float().cpu()  # the GGN or Hessian block
-            self.state[f"{key}.inverse"] = torch.linalg.inv(block + damping * eye).cpu()
+            if damping == 0:  # a zero block (base module doc): its preconditioner is 0
+                self.state[f"{key}.inverse"] = torch.zeros_like(block).cpu()
+            else:
+                inverse, singular = torch.linalg.inv_ex(block + damping * eye)
+                if int(singular) != 0:
+                    raise ValueError(
+                        f"exact {self.curvature} block {key!r} + damping {damping:g} x I is singular "
+                        "(an eigenvalue of an indefinite Hessian equals -damping); choose another damping"
+                    )
+                self.state[f"{key}.inverse"] = inverse.cpu()
             if self.curvature == "hessian":
                 negative = int((torch.linalg.eigvalsh(block + damping * eye) < 0).sum())
                 self.info.setdefault("negative_eigenvalues", {})[key] = negative

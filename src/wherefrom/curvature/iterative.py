@@ -129,13 +129,15 @@ class OperatorCurvature(Curvature):
         size = operator.num_parameters
         self.info.update(parameters=size, examples=operator.num_examples, curvature=self.curvature)
         if self.damping is None:
-            damping, estimate = operator.hutchinson_damping(self.damping_factor, self.probes, self.seed)
+            mean, estimate = operator.mean_eigenvalue(self.probes, self.seed)
             self.info.update(estimate)
+            damping = self.damping_for(mean, "full")
         else:
             damping = float(self.damping)
         self.state["damping"] = torch.tensor(damping, dtype=torch.float64)
         self.info["damping"] = damping
-        self._prepare(operator)
+        if damping > 0:  # else G = 0 on the fitting rows: every solve is 0 (base.precondition_jointly)
+            self._prepare(operator)
 
     def _prepare(self, operator: GGNOperator) -> None:
         """Strategy-specific work at fit time (scale, eigenpairs)."""
@@ -549,8 +551,6 @@ class Arnoldi(OperatorCurvature):
         }
 
     def _prepare(self, operator: GGNOperator) -> None:
-        if self.complement and self.lam <= 0:
-            raise ValueError("arnoldi complement=True needs a positive damping (it applies 1/lambda)")
         size = operator.num_parameters
         rank, steps = self._steps(size)
         basis, projected, restarts = self._arnoldi(operator, steps)

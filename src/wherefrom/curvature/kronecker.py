@@ -116,7 +116,7 @@ class KFAC(Curvature):
 
     def _set_eigenvalues(self, name: str, eigenvalues: torch.Tensor) -> None:
         self.state[f"{name}.eigenvalues"] = eigenvalues.float().cpu()
-        self.state[f"{name}.damping"] = torch.tensor(self.damping_for(eigenvalues.mean().item()))
+        self.state[f"{name}.damping"] = torch.tensor(self.damping_for(eigenvalues.mean().item(), name))
 
     def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         q_s = self.state[f"{name}.s_eigvecs"].to(grads.device, grads.dtype)

@@ -223,22 +223,15 @@ class GGNOperator:
         error = float(values.std() / probes**0.5) if probes > 1 else float("nan")
         return float(values.mean()), error
 
-    def hutchinson_damping(
-        self, damping_factor: float, probes: int = 32, seed: int = 0
-    ) -> tuple[float, dict[str, float]]:
-        """The default damping ``lambda = damping_factor x trace(G) / P`` (Grosse et al.: 0.1 x the mean
-        eigenvalue), ``trace(G)`` by :meth:`trace` with ``probes`` seeded Rademacher vectors.
+    def mean_eigenvalue(self, probes: int = 32, seed: int = 0) -> tuple[float, dict[str, float]]:
+        """Hutchinson estimate of the mean eigenvalue ``trace(G) / P`` (:meth:`trace`, ``probes`` seeded
+        Rademacher vectors), the quantity of the default damping ``damping_factor x mean eigenvalue``
+        (Grosse et al. 2023; the rule itself is :func:`wherefrom.curvature.base.relative_damping`).
 
-        Returns ``(lambda, {"trace_estimate", "trace_standard_error"})``; raises ``ValueError`` when
-        ``lambda`` is not positive (e.g. a Hessian with a negative trace): then give an absolute damping.
+        Returns ``(trace / P, {"trace_estimate", "trace_standard_error"})``.
         """
         trace, error = self.trace(probes, seed)
-        lam = damping_factor * (trace / self.num_parameters)
-        if not lam > 0:
-            raise ValueError(
-                f"the default damping {lam:g} is not positive (trace(G) estimate {trace:g}); pass an absolute damping"
-            )
-        return lam, {"trace_estimate": trace, "trace_standard_error": error}
+        return trace / self.num_parameters, {"trace_estimate": trace, "trace_standard_error": error}
 
     def top_eigenvalue(self, iterations: int = 20, seed: int = 0, examples: Sequence[Example] | None = None) -> float:
         """Largest eigenvalue (in magnitude) by power iteration from a seeded start; a Rayleigh quotient,

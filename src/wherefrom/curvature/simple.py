@@ -56,7 +56,7 @@ class Diagonal(Curvature):
         for name, total in sums.items():
             diag = total / max(count, 1)
             self.state[f"{name}.diagonal"] = diag.float()
-            self.state[f"{name}.damping"] = torch.tensor(self.damping_for(diag.mean().item()))
+            self.state[f"{name}.damping"] = torch.tensor(self.damping_for(diag.mean().item(), name))
 
     def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         diag = self.state[f"{name}.diagonal"].to(grads.device)

@@ -12,6 +12,7 @@ Every score follows the sign convention of :mod:`wherefrom.core.scoring`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -23,7 +24,14 @@ from wherefrom.core.data import Record, check_ids, check_records
 from wherefrom.core.encoding import EncodedExample, encode_records, iterate_batches, pad_id
 from wherefrom.core.gradients import Batch, LossFn, TokenFactors, token_factors
 from wherefrom.core.memory import check_memory, nbytes
-from wherefrom.core.scoring import QueryBlock, Scores, compress_queries, module_scores, token_scores
+from wherefrom.core.scoring import (
+    QueryBlock,
+    Scores,
+    check_finite,
+    compress_queries,
+    module_scores,
+    token_scores,
+)
 from wherefrom.core.store import StageFolder
 from wherefrom.core.task import LanguageModelingTask
 from wherefrom.core.tracking import TrackedModule, select_modules, selection_signature
@@ -329,12 +337,7 @@ class Attributor:
         from the blocks themselves); a zero gradient gets score 0.
         """
         cosine = self.config.normalize == "cosine"
-        query_norms = None
-        if cosine:
-            query_norms = getattr(queries, "norms", None)
-            if query_norms is None:
-                query_norms = sum(_block_sq_norms(queries[n]) for n in self.module_names).sqrt()
-            query_norms = query_norms.detach().to("cpu", torch.float64)
+        query_norms = self.query_norms(queries) if cosine else None
         train_ids: list[str] = []
         columns = []
         for ids, grads in train_gradients:
@@ -354,7 +357,16 @@ class Attributor:
             if cosine:
                 block = (block.double() / cosine_denominator(query_norms, train_sq_norms.sqrt())).to(block.dtype)
             columns.append(block)
-        return Scores(query_ids, train_ids, self.module_names, torch.cat(columns, dim=2))
+        return check_finite(Scores(query_ids, train_ids, self.module_names, torch.cat(columns, dim=2)))
+
+    def query_norms(self, queries: dict[str, QueryBlock]) -> torch.Tensor:
+        """``(n_query,)`` float64 CPU norms of the preconditioned queries over all tracked modules, for
+        ``normalize="cosine"``: ``queries.norms`` when it is a :class:`QueryBlocks` (taken before
+        low-rank compression), else recomputed from the blocks."""
+        norms = getattr(queries, "norms", None)
+        if norms is None:
+            norms = sum(_block_sq_norms(queries[n]) for n in self.module_names).sqrt()
+        return norms.detach().to("cpu", torch.float64)
 
     def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
         """Pairwise influence ``(n_query, n_train)`` with a per-module split; positive = proponent.
@@ -373,15 +385,38 @@ class Attributor:
         )
 
     def self_influence(self, train: Sequence[Record]) -> tuple[list[str], torch.Tensor]:
-        """``grad L(z)^T (G + lambda I)^-1 grad L(z)`` for each training row, ``(n,)``.
-
-        Raises :class:`~wherefrom.core.data.DataError` for no rows, an invalid row or a repeated id."""
+        """``grad L(z)^T (G + lambda I)^-1 grad L(z)`` for each training row, ``(n,)``; with
+        ``normalize="cosine"`` divided by ``||(G + lambda I)^-1 grad L(z)|| ||grad L(z)||`` like
+        :meth:`scores`. Raises :class:`~wherefrom.core.data.DataError` for no rows, an invalid row or a
+        repeated id. It equals the diagonal of ``scores(train, train)`` when ``reduction="sum"`` and
+        ``query_rank=None``; otherwise it warns: with ``reduction="mean"`` the query side of
+        :meth:`scores` is still ``f = log p`` summed over the completion (the diagonal is the row's
+        completion length times this value), and ``query_rank`` truncates only :meth:`scores`' queries.
+        """
+        if self.config.reduction != "sum":
+            warnings.warn(
+                f"self_influence with reduction={self.config.reduction!r} is grad L^T (G + lambda I)^-1 grad L with the "
+                "mean loss on both sides; the diagonal of scores(train, train) uses f = log p (a sum) on the query side, "
+                "so it is the row's completion length times this value",
+                stacklevel=2,
+            )
+        if self.config.query_rank is not None:
+            warnings.warn(
+                f"self_influence uses full-rank preconditioned gradients; scores() truncates queries to "
+                f"query_rank={self.config.query_rank}, so its diagonal differs by that truncation",
+                stacklevel=2,
+            )
         train = checked_rows(train, "training rows")
         ids, values = [], []
         for batch_ids, grads in self.gradients(train, description="self-influence"):
             pre = self.curvature.precondition(grads)
             ids += batch_ids
-            values.append(sum((pre[n] * grads[n]).flatten(1).sum(1) for n in self.module_names).cpu())
+            value = sum((pre[n] * grads[n]).flatten(1).double().sum(1) for n in self.module_names).cpu()
+            if self.config.normalize == "cosine":
+                pre_norms = sum(_block_sq_norms(pre[n]) for n in self.module_names).sqrt().cpu()
+                train_sq = sum(_block_sq_norms(grads[n]) for n in self.module_names).cpu()
+                value = value / cosine_denominator(pre_norms, train_sq.sqrt()).diagonal()
+            values.append(value.float())
         return ids, torch.cat(values)
 
     def token_scores(

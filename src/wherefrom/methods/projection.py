@@ -11,7 +11,8 @@ projected space*, one dense ``(k, k)`` block per module:
 
 with ``q~`` the projected query vector ``q = -grad f(z_q)`` (README sign: positive = proponent) and
 ``lambda = damping_factor x trace(F~) / k`` (0.1 x mean eigenvalue, per module) unless an absolute
-``damping`` is given. ``curvature=False`` skips ``F~``: scores are raw projected dot products
+``damping`` is given (the damping rule of :mod:`wherefrom.curvature.base`: a damping must be > 0,
+and a module whose projected Fisher is exactly zero contributes 0). ``curvature=False`` skips ``F~``: scores are raw projected dot products
 ``q~^T G~`` (projected gradient similarity), which approach the unprojected ones as ``k`` grows.
 
 Projections (all seeded: the matrices are a pure function of the seed, the module name and the
@@ -54,7 +55,13 @@ from wherefrom.core.encoding import EncodedExample
 from wherefrom.core.gradients import LossFn, TokenFactors
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import Scores
-from wherefrom.curvature.base import Progress, no_progress
+from wherefrom.curvature.base import (
+    Progress,
+    check_damping,
+    no_progress,
+    relative_damping,
+    warn_zero_curvature,
+)
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
 
 __all__ = ["KroneckerProjection", "ProjectedInfluence", "Projection", "RandomProjection"]
@@ -293,8 +300,7 @@ class ProjectedInfluence:
         self.projection = projection or RandomProjection(1024, seed=config.seed)
         self.damping = config.damping if damping is None else damping
         self.damping_factor = config.damping_factor if damping_factor is None else damping_factor
-        if (self.damping is not None and self.damping < 0) or self.damping_factor < 0:
-            raise ValueError(f"damping must be >= 0, got damping={self.damping}, damping_factor={self.damping_factor}")
+        check_damping(self.damping, self.damping_factor)
         self.use_curvature = curvature
         self.inverses: dict[str, torch.Tensor] = {}
         self.info: dict[str, dict[str, float]] = {}
@@ -406,12 +412,14 @@ class ProjectedInfluence:
             eigenvalues, eigenvectors = torch.linalg.eigh(fisher)
             eigenvalues = eigenvalues.clamp_min(0)
             mean = float(eigenvalues.mean())
-            damping = float(self.damping) if self.damping is not None else self.damping_factor * mean
-            if damping <= 0 and float(eigenvalues.min()) <= 0:
-                raise ValueError(f"module {n}: the projected Fisher is singular and damping is 0")
-            inverse = (eigenvectors / (eigenvalues + damping)) @ eigenvectors.T
+            damping = relative_damping(self.damping, self.damping_factor, mean, n)
+            if damping == 0:  # zero projected Fisher: the module contributes 0
+                inverse = torch.zeros_like(fisher)
+            else:
+                inverse = (eigenvectors / (eigenvalues + damping)) @ eigenvectors.T
             self.inverses[n] = inverse.to(torch.float32)
             self.info[n] = {"damping": damping, "mean_eigenvalue": mean, "dim": fisher.shape[0], "n_examples": count}
+        warn_zero_curvature([n for n in self.module_names if self.info[n]["damping"] == 0])
 
     def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``(F~ + lambda I)^-1`` applied to projected rows ``{module: (b, k)}`` (identity without curvature)."""

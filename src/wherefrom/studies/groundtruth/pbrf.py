@@ -60,7 +60,7 @@ from wherefrom.core.data import Record, check_records
 from wherefrom.core.encoding import EncodedExample, collate, encode_records, pad_id
 from wherefrom.core.task import IGNORE_INDEX, per_example_loss
 from wherefrom.core.tracking import TrackedModule, select_modules
-from wherefrom.curvature.base import Progress, no_progress
+from wherefrom.curvature.base import Progress, no_progress, relative_damping
 from wherefrom.curvature.iterative import ConvergenceWarning
 from wherefrom.curvature.products import GGNOperator
 from wherefrom.engine.api import AttributionConfig
@@ -386,8 +386,14 @@ def _damping(problem: _Problem, config: PBRFConfig, info: dict[str, Any]) -> flo
         return float(config.damping)
     batches = [problem._batch(chunk) for chunk in problem.chunks()]
     operator = GGNOperator(problem.model, problem.modules, lambda: batches)
-    lam, estimate = operator.hutchinson_damping(config.damping_factor, config.probes, config.seed)
+    mean, estimate = operator.mean_eigenvalue(config.probes, config.seed)
     info.update(estimate)
+    lam = relative_damping(None, config.damping_factor, mean, "PBRF objective (all tracked parameters)")
+    if lam <= 0:
+        raise ValueError(
+            f"the default PBRF damping is {lam:g} (trace(G) estimate {estimate['trace_estimate']:g}): the tracked "
+            "parameters get no curvature on these rows; pass an absolute damping > 0"
+        )
     return lam
 
 
