@@ -10,11 +10,16 @@ Conventions (see README, "Sign and scale"):
   completion tokens instead.
 * The query measurement is ``f(z) = log p(completion | prompt) = -L_sum(z)``.
 * With ``sample=True`` the target tokens are drawn from the model's own predictive distribution
-  (true Fisher); otherwise the data's tokens are used (empirical Fisher / plain loss).
+  (true Fisher); otherwise the data's tokens are used (empirical Fisher / plain loss). Given a
+  ``seed``, each example draws from its own generator seeded by :func:`example_seeds` (the seed and
+  the example's tokens), so the draws do not depend on the batch size, the batch composition or the
+  padding: only on ``(seed, example)``.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,16 +35,48 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:]
 
 
+def example_seeds(batch: dict[str, torch.Tensor], seed: int) -> list[int]:
+    """One 63-bit seed per row of ``batch``: a BLAKE2b hash of ``seed`` and the row's attended
+    ``input_ids`` and ``labels`` (padding excluded), so it depends on ``(seed, example)`` only."""
+    mask = batch["attention_mask"].bool().cpu()
+    ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
+    seeds = []
+    for row in range(ids.shape[0]):
+        digest = hashlib.blake2b(int(seed).to_bytes(8, "little", signed=True), digest_size=8)
+        digest.update(ids[row][mask[row]].to(torch.int64).numpy().tobytes())
+        digest.update(labels[row][mask[row]].to(torch.int64).numpy().tobytes())
+        seeds.append(int.from_bytes(digest.digest(), "little") >> 1)
+    return seeds
+
+
+def _draw_per_example(probs: torch.Tensor, mask: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """``(B, T-1)`` tokens drawn from ``probs`` ``(B, T-1, V)`` at the ``mask`` positions of each row,
+    by inverse CDF from uniforms of the row's own CPU generator (position order; 0 elsewhere)."""
+    drawn = torch.zeros(mask.shape, dtype=torch.long, device=probs.device)
+    for row, seed in enumerate(seeds):
+        positions = mask[row].nonzero().flatten()
+        if positions.numel() == 0:
+            continue
+        uniforms = torch.rand(positions.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        cdf = probs[row, positions].double().cumsum(-1)
+        picks = torch.searchsorted(cdf, (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+        drawn[row, positions] = picks.clamp_max(probs.shape[-1] - 1)
+    return drawn
+
+
 def token_losses(
     logits: torch.Tensor,
     labels: torch.Tensor,
     sample: bool = False,
     generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Per-token cross-entropy, shape ``(B, T-1)``, zero where the target is ``-100``.
 
     ``logits``: ``(B, T, V)``; ``labels``: ``(B, T)``. With ``sample=True`` each unmasked target is
-    replaced by a token drawn from ``softmax(logits)`` (detached), which gives true-Fisher gradients.
+    replaced by a token drawn from ``softmax(logits)`` (detached), which gives true-Fisher gradients:
+    from one generator per row when ``seeds`` (``B`` ints, :func:`example_seeds`) is given, so a row's
+    draws do not depend on its batch; else from ``generator`` (or the global RNG) for the whole batch.
     """
     pred = logits[:, :-1, :]
     pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # half precision -> float32
@@ -48,7 +85,10 @@ def token_losses(
     if sample:
         with torch.no_grad():
             probs = torch.softmax(pred.detach(), dim=-1)
-            drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+            if seeds is not None:
+                drawn = _draw_per_example(probs, mask, seeds)
+            else:
+                drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
             targets = torch.where(mask, drawn.view_as(targets), targets)
     safe = targets.masked_fill(~mask, 0)
     nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), safe.reshape(-1), reduction="none")
@@ -61,9 +101,11 @@ def per_example_loss(
     reduction: Reduction = "sum",
     sample: bool = False,
     generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Training loss of each example, shape ``(B,)``, in nats (sum or mean over completion tokens)."""
-    losses = token_losses(logits, labels, sample=sample, generator=generator)
+    """Training loss of each example, shape ``(B,)``, in nats (sum or mean over completion tokens);
+    ``sample``, ``generator``, ``seeds`` as in :func:`token_losses`."""
+    losses = token_losses(logits, labels, sample=sample, generator=generator, seeds=seeds)
     total = losses.sum(dim=1)
     if reduction == "sum":
         return total
@@ -89,10 +131,14 @@ class LanguageModelingTask:
         batch: dict[str, torch.Tensor],
         sample: bool = False,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
     ) -> torch.Tensor:
-        """L(z) per example, ``(B,)``; ``sample=True`` draws targets from the model (true Fisher)."""
+        """L(z) per example, ``(B,)``; ``sample=True`` draws targets from the model (true Fisher),
+        per example from ``seed`` (:func:`example_seeds`: independent of batching) when it is given,
+        else from ``generator``."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return per_example_loss(logits, batch["labels"], self.reduction, sample, generator)
+        seeds = example_seeds(batch, seed) if sample and seed is not None else None
+        return per_example_loss(logits, batch["labels"], self.reduction, sample, generator, seeds)
 
     def measurement(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """f(z_q) = log p(completion | prompt) per example, ``(B,)``; equals ``-L_sum``."""

@@ -207,20 +207,11 @@ class Attributor:
         return lambda model, batch: self.task.train_loss(model, batch)
 
     def fisher_loss_fn(self) -> LossFn:
-        """The loss whose gradients define the Fisher: sampled targets for ``fisher="true"``.
-
-        The sampled loss carries its seeded generator as ``.generator``, so that a resumable fit can
-        save and restore the sampling state between stages.
-        """
+        """The loss whose gradients define the Fisher: sampled targets for ``fisher="true"``, drawn per
+        example from ``(config.seed, example)`` so they do not depend on the batch size."""
         if self.config.fisher == "empirical":
             return self.train_loss_fn()
-        generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
-
-        def sampled_loss(model, batch):
-            return self.task.train_loss(model, batch, sample=True, generator=generator)
-
-        sampled_loss.generator = generator  # type: ignore[attr-defined]
-        return sampled_loss
+        return lambda model, batch: self.task.train_loss(model, batch, sample=True, seed=self.config.seed)
 
     def query_loss_fn(self) -> LossFn:
         """``-f(z_q)`` per example: its gradient is the query vector ``q`` of :mod:`wherefrom.core.scoring`."""
