@@ -1,0 +1,232 @@
+"""Degenerate curvature: zero-gradient modules, zero damping, and no NaN in any score or JSON output.
+
+The rule (``wherefrom.curvature.base``): every damping must be > 0 (refused by name at
+construction, for every strategy); under the relative damping a curvature block that is exactly
+zero contributes exactly 0 (warned); a non-finite score never reaches a score file or stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.conftest import make_records
+from wherefrom.cli import app
+from wherefrom.core.data import Record
+from wherefrom.core.scoring import Scores, save_scores
+from wherefrom.curvature import make_curvature
+from wherefrom.curvature.base import DegenerateCurvatureWarning
+from wherefrom.engine.api import AttributionConfig, Attributor
+from wherefrom.methods.registry import METHODS, make_method
+from wherefrom.models.tiny import save_tiny, tiny_llama, with_lora
+
+# The rows of shared/cases/01 (a fresh LoRA adapter: lora_B = 0, so every lora_A gradient is 0).
+CASE_TRAIN = [
+    Record(f"r{i}", p, c)
+    for i, (p, c) in enumerate([("ab cd:", " ef"), ("gh:", " ij kl"), ("ab:", " cd"), ("ef gh ij:", " ab")])
+]
+CASE_QUERIES = [Record("q0", "ab cd:", " ef")]
+PER_MODULE = ["identity", "diagonal", "kfac", "ekfac", "exact", "datainf"]
+EVERY_STRATEGY = [*PER_MODULE, "exact-full", "cg", "lissa", "arnoldi", "trak", "logra"]
+
+
+def fresh_lora(tokenizer):
+    return with_lora(tiny_llama(len(tokenizer), hidden=16, intermediate=32, layers=1), r=2, init_b_random=False)
+
+
+def method(name: str, model, tokenizer, **config):
+    """``make_method`` with small solver settings; ``exact-full`` is ``exact`` with ``blocks="full"``."""
+    options = {
+        "exact-full": {"blocks": "full"},
+        "cg": {"max_iter": 300},
+        "lissa": {"depth": 300},
+        "arnoldi": {"rank": 64, "complement": True},
+    }
+    base = "exact" if name == "exact-full" else name
+    return make_method(base, model, tokenizer, AttributionConfig(**config), **options.get(name, {}))
+
+
+def zero_warning(name: str, match: str | None = None):
+    """Every strategy with a curvature warns about a zero block; identity has none (G = 0, no damping)."""
+    if name == "identity":
+        import contextlib
+
+        return contextlib.nullcontext()
+    return pytest.warns(DegenerateCurvatureWarning, match=match)
+
+
+def scores_of(name, model, tokenizer, train, queries, **config):
+    m = method(name, model, tokenizer, **config)
+    m.fit(train)
+    return m.scores(queries, train)
+
+
+@pytest.mark.parametrize("strategy", PER_MODULE)
+def test_zero_gradient_module_contributes_exactly_zero(tokenizer, strategy):
+    """Case 01: with all LoRA modules tracked, the scores equal those of the lora_B modules alone."""
+    fisher = {"fisher": "empirical"} if strategy == "datainf" else {}
+    with zero_warning(strategy, "lora_A"):
+        everything = scores_of(strategy, fresh_lora(tokenizer), tokenizer, CASE_TRAIN, CASE_QUERIES, **fisher)
+    reference = scores_of(
+        strategy, fresh_lora(tokenizer), tokenizer, CASE_TRAIN, CASE_QUERIES, include=["lora_B"], **fisher
+    )
+    assert torch.isfinite(everything.per_module).all()
+    zero = [i for i, n in enumerate(everything.module_names) if "lora_A" in n]
+    assert len(zero) == 2 and bool((everything.per_module[zero] == 0).all())
+    torch.testing.assert_close(everything.total, reference.total, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", EVERY_STRATEGY)
+def test_all_tracked_gradients_zero_gives_zero_scores_for_every_strategy(tokenizer, strategy):
+    """Only lora_A tracked on a fresh adapter: G = 0 everywhere; every strategy scores exactly 0 and warns."""
+    train, queries = make_records(6, seed=11), make_records(2, seed=12, prefix="q")
+    with zero_warning(strategy):
+        scores = scores_of(strategy, fresh_lora(tokenizer), tokenizer, train, queries, include=["lora_A"])
+    assert scores.total.shape == (2, 6) and bool((scores.total == 0).all())
+
+
+def zero_attention_output(tokenizer):
+    """A tiny Llama whose o_proj is zero: q/k/v get no gradient at all (our own input of the same kind)."""
+    model = tiny_llama(len(tokenizer), hidden=16, intermediate=32, layers=1, seed=4)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal", "exact"])
+def test_zero_attention_block_under_default_damping(tokenizer, strategy):
+    train, queries = make_records(8, seed=5), make_records(3, seed=6, prefix="q")
+    with pytest.warns(DegenerateCurvatureWarning, match="q_proj"):
+        everything = scores_of(strategy, zero_attention_output(tokenizer), tokenizer, train, queries)
+    without = scores_of(
+        strategy, zero_attention_output(tokenizer), tokenizer, train, queries, exclude=["q_proj", "k_proj", "v_proj"]
+    )
+    torch.testing.assert_close(everything.total, without.total, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["exact-full", "cg", "arnoldi"])
+def test_zero_block_in_a_joint_inverse_drops_out_at_absolute_damping(tokenizer, strategy):
+    """G is block diagonal with a zero block whose gradients are 0: the joint inverse equals the one without it."""
+    train, queries = make_records(6, seed=7), make_records(2, seed=8, prefix="q")
+    everything = scores_of(strategy, zero_attention_output(tokenizer), tokenizer, train, queries, damping=0.5)
+    without = scores_of(
+        strategy,
+        zero_attention_output(tokenizer),
+        tokenizer,
+        train,
+        queries,
+        damping=0.5,
+        exclude=["q_proj", "k_proj", "v_proj"],
+    )
+    torch.testing.assert_close(everything.total, without.total, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if n not in ("repsim", "bm25", "tracin")))
+@pytest.mark.parametrize(
+    "setting",
+    [{"damping": 0.0}, {"damping": -1.0}, {"damping": math.nan}, {"damping_factor": 0.0}, {"damping_factor": -0.1}],
+)
+def test_non_positive_damping_is_refused_by_name_before_any_work(tokenizer, name, setting):
+    """Case 02: damping 0 on a rank-deficient curvature used to return 1e7-1e11 or NaN scores."""
+    key = next(iter(setting))
+    with pytest.raises(ValueError, match=f"{key} must be a finite number > 0"):
+        make_method(
+            name,
+            tiny_llama(len(tokenizer), hidden=16, intermediate=32, layers=1),
+            tokenizer,
+            AttributionConfig(**setting),
+        )
+
+
+def test_case02_rows_zero_damping_refused_and_small_damping_finite(tokenizer):
+    train = [Record("r0", "kl ab ef:", " cd ij kl ef"), Record("r1", "gh:", " ab")]
+    queries = [Record("q0", "ab cd:", " ef"), Record("q1", "ij:", " gh kl")]
+    with pytest.raises(ValueError, match="damping must be"):
+        make_curvature("ekfac", damping=0.0)
+    model = tiny_llama(len(tokenizer), hidden=16, intermediate=32, layers=1)
+    for strategy in ("ekfac", "kfac", "exact"):
+        attributor = Attributor(
+            model, tokenizer, AttributionConfig(strategy=strategy, damping=1e-3, fisher="empirical")
+        )
+        attributor.fit(train)
+        assert torch.isfinite(attributor.scores(queries, train).total).all()
+
+
+def test_indefinite_relative_damping_is_refused_by_name():
+    from wherefrom.curvature.base import relative_damping
+
+    with pytest.raises(ValueError, match="'blk'.*mean eigenvalue -2"):
+        relative_damping(None, 0.1, -2.0, "blk")
+    assert relative_damping(None, 0.1, 0.0, "blk") == 0.0 and relative_damping(0.3, 0.1, -2.0, "blk") == 0.3
+
+
+def test_non_finite_scores_never_reach_a_score_file(tmp_path):
+    per_module = torch.tensor([[[1.0, math.nan]], [[0.5, 0.5]]])
+    scores = Scores(["q0"], ["a", "b"], ["m0", "m1"], per_module)
+    with pytest.raises(ValueError, match=r"non-finite.*\['m0'\].*'q0' x train row 'b'"):
+        save_scores(scores, tmp_path, "scores")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_fresh_adapter_scores_finite_and_query_json_strict(tmp_path):
+    """Case 01 through the CLI, all defaults: finite scores saved, ``query --json`` strict JSON."""
+    save_tiny(tmp_path / "model")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        tmp_path / "adapter"
+    )
+    rows = make_records(6, seed=9)
+    (tmp_path / "train.jsonl").write_text(
+        "".join(json.dumps({"id": r.id, "prompt": r.prompt, "completion": r.completion}) + "\n" for r in rows)
+    )
+    (tmp_path / "queries.jsonl").write_text(json.dumps({"id": "q0", "prompt": "ab cd:", "completion": " ef"}) + "\n")
+    runner = CliRunner()
+    run = ["--run", str(tmp_path / "run")]
+    fit = runner.invoke(
+        app,
+        [
+            "fit",
+            "--train",
+            str(tmp_path / "train.jsonl"),
+            "--model",
+            str(tmp_path / "model"),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            *run,
+        ],
+    )
+    assert fit.exit_code == 0, fit.output
+    assert runner.invoke(app, ["scores", "--queries", str(tmp_path / "queries.jsonl"), *run]).exit_code == 0
+    from safetensors.torch import load_file
+
+    assert torch.isfinite(load_file(str(tmp_path / "run" / "scores" / "scores.safetensors"))["total"]).all()
+    result = runner.invoke(app, ["query", "ab cd:", " ef", "--json", "--top-k", "2", *run])
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant):
+        raise ValueError(f"non-strict JSON constant {constant}")
+
+    report = json.loads(result.stdout[result.stdout.index("{") :], parse_constant=refuse)
+    assert all(math.isfinite(p["score"]) for p in report["proponents"])
+    refused = runner.invoke(
+        app,
+        [
+            "fit",
+            "--train",
+            str(tmp_path / "train.jsonl"),
+            "--model",
+            str(tmp_path / "model"),
+            "--damping",
+            "0",
+            "--run",
+            str(tmp_path / "zero"),
+        ],
+    )
+    assert refused.exit_code != 0 and "damping must be a finite number > 0" in refused.output
