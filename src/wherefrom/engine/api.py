@@ -379,12 +379,13 @@ class Attributor:
         """``grad L(z)^T (G + lambda I)^-1 grad L(z)`` for each training row, ``(n,)``; with
         ``normalize="cosine"`` divided by ``||(G + lambda I)^-1 grad L(z)|| ||grad L(z)||`` like
         :meth:`scores`. Raises :class:`~wherefrom.core.data.DataError` for no rows, an invalid row or a
-        repeated id. It equals the diagonal of ``scores(train, train)`` when ``reduction="sum"`` and
-        ``query_rank=None``; otherwise it warns: with ``reduction="mean"`` the query side of
-        :meth:`scores` is still ``f = log p`` summed over the completion (the diagonal is the row's
-        completion length times this value), and ``query_rank`` truncates only :meth:`scores`' queries.
+        repeated id. It equals the diagonal of ``scores(train, train)`` when ``query_rank=None`` and
+        either ``reduction="sum"`` or ``normalize="cosine"`` (scale-free); otherwise it warns: with
+        ``reduction="mean"`` the query side of :meth:`scores` is still ``f = log p`` summed over the
+        completion (the diagonal is the row's completion length times this value), and ``query_rank``
+        truncates only :meth:`scores`' queries.
         """
-        if self.config.reduction != "sum":
+        if self.config.reduction != "sum" and self.config.normalize is None:
             warnings.warn(
                 f"self_influence with reduction={self.config.reduction!r} is grad L^T (G + lambda I)^-1 grad L with the "
                 "mean loss on both sides; the diagonal of scores(train, train) uses f = log p (a sum) on the query side, "
