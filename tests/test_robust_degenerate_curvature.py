@@ -230,3 +230,16 @@ def test_cli_fresh_adapter_scores_finite_and_query_json_strict(tmp_path):
         ],
     )
     assert refused.exit_code != 0 and "damping must be a finite number > 0" in refused.output
+
+
+def test_prefilter_not_scored_mark_is_kept_but_a_nan_candidate_is_refused(tmp_path):
+    """BM25 prefiltering marks non-candidates NaN ("not scored", ``wherefrom.methods.lexical``); a NaN among
+    the candidates is still refused."""
+    from wherefrom.methods.lexical import CandidateScores
+
+    mask = torch.tensor([[True, False]])
+    kept = CandidateScores(["q0"], ["a", "b"], ["m0"], torch.tensor([[[1.0, math.nan]]]), candidate_mask=mask)
+    assert save_scores(kept, tmp_path, "kept").exists()
+    broken = CandidateScores(["q0"], ["a", "b"], ["m0"], torch.tensor([[[math.nan, math.nan]]]), candidate_mask=mask)
+    with pytest.raises(ValueError, match="'q0' x train row 'a'"):
+        save_scores(broken, tmp_path, "broken")

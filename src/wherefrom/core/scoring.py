@@ -99,8 +99,15 @@ class Scores:
 
 def check_finite(scores: Scores) -> Scores:
     """Return ``scores`` if every per-module value is finite; else raise ``ValueError`` naming the
-    modules and the first (query, train) pair with a NaN or infinite value."""
+    modules and the first (query, train) pair with a NaN or infinite value.
+
+    Pairs outside a ``candidate_mask`` (``(n_query, n_train)`` bool, set by
+    :class:`wherefrom.methods.lexical.CandidateScores`) are exempt: there NaN is the "not scored" mark.
+    """
     bad = ~torch.isfinite(scores.per_module)
+    mask = getattr(scores, "candidate_mask", None)
+    if mask is not None:
+        bad &= mask.to(bad.device, torch.bool)[None]
     if bool(bad.any()):
         modules = [scores.module_names[i] for i in bad.flatten(1).any(1).nonzero().flatten().tolist()]
         _, q, m = (int(i) for i in bad.nonzero()[0])
