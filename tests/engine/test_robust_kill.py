@@ -2,7 +2,7 @@
 are killed with SIGKILL once the folder shows they are part-way (polled, no hooks), then rerun; the
 resumed factors, index shards and scores are bit-identical (CPU) to an uninterrupted run, and no
 temporary file is ever read as a finished one. Also: a fit resumed at each persisted stage in
-process (true Fisher, so the sampling generator's state must travel with the stages)."""
+process (true Fisher, so the per-example draw counts of the sampled labels must travel with the stages)."""
 
 from __future__ import annotations
 

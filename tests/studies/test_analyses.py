@@ -82,7 +82,11 @@ def test_ihvp_exact_is_exact_and_identity_is_not(reports, bench_dir):
     errors = {r["method"]: r["ihvp_rel_error"] for r in payload["rows"]}
     assert all(r["error"] is None for r in payload["rows"])
     assert errors["exact"] < 1e-10  # the same damped inverse as the reference
-    assert errors["gradsim"] > 0.1 and 0 < errors["ekfac"] < errors["gradsim"]
+    scaled = {r["method"]: r["ihvp_rel_error_scaled"] for r in payload["rows"]}
+    # EK-FAC's plain error here is 1.0 +- 0.07 over label seeds (true-Fisher Monte-Carlo noise, 12 rows:
+    # 0.92-1.11 for seeds 0-5, gradsim 0.996), so the order is checked on the scale-free error
+    # (measured: ekfac 0.78-0.82, gradsim 0.93)
+    assert errors["gradsim"] > 0.1 and errors["ekfac"] > 0 and 0 < scaled["ekfac"] < scaled["gradsim"]
     for row in payload["rows"]:  # the best per-query scale can only lower the error
         assert 0 <= row["ihvp_rel_error_scaled"] <= row["ihvp_rel_error"] + 1e-12
     assert next(r for r in payload["rows"] if r["method"] == "gradsim")["ihvp_rel_error_scaled"] > 0.1

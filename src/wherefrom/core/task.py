@@ -10,10 +10,10 @@ Conventions (see README, "Sign and scale"):
   completion tokens instead.
 * The query measurement is ``f(z) = log p(completion | prompt) = -L_sum(z)``.
 * With ``sample=True`` the target tokens are drawn from the model's own predictive distribution
-  (true Fisher); otherwise the data's tokens are used (empirical Fisher / plain loss). Given a
-  ``seed``, each example draws from its own generator seeded by :func:`example_seeds` (the seed and
-  the example's tokens), so the draws do not depend on the batch size, the batch composition or the
-  padding: only on ``(seed, example)``.
+  (true Fisher); otherwise the data's tokens are used (empirical Fisher / plain loss). Given
+  per-row ``seeds`` (:func:`example_seeds`: the seed, the example's tokens and how many times it was
+  drawn before), each example draws from its own generator, so the draws do not depend on the batch
+  size, the batch composition or the padding.
 """
 
 from __future__ import annotations
@@ -35,18 +35,46 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:]
 
 
-def example_seeds(batch: dict[str, torch.Tensor], seed: int) -> list[int]:
-    """One 63-bit seed per row of ``batch``: a BLAKE2b hash of ``seed`` and the row's attended
-    ``input_ids`` and ``labels`` (padding excluded), so it depends on ``(seed, example)`` only."""
+def example_seeds(batch: dict[str, torch.Tensor], seed: int, repeats: Sequence[int] | None = None) -> list[int]:
+    """One 63-bit seed per row of ``batch``: a BLAKE2b hash of ``seed``, ``repeats[row]`` (the index of
+    this draw for the example, default 0: a second pass over the data draws afresh with 1) and the
+    row's attended ``input_ids`` and ``labels`` (padding excluded); nothing else enters."""
     mask = batch["attention_mask"].bool().cpu()
     ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
     seeds = []
     for row in range(ids.shape[0]):
-        digest = hashlib.blake2b(int(seed).to_bytes(8, "little", signed=True), digest_size=8)
+        repeat = 0 if repeats is None else int(repeats[row])
+        digest = hashlib.blake2b(
+            int(seed).to_bytes(8, "little", signed=True) + repeat.to_bytes(8, "little"), digest_size=8
+        )
         digest.update(ids[row][mask[row]].to(torch.int64).numpy().tobytes())
         digest.update(labels[row][mask[row]].to(torch.int64).numpy().tobytes())
         seeds.append(int.from_bytes(digest.digest(), "little") >> 1)
     return seeds
+
+
+class DrawCounts:
+    """How many times each example has drawn sampled targets, keyed by its first-draw seed
+    (:func:`example_seeds`); the draw index of the next pass enters the example's seed, so a second pass
+    over the data draws afresh. ``get_state`` / ``set_state`` (an ``(n, 2)`` int64 tensor of ``(key,
+    count)`` rows) let a resumable fit persist the counts with a finished stage."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+
+    def next(self, keys: Sequence[int]) -> list[int]:
+        """The draw index of each key (0 the first time), counting this draw."""
+        repeats = []
+        for key in keys:
+            repeats.append(self.counts.get(key, 0))
+            self.counts[key] = repeats[-1] + 1
+        return repeats
+
+    def get_state(self) -> torch.Tensor:
+        return torch.tensor(sorted(self.counts.items()), dtype=torch.int64).reshape(-1, 2)
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.counts = {int(key): int(count) for key, count in state.tolist()}
 
 
 def _draw_per_example(probs: torch.Tensor, mask: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
@@ -131,13 +159,12 @@ class LanguageModelingTask:
         batch: dict[str, torch.Tensor],
         sample: bool = False,
         generator: torch.Generator | None = None,
-        seed: int | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """L(z) per example, ``(B,)``; ``sample=True`` draws targets from the model (true Fisher),
-        per example from ``seed`` (:func:`example_seeds`: independent of batching) when it is given,
+        per row from ``seeds`` (``B`` ints, :func:`example_seeds`: independent of batching) when given,
         else from ``generator``."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        seeds = example_seeds(batch, seed) if sample and seed is not None else None
         return per_example_loss(logits, batch["labels"], self.reduction, sample, generator, seeds)
 
     def measurement(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -12,8 +12,9 @@ Persistence: :meth:`Curvature.save` writes checksummed files (:mod:`wherefrom.co
 damaged file. A fit given a :class:`wherefrom.core.store.StageFolder` persists each stage that
 :meth:`Curvature.run_stage` wraps (K-FAC: covariances, eigenbases; EK-FAC: also the eigenvalue
 correction), so a killed fit resumes after its last finished stage with bit-identical results on
-the same device: a ``loss_fn`` carrying a ``generator`` attribute (sampled labels of the true
-Fisher) has that generator's state saved with each stage and restored when the stage is reused.
+the same device: a ``loss_fn`` carrying a ``sampling_state`` attribute (the per-example draw counts of
+the true Fisher's sampled labels, :class:`wherefrom.core.task.DrawCounts`) has that state saved with
+each stage and restored when the stage is reused.
 Memory: before the first pass, :meth:`Curvature.fit` measures the data (:class:`DataShape`), asks
 the strategy for the bytes it will allocate (:meth:`Curvature.memory_needs`, ``{part: bytes}``) and
 refuses with :class:`wherefrom.core.memory.MemoryLimitError` (module, bytes, limit) when they do not fit.
@@ -62,8 +63,8 @@ BatchSource = Callable[[], Iterable[Batch]]
 
 Progress = Callable[[Iterable[Batch], str], Iterator[Batch]]
 
-RNG_KEY = "__generator_state__"
-"""Key of the sampling generator's state in a persisted fitting stage."""
+RNG_KEY = "__sampling_state__"
+"""Key of the loss's sampling state in a persisted fitting stage."""
 
 META_FILE = "curvature.json"
 """Strategy, damping, options, modules and info of a saved curvature (written last: "finished")."""
@@ -237,19 +238,19 @@ class Curvature(ABC):
         """``compute()``'s tensors, or the persisted ones of ``stage`` when a finished copy exists.
 
         ``compute`` returns ``(tensors, info)``; ``info`` is merged into ``self.info`` in both cases.
-        The state of ``loss_fn.generator`` (if any) after the stage is saved and restored with it.
+        The state of ``loss_fn.sampling_state`` (if any) after the stage is saved and restored with it.
         """
-        generator: torch.Generator | None = getattr(loss_fn, "generator", None)
+        sampling = getattr(loss_fn, "sampling_state", None)
         saved = self.stages.load(stage) if self.stages is not None else None
         if saved is not None:
             tensors, info = saved
             rng = tensors.pop(RNG_KEY, None)
-            if generator is not None and rng is not None:
-                generator.set_state(rng)
+            if sampling is not None and rng is not None:
+                sampling.set_state(rng)
         else:
             tensors, info = compute()
             if self.stages is not None:
-                rng = {RNG_KEY: generator.get_state()} if generator is not None else {}
+                rng = {RNG_KEY: sampling.get_state()} if sampling is not None else {}
                 self.stages.save(stage, {**tensors, **rng}, info)
         self.info.update(info)
         return tensors

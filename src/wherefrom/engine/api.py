@@ -33,7 +33,7 @@ from wherefrom.core.scoring import (
     token_scores,
 )
 from wherefrom.core.store import StageFolder
-from wherefrom.core.task import LanguageModelingTask
+from wherefrom.core.task import DrawCounts, LanguageModelingTask, example_seeds
 from wherefrom.core.tracking import TrackedModule, select_modules, selection_signature
 from wherefrom.curvature import Curvature, make_curvature
 from wherefrom.curvature.base import Progress, no_progress
@@ -207,11 +207,27 @@ class Attributor:
         return lambda model, batch: self.task.train_loss(model, batch)
 
     def fisher_loss_fn(self) -> LossFn:
-        """The loss whose gradients define the Fisher: sampled targets for ``fisher="true"``, drawn per
-        example from ``(config.seed, example)`` so they do not depend on the batch size."""
+        """The loss whose gradients define the Fisher: sampled targets for ``fisher="true"``.
+
+        Each example draws from its own generator (:func:`wherefrom.core.task.example_seeds`) seeded by
+        ``config.seed``, its tokens and the number of earlier draws for it by this loss function (0 in
+        the first pass over the data, 1 in EK-FAC's second pass, which so draws afresh, as
+        kronfluence does): nothing depends on the batch size, batch composition or row order.
+
+        The counts are the loss's ``sampling_state`` (:class:`wherefrom.core.task.DrawCounts`), which a
+        resumable fit saves with each stage and restores when it reuses the stage.
+        """
         if self.config.fisher == "empirical":
             return self.train_loss_fn()
-        return lambda model, batch: self.task.train_loss(model, batch, sample=True, seed=self.config.seed)
+        draws = DrawCounts()
+
+        def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+            repeats = draws.next(example_seeds(batch, self.config.seed))
+            seeds = example_seeds(batch, self.config.seed, repeats)
+            return self.task.train_loss(model, batch, sample=True, seeds=seeds)
+
+        loss.sampling_state = draws  # type: ignore[attr-defined]
+        return loss
 
     def query_loss_fn(self) -> LossFn:
         """``-f(z_q)`` per example: its gradient is the query vector ``q`` of :mod:`wherefrom.core.scoring`."""
@@ -408,7 +424,7 @@ class Attributor:
                 pre_norms = sum(_block_sq_norms(pre[n]) for n in self.module_names).sqrt().cpu()
                 train_sq = sum(_block_sq_norms(grads[n]) for n in self.module_names).cpu()
                 value = value / cosine_denominator(pre_norms, train_sq.sqrt()).diagonal()
-            values.append(value.float())
+            values.append(value.to(grads[self.module_names[0]].dtype))
         return ids, torch.cat(values)
 
     def token_scores(
