@@ -52,7 +52,8 @@ Settings that had to be matched, and how
   and the example's tokens, kronfluence from the global RNG, seeded here inside ``fork_rng``), so the
   factors differ by Monte-Carlo noise only: a Spearman floor, measured over seeds 0-5 when wherefrom
   drew per batch (EK-FAC 0.993-0.997, K-FAC 0.988-0.994); with per-example draws, seed 0: 0.9955 /
-  0.9942. On the MLP the kronfluence task instead draws its labels from a generator seeded like wherefrom's, so both see the same labels and differ by algorithm only
+  0.9942. On the MLP the kronfluence task instead draws its labels from a generator seeded like
+  wherefrom's, so both see the same labels and differ by algorithm only
   (measured: identical Spearman vs the exact Fisher, 0.6718 both; with kronfluence drawing from its
   own global RNG, seed 7: kronfluence 0.680, wherefrom 0.672, i.e. Monte-Carlo noise of ~0.01).
 """
