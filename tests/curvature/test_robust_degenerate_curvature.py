@@ -159,7 +159,7 @@ def test_case02_rows_zero_damping_refused_and_small_damping_finite(tokenizer):
 def test_indefinite_relative_damping_is_refused_by_name():
     from wherefrom.curvature.base import relative_damping
 
-    with pytest.raises(ValueError, match="'blk'.*mean eigenvalue -2"):
+    with pytest.raises(ValueError, match=r"'blk'.*mean eigenvalue -2"):
         relative_damping(None, 0.1, -2.0, "blk")
     assert relative_damping(None, 0.1, 0.0, "blk") == 0.0 and relative_damping(0.3, 0.1, -2.0, "blk") == 0.3
 
