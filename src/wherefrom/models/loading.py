@@ -337,13 +337,14 @@ def _features(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def check_adapter(adapter: str | Path, model: nn.Module, folder: str | Path) -> None:
+def check_adapter(adapter: str | Path, model: nn.Module, folder: str | Path | None) -> None:
     """Refuse a LoRA adapter that was not made for the base ``model`` loaded from ``folder``.
 
     Three checks, before PEFT wraps the model: (1) the adapter's weight file exists and is intact
     (:func:`check_safetensors`); (2) when ``adapter_config.json``'s ``base_model_name_or_path`` names
     a local model folder other than ``folder``, that folder's weights are byte-identical to
-    ``folder``'s (a hub id, or a path absent from this machine, cannot be compared and is not);
+    ``folder``'s (a hub id, a path absent from this machine, or ``folder=None`` for a base built in
+    code cannot be compared and is not);
     (3) every LoRA matrix in the adapter belongs to a linear module of ``model`` (``nn.Linear`` or
     ``Conv1D``) whose shape it fits: ``lora_A`` is ``(r, in_features)``, ``lora_B`` is
     ``(out_features, r)``. Without (3) PEFT either fails with a size-mismatch traceback or, for
@@ -352,7 +353,8 @@ def check_adapter(adapter: str | Path, model: nn.Module, folder: str | Path) -> 
     Raises :class:`ModelLoadError` naming the adapter folder and the base folder (and the module,
     both shapes, or the recorded base).
     """
-    adapter, folder = Path(adapter), Path(folder)
+    adapter = Path(adapter)
+    base_name = "built in code" if folder is None else str(folder)
     files = [adapter / name for name in _ADAPTER_WEIGHTS if (adapter / name).is_file()]
     if not files:
         raise ModelLoadError(f"{adapter}: no adapter weights ({' or '.join(_ADAPTER_WEIGHTS)})")
@@ -360,8 +362,8 @@ def check_adapter(adapter: str | Path, model: nn.Module, folder: str | Path) -> 
         check_safetensors(files[0])
     config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     recorded = config.get("base_model_name_or_path")
-    if recorded and Path(recorded).expanduser().is_dir():
-        base = Path(recorded).expanduser()
+    if recorded and folder is not None and Path(recorded).expanduser().is_dir():
+        base, folder = Path(recorded).expanduser(), Path(folder)
         if base.resolve() != folder.resolve() and _weights_digest(base) != _weights_digest(folder):
             raise ModelLoadError(
                 f"adapter {adapter} was made for the base model {base}, not for {folder} "
@@ -382,7 +384,7 @@ def check_adapter(adapter: str | Path, model: nn.Module, folder: str | Path) -> 
         features = _features(modules[name]) if name in modules else None
         if features is None:
             raise ModelLoadError(
-                f"adapter {adapter} does not fit the base model {folder}: it adapts {name!r}, "
+                f"adapter {adapter} does not fit the base model {base_name}: it adapts {name!r}, "
                 f"which the base model has no linear layer of (target modules {config.get('target_modules')})"
             )
         in_features, out_features = features
@@ -390,7 +392,7 @@ def check_adapter(adapter: str | Path, model: nn.Module, folder: str | Path) -> 
         expected = in_features if side == 1 else out_features
         if len(shape) != 2 or shape[side] != expected:
             raise ModelLoadError(
-                f"adapter {adapter} does not fit the base model {folder}: {key} has shape {tuple(shape)}, "
+                f"adapter {adapter} does not fit the base model {base_name}: {key} has shape {tuple(shape)}, "
                 f"but {name!r} is {in_features} -> {out_features} in the base model"
             )
 
