@@ -347,7 +347,8 @@ def check_adapter(adapter: str | Path, model: nn.Module, folder: str | Path | No
     code cannot be compared and is not);
     (3) every LoRA matrix in the adapter belongs to a linear module of ``model`` (``nn.Linear`` or
     ``Conv1D``) whose shape it fits: ``lora_A`` is ``(r, in_features)``, ``lora_B`` is
-    ``(out_features, r)``. Without (3) PEFT either fails with a size-mismatch traceback or, for
+    ``(out_features, r)`` (checked in ``adapter_model.safetensors``; an older ``adapter_model.bin``
+    is left to PEFT). Without (3) PEFT either fails with a size-mismatch traceback or, for
     missing modules, loads an adapter that does nothing.
 
     Raises :class:`ModelLoadError` naming the adapter folder and the base folder (and the module,
@@ -360,7 +361,10 @@ def check_adapter(adapter: str | Path, model: nn.Module, folder: str | Path | No
         raise ModelLoadError(f"{adapter}: no adapter weights ({' or '.join(_ADAPTER_WEIGHTS)})")
     if files[0].suffix == ".safetensors":
         check_safetensors(files[0])
-    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{adapter / 'adapter_config.json'}: not readable JSON ({error})") from error
     recorded = config.get("base_model_name_or_path")
     if recorded and folder is not None and Path(recorded).expanduser().is_dir():
         base, folder = Path(recorded).expanduser(), Path(folder)
