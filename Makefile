@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.wherefrom-installed
 
-.PHONY: setup demo lint format test test-slow test-all bench clean
+.PHONY: setup demo lint format test test-slow test-all bench refusals clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ test-all: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_kronfluence.py --model tiny
+
+# Rewrite README.md's table 'What wherefrom refuses, and why' from tests/refusals.py.
+refusals: setup
+	$(BIN)/python -m tests.refusals
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +15,9 @@ from wherefrom.models import loading as models
 from wherefrom.models.loading import (
     LoadedModel,
     ModelLoadError,
+    check_adapter,
+    check_safetensors,
+    check_weights,
     default_model_dir,
     load_model,
     model_fingerprint,
@@ -234,6 +238,51 @@ def test_missing_adapter_dir_error_names_path(tmp_path):
     assert str(missing) in str(info.value)
     with pytest.raises(ModelLoadError, match=r"adapter_config\.json"):
         load_model(folder, adapter=folder)
+
+
+def test_adapter_recorded_base_is_compared_by_weights(tmp_path, tok):
+    """An adapter naming its base folder loads on that base and on a byte-identical copy, and is refused
+    on another base of the same shape (which PEFT would accept, giving the scores of no real model)."""
+    own = save_tiny(tmp_path / "own", arch="gpt2", seed=1)
+    other = save_tiny(tmp_path / "other", arch="gpt2", seed=2)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for item in own.iterdir():
+        (copy / item.name).write_bytes(item.read_bytes())
+    peft_model = with_lora(tiny_gpt2(len(tok), seed=1), r=2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": str(own)})
+    )
+    for base in (own, copy):
+        assert load_model(base, adapter=tmp_path / "adapter").adapter == str(tmp_path / "adapter")
+    with pytest.raises(ModelLoadError, match="was made for the base model") as info:
+        load_model(other, adapter=tmp_path / "adapter")
+    assert str(own) in str(info.value) and str(other) in str(info.value)
+
+
+def test_adapter_shapes_are_checked_against_the_base(tmp_path, tok):
+    """A LoRA matrix that does not fit its module, or a module the base lacks, is refused naming both folders."""
+    base = save_tiny(tmp_path / "model", arch="llama")
+    wider = with_lora(tiny_llama(len(tok), hidden=48), r=2)
+    wider.save_pretrained(tmp_path / "wider")
+    with pytest.raises(ModelLoadError, match=r"lora_A\.weight has shape \(2, 48\), but '.*q_proj' is 32 -> ") as info:
+        load_model(base, adapter=tmp_path / "wider")
+    assert str(base) in str(info.value) and str(tmp_path / "wider") in str(info.value)
+    check_adapter(tmp_path / "wider", tiny_llama(len(tok), hidden=48), base)  # fits that base's shapes
+
+
+def test_damaged_weights_are_named(tmp_path):
+    folder = save_tiny(tmp_path / "model")
+    weights = folder / "model.safetensors"
+    check_safetensors(weights)
+    weights.write_bytes(weights.read_bytes()[:-1])
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: not a complete safetensors file"):
+        load_model(folder)
+    weights.unlink()
+    with pytest.raises(ModelLoadError, match="no model weights"):
+        check_weights(folder)
 
 
 def test_default_model_dir_without_package_says_how_to_install(tmp_path, monkeypatch):

@@ -42,7 +42,14 @@ from wherefrom.core.task import LanguageModelingTask
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
 from wherefrom.models.finetune import CONFIG_FILE, TRAINER_STATE_FILE, read_trainer_state
-from wherefrom.models.loading import ModelLoadError, load_model, pick_device, quiet_peft
+from wherefrom.models.loading import (
+    ModelLoadError,
+    check_adapter,
+    check_weights,
+    load_model,
+    pick_device,
+    quiet_peft,
+)
 
 __all__ = ["TracIn", "checkpoint_model", "finetune_checkpoints", "tracin_scores"]
 
@@ -95,14 +102,17 @@ def checkpoint_model(base: BaseModel, folder: Path, device, dtype: torch.dtype) 
         if callable(base):
             from peft import PeftModel
 
+            model = base()
+            check_adapter(folder, model, None)
             with quiet_peft():
-                model = PeftModel.from_pretrained(base(), str(folder), is_trainable=False)
+                model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
             model.to(device=pick_device(device), dtype=dtype)
         else:
             return load_model(base, adapter=folder, device=device, dtype=dtype).model
     elif (folder / "config.json").is_file():
         from transformers import AutoModelForCausalLM
 
+        check_weights(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
         model.to(pick_device(device))
     else:

@@ -38,6 +38,9 @@ __all__ = [
     "LoadedModel",
     "ModelLoadError",
     "cache_root",
+    "check_adapter",
+    "check_safetensors",
+    "check_weights",
     "default_model_dir",
     "load_model",
     "model_fingerprint",
@@ -83,6 +86,15 @@ _VOLATILE_PEFT_KEYS = frozenset(
 
 class ModelLoadError(FileNotFoundError):
     """A model, adapter or the default model's source could not be found or loaded."""
+
+
+# Weight files ``from_pretrained`` reads from a model folder (sharded ones come with an index file).
+_MODEL_WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# Suffixes of the LoRA matrices in a saved adapter: ``<prefix><module>.lora_A.weight`` is (r, in_features),
+# ``<prefix><module>.lora_B.weight`` is (out_features, r).
+_LORA_SUFFIXES = {".lora_A.weight": 1, ".lora_B.weight": 0}
+_PEFT_PREFIX = "base_model.model."
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,6 +274,133 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
+def check_safetensors(path: str | Path) -> None:
+    """Refuse a safetensors file whose header cannot be read or does not cover the file.
+
+    Reads only the header (the tensors are memory-mapped, not loaded), so an empty file, a file cut
+    short by an interrupted copy or download, or another format under a ``.safetensors`` name is
+    named before ``from_pretrained`` would fail on it with a traceback.
+
+    Raises :class:`ModelLoadError` naming the file, its size in bytes and the reader's complaint.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as error:
+        raise ModelLoadError(
+            f"{path}: not a complete safetensors file ({path.stat().st_size} bytes; {error}). "
+            "It was probably cut short while copying or downloading: copy it again."
+        ) from error
+
+
+def check_weights(folder: str | Path) -> None:
+    """Refuse a model folder without weight files, or with a damaged safetensors file.
+
+    A folder is loadable when it holds ``*.safetensors`` files (one, or shards with their index) or
+    ``pytorch_model*.bin`` files; each safetensors file is checked with :func:`check_safetensors`.
+
+    Raises :class:`ModelLoadError` naming the folder and the files it holds, or the damaged file.
+    """
+    folder = Path(folder)
+    weights = sorted({f for pattern in _MODEL_WEIGHTS for f in folder.glob(pattern)})
+    if not weights:
+        held = ", ".join(sorted(f.name for f in folder.iterdir())) or "nothing"
+        raise ModelLoadError(
+            f"{folder}: no model weights (model.safetensors, model-*.safetensors shards or pytorch_model.bin); "
+            f"the folder holds {held}"
+        )
+    for path in weights:
+        if path.suffix == ".safetensors":
+            check_safetensors(path)
+
+
+def _weights_digest(folder: Path) -> str:
+    """sha256 of a model folder's weight files (names and bytes), to tell two bases apart."""
+    digest = hashlib.sha256()
+    for path in sorted({f for pattern in _MODEL_WEIGHTS for f in folder.glob(pattern)}):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _features(module: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a linear layer (``nn.Linear``, GPT-2's ``Conv1D``), else ``None``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":  # weight stored (in, out)
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return None
+
+
+def check_adapter(adapter: str | Path, model: nn.Module, folder: str | Path | None) -> None:
+    """Refuse a LoRA adapter that was not made for the base ``model`` loaded from ``folder``.
+
+    Three checks, before PEFT wraps the model: (1) the adapter's weight file exists and is intact
+    (:func:`check_safetensors`); (2) when ``adapter_config.json``'s ``base_model_name_or_path`` names
+    a local model folder other than ``folder``, that folder's weights are byte-identical to
+    ``folder``'s (a hub id, a path absent from this machine, or ``folder=None`` for a base built in
+    code cannot be compared and is not);
+    (3) every LoRA matrix in the adapter belongs to a linear module of ``model`` (``nn.Linear`` or
+    ``Conv1D``) whose shape it fits: ``lora_A`` is ``(r, in_features)``, ``lora_B`` is
+    ``(out_features, r)`` (checked in ``adapter_model.safetensors``; an older ``adapter_model.bin``
+    is left to PEFT). Without (3) PEFT either fails with a size-mismatch traceback or, for
+    missing modules, loads an adapter that does nothing.
+
+    Raises :class:`ModelLoadError` naming the adapter folder and the base folder (and the module,
+    both shapes, or the recorded base).
+    """
+    adapter = Path(adapter)
+    base_name = "built in code" if folder is None else str(folder)
+    files = [adapter / name for name in _ADAPTER_WEIGHTS if (adapter / name).is_file()]
+    if not files:
+        raise ModelLoadError(f"{adapter}: no adapter weights ({' or '.join(_ADAPTER_WEIGHTS)})")
+    if files[0].suffix == ".safetensors":
+        check_safetensors(files[0])
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{adapter / 'adapter_config.json'}: not readable JSON ({error})") from error
+    recorded = config.get("base_model_name_or_path")
+    if recorded and folder is not None and Path(recorded).expanduser().is_dir():
+        base, folder = Path(recorded).expanduser(), Path(folder)
+        if base.resolve() != folder.resolve() and _weights_digest(base) != _weights_digest(folder):
+            raise ModelLoadError(
+                f"adapter {adapter} was made for the base model {base}, not for {folder} "
+                "(their weights differ); pass --model with the adapter's base"
+            )
+    if files[0].suffix != ".safetensors":
+        return
+    from safetensors import safe_open
+
+    modules = dict(model.named_modules())
+    with safe_open(str(files[0]), framework="pt") as handle:
+        shapes = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    for key, shape in shapes.items():
+        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            continue
+        name = key.removeprefix(_PEFT_PREFIX).removesuffix(suffix)
+        features = _features(modules[name]) if name in modules else None
+        if features is None:
+            raise ModelLoadError(
+                f"adapter {adapter} does not fit the base model {base_name}: it adapts {name!r}, "
+                f"which the base model has no linear layer of (target modules {config.get('target_modules')})"
+            )
+        in_features, out_features = features
+        side = _LORA_SUFFIXES[suffix]
+        expected = in_features if side == 1 else out_features
+        if len(shape) != 2 or shape[side] != expected:
+            raise ModelLoadError(
+                f"adapter {adapter} does not fit the base model {base_name}: {key} has shape {tuple(shape)}, "
+                f"but {name!r} is {in_features} -> {out_features} in the base model"
+            )
+
+
 @dataclass
 class LoadedModel:
     """A model ready for attribution, with what is needed to key caches on it.
@@ -304,7 +443,9 @@ def load_model(
     (:func:`pick_device` semantics). A tokenizer without a pad token gets ``pad = eos``.
 
     Raises :class:`ModelLoadError` naming the path when the model folder (or its config.json)
-    or the adapter folder (or its adapter_config.json) is missing.
+    or the adapter folder (or its adapter_config.json) is missing, when the model folder has no
+    weights or a damaged safetensors file (:func:`check_weights`), and when the adapter's weights
+    are damaged or were made for another base model (:func:`check_adapter`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -321,12 +462,15 @@ def load_model(
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ModelLoadError(f"Not a PEFT adapter folder (no adapter_config.json): {adapter_dir}")
 
+    check_weights(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if adapter_dir is not None:
         from peft import PeftModel
+
+        check_adapter(adapter_dir, model, folder)
 
         with quiet_peft():
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable_adapter)
