@@ -232,7 +232,7 @@ REFUSALS: tuple[Refusal, ...] = (
         "curvature",
         "--damping 0",
         EXIT,
-        "damping must be a finite number > 0",
+        "--damping 0.0: must be a finite number > 0",
         "(G + 0 I) is singular where a module's curvature is rank-deficient: scores would be inf or NaN",
         command=(*FIT, "new", "--damping", "0"),
     ),

@@ -17,6 +17,7 @@ command line has one default per meaning.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import typing
@@ -72,6 +73,13 @@ def setting(
 
 
 # --- checks -------------------------------------------------------------------------------------
+def positive(value: Any) -> str | None:
+    """A number (when given) must be finite and > 0 (a damping: ``(G + 0 I)`` has no inverse where ``G`` is singular)."""
+    if value is None or (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        return None
+    return f"must be a finite number > 0, got {value}"
+
+
 def at_least(minimum: float) -> Check:
     """Numbers (or each number of a list) must be ``>= minimum``."""
 
@@ -282,9 +290,9 @@ class CurvatureSettings:
     damping: float | None = setting(
         None,
         "Absolute damping lambda; default: --damping-factor x the mean eigenvalue per module (Grosse et al.).",
-        check=at_least(0),
+        check=positive,
     )
-    damping_factor: float = setting(0.1, "Relative damping, used when --damping is not given.", check=at_least(0))
+    damping_factor: float = setting(0.1, "Relative damping, used when --damping is not given.", check=positive)
     reduction: str = setting("sum", "Training loss over completion tokens: sum | mean.", check=one_of("sum", "mean"))
     query_rank: int | None = setting(None, "Low-rank query batching rank (default: full rank).", check=at_least(1))
     strategy_option: list[str] | None = setting(

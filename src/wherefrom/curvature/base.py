@@ -381,12 +381,14 @@ DAMPING_OPTIONS: tuple[OptionSpec, ...] = from_signature(
     OptionSpec(
         "damping",
         low=0.0,
+        low_inclusive=False,
         help="absolute damping lambda added to G; null: damping_factor x mean eigenvalue, per module",
         source=GROSSE_2023,
     ),
     OptionSpec(
         "damping_factor",
         low=0.0,
+        low_inclusive=False,
         help="relative damping: lambda = damping_factor x mean eigenvalue of the module's G (when damping is null)",
         source=GROSSE_2023,
     ),
