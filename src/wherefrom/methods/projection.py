@@ -429,6 +429,29 @@ class ProjectedInfluence:
             raise RuntimeError(f"{self.name}: call fit(train) before scoring (or pass curvature=False)")
         return {n: g @ self.inverses[n].to(device=g.device, dtype=g.dtype) for n, g in grads.items()}
 
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The damped inverses ``{module: (k, k)}`` float32 and :meth:`metadata` (projection, damping, info).
+
+        Raises ``RuntimeError`` before :meth:`fit` and ``ValueError`` for a LoGra projection given explicit
+        matrices (they are not part of the saved state; the seeded ones are rebuilt from the projection's config).
+        """
+        if self.use_curvature and not self.inverses:
+            raise RuntimeError(f"{self.name}: call fit(train) before saving its state")
+        if isinstance(self.projection, KroneckerProjection) and self.projection.explicit:
+            raise ValueError(f"{self.name}: a projection with explicit matrices cannot be saved; use seeded ones")
+        return dict(self.inverses), self.metadata()
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any], train: Sequence[Record]) -> None:
+        """Adopt saved inverses; ``ValueError`` naming what differs when the saved projection, curvature or
+        modules are not this method's."""
+        mine = self.metadata()
+        for key in ("projection", "curvature", "damping", "damping_factor"):
+            if state[key] != mine[key]:
+                raise ValueError(f"{self.name}: saved {key} {state[key]!r} differs from this method's {mine[key]!r}")
+        if self.use_curvature and set(tensors) != set(self.module_names):
+            raise ValueError(f"{self.name}: the saved inverses are of other modules than the tracked ones")
+        self.inverses, self.info = dict(tensors), dict(state["info"])
+
     # --- index and scores -----------------------------------------------------------------------
     def index(self, train: Sequence[Record]) -> dict[str, torch.Tensor]:
         """Project and keep the training gradients (``{module: (n, k)}``, CPU); ``scores`` reuses them for these rows."""
