@@ -3,8 +3,9 @@ name and JSON state, written last: the "finished" marker), both atomic and check
 (:mod:`wherefrom.core.store`).
 
 What each family keeps (:meth:`wherefrom.methods.registry.Method.fitted_state`): an influence method its
-curvature (state tensors and metadata); ``trak``/``logra`` the damped inverse of the projected Fisher
-``(k, k)`` per module with the projection's config (the seeded matrices are rebuilt from it);
+curvature (state tensors and metadata); ``trak``/``logra`` their projected curvature (the ``exact`` strategy fitted on
+the projected gradient blocks: ``F~``, its damped inverse ``(k, k)`` and lambda per module) with the
+projection's config (the seeded matrices are rebuilt from it);
 ``tracin`` its checkpoint folders (absolute paths) and their learning rates; ``repsim`` the normalised
 train representations ``(n, hidden)``; ``bm25`` the corpus statistics (the ``(V, n)`` weight matrix,
 ``idf``, vocabulary and train ids). The caller records the fit's settings and holds the writer lock.
