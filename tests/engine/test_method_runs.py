@@ -81,6 +81,10 @@ def test_moved_training_file_is_refused_by_name(workspace, tmp_path, name):
         Run.open(tmp_path / "run", device="cpu")
     # found again when its new place is given and its rows have the recorded fingerprint
     assert Run.open(tmp_path / "run", device="cpu", train=moved).config.train == str(moved.resolve())
+    (root / "model").rename(root / "model-moved")
+    with pytest.raises(RunMismatch, match=r"model folder .*model recorded in .* is gone"):
+        Run.open(tmp_path / "run", device="cpu", train=moved)
+    (root / "model-moved").rename(root / "model")
     other = root / "other.jsonl"
     other.write_text(moved.read_text().replace('"ij:"', '"ab:"'))
     with pytest.raises(RunMismatch, match="training data"):
