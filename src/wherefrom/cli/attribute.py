@@ -36,7 +36,7 @@ def attribute(method, train, queries, out, model, adapter, option, top_k, prefil
     from wherefrom.core.store import atomic_write_json
     from wherefrom.methods.registry import make_method, method_spec
 
-    out = required(out, "out")
+    out, method = required(out, "out"), required(method, "method")
     try:
         options = method_spec(method).check(merged_options(option, method))
         config = settings_as(AttributionConfig)

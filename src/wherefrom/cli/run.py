@@ -26,12 +26,22 @@ def notify(opened: Run) -> None:
 
 
 @command(uses=(*ATTRIBUTION, "fisher", "reduction", "query_rank", "seed", "threads"))
-def fit(train, run, model, adapter, strategy, strategy_option, device, **settings) -> None:
-    """Fit the curvature on the training set (resumes: an existing fit is reused)."""
+def fit(train, run, model, adapter, strategy, strategy_option, method, option, device, **settings) -> None:
+    """Fit a method on the training set into RUN (resumes: an existing fit is reused).
+
+    Default: the curvature of --strategy; --method NAME (with --option key=value) fits any method of
+    `wherefrom methods`, so that `scores` and `query` score without refitting."""
     try:
-        options = merged_options(strategy_option, strategy, "--strategy-option")
-        attribution = settings_as(AttributionConfig, strategy=strategy, strategy_options=options)
-        config = RunConfig(train=str(train), model=model, adapter=adapter, device=device, attribution=attribution)
+        paths = {"model": model, "adapter": adapter, "device": device}
+        if method is None:
+            options = merged_options(strategy_option, strategy, "--strategy-option")
+            attribution = settings_as(AttributionConfig, strategy=strategy, strategy_options=options)
+            config = RunConfig(train=str(train), attribution=attribution, **paths)
+        elif strategy_option:
+            raise ValueError(f"--strategy-option is for --strategy; give method {method!r} its options with --option")
+        else:
+            options = merged_options(option, method)
+            config = RunConfig.for_method(method, str(train), settings_as(AttributionConfig), options, **paths)
         opened = Run.create(run, config, progress=progress)
         remember(run)
         fitted = opened.fit()
@@ -39,8 +49,9 @@ def fit(train, run, model, adapter, strategy, strategy_option, device, **setting
         fail(error)
     notify(opened)
     state = "fitted" if fitted else "already fitted (reused, checksums verified)"
+    where = run / ("method" if opened.method is not None else "factors")
     console.print(
-        f"{strategy} {state}: {len(opened.attributor.modules)} modules, {len(opened.train)} rows -> {run / 'factors'}"
+        f"{method or strategy} {state}: {len(opened.attributor.modules)} modules, {len(opened.train)} rows -> {where}"
     )
 
 
@@ -78,6 +89,10 @@ def query(prompt, completion, run, top_k, as_json, by_module, per_token, html, d
     """Top proponents and opponents of one (prompt, completion) among the training rows."""
     try:
         opened = Run.open(run, progress=progress, device=device)
+        if per_token and opened.method is not None:
+            raise ValueError(
+                f"--per-token needs an influence method's gradients; this run holds {opened.config.method!r}"
+            )
         record = Record(id="query", prompt=prompt, completion=completion)
         result = opened.scores([record])
     except (DataError, FileNotFoundError, RunMismatch, RuntimeError, ValueError) as error:
@@ -101,7 +116,7 @@ def query(prompt, completion, run, top_k, as_json, by_module, per_token, html, d
 
     report = {
         "query": {"prompt": prompt, "completion": completion},
-        "strategy": opened.config.attribution.strategy,
+        "strategy": opened.config.method or opened.config.attribution.strategy,
         "sign": "positive = proponent (raises log p(completion | prompt))",
         "proponents": [describe(i, s) for i, s in result.top(0, top_k)],
         "opponents": [describe(i, s) for i, s in result.top(0, top_k, opponents=True)],

@@ -309,10 +309,10 @@ class CurvatureSettings:
 class MethodSettings:
     """Methods: which attribution methods run, with which options."""
 
-    method: str = setting(
-        REQUIRED,
+    method: str | None = setting(
+        None,
         "Method name (see `wherefrom.methods.registry.METHODS`): ekfac, kfac, lissa, cg, arnoldi, datainf, gradsim, "
-        "gradsim-cosine, tracin, repsim, bm25, trak, logra, ...",
+        "gradsim-cosine, tracin, repsim, bm25, trak, logra, ... (required by attribute; fit: default --strategy).",
         check=method_names,
     )
     methods: str | None = setting(

@@ -43,7 +43,11 @@ def load_curvature(folder: Path) -> Curvature:
     ``cg``/``lissa`` come back without model and data: call their ``attach(model, modules, batches)``
     before ``precondition``.
     """
-    meta, state = Curvature.load_state(Path(folder))
+    return curvature_from_state(*Curvature.load_state(Path(folder)))
+
+
+def curvature_from_state(meta: dict, state: dict) -> Curvature:
+    """The strategy ``meta`` (a :meth:`Curvature.metadata`) describes, holding the fitted ``state`` tensors."""
     curvature = make_curvature(meta["strategy"], meta["damping"], meta["damping_factor"], **meta.get("options", {}))
     return curvature.restore(meta, state)
 
@@ -63,6 +67,7 @@ __all__ = [
     "GGNOperator",
     "Identity",
     "LiSSA",
+    "curvature_from_state",
     "load_curvature",
     "make_curvature",
 ]

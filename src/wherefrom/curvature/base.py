@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -60,6 +60,9 @@ from wherefrom.core.tracking import TrackedModule, selection_signature
 
 BatchSource = Callable[[], Iterable[Batch]]
 """A callable that returns a fresh iterable over the fitting batches (some strategies need two passes)."""
+
+GradientSource = Callable[[], Iterable[Mapping[str, torch.Tensor]]]
+"""A callable that returns a fresh iterable over per-batch gradient blocks ``{module: (b, out, in')}``."""
 
 Progress = Callable[[Iterable[Batch], str], Iterator[Batch]]
 
@@ -231,6 +234,29 @@ class Curvature(ABC):
             self.stages = None
         warn_zero_curvature(self.zero_blocks)
         return self
+
+    def fit_gradients(self, blocks: GradientSource, shapes: Mapping[str, tuple[int, int]]) -> Curvature:
+        """Estimate the curvature from per-example gradient blocks rather than from a model; returns ``self``.
+
+        ``blocks()`` yields, per batch, ``{module: (b, out, in')}`` for the (possibly virtual) modules
+        ``shapes`` (``{name: (out, in')}``), e.g. projected gradients as ``(b, 1, k)`` blocks
+        (:mod:`wherefrom.methods.projection`: the projection is a stage in front of the curvature). ``G``
+        is then ``mean_n vec(G_n) vec(G_n)^T`` of the blocks (or its diagonal), the Fisher of the loss
+        that produced them. Strategies that need the model (``exact``'s GGN is formed from the blocks here,
+        not from Jacobians) or per-token factors (``kfac``, ``ekfac``) raise ``NotImplementedError``
+        unless they override :meth:`fit_blocks`: ``identity``, ``diagonal`` and ``exact`` do.
+        """
+        self.modules = [[name, int(out), int(inp)] for name, (out, inp) in shapes.items()]
+        self.state, self.info = {}, {}
+        self.fit_blocks(blocks, dict(shapes))
+        warn_zero_curvature(self.zero_blocks)
+        return self
+
+    def fit_blocks(self, blocks: GradientSource, shapes: dict[str, tuple[int, int]]) -> None:
+        """The strategy's estimate from gradient blocks (see :meth:`fit_gradients`)."""
+        raise NotImplementedError(
+            f"strategy {self.name!r} cannot be fitted from gradient blocks; identity, diagonal and exact can"
+        )
 
     def run_stage(
         self, stage: str, compute: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]], loss_fn: LossFn

@@ -129,7 +129,29 @@ class ExactGGN(Curvature):
             else:
                 self._accumulate(modules, batches, progress, log_probs, params, ggn)
         ggn /= max(self.info["examples"], 1)
-        self._invert(modules, ggn)
+        self._invert({m.name: m.shape for m in modules}, ggn)
+
+    def fit_blocks(self, blocks, shapes) -> None:
+        """``G = mean_n vec(G_n) vec(G_n)^T`` of the gradient blocks, per module (``blocks="module"``: only
+        the diagonal blocks are accumulated) or jointly, in float64, then damped and inverted as the GGN.
+        ``ValueError`` for ``curvature="hessian"`` (gradient blocks give no Hessian)."""
+        if self.curvature == "hessian":
+            raise ValueError("exact with curvature='hessian' needs the model: it cannot be fitted from gradient blocks")
+        sizes = {name: out * inp for name, (out, inp) in shapes.items()}
+        keys = ["full"] if self.blocks == "full" else list(sizes)
+        sums = {key: torch.zeros(0, dtype=torch.float64) for key in keys}
+        count = 0
+        for grads in blocks():
+            rows = {name: grads[name].reshape(grads[name].shape[0], -1).double() for name in sizes}
+            parts = {"full": torch.cat(list(rows.values()), dim=1)} if self.blocks == "full" else rows
+            for key, flat in parts.items():
+                outer = (flat.T @ flat).cpu()
+                sums[key] = outer if sums[key].numel() == 0 else sums[key] + outer
+            count += next(iter(rows.values())).shape[0]
+        if count == 0:
+            raise ValueError("cannot fit 'exact' from zero gradient rows")
+        self.info["examples"] = count
+        self._invert_blocks({key: total / count for key, total in sums.items()})
 
     def _accumulate_hessian(self, model, modules, batches, progress, params, hessian: torch.Tensor) -> None:
         """Add the Hessian of each batch's summed training loss, in the flat Linear-orientation layout."""
@@ -200,19 +222,25 @@ class ExactGGN(Curvature):
         dense = module.from_param_layout(weight, bias)
         return dense.reshape(*dense.shape[:2], -1)
 
-    def _invert(self, modules, ggn: torch.Tensor) -> None:
+    def _invert(self, shapes: dict[str, tuple[int, int]], ggn: torch.Tensor) -> None:
         if self.blocks == "full":
             spans = {"full": (0, ggn.shape[0])}
         else:
             spans, start = {}, 0
-            for m in modules:
-                size = m.shape[0] * m.shape[1]
-                spans[m.name] = (start, start + size)
-                start += size
-        for key, (lo, hi) in spans.items():
-            block = ggn[lo:hi, lo:hi]
-            damping = self.damping_for((torch.trace(block) / block.shape[0]).item(), key)
-            eye = torch.eye(hi - lo, dtype=block.dtype, device=block.device)
+            for name, (out, inp) in shapes.items():
+                spans[name] = (start, start + out * inp)
+                start += out * inp
+        self._invert_blocks({key: ggn[lo:hi, lo:hi] for key, (lo, hi) in spans.items()})
+
+    def _invert_blocks(self, blocks: dict[str, torch.Tensor]) -> None:
+        """Damp and invert each dense ``block`` (``lambda = damping_factor x trace / dim`` unless absolute),
+        keeping the block, its inverse and its damping; the damping and mean eigenvalue also in ``info``."""
+        for key, block in blocks.items():
+            mean = (torch.trace(block) / block.shape[0]).item()
+            damping = self.damping_for(mean, key)
+            self.info.setdefault("damping", {})[key] = damping
+            self.info.setdefault("mean_eigenvalue", {})[key] = mean
+            eye = torch.eye(block.shape[0], dtype=block.dtype, device=block.device)
             self.state[f"{key}.matrix"] = block.float().cpu()  # the GGN or Hessian block
             if damping == 0:  # a zero block (base module doc): its preconditioner is 0
                 self.state[f"{key}.inverse"] = torch.zeros_like(block).cpu()

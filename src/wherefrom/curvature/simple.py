@@ -18,6 +18,9 @@ class Identity(Curvature):
     def _fit(self, model, modules, batches, loss_fn, progress) -> None:
         """Nothing to estimate."""
 
+    def fit_blocks(self, blocks, shapes) -> None:
+        """Nothing to estimate."""
+
     def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         return grads
 
@@ -45,10 +48,19 @@ class Diagonal(Curvature):
         return needs
 
     def _fit(self, model, modules, batches, loss_fn, progress) -> None:
-        sums = {m.name: torch.zeros(m.shape, dtype=torch.float64) for m in modules}
+        self.fit_blocks(
+            lambda: (
+                per_example_gradients(model, modules, batch, loss_fn)
+                for batch in progress(batches(), "diagonal Fisher")
+            ),
+            {m.name: m.shape for m in modules},
+        )
+
+    def fit_blocks(self, blocks, shapes) -> None:
+        """``diag(G) = mean_n G_n ** 2`` per module, accumulated in float64."""
+        sums = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()}
         count = 0
-        for batch in progress(batches(), "diagonal Fisher"):
-            grads = per_example_gradients(model, modules, batch, loss_fn)
+        for grads in blocks():
             for name, g in grads.items():
                 sums[name] += g.double().pow(2).sum(0).cpu()
             count += next(iter(grads.values())).shape[0]

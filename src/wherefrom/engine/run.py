@@ -1,13 +1,18 @@
-"""A run directory: fitted curvature, gradient index and scores for one (model, data, settings).
+"""A run directory: a fitted method, gradient index and scores for one (model, data, settings).
 
 Layout::
 
-    RUN/config.json            every argument (RunConfig), enough to redo the run in one line
+    RUN/config.json            every argument (RunConfig), enough to redo the run in one line; the
+                               training file, model and adapter as absolute paths, so the run opens
+                               from any working directory
     RUN/manifest.json          versions, hardware, model/tokenizer/data fingerprints, module shapes
     RUN/.wherefrom.lock        writer lock: one fit / index / scores writer at a time
     RUN/factors/settings.json  the fit's settings, recorded before its first stage
     RUN/factors/stages/        finished fitting stages (deleted once the factors are saved)
     RUN/factors/               curvature.safetensors, then curvature.json (finished)
+    RUN/method/                a method outside the influence family (trak, logra, tracin, repsim,
+                               bm25): settings.json first, method.safetensors, then method.json
+                               (finished; :mod:`wherefrom.methods.saved` says what each keeps)
     RUN/index/settings.json    shard size, dtype, device and the run's settings, recorded first
     RUN/index/shard-NNNNN.safetensors   raw training gradients {module: (n, out, in')} + ids
     RUN/index/index.json       written last: the index is complete
@@ -20,7 +25,9 @@ finished intact (rebuilding a damaged or truncated file, named in :attr:`Run.not
 to resume under other settings (:class:`wherefrom.core.store.SettingsMismatch` names each one); readers
 (``scores``, ``query``) verify every file before using it and refuse a damaged one
 (:class:`wherefrom.core.store.DamagedFile`). Opening a run with another model, tokenizer, module
-selection or training set raises :class:`RunMismatch` naming what differs.
+selection or training set raises :class:`RunMismatch` naming what differs; a training file, model or
+adapter folder that is no longer where the run recorded it is refused by name (give the training
+file's new place to :meth:`Run.open`: it is taken when its rows' fingerprint matches).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +66,8 @@ from wherefrom.core.tracking import selection_signature
 from wherefrom.curvature import Curvature, load_curvature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
+from wherefrom.methods.registry import SETTING_NAMES, Method, in_family, make_method, method_settings
+from wherefrom.methods.saved import META_FILE, TENSORS_FILE, load_fitted, save_fitted
 from wherefrom.models.loading import LoadedModel, load_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -70,11 +79,21 @@ class RunMismatch(ValueError):
     """The run directory was made with another model, tokenizer, selection or data."""
 
 
+def absolute(path: str | None) -> str | None:
+    """``path`` resolved to an absolute path when it exists here; otherwise as given (``None`` stays)."""
+    if path is None or not Path(path).exists():
+        return path
+    return str(Path(path).resolve())
+
+
 @dataclass
 class RunConfig:
-    """Arguments of ``wherefrom fit``: model, data, and the attribution settings.
+    """Arguments of ``wherefrom fit``: model, data, the method and the attribution settings.
 
     ``model`` ``None`` = the default SmolLM2-135M-Instruct; ``device`` ``None`` = CUDA if available.
+    ``method`` ``None`` = the curvature strategy ``attribution.strategy`` (fitted into ``factors/``, as is
+    every influence method); a method of another family (``trak``, ``logra``, ``tracin``, ``repsim``,
+    ``bm25``) is made with ``options`` (its constructor options) and fitted into ``method/``.
     """
 
     train: str
@@ -82,6 +101,47 @@ class RunConfig:
     adapter: str | None = None
     device: str | None = None
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    method: str | None = None
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_method(
+        cls, method: str, train: str, attribution: AttributionConfig, options: dict[str, Any], **paths: Any
+    ) -> RunConfig:
+        """The config of ``method`` with ``options`` (validated first: :func:`wherefrom.methods.registry.method_settings`
+        raises naming a bad option). Setting options go into ``attribution``; an influence method's
+        strategy options into ``attribution.strategy_options``; another method's options stay in ``options``.
+        ``paths``: ``model``, ``adapter``, ``device``."""
+        merged, _checked = method_settings(method, attribution, options)
+        constructor = {k: v for k, v in options.items() if k not in SETTING_NAMES}
+        if in_family(method, "influence"):
+            merged = replace(merged, strategy_options={**merged.strategy_options, **constructor})
+            constructor = {}
+        return cls(train=train, attribution=merged, method=method, options=constructor, **paths)
+
+    def resolved(self) -> RunConfig:
+        """This config with ``train``, ``model`` and ``adapter`` as absolute paths (see :func:`absolute`)."""
+        return replace(self, train=absolute(self.train), model=absolute(self.model), adapter=absolute(self.adapter))
+
+    @property
+    def fits_method(self) -> bool:
+        """Whether the run fits a method into ``method/`` (not a curvature into ``factors/``)."""
+        return self.method is not None and not in_family(self.method, "influence")
+
+    def check_paths(self, folder: Path) -> None:
+        """Raise :class:`RunMismatch` naming the training file, model or adapter folder recorded in
+        ``folder/config.json`` that is not there any more."""
+        for what, path in (
+            ("training file", self.train),
+            ("model folder", self.model),
+            ("adapter folder", self.adapter),
+        ):
+            if path is not None and Path(path).is_absolute() and not Path(path).exists():
+                raise RunMismatch(
+                    f"the {what} {path} recorded in {Path(folder) / 'config.json'} is gone (moved or deleted); "
+                    "put it back, or fit a new run"
+                    + (" (or pass the file's new place: Run.open(..., train=PATH))" if what == "training file" else "")
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,6 +156,8 @@ class RunConfig:
             adapter=data.get("adapter"),
             device=data.get("device"),
             attribution=attribution,
+            method=data.get("method"),
+            options=data.get("options", {}),
         )
 
 
@@ -115,6 +177,13 @@ class Run:
         self.loaded = loaded
         self.train = checked_rows(train, f"training rows ({config.train})")
         self.attributor = Attributor(loaded.model, loaded.tokenizer, config.attribution, progress=progress)
+        self.method: Method | None = None
+        """The run's method outside the influence family (``None``: the attributor's curvature)."""
+        if config.fits_method:
+            self.method = make_method(
+                config.method, loaded.model, loaded.tokenizer, config.attribution, **config.options
+            )
+        self.method_fitted = False
         self.notices: list[str] = []
         """What a writer found and repaired (damaged files rebuilt, partial state of unknown settings discarded)."""
 
@@ -129,13 +198,16 @@ class Run:
         both values), and :class:`wherefrom.core.store.FolderLocked` while another process writes the run.
         """
         folder = Path(folder)
+        config = config.resolved()
+        if config.method is not None:  # options checked before the model loads
+            method_settings(config.method, config.attribution, config.options)
         loaded = load_model(config.model, config.adapter, device=config.device)
         run = cls(folder, config, loaded, load_records(config.train), progress)
         manifest = run.manifest()
         with writer_lock(folder):
             if run.finished():
                 # Round-trip through RunConfig: settings added in later versions take their defaults.
-                saved = RunConfig.from_dict(json.loads((folder / "config.json").read_text())).to_dict()
+                saved = RunConfig.from_dict(json.loads((folder / "config.json").read_text())).resolved().to_dict()
                 differences = settings_differences(saved, config.to_dict())
                 if differences:
                     raise RunMismatch(
@@ -151,16 +223,25 @@ class Run:
     def finished(self) -> bool:
         """Whether the folder holds a finished result (fitted factors, an index or scores): only then are
         its settings fixed."""
-        return any((self.folder / part).exists() for part in ("factors/curvature.json", "index", "scores"))
+        parts = ("factors/curvature.json", f"method/{META_FILE}", "index", "scores")
+        return any((self.folder / part).exists() for part in parts)
 
     @classmethod
     def open(
-        cls, folder: Path, progress: Progress = no_progress, device: str | None = None, factors: bool = True
+        cls,
+        folder: Path,
+        progress: Progress = no_progress,
+        device: str | None = None,
+        factors: bool = True,
+        train: Path | str | None = None,
     ) -> Run:
-        """Open an existing run: reload model and data from its config and verify the fingerprints.
+        """Open an existing run from any working directory: reload model and data from its config and
+        verify the fingerprints.
 
-        With ``factors`` (the default) a fitted curvature is loaded, verified against its checksums
+        With ``factors`` (the default) a fitted curvature or method is loaded, verified against its checksums
         (:class:`wherefrom.core.store.DamagedFile` names a damaged file); ``index`` does not need it.
+        ``train``: the training file's new place when it was moved; taken only when its rows have the
+        recorded fingerprint. Raises :class:`RunMismatch` naming a recorded file or folder that is gone.
         """
         folder = Path(folder)
         if not (folder / "config.json").exists():
@@ -168,17 +249,24 @@ class Run:
                 f"{folder} is not a wherefrom run directory (no config.json); run `wherefrom fit` first"
             )
         config = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        if train is not None:
+            config.train = absolute(str(train))
         if device is not None:
             config.device = device
+        config.check_paths(folder)
         loaded = load_model(config.model, config.adapter, device=config.device)
         run = cls(folder, config, loaded, load_records(config.train), progress)
         run._check(json.loads((folder / "manifest.json").read_text()), run.manifest())
-        if factors and (folder / "factors" / "curvature.json").exists():
-            try:
-                curvature = load_curvature(folder / "factors")
-            except DamagedFile as error:
-                raise DamagedFile(f"{error}; rerun `wherefrom fit` with this run's arguments to refit it") from None
-            run.attributor.use_curvature(curvature, run.train)
+        if not factors:
+            return run
+        try:
+            if run.method is not None and (folder / "method" / META_FILE).exists():
+                load_fitted(run.method, folder / "method", run.train)
+                run.method_fitted = True
+            elif run.method is None and (folder / "factors" / "curvature.json").exists():
+                run.attributor.use_curvature(load_curvature(folder / "factors"), run.train)
+        except DamagedFile as error:
+            raise DamagedFile(f"{error}; rerun `wherefrom fit` with this run's arguments to refit it") from None
         return run
 
     def manifest(self) -> dict[str, Any]:
@@ -213,7 +301,9 @@ class Run:
     def fit_settings(self) -> dict[str, Any]:
         """What decides the fitted factors' bytes: recorded in ``factors/settings.json`` first."""
         manifest = self.manifest()
+        method = {"method": self.config.method, "options": self.config.options} if self.config.fits_method else {}
         return {
+            **method,
             "attribution": self.config.attribution.to_dict(),
             "model": manifest["model"]["fingerprint"],
             "tokenizer": manifest["tokenizer_fingerprint"],
@@ -228,8 +318,11 @@ class Run:
         Holds the run's writer lock. Finished fitting stages under ``factors/stages/`` are reused,
         so a killed fit resumes and gives the same factors; damaged factors are refitted (noted in
         :attr:`notices`). Raises :class:`wherefrom.core.store.SettingsMismatch` if ``factors/`` was
-        started with other settings.
+        started with other settings. A run of a method outside the influence family fits it instead
+        (:meth:`fit_method`).
         """
+        if self.method is not None:
+            return self.fit_method()
         target = self.folder / "factors"
         with writer_lock(self.folder):
 
@@ -269,6 +362,37 @@ class Run:
             stages.clear()
         return True
 
+    def fit_method(self) -> bool:
+        """Fit the run's method into ``method/`` unless an intact fitted state is there; returns True when it fitted.
+
+        Holds the run's writer lock; records the fit's settings first (:class:`wherefrom.core.store.SettingsMismatch`
+        names each one that differs); a damaged state is refitted (noted in :attr:`notices`).
+        """
+        target = self.folder / "method"
+        with writer_lock(self.folder):
+
+            def problems() -> list[str]:
+                return [p for p in (damage(target / TENSORS_FILE), damage(target / META_FILE)) if p]
+
+            found = problems()
+            notes = record_settings(
+                target, self.fit_settings(), f"Delete {target} to fit again with the current settings.", ("device",)
+            )
+            if notes:  # a state of unknown settings was discarded
+                self.notices += notes
+                found = problems()
+            if not found:
+                load_fitted(self.method, target, self.train)
+                self.method_fitted = True
+                return False
+            if (target / META_FILE).exists() or (target / TENSORS_FILE).exists():
+                self.notices.append(f"refitting: {found[0]}")
+            forget_file(target / META_FILE)  # unfinished until both are rewritten
+            self.method.fit(self.train)
+            save_fitted(self.method, target)
+            self.method_fitted = True
+        return True
+
     # --- index ---------------------------------------------------------------------------------
     def index_settings(self, shard_size: int, dtype: str) -> dict[str, Any]:
         """What decides the index's bytes: recorded in ``index/settings.json`` before the first shard."""
@@ -286,6 +410,11 @@ class Run:
         ones (:class:`wherefrom.core.store.SettingsMismatch` names e.g. ``shard_size: recorded 4, now 2``);
         rewrites every shard that is missing, unfinished or damaged (noted in :attr:`notices`).
         """
+        if self.method is not None:
+            raise ValueError(
+                f"method {self.config.method!r} has no per-row gradient index (only influence methods do); "
+                f"`wherefrom scores --run {self.folder}` scores it from its fitted state"
+            )
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         if dtype not in DTYPES:
@@ -383,10 +512,17 @@ class Run:
     def scores(self, queries: list[Record], curvature: Curvature | None = None) -> Scores:
         """Pairwise scores of ``queries`` against the training set (from the index when complete).
 
-        ``curvature`` overrides the run's fitted one (e.g. identity on the same index).
+        ``curvature`` overrides the run's fitted one (e.g. identity on the same index); a run of a method
+        outside the influence family scores with its fitted state (``RuntimeError`` when it has none).
         Raises :class:`~wherefrom.core.data.DataError` for no queries, an invalid row or a repeated id.
         """
         queries = checked_rows(queries, "query rows")
+        if self.method is not None:
+            if not self.method_fitted:
+                raise RuntimeError(
+                    f"no fitted {self.config.method} in {self.folder / 'method'}; run `wherefrom fit` first"
+                )
+            return self.method.scores(queries, self.train)
         self.attributor.check_scoring_memory(len(queries), len(self.train))
         curvature = curvature or self.attributor.curvature
         if curvature.needs_fit and not curvature.state:

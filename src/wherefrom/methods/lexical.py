@@ -28,7 +28,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -112,6 +112,30 @@ class BM25:
         self.train_ids = [r.id for r in train]
         self._key = records_key(train)
         return self
+
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The corpus statistics: the ``(V, n)`` weight matrix in CSR parts and ``idf`` ``(V,)``, float64,
+        with the vocabulary (words in row order) and the train ids."""
+        if self._weights is None:
+            raise RuntimeError("BM25 is not fitted: call fit(train) first")
+        weights = self._weights
+        tensors = {
+            "weights.data": torch.from_numpy(np.asarray(weights.data, dtype=np.float64)),
+            "weights.indices": torch.from_numpy(np.asarray(weights.indices, dtype=np.int64)),
+            "weights.indptr": torch.from_numpy(np.asarray(weights.indptr, dtype=np.int64)),
+            "idf": torch.from_numpy(np.asarray(self.idf, dtype=np.float64)),
+        }
+        return tensors, {"vocabulary": list(self.vocabulary), "train_ids": list(self.train_ids)}
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any], train: Sequence[Record]) -> None:
+        """Adopt saved statistics of ``train``; ``ValueError`` when they are of other training rows."""
+        if state["train_ids"] != [r.id for r in train]:
+            raise ValueError("bm25: the saved index is of other training rows")
+        shape = (len(state["vocabulary"]), len(state["train_ids"]))
+        parts = (tensors["weights.data"].numpy(), tensors["weights.indices"].numpy(), tensors["weights.indptr"].numpy())
+        self._weights = sparse.csr_matrix(parts, shape=shape)
+        self.vocabulary = {word: row for row, word in enumerate(state["vocabulary"])}
+        self.idf, self.train_ids, self._key = tensors["idf"].numpy(), list(state["train_ids"]), records_key(train)
 
     def score_matrix(self, queries: Sequence[Record] | Sequence[str]) -> np.ndarray:
         """``(n_query, n_train)`` BM25 scores (float64) of record or plain-text queries against the index."""

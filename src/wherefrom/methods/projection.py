@@ -4,7 +4,10 @@ to GPT?).
 
 Per tracked module with gradient ``G = sum_t g_t a_t^T`` (shape ``(out, in')``), a projection maps
 ``G`` to a short vector ``G~`` of length ``k``; curvature is then estimated and inverted *in the
-projected space*, one dense ``(k, k)`` block per module:
+projected space*, one dense ``(k, k)`` block per module. The projection is a stage in front of a
+curvature strategy: the projected gradients, as blocks ``(b, 1, k)`` of one "virtual" module per
+tracked module, fit the ``exact`` strategy (:meth:`wherefrom.curvature.base.Curvature.fit_gradients`,
+``blocks="module"``), whose state is saved and loaded like any fitted curvature:
 
     F~ = mean_n G~_n G~_n^T     (true Fisher: targets sampled from the model; or empirical)
     I(z_m, z_q) = sum_modules q~^T (F~ + lambda I)^-1 G~_m
@@ -34,7 +37,7 @@ A projection never *enlarges*: when the requested size reaches the module's size
 or ``k_in >= in'`` / ``k_out >= out`` on one side) that side is left unprojected (identity), which is
 exact and cheaper; so "full" dimensions reproduce unprojected scores exactly.
 
-Memory: ``F~`` is ``k x k`` per module (float32 inverse kept), so choose ``k`` with the number of
+Memory: ``F~`` is ``k x k`` per module (the exact strategy keeps F~ float32 and its inverse float64), so choose ``k`` with the number of
 modules in mind (e.g. LoGra ``k_in = k_out = 16`` gives ``k = 256``).
 """
 
@@ -55,13 +58,8 @@ from wherefrom.core.encoding import EncodedExample
 from wherefrom.core.gradients import LossFn, TokenFactors
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import Scores
-from wherefrom.curvature.base import (
-    Progress,
-    check_damping,
-    no_progress,
-    relative_damping,
-    warn_zero_curvature,
-)
+from wherefrom.curvature import Curvature, curvature_from_state, make_curvature
+from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
 
 __all__ = ["KroneckerProjection", "ProjectedInfluence", "Projection", "RandomProjection"]
@@ -300,10 +298,8 @@ class ProjectedInfluence:
         self.projection = projection or RandomProjection(1024, seed=config.seed)
         self.damping = config.damping if damping is None else damping
         self.damping_factor = config.damping_factor if damping_factor is None else damping_factor
-        check_damping(self.damping, self.damping_factor)
         self.use_curvature = curvature
-        self.inverses: dict[str, torch.Tensor] = {}
-        self.info: dict[str, dict[str, float]] = {}
+        self.curvature: Curvature = self.new_curvature()  # checks the damping
         self._index: tuple[tuple, list[str], dict[str, torch.Tensor]] | None = None
 
     @classmethod
@@ -355,7 +351,7 @@ class ProjectedInfluence:
     def check_memory(self, rows: int, fit: bool) -> int:
         """Bytes this method holds for ``rows`` rows, checked before the first pass: the projection
         matrices, ``rows`` projected gradients ``(rows, k)`` float32 (parts and joined), and with
-        ``fit`` each module's ``k x k`` Fisher (float64 sum, eigenvectors, inverse; float32 inverse).
+        ``fit`` each module's ``k x k`` Fisher (float64 sum, inverse and inversion workspace; float32 F~).
         Raises :class:`wherefrom.core.memory.MemoryLimitError` naming the part."""
         shapes = {m.name: tuple(m.shape) for m in self.attributor.modules}
         dims = self.dims()
@@ -388,46 +384,87 @@ class ProjectedInfluence:
             yield ids, {n: self.projection.project(n, factors.pop(n)) for n in self.module_names}
 
     # --- curvature ------------------------------------------------------------------------------
+    def new_curvature(self) -> Curvature:
+        """The unfitted curvature of the projected space: ``exact`` per (virtual) module, or ``identity``
+        without curvature. ``ValueError`` for a damping that is not > 0."""
+        if not self.use_curvature:
+            return make_curvature("identity", self.damping, self.damping_factor)
+        return make_curvature("exact", self.damping, self.damping_factor, blocks="module")
+
+    @property
+    def inverses(self) -> dict[str, torch.Tensor]:
+        """``(F~ + lambda I)^-1`` per module, ``(k, k)`` float64 (empty before :meth:`fit` or without curvature)."""
+        return {
+            n: self.curvature.state[f"{n}.inverse"] for n in self.module_names if f"{n}.inverse" in self.curvature.state
+        }
+
+    @property
+    def info(self) -> dict[str, dict[str, float]]:
+        """Per module: ``damping`` (lambda), ``mean_eigenvalue`` of ``F~``, ``dim`` ``k`` and ``n_examples``."""
+        info = self.curvature.info
+        if "damping" not in info:
+            return {}
+        return {
+            n: {
+                "damping": info["damping"][n],
+                "mean_eigenvalue": info["mean_eigenvalue"][n],
+                "dim": int(self.curvature.state[f"{n}.inverse"].shape[0]),
+                "n_examples": info["examples"],
+            }
+            for n in self.module_names
+        }
+
     def fit(self, train: Sequence[Record]) -> None:
-        """Projected Fisher ``F~`` per module from the fitting gradients, damped and inverted (no-op without curvature).
+        """Projected Fisher ``F~`` per module from the fitting gradients, damped and inverted by the ``exact``
+        strategy fitted on the projected blocks (no-op without curvature).
 
         Raises :class:`~wherefrom.core.data.DataError` for no rows, an invalid row or a repeated id."""
         train = checked_rows(train, "training rows")
         self.check_memory(0, fit=True)
-        self.inverses, self.info = {}, {}
+        self.curvature = self.new_curvature()
         if not self.use_curvature:
             return
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
-        for ids, grads in self.projected_gradients(train, self.attributor.fisher_loss_fn(), "projected fisher"):
-            count += len(ids)
-            for n in self.module_names:
-                p = grads.pop(n)
-                outer = (p.T @ p).double()
-                sums[n] = outer if n not in sums else sums[n] + outer
-        if count == 0:
-            raise ValueError("cannot fit the projected Fisher on zero training rows")
-        for n in self.module_names:
-            fisher = sums.pop(n) / count
-            eigenvalues, eigenvectors = torch.linalg.eigh(fisher)
-            eigenvalues = eigenvalues.clamp_min(0)
-            mean = float(eigenvalues.mean())
-            damping = relative_damping(self.damping, self.damping_factor, mean, n)
-            if damping == 0:  # zero projected Fisher: the module contributes 0
-                inverse = torch.zeros_like(fisher)
-            else:
-                inverse = (eigenvectors / (eigenvalues + damping)) @ eigenvectors.T
-            self.inverses[n] = inverse.to(torch.float32)
-            self.info[n] = {"damping": damping, "mean_eigenvalue": mean, "dim": fisher.shape[0], "n_examples": count}
-        warn_zero_curvature([n for n in self.module_names if self.info[n]["damping"] == 0])
+        loss_fn = self.attributor.fisher_loss_fn()
+
+        def blocks() -> Iterator[dict[str, torch.Tensor]]:
+            for _ids, grads in self.projected_gradients(train, loss_fn, "projected fisher"):
+                yield {n: p.unsqueeze(1) for n, p in grads.items()}  # (b, k) -> (b, 1, k)
+
+        self.curvature.fit_gradients(blocks, {n: (1, k) for n, k in self.dims().items()})
 
     def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``(F~ + lambda I)^-1`` applied to projected rows ``{module: (b, k)}`` (identity without curvature)."""
         if not self.use_curvature:
             return grads
-        if not self.inverses:
+        if not self.curvature.state:
             raise RuntimeError(f"{self.name}: call fit(train) before scoring (or pass curvature=False)")
-        return {n: g @ self.inverses[n].to(device=g.device, dtype=g.dtype) for n, g in grads.items()}
+        blocks = self.curvature.precondition({n: g.unsqueeze(1) for n, g in grads.items()})
+        return {n: g.squeeze(1) for n, g in blocks.items()}
+
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The projected curvature's state tensors (``exact``: each module's ``F~``, inverse and damping) and
+        :meth:`metadata` (projection, damping, the curvature's metadata).
+
+        Raises ``RuntimeError`` before :meth:`fit` and ``ValueError`` for a LoGra projection given explicit
+        matrices (they are not part of the saved state; the seeded ones are rebuilt from the projection's config).
+        """
+        if self.use_curvature and not self.curvature.state:
+            raise RuntimeError(f"{self.name}: call fit(train) before saving its state")
+        if isinstance(self.projection, KroneckerProjection) and self.projection.explicit:
+            raise ValueError(f"{self.name}: a projection with explicit matrices cannot be saved; use seeded ones")
+        return dict(self.curvature.state), self.metadata()
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any], train: Sequence[Record]) -> None:
+        """Adopt a saved projected curvature; ``ValueError`` naming what differs when the saved projection,
+        curvature or damping are not this method's."""
+        mine = self.metadata()
+        for key in ("projection", "curvature", "damping", "damping_factor"):
+            if state[key] != mine[key]:
+                raise ValueError(f"{self.name}: saved {key} {state[key]!r} differs from this method's {mine[key]!r}")
+        curvature = curvature_from_state(state["projected_curvature"], tensors)
+        if self.use_curvature and curvature.modules != [[n, 1, k] for n, k in self.dims().items()]:
+            raise ValueError(f"{self.name}: the saved projected curvature is of other modules or dimensions")
+        self.curvature = curvature
 
     # --- index and scores -----------------------------------------------------------------------
     def index(self, train: Sequence[Record]) -> dict[str, torch.Tensor]:
@@ -491,4 +528,5 @@ class ProjectedInfluence:
             "damping_factor": self.damping_factor,
             "config": self.attributor.config.to_dict(),
             "info": self.info,
+            "projected_curvature": self.curvature.metadata(),
         }

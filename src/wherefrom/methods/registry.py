@@ -25,10 +25,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import torch
+
 from wherefrom.core.data import Record
 from wherefrom.core.options import UNSET, OptionSpec, check_options, from_signature
 from wherefrom.core.scoring import Scores
-from wherefrom.curvature import STRATEGIES
+from wherefrom.curvature import STRATEGIES, curvature_from_state
 from wherefrom.curvature.base import DAMPING_OPTIONS, GROSSE_2023
 from wherefrom.curvature.iterative import AGARWAL_2017, SCHIOPPA_2022
 from wherefrom.engine.api import AttributionConfig, Attributor
@@ -47,6 +49,7 @@ __all__ = [
     "check_methods",
     "in_family",
     "make_method",
+    "method_settings",
     "method_spec",
 ]
 
@@ -57,6 +60,14 @@ class Method(Protocol):
     def fit(self, train: Sequence[Record]) -> Any: ...
 
     def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores: ...
+
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What ``fit`` computed: ``(tensors, JSON-ready values)``, saved by :func:`wherefrom.methods.saved.save_fitted`."""
+        ...
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any], train: Sequence[Record]) -> None:
+        """Adopt a :meth:`fitted_state` of a method made with the same options, fitted on ``train``."""
+        ...
 
 
 class InfluenceMethod:
@@ -72,6 +83,17 @@ class InfluenceMethod:
 
     def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
         return self.attributor.scores(queries, train)
+
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The fitted curvature's state tensors and its metadata (strategy, damping, options, modules, info)."""
+        curvature = self.attributor.curvature
+        if curvature.needs_fit and not curvature.state:
+            raise RuntimeError(f"method {self.name!r} is not fitted: call fit(train) first")
+        return dict(curvature.state), curvature.metadata()
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any], train: Sequence[Record]) -> None:
+        """Adopt the saved curvature (``cg``/``lissa`` are re-attached to the model and ``train``)."""
+        self.attributor.use_curvature(curvature_from_state(state, tensors), train)
 
 
 FAMILIES = ("influence", "projected", "checkpoint", "representation", "lexical")
@@ -342,11 +364,20 @@ def make_method(name: str, model, tokenizer, config: AttributionConfig | None = 
     wrong type or out of range, or a required option missing (``tracin``'s ``checkpoints``), naming the
     method, the option, the value and what is allowed.
     """
+    config, constructor = method_settings(name, config, options)
+    return METHODS[name].build(name, model, tokenizer, config, **constructor)
+
+
+def method_settings(
+    name: str, config: AttributionConfig | None = None, options: Mapping[str, Any] | None = None
+) -> tuple[AttributionConfig, dict[str, Any]]:
+    """``(config, constructor options)`` of method ``name``: ``options`` validated, the method's fixed
+    settings and its setting options applied to ``config``, the other options left for its constructor
+    (an influence method's: its strategy's). Raises as :func:`make_method`, before any model work."""
     spec = method_spec(name)
-    checked = spec.check(options)
+    checked = spec.check(options or {})
     settings = {key: checked.pop(key) for key in list(checked) if key in SETTING_NAMES}
-    config = replace(config or AttributionConfig(), **{**spec.settings, **settings})
-    return spec.build(name, model, tokenizer, config, **checked)
+    return replace(config or AttributionConfig(), **{**spec.settings, **settings}), checked
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:

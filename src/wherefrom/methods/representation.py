@@ -22,7 +22,7 @@ same ``max_length`` / ``chat_template`` rules), batched right-padded; PEFT model
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +145,23 @@ class RepSim:
         train = check_records(train, "training rows")
         ids, reps = self.representations(train)
         self._cache = ((self.layer, self.pooling, records_key(train)), ids, F.normalize(reps, dim=-1))
+
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The cached normalised train representations ``(n, hidden)`` float32, with their ids, layer and pooling."""
+        if self._cache is None:
+            raise RuntimeError("repsim is not fitted: call fit(train) first")
+        (layer, pooling, _key), ids, reps = self._cache
+        return {"representations": reps}, {"ids": list(ids), "layer": layer, "pooling": pooling}
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any], train: Sequence[Record]) -> None:
+        """Adopt saved representations of ``train``; ``ValueError`` when their layer, pooling or ids differ."""
+        if (state["layer"], state["pooling"]) != (self.layer, self.pooling):
+            raise ValueError(
+                f"repsim: saved layer/pooling {state['layer']}/{state['pooling']} differ from {self.layer}/{self.pooling}"
+            )
+        if state["ids"] != [r.id for r in train]:
+            raise ValueError("repsim: the saved representations are of other training rows")
+        self._cache = ((self.layer, self.pooling, records_key(train)), list(state["ids"]), tensors["representations"])
 
     def _train_representations(self, train: Sequence[Record]) -> tuple[list[str], torch.Tensor]:
         key = (self.layer, self.pooling, records_key(train))

@@ -29,7 +29,6 @@ import gc
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +186,8 @@ def tracin_scores(
 
 
 class TracIn:
-    """TracInCP as a method with the two-phase contract: ``fit(train)`` (nothing to fit) and ``scores``.
+    """TracInCP as a method with the two-phase contract: ``fit(train)`` resolves the checkpoints and their
+    learning rates (the fitted state), ``scores`` sums their gradient products.
 
     Arguments as in :func:`tracin_scores`; e.g.
     ``TracIn(base_dir, finetune_checkpoints(run_dir), tokenizer).scores(queries, train)``.
@@ -206,11 +206,54 @@ class TracIn:
         """``options``: the keyword arguments of :func:`tracin_scores` (``learning_rates``, ``device``, ...)."""
         if not checkpoints:
             raise ValueError("TracIn needs at least one checkpoint")
-        self._scores = partial(tracin_scores, base, list(checkpoints), tokenizer, config=config, **options)
+        self.base, self.checkpoints, self.tokenizer, self.config = base, list(checkpoints), tokenizer, config
+        self.options = dict(options)
+        self.fitted = False
 
     def fit(self, train: Sequence[Record]) -> None:
-        """Nothing to precompute (the checkpoints are the fit)."""
+        """Resolve the checkpoint folders to absolute paths and fix each checkpoint's learning rate
+        (given, or read from its ``trainer_state.json``): nothing else to precompute."""
+        given = self.options.get("learning_rates")
+        if given is not None and len(given) != len(self.checkpoints):
+            raise ValueError(f"got {len(given)} learning rates for {len(self.checkpoints)} checkpoints")
+        rates = []
+        for k, checkpoint in enumerate(self.checkpoints):
+            if isinstance(checkpoint, tuple):
+                rates.append(float(checkpoint[1] if given is None else given[k]))
+            else:
+                self.checkpoints[k] = Path(checkpoint).resolve()
+                rates.append(_learning_rate(self.checkpoints[k]) if given is None else float(given[k]))
+        if isinstance(self.base, str | Path):
+            self.base = str(Path(self.base).resolve())
+        self.options["learning_rates"], self.fitted = rates, True
+
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The checkpoint folders (absolute paths), their learning rates and the base model folder (``None``
+        when the base is a loader, e.g. the registry's copy of the given model: the loader of the method
+        made again is kept).
+
+        Raises ``RuntimeError`` before :meth:`fit` and ``ValueError`` for in-memory checkpoints (only
+        folders can be found again)."""
+        if not self.fitted:
+            raise RuntimeError("tracin is not fitted: call fit(train) first")
+        if any(isinstance(c, tuple) for c in self.checkpoints):
+            raise ValueError("tracin: in-memory (model, lr) checkpoints cannot be saved; give checkpoint folders")
+        state = {"checkpoints": [str(c) for c in self.checkpoints], "learning_rates": self.options["learning_rates"]}
+        return {}, {**state, "base": None if callable(self.base) else self.base}
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any], train: Sequence[Record]) -> None:
+        """Adopt saved checkpoint folders and learning rates; :class:`~wherefrom.models.loading.ModelLoadError`
+        naming a checkpoint folder that is gone."""
+        missing = [c for c in state["checkpoints"] if not Path(c).is_dir()]
+        if missing:
+            raise ModelLoadError(f"tracin checkpoint folder(s) {missing} are gone (moved or deleted); refit")
+        self.checkpoints = [Path(c) for c in state["checkpoints"]]
+        self.options["learning_rates"], self.fitted = list(state["learning_rates"]), True
+        if state["base"] is not None:
+            self.base = state["base"]
 
     def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
         """``(n_query, n_train)`` TracInCP scores with ids; positive = proponent."""
-        return self._scores(queries, train)
+        return tracin_scores(
+            self.base, self.checkpoints, self.tokenizer, queries, train, config=self.config, **self.options
+        )

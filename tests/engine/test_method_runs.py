@@ -1,0 +1,102 @@
+"""Every method of the registry in a run directory: fit once, reopen (a fresh Run object, from another
+working directory), scores equal to the in-memory method's; a moved training file is refused by name."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.engine.robust_workspace import make_workspace
+from wherefrom.core.data import load_records
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.engine.run import Run, RunConfig, RunMismatch
+from wherefrom.methods.registry import METHODS, make_method, method_settings
+from wherefrom.models.loading import load_model
+from wherefrom.models.tiny import save_tiny
+
+ATTRIBUTION = AttributionConfig(include=[r"layers\.1\.mlp\.down_proj"], batch_size=4, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = make_workspace(tmp_path_factory.mktemp("methods"), n_train=6)
+    for k in (1, 2):  # two full-model "checkpoints" for tracin
+        save_tiny(root / f"checkpoint-{k}", arch="llama", seed=k)
+    return root
+
+
+def options_of(name: str, root) -> dict:
+    """Small, valid options of each method (tracin: two checkpoint folders with given learning rates)."""
+    return {
+        "tracin": {"checkpoints": [str(root / "checkpoint-1"), str(root / "checkpoint-2")], "learning_rates": [0.5, 2]},
+        "trak": {"dim": 8},
+        "logra": {"dim_in": 4, "dim_out": 4},
+        "arnoldi": {"rank": 2, "iterations": 20},
+    }.get(name, {})
+
+
+def in_memory_scores(name: str, root, options: dict):
+    loaded = load_model(root / "model", device="cpu")
+    train, queries = load_records(root / "train.jsonl"), load_records(root / "queries.jsonl")
+    method = make_method(name, loaded.model, loaded.tokenizer, ATTRIBUTION, **options)
+    method.fit(train)
+    return method.scores(queries, train)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_run_reopens_with_equal_scores(workspace, tmp_path, monkeypatch, name):
+    options = options_of(name, workspace)
+    monkeypatch.chdir(workspace)  # paths given relative to the working directory, as typed
+    config = RunConfig.for_method(name, "train.jsonl", ATTRIBUTION, options, model="model", device="cpu")
+    run = Run.create(tmp_path / "run", config)
+    assert run.config.train == str((workspace / "train.jsonl").resolve())  # recorded resolved
+    assert run.fit() is True
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a fresh Run object, opened from another working directory
+    reopened = Run.open(tmp_path / "run", device="cpu")
+    queries = load_records(workspace / "queries.jsonl")
+    saved = reopened.scores(queries)
+    expected = in_memory_scores(name, workspace, options)
+    assert saved.train_ids == expected.train_ids and saved.query_ids == expected.query_ids
+    assert torch.equal(saved.per_module, expected.per_module), name
+    assert (tmp_path / "run" / ("method" if reopened.method is not None else "factors")).is_dir()
+    # a second fit reuses the saved state
+    assert Run.create(tmp_path / "run", run.config).fit() is False
+
+
+@pytest.mark.parametrize("name", ["bm25", "ekfac"])
+def test_moved_training_file_is_refused_by_name(workspace, tmp_path, name):
+    root = tmp_path / "copy"
+    shutil.copytree(workspace, root, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = RunConfig.for_method(name, str(root / "train.jsonl"), ATTRIBUTION, {}, model=str(root / "model"))
+    Run.create(tmp_path / "run", replace(config, device="cpu")).fit()
+    moved = root / "moved.jsonl"
+    (root / "train.jsonl").rename(moved)
+    with pytest.raises(RunMismatch, match=r"training file .*train\.jsonl .* is gone"):
+        Run.open(tmp_path / "run", device="cpu")
+    # found again when its new place is given and its rows have the recorded fingerprint
+    assert Run.open(tmp_path / "run", device="cpu", train=moved).config.train == str(moved.resolve())
+    (root / "model").rename(root / "model-moved")
+    with pytest.raises(RunMismatch, match=r"model folder .*model recorded in .* is gone"):
+        Run.open(tmp_path / "run", device="cpu", train=moved)
+    (root / "model-moved").rename(root / "model")
+    other = root / "other.jsonl"
+    other.write_text(moved.read_text().replace('"ij:"', '"ab:"'))
+    with pytest.raises(RunMismatch, match="training data"):
+        Run.open(tmp_path / "run", device="cpu", train=other)
+
+
+def test_method_run_refuses_index_and_bad_option(workspace, tmp_path):
+    config = RunConfig.for_method("trak", str(workspace / "train.jsonl"), ATTRIBUTION, {"dim": 8}, device="cpu")
+    run = Run.create(tmp_path / "run", replace(config, model=str(workspace / "model")))
+    with pytest.raises(ValueError, match="method 'trak' has no per-row gradient index"):
+        run.build_index()
+    with pytest.raises(RuntimeError, match="no fitted trak"):
+        run.scores(load_records(workspace / "queries.jsonl"))
+    with pytest.raises(ValueError, match="dims"):
+        method_settings("trak", ATTRIBUTION, {"dims": 8})
