@@ -28,16 +28,21 @@ DIAGNOSE_METHODS = ("ekfac", "kfac", "diagonal", "datainf", "cg", "lissa", "arno
 
 
 @command(uses=(*ATTRIBUTION, "threads"))
-def attribute(method, train, queries, out, model, adapter, option, top_k, prefilter, device, **settings) -> None:
+def attribute(
+    method, train, queries, out, model, adapter, option, top_k, prefilter, overwrite, device, **settings
+) -> None:
     """Any method end to end (fit, then score queries against the training rows).
 
-    --out receives scores.safetensors, scores.json and config.json."""
+    --out receives scores.safetensors, scores.json and config.json (earlier scores there are kept
+    unless --overwrite)."""
     from wherefrom.core.scoring import save_scores
-    from wherefrom.core.store import atomic_write_json
+    from wherefrom.core.store import atomic_write_json, refuse_overwrite
     from wherefrom.methods.registry import make_method, method_spec
 
     out = required(out, "out")
     try:
+        if not overwrite:
+            refuse_overwrite([out / "scores.safetensors", out / "scores.json"])
         options = method_spec(method).check(merged_options(option, method))
         config = settings_as(AttributionConfig)
         loaded = load_model(model, adapter, device=device)

@@ -13,7 +13,7 @@ from rich.table import Table
 from wherefrom.cli.app import command, console, fail, merged_options, progress, remember, settings_as
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, load_records
-from wherefrom.core.store import StoreError, strict_json, writer_lock
+from wherefrom.core.store import StoreError, refuse_overwrite, strict_json, writer_lock
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch
 from wherefrom.models.loading import ModelLoadError
@@ -58,9 +58,12 @@ def index(run, shard_size, dtype, device, threads) -> None:
 
 
 @command
-def scores(run, queries, name, top_k, device, threads) -> None:
-    """Pairwise influence of every training row on every query row; saved under RUN/scores/."""
+def scores(run, queries, name, top_k, overwrite, device, threads) -> None:
+    """Pairwise influence of every training row on every query row; saved under RUN/scores/ (an earlier
+    set of the same --name is kept unless --overwrite)."""
     try:
+        if not overwrite:
+            refuse_overwrite([run / "scores" / f"{name}.safetensors", run / "scores" / f"{name}.json"])
         opened = Run.open(run, progress=progress, device=device)
         with writer_lock(run):  # a writer of RUN/scores: refuse before the work while another writer runs
             result = opened.scores(load_records(queries))

@@ -189,6 +189,19 @@ class SettingsMismatch(StoreError):
     """A job folder was started with other settings than the current run's."""
 
 
+class OutputExists(StoreError):
+    """A job would replace the finished results of an earlier job; the message names them and how to allow it."""
+
+
+def refuse_overwrite(paths: Collection[Path], allow: str = "--overwrite") -> None:
+    """Raise :class:`OutputExists` naming the existing ones among ``paths`` (earlier results a job is about to
+    replace), saying that ``allow`` (the caller's way to permit it, e.g. ``--overwrite``) replaces them.
+    Call it before any long work, so nothing is computed only to be refused."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing:
+        raise OutputExists(f"earlier results would be overwritten: {', '.join(existing)}; pass {allow} to replace them")
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
