@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -75,3 +76,51 @@ def test_finetune_refuses_to_replace_another_run_unless_overwrite(workspace):
     assert same.exit_code == 0 and "reused" in same.output
     replaced = invoke(*common, "--epochs", "2", "--overwrite")
     assert replaced.exit_code == 0 and "trained" in replaced.output
+
+
+def test_scores_and_attribute_print_results_with_labels_on_stdout(workspace):
+    out = workspace / "printed-attribute"
+    result = invoke(*attribute_args(workspace, out, "--top-k", "2"))
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("test-000") for line in lines)
+    assert "[" in lines[0] and "] (+" in lines[0]  # each proponent with its label and score
+    assert "scores ->" in result.stderr and "scores ->" not in result.stdout
+
+
+def test_attribute_saves_the_strategy_the_method_ran_with(workspace):
+    for method, strategy in (("gradsim", "identity"), ("bm25", None)):
+        out = workspace / f"saved-{method}"
+        result = invoke(*attribute_args(workspace, out)[:2], method, *attribute_args(workspace, out)[3:])
+        assert result.exit_code == 0, result.output
+        saved = json.loads((out / "config.json").read_text())["attribution"]
+        assert saved.get("strategy") == strategy and saved["max_length"] == 128
+
+
+def test_query_tables_at_80_columns_name_lowest_scores_and_keep_module_names_whole(workspace):
+    from wherefrom.cli.run import short_names, table_title
+
+    names = [f"base_model.model.model.layers.{i}.self_attn.{p}.lora_A.default" for i in (0, 12) for p in "qv"]
+    assert short_names(names)[names[1]] == "0.self_attn.v" and short_names(names[:1]) == {names[0]: names[0]}
+    report = {"strategy": "ekfac", "sign": "s", "opponents": [{"score": -1.0}, {"score": 2.0}]}
+    assert table_title(report, "opponents").startswith("lowest scores (1 of 2 >= 0")
+    report["opponents"] = [{"score": -1.0}]
+    assert table_title(report, "opponents") == "opponents (ekfac; s)"
+    run = workspace / "overwrite-run"
+    if not run.exists():
+        test_scores_refuses_to_replace_a_score_set_unless_overwrite(workspace)
+    result = runner.invoke(
+        app, ["query", "Determine the rule: a b -> b a\nRule:", " reverse", "--run", str(run)], env={"COLUMNS": "80"}
+    )
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert "1.attn.c_attn" in result.stdout and "transformer.h" not in result.stdout
+    wide = runner.invoke(
+        app, ["query", "Determine the rule: a b -> b a\nRule:", " reverse", "--run", str(run)], env={"COLUMNS": "250"}
+    )
+    assert re.search(r"Rule: -> +[a-z]", wide.stdout)  # each row's prompt, then its completion
+
+
+def test_help_reflows_each_paragraph_to_the_terminal(workspace):
+    result = runner.invoke(app, ["diagnose", "--help"], env={"COLUMNS": "200"})
+    assert "the exact GGN is formed. --damping is one absolute damping" in result.stdout

@@ -16,6 +16,7 @@ from wherefrom.cli.app import (
     required,
     settings_as,
 )
+from wherefrom.cli.run import print_tops
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.commandline import portable
 from wherefrom.core.data import DataError, load_records
@@ -66,15 +67,26 @@ def attribute(
             "queries": str(queries),
             "model": model,
             "adapter": adapter,
-            "attribution": config.to_dict(),
+            "attribution": used_settings(method, config, options),
         },
         out / "config.json",
     )
     remember(out)
     path = save_scores(result, out, "scores")
-    for q, query_id in enumerate(result.query_ids):
-        console.print(f"[bold]{query_id}[/]: " + ", ".join(f"{i} ({s:+.3g})" for i, s in result.top(q, top_k)))
+    print_tops(result, top_k, {row.id: row.label for row in train_rows})
     console.print(f"{method}: {tuple(result.total.shape)} scores -> {path}")
+
+
+def used_settings(method: str, config: AttributionConfig, options: dict) -> dict:
+    """The attribution settings ``method`` ran with, as saved in ``config.json``: the method's own
+    (gradsim's ``identity`` strategy, datainf's empirical Fisher) over the command's, and no curvature
+    strategy for a method that preconditions with none of them (bm25, repsim, tracin, trak, logra)."""
+    from wherefrom.methods.registry import method_config, method_spec
+
+    used = method_config(method, config, **options)[0].to_dict()
+    if "strategy" not in method_spec(method).settings:
+        del used["strategy"], used["strategy_options"]
+    return used
 
 
 @command(uses=(*ATTRIBUTION, "threads"))

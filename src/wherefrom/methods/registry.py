@@ -47,6 +47,7 @@ __all__ = [
     "check_methods",
     "in_family",
     "make_method",
+    "method_config",
     "method_spec",
 ]
 
@@ -342,11 +343,18 @@ def make_method(name: str, model, tokenizer, config: AttributionConfig | None = 
     wrong type or out of range, or a required option missing (``tracin``'s ``checkpoints``), naming the
     method, the option, the value and what is allowed.
     """
+    config, checked = method_config(name, config, **options)
+    return method_spec(name).build(name, model, tokenizer, config, **checked)
+
+
+def method_config(name: str, config: AttributionConfig | None = None, **options: Any) -> tuple[AttributionConfig, dict]:
+    """The :class:`~wherefrom.engine.api.AttributionConfig` the method ``name`` runs with (``config`` with
+    the settings the method fixes, then its setting ``options``), and its other options, validated; the
+    errors of :func:`make_method`, raised before any model work."""
     spec = method_spec(name)
     checked = spec.check(options)
     settings = {key: checked.pop(key) for key in list(checked) if key in SETTING_NAMES}
-    config = replace(config or AttributionConfig(), **{**spec.settings, **settings})
-    return spec.build(name, model, tokenizer, config, **checked)
+    return replace(config or AttributionConfig(), **{**spec.settings, **settings}), checked
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
