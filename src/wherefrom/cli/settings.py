@@ -241,7 +241,8 @@ class DataSettings:
 
     train: Path = setting(
         REQUIRED,
-        "Training rows: JSONL, CSV or Parquet with prompt, completion[, id, label].",
+        "Training rows: JSONL, JSON array, CSV, Parquet or a datasets save_to_disk folder, with prompt, completion "
+        "(or chat messages: user, assistant)[, id, label].",
         check=existing_path,
     )
     queries: Path = setting(REQUIRED, "Query rows (same formats as training rows).", check=existing_path)
