@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 
+import pytest
 from typer.testing import CliRunner
 
 from wherefrom.cli import app
@@ -124,3 +126,42 @@ def test_query_tables_at_80_columns_name_lowest_scores_and_keep_module_names_who
 def test_help_reflows_each_paragraph_to_the_terminal(workspace):
     result = runner.invoke(app, ["diagnose", "--help"], env={"COLUMNS": "200"})
     assert "the exact GGN is formed. --damping is one absolute damping" in result.stdout
+
+
+def test_scores_travel_with_labels_as_a_table_and_a_top_k_csv(workspace):
+    from wherefrom.core.data import load_records
+    from wherefrom.core.scoring import TOP_COLUMNS, ScoreTable, load_score_table, load_scores
+
+    out = workspace / "table-attribute"
+    assert invoke(*attribute_args(workspace, out, "--top-k", "4")).exit_code == 0
+    labels = {row.id: row.label for row in load_records(workspace / "train.jsonl")}
+    table = load_score_table(out, as_frame=False)
+    assert isinstance(table, ScoreTable) and table.labels == [labels[i] for i in table.train_ids]
+    scores = load_scores(out, "scores")
+    assert table.query_ids == scores.query_ids and table.total.equal(scores.total)
+    with (out / "scores.top.csv").open() as handle:
+        rows = list(csv.reader(handle))
+    assert tuple(rows[0]) == TOP_COLUMNS and len(rows) == 1 + 3 * 2 * 4
+    first = rows[1]
+    assert first[:3] == ["test-0000", "proponent", "1"] and first[4] == labels[first[3]]
+    assert float(first[5]) == pytest.approx(scores.top(0, 1)[0][1], rel=1e-6)
+    assert {row[1] for row in rows[1:]} <= {"proponent", "opponent", "lowest"}
+    run = workspace / "overwrite-run"
+    if not run.exists():
+        test_scores_refuses_to_replace_a_score_set_unless_overwrite(workspace)
+    in_run = load_score_table(run / "scores", as_frame=False)
+    assert in_run.labels == [labels[i] for i in in_run.train_ids] and (run / "scores" / "scores.top.csv").is_file()
+    with pytest.raises(FileNotFoundError, match=r"nope\.safetensors"):
+        load_score_table(out, "nope")
+
+
+def test_score_table_as_a_pandas_frame(workspace):
+    pytest.importorskip("pandas", reason="pandas is not installed (optional)")
+    from wherefrom.core.scoring import load_score_table
+
+    out = workspace / "table-attribute"
+    if not out.exists():
+        assert invoke(*attribute_args(workspace, out)).exit_code == 0
+    frame = load_score_table(out)
+    assert frame.index.name == "train_id" and list(frame.columns[1:]) == ["test-0000", "test-0001", "test-0002"]
+    assert frame["label"].notna().all()

@@ -34,7 +34,7 @@ def attribute(
 ) -> None:
     """Any method end to end (fit, then score queries against the training rows).
 
-    --out receives scores.safetensors, scores.json and config.json (earlier scores there are kept
+    --out receives scores.safetensors, scores.json, scores.top.csv and config.json (earlier scores there are kept
     unless --overwrite)."""
     from wherefrom.core.scoring import save_scores
     from wherefrom.core.store import atomic_write_json, refuse_overwrite
@@ -72,8 +72,9 @@ def attribute(
         out / "config.json",
     )
     remember(out)
-    path = save_scores(result, out, "scores")
-    print_tops(result, top_k, {row.id: row.label for row in train_rows})
+    labels = {row.id: row.label for row in train_rows}
+    path = save_scores(result, out, "scores", labels, top_k)
+    print_tops(result, top_k, labels)
     console.print(f"{method}: {tuple(result.total.shape)} scores -> {path}")
 
 
