@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "IGNORE_INDEX",
+    "Batches",
     "EncodedExample",
     "TokenBoundaryWarning",
     "collate",
@@ -376,20 +377,44 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return 0
 
 
+class Batches(Iterator):
+    """An iterator over batches that knows how many it yields in all (``len``), so that a progress bar
+    over it shows a total and an ETA; it is consumed as it is iterated, like a generator."""
+
+    def __init__(self, items: Iterator, total: int) -> None:
+        self.items, self.total = items, total
+
+    def __next__(self) -> Any:
+        return next(self.items)
+
+    def __len__(self) -> int:
+        return self.total
+
+    def without_ids(self) -> Batches:
+        """The batches alone, of ``(ids, batch)`` pairs (what a curvature's fit iterates), still sized."""
+        return Batches((batch for _, batch in self.items), self.total)
+
+
 def iterate_batches(
     examples: Sequence[EncodedExample],
     batch_size: int,
     pad_token_id: int,
     device: torch.device | str = "cpu",
-) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
-    """Yield ``(ids, batch)`` over consecutive chunks of ``examples``, preserving order.
+) -> Batches:
+    """Yield ``(ids, batch)`` over consecutive chunks of ``examples``, preserving order; ``len`` of the
+    result is the number of batches, ``ceil(len(examples) / batch_size)``.
 
     Each ``batch`` is :func:`collate` of up to ``batch_size`` examples (the last may be smaller),
-    moved to ``device``; ``ids`` are the example ids in row order.
+    moved to ``device``; ``ids`` are the example ids in row order. Raises ``ValueError`` for a
+    ``batch_size`` below 1.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = collate(chunk, pad_token_id)
-        yield [example.id for example in chunk], {key: value.to(device) for key, value in batch.items()}
+
+    def chunks() -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = collate(chunk, pad_token_id)
+            yield [example.id for example in chunk], {key: value.to(device) for key, value in batch.items()}
+
+    return Batches(chunks(), -(-len(examples) // batch_size))

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from wherefrom.core.data import Record, check_ids, check_records
-from wherefrom.core.encoding import EncodedExample, encode_records, iterate_batches, pad_id
+from wherefrom.core.encoding import Batches, EncodedExample, encode_records, iterate_batches, pad_id
 from wherefrom.core.gradients import Batch, LossFn, TokenFactors, token_factors
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import (
@@ -196,8 +196,9 @@ class Attributor:
         """``records`` encoded for this model (:meth:`encode`); already-encoded examples pass as they are."""
         return list(records) if records and isinstance(records[0], EncodedExample) else self.encode(records)  # type: ignore[arg-type]
 
-    def batches(self, records: Sequence[Record] | Sequence[EncodedExample]) -> Iterator[tuple[list[str], Batch]]:
-        """``(ids, batch)`` in order; accepts records or already-encoded examples."""
+    def batches(self, records: Sequence[Record] | Sequence[EncodedExample]) -> Batches:
+        """``(ids, batch)`` in order (a sized iterator: ``len`` is the number of batches); accepts records or
+        already-encoded examples."""
         encoded = self.encoded(records)
         return iterate_batches(encoded, self.config.batch_size, pad_id(self.tokenizer), self.device)
 
@@ -250,7 +251,7 @@ class Attributor:
         encoded = self.encoded(checked_rows(train, "training rows"))
 
         def batches() -> Iterable[Batch]:
-            return (batch for _, batch in self.batches(encoded))
+            return self.batches(encoded).without_ids()
 
         self.curvature = curvature or self.new_curvature()
         if self.curvature.own_ggn and self.config.reduction != "sum":
@@ -271,9 +272,7 @@ class Attributor:
         curvature.check_modules(self.modules)
         if curvature.needs_operator and train is not None:
             encoded = self.encode(checked_rows(train, "training rows"))
-            curvature.attach(
-                self.model, self.modules, lambda: (batch for _, batch in self.batches(encoded)), self.progress
-            )  # type: ignore[attr-defined]
+            curvature.attach(self.model, self.modules, lambda: self.batches(encoded).without_ids(), self.progress)  # type: ignore[attr-defined]
         self.curvature = curvature.to(self.device)
 
     # --- gradients -----------------------------------------------------------------------------
