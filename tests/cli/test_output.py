@@ -37,7 +37,7 @@ def attribute_args(root, out, *extra):
     ]
 
 
-def test_scores_refuses_to_replace_a_score_set_unless_overwrite(workspace):
+def test_scores_refuses_to_replace_a_score_set_of_other_queries_unless_overwrite(workspace):
     run = workspace / "overwrite-run"
     fitted = invoke(
         "fit", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--run", run, "--max-length", "128"
@@ -46,21 +46,26 @@ def test_scores_refuses_to_replace_a_score_set_unless_overwrite(workspace):
     first = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl")
     assert first.exit_code == 0, first.output
     saved = run / "scores" / "scores.safetensors"
+    same = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl")
+    assert same.exit_code == 0 and "replaced the earlier scores of the same query rows" in same.stderr
+    (workspace / "two.jsonl").write_text("\n".join((workspace / "queries.jsonl").read_text().splitlines()[:2]) + "\n")
     before = saved.stat().st_mtime_ns
-    again = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl")
-    assert again.exit_code == 2 and "--overwrite" in again.output and str(saved) in again.output
-    assert saved.stat().st_mtime_ns == before
-    replaced = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl", "--overwrite")
+    other = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl")
+    assert other.exit_code == 2 and "--overwrite" in other.output and str(saved) in other.output
+    assert "query_ids: recorded" in other.output and saved.stat().st_mtime_ns == before
+    replaced = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl", "--overwrite")
     assert replaced.exit_code == 0, replaced.output
 
 
-def test_attribute_refuses_to_replace_scores_unless_overwrite_and_replay_recomputes(workspace):
+def test_attribute_refuses_to_replace_scores_of_other_settings_unless_overwrite(workspace):
     out = workspace / "overwrite-attribute"
     first = invoke(*attribute_args(workspace, out))
     assert first.exit_code == 0, first.output
-    again = invoke(*attribute_args(workspace, out))
-    assert again.exit_code == 2 and "--overwrite" in again.output and "scores.safetensors" in again.output
-    assert invoke(*attribute_args(workspace, out, "--overwrite")).exit_code == 0
+    assert invoke(*attribute_args(workspace, out)).exit_code == 0  # the same settings: recomputed
+    other = invoke(*attribute_args(workspace, out, "--damping", "0.5"))
+    assert other.exit_code == 2 and "--overwrite" in other.output and "scores.safetensors" in other.output
+    assert "attribution.damping: recorded None, now 0.5" in other.output
+    assert invoke(*attribute_args(workspace, out, "--damping", "0.5", "--overwrite")).exit_code == 0
     replayed = invoke("replay", out)
     assert replayed.exit_code == 0, replayed.output
 
@@ -110,7 +115,7 @@ def test_query_tables_at_80_columns_name_lowest_scores_and_keep_module_names_who
     assert table_title(report, "opponents") == "opponents (ekfac; s)"
     run = workspace / "overwrite-run"
     if not run.exists():
-        test_scores_refuses_to_replace_a_score_set_unless_overwrite(workspace)
+        test_scores_refuses_to_replace_a_score_set_of_other_queries_unless_overwrite(workspace)
     result = runner.invoke(
         app, ["query", "Determine the rule: a b -> b a\nRule:", " reverse", "--run", str(run)], env={"COLUMNS": "80"}
     )
@@ -125,7 +130,7 @@ def test_query_tables_at_80_columns_name_lowest_scores_and_keep_module_names_who
 
 def test_help_reflows_each_paragraph_to_the_terminal(workspace):
     result = runner.invoke(app, ["diagnose", "--help"], env={"COLUMNS": "200"})
-    assert "the exact GGN is formed. --damping is one absolute damping" in result.stdout
+    assert "the exact GGN is formed. Every method and the exact reference use one absolute damping" in result.stdout
 
 
 def test_scores_travel_with_labels_as_a_table_and_a_top_k_csv(workspace):
@@ -148,7 +153,7 @@ def test_scores_travel_with_labels_as_a_table_and_a_top_k_csv(workspace):
     assert {row[1] for row in rows[1:]} <= {"proponent", "opponent", "lowest"}
     run = workspace / "overwrite-run"
     if not run.exists():
-        test_scores_refuses_to_replace_a_score_set_unless_overwrite(workspace)
+        test_scores_refuses_to_replace_a_score_set_of_other_queries_unless_overwrite(workspace)
     in_run = load_score_table(run / "scores", as_frame=False)
     assert in_run.labels == [labels[i] for i in in_run.train_ids] and (run / "scores" / "scores.top.csv").is_file()
     with pytest.raises(FileNotFoundError, match=r"nope\.safetensors"):

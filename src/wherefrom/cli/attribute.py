@@ -11,6 +11,7 @@ from wherefrom.cli.app import (
     fail,
     merged_options,
     method_list,
+    progress,
     recorded_line,
     remember,
     required,
@@ -34,18 +35,28 @@ def attribute(
 ) -> None:
     """Any method end to end (fit, then score queries against the training rows).
 
-    --out receives scores.safetensors, scores.json, scores.top.csv and config.json (earlier scores there are kept
-    unless --overwrite)."""
+    --out receives scores.safetensors, scores.json, scores.top.csv and config.json (earlier scores there
+    made with other settings are kept unless --overwrite; with the same ones they are recomputed)."""
     from wherefrom.core.scoring import save_scores
-    from wherefrom.core.store import atomic_write_json, refuse_overwrite
+    from wherefrom.core.store import atomic_write_json, check_replacement
     from wherefrom.methods.registry import make_method, method_spec
 
     out = required(out, "out")
     try:
-        if not overwrite:
-            refuse_overwrite([out / "scores.safetensors", out / "scores.json"])
         options = method_spec(method).check(merged_options(option, method))
         config = settings_as(AttributionConfig)
+        record = {
+            "method": method,
+            "options": options,
+            "prefilter": prefilter,
+            "train": str(train),
+            "queries": str(queries),
+            "model": model,
+            "adapter": adapter,
+            "attribution": used_settings(method, config, options),
+        }
+        if not overwrite:
+            check_replacement([out / "scores.safetensors", out / "scores.json"], out / "config.json", record)
         loaded = load_model(model, adapter, device=device)
         train_rows, query_rows = load_records(train), load_records(queries)
         chosen = make_method(method, loaded.model, loaded.tokenizer, config, **options)
@@ -58,19 +69,7 @@ def attribute(
             result = chosen.scores(query_rows, train_rows)
     except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError, KeyError) as error:
         fail(error)
-    atomic_write_json(
-        {
-            "method": method,
-            "options": options,
-            "prefilter": prefilter,
-            "train": str(train),
-            "queries": str(queries),
-            "model": model,
-            "adapter": adapter,
-            "attribution": used_settings(method, config, options),
-        },
-        out / "config.json",
-    )
+    atomic_write_json(record, out / "config.json")
     remember(out)
     labels = {row.id: row.label for row in train_rows}
     path = save_scores(result, out, "scores", labels, top_k)
@@ -94,8 +93,9 @@ def used_settings(method: str, config: AttributionConfig, options: dict) -> dict
 def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks, device, **settings) -> None:
     """Each method against exact influence: iHVP relative error, rank correlation, time, memory.
 
-    Keep the training rows and the tracked modules few: the exact GGN is formed. --damping is one
-    absolute damping for every method and the exact reference. --methods defaults to
+    Keep the training rows and the tracked modules few (--include): the exact GGN is formed. Every
+    method and the exact reference use one absolute damping: --damping, else --damping-factor x the
+    mean eigenvalue of the exact GGN. --methods defaults to
     ekfac,kfac,diagonal,datainf,cg,lissa,arnoldi,gradsim. --out receives diagnose.json, diagnose.md
     and config.json."""
     from wherefrom.studies.diagnose import diagnose as run_diagnosis
@@ -119,6 +119,7 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
             config,
             {n: options_for(options, n) for n in names},
             exact_blocks,
+            progress,
         )
     except (DataError, ModelLoadError, ValueError, RuntimeError) as error:
         fail(error)

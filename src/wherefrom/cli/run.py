@@ -16,7 +16,7 @@ from wherefrom.cli.app import command, console, fail, merged_options, progress, 
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, load_records
 from wherefrom.core.scoring import Scores
-from wherefrom.core.store import StoreError, refuse_overwrite, strict_json, writer_lock
+from wherefrom.core.store import StoreError, check_replacement, strict_json, writer_lock
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch
 from wherefrom.models.loading import ModelLoadError
@@ -63,16 +63,20 @@ def index(run, shard_size, dtype, device, threads) -> None:
 @command
 def scores(run, queries, name, top_k, overwrite, device, threads) -> None:
     """Pairwise influence of every training row on every query row; saved under RUN/scores/ (an earlier
-    set of the same --name is kept unless --overwrite)."""
+    set of the same --name made for other query rows is kept unless --overwrite; one for the same rows
+    is recomputed)."""
     try:
-        if not overwrite:
-            refuse_overwrite([run / "scores" / f"{name}.safetensors", run / "scores" / f"{name}.json"])
+        rows = load_records(queries)
+        saved = [run / "scores" / f"{name}.{suffix}" for suffix in ("safetensors", "json")]
+        replaces = not overwrite and check_replacement(saved, saved[1], {"query_ids": [r.id for r in rows]})
         opened = Run.open(run, progress=progress, device=device)
         with writer_lock(run):  # a writer of RUN/scores: refuse before the work while another writer runs
-            result = opened.scores(load_records(queries))
+            result = opened.scores(rows)
             path = opened.save_scores(result, name)
     except (DataError, FileNotFoundError, RunMismatch, RuntimeError, ValueError) as error:
         fail(error)
+    if replaces:
+        console.print(f"[yellow]note:[/] replaced the earlier scores of the same query rows in {escape(str(path))}")
     print_tops(result, top_k, {row.id: row.label for row in opened.train})
     console.print(f"{tuple(result.total.shape)} scores -> {path}")
 
