@@ -170,3 +170,27 @@ def test_score_table_as_a_pandas_frame(workspace):
     frame = load_score_table(out)
     assert frame.index.name == "train_id" and list(frame.columns[1:]) == ["test-0000", "test-0001", "test-0002"]
     assert frame["label"].notna().all()
+
+
+def test_diagnose_predicts_the_exact_reference_memory_and_stops_before_work_when_over(workspace):
+    args = ["diagnose", "--train", workspace / "train.jsonl", "--queries", workspace / "queries.jsonl"]
+    args += [
+        "--model",
+        workspace / "model",
+        "--max-length",
+        "128",
+        "--methods",
+        "gradsim",
+        "--include",
+        "h\\.1\\.attn\\.c_proj",
+    ]
+    over = runner.invoke(
+        app, [str(a) for a in [*args, "--out", workspace / "diag-over"]], env={"WHEREFROM_MEMORY_LIMIT": "1KiB"}
+    )
+    assert over.exit_code == 2 and "the exact reference would need" in over.output and "--include" in over.output
+    assert not (workspace / "diag-over").exists()
+    fits = invoke(*args, "--out", workspace / "diag")
+    assert fits.exit_code == 0, fits.output
+    assert re.search(r"exact reference \(full GGN\): [\d,]+ bytes .* predicted; memory limit", fits.stderr)
+    report = json.loads((workspace / "diag" / "diagnose.json").read_text())
+    assert report["rows"][0]["damping"] > 0

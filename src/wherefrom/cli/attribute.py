@@ -15,6 +15,7 @@ from wherefrom.cli.app import (
     recorded_line,
     remember,
     required,
+    say,
     settings_as,
 )
 from wherefrom.cli.run import print_tops
@@ -98,8 +99,9 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
     mean eigenvalue of the exact GGN. --methods defaults to
     ekfac,kfac,diagonal,datainf,cg,lissa,arnoldi,gradsim. --out receives diagnose.json, diagnose.md
     and config.json."""
+    from wherefrom.core.memory import MemoryLimitError, format_bytes, memory_limit
     from wherefrom.studies.diagnose import diagnose as run_diagnosis
-    from wherefrom.studies.diagnose import write_report
+    from wherefrom.studies.diagnose import reference_bytes, write_report
 
     out = required(out, "out")
     names = method_list(methods, DIAGNOSE_METHODS)
@@ -108,6 +110,15 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
         config = settings_as(AttributionConfig)
         loaded = load_model(model, adapter, device=device)
         train_rows, query_rows = load_records(train), load_records(queries)
+        needed = reference_bytes(loaded.model, loaded.tokenizer, train_rows, config, exact_blocks)
+        allowed, source = memory_limit(next(loaded.model.parameters()).device)
+        limit = f"{format_bytes(allowed)} ({source})" if allowed is not None else f"unknown ({source})"
+        say(f"exact reference ({exact_blocks} GGN): {format_bytes(needed)} predicted; memory limit {limit}")
+        if allowed is not None and needed > allowed:
+            raise MemoryLimitError(
+                f"diagnose: the exact reference would need {format_bytes(needed)}, over the limit of {limit}; track "
+                r"a few modules (e.g. --include 'layers\.0\.'), use --exact-blocks module, or give fewer --train rows"
+            )
         out.mkdir(parents=True, exist_ok=True)
         remember(out)
         rows, reason = run_diagnosis(
@@ -121,7 +132,7 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
             exact_blocks,
             progress,
         )
-    except (DataError, ModelLoadError, ValueError, RuntimeError) as error:
+    except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
         fail(error)
     context = {
         "command": recorded_line(),

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from wherefrom.core.data import Record
-from wherefrom.curvature.base import Curvature, Progress, no_progress
+from wherefrom.curvature.base import Curvature, DataShape, Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import InfluenceMethod, make_method
 from wherefrom.studies import toolkit
@@ -76,6 +76,20 @@ def fit_reference(
     reference = Attributor(model, tokenizer, replace(config, strategy=strategy, strategy_options=dict(options)))
     reference.fit(train)
     return reference
+
+
+def reference_bytes(
+    model, tokenizer, train: Sequence[Record], config: AttributionConfig, exact_blocks: str = "full"
+) -> int:
+    """Bytes the exact reference of :func:`diagnose` will allocate on ``train`` (what its fit checks
+    against the memory limit: the dense GGN, its inverse, one example's ``(t, V, P)`` Jacobian), predicted
+    without a model pass, so that a caller can say it, or stop, before any work."""
+    attributor = Attributor(
+        model, tokenizer, replace(config, strategy="exact", strategy_options={"blocks": exact_blocks})
+    )
+    encoded = attributor.encoded(train)
+    shape = DataShape.measure(model, lambda: attributor.batches(encoded).without_ids())
+    return int(sum(attributor.new_curvature().memory_needs(attributor.modules, shape).values()))
 
 
 def shared_damping(reference: Curvature, damping_factor: float) -> float:
