@@ -262,6 +262,11 @@ class DataSettings:
         check=at_least(1),
     )
     chat_template: bool = setting(False, "Wrap prompts in the tokenizer's chat template.")
+    query_without_eos: bool = setting(
+        False,
+        "Leave the EOS appended to each query's completion out of f (default: f = log p(completion, EOS | prompt), "
+        "'this answer, then stop').",
+    )
 
 
 @dataclass
@@ -520,7 +525,16 @@ def _settings() -> dict[str, Setting]:
 SETTINGS: dict[str, Setting] = _settings()
 """Every setting by parameter name."""
 
-ATTRIBUTION = ("damping", "damping_factor", "include", "exclude", "batch_size", "max_length", "chat_template")
+ATTRIBUTION = (
+    "damping",
+    "damping_factor",
+    "include",
+    "exclude",
+    "batch_size",
+    "max_length",
+    "chat_template",
+    "query_without_eos",
+)
 """The :class:`wherefrom.engine.api.AttributionConfig` settings of every command that runs a method on rows."""
 
 FINETUNING = ("epochs", "learning_rate", "lora_rank", "batch_size", "max_length")

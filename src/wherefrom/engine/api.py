@@ -55,6 +55,8 @@ class AttributionConfig:
     norms, so they still sum to the total. ``strategy_options``: constructor options of the strategy
     (e.g. ``{"max_iter": 300}`` for ``cg``, ``{"rank": 64}`` for ``arnoldi``); ``extra``: settings
     of methods that are not curvature strategies (e.g. ``layer``/``pooling`` for ``repsim``).
+    ``query_without_eos``: the query measurement ``f`` leaves out the EOS appended to each completion
+    (:mod:`wherefrom.core.task`); by default ``f = log p(completion, EOS | prompt)``.
     """
 
     strategy: str = "ekfac"
@@ -70,6 +72,7 @@ class AttributionConfig:
     query_rank: int | None = None
     normalize: Literal["cosine"] | None = None
     seed: int = 0
+    query_without_eos: bool = False
     strategy_options: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
@@ -143,7 +146,17 @@ class Attributor:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or AttributionConfig()
-        self.task = task or LanguageModelingTask(reduction=self.config.reduction)
+        if (
+            self.config.query_without_eos
+            and not self.config.chat_template
+            and getattr(tokenizer, "eos_token_id", None) is None
+        ):
+            raise ValueError(
+                "query_without_eos=True: this tokenizer has no eos_token_id, so no EOS is appended to leave out"
+            )
+        self.task = task or LanguageModelingTask(
+            reduction=self.config.reduction, query_without_eos=self.config.query_without_eos
+        )
         self.progress = progress
         self.modules: list[TrackedModule] = select_modules(model, self.config.include, self.config.exclude)
         self.curvature: Curvature = self.new_curvature()
