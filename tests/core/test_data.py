@@ -244,3 +244,79 @@ def test_other_shared_sets_load(name: str) -> None:
         pytest.skip(f"{path} not present")
     records = load_records(path)
     assert records and all(r.completion.strip() for r in records)
+
+
+def chat_rows() -> list[dict]:
+    return [
+        {"id": "m1", "messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": " Hello."}]},
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": " 4"}], "label": "math"},
+    ]
+
+
+def test_chat_messages_rows_become_prompt_and_completion(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "chat.jsonl", [json.dumps(row) for row in chat_rows()])
+    records = load_records(path)
+    assert records[0] == Record(id="m1", prompt="Hi?", completion=" Hello.")
+    assert records[1] == Record(id="chat:2", prompt="2+2?", completion=" 4", label="math")
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yo"},
+        ],
+        [{"role": "user", "content": "Hi"}],
+        "Hi",
+    ],
+)
+def test_other_conversations_are_refused_naming_the_roles(tmp_path: Path, messages) -> None:
+    path = write_jsonl(tmp_path / "chat.jsonl", [json.dumps({"messages": messages})])
+    with pytest.raises(DataError, match=r"chat\.jsonl, line 1: field 'messages': expected a user message then an "):
+        load_records(path)
+
+
+def save_to_disk_by_hand(folder: Path, rows: list[dict], files: int = 2) -> Path:
+    """The layout ``datasets.Dataset.save_to_disk`` writes: Arrow stream shards named in ``state.json``."""
+    import pyarrow as pa
+
+    folder.mkdir(parents=True)
+    names = []
+    for i in range(files):
+        part = pa.Table.from_pylist(rows[i::files] if files > 1 else rows)
+        name = f"data-{i:05d}-of-{files:05d}.arrow"
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, part.schema) as writer:
+            writer.write_table(part)
+        names.append({"filename": name})
+    (folder / "state.json").write_text(json.dumps({"_data_files": names, "_split": None}))
+    (folder / "dataset_info.json").write_text("{}")
+    return folder
+
+
+def test_a_datasets_save_to_disk_folder_loads_without_datasets(tmp_path: Path) -> None:
+    folder = save_to_disk_by_hand(tmp_path / "train", [*ROWS[:2], {"prompt": "p", "completion": " c", "label": None}])
+    records = load_records(folder)
+    assert [r.id for r in records] == ["a", "train:1", "b"]  # shard 0 holds rows 0 and 2, shard 1 row 1
+    assert records[2] == Record(id="b", prompt="p two", completion="c two", label="y")
+    rows = [{"label": None, **row} for row in chat_rows()]  # from_pylist takes its columns from the first row
+    chat = load_records(save_to_disk_by_hand(tmp_path / "chat", rows, files=1))
+    assert chat[1].prompt == "2+2?" and chat[1].label == "math"
+
+
+def test_folders_that_save_to_disk_did_not_write_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "dict").mkdir()
+    (tmp_path / "dict" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    with pytest.raises(DataError, match=r"DatasetDict folder with splits \['train', 'test'\]; pass one split"):
+        load_records(tmp_path / "dict")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match=r"no state\.json"):
+        load_records(tmp_path / "plain")
+
+
+def test_real_datasets_load_from_disk_folder(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is not installed (optional)")
+    dataset = datasets.Dataset.from_list(ROWS[:2]).shuffle(seed=0)  # an indices mapping: saved flattened
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    assert [r.id for r in load_records(tmp_path / "saved")] == list(dataset["id"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -190,3 +192,29 @@ def test_encoded_labels_work_with_task_loss(tok) -> None:
     loss = per_example_loss(logits, batch["labels"], "sum")
     n_completion = torch.tensor([len(r.completion) + 1 for r in RECORDS], dtype=torch.float)
     assert torch.allclose(loss, n_completion * torch.log(torch.tensor(float(vocab))))
+
+
+def word_tokenizer():
+    """Whitespace-split words (no download): ``"Emotion:fearful"`` is one unknown word, apart it is two."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate([*SPECIALS, "Emotion:", "fearful", "calm"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
+
+
+def test_a_completion_glued_to_its_prompt_is_announced():
+    from wherefrom.core.encoding import TokenBoundaryWarning
+
+    tokenizer = word_tokenizer()
+    rows = [Record("glued", "Emotion:", "fearful"), Record("apart", "Emotion:", " calm")]
+    with pytest.warns(TokenBoundaryWarning) as caught:
+        encode_records(rows, tokenizer)
+    message = str(caught[0].message)
+    assert "1 of 2 rows" in message and "1 with no space between prompt and completion" in message
+    assert "row 'glued'" in message and "['fearful', '<eos>']" not in message and "['fearful']" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TokenBoundaryWarning)
+        encode_records(rows[1:], tokenizer)  # a completion that starts a word: silent

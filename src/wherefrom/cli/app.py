@@ -183,6 +183,13 @@ def settings_as(cls: type[T], **overrides: Any) -> T:
     return cls(**taken, **overrides)
 
 
+def reflowed(docstring: str) -> str:
+    """``docstring`` with each paragraph on one line (paragraphs apart by a blank line), so that ``--help``
+    wraps it to the terminal's width instead of breaking it where the source line ended."""
+    paragraphs = inspect.cleandoc(docstring).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
 def command(function: Callable[..., None] | None = None, *, uses: Iterable[str] = (), name: str | None = None) -> Any:
     """Register a function as the command of its name (or ``name``, e.g. ``word-order``). Its parameters, and the names in ``uses``
     (received through ``**settings`` and read by :func:`settings_as`), name settings of
@@ -232,6 +239,7 @@ def command(function: Callable[..., None] | None = None, *, uses: Iterable[str] 
         for s in settings
     ]
     del run.__wrapped__
+    run.__doc__ = reflowed(function.__doc__ or "")
     run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     run.__annotations__ = {s.name: s.type for s in settings}
     COMMANDS[name] = run

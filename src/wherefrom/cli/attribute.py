@@ -11,11 +11,14 @@ from wherefrom.cli.app import (
     fail,
     merged_options,
     method_list,
+    progress,
     recorded_line,
     remember,
     required,
+    say,
     settings_as,
 )
+from wherefrom.cli.run import print_tops
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.commandline import portable
 from wherefrom.core.data import DataError, load_records
@@ -28,18 +31,33 @@ DIAGNOSE_METHODS = ("ekfac", "kfac", "diagonal", "datainf", "cg", "lissa", "arno
 
 
 @command(uses=(*ATTRIBUTION, "threads"))
-def attribute(method, train, queries, out, model, adapter, option, top_k, prefilter, device, **settings) -> None:
+def attribute(
+    method, train, queries, out, model, adapter, option, top_k, prefilter, overwrite, device, **settings
+) -> None:
     """Any method end to end (fit, then score queries against the training rows).
 
-    --out receives scores.safetensors, scores.json and config.json."""
+    --out receives scores.safetensors, scores.json, scores.top.csv and config.json (earlier scores there
+    made with other settings are kept unless --overwrite; with the same ones they are recomputed)."""
     from wherefrom.core.scoring import save_scores
-    from wherefrom.core.store import atomic_write_json
+    from wherefrom.core.store import atomic_write_json, check_replacement
     from wherefrom.methods.registry import make_method, method_spec
 
     out, method = required(out, "out"), required(method, "method")
     try:
         options = method_spec(method).check(merged_options(option, method))
         config = settings_as(AttributionConfig)
+        record = {
+            "method": method,
+            "options": options,
+            "prefilter": prefilter,
+            "train": str(train),
+            "queries": str(queries),
+            "model": model,
+            "adapter": adapter,
+            "attribution": used_settings(method, config, options),
+        }
+        if not overwrite:
+            check_replacement([out / "scores.safetensors", out / "scores.json"], out / "config.json", record)
         loaded = load_model(model, adapter, device=device)
         train_rows, query_rows = load_records(train), load_records(queries)
         chosen = make_method(method, loaded.model, loaded.tokenizer, config, **options)
@@ -52,36 +70,38 @@ def attribute(method, train, queries, out, model, adapter, option, top_k, prefil
             result = chosen.scores(query_rows, train_rows)
     except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError, KeyError) as error:
         fail(error)
-    atomic_write_json(
-        {
-            "method": method,
-            "options": options,
-            "prefilter": prefilter,
-            "train": str(train),
-            "queries": str(queries),
-            "model": model,
-            "adapter": adapter,
-            "attribution": config.to_dict(),
-        },
-        out / "config.json",
-    )
+    atomic_write_json(record, out / "config.json")
     remember(out)
-    path = save_scores(result, out, "scores")
-    for q, query_id in enumerate(result.query_ids):
-        console.print(f"[bold]{query_id}[/]: " + ", ".join(f"{i} ({s:+.3g})" for i, s in result.top(q, top_k)))
+    labels = {row.id: row.label for row in train_rows}
+    path = save_scores(result, out, "scores", labels, top_k)
+    print_tops(result, top_k, labels)
     console.print(f"{method}: {tuple(result.total.shape)} scores -> {path}")
+
+
+def used_settings(method: str, config: AttributionConfig, options: dict) -> dict:
+    """The attribution settings ``method`` ran with, as saved in ``config.json``: the method's own
+    (gradsim's ``identity`` strategy, datainf's empirical Fisher) over the command's, and no curvature
+    strategy for a method that preconditions with none of them (bm25, repsim, tracin, trak, logra)."""
+    from wherefrom.methods.registry import method_settings, method_spec
+
+    used = method_settings(method, config, options)[0].to_dict()
+    if "strategy" not in method_spec(method).settings:
+        del used["strategy"], used["strategy_options"]
+    return used
 
 
 @command(uses=(*ATTRIBUTION, "threads"))
 def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks, device, **settings) -> None:
     """Each method against exact influence: iHVP relative error, rank correlation, time, memory.
 
-    Keep the training rows and the tracked modules few: the exact GGN is formed. --damping is one
-    absolute damping for every method and the exact reference. --methods defaults to
+    Keep the training rows and the tracked modules few (--include): the exact GGN is formed. Every
+    method and the exact reference use one absolute damping: --damping, else --damping-factor x the
+    mean eigenvalue of the exact GGN. --methods defaults to
     ekfac,kfac,diagonal,datainf,cg,lissa,arnoldi,gradsim. --out receives diagnose.json, diagnose.md
     and config.json."""
+    from wherefrom.core.memory import MemoryLimitError, format_bytes, memory_limit
     from wherefrom.studies.diagnose import diagnose as run_diagnosis
-    from wherefrom.studies.diagnose import write_report
+    from wherefrom.studies.diagnose import reference_bytes, write_report
 
     out = required(out, "out")
     names = method_list(methods, DIAGNOSE_METHODS)
@@ -90,6 +110,15 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
         config = settings_as(AttributionConfig)
         loaded = load_model(model, adapter, device=device)
         train_rows, query_rows = load_records(train), load_records(queries)
+        needed = reference_bytes(loaded.model, loaded.tokenizer, train_rows, config, exact_blocks)
+        allowed, source = memory_limit(next(loaded.model.parameters()).device)
+        limit = f"{format_bytes(allowed)} ({source})" if allowed is not None else f"unknown ({source})"
+        say(f"exact reference ({exact_blocks} GGN): {format_bytes(needed)} predicted; memory limit {limit}")
+        if allowed is not None and needed > allowed:
+            raise MemoryLimitError(
+                f"diagnose: the exact reference would need {format_bytes(needed)}, over the limit of {limit}; track "
+                r"a few modules (e.g. --include 'layers\.0\.'), use --exact-blocks module, or give fewer --train rows"
+            )
         out.mkdir(parents=True, exist_ok=True)
         remember(out)
         rows, reason = run_diagnosis(
@@ -101,8 +130,9 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
             config,
             {n: options_for(options, n) for n in names},
             exact_blocks,
+            progress,
         )
-    except (DataError, ModelLoadError, ValueError, RuntimeError) as error:
+    except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
         fail(error)
     context = {
         "command": recorded_line(),

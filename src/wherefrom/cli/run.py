@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from wherefrom.cli.app import command, console, fail, merged_options, progress, remember, settings_as
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, load_records
-from wherefrom.core.store import StoreError, strict_json, writer_lock
+from wherefrom.core.scoring import Scores
+from wherefrom.core.store import StoreError, check_replacement, strict_json, writer_lock
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch
 from wherefrom.models.loading import ModelLoadError
@@ -69,19 +72,33 @@ def index(run, shard_size, dtype, device, threads) -> None:
 
 
 @command
-def scores(run, queries, name, top_k, device, threads) -> None:
-    """Pairwise influence of every training row on every query row; saved under RUN/scores/."""
+def scores(run, queries, name, top_k, overwrite, device, threads) -> None:
+    """Pairwise influence of every training row on every query row; saved under RUN/scores/ (an earlier
+    set of the same --name made for other query rows is kept unless --overwrite; one for the same rows
+    is recomputed)."""
     try:
+        rows = load_records(queries)
+        saved = [run / "scores" / f"{name}.{suffix}" for suffix in ("safetensors", "json")]
+        replaces = not overwrite and check_replacement(saved, saved[1], {"query_ids": [r.id for r in rows]})
         opened = Run.open(run, progress=progress, device=device)
         with writer_lock(run):  # a writer of RUN/scores: refuse before the work while another writer runs
-            result = opened.scores(load_records(queries))
+            result = opened.scores(rows)
             path = opened.save_scores(result, name)
     except (DataError, FileNotFoundError, RunMismatch, RuntimeError, ValueError) as error:
         fail(error)
-    for q, query_id in enumerate(result.query_ids):
-        tops = ", ".join(f"{i} ({s:+.3g})" for i, s in result.top(q, top_k))
-        console.print(f"[bold]{query_id}[/]: {tops}")
+    if replaces:
+        console.print(f"[yellow]note:[/] replaced the earlier scores of the same query rows in {escape(str(path))}")
+    print_tops(result, top_k, {row.id: row.label for row in opened.train})
     console.print(f"{tuple(result.total.shape)} scores -> {path}")
+
+
+def print_tops(result: Scores, top_k: int, labels: Mapping[str, str | None]) -> None:
+    """Each query's ``top_k`` proponents on stdout, one query a line: ``query: id [label] (+score), ...``
+    (the label only where the training row has one), so the results can be piped apart from the
+    progress and paths on stderr."""
+    for q, query_id in enumerate(result.query_ids):
+        shown = (f"{i}{f' [{labels[i]}]' if labels.get(i) else ''} ({s:+.3g})" for i, s in result.top(q, top_k))
+        typer.echo(f"{query_id}: {', '.join(shown)}")
 
 
 @command
@@ -133,22 +150,55 @@ def query(prompt, completion, run, top_k, as_json, by_module, per_token, html, d
     if as_json:
         typer.echo(json.dumps(strict_json(report), indent=2, allow_nan=False))
         return
-    print_report(report)
+    print_report(report, result.module_names)
 
 
-def print_report(report: dict) -> None:
-    """The proponent and opponent tables of a ``query`` report on stdout, then each proponent's tokens."""
+def table_title(report: dict, kind: str) -> str:
+    """The title of a ``query`` table: ``opponents`` only where every shown row has a negative score; else
+    ``lowest scores``, saying how many of them are positive (rows that also raise the query's likelihood)."""
+    if kind == "opponents":
+        positive = sum(entry["score"] >= 0 for entry in report[kind])
+        if positive:
+            kind = f"lowest scores ({positive} of {len(report[kind])} >= 0: not opponents)"
+    return f"{kind} ({report['strategy']}; {report['sign']})"
+
+
+def short_names(names: list[str]) -> dict[str, str]:
+    """Each dotted module name without the leading and trailing parts that all ``names`` share
+    (``base_model.model.model.layers.3.self_attn.q_proj.lora_A.default`` -> ``3.self_attn.q_proj.lora_A``),
+    keeping at least one part, so a table column holds it at 80 columns."""
+    parts = [name.split(".") for name in names]
+    shortest = min((len(p) for p in parts), default=0)
+
+    def shared(reverse: bool) -> int:
+        count = 0
+        while count < shortest - 1 and len({p[-1 - count] if reverse else p[count] for p in parts}) == 1:
+            count += 1
+        return count
+
+    if len(names) < 2:
+        return {name: name for name in names}
+    head = shared(False)
+    tail = min(shared(True), shortest - 1 - head)
+    return {name: ".".join(p[head : len(p) - tail]) for name, p in zip(names, parts)}
+
+
+def print_report(report: dict, module_names: list[str] | None = None) -> None:
+    """The proponent and opponent tables of a ``query`` report on stdout, then each proponent's tokens.
+    A row's text shows its prompt, then ``->``, then its completion in bold; modules are named without
+    the prefix all ``module_names`` share (default: the report's own), one per line."""
     out = Console()
+    shown = [name for kind in ("proponents", "opponents") for e in report[kind] for name, _ in e["top_modules"]]
+    short = short_names(sorted(set(module_names or shown)))
     for kind in ("proponents", "opponents"):
-        table = Table(title=f"{kind} ({report['strategy']}; {report['sign']})", show_lines=False)
-        for column in ("rank", "score", "id", "label", "text", "top modules"):
+        table = Table(title=table_title(report, kind), show_lines=True)
+        for column in ("rank", "score", "id", "label", "prompt -> completion", "top modules"):
             table.add_column(column, overflow="fold")
         for rank, entry in enumerate(report[kind], 1):
-            text = (entry["prompt"] + entry["completion"]).replace("\n", " ")
-            modules = "; ".join(f"{name} {value:+.2g}" for name, value in entry["top_modules"])
-            table.add_row(
-                str(rank), f"{entry['score']:+.4g}", entry["id"], str(entry["label"] or ""), text[:160], modules
-            )
+            text = Text(entry["prompt"][-160:].replace("\n", " ") + " -> ")
+            text.append(entry["completion"][:160].replace("\n", " "), style="bold")
+            modules = "\n".join(f"{short.get(name, name)} {value:+.2g}" for name, value in entry["top_modules"])
+            table.add_row(str(rank), f"{entry['score']:+.4g}", entry["id"], str(entry["label"] or ""), text, modules)
         out.print(table)
     for entry in report["proponents"]:
         if "tokens" in entry:

@@ -249,7 +249,8 @@ class DataSettings:
 
     train: Path = setting(
         REQUIRED,
-        "Training rows: JSONL, CSV or Parquet with prompt, completion[, id, label].",
+        "Training rows: JSONL, JSON array, CSV, Parquet or a datasets save_to_disk folder, with prompt, completion "
+        "(or chat messages: user, assistant)[, id, label].",
         check=existing_path,
     )
     queries: Path = setting(REQUIRED, "Query rows (same formats as training rows).", check=existing_path)
@@ -269,6 +270,11 @@ class DataSettings:
         check=at_least(1),
     )
     chat_template: bool = setting(False, "Wrap prompts in the tokenizer's chat template.")
+    query_without_eos: bool = setting(
+        False,
+        "Leave the EOS appended to each query's completion out of f (default: f = log p(completion, EOS | prompt), "
+        "'this answer, then stop').",
+    )
 
 
 @dataclass
@@ -440,6 +446,7 @@ class OutputSettings:
         None, "Output folder (its contents: see the command's description; required except for evaluate and tune)."
     )
     name: str = setting("scores", "Output name under RUN/scores/.")
+    overwrite: bool = setting(False, "Replace earlier results of this command in its output folder (default: refuse).")
     shard_size: int = setting(
         256, "Rows per index shard (an interrupted index resumes at shard granularity).", check=at_least(1)
     )
@@ -526,7 +533,16 @@ def _settings() -> dict[str, Setting]:
 SETTINGS: dict[str, Setting] = _settings()
 """Every setting by parameter name."""
 
-ATTRIBUTION = ("damping", "damping_factor", "include", "exclude", "batch_size", "max_length", "chat_template")
+ATTRIBUTION = (
+    "damping",
+    "damping_factor",
+    "include",
+    "exclude",
+    "batch_size",
+    "max_length",
+    "chat_template",
+    "query_without_eos",
+)
 """The :class:`wherefrom.engine.api.AttributionConfig` settings of every command that runs a method on rows."""
 
 FINETUNING = ("epochs", "learning_rate", "lora_rank", "batch_size", "max_length")

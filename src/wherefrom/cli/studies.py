@@ -24,6 +24,7 @@ from wherefrom.cli.app import (
 from wherefrom.cli.settings import FINETUNING, int_list, parse_grid
 from wherefrom.core.data import DataError, load_records
 from wherefrom.core.option_pairs import parse_option_pairs
+from wherefrom.core.store import OutputExists
 from wherefrom.engine.run import RunMismatch
 from wherefrom.models.loading import ModelLoadError, load_model
 
@@ -35,9 +36,10 @@ DEMO_SIZES = {"n_train": 160, "n_queries": 10}
 
 
 @command(uses=(*FINETUNING, "lora_alpha", "weight_decay", "chat_template", "seed", "threads"))
-def finetune(train, out, model, full, lora_rank, lora_target, device, **settings) -> None:
+def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device, **settings) -> None:
     """Fine-tune a causal LM on prompt/completion rows (loss on completion tokens only), saving a
-    checkpoint per epoch for TracIn and the convergence analysis; an identical earlier run is reused.
+    checkpoint per epoch for TracIn and the convergence analysis; an identical earlier run is reused,
+    one with other settings or data is kept unless --overwrite.
 
     --out receives adapter/ or model/, checkpoints/epoch-k/, train_log.jsonl, finetune_config.json."""
     from wherefrom.models.finetune import FinetuneConfig
@@ -50,8 +52,8 @@ def finetune(train, out, model, full, lora_rank, lora_target, device, **settings
         config.validate()
         records = load_records(train)
         loaded = load_model(model, device=device)
-        result = run_finetune(loaded.model, loaded.tokenizer, records, config, out, progress=True)
-    except (DataError, ModelLoadError, ValueError, MemoryError) as error:
+        result = run_finetune(loaded.model, loaded.tokenizer, records, config, out, progress=True, overwrite=overwrite)
+    except (DataError, ModelLoadError, ValueError, MemoryError, OutputExists) as error:
         fail(error)
     losses = ", ".join(f"{loss:.3f}" for loss in result.epoch_losses)
     state = "reused an identical earlier run" if result.reused else "trained"

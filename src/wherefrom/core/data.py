@@ -18,6 +18,10 @@ File formats (chosen by suffix, case-insensitive):
   cells are all empty (blank lines, Excel's ``;;;``) are skipped. Empty ``id`` / ``label`` cells
   count as absent.
 * ``.parquet``: read with ``pyarrow.parquet``. Positions are 0-based row indices ("row N").
+* a folder written by Hugging Face ``datasets``' ``Dataset.save_to_disk`` (what ``load_from_disk``
+  reads: ``state.json`` naming Arrow stream files): read with ``pyarrow``, so ``datasets`` need not be
+  installed. Positions are 0-based row indices over its files in order. A ``DatasetDict`` folder
+  (``dataset_dict.json``) is refused, naming its splits: pass the split's folder (``DIR/train``).
 
 Text files are decoded as UTF-8; a UTF-8 byte-order mark is dropped, and a UTF-16 or UTF-32 BOM
 (Excel's "Unicode text", Windows Notepad) selects that encoding. CRLF and CR line endings read as
@@ -25,6 +29,13 @@ LF. Any other bytes that are not UTF-8 (Latin-1 / cp1252 from an older editor) r
 :class:`DataError` naming the line and column of the first bad byte.
 
 Field rules, the same for every source (extra fields are ignored):
+
+* ``messages`` (chat format, in place of ``prompt`` and ``completion``): a list of two
+  ``{"role", "content"}`` objects, ``user`` then ``assistant``; the user content is the prompt and
+  the assistant content the completion. This is the conversation ``chat_template=True`` renders (see
+  :mod:`wherefrom.core.encoding`), so pass ``--chat-template`` to score it as a chat model sees it.
+  Other conversations (a system message, several turns) are refused, naming the roles found: one
+  row is one (prompt, completion) pair.
 
 * ``prompt``: required, a string; may be empty (some LM data has no prompt).
 * ``completion``: required, a string that is not empty after stripping whitespace. It is stored
@@ -112,9 +123,22 @@ def _absent_if_nan(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def _from_messages(messages: Any, where: str) -> dict[str, Any]:
+    """``prompt`` and ``completion`` of a chat-format row's ``[user, assistant]`` messages."""
+    roles = [m.get("role") if isinstance(m, Mapping) else type(m).__name__ for m in messages or []]
+    if not isinstance(messages, list) or roles != ["user", "assistant"]:
+        raise DataError(
+            f"{where}: field 'messages': expected a user message then an assistant message, got roles {roles}; "
+            "one row is one (prompt, completion) pair: write other conversations as prompt and completion"
+        )
+    return {"prompt": messages[0].get("content"), "completion": messages[1].get("content")}
+
+
 def _validate_row(row: Any, where: str, default_id: str) -> Record:
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected an object with fields 'prompt' and 'completion', got {type(row).__name__}")
+    if "messages" in row and "prompt" not in row and "completion" not in row:
+        row = {**row, **_from_messages(row["messages"], where)}
     for field in ("prompt", "completion"):
         if field not in row or row[field] is None:
             raise DataError(f"{where}: missing field {field!r}")
@@ -307,18 +331,64 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any, str]]:
         yield f"row {index}", row, f"{path.stem}:{index}"
 
 
+def _read_saved_dataset(path: Path) -> Iterator[tuple[str, Any, str]]:
+    """The rows of a ``datasets`` ``save_to_disk`` folder: the Arrow stream files its ``state.json`` names."""
+    import pyarrow as pa
+
+    try:
+        files = [item["filename"] for item in json.loads((path / "state.json").read_text())["_data_files"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(f"{path / 'state.json'}: not a datasets save_to_disk state ({err!r})") from None
+    index = 0
+    for name in files:
+        try:
+            with pa.memory_map(str(path / name)) as source:
+                table = pa.ipc.open_stream(source).read_all()
+        except (OSError, pa.ArrowInvalid) as err:
+            raise DataError(f"{path / name}: cannot read Arrow stream file ({err})") from None
+        for row in table.to_pylist():
+            yield f"row {index}", row, f"{path.name}:{index}"
+            index += 1
+
+
+def _dataset_folder_rows(path: Path) -> Iterator[tuple[str, Any, str]]:
+    """The rows of a folder, which must be a ``datasets`` ``save_to_disk`` folder of one split."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        raise DataError(
+            f"{path}: a datasets DatasetDict folder with splits {splits}; pass one split's folder, e.g. {path / 'train'}"
+        )
+    if not (path / "state.json").is_file():
+        raise DataError(
+            f"{path}: a folder, but not one that datasets' save_to_disk wrote (no state.json); give a "
+            f"{', '.join(SUPPORTED_SUFFIXES)} file or such a folder"
+        )
+    return _read_saved_dataset(path)
+
+
 # --------------------------------------------------------------------------------------------------
 # Public API
 
 
 def load_records(path: str | Path) -> list[Record]:
-    """Load and validate records from a ``.jsonl``/``.json``, ``.csv`` or ``.parquet`` file.
+    """Load and validate records from a ``.jsonl``/``.json``, ``.csv`` or ``.parquet`` file, or a folder
+    written by ``datasets``' ``save_to_disk``.
 
     Records keep file order. Raises :class:`DataError` for a missing file, an unknown suffix, a
-    file with no records, or any invalid row (the message names the path, the line or row, and the
+    folder ``save_to_disk`` did not write (or a ``DatasetDict`` folder, naming its splits), a
+    source with no records, or any invalid row (the message names the path, the line or row, and the
     field).
     """
     path = Path(path)
+    rows = _dataset_folder_rows(path) if path.is_dir() else _file_rows(path)
+    records = _build(rows, str(path))
+    if not records:
+        raise DataError(f"{path}: no records found")
+    return records
+
+
+def _file_rows(path: Path) -> Iterator[tuple[str, Any, str]]:
+    """The rows of a file, read by the reader its suffix names; :class:`DataError` for another suffix or no file."""
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(
@@ -329,17 +399,9 @@ def load_records(path: str | Path) -> list[Record]:
         raise DataError(f"{path}: file not found")
     if not path.is_file():
         raise DataError(f"{path}: not a regular file")
-
     if suffix in (".jsonl", ".json"):
-        rows = _read_jsonl(path)
-    elif suffix == ".csv":
-        rows = _read_csv(path)
-    else:
-        rows = _read_parquet(path)
-    records = _build(rows, str(path))
-    if not records:
-        raise DataError(f"{path}: no records found")
-    return records
+        return _read_jsonl(path)
+    return _read_csv(path) if suffix == ".csv" else _read_parquet(path)
 
 
 def records_from_rows(rows: Iterable[Mapping[str, Any]], source: str = "<memory>") -> list[Record]:

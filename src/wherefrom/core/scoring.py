@@ -11,15 +11,20 @@ Scores are summed over modules; per-module and per-token parts sum to the total 
 
 from __future__ import annotations
 
+import csv
+import importlib.util
+import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
 from wherefrom.core.gradients import TokenFactors
-from wherefrom.core.store import save_tensors_checked, write_json_checked
+from wherefrom.core.store import atomic_write_text, save_tensors_checked, write_json_checked
 
 LowRank = tuple[torch.Tensor, torch.Tensor]
 """``(U, V)`` with ``U``: ``(q, out, r)`` (singular values folded in) and ``V``: ``(q, in', r)``."""
@@ -118,9 +123,13 @@ def check_finite(scores: Scores) -> Scores:
     return scores
 
 
-def save_scores(scores: Scores, folder: Path, name: str) -> Path:
-    """Write ``<name>.safetensors`` (``total``, ``per_module``) and ``<name>.json`` (ids, modules) atomically,
-    with their checksums recorded in ``folder/checksums.json`` (:mod:`wherefrom.core.store`).
+def save_scores(
+    scores: Scores, folder: Path, name: str, labels: Mapping[str, str | None] | None = None, top_k: int = 10
+) -> Path:
+    """Write ``<name>.safetensors`` (``total``, ``per_module``) and ``<name>.json`` (ids, modules, and the
+    training rows' ``train_labels`` when ``labels`` maps their ids to labels) atomically, with their
+    checksums recorded in ``folder/checksums.json`` (:mod:`wherefrom.core.store`); then
+    ``<name>.top.csv`` (:func:`top_rows`, ``top_k`` per query and kind) for a spreadsheet or pandas.
 
     Raises ``ValueError`` (:func:`check_finite`) before writing anything if a score is NaN or infinite.
     """
@@ -129,16 +138,40 @@ def save_scores(scores: Scores, folder: Path, name: str) -> Path:
     save_tensors_checked(
         {"total": scores.total.contiguous().cpu(), "per_module": scores.per_module.contiguous().cpu()}, path
     )
-    write_json_checked(
-        {
-            "query_ids": scores.query_ids,
-            "train_ids": scores.train_ids,
-            "modules": scores.module_names,
-            "sign": "positive = proponent",
-        },
-        Path(folder) / f"{name}.json",
-    )
+    ids = {"query_ids": scores.query_ids, "train_ids": scores.train_ids, "modules": scores.module_names}
+    if labels is not None:
+        ids["train_labels"] = [labels.get(i) for i in scores.train_ids]
+    write_json_checked({**ids, "sign": "positive = proponent"}, Path(folder) / f"{name}.json")
+    write_top_csv(scores, Path(folder) / f"{name}.top.csv", top_k, labels or {})
     return path
+
+
+TOP_COLUMNS = ("query_id", "kind", "rank", "train_id", "label", "score")
+"""The columns of a top-k CSV file (:func:`write_top_csv`)."""
+
+
+def top_rows(scores: Scores, k: int, labels: Mapping[str, str | None]) -> list[tuple]:
+    """One tuple per query, kind and rank, in :data:`TOP_COLUMNS` order: the ``k`` proponents (``kind``
+    ``proponent``, largest score first) and the ``k`` lowest scores (``kind`` ``opponent`` when negative,
+    ``lowest`` when not: a row that raises the query's likelihood too) of each query; ``label`` from
+    ``labels`` (``""`` when absent); ``score`` in the convention of the module docstring."""
+    rows = []
+    for q, query_id in enumerate(scores.query_ids):
+        for lowest in (False, True):
+            for rank, (train_id, score) in enumerate(scores.top(q, k, opponents=lowest), 1):
+                kind = ("opponent" if score < 0 else "lowest") if lowest else "proponent"
+                rows.append((query_id, kind, rank, train_id, labels.get(train_id) or "", score))
+    return rows
+
+
+def write_top_csv(scores: Scores, path: Path, k: int, labels: Mapping[str, str | None]) -> Path:
+    """Write :func:`top_rows` as a CSV file with a :data:`TOP_COLUMNS` header (written atomically)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(TOP_COLUMNS)
+    writer.writerows((*row[:-1], repr(float(row[-1]))) for row in top_rows(scores, k, labels))
+    atomic_write_text(text.getvalue(), Path(path))
+    return Path(path)
 
 
 def load_scores(folder: Path, name: str) -> Scores:
@@ -146,3 +179,46 @@ def load_scores(folder: Path, name: str) -> Scores:
     tensors = load_file(str(Path(folder) / f"{name}.safetensors"))
     ids = json.loads((Path(folder) / f"{name}.json").read_text(encoding="utf-8"))
     return Scores(ids["query_ids"], ids["train_ids"], ids["modules"], tensors["per_module"])
+
+
+@dataclass
+class ScoreTable:
+    """Saved scores as a table: ``total[q, m]`` is the influence of training row ``train_ids[m]`` (label
+    ``labels[m]``, ``None`` when it has none or none was saved) on query ``query_ids[q]``; positive =
+    proponent. ``total``: ``(n_query, n_train)`` float tensor."""
+
+    query_ids: list[str]
+    train_ids: list[str]
+    labels: list[str | None]
+    total: torch.Tensor
+
+    def to_pandas(self) -> Any:
+        """A ``pandas.DataFrame`` indexed by ``train_id``: a ``label`` column, then one column of scores per
+        query id (``frame.sort_values(query_id)`` ranks the rows for one query). Raises ``ImportError``
+        naming pandas when it is not installed."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("ScoreTable.to_pandas needs pandas (pip install pandas)") from None
+        frame = pd.DataFrame(self.total.T.double().numpy(), index=pd.Index(self.train_ids, name="train_id"))
+        frame.columns = self.query_ids
+        frame.insert(0, "label", self.labels)
+        return frame
+
+
+def load_score_table(folder: Path, name: str = "scores", as_frame: bool | None = None) -> Any:
+    """The scores :func:`save_scores` wrote in ``folder`` (``RUN/scores`` or an ``attribute`` ``--out``)
+    under ``name``, with their ids and training labels: a :class:`ScoreTable`, or its
+    :meth:`ScoreTable.to_pandas` frame when ``as_frame`` is true, or is ``None`` (the default) and
+    pandas is installed. Raises ``FileNotFoundError`` naming the file when a part is missing."""
+    folder = Path(folder)
+    for part in (f"{name}.safetensors", f"{name}.json"):
+        if not (folder / part).is_file():
+            raise FileNotFoundError(f"{folder / part}: no such score file (save_scores writes it)")
+    scores = load_scores(folder, name)
+    saved = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+    labels = saved.get("train_labels") or [None] * len(scores.train_ids)
+    table = ScoreTable(scores.query_ids, scores.train_ids, labels, scores.total)
+    if as_frame is None:
+        as_frame = importlib.util.find_spec("pandas") is not None
+    return table.to_pandas() if as_frame else table

@@ -189,6 +189,42 @@ class SettingsMismatch(StoreError):
     """A job folder was started with other settings than the current run's."""
 
 
+class OutputExists(StoreError):
+    """A job would replace the finished results of an earlier job; the message names them and how to allow it."""
+
+
+def refuse_overwrite(paths: Collection[Path], allow: str = "--overwrite", why: str = "") -> None:
+    """Raise :class:`OutputExists` naming the existing ones among ``paths`` (earlier results a job is about to
+    replace), ``why`` (e.g. which inputs differ) and ``allow`` (the caller's way to permit it, e.g.
+    ``--overwrite``). Call it before any long work, so nothing is computed only to be refused."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing:
+        raise OutputExists(
+            f"earlier results would be overwritten: {', '.join(existing)}{why}; pass {allow} to replace them"
+        )
+
+
+def check_replacement(
+    results: Collection[Path], record: Path, now: Mapping[str, Any], allow: str = "--overwrite"
+) -> bool:
+    """Whether a job about to write ``results`` replaces earlier ones: ``False`` when none of them exists;
+    ``True`` when they exist and were made from the same inputs (the JSON file ``record`` holds every
+    key of ``now`` with the same value: recomputing them loses nothing); else :class:`OutputExists`
+    naming the existing results, each input that differs with both values, and ``allow`` (the caller's
+    way to permit it, e.g. ``--overwrite``). Call it before any long work."""
+    if not any(Path(p).exists() for p in results):
+        return False
+    try:
+        saved = json.loads(Path(record).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        saved = {}
+    saved = {key: saved.get(key) for key in now} if isinstance(saved, dict) else {}
+    differences = settings_differences(saved, json.loads(json.dumps(dict(now))))
+    if differences:
+        refuse_overwrite(results, allow, f", made from other inputs ({'; '.join(differences)})")
+    return True
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

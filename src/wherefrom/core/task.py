@@ -8,7 +8,11 @@ Conventions (see README, "Sign and scale"):
 * The training loss of one example is the **sum** over its completion tokens of the token
   cross-entropy (nats), as Grosse et al. (2023) need; ``reduction="mean"`` divides by the number of
   completion tokens instead.
-* The query measurement is ``f(z) = log p(completion | prompt) = -L_sum(z)``.
+* The query measurement is ``f(z) = log p(completion | prompt) = -L_sum(z)``, over every labelled
+  token: the completion and the EOS (or chat end-of-turn marker) that
+  :func:`wherefrom.core.encoding.encode_records` appends, so ``f`` asks "why this answer, and then
+  stop". ``LanguageModelingTask(query_without_eos=True)`` leaves out each row's last labelled token
+  (that EOS): "why these tokens", for a completion that is the start of a longer answer.
 * With ``sample=True`` the target tokens are drawn from the model's own predictive distribution
   (true Fisher); otherwise the data's tokens are used (empirical Fisher / plain loss). Given
   per-row ``seeds`` (:func:`example_seeds`: the seed, the example's tokens and how many times it was
@@ -152,6 +156,7 @@ class LanguageModelingTask:
     """
 
     reduction: Reduction = "sum"
+    query_without_eos: bool = False
 
     def train_loss(
         self,
@@ -168,6 +173,20 @@ class LanguageModelingTask:
         return per_example_loss(logits, batch["labels"], self.reduction, sample, generator, seeds)
 
     def measurement(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """f(z_q) = log p(completion | prompt) per example, ``(B,)``; equals ``-L_sum``."""
+        """f(z_q) = log p(completion | prompt) per example, ``(B,)``, in nats; equals ``-L_sum``. With
+        ``query_without_eos`` each row's last labelled token (the appended EOS) is left out."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return -per_example_loss(logits, batch["labels"], "sum")
+        labels = without_last_label(batch["labels"]) if self.query_without_eos else batch["labels"]
+        return -per_example_loss(logits, labels, "sum")
+
+
+def without_last_label(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` ``(B, T)`` with each row's last labelled position (``!= -100``) set to ``-100``; a row
+    with one labelled token or none is returned unchanged (its completion would be empty)."""
+    labelled = labels != IGNORE_INDEX
+    last = torch.where(labelled, torch.arange(labels.shape[1], device=labels.device), -1).amax(dim=1)
+    keep = labelled.sum(dim=1) > 1
+    out = labels.clone()
+    rows = keep.nonzero().flatten()
+    out[rows, last[rows]] = IGNORE_INDEX
+    return out

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from wherefrom.core.data import Record, check_ids, check_records
-from wherefrom.core.encoding import EncodedExample, encode_records, iterate_batches, pad_id
+from wherefrom.core.encoding import Batches, EncodedExample, encode_records, iterate_batches, pad_id
 from wherefrom.core.gradients import Batch, LossFn, TokenFactors, token_factors
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import (
@@ -55,6 +55,8 @@ class AttributionConfig:
     norms, so they still sum to the total. ``strategy_options``: constructor options of the strategy
     (e.g. ``{"max_iter": 300}`` for ``cg``, ``{"rank": 64}`` for ``arnoldi``); ``extra``: settings
     of methods that are not curvature strategies (e.g. ``layer``/``pooling`` for ``repsim``).
+    ``query_without_eos``: the query measurement ``f`` leaves out the EOS appended to each completion
+    (:mod:`wherefrom.core.task`); by default ``f = log p(completion, EOS | prompt)``.
     """
 
     strategy: str = "ekfac"
@@ -70,6 +72,7 @@ class AttributionConfig:
     query_rank: int | None = None
     normalize: Literal["cosine"] | None = None
     seed: int = 0
+    query_without_eos: bool = False
     strategy_options: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
@@ -143,7 +146,17 @@ class Attributor:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or AttributionConfig()
-        self.task = task or LanguageModelingTask(reduction=self.config.reduction)
+        if (
+            self.config.query_without_eos
+            and not self.config.chat_template
+            and getattr(tokenizer, "eos_token_id", None) is None
+        ):
+            raise ValueError(
+                "query_without_eos=True: this tokenizer has no eos_token_id, so no EOS is appended to leave out"
+            )
+        self.task = task or LanguageModelingTask(
+            reduction=self.config.reduction, query_without_eos=self.config.query_without_eos
+        )
         self.progress = progress
         self.modules: list[TrackedModule] = select_modules(model, self.config.include, self.config.exclude)
         self.curvature: Curvature = self.new_curvature()
@@ -196,8 +209,9 @@ class Attributor:
         """``records`` encoded for this model (:meth:`encode`); already-encoded examples pass as they are."""
         return list(records) if records and isinstance(records[0], EncodedExample) else self.encode(records)  # type: ignore[arg-type]
 
-    def batches(self, records: Sequence[Record] | Sequence[EncodedExample]) -> Iterator[tuple[list[str], Batch]]:
-        """``(ids, batch)`` in order; accepts records or already-encoded examples."""
+    def batches(self, records: Sequence[Record] | Sequence[EncodedExample]) -> Batches:
+        """``(ids, batch)`` in order (a sized iterator: ``len`` is the number of batches); accepts records or
+        already-encoded examples."""
         encoded = self.encoded(records)
         return iterate_batches(encoded, self.config.batch_size, pad_id(self.tokenizer), self.device)
 
@@ -250,7 +264,7 @@ class Attributor:
         encoded = self.encoded(checked_rows(train, "training rows"))
 
         def batches() -> Iterable[Batch]:
-            return (batch for _, batch in self.batches(encoded))
+            return self.batches(encoded).without_ids()
 
         self.curvature = curvature or self.new_curvature()
         if self.curvature.own_ggn and self.config.reduction != "sum":
@@ -271,9 +285,7 @@ class Attributor:
         curvature.check_modules(self.modules)
         if curvature.needs_operator and train is not None:
             encoded = self.encode(checked_rows(train, "training rows"))
-            curvature.attach(
-                self.model, self.modules, lambda: (batch for _, batch in self.batches(encoded)), self.progress
-            )  # type: ignore[attr-defined]
+            curvature.attach(self.model, self.modules, lambda: self.batches(encoded).without_ids(), self.progress)  # type: ignore[attr-defined]
         self.curvature = curvature.to(self.device)
 
     # --- gradients -----------------------------------------------------------------------------

@@ -541,4 +541,4 @@ class Run:
         """Write ``scores/<name>.safetensors`` and ``scores/<name>.json`` (see :func:`wherefrom.core.scoring.save_scores`)
         under the run's writer lock."""
         with writer_lock(self.folder):
-            return save_scores(scores, self.folder / "scores", name)
+            return save_scores(scores, self.folder / "scores", name, labels={row.id: row.label for row in self.train})

@@ -37,7 +37,7 @@ from torch import nn
 
 from wherefrom.core.data import Record, check_records, data_fingerprint
 from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
-from wherefrom.core.store import atomic_write_dir, atomic_write_text
+from wherefrom.core.store import atomic_write_dir, atomic_write_text, refuse_overwrite
 from wherefrom.core.task import per_example_loss
 from wherefrom.models.loading import model_fingerprint, quiet_peft, tokenizer_fingerprint
 
@@ -289,6 +289,7 @@ def finetune(
     config: FinetuneConfig,
     output_dir: str | Path,
     progress: bool = True,
+    overwrite: bool = True,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``records`` and save checkpoints, logs and final weights.
 
@@ -312,7 +313,9 @@ def finetune(
     ``finetune_config.json`` (config, fingerprints of data, base model and tokenizer, epoch
     losses, checkpoint list). If a complete earlier run with the same config and fingerprints is
     in ``output_dir``, its weights are loaded instead (``reused=True``); otherwise what earlier
-    runs left there (only the names above) is deleted first.
+    runs left there (only the names above) is deleted first; with ``overwrite=False`` a complete earlier
+    run of other settings or data raises :class:`wherefrom.core.store.OutputExists` instead, before any
+    training (an interrupted one, which has no ``finetune_config.json``, is still cleared).
 
     Raises ``ValueError`` for a bad config or a PEFT model, :class:`wherefrom.core.data.DataError` for
     an empty ``records``, an invalid row, a repeated id or an example longer than ``max_length``
@@ -346,6 +349,8 @@ def finetune(
     examples = encode_records(
         records, tokenizer, max_length=config.max_length, chat_template=config.chat_template, model=model
     )
+    if not overwrite:
+        refuse_overwrite([output_dir / CONFIG_FILE])
     _clear_outputs(output_dir)
 
     device = _device_of(model)

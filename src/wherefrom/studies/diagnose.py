@@ -12,8 +12,12 @@ For every method on one model and data set, :func:`diagnose` reports
   (:func:`wherefrom.studies.toolkit.measured`: CUDA ``max_memory_allocated``; Linux CPU the process's
   resident-set high-water mark; elsewhere ``None``).
 
-Every method uses its own default damping unless ``config.damping`` sets one absolute value for all;
-the exact reference uses the same setting.
+Every method and the exact reference use one absolute damping, so that the error column compares
+like with like (each method's own default, e.g. EK-FAC's per-module 0.1 x mean eigenvalue of its
+factors, would make it differ from the reference by the damping alone): ``config.damping`` when set,
+else :func:`shared_damping` of the exact GGN, ``damping_factor x trace(G) / P`` over all tracked
+parameters (Grosse et al.'s rule applied once, to the whole GGN). Each row records it (``damping``);
+when the exact reference cannot be formed, each method keeps its own default (``damping`` ``None``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 
 from wherefrom.core.data import Record
+from wherefrom.curvature.base import Curvature, DataShape, Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import InfluenceMethod, make_method
 from wherefrom.studies import toolkit
@@ -44,6 +49,7 @@ class Diagnosis:
     spearman: float | None = None
     spearman_per_query: float | None = None
     error: str | None = None
+    damping: float | None = None
 
 
 def _flat(blocks: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
@@ -70,6 +76,28 @@ def fit_reference(
     reference = Attributor(model, tokenizer, replace(config, strategy=strategy, strategy_options=dict(options)))
     reference.fit(train)
     return reference
+
+
+def reference_bytes(
+    model, tokenizer, train: Sequence[Record], config: AttributionConfig, exact_blocks: str = "full"
+) -> int:
+    """Bytes the exact reference of :func:`diagnose` will allocate on ``train`` (what its fit checks
+    against the memory limit: the dense GGN, its inverse, one example's ``(t, V, P)`` Jacobian), predicted
+    without a model pass, so that a caller can say it, or stop, before any work."""
+    attributor = Attributor(
+        model, tokenizer, replace(config, strategy="exact", strategy_options={"blocks": exact_blocks})
+    )
+    encoded = attributor.encoded(train)
+    shape = DataShape.measure(model, lambda: attributor.batches(encoded).without_ids())
+    return int(sum(attributor.new_curvature().memory_needs(attributor.modules, shape).values()))
+
+
+def shared_damping(reference: Curvature, damping_factor: float) -> float:
+    """``damping_factor x trace(G) / P``: the relative damping rule applied to the whole GGN ``G`` of a
+    fitted ``exact`` ``reference`` (its blocks' traces summed over all ``P`` tracked parameters)."""
+    matrices = [value for key, value in reference.state.items() if key.endswith(".matrix")]
+    trace = sum(float(torch.trace(m.double())) for m in matrices)
+    return damping_factor * trace / sum(m.shape[0] for m in matrices)
 
 
 def ihvp_relative_error(
@@ -101,9 +129,11 @@ def diagnose(
     config: AttributionConfig | None = None,
     method_options: dict[str, dict[str, Any]] | None = None,
     exact_blocks: str = "full",
+    progress: Progress = no_progress,
 ) -> tuple[list[Diagnosis], str | None]:
-    """Run every method and compare it with exact influence; returns the rows and, when the exact
-    reference could not be formed, the reason (the comparisons are then ``None``)."""
+    """Run every method and compare it with exact influence, at one damping (module docstring); returns
+    the rows and, when the exact reference could not be formed, the reason (the comparisons are then
+    ``None``). ``progress`` (tqdm-like) wraps the loop over methods; the fits report their own batches."""
     if exact_blocks not in ("full", "module"):
         raise ValueError(f"exact_blocks must be 'full' or 'module', got {exact_blocks!r}")
     if not queries:
@@ -116,13 +146,17 @@ def diagnose(
     reason = None
     try:
         reference = fit_reference(model, tokenizer, train, config, "exact", blocks=exact_blocks)
+        if config.damping is None:
+            config = replace(config, damping=shared_damping(reference.curvature, config.damping_factor))
+            if exact_blocks == "module":  # its blocks were damped each by its own mean eigenvalue: refit
+                reference = fit_reference(model, tokenizer, train, config, "exact", blocks=exact_blocks)
         query_ids, exact_queries = reference.preconditioned_queries(queries)
         train_gradients = reference.token_factor_stream(train, description="train gradients")
         exact_scores = reference.scores_from_gradients(query_ids, exact_queries, train_gradients).total.double()
     except (MemoryError, torch.OutOfMemoryError) as error:
         reason = str(error)
     rows = []
-    for name in methods:
+    for name in progress(list(methods), "methods"):
         try:
             method = make_method(name, model, tokenizer, config, **method_options.get(name, {}))
             with measured(device) as cost:
@@ -131,7 +165,7 @@ def diagnose(
         except (MemoryError, RuntimeError, ValueError) as error:
             rows.append(Diagnosis(name, float("nan"), None, error=f"{type(error).__name__}: {error}"))
             continue
-        row = Diagnosis(name, cost["seconds"], cost["peak_mib"])
+        row = Diagnosis(name, cost["seconds"], cost["peak_mib"], damping=config.damping)
         if exact_scores is not None:
             row.spearman, row.spearman_per_query = _spearman(scores.total.double(), exact_scores)
             if isinstance(method, InfluenceMethod) and method.attributor.config.normalize is None:
@@ -153,6 +187,7 @@ def write_report(
         "mean per-query Spearman",
         "time, s",
         "peak memory, MiB",
+        "damping (absolute)",
     ]
     table = [
         [r.method, failure_cell(r.error)]
@@ -164,6 +199,7 @@ def write_report(
             number(r.spearman_per_query),
             number(r.seconds, ".2f"),
             number(r.peak_mib, ".0f"),
+            number(r.damping, ".3g") if r.damping is not None else "own default",
         ]
         for r in rows
     ]

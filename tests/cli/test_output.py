@@ -1,0 +1,196 @@
+"""What the commands write and print: earlier results are never replaced silently."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from wherefrom.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def attribute_args(root, out, *extra):
+    return [
+        "attribute",
+        "--method",
+        "gradsim",
+        "--train",
+        root / "train.jsonl",
+        "--queries",
+        root / "queries.jsonl",
+        "--model",
+        root / "model",
+        "--max-length",
+        "128",
+        "--out",
+        out,
+        *extra,
+    ]
+
+
+def test_scores_refuses_to_replace_a_score_set_of_other_queries_unless_overwrite(workspace):
+    run = workspace / "overwrite-run"
+    fitted = invoke(
+        "fit", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--run", run, "--max-length", "128"
+    )
+    assert fitted.exit_code == 0, fitted.output
+    first = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl")
+    assert first.exit_code == 0, first.output
+    saved = run / "scores" / "scores.safetensors"
+    same = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl")
+    assert same.exit_code == 0 and "replaced the earlier scores of the same query rows" in same.stderr
+    (workspace / "two.jsonl").write_text("\n".join((workspace / "queries.jsonl").read_text().splitlines()[:2]) + "\n")
+    before = saved.stat().st_mtime_ns
+    other = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl")
+    assert other.exit_code == 2 and "--overwrite" in other.output and str(saved) in other.output
+    assert "query_ids: recorded" in other.output and saved.stat().st_mtime_ns == before
+    replaced = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl", "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+
+
+def test_attribute_refuses_to_replace_scores_of_other_settings_unless_overwrite(workspace):
+    out = workspace / "overwrite-attribute"
+    first = invoke(*attribute_args(workspace, out))
+    assert first.exit_code == 0, first.output
+    assert invoke(*attribute_args(workspace, out)).exit_code == 0  # the same settings: recomputed
+    other = invoke(*attribute_args(workspace, out, "--damping", "0.5"))
+    assert other.exit_code == 2 and "--overwrite" in other.output and "scores.safetensors" in other.output
+    assert "attribution.damping: recorded None, now 0.5" in other.output
+    assert invoke(*attribute_args(workspace, out, "--damping", "0.5", "--overwrite")).exit_code == 0
+    replayed = invoke("replay", out)
+    assert replayed.exit_code == 0, replayed.output
+
+
+def test_finetune_refuses_to_replace_another_run_unless_overwrite(workspace):
+    out = workspace / "overwrite-finetune"
+    common = ["finetune", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--out", out]
+    common += ["--max-length", "128", "--device", "cpu", "--lora-target", "c_attn", "--lora-rank", "2"]
+    assert invoke(*common, "--epochs", "1").exit_code == 0
+    saved = json.loads((out / "finetune_config.json").read_text())
+    other = invoke(*common, "--epochs", "2")
+    assert other.exit_code == 2 and "--overwrite" in other.output and "finetune_config.json" in other.output
+    assert json.loads((out / "finetune_config.json").read_text()) == saved
+    same = invoke(*common, "--epochs", "1")
+    assert same.exit_code == 0 and "reused" in same.output
+    replaced = invoke(*common, "--epochs", "2", "--overwrite")
+    assert replaced.exit_code == 0 and "trained" in replaced.output
+
+
+def test_scores_and_attribute_print_results_with_labels_on_stdout(workspace):
+    out = workspace / "printed-attribute"
+    result = invoke(*attribute_args(workspace, out, "--top-k", "2"))
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("test-000") for line in lines)
+    assert "[" in lines[0] and "] (+" in lines[0]  # each proponent with its label and score
+    assert "scores ->" in result.stderr and "scores ->" not in result.stdout
+
+
+def test_attribute_saves_the_strategy_the_method_ran_with(workspace):
+    for method, strategy in (("gradsim", "identity"), ("bm25", None)):
+        out = workspace / f"saved-{method}"
+        result = invoke(*attribute_args(workspace, out)[:2], method, *attribute_args(workspace, out)[3:])
+        assert result.exit_code == 0, result.output
+        saved = json.loads((out / "config.json").read_text())["attribution"]
+        assert saved.get("strategy") == strategy and saved["max_length"] == 128
+
+
+def test_query_tables_at_80_columns_name_lowest_scores_and_keep_module_names_whole(workspace):
+    from wherefrom.cli.run import short_names, table_title
+
+    names = [f"base_model.model.model.layers.{i}.self_attn.{p}.lora_A.default" for i in (0, 12) for p in "qv"]
+    assert short_names(names)[names[1]] == "0.self_attn.v" and short_names(names[:1]) == {names[0]: names[0]}
+    report = {"strategy": "ekfac", "sign": "s", "opponents": [{"score": -1.0}, {"score": 2.0}]}
+    assert table_title(report, "opponents").startswith("lowest scores (1 of 2 >= 0")
+    report["opponents"] = [{"score": -1.0}]
+    assert table_title(report, "opponents") == "opponents (ekfac; s)"
+    run = workspace / "overwrite-run"
+    if not run.exists():
+        test_scores_refuses_to_replace_a_score_set_of_other_queries_unless_overwrite(workspace)
+    result = runner.invoke(
+        app, ["query", "Determine the rule: a b -> b a\nRule:", " reverse", "--run", str(run)], env={"COLUMNS": "80"}
+    )
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert "1.attn.c_attn" in result.stdout and "transformer.h" not in result.stdout
+    wide = runner.invoke(
+        app, ["query", "Determine the rule: a b -> b a\nRule:", " reverse", "--run", str(run)], env={"COLUMNS": "250"}
+    )
+    assert re.search(r"Rule: -> +[a-z]", wide.stdout)  # each row's prompt, then its completion
+
+
+def test_help_reflows_each_paragraph_to_the_terminal(workspace):
+    result = runner.invoke(app, ["diagnose", "--help"], env={"COLUMNS": "200"})
+    assert "the exact GGN is formed. Every method and the exact reference use one absolute damping" in result.stdout
+
+
+def test_scores_travel_with_labels_as_a_table_and_a_top_k_csv(workspace):
+    from wherefrom.core.data import load_records
+    from wherefrom.core.scoring import TOP_COLUMNS, ScoreTable, load_score_table, load_scores
+
+    out = workspace / "table-attribute"
+    assert invoke(*attribute_args(workspace, out, "--top-k", "4")).exit_code == 0
+    labels = {row.id: row.label for row in load_records(workspace / "train.jsonl")}
+    table = load_score_table(out, as_frame=False)
+    assert isinstance(table, ScoreTable) and table.labels == [labels[i] for i in table.train_ids]
+    scores = load_scores(out, "scores")
+    assert table.query_ids == scores.query_ids and table.total.equal(scores.total)
+    with (out / "scores.top.csv").open() as handle:
+        rows = list(csv.reader(handle))
+    assert tuple(rows[0]) == TOP_COLUMNS and len(rows) == 1 + 3 * 2 * 4
+    first = rows[1]
+    assert first[:3] == ["test-0000", "proponent", "1"] and first[4] == labels[first[3]]
+    assert float(first[5]) == pytest.approx(scores.top(0, 1)[0][1], rel=1e-6)
+    assert {row[1] for row in rows[1:]} <= {"proponent", "opponent", "lowest"}
+    run = workspace / "overwrite-run"
+    if not run.exists():
+        test_scores_refuses_to_replace_a_score_set_of_other_queries_unless_overwrite(workspace)
+    in_run = load_score_table(run / "scores", as_frame=False)
+    assert in_run.labels == [labels[i] for i in in_run.train_ids] and (run / "scores" / "scores.top.csv").is_file()
+    with pytest.raises(FileNotFoundError, match=r"nope\.safetensors"):
+        load_score_table(out, "nope")
+
+
+def test_score_table_as_a_pandas_frame(workspace):
+    pytest.importorskip("pandas", reason="pandas is not installed (optional)")
+    from wherefrom.core.scoring import load_score_table
+
+    out = workspace / "table-attribute"
+    if not out.exists():
+        assert invoke(*attribute_args(workspace, out)).exit_code == 0
+    frame = load_score_table(out)
+    assert frame.index.name == "train_id" and list(frame.columns[1:]) == ["test-0000", "test-0001", "test-0002"]
+    assert frame["label"].notna().all()
+
+
+def test_diagnose_predicts_the_exact_reference_memory_and_stops_before_work_when_over(workspace):
+    args = ["diagnose", "--train", workspace / "train.jsonl", "--queries", workspace / "queries.jsonl"]
+    args += [
+        "--model",
+        workspace / "model",
+        "--max-length",
+        "128",
+        "--methods",
+        "gradsim",
+        "--include",
+        "h\\.1\\.attn\\.c_proj",
+    ]
+    over = runner.invoke(
+        app, [str(a) for a in [*args, "--out", workspace / "diag-over"]], env={"WHEREFROM_MEMORY_LIMIT": "1KiB"}
+    )
+    assert over.exit_code == 2 and "the exact reference would need" in over.output and "--include" in over.output
+    assert not (workspace / "diag-over").exists()
+    fits = invoke(*args, "--out", workspace / "diag")
+    assert fits.exit_code == 0, fits.output
+    assert re.search(r"exact reference \(full GGN\): [\d,]+ bytes .* predicted; memory limit", fits.stderr)
+    report = json.loads((workspace / "diag" / "diagnose.json").read_text())
+    assert report["rows"][0]["damping"] > 0

@@ -1,0 +1,37 @@
+"""``diagnose``: one damping for every method and the exact reference, and progress over the methods."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import build_model, make_records
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.studies.diagnose import diagnose, fit_reference, shared_damping
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer):
+    return build_model("lora"), make_records(10, seed=21), make_records(3, seed=22, prefix="q")
+
+
+def test_every_method_gets_the_damping_of_the_exact_reference(setup, tokenizer):
+    model, train, queries = setup
+    config = AttributionConfig(batch_size=5)
+    seen = []
+
+    def progress(items, description):
+        seen.append((description, len(items)))
+        return iter(items)
+
+    rows, reason = diagnose(model, tokenizer, train, queries, ["ekfac", "kfac", "gradsim"], config, progress=progress)
+    assert reason is None and seen == [("methods", 3)]
+    reference = fit_reference(model, tokenizer, train, config, "exact", blocks="full")
+    expected = shared_damping(reference.curvature, 0.1)
+    assert expected == pytest.approx(float(reference.curvature.state["full.damping"]), rel=1e-6)
+    assert all(r.damping == pytest.approx(expected, rel=1e-9) for r in rows)
+    by_name = {r.method: r for r in rows}
+    # Measured here: EK-FAC 1.30 (Spearman 0.83) at the shared damping; 668 (Spearman 0.50) at its own
+    # per-module default, which differs from the reference's by the damping alone.
+    assert by_name["ekfac"].ihvp_rel_error < 2 and by_name["ekfac"].spearman > 0.7
+    fixed, _ = diagnose(model, tokenizer, train, queries, ["ekfac"], AttributionConfig(batch_size=5, damping=0.5))
+    assert fixed[0].damping == 0.5
