@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from typer.testing import CliRunner
 
+from wherefrom.cli import app
 from wherefrom.models.tiny import save_tiny
 from wherefrom.studies.generated import rule_identification, write_jsonl
 
@@ -16,3 +18,8 @@ def workspace(tmp_path_factory):
     write_jsonl(train, root / "train.jsonl")
     write_jsonl(queries, root / "queries.jsonl")
     return root
+
+
+def invoke(*args):
+    """``wherefrom ARGS`` run in-process by typer's ``CliRunner`` (arguments as strings); the result."""
+    return CliRunner().invoke(app, [str(a) for a in args])

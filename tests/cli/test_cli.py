@@ -5,17 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from wherefrom.cli import app
+from tests.cli.conftest import invoke
 from wherefrom.models.tiny import save_tiny
-
-runner = CliRunner()
-
-
-def invoke(*args: str):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result
 
 
 def fit_args(root, run="run"):

@@ -8,19 +8,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from wherefrom.cli import app
+from tests.cli.conftest import invoke
 from wherefrom.core.data import load_records
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import make_method
 from wherefrom.models.loading import load_model
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.mark.parametrize(("method", "option"), [("bm25", "k1=1.2"), ("trak", "dim=8"), ("gradsim", None)])

@@ -9,13 +9,10 @@ import re
 import pytest
 from typer.testing import CliRunner
 
+from tests.cli.conftest import invoke
 from wherefrom.cli import app
 
 runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def attribute_args(root, out, *extra):

@@ -9,20 +9,14 @@ import pytest
 import torch
 import typer
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
+from tests.cli.conftest import invoke
 from wherefrom.cli import app
 from wherefrom.cli.app import COMMANDS, torch_threads
 from wherefrom.cli.settings import ATTRIBUTION, SETTINGS, default_threads
 from wherefrom.core.data import Record
 from wherefrom.models.tiny import save_tiny
 from wherefrom.studies.generated import write_jsonl
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def fit_args(root, run, *extra):
