@@ -19,7 +19,7 @@ ROWS = torch.randn(N, DIM, generator=torch.Generator().manual_seed(0))
 SETTINGS = {"model": "abc", "projection": {"dim_in": 4, "dim_out": 4}}
 
 
-def produce(ids):
+def produce(_shard, ids):
     """Rows in batches of 3 (across shard boundaries), as a gradient stream would give them."""
     for i in range(0, len(ids), 3):
         batch = ids[i : i + 3]

@@ -145,18 +145,20 @@ class VectorStoreWriter:
         """The marker and every shard are intact (hashes every file)."""
         return is_intact(self.folder / MARKER) and all(is_intact(self.shard_path(k)) for k in range(self.shard_count))
 
-    def start(self, hint: str = "", ignore: Collection[str] = ()) -> bool:
-        """Record the manifest (first write) or compare it; then the ids. Returns whether the store is complete.
+    def start(self, hint: str = "", ignore: Collection[str] = ()) -> list[str]:
+        """Record the manifest (first write) or compare it; then the ids. Returns notes of what was discarded
+        (empty when nothing was; see :func:`wherefrom.core.store.record_settings`).
 
         ``ignore``: top-level settings not compared (e.g. the device when a finished store is reused).
         Raises :class:`wherefrom.core.store.SettingsMismatch` naming each differing setting (``hint`` says
         what to do). A folder whose manifest is missing or damaged is emptied (noted in :attr:`notices`).
         """
-        self.notices += record_settings(self.folder, self.manifest, hint, ignore)
+        notes = record_settings(self.folder, self.manifest, hint, ignore)
+        self.notices += notes
         path = self.folder / IDS_FILE
         if damage(path) is not None or read_json_checked(path) != self.ids:
             write_json_checked(self.ids, path)
-        return self.complete()
+        return notes
 
     def pending(self, rank: int = 0, world: int = 1) -> list[int]:
         """The shards ``k`` with ``k % world == rank`` that are not intact (to build); a damaged one is noted.
@@ -200,22 +202,18 @@ class VectorStoreWriter:
 
     def build(
         self,
-        produce: Callable[[list[str]], Iterable[tuple[list[str], torch.Tensor]]],
+        produce: Callable[[int, list[str]], Iterable[tuple[list[str], torch.Tensor]]],
         rank: int = 0,
         world: int = 1,
-        each: Callable[[int], None] | None = None,
     ) -> int:
         """Build this process's pending shards (:meth:`pending`); returns how many it wrote.
 
-        ``produce(ids)`` yields ``(batch_ids, rows (b, dim))`` for the given ids, in order; ``each(shard)``
-        is called before each shard (progress)."""
+        ``produce(shard, ids)`` yields ``(batch_ids, rows (b, dim))`` for the shard's ids, in order."""
         written = 0
         for shard in self.pending(rank, world):
-            if each is not None:
-                each(shard)
             start, stop = self.span(shard)
             ids, parts = [], []
-            for batch_ids, rows in produce(self.ids[start:stop]):
+            for batch_ids, rows in produce(shard, self.ids[start:stop]):
                 ids += list(batch_ids)
                 parts.append(rows.detach().to(device="cpu", dtype=DTYPES[self.dtype]))
             self.write(shard, ids, torch.cat(parts) if parts else torch.zeros(0, self.dim))

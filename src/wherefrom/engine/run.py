@@ -42,27 +42,23 @@ from typing import Any
 import torch
 
 from wherefrom.core.data import Record, data_fingerprint, load_records
+from wherefrom.core.gradients import flatten_blocks, split_rows
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import Scores, save_scores
 from wherefrom.core.store import (
     DamagedFile,
     StageFolder,
     atomic_write_json,
-    check_file,
     damage,
     forget_file,
     hardware,
-    is_intact,
-    load_tensors_checked,
     package_versions,
-    read_json_checked,
     record_settings,
-    save_tensors_checked,
     settings_differences,
-    write_json_checked,
     writer_lock,
 )
 from wherefrom.core.tracking import selection_signature
+from wherefrom.core.vectors import DTYPES, MARKER, VectorStore, VectorStoreWriter
 from wherefrom.curvature import Curvature, load_curvature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
@@ -70,7 +66,6 @@ from wherefrom.methods.registry import SETTING_NAMES, Method, in_family, make_me
 from wherefrom.methods.saved import META_FILE, TENSORS_FILE, load_fitted, save_fitted
 from wherefrom.models.loading import LoadedModel, load_model
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GRADIENT_SETTINGS = ("batch_size", "max_length", "chat_template", "reduction", "include", "exclude")
 """The attribution settings that change stored training gradients (recorded with an index)."""
 
@@ -394,33 +389,39 @@ class Run:
         return True
 
     # --- index ---------------------------------------------------------------------------------
-    def index_settings(self, shard_size: int, dtype: str) -> dict[str, Any]:
-        """What decides the index's bytes: recorded in ``index/settings.json`` before the first shard."""
+    def index_settings(self) -> dict[str, Any]:
+        """What decides the index's rows besides its layout: recorded in ``index/settings.json`` (the store's
+        manifest) before the first shard, and required of a store a query reads (:meth:`open_index`)."""
         return {
-            "shard_size": shard_size,
-            "dtype": dtype,
             **{k: v for k, v in self.fit_settings().items() if k != "attribution"},
             "gradients": {k: v for k, v in self.config.attribution.to_dict().items() if k in GRADIENT_SETTINGS},
+            "rows_layout": {"projection": "none", "blocks": selection_signature(self.attributor.modules)},
         }
 
     def build_index(self, shard_size: int = 256, dtype: str = "float32") -> int:
-        """Write raw training gradients in shards of ``shard_size`` rows; resumes. Returns shards written now.
+        """Write the training gradients as a :class:`wherefrom.core.vectors.VectorStore` in ``RUN/index/``; resumes.
+        Returns the shards written now.
 
+        Row ``i`` is training row ``i``'s per-example gradient, every module's ``(out, in')`` block flattened
+        and concatenated in module order (:func:`wherefrom.core.gradients.flatten_blocks`: the store's
+        "projection none"), in ``dtype`` (float32 | float16 | bfloat16), ``shard_size`` rows per shard.
         Holds the run's writer lock; records the settings first and refuses to resume under other
         ones (:class:`wherefrom.core.store.SettingsMismatch` names e.g. ``shard_size: recorded 4, now 2``);
-        rewrites every shard that is missing, unfinished or damaged (noted in :attr:`notices`).
+        rewrites every shard that is missing, unfinished or damaged (noted in :attr:`notices`). Raises
+        ``ValueError`` for a run of a method outside the influence family, a bad ``shard_size`` or ``dtype``,
+        and ``OSError`` naming the shard whose write failed (a full disk; the finished shards are kept).
         """
         if self.method is not None:
             raise ValueError(
                 f"method {self.config.method!r} has no per-row gradient index (only influence methods do); "
                 f"`wherefrom scores --run {self.folder}` scores it from its fitted state"
             )
-        if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         folder = self.folder / "index"
-        if not (folder / "index.json").exists():  # predicted before anything is written
+        names = self.attributor.module_names
+        writer = VectorStoreWriter(
+            folder, [r.id for r in self.train], self.attributor.num_parameters, self.index_settings(), dtype, shard_size
+        )
+        if not (folder / MARKER).exists():  # predicted before anything is written
             rows, size = min(shard_size, len(self.train)), self.attributor.num_parameters
             check_memory(
                 {
@@ -432,81 +433,60 @@ class Run:
                 self.attributor.device,
                 "Use a smaller shard_size or dtype bfloat16.",
             )
-        n_shards = (len(self.train) + shard_size - 1) // shard_size
+
+        def produce(shard: int, _ids: list[str]) -> Iterator[tuple[list[str], torch.Tensor]]:
+            start, stop = writer.span(shard)
+            description = f"index shard {shard + 1}/{writer.shard_count}"
+            for ids, grads in self.attributor.gradients(self.train[start:stop], description=description):
+                yield ids, flatten_blocks(grads, names)
+
+        written = 0
         with writer_lock(self.folder):
-
-            def complete() -> bool:
-                return is_intact(folder / "index.json") and all(is_intact(self.shard_path(k)) for k in range(n_shards))
-
-            finished = complete()
             hint = f"Resume with the recorded values, or delete {folder} to index with the new ones."
-            # A finished index is reused on any device; a resumed one must run where it started.
-            notes = record_settings(
-                folder, self.index_settings(shard_size, dtype), hint, ignore=("device",) if finished else ()
-            )
-            if notes:  # shards of unknown settings were discarded
-                self.notices += notes
-                finished = complete()
-            if finished:
-                return 0
-            forget_file(folder / "index.json")  # incomplete until every shard is intact again
-            written = 0
-            for shard in range(n_shards):
-                path = self.shard_path(shard)
-                problem = damage(path)
-                if problem is None:
-                    continue
-                if path.exists():
-                    self.notices.append(f"rebuilding: {problem}")
-                rows = self.train[shard * shard_size : (shard + 1) * shard_size]
-                ids, parts = [], []
-                for batch_ids, grads in self.attributor.gradients(
-                    rows, description=f"index shard {shard + 1}/{n_shards}"
-                ):
-                    ids += batch_ids
-                    parts.append({n: g.to(DTYPES[dtype]).cpu() for n, g in grads.items()})
-                tensors = {n: torch.cat([p[n] for p in parts]).contiguous() for n in self.attributor.module_names}
-                save_tensors_checked(tensors, path, meta={"ids": json.dumps(ids)})
-                written += 1
-            write_json_checked(
-                {"shards": n_shards, "rows": len(self.train), "dtype": dtype, "shard_size": shard_size},
-                folder / "index.json",
-            )
+            try:
+                finished = writer.complete()
+                # A finished index is reused on any device; a resumed one must run where it started.
+                if writer.start(hint, ignore=("device",) if finished else ()):  # parts of unknown settings discarded
+                    finished = writer.complete()
+                if not finished:
+                    written = writer.build(produce)
+                    writer.finalize()
+            finally:
+                self.notices += writer.notices
         return written
 
-    def shard_path(self, shard: int) -> Path:
-        return self.folder / "index" / f"shard-{shard:05d}.safetensors"
-
     def has_index(self) -> bool:
-        return (self.folder / "index" / "index.json").exists()
+        return (self.folder / "index" / MARKER).exists()
 
-    def check_index(self) -> dict[str, Any]:
-        """``index.json`` after verifying it and every shard's checksum; raises :class:`wherefrom.core.store.DamagedFile`."""
+    def open_index(self) -> VectorStore:
+        """The run's finished index, its marker, manifest and every shard's checksum verified, and its settings
+        required to be this run's (model, tokenizer, module selection, gradient settings, layout).
+
+        Raises :class:`wherefrom.core.store.DamagedFile` naming a damaged file and
+        :class:`wherefrom.core.store.SettingsMismatch` naming each setting that differs."""
+        hint = f"rerun `wherefrom index --run {self.folder}` to rebuild it"
         try:
-            info = read_json_checked(self.folder / "index" / "index.json")
-            for shard in range(info["shards"]):
-                check_file(self.shard_path(shard))
+            store = VectorStore.open(self.folder / "index")
+            store.verify()
         except DamagedFile as error:
-            raise DamagedFile(f"{error}; rerun `wherefrom index --run {self.folder}` to rebuild it") from None
-        return info
-
-    def indexed_gradients(self) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
-        """``(ids, {module: (n, out, in')})`` per shard of a complete index, as float32.
-
-        Each shard is verified as it is read (:class:`wherefrom.core.store.DamagedFile` names it), and the
-        ids must come out as the run's training ids in order, each once.
-        """
-        info = read_json_checked(self.folder / "index" / "index.json")
-        seen: list[str] = []
-        for shard in range(info["shards"]):
-            tensors, meta = load_tensors_checked(self.shard_path(shard))
-            ids = json.loads(meta["ids"])
-            seen += ids
-            yield ids, {n: tensors[n].float() for n in self.attributor.module_names}
-        if seen != [r.id for r in self.train]:
+            raise DamagedFile(f"{error}; {hint}") from None
+        store.require({k: v for k, v in self.index_settings().items() if k != "device"}, f"run {self.folder}")
+        if store.ids != [r.id for r in self.train]:
             raise DamagedFile(
-                f"{self.folder / 'index'} holds {len(seen)} rows that are not the run's {len(self.train)} training ids in order; rebuild it"
+                f"{store.folder} holds {store.count} rows that are not the run's {len(self.train)} training ids in order; {hint}"
             )
+        return store
+
+    def indexed_gradients(
+        self, store: VectorStore | None = None
+    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        """``(ids, {module: (n, out, in')})`` per shard of the run's complete index (``store``: already opened
+        by :meth:`open_index`), as float32; each shard is verified as it is read
+        (:class:`wherefrom.core.store.DamagedFile` names it)."""
+        store = store or self.open_index()
+        shapes = [(m.name, m.shape) for m in self.attributor.modules]
+        for start, rows in store.shards():
+            yield store.ids[start : start + rows.shape[0]], split_rows(rows.float(), shapes)
 
     # --- scores --------------------------------------------------------------------------------
     def scores(self, queries: list[Record], curvature: Curvature | None = None) -> Scores:
@@ -527,12 +507,11 @@ class Run:
         curvature = curvature or self.attributor.curvature
         if curvature.needs_fit and not curvature.state:
             raise RuntimeError(f"no fitted curvature in {self.folder / 'factors'}; run `wherefrom fit` first")
-        if self.has_index():
-            self.check_index()  # refuse a damaged index before the query work
+        store = self.open_index() if self.has_index() else None  # a damaged index refused before the query work
         query_ids, pre = self.attributor.preconditioned_queries(queries, curvature)
         train = (
-            self.indexed_gradients()
-            if self.has_index()
+            self.indexed_gradients(store)
+            if store is not None
             else self.attributor.gradients(self.train, description="train gradients")
         )
         return self.attributor.scores_from_gradients(query_ids, pre, train)
