@@ -33,6 +33,7 @@ file's new place to :meth:`Run.open`: it is taken when its rows' fingerprint mat
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -389,39 +390,78 @@ class Run:
         return True
 
     # --- index ---------------------------------------------------------------------------------
-    def index_settings(self) -> dict[str, Any]:
+    def vectors(self) -> Any:
+        """The run's method when its train side is a vector per row (``trak``, ``logra``, ``repsim``: it has
+        ``train_vectors``), else ``None`` (an influence run indexes raw gradients)."""
+        return self.method if hasattr(self.method, "train_vectors") else None
+
+    def index_settings(self, precondition: str = "fitted", unit_norm: bool = False) -> dict[str, Any]:
         """What decides the index's rows besides its layout: recorded in ``index/settings.json`` (the store's
-        manifest) before the first shard, and required of a store a query reads (:meth:`open_index`)."""
+        manifest) before the first shard; every key but ``device``, ``precondition`` and ``unit_norm`` is
+        required of a store a query reads (:meth:`open_index`)."""
+        vectors = self.vectors()
+        if vectors is None:
+            layout = {"projection": "none", "blocks": selection_signature(self.attributor.modules)}
+            extra = {}
+        else:
+            blocks = [[name, *shape] for name, shape in vectors.vector_blocks()]
+            layout = {"projection": vectors.vector_settings(), "blocks": blocks}
+            extra = {"precondition": precondition, "unit_norm": unit_norm}
         return {
             **{k: v for k, v in self.fit_settings().items() if k != "attribution"},
             "gradients": {k: v for k, v in self.config.attribution.to_dict().items() if k in GRADIENT_SETTINGS},
-            "rows_layout": {"projection": "none", "blocks": selection_signature(self.attributor.modules)},
+            "rows_layout": layout,
+            **extra,
         }
 
-    def build_index(self, shard_size: int = 256, dtype: str = "float32") -> int:
-        """Write the training gradients as a :class:`wherefrom.core.vectors.VectorStore` in ``RUN/index/``; resumes.
-        Returns the shards written now.
+    def build_index(
+        self, shard_size: int = 256, dtype: str = "float32", precondition: str = "fitted", unit_norm: bool = False
+    ) -> int:
+        """Write the training set's rows as a :class:`wherefrom.core.vectors.VectorStore` in ``RUN/index/``;
+        resumes. Returns the shards written now.
 
-        Row ``i`` is training row ``i``'s per-example gradient, every module's ``(out, in')`` block flattened
-        and concatenated in module order (:func:`wherefrom.core.gradients.flatten_blocks`: the store's
-        "projection none"), in ``dtype`` (float32 | float16 | bfloat16), ``shard_size`` rows per shard.
+        An influence run (raw gradients: the store's "projection none"): row ``i`` is training row ``i``'s
+        per-example gradient, every module's ``(out, in')`` block flattened and concatenated in module order
+        (:func:`wherefrom.core.gradients.flatten_blocks`); the curvature is applied to the queries when scoring.
+        A fitted ``trak``/``logra``/``repsim`` run: the method's ``train_vectors`` (projected gradients, with
+        ``precondition="fitted"`` multiplied by the fitted ``(F~ + lambda I)^-1``, with ``unit_norm`` unit
+        length; repsim: unit hidden states), so that a score is ``query_vector @ row``.
+        Rows are stored in ``dtype`` (float32 | float16 | bfloat16), ``shard_size`` rows per shard.
+
         Holds the run's writer lock; records the settings first and refuses to resume under other
         ones (:class:`wherefrom.core.store.SettingsMismatch` names e.g. ``shard_size: recorded 4, now 2``);
         rewrites every shard that is missing, unfinished or damaged (noted in :attr:`notices`). Raises
-        ``ValueError`` for a run of a method outside the influence family, a bad ``shard_size`` or ``dtype``,
-        and ``OSError`` naming the shard whose write failed (a full disk; the finished shards are kept).
+        ``ValueError`` for a method without vector rows or not yet fitted, ``precondition``/``unit_norm`` on an
+        influence run, a bad ``shard_size``, ``dtype`` or ``precondition`` (fitted | none), and ``OSError``
+        naming the shard whose write failed (a full disk; the finished shards are kept).
         """
-        if self.method is not None:
+        if self.method is not None and not self.method_fitted and (self.folder / "method" / META_FILE).exists():
+            load_fitted(self.method, self.folder / "method", self.train)
+            self.method_fitted = True
+        vectors = self.vectors()
+        if self.method is not None and (vectors is None or not self.method_fitted):
+            why = "its train side is not a vector per row" if vectors is None else "before it is fitted"
             raise ValueError(
-                f"method {self.config.method!r} has no per-row gradient index (only influence methods do); "
-                f"`wherefrom scores --run {self.folder}` scores it from its fitted state"
+                f"method {self.config.method!r} has no per-row gradient index ({why}); "
+                + (
+                    "run `wherefrom fit` first"
+                    if vectors is not None
+                    else f"`wherefrom scores --run {self.folder}` scores it from its fitted state"
+                )
+            )
+        if precondition not in ("fitted", "none"):
+            raise ValueError(f"precondition must be 'fitted' or 'none', got {precondition!r}")
+        if vectors is None and (precondition != "fitted" or unit_norm):
+            raise ValueError(
+                "--precondition and --unit-norm apply to the index of a trak/logra/repsim run; an influence run "
+                "stores raw gradients and applies its curvature to the queries"
             )
         folder = self.folder / "index"
         names = self.attributor.module_names
-        writer = VectorStoreWriter(
-            folder, [r.id for r in self.train], self.attributor.num_parameters, self.index_settings(), dtype, shard_size
-        )
-        if not (folder / MARKER).exists():  # predicted before anything is written
+        settings = self.index_settings(precondition, unit_norm)
+        dim = sum(math.prod(shape) for _name, *shape in settings["rows_layout"]["blocks"])
+        writer = VectorStoreWriter(folder, [r.id for r in self.train], dim, settings, dtype, shard_size)
+        if vectors is None and not (folder / MARKER).exists():  # predicted before anything is written
             rows, size = min(shard_size, len(self.train)), self.attributor.num_parameters
             check_memory(
                 {
@@ -436,6 +476,9 @@ class Run:
 
         def produce(shard: int, _ids: list[str]) -> Iterator[tuple[list[str], torch.Tensor]]:
             start, stop = writer.span(shard)
+            if vectors is not None:
+                yield from vectors.train_vectors(self.train[start:stop], precondition == "fitted", unit_norm)
+                return
             description = f"index shard {shard + 1}/{writer.shard_count}"
             for ids, grads in self.attributor.gradients(self.train[start:stop], description=description):
                 yield ids, flatten_blocks(grads, names)
@@ -470,7 +513,10 @@ class Run:
             store.verify()
         except DamagedFile as error:
             raise DamagedFile(f"{error}; {hint}") from None
-        store.require({k: v for k, v in self.index_settings().items() if k != "device"}, f"run {self.folder}")
+        now = self.index_settings()
+        store.require(
+            {k: v for k, v in now.items() if k not in ("device", "precondition", "unit_norm")}, f"run {self.folder}"
+        )
         if store.ids != [r.id for r in self.train]:
             raise DamagedFile(
                 f"{store.folder} holds {store.count} rows that are not the run's {len(self.train)} training ids in order; {hint}"
@@ -502,6 +548,8 @@ class Run:
                 raise RuntimeError(
                     f"no fitted {self.config.method} in {self.folder / 'method'}; run `wherefrom fit` first"
                 )
+            if self.vectors() is not None and self.has_index():
+                return self.store_scores(queries, self.open_index())
             return self.method.scores(queries, self.train)
         self.attributor.check_scoring_memory(len(queries), len(self.train))
         curvature = curvature or self.attributor.curvature
@@ -515,6 +563,19 @@ class Run:
             else self.attributor.gradients(self.train, description="train gradients")
         )
         return self.attributor.scores_from_gradients(query_ids, pre, train)
+
+    def store_scores(self, queries: list[Record], store: VectorStore) -> Scores:
+        """Scores of a vector run's ``queries`` from its index: ``query_vector @ row`` per module block,
+        streamed shard by shard (``(n_modules, q, n)``; positive = proponent)."""
+        vectors = self.vectors()
+        blocks = vectors.vector_blocks()
+        query_ids, query_rows = vectors.query_vectors(queries, unit=bool(store.settings.get("unit_norm")))
+        query_blocks = split_rows(query_rows.float().cpu(), blocks)
+        columns = []
+        for _start, rows in store.shards():
+            train_blocks = split_rows(rows.float(), blocks)
+            columns.append(torch.stack([query_blocks[n] @ train_blocks[n].T for n, _ in blocks]))
+        return Scores(query_ids, list(store.ids), [n for n, _ in blocks], torch.cat(columns, dim=2))
 
     def save_scores(self, scores: Scores, name: str) -> Path:
         """Write ``scores/<name>.safetensors`` and ``scores/<name>.json`` (see :func:`wherefrom.core.scoring.save_scores`)
