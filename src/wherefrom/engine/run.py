@@ -13,9 +13,10 @@ Layout::
     RUN/method/                a method outside the influence family (trak, logra, tracin, repsim,
                                bm25): settings.json first, method.safetensors, then method.json
                                (finished; :mod:`wherefrom.methods.saved` says what each keeps)
-    RUN/index/settings.json    shard size, dtype, device and the run's settings, recorded first
-    RUN/index/shard-NNNNN.safetensors   raw training gradients {module: (n, out, in')} + ids
-    RUN/index/index.json       written last: the index is complete
+    RUN/index/                 a :class:`wherefrom.core.vectors.VectorStore` (one row per training
+                               row: raw gradients, or a trak/logra/repsim run's vectors):
+                               settings.json first, ids.json, shard-NNNNN.safetensors,
+                               index.json last (the index is complete)
     RUN/scores/<name>.safetensors + <name>.json   pairwise scores with their ids
     RUN/*/checksums.json       sha256 and size of every file above, recorded after it is written
 
