@@ -49,6 +49,8 @@ def test_round_trip(tmp_path, dtype):
     parts = list(store.shards())
     assert [start for start, _ in parts] == [0, 4, 8] and all(rows.dtype == getattr(torch, dtype) for _, rows in parts)
     assert torch.equal(torch.cat([rows for _, rows in parts]), ROWS.to(getattr(torch, dtype)))
+    mapped = list(store.shards(verify=False))
+    assert [s for s, _ in mapped] == [0, 4, 8] and all(torch.equal(a, b) for (_, a), (_, b) in zip(mapped, parts))
 
 
 def test_incomplete_store_is_refused(tmp_path):
