@@ -196,3 +196,37 @@ def test_bad_layout_is_refused_by_name(tmp_path):
         writer.write(0, IDS[:4], ROWS[:4, :5])
     with pytest.raises(ValueError, match=r"rows 0\.\.3 in order"):
         writer.write(0, IDS[1:5], ROWS[:4])
+
+
+def write_rank(folder, rank, rows, shard_size):
+    """One rank of a concurrent build (a forked process): its own shards of one folder."""
+    ids = [f"r{i}" for i in range(rows.shape[0])]
+
+    def produce(shard, shard_ids):
+        start = shard * shard_size
+        yield shard_ids, rows[start : start + len(shard_ids)]
+
+    VectorStoreWriter(folder, ids, rows.shape[1], SETTINGS, shard_size=shard_size).build(produce, rank, 2)
+
+
+def test_two_ranks_writing_at_once_lose_no_checksum(tmp_path):
+    """Ranks writing different shards of one folder at the same time: every checksum entry survives
+    (``checksums.json`` is updated under a file lock), and the store equals a one-process build."""
+    multiprocessing = pytest.importorskip("multiprocessing")
+    rows = torch.randn(60, 3, generator=torch.Generator().manual_seed(1))
+    ids = [f"r{i}" for i in range(60)]
+    one = VectorStoreWriter(tmp_path / "one", ids, 3, SETTINGS, shard_size=1)
+    one.start()
+    one.build(lambda shard, shard_ids: [(shard_ids, rows[shard : shard + 1])])
+    one.finalize()
+    folder = tmp_path / "two"
+    VectorStoreWriter(folder, ids, 3, SETTINGS, shard_size=1).start()  # rank 0 first, then the others
+    context = multiprocessing.get_context("fork")
+    ranks = [context.Process(target=write_rank, args=(folder, rank, rows, 1)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(60)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    VectorStoreWriter(folder, ids, 3, SETTINGS, shard_size=1).finalize()
+    assert files(folder) == files(tmp_path / "one")

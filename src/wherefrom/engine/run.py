@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -436,6 +436,30 @@ class Run:
         influence run, a bad ``shard_size``, ``dtype`` or ``precondition`` (fitted | none), and ``OSError``
         naming the shard whose write failed (a full disk; the finished shards are kept).
         """
+        writer, produce = self.index_writer(shard_size, dtype, precondition, unit_norm)
+        folder = writer.folder
+        written = 0
+        with writer_lock(self.folder):
+            hint = f"Resume with the recorded values, or delete {folder} to index with the new ones."
+            try:
+                finished = writer.complete()
+                # A finished index is reused on any device; a resumed one must run where it started.
+                if writer.start(hint, ignore=("device",) if finished else ()):  # parts of unknown settings discarded
+                    finished = writer.complete()
+                if not finished:
+                    written = writer.build(produce)
+                    writer.finalize()
+            finally:
+                self.notices += writer.notices
+        return written
+
+    def index_writer(
+        self, shard_size: int = 256, dtype: str = "float32", precondition: str = "fitted", unit_norm: bool = False
+    ) -> tuple[VectorStoreWriter, Callable[[int, list[str]], Iterator[tuple[list[str], torch.Tensor]]]]:
+        """The writer of ``RUN/index/`` and the producer of its rows (see :meth:`build_index`; same errors, raised
+        here before any write): the parts a distributed build calls itself. Each process calls
+        ``writer.start()`` (rank 0 first, the others after a barrier), ``writer.build(produce, rank, world)``,
+        and after a barrier rank 0 calls ``writer.finalize()``."""
         if self.method is not None and not self.method_fitted and (self.folder / "method" / META_FILE).exists():
             load_fitted(self.method, self.folder / "method", self.train)
             self.method_fitted = True
@@ -484,20 +508,7 @@ class Run:
             for ids, grads in self.attributor.gradients(self.train[start:stop], description=description):
                 yield ids, flatten_blocks(grads, names)
 
-        written = 0
-        with writer_lock(self.folder):
-            hint = f"Resume with the recorded values, or delete {folder} to index with the new ones."
-            try:
-                finished = writer.complete()
-                # A finished index is reused on any device; a resumed one must run where it started.
-                if writer.start(hint, ignore=("device",) if finished else ()):  # parts of unknown settings discarded
-                    finished = writer.complete()
-                if not finished:
-                    written = writer.build(produce)
-                    writer.finalize()
-            finally:
-                self.notices += writer.notices
-        return written
+        return writer, produce
 
     def has_index(self) -> bool:
         return (self.folder / "index" / MARKER).exists()
