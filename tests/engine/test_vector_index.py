@@ -5,14 +5,15 @@ index settings that do not apply are refused by name."""
 from __future__ import annotations
 
 import shutil
+import signal
 from dataclasses import replace
 
 import pytest
 import torch
 
-from tests.engine.robust_workspace import invoke, make_workspace
+from tests.engine.robust_workspace import invoke, make_workspace, partials, spawn, wait_until
 from wherefrom.core.data import load_records
-from wherefrom.core.store import SettingsMismatch
+from wherefrom.core.store import SettingsMismatch, is_intact
 from wherefrom.core.vectors import VectorStore
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig
@@ -130,3 +131,27 @@ def test_cli_index_of_a_logra_run(workspace, tmp_path):
     assert VectorStore.open(tmp_path / "run" / "index").dtype == "bfloat16"
     code, out = invoke("scores", "--run", tmp_path / "run", "--queries", workspace / "queries.jsonl")
     assert code == 0 and "(3, 10) scores" in out, out
+
+
+def test_logra_index_killed_then_resumed_is_byte_identical(workspace, tmp_path):
+    """A real `wherefrom index` process of a logra run SIGKILLed after a few shards, then the same command:
+    the store equals an uninterrupted build byte for byte (every file but the lock)."""
+    for name in ("clean", "killed"):
+        fitted(workspace, tmp_path / name, "logra", LOGRA)
+    code, out = invoke("index", "--run", tmp_path / "clean", "--shard-size", "1")
+    assert code == 0 and "10 shards written now" in out, out
+    index = tmp_path / "killed" / "index"
+    process = spawn("index", "--run", tmp_path / "killed", "--shard-size", "1")
+    wait_until(lambda: is_intact(index / "shard-00002.safetensors"), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    if (index / "index.json").exists():
+        pytest.skip("the index finished before the kill")
+    finished = sum(is_intact(p) for p in index.glob("shard-*"))
+    code, out = invoke("index", "--run", tmp_path / "killed", "--shard-size", "1")
+    assert code == 0 and f"{10 - finished} shards written now" in out, out
+
+    def stored(folder):
+        return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
+
+    assert stored(index) == stored(tmp_path / "clean" / "index") and not partials(tmp_path / "killed")
