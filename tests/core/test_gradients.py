@@ -7,6 +7,7 @@ import torch
 
 from tests.conftest import build_model
 from wherefrom.core.encoding import collate, pad_id
+from wherefrom.core.gradients import flatten_blocks, split_rows
 from wherefrom.engine.api import AttributionConfig, Attributor
 
 
@@ -62,3 +63,13 @@ def test_padding_does_not_change_gradients(tokenizer, train_records):
     attributor.config.batch_size = len(train_records)
     padded = torch.cat([g[attributor.module_names[0]] for _, g in attributor.gradients(train_records)])
     torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-6)
+
+
+def test_flatten_blocks_and_split_rows_round_trip():
+    blocks = {"b": torch.randn(3, 2, 4), "a": torch.randn(3, 5)}
+    rows = flatten_blocks(blocks, ["b", "a"])
+    assert rows.shape == (3, 13) and torch.equal(rows[:, :8], blocks["b"].reshape(3, 8))
+    back = split_rows(rows, [("b", (2, 4)), ("a", (5,))])
+    assert all(torch.equal(back[n], blocks[n]) for n in blocks)
+    with pytest.raises(ValueError, match=r"rows of length 13 do not split into blocks of sizes \[8, 4\]"):
+        split_rows(rows, [("b", (2, 4)), ("a", (4,))])

@@ -59,13 +59,15 @@ def fit(train, run, model, adapter, strategy, strategy_option, method, option, d
 
 
 @command
-def index(run, shard_size, dtype, device, threads) -> None:
-    """Store the training set's per-example gradients so that queries need no train pass (resumes;
-    refuses another --shard-size / --dtype than the interrupted index was started with)."""
+def index(run, shard_size, dtype, precondition, unit_norm, device, threads) -> None:
+    """Store one row per training example in RUN/index/ so that queries need no train pass: the raw
+    gradients of an influence run, the projected (optionally preconditioned, unit) gradients of a fitted
+    trak/logra run, the hidden states of a repsim run. Resumes; refuses other settings than the
+    interrupted index was started with, naming them."""
     try:
         opened = Run.open(run, progress=progress, device=device, factors=False)
-        written = opened.build_index(shard_size, dtype)
-    except (FileNotFoundError, RunMismatch, StoreError, ValueError) as error:
+        written = opened.build_index(shard_size, dtype, precondition, unit_norm)
+    except (OSError, RunMismatch, StoreError, ValueError) as error:
         fail(error)
     notify(opened)
     console.print(f"index complete ({written} shards written now) -> {run / 'index'}")

@@ -453,6 +453,15 @@ class OutputSettings:
     dtype: str = setting(
         "float32", "Index storage dtype: float32 | bfloat16 | float16.", check=one_of("float32", "bfloat16", "float16")
     )
+    precondition: str = setting(
+        "fitted",
+        "Index rows of a trak/logra run: fitted = the fitted projected (F~ + lambda I)^-1 applied to each row (the "
+        "method's own scores); none = raw projected gradients (projected gradient similarity).",
+        check=one_of("fitted", "none"),
+    )
+    unit_norm: bool = setting(
+        False, "Divide each index row and each query vector by its norm (trak/logra runs: cosine-like scores)."
+    )
     bench: Path = setting(
         REQUIRED, "Bench folder written by `wherefrom bench` (bench.json, seed-<s>/finetune).", check=existing_path
     )

@@ -8,6 +8,7 @@ is the *sum* of per-example losses, so each example's ``g`` only carries its own
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -89,3 +90,19 @@ def per_example_gradients(
     """Dense per-example gradients ``{name: (B, out, in')}`` of ``loss_fn`` for one batch."""
     factors, _ = token_factors(model, modules, batch, loss_fn)
     return {name: f.dense() for name, f in factors.items()}
+
+
+def flatten_blocks(blocks: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    """One row per example: the blocks ``{module: (b, ...)}`` of ``names`` flattened and concatenated in
+    that order, ``(b, sum of block sizes)``; :func:`split_rows` undoes it."""
+    return torch.cat([blocks[n].reshape(blocks[n].shape[0], -1) for n in names], dim=1)
+
+
+def split_rows(rows: torch.Tensor, shapes: Sequence[tuple[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+    """``{module: (b, *shape)}`` views of rows ``(b, D)`` laid out by :func:`flatten_blocks` in the order of
+    ``shapes`` (``[(name, shape), ...]``); ``ValueError`` when ``D`` is not the shapes' total size."""
+    sizes = [math.prod(shape) for _, shape in shapes]
+    if rows.shape[1] != sum(sizes):
+        raise ValueError(f"rows of length {rows.shape[1]} do not split into blocks of sizes {sizes}")
+    parts = torch.split(rows, sizes, dim=1)
+    return {name: part.reshape(rows.shape[0], *shape) for (name, shape), part in zip(shapes, parts)}

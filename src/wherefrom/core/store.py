@@ -25,7 +25,9 @@ analysis caches can call the same functions):
 5. Write a small "complete" marker last (e.g. ``index.json``) with :func:`write_json_checked`.
 6. Per-stage results of a long computation can go through :class:`StageFolder` (same rules).
 
-``checksums.json`` is read-modified-written, so only the lock holder may call the writing functions.
+``checksums.json`` is read-modified-written under its own file lock (``.checksums.json.lock``), so
+several processes may write *different* files of one folder (e.g. the ranks of a distributed index
+build); the writer lock of step 1 still keeps two jobs from writing the same files.
 """
 
 from __future__ import annotations
@@ -248,14 +250,19 @@ def _checksums(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def _set_checksum(path: Path, entry: dict[str, Any] | None) -> None:
-    files = _checksums(path.parent)
-    if entry is None:
-        if path.name not in files:
-            return
-        del files[path.name]
-    else:
-        files[path.name] = entry
-    atomic_write_json({"files": files}, path.parent / CHECKSUMS)
+    # A file lock around the read-modify-write: processes that write different files of one folder
+    # (the ranks of a distributed index build) never lose each other's entries.
+    if not path.parent.is_dir():  # forgetting a file of a folder not yet made: nothing recorded
+        return
+    with FileLock(path.parent / f".{CHECKSUMS}.lock"):
+        files = _checksums(path.parent)
+        if entry is None:
+            if path.name not in files:
+                return
+            del files[path.name]
+        else:
+            files[path.name] = entry
+        atomic_write_json({"files": files}, path.parent / CHECKSUMS)
 
 
 def record_checksum(path: Path) -> None:
@@ -292,6 +299,18 @@ def _verified_bytes(path: Path) -> bytes:
     data = path.read_bytes()
     _compare(path, _sha256(data), len(data))
     return data
+
+
+def check_size(path: Path) -> None:
+    """Raise :class:`DamagedFile` naming ``path`` when it is missing, has no recorded checksum, or its size
+    differs from the recorded one (a truncated file); the cheap check, without reading the bytes."""
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedFile(f"{path} is missing")
+    entry = _checksums(path.parent).get(path.name)
+    size = path.stat().st_size
+    if entry is None or size != entry["bytes"]:
+        _compare(path, "", size)
 
 
 def check_file(path: Path) -> None:

@@ -13,9 +13,10 @@ Layout::
     RUN/method/                a method outside the influence family (trak, logra, tracin, repsim,
                                bm25): settings.json first, method.safetensors, then method.json
                                (finished; :mod:`wherefrom.methods.saved` says what each keeps)
-    RUN/index/settings.json    shard size, dtype, device and the run's settings, recorded first
-    RUN/index/shard-NNNNN.safetensors   raw training gradients {module: (n, out, in')} + ids
-    RUN/index/index.json       written last: the index is complete
+    RUN/index/                 a :class:`wherefrom.core.vectors.VectorStore` (one row per training
+                               row: raw gradients, or a trak/logra/repsim run's vectors):
+                               settings.json first, ids.json, shard-NNNNN.safetensors,
+                               index.json last (the index is complete)
     RUN/scores/<name>.safetensors + <name>.json   pairwise scores with their ids
     RUN/*/checksums.json       sha256 and size of every file above, recorded after it is written
 
@@ -33,8 +34,9 @@ file's new place to :meth:`Run.open`: it is taken when its rows' fingerprint mat
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -42,27 +44,23 @@ from typing import Any
 import torch
 
 from wherefrom.core.data import Record, data_fingerprint, load_records
+from wherefrom.core.gradients import flatten_blocks, split_rows
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import Scores, save_scores
 from wherefrom.core.store import (
     DamagedFile,
     StageFolder,
     atomic_write_json,
-    check_file,
     damage,
     forget_file,
     hardware,
-    is_intact,
-    load_tensors_checked,
     package_versions,
-    read_json_checked,
     record_settings,
-    save_tensors_checked,
     settings_differences,
-    write_json_checked,
     writer_lock,
 )
 from wherefrom.core.tracking import selection_signature
+from wherefrom.core.vectors import DTYPES, MARKER, VectorStore, VectorStoreWriter
 from wherefrom.curvature import Curvature, load_curvature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
@@ -70,7 +68,6 @@ from wherefrom.methods.registry import SETTING_NAMES, Method, in_family, make_me
 from wherefrom.methods.saved import META_FILE, TENSORS_FILE, load_fitted, save_fitted
 from wherefrom.models.loading import LoadedModel, load_model
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GRADIENT_SETTINGS = ("batch_size", "max_length", "chat_template", "reduction", "include", "exclude")
 """The attribution settings that change stored training gradients (recorded with an index)."""
 
@@ -394,33 +391,102 @@ class Run:
         return True
 
     # --- index ---------------------------------------------------------------------------------
-    def index_settings(self, shard_size: int, dtype: str) -> dict[str, Any]:
-        """What decides the index's bytes: recorded in ``index/settings.json`` before the first shard."""
+    def vectors(self) -> Any:
+        """The run's method when its train side is a vector per row (``trak``, ``logra``, ``repsim``: it has
+        ``train_vectors``), else ``None`` (an influence run indexes raw gradients)."""
+        return self.method if hasattr(self.method, "train_vectors") else None
+
+    def index_settings(self, precondition: str = "fitted", unit_norm: bool = False) -> dict[str, Any]:
+        """What decides the index's rows besides its layout: recorded in ``index/settings.json`` (the store's
+        manifest) before the first shard; every key but ``device``, ``precondition`` and ``unit_norm`` is
+        required of a store a query reads (:meth:`open_index`)."""
+        vectors = self.vectors()
+        if vectors is None:
+            layout = {"projection": "none", "blocks": selection_signature(self.attributor.modules)}
+            extra = {}
+        else:
+            blocks = [[name, *shape] for name, shape in vectors.vector_blocks()]
+            layout = {"projection": vectors.vector_settings(), "blocks": blocks}
+            extra = {"precondition": precondition, "unit_norm": unit_norm}
         return {
-            "shard_size": shard_size,
-            "dtype": dtype,
             **{k: v for k, v in self.fit_settings().items() if k != "attribution"},
             "gradients": {k: v for k, v in self.config.attribution.to_dict().items() if k in GRADIENT_SETTINGS},
+            "rows_layout": layout,
+            **extra,
         }
 
-    def build_index(self, shard_size: int = 256, dtype: str = "float32") -> int:
-        """Write raw training gradients in shards of ``shard_size`` rows; resumes. Returns shards written now.
+    def build_index(
+        self, shard_size: int = 256, dtype: str = "float32", precondition: str = "fitted", unit_norm: bool = False
+    ) -> int:
+        """Write the training set's rows as a :class:`wherefrom.core.vectors.VectorStore` in ``RUN/index/``;
+        resumes. Returns the shards written now.
+
+        An influence run (raw gradients: the store's "projection none"): row ``i`` is training row ``i``'s
+        per-example gradient, every module's ``(out, in')`` block flattened and concatenated in module order
+        (:func:`wherefrom.core.gradients.flatten_blocks`); the curvature is applied to the queries when scoring.
+        A fitted ``trak``/``logra``/``repsim`` run: the method's ``train_vectors`` (projected gradients, with
+        ``precondition="fitted"`` multiplied by the fitted ``(F~ + lambda I)^-1``, with ``unit_norm`` unit
+        length; repsim: unit hidden states), so that a score is ``query_vector @ row``.
+        Rows are stored in ``dtype`` (float32 | float16 | bfloat16), ``shard_size`` rows per shard.
 
         Holds the run's writer lock; records the settings first and refuses to resume under other
         ones (:class:`wherefrom.core.store.SettingsMismatch` names e.g. ``shard_size: recorded 4, now 2``);
-        rewrites every shard that is missing, unfinished or damaged (noted in :attr:`notices`).
+        rewrites every shard that is missing, unfinished or damaged (noted in :attr:`notices`). Raises
+        ``ValueError`` for a method without vector rows or not yet fitted, ``precondition``/``unit_norm`` on an
+        influence run, a bad ``shard_size``, ``dtype`` or ``precondition`` (fitted | none), and ``OSError``
+        naming the shard whose write failed (a full disk; the finished shards are kept).
         """
-        if self.method is not None:
+        writer, produce = self.index_writer(shard_size, dtype, precondition, unit_norm)
+        folder = writer.folder
+        written = 0
+        with writer_lock(self.folder):
+            hint = f"Resume with the recorded values, or delete {folder} to index with the new ones."
+            try:
+                finished = writer.complete()
+                # A finished index is reused on any device; a resumed one must run where it started.
+                if writer.start(hint, ignore=("device",) if finished else ()):  # parts of unknown settings discarded
+                    finished = writer.complete()
+                if not finished:
+                    written = writer.build(produce)
+                    writer.finalize()
+            finally:
+                self.notices += writer.notices
+        return written
+
+    def index_writer(
+        self, shard_size: int = 256, dtype: str = "float32", precondition: str = "fitted", unit_norm: bool = False
+    ) -> tuple[VectorStoreWriter, Callable[[int, list[str]], Iterator[tuple[list[str], torch.Tensor]]]]:
+        """The writer of ``RUN/index/`` and the producer of its rows (see :meth:`build_index`; same errors, raised
+        here before any write): the parts a distributed build calls itself. Each process calls
+        ``writer.start()`` (rank 0 first, the others after a barrier), ``writer.build(produce, rank, world)``,
+        and after a barrier rank 0 calls ``writer.finalize()``."""
+        if self.method is not None and not self.method_fitted and (self.folder / "method" / META_FILE).exists():
+            load_fitted(self.method, self.folder / "method", self.train)
+            self.method_fitted = True
+        vectors = self.vectors()
+        if self.method is not None and (vectors is None or not self.method_fitted):
+            why = "its train side is not a vector per row" if vectors is None else "before it is fitted"
             raise ValueError(
-                f"method {self.config.method!r} has no per-row gradient index (only influence methods do); "
-                f"`wherefrom scores --run {self.folder}` scores it from its fitted state"
+                f"method {self.config.method!r} has no per-row gradient index ({why}); "
+                + (
+                    "run `wherefrom fit` first"
+                    if vectors is not None
+                    else f"`wherefrom scores --run {self.folder}` scores it from its fitted state"
+                )
             )
-        if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if precondition not in ("fitted", "none"):
+            raise ValueError(f"precondition must be 'fitted' or 'none', got {precondition!r}")
+        if vectors is None and (precondition != "fitted" or unit_norm):
+            raise ValueError(
+                "--precondition and --unit-norm apply to the index of a trak/logra/repsim run; an influence run "
+                "stores raw gradients and applies its curvature to the queries"
+            )
         folder = self.folder / "index"
-        if not (folder / "index.json").exists():  # predicted before anything is written
+        names = self.attributor.module_names
+        settings = self.index_settings(precondition, unit_norm)
+        dim = sum(math.prod(shape) for _name, *shape in settings["rows_layout"]["blocks"])
+        writer = VectorStoreWriter(folder, [r.id for r in self.train], dim, settings, dtype, shard_size)
+        if vectors is None and not (folder / MARKER).exists():  # predicted before anything is written
             rows, size = min(shard_size, len(self.train)), self.attributor.num_parameters
             check_memory(
                 {
@@ -432,81 +498,53 @@ class Run:
                 self.attributor.device,
                 "Use a smaller shard_size or dtype bfloat16.",
             )
-        n_shards = (len(self.train) + shard_size - 1) // shard_size
-        with writer_lock(self.folder):
 
-            def complete() -> bool:
-                return is_intact(folder / "index.json") and all(is_intact(self.shard_path(k)) for k in range(n_shards))
+        def produce(shard: int, _ids: list[str]) -> Iterator[tuple[list[str], torch.Tensor]]:
+            start, stop = writer.span(shard)
+            if vectors is not None:
+                yield from vectors.train_vectors(self.train[start:stop], precondition == "fitted", unit_norm)
+                return
+            description = f"index shard {shard + 1}/{writer.shard_count}"
+            for ids, grads in self.attributor.gradients(self.train[start:stop], description=description):
+                yield ids, flatten_blocks(grads, names)
 
-            finished = complete()
-            hint = f"Resume with the recorded values, or delete {folder} to index with the new ones."
-            # A finished index is reused on any device; a resumed one must run where it started.
-            notes = record_settings(
-                folder, self.index_settings(shard_size, dtype), hint, ignore=("device",) if finished else ()
-            )
-            if notes:  # shards of unknown settings were discarded
-                self.notices += notes
-                finished = complete()
-            if finished:
-                return 0
-            forget_file(folder / "index.json")  # incomplete until every shard is intact again
-            written = 0
-            for shard in range(n_shards):
-                path = self.shard_path(shard)
-                problem = damage(path)
-                if problem is None:
-                    continue
-                if path.exists():
-                    self.notices.append(f"rebuilding: {problem}")
-                rows = self.train[shard * shard_size : (shard + 1) * shard_size]
-                ids, parts = [], []
-                for batch_ids, grads in self.attributor.gradients(
-                    rows, description=f"index shard {shard + 1}/{n_shards}"
-                ):
-                    ids += batch_ids
-                    parts.append({n: g.to(DTYPES[dtype]).cpu() for n, g in grads.items()})
-                tensors = {n: torch.cat([p[n] for p in parts]).contiguous() for n in self.attributor.module_names}
-                save_tensors_checked(tensors, path, meta={"ids": json.dumps(ids)})
-                written += 1
-            write_json_checked(
-                {"shards": n_shards, "rows": len(self.train), "dtype": dtype, "shard_size": shard_size},
-                folder / "index.json",
-            )
-        return written
-
-    def shard_path(self, shard: int) -> Path:
-        return self.folder / "index" / f"shard-{shard:05d}.safetensors"
+        return writer, produce
 
     def has_index(self) -> bool:
-        return (self.folder / "index" / "index.json").exists()
+        return (self.folder / "index" / MARKER).exists()
 
-    def check_index(self) -> dict[str, Any]:
-        """``index.json`` after verifying it and every shard's checksum; raises :class:`wherefrom.core.store.DamagedFile`."""
+    def open_index(self) -> VectorStore:
+        """The run's finished index, its marker, manifest and every shard's checksum verified, and its settings
+        required to be this run's (model, tokenizer, module selection, gradient settings, layout).
+
+        Raises :class:`wherefrom.core.store.DamagedFile` naming a damaged file and
+        :class:`wherefrom.core.store.SettingsMismatch` naming each setting that differs."""
+        hint = f"rerun `wherefrom index --run {self.folder}` to rebuild it"
         try:
-            info = read_json_checked(self.folder / "index" / "index.json")
-            for shard in range(info["shards"]):
-                check_file(self.shard_path(shard))
+            store = VectorStore.open(self.folder / "index")
+            store.verify()
         except DamagedFile as error:
-            raise DamagedFile(f"{error}; rerun `wherefrom index --run {self.folder}` to rebuild it") from None
-        return info
-
-    def indexed_gradients(self) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
-        """``(ids, {module: (n, out, in')})`` per shard of a complete index, as float32.
-
-        Each shard is verified as it is read (:class:`wherefrom.core.store.DamagedFile` names it), and the
-        ids must come out as the run's training ids in order, each once.
-        """
-        info = read_json_checked(self.folder / "index" / "index.json")
-        seen: list[str] = []
-        for shard in range(info["shards"]):
-            tensors, meta = load_tensors_checked(self.shard_path(shard))
-            ids = json.loads(meta["ids"])
-            seen += ids
-            yield ids, {n: tensors[n].float() for n in self.attributor.module_names}
-        if seen != [r.id for r in self.train]:
+            raise DamagedFile(f"{error}; {hint}") from None
+        now = self.index_settings()
+        store.require(
+            {k: v for k, v in now.items() if k not in ("device", "precondition", "unit_norm")}, f"run {self.folder}"
+        )
+        if store.ids != [r.id for r in self.train]:
             raise DamagedFile(
-                f"{self.folder / 'index'} holds {len(seen)} rows that are not the run's {len(self.train)} training ids in order; rebuild it"
+                f"{store.folder} holds {store.count} rows that are not the run's {len(self.train)} training ids in order; {hint}"
             )
+        return store
+
+    def indexed_gradients(
+        self, store: VectorStore | None = None
+    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        """``(ids, {module: (n, out, in')})`` per shard of the run's complete index (``store``: already opened
+        by :meth:`open_index`), as float32; each shard is verified as it is read
+        (:class:`wherefrom.core.store.DamagedFile` names it)."""
+        store = store or self.open_index()
+        shapes = [(m.name, m.shape) for m in self.attributor.modules]
+        for start, rows in store.shards():
+            yield store.ids[start : start + rows.shape[0]], split_rows(rows.float(), shapes)
 
     # --- scores --------------------------------------------------------------------------------
     def scores(self, queries: list[Record], curvature: Curvature | None = None) -> Scores:
@@ -522,20 +560,34 @@ class Run:
                 raise RuntimeError(
                     f"no fitted {self.config.method} in {self.folder / 'method'}; run `wherefrom fit` first"
                 )
+            if self.vectors() is not None and self.has_index():
+                return self.store_scores(queries, self.open_index())
             return self.method.scores(queries, self.train)
         self.attributor.check_scoring_memory(len(queries), len(self.train))
         curvature = curvature or self.attributor.curvature
         if curvature.needs_fit and not curvature.state:
             raise RuntimeError(f"no fitted curvature in {self.folder / 'factors'}; run `wherefrom fit` first")
-        if self.has_index():
-            self.check_index()  # refuse a damaged index before the query work
+        store = self.open_index() if self.has_index() else None  # a damaged index refused before the query work
         query_ids, pre = self.attributor.preconditioned_queries(queries, curvature)
         train = (
-            self.indexed_gradients()
-            if self.has_index()
+            self.indexed_gradients(store)
+            if store is not None
             else self.attributor.gradients(self.train, description="train gradients")
         )
         return self.attributor.scores_from_gradients(query_ids, pre, train)
+
+    def store_scores(self, queries: list[Record], store: VectorStore) -> Scores:
+        """Scores of a vector run's ``queries`` from its index: ``query_vector @ row`` per module block,
+        streamed shard by shard (``(n_modules, q, n)``; positive = proponent)."""
+        vectors = self.vectors()
+        blocks = vectors.vector_blocks()
+        query_ids, query_rows = vectors.query_vectors(queries, unit=bool(store.settings.get("unit_norm")))
+        query_blocks = split_rows(query_rows.float().cpu(), blocks)
+        columns = []
+        for _start, rows in store.shards():
+            train_blocks = split_rows(rows.float(), blocks)
+            columns.append(torch.stack([query_blocks[n] @ train_blocks[n].T for n, _ in blocks]))
+        return Scores(query_ids, list(store.ids), [n for n, _ in blocks], torch.cat(columns, dim=2))
 
     def save_scores(self, scores: Scores, name: str) -> Path:
         """Write ``scores/<name>.safetensors`` and ``scores/<name>.json`` (see :func:`wherefrom.core.scoring.save_scores`)

@@ -55,7 +55,7 @@ from torch import nn
 
 from wherefrom.core.data import Record, records_key
 from wherefrom.core.encoding import EncodedExample
-from wherefrom.core.gradients import LossFn, TokenFactors
+from wherefrom.core.gradients import LossFn, TokenFactors, flatten_blocks
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import Scores
 from wherefrom.curvature import Curvature, curvature_from_state, make_curvature
@@ -518,6 +518,42 @@ class ProjectedInfluence:
             stream = self.projected_gradients(encoded_train, description="projected train gradients")
         # Projected blocks are (n, k) matrices: the attributor's scoring (and cosine) applies as is.
         return self.attributor.scores_from_gradients(query_ids, pre, stream)
+
+    # --- rows of a vector store -----------------------------------------------------------------
+    def vector_blocks(self) -> list[tuple[str, tuple[int]]]:
+        """The layout of a row: ``[(module, (k,)), ...]`` in module order (:func:`wherefrom.core.gradients.split_rows`)."""
+        return [(n, (k,)) for n, k in self.dims().items()]
+
+    def vector_settings(self) -> dict[str, Any]:
+        """What fixes the rows' meaning besides the model: the projection and the projected curvature's damping."""
+        return {k: v for k, v in self.metadata().items() if k in ("method", "projection", "damping", "damping_factor")}
+
+    def train_vectors(
+        self, train: Sequence[Record], precondition: bool = True, unit: bool = False
+    ) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """``(ids, rows (b, sum k))`` per batch: the projected training gradients ``G~`` (module blocks
+        flattened in module order), with ``precondition`` the fitted ``(F~ + lambda I)^-1 G~`` (the train
+        side carries the curvature, as in LESS/TrackStar; ``F~`` is symmetric, so ``q~ . (F~ + lambda I)^-1 G~``
+        is :meth:`scores`' value), with ``unit`` divided by the row's norm over all modules.
+
+        ``score = query_vectors(...) @ row``: positive = proponent. Raises ``RuntimeError`` for
+        ``precondition`` before :meth:`fit`."""
+        for ids, grads in self.projected_gradients(train, description="projected train rows"):
+            rows = flatten_blocks(self.precondition(grads) if precondition else grads, self.module_names)
+            yield ids, torch.nn.functional.normalize(rows, dim=1) if unit else rows
+
+    def query_vectors(self, queries: Sequence[Record], unit: bool = False) -> tuple[list[str], torch.Tensor]:
+        """Ids and projected query vectors ``q~`` (``q = -grad f``), ``(q, sum k)`` in the row layout of
+        :meth:`train_vectors` (``unit``: divided by their norms)."""
+        ids: list[str] = []
+        parts = []
+        for batch_ids, grads in self.projected_gradients(
+            queries, self.attributor.query_loss_fn(), "projected query gradients"
+        ):
+            ids += batch_ids
+            parts.append(flatten_blocks(grads, self.module_names))
+        rows = torch.cat(parts)
+        return ids, torch.nn.functional.normalize(rows, dim=1) if unit else rows
 
     def metadata(self) -> dict[str, Any]:
         return {

@@ -21,7 +21,7 @@ same ``max_length`` / ``chat_template`` rules), batched right-padded; PEFT model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -168,6 +168,29 @@ class RepSim:
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
         ids, reps = self.representations(train)
+        return ids, F.normalize(reps, dim=-1)
+
+    # --- rows of a vector store -----------------------------------------------------------------
+    def vector_blocks(self) -> list[tuple[str, tuple[int]]]:
+        """The layout of a row: one block ``hidden_states[layer]`` of the hidden size."""
+        return [(self.module_name, (int(self.model.config.hidden_size),))]
+
+    def vector_settings(self) -> dict[str, Any]:
+        return {"method": self.name, "layer": self.layer, "pooling": self.pooling}
+
+    def train_vectors(
+        self, train: Sequence[Record], precondition: bool = True, unit: bool = True
+    ) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """``(ids, rows (b, hidden))`` per batch: unit-normalised pooled hidden states (a cosine needs them
+        unit, so ``unit`` and ``precondition`` change nothing: RepSim has no curvature).
+        ``score = query_vectors(...) @ row`` is :meth:`scores`' cosine."""
+        for start in range(0, len(train), self.batch_size):
+            ids, reps = self.representations(train[start : start + self.batch_size])
+            yield ids, F.normalize(reps, dim=-1)
+
+    def query_vectors(self, queries: Sequence[Record], unit: bool = True) -> tuple[list[str], torch.Tensor]:
+        """Ids and unit-normalised query representations ``(q, hidden)``."""
+        ids, reps = self.representations(queries)
         return ids, F.normalize(reps, dim=-1)
 
     def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:

@@ -1,0 +1,232 @@
+"""The sharded vector store: round trip, resume after a kill at several points (bit-identical), settings
+refused by name, damaged shards detected and rebuilt (never read), a full disk mid-build, and the
+rank/world split of a distributed build equal to a one-process build."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import torch
+
+import wherefrom.core.store as store_module
+from wherefrom.core.store import DamagedFile, SettingsMismatch
+from wherefrom.core.vectors import IncompleteStore, VectorStore, VectorStoreWriter, shard_name
+
+N, DIM = 10, 6
+IDS = [f"r{i}" for i in range(N)]
+ROWS = torch.randn(N, DIM, generator=torch.Generator().manual_seed(0))
+SETTINGS = {"model": "abc", "projection": {"dim_in": 4, "dim_out": 4}}
+
+
+def produce(_shard, ids):
+    """Rows in batches of 3 (across shard boundaries), as a gradient stream would give them."""
+    for i in range(0, len(ids), 3):
+        batch = ids[i : i + 3]
+        yield batch, ROWS[[IDS.index(x) for x in batch]]
+
+
+def build(folder, rank=0, world=1, finalize=True, **layout):
+    writer = VectorStoreWriter(folder, IDS, DIM, SETTINGS, **{"shard_size": 4, **layout})
+    writer.start()
+    written = writer.build(produce, rank, world)
+    if finalize:
+        writer.finalize()
+    return writer, written
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_round_trip(tmp_path, dtype):
+    _, written = build(tmp_path / "s", dtype=dtype)
+    assert written == 3
+    store = VectorStore.open(tmp_path / "s")
+    assert (store.dim, store.count, store.ids, store.dtype, store.shard_count) == (DIM, N, IDS, dtype, 3)
+    assert store.settings["model"] == "abc" and store.settings["shard_size"] == 4
+    parts = list(store.shards())
+    assert [start for start, _ in parts] == [0, 4, 8] and all(rows.dtype == getattr(torch, dtype) for _, rows in parts)
+    assert torch.equal(torch.cat([rows for _, rows in parts]), ROWS.to(getattr(torch, dtype)))
+    mapped = list(store.shards(verify=False))
+    assert [s for s, _ in mapped] == [0, 4, 8] and all(torch.equal(a, b) for (_, a), (_, b) in zip(mapped, parts))
+
+
+def test_incomplete_store_is_refused(tmp_path):
+    build(tmp_path / "s", finalize=False)
+    with pytest.raises(IncompleteStore, match=r"no index\.json"):
+        VectorStore.open(tmp_path / "s")
+
+
+@pytest.mark.parametrize("killed_after", ["manifest", "ids", "shard 0", "shard 1", "all shards"])
+def test_resume_after_a_kill_is_bit_identical(tmp_path, killed_after):
+    build(tmp_path / "clean")
+    folder = tmp_path / "killed"
+    writer = VectorStoreWriter(folder, IDS, DIM, SETTINGS, shard_size=4)
+    if killed_after == "manifest":
+        store_module.record_settings(folder, writer.manifest)
+    else:
+        writer.start()
+        if killed_after != "ids":
+            keep = {"shard 0": 1, "shard 1": 2, "all shards": 3}[killed_after]
+            for shard in range(keep):
+                start, stop = writer.span(shard)
+                writer.write(shard, IDS[start:stop], ROWS[start:stop])
+    (folder / f".{shard_name(2)}.partial-x").write_bytes(b"half")  # a killed writer's temp file
+    _, written = build(folder)
+    assert written == {"manifest": 3, "ids": 3, "shard 0": 2, "shard 1": 1, "all shards": 0}[killed_after]
+    assert files(folder) == files(tmp_path / "clean")  # the temp file is ignored (the writer lock removes it)
+
+
+@pytest.mark.parametrize(
+    ("layout", "named"),
+    [
+        ({"shard_size": 2}, "shard_size: recorded 4, now 2"),
+        ({"dtype": "float16"}, "dtype: recorded 'float32', now 'float16'"),
+    ],
+)
+def test_other_layout_is_refused_by_name(tmp_path, layout, named):
+    build(tmp_path / "s", finalize=False)
+    before = files(tmp_path / "s")
+    writer = VectorStoreWriter(tmp_path / "s", IDS, DIM, SETTINGS, **{"shard_size": 4, **layout})
+    with pytest.raises(SettingsMismatch, match=named):
+        writer.start()
+    assert files(tmp_path / "s") == before
+
+
+def test_other_projection_dim_is_refused_by_name(tmp_path):
+    build(tmp_path / "s", finalize=False)
+    other = {**SETTINGS, "projection": {"dim_in": 8, "dim_out": 4}}
+    with pytest.raises(SettingsMismatch, match=r"projection\.dim_in: recorded 4, now 8"):
+        VectorStoreWriter(tmp_path / "s", IDS, DIM, other, shard_size=4).start()
+    with pytest.raises(SettingsMismatch, match="dim: recorded 6, now 5"):
+        VectorStoreWriter(tmp_path / "s", IDS, DIM - 1, SETTINGS, shard_size=4).start()
+
+
+def test_store_from_another_model_or_projection_is_refused_by_name(tmp_path):
+    build(tmp_path / "s")
+    store = VectorStore.open(tmp_path / "s")
+    store.require(SETTINGS)  # the same: accepted
+    with pytest.raises(SettingsMismatch, match=r"model: recorded 'abc', now 'xyz'.*cannot serve the queries"):
+        store.require({"model": "xyz"}, "the queries")
+    with pytest.raises(SettingsMismatch, match=r"projection\.dim_out: recorded 4, now 16"):
+        store.require({"projection": {"dim_in": 4, "dim_out": 16}})
+
+
+def flip(path):
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-5])
+
+
+@pytest.mark.parametrize("hurt", [flip, truncate])
+def test_damaged_shard_is_detected_never_read_and_rebuilt(tmp_path, hurt, monkeypatch):
+    build(tmp_path / "clean")
+    build(tmp_path / "s")
+    path = tmp_path / "s" / shard_name(1)
+    hurt(path)
+    with pytest.raises(DamagedFile, match=shard_name(1)):
+        if hurt is truncate:
+            VectorStore.open(tmp_path / "s")  # the size check at open catches truncation
+        else:
+            list(VectorStore.open(tmp_path / "s").shards())
+    with pytest.raises(DamagedFile, match=shard_name(1)):
+        VectorStore.open(tmp_path / "s").verify() if hurt is flip else VectorStore.open(tmp_path / "s")
+    decoded = []
+    monkeypatch.setattr(
+        "wherefrom.core.vectors.load_tensors_checked", lambda p: decoded.append(p) or pytest.fail("a shard was read")
+    )
+    writer, written = build(tmp_path / "s")
+    assert written == 1 and any(shard_name(1) in note and "rebuilding" in note for note in writer.notices)
+    assert decoded == [] and files(tmp_path / "s") == files(tmp_path / "clean")
+
+
+def test_full_disk_mid_build_keeps_finished_shards_and_resumes(tmp_path, monkeypatch):
+    build(tmp_path / "clean")
+    real, calls = store_module.save_file, []
+
+    def save_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:  # the second shard: the disk fills half-way through the write
+            with open(path, "wb") as fh:
+                fh.write(b"\0" * 10)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(store_module, "save_file", save_file)
+    with pytest.raises(OSError, match=rf"{shard_name(1)} failed .*No space left.*rerun the same command to resume"):
+        build(tmp_path / "s")
+    folder = tmp_path / "s"
+    assert not (folder / shard_name(1)).exists() and not list(folder.glob(".*partial*"))
+    assert (folder / shard_name(0)).read_bytes() == (tmp_path / "clean" / shard_name(0)).read_bytes()
+    monkeypatch.setattr(store_module, "save_file", real)
+    _, written = build(folder)
+    assert written == 2 and files(folder) == files(tmp_path / "clean")
+
+
+def test_rank_world_split_equals_one_process_build(tmp_path):
+    build(tmp_path / "one")
+    folder = tmp_path / "two"
+    _, first = build(folder, rank=0, world=2, finalize=False)
+    with pytest.raises(IncompleteStore, match=rf"cannot be finalized: .*{shard_name(1)} is missing"):
+        VectorStoreWriter(folder, IDS, DIM, SETTINGS, shard_size=4).finalize()
+    _, second = build(folder, rank=1, world=2, finalize=False)
+    assert (first, second) == (2, 1)
+    VectorStoreWriter(folder, IDS, DIM, SETTINGS, shard_size=4).finalize()  # rank 0 finalizes
+    assert files(folder) == files(tmp_path / "one")
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world\) = \[0, 2\), got 2"):
+        VectorStoreWriter(folder, IDS, DIM, SETTINGS, shard_size=4).pending(2, 2)
+
+
+def test_bad_layout_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        VectorStoreWriter(tmp_path, IDS, DIM, SETTINGS, dtype="int8")
+    with pytest.raises(ValueError, match="shard_size must be >= 1"):
+        VectorStoreWriter(tmp_path, IDS, DIM, SETTINGS, shard_size=0)
+    with pytest.raises(ValueError, match="unique ids"):
+        VectorStoreWriter(tmp_path, ["a", "a"], DIM, SETTINGS)
+    writer = VectorStoreWriter(tmp_path, IDS, DIM, SETTINGS, shard_size=4)
+    writer.start()
+    with pytest.raises(ValueError, match=r"shape \(4, 6\)"):
+        writer.write(0, IDS[:4], ROWS[:4, :5])
+    with pytest.raises(ValueError, match=r"rows 0\.\.3 in order"):
+        writer.write(0, IDS[1:5], ROWS[:4])
+
+
+def write_rank(folder, rank, rows, shard_size):
+    """One rank of a concurrent build (a forked process): its own shards of one folder."""
+    ids = [f"r{i}" for i in range(rows.shape[0])]
+
+    def produce(shard, shard_ids):
+        start = shard * shard_size
+        yield shard_ids, rows[start : start + len(shard_ids)]
+
+    VectorStoreWriter(folder, ids, rows.shape[1], SETTINGS, shard_size=shard_size).build(produce, rank, 2)
+
+
+def test_two_ranks_writing_at_once_lose_no_checksum(tmp_path):
+    """Ranks writing different shards of one folder at the same time: every checksum entry survives
+    (``checksums.json`` is updated under a file lock), and the store equals a one-process build."""
+    multiprocessing = pytest.importorskip("multiprocessing")
+    rows = torch.randn(60, 3, generator=torch.Generator().manual_seed(1))
+    ids = [f"r{i}" for i in range(60)]
+    one = VectorStoreWriter(tmp_path / "one", ids, 3, SETTINGS, shard_size=1)
+    one.start()
+    one.build(lambda shard, shard_ids: [(shard_ids, rows[shard : shard + 1])])
+    one.finalize()
+    folder = tmp_path / "two"
+    VectorStoreWriter(folder, ids, 3, SETTINGS, shard_size=1).start()  # rank 0 first, then the others
+    context = multiprocessing.get_context("fork")
+    ranks = [context.Process(target=write_rank, args=(folder, rank, rows, 1)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(60)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    VectorStoreWriter(folder, ids, 3, SETTINGS, shard_size=1).finalize()
+    assert files(folder) == files(tmp_path / "one")

@@ -1,0 +1,157 @@
+"""`index` of a run whose train side is a vector per row (logra, trak, repsim): the store's scores equal
+the method's own, a store from another model or projection is refused naming what differs, and the
+index settings that do not apply are refused by name."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.engine.robust_workspace import invoke, make_workspace, partials, spawn, wait_until
+from wherefrom.core.data import load_records
+from wherefrom.core.store import SettingsMismatch, is_intact
+from wherefrom.core.vectors import VectorStore
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.engine.run import Run, RunConfig
+from wherefrom.methods.registry import make_method
+from wherefrom.models.loading import load_model
+from wherefrom.models.tiny import save_tiny
+
+ATTRIBUTION = AttributionConfig(include=[r"layers\.1\.mlp\.(down|up)_proj"], batch_size=4, max_length=64)
+LOGRA = {"dim_in": 4, "dim_out": 4}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = make_workspace(tmp_path_factory.mktemp("vectors"), n_train=10)
+    save_tiny(root / "other-model", arch="llama", seed=7)
+    return root
+
+
+def fitted(root, folder, method, options, model="model"):
+    config = RunConfig.for_method(method, str(root / "train.jsonl"), ATTRIBUTION, options, model=str(root / model))
+    run = Run.create(folder, replace(config, device="cpu"))
+    run.fit()
+    return run
+
+
+def in_memory(root, method, options):
+    loaded = load_model(root / "model", device="cpu")
+    train, queries = load_records(root / "train.jsonl"), load_records(root / "queries.jsonl")
+    made = make_method(method, loaded.model, loaded.tokenizer, ATTRIBUTION, **options)
+    made.fit(train)
+    return made.scores(queries, train)
+
+
+@pytest.mark.parametrize(("method", "options"), [("logra", LOGRA), ("trak", {"dim": 8}), ("repsim", {})])
+def test_store_scores_equal_the_methods_scores(workspace, tmp_path, method, options):
+    """float32 rows: equal to 1e-5 relative to the largest score (the preconditioner is applied to the train
+    rows instead of the queries: same value, other rounding)."""
+    run = fitted(workspace, tmp_path / "run", method, options)
+    assert run.build_index(shard_size=4) == 3
+    store = VectorStore.open(tmp_path / "run" / "index")
+    assert store.count == 10 and store.shard_count == 3 and store.settings["precondition"] == "fitted"
+    blocks = store.settings["rows_layout"]["blocks"]
+    assert store.dim == sum(b[-1] for b in blocks) and len(blocks) == (1 if method == "repsim" else 2)
+    queries = load_records(workspace / "queries.jsonl")
+    reopened = Run.open(tmp_path / "run", device="cpu")
+    from_store = reopened.scores(queries)
+    expected = in_memory(workspace, method, options)
+    assert from_store.train_ids == expected.train_ids and from_store.module_names == expected.module_names
+    scale = expected.per_module.abs().max()
+    assert torch.allclose(from_store.per_module, expected.per_module, rtol=0, atol=1e-5 * float(scale)), method
+    assert reopened.build_index(shard_size=4) == 0  # finished: reused
+
+
+def test_unit_rows_and_no_preconditioning(workspace, tmp_path):
+    run = fitted(workspace, tmp_path / "run", "logra", LOGRA)
+    run.build_index(shard_size=4, precondition="none", unit_norm=True)
+    store = VectorStore.open(tmp_path / "run" / "index")
+    rows = torch.cat([r for _, r in store.shards()])
+    assert torch.allclose(rows.norm(dim=1), torch.ones(10), atol=1e-5)
+    raw = make_method("logra", run.loaded.model, run.loaded.tokenizer, ATTRIBUTION, curvature=False, **LOGRA)
+    queries = load_records(workspace / "queries.jsonl")
+    cosine = torch.nn.functional.normalize
+    _, q = raw.query_vectors(queries)
+    train = torch.cat([r for _, r in raw.train_vectors(run.train, precondition=False)])
+    expected = cosine(q, dim=1) @ cosine(train, dim=1).T
+    assert torch.allclose(Run.open(tmp_path / "run", device="cpu").scores(queries).total, expected, atol=1e-5)
+    with pytest.raises(SettingsMismatch, match="precondition: recorded 'none', now 'fitted'"):
+        (tmp_path / "run" / "index" / "index.json").unlink()
+        run.build_index(shard_size=4)
+
+
+def test_store_of_another_projection_or_model_is_refused_by_name(workspace, tmp_path):
+    queries = load_records(workspace / "queries.jsonl")
+    fitted(workspace, tmp_path / "a", "logra", LOGRA).build_index(shard_size=4)
+    other = fitted(workspace, tmp_path / "b", "logra", {"dim_in": 2, "dim_out": 4})
+    shutil.copytree(tmp_path / "a" / "index", tmp_path / "b" / "index")
+    with pytest.raises(SettingsMismatch, match=r"dim_in: recorded 4, now 2.*cannot serve run"):
+        other.scores(queries)
+    for name, model in (("c", "model"), ("d", "other-model")):
+        code, out = invoke(
+            "fit", "--train", workspace / "train.jsonl", "--model", workspace / model, "--run", tmp_path / name,
+            "--device", "cpu", "--strategy", "identity", "--include", r"layers\.1\.mlp\.down_proj",
+        )  # fmt: skip
+        assert code == 0, out
+    code, out = invoke("index", "--run", tmp_path / "c", "--shard-size", "4")
+    assert code == 0 and "3 shards written now" in out, out
+    shutil.copytree(tmp_path / "c" / "index", tmp_path / "d" / "index")
+    code, out = invoke("scores", "--run", tmp_path / "d", "--queries", workspace / "queries.jsonl")
+    assert code == 2 and "model: recorded" in out and "rebuild it" in out, out
+
+
+def test_index_settings_that_do_not_apply_are_refused(workspace, tmp_path):
+    code, out = invoke(
+        "fit", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--run", tmp_path / "run",
+        "--device", "cpu", "--strategy", "identity", "--include", r"layers\.1\.mlp\.down_proj",
+    )  # fmt: skip
+    assert code == 0, out
+    code, out = invoke("index", "--run", tmp_path / "run", "--unit-norm")
+    assert code == 2 and "--unit-norm apply to the index of a trak/logra/repsim run" in out, out
+    code, out = invoke("index", "--run", tmp_path / "run", "--precondition", "lots")
+    assert code == 2 and "--precondition" in out and "lots" in out, out
+    unfitted = RunConfig.for_method("logra", str(workspace / "train.jsonl"), ATTRIBUTION, LOGRA, device="cpu")
+    run = Run.create(tmp_path / "unfitted", replace(unfitted, model=str(workspace / "model")))
+    with pytest.raises(ValueError, match=r"method 'logra' has no per-row gradient index \(before it is fitted"):
+        run.build_index()
+    bm25 = fitted(workspace, tmp_path / "bm25", "bm25", {})
+    with pytest.raises(ValueError, match="not a vector per row"):
+        bm25.build_index()
+
+
+def test_cli_index_of_a_logra_run(workspace, tmp_path):
+    fitted(workspace, tmp_path / "run", "logra", LOGRA)
+    code, out = invoke("index", "--run", tmp_path / "run", "--shard-size", "3", "--dtype", "bfloat16")
+    assert code == 0 and "4 shards written now" in out, out
+    assert VectorStore.open(tmp_path / "run" / "index").dtype == "bfloat16"
+    code, out = invoke("scores", "--run", tmp_path / "run", "--queries", workspace / "queries.jsonl")
+    assert code == 0 and "(3, 10) scores" in out, out
+
+
+def test_logra_index_killed_then_resumed_is_byte_identical(workspace, tmp_path):
+    """A real `wherefrom index` process of a logra run SIGKILLed after a few shards, then the same command:
+    the store equals an uninterrupted build byte for byte (every file but the lock)."""
+    for name in ("clean", "killed"):
+        fitted(workspace, tmp_path / name, "logra", LOGRA)
+    code, out = invoke("index", "--run", tmp_path / "clean", "--shard-size", "1")
+    assert code == 0 and "10 shards written now" in out, out
+    index = tmp_path / "killed" / "index"
+    process = spawn("index", "--run", tmp_path / "killed", "--shard-size", "1")
+    wait_until(lambda: is_intact(index / "shard-00002.safetensors"), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    if (index / "index.json").exists():
+        pytest.skip("the index finished before the kill")
+    finished = sum(is_intact(p) for p in index.glob("shard-*"))
+    code, out = invoke("index", "--run", tmp_path / "killed", "--shard-size", "1")
+    assert code == 0 and f"{10 - finished} shards written now" in out, out
+
+    def stored(folder):
+        return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
+
+    assert stored(index) == stored(tmp_path / "clean" / "index") and not partials(tmp_path / "killed")
