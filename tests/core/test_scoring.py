@@ -159,3 +159,12 @@ def test_scoring_memory_with_query_rank_does_not_grow_with_dense_queries(fitted)
         fitted.config.query_rank = None
     full_few, full_many = fitted.check_scoring_memory(10), fitted.check_scoring_memory(1000)
     assert many - few < (full_many - full_few) / 2
+
+
+def test_low_rank_factors_do_not_hold_the_full_svd():
+    """The rank-r factors own their storage (a view of the SVD's ``V^H`` kept ``min(out, in')`` rows alive)."""
+    from wherefrom.core.scoring import low_rank
+
+    u, v = low_rank(torch.randn(3, 40, 30), 2)
+    assert u.shape == (3, 40, 2) and v.shape == (3, 30, 2)
+    assert u.untyped_storage().nbytes() == u.numel() * 4 and v.untyped_storage().nbytes() == v.numel() * 4

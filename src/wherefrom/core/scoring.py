@@ -35,7 +35,8 @@ def low_rank(matrices: torch.Tensor, rank: int) -> LowRank:
     """Best rank-``rank`` approximation of each ``(out, in')`` matrix in ``(q, out, in')`` (truncated SVD)."""
     u, s, vh = torch.linalg.svd(matrices.float(), full_matrices=False)
     r = min(rank, s.shape[-1])
-    return u[..., :r] * s[..., None, :r], vh[..., :r, :].transpose(-1, -2)
+    # a copy, not a view: a view of ``vh`` would keep all ``min(out, in')`` rows of it alive
+    return u[..., :r] * s[..., None, :r], vh[..., :r, :].transpose(-1, -2).clone()
 
 
 def compress_queries(queries: dict[str, torch.Tensor], rank: int | None) -> dict[str, QueryBlock]:
