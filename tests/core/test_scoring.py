@@ -118,3 +118,53 @@ def test_sign_matches_actual_change_after_upweighting(strategy, options, tokeniz
         # central-difference truncation error, direction dependent: up to 2.5e-3 (ekfac, true Fisher, seed 0)
         torch.testing.assert_close(observed.float(), scores[:, m_index].float(), rtol=3e-3, atol=1e-6)
         assert (torch.sign(observed) == torch.sign(scores[:, m_index])).all()
+
+
+def test_low_rank_queries_are_compressed_one_batch_at_a_time(fitted, query_records, train_records, monkeypatch):
+    """Query memory: with ``query_rank`` the dense preconditioned queries of at most one batch exist at
+    once (issue 12: peak independent of the number of queries), and the result equals compressing all
+    queries after joining them (the SVD is per query, so batching changes nothing)."""
+    import wherefrom.engine.api as api
+    from wherefrom.core.scoring import compress_queries
+
+    seen = []
+
+    def spy(queries, rank):
+        seen.append(max(q.shape[0] for q in queries.values()))
+        return compress_queries(queries, rank)
+
+    fitted.config.query_rank, fitted.config.batch_size = 2, 2
+    monkeypatch.setattr(api, "compress_queries", spy)
+    try:
+        ids, batched = fitted.preconditioned_queries(query_records)
+        fitted.config.query_rank = None
+        _, dense = fitted.preconditioned_queries(query_records)
+    finally:
+        fitted.config.query_rank, fitted.config.batch_size = None, 5
+    assert ids == [r.id for r in query_records] and len(query_records) > 2
+    assert max(seen) <= 2  # never more than one batch of dense queries handed to the compression
+    whole = compress_queries(dict(dense), 2)
+    for name in fitted.module_names:
+        (u, v), (u_all, v_all) = batched[name], whole[name]
+        torch.testing.assert_close(u @ v.mT, u_all @ v_all.mT, rtol=1e-4, atol=1e-6)  # rank-2 matrices
+    torch.testing.assert_close(batched.norms, dense.norms)
+
+
+def test_scoring_memory_with_query_rank_does_not_grow_with_dense_queries(fitted):
+    """The predicted dense query part stays one batch with ``query_rank``; at full rank it grows with ``n_q``."""
+    fitted.config.query_rank = 2
+    try:
+        few, many = fitted.check_scoring_memory(10), fitted.check_scoring_memory(1000)
+    finally:
+        fitted.config.query_rank = None
+    full_few, full_many = fitted.check_scoring_memory(10), fitted.check_scoring_memory(1000)
+    assert many - few < (full_many - full_few) / 2
+
+
+def test_low_rank_factors_do_not_hold_the_full_svd():
+    """The rank-r factors own their storage (a view of the SVD's ``V^H`` kept ``min(out, in')`` rows alive)."""
+    from wherefrom.core.scoring import low_rank
+
+    u, v = low_rank(torch.randn(3, 40, 30), 2)
+    assert u.shape == (3, 40, 2) and v.shape == (3, 30, 2)
+    assert u.untyped_storage().nbytes() == u.numel() * 4 and v.untyped_storage().nbytes() == v.numel() * 4

@@ -35,7 +35,8 @@ def low_rank(matrices: torch.Tensor, rank: int) -> LowRank:
     """Best rank-``rank`` approximation of each ``(out, in')`` matrix in ``(q, out, in')`` (truncated SVD)."""
     u, s, vh = torch.linalg.svd(matrices.float(), full_matrices=False)
     r = min(rank, s.shape[-1])
-    return u[..., :r] * s[..., None, :r], vh[..., :r, :].transpose(-1, -2)
+    # a copy, not a view: a view of ``vh`` would keep all ``min(out, in')`` rows of it alive
+    return u[..., :r] * s[..., None, :r], vh[..., :r, :].transpose(-1, -2).clone()
 
 
 def compress_queries(queries: dict[str, torch.Tensor], rank: int | None) -> dict[str, QueryBlock]:
@@ -47,13 +48,33 @@ def compress_queries(queries: dict[str, torch.Tensor], rank: int | None) -> dict
     return {name: low_rank(q, rank) for name, q in queries.items()}
 
 
+def concat_query_blocks(blocks: list[QueryBlock]) -> QueryBlock:
+    """Join one module's query blocks of consecutive query batches along the query axis (dense blocks,
+    or low-rank factors ``(U, V)`` of one rank, as :func:`compress_queries` makes them)."""
+    if isinstance(blocks[0], tuple):
+        return torch.cat([u for u, _ in blocks]), torch.cat([v for _, v in blocks])
+    return torch.cat(blocks)
+
+
+QUERY_CHUNK = 16
+"""Low-rank queries whose dense ``(out, in')`` matrices :func:`module_scores` rebuilds at once."""
+
+
 def module_scores(query: QueryBlock, train: torch.Tensor) -> torch.Tensor:
-    """``(q, n)`` scores of one module from a query block and dense train gradients ``(n, out, in')``."""
+    """``(q, n)`` scores of one module from a query block and dense train gradients ``(n, out, in')``.
+
+    Low-rank factors ``(U, V)`` are expanded to ``U V^T`` for :data:`QUERY_CHUNK` queries at a time
+    (``q x out x in' x r`` work, then one matrix product with the training gradients): the rank-``r``
+    contraction ``sum_k u_k^T G v_k`` would cost ``r`` times the dense product for every training row,
+    and the chunk bounds the memory whatever the number of queries."""
+    flat_train = train.reshape(train.shape[0], -1)
     if isinstance(query, tuple):
-        u, v = query
-        # sum_k u_k^T G v_k without forming the rank-r matrix.
-        return torch.einsum("qok,noi,qik->qn", u.to(train.dtype), train, v.to(train.dtype))
-    return query.reshape(query.shape[0], -1).to(train.dtype) @ train.reshape(train.shape[0], -1).T
+        parts = [
+            (u @ v.mT).reshape(u.shape[0], -1).to(train.dtype) @ flat_train.T
+            for u, v in zip(query[0].split(QUERY_CHUNK), query[1].split(QUERY_CHUNK), strict=True)
+        ]
+        return torch.cat(parts)
+    return query.reshape(query.shape[0], -1).to(train.dtype) @ flat_train.T
 
 
 def token_scores(query: QueryBlock, factors: TokenFactors) -> torch.Tensor:

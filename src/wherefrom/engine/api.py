@@ -29,6 +29,7 @@ from wherefrom.core.scoring import (
     Scores,
     check_finite,
     compress_queries,
+    concat_query_blocks,
     module_scores,
     token_scores,
 )
@@ -183,14 +184,28 @@ class Attributor:
 
     def check_scoring_memory(self, n_queries: int, n_train: int = 0) -> int:
         """Bytes that scoring ``n_queries`` against ``n_train`` rows holds, checked against the memory
-        limit (:func:`wherefrom.core.memory.check_memory`) before the first pass: the query gradients and
-        their preconditioned copies ``(n_q, P)`` float32 (twice, before and after merging), one
-        batch's dense training gradients ``(B, P)``, and the per-module scores ``(M, n_q, n_train)``
-        (twice, parts and result). Raises :class:`wherefrom.core.memory.MemoryLimitError` naming the part."""
-        size, batch = self.num_parameters, self.config.batch_size
+        limit (:func:`wherefrom.core.memory.check_memory`) before the first pass: the query gradients
+        and their preconditioned copies ``(n_q, P)`` float32 (raw, preconditioned and joined) at full
+        rank; with ``query_rank = r`` only one batch of them is dense at once (queries are compressed a
+        batch at a time) plus the factors ``n_q x r x (out + in')`` per module, so the dense part no
+        longer grows with ``n_q``; one batch's dense training gradients ``(B, P)``; and the per-module
+        scores ``(M, n_q, n_train)`` (twice, parts and result). Raises
+        :class:`wherefrom.core.memory.MemoryLimitError` naming the part."""
+        size, batch, rank = self.num_parameters, self.config.batch_size, self.config.query_rank
+        if rank is None:
+            queries = {
+                f"query gradients ({n_queries} rows x {size:,} parameters, float32, raw and preconditioned)": 3
+                * nbytes(n_queries, size)
+            }
+        else:
+            factors = sum(min(rank, out, inp) * (out + inp) for out, inp in (m.shape for m in self.modules))
+            queries = {
+                f"query gradients of one batch ({min(batch, n_queries)} rows x {size:,} parameters, raw and "
+                "preconditioned)": 2 * nbytes(min(batch, n_queries), size),
+                f"rank-{rank} query factors ({n_queries} rows x {factors:,} numbers)": 2 * nbytes(n_queries, factors),
+            }
         needs = {
-            f"query gradients ({n_queries} rows x {size:,} parameters, float32, raw and preconditioned)": 3
-            * nbytes(n_queries, size),
+            **queries,
             f"per-example gradients of one batch ({batch} rows x {size:,} parameters)": nbytes(batch, size),
             f"per-module scores ({len(self.modules)} x {n_queries} x {n_train})": 2
             * nbytes(len(self.modules), n_queries, n_train),
@@ -330,14 +345,17 @@ class Attributor:
         curvature = curvature or self.curvature
         queries = checked_rows(queries, "query rows")
         self.check_scoring_memory(len(queries))
-        ids, parts = [], []
+        ids, parts, sq_norms = [], [], []
         for batch_ids, grads in self.gradients(queries, self.query_loss_fn(), "query gradients"):
             ids += batch_ids
-            parts.append(curvature.precondition(grads))
-        merged = {name: torch.cat([p.pop(name) for p in parts]) for name in self.module_names}
-        norms = sum(_block_sq_norms(block) for block in merged.values()).sqrt()
-        blocks = QueryBlocks(compress_queries(merged, self.config.query_rank))
-        blocks.norms = norms
+            pre = curvature.precondition(grads)
+            del grads
+            sq_norms.append(sum(_block_sq_norms(block) for block in pre.values()))
+            # compressed one batch at a time: only one batch of dense preconditioned queries lives at once
+            parts.append(compress_queries(pre, self.config.query_rank))
+            del pre
+        blocks = QueryBlocks({name: concat_query_blocks([p.pop(name) for p in parts]) for name in self.module_names})
+        blocks.norms = torch.cat(sq_norms).sqrt()
         return ids, blocks
 
     # --- scores --------------------------------------------------------------------------------
