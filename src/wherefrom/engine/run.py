@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,16 @@ from typing import Any
 import torch
 
 from wherefrom.core.data import Record, data_fingerprint, load_records
+from wherefrom.core.distributed import (
+    gather_columns,
+    held_by_main,
+    is_main,
+    on_main,
+    refuse,
+    rows_for_rank,
+    shards_for_rank,
+    world_size,
+)
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import Scores, save_scores
 from wherefrom.core.store import (
@@ -71,7 +81,7 @@ from wherefrom.methods.saved import META_FILE, TENSORS_FILE, load_fitted, save_f
 from wherefrom.models.loading import LoadedModel, load_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-GRADIENT_SETTINGS = ("batch_size", "max_length", "chat_template", "reduction", "include", "exclude")
+GRADIENT_SETTINGS = ("batch_size", "max_length", "chat_template", "reduction", "include", "exclude", "autocast")
 """The attribution settings that change stored training gradients (recorded with an index)."""
 
 
@@ -204,8 +214,15 @@ class Run:
         loaded = load_model(config.model, config.adapter, device=config.device)
         run = cls(folder, config, loaded, load_records(config.train), progress)
         manifest = run.manifest()
+        on_main(lambda: run.settle(config, manifest))
+        return run
+
+    def settle(self, config: RunConfig, manifest: dict[str, Any]) -> None:
+        """:meth:`create`'s check of the folder against ``config``, or its record of ``config`` and ``manifest``
+        (rank 0's job under ``torch.distributed``)."""
+        folder = self.folder
         with writer_lock(folder):
-            if run.finished():
+            if self.finished():
                 # Round-trip through RunConfig: settings added in later versions take their defaults.
                 saved = RunConfig.from_dict(json.loads((folder / "config.json").read_text())).resolved().to_dict()
                 differences = settings_differences(saved, config.to_dict())
@@ -214,11 +231,10 @@ class Run:
                         f"{folder} holds a run with other settings ({'; '.join(differences)}); "
                         "use a new --run folder or the same arguments"
                     )
-                run._check(json.loads((folder / "manifest.json").read_text()), manifest)
+                self._check(json.loads((folder / "manifest.json").read_text()), manifest)
             else:  # nothing finished here yet: the new settings replace the old
                 atomic_write_json(config.to_dict(), folder / "config.json")
                 atomic_write_json(manifest, folder / "manifest.json")
-        return run
 
     def finished(self) -> bool:
         """Whether the folder holds a finished result (fitted factors, an index or scores): only then are
@@ -322,45 +338,58 @@ class Run:
         (:meth:`fit_method`).
         """
         if self.method is not None:
+            refuse(f"method {self.config.method!r}", "fit it in one process; influence methods fit in many")
             return self.fit_method()
         target = self.folder / "factors"
-        with writer_lock(self.folder):
-
-            def problems() -> list[str]:
-                return [p for p in (damage(target / "curvature.safetensors"), damage(target / "curvature.json")) if p]
-
-            found = problems()
-            stages = StageFolder(target / "stages")
-            started_before = stages.folder.is_dir() or any(
-                (target / name).exists() for name in ("curvature.json", "curvature.safetensors")
-            )
-            if not started_before:
-                # Nothing of a fit is finished here (e.g. an earlier fit was refused): its settings bind nothing.
-                forget_file(target / "settings.json")
-                self.attributor.encode(self.train)  # rows the model cannot take: a DataError before anything is written
-            # Finished factors are reused on any device; a resumed fit must run where it started.
-            notes = record_settings(
-                target,
-                self.fit_settings(),
-                f"Delete {target} to fit again with the current settings.",
-                ignore=() if found else ("device",),
-            )
-            if notes:  # factors of unknown settings were discarded
-                self.notices += notes
-                found = problems()
-            if not found:
+        stages = StageFolder(target / "stages")
+        with held_by_main(lambda: writer_lock(self.folder)):
+            if on_main(lambda: self.factors_intact(target, stages)):
                 self.attributor.use_curvature(load_curvature(target), self.train)
-                StageFolder(target / "stages").clear()  # left by a fit killed after its final save
+                on_main(stages.clear)  # left by a fit killed after its final save
                 return False
-            if (target / "curvature.json").exists() or (target / "curvature.safetensors").exists():
-                self.notices.append(f"refitting: {found[0]}")
-            forget_file(target / "curvature.json")  # the factors are unfinished until both are rewritten
             started = time.perf_counter()
             curvature = self.attributor.fit(self.train, stages=stages)
             curvature.info["fit_seconds"] = round(time.perf_counter() - started, 3)
-            curvature.save(target)
-            stages.clear()
+
+            def save() -> None:
+                curvature.save(target)
+                stages.clear()
+
+            on_main(save)
         return True
+
+    def factors_intact(self, target: Path, stages: StageFolder) -> bool:
+        """Whether ``target`` holds intact factors fitted with this run's settings; when not, prepare it for a
+        fit (settings recorded, unfinished marker removed; repairs noted in :attr:`notices`). Rank 0's job
+        under ``torch.distributed``, holding the writer lock."""
+
+        def problems() -> list[str]:
+            return [p for p in (damage(target / "curvature.safetensors"), damage(target / "curvature.json")) if p]
+
+        found = problems()
+        started_before = stages.folder.is_dir() or any(
+            (target / name).exists() for name in ("curvature.json", "curvature.safetensors")
+        )
+        if not started_before:
+            # Nothing of a fit is finished here (e.g. an earlier fit was refused): its settings bind nothing.
+            forget_file(target / "settings.json")
+            self.attributor.encode(self.train)  # rows the model cannot take: a DataError before anything is written
+        # Finished factors are reused on any device; a resumed fit must run where it started.
+        notes = record_settings(
+            target,
+            self.fit_settings(),
+            f"Delete {target} to fit again with the current settings.",
+            ignore=() if found else ("device",),
+        )
+        if notes:  # factors of unknown settings were discarded
+            self.notices += notes
+            found = problems()
+        if not found:
+            return True
+        if (target / "curvature.json").exists() or (target / "curvature.safetensors").exists():
+            self.notices.append(f"refitting: {found[0]}")
+        forget_file(target / "curvature.json")  # the factors are unfinished until both are rewritten
+        return False
 
     def fit_method(self) -> bool:
         """Fit the run's method into ``method/`` unless an intact fitted state is there; returns True when it fitted.
@@ -490,27 +519,35 @@ class Run:
             raise DamagedFile(f"{error}; rerun `wherefrom index --run {self.folder}` to rebuild it") from None
         return info
 
-    def indexed_gradients(self) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
-        """``(ids, {module: (n, out, in')})`` per shard of a complete index, as float32.
+    def indexed_gradients(
+        self, shards: Sequence[int] | None = None
+    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        """``(ids, {module: (n, out, in')})`` per shard of a complete index (or of the ``shards`` given), as float32.
 
         Each shard is verified as it is read (:class:`wherefrom.core.store.DamagedFile` names it), and the
-        ids must come out as the run's training ids in order, each once.
+        ids of all shards must come out as the run's training ids in order, each once.
         """
         info = read_json_checked(self.folder / "index" / "index.json")
         seen: list[str] = []
-        for shard in range(info["shards"]):
+        for shard in range(info["shards"]) if shards is None else shards:
             tensors, meta = load_tensors_checked(self.shard_path(shard))
             ids = json.loads(meta["ids"])
             seen += ids
             yield ids, {n: tensors[n].float() for n in self.attributor.module_names}
-        if seen != [r.id for r in self.train]:
+        if shards is None and seen != [r.id for r in self.train]:
             raise DamagedFile(
                 f"{self.folder / 'index'} holds {len(seen)} rows that are not the run's {len(self.train)} training ids in order; rebuild it"
             )
 
     # --- scores --------------------------------------------------------------------------------
-    def scores(self, queries: list[Record], curvature: Curvature | None = None) -> Scores:
+    def scores(self, queries: list[Record], curvature: Curvature | None = None) -> Scores | None:
         """Pairwise scores of ``queries`` against the training set (from the index when complete).
+
+        Under ``torch.distributed`` every process scores all queries against its share of the training
+        rows (:func:`wherefrom.core.distributed.rows_for_rank`, or of the index shards,
+        :func:`wherefrom.core.distributed.shards_for_rank`); rank 0 gets the columns of all of them in
+        training-row order and returns the scores, the other ranks return ``None``. A method outside the
+        influence family refuses (:class:`wherefrom.core.distributed.NotDistributable`).
 
         ``curvature`` overrides the run's fitted one (e.g. identity on the same index); a run of a method
         outside the influence family scores with its fitted state (``RuntimeError`` when it has none).
@@ -518,6 +555,7 @@ class Run:
         """
         queries = checked_rows(queries, "query rows")
         if self.method is not None:
+            refuse(f"scoring method {self.config.method!r}", "score it in one process; influence methods score in many")
             if not self.method_fitted:
                 raise RuntimeError(
                     f"no fitted {self.config.method} in {self.folder / 'method'}; run `wherefrom fit` first"
@@ -530,12 +568,17 @@ class Run:
         if self.has_index():
             self.check_index()  # refuse a damaged index before the query work
         query_ids, pre = self.attributor.preconditioned_queries(queries, curvature)
-        train = (
-            self.indexed_gradients()
-            if self.has_index()
-            else self.attributor.gradients(self.train, description="train gradients")
-        )
-        return self.attributor.scores_from_gradients(query_ids, pre, train)
+        if self.has_index():
+            train = self.indexed_gradients(
+                shards_for_rank(read_json_checked(self.folder / "index" / "index.json")["shards"])
+            )
+        else:
+            train = self.attributor.gradients(rows_for_rank(self.train), description="train gradients")
+        part = self.attributor.scores_from_gradients(query_ids, pre, train)
+        if world_size() == 1:
+            return part
+        train_ids, per_module = gather_columns(part.train_ids, part.per_module, [r.id for r in self.train])
+        return Scores(query_ids, train_ids, part.module_names, per_module) if is_main() else None
 
     def save_scores(self, scores: Scores, name: str) -> Path:
         """Write ``scores/<name>.safetensors`` and ``scores/<name>.json`` (see :func:`wherefrom.core.scoring.save_scores`)
