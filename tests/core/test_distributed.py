@@ -27,6 +27,7 @@ from wherefrom.core.distributed import (
     sum_counts,
     sum_over_ranks,
 )
+from wherefrom.core.store import StageFolder
 from wherefrom.core.task import DrawCounts
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.models.tiny import tiny_tokenizer
@@ -87,6 +88,8 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
             results["refused"] = str(error)
         results["states"] = fitted_states({})
         results["empirical"] = fitted_states({"fisher": "empirical"})["diagonal"]
+        staged = Attributor(build_model("llama"), tiny_tokenizer(), AttributionConfig(batch_size=3))
+        staged.fit(fitting_rows(), stages=StageFolder(Path(out) / "stages"))  # rank 0 writes every stage
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -96,7 +99,9 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
 def two_processes(tmp_path_factory) -> list[dict]:
     folder = tmp_path_factory.mktemp("gloo")
     mp.spawn(worker, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True)
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    results = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    results[0]["folder"] = folder
+    return results
 
 
 def test_helpers_split_and_gather(two_processes):
@@ -141,6 +146,20 @@ def test_two_processes_fit_the_one_process_curvature(two_processes, one_process,
                 assert_close(state[key], value, rtol=1e-4, atol=1e-4 * float(value.abs().max()))
             else:
                 assert_close(state[key], value, rtol=1e-5, atol=1e-7 * float(value.abs().max()))
+
+
+def test_a_fit_resumes_from_stages_written_by_two_processes(two_processes, one_process):
+    """The stages hold the label-draw counts of both ranks: a one-process fit that reuses the covariances
+    and eigenbases draws the eigenvalue correction's labels as a fit from scratch does."""
+    stages = StageFolder(two_processes[0]["folder"] / "stages")
+    assert stages.path("eigenvalue correction").exists()
+    stages.path("eigenvalue correction").unlink()
+    attributor = Attributor(build_model("llama"), tiny_tokenizer(), AttributionConfig(batch_size=3))
+    attributor.fit(fitting_rows(), stages=stages)
+    assert stages.path("eigenvalue correction").exists()  # recomputed here, the other two reused
+    for key, value in one_process["ekfac"].items():
+        if key.endswith(".eigenvalues"):
+            assert_close(attributor.curvature.state[key], value, rtol=1e-4, atol=1e-4 * float(value.abs().max()))
 
 
 def test_empirical_fisher_fits_the_same_under_two_processes(two_processes):
