@@ -19,6 +19,9 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from tests.cli.conftest import invoke
+from wherefrom.core.distributed import NotDistributable
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.engine.run import Run, RunConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::wherefrom.curvature.base.DegenerateCurvatureWarning")
 
@@ -98,3 +101,19 @@ def test_torchrun_scores_gather_every_training_row_in_order(workspace, one):
     assert gathered["train_ids"] == alone["train_ids"] and gathered["query_ids"] == alone["query_ids"]
     two, single = (load_file(one / "scores" / f"{n}.safetensors") for n in ("two", "scores"))
     assert_close(two["per_module"], single["per_module"], rtol=1e-5, atol=1e-6 * float(single["total"].abs().max()))
+
+
+def test_what_does_not_distribute_is_refused_by_name(workspace, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; nothing below joins a process group
+    monkeypatch.setenv("RANK", "0")
+    result = invoke("index", "--run", workspace / "run-refused", "--threads", 1)
+    assert result.exit_code == 2
+    assert "command index cannot run under torch.distributed (WORLD_SIZE=2): build the index in one process" in (
+        " ".join(result.output.split())
+    )
+    config = RunConfig.for_method(
+        "trak", str(workspace / "train.jsonl"), AttributionConfig(), {}, model=str(workspace / "model")
+    )
+    with pytest.raises(NotDistributable, match=r"method 'trak' cannot run under torch\.distributed"):
+        Run.create(workspace / "run-refused", config)
+    assert not (workspace / "run-refused").exists()

@@ -83,6 +83,8 @@ from wherefrom.models.loading import LoadedModel, load_model
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GRADIENT_SETTINGS = ("batch_size", "max_length", "chat_template", "reduction", "include", "exclude", "autocast")
 """The attribution settings that change stored training gradients (recorded with an index)."""
+FIT_ALONE = "fit it in one process; the influence methods (a curvature strategy) fit in many"
+"""What to do instead when a method outside the influence family is fitted under ``torch.distributed``."""
 
 
 class RunMismatch(ValueError):
@@ -206,11 +208,15 @@ class Run:
 
         Raises :class:`RunMismatch` naming each setting that differs from a finished run's config (with
         both values), and :class:`wherefrom.core.store.FolderLocked` while another process writes the run.
+        Under ``torch.distributed`` rank 0 checks and writes the folder; a method outside the influence
+        family raises :class:`wherefrom.core.distributed.NotDistributable` before the model loads.
         """
         folder = Path(folder)
         config = config.resolved()
         if config.method is not None:  # options checked before the model loads
             method_settings(config.method, config.attribution, config.options)
+        if config.fits_method:
+            refuse(f"method {config.method!r}", FIT_ALONE)
         loaded = load_model(config.model, config.adapter, device=config.device)
         run = cls(folder, config, loaded, load_records(config.train), progress)
         manifest = run.manifest()
@@ -336,9 +342,12 @@ class Run:
         :attr:`notices`). Raises :class:`wherefrom.core.store.SettingsMismatch` if ``factors/`` was
         started with other settings. A run of a method outside the influence family fits it instead
         (:meth:`fit_method`).
+
+        Under ``torch.distributed`` rank 0 holds the lock, checks the folder and writes the stages and
+        factors; every rank fits on its share of the rows (:meth:`wherefrom.engine.api.Attributor.fit`)
+        and ends with the same curvature.
         """
         if self.method is not None:
-            refuse(f"method {self.config.method!r}", "fit it in one process; influence methods fit in many")
             return self.fit_method()
         target = self.folder / "factors"
         stages = StageFolder(target / "stages")
@@ -397,6 +406,7 @@ class Run:
         Holds the run's writer lock; records the fit's settings first (:class:`wherefrom.core.store.SettingsMismatch`
         names each one that differs); a damaged state is refitted (noted in :attr:`notices`).
         """
+        refuse(f"method {self.config.method!r}", FIT_ALONE)
         target = self.folder / "method"
         with writer_lock(self.folder):
 
