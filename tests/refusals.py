@@ -368,6 +368,25 @@ REFUSALS: tuple[Refusal, ...] = (
         "the prompt must be what the template renders before the answer, the same for every answer",
         call='encode_records([Record("r", "ab", " cd")], odd_template, chat_template=True)',
     ),
+    # --- many processes (torchrun) --------------------------------------------------------------
+    Refusal(
+        "many processes",
+        "a strategy that iterates over all rows, under torchrun",
+        "NotDistributable",
+        "strategy 'cg' cannot run under torch.distributed (WORLD_SIZE=2)",
+        "each solver step multiplies by G over every row; a process holding part of the rows would solve for another G",
+        call='Attributor(att.model, tokenizer, AttributionConfig(strategy="cg")).fit(rows)',
+        env=(("WORLD_SIZE", "2"), ("RANK", "0")),
+    ),
+    Refusal(
+        "many processes",
+        "`index` under torchrun",
+        EXIT,
+        "command index cannot run under torch.distributed (WORLD_SIZE=2)",
+        "every rank would write the same shards; build the index in one process",
+        command=("index", "--run", "run"),
+        env=(("WORLD_SIZE", "2"), ("RANK", "0")),
+    ),
 )
 
 
