@@ -39,7 +39,7 @@ TABLE="$OUT/timings.md"
 {
     echo "# GPU check: wall seconds per step (process start and model load included)"
     echo
-    echo "Made by \`bash benchmarks/gpu_check.sh $OUT ${2:-}\` on $(date -u +%Y-%m-%dT%H:%MZ)."
+    echo "Made by \`bash benchmarks/gpu_check.sh $*\` on $(date -u +%Y-%m-%dT%H:%MZ)."
     "$PYTHON" -c "import torch; print(f'torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)', torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
     echo "Device: $DEVICE."
     echo "Model: $MODEL; 400 training rows, 20 queries (generated rule task)."
@@ -62,8 +62,7 @@ step() {  # step NAME COMMAND...: run with the time left (at most 300 s), record
 common=(--model "$MODEL" --max-length 128 --device "$DEVICE")
 step fit-float32 "${W[@]}" fit --train "$OUT/train.jsonl" --run "$OUT/run" "${common[@]}"
 step index "${W[@]}" index --run "$OUT/run"
-step query "${W[@]}" query "Determine the rewriting rule: a b c -> c b a
-Rule:" " reverse" --run "$OUT/run" --json
+step query "${W[@]}" query "Determine the rewriting rule: a b c -> c b a Rule:" " reverse" --run "$OUT/run" --json
 step scores "${W[@]}" scores --run "$OUT/run" --queries "$OUT/queries.jsonl"
 step fit-bfloat16 "${W[@]}" fit --train "$OUT/train.jsonl" --run "$OUT/run-bf16" --autocast bfloat16 "${common[@]}"
 step scores-bfloat16 "${W[@]}" scores --run "$OUT/run-bf16" --queries "$OUT/queries.jsonl"
@@ -73,7 +72,7 @@ if [[ $DEVICE == cuda ]] && (($("$PYTHON" -c "import torch; print(torch.cuda.dev
     step torchrun-scores-nccl "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=2 -m wherefrom.cli -- \
         scores --run "$OUT/run" --queries "$OUT/queries.jsonl" --name two-gpus
 else
-    echo "| torchrun (nccl) | skipped: one GPU | |" >> "$TABLE"
+    echo "| torchrun (nccl) | skipped: fewer than 2 GPUs | |" >> "$TABLE"
 fi
 if [[ $DEVICE == cuda ]]; then mkdir -p "$RESULTS"; cp "$TABLE" "$RESULTS/timings.md"; fi
 cat "$TABLE"
