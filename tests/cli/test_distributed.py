@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,9 +112,27 @@ def test_what_does_not_distribute_is_refused_by_name(workspace, monkeypatch):
     assert "command index cannot run under torch.distributed (WORLD_SIZE=2): build the index in one process" in (
         " ".join(result.output.split())
     )
+    result = invoke(
+        "attribute", "--method", "ekfac", "--train", workspace / "train.jsonl", "--queries",
+        workspace / "queries.jsonl", "--out", workspace / "run-refused", "--threads", 1,
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "command attribute cannot run under torch.distributed (WORLD_SIZE=2)" in " ".join(result.output.split())
     config = RunConfig.for_method(
         "trak", str(workspace / "train.jsonl"), AttributionConfig(), {}, model=str(workspace / "model")
     )
     with pytest.raises(NotDistributable, match=r"method 'trak' cannot run under torch\.distributed"):
         Run.create(workspace / "run-refused", config)
     assert not (workspace / "run-refused").exists()
+
+
+def test_torchrun_scores_from_an_index_read_each_shard_once(workspace, one):
+    indexed = workspace / "run-indexed"
+    shutil.copytree(one, indexed)
+    result = invoke("index", "--run", indexed, "--shard-size", 6, "--threads", 1)  # 4 shards: ranks take 0,2 and 1,3
+    assert result.exit_code == 0, result.output
+    torchrun("scores", "--run", indexed, "--queries", workspace / "queries.jsonl", "--name", "two", cwd=workspace)
+    gathered = json.loads((indexed / "scores" / "two.json").read_text())
+    assert gathered["train_ids"] == json.loads((one / "scores" / "scores.json").read_text())["train_ids"]
+    two, single = (load_file(run / "scores" / f"{n}.safetensors") for run, n in ((indexed, "two"), (one, "scores")))
+    assert_close(two["per_module"], single["per_module"], rtol=1e-5, atol=1e-6 * float(single["total"].abs().max()))

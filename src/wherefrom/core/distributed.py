@@ -248,7 +248,7 @@ def gather_columns(ids: list[str], columns: torch.Tensor, order: Sequence[str]) 
         gathered = gather_rows(columns.movedim(-1, 0)).movedim(0, -1)
         if not is_main():
             return [], torch.empty(0)
-        ids = [row_id for part in text.splitlines() for row_id in json.loads(part)]
+        ids = [row_id for part in text.split("\n")[:-1] for row_id in json.loads(part)]
         columns = gathered
     position = {row_id: j for j, row_id in enumerate(ids)}
     if len(position) != len(ids) or set(position) != set(order) or len(ids) != len(order):
