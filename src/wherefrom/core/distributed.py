@@ -1,8 +1,9 @@
 """Many processes with ``torch.distributed``: the process group, the split of rows, and the collectives.
 
-Launch any command under ``torchrun`` (``torchrun --nproc_per_node=N wherefrom fit ...``; several
-machines with the usual rendezvous arguments ``--nnodes``, ``--node_rank``, ``--rdzv_endpoint``
-or ``--master_addr/--master_port``: nothing else is needed). torchrun sets ``RANK``, ``WORLD_SIZE``,
+Launch ``fit`` or ``scores`` under ``torchrun``: ``torchrun --nproc_per_node=N -m wherefrom.cli -- fit ...``
+(the ``--`` keeps torchrun's parser from taking ``--run`` for its ``--run-path``); several machines
+with the usual rendezvous arguments ``--nnodes``, ``--node_rank``, ``--rdzv_endpoint`` or
+``--master_addr/--master_port``: nothing else is needed. torchrun sets ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`session` reads them and joins the process
 group with ``gloo`` for CPU tensors and, when CUDA is available, ``nccl`` for CUDA tensors
 (``"cpu:gloo,cuda:nccl"``). Every process must see the run folder (one machine, or a shared file system).
