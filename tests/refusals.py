@@ -368,6 +368,16 @@ REFUSALS: tuple[Refusal, ...] = (
         "the prompt must be what the template renders before the answer, the same for every answer",
         call='encode_records([Record("r", "ab", " cd")], odd_template, chat_template=True)',
     ),
+    # --- many processes (torchrun) --------------------------------------------------------------
+    Refusal(
+        "many processes",
+        "a strategy that iterates over all rows, under torchrun",
+        "NotDistributable",
+        "strategy 'cg' cannot run under torch.distributed (WORLD_SIZE=2)",
+        "each solver step multiplies by G over every row; a process holding part of the rows would solve for another G",
+        call='Attributor(att.model, tokenizer, AttributionConfig(strategy="cg")).fit(rows)',
+        env=(("WORLD_SIZE", "2"), ("RANK", "0")),
+    ),
 )
 
 

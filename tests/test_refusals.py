@@ -24,6 +24,7 @@ from tests.conftest import make_records
 from tests.refusals import FIT, README, REFUSALS, Refusal, readme_section, render
 from wherefrom.cli import app
 from wherefrom.core.data import DataError, Record
+from wherefrom.core.distributed import NotDistributable
 from wherefrom.core.encoding import encode_records
 from wherefrom.curvature.base import DegenerateCurvatureWarning
 from wherefrom.engine.api import AttributionConfig, Attributor
@@ -31,7 +32,12 @@ from wherefrom.models.loading import load_model
 from wherefrom.models.tiny import save_tiny, tiny_gpt2, tiny_llama, tiny_tokenizer, with_lora
 from wherefrom.studies.generated import write_jsonl
 
-ERRORS = {"DataError": DataError, "ValueError": ValueError, "DegenerateCurvatureWarning": DegenerateCurvatureWarning}
+ERRORS = {
+    "DataError": DataError,
+    "ValueError": ValueError,
+    "DegenerateCurvatureWarning": DegenerateCurvatureWarning,
+    "NotDistributable": NotDistributable,
+}
 
 
 def write_lines(path, lines: list[bytes]) -> None:

@@ -22,6 +22,7 @@ from wherefrom.cli.run import print_tops
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.commandline import portable
 from wherefrom.core.data import DataError, load_records
+from wherefrom.core.distributed import refuse
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.models.loading import ModelLoadError, load_model
@@ -44,6 +45,7 @@ def attribute(
 
     out, method = required(out, "out"), required(method, "method")
     try:
+        refuse("command attribute", "under torchrun use `fit` and `scores` on a run folder")
         options = method_spec(method).check(merged_options(option, method))
         config = settings_as(AttributionConfig)
         record = {

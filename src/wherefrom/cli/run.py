@@ -15,6 +15,7 @@ from rich.text import Text
 from wherefrom.cli.app import command, console, fail, merged_options, progress, remember, settings_as
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, load_records
+from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, session
 from wherefrom.core.scoring import Scores
 from wherefrom.core.store import StoreError, check_replacement, strict_json, writer_lock
 from wherefrom.engine.api import AttributionConfig
@@ -28,28 +29,37 @@ def notify(opened: Run) -> None:
         console.print("[yellow]note:[/]", escape(notice))
 
 
-@command(uses=(*ATTRIBUTION, "fisher", "reduction", "query_rank", "seed", "threads"))
+@command(uses=(*ATTRIBUTION, "fisher", "reduction", "query_rank", "seed", "autocast", "threads"))
 def fit(train, run, model, adapter, strategy, strategy_option, method, option, device, **settings) -> None:
     """Fit a method on the training set into RUN (resumes: an existing fit is reused).
 
     Default: the curvature of --strategy; --method NAME (with --option key=value) fits any method of
-    `wherefrom methods`, so that `scores` and `query` score without refitting."""
+    `wherefrom methods`, so that `scores` and `query` score without refitting. Under `torchrun
+    --nproc_per_node=N` the rows are split over the processes and the curvature statistics added
+    (strategies identity, diagonal, kfac, ekfac, exact, datainf); rank 0 writes RUN."""
     try:
-        paths = {"model": model, "adapter": adapter, "device": device}
-        if method is None:
-            options = merged_options(strategy_option, strategy, "--strategy-option")
-            attribution = settings_as(AttributionConfig, strategy=strategy, strategy_options=options)
-            config = RunConfig(train=str(train), attribution=attribution, **paths)
-        elif strategy_option:
-            raise ValueError(f"--strategy-option is for --strategy; give method {method!r} its options with --option")
-        else:
-            options = merged_options(option, method)
-            config = RunConfig.for_method(method, str(train), settings_as(AttributionConfig), options, **paths)
-        opened = Run.create(run, config, progress=progress)
-        remember(run)
-        fitted = opened.fit()
+        with session():
+            paths = {"model": model, "adapter": adapter, "device": device}
+            if method is None:
+                options = merged_options(strategy_option, strategy, "--strategy-option")
+                attribution = settings_as(AttributionConfig, strategy=strategy, strategy_options=options)
+                config = RunConfig(train=str(train), attribution=attribution, **paths)
+            elif strategy_option:
+                raise ValueError(
+                    f"--strategy-option is for --strategy; give method {method!r} its options with --option"
+                )
+            else:
+                options = merged_options(option, method)
+                config = RunConfig.for_method(method, str(train), settings_as(AttributionConfig), options, **paths)
+            opened = Run.create(run, config, progress=progress)
+            on_main(lambda: remember(run))
+            fitted = opened.fit()
+            barrier()
+            main = is_main()
     except (DataError, ModelLoadError, RunMismatch, StoreError, ValueError, MemoryError) as error:
         fail(error)
+    if not main:
+        return
     notify(opened)
     state = "fitted" if fitted else "already fitted (reused, checksums verified)"
     where = run / ("method" if opened.method is not None else "factors")
@@ -63,12 +73,17 @@ def index(run, shard_size, dtype, precondition, unit_norm, device, threads) -> N
     """Store one row per training example in RUN/index/ so that queries need no train pass: the raw
     gradients of an influence run, the projected (optionally preconditioned, unit) gradients of a fitted
     trak/logra run, the hidden states of a repsim run. Resumes; refuses other settings than the
-    interrupted index was started with, naming them."""
+    interrupted index was started with, naming them. Under `torchrun --nproc_per_node=N` each process
+    builds every N-th shard and rank 0 finishes the store (the same bytes as one process)."""
     try:
-        opened = Run.open(run, progress=progress, device=device, factors=False)
-        written = opened.build_index(shard_size, dtype, precondition, unit_norm)
+        with session():
+            opened = Run.open(run, progress=progress, device=device, factors=False)
+            written = opened.build_index(shard_size, dtype, precondition, unit_norm)
+            main = is_main()
     except (OSError, RunMismatch, StoreError, ValueError) as error:
         fail(error)
+    if not main:
+        return
     notify(opened)
     console.print(f"index complete ({written} shards written now) -> {run / 'index'}")
 
@@ -77,17 +92,23 @@ def index(run, shard_size, dtype, precondition, unit_norm, device, threads) -> N
 def scores(run, queries, name, top_k, overwrite, device, threads) -> None:
     """Pairwise influence of every training row on every query row; saved under RUN/scores/ (an earlier
     set of the same --name made for other query rows is kept unless --overwrite; one for the same rows
-    is recomputed)."""
+    is recomputed). Under `torchrun --nproc_per_node=N` the training rows are split over the processes
+    and rank 0 gathers and writes the scores."""
     try:
-        rows = load_records(queries)
-        saved = [run / "scores" / f"{name}.{suffix}" for suffix in ("safetensors", "json")]
-        replaces = not overwrite and check_replacement(saved, saved[1], {"query_ids": [r.id for r in rows]})
-        opened = Run.open(run, progress=progress, device=device)
-        with writer_lock(run):  # a writer of RUN/scores: refuse before the work while another writer runs
-            result = opened.scores(rows)
-            path = opened.save_scores(result, name)
+        with session():
+            rows = load_records(queries)
+            saved = [run / "scores" / f"{name}.{suffix}" for suffix in ("safetensors", "json")]
+            replaces = not overwrite and check_replacement(saved, saved[1], {"query_ids": [r.id for r in rows]})
+            opened = Run.open(run, progress=progress, device=device)
+            # a writer of RUN/scores: refuse before the work while another writer runs
+            with held_by_main(lambda: writer_lock(run)):
+                result = opened.scores(rows)
+                path = on_main(lambda: opened.save_scores(result, name))
+            main = is_main()
     except (DataError, FileNotFoundError, RunMismatch, RuntimeError, ValueError) as error:
         fail(error)
+    if not main:
+        return
     if replaces:
         console.print(f"[yellow]note:[/] replaced the earlier scores of the same query rows in {escape(str(path))}")
     print_tops(result, top_k, {row.id: row.label for row in opened.train})

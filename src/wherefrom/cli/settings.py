@@ -435,6 +435,12 @@ class DeviceSettings:
         "Torch CPU threads (default: the cores this process may use minus the 1-minute load average, at least 1).",
         check=at_least(1),
     )
+    autocast: str | None = setting(
+        None,
+        "Run the model's forward passes in bfloat16 | float16 (torch.autocast; statistics stay float32/float64); "
+        "default: the model's own dtype.",
+        check=one_of("bfloat16", "float16"),
+    )
 
 
 @dataclass

@@ -78,7 +78,11 @@ class DrawCounts:
         return torch.tensor(sorted(self.counts.items()), dtype=torch.int64).reshape(-1, 2)
 
     def set_state(self, state: torch.Tensor) -> None:
-        self.counts = {int(key): int(count) for key, count in state.tolist()}
+        """Take the counts of ``state``; a key listed more than once (the states of several processes,
+        gathered) keeps its largest count, the latest, since counts only grow."""
+        self.counts = {}
+        for key, count in state.tolist():
+            self.counts[int(key)] = max(int(count), self.counts.get(int(key), 0))
 
 
 def _draw_per_example(probs: torch.Tensor, mask: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:

@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from wherefrom.core.distributed import gather_rows, on_main, refuse
 from wherefrom.core.gradients import Batch, LossFn
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import OptionSpec, from_signature
@@ -189,6 +190,9 @@ class Curvature(ABC):
     needs_operator: ClassVar[bool] = False
     """True for strategies that multiply by ``G`` on the fly (``cg``, ``lissa``): they must be attached
     to the model and fitting data again after loading."""
+    distributes: ClassVar[bool] = False
+    """True for strategies whose fit is sums over rows that :mod:`wherefrom.core.distributed` adds over
+    processes (each fitting on its own rows); the others refuse to fit under ``WORLD_SIZE > 1``."""
     own_ggn: ClassVar[bool] = False
     """True for strategies that form the GGN of the summed token loss themselves (``exact`` and the
     operator strategies) instead of using the ``loss_fn`` handed to :meth:`fit`."""
@@ -217,7 +221,21 @@ class Curvature(ABC):
         ``stages``: where finished fitting stages are persisted and found again (see the module
         docstring); the caller records the fit's settings beside them first.
         Raises :class:`wherefrom.core.memory.MemoryLimitError` before the first pass when
-        :meth:`memory_needs` exceeds the memory limit of the model's device."""
+        :meth:`memory_needs` exceeds the memory limit of the model's device.
+
+        Under ``torch.distributed`` each process passes its own rows (:func:`wherefrom.core.distributed.rows_for_rank`)
+        and the strategy adds its sums and counts over processes before dividing, so every process ends
+        with the one-process curvature; a strategy that does not (:attr:`distributes` false: ``cg``,
+        ``lissa``, ``arnoldi``, which iterate over all rows) raises
+        :class:`wherefrom.core.distributed.NotDistributable` before any pass."""
+        if not self.distributes:
+            from wherefrom.curvature import STRATEGIES  # the registry imports this module
+
+            refuse(
+                f"strategy {self.name!r}",
+                "it iterates over all fitting rows; fit it in one process, or use one of "
+                + ", ".join(sorted(name for name, cls in STRATEGIES.items() if cls.distributes)),
+            )
         needs = self.memory_needs(modules, DataShape.measure(model, batches))
         check_memory(
             needs,
@@ -265,9 +283,12 @@ class Curvature(ABC):
 
         ``compute`` returns ``(tensors, info)``; ``info`` is merged into ``self.info`` in both cases.
         The state of ``loss_fn.sampling_state`` (if any) after the stage is saved and restored with it.
+        Under ``torch.distributed`` rank 0 looks for the stage and hands it to every rank, and writes it
+        with the sampling states of all ranks (:func:`wherefrom.core.distributed.gather_rows`).
         """
         sampling = getattr(loss_fn, "sampling_state", None)
-        saved = self.stages.load(stage) if self.stages is not None else None
+        stages = self.stages
+        saved = on_main(lambda: stages.load(stage)) if stages is not None else None
         if saved is not None:
             tensors, info = saved
             rng = tensors.pop(RNG_KEY, None)
@@ -275,9 +296,9 @@ class Curvature(ABC):
                 sampling.set_state(rng)
         else:
             tensors, info = compute()
-            if self.stages is not None:
-                rng = {RNG_KEY: sampling.get_state()} if sampling is not None else {}
-                self.stages.save(stage, {**tensors, **rng}, info)
+            if stages is not None:
+                rng = {RNG_KEY: gather_rows(sampling.get_state())} if sampling is not None else {}
+                on_main(lambda: stages.save(stage, {**tensors, **rng}, info))
         self.info.update(info)
         return tensors
 

@@ -34,12 +34,17 @@ the damping (``{name}.damping``), so a fitted DataInf saves and loads like any s
 of a large model. Before the first pass :meth:`fit` predicts those bytes and raises
 :class:`wherefrom.core.memory.MemoryLimitError` when they exceed ``max_bytes`` (default 2 GiB) or,
 with the working buffers, the memory limit (:mod:`wherefrom.core.memory`).
+
+Many processes (:mod:`wherefrom.core.distributed`): each process takes the gradients of its own rows
+and every process then holds all of them, gathered in rank order (the order of the ``g_i`` does not
+enter ``P_l``); the memory guard counts this process's rows only.
 """
 
 from __future__ import annotations
 
 import torch
 
+from wherefrom.core.distributed import gather_rows, sum_counts
 from wherefrom.core.gradients import per_example_gradients
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import OptionSpec, from_signature
@@ -52,6 +57,7 @@ class DataInf(Curvature):
     """Kwon et al.'s closed-form approximation of ``(G_l + lambda_l I)^-1`` per module (see module doc)."""
 
     name = "datainf"
+    distributes = True
 
     def __init__(self, damping: float | None = None, damping_factor: float = 0.1, max_bytes: int = DEFAULT_MAX_BYTES):
         super().__init__(damping=damping, damping_factor=damping_factor)
@@ -98,16 +104,18 @@ class DataInf(Curvature):
                 held += g.numel() * g.element_size()
                 parts[name].append(g.detach().cpu())
             count += next(iter(grads.values())).shape[0]
+        count, held = (sum_counts({"examples": count, "bytes": held})[k] for k in ("examples", "bytes"))
         if count == 0:
             raise ValueError("DataInf needs at least one training example to fit")
         self.info["examples"] = count
         self.info["bytes"] = held
-        for name, chunks in parts.items():
-            stacked = torch.cat(chunks)
+        for m in modules:
+            chunks = parts[m.name]
+            stacked = gather_rows(torch.cat(chunks) if chunks else torch.zeros(0, *m.shape))
             chunks.clear()
             mean_square = float(stacked.double().pow(2).mean())  # mean over examples and entries
-            self.state[f"{name}.gradients"] = stacked
-            self.state[f"{name}.damping"] = torch.tensor(self.damping_for(mean_square, name), dtype=torch.float64)
+            self.state[f"{m.name}.gradients"] = stacked
+            self.state[f"{m.name}.damping"] = torch.tensor(self.damping_for(mean_square, m.name), dtype=torch.float64)
 
     def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         """``(1/(n lambda)) sum_i [v - (g_i^T v)/(lambda + ||g_i||^2) g_i]`` for each ``v`` in ``grads``.

@@ -10,6 +10,9 @@ for every other strategy.
 ``blocks="full"`` keeps the whole ``(P, P)`` matrix, cross-module terms included.
 Damping per block (or for the full matrix): ``damping_factor x trace(G_block) / dim`` unless an
 absolute ``damping`` is given.
+
+Many processes (:mod:`wherefrom.core.distributed`): each process sums over its own rows; the float64
+sums and the example count are added over processes before the division by the count.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jacfwd, jacrev
 
+from wherefrom.core.distributed import sum_counts, sum_over_ranks
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import OptionSpec, from_signature
 from wherefrom.core.task import IGNORE_INDEX, per_example_loss
@@ -55,6 +59,7 @@ class ExactGGN(Curvature):
 
     name = "exact"
     own_ggn = True
+    distributes = True
 
     def __init__(
         self,
@@ -128,6 +133,8 @@ class ExactGGN(Curvature):
                 self._accumulate_hessian(model, modules, batches, progress, params, ggn)
             else:
                 self._accumulate(modules, batches, progress, log_probs, params, ggn)
+        sum_over_ranks({"ggn": ggn})
+        self.info["examples"] = sum_counts({"examples": self.info["examples"]})["examples"]
         ggn /= max(self.info["examples"], 1)
         self._invert({m.name: m.shape for m in modules}, ggn)
 
@@ -139,15 +146,17 @@ class ExactGGN(Curvature):
             raise ValueError("exact with curvature='hessian' needs the model: it cannot be fitted from gradient blocks")
         sizes = {name: out * inp for name, (out, inp) in shapes.items()}
         keys = ["full"] if self.blocks == "full" else list(sizes)
-        sums = {key: torch.zeros(0, dtype=torch.float64) for key in keys}
+        size = {"full": sum(sizes.values()), **sizes}
+        sums = {key: torch.zeros(size[key], size[key], dtype=torch.float64) for key in keys}
         count = 0
         for grads in blocks():
             rows = {name: grads[name].reshape(grads[name].shape[0], -1).double() for name in sizes}
             parts = {"full": torch.cat(list(rows.values()), dim=1)} if self.blocks == "full" else rows
             for key, flat in parts.items():
-                outer = (flat.T @ flat).cpu()
-                sums[key] = outer if sums[key].numel() == 0 else sums[key] + outer
+                sums[key] += (flat.T @ flat).cpu()
             count += next(iter(rows.values())).shape[0]
+        sum_over_ranks(sums)
+        count = sum_counts({"examples": count})["examples"]
         if count == 0:
             raise ValueError("cannot fit 'exact' from zero gradient rows")
         self.info["examples"] = count

@@ -19,12 +19,17 @@ Fitting stages (each persisted on its own when :meth:`fit` is given a stage fold
 kronfluence): ``covariances`` (the float64 sums ``sum a a^T``, ``sum g g^T`` and the token and
 example counts), ``eigenbases`` (``Q_A, a, Q_S, s`` as stored), and for EK-FAC ``eigenvalue
 correction`` (``Lambda``). A resumed fit reuses the finished ones and gives identical factors.
+
+Many processes (:mod:`wherefrom.core.distributed`): each process passes its own rows; the float64
+sums and the token and example counts of both passes are added over processes before the divisions
+above, so every process ends with the one-process factors (up to the order of float summation).
 """
 
 from __future__ import annotations
 
 import torch
 
+from wherefrom.core.distributed import sum_counts, sum_over_ranks
 from wherefrom.core.gradients import token_factors
 from wherefrom.core.memory import nbytes
 from wherefrom.curvature.base import Curvature, DataShape
@@ -41,6 +46,7 @@ class KFAC(Curvature):
     """Kronecker-factored curvature with eigenvalues ``s_i a_j``."""
 
     name = "kfac"
+    distributes = True
 
     def state_bytes(self, modules, data: DataShape) -> int:
         """Per module, float32: eigenbases ``(in', in')`` and ``(out, out)``, their eigenvalues, the
@@ -81,7 +87,8 @@ class KFAC(Curvature):
         self.state.update(self.run_stage("eigenbases", eigenbases, loss_fn))
 
     def _covariances(self, model, modules, batches, loss_fn, progress):
-        """``({name.a_cov, name.s_cov: float64 sums}, {examples, tokens})`` over one pass of ``batches()``."""
+        """``({name.a_cov, name.s_cov: float64 sums}, {examples, tokens})`` over one pass of ``batches()``
+        (of every process's rows)."""
         device = next(model.parameters()).device
         a_cov = {m.name: torch.zeros(m.shape[1], m.shape[1], dtype=torch.float64, device=device) for m in modules}
         s_cov = {m.name: torch.zeros(m.shape[0], m.shape[0], dtype=torch.float64, device=device) for m in modules}
@@ -96,6 +103,8 @@ class KFAC(Curvature):
                 a_cov[name] += (a.T @ a).double()
                 s_cov[name] += (g.T @ g).double()
                 tokens[name] += int(f.token_mask.sum())
+        sum_over_ranks({**{f"a.{n}": v for n, v in a_cov.items()}, **{f"s.{n}": v for n, v in s_cov.items()}})
+        tokens, examples = sum_counts(tokens), sum_counts({"examples": examples})["examples"]
         sums = {
             **{f"{n}.a_cov": v.cpu() for n, v in a_cov.items()},
             **{f"{n}.s_cov": v.cpu() for n, v in s_cov.items()},
@@ -155,7 +164,8 @@ class EKFAC(KFAC):
             self._set_eigenvalues(m.name, corrected[f"{m.name}.eigenvalues"].double())
 
     def _correction(self, model, modules, batches, loss_fn, progress):
-        """``({name.eigenvalues: float64 mean_n (Q_S^T G_n Q_A)^2}, {correction_examples})`` over one pass."""
+        """``({name.eigenvalues: float64 mean_n (Q_S^T G_n Q_A)^2}, {correction_examples})`` over one pass
+        (of every process's rows)."""
         device = next(model.parameters()).device
         sums = {m.name: torch.zeros(m.shape, dtype=torch.float64, device=device) for m in modules}
         examples = 0
@@ -168,5 +178,7 @@ class EKFAC(KFAC):
                 q_a = self.state[f"{name}.a_eigvecs"].to(device, f.a.dtype)
                 rotated = torch.einsum("bto,bti->boi", f.g @ q_s, f.a @ q_a)
                 sums[name] += rotated.double().pow(2).sum(0)
+        sum_over_ranks(sums)
+        examples = sum_counts({"examples": examples})["examples"]
         eigenvalues = {f"{m.name}.eigenvalues": (sums[m.name] / max(examples, 1)).cpu() for m in modules}
         return eigenvalues, {"correction_examples": examples}

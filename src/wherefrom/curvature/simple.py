@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from wherefrom.core.distributed import sum_counts, sum_over_ranks
 from wherefrom.core.gradients import per_example_gradients
 from wherefrom.core.memory import nbytes
 from wherefrom.curvature.base import Curvature, DataShape
@@ -14,6 +15,7 @@ class Identity(Curvature):
 
     name = "identity"
     needs_fit = False
+    distributes = True
 
     def _fit(self, model, modules, batches, loss_fn, progress) -> None:
         """Nothing to estimate."""
@@ -29,6 +31,7 @@ class Diagonal(Curvature):
     """Diagonal of the Fisher, ``diag(G)[j] = mean_n (grad_j L_n)^2``, per module ``(out, in')``."""
 
     name = "diagonal"
+    distributes = True
 
     def state_bytes(self, modules, data: DataShape) -> int:
         """``{name}.diagonal`` ``(out, in')`` float32 and ``{name}.damping`` (float32 scalar) per module."""
@@ -57,13 +60,16 @@ class Diagonal(Curvature):
         )
 
     def fit_blocks(self, blocks, shapes) -> None:
-        """``diag(G) = mean_n G_n ** 2`` per module, accumulated in float64."""
+        """``diag(G) = mean_n G_n ** 2`` per module, accumulated in float64 (sums and count added over
+        processes under :mod:`wherefrom.core.distributed`)."""
         sums = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()}
         count = 0
         for grads in blocks():
             for name, g in grads.items():
                 sums[name] += g.double().pow(2).sum(0).cpu()
             count += next(iter(grads.values())).shape[0]
+        sum_over_ranks(sums)
+        count = sum_counts({"examples": count})["examples"]
         self.info["examples"] = count
         for name, total in sums.items():
             diag = total / max(count, 1)

@@ -12,6 +12,7 @@ Every score follows the sign convention of :mod:`wherefrom.core.scoring`.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from wherefrom.core.data import Record, check_ids, check_records
+from wherefrom.core.distributed import rows_for_rank, world_size
 from wherefrom.core.encoding import Batches, EncodedExample, encode_records, iterate_batches, pad_id
 from wherefrom.core.gradients import Batch, LossFn, TokenFactors, token_factors
 from wherefrom.core.memory import check_memory, nbytes
@@ -40,6 +42,9 @@ from wherefrom.curvature import Curvature, make_curvature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.models.loading import eval_mode
 
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The ``autocast`` settings and the dtype each runs the model's forward passes in."""
+
 
 @dataclass
 class AttributionConfig:
@@ -58,6 +63,9 @@ class AttributionConfig:
     of methods that are not curvature strategies (e.g. ``layer``/``pooling`` for ``repsim``).
     ``query_without_eos``: the query measurement ``f`` leaves out the EOS appended to each completion
     (:mod:`wherefrom.core.task`); by default ``f = log p(completion, EOS | prompt)``.
+    ``autocast``: ``"bfloat16"`` or ``"float16"`` runs the model's forward passes under
+    ``torch.autocast`` on its device (faster on GPUs); the captured inputs and output gradients are
+    taken to float32 and every statistic is accumulated in float32/float64 as without it.
     """
 
     strategy: str = "ekfac"
@@ -74,6 +82,7 @@ class AttributionConfig:
     normalize: Literal["cosine"] | None = None
     seed: int = 0
     query_without_eos: bool = False
+    autocast: Literal["bfloat16", "float16"] | None = None
     strategy_options: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
@@ -84,6 +93,8 @@ class AttributionConfig:
             raise ValueError(f"normalize must be None or 'cosine', got {self.normalize!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.autocast not in (None, *AUTOCAST_DTYPES):
+            raise ValueError(f"autocast must be None or one of {sorted(AUTOCAST_DTYPES)}, got {self.autocast!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -230,10 +241,23 @@ class Attributor:
         encoded = self.encoded(records)
         return iterate_batches(encoded, self.config.batch_size, pad_id(self.tokenizer), self.device)
 
-    # --- losses --------------------------------------------------------------------------------
+    # --- losses ---------------------------------------------------------------------------------
+    def model_pass(self) -> contextlib.AbstractContextManager:
+        """The context of a model forward pass: ``torch.autocast`` to ``config.autocast`` on the model's
+        device, or nothing. Losses are taken in float32 (:func:`wherefrom.core.task.token_losses`), the
+        captured factors too (:func:`wherefrom.core.gradients.token_factors`)."""
+        if self.config.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.config.autocast])
+
     def train_loss_fn(self) -> LossFn:
         """``L(z)`` per example with the data's targets."""
-        return lambda model, batch: self.task.train_loss(model, batch)
+
+        def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+            with self.model_pass():
+                return self.task.train_loss(model, batch)
+
+        return loss
 
     def fisher_loss_fn(self) -> LossFn:
         """The loss whose gradients define the Fisher: sampled targets for ``fisher="true"``.
@@ -253,14 +277,32 @@ class Attributor:
         def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
             repeats = draws.next(example_seeds(batch, self.config.seed))
             seeds = example_seeds(batch, self.config.seed, repeats)
-            return self.task.train_loss(model, batch, sample=True, seeds=seeds)
+            with self.model_pass():
+                return self.task.train_loss(model, batch, sample=True, seeds=seeds)
 
         loss.sampling_state = draws  # type: ignore[attr-defined]
         return loss
 
     def query_loss_fn(self) -> LossFn:
         """``-f(z_q)`` per example: its gradient is the query vector ``q`` of :mod:`wherefrom.core.scoring`."""
-        return lambda model, batch: -self.task.measurement(model, batch)
+
+        def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+            with self.model_pass():
+                return -self.task.measurement(model, batch)
+
+        return loss
+
+    def fitting_rows(self, encoded: list[EncodedExample]) -> list[EncodedExample]:
+        """This process's share of the fitting rows (:func:`wherefrom.core.distributed.rows_for_rank`; all
+        of them in one process). Rows with one draw key (:func:`wherefrom.core.task.example_seeds`:
+        identical tokens and labels) stay in one process, so the true Fisher's labels are drawn as one
+        process draws them."""
+        if world_size() == 1:
+            return encoded
+        keys: list[int] = []
+        for _ids, batch in iterate_batches(encoded, 256, pad_id(self.tokenizer)):
+            keys += example_seeds(batch, self.config.seed)
+        return rows_for_rank(encoded, keys)
 
     # --- curvature -----------------------------------------------------------------------------
     def fit(
@@ -275,8 +317,11 @@ class Attributor:
         options (e.g. ``rank`` for ``arnoldi``); it is fitted and becomes this attributor's curvature.
         ``stages``: persist and reuse finished fitting stages there (see :meth:`Curvature.fit`).
         Raises :class:`~wherefrom.core.data.DataError` for no rows, an invalid row or a repeated id.
+
+        Under ``torch.distributed`` every process passes all ``train`` rows, fits on its share
+        (:meth:`fitting_rows`) and ends with the curvature of all of them (:meth:`Curvature.fit`).
         """
-        encoded = self.encoded(checked_rows(train, "training rows"))
+        encoded = self.fitting_rows(self.encoded(checked_rows(train, "training rows")))
 
         def batches() -> Iterable[Batch]:
             return self.batches(encoded).without_ids()

@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,19 @@ from typing import Any
 import torch
 
 from wherefrom.core.data import Record, data_fingerprint, load_records
+from wherefrom.core.distributed import (
+    barrier,
+    gather_columns,
+    held_by_main,
+    is_main,
+    on_main,
+    rank,
+    refuse,
+    rows_for_rank,
+    shards_for_rank,
+    sum_counts,
+    world_size,
+)
 from wherefrom.core.gradients import flatten_blocks, split_rows
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import Scores, save_scores
@@ -68,8 +81,10 @@ from wherefrom.methods.registry import SETTING_NAMES, Method, in_family, make_me
 from wherefrom.methods.saved import META_FILE, TENSORS_FILE, load_fitted, save_fitted
 from wherefrom.models.loading import LoadedModel, load_model
 
-GRADIENT_SETTINGS = ("batch_size", "max_length", "chat_template", "reduction", "include", "exclude")
+GRADIENT_SETTINGS = ("batch_size", "max_length", "chat_template", "reduction", "include", "exclude", "autocast")
 """The attribution settings that change stored training gradients (recorded with an index)."""
+FIT_ALONE = "fit it in one process; the influence methods (a curvature strategy) fit in many"
+"""What to do instead when a method outside the influence family is fitted under ``torch.distributed``."""
 
 
 class RunMismatch(ValueError):
@@ -193,16 +208,27 @@ class Run:
 
         Raises :class:`RunMismatch` naming each setting that differs from a finished run's config (with
         both values), and :class:`wherefrom.core.store.FolderLocked` while another process writes the run.
+        Under ``torch.distributed`` rank 0 checks and writes the folder; a method outside the influence
+        family raises :class:`wherefrom.core.distributed.NotDistributable` before the model loads.
         """
         folder = Path(folder)
         config = config.resolved()
         if config.method is not None:  # options checked before the model loads
             method_settings(config.method, config.attribution, config.options)
+        if config.fits_method:
+            refuse(f"method {config.method!r}", FIT_ALONE)
         loaded = load_model(config.model, config.adapter, device=config.device)
         run = cls(folder, config, loaded, load_records(config.train), progress)
         manifest = run.manifest()
+        on_main(lambda: run.settle(config, manifest))
+        return run
+
+    def settle(self, config: RunConfig, manifest: dict[str, Any]) -> None:
+        """:meth:`create`'s check of the folder against ``config``, or its record of ``config`` and ``manifest``
+        (rank 0's job under ``torch.distributed``)."""
+        folder = self.folder
         with writer_lock(folder):
-            if run.finished():
+            if self.finished():
                 # Round-trip through RunConfig: settings added in later versions take their defaults.
                 saved = RunConfig.from_dict(json.loads((folder / "config.json").read_text())).resolved().to_dict()
                 differences = settings_differences(saved, config.to_dict())
@@ -211,11 +237,10 @@ class Run:
                         f"{folder} holds a run with other settings ({'; '.join(differences)}); "
                         "use a new --run folder or the same arguments"
                     )
-                run._check(json.loads((folder / "manifest.json").read_text()), manifest)
+                self._check(json.loads((folder / "manifest.json").read_text()), manifest)
             else:  # nothing finished here yet: the new settings replace the old
                 atomic_write_json(config.to_dict(), folder / "config.json")
                 atomic_write_json(manifest, folder / "manifest.json")
-        return run
 
     def finished(self) -> bool:
         """Whether the folder holds a finished result (fitted factors, an index or scores): only then are
@@ -317,47 +342,63 @@ class Run:
         :attr:`notices`). Raises :class:`wherefrom.core.store.SettingsMismatch` if ``factors/`` was
         started with other settings. A run of a method outside the influence family fits it instead
         (:meth:`fit_method`).
+
+        Under ``torch.distributed`` rank 0 holds the lock, checks the folder and writes the stages and
+        factors; every rank fits on its share of the rows (:meth:`wherefrom.engine.api.Attributor.fit`)
+        and ends with the same curvature.
         """
         if self.method is not None:
             return self.fit_method()
         target = self.folder / "factors"
-        with writer_lock(self.folder):
-
-            def problems() -> list[str]:
-                return [p for p in (damage(target / "curvature.safetensors"), damage(target / "curvature.json")) if p]
-
-            found = problems()
-            stages = StageFolder(target / "stages")
-            started_before = stages.folder.is_dir() or any(
-                (target / name).exists() for name in ("curvature.json", "curvature.safetensors")
-            )
-            if not started_before:
-                # Nothing of a fit is finished here (e.g. an earlier fit was refused): its settings bind nothing.
-                forget_file(target / "settings.json")
-                self.attributor.encode(self.train)  # rows the model cannot take: a DataError before anything is written
-            # Finished factors are reused on any device; a resumed fit must run where it started.
-            notes = record_settings(
-                target,
-                self.fit_settings(),
-                f"Delete {target} to fit again with the current settings.",
-                ignore=() if found else ("device",),
-            )
-            if notes:  # factors of unknown settings were discarded
-                self.notices += notes
-                found = problems()
-            if not found:
+        stages = StageFolder(target / "stages")
+        with held_by_main(lambda: writer_lock(self.folder)):
+            if on_main(lambda: self.factors_intact(target, stages)):
                 self.attributor.use_curvature(load_curvature(target), self.train)
-                StageFolder(target / "stages").clear()  # left by a fit killed after its final save
+                on_main(stages.clear)  # left by a fit killed after its final save
                 return False
-            if (target / "curvature.json").exists() or (target / "curvature.safetensors").exists():
-                self.notices.append(f"refitting: {found[0]}")
-            forget_file(target / "curvature.json")  # the factors are unfinished until both are rewritten
             started = time.perf_counter()
             curvature = self.attributor.fit(self.train, stages=stages)
             curvature.info["fit_seconds"] = round(time.perf_counter() - started, 3)
-            curvature.save(target)
-            stages.clear()
+
+            def save() -> None:
+                curvature.save(target)
+                stages.clear()
+
+            on_main(save)
         return True
+
+    def factors_intact(self, target: Path, stages: StageFolder) -> bool:
+        """Whether ``target`` holds intact factors fitted with this run's settings; when not, prepare it for a
+        fit (settings recorded, unfinished marker removed; repairs noted in :attr:`notices`). Rank 0's job
+        under ``torch.distributed``, holding the writer lock."""
+
+        def problems() -> list[str]:
+            return [p for p in (damage(target / "curvature.safetensors"), damage(target / "curvature.json")) if p]
+
+        found = problems()
+        started_before = stages.folder.is_dir() or any(
+            (target / name).exists() for name in ("curvature.json", "curvature.safetensors")
+        )
+        if not started_before:
+            # Nothing of a fit is finished here (e.g. an earlier fit was refused): its settings bind nothing.
+            forget_file(target / "settings.json")
+            self.attributor.encode(self.train)  # rows the model cannot take: a DataError before anything is written
+        # Finished factors are reused on any device; a resumed fit must run where it started.
+        notes = record_settings(
+            target,
+            self.fit_settings(),
+            f"Delete {target} to fit again with the current settings.",
+            ignore=() if found else ("device",),
+        )
+        if notes:  # factors of unknown settings were discarded
+            self.notices += notes
+            found = problems()
+        if not found:
+            return True
+        if (target / "curvature.json").exists() or (target / "curvature.safetensors").exists():
+            self.notices.append(f"refitting: {found[0]}")
+        forget_file(target / "curvature.json")  # the factors are unfinished until both are rewritten
+        return False
 
     def fit_method(self) -> bool:
         """Fit the run's method into ``method/`` unless an intact fitted state is there; returns True when it fitted.
@@ -365,6 +406,7 @@ class Run:
         Holds the run's writer lock; records the fit's settings first (:class:`wherefrom.core.store.SettingsMismatch`
         names each one that differs); a damaged state is refitted (noted in :attr:`notices`).
         """
+        refuse(f"method {self.config.method!r}", FIT_ALONE)
         target = self.folder / "method"
         with writer_lock(self.folder):
 
@@ -429,6 +471,10 @@ class Run:
         length; repsim: unit hidden states), so that a score is ``query_vector @ row``.
         Rows are stored in ``dtype`` (float32 | float16 | bfloat16), ``shard_size`` rows per shard.
 
+        Under ``torch.distributed`` rank ``r`` of ``W`` builds the shards ``k`` with ``k % W == r``
+        (:func:`wherefrom.core.distributed.shards_for_rank`) and rank 0 writes the completion marker once
+        all are intact, so the store's bytes equal a one-process build; returns the shards of all ranks.
+
         Holds the run's writer lock; records the settings first and refuses to resume under other
         ones (:class:`wherefrom.core.store.SettingsMismatch` names e.g. ``shard_size: recorded 4, now 2``);
         rewrites every shard that is missing, unfinished or damaged (noted in :attr:`notices`). Raises
@@ -437,21 +483,27 @@ class Run:
         naming the shard whose write failed (a full disk; the finished shards are kept).
         """
         writer, produce = self.index_writer(shard_size, dtype, precondition, unit_norm)
-        folder = writer.folder
-        written = 0
-        with writer_lock(self.folder):
-            hint = f"Resume with the recorded values, or delete {folder} to index with the new ones."
-            try:
+        hint = f"Resume with the recorded values, or delete {writer.folder} to index with the new ones."
+
+        def begin() -> bool:
+            finished = writer.complete()
+            # A finished index is reused on any device; a resumed one must run where it started.
+            if writer.start(hint, ignore=("device",) if finished else ()):  # parts of unknown settings discarded
                 finished = writer.complete()
-                # A finished index is reused on any device; a resumed one must run where it started.
-                if writer.start(hint, ignore=("device",) if finished else ()):  # parts of unknown settings discarded
-                    finished = writer.complete()
-                if not finished:
-                    written = writer.build(produce)
-                    writer.finalize()
+            return finished
+
+        written = 0
+        with held_by_main(lambda: writer_lock(self.folder)):
+            try:
+                if not on_main(begin):  # rank 0 records the settings; the others then check them
+                    if not is_main():
+                        writer.start(hint)
+                    written = writer.build(produce, rank(), world_size())  # shards k with k % W == rank
+                    barrier()
+                    on_main(writer.finalize)
             finally:
                 self.notices += writer.notices
-        return written
+        return sum_counts({"written": written})["written"]
 
     def index_writer(
         self, shard_size: int = 256, dtype: str = "float32", precondition: str = "fitted", unit_norm: bool = False
@@ -536,19 +588,25 @@ class Run:
         return store
 
     def indexed_gradients(
-        self, store: VectorStore | None = None
+        self, store: VectorStore | None = None, shards: Sequence[int] | None = None
     ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
         """``(ids, {module: (n, out, in')})`` per shard of the run's complete index (``store``: already opened
-        by :meth:`open_index`), as float32; each shard is verified as it is read
-        (:class:`wherefrom.core.store.DamagedFile` names it)."""
+        by :meth:`open_index`; ``shards``: only these, e.g. one rank's share), as float32; each shard is
+        verified as it is read (:class:`wherefrom.core.store.DamagedFile` names it)."""
         store = store or self.open_index()
         shapes = [(m.name, m.shape) for m in self.attributor.modules]
-        for start, rows in store.shards():
+        for start, rows in store.shards(only=shards):
             yield store.ids[start : start + rows.shape[0]], split_rows(rows.float(), shapes)
 
     # --- scores --------------------------------------------------------------------------------
-    def scores(self, queries: list[Record], curvature: Curvature | None = None) -> Scores:
+    def scores(self, queries: list[Record], curvature: Curvature | None = None) -> Scores | None:
         """Pairwise scores of ``queries`` against the training set (from the index when complete).
+
+        Under ``torch.distributed`` every process scores all queries against its share of the training
+        rows (:func:`wherefrom.core.distributed.rows_for_rank`, or of the index shards,
+        :func:`wherefrom.core.distributed.shards_for_rank`); rank 0 gets the columns of all of them in
+        training-row order and returns the scores, the other ranks return ``None``. A method outside the
+        influence family refuses (:class:`wherefrom.core.distributed.NotDistributable`).
 
         ``curvature`` overrides the run's fitted one (e.g. identity on the same index); a run of a method
         outside the influence family scores with its fitted state (``RuntimeError`` when it has none).
@@ -556,6 +614,7 @@ class Run:
         """
         queries = checked_rows(queries, "query rows")
         if self.method is not None:
+            refuse(f"scoring method {self.config.method!r}", "score it in one process; influence methods score in many")
             if not self.method_fitted:
                 raise RuntimeError(
                     f"no fitted {self.config.method} in {self.folder / 'method'}; run `wherefrom fit` first"
@@ -569,12 +628,15 @@ class Run:
             raise RuntimeError(f"no fitted curvature in {self.folder / 'factors'}; run `wherefrom fit` first")
         store = self.open_index() if self.has_index() else None  # a damaged index refused before the query work
         query_ids, pre = self.attributor.preconditioned_queries(queries, curvature)
-        train = (
-            self.indexed_gradients(store)
-            if store is not None
-            else self.attributor.gradients(self.train, description="train gradients")
-        )
-        return self.attributor.scores_from_gradients(query_ids, pre, train)
+        if store is not None:
+            train = self.indexed_gradients(store, shards_for_rank(store.shard_count))
+        else:
+            train = self.attributor.gradients(rows_for_rank(self.train), description="train gradients")
+        part = self.attributor.scores_from_gradients(query_ids, pre, train)
+        if world_size() == 1:
+            return part
+        train_ids, per_module = gather_columns(part.train_ids, part.per_module, [r.id for r in self.train])
+        return Scores(query_ids, train_ids, part.module_names, per_module) if is_main() else None
 
     def store_scores(self, queries: list[Record], store: VectorStore) -> Scores:
         """Scores of a vector run's ``queries`` from its index: ``query_vector @ row`` per module block,

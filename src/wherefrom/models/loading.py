@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from wherefrom.core.distributed import local_device
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -116,10 +118,16 @@ def pick_device(requested: str | torch.device | None = None) -> torch.device:
 
     ``None`` (or ``"auto"``) gives ``cuda`` when a GPU is available and ``cpu`` otherwise; any
     explicit request (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a :class:`torch.device`) is honoured
-    as given.
+    as given. Under torchrun with CUDA, ``None``, ``"auto"`` and ``"cuda"`` give this process's own GPU,
+    ``cuda:LOCAL_RANK`` (:func:`wherefrom.core.distributed.local_device`).
     """
-    if requested is None or (isinstance(requested, str) and requested.strip().lower() == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text = requested.strip().lower() if isinstance(requested, str) else requested
+    if text is None or text in ("auto", "cuda"):
+        own = local_device()  # None unless several processes share CUDA devices
+        if own is not None:
+            return own
+        if text != "cuda":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
 
 

@@ -1,0 +1,260 @@
+"""Many processes with ``torch.distributed``: the process group, the split of rows, and the collectives.
+
+Launch ``fit`` or ``scores`` under ``torchrun``: ``torchrun --nproc_per_node=N -m wherefrom.cli -- fit ...``
+(the ``--`` keeps torchrun's parser from taking ``--run`` for its ``--run-path``); several machines
+with the usual rendezvous arguments ``--nnodes``, ``--node_rank``, ``--rdzv_endpoint`` or
+``--master_addr/--master_port``: nothing else is needed. torchrun sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`session` reads them and joins the process
+group with ``gloo`` for CPU tensors and, when CUDA is available, ``nccl`` for CUDA tensors
+(``"cpu:gloo,cuda:nccl"``). Every process must see the run folder (one machine, or a shared file system).
+
+A single process, without those variables, is the identity: no process group is made, every helper
+returns its input (or runs its function) at no cost, and :func:`rank` is 0.
+
+Conventions every distributed command follows:
+
+* **Rows**: each process takes :func:`rows_for_rank` of the training rows, a contiguous block (rank
+  ``r`` of ``W`` takes rows ``[floor(r n / W), floor((r + 1) n / W))``), so the concatenation over ranks
+  is the rows in their order. Rows with equal ``groups`` keys go to the rank of the first of them
+  (the true Fisher's label draws are counted per identical row, :class:`wherefrom.core.task.DrawCounts`,
+  so identical rows must be drawn by one process to draw as one process would).
+* **Statistics**: a process accumulates sums and counts over its rows; :func:`sum_over_ranks` and
+  :func:`sum_counts` add them over all processes *before* any division by a count, so a fit equals
+  the one-process fit up to float rounding of the order of summation.
+* **Writes**: only rank 0 writes files (:func:`is_main`); :func:`on_main` runs a function (a check, a
+  load, a write) on rank 0 and hands its result, or its exception, to every rank.
+* **Results by row**: :func:`gather_rows` concatenates each rank's rows in rank order on every rank;
+  :func:`gather_columns` puts the ranks' score columns in training-row order on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+class NotDistributable(ValueError):
+    """A command, method or strategy that cannot run under ``WORLD_SIZE > 1``."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place: ``rank`` of ``size`` processes in all, ``local_rank`` on its machine
+    (torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``; ``0, 1, 0`` without them)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> World:
+        """Read torchrun's variables; ``ValueError`` naming the variable when one is not a valid number."""
+        values = {}
+        for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+            text = os.environ.get(name, "")
+            try:
+                values[name] = int(text) if text.strip() else default
+            except ValueError:
+                raise ValueError(f"environment variable {name}={text!r} is not an integer (set by torchrun)") from None
+        world = cls(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"])
+        if world.size < 1 or not 0 <= world.rank < world.size:
+            raise ValueError(f"RANK={world.rank} and WORLD_SIZE={world.size}: need 0 <= RANK < WORLD_SIZE")
+        return world
+
+
+def active() -> bool:
+    """Whether a process group of more than one process is joined."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank in the joined group (0 without one)."""
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    """Processes in the joined group (1 without one)."""
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Whether this process writes files: rank 0, or the only process."""
+    return rank() == 0
+
+
+def backend() -> str:
+    """``"cpu:gloo,cuda:nccl"`` where CUDA is available, else ``"gloo"``."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+
+
+def local_device() -> torch.device | None:
+    """``cuda:LOCAL_RANK`` under torchrun with CUDA available (one GPU per process), else ``None``."""
+    world = World.from_env()
+    if world.size > 1 and torch.cuda.is_available():
+        return torch.device("cuda", world.local_rank % torch.cuda.device_count())
+    return None
+
+
+@contextmanager
+def session() -> Iterator[World]:
+    """Join the process group described by torchrun's variables for the block, and leave it after.
+
+    With ``WORLD_SIZE`` unset or 1, or a group already joined (by the caller), nothing is done. Raises
+    ``ValueError`` for malformed variables; the rendezvous itself (``MASTER_ADDR``/``MASTER_PORT``) is
+    torch's ``env://`` initialisation.
+    """
+    world = World.from_env()
+    if world.size == 1 or (dist.is_available() and dist.is_initialized()):
+        yield world
+        return
+    if not dist.is_available():
+        raise NotDistributable(f"WORLD_SIZE={world.size}, but this torch build has no torch.distributed")
+    device = local_device()
+    if device is not None:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend(), rank=world.rank, world_size=world.size)
+    try:
+        yield world
+    finally:
+        dist.destroy_process_group()
+
+
+def refuse(what: str, hint: str) -> None:
+    """Raise :class:`NotDistributable` naming ``what`` (e.g. ``"strategy 'cg'"``) when more than one
+    process runs (a joined group, or torchrun's ``WORLD_SIZE > 1``); ``hint`` says what to do instead."""
+    size = world_size() if active() else World.from_env().size
+    if size > 1:
+        raise NotDistributable(f"{what} cannot run under torch.distributed (WORLD_SIZE={size}): {hint}")
+
+
+def rows_for_rank(rows: Sequence[T], groups: Sequence[Hashable] | None = None) -> list[T]:
+    """This rank's share of ``rows``, in their order: the contiguous block
+    ``rows[floor(r n / W) : floor((r + 1) n / W)]`` for rank ``r`` of ``W`` (block sizes differ by at most
+    one; a rank may get no rows when ``n < W``). With ``groups`` (one key per row), each row goes to
+    the rank whose block holds the first row of its key, so rows with one key stay in one process.
+    One process: every row."""
+    size, me, n = world_size(), rank(), len(rows)
+    if size == 1:
+        return list(rows)
+
+    def owner(position: int) -> int:
+        return ((position + 1) * size - 1) // n  # the r with floor(r n / W) <= position < floor((r + 1) n / W)
+
+    if groups is None:
+        return list(rows[me * n // size : (me + 1) * n // size])
+    if len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} keys for {n} rows")
+    first: dict[Hashable, int] = {}
+    return [row for i, (row, key) in enumerate(zip(rows, groups)) if owner(first.setdefault(key, i)) == me]
+
+
+def shards_for_rank(shards: int) -> list[int]:
+    """This rank's share of ``shards`` numbered files (index shards): ``k`` with ``k % W == r``, so each
+    rank's files are spread over the whole set. One process: every shard."""
+    return list(range(rank(), shards, world_size()))
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing in one process)."""
+    if active():
+        dist.barrier()
+
+
+def on_main(function: Callable[[], T]) -> T:
+    """``function()`` run on rank 0 alone; its result, or the exception it raised, reaches every rank
+    (pickled). Use it for checks, loads and writes that one process must make for all. One process:
+    ``function()``."""
+    if not active():
+        return function()
+    box: list[Any] = [None]
+    if is_main():
+        try:
+            box[0] = (True, function())
+        except Exception as error:  # handed to every rank, then raised there too
+            box[0] = (False, error)
+    dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+@contextmanager
+def held_by_main(enter: Callable[[], AbstractContextManager[Any]]) -> Iterator[None]:
+    """The context ``enter()`` (e.g. a folder's writer lock) held by rank 0 alone for the block; an error
+    on entering it (the lock is taken) reaches every rank. One process: ``with enter(): ...``."""
+    with ExitStack() as stack:
+        on_main(lambda: stack.enter_context(enter()))
+        yield
+
+
+def sum_over_ranks(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor replaced by its sum over all ranks (in place, on its own device; returned). Call it
+    on sums, before dividing by a count. One process: ``tensors`` unchanged."""
+    if active():
+        for value in tensors.values():
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return tensors
+
+
+def sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    """``{name: count}`` summed over all ranks (a new dict). One process: a copy of ``counts``."""
+    if not active():
+        return dict(counts)
+    names = sorted(counts)
+    total = torch.tensor([int(counts[name]) for name in names], dtype=torch.int64)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return dict(zip(names, total.tolist()))
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The ranks' ``(n_r, ...)`` tensors concatenated along dim 0 in rank order, on every rank, on CPU
+    (ranks may hold different ``n_r``, including 0; the trailing shape and dtype must agree). One
+    process: ``tensor`` on CPU."""
+    tensor = tensor.detach().cpu().contiguous()
+    if not active():
+        return tensor
+    sizes = torch.tensor([tensor.shape[0]], dtype=torch.int64)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(world_size())]
+    dist.all_gather(all_sizes, sizes)
+    counts = [int(s) for s in all_sizes]
+    padded = torch.zeros((max(counts), *tensor.shape[1:]), dtype=tensor.dtype)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
+def gather_columns(ids: list[str], columns: torch.Tensor, order: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+    """Score columns of every rank, on rank 0, in the order of ``order`` (the training ids).
+
+    ``ids``: the ``n_r`` training ids of this rank's columns; ``columns``: ``(..., n_r)``, the last
+    dimension by training row. Returns ``(order as a list, (..., n) in that order)`` on rank 0 and
+    ``([], an empty tensor)`` elsewhere. Raises ``ValueError`` when the gathered ids are not ``order``'s
+    ids, each once. One process: the columns rearranged into ``order``.
+    """
+    if active():
+        # ids travel as JSON lines (one line per rank) in a byte tensor, so gloo and nccl both carry them
+        line = torch.tensor(list((json.dumps(ids) + "\n").encode()), dtype=torch.uint8)
+        text = bytes(gather_rows(line).tolist()).decode()
+        gathered = gather_rows(columns.movedim(-1, 0)).movedim(0, -1)
+        if not is_main():
+            return [], torch.empty(0)
+        ids = [row_id for part in text.split("\n")[:-1] for row_id in json.loads(part)]
+        columns = gathered
+    position = {row_id: j for j, row_id in enumerate(ids)}
+    if len(position) != len(ids) or set(position) != set(order) or len(ids) != len(order):
+        raise ValueError(
+            f"the ranks returned {len(ids)} score columns that are not the {len(order)} training ids, each once"
+        )
+    index = torch.tensor([position[row_id] for row_id in order], dtype=torch.long)
+    return list(order), columns.index_select(-1, index)

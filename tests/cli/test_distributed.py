@@ -1,0 +1,147 @@
+"""``torchrun --nproc_per_node=2 ... fit | scores`` on gloo (CPU) against the same commands in one process.
+
+Tolerances (README, "Many processes"): factors rtol 1e-5 (float64 sums of float32 products, summed in
+another order); scores of the same factors rtol 1e-5; scores of the two-process factors within 1e-4 of
+the largest score (measured: 6e-6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from tests.cli.conftest import invoke
+from wherefrom.core.distributed import NotDistributable
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.engine.run import Run, RunConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore::wherefrom.curvature.base.DegenerateCurvatureWarning")
+
+
+def torchrun(*args, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=2 -m wherefrom.cli -- ARGS`` (the
+    ``--`` keeps torchrun from reading ``--run`` as its own ``--run-path``), one torch thread per process."""
+    source = str(Path(__file__).resolve().parents[2] / "src")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")]),
+    }
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "wherefrom.cli", "--", *map(str, args), "--threads", "1"]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def one(workspace):
+    """A run fitted and scored in this one process."""
+    run = workspace / "run-one"
+    for args in (
+        ("fit", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--device", "cpu"),
+        ("scores", "--queries", workspace / "queries.jsonl"),
+    ):
+        result = invoke(*args, "--run", run, "--threads", "1")
+        assert result.exit_code == 0, result.output
+    return run
+
+
+def factors(run: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """``{module.A|S|eigenvalues|damping: tensor}`` (``A = Q diag(a) Q^T``: free of the eigenvectors' signs)
+    and the fit's info."""
+    state = load_file(run / "factors" / "curvature.safetensors")
+    out = {}
+    for key in state:
+        if key.endswith(".a_eigvecs") or key.endswith(".s_eigvecs"):
+            name, side = key.rsplit(".", 1)[0], key.rsplit(".", 1)[1][0]
+            vectors, values = state[key].double(), state[f"{name}.{side}_eigvals"].double()
+            out[f"{name}.{side.upper()}"] = vectors @ torch.diag(values) @ vectors.T
+        elif key.endswith(".eigenvalues") or key.endswith(".damping"):
+            out[key] = state[key].double()
+    return out, json.loads((run / "factors" / "curvature.json").read_text())["info"]
+
+
+def test_torchrun_fit_gives_the_one_process_factors(workspace, one):
+    done = torchrun(
+        "fit", "--train", "train.jsonl", "--model", "model", "--device", "cpu", "--run", "run-two", cwd=workspace
+    )
+    assert done.stderr.count("ekfac fitted: 8 modules, 20 rows") == 1  # rank 0 alone reports (and writes)
+    two, info_two = factors(workspace / "run-two")
+    alone, info_one = factors(one)
+    assert info_two["examples"] == info_one["examples"] == 20 and info_two["tokens"] == info_one["tokens"]
+    assert set(two) == set(alone)
+    for key, value in alone.items():
+        tolerance = 1e-4 if key.endswith(".eigenvalues") else 1e-5  # EK-FAC's are measured in the eigenbasis
+        assert_close(two[key], value, rtol=tolerance, atol=tolerance * float(value.abs().max()))
+    assert not (workspace / "run-two" / "factors" / "stages").exists()
+    # the two-process factors score as the one-process ones
+    result = invoke("scores", "--run", workspace / "run-two", "--queries", workspace / "queries.jsonl", "--threads", 1)
+    assert result.exit_code == 0, result.output
+    scores_two = load_file(workspace / "run-two" / "scores" / "scores.safetensors")["total"]
+    scores_one = load_file(one / "scores" / "scores.safetensors")["total"]
+    assert_close(scores_two, scores_one, rtol=0, atol=1e-4 * float(scores_one.abs().max()))
+
+
+def test_torchrun_scores_gather_every_training_row_in_order(workspace, one):
+    done = torchrun("scores", "--run", one, "--queries", workspace / "queries.jsonl", "--name", "two", cwd=workspace)
+    assert done.stderr.count("(3, 20) scores ->") == 1
+    gathered = json.loads((one / "scores" / "two.json").read_text())
+    alone = json.loads((one / "scores" / "scores.json").read_text())
+    assert gathered["train_ids"] == alone["train_ids"] and gathered["query_ids"] == alone["query_ids"]
+    two, single = (load_file(one / "scores" / f"{n}.safetensors") for n in ("two", "scores"))
+    assert_close(two["per_module"], single["per_module"], rtol=1e-5, atol=1e-6 * float(single["total"].abs().max()))
+
+
+def test_what_does_not_distribute_is_refused_by_name(workspace, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; nothing below joins a process group
+    monkeypatch.setenv("RANK", "0")
+    result = invoke(
+        "attribute", "--method", "ekfac", "--train", workspace / "train.jsonl", "--queries",
+        workspace / "queries.jsonl", "--out", workspace / "run-refused", "--threads", 1,
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "command attribute cannot run under torch.distributed (WORLD_SIZE=2)" in " ".join(result.output.split())
+    config = RunConfig.for_method(
+        "trak", str(workspace / "train.jsonl"), AttributionConfig(), {}, model=str(workspace / "model")
+    )
+    with pytest.raises(NotDistributable, match=r"method 'trak' cannot run under torch\.distributed"):
+        Run.create(workspace / "run-refused", config)
+    assert not (workspace / "run-refused").exists()
+
+
+def test_torchrun_scores_from_an_index_read_each_shard_once(workspace, one):
+    indexed = workspace / "run-indexed"
+    shutil.copytree(one, indexed)
+    result = invoke("index", "--run", indexed, "--shard-size", 6, "--threads", 1)  # 4 shards: ranks take 0,2 and 1,3
+    assert result.exit_code == 0, result.output
+    torchrun("scores", "--run", indexed, "--queries", workspace / "queries.jsonl", "--name", "two", cwd=workspace)
+    gathered = json.loads((indexed / "scores" / "two.json").read_text())
+    assert gathered["train_ids"] == json.loads((one / "scores" / "scores.json").read_text())["train_ids"]
+    two, single = (load_file(run / "scores" / f"{n}.safetensors") for run, n in ((indexed, "two"), (one, "scores")))
+    assert_close(two["per_module"], single["per_module"], rtol=1e-5, atol=1e-6 * float(single["total"].abs().max()))
+
+
+def test_torchrun_index_writes_the_one_process_store(workspace, one):
+    """Two ranks build shards 0,2 and 1,3; rank 0 finishes: the same files, byte for byte, as one process."""
+    alone, two = workspace / "run-index-one", workspace / "run-index-two"
+    shutil.copytree(one, alone)
+    shutil.copytree(one, two)
+    assert invoke("index", "--run", alone, "--shard-size", 6, "--threads", 1).exit_code == 0
+    done = torchrun("index", "--run", two, "--shard-size", 6, cwd=workspace)
+    assert done.stderr.count("index complete (4 shards written now)") == 1  # counted over both ranks
+    files = sorted(p.name for p in (alone / "index").iterdir())
+    assert files == sorted(p.name for p in (two / "index").iterdir()) and "shard-00003.safetensors" in files
+    for name in files:
+        assert (alone / "index" / name).read_bytes() == (two / "index" / name).read_bytes(), name

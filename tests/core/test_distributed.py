@@ -1,0 +1,208 @@
+"""torch.distributed helpers and distributed curvature fits: 2 processes on gloo against one process.
+
+Tolerance: the statistics are float64 sums of float32 per-batch products; splitting the rows changes
+the batches and the order of summation only, so fitted states agree to rtol 1e-5 (measured: < 1e-6).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.testing import assert_close
+
+from tests.conftest import build_model, make_records
+from wherefrom.core.distributed import (
+    NotDistributable,
+    World,
+    gather_columns,
+    gather_rows,
+    on_main,
+    refuse,
+    rows_for_rank,
+    shards_for_rank,
+    sum_counts,
+    sum_over_ranks,
+)
+from wherefrom.core.store import StageFolder
+from wherefrom.core.task import DrawCounts
+from wherefrom.engine.api import AttributionConfig, Attributor
+from wherefrom.models.tiny import tiny_tokenizer
+
+STRATEGIES = {"ekfac": {}, "kfac": {}, "diagonal": {}, "exact": {"blocks": "module"}, "datainf": {}}
+ORDER = ["t3", "t0", "t1", "t2"]
+
+
+def fitting_rows():
+    """14 rows with repeats: the true Fisher draws each identical row's labels by its draw count."""
+    rows = make_records(12, seed=1)
+    return rows + [rows[0].__class__(f"dup{i}", rows[i].prompt, rows[i].completion) for i in (1, 2)]
+
+
+def fitted_states(config: dict) -> dict[str, dict[str, torch.Tensor]]:
+    model, tokenizer = build_model("llama"), tiny_tokenizer()
+    states = {}
+    for strategy, options in STRATEGIES.items():
+        attributor = Attributor(model, tokenizer, AttributionConfig(strategy=strategy, batch_size=3, **config))
+        attributor.fit(fitting_rows(), attributor.new_curvature().__class__(**options))
+        states[strategy] = {k: v.cpu() for k, v in attributor.curvature.state.items()}
+    return states
+
+
+def factor(state: dict[str, torch.Tensor], name: str, side: str) -> torch.Tensor:
+    """K-FAC's ``A`` (``side="a"``) or ``S`` (``"s"``) of module ``name``: ``Q diag(values) Q^T``."""
+    vectors, values = state[f"{name}.{side}_eigvecs"].double(), state[f"{name}.{side}_eigvals"].double()
+    return vectors @ torch.diag(values) @ vectors.T
+
+
+def by_norm(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` ``(n, ...)`` sorted by their norms (the order of DataInf's kept gradients does not matter)."""
+    return rows[rows.flatten(1).norm(dim=1).argsort()]
+
+
+def worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """One of ``world`` gloo processes: every helper and strategy; results saved to ``out/rank<r>.pt``."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results: dict = {
+            "rows": rows_for_rank(list(range(7))),
+            "grouped": rows_for_rank(list("abcdefg"), groups=[0, 1, 2, 3, 0, 5, 1]),
+            "shards": shards_for_rank(5),
+            "sums": sum_over_ranks({"x": torch.full((2,), rank + 1.0, dtype=torch.float64)})["x"],
+            "counts": sum_counts({"a": rank + 1, "b": 10}),
+            "gathered": gather_rows(torch.arange(rank + 1)),
+        }
+        ids = ["t0", "t1"] if rank == 0 else ["t2", "t3"]
+        results["columns"] = gather_columns(ids, torch.tensor([[rank * 2.0, rank * 2.0 + 1]]), ORDER)
+        try:
+            on_main(lambda: (_ for _ in ()).throw(ValueError("checked on rank 0")))
+        except ValueError as error:
+            results["error"] = str(error)
+        try:
+            Attributor(build_model("llama"), tiny_tokenizer(), AttributionConfig(strategy="cg")).fit(fitting_rows())
+        except NotDistributable as error:
+            results["refused"] = str(error)
+        results["states"] = fitted_states({})
+        results["empirical"] = fitted_states({"fisher": "empirical"})["diagonal"]
+        staged = Attributor(build_model("llama"), tiny_tokenizer(), AttributionConfig(batch_size=3))
+        staged.fit(fitting_rows(), stages=StageFolder(Path(out) / "stages"))  # rank 0 writes every stage
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> list[dict]:
+    folder = tmp_path_factory.mktemp("gloo")
+    mp.spawn(worker, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True)
+    results = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    results[0]["folder"] = folder
+    return results
+
+
+def test_helpers_split_and_gather(two_processes):
+    rank0, rank1 = two_processes
+    assert rank0["rows"] == [0, 1, 2] and rank1["rows"] == [3, 4, 5, 6]  # floor(r n / W) blocks, in order
+    assert rank0["grouped"] == ["a", "b", "c", "e", "g"] and rank1["grouped"] == ["d", "f"]
+    assert rank0["shards"] == [0, 2, 4] and rank1["shards"] == [1, 3]
+    for result in two_processes:
+        assert result["sums"].tolist() == [3.0, 3.0]
+        assert result["counts"] == {"a": 3, "b": 20}
+        assert result["gathered"].tolist() == [0, 0, 1]
+        assert result["error"] == "checked on rank 0"
+    ids, columns = rank0["columns"]
+    assert ids == ORDER and columns.tolist() == [[3.0, 0.0, 1.0, 2.0]]
+    assert rank1["columns"][0] == []
+
+
+def test_strategy_that_iterates_over_all_rows_is_refused_by_name(two_processes):
+    message = two_processes[0]["refused"]
+    assert "strategy 'cg'" in message and "WORLD_SIZE=2" in message and "ekfac" in message
+
+
+@pytest.fixture(scope="module")
+def one_process() -> dict[str, dict[str, torch.Tensor]]:
+    return fitted_states({})
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_two_processes_fit_the_one_process_curvature(two_processes, one_process, strategy):
+    alone = one_process[strategy]
+    for result in two_processes:
+        state = result["states"][strategy]
+        assert set(state) == set(alone)
+        for key, value in alone.items():
+            if "eigvecs" in key:  # eigenvectors are defined up to sign (and rotation in ties): compare A, S
+                name, side = key.rsplit(".", 1)[0], key.rsplit(".", 1)[1][0]
+                scale = float(alone[f"{name}.{side}_eigvals"].max())
+                assert_close(factor(state, name, side), factor(alone, name, side), rtol=1e-5, atol=1e-5 * scale)
+            elif key.endswith(".gradients"):  # datainf keeps every row's gradient, gathered in rank order
+                assert_close(by_norm(state[key]), by_norm(value), rtol=1e-5, atol=1e-7)
+            elif "eigenvalues" in key and strategy == "ekfac":  # the corrected eigenvalues live in that basis
+                assert_close(state[key], value, rtol=1e-4, atol=1e-4 * float(value.abs().max()))
+            else:
+                assert_close(state[key], value, rtol=1e-5, atol=1e-7 * float(value.abs().max()))
+
+
+def test_a_fit_resumes_from_stages_written_by_two_processes(two_processes, one_process):
+    """The stages hold the label-draw counts of both ranks: a one-process fit that reuses the covariances
+    and eigenbases draws the eigenvalue correction's labels as a fit from scratch does."""
+    stages = StageFolder(two_processes[0]["folder"] / "stages")
+    assert stages.path("eigenvalue correction").exists()
+    stages.path("eigenvalue correction").unlink()
+    attributor = Attributor(build_model("llama"), tiny_tokenizer(), AttributionConfig(batch_size=3))
+    attributor.fit(fitting_rows(), stages=stages)
+    assert stages.path("eigenvalue correction").exists()  # recomputed here, the other two reused
+    for key, value in one_process["ekfac"].items():
+        if key.endswith(".eigenvalues"):
+            assert_close(attributor.curvature.state[key], value, rtol=1e-4, atol=1e-4 * float(value.abs().max()))
+
+
+def test_empirical_fisher_fits_the_same_under_two_processes(two_processes):
+    alone = fitted_states({"fisher": "empirical"})["diagonal"]
+    for key, value in alone.items():
+        assert_close(two_processes[1]["empirical"][key], value, rtol=1e-5, atol=1e-9)
+
+
+def test_one_process_is_the_identity(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert World.from_env() == World(0, 1, 0)
+    assert rows_for_rank([1, 2, 3]) == [1, 2, 3] and shards_for_rank(3) == [0, 1, 2]
+    x = {"x": torch.ones(2)}
+    assert sum_over_ranks(x) is x and sum_counts({"a": 2}) == {"a": 2}
+    assert on_main(lambda: 5) == 5
+    ids, columns = gather_columns(["t0", "t1", "t2", "t3"], torch.tensor([[0.0, 1.0, 2.0, 3.0]]), ORDER)
+    assert ids == ORDER and columns.tolist() == [[3.0, 0.0, 1.0, 2.0]]
+    with pytest.raises(ValueError, match="not the 4 training ids"):
+        gather_columns(["t0", "t1", "t2"], torch.zeros(1, 3), ORDER)
+    refuse("strategy 'cg'", "one process")  # nothing to refuse
+
+
+def test_launch_variables_are_checked(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not an integer"):
+        World.from_env()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="need 0 <= RANK < WORLD_SIZE"):
+        World.from_env()
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(NotDistributable, match=r"command index cannot run under torch.distributed \(WORLD_SIZE=2\)"):
+        refuse("command index", "build it in one process")
+
+
+def test_gathered_draw_counts_keep_the_latest_count():
+    counts = DrawCounts()
+    counts.set_state(torch.tensor([[7, 1], [9, 2], [7, 2]]))  # key 7 from two processes: one saw a later pass
+    assert counts.next([7, 9]) == [2, 2]
+
+
+def test_rank_split_ignores_environment_without_a_group(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert rows_for_rank([1, 2, 3]) == [1, 2, 3]  # no process group joined: this process has every row
