@@ -141,6 +141,12 @@ def test_nan_row_is_refused_naming_its_id():
     matrix[37, 2] = math.nan
     with pytest.raises(SearchError, match=r"row 37 \(id 'row-37'\).*NaN"):
         exact_top_k(Rows(matrix, 16), torch.randn(1, 4), 3)
+    with pytest.raises(SearchError, match=r"row 37 \(id 'row-37'\).*NaN"):  # a searched candidate
+        exact_top_k(Rows(matrix, 16), torch.randn(1, 4), 3, candidates=[[2, 37]])
+    assert set(exact_top_k(Rows(matrix, 16), torch.randn(1, 4), 3, candidates=[[2, 3]]).ids[0]) == {"row-2", "row-3"}
+    matrix[37, 2] = math.inf  # an infinite entry times a zero query entry is NaN: refused too
+    with pytest.raises(SearchError, match=r"row 37 \(id 'row-37'\).*infinite"):
+        exact_top_k(Rows(matrix, 16), torch.tensor([[1.0, 1.0, 0.0, 1.0]]), 3)
 
 
 def test_bad_queries_and_candidates_are_named():

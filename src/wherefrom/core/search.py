@@ -15,8 +15,8 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
   ``n_query x chunk_rows`` scores + ``n_query x k`` kept, never the whole store.
   **Proponents** are the ``k`` largest scores, **opponents** the ``k`` smallest (most negative), each
   best first. **Ties** are broken by row order (the lower row first), so the result is deterministic
-  and equals a stable sort of the full score matrix. A row with a NaN or infinite entry is refused
-  (:class:`SearchError` naming its id), as is a non-finite query.
+  and equals a stable sort of the full score matrix. A searched row with a NaN or infinite entry is
+  refused (:class:`SearchError` naming its id), as is a non-finite query.
 - **Approximate** (:func:`build_faiss_index`, :func:`faiss_top_k`): a FAISS inner-product index
   (Johnson, Douze & Jegou 2019, "Billion-scale similarity search with GPUs"): ``ivf`` (inverted
   lists over ``nlist`` k-means cells, ``nprobe`` of them searched, rows kept exactly), ``ivf-sq8``
@@ -59,9 +59,11 @@ __all__ = [
     "FaissSettings",
     "RowSource",
     "SearchError",
+    "SearchReport",
     "SearchResult",
     "build_faiss_index",
     "exact_top_k",
+    "faiss_settings",
     "faiss_top_k",
     "load_faiss_index",
     "recall_at_k",
@@ -148,6 +150,18 @@ def _candidate_sets(candidates: Sequence[Sequence[int]], n_query: int, count: in
     return out
 
 
+def _check_rows(values: torch.Tensor, chunk: torch.Tensor, rows: int | torch.Tensor, ids: Sequence[str]) -> None:
+    """:class:`SearchError` naming the first row of ``chunk`` with a NaN or infinite entry. Such a row makes
+    its scores non-finite (``0 x inf`` is NaN too), so only the rows of non-finite score columns are read."""
+    if bool(torch.isfinite(values).all()):
+        return
+    columns = torch.nonzero(~torch.isfinite(values).all(0)).flatten()
+    bad = columns[~torch.isfinite(chunk[columns]).all(1)]
+    if bad.numel():  # else a float32 overflow of finite rows: their scores are +-inf, ranked as such
+        row = rows + int(bad[0]) if isinstance(rows, int) else int(rows[bad[0]])
+        raise SearchError(f"row {row} (id {ids[row]!r}) of the store has a NaN or infinite entry")
+
+
 def exact_top_k(
     source: RowSource,
     queries: torch.Tensor,
@@ -174,17 +188,16 @@ def exact_top_k(
     for first, shard in source.shards():
         for start in range(0, shard.shape[0], chunk_rows):
             chunk = shard[start : start + chunk_rows].to(torch.float32)
-            bad = torch.nonzero(~torch.isfinite(chunk).all(1)).flatten()
-            if bad.numel():
-                row = first + start + int(bad[0])
-                raise SearchError(f"row {row} (id {source.ids[row]!r}) of the store has a NaN or infinite entry")
             rows = torch.arange(first + start, first + start + chunk.shape[0])
             if allowed is None:
                 values, rows = sign * (queries @ chunk.T), rows.expand(n_query, -1)
+                _check_rows(values, chunk, first + start, source.ids)
             else:  # score only the chunk's rows that some query may return
                 rows = rows[torch.isin(rows, union)]
+                values = sign * (queries @ chunk[rows - first - start].T)
+                _check_rows(values, chunk[rows - first - start], rows, source.ids)
                 inside = torch.stack([torch.isin(rows, rows_q) for rows_q in allowed])
-                values = (sign * (queries @ chunk[rows - first - start].T)).masked_fill(~inside, -math.inf)
+                values = values.masked_fill(~inside, -math.inf)
                 rows = rows.expand(n_query, -1).masked_fill(~inside, -1)
             kept = _best(torch.cat([kept[0], values], 1), torch.cat([kept[1], rows], 1), k)
     return _result(sign * kept[0], kept[1], source.ids, opponents)
@@ -409,13 +422,14 @@ def search_store(
     mode: Literal["exact", "faiss"] = "exact",
     candidates: Sequence[Sequence[int]] | None = None,
     faiss_options: Mapping[str, Any] | None = None,
-    index_path: Path | None = None,
+    index_folder: Path | None = None,
     check_recall: bool = True,
 ) -> SearchReport:
     """Top-``k`` proponents and opponents of ``queries`` ``(n_query, dim)`` in ``source``.
 
-    ``mode``: ``exact`` (:func:`exact_top_k`) or ``faiss`` (:func:`build_faiss_index` at
-    ``index_path``, reused when current, then :func:`faiss_top_k`; with ``check_recall`` the exact
+    ``mode``: ``exact`` (:func:`exact_top_k`) or ``faiss`` (:func:`build_faiss_index`, saved as
+    ``index_folder/faiss-<kind>.safetensors`` (the store's folder) and reused while current, then
+    :func:`faiss_top_k`; with ``check_recall`` the exact
     search runs too and :func:`recall_at_k` is reported). ``candidates``: per query, the row
     indices it may return (e.g. :func:`wherefrom.methods.lexical.bm25_candidates`). Options are
     checked before any work: :class:`wherefrom.core.options.OptionError` for a bad FAISS option,
@@ -434,7 +448,8 @@ def search_store(
         start = time.perf_counter()
         found = exact()
         return SearchReport(*found, mode, time.perf_counter() - start)
-    index = build_faiss_index(source, settings, index_path)
+    path = None if index_folder is None else Path(index_folder) / f"faiss-{settings.kind}.safetensors"
+    index = build_faiss_index(source, settings, path)
     start = time.perf_counter()
     found = tuple(faiss_top_k(index, source.ids, queries, k, end, candidates, settings) for end in (False, True))
     report = SearchReport(*found, mode, time.perf_counter() - start)
