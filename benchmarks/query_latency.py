@@ -5,13 +5,17 @@ rows measured in the same run as the peer.
     python benchmarks/query_latency.py [--sizes 1000,10000,100000,1000000] [--dims 1024] \\
         [--dtypes float32,float16] [--threads 2] [--data /tmp/wherefrom-query-latency]
 
-Rows are synthetic and clustered (``count / 100`` random Gaussian centres in ``dim`` dimensions, each
-row a centre plus unit Gaussian noise, so neighbours exist as in real gradient stores), written once
-shard by shard to memory-mapped ``.npy`` files under ``--data`` (10^6 x 1024 float32 is 4 GB; RAM
-stays at one shard while writing) and reused by later runs. Queries are drawn the same way, apart
-from the rows. Every timing is the median over single queries after one warm-up query (the file is
-then in the page cache: this measures the search, not the disk). The FAISS index is built on the
-float32 rows (FAISS searches in float32 whatever the store's dtype).
+Rows are synthetic, of low intrinsic dimension as embeddings and projected gradients are: ``z W + 0.5 e``
+with a latent ``z ~ N(0, I_32)``, a fixed Gaussian ``W`` (``32 x dim``, scaled by ``1 / sqrt(32)``) and
+isotropic noise ``e ~ N(0, I_dim)`` (``--rank``, ``--noise``). Maximum inner product search on such rows
+is not easy for IVF (a query's best rows are spread over many cells); isotropic clusters were tried
+first and gave either recall 1.0 at any ``nprobe`` or none worth having. They are written once, shard
+by shard, to memory-mapped ``.npy`` files under ``--data`` (10^6 x 1024 float32 is 4 GB; RAM stays at
+one shard while writing) and reused by later runs. Queries are drawn the same way, apart from the rows.
+Every timing is the median over single queries after one warm-up query (the file is then in the page
+cache: this measures the search, not the disk). The FAISS index is built on the float32 rows (FAISS
+searches in float32 whatever the store's dtype). HNSW and IVF-SQ8 are built only up to ``--kind-max``
+rows (10^4 and 10^5): their builds are the slow part on a small CPU.
 
 Writes ``benchmarks/results/query-latency.{md,json}`` (``--results``) with the command that made it.
 """
@@ -54,37 +58,40 @@ class MemmapRows:
             yield first, torch.from_numpy(np.asarray(self.matrix[first : first + self.shard_rows]))
 
 
-def centres(count: int, dim: int, seed: int) -> np.ndarray:
-    generator = np.random.default_rng(seed)
-    return generator.standard_normal((max(8, count // 100), dim), dtype=np.float32)
+def latent(dim: int, rank: int, seed: int) -> np.ndarray:
+    """The ``(rank, dim)`` Gaussian map from the latent space to the rows' space, scaled by ``1 / sqrt(rank)``."""
+    return np.random.default_rng(seed).standard_normal((rank, dim), dtype=np.float32) / np.sqrt(rank)
 
 
-def write_rows(folder: Path, count: int, dim: int, dtype: str, seed: int = 0) -> Path:
-    """The synthetic store ``(count, dim)`` as ``folder/rows-<count>x<dim>-<dtype>.npy`` (written once)."""
-    path = folder / f"rows-{count}x{dim}-{dtype}.npy"
+def draw(generator: np.random.Generator, n: int, mapping: np.ndarray, noise: float) -> np.ndarray:
+    """``n`` rows ``z W + noise e`` with ``z ~ N(0, I_rank)``, ``e ~ N(0, I_dim)`` (float32)."""
+    rank, dim = mapping.shape
+    z = generator.standard_normal((n, rank), dtype=np.float32)
+    return z @ mapping + noise * generator.standard_normal((n, dim), dtype=np.float32)
+
+
+def write_rows(folder: Path, count: int, dim: int, dtype: str, rank: int, noise: float, seed: int = 0) -> Path:
+    """The synthetic store ``(count, dim)`` as ``folder/rows-<count>x<dim>-<dtype>-r<rank>-<noise>.npy``
+    (written once, shard by shard)."""
+    path = folder / f"rows-{count}x{dim}-{dtype}-r{rank}-{noise:g}.npy"
     done = path.with_suffix(".done")
     if done.is_file():
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    means = centres(count, dim, seed)
+    mapping = latent(dim, rank, seed)
     out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(count, dim))
     for shard, first in enumerate(range(0, count, SHARD_ROWS)):
-        generator = np.random.default_rng([seed, shard])
         n = min(SHARD_ROWS, count - first)
-        rows = means[generator.integers(len(means), size=n)] + generator.standard_normal((n, dim), dtype=np.float32)
-        out[first : first + n] = rows.astype(dtype)
+        out[first : first + n] = draw(np.random.default_rng([seed, shard]), n, mapping, noise).astype(dtype)
     out.flush()
     del out
-    atomic_write_json({"count": count, "dim": dim, "dtype": dtype, "seed": seed}, done)
+    atomic_write_json({"count": count, "dim": dim, "dtype": dtype, "rank": rank, "noise": noise, "seed": seed}, done)
     return path
 
 
-def queries(count: int, dim: int, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` query vectors drawn like the rows of a store of ``count`` rows (its centres, other noise)."""
-    means = centres(count, dim, seed)
-    generator = np.random.default_rng([seed, 10**6])
-    chosen = means[generator.integers(len(means), size=n)] + generator.standard_normal((n, dim), dtype=np.float32)
-    return torch.from_numpy(chosen)
+def queries(dim: int, n: int, rank: int, noise: float, seed: int = 0) -> torch.Tensor:
+    """``n`` query vectors drawn like the rows (same latent map, other draws)."""
+    return torch.from_numpy(draw(np.random.default_rng([seed, 10**6]), n, latent(dim, rank, seed), noise))
 
 
 def numpy_scan(matrix: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
@@ -111,7 +118,7 @@ def median_seconds(search: Callable[[int], object], n: int) -> float:
 
 
 def sweep(kind: str) -> tuple[str, list[int]]:
-    return ("ef_search", [16, 32, 64, 128]) if kind == "hnsw" else ("nprobe", [4, 8, 16, 32, 64])
+    return ("ef_search", [32, 64, 128, 256]) if kind == "hnsw" else ("nprobe", [8, 16, 32, 64, 128, 256])
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -122,10 +129,10 @@ def measure(args: argparse.Namespace) -> dict:
     exact_rows, faiss_rows = [], []
     for dim in args.dims:
         for count in args.sizes:
-            ask = queries(count, dim, args.queries + 1)
+            ask = queries(dim, args.queries + 1, args.rank, args.noise)
             truth = None
             for dtype in args.dtypes:
-                path = write_rows(args.data, count, dim, dtype)
+                path = write_rows(args.data, count, dim, dtype, args.rank, args.noise)
                 source = MemmapRows(path)
                 one = median_seconds(lambda i, s=source, a=ask: exact_top_k(s, a[i : i + 1], K), args.queries)
                 peer = median_seconds(lambda i, s=source, a=ask: numpy_scan(s.matrix, a[i].numpy(), K), args.queries)
@@ -155,7 +162,7 @@ def measure(args: argparse.Namespace) -> dict:
             if truth is None:
                 continue
             for kind in args.kinds:
-                if kind == "hnsw" and count > args.hnsw_max:
+                if count > args.kind_max.get(kind, count):
                     continue
                 settings = FaissSettings(kind=kind, nlist=args.nlist)
                 start = time.perf_counter()
@@ -228,7 +235,8 @@ def markdown(result: dict, record: dict) -> str:
         [
             "# Query latency: exact streaming top-10 and FAISS against store size",
             f"Command: `{record['command']}`",
-            "Synthetic clustered rows (see the script's docstring); one query at a time, median over "
+            f"Synthetic rows of low intrinsic dimension (latent rank {record['rank']}, noise {record['noise']}, see the "
+            "script's docstring); one query at a time, median over "
             f"{record['queries']} queries after a warm-up (rows in the page cache); threads: {record['threads']} "
             f"(torch and FAISS). Load average at the start: {record['load']}.",
             "## Exact (`exact_top_k`) and the numpy peer\n\n" + exact,
@@ -248,9 +256,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dims", type=ints, default=[1024])
     parser.add_argument("--dtypes", type=lambda t: t.split(","), default=["float32", "float16"])
     parser.add_argument("--kinds", type=lambda t: t.split(","), default=["ivf", "ivf-sq8", "hnsw"])
-    parser.add_argument("--hnsw-max", type=int, default=100000, help="largest store to build an HNSW index of")
+    parser.add_argument(
+        "--kind-max",
+        type=lambda t: {k: int(v) for k, v in (pair.split("=") for pair in t.split(","))},
+        default={"hnsw": 10000, "ivf-sq8": 100000},
+        help="largest store to build each kind of index for, e.g. hnsw=10000,ivf-sq8=100000 (builds are slow on a small CPU)",
+    )
     parser.add_argument("--nlist", type=int, default=None, help="IVF cells (default: FaissSettings' rule)")
     parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--rank", type=int, default=32, help="latent dimension of the synthetic rows")
+    parser.add_argument("--noise", type=float, default=0.5, help="standard deviation of the rows' isotropic noise")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", type=Path, default=Path("/tmp/wherefrom-query-latency"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
@@ -262,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/query_latency.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     record = {
         **provenance(command.strip()),
+        "rank": args.rank,
+        "noise": args.noise,
         "threads": args.threads,
         "queries": args.queries,
         "load": round(os.getloadavg()[0], 2),

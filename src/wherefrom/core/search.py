@@ -33,7 +33,7 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
   fewer results (padding: row ``-1``, score NaN). FAISS restricts its search with an ID selector,
   so an IVF search only finds candidates in its ``nprobe`` probed cells.
 
-Defaults (``nlist = 4 sqrt(count)``, ``nprobe``, ``M``, ``ef_search``) were chosen by
+Defaults (``nlist = sqrt(count)``, ``nprobe``, ``M``, ``ef_search``) were chosen by
 ``benchmarks/query_latency.py`` (results in ``benchmarks/results/query-latency.md``).
 """
 
@@ -111,10 +111,10 @@ class SearchResult:
 
 
 # --- exact ---------------------------------------------------------------------------------------
-def _best(values: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest ``values`` per query (columns in row order) with their ``rows``, largest first,
-    equal values in column order: a stable descending sort, computed by ``topk`` where no tie crosses
-    the ``k``-th value."""
+def _best(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest ``values`` per query (row ``i`` of ``(n_query, n)``) and their columns, largest
+    first, equal values in column order: a stable descending sort, computed by ``topk`` where no tie
+    crosses the ``k``-th value."""
     k = min(k, values.shape[1])
     top, where = torch.topk(values, k, dim=1)
     crossing = (values >= top[:, -1:]).sum(1) > k if k else torch.zeros(values.shape[0], dtype=torch.bool)
@@ -124,7 +124,7 @@ def _best(values: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tenso
     where = by_column.gather(1, order)
     for query in torch.nonzero(crossing).flatten().tolist():
         where[query] = torch.sort(values[query], descending=True, stable=True).indices[:k]
-    return values.gather(1, where), rows.gather(1, where)
+    return values.gather(1, where), where
 
 
 def _check_queries(queries: torch.Tensor, dim: int) -> torch.Tensor:
@@ -168,7 +168,7 @@ def exact_top_k(
     k: int,
     opponents: bool = False,
     candidates: Sequence[Sequence[int]] | None = None,
-    chunk_rows: int = 16384,
+    chunk_rows: int = 32768,
 ) -> SearchResult:
     """The exact top-``k`` rows of ``source`` per query by streaming matrix products (module docstring).
 
@@ -190,16 +190,20 @@ def exact_top_k(
             chunk = shard[start : start + chunk_rows].to(torch.float32)
             rows = torch.arange(first + start, first + start + chunk.shape[0])
             if allowed is None:
-                values, rows = sign * (queries @ chunk.T), rows.expand(n_query, -1)
+                values = sign * (queries @ chunk.T)
                 _check_rows(values, chunk, first + start, source.ids)
+                top, where = _best(values, k)
+                rows = rows[where]
             else:  # score only the chunk's rows that some query may return
                 rows = rows[torch.isin(rows, union)]
                 values = sign * (queries @ chunk[rows - first - start].T)
                 _check_rows(values, chunk[rows - first - start], rows, source.ids)
                 inside = torch.stack([torch.isin(rows, rows_q) for rows_q in allowed])
-                values = values.masked_fill(~inside, -math.inf)
-                rows = rows.expand(n_query, -1).masked_fill(~inside, -1)
-            kept = _best(torch.cat([kept[0], values], 1), torch.cat([kept[1], rows], 1), k)
+                top, where = _best(values.masked_fill(~inside, -math.inf), k)
+                rows = rows.expand(n_query, -1).masked_fill(~inside, -1).gather(1, where)
+            # kept rows precede the chunk's: ties stay in row order
+            top, where = _best(torch.cat([kept[0], top], 1), k)
+            kept = top, torch.cat([kept[1], rows], 1).gather(1, where)
     return _result(sign * kept[0], kept[1], source.ids, opponents)
 
 
@@ -236,8 +240,8 @@ class FaissSettings:
     train_per_list: int = 64
 
     def lists(self, count: int) -> int:
-        """IVF cells for ``count`` rows: ``nlist``, by default ``4 sqrt(count)``; at most ``count``."""
-        return max(1, min(count, self.nlist or round(4 * math.sqrt(count))))
+        """IVF cells for ``count`` rows: ``nlist``, by default ``sqrt(count)``; at most ``count``."""
+        return max(1, min(count, self.nlist or round(math.sqrt(count))))
 
 
 FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
@@ -245,7 +249,7 @@ FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
     OptionSpec(
         "kind", help="ivf (exact rows in k-means cells) | ivf-sq8 (rows 8-bit) | hnsw (graph)", source=JOHNSON_2019
     ),
-    OptionSpec("nlist", low=1, help="IVF cells (default 4 sqrt(rows))", source=JOHNSON_2019),
+    OptionSpec("nlist", low=1, help="IVF cells (default sqrt(rows))", source=JOHNSON_2019),
     OptionSpec("nprobe", low=1, help="IVF cells searched per query (recall vs latency)", source=JOHNSON_2019),
     OptionSpec("m", low=2, help="HNSW links per row", source=MALKOV_2018),
     OptionSpec("ef_construction", low=1, help="HNSW candidates while building", source=MALKOV_2018),
