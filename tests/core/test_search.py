@@ -217,6 +217,12 @@ def test_saved_index_is_checksummed_reused_and_rebuilt_when_stale(tmp_path, monk
     build_faiss_index(source, FaissSettings(nlist=9), path)
     assert len(built) == 2
     check_file(path)
+    source.matrix[3] += 1.0  # other rows under the same ids: rebuilt
+    build_faiss_index(source, FaissSettings(nlist=9), path)
+    assert len(built) == 3
+    build_faiss_index(source, FaissSettings(nlist=9), path, store_key="manifest-1")  # the store's own key
+    build_faiss_index(source, FaissSettings(nlist=9), path, store_key="manifest-1")
+    assert len(built) == 4
 
 
 def test_faiss_with_candidates_returns_only_candidates():

@@ -139,12 +139,14 @@ def store_search(
     search_option: list[str] | None,
     prefilter_bm25: int | None,
     folder: Path | None = None,
+    store_key: str | None = None,
 ) -> SearchReport:
     """The search of ``--search``/``--prefilter-bm25``: top-``top_k`` proponents and opponents of
     ``query_vectors`` ``(n_query, source.dim)`` (the ``queries`` in the store's projection) among the
     store's rows, restricted to each query's top-``prefilter_bm25`` BM25 rows of ``train`` when given
     (:func:`wherefrom.methods.lexical.bm25_candidates`), exact unless ``search`` is ``faiss`` (index
-    saved in ``folder``). ``ValueError`` when ``train`` is not the store's rows in order."""
+    saved in ``folder``, keyed by ``store_key``: :func:`wherefrom.core.search.build_faiss_index`).
+    ``ValueError`` when ``train`` is not the store's rows in order."""
     from wherefrom.core.search import search_store
 
     options = check_search(search, search_option)
@@ -155,7 +157,7 @@ def store_search(
         if [row.id for row in train] != list(source.ids):
             raise ValueError("--prefilter-bm25: the training rows are not the vector store's rows in order")
         candidates = bm25_candidates(queries, train, prefilter_bm25)
-    return search_store(source, query_vectors, top_k, search or "exact", candidates, options, folder)
+    return search_store(source, query_vectors, top_k, search or "exact", candidates, options, folder, store_key)
 
 
 def print_search(report: SearchReport, query_ids: list[str], top_k: int, labels: Mapping[str, str | None]) -> None:

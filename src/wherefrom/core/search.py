@@ -67,6 +67,7 @@ __all__ = [
     "faiss_top_k",
     "load_faiss_index",
     "recall_at_k",
+    "rows_sha256",
     "search_store",
 ]
 
@@ -275,11 +276,19 @@ def _faiss():
     return faiss
 
 
-def _fingerprint(source: RowSource, settings: FaissSettings) -> dict[str, Any]:
-    """What decides the index's bytes: the store's shape, dtype and ids, and the build settings."""
+def rows_sha256(source: RowSource) -> str:
+    """sha256 of the store's ids and row bytes in row order (one streamed pass)."""
+    digest = hashlib.sha256("\n".join(source.ids).encode())
+    for _, shard in source.shards():
+        digest.update(shard.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _fingerprint(source: RowSource, settings: FaissSettings, store_key: str | None) -> dict[str, Any]:
+    """What decides the index's bytes: the store's shape, dtype and contents, and the build settings."""
     build = {k: v for k, v in asdict(settings).items() if k not in SEARCH_TIME}
-    ids = hashlib.sha256("\n".join(source.ids).encode()).hexdigest()
-    return {"count": source.count, "dim": source.dim, "dtype": source.dtype, "ids_sha256": ids, **build}
+    contents = store_key if store_key is not None else rows_sha256(source)
+    return {"count": source.count, "dim": source.dim, "dtype": source.dtype, "store": contents, **build}
 
 
 def _training_sample(source: RowSource, size: int) -> np.ndarray:
@@ -292,17 +301,21 @@ def _training_sample(source: RowSource, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts))
 
 
-def build_faiss_index(source: RowSource, settings: FaissSettings | None = None, path: Path | None = None):
+def build_faiss_index(
+    source: RowSource, settings: FaissSettings | None = None, path: Path | None = None, store_key: str | None = None
+):
     """A FAISS inner-product index of every row of ``source`` (one streamed pass after training).
 
     With ``path`` (a ``.safetensors`` file beside the store) an intact index built from the same
-    store with the same build settings is loaded instead, and a new one is saved there atomically
-    with its checksum (under the folder's writer lock). Returns the CPU index (search with
+    store contents with the same build settings is loaded instead, and a new one is saved there
+    atomically with its checksum (under the folder's writer lock). The contents are identified by
+    ``store_key`` (e.g. a digest of the store's recorded shard checksums), else by
+    :func:`rows_sha256` (one more pass over the rows). Returns the CPU index (search with
     :func:`faiss_top_k`). Raises :class:`SearchError` when FAISS is missing.
     """
     faiss = _faiss()
     settings = settings or FaissSettings()
-    key = _fingerprint(source, settings)
+    key = None if path is None else _fingerprint(source, settings, store_key)
     if path is not None:
         saved = load_faiss_index(path, key)
         if saved is not None:
@@ -427,13 +440,14 @@ def search_store(
     candidates: Sequence[Sequence[int]] | None = None,
     faiss_options: Mapping[str, Any] | None = None,
     index_folder: Path | None = None,
+    store_key: str | None = None,
     check_recall: bool = True,
 ) -> SearchReport:
     """Top-``k`` proponents and opponents of ``queries`` ``(n_query, dim)`` in ``source``.
 
     ``mode``: ``exact`` (:func:`exact_top_k`) or ``faiss`` (:func:`build_faiss_index`, saved as
     ``index_folder/faiss-<kind>.safetensors`` (the store's folder) and reused while current, then
-    :func:`faiss_top_k`; with ``check_recall`` the exact
+    :func:`faiss_top_k`; ``store_key``: see :func:`build_faiss_index`; with ``check_recall`` the exact
     search runs too and :func:`recall_at_k` is reported). ``candidates``: per query, the row
     indices it may return (e.g. :func:`wherefrom.methods.lexical.bm25_candidates`). Options are
     checked before any work: :class:`wherefrom.core.options.OptionError` for a bad FAISS option,
@@ -453,7 +467,7 @@ def search_store(
         found = exact()
         return SearchReport(*found, mode, time.perf_counter() - start)
     path = None if index_folder is None else Path(index_folder) / f"faiss-{settings.kind}.safetensors"
-    index = build_faiss_index(source, settings, path)
+    index = build_faiss_index(source, settings, path, store_key)
     start = time.perf_counter()
     found = tuple(faiss_top_k(index, source.ids, queries, k, end, candidates, settings) for end in (False, True))
     report = SearchReport(*found, mode, time.perf_counter() - start)
