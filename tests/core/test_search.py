@@ -180,7 +180,7 @@ def clustered(count: int, dim: int, clusters: int, seed: int) -> tuple[torch.Ten
 def test_faiss_recall_at_10_on_clustered_data(kind):
     rows, queries = clustered(4000, 32, 40, seed=3)
     source = Rows(rows, 512)
-    settings = FaissSettings(kind=kind)
+    settings = FaissSettings(kind=kind, nprobe=8, ef_search=64)  # approximate: 8 of 63 cells, 64 candidates
     index = build_faiss_index(source, settings)
     for opponents in (False, True):
         approximate = faiss_top_k(index, source.ids, queries, 10, opponents, settings=settings)
