@@ -19,7 +19,7 @@ from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, load_records
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
 from wherefrom.core.scoring import Scores
-from wherefrom.core.search import RowSource, SearchReport
+from wherefrom.core.search import RowSource, SearchReport, search_store
 from wherefrom.core.store import StoreError, check_replacement, strict_json, writer_lock
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch
@@ -147,8 +147,6 @@ def store_search(
     (:func:`wherefrom.methods.lexical.bm25_candidates`), exact unless ``search`` is ``faiss`` (index
     saved in ``folder``, keyed by ``store_key``: :func:`wherefrom.core.search.build_faiss_index`).
     ``ValueError`` when ``train`` is not the store's rows in order."""
-    from wherefrom.core.search import search_store
-
     options = check_search(search, search_option)
     candidates = None
     if prefilter_bm25 is not None:
