@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -15,8 +17,10 @@ from rich.text import Text
 from wherefrom.cli.app import command, console, fail, merged_options, progress, remember, settings_as
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, load_records
-from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, session
+from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, refuse, session
+from wherefrom.core.option_pairs import options_for, parse_option_pairs
 from wherefrom.core.scoring import Scores
+from wherefrom.core.search import RowSource, SearchReport, search_store
 from wherefrom.core.store import StoreError, check_replacement, strict_json, writer_lock
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch
@@ -89,14 +93,19 @@ def index(run, shard_size, dtype, precondition, unit_norm, device, threads) -> N
 
 
 @command
-def scores(run, queries, name, top_k, overwrite, device, threads) -> None:
+def scores(run, queries, name, top_k, overwrite, search, search_option, prefilter_bm25, device, threads) -> None:
     """Pairwise influence of every training row on every query row; saved under RUN/scores/ (an earlier
     set of the same --name made for other query rows is kept unless --overwrite; one for the same rows
     is recomputed). Under `torchrun --nproc_per_node=N` the training rows are split over the processes
-    and rank 0 gathers and writes the scores."""
+    and rank 0 gathers and writes the scores. With --search or --prefilter-bm25: each query's top
+    proponents and opponents from the run's vector store instead (printed, nothing saved; one process)."""
     try:
         with session():
             rows = load_records(queries)
+            if search is not None or prefilter_bm25 is not None:
+                refuse("scores --search/--prefilter-bm25", "search the index in one process")
+                search_run(run, rows, top_k, search, search_option, prefilter_bm25, device)
+                return
             saved = [run / "scores" / f"{name}.{suffix}" for suffix in ("safetensors", "json")]
             replaces = not overwrite and check_replacement(saved, saved[1], {"query_ids": [r.id for r in rows]})
             opened = Run.open(run, progress=progress, device=device)
@@ -115,25 +124,130 @@ def scores(run, queries, name, top_k, overwrite, device, threads) -> None:
     console.print(f"{tuple(result.total.shape)} scores -> {path}")
 
 
+def check_search(search: str | None, search_option: list[str] | None) -> dict:
+    """The FAISS options of ``--search-option`` (checked by the setting); ``ValueError`` when they are
+    given without ``--search faiss``."""
+    if search_option and search != "faiss":
+        raise ValueError(f"--search-option sets FAISS options; it needs --search faiss (got --search {search})")
+    return options_for(parse_option_pairs(search_option, "--search-option"), "faiss")
+
+
+def search_run(
+    run: Path,
+    queries: list[Record],
+    top_k: int,
+    search: str | None,
+    search_option: list[str] | None,
+    prefilter_bm25: int | None,
+    device: str | None,
+) -> None:
+    """Answer ``scores`` / ``query`` from RUN's vector store (``--search``, ``--prefilter-bm25``): the
+    queries in the store's row layout (:meth:`wherefrom.engine.run.Run.query_vectors`), searched by
+    :func:`store_search` (a FAISS index kept in ``RUN/index/``, keyed by the store's contents) and printed
+    by :func:`print_search`. Raises ``ValueError`` for FAISS options without ``--search faiss`` and
+    ``FileNotFoundError`` naming RUN when it has no finished index."""
+    check_search(search, search_option)
+    opened = Run.open(run, progress=progress, device=device)
+    if not opened.has_index():
+        raise FileNotFoundError(
+            f"{run} has no vector store of training rows: --search and --prefilter-bm25 search the one "
+            f"`wherefrom index --run {run}` builds; without them the run scores every row"
+        )
+    store = opened.open_index()
+    query_ids, vectors = opened.query_vectors(queries, store)
+    report = store_search(
+        store, vectors, queries, opened.train, top_k, search, search_option, prefilter_bm25, store.folder,
+        store.content_key(),
+    )  # fmt: skip
+    print_search(report, query_ids, top_k, {row.id: row.label for row in opened.train})
+
+
+def store_search(
+    source: RowSource,
+    query_vectors: torch.Tensor,
+    queries: list[Record],
+    train: list[Record],
+    top_k: int,
+    search: str | None,
+    search_option: list[str] | None,
+    prefilter_bm25: int | None,
+    folder: Path | None = None,
+    store_key: str | None = None,
+) -> SearchReport:
+    """The search of ``--search``/``--prefilter-bm25``: top-``top_k`` proponents and opponents of
+    ``query_vectors`` ``(n_query, source.dim)`` (the ``queries`` in the store's projection) among the
+    store's rows, restricted to each query's top-``prefilter_bm25`` BM25 rows of ``train`` when given
+    (:func:`wherefrom.methods.lexical.bm25_candidates`), exact unless ``search`` is ``faiss`` (index
+    saved in ``folder``, keyed by ``store_key``: :func:`wherefrom.core.search.build_faiss_index`).
+    ``ValueError`` when ``train`` is not the store's rows in order."""
+    options = check_search(search, search_option)
+    candidates = None
+    if prefilter_bm25 is not None:
+        from wherefrom.methods.lexical import bm25_candidates
+
+        if [row.id for row in train] != list(source.ids):
+            raise ValueError("--prefilter-bm25: the training rows are not the vector store's rows in order")
+        candidates = bm25_candidates(queries, train, prefilter_bm25)
+    return search_store(source, query_vectors, top_k, search or "exact", candidates, options, folder, store_key)
+
+
+def print_search(report: SearchReport, query_ids: list[str], top_k: int, labels: Mapping[str, str | None]) -> None:
+    """Each query's proponents, then its opponents, on stdout (one line each, like :func:`print_tops`),
+    and the search's time and recall on stderr."""
+    for kind, found in (("proponents", report.proponents), ("opponents", report.opponents)):
+        for query_id, ids, values in zip(query_ids, found.ids, found.scores.tolist()):
+            typer.echo(f"{query_id} {kind}: {', '.join(shown_row(i, s, labels) for i, s in zip(ids, values))}")
+    console.print(report.summary(top_k), markup=False, highlight=False)
+
+
 def print_tops(result: Scores, top_k: int, labels: Mapping[str, str | None]) -> None:
     """Each query's ``top_k`` proponents on stdout, one query a line: ``query: id [label] (+score), ...``
     (the label only where the training row has one), so the results can be piped apart from the
     progress and paths on stderr."""
     for q, query_id in enumerate(result.query_ids):
-        shown = (f"{i}{f' [{labels[i]}]' if labels.get(i) else ''} ({s:+.3g})" for i, s in result.top(q, top_k))
-        typer.echo(f"{query_id}: {', '.join(shown)}")
+        typer.echo(f"{query_id}: {', '.join(shown_row(i, s, labels) for i, s in result.top(q, top_k))}")
+
+
+def shown_row(row_id: str, score: float, labels: Mapping[str, str | None]) -> str:
+    """A training row in a printed top list: ``id [label] (+score)`` (the label only where the row has one)."""
+    return f"{row_id}{f' [{labels[row_id]}]' if labels.get(row_id) else ''} ({score:+.3g})"
 
 
 @command
-def query(prompt, completion, run, top_k, as_json, by_module, per_token, html, device, threads) -> None:
-    """Top proponents and opponents of one (prompt, completion) among the training rows."""
+def query(
+    prompt,
+    completion,
+    run,
+    top_k,
+    as_json,
+    by_module,
+    per_token,
+    html,
+    search,
+    search_option,
+    prefilter_bm25,
+    device,
+    threads,
+) -> None:
+    """Top proponents and opponents of one (prompt, completion) among the training rows (with --search or
+    --prefilter-bm25: from the run's vector store)."""
     try:
+        record = Record(id="query", prompt=prompt, completion=completion)
+        if search is not None or prefilter_bm25 is not None:
+            given = [
+                flag for flag, value in (("--json", as_json), ("--per-token", per_token), ("--html", html)) if value
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} need the full scores; without --search/--prefilter-bm25 they work"
+                )
+            search_run(run, [record], top_k, search, search_option, prefilter_bm25, device)
+            return
         opened = Run.open(run, progress=progress, device=device)
         if per_token and opened.method is not None:
             raise ValueError(
                 f"--per-token needs an influence method's gradients; this run holds {opened.config.method!r}"
             )
-        record = Record(id="query", prompt=prompt, completion=completion)
         result = opened.scores([record])
     except (DataError, FileNotFoundError, RunMismatch, RuntimeError, ValueError) as error:
         fail(error)

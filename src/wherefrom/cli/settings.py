@@ -43,6 +43,7 @@ __all__ = [
     "ModelSettings",
     "OutputSettings",
     "ScoringSettings",
+    "SearchSettings",
     "Setting",
     "StudySettings",
     "TrackingSettings",
@@ -176,6 +177,18 @@ def grid_pairs(value: Any) -> str | None:
         parse_grid(value)
     except ValueError as error:
         return str(error).split(": ", 1)[-1]
+    return None
+
+
+def search_options(value: Any) -> str | None:
+    """FAISS options ``key=value`` (:data:`wherefrom.core.search.FAISS_OPTIONS`)."""
+    from wherefrom.core.option_pairs import options_for
+    from wherefrom.core.search import faiss_settings
+
+    try:
+        faiss_settings(options_for(parse_option_pairs(value, "--search-option"), "faiss"))
+    except ValueError as error:
+        return str(error)
     return None
 
 
@@ -337,6 +350,29 @@ class MethodSettings:
 
 
 @dataclass
+class SearchSettings:
+    """Search: top-k over the run's vector store of training rows (built by `wherefrom index`)."""
+
+    search: str | None = setting(
+        None,
+        "exact (streaming, memory of one shard) | faiss (approximate; prints its recall@k against exact): answer "
+        "from the run's vector store.",
+        check=one_of("exact", "faiss"),
+    )
+    search_option: list[str] | None = setting(
+        None,
+        "FAISS option key=value (repeatable): kind=ivf|ivf-sq8|hnsw, nlist, nprobe, m, ef_construction, ef_search, "
+        "train_per_list (see `wherefrom.core.search.FAISS_OPTIONS`).",
+        check=search_options,
+    )
+    prefilter_bm25: int | None = setting(
+        None,
+        "Search only each query's top-N BM25 rows (Grosse et al.'s prefilter), exactly unless --search faiss.",
+        check=at_least(1),
+    )
+
+
+@dataclass
 class ScoringSettings:
     """Scoring: what is shown of the scores."""
 
@@ -493,6 +529,7 @@ GROUPS: tuple[type, ...] = (
     TrackingSettings,
     CurvatureSettings,
     MethodSettings,
+    SearchSettings,
     ScoringSettings,
     FinetuneSettings,
     GroundTruthSettings,

@@ -272,6 +272,12 @@ def record_checksum(path: Path) -> None:
     _set_checksum(path, {"sha256": digest, "bytes": size})
 
 
+def recorded_checksum(path: Path) -> dict[str, Any] | None:
+    """``{"sha256", "bytes"}`` recorded for ``path`` in its folder's ``checksums.json`` (``None``: not recorded)."""
+    path = Path(path)
+    return _checksums(path.parent).get(path.name)
+
+
 def forget_file(path: Path) -> None:
     """Delete ``path`` (if present) and its checksum entry: the file counts as not yet written."""
     path = Path(path)

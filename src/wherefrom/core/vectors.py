@@ -47,6 +47,7 @@ from wherefrom.core.store import (
     load_tensors_checked,
     read_json_checked,
     record_settings,
+    recorded_checksum,
     save_tensors_checked,
     settings_differences,
     write_json_checked,
@@ -272,6 +273,13 @@ class VectorStore:
         for shard in range(store.shard_count):
             check_size(folder / shard_name(shard))
         return store
+
+    def content_key(self) -> str:
+        """A sha256 over the recorded checksums of the manifest, the ids and every shard: it changes whenever
+        any row, id or setting does (keys derived data such as a FAISS index, without reading the rows)."""
+        names = ["settings.json", IDS_FILE, *(shard_name(k) for k in range(self.shard_count))]
+        recorded = {name: recorded_checksum(self.folder / name) for name in names}
+        return hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()
 
     def verify(self) -> None:
         """Hash every shard; raises :class:`wherefrom.core.store.DamagedFile` naming the first damaged one."""

@@ -638,6 +638,26 @@ class Run:
         train_ids, per_module = gather_columns(part.train_ids, part.per_module, [r.id for r in self.train])
         return Scores(query_ids, train_ids, part.module_names, per_module) if is_main() else None
 
+    def query_vectors(self, queries: list[Record], store: VectorStore) -> tuple[list[str], torch.Tensor]:
+        """``(ids, (n_query, store.dim))``: ``queries`` in the layout of the run's index rows, so that a score
+        is ``query_vector @ row`` (positive = proponent), the training side of the search
+        (:mod:`wherefrom.core.search`). A vector run: the method's query vectors (unit length when the store's
+        rows are). An influence run: each query's full preconditioned gradient ``(G + lambda I)^-1 q``,
+        flattened as the raw-gradient rows are (a ``query_rank`` factorisation expanded back). Raises
+        ``ValueError`` for a run scored with ``normalize="cosine"``: its scores divide by each row's norm,
+        which a product search does not."""
+        vectors = self.vectors()
+        if vectors is not None:
+            return vectors.query_vectors(queries, unit=bool(store.settings.get("unit_norm")))
+        if self.attributor.config.normalize == "cosine":
+            raise ValueError(
+                f"run {self.folder} scores with normalize='cosine' (each row divided by its gradient norm), which a "
+                "search of query_vector @ row cannot rank; use `wherefrom scores` without --search"
+            )
+        ids, pre = self.attributor.preconditioned_queries(queries)
+        dense = {n: block[0] @ block[1].mT if isinstance(block, tuple) else block for n, block in pre.items()}
+        return ids, flatten_blocks(dense, self.attributor.module_names).float().cpu()
+
     def store_scores(self, queries: list[Record], store: VectorStore) -> Scores:
         """Scores of a vector run's ``queries`` from its index: ``query_vector @ row`` per module block,
         streamed shard by shard (``(n_modules, q, n)``; positive = proponent)."""

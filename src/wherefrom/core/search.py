@@ -1,0 +1,482 @@
+"""Top-k search of query vectors over a sharded row store: exact by streaming, approximate with FAISS.
+
+A row store holds one vector per training row (projected, optionally preconditioned training
+gradients, ``(count, dim)``, float32/float16/bfloat16) and hands them out shard by shard
+(:class:`RowSource`). The score of row ``m`` for query ``q`` is the inner product
+
+    s(q, m) = <q, x_m>      (float32 accumulation)
+
+which is the influence ``I(z_m, z_q)`` of the README when the store holds preconditioned training
+gradients and ``q`` the query gradient in the same projection (positive = proponent).
+
+- **Exact** (:func:`exact_top_k`): the queries ``(n_query, dim)`` are multiplied with each shard
+  in chunks of at most ``chunk_rows`` rows cast to float32, and a running top-``k`` per query is
+  merged with each chunk's. Memory: one shard (as the source yields it) + one float32 chunk +
+  ``n_query x chunk_rows`` scores + ``n_query x k`` kept, never the whole store.
+  **Proponents** are the ``k`` largest scores, **opponents** the ``k`` smallest (most negative), each
+  best first. **Ties** are broken by row order (the lower row first), so the result is deterministic
+  and equals a stable sort of the full score matrix. A searched row with a NaN or infinite entry is
+  refused (:class:`SearchError` naming its id), as is a non-finite query.
+- **Approximate** (:func:`build_faiss_index`, :func:`faiss_top_k`): a FAISS inner-product index
+  (Johnson, Douze & Jegou 2019, "Billion-scale similarity search with GPUs"): ``ivf`` (inverted
+  lists over ``nlist`` k-means cells, ``nprobe`` of them searched, rows kept exactly), ``ivf-sq8``
+  (the same with rows quantised to 8 bits per entry: a quarter of the memory) or ``hnsw`` (Malkov &
+  Yashunin 2018, graph of ``M`` links per row, ``ef_search`` candidates per search). Opponents are
+  searched as proponents of ``-q``. The index is built from the source in one streamed pass after
+  k-means training on a strided sample, saved atomically with its checksum beside the store
+  (:func:`wherefrom.core.store.save_tensors_checked`) and reused while the store and the settings
+  are the same. IVF indexes move to the GPUs when ``faiss.get_num_gpus() > 0``.
+  :func:`recall_at_k` measures it against the exact search.
+- **Candidates** (the BM25 prefilter of Grosse et al. 2023, computed by
+  :func:`wherefrom.methods.lexical.bm25_candidates`): with ``candidates`` (per query, row indices)
+  either search ranks only the query's candidate rows; a query with fewer than ``k`` candidates gets
+  fewer results (padding: row ``-1``, score NaN). FAISS restricts its search with an ID selector,
+  so an IVF search only finds candidates in its ``nprobe`` probed cells.
+
+Defaults, from ``benchmarks/query_latency.py`` (``benchmarks/results/query-latency.md``, dim 1024,
+rows of low intrinsic dimension): ``nlist = sqrt(count)`` (k-means cost grows with ``nlist^2``: the
+IVF build over 10^6 rows took 179 s on 2 cores); ``nprobe = 128``, the smallest measured value with
+recall@10 >= 0.95 at 10^4 and 10^5 rows (0.92 at 10^6, where 256 gives 0.98); HNSW ``M = 32``,
+``ef_search = 128`` (recall 1.0 at 10^4 rows, 1.4 ms; its build, 27 s at 10^4 rows, is the cost).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+
+from wherefrom.core.options import OptionSpec, check_options, from_signature
+from wherefrom.core.store import DamagedFile, load_tensors_checked, save_tensors_checked, writer_lock
+
+__all__ = [
+    "FAISS_OPTIONS",
+    "FaissSettings",
+    "RowSource",
+    "SearchError",
+    "SearchReport",
+    "SearchResult",
+    "build_faiss_index",
+    "exact_top_k",
+    "faiss_settings",
+    "faiss_top_k",
+    "load_faiss_index",
+    "recall_at_k",
+    "rows_sha256",
+    "search_store",
+]
+
+JOHNSON_2019 = "Johnson, Douze & Jegou 2019, Billion-scale similarity search with GPUs (FAISS)"
+MALKOV_2018 = "Malkov & Yashunin 2018, Efficient and robust approximate nearest neighbor search using HNSW graphs"
+
+
+class RowSource(Protocol):
+    """A store of ``count`` rows of ``dim`` entries read shard by shard (the reader of the vector store).
+
+    ``ids``: the row ids in row order; ``dtype``: the stored dtype's name (``float32``, ``float16``,
+    ``bfloat16``); ``shards()`` yields ``(first_row, rows)`` with ``rows`` of shape ``(n_k, dim)``, in
+    row order, covering rows ``0 .. count - 1`` once, holding at most one shard in memory.
+    """
+
+    dim: int
+    count: int
+    ids: list[str]
+    dtype: str
+
+    def shards(self) -> Iterator[tuple[int, torch.Tensor]]: ...
+
+
+class SearchError(ValueError):
+    """A search that cannot run as asked: a non-finite row or query, mismatched shapes, bad candidates."""
+
+
+@dataclass
+class SearchResult:
+    """Per query, the ``k`` best rows found, best first.
+
+    ``rows``: ``(n_query, k)`` int64 row indices, ``-1`` where a query has fewer than ``k`` results;
+    ``scores``: ``(n_query, k)`` float32 inner products (the stored sign: opponents hold the most
+    negative scores first), NaN where ``rows`` is ``-1``; ``ids``: per query, the ids of its found
+    rows (no padding); ``opponents``: which end was searched.
+    """
+
+    rows: torch.Tensor
+    scores: torch.Tensor
+    ids: list[list[str]]
+    opponents: bool = False
+
+
+# --- exact ---------------------------------------------------------------------------------------
+def _best(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest ``values`` per query (row ``i`` of ``(n_query, n)``) and their columns, largest
+    first, equal values in column order: a stable descending sort, computed by ``topk`` where no tie
+    crosses the ``k``-th value."""
+    k = min(k, values.shape[1])
+    top, where = torch.topk(values, k, dim=1)
+    crossing = (values >= top[:, -1:]).sum(1) > k if k else torch.zeros(values.shape[0], dtype=torch.bool)
+    # within the top k, order equal values by column: sort by column, then stably by value
+    by_column = where.sort(dim=1).values
+    order = torch.sort(values.gather(1, by_column), dim=1, descending=True, stable=True).indices
+    where = by_column.gather(1, order)
+    for query in torch.nonzero(crossing).flatten().tolist():
+        where[query] = torch.sort(values[query], descending=True, stable=True).indices[:k]
+    return values.gather(1, where), where
+
+
+def _check_queries(queries: torch.Tensor, dim: int) -> torch.Tensor:
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise SearchError(f"queries must be (n_query, {dim}) to match the store's rows, got {tuple(queries.shape)}")
+    queries = queries.detach().to("cpu", torch.float32)
+    bad = torch.nonzero(~torch.isfinite(queries).all(1)).flatten().tolist()
+    if bad:
+        raise SearchError(f"query vector {bad[0]} has a NaN or infinite entry")
+    return queries
+
+
+def _candidate_sets(candidates: Sequence[Sequence[int]], n_query: int, count: int) -> list[torch.Tensor]:
+    """Each query's candidate rows as a sorted int64 tensor; :class:`SearchError` for a wrong count or index."""
+    if len(candidates) != n_query:
+        raise SearchError(f"need one candidate list per query: {n_query} queries, {len(candidates)} lists")
+    out = []
+    for query, rows in enumerate(candidates):
+        found = torch.as_tensor(list(rows), dtype=torch.int64).unique()
+        if found.numel() and (found[0] < 0 or found[-1] >= count):
+            raise SearchError(f"query {query}: candidate rows must lie in 0..{count - 1}, got {found.tolist()[:5]}...")
+        out.append(found)
+    return out
+
+
+def _check_rows(values: torch.Tensor, chunk: torch.Tensor, rows: int | torch.Tensor, ids: Sequence[str]) -> None:
+    """:class:`SearchError` naming the first row of ``chunk`` with a NaN or infinite entry. Such a row makes
+    its scores non-finite (``0 x inf`` is NaN too), so only the rows of non-finite score columns are read."""
+    if bool(torch.isfinite(values).all()):
+        return
+    columns = torch.nonzero(~torch.isfinite(values).all(0)).flatten()
+    bad = columns[~torch.isfinite(chunk[columns]).all(1)]
+    if bad.numel():  # else a float32 overflow of finite rows: their scores are +-inf, ranked as such
+        row = rows + int(bad[0]) if isinstance(rows, int) else int(rows[bad[0]])
+        raise SearchError(f"row {row} (id {ids[row]!r}) of the store has a NaN or infinite entry")
+
+
+def exact_top_k(
+    source: RowSource,
+    queries: torch.Tensor,
+    k: int,
+    opponents: bool = False,
+    candidates: Sequence[Sequence[int]] | None = None,
+    chunk_rows: int = 32768,
+) -> SearchResult:
+    """The exact top-``k`` rows of ``source`` per query by streaming matrix products (module docstring).
+
+    ``queries``: ``(n_query, source.dim)``, any float dtype (used as float32); ``k >= 1`` (capped at the
+    rows available); ``candidates``: per query, the row indices it may return; ``chunk_rows``: rows
+    cast to float32 and scored at once. Raises :class:`SearchError` naming the first row id with a
+    NaN or infinite entry, a non-finite query, a shape mismatch or bad candidates.
+    """
+    if k < 1 or chunk_rows < 1:
+        raise SearchError(f"k and chunk_rows must be >= 1, got k={k}, chunk_rows={chunk_rows}")
+    queries = _check_queries(queries, source.dim)
+    n_query = queries.shape[0]
+    allowed = None if candidates is None else _candidate_sets(candidates, n_query, source.count)
+    union = None if allowed is None else torch.cat([torch.empty(0, dtype=torch.int64), *allowed]).unique()
+    sign = -1.0 if opponents else 1.0
+    kept = torch.empty(n_query, 0), torch.empty(n_query, 0, dtype=torch.int64)
+    for first, shard in source.shards():
+        for start in range(0, shard.shape[0], chunk_rows):
+            chunk = shard[start : start + chunk_rows].to(torch.float32)
+            rows = torch.arange(first + start, first + start + chunk.shape[0])
+            if allowed is None:
+                values = sign * (queries @ chunk.T)
+                _check_rows(values, chunk, first + start, source.ids)
+                top, where = _best(values, k)
+                rows = rows[where]
+            else:  # score only the chunk's rows that some query may return
+                rows = rows[torch.isin(rows, union)]
+                values = sign * (queries @ chunk[rows - first - start].T)
+                _check_rows(values, chunk[rows - first - start], rows, source.ids)
+                inside = torch.stack([torch.isin(rows, rows_q) for rows_q in allowed])
+                top, where = _best(values.masked_fill(~inside, -math.inf), k)
+                rows = rows.expand(n_query, -1).masked_fill(~inside, -1).gather(1, where)
+            # kept rows precede the chunk's: ties stay in row order
+            top, where = _best(torch.cat([kept[0], top], 1), k)
+            kept = top, torch.cat([kept[1], rows], 1).gather(1, where)
+    return _result(sign * kept[0], kept[1], source.ids, opponents)
+
+
+def _result(scores: torch.Tensor, rows: torch.Tensor, ids: Sequence[str], opponents: bool) -> SearchResult:
+    """Pad to ``k`` columns where fewer rows were found, mark non-rows (``-1``) with NaN, name the ids."""
+    rows = rows.to(torch.int64)
+    scores = scores.to(torch.float32).masked_fill(rows < 0, math.nan)
+    found = [[ids[r] for r in row.tolist() if r >= 0] for row in rows]
+    return SearchResult(rows, scores, found, opponents)
+
+
+def recall_at_k(approximate: SearchResult, exact: SearchResult) -> torch.Tensor:
+    """``(n_query,)`` recall@k: the share of each query's exact top-k rows that the approximate search
+    found (set overlap, the FAISS convention; ``k`` = the exact result's columns); NaN for a query
+    whose exact result is empty (no candidates)."""
+    out = []
+    for found, truth in zip(approximate.rows.tolist(), exact.rows.tolist()):
+        truth = {r for r in truth if r >= 0}
+        out.append(len(truth & set(found)) / len(truth) if truth else math.nan)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+# --- FAISS ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FaissSettings:
+    """How the approximate index is built and searched (the options :data:`FAISS_OPTIONS` checks)."""
+
+    kind: Literal["ivf", "ivf-sq8", "hnsw"] = "ivf"
+    nlist: int | None = None
+    nprobe: int = 128
+    m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+    train_per_list: int = 64
+
+    def lists(self, count: int) -> int:
+        """IVF cells for ``count`` rows: ``nlist``, by default ``sqrt(count)``; at most ``count``."""
+        return max(1, min(count, self.nlist or round(math.sqrt(count))))
+
+
+FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
+    FaissSettings,
+    OptionSpec(
+        "kind", help="ivf (exact rows in k-means cells) | ivf-sq8 (rows 8-bit) | hnsw (graph)", source=JOHNSON_2019
+    ),
+    OptionSpec("nlist", low=1, help="IVF cells (default sqrt(rows))", source=JOHNSON_2019),
+    OptionSpec("nprobe", low=1, help="IVF cells searched per query (recall vs latency)", source=JOHNSON_2019),
+    OptionSpec("m", low=2, help="HNSW links per row", source=MALKOV_2018),
+    OptionSpec("ef_construction", low=1, help="HNSW candidates while building", source=MALKOV_2018),
+    OptionSpec("ef_search", low=1, help="HNSW candidates per search (recall vs latency)", source=MALKOV_2018),
+    OptionSpec("train_per_list", low=1, help="IVF k-means training rows per cell (a strided sample)"),
+)
+"""The ``--search-option`` / ``faiss_options`` of :func:`search_store`."""
+
+SEARCH_TIME = ("nprobe", "ef_search")
+"""Settings that change only how the index is searched, not its bytes."""
+
+
+def faiss_settings(options: Mapping[str, Any] | None) -> FaissSettings:
+    """:class:`FaissSettings` from ``{name: value}``; :class:`wherefrom.core.options.OptionError` naming a bad option."""
+    return FaissSettings(**check_options("FAISS search", FAISS_OPTIONS, dict(options or {})))
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise SearchError("approximate search needs FAISS: pip install 'wherefrom[index]' (faiss-cpu)") from None
+    return faiss
+
+
+def rows_sha256(source: RowSource) -> str:
+    """sha256 of the store's ids and row bytes in row order (one streamed pass)."""
+    digest = hashlib.sha256("\n".join(source.ids).encode())
+    for _, shard in source.shards():
+        digest.update(shard.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _fingerprint(source: RowSource, settings: FaissSettings, store_key: str | None) -> dict[str, Any]:
+    """What decides the index's bytes: the store's shape, dtype and contents, and the build settings."""
+    build = {k: v for k, v in asdict(settings).items() if k not in SEARCH_TIME}
+    contents = store_key if store_key is not None else rows_sha256(source)
+    return {"count": source.count, "dim": source.dim, "dtype": source.dtype, "store": contents, **build}
+
+
+def _training_sample(source: RowSource, size: int) -> np.ndarray:
+    """Every ``ceil(count / size)``-th row, float32 (rows spread over the whole store)."""
+    step = max(1, math.ceil(source.count / size))
+    parts = []
+    for first, shard in source.shards():
+        offset = (-first) % step
+        parts.append(shard[offset::step].to(torch.float32).numpy())
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+def build_faiss_index(
+    source: RowSource, settings: FaissSettings | None = None, path: Path | None = None, store_key: str | None = None
+):
+    """A FAISS inner-product index of every row of ``source`` (one streamed pass after training).
+
+    With ``path`` (a ``.safetensors`` file beside the store) an intact index built from the same
+    store contents with the same build settings is loaded instead, and a new one is saved there
+    atomically with its checksum (under the folder's writer lock). The contents are identified by
+    ``store_key`` (e.g. a digest of the store's recorded shard checksums), else by
+    :func:`rows_sha256` (one more pass over the rows). Returns the CPU index (search with
+    :func:`faiss_top_k`). Raises :class:`SearchError` when FAISS is missing.
+    """
+    faiss = _faiss()
+    settings = settings or FaissSettings()
+    key = None if path is None else _fingerprint(source, settings, store_key)
+    if path is not None:
+        saved = load_faiss_index(path, key)
+        if saved is not None:
+            return saved
+    dim = source.dim
+    if settings.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, settings.m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = settings.ef_construction
+    else:
+        lists = settings.lists(source.count)
+        quantizer = faiss.IndexFlatIP(dim)
+        if settings.kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFScalarQuantizer(
+                quantizer, dim, lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+            )
+        index.train(_training_sample(source, lists * settings.train_per_list))
+    for _, shard in source.shards():
+        index.add(np.ascontiguousarray(shard.to(torch.float32).numpy()))
+    if path is not None:
+        path = Path(path)
+        with writer_lock(path.parent):
+            data = torch.from_numpy(faiss.serialize_index(index).copy())
+            save_tensors_checked({"index": data}, path, {"key": json.dumps(key, sort_keys=True)})
+    return index
+
+
+def load_faiss_index(path: Path, key: Mapping[str, Any]):
+    """The index saved at ``path`` if it is intact and was built with ``key`` (:func:`build_faiss_index`),
+    else ``None`` (missing, damaged, or of another store or other settings: it will be rebuilt)."""
+    try:
+        tensors, meta = load_tensors_checked(Path(path))
+    except DamagedFile:
+        return None
+    if meta.get("key") != json.dumps(dict(key), sort_keys=True):
+        return None
+    return _faiss().deserialize_index(tensors["index"].numpy())
+
+
+def _on_device(index):
+    """``index`` on every GPU FAISS sees (IVF kinds; HNSW has no GPU version), else ``index``."""
+    faiss = _faiss()
+    if faiss.get_num_gpus() > 0 and isinstance(index, faiss.IndexIVF):
+        return faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+def faiss_top_k(
+    index,
+    ids: Sequence[str],
+    queries: torch.Tensor,
+    k: int,
+    opponents: bool = False,
+    candidates: Sequence[Sequence[int]] | None = None,
+    settings: FaissSettings | None = None,
+) -> SearchResult:
+    """Approximate top-``k`` of ``queries`` ``(n_query, dim)`` in a FAISS ``index`` of the rows named ``ids``.
+
+    ``settings`` give ``nprobe`` / ``ef_search``; ``candidates`` restrict each query to its rows (an
+    ID selector; on the CPU index). Same result layout and sign as :func:`exact_top_k`;
+    :class:`SearchError` for a non-finite query, a shape mismatch or bad candidates.
+    """
+    faiss = _faiss()
+    settings = settings or FaissSettings()
+    if k < 1:
+        raise SearchError(f"k must be >= 1, got {k}")
+    queries = _check_queries(queries, index.d)
+    sign = -1.0 if opponents else 1.0
+    search = (sign * queries).numpy()
+    k = min(k, index.ntotal)
+    hnsw = isinstance(index, faiss.IndexHNSW)
+    if candidates is None:
+        if hnsw:
+            index.hnsw.efSearch = max(settings.ef_search, k)
+        else:
+            index.nprobe = min(settings.nprobe, index.nlist)
+        values, rows = _on_device(index).search(search, k)
+    else:
+        values, rows = np.full((len(search), k), -np.inf, np.float32), np.full((len(search), k), -1, np.int64)
+        for query, allowed in enumerate(_candidate_sets(candidates, len(search), index.ntotal)):
+            selector = faiss.IDSelectorBatch(allowed.numpy())
+            if hnsw:
+                params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(settings.ef_search, k))
+            else:
+                params = faiss.SearchParametersIVF(sel=selector, nprobe=min(settings.nprobe, index.nlist))
+            values[query : query + 1], rows[query : query + 1] = index.search(
+                search[query : query + 1], k, params=params
+            )
+    return _result(sign * torch.from_numpy(values), torch.from_numpy(rows), ids, opponents)
+
+
+# --- the search a command runs -------------------------------------------------------------------
+@dataclass
+class SearchReport:
+    """What :func:`search_store` found: ``proponents`` and ``opponents`` (:class:`SearchResult`),
+    ``mode``, ``seconds`` of the search itself, and for ``faiss`` the exact ``recall`` ``(n_query,)``
+    of both ends (mean over the two) with ``exact_seconds``."""
+
+    proponents: SearchResult
+    opponents: SearchResult
+    mode: str
+    seconds: float
+    recall: torch.Tensor | None = None
+    exact_seconds: float | None = None
+
+    def summary(self, k: int) -> str:
+        """One line: mode, time and, for FAISS, mean recall@k against the exact search."""
+        line = f"{self.mode} search: {self.seconds * 1000:.1f} ms"
+        if self.recall is not None:
+            line += (
+                f"; recall@{k} vs exact {float(self.recall.nanmean()):.3f} (exact {self.exact_seconds * 1000:.1f} ms)"
+            )
+        return line
+
+
+def search_store(
+    source: RowSource,
+    queries: torch.Tensor,
+    k: int,
+    mode: Literal["exact", "faiss"] = "exact",
+    candidates: Sequence[Sequence[int]] | None = None,
+    faiss_options: Mapping[str, Any] | None = None,
+    index_folder: Path | None = None,
+    store_key: str | None = None,
+    check_recall: bool = True,
+) -> SearchReport:
+    """Top-``k`` proponents and opponents of ``queries`` ``(n_query, dim)`` in ``source``.
+
+    ``mode``: ``exact`` (:func:`exact_top_k`) or ``faiss`` (:func:`build_faiss_index`, saved as
+    ``index_folder/faiss-<kind>.safetensors`` (the store's folder) and reused while current, then
+    :func:`faiss_top_k`; ``store_key``: see :func:`build_faiss_index`; with ``check_recall`` the exact
+    search runs too and :func:`recall_at_k` is reported). ``candidates``: per query, the row
+    indices it may return (e.g. :func:`wherefrom.methods.lexical.bm25_candidates`). Options are
+    checked before any work: :class:`wherefrom.core.options.OptionError` for a bad FAISS option,
+    :class:`SearchError` for an unknown mode, FAISS missing, or the errors of the searches.
+    """
+    if mode not in ("exact", "faiss"):
+        raise SearchError(f"search mode must be exact or faiss, got {mode!r}")
+    settings = faiss_settings(faiss_options)
+    if mode == "exact" and faiss_options:
+        raise SearchError(f"FAISS options {sorted(faiss_options)} were given to an exact search; use mode 'faiss'")
+
+    def exact() -> tuple[SearchResult, SearchResult]:
+        return tuple(exact_top_k(source, queries, k, end, candidates) for end in (False, True))
+
+    if mode == "exact":
+        start = time.perf_counter()
+        found = exact()
+        return SearchReport(*found, mode, time.perf_counter() - start)
+    path = None if index_folder is None else Path(index_folder) / f"faiss-{settings.kind}.safetensors"
+    index = build_faiss_index(source, settings, path, store_key)
+    start = time.perf_counter()
+    found = tuple(faiss_top_k(index, source.ids, queries, k, end, candidates, settings) for end in (False, True))
+    report = SearchReport(*found, mode, time.perf_counter() - start)
+    if check_recall:
+        start = time.perf_counter()
+        truth = exact()
+        report.exact_seconds = time.perf_counter() - start
+        report.recall = (recall_at_k(found[0], truth[0]) + recall_at_k(found[1], truth[1])) / 2
+    return report

@@ -1,0 +1,108 @@
+"""``--search``, ``--search-option`` and ``--prefilter-bm25`` of ``query`` and ``scores``: checked before
+any work, refused on a run without a vector store, and the search they run (on an in-memory store)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.cli.conftest import invoke
+from tests.core.test_search import Rows, clustered
+from wherefrom.cli.run import print_search, store_search
+from wherefrom.core.data import load_records
+from wherefrom.methods.lexical import bm25_candidates
+
+pytest.importorskip("faiss")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--search", "annoy"], "--search annoy: unknown value; choose one of exact, faiss"),
+        (["--search", "faiss", "--search-option", "nprobe=0"], "option 'nprobe' got 0"),
+        (["--search", "faiss", "--search-option", "probes=3"], "has no option(s) ['probes']"),
+        (["--prefilter-bm25", "0"], "--prefilter-bm25 0: must be >= 1"),
+        (["--search", "exact", "--search-option", "nprobe=3"], "it needs --search faiss"),
+        (["--search", "exact"], "is not a wherefrom run directory"),
+        (["--prefilter-bm25", "5"], "is not a wherefrom run directory"),
+    ],
+)
+def test_search_flags_are_checked_before_any_work(workspace, tmp_path, flags, message):
+    run = tmp_path / "run"  # no fit, no model: the checks come first
+    for command in (["query", "a prompt", "a completion"], ["scores", "--queries", workspace / "queries.jsonl"]):
+        result = invoke(*command, "--run", run, *flags)
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split())
+        assert not run.exists()
+
+
+def store_of(train, dim=16, seed=0):
+    rows, queries = clustered(len(train), dim, 4, seed)
+    source = Rows(rows, 7)
+    source.ids = [row.id for row in train]
+    return source, queries
+
+
+def test_prefilter_restricts_each_query_to_its_bm25_rows(workspace):
+    train, queries = load_records(workspace / "train.jsonl"), load_records(workspace / "queries.jsonl")
+    source, vectors = store_of(train)
+    report = store_search(source, vectors[: len(queries)], queries, train, 4, None, None, prefilter_bm25=5)
+    candidates = bm25_candidates(queries, train, 5)
+    for found, allowed in zip(report.proponents.ids + report.opponents.ids, candidates + candidates):
+        assert set(found) <= {train[j].id for j in allowed} and len(found) == 4
+    full = store_search(source, vectors[: len(queries)], queries, train, 4, "exact", None, None)
+    assert any(a != b for a, b in zip(full.proponents.ids, report.proponents.ids))  # the filter changed something
+
+
+def test_faiss_search_prints_tops_and_recall(workspace, tmp_path, capsys):
+    train, queries = load_records(workspace / "train.jsonl"), load_records(workspace / "queries.jsonl")
+    source, vectors = store_of(train)
+    report = store_search(
+        source, vectors[: len(queries)], queries, train, 3, "faiss", ["nlist=2", "nprobe=2"], None, tmp_path
+    )
+    assert (tmp_path / "faiss-ivf.safetensors").is_file()
+    assert torch.equal(report.recall, torch.ones(len(queries), dtype=torch.float64))
+    print_search(report, [q.id for q in queries], 3, {row.id: row.label for row in train})
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 2 * len(queries)
+    assert lines[0].startswith(f"{queries[0].id} proponents: {report.proponents.ids[0][0]}")
+    assert lines[-1].startswith(f"{queries[-1].id} opponents: ")
+    assert "faiss search:" in err and "recall@3 vs exact 1.000" in err
+
+
+def test_prefilter_needs_the_store_rows_in_training_order(workspace):
+    train, queries = load_records(workspace / "train.jsonl"), load_records(workspace / "queries.jsonl")
+    source, vectors = store_of(train)
+    with pytest.raises(ValueError, match="not the vector store's rows in order"):
+        store_search(source, vectors[: len(queries)], queries, train[::-1], 3, None, None, 5)
+
+
+def test_search_of_a_run_index_finds_the_full_scores_tops(workspace, tmp_path):
+    """End to end on the tiny GPT-2: fit, no index (named), index, then exact search = the tops of the
+    full scores (same rows, same order), FAISS with its recall, and the BM25 prefilter."""
+    run = tmp_path / "run"
+    fitted = invoke("fit", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--run", run)
+    assert fitted.exit_code == 0, fitted.output
+    queries = workspace / "queries.jsonl"
+    missing = invoke("scores", "--run", run, "--queries", queries, "--search", "exact")
+    assert missing.exit_code == 2 and "has no vector store of training rows" in " ".join(missing.output.split())
+    assert invoke("index", "--run", run, "--shard-size", 7).exit_code == 0
+    full = invoke("scores", "--run", run, "--queries", queries, "--top-k", 5)
+    assert full.exit_code == 0, full.output
+    tops = {line.split(":")[0]: line.split(": ")[1] for line in full.stdout.splitlines() if ": " in line}
+    exact = invoke("scores", "--run", run, "--queries", queries, "--top-k", 5, "--search", "exact")
+    assert exact.exit_code == 0, exact.output
+    proponents = [line for line in exact.stdout.splitlines() if " proponents: " in line]
+    assert len(proponents) == 3
+    for line in proponents:
+        query, found = line.split(" proponents: ")
+        assert [r.split(" ")[0] for r in found.split(", ")] == [r.split(" ")[0] for r in tops[query].split(", ")]
+    faiss_run = invoke("scores", "--run", run, "--queries", queries, "--search", "faiss", "--search-option", "nlist=2")
+    assert faiss_run.exit_code == 0, faiss_run.output
+    assert "recall@10 vs exact" in " ".join(faiss_run.output.split())
+    filtered = invoke("query", "a prompt", "a completion", "--run", run, "--prefilter-bm25", 4, "--top-k", 3)
+    assert filtered.exit_code == 0, filtered.output
+    assert filtered.stdout.count("query proponents: ") == 1
+    both = invoke("query", "a prompt", "a completion", "--run", run, "--search", "exact", "--json")
+    assert both.exit_code == 2 and "--json need the full scores" in " ".join(both.output.split())

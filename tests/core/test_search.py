@@ -1,0 +1,258 @@
+"""Top-k search over a sharded row source: exact streaming against torch's sort of the whole matrix,
+FAISS recall on clustered data, candidate restriction, the saved index, and named errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wherefrom.core.options import OptionError
+from wherefrom.core.search import (
+    FaissSettings,
+    SearchError,
+    build_faiss_index,
+    exact_top_k,
+    faiss_top_k,
+    recall_at_k,
+    search_store,
+)
+from wherefrom.core.store import DamagedFile, check_file
+
+faiss = pytest.importorskip("faiss")
+
+
+class Rows:
+    """An in-memory :class:`wherefrom.core.search.RowSource`: ``matrix`` in shards of ``shard_rows``;
+    ``largest`` records the most rows one yielded shard held."""
+
+    def __init__(self, matrix: torch.Tensor, shard_rows: int):
+        self.matrix, self.shard_rows = matrix, shard_rows
+        self.count, self.dim = matrix.shape
+        self.ids = [f"row-{i}" for i in range(self.count)]
+        self.dtype = str(matrix.dtype).removeprefix("torch.")
+        self.largest = 0
+
+    def shards(self):
+        for first in range(0, self.count, self.shard_rows):
+            shard = self.matrix[first : first + self.shard_rows].clone()
+            self.largest = max(self.largest, shard.shape[0])
+            yield first, shard
+
+
+def reference(matrix: torch.Tensor, queries: torch.Tensor, k: int, opponents: bool):
+    """Rows and scores from a stable sort of the full score matrix (ties: lower row first)."""
+    scores = queries @ matrix.float().T
+    order = torch.sort(-scores if opponents else scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return order, scores.gather(1, order)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    count=st.integers(1, 60),
+    dim=st.integers(1, 6),
+    n_query=st.integers(1, 4),
+    k=st.integers(1, 12),
+    shard_rows=st.integers(1, 25),
+    chunk_rows=st.integers(1, 9),
+    opponents=st.booleans(),
+    integer=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_exact_equals_a_stable_sort_of_the_whole_matrix(
+    count, dim, n_query, k, shard_rows, chunk_rows, opponents, integer, seed
+):
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(count, dim, generator=generator)
+    queries = torch.randn(n_query, dim, generator=generator)
+    if integer:  # small integers: many exact ties, broken by row order
+        matrix, queries = matrix.round().clamp(-1, 1), queries.round().clamp(-1, 1)
+    found = exact_top_k(Rows(matrix, shard_rows), queries, k, opponents, chunk_rows=chunk_rows)
+    rows, scores = reference(matrix, queries, k, opponents)
+    assert torch.equal(found.rows, rows)
+    torch.testing.assert_close(found.scores, scores, rtol=1e-5, atol=1e-5)
+    assert found.ids == [[f"row-{r}" for r in row] for row in rows.tolist()]
+    assert found.opponents is opponents
+
+
+def test_exact_matches_torch_topk_across_shard_boundaries_for_both_ends():
+    generator = torch.Generator().manual_seed(0)
+    matrix, queries = torch.randn(1000, 32, generator=generator), torch.randn(5, 32, generator=generator)
+    for opponents in (False, True):
+        found = exact_top_k(Rows(matrix, 97), queries, 10, opponents, chunk_rows=40)
+        scores = queries @ matrix.T
+        best = torch.topk(-scores if opponents else scores, 10)
+        assert torch.equal(found.rows, best.indices)
+        torch.testing.assert_close(found.scores, -best.values if opponents else best.values)
+
+
+def test_half_precision_rows_are_scored_in_float32():
+    generator = torch.Generator().manual_seed(1)
+    matrix, queries = torch.randn(300, 16, generator=generator).half(), torch.randn(2, 16, generator=generator)
+    found = exact_top_k(Rows(matrix, 64), queries, 7)
+    rows, scores = reference(matrix, queries, 7, False)
+    assert torch.equal(found.rows, rows)
+    assert found.scores.dtype == torch.float32
+    torch.testing.assert_close(found.scores, scores)
+
+
+def test_memory_is_bounded_by_one_shard_and_one_chunk(monkeypatch):
+    """The largest float32 block scored at once is one chunk, and one shard is held at a time."""
+    sizes = []
+    original = torch.Tensor.to
+
+    def recording_to(tensor, *args, **kwargs):
+        out = original(tensor, *args, **kwargs)
+        if out.dtype == torch.float32 and out.ndim == 2 and out.shape[1] == 8:
+            sizes.append(out.shape[0])
+        return out
+
+    source = Rows(torch.randn(5000, 8).half(), 700)
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    exact_top_k(source, torch.randn(3, 8), 10, chunk_rows=256)
+    monkeypatch.undo()
+    assert max(sizes) == 256
+    assert source.largest == 700
+
+
+def test_candidates_restrict_each_query_to_its_rows_in_score_order():
+    generator = torch.Generator().manual_seed(2)
+    matrix, queries = torch.randn(200, 8, generator=generator), torch.randn(3, 8, generator=generator)
+    candidates = [[5, 150, 7, 5], [199], list(range(0, 200, 3))]
+    for opponents in (False, True):
+        found = exact_top_k(Rows(matrix, 33), queries, 4, opponents, candidates, chunk_rows=10)
+        for query, allowed in enumerate(candidates):
+            allowed = sorted(set(allowed))
+            sub_rows, sub_scores = reference(matrix[allowed], queries[query : query + 1], 4, opponents)
+            expected = [allowed[i] for i in sub_rows[0].tolist()]
+            got = found.rows[query].tolist()
+            assert got[: len(expected)] == expected
+            assert all(r == -1 for r in got[len(expected) :])
+            torch.testing.assert_close(found.scores[query, : len(expected)], sub_scores[0])
+            assert torch.isnan(found.scores[query, len(expected) :]).all()
+            assert found.ids[query] == [f"row-{r}" for r in expected]
+
+
+def test_nan_row_is_refused_naming_its_id():
+    matrix = torch.randn(50, 4)
+    matrix[37, 2] = math.nan
+    with pytest.raises(SearchError, match=r"row 37 \(id 'row-37'\).*NaN"):
+        exact_top_k(Rows(matrix, 16), torch.randn(1, 4), 3)
+    with pytest.raises(SearchError, match=r"row 37 \(id 'row-37'\).*NaN"):  # a searched candidate
+        exact_top_k(Rows(matrix, 16), torch.randn(1, 4), 3, candidates=[[2, 37]])
+    assert set(exact_top_k(Rows(matrix, 16), torch.randn(1, 4), 3, candidates=[[2, 3]]).ids[0]) == {"row-2", "row-3"}
+    matrix[37, 2] = math.inf  # an infinite entry times a zero query entry is NaN: refused too
+    with pytest.raises(SearchError, match=r"row 37 \(id 'row-37'\).*infinite"):
+        exact_top_k(Rows(matrix, 16), torch.tensor([[1.0, 1.0, 0.0, 1.0]]), 3)
+
+
+def test_bad_queries_and_candidates_are_named():
+    source = Rows(torch.randn(20, 4), 8)
+    with pytest.raises(SearchError, match=r"queries must be \(n_query, 4\).*\(2, 3\)"):
+        exact_top_k(source, torch.randn(2, 3), 3)
+    with pytest.raises(SearchError, match="query vector 1 has a NaN"):
+        exact_top_k(source, torch.tensor([[0.0] * 4, [math.nan] * 4]), 3)
+    with pytest.raises(SearchError, match="one candidate list per query: 1 queries, 2 lists"):
+        exact_top_k(source, torch.randn(1, 4), 3, candidates=[[1], [2]])
+    with pytest.raises(SearchError, match=r"query 0: candidate rows must lie in 0..19"):
+        exact_top_k(source, torch.randn(1, 4), 3, candidates=[[3, 20]])
+    with pytest.raises(SearchError, match="k and chunk_rows must be >= 1"):
+        exact_top_k(source, torch.randn(1, 4), 0)
+
+
+def clustered(count: int, dim: int, clusters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows around ``clusters`` random centres, and 20 queries drawn the same way."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, dim, generator=generator)
+    rows = centres[torch.randint(clusters, (count,), generator=generator)] + 0.3 * torch.randn(
+        count, dim, generator=generator
+    )
+    queries = centres[torch.randint(clusters, (20,), generator=generator)] + 0.3 * torch.randn(
+        20, dim, generator=generator
+    )
+    return rows, queries
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivf-sq8", "hnsw"])
+def test_faiss_recall_at_10_on_clustered_data(kind):
+    rows, queries = clustered(4000, 32, 40, seed=3)
+    source = Rows(rows, 512)
+    settings = FaissSettings(kind=kind, nprobe=8, ef_search=64)  # approximate: 8 of 63 cells, 64 candidates
+    index = build_faiss_index(source, settings)
+    for opponents in (False, True):
+        approximate = faiss_top_k(index, source.ids, queries, 10, opponents, settings=settings)
+        exact = exact_top_k(source, queries, 10, opponents)
+        assert float(recall_at_k(approximate, exact).mean()) >= 0.9
+        hits = approximate.rows == exact.rows
+        torch.testing.assert_close(approximate.scores[hits], exact.scores[hits], atol=0.05, rtol=0.01)
+
+
+def test_recall_counts_the_shared_rows_and_is_nan_without_truth():
+    truth = exact_top_k(Rows(torch.eye(4), 4), torch.tensor([[4.0, 3, 2, 1]]), 2)
+    other = exact_top_k(Rows(torch.eye(4), 4), torch.tensor([[4.0, 1, 3, 2]]), 2)
+    assert recall_at_k(other, truth).tolist() == [0.5]
+    empty = exact_top_k(Rows(torch.eye(4), 4), torch.ones(1, 4), 2, candidates=[[]])
+    assert math.isnan(recall_at_k(truth, empty)[0])
+
+
+def test_saved_index_is_checksummed_reused_and_rebuilt_when_stale(tmp_path, monkeypatch):
+    rows, _ = clustered(600, 16, 6, seed=4)
+    source = Rows(rows, 100)
+    path = tmp_path / "faiss-ivf.safetensors"
+    settings = FaissSettings(nlist=8)
+    first = build_faiss_index(source, settings, path)
+    check_file(path)  # written atomically with its recorded checksum
+    built, original = [], faiss.IndexIVFFlat
+    monkeypatch.setattr(faiss, "IndexIVFFlat", lambda *a: built.append(a) or original(*a))
+    again = build_faiss_index(source, FaissSettings(nlist=8, nprobe=3), path)  # a search-time change: reused
+    assert built == [] and again.ntotal == first.ntotal == 600
+    build_faiss_index(source, FaissSettings(nlist=9), path)  # another build setting: rebuilt
+    assert len(built) == 1
+    path.write_bytes(path.read_bytes()[:-10])  # truncated: never read, rebuilt
+    with pytest.raises(DamagedFile):
+        check_file(path)
+    build_faiss_index(source, FaissSettings(nlist=9), path)
+    assert len(built) == 2
+    check_file(path)
+    source.matrix[3] += 1.0  # other rows under the same ids: rebuilt
+    build_faiss_index(source, FaissSettings(nlist=9), path)
+    assert len(built) == 3
+    build_faiss_index(source, FaissSettings(nlist=9), path, store_key="manifest-1")  # the store's own key
+    build_faiss_index(source, FaissSettings(nlist=9), path, store_key="manifest-1")
+    assert len(built) == 4
+
+
+def test_faiss_with_candidates_returns_only_candidates():
+    rows, queries = clustered(1000, 16, 10, seed=5)
+    source = Rows(rows, 300)
+    candidates = [list(range(0, 1000, 7)), [3, 4, 5], list(range(500, 520))]
+    settings = FaissSettings(nlist=10, nprobe=10)
+    index = build_faiss_index(source, settings)
+    found = faiss_top_k(index, source.ids, queries[:3], 5, candidates=candidates, settings=settings)
+    exact = exact_top_k(source, queries[:3], 5, candidates=candidates)
+    for query, allowed in enumerate(candidates):
+        assert set(found.rows[query].tolist()) - {-1} <= set(allowed)
+    assert torch.equal(found.rows, exact.rows)  # every cell probed: IVF-flat among candidates is exact
+
+
+def test_search_store_reports_recall_and_checks_options_first():
+    rows, queries = clustered(2000, 16, 20, seed=6)
+    source = Rows(rows, 256)
+    report = search_store(source, queries, 10, "faiss", faiss_options={"nlist": 20, "nprobe": 20})
+    assert float(report.recall.mean()) == 1.0
+    assert "recall@10 vs exact 1.000" in report.summary(10)
+    exact = search_store(source, queries, 10, "exact")
+    assert torch.equal(exact.proponents.rows, report.proponents.rows)
+    assert torch.equal(exact.opponents.rows, report.opponents.rows)
+    assert exact.recall is None and exact.opponents.opponents
+    with pytest.raises(OptionError, match="'nprobe' got 0"):
+        search_store(source, queries, 10, "faiss", faiss_options={"nprobe": 0})
+    with pytest.raises(OptionError, match="has no option"):
+        search_store(source, queries, 10, "faiss", faiss_options={"probes": 3})
+    with pytest.raises(SearchError, match="exact or faiss, got 'annoy'"):
+        search_store(source, queries, 10, "annoy")
+    with pytest.raises(SearchError, match="given to an exact search"):
+        search_store(source, queries, 10, "exact", faiss_options={"nprobe": 3})
