@@ -454,11 +454,15 @@ def writer_lock(folder: Path) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        try:
-            who = json.loads(holder.read_text(encoding="utf-8"))
-            by = f"pid {who['pid']} ({who['command']}, since {who['since']})"
-        except (OSError, ValueError, KeyError, TypeError):
-            by = "another process"
+        by = "another process"
+        # The holder writes its description just after acquiring: give it a moment before naming no one.
+        for _ in range(20):
+            try:
+                who = json.loads(holder.read_text(encoding="utf-8"))
+                by = f"pid {who['pid']} ({who['command']}, since {who['since']})"
+                break
+            except (OSError, ValueError, KeyError, TypeError):
+                time.sleep(0.1)
         raise FolderLocked(
             f"{folder} is being written by {by}; wait until it finishes, or use another folder"
         ) from None
@@ -469,6 +473,8 @@ def writer_lock(folder: Path) -> Iterator[None]:
             cleanup_partials(folder)
         yield
     finally:
+        if outermost:  # the description exists only while the lock is held (no stale holder named)
+            holder.unlink(missing_ok=True)
         lock.release()
 
 
