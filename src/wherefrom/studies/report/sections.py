@@ -24,6 +24,7 @@ from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores
 from wherefrom.studies.bench import interval_cell
 from wherefrom.studies.influence import agreement, layer_profile, tail_profile
+from wherefrom.studies.influence_tables import AXES, layer_table, tail_query_table, tail_summary_table
 from wherefrom.studies.report import plots
 
 SHARE_NOTE = (
@@ -89,7 +90,7 @@ def layer_section(profile: Mapping[str, Any], heading: str = "Influence by layer
     """Bars of the by-layer and by-type shares (all rows vs top proponents) and a table of the means."""
     blocks: list[dict[str, Any]] = [{"type": "note", "text": SHARE_NOTE}]
     top_name = f"top {profile['top_k']} proponents"
-    for key, axis in (("by_layer", "layer"), ("by_kind", "module type")):
+    for key, axis in AXES.items():
         labels = profile["all"][key]["labels"]
         for share, what in (("abs_share", "|influence|"), ("pos_share", "positive influence")):
             series = {"all rows": profile["all"][key][share], top_name: profile["top"][key][share]}
@@ -100,20 +101,12 @@ def layer_section(profile: Mapping[str, Any], heading: str = "Influence by layer
                     "svg": plots.share_plot(series, labels, f"share of {what} by {axis}", axis),
                 }
             )
-        rows = [
-            [
-                label,
-                interval_cell(profile["all"][key]["abs_share"].get(label)),
-                interval_cell(profile["all"][key]["pos_share"].get(label)),
-                interval_cell(profile["top"][key]["abs_share"].get(label)),
-            ]
-            for label in labels
-        ]
+        columns, rows = layer_table(profile, key)
         blocks.append(
             {
                 "type": "table",
                 "caption": f"Shares by {axis} (mean [95% interval] over queries)",
-                "columns": [axis, "|influence|, all rows", "positive, all rows", f"|influence|, {top_name}"],
+                "columns": columns,
                 "rows": rows,
             }
         )
@@ -123,34 +116,11 @@ def layer_section(profile: Mapping[str, Any], heading: str = "Influence by layer
 def tail_section(scores: Scores, max_plots: int = 3) -> dict[str, Any]:
     """Top-1%/10% shares and the power-law fit per query, their means, and CCDF plots of the first queries."""
     tail = tail_profile(scores)
-    labels = list(tail["shares"]) or ["top_1%", "top_10%"]
-    rows = []
-    for entry in tail["per_query"]:
-        fit = entry["fit"] or {}
-        rows.append(
-            [
-                entry["query"],
-                *[cell(entry["shares"].get(label), ".3f") for label in labels],
-                f"{cell(fit.get('alpha'), '.2f')} [{cell(fit.get('alpha_low'), '.2f')}, {cell(fit.get('alpha_high'), '.2f')}]"
-                if fit
-                else entry["fit_error"],
-                cell(fit.get("xmin")),
-                str(fit.get("n_tail", "–")),
-                cell(fit.get("lognormal_R"), ".2f"),
-                cell(fit.get("lognormal_p"), ".2f"),
-            ]
-        )
-    summary = [[label, interval_cell(tail["shares"].get(label))] for label in labels]
-    summary.append(["alpha", interval_cell(tail["alpha"], ".2f")])
+    (summary_columns, summary), (columns, rows) = tail_summary_table(tail), tail_query_table(tail)
     blocks: list[dict[str, Any]] = [
         {"type": "note", "text": TAIL_NOTE},
-        {"type": "table", "caption": "Means over queries [95% interval]", "columns": ["", "mean"], "rows": summary},
-        {
-            "type": "table",
-            "caption": "Per query",
-            "columns": ["query", *labels, "alpha [95%]", "xmin", "rows in tail", "R vs log-normal", "p"],
-            "rows": rows,
-        },
+        {"type": "table", "caption": "Means over queries [95% interval]", "columns": summary_columns, "rows": summary},
+        {"type": "table", "caption": "Per query", "columns": columns, "rows": rows},
     ]
     total = scores.total.detach().cpu().double().numpy()
     for q, entry in enumerate(tail["per_query"][:max_plots]):
