@@ -58,7 +58,11 @@ def test_influence_writes_the_analyses_of_the_saved_scores(scored_run):
     for query_id in scores.query_ids:
         assert re.search(rf"^\| {re.escape(query_id)} \| \d\.\d{{3}} \| \d\.\d{{3}} \|", markdown, re.M), query_id
     assert re.search(r"^\| 0 \| 0\.\d{3} \[", markdown, re.M) and re.search(r"^\| mlp \| 0\.\d{3} \[", markdown, re.M)
-    assert "| layer | |influence|, all rows | positive, all rows | |influence|, top 5 proponents |" in markdown
+    # every table keeps its column count: the pipes of |influence| are escaped
+    for block in re.findall(r"(?:^\|.*\n)+", markdown, re.M):
+        widths = {len(re.findall(r"(?<!\\)\|", line)) for line in block.splitlines()}
+        assert len(widths) == 1, block
+    assert r"| layer | \|influence\|, all rows | positive, all rows | \|influence\|, top 5 proponents |" in markdown
 
 
 def test_influence_names_a_missing_score_set_before_any_work(scored_run, tmp_path):

@@ -78,6 +78,12 @@ def tail_query_table(tail: Mapping[str, Any]) -> Table:
     return ["query", *labels, "alpha [95%]", "xmin", "rows in tail", "R vs log-normal", "p"], rows
 
 
+def markdown_cells(table: Table) -> Table:
+    """``table`` with ``|`` escaped in every cell (``|influence|`` would otherwise split a Markdown cell)."""
+    columns, rows = table
+    return [c.replace("|", "\\|") for c in columns], [[c.replace("|", "\\|") for c in row] for row in rows]
+
+
 def influence_tables(scores: Scores, top_k: int = 10) -> dict[str, Any]:
     """The analyses of ``scores`` as one JSON-ready payload: ``{"shape": [n_query, n_train, n_modules],
     "layers": layer_profile(scores, top_k), "tail": tail_profile(scores)}``.
@@ -105,14 +111,14 @@ def influence_markdown(payload: Mapping[str, Any], title: str) -> str:
         ("Means over queries [95% bootstrap interval]", tail_summary_table(payload["tail"])),
         ("Per query", tail_query_table(payload["tail"])),
     ):
-        lines += [f"{caption}:", "", markdown_table(*table), ""]
+        lines += [f"{caption}:", "", markdown_table(*markdown_cells(table)), ""]
     layers = payload["layers"]
     lines += ["## Influence by layer and module type (Grosse et al. 2023, section 5.3.1)", ""]
     for key in AXES:
         lines += [
             f"Shares by {AXES[key]} (mean [95% bootstrap interval] over queries):",
             "",
-            markdown_table(*layer_table(layers, key)),
+            markdown_table(*markdown_cells(layer_table(layers, key))),
             "",
         ]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -182,12 +183,22 @@ def scores_sections(
     return [tops, layers, tail]
 
 
+SCALAR_LIST = re.compile(r"\[\n\s*((?:[^\[\]{}\n]+\n\s*)+)\]")
+"""A JSON list of scalars as ``json.dumps(indent=...)`` writes it: one element a line."""
+
+
+def compact_json(value: Any) -> str:
+    """``value`` as indented JSON (keys sorted), with every list of scalars on one line (a module's
+    ``[name, rows, columns]``, a list of seeds): a manifest of 120 modules stays 120 lines, not 600."""
+    text = json.dumps(value, indent=2, sort_keys=True, default=str)
+    return SCALAR_LIST.sub(
+        lambda m: "[" + " ".join(line.strip() for line in m.group(1).split("\n") if line.strip()) + "]", text
+    )
+
+
 def settings_section(heading: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Settings or provenance shown as indented JSON, one block per top-level entry group."""
-    return {
-        "heading": heading,
-        "blocks": [{"type": "pre", "caption": "", "text": json.dumps(settings, indent=2, sort_keys=True, default=str)}],
-    }
+    """Settings or provenance shown as indented JSON (:func:`compact_json`)."""
+    return {"heading": heading, "blocks": [{"type": "pre", "caption": "", "text": compact_json(settings)}]}
 
 
 def metric_sections(
