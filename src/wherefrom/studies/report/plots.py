@@ -121,11 +121,18 @@ def matrix_plot(labels: Sequence[str], matrix: Sequence[Sequence[float | None]],
     return svg(figure)
 
 
+TOKEN_COLOR_RANGE = 0.3
+"""Half-width of the colormap span the token colours use around its white centre (0.5 +- 0.3): the
+largest ``|value|`` gets a mid red or blue on which the black token text stays legible."""
+
+
 def token_colors(values: Sequence[float]) -> list[str]:
-    """A hex background colour per token value, centred on 0 and scaled by the largest ``|value|``."""
+    """A hex background colour per token value, centred on 0 and scaled by the largest ``|value|``
+    (which maps to ``0.5 +- TOKEN_COLOR_RANGE`` of :data:`TOKEN_COLORMAP`)."""
     array = np.asarray(values, dtype=np.float64)
     if array.size == 0:
         return []
     scale = float(np.abs(array).max()) or 1.0
     cmap = mpl.colormaps[TOKEN_COLORMAP]
-    return [to_hex(cmap(v)) for v in CenteredNorm(0.0, scale)(array)]
+    position = 0.5 + 2 * TOKEN_COLOR_RANGE * (CenteredNorm(0.0, scale)(array) - 0.5)
+    return [to_hex(cmap(v)) for v in position]

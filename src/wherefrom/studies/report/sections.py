@@ -24,7 +24,7 @@ from typing import Any
 from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores
 from wherefrom.studies.bench import interval_cell
-from wherefrom.studies.influence import agreement, layer_profile, tail_profile
+from wherefrom.studies.influence import agreement, layer_profile, short_names, tail_profile
 from wherefrom.studies.influence_tables import AXES, layer_table, tail_query_table, tail_summary_table
 from wherefrom.studies.report import plots
 
@@ -54,10 +54,12 @@ def token_spans(tokens: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
 
 
 def entries_block(entries: Sequence[Mapping[str, Any]], caption: str) -> dict[str, Any]:
-    """Ranked rows (``{id, score, label?, prompt?, completion?, top_modules?, tokens?}``) as an entries block."""
+    """Ranked rows (``{id, score, label?, prompt?, completion?, top_modules?, tokens?}``) as an entries block;
+    module names lose the parts all the block's modules share (:func:`wherefrom.studies.influence.short_names`)."""
     shown = []
+    short = short_names(sorted({name for entry in entries for name, _ in entry.get("top_modules") or []}))
     for rank, entry in enumerate(entries, 1):
-        modules = "; ".join(f"{name} {value:+.2g}" for name, value in entry.get("top_modules") or [])
+        modules = "; ".join(f"{short[name]} {value:+.2g}" for name, value in entry.get("top_modules") or [])
         shown.append(
             {
                 "rank": rank,
