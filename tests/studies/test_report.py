@@ -194,9 +194,9 @@ def test_query_view_renders_in_a_real_browser(query_view):
 
 def test_share_axis_fits_thirty_small_layer_shares():
     small = [{"mean": 1 / 30, "low": 0.02, "high": 0.04, "n": 20}] * 30
-    assert share_axis_top(small) == pytest.approx(0.046)
+    assert share_axis_top(small) == pytest.approx(0.054)
     assert share_axis_top([*small, {"mean": 0.8, "low": 0.7, "high": 0.9, "n": 20}]) == 1.0  # never above 1
-    assert share_axis_top([{"mean": 0.05, "low": None, "high": None, "n": 1}, None]) == pytest.approx(0.0575)
+    assert share_axis_top([{"mean": 0.05, "low": None, "high": None, "n": 1}, None]) == pytest.approx(0.0675)
     assert share_axis_top([None]) == 1.0
 
 

@@ -44,11 +44,12 @@ def _errors(stats: Sequence[Mapping[str, Any] | None]) -> tuple[np.ndarray, np.n
 
 
 def share_axis_top(stats: Sequence[Mapping[str, Any] | None]) -> float:
-    """Top of a share axis: 1, or 1.15 x the highest interval end (mean where there is none) when that
-    is below 0.87, so that 30 layers of about 1/30 each are not flat bars under an empty plot."""
+    """Top of a share axis: 1, or 1.35 x the highest interval end (mean where there is none) when that
+    is below 0.74, so that 30 layers of about 1/30 each are not flat bars under an empty plot (the
+    headroom keeps the legend off the bars)."""
     ends = [s["high"] if s.get("high") is not None else s["mean"] for s in stats if s and s.get("mean") is not None]
     highest = max((e for e in ends if np.isfinite(e)), default=1.0)
-    return min(1.0, 1.15 * highest) if highest > 0 else 1.0
+    return min(1.0, 1.35 * highest) if highest > 0 else 1.0
 
 
 def share_plot(series: Mapping[str, Mapping[str, Any]], labels: Sequence[str], title: str, xlabel: str) -> str:
