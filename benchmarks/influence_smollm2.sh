@@ -10,13 +10,14 @@
 #   EPOCHS=3 DATA=../shared/datasets RESULTS=benchmarks/results/influence-smollm2 THREADS=1
 #   WO_RANK=8 WO_EPOCHS=30 WO_LR=3e-3 (word order: LoRA rank, epochs, learning rate)
 #   MLP_PER_CLASS=20 (the last run: EK-FAC on every layer's MLP and attention output projections of the
-#   fine-tuned model, 100 rows)
+#   fine-tuned model, 100 rows) MLP_QUERIES_PER_CLASS=2 (its 10 queries)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-.cache/influence}
 PER_CLASS=${PER_CLASS:-60}
 QUERIES_PER_CLASS=${QUERIES_PER_CLASS:-4}
 MLP_PER_CLASS=${MLP_PER_CLASS:-20}
+MLP_QUERIES_PER_CLASS=${MLP_QUERIES_PER_CLASS:-2}
 EPOCHS=${EPOCHS:-3}
 WO_RANK=${WO_RANK:-8}
 WO_EPOCHS=${WO_EPOCHS:-30}
@@ -45,9 +46,9 @@ step() {  # step NAME CMD...: run CMD (stdout to WORK/NAME.out) unless done befo
 }
 
 # class-balanced subsets: the first PER_CLASS rows of each class (file order), QUERIES_PER_CLASS test rows
-"$PY" - "$DATA" "$WORK" "$PER_CLASS" "$QUERIES_PER_CLASS" "$MLP_PER_CLASS" <<'EOF'
+"$PY" - "$DATA" "$WORK" "$PER_CLASS" "$QUERIES_PER_CLASS" "$MLP_PER_CLASS" "$MLP_QUERIES_PER_CLASS" <<'EOF'
 import collections, json, sys
-data, work, per_class, per_query_class, mlp_per_class = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+data, work, per_class, per_query_class, mlp_per_class, mlp_queries_per_class = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
 def subset(source, target, k):
     seen, out = collections.Counter(), []
     for line in open(source):
@@ -59,6 +60,7 @@ def subset(source, target, k):
 subset(f"{data}/emotion.train.jsonl", f"{work}/train.jsonl", per_class)
 subset(f"{data}/emotion.train.jsonl", f"{work}/train-mlp.jsonl", mlp_per_class)
 subset(f"{data}/emotion.test.jsonl", f"{work}/queries.jsonl", per_query_class)
+subset(f"{data}/emotion.test.jsonl", f"{work}/queries-mlp.jsonl", mlp_queries_per_class)
 EOF
 
 common=(--device cpu --threads "$THREADS" --max-length 256)
@@ -90,7 +92,7 @@ EOF
 # the MLP run: every layer's MLP output (down_proj) and attention output (o_proj) projections of the
 # fine-tuned model (LoRA adapter loaded, its factors not tracked); fewer rows, so it fits in memory
 step fit-mlp "$WHEREFROM" fit --run "$WORK/run-mlp" --train "$WORK/train-mlp.jsonl" --adapter "$WORK/ft/adapter" --strategy ekfac --include 'mlp\.down_proj$' --include 'self_attn\.o_proj$' "${common[@]}"
-step scores-mlp "$WHEREFROM" scores --run "$WORK/run-mlp" --queries "$WORK/queries.jsonl" --device cpu --threads "$THREADS"
+step scores-mlp "$WHEREFROM" scores --run "$WORK/run-mlp" --queries "$WORK/queries-mlp.jsonl" --device cpu --threads "$THREADS"
 step influence-mlp "$WHEREFROM" influence --run "$WORK/run-mlp" --out "$RESULTS/mlp" --threads "$THREADS"
 
 # screenshots as tests/studies/test_report.py takes them, tall enough to show the layer and tail plots
