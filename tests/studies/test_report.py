@@ -24,6 +24,8 @@ from wherefrom.studies.diagnose import Diagnosis
 from wherefrom.studies.diagnose import write_report as write_diagnosis
 from wherefrom.studies.generated import rule_identification, write_jsonl
 from wherefrom.studies.report import write_report
+from wherefrom.studies.report.plots import share_axis_top
+from wherefrom.studies.report.sections import compact_json
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 ARTIFACTS = Path(__file__).resolve().parents[2] / ".cache" / "test-artifacts"
@@ -188,3 +190,24 @@ def test_query_view_renders_in_a_real_browser(query_view):
     heat_blue = ((blue > 150) & (red < 120) & (green < 170)).sum()  # opponent tokens and matplotlib's blue
     print(f"screenshot {shot}: {not_white:.1%} non-white pixels, {heat_red} red, {heat_blue} blue")
     assert not_white > 0.03 and heat_red > 50 and heat_blue > 50
+
+
+def test_share_axis_fits_thirty_small_layer_shares():
+    small = [{"mean": 1 / 30, "low": 0.02, "high": 0.04, "n": 20}] * 30
+    assert share_axis_top(small) == pytest.approx(0.054)
+    assert share_axis_top([*small, {"mean": 0.8, "low": 0.7, "high": 0.9, "n": 20}]) == 1.0  # never above 1
+    assert share_axis_top([{"mean": 0.05, "low": None, "high": None, "n": 1}, None]) == pytest.approx(0.0675)
+    assert share_axis_top([None]) == 1.0
+
+
+def test_settings_json_is_compact_and_unchanged_in_content():
+    manifest = {
+        "modules": [["model.layers.0.mlp.up_proj", 16, 8]] * 120,
+        "seeds": [0, 1],
+        "empty": [],
+        "x": {"y": None},
+    }
+    text = compact_json(manifest)
+    assert json.loads(text) == manifest
+    assert len(text.splitlines()) == 120 + 9 and '    ["model.layers.0.mlp.up_proj", 16, 8],' in text
+    assert '"seeds": [0, 1]' in text

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from wherefrom.cli import app
 from wherefrom.core.data import Record
+from wherefrom.core.scoring import Scores
 from wherefrom.models.tiny import save_tiny
+from wherefrom.studies import wordorder
 from wherefrom.studies.report import write_report
 from wherefrom.studies.wordorder import WordOrderConfig, group_means, run_word_order, word_order_rows
 
@@ -68,3 +73,24 @@ def test_bad_settings_are_named_before_training(tmp_path):
         run_word_order(WordOrderConfig(out=str(tmp_path), n_facts=0))
     result = CliRunner().invoke(app, ["word-order", "--out", str(tmp_path), "--method", "nonsense"])
     assert result.exit_code == 2 and "unknown method" in result.output
+
+
+def test_the_query_measures_the_fact_without_the_appended_eos(tmp_path, monkeypatch):
+    """Same-order rows continue the object with ".", so an EOS in f would measure "stop after O" too."""
+    seen = []
+
+    def scored(method, model, tokenizer, attribution, options, train, queries, device):
+        seen.append(attribution)
+        per_module = torch.ones(1, len(queries), len(train))
+        return Scores([q.id for q in queries], [r.id for r in train], ["m"], per_module), {}
+
+    monkeypatch.setattr(wordorder, "scored_method", scored)
+    monkeypatch.setattr(
+        wordorder, "finetune", lambda model, *args, **kwargs: SimpleNamespace(model=model, epoch_losses=[1.0])
+    )
+    save_tiny(tmp_path / "model", arch="llama")
+    config = WordOrderConfig(out=str(tmp_path / "out"), model=str(tmp_path / "model"), seeds=[0], device="cpu")
+    payload = run_word_order(config, log=lambda line: None)
+    assert [a.query_without_eos for a in seen] == [True] and payload["config"]["query_without_eos"] is True
+    run_word_order(replace(config, query_without_eos=False), log=lambda line: None)
+    assert seen[-1].query_without_eos is False

@@ -1,23 +1,27 @@
-"""``wherefrom report PATH`` and the HTML view of ``wherefrom query --html``.
+"""``wherefrom report PATH``, the HTML view of ``wherefrom query --html`` and ``wherefrom influence``.
 
-Both write one self-contained HTML file (:mod:`wherefrom.studies.report`): it opens without network
-access, styles and SVG figures inline, no script.
+The first two write one self-contained HTML file (:mod:`wherefrom.studies.report`): it opens without
+network access, styles and SVG figures inline, no script. ``influence`` writes the same tail and layer
+tables as Markdown + JSON (:mod:`wherefrom.studies.influence_tables`).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from wherefrom.cli.app import command, fail
+from wherefrom.cli.app import command, fail, recorded_line
 from wherefrom.core.data import Record
-from wherefrom.core.scoring import Scores
+from wherefrom.core.scoring import Scores, load_scores
 from wherefrom.engine.run import Run
+from wherefrom.studies.influence_tables import influence_markdown, influence_tables
 from wherefrom.studies.report import render, write_html, write_report
 from wherefrom.studies.report.sections import query_sections, settings_section
+from wherefrom.studies.toolkit import write_report as write_tables
 
 QUERY_SIDE_ROWS = 3
 """Top proponents whose query-side token heatmap the query view shows."""
@@ -32,6 +36,28 @@ def report(path, out, threads) -> None:
     except (FileNotFoundError, ValueError, KeyError) as error:
         fail(error)
     typer.echo(f"report -> {written}")
+
+
+@command
+def influence(run, name, top_k, out, threads) -> None:
+    """Grosse et al.'s tail and layer tables of the scores RUN/scores/NAME (top-1%/10% shares, power-law fit,
+    shares of |influence| by layer and module type for all rows and the --top-k proponents); --out
+    receives influence.json and influence.md (default: RUN/analyses/NAME)."""
+    folder = run / "scores"
+    if not (folder / f"{name}.safetensors").is_file() or not (folder / f"{name}.json").is_file():
+        found = sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+        fail(f"--name {name!r}: no score set {folder / name}.safetensors/.json (run `wherefrom scores`); found {found}")
+    out = out or run / "analyses" / name
+    started = time.perf_counter()
+    try:
+        scores = load_scores(folder, name)
+        payload = influence_tables(scores, top_k)
+        payload.update(command=recorded_line(), seconds=time.perf_counter() - started)
+        title = f"Influence analyses of {run.name}/scores/{name}"
+        paths = write_tables(out / "influence", payload, influence_markdown(payload, title))
+    except (OSError, ValueError) as error:
+        fail(error)
+    typer.echo(paths[1].read_text(encoding="utf-8"))
 
 
 def write_query_html(out: Path, result: dict[str, Any], scores: Scores, opened: Run, record: Record) -> Path:

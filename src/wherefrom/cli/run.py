@@ -25,6 +25,7 @@ from wherefrom.core.store import StoreError, check_replacement, strict_json, wri
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch
 from wherefrom.models.loading import ModelLoadError
+from wherefrom.studies.influence import short_names
 
 
 def notify(opened: Run) -> None:
@@ -298,26 +299,6 @@ def table_title(report: dict, kind: str) -> str:
         if positive:
             kind = f"lowest scores ({positive} of {len(report[kind])} >= 0: not opponents)"
     return f"{kind} ({report['strategy']}; {report['sign']})"
-
-
-def short_names(names: list[str]) -> dict[str, str]:
-    """Each dotted module name without the leading and trailing parts that all ``names`` share
-    (``base_model.model.model.layers.3.self_attn.q_proj.lora_A.default`` -> ``3.self_attn.q_proj.lora_A``),
-    keeping at least one part, so a table column holds it at 80 columns."""
-    parts = [name.split(".") for name in names]
-    shortest = min((len(p) for p in parts), default=0)
-
-    def shared(reverse: bool) -> int:
-        count = 0
-        while count < shortest - 1 and len({p[-1 - count] if reverse else p[count] for p in parts}) == 1:
-            count += 1
-        return count
-
-    if len(names) < 2:
-        return {name: name for name in names}
-    head = shared(False)
-    tail = min(shared(True), shortest - 1 - head)
-    return {name: ".".join(p[head : len(p) - tail]) for name, p in zip(names, parts)}
 
 
 def print_report(report: dict, module_names: list[str] | None = None) -> None:

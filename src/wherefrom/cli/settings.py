@@ -487,7 +487,7 @@ class OutputSettings:
     out: Path | None = setting(
         None, "Output folder (its contents: see the command's description; required except for evaluate and tune)."
     )
-    name: str = setting("scores", "Output name under RUN/scores/.")
+    name: str = setting("scores", "Score set under RUN/scores/ (`scores` writes it, `influence` reads it).")
     overwrite: bool = setting(False, "Replace earlier results of this command in its output folder (default: refuse).")
     shard_size: int = setting(
         256, "Rows per index shard (an interrupted index resumes at shard granularity).", check=at_least(1)

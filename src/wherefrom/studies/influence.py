@@ -75,6 +75,26 @@ def module_layer(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def short_names(names: list[str]) -> dict[str, str]:
+    """Each dotted module name without the leading and trailing parts that all ``names`` share
+    (``base_model.model.model.layers.3.self_attn.q_proj.lora_A.default`` -> ``3.self_attn.q_proj.lora_A``),
+    keeping at least one part, so a table column holds it at 80 columns."""
+    parts = [name.split(".") for name in names]
+    shortest = min((len(p) for p in parts), default=0)
+
+    def shared(reverse: bool) -> int:
+        count = 0
+        while count < shortest - 1 and len({p[-1 - count] if reverse else p[count] for p in parts}) == 1:
+            count += 1
+        return count
+
+    if len(names) < 2:
+        return {name: name for name in names}
+    head = shared(False)
+    tail = min(shared(True), shortest - 1 - head)
+    return {name: ".".join(p[head : len(p) - tail]) for name, p in zip(names, parts)}
+
+
 def _layer_label(name: str) -> str:
     layer = module_layer(name)
     return "other" if layer is None else str(layer)

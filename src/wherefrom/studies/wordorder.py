@@ -10,7 +10,8 @@ and builds training rows whose completion states a fact (the loss covers the sta
 Every fact gets ``repeats`` rows of each order. The query of fact ``i`` is ``"fact: the capital of S_i
 is"`` -> ``" O_i"``. A fresh base model is fine-tuned on the rows (:func:`wherefrom.models.finetune.finetune`,
 cached under ``out/seed-<s>/finetune``), then ``method`` scores every row for every query
-(:func:`wherefrom.studies.bench.scored_method`). For each query the mean score of its fact's
+(:func:`wherefrom.studies.bench.scored_method`; the query's ``f`` is ``log p(" O_i" | prompt)`` without
+the appended EOS, see :class:`WordOrderConfig`). For each query the mean score of its fact's
 ``same`` rows, of its fact's ``reversed`` rows and of the ``control`` rows are taken (sign: positive =
 proponent); a seed's value is the mean over its queries, and the report gives the mean over seeds with
 a 95% Student-t interval (:func:`wherefrom.studies.metrics.mean_stat`), and the ratio reversed / same.
@@ -54,7 +55,12 @@ class WordOrderConfig:
     ``model``: base model folder (``None``: the default SmolLM2); ``finetune``: the fine-tuning settings
     (its ``seed`` is replaced by each study seed; its ``batch_size`` and ``max_length`` also serve the
     attribution). The default suits the tiny models (:func:`tiny_finetune`); a real model wants a
-    LoRA rank and fewer epochs.
+    LoRA rank and fewer epochs. ``query_without_eos`` (default ``True``): the query measures
+    ``f = log p(" O" | "fact: the capital of S is")`` without the EOS the library appends to a
+    completion. Every same-order row continues ``O`` with ``"."``, so with the EOS in ``f`` those rows
+    also teach "do not stop after O", against the query's last token; measured on SmolLM2 (rank-8
+    LoRA, seed 0) that term turned the same-order rows' mean influence negative (-5869, against +276
+    for the reversed rows), hiding the fact itself.
     """
 
     out: str
@@ -66,6 +72,7 @@ class WordOrderConfig:
     method: str = "ekfac"
     finetune: FinetuneConfig = field(default_factory=tiny_finetune)
     device: str | None = None
+    query_without_eos: bool = True
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the setting when one is impossible, before any training."""
@@ -138,7 +145,12 @@ def run_word_order(config: WordOrderConfig, command: str = "", log: Callable[[st
         tuned = finetune(
             loaded.model, loaded.tokenizer, train, tuning, out / f"seed-{seed}" / "finetune", progress=False
         )
-        attribution = AttributionConfig(batch_size=tuning.batch_size, max_length=tuning.max_length, seed=seed)
+        attribution = AttributionConfig(
+            batch_size=tuning.batch_size,
+            max_length=tuning.max_length,
+            seed=seed,
+            query_without_eos=config.query_without_eos,
+        )
         scores, usage = scored_method(
             config.method, tuned.model, loaded.tokenizer, attribution, {}, train, queries, config.device
         )

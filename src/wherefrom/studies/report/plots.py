@@ -43,6 +43,15 @@ def _errors(stats: Sequence[Mapping[str, Any] | None]) -> tuple[np.ndarray, np.n
     return means, np.clip(bars, 0, None)
 
 
+def share_axis_top(stats: Sequence[Mapping[str, Any] | None]) -> float:
+    """Top of a share axis: 1, or 1.35 x the highest interval end (mean where there is none) when that
+    is below 0.74, so that 30 layers of about 1/30 each are not flat bars under an empty plot (the
+    headroom keeps the legend off the bars)."""
+    ends = [s["high"] if s.get("high") is not None else s["mean"] for s in stats if s and s.get("mean") is not None]
+    highest = max((e for e in ends if np.isfinite(e)), default=1.0)
+    return min(1.0, 1.35 * highest) if highest > 0 else 1.0
+
+
 def share_plot(series: Mapping[str, Mapping[str, Any]], labels: Sequence[str], title: str, xlabel: str) -> str:
     """Grouped bars of shares with their intervals: ``series`` maps a legend name to ``{label: stat}``."""
     figure = Figure(figsize=(max(4.0, 0.5 * len(labels) + 2), 2.8))
@@ -55,7 +64,7 @@ def share_plot(series: Mapping[str, Mapping[str, Any]], labels: Sequence[str], t
     ax.set_xticks(x, labels, rotation=45 if len(labels) > 8 else 0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("share")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, share_axis_top([s for shares in series.values() for s in shares.values()]))
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return svg(figure)
@@ -113,11 +122,18 @@ def matrix_plot(labels: Sequence[str], matrix: Sequence[Sequence[float | None]],
     return svg(figure)
 
 
+TOKEN_COLOR_RANGE = 0.3
+"""Half-width of the colormap span the token colours use around its white centre (0.5 +- 0.3): the
+largest ``|value|`` gets a mid red or blue on which the black token text stays legible."""
+
+
 def token_colors(values: Sequence[float]) -> list[str]:
-    """A hex background colour per token value, centred on 0 and scaled by the largest ``|value|``."""
+    """A hex background colour per token value, centred on 0 and scaled by the largest ``|value|``
+    (which maps to ``0.5 +- TOKEN_COLOR_RANGE`` of :data:`TOKEN_COLORMAP`)."""
     array = np.asarray(values, dtype=np.float64)
     if array.size == 0:
         return []
     scale = float(np.abs(array).max()) or 1.0
     cmap = mpl.colormaps[TOKEN_COLORMAP]
-    return [to_hex(cmap(v)) for v in CenteredNorm(0.0, scale)(array)]
+    position = 0.5 + 2 * TOKEN_COLOR_RANGE * (CenteredNorm(0.0, scale)(array) - 0.5)
+    return [to_hex(cmap(v)) for v in position]

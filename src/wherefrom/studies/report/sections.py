@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores
 from wherefrom.studies.bench import interval_cell
-from wherefrom.studies.influence import agreement, layer_profile, tail_profile
+from wherefrom.studies.influence import agreement, layer_profile, short_names, tail_profile
+from wherefrom.studies.influence_tables import AXES, layer_table, tail_query_table, tail_summary_table
 from wherefrom.studies.report import plots
 
 SHARE_NOTE = (
@@ -52,10 +54,12 @@ def token_spans(tokens: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
 
 
 def entries_block(entries: Sequence[Mapping[str, Any]], caption: str) -> dict[str, Any]:
-    """Ranked rows (``{id, score, label?, prompt?, completion?, top_modules?, tokens?}``) as an entries block."""
+    """Ranked rows (``{id, score, label?, prompt?, completion?, top_modules?, tokens?}``) as an entries block;
+    module names lose the parts all the block's modules share (:func:`wherefrom.studies.influence.short_names`)."""
     shown = []
+    short = short_names(sorted({name for entry in entries for name, _ in entry.get("top_modules") or []}))
     for rank, entry in enumerate(entries, 1):
-        modules = "; ".join(f"{name} {value:+.2g}" for name, value in entry.get("top_modules") or [])
+        modules = "; ".join(f"{short[name]} {value:+.2g}" for name, value in entry.get("top_modules") or [])
         shown.append(
             {
                 "rank": rank,
@@ -89,7 +93,7 @@ def layer_section(profile: Mapping[str, Any], heading: str = "Influence by layer
     """Bars of the by-layer and by-type shares (all rows vs top proponents) and a table of the means."""
     blocks: list[dict[str, Any]] = [{"type": "note", "text": SHARE_NOTE}]
     top_name = f"top {profile['top_k']} proponents"
-    for key, axis in (("by_layer", "layer"), ("by_kind", "module type")):
+    for key, axis in AXES.items():
         labels = profile["all"][key]["labels"]
         for share, what in (("abs_share", "|influence|"), ("pos_share", "positive influence")):
             series = {"all rows": profile["all"][key][share], top_name: profile["top"][key][share]}
@@ -100,20 +104,12 @@ def layer_section(profile: Mapping[str, Any], heading: str = "Influence by layer
                     "svg": plots.share_plot(series, labels, f"share of {what} by {axis}", axis),
                 }
             )
-        rows = [
-            [
-                label,
-                interval_cell(profile["all"][key]["abs_share"].get(label)),
-                interval_cell(profile["all"][key]["pos_share"].get(label)),
-                interval_cell(profile["top"][key]["abs_share"].get(label)),
-            ]
-            for label in labels
-        ]
+        columns, rows = layer_table(profile, key)
         blocks.append(
             {
                 "type": "table",
                 "caption": f"Shares by {axis} (mean [95% interval] over queries)",
-                "columns": [axis, "|influence|, all rows", "positive, all rows", f"|influence|, {top_name}"],
+                "columns": columns,
                 "rows": rows,
             }
         )
@@ -123,34 +119,11 @@ def layer_section(profile: Mapping[str, Any], heading: str = "Influence by layer
 def tail_section(scores: Scores, max_plots: int = 3) -> dict[str, Any]:
     """Top-1%/10% shares and the power-law fit per query, their means, and CCDF plots of the first queries."""
     tail = tail_profile(scores)
-    labels = list(tail["shares"]) or ["top_1%", "top_10%"]
-    rows = []
-    for entry in tail["per_query"]:
-        fit = entry["fit"] or {}
-        rows.append(
-            [
-                entry["query"],
-                *[cell(entry["shares"].get(label), ".3f") for label in labels],
-                f"{cell(fit.get('alpha'), '.2f')} [{cell(fit.get('alpha_low'), '.2f')}, {cell(fit.get('alpha_high'), '.2f')}]"
-                if fit
-                else entry["fit_error"],
-                cell(fit.get("xmin")),
-                str(fit.get("n_tail", "–")),
-                cell(fit.get("lognormal_R"), ".2f"),
-                cell(fit.get("lognormal_p"), ".2f"),
-            ]
-        )
-    summary = [[label, interval_cell(tail["shares"].get(label))] for label in labels]
-    summary.append(["alpha", interval_cell(tail["alpha"], ".2f")])
+    (summary_columns, summary), (columns, rows) = tail_summary_table(tail), tail_query_table(tail)
     blocks: list[dict[str, Any]] = [
         {"type": "note", "text": TAIL_NOTE},
-        {"type": "table", "caption": "Means over queries [95% interval]", "columns": ["", "mean"], "rows": summary},
-        {
-            "type": "table",
-            "caption": "Per query",
-            "columns": ["query", *labels, "alpha [95%]", "xmin", "rows in tail", "R vs log-normal", "p"],
-            "rows": rows,
-        },
+        {"type": "table", "caption": "Means over queries [95% interval]", "columns": summary_columns, "rows": summary},
+        {"type": "table", "caption": "Per query", "columns": columns, "rows": rows},
     ]
     total = scores.total.detach().cpu().double().numpy()
     for q, entry in enumerate(tail["per_query"][:max_plots]):
@@ -212,12 +185,22 @@ def scores_sections(
     return [tops, layers, tail]
 
 
+SCALAR_LIST = re.compile(r"\[\n\s*((?:[^\[\]{}\n]+\n\s*)+)\]")
+"""A JSON list of scalars as ``json.dumps(indent=...)`` writes it: one element a line."""
+
+
+def compact_json(value: Any) -> str:
+    """``value`` as indented JSON (keys sorted), with every list of scalars on one line (a module's
+    ``[name, rows, columns]``, a list of seeds): a manifest of 120 modules stays 120 lines, not 600."""
+    text = json.dumps(value, indent=2, sort_keys=True, default=str)
+    return SCALAR_LIST.sub(
+        lambda m: "[" + " ".join(line.strip() for line in m.group(1).split("\n") if line.strip()) + "]", text
+    )
+
+
 def settings_section(heading: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Settings or provenance shown as indented JSON, one block per top-level entry group."""
-    return {
-        "heading": heading,
-        "blocks": [{"type": "pre", "caption": "", "text": json.dumps(settings, indent=2, sort_keys=True, default=str)}],
-    }
+    """Settings or provenance shown as indented JSON (:func:`compact_json`)."""
+    return {"heading": heading, "blocks": [{"type": "pre", "caption": "", "text": compact_json(settings)}]}
 
 
 def metric_sections(

@@ -1,0 +1,72 @@
+"""`wherefrom influence` on a tiny Llama: the tail and layer tables of a run's scores as influence.{json,md}."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from tests.cli.conftest import invoke
+from wherefrom.core.scoring import load_scores
+from wherefrom.models.tiny import save_tiny
+from wherefrom.studies.generated import rule_identification, write_jsonl
+from wherefrom.studies.influence import layer_profile, tail_profile
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory):
+    """`fit` (EK-FAC) and `scores` on a tiny Llama: 60 training rows, 3 queries."""
+    root = tmp_path_factory.mktemp("influence")
+    save_tiny(root / "model", arch="llama")
+    train, queries = rule_identification(n_train=60, n_test=3, seed=0)
+    write_jsonl(train, root / "train.jsonl")
+    write_jsonl(queries, root / "queries.jsonl")
+    run = root / "run"
+    fit = invoke("fit", "--train", root / "train.jsonl", "--model", root / "model", "--run", run, "--max-length", "128")
+    assert fit.exit_code == 0, fit.output
+    scores = invoke("scores", "--run", run, "--queries", root / "queries.jsonl")
+    assert scores.exit_code == 0, scores.output
+    return run
+
+
+def test_influence_writes_the_analyses_of_the_saved_scores(scored_run):
+    result = invoke("influence", "--run", scored_run, "--top-k", "5")
+    assert result.exit_code == 0, result.output
+    folder = scored_run / "analyses" / "scores"  # the default --out
+    payload = json.loads((folder / "influence.json").read_text())
+    scores = load_scores(scored_run / "scores", "scores")
+    assert payload["shape"] == [3, 60, len(scores.module_names)]
+    assert payload["command"].startswith("wherefrom influence --run") and payload["seconds"] >= 0
+    # the numbers are the analyses of the saved scores, by layer (2 blocks) and module type
+    layers, tail = layer_profile(scores, top_k=5), tail_profile(scores)
+    for part in ("all", "top"):
+        for key in ("by_layer", "by_kind"):
+            saved, expected = payload["layers"][part][key]["abs_share"], layers[part][key]["abs_share"]
+            assert saved.keys() == expected.keys()
+            assert [saved[k]["mean"] for k in saved] == pytest.approx([expected[k]["mean"] for k in expected])
+    assert sorted(payload["layers"]["all"]["by_layer"]["labels"]) == ["0", "1"]
+    assert sum(s["mean"] for s in payload["layers"]["all"]["by_kind"]["abs_share"].values()) == pytest.approx(1.0)
+    assert payload["layers"]["top_k"] == 5
+    fitted = [e["fit"]["alpha"] if e["fit"] else np.nan for e in tail["per_query"]]
+    saved_alpha = [e["fit"]["alpha"] if e["fit"] else np.nan for e in payload["tail"]["per_query"]]
+    np.testing.assert_allclose(saved_alpha, fitted)
+    # the Markdown: one row per query in the tail table, one per layer and per module type
+    markdown = (folder / "influence.md").read_text()
+    assert markdown.strip() == result.stdout.strip()
+    for query_id in scores.query_ids:
+        assert re.search(rf"^\| {re.escape(query_id)} \| \d\.\d{{3}} \| \d\.\d{{3}} \|", markdown, re.M), query_id
+    assert re.search(r"^\| 0 \| 0\.\d{3} \[", markdown, re.M) and re.search(r"^\| mlp \| 0\.\d{3} \[", markdown, re.M)
+    # every table keeps its column count: the pipes of |influence| are escaped
+    for block in re.findall(r"(?:^\|.*\n)+", markdown, re.M):
+        widths = {len(re.findall(r"(?<!\\)\|", line)) for line in block.splitlines()}
+        assert len(widths) == 1, block
+    assert r"| layer | \|influence\|, all rows | positive, all rows | \|influence\|, top 5 proponents |" in markdown
+
+
+def test_influence_names_a_missing_score_set_before_any_work(scored_run, tmp_path):
+    result = invoke("influence", "--run", scored_run, "--name", "nope", "--out", tmp_path / "out")
+    message = re.sub(r"[\s│]+", " ", result.output)
+    assert result.exit_code == 2 and "--name 'nope': no score set" in message and "found ['scores']" in message
+    assert not (tmp_path / "out").exists()
