@@ -8,7 +8,7 @@ of fixed settings is left out. Runs that fine-tune alike share the fine-tuned mo
 (``out/finetunes/``, :attr:`wherefrom.studies.bench.BenchConfig.finetune_dir`).
 
 Outputs: ``out/runs/<run>/`` (one bench folder each: ``bench.json``, ``bench.md``, rows) and
-``out/ablate.json`` / ``out/ablate.md`` with three tables:
+``out/ablate.json`` / ``out/ablate.md`` (``order``: the runs in order, ``start`` first) with three tables:
 
 * each run's metrics per method, mean and 95% Student-t interval over seeds (``acc``, ``cover`` for a
   class task; ``auprc``, ``mrr`` for an identification task);
@@ -175,6 +175,7 @@ def run_ablation(
         **provenance(command),
         "config": asdict(config),
         "kind": kind,
+        "order": list(reports),
         "switches": {run: list(SWITCHES.get(run, ())) for run in reports},
         "runs": aggregates,
         "changes": changes,
