@@ -617,16 +617,10 @@ ATTRIBUTION = (
 FINETUNING = ("epochs", "learning_rate", "lora_rank", "batch_size", "max_length")
 """The fine-tuning settings shared by ``bench`` and ``groundtruth``."""
 
-REFERENCE_SWITCHES = (
-    "template",
-    "no_eos",
-    "pad_left",
-    "loss_tokens",
-    "fisher",
-    "lora_alpha",
-    "lora_dropout",
-    "lr_schedule",
-)
+REFERENCE_FINETUNING = ("template", "no_eos", "pad_left", "loss_tokens", "lora_alpha", "lora_dropout", "lr_schedule")
+"""The fine-tuning settings (input layout, LoRA, schedule) that the reference study set otherwise than wherefrom."""
+
+REFERENCE_SWITCHES = (*REFERENCE_FINETUNING, "fisher")
 """The settings of ``bench`` and ``ablate`` beyond :data:`FINETUNING` that a preset sets
 (:data:`wherefrom.studies.presets.PRESETS`)."""
 

@@ -22,7 +22,7 @@ from wherefrom.cli.app import (
     say,
     settings_as,
 )
-from wherefrom.cli.settings import FINETUNING, REFERENCE_SWITCHES, int_list, parse_grid
+from wherefrom.cli.settings import FINETUNING, REFERENCE_FINETUNING, REFERENCE_SWITCHES, int_list, parse_grid
 from wherefrom.core.data import DataError, load_records
 from wherefrom.core.option_pairs import parse_option_pairs
 from wherefrom.core.store import OutputExists
@@ -36,8 +36,8 @@ DEMO_SIZES = {"n_train": 160, "n_queries": 10}
 """The demo's generated training rows and held-out queries when ``--n-train`` / ``--n-queries`` are not given."""
 
 
-@command(uses=(*FINETUNING, "lora_alpha", "weight_decay", "chat_template", "seed", "threads"))
-def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device, **settings) -> None:
+@command(uses=(*FINETUNING, *REFERENCE_FINETUNING, "weight_decay", "chat_template", "seed", "threads"))
+def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device, no_eos, **settings) -> None:
     """Fine-tune a causal LM on prompt/completion rows (loss on completion tokens only), saving a
     checkpoint per epoch for TracIn and the convergence analysis; an identical earlier run is reused,
     one with other settings or data is kept unless --overwrite.
@@ -49,7 +49,8 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
     out = required(out, "out")
     try:
         targets = {"lora_targets": lora_target} if lora_target else {}
-        config = settings_as(FinetuneConfig, lora_rank=None if full or lora_rank == 0 else lora_rank, **targets)
+        rank = None if full or lora_rank == 0 else lora_rank
+        config = settings_as(FinetuneConfig, lora_rank=rank, append_eos=not no_eos, **targets)
         config.validate()
         records = load_records(train)
         loaded = load_model(model, device=device)
@@ -89,20 +90,31 @@ def bench(task, out, methods, seeds, option, preset, no_eos, **settings) -> None
     from wherefrom.studies.presets import resolve
 
     out = required(out, "out")
-    try:
+
+    def build() -> BenchConfig:
         chosen = {"out": str(out), "methods": method_list(methods, DEFAULT_METHODS), "seeds": int_list(seeds or "0")}
         if preset is None:
             settings = {"method_options": parse_option_pairs(option), "append_eos": not no_eos}
         else:
             settings = {**resolve(preset, explicit_bench_settings(option)), "preset": preset}
-        config = settings_as(BenchConfig, **chosen, **settings)
+        return settings_as(BenchConfig, **chosen, **settings)
+
+    run_study(out, build, run_bench, "bench.md")
+
+
+def run_study(out, build, run, table: str) -> None:
+    """Build a study's configuration (``build()``), validate it, record the command in ``out``, run it
+    (``run(config, progress=, log=, command=)``) and print ``out/table``; a data, model, setting or memory
+    error ends the command (exit 2)."""
+    try:
+        config = build()
         config.validate()
         out.mkdir(parents=True, exist_ok=True)
         remember(out)
-        run_bench(config, progress=progress, log=say, command=recorded_line())
+        run(config, progress=progress, log=say, command=recorded_line())
     except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
         fail(error)
-    typer.echo((out / "bench.md").read_text())
+    typer.echo((out / table).read_text())
 
 
 @command(uses=(*PRESET_SETTINGS, "n_train", "n_test", "model", "device", "threads"))
@@ -118,8 +130,9 @@ def ablate(task, out, methods, seeds, option, start, target, n_train, n_test, mo
     from wherefrom.studies.ablation import STUDY_METHODS, AblationConfig, run_ablation
 
     out = required(out, "out")
-    try:
-        config = AblationConfig(
+
+    def build() -> AblationConfig:
+        return AblationConfig(
             task=task,
             out=str(out),
             start=start,
@@ -132,13 +145,8 @@ def ablate(task, out, methods, seeds, option, start, target, n_train, n_test, mo
             device=device,
             fixed=explicit_bench_settings(option),
         )
-        config.validate()
-        out.mkdir(parents=True, exist_ok=True)
-        remember(out)
-        run_ablation(config, progress=progress, log=say, command=recorded_line())
-    except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
-        fail(error)
-    typer.echo((out / "ablate.md").read_text())
+
+    run_study(out, build, run_ablation, "ablate.md")
 
 
 @command(uses=("damping", "damping_factor", "reference", "exact_blocks", "cg_tol", "cg_max_iter", "probes", "threads"))
