@@ -7,7 +7,7 @@
 #                                             default .cache/ablation)
 #
 # Environment knobs (defaults = the CPU size whose tables are in benchmarks/results/ablation-smollm2):
-#   TASKS="emotion"  SEEDS=0,1,2  N_TRAIN=25  N_TEST=5  METHODS=ekfac,gradsim,repsim  DATA=../shared/datasets
+#   TASKS="emotion"  SEEDS=0,1,2  N_TRAIN=20  N_TEST=10  METHODS=ekfac,gradsim,repsim  DATA=../shared/datasets
 #   FIXED="--epochs 3"   flags that hold in every run (at other than their default; here the CPU budget:
 #                        the reference's 10 epochs, with its padding to 128 tokens, cost ~4x more)
 #   FROM=reference-study TO=wherefrom  RESULTS=benchmarks/results/ablation-smollm2  MODEL=<folder>  DEVICE=cpu
@@ -16,8 +16,8 @@ cd "$(dirname "$0")/.."
 WORK=${1:-.cache/ablation}
 TASKS=${TASKS:-emotion}
 SEEDS=${SEEDS:-0,1,2}
-N_TRAIN=${N_TRAIN:-25}
-N_TEST=${N_TEST:-5}
+N_TRAIN=${N_TRAIN:-20}
+N_TEST=${N_TEST:-10}
 METHODS=${METHODS:-ekfac,gradsim,repsim}
 DATA=${DATA:-../shared/datasets}
 FIXED=${FIXED:---epochs 3}

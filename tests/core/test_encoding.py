@@ -253,7 +253,7 @@ def test_reference_layout_left_pads_to_max_length_and_labels_every_token():
 def test_template_is_checked_by_name():
     tokenizer = make_tokenizer()
     rows = [Record(id="a", prompt="hi", completion="yes")]
-    with pytest.raises(ValueError, match="template .* must contain \\{prompt\\} once and end with \\{completion\\}"):
+    with pytest.raises(ValueError, match=r"template .* must contain \{prompt\} once and end with \{completion\}"):
         encode_records(rows, tokenizer, template="{completion} after {prompt}")
     with pytest.raises(ValueError, match="loss_tokens must be one of"):
         encode_records(rows, tokenizer, loss_tokens="prompt")

@@ -99,3 +99,7 @@ def test_ablate_two_switches_on_tiny_model(tmp_path, tiny_model):
     assert short["queries"] == 6 and 0 <= short["short_top1"] <= 6 and 1 <= short["most_frequent_top1"] <= 6
     text = (out / "ablate.md").read_text()
     assert "## Change against `start`" in text and "| fisher | ekfac |" in text and "top-1 is a short row" in text
+    shown = invoke("report", out)
+    assert shown.exit_code == 0, shown.output
+    html = (out / "report.html").read_text()
+    assert "Run template" in html and "Change against the start run" in html and "fisher: ekfac" in html
