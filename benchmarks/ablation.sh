@@ -8,8 +8,11 @@
 #
 # Environment knobs (defaults = the CPU size whose tables are in benchmarks/results/ablation-smollm2):
 #   TASKS="emotion"  SEEDS=0,1,2  N_TRAIN=20  N_TEST=10  METHODS=ekfac,gradsim,repsim  DATA=../shared/datasets
-#   FIXED="--epochs 3"   flags that hold in every run (at other than their default; here the CPU budget:
-#                        the reference's 10 epochs, with its padding to 128 tokens, cost ~4x more)
+#   FIXED="--epochs 3 --batch-size 4"   flags that hold in every run (at other than their default). Here
+#                        the CPU budget: the reference's 10 epochs of rows padded to 128 tokens cost ~3x
+#                        more, and its batch of 24 would give 1 optimiser step an epoch on 20 rows (the
+#                        reference: 32 steps an epoch on 750), so the `finetune` switch is left with
+#                        LoRA alpha, dropout, learning rate and schedule
 #   FROM=reference-study TO=wherefrom  RESULTS=benchmarks/results/ablation-smollm2  MODEL=<folder>  DEVICE=cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +23,7 @@ N_TRAIN=${N_TRAIN:-20}
 N_TEST=${N_TEST:-10}
 METHODS=${METHODS:-ekfac,gradsim,repsim}
 DATA=${DATA:-../shared/datasets}
-FIXED=${FIXED:---epochs 3}
+FIXED=${FIXED:---epochs 3 --batch-size 4}
 FROM=${FROM:-reference-study}
 TO=${TO:-wherefrom}
 RESULTS=${RESULTS:-benchmarks/results/ablation-smollm2}
