@@ -139,8 +139,8 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             return f"Attribution: {config.get('method', path.name)}", [*sections, settings_section("Settings", config)]
     raise FileNotFoundError(
         f"{path} is not a result wherefrom can report on: expected a query JSON (`wherefrom query --json`), or a "
-        "folder with bench.json, ablate.json, evaluate.json, diagnose.json, wordorder.json, config.json + manifest.json (a run) or "
-        "config.json + scores.safetensors (`wherefrom attribute`)"
+        "folder with bench.json, evaluate.json, diagnose.json, wordorder.json, config.json + manifest.json (a run), "
+        "config.json + scores.safetensors (`wherefrom attribute`) or ablate.json (`wherefrom ablate`)"
     )
 
 
