@@ -218,3 +218,42 @@ def test_a_completion_glued_to_its_prompt_is_announced():
     with warnings.catch_warnings():
         warnings.simplefilter("error", TokenBoundaryWarning)
         encode_records(rows[1:], tokenizer)  # a completion that starts a word: silent
+
+
+def test_reference_layout_left_pads_to_max_length_and_labels_every_token():
+    """The reference study's layout: the templated text with BOS and no EOS, left-padded to exactly
+    ``max_length`` with attention 0 on the padding, every token (padding included) a label; the mean
+    loss then divides by all ``T - 1`` next-token positions, padding counted."""
+    from wherefrom.core.task import per_example_loss, token_losses
+
+    tokenizer = make_tokenizer(bos=True)
+    template = "<inst> {prompt} <inst> {completion}"
+    rows = [Record(id="a", prompt="hi", completion="yes"), Record(id="b", prompt="longer one", completion="no")]
+    encoded = encode_records(
+        rows, tokenizer, max_length=40, append_eos=False, template=template, pad_left=True, loss_tokens="all"
+    )
+    for row, example in zip(rows, encoded):
+        head = f"<inst> {row.prompt} <inst> "
+        assert len(example) == 40 and example.padding == 40 - 1 - len(head) - len(row.completion)
+        assert example.input_ids[: example.padding] == [PAD] * example.padding
+        assert example.input_ids[example.padding] == BOS and example.input_ids[-1] != EOS
+        assert example.labels == example.input_ids
+        assert example.num_prompt_tokens == example.padding + 1 + len(head)
+        assert tokenizer.decode(example.input_ids[example.num_prompt_tokens :]).replace(" ", "") == row.completion
+    batch = collate(encoded, PAD)
+    assert batch["attention_mask"][0].tolist() == [0] * encoded[0].padding + [1] * (40 - encoded[0].padding)
+    logits = torch.randn(2, 40, len(tokenizer), generator=torch.Generator().manual_seed(0))
+    mean = per_example_loss(logits, batch["labels"], "mean")
+    torch.testing.assert_close(mean, token_losses(logits, batch["labels"]).sum(1) / 39)
+    masked = encode_records(rows, tokenizer, max_length=40, append_eos=False, template=template, pad_left=True)
+    assert masked[0].labels[: masked[0].num_prompt_tokens] == [IGNORE_INDEX] * masked[0].num_prompt_tokens
+    assert masked[0].input_ids == encoded[0].input_ids
+
+
+def test_template_is_checked_by_name():
+    tokenizer = make_tokenizer()
+    rows = [Record(id="a", prompt="hi", completion="yes")]
+    with pytest.raises(ValueError, match=r"template .* must contain \{prompt\} once and end with \{completion\}"):
+        encode_records(rows, tokenizer, template="{completion} after {prompt}")
+    with pytest.raises(ValueError, match="loss_tokens must be one of"):
+        encode_records(rows, tokenizer, loss_tokens="prompt")

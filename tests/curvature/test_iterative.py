@@ -142,6 +142,35 @@ def test_lissa_reaches_exact_damped_inverse(kind):
     assert error <= report["relative_error_bound"] * 1.01 + 1e-12 and error < 1e-3
 
 
+@pytest.mark.parametrize("kind", ["llama", "lora"])
+def test_lissa_reference_sign_is_the_closed_form_of_its_recursion(kind):
+    """``damping_sign="reference"``: ``alpha r_J`` with ``r_j = v + (I - alpha (G - lambda I)) r_{j-1}``, i.e.
+    ``alpha sum_{j<=J} (I - alpha (G - lambda I))^j v`` from the dense G; at the reference's scale 1e-3 and
+    depth 3 it is ``~ 4 alpha v`` (gradient similarity), and it differs from the correct sign's recursion."""
+    s = setup(kind)
+    G = s.exact.state["full.matrix"].double()
+    lam, alpha, depth = s.lam1, 0.5 / float(torch.linalg.eigvalsh(G)[-1]), 3
+    step = torch.eye(G.shape[0], dtype=torch.float64) - alpha * (G - lam * torch.eye(G.shape[0], dtype=torch.float64))
+    v = s.flat(s.vectors)
+    expected, power = torch.zeros_like(v), v.clone()
+    for _ in range(depth + 1):
+        expected, power = expected + power, power @ step
+    reference = fit(s, "lissa", damping=lam, scale=alpha, depth=depth, damping_sign="reference")
+    got = s.flat(reference.precondition(s.vectors))
+    assert float((got - alpha * expected).norm() / (alpha * expected).norm()) < 1e-6
+    correct = fit(s, "lissa", damping=lam, scale=alpha, depth=depth, tol=1e-30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # depth 3 never converges
+        other = s.flat(correct.precondition(s.vectors))
+    assert float((other - got).norm() / got.norm()) > 1e-2  # the sign of lambda matters here
+    tiny = fit(
+        s, "lissa", damping=lam, scale=1e-3 / float(torch.linalg.eigvalsh(G)[-1]), depth=3, damping_sign="reference"
+    )
+    small = s.flat(tiny.precondition(s.vectors))
+    four_v = 4 * float(tiny.state["scale"]) * v
+    assert float((small - four_v).norm() / four_v.norm()) < 1e-2
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_arnoldi_full_rank_and_complement_are_exact(kind):
     s = setup(kind)

@@ -210,3 +210,23 @@ def test_bad_inputs(tokenizer, records, tmp_path):
         finetune(
             tiny_llama(len(tokenizer)), tokenizer, records[:2], lora_config(epochs=0), tmp_path / "z", progress=False
         )
+
+
+def test_reference_settings_linear_decay_dropout_and_layout(tokenizer, records, tmp_path):
+    """The reference study's fine-tuning settings: the rate falls linearly to 0 over all steps (logged per
+    step), LoRA dropout reaches the adapter, and the left-padded all-token layout trains; a default config
+    records none of these settings (so runs saved before them still match)."""
+    config = lora_config(lr_schedule="linear", lora_dropout=0.1, pad_left=True, loss_tokens="all", append_eos=False)
+    result = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, tmp_path / "run", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    steps = len(log)
+    assert steps == 2 * 4
+    assert [row["lr"] for row in log] == pytest.approx([2e-2 * (1 - s / steps) for s in range(steps)])
+    assert read_trainer_state(result.checkpoints[1])["learning_rate"] == pytest.approx(2e-2 * 0.5)
+    dropouts = [m for n, m in result.model.named_modules() if n.endswith("lora_dropout.default")]
+    assert dropouts and all(m.p == 0.1 for m in dropouts)
+    saved = json.loads((tmp_path / "run" / "finetune_config.json").read_text())["config"]
+    assert saved["lr_schedule"] == "linear" and saved["pad_left"] is True
+    assert "lr_schedule" not in lora_config().to_dict() and "template" not in lora_config().to_dict()
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        lora_config(lr_schedule="cosine").validate()

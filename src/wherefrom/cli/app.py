@@ -34,6 +34,7 @@ from wherefrom.core.store import atomic_write_json
 __all__ = [
     "COMMANDS",
     "app",
+    "changed_settings",
     "command",
     "console",
     "fail",
@@ -181,6 +182,14 @@ def settings_as(cls: type[T], **overrides: Any) -> T:
     names = {f.name for f in fields(cls) if f.init}  # type: ignore[arg-type]
     taken = {k: v for k, v in arguments.items() if k in names and k not in overrides}
     return cls(**taken, **overrides)
+
+
+def changed_settings(names: Iterable[str]) -> dict[str, Any]:
+    """``{name: value}`` of the running command's settings among ``names`` whose value is not their
+    default: what the user set, which a preset does not override (a flag given at its default value is
+    indistinguishable from one not given)."""
+    arguments = _CURRENT.get().arguments
+    return {n: arguments[n] for n in names if n in arguments and arguments[n] != SETTINGS[n].default}
 
 
 def reflowed(docstring: str) -> str:

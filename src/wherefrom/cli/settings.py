@@ -26,7 +26,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from wherefrom.core.encoding import LOSS_TOKENS, check_template
 from wherefrom.core.option_pairs import parse_option_pairs, parse_value
+from wherefrom.models.finetune import LR_SCHEDULES, FinetuneConfig
 from wherefrom.studies.wordorder import WordOrderConfig
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "MethodSettings",
     "ModelSettings",
     "OutputSettings",
+    "PresetSettings",
     "ScoringSettings",
     "SearchSettings",
     "Setting",
@@ -210,6 +213,27 @@ def strategy_name(value: Any) -> str | None:
     return None if value in STRATEGIES else f"unknown strategy; choose one of {', '.join(sorted(STRATEGIES))}"
 
 
+def template_text(value: Any) -> str | None:
+    """A row template: ``{prompt}`` once and ``{completion}`` at the end (:func:`wherefrom.core.encoding.check_template`)."""
+    try:
+        check_template(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def fraction(value: Any) -> str | None:
+    """A number in ``[0, 1)``."""
+    return None if 0 <= value < 1 else f"must be in [0, 1), got {value}"
+
+
+def preset_name(value: Any) -> str | None:
+    """A preset in :data:`wherefrom.studies.presets.PRESETS`."""
+    from wherefrom.studies.presets import PRESETS
+
+    return None if value in PRESETS else f"unknown preset; choose one of {', '.join(sorted(PRESETS))}"
+
+
 def available_devices() -> list[str]:
     """``cpu`` and the accelerators torch sees here (``cuda:0``..., ``mps``)."""
     import torch
@@ -287,6 +311,23 @@ class DataSettings:
         False,
         "Leave the EOS appended to each query's completion out of f (default: f = log p(completion, EOS | prompt), "
         "'this answer, then stop').",
+    )
+    template: str | None = setting(
+        None,
+        "Render each row as this text, tokenized once with the tokenizer's BOS: {prompt} once, {completion} at "
+        "the end (the reference study: '[INST] {prompt} [/INST] {completion}'). Default: prompt and completion as "
+        "they are.",
+        check=template_text,
+    )
+    no_eos: bool = setting(False, "Append no EOS to the completions (the reference study).")
+    pad_left: bool = setting(
+        False, "Left-pad every row to exactly --max-length tokens, attention 0 there (the reference study: yes, 128)."
+    )
+    loss_tokens: str = setting(
+        "completion",
+        "Tokens that carry the loss: completion (and its EOS) | all (every next-token position, padding, prompt "
+        "and template included: the reference study).",
+        check=one_of(*LOSS_TOKENS),
     )
 
 
@@ -400,6 +441,14 @@ class FinetuneSettings:
         None, "Module name to adapt with LoRA (repeatable; default q_proj and v_proj)."
     )
     weight_decay: float = setting(0.0, "AdamW weight decay.", check=at_least(0))
+    lora_dropout: float = setting(
+        FinetuneConfig.lora_dropout, "LoRA dropout while fine-tuning (the reference study: 0.1).", check=fraction
+    )
+    lr_schedule: str = setting(
+        FinetuneConfig.lr_schedule,
+        "Learning-rate schedule: constant | linear (decay to 0 over all steps, no warm-up: the reference study).",
+        check=one_of(*LR_SCHEDULES),
+    )
     full: bool = setting(False, "Fine-tune every weight (the same as --lora-rank 0).", flag="--full")
     seed: int = setting(0, "Seed of the task data, LoRA initialisation, epoch orders and Fisher labels.")
     seeds: str | None = setting(
@@ -455,6 +504,25 @@ class StudySettings:
     )
     split_seed: int = setting(0, "Seed of the selection / held-out split of the queries.")
     selection_share: float = setting(0.5, "Share of the queries the choice is made on; the rest are held out.")
+
+
+@dataclass
+class PresetSettings:
+    """Presets: named bundles of settings (wherefrom's, the reference study's); see wherefrom.studies.presets."""
+
+    preset: str | None = setting(
+        None,
+        "reference-study | wherefrom: start from this bundle of settings; flags set to other than their default "
+        "override it (bench records the resolved settings).",
+        check=preset_name,
+    )
+    start: str = setting("reference-study", "ablate: the preset to start from.", check=preset_name, flag="--from")
+    target: str = setting(
+        "wherefrom",
+        "ablate: the preset whose settings are switched in, one switch at a time.",
+        check=preset_name,
+        flag="--to",
+    )
 
 
 @dataclass
@@ -534,6 +602,7 @@ GROUPS: tuple[type, ...] = (
     FinetuneSettings,
     GroundTruthSettings,
     StudySettings,
+    PresetSettings,
     DeviceSettings,
     OutputSettings,
 )
@@ -599,6 +668,13 @@ ATTRIBUTION = (
 
 FINETUNING = ("epochs", "learning_rate", "lora_rank", "batch_size", "max_length")
 """The fine-tuning settings shared by ``bench`` and ``groundtruth``."""
+
+REFERENCE_FINETUNING = ("template", "no_eos", "pad_left", "loss_tokens", "lora_alpha", "lora_dropout", "lr_schedule")
+"""The fine-tuning settings (input layout, LoRA, schedule) that the reference study set otherwise than wherefrom."""
+
+REFERENCE_SWITCHES = (*REFERENCE_FINETUNING, "fisher")
+"""The settings of ``bench`` and ``ablate`` beyond :data:`FINETUNING` that a preset sets
+(:data:`wherefrom.studies.presets.PRESETS`)."""
 
 
 def check_arguments(arguments: dict[str, Any]) -> list[str]:

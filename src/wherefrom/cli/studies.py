@@ -1,5 +1,5 @@
-"""Commands of the studies: ``finetune``, ``bench``, ``analyze``, ``groundtruth``, ``evaluate``, ``tune``
-and ``demo``."""
+"""Commands of the studies: ``finetune``, ``bench``, ``ablate``, ``analyze``, ``groundtruth``, ``evaluate``,
+``tune`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import replace
 import typer
 
 from wherefrom.cli.app import (
+    changed_settings,
     command,
     console,
     fail,
@@ -21,7 +22,7 @@ from wherefrom.cli.app import (
     say,
     settings_as,
 )
-from wherefrom.cli.settings import FINETUNING, int_list, parse_grid
+from wherefrom.cli.settings import FINETUNING, REFERENCE_FINETUNING, REFERENCE_SWITCHES, int_list, parse_grid
 from wherefrom.core.data import DataError, load_records
 from wherefrom.core.option_pairs import parse_option_pairs
 from wherefrom.core.store import OutputExists
@@ -35,8 +36,8 @@ DEMO_SIZES = {"n_train": 160, "n_queries": 10}
 """The demo's generated training rows and held-out queries when ``--n-train`` / ``--n-queries`` are not given."""
 
 
-@command(uses=(*FINETUNING, "lora_alpha", "weight_decay", "chat_template", "seed", "threads"))
-def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device, **settings) -> None:
+@command(uses=(*FINETUNING, *REFERENCE_FINETUNING, "weight_decay", "chat_template", "seed", "threads"))
+def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device, no_eos, **settings) -> None:
     """Fine-tune a causal LM on prompt/completion rows (loss on completion tokens only), saving a
     checkpoint per epoch for TracIn and the convergence analysis; an identical earlier run is reused,
     one with other settings or data is kept unless --overwrite.
@@ -48,7 +49,8 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
     out = required(out, "out")
     try:
         targets = {"lora_targets": lora_target} if lora_target else {}
-        config = settings_as(FinetuneConfig, lora_rank=None if full or lora_rank == 0 else lora_rank, **targets)
+        rank = None if full or lora_rank == 0 else lora_rank
+        config = settings_as(FinetuneConfig, lora_rank=rank, append_eos=not no_eos, **targets)
         config.validate()
         records = load_records(train)
         loaded = load_model(model, device=device)
@@ -62,30 +64,89 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
     )
 
 
-@command(uses=(*FINETUNING, "n_train", "n_test", "model", "damping", "damping_factor", "device", "threads"))
-def bench(task, out, methods, seeds, option, **settings) -> None:
+PRESET_SETTINGS = (*FINETUNING, *REFERENCE_SWITCHES, "damping", "damping_factor")
+"""The settings a preset may set; given at other than their default they override it."""
+
+
+def explicit_bench_settings(option: list[str] | None) -> dict:
+    """The :class:`wherefrom.studies.bench.BenchConfig` settings the user set (:func:`changed_settings`, with
+    ``--no-eos`` as ``append_eos``) and the ``--option`` pairs as ``method_options`` (when any)."""
+    explicit = changed_settings(PRESET_SETTINGS)
+    if explicit.pop("no_eos", False):
+        explicit["append_eos"] = False
+    options = parse_option_pairs(option)
+    return {**explicit, "method_options": options} if options else explicit
+
+
+@command(uses=(*PRESET_SETTINGS, "n_train", "n_test", "model", "device", "threads"))
+def bench(task, out, methods, seeds, option, preset, no_eos, **settings) -> None:
     """Every method on a benchmark task over seeds: metrics with 95% intervals, time and memory.
 
-    --methods defaults to ekfac,kfac,datainf,gradsim,tracin,repsim,bm25 and --seeds to 0. --out
-    receives bench.json, bench.md, seed-<s>/<method>.json and config.json (a rerun resumes)."""
+    --methods defaults to ekfac,kfac,datainf,gradsim,tracin,repsim,bm25 and --seeds to 0. --preset
+    reference-study | wherefrom starts from that bundle of settings (wherefrom.studies.presets); flags
+    at other than their default override it. --out receives bench.json (with the resolved settings),
+    bench.md, seed-<s>/<method>.json and config.json (a rerun resumes)."""
     from wherefrom.studies.bench import DEFAULT_METHODS, BenchConfig, run_bench
+    from wherefrom.studies.presets import resolve
 
     out = required(out, "out")
+
+    def build() -> BenchConfig:
+        chosen = {"out": str(out), "methods": method_list(methods, DEFAULT_METHODS), "seeds": int_list(seeds or "0")}
+        if preset is None:
+            settings = {"method_options": parse_option_pairs(option), "append_eos": not no_eos}
+        else:
+            settings = {**resolve(preset, explicit_bench_settings(option)), "preset": preset}
+        return settings_as(BenchConfig, **chosen, **settings)
+
+    run_study(out, build, run_bench, "bench.md")
+
+
+def run_study(out, build, run, table: str) -> None:
+    """Build a study's configuration (``build()``), validate it, record the command in ``out``, run it
+    (``run(config, progress=, log=, command=)``) and print ``out/table``; a data, model, setting or memory
+    error ends the command (exit 2)."""
     try:
-        config = settings_as(
-            BenchConfig,
-            out=str(out),
-            methods=method_list(methods, DEFAULT_METHODS),
-            seeds=int_list(seeds or "0"),
-            method_options=parse_option_pairs(option),
-        )
+        config = build()
         config.validate()
         out.mkdir(parents=True, exist_ok=True)
         remember(out)
-        run_bench(config, progress=progress, log=say, command=recorded_line())
+        run(config, progress=progress, log=say, command=recorded_line())
     except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
         fail(error)
-    typer.echo((out / "bench.md").read_text())
+    typer.echo((out / table).read_text())
+
+
+@command(uses=(*PRESET_SETTINGS, "n_train", "n_test", "model", "device", "threads"))
+def ablate(task, out, methods, seeds, option, start, target, n_train, n_test, model, device, **settings) -> None:
+    """Which setting flips the study's finding: the study methods under preset --from (default
+    reference-study), then with one switch at a time set as in --to (default wherefrom), then under --to;
+    the change of Acc/Cover (AUPRC/MRR) per switch and method with 95% intervals over seeds, and how often
+    short rows rank top-1.
+
+    --methods defaults to ekfac,gradsim,repsim and --seeds to 0,1,2. Flags at other than their default
+    hold in every run. --out receives ablate.json, ablate.md, runs/<run>/ (bench folders), finetunes/ and
+    config.json (a rerun resumes)."""
+    from wherefrom.studies.ablation import STUDY_METHODS, AblationConfig, run_ablation
+
+    out = required(out, "out")
+
+    def build() -> AblationConfig:
+        return AblationConfig(
+            task=task,
+            out=str(out),
+            start=start,
+            target=target,
+            methods=method_list(methods, STUDY_METHODS),
+            seeds=int_list(seeds or "0,1,2"),
+            n_train=n_train,
+            n_test=n_test,
+            model=model,
+            device=device,
+            fixed=explicit_bench_settings(option),
+        )
+
+    run_study(out, build, run_ablation, "ablate.md")
 
 
 @command(uses=("damping", "damping_factor", "reference", "exact_blocks", "cg_tol", "cg_max_iter", "probes", "threads"))

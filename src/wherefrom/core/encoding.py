@@ -18,6 +18,15 @@ Conventions (shared with :mod:`wherefrom.core.task`):
   :class:`DataError` naming the row and both numbers, raised before any pass.
 * Batches are right-padded: ``input_ids`` / ``attention_mask`` / ``labels`` are ``(B, T)`` long
   tensors, ``attention_mask`` is 1 on real tokens, ``labels`` is ``-100`` on prompt and padding.
+
+The reference study's input layout (Li et al., 2024, code plumprc/Failures-of-Influence-Functions-in-LLMs
+at 93f9489, ``utils.get_preprocessed_dataset`` and ``finetune.py``) is available as options of
+:func:`encode_records`, each off by default: ``template="[INST] {prompt} [/INST] {completion}"``
+(:data:`REFERENCE_TEMPLATE`, the whole text tokenized once with the tokenizer's BOS),
+``append_eos=False``, ``pad_left=True`` (each row left-padded with the padding id to exactly
+``max_length`` tokens, attention 0 there; the reference pads with EOS, ``tokenizer.pad_token =
+eos_token``) and ``loss_tokens="all"`` (every token is a label, padding, prompt and template tags
+included, as the reference's ``labels = input_ids`` does).
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "IGNORE_INDEX",
+    "LOSS_TOKENS",
+    "REFERENCE_TEMPLATE",
     "Batches",
     "EncodedExample",
     "TokenBoundaryWarning",
@@ -55,19 +66,26 @@ class EncodedExample:
     """A tokenized record.
 
     ``input_ids`` and ``labels`` have the same length ``T``; ``labels`` is ``-100`` on prompt tokens
-    and equals ``input_ids`` on completion tokens (including an appended EOS).
+    and equals ``input_ids`` on completion tokens (including an appended EOS). ``padding``: leading
+    padding tokens (``pad_left``; attention 0 there). ``prompt_end``: the index after the last prompt
+    token, padding included, when the labels do not show it (``loss_tokens="all"``), else ``None``.
     """
 
     id: str
     input_ids: list[int]
     labels: list[int]
+    padding: int = 0
+    prompt_end: int | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
-        """Number of leading tokens with label ``-100``."""
+        """Number of leading tokens before the completion, padding included: ``prompt_end`` when set,
+        else those with label ``-100``."""
+        if self.prompt_end is not None:
+            return self.prompt_end
         return sum(1 for label in self.labels if label == IGNORE_INDEX)
 
     @property
@@ -191,6 +209,40 @@ def _ids(encoded: Any) -> list[list[int]]:
     return [[int(token) for token in ids] for ids in encoded["input_ids"]]
 
 
+REFERENCE_TEMPLATE = "[INST] {prompt} [/INST] {completion}"
+"""The reference study's input text (``influence.py`` / ``finetune.py``: ``chat_template``, Llama-2 style)."""
+
+LOSS_TOKENS = ("completion", "all")
+"""Which tokens carry a label: the completion (and its EOS), or every token (padding included)."""
+
+
+def check_template(template: str) -> None:
+    """Raise ``ValueError`` naming the setting ``template`` unless it holds ``{prompt}`` once and ends
+    with ``{completion}`` (the completion is what follows the rendered prompt)."""
+    if template.count("{prompt}") != 1 or not template.endswith("{completion}") or template.count("{completion}") != 1:
+        raise ValueError(
+            f"template {template!r} must contain {{prompt}} once and end with {{completion}}, "
+            f"e.g. {REFERENCE_TEMPLATE!r}"
+        )
+
+
+def _template_pairs(
+    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, template: str
+) -> list[tuple[list[int], list[int]]]:
+    """``(prompt ids, completion ids)`` of each record rendered by ``template`` and tokenized as one text,
+    split where the completion's text starts, with the tokenizer's ``bos_token_id`` first when it has one
+    (the reference's Llama-2 tokenizer adds ``<s>``)."""
+    head = template[: -len("{completion}")]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    pairs = []
+    for record in records:
+        prompt, completion = _split_tokens(
+            record, tokenizer, head.replace("{prompt}", record.prompt), record.completion
+        )
+        pairs.append(([int(bos), *prompt] if bos is not None else prompt, completion))
+    return pairs
+
+
 def encode_records(
     records: Sequence[Record],
     tokenizer: PreTrainedTokenizerBase,
@@ -198,6 +250,9 @@ def encode_records(
     chat_template: bool = False,
     append_eos: bool = True,
     model: Any = None,
+    template: str | None = None,
+    pad_left: bool = False,
+    loss_tokens: str = "completion",
 ) -> list[EncodedExample]:
     """Tokenize records into :class:`EncodedExample` s, in order.
 
@@ -220,6 +275,14 @@ def encode_records(
     tokenizer's ``bos_token_id`` is prepended when it has one, so that the first completion token
     is predicted from something; without a BOS that first token is context only (never scored).
 
+    ``template`` (a text with ``{prompt}`` and a final ``{completion}``, e.g. :data:`REFERENCE_TEMPLATE`;
+    not with ``chat_template``): each row is the rendered text tokenized once, with the special tokens
+    the tokenizer adds (Llama's BOS), split where the completion's text starts (as with a chat template).
+    ``pad_left``: each row is left-padded with :func:`pad_id` to exactly ``max_length`` tokens
+    (``EncodedExample.padding`` of them; attention 0 there). ``loss_tokens="all"``: every token is a
+    label, prompt, template text and padding included (``EncodedExample.prompt_end`` keeps the
+    boundary); the training loss then runs over all ``T - 1`` next-token positions.
+
     ``model``: the model the rows are for; when given, rows must also fit its position table
     (:func:`model_positions`) and every id, the padding id included, its input embedding
     (:func:`model_vocabulary`).
@@ -227,10 +290,16 @@ def encode_records(
     Raises :class:`DataError` if an example would exceed ``max_length`` tokens or the model's
     positions (nothing is truncated), holds a token id outside the model's embedding, or a
     completion tokenizes to no tokens; ``ValueError`` if ``chat_template=True`` and the tokenizer
-    has no chat template.
+    has no chat template, or for a bad ``template`` / ``loss_tokens`` or ``template`` with ``chat_template``.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if loss_tokens not in LOSS_TOKENS:
+        raise ValueError(f"loss_tokens must be one of {LOSS_TOKENS}, got {loss_tokens!r}")
+    if template is not None:
+        check_template(template)
+        if chat_template:
+            raise ValueError("give either template or chat_template=True, not both")
     records = list(records)
     if not records:
         return []
@@ -244,7 +313,11 @@ def encode_records(
 
     eos = tokenizer.eos_token_id if append_eos else None
     bos = getattr(tokenizer, "bos_token_id", None)
-    if chat_template:
+    if template is not None:
+        pairs = [
+            (p, [*c, int(eos)] if eos is not None else c) for p, c in _template_pairs(records, tokenizer, template)
+        ]
+    elif chat_template:
         _check_template(tokenizer)
         pairs = []
         for record in records:
@@ -287,14 +360,30 @@ def encode_records(
                 f"tokens = {total} tokens > max_length={max_length}; {hint} "
                 f"(nothing is truncated)"
             )
-        examples.append(
-            EncodedExample(
-                id=record.id,
-                input_ids=prompt + completion,
-                labels=[IGNORE_INDEX] * len(prompt) + completion,
-            )
-        )
+        examples.append(_laid_out(record.id, prompt, completion, max_length, pad_id(tokenizer), pad_left, loss_tokens))
     return examples
+
+
+def _laid_out(
+    row: str,
+    prompt: list[int],
+    completion: list[int],
+    max_length: int,
+    padding_id: int,
+    pad_left: bool,
+    loss_tokens: str,
+) -> EncodedExample:
+    """One row's :class:`EncodedExample`: left-padded to ``max_length`` when ``pad_left``, labelled on the
+    completion or (``loss_tokens="all"``) on every token."""
+    padding = max_length - len(prompt) - len(completion) if pad_left else 0
+    ids = [padding_id] * padding + prompt + completion
+    if loss_tokens == "all":
+        return EncodedExample(
+            id=row, input_ids=ids, labels=list(ids), padding=padding, prompt_end=padding + len(prompt)
+        )
+    return EncodedExample(
+        id=row, input_ids=ids, labels=[IGNORE_INDEX] * (padding + len(prompt)) + completion, padding=padding
+    )
 
 
 class TokenBoundaryWarning(UserWarning):
@@ -344,8 +433,8 @@ def collate(examples: Sequence[EncodedExample], pad_token_id: int) -> dict[str, 
     """Right-pad examples into a batch.
 
     Returns ``input_ids`` ``(B, T)`` (``pad_token_id`` on padding), ``attention_mask`` ``(B, T)``
-    (1 on real tokens, 0 on padding) and ``labels`` ``(B, T)`` (``-100`` on prompt and padding),
-    all ``torch.long``, with ``T`` the longest example.
+    (1 on real tokens, 0 on padding, an example's own leading ``padding`` included) and ``labels``
+    ``(B, T)`` (``-100`` on prompt and the right padding), all ``torch.long``, with ``T`` the longest example.
     """
     if not examples:
         raise ValueError("collate() needs at least one example")
@@ -359,7 +448,7 @@ def collate(examples: Sequence[EncodedExample], pad_token_id: int) -> dict[str, 
         if len(example.labels) != length:
             raise ValueError(f"example {example.id!r}: {length} input_ids but {len(example.labels)} labels")
         input_ids[row, :length] = torch.tensor(example.input_ids, dtype=torch.long)
-        attention_mask[row, :length] = 1
+        attention_mask[row, example.padding : length] = 1
         labels[row, :length] = torch.tensor(example.labels, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 

@@ -329,6 +329,8 @@ class LiSSA(OperatorCurvature):
     lambda))`` with ``lambda_max`` from ``power_iterations`` on the full operator (and, with
     ``batch_size``, on a few sampled mini-batches: their spectra are wider); ``batch_size``: examples per
     stochastic product (``None``: all, deterministic); ``repeats``: independent recursions averaged.
+    ``damping_sign``: ``"correct"`` (default) adds the damping; ``"reference"`` subtracts it, as the
+    reference study's code did (see the module docstring), and always runs ``depth`` steps.
     """
 
     name = "lissa"
@@ -344,9 +346,12 @@ class LiSSA(OperatorCurvature):
         tol: float = 1e-4,
         power_iterations: int = 20,
         safety: float = 1.25,
+        damping_sign: Literal["correct", "reference"] = "correct",
         **options,
     ):
         super().__init__(damping, damping_factor, **options)
+        if damping_sign not in ("correct", "reference"):
+            raise ValueError(f"lissa: damping_sign must be 'correct' or 'reference', got {damping_sign!r}")
         if depth < 1 or repeats < 1 or (batch_size is not None and batch_size < 1):
             raise ValueError(
                 f"need depth >= 1, repeats >= 1, batch_size >= 1 or None; got {depth}, {repeats}, {batch_size}"
@@ -357,6 +362,7 @@ class LiSSA(OperatorCurvature):
             raise ValueError(f"safety must be >= 1, got {safety}")
         self.depth, self.scale, self.batch_size, self.repeats = depth, scale, batch_size, repeats
         self.tol, self.power_iterations, self.safety = tol, power_iterations, safety
+        self.damping_sign = damping_sign
 
     option_specs = (
         *OperatorCurvature.option_specs,
@@ -369,6 +375,11 @@ class LiSSA(OperatorCurvature):
             OptionSpec("tol", low=0.0, low_inclusive=False, help="relative error bound that stops the recursion"),
             OptionSpec("power_iterations", low=1, help="power iterations estimating lambda_max for the scale"),
             OptionSpec("safety", low=1.0, help="alpha's margin below 1 / (lambda_max + lambda)"),
+            OptionSpec(
+                "damping_sign",
+                help="correct: G + lambda I; reference: G - lambda I, the reference study's LiSSA (what its code did)",
+                source="Li et al. 2024 code, utils.influence_function (hvp_cal='LiSSA')",
+            ),
         ),
     )
 
@@ -409,6 +420,8 @@ class LiSSA(OperatorCurvature):
     def _solve(self, b: torch.Tensor) -> torch.Tensor:
         operator = self._require_operator()
         alpha, lam = float(self.state["scale"]), self.lam
+        if self.damping_sign == "reference":
+            return self._reference_solve(operator, b, alpha, lam)
         stochastic = self._stochastic(operator)
         b_norm = _row_norms(b)
         # ||r_j|| of a contracting recursion stays below ||v|| + 2 ||r*|| <= (1 + 2 / (alpha lambda)) ||v||
@@ -472,6 +485,16 @@ class LiSSA(OperatorCurvature):
                 stacklevel=3,
             )
         return x
+
+    def _reference_solve(self, operator: GGNOperator, b: torch.Tensor, alpha: float, lam: float) -> torch.Tensor:
+        """``alpha r_depth`` of the reference study's recursion ``r_j = v + (I - alpha (G - lambda I)) r_{j-1}``
+        (every fitting example in each product, no convergence check)."""
+        r = b.clone()
+        for _ in range(self.depth):
+            r = b + r - alpha * (operator.matvec_flat(r, None) - lam * r)
+        report = {"vectors": int(b.shape[0]), "iterations": self.depth, "scale": alpha, "converged": False}
+        self._record({**report, "damping_sign": "reference"})  # converged: no check, it need not converge
+        return alpha * r
 
 
 class Arnoldi(OperatorCurvature):

@@ -66,6 +66,10 @@ class AttributionConfig:
     ``autocast``: ``"bfloat16"`` or ``"float16"`` runs the model's forward passes under
     ``torch.autocast`` on its device (faster on GPUs); the captured inputs and output gradients are
     taken to float32 and every statistic is accumulated in float32/float64 as without it.
+    ``template`` / ``append_eos`` / ``pad_left`` / ``loss_tokens``: the input layout of
+    :func:`wherefrom.core.encoding.encode_records` (defaults: the raw prompt, an EOS after the completion,
+    right padding, loss on the completion); the reference study's layout is ``template=
+    REFERENCE_TEMPLATE, append_eos=False, pad_left=True, loss_tokens="all"`` with ``max_length=128``.
     """
 
     strategy: str = "ekfac"
@@ -83,6 +87,10 @@ class AttributionConfig:
     seed: int = 0
     query_without_eos: bool = False
     autocast: Literal["bfloat16", "float16"] | None = None
+    template: str | None = None
+    append_eos: bool = True
+    pad_left: bool = False
+    loss_tokens: Literal["completion", "all"] = "completion"
     strategy_options: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
@@ -98,6 +106,12 @@ class AttributionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def layout(self) -> dict:
+        """The keywords of :func:`wherefrom.core.encoding.encode_records` these settings give (rows' text,
+        length, EOS, padding and labels)."""
+        keys = ("max_length", "chat_template", "template", "append_eos", "pad_left", "loss_tokens")
+        return {key: getattr(self, key) for key in keys}
 
 
 Rows = Sequence[Record] | Sequence[EncodedExample]
@@ -227,9 +241,7 @@ class Attributor:
 
     # --- data ----------------------------------------------------------------------------------
     def encode(self, records: Sequence[Record]) -> list[EncodedExample]:
-        return encode_records(
-            records, self.tokenizer, self.config.max_length, self.config.chat_template, model=self.model
-        )
+        return encode_records(records, self.tokenizer, model=self.model, **self.config.layout())
 
     def encoded(self, records: Rows) -> list[EncodedExample]:
         """``records`` encoded for this model (:meth:`encode`); already-encoded examples pass as they are."""

@@ -16,7 +16,11 @@ is a similarity in ``[-1, 1]``, not an influence (no sign reasoning about upweig
   for ``"last_prompt"``.
 
 Rows are tokenized exactly as for the gradient methods (:func:`wherefrom.core.encoding.encode_records`,
-same ``max_length`` / ``chat_template`` rules), batched right-padded; PEFT models work unchanged.
+same ``max_length`` / ``chat_template`` / ``template`` rules), batched right-padded; PEFT models work
+unchanged. The gradient methods' ``pad_left`` and ``loss_tokens`` do not apply: with ``template=
+REFERENCE_TEMPLATE`` and the defaults (last layer, ``last_prompt``) this is the reference study's RepSim
+(plumprc/Failures-of-Influence-Functions-in-LLMs, ``repsim.py``: ``[INST] {prompt} [/INST]`` alone,
+unpadded, last layer, last token, cosine).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class RepSim:
         max_length: int = 512,
         batch_size: int = 8,
         chat_template: bool = False,
+        template: str | None = None,
     ):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -69,12 +74,13 @@ class RepSim:
         self.max_length = max_length
         self.batch_size = batch_size
         self.chat_template = chat_template
+        self.template = template
         self._cache: tuple[tuple, list[str], torch.Tensor] | None = None
 
     @classmethod
     def from_config(cls, model: nn.Module, tokenizer, config, **overrides) -> RepSim:
         """From an :class:`~wherefrom.engine.api.AttributionConfig`: its ``max_length``, ``batch_size`` and
-        ``chat_template``; ``layer``/``pooling`` from ``config.extra`` (keys ``"layer"``, ``"pooling"``)
+        ``chat_template``, ``template``; ``layer``/``pooling`` from ``config.extra`` (keys ``"layer"``, ``"pooling"``)
         unless given in ``overrides``."""
         kwargs = {
             "layer": config.extra.get("layer", -1),
@@ -82,6 +88,7 @@ class RepSim:
             "max_length": config.max_length,
             "batch_size": config.batch_size,
             "chat_template": config.chat_template,
+            "template": config.template,
         }
         kwargs.update(overrides)
         return cls(model, tokenizer, **kwargs)
@@ -96,7 +103,9 @@ class RepSim:
 
     # --- representations ----------------------------------------------------------------------
     def encode(self, records: Sequence[Record]) -> list[EncodedExample]:
-        return encode_records(records, self.tokenizer, self.max_length, self.chat_template, model=self.model)
+        return encode_records(
+            records, self.tokenizer, self.max_length, self.chat_template, model=self.model, template=self.template
+        )
 
     def _positions(self, examples: Sequence[EncodedExample]) -> list[int]:
         if self.pooling == "last_prompt":

@@ -43,6 +43,7 @@ from wherefrom.models.loading import model_fingerprint, quiet_peft, tokenizer_fi
 
 __all__ = [
     "CONFIG_FILE",
+    "LR_SCHEDULES",
     "TRAINER_STATE_FILE",
     "TRAIN_LOG_FILE",
     "FinetuneConfig",
@@ -50,6 +51,9 @@ __all__ = [
     "finetune",
     "read_trainer_state",
 ]
+
+LR_SCHEDULES = ("constant", "linear")
+"""Learning-rate schedules: constant, or linear decay to 0 over all steps (no warm-up)."""
 
 CONFIG_FILE = "finetune_config.json"
 TRAIN_LOG_FILE = "train_log.jsonl"
@@ -70,7 +74,19 @@ class FinetuneConfig:
     no warm-up or decay). ``max_length`` bounds prompt + completion tokens (nothing is
     truncated: a longer example raises :class:`wherefrom.core.data.DataError`). ``chat_template``
     renders prompts with the tokenizer's chat template (see
-    :func:`wherefrom.core.encoding.encode_records`).
+    :func:`wherefrom.core.encoding.encode_records`); ``template``, ``append_eos``, ``pad_left`` and
+    ``loss_tokens`` are that function's input layout (with ``loss_tokens="all"`` the step loss is the
+    mean over the batch of each row's loss summed over all its next-token positions).
+
+    The reference study's settings (plumprc/Failures-of-Influence-Functions-in-LLMs, ``finetune.py``:
+    ``LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "v_proj"])`` and the
+    Hugging Face ``Trainer`` defaults, AdamW at 5e-5 decayed linearly to 0, batch 24, 10 epochs) are
+    ``lora_dropout=0.1`` (dropout on the LoRA input while training; default 0) and
+    ``lr_schedule="linear"`` (the rate falls linearly from ``learning_rate`` to 0 over all steps, no
+    warm-up; default ``"constant"``). The reference's loss is the token mean over the batch; ours is a
+    sum, a constant factor (127 x batch rows at a fixed length of 128) that AdamW's update ignores up to
+    its epsilon. ``train_log.jsonl`` records each step's rate; a checkpoint records the rate of its
+    epoch's first step (TracIn's step size is then approximate under ``"linear"``).
     """
 
     epochs: int = 2
@@ -84,6 +100,12 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     chat_template: bool = False
     checkpoint_every_epoch: bool = True
+    template: str | None = None
+    append_eos: bool = True
+    pad_left: bool = False
+    loss_tokens: str = "completion"
+    lora_dropout: float = 0.0
+    lr_schedule: str = "constant"
 
     def validate(self) -> None:
         """Raise ``ValueError`` on an impossible setting."""
@@ -97,6 +119,10 @@ class FinetuneConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.lora_rank is not None:
             if self.lora_rank < 1:
                 raise ValueError(f"lora_rank must be >= 1 or None, got {self.lora_rank}")
@@ -104,10 +130,23 @@ class FinetuneConfig:
                 raise ValueError("lora_targets must name at least one module for LoRA")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the settings."""
+        """A JSON-ready dict of the settings; the layout and schedule settings only when they differ from
+        their defaults, so a run saved before they existed still matches its settings."""
         data = asdict(self)
         data["lora_targets"] = list(self.lora_targets)
+        for name in LATER_SETTINGS:
+            if data[name] == getattr(FinetuneConfig, name):
+                del data[name]
         return data
+
+    def layout(self) -> dict[str, Any]:
+        """The keywords of :func:`wherefrom.core.encoding.encode_records` these settings give."""
+        keys = ("max_length", "chat_template", "template", "append_eos", "pad_left", "loss_tokens")
+        return {key: getattr(self, key) for key in keys}
+
+
+LATER_SETTINGS = ("template", "append_eos", "pad_left", "loss_tokens", "lora_dropout", "lr_schedule")
+"""Settings added after runs were first saved: recorded only when not at their default."""
 
 
 @dataclass
@@ -194,7 +233,7 @@ def _wrap_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         target_modules=list(config.lora_targets),
-        lora_dropout=0.0,
+        lora_dropout=config.lora_dropout,
         bias="none",
         task_type="CAUSAL_LM",
         fan_in_fan_out=gpt2,  # GPT-2's Conv1D stores weights (in, out)
@@ -346,9 +385,7 @@ def finetune(
         )
 
     # Encode first, so bad data fails before anything on disk is touched.
-    examples = encode_records(
-        records, tokenizer, max_length=config.max_length, chat_template=config.chat_template, model=model
-    )
+    examples = encode_records(records, tokenizer, model=model, **config.layout())
     if not overwrite:
         refuse_overwrite([output_dir / CONFIG_FILE])
     _clear_outputs(output_dir)
@@ -367,11 +404,14 @@ def finetune(
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     padding = pad_id(tokenizer)
     steps_per_epoch = -(-len(examples) // config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    decay = (lambda done: 1.0 - done / total_steps) if config.lr_schedule == "linear" else (lambda done: 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=config.epochs * steps_per_epoch,
+        total=total_steps,
         desc="fine-tuning",
         unit="step",
         disable=not progress,
@@ -387,14 +427,16 @@ def finetune(
             generator = torch.Generator().manual_seed(config.seed + epoch)
             order = torch.randperm(len(examples), generator=generator).tolist()
             shuffled = [examples[i] for i in order]
-            lr = float(optimizer.param_groups[0]["lr"])
+            epoch_lr = float(optimizer.param_groups[0]["lr"])
             step_losses: list[float] = []
             for batch_ids, batch in iterate_batches(shuffled, config.batch_size, padding, device=device):
+                lr = float(optimizer.param_groups[0]["lr"])
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 loss = per_example_loss(logits, batch["labels"], "sum").mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                schedule.step()
                 step += 1
                 value = float(loss.detach())
                 step_losses.append(value)
@@ -407,7 +449,7 @@ def finetune(
                 state = {
                     "epoch": epoch,
                     "step": step,
-                    "learning_rate": lr,
+                    "learning_rate": epoch_lr,
                     "mean_loss": mean_loss,
                     "steps_in_epoch": len(step_losses),
                     "batch_size": config.batch_size,

@@ -10,8 +10,8 @@ scores, timed with :func:`wherefrom.studies.toolkit.measured`) and score it with
 
 Outputs (all written atomically):
 
-* ``out/seed-<s>/<method>.json``: one row (metrics with per-query values, seconds, peak MiB, error)
-  and the ``key`` of settings it was computed with (:func:`wherefrom.studies.toolkit.cached` /
+* ``out/seed-<s>/<method>.json``: one row (metrics with per-query values, each query's top-1 training
+  row id ``top1``, seconds, peak MiB, error) and the ``key`` of settings it was computed with (:func:`wherefrom.studies.toolkit.cached` /
   :func:`wherefrom.studies.toolkit.store`). A later run skips a (seed, method) whose file exists with the
   same key and no error, so an interrupted run resumes;
 * ``out/bench.json``: config, package versions, hardware, command, every row and the aggregate
@@ -22,6 +22,8 @@ Outputs (all written atomically):
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Any
 
 from wherefrom.core.commandline import command_line as render_command
 from wherefrom.core.commandline import field_flags
+from wherefrom.core.encoding import check_template
 from wherefrom.core.option_pairs import format_option_pairs, options_for
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
@@ -65,6 +68,10 @@ __all__ = [
 
 DEFAULT_METHODS = ["ekfac", "kfac", "datainf", "gradsim", "tracin", "repsim", "bm25"]
 _FORMAT_VERSION = 1
+LAYOUT = ("template", "append_eos", "pad_left", "loss_tokens")
+"""The input-layout settings shared by fine-tuning and attribution (:func:`wherefrom.core.encoding.encode_records`)."""
+LATER = ("fisher", *LAYOUT, "lora_alpha", "lora_dropout", "lr_schedule")
+"""Settings added after bench rows were first cached: in a row's key (and the command line) only when not at their default."""
 _NOT_AGGREGATED = {"k", "n_queries", "per_query"}
 _UNIT_INTERVAL = {"acc", "cover", "cover_ceiling", "mrr", "auprc", "auroc", "recall_at_k"}
 """Metrics that lie in [0, 1]: their interval over seeds is clipped to it (with few seeds a Student-t
@@ -81,7 +88,14 @@ class BenchConfig:
     draws a class-balanced subset per seed, :func:`wherefrom.studies.benchtasks.subsampled`). ``model``: local model folder
     (``None``: the default model). ``method_options``: ``{method: {key: value}}`` passed to
     :func:`wherefrom.methods.registry.make_method`; the key ``"*"`` applies to every method.
-    ``damping`` / ``damping_factor``: as in :class:`wherefrom.engine.api.AttributionConfig`.
+    ``damping`` / ``damping_factor`` / ``fisher`` and the input layout ``template`` / ``append_eos`` /
+    ``pad_left`` / ``loss_tokens``: as in :class:`wherefrom.engine.api.AttributionConfig` (the layout
+    also applies to fine-tuning); ``lora_alpha`` / ``lora_dropout`` / ``lr_schedule``: as in
+    :class:`wherefrom.models.finetune.FinetuneConfig`. ``preset``: the name of the preset
+    (:data:`wherefrom.studies.presets.PRESETS`) the settings were resolved from, recorded only.
+    ``finetune_dir``: where the seeds' fine-tuned models live (default ``out/seed-<s>/finetune``); given,
+    each fine-tuning gets the folder ``<finetune_dir>/<hash of its settings>``, so runs that fine-tune
+    alike (an ablation's) share it.
     """
 
     task: str
@@ -100,6 +114,16 @@ class BenchConfig:
     damping_factor: float = 0.1
     device: str | None = None
     method_options: dict[str, dict] = field(default_factory=dict)
+    fisher: str = "true"
+    template: str | None = None
+    append_eos: bool = True
+    pad_left: bool = False
+    loss_tokens: str = "completion"
+    lora_alpha: int = 8
+    lora_dropout: float = 0.0
+    lr_schedule: str = "constant"
+    preset: str | None = None
+    finetune_dir: str | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` for an unknown task or method, or an empty method / seed list."""
@@ -107,6 +131,11 @@ class BenchConfig:
         check_methods(self.methods)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
+        if self.fisher not in ("true", "empirical"):
+            raise ValueError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
+        self.finetune_config(self.seeds[0]).validate()
+        if self.template is not None:
+            check_template(self.template)
 
     def options_for(self, method: str) -> dict[str, Any]:
         return options_for(self.method_options, method)
@@ -120,6 +149,22 @@ class BenchConfig:
             max_length=self.max_length,
             seed=seed,
             lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            lr_schedule=self.lr_schedule,
+            **{key: getattr(self, key) for key in LAYOUT},
+        )
+
+    def attribution_config(self, seed: int) -> AttributionConfig:
+        """The :class:`wherefrom.engine.api.AttributionConfig` every method of the seed runs with."""
+        return AttributionConfig(
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            seed=seed,
+            damping=self.damping,
+            damping_factor=self.damping_factor,
+            fisher=self.fisher,
+            **{key: getattr(self, key) for key in LAYOUT},
         )
 
 
@@ -157,6 +202,7 @@ def command_line(config: BenchConfig) -> str:
             ("--seeds", ",".join(map(str, config.seeds))),
             *field_flags(config, ("n_train", "n_test", "model", "device", "epochs", "learning_rate", "lora_rank")),
             *field_flags(config, ("batch_size", "max_length", "damping", "damping_factor")),
+            *field_flags(config, [k for k in LATER if getattr(config, k) != getattr(BenchConfig, k)]),
             ("--option", format_option_pairs(config.method_options)),
             ("--out", config.out),
         ],
@@ -181,9 +227,9 @@ def _key(config: BenchConfig, seed: int, method: str) -> dict[str, Any]:
         "options": config.options_for(method),
         # only when set: rows cached before these settings existed keep matching
         **{
-            k: v
-            for k, v in (("damping", config.damping), ("damping_factor", config.damping_factor))
-            if v != getattr(BenchConfig, k)
+            k: getattr(config, k)
+            for k in ("damping", "damping_factor", *LATER)
+            if getattr(config, k) != getattr(BenchConfig, k)
         },
     }
 
@@ -238,8 +284,14 @@ def finetuned(config: BenchConfig, seed: int, task: BenchTask) -> tuple[LoadedMo
     in place); ``FinetuneResult.model`` is the fine-tuned model.
     """
     loaded = load_model(config.model, device=config.device)
+    settings = config.finetune_config(seed)
     folder = Path(config.out) / f"seed-{seed}" / "finetune"
-    tuned = finetune(loaded.model, loaded.tokenizer, task.train, config.finetune_config(seed), folder, progress=False)
+    if config.finetune_dir is not None:
+        digest = hashlib.sha256(
+            json.dumps([config.task, config.n_train, config.model, settings.to_dict()], sort_keys=True).encode()
+        )
+        folder = Path(config.finetune_dir) / digest.hexdigest()[:16]
+    tuned = finetune(loaded.model, loaded.tokenizer, task.train, settings, folder, progress=False)
     return loaded, tuned
 
 
@@ -247,7 +299,8 @@ def method_row(config: BenchConfig, task: BenchTask, seed: int, method: str, tun
     """One bench row: ``method`` fitted and scored on ``task`` with the fine-tuned ``tuned.model`` (:func:`scored_method`;
     ``tracin`` gets ``tuned.checkpoints`` and a loader of the base model), then its metrics.
 
-    Returns ``{seed, method, metrics, seconds, peak_mib, error}``: ``metrics`` from
+    Returns ``{seed, method, metrics, top1, seconds, peak_mib, error}`` (``top1``: each query's highest-scored
+    training row id, when scored): ``metrics`` from
     :func:`wherefrom.studies.metrics.class_attribution` (``task.kind == "class"``) or
     :func:`wherefrom.studies.metrics.identification`; a failure is recorded in ``error``, not raised.
     """
@@ -255,20 +308,14 @@ def method_row(config: BenchConfig, task: BenchTask, seed: int, method: str, tun
     if in_family(method, "checkpoint"):
         options.setdefault("checkpoints", [str(p) for p in tuned.checkpoints])
         options.setdefault("base", lambda: load_model(config.model, device=config.device).model)
-    attribution = AttributionConfig(
-        batch_size=config.batch_size,
-        max_length=config.max_length,
-        seed=seed,
-        damping=config.damping,
-        damping_factor=config.damping_factor,
-    )
     scores, usage = scored_method(
-        method, tuned.model, tokenizer, attribution, options, task.train, task.test, config.device
+        method, tuned.model, tokenizer, config.attribution_config(seed), options, task.train, task.test, config.device
     )
     row: dict[str, Any] = {"seed": seed, "method": method, "metrics": None, **usage}
     if scores is not None:
         try:
             row["metrics"] = _metrics(task, scores)
+            row["top1"] = [scores.top(q, k=1)[0][0] for q in range(len(scores.query_ids))]
         except Exception as error:
             row["error"] = f"{type(error).__name__}: {error}"
     return row

@@ -436,8 +436,8 @@ def pbrf_influence(
         model = copy.deepcopy(model).double()
     modules = select_modules(model, attribution.include, attribution.exclude)
     pad = pad_id(tokenizer)
-    encoded = encode_records(train, tokenizer, attribution.max_length, attribution.chat_template, model=model)
-    encoded_queries = encode_records(queries, tokenizer, attribution.max_length, attribution.chat_template, model=model)
+    encoded = encode_records(train, tokenizer, model=model, **attribution.layout())
+    encoded_queries = encode_records(queries, tokenizer, model=model, **attribution.layout())
     eps = config.eps if config.eps is not None else 1.0 / len(train)
     folder = Path(cache) if cache is not None else None
 

@@ -4,6 +4,8 @@ Recognised, in this order:
 
 * a **query result**: a JSON file as ``wherefrom query --json`` prints it (``query``, ``proponents``);
 * a **bench** folder: ``bench.json`` (``wherefrom bench``): metric table and interval plots per method;
+* an **ablate** folder: ``ablate.json`` (``wherefrom ablate``): each run's metric table, and the changes
+  against the start run per switch and method, with interval plots;
 * an **evaluate** report: ``evaluate.json`` (``wherefrom evaluate``), with the methods' saved scores in
   the ground-truth folder's ``scores/`` when they are there (method agreement);
 * a **diagnose** folder: ``diagnose.json`` (``wherefrom diagnose``);
@@ -37,7 +39,7 @@ from wherefrom.studies.report.sections import (
 
 PROVENANCE_KEYS = ("command", "versions", "hardware", "format")
 """Keys of a result JSON shown as provenance; the others (``config`` and the like) as settings."""
-RESULT_KEYS = ("aggregate", "rows", "methods", "seeds", "summary")
+RESULT_KEYS = ("aggregate", "rows", "methods", "seeds", "summary", "runs", "changes", "short_rows")
 """Keys of a result JSON that hold results (shown in their own sections, not as settings)."""
 
 
@@ -93,6 +95,16 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             extra = {"seconds": "time, s", "peak_mib": "peak memory, MiB"}
             sections = [metric_sections(data["aggregate"], f"Bench ({data.get('kind', '')})", extra)]
             return f"Bench: {path.name}", sections + _provenance(data)
+        if (path / "ablate.json").is_file():
+            data = _read(path / "ablate.json")
+            sections = [metric_sections(data["runs"][run], f"Run {run}") for run in data["order"]]
+            changes = {
+                f"{run}: {method}": {"metrics": entry}
+                for run in data["order"][1:]
+                for method, entry in data["changes"][run].items()
+            }
+            sections.append(metric_sections(changes, "Change against the start run (paired over seeds)"))
+            return f"Ablation: {path.name}", sections + _provenance(data)
         if (path / "evaluate.json").is_file():
             data = _read(path / "evaluate.json")
             sections = [metric_sections(data["methods"], "Methods against the ground truth", {"seconds": "time, s"})]
@@ -127,8 +139,8 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             return f"Attribution: {config.get('method', path.name)}", [*sections, settings_section("Settings", config)]
     raise FileNotFoundError(
         f"{path} is not a result wherefrom can report on: expected a query JSON (`wherefrom query --json`), or a "
-        "folder with bench.json, evaluate.json, diagnose.json, wordorder.json, config.json + manifest.json (a run) or "
-        "config.json + scores.safetensors (`wherefrom attribute`)"
+        "folder with bench.json, evaluate.json, diagnose.json, wordorder.json, config.json + manifest.json (a run), "
+        "config.json + scores.safetensors (`wherefrom attribute`) or ablate.json (`wherefrom ablate`)"
     )
 
 

@@ -1,0 +1,254 @@
+"""``wherefrom ablate``: which setting flips a finding, one switch at a time between two presets.
+
+Starting from preset ``start`` (:data:`wherefrom.studies.presets.PRESETS`), the study methods run as a
+bench (:func:`wherefrom.studies.bench.run_bench`, its cache and tables) under ``start``, then once per
+switch (:data:`wherefrom.studies.presets.SWITCHES`) with that switch's settings taken from ``target``,
+and once under ``target`` itself. Explicit settings (``fixed``) hold in every run, so a switch made only
+of fixed settings is left out. Runs that fine-tune alike share the fine-tuned models
+(``out/finetunes/``, :attr:`wherefrom.studies.bench.BenchConfig.finetune_dir`).
+
+Outputs: ``out/runs/<run>/`` (one bench folder each: ``bench.json``, ``bench.md``, rows) and
+``out/ablate.json`` / ``out/ablate.md`` (``order``: the runs in order, ``start`` first) with three tables:
+
+* each run's metrics per method, mean and 95% Student-t interval over seeds (``acc``, ``cover`` for a
+  class task; ``auprc``, ``mrr`` for an identification task);
+* per switch and method, the change against ``start``: the mean over seeds of the paired differences
+  ``metric(switch, seed) - metric(start, seed)`` with its 95% t interval (:func:`wherefrom.studies.metrics.mean_stat`);
+* short rows: per run and method, the share of queries whose top-1 training row is among the shortest
+  :data:`SHORT_SHARE` of training rows (characters of prompt + completion: under left padding to a fixed
+  length the most padded) and the share won by the single most frequent top-1 row, pooled over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wherefrom.curvature.base import Progress, no_progress
+from wherefrom.studies.bench import BenchConfig, build_task, check_task_name, run_bench
+from wherefrom.studies.metrics import mean_stat
+from wherefrom.studies.presets import SWITCHES, check_preset, resolve, switched, switches_between
+from wherefrom.studies.toolkit import interval_cell, markdown_table, number, provenance, write_report
+
+__all__ = ["SHORT_SHARE", "STUDY_METHODS", "AblationConfig", "ablation_runs", "run_ablation"]
+
+STUDY_METHODS = ["ekfac", "gradsim", "repsim"]
+"""What ``ablate`` runs when ``--methods`` is not given (the reference study's EK-FAC-like influence,
+gradient similarity and RepSim; add ``lissa``, ``datainf`` where affordable)."""
+SHORT_SHARE = 0.1
+"""The share of training rows counted as short in the short-rows table."""
+_METRICS = {"class": ("acc", "cover"), "identify": ("auprc", "mrr")}
+
+
+@dataclass
+class AblationConfig:
+    """Settings of one ablation: ``task``, ``out``, the presets ``start`` and ``target``, ``methods``,
+    ``seeds``, sizes ``n_train`` / ``n_test``, ``model``, ``device``, and ``fixed``: explicit
+    :class:`wherefrom.studies.bench.BenchConfig` settings (``method_options`` included) that hold in every run."""
+
+    task: str
+    out: str
+    start: str = "reference-study"
+    target: str = "wherefrom"
+    methods: list[str] = field(default_factory=lambda: list(STUDY_METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    n_train: int | None = None
+    n_test: int | None = None
+    model: str | None = None
+    device: str | None = None
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for an unknown task or preset, presets that do not differ, or a bad run
+        (checked on every run's :class:`wherefrom.studies.bench.BenchConfig` before any work)."""
+        check_task_name(self.task)
+        check_preset(self.start)
+        check_preset(self.target)
+        if not switches_between(self.start, self.target, self.fixed, self.methods):
+            raise ValueError(
+                f"presets {self.start!r} and {self.target!r} do not differ once the explicit settings "
+                f"{sorted(self.fixed)} are applied: nothing to ablate"
+            )
+        for _, config in ablation_runs(self):
+            config.validate()
+
+
+def ablation_runs(config: AblationConfig) -> list[tuple[str, BenchConfig]]:
+    """``[(run name, bench config)]``: ``start``, one per switch that differs for these methods once the
+    fixed settings hold, then ``target``."""
+    start = resolve(config.start, config.fixed)
+    plans = [("start", start)]
+    plans += [
+        (name, switched(start, config.target, name, config.fixed))
+        for name in switches_between(config.start, config.target, config.fixed, config.methods)
+    ]
+    plans.append(("target", resolve(config.target, config.fixed)))
+    out = Path(config.out)
+    runs = []
+    for name, settings in plans:
+        preset = {"start": config.start, "target": config.target}.get(
+            name, f"{config.start} + {name} of {config.target}"
+        )
+        runs.append(
+            (
+                name,
+                BenchConfig(
+                    task=config.task,
+                    out=str(out / "runs" / name),
+                    methods=list(config.methods),
+                    seeds=list(config.seeds),
+                    n_train=config.n_train,
+                    n_test=config.n_test,
+                    model=config.model,
+                    device=config.device,
+                    preset=preset,
+                    finetune_dir=str(out / "finetunes"),
+                    **settings,
+                ),
+            )
+        )
+    return runs
+
+
+def _by_seed(report: dict[str, Any], method: str, metric: str) -> dict[int, float]:
+    return {
+        r["seed"]: r["metrics"][metric]
+        for r in report["rows"]
+        if r["method"] == method and not r["error"] and r["metrics"].get(metric) is not None
+    }
+
+
+def _short_rows(report: dict[str, Any], method: str, lengths: dict[int, dict[str, int]]) -> dict[str, Any]:
+    """Top-1 counts of one run and method, pooled over seeds: queries, those won by a short row, and by the
+    most frequent winner."""
+    queries = short = most = 0
+    for row in report["rows"]:
+        if row["method"] != method or row["error"] or not row.get("top1"):
+            continue
+        by_length = sorted(lengths[row["seed"]], key=lengths[row["seed"]].get)
+        shortest = set(by_length[: max(1, math.ceil(SHORT_SHARE * len(by_length)))])
+        queries += len(row["top1"])
+        short += sum(1 for winner in row["top1"] if winner in shortest)
+        most += Counter(row["top1"]).most_common(1)[0][1]
+    return {"queries": queries, "short_top1": short, "most_frequent_top1": most}
+
+
+def run_ablation(
+    config: AblationConfig,
+    progress: Progress = no_progress,
+    command: str = "",
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run every bench of :func:`ablation_runs` (resuming each from its folder) and write ``ablate.json`` /
+    ``ablate.md`` into ``config.out`` (see the module docstring); returns what ``ablate.json`` holds."""
+    config.validate()
+    say = log or (lambda _line: None)
+    reports: dict[str, dict[str, Any]] = {}
+    for name, bench in ablation_runs(config):
+        say(f"run {name}: {bench.preset}")
+        reports[name] = run_bench(bench, progress=progress, log=lambda line, name=name: say(f"{name}: {line}"))
+    kind = reports["start"]["kind"] or "class"
+    names = _METRICS[kind]
+    lengths = {}
+    for seed in config.seeds:
+        task = build_task(next(iter(ablation_runs(config)))[1], seed)
+        lengths[seed] = {r.id: len(r.prompt) + len(r.completion) for r in task.train}
+    changes: dict[str, dict[str, dict[str, Any]]] = {}
+    for run in reports:
+        if run == "start":
+            continue
+        changes[run] = {}
+        for method in config.methods:
+            entry = {}
+            for metric in names:
+                base, other = _by_seed(reports["start"], method, metric), _by_seed(reports[run], method, metric)
+                paired = [other[s] - base[s] for s in config.seeds if s in base and s in other]
+                entry[metric] = mean_stat(paired, within=(-1.0, 1.0))
+            changes[run][method] = entry
+    short = {run: {m: _short_rows(reports[run], m, lengths) for m in config.methods} for run in reports}
+    aggregates = {run: report["aggregate"] for run, report in reports.items()}
+    payload = {
+        **provenance(command),
+        "config": asdict(config),
+        "kind": kind,
+        "order": list(reports),
+        "switches": {run: list(SWITCHES.get(run, ())) for run in reports},
+        "runs": aggregates,
+        "changes": changes,
+        "short_rows": short,
+        "short_share": SHORT_SHARE,
+    }
+    write_report(Path(config.out) / "ablate", payload, markdown(payload, command))
+    return payload
+
+
+def markdown(payload: dict[str, Any], command: str) -> str:
+    """The three tables of an ablation (see the module docstring) as Markdown."""
+    config, names = payload["config"], _METRICS[payload["kind"]]
+    switches = "; ".join(f"{run}: {', '.join(keys)}" for run, keys in payload["switches"].items() if keys)
+    lines = [
+        f"# wherefrom ablate: {config['task']}, from {config['start']} to {config['target']}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Seeds {config['seeds']}; intervals are 95% Student-t over seeds. Runs: `start` = {config['start']}, "
+        f"`target` = {config['target']}, each other run = start with that switch's settings from {config['target']} "
+        f"({switches}).",
+        "",
+        "## Metrics per run",
+        "",
+    ]
+    rows = []
+    for run, aggregate in payload["runs"].items():
+        for method in config["methods"]:
+            entry = aggregate.get(method, {})
+            cells = [interval_cell(entry.get("metrics", {}).get(n)) for n in names]
+            rows.append([run, method, *cells, f"{entry.get('n_ok', 0)}/{entry.get('n_seeds', 0)}"])
+    lines += [markdown_table(["run", "method", *names, "seeds ok"], rows, ["---", "---", *["---:"] * (len(names) + 1)])]
+    lines += ["", "## Change against `start` (paired over seeds)", ""]
+    rows = [
+        [run, method, *(_signed(entry.get(n)) for n in names)]
+        for run, methods in payload["changes"].items()
+        for method, entry in methods.items()
+    ]
+    lines += [
+        markdown_table(["run", "method", *(f"Δ {n}" for n in names)], rows, ["---", "---", *["---:"] * len(names)])
+    ]
+    lines += [
+        "",
+        f"## Short rows among the top-1 (shortest {payload['short_share']:.0%} of training rows by characters)",
+        "",
+    ]
+    rows = []
+    for run, methods in payload["short_rows"].items():
+        for method, c in methods.items():
+            share = lambda k, c=c: number(c[k] / c["queries"], ".2f") if c["queries"] else "–"  # noqa: E731
+            rows.append(
+                [
+                    run,
+                    method,
+                    str(c["queries"]),
+                    f"{c['short_top1']} ({share('short_top1')})",
+                    f"{c['most_frequent_top1']} ({share('most_frequent_top1')})",
+                ]
+            )
+    lines += [
+        markdown_table(
+            ["run", "method", "queries", "top-1 is a short row", "top-1 is the most frequent winner (per seed)"],
+            rows,
+            ["---", "---", "---:", "---:", "---:"],
+        )
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _share(count: int, total: int) -> str:
+    return number(count / total, ".2f") if total else "–"
+
+
+def _signed(stat: dict[str, Any] | None) -> str:
+    return interval_cell(stat, "+.3f")

@@ -1,0 +1,154 @@
+"""Named bundles of bench settings: wherefrom's own and the reference study's, and the switches between them.
+
+A preset (:data:`PRESETS`) is a dict of :class:`wherefrom.studies.bench.BenchConfig` field values
+(``method_options`` merged per method). :func:`resolve` lays explicit settings over a preset; ``wherefrom
+bench --preset`` records the resolved settings in ``bench.json``. A switch (:data:`SWITCHES`) is a named
+group of preset keys that belong together; ``wherefrom ablate`` flips one switch at a time.
+
+``reference-study`` is what the released code of Li et al. (2024, Do Influence Functions Work on Large
+Language Models?), plumprc/Failures-of-Influence-Functions-in-LLMs at 93f9489, did:
+
+* ``template``: ``[INST] {prompt} [/INST] {completion}`` with BOS, no EOS (``utils.get_preprocessed_dataset``,
+  ``influence.py``); RepSim sees ``[INST] {prompt} [/INST]`` (``repsim.py``).
+* ``padded-loss``: rows left-padded with the padding id (the reference: EOS) to 128 tokens, ``labels =
+  input_ids``: the loss runs over all 127 next-token positions, padding, prompt and tags included
+  (``collect_gradient``). The reference takes the *mean* over them; at a fixed length the mean is the sum
+  / 127, a constant that cancels under the relative damping and never changes a ranking, so the
+  reduction stays ``sum`` (which also lets LiSSA and CG, which need the summed loss, run).
+* ``fisher``: the reference preconditions with its training rows' own gradients (empirical Fisher) and
+  damps each block with ``lambda = mean over rows of mean(g^2) / 10`` (``calculate_lambda_const``). That
+  mean is ``trace(G_emp) / P`` per block, i.e. ``0.1 x`` the mean eigenvalue of the empirical Fisher: our
+  default damping rule on ``fisher="empirical"`` for the per-module strategies (exact for EK-FAC, whose
+  corrected eigenvalues average to it, and DataInf; K-FAC's Kronecker eigenvalues and LiSSA's joint
+  Hutchinson trace approximate it).
+* ``lissa``: ``damping_sign="reference"``, ``depth`` 3, ``scale`` 1e-3 (``influence_function``,
+  ``hvp_cal='LiSSA'``, :class:`wherefrom.curvature.iterative.LiSSA`).
+* ``finetune``: LoRA alpha 32, dropout 0.1 (rank 4 on q_proj/v_proj as ours), batch 24, 10 epochs, AdamW
+  5e-5 decayed linearly (``finetune.py`` with the Hugging Face ``Trainer`` defaults).
+
+Shared by both presets (nothing to switch): per-example gradients of the final adapter's LoRA matrices,
+each A and B its own block, model in eval mode (``collect_gradient``; wherefrom's default tracking),
+RepSim on the last layer's last prompt token by cosine.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from wherefrom.core.encoding import REFERENCE_TEMPLATE
+
+__all__ = ["PRESETS", "SWITCHES", "check_preset", "resolve", "switched", "switches_between"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "wherefrom": {
+        "template": None,
+        "append_eos": True,
+        "pad_left": False,
+        "loss_tokens": "completion",
+        "max_length": 512,
+        "fisher": "true",
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "lr_schedule": "constant",
+        "learning_rate": 1e-3,
+        "batch_size": 8,
+        "epochs": 2,
+        "method_options": {"lissa": {}},
+    },
+    "reference-study": {
+        "template": REFERENCE_TEMPLATE,
+        "append_eos": False,
+        "pad_left": True,
+        "loss_tokens": "all",
+        "max_length": 128,
+        "fisher": "empirical",
+        "lora_alpha": 32,
+        "lora_dropout": 0.1,
+        "lr_schedule": "linear",
+        "learning_rate": 5e-5,
+        "batch_size": 24,
+        "epochs": 10,
+        "method_options": {"lissa": {"damping_sign": "reference", "depth": 3, "scale": 1e-3}},
+    },
+}
+"""Each preset's settings (the same keys in every preset, so each switch has a value on both sides)."""
+
+SWITCHES: dict[str, tuple[str, ...]] = {
+    "template": ("template", "append_eos"),
+    "padded-loss": ("pad_left", "loss_tokens", "max_length"),
+    "fisher": ("fisher",),
+    "lissa": ("method_options.lissa",),
+    "finetune": ("lora_alpha", "lora_dropout", "lr_schedule", "learning_rate", "batch_size", "epochs"),
+}
+"""Named groups of preset keys flipped together by ``wherefrom ablate`` (``method_options.<method>``: that
+method's options)."""
+
+
+def check_preset(name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` and the presets unless it is in :data:`PRESETS`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+
+
+def _get(settings: Mapping[str, Any], key: str) -> Any:
+    if key.startswith("method_options."):
+        return settings["method_options"].get(key.split(".", 1)[1], {})
+    return settings[key]
+
+
+def _set(settings: dict[str, Any], key: str, value: Any) -> None:
+    if key.startswith("method_options."):
+        settings["method_options"][key.split(".", 1)[1]] = copy.deepcopy(value)
+    else:
+        settings[key] = value
+
+
+def resolve(preset: str, explicit: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of ``preset`` with ``explicit`` laid over them: a plain key replaces the preset's value,
+    ``method_options`` are merged per method and option (an explicit option wins). ``ValueError`` for an
+    unknown preset."""
+    check_preset(preset)
+    settings = copy.deepcopy(PRESETS[preset])
+    for key, value in explicit.items():
+        if key == "method_options":
+            for method, options in value.items():
+                settings["method_options"][method] = {**settings["method_options"].get(method, {}), **options}
+        else:
+            settings[key] = value
+    return settings
+
+
+def switched(start: Mapping[str, Any], target: str, switch: str, fixed: Mapping[str, Any]) -> dict[str, Any]:
+    """``start`` (resolved settings) with the keys of ``switch`` taken from preset ``target``, except keys
+    the user fixed (``fixed``: explicit settings, which hold in every run)."""
+    if switch not in SWITCHES:
+        raise ValueError(f"unknown switch {switch!r}; choose one of {list(SWITCHES)}")
+    settings = copy.deepcopy(dict(start))
+    for key in SWITCHES[switch]:
+        if key in fixed:
+            continue
+        _set(settings, key, _get(PRESETS[target], key))
+    return _with_fixed_options(settings, fixed)
+
+
+def _with_fixed_options(settings: dict[str, Any], fixed: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with the explicit method options of ``fixed`` merged in again (they hold in every run)."""
+    for method, options in fixed.get("method_options", {}).items():
+        settings["method_options"][method] = {**settings["method_options"].get(method, {}), **options}
+    return settings
+
+
+def switches_between(
+    start: str, target: str, fixed: Mapping[str, Any], methods: Sequence[str] | None = None
+) -> list[str]:
+    """The switches whose settings differ between presets ``start`` and ``target`` once ``fixed`` (explicit
+    settings) are laid over both, in :data:`SWITCHES` order; given ``methods``, a method's options count
+    only when it is among them."""
+    a, b = resolve(start, fixed), resolve(target, fixed)
+
+    def matters(key: str) -> bool:
+        return methods is None or not key.startswith("method_options.") or key.split(".", 1)[1] in methods
+
+    return [name for name, keys in SWITCHES.items() if any(matters(k) and _get(a, k) != _get(b, k) for k in keys)]

@@ -1,0 +1,105 @@
+"""Presets (``bench --preset``) and ``wherefrom ablate`` on a tiny Llama."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.cli.conftest import invoke
+from wherefrom.core.encoding import REFERENCE_TEMPLATE
+from wherefrom.models.tiny import save_tiny
+from wherefrom.studies.presets import PRESETS, SWITCHES, resolve, switched, switches_between
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(save_tiny(tmp_path_factory.mktemp("ablate") / "model", arch="llama"))
+
+
+def test_presets_share_keys_and_resolve_explicit_settings_over_them():
+    assert PRESETS["reference-study"].keys() == PRESETS["wherefrom"].keys()
+    keys = {k for group in SWITCHES.values() for k in group}
+    assert keys == {k for k in PRESETS["wherefrom"] if k != "method_options"} | {"method_options.lissa"}
+    settings = resolve(
+        "reference-study", {"epochs": 1, "method_options": {"lissa": {"depth": 5}, "repsim": {"layer": 2}}}
+    )
+    assert settings["epochs"] == 1 and settings["template"] == REFERENCE_TEMPLATE and settings["lora_alpha"] == 32
+    assert settings["method_options"] == {
+        "lissa": {"damping_sign": "reference", "depth": 5, "scale": 1e-3},
+        "repsim": {"layer": 2},
+    }
+    assert PRESETS["reference-study"]["epochs"] == 10  # resolving copies, never edits the preset
+    flipped = switched(settings, "wherefrom", "lissa", {"method_options": {"lissa": {"depth": 5}}})
+    assert flipped["method_options"]["lissa"] == {"depth": 5} and flipped["template"] == REFERENCE_TEMPLATE
+    assert switched(settings, "wherefrom", "finetune", {"epochs": 1})["epochs"] == 1  # a fixed setting holds
+    assert switches_between("reference-study", "wherefrom", {}) == list(SWITCHES)
+    assert "lissa" not in switches_between("reference-study", "wherefrom", {}, methods=["gradsim"])
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        resolve("nope", {})
+
+
+def test_bench_preset_records_resolved_settings_and_flags_override(tmp_path, tiny_model):
+    out = tmp_path / "bench"
+    result = invoke(
+        "bench", "--task", "rules", "--n-train", "12", "--n-test", "3", "--methods", "gradsim", "--model", tiny_model,
+        "--device", "cpu", "--preset", "reference-study", "--epochs", "1", "--option", "lissa.depth=2", "--out", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "bench.json").read_text())["config"]
+    assert config["preset"] == "reference-study" and config["epochs"] == 1  # the flag beats the preset's 10
+    assert config["template"] == REFERENCE_TEMPLATE and config["append_eos"] is False and config["pad_left"] is True
+    assert config["loss_tokens"] == "all" and config["max_length"] == 128 and config["fisher"] == "empirical"
+    assert (config["lora_alpha"], config["lora_dropout"], config["lr_schedule"]) == (32, 0.1, "linear")
+    assert config["method_options"]["lissa"] == {"damping_sign": "reference", "depth": 2, "scale": 1e-3}
+    row = json.loads((out / "seed-0" / "gradsim.json").read_text())
+    assert row["error"] is None and len(row["top1"]) == 3
+    bad = invoke("bench", "--task", "rules", "--preset", "nope", "--out", tmp_path / "x")
+    assert (
+        bad.exit_code == 2 and "--preset nope: unknown preset; choose one of reference-study, wherefrom" in bad.output
+    )
+
+
+def test_ablate_two_switches_on_tiny_model(tmp_path, tiny_model):
+    """Fine-tuning and the padded loss fixed by flags (at non-default values), LiSSA not run: two switches
+    remain (template, fisher). Each run's bench records its settings; runs that fine-tune alike share one
+    fine-tuned model; the report gives paired changes with intervals over the two seeds and the short-rows
+    counts."""
+    out = tmp_path / "ablate"
+    result = invoke(
+        "ablate", "--task", "rules", "--from", "reference-study", "--to", "wherefrom", "--n-train", "12",
+        "--n-test", "3", "--seeds", "0,1", "--methods", "gradsim,ekfac", "--model", tiny_model, "--device", "cpu",
+        "--epochs", "1", "--learning-rate", "0.01", "--batch-size", "4", "--lora-alpha", "16",
+        "--lora-dropout", "0.05", "--lr-schedule", "linear", "--pad-left", "--loss-tokens", "all",
+        "--max-length", "128", "--out", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "ablate.json").read_text())
+    assert report["order"] == ["start", "template", "fisher", "target"] and set(report["runs"]) == set(report["order"])
+    configs = {run: json.loads((out / "runs" / run / "bench.json").read_text())["config"] for run in report["runs"]}
+    assert configs["start"]["template"] == REFERENCE_TEMPLATE and configs["start"]["fisher"] == "empirical"
+    assert configs["template"]["template"] is None and configs["template"]["append_eos"] is True
+    assert configs["template"]["fisher"] == "empirical"
+    assert configs["fisher"]["fisher"] == "true" and configs["fisher"]["template"] == REFERENCE_TEMPLATE
+    assert configs["target"]["template"] is None and configs["target"]["fisher"] == "true"
+    for config in configs.values():  # the fixed settings hold everywhere
+        assert (config["epochs"], config["batch_size"], config["pad_left"], config["loss_tokens"]) == (
+            1,
+            4,
+            True,
+            "all",
+        )
+    assert len(list((out / "finetunes").iterdir())) == 2 * 2  # two distinct fine-tunings x two seeds
+    for run in ("template", "fisher", "target"):
+        for method in ("gradsim", "ekfac"):
+            for metric in ("acc", "cover"):
+                stat = report["changes"][run][method][metric]
+                assert stat["n"] == 2 and -1 <= stat["low"] <= stat["mean"] <= stat["high"] <= 1
+    short = report["short_rows"]["start"]["gradsim"]
+    assert short["queries"] == 6 and 0 <= short["short_top1"] <= 6 and 1 <= short["most_frequent_top1"] <= 6
+    text = (out / "ablate.md").read_text()
+    assert "## Change against `start`" in text and "| fisher | ekfac |" in text and "top-1 is a short row" in text
+    shown = invoke("report", out)
+    assert shown.exit_code == 0, shown.output
+    html = (out / "report.html").read_text()
+    assert "Run template" in html and "Change against the start run" in html and "fisher: ekfac" in html
