@@ -195,7 +195,7 @@ def _row_path(out: Path, seed: int, method: str) -> Path:
 def _metrics(task: BenchTask, scores) -> dict[str, Any]:
     if task.kind == "class":
         return class_attribution(scores, {r.id: r.label for r in task.train}, {r.id: r.label for r in task.test})
-    return identification(scores, task.targets)
+    return identification(scores, task.targets, k=task.recall_k)
 
 
 def scored_method(
@@ -307,7 +307,7 @@ def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[st
 
 def markdown(summary: dict[str, Any], kind: str, command: str, title: str) -> str:
     """The aggregate as a Markdown table: method x metrics ("mean [low, high]" over seeds), time, memory."""
-    names = ["acc", "cover", "mrr"] if kind == "class" else ["auprc", "auroc", "mrr", "recall_at_k"]
+    names = ["acc", "cover", "mrr"] if kind == "class" else ["auprc", "auroc", "mrr", "recall_at_k", "acc"]
     rows = []
     for method, entry in summary.items():
         if not entry["n_ok"]:
