@@ -22,6 +22,7 @@ from wherefrom.studies.benchtasks import (
     TASKS,
     TRIGGERS,
     BenchTask,
+    as_identification,
     backdoor,
     fact_tracing,
     from_path,
@@ -361,3 +362,30 @@ def test_subsampled_is_class_balanced_seeded_and_ordered() -> None:
         subsampled(task, 0, 5, seed=0)
     with pytest.raises(ValueError, match="only class tasks"):
         subsampled(backdoor(n_train=40, n_test=2), 10, 1, seed=0)
+
+
+def test_as_identification_targets_the_rows_with_the_query_label() -> None:
+    task = rule_rewriting(n_train=30, n_test=6, seed=1)
+    ident = as_identification(task)
+    assert ident.kind == "identify" and ident.train == task.train and ident.test == task.test
+    for query in task.test:
+        assert ident.targets[query.id] == [r.id for r in task.train if r.label == query.label]
+    lonely = BenchTask("t", "class", task.train, [Record("q", "p", " c", "unseen")])
+    with pytest.raises(ValueError, match="unseen"):
+        as_identification(lonely)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared datasets not present")
+@pytest.mark.parametrize(
+    "name,relevant",
+    [("mixedS", {"harmful"}), ("mixedL", {"harmful"}), ("backdoor", {"backdoor", "clean"}), ("multibackdoor", None)],
+)
+def test_shared_identification_sets(name: str, relevant: set[str] | None) -> None:
+    task = as_identification(from_path(name, SHARED / f"{name}.train.jsonl", SHARED / f"{name}.test.jsonl"))
+    labels = {r.id: r.label for r in task.train}
+    assert set(task.targets) == {r.id for r in task.test}
+    for query in task.test:
+        assert relevant is None or query.label in relevant
+        assert {labels[t] for t in task.targets[query.id]} == {query.label}
+    if name.startswith("mixed"):
+        assert all(len(t) == 20 for t in task.targets.values())  # the 20 harmful rows (README)

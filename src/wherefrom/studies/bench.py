@@ -29,13 +29,14 @@ from typing import Any
 
 from wherefrom.core.commandline import command_line as render_command
 from wherefrom.core.commandline import field_flags
+from wherefrom.core.data import DataError
 from wherefrom.core.option_pairs import format_option_pairs, options_for
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import check_methods, in_family, make_method
 from wherefrom.models.finetune import FinetuneConfig, FinetuneResult, finetune
 from wherefrom.models.loading import LoadedModel, load_model, pick_device
-from wherefrom.studies.benchtasks import TASKS, BenchTask, from_path, subsampled
+from wherefrom.studies.benchtasks import TASKS, BenchTask, as_identification, from_path, subsampled
 from wherefrom.studies.metrics import class_attribution, identification, mean_stat
 from wherefrom.studies.toolkit import (
     cached,
@@ -76,7 +77,8 @@ class BenchConfig:
     """Settings of one benchmark: task, methods, seeds, fine-tuning, attribution batching, output.
 
     ``task``: a name in :data:`wherefrom.studies.benchtasks.TASKS` or ``"path:<train file>:<test file>"``
-    (a labelled class task, :func:`wherefrom.studies.benchtasks.from_path`; the same files for every seed).
+    (a labelled class task, :func:`wherefrom.studies.benchtasks.from_path`; the same files for every seed;
+    with ``":identify"`` appended, an identification task, :func:`make_task`).
     ``n_train`` / ``n_test``: ``None`` keeps the task's default (a file task: all its rows; a size
     draws a class-balanced subset per seed, :func:`wherefrom.studies.benchtasks.subsampled`). ``model``: local model folder
     (``None``: the default model). ``method_options``: ``{method: {key: value}}`` passed to
@@ -128,21 +130,41 @@ def build_task(config: BenchConfig, seed: int) -> BenchTask:
     return make_task(config.task, config.n_train, config.n_test, seed)
 
 
+def _file_task(task: str) -> tuple[str, str, bool]:
+    """``(train, test, identify)`` of a ``path:<train>:<test>[:identify]`` task; ``ValueError`` otherwise."""
+    parts = task.split(":")
+    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "identify"):
+        raise ValueError(
+            f"task {task!r}: expected path:<train file>:<test file> or path:<train file>:<test file>:identify"
+        )
+    return parts[1], parts[2], len(parts) == 4
+
+
 def check_task_name(task: str) -> None:
-    """Raise ``ValueError`` unless ``task`` is a name in :data:`wherefrom.studies.benchtasks.TASKS` or ``path:<train>:<test>``."""
-    if not task.startswith("path:") and task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)} or path:<train>:<test>")
-    if task.startswith("path:") and len(task.split(":")) != 3:
-        raise ValueError(f"task {task!r}: expected path:<train file>:<test file>")
+    """Raise ``ValueError`` unless ``task`` is a name in :data:`wherefrom.studies.benchtasks.TASKS` or
+    ``path:<train>:<test>[:identify]``, and :class:`wherefrom.core.data.DataError` (a ``ValueError``)
+    naming the file when a path task's file does not exist (checked before any fine-tuning starts)."""
+    if not task.startswith("path:"):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)} or path:<train>:<test>[:identify]")
+        return
+    for path in _file_task(task)[:2]:
+        if not Path(path).exists():
+            raise DataError(
+                f"{path}: file not found (task {task!r}; the reference study's sets are in shared/datasets, "
+                f"see its README)"
+            )
 
 
 def make_task(task: str, n_train: int | None, n_test: int | None, seed: int) -> BenchTask:
     """A task by name (:data:`wherefrom.studies.benchtasks.TASKS`) or ``"path:<train>:<test>"`` (a class
-    task from files, cut to a class-balanced ``n_train`` / ``n_test`` per seed); ``None`` sizes keep
-    the task's default."""
+    task from files, cut to a class-balanced ``n_train`` / ``n_test`` per seed); a ``:identify`` suffix
+    reads the files as identification (:func:`wherefrom.studies.benchtasks.as_identification`: find the
+    training rows with the query's label). ``None`` sizes keep the task's default."""
     if task.startswith("path:"):
-        _, train, test = task.split(":")
-        return subsampled(from_path(Path(train).stem, train, test), n_train, n_test, seed)
+        train, test, identify = _file_task(task)
+        cut = subsampled(from_path(Path(train).stem, train, test), n_train, n_test, seed)
+        return as_identification(cut) if identify else cut
     sizes = {k: v for k, v in (("n_train", n_train), ("n_test", n_test)) if v is not None}
     return TASKS[task](seed=seed, **sizes)
 

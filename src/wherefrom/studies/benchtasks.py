@@ -30,10 +30,12 @@ the tasks above are solved by BM25, whose AUPRC / Acc is 1.00 on them):
 * ``unwanted-paraphrase`` (:func:`unwanted_behaviour` with ``paraphrased=True``): the complying rows
   and the queries ask for, and reveal, secrets in different words.
 
-:func:`from_path` loads a class task from files (e.g. ``shared/datasets/emotion.train.jsonl``).
+:func:`from_path` loads a class task from files (e.g. ``shared/datasets/emotion.train.jsonl``);
+:func:`as_identification` reads a labelled file task as identification (the reference study's
+harmful-data and backdoor sets: ``mixedS``, ``mixedL``, ``backdoor``, ``multibackdoor``).
 :data:`TASKS` names the generated tasks.
 
-Ids are ``train-0000``... and ``test-0000``...; no prompt appears twice within or across splits.
+Generated ids are ``train-0000``... and ``test-0000``...; no prompt appears twice within or across splits.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ __all__ = [
     "TRIGGERS",
     "BenchTask",
     "MathTemplate",
+    "as_identification",
     "backdoor",
     "fact_tracing",
     "from_path",
@@ -833,6 +836,30 @@ def from_path(name: str, train_path: str | Path, test_path: str | Path) -> Bench
         train=train,
         test=test,
         description=f"Class attribution on {Path(train_path).name} / {Path(test_path).name}.",
+    )
+
+
+def as_identification(task: BenchTask) -> BenchTask:
+    """A labelled class task read as identification: each query's targets are the training rows
+    with its label (e.g. ``harmful`` in the reference study's ``mixedS``/``mixedL``, ``backdoor`` or
+    ``clean`` in its ``backdoor`` sets: Li et al. 2024 ask that a query's top rows share its label).
+
+    Scored by :func:`wherefrom.studies.metrics.identification`: its ``acc`` (top-1 row has the label)
+    and ``recall_at_k`` (``k`` = the label's row count, so recall = precision at k) are the reference
+    study's Acc and Cover. Raises ``ValueError`` naming the label when a query's label has no
+    training row.
+    """
+    rows: dict[str, list[str]] = {}
+    for record in task.train:
+        rows.setdefault(str(record.label), []).append(record.id)
+    missing = sorted({str(r.label) for r in task.test} - set(rows))
+    if missing:
+        raise ValueError(f"task {task.name!r}: query label(s) {missing} have no training row; labels: {sorted(rows)}")
+    return replace(
+        task,
+        kind="identify",
+        targets={r.id: list(rows[str(r.label)]) for r in task.test},
+        description=f"Identification: find the training rows with the query's label ({task.description})",
     )
 
 
