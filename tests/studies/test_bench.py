@@ -206,3 +206,14 @@ def test_file_identification_task_and_missing_file(tmp_path):
         check_task_name(spec + ":other")
     with pytest.raises(DataError, match=r"nothere\.jsonl: file not found"):
         check_task_name(f"path:{tmp_path / 'nothere.jsonl'}:{tmp_path / 'b.jsonl'}:identify")
+
+
+def test_bm25_alone_needs_no_model(tmp_path):
+    config = BenchConfig(task="facts", out=str(tmp_path), methods=["bm25"], seeds=[0, 1], n_train=40, n_test=8)
+    config.model = str(tmp_path / "no-such-model")  # would fail to load: BM25 alone must not load it
+    report = run_bench(config)
+    assert not list(tmp_path.glob("seed-*/finetune"))
+    rows = report["rows"]
+    assert [r["error"] for r in rows] == [None, None]
+    assert all(r["metrics"]["k"] == 10 and r["metrics"]["mrr"] < 0.6 for r in rows)  # the facts task's recall at 10
+    assert "| method | auprc | auroc | mrr | recall_at_k | acc |" in (tmp_path / "bench.md").read_text()

@@ -1,8 +1,9 @@
 """``wherefrom bench``: every method on a benchmark task, over seeds, with metrics, time and memory.
 
 For each seed: build the task (:data:`wherefrom.studies.benchtasks.TASKS`, or files with
-``"path:<train>:<test>"``), LoRA-fine-tune a fresh base model on its training rows (cached under
-``out/seed-<s>/finetune`` by :func:`wherefrom.models.finetune.finetune`), then run every method (fit +
+``"path:<train>:<test>[:identify]"``), LoRA-fine-tune a fresh base model on its training rows (cached under
+``out/seed-<s>/finetune`` by :func:`wherefrom.models.finetune.finetune`; skipped when every method left
+to run needs no model, e.g. ``--methods bm25``), then run every method (fit +
 scores, timed with :func:`wherefrom.studies.toolkit.measured`) and score it with
 :func:`wherefrom.studies.metrics.class_attribution` (``kind == "class"``) or
 :func:`wherefrom.studies.metrics.identification` (``kind == "identify"``). A method that raises gets an
@@ -267,7 +268,8 @@ def finetuned(config: BenchConfig, seed: int, task: BenchTask) -> tuple[LoadedMo
 
 def method_row(config: BenchConfig, task: BenchTask, seed: int, method: str, tuned, tokenizer) -> dict[str, Any]:
     """One bench row: ``method`` fitted and scored on ``task`` with the fine-tuned ``tuned.model`` (:func:`scored_method`;
-    ``tracin`` gets ``tuned.checkpoints`` and a loader of the base model), then its metrics.
+    ``tracin`` gets ``tuned.checkpoints`` and a loader of the base model), then its metrics. ``tuned`` and
+    ``tokenizer`` are ``None`` for a method that needs no model (the ``lexical`` family: BM25).
 
     Returns ``{seed, method, metrics, seconds, peak_mib, error}``: ``metrics`` from
     :func:`wherefrom.studies.metrics.class_attribution` (``task.kind == "class"``) or
@@ -285,7 +287,7 @@ def method_row(config: BenchConfig, task: BenchTask, seed: int, method: str, tun
         damping_factor=config.damping_factor,
     )
     scores, usage = scored_method(
-        method, tuned.model, tokenizer, attribution, options, task.train, task.test, config.device
+        method, tuned and tuned.model, tokenizer, attribution, options, task.train, task.test, config.device
     )
     row: dict[str, Any] = {"seed": seed, "method": method, "metrics": None, **usage}
     if scores is not None:
@@ -371,7 +373,7 @@ def run_bench(
         keys = {m: _key(config, seed, m) for m in config.methods}
         done = {m: cached(_row_path(out, seed, m), keys[m]) for m in config.methods}
         tuned = loaded = None
-        if any(done[m] is None for m in config.methods):
+        if any(done[m] is None and not in_family(m, "lexical") for m in config.methods):
             loaded, tuned = finetuned(config, seed, task)
             say(f"seed {seed}: {'reused' if tuned.reused else 'trained'} the fine-tuned model")
         for method in progress(config.methods, f"seed {seed}"):
@@ -382,7 +384,7 @@ def run_bench(
             row = store(
                 _row_path(out, seed, method),
                 keys[method],
-                method_row(config, task, seed, method, tuned, loaded.tokenizer),
+                method_row(config, task, seed, method, tuned, loaded and loaded.tokenizer),
             )
             say(f"seed {seed} {method}: " + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s"))
             rows.append(row)
