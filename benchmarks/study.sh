@@ -7,6 +7,8 @@
 #
 # Environment knobs (defaults = the CPU size whose tables are in benchmarks/results/study-smollm2):
 #   SEEDS=0,1,2  N_TRAIN=40 (backdoor-multi: 1.5x)  N_TEST=8  EPOCHS=2  TASKS="rules math ..."  DATA=../shared/datasets
+#   TASKS may also name the BM25-hard tasks (backdoor-paraphrase facts unwanted-paraphrase) and the reference
+#   study's identification sets in DATA (mixedS mixedL multibackdoor, and backdoor-sudo = its backdoor set)
 #   METHODS=ekfac,kfac,datainf,gradsim,tracin,repsim,bm25  LISSA="depth=... batch_size=..."
 #   LISSA_TASKS="rules"   tasks that also run lissa (GGN-vector products through SmolLM2 cost ~10 min
 #                         a seed at the default size on 2 CPU cores, so by default only one task)
@@ -35,6 +37,8 @@ for pair in $LISSA; do extra+=(--option "lissa.$pair"); done
 for name in $TASKS; do
   case "$name" in
     emotion|grammars) task="path:$DATA/$name.train.jsonl:$DATA/$name.test.jsonl" ;;
+    mixedS|mixedL|multibackdoor) task="path:$DATA/$name.train.jsonl:$DATA/$name.test.jsonl:identify" ;;
+    backdoor-sudo) task="path:$DATA/backdoor.train.jsonl:$DATA/backdoor.test.jsonl:identify" ;;  # the file set, not the generated task
     *) task="$name" ;;
   esac
   n_train=$N_TRAIN

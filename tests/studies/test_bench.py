@@ -213,6 +213,7 @@ def test_bm25_alone_needs_no_model(tmp_path):
     config.model = str(tmp_path / "no-such-model")  # would fail to load: BM25 alone must not load it
     report = run_bench(config)
     assert not list(tmp_path.glob("seed-*/finetune"))
+    assert report["headline"] == "mrr"  # the summary's metric for fact tracing
     rows = report["rows"]
     assert [r["error"] for r in rows] == [None, None]
     assert all(r["metrics"]["k"] == 10 and r["metrics"]["mrr"] < 0.6 for r in rows)  # the facts task's recall at 10

@@ -248,7 +248,8 @@ def test_paraphrased_backdoor_rejects_too_few_triggered_rows() -> None:
 def test_fact_tracing_targets_state_the_asked_fact(seed: int) -> None:
     task = fact_tracing(n_train=40, n_test=8, seed=seed)
     _check_common(task)
-    assert task.kind == "identify" and task.recall_k == 10
+    assert task.kind == "identify" and task.recall_k == 10 and task.headline_metric == "mrr"
+    assert backdoor(n_train=40, n_test=2).headline_metric == "auprc" and rule_rewriting(10, 2).headline_metric == "acc"
     by_id = {r.id: r for r in task.train}
     people = Counter(r.prompt.rsplit(" ", 3)[0] for r in task.train)
     assert len(people) == 8 and set(people.values()) == {len(FACT_RELATIONS)}

@@ -366,10 +366,10 @@ def run_bench(
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    kind = title = None
+    kind = title = headline = None
     for seed in config.seeds:
         task = build_task(config, seed)
-        kind, title = task.kind, task.description or task.name
+        kind, title, headline = task.kind, task.description or task.name, task.headline_metric
         keys = {m: _key(config, seed, m) for m in config.methods}
         done = {m: cached(_row_path(out, seed, m), keys[m]) for m in config.methods}
         tuned = loaded = None
@@ -398,6 +398,7 @@ def run_bench(
         **provenance(command),
         "config": asdict(config),
         "kind": kind,
+        "headline": headline,
         "rows": [dict(r.items()) for r in rows],
         "aggregate": summary,
     }

@@ -86,7 +86,8 @@ class BenchTask:
     ``kind == "class"``: labels on the records carry the question; ``targets`` is empty.
     ``kind == "identify"``: ``targets`` maps each test id to the train ids to find; ``recall_k`` is
     the ``k`` of its ``recall_at_k`` (:func:`wherefrom.studies.metrics.identification`; ``None``: the
-    number of targets of each query).
+    number of targets of each query). ``headline``: the metric a summary reports first (``None``:
+    ``acc`` for a class task, ``auprc`` for identification; :attr:`headline_metric`).
     """
 
     name: str
@@ -96,6 +97,12 @@ class BenchTask:
     targets: dict[str, list[str]] = field(default_factory=dict)
     description: str = ""
     recall_k: int | None = None
+    headline: str | None = None
+
+    @property
+    def headline_metric(self) -> str:
+        """``headline``, or its default for the task's kind."""
+        return self.headline or ("acc" if self.kind == "class" else "auprc")
 
     def __post_init__(self) -> None:
         if self.kind not in ("class", "identify"):
@@ -646,6 +653,7 @@ def fact_tracing(n_train: int = 200, n_test: int = 20, seed: int = 0) -> BenchTa
             f"queries ask a fact in other words; find the row that states it."
         ),
         recall_k=10,
+        headline="mrr",
     )
 
 
