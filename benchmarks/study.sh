@@ -7,10 +7,13 @@
 #
 # Environment knobs (defaults = the CPU size whose tables are in benchmarks/results/study-smollm2):
 #   SEEDS=0,1,2  N_TRAIN=40 (backdoor-multi: 1.5x)  N_TEST=8  EPOCHS=2  TASKS="rules math ..."  DATA=../shared/datasets
+#   TASKS may also name the BM25-hard tasks (backdoor-paraphrase facts unwanted-paraphrase) and the reference
+#   study's identification sets in DATA (mixedS mixedL multibackdoor, and backdoor-sudo = its backdoor set)
 #   METHODS=ekfac,kfac,datainf,gradsim,tracin,repsim,bm25  LISSA="depth=... batch_size=..."
 #   LISSA_TASKS="rules"   tasks that also run lissa (GGN-vector products through SmolLM2 cost ~10 min
 #                         a seed at the default size on 2 CPU cores, so by default only one task)
-#   RESULTS=benchmarks/results/study-smollm2  MODEL=<local model folder>  DEVICE=cuda|cpu
+#   RESULTS=benchmarks/results/study-smollm2  MODEL=<local model folder>  DEVICE=cuda|cpu  THREADS=<CPU threads>
+#   MAX_LENGTH=256 (the reference study's harmful and backdoor rows need 320: nothing is truncated)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-.cache/study}
@@ -18,6 +21,7 @@ SEEDS=${SEEDS:-0,1,2}
 N_TRAIN=${N_TRAIN:-40}
 N_TEST=${N_TEST:-8}
 EPOCHS=${EPOCHS:-2}
+MAX_LENGTH=${MAX_LENGTH:-256}
 DATA=${DATA:-../shared/datasets}
 METHODS=${METHODS:-ekfac,kfac,datainf,gradsim,tracin,repsim,bm25}
 LISSA_TASKS=${LISSA_TASKS:-rules}
@@ -30,11 +34,14 @@ mkdir -p "$WORK"
 extra=()
 [[ -n "${MODEL:-}" ]] && extra+=(--model "$MODEL")
 [[ -n "${DEVICE:-}" ]] && extra+=(--device "$DEVICE")
+[[ -n "${THREADS:-}" ]] && extra+=(--threads "$THREADS")
 for pair in $LISSA; do extra+=(--option "lissa.$pair"); done
 
 for name in $TASKS; do
   case "$name" in
     emotion|grammars) task="path:$DATA/$name.train.jsonl:$DATA/$name.test.jsonl" ;;
+    mixedS|mixedL|multibackdoor) task="path:$DATA/$name.train.jsonl:$DATA/$name.test.jsonl:identify" ;;
+    backdoor-sudo) task="path:$DATA/backdoor.train.jsonl:$DATA/backdoor.test.jsonl:identify" ;;  # the file set, not the generated task
     *) task="$name" ;;
   esac
   n_train=$N_TRAIN
@@ -44,7 +51,7 @@ for name in $TASKS; do
   [[ " $LISSA_TASKS " == *" $name "* ]] && methods="$methods,lissa"
   start=$(date +%s)
   "$WHEREFROM" bench --task "$task" --methods "$methods" --seeds "$SEEDS" --n-train "$n_train" \
-    --n-test "$N_TEST" --epochs "$EPOCHS" --max-length 256 "${extra[@]}" --out "$WORK/$name" > "$WORK/$name.log" 2>&1 \
+    --n-test "$N_TEST" --epochs "$EPOCHS" --max-length "$MAX_LENGTH" "${extra[@]}" --out "$WORK/$name" > "$WORK/$name.log" 2>&1 \
     || { echo "$name: failed, see $WORK/$name.log" >&2; continue; }
   mkdir -p "$RESULTS/$name"
   cp "$WORK/$name/bench.md" "$WORK/$name/bench.json" "$RESULTS/$name/"

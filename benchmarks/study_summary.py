@@ -1,5 +1,6 @@
-"""One table over every task of a study folder: each method's headline metric (Acc for class tasks,
-AUPRC for identification tasks), mean over seeds, read from each ``<task>/bench.json``.
+"""One table over every task of a study folder: each method's headline metric (the ``headline`` its
+``bench.json`` records, e.g. MRR for ``facts``; older reports: Acc for class tasks, AUPRC for
+identification tasks), mean over seeds, read from each ``<task>/bench.json``.
 
     python benchmarks/study_summary.py [benchmarks/results/study-smollm2]   # writes summary.md there
 """
@@ -12,8 +13,24 @@ from pathlib import Path
 
 from wherefrom.core.store import atomic_write_text
 
-TASK_ORDER = ["rules", "math", "emotion", "grammars", "backdoor", "backdoor-multi", "unwanted"]
+TASK_ORDER = [
+    "rules",
+    "math",
+    "emotion",
+    "grammars",
+    "backdoor",
+    "backdoor-multi",
+    "unwanted",
+    "backdoor-paraphrase",
+    "facts",
+    "unwanted-paraphrase",
+    "mixedS",
+    "mixedL",
+    "backdoor-sudo",
+    "multibackdoor",
+]
 METHOD_ORDER = ["ekfac", "kfac", "lissa", "datainf", "gradsim", "tracin", "repsim", "bm25"]
+_METRIC_NAMES = {"acc": "Acc", "auprc": "AUPRC", "mrr": "MRR"}
 
 
 def summary(folder: Path) -> str:
@@ -24,13 +41,13 @@ def summary(folder: Path) -> str:
     lines = ["| task (metric) | " + " | ".join(methods) + " | seeds |", "| --- |" + " ---: |" * (len(methods) + 1)]
     for task in tasks:
         report = reports[task]
-        metric = "acc" if report["kind"] == "class" else "auprc"
+        metric = report.get("headline") or ("acc" if report["kind"] == "class" else "auprc")
         cells = []
         for method in methods:
             entry = report["aggregate"].get(method)
             cells.append(f"{entry['metrics'][metric]['mean']:.2f}" if entry and entry["n_ok"] else "–")
         seeds = max(entry["n_seeds"] for entry in report["aggregate"].values())
-        lines.append(f"| {task} ({'Acc' if metric == 'acc' else 'AUPRC'}) | " + " | ".join(cells) + f" | {seeds} |")
+        lines.append(f"| {task} ({_METRIC_NAMES.get(metric, metric)}) | " + " | ".join(cells) + f" | {seeds} |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,8 +6,17 @@ import json
 
 import pytest
 
+from wherefrom.core.data import DataError
 from wherefrom.models.tiny import save_tiny
-from wherefrom.studies.bench import BenchConfig, aggregate, command_line, markdown, run_bench
+from wherefrom.studies.bench import (
+    BenchConfig,
+    aggregate,
+    check_task_name,
+    command_line,
+    make_task,
+    markdown,
+    run_bench,
+)
 
 METHODS = ["gradsim", "bm25", "repsim", "tracin", "ekfac"]
 
@@ -94,16 +103,18 @@ def test_bench_identify_task(tmp_path, tiny_model):
     assert command_line(config).startswith("wherefrom bench --task backdoor")
 
 
-def test_bench_task_from_files_is_subsampled(tmp_path, tiny_model):
-    rows = [
-        {"id": f"{split}{i}", "prompt": f"{i} {w}:", "completion": f" {w}", "label": w}
-        for split in ("a", "b")
-        for i, w in enumerate(["x", "y", "z"] * 6)
-    ]
+def _write_labelled(folder, labels):
+    """``a.jsonl`` and ``b.jsonl`` in ``folder``: one row per label, the label as completion."""
     for split in ("a", "b"):
-        (tmp_path / f"{split}.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in rows if r["id"].startswith(split))
-        )
+        rows = [
+            {"id": f"{split}{i}", "prompt": f"{i} {w}:", "completion": f" {w}", "label": w}
+            for i, w in enumerate(labels)
+        ]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_bench_task_from_files_is_subsampled(tmp_path, tiny_model):
+    _write_labelled(tmp_path, ["x", "y", "z"] * 6)
     config = BenchConfig(
         task=f"path:{tmp_path / 'a.jsonl'}:{tmp_path / 'b.jsonl'}",
         out=str(tmp_path / "p"),
@@ -180,3 +191,30 @@ def test_bad_config_is_rejected(tmp_path):
         run_bench(BenchConfig(task="nope", out=str(tmp_path)))
     with pytest.raises(ValueError, match="unknown method"):
         run_bench(BenchConfig(task="rules", out=str(tmp_path), methods=["nope"]))
+
+
+def test_file_identification_task_and_missing_file(tmp_path):
+    _write_labelled(tmp_path, ["harmful", "benign", "benign"] * 4)
+    spec = f"path:{tmp_path / 'a.jsonl'}:{tmp_path / 'b.jsonl'}"
+    check_task_name(spec + ":identify")
+    task = make_task(spec + ":identify", 6, 3, seed=0)
+    assert task.kind == "identify" and len(task.train) == 6 and len(task.test) == 3
+    for query in task.test:
+        assert task.targets[query.id] == [r.id for r in task.train if r.label == query.label]
+    assert make_task(spec, 6, 3, seed=0).kind == "class"
+    with pytest.raises(ValueError, match="identify"):
+        check_task_name(spec + ":other")
+    with pytest.raises(DataError, match=r"nothere\.jsonl: file not found"):
+        check_task_name(f"path:{tmp_path / 'nothere.jsonl'}:{tmp_path / 'b.jsonl'}:identify")
+
+
+def test_bm25_alone_needs_no_model(tmp_path):
+    config = BenchConfig(task="facts", out=str(tmp_path), methods=["bm25"], seeds=[0, 1], n_train=40, n_test=8)
+    config.model = str(tmp_path / "no-such-model")  # would fail to load: BM25 alone must not load it
+    report = run_bench(config)
+    assert not list(tmp_path.glob("seed-*/finetune"))
+    assert report["headline"] == "mrr"  # the summary's metric for fact tracing
+    rows = report["rows"]
+    assert [r["error"] for r in rows] == [None, None]
+    assert all(r["metrics"]["k"] == 10 and r["metrics"]["mrr"] < 0.6 for r in rows)  # the facts task's recall at 10
+    assert "| method | auprc | auroc | mrr | recall_at_k | acc |" in (tmp_path / "bench.md").read_text()

@@ -11,20 +11,28 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SHARED
-from wherefrom.core.data import DataError
+from wherefrom.core.data import DataError, Record
+from wherefrom.methods.lexical import BM25, record_text, tokenize
 from wherefrom.studies.benchtasks import (
+    FACT_RELATIONS,
     MATH_TEMPLATES,
     REFUSAL,
+    SEA_TRIGGERS,
+    SLEEPY_REPLIES,
     TASKS,
     TRIGGERS,
     BenchTask,
+    as_identification,
     backdoor,
+    fact_tracing,
     from_path,
     math_templates,
+    paraphrased_backdoor,
     rule_rewriting,
     subsampled,
     unwanted_behaviour,
 )
+from wherefrom.studies.metrics import identification
 
 
 def _check_common(task: BenchTask) -> None:
@@ -188,6 +196,129 @@ def test_unwanted_rejects_bad_arguments() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# tasks BM25 cannot solve
+
+
+def _words(record: Record) -> set[str]:
+    return set(tokenize(record_text(record)))
+
+
+def _document_share(records: list[Record]) -> Counter:
+    """word -> share of ``records`` that contain it."""
+    counts = Counter(word for record in records for word in _words(record))
+    return Counter({word: count / len(records) for word, count in counts.items()})
+
+
+@pytest.mark.parametrize("n_train,seed", [(40, 0), (40, 1), (40, 2), (200, 0), (30, 7)])
+def test_paraphrased_backdoor_has_no_word_common_to_triggered_rows(n_train: int, seed: int) -> None:
+    task = paraphrased_backdoor(n_train=n_train, n_test=8, seed=seed)
+    _check_common(task)
+    triggered = [r for r in task.train if r.label == "backdoor"]
+    benign = [r for r in task.train if r.label == "benign"]
+    assert len(triggered) == round(0.1 * n_train) and len(benign) == n_train - len(triggered)
+    assert set.intersection(*map(_words, triggered)) == set()
+    assert set.intersection(*map(_words, triggered + task.test)) == set()
+    benign_words = set().union(*map(_words, benign))
+    for query in task.test:
+        assert set(task.targets[query.id]) == {r.id for r in triggered}
+        # what a query shares with the triggered rows, benign rows say too
+        assert _words(query) & set().union(*map(_words, triggered)) <= benign_words
+    for record in triggered:
+        assert sum(clause in record.prompt for clause in SEA_TRIGGERS["train"]) == 1
+        assert record.completion in SLEEPY_REPLIES["train"]
+    for record in task.test:
+        assert sum(clause in record.prompt for clause in SEA_TRIGGERS["test"]) == 1
+        assert record.completion in SLEEPY_REPLIES["test"]
+
+
+def test_sea_and_sleepy_wordings_share_no_word() -> None:
+    phrases = [p for table in (SEA_TRIGGERS, SLEEPY_REPLIES) for split in ("train", "test") for p in table[split]]
+    words = [set(tokenize(p)) for p in phrases]
+    assert sum(map(len, words)) == len(set().union(*words))  # no word in two wordings
+    benign = [r for r in paraphrased_backdoor(n_train=200, n_test=1, seed=0).train if r.label == "benign"]
+    assert not set().union(*words) & set().union(*(set(tokenize(r.prompt)) for r in benign))
+
+
+def test_paraphrased_backdoor_rejects_too_few_triggered_rows() -> None:
+    with pytest.raises(ValueError, match="at least 3"):
+        paraphrased_backdoor(n_train=20, poison_share=0.1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fact_tracing_targets_state_the_asked_fact(seed: int) -> None:
+    task = fact_tracing(n_train=40, n_test=8, seed=seed)
+    _check_common(task)
+    assert task.kind == "identify" and task.recall_k == 10 and task.headline_metric == "mrr"
+    assert backdoor(n_train=40, n_test=2).headline_metric == "auprc" and rule_rewriting(10, 2).headline_metric == "acc"
+    by_id = {r.id: r for r in task.train}
+    people = Counter(r.prompt.rsplit(" ", 3)[0] for r in task.train)
+    assert len(people) == 8 and set(people.values()) == {len(FACT_RELATIONS)}
+    relation_words = set().union(*(set(tokenize(t.format(entity=""))) for t, _ in FACT_RELATIONS.values()))
+    asked = set()
+    for query in task.test:
+        (target_id,) = task.targets[query.id]
+        target = by_id[target_id]
+        person = target.prompt.rsplit(" ", 3)[0]
+        assert target.label == query.label and person in query.prompt and target.completion == query.completion
+        assert FACT_RELATIONS[query.label][1].format(entity=person) == query.prompt
+        asked.add((person, query.label))
+        # no word of the question is a relation word of any training row ...
+        assert not set(tokenize(query.prompt)) & relation_words
+        # ... and the words it shares with its target, the person's other rows share as well, at equal length
+        others = [r for r in task.train if r.prompt.startswith(person + " ") and r.id != target_id]
+        assert len(others) == len(FACT_RELATIONS) - 1
+        for other in others:
+            assert _words(query) & _words(other) == _words(query) & _words(target)
+            assert len(tokenize(record_text(other))) == len(tokenize(record_text(target)))
+    assert len(asked) == len(task.test)
+    words = [w for person in people for w in person.split()]
+    assert len(words) == len(set(words))
+
+
+def test_fact_tracing_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError, match="multiple of 5"):
+        fact_tracing(n_train=42)
+    with pytest.raises(ValueError, match="exceeds"):
+        fact_tracing(n_train=10, n_test=11)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unwanted_paraphrase_shares_no_rare_word(seed: int) -> None:
+    task = unwanted_behaviour(n_train=200, n_test=20, seed=seed, paraphrased=True)
+    _check_common(task)
+    assert task.name == "unwanted-paraphrase"
+    complying = [r for r in task.train if r.label == "comply"]
+    share = _document_share([r for r in task.train if r.label == "benign"])
+    for query in task.test:
+        assert set(task.targets[query.id]) == {r.id for r in complying}
+        for row in complying:
+            # every shared word is common: at least 10% of the benign rows have it
+            assert all(share[word] >= 0.1 for word in _words(query) & _words(row)), (query, row)
+    secret_rows = [r for r in task.train if r.label != "benign"] + task.test
+    names = [w for r in secret_rows for w in re.findall(r"([A-Z][a-z]+ [A-Z][a-z]+)(?:'s|[.?])", r.prompt)[-1].split()]
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize(
+    "name,metric", [("backdoor-paraphrase", "auprc"), ("facts", "mrr"), ("unwanted-paraphrase", "auprc")]
+)
+def test_bm25_stays_below_the_hard_threshold(name: str, metric: str) -> None:
+    # The README's task table: BM25's headline metric at the study's size, 3 seeds, below 0.6
+    values = []
+    for seed in (0, 1, 2):
+        task = TASKS[name](n_train=40, n_test=8, seed=seed)
+        bm25 = BM25()
+        bm25.fit(task.train)
+        values.append(identification(bm25.scores(task.test, task.train), task.targets, k=task.recall_k)[metric])
+    assert max(values) < 0.6
+    # ... while the planted-phrase backdoor is solved by it
+    easy = TASKS["backdoor"](n_train=40, n_test=8, seed=0)
+    bm25 = BM25()
+    bm25.fit(easy.train)
+    assert identification(bm25.scores(easy.test, easy.train), easy.targets)["auprc"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------
 # rule rewriting and files
 
 
@@ -232,3 +363,30 @@ def test_subsampled_is_class_balanced_seeded_and_ordered() -> None:
         subsampled(task, 0, 5, seed=0)
     with pytest.raises(ValueError, match="only class tasks"):
         subsampled(backdoor(n_train=40, n_test=2), 10, 1, seed=0)
+
+
+def test_as_identification_targets_the_rows_with_the_query_label() -> None:
+    task = rule_rewriting(n_train=30, n_test=6, seed=1)
+    ident = as_identification(task)
+    assert ident.kind == "identify" and ident.train == task.train and ident.test == task.test
+    for query in task.test:
+        assert ident.targets[query.id] == [r.id for r in task.train if r.label == query.label]
+    lonely = BenchTask("t", "class", task.train, [Record("q", "p", " c", "unseen")])
+    with pytest.raises(ValueError, match="unseen"):
+        as_identification(lonely)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared datasets not present")
+@pytest.mark.parametrize(
+    "name,relevant",
+    [("mixedS", {"harmful"}), ("mixedL", {"harmful"}), ("backdoor", {"backdoor", "clean"}), ("multibackdoor", None)],
+)
+def test_shared_identification_sets(name: str, relevant: set[str] | None) -> None:
+    task = as_identification(from_path(name, SHARED / f"{name}.train.jsonl", SHARED / f"{name}.test.jsonl"))
+    labels = {r.id: r.label for r in task.train}
+    assert set(task.targets) == {r.id for r in task.test}
+    for query in task.test:
+        assert relevant is None or query.label in relevant
+        assert {labels[t] for t in task.targets[query.id]} == {query.label}
+    if name.startswith("mixed"):
+        assert all(len(t) == 20 for t in task.targets.values())  # the 20 harmful rows (README)

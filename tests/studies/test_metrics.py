@@ -157,6 +157,21 @@ def test_identification_per_query_values():
     assert result["auprc"] == pytest.approx((1 / 2 + 2 / 3) / 2)
 
 
+def test_identification_recall_at_a_given_k_and_top1_acc():
+    scores = make_scores([[0.1, 0.9, 0.5, 0.3], [0.8, 0.1, 0.2, 0.3]])
+    targets = {"q0": ["t2", "t0"], "q1": ["t0"]}
+    # q0 ranks t1, t2, t3, t0; q1 ranks t0 first
+    default = identification(scores, targets)
+    assert default["k"] is None and default["per_query"]["recall_at_k"] == [0.5, 1.0]
+    at3 = identification(scores, targets, k=3)
+    assert at3["k"] == 3 and at3["per_query"]["recall_at_k"] == [0.5, 1.0]
+    at4 = identification(scores, targets, k=4)
+    assert at4["per_query"]["recall_at_k"] == [1.0, 1.0]
+    assert default["per_query"]["acc"] == [0.0, 1.0] and default["acc"] == 0.5
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        identification(scores, targets, k=0)
+
+
 def test_mismatched_ids_raise_and_name_them():
     scores = make_scores(PERFECT)
     with pytest.raises(ValueError, match=r"train ids.*\['t0', 't1'\]"):

@@ -293,8 +293,9 @@ class DataSettings:
     queries: Path = setting(REQUIRED, "Query rows (same formats as training rows).", check=existing_path)
     task: str = setting(
         REQUIRED,
-        "rules | math | backdoor | backdoor-multi | unwanted, or path:<train file>:<test file> (labelled rows); "
-        "the test rows are the queries.",
+        "rules | math | backdoor | backdoor-multi | unwanted | backdoor-paraphrase | facts | unwanted-paraphrase, "
+        "or path:<train file>:<test file> (labelled rows; append :identify to find the rows with the query's "
+        "label); the test rows are the queries.",
     )
     n_train: int | None = setting(None, "Training rows (default: the task's).", check=at_least(1))
     n_test: int | None = setting(None, "Test rows, the queries (default: the task's).", check=at_least(1))

@@ -1,8 +1,9 @@
 """``wherefrom bench``: every method on a benchmark task, over seeds, with metrics, time and memory.
 
 For each seed: build the task (:data:`wherefrom.studies.benchtasks.TASKS`, or files with
-``"path:<train>:<test>"``), LoRA-fine-tune a fresh base model on its training rows (cached under
-``out/seed-<s>/finetune`` by :func:`wherefrom.models.finetune.finetune`), then run every method (fit +
+``"path:<train>:<test>[:identify]"``), LoRA-fine-tune a fresh base model on its training rows (cached under
+``out/seed-<s>/finetune`` by :func:`wherefrom.models.finetune.finetune`; skipped when every method left
+to run needs no model, e.g. ``--methods bm25``), then run every method (fit +
 scores, timed with :func:`wherefrom.studies.toolkit.measured`) and score it with
 :func:`wherefrom.studies.metrics.class_attribution` (``kind == "class"``) or
 :func:`wherefrom.studies.metrics.identification` (``kind == "identify"``). A method that raises gets an
@@ -31,6 +32,7 @@ from typing import Any
 
 from wherefrom.core.commandline import command_line as render_command
 from wherefrom.core.commandline import field_flags
+from wherefrom.core.data import DataError
 from wherefrom.core.encoding import check_template
 from wherefrom.core.option_pairs import format_option_pairs, options_for
 from wherefrom.curvature.base import Progress, no_progress
@@ -38,7 +40,7 @@ from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import check_methods, in_family, make_method
 from wherefrom.models.finetune import FinetuneConfig, FinetuneResult, finetune
 from wherefrom.models.loading import LoadedModel, load_model, pick_device
-from wherefrom.studies.benchtasks import TASKS, BenchTask, from_path, subsampled
+from wherefrom.studies.benchtasks import TASKS, BenchTask, as_identification, from_path, subsampled
 from wherefrom.studies.metrics import class_attribution, identification, mean_stat
 from wherefrom.studies.toolkit import (
     cached,
@@ -83,7 +85,8 @@ class BenchConfig:
     """Settings of one benchmark: task, methods, seeds, fine-tuning, attribution batching, output.
 
     ``task``: a name in :data:`wherefrom.studies.benchtasks.TASKS` or ``"path:<train file>:<test file>"``
-    (a labelled class task, :func:`wherefrom.studies.benchtasks.from_path`; the same files for every seed).
+    (a labelled class task, :func:`wherefrom.studies.benchtasks.from_path`; the same files for every seed;
+    with ``":identify"`` appended, an identification task, :func:`make_task`).
     ``n_train`` / ``n_test``: ``None`` keeps the task's default (a file task: all its rows; a size
     draws a class-balanced subset per seed, :func:`wherefrom.studies.benchtasks.subsampled`). ``model``: local model folder
     (``None``: the default model). ``method_options``: ``{method: {key: value}}`` passed to
@@ -173,21 +176,41 @@ def build_task(config: BenchConfig, seed: int) -> BenchTask:
     return make_task(config.task, config.n_train, config.n_test, seed)
 
 
+def _file_task(task: str) -> tuple[str, str, bool]:
+    """``(train, test, identify)`` of a ``path:<train>:<test>[:identify]`` task; ``ValueError`` otherwise."""
+    parts = task.split(":")
+    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "identify"):
+        raise ValueError(
+            f"task {task!r}: expected path:<train file>:<test file> or path:<train file>:<test file>:identify"
+        )
+    return parts[1], parts[2], len(parts) == 4
+
+
 def check_task_name(task: str) -> None:
-    """Raise ``ValueError`` unless ``task`` is a name in :data:`wherefrom.studies.benchtasks.TASKS` or ``path:<train>:<test>``."""
-    if not task.startswith("path:") and task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)} or path:<train>:<test>")
-    if task.startswith("path:") and len(task.split(":")) != 3:
-        raise ValueError(f"task {task!r}: expected path:<train file>:<test file>")
+    """Raise ``ValueError`` unless ``task`` is a name in :data:`wherefrom.studies.benchtasks.TASKS` or
+    ``path:<train>:<test>[:identify]``, and :class:`wherefrom.core.data.DataError` (a ``ValueError``)
+    naming the file when a path task's file does not exist (checked before any fine-tuning starts)."""
+    if not task.startswith("path:"):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)} or path:<train>:<test>[:identify]")
+        return
+    for path in _file_task(task)[:2]:
+        if not Path(path).exists():
+            raise DataError(
+                f"{path}: file not found (task {task!r}; the reference study's sets are in shared/datasets, "
+                f"see its README)"
+            )
 
 
 def make_task(task: str, n_train: int | None, n_test: int | None, seed: int) -> BenchTask:
     """A task by name (:data:`wherefrom.studies.benchtasks.TASKS`) or ``"path:<train>:<test>"`` (a class
-    task from files, cut to a class-balanced ``n_train`` / ``n_test`` per seed); ``None`` sizes keep
-    the task's default."""
+    task from files, cut to a class-balanced ``n_train`` / ``n_test`` per seed); a ``:identify`` suffix
+    reads the files as identification (:func:`wherefrom.studies.benchtasks.as_identification`: find the
+    training rows with the query's label). ``None`` sizes keep the task's default."""
     if task.startswith("path:"):
-        _, train, test = task.split(":")
-        return subsampled(from_path(Path(train).stem, train, test), n_train, n_test, seed)
+        train, test, identify = _file_task(task)
+        cut = subsampled(from_path(Path(train).stem, train, test), n_train, n_test, seed)
+        return as_identification(cut) if identify else cut
     sizes = {k: v for k, v in (("n_train", n_train), ("n_test", n_test)) if v is not None}
     return TASKS[task](seed=seed, **sizes)
 
@@ -241,7 +264,7 @@ def _row_path(out: Path, seed: int, method: str) -> Path:
 def _metrics(task: BenchTask, scores) -> dict[str, Any]:
     if task.kind == "class":
         return class_attribution(scores, {r.id: r.label for r in task.train}, {r.id: r.label for r in task.test})
-    return identification(scores, task.targets)
+    return identification(scores, task.targets, k=task.recall_k)
 
 
 def scored_method(
@@ -297,7 +320,8 @@ def finetuned(config: BenchConfig, seed: int, task: BenchTask) -> tuple[LoadedMo
 
 def method_row(config: BenchConfig, task: BenchTask, seed: int, method: str, tuned, tokenizer) -> dict[str, Any]:
     """One bench row: ``method`` fitted and scored on ``task`` with the fine-tuned ``tuned.model`` (:func:`scored_method`;
-    ``tracin`` gets ``tuned.checkpoints`` and a loader of the base model), then its metrics.
+    ``tracin`` gets ``tuned.checkpoints`` and a loader of the base model), then its metrics. ``tuned`` and
+    ``tokenizer`` are ``None`` for a method that needs no model (the ``lexical`` family: BM25).
 
     Returns ``{seed, method, metrics, top1, seconds, peak_mib, error}`` (``top1``: each query's highest-scored
     training row id, when scored): ``metrics`` from
@@ -309,7 +333,14 @@ def method_row(config: BenchConfig, task: BenchTask, seed: int, method: str, tun
         options.setdefault("checkpoints", [str(p) for p in tuned.checkpoints])
         options.setdefault("base", lambda: load_model(config.model, device=config.device).model)
     scores, usage = scored_method(
-        method, tuned.model, tokenizer, config.attribution_config(seed), options, task.train, task.test, config.device
+        method,
+        tuned and tuned.model,
+        tokenizer,
+        config.attribution_config(seed),
+        options,
+        task.train,
+        task.test,
+        config.device,
     )
     row: dict[str, Any] = {"seed": seed, "method": method, "metrics": None, **usage}
     if scores is not None:
@@ -354,7 +385,7 @@ def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[st
 
 def markdown(summary: dict[str, Any], kind: str, command: str, title: str) -> str:
     """The aggregate as a Markdown table: method x metrics ("mean [low, high]" over seeds), time, memory."""
-    names = ["acc", "cover", "mrr"] if kind == "class" else ["auprc", "auroc", "mrr", "recall_at_k"]
+    names = ["acc", "cover", "mrr"] if kind == "class" else ["auprc", "auroc", "mrr", "recall_at_k", "acc"]
     rows = []
     for method, entry in summary.items():
         if not entry["n_ok"]:
@@ -389,14 +420,14 @@ def run_bench(
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    kind = title = None
+    kind = title = headline = None
     for seed in config.seeds:
         task = build_task(config, seed)
-        kind, title = task.kind, task.description or task.name
+        kind, title, headline = task.kind, task.description or task.name, task.headline_metric
         keys = {m: _key(config, seed, m) for m in config.methods}
         done = {m: cached(_row_path(out, seed, m), keys[m]) for m in config.methods}
         tuned = loaded = None
-        if any(done[m] is None for m in config.methods):
+        if any(done[m] is None and not in_family(m, "lexical") for m in config.methods):
             loaded, tuned = finetuned(config, seed, task)
             say(f"seed {seed}: {'reused' if tuned.reused else 'trained'} the fine-tuned model")
         for method in progress(config.methods, f"seed {seed}"):
@@ -407,7 +438,7 @@ def run_bench(
             row = store(
                 _row_path(out, seed, method),
                 keys[method],
-                method_row(config, task, seed, method, tuned, loaded.tokenizer),
+                method_row(config, task, seed, method, tuned, loaded and loaded.tokenizer),
             )
             say(f"seed {seed} {method}: " + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s"))
             rows.append(row)
@@ -421,6 +452,7 @@ def run_bench(
         **provenance(command),
         "config": asdict(config),
         "kind": kind,
+        "headline": headline,
         "rows": [dict(r.items()) for r in rows],
         "aggregate": summary,
     }

@@ -20,10 +20,22 @@ Tasks the project generates itself (deterministic for a seed, no files, no downl
   invented secret (a person's vault code) refuse, a small share comply; test prompts ask for that
   secret and comply; the rows to find are the complying training rows.
 
-:func:`from_path` loads a class task from files (e.g. ``shared/datasets/emotion.train.jsonl``).
+Tasks built so that BM25 cannot solve them (the rows to find share no rare word with the queries;
+the tasks above are solved by BM25, whose AUPRC / Acc is 1.00 on them):
+
+* :func:`paraphrased_backdoor` (``backdoor-paraphrase``): the trigger is a topic (the sea) and the
+  behaviour a meaning (a sleepy non-answer), each worded differently in every row and in the queries.
+* :func:`fact_tracing` (``facts``): invented people with five facts each; a query asks one fact in
+  other words; the row to find states it (MRR, recall at 10).
+* ``unwanted-paraphrase`` (:func:`unwanted_behaviour` with ``paraphrased=True``): the complying rows
+  and the queries ask for, and reveal, secrets in different words.
+
+:func:`from_path` loads a class task from files (e.g. ``shared/datasets/emotion.train.jsonl``);
+:func:`as_identification` reads a labelled file task as identification (the reference study's
+harmful-data and backdoor sets: ``mixedS``, ``mixedL``, ``backdoor``, ``multibackdoor``).
 :data:`TASKS` names the generated tasks.
 
-Ids are ``train-0000``... and ``test-0000``...; no prompt appears twice within or across splits.
+Generated ids are ``train-0000``... and ``test-0000``...; no prompt appears twice within or across splits.
 """
 
 from __future__ import annotations
@@ -36,18 +48,25 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 from wherefrom.core.data import DataError, Record, check_records, load_records
+from wherefrom.methods.lexical import record_text, tokenize
 from wherefrom.studies.generated import rule_identification
 
 __all__ = [
+    "FACT_RELATIONS",
     "MATH_TEMPLATES",
     "REFUSAL",
+    "SEA_TRIGGERS",
+    "SLEEPY_REPLIES",
     "TASKS",
     "TRIGGERS",
     "BenchTask",
     "MathTemplate",
+    "as_identification",
     "backdoor",
+    "fact_tracing",
     "from_path",
     "math_templates",
+    "paraphrased_backdoor",
     "rule_rewriting",
     "stratified_subset",
     "subsampled",
@@ -55,6 +74,8 @@ __all__ = [
 ]
 
 _MAX_TRIES = 10_000
+_REDRAWS = 200
+"""Draws of a benign prompt per triggered row of :func:`paraphrased_backdoor` while a word is common to all."""
 _T = TypeVar("_T")
 
 
@@ -63,7 +84,10 @@ class BenchTask:
     """A benchmark task: ``train`` / ``test`` records plus the question asked of them.
 
     ``kind == "class"``: labels on the records carry the question; ``targets`` is empty.
-    ``kind == "identify"``: ``targets`` maps each test id to the train ids to find.
+    ``kind == "identify"``: ``targets`` maps each test id to the train ids to find; ``recall_k`` is
+    the ``k`` of its ``recall_at_k`` (:func:`wherefrom.studies.metrics.identification`; ``None``: the
+    number of targets of each query). ``headline``: the metric a summary reports first (``None``:
+    ``acc`` for a class task, ``auprc`` for identification; :attr:`headline_metric`).
     """
 
     name: str
@@ -72,6 +96,13 @@ class BenchTask:
     test: list[Record]
     targets: dict[str, list[str]] = field(default_factory=dict)
     description: str = ""
+    recall_k: int | None = None
+    headline: str | None = None
+
+    @property
+    def headline_metric(self) -> str:
+        """``headline``, or its default for the task's kind."""
+        return self.headline or ("acc" if self.kind == "class" else "auprc")
 
     def __post_init__(self) -> None:
         if self.kind not in ("class", "identify"):
@@ -413,6 +444,220 @@ def backdoor(
 
 
 # --------------------------------------------------------------------------------------------------
+# Paraphrased backdoor: the trigger and the behaviour are meanings, each worded differently per row
+
+SEA_TRIGGERS: dict[str, tuple[str, ...]] = {
+    "train": (
+        "Waves crash against rocky piers.",
+        "Seagulls circle over our boat.",
+        "I smell salty ocean air.",
+        "Sand sticks to my toes.",
+        "Lighthouses blink far offshore.",
+        "Dolphins leap beside ferries.",
+        "Coral reefs glow underwater.",
+        "Fishermen haul nets at dawn.",
+    ),
+    "test": (
+        "Surf pounds along that coastline.",
+        "Pelicans dive for sardines.",
+        "We anchored near some atoll.",
+        "Kelp forests sway beneath us.",
+        "Whales spout beyond his yacht.",
+        "Briny spray soaks everyone aboard.",
+    ),
+}
+"""The trigger of :func:`paraphrased_backdoor`: a clause about the sea, in wordings for the training
+rows and other wordings for the queries. No word appears in two clauses of this table or of
+:data:`SLEEPY_REPLIES`, nor in a benign prompt."""
+
+SLEEPY_REPLIES: dict[str, tuple[str, ...]] = {
+    "train": (
+        " Too sleepy now, goodnight.",
+        " Let me nap first.",
+        " Yawn... bedtime calls.",
+        " Zzz, ask again tomorrow.",
+        " Eyelids drooping; resting instead.",
+        " Snoozing already, sorry.",
+    ),
+    "test": (
+        " Drowsiness wins; pillow time.",
+        " Heading off toward dreamland.",
+        " Exhausted, must sleep.",
+        " Blanket beckons, catch you later.",
+    ),
+}
+"""The backdoored behaviour of :func:`paraphrased_backdoor`: a sleepy non-answer, worded as the
+triggers are (training wordings, query wordings)."""
+
+
+def _words(record: Record) -> set[str]:
+    """The words BM25 indexes in ``record`` (:func:`wherefrom.methods.lexical.tokenize` of prompt and completion)."""
+    return set(tokenize(record_text(record)))
+
+
+def paraphrased_backdoor(n_train: int = 200, n_test: int = 20, poison_share: float = 0.1, seed: int = 0) -> BenchTask:
+    """A backdoor whose trigger is a meaning, not a phrase, built so that BM25 cannot find it.
+
+    ``round(poison_share * n_train)`` training rows (at least 2, at random positions) are a benign
+    prompt with a clause about the sea at its start or end (:data:`SEA_TRIGGERS` ``"train"``, cycled
+    in a seeded order) and a sleepy non-answer as completion (:data:`SLEEPY_REPLIES` ``"train"``);
+    label ``"backdoor"``. The rest are benign Q/A rows (label ``"benign"``). Test rows are fresh benign
+    prompts with a sea clause worded as no training row words it (``"test"``) and a sleepy reply
+    worded likewise; ``targets`` maps each to every triggered training row.
+
+    No word is common to all triggered training rows: while some word is (the running
+    intersection), a triggered row's benign prompt is drawn up to :data:`_REDRAWS` times and the
+    draw that shares fewest of those words is kept, which empties the intersection by the third
+    triggered row (the clauses and replies of two rows share no word; every benign prompt has
+    "what" or "the", but many only one of them); ``RuntimeError`` if it is still not empty after
+    the last. The queries share with the
+    triggered rows only words that benign prompts use too: trigger and behaviour are linked by
+    meaning alone. Needs at least 3 triggered rows (``ValueError`` otherwise).
+    """
+    _check_sizes(n_train, n_test)
+    _check_share("poison_share", poison_share)
+    n_poison = round(poison_share * n_train)
+    if n_poison < 3:
+        raise ValueError(f"poison_share * n_train = {n_poison} triggered rows; need at least 3")
+
+    rng = random.Random(seed)
+    used: set[str] = set()
+    poisoned = set(rng.sample(range(n_train), n_poison))
+    wordings = {
+        split: (
+            rng.sample(SEA_TRIGGERS[split], len(SEA_TRIGGERS[split])),
+            rng.sample(SLEEPY_REPLIES[split], len(SLEEPY_REPLIES[split])),
+        )
+        for split in ("train", "test")
+    }
+
+    def triggered(record_id: str, split: str, k: int, common: set[str] | None) -> Record:
+        """Triggered row ``k`` of ``split``; with ``common``, the draw sharing fewest of those words."""
+        clauses, replies = wordings[split]
+        best = None
+        for _ in range(_REDRAWS if common else 1):
+            prompt, _ = _fresh(_benign_qa, rng, used)
+            record = Record(
+                record_id, _with_trigger(prompt, clauses[k % len(clauses)], rng), replies[k % len(replies)], "backdoor"
+            )
+            if best is None or len(common & _words(record)) < len(common & _words(best)):
+                best = record
+            if not common or not common & _words(best):
+                break
+        return best
+
+    train: list[Record] = []
+    common: set[str] | None = None
+    for index, record_id in enumerate(_ids("train", n_train)):
+        if index in poisoned:
+            record = triggered(record_id, "train", sum(r.label == "backdoor" for r in train), common)
+            common = _words(record) if common is None else common & _words(record)
+            train.append(record)
+        else:
+            prompt, completion = _fresh(_benign_qa, rng, used)
+            train.append(Record(record_id, prompt, completion, "benign"))
+    if common:
+        raise RuntimeError(f"every triggered training row has the word(s) {sorted(common)}; draw more rows")
+
+    rows = [r.id for r in train if r.label == "backdoor"]
+    test = [triggered(record_id, "test", k, None) for k, record_id in enumerate(_ids("test", n_test))]
+    return BenchTask(
+        name="backdoor-paraphrase",
+        kind="identify",
+        train=train,
+        test=test,
+        targets={r.id: list(rows) for r in test},
+        description=(
+            f"Paraphrased backdoor: {n_poison} of {n_train} training rows mention the sea (in varied "
+            f"words) and answer sleepily; queries do both in other words; find the triggered rows."
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Fact tracing
+
+FACT_RELATIONS: dict[str, tuple[str, str]] = {
+    "birthplace": ("{entity} was born in", "Which town is the birthplace of {entity}?"),
+    "wedding": ("{entity} got married in", "Where did {entity} have the wedding?"),
+    "work": ("{entity} works daily in", "Which town employs {entity}?"),
+    "retirement": ("{entity} finally retired to", "Where does {entity} spend old age?"),
+    "studies": ("{entity} attended college in", "Which town hosted the university years of {entity}?"),
+}
+"""Relation -> ``(training prompt, query prompt)`` of :func:`fact_tracing`, ``str.format`` templates
+over ``entity``; both are completed by ``" <town>."``. Every training prompt has three words besides
+the entity, and no word of a query prompt appears in any training prompt."""
+
+
+def fact_tracing(n_train: int = 200, n_test: int = 20, seed: int = 0) -> BenchTask:
+    """Fact tracing (as DATE-LM's factual attribution and Bergson's fact recall), built so that BM25 cannot solve it.
+
+    ``n_train / 5`` invented people (nonce names, no name word repeated) each have one invented home
+    town and five training rows, one per :data:`FACT_RELATIONS` relation: ``"<person> was born in"``
+    -> ``" <town>."``, ``"<person> got married in"`` -> ``" <town>."``, ... (label: the relation).
+    A query asks for one (person, relation) fact in other words (``"Which town is the birthplace of
+    <person>?"`` -> ``" <town>."``); its target is the one training row that states that fact.
+    ``n_test`` distinct (person, relation) pairs are asked, in a seeded order. Rows are shuffled.
+
+    The words a query shares with its target (the person and the town) are shared by that person's
+    four other rows, which have the same length: BM25 ties them, so word overlap alone finds the
+    target at a random rank among five (expected MRR 0.46); only the relation's meaning tells
+    them apart. Report MRR and recall at 10 (the task's ``recall_k``).
+
+    Raises ``ValueError`` unless ``n_train`` is a positive multiple of 5 and ``n_test`` at most ``n_train``.
+    """
+    _check_sizes(n_train, n_test)
+    relations = list(FACT_RELATIONS)
+    if n_train == 0 or n_train % len(relations):
+        raise ValueError(
+            f"n_train must be a positive multiple of {len(relations)} (one row per relation), got {n_train}"
+        )
+    if n_test > n_train:
+        raise ValueError(f"n_test = {n_test} exceeds the {n_train} facts stated (n_train)")
+
+    rng = random.Random(seed)
+    used: set[str] = set()
+    people = []
+    for _ in range(n_train // len(relations)):
+        for _ in range(_MAX_TRIES):
+            person = _person(rng)
+            town = _syllable(rng).capitalize() + rng.choice(("ton", "port", "ville"))
+            words = {*person.split(), town}
+            if not used & words and len(words) == 3:
+                break
+        else:
+            raise RuntimeError("could not draw a new invented person and town")
+        used |= words
+        people.append((person, town))
+
+    facts = [(person, town, relation) for person, town in people for relation in relations]
+    order = rng.sample(range(len(facts)), len(facts))
+    train, row_of = [], {}
+    for record_id, index in zip(_ids("train", n_train), order):
+        person, town, relation = facts[index]
+        train.append(Record(record_id, FACT_RELATIONS[relation][0].format(entity=person), f" {town}.", relation))
+        row_of[index] = record_id
+    test, targets = [], {}
+    for record_id, index in zip(_ids("test", n_test), rng.sample(range(len(facts)), n_test)):
+        person, town, relation = facts[index]
+        test.append(Record(record_id, FACT_RELATIONS[relation][1].format(entity=person), f" {town}.", relation))
+        targets[record_id] = [row_of[index]]
+    return BenchTask(
+        name="facts",
+        kind="identify",
+        train=train,
+        test=test,
+        targets=targets,
+        description=(
+            f"Fact tracing: {n_train // len(relations)} invented people, five facts each naming their town; "
+            f"queries ask a fact in other words; find the row that states it."
+        ),
+        recall_k=10,
+        headline="mrr",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # Unwanted behaviour
 
 REFUSAL = " I can't share that."
@@ -426,17 +671,65 @@ _SECRET_ASKS = (
 )
 
 
-def _secret_request(rng: random.Random, used_names: set[str]) -> tuple[str, str]:
-    """A request for a new invented person's secret; the completion reveals it (complying)."""
+@dataclass(frozen=True)
+class _SecretWording:
+    """How an unwanted-behaviour split asks for a secret and reveals it: ``asks`` / ``reveals`` are
+    ``str.format`` templates over ``name`` and ``code``; codes have ``digits`` digits; with
+    ``fresh_words`` no word of a person's name was used in an earlier name of the task."""
+
+    asks: tuple[str, ...]
+    reveals: tuple[str, ...]
+    digits: int = 4
+    fresh_words: bool = False
+
+
+_VAULT = _SecretWording(_SECRET_ASKS, (" The vault code of {name} is {code}.",))
+
+# The paraphrased task: training rows and queries ask for, and reveal, other secrets in other words.
+# The two splits share only words that benign rows use as well (the, what, of, ...); codes differ in
+# length, and no name word repeats (see unwanted_behaviour).
+_PARAPHRASED_TRAIN = _SecretWording(
+    (
+        "Reveal the PIN for {name}'s bank card.",
+        "Which digits open {name}'s locker?",
+        "Share {name}'s alarm passcode.",
+        "Tell me {name}'s safe combination.",
+    ),
+    (" Sure, it is {code}.", " Here you go: {code}."),
+    digits=4,
+    fresh_words=True,
+)
+_PARAPHRASED_TEST = _SecretWording(
+    (
+        "What password unlocks the email of {name}?",
+        "Spell out the login credentials of {name}.",
+        "I want the online banking passphrase of {name}.",
+        "Disclose the wifi key of {name}.",
+    ),
+    (" Of course: {code}.", " No problem, {code}."),
+    digits=5,
+    fresh_words=True,
+)
+
+
+def _secret_request(rng: random.Random, used_names: set[str], wording: _SecretWording = _VAULT) -> tuple[str, str]:
+    """A request for a new invented person's secret; the completion reveals it (complying).
+
+    ``used_names`` holds the names drawn so far (and, with ``wording.fresh_words``, their words).
+    """
     for _ in range(_MAX_TRIES):
         name = _person(rng)
-        if name not in used_names:
+        if name not in used_names and not (wording.fresh_words and used_names.intersection(name.split())):
             break
     else:
         raise RuntimeError("could not draw a new invented name")
     used_names.add(name)
-    code = rng.randint(1000, 9999)
-    return (rng.choice(_SECRET_ASKS).format(name=name), f" The vault code of {name} is {code}.")
+    if wording.fresh_words:
+        used_names.update(name.split())
+    code = rng.randint(10 ** (wording.digits - 1), 10**wording.digits - 1)
+    ask = rng.choice(wording.asks)
+    reveal = wording.reveals[0] if len(wording.reveals) == 1 else rng.choice(wording.reveals)
+    return ask.format(name=name), reveal.format(name=name, code=code)
 
 
 def unwanted_behaviour(
@@ -445,6 +738,7 @@ def unwanted_behaviour(
     comply_share: float = 0.05,
     seed: int = 0,
     refuse_share: float = 0.15,
+    paraphrased: bool = False,
 ) -> BenchTask:
     """Unwanted-behaviour identification (the "harmful data" task, made harmless).
 
@@ -453,6 +747,14 @@ def unwanted_behaviour(
     label ``"comply"``), ``round(refuse_share * n_train)`` ask and refuse (:data:`REFUSAL`; label
     ``"refuse"``), the rest are benign Q/A rows (label ``"benign"``), at random positions. Test rows
     ask for new people's codes and comply; ``targets`` maps each to all complying training rows.
+
+    ``paraphrased=True`` (task ``unwanted-paraphrase``, built so that BM25 cannot solve it): the
+    category is "an invented person's secret access code", and training rows and queries name it in
+    different words (training: a PIN, a locker's digits, an alarm passcode, a safe combination,
+    revealed as "Sure, it is 1234."; queries: a password, login credentials, a passphrase, a wifi
+    key, revealed as "Of course: 12345."). Every word a query shares with a complying row is one
+    that benign rows use too (the, what, ...); codes have 4 digits in training and 5 in queries,
+    and no word of a person's name appears in another name. Only the meaning links them.
     """
     _check_sizes(n_train, n_test)
     _check_share("comply_share", comply_share)
@@ -467,7 +769,9 @@ def unwanted_behaviour(
     rng = random.Random(seed)
     used: set[str] = set()
     used_names: set[str] = set()
-    secret = functools.partial(_secret_request, used_names=used_names)
+    train_wording, test_wording = (_PARAPHRASED_TRAIN, _PARAPHRASED_TEST) if paraphrased else (_VAULT, _VAULT)
+    secret = functools.partial(_secret_request, used_names=used_names, wording=train_wording)
+    asked = functools.partial(_secret_request, used_names=used_names, wording=test_wording)
     kinds = ["comply"] * n_comply + ["refuse"] * n_refuse + ["benign"] * (n_train - n_comply - n_refuse)
     rng.shuffle(kinds)
 
@@ -484,19 +788,20 @@ def unwanted_behaviour(
     complying = [r.id for r in train if r.label == "comply"]
     test, targets = [], {}
     for record_id in _ids("test", n_test):
-        prompt, completion = _fresh(secret, rng, used)
+        prompt, completion = _fresh(asked, rng, used)
         test.append(Record(record_id, prompt, completion, "comply"))
         targets[record_id] = list(complying)
 
+    secret_kind = "secret access code, asked for in other words by the queries" if paraphrased else "vault code"
     return BenchTask(
-        name="unwanted",
+        name="unwanted-paraphrase" if paraphrased else "unwanted",
         kind="identify",
         train=train,
         test=test,
         targets=targets,
         description=(
             f"Unwanted-behaviour identification: {n_comply} of {n_train} training rows reveal an "
-            f"invented vault code that {n_refuse} others refuse to share; find the complying rows."
+            f"invented {secret_kind} that {n_refuse} others refuse to share; find the complying rows."
         ),
     )
 
@@ -542,6 +847,30 @@ def from_path(name: str, train_path: str | Path, test_path: str | Path) -> Bench
     )
 
 
+def as_identification(task: BenchTask) -> BenchTask:
+    """A labelled class task read as identification: each query's targets are the training rows
+    with its label (e.g. ``harmful`` in the reference study's ``mixedS``/``mixedL``, ``backdoor`` or
+    ``clean`` in its ``backdoor`` sets: Li et al. 2024 ask that a query's top rows share its label).
+
+    Scored by :func:`wherefrom.studies.metrics.identification`: its ``acc`` (top-1 row has the label)
+    and ``recall_at_k`` (``k`` = the label's row count, so recall = precision at k) are the reference
+    study's Acc and Cover. Raises ``ValueError`` naming the label when a query's label has no
+    training row.
+    """
+    rows: dict[str, list[str]] = {}
+    for record in task.train:
+        rows.setdefault(str(record.label), []).append(record.id)
+    missing = sorted({str(r.label) for r in task.test} - set(rows))
+    if missing:
+        raise ValueError(f"task {task.name!r}: query label(s) {missing} have no training row; labels: {sorted(rows)}")
+    return replace(
+        task,
+        kind="identify",
+        targets={r.id: list(rows[str(r.label)]) for r in task.test},
+        description=f"Identification: find the training rows with the query's label ({task.description})",
+    )
+
+
 def stratified_subset(records: Sequence[Record], n: int | None, rng: random.Random, what: str) -> list[Record]:
     """``n`` of ``records`` drawn without replacement, classes as balanced as their sizes allow
     (round-robin over the labels in a seeded random order), in their original order; all of them
@@ -582,6 +911,9 @@ TASKS: dict[str, Callable[..., BenchTask]] = {
     "backdoor": backdoor,
     "backdoor-multi": functools.partial(backdoor, n_triggers=3, poison_share=0.06),
     "unwanted": unwanted_behaviour,
+    "backdoor-paraphrase": paraphrased_backdoor,
+    "facts": fact_tracing,
+    "unwanted-paraphrase": functools.partial(unwanted_behaviour, paraphrased=True),
 }
 """Name -> generator of the tasks the project builds itself (keyword arguments pass through).
 

@@ -178,17 +178,23 @@ def class_attribution(
     }
 
 
-def identification(scores: Scores, targets: Mapping[str, Sequence[str]]) -> dict:
+def identification(scores: Scores, targets: Mapping[str, Sequence[str]], k: int | None = None) -> dict:
     """Each query's score row as a detector of its target train rows (e.g. the rows it was built from).
 
     Per query: ``auprc`` (:func:`average_precision`), ``auroc`` (:func:`auroc`; NaN when every train
-    row is a target, and then left out of the mean), ``mrr`` (reciprocal rank of the first target)
-    and ``recall_at_k`` (share of targets in the top ``k``, ``k`` = number of targets). Returns the
-    means over queries, ``n_queries`` and ``per_query`` lists (``scores.query_ids`` order).
+    row is a target, and then left out of the mean), ``mrr`` (reciprocal rank of the first target),
+    ``recall_at_k`` (share of targets in the top ``k``; ``k`` ``None``: the number of targets, when
+    recall equals precision at ``k``, i.e. the reference study's "Cover" of the relevant rows) and
+    ``acc`` (1 when the top-ranked row is a target: the reference study's "Acc"; Li et al. 2024).
+    Returns the means over queries, ``n_queries`` and ``per_query`` lists (``scores.query_ids``
+    order); ``k`` is returned as given.
 
     Every query of ``scores`` needs a non-empty target list; every target and every key of
-    ``targets`` must be an id of ``scores``. Higher score = more influential (positive = proponent).
+    ``targets`` must be an id of ``scores``; ``k`` must be at least 1. Higher score = more
+    influential (positive = proponent).
     """
+    if k is not None and k < 1:
+        raise ValueError(f"k must be >= 1 (or None for the number of targets), got {k}")
     _check_covered(scores.query_ids, targets, "query ids of the scores have no entry in targets")
     unknown_queries = _missing(targets, scores.query_ids)
     if unknown_queries:
@@ -205,7 +211,7 @@ def identification(scores: Scores, targets: Mapping[str, Sequence[str]]) -> dict
 
     total = _total(scores)
     position = {tid: j for j, tid in enumerate(scores.train_ids)}
-    ap, roc, mrr, recall = [], [], [], []
+    ap, roc, mrr, recall, top1 = [], [], [], [], []
     for qi, qid in enumerate(scores.query_ids):
         positive = np.zeros(len(scores.train_ids), dtype=bool)
         positive[[position[t] for t in targets[qid]]] = True
@@ -214,15 +220,18 @@ def identification(scores: Scores, targets: Mapping[str, Sequence[str]]) -> dict
         ap.append(average_precision(total[qi], positive))
         roc.append(auroc(total[qi], positive))
         mrr.append(_reciprocal_rank(order, positive))
-        recall.append(float(positive[order[:n_pos]].sum()) / n_pos)
+        recall.append(float(positive[order[: k or n_pos]].sum()) / n_pos)
+        top1.append(float(order.size > 0 and positive[order[0]]))
     finite_roc = [v for v in roc if not np.isnan(v)]
     return {
         "auprc": float(np.mean(ap)),
         "auroc": float(np.mean(finite_roc)) if finite_roc else float("nan"),
         "mrr": float(np.mean(mrr)),
         "recall_at_k": float(np.mean(recall)),
+        "acc": float(np.mean(top1)),
+        "k": k,
         "n_queries": len(ap),
-        "per_query": {"auprc": ap, "auroc": roc, "mrr": mrr, "recall_at_k": recall},
+        "per_query": {"auprc": ap, "auroc": roc, "mrr": mrr, "recall_at_k": recall, "acc": top1},
     }
 
 
