@@ -14,7 +14,7 @@ indexes the first ``--per-task`` rows of each set (all of them with ``--per-task
 
 Usage::
 
-    python benchmarks/index_scale.py                      # 40 rows per set (240), ~20 min on this loaded CPU
+    python benchmarks/index_scale.py                      # 50 rows per set (300), ~15-20 min on this loaded CPU
     python benchmarks/index_scale.py --per-task 0         # every row (4,700): hours on this CPU
 
 Writes ``benchmarks/results/index_scale.{md,json}``; the store goes to ``--out`` (default: a temporary folder).
@@ -34,7 +34,7 @@ TASKS = ["emotion", "grammars", "math", "mixedL", "backdoor", "multibackdoor"]
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--per-task", type=int, default=40, help="training rows per data set (0 = all)")
+    p.add_argument("--per-task", type=int, default=50, help="training rows per data set (0 = all)")
     p.add_argument("--fit-rows", type=int, default=32, help="rows of the projected Fisher fit (0 = none)")
     p.add_argument("--queries", type=int, default=2, help="test rows per data set used as queries")
     p.add_argument("--dim", type=int, default=16, help="LoGra dim_in = dim_out")
