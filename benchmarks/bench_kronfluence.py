@@ -39,6 +39,8 @@ import time
 import warnings
 from pathlib import Path
 
+from common import provenance_lines
+
 HERE = Path(__file__).resolve().parent
 _WORD_TEXT = (
     "the a of to and in is it that for on with as was at by an be this from or are but not have all one "
@@ -152,7 +154,7 @@ def setup(args: argparse.Namespace):
     return model, tokenizer, train, queries, config, device
 
 
-class _Rows:
+class Rows:
     """A map-style dataset over a list (kronfluence wants ``len`` and indexing)."""
 
     def __init__(self, items):
@@ -165,7 +167,7 @@ class _Rows:
         return self.items[i]
 
 
-def _analyzer(model, module_names, device, workdir: Path, pad: int):
+def kronfluence_analyzer(model, module_names, device, workdir: Path, pad: int):
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.utils.dataset import DataLoaderKwargs
 
@@ -186,6 +188,54 @@ def _analyzer(model, module_names, device, workdir: Path, pad: int):
     )
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=lambda rows: collate(rows, pad)))
     return analyzer
+
+
+def kronfluence_fit(analyzer, train_enc, batch_size: int, empirical: bool) -> None:
+    """kronfluence's EK-FAC factors (``fit_all_factors``, name ``"ekfac"``) of the encoded training rows."""
+    from kronfluence.arguments import FactorArguments
+
+    analyzer.fit_all_factors(
+        "ekfac",
+        Rows(train_enc),
+        per_device_batch_size=batch_size,
+        factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=empirical),
+        overwrite_output_dir=True,
+    )
+
+
+def kronfluence_pairwise(analyzer, query_enc, train_enc, batch_size: int):
+    """kronfluence's ``(n_query, n_train)`` pairwise scores from the ``"ekfac"`` factors, damping 0.1 x mean
+    eigenvalue (its heuristic, ``damping_factor=None``)."""
+    from kronfluence.arguments import ScoreArguments
+
+    analyzer.compute_pairwise_scores(
+        scores_name="pairwise",
+        factors_name="ekfac",
+        query_dataset=Rows(query_enc),
+        train_dataset=Rows(train_enc),
+        per_device_query_batch_size=batch_size,
+        per_device_train_batch_size=batch_size,
+        score_args=ScoreArguments(damping_factor=None),
+        overwrite_output_dir=True,
+    )
+    return analyzer.load_pairwise_scores("pairwise")["all_modules"]
+
+
+def plain_backward(attributor, encoded) -> None:
+    """A plain forward + ``loss.backward()`` over ``attributor``'s batches of ``encoded``: the same loss, gradients
+    of the tracked parameters only (summed over the batch), no hooks; ``requires_grad`` restored after."""
+    model = attributor.model
+    loss_fn = attributor.train_loss_fn()
+    tracked = {id(p) for m in attributor.modules for p in m.parameters()}
+    before = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in tracked)
+    for _ids, batch in attributor.batches(encoded):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, batch).sum().backward()
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(before[id(p)])
 
 
 # --- one phase in a fresh process ---------------------------------------------------------------------
@@ -220,9 +270,7 @@ def run_phase(job: dict) -> dict:
     )
     pad = pad_id(tokenizer)
     if lib == "kronfluence":
-        from kronfluence.arguments import FactorArguments, ScoreArguments
-
-        analyzer = _analyzer(model, names, device, workdir, pad)
+        analyzer = kronfluence_analyzer(model, names, device, workdir, pad)
     _sync(device)
     base_rss = _rss_peak_mb()
     if device.type == "cuda":
@@ -241,39 +289,14 @@ def run_phase(job: dict) -> dict:
             attributor.use_curvature(load_curvature(workdir / "wherefrom_factors"))
             scores = attributor.scores(query_enc, train_enc).total
         elif (lib, phase) == ("kronfluence", "fit"):
-            factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=args.fisher == "empirical")
-            analyzer.fit_all_factors(
-                "ekfac",
-                _Rows(train_enc),
-                per_device_batch_size=args.batch_size,
-                factor_args=factor_args,
-                overwrite_output_dir=True,
-            )
+            kronfluence_fit(analyzer, train_enc, args.batch_size, args.fisher == "empirical")
         elif (lib, phase) == ("kronfluence", "score"):
-            analyzer.compute_pairwise_scores(
-                scores_name="pairwise",
-                factors_name="ekfac",
-                query_dataset=_Rows(query_enc),
-                train_dataset=_Rows(train_enc),
-                per_device_query_batch_size=args.batch_size,
-                per_device_train_batch_size=args.batch_size,
-                score_args=ScoreArguments(damping_factor=None),
-                overwrite_output_dir=True,
-            )
-            scores = analyzer.load_pairwise_scores("pairwise")["all_modules"]
+            scores = kronfluence_pairwise(analyzer, query_enc, train_enc, args.batch_size)
         elif (lib, phase) == ("wherefrom", "gradients"):
             for _ids, grads in attributor.gradients(train_enc):
                 next(iter(grads.values())).sum().item()  # materialised, like an index build would
         elif (lib, phase) == ("plain", "gradients"):
-            # The same loss and batches, gradients of the same (tracked) parameters, summed over the batch.
-            loss_fn = attributor.train_loss_fn()
-            tracked = {id(p) for m in attributor.modules for p in m.parameters()}
-            for p in model.parameters():
-                p.requires_grad_(id(p) in tracked)
-            for _ids, batch in attributor.batches(train_enc):
-                model.zero_grad(set_to_none=True)
-                loss_fn(model, batch).sum().backward()
-            model.zero_grad(set_to_none=True)
+            plain_backward(attributor, train_enc)
         else:
             raise ValueError((lib, phase))
         _sync(device)
@@ -312,7 +335,7 @@ def _ratio(a: float, b: float) -> str:
 def report(args, results: dict, agreement: dict, command: str, load: tuple[float, float]) -> str:
     import kronfluence
 
-    from wherefrom.core.store import hardware, package_versions
+    from wherefrom.core.store import package_versions
 
     wf_fit, kf_fit = results["wherefrom", "fit"], results["kronfluence", "fit"]
     wf_sc, kf_sc = results["wherefrom", "score"], results["kronfluence", "score"]
@@ -374,16 +397,7 @@ def report(args, results: dict, agreement: dict, command: str, load: tuple[float
         "",
         throughput_text,
         "",
-        "Command:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        "",
-        "Hardware: " + ", ".join(f"{k} {v}" for k, v in hardware().items()),
-        "",
+        *provenance_lines(command, versions),
     ]
     return "\n".join(lines)
 

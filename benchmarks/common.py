@@ -1,0 +1,135 @@
+"""What the benchmark scripts share: SmolLM2 loading, the shared data sets, timing, and the results
+files (``benchmarks/results/<name>.md`` and ``.json``, written atomically, with the command that made
+them, the machine's load (``uptime``), package versions and hardware).
+
+Used by ``index_throughput.py``, ``index_quality.py``, ``index_peers.py``, ``index_scale.py`` and
+``bench_kronfluence.py``; see ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DATASETS = HERE.parent.parent / "shared" / "datasets"
+"""The shared data sets (``<task>.train.jsonl`` / ``<task>.test.jsonl``), beside the checkout."""
+MLP = r"\.mlp\."
+MLP_AND_ATTENTION = r"\.(mlp|self_attn)\."
+"""Module-name regexes: every MLP projection (90 Linear layers of SmolLM2), and with attention (210)."""
+
+
+def quiet_threads(threads: int = 1) -> None:
+    """One torch thread (the shared 2-core machine; the brief's rule), set before any work."""
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def begin() -> tuple[str, object, object]:
+    """Start a SmolLM2 benchmark: one torch thread, the load recorded before any work, then
+    SmolLM2-135M-Instruct on CPU in eval mode. Returns ``(uptime line, model, tokenizer)``."""
+    quiet_threads()
+    load_before = uptime()
+    return (load_before, *smollm2())
+
+
+def smollm2():
+    """SmolLM2-135M-Instruct on CPU, eval mode: ``(model, tokenizer)``."""
+    from transformers.utils import logging as hf_logging
+
+    from wherefrom.models.loading import load_model
+
+    hf_logging.disable_progress_bar()
+    loaded = load_model(device="cpu")
+    loaded.model.eval()
+    return loaded.model, loaded.tokenizer
+
+
+def rows(task: str, split: str = "train", n: int | None = None, datasets: Path = DATASETS) -> list:
+    """The first ``n`` records (all when ``None``) of ``<datasets>/<task>.<split>.jsonl``."""
+    from wherefrom.core.data import load_records
+
+    records = load_records(datasets / f"{task}.{split}.jsonl")
+    return records if n is None else records[:n]
+
+
+def emotion_sample(n_train: int, n_queries: int) -> tuple[list, list]:
+    """``n_train`` emotion training rows and ``n_queries`` test rows, evenly spaced through each file (the files
+    are grouped by label, so every class is present)."""
+    train, test = rows("emotion"), rows("emotion", "test")
+    return train[:: max(1, len(train) // n_train)][:n_train], test[:: max(1, len(test) // n_queries)][:n_queries]
+
+
+@contextmanager
+def timed(into: list[float]) -> Iterator[None]:
+    """Append the wall seconds of the ``with`` body to ``into``."""
+    start = time.perf_counter()
+    yield
+    into.append(time.perf_counter() - start)
+
+
+def uptime() -> str:
+    """The machine's ``uptime`` line (its load average), recorded with every result."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file under ``folder``."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces this run, as recorded in the results."""
+    return f"python benchmarks/{script} " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+
+def provenance_lines(command: str, versions: dict[str, str], load: str = "") -> list[str]:
+    """The Markdown tail of a results file: the command, the load (when given), versions and hardware."""
+    from wherefrom.core.store import hardware
+
+    return [
+        "Command:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        *([load, ""] if load else []),
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "",
+        "Hardware: " + ", ".join(f"{k} {v}" for k, v in hardware().items()),
+        "",
+    ]
+
+
+def write_results(name: str, markdown: list[str], data: dict[str, Any], command: str, load_before: str) -> Path:
+    """Write ``RESULTS/<name>.md`` (``markdown`` lines, then the command, load, versions and hardware) and
+    ``RESULTS/<name>.json`` (``data`` with the same provenance); returns the Markdown path."""
+    from wherefrom.core.store import atomic_write_json, atomic_write_text, hardware, package_versions
+
+    load_after = uptime()
+    load = f"Load (`uptime`) before: `{load_before}`; after: `{load_after}`"
+    provenance = {
+        "command": command,
+        "uptime_before": load_before,
+        "uptime_after": load_after,
+        "versions": package_versions(),
+        "hardware": hardware(),
+    }
+    path = RESULTS / f"{name}.md"
+    atomic_write_text("\n".join([*markdown, "", *provenance_lines(command, provenance["versions"], load)]), path)
+    atomic_write_json({**data, **provenance}, RESULTS / f"{name}.json")
+    return path
