@@ -261,3 +261,69 @@ def test_cosine_normalisation_at_full_dimension(setting, tokenizer):
     )
     torch.testing.assert_close(scores.per_module, expected, rtol=1e-4, atol=1e-6)
     assert scores.total.abs().max() <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("strategy", ["kfac", "ekfac"])
+def test_projected_kronecker_curvature_at_full_dimension_is_the_unprojected_one(setting, tokenizer, strategy):
+    """LoGra with K-FAC/EK-FAC in the projected space: at full dimensions (identity projections) its scores
+    are the unprojected K-FAC/EK-FAC scores (empirical Fisher: no sampled labels to differ)."""
+    model, train, queries, _ = setting
+    config = AttributionConfig(strategy=strategy, fisher="empirical", batch_size=8)
+    unprojected = Attributor(model, tokenizer, config)
+    unprojected.fit(train)
+    want = unprojected.scores(queries, train)
+    method = ProjectedInfluence(model, tokenizer, config, KroneckerProjection(FULL, FULL), strategy=strategy)
+    method.fit(train)
+    got = method.scores(queries, train)
+    assert got.train_ids == want.train_ids and got.module_names == want.module_names
+    scale = float(want.per_module.abs().max())
+    torch.testing.assert_close(got.per_module, want.per_module, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_projected_kfac_factors_are_the_projected_unprojected_factors(setting, tokenizer):
+    """Below full dimension: A~ = P_in A P_in^T and S~ = P_out S P_out^T of the unprojected K-FAC fit."""
+    model, train, _, _ = setting
+    config = AttributionConfig(strategy="kfac", fisher="empirical", batch_size=8)
+    unprojected = Attributor(model, tokenizer, config)
+    unprojected.fit(train)
+    projection = KroneckerProjection(4, 3, seed=5)
+    method = ProjectedInfluence(model, tokenizer, config, projection, strategy="kfac")
+    method.fit(train)
+
+    def factor(state, name, side):
+        vectors, values = state[f"{name}.{side}_eigvecs"].double(), state[f"{name}.{side}_eigvals"].double()
+        return vectors @ torch.diag(values) @ vectors.T
+
+    for m in unprojected.modules:
+        p_in, p_out = projection.matrices_for(m.name, tuple(m.shape))
+        a, s = factor(unprojected.curvature.state, m.name, "a"), factor(unprojected.curvature.state, m.name, "s")
+        a_want = a if p_in is None else p_in.double() @ a @ p_in.double().T
+        s_want = s if p_out is None else p_out.double() @ s @ p_out.double().T
+        state = method.curvature.state
+        torch.testing.assert_close(factor(state, m.name, "a"), a_want, rtol=1e-4, atol=1e-6 * float(a_want.abs().max()))
+        torch.testing.assert_close(factor(state, m.name, "s"), s_want, rtol=1e-4, atol=1e-6 * float(s_want.abs().max()))
+    assert method.info[unprojected.modules[0].name]["dim"] == 12
+
+
+def test_projected_kronecker_strategy_needs_logra(setting, tokenizer):
+    model, _, _, _ = setting
+    with pytest.raises(ValueError, match="strategy 'ekfac' needs LoGra's Kronecker projection"):
+        ProjectedInfluence(model, tokenizer, AttributionConfig(), RandomProjection(16), strategy="ekfac")
+
+
+def test_projected_ekfac_state_round_trip_and_strategy_mismatch(setting, tokenizer):
+    """Saved and restored through the registry's state (what a run directory stores); another strategy is named."""
+    from wherefrom.methods.registry import make_method
+
+    model, train, queries, _ = setting
+    config = AttributionConfig(fisher="empirical", batch_size=8)
+    method = make_method("logra", model, tokenizer, config, dim_in=4, dim_out=4, strategy="ekfac")
+    method.fit(train)
+    tensors, state = method.fitted_state()
+    assert state["strategy"] == "ekfac"
+    again = make_method("logra", model, tokenizer, config, dim_in=4, dim_out=4, strategy="ekfac")
+    again.restore_state(tensors, json.loads(json.dumps(state)), train)
+    torch.testing.assert_close(again.scores(queries, train).total, method.scores(queries, train).total)
+    exact = make_method("logra", model, tokenizer, config, dim_in=4, dim_out=4)
+    with pytest.raises(ValueError, match="saved strategy 'ekfac' differs from this method's 'exact'"):
+        exact.restore_state(tensors, state, train)

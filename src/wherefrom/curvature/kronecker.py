@@ -23,16 +23,26 @@ correction`` (``Lambda``). A resumed fit reuses the finished ones and gives iden
 Many processes (:mod:`wherefrom.core.distributed`): each process passes its own rows; the float64
 sums and the token and example counts of both passes are added over processes before the divisions
 above, so every process ends with the one-process factors (up to the order of float summation).
+
+From token factors instead of a model (:meth:`KFAC.fit_token_factors`): the same estimates from a stream
+of per-token factors of (possibly virtual) modules, e.g. LoGra's projected ``(P_out g_t, P_in a_t)``
+(Choe et al., 2024, section 3: K-FAC/EK-FAC in the projected space), where ``A~ = P_in A P_in^T`` and
+``S~ = P_out S P_out^T``. No stages are persisted on that path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+
 import torch
 
 from wherefrom.core.distributed import sum_counts, sum_over_ranks
-from wherefrom.core.gradients import token_factors
+from wherefrom.core.gradients import TokenFactors, token_factors
 from wherefrom.core.memory import nbytes
-from wherefrom.curvature.base import Curvature, DataShape
+from wherefrom.curvature.base import Curvature, DataShape, warn_zero_curvature
+
+FactorStream = Callable[[], Iterable[tuple[int, dict[str, TokenFactors]]]]
+"""A fresh pass over the data: ``(examples in the batch, {module: TokenFactors})`` per batch."""
 
 
 def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,9 +78,13 @@ class KFAC(Curvature):
 
     def _fit(self, model, modules, batches, loss_fn, progress) -> None:
         self._fit_factors(model, modules, batches, loss_fn, progress)
-        for m in modules:
-            s, a = self.state[f"{m.name}.s_eigvals"].double(), self.state[f"{m.name}.a_eigvals"].double()
-            self._set_eigenvalues(m.name, torch.outer(s, a))
+        self._outer_eigenvalues([m.name for m in modules])
+
+    def _outer_eigenvalues(self, names) -> None:
+        """K-FAC's eigenvalues ``s_i a_j`` from the fitted eigenbases."""
+        for name in names:
+            s, a = self.state[f"{name}.s_eigvals"].double(), self.state[f"{name}.a_eigvals"].double()
+            self._set_eigenvalues(name, torch.outer(s, a))
 
     def _fit_factors(self, model, modules, batches, loss_fn, progress) -> None:
         """First pass: covariances ``A`` and ``S``, then their eigenbases (stored float32)."""
@@ -79,7 +93,7 @@ class KFAC(Curvature):
             covariances = self.run_stage(
                 "covariances", lambda: self._covariances(model, modules, batches, loss_fn, progress), loss_fn
             )
-            return self._eigenbases(modules, covariances), {
+            return self._eigenbases([m.name for m in modules], covariances), {
                 "examples": self.info["examples"],
                 "tokens": self.info["tokens"],
             }
@@ -90,13 +104,19 @@ class KFAC(Curvature):
         """``({name.a_cov, name.s_cov: float64 sums}, {examples, tokens})`` over one pass of ``batches()``
         (of every process's rows)."""
         device = next(model.parameters()).device
-        a_cov = {m.name: torch.zeros(m.shape[1], m.shape[1], dtype=torch.float64, device=device) for m in modules}
-        s_cov = {m.name: torch.zeros(m.shape[0], m.shape[0], dtype=torch.float64, device=device) for m in modules}
-        tokens = {m.name: 0 for m in modules}
+        stream = model_factors(model, modules, batches, loss_fn, progress, "covariance factors")
+        return self.covariance_sums(stream, {m.name: tuple(m.shape) for m in modules}, device)
+
+    @staticmethod
+    def covariance_sums(stream: FactorStream, shapes: Mapping[str, tuple[int, int]], device=None):
+        """``({name.a_cov, name.s_cov: float64 sums}, {examples, tokens})`` over one pass of ``stream()``
+        (sums and counts added over processes)."""
+        a_cov = {n: torch.zeros(i, i, dtype=torch.float64, device=device) for n, (_, i) in shapes.items()}
+        s_cov = {n: torch.zeros(o, o, dtype=torch.float64, device=device) for n, (o, _) in shapes.items()}
+        tokens = dict.fromkeys(shapes, 0)
         examples = 0
-        for batch in progress(batches(), "covariance factors"):
-            factors, losses = token_factors(model, modules, batch, loss_fn)
-            examples += losses.shape[0]
+        for count, factors in stream():
+            examples += count
             for name, f in factors.items():
                 a = f.a.reshape(-1, f.a.shape[-1])
                 g = f.g.reshape(-1, f.g.shape[-1])
@@ -111,16 +131,37 @@ class KFAC(Curvature):
         }
         return sums, {"examples": examples, "tokens": tokens}
 
-    def _eigenbases(self, modules, covariances) -> dict[str, torch.Tensor]:
-        """Eigenvectors and eigenvalues of ``A = sum a a^T / n_tokens`` and ``S = sum g g^T / n_examples``."""
+    def fit_token_factors(self, stream: FactorStream, shapes: Mapping[str, tuple[int, int]]) -> Curvature:
+        """Fit from per-token factors rather than from a model; returns ``self``.
+
+        ``stream()`` is a fresh pass (called once for K-FAC, twice for EK-FAC): per batch, its number of
+        examples and ``{module: TokenFactors}`` with ``g`` ``(B, T, out)`` and ``a`` ``(B, T, in')`` for the
+        (possibly virtual) modules ``shapes`` (``{name: (out, in')}``). The estimates are the model path's
+        (module docstring); LoGra's projected factors give K-FAC/EK-FAC in the projected space."""
+        self.modules = [[name, int(out), int(inp)] for name, (out, inp) in shapes.items()]
+        self.state, self.info = {}, {}
+        covariances, info = self.covariance_sums(stream, shapes)
+        self.info.update(info)
+        self.state.update(self._eigenbases(list(shapes), covariances))
+        self._fitted_eigenvalues(stream, shapes)
+        warn_zero_curvature(self.zero_blocks)
+        return self
+
+    def _fitted_eigenvalues(self, stream: FactorStream, shapes: Mapping[str, tuple[int, int]]) -> None:
+        """K-FAC: ``s_i a_j`` from the eigenbases."""
+        self._outer_eigenvalues(list(shapes))
+
+    def _eigenbases(self, names, covariances) -> dict[str, torch.Tensor]:
+        """Eigenvectors and eigenvalues of ``A = sum a a^T / n_tokens`` and ``S = sum g g^T / n_examples``
+        for the modules ``names``."""
         eig = {}
-        for m in modules:
-            a_vals, a_vecs = _eigh(covariances[f"{m.name}.a_cov"] / max(self.info["tokens"][m.name], 1))
-            s_vals, s_vecs = _eigh(covariances[f"{m.name}.s_cov"] / max(self.info["examples"], 1))
-            eig[f"{m.name}.a_eigvecs"] = a_vecs.float().cpu()
-            eig[f"{m.name}.a_eigvals"] = a_vals.float().cpu()
-            eig[f"{m.name}.s_eigvecs"] = s_vecs.float().cpu()
-            eig[f"{m.name}.s_eigvals"] = s_vals.float().cpu()
+        for name in names:
+            a_vals, a_vecs = _eigh(covariances[f"{name}.a_cov"] / max(self.info["tokens"][name], 1))
+            s_vals, s_vecs = _eigh(covariances[f"{name}.s_cov"] / max(self.info["examples"], 1))
+            eig[f"{name}.a_eigvecs"] = a_vecs.float().cpu()
+            eig[f"{name}.a_eigvals"] = a_vals.float().cpu()
+            eig[f"{name}.s_eigvecs"] = s_vecs.float().cpu()
+            eig[f"{name}.s_eigvals"] = s_vals.float().cpu()
         return eig
 
     def _set_eigenvalues(self, name: str, eigenvalues: torch.Tensor) -> None:
@@ -160,25 +201,49 @@ class EKFAC(KFAC):
         corrected = self.run_stage(
             "eigenvalue correction", lambda: self._correction(model, modules, batches, loss_fn, progress), loss_fn
         )
-        for m in modules:
-            self._set_eigenvalues(m.name, corrected[f"{m.name}.eigenvalues"].double())
+        self._corrected_eigenvalues([m.name for m in modules], corrected)
+
+    def _corrected_eigenvalues(self, names, corrected: dict[str, torch.Tensor]) -> None:
+        for name in names:
+            self._set_eigenvalues(name, corrected[f"{name}.eigenvalues"].double())
 
     def _correction(self, model, modules, batches, loss_fn, progress):
         """``({name.eigenvalues: float64 mean_n (Q_S^T G_n Q_A)^2}, {correction_examples})`` over one pass
         (of every process's rows)."""
         device = next(model.parameters()).device
-        sums = {m.name: torch.zeros(m.shape, dtype=torch.float64, device=device) for m in modules}
+        stream = model_factors(model, modules, batches, loss_fn, progress, "eigenvalue correction")
+        return self.correction_sums(stream, {m.name: tuple(m.shape) for m in modules}, device)
+
+    def correction_sums(self, stream: FactorStream, shapes: Mapping[str, tuple[int, int]], device=None):
+        """The eigenvalue correction over one pass of ``stream()`` in the fitted eigenbases (see :meth:`_correction`)."""
+        sums = {n: torch.zeros(shape, dtype=torch.float64, device=device) for n, shape in shapes.items()}
         examples = 0
-        for batch in progress(batches(), "eigenvalue correction"):
-            factors, losses = token_factors(model, modules, batch, loss_fn)
-            examples += losses.shape[0]
+        for count, factors in stream():
+            examples += count
             for name, f in factors.items():
                 # Rotate the token factors first: (Q_S^T g)(Q_A^T a)^T summed over tokens.
-                q_s = self.state[f"{name}.s_eigvecs"].to(device, f.g.dtype)
-                q_a = self.state[f"{name}.a_eigvecs"].to(device, f.a.dtype)
+                q_s = self.state[f"{name}.s_eigvecs"].to(f.g.device, f.g.dtype)
+                q_a = self.state[f"{name}.a_eigvecs"].to(f.a.device, f.a.dtype)
                 rotated = torch.einsum("bto,bti->boi", f.g @ q_s, f.a @ q_a)
-                sums[name] += rotated.double().pow(2).sum(0)
+                sums[name] += rotated.double().pow(2).sum(0).to(sums[name].device)
         sum_over_ranks(sums)
         examples = sum_counts({"examples": examples})["examples"]
-        eigenvalues = {f"{m.name}.eigenvalues": (sums[m.name] / max(examples, 1)).cpu() for m in modules}
+        eigenvalues = {f"{n}.eigenvalues": (sums[n] / max(examples, 1)).cpu() for n in shapes}
         return eigenvalues, {"correction_examples": examples}
+
+    def _fitted_eigenvalues(self, stream: FactorStream, shapes: Mapping[str, tuple[int, int]]) -> None:
+        """EK-FAC: the eigenvalue correction from a second pass of ``stream()``."""
+        corrected, info = self.correction_sums(stream, shapes)
+        self.info.update(info)
+        self._corrected_eigenvalues(list(shapes), corrected)
+
+
+def model_factors(model, modules, batches, loss_fn, progress, description: str) -> FactorStream:
+    """The :data:`FactorStream` of a model's pass over ``batches()`` (the per-token factors of ``modules``)."""
+
+    def stream():
+        for batch in progress(batches(), description):
+            factors, losses = token_factors(model, modules, batch, loss_fn)
+            yield losses.shape[0], factors
+
+    return stream

@@ -37,6 +37,12 @@ A projection never *enlarges*: when the requested size reaches the module's size
 or ``k_in >= in'`` / ``k_out >= out`` on one side) that side is left unprojected (identity), which is
 exact and cheaper; so "full" dimensions reproduce unprojected scores exactly.
 
+``strategy="kfac"``/``"ekfac"`` (LoGra only; Choe et al. 2024 fit EK-FAC in the projected space) replaces
+the dense ``F~`` by K-FAC/EK-FAC of the projected per-token factors ``(P_out g_t, P_in a_t)``
+(:meth:`wherefrom.curvature.kronecker.KFAC.fit_token_factors`): factors ``S~ = P_out S P_out^T``
+(``k_out x k_out``) and ``A~ = P_in A P_in^T`` (``k_in x k_in``), the projected gradient preconditioned as
+a ``(k_out, k_in)`` matrix; with full dimensions it is the unprojected K-FAC/EK-FAC.
+
 Memory: ``F~`` is ``k x k`` per module (the exact strategy keeps F~ float32 and its inverse float64), so choose ``k`` with the number of
 modules in mind (e.g. LoGra ``k_in = k_out = 16`` gives ``k = 256``).
 """
@@ -263,14 +269,19 @@ class KroneckerProjection(Projection):
             total += nbytes(k_in, inp) * (k_in < inp) + nbytes(k_out, out) * (k_out < out)
         return total
 
-    def project(self, name: str, factors: TokenFactors) -> torch.Tensor:
+    def project_factors(self, name: str, factors: TokenFactors) -> TokenFactors:
+        """The projected per-token factors ``(P_out g_t, P_in a_t)``: ``g`` ``(B, T, k_out)``, ``a`` ``(B, T, k_in)``."""
         a, g = factors.a, factors.g
         p_in, p_out = self.matrices_for(name, (g.shape[-1], a.shape[-1]), a.device, a.dtype)
         if p_in is not None:
-            a = a @ p_in.T  # (B, T, k_in)
+            a = a @ p_in.T
         if p_out is not None:
-            g = g @ p_out.T  # (B, T, k_out)
-        return torch.einsum("bto,bti->boi", g, a).reshape(a.shape[0], -1)
+            g = g @ p_out.T
+        return TokenFactors(a, g, factors.token_mask)
+
+    def project(self, name: str, factors: TokenFactors) -> torch.Tensor:
+        projected = self.project_factors(name, factors)
+        return projected.dense().reshape(projected.a.shape[0], -1)
 
 
 class ProjectedInfluence:
@@ -291,9 +302,18 @@ class ProjectedInfluence:
         damping: float | None = None,
         damping_factor: float | None = None,
         curvature: bool = True,
+        strategy: Literal["exact", "kfac", "ekfac"] = "exact",
         progress: Progress = no_progress,
     ):
         config = config or AttributionConfig()
+        if strategy not in ("exact", "kfac", "ekfac"):
+            raise ValueError(f"strategy must be 'exact', 'kfac' or 'ekfac', got {strategy!r}")
+        if strategy != "exact" and not isinstance(projection, KroneckerProjection):
+            raise ValueError(
+                f"strategy {strategy!r} needs LoGra's Kronecker projection (per-token factors); "
+                "a random projection (trak) has only the exact projected Fisher"
+            )
+        self.strategy = strategy
         self.attributor = Attributor(model, tokenizer, replace(config, strategy="identity"), progress=progress)
         self.projection = projection or RandomProjection(1024, seed=config.seed)
         self.damping = config.damping if damping is None else damping
@@ -362,7 +382,12 @@ class ProjectedInfluence:
                 self.attributor.config.batch_size, max((o * i for o, i in shapes.values()), default=0)
             ),
         }
-        if fit and self.use_curvature:
+        if fit and self.use_curvature and self.strategy != "exact":
+            for name, (k_out, k_in) in self.curvature_shapes().items():
+                needs[f"{name}: projected Kronecker factors ({k_out} x {k_out}, {k_in} x {k_in})"] = 3 * nbytes(
+                    k_out * k_out + k_in * k_in + k_out * k_in, dtype=torch.float64
+                )
+        elif fit and self.use_curvature:
             for name, k in dims.items():
                 needs[f"{name}: projected Fisher ({k} x {k})"] = 4 * nbytes(k, k, dtype=torch.float64) + nbytes(k, k)
         return check_memory(
@@ -385,11 +410,21 @@ class ProjectedInfluence:
 
     # --- curvature ------------------------------------------------------------------------------
     def new_curvature(self) -> Curvature:
-        """The unfitted curvature of the projected space: ``exact`` per (virtual) module, or ``identity``
-        without curvature. ``ValueError`` for a damping that is not > 0."""
+        """The unfitted curvature of the projected space: ``exact`` per (virtual) module (a dense ``k x k``
+        ``F~``), ``kfac``/``ekfac`` of the projected per-token factors (``k_out x k_out`` and ``k_in x k_in``
+        factors: LoGra's setting), or ``identity`` without curvature. ``ValueError`` for a damping that is not > 0."""
         if not self.use_curvature:
             return make_curvature("identity", self.damping, self.damping_factor)
+        if self.strategy != "exact":
+            return make_curvature(self.strategy, self.damping, self.damping_factor)
         return make_curvature("exact", self.damping, self.damping_factor, blocks="module")
+
+    def curvature_shapes(self) -> dict[str, tuple[int, int]]:
+        """The projected curvature's (virtual) module shapes: ``(1, k)`` for ``exact``, ``(k_out, k_in)`` for
+        ``kfac``/``ekfac`` (the projected gradient ``P_out G P_in^T`` as a matrix)."""
+        if self.strategy == "exact":
+            return {n: (1, k) for n, k in self.dims().items()}
+        return {m.name: self.projection.dims(tuple(m.shape), m.name) for m in self.attributor.modules}
 
     @property
     def inverses(self) -> dict[str, torch.Tensor]:
@@ -402,6 +437,17 @@ class ProjectedInfluence:
     def info(self) -> dict[str, dict[str, float]]:
         """Per module: ``damping`` (lambda), ``mean_eigenvalue`` of ``F~``, ``dim`` ``k`` and ``n_examples``."""
         info = self.curvature.info
+        if self.use_curvature and self.strategy != "exact" and self.curvature.state:
+            state, dims = self.curvature.state, self.dims()
+            return {
+                n: {
+                    "damping": float(state[f"{n}.damping"]),
+                    "mean_eigenvalue": float(state[f"{n}.eigenvalues"].double().mean()),
+                    "dim": dims[n],
+                    "n_examples": info["examples"],
+                }
+                for n in self.module_names
+            }
         if "damping" not in info:
             return {}
         return {
@@ -425,12 +471,20 @@ class ProjectedInfluence:
         if not self.use_curvature:
             return
         loss_fn = self.attributor.fisher_loss_fn()
+        if self.strategy != "exact":
+
+            def factors() -> Iterator[tuple[int, dict[str, TokenFactors]]]:
+                for ids, batch in self.attributor.token_factor_stream(train, loss_fn, "projected fisher"):
+                    yield len(ids), {n: self.projection.project_factors(n, batch.pop(n)) for n in self.module_names}
+
+            self.curvature.fit_token_factors(factors, self.curvature_shapes())
+            return
 
         def blocks() -> Iterator[dict[str, torch.Tensor]]:
             for _ids, grads in self.projected_gradients(train, loss_fn, "projected fisher"):
                 yield {n: p.unsqueeze(1) for n, p in grads.items()}  # (b, k) -> (b, 1, k)
 
-        self.curvature.fit_gradients(blocks, {n: (1, k) for n, k in self.dims().items()})
+        self.curvature.fit_gradients(blocks, self.curvature_shapes())
 
     def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``(F~ + lambda I)^-1`` applied to projected rows ``{module: (b, k)}`` (identity without curvature)."""
@@ -438,8 +492,9 @@ class ProjectedInfluence:
             return grads
         if not self.curvature.state:
             raise RuntimeError(f"{self.name}: call fit(train) before scoring (or pass curvature=False)")
-        blocks = self.curvature.precondition({n: g.unsqueeze(1) for n, g in grads.items()})
-        return {n: g.squeeze(1) for n, g in blocks.items()}
+        shapes = self.curvature_shapes()
+        blocks = self.curvature.precondition({n: g.reshape(g.shape[0], *shapes[n]) for n, g in grads.items()})
+        return {n: g.reshape(g.shape[0], -1) for n, g in blocks.items()}
 
     def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The projected curvature's state tensors (``exact``: each module's ``F~``, inverse and damping) and
@@ -458,11 +513,11 @@ class ProjectedInfluence:
         """Adopt a saved projected curvature; ``ValueError`` naming what differs when the saved projection,
         curvature or damping are not this method's."""
         mine = self.metadata()
-        for key in ("projection", "curvature", "damping", "damping_factor"):
-            if state[key] != mine[key]:
+        for key in ("projection", "curvature", "strategy", "damping", "damping_factor"):
+            if state.get(key, "exact" if key == "strategy" else None) != mine[key]:
                 raise ValueError(f"{self.name}: saved {key} {state[key]!r} differs from this method's {mine[key]!r}")
         curvature = curvature_from_state(state["projected_curvature"], tensors)
-        if self.use_curvature and curvature.modules != [[n, 1, k] for n, k in self.dims().items()]:
+        if self.use_curvature and curvature.modules != [[n, *shape] for n, shape in self.curvature_shapes().items()]:
             raise ValueError(f"{self.name}: the saved projected curvature is of other modules or dimensions")
         self.curvature = curvature
 
@@ -560,6 +615,7 @@ class ProjectedInfluence:
             "method": self.name,
             "projection": self.projection.config(),
             "curvature": self.use_curvature,
+            "strategy": self.strategy,
             "damping": self.damping,
             "damping_factor": self.damping_factor,
             "config": self.attributor.config.to_dict(),

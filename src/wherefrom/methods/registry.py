@@ -172,6 +172,11 @@ def _tracin(name: str, model, tokenizer, config: AttributionConfig, checkpoints,
 PROJECTED_CURVATURE = from_signature(
     ProjectedInfluence,
     OptionSpec("curvature", help="false: no projected Fisher, scores are raw projected gradient dot products"),
+    OptionSpec(
+        "strategy",
+        help="projected curvature: exact (dense k x k F~ per module), or kfac/ekfac of the projected per-token "
+        "factors (logra only)",
+    ),
 )
 
 
