@@ -580,8 +580,9 @@ class ProjectedInfluence:
         return [(n, (k,)) for n, k in self.dims().items()]
 
     def vector_settings(self) -> dict[str, Any]:
-        """What fixes the rows' meaning besides the model: the projection and the projected curvature's damping."""
-        return {k: v for k, v in self.metadata().items() if k in ("method", "projection", "damping", "damping_factor")}
+        """What fixes the rows' meaning besides the model: the projection, the projected curvature's strategy and damping."""
+        keys = ("method", "projection", "strategy", "damping", "damping_factor")
+        return {k: v for k, v in self.metadata().items() if k in keys}
 
     def train_vectors(
         self, train: Sequence[Record], precondition: bool = True, unit: bool = False
