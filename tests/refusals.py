@@ -227,6 +227,22 @@ REFUSALS: tuple[Refusal, ...] = (
         "the index is stored in the dtype named; one it does not store is not silently replaced",
         command=("index", "--run", "run", "--dtype", "float64"),
     ),
+    Refusal(
+        "index and search",
+        "--search on a run without an index",
+        EXIT,
+        "has no vector store of training rows",
+        "a search reads the stored rows; scoring every row instead would be another, slower command",
+        command=(*QUERY, "--search", "exact"),
+    ),
+    Refusal(
+        "index and search",
+        "--search with --json",
+        EXIT,
+        "--json need the full scores",
+        "a search returns the top rows only; the JSON view describes every row's score",
+        command=(*QUERY, "--search", "exact", "--json"),
+    ),
     # --- curvature ------------------------------------------------------------------------------
     Refusal(
         "curvature",
