@@ -272,10 +272,9 @@ def record_checksum(path: Path) -> None:
     _set_checksum(path, {"sha256": digest, "bytes": size})
 
 
-def recorded_checksum(path: Path) -> dict[str, Any] | None:
-    """``{"sha256", "bytes"}`` recorded for ``path`` in its folder's ``checksums.json`` (``None``: not recorded)."""
-    path = Path(path)
-    return _checksums(path.parent).get(path.name)
+def recorded_checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{file name: {"sha256", "bytes"}}`` recorded in ``folder``'s ``checksums.json`` (read once)."""
+    return _checksums(Path(folder))
 
 
 def forget_file(path: Path) -> None:

@@ -47,7 +47,7 @@ from wherefrom.core.store import (
     load_tensors_checked,
     read_json_checked,
     record_settings,
-    recorded_checksum,
+    recorded_checksums,
     save_tensors_checked,
     settings_differences,
     write_json_checked,
@@ -278,7 +278,8 @@ class VectorStore:
         """A sha256 over the recorded checksums of the manifest, the ids and every shard: it changes whenever
         any row, id or setting does (keys derived data such as a FAISS index, without reading the rows)."""
         names = ["settings.json", IDS_FILE, *(shard_name(k) for k in range(self.shard_count))]
-        recorded = {name: recorded_checksum(self.folder / name) for name in names}
+        files = recorded_checksums(self.folder)
+        recorded = {name: files.get(name) for name in names}
         return hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()
 
     def verify(self) -> None:

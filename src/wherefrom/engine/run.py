@@ -661,9 +661,8 @@ class Run:
     def store_scores(self, queries: list[Record], store: VectorStore) -> Scores:
         """Scores of a vector run's ``queries`` from its index: ``query_vector @ row`` per module block,
         streamed shard by shard (``(n_modules, q, n)``; positive = proponent)."""
-        vectors = self.vectors()
-        blocks = vectors.vector_blocks()
-        query_ids, query_rows = vectors.query_vectors(queries, unit=bool(store.settings.get("unit_norm")))
+        blocks = self.vectors().vector_blocks()
+        query_ids, query_rows = self.query_vectors(queries, store)
         query_blocks = split_rows(query_rows.float().cpu(), blocks)
         columns = []
         for _start, rows in store.shards():
