@@ -38,8 +38,10 @@ read -r -a fixed <<< "$FIXED"
 
 for name in $TASKS; do
   case "$name" in
-    emotion|grammars|math|mixedS|mixedL|backdoor|multibackdoor)
+    emotion|grammars|math|backdoor)
       task="path:$DATA/$name.train.jsonl:$DATA/$name.test.jsonl" ;;
+    mixedS|mixedL|multibackdoor)  # identification sets: the harmful / triggered rows are the ones to find
+      task="path:$DATA/$name.train.jsonl:$DATA/$name.test.jsonl:identify" ;;
     *) task="$name" ;;
   esac
   start=$(date +%s)
