@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wherefrom.core.store import load_tensors_checked, recorded_checksums, save_tensors_checked
+from wherefrom.core.store import check_size, load_tensors_checked, recorded_checksums, save_tensors_checked
 from wherefrom.core.tracking import TrackedModule
 
 __all__ = ["OPTIMIZER_STATE_FILE", "AdamState", "MissingOptimizerState", "save_adam_state"]
@@ -80,29 +80,37 @@ class AdamState:
     eps: float
     sha256: str
 
-    @classmethod
-    def load(cls, folder: str | Path) -> AdamState:
-        """The state saved in checkpoint ``folder``, its checksum verified.
+    @staticmethod
+    def fingerprint(folder: str | Path) -> dict[str, str]:
+        """What identifies checkpoint ``folder``'s state in an index's settings, without reading its tensors:
+        the folder (absolute) and the file's recorded sha256.
 
-        Raises :class:`MissingOptimizerState` naming the folder when it has none and
-        :class:`wherefrom.core.store.DamagedFile` naming a damaged file."""
-        folder = Path(folder)
+        Raises :class:`MissingOptimizerState` naming the folder when it has no state and
+        :class:`wherefrom.core.store.DamagedFile` when the file's checksum is not recorded."""
+        folder = Path(folder).resolve()
         path = folder / OPTIMIZER_STATE_FILE
         if not path.is_file():
             raise MissingOptimizerState(
                 f"checkpoint folder {folder} holds no AdamW state ({OPTIMIZER_STATE_FILE}): --precondition adam "
                 "needs a checkpoint that `wherefrom finetune` saved with its optimizer state (fine-tune again)"
             )
-        tensors, meta = load_tensors_checked(path)
+        check_size(path)
+        return {"checkpoint": str(folder), "sha256": recorded_checksums(folder)[OPTIMIZER_STATE_FILE]["sha256"]}
+
+    @classmethod
+    def load(cls, folder: str | Path) -> AdamState:
+        """The state saved in checkpoint ``folder``, its checksum verified.
+
+        Raises :class:`MissingOptimizerState` naming the folder when it has none,
+        :class:`wherefrom.core.store.DamagedFile` naming a damaged file and ``ValueError`` for a state saved
+        before the first step."""
+        sha256 = cls.fingerprint(folder)["sha256"]
+        folder = Path(folder)
+        tensors, meta = load_tensors_checked(folder / OPTIMIZER_STATE_FILE)
         adam = json.loads(meta["adam"])
         if adam["step"] < 1:
             raise ValueError(f"the AdamW state in {folder} is from before the first step (step 0)")
-        sha256 = recorded_checksums(folder)[OPTIMIZER_STATE_FILE]["sha256"]
         return cls(folder, tensors, int(adam["step"]), float(adam["beta2"]), float(adam["eps"]), sha256)
-
-    def fingerprint(self) -> dict[str, str]:
-        """What identifies this state in an index's settings: the folder and the file's sha256."""
-        return {"checkpoint": str(self.folder.resolve()), "sha256": self.sha256}
 
     def divisors(self, modules: Sequence[TrackedModule]) -> dict[str, torch.Tensor]:
         """``{module: sqrt(v_hat) + eps}`` float32, ``(out, in + has_bias)`` (the Linear orientation of every
@@ -110,8 +118,8 @@ class AdamState:
         divided by it elementwise is the LESS/TrackStar preconditioned gradient. A module's parameters are found
         by its name in the model (``name.weight``, ``name.bias``), which is theirs in the fine-tuned model.
 
-        Raises ``KeyError`` naming a tracked module whose weight (or bias) has no saved second moment and the
-        folder, and ``ValueError`` for one saved with another shape."""
+        Raises ``ValueError`` naming a tracked module whose weight (or bias) has no saved second moment (and the
+        folder), or one saved with another shape."""
         correction = 1.0 - self.beta2**self.step
         out = {}
         for module in modules:
@@ -119,7 +127,7 @@ class AdamState:
             for kind, param in zip(("weight", "bias"), module.parameters()):
                 name = f"{module.name}.{kind}"
                 if name not in self.second_moment:
-                    raise KeyError(
+                    raise ValueError(
                         f"the AdamW state in {self.folder} has no second moment of {name} (it trained other "
                         "parameters); track modules the fine-tuning trained, or use --precondition fitted|none"
                     )
