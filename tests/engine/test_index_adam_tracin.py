@@ -144,6 +144,18 @@ def test_adam_of_an_earlier_checkpoint_and_the_refusals(workspace, tmp_path):
     assert code == 2 and "holds no AdamW state" in out, out
 
 
+def test_trak_adam_rows_project_the_divided_gradient(workspace, tmp_path):
+    """trak: row 0 = P vec(g / (sqrt(v_hat) + eps)) (divided before the projection), P the run's projection."""
+    run = adam_run(workspace, tmp_path / "run", method="trak", dim=8)
+    run.build_index(shard_size=10, precondition="adam")
+    divided = hand_gradient(workspace, "ft/adapter", run.train[0]) / hand_divisor(
+        workspace / "ft" / "checkpoints" / "epoch-2"
+    )
+    expected = run.method.projection.project_flat(LORA_A, divided.reshape(1, -1))[0]
+    row = next(VectorStore.open(tmp_path / "run" / "index").shards())[1][0]
+    assert row.shape == (8,) and torch.allclose(row, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
 def test_tracin_adam_rows_divide_each_checkpoint_by_its_own_state(workspace, tmp_path):
     """LESS: checkpoint c's block of a row is sqrt(lr_c) g_c / (sqrt(v_hat_c) + eps), v_hat_c of checkpoint c."""
     checkpoints = [workspace / "ft" / "checkpoints" / f"epoch-{k}" for k in (1, 2)]

@@ -650,7 +650,9 @@ class Run:
         def produce(shard: int, _ids: list[str]) -> Iterator[tuple[list[str], torch.Tensor]]:
             start, stop = writer.span(shard)
             if vectors is not None:
-                yield from vectors.train_vectors(self.train[start:stop], precondition == "fitted", unit_norm, divisors)
+                rows = (self.train[start:stop], precondition == "fitted", unit_norm)
+                # only a method that forms the gradients (trak) takes divisors (check_adam refused the others)
+                yield from vectors.train_vectors(*rows) if divisors is None else vectors.train_vectors(*rows, divisors)
                 return
             description = f"index shard {shard + 1}/{writer.shard_count}"
             for ids, grads in self.attributor.gradients(self.train[start:stop], description=description):
