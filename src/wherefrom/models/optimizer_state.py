@@ -3,13 +3,12 @@
 AdamW (Loshchilov and Hutter, 2019; ``torch.optim.AdamW``) keeps per parameter the running second moment
 ``v_t = beta2 v_{t-1} + (1 - beta2) g_t^2`` and moves the weights along ``m_hat / (sqrt(v_hat) + eps)`` with
 the bias-corrected ``v_hat = v_t / (1 - beta2^t)`` (``t`` the step count). LESS (Xia et al. 2024, LESS:
-Selecting Influential Data for Targeted Instruction Tuning, eq. (2), the Adam update direction ``Gamma``)
-and TrackStar (Chang et al. 2024, Scalable Influence and Fact Tracing for Large Language Model
-Pretraining, the optimizer second moment as the ``R^-1/2`` of their eq.) precondition a training example's
-gradient ``g`` the same way: ``g / (sqrt(v_hat) + eps)``, elementwise, with ``v_hat`` and ``eps`` of the
-checkpoint the gradient is taken at. (LESS's ``Gamma`` also carries the first moment; with ``beta1``'s
-memory of other rows it is not a function of ``g`` alone, so only the second moment is used, as TrackStar
-does.)
+Selecting Influential Data for Targeted Instruction Tuning: the Adam update direction ``Gamma(z, theta)`` of
+its Adam influence) and TrackStar (Chang et al. 2024, Scalable Influence and Fact Tracing for Large Language
+Model Pretraining: the optimizer state correction) precondition a training example's gradient ``g`` the same
+way: ``g / (sqrt(v_hat) + eps)``, elementwise, with ``v_hat`` and ``eps`` of the checkpoint the gradient is
+taken at. (LESS's ``Gamma`` also carries the first moment; with ``beta1``'s memory of other rows it is not
+a function of ``g`` alone, so only the second moment is used, as TrackStar does.)
 
 A checkpoint folder of :func:`wherefrom.models.finetune.finetune` holds ``optimizer_state.safetensors``:
 one float32 tensor ``v`` per trainable parameter, named as in ``model.named_parameters()`` and shaped like
