@@ -14,9 +14,11 @@ Layout::
                                bm25): settings.json first, method.safetensors, then method.json
                                (finished; :mod:`wherefrom.methods.saved` says what each keeps)
     RUN/index/                 a :class:`wherefrom.core.vectors.VectorStore` (one row per training
-                               row: raw gradients, or a trak/logra/repsim run's vectors):
+                               row: raw gradients, or a trak/logra/repsim/tracin run's vectors):
                                settings.json first, ids.json, shard-NNNNN.safetensors,
                                index.json last (the index is complete)
+    RUN/index-parts/           while a tracin run's index is built: one store per checkpoint
+                               (checkpoint-C/, its column block), deleted once the index is complete
     RUN/scores/<name>.safetensors + <name>.json   pairwise scores with their ids
     RUN/*/checksums.json       sha256 and size of every file above, recorded after it is written
 
@@ -506,9 +508,10 @@ class Run:
         are assembled; the parts are deleted once the index is complete.
         ``precondition="adam"`` (LESS, Xia et al. 2024; TrackStar, Chang et al. 2024) divides each per-example
         gradient elementwise by AdamW's ``sqrt(v_hat) + eps`` (:mod:`wherefrom.models.optimizer_state`) before
-        projection and normalisation: of ``optimizer_checkpoint`` (default: :meth:`optimizer_checkpoint`) for raw
-        gradients (a run fitted with the ``identity`` strategy: the rows carry the preconditioner) and trak, of
-        each checkpoint's own state for tracin; the queries are not divided (LESS's convention).
+        projection and normalisation: of ``optimizer_checkpoint`` (default:
+        :meth:`default_optimizer_checkpoint`) for raw gradients (a run fitted with the ``identity`` strategy: the
+        rows carry the preconditioner) and trak, of each checkpoint's own state for tracin; the queries are not
+        divided (LESS's convention).
         Rows are stored in ``dtype`` (float32 | float16 | bfloat16), ``shard_size`` rows per shard.
 
         Under ``torch.distributed`` rank ``r`` of ``W`` builds the shards ``k`` with ``k % W == r``
@@ -550,7 +553,7 @@ class Run:
                 self.notices += list(dict.fromkeys(writer.notices))  # a damaged shard is noted once
         return sum_counts({"written": written})["written"]
 
-    def optimizer_checkpoint(self) -> Path:
+    def default_optimizer_checkpoint(self) -> Path:
         """The checkpoint folder whose AdamW state ``--precondition adam`` uses by default: the run's adapter (or
         model) folder when it is a :func:`wherefrom.models.finetune.finetune` checkpoint itself, else the last
         epoch checkpoint of the fine-tuning run whose final weights it is.
@@ -618,7 +621,9 @@ class Run:
         fingerprint: Any = None
         if adam:
             folders = (
-                tracin.checkpoints if tracin is not None else [optimizer_checkpoint or self.optimizer_checkpoint()]
+                tracin.checkpoints
+                if tracin is not None
+                else [optimizer_checkpoint or self.default_optimizer_checkpoint()]
             )
             fingerprint = [AdamState.fingerprint(folder) for folder in folders]
             fingerprint = fingerprint if tracin is not None else fingerprint[0]

@@ -354,8 +354,8 @@ def finetune(
     ``output_dir/checkpoints/epoch-{k}`` with a ``trainer_state.json`` (epoch, step, learning
     rate, mean loss) and ``optimizer_state.safetensors`` (AdamW's ``exp_avg_sq`` per trainable parameter,
     step, betas, eps: :func:`wherefrom.models.optimizer_state.save_adam_state`); at the end the final
-    weights go to ``output_dir/adapter`` (LoRA) or ``output_dir/model`` (full model + tokenizer), then ``train_log.jsonl`` and
-    ``finetune_config.json`` (config, fingerprints of data, base model and tokenizer, epoch
+    weights go to ``output_dir/adapter`` (LoRA) or ``output_dir/model`` (full model + tokenizer), then
+    ``train_log.jsonl`` and ``finetune_config.json`` (config, fingerprints of data, base model and tokenizer, epoch
     losses, checkpoint list). If a complete earlier run with the same config and fingerprints is
     in ``output_dir``, its weights are loaded instead (``reused=True``); otherwise what earlier
     runs left there (only the names above) is deleted first; with ``overwrite=False`` a complete earlier
