@@ -232,3 +232,17 @@ def test_tracin_index_killed_then_resumed_is_byte_identical(workspace, tmp_path)
 
     assert stored(index) == stored(tmp_path / "clean" / "index") and not partials(tmp_path / "killed")
     assert not (tmp_path / "killed" / "index-parts").exists()
+
+
+def test_tracin_damaged_shard_is_rebuilt_from_its_checkpoints(workspace, tmp_path):
+    """With the parts gone (the index was complete), a flipped byte in one shard: `index` names it and rebuilds
+    that shard alone (each checkpoint's block of it again), to the same bytes."""
+    run = tracin_run(workspace, tmp_path / "run")
+    run.build_index(shard_size=4)
+    shard = tmp_path / "run" / "index" / "shard-00001.safetensors"
+    clean = shard.read_bytes()
+    shard.write_bytes(clean[:-5] + bytes([clean[-5] ^ 1]) + clean[-4:])
+    again = Run.open(tmp_path / "run", device="cpu", factors=False)
+    assert again.build_index(shard_size=4) == 1
+    assert any("shard-00001.safetensors is damaged" in n for n in again.notices) and shard.read_bytes() == clean
+    assert not (tmp_path / "run" / "index-parts").exists()
