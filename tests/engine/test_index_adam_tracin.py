@@ -172,8 +172,9 @@ def test_tracin_adam_rows_divide_each_checkpoint_by_its_own_state(workspace, tmp
         assert torch.allclose(row[c], expected, rtol=0, atol=1e-5 * float(expected.abs().max())), c
 
 
-def tracin_run(root, folder, attribution=TRACIN) -> Run:
+def tracin_run(root, folder, attribution=TRACIN, **extra) -> Run:
     options = {"checkpoints": [str(root / "checkpoint-1"), str(root / "checkpoint-2")], "learning_rates": RATES}
+    options.update(extra)
     config = RunConfig.for_method("tracin", str(root / "train.jsonl"), attribution, options, model=str(root / "model"))
     run = Run.create(folder, replace(config, device="cpu"))
     run.fit()
@@ -246,3 +247,26 @@ def test_tracin_damaged_shard_is_rebuilt_from_its_checkpoints(workspace, tmp_pat
     assert again.build_index(shard_size=4) == 1
     assert any("shard-00001.safetensors is damaged" in n for n in again.notices) and shard.read_bytes() == clean
     assert not (tmp_path / "run" / "index-parts").exists()
+
+
+def test_projected_tracin_rows(workspace, tmp_path):
+    """--option dim=16: rows of (C, 16) per module; the store's scores equal the projected method's (1e-5 of the
+    largest); at a dim beyond the module's size (identity) the projected path equals unprojected TracIn."""
+    run = tracin_run(workspace, tmp_path / "run", dim=16)
+    run.build_index(shard_size=4)
+    store = VectorStore.open(tmp_path / "run" / "index")
+    assert store.settings["rows_layout"]["blocks"] == [["model.layers.1.mlp.down_proj", 2, 16]] and store.dim == 32
+    queries = load_records(workspace / "queries.jsonl")
+    loaded = load_model(workspace / "model", device="cpu")
+    options = {"checkpoints": [str(workspace / f"checkpoint-{k}") for k in (1, 2)], "learning_rates": RATES}
+
+    def tracin(**extra):
+        return make_method("tracin", loaded.model, loaded.tokenizer, TRACIN, **options, **extra)
+
+    expected = tracin(dim=16).scores(queries, run.train)
+    got = Run.open(tmp_path / "run", device="cpu").scores(queries)
+    scale = float(expected.per_module.abs().max())
+    assert torch.allclose(got.per_module, expected.per_module, rtol=0, atol=1e-5 * scale)
+    full, unprojected = tracin(dim=4096).scores(queries, run.train), tracin().scores(queries, run.train)
+    assert full.module_names == unprojected.module_names
+    assert torch.allclose(full.per_module, unprojected.per_module, rtol=0, atol=1e-5 * scale)

@@ -61,7 +61,7 @@ from wherefrom.core.distributed import (
     sum_counts,
     world_size,
 )
-from wherefrom.core.gradients import flatten_blocks, split_rows
+from wherefrom.core.gradients import block_products, flatten_blocks, split_rows
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import Scores, save_scores
 from wherefrom.core.store import (
@@ -465,8 +465,7 @@ class Run:
         vectors, tracin = self.vectors(), self.checkpoint_method()
         extra: dict[str, Any] = {"precondition": precondition, "unit_norm": unit_norm}
         if tracin is not None:
-            count = len(tracin.checkpoints)
-            blocks = [[name, count, out, inp] for name, out, inp in tracin.module_signature()]
+            blocks = [[name, *shape] for name, shape in tracin.row_blocks()]
             layout = {"projection": tracin.vector_settings(), "blocks": blocks}
         elif vectors is None:
             layout = {"projection": "none", "blocks": selection_signature(self.attributor.modules)}
@@ -709,7 +708,7 @@ class Run:
         is intact); ``produce`` assembles an index shard from the parts' same shard."""
         tracin = self.checkpoint_method()
         signature = tracin.module_signature()
-        sizes = [out * inp for _name, out, inp in signature]
+        sizes = [math.prod(shape[1:]) for _name, shape in tracin.row_blocks()]
         part_settings = {k: v for k, v in writer.manifest.items() if k not in LAYOUT}
         parts = [
             VectorStoreWriter(
@@ -864,11 +863,8 @@ class Run:
         product is the sum over checkpoints), streamed shard by shard (``(n_modules, q, n)``; positive = proponent)."""
         blocks = [(name, tuple(shape)) for name, *shape in store.settings["rows_layout"]["blocks"]]
         query_ids, query_rows = self.query_vectors(queries, store)
-        query_blocks = split_rows(query_rows.float().cpu(), blocks)
-        columns = []
-        for _start, rows in store.shards():
-            train_blocks = split_rows(rows.float(), blocks)
-            columns.append(torch.stack([query_blocks[n].flatten(1) @ train_blocks[n].flatten(1).T for n, _ in blocks]))
+        query_rows = query_rows.float().cpu()
+        columns = [block_products(query_rows, rows.float(), blocks) for _start, rows in store.shards()]
         return Scores(query_ids, list(store.ids), [n for n, _ in blocks], torch.cat(columns, dim=2))
 
     def save_scores(self, scores: Scores, name: str) -> Path:

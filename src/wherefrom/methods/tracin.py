@@ -42,12 +42,13 @@ import torch
 from torch import nn
 
 from wherefrom.core.data import Record
-from wherefrom.core.gradients import flatten_blocks
+from wherefrom.core.gradients import block_products, flatten_blocks
 from wherefrom.core.scoring import Scores
 from wherefrom.core.task import LanguageModelingTask
 from wherefrom.core.tracking import selection_signature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
+from wherefrom.methods.projection import RandomProjection
 from wherefrom.models.finetune import CONFIG_FILE, TRAINER_STATE_FILE, read_trainer_state
 from wherefrom.models.loading import (
     ModelLoadError,
@@ -223,12 +224,19 @@ class TracIn:
         checkpoints: Sequence[Checkpoint],
         tokenizer,
         config: AttributionConfig | None = None,
+        dim: int | None = None,
         **options: Any,
     ):
-        """``options``: the keyword arguments of :func:`tracin_scores` (``learning_rates``, ``device``, ...)."""
+        """``dim``: project each module's gradient to ``dim`` numbers with TRAK's seeded Gaussian projection
+        (:class:`wherefrom.methods.projection.RandomProjection`, seed ``config.seed``; the same matrix at every
+        checkpoint and on both sides), so that scores are ``sum_k lr_k (P q_k) . (P g_k)`` and index rows short;
+        ``None``: unprojected. ``options``: the keyword arguments of :func:`tracin_scores` (``learning_rates``,
+        ``device``, ...). Raises ``ValueError`` for no checkpoints or ``dim < 1``."""
         if not checkpoints:
             raise ValueError("TracIn needs at least one checkpoint")
         self.base, self.checkpoints, self.tokenizer, self.config = base, list(checkpoints), tokenizer, config
+        seed = (config or AttributionConfig()).seed
+        self.projection = None if dim is None else RandomProjection(dim, seed=seed)
         self.options = dict(options)
         self.fitted = False
         self.signature: list[list] | None = None
@@ -278,17 +286,44 @@ class TracIn:
             self.base = state["base"]
 
     def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
-        """``(n_query, n_train)`` TracInCP scores with ids; positive = proponent."""
-        return tracin_scores(
-            self.base, self.checkpoints, self.tokenizer, queries, train, config=self.config, **self.options
-        )
+        """``(n_query, n_train)`` TracInCP scores with ids; positive = proponent. With ``dim``: from the
+        projected rows of :meth:`checkpoint_rows` (both sides held in memory), per module
+        (:func:`wherefrom.core.gradients.block_products`); with ``normalize="cosine"`` each checkpoint's projected
+        gradients are unit length. Raises :class:`~wherefrom.core.data.DataError` for no or invalid rows."""
+        if self.projection is None:
+            return tracin_scores(
+                self.base, self.checkpoints, self.tokenizer, queries, train, config=self.config, **self.options
+            )
+        queries, train = checked_rows(queries, "query rows"), checked_rows(train, "training rows")
+        if not self.fitted:  # the learning rates: given, or read from the checkpoints
+            self.fit(train)
+        unit = self.config is not None and self.config.normalize == "cosine"
+        query_ids, query_rows = self.query_vectors(queries, unit)
+        train_ids, train_rows = self.rows(train, unit)
+        blocks = self.row_blocks()
+        per_module = block_products(query_rows, train_rows, blocks)
+        return Scores(query_ids, train_ids, [name for name, _shape in blocks], per_module)
 
     # --- rows of a vector store ------------------------------------------------------------------
     def vector_settings(self) -> dict[str, Any]:
         """What fixes the index rows' meaning besides the model: the checkpoint folders and their learning
         rates (:meth:`fitted_state`'s; same errors)."""
         _tensors, state = self.fitted_state()
-        return {"method": self.name, "checkpoints": state["checkpoints"], "learning_rates": state["learning_rates"]}
+        projection = None if self.projection is None else self.projection.config()
+        return {
+            "method": self.name,
+            "checkpoints": state["checkpoints"],
+            "learning_rates": state["learning_rates"],
+            "projection": projection,
+        }
+
+    def row_blocks(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The layout of an index row (:func:`interleave_checkpoints`): per module, ``(C, out, in')``, or with
+        ``dim`` ``(C, k)`` with ``k = min(dim, out * in')``."""
+        count = len(self.checkpoints)
+        if self.projection is None:
+            return [(name, (count, out, inp)) for name, out, inp in self.module_signature()]
+        return [(name, (count, self.projection.dim_for((out, inp)))) for name, out, inp in self.module_signature()]
 
     def module_signature(self) -> list[list]:
         """The tracked modules of the checkpoints, ``[[name, out, in'], ...]``
@@ -332,7 +367,8 @@ class TracIn:
         with ``g_k`` the training-loss gradient at checkpoint ``k`` (``query``: the query side ``-grad f``), its
         modules' ``(out, in')`` blocks flattened in module order (``attributor``: :meth:`checkpoint_attributor`
         of ``k``). ``divisors`` ``{module: (out, in')}``: ``g_k`` divided by them elementwise first (AdamW's
-        ``sqrt(v_hat) + eps`` of checkpoint ``k``, :mod:`wherefrom.models.optimizer_state`: LESS); ``unit``:
+        ``sqrt(v_hat) + eps`` of checkpoint ``k``, :mod:`wherefrom.models.optimizer_state`: LESS), then projected
+        with ``dim``; ``unit``:
         ``g_k`` divided by its norm over all modules (the sum over checkpoints is then ``sum_k lr_k cos``,
         TracIn's ``normalize="cosine"``). Raises ``ValueError`` for a negative learning rate (no square root)."""
         lr = float(self.options["learning_rates"][k])
@@ -343,21 +379,30 @@ class TracIn:
         for ids, grads in attributor.gradients(records, loss_fn, description):
             if divisors is not None:
                 grads = {n: g / divisors[n].to(g.device) for n, g in grads.items()}
+            if self.projection is not None:
+                grads = {n: self.projection.project_flat(n, g.reshape(g.shape[0], -1)) for n, g in grads.items()}
             rows = flatten_blocks(grads, attributor.module_names)
             yield ids, math.sqrt(lr) * (torch.nn.functional.normalize(rows, dim=1) if unit else rows)
 
     def query_vectors(self, queries: Sequence[Record], unit: bool = False) -> tuple[list[str], torch.Tensor]:
-        """Ids and query rows ``(q, C * D)`` in the layout of the index rows (:func:`interleave_checkpoints` of
-        :meth:`checkpoint_rows`), so that ``query_row @ train_row = sum_k lr_k q_k . g_k`` (TracInCP; positive =
-        proponent; ``unit``: ``sum_k lr_k cos``). The query side is never Adam-preconditioned (LESS's
-        convention). Loads each checkpoint once."""
+        """Ids and query rows ``(q, C * D)`` in the layout of the index rows (:meth:`rows` with ``query``), so that
+        ``query_row @ train_row = sum_k lr_k q_k . g_k`` (TracInCP; positive = proponent; ``unit``:
+        ``sum_k lr_k cos``). The query side is never Adam-preconditioned (LESS's convention)."""
+        return self.rows(queries, unit, query=True)
+
+    def rows(
+        self, records: Sequence[Record], unit: bool = False, query: bool = False
+    ) -> tuple[list[str], torch.Tensor]:
+        """Ids and index rows ``(n, C * D)`` of ``records`` in memory (:meth:`checkpoint_rows` of every checkpoint,
+        loaded once each, laid out by :func:`interleave_checkpoints`); a run's index builds them shard by shard
+        instead."""
         ids: list[str] = []
         parts = []
         for k in range(len(self.checkpoints)):
             attributor = self.checkpoint_attributor(k, like=self.module_signature())
-            batches = list(self.checkpoint_rows(attributor, k, queries, unit=unit, query=True))
+            batches = list(self.checkpoint_rows(attributor, k, records, unit=unit, query=query))
             ids = [i for batch_ids, _rows in batches for i in batch_ids]
             parts.append(torch.cat([rows.cpu() for _ids, rows in batches]))
             del attributor, batches
             gc.collect()
-        return ids, interleave_checkpoints(parts, [out * inp for _name, out, inp in self.module_signature()])
+        return ids, interleave_checkpoints(parts, [math.prod(shape[1:]) for _name, shape in self.row_blocks()])
