@@ -567,8 +567,17 @@ class OutputSettings:
     precondition: str = setting(
         "fitted",
         "Index rows of a trak/logra run: fitted = the fitted projected (F~ + lambda I)^-1 applied to each row (the "
-        "method's own scores); none = raw projected gradients (projected gradient similarity).",
-        check=one_of("fitted", "none"),
+        "method's own scores); none = raw projected gradients (projected gradient similarity); adam = each "
+        "per-example gradient divided elementwise by AdamW's sqrt(v_hat) + eps before projection (LESS/TrackStar; "
+        "trak, tracin, and influence runs fitted with --strategy identity; queries stay plain gradients).",
+        check=one_of("fitted", "none", "adam"),
+    )
+    optimizer_checkpoint: Path | None = setting(
+        None,
+        "Fine-tuning checkpoint folder whose saved AdamW state --precondition adam divides by (default: the run's "
+        "adapter or model folder when it is a `finetune` checkpoint, else the last epoch checkpoint of the "
+        "fine-tuning run whose final weights it is; a tracin run uses each checkpoint's own).",
+        check=existing_path,
     )
     unit_norm: bool = setting(
         False, "Divide each index row and each query vector by its norm (trak/logra runs: cosine-like scores)."

@@ -98,6 +98,16 @@ def flatten_blocks(blocks: dict[str, torch.Tensor], names: Sequence[str]) -> tor
     return torch.cat([blocks[n].reshape(blocks[n].shape[0], -1) for n in names], dim=1)
 
 
+def block_products(
+    queries: torch.Tensor, rows: torch.Tensor, shapes: Sequence[tuple[str, Sequence[int]]]
+) -> torch.Tensor:
+    """``(n_blocks, q, n)``: for each block of the layout ``shapes`` (:func:`split_rows`), the inner products of
+    the query rows' part ``(q, D)`` with the rows' part ``(n, D)``, summed over the block's whole shape (so the
+    blocks add up to ``queries @ rows.T``)."""
+    query_blocks, row_blocks = split_rows(queries, shapes), split_rows(rows, shapes)
+    return torch.stack([query_blocks[n].flatten(1) @ row_blocks[n].flatten(1).T for n, _ in shapes])
+
+
 def split_rows(rows: torch.Tensor, shapes: Sequence[tuple[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
     """``{module: (b, *shape)}`` views of rows ``(b, D)`` laid out by :func:`flatten_blocks` in the order of
     ``shapes`` (``[(name, shape), ...]``); ``ValueError`` when ``D`` is not the shapes' total size."""
