@@ -28,6 +28,7 @@ from typing import Any
 
 from wherefrom.core.encoding import LOSS_TOKENS, check_template
 from wherefrom.core.option_pairs import parse_option_pairs, parse_value
+from wherefrom.engine.run import PRECONDITIONS
 from wherefrom.models.finetune import LR_SCHEDULES, FinetuneConfig
 from wherefrom.studies.wordorder import WordOrderConfig
 
@@ -570,7 +571,7 @@ class OutputSettings:
         "method's own scores); none = raw projected gradients (projected gradient similarity); adam = each "
         "per-example gradient divided elementwise by AdamW's sqrt(v_hat) + eps before projection (LESS/TrackStar; "
         "trak, tracin, and influence runs fitted with --strategy identity; queries stay plain gradients).",
-        check=one_of("fitted", "none", "adam"),
+        check=one_of(*PRECONDITIONS),
     )
     optimizer_checkpoint: Path | None = setting(
         None,
