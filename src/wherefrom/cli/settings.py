@@ -305,7 +305,7 @@ class DataSettings:
     max_length: int = setting(
         512,
         "Longest prompt+completion in tokens, for fine-tuning and attribution alike; a longer row is an "
-        "error (nothing is truncated).",
+        "error (nothing is truncated, unless --truncate).",
         check=at_least(1),
     )
     chat_template: bool = setting(False, "Wrap prompts in the tokenizer's chat template.")
@@ -324,6 +324,11 @@ class DataSettings:
     no_eos: bool = setting(False, "Append no EOS to the completions (the reference study).")
     pad_left: bool = setting(
         False, "Left-pad every row to exactly --max-length tokens, attention 0 there (the reference study: yes, 128)."
+    )
+    truncate: bool = setting(
+        False,
+        "Cut a row longer than --max-length to its first max-length tokens instead of refusing it (the reference "
+        "study: yes, at 128).",
     )
     loss_tokens: str = setting(
         "completion",
@@ -680,7 +685,16 @@ ATTRIBUTION = (
 FINETUNING = ("epochs", "learning_rate", "lora_rank", "batch_size", "max_length")
 """The fine-tuning settings shared by ``bench`` and ``groundtruth``."""
 
-REFERENCE_FINETUNING = ("template", "no_eos", "pad_left", "loss_tokens", "lora_alpha", "lora_dropout", "lr_schedule")
+REFERENCE_FINETUNING = (
+    "template",
+    "no_eos",
+    "pad_left",
+    "loss_tokens",
+    "truncate",
+    "lora_alpha",
+    "lora_dropout",
+    "lr_schedule",
+)
 """The fine-tuning settings (input layout, LoRA, schedule) that the reference study set otherwise than wherefrom."""
 
 REFERENCE_SWITCHES = (*REFERENCE_FINETUNING, "fisher")

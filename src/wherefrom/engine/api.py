@@ -66,10 +66,10 @@ class AttributionConfig:
     ``autocast``: ``"bfloat16"`` or ``"float16"`` runs the model's forward passes under
     ``torch.autocast`` on its device (faster on GPUs); the captured inputs and output gradients are
     taken to float32 and every statistic is accumulated in float32/float64 as without it.
-    ``template`` / ``append_eos`` / ``pad_left`` / ``loss_tokens``: the input layout of
+    ``template`` / ``append_eos`` / ``pad_left`` / ``loss_tokens`` / ``truncate``: the input layout of
     :func:`wherefrom.core.encoding.encode_records` (defaults: the raw prompt, an EOS after the completion,
-    right padding, loss on the completion); the reference study's layout is ``template=
-    REFERENCE_TEMPLATE, append_eos=False, pad_left=True, loss_tokens="all"`` with ``max_length=128``.
+    right padding, loss on the completion, a longer row refused); the reference study's layout is ``template=
+    REFERENCE_TEMPLATE, append_eos=False, pad_left=True, loss_tokens="all", truncate=True`` with ``max_length=128``.
     """
 
     strategy: str = "ekfac"
@@ -91,6 +91,7 @@ class AttributionConfig:
     append_eos: bool = True
     pad_left: bool = False
     loss_tokens: Literal["completion", "all"] = "completion"
+    truncate: bool = False
     strategy_options: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
@@ -110,7 +111,7 @@ class AttributionConfig:
     def layout(self) -> dict:
         """The keywords of :func:`wherefrom.core.encoding.encode_records` these settings give (rows' text,
         length, EOS, padding and labels)."""
-        keys = ("max_length", "chat_template", "template", "append_eos", "pad_left", "loss_tokens")
+        keys = ("max_length", "chat_template", "template", "append_eos", "pad_left", "loss_tokens", "truncate")
         return {key: getattr(self, key) for key in keys}
 
 

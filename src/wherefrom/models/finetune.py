@@ -76,11 +76,11 @@ class FinetuneConfig:
     ``lora_rank=None`` fine-tunes all parameters (then a smaller ``learning_rate``, such as 1e-5,
     suits real models); otherwise a LoRA adapter of that rank, scale ``lora_alpha / lora_rank``,
     no dropout and no bias is trained on ``lora_targets``. The learning rate is constant (AdamW,
-    no warm-up or decay). ``max_length`` bounds prompt + completion tokens (nothing is
-    truncated: a longer example raises :class:`wherefrom.core.data.DataError`). ``chat_template``
+    no warm-up or decay). ``max_length`` bounds prompt + completion tokens (a longer example raises
+    :class:`wherefrom.core.data.DataError`, or with ``truncate`` keeps its first ``max_length`` tokens). ``chat_template``
     renders prompts with the tokenizer's chat template (see
-    :func:`wherefrom.core.encoding.encode_records`); ``template``, ``append_eos``, ``pad_left`` and
-    ``loss_tokens`` are that function's input layout (with ``loss_tokens="all"`` the step loss is the
+    :func:`wherefrom.core.encoding.encode_records`); ``template``, ``append_eos``, ``pad_left``,
+    ``loss_tokens`` and ``truncate`` are that function's input layout (with ``loss_tokens="all"`` the step loss is the
     mean over the batch of each row's loss summed over all its next-token positions).
 
     The reference study's settings (plumprc/Failures-of-Influence-Functions-in-LLMs, ``finetune.py``:
@@ -109,6 +109,7 @@ class FinetuneConfig:
     append_eos: bool = True
     pad_left: bool = False
     loss_tokens: str = "completion"
+    truncate: bool = False
     lora_dropout: float = 0.0
     lr_schedule: str = "constant"
 
@@ -146,11 +147,11 @@ class FinetuneConfig:
 
     def layout(self) -> dict[str, Any]:
         """The keywords of :func:`wherefrom.core.encoding.encode_records` these settings give."""
-        keys = ("max_length", "chat_template", "template", "append_eos", "pad_left", "loss_tokens")
+        keys = ("max_length", "chat_template", "template", "append_eos", "pad_left", "loss_tokens", "truncate")
         return {key: getattr(self, key) for key in keys}
 
 
-LATER_SETTINGS = ("template", "append_eos", "pad_left", "loss_tokens", "lora_dropout", "lr_schedule")
+LATER_SETTINGS = ("template", "append_eos", "pad_left", "loss_tokens", "truncate", "lora_dropout", "lr_schedule")
 """Settings added after runs were first saved: recorded only when not at their default."""
 
 
