@@ -151,9 +151,10 @@ class KFAC(Curvature):
             covariances = self.run_stage(
                 "covariances", lambda: self._covariances(model, modules, source), source.loss_for("covariances")
             )
+            # the counts, and the recorded form of the correction's data when the source set one
+            kept = ("examples", "tokens", "correction_from")
             return self._eigenbases([m.name for m in modules], covariances), {
-                "examples": self.info["examples"],
-                "tokens": self.info["tokens"],
+                key: self.info[key] for key in kept if key in self.info
             }
 
         self.state.update(self.run_stage("eigenbases", eigenbases, loss_fn))
