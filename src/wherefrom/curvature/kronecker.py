@@ -62,6 +62,25 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.clamp_min(0.0), vectors
 
 
+class Decompositions:
+    """:func:`_eigh` as float32 CPU ``(values, vectors)``, computed once per distinct matrix: a call with a matrix
+    equal (``torch.equal``) to an earlier one returns copies of the earlier result (copies: saved tensors may not
+    share memory)."""
+
+    def __init__(self) -> None:
+        self.known: dict[tuple, list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+    def __call__(self, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(matrix.shape), float(matrix.sum()), float(matrix.flatten()[0]) if matrix.numel() else 0.0)
+        for earlier, (values, vectors) in self.known.get(key, []):
+            if torch.equal(earlier, matrix):
+                return values.clone(), vectors.clone()
+        values, vectors = _eigh(matrix)
+        result = (values.float().cpu(), vectors.float().cpu())
+        self.known.setdefault(key, []).append((matrix, result))
+        return result
+
+
 PER_EXAMPLE = "per-example gradients"
 """``info["correction_from"]`` of a fit whose eigenvalue correction rotates per-example gradients ``G_n``
 (the default, token factors, is not recorded)."""
@@ -214,15 +233,17 @@ class KFAC(Curvature):
 
     def _eigenbases(self, names, covariances) -> dict[str, torch.Tensor]:
         """Eigenvectors and eigenvalues of ``A = sum a a^T / n_tokens`` and ``S = sum g g^T / n_examples``
-        for the modules ``names``."""
-        eig = {}
+        for the modules ``names``. A factor equal to an earlier one (modules fed the same input, e.g. the
+        q/k/v projections, gate/up, or LoRA's ``lora_A`` of q and v) is decomposed once (the same result)."""
+        eig: dict[str, torch.Tensor] = {}
+        decomposed = Decompositions()
         for name in names:
-            a_vals, a_vecs = _eigh(covariances[f"{name}.a_cov"] / max(self.info["tokens"][name], 1))
-            s_vals, s_vecs = _eigh(covariances[f"{name}.s_cov"] / max(self.info["examples"], 1))
-            eig[f"{name}.a_eigvecs"] = a_vecs.float().cpu()
-            eig[f"{name}.a_eigvals"] = a_vals.float().cpu()
-            eig[f"{name}.s_eigvecs"] = s_vecs.float().cpu()
-            eig[f"{name}.s_eigvals"] = s_vals.float().cpu()
+            a_vals, a_vecs = decomposed(covariances[f"{name}.a_cov"] / max(self.info["tokens"][name], 1))
+            s_vals, s_vecs = decomposed(covariances[f"{name}.s_cov"] / max(self.info["examples"], 1))
+            eig[f"{name}.a_eigvecs"] = a_vecs
+            eig[f"{name}.a_eigvals"] = a_vals
+            eig[f"{name}.s_eigvecs"] = s_vecs
+            eig[f"{name}.s_eigvals"] = s_vals
         return eig
 
     def _set_eigenvalues(self, name: str, eigenvalues: torch.Tensor) -> None:
