@@ -233,7 +233,8 @@ def kronfluence_fit(analyzer, train_enc, batch_size: int, empirical: bool) -> No
 
 def kronfluence_pairwise(analyzer, query_enc, train_enc, batch_size: int):
     """kronfluence's ``(n_query, n_train)`` pairwise scores from the ``"ekfac"`` factors, damping 0.1 x mean
-    eigenvalue (its heuristic, ``damping_factor=None``)."""
+    eigenvalue (its heuristic, ``damping_factor=None``). All queries form one query batch: kronfluence passes over
+    the training rows once per query batch, so this is its fastest setting (one training pass, as wherefrom's)."""
     from kronfluence.arguments import ScoreArguments
 
     analyzer.compute_pairwise_scores(
@@ -241,7 +242,7 @@ def kronfluence_pairwise(analyzer, query_enc, train_enc, batch_size: int):
         factors_name="ekfac",
         query_dataset=Rows(query_enc),
         train_dataset=Rows(train_enc),
-        per_device_query_batch_size=batch_size,
+        per_device_query_batch_size=len(query_enc),
         per_device_train_batch_size=batch_size,
         score_args=ScoreArguments(damping_factor=None),
         overwrite_output_dir=True,

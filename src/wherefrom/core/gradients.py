@@ -78,11 +78,13 @@ def shared_token_factors(
     """
     mask = batch.get("attention_mask")
     forward = model if len(loss_fns) == 1 else ForwardOnce(model)
+    losses, calls = [], []
     with torch.enable_grad(), capturing(modules, model) as capture:
-        losses = [loss_fn(forward, batch) for loss_fn in loss_fns]
-        calls = [
-            capture.output_gradients(loss.sum(), retain_graph=k < len(losses) - 1) for k, loss in enumerate(losses)
-        ]
+        for k, loss_fn in enumerate(loss_fns):  # one loss at a time: its own part of the graph is freed after it
+            loss = loss_fn(forward, batch)
+            calls.append(capture.output_gradients(loss.sum(), retain_graph=k < len(loss_fns) - 1))
+            losses.append(loss.detach())
+            del loss
     results: list[dict[str, TokenFactors]] = [{} for _ in loss_fns]
     for m in modules:
         first = calls[0][m.name]
@@ -100,7 +102,7 @@ def shared_token_factors(
             # pop: each module's raw captures are freed once converted
             gradients = [_masked(g, keep, dtype) for (_a, g), keep, dtype in zip(per_loss.pop(m.name), keeps, dtypes)]
             results[k][m.name] = TokenFactors(joined_a, _join(gradients), joined_mask)
-    return [(factors, loss.detach()) for factors, loss in zip(results, losses)]
+    return list(zip(results, losses))
 
 
 class ForwardOnce:

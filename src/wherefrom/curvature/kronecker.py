@@ -63,19 +63,20 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Decompositions:
-    """:func:`_eigh` as float32 CPU ``(values, vectors)``, computed once per distinct matrix: a call with a matrix
-    equal (``torch.equal``) to an earlier one returns copies of the earlier result (copies: saved tensors may not
-    share memory)."""
+    """:func:`_eigh` of ``matrix / scale`` as float32 CPU ``(values, vectors)``, computed once per distinct pair: a
+    call with a matrix equal (``torch.equal``) to an earlier one and the same ``scale`` returns copies of the
+    earlier result (copies: saved tensors may not share memory). It keeps references to the matrices it was
+    given (the caller holds them anyway), not copies."""
 
     def __init__(self) -> None:
         self.known: dict[tuple, list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]] = {}
 
-    def __call__(self, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (tuple(matrix.shape), float(matrix.sum()), float(matrix.flatten()[0]) if matrix.numel() else 0.0)
+    def __call__(self, matrix: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(matrix.shape), scale, float(matrix.sum()))
         for earlier, (values, vectors) in self.known.get(key, []):
             if torch.equal(earlier, matrix):
                 return values.clone(), vectors.clone()
-        values, vectors = _eigh(matrix)
+        values, vectors = _eigh(matrix / scale)
         result = (values.float().cpu(), vectors.float().cpu())
         self.known.setdefault(key, []).append((matrix, result))
         return result
@@ -238,8 +239,8 @@ class KFAC(Curvature):
         eig: dict[str, torch.Tensor] = {}
         decomposed = Decompositions()
         for name in names:
-            a_vals, a_vecs = decomposed(covariances[f"{name}.a_cov"] / max(self.info["tokens"][name], 1))
-            s_vals, s_vecs = decomposed(covariances[f"{name}.s_cov"] / max(self.info["examples"], 1))
+            a_vals, a_vecs = decomposed(covariances[f"{name}.a_cov"], max(self.info["tokens"][name], 1))
+            s_vals, s_vecs = decomposed(covariances[f"{name}.s_cov"], max(self.info["examples"], 1))
             eig[f"{name}.a_eigvecs"] = a_vecs
             eig[f"{name}.a_eigvals"] = a_vals
             eig[f"{name}.s_eigvecs"] = s_vecs
