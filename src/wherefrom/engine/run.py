@@ -370,7 +370,8 @@ class Run:
                 on_main(stages.clear)  # left by a fit killed after its final save
                 return False
             started = time.perf_counter()
-            curvature = self.attributor.fit(self.train, stages=stages)
+            # a CLI fit's process ends after it: no training gradients are kept for scoring
+            curvature = self.attributor.fit(self.train, stages=stages, keep_gradients=False)
             curvature.info["fit_seconds"] = round(time.perf_counter() - started, 3)
 
             def save() -> None:
@@ -830,7 +831,7 @@ class Run:
         if store is not None:
             train = self.indexed_gradients(store, shards_for_rank(store.shard_count))
         else:
-            train = self.attributor.gradients(rows_for_rank(self.train), description="train gradients")
+            train = self.attributor.train_gradient_stream(rows_for_rank(self.train))
         part = self.attributor.scores_from_gradients(query_ids, pre, train)
         if world_size() == 1:
             return part
