@@ -99,6 +99,23 @@ def test_half_precision_rows_are_scored_in_float32():
     torch.testing.assert_close(found.scores, scores)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_store_finds_the_rows_of_its_float32_values_with_ties_in_row_order(dtype):
+    """Rows wide enough that a half-precision chunk is capped below ``chunk_rows`` (16 MiB of float32:
+    256 rows of 16,384) and converted into a buffer reused across uneven shards; entries in {-1, 0, 1}
+    make many exact ties, broken by row order as a stable sort of the float32 upcast does."""
+    generator = torch.Generator().manual_seed(7)
+    matrix = torch.randn(1000, 16384, generator=generator).round().clamp(-1, 1).to(dtype)
+    queries = torch.randn(3, 16384, generator=generator).round().clamp(-1, 1)
+    threads = torch.get_num_threads()
+    for opponents in (False, True):
+        found = exact_top_k(Rows(matrix, 300), queries, 25, opponents)
+        rows, scores = reference(matrix, queries, 25, opponents)
+        assert torch.equal(found.rows, rows)
+        torch.testing.assert_close(found.scores, scores, rtol=0, atol=0)
+    assert torch.get_num_threads() == threads  # the conversion's one thread is given back
+
+
 def test_memory_is_bounded_by_one_shard_and_one_chunk(monkeypatch):
     """The largest float32 block scored at once is one chunk, and one shard is held at a time."""
     sizes = []
