@@ -207,6 +207,30 @@ def test_faiss_recall_at_10_on_clustered_data(kind):
         torch.testing.assert_close(approximate.scores[hits], exact.scores[hits], atol=0.05, rtol=0.01)
 
 
+def test_ivf_pq_re_ranks_its_shortlist_with_the_exact_rows():
+    """Every cell probed, the refined PQ search returns exact float32 scores; a larger shortlist finds at
+    least as many of the exact top-10; candidates stay candidates; pq_m must divide the dimension."""
+    rows, queries = clustered(3000, 32, 30, seed=8)
+    source = Rows(rows, 400)
+    index = build_faiss_index(source, FaissSettings(kind="ivf-pq", nlist=16))
+    assert index.ntotal == 3000
+    exact = exact_top_k(source, queries, 10)
+    recalls = []
+    for refine in (1, 4, 32):
+        settings = FaissSettings(kind="ivf-pq", nlist=16, nprobe=16, refine=refine)
+        found = faiss_top_k(index, source.ids, queries, 10, settings=settings)
+        recalls.append(float(recall_at_k(found, exact).mean()))
+        scored = torch.stack([rows[found.rows[q]] @ queries[q] for q in range(len(queries))])
+        torch.testing.assert_close(found.scores, scored)  # re-ranked with the float32 rows: exact scores
+    assert recalls[0] <= recalls[1] <= recalls[2] and recalls[2] >= 0.99
+    candidates = [list(range(0, 3000, 5))] * len(queries)
+    settings = FaissSettings(kind="ivf-pq", nlist=16, nprobe=16, refine=32)
+    found = faiss_top_k(index, source.ids, queries, 10, candidates=candidates, settings=settings)
+    assert (found.rows % 5 == 0).all()
+    with pytest.raises(SearchError, match="pq_m=5 must divide the rows' dimension 32"):
+        build_faiss_index(source, FaissSettings(kind="ivf-pq", pq_m=5))
+
+
 def test_recall_counts_the_shared_rows_and_is_nan_without_truth():
     truth = exact_top_k(Rows(torch.eye(4), 4), torch.tensor([[4.0, 3, 2, 1]]), 2)
     other = exact_top_k(Rows(torch.eye(4), 4), torch.tensor([[4.0, 1, 3, 2]]), 2)

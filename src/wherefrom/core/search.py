@@ -21,12 +21,16 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
 - **Approximate** (:func:`build_faiss_index`, :func:`faiss_top_k`): a FAISS inner-product index
   (Johnson, Douze & Jegou 2019, "Billion-scale similarity search with GPUs"): ``ivf`` (inverted
   lists over ``nlist`` k-means cells, ``nprobe`` of them searched, rows kept exactly), ``ivf-sq8``
-  (the same with rows quantised to 8 bits per entry: a quarter of the memory) or ``hnsw`` (Malkov &
+  (the same with rows quantised to 8 bits per entry: a quarter of the memory), ``ivf-pq`` (the same
+  cells holding 4-bit product-quantisation codes of ``pq_m`` sub-vectors, Jegou, Douze & Schmid
+  2011, scanned with SIMD lookup tables, Andre et al. 2017 "fast scan"; the ``refine x k`` best
+  codes are re-ranked with the exact float32 rows, which the index also keeps, so the scores returned
+  are exact and the memory is that of ``ivf`` plus ``dim / 16`` bytes per row) or ``hnsw`` (Malkov &
   Yashunin 2018, graph of ``M`` links per row, ``ef_search`` candidates per search). Opponents are
   searched as proponents of ``-q``. The index is built from the source in one streamed pass after
   k-means training on a strided sample, saved atomically with its checksum beside the store
   (:func:`wherefrom.core.store.save_tensors_checked`) and reused while the store and the settings
-  are the same. IVF indexes move to the GPUs when ``faiss.get_num_gpus() > 0``.
+  are the same. ``ivf`` and ``ivf-sq8`` indexes move to the GPUs when ``faiss.get_num_gpus() > 0``.
   :func:`recall_at_k` measures it against the exact search.
 - **Candidates** (the BM25 prefilter of Grosse et al. 2023, computed by
   :func:`wherefrom.methods.lexical.bm25_candidates`): with ``candidates`` (per query, row indices)
@@ -76,6 +80,8 @@ __all__ = [
 ]
 
 JOHNSON_2019 = "Johnson, Douze & Jegou 2019, Billion-scale similarity search with GPUs (FAISS)"
+JEGOU_2011 = "Jegou, Douze & Schmid 2011, Product quantization for nearest neighbor search"
+ANDRE_2017 = "Andre, Kermarrec & Le Scouarnec 2017, Accelerated nearest neighbor search with Quick ADC"
 MALKOV_2018 = "Malkov & Yashunin 2018, Efficient and robust approximate nearest neighbor search using HNSW graphs"
 
 
@@ -275,23 +281,36 @@ def recall_at_k(approximate: SearchResult, exact: SearchResult) -> torch.Tensor:
 class FaissSettings:
     """How the approximate index is built and searched (the options :data:`FAISS_OPTIONS` checks)."""
 
-    kind: Literal["ivf", "ivf-sq8", "hnsw"] = "ivf"
+    kind: Literal["ivf", "ivf-sq8", "ivf-pq", "hnsw"] = "ivf"
     nlist: int | None = None
     nprobe: int = 128
     m: int = 32
     ef_construction: int = 80
     ef_search: int = 128
     train_per_list: int = 64
+    pq_m: int | None = None
+    refine: int = 16
 
     def lists(self, count: int) -> int:
         """IVF cells for ``count`` rows: ``nlist``, by default ``sqrt(count)``; at most ``count``."""
         return max(1, min(count, self.nlist or round(math.sqrt(count))))
 
+    def sub_quantizers(self, dim: int) -> int:
+        """``ivf-pq`` sub-quantizers for rows of ``dim``: ``pq_m``, by default ``dim / 8`` (8 entries per 4-bit
+        code, ``dim / 16`` bytes per row); :class:`SearchError` unless it divides ``dim``."""
+        m = self.pq_m or max(1, dim // 8)
+        if dim % m:
+            raise SearchError(f"FAISS option pq_m={m} must divide the rows' dimension {dim}")
+        return m
+
 
 FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
     FaissSettings,
     OptionSpec(
-        "kind", help="ivf (exact rows in k-means cells) | ivf-sq8 (rows 8-bit) | hnsw (graph)", source=JOHNSON_2019
+        "kind",
+        help="ivf (exact rows in k-means cells) | ivf-sq8 (rows 8-bit) | ivf-pq (4-bit PQ codes, float32 re-rank) "
+        "| hnsw (graph)",
+        source=JOHNSON_2019,
     ),
     OptionSpec("nlist", low=1, help="IVF cells (default sqrt(rows))", source=JOHNSON_2019),
     OptionSpec("nprobe", low=1, help="IVF cells searched per query (recall vs latency)", source=JOHNSON_2019),
@@ -299,10 +318,14 @@ FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
     OptionSpec("ef_construction", low=1, help="HNSW candidates while building", source=MALKOV_2018),
     OptionSpec("ef_search", low=1, help="HNSW candidates per search (recall vs latency)", source=MALKOV_2018),
     OptionSpec("train_per_list", low=1, help="IVF k-means training rows per cell (a strided sample)"),
+    OptionSpec("pq_m", low=1, help="ivf-pq: 4-bit PQ sub-quantizers per row (default dim/8)", source=ANDRE_2017),
+    OptionSpec(
+        "refine", low=1, help="ivf-pq: refine x k PQ candidates re-ranked with the float32 rows", source=JEGOU_2011
+    ),
 )
 """The ``--search-option`` / ``faiss_options`` of :func:`search_store`."""
 
-SEARCH_TIME = ("nprobe", "ef_search")
+SEARCH_TIME = ("nprobe", "ef_search", "refine")
 """Settings that change only how the index is searched, not its bytes."""
 
 
@@ -367,6 +390,10 @@ def build_faiss_index(
     if settings.kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, settings.m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = settings.ef_construction
+    elif settings.kind == "ivf-pq":
+        lists, codes = settings.lists(source.count), settings.sub_quantizers(dim)
+        index = faiss.index_factory(dim, f"IVF{lists},PQ{codes}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
+        index.train(_training_sample(source, lists * settings.train_per_list))
     else:
         lists = settings.lists(source.count)
         quantizer = faiss.IndexFlatIP(dim)
@@ -418,7 +445,7 @@ def faiss_top_k(
 ) -> SearchResult:
     """Approximate top-``k`` of ``queries`` ``(n_query, dim)`` in a FAISS ``index`` of the rows named ``ids``.
 
-    ``settings`` give ``nprobe`` / ``ef_search``; ``candidates`` restrict each query to its rows (an
+    ``settings`` give ``nprobe`` / ``ef_search`` / ``refine``; ``candidates`` restrict each query to its rows (an
     ID selector; on the CPU index). Same result layout and sign as :func:`exact_top_k`;
     :class:`SearchError` for a non-finite query, a shape mismatch or bad candidates.
     """
@@ -431,11 +458,15 @@ def faiss_top_k(
     search = (sign * queries).numpy()
     k = min(k, index.ntotal)
     hnsw = isinstance(index, faiss.IndexHNSW)
+    refined = isinstance(index, faiss.IndexRefine)
+    cells = None if hnsw else faiss.extract_index_ivf(index)
     if candidates is None:
         if hnsw:
             index.hnsw.efSearch = max(settings.ef_search, k)
         else:
-            index.nprobe = min(settings.nprobe, index.nlist)
+            cells.nprobe = min(settings.nprobe, cells.nlist)
+        if refined:
+            index.k_factor = settings.refine
         values, rows = _on_device(index).search(search, k)
     else:
         values, rows = np.full((len(search), k), -np.inf, np.float32), np.full((len(search), k), -1, np.int64)
@@ -444,7 +475,9 @@ def faiss_top_k(
             if hnsw:
                 params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(settings.ef_search, k))
             else:
-                params = faiss.SearchParametersIVF(sel=selector, nprobe=min(settings.nprobe, index.nlist))
+                params = faiss.SearchParametersIVF(sel=selector, nprobe=min(settings.nprobe, cells.nlist))
+            if refined:
+                params = faiss.IndexRefineSearchParameters(k_factor=settings.refine, base_index_params=params)
             values[query : query + 1], rows[query : query + 1] = index.search(
                 search[query : query + 1], k, params=params
             )
