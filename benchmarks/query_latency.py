@@ -168,7 +168,7 @@ def sweep(kind: str) -> list[dict[str, int]]:
     if kind == "hnsw":
         return [{"ef_search": v} for v in (32, 64, 128, 256)]
     if kind == "ivf-pq":
-        return [{"nprobe": p, "refine": r} for p in (16, 32, 64, 128, 256) for r in (16, 64)]
+        return [{"nprobe": p, "refine": r} for p in (16, 32, 64, 128, 256) for r in (16, 64, 256, 1024)]
     return [{"nprobe": v} for v in (8, 16, 32, 64, 128, 256)]
 
 
@@ -220,12 +220,12 @@ def measure(args: argparse.Namespace) -> dict:
                 for index_kind in args.kinds:
                     if count > args.kind_max.get(index_kind, count):
                         continue
-                    settings = FaissSettings(kind=index_kind, nlist=args.nlist)
+                    settings = FaissSettings(kind=index_kind, nlist=args.nlist, pq_m=args.pq_m)
                     start = time.perf_counter()
                     index = build_faiss_index(source32, settings)
                     built = time.perf_counter() - start
                     for values in sweep(index_kind):
-                        chosen = FaissSettings(kind=index_kind, nlist=args.nlist, **values)
+                        chosen = FaissSettings(kind=index_kind, nlist=args.nlist, pq_m=args.pq_m, **values)
                         start = time.perf_counter()
                         found = faiss_top_k(index, source32.ids, ask[1:], K, settings=chosen)
                         batched = (time.perf_counter() - start) / args.queries
@@ -386,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         help="largest store to build each kind of index for, e.g. hnsw=10000,ivf-sq8=100000 (builds are slow on a small CPU)",
     )
     parser.add_argument("--nlist", type=int, default=None, help="IVF cells (default: FaissSettings' rule)")
+    parser.add_argument("--pq-m", type=int, default=None, help="ivf-pq sub-quantizers (default: FaissSettings' rule)")
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--peer-queries", type=int, default=5, help="queries timed for the numpy peer")
     parser.add_argument("--rank", type=int, default=32, help="latent dimension of the synthetic rows")
@@ -393,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", type=Path, default=Path("/tmp/wherefrom-query-latency"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", default="query-latency", help="results file stem under --results")
     args = parser.parse_args(argv)
     import os
 
@@ -416,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         "faiss": faiss.__version__,
     }
     result = measure(args)
-    json_path, md_path = write_report(args.results / "query-latency", {**record, **result}, markdown(result, record))
+    json_path, md_path = write_report(args.results / args.name, {**record, **result}, markdown(result, record))
     print(md_path.read_text())
     print(f"-> {json_path}, {md_path}", file=sys.stderr)
 
