@@ -13,8 +13,8 @@ largest first, as shares of their sum, with
 * the power law ``lambda_i ~ i^-alpha`` fitted by least squares on ``log lambda_i`` over
   ``i = 1 .. n / 2`` (the smaller sample eigenvalues, near ``i = n``, are biased low).
 
-``query_latency.py --kinds spectrum`` draws rows ``z diag(i^-alpha / 2) U^T`` from the fitted law
-(``z ~ N(0, I)``, ``U`` a random rotation), reading ``alpha`` from ``results/row_spectrum.json``.
+``query_latency.py --rows fitted,none`` draws Gaussian rows with these spectra (the measured shares up
+to ``i = n / 2``, the fitted law beyond, along a random rotation), reading ``results/row_spectrum.json``.
 
 Usage::
 
