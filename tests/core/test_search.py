@@ -231,6 +231,21 @@ def test_ivf_pq_re_ranks_its_shortlist_with_the_exact_rows():
         build_faiss_index(source, FaissSettings(kind="ivf-pq", pq_m=5))
 
 
+def test_ivf_pq_index_is_saved_reused_across_refine_and_rebuilt_for_another_pq_m(tmp_path):
+    rows, queries = clustered(800, 16, 8, seed=9)
+    source = Rows(rows, 200)
+    options = {"kind": "ivf-pq", "nlist": 4, "nprobe": 4, "refine": 100}  # every cell, a shortlist of every row
+    report = search_store(source, queries, 5, "faiss", faiss_options=options, index_folder=tmp_path)
+    assert float(report.recall.mean()) == 1.0
+    path = tmp_path / "faiss-ivf-pq.safetensors"
+    check_file(path)
+    stamp = path.stat().st_mtime_ns
+    search_store(source, queries, 5, "faiss", faiss_options={**options, "refine": 2}, index_folder=tmp_path)
+    assert path.stat().st_mtime_ns == stamp  # refine is a search-time setting: the saved index is reused
+    search_store(source, queries, 5, "faiss", faiss_options={**options, "pq_m": 8}, index_folder=tmp_path)
+    assert path.stat().st_mtime_ns != stamp  # another code size: rebuilt
+
+
 def test_recall_counts_the_shared_rows_and_is_nan_without_truth():
     truth = exact_top_k(Rows(torch.eye(4), 4), torch.tensor([[4.0, 3, 2, 1]]), 2)
     other = exact_top_k(Rows(torch.eye(4), 4), torch.tensor([[4.0, 1, 3, 2]]), 2)
