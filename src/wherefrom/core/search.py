@@ -189,8 +189,9 @@ def exact_top_k(
 
     ``queries``: ``(n_query, source.dim)``, any float dtype (used as float32); ``k >= 1`` (capped at the
     rows available); ``candidates``: per query, the row indices it may return; ``chunk_rows``: rows
-    scored at once (float16/bfloat16 rows: at most 16 MiB of them, converted exactly to float32 into one
-    reused buffer, so the result is that of the rows' float32 values). Raises :class:`SearchError`
+    scored and merged into the running top-``k`` at once (float16/bfloat16 rows are converted exactly to
+    float32 in 16 MiB blocks into one reused buffer, so the result is that of the rows' float32 values).
+    Raises :class:`SearchError`
     naming the first row id with a NaN or infinite entry, a non-finite query, a shape mismatch or bad
     candidates.
     """
@@ -202,22 +203,19 @@ def exact_top_k(
     union = None if allowed is None else torch.cat([torch.empty(0, dtype=torch.int64), *allowed]).unique()
     sign = -1.0 if opponents else 1.0
     kept = torch.empty(n_query, 0), torch.empty(n_query, 0, dtype=torch.int64)
-    buffer = None  # the largest float32 chunk converted so far, reused for the next ones
+    products = _Products(queries)
     for first, shard in source.shards():
-        step = chunk_rows if shard.dtype == torch.float32 else min(chunk_rows, _cast_rows(source.dim))
-        for start in range(0, shard.shape[0], step):
-            chunk = _as_float32(shard[start : start + step], buffer)
-            if shard.dtype != torch.float32 and (buffer is None or chunk.shape[0] > buffer.shape[0]):
-                buffer = chunk
+        for start in range(0, shard.shape[0], chunk_rows):
+            chunk = shard[start : start + chunk_rows]
             rows = torch.arange(first + start, first + start + chunk.shape[0])
             if allowed is None:
-                values = sign * (queries @ chunk.T)
+                values = sign * products(chunk)
                 _check_rows(values, chunk, first + start, source.ids)
                 top, where = _best(values, k)
                 rows = rows[where]
             else:  # score only the chunk's rows that some query may return
                 rows = rows[torch.isin(rows, union)]
-                values = sign * (queries @ chunk[rows - first - start].T)
+                values = sign * products(chunk[rows - first - start])
                 _check_rows(values, chunk[rows - first - start], rows, source.ids)
                 inside = torch.stack([torch.isin(rows, rows_q) for rows_q in allowed])
                 top, where = _best(values.masked_fill(~inside, -math.inf), k)
@@ -238,27 +236,45 @@ def _cast_rows(dim: int) -> int:
     return max(1, _CAST_BYTES // (4 * dim))
 
 
-def _as_float32(rows: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """``rows`` ``(n, dim)`` as float32: ``rows`` itself when float32, else converted on one thread into
-    ``buffer[:n]`` (a float32 ``(>= n, dim)`` tensor, reused from chunk to chunk) or, without one that
-    fits, into a new tensor.
+class _Products:
+    """``queries @ rows.T`` in float32 for chunks of rows of any stored dtype.
 
-    Exact: every float16/bfloat16 value is a float32 value. One thread and a reused buffer because
-    converting was the cost of a half-precision search on a loaded 2-core CPU (measured, 200,000 x 1024
-    float16 rows in 4,096-row blocks: 24 ms on one thread into one buffer, 392 ms on two threads, about
-    260 ms into a new tensor per block; the float32 product with one query on two threads: 53 ms). The
-    products keep every thread.
+    Float32 rows are multiplied at once. Float16/bfloat16 rows are converted exactly to float32 (every
+    such value is a float32 value) in blocks of :func:`_cast_rows` rows, on one thread, into one reused
+    buffer, and each block is multiplied while it is in cache, so the chunk's scores are those of its
+    float32 values. Why: converting was the cost of a half-precision search on a loaded 2-core CPU
+    (measured, 200,000 x 1024 float16 rows in 4,096-row blocks: 24 ms on one thread into one buffer,
+    392 ms on two threads, about 260 ms into a new tensor per block; the float32 product with one query
+    on two threads: 53 ms). The products keep every thread.
     """
-    if rows.dtype == torch.float32:
-        return rows
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        if buffer is None or buffer.shape[0] < rows.shape[0]:
-            return rows.to(torch.float32)
-        return buffer[: rows.shape[0]].copy_(rows)
-    finally:
-        torch.set_num_threads(threads)
+
+    def __init__(self, queries: torch.Tensor):
+        self.queries = queries
+        self.buffer: torch.Tensor | None = None
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(n_query, n)`` float32 products with ``rows`` ``(n, dim)``."""
+        if rows.dtype == torch.float32:
+            return self.queries @ rows.T
+        out = torch.empty(rows.shape[0], self.queries.shape[0])
+        step = _cast_rows(rows.shape[1])
+        for start in range(0, rows.shape[0], step):
+            block = self.as_float32(rows[start : start + step])
+            torch.mm(block, self.queries.T, out=out[start : start + step])
+        return out.T
+
+    def as_float32(self, rows: torch.Tensor) -> torch.Tensor:
+        """Half-precision ``rows`` in float32, converted on one thread into the buffer (a new one, kept,
+        when it is missing or too small)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if self.buffer is None or self.buffer.shape[0] < rows.shape[0]:
+                self.buffer = rows.to(torch.float32)
+                return self.buffer
+            return self.buffer[: rows.shape[0]].copy_(rows)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _result(scores: torch.Tensor, rows: torch.Tensor, ids: Sequence[str], opponents: bool) -> SearchResult:
