@@ -191,9 +191,8 @@ def exact_top_k(
     rows available); ``candidates``: per query, the row indices it may return; ``chunk_rows``: rows
     scored and merged into the running top-``k`` at once (float16/bfloat16 rows are converted exactly to
     float32 in 16 MiB blocks into one reused buffer, so the result is that of the rows' float32 values).
-    Raises :class:`SearchError`
-    naming the first row id with a NaN or infinite entry, a non-finite query, a shape mismatch or bad
-    candidates.
+    Raises :class:`SearchError` naming the first row id with a NaN or infinite entry, a non-finite
+    query, a shape mismatch or bad candidates.
     """
     if k < 1 or chunk_rows < 1:
         raise SearchError(f"k and chunk_rows must be >= 1, got k={k}, chunk_rows={chunk_rows}")
