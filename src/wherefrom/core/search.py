@@ -40,10 +40,10 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
 
 Defaults, from ``benchmarks/query_latency.py`` (``benchmarks/results/query-latency.md``, dim 1024,
 synthetic rows with the eigen-spectra of real LoGra rows, ``benchmarks/row_spectrum.py``):
-``nlist = sqrt(count)`` (k-means cost grows with ``nlist^2``; the IVF build over 10^6 rows took 70 s on
+``nlist = sqrt(count)`` (k-means cost grows with ``nlist^2``; the IVF build over 10^6 rows took 46 s on
 2 cores); ``nprobe = 128`` (IVF recall@10 0.91 at 10^6 rows of raw projected gradients, 1.00 at 256);
 ``ivf-pq``: ``pq_m = dim / 8`` and ``refine = 1024``, the smallest measured shortlist factor with
-recall@10 >= 0.95 at 10^6 rows (0.985 with ``nprobe = 256``, 15 ms per query in a batch of 20, 35 ms
+recall@10 >= 0.95 at 10^6 rows (0.985 with ``nprobe = 256``, 10 ms per query in a batch of 20, 23 ms
 alone; refine 64: 0.32); HNSW ``M = 32``, ``ef_search = 128`` (its build, superlinear, is the cost).
 Rows preconditioned by a fitted Fisher are nearly white: no measured setting reached recall 0.95 on
 them beyond 10^4 rows (0.91 at 10^5, 0.42 at 10^6); search those exactly.
