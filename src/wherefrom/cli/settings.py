@@ -409,8 +409,8 @@ class SearchSettings:
     )
     search_option: list[str] | None = setting(
         None,
-        "FAISS option key=value (repeatable): kind=ivf|ivf-sq8|hnsw, nlist, nprobe, m, ef_construction, ef_search, "
-        "train_per_list (see `wherefrom.core.search.FAISS_OPTIONS`).",
+        "FAISS option key=value (repeatable): kind=ivf|ivf-sq8|ivf-pq|hnsw, nlist, nprobe, m, ef_construction, "
+        "ef_search, train_per_list, pq_m, refine (see `wherefrom.core.search.FAISS_OPTIONS`).",
         check=search_options,
     )
     prefilter_bm25: int | None = setting(
