@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "IGNORE_INDEX",
+    "LAYOUT_SETTINGS",
     "LOSS_TOKENS",
     "REFERENCE_TEMPLATE",
     "Batches",
@@ -216,6 +217,9 @@ REFERENCE_TEMPLATE = "[INST] {prompt} [/INST] {completion}"
 
 LOSS_TOKENS = ("completion", "all")
 """Which tokens carry a label: the completion (and its EOS), or every token (padding included)."""
+LAYOUT_SETTINGS = ("max_length", "chat_template", "template", "append_eos", "pad_left", "loss_tokens", "truncate")
+"""The keywords of :func:`encode_records` that fix a row's tokens, padding and labels (its input layout): the
+settings of the same names that a config hands to it (``AttributionConfig.layout``, ``FinetuneConfig.layout``)."""
 
 
 def check_template(template: str) -> None:

@@ -23,7 +23,14 @@ from torch import nn
 
 from wherefrom.core.data import Record, check_ids, check_records
 from wherefrom.core.distributed import rows_for_rank, world_size
-from wherefrom.core.encoding import Batches, EncodedExample, encode_records, iterate_batches, pad_id
+from wherefrom.core.encoding import (
+    LAYOUT_SETTINGS,
+    Batches,
+    EncodedExample,
+    encode_records,
+    iterate_batches,
+    pad_id,
+)
 from wherefrom.core.gradients import Batch, LossFn, TokenFactors, token_factors
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import (
@@ -112,8 +119,7 @@ class AttributionConfig:
     def layout(self) -> dict:
         """The keywords of :func:`wherefrom.core.encoding.encode_records` these settings give (rows' text,
         length, EOS, padding and labels)."""
-        keys = ("max_length", "chat_template", "template", "append_eos", "pad_left", "loss_tokens", "truncate")
-        return {key: getattr(self, key) for key in keys}
+        return {key: getattr(self, key) for key in LAYOUT_SETTINGS}
 
 
 Rows = Sequence[Record] | Sequence[EncodedExample]
