@@ -231,6 +231,17 @@ def test_ivf_pq_re_ranks_its_shortlist_with_the_exact_rows():
         build_faiss_index(source, FaissSettings(kind="ivf-pq", pq_m=5))
 
 
+def test_ivf_pq_default_code_size_divides_any_dimension():
+    """The default ``pq_m`` is ``dim / 8``, or where 8 does not divide ``dim`` its largest divisor below that: rows
+    of 100 entries build (``dim // 8 = 12`` does not divide 100 and was refused naming an option never given)."""
+    assert [FaissSettings().sub_quantizers(d) for d in (1024, 100, 104, 13)] == [128, 10, 13, 1]
+    rows, queries = clustered(600, 100, 6, seed=10)
+    source = Rows(rows, 200)
+    settings = FaissSettings(kind="ivf-pq", nlist=4, nprobe=4, refine=100)  # every cell, every row re-ranked
+    found = faiss_top_k(build_faiss_index(source, settings), source.ids, queries, 5, settings=settings)
+    assert float(recall_at_k(found, exact_top_k(source, queries, 5)).mean()) == 1.0
+
+
 def test_ivf_pq_index_is_saved_reused_across_refine_and_rebuilt_for_another_pq_m(tmp_path):
     rows, queries = clustered(800, 16, 8, seed=9)
     source = Rows(rows, 200)

@@ -101,12 +101,17 @@ def test_expensive_correction_keeps_its_own_pass(tokenizer, train_records, caplo
     assert attributor.kept is not None and "correction_from" not in attributor.curvature.info
 
 
-def test_kept_gradients_not_used_after_the_model_changes(tokenizer, train_records, query_records):
+@pytest.mark.parametrize("through_data", [False, True])
+def test_kept_gradients_not_used_after_the_model_changes(through_data, tokenizer, train_records, query_records):
+    """Also a write through ``param.data`` (old-style manual updates), which bumps no in-place version counter."""
     model = build_model("lora")
     attributor = Attributor(model, tokenizer, AttributionConfig(strategy="kfac", batch_size=5))
     attributor.fit(train_records)
-    with torch.no_grad():
-        attributor.modules[0].module.weight.mul_(1.5)  # an in-place update, like an optimizer step
+    if through_data:
+        attributor.modules[0].module.weight.data.mul_(1.5)
+    else:
+        with torch.no_grad():
+            attributor.modules[0].module.weight.mul_(1.5)  # an in-place update, like an optimizer step
     calls = forwards(model)
     changed = attributor.scores(query_records, train_records)
     assert len(calls) == 4  # the queries' batch and the three training batches again

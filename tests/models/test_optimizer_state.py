@@ -60,3 +60,10 @@ def test_conv1d_divisors_are_transposed_with_the_bias_as_a_column():
     assert torch.allclose(divisor[:, 2], (v["c.bias"] / correction).sqrt() + 1e-8)
     with pytest.raises(ValueError, match=r"no second moment of d\.weight"):
         state.divisors([TrackedModule("d", conv, is_conv1d=True, has_bias=True)])
+
+
+def test_a_missing_state_says_to_fine_tune_into_a_new_folder(tmp_path):
+    """`finetune` reuses an identical earlier run in its output folder as it is, so a run saved before the state
+    was kept gets none by fine-tuning there again: the refusal says to use a new folder."""
+    with pytest.raises(MissingOptimizerState, match=r"fine-tune again into a new output folder"):
+        AdamState.fingerprint(tmp_path)

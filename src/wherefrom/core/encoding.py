@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "IGNORE_INDEX",
+    "LAYOUT_SETTINGS",
     "LOSS_TOKENS",
     "REFERENCE_TEMPLATE",
     "Batches",
@@ -216,6 +217,9 @@ REFERENCE_TEMPLATE = "[INST] {prompt} [/INST] {completion}"
 
 LOSS_TOKENS = ("completion", "all")
 """Which tokens carry a label: the completion (and its EOS), or every token (padding included)."""
+LAYOUT_SETTINGS = ("max_length", "chat_template", "template", "append_eos", "pad_left", "loss_tokens", "truncate")
+"""The keywords of :func:`encode_records` that fix a row's tokens, padding and labels (its input layout): the
+settings of the same names that a config hands to it (``AttributionConfig.layout``, ``FinetuneConfig.layout``)."""
 
 
 def check_template(template: str) -> None:
@@ -348,22 +352,28 @@ def encode_records(
                 f"(completion={record.completion!r}, append_eos={append_eos})"
             )
         total = len(prompt) + len(completion)
-        if positions is not None and max_length >= total > positions[0]:
-            raise DataError(
-                f"record {record.id!r}: {total} tokens > the model's {positions[0]} positions "
-                f"({positions[1]}); shorten the record (nothing is truncated; max_length={max_length} "
-                f"is capped at {positions[0]} for this model)"
-            )
-        if vocabulary is not None:
-            _check_vocabulary(record, prompt + completion, vocabulary, tokenizer)
-        if total > max_length and truncate:
+        if total > max_length and truncate:  # cut first: the rows the model takes must fit its positions too
             prompt, completion = prompt[:max_length], completion[: max(max_length - len(prompt), 0)]
             if not completion and loss_tokens == "completion":
                 raise DataError(
                     f"record {record.id!r}: truncated to max_length={max_length} tokens, its {len(prompt)}+ prompt "
                     f"tokens leave no completion token to carry the loss (loss_tokens='completion'); raise max_length"
                 )
-        elif total > max_length:
+            total = len(prompt) + len(completion)
+        if positions is not None and max_length >= total > positions[0]:
+            raise DataError(
+                f"record {record.id!r}: {total} tokens > the model's {positions[0]} positions "
+                f"({positions[1]}); "
+                + (
+                    f"it was truncated to max_length={max_length}: give max_length <= {positions[0]} for this model"
+                    if truncate
+                    else f"shorten the record (nothing is truncated; max_length={max_length} is capped at "
+                    f"{positions[0]} for this model)"
+                )
+            )
+        if vocabulary is not None:
+            _check_vocabulary(record, prompt + completion, vocabulary, tokenizer)
+        if total > max_length:
             if len(prompt) >= max_length:
                 hint = f"the prompt leaves no room for the completion under max_length={max_length}"
             else:

@@ -176,7 +176,8 @@ def block_products(
 ) -> torch.Tensor:
     """``(n_blocks, q, n)``: for each block of the layout ``shapes`` (:func:`split_rows`), the inner products of
     the query rows' part ``(q, D)`` with the rows' part ``(n, D)``, summed over the block's whole shape (so the
-    blocks add up to ``queries @ rows.T``)."""
+    blocks add up to ``queries @ rows.T``). ``ValueError`` (:func:`split_rows`) when ``D`` is not the layout's
+    total size."""
     query_blocks, row_blocks = split_rows(queries, shapes), split_rows(rows, shapes)
     return torch.stack([query_blocks[n].flatten(1) @ row_blocks[n].flatten(1).T for n, _ in shapes])
 

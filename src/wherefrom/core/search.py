@@ -316,8 +316,9 @@ class FaissSettings:
 
     def sub_quantizers(self, dim: int) -> int:
         """``ivf-pq`` sub-quantizers for rows of ``dim``: ``pq_m``, by default ``dim / 8`` (8 entries per 4-bit
-        code, ``dim / 16`` bytes per row); :class:`SearchError` unless it divides ``dim``."""
-        m = self.pq_m or max(1, dim // 8)
+        code, ``dim / 16`` bytes per row), or where 8 does not divide ``dim`` its largest divisor below ``dim / 8``
+        (at least 8 entries per code); :class:`SearchError` unless a given ``pq_m`` divides ``dim``."""
+        m = self.pq_m or next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
         if dim % m:
             raise SearchError(f"FAISS option pq_m={m} must divide the rows' dimension {dim}")
         return m

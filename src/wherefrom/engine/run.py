@@ -559,7 +559,8 @@ class Run:
         epoch checkpoint of the fine-tuning run whose final weights it is.
 
         Raises :class:`wherefrom.models.optimizer_state.MissingOptimizerState` when the run's weights are neither
-        (e.g. the default model), saying to give the folder."""
+        (e.g. the default model), saying to give the folder, and ``FileNotFoundError`` when that fine-tuning run
+        kept no epoch checkpoints (:func:`wherefrom.methods.tracin.finetune_checkpoints`)."""
         weights = self.config.adapter or self.config.model
         folder = Path(weights) if weights is not None else None
         if folder is not None and any((folder / name).is_file() for name in (TRAINER_STATE_FILE, OPTIMIZER_STATE_FILE)):

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from wherefrom.core.data import Record, check_records, data_fingerprint
-from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
+from wherefrom.core.encoding import LAYOUT_SETTINGS, encode_records, iterate_batches, pad_id
 from wherefrom.core.store import atomic_write_dir, atomic_write_text, refuse_overwrite
 from wherefrom.core.task import per_example_loss
 from wherefrom.models.loading import model_fingerprint, quiet_peft, tokenizer_fingerprint
@@ -147,8 +147,7 @@ class FinetuneConfig:
 
     def layout(self) -> dict[str, Any]:
         """The keywords of :func:`wherefrom.core.encoding.encode_records` these settings give."""
-        keys = ("max_length", "chat_template", "template", "append_eos", "pad_left", "loss_tokens", "truncate")
-        return {key: getattr(self, key) for key in keys}
+        return {key: getattr(self, key) for key in LAYOUT_SETTINGS}
 
 
 LATER_SETTINGS = ("template", "append_eos", "pad_left", "loss_tokens", "truncate", "lora_dropout", "lr_schedule")

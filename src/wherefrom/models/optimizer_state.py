@@ -91,7 +91,8 @@ class AdamState:
         if not path.is_file():
             raise MissingOptimizerState(
                 f"checkpoint folder {folder} holds no AdamW state ({OPTIMIZER_STATE_FILE}): --precondition adam "
-                "needs a checkpoint that `wherefrom finetune` saved with its optimizer state (fine-tune again)"
+                "needs a checkpoint that `wherefrom finetune` saved with its optimizer state; fine-tune again into a "
+                "new output folder (in the same folder an identical earlier run is reused as it is, without the state)"
             )
         check_size(path)
         return {"checkpoint": str(folder), "sha256": recorded_checksums(folder)[OPTIMIZER_STATE_FILE]["sha256"]}
