@@ -229,6 +229,23 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "index and search",
+        "AdamW-preconditioned rows (--precondition adam) for a run with a curvature (EK-FAC)",
+        EXIT,
+        "take the place of a curvature; this run applies 'ekfac' to the queries",
+        "the rows would carry AdamW's diagonal preconditioner and the queries the run's curvature: two "
+        "preconditioners at once; a run fitted with --strategy identity gives LESS's scores",
+        command=("index", "--run", "run", "--precondition", "adam"),
+    ),
+    Refusal(
+        "index and search",
+        "--optimizer-checkpoint without --precondition adam",
+        EXIT,
+        "--optimizer-checkpoint applies to --precondition adam only",
+        "the folder would be recorded yet change no row",
+        command=("index", "--run", "run", "--optimizer-checkpoint", "model"),
+    ),
+    Refusal(
+        "index and search",
         "--search on a run without an index",
         EXIT,
         "has no vector store of training rows",

@@ -250,6 +250,39 @@ def test_reference_layout_left_pads_to_max_length_and_labels_every_token():
     assert masked[0].input_ids == encoded[0].input_ids
 
 
+def test_truncate_keeps_the_first_max_length_tokens_as_the_reference_does():
+    """``truncate``: a row over ``max_length`` keeps its prompt and the head of its completion (the reference
+    study's right truncation at 128), left padding then adds nothing; rows that fit are unchanged; without
+    ``truncate`` the same row is refused by id; a prompt that leaves no completion token is refused under the
+    completion-only loss and kept (prompt tokens labelled) under ``loss_tokens="all"``."""
+    tokenizer = make_tokenizer(bos=True)
+    template = "<inst> {prompt} <inst> {completion}"
+    rows = [
+        Record(id="long", prompt="hi", completion="abcdefghijklmnopqrstuvwxyz" * 2),
+        Record(id="short", prompt="hi", completion="yes"),
+    ]
+    layout = {"append_eos": False, "template": template, "pad_left": True, "loss_tokens": "all"}
+    full = encode_records(rows, tokenizer, max_length=200, **layout)
+    cut = encode_records(rows, tokenizer, max_length=40, truncate=True, **layout)
+    long_full, long_cut = full[0], cut[0]
+    assert len(long_full.input_ids) - long_full.padding > 40  # it did need cutting
+    assert long_cut.padding == 0 and long_cut.input_ids == long_full.input_ids[long_full.padding :][:40]
+    assert long_cut.labels == long_cut.input_ids
+    assert long_cut.num_prompt_tokens == long_full.num_prompt_tokens - long_full.padding
+    plain = encode_records(rows[1:], tokenizer, max_length=40, **layout)
+    assert cut[1].input_ids == plain[0].input_ids and cut[1].labels == plain[0].labels
+    with pytest.raises(DataError, match=r"record 'long': .* > max_length=40"):
+        encode_records(rows, tokenizer, max_length=40, **layout)
+    masked = encode_records(rows, tokenizer, max_length=40, truncate=True, template=template, append_eos=False)
+    completion = [label for label in masked[0].labels if label != IGNORE_INDEX]
+    assert masked[0].input_ids == long_cut.input_ids and completion == long_cut.input_ids[long_cut.num_prompt_tokens :]
+    wordy = [Record(id="wordy", prompt="abcdefghij" * 5, completion="yes")]
+    with pytest.raises(DataError, match=r"record 'wordy': truncated to max_length=20 .* no completion token"):
+        encode_records(wordy, tokenizer, max_length=20, truncate=True, template=template, append_eos=False)
+    kept = encode_records(wordy, tokenizer, max_length=20, truncate=True, **layout)[0]
+    assert len(kept.input_ids) == 20 and kept.labels == kept.input_ids and kept.num_completion_tokens == 0
+
+
 def test_template_is_checked_by_name():
     tokenizer = make_tokenizer()
     rows = [Record(id="a", prompt="hi", completion="yes")]

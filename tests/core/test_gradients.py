@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import build_model
 from wherefrom.core.encoding import collate, pad_id
-from wherefrom.core.gradients import flatten_blocks, split_rows
+from wherefrom.core.gradients import flatten_blocks, shared_token_factors, split_rows, token_factors
 from wherefrom.engine.api import AttributionConfig, Attributor
 
 
@@ -73,3 +73,35 @@ def test_flatten_blocks_and_split_rows_round_trip():
     assert all(torch.equal(back[n], blocks[n]) for n in blocks)
     with pytest.raises(ValueError, match=r"rows of length 13 do not split into blocks of sizes \[8, 4\]"):
         split_rows(rows, [("b", (2, 4)), ("a", (4,))])
+
+
+@pytest.mark.parametrize("kind", ["llama", "lora"])
+def test_shared_token_factors_equal_separate_passes(kind, tokenizer, train_records):
+    """One forward pass, a backward pass per loss: each loss's factors equal its own pass's, bit for bit."""
+    model = build_model(kind)
+    attributor = Attributor(model, tokenizer, AttributionConfig(fisher="true", batch_size=6))
+    _ids, batch = next(iter(attributor.batches(train_records)))
+    sampled, data = attributor.fisher_loss_fn(), attributor.train_loss_fn()
+    shared = shared_token_factors(model, attributor.modules, batch, [sampled, data])
+    alone = [token_factors(model, attributor.modules, batch, loss) for loss in (attributor.fisher_loss_fn(), data)]
+    for (factors, losses), (expected, expected_losses) in zip(shared, alone):
+        assert torch.equal(losses, expected_losses)
+        for name, f in expected.items():
+            assert torch.equal(factors[name].a, f.a) and torch.equal(factors[name].g, f.g)
+            assert torch.equal(factors[name].token_mask, f.token_mask)
+    name = attributor.module_names[0]
+    assert not torch.equal(shared[0][0][name].g, shared[1][0][name].g)  # sampled labels differ from the data's
+
+
+def test_shared_token_factors_refuse_losses_with_other_model_inputs(tokenizer, train_records):
+    model = build_model("llama")
+    attributor = Attributor(model, tokenizer, AttributionConfig(batch_size=6))
+    _ids, batch = next(iter(attributor.batches(train_records)))
+
+    def shorter(model, batch):  # runs the model on other inputs than the first loss
+        return model(input_ids=batch["input_ids"][:, :-1], attention_mask=batch["attention_mask"][:, :-1]).logits.sum(
+            (1, 2)
+        )
+
+    with pytest.raises(ValueError, match="same arguments"):
+        shared_token_factors(model, attributor.modules, batch, [attributor.train_loss_fn(), shorter])

@@ -138,3 +138,16 @@ def test_pad_id_outside_the_embedding() -> None:
     tok.pad_token = "z"
     with pytest.raises(DataError, match=r"the padding id \d+ .* outside the model's vocabulary of 20 embeddings"):
         encode_records(TRAIN, tok, model=tiny_gpt2(20, hidden=16, layers=1))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_truncated_rows_must_still_fit_the_positions(kind: str) -> None:
+    """``truncate`` cuts a row to ``max_length``; when that is beyond the model's position table the cut row is
+    refused by name as an uncut one is (it was taken to the model unchecked: a GPT-2 index error)."""
+    tok = tiny_tokenizer()
+    model = models(tok)[kind]
+    long = Record("long", "a" * 100, " b" * 300)
+    with pytest.raises(DataError, match=r"record 'long': 512 tokens > the model's 128 positions .* max_length <= 128"):
+        encode_records([long], tok, max_length=512, model=model, truncate=True)
+    cut = encode_records([long], tok, max_length=128, model=model, truncate=True)[0]
+    assert len(cut) == 128 and cut.input_ids == encode_records([long], tok, max_length=1000)[0].input_ids[:128]

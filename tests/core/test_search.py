@@ -99,6 +99,23 @@ def test_half_precision_rows_are_scored_in_float32():
     torch.testing.assert_close(found.scores, scores)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_store_finds_the_rows_of_its_float32_values_with_ties_in_row_order(dtype):
+    """Rows wide enough that a half-precision chunk is capped below ``chunk_rows`` (16 MiB of float32:
+    256 rows of 16,384) and converted into a buffer reused across uneven shards; entries in {-1, 0, 1}
+    make many exact ties, broken by row order as a stable sort of the float32 upcast does."""
+    generator = torch.Generator().manual_seed(7)
+    matrix = torch.randn(1000, 16384, generator=generator).round().clamp(-1, 1).to(dtype)
+    queries = torch.randn(3, 16384, generator=generator).round().clamp(-1, 1)
+    threads = torch.get_num_threads()
+    for opponents in (False, True):
+        found = exact_top_k(Rows(matrix, 300), queries, 25, opponents)
+        rows, scores = reference(matrix, queries, 25, opponents)
+        assert torch.equal(found.rows, rows)
+        torch.testing.assert_close(found.scores, scores, rtol=0, atol=0)
+    assert torch.get_num_threads() == threads  # the conversion's one thread is given back
+
+
 def test_memory_is_bounded_by_one_shard_and_one_chunk(monkeypatch):
     """The largest float32 block scored at once is one chunk, and one shard is held at a time."""
     sizes = []
@@ -188,6 +205,56 @@ def test_faiss_recall_at_10_on_clustered_data(kind):
         assert float(recall_at_k(approximate, exact).mean()) >= 0.9
         hits = approximate.rows == exact.rows
         torch.testing.assert_close(approximate.scores[hits], exact.scores[hits], atol=0.05, rtol=0.01)
+
+
+def test_ivf_pq_re_ranks_its_shortlist_with_the_exact_rows():
+    """Every cell probed, the refined PQ search returns exact float32 scores; a larger shortlist finds at
+    least as many of the exact top-10; candidates stay candidates; pq_m must divide the dimension."""
+    rows, queries = clustered(3000, 32, 30, seed=8)
+    source = Rows(rows, 400)
+    index = build_faiss_index(source, FaissSettings(kind="ivf-pq", nlist=16))
+    assert index.ntotal == 3000
+    exact = exact_top_k(source, queries, 10)
+    recalls = []
+    for refine in (1, 4, 32):
+        settings = FaissSettings(kind="ivf-pq", nlist=16, nprobe=16, refine=refine)
+        found = faiss_top_k(index, source.ids, queries, 10, settings=settings)
+        recalls.append(float(recall_at_k(found, exact).mean()))
+        scored = torch.stack([rows[found.rows[q]] @ queries[q] for q in range(len(queries))])
+        torch.testing.assert_close(found.scores, scored)  # re-ranked with the float32 rows: exact scores
+    assert recalls[0] <= recalls[1] <= recalls[2] and recalls[2] >= 0.99
+    candidates = [list(range(0, 3000, 5))] * len(queries)
+    settings = FaissSettings(kind="ivf-pq", nlist=16, nprobe=16, refine=32)
+    found = faiss_top_k(index, source.ids, queries, 10, candidates=candidates, settings=settings)
+    assert (found.rows % 5 == 0).all()
+    with pytest.raises(SearchError, match="pq_m=5 must divide the rows' dimension 32"):
+        build_faiss_index(source, FaissSettings(kind="ivf-pq", pq_m=5))
+
+
+def test_ivf_pq_default_code_size_divides_any_dimension():
+    """The default ``pq_m`` is ``dim / 8``, or where 8 does not divide ``dim`` its largest divisor below that: rows
+    of 100 entries build (``dim // 8 = 12`` does not divide 100 and was refused naming an option never given)."""
+    assert [FaissSettings().sub_quantizers(d) for d in (1024, 100, 104, 13)] == [128, 10, 13, 1]
+    rows, queries = clustered(600, 100, 6, seed=10)
+    source = Rows(rows, 200)
+    settings = FaissSettings(kind="ivf-pq", nlist=4, nprobe=4, refine=100)  # every cell, every row re-ranked
+    found = faiss_top_k(build_faiss_index(source, settings), source.ids, queries, 5, settings=settings)
+    assert float(recall_at_k(found, exact_top_k(source, queries, 5)).mean()) == 1.0
+
+
+def test_ivf_pq_index_is_saved_reused_across_refine_and_rebuilt_for_another_pq_m(tmp_path):
+    rows, queries = clustered(800, 16, 8, seed=9)
+    source = Rows(rows, 200)
+    options = {"kind": "ivf-pq", "nlist": 4, "nprobe": 4, "refine": 100}  # every cell, a shortlist of every row
+    report = search_store(source, queries, 5, "faiss", faiss_options=options, index_folder=tmp_path)
+    assert float(report.recall.mean()) == 1.0
+    path = tmp_path / "faiss-ivf-pq.safetensors"
+    check_file(path)
+    stamp = path.stat().st_mtime_ns
+    search_store(source, queries, 5, "faiss", faiss_options={**options, "refine": 2}, index_folder=tmp_path)
+    assert path.stat().st_mtime_ns == stamp  # refine is a search-time setting: the saved index is reused
+    search_store(source, queries, 5, "faiss", faiss_options={**options, "pq_m": 8}, index_folder=tmp_path)
+    assert path.stat().st_mtime_ns != stamp  # another code size: rebuilt
 
 
 def test_recall_counts_the_shared_rows_and_is_nan_without_truth():

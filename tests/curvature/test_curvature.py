@@ -286,3 +286,30 @@ def test_ekfac_empirical_damping_is_the_reference_rule_by_hand():
         by_hand = float(g.pow(2).flatten(1).mean(1).mean()) / 10
         assert by_hand > 0
         assert float(curvature.state[f"{name}.damping"]) == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_equal_factors_are_decomposed_once_with_the_same_result(tmp_path, tokenizer, train_records):
+    """q/k/v projections read one input: their A factors are equal and decomposed once (equal copies in the state,
+    which save and load: no shared memory); a different matrix is decomposed anew."""
+    from wherefrom.curvature.kronecker import Decompositions
+
+    model = build_model("llama")
+    attributor = Attributor(model, tokenizer, AttributionConfig(strategy="kfac", include=[r"self_attn\.[qkv]_proj"]))
+    fitted = attributor.fit(train_records)
+    names = attributor.module_names
+    vectors = [fitted.state[f"{n}.a_eigvecs"] for n in names]
+    assert all(torch.equal(v, vectors[0]) for v in vectors) and vectors[0].data_ptr() != vectors[1].data_ptr()
+    calls = []
+    decompose = Decompositions()
+    original = torch.linalg.eigh
+    try:
+        torch.linalg.eigh = lambda m: calls.append(1) or original(m)
+        matrix = torch.randn(5, 5, dtype=torch.float64)
+        first, again = decompose(matrix @ matrix.T, 3), decompose((matrix @ matrix.T).clone(), 3)
+        decompose(matrix @ matrix.T, 2)
+    finally:
+        torch.linalg.eigh = original
+    assert len(calls) == 2 and all(torch.equal(x, y) for x, y in zip(first, again))
+    fitted.save(tmp_path)
+    loaded = load_curvature(tmp_path)
+    assert all(torch.equal(loaded.state[k], v) for k, v in fitted.state.items())

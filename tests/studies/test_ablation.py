@@ -50,6 +50,7 @@ def test_bench_preset_records_resolved_settings_and_flags_override(tmp_path, tin
     assert config["preset"] == "reference-study" and config["epochs"] == 1  # the flag beats the preset's 10
     assert config["template"] == REFERENCE_TEMPLATE and config["append_eos"] is False and config["pad_left"] is True
     assert config["loss_tokens"] == "all" and config["max_length"] == 128 and config["fisher"] == "empirical"
+    assert config["truncate"] is True
     assert (config["lora_alpha"], config["lora_dropout"], config["lr_schedule"]) == (32, 0.1, "linear")
     assert config["method_options"]["lissa"] == {"damping_sign": "reference", "depth": 2, "scale": 1e-3}
     row = json.loads((out / "seed-0" / "gradsim.json").read_text())
@@ -71,7 +72,7 @@ def test_ablate_two_switches_on_tiny_model(tmp_path, tiny_model):
         "--n-test", "3", "--seeds", "0,1", "--methods", "gradsim,ekfac", "--model", tiny_model, "--device", "cpu",
         "--epochs", "1", "--learning-rate", "0.01", "--batch-size", "4", "--lora-alpha", "16",
         "--lora-dropout", "0.05", "--lr-schedule", "linear", "--pad-left", "--loss-tokens", "all",
-        "--max-length", "128", "--out", out,
+        "--max-length", "128", "--truncate", "--out", out,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads((out / "ablate.json").read_text())

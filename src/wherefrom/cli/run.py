@@ -74,16 +74,18 @@ def fit(train, run, model, adapter, strategy, strategy_option, method, option, d
 
 
 @command
-def index(run, shard_size, dtype, precondition, unit_norm, device, threads) -> None:
+def index(run, shard_size, dtype, precondition, optimizer_checkpoint, unit_norm, device, threads) -> None:
     """Store one row per training example in RUN/index/ so that queries need no train pass: the raw
     gradients of an influence run, the projected (optionally preconditioned, unit) gradients of a fitted
-    trak/logra run, the hidden states of a repsim run. Resumes; refuses other settings than the
+    trak/logra run, the hidden states of a repsim run, the learning-rate-scaled gradients of every checkpoint
+    of a tracin run (TracInCP as one inner product). --precondition adam divides each training gradient by
+    AdamW's saved second moment (LESS). Resumes; refuses other settings than the
     interrupted index was started with, naming them. Under `torchrun --nproc_per_node=N` each process
     builds every N-th shard and rank 0 finishes the store (the same bytes as one process)."""
     try:
         with session():
             opened = Run.open(run, progress=progress, device=device, factors=False)
-            written = opened.build_index(shard_size, dtype, precondition, unit_norm)
+            written = opened.build_index(shard_size, dtype, precondition, unit_norm, optimizer_checkpoint)
             main = is_main()
     except (OSError, RunMismatch, StoreError, ValueError) as error:
         fail(error)

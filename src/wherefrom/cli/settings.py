@@ -28,6 +28,7 @@ from typing import Any
 
 from wherefrom.core.encoding import LOSS_TOKENS, check_template
 from wherefrom.core.option_pairs import parse_option_pairs, parse_value
+from wherefrom.engine.run import PRECONDITIONS
 from wherefrom.models.finetune import LR_SCHEDULES, FinetuneConfig
 from wherefrom.studies.wordorder import WordOrderConfig
 
@@ -304,7 +305,7 @@ class DataSettings:
     max_length: int = setting(
         512,
         "Longest prompt+completion in tokens, for fine-tuning and attribution alike; a longer row is an "
-        "error (nothing is truncated).",
+        "error (nothing is truncated, unless --truncate).",
         check=at_least(1),
     )
     chat_template: bool = setting(False, "Wrap prompts in the tokenizer's chat template.")
@@ -323,6 +324,11 @@ class DataSettings:
     no_eos: bool = setting(False, "Append no EOS to the completions (the reference study).")
     pad_left: bool = setting(
         False, "Left-pad every row to exactly --max-length tokens, attention 0 there (the reference study: yes, 128)."
+    )
+    truncate: bool = setting(
+        False,
+        "Cut a row longer than --max-length to its first max-length tokens instead of refusing it (the reference "
+        "study: yes, at 128).",
     )
     loss_tokens: str = setting(
         "completion",
@@ -403,8 +409,8 @@ class SearchSettings:
     )
     search_option: list[str] | None = setting(
         None,
-        "FAISS option key=value (repeatable): kind=ivf|ivf-sq8|hnsw, nlist, nprobe, m, ef_construction, ef_search, "
-        "train_per_list (see `wherefrom.core.search.FAISS_OPTIONS`).",
+        "FAISS option key=value (repeatable): kind=ivf|ivf-sq8|ivf-pq|hnsw, nlist, nprobe, m, ef_construction, "
+        "ef_search, train_per_list, pq_m, refine (see `wherefrom.core.search.FAISS_OPTIONS`).",
         check=search_options,
     )
     prefilter_bm25: int | None = setting(
@@ -567,8 +573,17 @@ class OutputSettings:
     precondition: str = setting(
         "fitted",
         "Index rows of a trak/logra run: fitted = the fitted projected (F~ + lambda I)^-1 applied to each row (the "
-        "method's own scores); none = raw projected gradients (projected gradient similarity).",
-        check=one_of("fitted", "none"),
+        "method's own scores); none = raw projected gradients (projected gradient similarity); adam = each "
+        "per-example gradient divided elementwise by AdamW's sqrt(v_hat) + eps before projection (LESS/TrackStar; "
+        "trak, tracin, and influence runs fitted with --strategy identity; queries stay plain gradients).",
+        check=one_of(*PRECONDITIONS),
+    )
+    optimizer_checkpoint: Path | None = setting(
+        None,
+        "Fine-tuning checkpoint folder whose saved AdamW state --precondition adam divides by (default: the run's "
+        "adapter or model folder when it is a `finetune` checkpoint, else the last epoch checkpoint of the "
+        "fine-tuning run whose final weights it is; a tracin run uses each checkpoint's own).",
+        check=existing_path,
     )
     unit_norm: bool = setting(
         False, "Divide each index row and each query vector by its norm (trak/logra runs: cosine-like scores)."
@@ -670,7 +685,16 @@ ATTRIBUTION = (
 FINETUNING = ("epochs", "learning_rate", "lora_rank", "batch_size", "max_length")
 """The fine-tuning settings shared by ``bench`` and ``groundtruth``."""
 
-REFERENCE_FINETUNING = ("template", "no_eos", "pad_left", "loss_tokens", "lora_alpha", "lora_dropout", "lr_schedule")
+REFERENCE_FINETUNING = (
+    "template",
+    "no_eos",
+    "pad_left",
+    "loss_tokens",
+    "truncate",
+    "lora_alpha",
+    "lora_dropout",
+    "lr_schedule",
+)
 """The fine-tuning settings (input layout, LoRA, schedule) that the reference study set otherwise than wherefrom."""
 
 REFERENCE_SWITCHES = (*REFERENCE_FINETUNING, "fisher")

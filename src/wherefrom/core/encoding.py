@@ -11,7 +11,8 @@ Conventions (shared with :mod:`wherefrom.core.task`):
   if the tokenizer adds one); the completion without them. With a chat template, the rendered
   conversation is tokenized as one text and the labels cover exactly the assistant content and its
   end-of-turn marker (:func:`encode_records`).
-* Nothing is truncated: an example longer than ``max_length`` raises :class:`DataError`. Given the
+* Nothing is truncated unless asked (``truncate``): an example longer than ``max_length`` raises
+  :class:`DataError`. Given the
   model, ``max_length`` is capped at the model's position table (:func:`model_positions`:
   ``config.n_positions`` / ``config.max_position_embeddings``) and every token id (padding
   included) must index its input embedding (:func:`model_vocabulary`); a row that breaks either is a
@@ -25,7 +26,8 @@ at 93f9489, ``utils.get_preprocessed_dataset`` and ``finetune.py``) is available
 (:data:`REFERENCE_TEMPLATE`, the whole text tokenized once with the tokenizer's BOS),
 ``append_eos=False``, ``pad_left=True`` (each row left-padded with the padding id to exactly
 ``max_length`` tokens, attention 0 there; the reference pads with EOS, ``tokenizer.pad_token =
-eos_token``) and ``loss_tokens="all"`` (every token is a label, padding, prompt and template tags
+eos_token``), ``truncate=True`` (a longer row keeps its first ``max_length`` tokens, as the reference's
+``tokenizer(..., truncation=True, max_length=128)`` does with the default right truncation side) and ``loss_tokens="all"`` (every token is a label, padding, prompt and template tags
 included, as the reference's ``labels = input_ids`` does).
 """
 
@@ -46,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "IGNORE_INDEX",
+    "LAYOUT_SETTINGS",
     "LOSS_TOKENS",
     "REFERENCE_TEMPLATE",
     "Batches",
@@ -214,6 +217,9 @@ REFERENCE_TEMPLATE = "[INST] {prompt} [/INST] {completion}"
 
 LOSS_TOKENS = ("completion", "all")
 """Which tokens carry a label: the completion (and its EOS), or every token (padding included)."""
+LAYOUT_SETTINGS = ("max_length", "chat_template", "template", "append_eos", "pad_left", "loss_tokens", "truncate")
+"""The keywords of :func:`encode_records` that fix a row's tokens, padding and labels (its input layout): the
+settings of the same names that a config hands to it (``AttributionConfig.layout``, ``FinetuneConfig.layout``)."""
 
 
 def check_template(template: str) -> None:
@@ -253,6 +259,7 @@ def encode_records(
     template: str | None = None,
     pad_left: bool = False,
     loss_tokens: str = "completion",
+    truncate: bool = False,
 ) -> list[EncodedExample]:
     """Tokenize records into :class:`EncodedExample` s, in order.
 
@@ -282,13 +289,16 @@ def encode_records(
     (``EncodedExample.padding`` of them; attention 0 there). ``loss_tokens="all"``: every token is a
     label, prompt, template text and padding included (``EncodedExample.prompt_end`` keeps the
     boundary); the training loss then runs over all ``T - 1`` next-token positions.
+    ``truncate``: a row longer than ``max_length`` keeps its first ``max_length`` tokens (prompt first,
+    then as much of the completion as fits) instead of raising; under ``loss_tokens="completion"`` a row
+    whose prompt leaves no completion token is still a :class:`DataError`.
 
     ``model``: the model the rows are for; when given, rows must also fit its position table
     (:func:`model_positions`) and every id, the padding id included, its input embedding
     (:func:`model_vocabulary`).
 
-    Raises :class:`DataError` if an example would exceed ``max_length`` tokens or the model's
-    positions (nothing is truncated), holds a token id outside the model's embedding, or a
+    Raises :class:`DataError` if an example would exceed ``max_length`` tokens (without ``truncate``) or
+    the model's positions, holds a token id outside the model's embedding, or a
     completion tokenizes to no tokens; ``ValueError`` if ``chat_template=True`` and the tokenizer
     has no chat template, or for a bad ``template`` / ``loss_tokens`` or ``template`` with ``chat_template``.
     """
@@ -342,11 +352,24 @@ def encode_records(
                 f"(completion={record.completion!r}, append_eos={append_eos})"
             )
         total = len(prompt) + len(completion)
+        if total > max_length and truncate:  # cut first: the rows the model takes must fit its positions too
+            prompt, completion = prompt[:max_length], completion[: max(max_length - len(prompt), 0)]
+            if not completion and loss_tokens == "completion":
+                raise DataError(
+                    f"record {record.id!r}: truncated to max_length={max_length} tokens, its {len(prompt)}+ prompt "
+                    f"tokens leave no completion token to carry the loss (loss_tokens='completion'); raise max_length"
+                )
+            total = len(prompt) + len(completion)
         if positions is not None and max_length >= total > positions[0]:
             raise DataError(
                 f"record {record.id!r}: {total} tokens > the model's {positions[0]} positions "
-                f"({positions[1]}); shorten the record (nothing is truncated; max_length={max_length} "
-                f"is capped at {positions[0]} for this model)"
+                f"({positions[1]}); "
+                + (
+                    f"it was truncated to max_length={max_length}: give max_length <= {positions[0]} for this model"
+                    if truncate
+                    else f"shorten the record (nothing is truncated; max_length={max_length} is capped at "
+                    f"{positions[0]} for this model)"
+                )
             )
         if vocabulary is not None:
             _check_vocabulary(record, prompt + completion, vocabulary, tokenizer)

@@ -59,26 +59,99 @@ def token_factors(
     ``batch["attention_mask"] == 0`` are zeroed in ``a`` and ``g`` (they carry no loss, and must not
     enter covariance statistics).
     """
+    return shared_token_factors(model, modules, batch, [loss_fn])[0]
+
+
+def shared_token_factors(
+    model: nn.Module,
+    modules: Sequence[TrackedModule],
+    batch: Batch,
+    loss_fns: Sequence[LossFn],
+) -> list[tuple[dict[str, TokenFactors], torch.Tensor]]:
+    """:func:`token_factors` of each loss in ``loss_fns`` on ``batch`` from ONE forward pass: one backward
+    pass per loss (the graph is kept between them), the inputs ``a`` shared by all results.
+
+    With several losses, each must run ``model`` on the same arguments (the losses of one task do): the
+    model they are handed (:class:`ForwardOnce`) returns the first call's output to the later calls;
+    ``ValueError`` when a loss calls it with other arguments. The factors equal those of separate :func:`token_factors` calls (the same
+    forward computation, the same gradients), with one forward pass instead of ``len(loss_fns)``.
+    """
     mask = batch.get("attention_mask")
+    forward = model if len(loss_fns) == 1 else ForwardOnce(model)
+    losses, calls = [], []
     with torch.enable_grad(), capturing(modules, model) as capture:
-        losses = loss_fn(model, batch)
-        calls = capture.output_gradients(losses.sum())
-    factors: dict[str, TokenFactors] = {}
+        for k, loss_fn in enumerate(loss_fns):  # one loss at a time: its own part of the graph is freed after it
+            loss = loss_fn(forward, batch)
+            calls.append(capture.output_gradients(loss.sum(), retain_graph=k < len(loss_fns) - 1))
+            losses.append(loss.detach())
+            del loss
+    results: list[dict[str, TokenFactors]] = [{} for _ in loss_fns]
     for m in modules:
-        a_parts, g_parts, mask_parts = [], [], []
-        for a, g in calls.pop(m.name):  # pop: each module's raw captures are freed once converted
-            dtype = torch.promote_types(a.dtype, torch.float32)  # accumulate half precision in float32
-            a, g = _as_3d(a).to(dtype), _as_3d(g).to(dtype)
-            keep = torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
-            if mask is not None and a.shape[1] == mask.shape[1]:
-                keep = mask.bool()
-                a, g = a * keep.unsqueeze(-1), g * keep.unsqueeze(-1)
-            a_parts.append(a)
-            g_parts.append(g)
-            mask_parts.append(keep)
-        join = (lambda parts: parts[0]) if len(a_parts) == 1 else (lambda parts: torch.cat(parts, dim=1))
-        factors[m.name] = TokenFactors(join(a_parts), join(g_parts), join(mask_parts))
-    return factors, losses.detach()
+        first = calls[0][m.name]
+        # half precision accumulates in float32; each call's a and g in the dtype of its input
+        dtypes = [torch.promote_types(a.dtype, torch.float32) for a, _g in first]
+        keeps = [_keep(_as_3d(a), mask) for a, _g in first]
+        joined_a = _join([_masked(a, keep, dtype) for (a, _g), keep, dtype in zip(first, keeps, dtypes)])
+        joined_mask = _join(
+            [
+                torch.ones(_as_3d(a).shape[:2], dtype=torch.bool, device=a.device) if keep is None else keep
+                for (a, _g), keep in zip(first, keeps)
+            ]
+        )
+        for k, per_loss in enumerate(calls):
+            # pop: each module's raw captures are freed once converted
+            gradients = [_masked(g, keep, dtype) for (_a, g), keep, dtype in zip(per_loss.pop(m.name), keeps, dtypes)]
+            results[k][m.name] = TokenFactors(joined_a, _join(gradients), joined_mask)
+    return list(zip(results, losses))
+
+
+class ForwardOnce:
+    """``model`` called at most once: a later call with the same arguments (the same tensor objects) gets
+    the first call's output, so several losses of one batch share its forward pass and autograd graph.
+    Other attributes are the model's."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.arguments: tuple | None = None
+        self.output = None
+
+    def __call__(self, *args, **kwargs):
+        arguments = (args, kwargs)
+        if self.arguments is None:
+            self.arguments, self.output = arguments, self.model(*args, **kwargs)
+        elif not _same_arguments(self.arguments, arguments):
+            raise ValueError(
+                "the losses of one shared pass must run the model on the same arguments; this loss called it "
+                "with others (compute them in separate passes)"
+            )
+        return self.output
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
+def _same_arguments(first: tuple, second: tuple) -> bool:
+    (args1, kwargs1), (args2, kwargs2) = first, second
+    if len(args1) != len(args2) or kwargs1.keys() != kwargs2.keys():
+        return False
+    pairs = [*zip(args1, args2), *((kwargs1[k], kwargs2[k]) for k in kwargs1)]
+    return all(x is y if isinstance(x, torch.Tensor) else x == y for x, y in pairs)
+
+
+def _keep(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The ``(B, T)`` bool mask of real tokens for a ``(B, T, d)`` capture, or ``None`` when ``mask`` does not
+    apply to it (no attention mask, or another sequence length)."""
+    return mask.bool() if mask is not None and x.shape[1] == mask.shape[1] else None
+
+
+def _masked(x: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as ``(B, T, d)`` in ``dtype``, zero where ``keep`` is false."""
+    x = _as_3d(x).to(dtype)
+    return x if keep is None else x * keep.unsqueeze(-1)
+
+
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def per_example_gradients(
@@ -96,6 +169,17 @@ def flatten_blocks(blocks: dict[str, torch.Tensor], names: Sequence[str]) -> tor
     """One row per example: the blocks ``{module: (b, ...)}`` of ``names`` flattened and concatenated in
     that order, ``(b, sum of block sizes)``; :func:`split_rows` undoes it."""
     return torch.cat([blocks[n].reshape(blocks[n].shape[0], -1) for n in names], dim=1)
+
+
+def block_products(
+    queries: torch.Tensor, rows: torch.Tensor, shapes: Sequence[tuple[str, Sequence[int]]]
+) -> torch.Tensor:
+    """``(n_blocks, q, n)``: for each block of the layout ``shapes`` (:func:`split_rows`), the inner products of
+    the query rows' part ``(q, D)`` with the rows' part ``(n, D)``, summed over the block's whole shape (so the
+    blocks add up to ``queries @ rows.T``). ``ValueError`` (:func:`split_rows`) when ``D`` is not the layout's
+    total size."""
+    query_blocks, row_blocks = split_rows(queries, shapes), split_rows(rows, shapes)
+    return torch.stack([query_blocks[n].flatten(1) @ row_blocks[n].flatten(1).T for n, _ in shapes])
 
 
 def split_rows(rows: torch.Tensor, shapes: Sequence[tuple[str, Sequence[int]]]) -> dict[str, torch.Tensor]:

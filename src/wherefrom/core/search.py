@@ -10,8 +10,9 @@ which is the influence ``I(z_m, z_q)`` of the README when the store holds precon
 gradients and ``q`` the query gradient in the same projection (positive = proponent).
 
 - **Exact** (:func:`exact_top_k`): the queries ``(n_query, dim)`` are multiplied with each shard
-  in chunks of at most ``chunk_rows`` rows cast to float32, and a running top-``k`` per query is
-  merged with each chunk's. Memory: one shard (as the source yields it) + one float32 chunk +
+  in chunks of at most ``chunk_rows`` rows in float32 (half-precision rows converted exactly, on one
+  thread, into a reused cache-sized buffer), and a running top-``k`` per query is merged with each
+  chunk's. Memory: one shard (as the source yields it) + one float32 chunk +
   ``n_query x chunk_rows`` scores + ``n_query x k`` kept, never the whole store.
   **Proponents** are the ``k`` largest scores, **opponents** the ``k`` smallest (most negative), each
   best first. **Ties** are broken by row order (the lower row first), so the result is deterministic
@@ -20,12 +21,16 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
 - **Approximate** (:func:`build_faiss_index`, :func:`faiss_top_k`): a FAISS inner-product index
   (Johnson, Douze & Jegou 2019, "Billion-scale similarity search with GPUs"): ``ivf`` (inverted
   lists over ``nlist`` k-means cells, ``nprobe`` of them searched, rows kept exactly), ``ivf-sq8``
-  (the same with rows quantised to 8 bits per entry: a quarter of the memory) or ``hnsw`` (Malkov &
+  (the same with rows quantised to 8 bits per entry: a quarter of the memory), ``ivf-pq`` (the same
+  cells holding 4-bit product-quantisation codes of ``pq_m`` sub-vectors, Jegou, Douze & Schmid
+  2011, scanned with SIMD lookup tables, Andre et al. 2017 "fast scan"; the ``refine x k`` best
+  codes are re-ranked with the exact float32 rows, which the index also keeps, so the scores returned
+  are exact and the memory is that of ``ivf`` plus ``dim / 16`` bytes per row) or ``hnsw`` (Malkov &
   Yashunin 2018, graph of ``M`` links per row, ``ef_search`` candidates per search). Opponents are
   searched as proponents of ``-q``. The index is built from the source in one streamed pass after
   k-means training on a strided sample, saved atomically with its checksum beside the store
   (:func:`wherefrom.core.store.save_tensors_checked`) and reused while the store and the settings
-  are the same. IVF indexes move to the GPUs when ``faiss.get_num_gpus() > 0``.
+  are the same. ``ivf`` and ``ivf-sq8`` indexes move to the GPUs when ``faiss.get_num_gpus() > 0``.
   :func:`recall_at_k` measures it against the exact search.
 - **Candidates** (the BM25 prefilter of Grosse et al. 2023, computed by
   :func:`wherefrom.methods.lexical.bm25_candidates`): with ``candidates`` (per query, row indices)
@@ -34,10 +39,14 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
   so an IVF search only finds candidates in its ``nprobe`` probed cells.
 
 Defaults, from ``benchmarks/query_latency.py`` (``benchmarks/results/query-latency.md``, dim 1024,
-rows of low intrinsic dimension): ``nlist = sqrt(count)`` (k-means cost grows with ``nlist^2``: the
-IVF build over 10^6 rows took 179 s on 2 cores); ``nprobe = 128``, the smallest measured value with
-recall@10 >= 0.95 at 10^4 and 10^5 rows (0.92 at 10^6, where 256 gives 0.98); HNSW ``M = 32``,
-``ef_search = 128`` (recall 1.0 at 10^4 rows, 1.4 ms; its build, 27 s at 10^4 rows, is the cost).
+synthetic rows with the eigen-spectra of real LoGra rows, ``benchmarks/row_spectrum.py``):
+``nlist = sqrt(count)`` (k-means cost grows with ``nlist^2``; the IVF build over 10^6 rows took 46 s on
+2 cores); ``nprobe = 128`` (IVF recall@10 0.91 at 10^6 rows of raw projected gradients, 1.00 at 256);
+``ivf-pq``: ``pq_m = dim / 8`` and ``refine = 1024``, the smallest measured shortlist factor with
+recall@10 >= 0.95 at 10^6 rows (0.985 with ``nprobe = 256``, 10 ms per query in a batch of 20, 23 ms
+alone; refine 64: 0.32); HNSW ``M = 32``, ``ef_search = 128`` (its build, superlinear, is the cost).
+Rows preconditioned by a fitted Fisher are nearly white: no measured setting reached recall 0.95 on
+them beyond 10^4 rows (0.91 at 10^5, 0.42 at 10^6); search those exactly.
 """
 
 from __future__ import annotations
@@ -75,6 +84,8 @@ __all__ = [
 ]
 
 JOHNSON_2019 = "Johnson, Douze & Jegou 2019, Billion-scale similarity search with GPUs (FAISS)"
+JEGOU_2011 = "Jegou, Douze & Schmid 2011, Product quantization for nearest neighbor search"
+ANDRE_2017 = "Andre, Kermarrec & Le Scouarnec 2017, Accelerated nearest neighbor search with Quick ADC"
 MALKOV_2018 = "Malkov & Yashunin 2018, Efficient and robust approximate nearest neighbor search using HNSW graphs"
 
 
@@ -178,8 +189,10 @@ def exact_top_k(
 
     ``queries``: ``(n_query, source.dim)``, any float dtype (used as float32); ``k >= 1`` (capped at the
     rows available); ``candidates``: per query, the row indices it may return; ``chunk_rows``: rows
-    cast to float32 and scored at once. Raises :class:`SearchError` naming the first row id with a
-    NaN or infinite entry, a non-finite query, a shape mismatch or bad candidates.
+    scored and merged into the running top-``k`` at once (float16/bfloat16 rows are converted exactly to
+    float32 in 16 MiB blocks into one reused buffer, so the result is that of the rows' float32 values).
+    Raises :class:`SearchError` naming the first row id with a NaN or infinite entry, a non-finite
+    query, a shape mismatch or bad candidates.
     """
     if k < 1 or chunk_rows < 1:
         raise SearchError(f"k and chunk_rows must be >= 1, got k={k}, chunk_rows={chunk_rows}")
@@ -189,18 +202,19 @@ def exact_top_k(
     union = None if allowed is None else torch.cat([torch.empty(0, dtype=torch.int64), *allowed]).unique()
     sign = -1.0 if opponents else 1.0
     kept = torch.empty(n_query, 0), torch.empty(n_query, 0, dtype=torch.int64)
+    products = _Products(queries)
     for first, shard in source.shards():
         for start in range(0, shard.shape[0], chunk_rows):
-            chunk = shard[start : start + chunk_rows].to(torch.float32)
+            chunk = shard[start : start + chunk_rows]
             rows = torch.arange(first + start, first + start + chunk.shape[0])
             if allowed is None:
-                values = sign * (queries @ chunk.T)
+                values = sign * products(chunk)
                 _check_rows(values, chunk, first + start, source.ids)
                 top, where = _best(values, k)
                 rows = rows[where]
             else:  # score only the chunk's rows that some query may return
                 rows = rows[torch.isin(rows, union)]
-                values = sign * (queries @ chunk[rows - first - start].T)
+                values = sign * products(chunk[rows - first - start])
                 _check_rows(values, chunk[rows - first - start], rows, source.ids)
                 inside = torch.stack([torch.isin(rows, rows_q) for rows_q in allowed])
                 top, where = _best(values.masked_fill(~inside, -math.inf), k)
@@ -209,6 +223,57 @@ def exact_top_k(
             top, where = _best(torch.cat([kept[0], top], 1), k)
             kept = top, torch.cat([kept[1], rows], 1).gather(1, where)
     return _result(sign * kept[0], kept[1], source.ids, opponents)
+
+
+_CAST_BYTES = 16 * 2**20
+"""Largest float32 block that half-precision rows are converted into at once (a cache-sized buffer:
+200,000 x 1024 float16 rows searched in 4,096-row blocks took 107 ms, in 32,768-row blocks 161 ms)."""
+
+
+def _cast_rows(dim: int) -> int:
+    """Rows of ``dim`` entries converted to float32 at once: :data:`_CAST_BYTES` of float32, at least one."""
+    return max(1, _CAST_BYTES // (4 * dim))
+
+
+class _Products:
+    """``queries @ rows.T`` in float32 for chunks of rows of any stored dtype.
+
+    Float32 rows are multiplied at once. Float16/bfloat16 rows are converted exactly to float32 (every
+    such value is a float32 value) in blocks of :func:`_cast_rows` rows, on one thread, into one reused
+    buffer, and each block is multiplied while it is in cache, so the chunk's scores are those of its
+    float32 values. Why: converting was the cost of a half-precision search on a loaded 2-core CPU
+    (measured, 200,000 x 1024 float16 rows in 4,096-row blocks: 24 ms on one thread into one buffer,
+    392 ms on two threads, about 260 ms into a new tensor per block; the float32 product with one query
+    on two threads: 53 ms). The products keep every thread.
+    """
+
+    def __init__(self, queries: torch.Tensor):
+        self.queries = queries
+        self.buffer: torch.Tensor | None = None
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(n_query, n)`` float32 products with ``rows`` ``(n, dim)``."""
+        if rows.dtype == torch.float32:
+            return self.queries @ rows.T
+        out = torch.empty(rows.shape[0], self.queries.shape[0])
+        step = _cast_rows(rows.shape[1])
+        for start in range(0, rows.shape[0], step):
+            block = self.as_float32(rows[start : start + step])
+            torch.mm(block, self.queries.T, out=out[start : start + step])
+        return out.T
+
+    def as_float32(self, rows: torch.Tensor) -> torch.Tensor:
+        """Half-precision ``rows`` in float32, converted on one thread into the buffer (a new one, kept,
+        when it is missing or too small)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if self.buffer is None or self.buffer.shape[0] < rows.shape[0]:
+                self.buffer = rows.to(torch.float32)
+                return self.buffer
+            return self.buffer[: rows.shape[0]].copy_(rows)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _result(scores: torch.Tensor, rows: torch.Tensor, ids: Sequence[str], opponents: bool) -> SearchResult:
@@ -235,23 +300,37 @@ def recall_at_k(approximate: SearchResult, exact: SearchResult) -> torch.Tensor:
 class FaissSettings:
     """How the approximate index is built and searched (the options :data:`FAISS_OPTIONS` checks)."""
 
-    kind: Literal["ivf", "ivf-sq8", "hnsw"] = "ivf"
+    kind: Literal["ivf", "ivf-sq8", "ivf-pq", "hnsw"] = "ivf"
     nlist: int | None = None
     nprobe: int = 128
     m: int = 32
     ef_construction: int = 80
     ef_search: int = 128
     train_per_list: int = 64
+    pq_m: int | None = None
+    refine: int = 1024
 
     def lists(self, count: int) -> int:
         """IVF cells for ``count`` rows: ``nlist``, by default ``sqrt(count)``; at most ``count``."""
         return max(1, min(count, self.nlist or round(math.sqrt(count))))
 
+    def sub_quantizers(self, dim: int) -> int:
+        """``ivf-pq`` sub-quantizers for rows of ``dim``: ``pq_m``, by default ``dim / 8`` (8 entries per 4-bit
+        code, ``dim / 16`` bytes per row), or where 8 does not divide ``dim`` its largest divisor below ``dim / 8``
+        (at least 8 entries per code); :class:`SearchError` unless a given ``pq_m`` divides ``dim``."""
+        m = self.pq_m or next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
+        if dim % m:
+            raise SearchError(f"FAISS option pq_m={m} must divide the rows' dimension {dim}")
+        return m
+
 
 FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
     FaissSettings,
     OptionSpec(
-        "kind", help="ivf (exact rows in k-means cells) | ivf-sq8 (rows 8-bit) | hnsw (graph)", source=JOHNSON_2019
+        "kind",
+        help="ivf (exact rows in k-means cells) | ivf-sq8 (rows 8-bit) | ivf-pq (4-bit PQ codes, float32 re-rank) "
+        "| hnsw (graph)",
+        source=JOHNSON_2019,
     ),
     OptionSpec("nlist", low=1, help="IVF cells (default sqrt(rows))", source=JOHNSON_2019),
     OptionSpec("nprobe", low=1, help="IVF cells searched per query (recall vs latency)", source=JOHNSON_2019),
@@ -259,10 +338,14 @@ FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
     OptionSpec("ef_construction", low=1, help="HNSW candidates while building", source=MALKOV_2018),
     OptionSpec("ef_search", low=1, help="HNSW candidates per search (recall vs latency)", source=MALKOV_2018),
     OptionSpec("train_per_list", low=1, help="IVF k-means training rows per cell (a strided sample)"),
+    OptionSpec("pq_m", low=1, help="ivf-pq: 4-bit PQ sub-quantizers per row (default dim/8)", source=ANDRE_2017),
+    OptionSpec(
+        "refine", low=1, help="ivf-pq: refine x k PQ candidates re-ranked with the float32 rows", source=JEGOU_2011
+    ),
 )
 """The ``--search-option`` / ``faiss_options`` of :func:`search_store`."""
 
-SEARCH_TIME = ("nprobe", "ef_search")
+SEARCH_TIME = ("nprobe", "ef_search", "refine")
 """Settings that change only how the index is searched, not its bytes."""
 
 
@@ -327,6 +410,10 @@ def build_faiss_index(
     if settings.kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, settings.m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = settings.ef_construction
+    elif settings.kind == "ivf-pq":
+        lists, codes = settings.lists(source.count), settings.sub_quantizers(dim)
+        index = faiss.index_factory(dim, f"IVF{lists},PQ{codes}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
+        index.train(_training_sample(source, lists * settings.train_per_list))
     else:
         lists = settings.lists(source.count)
         quantizer = faiss.IndexFlatIP(dim)
@@ -378,7 +465,7 @@ def faiss_top_k(
 ) -> SearchResult:
     """Approximate top-``k`` of ``queries`` ``(n_query, dim)`` in a FAISS ``index`` of the rows named ``ids``.
 
-    ``settings`` give ``nprobe`` / ``ef_search``; ``candidates`` restrict each query to its rows (an
+    ``settings`` give ``nprobe`` / ``ef_search`` / ``refine``; ``candidates`` restrict each query to its rows (an
     ID selector; on the CPU index). Same result layout and sign as :func:`exact_top_k`;
     :class:`SearchError` for a non-finite query, a shape mismatch or bad candidates.
     """
@@ -391,11 +478,15 @@ def faiss_top_k(
     search = (sign * queries).numpy()
     k = min(k, index.ntotal)
     hnsw = isinstance(index, faiss.IndexHNSW)
+    refined = isinstance(index, faiss.IndexRefine)
+    cells = None if hnsw else faiss.extract_index_ivf(index)
     if candidates is None:
         if hnsw:
             index.hnsw.efSearch = max(settings.ef_search, k)
         else:
-            index.nprobe = min(settings.nprobe, index.nlist)
+            cells.nprobe = min(settings.nprobe, cells.nlist)
+        if refined:
+            index.k_factor = settings.refine
         values, rows = _on_device(index).search(search, k)
     else:
         values, rows = np.full((len(search), k), -np.inf, np.float32), np.full((len(search), k), -1, np.int64)
@@ -404,7 +495,9 @@ def faiss_top_k(
             if hnsw:
                 params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(settings.ef_search, k))
             else:
-                params = faiss.SearchParametersIVF(sel=selector, nprobe=min(settings.nprobe, index.nlist))
+                params = faiss.SearchParametersIVF(sel=selector, nprobe=min(settings.nprobe, cells.nlist))
+            if refined:
+                params = faiss.IndexRefineSearchParameters(k_factor=settings.refine, base_index_params=params)
             values[query : query + 1], rows[query : query + 1] = index.search(
                 search[query : query + 1], k, params=params
             )

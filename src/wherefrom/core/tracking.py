@@ -194,8 +194,12 @@ class Capture:
 
         return hook
 
-    def output_gradients(self, objective: torch.Tensor) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    def output_gradients(
+        self, objective: torch.Tensor, retain_graph: bool = False
+    ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Backpropagate a scalar ``objective``; return ``{name: [(a, g), ...]}`` per call.
+
+        ``retain_graph``: keep the forward graph for another objective of the same pass.
 
         ``a``: ``(B, T, in + has_bias)`` (or ``(B, in)`` for 2-D inputs); ``g = d objective / d out``,
         ``(B, T, out)``. Only the paths to tracked outputs are differentiated; no ``.grad`` is written.
@@ -212,7 +216,7 @@ class Capture:
                 outputs.append(out)
         if not outputs:
             raise RuntimeError("no tracked module ran in the forward pass")
-        grads = torch.autograd.grad(objective, outputs, allow_unused=True)
+        grads = torch.autograd.grad(objective, outputs, allow_unused=True, retain_graph=retain_graph)
         result: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m.name: [] for m in self.modules}
         counters = {m.name: 0 for m in self.modules}
         for name, out, g in zip(names, outputs, grads):

@@ -162,14 +162,17 @@ class VectorStoreWriter:
             write_json_checked(self.ids, path)
         return notes
 
-    def pending(self, rank: int = 0, world: int = 1) -> list[int]:
-        """The shards ``k`` with ``k % world == rank`` that are not intact (to build); a damaged one is noted.
+    def pending(self, rank: int = 0, world: int = 1, only: Collection[int] | None = None) -> list[int]:
+        """The shards ``k`` with ``k % world == rank`` (and in ``only``, when given: e.g. the shards a store
+        assembled from this one still needs) that are not intact (to build); a damaged one is noted.
 
         Raises ``ValueError`` unless ``0 <= rank < world``."""
         if not 0 <= rank < world:
             raise ValueError(f"rank must be in [0, world) = [0, {world}), got {rank}")
         todo = []
         for shard in range(rank, self.shard_count, world):
+            if only is not None and shard not in only:
+                continue
             problem = damage(self.shard_path(shard))
             if problem is None:
                 continue
@@ -207,12 +210,13 @@ class VectorStoreWriter:
         produce: Callable[[int, list[str]], Iterable[tuple[list[str], torch.Tensor]]],
         rank: int = 0,
         world: int = 1,
+        only: Collection[int] | None = None,
     ) -> int:
-        """Build this process's pending shards (:meth:`pending`); returns how many it wrote.
+        """Build this process's pending shards (:meth:`pending`, ``only`` as there); returns how many it wrote.
 
         ``produce(shard, ids)`` yields ``(batch_ids, rows (b, dim))`` for the shard's ids, in order."""
         written = 0
-        for shard in self.pending(rank, world):
+        for shard in self.pending(rank, world, only):
             start, stop = self.span(shard)
             ids, parts = [], []
             for batch_ids, rows in produce(shard, self.ids[start:stop]):

@@ -193,6 +193,9 @@ class Curvature(ABC):
     distributes: ClassVar[bool] = False
     """True for strategies whose fit is sums over rows that :mod:`wherefrom.core.distributed` adds over
     processes (each fitting on its own rows); the others refuse to fit under ``WORLD_SIZE > 1``."""
+    takes_source: ClassVar[bool] = False
+    """True for strategies whose fitting stages can read a given data source instead of their own model
+    passes (:meth:`fit`'s ``source``: ``kfac``, ``ekfac``)."""
     own_ggn: ClassVar[bool] = False
     """True for strategies that form the GGN of the summed token loss themselves (``exact`` and the
     operator strategies) instead of using the ``loss_fn`` handed to :meth:`fit`."""
@@ -205,6 +208,7 @@ class Curvature(ABC):
         self.state: dict[str, torch.Tensor] = {}
         self.info: dict[str, Any] = {}
         self.stages: StageFolder | None = None
+        self.source: Any = None  # the data source of the fit in progress (fit's ``source``)
 
     # --- fitting -------------------------------------------------------------------------------
     def fit(
@@ -215,11 +219,15 @@ class Curvature(ABC):
         loss_fn: LossFn,
         progress: Progress = no_progress,
         stages: StageFolder | None = None,
+        source: Any = None,
     ) -> Curvature:
         """Estimate the curvature from ``loss_fn`` gradients over ``batches()``; returns ``self``.
 
         ``stages``: where finished fitting stages are persisted and found again (see the module
         docstring); the caller records the fit's settings beside them first.
+        ``source``: where the fitting stages read their data instead of a model pass each over ``batches``
+        with ``loss_fn`` (a :class:`wherefrom.curvature.kronecker.FactorSource`, e.g. one pass shared by
+        several stages); ``ValueError`` for a strategy that cannot take one (:attr:`takes_source` false).
         Raises :class:`wherefrom.core.memory.MemoryLimitError` before the first pass when
         :meth:`memory_needs` exceeds the memory limit of the model's device.
 
@@ -236,6 +244,11 @@ class Curvature(ABC):
                 "it iterates over all fitting rows; fit it in one process, or use one of "
                 + ", ".join(sorted(name for name, cls in STRATEGIES.items() if cls.distributes)),
             )
+        if source is not None and not self.takes_source:
+            raise ValueError(
+                f"strategy {self.name!r} reads its fitting data from its own model passes; a shared data source "
+                "serves only kfac and ekfac"
+            )
         needs = self.memory_needs(modules, DataShape.measure(model, batches))
         check_memory(
             needs,
@@ -245,11 +258,11 @@ class Curvature(ABC):
         )
         self.modules = selection_signature(modules)
         self.state, self.info = {}, {}
-        self.stages = stages
+        self.stages, self.source = stages, source
         try:
             self._fit(model, modules, batches, loss_fn, progress)
         finally:
-            self.stages = None
+            self.stages, self.source = None, None
         warn_zero_curvature(self.zero_blocks)
         return self
 

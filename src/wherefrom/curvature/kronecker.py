@@ -24,6 +24,14 @@ Many processes (:mod:`wherefrom.core.distributed`): each process passes its own 
 sums and the token and example counts of both passes are added over processes before the divisions
 above, so every process ends with the one-process factors (up to the order of float summation).
 
+Where the stages read their data (:class:`FactorSource`): by default each stage makes its own model
+pass (the covariance pass with the first draw of the true Fisher's labels, the correction pass with the
+second); a source may serve both from one pass (:mod:`wherefrom.engine.passes`) and then hand the
+correction per-example gradients ``G_n`` ``(b, out, in')`` instead of token factors. The correction is
+the same quantity in either form (``(Q_S^T g)(Q_A^T a)^T`` summed over tokens is ``Q_S^T G_n Q_A``); the
+form used is recorded with the covariances stage (``info["correction_from"]``) and a resumed fit keeps it,
+so a resumed fit gives the same bytes as an uninterrupted one.
+
 From token factors instead of a model (:meth:`KFAC.fit_token_factors`): the same estimates from a stream
 of per-token factors of (possibly virtual) modules, e.g. LoGra's projected ``(P_out g_t, P_in a_t)``
 (Choe et al., 2024, section 3: K-FAC/EK-FAC in the projected space), where ``A~ = P_in A P_in^T`` and
@@ -33,16 +41,18 @@ of per-token factors of (possibly virtual) modules, e.g. LoGra's projected ``(P_
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
 from wherefrom.core.distributed import sum_counts, sum_over_ranks
-from wherefrom.core.gradients import TokenFactors, token_factors
+from wherefrom.core.gradients import LossFn, TokenFactors, token_factors
 from wherefrom.core.memory import nbytes
-from wherefrom.curvature.base import Curvature, DataShape, warn_zero_curvature
+from wherefrom.curvature.base import Curvature, DataShape, no_progress, warn_zero_curvature
 
-FactorStream = Callable[[], Iterable[tuple[int, dict[str, TokenFactors]]]]
-"""A fresh pass over the data: ``(examples in the batch, {module: TokenFactors})`` per batch."""
+FactorStream = Callable[[], Iterable[tuple[int, dict[str, Any]]]]
+"""A fresh pass over the data: ``(examples in the batch, {module: TokenFactors})`` per batch (a correction
+stream may hold per-example gradients ``(b, out, in')`` instead, :class:`FactorSource`)."""
 
 
 def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,11 +62,73 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.clamp_min(0.0), vectors
 
 
+class Decompositions:
+    """:func:`_eigh` of ``matrix / scale`` as float32 CPU ``(values, vectors)``, computed once per distinct pair: a
+    call with a matrix equal (``torch.equal``) to an earlier one and the same ``scale`` returns copies of the
+    earlier result (copies: saved tensors may not share memory). It keeps references to the matrices it was
+    given (the caller holds them anyway), not copies."""
+
+    def __init__(self) -> None:
+        self.known: dict[tuple, list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+    def __call__(self, matrix: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(matrix.shape), scale, float(matrix.sum()))
+        for earlier, (values, vectors) in self.known.get(key, []):
+            if torch.equal(earlier, matrix):
+                return values.clone(), vectors.clone()
+        values, vectors = _eigh(matrix / scale)
+        result = (values.float().cpu(), vectors.float().cpu())
+        self.known.setdefault(key, []).append((matrix, result))
+        return result
+
+
+PER_EXAMPLE = "per-example gradients"
+"""``info["correction_from"]`` of a fit whose eigenvalue correction rotates per-example gradients ``G_n``
+(the default, token factors, is not recorded)."""
+STAGE_DESCRIPTIONS = {"covariances": "covariance factors", "eigenvalue correction": "eigenvalue correction"}
+"""The fitting stages that read data, and the progress description of each one's model pass."""
+
+
+class FactorSource:
+    """Where K-FAC/EK-FAC's fitting stages read their data: here, one model pass over ``batches()`` per stage
+    with ``loss_fn`` (the fitting loss: its true-Fisher draws advance with every pass).
+
+    ``stream(stage, dense)`` is the :data:`FactorStream` of ``stage`` (a key of :data:`STAGE_DESCRIPTIONS`),
+    with each module's value a :class:`TokenFactors` or, with ``dense``, the per-example gradients
+    ``(b, out, in')``; ``loss_for(stage)`` is the loss whose ``sampling_state`` the stage saves and restores;
+    ``info`` is recorded with the covariances stage. Subclasses (:mod:`wherefrom.engine.passes`) serve several
+    stages from one pass."""
+
+    def __init__(self, model, modules, batches, loss_fn, progress=no_progress):
+        self.model, self.modules, self.batches, self.loss_fn, self.progress = model, modules, batches, loss_fn, progress
+        self.info: dict[str, Any] = {}
+
+    def stream(self, stage: str, dense: bool = False) -> FactorStream:
+        factors = model_factors(
+            self.model, self.modules, self.batches, self.loss_fn, self.progress, STAGE_DESCRIPTIONS[stage]
+        )
+        return dense_stream(factors) if dense else factors
+
+    def loss_for(self, stage: str) -> LossFn:
+        return self.loss_fn
+
+
+def dense_stream(stream: FactorStream) -> FactorStream:
+    """``stream`` with every module's :class:`TokenFactors` replaced by its per-example gradients ``(b, out, in')``."""
+
+    def dense():
+        for count, factors in stream():
+            yield count, {name: f.dense() for name, f in factors.items()}
+
+    return dense
+
+
 class KFAC(Curvature):
     """Kronecker-factored curvature with eigenvalues ``s_i a_j``."""
 
     name = "kfac"
     distributes = True
+    takes_source = True
 
     def state_bytes(self, modules, data: DataShape) -> int:
         """Per module, float32: eigenbases ``(in', in')`` and ``(out, out)``, their eigenvalues, the
@@ -80,6 +152,10 @@ class KFAC(Curvature):
         self._fit_factors(model, modules, batches, loss_fn, progress)
         self._outer_eigenvalues([m.name for m in modules])
 
+    def data_source(self, model, modules, batches, loss_fn, progress) -> FactorSource:
+        """The fit's :class:`FactorSource`: the one handed to :meth:`fit`, else a model pass per stage."""
+        return self.source or FactorSource(model, modules, batches, loss_fn, progress)
+
     def _outer_eigenvalues(self, names) -> None:
         """K-FAC's eigenvalues ``s_i a_j`` from the fitted eigenbases."""
         for name in names:
@@ -89,23 +165,28 @@ class KFAC(Curvature):
     def _fit_factors(self, model, modules, batches, loss_fn, progress) -> None:
         """First pass: covariances ``A`` and ``S``, then their eigenbases (stored float32)."""
 
+        source = self.data_source(model, modules, batches, loss_fn, progress)
+
         def eigenbases():
             covariances = self.run_stage(
-                "covariances", lambda: self._covariances(model, modules, batches, loss_fn, progress), loss_fn
+                "covariances", lambda: self._covariances(model, modules, source), source.loss_for("covariances")
             )
+            # the counts, and the recorded form of the correction's data when the source set one
+            kept = ("examples", "tokens", "correction_from")
             return self._eigenbases([m.name for m in modules], covariances), {
-                "examples": self.info["examples"],
-                "tokens": self.info["tokens"],
+                key: self.info[key] for key in kept if key in self.info
             }
 
         self.state.update(self.run_stage("eigenbases", eigenbases, loss_fn))
 
-    def _covariances(self, model, modules, batches, loss_fn, progress):
-        """``({name.a_cov, name.s_cov: float64 sums}, {examples, tokens})`` over one pass of ``batches()``
-        (of every process's rows)."""
+    def _covariances(self, model, modules, source: FactorSource):
+        """``({name.a_cov, name.s_cov: float64 sums}, {examples, tokens, **source.info})`` over the covariance
+        stage's stream of ``source`` (of every process's rows)."""
         device = next(model.parameters()).device
-        stream = model_factors(model, modules, batches, loss_fn, progress, "covariance factors")
-        return self.covariance_sums(stream, {m.name: tuple(m.shape) for m in modules}, device)
+        sums, info = self.covariance_sums(
+            source.stream("covariances"), {m.name: tuple(m.shape) for m in modules}, device
+        )
+        return sums, {**info, **source.info}
 
     @staticmethod
     def covariance_sums(stream: FactorStream, shapes: Mapping[str, tuple[int, int]], device=None):
@@ -153,15 +234,17 @@ class KFAC(Curvature):
 
     def _eigenbases(self, names, covariances) -> dict[str, torch.Tensor]:
         """Eigenvectors and eigenvalues of ``A = sum a a^T / n_tokens`` and ``S = sum g g^T / n_examples``
-        for the modules ``names``."""
-        eig = {}
+        for the modules ``names``. A factor equal to an earlier one (modules fed the same input, e.g. the
+        q/k/v projections, gate/up, or LoRA's ``lora_A`` of q and v) is decomposed once (the same result)."""
+        eig: dict[str, torch.Tensor] = {}
+        decomposed = Decompositions()
         for name in names:
-            a_vals, a_vecs = _eigh(covariances[f"{name}.a_cov"] / max(self.info["tokens"][name], 1))
-            s_vals, s_vecs = _eigh(covariances[f"{name}.s_cov"] / max(self.info["examples"], 1))
-            eig[f"{name}.a_eigvecs"] = a_vecs.float().cpu()
-            eig[f"{name}.a_eigvals"] = a_vals.float().cpu()
-            eig[f"{name}.s_eigvecs"] = s_vecs.float().cpu()
-            eig[f"{name}.s_eigvals"] = s_vals.float().cpu()
+            a_vals, a_vecs = decomposed(covariances[f"{name}.a_cov"], max(self.info["tokens"][name], 1))
+            s_vals, s_vecs = decomposed(covariances[f"{name}.s_cov"], max(self.info["examples"], 1))
+            eig[f"{name}.a_eigvecs"] = a_vecs
+            eig[f"{name}.a_eigvals"] = a_vals
+            eig[f"{name}.s_eigvecs"] = s_vecs
+            eig[f"{name}.s_eigvals"] = s_vals
         return eig
 
     def _set_eigenvalues(self, name: str, eigenvalues: torch.Tensor) -> None:
@@ -198,33 +281,38 @@ class EKFAC(KFAC):
 
     def _fit(self, model, modules, batches, loss_fn, progress) -> None:
         self._fit_factors(model, modules, batches, loss_fn, progress)
-        corrected = self.run_stage(
-            "eigenvalue correction", lambda: self._correction(model, modules, batches, loss_fn, progress), loss_fn
-        )
+        source = self.data_source(model, modules, batches, loss_fn, progress)
+        stage = "eigenvalue correction"
+        corrected = self.run_stage(stage, lambda: self._correction(model, modules, source), source.loss_for(stage))
         self._corrected_eigenvalues([m.name for m in modules], corrected)
 
     def _corrected_eigenvalues(self, names, corrected: dict[str, torch.Tensor]) -> None:
         for name in names:
             self._set_eigenvalues(name, corrected[f"{name}.eigenvalues"].double())
 
-    def _correction(self, model, modules, batches, loss_fn, progress):
-        """``({name.eigenvalues: float64 mean_n (Q_S^T G_n Q_A)^2}, {correction_examples})`` over one pass
-        (of every process's rows)."""
+    def _correction(self, model, modules, source: FactorSource):
+        """``({name.eigenvalues: float64 mean_n (Q_S^T G_n Q_A)^2}, {correction_examples})`` over the correction
+        stage's stream of ``source`` (of every process's rows), in the form recorded with the covariances."""
         device = next(model.parameters()).device
-        stream = model_factors(model, modules, batches, loss_fn, progress, "eigenvalue correction")
+        stream = source.stream("eigenvalue correction", dense=self.info.get("correction_from") == PER_EXAMPLE)
         return self.correction_sums(stream, {m.name: tuple(m.shape) for m in modules}, device)
 
     def correction_sums(self, stream: FactorStream, shapes: Mapping[str, tuple[int, int]], device=None):
-        """The eigenvalue correction over one pass of ``stream()`` in the fitted eigenbases (see :meth:`_correction`)."""
+        """The eigenvalue correction over one pass of ``stream()`` in the fitted eigenbases (see :meth:`_correction`);
+        each module's value is a :class:`TokenFactors` or per-example gradients ``(b, out, in')``."""
         sums = {n: torch.zeros(shape, dtype=torch.float64, device=device) for n, shape in shapes.items()}
         examples = 0
         for count, factors in stream():
             examples += count
             for name, f in factors.items():
-                # Rotate the token factors first: (Q_S^T g)(Q_A^T a)^T summed over tokens.
-                q_s = self.state[f"{name}.s_eigvecs"].to(f.g.device, f.g.dtype)
-                q_a = self.state[f"{name}.a_eigvecs"].to(f.a.device, f.a.dtype)
-                rotated = torch.einsum("bto,bti->boi", f.g @ q_s, f.a @ q_a)
+                q_s = self.state[f"{name}.s_eigvecs"]
+                q_a = self.state[f"{name}.a_eigvecs"]
+                if isinstance(f, TokenFactors):
+                    # Rotate the token factors first: (Q_S^T g)(Q_A^T a)^T summed over tokens.
+                    q_s, q_a = q_s.to(f.g.device, f.g.dtype), q_a.to(f.a.device, f.a.dtype)
+                    rotated = torch.einsum("bto,bti->boi", f.g @ q_s, f.a @ q_a)
+                else:
+                    rotated = q_s.to(f.device, f.dtype).T @ f @ q_a.to(f.device, f.dtype)
                 sums[name] += rotated.double().pow(2).sum(0).to(sums[name].device)
         sum_over_ranks(sums)
         examples = sum_counts({"examples": examples})["examples"]

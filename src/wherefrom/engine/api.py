@@ -23,7 +23,14 @@ from torch import nn
 
 from wherefrom.core.data import Record, check_ids, check_records
 from wherefrom.core.distributed import rows_for_rank, world_size
-from wherefrom.core.encoding import Batches, EncodedExample, encode_records, iterate_batches, pad_id
+from wherefrom.core.encoding import (
+    LAYOUT_SETTINGS,
+    Batches,
+    EncodedExample,
+    encode_records,
+    iterate_batches,
+    pad_id,
+)
 from wherefrom.core.gradients import Batch, LossFn, TokenFactors, token_factors
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import (
@@ -39,8 +46,9 @@ from wherefrom.core.store import StageFolder
 from wherefrom.core.task import DrawCounts, LanguageModelingTask, example_seeds
 from wherefrom.core.tracking import TrackedModule, select_modules, selection_signature
 from wherefrom.curvature import Curvature, make_curvature
-from wherefrom.curvature.base import Progress, no_progress
-from wherefrom.models.loading import eval_mode
+from wherefrom.curvature.base import BatchSource, DataShape, Progress, no_progress
+from wherefrom.engine.passes import Kept, SharedPass, plan
+from wherefrom.models.loading import eval_mode, model_fingerprint
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 """The ``autocast`` settings and the dtype each runs the model's forward passes in."""
@@ -66,10 +74,10 @@ class AttributionConfig:
     ``autocast``: ``"bfloat16"`` or ``"float16"`` runs the model's forward passes under
     ``torch.autocast`` on its device (faster on GPUs); the captured inputs and output gradients are
     taken to float32 and every statistic is accumulated in float32/float64 as without it.
-    ``template`` / ``append_eos`` / ``pad_left`` / ``loss_tokens``: the input layout of
+    ``template`` / ``append_eos`` / ``pad_left`` / ``loss_tokens`` / ``truncate``: the input layout of
     :func:`wherefrom.core.encoding.encode_records` (defaults: the raw prompt, an EOS after the completion,
-    right padding, loss on the completion); the reference study's layout is ``template=
-    REFERENCE_TEMPLATE, append_eos=False, pad_left=True, loss_tokens="all"`` with ``max_length=128``.
+    right padding, loss on the completion, a longer row refused); the reference study's layout is ``template=
+    REFERENCE_TEMPLATE, append_eos=False, pad_left=True, loss_tokens="all", truncate=True`` with ``max_length=128``.
     """
 
     strategy: str = "ekfac"
@@ -91,6 +99,7 @@ class AttributionConfig:
     append_eos: bool = True
     pad_left: bool = False
     loss_tokens: Literal["completion", "all"] = "completion"
+    truncate: bool = False
     strategy_options: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
@@ -110,8 +119,7 @@ class AttributionConfig:
     def layout(self) -> dict:
         """The keywords of :func:`wherefrom.core.encoding.encode_records` these settings give (rows' text,
         length, EOS, padding and labels)."""
-        keys = ("max_length", "chat_template", "template", "append_eos", "pad_left", "loss_tokens")
-        return {key: getattr(self, key) for key in keys}
+        return {key: getattr(self, key) for key in LAYOUT_SETTINGS}
 
 
 Rows = Sequence[Record] | Sequence[EncodedExample]
@@ -186,6 +194,8 @@ class Attributor:
         self.progress = progress
         self.modules: list[TrackedModule] = select_modules(model, self.config.include, self.config.exclude)
         self.curvature: Curvature = self.new_curvature()
+        self.kept: tuple[tuple, Kept] | None = None
+        """The training gradients kept by the last fit, with their :meth:`gradient_key` (``None``: none kept)."""
         if not self.curvature.needs_fit:
             self.curvature.modules = selection_signature(self.modules)
 
@@ -271,7 +281,7 @@ class Attributor:
 
         return loss
 
-    def fisher_loss_fn(self) -> LossFn:
+    def fisher_loss_fn(self, drawn: Sequence[EncodedExample] = ()) -> LossFn:
         """The loss whose gradients define the Fisher: sampled targets for ``fisher="true"``.
 
         Each example draws from its own generator (:func:`wherefrom.core.task.example_seeds`) seeded by
@@ -280,11 +290,13 @@ class Attributor:
         kronfluence does): nothing depends on the batch size, batch composition or row order.
 
         The counts are the loss's ``sampling_state`` (:class:`wherefrom.core.task.DrawCounts`), which a
-        resumable fit saves with each stage and restores when it reuses the stage.
+        resumable fit saves with each stage and restores when it reuses the stage. ``drawn``: rows counted as
+        drawn once already (the draws of a pass that comes after a pass over them, computed in the same pass).
         """
         if self.config.fisher == "empirical":
             return self.train_loss_fn()
         draws = DrawCounts()
+        draws.next(self.draw_keys(drawn))
 
         def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
             repeats = draws.next(example_seeds(batch, self.config.seed))
@@ -311,10 +323,14 @@ class Attributor:
         process draws them."""
         if world_size() == 1:
             return encoded
+        return rows_for_rank(encoded, self.draw_keys(encoded))
+
+    def draw_keys(self, encoded: Sequence[EncodedExample]) -> list[int]:
+        """Each row's key of the true Fisher's draws (:func:`wherefrom.core.task.example_seeds`, first draw)."""
         keys: list[int] = []
-        for _ids, batch in iterate_batches(encoded, 256, pad_id(self.tokenizer)):
+        for _ids, batch in iterate_batches(list(encoded), 256, pad_id(self.tokenizer)):
             keys += example_seeds(batch, self.config.seed)
-        return rows_for_rank(encoded, keys)
+        return keys
 
     # --- curvature -----------------------------------------------------------------------------
     def fit(
@@ -322,12 +338,17 @@ class Attributor:
         train: Sequence[Record] | Sequence[EncodedExample],
         curvature: Curvature | None = None,
         stages: StageFolder | None = None,
+        keep_gradients: bool = True,
     ) -> Curvature:
         """Fit ``curvature`` (default: the configured strategy) on ``train`` (true or empirical Fisher).
 
         Pass a strategy built with :func:`wherefrom.curvature.make_curvature` to set constructor
         options (e.g. ``rank`` for ``arnoldi``); it is fitted and becomes this attributor's curvature.
         ``stages``: persist and reuse finished fitting stages there (see :meth:`Curvature.fit`).
+        K-FAC and EK-FAC fit in one pass shared by their stages when it fits in memory
+        (:mod:`wherefrom.engine.passes`); with ``keep_gradients`` that pass also keeps the per-example training
+        gradients, so that :meth:`scores` against the same rows makes no train-gradient pass (the attributor
+        holds them, ``rows x P`` float32, until the next fit).
         Raises :class:`~wherefrom.core.data.DataError` for no rows, an invalid row or a repeated id.
 
         Under ``torch.distributed`` every process passes all ``train`` rows, fits on its share
@@ -344,9 +365,55 @@ class Attributor:
                 f"strategy {self.curvature.name!r} forms the GGN of the summed completion loss itself; "
                 f"reduction={self.config.reduction!r} is not supported with it (use reduction='sum')"
             )
+        fisher_loss = self.fisher_loss_fn()
+        self.kept = None
+        source = self.shared_pass(encoded, batches, fisher_loss, keep_gradients)
         with eval_mode(self.model):
-            self.curvature.fit(self.model, self.modules, batches, self.fisher_loss_fn(), self.progress, stages)
+            self.curvature.fit(self.model, self.modules, batches, fisher_loss, self.progress, stages, source=source)
+        if source is not None and source.train_gradients is not None:
+            self.kept = (self.gradient_key(encoded), source.train_gradients)
         return self.curvature.to(self.device)
+
+    def shared_pass(
+        self, encoded: list[EncodedExample], batches: BatchSource, fisher_loss: LossFn, keep_gradients: bool
+    ) -> SharedPass | None:
+        """The one pass that serves the fit's stages (and keeps the training gradients when ``keep_gradients``)
+        on ``encoded``, or ``None`` when the fit makes its own passes (:func:`wherefrom.engine.passes.plan`
+        decides and logs why)."""
+        empirical = self.config.fisher == "empirical"
+        mean_tokens = sum(len(e) for e in encoded) / max(len(encoded), 1)
+        data = DataShape.measure(self.model, batches)
+        chosen = plan(self.curvature, self.modules, data, mean_tokens, keep_gradients, not empirical, self.device)
+        if chosen is None:
+            return None
+        correction = train = None
+        if chosen.correction:  # the true Fisher's second draw: each row's draws continue after the first pass
+            correction = fisher_loss if empirical else self.fisher_loss_fn(drawn=encoded)
+        if chosen.train:
+            train = fisher_loss if empirical else self.train_loss_fn()
+        return SharedPass(
+            self.model, self.modules, lambda: self.batches(encoded), fisher_loss, correction, train, self.progress
+        )
+
+    def gradient_key(self, encoded: Sequence[EncodedExample]) -> tuple:
+        """What the training gradients of ``encoded`` depend on: the rows (ids, tokens, labels, padding), the
+        batch size and autocast settings, and the model's weights and config
+        (:func:`wherefrom.models.loading.model_fingerprint`: the bytes of every parameter, so any change counts,
+        one through ``param.data`` too, which no in-place version counter sees; about 0.3 s per 100M parameters)."""
+        rows = tuple((e.id, tuple(e.input_ids), tuple(e.labels), e.padding) for e in encoded)
+        return rows, self.config.batch_size, self.config.autocast, model_fingerprint(self.model)
+
+    def train_gradient_stream(
+        self, train: Rows, description: str = "train gradients"
+    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor | TokenFactors]]]:
+        """``(ids, {module: (b, out, in') or TokenFactors})`` per batch of ``train``'s training-loss gradients:
+        those the last :meth:`fit` kept (one shared pass, :mod:`wherefrom.engine.passes`) when ``train`` are its
+        rows and nothing they depend on (:meth:`gradient_key`) changed since, else a model pass
+        (:meth:`token_factor_stream`). The values are the same either way."""
+        encoded = self.encoded(checked_rows(train, f"{description} rows"))
+        if self.kept is not None and self.kept[0] == self.gradient_key(encoded):
+            return ((list(ids), dict(grads)) for ids, grads in self.kept[1])
+        return self.token_factor_stream(encoded, description=description)
 
     def use_curvature(self, curvature: Curvature, train: Sequence[Record] | None = None) -> None:
         """Adopt a loaded curvature after checking it was fitted on this module selection.
@@ -474,9 +541,7 @@ class Attributor:
         queries, train = self.encoded(queries), self.encoded(train)  # every row checked before any pass
         self.check_scoring_memory(len(queries), len(train))
         query_ids, pre = self.preconditioned_queries(queries)
-        return self.scores_from_gradients(
-            query_ids, pre, self.token_factor_stream(train, description="train gradients")
-        )
+        return self.scores_from_gradients(query_ids, pre, self.train_gradient_stream(train))
 
     def self_influence(self, train: Sequence[Record]) -> tuple[list[str], torch.Tensor]:
         """``grad L(z)^T (G + lambda I)^-1 grad L(z)`` for each training row, ``(n,)``; with

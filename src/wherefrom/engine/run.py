@@ -14,9 +14,11 @@ Layout::
                                bm25): settings.json first, method.safetensors, then method.json
                                (finished; :mod:`wherefrom.methods.saved` says what each keeps)
     RUN/index/                 a :class:`wherefrom.core.vectors.VectorStore` (one row per training
-                               row: raw gradients, or a trak/logra/repsim run's vectors):
+                               row: raw gradients, or a trak/logra/repsim/tracin run's vectors):
                                settings.json first, ids.json, shard-NNNNN.safetensors,
                                index.json last (the index is complete)
+    RUN/index-parts/           while a tracin run's index is built: one store per checkpoint
+                               (checkpoint-C/, its column block), deleted once the index is complete
     RUN/scores/<name>.safetensors + <name>.json   pairwise scores with their ids
     RUN/*/checksums.json       sha256 and size of every file above, recorded after it is written
 
@@ -33,8 +35,10 @@ file's new place to :meth:`Run.open`: it is taken when its rows' fingerprint mat
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -57,11 +61,12 @@ from wherefrom.core.distributed import (
     sum_counts,
     world_size,
 )
-from wherefrom.core.gradients import flatten_blocks, split_rows
+from wherefrom.core.gradients import block_products, flatten_blocks, split_rows
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import Scores, save_scores
 from wherefrom.core.store import (
     DamagedFile,
+    SettingsMismatch,
     StageFolder,
     atomic_write_json,
     damage,
@@ -73,16 +78,24 @@ from wherefrom.core.store import (
     writer_lock,
 )
 from wherefrom.core.tracking import selection_signature
-from wherefrom.core.vectors import DTYPES, MARKER, VectorStore, VectorStoreWriter
+from wherefrom.core.vectors import DTYPES, LAYOUT, MARKER, VectorStore, VectorStoreWriter
 from wherefrom.curvature import Curvature, load_curvature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
 from wherefrom.methods.registry import SETTING_NAMES, Method, in_family, make_method, method_settings
 from wherefrom.methods.saved import META_FILE, TENSORS_FILE, load_fitted, save_fitted
+from wherefrom.methods.tracin import TracIn, finetune_checkpoints, interleave_checkpoints
+from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_CONFIG
+from wherefrom.models.finetune import TRAINER_STATE_FILE
 from wherefrom.models.loading import LoadedModel, load_model
+from wherefrom.models.optimizer_state import OPTIMIZER_STATE_FILE, AdamState, MissingOptimizerState
 
 GRADIENT_SETTINGS = ("batch_size", "max_length", "chat_template", "reduction", "include", "exclude", "autocast")
 """The attribution settings that change stored training gradients (recorded with an index)."""
+PRECONDITIONS = ("fitted", "none", "adam")
+"""What the index rows are preconditioned with (see :meth:`Run.build_index`)."""
+INDEX_PARTS = "index-parts"
+"""The folder of a tracin index's per-checkpoint column blocks while it is built."""
 FIT_ALONE = "fit it in one process; the influence methods (a curvature strategy) fit in many"
 """What to do instead when a method outside the influence family is fitted under ``torch.distributed``."""
 
@@ -357,7 +370,8 @@ class Run:
                 on_main(stages.clear)  # left by a fit killed after its final save
                 return False
             started = time.perf_counter()
-            curvature = self.attributor.fit(self.train, stages=stages)
+            # a CLI fit's process ends after it: no training gradients are kept for scoring
+            curvature = self.attributor.fit(self.train, stages=stages, keep_gradients=False)
             curvature.info["fit_seconds"] = round(time.perf_counter() - started, 3)
 
             def save() -> None:
@@ -438,18 +452,30 @@ class Run:
         ``train_vectors``), else ``None`` (an influence run indexes raw gradients)."""
         return self.method if hasattr(self.method, "train_vectors") else None
 
-    def index_settings(self, precondition: str = "fitted", unit_norm: bool = False) -> dict[str, Any]:
+    def checkpoint_method(self) -> TracIn | None:
+        """The run's method when its index rows are built checkpoint by checkpoint (``tracin``), else ``None``."""
+        return self.method if isinstance(self.method, TracIn) else None
+
+    def index_settings(
+        self, precondition: str = "fitted", unit_norm: bool = False, optimizer_state: Any = None
+    ) -> dict[str, Any]:
         """What decides the index's rows besides its layout: recorded in ``index/settings.json`` (the store's
-        manifest) before the first shard; every key but ``device``, ``precondition`` and ``unit_norm`` is
-        required of a store a query reads (:meth:`open_index`)."""
-        vectors = self.vectors()
-        if vectors is None:
+        manifest) before the first shard; every key but ``device``, ``precondition``, ``unit_norm`` and
+        ``optimizer_state`` (the fingerprints of the AdamW states of ``--precondition adam``) is required of a
+        store a query reads (:meth:`open_index`)."""
+        vectors, tracin = self.vectors(), self.checkpoint_method()
+        extra: dict[str, Any] = {"precondition": precondition, "unit_norm": unit_norm}
+        if tracin is not None:
+            blocks = [[name, *shape] for name, shape in tracin.row_blocks()]
+            layout = {"projection": tracin.vector_settings(), "blocks": blocks}
+        elif vectors is None:
             layout = {"projection": "none", "blocks": selection_signature(self.attributor.modules)}
-            extra = {}
+            extra = extra if precondition == "adam" else {}
         else:
             blocks = [[name, *shape] for name, shape in vectors.vector_blocks()]
             layout = {"projection": vectors.vector_settings(), "blocks": blocks}
-            extra = {"precondition": precondition, "unit_norm": unit_norm}
+        if optimizer_state is not None:
+            extra["optimizer_state"] = optimizer_state
         return {
             **{k: v for k, v in self.fit_settings().items() if k != "attribution"},
             "gradients": {k: v for k, v in self.config.attribution.to_dict().items() if k in GRADIENT_SETTINGS},
@@ -458,7 +484,12 @@ class Run:
         }
 
     def build_index(
-        self, shard_size: int = 256, dtype: str = "float32", precondition: str = "fitted", unit_norm: bool = False
+        self,
+        shard_size: int = 256,
+        dtype: str = "float32",
+        precondition: str = "fitted",
+        unit_norm: bool = False,
+        optimizer_checkpoint: str | Path | None = None,
     ) -> int:
         """Write the training set's rows as a :class:`wherefrom.core.vectors.VectorStore` in ``RUN/index/``;
         resumes. Returns the shards written now.
@@ -469,6 +500,18 @@ class Run:
         A fitted ``trak``/``logra``/``repsim`` run: the method's ``train_vectors`` (projected gradients, with
         ``precondition="fitted"`` multiplied by the fitted ``(F~ + lambda I)^-1``, with ``unit_norm`` unit
         length; repsim: unit hidden states), so that a score is ``query_vector @ row``.
+        A fitted ``tracin`` run (TracInCP, Pruthi et al. 2020): ``sum_c lr_c g_c(q) . g_c(z)`` is the inner
+        product of the rows ``[sqrt(lr_c) g_c(z)]_c`` (:meth:`wherefrom.methods.tracin.TracIn.checkpoint_rows`,
+        laid out by :func:`wherefrom.methods.tracin.interleave_checkpoints`), built checkpoint-outer: each
+        checkpoint is loaded once and writes its column block of this process's pending shards into a store of
+        its own under ``RUN/index-parts/checkpoint-C/`` (resumable like any store), from which the index shards
+        are assembled; the parts are deleted once the index is complete.
+        ``precondition="adam"`` (LESS, Xia et al. 2024; TrackStar, Chang et al. 2024) divides each per-example
+        gradient elementwise by AdamW's ``sqrt(v_hat) + eps`` (:mod:`wherefrom.models.optimizer_state`) before
+        projection and normalisation: of ``optimizer_checkpoint`` (default:
+        :meth:`default_optimizer_checkpoint`) for raw gradients (a run fitted with the ``identity`` strategy: the
+        rows carry the preconditioner) and trak, of each checkpoint's own state for tracin; the queries are not
+        divided (LESS's convention).
         Rows are stored in ``dtype`` (float32 | float16 | bfloat16), ``shard_size`` rows per shard.
 
         Under ``torch.distributed`` rank ``r`` of ``W`` builds the shards ``k`` with ``k % W == r``
@@ -479,10 +522,13 @@ class Run:
         ones (:class:`wherefrom.core.store.SettingsMismatch` names e.g. ``shard_size: recorded 4, now 2``);
         rewrites every shard that is missing, unfinished or damaged (noted in :attr:`notices`). Raises
         ``ValueError`` for a method without vector rows or not yet fitted, ``precondition``/``unit_norm`` on an
-        influence run, a bad ``shard_size``, ``dtype`` or ``precondition`` (fitted | none), and ``OSError``
-        naming the shard whose write failed (a full disk; the finished shards are kept).
+        influence run, a bad ``shard_size``, ``dtype`` or ``precondition`` (fitted | none | adam), ``adam`` where
+        the full per-example gradient is never formed (logra, repsim) or on an influence run with a curvature,
+        :class:`wherefrom.models.optimizer_state.MissingOptimizerState` naming a checkpoint folder without an
+        AdamW state, and ``OSError`` naming the shard whose write failed (a full disk; the finished shards are
+        kept).
         """
-        writer, produce = self.index_writer(shard_size, dtype, precondition, unit_norm)
+        writer, prepare, produce = self.index_writer(shard_size, dtype, precondition, unit_norm, optimizer_checkpoint)
         hint = f"Resume with the recorded values, or delete {writer.folder} to index with the new ones."
 
         def begin() -> bool:
@@ -498,47 +544,97 @@ class Run:
                 if not on_main(begin):  # rank 0 records the settings; the others then check them
                     if not is_main():
                         writer.start(hint)
+                    prepare(rank(), world_size())
                     written = writer.build(produce, rank(), world_size())  # shards k with k % W == rank
                     barrier()
                     on_main(writer.finalize)
+                on_main(lambda: shutil.rmtree(self.folder / INDEX_PARTS, ignore_errors=True))
             finally:
-                self.notices += writer.notices
+                self.notices += list(dict.fromkeys(writer.notices))  # a damaged shard is noted once
         return sum_counts({"written": written})["written"]
 
+    def default_optimizer_checkpoint(self) -> Path:
+        """The checkpoint folder whose AdamW state ``--precondition adam`` uses by default: the run's adapter (or
+        model) folder when it is a :func:`wherefrom.models.finetune.finetune` checkpoint itself, else the last
+        epoch checkpoint of the fine-tuning run whose final weights it is.
+
+        Raises :class:`wherefrom.models.optimizer_state.MissingOptimizerState` when the run's weights are neither
+        (e.g. the default model), saying to give the folder, and ``FileNotFoundError`` when that fine-tuning run
+        kept no epoch checkpoints (:func:`wherefrom.methods.tracin.finetune_checkpoints`)."""
+        weights = self.config.adapter or self.config.model
+        folder = Path(weights) if weights is not None else None
+        if folder is not None and any((folder / name).is_file() for name in (TRAINER_STATE_FILE, OPTIMIZER_STATE_FILE)):
+            return folder
+        if folder is not None and (folder.parent / FINETUNE_CONFIG).is_file():
+            return finetune_checkpoints(folder.parent)[-1]
+        raise MissingOptimizerState(
+            f"--precondition adam: the run's weights ({weights or 'the default model'}) are not the output of "
+            "`wherefrom finetune`, so no AdamW state goes with them; give the checkpoint folder "
+            "(--optimizer-checkpoint)"
+        )
+
     def index_writer(
-        self, shard_size: int = 256, dtype: str = "float32", precondition: str = "fitted", unit_norm: bool = False
-    ) -> tuple[VectorStoreWriter, Callable[[int, list[str]], Iterator[tuple[list[str], torch.Tensor]]]]:
-        """The writer of ``RUN/index/`` and the producer of its rows (see :meth:`build_index`; same errors, raised
-        here before any write): the parts a distributed build calls itself. Each process calls
-        ``writer.start()`` (rank 0 first, the others after a barrier), ``writer.build(produce, rank, world)``,
-        and after a barrier rank 0 calls ``writer.finalize()``."""
+        self,
+        shard_size: int = 256,
+        dtype: str = "float32",
+        precondition: str = "fitted",
+        unit_norm: bool = False,
+        optimizer_checkpoint: str | Path | None = None,
+    ) -> tuple[
+        VectorStoreWriter,
+        Callable[[int, int], None],
+        Callable[[int, list[str]], Iterator[tuple[list[str], torch.Tensor]]],
+    ]:
+        """The writer of ``RUN/index/``, the step before its shards (``prepare(rank, world)``: a tracin run's
+        checkpoint column blocks, nothing for others) and the producer of its rows (see :meth:`build_index`;
+        same errors, raised here before any write): the parts a distributed build calls itself. Each process
+        calls ``writer.start()`` (rank 0 first, the others after a barrier), ``prepare(rank, world)``,
+        ``writer.build(produce, rank, world)``, and after a barrier rank 0 calls ``writer.finalize()``."""
         if self.method is not None and not self.method_fitted and (self.folder / "method" / META_FILE).exists():
             load_fitted(self.method, self.folder / "method", self.train)
             self.method_fitted = True
-        vectors = self.vectors()
-        if self.method is not None and (vectors is None or not self.method_fitted):
-            why = "its train side is not a vector per row" if vectors is None else "before it is fitted"
+        vectors, tracin = self.vectors(), self.checkpoint_method()
+        raw = vectors is None and tracin is None  # an influence run's raw gradients (or no rows at all)
+        if self.method is not None and (raw or not self.method_fitted):
+            why = "its train side is not a vector per row" if raw else "before it is fitted"
             raise ValueError(
                 f"method {self.config.method!r} has no per-row gradient index ({why}); "
                 + (
-                    "run `wherefrom fit` first"
-                    if vectors is not None
-                    else f"`wherefrom scores --run {self.folder}` scores it from its fitted state"
+                    f"`wherefrom scores --run {self.folder}` scores it from its fitted state"
+                    if raw
+                    else "run `wherefrom fit` first"
                 )
             )
-        if precondition not in ("fitted", "none"):
-            raise ValueError(f"precondition must be 'fitted' or 'none', got {precondition!r}")
-        if vectors is None and (precondition != "fitted" or unit_norm):
+        if precondition not in PRECONDITIONS:
+            raise ValueError(f"precondition must be one of {', '.join(PRECONDITIONS)}, got {precondition!r}")
+        adam = precondition == "adam"
+        if raw and (precondition == "none" or unit_norm):
             raise ValueError(
                 "--precondition and --unit-norm apply to the index of a trak/logra/repsim run; an influence run "
                 "stores raw gradients and applies its curvature to the queries"
             )
+        self.check_adam(precondition, optimizer_checkpoint)
+        if tracin is not None and tracin.config is not None and tracin.config.normalize == "cosine" and not unit_norm:
+            raise ValueError(
+                "this tracin run scores with normalize='cosine' (sum_c lr_c cos): its index needs --unit-norm "
+                "(each checkpoint's gradient of unit length), or a product search would rank other scores"
+            )
+        fingerprint: Any = None
+        if adam:
+            folders = (
+                tracin.checkpoints
+                if tracin is not None
+                else [optimizer_checkpoint or self.default_optimizer_checkpoint()]
+            )
+            fingerprint = [AdamState.fingerprint(folder) for folder in folders]
+            fingerprint = fingerprint if tracin is not None else fingerprint[0]
         folder = self.folder / "index"
         names = self.attributor.module_names
-        settings = self.index_settings(precondition, unit_norm)
+        settings = self.index_settings(precondition, unit_norm, fingerprint)
         dim = sum(math.prod(shape) for _name, *shape in settings["rows_layout"]["blocks"])
-        writer = VectorStoreWriter(folder, [r.id for r in self.train], dim, settings, dtype, shard_size)
-        if vectors is None and not (folder / MARKER).exists():  # predicted before anything is written
+        ids = [r.id for r in self.train]
+        writer = VectorStoreWriter(folder, ids, dim, settings, dtype, shard_size)
+        if raw and not (folder / MARKER).exists():  # predicted before anything is written
             rows, size = min(shard_size, len(self.train)), self.attributor.num_parameters
             check_memory(
                 {
@@ -550,17 +646,122 @@ class Run:
                 self.attributor.device,
                 "Use a smaller shard_size or dtype bfloat16.",
             )
+        if tracin is not None:
+            return writer, *self.checkpoint_parts(writer, adam, unit_norm)
+        divisors = None
+        if adam:
+            state = AdamState.load(fingerprint["checkpoint"])
+            divisors = {n: d.to(self.attributor.device) for n, d in state.divisors(self.attributor.modules).items()}
 
         def produce(shard: int, _ids: list[str]) -> Iterator[tuple[list[str], torch.Tensor]]:
             start, stop = writer.span(shard)
             if vectors is not None:
-                yield from vectors.train_vectors(self.train[start:stop], precondition == "fitted", unit_norm)
+                rows = (self.train[start:stop], precondition == "fitted", unit_norm)
+                # only a method that forms the gradients (trak) takes divisors (check_adam refused the others)
+                yield from vectors.train_vectors(*rows) if divisors is None else vectors.train_vectors(*rows, divisors)
                 return
             description = f"index shard {shard + 1}/{writer.shard_count}"
             for ids, grads in self.attributor.gradients(self.train[start:stop], description=description):
+                if divisors is not None:
+                    grads = {n: g / divisors[n] for n, g in grads.items()}
                 yield ids, flatten_blocks(grads, names)
 
-        return writer, produce
+        return writer, lambda _rank, _world: None, produce
+
+    def check_adam(self, precondition: str, optimizer_checkpoint: str | Path | None) -> None:
+        """Refuse ``--precondition adam`` (or ``--optimizer-checkpoint``) where it does not apply, naming why and
+        what to use instead (``ValueError``)."""
+        vectors, tracin = self.vectors(), self.checkpoint_method()
+        if precondition != "adam":
+            if optimizer_checkpoint is not None:
+                raise ValueError("--optimizer-checkpoint applies to --precondition adam only")
+            return
+        if tracin is not None and optimizer_checkpoint is not None:
+            raise ValueError(
+                "--optimizer-checkpoint does not apply to a tracin run: each checkpoint's gradients are divided by "
+                "that checkpoint's own AdamW state"
+            )
+        if vectors is not None and not getattr(vectors, "forms_gradients", False):
+            why = (
+                "LoGra's Kronecker projection works on the per-token factors (P_out g_t)(P_in a_t)^T and never forms it"
+                if self.config.method == "logra"
+                else "its rows are not gradients"
+            )
+            raise ValueError(
+                f"--precondition adam divides each full per-example gradient elementwise, and method "
+                f"{self.config.method!r} cannot ({why}); index a trak run (it projects the full gradient) or an "
+                "influence run fitted with --strategy identity (raw gradients) for AdamW-preconditioned rows, or "
+                "use --precondition fitted|none"
+            )
+        strategy = self.config.attribution.strategy
+        if vectors is None and tracin is None and strategy != "identity":
+            raise ValueError(
+                f"--precondition adam stores AdamW-preconditioned gradients, which take the place of a curvature; "
+                f"this run applies {strategy!r} to the queries: index a run fitted with --strategy identity "
+                "(gradient similarity; LESS), or drop --precondition adam"
+            )
+
+    def checkpoint_parts(
+        self, writer: VectorStoreWriter, adam: bool, unit_norm: bool
+    ) -> tuple[Callable[[int, int], None], Callable[[int, list[str]], Iterator[tuple[list[str], torch.Tensor]]]]:
+        """``(prepare, produce)`` of a tracin run's index (see :meth:`build_index`): ``prepare(rank, world)`` fills
+        each checkpoint's store ``RUN/index-parts/checkpoint-C/`` (``D`` columns: ``sqrt(lr_c) g_c``) for the
+        index shards this process still has to build, loading each checkpoint once (and not at all when its part
+        is intact); ``produce`` assembles an index shard from the parts' same shard."""
+        tracin = self.checkpoint_method()
+        signature = tracin.module_signature()
+        sizes = [math.prod(shape[1:]) for _name, shape in tracin.row_blocks()]
+        part_settings = {k: v for k, v in writer.manifest.items() if k not in LAYOUT}
+        parts = [
+            VectorStoreWriter(
+                self.folder / INDEX_PARTS / f"checkpoint-{c}",
+                writer.ids,
+                sum(sizes),
+                {**part_settings, "part": c},
+                writer.dtype,
+                writer.shard_size,
+            )
+            for c in range(len(tracin.checkpoints))
+        ]
+        hint = f"Delete {self.folder / INDEX_PARTS} to index with the current settings."
+
+        def begin(part: VectorStoreWriter) -> None:
+            try:
+                part.start(hint)
+            except SettingsMismatch:  # the index accepted these settings: a part of other ones is stale
+                shutil.rmtree(part.folder)
+                self.notices.append(f"discarded {part.folder}: built with other settings")
+                part.start(hint)
+
+        def prepare(rank: int, world: int) -> None:
+            todo = writer.pending(rank, world)
+            for c, part in enumerate(parts):
+                on_main(lambda part=part: begin(part))
+                if not is_main():
+                    part.start(hint)
+                loaded: dict[str, Any] = {}
+
+                def rows(shard: int, _ids: list[str], c: int = c, loaded: dict = loaded) -> Iterator:
+                    if not loaded:  # the checkpoint is loaded for its first missing block only
+                        attributor = tracin.checkpoint_attributor(c, like=signature)
+                        state = AdamState.load(tracin.checkpoints[c]) if adam else None
+                        loaded["divisors"] = None if state is None else state.divisors(attributor.modules)
+                        loaded["attributor"] = attributor
+                    start, stop = writer.span(shard)
+                    yield from tracin.checkpoint_rows(
+                        loaded["attributor"], c, self.train[start:stop], loaded["divisors"], unit_norm
+                    )
+
+                part.build(rows, rank, world, only=todo)
+                self.notices += part.notices
+                loaded.clear()
+                gc.collect()
+
+        def produce(shard: int, ids: list[str]) -> Iterator[tuple[list[str], torch.Tensor]]:
+            blocks = [next(VectorStore(p.folder, p.manifest, p.ids).shards(only=[shard]))[1] for p in parts]
+            yield ids, interleave_checkpoints(blocks, sizes)
+
+        return prepare, produce
 
     def has_index(self) -> bool:
         return (self.folder / "index" / MARKER).exists()
@@ -619,7 +820,7 @@ class Run:
                 raise RuntimeError(
                     f"no fitted {self.config.method} in {self.folder / 'method'}; run `wherefrom fit` first"
                 )
-            if self.vectors() is not None and self.has_index():
+            if (self.vectors() is not None or self.checkpoint_method() is not None) and self.has_index():
                 return self.store_scores(queries, self.open_index())
             return self.method.scores(queries, self.train)
         self.attributor.check_scoring_memory(len(queries), len(self.train))
@@ -631,7 +832,7 @@ class Run:
         if store is not None:
             train = self.indexed_gradients(store, shards_for_rank(store.shard_count))
         else:
-            train = self.attributor.gradients(rows_for_rank(self.train), description="train gradients")
+            train = self.attributor.train_gradient_stream(rows_for_rank(self.train))
         part = self.attributor.scores_from_gradients(query_ids, pre, train)
         if world_size() == 1:
             return part
@@ -646,7 +847,7 @@ class Run:
         flattened as the raw-gradient rows are (a ``query_rank`` factorisation expanded back). Raises
         ``ValueError`` for a run scored with ``normalize="cosine"``: its scores divide by each row's norm,
         which a product search does not."""
-        vectors = self.vectors()
+        vectors = self.vectors() or self.checkpoint_method()
         if vectors is not None:
             return vectors.query_vectors(queries, unit=bool(store.settings.get("unit_norm")))
         if self.attributor.config.normalize == "cosine":
@@ -659,15 +860,13 @@ class Run:
         return ids, flatten_blocks(dense, self.attributor.module_names).float().cpu()
 
     def store_scores(self, queries: list[Record], store: VectorStore) -> Scores:
-        """Scores of a vector run's ``queries`` from its index: ``query_vector @ row`` per module block,
-        streamed shard by shard (``(n_modules, q, n)``; positive = proponent)."""
-        blocks = self.vectors().vector_blocks()
+        """Scores of a vector (or tracin) run's ``queries`` from its index: ``query_vector @ row`` per module block
+        of the store's recorded layout (a tracin block holds the module's part of every checkpoint, so its
+        product is the sum over checkpoints), streamed shard by shard (``(n_modules, q, n)``; positive = proponent)."""
+        blocks = [(name, tuple(shape)) for name, *shape in store.settings["rows_layout"]["blocks"]]
         query_ids, query_rows = self.query_vectors(queries, store)
-        query_blocks = split_rows(query_rows.float().cpu(), blocks)
-        columns = []
-        for _start, rows in store.shards():
-            train_blocks = split_rows(rows.float(), blocks)
-            columns.append(torch.stack([query_blocks[n] @ train_blocks[n].T for n, _ in blocks]))
+        query_rows = query_rows.float().cpu()
+        columns = [block_products(query_rows, rows.float(), blocks) for _start, rows in store.shards()]
         return Scores(query_ids, list(store.ids), [n for n, _ in blocks], torch.cat(columns, dim=2))
 
     def save_scores(self, scores: Scores, name: str) -> Path:

@@ -403,10 +403,33 @@ class ProjectedInfluence:
         records: Sequence[Record] | Sequence[EncodedExample],
         loss_fn: LossFn | None = None,
         description: str = "projected gradients",
+        divisors: dict[str, torch.Tensor] | None = None,
     ) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
-        """``(ids, {module: (b, k)})`` per batch; training-loss gradients unless ``loss_fn`` is given."""
+        """``(ids, {module: (b, k)})`` per batch; training-loss gradients unless ``loss_fn`` is given.
+
+        ``divisors`` ``{module: (out, in')}``: each per-example gradient is divided by them elementwise before
+        it is projected (AdamW's ``sqrt(v_hat) + eps``, :mod:`wherefrom.models.optimizer_state`); only a
+        projection that forms the gradient (:attr:`forms_gradients`, trak) takes them, else ``ValueError``."""
+        if divisors is not None and not self.forms_gradients:
+            raise ValueError(
+                f"{self.name}: its projection never forms the per-example gradient, so it cannot be divided "
+                "elementwise (use trak)"
+            )
         for ids, factors in self.attributor.token_factor_stream(records, loss_fn, description):
-            yield ids, {n: self.projection.project(n, factors.pop(n)) for n in self.module_names}
+            if divisors is None:
+                yield ids, {n: self.projection.project(n, factors.pop(n)) for n in self.module_names}
+                continue
+            projected = {}
+            for n in self.module_names:
+                dense = factors.pop(n).dense() / divisors[n].to(self.attributor.device)
+                projected[n] = self.projection.project_flat(n, dense.reshape(dense.shape[0], -1))
+            yield ids, projected
+
+    @property
+    def forms_gradients(self) -> bool:
+        """Whether the projection forms each module's full per-example gradient (trak's dense projection does;
+        LoGra's Kronecker projection works on the per-token factors and never does)."""
+        return isinstance(self.projection, RandomProjection)
 
     # --- curvature ------------------------------------------------------------------------------
     def new_curvature(self) -> Curvature:
@@ -585,16 +608,21 @@ class ProjectedInfluence:
         return {k: v for k, v in self.metadata().items() if k in keys}
 
     def train_vectors(
-        self, train: Sequence[Record], precondition: bool = True, unit: bool = False
+        self,
+        train: Sequence[Record],
+        precondition: bool = True,
+        unit: bool = False,
+        divisors: dict[str, torch.Tensor] | None = None,
     ) -> Iterator[tuple[list[str], torch.Tensor]]:
         """``(ids, rows (b, sum k))`` per batch: the projected training gradients ``G~`` (module blocks
         flattened in module order), with ``precondition`` the fitted ``(F~ + lambda I)^-1 G~`` (the train
         side carries the curvature, as in LESS/TrackStar; ``F~`` is symmetric, so ``q~ . (F~ + lambda I)^-1 G~``
-        is :meth:`scores`' value), with ``unit`` divided by the row's norm over all modules.
+        is :meth:`scores`' value), with ``unit`` divided by the row's norm over all modules. ``divisors``
+        (trak only, see :meth:`projected_gradients`): each gradient divided elementwise before projection.
 
         ``score = query_vectors(...) @ row``: positive = proponent. Raises ``RuntimeError`` for
         ``precondition`` before :meth:`fit`."""
-        for ids, grads in self.projected_gradients(train, description="projected train rows"):
+        for ids, grads in self.projected_gradients(train, description="projected train rows", divisors=divisors):
             rows = flatten_blocks(self.precondition(grads) if precondition else grads, self.module_names)
             yield ids, torch.nn.functional.normalize(rows, dim=1) if unit else rows
 

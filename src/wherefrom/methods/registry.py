@@ -295,6 +295,12 @@ _SPECS = [
                     "checkpoints",
                     help="folders a fine-tuning run saved (LoRA adapters or full models), or (model, lr) pairs",
                 ),
+                OptionSpec(
+                    "dim",
+                    low=1,
+                    help="project each module's gradient to dim numbers (TRAK's seeded Gaussian projection, the "
+                    "same at every checkpoint); null: unprojected",
+                ),
             ),
             OptionSpec(
                 "base",

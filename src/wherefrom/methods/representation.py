@@ -16,7 +16,7 @@ is a similarity in ``[-1, 1]``, not an influence (no sign reasoning about upweig
   for ``"last_prompt"``.
 
 Rows are tokenized exactly as for the gradient methods (:func:`wherefrom.core.encoding.encode_records`,
-same ``max_length`` / ``chat_template`` / ``template`` rules), batched right-padded; PEFT models work
+same ``max_length`` / ``chat_template`` / ``template`` / ``truncate`` rules), batched right-padded; PEFT models work
 unchanged. The gradient methods' ``pad_left`` and ``loss_tokens`` do not apply: with ``template=
 REFERENCE_TEMPLATE`` and the defaults (last layer, ``last_prompt``) this is the reference study's RepSim
 (plumprc/Failures-of-Influence-Functions-in-LLMs, ``repsim.py``: ``[INST] {prompt} [/INST]`` alone,
@@ -62,6 +62,7 @@ class RepSim:
         batch_size: int = 8,
         chat_template: bool = False,
         template: str | None = None,
+        truncate: bool = False,
     ):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -75,12 +76,13 @@ class RepSim:
         self.batch_size = batch_size
         self.chat_template = chat_template
         self.template = template
+        self.truncate = truncate
         self._cache: tuple[tuple, list[str], torch.Tensor] | None = None
 
     @classmethod
     def from_config(cls, model: nn.Module, tokenizer, config, **overrides) -> RepSim:
         """From an :class:`~wherefrom.engine.api.AttributionConfig`: its ``max_length``, ``batch_size`` and
-        ``chat_template``, ``template``; ``layer``/``pooling`` from ``config.extra`` (keys ``"layer"``, ``"pooling"``)
+        ``chat_template``, ``template``, ``truncate``; ``layer``/``pooling`` from ``config.extra`` (keys ``"layer"``, ``"pooling"``)
         unless given in ``overrides``."""
         kwargs = {
             "layer": config.extra.get("layer", -1),
@@ -89,6 +91,7 @@ class RepSim:
             "batch_size": config.batch_size,
             "chat_template": config.chat_template,
             "template": config.template,
+            "truncate": config.truncate,
         }
         kwargs.update(overrides)
         return cls(model, tokenizer, **kwargs)
@@ -104,7 +107,13 @@ class RepSim:
     # --- representations ----------------------------------------------------------------------
     def encode(self, records: Sequence[Record]) -> list[EncodedExample]:
         return encode_records(
-            records, self.tokenizer, self.max_length, self.chat_template, model=self.model, template=self.template
+            records,
+            self.tokenizer,
+            self.max_length,
+            self.chat_template,
+            model=self.model,
+            template=self.template,
+            truncate=self.truncate,
         )
 
     def _positions(self, examples: Sequence[EncodedExample]) -> list[int]:

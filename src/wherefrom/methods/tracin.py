@@ -17,6 +17,11 @@ the dot product, ``sum_k lr_k cos(grad L(z_q; theta_k), grad L(z_m; theta_k))`` 
 Xia et al. 2024). The configured curvature strategy is ignored: TracIn is first order
 (``identity``).
 
+As index rows (``wherefrom index`` of a tracin run): ``TracIn(z_m, z_q) = <[sqrt(lr_k) grad L(z_q; theta_k)]_k,
+[sqrt(lr_k) grad L(z_m; theta_k)]_k>``, so a row is the concatenation over checkpoints of ``sqrt(lr_k)``-scaled
+gradients (:meth:`TracIn.checkpoint_rows`, laid out module by module by :func:`interleave_checkpoints`) and a
+product search over the store gives TracIn's top rows (a learning rate must be >= 0).
+
 Checkpoint folders (as :func:`wherefrom.models.finetune.finetune` writes them under
 ``output_dir/checkpoints/epoch-k``) hold either a LoRA adapter (``adapter_config.json``; loaded on a
 fresh copy of the base model) or a full model (``config.json``). In-memory checkpoints are given as
@@ -27,7 +32,8 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,10 +42,13 @@ import torch
 from torch import nn
 
 from wherefrom.core.data import Record
+from wherefrom.core.gradients import block_products, flatten_blocks
 from wherefrom.core.scoring import Scores
 from wherefrom.core.task import LanguageModelingTask
+from wherefrom.core.tracking import selection_signature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
+from wherefrom.methods.projection import RandomProjection
 from wherefrom.models.finetune import CONFIG_FILE, TRAINER_STATE_FILE, read_trainer_state
 from wherefrom.models.loading import (
     ModelLoadError,
@@ -50,7 +59,7 @@ from wherefrom.models.loading import (
     quiet_peft,
 )
 
-__all__ = ["TracIn", "checkpoint_model", "finetune_checkpoints", "tracin_scores"]
+__all__ = ["TracIn", "checkpoint_model", "finetune_checkpoints", "interleave_checkpoints", "tracin_scores"]
 
 BaseModel = str | Path | Callable[[], nn.Module] | None
 """A base-model folder (for :func:`wherefrom.models.loading.load_model`), a callable returning a *fresh*
@@ -122,6 +131,25 @@ def checkpoint_model(base: BaseModel, folder: Path, device, dtype: torch.dtype) 
     return model
 
 
+def _checkpoint(
+    base: BaseModel, checkpoint: Checkpoint, lr: float | None, device, dtype: torch.dtype
+) -> tuple[nn.Module, float]:
+    """``(model, learning rate)`` of one checkpoint: a folder loaded now (its rate from ``trainer_state.json``
+    unless ``lr`` is given), or an in-memory ``(model, lr)`` pair (``lr`` overriding its rate when given)."""
+    if isinstance(checkpoint, tuple):
+        return checkpoint[0], float(checkpoint[1] if lr is None else lr)
+    model = checkpoint_model(base, Path(checkpoint), device, dtype)
+    return model, float(_learning_rate(Path(checkpoint)) if lr is None else lr)
+
+
+def interleave_checkpoints(parts: Sequence[torch.Tensor], sizes: Sequence[int]) -> torch.Tensor:
+    """Rows ``(b, C * D)`` of a TracIn index from each checkpoint's block ``parts[c]`` ``(b, D)`` (its module
+    blocks of ``sizes`` flattened in module order): module by module, that module's ``C`` checkpoint blocks
+    in checkpoint order, so a module's part of a row is one contiguous ``(C, size)`` block."""
+    stacked = torch.stack(list(parts), dim=1)  # (b, C, D)
+    return torch.cat([block.flatten(1) for block in stacked.split(list(sizes), dim=2)], dim=1)
+
+
 def tracin_scores(
     base: BaseModel,
     checkpoints: Sequence[Checkpoint],
@@ -158,12 +186,7 @@ def tracin_scores(
     reference: Scores | None = None
     for k, checkpoint in enumerate(checkpoints):
         loaded = not isinstance(checkpoint, tuple)
-        if loaded:
-            model = checkpoint_model(base, Path(checkpoint), device, dtype)
-            lr = _learning_rate(Path(checkpoint)) if learning_rates is None else learning_rates[k]
-        else:
-            model, lr = checkpoint
-            lr = lr if learning_rates is None else learning_rates[k]
+        model, lr = _checkpoint(base, checkpoint, None if learning_rates is None else learning_rates[k], device, dtype)
         attributor = Attributor(model, tokenizer, config, task=task, progress=progress)
         scores = attributor.scores(queries, train)
         if reference is None:
@@ -201,14 +224,23 @@ class TracIn:
         checkpoints: Sequence[Checkpoint],
         tokenizer,
         config: AttributionConfig | None = None,
+        dim: int | None = None,
         **options: Any,
     ):
-        """``options``: the keyword arguments of :func:`tracin_scores` (``learning_rates``, ``device``, ...)."""
+        """``dim``: project each module's gradient to ``dim`` numbers with TRAK's seeded Gaussian projection
+        (:class:`wherefrom.methods.projection.RandomProjection`, seed ``config.seed``; the same matrix at every
+        checkpoint and on both sides), so that scores are ``sum_k lr_k (P q_k) . (P g_k)`` and index rows short;
+        ``None``: unprojected. ``options``: the keyword arguments of :func:`tracin_scores` (``learning_rates``,
+        ``device``, ...). Raises ``ValueError`` for no checkpoints or ``dim < 1``."""
         if not checkpoints:
             raise ValueError("TracIn needs at least one checkpoint")
         self.base, self.checkpoints, self.tokenizer, self.config = base, list(checkpoints), tokenizer, config
+        seed = (config or AttributionConfig()).seed
+        self.projection = None if dim is None else RandomProjection(dim, seed=seed)
         self.options = dict(options)
         self.fitted = False
+        self.signature: list[list] | None = None
+        """:meth:`module_signature`, once known."""
 
     def fit(self, train: Sequence[Record]) -> None:
         """Resolve the checkpoint folders to absolute paths and fix each checkpoint's learning rate
@@ -249,11 +281,128 @@ class TracIn:
             raise ModelLoadError(f"tracin checkpoint folder(s) {missing} are gone (moved or deleted); refit")
         self.checkpoints = [Path(c) for c in state["checkpoints"]]
         self.options["learning_rates"], self.fitted = list(state["learning_rates"]), True
+        self.signature = None
         if state["base"] is not None:
             self.base = state["base"]
 
     def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:
-        """``(n_query, n_train)`` TracInCP scores with ids; positive = proponent."""
-        return tracin_scores(
-            self.base, self.checkpoints, self.tokenizer, queries, train, config=self.config, **self.options
-        )
+        """``(n_query, n_train)`` TracInCP scores with ids; positive = proponent. With ``dim``: from the
+        projected rows of :meth:`checkpoint_rows` (both sides held in memory), per module
+        (:func:`wherefrom.core.gradients.block_products`); with ``normalize="cosine"`` each checkpoint's projected
+        gradients are unit length. Raises :class:`~wherefrom.core.data.DataError` for no or invalid rows."""
+        if self.projection is None:
+            return tracin_scores(
+                self.base, self.checkpoints, self.tokenizer, queries, train, config=self.config, **self.options
+            )
+        queries, train = checked_rows(queries, "query rows"), checked_rows(train, "training rows")
+        if not self.fitted:  # the learning rates: given, or read from the checkpoints
+            self.fit(train)
+        unit = self.config is not None and self.config.normalize == "cosine"
+        query_ids, query_rows = self.query_vectors(queries, unit)
+        train_ids, train_rows = self.rows(train, unit)
+        blocks = self.row_blocks()
+        per_module = block_products(query_rows, train_rows, blocks)
+        return Scores(query_ids, train_ids, [name for name, _shape in blocks], per_module)
+
+    # --- rows of a vector store ------------------------------------------------------------------
+    def vector_settings(self) -> dict[str, Any]:
+        """What fixes the index rows' meaning besides the model: the checkpoint folders and their learning
+        rates (:meth:`fitted_state`'s; same errors)."""
+        _tensors, state = self.fitted_state()
+        projection = None if self.projection is None else self.projection.config()
+        return {
+            "method": self.name,
+            "checkpoints": state["checkpoints"],
+            "learning_rates": state["learning_rates"],
+            "projection": projection,
+        }
+
+    def row_blocks(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The layout of an index row (:func:`interleave_checkpoints`): per module, ``(C, out, in')``, or with
+        ``dim`` ``(C, k)`` with ``k = min(dim, out * in')``."""
+        count = len(self.checkpoints)
+        if self.projection is None:
+            return [(name, (count, out, inp)) for name, out, inp in self.module_signature()]
+        return [(name, (count, self.projection.dim_for((out, inp)))) for name, out, inp in self.module_signature()]
+
+    def module_signature(self) -> list[list]:
+        """The tracked modules of the checkpoints, ``[[name, out, in'], ...]``
+        (:func:`wherefrom.core.tracking.selection_signature` of checkpoint 0, loaded once for it; every
+        checkpoint must track the same): the block layout of an index row."""
+        if self.signature is None:
+            self.signature = selection_signature(self.checkpoint_attributor(0).modules)
+            gc.collect()
+        return self.signature
+
+    def checkpoint_attributor(self, k: int, like: list[list] | None = None) -> Attributor:
+        """An :class:`~wherefrom.engine.api.Attributor` (identity curvature) on checkpoint ``k``'s model; a folder
+        is loaded now (on the ``device`` option, in its ``dtype``).
+
+        Raises ``RuntimeError`` before :meth:`fit` and ``ValueError`` naming the checkpoint when its tracked
+        modules (names and shapes) are not ``like`` (a :meth:`module_signature`)."""
+        if not self.fitted:
+            raise RuntimeError("tracin is not fitted: call fit(train) first")
+        device, dtype = self.options.get("device"), self.options.get("dtype", torch.float32)
+        model, _lr = _checkpoint(self.base, self.checkpoints[k], self.options["learning_rates"][k], device, dtype)
+        config = replace(self.config or AttributionConfig(), strategy="identity")
+        progress = self.options.get("progress", no_progress)
+        attributor = Attributor(model, self.tokenizer, config, task=self.options.get("task"), progress=progress)
+        if like is not None and selection_signature(attributor.modules) != like:
+            raise ValueError(
+                f"tracin checkpoint {k} ({self.checkpoints[k]}) tracks other modules than checkpoint 0; "
+                "TracIn needs one selection"
+            )
+        return attributor
+
+    def checkpoint_rows(
+        self,
+        attributor: Attributor,
+        k: int,
+        records: Sequence[Record],
+        divisors: dict[str, torch.Tensor] | None = None,
+        unit: bool = False,
+        query: bool = False,
+    ) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """Checkpoint ``k``'s column block of TracIn index rows, ``(ids, (b, D))`` per batch: ``sqrt(lr_k) g_k``
+        with ``g_k`` the training-loss gradient at checkpoint ``k`` (``query``: the query side ``-grad f``), its
+        modules' ``(out, in')`` blocks flattened in module order (``attributor``: :meth:`checkpoint_attributor`
+        of ``k``). ``divisors`` ``{module: (out, in')}``: ``g_k`` divided by them elementwise first (AdamW's
+        ``sqrt(v_hat) + eps`` of checkpoint ``k``, :mod:`wherefrom.models.optimizer_state`: LESS), then projected
+        with ``dim``; ``unit``:
+        ``g_k`` divided by its norm over all modules (the sum over checkpoints is then ``sum_k lr_k cos``,
+        TracIn's ``normalize="cosine"``). Raises ``ValueError`` for a negative learning rate (no square root)."""
+        lr = float(self.options["learning_rates"][k])
+        if lr < 0:
+            raise ValueError(f"tracin checkpoint {k} has learning rate {lr} < 0: an index row needs sqrt(lr)")
+        loss_fn = attributor.query_loss_fn() if query else None
+        description = f"tracin checkpoint {k + 1} {'queries' if query else 'rows'}"
+        for ids, grads in attributor.gradients(records, loss_fn, description):
+            if divisors is not None:
+                grads = {n: g / divisors[n].to(g.device) for n, g in grads.items()}
+            if self.projection is not None:
+                grads = {n: self.projection.project_flat(n, g.reshape(g.shape[0], -1)) for n, g in grads.items()}
+            rows = flatten_blocks(grads, attributor.module_names)
+            yield ids, math.sqrt(lr) * (torch.nn.functional.normalize(rows, dim=1) if unit else rows)
+
+    def query_vectors(self, queries: Sequence[Record], unit: bool = False) -> tuple[list[str], torch.Tensor]:
+        """Ids and query rows ``(q, C * D)`` in the layout of the index rows (:meth:`rows` with ``query``), so that
+        ``query_row @ train_row = sum_k lr_k q_k . g_k`` (TracInCP; positive = proponent; ``unit``:
+        ``sum_k lr_k cos``). The query side is never Adam-preconditioned (LESS's convention)."""
+        return self.rows(queries, unit, query=True)
+
+    def rows(
+        self, records: Sequence[Record], unit: bool = False, query: bool = False
+    ) -> tuple[list[str], torch.Tensor]:
+        """Ids and index rows ``(n, C * D)`` of ``records`` in memory (:meth:`checkpoint_rows` of every checkpoint,
+        loaded once each, laid out by :func:`interleave_checkpoints`); a run's index builds them shard by shard
+        instead."""
+        ids: list[str] = []
+        parts = []
+        for k in range(len(self.checkpoints)):
+            attributor = self.checkpoint_attributor(k, like=self.module_signature())
+            batches = list(self.checkpoint_rows(attributor, k, records, unit=unit, query=query))
+            ids = [i for batch_ids, _rows in batches for i in batch_ids]
+            parts.append(torch.cat([rows.cpu() for _ids, rows in batches]))
+            del attributor, batches
+            gc.collect()
+        return ids, interleave_checkpoints(parts, [math.prod(shape[1:]) for _name, shape in self.row_blocks()])

@@ -10,7 +10,9 @@ Layout of ``output_dir`` after :func:`finetune`::
 
     finetune_config.json        config + data/model/tokenizer fingerprints + results (written last)
     train_log.jsonl             one line per optimiser step: epoch, step, loss, lr, batch_ids
-    checkpoints/epoch-1/        adapter (LoRA) or full model + tokenizer, and trainer_state.json
+    checkpoints/epoch-1/        adapter (LoRA) or full model + tokenizer, trainer_state.json and
+                                optimizer_state.safetensors (AdamW's second moment, step, betas, eps:
+                                :mod:`wherefrom.models.optimizer_state`; checksummed in checksums.json)
     checkpoints/epoch-2/        ...
     adapter/  or  model/        final weights (LoRA adapter, or full model + tokenizer)
 
@@ -18,7 +20,9 @@ Every file and folder is written under a temporary name and renamed into place, 
 ``finetune_config.json`` is written last, so an interrupted run never leaves something that looks
 complete. A later call with the same config, data, base model and tokenizer reuses the result
 instead of training again (``FinetuneResult.reused``); anything else retrains from scratch.
-Interrupted runs are not resumed mid-way (no optimiser state is kept); they restart.
+Interrupted runs are not resumed mid-way (a checkpoint keeps AdamW's second moment, for preconditioning
+gradients, not its first moment); they restart. Checkpoints of runs saved before the optimizer state was
+kept still load (their folders lack only ``optimizer_state.safetensors``).
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ import torch
 from torch import nn
 
 from wherefrom.core.data import Record, check_records, data_fingerprint
-from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
+from wherefrom.core.encoding import LAYOUT_SETTINGS, encode_records, iterate_batches, pad_id
 from wherefrom.core.store import atomic_write_dir, atomic_write_text, refuse_overwrite
 from wherefrom.core.task import per_example_loss
 from wherefrom.models.loading import model_fingerprint, quiet_peft, tokenizer_fingerprint
+from wherefrom.models.optimizer_state import save_adam_state
 
 __all__ = [
     "CONFIG_FILE",
@@ -71,11 +76,11 @@ class FinetuneConfig:
     ``lora_rank=None`` fine-tunes all parameters (then a smaller ``learning_rate``, such as 1e-5,
     suits real models); otherwise a LoRA adapter of that rank, scale ``lora_alpha / lora_rank``,
     no dropout and no bias is trained on ``lora_targets``. The learning rate is constant (AdamW,
-    no warm-up or decay). ``max_length`` bounds prompt + completion tokens (nothing is
-    truncated: a longer example raises :class:`wherefrom.core.data.DataError`). ``chat_template``
+    no warm-up or decay). ``max_length`` bounds prompt + completion tokens (a longer example raises
+    :class:`wherefrom.core.data.DataError`, or with ``truncate`` keeps its first ``max_length`` tokens). ``chat_template``
     renders prompts with the tokenizer's chat template (see
-    :func:`wherefrom.core.encoding.encode_records`); ``template``, ``append_eos``, ``pad_left`` and
-    ``loss_tokens`` are that function's input layout (with ``loss_tokens="all"`` the step loss is the
+    :func:`wherefrom.core.encoding.encode_records`); ``template``, ``append_eos``, ``pad_left``,
+    ``loss_tokens`` and ``truncate`` are that function's input layout (with ``loss_tokens="all"`` the step loss is the
     mean over the batch of each row's loss summed over all its next-token positions).
 
     The reference study's settings (plumprc/Failures-of-Influence-Functions-in-LLMs, ``finetune.py``:
@@ -104,6 +109,7 @@ class FinetuneConfig:
     append_eos: bool = True
     pad_left: bool = False
     loss_tokens: str = "completion"
+    truncate: bool = False
     lora_dropout: float = 0.0
     lr_schedule: str = "constant"
 
@@ -141,11 +147,10 @@ class FinetuneConfig:
 
     def layout(self) -> dict[str, Any]:
         """The keywords of :func:`wherefrom.core.encoding.encode_records` these settings give."""
-        keys = ("max_length", "chat_template", "template", "append_eos", "pad_left", "loss_tokens")
-        return {key: getattr(self, key) for key in keys}
+        return {key: getattr(self, key) for key in LAYOUT_SETTINGS}
 
 
-LATER_SETTINGS = ("template", "append_eos", "pad_left", "loss_tokens", "lora_dropout", "lr_schedule")
+LATER_SETTINGS = ("template", "append_eos", "pad_left", "loss_tokens", "truncate", "lora_dropout", "lr_schedule")
 """Settings added after runs were first saved: recorded only when not at their default."""
 
 
@@ -347,9 +352,10 @@ def finetune(
 
     After each epoch (with ``checkpoint_every_epoch``) the weights go to
     ``output_dir/checkpoints/epoch-{k}`` with a ``trainer_state.json`` (epoch, step, learning
-    rate, mean loss); at the end the final weights go to ``output_dir/adapter`` (LoRA) or
-    ``output_dir/model`` (full model + tokenizer), then ``train_log.jsonl`` and
-    ``finetune_config.json`` (config, fingerprints of data, base model and tokenizer, epoch
+    rate, mean loss) and ``optimizer_state.safetensors`` (AdamW's ``exp_avg_sq`` per trainable parameter,
+    step, betas, eps: :func:`wherefrom.models.optimizer_state.save_adam_state`); at the end the final
+    weights go to ``output_dir/adapter`` (LoRA) or ``output_dir/model`` (full model + tokenizer), then
+    ``train_log.jsonl`` and ``finetune_config.json`` (config, fingerprints of data, base model and tokenizer, epoch
     losses, checkpoint list). If a complete earlier run with the same config and fingerprints is
     in ``output_dir``, its weights are loaded instead (``reused=True``); otherwise what earlier
     runs left there (only the names above) is deleted first; with ``overwrite=False`` a complete earlier
@@ -461,6 +467,7 @@ def finetune(
                 def fill(folder: Path, state: dict[str, Any] = state) -> None:
                     _save_weights(model, tokenizer, folder, lora, progress)
                     (folder / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+                    save_adam_state(optimizer, model, folder)
 
                 target = output_dir / CHECKPOINTS_DIR / f"epoch-{epoch}"
                 atomic_write_dir(target, fill)

@@ -70,7 +70,7 @@ __all__ = [
 
 DEFAULT_METHODS = ["ekfac", "kfac", "datainf", "gradsim", "tracin", "repsim", "bm25"]
 _FORMAT_VERSION = 1
-LAYOUT = ("template", "append_eos", "pad_left", "loss_tokens")
+LAYOUT = ("template", "append_eos", "pad_left", "loss_tokens", "truncate")
 """The input-layout settings shared by fine-tuning and attribution (:func:`wherefrom.core.encoding.encode_records`)."""
 LATER = ("fisher", *LAYOUT, "lora_alpha", "lora_dropout", "lr_schedule")
 """Settings added after bench rows were first cached: in a row's key (and the command line) only when not at their default."""
@@ -92,7 +92,7 @@ class BenchConfig:
     (``None``: the default model). ``method_options``: ``{method: {key: value}}`` passed to
     :func:`wherefrom.methods.registry.make_method`; the key ``"*"`` applies to every method.
     ``damping`` / ``damping_factor`` / ``fisher`` and the input layout ``template`` / ``append_eos`` /
-    ``pad_left`` / ``loss_tokens``: as in :class:`wherefrom.engine.api.AttributionConfig` (the layout
+    ``pad_left`` / ``loss_tokens`` / ``truncate``: as in :class:`wherefrom.engine.api.AttributionConfig` (the layout
     also applies to fine-tuning); ``lora_alpha`` / ``lora_dropout`` / ``lr_schedule``: as in
     :class:`wherefrom.models.finetune.FinetuneConfig`. ``preset``: the name of the preset
     (:data:`wherefrom.studies.presets.PRESETS`) the settings were resolved from, recorded only.
@@ -122,6 +122,7 @@ class BenchConfig:
     append_eos: bool = True
     pad_left: bool = False
     loss_tokens: str = "completion"
+    truncate: bool = False
     lora_alpha: int = 8
     lora_dropout: float = 0.0
     lr_schedule: str = "constant"

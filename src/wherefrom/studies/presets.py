@@ -47,6 +47,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "append_eos": True,
         "pad_left": False,
         "loss_tokens": "completion",
+        "truncate": False,
         "max_length": 512,
         "fisher": "true",
         "lora_alpha": 8,
@@ -62,6 +63,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "append_eos": False,
         "pad_left": True,
         "loss_tokens": "all",
+        "truncate": True,
         "max_length": 128,
         "fisher": "empirical",
         "lora_alpha": 32,
@@ -77,7 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 SWITCHES: dict[str, tuple[str, ...]] = {
     "template": ("template", "append_eos"),
-    "padded-loss": ("pad_left", "loss_tokens", "max_length"),
+    "padded-loss": ("pad_left", "loss_tokens", "max_length", "truncate"),
     "fisher": ("fisher",),
     "lissa": ("method_options.lissa",),
     "finetune": ("lora_alpha", "lora_dropout", "lr_schedule", "learning_rate", "batch_size", "epochs"),
