@@ -108,7 +108,9 @@ def local_device() -> torch.device | None:
 def session() -> Iterator[World]:
     """Join the process group described by torchrun's variables for the block, and leave it after.
 
-    With ``WORLD_SIZE`` unset or 1, or a group already joined (by the caller), nothing is done. Raises
+    A block that ends without an error ends with a barrier, so no rank leaves the group while another
+    still communicates. With ``WORLD_SIZE`` unset or 1, or a group already joined (by the caller),
+    nothing is done. Raises
     ``ValueError`` for malformed variables; the rendezvous itself (``MASTER_ADDR``/``MASTER_PORT``) is
     torch's ``env://`` initialisation.
     """
@@ -124,6 +126,10 @@ def session() -> Iterator[World]:
     dist.init_process_group(backend=backend(), rank=world.rank, world_size=world.size)
     try:
         yield world
+        # every rank's collectives are complete before any rank tears its connections down: a gloo
+        # rank whose peer had already closed aborted at exit ("terminate called without an active
+        # exception", SIGABRT) once in CI; after an error no barrier (the other ranks may not get here)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
