@@ -246,6 +246,14 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "index and search",
+        "fit --with-index for a method whose train side is not a vector per row (bm25)",
+        EXIT,
+        "--with-index: method 'bm25' has no per-row index",
+        "the fit would be written and its index then refused; refused first, nothing is fitted",
+        command=(*FIT, "new", "--method", "bm25", "--with-index"),
+    ),
+    Refusal(
+        "index and search",
         "--search on a run without an index",
         EXIT,
         "has no vector store of training rows",

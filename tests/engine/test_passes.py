@@ -18,6 +18,7 @@ from wherefrom.core.store import StageFolder
 from wherefrom.curvature.base import DataShape
 from wherefrom.curvature.kronecker import PER_EXAMPLE, FactorSource
 from wherefrom.engine.api import AttributionConfig, Attributor
+from wherefrom.engine.passes import kept_rows
 
 TOLERANCE = 1e-5
 """Largest difference of EK-FAC's corrected eigenvalues and scores, relative to the largest value (measured 4e-7)."""
@@ -155,3 +156,14 @@ def test_only_kfac_and_ekfac_take_a_source(tokenizer, train_records):
     source = FactorSource(model, attributor.modules, batches, loss)
     with pytest.raises(ValueError, match=r"strategy 'diagonal'.*only kfac and ekfac"):
         attributor.curvature.fit(model, attributor.modules, batches, loss, source=source)
+
+
+def test_kept_rows_slice_across_batches():
+    kept = [(["a", "b", "c"], {"m": torch.arange(3.0)}), (["d", "e"], {"m": torch.arange(3.0, 5.0)})]
+    pieces = list(kept_rows(kept, 2, 4))
+    assert [ids for ids, _ in pieces] == [["c"], ["d"]]
+    assert torch.equal(torch.cat([g["m"] for _, g in pieces]), torch.tensor([2.0, 3.0]))
+    assert list(kept_rows(kept, 5, 8)) == [] and [ids for ids, _ in kept_rows(kept, 0, 5)] == [
+        ["a", "b", "c"],
+        ["d", "e"],
+    ]

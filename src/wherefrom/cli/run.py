@@ -35,13 +35,29 @@ def notify(opened: Run) -> None:
 
 
 @command(uses=(*ATTRIBUTION, "fisher", "reduction", "query_rank", "seed", "autocast", "threads"))
-def fit(train, run, model, adapter, strategy, strategy_option, method, option, device, **settings) -> None:
+def fit(
+    train,
+    run,
+    model,
+    adapter,
+    strategy,
+    strategy_option,
+    method,
+    option,
+    with_index,
+    shard_size,
+    dtype,
+    device,
+    **settings,
+) -> None:
     """Fit a method on the training set into RUN (resumes: an existing fit is reused).
 
     Default: the curvature of --strategy; --method NAME (with --option key=value) fits any method of
-    `wherefrom methods`, so that `scores` and `query` score without refitting. Under `torchrun
-    --nproc_per_node=N` the rows are split over the processes and the curvature statistics added
-    (strategies identity, diagonal, kfac, ekfac, exact, datainf); rank 0 writes RUN."""
+    `wherefrom methods`, so that `scores` and `query` score without refitting. --with-index then stores the
+    training rows in RUN/index/ (as `wherefrom index`), from the fit's own pass where it kept the per-example
+    gradients (K-FAC/EK-FAC). Under `torchrun --nproc_per_node=N` the rows are split over the processes and
+    the curvature statistics added (strategies identity, diagonal, kfac, ekfac, exact, datainf); rank 0
+    writes RUN."""
     try:
         with session():
             paths = {"model": model, "adapter": adapter, "device": device}
@@ -57,11 +73,17 @@ def fit(train, run, model, adapter, strategy, strategy_option, method, option, d
                 options = merged_options(option, method)
                 config = RunConfig.for_method(method, str(train), settings_as(AttributionConfig), options, **paths)
             opened = Run.create(run, config, progress=progress)
+            if with_index and not opened.indexable():
+                raise ValueError(
+                    f"--with-index: method {method!r} has no per-row index (its train side is not a vector per "
+                    "row); fit it without --with-index"
+                )
             on_main(lambda: remember(run))
-            fitted = opened.fit()
+            fitted = opened.fit(keep_gradients=with_index)
             barrier()
+            written = opened.build_index(shard_size, dtype) if with_index else None
             main = is_main()
-    except (DataError, ModelLoadError, RunMismatch, StoreError, ValueError, MemoryError) as error:
+    except (DataError, ModelLoadError, OSError, RunMismatch, StoreError, ValueError, MemoryError) as error:
         fail(error)
     if not main:
         return
@@ -71,6 +93,8 @@ def fit(train, run, model, adapter, strategy, strategy_option, method, option, d
     console.print(
         f"{method or strategy} {state}: {len(opened.attributor.modules)} modules, {len(opened.train)} rows -> {where}"
     )
+    if written is not None:
+        print_index_done(run, written)
 
 
 @command
@@ -92,6 +116,11 @@ def index(run, shard_size, dtype, precondition, optimizer_checkpoint, unit_norm,
     if not main:
         return
     notify(opened)
+    print_index_done(run, written)
+
+
+def print_index_done(run: Path, written: int) -> None:
+    """The line that ends a build of RUN/index/."""
     console.print(f"index complete ({written} shards written now) -> {run / 'index'}")
 
 

@@ -588,6 +588,12 @@ class OutputSettings:
     unit_norm: bool = setting(
         False, "Divide each index row and each query vector by its norm (trak/logra runs: cosine-like scores)."
     )
+    with_index: bool = setting(
+        False,
+        "After the fit, store the training rows in RUN/index/ as `wherefrom index` does (--shard-size, --dtype; "
+        "no preconditioning options): a K-FAC/EK-FAC fit that keeps its per-example gradients (when they fit in "
+        "memory) writes them from its own pass, so neither the index nor a later `scores` makes a training pass.",
+    )
     bench: Path = setting(
         REQUIRED, "Bench folder written by `wherefrom bench` (bench.json, seed-<s>/finetune).", check=existing_path
     )

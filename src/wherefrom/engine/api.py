@@ -411,9 +411,19 @@ class Attributor:
         rows and nothing they depend on (:meth:`gradient_key`) changed since, else a model pass
         (:meth:`token_factor_stream`). The values are the same either way."""
         encoded = self.encoded(checked_rows(train, f"{description} rows"))
-        if self.kept is not None and self.kept[0] == self.gradient_key(encoded):
-            return ((list(ids), dict(grads)) for ids, grads in self.kept[1])
+        kept = self.kept_gradients(encoded)
+        if kept is not None:
+            return ((list(ids), dict(grads)) for ids, grads in kept)
         return self.token_factor_stream(encoded, description=description)
+
+    def kept_gradients(self, train: Rows) -> Kept | None:
+        """The per-example training-loss gradients ``[(ids, {module: (b, out, in')})]`` (one entry per batch)
+        that the last :meth:`fit` kept, when ``train`` are its rows and nothing they depend on
+        (:meth:`gradient_key`) changed since; else ``None``."""
+        if self.kept is None:
+            return None
+        encoded = self.encoded(checked_rows(train, "training rows"))
+        return self.kept[1] if self.kept[0] == self.gradient_key(encoded) else None
 
     def use_curvature(self, curvature: Curvature, train: Sequence[Record] | None = None) -> None:
         """Adopt a loaded curvature after checking it was fitted on this module selection.

@@ -51,6 +51,19 @@ Kept = list[tuple[list[str], dict[str, torch.Tensor]]]
 """Per batch, the row ids and ``{module: (b, out, in')}`` per-example gradients."""
 
 
+def kept_rows(kept: Kept, start: int, stop: int) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+    """Rows ``[start, stop)`` of ``kept`` (counted over its batches in order), as ``(ids, {module: (b, out,
+    in')})`` pieces: the batches' slices that fall inside (views, nothing copied)."""
+    offset = 0
+    for ids, grads in kept:
+        low, high = max(start, offset) - offset, min(stop, offset + len(ids)) - offset
+        if low < high:
+            yield ids[low:high], {name: grad[low:high] for name, grad in grads.items()}
+        offset += len(ids)
+        if offset >= stop:
+            return
+
+
 @dataclass(frozen=True)
 class Plan:
     """What one shared pass serves: ``correction`` (EK-FAC's eigenvalue correction from kept gradients) and

@@ -82,6 +82,7 @@ from wherefrom.core.vectors import DTYPES, LAYOUT, MARKER, VectorStore, VectorSt
 from wherefrom.curvature import Curvature, load_curvature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
+from wherefrom.engine.passes import kept_rows
 from wherefrom.methods.registry import SETTING_NAMES, Method, in_family, make_method, method_settings
 from wherefrom.methods.saved import META_FILE, TENSORS_FILE, load_fitted, save_fitted
 from wherefrom.methods.tracin import TracIn, finetune_checkpoints, interleave_checkpoints
@@ -347,8 +348,13 @@ class Run:
             "device": self.attributor.device.type,
         }
 
-    def fit(self) -> bool:
+    def fit(self, keep_gradients: bool = False) -> bool:
         """Fit the curvature unless intact finished factors exist; returns True when it fitted.
+
+        ``keep_gradients``: keep the per-example training gradients of the fit's shared pass (K-FAC/EK-FAC
+        when they fit in memory, :mod:`wherefrom.engine.passes`), so that :meth:`build_index` or
+        :meth:`scores` in this process makes no training pass of its own. Off by default: a CLI ``fit``
+        alone ends after it.
 
         Holds the run's writer lock. Finished fitting stages under ``factors/stages/`` are reused,
         so a killed fit resumes and gives the same factors; damaged factors are refitted (noted in
@@ -370,8 +376,7 @@ class Run:
                 on_main(stages.clear)  # left by a fit killed after its final save
                 return False
             started = time.perf_counter()
-            # a CLI fit's process ends after it: no training gradients are kept for scoring
-            curvature = self.attributor.fit(self.train, stages=stages, keep_gradients=False)
+            curvature = self.attributor.fit(self.train, stages=stages, keep_gradients=keep_gradients)
             curvature.info["fit_seconds"] = round(time.perf_counter() - started, 3)
 
             def save() -> None:
@@ -452,6 +457,12 @@ class Run:
         ``train_vectors``), else ``None`` (an influence run indexes raw gradients)."""
         return self.method if hasattr(self.method, "train_vectors") else None
 
+    def indexable(self) -> bool:
+        """Whether :meth:`build_index` can store this run's training side as a row per example: an influence
+        run's raw gradients, a ``trak``/``logra``/``repsim`` run's vectors, a ``tracin`` run's checkpoint rows
+        (any other method scores from its fitted state only)."""
+        return self.method is None or self.vectors() is not None or self.checkpoint_method() is not None
+
     def checkpoint_method(self) -> TracIn | None:
         """The run's method when its index rows are built checkpoint by checkpoint (``tracin``), else ``None``."""
         return self.method if isinstance(self.method, TracIn) else None
@@ -497,6 +508,9 @@ class Run:
         An influence run (raw gradients: the store's "projection none"): row ``i`` is training row ``i``'s
         per-example gradient, every module's ``(out, in')`` block flattened and concatenated in module order
         (:func:`wherefrom.core.gradients.flatten_blocks`); the curvature is applied to the queries when scoring.
+        After :meth:`fit` with ``keep_gradients=True`` in this process, these rows are the fit's kept gradients
+        (no training pass) when ``shard_size`` is a multiple of the batch size (each shard whole batches of the
+        fit's, so a shard recomputed on resume has the same bytes); else they are recomputed, with a notice.
         A fitted ``trak``/``logra``/``repsim`` run: the method's ``train_vectors`` (projected gradients, with
         ``precondition="fitted"`` multiplied by the fitted ``(F~ + lambda I)^-1``, with ``unit_norm`` unit
         length; repsim: unit hidden states), so that a score is ``query_vector @ row``.
@@ -595,7 +609,7 @@ class Run:
             self.method_fitted = True
         vectors, tracin = self.vectors(), self.checkpoint_method()
         raw = vectors is None and tracin is None  # an influence run's raw gradients (or no rows at all)
-        if self.method is not None and (raw or not self.method_fitted):
+        if not self.indexable() or (self.method is not None and not self.method_fitted):
             why = "its train side is not a vector per row" if raw else "before it is fitted"
             raise ValueError(
                 f"method {self.config.method!r} has no per-row gradient index ({why}); "
@@ -649,6 +663,16 @@ class Run:
         if tracin is not None:
             return writer, *self.checkpoint_parts(writer, adam, unit_norm)
         divisors = None
+        # the gradients the fit kept in this process (Run.fit(keep_gradients=True)): no training pass. Used
+        # when each shard starts a batch of the fit's, so a shard recomputed on resume has the same bytes
+        kept = self.attributor.kept_gradients(self.train) if raw else None
+        if kept is not None and shard_size % self.attributor.config.batch_size:
+            kept = None
+            self.notices.append(
+                f"the fit's kept gradients were not used for the index: shard_size {shard_size} is not a multiple "
+                f"of batch_size {self.attributor.config.batch_size}, so its batches differ from the fit's and the "
+                "gradients are recomputed (the same rows, rounded differently, to about 1e-7 relative)"
+            )
         if adam:
             state = AdamState.load(fingerprint["checkpoint"])
             divisors = {n: d.to(self.attributor.device) for n, d in state.divisors(self.attributor.modules).items()}
@@ -661,7 +685,11 @@ class Run:
                 yield from vectors.train_vectors(*rows) if divisors is None else vectors.train_vectors(*rows, divisors)
                 return
             description = f"index shard {shard + 1}/{writer.shard_count}"
-            for ids, grads in self.attributor.gradients(self.train[start:stop], description=description):
+            if kept is not None:
+                source = kept_rows(kept, start, stop)
+            else:
+                source = self.attributor.gradients(self.train[start:stop], description=description)
+            for ids, grads in source:
                 if divisors is not None:
                     grads = {n: g / divisors[n] for n, g in grads.items()}
                 yield ids, flatten_blocks(grads, names)
