@@ -66,6 +66,17 @@ def test_random_projection_blocks_are_reproducible():
     assert (big.norm(dim=1) / flat.norm(dim=1) - 1).abs().max() < 0.1
 
 
+def test_random_projection_memory_counts_only_projected_modules():
+    """A module with no more gradient entries than ``dim`` is left unprojected: no matrix, no block (a
+    ``dim`` of 10**6 once predicted a 16 GB block for a tiny model, and was refused on a loaded machine)."""
+    assert RandomProjection(FULL).matrix_bytes({"a": (4, 8), "b": (16, 16)}) == 0
+    small = RandomProjection(8, block_columns=4096, cache_bytes=2**28)
+    # cached: 8 x 32 and 8 x 256 float32; the uncached block is no wider than the widest module (256)
+    assert small.matrix_bytes({"a": (4, 8), "b": (16, 16), "c": (2, 4)}) == 4 * 8 * (32 + 256) + 4 * 8 * 256
+    capped = RandomProjection(8, block_columns=64, cache_bytes=100)
+    assert capped.matrix_bytes({"b": (16, 16)}) == 100 + 4 * 8 * 64
+
+
 def test_full_dimension_projections_equal_unprojected_scores(setting, tokenizer):
     model, train, queries, exact = setting
     config = AttributionConfig(batch_size=8)

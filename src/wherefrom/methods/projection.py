@@ -143,9 +143,14 @@ class RandomProjection(Projection):
         return min(self.dim, shape[0] * shape[1])
 
     def matrix_bytes(self, shapes: dict[str, tuple[int, int]]) -> int:
-        """The cached blocks (at most ``cache_bytes``) plus one uncached block."""
-        cached = sum(nbytes(self.dim, o * i) for o, i in shapes.values() if self.dim < o * i)
-        return min(cached, self.cache_bytes) + nbytes(self.dim, self.block_columns)
+        """The cached blocks (at most ``cache_bytes``) plus one uncached block (of at most ``block_columns``
+        columns, no wider than the widest projected module); nothing for a module whose gradient has no more
+        than ``dim`` entries (it is not projected)."""
+        projected = [o * i for o, i in shapes.values() if self.dim < o * i]
+        if not projected:
+            return 0
+        cached = sum(nbytes(self.dim, size) for size in projected)
+        return min(cached, self.cache_bytes) + nbytes(self.dim, min(self.block_columns, max(projected)))
 
     def block(
         self,
