@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from wherefrom.cli.settings import SETTINGS, Setting, check_arguments, default_threads
 from wherefrom.core.commandline import command_line
+from wherefrom.core.distributed import end_process
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
 from wherefrom.core.store import atomic_write_json
 
@@ -240,8 +241,12 @@ def command(function: Callable[..., None] | None = None, *, uses: Iterable[str] 
         try:
             with torch_threads(arguments.get("threads")):
                 function(**arguments)
+        except typer.Exit as done:
+            end_process(done.exit_code)  # a torchrun rank ends here (returns in one process)
+            raise
         finally:
             _CURRENT.reset(token)
+        end_process(0)
 
     parameters = [
         inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=_parameter(s), annotation=s.type)
