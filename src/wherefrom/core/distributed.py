@@ -110,8 +110,8 @@ def session() -> Iterator[World]:
     """Join the process group described by torchrun's variables for the block, and leave it after.
 
     A block that ends without an error ends with a barrier, so no rank leaves the group while another
-    still communicates; a process that left a group ends through :func:`end_process`. With ``WORLD_SIZE`` unset or 1, or a group already joined (by the caller),
-    nothing is done. Raises
+    still communicates; a process that left a group ends through :func:`end_process`. With
+    ``WORLD_SIZE`` unset or 1, or a group already joined (by the caller), nothing is done. Raises
     ``ValueError`` for malformed variables; the rendezvous itself (``MASTER_ADDR``/``MASTER_PORT``) is
     torch's ``env://`` initialisation.
     """
