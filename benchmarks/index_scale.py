@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=2, help="test rows per data set used as queries")
     p.add_argument("--dim", type=int, default=16, help="LoGra dim_in = dim_out")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=704, help="tokens per row (mixedL's longest is ~640)")
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--include", default=MLP)
     p.add_argument("--out", type=Path, default=None, help="store folder (default: temporary, removed)")
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     source = {r.id: task for task in TASKS for r in per_task[task]}
     queries = [r for task in TASKS for r in rows(task, "test", args.queries)]
     config = AttributionConfig(
-        strategy="identity", fisher="empirical", include=[args.include], batch_size=args.batch_size, max_length=512
+        strategy="identity", fisher="empirical", include=[args.include], batch_size=args.batch_size, max_length=args.max_length
     )
     logra = ProjectedInfluence.logra(
         model, tokenizer, config, dim_in=args.dim, dim_out=args.dim, curvature=args.fit_rows > 0
@@ -78,9 +79,11 @@ def main(argv: list[str] | None = None) -> None:
         writer = VectorStoreWriter(folder, [r.id for r in train], dim, settings, "float16", args.shard_size)
         writer.start()
         precondition = args.fit_rows > 0
+        built: list[int] = []  # rows embedded by this invocation (a resumed build skips finished shards)
 
         def produce(shard: int, _ids: list[str]):
             start, stop = writer.span(shard)
+            built.append(stop - start)
             print(f"shard {shard + 1}/{writer.shard_count} at {time.strftime('%H:%M:%S')}", flush=True)
             return logra.train_vectors(train[start:stop], precondition=precondition)
 
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         for q, qid in enumerate(query_ids)
     }
     own = {qid: sum(task == qid.split("-test-")[0] for _id, task, _v in proponents[qid]) for qid in query_ids}
-    rate = len(train) / times["build"][0]
+    rate = sum(built) / times["build"][0] if built else float("nan")
     full = sum(len(v) for v in everything.values())
     markdown = [
         "# A scaled real-size LoGra index (SmolLM2-135M, every MLP projection, CPU)",
@@ -116,7 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|",
         f"| projected Fisher fit ({args.fit_rows} rows) | "
         + (f"{times['fit'][0]:.1f} s |" if times["fit"] else "none (raw projected gradients) |"),
-        f"| index build | {times['build'][0]:.1f} s ({rate:.2f} rows/s) |",
+        f"| index build | {times['build'][0]:.1f} s for {sum(built)} rows ({rate:.2f} rows/s)"
+        + (f"; {len(train) - sum(built)} rows came from an earlier, interrupted run" if sum(built) < len(train) else "")
+        + " |",
         f"| store size on disk | {size / 2**20:.1f} MiB ({size / len(train) / 1024:.1f} KiB per row) |",
         f"| query pass ({len(queries)} queries: forward + backward + projection) | {times['query_pass'][0]:.1f} s "
         f"({times['query_pass'][0] / len(queries):.2f} s per query) |",
@@ -141,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         "modules": len(logra.module_names),
         "row_length": dim,
         "times": times,
+        "rows_built_here": sum(built),
         "rows_per_second": rate,
         "store_bytes": size,
         "extrapolated_full_build_seconds": full / rate,
