@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     source = {r.id: task for task in TASKS for r in per_task[task]}
     queries = [r for task in TASKS for r in rows(task, "test", args.queries)]
     config = AttributionConfig(
-        strategy="identity", fisher="empirical", include=[args.include], batch_size=args.batch_size, max_length=args.max_length
+        strategy="identity",
+        fisher="empirical",
+        include=[args.include],
+        batch_size=args.batch_size,
+        max_length=args.max_length,
     )
     logra = ProjectedInfluence.logra(
         model, tokenizer, config, dim_in=args.dim, dim_out=args.dim, curvature=args.fit_rows > 0
