@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import re
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
 
 from tests.cli.conftest import invoke
 from wherefrom.cli import app
+from wherefrom.cli.app import COMMANDS
 
 runner = CliRunner()
 
@@ -128,6 +130,40 @@ def test_query_tables_at_80_columns_name_lowest_scores_and_keep_module_names_who
 def test_help_reflows_each_paragraph_to_the_terminal(workspace):
     result = runner.invoke(app, ["diagnose", "--help"], env={"COLUMNS": "200"})
     assert "the exact GGN is formed. Every method and the exact reference use one absolute damping" in result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_prints_its_help_with_brackets_as_written(name):
+    """``wherefrom CMD --help`` for every command: exit 0, text in square brackets shown as written (rich once
+    took the ``[/INST]`` in the template setting's help for a closing tag: bench, ablate and finetune failed)."""
+    result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    if name == "bench":
+        assert "[INST] {prompt} [/INST]" in result.stdout
+
+
+def test_paths_ids_and_tokens_with_brackets_print_as_written(workspace, tmp_path):
+    """Run folders, row ids, labels and tokens are data, not rich markup: with ``[/...]`` and ``[bold]`` in
+    them, fit, index, scores and query (table and per-token lines) exit 0 and print them as they are."""
+    from wherefrom.core.data import load_records
+    from wherefrom.studies.generated import write_jsonl
+
+    rows = [replace(row, id=f"[/INST]row-{i}[bold]") for i, row in enumerate(load_records(workspace / "train.jsonl"))]
+    train = tmp_path / "train.jsonl"
+    write_jsonl(rows, train)
+    run = tmp_path / "[/b]run[i]"
+    common = ["--max-length", "128"]
+    fitted = invoke("fit", "--train", train, "--model", workspace / "model", "--run", run, "--with-index", *common)
+    assert fitted.exit_code == 0, fitted.output
+    assert f"-> {run / 'factors'}" in fitted.output and f"-> {run / 'index'}" in fitted.output
+    scored = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl")
+    assert scored.exit_code == 0, scored.output
+    assert "[/INST]row-" in scored.stdout and str(run / "scores") in scored.output
+    queried = runner.invoke(
+        app, ["query", "[/INST] a b -> b a\nRule:", " [/x]", "--run", str(run), "--per-token"], env={"COLUMNS": "250"}
+    )
+    assert queried.exit_code == 0, queried.output
+    assert "[/INST]row-" in queried.stdout and "[bold] by token:" in queried.stdout
 
 
 def test_scores_travel_with_labels_as_a_table_and_a_top_k_csv(workspace):

@@ -159,7 +159,7 @@ def _parameter(setting: Setting) -> Any:
     return maker(
         setting.default,
         *names,
-        help=setting.help,
+        help=escape(setting.help),  # shown as written: `[/INST]` is text, not a rich closing tag
         rich_help_panel=setting.group,
         show_default=setting.default is not ...,
     )
@@ -257,5 +257,5 @@ def command(function: Callable[..., None] | None = None, *, uses: Iterable[str] 
     run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     run.__annotations__ = {s.name: s.type for s in settings}
     COMMANDS[name] = run
-    app.command(name=name)(run)
+    app.command(name=name, help=escape(run.__doc__))(run)
     return run

@@ -7,7 +7,6 @@ from rich.console import Console
 
 from wherefrom.cli.app import (
     command,
-    console,
     fail,
     merged_options,
     method_list,
@@ -77,7 +76,7 @@ def attribute(
     labels = {row.id: row.label for row in train_rows}
     path = save_scores(result, out, "scores", labels, top_k)
     print_tops(result, top_k, labels)
-    console.print(f"{method}: {tuple(result.total.shape)} scores -> {path}")
+    say(f"{method}: {tuple(result.total.shape)} scores -> {path}")
 
 
 def used_settings(method: str, config: AttributionConfig, options: dict) -> dict:

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from wherefrom.cli.app import command, console, fail, merged_options, progress, remember, settings_as
+from wherefrom.cli.app import command, console, fail, merged_options, progress, remember, say, settings_as
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, load_records
 from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, refuse, session
@@ -90,9 +90,7 @@ def fit(
     notify(opened)
     state = "fitted" if fitted else "already fitted (reused, checksums verified)"
     where = run / ("method" if opened.method is not None else "factors")
-    console.print(
-        f"{method or strategy} {state}: {len(opened.attributor.modules)} modules, {len(opened.train)} rows -> {where}"
-    )
+    say(f"{method or strategy} {state}: {len(opened.attributor.modules)} modules, {len(opened.train)} rows -> {where}")
     if written is not None:
         print_index_done(run, written)
 
@@ -121,7 +119,7 @@ def index(run, shard_size, dtype, precondition, optimizer_checkpoint, unit_norm,
 
 def print_index_done(run: Path, written: int) -> None:
     """The line that ends a build of RUN/index/."""
-    console.print(f"index complete ({written} shards written now) -> {run / 'index'}")
+    say(f"index complete ({written} shards written now) -> {run / 'index'}")
 
 
 @command
@@ -153,7 +151,7 @@ def scores(run, queries, name, top_k, overwrite, search, search_option, prefilte
     if replaces:
         console.print(f"[yellow]note:[/] replaced the earlier scores of the same query rows in {escape(str(path))}")
     print_tops(result, top_k, {row.id: row.label for row in opened.train})
-    console.print(f"{tuple(result.total.shape)} scores -> {path}")
+    say(f"{tuple(result.total.shape)} scores -> {path}")
 
 
 def check_search(search: str | None, search_option: list[str] | None) -> dict:
@@ -315,7 +313,7 @@ def query(
     if html is not None:
         from wherefrom.cli.report import write_query_html
 
-        console.print(f"query view -> {write_query_html(html, report, result, opened, record)}")
+        say(f"query view -> {write_query_html(html, report, result, opened, record)}")
     if as_json:
         typer.echo(json.dumps(strict_json(report), indent=2, allow_nan=False))
         return
@@ -347,9 +345,10 @@ def print_report(report: dict, module_names: list[str] | None = None) -> None:
             text = Text(entry["prompt"][-160:].replace("\n", " ") + " -> ")
             text.append(entry["completion"][:160].replace("\n", " "), style="bold")
             modules = "\n".join(f"{short.get(name, name)} {value:+.2g}" for name, value in entry["top_modules"])
-            table.add_row(str(rank), f"{entry['score']:+.4g}", entry["id"], str(entry["label"] or ""), text, modules)
+            cells = (str(rank), f"{entry['score']:+.4g}", entry["id"], str(entry["label"] or ""))
+            table.add_row(*map(Text, cells), text, Text(modules))  # Text: an id or label is shown as written
         out.print(table)
     for entry in report["proponents"]:
         if "tokens" in entry:
             shown = " ".join(f"{tok!r}:{value:+.2g}" for tok, value in entry["tokens"])
-            out.print(f"[bold]{entry['id']}[/] by token: {shown}")
+            out.print(Text.assemble((entry["id"], "bold"), f" by token: {shown}"))

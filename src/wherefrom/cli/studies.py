@@ -11,7 +11,6 @@ import typer
 from wherefrom.cli.app import (
     changed_settings,
     command,
-    console,
     fail,
     merged_options,
     method_list,
@@ -59,9 +58,7 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
         fail(error)
     losses = ", ".join(f"{loss:.3f}" for loss in result.epoch_losses)
     state = "reused an identical earlier run" if result.reused else "trained"
-    console.print(
-        f"{state}: mean loss per epoch {losses} -> {result.weights_dir} ({len(result.checkpoints)} checkpoints)"
-    )
+    say(f"{state}: mean loss per epoch {losses} -> {result.weights_dir} ({len(result.checkpoints)} checkpoints)")
 
 
 PRESET_SETTINGS = (*FINETUNING, *REFERENCE_SWITCHES, "damping", "damping_factor")
@@ -251,7 +248,7 @@ def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, **setti
         for name, array in (("LDS", gt.lds_masks), ("LOO", gt.loo_rows), ("PBRF", gt.pbrf_rows))
         if array is not None
     ]
-    console.print(
+    say(
         f"ground truth ({', '.join(targets)}) for {len(gt.train_ids)} rows x {len(gt.query_ids)} queries in "
         f"{meta['timings']['total_s']:.1f} s -> {out}"
     )

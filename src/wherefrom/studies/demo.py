@@ -15,7 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores
@@ -83,15 +85,16 @@ def run_demo(
         table.add_column(column, overflow="fold")
     for q, query in enumerate(queries):
         cells = [", ".join(f"{labels[i]}" for i, _ in results[m].top(q, 3)) for m in ("ekfac", "identity")]
-        table.add_row(query.prompt.replace("\n", " ")[30:], str(query.label), *cells)
+        table.add_row(*map(Text, (query.prompt.replace("\n", " ")[30:], str(query.label), *cells)))
     console.print(table)
     share = {method: top1_label_share(scores, queries, labels) for method, scores in results.items()}
     example = results["ekfac"].top(0, 1)[0][0]
     console.print(
-        f"example: query {queries[0].id!r} -> top EK-FAC proponent {example!r}: {text[example].prompt!r}{text[example].completion!r}"
+        f"example: query {queries[0].id!r} -> top EK-FAC proponent {example!r}: {text[example].prompt!r}{text[example].completion!r}",
+        markup=False,
     )
     console.print(
         f"[bold]top-1 proponent has the query's label[/]: EK-FAC {share['ekfac']:.0%}, identity {share['identity']:.0%} "
-        f"(chance {1 / len({r.label for r in train}):.0%}); run folder {folder / 'run-ekfac'}"
+        f"(chance {1 / len({r.label for r in train}):.0%}); run folder {escape(str(folder / 'run-ekfac'))}"
     )
     return share
