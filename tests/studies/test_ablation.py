@@ -104,3 +104,23 @@ def test_ablate_two_switches_on_tiny_model(tmp_path, tiny_model):
     assert shown.exit_code == 0, shown.output
     html = (out / "report.html").read_text()
     assert "Run template" in html and "Change against the start run" in html and "fisher: ekfac" in html
+
+
+def test_short_row_wins_counts_top1_of_the_shortest_share_per_seed():
+    """Exact counts on a hand-made report: per seed the shortest ``share`` of rows (at least one) are short;
+    failed rows and other methods are skipped; the most frequent winner is counted per seed."""
+    from wherefrom.studies.ablation import short_row_wins
+
+    lengths = {0: {f"r{i}": 10 * (i + 1) for i in range(20)}, 1: {f"r{i}": 10 * (20 - i) for i in range(20)}}
+    report = {
+        "rows": [
+            {"method": "gradsim", "seed": 0, "error": None, "top1": ["r0", "r0", "r1", "r5"]},
+            {"method": "gradsim", "seed": 1, "error": None, "top1": ["r19", "r18", "r0"]},
+            {"method": "gradsim", "seed": 2, "error": "failed", "top1": []},
+            {"method": "repsim", "seed": 0, "error": None, "top1": ["r0"]},
+        ]
+    }
+    # 5%: one row a seed (r0 at seed 0, r19 at seed 1); 10%: two (r0, r1 / r19, r18)
+    assert short_row_wins(report, "gradsim", lengths, 0.05) == {"queries": 7, "short_top1": 3, "most_frequent_top1": 3}
+    assert short_row_wins(report, "gradsim", lengths, 0.10)["short_top1"] == 5
+    assert short_row_wins(report, "repsim", lengths, 0.10) == {"queries": 1, "short_top1": 1, "most_frequent_top1": 1}

@@ -34,7 +34,7 @@ from wherefrom.studies.metrics import mean_stat
 from wherefrom.studies.presets import SWITCHES, check_preset, resolve, switched, switches_between
 from wherefrom.studies.toolkit import interval_cell, markdown_table, number, provenance, write_report
 
-__all__ = ["SHORT_SHARE", "STUDY_METHODS", "AblationConfig", "ablation_runs", "run_ablation"]
+__all__ = ["SHORT_SHARE", "STUDY_METHODS", "AblationConfig", "ablation_runs", "run_ablation", "short_row_wins"]
 
 STUDY_METHODS = ["ekfac", "gradsim", "repsim"]
 """What ``ablate`` runs when ``--methods`` is not given (the reference study's EK-FAC-like influence,
@@ -122,15 +122,19 @@ def _by_seed(report: dict[str, Any], method: str, metric: str) -> dict[int, floa
     }
 
 
-def _short_rows(report: dict[str, Any], method: str, lengths: dict[int, dict[str, int]]) -> dict[str, Any]:
-    """Top-1 counts of one run and method, pooled over seeds: queries, those won by a short row, and by the
-    most frequent winner."""
+def short_row_wins(
+    report: dict[str, Any], method: str, lengths: dict[int, dict[str, int]], share: float = SHORT_SHARE
+) -> dict[str, Any]:
+    """Top-1 counts of one bench report (``bench.json``) and method, pooled over seeds: ``queries``,
+    ``short_top1`` (won by one of the shortest ``share`` of training rows, at least one row; ``lengths``:
+    per seed, each training row id's length) and ``most_frequent_top1`` (won by each seed's most frequent
+    winner). The reference study's failure shows as both far above chance (``share`` x queries, resp. a few)."""
     queries = short = most = 0
     for row in report["rows"]:
         if row["method"] != method or row["error"] or not row.get("top1"):
             continue
         by_length = sorted(lengths[row["seed"]], key=lengths[row["seed"]].get)
-        shortest = set(by_length[: max(1, math.ceil(SHORT_SHARE * len(by_length)))])
+        shortest = set(by_length[: max(1, math.ceil(share * len(by_length)))])
         queries += len(row["top1"])
         short += sum(1 for winner in row["top1"] if winner in shortest)
         most += Counter(row["top1"]).most_common(1)[0][1]
@@ -169,7 +173,7 @@ def run_ablation(
                 paired = [other[s] - base[s] for s in config.seeds if s in base and s in other]
                 entry[metric] = mean_stat(paired, within=(-1.0, 1.0))
             changes[run][method] = entry
-    short = {run: {m: _short_rows(reports[run], m, lengths) for m in config.methods} for run in reports}
+    short = {run: {m: short_row_wins(reports[run], m, lengths) for m in config.methods} for run in reports}
     aggregates = {run: report["aggregate"] for run, report in reports.items()}
     payload = {
         **provenance(command),
