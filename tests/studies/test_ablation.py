@@ -55,6 +55,17 @@ def test_bench_preset_records_resolved_settings_and_flags_override(tmp_path, tin
     assert config["method_options"]["lissa"] == {"damping_sign": "reference", "depth": 2, "scale": 1e-3}
     row = json.loads((out / "seed-0" / "gradsim.json").read_text())
     assert row["error"] is None and len(row["top1"]) == 3
+    # the record names what the user set, not defaults the preset overrode (e.g. --max-length 512), and
+    # replays to the same resolved settings
+    line = json.loads((out / "bench.json").read_text())["command"]
+    assert "--preset reference-study" in line and "--epochs 1" in line and "--option lissa.depth=2" in line
+    for flag in ("--max-length", "--learning-rate", "--loss-tokens", "--batch-size", "--fisher", "--lora-alpha"):
+        assert flag not in line, line
+    recorded = json.loads((out / "config.json").read_text())["replay"]["bench"]["arguments"]
+    assert "max_length" not in recorded and recorded["epochs"] == 1 and recorded["preset"] == "reference-study"
+    replayed = invoke("replay", out)
+    assert replayed.exit_code == 0, replayed.output
+    assert json.loads((out / "bench.json").read_text())["config"] == config
     bad = invoke("bench", "--task", "rules", "--preset", "nope", "--out", tmp_path / "x")
     assert (
         bad.exit_code == 2 and "--preset nope: unknown preset; choose one of reference-study, wherefrom" in bad.output
@@ -96,6 +107,8 @@ def test_ablate_two_switches_on_tiny_model(tmp_path, tiny_model):
             for metric in ("acc", "cover"):
                 stat = report["changes"][run][method][metric]
                 assert stat["n"] == 2 and -1 <= stat["low"] <= stat["mean"] <= stat["high"] <= 1
+    line = report["command"]  # flags at non-default values hold in every run; the presets decide the rest
+    assert "--pad-left" in line and "--loss-tokens all" in line and "--fisher" not in line and "--template" not in line
     short = report["short_rows"]["start"]["gradsim"]
     assert short["queries"] == 6 and 0 <= short["short_top1"] <= 6 and 1 <= short["most_frequent_top1"] <= 6
     text = (out / "ablate.md").read_text()

@@ -17,7 +17,7 @@ import inspect
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -39,6 +39,7 @@ __all__ = [
     "command",
     "console",
     "fail",
+    "leave_to_preset",
     "progress",
     "recorded_line",
     "remember",
@@ -92,15 +93,21 @@ def required(value: Any, name: str) -> Any:
 # --- the record of an invocation ----------------------------------------------------------------
 @dataclass
 class Invocation:
-    """The command running now and its arguments (after checks), in signature order."""
+    """The command running now and its arguments (after checks), in signature order; ``unrecorded``: the
+    settings its record leaves out (see :func:`leave_to_preset`)."""
 
     name: str
     arguments: dict[str, Any]
+    unrecorded: set[str] = field(default_factory=set)
+
+    def recorded(self) -> dict[str, Any]:
+        """The arguments that go into the record (:func:`recorded_line`, :func:`remember`)."""
+        return {name: value for name, value in self.arguments.items() if name not in self.unrecorded}
 
     def pairs(self) -> list[tuple[str | None, Any]]:
         """``(flag or None for a positional argument, value)`` in order, for :func:`command_line`."""
         return [
-            (None if SETTINGS[name].argument else SETTINGS[name].flag, value) for name, value in self.arguments.items()
+            (None if SETTINGS[name].argument else SETTINGS[name].flag, value) for name, value in self.recorded().items()
         ]
 
 
@@ -114,6 +121,15 @@ def recorded_line() -> str:
     return command_line(invocation.name, invocation.pairs())
 
 
+def leave_to_preset(names: Iterable[str]) -> None:
+    """Leave the running command's settings among ``names`` that are at their default out of its record
+    (:func:`recorded_line`, :func:`remember`): a preset decides them (``bench --preset``, ``ablate``), so a
+    default written there would read as a value the run used. A rerun of the record resolves them the same
+    way, since a flag at its default never overrides a preset."""
+    invocation = _CURRENT.get()
+    invocation.unrecorded |= {n for n in names if n in invocation.arguments} - set(changed_settings(names))
+
+
 def remember(folder: Path, key: str | None = None) -> None:
     """Record the running command in ``folder/config.json`` under ``replay[key]`` (default: the command's
     name), beside whatever else that file holds, so that ``wherefrom replay FOLDER`` reruns it."""
@@ -123,7 +139,7 @@ def remember(folder: Path, key: str | None = None) -> None:
     replay = saved.setdefault("replay", {})
     replay[key or invocation.name] = {
         "command": invocation.name,
-        "arguments": {name: _jsonable(value) for name, value in invocation.arguments.items()},
+        "arguments": {name: _jsonable(value) for name, value in invocation.recorded().items()},
         "line": recorded_line(),
     }
     atomic_write_json(saved, path)

@@ -12,6 +12,7 @@ from wherefrom.cli.app import (
     changed_settings,
     command,
     fail,
+    leave_to_preset,
     merged_options,
     method_list,
     progress,
@@ -87,6 +88,8 @@ def bench(task, out, methods, seeds, option, preset, no_eos, **settings) -> None
     from wherefrom.studies.presets import resolve
 
     out = required(out, "out")
+    if preset is not None:
+        leave_to_preset(PRESET_SETTINGS)
 
     def build() -> BenchConfig:
         chosen = {"out": str(out), "methods": method_list(methods, DEFAULT_METHODS), "seeds": int_list(seeds or "0")}
@@ -127,6 +130,7 @@ def ablate(task, out, methods, seeds, option, start, target, n_train, n_test, mo
     from wherefrom.studies.ablation import STUDY_METHODS, AblationConfig, run_ablation
 
     out = required(out, "out")
+    leave_to_preset(PRESET_SETTINGS)  # the presets --from and --to decide what no flag sets
 
     def build() -> AblationConfig:
         return AblationConfig(
