@@ -112,9 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     rate = sum(built) / times["build"][0] if built else float("nan")
     full = sum(len(v) for v in everything.values())
     markdown = [
-        "# A scaled real-size LoGra index (SmolLM2-135M, every MLP projection, CPU)",
+        f"# A {'' if len(train) == full else 'scaled '}real-size LoGra index (SmolLM2-135M, every MLP projection, CPU)",
         "",
-        f"Indexed **{len(train)} rows** (the first {args.per_task or 'all'} training rows of each of "
+        f"Indexed **{len(train)} rows** ("
+        + (f"the first {args.per_task}" if args.per_task else "all the")
+        + f" training rows of each of "
         f"{', '.join(TASKS)}; {sum(len(e.input_ids) for e in logra.attributor.encode(train))} tokens) with "
         f"{len(logra.module_names)} tracked modules (`{args.include}`), LoGra {args.dim}x{args.dim} per module "
         f"(row length {dim:,}), float16, {args.shard_size} rows per shard, one torch thread.",
@@ -131,8 +133,14 @@ def main(argv: list[str] | None = None) -> None:
         f"({times['query_pass'][0] / len(queries):.2f} s per query) |",
         f"| top-10 scan of the store, verified (every shard hashed) | {1e3 * times['scan_verified'][0]:.1f} ms |",
         f"| top-10 scan of the store, memory-mapped | {1e3 * times['scan_mapped'][0]:.1f} ms |",
-        f"| **extrapolation** to all {full:,} training rows at the measured rate | "
-        f"{full / rate / 3600:.2f} h build, {full * size / len(train) / 2**20:.0f} MiB |",
+        *(
+            [
+                f"| **extrapolation** to all {full:,} training rows at the measured rate | "
+                f"{full / rate / 3600:.2f} h build, {full * size / len(train) / 2**20:.0f} MiB |"
+            ]
+            if len(train) < full
+            else []
+        ),
         "",
         "Top-10 proponents (own data set among them):",
         "",
