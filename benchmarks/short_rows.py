@@ -23,8 +23,8 @@ from collections import Counter
 from pathlib import Path
 
 from common import command_line, uptime, write_results
-from wherefrom.studies.ablation import short_row_wins
-from wherefrom.studies.bench import BenchConfig, build_task
+from wherefrom.studies.ablation import row_lengths, short_row_wins
+from wherefrom.studies.bench import BenchConfig
 
 SHARES = (0.03, 0.10)
 
@@ -40,10 +40,7 @@ def bench_rows(folder: Path) -> list[dict]:
     """One table row per method of the bench in ``folder`` (see the module docstring)."""
     report = json.loads((folder / "bench.json").read_text(encoding="utf-8"))
     config = BenchConfig(**report["config"])
-    lengths = {}
-    for seed in config.seeds:
-        task = build_task(config, seed)
-        lengths[seed] = {r.id: len(r.prompt) + len(r.completion) for r in task.train}
+    lengths = row_lengths(config)
     out = []
     for method in config.methods:
         rows = [r for r in report["rows"] if r["method"] == method and not r["error"] and r.get("top1")]

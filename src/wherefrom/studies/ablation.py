@@ -34,7 +34,15 @@ from wherefrom.studies.metrics import mean_stat
 from wherefrom.studies.presets import SWITCHES, check_preset, resolve, switched, switches_between
 from wherefrom.studies.toolkit import interval_cell, markdown_table, number, provenance, write_report
 
-__all__ = ["SHORT_SHARE", "STUDY_METHODS", "AblationConfig", "ablation_runs", "run_ablation", "short_row_wins"]
+__all__ = [
+    "SHORT_SHARE",
+    "STUDY_METHODS",
+    "AblationConfig",
+    "ablation_runs",
+    "row_lengths",
+    "run_ablation",
+    "short_row_wins",
+]
 
 STUDY_METHODS = ["ekfac", "gradsim", "repsim"]
 """What ``ablate`` runs when ``--methods`` is not given (the reference study's EK-FAC-like influence,
@@ -122,6 +130,14 @@ def _by_seed(report: dict[str, Any], method: str, metric: str) -> dict[int, floa
     }
 
 
+def row_lengths(bench: BenchConfig) -> dict[int, dict[str, int]]:
+    """Per seed of ``bench``, each training row id's length in characters (prompt + completion): the
+    ``lengths`` of :func:`short_row_wins`."""
+    return {
+        seed: {r.id: len(r.prompt) + len(r.completion) for r in build_task(bench, seed).train} for seed in bench.seeds
+    }
+
+
 def short_row_wins(
     report: dict[str, Any], method: str, lengths: dict[int, dict[str, int]], share: float = SHORT_SHARE
 ) -> dict[str, Any]:
@@ -157,10 +173,7 @@ def run_ablation(
         reports[name] = run_bench(bench, progress=progress, log=lambda line, name=name: say(f"{name}: {line}"))
     kind = reports["start"]["kind"] or "class"
     names = _METRICS[kind]
-    lengths = {}
-    for seed in config.seeds:
-        task = build_task(next(iter(ablation_runs(config)))[1], seed)
-        lengths[seed] = {r.id: len(r.prompt) + len(r.completion) for r in task.train}
+    lengths = row_lengths(next(iter(ablation_runs(config)))[1])
     changes: dict[str, dict[str, dict[str, Any]]] = {}
     for run in reports:
         if run == "start":
