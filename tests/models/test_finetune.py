@@ -230,3 +230,97 @@ def test_reference_settings_linear_decay_dropout_and_layout(tokenizer, records, 
     assert "lr_schedule" not in lora_config().to_dict() and "template" not in lora_config().to_dict()
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         lora_config(lr_schedule="cosine").validate()
+
+
+class Interrupted(Exception):
+    """Raised in place of a step's loss, as a kill would stop the run there."""
+
+
+def count_steps(monkeypatch, stop_after: int | None = None) -> dict[str, int]:
+    """Count the training steps of the next :func:`finetune` calls (each step computes one loss); with
+    ``stop_after``, interrupt the run at the step after that many."""
+    import wherefrom.models.finetune as module
+
+    real, calls = module.per_example_loss, {"steps": 0}
+
+    def counting(*args, **kwargs):
+        if stop_after is not None and calls["steps"] >= stop_after:
+            raise Interrupted
+        calls["steps"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "per_example_loss", counting)
+    return calls
+
+
+def files_of(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+RESUMABLE = {
+    "lora with dropout and linear decay": (tiny_llama, {"lr_schedule": "linear", "lora_dropout": 0.1}),
+    "full gpt2": (tiny_gpt2, {"lora_rank": None, "learning_rate": 3e-3, "weight_decay": 0.01}),
+    "lora without checkpoints": (tiny_llama, {"checkpoint_every_epoch": False}),
+}
+
+
+@pytest.mark.parametrize("name", list(RESUMABLE))
+def test_interrupted_run_resumes_after_its_last_epoch_bit_for_bit(
+    name, tokenizer, records, tmp_path, monkeypatch, caplog
+):
+    """A run stopped in its second epoch resumes after epoch 1, is stopped again in its third and resumes after
+    epoch 2 (parameters, AdamW's moments, the schedule and the dropout generator restored), trains only epoch 3,
+    and leaves the uninterrupted run's bytes: weights, checkpoints, optimizer states, log and config."""
+    make, settings = RESUMABLE[name]
+    config = lora_config(epochs=3, **settings)  # 32 rows, batch 8: 4 steps an epoch
+    clean = finetune(make(len(tokenizer)), tokenizer, records, config, tmp_path / "clean", progress=False)
+    out = tmp_path / "killed"
+    for stop_after, resumed_after in ((6, None), (5, 1)):  # stopped at steps 7 and 10 of 12
+        caplog.clear()
+        with monkeypatch.context() as patch, caplog.at_level("INFO", logger="wherefrom.models.finetune"):
+            count_steps(patch, stop_after=stop_after)
+            with pytest.raises(Interrupted):
+                finetune(make(len(tokenizer)), tokenizer, records, config, out, progress=False)
+        assert ("resuming" in caplog.text) == (resumed_after is not None), caplog.text
+        assert resumed_after is None or f"after epoch {resumed_after}" in caplog.text
+        assert (out / "resume").is_dir() and not (out / "finetune_config.json").exists()
+    with monkeypatch.context() as patch:
+        steps = count_steps(patch)
+        resumed = finetune(make(len(tokenizer)), tokenizer, records, config, out, progress=False)
+    assert resumed.resumed_after == 2 and not resumed.reused and steps["steps"] == 4
+    assert resumed.epoch_losses == clean.epoch_losses
+    assert [c.relative_to(out) for c in resumed.checkpoints] == [
+        c.relative_to(tmp_path / "clean") for c in clean.checkpoints
+    ]
+    assert files_of(out) == files_of(tmp_path / "clean")  # resume/ is gone, nothing else differs
+    a, b = clean.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_training_state_of_other_settings_or_damaged_is_not_resumed(tokenizer, records, tmp_path, monkeypatch):
+    """The state of an interrupted run with other settings, or a damaged one, is discarded (and logged): the run
+    trains from the start and gives the clean run's result."""
+    config = lora_config(epochs=3)
+    clean = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, tmp_path / "clean", progress=False)
+
+    def interrupt(settings: FinetuneConfig, out) -> None:
+        with monkeypatch.context() as patch:
+            count_steps(patch, stop_after=5)
+            with pytest.raises(Interrupted):
+                finetune(tiny_llama(len(tokenizer)), tokenizer, records, settings, out, progress=False)
+        assert (out / "resume").is_dir()
+
+    interrupt(lora_config(epochs=3, learning_rate=1e-2), tmp_path / "other")
+    other = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, tmp_path / "other", progress=False)
+    assert other.resumed_after == 0 and other.epoch_losses == clean.epoch_losses
+    assert files_of(tmp_path / "other") == files_of(tmp_path / "clean")
+
+    interrupt(config, tmp_path / "damaged")
+    state = tmp_path / "damaged" / "resume" / "state.safetensors"
+    data = bytearray(state.read_bytes())
+    data[-1] ^= 0xFF  # bit rot in the last tensor
+    state.write_bytes(bytes(data))
+    damaged = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, tmp_path / "damaged", progress=False)
+    assert damaged.resumed_after == 0 and damaged.epoch_losses == clean.epoch_losses
+    assert files_of(tmp_path / "damaged") == files_of(tmp_path / "clean")

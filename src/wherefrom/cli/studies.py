@@ -59,6 +59,8 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
         fail(error)
     losses = ", ".join(f"{loss:.3f}" for loss in result.epoch_losses)
     state = "reused an identical earlier run" if result.reused else "trained"
+    if result.resumed_after:
+        state = f"resumed an interrupted identical run after epoch {result.resumed_after} and trained"
     say(f"{state}: mean loss per epoch {losses} -> {result.weights_dir} ({len(result.checkpoints)} checkpoints)")
 
 

@@ -15,19 +15,24 @@ Layout of ``output_dir`` after :func:`finetune`::
                                 :mod:`wherefrom.models.optimizer_state`; checksummed in checksums.json)
     checkpoints/epoch-2/        ...
     adapter/  or  model/        final weights (LoRA adapter, or full model + tokenizer)
+    resume/                     while training: the whole training state after the last finished epoch
+                                (:mod:`wherefrom.models.training_state`); removed once the run is complete
 
 Every file and folder is written under a temporary name and renamed into place, and
 ``finetune_config.json`` is written last, so an interrupted run never leaves something that looks
 complete. A later call with the same config, data, base model and tokenizer reuses the result
-instead of training again (``FinetuneResult.reused``); anything else retrains from scratch.
-Interrupted runs are not resumed mid-way (a checkpoint keeps AdamW's second moment, for preconditioning
-gradients, not its first moment); they restart. Checkpoints of runs saved before the optimizer state was
-kept still load (their folders lack only ``optimizer_state.safetensors``).
+instead of training again (``FinetuneResult.reused``). A run killed part-way (kill -9 included) resumes
+after its last finished epoch when called again with the same config, data, base model and tokenizer
+(``FinetuneResult.resumed_after``): parameters, AdamW's moments, the schedule and the random generators are
+restored, so the result is the uninterrupted run's, bit for bit on CPU. Anything else retrains from scratch.
+Checkpoints of runs saved before the optimizer state was kept still load (their folders lack only
+``optimizer_state.safetensors``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -41,10 +46,11 @@ from torch import nn
 
 from wherefrom.core.data import Record, check_records, data_fingerprint
 from wherefrom.core.encoding import LAYOUT_SETTINGS, encode_records, iterate_batches, pad_id
-from wherefrom.core.store import atomic_write_dir, atomic_write_text, refuse_overwrite
+from wherefrom.core.store import DamagedFile, atomic_write_dir, atomic_write_text, refuse_overwrite
 from wherefrom.core.task import per_example_loss
 from wherefrom.models.loading import model_fingerprint, quiet_peft, tokenizer_fingerprint
 from wherefrom.models.optimizer_state import save_adam_state
+from wherefrom.models.training_state import TrainingStateMismatch, load_training_state, save_training_state
 
 __all__ = [
     "CONFIG_FILE",
@@ -64,9 +70,12 @@ CONFIG_FILE = "finetune_config.json"
 TRAIN_LOG_FILE = "train_log.jsonl"
 TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINTS_DIR = "checkpoints"
+RESUME_DIR = "resume"
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 _FORMAT_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -164,7 +173,8 @@ class FinetuneResult:
     ``output_dir/model``; ``epoch_losses[k]`` the mean training loss over the steps of epoch
     ``k + 1``; ``checkpoints`` the per-epoch folders in epoch order (empty without
     ``checkpoint_every_epoch``); ``reused`` whether an earlier identical run was loaded instead
-    of training.
+    of training; ``resumed_after`` the epoch an interrupted identical run had finished, whose state this
+    call restored and trained on from (0: trained from the start, or reused).
     """
 
     model: nn.Module
@@ -173,6 +183,7 @@ class FinetuneResult:
     epoch_losses: list[float]
     checkpoints: list[Path]
     reused: bool
+    resumed_after: int = 0
 
     @property
     def is_lora(self) -> bool:
@@ -192,12 +203,22 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _clear_outputs(output_dir: Path) -> None:
-    """Delete what an earlier (other or interrupted) run left: only names this module writes."""
+def _clear_outputs(output_dir: Path, resuming: Sequence[str] | None = None) -> None:
+    """Delete what an earlier (other or interrupted) run left: only names this module writes. ``resuming``:
+    the checkpoints (relative paths) of the interrupted run being resumed, kept with its training state
+    (``None``: nothing is resumed, everything goes)."""
     _remove(output_dir / CONFIG_FILE)  # first: nothing may look complete from here on
-    for name in (TRAIN_LOG_FILE, CHECKPOINTS_DIR, ADAPTER_DIR, MODEL_DIR):
+    kept = {output_dir / rel for rel in resuming or ()}
+    for name in (TRAIN_LOG_FILE, ADAPTER_DIR, MODEL_DIR, *((RESUME_DIR,) if resuming is None else ())):
         _remove(output_dir / name)
-    names = (CONFIG_FILE, TRAIN_LOG_FILE, CHECKPOINTS_DIR, ADAPTER_DIR, MODEL_DIR)
+    checkpoints = output_dir / CHECKPOINTS_DIR
+    if resuming is None:
+        _remove(checkpoints)
+    elif checkpoints.is_dir():
+        for entry in checkpoints.iterdir():
+            if entry not in kept:  # later epochs and the partial folders of a killed write
+                _remove(entry)
+    names = (CONFIG_FILE, TRAIN_LOG_FILE, CHECKPOINTS_DIR, ADAPTER_DIR, MODEL_DIR, RESUME_DIR)
     pattern = re.compile(r"^\.(" + "|".join(re.escape(n) for n in names) + r")(\.partial-|\.old-)")
     for leftover in output_dir.iterdir():
         if pattern.match(leftover.name):
@@ -305,6 +326,36 @@ def _try_reuse(output_dir: Path, identity: dict[str, Any]) -> tuple[list[float],
     return [float(x) for x in losses], checkpoints, weights_dir
 
 
+def _restore(
+    output_dir: Path,
+    identity: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[int, dict[str, Any]]:
+    """``(epochs done, bookkeeping)`` of the interrupted identical run whose training state is in
+    ``output_dir/resume`` (restored into ``model``, ``optimizer``, ``schedule`` and the generators), or
+    ``(0, empty bookkeeping)`` when there is none to resume (a state of other settings, or a damaged one, is
+    logged and then deleted with the rest)."""
+    fresh: dict[str, Any] = {"log": [], "epoch_losses": [], "checkpoints": [], "step": 0}
+    folder = output_dir / RESUME_DIR
+    if not folder.is_dir():
+        return 0, fresh
+    try:
+        done, book = load_training_state(folder, identity, model, optimizer, schedule)
+    except (TrainingStateMismatch, DamagedFile, FileNotFoundError) as error:
+        logger.warning("not resuming from %s, training from the start: %s", folder, error)
+        return 0, fresh
+    missing = [rel for rel in book["checkpoints"] if not (output_dir / rel / TRAINER_STATE_FILE).is_file()]
+    if missing:  # the state was restored, but its checkpoints are gone: refuse it before a step is taken
+        raise TrainingStateMismatch(
+            f"{folder}: the checkpoints it continues ({', '.join(missing)}) are missing; delete {folder} to "
+            "train from the start"
+        )
+    logger.info("resuming %s after epoch %d", output_dir, done)
+    return done, book
+
+
 def _load_saved(model: nn.Module, weights_dir: Path, lora: bool) -> nn.Module:
     device, dtype = _device_of(model), _dtype_of(model)
     if lora:
@@ -334,6 +385,7 @@ def finetune(
     output_dir: str | Path,
     progress: bool = True,
     overwrite: bool = True,
+    resumable: bool = True,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``records`` and save checkpoints, logs and final weights.
 
@@ -357,14 +409,19 @@ def finetune(
     weights go to ``output_dir/adapter`` (LoRA) or ``output_dir/model`` (full model + tokenizer), then
     ``train_log.jsonl`` and ``finetune_config.json`` (config, fingerprints of data, base model and tokenizer, epoch
     losses, checkpoint list). If a complete earlier run with the same config and fingerprints is
-    in ``output_dir``, its weights are loaded instead (``reused=True``); otherwise what earlier
-    runs left there (only the names above) is deleted first; with ``overwrite=False`` a complete earlier
-    run of other settings or data raises :class:`wherefrom.core.store.OutputExists` instead, before any
-    training (an interrupted one, which has no ``finetune_config.json``, is still cleared).
+    in ``output_dir``, its weights are loaded instead (``reused=True``). With ``resumable`` (the default; off
+    for a throw-away ``output_dir``), each epoch but the last also leaves ``output_dir/resume`` (the training state: :mod:`wherefrom.models.training_state`; for full
+    fine-tuning three copies of the model's size); an interrupted run with the same config and fingerprints
+    resumes from it after its last finished epoch (``resumed_after``), keeping that run's checkpoints and log,
+    with the result of an uninterrupted run. Otherwise what earlier runs left there (only the names above) is
+    deleted first; with ``overwrite=False`` a complete earlier run of other settings or data raises
+    :class:`wherefrom.core.store.OutputExists` instead, before any training (an interrupted one, which has no
+    ``finetune_config.json``, is still cleared).
 
     Raises ``ValueError`` for a bad config or a PEFT model, :class:`wherefrom.core.data.DataError` for
     an empty ``records``, an invalid row, a repeated id or an example longer than ``max_length``
-    (or the model's positions).
+    (or the model's positions), :class:`wherefrom.models.training_state.TrainingStateMismatch` (a
+    ``ValueError``) when a matching training state's checkpoints were deleted by hand.
     """
     config.validate()
     records = check_records(records, "fine-tuning rows")
@@ -381,6 +438,7 @@ def finetune(
     reusable = _try_reuse(output_dir, identity)
     if reusable is not None:
         losses, checkpoints, weights_dir = reusable
+        _remove(output_dir / RESUME_DIR)  # left by a run killed between its last two writes
         return FinetuneResult(
             model=_load_saved(model, weights_dir, lora),
             output_dir=output_dir,
@@ -394,7 +452,6 @@ def finetune(
     examples = encode_records(records, tokenizer, model=model, **config.layout())
     if not overwrite:
         refuse_overwrite([output_dir / CONFIG_FILE])
-    _clear_outputs(output_dir)
 
     device = _device_of(model)
     random.seed(config.seed)
@@ -413,23 +470,26 @@ def finetune(
     total_steps = config.epochs * steps_per_epoch
     decay = (lambda done: 1.0 - done / total_steps) if config.lr_schedule == "linear" else (lambda done: 1.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+    done, book = _restore(output_dir, identity, model, optimizer, schedule)
+    _clear_outputs(output_dir, resuming=book["checkpoints"] if done else None)
+    log: list[dict[str, Any]] = book["log"]
+    epoch_losses: list[float] = book["epoch_losses"]
+    checkpoints = [output_dir / rel for rel in book["checkpoints"]]
+    step = int(book["step"])
 
     from tqdm.auto import tqdm
 
     bar = tqdm(
         total=total_steps,
+        initial=step,
         desc="fine-tuning",
         unit="step",
         disable=not progress,
         dynamic_ncols=True,
     )
-    log: list[dict[str, Any]] = []
-    epoch_losses: list[float] = []
-    checkpoints: list[Path] = []
-    step = 0
     model.train()
     try:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(done + 1, config.epochs + 1):
             generator = torch.Generator().manual_seed(config.seed + epoch)
             order = torch.randperm(len(examples), generator=generator).tolist()
             shuffled = [examples[i] for i in order]
@@ -472,19 +532,33 @@ def finetune(
                 target = output_dir / CHECKPOINTS_DIR / f"epoch-{epoch}"
                 atomic_write_dir(target, fill)
                 checkpoints.append(target)
+            if resumable and epoch < config.epochs:  # the state a killed run resumes from
+                book = {
+                    "log": log,
+                    "epoch_losses": epoch_losses,
+                    "checkpoints": [str(c.relative_to(output_dir)) for c in checkpoints],
+                    "step": step,
+                }
+                atomic_write_dir(
+                    output_dir / RESUME_DIR,
+                    lambda folder, epoch=epoch, book=book: save_training_state(
+                        folder, identity, epoch, book, model, optimizer, schedule
+                    ),
+                )
     finally:
         bar.close()
         model.eval()
 
     weights_dir = output_dir / (ADAPTER_DIR if lora else MODEL_DIR)
     atomic_write_dir(weights_dir, lambda folder: _save_weights(model, tokenizer, folder, lora, progress))
-    atomic_write_text("".join(json.dumps(row) + "\n" for row in log), output_dir / TRAIN_LOG_FILE)
+    atomic_write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in log), output_dir / TRAIN_LOG_FILE)
     summary = dict(identity)
     summary["epoch_losses"] = epoch_losses
     summary["steps"] = step
     summary["checkpoints"] = [str(c.relative_to(output_dir)) for c in checkpoints]
     summary["weights_dir"] = weights_dir.name
     atomic_write_text(json.dumps(summary, indent=2) + "\n", output_dir / CONFIG_FILE)
+    _remove(output_dir / RESUME_DIR)
 
     if lora:  # match load_model(base, adapter=...): a frozen adapter
         for param in model.parameters():
@@ -496,4 +570,5 @@ def finetune(
         epoch_losses=epoch_losses,
         checkpoints=checkpoints,
         reused=False,
+        resumed_after=done,
     )

@@ -174,7 +174,7 @@ class FinetuneRetrainer:
         if self.scratch is not None:
             Path(self.scratch).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="wherefrom-retrain-", dir=self.scratch) as folder:
-            tuned = finetune(loaded.model, loaded.tokenizer, rows, config, folder, progress=False)
+            tuned = finetune(loaded.model, loaded.tokenizer, rows, config, folder, progress=False, resumable=False)
             return measure_queries(
                 tuned.model,
                 loaded.tokenizer,
