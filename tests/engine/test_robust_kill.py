@@ -138,7 +138,7 @@ def test_finetune_killed_then_rerun_resumes_bit_identical(root):
     code, out = invoke(*args("finetune-clean"))
     assert code == 0 and "trained:" in out, out
     process = spawn(*args("finetune-killed"))
-    wait_until(lambda: (root / "finetune-killed" / "resume").is_dir(), process)
+    wait_until(lambda: any((root / "finetune-killed" / "resume").glob("epoch-*")), process)
     kill(process)
     assert not (root / "finetune-killed" / "finetune_config.json").exists(), "the run finished before the kill"
     code, out = invoke(*args("finetune-killed"))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from wherefrom.core.data import DataError, data_fingerprint
 from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
+from wherefrom.core.store import OutputExists
 from wherefrom.core.task import per_example_loss
 from wherefrom.models.finetune import FinetuneConfig, finetune, read_trainer_state
 from wherefrom.models.tiny import save_tiny, tiny_gpt2, tiny_llama, tiny_tokenizer
@@ -278,10 +280,8 @@ def test_interrupted_run_resumes_after_its_last_epoch_bit_for_bit(
     out = tmp_path / "killed"
     for stop_after, resumed_after in ((6, None), (5, 1)):  # stopped at steps 7 and 10 of 12
         caplog.clear()
-        with monkeypatch.context() as patch, caplog.at_level("INFO", logger="wherefrom.models.finetune"):
-            count_steps(patch, stop_after=stop_after)
-            with pytest.raises(Interrupted):
-                finetune(make(len(tokenizer)), tokenizer, records, config, out, progress=False)
+        with caplog.at_level("INFO", logger="wherefrom.models.finetune"):
+            interrupt(make, tokenizer, records, config, out, monkeypatch, stop_after)
         assert ("resuming" in caplog.text) == (resumed_after is not None), caplog.text
         assert resumed_after is None or f"after epoch {resumed_after}" in caplog.text
         assert (out / "resume").is_dir() and not (out / "finetune_config.json").exists()
@@ -298,29 +298,68 @@ def test_interrupted_run_resumes_after_its_last_epoch_bit_for_bit(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_training_state_of_other_settings_or_damaged_is_not_resumed(tokenizer, records, tmp_path, monkeypatch):
-    """The state of an interrupted run with other settings, or a damaged one, is discarded (and logged): the run
-    trains from the start and gives the clean run's result."""
+def interrupt(make, tokenizer, records, config, out, monkeypatch, stop_after: int) -> None:
+    """Run :func:`finetune` into ``out`` and stop it at the step after ``stop_after`` steps."""
+    with monkeypatch.context() as patch:
+        count_steps(patch, stop_after=stop_after)
+        with pytest.raises(Interrupted):
+            finetune(make(len(tokenizer)), tokenizer, records, config, out, progress=False)
+
+
+def test_a_training_state_of_other_settings_or_damaged_is_not_resumed(
+    tokenizer, records, tmp_path, monkeypatch, caplog
+):
+    """The state of an interrupted run with other settings is refused by name without ``overwrite`` and discarded
+    (logged) with it; a damaged newest state falls back to an older intact one (as a kill between writing the
+    new state and deleting the old leaves them), and with none intact the run starts again. Each run ends with
+    the clean run's bytes."""
     config = lora_config(epochs=3)
     clean = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, tmp_path / "clean", progress=False)
+    expected = files_of(tmp_path / "clean")
 
-    def interrupt(settings: FinetuneConfig, out) -> None:
-        with monkeypatch.context() as patch:
-            count_steps(patch, stop_after=5)
-            with pytest.raises(Interrupted):
-                finetune(tiny_llama(len(tokenizer)), tokenizer, records, settings, out, progress=False)
-        assert (out / "resume").is_dir()
+    other = tmp_path / "other"
+    interrupt(tiny_llama, tokenizer, records, lora_config(epochs=3, learning_rate=1e-2), other, monkeypatch, 5)
+    with pytest.raises(OutputExists, match=r"resume/epoch-1.*config\.learning_rate: recorded 0\.01, now 0\.02"):
+        finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, other, progress=False, overwrite=False)
+    with caplog.at_level("WARNING", logger="wherefrom.models.finetune"):
+        again = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, other, progress=False)
+    assert again.resumed_after == 0 and again.epoch_losses == clean.epoch_losses
+    assert "config.learning_rate: recorded 0.01, now 0.02" in caplog.text
+    assert files_of(other) == expected
 
-    interrupt(lora_config(epochs=3, learning_rate=1e-2), tmp_path / "other")
-    other = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, tmp_path / "other", progress=False)
-    assert other.resumed_after == 0 and other.epoch_losses == clean.epoch_losses
-    assert files_of(tmp_path / "other") == files_of(tmp_path / "clean")
-
-    interrupt(config, tmp_path / "damaged")
-    state = tmp_path / "damaged" / "resume" / "state.safetensors"
+    damaged = tmp_path / "damaged"
+    interrupt(tiny_llama, tokenizer, records, config, damaged, monkeypatch, 5)  # leaves resume/epoch-1
+    older = tmp_path / "epoch-1"
+    shutil.copytree(damaged / "resume" / "epoch-1", older)
+    interrupt(tiny_llama, tokenizer, records, config, damaged, monkeypatch, 5)  # resumes, leaves resume/epoch-2
+    assert sorted(p.name for p in (damaged / "resume").iterdir()) == ["epoch-2"]
+    shutil.copytree(older, damaged / "resume" / "epoch-1")
+    state = damaged / "resume" / "epoch-2" / "state.safetensors"
     data = bytearray(state.read_bytes())
     data[-1] ^= 0xFF  # bit rot in the last tensor
     state.write_bytes(bytes(data))
-    damaged = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, tmp_path / "damaged", progress=False)
-    assert damaged.resumed_after == 0 and damaged.epoch_losses == clean.epoch_losses
-    assert files_of(tmp_path / "damaged") == files_of(tmp_path / "clean")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="wherefrom.models.finetune"):
+        resumed = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, damaged, progress=False)
+    assert resumed.resumed_after == 1 and "epoch-2/state.safetensors" in caplog.text
+    assert files_of(damaged) == expected
+
+    rotten = tmp_path / "rotten"
+    interrupt(tiny_llama, tokenizer, records, config, rotten, monkeypatch, 5)
+    (rotten / "resume" / "epoch-1" / "state.json").write_text("{}")
+    fresh = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, rotten, progress=False)
+    assert fresh.resumed_after == 0 and files_of(rotten) == expected
+
+
+def test_non_finite_losses_survive_a_resume(tokenizer, records, tmp_path, monkeypatch):
+    """A diverging run (losses become NaN) resumed after an interruption writes the same log, losses and config
+    as the uninterrupted one (the state keeps NaN as NaN, not as null)."""
+    config = lora_config(epochs=3, lora_rank=None, learning_rate=1e4)
+    clean = finetune(tiny_gpt2(len(tokenizer)), tokenizer, records, config, tmp_path / "clean", progress=False)
+    assert any(loss != loss for loss in clean.epoch_losses), "the run did not diverge; the test tests nothing"
+    interrupt(tiny_gpt2, tokenizer, records, config, tmp_path / "killed", monkeypatch, 9)
+    resumed = finetune(tiny_gpt2(len(tokenizer)), tokenizer, records, config, tmp_path / "killed", progress=False)
+    assert resumed.resumed_after == 2
+    assert files_of(tmp_path / "killed") == files_of(tmp_path / "clean")
+    again = finetune(tiny_gpt2(len(tokenizer)), tokenizer, records, config, tmp_path / "killed", progress=False)
+    assert again.reused

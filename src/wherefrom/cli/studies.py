@@ -40,9 +40,10 @@ DEMO_SIZES = {"n_train": 160, "n_queries": 10}
 def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device, no_eos, **settings) -> None:
     """Fine-tune a causal LM on prompt/completion rows (loss on completion tokens only), saving a
     checkpoint per epoch for TracIn and the convergence analysis; an identical earlier run is reused,
-    one with other settings or data is kept unless --overwrite.
+    one with other settings or data is kept unless --overwrite; a killed one resumes after its last epoch.
 
-    --out receives adapter/ or model/, checkpoints/epoch-k/, train_log.jsonl, finetune_config.json."""
+    --out receives adapter/ or model/, checkpoints/epoch-k/, train_log.jsonl, finetune_config.json (and
+    resume/epoch-k/ while training)."""
     from wherefrom.models.finetune import FinetuneConfig
     from wherefrom.models.finetune import finetune as run_finetune
 

@@ -46,11 +46,11 @@ from torch import nn
 
 from wherefrom.core.data import Record, check_records, data_fingerprint
 from wherefrom.core.encoding import LAYOUT_SETTINGS, encode_records, iterate_batches, pad_id
-from wherefrom.core.store import DamagedFile, atomic_write_dir, atomic_write_text, refuse_overwrite
+from wherefrom.core.store import atomic_write_dir, atomic_write_text, refuse_overwrite
 from wherefrom.core.task import per_example_loss
 from wherefrom.models.loading import model_fingerprint, quiet_peft, tokenizer_fingerprint
 from wherefrom.models.optimizer_state import save_adam_state
-from wherefrom.models.training_state import TrainingStateMismatch, load_training_state, save_training_state
+from wherefrom.models.training_state import TrainingStateMismatch, latest_training_state, save_training_state
 
 __all__ = [
     "CONFIG_FILE",
@@ -86,8 +86,8 @@ class FinetuneConfig:
     suits real models); otherwise a LoRA adapter of that rank, scale ``lora_alpha / lora_rank``,
     no dropout and no bias is trained on ``lora_targets``. The learning rate is constant (AdamW,
     no warm-up or decay). ``max_length`` bounds prompt + completion tokens (a longer example raises
-    :class:`wherefrom.core.data.DataError`, or with ``truncate`` keeps its first ``max_length`` tokens). ``chat_template``
-    renders prompts with the tokenizer's chat template (see
+    :class:`wherefrom.core.data.DataError`, or with ``truncate`` keeps its first ``max_length`` tokens).
+    ``chat_template`` renders prompts with the tokenizer's chat template (see
     :func:`wherefrom.core.encoding.encode_records`); ``template``, ``append_eos``, ``pad_left``,
     ``loss_tokens`` and ``truncate`` are that function's input layout (with ``loss_tokens="all"`` the step loss is the
     mean over the batch of each row's loss summed over all its next-token positions).
@@ -326,34 +326,47 @@ def _try_reuse(output_dir: Path, identity: dict[str, Any]) -> tuple[list[float],
     return [float(x) for x in losses], checkpoints, weights_dir
 
 
+def _new_run() -> dict[str, Any]:
+    """The bookkeeping of a run at its start: no log rows, epoch losses, checkpoints or steps yet."""
+    return {"log": [], "epoch_losses": [], "checkpoints": [], "step": 0}
+
+
 def _restore(
     output_dir: Path,
     identity: dict[str, Any],
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    overwrite: bool,
 ) -> tuple[int, dict[str, Any]]:
-    """``(epochs done, bookkeeping)`` of the interrupted identical run whose training state is in
+    """``(epochs done, bookkeeping)`` of the interrupted identical run whose newest training state is in
     ``output_dir/resume`` (restored into ``model``, ``optimizer``, ``schedule`` and the generators), or
-    ``(0, empty bookkeeping)`` when there is none to resume (a state of other settings, or a damaged one, is
-    logged and then deleted with the rest)."""
-    fresh: dict[str, Any] = {"log": [], "epoch_losses": [], "checkpoints": [], "step": 0}
-    folder = output_dir / RESUME_DIR
-    if not folder.is_dir():
-        return 0, fresh
-    try:
-        done, book = load_training_state(folder, identity, model, optimizer, schedule)
-    except (TrainingStateMismatch, DamagedFile, FileNotFoundError) as error:
-        logger.warning("not resuming from %s, training from the start: %s", folder, error)
-        return 0, fresh
-    missing = [rel for rel in book["checkpoints"] if not (output_dir / rel / TRAINER_STATE_FILE).is_file()]
-    if missing:  # the state was restored, but its checkpoints are gone: refuse it before a step is taken
-        raise TrainingStateMismatch(
-            f"{folder}: the checkpoints it continues ({', '.join(missing)}) are missing; delete {folder} to "
-            "train from the start"
+    ``(0, empty bookkeeping)`` when there is none to resume: a damaged state, one whose checkpoints are gone,
+    or (with ``overwrite``) one of other settings is logged and left to be deleted. Raises
+    :class:`wherefrom.core.store.OutputExists` for a state of other settings without ``overwrite``."""
+    state, notes = latest_training_state(output_dir / RESUME_DIR)
+    for note in notes:
+        logger.warning("not resuming from a damaged training state: %s", note)
+    if state is None:
+        return 0, _new_run()
+    differing = state.differences(identity)
+    if differing and not overwrite:
+        refuse_overwrite(
+            [state.folder],
+            why=f" (an interrupted run with other settings: {'; '.join(differing)}; rerun with them to resume it)",
         )
-    logger.info("resuming %s after epoch %d", output_dir, done)
-    return done, book
+    missing = [rel for rel in state.bookkeeping["checkpoints"] if not (output_dir / rel / TRAINER_STATE_FILE).is_file()]
+    try:
+        if differing or missing:
+            why = f"other settings ({'; '.join(differing)})" if differing else f"{', '.join(missing)} are gone"
+            raise TrainingStateMismatch(f"{state.folder}: {why}")
+        state.restore(model, optimizer, schedule, device)
+    except TrainingStateMismatch as error:
+        logger.warning("not resuming, training from the start: %s", error)
+        return 0, _new_run()
+    logger.info("resuming %s after epoch %d", output_dir, state.epoch)
+    return state.epoch, state.bookkeeping
 
 
 def _load_saved(model: nn.Module, weights_dir: Path, lora: bool) -> nn.Module:
@@ -410,18 +423,20 @@ def finetune(
     ``train_log.jsonl`` and ``finetune_config.json`` (config, fingerprints of data, base model and tokenizer, epoch
     losses, checkpoint list). If a complete earlier run with the same config and fingerprints is
     in ``output_dir``, its weights are loaded instead (``reused=True``). With ``resumable`` (the default; off
-    for a throw-away ``output_dir``), each epoch but the last also leaves ``output_dir/resume`` (the training state: :mod:`wherefrom.models.training_state`; for full
-    fine-tuning three copies of the model's size); an interrupted run with the same config and fingerprints
-    resumes from it after its last finished epoch (``resumed_after``), keeping that run's checkpoints and log,
-    with the result of an uninterrupted run. Otherwise what earlier runs left there (only the names above) is
-    deleted first; with ``overwrite=False`` a complete earlier run of other settings or data raises
-    :class:`wherefrom.core.store.OutputExists` instead, before any training (an interrupted one, which has no
-    ``finetune_config.json``, is still cleared).
+    for a throw-away ``output_dir``), each epoch but the last also leaves its training state in
+    ``output_dir/resume`` (:mod:`wherefrom.models.training_state`; for full fine-tuning three copies of the
+    model's size, twice that while the next one is written); an interrupted run with the same config,
+    fingerprints and device kind resumes from the newest one after its last finished epoch
+    (``resumed_after``), keeping that run's checkpoints and log, with the result of an uninterrupted run. A
+    damaged state, or one whose checkpoints were deleted, is logged and the run starts from the first epoch.
+    Otherwise what earlier runs left there (only the names above) is deleted first; with ``overwrite=False`` a
+    complete earlier run of other settings or data, or an interrupted one's training state, raises
+    :class:`wherefrom.core.store.OutputExists` instead, before any training (an interrupted run that left no
+    state is still cleared).
 
     Raises ``ValueError`` for a bad config or a PEFT model, :class:`wherefrom.core.data.DataError` for
     an empty ``records``, an invalid row, a repeated id or an example longer than ``max_length``
-    (or the model's positions), :class:`wherefrom.models.training_state.TrainingStateMismatch` (a
-    ``ValueError``) when a matching training state's checkpoints were deleted by hand.
+    (or the model's positions).
     """
     config.validate()
     records = check_records(records, "fine-tuning rows")
@@ -435,6 +450,7 @@ def finetune(
     lora = config.lora_rank is not None
 
     identity = _identity(config, records, model, tokenizer)
+    device = _device_of(model)
     reusable = _try_reuse(output_dir, identity)
     if reusable is not None:
         losses, checkpoints, weights_dir = reusable
@@ -453,7 +469,6 @@ def finetune(
     if not overwrite:
         refuse_overwrite([output_dir / CONFIG_FILE])
 
-    device = _device_of(model)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     if lora:
@@ -470,7 +485,12 @@ def finetune(
     total_steps = config.epochs * steps_per_epoch
     decay = (lambda done: 1.0 - done / total_steps) if config.lr_schedule == "linear" else (lambda done: 1.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
-    done, book = _restore(output_dir, identity, model, optimizer, schedule)
+    state_identity = {**identity, "device": device.type}  # a state resumes on the device kind that saved it
+    done, book = (
+        _restore(output_dir, state_identity, model, optimizer, schedule, device, overwrite)
+        if resumable
+        else (0, _new_run())
+    )
     _clear_outputs(output_dir, resuming=book["checkpoints"] if done else None)
     log: list[dict[str, Any]] = book["log"]
     epoch_losses: list[float] = book["epoch_losses"]
@@ -539,11 +559,8 @@ def finetune(
                     "checkpoints": [str(c.relative_to(output_dir)) for c in checkpoints],
                     "step": step,
                 }
-                atomic_write_dir(
-                    output_dir / RESUME_DIR,
-                    lambda folder, epoch=epoch, book=book: save_training_state(
-                        folder, identity, epoch, book, model, optimizer, schedule
-                    ),
+                save_training_state(
+                    output_dir / RESUME_DIR, state_identity, epoch, book, model, optimizer, schedule, device
                 )
     finally:
         bar.close()
