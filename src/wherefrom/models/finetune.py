@@ -15,7 +15,7 @@ Layout of ``output_dir`` after :func:`finetune`::
                                 :mod:`wherefrom.models.optimizer_state`; checksummed in checksums.json)
     checkpoints/epoch-2/        ...
     adapter/  or  model/        final weights (LoRA adapter, or full model + tokenizer)
-    resume/                     while training: the whole training state after the last finished epoch
+    resume/epoch-k/             while training: the whole training state after the last finished epoch
                                 (:mod:`wherefrom.models.training_state`); removed once the run is complete
 
 Every file and folder is written under a temporary name and renamed into place, and
