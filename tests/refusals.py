@@ -2,7 +2,7 @@
 
 Each :class:`Refusal` is one thing a user can do wrong: the command (``wherefrom ...``, run in a
 workspace that ``tests/test_refusals.py`` builds: a tiny GPT-2 in ``model/``, ``train.jsonl``, a fitted
-run ``run/``, damaged copies) or the Python call (run with ``att``, an :class:`~wherefrom.engine.api.Attributor`
+run ``run/``, damaged copies, a fine-tuning ``interrupted/`` stopped in its second epoch) or the Python call (run with ``att``, an :class:`~wherefrom.engine.api.Attributor`
 on that model, ``rows`` (valid training rows), ``tokenizer``, ``tied`` (a tiny GPT-2 whose ``lm_head`` is its
 input embedding), ``fresh_lora`` (a tiny Llama with a fresh LoRA adapter) and ``odd_template`` (a tokenizer
 whose chat template appends '!' to long messages) in scope), the error it gets (exit code 2 and one
@@ -46,6 +46,7 @@ class Refusal:
 
 
 FIT = ("fit", "--train", "train.jsonl", "--model", "model", "--run")
+FINETUNE = ("finetune", "--train", "train.jsonl", "--model", "model", "--full", "--out", "interrupted")
 QUERY = ("query", "--run", "run", "ab cd:", " ef")
 EXIT = "exit 2"
 
@@ -366,6 +367,15 @@ REFUSALS: tuple[Refusal, ...] = (
         "attribution.max_length: recorded 512, now 64",
         "factors fitted with one setting would be mixed with scores of another; both values are named",
         command=(*FIT, "run", "--max-length", "64"),
+    ),
+    Refusal(
+        "run folder",
+        "other settings on an interrupted fine-tuning",
+        EXIT,
+        "config.learning_rate: recorded 0.001, now 0.002",
+        "its saved training state holds finished epochs that a new run would delete; rerun with the recorded "
+        "settings to resume it, or pass --overwrite",
+        command=(*FINETUNE, "--learning-rate", "0.002"),
     ),
     Refusal(
         "run folder",

@@ -14,14 +14,16 @@ import re
 import shutil
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+import wherefrom.models.finetune as finetuning
 from tests.conftest import make_records
-from tests.refusals import FIT, README, REFUSALS, Refusal, readme_section, render
+from tests.refusals import FINETUNE, FIT, README, REFUSALS, Refusal, readme_section, render
 from wherefrom.cli import app
 from wherefrom.core.data import DataError, Record
 from wherefrom.core.distributed import NotDistributable
@@ -98,9 +100,23 @@ def workspace(tmp_path_factory):
     os.chdir(root)
     try:
         fitted = CliRunner().invoke(app, [*FIT, "run", "--threads", "1"])
+        # a fine-tuning stopped in its second epoch (12 rows in batches of 8: 2 steps an epoch), leaving
+        # its training state after epoch 1
+        real, steps = finetuning.per_example_loss, []
+
+        def stop_in_epoch_2(*args, **kwargs):
+            steps.append(1)
+            if len(steps) > 2:
+                raise RuntimeError("stopped as a kill would stop it")
+            return real(*args, **kwargs)
+
+        with mock.patch.object(finetuning, "per_example_loss", stop_in_epoch_2):
+            stopped = CliRunner().invoke(app, [*FINETUNE, "--threads", "1"])
     finally:
         os.chdir(cwd)
     assert fitted.exit_code == 0, fitted.output
+    assert isinstance(stopped.exception, RuntimeError), stopped.output
+    assert (root / "interrupted" / "resume" / "epoch-1").is_dir()
     shutil.copytree(root / "run", root / "damaged")
     shutil.copytree(root / "run", root / "locked")
     damaged = next((root / "damaged").rglob("*.safetensors"))

@@ -319,8 +319,10 @@ def test_a_training_state_of_other_settings_or_damaged_is_not_resumed(
 
     other = tmp_path / "other"
     interrupt(tiny_llama, tokenizer, records, lora_config(epochs=3, learning_rate=1e-2), other, monkeypatch, 5)
+    before = files_of(other)
     with pytest.raises(OutputExists, match=r"resume/epoch-1.*config\.learning_rate: recorded 0\.01, now 0\.02"):
         finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, other, progress=False, overwrite=False)
+    assert files_of(other) == before  # refused: nothing deleted or written
     with caplog.at_level("WARNING", logger="wherefrom.models.finetune"):
         again = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, other, progress=False)
     assert again.resumed_after == 0 and again.epoch_losses == clean.epoch_losses
