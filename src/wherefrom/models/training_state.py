@@ -118,9 +118,11 @@ def save_training_state(
 
     target = root / f"epoch-{epoch}"
     atomic_write_dir(target, fill)
-    for entry in root.iterdir():
-        if entry != target:  # older states and the leftovers of killed writes
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    for entry in root.iterdir():  # older states and the leftovers of killed writes
+        if entry != target and entry.is_dir():
+            shutil.rmtree(entry)
+        elif entry != target:
+            entry.unlink()
 
 
 @dataclass(frozen=True)
