@@ -169,6 +169,8 @@ def sweep(kind: str) -> list[dict[str, int]]:
         return [{"ef_search": v} for v in (32, 64, 128, 256)]
     if kind == "ivf-pq":
         return [{"nprobe": p, "refine": r} for p in (16, 32, 64, 128, 256) for r in (16, 64, 256, 1024)]
+    if kind == "pq":
+        return [{"refine": r} for r in (16, 64, 256, 1024)]
     return [{"nprobe": v} for v in (8, 16, 32, 64, 128, 256)]
 
 
@@ -242,7 +244,7 @@ def measure(args: argparse.Namespace) -> dict:
                                 "rows_kind": kind,
                                 "rows": count,
                                 "kind": index_kind,
-                                "nlist": settings.lists(count) if index_kind != "hnsw" else None,
+                                "nlist": settings.lists(count) if index_kind.startswith("ivf") else None,
                                 "setting": " ".join(f"{k}={v}" for k, v in values.items()),
                                 "build_s": built,
                                 "query_ms": latency * 1000,
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         "--rows", type=lambda t: t.split(","), default=["fitted", "none"], help="row kinds: fitted, none, iid, latent"
     )
     parser.add_argument("--spectrum", type=Path, default=Path("benchmarks/results/row_spectrum.json"))
-    parser.add_argument("--kinds", type=lambda t: t.split(","), default=["ivf", "ivf-pq", "ivf-sq8", "hnsw"])
+    parser.add_argument("--kinds", type=lambda t: t.split(","), default=["ivf", "ivf-pq", "pq", "ivf-sq8", "hnsw"])
     parser.add_argument(
         "--kind-max",
         type=lambda t: {k: int(v) for k, v in (pair.split("=") for pair in t.split(","))},
@@ -386,7 +388,9 @@ def main(argv: list[str] | None = None) -> None:
         help="largest store to build each kind of index for, e.g. hnsw=10000,ivf-sq8=100000 (builds are slow on a small CPU)",
     )
     parser.add_argument("--nlist", type=int, default=None, help="IVF cells (default: FaissSettings' rule)")
-    parser.add_argument("--pq-m", type=int, default=None, help="ivf-pq sub-quantizers (default: FaissSettings' rule)")
+    parser.add_argument(
+        "--pq-m", type=int, default=None, help="ivf-pq / pq sub-quantizers (default: FaissSettings' rule)"
+    )
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--peer-queries", type=int, default=5, help="queries timed for the numpy peer")
     parser.add_argument("--rank", type=int, default=32, help="latent dimension of the synthetic rows")

@@ -242,6 +242,51 @@ def test_ivf_pq_default_code_size_divides_any_dimension():
     assert float(recall_at_k(found, exact_top_k(source, queries, 5)).mean()) == 1.0
 
 
+def test_pq_scans_every_row_so_it_finds_the_best_of_white_rows_where_ivf_cells_do_not():
+    """iid Gaussian rows (what preconditioned rows come close to): a query's best rows lie in any IVF cell, so
+    IVF probing 8 of 63 cells misses most of them, while the flat ``pq`` kind, which scans every row's code and
+    re-ranks its shortlist with the float32 rows, finds them and returns their exact scores, at both ends."""
+    generator = torch.Generator().manual_seed(11)
+    rows, queries = torch.randn(4000, 128, generator=generator), torch.randn(20, 128, generator=generator)
+    source = Rows(rows, 512)
+    ivf = FaissSettings(kind="ivf", nprobe=8)
+    pq = FaissSettings(kind="pq", refine=32)
+    index = build_faiss_index(source, pq)
+    assert index.ntotal == 4000 and faiss.downcast_index(index.base_index).pq.M == 64  # dim / 2
+    for opponents in (False, True):
+        exact = exact_top_k(source, queries, 10, opponents)
+        cells = faiss_top_k(build_faiss_index(source, ivf), source.ids, queries, 10, opponents, settings=ivf)
+        found = faiss_top_k(index, source.ids, queries, 10, opponents, settings=pq)
+        assert float(recall_at_k(cells, exact).mean()) < 0.6
+        assert float(recall_at_k(found, exact).mean()) >= 0.95
+        scored = torch.stack([rows[found.rows[q]] @ queries[q] for q in range(len(queries))])
+        torch.testing.assert_close(found.scores, scored)
+    assert [FaissSettings(kind="pq").sub_quantizers(d) for d in (1024, 100, 104, 13)] == [512, 50, 52, 1]
+
+
+def test_pq_with_candidates_ranks_them_exactly_and_its_index_is_saved_and_reused(tmp_path):
+    """Fast scan takes no ID selector: with candidates a ``pq`` index ranks them by the float32 rows it keeps,
+    which is the exact search among them; the saved index is reused across ``refine``."""
+    rows, queries = clustered(1000, 16, 10, seed=12)
+    source = Rows(rows, 300)
+    candidates = [list(range(0, 1000, 7)), [3, 4, 5], list(range(500, 520))]
+    settings = FaissSettings(kind="pq", refine=2)
+    index = build_faiss_index(source, settings)
+    for opponents in (False, True):
+        found = faiss_top_k(index, source.ids, queries[:3], 5, opponents, candidates=candidates, settings=settings)
+        exact = exact_top_k(source, queries[:3], 5, opponents, candidates=candidates)
+        assert torch.equal(found.rows, exact.rows)
+        torch.testing.assert_close(found.scores[found.rows >= 0], exact.scores[exact.rows >= 0])
+    options = {"kind": "pq", "refine": 100}
+    report = search_store(source, queries, 5, "faiss", faiss_options=options, index_folder=tmp_path)
+    assert float(report.recall.mean()) == 1.0
+    path = tmp_path / "faiss-pq.safetensors"
+    check_file(path)
+    stamp = path.stat().st_mtime_ns
+    search_store(source, queries, 5, "faiss", faiss_options={**options, "refine": 4}, index_folder=tmp_path)
+    assert path.stat().st_mtime_ns == stamp
+
+
 def test_ivf_pq_index_is_saved_reused_across_refine_and_rebuilt_for_another_pq_m(tmp_path):
     rows, queries = clustered(800, 16, 8, seed=9)
     source = Rows(rows, 200)

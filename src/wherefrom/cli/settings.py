@@ -409,7 +409,7 @@ class SearchSettings:
     )
     search_option: list[str] | None = setting(
         None,
-        "FAISS option key=value (repeatable): kind=ivf|ivf-sq8|ivf-pq|hnsw, nlist, nprobe, m, ef_construction, "
+        "FAISS option key=value (repeatable): kind=ivf|ivf-sq8|ivf-pq|pq|hnsw, nlist, nprobe, m, ef_construction, "
         "ef_search, train_per_list, pq_m, refine (see `wherefrom.core.search.FAISS_OPTIONS`).",
         check=search_options,
     )

@@ -25,7 +25,10 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
   cells holding 4-bit product-quantisation codes of ``pq_m`` sub-vectors, Jegou, Douze & Schmid
   2011, scanned with SIMD lookup tables, Andre et al. 2017 "fast scan"; the ``refine x k`` best
   codes are re-ranked with the exact float32 rows, which the index also keeps, so the scores returned
-  are exact and the memory is that of ``ivf`` plus ``dim / 16`` bytes per row) or ``hnsw`` (Malkov &
+  are exact and the memory is that of ``ivf`` plus ``dim / 16`` bytes per row), ``pq`` (no cells: every
+  row's 4-bit code of ``dim / 2`` sub-vectors scanned, ``dim / 4`` bytes per row, then the same exact
+  re-ranking; preconditioned rows are nearly white, so their best rows are spread over every IVF cell
+  and only a scan of every row finds them: ``benchmarks/results/query-latency-pq.md``) or ``hnsw`` (Malkov &
   Yashunin 2018, graph of ``M`` links per row, ``ef_search`` candidates per search). Opponents are
   searched as proponents of ``-q``. The index is built from the source in one streamed pass after
   k-means training on a strided sample, saved atomically with its checksum beside the store
@@ -36,7 +39,8 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
   :func:`wherefrom.methods.lexical.bm25_candidates`): with ``candidates`` (per query, row indices)
   either search ranks only the query's candidate rows; a query with fewer than ``k`` candidates gets
   fewer results (padding: row ``-1``, score NaN). FAISS restricts its search with an ID selector,
-  so an IVF search only finds candidates in its ``nprobe`` probed cells.
+  so an IVF search only finds candidates in its ``nprobe`` probed cells; a ``pq`` index (its fast
+  scan takes no selector) ranks the candidates by their exact float32 rows.
 
 Defaults, from ``benchmarks/query_latency.py`` (``benchmarks/results/query-latency.md``, dim 1024,
 synthetic rows with the eigen-spectra of real LoGra rows, ``benchmarks/row_spectrum.py``):
@@ -300,7 +304,7 @@ def recall_at_k(approximate: SearchResult, exact: SearchResult) -> torch.Tensor:
 class FaissSettings:
     """How the approximate index is built and searched (the options :data:`FAISS_OPTIONS` checks)."""
 
-    kind: Literal["ivf", "ivf-sq8", "ivf-pq", "hnsw"] = "ivf"
+    kind: Literal["ivf", "ivf-sq8", "ivf-pq", "pq", "hnsw"] = "ivf"
     nlist: int | None = None
     nprobe: int = 128
     m: int = 32
@@ -315,10 +319,12 @@ class FaissSettings:
         return max(1, min(count, self.nlist or round(math.sqrt(count))))
 
     def sub_quantizers(self, dim: int) -> int:
-        """``ivf-pq`` sub-quantizers for rows of ``dim``: ``pq_m``, by default ``dim / 8`` (8 entries per 4-bit
-        code, ``dim / 16`` bytes per row), or where 8 does not divide ``dim`` its largest divisor below ``dim / 8``
-        (at least 8 entries per code); :class:`SearchError` unless a given ``pq_m`` divides ``dim``."""
-        m = self.pq_m or next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
+        """4-bit PQ sub-quantizers for rows of ``dim``: ``pq_m``, by default ``dim / 8`` for ``ivf-pq`` (8 entries
+        per code, ``dim / 16`` bytes per row) and ``dim / 2`` for ``pq`` (2 entries per code, ``dim / 4`` bytes:
+        every code is scanned, so it must rank nearly white rows well), or where that does not divide ``dim`` its
+        largest divisor below; :class:`SearchError` unless a given ``pq_m`` divides ``dim``."""
+        entries = 2 if self.kind == "pq" else 8
+        m = self.pq_m or next(m for m in range(max(1, dim // entries), 0, -1) if dim % m == 0)
         if dim % m:
             raise SearchError(f"FAISS option pq_m={m} must divide the rows' dimension {dim}")
         return m
@@ -328,8 +334,8 @@ FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
     FaissSettings,
     OptionSpec(
         "kind",
-        help="ivf (exact rows in k-means cells) | ivf-sq8 (rows 8-bit) | ivf-pq (4-bit PQ codes, float32 re-rank) "
-        "| hnsw (graph)",
+        help="ivf (exact rows in k-means cells) | ivf-sq8 (rows 8-bit) | ivf-pq (4-bit PQ codes in cells, float32 "
+        "re-rank) | pq (every row's 4-bit PQ code scanned, float32 re-rank: for nearly white rows) | hnsw (graph)",
         source=JOHNSON_2019,
     ),
     OptionSpec("nlist", low=1, help="IVF cells (default sqrt(rows))", source=JOHNSON_2019),
@@ -338,15 +344,20 @@ FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
     OptionSpec("ef_construction", low=1, help="HNSW candidates while building", source=MALKOV_2018),
     OptionSpec("ef_search", low=1, help="HNSW candidates per search (recall vs latency)", source=MALKOV_2018),
     OptionSpec("train_per_list", low=1, help="IVF k-means training rows per cell (a strided sample)"),
-    OptionSpec("pq_m", low=1, help="ivf-pq: 4-bit PQ sub-quantizers per row (default dim/8)", source=ANDRE_2017),
     OptionSpec(
-        "refine", low=1, help="ivf-pq: refine x k PQ candidates re-ranked with the float32 rows", source=JEGOU_2011
+        "pq_m", low=1, help="ivf-pq, pq: 4-bit PQ sub-quantizers per row (default dim/8, pq: dim/2)", source=ANDRE_2017
+    ),
+    OptionSpec(
+        "refine", low=1, help="ivf-pq, pq: refine x k PQ candidates re-ranked with the float32 rows", source=JEGOU_2011
     ),
 )
 """The ``--search-option`` / ``faiss_options`` of :func:`search_store`."""
 
 SEARCH_TIME = ("nprobe", "ef_search", "refine")
 """Settings that change only how the index is searched, not its bytes."""
+
+PQ_TRAINING_ROWS = 65536
+"""Rows (a strided sample) the ``pq`` kind's 16 centroids per sub-quantizer are trained on."""
 
 
 def faiss_settings(options: Mapping[str, Any] | None) -> FaissSettings:
@@ -414,6 +425,9 @@ def build_faiss_index(
         lists, codes = settings.lists(source.count), settings.sub_quantizers(dim)
         index = faiss.index_factory(dim, f"IVF{lists},PQ{codes}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
         index.train(_training_sample(source, lists * settings.train_per_list))
+    elif settings.kind == "pq":
+        index = faiss.index_factory(dim, f"PQ{settings.sub_quantizers(dim)}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
+        index.train(_training_sample(source, PQ_TRAINING_ROWS))
     else:
         lists = settings.lists(source.count)
         quantizer = faiss.IndexFlatIP(dim)
@@ -466,7 +480,8 @@ def faiss_top_k(
     """Approximate top-``k`` of ``queries`` ``(n_query, dim)`` in a FAISS ``index`` of the rows named ``ids``.
 
     ``settings`` give ``nprobe`` / ``ef_search`` / ``refine``; ``candidates`` restrict each query to its rows (an
-    ID selector; on the CPU index). Same result layout and sign as :func:`exact_top_k`;
+    ID selector; on the CPU index; a ``pq`` index, whose fast scan takes no selector, searches the candidates'
+    float32 rows it keeps for re-ranking: exactly). Same result layout and sign as :func:`exact_top_k`;
     :class:`SearchError` for a non-finite query, a shape mismatch or bad candidates.
     """
     faiss = _faiss()
@@ -479,11 +494,12 @@ def faiss_top_k(
     k = min(k, index.ntotal)
     hnsw = isinstance(index, faiss.IndexHNSW)
     refined = isinstance(index, faiss.IndexRefine)
-    cells = None if hnsw else faiss.extract_index_ivf(index)
+    flat = refined and not isinstance(faiss.downcast_index(index.base_index), faiss.IndexIVF)
+    cells = None if hnsw or flat else faiss.extract_index_ivf(index)
     if candidates is None:
         if hnsw:
             index.hnsw.efSearch = max(settings.ef_search, k)
-        else:
+        elif cells is not None:
             cells.nprobe = min(settings.nprobe, cells.nlist)
         if refined:
             index.k_factor = settings.refine
@@ -492,13 +508,16 @@ def faiss_top_k(
         values, rows = np.full((len(search), k), -np.inf, np.float32), np.full((len(search), k), -1, np.int64)
         for query, allowed in enumerate(_candidate_sets(candidates, len(search), index.ntotal)):
             selector = faiss.IDSelectorBatch(allowed.numpy())
+            searched = index
             if hnsw:
                 params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(settings.ef_search, k))
+            elif flat:
+                searched, params = faiss.downcast_index(index.refine_index), faiss.SearchParameters(sel=selector)
             else:
                 params = faiss.SearchParametersIVF(sel=selector, nprobe=min(settings.nprobe, cells.nlist))
-            if refined:
+            if refined and not flat:
                 params = faiss.IndexRefineSearchParameters(k_factor=settings.refine, base_index_params=params)
-            values[query : query + 1], rows[query : query + 1] = index.search(
+            values[query : query + 1], rows[query : query + 1] = searched.search(
                 search[query : query + 1], k, params=params
             )
     return _result(sign * torch.from_numpy(values), torch.from_numpy(rows), ids, opponents)
