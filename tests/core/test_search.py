@@ -287,6 +287,19 @@ def test_pq_with_candidates_ranks_them_exactly_and_its_index_is_saved_and_reused
     assert path.stat().st_mtime_ns == stamp
 
 
+@pytest.mark.parametrize("kind", ["ivf-pq", "pq"])
+def test_pq_kinds_on_fewer_rows_than_centroids_are_refused_naming_the_kind(kind):
+    """4-bit codes need 16 rows to train their centroids: 15 rows are refused naming the kind and the count (FAISS
+    raised a bare RuntimeError from its k-means), 16 build and search."""
+    with pytest.raises(SearchError, match=f"kind={kind} trains 16 centroids .* the store has 15"):
+        build_faiss_index(Rows(torch.randn(15, 8), 4), FaissSettings(kind=kind))
+    source = Rows(torch.randn(16, 8), 4)
+    settings = FaissSettings(kind=kind, refine=16)
+    queries = torch.randn(3, 8)
+    found = faiss_top_k(build_faiss_index(source, settings), source.ids, queries, 3, settings=settings)
+    assert float(recall_at_k(found, exact_top_k(source, queries, 3)).mean()) == 1.0  # refine 16 x 3: every row
+
+
 def test_ivf_pq_index_is_saved_reused_across_refine_and_rebuilt_for_another_pq_m(tmp_path):
     rows, queries = clustered(800, 16, 8, seed=9)
     source = Rows(rows, 200)

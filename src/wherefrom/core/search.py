@@ -356,8 +356,12 @@ FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
 SEARCH_TIME = ("nprobe", "ef_search", "refine")
 """Settings that change only how the index is searched, not its bytes."""
 
+PQ_BITS = 4
+"""Bits per product-quantisation code (``ivf-pq``, ``pq``): ``2 ** PQ_BITS`` centroids per sub-quantizer, so a
+store needs at least that many rows to train them."""
+
 PQ_TRAINING_ROWS = 65536
-"""Rows (a strided sample) the ``pq`` kind's 16 centroids per sub-quantizer are trained on."""
+"""Rows (a strided sample) the ``pq`` kind's centroids are trained on."""
 
 
 def faiss_settings(options: Mapping[str, Any] | None) -> FaissSettings:
@@ -408,7 +412,8 @@ def build_faiss_index(
     atomically with its checksum (under the folder's writer lock). The contents are identified by
     ``store_key`` (e.g. a digest of the store's recorded shard checksums), else by
     :func:`rows_sha256` (one more pass over the rows). Returns the CPU index (search with
-    :func:`faiss_top_k`). Raises :class:`SearchError` when FAISS is missing.
+    :func:`faiss_top_k`). Raises :class:`SearchError` when FAISS is missing, or for a PQ kind (``ivf-pq``,
+    ``pq``) on fewer than ``2 ** PQ_BITS`` rows (FAISS's own error named no setting).
     """
     faiss = _faiss()
     settings = settings or FaissSettings()
@@ -418,15 +423,22 @@ def build_faiss_index(
         if saved is not None:
             return saved
     dim = source.dim
+    if settings.kind in ("ivf-pq", "pq") and source.count < 2**PQ_BITS:
+        raise SearchError(
+            f"FAISS kind={settings.kind} trains {2**PQ_BITS} centroids per sub-quantizer and needs at least "
+            f"{2**PQ_BITS} rows; the store has {source.count} (use kind=ivf, or the exact search)"
+        )
     if settings.kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, settings.m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = settings.ef_construction
     elif settings.kind == "ivf-pq":
         lists, codes = settings.lists(source.count), settings.sub_quantizers(dim)
-        index = faiss.index_factory(dim, f"IVF{lists},PQ{codes}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, f"IVF{lists},PQ{codes}x{PQ_BITS}fs,RFlat", faiss.METRIC_INNER_PRODUCT)
         index.train(_training_sample(source, lists * settings.train_per_list))
     elif settings.kind == "pq":
-        index = faiss.index_factory(dim, f"PQ{settings.sub_quantizers(dim)}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(
+            dim, f"PQ{settings.sub_quantizers(dim)}x{PQ_BITS}fs,RFlat", faiss.METRIC_INNER_PRODUCT
+        )
         index.train(_training_sample(source, PQ_TRAINING_ROWS))
     else:
         lists = settings.lists(source.count)
