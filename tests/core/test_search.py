@@ -275,8 +275,8 @@ def test_pq_with_candidates_ranks_them_exactly_and_its_index_is_saved_and_reused
     for opponents in (False, True):
         found = faiss_top_k(index, source.ids, queries[:3], 5, opponents, candidates=candidates, settings=settings)
         exact = exact_top_k(source, queries[:3], 5, opponents, candidates=candidates)
-        assert torch.equal(found.rows, exact.rows)
-        torch.testing.assert_close(found.scores[found.rows >= 0], exact.scores[exact.rows >= 0])
+        assert torch.equal(found.rows, exact.rows) and (found.rows[1] == -1).sum() == 2  # 3 candidates, k = 5
+        torch.testing.assert_close(found.scores, exact.scores, equal_nan=True)  # the padding's scores NaN
     options = {"kind": "pq", "refine": 100}
     report = search_store(source, queries, 5, "faiss", faiss_options=options, index_folder=tmp_path)
     assert float(report.recall.mean()) == 1.0
@@ -293,6 +293,8 @@ def test_pq_kinds_on_fewer_rows_than_centroids_are_refused_naming_the_kind(kind)
     raised a bare RuntimeError from its k-means), 16 build and search."""
     with pytest.raises(SearchError, match=f"kind={kind} trains 16 centroids .* the store has 15"):
         build_faiss_index(Rows(torch.randn(15, 8), 4), FaissSettings(kind=kind))
+    small_sample = FaissSettings(kind="ivf-pq", nlist=1, train_per_list=4)  # 4 training rows asked: 16 taken
+    assert build_faiss_index(Rows(torch.randn(100, 8), 50), small_sample).ntotal == 100
     source = Rows(torch.randn(16, 8), 4)
     settings = FaissSettings(kind=kind, refine=16)
     queries = torch.randn(3, 8)

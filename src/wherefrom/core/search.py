@@ -26,8 +26,8 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
   2011, scanned with SIMD lookup tables, Andre et al. 2017 "fast scan"; the ``refine x k`` best
   codes are re-ranked with the exact float32 rows, which the index also keeps, so the scores returned
   are exact and the memory is that of ``ivf`` plus ``dim / 16`` bytes per row), ``pq`` (no cells: every
-  row's 4-bit code of ``dim / 2`` sub-vectors scanned, ``dim / 4`` bytes per row, then the same exact
-  re-ranking; preconditioned rows are nearly white, so their best rows are spread over every IVF cell
+  row's 4-bit code of ``dim / 2`` sub-vectors scanned, then the same exact re-ranking: memory of the
+  float32 rows plus ``dim / 4`` bytes per row; preconditioned rows are nearly white, so their best rows are spread over every IVF cell
   and only a scan of every row finds them: ``benchmarks/results/query-latency-pq.md``) or ``hnsw`` (Malkov &
   Yashunin 2018, graph of ``M`` links per row, ``ef_search`` candidates per search). Opponents are
   searched as proponents of ``-q``. The index is built from the source in one streamed pass after
@@ -49,8 +49,11 @@ synthetic rows with the eigen-spectra of real LoGra rows, ``benchmarks/row_spect
 ``ivf-pq``: ``pq_m = dim / 8`` and ``refine = 1024``, the smallest measured shortlist factor with
 recall@10 >= 0.95 at 10^6 rows (0.985 with ``nprobe = 256``, 10 ms per query in a batch of 20, 23 ms
 alone; refine 64: 0.32); HNSW ``M = 32``, ``ef_search = 128`` (its build, superlinear, is the cost).
-Rows preconditioned by a fitted Fisher are nearly white: no measured setting reached recall 0.95 on
-them beyond 10^4 rows (0.91 at 10^5, 0.42 at 10^6); search those exactly.
+Rows preconditioned by a fitted Fisher are nearly white: no IVF setting reached recall 0.95 on them
+beyond 10^4 rows (0.91 at 10^5, 0.42 at 10^6). ``pq`` (``benchmarks/results/query-latency-pq.md``):
+``pq_m = dim / 2`` and the same ``refine``; on those rows at 10^6 refine 64 gives 0.995 (6.3 ms per query
+in a batch of 20) and 1024 gives 1.00 (11 ms), where ``pq_m = dim / 4`` needs refine 1024 for 0.99
+(``query-latency-pq-m256.md``).
 """
 
 from __future__ import annotations
@@ -393,8 +396,9 @@ def _fingerprint(source: RowSource, settings: FaissSettings, store_key: str | No
 
 
 def _training_sample(source: RowSource, size: int) -> np.ndarray:
-    """Every ``ceil(count / size)``-th row, float32 (rows spread over the whole store)."""
-    step = max(1, math.ceil(source.count / size))
+    """Every ``floor(count / size)``-th row, float32 (rows spread over the whole store): at least
+    ``min(size, count)`` rows, fewer than ``2 size``."""
+    step = max(1, source.count // size)
     parts = []
     for first, shard in source.shards():
         offset = (-first) % step
@@ -434,7 +438,7 @@ def build_faiss_index(
     elif settings.kind == "ivf-pq":
         lists, codes = settings.lists(source.count), settings.sub_quantizers(dim)
         index = faiss.index_factory(dim, f"IVF{lists},PQ{codes}x{PQ_BITS}fs,RFlat", faiss.METRIC_INNER_PRODUCT)
-        index.train(_training_sample(source, lists * settings.train_per_list))
+        index.train(_training_sample(source, max(lists * settings.train_per_list, 2**PQ_BITS)))
     elif settings.kind == "pq":
         index = faiss.index_factory(
             dim, f"PQ{settings.sub_quantizers(dim)}x{PQ_BITS}fs,RFlat", faiss.METRIC_INNER_PRODUCT
