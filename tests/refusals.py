@@ -265,7 +265,7 @@ REFUSALS: tuple[Refusal, ...] = (
         "index and search",
         "--search with --json",
         EXIT,
-        "--json need the full scores",
+        "--json needs the full scores",
         "a search returns the top rows only; the JSON view describes every row's score",
         command=(*QUERY, "--search", "exact", "--json"),
     ),

@@ -22,7 +22,9 @@ pytest.importorskip("faiss")
         (["--search", "faiss", "--search-option", "nprobe=0"], "option 'nprobe' got 0"),
         (["--search", "faiss", "--search-option", "probes=3"], "has no option(s) ['probes']"),
         (["--prefilter-bm25", "0"], "--prefilter-bm25 0: must be >= 1"),
-        (["--search", "exact", "--search-option", "nprobe=3"], "it needs --search faiss"),
+        (["--search", "exact", "--search-option", "nprobe=3"], "it needs --search faiss (got --search exact)"),
+        (["--search-option", "kind=pq"], "it needs --search faiss (got no --search)"),  # was silently ignored
+        (["--search", "faiss", "--search-option", "kind=pq", "--search-option", "nprobe=4"], "kind=pq does not use"),
         (["--search", "exact"], "is not a wherefrom run directory"),
         (["--prefilter-bm25", "5"], "is not a wherefrom run directory"),
     ],
@@ -105,4 +107,4 @@ def test_search_of_a_run_index_finds_the_full_scores_tops(workspace, tmp_path):
     assert filtered.exit_code == 0, filtered.output
     assert filtered.stdout.count("query proponents: ") == 1
     both = invoke("query", "a prompt", "a completion", "--run", run, "--search", "exact", "--json")
-    assert both.exit_code == 2 and "--json need the full scores" in " ".join(both.output.split())
+    assert both.exit_code == 2 and "--json needs the full scores" in " ".join(both.output.split())

@@ -16,6 +16,7 @@ from wherefrom.core.search import (
     SearchError,
     build_faiss_index,
     exact_top_k,
+    faiss_settings,
     faiss_top_k,
     recall_at_k,
     search_store,
@@ -300,6 +301,35 @@ def test_pq_kinds_on_fewer_rows_than_centroids_are_refused_naming_the_kind(kind)
     queries = torch.randn(3, 8)
     found = faiss_top_k(build_faiss_index(source, settings), source.ids, queries, 3, settings=settings)
     assert float(recall_at_k(found, exact_top_k(source, queries, 3)).mean()) == 1.0  # refine 16 x 3: every row
+
+
+def test_options_a_kind_does_not_use_are_refused_and_do_not_key_its_saved_index(tmp_path):
+    """``nprobe`` given to ``pq`` (or ``ef_search`` to ``ivf``) would be ignored: refused naming it; settings a kind
+    does not read (here ``nlist`` and ``m`` for ``pq``) leave its saved index in place."""
+    with pytest.raises(OptionError, match=r"kind=pq does not use option\(s\) \['nprobe'\]; its options are"):
+        faiss_settings({"kind": "pq", "nprobe": 4})
+    with pytest.raises(OptionError, match=r"kind=ivf does not use option\(s\) \['ef_search', 'pq_m'\]"):
+        faiss_settings({"ef_search": 8, "pq_m": 4})
+    assert faiss_settings({"kind": "hnsw", "m": 8, "ef_search": 16}).m == 8
+    rows, _ = clustered(200, 16, 4, seed=13)
+    path = tmp_path / "faiss-pq.safetensors"
+    build_faiss_index(Rows(rows, 64), FaissSettings(kind="pq"), path)
+    stamp = path.stat().st_mtime_ns
+    build_faiss_index(Rows(rows, 64), FaissSettings(kind="pq", nlist=7, m=8), path)
+    assert path.stat().st_mtime_ns == stamp
+    build_faiss_index(Rows(rows, 64), FaissSettings(kind="pq", pq_m=4), path)
+    assert path.stat().st_mtime_ns != stamp
+
+
+def test_pq_training_on_few_rows_warns_once_not_once_per_sub_quantizer(capfd, caplog):
+    """FAISS printed a line per sub-quantizer (64 here; thousands for raw gradient rows) when it had under 39 rows per
+    centroid: now one logged warning, and FAISS says nothing."""
+    rows, _ = clustered(100, 128, 4, seed=14)
+    with caplog.at_level("WARNING", logger="wherefrom.core.search"):
+        index = build_faiss_index(Rows(rows, 50), FaissSettings(kind="pq"))
+    assert "WARNING clustering" not in capfd.readouterr().err
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["PQ codebooks trained on 100 rows"]
+    assert index.ntotal == 100
 
 
 def test_ivf_pq_index_is_saved_reused_across_refine_and_rebuilt_for_another_pq_m(tmp_path):

@@ -131,6 +131,7 @@ def scores(run, queries, name, top_k, overwrite, search, search_option, prefilte
     proponents and opponents from the run's vector store instead (printed, nothing saved; one process)."""
     try:
         with session():
+            check_search(search, search_option)
             rows = load_records(queries)
             if search is not None or prefilter_bm25 is not None:
                 refuse("scores --search/--prefilter-bm25", "search the index in one process")
@@ -158,7 +159,8 @@ def check_search(search: str | None, search_option: list[str] | None) -> dict:
     """The FAISS options of ``--search-option`` (checked by the setting); ``ValueError`` when they are
     given without ``--search faiss``."""
     if search_option and search != "faiss":
-        raise ValueError(f"--search-option sets FAISS options; it needs --search faiss (got --search {search})")
+        got = "no --search" if search is None else f"--search {search}"
+        raise ValueError(f"--search-option sets FAISS options; it needs --search faiss (got {got})")
     return options_for(parse_option_pairs(search_option, "--search-option"), "faiss")
 
 
@@ -263,13 +265,15 @@ def query(
     --prefilter-bm25: from the run's vector store)."""
     try:
         record = Record(id="query", prompt=prompt, completion=completion)
+        check_search(search, search_option)
         if search is not None or prefilter_bm25 is not None:
             given = [
                 flag for flag, value in (("--json", as_json), ("--per-token", per_token), ("--html", html)) if value
             ]
             if given:
                 raise ValueError(
-                    f"{', '.join(given)} need the full scores; without --search/--prefilter-bm25 they work"
+                    f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} the full scores; without "
+                    "--search/--prefilter-bm25 they work"
                 )
             search_run(run, [record], top_k, search, search_option, prefilter_bm25, device)
             return

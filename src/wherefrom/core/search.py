@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -70,11 +71,12 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from wherefrom.core.options import OptionSpec, check_options, from_signature
+from wherefrom.core.options import OptionError, OptionSpec, check_options, from_signature
 from wherefrom.core.store import DamagedFile, load_tensors_checked, save_tensors_checked, writer_lock
 
 __all__ = [
     "FAISS_OPTIONS",
+    "KIND_OPTIONS",
     "FaissSettings",
     "RowSource",
     "SearchError",
@@ -94,6 +96,8 @@ JOHNSON_2019 = "Johnson, Douze & Jegou 2019, Billion-scale similarity search wit
 JEGOU_2011 = "Jegou, Douze & Schmid 2011, Product quantization for nearest neighbor search"
 ANDRE_2017 = "Andre, Kermarrec & Le Scouarnec 2017, Accelerated nearest neighbor search with Quick ADC"
 MALKOV_2018 = "Malkov & Yashunin 2018, Efficient and robust approximate nearest neighbor search using HNSW graphs"
+
+logger = logging.getLogger(__name__)
 
 
 class RowSource(Protocol):
@@ -359,6 +363,16 @@ FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
 SEARCH_TIME = ("nprobe", "ef_search", "refine")
 """Settings that change only how the index is searched, not its bytes."""
 
+KIND_OPTIONS: dict[str, tuple[str, ...]] = {
+    "ivf": ("nlist", "train_per_list", "nprobe"),
+    "ivf-sq8": ("nlist", "train_per_list", "nprobe"),
+    "ivf-pq": ("nlist", "train_per_list", "pq_m", "nprobe", "refine"),
+    "pq": ("pq_m", "refine"),
+    "hnsw": ("m", "ef_construction", "ef_search"),
+}
+"""The settings each ``kind`` uses (besides ``kind``): another given to it is refused, and only these key its
+saved index."""
+
 PQ_BITS = 4
 """Bits per product-quantisation code (``ivf-pq``, ``pq``): ``2 ** PQ_BITS`` centroids per sub-quantizer, so a
 store needs at least that many rows to train them."""
@@ -368,8 +382,16 @@ PQ_TRAINING_ROWS = 65536
 
 
 def faiss_settings(options: Mapping[str, Any] | None) -> FaissSettings:
-    """:class:`FaissSettings` from ``{name: value}``; :class:`wherefrom.core.options.OptionError` naming a bad option."""
-    return FaissSettings(**check_options("FAISS search", FAISS_OPTIONS, dict(options or {})))
+    """:class:`FaissSettings` from ``{name: value}``; :class:`wherefrom.core.options.OptionError` naming a bad option,
+    or an option the kind does not use (:data:`KIND_OPTIONS`: it would be ignored)."""
+    settings = FaissSettings(**check_options("FAISS search", FAISS_OPTIONS, dict(options or {})))
+    unused = sorted(set(options or {}) - {"kind", *KIND_OPTIONS[settings.kind]})
+    if unused:
+        raise OptionError(
+            f"FAISS kind={settings.kind} does not use option(s) {unused}; its options are "
+            f"{list(KIND_OPTIONS[settings.kind])}"
+        )
+    return settings
 
 
 def _faiss():
@@ -390,7 +412,8 @@ def rows_sha256(source: RowSource) -> str:
 
 def _fingerprint(source: RowSource, settings: FaissSettings, store_key: str | None) -> dict[str, Any]:
     """What decides the index's bytes: the store's shape, dtype and contents, and the build settings."""
-    build = {k: v for k, v in asdict(settings).items() if k not in SEARCH_TIME}
+    uses = {"kind", *KIND_OPTIONS[settings.kind]} - set(SEARCH_TIME)
+    build = {k: v for k, v in asdict(settings).items() if k in uses}
     contents = store_key if store_key is not None else rows_sha256(source)
     return {"count": source.count, "dim": source.dim, "dtype": source.dtype, "store": contents, **build}
 
@@ -404,6 +427,25 @@ def _training_sample(source: RowSource, size: int) -> np.ndarray:
         offset = (-first) % step
         parts.append(shard[offset::step].to(torch.float32).numpy())
     return np.ascontiguousarray(np.concatenate(parts))
+
+
+def _train_quietly(index, sample: np.ndarray) -> None:
+    """Train a refined PQ ``index`` on ``sample``. FAISS writes one warning line per sub-quantizer (thousands for
+    raw gradient rows) when a k-means has under 39 rows per centroid; that is said once here instead."""
+    faiss = _faiss()
+    base = faiss.downcast_index(index.base_index)
+    suggested = base.pq.cp.min_points_per_centroid * 2**PQ_BITS
+    if len(sample) < suggested:
+        logger.warning(
+            "PQ codebooks trained on %d rows (FAISS suggests at least %d): the codes are coarse, the float32 "
+            "re-ranking still returns exact scores (raise refine if recall is low)",
+            len(sample),
+            suggested,
+        )
+    base.pq.cp.min_points_per_centroid = 1
+    if isinstance(base, faiss.IndexIVF):
+        base.cp.min_points_per_centroid = 1
+    index.train(sample)
 
 
 def build_faiss_index(
@@ -438,12 +480,12 @@ def build_faiss_index(
     elif settings.kind == "ivf-pq":
         lists, codes = settings.lists(source.count), settings.sub_quantizers(dim)
         index = faiss.index_factory(dim, f"IVF{lists},PQ{codes}x{PQ_BITS}fs,RFlat", faiss.METRIC_INNER_PRODUCT)
-        index.train(_training_sample(source, max(lists * settings.train_per_list, 2**PQ_BITS)))
+        _train_quietly(index, _training_sample(source, max(lists * settings.train_per_list, 2**PQ_BITS)))
     elif settings.kind == "pq":
         index = faiss.index_factory(
             dim, f"PQ{settings.sub_quantizers(dim)}x{PQ_BITS}fs,RFlat", faiss.METRIC_INNER_PRODUCT
         )
-        index.train(_training_sample(source, PQ_TRAINING_ROWS))
+        _train_quietly(index, _training_sample(source, PQ_TRAINING_ROWS))
     else:
         lists = settings.lists(source.count)
         quantizer = faiss.IndexFlatIP(dim)
