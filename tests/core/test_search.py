@@ -265,9 +265,9 @@ def test_pq_scans_every_row_so_it_finds_the_best_of_white_rows_where_ivf_cells_d
     assert [FaissSettings(kind="pq").sub_quantizers(d) for d in (1024, 100, 104, 13)] == [512, 50, 52, 1]
 
 
-def test_pq_with_candidates_ranks_them_exactly_and_its_index_is_saved_and_reused(tmp_path):
+def test_pq_with_candidates_ranks_them_exactly():
     """Fast scan takes no ID selector: with candidates a ``pq`` index ranks them by the float32 rows it keeps,
-    which is the exact search among them; the saved index is reused across ``refine``."""
+    which is the exact search among them."""
     rows, queries = clustered(1000, 16, 10, seed=12)
     source = Rows(rows, 300)
     candidates = [list(range(0, 1000, 7)), [3, 4, 5], list(range(500, 520))]
@@ -278,14 +278,6 @@ def test_pq_with_candidates_ranks_them_exactly_and_its_index_is_saved_and_reused
         exact = exact_top_k(source, queries[:3], 5, opponents, candidates=candidates)
         assert torch.equal(found.rows, exact.rows) and (found.rows[1] == -1).sum() == 2  # 3 candidates, k = 5
         torch.testing.assert_close(found.scores, exact.scores, equal_nan=True)  # the padding's scores NaN
-    options = {"kind": "pq", "refine": 100}
-    report = search_store(source, queries, 5, "faiss", faiss_options=options, index_folder=tmp_path)
-    assert float(report.recall.mean()) == 1.0
-    path = tmp_path / "faiss-pq.safetensors"
-    check_file(path)
-    stamp = path.stat().st_mtime_ns
-    search_store(source, queries, 5, "faiss", faiss_options={**options, "refine": 4}, index_folder=tmp_path)
-    assert path.stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("kind", ["ivf-pq", "pq"])
@@ -332,13 +324,16 @@ def test_pq_training_on_few_rows_warns_once_not_once_per_sub_quantizer(capfd, ca
     assert index.ntotal == 100
 
 
-def test_ivf_pq_index_is_saved_reused_across_refine_and_rebuilt_for_another_pq_m(tmp_path):
+@pytest.mark.parametrize(
+    "options",
+    [{"kind": "ivf-pq", "nlist": 4, "nprobe": 4, "refine": 100}, {"kind": "pq", "refine": 100}],  # every row refined
+)
+def test_pq_index_is_saved_reused_across_refine_and_rebuilt_for_another_pq_m(tmp_path, options):
     rows, queries = clustered(800, 16, 8, seed=9)
     source = Rows(rows, 200)
-    options = {"kind": "ivf-pq", "nlist": 4, "nprobe": 4, "refine": 100}  # every cell, a shortlist of every row
     report = search_store(source, queries, 5, "faiss", faiss_options=options, index_folder=tmp_path)
     assert float(report.recall.mean()) == 1.0
-    path = tmp_path / "faiss-ivf-pq.safetensors"
+    path = tmp_path / f"faiss-{options['kind']}.safetensors"
     check_file(path)
     stamp = path.stat().st_mtime_ns
     search_store(source, queries, 5, "faiss", faiss_options={**options, "refine": 2}, index_folder=tmp_path)
