@@ -395,7 +395,11 @@ def test_search_store_reports_recall_and_checks_options_first():
     source = Rows(rows, 256)
     report = search_store(source, queries, 10, "faiss", faiss_options={"nlist": 20, "nprobe": 20})
     assert float(report.recall.mean()) == 1.0
-    assert "recall@10 vs exact 1.000" in report.summary(10)
+    assert "recall@10 vs exact 1.000 (proponents and opponents;" in report.summary(10)
+    assert "below 0.95" not in report.summary(10)
+    report.recall = torch.tensor([0.5, 1.0])
+    assert "recall@10 vs exact 0.750 (proponents and opponents; exact" in report.summary(10)
+    assert "; below 0.95: raise nprobe, refine or ef_search, or for preconditioned" in report.summary(10)
     exact = search_store(source, queries, 10, "exact")
     assert torch.equal(exact.proponents.rows, report.proponents.rows)
     assert torch.equal(exact.opponents.rows, report.opponents.rows)

@@ -363,6 +363,9 @@ FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
 SEARCH_TIME = ("nprobe", "ef_search", "refine")
 """Settings that change only how the index is searched, not its bytes."""
 
+RECALL_HINT = 0.95
+"""A FAISS search whose recall@k against the exact search is below this says which settings raise it."""
+
 KIND_OPTIONS: dict[str, tuple[str, ...]] = {
     "ivf": ("nlist", "train_per_list", "nprobe"),
     "ivf-sq8": ("nlist", "train_per_list", "nprobe"),
@@ -596,12 +599,20 @@ class SearchReport:
     exact_seconds: float | None = None
 
     def summary(self, k: int) -> str:
-        """One line: mode, time and, for FAISS, mean recall@k against the exact search."""
+        """One line: mode, time and, for FAISS, mean recall@k against the exact search, with what to change
+        when it is below :data:`RECALL_HINT`."""
         line = f"{self.mode} search: {self.seconds * 1000:.1f} ms"
         if self.recall is not None:
+            recall = float(self.recall.nanmean())
             line += (
-                f"; recall@{k} vs exact {float(self.recall.nanmean()):.3f} (exact {self.exact_seconds * 1000:.1f} ms)"
+                f"; recall@{k} vs exact {recall:.3f} (proponents and opponents; exact "
+                f"{self.exact_seconds * 1000:.1f} ms)"
             )
+            if recall < RECALL_HINT:
+                line += (
+                    f"; below {RECALL_HINT}: raise nprobe, refine or ef_search, or for preconditioned (nearly white) "
+                    "rows use kind=pq"
+                )
         return line
 
 
