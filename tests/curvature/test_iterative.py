@@ -36,6 +36,7 @@ from wherefrom.core.tracking import select_modules
 from wherefrom.curvature import (
     ConvergenceWarning,
     ExactGGN,
+    FisherOperator,
     GGNOperator,
     load_curvature,
     make_curvature,
@@ -169,6 +170,54 @@ def test_lissa_reference_sign_is_the_closed_form_of_its_recursion(kind):
     small = s.flat(tiny.precondition(s.vectors))
     four_v = 4 * float(tiny.state["scale"]) * v
     assert float((small - four_v).norm() / four_v.norm()) < 1e-2
+
+
+def train_loss(model, batch):
+    """The summed completion-token loss with the data's labels (the empirical Fisher's loss)."""
+    return LanguageModelingTask().train_loss(model, batch)
+
+
+@pytest.mark.parametrize("kind", ["llama", "lora"])
+def test_fisher_operator_is_the_mean_outer_product_of_per_example_gradients(kind, tmp_path):
+    """``curvature="fisher"`` multiplies by ``G_emp = mean_n g_n g_n^T`` of the training loss's per-example
+    gradients (formed densely here from :func:`per_example_gradients`): its products, exact trace and default
+    damping; CG solves ``(G_emp + lambda I) x = v`` to 1e-6; the reference study's LiSSA on it is the closed form
+    of its recursion with ``G_emp`` (what the reference code computed from its cached gradients); saved and
+    loaded, it re-attaches with the fitting loss and gives the same solve, and refuses to attach without it."""
+    s = setup(kind)
+    g = torch.cat([s.flat(per_example_gradients(s.model, s.modules, batch, train_loss)) for batch in s.data])
+    G = g.T @ g / g.shape[0]
+    v = s.flat(s.vectors)
+    operator = FisherOperator(s.model, s.modules, s.batches, train_loss)
+    torch.testing.assert_close(operator.matvec_flat(v), v @ G, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(operator.matvec_flat(v, operator.examples[:3]), v @ (g[:3].T @ g[:3]) / 3)
+    assert operator.trace() == (pytest.approx(float(torch.trace(G)), rel=1e-12), 0.0)
+
+    lam = 0.2 * float(torch.linalg.eigvalsh(G)[-1])
+    solved = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=torch.float64), v.T).T
+    cg = make_curvature("cg", damping=lam, tol=1e-10, max_iter=500, curvature="fisher")
+    cg.fit(s.model, s.modules, s.batches, train_loss)
+    got = s.flat(cg.precondition(s.vectors))
+    assert float((got - solved).norm() / solved.norm()) < 1e-6
+    default = make_curvature("cg", curvature="fisher").fit(s.model, s.modules, s.batches, train_loss)
+    assert default.lam == pytest.approx(0.1 * float(torch.trace(G)) / G.shape[0], rel=1e-10)
+
+    alpha, depth = 1e-3 / float(torch.linalg.eigvalsh(G)[-1]), 3
+    step = torch.eye(G.shape[0], dtype=torch.float64) - alpha * (G - lam * torch.eye(G.shape[0], dtype=torch.float64))
+    expected, power = torch.zeros_like(v), v.clone()
+    for _ in range(depth + 1):
+        expected, power = expected + power, power @ step
+    reference = make_curvature(
+        "lissa", damping=lam, scale=alpha, depth=depth, damping_sign="reference", curvature="fisher"
+    ).fit(s.model, s.modules, s.batches, train_loss)
+    got = s.flat(reference.precondition(s.vectors))
+    assert float((got - alpha * expected).norm() / (alpha * expected).norm()) < 1e-9
+
+    cg.save(tmp_path / "cg")
+    with pytest.raises(ValueError, match="curvature='fisher' needs the fitting loss"):
+        load_curvature(tmp_path / "cg").attach(s.model, s.modules, s.batches)
+    again = load_curvature(tmp_path / "cg").attach(s.model, s.modules, s.batches, loss_fn=train_loss)
+    torch.testing.assert_close(s.flat(again.precondition(s.vectors)), s.flat(cg.precondition(s.vectors)))
 
 
 @pytest.mark.parametrize("kind", KINDS)

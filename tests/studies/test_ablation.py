@@ -26,7 +26,7 @@ def test_presets_share_keys_and_resolve_explicit_settings_over_them():
     )
     assert settings["epochs"] == 1 and settings["template"] == REFERENCE_TEMPLATE and settings["lora_alpha"] == 32
     assert settings["method_options"] == {
-        "lissa": {"damping_sign": "reference", "depth": 5, "scale": 1e-3},
+        "lissa": {"damping_sign": "reference", "depth": 5, "scale": 1e-3, "curvature": "fisher"},
         "repsim": {"layer": 2},
     }
     assert PRESETS["reference-study"]["epochs"] == 10  # resolving copies, never edits the preset
@@ -52,7 +52,12 @@ def test_bench_preset_records_resolved_settings_and_flags_override(tmp_path, tin
     assert config["loss_tokens"] == "all" and config["max_length"] == 128 and config["fisher"] == "empirical"
     assert config["truncate"] is True
     assert (config["lora_alpha"], config["lora_dropout"], config["lr_schedule"]) == (32, 0.1, "linear")
-    assert config["method_options"]["lissa"] == {"damping_sign": "reference", "depth": 2, "scale": 1e-3}
+    assert config["method_options"]["lissa"] == {
+        "damping_sign": "reference",
+        "depth": 2,
+        "scale": 1e-3,
+        "curvature": "fisher",
+    }
     row = json.loads((out / "seed-0" / "gradsim.json").read_text())
     assert row["error"] is None and len(row["top1"]) == 3
     # the record names what the user set, not defaults the preset overrode (e.g. --max-length 512), and

@@ -10,7 +10,7 @@ from wherefrom.curvature.datainf import DataInf
 from wherefrom.curvature.exact import ExactGGN
 from wherefrom.curvature.iterative import Arnoldi, ConjugateGradient, ConvergenceWarning, LiSSA
 from wherefrom.curvature.kronecker import EKFAC, KFAC
-from wherefrom.curvature.products import GGNOperator
+from wherefrom.curvature.products import FisherOperator, GGNOperator
 from wherefrom.curvature.simple import Diagonal, Identity
 
 STRATEGIES: dict[str, type[Curvature]] = {
@@ -64,6 +64,7 @@ __all__ = [
     "DataInf",
     "Diagonal",
     "ExactGGN",
+    "FisherOperator",
     "GGNOperator",
     "Identity",
     "LiSSA",

@@ -29,7 +29,9 @@ them (``fit`` does it too); a loaded one used unattached raises ``RuntimeError``
 
 Damping: absolute ``damping``, else ``damping_factor x trace(G) / P`` with the trace estimated by
 Hutchinson's method (``probes`` seeded Rademacher vectors, about 5% standard error with 32 on the tiny
-test models), P the number of tracked parameters. ``ExactGGN`` computes the trace exactly, so with the
+test models; exact for ``curvature="fisher"``: ``mean_n ||g_n||^2``, so ``0.1 x`` it is the reference
+study's ``mean over rows of mean(g^2) / 10``, here over all modules jointly), P the number of tracked
+parameters. ``ExactGGN`` computes the trace exactly, so with the
 default rule the two damp slightly differently; pass an absolute ``damping`` to compare them.
 Every solve reports iterations, residuals and convergence in :attr:`info` and warns
 (:class:`ConvergenceWarning`) when it did not converge.
@@ -45,11 +47,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from wherefrom.core.gradients import LossFn
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import OptionSpec, from_signature
 from wherefrom.core.tracking import TrackedModule, selection_signature
 from wherefrom.curvature.base import BatchSource, Curvature, DataShape, Progress, no_progress
-from wherefrom.curvature.products import GGNOperator
+from wherefrom.curvature.products import FisherOperator, GGNOperator
 
 AGARWAL_2017 = "Agarwal, Bullins & Hazan 2017, Second-Order Stochastic Optimization in Linear Time (LiSSA)"
 SCHIOPPA_2022 = "Schioppa et al. 2022, Scaling Up Influence Functions (Arnoldi iteration)"
@@ -62,9 +65,12 @@ class ConvergenceWarning(RuntimeWarning):
 class OperatorCurvature(Curvature):
     """A curvature that solves with a :class:`GGNOperator` over all tracked modules at once.
 
-    Common options: ``curvature`` (``"ggn"`` or ``"hessian"``), ``probes`` (Hutchinson probes for the
-    default damping), ``seed`` (probes, start vectors, mini-batch draws), ``max_vectors`` (vectors per
-    vmapped product: memory grows like that times the logits of a batch).
+    Common options: ``curvature`` (``"ggn"``, ``"hessian"``, or ``"fisher"``: the Fisher of the fitting
+    loss's per-example gradients, kept after one pass, :class:`wherefrom.curvature.products.FisherOperator`;
+    with ``fisher="empirical"`` the empirical Fisher the reference study's LiSSA multiplied by), ``probes``
+    (Hutchinson probes for the default damping; ``fisher`` takes the trace exactly), ``seed`` (probes, start
+    vectors, mini-batch draws), ``max_vectors`` (vectors per vmapped product: memory grows like that times
+    the logits of a batch).
 
     ``options`` (constructor keyword arguments declared in :attr:`option_specs`) are saved in
     ``metadata()["options"]`` so that :func:`wherefrom.curvature.load_curvature` rebuilds the same
@@ -78,14 +84,14 @@ class OperatorCurvature(Curvature):
         self,
         damping: float | None = None,
         damping_factor: float = 0.1,
-        curvature: Literal["ggn", "hessian"] = "ggn",
+        curvature: Literal["ggn", "hessian", "fisher"] = "ggn",
         probes: int = 32,
         seed: int = 0,
         max_vectors: int = 4,
     ):
         super().__init__(damping, damping_factor)
-        if curvature not in ("ggn", "hessian"):
-            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
+        if curvature not in ("ggn", "hessian", "fisher"):
+            raise ValueError(f"curvature must be 'ggn', 'hessian' or 'fisher', got {curvature!r}")
         if probes < 1:
             raise ValueError(f"probes must be >= 1, got {probes}")
         self.curvature = curvature
@@ -96,7 +102,11 @@ class OperatorCurvature(Curvature):
 
     option_specs: ClassVar[tuple[OptionSpec, ...]] = from_signature(
         __init__,
-        OptionSpec("curvature", help="ggn: Gauss-Newton matrix; hessian: the true Hessian of the mean training loss"),
+        OptionSpec(
+            "curvature",
+            help="ggn: Gauss-Newton matrix; hessian: the true Hessian of the mean training loss; fisher: mean of "
+            "g g^T over the fitting loss's per-example gradients (empirical Fisher with fisher=empirical)",
+        ),
         OptionSpec("probes", low=1, help="Hutchinson probes estimating trace(G) for the default damping"),
         OptionSpec("seed", help="seed of the probes, start vectors and mini-batch draws"),
         OptionSpec("max_vectors", low=1, help="vectors per vmapped product with G (memory grows with it)"),
@@ -109,22 +119,30 @@ class OperatorCurvature(Curvature):
         modules: Sequence[TrackedModule],
         batches: BatchSource,
         progress: Progress = no_progress,
+        loss_fn: LossFn | None = None,
     ) -> OperatorCurvature:
         """Give the model and fitting data that products with ``G`` need (after ``load_curvature``).
 
         ``modules`` must be the selection this curvature was fitted on; ``batches`` should be the
-        fitting batches (the damping and, for LiSSA, the scale saved at fit time are reused).
+        fitting batches (the damping and, for LiSSA, the scale saved at fit time are reused);
+        ``loss_fn``: the fitting loss, whose per-example gradients ``curvature="fisher"`` needs
+        (``ValueError`` without it; the other curvatures ignore it).
         """
         if self.modules:
             self.check_modules(modules)
         else:
             self.modules = selection_signature(modules)
-        self.operator = GGNOperator(model, modules, batches, self.curvature, self.max_vectors, progress)
+        if self.curvature == "fisher":
+            if loss_fn is None:
+                raise ValueError(f"{self.name!r} with curvature='fisher' needs the fitting loss (loss_fn) to attach")
+            self.operator = FisherOperator(model, modules, batches, loss_fn, progress)
+        else:
+            self.operator = GGNOperator(model, modules, batches, self.curvature, self.max_vectors, progress)
         return self
 
     def _fit(self, model, modules, batches: BatchSource, loss_fn, progress: Progress) -> None:
-        # loss_fn is not needed: G is the analytic GGN (expectation over model-sampled labels).
-        operator = self.attach(model, modules, batches, progress).operator
+        # the GGN and the Hessian ignore loss_fn (the GGN is the analytic expectation over model-sampled labels)
+        operator = self.attach(model, modules, batches, progress, loss_fn).operator
         assert operator is not None
         size = operator.num_parameters
         self.info.update(parameters=size, examples=operator.num_examples, curvature=self.curvature)
@@ -148,16 +166,24 @@ class OperatorCurvature(Curvature):
 
     def memory_needs(self, modules, data: DataShape) -> dict[str, int]:
         """Vectors of length ``P`` (float64) the fit holds: Hutchinson probes and their products (for
-        the default damping), one vmapped product's tangents and logit tangents, and the state."""
+        the default damping), one vmapped product's tangents and logit tangents, and the state; with
+        ``curvature="fisher"`` the kept per-example gradients instead of the probes and tangents."""
         size = sum(m.shape[0] * m.shape[1] for m in modules)
-        needs = {
-            "GGN-vector product (max_vectors tangents and logit tangents)": (
-                2 * nbytes(self.max_vectors, size, dtype=torch.float64)
-                + 3 * nbytes(self.max_vectors, data.max_batch, data.max_tokens, data.vocabulary)
-            ),
-            "fitted state": self.state_bytes(modules, data),
-        }
-        if self.damping is None:
+        if self.curvature == "fisher":
+            product = {
+                f"per-example gradients of the Fisher operator ({data.examples} x {size:,}, float64)": nbytes(
+                    data.examples, size, dtype=torch.float64
+                )
+            }
+        else:
+            product = {
+                "GGN-vector product (max_vectors tangents and logit tangents)": (
+                    2 * nbytes(self.max_vectors, size, dtype=torch.float64)
+                    + 3 * nbytes(self.max_vectors, data.max_batch, data.max_tokens, data.vocabulary)
+                )
+            }
+        needs = {**product, "fitted state": self.state_bytes(modules, data)}
+        if self.damping is None and self.curvature != "fisher":
             needs[f"Hutchinson probes ({self.probes} x P, float64) and their products"] = 2 * nbytes(
                 self.probes, size, dtype=torch.float64
             )

@@ -15,6 +15,13 @@ with ``vmap``) and one reverse pass (``torch.func.vjp``). ``curvature="hessian"`
 Hessian of the mean training loss instead (summed token cross-entropy against the data's own labels),
 by reverse-over-reverse differentiation; it can be indefinite.
 
+:class:`FisherOperator` applies ``F v = mean_n g_n (g_n . v)``, the Fisher of the per-example gradients
+``g_n`` of the fitting loss, kept as an ``n x P`` matrix after one gradient pass: with the data's labels
+(``fisher="empirical"``) the empirical Fisher, which is the ``G`` of the reference study's LiSSA (Li et al.
+2024's code, ``(1/n) sum (g.r) g`` over its cached gradients); with labels drawn from the model once per
+example (``fisher="true"``) a one-draw estimate of the ``G`` above. A product then costs two ``n x P``
+matrix products and no model pass.
+
 Vectors are ``{module name: (k, out, in')}`` in the Linear orientation of :mod:`wherefrom.core.tracking`,
 or flat ``(k, P)`` rows (modules concatenated in selection order) for :meth:`GGNOperator.matvec_flat`.
 The model runs in eval mode with eager attention inside every product (SDPA lacks batching and
@@ -31,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from wherefrom.core.gradients import Batch
+from wherefrom.core.gradients import Batch, LossFn, token_factors
 from wherefrom.core.task import IGNORE_INDEX, per_example_loss
 from wherefrom.core.tracking import TrackedModule
 from wherefrom.curvature.base import BatchSource, Progress, no_progress
@@ -248,3 +255,49 @@ class GGNOperator:
                 return 0.0
             x = y / norm
         return abs(value)
+
+
+class FisherOperator(GGNOperator):
+    """``v -> F v`` with ``F = mean_n g_n g_n^T`` over the fitting examples (module docstring).
+
+    ``loss_fn`` gives the per-example losses whose gradients ``g_n`` (``(P,)``, the flat layout of
+    :meth:`GGNOperator.flatten`) are taken once, batch by batch, in eval mode, and kept in float64 on the model's device
+    (``n x P x 8`` bytes). Products, the spectrum and example subsets as :class:`GGNOperator`; the trace is
+    exact (``mean_n ||g_n||^2``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: Sequence[TrackedModule],
+        batches: BatchSource,
+        loss_fn: LossFn,
+        progress: Progress = no_progress,
+    ):
+        super().__init__(model, modules, batches, "ggn", 1, progress)
+        self.curvature = "fisher"
+        rows = []
+        with eval_mode(model):  # as every product with G: no dropout
+            for batch in progress(self.batches, "per-example gradients (Fisher operator)"):
+                factors = token_factors(model, self.modules, batch, loss_fn)[0]
+                rows.append(self.flatten({name: f.dense() for name, f in factors.items()}).to(torch.float64))
+        self.gradients = torch.cat(rows)
+        sizes = torch.tensor([batch["input_ids"].shape[0] for batch in self.batches])
+        self.offsets = (torch.cumsum(sizes, 0) - sizes).tolist()
+
+    def matvec_flat(self, flat: torch.Tensor, examples: Sequence[Example] | None = None) -> torch.Tensor:
+        """``F x`` for every row of ``flat`` ``(k, P)``, over ``examples`` (``(batch, row)`` pairs) or all;
+        float64 out, on ``flat``'s device."""
+        if flat.dim() != 2 or flat.shape[1] != self.num_parameters:
+            raise ValueError(f"expected (k, {self.num_parameters}) vectors, got {tuple(flat.shape)}")
+        grads = self.gradients
+        if examples is not None:
+            if not examples:
+                raise ValueError("examples must not be empty")
+            grads = grads[[self.offsets[int(b)] + int(r) for b, r in examples]]
+        x = flat.to(grads.device, torch.float64)
+        return ((x @ grads.T) @ grads / grads.shape[0]).to(flat.device)
+
+    def trace(self, probes: int = 32, seed: int = 0) -> tuple[float, float]:
+        """``trace(F) = mean_n ||g_n||^2``, exactly: returns ``(trace, 0.0)`` (``probes``, ``seed`` unused)."""
+        return float(self.gradients.square().sum() / self.gradients.shape[0]), 0.0

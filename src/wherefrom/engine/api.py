@@ -434,7 +434,10 @@ class Attributor:
         curvature.check_modules(self.modules)
         if curvature.needs_operator and train is not None:
             encoded = self.encode(checked_rows(train, "training rows"))
-            curvature.attach(self.model, self.modules, lambda: self.batches(encoded).without_ids(), self.progress)  # type: ignore[attr-defined]
+            curvature.attach(  # type: ignore[attr-defined]
+                self.model, self.modules, lambda: self.batches(encoded).without_ids(), self.progress,
+                self.fisher_loss_fn(),
+            )  # fmt: skip
         self.curvature = curvature.to(self.device)
 
     # --- gradients -----------------------------------------------------------------------------

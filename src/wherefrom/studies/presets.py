@@ -21,8 +21,12 @@ Language Models?), plumprc/Failures-of-Influence-Functions-in-LLMs at 93f9489, d
   default damping rule on ``fisher="empirical"`` for the per-module strategies (exact for EK-FAC, whose
   corrected eigenvalues average to it, and DataInf; K-FAC's Kronecker eigenvalues and LiSSA's joint
   Hutchinson trace approximate it).
-* ``lissa``: ``damping_sign="reference"``, ``depth`` 3, ``scale`` 1e-3 (``influence_function``,
-  ``hvp_cal='LiSSA'``, :class:`wherefrom.curvature.iterative.LiSSA`).
+* ``lissa``: ``damping_sign="reference"``, ``depth`` 3, ``scale`` 1e-3 and ``curvature="fisher"``: the
+  recursion multiplies by the mean outer product of the training rows' own gradients, as the reference's
+  ``(1/n) sum (g.r) g`` over its cached gradients did (``influence_function``, ``hvp_cal='LiSSA'``;
+  :class:`wherefrom.curvature.iterative.LiSSA`, :class:`wherefrom.curvature.products.FisherOperator`; with
+  the ``fisher`` switch set to ours, the gradients of labels drawn from the model). wherefrom's LiSSA
+  multiplies by the GGN.
 * ``finetune``: LoRA alpha 32, dropout 0.1 (rank 4 on q_proj/v_proj as ours), batch 24, 10 epochs, AdamW
   5e-5 decayed linearly (``finetune.py`` with the Hugging Face ``Trainer`` defaults).
 
@@ -72,7 +76,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "learning_rate": 5e-5,
         "batch_size": 24,
         "epochs": 10,
-        "method_options": {"lissa": {"damping_sign": "reference", "depth": 3, "scale": 1e-3}},
+        "method_options": {"lissa": {"damping_sign": "reference", "depth": 3, "scale": 1e-3, "curvature": "fisher"}},
     },
 }
 """Each preset's settings (the same keys in every preset, so each switch has a value on both sides)."""
