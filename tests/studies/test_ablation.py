@@ -26,7 +26,7 @@ def test_presets_share_keys_and_resolve_explicit_settings_over_them():
     )
     assert settings["epochs"] == 1 and settings["template"] == REFERENCE_TEMPLATE and settings["lora_alpha"] == 32
     assert settings["method_options"] == {
-        "lissa": {"damping_sign": "reference", "depth": 5, "scale": 1e-3, "curvature": "fisher"},
+        "lissa": {"damping_sign": "reference", "depth": 5, "scale": 1e-3 / 127**2, "curvature": "fisher"},
         "repsim": {"layer": 2},
     }
     assert PRESETS["reference-study"]["epochs"] == 10  # resolving copies, never edits the preset
@@ -55,7 +55,7 @@ def test_bench_preset_records_resolved_settings_and_flags_override(tmp_path, tin
     assert config["method_options"]["lissa"] == {
         "damping_sign": "reference",
         "depth": 2,
-        "scale": 1e-3,
+        "scale": 1e-3 / 127**2,
         "curvature": "fisher",
     }
     row = json.loads((out / "seed-0" / "gradsim.json").read_text())

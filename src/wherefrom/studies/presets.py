@@ -14,14 +14,18 @@ Language Models?), plumprc/Failures-of-Influence-Functions-in-LLMs at 93f9489, d
   input_ids``: the loss runs over all 127 next-token positions, padding, prompt and tags included
   (``collect_gradient``). The reference takes the *mean* over them; at a fixed length the mean is the sum
   / 127, a constant that cancels under the relative damping and never changes a ranking, so the
-  reduction stays ``sum`` (which also lets LiSSA and CG, which need the summed loss, run).
+  reduction stays ``sum`` (which also lets LiSSA and CG, which need the summed loss, run). The one
+  absolute setting it does not cancel in is LiSSA's scale: see ``lissa``.
 * ``fisher``: the reference preconditions with its training rows' own gradients (empirical Fisher) and
   damps each block with ``lambda = mean over rows of mean(g^2) / 10`` (``calculate_lambda_const``). That
   mean is ``trace(G_emp) / P`` per block, i.e. ``0.1 x`` the mean eigenvalue of the empirical Fisher: our
   default damping rule on ``fisher="empirical"`` for the per-module strategies (exact for EK-FAC, whose
   corrected eigenvalues average to it, and DataInf; K-FAC's Kronecker eigenvalues and LiSSA's joint
   Hutchinson trace approximate it).
-* ``lissa``: ``damping_sign="reference"``, ``depth`` 3, ``scale`` 1e-3 and ``curvature="fisher"``: the
+* ``lissa``: ``damping_sign="reference"``, ``depth`` 3, ``scale`` :data:`REFERENCE_LISSA_SCALE` (the
+  reference's 1e-3 on its mean loss over 127 positions, whose Fisher is the summed loss's / 127^2: so
+  1e-3 / 127^2 on the summed loss wherefrom takes; 1e-3 there would make ``alpha lambda_max`` about 16,000
+  times larger than the reference's and the recursion no longer near ``4 v``) and ``curvature="fisher"``: the
   recursion multiplies by the mean outer product of the training rows' own gradients, as the reference's
   ``(1/n) sum (g.r) g`` over its cached gradients did (``influence_function``, ``hvp_cal='LiSSA'``;
   :class:`wherefrom.curvature.iterative.LiSSA`, :class:`wherefrom.curvature.products.FisherOperator`; with
@@ -43,7 +47,11 @@ from typing import Any
 
 from wherefrom.core.encoding import REFERENCE_TEMPLATE
 
-__all__ = ["PRESETS", "SWITCHES", "check_preset", "resolve", "switched", "switches_between"]
+__all__ = ["PRESETS", "REFERENCE_LISSA_SCALE", "SWITCHES", "check_preset", "resolve", "switched", "switches_between"]
+
+REFERENCE_LISSA_SCALE = 1e-3 / 127**2
+"""The reference study's LiSSA scale 1e-3, taken on its mean loss over the 127 next-token positions of a row
+padded to 128, for the summed loss: the per-example gradients are 127 times larger, their Fisher 127^2."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     "wherefrom": {
@@ -76,7 +84,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "learning_rate": 5e-5,
         "batch_size": 24,
         "epochs": 10,
-        "method_options": {"lissa": {"damping_sign": "reference", "depth": 3, "scale": 1e-3, "curvature": "fisher"}},
+        "method_options": {
+            "lissa": {"damping_sign": "reference", "depth": 3, "scale": REFERENCE_LISSA_SCALE, "curvature": "fisher"}
+        },
     },
 }
 """Each preset's settings (the same keys in every preset, so each switch has a value on both sides)."""
