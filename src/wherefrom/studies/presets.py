@@ -20,8 +20,8 @@ Language Models?), plumprc/Failures-of-Influence-Functions-in-LLMs at 93f9489, d
   damps each block with ``lambda = mean over rows of mean(g^2) / 10`` (``calculate_lambda_const``). That
   mean is ``trace(G_emp) / P`` per block, i.e. ``0.1 x`` the mean eigenvalue of the empirical Fisher: our
   default damping rule on ``fisher="empirical"`` for the per-module strategies (exact for EK-FAC, whose
-  corrected eigenvalues average to it, and DataInf; K-FAC's Kronecker eigenvalues and LiSSA's joint
-  Hutchinson trace approximate it).
+  corrected eigenvalues average to it, and DataInf; K-FAC's Kronecker eigenvalues approximate it, and
+  LiSSA on ``curvature="fisher"`` takes it exactly but over all modules jointly, not per block).
 * ``lissa``: ``damping_sign="reference"``, ``depth`` 3, ``scale`` :data:`REFERENCE_LISSA_SCALE` (the
   reference's 1e-3 on its mean loss over 127 positions, whose Fisher is the summed loss's / 127^2: so
   1e-3 / 127^2 on the summed loss wherefrom takes; 1e-3 there would make ``alpha lambda_max`` about 16,000
