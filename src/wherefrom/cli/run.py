@@ -176,9 +176,8 @@ def search_run(
     """Answer ``scores`` / ``query`` from RUN's vector store (``--search``, ``--prefilter-bm25``): the
     queries in the store's row layout (:meth:`wherefrom.engine.run.Run.query_vectors`), searched by
     :func:`store_search` (a FAISS index kept in ``RUN/index/``, keyed by the store's contents) and printed
-    by :func:`print_search`. Raises ``ValueError`` for FAISS options without ``--search faiss`` and
-    ``FileNotFoundError`` naming RUN when it has no finished index."""
-    check_search(search, search_option)
+    by :func:`print_search`. Its callers have checked the flags (:func:`check_search`) before any work.
+    Raises ``FileNotFoundError`` naming RUN when it has no finished index."""
     opened = Run.open(run, progress=progress, device=device)
     if not opened.has_index():
         raise FileNotFoundError(

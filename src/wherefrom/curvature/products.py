@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from wherefrom.core.gradients import Batch, LossFn, token_factors
+from wherefrom.core.gradients import Batch, LossFn, per_example_gradients
 from wherefrom.core.task import IGNORE_INDEX, per_example_loss
 from wherefrom.core.tracking import TrackedModule
 from wherefrom.curvature.base import BatchSource, Progress, no_progress
@@ -279,8 +279,8 @@ class FisherOperator(GGNOperator):
         rows = []
         with eval_mode(model):  # as every product with G: no dropout
             for batch in progress(self.batches, "per-example gradients (Fisher operator)"):
-                factors = token_factors(model, self.modules, batch, loss_fn)[0]
-                rows.append(self.flatten({name: f.dense() for name, f in factors.items()}).to(torch.float64))
+                grads = per_example_gradients(model, self.modules, batch, loss_fn)
+                rows.append(self.flatten(grads).to(torch.float64))
         self.gradients = torch.cat(rows)
         sizes = torch.tensor([batch["input_ids"].shape[0] for batch in self.batches])
         self.offsets = (torch.cumsum(sizes, 0) - sizes).tolist()
