@@ -8,8 +8,10 @@ import torch
 
 from tests.cli.conftest import invoke
 from tests.core.test_search import Rows, clustered
-from wherefrom.cli.run import print_search, store_search
+from wherefrom.cli.run import end_name, print_search, store_search
 from wherefrom.core.data import load_records
+from wherefrom.core.vectors import VectorStore
+from wherefrom.engine.run import Run
 from wherefrom.methods.lexical import bm25_candidates
 
 pytest.importorskip("faiss")
@@ -60,7 +62,7 @@ def test_faiss_search_prints_tops_and_recall(workspace, tmp_path, capsys):
     train, queries = load_records(workspace / "train.jsonl"), load_records(workspace / "queries.jsonl")
     source, vectors = store_of(train)
     report = store_search(
-        source, vectors[: len(queries)], queries, train, 3, "faiss", ["nlist=2", "nprobe=2"], None, tmp_path
+        source, vectors[: len(queries)], queries, train, 3, "faiss", {"nlist": 2, "nprobe": 2}, None, tmp_path
     )
     assert (tmp_path / "faiss-ivf.safetensors").is_file()
     assert torch.equal(report.recall, torch.ones(len(queries), dtype=torch.float64))
@@ -73,6 +75,31 @@ def test_faiss_search_prints_tops_and_recall(workspace, tmp_path, capsys):
     assert "faiss search:" in err and "recall@3 vs exact 1.000" in err
 
 
+def test_pq_search_of_bm25_candidates_is_the_exact_search_and_builds_no_index(workspace, tmp_path, capsys):
+    """A ``pq`` index ranks candidates by its float32 rows (fast scan takes no selector): the exact search of the
+    candidates, so none is built (it was, unused) and the report says which search ran."""
+    train, queries = load_records(workspace / "train.jsonl"), load_records(workspace / "queries.jsonl")
+    source, vectors = store_of(train)
+    args = (source, vectors[: len(queries)], queries, train, 4)
+    report = store_search(*args, "faiss", {"kind": "pq"}, 6, tmp_path)
+    exact = store_search(*args, "exact", None, 6, tmp_path)
+    assert not list(tmp_path.iterdir())
+    assert report.mode == "exact" and report.recall is None
+    for end in ("proponents", "opponents"):
+        assert torch.equal(getattr(report, end).rows, getattr(exact, end).rows)
+    print_search(report, [q.id for q in queries], 4, {})
+    assert "exact search: " in capsys.readouterr().err and "kind=pq ranks the BM25 candidates" in report.summary(4)
+
+
+def test_search_lines_name_rows_on_the_wrong_side_of_zero():
+    """A printed end holds ``opponents`` (``proponents``) only where every score is negative (positive); else it
+    says how many are not, without a ``: `` inside the name (the lines split at the first one)."""
+    assert end_name("opponents", [-2.0, -1.0]) == "opponents"
+    assert end_name("opponents", [-2.0, 0.0, 3.0]) == "lowest scores (2 of 3 >= 0, not opponents)"
+    assert end_name("proponents", [4.0, -1.0]) == "highest scores (1 of 2 <= 0, not proponents)"
+    assert end_name("proponents", [4.0, float("nan")]) == "proponents"  # padding of a short candidate list
+
+
 def test_prefilter_needs_the_store_rows_in_training_order(workspace):
     train, queries = load_records(workspace / "train.jsonl"), load_records(workspace / "queries.jsonl")
     source, vectors = store_of(train)
@@ -80,7 +107,11 @@ def test_prefilter_needs_the_store_rows_in_training_order(workspace):
         store_search(source, vectors[: len(queries)], queries, train[::-1], 3, None, None, 5)
 
 
-def test_search_of_a_run_index_finds_the_full_scores_tops(workspace, tmp_path):
+def computed(*_args):
+    raise LookupError("queries computed")
+
+
+def test_search_of_a_run_index_finds_the_full_scores_tops(workspace, tmp_path, monkeypatch):
     """End to end on the tiny GPT-2: fit, no index (named), index, then exact search = the tops of the
     full scores (same rows, same order), FAISS with its recall, and the BM25 prefilter."""
     run = tmp_path / "run"
@@ -103,6 +134,16 @@ def test_search_of_a_run_index_finds_the_full_scores_tops(workspace, tmp_path):
     faiss_run = invoke("scores", "--run", run, "--queries", queries, "--search", "faiss", "--search-option", "nlist=2")
     assert faiss_run.exit_code == 0, faiss_run.output
     assert "recall@10 vs exact" in " ".join(faiss_run.output.split())
+    dim = VectorStore.open(run / "index").dim
+    for option, message in ((f"pq_m={dim + 1}", f"pq_m={dim + 1} must divide"), ("nlist=2", "")):
+        with monkeypatch.context() as patched:  # a kind that cannot index the store: refused before the queries
+            patched.setattr(Run, "query_vectors", computed)
+            refused = invoke("scores", "--run", run, "--queries", queries, "--search", "faiss", "--search-option",
+                             "kind=ivf-pq" if option.startswith("pq") else "kind=ivf", "--search-option", option)  # fmt: skip
+        if message:
+            assert refused.exit_code == 2 and message in " ".join(refused.output.split()), refused.output
+        else:
+            assert isinstance(refused.exception, LookupError)  # the check passed: the queries came next
     filtered = invoke("query", "a prompt", "a completion", "--run", run, "--prefilter-bm25", 4, "--top-k", 3)
     assert filtered.exit_code == 0, filtered.output
     assert filtered.stdout.count("query proponents: ") == 1

@@ -288,6 +288,22 @@ def test_pq_kinds_on_fewer_rows_than_centroids_are_refused_naming_the_kind(kind)
         build_faiss_index(Rows(torch.randn(15, 8), 4), FaissSettings(kind=kind))
     small_sample = FaissSettings(kind="ivf-pq", nlist=1, train_per_list=4)  # 4 training rows asked: 16 taken
     assert build_faiss_index(Rows(torch.randn(100, 8), 50), small_sample).ntotal == 100
+
+
+def test_check_store_refuses_what_a_build_would_refuse_without_the_rows():
+    """``check_store`` needs only the store's row count and dimension (so a command refuses before computing its
+    queries): the PQ kinds' 16-row minimum and a ``pq_m`` that does not divide the dimension; other kinds and a
+    ``pq`` search of BM25 candidates (the exact search: no index) build on any store."""
+    for kind in ("ivf-pq", "pq"):
+        with pytest.raises(SearchError, match=f"kind={kind} trains 16 centroids .* the store has 15"):
+            FaissSettings(kind=kind).check_store(15, 8)
+        FaissSettings(kind=kind).check_store(16, 8)
+        with pytest.raises(SearchError, match="pq_m=3 must divide the rows' dimension 8"):
+            FaissSettings(kind=kind, pq_m=3).check_store(100, 8)
+    for kind in ("ivf", "ivf-sq8", "hnsw"):
+        FaissSettings(kind=kind).check_store(1, 7)
+    assert not FaissSettings(kind="pq").builds_index(filtered=True)
+    assert FaissSettings(kind="pq").builds_index(filtered=False) and FaissSettings(kind="ivf").builds_index(True)
     source = Rows(torch.randn(16, 8), 4)
     settings = FaissSettings(kind=kind, refine=16)
     queries = torch.randn(3, 8)

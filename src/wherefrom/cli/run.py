@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from wherefrom.core.data import DataError, Record, load_records
 from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, refuse, session
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
 from wherefrom.core.scoring import Scores
-from wherefrom.core.search import RowSource, SearchReport, search_store
+from wherefrom.core.search import RowSource, SearchReport, faiss_settings, search_store
 from wherefrom.core.store import StoreError, check_replacement, strict_json, writer_lock
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch
@@ -131,11 +131,11 @@ def scores(run, queries, name, top_k, overwrite, search, search_option, prefilte
     proponents and opponents from the run's vector store instead (printed, nothing saved; one process)."""
     try:
         with session():
-            check_search(search, search_option)
+            options = check_search(search, search_option)
             rows = load_records(queries)
             if search is not None or prefilter_bm25 is not None:
                 refuse("scores --search/--prefilter-bm25", "search the index in one process")
-                search_run(run, rows, top_k, search, search_option, prefilter_bm25, device)
+                search_run(run, rows, top_k, search, options, prefilter_bm25, device)
                 return
             saved = [run / "scores" / f"{name}.{suffix}" for suffix in ("safetensors", "json")]
             replaces = not overwrite and check_replacement(saved, saved[1], {"query_ids": [r.id for r in rows]})
@@ -169,15 +169,16 @@ def search_run(
     queries: list[Record],
     top_k: int,
     search: str | None,
-    search_option: list[str] | None,
+    options: Mapping[str, object],
     prefilter_bm25: int | None,
     device: str | None,
 ) -> None:
     """Answer ``scores`` / ``query`` from RUN's vector store (``--search``, ``--prefilter-bm25``): the
     queries in the store's row layout (:meth:`wherefrom.engine.run.Run.query_vectors`), searched by
     :func:`store_search` (a FAISS index kept in ``RUN/index/``, keyed by the store's contents) and printed
-    by :func:`print_search`. Its callers have checked the flags (:func:`check_search`) before any work.
-    Raises ``FileNotFoundError`` naming RUN when it has no finished index."""
+    by :func:`print_search`. ``options``: the FAISS options its callers parsed with :func:`check_search` before
+    any work; a FAISS kind that cannot index the store is refused before the queries are computed. Raises
+    ``FileNotFoundError`` naming RUN when it has no finished index."""
     opened = Run.open(run, progress=progress, device=device)
     if not opened.has_index():
         raise FileNotFoundError(
@@ -185,9 +186,12 @@ def search_run(
             f"`wherefrom index --run {run}` builds; without them the run scores every row"
         )
     store = opened.open_index()
+    settings = faiss_settings(options)
+    if search == "faiss" and settings.builds_index(prefilter_bm25 is not None):
+        settings.check_store(store.count, store.dim)  # before the queries' gradients
     query_ids, vectors = opened.query_vectors(queries, store)
     report = store_search(
-        store, vectors, queries, opened.train, top_k, search, search_option, prefilter_bm25, store.folder,
+        store, vectors, queries, opened.train, top_k, search, options, prefilter_bm25, store.folder,
         store.content_key(),
     )  # fmt: skip
     print_search(report, query_ids, top_k, {row.id: row.label for row in opened.train})
@@ -200,7 +204,7 @@ def store_search(
     train: list[Record],
     top_k: int,
     search: str | None,
-    search_option: list[str] | None,
+    options: Mapping[str, object] | None,
     prefilter_bm25: int | None,
     folder: Path | None = None,
     store_key: str | None = None,
@@ -209,9 +213,8 @@ def store_search(
     ``query_vectors`` ``(n_query, source.dim)`` (the ``queries`` in the store's projection) among the
     store's rows, restricted to each query's top-``prefilter_bm25`` BM25 rows of ``train`` when given
     (:func:`wherefrom.methods.lexical.bm25_candidates`), exact unless ``search`` is ``faiss`` (index
-    saved in ``folder``, keyed by ``store_key``: :func:`wherefrom.core.search.build_faiss_index`).
-    ``ValueError`` when ``train`` is not the store's rows in order."""
-    options = check_search(search, search_option)
+    saved in ``folder``, keyed by ``store_key``: :func:`wherefrom.core.search.build_faiss_index`; ``options``:
+    the FAISS options :func:`check_search` parsed). ``ValueError`` when ``train`` is not the store's rows in order."""
     candidates = None
     if prefilter_bm25 is not None:
         from wherefrom.methods.lexical import bm25_candidates
@@ -223,11 +226,12 @@ def store_search(
 
 
 def print_search(report: SearchReport, query_ids: list[str], top_k: int, labels: Mapping[str, str | None]) -> None:
-    """Each query's proponents, then its opponents, on stdout (one line each, like :func:`print_tops`),
-    and the search's time and recall on stderr."""
+    """Each query's proponents, then its opponents, on stdout (one line each, like :func:`print_tops`, named
+    by :func:`end_name`), and the search's time and recall on stderr."""
     for kind, found in (("proponents", report.proponents), ("opponents", report.opponents)):
         for query_id, ids, values in zip(query_ids, found.ids, found.scores.tolist()):
-            typer.echo(f"{query_id} {kind}: {', '.join(shown_row(i, s, labels) for i, s in zip(ids, values))}")
+            shown = ", ".join(shown_row(i, s, labels) for i, s in zip(ids, values))
+            typer.echo(f"{query_id} {end_name(kind, values)}: {shown}")
     console.print(report.summary(top_k), markup=False, highlight=False)
 
 
@@ -264,7 +268,7 @@ def query(
     --prefilter-bm25: from the run's vector store)."""
     try:
         record = Record(id="query", prompt=prompt, completion=completion)
-        check_search(search, search_option)
+        options = check_search(search, search_option)
         if search is not None or prefilter_bm25 is not None:
             given = [
                 flag for flag, value in (("--json", as_json), ("--per-token", per_token), ("--html", html)) if value
@@ -274,7 +278,7 @@ def query(
                     f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} the full scores; without "
                     "--search/--prefilter-bm25 they work"
                 )
-            search_run(run, [record], top_k, search, search_option, prefilter_bm25, device)
+            search_run(run, [record], top_k, search, options, prefilter_bm25, device)
             return
         opened = Run.open(run, progress=progress, device=device)
         if per_token and opened.method is not None:
@@ -323,14 +327,21 @@ def query(
     print_report(report, result.module_names)
 
 
+def end_name(kind: str, scores: Sequence[float]) -> str:
+    """What a shown end of the ranking is: ``proponents`` (``opponents``) only where every score shown is
+    positive (negative); else ``highest scores`` (``lowest scores``) saying how many are on the other side
+    of 0, e.g. ``lowest scores (2 of 10 >= 0, not opponents)``: rows that also raise (lower) the query's
+    log-likelihood. NaN scores (padding of a short candidate list) count on neither side."""
+    lowest = kind == "opponents"
+    other = sum(s >= 0 if lowest else s <= 0 for s in scores)
+    if not other:
+        return kind
+    return f"{'lowest' if lowest else 'highest'} scores ({other} of {len(scores)} {'>=' if lowest else '<='} 0, not {kind})"
+
+
 def table_title(report: dict, kind: str) -> str:
-    """The title of a ``query`` table: ``opponents`` only where every shown row has a negative score; else
-    ``lowest scores``, saying how many of them are positive (rows that also raise the query's likelihood)."""
-    if kind == "opponents":
-        positive = sum(entry["score"] >= 0 for entry in report[kind])
-        if positive:
-            kind = f"lowest scores ({positive} of {len(report[kind])} >= 0: not opponents)"
-    return f"{kind} ({report['strategy']}; {report['sign']})"
+    """The title of a ``query`` table: the end's :func:`end_name`, the strategy and the sign convention."""
+    return f"{end_name(kind, [entry['score'] for entry in report[kind]])} ({report['strategy']}; {report['sign']})"
 
 
 def print_report(report: dict, module_names: list[str] | None = None) -> None:

@@ -40,7 +40,8 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
   either search ranks only the query's candidate rows; a query with fewer than ``k`` candidates gets
   fewer results (padding: row ``-1``, score NaN). FAISS restricts its search with an ID selector,
   so an IVF search only finds candidates in its ``nprobe`` probed cells; a ``pq`` index (its fast
-  scan takes no selector) ranks the candidates by their exact float32 rows.
+  scan takes no selector) ranks the candidates by their exact float32 rows, so :func:`search_store` runs
+  the exact search of the candidates for it and builds no index.
 
 Defaults, from ``benchmarks/query_latency.py`` (``benchmarks/results/query-latency.md``, dim 1024,
 synthetic rows with the eigen-spectra of real LoGra rows, ``benchmarks/row_spectrum.py``):
@@ -336,6 +337,24 @@ class FaissSettings:
             raise SearchError(f"FAISS option pq_m={m} must divide the rows' dimension {dim}")
         return m
 
+    def builds_index(self, filtered: bool) -> bool:
+        """Whether a search with these settings builds an index: not a ``pq`` search of BM25 candidates
+        (``filtered``), which ranks the candidates by their float32 rows, i.e. is the exact search."""
+        return not (filtered and self.kind == "pq")
+
+    def check_store(self, count: int, dim: int) -> None:
+        """:class:`SearchError` when this kind's index cannot be built on ``count`` rows of ``dim``: a PQ kind
+        (``ivf-pq``, ``pq``) on fewer than ``2 ** PQ_BITS`` rows (FAISS's own error names no setting), or a
+        ``pq_m`` that does not divide ``dim``. Cheap: callers check before computing the queries."""
+        if self.kind not in ("ivf-pq", "pq"):
+            return
+        if count < 2**PQ_BITS:
+            raise SearchError(
+                f"FAISS kind={self.kind} trains {2**PQ_BITS} centroids per sub-quantizer and needs at least "
+                f"{2**PQ_BITS} rows; the store has {count} (use kind=ivf, or the exact search)"
+            )
+        self.sub_quantizers(dim)
+
 
 FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
     FaissSettings,
@@ -461,8 +480,8 @@ def build_faiss_index(
     atomically with its checksum (under the folder's writer lock). The contents are identified by
     ``store_key`` (e.g. a digest of the store's recorded shard checksums), else by
     :func:`rows_sha256` (one more pass over the rows). Returns the CPU index (search with
-    :func:`faiss_top_k`). Raises :class:`SearchError` when FAISS is missing, or for a PQ kind (``ivf-pq``,
-    ``pq``) on fewer than ``2 ** PQ_BITS`` rows (FAISS's own error named no setting).
+    :func:`faiss_top_k`). Raises :class:`SearchError` when FAISS is missing, or for a store the
+    kind cannot index (:meth:`FaissSettings.check_store`).
     """
     faiss = _faiss()
     settings = settings or FaissSettings()
@@ -472,11 +491,7 @@ def build_faiss_index(
         if saved is not None:
             return saved
     dim = source.dim
-    if settings.kind in ("ivf-pq", "pq") and source.count < 2**PQ_BITS:
-        raise SearchError(
-            f"FAISS kind={settings.kind} trains {2**PQ_BITS} centroids per sub-quantizer and needs at least "
-            f"{2**PQ_BITS} rows; the store has {source.count} (use kind=ivf, or the exact search)"
-        )
+    settings.check_store(source.count, dim)
     if settings.kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, settings.m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = settings.ef_construction
@@ -597,11 +612,14 @@ class SearchReport:
     seconds: float
     recall: torch.Tensor | None = None
     exact_seconds: float | None = None
+    note: str | None = None
 
     def summary(self, k: int) -> str:
         """One line: mode, time and, for FAISS, mean recall@k against the exact search, with what to change
         when it is below :data:`RECALL_HINT`."""
         line = f"{self.mode} search: {self.seconds * 1000:.1f} ms"
+        if self.note:
+            line += f" ({self.note})"
         if self.recall is not None:
             recall = float(self.recall.nanmean())
             line += (
@@ -633,7 +651,8 @@ def search_store(
     ``index_folder/faiss-<kind>.safetensors`` (the store's folder) and reused while current, then
     :func:`faiss_top_k`; ``store_key``: see :func:`build_faiss_index`; with ``check_recall`` the exact
     search runs too and :func:`recall_at_k` is reported). ``candidates``: per query, the row
-    indices it may return (e.g. :func:`wherefrom.methods.lexical.bm25_candidates`). Options are
+    indices it may return (e.g. :func:`wherefrom.methods.lexical.bm25_candidates`); a ``pq`` search of
+    candidates is the exact one (:meth:`FaissSettings.builds_index`: reported so, no index built). Options are
     checked before any work: :class:`wherefrom.core.options.OptionError` for a bad FAISS option,
     :class:`SearchError` for an unknown mode, FAISS missing, or the errors of the searches.
     """
@@ -646,10 +665,11 @@ def search_store(
     def exact() -> tuple[SearchResult, SearchResult]:
         return tuple(exact_top_k(source, queries, k, end, candidates) for end in (False, True))
 
-    if mode == "exact":
+    if mode == "exact" or not settings.builds_index(candidates is not None):
         start = time.perf_counter()
         found = exact()
-        return SearchReport(*found, mode, time.perf_counter() - start)
+        note = None if mode == "exact" else "kind=pq ranks the BM25 candidates by their float32 rows: no index built"
+        return SearchReport(*found, "exact", time.perf_counter() - start, note=note)
     path = None if index_folder is None else Path(index_folder) / f"faiss-{settings.kind}.safetensors"
     index = build_faiss_index(source, settings, path, store_key)
     start = time.perf_counter()
