@@ -142,3 +142,26 @@ def test_short_row_wins_counts_top1_of_the_shortest_share_per_seed():
     assert short_row_wins(report, "gradsim", lengths, 0.05) == {"queries": 7, "short_top1": 3, "most_frequent_top1": 3}
     assert short_row_wins(report, "gradsim", lengths, 0.10)["short_top1"] == 5
     assert short_row_wins(report, "repsim", lengths, 0.10) == {"queries": 1, "short_top1": 1, "most_frequent_top1": 1}
+
+
+def test_paired_change_pairs_seeds_both_runs_scored():
+    """``other - base`` per seed, over the asked seeds both runs scored without error (seed 2 failed in the
+    base: left out), with the 95% t interval of the 2 differences; ``None`` when no seed pairs."""
+    from wherefrom.studies.ablation import paired_change
+    from wherefrom.studies.metrics import mean_ci
+
+    def report(values, failed=()):
+        return {
+            "rows": [
+                {"method": "ekfac", "seed": s, "error": "boom" if s in failed else None, "metrics": {"acc": v}}
+                for s, v in values.items()
+            ]
+        }
+
+    base, other = report({0: 0.5, 1: 0.2, 2: 0.9}, failed=(2,)), report({0: 0.7, 1: 0.6, 2: 0.1})
+    change = paired_change(base, other, "ekfac", "acc", [0, 1, 2])
+    _, low, high = mean_ci([0.2, 0.4])  # t with 1 degree of freedom: wider than [-1, 1], clipped
+    assert change["n"] == 2 and change["mean"] == pytest.approx(0.3)
+    assert (change["low"], change["high"]) == (pytest.approx(max(low, -1.0)), pytest.approx(min(high, 1.0)))
+    assert paired_change(base, other, "ekfac", "acc", [2]) is None
+    assert paired_change(base, other, "gradsim", "acc", [0, 1]) is None

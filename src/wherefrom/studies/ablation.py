@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,12 @@ from wherefrom.studies.presets import SWITCHES, check_preset, resolve, switched,
 from wherefrom.studies.toolkit import interval_cell, markdown_table, number, provenance, write_report
 
 __all__ = [
+    "ABLATION_METRICS",
     "SHORT_SHARE",
     "STUDY_METHODS",
     "AblationConfig",
     "ablation_runs",
+    "paired_change",
     "row_lengths",
     "run_ablation",
     "short_row_wins",
@@ -49,7 +51,8 @@ STUDY_METHODS = ["ekfac", "gradsim", "repsim"]
 gradient similarity and RepSim; add ``lissa``, ``datainf`` where affordable)."""
 SHORT_SHARE = 0.1
 """The share of training rows counted as short in the short-rows table."""
-_METRICS = {"class": ("acc", "cover"), "identify": ("auprc", "mrr")}
+ABLATION_METRICS = {"class": ("acc", "cover"), "identify": ("auprc", "mrr")}
+"""The metrics an ablation compares, by task kind."""
 
 
 @dataclass
@@ -130,6 +133,17 @@ def _by_seed(report: dict[str, Any], method: str, metric: str) -> dict[int, floa
     }
 
 
+def paired_change(
+    base: dict[str, Any], other: dict[str, Any], method: str, metric: str, seeds: Sequence[int]
+) -> dict[str, Any] | None:
+    """``other - base`` for one ``method`` and ``metric`` of two bench reports (``bench.json``) of the same task,
+    paired by seed over the ``seeds`` both scored: ``{mean, low, high, n}`` with the 95% Student-t interval
+    (:func:`wherefrom.studies.metrics.mean_stat`, clipped to [-1, 1]: the metrics lie in [0, 1]); ``None`` when
+    no seed has both."""
+    a, b = _by_seed(base, method, metric), _by_seed(other, method, metric)
+    return mean_stat([b[s] - a[s] for s in seeds if s in a and s in b], within=(-1.0, 1.0))
+
+
 def row_lengths(bench: BenchConfig) -> dict[int, dict[str, int]]:
     """Per seed of ``bench``, each training row id's length in characters (prompt + completion): the
     ``lengths`` of :func:`short_row_wins`."""
@@ -172,7 +186,7 @@ def run_ablation(
         say(f"run {name}: {bench.preset}")
         reports[name] = run_bench(bench, progress=progress, log=lambda line, name=name: say(f"{name}: {line}"))
     kind = reports["start"]["kind"] or "class"
-    names = _METRICS[kind]
+    names = ABLATION_METRICS[kind]
     lengths = row_lengths(next(iter(ablation_runs(config)))[1])
     changes: dict[str, dict[str, dict[str, Any]]] = {}
     for run in reports:
@@ -180,12 +194,9 @@ def run_ablation(
             continue
         changes[run] = {}
         for method in config.methods:
-            entry = {}
-            for metric in names:
-                base, other = _by_seed(reports["start"], method, metric), _by_seed(reports[run], method, metric)
-                paired = [other[s] - base[s] for s in config.seeds if s in base and s in other]
-                entry[metric] = mean_stat(paired, within=(-1.0, 1.0))
-            changes[run][method] = entry
+            changes[run][method] = {
+                metric: paired_change(reports["start"], reports[run], method, metric, config.seeds) for metric in names
+            }
     short = {run: {m: short_row_wins(reports[run], m, lengths) for m in config.methods} for run in reports}
     aggregates = {run: report["aggregate"] for run, report in reports.items()}
     payload = {
@@ -205,7 +216,7 @@ def run_ablation(
 
 def markdown(payload: dict[str, Any], command: str) -> str:
     """The three tables of an ablation (see the module docstring) as Markdown."""
-    config, names = payload["config"], _METRICS[payload["kind"]]
+    config, names = payload["config"], ABLATION_METRICS[payload["kind"]]
     switches = "; ".join(f"{run}: {', '.join(keys)}" for run, keys in payload["switches"].items() if keys)
     lines = [
         f"# wherefrom ablate: {config['task']}, from {config['start']} to {config['target']}",
