@@ -9,7 +9,8 @@ each run and the mean change with its 95% Student-t interval over the seeds
 
     python benchmarks/paired_bench.py --pair "LABEL=BASE_FOLDER:OTHER_FOLDER" [--pair ...] --name NAME
 
-Refuses two benches of other tasks, row counts or methods, naming the setting. Writes
+Refuses two benches of other tasks, row counts, models or seeds, naming the setting (the means and the
+change are then over the same seeds); compares the methods both ran. Writes
 ``benchmarks/results/<name>.{md,json}``.
 """
 
@@ -23,7 +24,7 @@ from common import command_line, uptime, write_results
 from wherefrom.studies.ablation import ABLATION_METRICS, paired_change
 from wherefrom.studies.toolkit import interval_cell
 
-SAME = ("task", "n_train", "n_test", "model")
+SAME = ("task", "n_train", "n_test", "model", "seeds")
 """Bench settings two compared runs must share (their seeds then draw the same rows)."""
 
 
@@ -49,9 +50,10 @@ def compared(label: str, base_folder: Path, other_folder: Path) -> dict:
         if base["config"].get(key) != other["config"].get(key):
             raise SystemExit(
                 f"{label}: {base_folder} and {other_folder} differ in {key} "
-                f"({base['config'].get(key)!r} vs {other['config'].get(key)!r}): their seeds draw other rows"
+                f"({base['config'].get(key)!r} vs {other['config'].get(key)!r}): not a comparison seed by seed of the "
+                "same rows"
             )
-    seeds = sorted(set(base["config"]["seeds"]) & set(other["config"]["seeds"]))
+    seeds = base["config"]["seeds"]
     methods = [m for m in base["config"]["methods"] if m in other["config"]["methods"]]
     differ = {
         k: [base["config"].get(k), other["config"].get(k)]

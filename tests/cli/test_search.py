@@ -88,7 +88,9 @@ def test_pq_search_of_bm25_candidates_is_the_exact_search_and_builds_no_index(wo
     for end in ("proponents", "opponents"):
         assert torch.equal(getattr(report, end).rows, getattr(exact, end).rows)
     print_search(report, [q.id for q in queries], 4, {})
-    assert "exact search: " in capsys.readouterr().err and "kind=pq ranks the BM25 candidates" in report.summary(4)
+    assert "exact search: " in capsys.readouterr().err and "kind=pq ranks the candidates" in report.summary(4)
+    given = store_search(*args, "faiss", {"kind": "pq", "refine": 8}, 6, tmp_path)  # named, not silently ignored
+    assert "options ['refine'] unused" in given.summary(4) and not list(tmp_path.iterdir())
 
 
 def test_search_lines_name_rows_on_the_wrong_side_of_zero():
@@ -97,7 +99,9 @@ def test_search_lines_name_rows_on_the_wrong_side_of_zero():
     assert end_name("opponents", [-2.0, -1.0]) == "opponents"
     assert end_name("opponents", [-2.0, 0.0, 3.0]) == "lowest scores (2 of 3 >= 0, not opponents)"
     assert end_name("proponents", [4.0, -1.0]) == "highest scores (1 of 2 <= 0, not proponents)"
-    assert end_name("proponents", [4.0, float("nan")]) == "proponents"  # padding of a short candidate list
+    nan = float("nan")  # the padding of a short candidate list: not shown, not counted
+    assert end_name("proponents", [4.0, nan]) == "proponents"
+    assert end_name("opponents", [-1.0, 2.0, nan, nan]) == "lowest scores (1 of 2 >= 0, not opponents)"
 
 
 def test_prefilter_needs_the_store_rows_in_training_order(workspace):

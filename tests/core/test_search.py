@@ -288,6 +288,11 @@ def test_pq_kinds_on_fewer_rows_than_centroids_are_refused_naming_the_kind(kind)
         build_faiss_index(Rows(torch.randn(15, 8), 4), FaissSettings(kind=kind))
     small_sample = FaissSettings(kind="ivf-pq", nlist=1, train_per_list=4)  # 4 training rows asked: 16 taken
     assert build_faiss_index(Rows(torch.randn(100, 8), 50), small_sample).ntotal == 100
+    source = Rows(torch.randn(16, 8), 4)
+    settings = FaissSettings(kind=kind, refine=16)
+    queries = torch.randn(3, 8)
+    found = faiss_top_k(build_faiss_index(source, settings), source.ids, queries, 3, settings=settings)
+    assert float(recall_at_k(found, exact_top_k(source, queries, 3)).mean()) == 1.0  # refine 16 x 3: every row
 
 
 def test_check_store_refuses_what_a_build_would_refuse_without_the_rows():
@@ -304,11 +309,6 @@ def test_check_store_refuses_what_a_build_would_refuse_without_the_rows():
         FaissSettings(kind=kind).check_store(1, 7)
     assert not FaissSettings(kind="pq").builds_index(filtered=True)
     assert FaissSettings(kind="pq").builds_index(filtered=False) and FaissSettings(kind="ivf").builds_index(True)
-    source = Rows(torch.randn(16, 8), 4)
-    settings = FaissSettings(kind=kind, refine=16)
-    queries = torch.randn(3, 8)
-    found = faiss_top_k(build_faiss_index(source, settings), source.ids, queries, 3, settings=settings)
-    assert float(recall_at_k(found, exact_top_k(source, queries, 3)).mean()) == 1.0  # refine 16 x 3: every row
 
 
 def test_options_a_kind_does_not_use_are_refused_and_do_not_key_its_saved_index(tmp_path):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -331,12 +332,15 @@ def end_name(kind: str, scores: Sequence[float]) -> str:
     """What a shown end of the ranking is: ``proponents`` (``opponents``) only where every score shown is
     positive (negative); else ``highest scores`` (``lowest scores``) saying how many are on the other side
     of 0, e.g. ``lowest scores (2 of 10 >= 0, not opponents)``: rows that also raise (lower) the query's
-    log-likelihood. NaN scores (padding of a short candidate list) count on neither side."""
+    log-likelihood. NaN scores (the padding of a short candidate list, not shown) are left out."""
     lowest = kind == "opponents"
-    other = sum(s >= 0 if lowest else s <= 0 for s in scores)
+    shown = [s for s in scores if not math.isnan(s)]
+    other = sum(s >= 0 if lowest else s <= 0 for s in shown)
     if not other:
         return kind
-    return f"{'lowest' if lowest else 'highest'} scores ({other} of {len(scores)} {'>=' if lowest else '<='} 0, not {kind})"
+    return (
+        f"{'lowest' if lowest else 'highest'} scores ({other} of {len(shown)} {'>=' if lowest else '<='} 0, not {kind})"
+    )
 
 
 def table_title(report: dict, kind: str) -> str:

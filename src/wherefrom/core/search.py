@@ -557,7 +557,7 @@ def faiss_top_k(
 
     ``settings`` give ``nprobe`` / ``ef_search`` / ``refine``; ``candidates`` restrict each query to its rows (an
     ID selector; on the CPU index; a ``pq`` index, whose fast scan takes no selector, searches the candidates'
-    float32 rows it keeps for re-ranking: exactly). Same result layout and sign as :func:`exact_top_k`;
+    float32 rows it keeps for re-ranking: exactly; :func:`search_store` runs the exact search instead). Same result layout and sign as :func:`exact_top_k`;
     :class:`SearchError` for a non-finite query, a shape mismatch or bad candidates.
     """
     faiss = _faiss()
@@ -603,8 +603,9 @@ def faiss_top_k(
 @dataclass
 class SearchReport:
     """What :func:`search_store` found: ``proponents`` and ``opponents`` (:class:`SearchResult`),
-    ``mode``, ``seconds`` of the search itself, and for ``faiss`` the exact ``recall`` ``(n_query,)``
-    of both ends (mean over the two) with ``exact_seconds``."""
+    ``mode`` (the search that ran: ``exact`` also for a ``pq`` search of candidates), ``seconds`` of the search
+    itself, for ``faiss`` the exact ``recall`` ``(n_query,)`` of both ends (mean over the two) with
+    ``exact_seconds``, and a ``note`` the summary line adds (why a FAISS search ran exactly)."""
 
     proponents: SearchResult
     opponents: SearchResult
@@ -654,7 +655,7 @@ def search_store(
     indices it may return (e.g. :func:`wherefrom.methods.lexical.bm25_candidates`); a ``pq`` search of
     candidates is the exact one (:meth:`FaissSettings.builds_index`: reported so, no index built). Options are
     checked before any work: :class:`wherefrom.core.options.OptionError` for a bad FAISS option,
-    :class:`SearchError` for an unknown mode, FAISS missing, or the errors of the searches.
+    :class:`SearchError` for an unknown mode, FAISS missing where an index is built, or the errors of the searches.
     """
     if mode not in ("exact", "faiss"):
         raise SearchError(f"search mode must be exact or faiss, got {mode!r}")
@@ -668,7 +669,12 @@ def search_store(
     if mode == "exact" or not settings.builds_index(candidates is not None):
         start = time.perf_counter()
         found = exact()
-        note = None if mode == "exact" else "kind=pq ranks the BM25 candidates by their float32 rows: no index built"
+        note = None
+        if mode == "faiss":
+            unused = sorted(set(faiss_options or {}) - {"kind"})
+            note = "kind=pq ranks the candidates by their float32 rows: the exact search, no index built" + (
+                f"; options {unused} unused" if unused else ""
+            )
         return SearchReport(*found, "exact", time.perf_counter() - start, note=note)
     path = None if index_folder is None else Path(index_folder) / f"faiss-{settings.kind}.safetensors"
     index = build_faiss_index(source, settings, path, store_key)
