@@ -133,7 +133,11 @@ def test_tracin_sign_is_proponent(run):
             # first-order drop of L(z_q) per unit step size
             drop = (query_loss_after(descent, -eps) - query_loss_after(descent, eps)) / (2 * eps)
             term = sum(q[n] @ g[n][m] for n in q)
-            torch.testing.assert_close(drop, term, rtol=2e-3, atol=1e-6)
+            # q and g are float32 gradients: a dot product that cancels (a term near 0 among terms near 7) keeps
+            # their absolute round-off, so the tolerance scales with the size of the products summed, not with
+            # the sum (measured: 7.7e-5 off at a term of 0.025 whose products sum to 2.6 in absolute value)
+            scale = sum(q[n].abs() @ g[n][m].abs() for n in q)
+            assert ((drop - term).abs() <= 2e-3 * term.abs() + 1e-4 * scale).all(), (drop, term, scale)
             assert (torch.sign(lr * term) == torch.sign(drop)).all()
     finally:
         model.float()
