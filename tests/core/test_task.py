@@ -40,3 +40,68 @@ def test_query_without_eos_needs_a_tokenizer_with_an_eos(tokenizer):
 
     with pytest.raises(ValueError, match="query_without_eos=True: this tokenizer has no eos_token_id"):
         Attributor(build_model("lora"), NoEos(), AttributionConfig(query_without_eos=True))
+
+
+class _Wrapped(torch.nn.Module):
+    """A model outside the transformers library (no ``logits_to_keep``): full logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "lora"])
+def test_losses_at_the_labelled_positions_equal_the_full_logits_losses(tokenizer, kind):
+    """The output layer runs at the positions that predict a labelled token only (its input has K < T
+    positions), and the training loss (sum and mean, data labels and per-row sampled labels), the
+    measurement and its no-EOS variant equal those computed from the full logits, as does a model outside
+    transformers (full logits, positions taken from them). Rows of unequal length, so padding and rows with
+    fewer labelled tokens than K are covered; tolerance 1e-6 relative (float32 round-off of a smaller
+    output product; measured 0 to 3e-7)."""
+    from wherefrom.core.task import example_seeds, per_example_loss
+
+    model = build_model(kind)
+    batch = collate(encode_records(make_records(6, seed=5), tokenizer), pad_id(tokenizer))
+    batch["labels"][0, :] = IGNORE_INDEX  # a row without any loss: 0
+    head = model.get_output_embeddings()
+    widths = []
+    head.register_forward_pre_hook(lambda _m, args: widths.append(args[0].shape[1]))
+    seeds = example_seeds(batch, 3)
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        most = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).max())
+        for reduction in ("sum", "mean"):
+            task = LanguageModelingTask(reduction=reduction)
+            for sample in (False, True):
+                widths.clear()
+                ours = task.train_loss(model, batch, sample=sample, seeds=seeds)
+                assert widths == [most] and most < batch["input_ids"].shape[1]
+                reference = per_example_loss(full, batch["labels"], reduction, sample=sample, seeds=seeds)
+                torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+                assert ours[0] == 0
+                outside = task.train_loss(_Wrapped(model), batch, sample=sample, seeds=seeds)
+                torch.testing.assert_close(outside, reference, rtol=1e-6, atol=1e-6)
+        for task in (LanguageModelingTask(), LanguageModelingTask(query_without_eos=True)):
+            labels = without_last_label(batch["labels"]) if task.query_without_eos else batch["labels"]
+            torch.testing.assert_close(
+                task.measurement(model, batch), -per_example_loss(full, labels, "sum"), rtol=1e-6, atol=1e-6
+            )
+
+
+def test_the_losses_of_one_batch_share_one_forward_pass():
+    """Each loss derives its positions from the labels (new tensors of equal values): ForwardOnce still runs
+    the model once; other values are refused."""
+    from wherefrom.core.gradients import ForwardOnce
+
+    calls = []
+    model = build_model("llama")
+    model.register_forward_pre_hook(lambda _m, _a: calls.append(1))
+    once = ForwardOnce(model)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    first = once(input_ids=ids, logits_to_keep=torch.tensor([[1, 2]]))
+    assert once(input_ids=ids, logits_to_keep=torch.tensor([[1, 2]])) is first and calls == [1]
+    with pytest.raises(ValueError, match="same arguments"):
+        once(input_ids=ids, logits_to_keep=torch.tensor([[0, 2]]))

@@ -106,9 +106,9 @@ def shared_token_factors(
 
 
 class ForwardOnce:
-    """``model`` called at most once: a later call with the same arguments (the same tensor objects) gets
-    the first call's output, so several losses of one batch share its forward pass and autograd graph.
-    Other attributes are the model's."""
+    """``model`` called at most once: a later call with the same arguments (the same tensors, or tensors of
+    equal values) gets the first call's output, so several losses of one batch share its forward pass and
+    autograd graph. Other attributes are the model's."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -135,7 +135,19 @@ def _same_arguments(first: tuple, second: tuple) -> bool:
     if len(args1) != len(args2) or kwargs1.keys() != kwargs2.keys():
         return False
     pairs = [*zip(args1, args2), *((kwargs1[k], kwargs2[k]) for k in kwargs1)]
-    return all(x is y if isinstance(x, torch.Tensor) else x == y for x, y in pairs)
+    return all(_same_tensor(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in pairs)
+
+
+def _same_tensor(x: torch.Tensor, y: object) -> bool:
+    """``y`` is ``x``, or a tensor of the same values on the same device (the positions each loss of a batch
+    derives from its labels, :func:`wherefrom.core.task.labelled_predictions`)."""
+    return x is y or (
+        isinstance(y, torch.Tensor)
+        and x.shape == y.shape
+        and x.dtype == y.dtype
+        and x.device == y.device
+        and torch.equal(x, y)
+    )
 
 
 def _keep(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:

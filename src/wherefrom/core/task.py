@@ -22,7 +22,9 @@ Conventions (see README, "Sign and scale"):
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -100,23 +102,21 @@ def _draw_per_example(probs: torch.Tensor, mask: torch.Tensor, seeds: Sequence[i
     return drawn
 
 
-def token_losses(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
+def prediction_losses(
+    pred: torch.Tensor,
+    targets: torch.Tensor,
     sample: bool = False,
     generator: torch.Generator | None = None,
     seeds: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Per-token cross-entropy, shape ``(B, T-1)``, zero where the target is ``-100``.
-
-    ``logits``: ``(B, T, V)``; ``labels``: ``(B, T)``. With ``sample=True`` each unmasked target is
-    replaced by a token drawn from ``softmax(logits)`` (detached), which gives true-Fisher gradients:
-    from one generator per row when ``seeds`` (``B`` ints, :func:`example_seeds`) is given, so a row's
-    draws do not depend on its batch; else from ``generator`` (or the global RNG) for the whole batch.
-    """
-    pred = logits[:, :-1, :]
+    """Cross-entropy of the logits ``pred`` ``(B, K, V)`` against the tokens they predict, ``targets``
+    ``(B, K)`` (``-100`` where no loss is taken): shape ``(B, K)``, in nats, zero at ``-100``; taken in
+    float32 or wider. With ``sample=True`` each unmasked target is replaced by a token drawn from
+    ``softmax(pred)`` (detached), which gives true-Fisher gradients: from one generator per row when
+    ``seeds`` (``B`` ints, :func:`example_seeds`) is given, drawn at the row's unmasked positions in their
+    order, so a row's draws depend neither on its batch nor on the masked positions around them; else from
+    ``generator`` (or the global RNG) at every position of the batch."""
     pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # half precision -> float32
-    targets = shifted_targets(labels)
     mask = targets != IGNORE_INDEX
     if sample:
         with torch.no_grad():
@@ -131,6 +131,68 @@ def token_losses(
     return nll.view_as(targets) * mask
 
 
+def token_losses(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    sample: bool = False,
+    generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Per-token cross-entropy, shape ``(B, T-1)``, zero where the target is ``-100``: the
+    :func:`prediction_losses` of ``logits[:, :-1]`` (``logits``: ``(B, T, V)``) against
+    ``labels[:, 1:]`` (``labels``: ``(B, T)``); ``sample``, ``generator``, ``seeds`` as there."""
+    return prediction_losses(logits[:, :-1, :], shifted_targets(labels), sample, generator, seeds)
+
+
+@functools.cache
+def _keeps_logits(model_type: type) -> bool:
+    """Whether models of ``model_type`` compute their output layer at given positions only: a model class of
+    the ``transformers`` library whose ``forward`` takes ``logits_to_keep``, in a version that accepts a
+    ``(B, K)`` tensor of positions there (``transformers.modeling_utils.slice_logits_to_keep``)."""
+    import transformers.modeling_utils
+
+    return (
+        hasattr(transformers.modeling_utils, "slice_logits_to_keep")
+        and model_type.__module__.startswith("transformers.models.")
+        and "logits_to_keep" in inspect.signature(model_type.forward).parameters
+    )
+
+
+def labelled_predictions(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits at the positions that predict a labelled token, and those tokens: ``(B, K, V)``
+    and ``(B, K)``, ``K`` the most labelled tokens in any row (``labels`` ``(B, T)``: ``-100`` where no loss
+    is taken); each row's positions in order, then ``-100`` targets to fill it up to ``K``.
+
+    A model of the ``transformers`` library (directly or under a PEFT adapter) whose ``forward`` takes
+    ``logits_to_keep`` computes its output layer at these positions only: for a completion of a few tokens
+    after a longer prompt, most of the vocabulary projection, its softmax and its backward pass are skipped
+    (the losses are those of the full logits, to float round-off). Other models give full logits, from which
+    the positions are taken. ``RuntimeError`` if a model answers ``logits_to_keep`` with another shape."""
+    targets = shifted_targets(labels)
+    mask = targets != IGNORE_INDEX
+    counts = mask.sum(dim=1)
+    width = max(int(counts.max()), 1) if counts.numel() else 1
+    # per row: labelled positions first, in order (a stable sort of "not labelled")
+    positions = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    filled = torch.arange(width, device=labels.device) < counts.unsqueeze(1)
+    positions = torch.where(filled, positions, 0)
+    kept = torch.where(filled, targets.gather(1, positions), IGNORE_INDEX)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if _keeps_logits(type(base)):
+        logits = model(**inputs, logits_to_keep=positions).logits
+        if logits.shape[:2] != positions.shape:
+            raise RuntimeError(
+                f"{type(base).__name__} returned logits of shape {tuple(logits.shape)} for logits_to_keep of shape "
+                f"{tuple(positions.shape)}; expected {tuple(positions.shape)} + (vocabulary,)"
+            )
+        return logits, kept
+    logits = model(**inputs).logits[:, :-1, :]
+    return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])), kept
+
+
 def per_example_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -142,12 +204,18 @@ def per_example_loss(
     """Training loss of each example, shape ``(B,)``, in nats (sum or mean over completion tokens);
     ``sample``, ``generator``, ``seeds`` as in :func:`token_losses`."""
     losses = token_losses(logits, labels, sample=sample, generator=generator, seeds=seeds)
+    return reduced(losses, shifted_targets(labels), reduction)
+
+
+def reduced(losses: torch.Tensor, targets: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    """Per-example loss ``(B,)`` from the per-position ``losses`` ``(B, K)`` of ``targets`` ``(B, K)``: their
+    sum, or with ``"mean"`` their sum over the number of targets that are not ``-100`` (at least 1).
+    ``ValueError`` for another ``reduction``."""
     total = losses.sum(dim=1)
     if reduction == "sum":
         return total
     if reduction == "mean":
-        count = (shifted_targets(labels) != IGNORE_INDEX).sum(dim=1).clamp_min(1)
-        return total / count
+        return total / (targets != IGNORE_INDEX).sum(dim=1).clamp_min(1)
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
 
 
@@ -173,15 +241,14 @@ class LanguageModelingTask:
         """L(z) per example, ``(B,)``; ``sample=True`` draws targets from the model (true Fisher),
         per row from ``seeds`` (``B`` ints, :func:`example_seeds`: independent of batching) when given,
         else from ``generator``."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return per_example_loss(logits, batch["labels"], self.reduction, sample, generator, seeds)
+        pred, targets = labelled_predictions(model, batch, batch["labels"])
+        return reduced(prediction_losses(pred, targets, sample, generator, seeds), targets, self.reduction)
 
     def measurement(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """f(z_q) = log p(completion | prompt) per example, ``(B,)``, in nats; equals ``-L_sum``. With
         ``query_without_eos`` each row's last labelled token (the appended EOS) is left out."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = without_last_label(batch["labels"]) if self.query_without_eos else batch["labels"]
-        return -per_example_loss(logits, labels, "sum")
+        return -prediction_losses(*labelled_predictions(model, batch, labels)).sum(dim=1)
 
 
 def without_last_label(labels: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from wherefrom.core.task import per_example_loss
+from wherefrom.core.task import labelled_predictions, prediction_losses
 
 
 def kronfluence_lm_task(module_names: Sequence[str], generator: torch.Generator | None = None):
@@ -19,14 +19,16 @@ def kronfluence_lm_task(module_names: Sequence[str], generator: torch.Generator 
     model when kronfluence asks for ``sample=True``, i.e. the true Fisher; from ``generator`` or the
     global RNG); measurement: the query's summed loss ``L(z_q) = -log p(completion | prompt)``, so
     kronfluence's scores carry wherefrom's sign (positive = proponent); tracked modules: exactly
-    ``module_names``; attention mask: the batch's, so padding stays out of the covariances.
+    ``module_names``; attention mask: the batch's, so padding stays out of the covariances. The logits are
+    wherefrom's own (:func:`wherefrom.core.task.labelled_predictions`: the output layer at the labelled
+    positions only), so a timing compares the libraries' passes, not their losses.
     """
     from kronfluence.task import Task
 
     class LanguageModelTask(Task):
         def compute_train_loss(self, batch, model, sample: bool = False) -> torch.Tensor:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return per_example_loss(logits, batch["labels"], "sum", sample=sample, generator=generator).sum()
+            pred, targets = labelled_predictions(model, batch, batch["labels"])
+            return prediction_losses(pred, targets, sample=sample, generator=generator).sum()
 
         def compute_measurement(self, batch, model) -> torch.Tensor:
             return self.compute_train_loss(batch, model, sample=False)
