@@ -103,6 +103,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--repeats", type=int, default=None, help="timed runs per phase (default: 3 tiny, 2 smollm2, 1 smollm2-lora)"
     )
+    p.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="bytes: glibc's fixed mmap threshold (MALLOC_MMAP_THRESHOLD_) in every phase's process, so freed large "
+        "buffers go back to the OS and peak RSS follows live memory (default: glibc's dynamic threshold, which keeps "
+        "freed buffers of up to 32 MiB in the heap)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/kronfluence_<model>.md")
@@ -475,7 +483,13 @@ def report(args, results: dict, agreements: dict, command: str, load: tuple[floa
         f"load average {load[0]:.2f} before, {load[1]:.2f} after (a shared machine adds time, never removes it). "
         "Each (library, phase) "
         "runs in a fresh process; memory: `ru_maxrss` at the end of the phase minus `ru_maxrss` after the model "
-        "and data were loaded."
+        "and data were loaded"
+        + (
+            f", every process with glibc's mmap threshold fixed at {args.malloc_mmap_threshold:,} bytes "
+            "(`MALLOC_MMAP_THRESHOLD_`), so freed large buffers leave the RSS."
+            if args.malloc_mmap_threshold is not None
+            else "."
+        )
     )
     throughput_text = (
         "Gradient throughput: wherefrom per-example gradients (`Attributor.gradients`, dense `(n, out, in)` per "
@@ -506,6 +520,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = ("python benchmarks/bench_kronfluence.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     results, agreements = {}, {}
+    if args.malloc_mmap_threshold is not None:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)  # read by glibc as each phase starts
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_kronfluence_") as tmp:
         plain_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
