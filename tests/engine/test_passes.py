@@ -52,6 +52,11 @@ def test_shared_pass_equals_separate_passes(strategy, fisher, tokenizer, train_r
     shared.fit(train_records)
     assert len(calls) == 3  # one forward pass per batch of 12 rows: the stages share it
     assert shared.kept is not None
+    for name in shared.module_names:  # kept in one buffer per module (rows 5, 5, 2 of it), not one per batch
+        pieces = [grads[name] for _ids, grads in shared.kept[1]]
+        assert [p.shape[0] for p in pieces] == [5, 5, 2]
+        assert len({p.untyped_storage().data_ptr() for p in pieces}) == 1
+        assert pieces[0].untyped_storage().nbytes() == 12 * pieces[0][0].numel() * pieces[0].element_size()
     if strategy == "ekfac":
         assert shared.curvature.info["correction_from"] == PER_EXAMPLE
     calls.clear()

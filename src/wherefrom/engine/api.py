@@ -392,7 +392,14 @@ class Attributor:
         if chosen.train:
             train = fisher_loss if empirical else self.train_loss_fn()
         return SharedPass(
-            self.model, self.modules, lambda: self.batches(encoded), fisher_loss, correction, train, self.progress
+            self.model,
+            self.modules,
+            lambda: self.batches(encoded),
+            len(encoded),
+            fisher_loss,
+            correction,
+            train,
+            self.progress,
         )
 
     def gradient_key(self, encoded: Sequence[EncodedExample]) -> tuple:

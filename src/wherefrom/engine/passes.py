@@ -131,7 +131,8 @@ def plan(
 class SharedPass(FactorSource):
     """The :class:`wherefrom.curvature.kronecker.FactorSource` of one shared pass (module docstring).
 
-    ``rows()``: the fitting batches with their ids; ``fisher_loss``: the fitting loss (covariances);
+    ``rows()``: the fitting batches with their ids, ``examples`` rows in all; ``fisher_loss``: the fitting loss
+    (covariances);
     ``correction_loss``: the loss of the correction gradients (``None`` when the correction makes its own pass;
     the fitting loss itself for the empirical Fisher); ``train_loss``: the loss of the kept training gradients
     (``None``: not kept). Losses given as the same object share one backward pass. After the covariance stage
@@ -143,13 +144,14 @@ class SharedPass(FactorSource):
         model: torch.nn.Module,
         modules: Sequence[TrackedModule],
         rows: Callable[[], Batches],
+        examples: int,
         fisher_loss: LossFn,
         correction_loss: LossFn | None,
         train_loss: LossFn | None,
         progress: Progress = no_progress,
     ):
         super().__init__(model, modules, lambda: rows().without_ids(), fisher_loss, progress)
-        self.rows = rows
+        self.rows, self.examples = rows, examples
         self.losses: list[LossFn] = []
         self.roles = {
             role: self._index(loss)
@@ -186,15 +188,26 @@ class SharedPass(FactorSource):
         correction: list[tuple[int, dict[str, torch.Tensor]]] = []
         train: Kept = []
         description = "shared pass (" + ", ".join(self.roles) + ")"
+        kept_losses = {self.roles[role] for role in ("correction", "train") if role in self.roles}
+        # per-example gradients once per distinct loss (the empirical Fisher's roles share one), kept in one
+        # buffer per module allocated before the pass: per-batch tensors that outlive the pass's transient ones
+        # would scatter over the heap and hold its freed pages (peak RSS up to a third above live memory)
+        buffers: dict[int, dict[str, torch.Tensor]] = {k: {} for k in kept_losses}
+        offset = 0
         for ids, batch in self.progress(self.rows(), description):
             results = [
                 factors for factors, _losses in shared_token_factors(self.model, self.modules, batch, self.losses)
             ]
-            kept_roles = [role for role in ("correction", "train") if role in self.roles]
-            # per-example gradients once per distinct loss (the empirical Fisher's roles share one)
-            dense = {
-                k: {name: f.dense() for name, f in results[k].items()} for k in {self.roles[r] for r in kept_roles}
-            }
+            dense = {}
+            for k in kept_losses:
+                dense[k] = {}
+                for name, factors in results[k].items():
+                    gradient = factors.dense()
+                    if name not in buffers[k]:
+                        buffers[k][name] = gradient.new_empty((self.examples, *gradient.shape[1:]))
+                    dense[k][name] = buffers[k][name][offset : offset + len(ids)]
+                    dense[k][name].copy_(gradient)
+            offset += len(ids)
             if "correction" in self.roles:
                 correction.append((len(ids), dense[self.roles["correction"]]))
             if "train" in self.roles:
