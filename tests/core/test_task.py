@@ -105,3 +105,57 @@ def test_the_losses_of_one_batch_share_one_forward_pass():
     assert once(input_ids=ids, logits_to_keep=torch.tensor([[1, 2]])) is first and calls == [1]
     with pytest.raises(ValueError, match="same arguments"):
         once(input_ids=ids, logits_to_keep=torch.tensor([[0, 2]]))
+
+
+def test_the_output_layer_runs_at_the_labelled_positions_inside_a_shared_pass(tokenizer):
+    """Under ForwardOnce (the shared pass's wrapper) a plain transformers model still takes logits_to_keep."""
+    from wherefrom.core.gradients import ForwardOnce
+
+    model = build_model("llama")
+    batch = collate(encode_records(make_records(4, seed=5), tokenizer), pad_id(tokenizer))
+    widths = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: widths.append(args[0].shape[1]))
+    with torch.no_grad():
+        LanguageModelingTask().train_loss(ForwardOnce(model), batch)
+    assert widths == [int((batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).max())]
+
+
+def test_a_tracked_output_layer_sees_every_position(tokenizer):
+    """With lm_head tracked, its K-FAC input factor A counts every real token (as with full logits): the
+    Attributor's task asks for every position; A's eigenvalues equal those of a task forced to full logits."""
+    from wherefrom.curvature.kronecker import KFAC
+
+    model = build_model("llama")
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied: trackable
+    rows = make_records(6, seed=5)
+    config = AttributionConfig(strategy="kfac", fisher="empirical", include=["lm_head"])
+    tracked = Attributor(model, tokenizer, config)
+    assert tracked.task.every_position and not Attributor(model, tokenizer, AttributionConfig()).task.every_position
+    fitted = tracked.fit(rows).state
+    forced = Attributor(model, tokenizer, config, task=LanguageModelingTask(every_position=True)).fit(rows).state
+    trimmed = Attributor(model, tokenizer, config, task=LanguageModelingTask()).fit(rows).state
+    assert isinstance(tracked.curvature, KFAC)
+    torch.testing.assert_close(fitted["lm_head.a_eigvals"], forced["lm_head.a_eigvals"], rtol=0, atol=0)
+    # the K positions alone would give another A
+    assert not torch.allclose(fitted["lm_head.a_eigvals"], trimmed["lm_head.a_eigvals"])
+
+
+def test_prompt_tuning_virtual_tokens_are_refused(tokenizer):
+    """PEFT prompt tuning prepends virtual tokens: no logits_to_keep (its positions would be shifted), and the
+    full logits' extra positions are refused naming the cause."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    model = get_peft_model(build_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    batch = collate(encode_records(make_records(2, seed=5), tokenizer), pad_id(tokenizer))
+    with torch.no_grad(), pytest.raises(ValueError, match="virtual tokens"):
+        LanguageModelingTask().train_loss(model, batch)
+
+
+def test_tensors_that_require_grad_are_merged_by_identity_only():
+    from wherefrom.core.gradients import ForwardOnce
+
+    once = ForwardOnce(lambda **kwargs: object())
+    embeds = torch.ones(1, 2, 3, requires_grad=True)
+    once(inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="same arguments"):
+        once(inputs_embeds=torch.ones(1, 2, 3, requires_grad=True))

@@ -126,6 +126,11 @@ class ForwardOnce:
             )
         return self.output
 
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model, or its base model under a PEFT adapter (the class that decides which arguments
+        its ``forward`` takes)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
     def __getattr__(self, name: str):
         return getattr(self.model, name)
 
@@ -140,9 +145,12 @@ def _same_arguments(first: tuple, second: tuple) -> bool:
 
 def _same_tensor(x: torch.Tensor, y: object) -> bool:
     """``y`` is ``x``, or a tensor of the same values on the same device (the positions each loss of a batch
-    derives from its labels, :func:`wherefrom.core.task.labelled_predictions`)."""
+    derives from its labels, :func:`wherefrom.core.task.labelled_predictions`); tensors that require grad only
+    by identity (equal values in another graph node are another input)."""
     return x is y or (
         isinstance(y, torch.Tensor)
+        and not x.requires_grad
+        and not y.requires_grad
         and x.shape == y.shape
         and x.dtype == y.dtype
         and x.device == y.device

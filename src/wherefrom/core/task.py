@@ -13,6 +13,8 @@ Conventions (see README, "Sign and scale"):
   :func:`wherefrom.core.encoding.encode_records` appends, so ``f`` asks "why this answer, and then
   stop". ``LanguageModelingTask(query_without_eos=True)`` leaves out each row's last labelled token
   (that EOS): "why these tokens", for a completion that is the start of a longer answer.
+* The output layer runs at the positions that predict a labelled token only, where the model allows it
+  (:func:`labelled_predictions`); the losses are those of the full logits, to float round-off.
 * With ``sample=True`` the target tokens are drawn from the model's own predictive distribution
   (true Fisher); otherwise the data's tokens are used (empirical Fisher / plain loss). Given
   per-row ``seeds`` (:func:`example_seeds`: the seed, the example's tokens and how many times it was
@@ -115,7 +117,7 @@ def prediction_losses(
     ``softmax(pred)`` (detached), which gives true-Fisher gradients: from one generator per row when
     ``seeds`` (``B`` ints, :func:`example_seeds`) is given, drawn at the row's unmasked positions in their
     order, so a row's draws depend neither on its batch nor on the masked positions around them; else from
-    ``generator`` (or the global RNG) at every position of the batch."""
+    ``generator`` (or the global RNG) at every position of ``pred``, so those draws depend on ``K``."""
     pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # half precision -> float32
     mask = targets != IGNORE_INDEX
     if sample:
@@ -159,7 +161,7 @@ def _keeps_logits(model_type: type) -> bool:
 
 
 def labelled_predictions(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor, every_position: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's logits at the positions that predict a labelled token, and those tokens: ``(B, K, V)``
     and ``(B, K)``, ``K`` the most labelled tokens in any row (``labels`` ``(B, T)``: ``-100`` where no loss
@@ -168,8 +170,11 @@ def labelled_predictions(
     A model of the ``transformers`` library (directly or under a PEFT adapter) whose ``forward`` takes
     ``logits_to_keep`` computes its output layer at these positions only: for a completion of a few tokens
     after a longer prompt, most of the vocabulary projection, its softmax and its backward pass are skipped
-    (the losses are those of the full logits, to float round-off). Other models give full logits, from which
-    the positions are taken. ``RuntimeError`` if a model answers ``logits_to_keep`` with another shape."""
+    (the losses are those of the full logits, to float round-off). Other models, PEFT prompt-learning adapters
+    (their virtual tokens shift the positions) and ``every_position=True`` (the output layer is a tracked
+    module, whose token statistics need every position) give full logits, from which the positions are taken.
+    ``RuntimeError`` if a model answers ``logits_to_keep`` with another shape; ``ValueError`` if its full logits
+    do not have one position per input token (prompt tuning's virtual tokens)."""
     targets = shifted_targets(labels)
     mask = targets != IGNORE_INDEX
     counts = mask.sum(dim=1)
@@ -181,7 +186,8 @@ def labelled_predictions(
     kept = torch.where(filled, targets.gather(1, positions), IGNORE_INDEX)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if _keeps_logits(type(base)):
+    peft = getattr(model, "active_peft_config", None)
+    if not every_position and not getattr(peft, "is_prompt_learning", False) and _keeps_logits(type(base)):
         logits = model(**inputs, logits_to_keep=positions).logits
         if logits.shape[:2] != positions.shape:
             raise RuntimeError(
@@ -189,7 +195,13 @@ def labelled_predictions(
                 f"{tuple(positions.shape)}; expected {tuple(positions.shape)} + (vocabulary,)"
             )
         return logits, kept
-    logits = model(**inputs).logits[:, :-1, :]
+    logits = model(**inputs).logits
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"{type(base).__name__} returned logits for {logits.shape[1]} positions of {labels.shape[1]} input tokens "
+            "(an adapter that adds virtual tokens, such as PEFT prompt tuning?): the loss needs one per token"
+        )
+    logits = logits[:, :-1, :]
     return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])), kept
 
 
@@ -229,6 +241,9 @@ class LanguageModelingTask:
 
     reduction: Reduction = "sum"
     query_without_eos: bool = False
+    every_position: bool = False
+    """Compute the logits of every position (:func:`labelled_predictions`): the :class:`Attributor
+    <wherefrom.engine.api.Attributor>` sets it when the output layer is a tracked module."""
 
     def train_loss(
         self,
@@ -241,14 +256,14 @@ class LanguageModelingTask:
         """L(z) per example, ``(B,)``; ``sample=True`` draws targets from the model (true Fisher),
         per row from ``seeds`` (``B`` ints, :func:`example_seeds`: independent of batching) when given,
         else from ``generator``."""
-        pred, targets = labelled_predictions(model, batch, batch["labels"])
+        pred, targets = labelled_predictions(model, batch, batch["labels"], self.every_position)
         return reduced(prediction_losses(pred, targets, sample, generator, seeds), targets, self.reduction)
 
     def measurement(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """f(z_q) = log p(completion | prompt) per example, ``(B,)``, in nats; equals ``-L_sum``. With
         ``query_without_eos`` each row's last labelled token (the appended EOS) is left out."""
         labels = without_last_label(batch["labels"]) if self.query_without_eos else batch["labels"]
-        return -prediction_losses(*labelled_predictions(model, batch, labels)).sum(dim=1)
+        return -prediction_losses(*labelled_predictions(model, batch, labels, self.every_position)).sum(dim=1)
 
 
 def without_last_label(labels: torch.Tensor) -> torch.Tensor:

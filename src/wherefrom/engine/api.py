@@ -188,11 +188,14 @@ class Attributor:
             raise ValueError(
                 "query_without_eos=True: this tokenizer has no eos_token_id, so no EOS is appended to leave out"
             )
+        self.modules: list[TrackedModule] = select_modules(model, self.config.include, self.config.exclude)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.task = task or LanguageModelingTask(
-            reduction=self.config.reduction, query_without_eos=self.config.query_without_eos
+            reduction=self.config.reduction,
+            query_without_eos=self.config.query_without_eos,
+            every_position=any(m.module is head for m in self.modules),
         )
         self.progress = progress
-        self.modules: list[TrackedModule] = select_modules(model, self.config.include, self.config.exclude)
         self.curvature: Curvature = self.new_curvature()
         self.kept: tuple[tuple, Kept] | None = None
         """The training gradients kept by the last fit, with their :meth:`gradient_key` (``None``: none kept)."""
@@ -266,7 +269,7 @@ class Attributor:
     # --- losses ---------------------------------------------------------------------------------
     def model_pass(self) -> contextlib.AbstractContextManager:
         """The context of a model forward pass: ``torch.autocast`` to ``config.autocast`` on the model's
-        device, or nothing. Losses are taken in float32 (:func:`wherefrom.core.task.token_losses`), the
+        device, or nothing. Losses are taken in float32 (:func:`wherefrom.core.task.prediction_losses`), the
         captured factors too (:func:`wherefrom.core.gradients.token_factors`)."""
         if self.config.autocast is None:
             return contextlib.nullcontext()

@@ -190,11 +190,13 @@ class SharedPass(FactorSource):
         description = "shared pass (" + ", ".join(self.roles) + ")"
         kept_losses = {self.roles[role] for role in ("correction", "train") if role in self.roles}
         # per-example gradients once per distinct loss (the empirical Fisher's roles share one), kept in one
-        # buffer per module allocated before the pass: per-batch tensors that outlive the pass's transient ones
-        # would scatter over the heap and hold its freed pages (peak RSS up to a third above live memory)
+        # buffer per module of all the rows, allocated at the first batch: per-batch tensors that outlive the
+        # pass's transient ones would scatter over the heap and hold its freed pages
         buffers: dict[int, dict[str, torch.Tensor]] = {k: {} for k in kept_losses}
         offset = 0
         for ids, batch in self.progress(self.rows(), description):
+            if offset + len(ids) > self.examples:
+                raise RuntimeError(f"the shared pass was given {self.examples} rows but its batches hold more")
             results = [
                 factors for factors, _losses in shared_token_factors(self.model, self.modules, batch, self.losses)
             ]
