@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from wherefrom.core.task import base_model
 from wherefrom.core.tracking import TrackedModule, capturing
 
 Batch = dict[str, torch.Tensor]
@@ -127,9 +128,8 @@ class ForwardOnce:
         return self.output
 
     def get_base_model(self) -> nn.Module:
-        """The wrapped model, or its base model under a PEFT adapter (the class that decides which arguments
-        its ``forward`` takes)."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        """:func:`wherefrom.core.task.base_model` of the wrapped model."""
+        return base_model(self.model)
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)

@@ -160,6 +160,12 @@ def _keeps_logits(model_type: type) -> bool:
     )
 
 
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model``, or its base model when it wraps one (a PEFT adapter's ``get_base_model``): the class that
+    decides which arguments its ``forward`` takes."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def labelled_predictions(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor, every_position: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +191,7 @@ def labelled_predictions(
     positions = torch.where(filled, positions, 0)
     kept = torch.where(filled, targets.gather(1, positions), IGNORE_INDEX)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     peft = getattr(model, "active_peft_config", None)
     if not every_position and not getattr(peft, "is_prompt_learning", False) and _keeps_logits(type(base)):
         logits = model(**inputs, logits_to_keep=positions).logits
