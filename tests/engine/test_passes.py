@@ -1,4 +1,4 @@
-"""One pass shared by K-FAC/EK-FAC's stages and scoring (engine/passes.py) gives today's separate passes' numbers.
+"""One pass shared by K-FAC/EK-FAC's stages and scoring (engine/passes.py) gives the separate passes' numbers.
 
 Measured (tiny LoRA Llama, 12 rows, 4 queries): K-FAC factors and scores bit-identical; EK-FAC covariances and
 eigenbases bit-identical, corrected eigenvalues within 4e-7 and scores within 2e-7 of the largest (the
@@ -15,6 +15,7 @@ import torch
 from tests.conftest import build_model
 from wherefrom.core.memory import LIMIT_ENV
 from wherefrom.core.store import StageFolder
+from wherefrom.core.tracking import Capture
 from wherefrom.curvature.base import DataShape
 from wherefrom.curvature.kronecker import PER_EXAMPLE, FactorSource
 from wherefrom.engine.api import AttributionConfig, Attributor
@@ -31,6 +32,19 @@ def forwards(model) -> list[int]:
     return calls
 
 
+def backwards(monkeypatch) -> list[int]:
+    """A counter of the backward passes to the tracked modules' outputs (one entry per pass)."""
+    calls: list[int] = []
+    through = Capture.output_gradients
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return through(self, *args, **kwargs)
+
+    monkeypatch.setattr(Capture, "output_gradients", counted)
+    return calls
+
+
 def fit_needs_only(monkeypatch, attributor: Attributor, train) -> None:
     """Set the memory limit to the fit's own predicted needs: the fit fits, a shared pass's kept gradients do not."""
     batches = lambda: attributor.batches(train).without_ids()  # noqa: E731
@@ -42,15 +56,28 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
-@pytest.mark.parametrize("fisher", ["true", "empirical"])
-def test_shared_pass_equals_separate_passes(strategy, fisher, tokenizer, train_records, query_records, monkeypatch):
+# backward passes per batch of the shared pass (fitting, correction, training losses; distinct ones only)
+BACKWARDS = {
+    ("ekfac", "true", "per-pass"): 3,
+    ("ekfac", "true", "once"): 2,
+    ("ekfac", "empirical", "per-pass"): 1,
+    ("kfac", "true", "per-pass"): 2,
+    ("kfac", "true", "once"): 2,
+    ("kfac", "empirical", "per-pass"): 1,
+}
+
+
+@pytest.mark.parametrize("strategy,fisher,draws", list(BACKWARDS))
+def test_shared_pass_equals_separate_passes(
+    strategy, fisher, draws, tokenizer, train_records, query_records, monkeypatch
+):
     model = build_model("lora")
-    config = AttributionConfig(strategy=strategy, fisher=fisher, batch_size=5)
+    config = AttributionConfig(strategy=strategy, fisher=fisher, fisher_draws=draws, batch_size=5)
     shared = Attributor(model, tokenizer, config)
-    calls = forwards(model)
+    calls, backward = forwards(model), backwards(monkeypatch)
     shared.fit(train_records)
     assert len(calls) == 3  # one forward pass per batch of 12 rows: the stages share it
+    assert len(backward) == 3 * BACKWARDS[strategy, fisher, draws]
     assert shared.kept is not None
     for name in shared.module_names:  # kept in one buffer per module (rows 5, 5, 2 of it), not one per batch
         pieces = [grads[name] for _ids, grads in shared.kept[1]]

@@ -70,7 +70,8 @@ def shared_token_factors(
     loss_fns: Sequence[LossFn],
 ) -> list[tuple[dict[str, TokenFactors], torch.Tensor]]:
     """:func:`token_factors` of each loss in ``loss_fns`` on ``batch`` from ONE forward pass: one backward
-    pass per loss (the graph is kept between them), the inputs ``a`` shared by all results.
+    pass per loss (the graph is kept between them), the inputs ``a`` shared by all results (and one tensor for
+    the modules fed the same input tensor).
 
     With several losses, each must run ``model`` on the same arguments (the losses of one task do): the
     model they are handed (:class:`ForwardOnce`) returns the first call's output to the later calls;
@@ -87,18 +88,25 @@ def shared_token_factors(
             losses.append(loss.detach())
             del loss
     results: list[dict[str, TokenFactors]] = [{} for _ in loss_fns]
+    # modules fed the same input tensors (q/k/v projections, LoRA's lora_A of q and v) share one joined ``a``
+    joined: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     for m in modules:
         first = calls[0][m.name]
         # half precision accumulates in float32; each call's a and g in the dtype of its input
         dtypes = [torch.promote_types(a.dtype, torch.float32) for a, _g in first]
         keeps = [_keep(_as_3d(a), mask) for a, _g in first]
-        joined_a = _join([_masked(a, keep, dtype) for (a, _g), keep, dtype in zip(first, keeps, dtypes)])
-        joined_mask = _join(
-            [
-                torch.ones(_as_3d(a).shape[:2], dtype=torch.bool, device=a.device) if keep is None else keep
-                for (a, _g), keep in zip(first, keeps)
-            ]
-        )
+        inputs = tuple(_memory(a) for a, _g in first)
+        if inputs not in joined:
+            joined[inputs] = (
+                _join([_masked(a, keep, dtype) for (a, _g), keep, dtype in zip(first, keeps, dtypes)]),
+                _join(
+                    [
+                        torch.ones(_as_3d(a).shape[:2], dtype=torch.bool, device=a.device) if keep is None else keep
+                        for (a, _g), keep in zip(first, keeps)
+                    ]
+                ),
+            )
+        joined_a, joined_mask = joined[inputs]
         for k, per_loss in enumerate(calls):
             # pop: each module's raw captures are freed once converted
             gradients = [_masked(g, keep, dtype) for (_a, g), keep, dtype in zip(per_loss.pop(m.name), keeps, dtypes)]
@@ -156,6 +164,12 @@ def _same_tensor(x: torch.Tensor, y: object) -> bool:
         and x.device == y.device
         and torch.equal(x, y)
     )
+
+
+def _memory(x: torch.Tensor) -> tuple:
+    """Where ``x``'s values live (address, shape, strides, dtype, device): equal for two captures of one tensor
+    while both are alive."""
+    return x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device
 
 
 def _keep(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -198,10 +198,13 @@ class KFAC(Curvature):
         examples = 0
         for count, factors in stream():
             examples += count
+            inputs: dict[int, torch.Tensor] = {}  # a^T a once per input tensor (modules fed the same input share it)
             for name, f in factors.items():
-                a = f.a.reshape(-1, f.a.shape[-1])
+                if id(f.a) not in inputs:
+                    a = f.a.reshape(-1, f.a.shape[-1])
+                    inputs[id(f.a)] = (a.T @ a).double()
                 g = f.g.reshape(-1, f.g.shape[-1])
-                a_cov[name] += (a.T @ a).double()
+                a_cov[name] += inputs[id(f.a)]
                 s_cov[name] += (g.T @ g).double()
                 tokens[name] += int(f.token_mask.sum())
         sum_over_ranks({**{f"a.{n}": v for n, v in a_cov.items()}, **{f"s.{n}": v for n, v in s_cov.items()}})

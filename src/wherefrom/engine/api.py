@@ -52,6 +52,8 @@ from wherefrom.models.loading import eval_mode, model_fingerprint
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 """The ``autocast`` settings and the dtype each runs the model's forward passes in."""
+FISHER_DRAWS = ("per-pass", "once")
+"""The values of :attr:`AttributionConfig.fisher_draws`."""
 
 
 @dataclass
@@ -59,7 +61,12 @@ class AttributionConfig:
     """Every setting that changes the numbers; saved as ``config.json`` beside a run's outputs.
 
     ``fisher``: ``"true"`` samples the fitting targets from the model (Gauss-Newton / true Fisher),
-    ``"empirical"`` uses the data's completions. ``damping``: absolute lambda, or ``None`` for
+    ``"empirical"`` uses the data's completions. ``fisher_draws`` (true Fisher only): ``"per-pass"`` draws each
+    row's targets afresh in every pass over the data (EK-FAC's covariance and eigenvalue-correction passes see
+    independent draws, as in kronfluence), ``"once"`` draws them once per fit and every pass reuses them (the
+    covariances and the correction are estimated from the same draws, as the empirical Fisher's are from the same
+    labels; a shared pass, :mod:`wherefrom.engine.passes`, then backpropagates the sampled loss once, so an EK-FAC
+    fit with scores makes one forward and two backward passes instead of one and three). ``damping``: absolute lambda, or ``None`` for
     ``damping_factor`` x mean eigenvalue per module. ``query_rank``: rank of the low-rank query
     batching (``None`` = full rank). ``include``/``exclude``: module-name regexes.
     ``normalize="cosine"`` divides each score by ``||q|| * ||g_m||``, with ``q`` the preconditioned
@@ -82,6 +89,7 @@ class AttributionConfig:
 
     strategy: str = "ekfac"
     fisher: Literal["true", "empirical"] = "true"
+    fisher_draws: Literal["per-pass", "once"] = "per-pass"
     damping: float | None = None
     damping_factor: float = 0.1
     include: list[str] | None = None
@@ -106,6 +114,8 @@ class AttributionConfig:
     def __post_init__(self) -> None:
         if self.fisher not in ("true", "empirical"):
             raise ValueError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
+        if self.fisher_draws not in FISHER_DRAWS:
+            raise ValueError(f"fisher_draws must be one of {list(FISHER_DRAWS)}, got {self.fisher_draws!r}")
         if self.normalize not in (None, "cosine"):
             raise ValueError(f"normalize must be None or 'cosine', got {self.normalize!r}")
         if self.batch_size < 1:
@@ -290,7 +300,8 @@ class Attributor:
         Each example draws from its own generator (:func:`wherefrom.core.task.example_seeds`) seeded by
         ``config.seed``, its tokens and the number of earlier draws for it by this loss function (0 in
         the first pass over the data, 1 in EK-FAC's second pass, which so draws afresh, as
-        kronfluence does): nothing depends on the batch size, batch composition or row order.
+        kronfluence does; always 0 with ``fisher_draws="once"``, so every pass draws the same targets):
+        nothing depends on the batch size, batch composition or row order.
 
         The counts are the loss's ``sampling_state`` (:class:`wherefrom.core.task.DrawCounts`), which a
         resumable fit saves with each stage and restores when it reuses the stage. ``drawn``: rows counted as
@@ -298,6 +309,13 @@ class Attributor:
         """
         if self.config.fisher == "empirical":
             return self.train_loss_fn()
+        if self.config.fisher_draws == "once":
+
+            def once(model: nn.Module, batch: Batch) -> torch.Tensor:
+                with self.model_pass():
+                    return self.task.train_loss(model, batch, sample=True, seeds=example_seeds(batch, self.config.seed))
+
+            return once
         draws = DrawCounts()
         draws.next(self.draw_keys(drawn))
 
@@ -384,14 +402,15 @@ class Attributor:
         on ``encoded``, or ``None`` when the fit makes its own passes (:func:`wherefrom.engine.passes.plan`
         decides and logs why)."""
         empirical = self.config.fisher == "empirical"
+        redrawn = not empirical and self.config.fisher_draws == "per-pass"
         mean_tokens = sum(len(e) for e in encoded) / max(len(encoded), 1)
         data = DataShape.measure(self.model, batches)
         chosen = plan(self.curvature, self.modules, data, mean_tokens, keep_gradients, not empirical, self.device)
         if chosen is None:
             return None
         correction = train = None
-        if chosen.correction:  # the true Fisher's second draw: each row's draws continue after the first pass
-            correction = fisher_loss if empirical else self.fisher_loss_fn(drawn=encoded)
+        if chosen.correction:  # per-pass draws: the second draw, each row's draws continuing after the first pass
+            correction = self.fisher_loss_fn(drawn=encoded) if redrawn else fisher_loss
         if chosen.train:
             train = fisher_loss if empirical else self.train_loss_fn()
         return SharedPass(
