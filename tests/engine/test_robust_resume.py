@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wherefrom.core.store import SettingsMismatch, record_checksum, record_settings
+from wherefrom.core.store import SettingsMismatch, record_checksum, record_settings, write_json_checked
 
 from .robust_workspace import fit_args, invoke, make_workspace
 
@@ -108,6 +108,11 @@ def test_index_of_unknown_settings_is_discarded_and_rebuilt(root):
             ["--strategy", "kfac", "--seed", "1"],
             "attribution.seed: recorded 0, now 1",
         ),
+        (
+            ["--strategy", "kfac"],
+            ["--strategy", "kfac", "--fisher-draws", "once"],
+            "attribution.fisher_draws: recorded 'per-pass', now 'once'",
+        ),
     ],
 )
 def test_fit_resumed_with_other_settings_is_refused(root, tmp_path, first, second, named):
@@ -118,6 +123,33 @@ def test_fit_resumed_with_other_settings_is_refused(root, tmp_path, first, secon
     code, out = invoke(*fit_args(root, run, *second))
     assert code == 2 and named in out, out
     assert (root / run / "factors" / "curvature.safetensors").read_bytes() == saved
+
+
+def test_fit_of_an_older_version_is_reused(root, tmp_path):
+    """A ``factors/settings.json`` written before a setting existed: the setting counts as its default."""
+    run = root / f"fit-{tmp_path.name}"
+    code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac"))
+    assert code == 0, out
+    recorded = json.loads((run / "factors" / "settings.json").read_text())
+    del recorded["attribution"]["fisher_draws"]
+    write_json_checked(recorded, run / "factors" / "settings.json")
+    saved = (run / "factors" / "curvature.safetensors").read_bytes()
+    code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac"))
+    assert code == 0 and "refitting" not in out, out
+    assert (run / "factors" / "curvature.safetensors").read_bytes() == saved
+    code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac", "--fisher-draws", "once"))
+    assert code == 2 and "attribution.fisher_draws: recorded 'per-pass', now 'once'" in out, out
+
+
+def test_record_settings_fills_a_section_with_its_defaults(tmp_path):
+    folder = tmp_path / "job"
+    record_settings(folder, {"run": {"a": 1}})
+    assert record_settings(folder, {"run": {"a": 1, "new": "x"}}, defaults={"run": {"a": 5, "new": "x"}}) == []
+    with pytest.raises(SettingsMismatch, match=r"run\.new: recorded 'x', now 'y'"):
+        record_settings(folder, {"run": {"a": 1, "new": "y"}}, defaults={"run": {"new": "x"}})
+    with pytest.raises(SettingsMismatch, match=r"run\.new: not recorded, now 'x'"):
+        record_settings(folder, {"run": {"a": 1, "new": "x"}})
+    assert json.loads((folder / "settings.json").read_text()) == {"run": {"a": 1}}
 
 
 def test_record_settings_names_nested_differences_and_keeps_the_record(tmp_path):

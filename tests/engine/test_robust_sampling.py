@@ -9,6 +9,7 @@ of the true-Fisher EK-FAC scores across seeds, quoted in README's Conventions.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -91,15 +92,23 @@ def test_each_pass_draws_afresh_but_reproducibly(tokenizer):
     assert example_seeds(batch, 0, [1] * 4) != example_seeds(batch, 0)
 
 
+def with_copies(rows, *indices):
+    """``rows`` and copies of ``rows[i]`` for each index (same tokens and labels, another id)."""
+    return [*rows, *(replace(rows[i], id=f"copy-{k}-{rows[i].id}") for k, i in enumerate(indices))]
+
+
 def test_once_every_pass_draws_the_first_draws(tokenizer):
-    """``fisher_draws="once"``: every pass draws what the first pass of ``"per-pass"`` draws."""
+    """``fisher_draws="once"``: every pass draws what the first pass of ``"per-pass"`` draws, copies of one row
+    included (the k-th copy draws its k-th draw)."""
     model = build_model("llama")
-    once = Attributor(model, tokenizer, AttributionConfig(fisher="true", fisher_draws="once"))
-    per_pass = Attributor(model, tokenizer, AttributionConfig(fisher="true"))
-    _, batch = next(once.batches(TRAIN[:4]))
-    loss, first = once.fisher_loss_fn(), per_pass.fisher_loss_fn()
+    once = Attributor(model, tokenizer, AttributionConfig(fisher="true", fisher_draws="once", batch_size=8))
+    per_pass = Attributor(model, tokenizer, AttributionConfig(fisher="true", batch_size=8))
+    rows = once.encoded(with_copies(TRAIN[:4], 1, 1, 2))
+    _, batch = next(once.batches(rows))
+    loss, first = once.fisher_loss_fn(rows=rows), per_pass.fisher_loss_fn()
     with torch.no_grad():
         reference = first(model, batch)
+        assert len(set(reference[[1, 4, 5]].tolist())) == 3  # the copies of row 1 draw their own labels
         for _ in range(3):
             torch.testing.assert_close(loss(model, batch), reference, rtol=0, atol=0)
         assert not torch.equal(first(model, batch), reference)  # per-pass: the second pass draws afresh
@@ -115,7 +124,7 @@ def test_once_changes_only_the_eigenvalue_correction(strategy, tokenizer):
     fitted = {
         draws: Attributor(
             model, tokenizer, AttributionConfig(strategy=strategy, fisher="true", fisher_draws=draws, batch_size=5)
-        ).fit(TRAIN)
+        ).fit(with_copies(TRAIN, 0, 0, 3))
         for draws in ("once", "per-pass")
     }
     for key, value in fitted["once"].state.items():

@@ -388,13 +388,19 @@ def settings_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
 
 
 def record_settings(
-    folder: Path, settings: Mapping[str, Any], hint: str = "", ignore: Collection[str] = ()
+    folder: Path,
+    settings: Mapping[str, Any],
+    hint: str = "",
+    ignore: Collection[str] = (),
+    defaults: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[str]:
     """Record ``settings`` in ``folder/settings.json`` before the job's first result, or compare them.
 
     ``folder`` belongs to the job alone. Values are compared in their JSON form; top-level keys in
     ``ignore`` are not compared (e.g. the device, when a finished result is only being reused and
-    no part of it is computed again). Returns notes of what was discarded (empty when nothing was).
+    no part of it is computed again). ``defaults``: per top-level section (a dict of settings), the values
+    that keys missing from the recorded section take (settings added since the folder was started, whose
+    defaults do what the older version did). Returns notes of what was discarded (empty when nothing was).
     Raises :class:`SettingsMismatch` naming every differing setting with the recorded and the
     current value (``hint`` says what to do). A folder with results but no intact ``settings.json``
     (made by an older version, or damaged) is emptied and started afresh: its results' settings
@@ -413,6 +419,10 @@ def record_settings(
             shutil.rmtree(folder)
         write_json_checked(now, path)
         return notes
+    for section, values in (defaults or {}).items():
+        if isinstance(saved.get(section), dict):
+            known = json.loads(json.dumps(strict_json(dict(values)), default=str))
+            saved[section] = {**{k: v for k, v in known.items() if k not in saved[section]}, **saved[section]}
     differences = settings_differences(
         {k: v for k, v in saved.items() if k not in ignore}, {k: v for k, v in now.items() if k not in ignore}
     )

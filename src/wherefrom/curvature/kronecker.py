@@ -40,6 +40,7 @@ of per-token factors of (possibly virtual) modules, e.g. LoGra's projected ``(P_
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -91,7 +92,8 @@ STAGE_DESCRIPTIONS = {"covariances": "covariance factors", "eigenvalue correctio
 
 class FactorSource:
     """Where K-FAC/EK-FAC's fitting stages read their data: here, one model pass over ``batches()`` per stage
-    with ``loss_fn`` (the fitting loss: its true-Fisher draws advance with every pass).
+    with ``loss_fn`` (the fitting loss: its true-Fisher draws advance with every pass, unless it replays one
+    draw, ``AttributionConfig.fisher_draws="once"``).
 
     ``stream(stage, dense)`` is the :data:`FactorStream` of ``stage`` (a key of :data:`STAGE_DESCRIPTIONS`),
     with each module's value a :class:`TokenFactors` or, with ``dense``, the per-example gradients
@@ -198,13 +200,19 @@ class KFAC(Curvature):
         examples = 0
         for count, factors in stream():
             examples += count
-            inputs: dict[int, torch.Tensor] = {}  # a^T a once per input tensor (modules fed the same input share it)
+            # a^T a once per input tensor (modules fed the same input share it), kept until its last module took it
+            uses = Counter(id(f.a) for f in factors.values())
+            products: dict[int, torch.Tensor] = {}
             for name, f in factors.items():
-                if id(f.a) not in inputs:
+                key = id(f.a)
+                if key not in products:
                     a = f.a.reshape(-1, f.a.shape[-1])
-                    inputs[id(f.a)] = (a.T @ a).double()
+                    products[key] = (a.T @ a).double()
+                a_cov[name] += products[key]
+                uses[key] -= 1
+                if not uses[key]:
+                    del products[key]
                 g = f.g.reshape(-1, f.g.shape[-1])
-                a_cov[name] += inputs[id(f.a)]
                 s_cov[name] += (g.T @ g).double()
                 tokens[name] += int(f.token_mask.sum())
         sum_over_ranks({**{f"a.{n}": v for n, v in a_cov.items()}, **{f"s.{n}": v for n, v in s_cov.items()}})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -63,10 +64,11 @@ class AttributionConfig:
     ``fisher``: ``"true"`` samples the fitting targets from the model (Gauss-Newton / true Fisher),
     ``"empirical"`` uses the data's completions. ``fisher_draws`` (true Fisher only): ``"per-pass"`` draws each
     row's targets afresh in every pass over the data (EK-FAC's covariance and eigenvalue-correction passes see
-    independent draws, as in kronfluence), ``"once"`` draws them once per fit and every pass reuses them (the
+    independent draws, as in kronfluence), ``"once"`` replays the first pass's draws in every pass (the
     covariances and the correction are estimated from the same draws, as the empirical Fisher's are from the same
     labels; a shared pass, :mod:`wherefrom.engine.passes`, then backpropagates the sampled loss once, so an EK-FAC
-    fit with scores makes one forward and two backward passes instead of one and three). ``damping``: absolute lambda, or ``None`` for
+    fit that keeps the training gradients for scoring makes one forward and two backward passes per batch instead of
+    one and three, and one that does not, one and one instead of one and two). ``damping``: absolute lambda, or ``None`` for
     ``damping_factor`` x mean eigenvalue per module. ``query_rank``: rank of the low-rank query
     batching (``None`` = full rank). ``include``/``exclude``: module-name regexes.
     ``normalize="cosine"`` divides each score by ``||q|| * ||g_m||``, with ``q`` the preconditioned
@@ -294,14 +296,17 @@ class Attributor:
 
         return loss
 
-    def fisher_loss_fn(self, drawn: Sequence[EncodedExample] = ()) -> LossFn:
+    def fisher_loss_fn(self, rows: Sequence[EncodedExample] = (), drawn: Sequence[EncodedExample] = ()) -> LossFn:
         """The loss whose gradients define the Fisher: sampled targets for ``fisher="true"``.
 
         Each example draws from its own generator (:func:`wherefrom.core.task.example_seeds`) seeded by
         ``config.seed``, its tokens and the number of earlier draws for it by this loss function (0 in
         the first pass over the data, 1 in EK-FAC's second pass, which so draws afresh, as
-        kronfluence does; always 0 with ``fisher_draws="once"``, so every pass draws the same targets):
-        nothing depends on the batch size, batch composition or row order.
+        kronfluence does): nothing depends on the batch size, batch composition or row order.
+        With ``fisher_draws="once"`` every pass over ``rows`` (the rows the loss will pass over) replays the
+        first pass's draws: the ``k``-th copy of identical rows (same tokens and labels) draws its ``k``-th draw
+        in every pass, as it does in the first pass of ``"per-pass"``; a row not among ``rows`` always draws
+        its first draw.
 
         The counts are the loss's ``sampling_state`` (:class:`wherefrom.core.task.DrawCounts`), which a
         resumable fit saves with each stage and restores when it reuses the stage. ``drawn``: rows counted as
@@ -309,18 +314,15 @@ class Attributor:
         """
         if self.config.fisher == "empirical":
             return self.train_loss_fn()
-        if self.config.fisher_draws == "once":
-
-            def once(model: nn.Module, batch: Batch) -> torch.Tensor:
-                with self.model_pass():
-                    return self.task.train_loss(model, batch, sample=True, seeds=example_seeds(batch, self.config.seed))
-
-            return once
         draws = DrawCounts()
         draws.next(self.draw_keys(drawn))
+        copies = Counter(self.draw_keys(rows)) if self.config.fisher_draws == "once" else None
 
         def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-            repeats = draws.next(example_seeds(batch, self.config.seed))
+            keys = example_seeds(batch, self.config.seed)
+            repeats = draws.next(keys)
+            if copies is not None:  # replay: the k-th copy of a row draws its k-th draw in every pass
+                repeats = [repeat % max(copies[key], 1) for repeat, key in zip(repeats, keys)]
             seeds = example_seeds(batch, self.config.seed, repeats)
             with self.model_pass():
                 return self.task.train_loss(model, batch, sample=True, seeds=seeds)
@@ -386,7 +388,7 @@ class Attributor:
                 f"strategy {self.curvature.name!r} forms the GGN of the summed completion loss itself; "
                 f"reduction={self.config.reduction!r} is not supported with it (use reduction='sum')"
             )
-        fisher_loss = self.fisher_loss_fn()
+        fisher_loss = self.fisher_loss_fn(rows=encoded)
         self.kept = None
         source = self.shared_pass(encoded, batches, fisher_loss, keep_gradients)
         with eval_mode(self.model):
@@ -465,7 +467,7 @@ class Attributor:
             encoded = self.encode(checked_rows(train, "training rows"))
             curvature.attach(  # type: ignore[attr-defined]
                 self.model, self.modules, lambda: self.batches(encoded).without_ids(), self.progress,
-                self.fisher_loss_fn(),
+                self.fisher_loss_fn(rows=encoded),
             )  # fmt: skip
         self.curvature = curvature.to(self.device)
 

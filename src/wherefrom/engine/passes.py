@@ -17,8 +17,8 @@ so two backward passes serve all. Per batch it
   :meth:`wherefrom.engine.api.Attributor.train_gradient_stream`).
 
 The numbers are those of separate passes: the same forward computation and gradients, the true Fisher's draws
-indexed as the separate passes index them (the correction loss starts each example at the draw the covariance pass
-left it at), the covariances bit for bit, the correction rotated from ``G_n`` instead of from the token
+indexed as the separate passes index them (per-pass draws: the correction loss starts each example at the draw the
+covariance pass left it at; drawn once: both replay the same draws), the covariances bit for bit, the correction rotated from ``G_n`` instead of from the token
 factors (equal up to float round-off; the form is recorded with the covariances stage, so a fit resumed
 after that stage, which needs a model pass for the correction, rotates ``G_n`` too and gives the same bytes).
 
@@ -28,7 +28,7 @@ own share and the stages keep their own passes), a ``kfac``/``ekfac`` strategy, 
 :func:`wherefrom.core.memory.check_memory`; for EK-FAC the correction is taken from the kept gradients only
 when rotating them costs no more multiply-adds than rotating the token factors of a second pass
 (``sum_m o i (o + i) <= T sum_m (o^2 + i^2 + o i)``, ``T`` the mean tokens per row: small modules such as
-LoRA's). Otherwise the fit makes today's passes and the reason is logged (logger ``wherefrom.engine.passes``).
+LoRA's). Otherwise the fit makes its separate passes and the reason is logged (logger ``wherefrom.engine.passes``).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class SharedPass(FactorSource):
     ``rows()``: the fitting batches with their ids, ``examples`` rows in all; ``fisher_loss``: the fitting loss
     (covariances);
     ``correction_loss``: the loss of the correction gradients (``None`` when the correction makes its own pass;
-    the fitting loss itself for the empirical Fisher); ``train_loss``: the loss of the kept training gradients
+    the fitting loss itself for the empirical Fisher and for the true Fisher drawn once); ``train_loss``: the loss of the kept training gradients
     (``None``: not kept). Losses given as the same object share one backward pass. After the covariance stage
     has run the pass, :attr:`train_gradients` holds the kept training gradients (``None`` when the stage was
     reused from disk and no pass ran, or they were not asked for)."""

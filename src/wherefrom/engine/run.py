@@ -99,6 +99,9 @@ INDEX_PARTS = "index-parts"
 """The folder of a tracin index's per-checkpoint column blocks while it is built."""
 FIT_ALONE = "fit it in one process; the influence methods (a curvature strategy) fit in many"
 """What to do instead when a method outside the influence family is fitted under ``torch.distributed``."""
+FIT_DEFAULTS = {"attribution": AttributionConfig().to_dict()}
+"""What a fit's ``settings.json`` recorded before a setting existed is taken as its default (each new setting's
+default does what the older version did), so folders fitted by an older version are still reused or resumed."""
 
 
 class RunMismatch(ValueError):
@@ -408,6 +411,7 @@ class Run:
             self.fit_settings(),
             f"Delete {target} to fit again with the current settings.",
             ignore=() if found else ("device",),
+            defaults=FIT_DEFAULTS,
         )
         if notes:  # factors of unknown settings were discarded
             self.notices += notes
@@ -434,7 +438,11 @@ class Run:
 
             found = problems()
             notes = record_settings(
-                target, self.fit_settings(), f"Delete {target} to fit again with the current settings.", ("device",)
+                target,
+                self.fit_settings(),
+                f"Delete {target} to fit again with the current settings.",
+                ("device",),
+                FIT_DEFAULTS,
             )
             if notes:  # a state of unknown settings was discarded
                 self.notices += notes

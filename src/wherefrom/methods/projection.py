@@ -498,7 +498,8 @@ class ProjectedInfluence:
         self.curvature = self.new_curvature()
         if not self.use_curvature:
             return
-        loss_fn = self.attributor.fisher_loss_fn()
+        train = self.attributor.encoded(train)
+        loss_fn = self.attributor.fisher_loss_fn(rows=train)
         if self.strategy != "exact":
 
             def factors() -> Iterator[tuple[int, dict[str, TokenFactors]]]:

@@ -193,7 +193,7 @@ def _projected(
     options = (
         *from_signature(build, *projection),
         *PROJECTED_CURVATURE,
-        *_settings("damping", "damping_factor", "fisher", "fisher_draws", "reduction"),
+        *_settings("damping", "damping_factor", "fisher", "reduction"),
     )
     return MethodSpec(
         name,
