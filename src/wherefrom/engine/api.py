@@ -67,9 +67,10 @@ class AttributionConfig:
     independent draws, as in kronfluence), ``"once"`` replays the first pass's draws in every pass (the
     covariances and the correction are estimated from the same draws, as the empirical Fisher's are from the same
     labels; a shared pass, :mod:`wherefrom.engine.passes`, then backpropagates the sampled loss once, so an EK-FAC
-    fit that keeps the training gradients for scoring makes one forward and two backward passes per batch instead of
-    one and three, and one that does not, one and one instead of one and two). ``damping``: absolute lambda, or ``None`` for
-    ``damping_factor`` x mean eigenvalue per module. ``query_rank``: rank of the low-rank query
+    fit that keeps the training gradients for scoring makes one forward and two backward passes per batch instead
+    of one and three, and one that does not, one and one instead of one and two; a noisier estimate, see README,
+    "Parity with kronfluence"). ``damping``: absolute lambda, or ``None`` for ``damping_factor`` x mean
+    eigenvalue per module. ``query_rank``: rank of the low-rank query
     batching (``None`` = full rank). ``include``/``exclude``: module-name regexes.
     ``normalize="cosine"`` divides each score by ``||q|| * ||g_m||``, with ``q`` the preconditioned
     query over all tracked modules (taken before low-rank compression) and ``g_m`` the training
