@@ -23,7 +23,7 @@ Usage::
 
     python benchmarks/bench_kronfluence.py                  # tiny Llama, ~2.5 min on 2 CPU cores
     python benchmarks/bench_kronfluence.py --model smollm2  # SmolLM2-135M, last two MLP blocks, ~4 min
-    python benchmarks/bench_kronfluence.py --model smollm2-lora --fisher empirical true true-once
+    python benchmarks/bench_kronfluence.py --model smollm2-lora --fisher empirical true
         # the issue's setting: SmolLM2 + LoRA (q, v; r 4), 120 emotion rows, 20 queries, one torch thread
 
 Writes ``benchmarks/results/kronfluence_<model>.md`` atomically and prints the table.
@@ -94,13 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
         "--fisher",
-        choices=["empirical", "true", "true-once"],
+        choices=["empirical", "true"],
         nargs="+",
         default=["empirical"],
         help="empirical: deterministic, both libraries give the same scores; true: sampled labels (each library "
-        "its own), drawn afresh in every pass; true-once: wherefrom with fisher_draws='once' (each row's labels "
-        "drawn once, its covariances and eigenvalue correction from the same draws), kronfluence as in true; "
-        "several: each measured in the same run",
+        "its own); several: each measured in the same run",
     )
     p.add_argument(
         "--repeats", type=int, default=None, help="timed runs per phase (default: 3 tiny, 2 smollm2, 1 smollm2-lora)"
@@ -182,8 +180,7 @@ def setup(args: argparse.Namespace):
     model.eval()
     config = AttributionConfig(
         strategy="ekfac",
-        fisher="empirical" if args.fisher == "empirical" else "true",
-        fisher_draws="once" if args.fisher == "true-once" else "per-pass",
+        fisher=args.fisher,
         include=args.include,
         batch_size=args.batch_size,
         max_length=4 * args.tokens,
@@ -400,14 +397,6 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b > 0 else "n/a"
 
 
-FISHER_TITLES = {
-    "empirical": "empirical Fisher",
-    "true": "true Fisher",
-    "true-once": "true Fisher, wherefrom's labels drawn once (`fisher_draws='once'`; kronfluence draws per pass)",
-}
-"""The section heading of each ``--fisher`` value."""
-
-
 def fisher_section(args, fisher: str, results: dict, agreement: dict) -> list[str]:
     """The tables of one Fisher: per phase (separate processes), then fit + scores in one process."""
     wf_fit, kf_fit = results["wherefrom", "fit", fisher], results["kronfluence", "fit", fisher]
@@ -450,7 +439,7 @@ def fisher_section(args, fisher: str, results: dict, agreement: dict) -> list[st
     accounted = sum(one["passes_s"].values())
     breakdown = "; ".join(f"{name} {seconds:.2f} s" for name, seconds in one["passes_s"].items())
     return [
-        f"## {FISHER_TITLES[fisher]}",
+        f"## {fisher} Fisher",
         "",
         "| metric | wherefrom | kronfluence | kronfluence / wherefrom |",
         "|---|---:|---:|---:|",

@@ -69,7 +69,6 @@ def invalid_cases(root, out):
         (fit_args(root, out, "--include", "["), ["--include [", "invalid regular expression"]),
         (fit_args(root, out, "--batch-size", "0"), ["--batch-size 0", ">= 1"]),
         (fit_args(root, out, "--fisher", "exact"), ["--fisher exact", "true, empirical"]),
-        (fit_args(root, out, "--fisher-draws", "twice"), ["--fisher-draws twice", "per-pass, once"]),
         (fit_args(root, out, "--reduction", "max"), ["--reduction max", "sum, mean"]),
         (fit_args(root, out, "--strategy", "nope"), ["--strategy nope", "ekfac"]),
         (fit_args(root, out, "--strategy-option", "rank"), ["--strategy-option", "key=value"]),

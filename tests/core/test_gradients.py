@@ -93,6 +93,27 @@ def test_shared_token_factors_equal_separate_passes(kind, tokenizer, train_recor
     assert not torch.equal(shared[0][0][name].g, shared[1][0][name].g)  # sampled labels differ from the data's
 
 
+@pytest.mark.parametrize("kind", ["llama", "lora"])
+def test_modules_fed_one_input_share_its_factor(kind, tokenizer, train_records):
+    """q/k/v (llama), LoRA's lora_A of q and v: one joined ``a`` tensor, equal to each module's own capture
+    (a pass that tracks the module alone); a module with another input has its own."""
+    model = build_model(kind)
+    attributor = Attributor(model, tokenizer, AttributionConfig(fisher="empirical", batch_size=6))
+    _ids, batch = next(iter(attributor.batches(train_records)))
+    loss = attributor.train_loss_fn()
+    factors, _ = token_factors(model, attributor.modules, batch, loss)
+    first = "q_proj.lora_A" if kind == "lora" else "q_proj"
+    groups: dict[int, list[str]] = {}
+    for name, f in factors.items():
+        groups.setdefault(id(f.a), []).append(name)
+    shared = next(names for names in groups.values() if any(first in n for n in names))
+    assert len(shared) == (2 if kind == "lora" else 3) and len(groups) < len(factors)
+    for module in attributor.modules:
+        if module.name in shared:
+            alone, _ = token_factors(model, [module], batch, loss)
+            assert torch.equal(alone[module.name].a, factors[module.name].a)
+
+
 def test_shared_token_factors_refuse_losses_with_other_model_inputs(tokenizer, train_records):
     model = build_model("llama")
     attributor = Attributor(model, tokenizer, AttributionConfig(batch_size=6))

@@ -108,11 +108,6 @@ def test_index_of_unknown_settings_is_discarded_and_rebuilt(root):
             ["--strategy", "kfac", "--seed", "1"],
             "attribution.seed: recorded 0, now 1",
         ),
-        (
-            ["--strategy", "kfac"],
-            ["--strategy", "kfac", "--fisher-draws", "once"],
-            "attribution.fisher_draws: recorded 'per-pass', now 'once'",
-        ),
     ],
 )
 def test_fit_resumed_with_other_settings_is_refused(root, tmp_path, first, second, named):
@@ -131,14 +126,14 @@ def test_fit_of_an_older_version_is_reused(root, tmp_path):
     code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac"))
     assert code == 0, out
     recorded = json.loads((run / "factors" / "settings.json").read_text())
-    del recorded["attribution"]["fisher_draws"]
+    del recorded["attribution"]["query_without_eos"]  # as if the setting had been added since
     write_json_checked(recorded, run / "factors" / "settings.json")
     saved = (run / "factors" / "curvature.safetensors").read_bytes()
     code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac"))
     assert code == 0 and "refitting" not in out, out
     assert (run / "factors" / "curvature.safetensors").read_bytes() == saved
-    code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac", "--fisher-draws", "once"))
-    assert code == 2 and "attribution.fisher_draws: recorded 'per-pass', now 'once'" in out, out
+    code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac", "--query-without-eos"))
+    assert code == 2 and "attribution.query_without_eos: recorded False, now True" in out, out
 
 
 def test_record_settings_fills_a_section_with_its_defaults(tmp_path):

@@ -9,7 +9,6 @@ of the true-Fisher EK-FAC scores across seeds, quoted in README's Conventions.
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 
 import pytest
 import torch
@@ -92,76 +91,22 @@ def test_each_pass_draws_afresh_but_reproducibly(tokenizer):
     assert example_seeds(batch, 0, [1] * 4) != example_seeds(batch, 0)
 
 
-def with_copies(rows, *indices):
-    """``rows`` and copies of ``rows[i]`` for each index (same tokens and labels, another id)."""
-    return [*rows, *(replace(rows[i], id=f"copy-{k}-{rows[i].id}") for k, i in enumerate(indices))]
-
-
-def test_once_every_pass_draws_the_first_draws(tokenizer):
-    """``fisher_draws="once"``: every pass draws what the first pass of ``"per-pass"`` draws, copies of one row
-    included (the k-th copy draws its k-th draw)."""
-    model = build_model("llama")
-    once = Attributor(model, tokenizer, AttributionConfig(fisher="true", fisher_draws="once", batch_size=8))
-    per_pass = Attributor(model, tokenizer, AttributionConfig(fisher="true", batch_size=8))
-    rows = once.encoded(with_copies(TRAIN[:4], 1, 1, 2))
-    _, batch = next(once.batches(rows))
-    loss, first = once.fisher_loss_fn(rows=rows), per_pass.fisher_loss_fn()
-    with torch.no_grad():
-        reference = first(model, batch)
-        assert len(set(reference[[1, 4, 5]].tolist())) == 3  # the copies of row 1 draw their own labels
-        for _ in range(3):
-            torch.testing.assert_close(loss(model, batch), reference, rtol=0, atol=0)
-        assert not torch.equal(first(model, batch), reference)  # per-pass: the second pass draws afresh
-        train = once.train_loss_fn()(model, batch)
-    assert not torch.equal(reference, train)  # drawn labels, not the data's
-
-
-@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
-def test_once_changes_only_the_eigenvalue_correction(strategy, tokenizer):
-    """The covariances come from the first draws either way; EK-FAC's correction from the same draws (once) or
-    the second ones (per-pass). Separate passes (a llama's full Linear layers: the correction makes its own pass)."""
-    model = build_model("llama")
-    fitted = {
-        draws: Attributor(
-            model, tokenizer, AttributionConfig(strategy=strategy, fisher="true", fisher_draws=draws, batch_size=5)
-        ).fit(with_copies(TRAIN, 0, 0, 3))
-        for draws in ("once", "per-pass")
-    }
-    for key, value in fitted["once"].state.items():
-        if strategy == "ekfac" and key.endswith((".eigenvalues", ".damping")):
-            assert not torch.equal(value, fitted["per-pass"].state[key]), key
-        else:
-            assert torch.equal(value, fitted["per-pass"].state[key]), key
-
-
 def test_seed_variance_of_true_fisher_ekfac(tokenizer):
     """README, Conventions: Spearman between the EK-FAC scores of 5 seeds (tiny Llama, 2 layers,
-    hidden 32, 24 rows x 6 queries), and between ``fisher_draws="once"`` and ``"per-pass"`` at each seed.
-    Command: ``pytest -s tests/engine/test_robust_sampling.py -k seed_variance``."""
+    hidden 32, 24 rows x 6 queries). Command: ``pytest -s tests/test_robust_sampling.py -k seed_variance``."""
     model = tiny_llama(len(tokenizer), seed=0)
     train, queries = make_records(24, seed=54), make_records(6, seed=55, prefix="q")
-    runs, once = [], []
+    runs = []
     for seed in range(5):
-        for draws, kept in (("per-pass", runs), ("once", once)):
-            attributor = Attributor(
-                model, tokenizer, AttributionConfig(strategy="ekfac", seed=seed, fisher_draws=draws)
-            )
-            attributor.fit(train)
-            kept.append(attributor.scores(queries, train).total.flatten().numpy())
+        attributor = Attributor(model, tokenizer, AttributionConfig(strategy="ekfac", seed=seed))
+        attributor.fit(train)
+        runs.append(attributor.scores(queries, train).total.flatten().numpy())
     empirical = Attributor(model, tokenizer, AttributionConfig(strategy="ekfac", fisher="empirical"))
     empirical.fit(train)
     to_empirical = [spearmanr(r, empirical.scores(queries, train).total.flatten().numpy())[0] for r in runs]
     rhos = [spearmanr(a, b)[0] for a, b in itertools.combinations(runs, 2)]
-    to_once = [spearmanr(a, b)[0] for a, b in zip(runs, once)]
     print(
         f"true-Fisher EK-FAC, Spearman between 5 seeds (10 pairs): mean {sum(rhos) / len(rhos):.4f}, min {min(rhos):.4f}, "
-        f"max {max(rhos):.4f}; vs the empirical Fisher: mean {sum(to_empirical) / len(to_empirical):.4f}; "
-        f"fisher_draws once vs per-pass at each seed: mean {sum(to_once) / len(to_once):.4f}, min {min(to_once):.4f}"
+        f"max {max(rhos):.4f}; vs the empirical Fisher: mean {sum(to_empirical) / len(to_empirical):.4f}"
     )
     assert 0.9 < min(rhos) < 1.0  # measured 0.987 (mean 0.992)
-    assert 0.9 < min(to_once) < 1.0  # the correction's draws differ; within the seed spread
-
-
-def test_unknown_fisher_draws_is_refused():
-    with pytest.raises(ValueError, match=r"fisher_draws must be one of \['per-pass', 'once'\], got 'twice'"):
-        AttributionConfig(fisher_draws="twice")

@@ -35,7 +35,7 @@ def notify(opened: Run) -> None:
         console.print("[yellow]note:[/]", escape(notice))
 
 
-@command(uses=(*ATTRIBUTION, "fisher", "fisher_draws", "reduction", "query_rank", "seed", "autocast", "threads"))
+@command(uses=(*ATTRIBUTION, "fisher", "reduction", "query_rank", "seed", "autocast", "threads"))
 def fit(
     train,
     run,

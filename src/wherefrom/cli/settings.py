@@ -28,7 +28,6 @@ from typing import Any
 
 from wherefrom.core.encoding import LOSS_TOKENS, check_template
 from wherefrom.core.option_pairs import parse_option_pairs, parse_value
-from wherefrom.engine.api import FISHER_DRAWS
 from wherefrom.engine.run import PRECONDITIONS
 from wherefrom.models.finetune import LR_SCHEDULES, FinetuneConfig
 from wherefrom.studies.wordorder import WordOrderConfig
@@ -355,13 +354,6 @@ class CurvatureSettings:
         "ekfac", "identity | diagonal | kfac | ekfac | exact | cg | lissa | arnoldi | datainf", check=strategy_name
     )
     fisher: str = setting("true", "true (labels sampled from the model) | empirical", check=one_of("true", "empirical"))
-    fisher_draws: str = setting(
-        "per-pass",
-        "True Fisher: per-pass (every pass over the rows draws their labels afresh, as kronfluence) | once (drawn "
-        "once and reused by every pass: EK-FAC's covariances and correction from the same draws, one backward pass "
-        "fewer when its passes are shared).",
-        check=one_of(*FISHER_DRAWS),
-    )
     damping: float | None = setting(
         None,
         "Absolute damping lambda; default: --damping-factor x the mean eigenvalue per module (Grosse et al.).",

@@ -92,8 +92,7 @@ STAGE_DESCRIPTIONS = {"covariances": "covariance factors", "eigenvalue correctio
 
 class FactorSource:
     """Where K-FAC/EK-FAC's fitting stages read their data: here, one model pass over ``batches()`` per stage
-    with ``loss_fn`` (the fitting loss: its true-Fisher draws advance with every pass, unless it replays one
-    draw, ``AttributionConfig.fisher_draws="once"``).
+    with ``loss_fn`` (the fitting loss: its true-Fisher draws advance with every pass).
 
     ``stream(stage, dense)`` is the :data:`FactorStream` of ``stage`` (a key of :data:`STAGE_DESCRIPTIONS`),
     with each module's value a :class:`TokenFactors` or, with ``dense``, the per-example gradients

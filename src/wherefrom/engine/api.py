@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -53,8 +52,6 @@ from wherefrom.models.loading import eval_mode, model_fingerprint
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 """The ``autocast`` settings and the dtype each runs the model's forward passes in."""
-FISHER_DRAWS = ("per-pass", "once")
-"""The values of :attr:`AttributionConfig.fisher_draws`."""
 
 
 @dataclass
@@ -62,15 +59,8 @@ class AttributionConfig:
     """Every setting that changes the numbers; saved as ``config.json`` beside a run's outputs.
 
     ``fisher``: ``"true"`` samples the fitting targets from the model (Gauss-Newton / true Fisher),
-    ``"empirical"`` uses the data's completions. ``fisher_draws`` (true Fisher only): ``"per-pass"`` draws each
-    row's targets afresh in every pass over the data (EK-FAC's covariance and eigenvalue-correction passes see
-    independent draws, as in kronfluence), ``"once"`` replays the first pass's draws in every pass (the
-    covariances and the correction are estimated from the same draws, as the empirical Fisher's are from the same
-    labels; a shared pass, :mod:`wherefrom.engine.passes`, then backpropagates the sampled loss once, so an EK-FAC
-    fit that keeps the training gradients for scoring makes one forward and two backward passes per batch instead
-    of one and three, and one that does not, one and one instead of one and two; a noisier estimate, see README,
-    "Parity with kronfluence"). ``damping``: absolute lambda, or ``None`` for ``damping_factor`` x mean
-    eigenvalue per module. ``query_rank``: rank of the low-rank query
+    ``"empirical"`` uses the data's completions. ``damping``: absolute lambda, or ``None`` for
+    ``damping_factor`` x mean eigenvalue per module. ``query_rank``: rank of the low-rank query
     batching (``None`` = full rank). ``include``/``exclude``: module-name regexes.
     ``normalize="cosine"`` divides each score by ``||q|| * ||g_m||``, with ``q`` the preconditioned
     query over all tracked modules (taken before low-rank compression) and ``g_m`` the training
@@ -92,7 +82,6 @@ class AttributionConfig:
 
     strategy: str = "ekfac"
     fisher: Literal["true", "empirical"] = "true"
-    fisher_draws: Literal["per-pass", "once"] = "per-pass"
     damping: float | None = None
     damping_factor: float = 0.1
     include: list[str] | None = None
@@ -117,8 +106,6 @@ class AttributionConfig:
     def __post_init__(self) -> None:
         if self.fisher not in ("true", "empirical"):
             raise ValueError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
-        if self.fisher_draws not in FISHER_DRAWS:
-            raise ValueError(f"fisher_draws must be one of {list(FISHER_DRAWS)}, got {self.fisher_draws!r}")
         if self.normalize not in (None, "cosine"):
             raise ValueError(f"normalize must be None or 'cosine', got {self.normalize!r}")
         if self.batch_size < 1:
@@ -297,17 +284,13 @@ class Attributor:
 
         return loss
 
-    def fisher_loss_fn(self, rows: Sequence[EncodedExample] = (), drawn: Sequence[EncodedExample] = ()) -> LossFn:
+    def fisher_loss_fn(self, drawn: Sequence[EncodedExample] = ()) -> LossFn:
         """The loss whose gradients define the Fisher: sampled targets for ``fisher="true"``.
 
         Each example draws from its own generator (:func:`wherefrom.core.task.example_seeds`) seeded by
         ``config.seed``, its tokens and the number of earlier draws for it by this loss function (0 in
         the first pass over the data, 1 in EK-FAC's second pass, which so draws afresh, as
         kronfluence does): nothing depends on the batch size, batch composition or row order.
-        With ``fisher_draws="once"`` every pass over ``rows`` (the rows the loss will pass over) replays the
-        first pass's draws: the ``k``-th copy of identical rows (same tokens and labels) draws its ``k``-th draw
-        in every pass, as it does in the first pass of ``"per-pass"``; a row not among ``rows`` always draws
-        its first draw.
 
         The counts are the loss's ``sampling_state`` (:class:`wherefrom.core.task.DrawCounts`), which a
         resumable fit saves with each stage and restores when it reuses the stage. ``drawn``: rows counted as
@@ -317,13 +300,9 @@ class Attributor:
             return self.train_loss_fn()
         draws = DrawCounts()
         draws.next(self.draw_keys(drawn))
-        copies = Counter(self.draw_keys(rows)) if self.config.fisher_draws == "once" else None
 
         def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-            keys = example_seeds(batch, self.config.seed)
-            repeats = draws.next(keys)
-            if copies is not None:  # replay: the k-th copy of a row draws its k-th draw in every pass
-                repeats = [repeat % max(copies[key], 1) for repeat, key in zip(repeats, keys)]
+            repeats = draws.next(example_seeds(batch, self.config.seed))
             seeds = example_seeds(batch, self.config.seed, repeats)
             with self.model_pass():
                 return self.task.train_loss(model, batch, sample=True, seeds=seeds)
@@ -389,7 +368,7 @@ class Attributor:
                 f"strategy {self.curvature.name!r} forms the GGN of the summed completion loss itself; "
                 f"reduction={self.config.reduction!r} is not supported with it (use reduction='sum')"
             )
-        fisher_loss = self.fisher_loss_fn(rows=encoded)
+        fisher_loss = self.fisher_loss_fn()
         self.kept = None
         source = self.shared_pass(encoded, batches, fisher_loss, keep_gradients)
         with eval_mode(self.model):
@@ -405,15 +384,14 @@ class Attributor:
         on ``encoded``, or ``None`` when the fit makes its own passes (:func:`wherefrom.engine.passes.plan`
         decides and logs why)."""
         empirical = self.config.fisher == "empirical"
-        redrawn = not empirical and self.config.fisher_draws == "per-pass"
         mean_tokens = sum(len(e) for e in encoded) / max(len(encoded), 1)
         data = DataShape.measure(self.model, batches)
         chosen = plan(self.curvature, self.modules, data, mean_tokens, keep_gradients, not empirical, self.device)
         if chosen is None:
             return None
         correction = train = None
-        if chosen.correction:  # per-pass draws: the second draw, each row's draws continuing after the first pass
-            correction = self.fisher_loss_fn(drawn=encoded) if redrawn else fisher_loss
+        if chosen.correction:  # the true Fisher's second draw: each row's draws continue after the first pass
+            correction = fisher_loss if empirical else self.fisher_loss_fn(drawn=encoded)
         if chosen.train:
             train = fisher_loss if empirical else self.train_loss_fn()
         return SharedPass(
@@ -468,7 +446,7 @@ class Attributor:
             encoded = self.encode(checked_rows(train, "training rows"))
             curvature.attach(  # type: ignore[attr-defined]
                 self.model, self.modules, lambda: self.batches(encoded).without_ids(), self.progress,
-                self.fisher_loss_fn(rows=encoded),
+                self.fisher_loss_fn(),
             )  # fmt: skip
         self.curvature = curvature.to(self.device)
 

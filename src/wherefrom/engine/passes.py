@@ -5,9 +5,7 @@ kronfluence does): the covariance pass (true-Fisher labels, first draw), the eig
 (second draw) and the train-gradient pass of scoring (the data's labels). The three differ only in the
 loss that is backpropagated, so :class:`SharedPass` runs ONE forward pass per batch and one backward pass
 per distinct loss (:func:`wherefrom.core.gradients.shared_token_factors`); with the empirical Fisher the
-three losses are one and a single backward pass serves all; with the true Fisher drawn once per fit
-(``AttributionConfig.fisher_draws="once"``) the covariance and correction losses are one (the same draws),
-so two backward passes serve all. Per batch it
+three losses are one and a single backward pass serves all. Per batch it
 
 * hands the fitting loss's token factors to the covariance sums (as the covariance pass would);
 * keeps the per-example gradients ``G_n = sum_t g_t a_t^T`` ``(b, out, in')`` of the correction loss,
@@ -16,9 +14,9 @@ so two backward passes serve all. Per batch it
 * keeps the per-example gradients of the training loss for scoring (no third pass; see
   :meth:`wherefrom.engine.api.Attributor.train_gradient_stream`).
 
-The numbers are those of separate passes: the same forward computation and gradients, the true Fisher's draws
-indexed as the separate passes index them (per-pass draws: the correction loss starts each example at the draw the
-covariance pass left it at; drawn once: both replay the same draws), the covariances bit for bit, the correction rotated from ``G_n`` instead of from the token
+The numbers are those of separate passes: the same forward computation and gradients, the true Fisher's draws indexed as
+the separate passes index them (the correction loss starts each example at the draw the covariance pass
+left it at), the covariances bit for bit, the correction rotated from ``G_n`` instead of from the token
 factors (equal up to float round-off; the form is recorded with the covariances stage, so a fit resumed
 after that stage, which needs a model pass for the correction, rotates ``G_n`` too and gives the same bytes).
 
@@ -83,13 +81,13 @@ def plan(
     data: DataShape,
     mean_tokens: float,
     keep_train: bool,
-    sampled: bool,
+    separate_draws: bool,
     device: torch.device,
 ) -> Plan | None:
     """The :class:`Plan` of a fit of ``curvature`` on ``data`` (``mean_tokens`` tokens per row), or ``None``
     when the fit makes its own passes; a refusal is logged with its reason. ``keep_train``: keep the training
-    gradients for scoring; ``sampled``: the fitting loss draws its labels (true Fisher), so the correction's kept
-    gradients are not the training ones (two kept sets: memory)."""
+    gradients for scoring; ``separate_draws``: the fitting and correction losses draw their own labels (true
+    Fisher), so each is a backward pass of its own; the kept sets are then distinct (memory)."""
     if not curvature.takes_source:
         return None
     if world_size() > 1:
@@ -113,7 +111,7 @@ def plan(
             logger.info("fitting %r in separate passes: %s", curvature.name, reason)
         return None
     size = sum(o * i for o, i in shapes)
-    sets = 1 if not (correction and keep_train and sampled) else 2
+    sets = 1 if not (correction and keep_train and separate_draws) else 2
     needs = {
         **curvature.memory_needs(modules, data),
         f"kept per-example gradients ({data.examples} rows x {size:,} parameters x {sets} set(s), float32)": sets
@@ -136,7 +134,7 @@ class SharedPass(FactorSource):
     ``rows()``: the fitting batches with their ids, ``examples`` rows in all; ``fisher_loss``: the fitting loss
     (covariances);
     ``correction_loss``: the loss of the correction gradients (``None`` when the correction makes its own pass;
-    the fitting loss itself for the empirical Fisher and for the true Fisher drawn once); ``train_loss``: the loss of the kept training gradients
+    the fitting loss itself for the empirical Fisher); ``train_loss``: the loss of the kept training gradients
     (``None``: not kept). Losses given as the same object share one backward pass. After the covariance stage
     has run the pass, :attr:`train_gradients` holds the kept training gradients (``None`` when the stage was
     reused from disk and no pass ran, or they were not asked for)."""

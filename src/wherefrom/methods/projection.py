@@ -498,8 +498,7 @@ class ProjectedInfluence:
         self.curvature = self.new_curvature()
         if not self.use_curvature:
             return
-        train = self.attributor.encoded(train)
-        loss_fn = self.attributor.fisher_loss_fn(rows=train)
+        loss_fn = self.attributor.fisher_loss_fn()
         if self.strategy != "exact":
 
             def factors() -> Iterator[tuple[int, dict[str, TokenFactors]]]:

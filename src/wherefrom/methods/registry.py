@@ -107,11 +107,6 @@ SETTING_OPTIONS: tuple[OptionSpec, ...] = from_signature(
         help="true: G from labels sampled from the model (Gauss-Newton); empirical: from the data's completions",
         source="Martens & Grosse 2015 (true vs empirical Fisher)",
     ),
-    OptionSpec(
-        "fisher_draws",
-        help="true Fisher: per-pass (each pass over the rows draws their labels afresh, as kronfluence) or once "
-        "(drawn once per fit, every pass reuses them)",
-    ),
     OptionSpec("reduction", help="training loss over completion tokens: sum (Grosse et al.) or mean"),
     OptionSpec("query_rank", low=1, help="rank of the low-rank query batching; null: full rank"),
 )
