@@ -147,6 +147,16 @@ def test_record_settings_fills_a_section_with_its_defaults(tmp_path):
     assert json.loads((folder / "settings.json").read_text()) == {"run": {"a": 1}}
 
 
+def test_settings_that_are_not_an_object_are_unknown(tmp_path):
+    folder = tmp_path / "job"
+    folder.mkdir()
+    write_json_checked([1, 2], folder / "settings.json")
+    (folder / "result.bin").write_bytes(b"x")
+    notes = record_settings(folder, {"a": 1})
+    assert notes and "not a JSON object" in notes[0] and not (folder / "result.bin").exists()
+    assert json.loads((folder / "settings.json").read_text()) == {"a": 1}
+
+
 def test_record_settings_names_nested_differences_and_keeps_the_record(tmp_path):
     folder = tmp_path / "job"
     assert record_settings(folder, {"a": 1, "b": {"c": [1, 2], "d": None}}) == []

@@ -27,7 +27,8 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 class TokenFactors:
     """Inputs ``a`` ``(B, T, in')`` and output gradients ``g`` ``(B, T, out)`` of one module.
 
-    ``T`` counts every call of the module (concatenated); padding positions are zero in both.
+    ``T`` counts every call of the module (concatenated); padding positions are zero in both. ``a`` may be one
+    tensor for several modules (fed the same input) and losses: never modify it in place.
     """
 
     a: torch.Tensor
@@ -88,7 +89,8 @@ def shared_token_factors(
             losses.append(loss.detach())
             del loss
     results: list[dict[str, TokenFactors]] = [{} for _ in loss_fns]
-    # modules fed the same input tensors (q/k/v projections, LoRA's lora_A of q and v) share one joined ``a``
+    # modules fed the same input tensors (unbiased q/k/v projections, LoRA's lora_A of q and v) share one joined
+    # ``a``; the keys are the raw captures' memory, which no other tensor takes while ``calls`` holds them
     joined: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     for m in modules:
         first = calls[0][m.name]

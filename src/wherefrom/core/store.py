@@ -412,6 +412,8 @@ def record_settings(
     notes = []
     try:
         saved = read_json_checked(path)
+        if not isinstance(saved, dict):
+            raise ValueError(f"{path}: not a JSON object")
     except (DamagedFile, ValueError) as error:
         leftovers = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         if leftovers:

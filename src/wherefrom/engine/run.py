@@ -101,7 +101,8 @@ FIT_ALONE = "fit it in one process; the influence methods (a curvature strategy)
 """What to do instead when a method outside the influence family is fitted under ``torch.distributed``."""
 FIT_DEFAULTS = {"attribution": AttributionConfig().to_dict()}
 """What a fit's ``settings.json`` recorded before a setting existed is taken as its default (each new setting's
-default does what the older version did), so folders fitted by an older version are still reused or resumed."""
+default does what the older version did), so folders fitted by an older version are still reused or resumed. Only
+the attribution settings of ``factors/`` and ``method/``: an index's recorded settings are compared as recorded."""
 
 
 class RunMismatch(ValueError):
