@@ -94,6 +94,13 @@ def _is_trackable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
 
 
+def output_layer(model: nn.Module) -> nn.Module | None:
+    """The model's output layer (its ``get_output_embeddings()``: the vocabulary projection), or ``None`` when it
+    has none or does not say."""
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if callable(getter) else None
+
+
 def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
     """``{id(parameter): [qualified names]}`` over every distinct module that holds the parameter.
 

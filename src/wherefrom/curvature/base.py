@@ -57,7 +57,7 @@ from wherefrom.core.store import (
     write_json_checked,
 )
 from wherefrom.core.task import IGNORE_INDEX
-from wherefrom.core.tracking import TrackedModule, selection_signature
+from wherefrom.core.tracking import TrackedModule, output_layer, selection_signature
 
 BatchSource = Callable[[], Iterable[Batch]]
 """A callable that returns a fresh iterable over the fitting batches (some strategies need two passes)."""
@@ -107,8 +107,7 @@ class DataShape:
                 max_tokens = max(max_tokens, batch["input_ids"].shape[1])
             if "labels" in batch and batch["labels"].shape[1] > 1:
                 max_labelled = max(max_labelled, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).max()))
-        getter = getattr(model, "get_output_embeddings", None)
-        head = getter() if callable(getter) else None
+        head = output_layer(model)
         vocabulary = (
             int(head.weight.shape[0])
             if head is not None

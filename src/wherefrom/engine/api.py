@@ -44,7 +44,7 @@ from wherefrom.core.scoring import (
 )
 from wherefrom.core.store import StageFolder
 from wherefrom.core.task import DrawCounts, LanguageModelingTask, example_seeds
-from wherefrom.core.tracking import TrackedModule, select_modules, selection_signature
+from wherefrom.core.tracking import TrackedModule, output_layer, select_modules, selection_signature
 from wherefrom.curvature import Curvature, make_curvature
 from wherefrom.curvature.base import BatchSource, DataShape, Progress, no_progress
 from wherefrom.engine.passes import Kept, SharedPass, plan
@@ -189,7 +189,7 @@ class Attributor:
                 "query_without_eos=True: this tokenizer has no eos_token_id, so no EOS is appended to leave out"
             )
         self.modules: list[TrackedModule] = select_modules(model, self.config.include, self.config.exclude)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = output_layer(model)
         self.task = task or LanguageModelingTask(
             reduction=self.config.reduction,
             query_without_eos=self.config.query_without_eos,
