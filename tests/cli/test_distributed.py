@@ -23,6 +23,7 @@ from tests.cli.conftest import invoke
 from wherefrom.core.distributed import NotDistributable
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig
+from wherefrom.models.tiny import save_tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore::wherefrom.curvature.base.DegenerateCurvatureWarning")
 
@@ -92,6 +93,23 @@ def test_torchrun_fit_gives_the_one_process_factors(workspace, one):
     scores_two = load_file(workspace / "run-two" / "scores" / "scores.safetensors")["total"]
     scores_one = load_file(one / "scores" / "scores.safetensors")["total"]
     assert_close(scores_two, scores_one, rtol=0, atol=1e-4 * float(scores_one.abs().max()))
+
+
+def test_torchrun_fit_of_modules_fed_one_input(workspace, tmp_path):
+    """q/k/v read one input, whose covariance sum one process holds once for the three: under torchrun every
+    process reduces each module's sum once (the shared one reduced once per module would count it three
+    times), giving the one-process factors."""
+    save_tiny(tmp_path / "model", arch="llama")
+    fit = ("fit", "--train", workspace / "train.jsonl", "--model", tmp_path / "model", "--device", "cpu")
+    fit += ("--include", r"self_attn\.[qkv]_proj")
+    result = invoke(*fit, "--run", tmp_path / "run-one", "--threads", 1)
+    assert result.exit_code == 0, result.output
+    torchrun(*fit, "--run", tmp_path / "run-two", cwd=tmp_path)
+    (two, _), (alone, _) = factors(tmp_path / "run-two"), factors(tmp_path / "run-one")
+    assert set(two) == set(alone) and any(".q_proj.A" in key for key in alone)
+    for key, value in alone.items():
+        tolerance = 1e-4 if key.endswith(".eigenvalues") else 1e-5
+        assert_close(two[key], value, rtol=tolerance, atol=tolerance * float(value.abs().max()))
 
 
 def test_torchrun_scores_gather_every_training_row_in_order(workspace, one):

@@ -313,3 +313,57 @@ def test_equal_factors_are_decomposed_once_with_the_same_result(tmp_path, tokeni
     fitted.save(tmp_path)
     loaded = load_curvature(tmp_path)
     assert all(torch.equal(loaded.state[k], v) for k, v in fitted.state.items())
+
+
+def test_modules_fed_one_input_share_one_covariance_sum(tmp_path, tokenizer, train_records):
+    """q/k/v read one input: one float64 ``a^T a`` sum between them (one tensor), equal bit for bit to the sum
+    of a pass that tracks q alone; the covariance stage writes it under each name and reads back equal values."""
+    from wherefrom.core.store import StageFolder
+    from wherefrom.curvature.base import no_progress
+    from wherefrom.curvature.kronecker import KFAC, model_factors
+
+    model = build_model("llama")
+    attributor = Attributor(
+        model, tokenizer, AttributionConfig(fisher="empirical", include=[r"self_attn\.[qkv]_proj", r"mlp\.down_proj"])
+    )
+
+    def sums(modules):
+        batches = lambda: attributor.batches(train_records).without_ids()  # noqa: E731
+        stream = model_factors(model, modules, batches, attributor.train_loss_fn(), no_progress, "covariances")
+        return KFAC.covariance_sums(stream, {m.name: tuple(m.shape) for m in modules})[0]
+
+    together = sums(attributor.modules)
+    layer = [m.name for m in attributor.modules if m.name.startswith("model.layers.0.")]
+    q, k, v, down = (next(n for n in layer if part in n) for part in ("q_proj", "k_proj", "v_proj", "down_proj"))
+    assert together[f"{q}.a_cov"] is together[f"{k}.a_cov"] is together[f"{v}.a_cov"]
+    assert together[f"{down}.a_cov"] is not together[f"{q}.a_cov"]
+    alone = sums([m for m in attributor.modules if m.name == q])
+    assert torch.equal(alone[f"{q}.a_cov"], together[f"{q}.a_cov"])
+    stages = StageFolder(tmp_path)
+    stages.save("covariances", together, {})
+    loaded, _ = stages.load("covariances")
+    assert loaded.keys() == together.keys() and all(torch.equal(loaded[n], t) for n, t in together.items())
+
+
+def test_shared_sums_split_when_modules_take_different_addends():
+    """The accumulators of :func:`shared_sums`: one between modules that take the same addend; a batch where
+    they take different ones (or one is absent) copies the shared sum first, so every module's total is its own."""
+    from wherefrom.curvature.kronecker import shared_sums
+
+    sums: dict[str, torch.Tensor] = {}
+    expected = dict.fromkeys("abc", 0.0)
+
+    def add(names, value):
+        addend = torch.tensor(value)
+        for total in shared_sums(sums, names, addend):
+            total += addend
+        for n in names:
+            expected[n] += value
+
+    add(["a", "b", "c"], 1.0)
+    assert sums["a"] is sums["b"] is sums["c"]
+    add(["a", "b"], 2.0)  # c absent from this batch
+    add(["a"], 4.0)
+    add(["b", "c"], 8.0)
+    assert sums["a"] is not sums["b"] and sums["b"] is not sums["c"]
+    assert {n: float(t) for n, t in sums.items()} == expected == {"a": 7.0, "b": 11.0, "c": 9.0}

@@ -512,7 +512,12 @@ class StageFolder:
         return tensors, json.loads(meta.get("info", "{}"))
 
     def save(self, stage: str, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        contiguous, written = {}, set()
+        for k, v in tensors.items():  # memory under several names (shared covariance sums) is written under each
+            v = v.detach().contiguous().cpu()
+            memory = v.untyped_storage().data_ptr()
+            contiguous[k] = v.clone() if memory and memory in written else v
+            written.add(memory)
         save_tensors_checked(contiguous, self.path(stage), meta={"info": json.dumps(strict_json(dict(info)))})
 
     def clear(self) -> None:

@@ -40,13 +40,12 @@ of per-token factors of (possibly virtual) modules, e.g. LoGra's projected ``(P_
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
-from wherefrom.core.distributed import sum_counts, sum_over_ranks
+from wherefrom.core.distributed import active, sum_counts, sum_over_ranks
 from wherefrom.core.gradients import LossFn, TokenFactors, token_factors
 from wherefrom.core.memory import nbytes
 from wherefrom.curvature.base import Curvature, DataShape, no_progress, warn_zero_curvature
@@ -192,32 +191,40 @@ class KFAC(Curvature):
     @staticmethod
     def covariance_sums(stream: FactorStream, shapes: Mapping[str, tuple[int, int]], device=None):
         """``({name.a_cov, name.s_cov: float64 sums}, {examples, tokens})`` over one pass of ``stream()``
-        (sums and counts added over processes)."""
-        a_cov = {n: torch.zeros(i, i, dtype=torch.float64, device=device) for n, (_, i) in shapes.items()}
+        (sums and counts added over processes).
+
+        Modules fed the same input tensor (one ``a`` object in a batch's factors: q/k/v, gate/up, LoRA's
+        ``lora_A`` of q and v) share one ``a^T a`` sum: it is formed and held once, and their ``name.a_cov``
+        entries are one tensor (in one process; under ``torch.distributed`` each is reduced on its own)."""
+        a_cov: dict[str, torch.Tensor] = {}
         s_cov = {n: torch.zeros(o, o, dtype=torch.float64, device=device) for n, (o, _) in shapes.items()}
         tokens = dict.fromkeys(shapes, 0)
         examples = 0
         for count, factors in stream():
             examples += count
-            # a^T a once per input tensor (modules fed the same input share it), kept until its last module took it
-            uses = Counter(id(f.a) for f in factors.values())
-            products: dict[int, torch.Tensor] = {}
+            inputs: dict[int, list[str]] = {}
             for name, f in factors.items():
-                key = id(f.a)
-                if key not in products:
-                    a = f.a.reshape(-1, f.a.shape[-1])
-                    products[key] = (a.T @ a).double()
-                a_cov[name] += products[key]
-                uses[key] -= 1
-                if not uses[key]:
-                    del products[key]
+                inputs.setdefault(id(f.a), []).append(name)
+            for names in inputs.values():
+                a = factors[names[0]].a
+                a = a.reshape(-1, a.shape[-1])
+                product = (a.T @ a).double()
+                for total in shared_sums(a_cov, names, product):
+                    total += product
+                del product
+            for name, f in factors.items():
                 g = f.g.reshape(-1, f.g.shape[-1])
                 s_cov[name] += (g.T @ g).double()
                 tokens[name] += int(f.token_mask.sum())
+        for n, (_, i) in shapes.items():
+            a_cov.setdefault(n, torch.zeros(i, i, dtype=torch.float64, device=device))
+        if active():  # every process reduces the same tensors, whatever sharing its own batches showed
+            a_cov = {n: v.clone() for n, v in a_cov.items()}
         sum_over_ranks({**{f"a.{n}": v for n, v in a_cov.items()}, **{f"s.{n}": v for n, v in s_cov.items()}})
         tokens, examples = sum_counts(tokens), sum_counts({"examples": examples})["examples"]
+        on_cpu = {id(v): v.cpu() for v in a_cov.values()}
         sums = {
-            **{f"{n}.a_cov": v.cpu() for n, v in a_cov.items()},
+            **{f"{n}.a_cov": on_cpu[id(v)] for n, v in a_cov.items()},
             **{f"{n}.s_cov": v.cpu() for n, v in s_cov.items()},
         }
         return sums, {"examples": examples, "tokens": tokens}
@@ -334,6 +341,25 @@ class EKFAC(KFAC):
         corrected, info = self.correction_sums(stream, shapes)
         self.info.update(info)
         self._corrected_eigenvalues(list(shapes), corrected)
+
+
+def shared_sums(sums: dict[str, torch.Tensor], names: list[str], addend: torch.Tensor) -> list[torch.Tensor]:
+    """The distinct accumulators in ``sums`` of the modules ``names``, which take the same ``addend``: modules
+    without one get one new accumulator (zeros like ``addend``) between them; an accumulator shared with a module
+    outside ``names`` (whose addend differs now) is first copied for the modules outside."""
+    new = [n for n in names if n not in sums]
+    if new:
+        fresh = torch.zeros_like(addend)
+        for n in new:
+            sums[n] = fresh
+    distinct = {id(sums[n]): sums[n] for n in names}
+    for total in distinct.values():
+        outside = [n for n, value in sums.items() if value is total and n not in names]
+        if outside:
+            copy = total.clone()
+            for n in outside:
+                sums[n] = copy
+    return list(distinct.values())
 
 
 def model_factors(model, modules, batches, loss_fn, progress, description: str) -> FactorStream:
