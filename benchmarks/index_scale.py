@@ -23,6 +23,7 @@ Writes ``benchmarks/results/index_scale.{md,json}``; the store goes to ``--out``
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,12 @@ from pathlib import Path
 from common import MLP, begin, command_line, folder_bytes, rows, timed, write_results
 
 TASKS = ["emotion", "grammars", "math", "mixedL", "backdoor", "multibackdoor"]
+
+
+def queries_path(store: Path) -> Path:
+    """Where a run with ``--out store`` writes its query vectors: ``{"vectors": (n_query, row length) float32}``,
+    the query ids (JSON) in the metadata under ``ids``."""
+    return store.with_name(store.name + "-queries.safetensors")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,7 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=704, help="tokens per row (mixedL's longest is ~640)")
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--include", default=MLP)
-    p.add_argument("--out", type=Path, default=None, help="store folder (default: temporary, removed)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="store folder (default: temporary, removed); the query vectors go beside it, to "
+        "<out>-queries.safetensors (what real_recall.py reads)",
+    )
     p.add_argument("--name", default="index_scale")
     return p.parse_args(argv)
 
@@ -51,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     load_before, model, tokenizer = begin()
     import torch
+    from safetensors.torch import save_file
 
     from wherefrom.core.vectors import VectorStore, VectorStoreWriter
     from wherefrom.engine.api import AttributionConfig
@@ -98,6 +112,12 @@ def main(argv: list[str] | None = None) -> None:
         size = folder_bytes(folder)
         with timed(times["query_pass"]):
             query_ids, vectors = logra.query_vectors(queries)
+        if args.out:
+            save_file(
+                {"vectors": vectors.float().contiguous()},
+                queries_path(args.out),
+                metadata={"ids": json.dumps(query_ids)},
+            )
         for verify, key in ((True, "scan_verified"), (False, "scan_mapped")):
             with timed(times[key]):
                 total = torch.cat(
@@ -112,7 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     rate = sum(built) / times["build"][0] if built else float("nan")
     full = sum(len(v) for v in everything.values())
     markdown = [
-        f"# A {'' if len(train) == full else 'scaled '}real-size LoGra index (SmolLM2-135M, every MLP projection, CPU)",
+        f"# A {'' if len(train) == full else 'scaled '}real-size LoGra index (SmolLM2-135M, "
+        + ("every MLP projection" if args.include == MLP else f"modules `{args.include}`")
+        + ", CPU)",
         "",
         f"Indexed **{len(train)} rows** ("
         + (f"the first {args.per_task}" if args.per_task else "all the")

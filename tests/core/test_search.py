@@ -208,6 +208,39 @@ def test_faiss_recall_at_10_on_clustered_data(kind):
         torch.testing.assert_close(approximate.scores[hits], exact.scores[hits], atol=0.05, rtol=0.01)
 
 
+def test_recall_counts_duplicate_rows_as_ties():
+    """The exact search breaks a tie between duplicate rows by row order; an approximate search returning the
+    other copy found an equally good row: a hit when the source and queries are given (set overlap alone counts
+    it a miss), at either end; a row of lower score stays a miss, and giving only one of source/queries is refused."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(30, 8, generator=generator)
+    queries = torch.randn(3, 8, generator=generator)
+    for opponents in (False, True):
+        source = Rows(torch.cat([base, base]), 16)  # row r and row r + 30 are copies
+        exact = exact_top_k(source, queries, 5, opponents)
+        copies = exact.rows.clone()
+        copies[:, -1] += 30  # the other copy of each query's 5th row
+        swapped = type(exact)(copies, exact.scores, exact.ids, opponents)
+        assert torch.equal(recall_at_k(swapped, exact), torch.full((3,), 0.8, dtype=torch.float64))
+        assert torch.equal(recall_at_k(swapped, exact, source, queries), torch.ones(3, dtype=torch.float64))
+        worse = exact_top_k(source, queries, 12, opponents).rows[:, [0, 1, 2, 3, 11]]  # 11th-12th: copies of 6th
+        missed = type(exact)(worse, exact.scores, exact.ids, opponents)
+        assert torch.equal(recall_at_k(missed, exact, source, queries), torch.full((3,), 0.8, dtype=torch.float64))
+    with pytest.raises(SearchError, match="both the source and the queries"):
+        recall_at_k(exact, exact, source)
+
+
+def test_faiss_search_of_duplicate_rows_reports_ties_as_found():
+    """An IVF search probing every cell is exact: its recall is 1 on a store of duplicate rows, though the copy
+    it returns at the k-th place (k odd: one copy of a pair) is often not the one the exact search keeps (row
+    order; set overlap: 0.88 here)."""
+    rows, queries = clustered(1200, 16, 12, seed=0)
+    source = Rows(torch.cat([rows, rows]), 300)
+    report = search_store(source, queries, 5, "faiss", faiss_options={"kind": "ivf", "nlist": 8, "nprobe": 8})
+    assert torch.equal(report.recall, torch.ones(len(queries), dtype=torch.float64))
+    assert float(recall_at_k(report.proponents, exact_top_k(source, queries, 5)).mean()) < 0.95
+
+
 def test_ivf_pq_re_ranks_its_shortlist_with_the_exact_rows():
     """Every cell probed, the refined PQ search returns exact float32 scores; a larger shortlist finds at
     least as many of the exact top-10; candidates stay candidates; pq_m must divide the dimension."""

@@ -34,7 +34,8 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
   k-means training on a strided sample, saved atomically with its checksum beside the store
   (:func:`wherefrom.core.store.save_tensors_checked`) and reused while the store and the settings
   are the same. ``ivf`` and ``ivf-sq8`` indexes move to the GPUs when ``faiss.get_num_gpus() > 0``.
-  :func:`recall_at_k` measures it against the exact search.
+  :func:`recall_at_k` measures it against the exact search (counting a row that ties the k-th best, such
+  as a duplicate row, as found).
 - **Candidates** (the BM25 prefilter of Grosse et al. 2023, computed by
   :func:`wherefrom.methods.lexical.bm25_candidates`): with ``candidates`` (per query, row indices)
   either search ranks only the query's candidate rows; a query with fewer than ``k`` candidates gets
@@ -51,7 +52,9 @@ synthetic rows with the eigen-spectra of real LoGra rows, ``benchmarks/row_spect
 recall@10 >= 0.95 at 10^6 rows (0.985 with ``nprobe = 256``, 10 ms per query in a batch of 20, 23 ms
 alone; refine 64: 0.32); HNSW ``M = 32``, ``ef_search = 128`` (its build, superlinear, is the cost).
 Rows preconditioned by a fitted Fisher are nearly white: no IVF setting reached recall 0.95 on them
-beyond 10^4 rows (0.91 at 10^5, 0.42 at 10^6). ``pq`` (``benchmarks/results/query-latency-pq.md``):
+beyond 10^4 rows (0.91 at 10^5, 0.42 at 10^6). Real rows are far easier than those synthetic ones
+(``benchmarks/results/real_recall.md``: 4,700 preconditioned rows of the shared sets, ``nprobe = 32`` of 69
+cells: 0.99, Gaussian rows of the same second moment 0.84). ``pq`` (``benchmarks/results/query-latency-pq.md``):
 ``pq_m = dim / 2`` and the same ``refine``; on those rows at 10^6 refine 64 gives 0.995 (6.3 ms per query
 in a batch of 20) and 1024 gives 1.00 (11 ms), where ``pq_m = dim / 4`` needs refine 1024 for 0.99
 (``query-latency-pq-m256.md``).
@@ -78,6 +81,7 @@ from wherefrom.core.store import DamagedFile, load_tensors_checked, save_tensors
 __all__ = [
     "FAISS_OPTIONS",
     "KIND_OPTIONS",
+    "TIE_TOLERANCE",
     "FaissSettings",
     "RowSource",
     "SearchError",
@@ -296,14 +300,48 @@ def _result(scores: torch.Tensor, rows: torch.Tensor, ids: Sequence[str], oppone
     return SearchResult(rows, scores, found, opponents)
 
 
-def recall_at_k(approximate: SearchResult, exact: SearchResult) -> torch.Tensor:
+TIE_TOLERANCE = 1e-5
+"""Scores of one query within this times the largest ``|score|`` of its exact top-k are a tie in
+:func:`recall_at_k` (float32 products of one row by two kernels may differ in the last bits)."""
+
+
+def recall_at_k(
+    approximate: SearchResult,
+    exact: SearchResult,
+    source: RowSource | None = None,
+    queries: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``(n_query,)`` recall@k: the share of each query's exact top-k rows that the approximate search
     found (set overlap, the FAISS convention; ``k`` = the exact result's columns); NaN for a query
-    whose exact result is empty (no candidates)."""
+    whose exact result is empty (no candidates).
+
+    With the ``source`` and ``queries`` both searched, ties count: a found row outside the exact top-k whose
+    exact score (:func:`exact_top_k` of the found rows) equals the k-th best within :data:`TIE_TOLERANCE`
+    is a hit too. Rows of equal score (duplicate rows: the shared data sets hold identical rows) are an equally
+    good answer, which the exact search breaks by row order; set overlap counts them as misses (on a real
+    store of 4,700 rows with 561 duplicates, an IVF search probing every cell scored 0.982).
+    """
+    if (source is None) != (queries is None):
+        raise SearchError("recall_at_k needs both the source and the queries to score ties, or neither")
+    rescored = None
+    if source is not None:
+        found_rows = [[r for r in row if r >= 0] for row in approximate.rows.tolist()]
+        width = max(1, approximate.rows.shape[1])
+        rescored = exact_top_k(source, queries, width, exact.opponents, candidates=found_rows)
+    sign = -1.0 if exact.opponents else 1.0
     out = []
-    for found, truth in zip(approximate.rows.tolist(), exact.rows.tolist()):
+    for q, (found, truth) in enumerate(zip(approximate.rows.tolist(), exact.rows.tolist())):
         truth = {r for r in truth if r >= 0}
-        out.append(len(truth & set(found)) / len(truth) if truth else math.nan)
+        if not truth:
+            out.append(math.nan)
+            continue
+        hits = truth & set(found)
+        if rescored is not None:
+            best = exact.scores[q][exact.rows[q] >= 0]
+            bar = sign * float(best[-1]) - TIE_TOLERANCE * float(best.abs().max())
+            rows, scores = rescored.rows[q].tolist(), rescored.scores[q].tolist()
+            hits |= {r for r, score in zip(rows, scores) if r >= 0 and sign * score >= bar}
+        out.append(min(len(hits), len(truth)) / len(truth))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -651,7 +689,7 @@ def search_store(
     ``mode``: ``exact`` (:func:`exact_top_k`) or ``faiss`` (:func:`build_faiss_index`, saved as
     ``index_folder/faiss-<kind>.safetensors`` (the store's folder) and reused while current, then
     :func:`faiss_top_k`; ``store_key``: see :func:`build_faiss_index`; with ``check_recall`` the exact
-    search runs too and :func:`recall_at_k` is reported). ``candidates``: per query, the row
+    search runs too and :func:`recall_at_k` is reported, ties counted: two more passes over the store per end). ``candidates``: per query, the row
     indices it may return (e.g. :func:`wherefrom.methods.lexical.bm25_candidates`); a ``pq`` search of
     candidates is the exact one (:meth:`FaissSettings.builds_index`: reported so, no index built). Options are
     checked before any work: :class:`wherefrom.core.options.OptionError` for a bad FAISS option,
@@ -685,5 +723,5 @@ def search_store(
         start = time.perf_counter()
         truth = exact()
         report.exact_seconds = time.perf_counter() - start
-        report.recall = (recall_at_k(found[0], truth[0]) + recall_at_k(found[1], truth[1])) / 2
+        report.recall = sum(recall_at_k(f, t, source, queries) for f, t in zip(found, truth)) / 2
     return report
