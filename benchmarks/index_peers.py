@@ -86,7 +86,10 @@ def install_bergson() -> str | None:
     part = BERGSON.with_name(BERGSON.name + ".part")
     shutil.rmtree(part, ignore_errors=True)
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(part), *BERGSON_PACKAGES]
-    done = subprocess.run(pip, capture_output=True, text=True)
+    try:
+        done = subprocess.run(pip, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return "`pip install --no-deps --target` did not finish in 30 minutes"
     if done.returncode != 0:
         return f"`pip install --no-deps --target` failed (exit {done.returncode}): {done.stderr.strip()[-1000:]}"
     part.rename(BERGSON)

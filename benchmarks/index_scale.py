@@ -34,8 +34,9 @@ TASKS = ["emotion", "grammars", "math", "mixedL", "backdoor", "multibackdoor"]
 
 
 def queries_path(store: Path) -> Path:
-    """Where a run with ``--out store`` writes its query vectors: ``{"vectors": (n_query, row length) float32}``,
-    the query ids (JSON) in the metadata under ``ids``."""
+    """Where a run with ``--out store`` writes its query vectors (:func:`wherefrom.core.store.save_tensors_checked`:
+    atomic, checksum recorded): ``{"vectors": (n_query, row length) float32}``, the query ids (JSON) in the metadata
+    under ``ids``."""
     return store.with_name(store.name + "-queries.safetensors")
 
 
@@ -64,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     load_before, model, tokenizer = begin()
     import torch
-    from safetensors.torch import save_file
 
+    from wherefrom.core.store import save_tensors_checked
     from wherefrom.core.vectors import VectorStore, VectorStoreWriter
     from wherefrom.engine.api import AttributionConfig
     from wherefrom.methods.projection import ProjectedInfluence
@@ -113,10 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         with timed(times["query_pass"]):
             query_ids, vectors = logra.query_vectors(queries)
         if args.out:
-            save_file(
-                {"vectors": vectors.float().contiguous()},
-                queries_path(args.out),
-                metadata={"ids": json.dumps(query_ids)},
+            save_tensors_checked(
+                {"vectors": vectors.float().contiguous()}, queries_path(args.out), meta={"ids": json.dumps(query_ids)}
             )
         for verify, key in ((True, "scan_verified"), (False, "scan_mapped")):
             with timed(times[key]):

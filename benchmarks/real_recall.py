@@ -103,14 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     load_before = uptime()
     import faiss
     import numpy as np
-    from safetensors import safe_open
 
+    from wherefrom.core.store import load_tensors_checked
     from wherefrom.core.vectors import VectorStore
 
     faiss.omp_set_num_threads(args.threads)
     store = VectorStore.open(args.store)
-    with safe_open(str(queries_path(args.store)), "pt") as f:
-        queries, query_ids = f.get_tensor("vectors"), json.loads(f.metadata()["ids"])
+    tensors, meta = load_tensors_checked(queries_path(args.store))
+    queries, query_ids = tensors["vectors"], json.loads(meta["ids"])
     rows = np.concatenate([shard.float().numpy() for _start, shard in store.shards()])
     duplicates = len(rows) - len(np.unique(rows, axis=0))
     synthetic, shares = gaussian_like(rows, args.seed)
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         f"`gaussian`: {store.count} Gaussian rows with the real rows' uncentred second moment (its eigenvectors); "
         f"the same queries. Recall@10 against the exact top-10 of the same rows (mean over queries, and the "
         "worst query), a found row that ties the 10th best (`wherefrom.core.search.TIE_TOLERANCE`) counted as found: "
-        f"the real rows hold {duplicates} duplicate rows (identical rows of backdoor and multibackdoor), whose ties the "
-        f"exact search breaks by row order; `set overlap`: the plain overlap with the exact top-10 (ties as misses); time per query of the {len(queries)} queries searched as one batch, {args.threads} "
+        f"{duplicates} of the real rows repeat an earlier row exactly (equal scores: ties, which the "
+        f"exact search breaks by row order); `set overlap`: the plain overlap with the exact top-10 (ties as misses); time per query of the {len(queries)} queries searched as one batch, {args.threads} "
         "thread(s). FAISS build settings: `FaissSettings` defaults.",
         "",
         f"Eigenvalue shares of the real rows' second moment: top 1 {top[1]:.3f}, top 10 {top[10]:.3f}, "

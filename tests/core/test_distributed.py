@@ -29,6 +29,7 @@ from wherefrom.core.distributed import (
 )
 from wherefrom.core.store import StageFolder
 from wherefrom.core.task import DrawCounts
+from wherefrom.curvature.kronecker import KFAC
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.models.tiny import tiny_tokenizer
 
@@ -63,6 +64,25 @@ def by_norm(rows: torch.Tensor) -> torch.Tensor:
     return rows[rows.flatten(1).norm(dim=1).argsort()]
 
 
+def shared_input_stream(rank: int):
+    """Rank 0: one batch in which modules m0 and m2, not m1 between them, read one input tensor (their ``a^T a``
+    sums are one tensor); any other rank: no rows."""
+    from wherefrom.core.gradients import TokenFactors
+
+    def stream():
+        if rank == 0:
+            generator = torch.Generator().manual_seed(0)
+            shared, other = torch.randn(2, 3, 4, generator=generator), torch.randn(2, 3, 4, generator=generator)
+            mask = torch.ones(2, 3, dtype=torch.bool)
+            inputs = {"m0": shared, "m1": other, "m2": shared}
+            yield 2, {n: TokenFactors(a, torch.randn(2, 3, 2, generator=generator), mask) for n, a in inputs.items()}
+
+    return stream
+
+
+SHARED_SHAPES = dict.fromkeys(("m0", "m1", "m2"), (2, 4))
+
+
 def worker(rank: int, world: int, init_file: str, out: str) -> None:
     """One of ``world`` gloo processes: every helper and strategy; results saved to ``out/rank<r>.pt``."""
     torch.set_num_threads(1)
@@ -75,6 +95,7 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
             "sums": sum_over_ranks({"x": torch.full((2,), rank + 1.0, dtype=torch.float64)})["x"],
             "counts": sum_counts({"a": rank + 1, "b": 10}),
             "gathered": gather_rows(torch.arange(rank + 1)),
+            "shared_sums": KFAC.covariance_sums(shared_input_stream(rank), SHARED_SHAPES),
         }
         ids = ["t0", "t1"] if rank == 0 else ["t2", "t3"]
         results["columns"] = gather_columns(ids, torch.tensor([[rank * 2.0, rank * 2.0 + 1]]), ORDER)
@@ -117,6 +138,17 @@ def test_helpers_split_and_gather(two_processes):
     ids, columns = rank0["columns"]
     assert ids == ORDER and columns.tolist() == [[3.0, 0.0, 1.0, 2.0]]
     assert rank1["columns"][0] == []
+
+
+def test_covariance_sums_of_a_shared_input_when_one_process_has_no_rows(two_processes):
+    """Rank 0 sums one batch whose modules m0 and m2 share an input, rank 1 has no rows: both processes reduce
+    the same sums in the same order and end with the one-process sums (a mismatch made gloo abort)."""
+    alone, info = KFAC.covariance_sums(shared_input_stream(0), SHARED_SHAPES)
+    assert alone["m0.a_cov"] is alone["m2.a_cov"] and not torch.equal(alone["m0.a_cov"], alone["m1.a_cov"])
+    for result in two_processes:
+        sums, counts = result["shared_sums"]
+        assert counts == info and sums.keys() == alone.keys()
+        assert all(torch.equal(sums[n], value) for n, value in alone.items())
 
 
 def test_strategy_that_iterates_over_all_rows_is_refused_by_name(two_processes):

@@ -52,9 +52,9 @@ synthetic rows with the eigen-spectra of real LoGra rows, ``benchmarks/row_spect
 recall@10 >= 0.95 at 10^6 rows (0.985 with ``nprobe = 256``, 10 ms per query in a batch of 20, 23 ms
 alone; refine 64: 0.32); HNSW ``M = 32``, ``ef_search = 128`` (its build, superlinear, is the cost).
 Rows preconditioned by a fitted Fisher are nearly white: no IVF setting reached recall 0.95 on them
-beyond 10^4 rows (0.91 at 10^5, 0.42 at 10^6). Real rows are far easier than those synthetic ones
-(``benchmarks/results/real_recall.md``: 4,700 preconditioned rows of the shared sets, ``nprobe = 32`` of 69
-cells: 0.99, Gaussian rows of the same second moment 0.84). ``pq`` (``benchmarks/results/query-latency-pq.md``):
+beyond 10^4 rows (0.91 at 10^5, 0.42 at 10^6). Real rows with class structure are far easier than
+Gaussian rows of the same second moment (``benchmarks/results/real_recall.md``: the 4,700 training rows of
+the shared sets, preconditioned by a Fisher fitted on 32 rows; ``nprobe = 32`` of 69 cells: 0.988 against 0.84). ``pq`` (``benchmarks/results/query-latency-pq.md``):
 ``pq_m = dim / 2`` and the same ``refine``; on those rows at 10^6 refine 64 gives 0.995 (6.3 ms per query
 in a batch of 20) and 1024 gives 1.00 (11 ms), where ``pq_m = dim / 4`` needs refine 1024 for 0.99
 (``query-latency-pq-m256.md``).
@@ -315,33 +315,41 @@ def recall_at_k(
     found (set overlap, the FAISS convention; ``k`` = the exact result's columns); NaN for a query
     whose exact result is empty (no candidates).
 
-    With the ``source`` and ``queries`` both searched, ties count: a found row outside the exact top-k whose
-    exact score (:func:`exact_top_k` of the found rows) equals the k-th best within :data:`TIE_TOLERANCE`
-    is a hit too. Rows of equal score (duplicate rows: the shared data sets hold identical rows) are an equally
-    good answer, which the exact search breaks by row order; set overlap counts them as misses (on a real
-    store of 4,700 rows with 561 duplicates, an IVF search probing every cell scored 0.982).
+    With the ``source`` and ``queries`` both searched, ties count. Rows of equal score (duplicate rows: the
+    shared data sets hold identical rows) are equally good answers, which the exact search breaks by row
+    order, and set overlap counts as misses (on a real store of 4,700 rows, 561 of them copies, an IVF search
+    probing every cell scored 0.982). So the exact top-k splits into the rows scoring above the k-th
+    (beyond :data:`TIE_TOLERANCE`) and the places of the rows that tie it; a query's hits are its found rows
+    of the first kind, plus its found rows whose exact score ties the k-th, up to the number of tied places.
+    The exact scores of the found rows outside the exact top-k come from :func:`exact_top_k` over those rows
+    (one more pass over ``source``, only when the approximate search returned such rows).
     """
     if (source is None) != (queries is None):
         raise SearchError("recall_at_k needs both the source and the queries to score ties, or neither")
+    truths = [[r for r in row if r >= 0] for row in exact.rows.tolist()]
+    founds = [{r for r in row if r >= 0} for row in approximate.rows.tolist()]
+    extra = [sorted(found - set(truth)) for found, truth in zip(founds, truths)]
     rescored = None
-    if source is not None:
-        found_rows = [[r for r in row if r >= 0] for row in approximate.rows.tolist()]
+    if source is not None and any(extra):
         width = max(1, approximate.rows.shape[1])
-        rescored = exact_top_k(source, queries, width, exact.opponents, candidates=found_rows)
+        rescored = exact_top_k(source, queries, width, exact.opponents, candidates=extra)
     sign = -1.0 if exact.opponents else 1.0
     out = []
-    for q, (found, truth) in enumerate(zip(approximate.rows.tolist(), exact.rows.tolist())):
-        truth = {r for r in truth if r >= 0}
+    for q, (found, truth) in enumerate(zip(founds, truths)):
         if not truth:
             out.append(math.nan)
             continue
-        hits = truth & set(found)
-        if rescored is not None:
-            best = exact.scores[q][exact.rows[q] >= 0]
-            bar = sign * float(best[-1]) - TIE_TOLERANCE * float(best.abs().max())
-            rows, scores = rescored.rows[q].tolist(), rescored.scores[q].tolist()
-            hits |= {r for r, score in zip(rows, scores) if r >= 0 and sign * score >= bar}
-        out.append(min(len(hits), len(truth)) / len(truth))
+        hits = len(found & set(truth))
+        if source is not None:
+            scores = [sign * score for score in exact.scores[q, : len(truth)].tolist()]
+            kth, tolerance = scores[-1], TIE_TOLERANCE * max(abs(score) for score in scores)
+            above = {r for r, score in zip(truth, scores) if score > kth + tolerance}
+            tied = len(found & (set(truth) - above))
+            if rescored is not None:
+                rows, values = rescored.rows[q].tolist(), rescored.scores[q].tolist()
+                tied += sum(1 for r, value in zip(rows, values) if r >= 0 and sign * value >= kth - tolerance)
+            hits = len(found & above) + min(tied, len(truth) - len(above))
+        out.append(hits / len(truth))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -689,7 +697,8 @@ def search_store(
     ``mode``: ``exact`` (:func:`exact_top_k`) or ``faiss`` (:func:`build_faiss_index`, saved as
     ``index_folder/faiss-<kind>.safetensors`` (the store's folder) and reused while current, then
     :func:`faiss_top_k`; ``store_key``: see :func:`build_faiss_index`; with ``check_recall`` the exact
-    search runs too and :func:`recall_at_k` is reported, ties counted: two more passes over the store per end). ``candidates``: per query, the row
+    search runs too and :func:`recall_at_k` is reported, ties counted: one more pass over the store per end, and
+    one more where the approximate search returned rows outside the exact top-k). ``candidates``: per query, the row
     indices it may return (e.g. :func:`wherefrom.methods.lexical.bm25_candidates`); a ``pq`` search of
     candidates is the exact one (:meth:`FaissSettings.builds_index`: reported so, no index built). Options are
     checked before any work: :class:`wherefrom.core.options.OptionError` for a bad FAISS option,

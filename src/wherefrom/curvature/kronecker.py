@@ -139,6 +139,7 @@ class KFAC(Curvature):
         needs = {}
         for m in modules:
             o, i = m.shape
+            # an upper bound: modules fed one input share one ``a^T a`` sum (:meth:`covariance_sums`)
             accumulators = nbytes(o * o + i * i, dtype=torch.float64)
             needs[f"{m.name}: covariance factors and eigenbases"] = (
                 accumulators + nbytes(o * o + i * i + o + i + o * i) + 4
@@ -218,8 +219,9 @@ class KFAC(Curvature):
                 tokens[name] += int(f.token_mask.sum())
         for n, (_, i) in shapes.items():
             a_cov.setdefault(n, torch.zeros(i, i, dtype=torch.float64, device=device))
-        if active():  # every process reduces the same tensors, whatever sharing its own batches showed
-            a_cov = {n: v.clone() for n, v in a_cov.items()}
+        # in the order of ``shapes``; every process reduces the same tensors in the same order, whatever sharing
+        # its own batches showed (a process may have no rows)
+        a_cov = {n: a_cov[n].clone() if active() else a_cov[n] for n in shapes}
         sum_over_ranks({**{f"a.{n}": v for n, v in a_cov.items()}, **{f"s.{n}": v for n, v in s_cov.items()}})
         tokens, examples = sum_counts(tokens), sum_counts({"examples": examples})["examples"]
         on_cpu = {id(v): v.cpu() for v in a_cov.values()}
