@@ -115,6 +115,12 @@ def strict_json(obj: Any) -> Any:
     return obj
 
 
+def _json_form(value: Any) -> Any:
+    """``value`` as it reads back from JSON (:func:`strict_json`; tuples become lists, other objects ``str``): the
+    form in which recorded settings and cache keys are compared."""
+    return json.loads(json.dumps(strict_json(value), default=str))
+
+
 def atomic_write_json(obj: Any, path: Path) -> None:
     """Write ``obj`` as indented, key-sorted strict JSON (:func:`strict_json`; other objects as ``str``)."""
     atomic_write_text(json.dumps(strict_json(obj), indent=2, sort_keys=True, default=str) + "\n", path)
@@ -134,7 +140,7 @@ def read_keyed_json(path: Path, key: Any) -> dict[str, Any] | None:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(saved, dict) or saved.get("key") != json.loads(json.dumps(strict_json(key), default=str)):
+    if not isinstance(saved, dict) or saved.get("key") != _json_form(key):
         return None
     return saved
 
@@ -407,7 +413,7 @@ def record_settings(
     are unknown.
     """
     folder = Path(folder)
-    now = json.loads(json.dumps(strict_json(dict(settings)), default=str))
+    now = _json_form(dict(settings))
     path = folder / SETTINGS
     notes = []
     try:
@@ -423,7 +429,7 @@ def record_settings(
         return notes
     for section, values in (defaults or {}).items():
         if isinstance(saved.get(section), dict):
-            known = json.loads(json.dumps(strict_json(dict(values)), default=str))
+            known = _json_form(dict(values))
             saved[section] = {**{k: v for k, v in known.items() if k not in saved[section]}, **saved[section]}
     differences = settings_differences(
         {k: v for k, v in saved.items() if k not in ignore}, {k: v for k, v in now.items() if k not in ignore}

@@ -217,11 +217,14 @@ class KFAC(Curvature):
                 g = f.g.reshape(-1, f.g.shape[-1])
                 s_cov[name] += (g.T @ g).double()
                 tokens[name] += int(f.token_mask.sum())
-        for n, (_, i) in shapes.items():
-            a_cov.setdefault(n, torch.zeros(i, i, dtype=torch.float64, device=device))
         # in the order of ``shapes``; every process reduces the same tensors in the same order, whatever sharing
         # its own batches showed (a process may have no rows)
-        a_cov = {n: a_cov[n].clone() if active() else a_cov[n] for n in shapes}
+        a_cov = {
+            n: a_cov[n] if n in a_cov else torch.zeros(i, i, dtype=torch.float64, device=device)
+            for n, (_, i) in shapes.items()
+        }
+        if active():
+            a_cov = {n: v.clone() for n, v in a_cov.items()}
         sum_over_ranks({**{f"a.{n}": v for n, v in a_cov.items()}, **{f"s.{n}": v for n, v in s_cov.items()}})
         tokens, examples = sum_counts(tokens), sum_counts({"examples": examples})["examples"]
         on_cpu = {id(v): v.cpu() for v in a_cov.values()}
