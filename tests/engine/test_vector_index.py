@@ -13,7 +13,7 @@ import torch
 
 from tests.engine.robust_workspace import invoke, make_workspace, partials, spawn, wait_until
 from wherefrom.core.data import load_records
-from wherefrom.core.store import SettingsMismatch, is_intact
+from wherefrom.core.store import DamagedFile, SettingsMismatch, is_intact
 from wherefrom.core.vectors import VectorStore
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig
@@ -155,3 +155,94 @@ def test_logra_index_killed_then_resumed_is_byte_identical(workspace, tmp_path):
         return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
 
     assert stored(index) == stored(tmp_path / "clean" / "index") and not partials(tmp_path / "killed")
+
+
+@pytest.mark.parametrize(("method", "options"), [("logra", LOGRA), ("trak", {"dim": 8})])
+def test_empirical_index_gives_the_methods_empirical_fisher_scores_without_a_fit(workspace, tmp_path, method, options):
+    """``--precondition empirical`` on a run never fitted: one pass of raw rows, the projected Fisher fitted on
+    the stored rows, the queries preconditioned: the method's scores fitted with ``fisher="empirical"`` (the
+    same F~ from the same gradients) to 1e-5 of the largest score; float32 rows are the raw projected gradients."""
+    config = RunConfig.for_method(method, str(workspace / "train.jsonl"), ATTRIBUTION, options, device="cpu")
+    run = Run.create(tmp_path / "run", replace(config, model=str(workspace / "model")))
+    assert run.build_index(shard_size=4, precondition="empirical") == 3
+    assert not (tmp_path / "run" / "method").exists()  # no fitting pass
+    index = tmp_path / "run" / "index"
+    assert VectorStore.open(index).settings["precondition"] == "empirical"
+    raw = make_method(method, run.loaded.model, run.loaded.tokenizer, ATTRIBUTION, curvature=False, **options)
+    rows = torch.cat([r for _, r in VectorStore.open(index).shards()])
+    assert torch.equal(rows, torch.cat([r for _, r in raw.train_vectors(run.train, precondition=False)]))
+    queries = load_records(workspace / "queries.jsonl")
+    from_store = Run.open(tmp_path / "run", device="cpu").scores(queries)
+    expected = in_memory(workspace, method, {**options, "fisher": "empirical"})
+    scale = float(expected.per_module.abs().max())
+    assert torch.allclose(from_store.per_module, expected.per_module, rtol=0, atol=1e-5 * scale), method
+    true_fisher = in_memory(workspace, method, options)  # the default, sampled labels: another F~
+    assert not torch.allclose(from_store.per_module, true_fisher.per_module, rtol=0, atol=1e-5 * scale)
+
+
+def test_empirical_index_resumes_to_the_same_bytes_and_refits_a_damaged_preconditioner(workspace, tmp_path):
+    config = RunConfig.for_method("logra", str(workspace / "train.jsonl"), ATTRIBUTION, LOGRA, device="cpu")
+    run = Run.create(tmp_path / "run", replace(config, model=str(workspace / "model")))
+    run.build_index(shard_size=4, precondition="empirical")
+    index = tmp_path / "run" / "index"
+
+    def stored():
+        return {str(p.relative_to(index)): p.read_bytes() for p in sorted(index.rglob("*")) if p.is_file()}
+
+    clean = stored()
+    assert "preconditioner/curvature.safetensors" in clean
+    (index / "shard-00001.safetensors").unlink()
+    shutil.rmtree(index / "preconditioner")  # killed before the preconditioner was saved
+    (index / "index.json").unlink()
+    assert run.build_index(shard_size=4, precondition="empirical") == 1 and stored() == clean
+
+    tensors = index / "preconditioner" / "curvature.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-8] + b"\0" * 8)
+    queries = load_records(workspace / "queries.jsonl")
+    with pytest.raises(DamagedFile, match=r"preconditioner.*curvature\.safetensors.*--precondition empirical"):
+        Run.open(tmp_path / "run", device="cpu").scores(queries)
+    again = Run.open(tmp_path / "run", device="cpu", factors=False)
+    assert again.build_index(shard_size=4, precondition="empirical") == 0  # no shard rebuilt
+    assert any("refitting the index's preconditioner" in n for n in again.notices) and stored() == clean
+    with pytest.raises(SettingsMismatch, match="precondition: recorded 'empirical', now 'none'"):
+        (index / "index.json").unlink()
+        again.build_index(shard_size=4, precondition="none")
+
+
+def test_empirical_index_is_refused_where_it_does_not_apply(workspace, tmp_path):
+    def created(method, options, name):
+        config = RunConfig.for_method(method, str(workspace / "train.jsonl"), ATTRIBUTION, options, device="cpu")
+        return Run.create(tmp_path / name, replace(config, model=str(workspace / "model")))
+
+    with pytest.raises(ValueError, match=r"--unit-norm .* --precondition empirical"):
+        created("logra", LOGRA, "unit").build_index(precondition="empirical", unit_norm=True)
+    with pytest.raises(ValueError, match=r"exact strategy, not to method 'logra' with strategy 'ekfac'"):
+        created("logra", {**LOGRA, "strategy": "ekfac"}, "ekfac").build_index(precondition="empirical")
+    with pytest.raises(ValueError, match="not to method 'repsim'"):
+        fitted(workspace, tmp_path / "repsim", "repsim", {}).build_index(precondition="empirical")
+    with pytest.raises(ValueError, match=r"before it is fitted"):  # the fitted F~ needs the fit
+        created("logra", LOGRA, "fitted").build_index(precondition="fitted")
+    assert not (tmp_path / "unit" / "index" / "shard-00000.safetensors").exists()  # refused before any write
+
+
+def test_cli_empirical_index_of_a_run_fitted_without_curvature(workspace, tmp_path):
+    """The one-pass command line: `fit --option curvature=false` (no pass), `index --precondition empirical`,
+    then `scores` and `query` read the store and its preconditioner."""
+    code, out = invoke(
+        "fit", "--method", "logra", "--option", "dim_in=4", "--option", "dim_out=4", "--option", "curvature=false",
+        "--train", workspace / "train.jsonl", "--model", workspace / "model", "--run", tmp_path / "run",
+        "--device", "cpu", "--include", r"layers\.1\.mlp\.(down|up)_proj", "--batch-size", "4", "--max-length", "64",
+    )  # fmt: skip
+    assert code == 0, out
+    code, out = invoke("index", "--run", tmp_path / "run", "--shard-size", "4", "--precondition", "empirical")
+    assert code == 0 and "3 shards written now" in out, out
+    code, out = invoke("scores", "--run", tmp_path / "run", "--queries", workspace / "queries.jsonl")
+    assert code == 0 and "(3, 10) scores" in out, out
+    saved = Run.open(tmp_path / "run", device="cpu").scores(load_records(workspace / "queries.jsonl"))
+    expected = in_memory(workspace, "logra", {**LOGRA, "fisher": "empirical"})
+    scale = float(expected.total.abs().max())
+    assert torch.allclose(saved.total, expected.total, rtol=0, atol=1e-5 * scale)
+    code, out = invoke(
+        "scores", "--run", tmp_path / "run", "--queries", workspace / "queries.jsonl", "--search", "exact"
+    )
+    assert code == 0, out

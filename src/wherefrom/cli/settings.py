@@ -575,7 +575,10 @@ class OutputSettings:
         "Index rows of a trak/logra run: fitted = the fitted projected (F~ + lambda I)^-1 applied to each row (the "
         "method's own scores); none = raw projected gradients (projected gradient similarity); adam = each "
         "per-example gradient divided elementwise by AdamW's sqrt(v_hat) + eps before projection (LESS/TrackStar; "
-        "trak, tracin, and influence runs fitted with --strategy identity; queries stay plain gradients).",
+        "trak, tracin, and influence runs fitted with --strategy identity; queries stay plain gradients); empirical = "
+        "raw projected gradients in one pass, then the projected Fisher of the stored rows fitted and applied to "
+        "each query (a trak/logra run of the exact strategy, fitted or not: fit it with --option curvature=false "
+        "to skip the fitting pass).",
         check=one_of(*PRECONDITIONS),
     )
     optimizer_checkpoint: Path | None = setting(

@@ -80,9 +80,12 @@ from wherefrom.core.store import (
 from wherefrom.core.tracking import selection_signature
 from wherefrom.core.vectors import DTYPES, LAYOUT, MARKER, VectorStore, VectorStoreWriter
 from wherefrom.curvature import Curvature, load_curvature
+from wherefrom.curvature.base import META_FILE as CURVATURE_META
+from wherefrom.curvature.base import TENSORS_FILE as CURVATURE_TENSORS
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
 from wherefrom.engine.passes import kept_rows
+from wherefrom.methods.projection import ProjectedInfluence
 from wherefrom.methods.registry import SETTING_NAMES, Method, in_family, make_method, method_settings
 from wherefrom.methods.saved import META_FILE, TENSORS_FILE, load_fitted, save_fitted
 from wherefrom.methods.tracin import TracIn, finetune_checkpoints, interleave_checkpoints
@@ -93,8 +96,12 @@ from wherefrom.models.optimizer_state import OPTIMIZER_STATE_FILE, AdamState, Mi
 
 GRADIENT_SETTINGS = ("batch_size", "max_length", "chat_template", "reduction", "include", "exclude", "autocast")
 """The attribution settings that change stored training gradients (recorded with an index)."""
-PRECONDITIONS = ("fitted", "none", "adam")
+PRECONDITIONS = ("fitted", "none", "adam", "empirical")
 """What the index rows are preconditioned with (see :meth:`Run.build_index`)."""
+PRECONDITIONER = "preconditioner"
+"""The folder in ``RUN/index/`` of an ``empirical`` index's projected Fisher, fitted on its stored rows."""
+UNFITTED_PRECONDITIONS = ("none", "empirical")
+"""The index kinds of a trak/logra run that do not use the method's fitted curvature (built before any fit)."""
 INDEX_PARTS = "index-parts"
 """The folder of a tracin index's per-checkpoint column blocks while it is built."""
 FIT_ALONE = "fit it in one process; the influence methods (a curvature strategy) fit in many"
@@ -523,6 +530,11 @@ class Run:
         A fitted ``trak``/``logra``/``repsim`` run: the method's ``train_vectors`` (projected gradients, with
         ``precondition="fitted"`` multiplied by the fitted ``(F~ + lambda I)^-1``, with ``unit_norm`` unit
         length; repsim: unit hidden states), so that a score is ``query_vector @ row``.
+        ``precondition="empirical"`` (a trak/logra run of the ``exact`` strategy, fitted or not): one pass
+        stores the raw projected gradients ``G~``, then :meth:`fit_preconditioner` fits the empirical projected
+        Fisher of the stored rows into ``RUN/index/preconditioner/`` before the completion marker, and the
+        queries carry it (:meth:`query_vectors`): ``q~ . (F~ + lambda I)^-1 G~``, the method's scores with
+        ``fisher="empirical"`` without a fitting pass.
         A fitted ``tracin`` run (TracInCP, Pruthi et al. 2020): ``sum_c lr_c g_c(q) . g_c(z)`` is the inner
         product of the rows ``[sqrt(lr_c) g_c(z)]_c`` (:meth:`wherefrom.methods.tracin.TracIn.checkpoint_rows`,
         laid out by :func:`wherefrom.methods.tracin.interleave_checkpoints`), built checkpoint-outer: each
@@ -545,7 +557,8 @@ class Run:
         ones (:class:`wherefrom.core.store.SettingsMismatch` names e.g. ``shard_size: recorded 4, now 2``);
         rewrites every shard that is missing, unfinished or damaged (noted in :attr:`notices`). Raises
         ``ValueError`` for a method without vector rows or not yet fitted, ``precondition``/``unit_norm`` on an
-        influence run, a bad ``shard_size``, ``dtype`` or ``precondition`` (fitted | none | adam), ``adam`` where
+        influence run, a bad ``shard_size``, ``dtype`` or ``precondition`` (fitted | none | adam | empirical),
+        ``empirical`` outside an ``exact`` trak/logra run or with ``unit_norm``, ``adam`` where
         the full per-example gradient is never formed (logra, repsim) or on an influence run with a curvature,
         :class:`wherefrom.models.optimizer_state.MissingOptimizerState` naming a checkpoint folder without an
         AdamW state, and ``OSError`` naming the shard whose write failed (a full disk; the finished shards are
@@ -559,6 +572,11 @@ class Run:
             # A finished index is reused on any device; a resumed one must run where it started.
             if writer.start(hint, ignore=("device",) if finished else ()):  # parts of unknown settings discarded
                 finished = writer.complete()
+            problem = self.preconditioner_damage() if precondition == "empirical" else None
+            if finished and problem is not None:  # refitted from the intact shards, then marked complete again
+                self.notices.append(f"refitting the index's preconditioner: {problem}")
+                forget_file(writer.folder / MARKER)
+                finished = False
             return finished
 
         written = 0
@@ -570,11 +588,29 @@ class Run:
                     prepare(rank(), world_size())
                     written = writer.build(produce, rank(), world_size())  # shards k with k % W == rank
                     barrier()
+                    if precondition == "empirical":
+                        self.fit_preconditioner(writer)
                     on_main(writer.finalize)
                 on_main(lambda: shutil.rmtree(self.folder / INDEX_PARTS, ignore_errors=True))
             finally:
                 self.notices += list(dict.fromkeys(writer.notices))  # a damaged shard is noted once
         return sum_counts({"written": written})["written"]
+
+    def fit_preconditioner(self, writer: VectorStoreWriter) -> None:
+        """Fit an ``empirical`` index's preconditioner (:meth:`wherefrom.methods.projection.ProjectedInfluence.row_curvature`:
+        the projected Fisher of the stored raw rows, read back verified) and save it in
+        ``RUN/index/preconditioner/`` (checksummed): a function of the shards' bytes, so a resumed or
+        distributed build saves the same factors. Under ``torch.distributed`` each process reads its own
+        shards, the sums are all-reduced (equal to one process to float64 rounding) and rank 0 saves."""
+        built = VectorStore(writer.folder, writer.manifest, writer.ids)  # every shard intact, not yet marked
+        mine = shards_for_rank(built.shard_count)
+        curvature = self.method.row_curvature(lambda: (rows for _start, rows in built.shards(only=mine)))
+        on_main(lambda: curvature.save(writer.folder / PRECONDITIONER))
+
+    def preconditioner_damage(self) -> str | None:
+        """What is wrong with ``RUN/index/preconditioner/`` (missing or damaged), or ``None`` when it is intact."""
+        folder = self.folder / "index" / PRECONDITIONER
+        return next((p for p in (damage(folder / CURVATURE_TENSORS), damage(folder / CURVATURE_META)) if p), None)
 
     def default_optimizer_checkpoint(self) -> Path:
         """The checkpoint folder whose AdamW state ``--precondition adam`` uses by default: the run's adapter (or
@@ -618,7 +654,8 @@ class Run:
             self.method_fitted = True
         vectors, tracin = self.vectors(), self.checkpoint_method()
         raw = vectors is None and tracin is None  # an influence run's raw gradients (or no rows at all)
-        if not self.indexable() or (self.method is not None and not self.method_fitted):
+        unfitted_rows = isinstance(vectors, ProjectedInfluence) and precondition in UNFITTED_PRECONDITIONS
+        if not self.indexable() or (self.method is not None and not self.method_fitted and not unfitted_rows):
             why = "its train side is not a vector per row" if raw else "before it is fitted"
             raise ValueError(
                 f"method {self.config.method!r} has no per-row gradient index ({why}); "
@@ -631,6 +668,20 @@ class Run:
         if precondition not in PRECONDITIONS:
             raise ValueError(f"precondition must be one of {', '.join(PRECONDITIONS)}, got {precondition!r}")
         adam = precondition == "adam"
+        if precondition == "empirical" and not (
+            isinstance(vectors, ProjectedInfluence) and vectors.strategy == "exact"
+        ):
+            raise ValueError(
+                "--precondition empirical fits the dense projected Fisher of the stored rows: it applies to a trak "
+                f"or logra run of the exact strategy, not to method {self.config.method or 'influence'!r}"
+                + (" with strategy " + repr(vectors.strategy) if isinstance(vectors, ProjectedInfluence) else "")
+                + "; use --precondition fitted (the run's own curvature) or none"
+            )
+        if precondition == "empirical" and unit_norm:
+            raise ValueError(
+                "--unit-norm divides each preconditioned row by its norm, which --precondition empirical only knows "
+                "after the pass (its rows are stored raw); use --precondition fitted with --unit-norm"
+            )
         if raw and (precondition == "none" or unit_norm):
             raise ValueError(
                 "--precondition and --unit-norm apply to the index of a trak/logra/repsim run; an influence run "
@@ -853,7 +904,7 @@ class Run:
         queries = checked_rows(queries, "query rows")
         if self.method is not None:
             refuse(f"scoring method {self.config.method!r}", "score it in one process; influence methods score in many")
-            if not self.method_fitted:
+            if not self.method_fitted and not (self.vectors() is not None and self.has_index()):
                 raise RuntimeError(
                     f"no fitted {self.config.method} in {self.folder / 'method'}; run `wherefrom fit` first"
                 )
@@ -880,11 +931,16 @@ class Run:
         """``(ids, (n_query, store.dim))``: ``queries`` in the layout of the run's index rows, so that a score
         is ``query_vector @ row`` (positive = proponent), the training side of the search
         (:mod:`wherefrom.core.search`). A vector run: the method's query vectors (unit length when the store's
-        rows are). An influence run: each query's full preconditioned gradient ``(G + lambda I)^-1 q``,
+        rows are; an ``empirical`` index's: preconditioned by its stored projected Fisher). An influence run: each query's full preconditioned gradient ``(G + lambda I)^-1 q``,
         flattened as the raw-gradient rows are (a ``query_rank`` factorisation expanded back). Raises
         ``ValueError`` for a run scored with ``normalize="cosine"``: its scores divide by each row's norm,
         which a product search does not."""
         vectors = self.vectors() or self.checkpoint_method()
+        if vectors is not None and store.settings.get("precondition") == "empirical":
+            problem = self.preconditioner_damage()
+            if problem is not None:
+                raise DamagedFile(f"{problem}; rerun `wherefrom index --run {self.folder} --precondition empirical`")
+            return vectors.query_vectors(queries, curvature=load_curvature(store.folder / PRECONDITIONER))
         if vectors is not None:
             return vectors.query_vectors(queries, unit=bool(store.settings.get("unit_norm")))
         if self.attributor.config.normalize == "cosine":

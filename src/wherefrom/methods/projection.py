@@ -52,7 +52,7 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -61,7 +61,7 @@ from torch import nn
 
 from wherefrom.core.data import Record, records_key
 from wherefrom.core.encoding import EncodedExample
-from wherefrom.core.gradients import LossFn, TokenFactors, flatten_blocks
+from wherefrom.core.gradients import LossFn, TokenFactors, flatten_blocks, split_rows
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.scoring import Scores
 from wherefrom.curvature import Curvature, curvature_from_state, make_curvature
@@ -631,18 +631,42 @@ class ProjectedInfluence:
             rows = flatten_blocks(self.precondition(grads) if precondition else grads, self.module_names)
             yield ids, torch.nn.functional.normalize(rows, dim=1) if unit else rows
 
-    def query_vectors(self, queries: Sequence[Record], unit: bool = False) -> tuple[list[str], torch.Tensor]:
+    def query_vectors(
+        self, queries: Sequence[Record], unit: bool = False, curvature: Curvature | None = None
+    ) -> tuple[list[str], torch.Tensor]:
         """Ids and projected query vectors ``q~`` (``q = -grad f``), ``(q, sum k)`` in the row layout of
-        :meth:`train_vectors` (``unit``: divided by their norms)."""
+        :meth:`train_vectors` (``unit``: divided by their norms; ``curvature``: a fitted projected curvature
+        of these modules, e.g. :meth:`row_curvature`, applied to each ``q~`` first, so that raw rows give
+        ``q~ . (F~ + lambda I)^-1 G~``)."""
         ids: list[str] = []
         parts = []
         for batch_ids, grads in self.projected_gradients(
             queries, self.attributor.query_loss_fn(), "projected query gradients"
         ):
             ids += batch_ids
+            if curvature is not None:
+                blocks = curvature.precondition({n: g.unsqueeze(1) for n, g in grads.items()})  # (b, 1, k)
+                grads = {n: g.reshape(g.shape[0], -1) for n, g in blocks.items()}
             parts.append(flatten_blocks(grads, self.module_names))
         rows = torch.cat(parts)
         return ids, torch.nn.functional.normalize(rows, dim=1) if unit else rows
+
+    def row_curvature(self, rows: Callable[[], Iterator[torch.Tensor]]) -> Curvature:
+        """The empirical projected Fisher of stored rows: ``F~ = mean_n G~_n G~_n^T`` per module block of
+        ``rows()`` (raw projected training gradients ``(b, sum k)`` in :meth:`vector_blocks`' layout, e.g. the
+        shards of an index built with ``precondition=False``), damped with this method's ``damping`` /
+        ``damping_factor`` and inverted by the ``exact`` strategy in float64: the curvature :meth:`fit` gives
+        with ``fisher="empirical"`` on the same rows (LoGra, Choe et al. 2024, and Bergson precondition with the
+        training gradients' own second moment). Under ``torch.distributed`` each process passes its own rows
+        and the sums are all-reduced. ``ValueError`` for no rows."""
+        shapes = [(n, (k,)) for n, k in self.dims().items()]
+
+        def blocks() -> Iterator[dict[str, torch.Tensor]]:
+            for flat in rows():
+                yield {n: b.unsqueeze(1) for n, b in split_rows(flat.double(), shapes).items()}  # (b, 1, k)
+
+        exact = make_curvature("exact", self.damping, self.damping_factor, blocks="module")
+        return exact.fit_gradients(blocks, {n: (1, k) for n, k in self.dims().items()})
 
     def metadata(self) -> dict[str, Any]:
         return {
