@@ -10,6 +10,9 @@ over the same batches, interleaved in one process (so the machine's load hits ea
     ``P_out G P_in^T`` per module, preconditioned by the fitted ``(F~ + lambda I)^-1``) written to a
     :class:`wherefrom.core.vectors.VectorStore` in float16 -- what ``wherefrom index`` does for a fitted
     ``logra`` run (the fit pass is not timed);
+(d) empirical index: what ``wherefrom index --precondition empirical`` does for a logra run never fitted:
+    one pass writing the raw LoGra rows, then the projected Fisher fitted on the stored rows (read back
+    verified) and saved beside them -- the whole preconditioned build, no fit pass;
 (c) raw: dense per-example gradients ``(b, out, in)`` per module (``Attributor.gradients``), materialised,
     as the index of an influence run ("projection none") computes them (``--no-raw`` to skip).
 
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from wherefrom.core.gradients import flatten_blocks
-    from wherefrom.core.vectors import VectorStoreWriter
+    from wherefrom.core.vectors import VectorStore, VectorStoreWriter
     from wherefrom.engine.api import AttributionConfig, Attributor
     from wherefrom.methods.projection import ProjectedInfluence
 
@@ -74,11 +77,19 @@ def main(argv: list[str] | None = None) -> None:
         writer.build(lambda _shard, _ids: logra.train_vectors(encoded, precondition=True))
         writer.finalize()
 
+    def empirical(folder: Path) -> None:
+        writer = VectorStoreWriter(folder, [r.id for r in train], dim, {"bench": "throughput"}, "float16", len(train))
+        writer.start()
+        writer.build(lambda _shard, _ids: logra.train_vectors(encoded, precondition=False))
+        built = VectorStore(writer.folder, writer.manifest, writer.ids)
+        logra.row_curvature(lambda: (rows for _start, rows in built.shards())).save(folder / "preconditioner")
+        writer.finalize()
+
     def raw() -> None:
         for _ids, grads in attributor.gradients(encoded):
             flatten_blocks(grads, attributor.module_names).sum().item()  # materialised, as the raw index stores it
 
-    phases = {"plain": [], "logra": []} | ({} if args.no_raw else {"raw": []})
+    phases = {"plain": [], "logra": [], "empirical": []} | ({} if args.no_raw else {"raw": []})
     errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="index_throughput_") as tmp:
         for repeat in range(args.repeats):
@@ -91,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
                             plain_backward(attributor, encoded)
                         elif phase == "logra":
                             index(Path(tmp) / f"index-{repeat}")
+                        elif phase == "empirical":
+                            empirical(Path(tmp) / f"empirical-{repeat}")
                         else:
                             raw()
                 except (MemoryError, RuntimeError) as error:  # raw gradients may not fit in memory
@@ -102,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     label = {
         "plain": "(a) plain forward + loss.backward()",
         "logra": f"(b) logra index ({args.dim}x{args.dim} per module, preconditioned, float16 store)",
+        "empirical": f"(d) empirical index ({args.dim}x{args.dim}: one pass of raw rows + F~ of the stored rows)",
         "raw": "(c) raw per-example gradients (dense, materialised)",
     }
     table = [
@@ -127,6 +141,16 @@ def main(argv: list[str] | None = None) -> None:
         f"(projected Fisher, not timed in (b)) took {fit_time[0]:.1f} s.",
         "",
         *table,
+        "",
+        *(
+            [
+                f"The whole preconditioned build: (b) with its fit pass, {best['logra'] + fit_time[0]:.2f} s, is "
+                f"**{best['plain'] / (best['logra'] + fit_time[0]):.2f}** of plain throughput; (d), which needs no "
+                f"fit pass, is **{ratio['empirical']:.2f}**."
+            ]
+            if "logra" in best and "empirical" in best
+            else []
+        ),
     ]
     data = {
         "rows": len(train),
