@@ -5,7 +5,9 @@ The issue asks for every training row (4,700 in the six sets below) on this 2-co
 indexes the first ``--per-task`` rows of each set (all of them with ``--per-task 0``) and records:
 
 * the projected Fisher fit on ``--fit-rows`` of those rows (spread over the sets; ``F~`` is 256 x 256 per
-  module, so a few dozen rows already give a damped, invertible estimate; 0 = no preconditioning);
+  module, so a few dozen rows already give a damped, invertible estimate; 0 = no preconditioning), or with
+  ``--empirical`` what ``wherefrom index --precondition empirical`` does: raw rows in one pass, then the
+  projected Fisher of every stored row (read back verified), applied to the queries;
 * the build: wall time, rows/s, store size on disk (float16 rows, ``--shard-size`` per shard), and the
   full-size build time extrapolated from the measured rate (labelled as an extrapolation);
 * queries (``--queries`` test rows per set): the query pass (forward + backward + projection, per query)
@@ -44,6 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--per-task", type=int, default=50, help="training rows per data set (0 = all)")
     p.add_argument("--fit-rows", type=int, default=32, help="rows of the projected Fisher fit (0 = none)")
+    p.add_argument(
+        "--empirical",
+        action="store_true",
+        help="no fit pass: store raw rows, fit F~ on every stored row, precondition the queries (the index's "
+        "--precondition empirical; --fit-rows is then ignored)",
+    )
     p.add_argument("--queries", type=int, default=2, help="test rows per data set used as queries")
     p.add_argument("--dim", type=int, default=16, help="LoGra dim_in = dim_out")
     p.add_argument("--batch-size", type=int, default=8)
@@ -83,21 +91,25 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         max_length=args.max_length,
     )
+    fit_rows = 0 if args.empirical else args.fit_rows
     logra = ProjectedInfluence.logra(
-        model, tokenizer, config, dim_in=args.dim, dim_out=args.dim, curvature=args.fit_rows > 0
+        model, tokenizer, config, dim_in=args.dim, dim_out=args.dim, curvature=fit_rows > 0
     )
     dim = sum(logra.dims().values())
-    times: dict[str, list[float]] = {"fit": [], "build": [], "query_pass": [], "scan_verified": [], "scan_mapped": []}
-    if args.fit_rows:
-        step = max(1, len(train) // args.fit_rows)
+    times: dict[str, list[float]] = {
+        "fit": [], "store_fit": [], "build": [], "query_pass": [], "scan_verified": [], "scan_mapped": []
+    }  # fmt: skip
+    if fit_rows:
+        step = max(1, len(train) // fit_rows)
         with timed(times["fit"]):
-            logra.fit(train[::step][: args.fit_rows])
+            logra.fit(train[::step][:fit_rows])
     with tempfile.TemporaryDirectory(prefix="index_scale_") as tmp:
         folder = args.out or Path(tmp) / "index"
         settings = {"model": "SmolLM2-135M-Instruct", "include": args.include, "logra_dim": args.dim}
+        settings["precondition"] = "empirical" if args.empirical else ("fitted" if fit_rows else "none")
         writer = VectorStoreWriter(folder, [r.id for r in train], dim, settings, "float16", args.shard_size)
         writer.start()
-        precondition = args.fit_rows > 0
+        precondition = fit_rows > 0
         built: list[int] = []  # rows embedded by this invocation (a resumed build skips finished shards)
 
         def produce(shard: int, _ids: list[str]):
@@ -111,8 +123,12 @@ def main(argv: list[str] | None = None) -> None:
             writer.finalize()
         store = VectorStore.open(folder)
         size = folder_bytes(folder)
+        curvature = None
+        if args.empirical:  # as Run.fit_preconditioner: every stored row, read back verified
+            with timed(times["store_fit"]):
+                curvature = logra.row_curvature(lambda: (shard for _start, shard in store.shards()))
         with timed(times["query_pass"]):
-            query_ids, vectors = logra.query_vectors(queries)
+            query_ids, vectors = logra.query_vectors(queries, curvature=curvature)
         if args.out:
             save_tensors_checked(
                 {"vectors": vectors.float().contiguous()}, queries_path(args.out), meta={"ids": json.dumps(query_ids)}
@@ -144,8 +160,13 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "| step | value |",
         "|---|---|",
-        f"| projected Fisher fit ({args.fit_rows} rows) | "
-        + (f"{times['fit'][0]:.1f} s |" if times["fit"] else "none (raw projected gradients) |"),
+        (
+            f"| projected Fisher of the {len(train)} stored rows (no fit pass: read back and fitted after the build) "
+            f"| {times['store_fit'][0]:.1f} s |"
+            if args.empirical
+            else f"| projected Fisher fit ({fit_rows} rows) | "
+            + (f"{times['fit'][0]:.1f} s |" if times["fit"] else "none (raw projected gradients) |")
+        ),
         f"| index build | {times['build'][0]:.1f} s for {sum(built)} rows ({rate:.2f} rows/s)"
         + (f"; {len(train) - sum(built)} rows came from an earlier, interrupted run" if sum(built) < len(train) else "")
         + " |",
