@@ -239,6 +239,15 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "index and search",
+        "--precondition empirical (the projected Fisher of the stored rows) for an influence run",
+        EXIT,
+        "applies to a trak or logra run of the exact strategy, not to an influence run",
+        "an influence run's rows are raw gradients and its own curvature preconditions the queries; a Fisher of "
+        "its stored rows would be a second curvature",
+        command=("index", "--run", "run", "--precondition", "empirical"),
+    ),
+    Refusal(
+        "index and search",
         "--optimizer-checkpoint without --precondition adam",
         EXIT,
         "--optimizer-checkpoint applies to --precondition adam only",

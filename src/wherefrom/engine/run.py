@@ -671,11 +671,15 @@ class Run:
         if precondition == "empirical" and not (
             isinstance(vectors, ProjectedInfluence) and vectors.strategy == "exact"
         ):
+            if isinstance(vectors, ProjectedInfluence):
+                this = f"method {self.config.method!r} with strategy {vectors.strategy!r}"
+            elif self.method is not None:
+                this = f"method {self.config.method!r}"
+            else:
+                this = "an influence run (its index stores raw gradients and its curvature goes to the queries)"
             raise ValueError(
                 "--precondition empirical fits the dense projected Fisher of the stored rows: it applies to a trak "
-                f"or logra run of the exact strategy, not to method {self.config.method or 'influence'!r}"
-                + (" with strategy " + repr(vectors.strategy) if isinstance(vectors, ProjectedInfluence) else "")
-                + "; use --precondition fitted (the run's own curvature) or none"
+                f"or logra run of the exact strategy, not to {this}; use --precondition fitted"
             )
         if precondition == "empirical" and unit_norm:
             raise ValueError(
