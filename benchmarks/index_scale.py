@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="index_scale_") as tmp:
         folder = args.out or Path(tmp) / "index"
         settings = {"model": "SmolLM2-135M-Instruct", "include": args.include, "logra_dim": args.dim}
-        settings["precondition"] = "empirical" if args.empirical else ("fitted" if fit_rows else "none")
+        if args.empirical:  # recorded only here, so stores started before the option still resume
+            settings["precondition"] = "empirical"
         writer = VectorStoreWriter(folder, [r.id for r in train], dim, settings, "float16", args.shard_size)
         writer.start()
         precondition = fit_rows > 0

@@ -13,6 +13,7 @@ import torch
 
 from tests.engine.robust_workspace import invoke, make_workspace, partials, spawn, wait_until
 from wherefrom.core.data import load_records
+from wherefrom.core.memory import MemoryLimitError
 from wherefrom.core.store import DamagedFile, SettingsMismatch, is_intact
 from wherefrom.core.vectors import VectorStore
 from wherefrom.engine.api import AttributionConfig
@@ -133,26 +134,30 @@ def test_cli_index_of_a_logra_run(workspace, tmp_path):
     assert code == 0 and "(3, 10) scores" in out, out
 
 
-def test_logra_index_killed_then_resumed_is_byte_identical(workspace, tmp_path):
+@pytest.mark.parametrize("precondition", ["fitted", "empirical"])
+def test_logra_index_killed_then_resumed_is_byte_identical(workspace, tmp_path, precondition):
     """A real `wherefrom index` process of a logra run SIGKILLed after a few shards, then the same command:
-    the store equals an uninterrupted build byte for byte (every file but the lock)."""
+    the store equals an uninterrupted build byte for byte (every file but the lock; an empirical index's
+    preconditioner too)."""
     for name in ("clean", "killed"):
         fitted(workspace, tmp_path / name, "logra", LOGRA)
-    code, out = invoke("index", "--run", tmp_path / "clean", "--shard-size", "1")
+    args = ("--shard-size", "1", "--precondition", precondition)
+    code, out = invoke("index", "--run", tmp_path / "clean", *args)
     assert code == 0 and "10 shards written now" in out, out
     index = tmp_path / "killed" / "index"
-    process = spawn("index", "--run", tmp_path / "killed", "--shard-size", "1")
+    process = spawn("index", "--run", tmp_path / "killed", *args)
     wait_until(lambda: is_intact(index / "shard-00002.safetensors"), process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     if (index / "index.json").exists():
         pytest.skip("the index finished before the kill")
     finished = sum(is_intact(p) for p in index.glob("shard-*"))
-    code, out = invoke("index", "--run", tmp_path / "killed", "--shard-size", "1")
+    code, out = invoke("index", "--run", tmp_path / "killed", *args)
     assert code == 0 and f"{10 - finished} shards written now" in out, out
 
     def stored(folder):
-        return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
+        files = (p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith("."))
+        return {str(p.relative_to(folder)): p.read_bytes() for p in files}
 
     assert stored(index) == stored(tmp_path / "clean" / "index") and not partials(tmp_path / "killed")
 
@@ -194,18 +199,23 @@ def test_empirical_index_resumes_to_the_same_bytes_and_refits_a_damaged_precondi
     (index / "shard-00001.safetensors").unlink()
     shutil.rmtree(index / "preconditioner")  # killed before the preconditioner was saved
     (index / "index.json").unlink()
+    queries = load_records(workspace / "queries.jsonl")
+    unfinished = r"unfinished --precondition empirical index .*--shard-size 4 --dtype float32 --precondition empirical"
+    with pytest.raises(RuntimeError, match=unfinished):  # not the raw scores of the unfitted method
+        Run.open(tmp_path / "run", device="cpu").scores(queries)
     assert run.build_index(shard_size=4, precondition="empirical") == 1 and stored() == clean
+    (index / "index.json").unlink()  # killed after the preconditioner was saved, before the marker
+    assert run.build_index(shard_size=4, precondition="empirical") == 0 and stored() == clean
 
     tensors = index / "preconditioner" / "curvature.safetensors"
     tensors.write_bytes(tensors.read_bytes()[:-8] + b"\0" * 8)
-    queries = load_records(workspace / "queries.jsonl")
     with pytest.raises(DamagedFile, match=r"preconditioner.*curvature\.safetensors.*--precondition empirical"):
         Run.open(tmp_path / "run", device="cpu").scores(queries)
     again = Run.open(tmp_path / "run", device="cpu", factors=False)
     assert again.build_index(shard_size=4, precondition="empirical") == 0  # no shard rebuilt
     assert any("refitting the index's preconditioner" in n for n in again.notices) and stored() == clean
+    (index / "index.json").unlink()
     with pytest.raises(SettingsMismatch, match="precondition: recorded 'empirical', now 'none'"):
-        (index / "index.json").unlink()
         again.build_index(shard_size=4, precondition="none")
 
 
@@ -223,6 +233,24 @@ def test_empirical_index_is_refused_where_it_does_not_apply(workspace, tmp_path)
     with pytest.raises(ValueError, match=r"before it is fitted"):  # the fitted F~ needs the fit
         created("logra", LOGRA, "fitted").build_index(precondition="fitted")
     assert not (tmp_path / "unit" / "index" / "shard-00000.safetensors").exists()  # refused before any write
+
+
+def test_empirical_index_checks_the_fishers_memory_first_and_notes_a_fitted_fisher_it_replaces(
+    workspace, tmp_path, monkeypatch
+):
+    config = RunConfig.for_method("trak", str(workspace / "train.jsonl"), ATTRIBUTION, {"dim": 8}, device="cpu")
+    run = Run.create(tmp_path / "small", replace(config, model=str(workspace / "model")))
+    with monkeypatch.context() as patched:
+        patched.setenv("WHEREFROM_MEMORY_LIMIT", "1000")
+        with pytest.raises(MemoryLimitError, match=r"projected Fisher \(8 x 8\)"):
+            run.build_index(shard_size=4, precondition="empirical")
+    assert not list((tmp_path / "small").glob("index/shard-*"))  # refused before the pass
+    true_fisher = fitted(workspace, tmp_path / "true", "logra", LOGRA)  # fisher="true", the default
+    true_fisher.build_index(shard_size=4, precondition="empirical")
+    assert any("fitted projected Fisher (fisher='true') is not used" in n for n in true_fisher.notices)
+    empirical = fitted(workspace, tmp_path / "empirical", "logra", {**LOGRA, "fisher": "empirical"})
+    empirical.build_index(shard_size=4, precondition="empirical")
+    assert not empirical.notices
 
 
 def test_cli_empirical_index_of_a_run_fitted_without_curvature(workspace, tmp_path):

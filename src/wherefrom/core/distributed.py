@@ -34,6 +34,7 @@ import os
 import sys
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -41,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+_ALONE: ContextVar[bool] = ContextVar("wherefrom_alone", default=False)
 
 
 class NotDistributable(ValueError):
@@ -73,8 +75,20 @@ class World:
 
 
 def active() -> bool:
-    """Whether a process group of more than one process is joined."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether a process group of more than one process is joined (and this process is not :func:`alone`)."""
+    return not _ALONE.get() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Inside the block this process acts as the only one: :func:`active` is False, so every helper here is the
+    identity (no collective is called). For work that one process does for all inside :func:`on_main`, whose
+    result must not depend on the number of processes (e.g. a sum in one fixed order)."""
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
 
 
 def rank() -> int:

@@ -49,6 +49,7 @@ import torch
 
 from wherefrom.core.data import Record, data_fingerprint, load_records
 from wherefrom.core.distributed import (
+    alone,
     barrier,
     gather_columns,
     held_by_main,
@@ -73,6 +74,7 @@ from wherefrom.core.store import (
     forget_file,
     hardware,
     package_versions,
+    read_json_checked,
     record_settings,
     settings_differences,
     writer_lock,
@@ -597,15 +599,20 @@ class Run:
         return sum_counts({"written": written})["written"]
 
     def fit_preconditioner(self, writer: VectorStoreWriter) -> None:
-        """Fit an ``empirical`` index's preconditioner (:meth:`wherefrom.methods.projection.ProjectedInfluence.row_curvature`:
-        the projected Fisher of the stored raw rows, read back verified) and save it in
-        ``RUN/index/preconditioner/`` (checksummed): a function of the shards' bytes, so a resumed or
-        distributed build saves the same factors. Under ``torch.distributed`` each process reads its own
-        shards, the sums are all-reduced (equal to one process to float64 rounding) and rank 0 saves."""
+        """Fit an ``empirical`` index's preconditioner (the projected Fisher of the stored raw rows, read back
+        verified: :meth:`wherefrom.methods.projection.ProjectedInfluence.row_curvature`) and save it in
+        ``RUN/index/preconditioner/`` (checksummed). Rank 0 alone reads every shard in order, so the factors
+        are a function of the shards' bytes: a build resumed, or made by any number of processes, saves the
+        same bytes. (Cost: a read of the store and a ``k x k`` product per module and row, small beside the
+        model pass that wrote them.)"""
         built = VectorStore(writer.folder, writer.manifest, writer.ids)  # every shard intact, not yet marked
-        mine = shards_for_rank(built.shard_count)
-        curvature = self.method.row_curvature(lambda: (rows for _start, rows in built.shards(only=mine)))
-        on_main(lambda: curvature.save(writer.folder / PRECONDITIONER))
+
+        def fit() -> None:
+            with alone():
+                curvature = self.method.row_curvature(lambda: (rows for _start, rows in built.shards()))
+            curvature.save(writer.folder / PRECONDITIONER)
+
+        on_main(fit)
 
     def preconditioner_damage(self) -> str | None:
         """What is wrong with ``RUN/index/preconditioner/`` (missing or damaged), or ``None`` when it is intact."""
@@ -679,13 +686,20 @@ class Run:
                 this = "an influence run (its index stores raw gradients and its curvature goes to the queries)"
             raise ValueError(
                 "--precondition empirical fits the dense projected Fisher of the stored rows: it applies to a trak "
-                f"or logra run of the exact strategy, not to {this}; use --precondition fitted"
+                f"or logra run of the exact strategy, not to {this}; fit the run and use --precondition fitted"
             )
         if precondition == "empirical" and unit_norm:
             raise ValueError(
                 "--unit-norm divides each preconditioned row by its norm, which --precondition empirical only knows "
                 "after the pass (its rows are stored raw); use --precondition fitted with --unit-norm"
             )
+        if precondition == "empirical":
+            vectors.check_memory(0, fit=True)  # the k x k Fisher fitted after the pass, refused before it
+            if self.method_fitted and vectors.use_curvature and vectors.attributor.config.fisher != "empirical":
+                self.notices.append(
+                    f"the run's fitted projected Fisher (fisher={vectors.attributor.config.fisher!r}) is not used: "
+                    "scores from this index precondition the queries with the empirical Fisher of its rows"
+                )
         if raw and (precondition == "none" or unit_norm):
             raise ValueError(
                 "--precondition and --unit-norm apply to the index of a trak/logra/repsim run; an influence run "
@@ -858,13 +872,36 @@ class Run:
     def has_index(self) -> bool:
         return (self.folder / "index" / MARKER).exists()
 
+    def index_manifest(self) -> dict[str, Any] | None:
+        """``RUN/index/settings.json`` as recorded when the index was started (finished or not), or ``None``
+        when it is missing or damaged."""
+        recorded = self.folder / "index" / "settings.json"
+        return None if damage(recorded) is not None else read_json_checked(recorded)
+
+    def index_command(self) -> str:
+        """The ``wherefrom index`` command that resumes or repairs ``RUN/index/`` with the options its manifest
+        recorded (the plain command when the manifest is missing or damaged)."""
+        settings = self.index_manifest()
+        words = ["wherefrom", "index", "--run", str(self.folder)]
+        if settings is None:
+            return " ".join(words)
+        words += ["--shard-size", str(settings["shard_size"]), "--dtype", settings["dtype"]]
+        if "precondition" in settings:
+            words += ["--precondition", settings["precondition"]]
+        state = settings.get("optimizer_state")
+        if isinstance(state, dict):  # one AdamW state (a tracin run uses each checkpoint's own)
+            words += ["--optimizer-checkpoint", str(state["checkpoint"])]
+        if settings.get("unit_norm"):
+            words.append("--unit-norm")
+        return " ".join(words)
+
     def open_index(self) -> VectorStore:
         """The run's finished index, its marker, manifest and every shard's checksum verified, and its settings
         required to be this run's (model, tokenizer, module selection, gradient settings, layout).
 
         Raises :class:`wherefrom.core.store.DamagedFile` naming a damaged file and
         :class:`wherefrom.core.store.SettingsMismatch` naming each setting that differs."""
-        hint = f"rerun `wherefrom index --run {self.folder}` to rebuild it"
+        hint = f"rerun `{self.index_command()}` to rebuild it"
         try:
             store = VectorStore.open(self.folder / "index")
             store.verify()
@@ -902,12 +939,20 @@ class Run:
         influence family refuses (:class:`wherefrom.core.distributed.NotDistributable`).
 
         ``curvature`` overrides the run's fitted one (e.g. identity on the same index); a run of a method
-        outside the influence family scores with its fitted state (``RuntimeError`` when it has none).
+        outside the influence family scores with its fitted state, a trak/logra/repsim/tracin run from its
+        finished index when it has one (an unfitted trak/logra run only from its index). ``RuntimeError``
+        when there is neither, and for an unfinished ``empirical`` index (its scores are another estimator
+        than the fitted method's: finish the index or delete it).
         Raises :class:`~wherefrom.core.data.DataError` for no queries, an invalid row or a repeated id.
         """
         queries = checked_rows(queries, "query rows")
         if self.method is not None:
             refuse(f"scoring method {self.config.method!r}", "score it in one process; influence methods score in many")
+            if not self.has_index() and (self.index_manifest() or {}).get("precondition") == "empirical":
+                raise RuntimeError(
+                    f"{self.folder / 'index'} is an unfinished --precondition empirical index (no {MARKER}): finish "
+                    f"it with `{self.index_command()}`, or delete it to score with the fitted method"
+                )
             if not self.method_fitted and not (self.vectors() is not None and self.has_index()):
                 raise RuntimeError(
                     f"no fitted {self.config.method} in {self.folder / 'method'}; run `wherefrom fit` first"
@@ -935,15 +980,17 @@ class Run:
         """``(ids, (n_query, store.dim))``: ``queries`` in the layout of the run's index rows, so that a score
         is ``query_vector @ row`` (positive = proponent), the training side of the search
         (:mod:`wherefrom.core.search`). A vector run: the method's query vectors (unit length when the store's
-        rows are; an ``empirical`` index's: preconditioned by its stored projected Fisher). An influence run: each query's full preconditioned gradient ``(G + lambda I)^-1 q``,
-        flattened as the raw-gradient rows are (a ``query_rank`` factorisation expanded back). Raises
-        ``ValueError`` for a run scored with ``normalize="cosine"``: its scores divide by each row's norm,
-        which a product search does not."""
+        rows are; for an ``empirical`` index, preconditioned by its stored projected Fisher). An influence run:
+        each query's full preconditioned gradient ``(G + lambda I)^-1 q``, flattened as the raw-gradient rows are
+        (a ``query_rank`` factorisation expanded back). Raises ``ValueError`` for a run scored with
+        ``normalize="cosine"``: its scores divide by each row's norm, which a product search does not; and
+        :class:`wherefrom.core.store.DamagedFile` naming a missing or damaged preconditioner of an ``empirical``
+        index (the next ``index`` refits it)."""
         vectors = self.vectors() or self.checkpoint_method()
         if vectors is not None and store.settings.get("precondition") == "empirical":
             problem = self.preconditioner_damage()
             if problem is not None:
-                raise DamagedFile(f"{problem}; rerun `wherefrom index --run {self.folder} --precondition empirical`")
+                raise DamagedFile(f"{problem}; rerun `{self.index_command()}` to refit it")
             return vectors.query_vectors(queries, curvature=load_curvature(store.folder / PRECONDITIONER))
         if vectors is not None:
             return vectors.query_vectors(queries, unit=bool(store.settings.get("unit_norm")))
