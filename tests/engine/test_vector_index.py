@@ -139,8 +139,9 @@ def test_logra_index_killed_then_resumed_is_byte_identical(workspace, tmp_path, 
     """A real `wherefrom index` process of a logra run SIGKILLed after a few shards, then the same command:
     the store equals an uninterrupted build byte for byte (every file but the lock; an empirical index's
     preconditioner too)."""
+    options = LOGRA if precondition == "fitted" else {**LOGRA, "curvature": False}  # empirical: no fitted F~
     for name in ("clean", "killed"):
-        fitted(workspace, tmp_path / name, "logra", LOGRA)
+        fitted(workspace, tmp_path / name, "logra", options)
     args = ("--shard-size", "1", "--precondition", precondition)
     code, out = invoke("index", "--run", tmp_path / "clean", *args)
     assert code == 0 and "10 shards written now" in out, out
@@ -167,7 +168,8 @@ def test_empirical_index_gives_the_methods_empirical_fisher_scores_without_a_fit
     """``--precondition empirical`` on a run never fitted: one pass of raw rows, the projected Fisher fitted on
     the stored rows, the queries preconditioned: the method's scores fitted with ``fisher="empirical"`` (the
     same F~ from the same gradients) to 1e-5 of the largest score; float32 rows are the raw projected gradients."""
-    config = RunConfig.for_method(method, str(workspace / "train.jsonl"), ATTRIBUTION, options, device="cpu")
+    unfitted = {**options, "curvature": False}
+    config = RunConfig.for_method(method, str(workspace / "train.jsonl"), ATTRIBUTION, unfitted, device="cpu")
     run = Run.create(tmp_path / "run", replace(config, model=str(workspace / "model")))
     assert run.build_index(shard_size=4, precondition="empirical") == 3
     assert not (tmp_path / "run" / "method").exists()  # no fitting pass
@@ -186,7 +188,8 @@ def test_empirical_index_gives_the_methods_empirical_fisher_scores_without_a_fit
 
 
 def test_empirical_index_resumes_to_the_same_bytes_and_refits_a_damaged_preconditioner(workspace, tmp_path):
-    config = RunConfig.for_method("logra", str(workspace / "train.jsonl"), ATTRIBUTION, LOGRA, device="cpu")
+    options = {**LOGRA, "fisher": "empirical"}  # the run's own fit would give the same estimator
+    config = RunConfig.for_method("logra", str(workspace / "train.jsonl"), ATTRIBUTION, options, device="cpu")
     run = Run.create(tmp_path / "run", replace(config, model=str(workspace / "model")))
     run.build_index(shard_size=4, precondition="empirical")
     index = tmp_path / "run" / "index"
@@ -235,10 +238,13 @@ def test_empirical_index_is_refused_where_it_does_not_apply(workspace, tmp_path)
     assert not (tmp_path / "unit" / "index" / "shard-00000.safetensors").exists()  # refused before any write
 
 
-def test_empirical_index_checks_the_fishers_memory_first_and_notes_a_fitted_fisher_it_replaces(
+def test_empirical_index_checks_the_fishers_memory_first_and_refuses_to_replace_a_true_fisher(
     workspace, tmp_path, monkeypatch
 ):
-    config = RunConfig.for_method("trak", str(workspace / "train.jsonl"), ATTRIBUTION, {"dim": 8}, device="cpu")
+    """A run without curvature holds no Fisher of its own, yet the index fits one: its memory is checked
+    before the pass. A run whose scores use the true Fisher is refused (its scores would silently change)."""
+    options = {"dim": 8, "curvature": False}
+    config = RunConfig.for_method("trak", str(workspace / "train.jsonl"), ATTRIBUTION, options, device="cpu")
     run = Run.create(tmp_path / "small", replace(config, model=str(workspace / "model")))
     with monkeypatch.context() as patched:
         patched.setenv("WHEREFROM_MEMORY_LIMIT", "1000")
@@ -246,8 +252,8 @@ def test_empirical_index_checks_the_fishers_memory_first_and_notes_a_fitted_fish
             run.build_index(shard_size=4, precondition="empirical")
     assert not list((tmp_path / "small").glob("index/shard-*"))  # refused before the pass
     true_fisher = fitted(workspace, tmp_path / "true", "logra", LOGRA)  # fisher="true", the default
-    true_fisher.build_index(shard_size=4, precondition="empirical")
-    assert any("fitted projected Fisher (fisher='true') is not used" in n for n in true_fisher.notices)
+    with pytest.raises(ValueError, match=r"its own projected Fisher \(fisher='true'\).*--option curvature=false"):
+        true_fisher.build_index(shard_size=4, precondition="empirical")
     empirical = fitted(workspace, tmp_path / "empirical", "logra", {**LOGRA, "fisher": "empirical"})
     empirical.build_index(shard_size=4, precondition="empirical")
     assert not empirical.notices
@@ -270,7 +276,11 @@ def test_cli_empirical_index_of_a_run_fitted_without_curvature(workspace, tmp_pa
     expected = in_memory(workspace, "logra", {**LOGRA, "fisher": "empirical"})
     scale = float(expected.total.abs().max())
     assert torch.allclose(saved.total, expected.total, rtol=0, atol=1e-5 * scale)
-    code, out = invoke(
-        "scores", "--run", tmp_path / "run", "--queries", workspace / "queries.jsonl", "--search", "exact"
-    )
+    search = ("scores", "--run", tmp_path / "run", "--queries", workspace / "queries.jsonl", "--search", "exact")
+    code, out = invoke(*search)
     assert code == 0, out
+    (tmp_path / "run" / "index" / "index.json").unlink()  # as if killed before its marker
+    code, out = invoke(*search)
+    out = " ".join(out.split())
+    finish = "--shard-size 4 --dtype float32 --precondition empirical` finishes"
+    assert code == 2 and "no finished vector store" in out and finish in out, out

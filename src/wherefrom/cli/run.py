@@ -182,9 +182,11 @@ def search_run(
     ``FileNotFoundError`` naming RUN when it has no finished index."""
     opened = Run.open(run, progress=progress, device=device)
     if not opened.has_index():
+        started = opened.index_manifest() is not None
         raise FileNotFoundError(
-            f"{run} has no vector store of training rows: --search and --prefilter-bm25 search the one "
-            f"`wherefrom index --run {run}` builds; without them the run scores every row"
+            f"{run} has no {'finished ' if started else ''}vector store of training rows: --search and "
+            f"--prefilter-bm25 search the one `{opened.index_command()}` "
+            f"{'finishes' if started else 'builds'}; without them the run scores every row"
         )
     store = opened.open_index()
     settings = faiss_settings(options)

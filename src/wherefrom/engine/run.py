@@ -679,27 +679,36 @@ class Run:
             isinstance(vectors, ProjectedInfluence) and vectors.strategy == "exact"
         ):
             if isinstance(vectors, ProjectedInfluence):
-                this = f"method {self.config.method!r} with strategy {vectors.strategy!r}"
+                this = (
+                    f"method {self.config.method!r} with strategy {vectors.strategy!r}; use --precondition fitted "
+                    "(its own Kronecker factors), or fit a logra run of the exact strategy with --option curvature=false"
+                )
             elif self.method is not None:
-                this = f"method {self.config.method!r}"
+                this = f"method {self.config.method!r}; drop --precondition"
             else:
-                this = "an influence run (its index stores raw gradients and its curvature goes to the queries)"
+                this = (
+                    "an influence run (its index stores raw gradients and its curvature goes to the queries); "
+                    "drop --precondition"
+                )
             raise ValueError(
                 "--precondition empirical fits the dense projected Fisher of the stored rows: it applies to a trak "
-                f"or logra run of the exact strategy, not to {this}; fit the run and use --precondition fitted"
+                f"or logra run of the exact strategy, not to {this}"
             )
         if precondition == "empirical" and unit_norm:
             raise ValueError(
                 "--unit-norm divides each preconditioned row by its norm, which --precondition empirical only knows "
-                "after the pass (its rows are stored raw); use --precondition fitted with --unit-norm"
+                "after the pass (its rows are stored raw); use --unit-norm with --precondition fitted on a run fitted "
+                "with its projected Fisher"
             )
         if precondition == "empirical":
-            vectors.check_memory(0, fit=True)  # the k x k Fisher fitted after the pass, refused before it
-            if self.method_fitted and vectors.use_curvature and vectors.attributor.config.fisher != "empirical":
-                self.notices.append(
-                    f"the run's fitted projected Fisher (fisher={vectors.attributor.config.fisher!r}) is not used: "
-                    "scores from this index precondition the queries with the empirical Fisher of its rows"
+            if vectors.use_curvature and vectors.attributor.config.fisher != "empirical":
+                raise ValueError(
+                    f"this {self.config.method} run scores with its own projected Fisher "
+                    f"(fisher={vectors.attributor.config.fisher!r}), which an empirical index would replace by the "
+                    "empirical Fisher of the stored rows (other scores); index it with --precondition fitted, or "
+                    "fit a run with --option curvature=false (or --fisher empirical) for --precondition empirical"
                 )
+            vectors.check_memory(0, fit=False, row_fisher=True)  # the k x k Fisher of after the pass, checked now
         if raw and (precondition == "none" or unit_norm):
             raise ValueError(
                 "--precondition and --unit-norm apply to the index of a trak/logra/repsim run; an influence run "

@@ -373,11 +373,12 @@ class ProjectedInfluence:
             return self.projection.dim_for(shape, name)
         return self.projection.dim_for(shape)
 
-    def check_memory(self, rows: int, fit: bool) -> int:
+    def check_memory(self, rows: int, fit: bool, row_fisher: bool = False) -> int:
         """Bytes this method holds for ``rows`` rows, checked before the first pass: the projection
         matrices, ``rows`` projected gradients ``(rows, k)`` float32 (parts and joined), and with
-        ``fit`` each module's ``k x k`` Fisher (float64 sum, inverse and inversion workspace; float32 F~).
-        Raises :class:`wherefrom.core.memory.MemoryLimitError` naming the part."""
+        ``fit`` each module's ``k x k`` Fisher (float64 sum, inverse and inversion workspace; float32 F~);
+        with ``row_fisher`` that dense Fisher as :meth:`row_curvature` fits it, whether or not this method
+        uses a curvature. Raises :class:`wherefrom.core.memory.MemoryLimitError` naming the part."""
         shapes = {m.name: tuple(m.shape) for m in self.attributor.modules}
         dims = self.dims()
         needs = {
@@ -392,12 +393,12 @@ class ProjectedInfluence:
                 needs[f"{name}: projected Kronecker factors ({k_out} x {k_out}, {k_in} x {k_in})"] = 3 * nbytes(
                     k_out * k_out + k_in * k_in + k_out * k_in, dtype=torch.float64
                 )
-        elif fit and self.use_curvature:
+        elif (fit and self.use_curvature) or row_fisher:
             for name, k in dims.items():
                 needs[f"{name}: projected Fisher ({k} x {k})"] = 4 * nbytes(k, k, dtype=torch.float64) + nbytes(k, k)
         return check_memory(
             needs,
-            f"{self.name} ({'fit' if fit else 'scores'})",
+            f"{self.name} ({'fit' if fit or row_fisher else 'scores'})",
             self.attributor.device,
             "Lower the projected dimension or track fewer modules.",
         )
@@ -658,7 +659,9 @@ class ProjectedInfluence:
         ``damping_factor`` and inverted by the ``exact`` strategy in float64: the curvature :meth:`fit` gives
         with ``fisher="empirical"`` on the same rows (LoGra, Choe et al. 2024, and Bergson precondition with the
         training gradients' own second moment). Under ``torch.distributed`` each process passes its own rows
-        and the sums are all-reduced. ``ValueError`` for no rows."""
+        and the sums are all-reduced. ``ValueError`` for no rows; the Fisher's memory is checked first
+        (:meth:`check_memory`)."""
+        self.check_memory(0, fit=False, row_fisher=True)
         shapes = [(n, (k,)) for n, k in self.dims().items()]
 
         def blocks() -> Iterator[dict[str, torch.Tensor]]:
