@@ -52,15 +52,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def gaussian_like(rows, seed: int):
-    """Gaussian rows ``z diag(sqrt(lambda)) U^T`` with ``U diag(lambda) U^T = rows^T rows / n`` (float64
-    eigendecomposition), as many as ``rows``; and the eigenvalue shares, largest first."""
+    """As many Gaussian rows as ``rows``, each with covariance ``C = rows^T rows / n``, and the eigenvalue shares
+    of ``C``, largest first. With ``dim <= n``: ``z diag(sqrt(lambda)) U^T`` from ``U diag(lambda) U^T = C``
+    (float64 eigendecomposition). With ``dim > n`` (a ``dim x dim`` eigendecomposition would cost ``dim^3``):
+    ``Z rows / sqrt(n)``, ``Z`` an ``n x n`` standard normal matrix (each row ``sum_j z_j x_j / sqrt(n)`` has
+    covariance ``C``: the same distribution), and the shares from the ``n x n`` Gram matrix, whose nonzero
+    eigenvalues are ``C``'s."""
     import numpy as np
 
     x = rows.astype(np.float64)
-    values, vectors = np.linalg.eigh(x.T @ x / len(x))
+    n, dim = x.shape
+    generator = np.random.default_rng(seed)
+    if dim > n:
+        values = np.clip(np.linalg.eigvalsh(x @ x.T / n)[::-1], 0.0, None)
+        z = generator.standard_normal((n, n)).astype(np.float32)
+        return (z @ rows.astype(np.float32)) / np.float32(np.sqrt(n)), values / values.sum()
+    values, vectors = np.linalg.eigh(x.T @ x / n)
     values = np.clip(values[::-1], 0.0, None)
     vectors = vectors[:, ::-1]
-    z = np.random.default_rng(seed).standard_normal((len(x), x.shape[1]))
+    z = generator.standard_normal((n, dim))
     return ((z * np.sqrt(values)) @ vectors.T).astype(np.float32), values / values.sum()
 
 
