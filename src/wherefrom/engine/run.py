@@ -675,40 +675,8 @@ class Run:
         if precondition not in PRECONDITIONS:
             raise ValueError(f"precondition must be one of {', '.join(PRECONDITIONS)}, got {precondition!r}")
         adam = precondition == "adam"
-        if precondition == "empirical" and not (
-            isinstance(vectors, ProjectedInfluence) and vectors.strategy == "exact"
-        ):
-            if isinstance(vectors, ProjectedInfluence):
-                this = (
-                    f"method {self.config.method!r} with strategy {vectors.strategy!r}; use --precondition fitted "
-                    "(its own Kronecker factors), or fit a logra run of the exact strategy with --option curvature=false"
-                )
-            elif self.method is not None:
-                this = f"method {self.config.method!r}; drop --precondition"
-            else:
-                this = (
-                    "an influence run (its index stores raw gradients and its curvature goes to the queries); "
-                    "drop --precondition"
-                )
-            raise ValueError(
-                "--precondition empirical fits the dense projected Fisher of the stored rows: it applies to a trak "
-                f"or logra run of the exact strategy, not to {this}"
-            )
-        if precondition == "empirical" and unit_norm:
-            raise ValueError(
-                "--unit-norm divides each preconditioned row by its norm, which --precondition empirical only knows "
-                "after the pass (its rows are stored raw); use --unit-norm with --precondition fitted on a run fitted "
-                "with its projected Fisher"
-            )
         if precondition == "empirical":
-            if vectors.use_curvature and vectors.attributor.config.fisher != "empirical":
-                raise ValueError(
-                    f"this {self.config.method} run scores with its own projected Fisher "
-                    f"(fisher={vectors.attributor.config.fisher!r}), which an empirical index would replace by the "
-                    "empirical Fisher of the stored rows (other scores); index it with --precondition fitted, or "
-                    "fit a run with --option curvature=false (or --fisher empirical) for --precondition empirical"
-                )
-            vectors.check_memory(0, fit=False, row_fisher=True)  # the k x k Fisher of after the pass, checked now
+            self.check_empirical(unit_norm)
         if raw and (precondition == "none" or unit_norm):
             raise ValueError(
                 "--precondition and --unit-norm apply to the index of a trak/logra/repsim run; an influence run "
@@ -782,6 +750,44 @@ class Run:
                 yield ids, flatten_blocks(grads, names)
 
         return writer, lambda _rank, _world: None, produce
+
+    def check_empirical(self, unit_norm: bool) -> None:
+        """Refuse ``--precondition empirical`` where it does not apply (``ValueError`` naming why and what to use
+        instead): outside a trak/logra run of the ``exact`` strategy, with ``unit_norm``, or on a run whose scores
+        use another Fisher (the true one); and check the Fisher's memory before the pass
+        (:class:`wherefrom.core.memory.MemoryLimitError`)."""
+        vectors = self.vectors()
+        if not (isinstance(vectors, ProjectedInfluence) and vectors.strategy == "exact"):
+            if isinstance(vectors, ProjectedInfluence):
+                this = (
+                    f"method {self.config.method!r} with strategy {vectors.strategy!r}; use --precondition fitted "
+                    "(its own Kronecker factors), or fit a logra run of the exact strategy with --option curvature=false"
+                )
+            elif self.method is not None:
+                this = f"method {self.config.method!r}; drop --precondition"
+            else:
+                this = (
+                    "an influence run (its index stores raw gradients and its curvature goes to the queries); "
+                    "drop --precondition"
+                )
+            raise ValueError(
+                "--precondition empirical fits the dense projected Fisher of the stored rows: it applies to a trak "
+                f"or logra run of the exact strategy, not to {this}"
+            )
+        if unit_norm:
+            raise ValueError(
+                "--unit-norm divides each preconditioned row by its norm, which --precondition empirical only knows "
+                "after the pass (its rows are stored raw); use --unit-norm with --precondition fitted on a run fitted "
+                "with its projected Fisher"
+            )
+        if vectors.use_curvature and vectors.attributor.config.fisher != "empirical":
+            raise ValueError(
+                f"this {self.config.method} run scores with its own projected Fisher "
+                f"(fisher={vectors.attributor.config.fisher!r}), which an empirical index would replace by the "
+                "empirical Fisher of the stored rows (other scores); index it with --precondition fitted, or "
+                "fit a run with --option curvature=false (or --fisher empirical) for --precondition empirical"
+            )
+        vectors.check_memory(0, fit=False, row_fisher=True)  # the k x k Fisher fitted after the pass, checked now
 
     def check_adam(self, precondition: str, optimizer_checkpoint: str | Path | None) -> None:
         """Refuse ``--precondition adam`` (or ``--optimizer-checkpoint``) where it does not apply, naming why and
