@@ -4,6 +4,7 @@ index settings that do not apply are refused by name."""
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import signal
 from dataclasses import replace
@@ -203,7 +204,7 @@ def test_empirical_index_resumes_to_the_same_bytes_and_refits_a_damaged_precondi
     shutil.rmtree(index / "preconditioner")  # killed before the preconditioner was saved
     (index / "index.json").unlink()
     queries = load_records(workspace / "queries.jsonl")
-    unfinished = r"unfinished --precondition empirical index .*--shard-size 4 --dtype float32 --precondition empirical"
+    unfinished = r"unfinished --precondition empirical index .*--shard-size 4 --dtype float32 --precondition empirical --device cpu"
     with pytest.raises(RuntimeError, match=unfinished):  # not the raw scores of the unfitted method
         Run.open(tmp_path / "run", device="cpu").scores(queries)
     assert run.build_index(shard_size=4, precondition="empirical") == 1 and stored() == clean
@@ -282,5 +283,61 @@ def test_cli_empirical_index_of_a_run_fitted_without_curvature(workspace, tmp_pa
     (tmp_path / "run" / "index" / "index.json").unlink()  # as if killed before its marker
     code, out = invoke(*search)
     out = " ".join(out.split())
-    finish = "--shard-size 4 --dtype float32 --precondition empirical` finishes"
+    finish = "--shard-size 4 --dtype float32 --precondition empirical --device cpu` finishes"
     assert code == 2 and "no finished vector store" in out and finish in out, out
+
+
+def test_a_cosine_run_is_indexed_only_where_the_rows_give_its_scores(workspace, tmp_path):
+    """A trak/logra run scored with ``normalize="cosine"`` divides each score by the preconditioned query's and
+    the gradient's norms, which no product of preconditioned rows gives: refused by name, except a run without
+    curvature indexed with ``--precondition none --unit-norm``, whose store scores equal the method's."""
+    cosine = replace(ATTRIBUTION, normalize="cosine")
+
+    def created(options, name):
+        config = RunConfig.for_method("logra", str(workspace / "train.jsonl"), cosine, options, device="cpu")
+        run = Run.create(tmp_path / name, replace(config, model=str(workspace / "model")))
+        run.fit()
+        return run
+
+    curved = created({**LOGRA, "fisher": "empirical"}, "curved")
+    for precondition, unit in (("empirical", False), ("fitted", False), ("fitted", True), ("none", True)):
+        with pytest.raises(ValueError, match=r"normalize='cosine'.*--option curvature=false"):
+            curved.build_index(shard_size=4, precondition=precondition, unit_norm=unit)
+    flat = created({**LOGRA, "curvature": False}, "flat")
+    flat.build_index(shard_size=4, precondition="none", unit_norm=True)
+    queries = load_records(workspace / "queries.jsonl")
+    from_store = Run.open(tmp_path / "flat", device="cpu").scores(queries)
+    loaded = load_model(workspace / "model", device="cpu")
+    method = make_method("logra", loaded.model, loaded.tokenizer, cosine, **LOGRA, curvature=False)
+    method.fit(flat.train)
+    expected = method.scores(queries, flat.train)
+    assert torch.allclose(from_store.total, expected.total, rtol=0, atol=1e-5)
+
+
+def test_index_commands_in_hints_work_as_given(workspace, tmp_path, monkeypatch):
+    """The index command a hint names is quoted for the shell, and with a damaged manifest an empirical index
+    is still rebuilt as one (known by its preconditioner); the memory refusal of `index` is an error line."""
+    options = {**LOGRA, "curvature": False}
+    folder = tmp_path / "my run"
+    code, out = invoke(
+        "fit", "--method", "logra", "--option", "dim_in=4", "--option", "dim_out=4", "--option", "curvature=false",
+        "--train", workspace / "train.jsonl", "--model", workspace / "model", "--run", folder, "--device", "cpu",
+        "--include", r"layers\.1\.mlp\.(down|up)_proj", "--batch-size", "4", "--max-length", "64",
+    )  # fmt: skip
+    assert code == 0, out
+    with monkeypatch.context() as patched:
+        patched.setenv("WHEREFROM_MEMORY_LIMIT", "1000")
+        code, out = invoke("index", "--run", folder, "--precondition", "empirical")
+    assert code == 2 and "error:" in out and "projected Fisher" in out and "Traceback" not in out, out
+    run = Run.open(folder, device="cpu", factors=False)
+    run.build_index(shard_size=4, precondition="empirical")
+    (folder / "index" / "settings.json").write_text("{")  # damaged
+    command = run.index_command()
+    assert command == f"wherefrom index --run '{folder}' --precondition empirical", command
+    code, out = invoke(*shlex.split(command)[1:])
+    assert code == 0, out
+    assert VectorStore.open(folder / "index").settings["precondition"] == "empirical"
+    expected = in_memory(workspace, "logra", {**options, "curvature": True, "fisher": "empirical"})
+    from_store = Run.open(folder, device="cpu").scores(load_records(workspace / "queries.jsonl"))
+    scale = float(expected.total.abs().max())
+    assert torch.allclose(from_store.total, expected.total, rtol=0, atol=1e-5 * scale)

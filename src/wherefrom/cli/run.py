@@ -110,7 +110,7 @@ def index(run, shard_size, dtype, precondition, optimizer_checkpoint, unit_norm,
             opened = Run.open(run, progress=progress, device=device, factors=False)
             written = opened.build_index(shard_size, dtype, precondition, unit_norm, optimizer_checkpoint)
             main = is_main()
-    except (OSError, RunMismatch, StoreError, ValueError) as error:
+    except (OSError, RunMismatch, StoreError, ValueError, MemoryError) as error:
         fail(error)
     if not main:
         return

@@ -577,8 +577,8 @@ class OutputSettings:
         "per-example gradient divided elementwise by AdamW's sqrt(v_hat) + eps before projection (LESS/TrackStar; "
         "trak, tracin, and influence runs fitted with --strategy identity; queries stay plain gradients); empirical = "
         "raw projected gradients in one pass, then the projected Fisher of the stored rows fitted and applied to "
-        "each query (a trak/logra run of the exact strategy, fitted or not: fit it with --option curvature=false "
-        "to skip the fitting pass).",
+        "each query (a trak/logra run of the exact strategy without a true-Fisher curvature of its own: fit it with "
+        "--option curvature=false, no pass, or --fisher empirical).",
         check=one_of(*PRECONDITIONS),
     )
     optimizer_checkpoint: Path | None = setting(

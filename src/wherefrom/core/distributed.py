@@ -82,8 +82,9 @@ def active() -> bool:
 @contextmanager
 def alone() -> Iterator[None]:
     """Inside the block this process acts as the only one: :func:`active` is False, so every helper here is the
-    identity (no collective is called). For work that one process does for all inside :func:`on_main`, whose
-    result must not depend on the number of processes (e.g. a sum in one fixed order)."""
+    identity (no collective is called) and :func:`refuse` refuses nothing. For work that one process does for
+    all inside :func:`on_main`, whose result must not depend on the number of processes (e.g. a sum in one
+    fixed order)."""
     token = _ALONE.set(True)
     try:
         yield
@@ -171,6 +172,8 @@ def end_process(code: int) -> None:
 def refuse(what: str, hint: str) -> None:
     """Raise :class:`NotDistributable` naming ``what`` (e.g. ``"strategy 'cg'"``) when more than one
     process runs (a joined group, or torchrun's ``WORLD_SIZE > 1``); ``hint`` says what to do instead."""
+    if _ALONE.get():
+        return
     size = world_size() if active() else World.from_env().size
     if size > 1:
         raise NotDistributable(f"{what} cannot run under torch.distributed (WORLD_SIZE={size}): {hint}")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import shlex
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -560,7 +561,11 @@ class Run:
         rewrites every shard that is missing, unfinished or damaged (noted in :attr:`notices`). Raises
         ``ValueError`` for a method without vector rows or not yet fitted, ``precondition``/``unit_norm`` on an
         influence run, a bad ``shard_size``, ``dtype`` or ``precondition`` (fitted | none | adam | empirical),
-        ``empirical`` outside an ``exact`` trak/logra run or with ``unit_norm``, ``adam`` where
+        a trak/logra run scored with ``normalize="cosine"`` unless it has no curvature and the index is
+        ``none`` with ``unit_norm`` (the only rows whose products are its scores),
+        ``empirical`` outside an ``exact`` trak/logra run, with ``unit_norm``, or on a run scored with the true
+        Fisher (:meth:`check_empirical`; :class:`wherefrom.core.memory.MemoryLimitError` when its
+        Fisher would not fit), ``adam`` where
         the full per-example gradient is never formed (logra, repsim) or on an influence run with a curvature,
         :class:`wherefrom.models.optimizer_state.MissingOptimizerState` naming a checkpoint folder without an
         AdamW state, and ``OSError`` naming the shard whose write failed (a full disk; the finished shards are
@@ -677,6 +682,14 @@ class Run:
         adam = precondition == "adam"
         if precondition == "empirical":
             self.check_empirical(unit_norm)
+        cosine = isinstance(vectors, ProjectedInfluence) and vectors.attributor.config.normalize == "cosine"
+        if cosine and not (precondition == "none" and unit_norm and not vectors.use_curvature):
+            raise ValueError(
+                f"this {self.config.method} run scores with normalize='cosine' (each score divided by the "
+                "preconditioned query's and the training gradient's norms), which the products of these index rows "
+                "do not give; score it without an index, or index a run fitted with --option curvature=false "
+                "using --precondition none --unit-norm (the cosine of the raw projected gradients)"
+            )
         if raw and (precondition == "none" or unit_norm):
             raise ValueError(
                 "--precondition and --unit-norm apply to the index of a trak/logra/repsim run; an influence run "
@@ -898,8 +911,9 @@ class Run:
         recorded (the plain command when the manifest is missing or damaged)."""
         settings = self.index_manifest()
         words = ["wherefrom", "index", "--run", str(self.folder)]
-        if settings is None:
-            return " ".join(words)
+        if settings is None:  # the index is rebuilt whole; an empirical one is known by its preconditioner
+            empirical = (self.folder / "index" / PRECONDITIONER).is_dir()
+            return shlex.join(words + (["--precondition", "empirical"] if empirical else []))
         words += ["--shard-size", str(settings["shard_size"]), "--dtype", settings["dtype"]]
         if "precondition" in settings:
             words += ["--precondition", settings["precondition"]]
@@ -908,7 +922,9 @@ class Run:
             words += ["--optimizer-checkpoint", str(state["checkpoint"])]
         if settings.get("unit_norm"):
             words.append("--unit-norm")
-        return " ".join(words)
+        if "device" in settings:  # a resumed index runs where it started
+            words += ["--device", str(settings["device"])]
+        return shlex.join(words)
 
     def open_index(self) -> VectorStore:
         """The run's finished index, its marker, manifest and every shard's checksum verified, and its settings
@@ -966,7 +982,7 @@ class Run:
             if not self.has_index() and (self.index_manifest() or {}).get("precondition") == "empirical":
                 raise RuntimeError(
                     f"{self.folder / 'index'} is an unfinished --precondition empirical index (no {MARKER}): finish "
-                    f"it with `{self.index_command()}`, or delete it to score with the fitted method"
+                    f"it with `{self.index_command()}`, or delete it to score without the index"
                 )
             if not self.method_fitted and not (self.vectors() is not None and self.has_index()):
                 raise RuntimeError(
