@@ -515,14 +515,20 @@ class ProjectedInfluence:
 
         self.curvature.fit_gradients(blocks, self.curvature_shapes())
 
-    def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``(F~ + lambda I)^-1`` applied to projected rows ``{module: (b, k)}`` (identity without curvature)."""
-        if not self.use_curvature:
-            return grads
-        if not self.curvature.state:
-            raise RuntimeError(f"{self.name}: call fit(train) before scoring (or pass curvature=False)")
-        shapes = self.curvature_shapes()
-        blocks = self.curvature.precondition({n: g.reshape(g.shape[0], *shapes[n]) for n, g in grads.items()})
+    def precondition(
+        self, grads: dict[str, torch.Tensor], curvature: Curvature | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``(F~ + lambda I)^-1`` applied to projected rows ``{module: (b, k)}``: this method's fitted curvature
+        (identity without curvature), or ``curvature``, another fitted projected curvature of these modules
+        (e.g. :meth:`row_curvature`), each row reshaped to the curvature's (virtual) module shape."""
+        if curvature is None:
+            if not self.use_curvature:
+                return grads
+            if not self.curvature.state:
+                raise RuntimeError(f"{self.name}: call fit(train) before scoring (or pass curvature=False)")
+            curvature = self.curvature
+        shapes = {name: (out, inp) for name, out, inp in curvature.modules}
+        blocks = curvature.precondition({n: g.reshape(g.shape[0], *shapes[n]) for n, g in grads.items()})
         return {n: g.reshape(g.shape[0], -1) for n, g in blocks.items()}
 
     def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -645,10 +651,9 @@ class ProjectedInfluence:
             queries, self.attributor.query_loss_fn(), "projected query gradients"
         ):
             ids += batch_ids
-            if curvature is not None:
-                blocks = curvature.precondition({n: g.unsqueeze(1) for n, g in grads.items()})  # (b, 1, k)
-                grads = {n: g.reshape(g.shape[0], -1) for n, g in blocks.items()}
-            parts.append(flatten_blocks(grads, self.module_names))
+            parts.append(
+                flatten_blocks(grads if curvature is None else self.precondition(grads, curvature), self.module_names)
+            )
         rows = torch.cat(parts)
         return ids, torch.nn.functional.normalize(rows, dim=1) if unit else rows
 
@@ -662,14 +667,14 @@ class ProjectedInfluence:
         and the sums are all-reduced. ``ValueError`` for no rows; the Fisher's memory is checked first
         (:meth:`check_memory`)."""
         self.check_memory(0, fit=False, row_fisher=True)
-        shapes = [(n, (k,)) for n, k in self.dims().items()]
+        layout = self.vector_blocks()
 
         def blocks() -> Iterator[dict[str, torch.Tensor]]:
             for flat in rows():
-                yield {n: b.unsqueeze(1) for n, b in split_rows(flat.double(), shapes).items()}  # (b, 1, k)
+                yield {n: b.unsqueeze(1) for n, b in split_rows(flat, layout).items()}  # (b, 1, k); summed in float64
 
         exact = make_curvature("exact", self.damping, self.damping_factor, blocks="module")
-        return exact.fit_gradients(blocks, {n: (1, k) for n, k in self.dims().items()})
+        return exact.fit_gradients(blocks, {n: (1, k) for n, (k,) in layout})
 
     def metadata(self) -> dict[str, Any]:
         return {
