@@ -107,6 +107,20 @@ def measure(name: str, source, queries, kinds: list[str]) -> list[dict]:
     return out
 
 
+def load_store(path: Path):
+    """The store ``index_scale.py --out`` wrote at ``path``: ``(store, rows, queries, query_ids)``, ``rows`` its
+    ``(count, dim)`` float32 array, ``queries`` the ``(n_query, dim)`` query vectors saved beside it."""
+    import numpy as np
+
+    from wherefrom.core.store import load_tensors_checked
+    from wherefrom.core.vectors import VectorStore
+
+    store = VectorStore.open(path)
+    tensors, meta = load_tensors_checked(queries_path(path))
+    rows = np.concatenate([shard.float().numpy() for _start, shard in store.shards()])
+    return store, rows, tensors["vectors"], json.loads(meta["ids"])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     quiet_threads(args.threads)
@@ -114,14 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     import faiss
     import numpy as np
 
-    from wherefrom.core.store import load_tensors_checked
-    from wherefrom.core.vectors import VectorStore
-
     faiss.omp_set_num_threads(args.threads)
-    store = VectorStore.open(args.store)
-    tensors, meta = load_tensors_checked(queries_path(args.store))
-    queries, query_ids = tensors["vectors"], json.loads(meta["ids"])
-    rows = np.concatenate([shard.float().numpy() for _start, shard in store.shards()])
+    store, rows, queries, query_ids = load_store(args.store)
     duplicates = len(rows) - len(np.unique(rows, axis=0))
     synthetic, shares = gaussian_like(rows, args.seed)
     results = []

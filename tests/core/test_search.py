@@ -194,11 +194,14 @@ def clustered(count: int, dim: int, clusters: int, seed: int) -> tuple[torch.Ten
     return rows, queries
 
 
-@pytest.mark.parametrize("kind", ["ivf", "ivf-sq8", "hnsw"])
-def test_faiss_recall_at_10_on_clustered_data(kind):
+@pytest.mark.parametrize(
+    "kind, graph",
+    [("ivf", "inner-product"), ("ivf-sq8", "inner-product"), ("hnsw", "inner-product"), ("hnsw", "angular")],
+)
+def test_faiss_recall_at_10_on_clustered_data(kind, graph):
     rows, queries = clustered(4000, 32, 40, seed=3)
     source = Rows(rows, 512)
-    settings = FaissSettings(kind=kind, nprobe=8, ef_search=64)  # approximate: 8 of 63 cells, 64 candidates
+    settings = FaissSettings(kind=kind, nprobe=8, ef_search=64, graph=graph)  # 8 of 63 cells
     index = build_faiss_index(source, settings)
     for opponents in (False, True):
         approximate = faiss_top_k(index, source.ids, queries, 10, opponents, settings=settings)
@@ -206,6 +209,45 @@ def test_faiss_recall_at_10_on_clustered_data(kind):
         assert float(recall_at_k(approximate, exact).mean()) >= 0.9
         hits = approximate.rows == exact.rows
         torch.testing.assert_close(approximate.scores[hits], exact.scores[hits], atol=0.05, rtol=0.01)
+
+
+def test_angular_hnsw_links_rows_by_angle_keeps_the_rows_and_scores_exactly(tmp_path):
+    """``graph=angular``: the graph is the inner-product graph of the unit rows (same links, one thread: FAISS
+    builds an HNSW graph deterministically then), not that of the rows (rows of unequal norms: other links); the
+    index keeps the rows bit for bit, so the scores it returns are the rows' inner products; the graph keys the
+    saved index (the other graph is rebuilt, not loaded)."""
+    rows, queries = clustered(600, 16, 6, seed=5)
+    rows = rows * torch.exp(1.5 * torch.randn(600, 1, generator=torch.Generator().manual_seed(6)))
+    source = Rows(rows, 128)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        settings = FaissSettings(kind="hnsw", graph="angular", m=8)
+        angular = build_faiss_index(source, settings, tmp_path / "faiss-hnsw.safetensors")
+        links = {}
+        for name, matrix in (("unit", torch.nn.functional.normalize(rows, dim=1)), ("raw", rows)):
+            reference = faiss.IndexHNSWFlat(16, 8, faiss.METRIC_INNER_PRODUCT)
+            reference.hnsw.efConstruction = settings.ef_construction
+            for first in range(0, 600, 128):
+                reference.add(matrix[first : first + 128].numpy())
+            links[name] = torch.from_numpy(faiss.vector_to_array(reference.hnsw.neighbors))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    graph = torch.from_numpy(faiss.vector_to_array(angular.hnsw.neighbors))
+    assert torch.equal(graph, links["unit"]) and not torch.equal(graph, links["raw"])
+    assert torch.equal(torch.from_numpy(angular.reconstruct_n(0, 600)), rows)
+    for opponents in (False, True):
+        found = faiss_top_k(angular, source.ids, queries, 10, opponents, settings=settings)
+        expected = (queries[:, None, :] * rows[found.rows]).sum(-1)
+        torch.testing.assert_close(found.scores, expected, rtol=1e-5, atol=1e-4)
+        exact = exact_top_k(source, queries, 10, opponents)
+        assert float(recall_at_k(found, exact, source, queries).mean()) >= 0.9
+    path = tmp_path / "faiss-hnsw.safetensors"
+    stamp = path.stat().st_mtime_ns
+    build_faiss_index(source, settings, path)
+    assert path.stat().st_mtime_ns == stamp
+    build_faiss_index(source, FaissSettings(kind="hnsw", m=8), path)
+    assert path.stat().st_mtime_ns != stamp
 
 
 def test_recall_counts_duplicate_rows_as_ties():
@@ -356,7 +398,9 @@ def test_options_a_kind_does_not_use_are_refused_and_do_not_key_its_saved_index(
         faiss_settings({"kind": "pq", "nprobe": 4})
     with pytest.raises(OptionError, match=r"kind=ivf does not use option\(s\) \['ef_search', 'pq_m'\]"):
         faiss_settings({"ef_search": 8, "pq_m": 4})
-    assert faiss_settings({"kind": "hnsw", "m": 8, "ef_search": 16}).m == 8
+    with pytest.raises(OptionError, match=r"kind=ivf does not use option\(s\) \['graph'\]"):
+        faiss_settings({"graph": "angular"})
+    assert faiss_settings({"kind": "hnsw", "m": 8, "ef_search": 16, "graph": "angular"}).graph == "angular"
     rows, _ = clustered(200, 16, 4, seed=13)
     path = tmp_path / "faiss-pq.safetensors"
     build_faiss_index(Rows(rows, 64), FaissSettings(kind="pq"), path)

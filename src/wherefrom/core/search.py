@@ -29,7 +29,9 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
   row's 4-bit code of ``dim / 2`` sub-vectors scanned, then the same exact re-ranking: memory of the
   float32 rows plus ``dim / 4`` bytes per row; preconditioned rows are nearly white, so their best rows are spread over every IVF cell
   and only a scan of every row finds them: ``benchmarks/results/query-latency-pq.md``) or ``hnsw`` (Malkov &
-  Yashunin 2018, graph of ``M`` links per row, ``ef_search`` candidates per search). Opponents are
+  Yashunin 2018, graph of ``M`` links per row, ``ef_search`` candidates per search; ``graph``: each row linked
+  to the rows of largest inner product, as ip-NSW, or to the rows of smallest angle, after Liu et al. 2020's
+  angular graph, then searched by inner product). Opponents are
   searched as proponents of ``-q``. The index is built from the source in one streamed pass after
   k-means training on a strided sample, saved atomically with its checksum beside the store
   (:func:`wherefrom.core.store.save_tensors_checked`) and reused while the store and the settings
@@ -102,6 +104,7 @@ JOHNSON_2019 = "Johnson, Douze & Jegou 2019, Billion-scale similarity search wit
 JEGOU_2011 = "Jegou, Douze & Schmid 2011, Product quantization for nearest neighbor search"
 ANDRE_2017 = "Andre, Kermarrec & Le Scouarnec 2017, Accelerated nearest neighbor search with Quick ADC"
 MALKOV_2018 = "Malkov & Yashunin 2018, Efficient and robust approximate nearest neighbor search using HNSW graphs"
+LIU_2020 = "Liu, Yan, Dai, Li, Cheng & Yang 2020, Understanding and improving proximity graph-based maximum inner product search"
 
 logger = logging.getLogger(__name__)
 
@@ -365,6 +368,7 @@ class FaissSettings:
     m: int = 32
     ef_construction: int = 80
     ef_search: int = 128
+    graph: Literal["inner-product", "angular"] = "inner-product"
     train_per_list: int = 64
     pq_m: int | None = None
     refine: int = 1024
@@ -416,6 +420,12 @@ FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
     OptionSpec("m", low=2, help="HNSW links per row", source=MALKOV_2018),
     OptionSpec("ef_construction", low=1, help="HNSW candidates while building", source=MALKOV_2018),
     OptionSpec("ef_search", low=1, help="HNSW candidates per search (recall vs latency)", source=MALKOV_2018),
+    OptionSpec(
+        "graph",
+        help="HNSW links by inner product (ip-NSW) | angular (links by the angle between rows, searched by inner "
+        "product: for raw rows searched with preconditioned queries, an empirical index)",
+        source=LIU_2020,
+    ),
     OptionSpec("train_per_list", low=1, help="IVF k-means training rows per cell (a strided sample)"),
     OptionSpec(
         "pq_m", low=1, help="ivf-pq, pq: 4-bit PQ sub-quantizers per row (default dim/8, pq: dim/2)", source=ANDRE_2017
@@ -437,7 +447,7 @@ KIND_OPTIONS: dict[str, tuple[str, ...]] = {
     "ivf-sq8": ("nlist", "train_per_list", "nprobe"),
     "ivf-pq": ("nlist", "train_per_list", "pq_m", "nprobe", "refine"),
     "pq": ("pq_m", "refine"),
-    "hnsw": ("m", "ef_construction", "ef_search"),
+    "hnsw": ("m", "ef_construction", "graph", "ef_search"),
 }
 """The settings each ``kind`` uses (besides ``kind``): another given to it is refused, and only these key its
 saved index."""
@@ -517,6 +527,22 @@ def _train_quietly(index, sample: np.ndarray) -> None:
     index.train(sample)
 
 
+def _add_angular(index, source: RowSource) -> None:
+    """Add the rows of ``source`` to an empty HNSW ``index`` linked by angle: the graph is built on the unit rows,
+    then a second pass overwrites its stored rows with the rows themselves (bit for bit), so a search walks the
+    angular graph ranking by inner product and returns exact scores. Why: an inner-product graph links rows
+    mostly to rows of large norm (Liu et al. 2020); where the best rows of a query are not those (raw rows,
+    preconditioned queries) it leaves rows unreachable: ``benchmarks/results/hnsw_graph.md``."""
+    faiss = _faiss()
+    for _, shard in source.shards():
+        unit = torch.nn.functional.normalize(shard.to(torch.float32), dim=1)  # a zero row stays zero
+        index.add(np.ascontiguousarray(unit.numpy()))
+    stored = faiss.rev_swig_ptr(faiss.downcast_index(index.storage).get_xb(), source.count * source.dim)
+    stored = stored.reshape(source.count, source.dim)
+    for first, shard in source.shards():
+        stored[first : first + len(shard)] = shard.to(torch.float32).numpy()
+
+
 def build_faiss_index(
     source: RowSource, settings: FaissSettings | None = None, path: Path | None = None, store_key: str | None = None
 ):
@@ -561,8 +587,11 @@ def build_faiss_index(
                 quantizer, dim, lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
             )
         index.train(_training_sample(source, lists * settings.train_per_list))
-    for _, shard in source.shards():
-        index.add(np.ascontiguousarray(shard.to(torch.float32).numpy()))
+    if settings.graph == "angular" and settings.kind == "hnsw":
+        _add_angular(index, source)
+    else:
+        for _, shard in source.shards():
+            index.add(np.ascontiguousarray(shard.to(torch.float32).numpy()))
     if path is not None:
         path = Path(path)
         with writer_lock(path.parent):
@@ -677,7 +706,7 @@ class SearchReport:
             if recall < RECALL_HINT:
                 line += (
                     f"; below {RECALL_HINT}: raise nprobe, refine or ef_search, or for preconditioned (nearly white) "
-                    "rows use kind=pq"
+                    "rows use kind=pq, for kind=hnsw on raw rows with preconditioned queries graph=angular"
                 )
         return line
 

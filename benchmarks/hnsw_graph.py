@@ -1,0 +1,151 @@
+"""HNSW on real gradient stores: the inner-product graph against the angular graph (``--search-option
+graph=angular``), and why the first fails on some stores.
+
+``real_recall.py`` found the default HNSW index (``graph=inner-product``) at recall@10 0.72 on the empirical
+all-MLP store, where IVF reached 0.97. An inner-product graph links each row mostly to rows of large norm
+(Liu et al. 2020, "Understanding and improving proximity graph-based maximum inner product search"); that
+suits a search whose best rows are of large norm ("norm bias"), not one whose best rows are not. Per store
+(stores and queries written by ``index_scale.py --out``) this records:
+
+* the norm bias: the share of the exact top-10 rows (proponents, opponents) among the 5% of rows of largest
+  norm (0.05 is no bias);
+* per graph and ``ef_construction``: the build time, the rows no level-0 link reaches (only an entry point can
+  return them), and for each ``ef_search`` the recall@10 of proponents and opponents against the exact search
+  (ties counted, :func:`wherefrom.core.search.recall_at_k`) with the time per query (queries searched as one
+  batch). Other settings: :class:`wherefrom.core.search.FaissSettings` defaults (``m = 32``).
+
+Usage::
+
+    python benchmarks/hnsw_graph.py --stores .cache/index-real-empirical,.cache/index-mlp4,.cache/index-mlp4-fit512
+
+Writes ``benchmarks/results/hnsw_graph.{md,json}`` (``--name``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from common import command_line, quiet_threads, uptime, write_results
+from query_latency import K, MemmapRows, sweep
+from real_recall import load_store
+
+GRAPHS = ("inner-product", "angular")
+TOP_NORM = 0.05
+"""The share of rows of largest norm the norm bias is measured against."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stores", type=lambda t: [Path(s) for s in t.split(",")], required=True)
+    p.add_argument("--ef-construction", type=lambda t: [int(v) for v in t.split(",")], default=[40, 80, 160])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--name", default="hnsw_graph")
+    return p.parse_args(argv)
+
+
+def unreachable(index) -> int:
+    """Rows of an HNSW ``index`` that no level-0 link points to."""
+    import faiss
+    import numpy as np
+
+    graph = index.hnsw
+    links, offsets = faiss.vector_to_array(graph.neighbors), faiss.vector_to_array(graph.offsets)
+    level0 = graph.nb_neighbors(0)
+    starts = offsets[: index.ntotal].astype(np.int64)
+    targets = links[(starts[:, None] + np.arange(level0)).ravel()]
+    reached = np.zeros(index.ntotal, bool)
+    reached[targets[targets >= 0]] = True
+    return int((~reached).sum())
+
+
+def norm_bias(rows, queries) -> dict[str, float]:
+    """Share of each end's exact top-``K`` rows among the ``TOP_NORM`` share of rows of largest norm."""
+    import numpy as np
+
+    norms = np.linalg.norm(rows, axis=1)
+    large = norms >= np.quantile(norms, 1 - TOP_NORM)
+    scores = queries.numpy() @ rows.T
+    return {
+        end: float(large[np.argsort(-sign * scores, axis=1)[:, :K]].mean())
+        for end, sign in (("proponents", 1), ("opponents", -1))
+    }
+
+
+def measure(path: Path, efcs: list[int]) -> dict:
+    import numpy as np
+
+    from wherefrom.core.search import FaissSettings, build_faiss_index, exact_top_k, faiss_top_k, recall_at_k
+
+    store, rows, queries, _ids = load_store(path)
+    out = {"store": str(path), "rows": store.count, "dim": store.dim, "bias": norm_bias(rows, queries), "runs": []}
+    with tempfile.TemporaryDirectory(prefix="hnsw_graph_") as tmp:
+        np.save(Path(tmp) / "rows.npy", rows)
+        source = MemmapRows(Path(tmp) / "rows.npy")
+        truth = [exact_top_k(source, queries, K, end) for end in (False, True)]
+        for efc in efcs:
+            for graph in GRAPHS:
+                start = time.perf_counter()
+                index = build_faiss_index(source, FaissSettings(kind="hnsw", graph=graph, ef_construction=efc))
+                run = {"graph": graph, "ef_construction": efc, "build_s": time.perf_counter() - start}
+                run.update(unreachable=unreachable(index), searches=[])
+                for values in sweep("hnsw"):
+                    settings = FaissSettings(kind="hnsw", graph=graph, **values)
+                    start = time.perf_counter()
+                    found = [
+                        faiss_top_k(index, source.ids, queries, K, end, settings=settings) for end in (False, True)
+                    ]
+                    per_query = (time.perf_counter() - start) / (2 * len(queries))
+                    recall = [float(recall_at_k(f, t, source, queries).mean()) for f, t in zip(found, truth)]
+                    run["searches"].append(
+                        {**values, "ms": per_query * 1000, "proponents": recall[0], "opponents": recall[1]}
+                    )
+                out["runs"].append(run)
+                print(json.dumps({"store": str(path), **run}), flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    quiet_threads(args.threads)
+    load_before = uptime()
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    results = [measure(path, args.ef_construction) for path in args.stores]
+    markdown = [
+        "# HNSW on real gradient stores: inner-product graph against angular graph",
+        "",
+        f"Recall@{K} against the exact search (ties counted; mean over queries) of proponents / opponents, ms per "
+        f"query (each end's queries searched as one batch, {args.threads} thread(s)); `unreachable`: rows no level-0 "
+        f"link points to; norm bias: share of the exact top-{K} among the {TOP_NORM:.0%} of rows of largest norm "
+        f"({TOP_NORM:.2f} is none). `m = 32`.",
+    ]
+    for r in results:
+        markdown += [
+            "",
+            f"## `{r['store']}`: {r['rows']:,} rows of {r['dim']:,}; norm bias proponents "
+            f"{r['bias']['proponents']:.3f}, opponents {r['bias']['opponents']:.3f}",
+            "",
+            "| graph | ef_construction | build s | unreachable | "
+            + " | ".join(f"ef_search={s['ef_search']}" for s in r["runs"][0]["searches"])
+            + " |",
+            "|---|---|---|---|" + "---|" * len(r["runs"][0]["searches"]),
+        ]
+        for run in r["runs"]:
+            cells = [f"{s['proponents']:.3f} / {s['opponents']:.3f} ({s['ms']:.2f} ms)" for s in run["searches"]]
+            markdown.append(
+                f"| {run['graph']} | {run['ef_construction']} | {run['build_s']:.1f} | {run['unreachable']} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    path = write_results(args.name, markdown, {"stores": results}, command_line("hnsw_graph.py", argv), load_before)
+    print("\n".join(markdown))
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
