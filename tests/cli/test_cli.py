@@ -53,6 +53,12 @@ def test_fit_index_scores_query(workspace):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     ids = json.loads((root / "run" / "scores" / "indexed.json").read_text())
     assert len(ids["train_ids"]) == 20 and len(ids["query_ids"]) == 3
+    from wherefrom.core.vectors import VectorStore
+
+    store = VectorStore.open(root / "run" / "index")
+    assert ids["provenance"] == {"train_side": "index", "dtype": store.dtype, "store": store.content_key()}
+    recomputed = json.loads((root / "run" / "scores" / "streamed.json").read_text())["provenance"]
+    assert recomputed == {"train_side": "recomputed"}
 
     result = invoke(
         "query",

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from tests.cli.conftest import invoke
 from wherefrom.core.data import load_records
+from wherefrom.core.vectors import VectorStore
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import make_method
 from wherefrom.models.loading import load_model
@@ -41,6 +42,15 @@ def test_fit_method_then_scores_from_another_directory(workspace, tmp_path, monk
     train, queries = load_records(workspace / "train.jsonl"), load_records(workspace / "queries.jsonl")
     chosen.fit(train)
     assert torch.equal(saved, chosen.scores(queries, train).total)
+    provenance = json.loads((tmp_path / "run" / "scores" / "q.json").read_text())["provenance"]
+    assert provenance == {"train_side": "recomputed"}
+    if method == "trak":  # scored from its float16 index: recorded so
+        assert invoke("index", "--run", "run", "--dtype", "float16").exit_code == 0
+        assert invoke("scores", "--run", "run", "--queries", workspace / "queries.jsonl", "--name", "i").exit_code == 0
+        provenance = json.loads((tmp_path / "run" / "scores" / "i.json").read_text())["provenance"]
+        store = VectorStore.open(tmp_path / "run" / "index")
+        expected = {"precondition": "fitted", "unit_norm": False, "dtype": "float16", "store": store.content_key()}
+        assert provenance == {"train_side": "index", **expected}
 
     report = invoke("query", "--run", "run", "x ->", " sort", "--json", "--top-k", "2")
     assert report.exit_code == 0, report.output

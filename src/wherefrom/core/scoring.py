@@ -145,10 +145,16 @@ def check_finite(scores: Scores) -> Scores:
 
 
 def save_scores(
-    scores: Scores, folder: Path, name: str, labels: Mapping[str, str | None] | None = None, top_k: int = 10
+    scores: Scores,
+    folder: Path,
+    name: str,
+    labels: Mapping[str, str | None] | None = None,
+    top_k: int = 10,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``<name>.safetensors`` (``total``, ``per_module``) and ``<name>.json`` (ids, modules, and the
-    training rows' ``train_labels`` when ``labels`` maps their ids to labels) atomically, with their
+    """Write ``<name>.safetensors`` (``total``, ``per_module``) and ``<name>.json`` (ids, modules, the
+    training rows' ``train_labels`` when ``labels`` maps their ids to labels, and ``provenance``, e.g. where the
+    training side came from, :meth:`wherefrom.engine.run.Run.scores_provenance`, when given) atomically, with their
     checksums recorded in ``folder/checksums.json`` (:mod:`wherefrom.core.store`); then
     ``<name>.top.csv`` (:func:`top_rows`, ``top_k`` per query and kind) for a spreadsheet or pandas.
 
@@ -162,6 +168,8 @@ def save_scores(
     ids = {"query_ids": scores.query_ids, "train_ids": scores.train_ids, "modules": scores.module_names}
     if labels is not None:
         ids["train_labels"] = [labels.get(i) for i in scores.train_ids]
+    if provenance is not None:
+        ids["provenance"] = dict(provenance)
     write_json_checked({**ids, "sign": "positive = proponent"}, Path(folder) / f"{name}.json")
     write_top_csv(scores, Path(folder) / f"{name}.top.csv", top_k, labels or {})
     return path

@@ -988,14 +988,14 @@ class Run:
                 raise RuntimeError(
                     f"no fitted {self.config.method} in {self.folder / 'method'}; run `wherefrom fit` first"
                 )
-            if (self.vectors() is not None or self.checkpoint_method() is not None) and self.has_index():
+            if self.scores_from_index():
                 return self.store_scores(queries, self.open_index())
             return self.method.scores(queries, self.train)
         self.attributor.check_scoring_memory(len(queries), len(self.train))
         curvature = curvature or self.attributor.curvature
         if curvature.needs_fit and not curvature.state:
             raise RuntimeError(f"no fitted curvature in {self.folder / 'factors'}; run `wherefrom fit` first")
-        store = self.open_index() if self.has_index() else None  # a damaged index refused before the query work
+        store = self.open_index() if self.scores_from_index() else None  # a damaged one refused before the query work
         query_ids, pre = self.attributor.preconditioned_queries(queries, curvature)
         if store is not None:
             train = self.indexed_gradients(store, shards_for_rank(store.shard_count))
@@ -1006,6 +1006,23 @@ class Run:
             return part
         train_ids, per_module = gather_columns(part.train_ids, part.per_module, [r.id for r in self.train])
         return Scores(query_ids, train_ids, part.module_names, per_module) if is_main() else None
+
+    def scores_from_index(self) -> bool:
+        """Whether :meth:`scores` reads the training side from the run's finished index (an indexable run with
+        one, :meth:`indexable`) rather than recomputing it."""
+        return self.indexable() and self.has_index()
+
+    def scores_provenance(self) -> dict[str, Any]:
+        """Where :meth:`scores` takes the training side from, recorded in ``scores/<name>.json``:
+        ``{"train_side": "index", "dtype", "store"}`` with the ``precondition`` and ``unit_norm`` the index
+        recorded (a vector or tracin run's, or ``adam``; an influence run's raw gradients record none), ``store``
+        the index's :meth:`wherefrom.core.vectors.VectorStore.content_key` (its rows are rounded to ``dtype``), or
+        ``{"train_side": "recomputed"}`` (gradients, vectors or the method's fitted state, in float32)."""
+        if not self.scores_from_index():
+            return {"train_side": "recomputed"}
+        store = VectorStore.open(self.folder / "index")
+        recorded = {key: store.settings[key] for key in ("precondition", "unit_norm") if key in store.settings}
+        return {"train_side": "index", **recorded, "dtype": store.dtype, "store": store.content_key()}
 
     def query_vectors(self, queries: list[Record], store: VectorStore) -> tuple[list[str], torch.Tensor]:
         """``(ids, (n_query, store.dim))``: ``queries`` in the layout of the run's index rows, so that a score
@@ -1045,7 +1062,8 @@ class Run:
         return Scores(query_ids, list(store.ids), [n for n, _ in blocks], torch.cat(columns, dim=2))
 
     def save_scores(self, scores: Scores, name: str) -> Path:
-        """Write ``scores/<name>.safetensors`` and ``scores/<name>.json`` (see :func:`wherefrom.core.scoring.save_scores`)
-        under the run's writer lock."""
+        """Write ``scores/<name>.safetensors`` and ``scores/<name>.json`` (see :func:`wherefrom.core.scoring.save_scores`,
+        with :meth:`scores_provenance` under ``provenance``) under the run's writer lock."""
         with writer_lock(self.folder):
-            return save_scores(scores, self.folder / "scores", name, labels={row.id: row.label for row in self.train})
+            labels = {row.id: row.label for row in self.train}
+            return save_scores(scores, self.folder / "scores", name, labels, provenance=self.scores_provenance())
