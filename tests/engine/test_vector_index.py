@@ -17,8 +17,9 @@ from wherefrom.core.data import load_records
 from wherefrom.core.memory import MemoryLimitError
 from wherefrom.core.store import DamagedFile, SettingsMismatch, is_intact
 from wherefrom.core.vectors import VectorStore
-from wherefrom.engine.api import AttributionConfig
+from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.engine.run import Run, RunConfig
+from wherefrom.methods import projection
 from wherefrom.methods.registry import make_method
 from wherefrom.models.loading import load_model
 from wherefrom.models.tiny import save_tiny
@@ -258,6 +259,19 @@ def test_empirical_index_checks_the_fishers_memory_first_and_refuses_to_replace_
     empirical = fitted(workspace, tmp_path / "empirical", "logra", {**LOGRA, "fisher": "empirical"})
     empirical.build_index(shard_size=4, precondition="empirical")
     assert not empirical.notices
+
+
+def test_the_row_fishers_memory_is_checked_on_the_cpu_where_the_rows_are_summed(workspace, tmp_path, monkeypatch):
+    """The stored rows are read and their Fisher summed on the CPU: its memory is checked there, even for a run
+    whose passes run on a GPU (their memory is checked on the GPU)."""
+    config = RunConfig.for_method("trak", str(workspace / "train.jsonl"), ATTRIBUTION, {"dim": 8}, device="cpu")
+    method = Run.create(tmp_path / "run", replace(config, model=str(workspace / "model"))).vectors()
+    checked = []
+    monkeypatch.setattr(projection, "check_memory", lambda needs, what, device, hint: checked.append((what, device)))
+    monkeypatch.setattr(Attributor, "device", property(lambda self: torch.device("cuda")))
+    method.check_row_fisher_memory()
+    method.check_memory(0, fit=True)
+    assert checked == [("trak (Fisher of the stored rows)", "cpu"), ("trak (fit)", torch.device("cuda"))]
 
 
 def test_cli_empirical_index_of_a_run_fitted_without_curvature(workspace, tmp_path):

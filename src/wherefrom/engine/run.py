@@ -800,7 +800,7 @@ class Run:
                 "empirical Fisher of the stored rows (other scores); index it with --precondition fitted, or "
                 "fit a run with --option curvature=false (or --fisher empirical) for --precondition empirical"
             )
-        vectors.check_memory(0, fit=False, row_fisher=True)  # the k x k Fisher fitted after the pass, checked now
+        vectors.check_row_fisher_memory()  # the k x k Fisher fitted after the pass, checked now
 
     def check_adam(self, precondition: str, optimizer_checkpoint: str | Path | None) -> None:
         """Refuse ``--precondition adam`` (or ``--optimizer-checkpoint``) where it does not apply, naming why and

@@ -72,6 +72,9 @@ __all__ = ["KroneckerProjection", "ProjectedInfluence", "Projection", "RandomPro
 
 Kind = Literal["gaussian", "rademacher"]
 
+MEMORY_HINT = "Lower the projected dimension or track fewer modules."
+"""What a memory refusal of a projected method says to change."""
+
 
 def _seed(*parts: Any) -> int:
     """A 63-bit seed from any parts (stable across runs and platforms, unlike ``hash``)."""
@@ -373,12 +376,11 @@ class ProjectedInfluence:
             return self.projection.dim_for(shape, name)
         return self.projection.dim_for(shape)
 
-    def check_memory(self, rows: int, fit: bool, row_fisher: bool = False) -> int:
-        """Bytes this method holds for ``rows`` rows, checked before the first pass: the projection
+    def check_memory(self, rows: int, fit: bool) -> int:
+        """Bytes this method holds for ``rows`` rows on its device, checked before the first pass: the projection
         matrices, ``rows`` projected gradients ``(rows, k)`` float32 (parts and joined), and with
-        ``fit`` each module's ``k x k`` Fisher (float64 sum, inverse and inversion workspace; float32 F~);
-        with ``row_fisher`` that dense Fisher as :meth:`row_curvature` fits it, whether or not this method
-        uses a curvature. Raises :class:`wherefrom.core.memory.MemoryLimitError` naming the part."""
+        ``fit`` each module's ``k x k`` Fisher (:meth:`fisher_bytes`).
+        Raises :class:`wherefrom.core.memory.MemoryLimitError` naming the part."""
         shapes = {m.name: tuple(m.shape) for m in self.attributor.modules}
         dims = self.dims()
         needs = {
@@ -393,15 +395,23 @@ class ProjectedInfluence:
                 needs[f"{name}: projected Kronecker factors ({k_out} x {k_out}, {k_in} x {k_in})"] = 3 * nbytes(
                     k_out * k_out + k_in * k_in + k_out * k_in, dtype=torch.float64
                 )
-        elif (fit and self.use_curvature) or row_fisher:
-            for name, k in dims.items():
-                needs[f"{name}: projected Fisher ({k} x {k})"] = 4 * nbytes(k, k, dtype=torch.float64) + nbytes(k, k)
-        return check_memory(
-            needs,
-            f"{self.name} ({'fit' if fit or row_fisher else 'scores'})",
-            self.attributor.device,
-            "Lower the projected dimension or track fewer modules.",
-        )
+        elif fit and self.use_curvature:
+            needs.update(self.fisher_bytes())
+        return check_memory(needs, f"{self.name} ({'fit' if fit else 'scores'})", self.attributor.device, MEMORY_HINT)
+
+    def fisher_bytes(self) -> dict[str, int]:
+        """``{part: bytes}`` of each module's dense ``k x k`` projected Fisher as the ``exact`` strategy fits it
+        (float64 sum, inverse and inversion workspace; float32 F~)."""
+        return {
+            f"{name}: projected Fisher ({k} x {k})": 4 * nbytes(k, k, dtype=torch.float64) + nbytes(k, k)
+            for name, k in self.dims().items()
+        }
+
+    def check_row_fisher_memory(self) -> int:
+        """Bytes of the Fisher :meth:`row_curvature` fits, whether or not this method uses a curvature, checked
+        against the CPU's memory (the stored rows are read and summed there, whatever this method's device).
+        Raises :class:`wherefrom.core.memory.MemoryLimitError` naming the part."""
+        return check_memory(self.fisher_bytes(), f"{self.name} (Fisher of the stored rows)", "cpu", MEMORY_HINT)
 
     # --- projected gradients ------------------------------------------------------------------
     def projected_gradients(
@@ -661,12 +671,12 @@ class ProjectedInfluence:
         """The empirical projected Fisher of stored rows: ``F~ = mean_n G~_n G~_n^T`` per module block of
         ``rows()`` (raw projected training gradients ``(b, sum k)`` in :meth:`vector_blocks`' layout, e.g. the
         shards of an index built with ``precondition=False``), damped with this method's ``damping`` /
-        ``damping_factor`` and inverted by the ``exact`` strategy in float64: the curvature :meth:`fit` gives
+        ``damping_factor`` and inverted by the ``exact`` strategy in float64 on the rows' device: the curvature :meth:`fit` gives
         with ``fisher="empirical"`` on the same rows (LoGra, Choe et al. 2024, and Bergson precondition with the
         training gradients' own second moment). Under ``torch.distributed`` each process passes its own rows
         and the sums are all-reduced. ``ValueError`` for no rows; the Fisher's memory is checked first
-        (:meth:`check_memory`)."""
-        self.check_memory(0, fit=False, row_fisher=True)
+        (:meth:`check_row_fisher_memory`)."""
+        self.check_row_fisher_memory()
         layout = self.vector_blocks()
 
         def blocks() -> Iterator[dict[str, torch.Tensor]]:
