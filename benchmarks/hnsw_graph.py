@@ -62,17 +62,14 @@ def unreachable(index) -> int:
     return int((~reached).sum())
 
 
-def norm_bias(rows, queries) -> dict[str, float]:
-    """Share of each end's exact top-``K`` rows among the ``TOP_NORM`` share of rows of largest norm."""
+def norm_bias(rows, found) -> float:
+    """Share of the rows ``found`` (:class:`wherefrom.core.search.SearchResult` of the exact search) among the
+    ``TOP_NORM`` share of ``rows`` of largest norm."""
     import numpy as np
 
     norms = np.linalg.norm(rows, axis=1)
     large = norms >= np.quantile(norms, 1 - TOP_NORM)
-    scores = queries.numpy() @ rows.T
-    return {
-        end: float(large[np.argsort(-sign * scores, axis=1)[:, :K]].mean())
-        for end, sign in (("proponents", 1), ("opponents", -1))
-    }
+    return float(large[found.rows.numpy()].mean())
 
 
 def measure(path: Path, efcs: list[int]) -> dict:
@@ -81,11 +78,12 @@ def measure(path: Path, efcs: list[int]) -> dict:
     from wherefrom.core.search import FaissSettings, build_faiss_index, exact_top_k, faiss_top_k, recall_at_k
 
     store, rows, queries, _ids = load_store(path)
-    out = {"store": str(path), "rows": store.count, "dim": store.dim, "bias": norm_bias(rows, queries), "runs": []}
+    out = {"store": str(path), "rows": store.count, "dim": store.dim, "runs": []}
     with tempfile.TemporaryDirectory(prefix="hnsw_graph_") as tmp:
         np.save(Path(tmp) / "rows.npy", rows)
         source = MemmapRows(Path(tmp) / "rows.npy")
         truth = [exact_top_k(source, queries, K, end) for end in (False, True)]
+        out["bias"] = {end: norm_bias(rows, found) for end, found in zip(("proponents", "opponents"), truth)}
         for efc in efcs:
             for graph in GRAPHS:
                 start = time.perf_counter()

@@ -56,7 +56,8 @@ def test_fit_index_scores_query(workspace):
     from wherefrom.core.vectors import VectorStore
 
     store = VectorStore.open(root / "run" / "index")
-    assert ids["provenance"] == {"train_side": "index", "dtype": store.dtype, "store": store.content_key()}
+    expected = {"train_side": "index", "dtype": store.dtype, "store": store.content_key(), "index_options": {}}
+    assert ids["provenance"] == expected  # an influence run's raw gradients: no precondition or unit norm
     recomputed = json.loads((root / "run" / "scores" / "streamed.json").read_text())["provenance"]
     assert recomputed == {"train_side": "recomputed"}
 

@@ -49,7 +49,8 @@ def test_fit_method_then_scores_from_another_directory(workspace, tmp_path, monk
         assert invoke("scores", "--run", "run", "--queries", workspace / "queries.jsonl", "--name", "i").exit_code == 0
         provenance = json.loads((tmp_path / "run" / "scores" / "i.json").read_text())["provenance"]
         store = VectorStore.open(tmp_path / "run" / "index")
-        expected = {"precondition": "fitted", "unit_norm": False, "dtype": "float16", "store": store.content_key()}
+        options = {"precondition": "fitted", "unit_norm": False}
+        expected = {"dtype": "float16", "store": store.content_key(), "index_options": options}
         assert provenance == {"train_side": "index", **expected}
 
     report = invoke("query", "--run", "run", "x ->", " sort", "--json", "--top-k", "2")

@@ -497,7 +497,18 @@ def test_search_store_reports_recall_and_checks_options_first():
     assert "below 0.95" not in report.summary(10)
     report.recall = torch.tensor([0.5, 1.0])
     assert "recall@10 vs exact 0.750 (proponents and opponents; exact" in report.summary(10)
-    assert "; below 0.95: raise nprobe, refine or ef_search, or for preconditioned" in report.summary(10)
+    assert "; below 0.95: raise nprobe, or for preconditioned (nearly white) rows use kind=pq" in report.summary(10)
+    advice = {  # each kind's own search-time settings, and the kind or graph measured to suit other rows
+        FaissSettings(kind="ivf-pq"): "raise nprobe or refine, or for preconditioned (nearly white) rows use kind=pq",
+        FaissSettings(kind="pq"): "raise refine",
+        FaissSettings(kind="hnsw"): "raise ef_search, or for raw rows searched with preconditioned queries (an "
+        "empirical index) use graph=angular or kind=ivf",
+        FaissSettings(kind="hnsw", graph="angular"): "raise ef_search, or for raw rows searched with preconditioned "
+        "queries (an empirical index) use kind=ivf",
+    }
+    for chosen, expected in advice.items():
+        report.settings = chosen
+        assert report.summary(10).endswith(f"; below 0.95: {expected}")
     exact = search_store(source, queries, 10, "exact")
     assert torch.equal(exact.proponents.rows, report.proponents.rows)
     assert torch.equal(exact.opponents.rows, report.opponents.rows)

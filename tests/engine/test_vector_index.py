@@ -4,6 +4,7 @@ index settings that do not apply are refused by name."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import signal
@@ -291,6 +292,8 @@ def test_cli_empirical_index_of_a_run_fitted_without_curvature(workspace, tmp_pa
     expected = in_memory(workspace, "logra", {**LOGRA, "fisher": "empirical"})
     scale = float(expected.total.abs().max())
     assert torch.allclose(saved.total, expected.total, rtol=0, atol=1e-5 * scale)
+    provenance = json.loads((tmp_path / "run" / "scores" / "scores.json").read_text())["provenance"]
+    assert provenance["index_options"] == {"precondition": "empirical", "unit_norm": False}  # another estimator
     search = ("scores", "--run", tmp_path / "run", "--queries", workspace / "queries.jsonl", "--search", "exact")
     code, out = invoke(*search)
     assert code == 0, out

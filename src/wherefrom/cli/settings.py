@@ -28,6 +28,7 @@ from typing import Any
 
 from wherefrom.core.encoding import LOSS_TOKENS, check_template
 from wherefrom.core.option_pairs import parse_option_pairs, parse_value
+from wherefrom.core.search import FAISS_OPTIONS
 from wherefrom.engine.run import PRECONDITIONS
 from wherefrom.models.finetune import LR_SCHEDULES, FinetuneConfig
 from wherefrom.studies.wordorder import WordOrderConfig
@@ -409,8 +410,9 @@ class SearchSettings:
     )
     search_option: list[str] | None = setting(
         None,
-        "FAISS option key=value (repeatable): kind=ivf|ivf-sq8|ivf-pq|pq|hnsw, nlist, nprobe, m, ef_construction, "
-        "ef_search, train_per_list, pq_m, refine (see `wherefrom.core.search.FAISS_OPTIONS`).",
+        "FAISS option key=value (repeatable): "
+        + ", ".join(f"{o.name}={'|'.join(o.choices)}" if o.choices else o.name for o in FAISS_OPTIONS)
+        + " (see `wherefrom.core.search.FAISS_OPTIONS`).",
         check=search_options,
     )
     prefilter_bm25: int | None = setting(

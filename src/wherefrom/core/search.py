@@ -32,7 +32,8 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
   Yashunin 2018, graph of ``M`` links per row, ``ef_search`` candidates per search; ``graph``: each row linked
   to the rows of largest inner product, as ip-NSW, or to the rows of smallest angle, after Liu et al. 2020's
   angular graph, then searched by inner product). Opponents are
-  searched as proponents of ``-q``. The index is built from the source in one streamed pass after
+  searched as proponents of ``-q``. The index is built from the source in one streamed pass (two for an
+  angular HNSW graph) after
   k-means training on a strided sample, saved atomically with its checksum beside the store
   (:func:`wherefrom.core.store.save_tensors_checked`) and reused while the store and the settings
   are the same. ``ivf`` and ``ivf-sq8`` indexes move to the GPUs when ``faiss.get_num_gpus() > 0``.
@@ -388,6 +389,18 @@ class FaissSettings:
             raise SearchError(f"FAISS option pq_m={m} must divide the rows' dimension {dim}")
         return m
 
+    def recall_advice(self) -> str:
+        """What raises this search's recall: its kind's search-time settings (:data:`SEARCH_TIME`), and the kind
+        or graph measured to suit rows it does not (``benchmarks/results/query-latency-pq.md``,
+        ``benchmarks/results/hnsw_graph.md``)."""
+        raise_ = " or ".join(name for name in KIND_OPTIONS[self.kind] if name in SEARCH_TIME)
+        if self.kind == "hnsw":
+            other = "graph=angular or " if self.graph == "inner-product" else ""
+            return f"raise {raise_}, or for raw rows searched with preconditioned queries (an empirical index) use {other}kind=ivf"
+        if self.kind == "pq":
+            return f"raise {raise_}"
+        return f"raise {raise_}, or for preconditioned (nearly white) rows use kind=pq"
+
     def builds_index(self, filtered: bool) -> bool:
         """Whether a search with these settings builds an index: not a ``pq`` search of BM25 candidates
         (``filtered``), which ranks the candidates by their float32 rows, i.e. is the exact search."""
@@ -546,7 +559,8 @@ def _add_angular(index, source: RowSource) -> None:
 def build_faiss_index(
     source: RowSource, settings: FaissSettings | None = None, path: Path | None = None, store_key: str | None = None
 ):
-    """A FAISS inner-product index of every row of ``source`` (one streamed pass after training).
+    """A FAISS inner-product index of every row of ``source`` (one streamed pass after training; two for
+    ``kind="hnsw"``, ``graph="angular"``).
 
     With ``path`` (a ``.safetensors`` file beside the store) an intact index built from the same
     store contents with the same build settings is loaded instead, and a new one is saved there
@@ -681,7 +695,8 @@ class SearchReport:
     """What :func:`search_store` found: ``proponents`` and ``opponents`` (:class:`SearchResult`),
     ``mode`` (the search that ran: ``exact`` also for a ``pq`` search of candidates), ``seconds`` of the search
     itself, for ``faiss`` the exact ``recall`` ``(n_query,)`` of both ends (mean over the two) with
-    ``exact_seconds``, and a ``note`` the summary line adds (why a FAISS search ran exactly)."""
+    ``exact_seconds`` and the ``settings`` it ran with, and a ``note`` the summary line adds (why a FAISS search
+    ran exactly)."""
 
     proponents: SearchResult
     opponents: SearchResult
@@ -690,6 +705,7 @@ class SearchReport:
     recall: torch.Tensor | None = None
     exact_seconds: float | None = None
     note: str | None = None
+    settings: FaissSettings | None = None
 
     def summary(self, k: int) -> str:
         """One line: mode, time and, for FAISS, mean recall@k against the exact search, with what to change
@@ -704,10 +720,7 @@ class SearchReport:
                 f"{self.exact_seconds * 1000:.1f} ms)"
             )
             if recall < RECALL_HINT:
-                line += (
-                    f"; below {RECALL_HINT}: raise nprobe, refine or ef_search, or for preconditioned (nearly white) "
-                    "rows use kind=pq, for kind=hnsw on raw rows with preconditioned queries graph=angular"
-                )
+                line += f"; below {RECALL_HINT}: {(self.settings or FaissSettings()).recall_advice()}"
         return line
 
 
@@ -757,7 +770,7 @@ def search_store(
     index = build_faiss_index(source, settings, path, store_key)
     start = time.perf_counter()
     found = tuple(faiss_top_k(index, source.ids, queries, k, end, candidates, settings) for end in (False, True))
-    report = SearchReport(*found, mode, time.perf_counter() - start)
+    report = SearchReport(*found, mode, time.perf_counter() - start, settings=settings)
     if check_recall:
         start = time.perf_counter()
         truth = exact()

@@ -1014,15 +1014,17 @@ class Run:
 
     def scores_provenance(self) -> dict[str, Any]:
         """Where :meth:`scores` takes the training side from, recorded in ``scores/<name>.json``:
-        ``{"train_side": "index", "dtype", "store"}`` with the ``precondition`` and ``unit_norm`` the index
-        recorded (a vector or tracin run's, or ``adam``; an influence run's raw gradients record none), ``store``
-        the index's :meth:`wherefrom.core.vectors.VectorStore.content_key` (its rows are rounded to ``dtype``), or
-        ``{"train_side": "recomputed"}`` (gradients, vectors or the method's fitted state, in float32)."""
+        ``{"train_side": "recomputed"}`` (gradients, vectors or the method's fitted state, at the run's settings),
+        or ``{"train_side": "index", "dtype", "store", "index_options"}``: rows rounded to ``dtype``, ``store``
+        the index's :meth:`wherefrom.core.vectors.VectorStore.content_key`, ``index_options`` the
+        ``precondition`` / ``unit_norm`` it was built with as its manifest records them (none for an influence
+        run's raw gradients unless ``adam``; ``fitted`` applies the run's fitted curvature, so for a run without
+        one, repsim or tracin it leaves the rows as ``none`` does; repsim rows are unit length either way)."""
         if not self.scores_from_index():
             return {"train_side": "recomputed"}
         store = VectorStore.open(self.folder / "index")
-        recorded = {key: store.settings[key] for key in ("precondition", "unit_norm") if key in store.settings}
-        return {"train_side": "index", **recorded, "dtype": store.dtype, "store": store.content_key()}
+        options = {key: store.settings[key] for key in ("precondition", "unit_norm") if key in store.settings}
+        return {"train_side": "index", "dtype": store.dtype, "store": store.content_key(), "index_options": options}
 
     def query_vectors(self, queries: list[Record], store: VectorStore) -> tuple[list[str], torch.Tensor]:
         """``(ids, (n_query, store.dim))``: ``queries`` in the layout of the run's index rows, so that a score
