@@ -144,7 +144,8 @@ def test_torchrun_scores_from_an_index_read_each_shard_once(workspace, one):
     shutil.copytree(one, indexed)
     result = invoke("index", "--run", indexed, "--shard-size", 6, "--threads", 1)  # 4 shards: ranks take 0,2 and 1,3
     assert result.exit_code == 0, result.output
-    torchrun("scores", "--run", indexed, "--queries", workspace / "queries.jsonl", "--name", "two", cwd=workspace)
+    scores = ("scores", "--run", indexed, "--queries", workspace / "queries.jsonl", "--name", "two")
+    torchrun(*scores, "--overwrite", cwd=workspace)  # the copied run's recomputed scores, now from the index
     gathered = json.loads((indexed / "scores" / "two.json").read_text())
     assert gathered["train_ids"] == json.loads((one / "scores" / "scores.json").read_text())["train_ids"]
     two, single = (load_file(run / "scores" / f"{n}.safetensors") for run, n in ((indexed, "two"), (one, "scores")))

@@ -54,6 +54,14 @@ def test_scores_refuses_to_replace_a_score_set_of_other_queries_unless_overwrite
     assert "query_ids: recorded" in other.output and saved.stat().st_mtime_ns == before
     replaced = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl", "--overwrite")
     assert replaced.exit_code == 0, replaced.output
+    assert invoke("index", "--run", run).exit_code == 0  # the same queries, now scored from the index
+    before = saved.stat().st_mtime_ns
+    indexed = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl")
+    assert indexed.exit_code == 2 and "--overwrite" in indexed.output and saved.stat().st_mtime_ns == before
+    assert "provenance.train_side: recorded 'recomputed', now 'index'" in " ".join(indexed.output.split())
+    assert invoke("scores", "--run", run, "--queries", workspace / "two.jsonl", "--overwrite").exit_code == 0
+    again = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl")  # the same index: recomputed in place
+    assert again.exit_code == 0 and "replaced the earlier scores of the same query rows" in again.stderr
 
 
 def test_attribute_refuses_to_replace_scores_of_other_settings_unless_overwrite(workspace):

@@ -26,6 +26,9 @@ pytest.importorskip("faiss")
         (["--prefilter-bm25", "0"], "--prefilter-bm25 0: must be >= 1"),
         (["--search", "exact", "--search-option", "nprobe=3"], "it needs --search faiss (got --search exact)"),
         (["--search-option", "kind=pq"], "it needs --search faiss (got no --search)"),  # was silently ignored
+        (["--search", "exact", "--search-option", "graph=angular"], "it needs --search faiss (got --search exact)"),
+        (["--search-option", "m=4"], "it needs --search faiss (got no --search)"),  # not "kind=ivf does not use"
+        (["--search", "faiss", "--search-option", "kind=ivf", "--search-option", "kind=hnsw"], "kind is given twice"),
         (["--search", "faiss", "--search-option", "kind=pq", "--search-option", "nprobe=4"], "kind=pq does not use"),
         (["--search", "exact"], "is not a wherefrom run directory"),
         (["--prefilter-bm25", "5"], "is not a wherefrom run directory"),
@@ -65,14 +68,14 @@ def test_faiss_search_prints_tops_and_recall(workspace, tmp_path, capsys):
         source, vectors[: len(queries)], queries, train, 3, "faiss", {"nlist": 2, "nprobe": 2}, None, tmp_path
     )
     assert (tmp_path / "faiss-ivf.safetensors").is_file()
-    assert torch.equal(report.recall, torch.ones(len(queries), dtype=torch.float64))
+    assert torch.equal(report.recall, torch.ones(2, len(queries), dtype=torch.float64))
     print_search(report, [q.id for q in queries], 3, {row.id: row.label for row in train})
     out, err = capsys.readouterr()
     lines = out.splitlines()
     assert len(lines) == 2 * len(queries)
     assert lines[0].startswith(f"{queries[0].id} proponents: {report.proponents.ids[0][0]}")
     assert lines[-1].startswith(f"{queries[-1].id} opponents: ")
-    assert "faiss search:" in err and "recall@3 vs exact 1.000" in err
+    assert "faiss search:" in err and "recall@3 vs exact: proponents 1.000, opponents 1.000" in err
 
 
 def test_pq_search_of_bm25_candidates_is_the_exact_search_and_builds_no_index(workspace, tmp_path, capsys):

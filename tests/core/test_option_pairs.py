@@ -24,3 +24,15 @@ def test_pairs_parse_as_json_and_merge_per_method():
 def test_a_pair_without_key_or_value_names_the_flag(pair):
     with pytest.raises(ValueError, match=r"--strategy-option .*expected key=value"):
         parse_option_pairs([pair], "--strategy-option")
+
+
+def test_a_key_given_twice_is_refused_not_overridden():
+    """Which of two values was meant is not known (the last one used to win silently); the same name for two
+    methods is two keys."""
+    with pytest.raises(
+        ValueError, match=r"--search-option 'graph=angular': graph is given twice \(graph=\"ip\" before\)"
+    ):
+        parse_option_pairs(['graph="ip"', "graph=angular"], "--search-option")
+    with pytest.raises(ValueError, match=r"lissa\.depth is given twice"):
+        parse_option_pairs(["lissa.depth=3", "lissa.depth=3"])
+    assert parse_option_pairs(["depth=3", "lissa.depth=4"]) == {"*": {"depth": 3}, "lissa": {"depth": 4}}

@@ -283,7 +283,7 @@ def test_faiss_search_of_duplicate_rows_reports_ties_as_found():
     rows, queries = clustered(1200, 16, 12, seed=0)
     source = Rows(torch.cat([rows, rows]), 300)
     report = search_store(source, queries, 5, "faiss", faiss_options={"kind": "ivf", "nlist": 8, "nprobe": 8})
-    assert torch.equal(report.recall, torch.ones(len(queries), dtype=torch.float64))
+    assert torch.equal(report.recall, torch.ones(2, len(queries), dtype=torch.float64))
     overlap = float(recall_at_k(report.proponents, exact_top_k(source, queries, 5)).mean())
     assert overlap < 1, "FAISS returned the exact search's copies at every tie: this test no longer sees a tie"
 
@@ -493,10 +493,11 @@ def test_search_store_reports_recall_and_checks_options_first():
     source = Rows(rows, 256)
     report = search_store(source, queries, 10, "faiss", faiss_options={"nlist": 20, "nprobe": 20})
     assert float(report.recall.mean()) == 1.0
-    assert "recall@10 vs exact 1.000 (proponents and opponents;" in report.summary(10)
+    assert report.recall.shape == (2, len(queries))
+    assert "recall@10 vs exact: proponents 1.000, opponents 1.000 (exact" in report.summary(10)
     assert "below 0.95" not in report.summary(10)
-    report.recall = torch.tensor([0.5, 1.0])
-    assert "recall@10 vs exact 0.750 (proponents and opponents; exact" in report.summary(10)
+    report.recall = torch.tensor([[1.0, 1.0], [0.5, 1.0]])  # one end alone below the hint's threshold
+    assert "recall@10 vs exact: proponents 1.000, opponents 0.750 (exact" in report.summary(10)
     assert "; below 0.95: raise nprobe, or for preconditioned (nearly white) rows use kind=pq" in report.summary(10)
     advice = {  # each kind's own search-time settings, and the kind or graph measured to suit other rows
         FaissSettings(kind="ivf-pq"): "raise nprobe or refine, or for preconditioned (nearly white) rows use kind=pq",

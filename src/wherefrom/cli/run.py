@@ -141,6 +141,8 @@ def scores(run, queries, name, top_k, overwrite, search, search_option, prefilte
             saved = [run / "scores" / f"{name}.{suffix}" for suffix in ("safetensors", "json")]
             replaces = not overwrite and check_replacement(saved, saved[1], {"query_ids": [r.id for r in rows]})
             opened = Run.open(run, progress=progress, device=device)
+            if replaces:  # the same query rows: still refused when the training side changed (e.g. now an index)
+                check_replacement(saved, saved[1], {"provenance": opened.scores_provenance()})
             # a writer of RUN/scores: refuse before the work while another writer runs
             with held_by_main(lambda: writer_lock(run)):
                 result = opened.scores(rows)
@@ -157,12 +159,15 @@ def scores(run, queries, name, top_k, overwrite, search, search_option, prefilte
 
 
 def check_search(search: str | None, search_option: list[str] | None) -> dict:
-    """The FAISS options of ``--search-option`` (checked by the setting); ``ValueError`` when they are
-    given without ``--search faiss``."""
+    """The FAISS options of ``--search-option``, checked before any work: ``ValueError`` when they are given
+    without ``--search faiss``, then :class:`wherefrom.core.options.OptionError` for a bad name or value or an
+    option the kind does not use (:func:`wherefrom.core.search.faiss_settings`)."""
     if search_option and search != "faiss":
         got = "no --search" if search is None else f"--search {search}"
         raise ValueError(f"--search-option sets FAISS options; it needs --search faiss (got {got})")
-    return options_for(parse_option_pairs(search_option, "--search-option"), "faiss")
+    options = options_for(parse_option_pairs(search_option, "--search-option"), "faiss")
+    faiss_settings(options)
+    return options
 
 
 def search_run(

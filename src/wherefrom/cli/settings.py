@@ -186,12 +186,10 @@ def grid_pairs(value: Any) -> str | None:
 
 
 def search_options(value: Any) -> str | None:
-    """FAISS options ``key=value`` (:data:`wherefrom.core.search.FAISS_OPTIONS`)."""
-    from wherefrom.core.option_pairs import options_for
-    from wherefrom.core.search import faiss_settings
-
+    """FAISS options as ``key=value`` pairs; their names and values are checked with ``--search``
+    (:func:`wherefrom.cli.run.check_search`: an option is refused without ``--search faiss`` first)."""
     try:
-        faiss_settings(options_for(parse_option_pairs(value, "--search-option"), "faiss"))
+        parse_option_pairs(value, "--search-option")
     except ValueError as error:
         return str(error)
     return None

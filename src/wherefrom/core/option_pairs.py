@@ -26,7 +26,8 @@ def parse_value(text: str) -> Any:
 def parse_option_pairs(pairs: Iterable[str] | None, flag: str = "--option") -> dict[str, dict[str, Any]]:
     """``["lissa.depth=300", "seed=1"]`` -> ``{"lissa": {"depth": 300}, "*": {"seed": 1}}``.
 
-    Raises ``ValueError`` naming ``flag`` and the pair when a pair has no ``=`` or no key.
+    Raises ``ValueError`` naming ``flag`` and the pair when a pair has no ``=`` or no key, or repeats a key
+    (which value was meant is not known).
     """
     parsed: dict[str, dict[str, Any]] = {}
     for pair in pairs or []:
@@ -34,7 +35,10 @@ def parse_option_pairs(pairs: Iterable[str] | None, flag: str = "--option") -> d
         method, _, name = key.rpartition(".")
         if not sep or not name:
             raise ValueError(f"{flag} {pair!r}: expected key=value or method.key=value")
-        parsed.setdefault(method or "*", {})[name] = parse_value(raw)
+        entries = parsed.setdefault(method or "*", {})
+        if name in entries:
+            raise ValueError(f"{flag} {pair!r}: {key} is given twice ({key}={json.dumps(entries[name])} before)")
+        entries[name] = parse_value(raw)
     return parsed
 
 

@@ -694,7 +694,7 @@ def faiss_top_k(
 class SearchReport:
     """What :func:`search_store` found: ``proponents`` and ``opponents`` (:class:`SearchResult`),
     ``mode`` (the search that ran: ``exact`` also for a ``pq`` search of candidates), ``seconds`` of the search
-    itself, for ``faiss`` the exact ``recall`` ``(n_query,)`` of both ends (mean over the two) with
+    itself, for ``faiss`` the ``recall`` against the exact search, ``(2, n_query)`` (proponents, opponents), with
     ``exact_seconds`` and the ``settings`` it ran with, and a ``note`` the summary line adds (why a FAISS search
     ran exactly)."""
 
@@ -708,18 +708,18 @@ class SearchReport:
     settings: FaissSettings | None = None
 
     def summary(self, k: int) -> str:
-        """One line: mode, time and, for FAISS, mean recall@k against the exact search, with what to change
-        when it is below :data:`RECALL_HINT`."""
+        """One line: mode, time and, for FAISS, the mean recall@k of each end against the exact search, with what
+        to change when either is below :data:`RECALL_HINT`."""
         line = f"{self.mode} search: {self.seconds * 1000:.1f} ms"
         if self.note:
             line += f" ({self.note})"
         if self.recall is not None:
-            recall = float(self.recall.nanmean())
+            proponents, opponents = (float(end.nanmean()) for end in self.recall)
             line += (
-                f"; recall@{k} vs exact {recall:.3f} (proponents and opponents; exact "
+                f"; recall@{k} vs exact: proponents {proponents:.3f}, opponents {opponents:.3f} (exact "
                 f"{self.exact_seconds * 1000:.1f} ms)"
             )
-            if recall < RECALL_HINT:
+            if min(proponents, opponents) < RECALL_HINT:
                 line += f"; below {RECALL_HINT}: {(self.settings or FaissSettings()).recall_advice()}"
         return line
 
@@ -775,5 +775,5 @@ def search_store(
         start = time.perf_counter()
         truth = exact()
         report.exact_seconds = time.perf_counter() - start
-        report.recall = sum(recall_at_k(f, t, source, queries) for f, t in zip(found, truth)) / 2
+        report.recall = torch.stack([recall_at_k(f, t, source, queries) for f, t in zip(found, truth)])
     return report
