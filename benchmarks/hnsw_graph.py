@@ -7,8 +7,9 @@ all-MLP store, where IVF reached 0.97. An inner-product graph links each row mos
 suits a search whose best rows are of large norm ("norm bias"), not one whose best rows are not. Per store
 (stores and queries written by ``index_scale.py --out``) this records:
 
-* the norm bias: the share of the exact top-10 rows (proponents, opponents) among the 5% of rows of largest
-  norm (0.05 is no bias);
+* per end (proponents, opponents) of the exact top-10: the norm bias, their share among the 5% of rows of
+  largest norm (0.05 is no bias), the mean ``|cos|`` between a query and its rows, and their mean norm over the
+  median row's (a row can rank by its norm rather than its direction);
 * per graph and ``ef_construction``: the build time, the rows no level-0 link reaches (only an entry point can
   return them), and for each ``ef_search`` the recall@10 of proponents and opponents against the exact search
   (ties counted, :func:`wherefrom.core.search.recall_at_k`) with the time per query (queries searched as one
@@ -62,14 +63,21 @@ def unreachable(index) -> int:
     return int((~reached).sum())
 
 
-def norm_bias(rows, found) -> float:
-    """Share of the rows ``found`` (:class:`wherefrom.core.search.SearchResult` of the exact search) among the
-    ``TOP_NORM`` share of ``rows`` of largest norm."""
+def end_profile(rows, queries, found) -> dict[str, float]:
+    """How the rows ``found`` (:class:`wherefrom.core.search.SearchResult` of the exact search of ``queries``)
+    stand out: ``bias``, their share among the ``TOP_NORM`` share of ``rows`` of largest norm; ``cos``, the mean
+    ``|cos|`` between a query and its rows; ``norm``, their mean norm over the median row norm."""
     import numpy as np
 
     norms = np.linalg.norm(rows, axis=1)
     large = norms >= np.quantile(norms, 1 - TOP_NORM)
-    return float(large[found.rows.numpy()].mean())
+    chosen = found.rows.numpy()
+    cos = found.scores.numpy() / (np.linalg.norm(queries.numpy(), axis=1)[:, None] * norms[chosen])
+    return {
+        "bias": float(large[chosen].mean()),
+        "cos": float(np.abs(cos).mean()),
+        "norm": float(norms[chosen].mean() / np.median(norms)),
+    }
 
 
 def measure(path: Path, efcs: list[int]) -> dict:
@@ -83,7 +91,7 @@ def measure(path: Path, efcs: list[int]) -> dict:
         np.save(Path(tmp) / "rows.npy", rows)
         source = MemmapRows(Path(tmp) / "rows.npy")
         truth = [exact_top_k(source, queries, K, end) for end in (False, True)]
-        out["bias"] = {end: norm_bias(rows, found) for end, found in zip(("proponents", "opponents"), truth)}
+        out["ends"] = {end: end_profile(rows, queries, found) for end, found in zip(("proponents", "opponents"), truth)}
         for efc in efcs:
             for graph in GRAPHS:
                 start = time.perf_counter()
@@ -119,14 +127,18 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Recall@{K} against the exact search (ties counted; mean over queries) of proponents / opponents, ms per "
         f"query (each end's queries searched as one batch, {args.threads} thread(s)); `unreachable`: rows no level-0 "
-        f"link points to; norm bias: share of the exact top-{K} among the {TOP_NORM:.0%} of rows of largest norm "
-        f"({TOP_NORM:.2f} is none). `m = 32`.",
+        f"link points to; of the exact top-{K} of each end: norm bias, their share among the {TOP_NORM:.0%} of rows "
+        f"of largest norm ({TOP_NORM:.2f} is none), the mean |cos| between query and row, and their mean norm over "
+        "the median row's. `m = 32`.",
     ]
     for r in results:
         markdown += [
             "",
-            f"## `{r['store']}`: {r['rows']:,} rows of {r['dim']:,}; norm bias proponents "
-            f"{r['bias']['proponents']:.3f}, opponents {r['bias']['opponents']:.3f}",
+            f"## `{r['store']}`: {r['rows']:,} rows of {r['dim']:,}; "
+            + "; ".join(
+                f"{end}: norm bias {e['bias']:.3f}, mean |cos| {e['cos']:.3f}, mean norm {e['norm']:.2f}x the median"
+                for end, e in r["ends"].items()
+            ),
             "",
             "| graph | ef_construction | build s | unreachable | "
             + " | ".join(f"ef_search={s['ef_search']}" for s in r["runs"][0]["searches"])
