@@ -62,6 +62,18 @@ def test_scores_refuses_to_replace_a_score_set_of_other_queries_unless_overwrite
     assert invoke("scores", "--run", run, "--queries", workspace / "two.jsonl", "--overwrite").exit_code == 0
     again = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl")  # the same index: recomputed in place
     assert again.exit_code == 0 and "replaced the earlier scores of the same query rows" in again.stderr
+    record = run / "scores" / "scores.json"
+    for older in ("dtype", "provenance"):  # sets of older versions: another layout, or no provenance at all
+        saved_json = json.loads(record.read_text())
+        saved_json["provenance"].pop("index_options") if older == "dtype" else saved_json.pop("provenance")
+        record.write_text(json.dumps(saved_json))
+        rerun = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl")
+        assert rerun.exit_code == 0 and "replaced the earlier scores" in rerun.stderr, rerun.output
+    shard = run / "index" / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])  # a damaged index is named with the command that rebuilds it
+    damaged = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl")
+    assert damaged.exit_code == 2 and "rerun `wherefrom index --run" in " ".join(damaged.output.split())
+    assert invoke("index", "--run", run).exit_code == 0  # as the hint says (the run is shared with later tests)
 
 
 def test_attribute_refuses_to_replace_scores_of_other_settings_unless_overwrite(workspace):

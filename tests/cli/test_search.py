@@ -29,6 +29,7 @@ pytest.importorskip("faiss")
         (["--search", "exact", "--search-option", "graph=angular"], "it needs --search faiss (got --search exact)"),
         (["--search-option", "m=4"], "it needs --search faiss (got no --search)"),  # not "kind=ivf does not use"
         (["--search", "faiss", "--search-option", "kind=ivf", "--search-option", "kind=hnsw"], "kind is given twice"),
+        (["--search", "faiss", "--search-option", "hnsw.ef_search=8"], "has no option(s) ['hnsw.ef_search']"),
         (["--search", "faiss", "--search-option", "kind=pq", "--search-option", "nprobe=4"], "kind=pq does not use"),
         (["--search", "exact"], "is not a wherefrom run directory"),
         (["--prefilter-bm25", "5"], "is not a wherefrom run directory"),

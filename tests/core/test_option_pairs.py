@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wherefrom.core.option_pairs import format_option_pairs, options_for, parse_option_pairs
+from wherefrom.core.option_pairs import OptionPairError, format_option_pairs, options_for, parse_option_pairs
 
 
 def test_pairs_parse_as_json_and_merge_per_method():
@@ -36,3 +36,13 @@ def test_a_key_given_twice_is_refused_not_overridden():
     with pytest.raises(ValueError, match=r"lissa\.depth is given twice"):
         parse_option_pairs(["lissa.depth=3", "lissa.depth=3"])
     assert parse_option_pairs(["depth=3", "lissa.depth=4"]) == {"*": {"depth": 3}, "lissa": {"depth": 4}}
+
+
+def test_a_flag_of_one_things_fields_keeps_a_prefixed_key_whole_and_problems_stand_alone():
+    """Without namespaces (``--search-option``, ``--pbrf-option``) ``hnsw.ef_search=1`` is the key
+    ``hnsw.ef_search`` (so refused as an unknown field, not silently given to nothing); an error's ``problem`` is
+    its text without the flag and pair, whatever the pair holds (a JSON value with ``": "``)."""
+    assert parse_option_pairs(["hnsw.ef_search=1"], namespaced=False) == {"*": {"hnsw.ef_search": 1}}
+    with pytest.raises(OptionPairError) as caught:
+        parse_option_pairs(['x={"a": 1}', 'x={"a": 2}'])
+    assert caught.value.problem == 'x is given twice (x={"a": 1} before)'

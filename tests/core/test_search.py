@@ -503,9 +503,9 @@ def test_search_store_reports_recall_and_checks_options_first():
         FaissSettings(kind="ivf-pq"): "raise nprobe or refine, or for preconditioned (nearly white) rows use kind=pq",
         FaissSettings(kind="pq"): "raise refine",
         FaissSettings(kind="hnsw"): "raise ef_search, or for raw rows searched with preconditioned queries (an "
-        "empirical index) use graph=angular or kind=ivf",
+        "empirical index) use graph=angular, or search exactly",
         FaissSettings(kind="hnsw", graph="angular"): "raise ef_search, or for raw rows searched with preconditioned "
-        "queries (an empirical index) use kind=ivf",
+        "queries (an empirical index) search exactly",
     }
     for chosen, expected in advice.items():
         report.settings = chosen

@@ -74,8 +74,9 @@ def say(line: str) -> None:
 
 
 def merged_options(pairs: list[str] | None, method: str, flag: str = "--option") -> dict[str, Any]:
-    """The options of one ``method`` from ``--option`` pairs (its own over the ``"*"`` ones)."""
-    return options_for(parse_option_pairs(pairs, flag), method)
+    """The options of one ``method`` from ``--option`` pairs (its own over the ``"*"`` ones); ``method="*"``: a flag
+    of one thing's fields, whose pairs take no ``method.`` prefix (kept in the key, so refused as a field)."""
+    return options_for(parse_option_pairs(pairs, flag, namespaced=method != "*"), method)
 
 
 def method_list(text: str | None, default: Iterable[str]) -> list[str]:

@@ -22,7 +22,14 @@ from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, 
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
 from wherefrom.core.scoring import Scores
 from wherefrom.core.search import RowSource, SearchReport, faiss_settings, search_store
-from wherefrom.core.store import StoreError, check_replacement, strict_json, writer_lock
+from wherefrom.core.store import (
+    StoreError,
+    check_replacement,
+    refuse_overwrite,
+    settings_differences,
+    strict_json,
+    writer_lock,
+)
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch
 from wherefrom.models.loading import ModelLoadError
@@ -126,8 +133,8 @@ def print_index_done(run: Path, written: int) -> None:
 @command
 def scores(run, queries, name, top_k, overwrite, search, search_option, prefilter_bm25, device, threads) -> None:
     """Pairwise influence of every training row on every query row; saved under RUN/scores/ (an earlier
-    set of the same --name made for other query rows is kept unless --overwrite; one for the same rows
-    is recomputed). Under `torchrun --nproc_per_node=N` the training rows are split over the processes
+    set of the same --name made for other query rows, or with its training side from elsewhere, e.g. before the
+    run had an index, is kept unless --overwrite; one for the same rows and training side is recomputed). Under `torchrun --nproc_per_node=N` the training rows are split over the processes
     and rank 0 gathers and writes the scores. With --search or --prefilter-bm25: each query's top
     proponents and opponents from the run's vector store instead (printed, nothing saved; one process)."""
     try:
@@ -142,7 +149,7 @@ def scores(run, queries, name, top_k, overwrite, search, search_option, prefilte
             replaces = not overwrite and check_replacement(saved, saved[1], {"query_ids": [r.id for r in rows]})
             opened = Run.open(run, progress=progress, device=device)
             if replaces:  # the same query rows: still refused when the training side changed (e.g. now an index)
-                check_replacement(saved, saved[1], {"provenance": opened.scores_provenance()})
+                check_origin(saved, opened.scores_provenance())
             # a writer of RUN/scores: refuse before the work while another writer runs
             with held_by_main(lambda: writer_lock(run)):
                 result = opened.scores(rows)
@@ -158,6 +165,25 @@ def scores(run, queries, name, top_k, overwrite, search, search_option, prefilte
     say(f"{tuple(result.total.shape)} scores -> {path}")
 
 
+ORIGIN = ("train_side", "store")
+"""The keys of a score set's ``provenance`` (:meth:`wherefrom.engine.run.Run.scores_provenance`) that decide its
+training side; ``store``, the index's content digest, covers the index's own settings (dtype, precondition)."""
+
+
+def check_origin(saved: Sequence[Path], provenance: Mapping[str, object]) -> None:
+    """Refuse (:class:`wherefrom.core.store.OutputExists`, pass ``--overwrite``) to replace the score set ``saved``
+    (its ``.safetensors`` and ``.json``) of the same query rows when its recorded ``provenance`` differs from
+    ``provenance`` in an :data:`ORIGIN` key, e.g. recomputed then and read from an index now; a set recorded
+    without provenance (before it was recorded) is not compared."""
+    recorded = json.loads(Path(saved[1]).read_text(encoding="utf-8")).get("provenance")
+    if not isinstance(recorded, dict):
+        return
+    before, now = ({key: record.get(key) for key in ORIGIN} for record in (recorded, provenance))
+    differences = settings_differences(before, now, "provenance")
+    if differences:
+        refuse_overwrite(saved, "--overwrite", f", made from other inputs ({'; '.join(differences)})")
+
+
 def check_search(search: str | None, search_option: list[str] | None) -> dict:
     """The FAISS options of ``--search-option``, checked before any work: ``ValueError`` when they are given
     without ``--search faiss``, then :class:`wherefrom.core.options.OptionError` for a bad name or value or an
@@ -165,7 +191,7 @@ def check_search(search: str | None, search_option: list[str] | None) -> dict:
     if search_option and search != "faiss":
         got = "no --search" if search is None else f"--search {search}"
         raise ValueError(f"--search-option sets FAISS options; it needs --search faiss (got {got})")
-    options = options_for(parse_option_pairs(search_option, "--search-option"), "faiss")
+    options = options_for(parse_option_pairs(search_option, "--search-option", namespaced=False), "*")
     faiss_settings(options)
     return options
 

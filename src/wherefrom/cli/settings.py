@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from wherefrom.core.encoding import LOSS_TOKENS, check_template
-from wherefrom.core.option_pairs import parse_option_pairs, parse_value
+from wherefrom.core.option_pairs import OptionPairError, parse_option_pairs, parse_value
 from wherefrom.core.search import FAISS_OPTIONS
 from wherefrom.engine.run import PRECONDITIONS
 from wherefrom.models.finetune import LR_SCHEDULES, FinetuneConfig
@@ -154,13 +154,24 @@ def integers(value: Any) -> str | None:
         return str(error)
 
 
-def option_pairs(value: Any) -> str | None:
-    """``key=value`` or ``method.key=value`` pairs (:func:`wherefrom.core.options.parse_option_pairs`)."""
+def pair_problem(value: Any, namespaced: bool = True) -> str | None:
+    """What is wrong with the ``key=value`` (``namespaced``: or ``method.key=value``) pairs ``value``
+    (:func:`wherefrom.core.option_pairs.parse_option_pairs`), or ``None``."""
     try:
-        parse_option_pairs(value)
-    except ValueError as error:
-        return str(error).split(": ", 1)[-1]
+        parse_option_pairs(value, namespaced=namespaced)
+    except OptionPairError as error:
+        return error.problem
     return None
+
+
+def option_pairs(value: Any) -> str | None:
+    """``key=value`` or ``method.key=value`` pairs."""
+    return pair_problem(value)
+
+
+def field_pairs(value: Any) -> str | None:
+    """``key=value`` pairs of one thing's fields (no ``method.`` prefix)."""
+    return pair_problem(value, namespaced=False)
 
 
 def parse_grid(pairs: list[str]) -> dict[str, list]:
@@ -182,16 +193,6 @@ def grid_pairs(value: Any) -> str | None:
         parse_grid(value)
     except ValueError as error:
         return str(error).split(": ", 1)[-1]
-    return None
-
-
-def search_options(value: Any) -> str | None:
-    """FAISS options as ``key=value`` pairs; their names and values are checked with ``--search``
-    (:func:`wherefrom.cli.run.check_search`: an option is refused without ``--search faiss`` first)."""
-    try:
-        parse_option_pairs(value, "--search-option")
-    except ValueError as error:
-        return str(error)
     return None
 
 
@@ -411,7 +412,7 @@ class SearchSettings:
         "FAISS option key=value (repeatable): "
         + ", ".join(f"{o.name}={'|'.join(o.choices)}" if o.choices else o.name for o in FAISS_OPTIONS)
         + " (see `wherefrom.core.search.FAISS_OPTIONS`).",
-        check=search_options,
+        check=field_pairs,  # names and values: check_search, after --search
     )
     prefilter_bm25: int | None = setting(
         None,
@@ -476,7 +477,7 @@ class GroundTruthSettings:
     loo_seeds: int = setting(2, "Training seeds per LOO set and for the full set (averaged).", check=at_least(1))
     pbrf_rows: int = setting(0, "Rows for PBRF on the full-data model (0: none).", check=at_least(0))
     pbrf_option: list[str] | None = setting(
-        None, "PBRFConfig field key=value (JSON value; repeatable), e.g. steps=200.", check=option_pairs
+        None, "PBRFConfig field key=value (JSON value; repeatable), e.g. steps=200.", check=field_pairs
     )
     workers: int = setting(1, "Parallel retraining processes (each gets cores // workers threads).", check=at_least(1))
 

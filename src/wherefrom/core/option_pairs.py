@@ -12,7 +12,15 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["format_option_pairs", "options_for", "parse_option_pairs", "parse_value"]
+__all__ = ["OptionPairError", "format_option_pairs", "options_for", "parse_option_pairs", "parse_value"]
+
+
+class OptionPairError(ValueError):
+    """A bad pair: the message names the flag and the pair, ``problem`` says what is wrong with it."""
+
+    def __init__(self, flag: str, pair: str, problem: str):
+        super().__init__(f"{flag} {pair!r}: {problem}")
+        self.problem = problem
 
 
 def parse_value(text: str) -> Any:
@@ -23,21 +31,25 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_option_pairs(pairs: Iterable[str] | None, flag: str = "--option") -> dict[str, dict[str, Any]]:
+def parse_option_pairs(
+    pairs: Iterable[str] | None, flag: str = "--option", namespaced: bool = True
+) -> dict[str, dict[str, Any]]:
     """``["lissa.depth=300", "seed=1"]`` -> ``{"lissa": {"depth": 300}, "*": {"seed": 1}}``.
 
-    Raises ``ValueError`` naming ``flag`` and the pair when a pair has no ``=`` or no key, or repeats a key
-    (which value was meant is not known).
+    Raises :class:`OptionPairError` naming ``flag`` and the pair when a pair has no ``=`` or no key, repeats
+    a key (which value was meant is not known), or, for a flag that is not ``namespaced`` (its options belong
+    to one thing), is a ``method.key=value`` pair (it would apply to nothing).
     """
     parsed: dict[str, dict[str, Any]] = {}
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
-        method, _, name = key.rpartition(".")
+        method, _, name = key.rpartition(".") if namespaced else ("", "", key)
         if not sep or not name:
-            raise ValueError(f"{flag} {pair!r}: expected key=value or method.key=value")
+            expected = "key=value or method.key=value" if namespaced else "key=value"
+            raise OptionPairError(flag, pair, f"expected {expected}")
         entries = parsed.setdefault(method or "*", {})
         if name in entries:
-            raise ValueError(f"{flag} {pair!r}: {key} is given twice ({key}={json.dumps(entries[name])} before)")
+            raise OptionPairError(flag, pair, f"{key} is given twice ({key}={json.dumps(entries[name])} before)")
         entries[name] = parse_value(raw)
     return parsed
 

@@ -395,8 +395,8 @@ class FaissSettings:
         ``benchmarks/results/hnsw_graph.md``)."""
         raise_ = " or ".join(name for name in KIND_OPTIONS[self.kind] if name in SEARCH_TIME)
         if self.kind == "hnsw":
-            other = "graph=angular or " if self.graph == "inner-product" else ""
-            return f"raise {raise_}, or for raw rows searched with preconditioned queries (an empirical index) use {other}kind=ivf"
+            other = "use graph=angular, or " if self.graph == "inner-product" else ""
+            return f"raise {raise_}, or for raw rows searched with preconditioned queries (an empirical index) {other}search exactly"
         if self.kind == "pq":
             return f"raise {raise_}"
         return f"raise {raise_}, or for preconditioned (nearly white) rows use kind=pq"

@@ -932,21 +932,31 @@ class Run:
 
         Raises :class:`wherefrom.core.store.DamagedFile` naming a damaged file and
         :class:`wherefrom.core.store.SettingsMismatch` naming each setting that differs."""
-        hint = f"rerun `{self.index_command()}` to rebuild it"
-        try:
-            store = VectorStore.open(self.folder / "index")
-            store.verify()
-        except DamagedFile as error:
-            raise DamagedFile(f"{error}; {hint}") from None
+        store = self._index_store(verify=True)
         now = self.index_settings()
         store.require(
             {k: v for k, v in now.items() if k not in ("device", "precondition", "unit_norm")}, f"run {self.folder}"
         )
         if store.ids != [r.id for r in self.train]:
             raise DamagedFile(
-                f"{store.folder} holds {store.count} rows that are not the run's {len(self.train)} training ids in order; {hint}"
+                f"{store.folder} holds {store.count} rows that are not the run's {len(self.train)} training ids in order; "
+                + self._rebuild_hint()
             )
         return store
+
+    def _index_store(self, verify: bool) -> VectorStore:
+        """``RUN/index/`` opened (with ``verify`` every shard hashed); a :class:`wherefrom.core.store.DamagedFile`
+        names the damaged file and the command that rebuilds it."""
+        try:
+            store = VectorStore.open(self.folder / "index")
+            if verify:
+                store.verify()
+        except DamagedFile as error:
+            raise DamagedFile(f"{error}; {self._rebuild_hint()}") from None
+        return store
+
+    def _rebuild_hint(self) -> str:
+        return f"rerun `{self.index_command()}` to rebuild it"
 
     def indexed_gradients(
         self, store: VectorStore | None = None, shards: Sequence[int] | None = None
@@ -1022,7 +1032,7 @@ class Run:
         one, repsim or tracin it leaves the rows as ``none`` does; repsim rows are unit length either way)."""
         if not self.scores_from_index():
             return {"train_side": "recomputed"}
-        store = VectorStore.open(self.folder / "index")
+        store = self._index_store(verify=False)  # its shards are verified as scores reads them
         options = {key: store.settings[key] for key in ("precondition", "unit_norm") if key in store.settings}
         return {"train_side": "index", "dtype": store.dtype, "store": store.content_key(), "index_options": options}
 
