@@ -36,9 +36,10 @@ def parse_option_pairs(
 ) -> dict[str, dict[str, Any]]:
     """``["lissa.depth=300", "seed=1"]`` -> ``{"lissa": {"depth": 300}, "*": {"seed": 1}}``.
 
-    Raises :class:`OptionPairError` naming ``flag`` and the pair when a pair has no ``=`` or no key, repeats
-    a key (which value was meant is not known), or, for a flag that is not ``namespaced`` (its options belong
-    to one thing), is a ``method.key=value`` pair (it would apply to nothing).
+    For a flag that is not ``namespaced`` (its options are one thing's fields) a ``method.`` prefix stays part of
+    the key, all under ``"*"``, so the field check refuses it as unknown rather than it being dropped. Raises
+    :class:`OptionPairError` naming ``flag`` and the pair when a pair has no ``=`` or no key, or repeats a key
+    (which value was meant is not known).
     """
     parsed: dict[str, dict[str, Any]] = {}
     for pair in pairs or []:
