@@ -8,6 +8,7 @@ import pytest
 
 from tests.cli.conftest import invoke
 from wherefrom.core.encoding import REFERENCE_TEMPLATE
+from wherefrom.core.option_pairs import options_for
 from wherefrom.models.tiny import save_tiny
 from wherefrom.studies.presets import PRESETS, SWITCHES, resolve, switched, switches_between
 
@@ -37,6 +38,20 @@ def test_presets_share_keys_and_resolve_explicit_settings_over_them():
     assert "lissa" not in switches_between("reference-study", "wherefrom", {}, methods=["gradsim"])
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         resolve("nope", {})
+
+
+def test_a_plain_option_overrides_the_presets_option_for_one_method():
+    """``--option depth=5`` (every method) beats the preset's ``lissa.depth=3``, which as lissa's own entry would
+    otherwise win; ``lissa.depth`` given too wins over both; the preset's other lissa options stay."""
+    plain = resolve("reference-study", {"method_options": {"*": {"depth": 5}}})
+    lissa = options_for(plain["method_options"], "lissa")
+    assert lissa["depth"] == 5 and lissa["damping_sign"] == "reference"
+    both = resolve("reference-study", {"method_options": {"*": {"depth": 5}, "lissa": {"depth": 7}}})
+    assert options_for(both["method_options"], "lissa")["depth"] == 7
+    fixed = {"method_options": {"*": {"depth": 5}}}
+    flipped = switched(resolve("wherefrom", fixed), "reference-study", "lissa", fixed)
+    assert options_for(flipped["method_options"], "lissa")["depth"] == 5  # a fixed plain option holds when switched
+    assert PRESETS["reference-study"]["method_options"]["lissa"]["depth"] == 3  # the preset itself unchanged
 
 
 def test_bench_preset_records_resolved_settings_and_flags_override(tmp_path, tiny_model):

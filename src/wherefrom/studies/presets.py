@@ -123,17 +123,28 @@ def _set(settings: dict[str, Any], key: str, value: Any) -> None:
 
 def resolve(preset: str, explicit: Mapping[str, Any]) -> dict[str, Any]:
     """The settings of ``preset`` with ``explicit`` laid over them: a plain key replaces the preset's value,
-    ``method_options`` are merged per method and option (an explicit option wins). ``ValueError`` for an
-    unknown preset."""
+    ``method_options`` are merged per method and option (:func:`_lay_options`: an explicit option wins).
+    ``ValueError`` for an unknown preset."""
     check_preset(preset)
     settings = copy.deepcopy(PRESETS[preset])
     for key, value in explicit.items():
         if key == "method_options":
-            for method, options in value.items():
-                settings["method_options"][method] = {**settings["method_options"].get(method, {}), **options}
+            _lay_options(settings["method_options"], value)
         else:
             settings[key] = value
     return settings
+
+
+def _lay_options(into: dict[str, dict[str, Any]], explicit: Mapping[str, Mapping[str, Any]]) -> None:
+    """Lay ``explicit`` method options (``{method or "*": {option: value}}``) over a preset's ``into``, per method
+    and option; an explicit option for every method (``"*"``, a plain ``--option key=value``) also replaces the
+    preset's value of that option for any one method (the flag overrides the preset, which the method's own
+    entry would otherwise win over: :func:`wherefrom.core.option_pairs.options_for`)."""
+    for options in into.values():
+        for key in explicit.get("*", {}):
+            options.pop(key, None)
+    for method, options in explicit.items():
+        into[method] = {**into.get(method, {}), **options}
 
 
 def switched(start: Mapping[str, Any], target: str, switch: str, fixed: Mapping[str, Any]) -> dict[str, Any]:
@@ -151,8 +162,7 @@ def switched(start: Mapping[str, Any], target: str, switch: str, fixed: Mapping[
 
 def _with_fixed_options(settings: dict[str, Any], fixed: Mapping[str, Any]) -> dict[str, Any]:
     """``settings`` with the explicit method options of ``fixed`` merged in again (they hold in every run)."""
-    for method, options in fixed.get("method_options", {}).items():
-        settings["method_options"][method] = {**settings["method_options"].get(method, {}), **options}
+    _lay_options(settings["method_options"], fixed.get("method_options", {}))
     return settings
 
 
