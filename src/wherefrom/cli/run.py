@@ -22,14 +22,7 @@ from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, 
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
 from wherefrom.core.scoring import Scores
 from wherefrom.core.search import RowSource, SearchReport, faiss_settings, search_store
-from wherefrom.core.store import (
-    StoreError,
-    check_replacement,
-    refuse_overwrite,
-    settings_differences,
-    strict_json,
-    writer_lock,
-)
+from wherefrom.core.store import StoreError, check_replacement, refuse_other_inputs, strict_json, writer_lock
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch
 from wherefrom.models.loading import ModelLoadError
@@ -134,8 +127,9 @@ def print_index_done(run: Path, written: int) -> None:
 def scores(run, queries, name, top_k, overwrite, search, search_option, prefilter_bm25, device, threads) -> None:
     """Pairwise influence of every training row on every query row; saved under RUN/scores/ (an earlier
     set of the same --name made for other query rows, or with its training side from elsewhere, e.g. before the
-    run had an index, is kept unless --overwrite; one for the same rows and training side is recomputed). Under `torchrun --nproc_per_node=N` the training rows are split over the processes
-    and rank 0 gathers and writes the scores. With --search or --prefilter-bm25: each query's top
+    run had an index, is kept unless --overwrite; one for the same rows and training side is recomputed). Under
+    `torchrun --nproc_per_node=N` the training rows are split over the processes and rank 0 gathers and writes
+    the scores. With --search or --prefilter-bm25: each query's top
     proponents and opponents from the run's vector store instead (printed, nothing saved; one process)."""
     try:
         with session():
@@ -179,9 +173,7 @@ def check_origin(saved: Sequence[Path], provenance: Mapping[str, object]) -> Non
     if not isinstance(recorded, dict):
         return
     before, now = ({key: record.get(key) for key in ORIGIN} for record in (recorded, provenance))
-    differences = settings_differences(before, now, "provenance")
-    if differences:
-        refuse_overwrite(saved, "--overwrite", f", made from other inputs ({'; '.join(differences)})")
+    refuse_other_inputs(saved, before, now, prefix="provenance")
 
 
 def check_search(search: str | None, search_option: list[str] | None) -> dict:

@@ -226,11 +226,22 @@ def check_replacement(
         saved = json.loads(Path(record).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         saved = {}
-    saved = {key: saved.get(key) for key in now} if isinstance(saved, dict) else {}
-    differences = settings_differences(saved, json.loads(json.dumps(dict(now))))
+    refuse_other_inputs(results, {key: saved.get(key) for key in now} if isinstance(saved, dict) else {}, now, allow)
+    return True
+
+
+def refuse_other_inputs(
+    results: Collection[Path],
+    saved: Mapping[str, Any],
+    now: Mapping[str, Any],
+    allow: str = "--overwrite",
+    prefix: str = "",
+) -> None:
+    """:func:`refuse_overwrite` of ``results`` when the inputs they were made from (``saved``) differ from ``now``
+    (compared in JSON form), naming each differing input (``prefix.key``) with both values."""
+    differences = settings_differences(saved, json.loads(json.dumps(dict(now))), prefix)
     if differences:
         refuse_overwrite(results, allow, f", made from other inputs ({'; '.join(differences)})")
-    return True
 
 
 def _sha256(data: bytes) -> str:
