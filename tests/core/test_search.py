@@ -4,6 +4,7 @@ FAISS recall on clustered data, candidate restriction, the saved index, and name
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -513,6 +514,7 @@ def test_search_store_reports_recall_and_checks_options_first():
     exact = search_store(source, queries, 10, "exact")
     assert torch.equal(exact.proponents.rows, report.proponents.rows)
     assert torch.equal(exact.opponents.rows, report.opponents.rows)
+
     assert exact.recall is None and exact.opponents.opponents
     with pytest.raises(OptionError, match="'nprobe' got 0"):
         search_store(source, queries, 10, "faiss", faiss_options={"nprobe": 0})
@@ -522,3 +524,22 @@ def test_search_store_reports_recall_and_checks_options_first():
         search_store(source, queries, 10, "annoy")
     with pytest.raises(SearchError, match="given to an exact search"):
         search_store(source, queries, 10, "exact", faiss_options={"nprobe": 3})
+
+
+def test_search_store_says_whether_it_built_or_reused_the_index_and_keeps_one_file_per_graph(tmp_path):
+    rows, queries = clustered(600, 16, 6, seed=3)
+    source = Rows(rows, 128)
+    files = {"inner-product": "faiss-hnsw.safetensors", "angular": "faiss-hnsw-angular.safetensors"}
+    for graph, name in files.items():
+        built = search_store(
+            source, queries, 5, "faiss", faiss_options={"kind": "hnsw", "graph": graph}, index_folder=tmp_path
+        )
+        assert re.search(rf"\(index built in [0-9.]+ s, saved as {name}\)", built.summary(5))
+    for graph, name in files.items():  # the other graph's build did not replace it
+        reused = search_store(
+            source, queries, 5, "faiss", faiss_options={"kind": "hnsw", "graph": graph}, index_folder=tmp_path
+        )
+        assert f"(index reused: {name})" in reused.summary(5)
+    assert sorted(path.name for path in tmp_path.glob("faiss-*")) == sorted(files.values())
+    memory = search_store(source, queries, 5, "faiss", faiss_options={"kind": "hnsw"})  # no folder: built, not saved
+    assert re.search(r"\(index built in [0-9.]+ s\)", memory.summary(5))

@@ -401,6 +401,12 @@ class FaissSettings:
             return f"raise {raise_}"
         return f"raise {raise_}, or for preconditioned (nearly white) rows use kind=pq"
 
+    def file_name(self) -> str:
+        """The file the index of these settings is saved to beside the store: ``faiss-<kind>.safetensors``, and
+        ``faiss-hnsw-angular.safetensors`` for the angular graph (so the two graphs do not replace each other)."""
+        graph = "-angular" if self.kind == "hnsw" and self.graph == "angular" else ""
+        return f"faiss-{self.kind}{graph}.safetensors"
+
     def builds_index(self, filtered: bool) -> bool:
         """Whether a search with these settings builds an index: not a ``pq`` search of BM25 candidates
         (``filtered``), which ranks the candidates by their float32 rows, i.e. is the exact search."""
@@ -570,13 +576,20 @@ def build_faiss_index(
     :func:`faiss_top_k`). Raises :class:`SearchError` when FAISS is missing, or for a store the
     kind cannot index (:meth:`FaissSettings.check_store`).
     """
+    return _saved_or_built(source, settings, path, store_key)[0]
+
+
+def _saved_or_built(
+    source: RowSource, settings: FaissSettings | None, path: Path | None, store_key: str | None
+) -> tuple[Any, bool]:
+    """:func:`build_faiss_index` and whether it built the index (``False``: the one saved at ``path`` was current)."""
     faiss = _faiss()
     settings = settings or FaissSettings()
     key = None if path is None else _fingerprint(source, settings, store_key)
     if path is not None:
         saved = load_faiss_index(path, key)
         if saved is not None:
-            return saved
+            return saved, False
     dim = source.dim
     settings.check_store(source.count, dim)
     if settings.kind == "hnsw":
@@ -611,7 +624,7 @@ def build_faiss_index(
         with writer_lock(path.parent):
             data = torch.from_numpy(faiss.serialize_index(index).copy())
             save_tensors_checked({"index": data}, path, {"key": json.dumps(key, sort_keys=True)})
-    return index
+    return index, True
 
 
 def load_faiss_index(path: Path, key: Mapping[str, Any]):
@@ -695,8 +708,8 @@ class SearchReport:
     """What :func:`search_store` found: ``proponents`` and ``opponents`` (:class:`SearchResult`),
     ``mode`` (the search that ran: ``exact`` also for a ``pq`` search of candidates), ``seconds`` of the search
     itself, for ``faiss`` the ``recall`` against the exact search, ``(2, n_query)`` (proponents, opponents), with
-    ``exact_seconds`` and the ``settings`` it ran with, and a ``note`` the summary line adds (why a FAISS search
-    ran exactly)."""
+    ``exact_seconds`` and the ``settings`` it ran with, ``index`` (how the FAISS index was had: built in how many
+    seconds, or the saved one reused) and a ``note`` the summary line adds (why a FAISS search ran exactly)."""
 
     proponents: SearchResult
     opponents: SearchResult
@@ -706,11 +719,14 @@ class SearchReport:
     exact_seconds: float | None = None
     note: str | None = None
     settings: FaissSettings | None = None
+    index: str | None = None
 
     def summary(self, k: int) -> str:
         """One line: mode, time and, for FAISS, the mean recall@k of each end against the exact search, with what
         to change when either is below :data:`RECALL_HINT`."""
         line = f"{self.mode} search: {self.seconds * 1000:.1f} ms"
+        if self.index:
+            line += f" ({self.index})"
         if self.note:
             line += f" ({self.note})"
         if self.recall is not None:
@@ -738,7 +754,7 @@ def search_store(
     """Top-``k`` proponents and opponents of ``queries`` ``(n_query, dim)`` in ``source``.
 
     ``mode``: ``exact`` (:func:`exact_top_k`) or ``faiss`` (:func:`build_faiss_index`, saved as
-    ``index_folder/faiss-<kind>.safetensors`` (the store's folder) and reused while current, then
+    ``index_folder/`` :meth:`FaissSettings.file_name` (the store's folder) and reused while current, then
     :func:`faiss_top_k`; ``store_key``: see :func:`build_faiss_index`; with ``check_recall`` the exact
     search runs too and :func:`recall_at_k` is reported, ties counted: one more pass over the store per end, and
     one more where the approximate search returned rows outside the exact top-k). ``candidates``: per query, the row
@@ -766,11 +782,15 @@ def search_store(
                 f"; options {unused} unused" if unused else ""
             )
         return SearchReport(*found, "exact", time.perf_counter() - start, note=note)
-    path = None if index_folder is None else Path(index_folder) / f"faiss-{settings.kind}.safetensors"
-    index = build_faiss_index(source, settings, path, store_key)
+    path = None if index_folder is None else Path(index_folder) / settings.file_name()
+    start = time.perf_counter()
+    index, built = _saved_or_built(source, settings, path, store_key)
+    how = f"index built in {time.perf_counter() - start:.1f} s" if built else f"index reused: {settings.file_name()}"
+    if built and path is not None:
+        how += f", saved as {settings.file_name()}"
     start = time.perf_counter()
     found = tuple(faiss_top_k(index, source.ids, queries, k, end, candidates, settings) for end in (False, True))
-    report = SearchReport(*found, mode, time.perf_counter() - start, settings=settings)
+    report = SearchReport(*found, mode, time.perf_counter() - start, settings=settings, index=how)
     if check_recall:
         start = time.perf_counter()
         truth = exact()
