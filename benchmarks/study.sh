@@ -35,7 +35,8 @@ extra=()
 [[ -n "${MODEL:-}" ]] && extra+=(--model "$MODEL")
 [[ -n "${DEVICE:-}" ]] && extra+=(--device "$DEVICE")
 [[ -n "${THREADS:-}" ]] && extra+=(--threads "$THREADS")
-for pair in $LISSA; do extra+=(--option "lissa.$pair"); done
+lissa=()
+for pair in $LISSA; do lissa+=(--option "lissa.$pair"); done
 
 for name in $TASKS; do
   case "$name" in
@@ -48,10 +49,12 @@ for name in $TASKS; do
   # 3 triggers at a 6% poison share need >= 50 rows to give every trigger a row
   [[ "$name" == backdoor-multi ]] && n_train=$(( N_TRAIN * 3 / 2 ))
   methods=$METHODS
-  [[ " $LISSA_TASKS " == *" $name "* ]] && methods="$methods,lissa"
+  options=()
+  # lissa's options only where it runs (bench refuses an option of a method it does not run)
+  [[ " $LISSA_TASKS " == *" $name "* ]] && methods="$methods,lissa" && options=("${lissa[@]}")
   start=$(date +%s)
   "$WHEREFROM" bench --task "$task" --methods "$methods" --seeds "$SEEDS" --n-train "$n_train" \
-    --n-test "$N_TEST" --epochs "$EPOCHS" --max-length "$MAX_LENGTH" "${extra[@]}" --out "$WORK/$name" > "$WORK/$name.log" 2>&1 \
+    --n-test "$N_TEST" --epochs "$EPOCHS" --max-length "$MAX_LENGTH" "${extra[@]}" "${options[@]}" --out "$WORK/$name" > "$WORK/$name.log" 2>&1 \
     || { echo "$name: failed, see $WORK/$name.log" >&2; continue; }
   mkdir -p "$RESULTS/$name"
   cp "$WORK/$name/bench.md" "$WORK/$name/bench.json" "$RESULTS/$name/"

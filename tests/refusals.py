@@ -214,6 +214,14 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "argument",
+        "an option of a method the command does not run",
+        EXIT,
+        "--strategy-option 'lissa.depth=5': method 'lissa' does not run here (methods run: cg)",
+        "it would be silently unused, and the run taken for one with that setting",
+        command=(*FIT, "new", "--strategy", "cg", "--strategy-option", "lissa.depth=5"),
+    ),
+    Refusal(
+        "argument",
         "--device cuda on a machine without CUDA",
         EXIT,
         "--device cuda: CUDA device cuda:0 is not available on this machine; available: cpu",

@@ -63,6 +63,10 @@ def test_threads_default_and_restore():
     assert torch.get_num_threads() == before
 
 
+UNRUN = ("--methods", "ekfac", "--option", "lissa.depth=3")
+"""A method list and an option of a method not in it."""
+
+
 def invalid_cases(root, out):
     """(arguments, words the message must hold) for each invalid argument; ``out`` must stay absent."""
     cases = [
@@ -72,6 +76,25 @@ def invalid_cases(root, out):
         (fit_args(root, out, "--reduction", "max"), ["--reduction max", "sum, mean"]),
         (fit_args(root, out, "--strategy", "nope"), ["--strategy nope", "ekfac"]),
         (fit_args(root, out, "--strategy-option", "rank"), ["--strategy-option", "key=value"]),
+        # an option of a method that does not run was silently unused
+        (
+            fit_args(root, out, "--strategy", "ekfac", "--strategy-option", "lissa.depth=3"),
+            ["--strategy-option 'lissa.depth=3'", "method 'lissa' does not run here (methods run: ekfac)"],
+        ),
+        (fit_args(root, out, "--method", "trak", "--option", "logra.dim=8"), ["'logra.dim=8'", "run: trak)"]),
+        (
+            ["bench", "--task", "rules", "--out", out, "--methods", "ekfac,gradsim", "--option", "lissa.depth=3"],
+            ["--option 'lissa.depth=3'", "method 'lissa' does not run here (methods run: ekfac, gradsim)"],
+        ),
+        (
+            ["bench", "--task", "rules", "--out", out, "--preset", "wherefrom", "--option", "nope.x=1"],
+            ["--option 'nope.x=1'", "method 'nope' does not run here"],
+        ),
+        (["ablate", "--task", "rules", "--out", out, "--option", "lissa.depth=3"], ["method 'lissa' does not run"]),
+        (
+            ["diagnose", "--train", root / "train.jsonl", "--queries", root / "train.jsonl", "--out", out, *UNRUN],
+            ["method 'lissa' does not run here (methods run: ekfac)"],
+        ),
         (["fit", "--train", root / "nope.jsonl", "--run", out], ["--train", "nope.jsonl", "no such file"]),
         (["query", "x", "y", "--run", out, "--top-k", "-1"], ["--top-k -1", ">= 1"]),
         (["query", "x", "y", "--run", out, "--by-module", "-1"], ["--by-module -1", ">= 0"]),

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from wherefrom.core.option_pairs import OptionPairError, format_option_pairs, options_for, parse_option_pairs
+from wherefrom.core.option_pairs import (
+    OptionPairError,
+    check_methods_named,
+    format_option_pairs,
+    options_for,
+    parse_option_pairs,
+)
 
 
 def test_pairs_parse_as_json_and_merge_per_method():
@@ -46,3 +52,15 @@ def test_a_flag_of_one_things_fields_keeps_a_prefixed_key_whole_and_problems_sta
     with pytest.raises(OptionPairError) as caught:
         parse_option_pairs(['x={"a": 1}', 'x={"a": 2}'])
     assert caught.value.problem == 'x is given twice (x={"a": 1} before)'
+
+
+def test_an_option_of_a_method_that_does_not_run_is_refused_naming_it():
+    """``--option lissa.depth=5`` beside methods without lissa was silently unused; plain pairs apply to all."""
+    options = parse_option_pairs(["depth=3", "ekfac.damping=0.1", "lissa.depth=5"])
+    check_methods_named(options, ["ekfac", "lissa"])
+    with pytest.raises(OptionPairError) as caught:
+        check_methods_named(options, ["ekfac", "gradsim"], "--strategy-option")
+    assert str(caught.value) == (
+        "--strategy-option 'lissa.depth=5': method 'lissa' does not run here (methods run: ekfac, gradsim)"
+    )
+    check_methods_named(parse_option_pairs(["depth=3"]), [])

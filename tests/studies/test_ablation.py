@@ -57,7 +57,7 @@ def test_a_plain_option_overrides_the_presets_option_for_one_method():
 def test_bench_preset_records_resolved_settings_and_flags_override(tmp_path, tiny_model):
     out = tmp_path / "bench"
     result = invoke(
-        "bench", "--task", "rules", "--n-train", "12", "--n-test", "3", "--methods", "gradsim", "--model", tiny_model,
+        "bench", "--task", "rules", "--n-train", "12", "--n-test", "3", "--methods", "gradsim,lissa", "--model", tiny_model,
         "--device", "cpu", "--preset", "reference-study", "--epochs", "1", "--option", "lissa.depth=2", "--out", out,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -73,8 +73,10 @@ def test_bench_preset_records_resolved_settings_and_flags_override(tmp_path, tin
         "scale": 1e-3 / 127**2,
         "curvature": "fisher",
     }
-    row = json.loads((out / "seed-0" / "gradsim.json").read_text())
-    assert row["error"] is None and len(row["top1"]) == 3
+    for method in ("gradsim", "lissa"):
+        row = json.loads((out / "seed-0" / f"{method}.json").read_text())
+        assert row["error"] is None and len(row["top1"]) == 3
+    assert row["key"]["options"]["depth"] == 2  # lissa ran at the flag's depth, not the preset's 3
     # the record names what the user set, not defaults the preset overrode (e.g. --max-length 512), and
     # replays to the same resolved settings
     line = json.loads((out / "bench.json").read_text())["command"]

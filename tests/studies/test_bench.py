@@ -103,6 +103,14 @@ def test_bench_identify_task(tmp_path, tiny_model):
     assert command_line(config).startswith("wherefrom bench --task backdoor")
 
 
+def test_bench_command_line_leaves_out_options_of_methods_it_does_not_run():
+    """A preset's ``lissa`` options in a bench without lissa: ``bench`` refuses such a pair as unused, so the
+    equivalent command must not hold it (replaying it failed)."""
+    options = {"lissa": {"depth": 3}, "*": {"seed_offset": 1}, "gradsim": {"normalize": True}}
+    line = command_line(BenchConfig(task="rules", out="o", methods=["gradsim"], method_options=options))
+    assert "--option gradsim.normalize=true" in line and "--option seed_offset=1" in line and "lissa" not in line
+
+
 def _write_labelled(folder, labels):
     """``a.jsonl`` and ``b.jsonl`` in ``folder``: one row per label, the label as completion."""
     for split in ("a", "b"):

@@ -205,5 +205,7 @@ def test_cli_groundtruth_and_evaluate(folder, tmp_path):
     result = runner.invoke(app, ["evaluate", str(out), "--methods", "identity,bm25"])
     assert result.exit_code == 0, result.output
     assert "| identity | " in result.output and (out / "evaluate.md").is_file()
+    unused = runner.invoke(app, ["evaluate", str(out), "--methods", "identity", "--option", "lissa.depth=3"])
+    assert unused.exit_code == 2 and "method 'lissa' does not run here (methods run: identity)" in unused.output
     result = runner.invoke(app, ["evaluate", str(tmp_path / "missing"), "--methods", "identity"])
     assert result.exit_code == 2 and "not a ground-truth folder" in result.output

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from wherefrom.cli.settings import SETTINGS, Setting, check_arguments, default_threads
 from wherefrom.core.commandline import command_line
 from wherefrom.core.distributed import end_process
-from wherefrom.core.option_pairs import options_for, parse_option_pairs
+from wherefrom.core.option_pairs import check_methods_named, options_for, parse_option_pairs
 from wherefrom.core.store import atomic_write_json
 
 __all__ = [
@@ -74,9 +74,20 @@ def say(line: str) -> None:
 
 
 def merged_options(pairs: list[str] | None, method: str, flag: str = "--option") -> dict[str, Any]:
-    """The options of one ``method`` from ``--option`` pairs (its own over the ``"*"`` ones); ``method="*"``: a flag
-    of one thing's fields, whose pairs take no ``method.`` prefix (kept in the key, so refused as a field)."""
-    return options_for(parse_option_pairs(pairs, flag, namespaced=method != "*"), method)
+    """The options of one ``method`` from ``--option`` pairs (its own over the ``"*"`` ones; a pair for another
+    method is refused: :func:`method_pairs`); ``method="*"``: a flag of one thing's fields, whose pairs take no
+    ``method.`` prefix (kept in the key, so refused as a field)."""
+    if method == "*":
+        return options_for(parse_option_pairs(pairs, flag, namespaced=False), method)
+    return options_for(method_pairs(pairs, [method], flag), method)
+
+
+def method_pairs(pairs: list[str] | None, methods: Iterable[str], flag: str = "--option") -> dict[str, dict[str, Any]]:
+    """``--option`` pairs parsed (:func:`wherefrom.core.option_pairs.parse_option_pairs`), a ``method.key`` pair of a
+    method not among ``methods`` refused (:func:`wherefrom.core.option_pairs.check_methods_named`)."""
+    options = parse_option_pairs(pairs, flag)
+    check_methods_named(options, methods, flag)
+    return options
 
 
 def method_list(text: str | None, default: Iterable[str]) -> list[str]:

@@ -10,6 +10,7 @@ from wherefrom.cli.app import (
     fail,
     merged_options,
     method_list,
+    method_pairs,
     progress,
     recorded_line,
     remember,
@@ -22,7 +23,7 @@ from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.commandline import portable
 from wherefrom.core.data import DataError, load_records
 from wherefrom.core.distributed import refuse
-from wherefrom.core.option_pairs import options_for, parse_option_pairs
+from wherefrom.core.option_pairs import options_for
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.models.loading import ModelLoadError, load_model
 
@@ -107,7 +108,7 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
     out = required(out, "out")
     names = method_list(methods, DIAGNOSE_METHODS)
     try:
-        options = parse_option_pairs(option)
+        options = method_pairs(option, names)
         config = settings_as(AttributionConfig)
         loaded = load_model(model, adapter, device=device)
         train_rows, query_rows = load_records(train), load_records(queries)

@@ -15,6 +15,7 @@ from wherefrom.cli.app import (
     leave_to_preset,
     merged_options,
     method_list,
+    method_pairs,
     progress,
     recorded_line,
     remember,
@@ -69,13 +70,14 @@ PRESET_SETTINGS = (*FINETUNING, *REFERENCE_SWITCHES, "damping", "damping_factor"
 """The settings a preset may set; given at other than their default they override it."""
 
 
-def explicit_bench_settings(option: list[str] | None) -> dict:
+def explicit_bench_settings(option: list[str] | None, methods: list[str]) -> dict:
     """The :class:`wherefrom.studies.bench.BenchConfig` settings the user set (:func:`changed_settings`, with
-    ``--no-eos`` as ``append_eos``) and the ``--option`` pairs as ``method_options`` (when any)."""
+    ``--no-eos`` as ``append_eos``) and the ``--option`` pairs as ``method_options`` (when any; one for a method
+    not among ``methods`` is refused)."""
     explicit = changed_settings(PRESET_SETTINGS)
     if explicit.pop("no_eos", False):
         explicit["append_eos"] = False
-    options = parse_option_pairs(option)
+    options = method_pairs(option, methods)
     return {**explicit, "method_options": options} if options else explicit
 
 
@@ -97,9 +99,9 @@ def bench(task, out, methods, seeds, option, preset, no_eos, **settings) -> None
     def build() -> BenchConfig:
         chosen = {"out": str(out), "methods": method_list(methods, DEFAULT_METHODS), "seeds": int_list(seeds or "0")}
         if preset is None:
-            settings = {"method_options": parse_option_pairs(option), "append_eos": not no_eos}
+            settings = {"method_options": method_pairs(option, chosen["methods"]), "append_eos": not no_eos}
         else:
-            settings = {**resolve(preset, explicit_bench_settings(option)), "preset": preset}
+            settings = {**resolve(preset, explicit_bench_settings(option, chosen["methods"])), "preset": preset}
         return settings_as(BenchConfig, **chosen, **settings)
 
     run_study(out, build, run_bench, "bench.md")
@@ -136,18 +138,19 @@ def ablate(task, out, methods, seeds, option, start, target, n_train, n_test, mo
     leave_to_preset(PRESET_SETTINGS)  # the presets --from and --to decide what no flag sets
 
     def build() -> AblationConfig:
+        chosen = method_list(methods, STUDY_METHODS)
         return AblationConfig(
             task=task,
             out=str(out),
             start=start,
             target=target,
-            methods=method_list(methods, STUDY_METHODS),
+            methods=chosen,
             seeds=int_list(seeds or "0,1,2"),
             n_train=n_train,
             n_test=n_test,
             model=model,
             device=device,
-            fixed=explicit_bench_settings(option),
+            fixed=explicit_bench_settings(option, chosen),
         )
 
     run_study(out, build, run_ablation, "ablate.md")
@@ -274,12 +277,14 @@ def evaluate(groundtruth, methods, option, damping, damping_factor, out, threads
 
     stem = out if out is not None else groundtruth / "evaluate"
     try:
+        chosen = method_list(methods, EVALUATE_METHODS)
+        options = method_pairs(option, chosen)
         base = GroundTruth.load(groundtruth).config.attribution()
         remember(stem.parent, f"evaluate {stem.name}")
         run_evaluate(
             groundtruth,
-            method_list(methods, EVALUATE_METHODS),
-            parse_option_pairs(option),
+            chosen,
+            options,
             out,
             attribution=replace(base, damping=damping, damping_factor=damping_factor),
             progress=progress,

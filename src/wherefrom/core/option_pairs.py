@@ -12,7 +12,14 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["OptionPairError", "format_option_pairs", "options_for", "parse_option_pairs", "parse_value"]
+__all__ = [
+    "OptionPairError",
+    "check_methods_named",
+    "format_option_pairs",
+    "options_for",
+    "parse_option_pairs",
+    "parse_value",
+]
 
 
 class OptionPairError(ValueError):
@@ -68,3 +75,13 @@ def format_option_pairs(options: dict[str, dict[str, Any]]) -> list[str]:
         for method, entries in sorted(options.items())
         for key, value in sorted(entries.items())
     ]
+
+
+def check_methods_named(options: dict[str, dict[str, Any]], methods: Iterable[str], flag: str = "--option") -> None:
+    """Raise :class:`OptionPairError` naming ``flag`` and the first ``method.key=value`` pair of ``options``
+    (:func:`parse_option_pairs`) whose method is not among the ``methods`` that run: it would be silently unused
+    (e.g. ``--option lissa.depth=5`` beside ``--methods ekfac,gradsim``). Pairs without a method apply to all."""
+    running = list(methods)
+    for method in sorted(set(options) - {"*", *running}):
+        pair = format_option_pairs({method: options[method]})[0]
+        raise OptionPairError(flag, pair, f"method {method!r} does not run here (methods run: {', '.join(running)})")

@@ -217,7 +217,9 @@ def make_task(task: str, n_train: int | None, n_test: int | None, seed: int) -> 
 
 
 def command_line(config: BenchConfig) -> str:
-    """A ``wherefrom bench`` command line equivalent to ``config``."""
+    """A ``wherefrom bench`` command line equivalent to ``config`` (its options of methods it does not run, e.g. a
+    preset's, left out: ``bench`` refuses them as unused)."""
+    used = {method: options for method, options in config.method_options.items() if method in {"*", *config.methods}}
     return render_command(
         "bench",
         [
@@ -227,7 +229,7 @@ def command_line(config: BenchConfig) -> str:
             *field_flags(config, ("n_train", "n_test", "model", "device", "epochs", "learning_rate", "lora_rank")),
             *field_flags(config, ("batch_size", "max_length", "damping", "damping_factor")),
             *field_flags(config, [k for k in LATER if getattr(config, k) != getattr(BenchConfig, k)]),
-            ("--option", format_option_pairs(config.method_options)),
+            ("--option", format_option_pairs(used)),
             ("--out", config.out),
         ],
     )

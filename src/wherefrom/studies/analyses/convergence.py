@@ -21,6 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from wherefrom.core.commandline import command_line
+from wherefrom.core.option_pairs import check_methods_named
 from wherefrom.models.finetune import read_trainer_state
 from wherefrom.studies.analyses.common import Bench, load_checkpoint, method_options, open_bench, write_report
 from wherefrom.studies.analyses.ihvp import influence_methods
@@ -71,6 +72,7 @@ def run_convergence(
     settings = settings or ConvergenceSettings()
     say = log or (lambda _line: None)
     methods = chosen_methods(bench, settings)
+    check_methods_named(settings.method_options, methods)
     config = replace(
         bench.config,
         methods=methods,

@@ -42,6 +42,7 @@ from safetensors.torch import load_file
 
 from wherefrom.core.commandline import command_line
 from wherefrom.core.memory import memory_limit
+from wherefrom.core.option_pairs import check_methods_named
 from wherefrom.core.store import atomic_save_tensors
 from wherefrom.curvature.base import DataShape
 from wherefrom.curvature.exact import ExactGGN
@@ -275,6 +276,7 @@ def run_ihvp(
     methods = settings.methods or influence_methods(bench.config.methods)
     if not methods:
         raise ValueError(f"the bench ran no influence method ({bench.config.methods}); pass methods=[...]")
+    check_methods_named(settings.method_options, methods)
     rows: list[dict[str, Any]] = []
     references: dict[str, Any] = {}
     for seed in bench.config.seeds:
