@@ -20,10 +20,12 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from tests.cli.conftest import invoke
+from wherefrom.core.data import load_records
 from wherefrom.core.distributed import NotDistributable
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig
 from wherefrom.models.tiny import save_tiny
+from wherefrom.studies.generated import write_jsonl
 
 pytestmark = pytest.mark.filterwarnings("ignore::wherefrom.curvature.base.DegenerateCurvatureWarning")
 
@@ -139,10 +141,12 @@ def test_what_does_not_distribute_is_refused_by_name(workspace, monkeypatch):
     assert not (workspace / "run-refused").exists()
 
 
-def test_torchrun_scores_from_an_index_read_each_shard_once(workspace, one):
-    indexed = workspace / "run-indexed"
+@pytest.mark.parametrize("shard_size", [6, 20])
+def test_torchrun_scores_from_an_index_read_each_shard_once(workspace, one, shard_size):
+    """4 shards: ranks take 0,2 and 1,3; one shard (20 rows): rank 1 has none and adds no columns (it failed)."""
+    indexed = workspace / f"run-indexed-{shard_size}"
     shutil.copytree(one, indexed)
-    result = invoke("index", "--run", indexed, "--shard-size", 6, "--threads", 1)  # 4 shards: ranks take 0,2 and 1,3
+    result = invoke("index", "--run", indexed, "--shard-size", shard_size, "--threads", 1)
     assert result.exit_code == 0, result.output
     scores = ("scores", "--run", indexed, "--queries", workspace / "queries.jsonl", "--name", "two")
     torchrun(*scores, "--overwrite", cwd=workspace)  # the copied run's recomputed scores, now from the index
@@ -150,6 +154,24 @@ def test_torchrun_scores_from_an_index_read_each_shard_once(workspace, one):
     assert gathered["train_ids"] == json.loads((one / "scores" / "scores.json").read_text())["train_ids"]
     two, single = (load_file(run / "scores" / f"{n}.safetensors") for run, n in ((indexed, "two"), (one, "scores")))
     assert_close(two["per_module"], single["per_module"], rtol=1e-5, atol=1e-6 * float(single["total"].abs().max()))
+
+
+def test_torchrun_with_fewer_training_rows_than_processes(workspace, tmp_path):
+    """One training row, two processes: rank 1 fits and scores no rows (scoring failed); the results are the one
+    process's."""
+    write_jsonl(load_records(workspace / "train.jsonl")[:1], tmp_path / "train.jsonl")
+    fit = ("fit", "--train", tmp_path / "train.jsonl", "--model", workspace / "model", "--device", "cpu")
+    runs = {"one": tmp_path / "one", "two": tmp_path / "two"}
+    for args in (fit, ("scores", "--queries", workspace / "queries.jsonl")):
+        result = invoke(*args, "--run", runs["one"], "--threads", 1)
+        assert result.exit_code == 0, result.output
+        torchrun(*args, "--run", runs["two"], cwd=tmp_path)
+    (two, _), (alone, _) = factors(runs["two"]), factors(runs["one"])
+    for key, value in alone.items():
+        assert_close(two[key], value, rtol=1e-4, atol=1e-4 * float(value.abs().max()))
+    scores_two, scores_one = (load_file(run / "scores" / "scores.safetensors")["total"] for run in runs.values())
+    assert scores_one.shape == (3, 1)
+    assert_close(scores_two, scores_one, rtol=0, atol=1e-4 * float(scores_one.abs().max()))
 
 
 def test_torchrun_index_writes_the_one_process_store(workspace, one):

@@ -15,7 +15,8 @@ Conventions every distributed command follows:
 
 * **Rows**: each process takes :func:`rows_for_rank` of the training rows, a contiguous block (rank
   ``r`` of ``W`` takes rows ``[floor(r n / W), floor((r + 1) n / W))``), so the concatenation over ranks
-  is the rows in their order. Rows with equal ``groups`` keys go to the rank of the first of them
+  is the rows in their order (not so with ``groups``: results are put back in row order by id, as
+  :func:`gather_columns` does). Rows with equal ``groups`` keys go to the rank of the first of them
   (the true Fisher's label draws are counted per identical row, :class:`wherefrom.core.task.DrawCounts`,
   so identical rows must be drawn by one process to draw as one process would).
 * **Statistics**: a process accumulates sums and counts over its rows; :func:`sum_over_ranks` and

@@ -515,7 +515,8 @@ class Attributor:
         """Pairwise scores of preconditioned queries against a stream of train gradients.
 
         Each batch maps module names to dense gradients ``(b, out, in')`` or to :class:`TokenFactors`;
-        modules are scored one at a time and popped, so one module's dense gradients live at once.
+        modules are scored one at a time and popped, so one module's dense gradients live at once. An empty
+        stream (a process of many given no rows) gives ``(n_modules, n_query, 0)`` scores.
         With ``config.normalize == "cosine"`` every part is divided by ``||q|| * ||g_m||`` (norms over
         all tracked modules; ``||q||`` from ``queries.norms`` when it is a :class:`QueryBlocks`, else
         from the blocks themselves); a zero gradient gets score 0.
@@ -541,6 +542,10 @@ class Attributor:
             if cosine:
                 block = (block.double() / cosine_denominator(query_norms, train_sq_norms.sqrt())).to(block.dtype)
             columns.append(block)
+        if not columns:  # a process of many given no rows (fewer rows or index shards than processes)
+            first = queries[self.module_names[0]]
+            dtype = (first[0] if isinstance(first, tuple) else first).dtype
+            columns.append(torch.zeros(len(self.module_names), len(query_ids), 0, dtype=dtype))
         return check_finite(Scores(query_ids, train_ids, self.module_names, torch.cat(columns, dim=2)))
 
     def query_norms(self, queries: dict[str, QueryBlock]) -> torch.Tensor:

@@ -1010,7 +1010,8 @@ class Run:
         if store is not None:
             train = self.indexed_gradients(store, shards_for_rank(store.shard_count))
         else:
-            train = self.attributor.train_gradient_stream(rows_for_rank(self.train))
+            share = rows_for_rank(self.train)  # empty for some process when there are fewer rows than processes
+            train = self.attributor.train_gradient_stream(share) if share else iter(())
         part = self.attributor.scores_from_gradients(query_ids, pre, train)
         if world_size() == 1:
             return part
