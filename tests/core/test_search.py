@@ -176,8 +176,10 @@ def test_bad_queries_and_candidates_are_named():
         exact_top_k(source, torch.tensor([[0.0] * 4, [math.nan] * 4]), 3)
     with pytest.raises(SearchError, match="one candidate list per query: 1 queries, 2 lists"):
         exact_top_k(source, torch.randn(1, 4), 3, candidates=[[1], [2]])
-    with pytest.raises(SearchError, match=r"query 0: candidate rows must lie in 0..19"):
+    with pytest.raises(SearchError, match=r"query 0: candidate rows must lie in 0..19, got 20$"):
         exact_top_k(source, torch.randn(1, 4), 3, candidates=[[3, 20]])
+    with pytest.raises(SearchError, match=r"got -1, 999$"):  # the bad ones, not the first five candidates
+        exact_top_k(source, torch.randn(1, 4), 3, candidates=[[0, 1, 2, 3, 4, 5, 999, -1]])
     with pytest.raises(SearchError, match="k and chunk_rows must be >= 1"):
         exact_top_k(source, torch.randn(1, 4), 0)
 

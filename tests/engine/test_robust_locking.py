@@ -12,8 +12,11 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
+from wherefrom.core.search import search_store
 from wherefrom.core.store import FolderLocked, is_intact, writer_lock
+from wherefrom.core.vectors import VectorStore
 
 from .robust_workspace import SRC, fit_args, invoke, make_workspace, spawn
 
@@ -99,3 +102,31 @@ def test_two_index_and_two_fit_processes_at_once(root):
     config = json.loads((contested / "config.json").read_text())
     factors = json.loads((contested / "factors" / "curvature.json").read_text())
     assert config["attribution"]["strategy"] == factors["strategy"] == ("kfac", "ekfac")[codes.index(0)]
+
+
+def test_a_faiss_search_is_a_reader_and_a_run_writer_leaves_the_index_folder_alone(root):
+    """The FAISS index is a cache a search saves beside the store: it took the store folder's writer lock, so a
+    search during an index build failed; and a writer of the run (scores) deleted the in-flight temporary
+    files of RUN/index/, whose own writers clean it."""
+    pytest.importorskip("faiss")
+    run = root / "run"
+    code, out = invoke("index", "--run", run, "--shard-size", "8")
+    assert code == 0, out
+    store = VectorStore.open(run / "index")
+    queries = torch.randn(2, store.dim, generator=torch.Generator().manual_seed(0))
+    holder = hold_lock(run / "index")
+    try:
+        report = search_store(store, queries, 3, "faiss", faiss_options={"nlist": 2}, index_folder=run / "index")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "saved as faiss-ivf.safetensors" in report.summary(3) and is_intact(run / "index" / "faiss-ivf.safetensors")
+    inside, beside = run / "index" / ".shard-00009.safetensors.partial-x", run / ".scores.json.partial-x"
+    inside.write_bytes(b"in flight")
+    beside.write_bytes(b"left by a killed writer")
+    with writer_lock(run):
+        pass
+    assert inside.exists() and not beside.exists()
+    with writer_lock(run / "index"):  # its own writer cleans it
+        pass
+    assert not inside.exists()

@@ -80,7 +80,7 @@ import numpy as np
 import torch
 
 from wherefrom.core.options import OptionError, OptionSpec, check_options, from_signature
-from wherefrom.core.store import DamagedFile, load_tensors_checked, save_tensors_checked, writer_lock
+from wherefrom.core.store import DamagedFile, load_tensors_checked, save_tensors_checked
 
 __all__ = [
     "FAISS_OPTIONS",
@@ -180,8 +180,10 @@ def _candidate_sets(candidates: Sequence[Sequence[int]], n_query: int, count: in
     out = []
     for query, rows in enumerate(candidates):
         found = torch.as_tensor(list(rows), dtype=torch.int64).unique()
-        if found.numel() and (found[0] < 0 or found[-1] >= count):
-            raise SearchError(f"query {query}: candidate rows must lie in 0..{count - 1}, got {found.tolist()[:5]}...")
+        outside = found[(found < 0) | (found >= count)]
+        if outside.numel():
+            shown = ", ".join(map(str, outside.tolist()[:5])) + (", ..." if outside.numel() > 5 else "")
+            raise SearchError(f"query {query}: candidate rows must lie in 0..{count - 1}, got {shown}")
         out.append(found)
     return out
 
@@ -570,7 +572,8 @@ def build_faiss_index(
 
     With ``path`` (a ``.safetensors`` file beside the store) an intact index built from the same
     store contents with the same build settings is loaded instead, and a new one is saved there
-    atomically with its checksum (under the folder's writer lock). The contents are identified by
+    atomically with its checksum (without the folder's writer lock: searches are readers; a save that fails,
+    e.g. on a full disk, is logged and the index used unsaved). The contents are identified by
     ``store_key`` (e.g. a digest of the store's recorded shard checksums), else by
     :func:`rows_sha256` (one more pass over the rows). Returns the CPU index (search with
     :func:`faiss_top_k`). Raises :class:`SearchError` when FAISS is missing, or for a store the
@@ -581,15 +584,16 @@ def build_faiss_index(
 
 def _saved_or_built(
     source: RowSource, settings: FaissSettings | None, path: Path | None, store_key: str | None
-) -> tuple[Any, bool]:
-    """:func:`build_faiss_index` and whether it built the index (``False``: the one saved at ``path`` was current)."""
+) -> tuple[Any, str]:
+    """:func:`build_faiss_index` and what it did: ``"reused"`` the index saved at ``path``, ``"saved"`` a new one
+    there, or ``"built"`` one it did not save (no ``path``, or the save failed)."""
     faiss = _faiss()
     settings = settings or FaissSettings()
     key = None if path is None else _fingerprint(source, settings, store_key)
     if path is not None:
         saved = load_faiss_index(path, key)
         if saved is not None:
-            return saved, False
+            return saved, "reused"
     dim = source.dim
     settings.check_store(source.count, dim)
     if settings.kind == "hnsw":
@@ -619,12 +623,15 @@ def _saved_or_built(
     else:
         for _, shard in source.shards():
             index.add(np.ascontiguousarray(shard.to(torch.float32).numpy()))
-    if path is not None:
-        path = Path(path)
-        with writer_lock(path.parent):
-            data = torch.from_numpy(faiss.serialize_index(index).copy())
-            save_tensors_checked({"index": data}, path, {"key": json.dumps(key, sort_keys=True)})
-    return index, True
+    if path is None:
+        return index, "built"
+    try:  # a cache beside the store, written by readers: no writer lock (atomic, checksummed: never half read)
+        data = torch.from_numpy(faiss.serialize_index(index).copy())
+        save_tensors_checked({"index": data}, Path(path), {"key": json.dumps(key, sort_keys=True)})
+    except OSError as error:
+        logger.warning("the FAISS index was not saved (%s); the next search builds it again", error)
+        return index, "built"
+    return index, "saved"
 
 
 def load_faiss_index(path: Path, key: Mapping[str, Any]):
@@ -784,9 +791,11 @@ def search_store(
         return SearchReport(*found, "exact", time.perf_counter() - start, note=note)
     path = None if index_folder is None else Path(index_folder) / settings.file_name()
     start = time.perf_counter()
-    index, built = _saved_or_built(source, settings, path, store_key)
-    how = f"index built in {time.perf_counter() - start:.1f} s" if built else f"index reused: {settings.file_name()}"
-    if built and path is not None:
+    index, done = _saved_or_built(source, settings, path, store_key)
+    how = f"index built in {time.perf_counter() - start:.1f} s"
+    if done == "reused":
+        how = f"index reused: {settings.file_name()}"
+    elif done == "saved":
         how += f", saved as {settings.file_name()}"
     start = time.perf_counter()
     found = tuple(faiss_top_k(index, source.ids, queries, k, end, candidates, settings) for end in (False, True))

@@ -301,9 +301,14 @@ def forget_file(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _compare(path: Path, digest: str, size: int) -> None:
+Recorded = Mapping[str, Mapping[str, Any]] | None
+"""The checks below take their folder's :func:`recorded_checksums` when a caller checks many files of one folder
+(the shards of a store: reading the manifest once per file was quadratic in the files); ``None``: read it."""
+
+
+def _compare(path: Path, digest: str, size: int, recorded: Recorded = None) -> None:
     """Raise :class:`DamagedFile` unless ``(digest, size)`` of ``path``'s bytes are the recorded ones."""
-    entry = _checksums(path.parent).get(path.name)
+    entry = (_checksums(path.parent) if recorded is None else recorded).get(path.name)
     if entry is None:
         raise DamagedFile(
             f"{path} has no checksum in {path.parent / CHECKSUMS} (unfinished write, or made by an older wherefrom)"
@@ -314,47 +319,47 @@ def _compare(path: Path, digest: str, size: int) -> None:
         raise DamagedFile(f"{path} is damaged: its sha256 differs from the one recorded when it was written")
 
 
-def _verified_bytes(path: Path) -> bytes:
+def _verified_bytes(path: Path, recorded: Recorded = None) -> bytes:
     """The bytes of ``path``, read once and checked against the recorded checksum."""
     if not path.is_file():
         raise DamagedFile(f"{path} is missing")
     data = path.read_bytes()
-    _compare(path, _sha256(data), len(data))
+    _compare(path, _sha256(data), len(data), recorded)
     return data
 
 
-def check_size(path: Path) -> None:
+def check_size(path: Path, recorded: Recorded = None) -> None:
     """Raise :class:`DamagedFile` naming ``path`` when it is missing, has no recorded checksum, or its size
     differs from the recorded one (a truncated file); the cheap check, without reading the bytes."""
     path = Path(path)
     if not path.is_file():
         raise DamagedFile(f"{path} is missing")
-    entry = _checksums(path.parent).get(path.name)
+    entry = (_checksums(path.parent) if recorded is None else recorded).get(path.name)
     size = path.stat().st_size
     if entry is None or size != entry["bytes"]:
-        _compare(path, "", size)
+        _compare(path, "", size, recorded)
 
 
-def check_file(path: Path) -> None:
+def check_file(path: Path, recorded: Recorded = None) -> None:
     """Raise :class:`DamagedFile` naming ``path`` unless it matches its recorded checksum."""
     path = Path(path)
     if not path.is_file():
         raise DamagedFile(f"{path} is missing")
-    _compare(path, *_file_sha256(path))
+    _compare(path, *_file_sha256(path), recorded)
 
 
-def damage(path: Path) -> str | None:
+def damage(path: Path, recorded: Recorded = None) -> str | None:
     """Why ``path`` is not a finished, intact file (the :class:`DamagedFile` message), or ``None`` if it is."""
     try:
-        check_file(path)
+        check_file(path, recorded)
     except DamagedFile as error:
         return str(error)
     return None
 
 
-def is_intact(path: Path) -> bool:
+def is_intact(path: Path, recorded: Recorded = None) -> bool:
     """``path`` exists and matches its recorded checksum (it was finished and is unchanged)."""
-    return damage(path) is None
+    return damage(path, recorded) is None
 
 
 def save_tensors_checked(
@@ -365,13 +370,14 @@ def save_tensors_checked(
     record_checksum(path)
 
 
-def load_tensors_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_tensors_checked(path: Path, recorded: Recorded = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(tensors, metadata)`` of a safetensors file written by :func:`save_tensors_checked`.
 
     The bytes are read once and hashed before they are decoded; raises :class:`DamagedFile` naming
-    ``path`` when they differ from the recorded checksum (or none is recorded).
+    ``path`` when they differ from the recorded checksum (or none is recorded; ``recorded``: the folder's
+    :func:`recorded_checksums`, read by the caller once for many files).
     """
-    data = _verified_bytes(Path(path))
+    data = _verified_bytes(Path(path), recorded)
     (header_size,) = struct.unpack("<Q", data[:8])
     meta = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
     return load_safetensors_bytes(data), dict(meta)
@@ -455,8 +461,16 @@ def record_settings(
 
 def cleanup_partials(folder: Path) -> list[Path]:
     """Delete the temporary files and folders of killed writers under ``folder`` (names
-    ``.*.partial-*`` and ``.*.old-*``); returns them. Call it only while holding the writer lock."""
-    found = [p for p in Path(folder).rglob(".*") if PARTIAL in p.name or ".old-" in p.name]
+    ``.*.partial-*`` and ``.*.old-*``); returns them. Call it only while holding the writer lock. A sub-folder
+    with a writer lock of its own (a run's ``index/``) is left to its own writers: one may be writing there now."""
+    found = []
+    for parent, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if not (Path(parent) / name / LOCK).exists()]
+        found += [
+            Path(parent) / name
+            for name in (*folders, *names)
+            if name.startswith(".") and (PARTIAL in name or ".old-" in name)
+        ]
     for path in sorted(found, key=lambda p: len(p.parts), reverse=True):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

@@ -145,7 +145,10 @@ class VectorStoreWriter:
 
     def complete(self) -> bool:
         """The marker and every shard are intact (hashes every file)."""
-        return is_intact(self.folder / MARKER) and all(is_intact(self.shard_path(k)) for k in range(self.shard_count))
+        recorded = recorded_checksums(self.folder)
+        return is_intact(self.folder / MARKER, recorded) and all(
+            is_intact(self.shard_path(k), recorded) for k in range(self.shard_count)
+        )
 
     def start(self, hint: str = "", ignore: Collection[str] = ()) -> list[str]:
         """Record the manifest (first write) or compare it; then the ids. Returns notes of what was discarded
@@ -169,11 +172,11 @@ class VectorStoreWriter:
         Raises ``ValueError`` unless ``0 <= rank < world``."""
         if not 0 <= rank < world:
             raise ValueError(f"rank must be in [0, world) = [0, {world}), got {rank}")
-        todo = []
+        todo, recorded = [], recorded_checksums(self.folder)
         for shard in range(rank, self.shard_count, world):
             if only is not None and shard not in only:
                 continue
-            problem = damage(self.shard_path(shard))
+            problem = damage(self.shard_path(shard), recorded)
             if problem is None:
                 continue
             if self.shard_path(shard).exists():
@@ -184,18 +187,21 @@ class VectorStoreWriter:
     def write(self, shard: int, ids: list[str], rows: torch.Tensor) -> None:
         """Write shard ``shard``: ``ids`` must be its ids in order, ``rows`` ``(n_k, dim)`` (cast to the dtype).
 
-        Clears the completion marker first. Raises ``ValueError`` for other ids or another shape; an
-        ``OSError`` of the write (a full disk) is re-raised naming the shard, with nothing left under its name.
+        Clears the completion marker first. Raises ``ValueError`` for other ids or another shape, and naming the
+        row for a row with a NaN or infinite entry, or one that the store's dtype cannot hold (float16 beyond
+        its largest value, 65504, which preconditioned rows can reach) rather than storing ``inf``; an ``OSError``
+        of the write (a full disk) is re-raised naming the shard, with nothing left under its name.
         """
         start, stop = self.span(shard)
         if ids != self.ids[start:stop]:
             raise ValueError(f"shard {shard} of {self.folder} must hold rows {start}..{stop - 1} in order")
         if tuple(rows.shape) != (stop - start, self.dim):
             raise ValueError(f"shard {shard} rows must have shape {(stop - start, self.dim)}, got {tuple(rows.shape)}")
+        tensor = rows.detach().to(device="cpu", dtype=DTYPES[self.dtype]).contiguous()
+        self._check_finite(shard, ids, rows, tensor)
         forget_file(self.folder / MARKER)
         path = self.shard_path(shard)
         forget_file(path)
-        tensor = rows.detach().to(device="cpu", dtype=DTYPES[self.dtype]).contiguous()
         try:
             save_tensors_checked({"rows": tensor}, path, meta={"ids": json.dumps(ids)})
         except OSError as error:
@@ -204,6 +210,23 @@ class VectorStoreWriter:
                 f"writing {path} failed ({error}); the finished shards are kept: free space and rerun the same "
                 "command to resume"
             ) from error
+
+    def _check_finite(self, shard: int, ids: list[str], rows: torch.Tensor, stored: torch.Tensor) -> None:
+        """``ValueError`` naming the first row of ``rows`` that is not finite, or not finite once ``stored`` in the
+        store's dtype."""
+        bad = (~torch.isfinite(stored)).any(dim=1).nonzero()
+        if not len(bad):
+            return
+        row = int(bad[0])
+        given = rows[row].detach().cpu()
+        where = f"row {ids[row]!r} (shard {shard} of {self.folder})"
+        if not torch.isfinite(given).all():
+            raise ValueError(f"{where} has a NaN or infinite entry; nothing of the shard was written")
+        raise ValueError(
+            f"{where} has an entry of magnitude {float(given.abs().max()):.4g}, beyond the largest {self.dtype} "
+            f"({torch.finfo(DTYPES[self.dtype]).max:.6g}); this store cannot hold it: delete {self.folder} and "
+            "rebuild it with dtype bfloat16 (float32's range; --dtype bfloat16) or float32"
+        )
 
     def build(
         self,
@@ -221,7 +244,7 @@ class VectorStoreWriter:
             ids, parts = [], []
             for batch_ids, rows in produce(shard, self.ids[start:stop]):
                 ids += list(batch_ids)
-                parts.append(rows.detach().to(device="cpu", dtype=DTYPES[self.dtype]))
+                parts.append(rows.detach().cpu())  # cast in write, which checks that the dtype holds them
             self.write(shard, ids, torch.cat(parts) if parts else torch.zeros(0, self.dim))
             written += 1
         return written
@@ -230,8 +253,9 @@ class VectorStoreWriter:
         """Write the completion marker once every shard is intact (hashing each).
 
         Raises :class:`IncompleteStore` naming the first shard that is not (e.g. another rank's, unfinished)."""
+        recorded = recorded_checksums(self.folder)
         for shard in range(self.shard_count):
-            problem = damage(self.shard_path(shard))
+            problem = damage(self.shard_path(shard), recorded)
             if problem is not None:
                 raise IncompleteStore(f"{self.folder} cannot be finalized: {problem}")
         write_json_checked(
@@ -274,8 +298,9 @@ class VectorStore:
         if layout != {key: marker[key] for key in layout} or ids_sha256(ids) != settings.get("ids_sha256"):
             raise DamagedFile(f"{folder}: {MARKER}, settings.json and {IDS_FILE} disagree; rebuild the store")
         store = cls(folder, settings, ids)
+        recorded = recorded_checksums(folder)
         for shard in range(store.shard_count):
-            check_size(folder / shard_name(shard))
+            check_size(folder / shard_name(shard), recorded)
         return store
 
     def content_key(self) -> str:
@@ -288,8 +313,9 @@ class VectorStore:
 
     def verify(self) -> None:
         """Hash every shard; raises :class:`wherefrom.core.store.DamagedFile` naming the first damaged one."""
+        recorded = recorded_checksums(self.folder)
         for shard in range(self.shard_count):
-            check_file(self.folder / shard_name(shard))
+            check_file(self.folder / shard_name(shard), recorded)
 
     def require(self, settings: Mapping[str, Any], what: str = "") -> None:
         """Raise :class:`wherefrom.core.store.SettingsMismatch` naming each of ``settings`` whose recorded value
@@ -312,10 +338,11 @@ class VectorStore:
         store already checked once with :meth:`verify` (measured, 100,000 x 1024 float16 rows, warm page
         cache, one thread: 0.8 s verified, 0.09 s mapped); a truncated shard is still refused by :meth:`open`.
         ``only``: read just these shards (e.g. one rank's, :func:`wherefrom.core.distributed.shards_for_rank`)."""
+        recorded = recorded_checksums(self.folder) if verify else None
         for shard in range(self.shard_count) if only is None else sorted(only):
             path = self.folder / shard_name(shard)
             if verify:
-                tensors, meta = load_tensors_checked(path)
+                tensors, meta = load_tensors_checked(path, recorded)
                 rows = tensors["rows"]
             else:
                 with safe_open(str(path), "pt") as mapped:
