@@ -11,11 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import wherefrom.core.search as search_module
 from wherefrom.core.options import OptionError
 from wherefrom.core.search import (
     FaissSettings,
     SearchError,
     build_faiss_index,
+    exact_ends,
     exact_top_k,
     faiss_settings,
     faiss_top_k,
@@ -91,6 +93,34 @@ def test_exact_matches_torch_topk_across_shard_boundaries_for_both_ends():
         torch.testing.assert_close(found.scores, -best.values if opponents else best.values)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    count=st.integers(1, 50),
+    k=st.integers(1, 12),
+    shard_rows=st.integers(1, 20),
+    chunk_rows=st.integers(1, 9),
+    filtered=st.booleans(),
+    integer=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_both_ends_in_one_pass_equal_each_end_searched_alone(count, k, shard_rows, chunk_rows, filtered, integer, seed):
+    """A search reads the store once for proponents and opponents (it read it once per end)."""
+    generator = torch.Generator().manual_seed(seed)
+    matrix, queries = torch.randn(count, 5, generator=generator), torch.randn(3, 5, generator=generator)
+    if integer:
+        matrix, queries = matrix.round().clamp(-1, 1), queries.round().clamp(-1, 1)
+    candidates = [list(range(q, count, q + 2)) for q in range(3)] if filtered else None
+    source, passes = Rows(matrix, shard_rows), []
+    reading = source.shards
+    source.shards = lambda: passes.append(1) or reading()
+    both = exact_ends(source, queries, k, (False, True), candidates, chunk_rows)
+    assert len(passes) == 1
+    for opponents, found in zip((False, True), both):
+        alone = exact_top_k(Rows(matrix, shard_rows), queries, k, opponents, candidates, chunk_rows)
+        assert torch.equal(found.rows, alone.rows) and found.ids == alone.ids and found.opponents is opponents
+        assert torch.equal(found.scores.nan_to_num(7.0), alone.scores.nan_to_num(7.0))
+
+
 def test_half_precision_rows_are_scored_in_float32():
     generator = torch.Generator().manual_seed(1)
     matrix, queries = torch.randn(300, 16, generator=generator).half(), torch.randn(2, 16, generator=generator)
@@ -135,6 +165,13 @@ def test_memory_is_bounded_by_one_shard_and_one_chunk(monkeypatch):
     monkeypatch.undo()
     assert max(sizes) == 256
     assert source.largest == 700
+    scored = []  # shards smaller than a chunk are joined: 20 chunks of 256 rows (the last 136), not 100 of 50
+    multiply = search_module._Products.__call__
+    monkeypatch.setattr(
+        search_module._Products, "__call__", lambda self, rows: scored.append(len(rows)) or multiply(self, rows)
+    )
+    exact_top_k(Rows(torch.randn(5000, 8).half(), 50), torch.randn(3, 8), 10, chunk_rows=256)
+    assert scored == [256] * 19 + [136]
 
 
 def test_candidates_restrict_each_query_to_its_rows_in_score_order():

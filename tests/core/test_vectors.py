@@ -285,7 +285,11 @@ def test_a_pass_over_the_shards_reads_the_checksum_manifest_once(tmp_path, monke
     reads.clear()
     store = VectorStore.open(tmp_path / "s")
     assert len(reads) <= 4  # the marker, manifest and ids files, then one for the 40 shards
-    for step in (store.verify, lambda: list(store.shards())):
+    for step in (lambda: list(store.shards()), store.verify, lambda: list(store.shards(verify=True))):
         reads.clear()
         step()
         assert len(reads) == 1
+    reads.clear()
+    hashed = []
+    monkeypatch.setattr(store_module, "_sha256", lambda data: hashed.append(1) or "")
+    assert len(list(store.shards())) == 40 and not reads and not hashed  # verified once here: mapped since
