@@ -60,7 +60,8 @@ def test_fit_method_then_scores_from_another_directory(workspace, tmp_path, monk
 
 def test_index_refuses_a_method_without_gradients(workspace, tmp_path):
     args = ["--train", workspace / "train.jsonl", "--model", workspace / "model", "--run", tmp_path / "run"]
-    assert invoke("fit", "--method", "bm25", *args).exit_code == 0
+    fitted = invoke("fit", "--method", "bm25", *args)
+    assert fitted.exit_code == 0 and "bm25 fitted: 20 rows ->" in fitted.output  # it tracks no modules
     refused = invoke("index", "--run", tmp_path / "run")
     assert refused.exit_code != 0 and "method 'bm25' has no per-row gradient index" in refused.output
     mixed = invoke("fit", "--method", "bm25", "--strategy-option", "rank=2", *args)

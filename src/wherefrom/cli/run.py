@@ -25,6 +25,7 @@ from wherefrom.core.search import RowSource, SearchReport, faiss_settings, searc
 from wherefrom.core.store import StoreError, check_replacement, refuse_other_inputs, strict_json, writer_lock
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch
+from wherefrom.methods.registry import in_family
 from wherefrom.models.loading import ModelLoadError
 from wherefrom.studies.influence import short_names
 
@@ -91,7 +92,9 @@ def fit(
     notify(opened)
     state = "fitted" if fitted else "already fitted (reused, checksums verified)"
     where = run / ("method" if opened.method is not None else "factors")
-    say(f"{method or strategy} {state}: {len(opened.attributor.modules)} modules, {len(opened.train)} rows -> {where}")
+    gradients = method is None or not any(in_family(method, family) for family in ("representation", "lexical"))
+    modules = f"{len(opened.attributor.modules)} modules, " if gradients else ""  # bm25, repsim track none
+    say(f"{method or strategy} {state}: {modules}{len(opened.train)} rows -> {where}")
     if written is not None:
         print_index_done(run, written)
 

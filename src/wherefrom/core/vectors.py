@@ -339,7 +339,8 @@ class VectorStore:
         self, verify: bool | None = None, only: Collection[int] | None = None
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """``(first_row, rows (n_k, dim))`` per shard in row order, in the stored dtype, each verified as it
-        is read (memory: one shard). Raises :class:`wherefrom.core.store.DamagedFile` naming a damaged shard.
+        is read (memory: one shard; twice its size while it is hashed: its bytes, then its rows). Raises
+        :class:`wherefrom.core.store.DamagedFile` naming a damaged shard.
 
         ``verify=False`` memory-maps each shard without hashing or copying it, for repeated queries against a
         store already checked once with :meth:`verify` (measured, 100,000 x 1024 float16 rows, warm page
