@@ -165,13 +165,11 @@ def test_memory_is_bounded_by_one_shard_and_one_chunk(monkeypatch):
     monkeypatch.undo()
     assert max(sizes) == 256
     assert source.largest == 700
-    scored = []  # shards smaller than a chunk are joined: 20 chunks of 256 rows (the last 136), not 100 of 50
-    multiply = search_module._Products.__call__
-    monkeypatch.setattr(
-        search_module._Products, "__call__", lambda self, rows: scored.append(len(rows)) or multiply(self, rows)
-    )
+    merged = []  # the scores of shards smaller than a chunk are merged once per chunk_rows rows, not per shard
+    best = search_module._best
+    monkeypatch.setattr(search_module, "_best", lambda values, k: merged.append(values.shape[1]) or best(values, k))
     exact_top_k(Rows(torch.randn(5000, 8).half(), 50), torch.randn(3, 8), 10, chunk_rows=256)
-    assert scored == [256] * 19 + [136]
+    assert merged[::2] == [256] * 19 + [136]  # each chunk's top-k (then that of the kept k and it)
 
 
 def test_candidates_restrict_each_query_to_its_rows_in_score_order():
