@@ -1,0 +1,175 @@
+"""The exact search as `wherefrom query --search exact` runs it, on a real on-disk store: what a query costs at
+10^4 .. 10^6 rows once integrity checks are counted (``query_latency.py`` times the search alone, on
+memory-mapped ``.npy`` rows).
+
+    python benchmarks/store_scan.py [--sizes 10000,100000,1000000] [--dim 1024] [--dtype float16] \\
+        [--threads 2] [--data /tmp/wherefrom-store-scan]
+
+Each store is written with :class:`wherefrom.core.vectors.VectorStoreWriter` (the default 256 rows a shard,
+checksums recorded), its rows drawn like ``query_latency.py``'s ``fitted`` rows (the eigen-spectrum measured on
+real preconditioned LoGra rows, ``results/row_spectrum.json``), and reused by later runs. Timed, per size, with
+the store's files in the page cache after a warm-up (so this measures hashing and arithmetic, not the disk):
+
+* ``open``: :meth:`VectorStore.open` (marker, manifest and ids hashed; every shard's size checked);
+* ``verify``: :meth:`VectorStore.verify` (every shard hashed: what a command does once before searching);
+* ``search``: :func:`wherefrom.core.search.exact_ends`, proponents and opponents of one query in one pass over
+  the shards read memory-mapped (as after ``verify``): the median of ``--queries`` queries;
+* ``hashed search``: the same with every shard hashed as it is read, once per end (the command's path before
+  both ends shared a pass and verified shards were mapped);
+* the peer: a plain numpy scan of the same rows held in memory (one end: one product and a top-k).
+
+``query total`` = open + verify + search; ``before`` = open + verify + hashed search. Writes
+``benchmarks/results/store_scan.{md,json}`` (``--name``) with the command that made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from query_latency import Spectral, numpy_scan
+from wherefrom.core.search import exact_ends
+from wherefrom.core.vectors import VectorStore, VectorStoreWriter
+from wherefrom.studies.toolkit import markdown_table, number, provenance, write_report
+
+K = 10
+HERE = Path(__file__).resolve().parent
+
+
+class Hashed:
+    """A :class:`wherefrom.core.search.RowSource` over ``store`` that hashes every shard as it reads it."""
+
+    def __init__(self, store: VectorStore):
+        self.store, self.dim, self.count, self.ids, self.dtype = store, store.dim, store.count, store.ids, store.dtype
+
+    def shards(self):
+        return self.store.shards(verify=True)
+
+
+def build(folder: Path, count: int, dim: int, dtype: str, rows: Spectral) -> float:
+    """Write the store of ``count`` rows in ``folder`` (seconds; 0 when an intact one is reused)."""
+    ids = [f"row-{i}" for i in range(count)]
+    writer = VectorStoreWriter(folder, ids, dim, {"generator": rows.name, "seed": 0}, dtype=dtype)
+    if writer.complete():
+        return 0.0
+    writer.start()
+    start = time.perf_counter()
+
+    def produce(shard: int, shard_ids: list[str]):
+        draw = rows.draw(np.random.default_rng([0, shard]), len(shard_ids))
+        yield shard_ids, torch.from_numpy(draw)
+
+    writer.build(produce)
+    writer.finalize()
+    return time.perf_counter() - start
+
+
+def seconds(run, repeats: int = 1) -> float:
+    """Median wall time of ``run()`` over ``repeats`` calls after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    spectrum = json.loads(args.spectrum.read_text())
+    rows = Spectral.measured(args.dim, spectrum["fitted"], f"fitted-{args.spectrum.stem}")
+    ask = torch.from_numpy(rows.draw(np.random.default_rng([0, 10**6]), args.queries))
+    out = []
+    for count in args.sizes:
+        folder = args.data / f"store-{count}x{args.dim}-{args.dtype}"
+        built = build(folder, count, args.dim, args.dtype, rows)
+        opened = seconds(lambda f=folder: VectorStore.open(f))
+        store = VectorStore.open(folder)
+        verified = seconds(store.verify)
+        times, hashed = [], []
+        for q in range(args.queries):
+            query = ask[q : q + 1]
+            times.append(seconds(lambda s=store, v=query: exact_ends(s, v, K)))
+            if q < args.hashed_queries:
+                hashed.append(seconds(lambda s=store, v=query: [exact_ends(Hashed(s), v, K, (e,)) for e in (0, 1)]))
+        matrix = np.concatenate([r.numpy() for _, r in store.shards()])
+        first = ask[0].numpy()
+        peer = seconds(lambda m=matrix, v=first: numpy_scan(m, v, K), 3)
+        found = exact_ends(store, ask[:1], K)[0]
+        scan = statistics.median(times)
+        row = {
+            "count": count,
+            "dim": args.dim,
+            "dtype": args.dtype,
+            "shards": store.shard_count,
+            "bytes": sum(p.stat().st_size for p in folder.glob("shard-*")),
+            "build_seconds": built,
+            "open_seconds": opened,
+            "verify_seconds": verified,
+            "search_seconds": scan,
+            "hashed_search_seconds": statistics.median(hashed),
+            "numpy_seconds": peer,
+            "query_total_seconds": opened + verified + scan,
+            "before_seconds": opened + verified + statistics.median(hashed),
+            "top1": found.ids[0][0],
+        }
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
+def render(rows: list[dict], command: str, load: str) -> str:
+    table = markdown_table(
+        ["rows", "shards", "GiB", "build (s)", "open (s)", "verify (s)", "search, both ends (ms)", "numpy, one end (ms)",
+         "search / numpy", "hashed search (ms)", "query total (s)", "before (s)"],
+        [
+            [
+                f"{r['count']:,}", str(r["shards"]), number(r["bytes"] / 2**30, ".2f"), number(r["build_seconds"], ".1f"),
+                number(r["open_seconds"], ".3f"), number(r["verify_seconds"], ".2f"), number(1000 * r["search_seconds"], ".1f"),
+                number(1000 * r["numpy_seconds"], ".1f"), number(r["search_seconds"] / r["numpy_seconds"], ".2f"),
+                number(1000 * r["hashed_search_seconds"], ".1f"), number(r["query_total_seconds"], ".2f"),
+                number(r["before_seconds"], ".2f"),
+            ]
+            for r in rows
+        ],
+    )  # fmt: skip
+    return (
+        "# Exact search through the on-disk store (the `query --search exact` path)\n\n"
+        f"Command: `{command}`\n\nLoad average at the start: {load}. Build 0 = an intact store reused. "
+        "Search: proponents and opponents of one query in one pass over memory-mapped shards (median); numpy: one "
+        "product and one top-k over the same rows in memory (one end); hashed search: each shard hashed as read, "
+        "once per end. Query total = open + verify + search; before = open + verify + hashed search.\n\n"
+        f"{table}\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--queries", type=int, default=5)
+    parser.add_argument("--hashed-queries", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--spectrum", type=Path, default=HERE / "results" / "row_spectrum.json")
+    parser.add_argument("--data", type=Path, default=Path("/tmp/wherefrom-store-scan"))
+    parser.add_argument("--name", default="store_scan")
+    args = parser.parse_args()
+    command = "python " + shlex.join(["benchmarks/store_scan.py", *sys.argv[1:]])
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    rows = measure(args)
+    report = {**provenance(command), "load_at_start": " ".join(load), "rows": rows}
+    write_report(HERE / "results" / args.name, report, render(rows, command, " ".join(load)))
+
+
+if __name__ == "__main__":
+    main()
