@@ -52,6 +52,8 @@ def test_resume_with_other_index_settings_is_refused_then_equals_clean(root, fla
     interrupt_after_first_shard(index)
     code, out = invoke("index", "--run", root / "run", *flags)
     assert code == 2 and named in out and str(index) in out, out
+    resume = f"Resume it with `wherefrom index --run {root / 'run'} --shard-size 4 --dtype float32"
+    assert resume in " ".join(out.split()), out  # the command of the recorded settings
     assert (index / "shard-00000.safetensors").read_bytes() == kept and not (index / "index.json").exists()
     assert not (index / "shard-00001.safetensors").exists()  # nothing written under the other settings
     code, out = invoke("index", "--run", root / "run", "--shard-size", "4")
@@ -75,6 +77,7 @@ def test_resume_with_other_index_settings_is_refused_then_equals_clean(root, fla
 def test_complete_index_is_not_mixed_with_new_settings(root):
     code, out = invoke("index", "--run", root / "run", "--shard-size", "4", "--dtype", "float16")
     assert code == 2 and "dtype: recorded 'float32', now 'float16'" in out, out
+    assert "It is finished: `wherefrom index --run" in " ".join(out.split()), out  # not "resume" a finished one
     code, out = invoke("index", "--run", root / "run", "--shard-size", "4")
     assert code == 0 and "0 shards written now" in out, out
 

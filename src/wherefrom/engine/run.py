@@ -572,12 +572,17 @@ class Run:
         kept).
         """
         writer, prepare, produce = self.index_writer(shard_size, dtype, precondition, unit_norm, optimizer_checkpoint)
-        hint = f"Resume with the recorded values, or delete {writer.folder} to index with the new ones."
+
+        def hint(finished: bool) -> str:
+            """What to do when the store was started with other settings: the command of the recorded ones."""
+            command = self.index_command()
+            state = f"It is finished: `{command}` reuses it" if finished else f"Resume it with `{command}`"
+            return f"{state}, or delete {writer.folder} to index with the new settings."
 
         def begin() -> bool:
             finished = writer.complete()
             # A finished index is reused on any device; a resumed one must run where it started.
-            if writer.start(hint, ignore=("device",) if finished else ()):  # parts of unknown settings discarded
+            if writer.start(hint(finished), ignore=("device",) if finished else ()):  # unknown settings discarded
                 finished = writer.complete()
             problem = self.preconditioner_damage() if precondition == "empirical" else None
             if finished and problem is not None:  # refitted from the intact shards, then marked complete again
@@ -591,7 +596,7 @@ class Run:
             try:
                 if not on_main(begin):  # rank 0 records the settings; the others then check them
                     if not is_main():
-                        writer.start(hint)
+                        writer.start(hint(False))
                     prepare(rank(), world_size())
                     written = writer.build(produce, rank(), world_size())  # shards k with k % W == rank
                     barrier()
