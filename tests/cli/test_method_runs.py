@@ -66,3 +66,5 @@ def test_index_refuses_a_method_without_gradients(workspace, tmp_path):
     assert refused.exit_code != 0 and "method 'bm25' has no per-row gradient index" in refused.output
     mixed = invoke("fit", "--method", "bm25", "--strategy-option", "rank=2", *args)
     assert mixed.exit_code != 0 and "--strategy-option is for --strategy" in mixed.output
+    ignored = invoke("fit", "--strategy", "identity", "--option", "lissa.depth=5", *args)  # was silently unused
+    assert ignored.exit_code == 2 and "--option is for --method; give strategy 'identity' its options" in ignored.output

@@ -243,12 +243,17 @@ def test_two_ranks_writing_at_once_lose_no_checksum(tmp_path):
         ),
         (float("nan"), "float32", r"row 'r5' \(shard 1 of .*\) has a NaN or infinite entry"),
         (float("inf"), "bfloat16", r"row 'r5' .* has a NaN or infinite entry"),
+        (
+            1e39,
+            "float32",
+            r"magnitude 1e\+39, beyond the largest float32 \(3\.40282e\+38\); this store cannot hold it$",
+        ),
     ],
 )
 def test_a_row_the_dtype_cannot_hold_is_refused_by_name_not_stored_as_inf(tmp_path, value, dtype, message):
     """float16 rows beyond 65504 (preconditioned rows reach it) were stored as inf and only refused by a later
     search, naming neither the cause nor the fix; the finished shards are kept."""
-    bad = ROWS.clone()
+    bad = ROWS.double()  # float64 rows: 1e39 is finite before the cast to float32
     bad[5, 2] = value
 
     def produce_bad(_shard, ids):
@@ -293,3 +298,15 @@ def test_a_pass_over_the_shards_reads_the_checksum_manifest_once(tmp_path, monke
     hashed = []
     monkeypatch.setattr(store_module, "_sha256", lambda data: hashed.append(1) or "")
     assert len(list(store.shards())) == 40 and not reads and not hashed  # verified once here: mapped since
+
+
+def test_a_shard_is_gathered_in_the_stores_dtype(tmp_path, monkeypatch):
+    """Batches are cast as they arrive (the index's memory check counts a shard twice in the store's dtype); held
+    as float32 until the write they took 3x the memory of a float16 shard."""
+    writer = VectorStoreWriter(tmp_path / "s", IDS, DIM, SETTINGS, shard_size=4, dtype="float16")
+    writer.start()
+    given = []
+    write = writer.write
+    monkeypatch.setattr(writer, "write", lambda shard, ids, rows: given.append(rows.dtype) or write(shard, ids, rows))
+    writer.build(produce)
+    assert given == [torch.float16] * 3

@@ -227,6 +227,8 @@ def test_cli_and_bad_input(reports, bench_dir, tmp_path):
     assert missing.exit_code == 2 and "bench.json" in missing.output
     unknown = runner.invoke(app, ["analyze", "nope", "--bench", str(bench_dir)])
     assert unknown.exit_code == 2 and "unknown analysis" in unknown.output
+    unused = runner.invoke(app, ["analyze", "weights", "--bench", str(bench_dir), "--option", "lissa.depth=3"])
+    assert unused.exit_code == 2 and "analyze weights takes no --option" in unused.output  # was silently unused
     with pytest.raises(ValueError, match="ran seeds"):
         open_bench(bench_dir, seeds=[5])
     with pytest.raises(ValueError, match="not influence methods"):

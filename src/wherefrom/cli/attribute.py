@@ -23,7 +23,6 @@ from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.commandline import portable
 from wherefrom.core.data import DataError, load_records
 from wherefrom.core.distributed import refuse
-from wherefrom.core.option_pairs import options_for
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.models.loading import ModelLoadError, load_model
 
@@ -130,7 +129,7 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
             query_rows,
             names,
             config,
-            {n: options_for(options, n) for n in names},
+            options,
             exact_blocks,
             progress,
         )

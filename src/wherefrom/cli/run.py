@@ -63,6 +63,10 @@ def fit(
     try:
         with session():
             paths = {"model": model, "adapter": adapter, "device": device}
+            if method is None and option:
+                raise ValueError(
+                    f"--option is for --method; give strategy {strategy!r} its options with --strategy-option"
+                )
             if method is None:
                 options = merged_options(strategy_option, strategy, "--strategy-option")
                 attribution = settings_as(AttributionConfig, strategy=strategy, strategy_options=options)

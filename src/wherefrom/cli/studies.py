@@ -175,6 +175,8 @@ def analyze(kind, bench, methods, option, n_queries, seeds, device, **settings) 
 
     if kind not in ANALYSES:
         fail(ValueError(f"unknown analysis {kind!r}; choose one of {list(ANALYSES)}"))
+    if kind == "weights" and (option or methods):
+        fail(ValueError("analyze weights takes no --option or --methods (it measures the fine-tuning weight change)"))
     chosen = method_list(methods, []) or None
     try:
         folder = open_bench(bench, device, int_list(seeds) if seeds else None)

@@ -14,8 +14,8 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
   (half-precision rows converted exactly, on one thread, into a reused cache-sized buffer), and a running
   top-``k`` per query is merged with the scores of every ``chunk_rows`` rows; shards smaller than a
   cache-sized block are joined first (the index's default is 256 rows). Memory: one shard (as the source
-  yields it) + one such block + one float32 block + ``n_query x chunk_rows`` scores + ``n_query x k`` kept,
-  never the whole store.
+  yields it) + one such block + one float32 block + ``n_query x (chunk_rows + one block)`` scores +
+  ``n_query x k`` kept, never the whole store.
   **Proponents** are the ``k`` largest scores, **opponents** the ``k`` smallest (most negative), each
   best first. **Ties** are broken by row order (the lower row first), so the result is deterministic
   and equals a stable sort of the full score matrix. A searched row with a NaN or infinite entry is
@@ -150,6 +150,10 @@ class SearchResult:
 
 
 # --- exact ---------------------------------------------------------------------------------------
+CHUNK_ROWS = 32768
+"""Rows whose scores are merged into the running top-``k`` at once (the default ``chunk_rows``)."""
+
+
 def _best(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest ``values`` per query (row ``i`` of ``(n_query, n)``) and their columns, largest
     first, equal values in column order: a stable descending sort, computed by ``topk`` where no tie
@@ -209,7 +213,7 @@ def exact_top_k(
     k: int,
     opponents: bool = False,
     candidates: Sequence[Sequence[int]] | None = None,
-    chunk_rows: int = 32768,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> SearchResult:
     """The exact top-``k`` rows of ``source`` per query by streaming matrix products (module docstring).
 
@@ -229,7 +233,7 @@ def exact_ends(
     k: int,
     ends: Sequence[bool] = (False, True),
     candidates: Sequence[Sequence[int]] | None = None,
-    chunk_rows: int = 32768,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> list[SearchResult]:
     """:func:`exact_top_k` of each of ``ends`` (``False``: proponents, ``True``: opponents) in one pass over the
     store: each chunk's products are computed once and merged into each end's running top-``k``."""
@@ -816,7 +820,7 @@ def search_store(
     ``mode``: ``exact`` (:func:`exact_top_k`) or ``faiss`` (:func:`build_faiss_index`, saved as
     ``index_folder/`` :meth:`FaissSettings.file_name` (the store's folder) and reused while current, then
     :func:`faiss_top_k`; ``store_key``: see :func:`build_faiss_index`; with ``check_recall`` the exact
-    search runs too and :func:`recall_at_k` is reported, ties counted: one more pass over the store per end, and
+    search runs too and :func:`recall_at_k` is reported, ties counted: one more pass over the store for both ends, and
     one more where the approximate search returned rows outside the exact top-k). ``candidates``: per query, the row
     indices it may return (e.g. :func:`wherefrom.methods.lexical.bm25_candidates`); a ``pq`` search of
     candidates is the exact one (:meth:`FaissSettings.builds_index`: reported so, no index built). Options are

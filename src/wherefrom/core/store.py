@@ -461,16 +461,8 @@ def record_settings(
 
 def cleanup_partials(folder: Path) -> list[Path]:
     """Delete the temporary files and folders of killed writers under ``folder`` (names
-    ``.*.partial-*`` and ``.*.old-*``); returns them. Call it only while holding the writer lock. A sub-folder
-    with a writer lock of its own (a run's ``index/``) is left to its own writers: one may be writing there now."""
-    found = []
-    for parent, folders, names in os.walk(folder):
-        folders[:] = [name for name in folders if not (Path(parent) / name / LOCK).exists()]
-        found += [
-            Path(parent) / name
-            for name in (*folders, *names)
-            if name.startswith(".") and (PARTIAL in name or ".old-" in name)
-        ]
+    ``.*.partial-*`` and ``.*.old-*``); returns them. Call it only while holding the writer lock."""
+    found = [p for p in Path(folder).rglob(".*") if PARTIAL in p.name or ".old-" in p.name]
     for path in sorted(found, key=lambda p: len(p.parts), reverse=True):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

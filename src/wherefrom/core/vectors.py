@@ -222,10 +222,12 @@ class VectorStoreWriter:
         where = f"row {ids[row]!r} (shard {shard} of {self.folder})"
         if not torch.isfinite(given).all():
             raise ValueError(f"{where} has a NaN or infinite entry; nothing of the shard was written")
+        advice = ""
+        if self.dtype == "float16":
+            advice = f": delete {self.folder} and rebuild it with dtype bfloat16 (float32's range) or float32"
         raise ValueError(
             f"{where} has an entry of magnitude {float(given.abs().max()):.4g}, beyond the largest {self.dtype} "
-            f"({torch.finfo(DTYPES[self.dtype]).max:.6g}); this store cannot hold it: delete {self.folder} and "
-            "rebuild it with dtype bfloat16 (float32's range; --dtype bfloat16) or float32"
+            f"({torch.finfo(DTYPES[self.dtype]).max:.6g}); this store cannot hold it{advice}"
         )
 
     def build(
@@ -243,8 +245,10 @@ class VectorStoreWriter:
             start, stop = self.span(shard)
             ids, parts = [], []
             for batch_ids, rows in produce(shard, self.ids[start:stop]):
+                cast = rows.detach().to(device="cpu", dtype=DTYPES[self.dtype])  # the shard held in the store's dtype
+                self._check_finite(shard, list(batch_ids), rows, cast)
                 ids += list(batch_ids)
-                parts.append(rows.detach().cpu())  # cast in write, which checks that the dtype holds them
+                parts.append(cast)
             self.write(shard, ids, torch.cat(parts) if parts else torch.zeros(0, self.dim))
             written += 1
         return written

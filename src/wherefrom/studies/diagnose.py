@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from wherefrom.core.data import Record
+from wherefrom.core.option_pairs import options_for
 from wherefrom.curvature.base import Curvature, DataShape, Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import InfluenceMethod, make_method
@@ -133,7 +134,7 @@ def diagnose(
 ) -> tuple[list[Diagnosis], str | None]:
     """Run every method and compare it with exact influence, at one damping (module docstring); returns
     the rows and, when the exact reference could not be formed, the reason (the comparisons are then
-    ``None``). ``progress`` (tqdm-like) wraps the loop over methods; the fits report their own batches."""
+    ``None``). ``method_options``: ``{method or "*": {key: value}}`` (a ``"*"`` entry applies to every method). ``progress`` (tqdm-like) wraps the loop over methods; the fits report their own batches."""
     if exact_blocks not in ("full", "module"):
         raise ValueError(f"exact_blocks must be 'full' or 'module', got {exact_blocks!r}")
     if not queries:
@@ -158,7 +159,7 @@ def diagnose(
     rows = []
     for name in progress(list(methods), "methods"):
         try:
-            method = make_method(name, model, tokenizer, config, **method_options.get(name, {}))
+            method = make_method(name, model, tokenizer, config, **options_for(method_options, name))
             with measured(device) as cost:
                 method.fit(train)
                 scores = method.scores(queries, train)
