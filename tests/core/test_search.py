@@ -54,18 +54,19 @@ def reference(matrix: torch.Tensor, queries: torch.Tensor, k: int, opponents: bo
     return order, scores.gather(1, order)
 
 
+STORES = {
+    "count": st.integers(1, 60),
+    "k": st.integers(1, 12),
+    "shard_rows": st.integers(1, 25),
+    "chunk_rows": st.integers(1, 9),
+    "integer": st.booleans(),
+    "seed": st.integers(0, 10_000),
+}
+"""Small stores for hypothesis: rows, k, shard and chunk sizes, small-integer rows (many ties), a seed."""
+
+
 @settings(max_examples=40, deadline=None)
-@given(
-    count=st.integers(1, 60),
-    dim=st.integers(1, 6),
-    n_query=st.integers(1, 4),
-    k=st.integers(1, 12),
-    shard_rows=st.integers(1, 25),
-    chunk_rows=st.integers(1, 9),
-    opponents=st.booleans(),
-    integer=st.booleans(),
-    seed=st.integers(0, 10_000),
-)
+@given(**STORES, dim=st.integers(1, 6), n_query=st.integers(1, 4), opponents=st.booleans())
 def test_exact_equals_a_stable_sort_of_the_whole_matrix(
     count, dim, n_query, k, shard_rows, chunk_rows, opponents, integer, seed
 ):
@@ -94,15 +95,7 @@ def test_exact_matches_torch_topk_across_shard_boundaries_for_both_ends():
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    count=st.integers(1, 50),
-    k=st.integers(1, 12),
-    shard_rows=st.integers(1, 20),
-    chunk_rows=st.integers(1, 9),
-    filtered=st.booleans(),
-    integer=st.booleans(),
-    seed=st.integers(0, 10_000),
-)
+@given(**STORES, filtered=st.booleans())
 def test_both_ends_in_one_pass_equal_each_end_searched_alone(count, k, shard_rows, chunk_rows, filtered, integer, seed):
     """A search reads the store once for proponents and opponents (it read it once per end)."""
     generator = torch.Generator().manual_seed(seed)
