@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from query_latency import Spectral, numpy_scan
+from query_latency import Spectral, median_seconds, numpy_scan
 from wherefrom.core.search import exact_ends
 from wherefrom.core.vectors import VectorStore, VectorStoreWriter
 from wherefrom.studies.toolkit import markdown_table, number, provenance, write_report
@@ -73,14 +73,8 @@ def build(folder: Path, count: int, dim: int, dtype: str, rows: Spectral) -> flo
 
 
 def seconds(run, repeats: int = 1) -> float:
-    """Median wall time of ``run()`` over ``repeats`` calls after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median wall time of ``run()`` over ``repeats`` calls after one warm-up call (``median_seconds``)."""
+    return median_seconds(lambda _i: run(), repeats)
 
 
 def measure(args: argparse.Namespace) -> list[dict]:

@@ -63,11 +63,11 @@ def fit(
     try:
         with session():
             paths = {"model": model, "adapter": adapter, "device": device}
-            if method is None and option:
-                raise ValueError(
-                    f"--option is for --method; give strategy {strategy!r} its options with --strategy-option"
-                )
             if method is None:
+                if option:
+                    raise ValueError(
+                        f"--option is for --method; give strategy {strategy!r} its options with --strategy-option"
+                    )
                 options = merged_options(strategy_option, strategy, "--strategy-option")
                 attribution = settings_as(AttributionConfig, strategy=strategy, strategy_options=options)
                 config = RunConfig(train=str(train), attribution=attribution, **paths)

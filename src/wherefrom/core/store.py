@@ -306,9 +306,14 @@ Recorded = Mapping[str, Mapping[str, Any]] | None
 (the shards of a store: reading the manifest once per file was quadratic in the files); ``None``: read it."""
 
 
+def _entry(path: Path, recorded: Recorded) -> Mapping[str, Any] | None:
+    """``path``'s recorded ``{"sha256", "bytes"}`` (from ``recorded``, else its folder's manifest), or ``None``."""
+    return (_checksums(path.parent) if recorded is None else recorded).get(path.name)
+
+
 def _compare(path: Path, digest: str, size: int, recorded: Recorded = None) -> None:
     """Raise :class:`DamagedFile` unless ``(digest, size)`` of ``path``'s bytes are the recorded ones."""
-    entry = (_checksums(path.parent) if recorded is None else recorded).get(path.name)
+    entry = _entry(path, recorded)
     if entry is None:
         raise DamagedFile(
             f"{path} has no checksum in {path.parent / CHECKSUMS} (unfinished write, or made by an older wherefrom)"
@@ -334,7 +339,7 @@ def check_size(path: Path, recorded: Recorded = None) -> None:
     path = Path(path)
     if not path.is_file():
         raise DamagedFile(f"{path} is missing")
-    entry = (_checksums(path.parent) if recorded is None else recorded).get(path.name)
+    entry = _entry(path, recorded)
     size = path.stat().st_size
     if entry is None or size != entry["bytes"]:
         _compare(path, "", size, recorded)

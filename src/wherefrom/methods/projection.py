@@ -673,8 +673,8 @@ class ProjectedInfluence:
         shards of an index built with ``precondition=False``), damped with this method's ``damping`` /
         ``damping_factor``, summed and inverted by the ``exact`` strategy in float64 on the CPU (each batch's
         product on the rows' device): the curvature :meth:`fit` gives with ``fisher="empirical"`` on the same
-        rows (LoGra, Choe et al. 2024, and Bergson precondition with the training gradients' own second moment). Under ``torch.distributed`` each process passes its own rows
-        and the sums are all-reduced. ``ValueError`` for no rows; the Fisher's memory is checked first
+        rows (LoGra, Choe et al. 2024, and Bergson precondition with the training gradients' own second moment).
+        Under ``torch.distributed`` each process passes its own rows and the sums are all-reduced. ``ValueError`` for no rows; the Fisher's memory is checked first
         (:meth:`check_row_fisher_memory`)."""
         self.check_row_fisher_memory()
         layout = self.vector_blocks()

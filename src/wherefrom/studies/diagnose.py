@@ -134,7 +134,8 @@ def diagnose(
 ) -> tuple[list[Diagnosis], str | None]:
     """Run every method and compare it with exact influence, at one damping (module docstring); returns
     the rows and, when the exact reference could not be formed, the reason (the comparisons are then
-    ``None``). ``method_options``: ``{method or "*": {key: value}}`` (a ``"*"`` entry applies to every method). ``progress`` (tqdm-like) wraps the loop over methods; the fits report their own batches."""
+    ``None``). ``method_options``: ``{method or "*": {key: value}}`` (a ``"*"`` entry applies to every method).
+    ``progress`` (tqdm-like) wraps the loop over methods; the fits report their own batches."""
     if exact_blocks not in ("full", "module"):
         raise ValueError(f"exact_blocks must be 'full' or 'module', got {exact_blocks!r}")
     if not queries:
