@@ -17,11 +17,11 @@ from wherefrom.cli.app import COMMANDS
 runner = CliRunner()
 
 
-def attribute_args(root, out, *extra):
+def attribute_args(root, out, *extra, method="gradsim"):
     return [
         "attribute",
         "--method",
-        "gradsim",
+        method,
         "--train",
         root / "train.jsonl",
         "--queries",
@@ -247,3 +247,30 @@ def test_diagnose_predicts_the_exact_reference_memory_and_stops_before_work_when
     assert re.search(r"exact reference \(full GGN\): [\d,]+ bytes .* predicted; memory limit", fits.stderr)
     report = json.loads((workspace / "diag" / "diagnose.json").read_text())
     assert report["rows"][0]["damping"] > 0
+
+
+def test_attribute_takes_an_option_given_at_its_default_as_the_same_setting(workspace):
+    """``--option`` at the method's default (or a setting option at the flag's value) recomputes in place; an
+    ``attribute`` folder recorded with only the options given counts the others as their defaults."""
+    out = workspace / "default-attribute"
+    logra = ["--option", "dim_out=8"]
+    first = invoke(*attribute_args(workspace, out, *logra, method="logra"))
+    assert first.exit_code == 0, first.output
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["options"] == {
+        "dim_in": 16,
+        "dim_out": 8,
+        "kind": "gaussian",
+        "curvature": True,
+        "strategy": "exact",
+    }
+    again = invoke(
+        *attribute_args(
+            workspace, out, *logra, "--option", "dim_in=16", "--option", "damping_factor=0.1", method="logra"
+        )
+    )
+    assert again.exit_code == 0, again.output
+    (out / "config.json").write_text(json.dumps({**recorded, "options": {"dim_out": 8}}))  # as recorded before
+    assert invoke(*attribute_args(workspace, out, *logra, method="logra")).exit_code == 0
+    other = invoke(*attribute_args(workspace, out, *logra, "--option", "dim_in=4", method="logra"))
+    assert other.exit_code == 2 and "options.dim_in: recorded 16, now 4" in other.output, other.output

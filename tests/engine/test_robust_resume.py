@@ -191,3 +191,83 @@ def test_device_is_compared_when_resuming_but_not_when_reusing_a_finished_index(
     with pytest.raises(SettingsMismatch, match="device: recorded 'cuda', now 'cpu'"):
         record_settings(index, {**settings, "device": "cpu"})
     assert record_settings(index, {**settings, "device": "cpu"}, ignore=("device",)) == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "default", "other", "named"),
+    [
+        (
+            ["--method", "logra"],
+            ["--option", "dim_in=16"],
+            ["--option", "dim_in=8"],
+            "options.dim_in: recorded 16, now 8",
+        ),
+        (["--method", "bm25"], ["--option", "k1=1.5"], ["--option", "k1=1.2"], "options.k1: recorded 1.5, now 1.2"),
+        (
+            ["--strategy", "lissa"],
+            ["--strategy-option", "depth=1000"],
+            ["--strategy-option", "depth=10"],
+            "attribution.strategy_options.depth: recorded 1000, now 10",
+        ),
+        (
+            ["--method", "arnoldi"],
+            ["--option", "rank=64"],
+            ["--option", "rank=8"],
+            "attribution.strategy_options.rank: recorded 64, now 8",
+        ),
+    ],
+)
+@pytest.mark.parametrize("given_first", [False, True])
+def test_an_option_given_at_its_default_is_the_setting_left_out(
+    root, tmp_path, flags, default, other, named, given_first
+):
+    """A fit with an option left out is reused by the same command giving that option its default value, and the
+    other way round; another value is still refused, naming it."""
+    run = f"default-{tmp_path.name}"
+    first, second = (flags + default, flags) if given_first else (flags, flags + default)
+    code, out = invoke(*fit_args(root, run, *first))
+    assert code == 0, out
+    code, out = invoke(*fit_args(root, run, *second))
+    assert code == 0 and "reused" in out, out
+    code, out = invoke(*fit_args(root, run, *flags, *other))
+    assert code == 2 and named in out, out
+
+
+def test_an_index_of_options_recorded_as_given_is_reused_and_read(root, tmp_path):
+    """A logra fit and index whose settings recorded only the options given (as this version did before it
+    recorded every option at its value): the options left out count as their defaults, so fit, index and
+    scores reuse them; an option given at another value is still refused."""
+    run = root / f"sparse-{tmp_path.name}"
+    code, out = invoke(*fit_args(root, run.name, "--method", "logra", "--option", "dim_out=8"))
+    assert code == 0, out
+    code, out = invoke("index", "--run", run, "--shard-size", "4")
+    assert code == 0, out
+    for path in (run / "method" / "settings.json", run / "index" / "settings.json"):
+        recorded = json.loads(path.read_text())
+        assert recorded["options"]["dim_in"] == 16 and recorded["options"]["kind"] == "gaussian"
+        write_json_checked({**recorded, "options": {"dim_out": 8}}, path)
+    shards = {p.name: p.read_bytes() for p in (run / "index").glob("shard-*")}
+    code, out = invoke(*fit_args(root, run.name, "--method", "logra", "--option", "dim_out=8", "--option", "dim_in=16"))
+    assert code == 0 and "reused" in out, out
+    code, out = invoke("index", "--run", run, "--shard-size", "4")
+    assert code == 0 and "0 shards written now" in out, out
+    assert {p.name: p.read_bytes() for p in (run / "index").glob("shard-*")} == shards
+    code, out = invoke("scores", "--run", run, "--queries", root / "queries.jsonl", "--name", "sparse")
+    assert code == 0, out
+    recorded = json.loads((run / "index" / "settings.json").read_text())
+    write_json_checked({**recorded, "options": {"dim_out": 8, "dim_in": 4}}, run / "index" / "settings.json")
+    code, out = invoke("scores", "--run", run, "--queries", root / "queries.jsonl", "--name", "other")
+    assert code == 2 and "options.dim_in: recorded 4, now 16" in out, out
+
+
+def test_record_settings_fills_nested_sections_with_their_defaults(tmp_path):
+    folder = tmp_path / "job"
+    record_settings(folder, {"run": {"a": 1, "options": {"x": 1}}, "other": 2})
+    defaults = {"run": {"options": {"x": 0, "y": 3}}, "absent": {"z": 1}}
+    assert record_settings(folder, {"run": {"a": 1, "options": {"x": 1, "y": 3}}, "other": 2}, defaults=defaults) == []
+    with pytest.raises(SettingsMismatch, match=r"run\.options\.y: recorded 3, now 4"):
+        record_settings(folder, {"run": {"a": 1, "options": {"x": 1, "y": 4}}, "other": 2}, defaults=defaults)
+    with pytest.raises(SettingsMismatch, match=r"absent: not recorded"):  # a section is not filled in whole
+        record_settings(
+            folder, {"run": {"a": 1, "options": {"x": 1}}, "other": 2, "absent": {"z": 1}}, defaults=defaults
+        )

@@ -105,7 +105,7 @@ def test_cli_attribute_and_diagnose(tmp_path):
     saved = json.loads((tmp_path / "logra" / "scores.json").read_text())
     assert len(saved["train_ids"]) == 10 and json.loads((tmp_path / "logra" / "config.json").read_text())[
         "options"
-    ] == {"dim_in": 4, "dim_out": 4}
+    ] == {"dim_in": 4, "dim_out": 4, "kind": "gaussian", "curvature": True, "strategy": "exact"}  # defaults filled
     result = runner.invoke(
         app, ["attribute", "--method", "gradsim", "--prefilter", "3", "--out", str(tmp_path / "pre"), *common]
     )

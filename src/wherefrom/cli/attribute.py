@@ -38,18 +38,21 @@ def attribute(
 
     --out receives scores.safetensors, scores.json, scores.top.csv and config.json (earlier scores there
     made with other settings are kept unless --overwrite; with the same ones they are recomputed)."""
+    from wherefrom.core.options import with_defaults
     from wherefrom.core.scoring import save_scores
     from wherefrom.core.store import atomic_write_json, check_replacement
-    from wherefrom.methods.registry import make_method, method_spec
+    from wherefrom.methods.registry import SETTING_NAMES, make_method, method_spec
 
     out, method = required(out, "out"), required(method, "method")
     try:
         refuse("command attribute", "under torchrun use `fit` and `scores` on a run folder")
-        options = method_spec(method).check(merged_options(option, method))
+        spec = method_spec(method)
+        options = spec.check(merged_options(option, method))
         config = settings_as(AttributionConfig)
+        given = {k: v for k, v in options.items() if k not in SETTING_NAMES}  # setting options: in "attribution"
         record = {
             "method": method,
-            "options": options,
+            "options": with_defaults(spec.constructor_options, given),
             "prefilter": prefilter,
             "train": str(train),
             "queries": str(queries),
@@ -58,7 +61,11 @@ def attribute(
             "attribution": used_settings(method, config, options),
         }
         if not overwrite:
-            check_replacement([out / "scores.safetensors", out / "scores.json"], out / "config.json", record)
+            results, defaults = (
+                [out / "scores.safetensors", out / "scores.json"],
+                with_defaults(spec.constructor_options, {}),
+            )
+            check_replacement(results, out / "config.json", record, defaults={"options": defaults})
         loaded = load_model(model, adapter, device=device)
         train_rows, query_rows = load_records(train), load_records(queries)
         chosen = make_method(method, loaded.model, loaded.tokenizer, config, **options)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-__all__ = ["UNSET", "OptionError", "OptionSpec", "check_options", "from_signature"]
+__all__ = ["UNSET", "OptionError", "OptionSpec", "check_options", "from_signature", "with_defaults"]
 
 
 class _Unset:
@@ -182,6 +182,17 @@ def check_options(owner: str, specs: Iterable[OptionSpec], given: Mapping[str, A
         spec = missing[0]
         raise OptionError(f"{owner} needs option {spec.name!r} ({spec.allowed()}): {spec.help}")
     return {name: by_name[name].check(value, owner) for name, value in given.items()}
+
+
+def with_defaults(specs: Iterable[OptionSpec], given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` with every option of ``specs`` it leaves out at its default (a required option, which has
+    none, stays out): the options a component runs with, in one form whether a default was given or left out.
+    Settings are recorded and compared in this form. Nothing is validated (:func:`check_options` does that)."""
+    chosen = dict(given)
+    return {
+        **{s.name: s.default for s in specs if s.name not in chosen and not s.required and s.default is not UNSET},
+        **chosen,
+    }
 
 
 def from_signature(function: Callable, *specs: OptionSpec) -> tuple[OptionSpec, ...]:

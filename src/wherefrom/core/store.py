@@ -213,20 +213,26 @@ def refuse_overwrite(paths: Collection[Path], allow: str = "--overwrite", why: s
 
 
 def check_replacement(
-    results: Collection[Path], record: Path, now: Mapping[str, Any], allow: str = "--overwrite"
+    results: Collection[Path],
+    record: Path,
+    now: Mapping[str, Any],
+    allow: str = "--overwrite",
+    defaults: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> bool:
     """Whether a job about to write ``results`` replaces earlier ones: ``False`` when none of them exists;
     ``True`` when they exist and were made from the same inputs (the JSON file ``record`` holds every
     key of ``now`` with the same value: recomputing them loses nothing); else :class:`OutputExists`
     naming the existing results, each input that differs with both values, and ``allow`` (the caller's
-    way to permit it, e.g. ``--overwrite``). Call it before any long work."""
+    way to permit it, e.g. ``--overwrite``). ``defaults``: what an input the record lacks is taken to be
+    (:func:`with_defaults_recorded`). Call it before any long work."""
     if not any(Path(p).exists() for p in results):
         return False
     try:
         saved = json.loads(Path(record).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         saved = {}
-    refuse_other_inputs(results, {key: saved.get(key) for key in now} if isinstance(saved, dict) else {}, now, allow)
+    saved = with_defaults_recorded(saved, defaults or {}) if isinstance(saved, dict) else {}
+    refuse_other_inputs(results, {key: saved.get(key) for key in now}, now, allow)
     return True
 
 
@@ -239,7 +245,7 @@ def refuse_other_inputs(
 ) -> None:
     """:func:`refuse_overwrite` of ``results`` when the inputs they were made from (``saved``) differ from ``now``
     (compared in JSON form), naming each differing input (``prefix.key``) with both values."""
-    differences = settings_differences(saved, json.loads(json.dumps(dict(now))), prefix)
+    differences = settings_differences(saved, _json_form(dict(now)), prefix)
     if differences:
         refuse_overwrite(results, allow, f", made from other inputs ({'; '.join(differences)})")
 
@@ -415,6 +421,27 @@ def settings_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
     return [] if saved == now else [f"{prefix or 'value'}: recorded {saved!r}, now {now!r}"]
 
 
+def with_defaults_recorded(saved: Mapping[str, Any], defaults: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``saved`` (settings read back from JSON) with what it does not record taken from ``defaults``: per top-level
+    section that ``saved`` holds as a dict, every key missing from it at the default, recursively into
+    sub-dicts both hold (e.g. a strategy's options); sections ``saved`` lacks stay out."""
+
+    def filled(recorded: dict[str, Any], known: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(recorded)
+        for key, value in known.items():
+            if key not in out:
+                out[key] = value
+            elif isinstance(out[key], dict) and isinstance(value, dict):
+                out[key] = filled(out[key], value)
+        return out
+
+    out = dict(saved)
+    for section, values in _json_form(dict(defaults)).items():
+        if isinstance(out.get(section), dict):
+            out[section] = filled(out[section], values)
+    return out
+
+
 def record_settings(
     folder: Path,
     settings: Mapping[str, Any],
@@ -427,8 +454,9 @@ def record_settings(
     ``folder`` belongs to the job alone. Values are compared in their JSON form; top-level keys in
     ``ignore`` are not compared (e.g. the device, when a finished result is only being reused and
     no part of it is computed again). ``defaults``: per top-level section (a dict of settings), the values
-    that keys missing from the recorded section take (settings added since the folder was started, whose
-    defaults do what the older version did). Returns notes of what was discarded (empty when nothing was).
+    that keys missing from the recorded section take, recursively (:func:`with_defaults_recorded`: settings
+    added since the folder was started, whose defaults do what the older version did, and options recorded
+    as given, an option left out being at its default). Returns notes of what was discarded (empty when nothing was).
     Raises :class:`SettingsMismatch` naming every differing setting with the recorded and the
     current value (``hint`` says what to do). A folder with results but no intact ``settings.json``
     (made by an older version, or damaged) is emptied and started afresh: its results' settings
@@ -449,10 +477,7 @@ def record_settings(
             shutil.rmtree(folder)
         write_json_checked(now, path)
         return notes
-    for section, values in (defaults or {}).items():
-        if isinstance(saved.get(section), dict):
-            known = _json_form(dict(values))
-            saved[section] = {**{k: v for k, v in known.items() if k not in saved[section]}, **saved[section]}
+    saved = with_defaults_recorded(saved, defaults or {})
     differences = settings_differences(
         {k: v for k, v in saved.items() if k not in ignore}, {k: v for k, v in now.items() if k not in ignore}
     )

@@ -50,6 +50,7 @@ from wherefrom.core.store import (
     recorded_checksums,
     save_tensors_checked,
     settings_differences,
+    with_defaults_recorded,
     write_json_checked,
 )
 
@@ -89,7 +90,8 @@ class VectorStoreWriter:
     """Builds (or resumes) a store of ``len(ids)`` rows of length ``dim`` in ``folder``.
 
     ``settings`` (JSON-able) are what decide the rows' values (fingerprints, projection, ...); they and the
-    layout go into the manifest. The caller holds the folder's writer lock
+    layout go into the manifest. ``defaults``: what a setting a recorded manifest lacks is taken to be (see
+    :func:`wherefrom.core.store.record_settings`). The caller holds the folder's writer lock
     (:func:`wherefrom.core.store.writer_lock`) around :meth:`start` ... :meth:`finalize`; processes of one
     distributed build may write different shards of one folder at once (checksum updates are locked).
 
@@ -105,6 +107,7 @@ class VectorStoreWriter:
         settings: Mapping[str, Any],
         dtype: str = "float32",
         shard_size: int = 256,
+        defaults: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -128,6 +131,7 @@ class VectorStoreWriter:
             "rows": len(self.ids),
             "ids_sha256": ids_sha256(self.ids),
         }
+        self.defaults = dict(defaults or {})
         self.notices: list[str] = []
         """What was found and repaired (damaged shards rebuilt, parts of unknown settings discarded)."""
 
@@ -158,7 +162,7 @@ class VectorStoreWriter:
         Raises :class:`wherefrom.core.store.SettingsMismatch` naming each differing setting (``hint`` says
         what to do). A folder whose manifest is missing or damaged is emptied (noted in :attr:`notices`).
         """
-        notes = record_settings(self.folder, self.manifest, hint, ignore)
+        notes = record_settings(self.folder, self.manifest, hint, ignore, self.defaults)
         self.notices += notes
         path = self.folder / IDS_FILE
         if damage(path) is not None or read_json_checked(path) != self.ids:
@@ -326,12 +330,16 @@ class VectorStore:
             check_file(self.folder / shard_name(shard), recorded)
         self.verified = True
 
-    def require(self, settings: Mapping[str, Any], what: str = "") -> None:
+    def require(
+        self, settings: Mapping[str, Any], what: str = "", defaults: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
         """Raise :class:`wherefrom.core.store.SettingsMismatch` naming each of ``settings`` whose recorded value
         differs (e.g. the model fingerprint, the module selection, the projection); ``what`` says what the store
-        is being used for."""
+        is being used for; ``defaults``: what a setting the manifest lacks is taken to be
+        (:func:`wherefrom.core.store.with_defaults_recorded`)."""
         now = json.loads(json.dumps(dict(settings), default=str))
-        differences = settings_differences({k: self.settings.get(k) for k in now}, now)
+        recorded = with_defaults_recorded({k: self.settings.get(k) for k in now}, defaults or {})
+        differences = settings_differences(recorded, now)
         if differences:
             raise SettingsMismatch(
                 f"the store {self.folder} was made with other settings ({'; '.join(differences)})"

@@ -65,6 +65,7 @@ from wherefrom.core.distributed import (
 )
 from wherefrom.core.gradients import block_products, flatten_blocks, split_rows
 from wherefrom.core.memory import check_memory, nbytes
+from wherefrom.core.options import with_defaults
 from wherefrom.core.scoring import Scores, save_scores
 from wherefrom.core.store import (
     DamagedFile,
@@ -82,14 +83,14 @@ from wherefrom.core.store import (
 )
 from wherefrom.core.tracking import selection_signature
 from wherefrom.core.vectors import DTYPES, LAYOUT, MARKER, VectorStore, VectorStoreWriter
-from wherefrom.curvature import Curvature, load_curvature
+from wherefrom.curvature import STRATEGIES, Curvature, load_curvature
 from wherefrom.curvature.base import META_FILE as CURVATURE_META
 from wherefrom.curvature.base import TENSORS_FILE as CURVATURE_TENSORS
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
 from wherefrom.engine.passes import kept_rows
 from wherefrom.methods.projection import ProjectedInfluence
-from wherefrom.methods.registry import SETTING_NAMES, Method, in_family, make_method, method_settings
+from wherefrom.methods.registry import SETTING_NAMES, Method, in_family, make_method, method_settings, method_spec
 from wherefrom.methods.saved import META_FILE, TENSORS_FILE, load_fitted, save_fitted
 from wherefrom.methods.tracin import TracIn, finetune_checkpoints, interleave_checkpoints
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_CONFIG
@@ -109,10 +110,6 @@ INDEX_PARTS = "index-parts"
 """The folder of a tracin index's per-checkpoint column blocks while it is built."""
 FIT_ALONE = "fit it in one process; the influence methods (a curvature strategy) fit in many"
 """What to do instead when a method outside the influence family is fitted under ``torch.distributed``."""
-FIT_DEFAULTS = {"attribution": AttributionConfig().to_dict()}
-"""What a fit's ``settings.json`` recorded before a setting existed is taken as its default (each new setting's
-default does what the older version did), so folders fitted by an older version are still reused or resumed. Only
-the attribution settings of ``factors/`` and ``method/``: an index's recorded settings are compared as recorded."""
 
 
 class RunMismatch(ValueError):
@@ -158,6 +155,31 @@ class RunConfig:
             merged = replace(merged, strategy_options={**merged.strategy_options, **constructor})
             constructor = {}
         return cls(train=train, attribution=merged, method=method, options=constructor, **paths)
+
+    def settings(self) -> dict[str, Any]:
+        """:meth:`to_dict` with every option of the strategy (``attribution.strategy_options``) and, for a run that
+        fits a method, of the method (``options``) at its default where it was not given: the form in which a run
+        folder's settings are recorded and compared, so that an option given at its default is the same setting
+        as one left out (``config.json`` keeps the options as given, for replay)."""
+        data = self.to_dict()
+        strategy = STRATEGIES.get(self.attribution.strategy)
+        if strategy is not None:
+            data["attribution"]["strategy_options"] = with_defaults(
+                strategy.option_specs, self.attribution.strategy_options
+            )
+        if self.fits_method:
+            data["options"] = with_defaults(method_spec(self.method).constructor_options, self.options)
+        return data
+
+    def setting_defaults(self) -> dict[str, Any]:
+        """What a setting missing from a recorded ``settings.json`` is taken to be (the ``defaults`` of
+        :func:`wherefrom.core.store.record_settings`): every attribution setting at its default (settings added
+        since a folder was started do what the older version did; so folders fitted by an older version are still
+        reused or resumed) and every option of this run's strategy and method at its own."""
+        blank = RunConfig(
+            self.train, attribution=AttributionConfig(strategy=self.attribution.strategy), method=self.method
+        )
+        return {k: v for k, v in blank.settings().items() if k in ("attribution", "options")}
 
     def resolved(self) -> RunConfig:
         """This config with ``train``, ``model`` and ``adapter`` as absolute paths (see :func:`absolute`)."""
@@ -258,8 +280,8 @@ class Run:
         with writer_lock(folder):
             if self.finished():
                 # Round-trip through RunConfig: settings added in later versions take their defaults.
-                saved = RunConfig.from_dict(json.loads((folder / "config.json").read_text())).resolved().to_dict()
-                differences = settings_differences(saved, config.to_dict())
+                saved = RunConfig.from_dict(json.loads((folder / "config.json").read_text())).resolved().settings()
+                differences = settings_differences(saved, config.settings())
                 if differences:
                     raise RunMismatch(
                         f"{folder} holds a run with other settings ({'; '.join(differences)}); "
@@ -351,10 +373,11 @@ class Run:
     def fit_settings(self) -> dict[str, Any]:
         """What decides the fitted factors' bytes: recorded in ``factors/settings.json`` first."""
         manifest = self.manifest()
-        method = {"method": self.config.method, "options": self.config.options} if self.config.fits_method else {}
+        settings = self.config.settings()
+        method = {"method": self.config.method, "options": settings["options"]} if self.config.fits_method else {}
         return {
             **method,
-            "attribution": self.config.attribution.to_dict(),
+            "attribution": settings["attribution"],
             "model": manifest["model"]["fingerprint"],
             "tokenizer": manifest["tokenizer_fingerprint"],
             "data": manifest["data"]["fingerprint"],
@@ -422,7 +445,7 @@ class Run:
             self.fit_settings(),
             f"Delete {target} to fit again with the current settings.",
             ignore=() if found else ("device",),
-            defaults=FIT_DEFAULTS,
+            defaults=self.config.setting_defaults(),
         )
         if notes:  # factors of unknown settings were discarded
             self.notices += notes
@@ -453,7 +476,7 @@ class Run:
                 self.fit_settings(),
                 f"Delete {target} to fit again with the current settings.",
                 ("device",),
-                FIT_DEFAULTS,
+                self.config.setting_defaults(),
             )
             if notes:  # a state of unknown settings was discarded
                 self.notices += notes
@@ -720,7 +743,7 @@ class Run:
         settings = self.index_settings(precondition, unit_norm, fingerprint)
         dim = sum(math.prod(shape) for _name, *shape in settings["rows_layout"]["blocks"])
         ids = [r.id for r in self.train]
-        writer = VectorStoreWriter(folder, ids, dim, settings, dtype, shard_size)
+        writer = VectorStoreWriter(folder, ids, dim, settings, dtype, shard_size, self.config.setting_defaults())
         if raw and not (folder / MARKER).exists():  # predicted before anything is written
             rows, size = min(shard_size, len(self.train)), self.attributor.num_parameters
             check_memory(
@@ -859,6 +882,7 @@ class Run:
                 {**part_settings, "part": c},
                 writer.dtype,
                 writer.shard_size,
+                writer.defaults,
             )
             for c in range(len(tracin.checkpoints))
         ]
@@ -940,7 +964,9 @@ class Run:
         store = self._index_store(verify=True)
         now = self.index_settings()
         store.require(
-            {k: v for k, v in now.items() if k not in ("device", "precondition", "unit_norm")}, f"run {self.folder}"
+            {k: v for k, v in now.items() if k not in ("device", "precondition", "unit_norm")},
+            f"run {self.folder}",
+            self.config.setting_defaults(),
         )
         if store.ids != [r.id for r in self.train]:
             raise DamagedFile(

@@ -143,6 +143,12 @@ class MethodSpec:
         """``options`` validated and converted (see :func:`wherefrom.core.options.check_options`)."""
         return check_options(f"method {self.name!r}", self.options, options)
 
+    @property
+    def constructor_options(self) -> tuple[OptionSpec, ...]:
+        """The :attr:`options` that go to the method's constructor (an influence method's: its strategy's), not the
+        setting options (:data:`SETTING_NAMES`)."""
+        return tuple(spec for spec in self.options if spec.name not in SETTING_NAMES)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description (what ``wherefrom methods --json`` prints for this method)."""
         return {
