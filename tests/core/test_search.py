@@ -573,3 +573,18 @@ def test_search_store_says_whether_it_built_or_reused_the_index_and_keeps_one_fi
     assert sorted(path.name for path in tmp_path.glob("faiss-*")) == sorted(files.values())
     memory = search_store(source, queries, 5, "faiss", faiss_options={"kind": "hnsw"})  # no folder: built, not saved
     assert re.search(r"\(index built in [0-9.]+ s\)", memory.summary(5))
+
+
+def test_search_store_says_what_an_ivf_index_changed_of_its_settings():
+    """An nlist above the rows was cut silently, and an nprobe reaching every cell made the 'approximate' search
+    exhaustive over the cells without a word."""
+    rows, queries = clustered(300, 16, 4, seed=2)
+    source = Rows(rows, 100)
+    cut = search_store(source, queries, 5, "faiss", faiss_options={"nlist": 500, "nprobe": 8}, check_recall=False)
+    assert "(nlist 500 cut to the store's 300 rows)" in cut.summary(5)
+    default = search_store(source, queries, 5, "faiss", check_recall=False)  # sqrt(300) = 17 cells, nprobe 128
+    assert "(nprobe 128 reaches all 17 cells: every cell searched)" in default.summary(5)
+    both = search_store(source, queries, 5, "faiss", faiss_options={"nlist": 400, "nprobe": 300}, check_recall=False)
+    assert "nlist 400 cut to the store's 300 rows; nprobe 300 reaches all 300 cells" in both.summary(5)
+    assert search_store(source, queries, 5, "faiss", faiss_options={"nprobe": 4}, check_recall=False).note is None
+    assert FaissSettings(kind="hnsw", nlist=900).capped(300) is None  # no cells: nothing changed

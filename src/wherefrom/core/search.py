@@ -437,6 +437,19 @@ class FaissSettings:
         """IVF cells for ``count`` rows: ``nlist``, by default ``sqrt(count)``; at most ``count``."""
         return max(1, min(count, self.nlist or round(math.sqrt(count))))
 
+    def capped(self, count: int) -> str | None:
+        """What an IVF index over ``count`` rows changes of these settings, in words (``None`` when nothing): an
+        ``nlist`` above the rows is cut to one cell per row (:meth:`lists`), and an ``nprobe`` that reaches every
+        cell makes the search exhaustive over the cells (the default 128 does below 16,384 rows)."""
+        if not self.kind.startswith("ivf"):
+            return None
+        lists, notes = self.lists(count), []
+        if self.nlist is not None and self.nlist > count:
+            notes.append(f"nlist {self.nlist} cut to the store's {count} rows")
+        if self.nprobe >= lists:
+            notes.append(f"nprobe {self.nprobe} reaches all {lists} cells: every cell searched")
+        return "; ".join(notes) or None
+
     def sub_quantizers(self, dim: int) -> int:
         """4-bit PQ sub-quantizers for rows of ``dim``: ``pq_m``, by default ``dim / 8`` for ``ivf-pq`` (8 entries
         per code, ``dim / 16`` bytes per row) and ``dim / 2`` for ``pq`` (2 entries per code, ``dim / 4`` bytes:
@@ -773,7 +786,8 @@ class SearchReport:
     ``mode`` (the search that ran: ``exact`` also for a ``pq`` search of candidates), ``seconds`` of the search
     itself, for ``faiss`` the ``recall`` against the exact search, ``(2, n_query)`` (proponents, opponents), with
     ``exact_seconds`` and the ``settings`` it ran with, ``index`` (how the FAISS index was had: built in how many
-    seconds, or the saved one reused) and a ``note`` the summary line adds (why a FAISS search ran exactly)."""
+    seconds, or the saved one reused) and a ``note`` the summary line adds (why a FAISS search ran exactly, or
+    what an IVF index changed of the settings: :meth:`FaissSettings.capped`)."""
 
     proponents: SearchResult
     opponents: SearchResult
@@ -856,7 +870,9 @@ def search_store(
         how += f", saved as {settings.file_name()}"
     start = time.perf_counter()
     found = tuple(faiss_top_k(index, source.ids, queries, k, end, candidates, settings) for end in (False, True))
-    report = SearchReport(*found, mode, time.perf_counter() - start, settings=settings, index=how)
+    report = SearchReport(
+        *found, mode, time.perf_counter() - start, note=settings.capped(source.count), settings=settings, index=how
+    )
     if check_recall:
         start = time.perf_counter()
         truth = exact()
