@@ -139,6 +139,13 @@ def test_what_does_not_distribute_is_refused_by_name(workspace, monkeypatch):
     with pytest.raises(NotDistributable, match=r"method 'trak' cannot run under torch\.distributed"):
         Run.create(workspace / "run-refused", config)
     assert not (workspace / "run-refused").exists()
+    train = str(workspace / "train.jsonl")
+    refused = [RunConfig(train, attribution=AttributionConfig(strategy=name)) for name in ("cg", "lissa", "arnoldi")]
+    refused += [RunConfig.for_method(name, train, AttributionConfig(), {}) for name in ("cg", "lissa")]
+    for config in refused:  # refused before the default model loads: no run folder is started
+        with pytest.raises(NotDistributable, match=f"strategy {config.attribution.strategy!r} cannot run"):
+            Run.create(workspace / "run-refused", config)
+        assert not (workspace / "run-refused").exists()
 
 
 @pytest.mark.parametrize("shard_size", [6, 20])
@@ -222,3 +229,26 @@ def test_torchrun_empirical_index_equals_one_process(workspace, shard_size):
         assert invoke("scores", "--run", run, "--queries", queries, "--name", "s", "--threads", 1).exit_code == 0
     one_scores, two_scores = (load_file(run / "scores" / "s.safetensors")["total"] for run in runs.values())
     assert torch.equal(two_scores, one_scores)
+
+
+def test_a_process_hashes_only_the_index_shards_it_reads(workspace, one, tmp_path, monkeypatch):
+    """Every rank hashed every shard before reading its share (a store of S bytes read S x ranks times); each now
+    verifies only its share, and a damaged shard is refused by the process that reads it."""
+    from wherefrom.core import distributed
+    from wherefrom.core.store import DamagedFile
+
+    run = tmp_path / "run"
+    shutil.copytree(one, run)
+    assert invoke("index", "--run", run, "--shard-size", 6, "--threads", 1).exit_code == 0
+    shard = run / "index" / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)  # as rank 1 of 2 sees it; no group is joined
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    store = Run.open(run).open_index()
+    assert store.verified == {1, 3}
+    assert [start for start, _rows in store.shards(only=distributed.shards_for_rank(store.shard_count))] == [6, 18]
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    with pytest.raises(DamagedFile, match="shard-00000"):
+        Run.open(run).open_index()

@@ -310,3 +310,23 @@ def test_a_shard_is_gathered_in_the_stores_dtype(tmp_path, monkeypatch):
     monkeypatch.setattr(writer, "write", lambda shard, ids, rows: given.append(rows.dtype) or write(shard, ids, rows))
     writer.build(produce)
     assert given == [torch.float16] * 3
+
+
+def test_shards_not_verified_in_this_process_are_hashed_as_they_are_read(tmp_path):
+    ids = [f"r{i}" for i in range(8)]
+    writer = VectorStoreWriter(tmp_path / "s", ids, 2, SETTINGS, shard_size=2)
+    writer.start()
+    writer.build(lambda _shard, part: [(part, torch.ones(len(part), 2))])
+    writer.finalize()
+    shard = tmp_path / "s" / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    store = VectorStore.open(tmp_path / "s")
+    store.verify(only=[1, 3])
+    assert store.verified == {1, 3}
+    assert [start for start, _rows in store.shards(only=[1, 3])] == [2, 6]
+    with pytest.raises(DamagedFile, match="shard-00000"):
+        list(store.shards())
+    with pytest.raises(DamagedFile, match="shard-00000"):
+        store.verify()

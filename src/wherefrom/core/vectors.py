@@ -288,8 +288,8 @@ class VectorStore:
         self.dtype: str = settings["dtype"]
         self.shard_size: int = settings["shard_size"]
         self.shard_count = (self.count + self.shard_size - 1) // self.shard_size
-        self.verified = False
-        """Whether :meth:`verify` hashed every shard in this process: :meth:`shards` then maps them."""
+        self.verified: set[int] = set()
+        """The shards :meth:`verify` hashed in this process: :meth:`shards` maps them."""
 
     @classmethod
     def open(cls, folder: Path) -> VectorStore:
@@ -321,14 +321,15 @@ class VectorStore:
         recorded = {name: files.get(name) for name in names}
         return hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()
 
-    def verify(self) -> None:
-        """Hash every shard; raises :class:`wherefrom.core.store.DamagedFile` naming the first damaged one. Once
-        it passed, :meth:`shards` reads memory-mapped by default (hashing again in the same process adds only
-        time: a scan of 10^6 rows read each shard three times, verified here, then once per end of a search)."""
+    def verify(self, only: Collection[int] | None = None) -> None:
+        """Hash every shard (``only``: just these, e.g. the ones this process reads); raises
+        :class:`wherefrom.core.store.DamagedFile` naming the first damaged one. :meth:`shards` then reads those it
+        hashed memory-mapped by default (hashing again in the same process adds only time: a scan of 10^6 rows
+        read each shard three times, verified here, then once per end of a search)."""
         recorded = recorded_checksums(self.folder)
-        for shard in range(self.shard_count):
+        for shard in range(self.shard_count) if only is None else sorted(only):
             check_file(self.folder / shard_name(shard), recorded)
-        self.verified = True
+            self.verified.add(shard)
 
     def require(
         self, settings: Mapping[str, Any], what: str = "", defaults: Mapping[str, Mapping[str, Any]] | None = None
@@ -357,13 +358,14 @@ class VectorStore:
         ``verify=False`` memory-maps each shard without hashing or copying it, for repeated queries against a
         store already checked once with :meth:`verify` (measured, 100,000 x 1024 float16 rows, warm page
         cache, one thread: 0.8 s verified, 0.09 s mapped); a truncated shard is still refused by :meth:`open`.
-        The default (``None``) verifies unless :meth:`verify` already ran in this process (:attr:`verified`).
+        The default (``None``) verifies each shard that :meth:`verify` did not hash in this process (:attr:`verified`).
         ``only``: read just these shards (e.g. one rank's, :func:`wherefrom.core.distributed.shards_for_rank`)."""
-        verify = not self.verified if verify is None else verify
-        recorded = recorded_checksums(self.folder) if verify else None
-        for shard in range(self.shard_count) if only is None else sorted(only):
+        chosen = range(self.shard_count) if only is None else sorted(only)
+        hashed = [shard not in self.verified if verify is None else verify for shard in chosen]
+        recorded = recorded_checksums(self.folder) if any(hashed) else None
+        for shard, check in zip(chosen, hashed, strict=True):
             path = self.folder / shard_name(shard)
-            if verify:
+            if check:
                 tensors, meta = load_tensors_checked(path, recorded)
                 rows = tensors["rows"]
             else:

@@ -210,6 +210,19 @@ class Curvature(ABC):
         self.source: Any = None  # the data source of the fit in progress (fit's ``source``)
 
     # --- fitting -------------------------------------------------------------------------------
+    @classmethod
+    def refuse_distributed(cls) -> None:
+        """Raise :class:`wherefrom.core.distributed.NotDistributable` naming the strategy and those that distribute
+        when it cannot fit under ``torch.distributed`` (:attr:`distributes` false) and ``WORLD_SIZE > 1``."""
+        if not cls.distributes:
+            from wherefrom.curvature import STRATEGIES  # the registry imports this module
+
+            refuse(
+                f"strategy {cls.name!r}",
+                "it iterates over all fitting rows; fit it in one process, or use one of "
+                + ", ".join(sorted(name for name, other in STRATEGIES.items() if other.distributes)),
+            )
+
     def fit(
         self,
         model: nn.Module,
@@ -235,14 +248,7 @@ class Curvature(ABC):
         with the one-process curvature; a strategy that does not (:attr:`distributes` false: ``cg``,
         ``lissa``, ``arnoldi``, which iterate over all rows) raises
         :class:`wherefrom.core.distributed.NotDistributable` before any pass."""
-        if not self.distributes:
-            from wherefrom.curvature import STRATEGIES  # the registry imports this module
-
-            refuse(
-                f"strategy {self.name!r}",
-                "it iterates over all fitting rows; fit it in one process, or use one of "
-                + ", ".join(sorted(name for name, cls in STRATEGIES.items() if cls.distributes)),
-            )
+        self.refuse_distributed()
         if source is not None and not self.takes_source:
             raise ValueError(
                 f"strategy {self.name!r} reads its fitting data from its own model passes; a shared data source "

@@ -259,7 +259,8 @@ class Run:
         Raises :class:`RunMismatch` naming each setting that differs from a finished run's config (with
         both values), and :class:`wherefrom.core.store.FolderLocked` while another process writes the run.
         Under ``torch.distributed`` rank 0 checks and writes the folder; a method outside the influence
-        family raises :class:`wherefrom.core.distributed.NotDistributable` before the model loads.
+        family or a strategy that does not distribute (``cg``, ``lissa``, ``arnoldi``) raises
+        :class:`wherefrom.core.distributed.NotDistributable` before the model loads (nothing is written).
         """
         folder = Path(folder)
         config = config.resolved()
@@ -267,6 +268,8 @@ class Run:
             method_settings(config.method, config.attribution, config.options)
         if config.fits_method:
             refuse(f"method {config.method!r}", FIT_ALONE)
+        elif config.attribution.strategy in STRATEGIES:
+            STRATEGIES[config.attribution.strategy].refuse_distributed()
         loaded = load_model(config.model, config.adapter, device=config.device)
         run = cls(folder, config, loaded, load_records(config.train), progress)
         manifest = run.manifest()
@@ -956,8 +959,10 @@ class Run:
         return shlex.join(words)
 
     def open_index(self) -> VectorStore:
-        """The run's finished index, its marker, manifest and every shard's checksum verified, and its settings
-        required to be this run's (model, tokenizer, module selection, gradient settings, layout).
+        """The run's finished index, its marker, manifest and the checksum of every shard this process reads
+        verified (all of them in one process; under ``torch.distributed`` its share,
+        :func:`wherefrom.core.distributed.shards_for_rank`, so no shard is hashed twice), and its settings required
+        to be this run's (model, tokenizer, module selection, gradient settings, layout).
 
         Raises :class:`wherefrom.core.store.DamagedFile` naming a damaged file and
         :class:`wherefrom.core.store.SettingsMismatch` naming each setting that differs."""
@@ -976,12 +981,12 @@ class Run:
         return store
 
     def _index_store(self, verify: bool) -> VectorStore:
-        """``RUN/index/`` opened (with ``verify`` every shard hashed); a :class:`wherefrom.core.store.DamagedFile`
+        """``RUN/index/`` opened (with ``verify`` every shard this process reads hashed); a :class:`wherefrom.core.store.DamagedFile`
         names the damaged file and the command that rebuilds it."""
         try:
             store = VectorStore.open(self.folder / "index")
             if verify:
-                store.verify()
+                store.verify(shards_for_rank(store.shard_count))
         except DamagedFile as error:
             raise DamagedFile(f"{error}; {self._rebuild_hint()}") from None
         return store
