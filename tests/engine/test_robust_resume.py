@@ -271,3 +271,45 @@ def test_record_settings_fills_nested_sections_with_their_defaults(tmp_path):
         record_settings(
             folder, {"run": {"a": 1, "options": {"x": 1}}, "other": 2, "absent": {"z": 1}}, defaults=defaults
         )
+
+
+def test_a_resumed_fit_and_index_run_with_the_thread_count_they_started_with(root, tmp_path, monkeypatch):
+    """Torch's CPU thread count changes float sums in the last bits (SmolLM2 EK-FAC factors fitted with 1 and 2
+    threads differ), and --threads defaults to the cores the load leaves: a job rerun after a kill could take
+    another count and end other than an uninterrupted run. The count is recorded and a resumed job takes it;
+    a finished result is reused with any count."""
+    from wherefrom.core.vectors import VectorStoreWriter
+    from wherefrom.engine.api import Attributor
+
+    seen = {}
+    fit, build = Attributor.fit, VectorStoreWriter.build
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            seen[name] = torch.get_num_threads()
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(Attributor, "fit", counted("fit", fit))
+    monkeypatch.setattr(VectorStoreWriter, "build", counted("index", build))
+    run = root / f"threads-{tmp_path.name}"
+    code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac", "--threads", "1"))
+    assert code == 0 and seen["fit"] == 1, out
+    assert json.loads((run / "factors" / "settings.json").read_text())["threads"] == 1
+    saved = (run / "factors" / "curvature.safetensors").read_bytes()
+    code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac", "--threads", "2"))
+    assert code == 0 and "reused" in out and "torch threads" not in out, out  # finished: reused with any count
+    (run / "factors" / "curvature.json").unlink()  # as a fit killed before its final save leaves it
+    before = torch.get_num_threads()
+    code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac", "--threads", "2"))
+    assert code == 0 and seen["fit"] == 1, out
+    assert "with 1 torch threads, the count it started with (not 2)" in " ".join(out.split()), out
+    assert (run / "factors" / "curvature.safetensors").read_bytes() == saved
+    assert torch.get_num_threads() == before
+    code, out = invoke("index", "--run", run, "--shard-size", "4", "--threads", "1")
+    assert code == 0 and seen["index"] == 1, out
+    interrupt_after_first_shard(run / "index")
+    code, out = invoke("index", "--run", run, "--shard-size", "4", "--threads", "2")
+    assert code == 0 and seen["index"] == 1 and "2 shards written now" in out, out
+    assert "the count it started with (not 2)" in " ".join(out.split()), out

@@ -91,7 +91,7 @@ class VectorStoreWriter:
 
     ``settings`` (JSON-able) are what decide the rows' values (fingerprints, projection, ...); they and the
     layout go into the manifest. ``defaults``: what a setting a recorded manifest lacks is taken to be (see
-    :func:`wherefrom.core.store.record_settings`). The caller holds the folder's writer lock
+    :func:`wherefrom.core.store.record_settings`); ``unchecked``: settings recorded but never compared. The caller holds the folder's writer lock
     (:func:`wherefrom.core.store.writer_lock`) around :meth:`start` ... :meth:`finalize`; processes of one
     distributed build may write different shards of one folder at once (checksum updates are locked).
 
@@ -108,6 +108,7 @@ class VectorStoreWriter:
         dtype: str = "float32",
         shard_size: int = 256,
         defaults: Mapping[str, Mapping[str, Any]] | None = None,
+        unchecked: Collection[str] = (),
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -131,7 +132,7 @@ class VectorStoreWriter:
             "rows": len(self.ids),
             "ids_sha256": ids_sha256(self.ids),
         }
-        self.defaults = dict(defaults or {})
+        self.defaults, self.unchecked = dict(defaults or {}), tuple(unchecked)
         self.notices: list[str] = []
         """What was found and repaired (damaged shards rebuilt, parts of unknown settings discarded)."""
 
@@ -162,7 +163,7 @@ class VectorStoreWriter:
         Raises :class:`wherefrom.core.store.SettingsMismatch` naming each differing setting (``hint`` says
         what to do). A folder whose manifest is missing or damaged is emptied (noted in :attr:`notices`).
         """
-        notes = record_settings(self.folder, self.manifest, hint, ignore, self.defaults)
+        notes = record_settings(self.folder, self.manifest, hint, (*ignore, *self.unchecked), self.defaults)
         self.notices += notes
         path = self.folder / IDS_FILE
         if damage(path) is not None or read_json_checked(path) != self.ids:

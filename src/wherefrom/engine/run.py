@@ -42,6 +42,7 @@ import shlex
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,10 @@ INDEX_PARTS = "index-parts"
 """The folder of a tracin index's per-checkpoint column blocks while it is built."""
 FIT_ALONE = "fit it in one process; the influence methods (a curvature strategy) fit in many"
 """What to do instead when a method outside the influence family is fitted under ``torch.distributed``."""
+RECORDED_ONLY = ("threads",)
+"""Settings recorded with a fit or an index but never compared: torch's CPU thread count changes float sums in
+the last bits (e.g. EK-FAC factors of SmolLM2), so a resumed job takes the recorded value
+(:meth:`Run.threads_as_recorded`) and a finished result is reused with any."""
 
 
 class RunMismatch(ValueError):
@@ -386,6 +391,7 @@ class Run:
             "data": manifest["data"]["fingerprint"],
             "modules": manifest["modules"],
             "device": self.attributor.device.type,
+            "threads": torch.get_num_threads(),
         }
 
     def fit(self, keep_gradients: bool = False) -> bool:
@@ -416,7 +422,8 @@ class Run:
                 on_main(stages.clear)  # left by a fit killed after its final save
                 return False
             started = time.perf_counter()
-            curvature = self.attributor.fit(self.train, stages=stages, keep_gradients=keep_gradients)
+            with self.threads_as_recorded(target):  # a resumed fit's stages sum as its first ones did
+                curvature = self.attributor.fit(self.train, stages=stages, keep_gradients=keep_gradients)
             curvature.info["fit_seconds"] = round(time.perf_counter() - started, 3)
 
             def save() -> None:
@@ -425,6 +432,28 @@ class Run:
 
             on_main(save)
         return True
+
+    @contextmanager
+    def threads_as_recorded(self, folder: Path) -> Iterator[None]:
+        """Torch's CPU threads set for the block to the count ``folder/settings.json`` recorded when the job
+        started (:data:`RECORDED_ONLY`; nothing changes when none is recorded), then set back: a job resumed after
+        a kill, by default with the cores the load then left (``--threads``), gives the bytes of an uninterrupted
+        one. A change is noted in :attr:`notices`."""
+        recorded = (self.recorded_settings(folder) or {}).get("threads")
+        now = torch.get_num_threads()
+        if not isinstance(recorded, int) or recorded < 1 or recorded == now:
+            yield
+            return
+        if is_main():
+            self.notices.append(
+                f"resumed {folder} with {recorded} torch threads, the count it started with (not {now}), so that it "
+                "equals an uninterrupted run bit for bit"
+            )
+        torch.set_num_threads(recorded)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(now)
 
     def factors_intact(self, target: Path, stages: StageFolder) -> bool:
         """Whether ``target`` holds intact factors fitted with this run's settings; when not, prepare it for a
@@ -447,7 +476,7 @@ class Run:
             target,
             self.fit_settings(),
             f"Delete {target} to fit again with the current settings.",
-            ignore=() if found else ("device",),
+            ignore=RECORDED_ONLY if found else ("device", *RECORDED_ONLY),
             defaults=self.config.setting_defaults(),
         )
         if notes:  # factors of unknown settings were discarded
@@ -478,7 +507,7 @@ class Run:
                 target,
                 self.fit_settings(),
                 f"Delete {target} to fit again with the current settings.",
-                ("device",),
+                ("device", *RECORDED_ONLY),
                 self.config.setting_defaults(),
             )
             if notes:  # a state of unknown settings was discarded
@@ -623,11 +652,12 @@ class Run:
                 if not on_main(begin):  # rank 0 records the settings; the others then check them
                     if not is_main():
                         writer.start(hint(False))
-                    prepare(rank(), world_size())
-                    written = writer.build(produce, rank(), world_size())  # shards k with k % W == rank
-                    barrier()
-                    if precondition == "empirical":
-                        self.fit_preconditioner(writer)
+                    with self.threads_as_recorded(writer.folder):  # resumed shards computed as the first ones
+                        prepare(rank(), world_size())
+                        written = writer.build(produce, rank(), world_size())  # shards k with k % W == rank
+                        barrier()
+                        if precondition == "empirical":
+                            self.fit_preconditioner(writer)
                     on_main(writer.finalize)
                 on_main(lambda: shutil.rmtree(self.folder / INDEX_PARTS, ignore_errors=True))
             finally:
@@ -746,7 +776,9 @@ class Run:
         settings = self.index_settings(precondition, unit_norm, fingerprint)
         dim = sum(math.prod(shape) for _name, *shape in settings["rows_layout"]["blocks"])
         ids = [r.id for r in self.train]
-        writer = VectorStoreWriter(folder, ids, dim, settings, dtype, shard_size, self.config.setting_defaults())
+        writer = VectorStoreWriter(
+            folder, ids, dim, settings, dtype, shard_size, self.config.setting_defaults(), RECORDED_ONLY
+        )
         if raw and not (folder / MARKER).exists():  # predicted before anything is written
             rows, size = min(shard_size, len(self.train)), self.attributor.num_parameters
             check_memory(
@@ -886,6 +918,7 @@ class Run:
                 writer.dtype,
                 writer.shard_size,
                 writer.defaults,
+                writer.unchecked,
             )
             for c in range(len(tracin.checkpoints))
         ]
@@ -935,7 +968,13 @@ class Run:
     def index_manifest(self) -> dict[str, Any] | None:
         """``RUN/index/settings.json`` as recorded when the index was started (finished or not), or ``None``
         when it is missing or damaged."""
-        recorded = self.folder / "index" / "settings.json"
+        return self.recorded_settings(self.folder / "index")
+
+    @staticmethod
+    def recorded_settings(folder: Path) -> dict[str, Any] | None:
+        """``folder/settings.json`` (a fit's or an index's recorded settings), or ``None`` when it is missing or
+        damaged."""
+        recorded = Path(folder) / "settings.json"
         return None if damage(recorded) is not None else read_json_checked(recorded)
 
     def index_command(self) -> str:
@@ -969,7 +1008,7 @@ class Run:
         store = self._index_store(verify=True)
         now = self.index_settings()
         store.require(
-            {k: v for k, v in now.items() if k not in ("device", "precondition", "unit_norm")},
+            {k: v for k, v in now.items() if k not in ("device", "precondition", "unit_norm", *RECORDED_ONLY)},
             f"run {self.folder}",
             self.config.setting_defaults(),
         )
