@@ -30,9 +30,10 @@ from wherefrom.studies.generated import write_jsonl
 pytestmark = pytest.mark.filterwarnings("ignore::wherefrom.curvature.base.DegenerateCurvatureWarning")
 
 
-def torchrun(*args, cwd: Path) -> subprocess.CompletedProcess:
+def torchrun(*args, cwd: Path, fails: bool = False) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --standalone --nproc_per_node=2 -m wherefrom.cli -- ARGS`` (the
-    ``--`` keeps torchrun from reading ``--run`` as its own ``--run-path``), one torch thread per process."""
+    ``--`` keeps torchrun from reading ``--run`` as its own ``--run-path``), one torch thread per process; it must
+    succeed (with ``fails``: fail)."""
     source = str(Path(__file__).resolve().parents[2] / "src")
     env = {
         **os.environ,
@@ -44,7 +45,7 @@ def torchrun(*args, cwd: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += ["-m", "wherefrom.cli", "--", *map(str, args), "--threads", "1"]
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.returncode != 0) == fails, done.stderr[-3000:]
     return done
 
 
@@ -252,3 +253,21 @@ def test_a_process_hashes_only_the_index_shards_it_reads(workspace, one, tmp_pat
     monkeypatch.setattr(distributed, "rank", lambda: 0)
     with pytest.raises(DamagedFile, match="shard-00000"):
         Run.open(run).open_index()
+
+
+def test_a_damaged_shard_stops_every_process(workspace, one, tmp_path):
+    """Each process hashes only its own shards, so only rank 1 finds its damaged shard: the error reaches rank 0
+    too (which would otherwise go on to the queries and wait in the gather until torchrun killed it)."""
+    run = tmp_path / "run"
+    shutil.copytree(one, run)
+    assert invoke("index", "--run", run, "--shard-size", 6, "--threads", 1).exit_code == 0
+    shard = run / "index" / "shard-00001.safetensors"  # rank 1's: shards 1 and 3
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    done = torchrun(
+        "scores", "--run", run, "--queries", workspace / "queries.jsonl", "--name", "x", cwd=tmp_path, fails=True
+    )
+    text = " ".join(done.stderr.split())  # each process's one error line (rich wraps long lines)
+    assert text.count("error: ") == 2 and text.count("shard-00001.safetensors") >= 2, done.stderr[-3000:]
+    assert not (run / "scores" / "x.json").exists()

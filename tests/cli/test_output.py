@@ -270,7 +270,8 @@ def test_attribute_takes_an_option_given_at_its_default_as_the_same_setting(work
         )
     )
     assert again.exit_code == 0, again.output
-    (out / "config.json").write_text(json.dumps({**recorded, "options": {"dim_out": 8}}))  # as recorded before
+    before = {"dim_out": 8, "damping_factor": 0.1}  # as recorded before: the options given, setting options too
+    (out / "config.json").write_text(json.dumps({**recorded, "options": before}))
     assert invoke(*attribute_args(workspace, out, *logra, method="logra")).exit_code == 0
     other = invoke(*attribute_args(workspace, out, *logra, "--option", "dim_in=4", method="logra"))
     assert other.exit_code == 2 and "options.dim_in: recorded 16, now 4" in other.output, other.output

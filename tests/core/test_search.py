@@ -588,3 +588,4 @@ def test_search_store_says_what_an_ivf_index_changed_of_its_settings():
     assert "nlist 400 cut to the store's 300 rows; nprobe 300 reaches all 300 cells" in both.summary(5)
     assert search_store(source, queries, 5, "faiss", faiss_options={"nprobe": 4}, check_recall=False).note is None
     assert FaissSettings(kind="hnsw", nlist=900).capped(300) is None  # no cells: nothing changed
+    assert "every cell searched" in FaissSettings().capped(16512) and FaissSettings().capped(16513) is None

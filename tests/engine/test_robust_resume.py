@@ -5,6 +5,7 @@ uninterrupted one; partial state of unknown settings is discarded, never mixed i
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -313,3 +314,29 @@ def test_a_resumed_fit_and_index_run_with_the_thread_count_they_started_with(roo
     code, out = invoke("index", "--run", run, "--shard-size", "4", "--threads", "2")
     assert code == 0 and seen["index"] == 1 and "2 shards written now" in out, out
     assert "the count it started with (not 2)" in " ".join(out.split()), out
+
+
+def test_an_index_from_a_resumed_fits_kept_gradients_records_the_fits_thread_count(root, tmp_path):
+    """``fit --with-index`` writes the rows the fit's pass kept, computed with the fit's recorded thread count: the
+    index records that count, so that a resumed index recomputes its missing shards with it."""
+    run = root / f"kept-{tmp_path.name}"
+    args = ("--strategy", "kfac", "--with-index", "--shard-size", "4")
+    code, out = invoke(*fit_args(root, run.name, *args, "--threads", "1"))
+    assert code == 0, out
+    (run / "factors" / "curvature.json").unlink()  # a fit killed before its final save, and no index yet
+    shutil.rmtree(run / "index")
+    code, out = invoke(*fit_args(root, run.name, *args, "--threads", "2"))
+    assert code == 0 and "the count it started with (not 2)" in " ".join(out.split()), out
+    assert json.loads((run / "index" / "settings.json").read_text())["threads"] == 1
+
+
+def test_a_finished_fit_of_a_strategy_that_does_not_distribute_is_reused_under_torchrun(root, tmp_path, monkeypatch):
+    from wherefrom.engine.run import Run, RunConfig
+
+    run = root / f"cg-{tmp_path.name}"
+    code, out = invoke(*fit_args(root, run.name, "--strategy", "cg"))
+    assert code == 0, out
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; nothing below joins a process group
+    monkeypatch.setenv("RANK", "0")
+    config = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    assert Run.create(run, config).finished()  # refused only where there is a fit to make

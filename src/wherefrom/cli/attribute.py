@@ -49,10 +49,15 @@ def attribute(
         spec = method_spec(method)
         options = spec.check(merged_options(option, method))
         config = settings_as(AttributionConfig)
-        given = {k: v for k, v in options.items() if k not in SETTING_NAMES}  # setting options: in "attribution"
+
+        def constructor(given: dict) -> dict:
+            """The constructor options of ``given``, each one left out at its default (the setting options are
+            compared under "attribution"; an older record holds them here too)."""
+            return with_defaults(spec.constructor_options, {k: v for k, v in given.items() if k not in SETTING_NAMES})
+
         record = {
             "method": method,
-            "options": with_defaults(spec.constructor_options, given),
+            "options": constructor(options),
             "prefilter": prefilter,
             "train": str(train),
             "queries": str(queries),
@@ -61,11 +66,12 @@ def attribute(
             "attribution": used_settings(method, config, options),
         }
         if not overwrite:
-            results, defaults = (
+            check_replacement(
                 [out / "scores.safetensors", out / "scores.json"],
-                with_defaults(spec.constructor_options, {}),
+                out / "config.json",
+                record,
+                recorded_as=lambda saved: {**saved, "options": constructor(saved.get("options") or {})},
             )
-            check_replacement(results, out / "config.json", record, defaults={"options": defaults})
         loaded = load_model(model, adapter, device=device)
         train_rows, query_rows = load_records(train), load_records(queries)
         chosen = make_method(method, loaded.model, loaded.tokenizer, config, **options)

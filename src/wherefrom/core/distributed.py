@@ -232,6 +232,25 @@ def on_main(function: Callable[[], T]) -> T:
     return value
 
 
+def on_every(function: Callable[[], T]) -> T:
+    """``function()`` run on every rank; when it raised on any, the exception of the lowest such rank is raised on
+    every rank (pickled), so all stop together rather than some waiting for the others in a later collective. Use
+    it for checks each process makes of its own share (e.g. the index shards it reads). One process:
+    ``function()``."""
+    if not active():
+        return function()
+    try:
+        mine: tuple[bool, Any] = (True, function())
+    except Exception as error:
+        mine = (False, error)
+    every: list[Any] = [None] * world_size()
+    dist.all_gather_object(every, (mine[0], None if mine[0] else mine[1]))
+    failed = [error for ok, error in every if not ok]
+    if failed:
+        raise failed[0]
+    return mine[1]
+
+
 @contextmanager
 def held_by_main(enter: Callable[[], AbstractContextManager[Any]]) -> Iterator[None]:
     """The context ``enter()`` (e.g. a folder's writer lock) held by rank 0 alone for the block; an error

@@ -440,7 +440,7 @@ class FaissSettings:
     def capped(self, count: int) -> str | None:
         """What an IVF index over ``count`` rows changes of these settings, in words (``None`` when nothing): an
         ``nlist`` above the rows is cut to one cell per row (:meth:`lists`), and an ``nprobe`` that reaches every
-        cell makes the search exhaustive over the cells (the default 128 does below 16,384 rows)."""
+        cell makes the search exhaustive over the cells (the default 128 does up to 16,512 rows, where sqrt rounds to 128)."""
         if not self.kind.startswith("ivf"):
             return None
         lists, notes = self.lists(count), []

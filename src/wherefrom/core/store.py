@@ -217,21 +217,21 @@ def check_replacement(
     record: Path,
     now: Mapping[str, Any],
     allow: str = "--overwrite",
-    defaults: Mapping[str, Mapping[str, Any]] | None = None,
+    recorded_as: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> bool:
     """Whether a job about to write ``results`` replaces earlier ones: ``False`` when none of them exists;
     ``True`` when they exist and were made from the same inputs (the JSON file ``record`` holds every
     key of ``now`` with the same value: recomputing them loses nothing); else :class:`OutputExists`
     naming the existing results, each input that differs with both values, and ``allow`` (the caller's
-    way to permit it, e.g. ``--overwrite``). ``defaults``: what an input the record lacks is taken to be
-    (:func:`with_defaults_recorded`). Call it before any long work."""
+    way to permit it, e.g. ``--overwrite``). ``recorded_as``: the record in the form ``now`` takes (e.g. an older
+    version's options given the defaults it left out). Call it before any long work."""
     if not any(Path(p).exists() for p in results):
         return False
     try:
         saved = json.loads(Path(record).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         saved = {}
-    saved = with_defaults_recorded(saved, defaults or {}) if isinstance(saved, dict) else {}
+    saved = (recorded_as or dict)(saved) if isinstance(saved, dict) else {}
     refuse_other_inputs(results, {key: saved.get(key) for key in now}, now, allow)
     return True
 

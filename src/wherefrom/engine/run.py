@@ -42,7 +42,7 @@ import shlex
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from wherefrom.core.distributed import (
     gather_columns,
     held_by_main,
     is_main,
+    on_every,
     on_main,
     rank,
     refuse,
@@ -89,7 +90,7 @@ from wherefrom.curvature.base import META_FILE as CURVATURE_META
 from wherefrom.curvature.base import TENSORS_FILE as CURVATURE_TENSORS
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
-from wherefrom.engine.passes import kept_rows
+from wherefrom.engine.passes import Kept, kept_rows
 from wherefrom.methods.projection import ProjectedInfluence
 from wherefrom.methods.registry import SETTING_NAMES, Method, in_family, make_method, method_settings, method_spec
 from wherefrom.methods.saved import META_FILE, TENSORS_FILE, load_fitted, save_fitted
@@ -264,8 +265,9 @@ class Run:
         Raises :class:`RunMismatch` naming each setting that differs from a finished run's config (with
         both values), and :class:`wherefrom.core.store.FolderLocked` while another process writes the run.
         Under ``torch.distributed`` rank 0 checks and writes the folder; a method outside the influence
-        family or a strategy that does not distribute (``cg``, ``lissa``, ``arnoldi``) raises
-        :class:`wherefrom.core.distributed.NotDistributable` before the model loads (nothing is written).
+        family, or a strategy that does not distribute (``cg``, ``lissa``, ``arnoldi``) where no fitted factors
+        are there to reuse, raises :class:`wherefrom.core.distributed.NotDistributable` before the model loads
+        (nothing is written).
         """
         folder = Path(folder)
         config = config.resolved()
@@ -273,8 +275,8 @@ class Run:
             method_settings(config.method, config.attribution, config.options)
         if config.fits_method:
             refuse(f"method {config.method!r}", FIT_ALONE)
-        elif config.attribution.strategy in STRATEGIES:
-            STRATEGIES[config.attribution.strategy].refuse_distributed()
+        elif config.attribution.strategy in STRATEGIES and not (folder / "factors" / CURVATURE_META).exists():
+            STRATEGIES[config.attribution.strategy].refuse_distributed()  # nothing fitted to reuse
         loaded = load_model(config.model, config.adapter, device=config.device)
         run = cls(folder, config, loaded, load_records(config.train), progress)
         manifest = run.manifest()
@@ -434,17 +436,17 @@ class Run:
         return True
 
     @contextmanager
-    def threads_as_recorded(self, folder: Path) -> Iterator[None]:
+    def threads_as_recorded(self, folder: Path, note: bool = True) -> Iterator[None]:
         """Torch's CPU threads set for the block to the count ``folder/settings.json`` recorded when the job
         started (:data:`RECORDED_ONLY`; nothing changes when none is recorded), then set back: a job resumed after
         a kill, by default with the cores the load then left (``--threads``), gives the bytes of an uninterrupted
-        one. A change is noted in :attr:`notices`."""
+        one. With ``note`` a change is noted in :attr:`notices`."""
         recorded = (self.recorded_settings(folder) or {}).get("threads")
         now = torch.get_num_threads()
         if not isinstance(recorded, int) or recorded < 1 or recorded == now:
             yield
             return
-        if is_main():
+        if note and is_main():
             self.notices.append(
                 f"resumed {folder} with {recorded} torch threads, the count it started with (not {now}), so that it "
                 "equals an uninterrupted run bit for bit"
@@ -546,8 +548,8 @@ class Run:
     ) -> dict[str, Any]:
         """What decides the index's rows besides its layout: recorded in ``index/settings.json`` (the store's
         manifest) before the first shard; every key but ``device``, ``precondition``, ``unit_norm`` and
-        ``optimizer_state`` (the fingerprints of the AdamW states of ``--precondition adam``) is required of a
-        store a query reads (:meth:`open_index`)."""
+        ``optimizer_state`` (the fingerprints of the AdamW states of ``--precondition adam``) and ``threads``
+        (:data:`RECORDED_ONLY`) is required of a store a query reads (:meth:`open_index`)."""
         vectors, tracin = self.vectors(), self.checkpoint_method()
         extra: dict[str, Any] = {"precondition": precondition, "unit_norm": unit_norm}
         if tracin is not None:
@@ -626,7 +628,25 @@ class Run:
         AdamW state, and ``OSError`` naming the shard whose write failed (a full disk; the finished shards are
         kept).
         """
-        writer, prepare, produce = self.index_writer(shard_size, dtype, precondition, unit_norm, optimizer_checkpoint)
+        # Rows from the gradients the fit kept are computed with the fit's thread count: the index records and (on
+        # resume) recomputes with that count too.
+        kept = self.attributor.kept_gradients(self.train)
+        with self.threads_as_recorded(self.folder / "factors", note=False) if kept is not None else nullcontext():
+            return self._write_index(shard_size, dtype, precondition, unit_norm, optimizer_checkpoint, kept)
+
+    def _write_index(
+        self,
+        shard_size: int,
+        dtype: str,
+        precondition: str,
+        unit_norm: bool,
+        optimizer_checkpoint: str | Path | None,
+        kept: Kept | None,
+    ) -> int:
+        """:meth:`build_index` at the thread count it chose (``kept``: the fit's kept gradients of the rows)."""
+        writer, prepare, produce = self.index_writer(
+            shard_size, dtype, precondition, unit_norm, optimizer_checkpoint, kept
+        )
 
         def hint(finished: bool) -> str:
             """What to do when the store was started with other settings: the command of the recorded ones."""
@@ -712,6 +732,7 @@ class Run:
         precondition: str = "fitted",
         unit_norm: bool = False,
         optimizer_checkpoint: str | Path | None = None,
+        kept: Kept | None = None,
     ) -> tuple[
         VectorStoreWriter,
         Callable[[int, int], None],
@@ -719,7 +740,9 @@ class Run:
     ]:
         """The writer of ``RUN/index/``, the step before its shards (``prepare(rank, world)``: a tracin run's
         checkpoint column blocks, nothing for others) and the producer of its rows (see :meth:`build_index`;
-        same errors, raised here before any write): the parts a distributed build calls itself. Each process
+        same errors, raised here before any write): the parts a distributed build calls itself. ``kept``: the
+        per-example gradients the fit kept of these rows (:meth:`wherefrom.engine.api.Attributor.kept_gradients`),
+        read instead of a training pass where the shards start batches of the fit's. Each process
         calls ``writer.start()`` (rank 0 first, the others after a barrier), ``prepare(rank, world)``,
         ``writer.build(produce, rank, world)``, and after a barrier rank 0 calls ``writer.finalize()``."""
         if self.method is not None and not self.method_fitted and (self.folder / "method" / META_FILE).exists():
@@ -796,7 +819,7 @@ class Run:
         divisors = None
         # the gradients the fit kept in this process (Run.fit(keep_gradients=True)): no training pass. Used
         # when each shard starts a batch of the fit's, so a shard recomputed on resume has the same bytes
-        kept = self.attributor.kept_gradients(self.train) if raw else None
+        kept = kept if raw else None
         if kept is not None and shard_size % self.attributor.config.batch_size:
             kept = None
             self.notices.append(
@@ -1024,8 +1047,8 @@ class Run:
         names the damaged file and the command that rebuilds it."""
         try:
             store = VectorStore.open(self.folder / "index")
-            if verify:
-                store.verify(shards_for_rank(store.shard_count))
+            if verify:  # every process hashes its own share; a damaged shard stops them all
+                on_every(lambda: store.verify(shards_for_rank(store.shard_count)))
         except DamagedFile as error:
             raise DamagedFile(f"{error}; {self._rebuild_hint()}") from None
         return store
