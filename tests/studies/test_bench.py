@@ -226,3 +226,28 @@ def test_bm25_alone_needs_no_model(tmp_path):
     assert [r["error"] for r in rows] == [None, None]
     assert all(r["metrics"]["k"] == 10 and r["metrics"]["mrr"] < 0.6 for r in rows)  # the facts task's recall at 10
     assert "| method | auprc | auroc | mrr | recall_at_k | acc |" in (tmp_path / "bench.md").read_text()
+
+
+def test_an_option_given_at_its_default_reuses_the_cached_rows(tmp_path):
+    """A method's cached row is keyed on its options less those at their defaults (``options_off_default``): the
+    same option given at its default hits the row, another value does not."""
+    config = BenchConfig(task="facts", out=str(tmp_path), methods=["bm25"], seeds=[0], n_train=40, n_test=8)
+    config.model = str(tmp_path / "no-such-model")  # BM25 alone loads no model
+    run_bench(config)
+    row = tmp_path / "seed-0" / "bm25.json"
+    written = row.stat().st_mtime_ns
+    config.method_options = {"bm25": {"k1": 1.5, "idf": "lucene"}}  # both BM25's defaults
+    run_bench(config)
+    assert row.stat().st_mtime_ns == written
+    config.method_options = {"bm25": {"k1": 1.2}}
+    run_bench(config)
+    assert row.stat().st_mtime_ns != written and json.loads(row.read_text())["key"]["options"] == {"k1": 1.2}
+
+
+def test_options_off_default_drops_only_constructor_options_at_their_defaults():
+    from wherefrom.methods.registry import options_off_default
+
+    given = {"dim_in": 16, "dim_out": 8, "damping_factor": 0.1, "kind": "gaussian"}
+    assert options_off_default("logra", given) == {"dim_out": 8, "damping_factor": 0.1}  # a setting option stays
+    assert options_off_default("lissa", {"depth": 1000, "scale": None, "seed": 1}) == {"seed": 1}
+    assert options_off_default("no-such-method", {"a": 1}) == {"a": 1}

@@ -125,3 +125,16 @@ def test_cli_tune(groundtruth, tmp_path):
     assert "Chosen" in result.output
     bad = runner.invoke(app, ["tune", str(groundtruth), "--method", "ekfac", "--grid", "damping_factor"])
     assert bad.exit_code != 0 and "key=value1,value2" in bad.output
+
+
+def test_a_grid_point_at_an_options_default_is_the_default_point(groundtruth, tmp_path):
+    """A grid value equal to the option's default (datainf's max_bytes) is the default point: reused, not run again;
+    the method key of scored rows is the same whether the default is given or left out."""
+    from wherefrom.studies.groundtruth.build import GroundTruth
+    from wherefrom.studies.groundtruth.evaluate import method_key
+
+    lines: list[str] = []
+    report = tune(groundtruth, "datainf", {"max_bytes": [2**31, 2**30]}, out=tmp_path / "t", log=lines.append)
+    assert len(lines) == 2 and report["default"]["held_out"] == report["points"][0]["held_out"], lines
+    gt, attribution = GroundTruth.load(groundtruth), AttributionConfig()
+    assert method_key(gt, "datainf", {"max_bytes": 2**31}, attribution) == method_key(gt, "datainf", {}, attribution)

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import torch
 
 from wherefrom.core.data import Record
-from wherefrom.core.options import UNSET, OptionSpec, check_options, from_signature
+from wherefrom.core.options import UNSET, OptionSpec, check_options, from_signature, with_defaults
 from wherefrom.core.scoring import Scores
 from wherefrom.curvature import STRATEGIES, curvature_from_state
 from wherefrom.curvature.base import DAMPING_OPTIONS, GROSSE_2023
@@ -363,6 +363,16 @@ def method_spec(name: str) -> MethodSpec:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
     return METHODS[name]
+
+
+def options_off_default(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` of method ``name`` less the constructor options given at their defaults: the form a study's cache
+    key holds, so that an option given at its default and one left out hit the same cached row, and rows cached
+    when keys held the options as given keep matching. Setting options (:data:`SETTING_NAMES`) stay as given: they
+    override the study's attribution settings, whose values the key holds apart. An unknown ``name``: ``options``."""
+    spec = METHODS.get(name)
+    defaults = with_defaults(spec.constructor_options, {}) if spec is not None else {}
+    return {k: v for k, v in options.items() if not (k in defaults and v == defaults[k])}
 
 
 def in_family(name: str, family: str) -> bool:

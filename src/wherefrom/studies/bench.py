@@ -37,7 +37,7 @@ from wherefrom.core.encoding import check_template
 from wherefrom.core.option_pairs import format_option_pairs, options_for
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
-from wherefrom.methods.registry import check_methods, in_family, make_method
+from wherefrom.methods.registry import check_methods, in_family, make_method, options_off_default
 from wherefrom.models.finetune import FinetuneConfig, FinetuneResult, finetune
 from wherefrom.models.loading import LoadedModel, load_model, pick_device
 from wherefrom.studies.benchtasks import TASKS, BenchTask, as_identification, from_path, subsampled
@@ -250,7 +250,7 @@ def _key(config: BenchConfig, seed: int, method: str) -> dict[str, Any]:
         "max_length": config.max_length,
         "seed": seed,
         "method": method,
-        "options": config.options_for(method),
+        "options": options_off_default(method, config.options_for(method)),
         # only when set: rows cached before these settings existed keep matching
         **{
             k: getattr(config, k)

@@ -22,6 +22,7 @@ from typing import Any
 
 from wherefrom.core.commandline import command_line
 from wherefrom.core.option_pairs import check_methods_named
+from wherefrom.methods.registry import options_off_default
 from wherefrom.models.finetune import read_trainer_state
 from wherefrom.studies.analyses.common import Bench, load_checkpoint, method_options, open_bench, write_report
 from wherefrom.studies.analyses.ihvp import influence_methods
@@ -56,7 +57,7 @@ def _key(bench: Bench, settings: ConvergenceSettings, seed: int, epoch: int, met
         "format": _FORMAT_VERSION,
         "epoch": epoch,
         "method": method,
-        "options": method_options(bench, settings.method_options, method),
+        "options": options_off_default(method, method_options(bench, settings.method_options, method)),
     }
 
 

@@ -47,7 +47,7 @@ from wherefrom.core.store import atomic_save_tensors
 from wherefrom.curvature.base import DataShape
 from wherefrom.curvature.exact import ExactGGN
 from wherefrom.engine.api import AttributionConfig, Attributor
-from wherefrom.methods.registry import InfluenceMethod, in_family, make_method
+from wherefrom.methods.registry import InfluenceMethod, in_family, make_method, options_off_default
 from wherefrom.studies.analyses.common import Bench, method_options, open_bench, write_report
 from wherefrom.studies.bench import build_task, finetuned
 from wherefrom.studies.diagnose import fit_reference, ihvp_relative_error
@@ -209,7 +209,7 @@ def _method_key(
         "row_format": _ROW_FORMAT,
         "damping": ref["info"]["damping"],
         "method": method,
-        "options": method_options(bench, settings.method_options, method),
+        "options": options_off_default(method, method_options(bench, settings.method_options, method)),
     }
 
 

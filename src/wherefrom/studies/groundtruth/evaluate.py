@@ -38,7 +38,7 @@ from wherefrom.core.option_pairs import format_option_pairs, options_for
 from wherefrom.core.scoring import Scores, load_scores, save_scores
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
-from wherefrom.methods.registry import check_methods, in_family
+from wherefrom.methods.registry import check_methods, in_family, options_off_default
 from wherefrom.models.loading import load_model
 from wherefrom.studies.bench import scored_method
 from wherefrom.studies.groundtruth.build import GroundTruth
@@ -131,7 +131,7 @@ def method_key(gt: GroundTruth, method: str, options: dict[str, Any], attributio
     return {
         "format": _FORMAT_VERSION,
         "method": method,
-        "options": options,
+        "options": options_off_default(method, options),
         "attribution": attribution.to_dict(),
         "model": {
             k: identity.get(k)

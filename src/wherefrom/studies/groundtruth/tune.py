@@ -38,7 +38,7 @@ from wherefrom.core.commandline import command_line as render_command
 from wherefrom.core.option_pairs import format_option_pairs
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
-from wherefrom.methods.registry import METHODS
+from wherefrom.methods.registry import METHODS, options_off_default
 from wherefrom.studies.groundtruth.build import GroundTruth
 from wherefrom.studies.groundtruth.evaluate import evaluate_scores, load_method_scores, scored_row
 from wherefrom.studies.toolkit import (
@@ -218,7 +218,8 @@ def tune(
 
     def run(point: dict[str, Any]) -> dict[str, Any]:
         settings, options = _split_point(point, base, method_options)
-        where = _point_folder(folder, {"method": method, "point": point, "options": method_options})
+        key_options = options_off_default(method, method_options)
+        where = _point_folder(folder, {"method": method, "point": point, "options": key_options})
         row = scored_row(gt, method, options, settings, where, where / "row.json", models, say, json.dumps(point))
         result = {
             "point": point,
@@ -242,8 +243,14 @@ def tune(
         (i, r["selection"]["mean"]) for i, r in enumerate(rows) if r["selection"] and r["selection"]["mean"] is not None
     ]
     best = max(ranked, key=lambda pair: pair[1])[0] if ranked else None  # max keeps the first of ties
-    plain = _split_point({}, base, method_options)  # the default point: reuse a grid point that equals it
-    same = [r for r, p in zip(rows, points) if _split_point(p, base, method_options) == plain]
+
+    def settings_of(point: dict[str, Any]) -> tuple[AttributionConfig, dict[str, Any]]:
+        """What ``point`` runs with, an option at its default the same as the option left out."""
+        settings, options = _split_point(point, base, method_options)
+        return settings, options_off_default(method, options)
+
+    plain = settings_of({})  # the default point: reuse a grid point that equals it
+    same = [r for r, p in zip(rows, points) if settings_of(p) == plain]
     default = {**same[0], "point": {}} if same else run({})
     chosen = None
     if best is not None:
