@@ -528,6 +528,7 @@ def test_search_store_reports_recall_and_checks_options_first():
     assert "recall@10 vs exact: proponents 1.000, opponents 1.000 (exact" in report.summary(10)
     assert "below 0.95" not in report.summary(10)
     report.recall = torch.tensor([[1.0, 1.0], [0.5, 1.0]])  # one end alone below the hint's threshold
+    report.rows = None  # the advice where the store's size is unknown: every search-time setting
     assert "recall@10 vs exact: proponents 1.000, opponents 0.750 (exact" in report.summary(10)
     assert "; below 0.95: raise nprobe, or for preconditioned (nearly white) rows use kind=pq" in report.summary(10)
     advice = {  # each kind's own search-time settings, and the kind or graph measured to suit other rows
@@ -589,3 +590,17 @@ def test_search_store_says_what_an_ivf_index_changed_of_its_settings():
     assert search_store(source, queries, 5, "faiss", faiss_options={"nprobe": 4}, check_recall=False).note is None
     assert FaissSettings(kind="hnsw", nlist=900).capped(300) is None  # no cells: nothing changed
     assert "every cell searched" in FaissSettings().capped(16512) and FaissSettings().capped(16513) is None
+
+
+def test_recall_advice_leaves_out_nprobe_where_it_reaches_every_cell():
+    """With every cell probed, 'raise nprobe' cannot raise the recall (ivf-sq8 loses it to its 8-bit codes)."""
+    assert FaissSettings(kind="ivf-sq8").recall_advice(300).startswith("every cell is searched already")
+    assert FaissSettings(kind="ivf-sq8").recall_advice(10**6).startswith("raise nprobe")
+    assert FaissSettings(kind="ivf-pq").recall_advice(300).startswith("raise refine,")
+    assert FaissSettings(kind="ivf-pq").recall_advice().startswith("raise nprobe or refine")  # rows unknown
+    rows, queries = clustered(300, 16, 4, seed=2)
+    report = search_store(Rows(rows, 100), queries, 5, "faiss", faiss_options={"kind": "ivf-sq8"})
+    report.recall = torch.tensor([[0.5, 0.5], [1.0, 1.0]])
+    assert report.summary(5).endswith(
+        "; below 0.95: every cell is searched already: use kind=ivf (float32 rows) or kind=pq, or search exactly"
+    )

@@ -461,11 +461,17 @@ class FaissSettings:
             raise SearchError(f"FAISS option pq_m={m} must divide the rows' dimension {dim}")
         return m
 
-    def recall_advice(self) -> str:
-        """What raises this search's recall: its kind's search-time settings (:data:`SEARCH_TIME`), and the kind
-        or graph measured to suit rows it does not (``benchmarks/results/query-latency-pq.md``,
-        ``benchmarks/results/hnsw_graph.md``)."""
-        raise_ = " or ".join(name for name in KIND_OPTIONS[self.kind] if name in SEARCH_TIME)
+    def recall_advice(self, count: int | None = None) -> str:
+        """What raises this search's recall: its kind's search-time settings (:data:`SEARCH_TIME`; not ``nprobe``
+        where it reaches every cell of an IVF index over ``count`` rows), and the kind or graph measured to suit
+        rows it does not (``benchmarks/results/query-latency-pq.md``, ``benchmarks/results/hnsw_graph.md``)."""
+        names = [name for name in KIND_OPTIONS[self.kind] if name in SEARCH_TIME]
+        if count is not None and "nprobe" in names and self.nprobe >= self.lists(count):
+            names.remove("nprobe")  # every cell is searched already
+        if not names:  # ivf-sq8 with every cell searched loses recall to its 8-bit codes (ivf: none is lost)
+            other = "use kind=ivf (float32 rows) or kind=pq, or " if self.kind == "ivf-sq8" else ""
+            return f"every cell is searched already: {other}search exactly"
+        raise_ = " or ".join(names)
         if self.kind == "hnsw":
             other = "use graph=angular, or " if self.graph == "inner-product" else ""
             return f"raise {raise_}, or for raw rows searched with preconditioned queries (an empirical index) {other}search exactly"
@@ -787,7 +793,8 @@ class SearchReport:
     itself, for ``faiss`` the ``recall`` against the exact search, ``(2, n_query)`` (proponents, opponents), with
     ``exact_seconds`` and the ``settings`` it ran with, ``index`` (how the FAISS index was had: built in how many
     seconds, or the saved one reused) and a ``note`` the summary line adds (why a FAISS search ran exactly, or
-    what an IVF index changed of the settings: :meth:`FaissSettings.capped`)."""
+    what an IVF index changed of the settings: :meth:`FaissSettings.capped`), and the store's ``rows`` (what the
+    recall advice depends on)."""
 
     proponents: SearchResult
     opponents: SearchResult
@@ -798,6 +805,7 @@ class SearchReport:
     note: str | None = None
     settings: FaissSettings | None = None
     index: str | None = None
+    rows: int | None = None
 
     def summary(self, k: int) -> str:
         """One line: mode, time and, for FAISS, the mean recall@k of each end against the exact search, with what
@@ -814,7 +822,7 @@ class SearchReport:
                 f"{self.exact_seconds * 1000:.1f} ms)"
             )
             if min(proponents, opponents) < RECALL_HINT:
-                line += f"; below {RECALL_HINT}: {(self.settings or FaissSettings()).recall_advice()}"
+                line += f"; below {RECALL_HINT}: {(self.settings or FaissSettings()).recall_advice(self.rows)}"
         return line
 
 
@@ -871,7 +879,13 @@ def search_store(
     start = time.perf_counter()
     found = tuple(faiss_top_k(index, source.ids, queries, k, end, candidates, settings) for end in (False, True))
     report = SearchReport(
-        *found, mode, time.perf_counter() - start, note=settings.capped(source.count), settings=settings, index=how
+        *found,
+        mode,
+        time.perf_counter() - start,
+        note=settings.capped(source.count),
+        settings=settings,
+        index=how,
+        rows=source.count,
     )
     if check_recall:
         start = time.perf_counter()
