@@ -275,3 +275,22 @@ def test_attribute_takes_an_option_given_at_its_default_as_the_same_setting(work
     assert invoke(*attribute_args(workspace, out, *logra, method="logra")).exit_code == 0
     other = invoke(*attribute_args(workspace, out, *logra, "--option", "dim_in=4", method="logra"))
     assert other.exit_code == 2 and "options.dim_in: recorded 16, now 4" in other.output, other.output
+
+
+def test_attribute_compares_an_older_record_with_its_defaults_in_json_form(workspace):
+    """An ``attribute`` record from before options were recorded in full is given the defaults it left out in
+    JSON form: tracin's default ``dtype`` (a ``torch.dtype``, recorded as ``"torch.float32"``) matches it."""
+    from wherefrom.models.tiny import save_tiny
+
+    checkpoint = workspace / "tracin-checkpoint"
+    save_tiny(checkpoint, arch="gpt2", seed=1)
+    out = workspace / "older-tracin"
+    tracin = ["--option", f"checkpoints={json.dumps([str(checkpoint)])}", "--option", "learning_rates=[0.001]"]
+    first = invoke(*attribute_args(workspace, out, *tracin, method="tracin"))
+    assert first.exit_code == 0, first.output
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["options"]["dtype"] == "torch.float32"
+    older = {"checkpoints": recorded["options"]["checkpoints"], "learning_rates": [0.001]}
+    (out / "config.json").write_text(json.dumps({**recorded, "options": older}))
+    again = invoke(*attribute_args(workspace, out, *tracin, method="tracin"))
+    assert again.exit_code == 0, again.output

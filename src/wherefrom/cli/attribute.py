@@ -38,10 +38,9 @@ def attribute(
 
     --out receives scores.safetensors, scores.json, scores.top.csv and config.json (earlier scores there
     made with other settings are kept unless --overwrite; with the same ones they are recomputed)."""
-    from wherefrom.core.options import with_defaults
     from wherefrom.core.scoring import save_scores
     from wherefrom.core.store import atomic_write_json, check_replacement
-    from wherefrom.methods.registry import SETTING_NAMES, make_method, method_spec
+    from wherefrom.methods.registry import make_method, method_spec, options_in_full
 
     out, method = required(out, "out"), required(method, "method")
     try:
@@ -50,14 +49,9 @@ def attribute(
         options = spec.check(merged_options(option, method))
         config = settings_as(AttributionConfig)
 
-        def constructor(given: dict) -> dict:
-            """The constructor options of ``given``, each one left out at its default (the setting options are
-            compared under "attribution"; an older record holds them here too)."""
-            return with_defaults(spec.constructor_options, {k: v for k, v in given.items() if k not in SETTING_NAMES})
-
         record = {
             "method": method,
-            "options": constructor(options),
+            "options": options_in_full(method, options),
             "prefilter": prefilter,
             "train": str(train),
             "queries": str(queries),
@@ -70,7 +64,7 @@ def attribute(
                 [out / "scores.safetensors", out / "scores.json"],
                 out / "config.json",
                 record,
-                recorded_as=lambda saved: {**saved, "options": constructor(saved.get("options") or {})},
+                recorded_as=lambda saved: {**saved, "options": options_in_full(method, saved.get("options") or {})},
             )
         loaded = load_model(model, adapter, device=device)
         train_rows, query_rows = load_records(train), load_records(queries)

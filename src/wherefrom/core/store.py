@@ -224,14 +224,14 @@ def check_replacement(
     key of ``now`` with the same value: recomputing them loses nothing); else :class:`OutputExists`
     naming the existing results, each input that differs with both values, and ``allow`` (the caller's
     way to permit it, e.g. ``--overwrite``). ``recorded_as``: the record in the form ``now`` takes (e.g. an older
-    version's options given the defaults it left out). Call it before any long work."""
+    version's options given the defaults it left out; compared in JSON form too). Call it before any long work."""
     if not any(Path(p).exists() for p in results):
         return False
     try:
         saved = json.loads(Path(record).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         saved = {}
-    saved = (recorded_as or dict)(saved) if isinstance(saved, dict) else {}
+    saved = _json_form((recorded_as or dict)(saved)) if isinstance(saved, dict) else {}
     refuse_other_inputs(results, {key: saved.get(key) for key in now}, now, allow)
     return True
 

@@ -92,7 +92,14 @@ from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
 from wherefrom.engine.passes import Kept, kept_rows
 from wherefrom.methods.projection import ProjectedInfluence
-from wherefrom.methods.registry import SETTING_NAMES, Method, in_family, make_method, method_settings, method_spec
+from wherefrom.methods.registry import (
+    SETTING_NAMES,
+    Method,
+    in_family,
+    make_method,
+    method_settings,
+    options_in_full,
+)
 from wherefrom.methods.saved import META_FILE, TENSORS_FILE, load_fitted, save_fitted
 from wherefrom.methods.tracin import TracIn, finetune_checkpoints, interleave_checkpoints
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_CONFIG
@@ -174,7 +181,7 @@ class RunConfig:
                 strategy.option_specs, self.attribution.strategy_options
             )
         if self.fits_method:
-            data["options"] = with_defaults(method_spec(self.method).constructor_options, self.options)
+            data["options"] = options_in_full(self.method, self.options)
         return data
 
     def setting_defaults(self) -> dict[str, Any]:

@@ -365,13 +365,24 @@ def method_spec(name: str) -> MethodSpec:
     return METHODS[name]
 
 
+def options_in_full(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor options (:attr:`MethodSpec.constructor_options`) of method ``name`` in ``options``, with every
+    one left out at its default: the form in which run folders and ``attribute`` record and compare a method's
+    options, so that an option given at its default is the same setting as one left out. Setting options
+    (:data:`SETTING_NAMES`) are not in it: they are recorded with the attribution settings. ``ValueError`` naming
+    the known methods for an unknown ``name``."""
+    constructor = {k: v for k, v in options.items() if k not in SETTING_NAMES}
+    return with_defaults(method_spec(name).constructor_options, constructor)
+
+
 def options_off_default(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` of method ``name`` less the constructor options given at their defaults: the form a study's cache
-    key holds, so that an option given at its default and one left out hit the same cached row, and rows cached
-    when keys held the options as given keep matching. Setting options (:data:`SETTING_NAMES`) stay as given: they
-    override the study's attribution settings, whose values the key holds apart. An unknown ``name``: ``options``."""
-    spec = METHODS.get(name)
-    defaults = with_defaults(spec.constructor_options, {}) if spec is not None else {}
+    """``options`` of method ``name`` less the constructor options given at their defaults (the pair of
+    :func:`options_in_full`): the form a study's cache key holds, so that an option given at its default and one
+    left out hit the same cached row. Setting options (:data:`SETTING_NAMES`) stay as given: they override the
+    study's attribution settings, whose values the key holds apart. A row cached before keys took this form
+    (they held the options as given) still matches unless it was made with an option given at its default; that
+    one is computed once more. An unknown ``name``: ``options``."""
+    defaults = options_in_full(name, {}) if name in METHODS else {}
     return {k: v for k, v in options.items() if not (k in defaults and v == defaults[k])}
 
 
