@@ -6,6 +6,9 @@ the batches and the order of summation only, so fitted states agree to rtol 1e-5
 
 from __future__ import annotations
 
+import threading
+import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from wherefrom.core.distributed import (
     World,
     gather_columns,
     gather_rows,
+    on_every,
     on_main,
     refuse,
     rows_for_rank,
@@ -83,10 +87,26 @@ def shared_input_stream(rank: int):
 SHARED_SHAPES = dict.fromkeys(("m0", "m1", "m2"), (2, 4))
 
 
+def fail_with(error: Exception):
+    raise error
+
+
+def raised_on(call) -> tuple[str, str, bool]:
+    """``call()``'s exception: its type, its message and whether its traceback reaches :func:`fail_with`."""
+    try:
+        call()
+    except Exception as error:
+        frames = traceback.extract_tb(error.__traceback__)
+        return type(error).__name__, str(error), any(frame.name == "fail_with" for frame in frames)
+    raise AssertionError("nothing raised")
+
+
 def worker(rank: int, world: int, init_file: str, out: str) -> None:
     """One of ``world`` gloo processes: every helper and strategy; results saved to ``out/rank<r>.pt``."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     try:
         results: dict = {
             "rows": rows_for_rank(list(range(7))),
@@ -103,6 +123,14 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
             on_main(lambda: (_ for _ in ()).throw(ValueError("checked on rank 0")))
         except ValueError as error:
             results["error"] = str(error)
+        results["sent"] = {
+            "main": raised_on(lambda: on_main(lambda: fail_with(ValueError("held", threading.Lock())))),
+            "every": raised_on(
+                lambda: on_every(lambda: fail_with(ValueError("held", threading.Lock())) if rank else 0)
+            ),
+            "lowest": raised_on(lambda: on_every(lambda: fail_with(KeyError(f"rank {rank}")))),
+            "none": on_every(lambda: rank + 10),
+        }
         try:
             Attributor(build_model("llama"), tiny_tokenizer(), AttributionConfig(strategy="cg")).fit(fitting_rows())
         except NotDistributable as error:
@@ -138,6 +166,19 @@ def test_helpers_split_and_gather(two_processes):
     ids, columns = rank0["columns"]
     assert ids == ORDER and columns.tolist() == [[3.0, 0.0, 1.0, 2.0]]
     assert rank1["columns"][0] == []
+
+
+def test_an_exception_reaches_every_rank_and_its_own_keeps_its_traceback(two_processes):
+    """``on_main`` / ``on_every``: the failing rank raises its own exception (traceback kept), the others a copy;
+    one that cannot be pickled reaches them as a ``RuntimeError`` naming it (they waited for it forever before);
+    ``on_every`` raises the lowest failing rank's on every rank."""
+    rank0, rank1 = (result["sent"] for result in two_processes)
+    assert rank0["main"][0] == "ValueError" and rank0["main"][2]
+    assert rank1["main"][0] == "RuntimeError" and rank1["main"][1].startswith("ValueError on rank 0: ('held'")
+    assert rank1["every"][0] == "ValueError" and rank1["every"][2]
+    assert rank0["every"][0] == "RuntimeError" and rank0["every"][1].startswith("ValueError on rank 1: ('held'")
+    assert rank0["lowest"] == ("KeyError", "'rank 0'", True) and rank1["lowest"][:2] == ("KeyError", "'rank 0'")
+    assert (rank0["none"], rank1["none"]) == (10, 11)
 
 
 def test_covariance_sums_of_a_shared_input_when_one_process_has_no_rows(two_processes):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -215,40 +216,56 @@ def barrier() -> None:
 
 def on_main(function: Callable[[], T]) -> T:
     """``function()`` run on rank 0 alone; its result, or the exception it raised, reaches every rank
-    (pickled). Use it for checks, loads and writes that one process must make for all. One process:
-    ``function()``."""
+    (pickled; :func:`sendable`). Use it for checks, loads and writes that one process must make for all. One
+    process: ``function()``. Rank 0 raises its own exception, with its traceback."""
     if not active():
         return function()
     box: list[Any] = [None]
+    error: Exception | None = None
     if is_main():
         try:
             box[0] = (True, function())
-        except Exception as error:  # handed to every rank, then raised there too
-            box[0] = (False, error)
+        except Exception as raised:  # handed to every rank, then raised there too
+            error, box[0] = raised, (False, sendable(raised))
     dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
     ok, value = box[0]
+    if error is not None:
+        raise error
     if not ok:
         raise value
     return value
 
 
+def sendable(error: Exception) -> Exception:
+    """``error`` when it pickles and unpickles; else a ``RuntimeError`` naming its type, its message and this rank,
+    which does: an exception that cannot be pickled (one holding a lock, a file; a local class) would stop the rank
+    sending it while the others waited for it, and one whose class cannot be made again from its ``args`` would
+    stop the others with an unpickling error in place of its own."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__} on rank {rank()}: {error}")
+    return error
+
+
 def on_every(function: Callable[[], T]) -> T:
     """``function()`` run on every rank; when it raised on any, the exception of the lowest such rank is raised on
-    every rank (pickled), so all stop together rather than some waiting for the others in a later collective. Use
-    it for checks each process makes of its own share (e.g. the index shards it reads). One process:
-    ``function()``."""
+    every rank (pickled; :func:`sendable`), so all stop together rather than some waiting for the others in a later
+    collective; that rank raises its own, with its traceback. Use it for checks each process makes of its own share
+    (e.g. the index shards it reads). One process: ``function()``."""
     if not active():
         return function()
+    error: Exception | None = None
     try:
-        mine: tuple[bool, Any] = (True, function())
-    except Exception as error:
-        mine = (False, error)
+        value = function()
+    except Exception as raised:
+        error = raised
     every: list[Any] = [None] * world_size()
-    dist.all_gather_object(every, (mine[0], None if mine[0] else mine[1]))
-    failed = [error for ok, error in every if not ok]
-    if failed:
-        raise failed[0]
-    return mine[1]
+    dist.all_gather_object(every, None if error is None else sendable(error))
+    first = next((r for r, sent in enumerate(every) if sent is not None), None)
+    if first is None:
+        return value
+    raise error if first == rank() and error is not None else every[first]
 
 
 @contextmanager
