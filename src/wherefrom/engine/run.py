@@ -274,7 +274,8 @@ class Run:
         Under ``torch.distributed`` rank 0 checks and writes the folder; a method outside the influence
         family, or a strategy that does not distribute (``cg``, ``lissa``, ``arnoldi``) where no fitted factors
         are there to reuse, raises :class:`wherefrom.core.distributed.NotDistributable` before the model loads
-        (nothing is written).
+        (nothing is written); where the factors there turn out damaged or of other settings, the fit that would
+        replace them raises it after the model loads, before its first pass.
         """
         folder = Path(folder)
         config = config.resolved()
