@@ -271,3 +271,36 @@ def test_a_damaged_shard_stops_every_process(workspace, one, tmp_path):
     text = " ".join(done.stderr.split())  # each process's one error line (rich wraps long lines)
     assert text.count("error: ") == 2 and text.count("shard-00001.safetensors") >= 2, done.stderr[-3000:]
     assert not (run / "scores" / "x.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["factors", "settings"])
+def test_a_fit_that_cannot_distribute_is_refused_before_its_factors_are_set_aside(
+    workspace, tmp_path, monkeypatch, damage
+):
+    """cg factors fitted in one process, then damaged (or their settings.json lost): under torchrun the refit is
+    refused before anything is set aside (the factors of unknown settings were deleted first before)."""
+    config = RunConfig(str(workspace / "train.jsonl"), str(workspace / "model"), device="cpu",
+                       attribution=AttributionConfig(strategy="cg"))  # fmt: skip
+    Run.create(tmp_path / "run", config).fit()
+    factors = tmp_path / "run" / "factors"
+    if damage == "factors":
+        tensors = factors / "curvature.safetensors"
+        tensors.write_bytes(tensors.read_bytes()[:-8])
+    else:
+        (factors / "settings.json").unlink()
+    before = {p.name: p.read_bytes() for p in factors.iterdir() if p.is_file()}
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; nothing below joins a process group
+    monkeypatch.setenv("RANK", "0")
+    run = Run.create(tmp_path / "run", config)
+    with pytest.raises(NotDistributable, match=r"strategy 'cg' cannot run under torch\.distributed"):
+        run.fit()
+    assert {p.name: p.read_bytes() for p in factors.iterdir() if p.is_file()} == before
+
+
+def test_setting_options_in_a_run_config_options_are_refused(workspace, tmp_path):
+    """``RunConfig.options`` holds constructor options; a setting option there would be applied by the method and
+    missing from the recorded settings (``RunConfig.for_method`` puts it in ``attribution``)."""
+    config = RunConfig(str(workspace / "train.jsonl"), method="logra", options={"reduction": "mean"})
+    with pytest.raises(ValueError, match=r"RunConfig.options holds setting options \['reduction'\]"):
+        Run.create(tmp_path / "run", config)
+    assert not (tmp_path / "run").exists()

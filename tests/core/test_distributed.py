@@ -87,6 +87,16 @@ def shared_input_stream(rank: int):
 SHARED_SHAPES = dict.fromkeys(("m0", "m1", "m2"), (2, 4))
 
 
+class TwoArgs(Exception):
+    """Pickles, but does not unpickle (``__reduce__`` makes it again from its one ``args``, a message)."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+
+
+SHAPES = {"m": (2, 3)}
+
+
 def fail_with(error: Exception):
     raise error
 
@@ -129,6 +139,9 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
                 lambda: on_every(lambda: fail_with(ValueError("held", threading.Lock())) if rank else 0)
             ),
             "lowest": raised_on(lambda: on_every(lambda: fail_with(KeyError(f"rank {rank}")))),
+            "unpickled": raised_on(lambda: on_every(lambda: fail_with(TwoArgs(1, 2)) if rank else 0)),
+            "result": raised_on(lambda: on_main(threading.Lock)),
+            "same": on_main(lambda: SHAPES) is SHAPES,
             "none": on_every(lambda: rank + 10),
         }
         try:
@@ -170,8 +183,9 @@ def test_helpers_split_and_gather(two_processes):
 
 def test_an_exception_reaches_every_rank_and_its_own_keeps_its_traceback(two_processes):
     """``on_main`` / ``on_every``: the failing rank raises its own exception (traceback kept), the others a copy;
-    one that cannot be pickled reaches them as a ``RuntimeError`` naming it (they waited for it forever before);
-    ``on_every`` raises the lowest failing rank's on every rank."""
+    one that cannot be pickled or unpickled reaches them as a ``RuntimeError`` naming it (they waited for it until
+    the timeout before), and a result of ``on_main`` that does not pickle as a ``TypeError``; ``on_every`` raises
+    the lowest failing rank's on every rank."""
     rank0, rank1 = (result["sent"] for result in two_processes)
     assert rank0["main"][0] == "ValueError" and rank0["main"][2]
     assert rank1["main"][0] == "RuntimeError" and rank1["main"][1].startswith("ValueError on rank 0: ('held'")
@@ -179,6 +193,10 @@ def test_an_exception_reaches_every_rank_and_its_own_keeps_its_traceback(two_pro
     assert rank0["every"][0] == "RuntimeError" and rank0["every"][1].startswith("ValueError on rank 1: ('held'")
     assert rank0["lowest"] == ("KeyError", "'rank 0'", True) and rank1["lowest"][:2] == ("KeyError", "'rank 0'")
     assert (rank0["none"], rank1["none"]) == (10, 11)
+    assert rank1["unpickled"][0] == "TwoArgs" and rank0["unpickled"][:2] == ("RuntimeError", "TwoArgs on rank 1: 1/2")
+    for sent in (rank0, rank1):  # a result that does not pickle: rank 0 raised inside the broadcast before
+        assert sent["result"][0] == "TypeError" and "on rank 0 does not pickle" in sent["result"][1]
+    assert rank0["same"] and not rank1["same"]  # rank 0 gets the object itself, the others a copy
 
 
 def test_covariance_sums_of_a_shared_input_when_one_process_has_no_rows(two_processes):

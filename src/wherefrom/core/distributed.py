@@ -216,24 +216,38 @@ def barrier() -> None:
 
 def on_main(function: Callable[[], T]) -> T:
     """``function()`` run on rank 0 alone; its result, or the exception it raised, reaches every rank
-    (pickled; :func:`sendable`). Use it for checks, loads and writes that one process must make for all. One
-    process: ``function()``. Rank 0 raises its own exception, with its traceback."""
+    (pickled; an exception by :func:`sendable`; a result that does not pickle raises on every rank). Use it for
+    checks, loads and writes that one process must make for all. One process: ``function()``. Rank 0 raises its
+    own exception, with its traceback."""
     if not active():
         return function()
     box: list[Any] = [None]
     error: Exception | None = None
     if is_main():
         try:
-            box[0] = (True, function())
+            value = function()
         except Exception as raised:  # handed to every rank, then raised there too
-            error, box[0] = raised, (False, sendable(raised))
+            error = raised
+        else:
+            try:  # pickled here, where a failure is caught, not in the broadcast (the others would wait for it)
+                box[0] = pickle.dumps((True, value))
+            except Exception as raised:
+                error = TypeError(
+                    f"the result of {getattr(function, '__qualname__', function)} on rank 0 does "
+                    f"not pickle, so it cannot reach the other ranks: {raised}"
+                )
+                error.__cause__ = raised
+        if error is not None:
+            box[0] = pickle.dumps((False, sendable(error)))
     dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
-    ok, value = box[0]
-    if error is not None:
-        raise error
+    if is_main():
+        if error is not None:
+            raise error
+        return value  # the object itself, not a copy
+    ok, received = pickle.loads(box[0])
     if not ok:
-        raise value
-    return value
+        raise received
+    return received
 
 
 def sendable(error: Exception) -> Exception:
@@ -244,7 +258,11 @@ def sendable(error: Exception) -> Exception:
     try:
         pickle.loads(pickle.dumps(error))
     except Exception:
-        return RuntimeError(f"{type(error).__name__} on rank {rank()}: {error}")
+        try:
+            message = str(error)
+        except Exception:  # its __str__ fails too
+            message = object.__repr__(error)
+        return RuntimeError(f"{type(error).__name__} on rank {rank()}: {message}")
     return error
 
 
@@ -265,7 +283,7 @@ def on_every(function: Callable[[], T]) -> T:
     first = next((r for r, sent in enumerate(every) if sent is not None), None)
     if first is None:
         return value
-    raise error if first == rank() and error is not None else every[first]
+    raise error if first == rank() else every[first]
 
 
 @contextmanager

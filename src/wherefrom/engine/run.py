@@ -70,6 +70,7 @@ from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import with_defaults
 from wherefrom.core.scoring import Scores, save_scores
 from wherefrom.core.store import (
+    SETTINGS,
     DamagedFile,
     SettingsMismatch,
     StageFolder,
@@ -93,12 +94,12 @@ from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
 from wherefrom.engine.passes import Kept, kept_rows
 from wherefrom.methods.projection import ProjectedInfluence
 from wherefrom.methods.registry import (
-    SETTING_NAMES,
     Method,
     in_family,
     make_method,
     method_settings,
     options_in_full,
+    split_settings,
 )
 from wherefrom.methods.saved import META_FILE, TENSORS_FILE, load_fitted, save_fitted
 from wherefrom.methods.tracin import TracIn, finetune_checkpoints, interleave_checkpoints
@@ -163,7 +164,7 @@ class RunConfig:
         strategy options into ``attribution.strategy_options``; another method's options stay in ``options``.
         ``paths``: ``model``, ``adapter``, ``device``."""
         merged, _checked = method_settings(method, attribution, options)
-        constructor = {k: v for k, v in options.items() if k not in SETTING_NAMES}
+        constructor = split_settings(options)[1]
         if in_family(method, "influence"):
             merged = replace(merged, strategy_options={**merged.strategy_options, **constructor})
             constructor = {}
@@ -270,17 +271,26 @@ class Run:
         failed, takes the new settings).
 
         Raises :class:`RunMismatch` naming each setting that differs from a finished run's config (with
-        both values), and :class:`wherefrom.core.store.FolderLocked` while another process writes the run.
+        both values), :class:`wherefrom.core.store.FolderLocked` while another process writes the run, and
+        ``ValueError`` when ``config.options`` holds setting options (:func:`RunConfig.for_method` puts them in
+        ``attribution``) or a method's option is bad.
         Under ``torch.distributed`` rank 0 checks and writes the folder; a method outside the influence
         family, or a strategy that does not distribute (``cg``, ``lissa``, ``arnoldi``) where no fitted factors
         are there to reuse, raises :class:`wherefrom.core.distributed.NotDistributable` before the model loads
-        (nothing is written); where the factors there turn out damaged or of other settings, the fit that would
-        replace them raises it after the model loads, before its first pass.
+        (nothing is written); where the factors there are damaged, or their settings unknown (no intact
+        ``settings.json``), :meth:`fit` raises it after the model loads, before it sets anything aside. Factors of
+        other settings raise :class:`RunMismatch` here, as in one process.
         """
         folder = Path(folder)
         config = config.resolved()
         if config.method is not None:  # options checked before the model loads
             method_settings(config.method, config.attribution, config.options)
+        misplaced = split_settings(config.options)[0]
+        if misplaced:  # the method would apply them, the recorded settings (RunConfig.settings) would not hold them
+            raise ValueError(
+                f"RunConfig.options holds setting options {sorted(misplaced)}: they are attribution settings "
+                "(RunConfig.for_method puts a method's setting options there)"
+            )
         if config.fits_method:
             refuse(f"method {config.method!r}", FIT_ALONE)
         elif config.attribution.strategy in STRATEGIES and not (folder / "factors" / CURVATURE_META).exists():
@@ -474,12 +484,16 @@ class Run:
             return [p for p in (damage(target / "curvature.safetensors"), damage(target / "curvature.json")) if p]
 
         found = problems()
+        if (found or damage(target / SETTINGS)) and self.config.attribution.strategy in STRATEGIES:
+            # a fit is to be made, or factors of unknown settings set aside: refused before that under torchrun
+            # when the strategy cannot fit there (Run.create refuses earlier where there are no factors at all)
+            STRATEGIES[self.config.attribution.strategy].refuse_distributed()
         started_before = stages.folder.is_dir() or any(
             (target / name).exists() for name in ("curvature.json", "curvature.safetensors")
         )
         if not started_before:
             # Nothing of a fit is finished here (e.g. an earlier fit was refused): its settings bind nothing.
-            forget_file(target / "settings.json")
+            forget_file(target / SETTINGS)
             self.attributor.encode(self.train)  # rows the model cannot take: a DataError before anything is written
         # Finished factors are reused on any device; a resumed fit must run where it started.
         notes = record_settings(
@@ -1005,7 +1019,7 @@ class Run:
     def recorded_settings(folder: Path) -> dict[str, Any] | None:
         """``folder/settings.json`` (a fit's or an index's recorded settings), or ``None`` when it is missing or
         damaged."""
-        recorded = Path(folder) / "settings.json"
+        recorded = Path(folder) / SETTINGS
         return None if damage(recorded) is not None else read_json_checked(recorded)
 
     def index_command(self) -> str:

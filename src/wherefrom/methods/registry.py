@@ -365,19 +365,25 @@ def method_spec(name: str) -> MethodSpec:
     return METHODS[name]
 
 
+def split_settings(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(setting options, constructor options)`` of a method's ``options``: those named in :data:`SETTING_NAMES`,
+    which override attribution settings, and the others, which go to its constructor (each in its given order)."""
+    settings = {k: v for k, v in options.items() if k in SETTING_NAMES}
+    return settings, {k: v for k, v in options.items() if k not in SETTING_NAMES}
+
+
 def options_in_full(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """The constructor options (:attr:`MethodSpec.constructor_options`) of method ``name`` in ``options``, with every
     one left out at its default: the form in which run folders and ``attribute`` record and compare a method's
     options, so that an option given at its default is the same setting as one left out. Setting options
     (:data:`SETTING_NAMES`) are not in it: they are recorded with the attribution settings. ``ValueError`` naming
     the known methods for an unknown ``name``."""
-    constructor = {k: v for k, v in options.items() if k not in SETTING_NAMES}
-    return with_defaults(method_spec(name).constructor_options, constructor)
+    return with_defaults(method_spec(name).constructor_options, split_settings(options)[1])
 
 
 def options_off_default(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` of method ``name`` less the constructor options given at their defaults (the pair of
-    :func:`options_in_full`): the form a study's cache key holds, so that an option given at its default and one
+    """``options`` of method ``name`` less the constructor options given at their defaults (those
+    :func:`options_in_full` fills in): the form a study's cache key holds, so that an option given at its default and one
     left out hit the same cached row. Setting options (:data:`SETTING_NAMES`) stay as given: they override the
     study's attribution settings, whose values the key holds apart. A row cached before keys took this form
     (they held the options as given) still matches unless it was made with an option given at its default; that
@@ -413,9 +419,8 @@ def method_settings(
     settings and its setting options applied to ``config``, the other options left for its constructor
     (an influence method's: its strategy's). Raises as :func:`make_method`, before any model work."""
     spec = method_spec(name)
-    checked = spec.check(options or {})
-    settings = {key: checked.pop(key) for key in list(checked) if key in SETTING_NAMES}
-    return replace(config or AttributionConfig(), **{**spec.settings, **settings}), checked
+    settings, constructor = split_settings(spec.check(options or {}))
+    return replace(config or AttributionConfig(), **{**spec.settings, **settings}), constructor
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
