@@ -294,3 +294,8 @@ def test_attribute_compares_an_older_record_with_its_defaults_in_json_form(works
     (out / "config.json").write_text(json.dumps({**recorded, "options": older}))
     again = invoke(*attribute_args(workspace, out, *tracin, method="tracin"))
     assert again.exit_code == 0, again.output
+    (out / "config.json").write_text(json.dumps({**recorded, "options": ["not", "an", "object"]}))
+    malformed = invoke(*attribute_args(workspace, out, *tracin, method="tracin"))  # refused, not a traceback
+    assert malformed.exit_code == 2 and "options: recorded ['not', 'an', 'object']" in malformed.output, (
+        malformed.output
+    )

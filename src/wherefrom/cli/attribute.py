@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 
 from wherefrom.cli.app import (
@@ -64,7 +66,7 @@ def attribute(
                 [out / "scores.safetensors", out / "scores.json"],
                 out / "config.json",
                 record,
-                recorded_as=lambda saved: {**saved, "options": options_in_full(method, saved.get("options") or {})},
+                recorded_as=lambda saved: {**saved, "options": recorded_options(method, saved.get("options") or {})},
             )
         loaded = load_model(model, adapter, device=device)
         train_rows, query_rows = load_records(train), load_records(queries)
@@ -84,6 +86,14 @@ def attribute(
     path = save_scores(result, out, "scores", labels, top_k)
     print_tops(result, top_k, labels)
     say(f"{method}: {tuple(result.total.shape)} scores -> {path}")
+
+
+def recorded_options(method: str, recorded: Any) -> Any:
+    """The options of an ``attribute`` record in the form it records now (:func:`options_in_full`: an older version
+    recorded only those given, setting options too); a record that is not an object is compared as it is."""
+    from wherefrom.methods.registry import options_in_full
+
+    return options_in_full(method, recorded) if isinstance(recorded, dict) else recorded
 
 
 def used_settings(method: str, config: AttributionConfig, options: dict) -> dict:
