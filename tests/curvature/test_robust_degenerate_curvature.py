@@ -246,3 +246,30 @@ def test_prefilter_not_scored_mark_is_kept_but_a_nan_candidate_is_refused(tmp_pa
     broken = CandidateScores(["q0"], ["a", "b"], ["m0"], torch.tensor([[[math.nan, math.nan]]]), candidate_mask=mask)
     with pytest.raises(ValueError, match="'q0' x train row 'a'"):
         save_scores(broken, tmp_path, "broken")
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
+def test_a_model_with_a_nan_weight_is_refused_by_name_and_no_stage_is_saved(tmp_path, strategy):
+    """A NaN weight in a tracked module: ``fit`` stops with one named error (EK-FAC's eigendecomposition failed with
+    a linear-algebra traceback) and saves no fitting stage of NaN statistics (which bound the folder to the bad
+    model's settings)."""
+    model = save_tiny(tmp_path / "model")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")
+    name = next(k for k in weights if "mlp.up_proj" in k)
+    weights[name][0, 0] = math.nan
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    rows = make_records(6, seed=9)
+    (tmp_path / "train.jsonl").write_text(
+        "".join(json.dumps({"id": r.id, "prompt": r.prompt, "completion": r.completion}) + "\n" for r in rows)
+    )
+    fit = CliRunner().invoke(
+        app,
+        ["fit", "--train", str(tmp_path / "train.jsonl"), "--model", str(model), "--run", str(tmp_path / "run"),
+         "--strategy", strategy, "--threads", "1"],
+    )  # fmt: skip
+    assert fit.exit_code == 2, fit.output
+    text = " ".join(fit.output.split())
+    assert "NaN or infinite entries" in text and f"strategy {strategy!r}" in text, text
+    assert not list((tmp_path / "run" / "factors").rglob("*.safetensors"))

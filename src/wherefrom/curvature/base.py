@@ -164,6 +164,23 @@ def relative_damping(damping: float | None, damping_factor: float, mean_eigenval
     return damping_factor * mean_eigenvalue
 
 
+class NonFiniteCurvature(ValueError):
+    """Fitting statistics with NaN or infinite entries (the model's weights, or its outputs on the fitting rows,
+    are not finite)."""
+
+
+def check_finite_state(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteCurvature` naming ``what``, how many of ``tensors`` and the first of them with a NaN
+    or infinite entry; called before a fitting stage is saved or an eigendecomposition reads it (which failed with
+    a linear-algebra error), and on a fitted state."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NonFiniteCurvature(
+            f"{what} has NaN or infinite entries in {len(bad)} of its {len(tensors)} tensors, e.g. {bad[0]!r}: "
+            "the model's weights or its outputs on the fitting rows are not finite; nothing of it was saved"
+        )
+
+
 def warn_zero_curvature(blocks: Sequence[str]) -> None:
     """Warn that ``blocks`` have exactly zero curvature and therefore contribute 0 to every score."""
     if blocks:
@@ -268,6 +285,7 @@ class Curvature(ABC):
             self._fit(model, modules, batches, loss_fn, progress)
         finally:
             self.stages, self.source = None, None
+        check_finite_state(self.state, f"the curvature of strategy {self.name!r}")
         warn_zero_curvature(self.zero_blocks)
         return self
 
@@ -285,6 +303,7 @@ class Curvature(ABC):
         self.modules = [[name, int(out), int(inp)] for name, (out, inp) in shapes.items()]
         self.state, self.info = {}, {}
         self.fit_blocks(blocks, dict(shapes))
+        check_finite_state(self.state, f"the curvature of strategy {self.name!r}")
         warn_zero_curvature(self.zero_blocks)
         return self
 
@@ -314,6 +333,7 @@ class Curvature(ABC):
                 sampling.set_state(rng)
         else:
             tensors, info = compute()
+            check_finite_state(tensors, f"the {stage} stage of strategy {self.name!r}")
             if stages is not None:
                 rng = {RNG_KEY: gather_rows(sampling.get_state())} if sampling is not None else {}
                 on_main(lambda: stages.save(stage, {**tensors, **rng}, info))
