@@ -23,6 +23,7 @@ from wherefrom.curvature.base import DegenerateCurvatureWarning
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import METHODS, make_method
 from wherefrom.models.tiny import save_tiny, tiny_llama, with_lora
+from wherefrom.studies.generated import write_jsonl
 
 # The rows of shared/cases/01 (a fresh LoRA adapter: lora_B = 0, so every lora_A gradient is 0).
 CASE_TRAIN = [
@@ -186,9 +187,7 @@ def test_cli_fresh_adapter_scores_finite_and_query_json_strict(tmp_path):
         tmp_path / "adapter"
     )
     rows = make_records(6, seed=9)
-    (tmp_path / "train.jsonl").write_text(
-        "".join(json.dumps({"id": r.id, "prompt": r.prompt, "completion": r.completion}) + "\n" for r in rows)
-    )
+    write_jsonl(rows, tmp_path / "train.jsonl")
     (tmp_path / "queries.jsonl").write_text(json.dumps({"id": "q0", "prompt": "ab cd:", "completion": " ef"}) + "\n")
     runner = CliRunner()
     run = ["--run", str(tmp_path / "run")]
@@ -261,9 +260,7 @@ def test_a_model_with_a_nan_weight_is_refused_by_name_and_no_stage_is_saved(tmp_
     weights[name][0, 0] = math.nan
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
     rows = make_records(6, seed=9)
-    (tmp_path / "train.jsonl").write_text(
-        "".join(json.dumps({"id": r.id, "prompt": r.prompt, "completion": r.completion}) + "\n" for r in rows)
-    )
+    write_jsonl(rows, tmp_path / "train.jsonl")
     fit = CliRunner().invoke(
         app,
         ["fit", "--train", str(tmp_path / "train.jsonl"), "--model", str(model), "--run", str(tmp_path / "run"),
