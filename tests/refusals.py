@@ -168,6 +168,23 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "argument",
+        "an attribution setting the method does not read (--damping for bm25, --strategy for logra)",
+        EXIT,
+        "method 'logra' does not read --strategy kfac",
+        "it would be recorded with the run yet change no score, and a later run without it would be refused as other "
+        "settings; logra's projected curvature is its own option (--option strategy=kfac)",
+        command=(*FIT, "new", "--method", "logra", "--strategy", "kfac"),
+    ),
+    Refusal(
+        "argument",
+        "a --strategy other than the one --method fixes",
+        EXIT,
+        "--strategy diagonal: method 'kfac' is influence with the 'kfac' strategy",
+        "the method's own strategy runs: the flag would be silently ignored",
+        command=(*FIT, "new", "--method", "kfac", "--strategy", "diagonal"),
+    ),
+    Refusal(
+        "argument",
         "an unknown --fisher",
         EXIT,
         "--fisher bogus: unknown value; choose one of true, empirical",

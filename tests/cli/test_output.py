@@ -28,8 +28,7 @@ def attribute_args(root, out, *extra, method="gradsim"):
         root / "queries.jsonl",
         "--model",
         root / "model",
-        "--max-length",
-        "128",
+        *(["--max-length", "128"] if method != "bm25" else []),  # bm25 reads none: refused (test_settings_read.py)
         "--out",
         out,
         *extra,
@@ -78,13 +77,13 @@ def test_scores_refuses_to_replace_a_score_set_of_other_queries_unless_overwrite
 
 def test_attribute_refuses_to_replace_scores_of_other_settings_unless_overwrite(workspace):
     out = workspace / "overwrite-attribute"
-    first = invoke(*attribute_args(workspace, out))
+    first = invoke(*attribute_args(workspace, out, method="diagonal"))
     assert first.exit_code == 0, first.output
-    assert invoke(*attribute_args(workspace, out)).exit_code == 0  # the same settings: recomputed
-    other = invoke(*attribute_args(workspace, out, "--damping", "0.5"))
+    assert invoke(*attribute_args(workspace, out, method="diagonal")).exit_code == 0  # the same settings: recomputed
+    other = invoke(*attribute_args(workspace, out, "--damping", "0.5", method="diagonal"))
     assert other.exit_code == 2 and "--overwrite" in other.output and "scores.safetensors" in other.output
     assert "attribution.damping: recorded None, now 0.5" in other.output
-    assert invoke(*attribute_args(workspace, out, "--damping", "0.5", "--overwrite")).exit_code == 0
+    assert invoke(*attribute_args(workspace, out, "--damping", "0.5", "--overwrite", method="diagonal")).exit_code == 0
     replayed = invoke("replay", out)
     assert replayed.exit_code == 0, replayed.output
 
@@ -115,12 +114,12 @@ def test_scores_and_attribute_print_results_with_labels_on_stdout(workspace):
 
 
 def test_attribute_saves_the_strategy_the_method_ran_with(workspace):
-    for method, strategy in (("gradsim", "identity"), ("bm25", None)):
+    for method, strategy, max_length in (("gradsim", "identity", 128), ("repsim", None, 128), ("bm25", None, 512)):
         out = workspace / f"saved-{method}"
-        result = invoke(*attribute_args(workspace, out)[:2], method, *attribute_args(workspace, out)[3:])
+        result = invoke(*attribute_args(workspace, out, method=method))
         assert result.exit_code == 0, result.output
         saved = json.loads((out / "config.json").read_text())["attribution"]
-        assert saved.get("strategy") == strategy and saved["max_length"] == 128
+        assert saved.get("strategy") == strategy and saved["max_length"] == max_length
 
 
 def test_query_tables_at_80_columns_name_lowest_scores_and_keep_module_names_whole(workspace):

@@ -63,6 +63,11 @@ def test_threads_default_and_restore():
     assert torch.get_num_threads() == before
 
 
+def rows_args(root):
+    """``attribute``'s training and query rows in the workspace."""
+    return ("--train", root / "train.jsonl", "--queries", root / "train.jsonl")
+
+
 UNRUN = ("--methods", "ekfac", "--option", "lissa.depth=3")
 """A method list and an option of a method not in it."""
 
@@ -82,6 +87,26 @@ def invalid_cases(root, out):
             ["--strategy-option 'lissa.depth=3'", "method 'lissa' does not run here (methods run: ekfac)"],
         ),
         (fit_args(root, out, "--method", "trak", "--option", "logra.dim=8"), ["'logra.dim=8'", "run: trak)"]),
+        # a setting the method does not read was recorded, changed no score, and refused a later run without it
+        (
+            fit_args(root, out, "--method", "bm25", "--damping", "0.5"),
+            ["'bm25' does not read --damping 0.5, --max-length 128"],
+        ),
+        (
+            fit_args(root, out, "--method", "logra", "--strategy", "kfac", "--query-rank", "2"),
+            ["method 'logra' does not read --strategy kfac, --query-rank 2", "own strategy is --option strategy="],
+        ),
+        (fit_args(root, out, "--method", "gradsim", "--damping-factor", "2"), ["not read --damping-factor 2.0"]),
+        (fit_args(root, out, "--strategy", "identity", "--fisher", "empirical"), ["strategy 'identity' does not"]),
+        (fit_args(root, out, "--method", "repsim", "--include", "h.1", "--seed", "3"), ["--include h.1, --seed 3"]),
+        (
+            fit_args(root, out, "--method", "kfac", "--strategy", "diagonal"),
+            ["--strategy diagonal: method 'kfac' is influence with the 'kfac' strategy", "--method diagonal"],
+        ),
+        (
+            ["attribute", "--method", "bm25", *rows_args(root), "--out", out, "--batch-size", "2"],
+            ["method 'bm25' does not read --batch-size 2: leave it out"],
+        ),
         (
             ["bench", "--task", "rules", "--out", out, "--methods", "ekfac,gradsim", "--option", "lissa.depth=3"],
             ["--option 'lissa.depth=3'", "method 'lissa' does not run here (methods run: ekfac, gradsim)"],

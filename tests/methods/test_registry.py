@@ -182,3 +182,41 @@ def test_cli_attribute_bad_option_exits_2_with_the_named_message_before_loading_
     assert "method 'lissa': option 'depth' got 'abc'; allowed: an integer >= 1" in result.output
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
     assert not (tmp_path / "out").exists()
+
+
+OTHER_VALUES = {
+    "strategy": "kfac",
+    "fisher": "empirical",
+    "damping": 5.0,
+    "damping_factor": 3.0,
+    "reduction": "mean",
+    "query_rank": 1,
+    "include": [r"q_proj"],
+    "exclude": [r"v_proj"],
+    "batch_size": 3,
+    "max_length": 6,
+    "query_without_eos": True,
+    "seed": 7,
+    "autocast": "bfloat16",
+}
+"""An off-default value of each attribution setting that ``fit`` or ``attribute`` takes from the command line."""
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_setting_a_method_does_not_declare_leaves_its_scores_unchanged(name, model, tokenizer):
+    """``MethodSpec.settings_read`` is what the CLI refuses the rest by (refuse_unread_settings): a setting outside
+    it must change no score, or the refusal would drop a setting that matters."""
+    train, queries = make_records(6, seed=41), make_records(2, seed=42, prefix="q")
+    options = {**required(name, model), **{"trak": {"dim": 16}, "logra": {"dim_in": 2, "dim_out": 2}}.get(name, {})}
+
+    def scores(**settings) -> torch.Tensor:
+        method = make_method(name, model, tokenizer, AttributionConfig(**{"batch_size": 2, **settings}), **options)
+        method.fit(train)
+        return method.scores(queries, train).total
+
+    base = scores()
+    unread = [setting for setting in OTHER_VALUES if setting not in METHODS[name].settings_read]
+    for setting in unread:
+        torch.testing.assert_close(scores(**{setting: OTHER_VALUES[setting]}), base, rtol=0, atol=0, msg=setting)
+    expected = {"gradsim", "gradsim-cosine", "identity", "trak", "logra", "tracin", "repsim", "bm25"}
+    assert bool(unread) == (name in expected), unread

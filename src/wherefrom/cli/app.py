@@ -42,6 +42,7 @@ __all__ = [
     "leave_to_preset",
     "progress",
     "recorded_line",
+    "refuse_unread_settings",
     "remember",
     "settings_as",
 ]
@@ -219,6 +220,35 @@ def changed_settings(names: Iterable[str]) -> dict[str, Any]:
     indistinguishable from one not given)."""
     arguments = _CURRENT.get().arguments
     return {n: arguments[n] for n in names if n in arguments and arguments[n] != SETTINGS[n].default}
+
+
+def refuse_unread_settings(method: str, kind: str = "method") -> None:
+    """``ValueError`` when the running command was given, off its default, an attribution setting that ``method``
+    does not read (:attr:`wherefrom.methods.registry.MethodSpec.settings_read`: ``--damping`` for ``bm25``,
+    ``--strategy`` for ``logra``), or a ``--strategy`` other than the one ``method`` fixes: recorded with the run or
+    the scores it would change no number, and a later run without it would be refused as other settings. The
+    message names each flag and value, and ``method`` as a ``kind`` (``fit --strategy`` names a strategy)."""
+    from wherefrom.engine.api import AttributionConfig
+    from wherefrom.methods.registry import method_spec
+
+    spec = method_spec(method)
+    given = changed_settings(f.name for f in fields(AttributionConfig))
+    fixed = spec.settings.get("strategy")
+    if fixed is not None and given.get("strategy", fixed) != fixed:
+        raise ValueError(
+            f"--strategy {given['strategy']}: {kind} {method!r} is influence with the {fixed!r} strategy; leave "
+            f"--strategy out, or give --method {given['strategy']}"
+        )
+    unread = [name for name in given if name not in spec.settings_read]
+    if unread:
+        shown = ", ".join(SETTINGS[n].given(given[n]) for n in unread)
+        own = [n for n in unread if n in {option.name for option in spec.options}]
+        hint = "".join(f"; {method}'s own {n} is --option {n}=..." for n in own)
+        raise ValueError(
+            f"{kind} {method!r} does not read {shown}: leave {'it' if len(unread) == 1 else 'them'} out (a setting "
+            f"a method does not read changes no score, yet it is recorded, and a later run without it would be "
+            f"refused){hint}"
+        )
 
 
 def reflowed(docstring: str) -> str:

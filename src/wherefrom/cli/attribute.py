@@ -15,6 +15,7 @@ from wherefrom.cli.app import (
     method_pairs,
     progress,
     recorded_line,
+    refuse_unread_settings,
     remember,
     required,
     say,
@@ -47,6 +48,7 @@ def attribute(
     out, method = required(out, "out"), required(method, "method")
     try:
         refuse("command attribute", "under torchrun use `fit` and `scores` on a run folder")
+        refuse_unread_settings(method)
         spec = method_spec(method)
         options = spec.check(merged_options(option, method))
         config = settings_as(AttributionConfig)

@@ -15,7 +15,17 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from wherefrom.cli.app import command, console, fail, merged_options, progress, remember, say, settings_as
+from wherefrom.cli.app import (
+    command,
+    console,
+    fail,
+    merged_options,
+    progress,
+    refuse_unread_settings,
+    remember,
+    say,
+    settings_as,
+)
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, load_records
 from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, refuse, session
@@ -68,6 +78,7 @@ def fit(
                     raise ValueError(
                         f"--option is for --method; give strategy {strategy!r} its options with --strategy-option"
                     )
+                refuse_unread_settings(strategy, "strategy")
                 options = merged_options(strategy_option, strategy, "--strategy-option")
                 attribution = settings_as(AttributionConfig, strategy=strategy, strategy_options=options)
                 config = RunConfig(train=str(train), attribution=attribution, **paths)
@@ -76,6 +87,7 @@ def fit(
                     f"--strategy-option is for --strategy; give method {method!r} its options with --option"
                 )
             else:
+                refuse_unread_settings(method)
                 options = merged_options(option, method)
                 config = RunConfig.for_method(method, str(train), settings_as(AttributionConfig), options, **paths)
             opened = Run.create(run, config, progress=progress)

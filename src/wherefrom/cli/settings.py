@@ -653,9 +653,13 @@ class Setting:
         if value is None or self.check is None:
             return None
         problem = self.check(value)
+        return None if problem is None else f"{self.given(value)}: {problem}"
+
+    def given(self, value: Any) -> str:
+        """The flag (or the argument's name) and ``value`` as the command line gives them (a list's items apart by
+        spaces), e.g. ``--damping 0.5``."""
         shown = value if not isinstance(value, list) else " ".join(map(str, value))
-        name = self.name.upper() if self.argument else self.flag
-        return None if problem is None else f"{name} {shown}: {problem}"
+        return f"{self.name.upper() if self.argument else self.flag} {shown}"
 
 
 def _settings() -> dict[str, Setting]:

@@ -115,6 +115,28 @@ the config's value); a method declares the ones that change its numbers."""
 
 SETTING_NAMES = frozenset(spec.name for spec in SETTING_OPTIONS)
 
+INPUT_SETTINGS = frozenset({"batch_size", "max_length", "chat_template", "template", "truncate"})
+""":class:`~wherefrom.engine.api.AttributionConfig` settings of how rows become model inputs, read by every method
+that runs the model (``repsim`` reads only these)."""
+
+GRADIENT_SETTINGS = INPUT_SETTINGS | {
+    "include",
+    "exclude",
+    "query_without_eos",
+    "autocast",
+    "append_eos",
+    "pad_left",
+    "loss_tokens",
+    "normalize",
+}
+""":class:`~wherefrom.engine.api.AttributionConfig` settings read by every method that takes gradients of the model:
+the inputs, the tracked modules, the query measurement, autocast and the score normalisation. Beyond these a method
+reads the setting options it declares (:data:`SETTING_NAMES`), its fixed :attr:`MethodSpec.settings` and, where it
+draws anything at random, ``seed`` (:attr:`MethodSpec.settings_read`)."""
+
+DRAWING_SETTINGS = GRADIENT_SETTINGS | {"seed"}
+""":data:`GRADIENT_SETTINGS` and ``seed``: read by a method that samples Fisher targets or projections."""
+
 
 def _settings(*names: str, **presets: Any) -> tuple[OptionSpec, ...]:
     """The :data:`SETTING_OPTIONS` called ``names``, with a method's ``presets`` as their defaults."""
@@ -128,7 +150,9 @@ class MethodSpec:
 
     ``settings``: :class:`~wherefrom.engine.api.AttributionConfig` values the method fixes (``strategy``,
     ``normalize``) or presets (``fisher`` for ``datainf``); setting options given to :func:`make_method`
-    override the presets. ``options``: every keyword the method accepts.
+    override the presets. ``options``: every keyword the method accepts. ``model_settings``: the
+    :class:`~wherefrom.engine.api.AttributionConfig` settings of the model's passes that the method reads
+    (:data:`GRADIENT_SETTINGS`, :data:`DRAWING_SETTINGS`, :data:`INPUT_SETTINGS` or none).
     """
 
     name: str
@@ -138,6 +162,16 @@ class MethodSpec:
     options: tuple[OptionSpec, ...]
     build: Callable[..., Method]
     settings: Mapping[str, Any] = field(default_factory=dict)
+    model_settings: frozenset[str] = DRAWING_SETTINGS
+
+    @property
+    def settings_read(self) -> frozenset[str]:
+        """The :class:`~wherefrom.engine.api.AttributionConfig` settings that change this method's numbers: its
+        :attr:`model_settings`, the setting options it declares and the settings it fixes or presets. A setting
+        outside it is ignored by the method (``bm25`` reads none; ``trak``/``logra`` read no ``strategy``: their
+        projected curvature is their own option)."""
+        declared = {spec.name for spec in self.options if spec.name in SETTING_NAMES}
+        return self.model_settings | declared | set(self.settings)
 
     def check(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """``options`` validated and converted (see :func:`wherefrom.core.options.check_options`)."""
@@ -166,9 +200,13 @@ CHARPIAT = "Charpiat et al. 2019, Input Similarity from the Neural Network Persp
 
 
 def _influence(name: str, description: str, citation: str, **settings: Any) -> MethodSpec:
-    """An :class:`InfluenceMethod` over the strategy ``settings["strategy"]``, with its options."""
-    options = (*_settings(*SETTING_NAMES, **settings), *STRATEGIES[settings["strategy"]].option_specs)
-    return MethodSpec(name, "influence", description, citation, options, InfluenceMethod, settings)
+    """An :class:`InfluenceMethod` over the strategy ``settings["strategy"]``, with its options. A strategy that
+    fits nothing (``identity``) reads no Fisher, damping or seed: it declares only ``reduction`` and ``query_rank``."""
+    strategy = STRATEGIES[settings["strategy"]]
+    names = SETTING_NAMES if strategy.needs_fit else {"reduction", "query_rank"}
+    options = (*_settings(*names, **settings), *strategy.option_specs)
+    model = DRAWING_SETTINGS if strategy.needs_fit else GRADIENT_SETTINGS
+    return MethodSpec(name, "influence", description, citation, options, InfluenceMethod, settings, model)
 
 
 def _tracin(name: str, model, tokenizer, config: AttributionConfig, checkpoints, base=None, **options) -> TracIn:
@@ -321,7 +359,7 @@ _SPECS = [
                 OptionSpec("device", help="where checkpoint folders are loaded; null: GPU if available"),
                 OptionSpec("dtype", help="dtype checkpoint folders are loaded in (a torch.dtype)"),
             ),
-            *_settings("reduction"),
+            *_settings("reduction", "query_rank"),
         ),
         _tracin,
     ),
@@ -337,6 +375,7 @@ _SPECS = [
             OptionSpec("pooling", help="last_prompt: last prompt token; last: last token; mean: over real tokens"),
         ),
         lambda name, model, tokenizer, config, **options: RepSim.from_config(model, tokenizer, config, **options),
+        model_settings=INPUT_SETTINGS,
     ),
     MethodSpec(
         "bm25",
@@ -351,6 +390,7 @@ _SPECS = [
             OptionSpec("epsilon", help="okapi idf: negative values become epsilon x mean idf"),
         ),
         lambda name, model, tokenizer, config, **options: BM25(**options),
+        model_settings=frozenset(),
     ),
 ]
 
