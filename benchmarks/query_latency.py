@@ -219,15 +219,16 @@ def measure(args: argparse.Namespace) -> dict:
                     print(json.dumps(exact_rows[-1]), file=sys.stderr, flush=True)
                 if truth is None:
                     continue
-                for index_kind in args.kinds:
+                for index_kind, pq_m in [(k, m) for k in args.kinds for m in (args.pq_m if "pq" in k else [None])]:
                     if count > args.kind_max.get(index_kind, count):
                         continue
-                    settings = FaissSettings(kind=index_kind, nlist=args.nlist, pq_m=args.pq_m)
+                    settings = FaissSettings(kind=index_kind, nlist=args.nlist, pq_m=pq_m)
                     start = time.perf_counter()
                     index = build_faiss_index(source32, settings)
                     built = time.perf_counter() - start
+                    codes = f"pq_m={settings.sub_quantizers(dim)} " if "pq" in index_kind else ""
                     for values in sweep(index_kind):
-                        chosen = FaissSettings(kind=index_kind, nlist=args.nlist, pq_m=args.pq_m, **values)
+                        chosen = FaissSettings(kind=index_kind, nlist=args.nlist, pq_m=pq_m, **values)
                         start = time.perf_counter()
                         found = faiss_top_k(index, source32.ids, ask[1:], K, settings=chosen)
                         batched = (time.perf_counter() - start) / args.queries
@@ -245,7 +246,7 @@ def measure(args: argparse.Namespace) -> dict:
                                 "rows": count,
                                 "kind": index_kind,
                                 "nlist": settings.lists(count) if index_kind.startswith("ivf") else None,
-                                "setting": " ".join(f"{k}={v}" for k, v in values.items()),
+                                "setting": codes + " ".join(f"{k}={v}" for k, v in values.items()),
                                 "build_s": built,
                                 "query_ms": latency * 1000,
                                 "batch_query_ms": batched * 1000,
@@ -389,7 +390,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--nlist", type=int, default=None, help="IVF cells (default: FaissSettings' rule)")
     parser.add_argument(
-        "--pq-m", type=int, default=None, help="ivf-pq / pq sub-quantizers (default: FaissSettings' rule)"
+        "--pq-m",
+        type=lambda t: [None if v == "default" else int(v) for v in t.split(",")],
+        default=[None],
+        help="ivf-pq / pq sub-quantizers, one index each, e.g. 256,512,default (default: FaissSettings' rule)",
     )
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--peer-queries", type=int, default=5, help="queries timed for the numpy peer")
