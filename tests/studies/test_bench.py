@@ -165,6 +165,39 @@ def test_failed_method_is_recorded_and_retried(tmp_path, tiny_model):
     assert (folder / "gradsim.json").stat().st_mtime_ns != before["gradsim"]
 
 
+def test_a_row_is_recomputed_only_for_the_settings_its_method_reads(tmp_path, tiny_model):
+    """A row's key holds the attribution settings its method reads (``MethodSpec.read``) and, for a method that runs
+    the fine-tuned model, the fine-tuning settings: a changed damping or Fisher recomputes kfac's row only, a changed
+    epoch count every row but BM25's."""
+    methods = ("bm25", "gradsim", "repsim", "kfac")
+    config = BenchConfig(
+        task="rules",
+        out=str(tmp_path / "k"),
+        methods=list(methods),
+        n_train=10,
+        n_test=2,
+        model=tiny_model,
+        epochs=1,
+        max_length=128,
+        device="cpu",
+    )
+    folder = tmp_path / "k" / "seed-0"
+
+    def stamps() -> dict[str, int]:
+        return {m: (folder / f"{m}.json").stat().st_mtime_ns for m in methods}
+
+    def rerun() -> set[str]:
+        before = stamps()
+        run_bench(config)
+        return {m for m, stamp in stamps().items() if stamp != before[m]}
+
+    run_bench(config)
+    config.damping, config.fisher = 0.5, "empirical"
+    assert rerun() == {"kfac"}
+    config.epochs = 2
+    assert rerun() == {"gradsim", "repsim", "kfac"}
+
+
 def test_aggregate_over_seeds_gives_intervals():
     rows = [
         {

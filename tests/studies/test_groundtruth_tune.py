@@ -138,3 +138,21 @@ def test_a_grid_point_at_an_options_default_is_the_default_point(groundtruth, tm
     assert len(lines) == 2 and report["default"]["held_out"] == report["points"][0]["held_out"], lines
     gt, attribution = GroundTruth.load(groundtruth), AttributionConfig()
     assert method_key(gt, "datainf", {"max_bytes": 2**31}, attribution) == method_key(gt, "datainf", {}, attribution)
+
+
+def test_a_method_key_holds_only_the_attribution_settings_the_method_reads(groundtruth):
+    """An evaluated row is keyed on the settings its method reads (``MethodSpec.read``): a damping or Fisher changes
+    EK-FAC's key, not gradsim's, RepSim's or BM25's; a batch size changes every key but BM25's."""
+    from wherefrom.studies.groundtruth.build import GroundTruth
+    from wherefrom.studies.groundtruth.evaluate import method_key
+
+    gt, plain = GroundTruth.load(groundtruth), AttributionConfig()
+    for changed, differs in (
+        (AttributionConfig(damping=0.5, fisher="empirical"), {"ekfac"}),
+        (AttributionConfig(batch_size=3), {"ekfac", "gradsim", "repsim"}),
+    ):
+        keys = {
+            m: (method_key(gt, m, {}, plain), method_key(gt, m, {}, changed))
+            for m in ("ekfac", "gradsim", "repsim", "bm25")
+        }
+        assert {m for m, (a, b) in keys.items() if a != b} == differs

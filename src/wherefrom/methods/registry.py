@@ -173,6 +173,11 @@ class MethodSpec:
         declared = {spec.name for spec in self.options if spec.name in SETTING_NAMES}
         return self.model_settings | declared | set(self.settings)
 
+    def read(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """The entries of ``settings`` (:class:`~wherefrom.engine.api.AttributionConfig` names to values) in
+        :attr:`settings_read`: those this method's scores depend on, so those a cache of its scores is keyed on."""
+        return {k: v for k, v in settings.items() if k in self.settings_read}
+
     def check(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """``options`` validated and converted (see :func:`wherefrom.core.options.check_options`)."""
         return check_options(f"method {self.name!r}", self.options, options)

@@ -37,7 +37,7 @@ from wherefrom.core.encoding import check_template
 from wherefrom.core.option_pairs import format_option_pairs, options_for
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
-from wherefrom.methods.registry import check_methods, in_family, make_method, options_off_default
+from wherefrom.methods.registry import check_methods, in_family, make_method, method_spec, options_off_default
 from wherefrom.models.finetune import FinetuneConfig, FinetuneResult, finetune
 from wherefrom.models.loading import LoadedModel, load_model, pick_device
 from wherefrom.studies.benchtasks import TASKS, BenchTask, as_identification, from_path, subsampled
@@ -72,8 +72,12 @@ DEFAULT_METHODS = ["ekfac", "kfac", "datainf", "gradsim", "tracin", "repsim", "b
 _FORMAT_VERSION = 1
 LAYOUT = ("template", "append_eos", "pad_left", "loss_tokens", "truncate")
 """The input-layout settings shared by fine-tuning and attribution (:func:`wherefrom.core.encoding.encode_records`)."""
-LATER = ("fisher", *LAYOUT, "lora_alpha", "lora_dropout", "lr_schedule")
+_LATER_FINETUNING = (*LAYOUT, "lora_alpha", "lora_dropout", "lr_schedule")
+LATER = ("fisher", *_LATER_FINETUNING)
 """Settings added after bench rows were first cached: in a row's key (and the command line) only when not at their default."""
+_FINETUNING = ("model", "epochs", "learning_rate", "lora_rank", "batch_size", "max_length")
+"""The first settings of the seeds' fine-tuning (:meth:`BenchConfig.finetune_config`, with :data:`_LATER_FINETUNING`):
+in the key of every method that runs the fine-tuned model."""
 _NOT_AGGREGATED = {"k", "n_queries", "per_query"}
 _UNIT_INTERVAL = {"acc", "cover", "cover_ceiling", "mrr", "auprc", "auroc", "recall_at_k"}
 """Metrics that lie in [0, 1]: their interval over seeds is clipped to it (with few seeds a Student-t
@@ -236,27 +240,25 @@ def command_line(config: BenchConfig) -> str:
 
 
 def _key(config: BenchConfig, seed: int, method: str) -> dict[str, Any]:
-    """Every setting a (seed, method) row depends on; a cached row is reused only when it matches."""
+    """Every setting a (seed, method) row depends on; a cached row is reused only when it matches. A method that
+    runs no model (``bm25``) depends on no fine-tuning setting, and each method on only the attribution settings it
+    reads (:meth:`wherefrom.methods.registry.MethodSpec.read`: a changed ``damping`` keeps the rows of ``gradsim``
+    and ``repsim``)."""
+    spec = method_spec(method)
+    runs_model = bool(spec.model_settings)
+    # only when set: rows cached before these settings existed keep matching
+    later = {k: getattr(config, k) for k in ("damping", "damping_factor", *LATER)}
+    later = {k: v for k, v in later.items() if v != getattr(BenchConfig, k)}
     return {
         "format": _FORMAT_VERSION,
         "task": config.task,
         "n_train": config.n_train,
         "n_test": config.n_test,
-        "model": config.model,
-        "epochs": config.epochs,
-        "learning_rate": config.learning_rate,
-        "lora_rank": config.lora_rank,
-        "batch_size": config.batch_size,
-        "max_length": config.max_length,
         "seed": seed,
         "method": method,
         "options": options_off_default(method, config.options_for(method)),
-        # only when set: rows cached before these settings existed keep matching
-        **{
-            k: getattr(config, k)
-            for k in ("damping", "damping_factor", *LATER)
-            if getattr(config, k) != getattr(BenchConfig, k)
-        },
+        **({k: getattr(config, k) for k in _FINETUNING} if runs_model else {}),
+        **{k: v for k, v in later.items() if k in spec.settings_read or (runs_model and k in _LATER_FINETUNING)},
     }
 
 

@@ -38,7 +38,7 @@ from wherefrom.core.option_pairs import format_option_pairs, options_for
 from wherefrom.core.scoring import Scores, load_scores, save_scores
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
-from wherefrom.methods.registry import check_methods, in_family, options_off_default
+from wherefrom.methods.registry import check_methods, in_family, method_spec, options_off_default
 from wherefrom.models.loading import load_model
 from wherefrom.studies.bench import scored_method
 from wherefrom.studies.groundtruth.build import GroundTruth
@@ -125,14 +125,15 @@ def evaluate_scores(gt: GroundTruth, scores: Scores, queries: Sequence[int] | No
 
 
 def method_key(gt: GroundTruth, method: str, options: dict[str, Any], attribution: AttributionConfig) -> dict[str, Any]:
-    """What a method's scores depend on: the method, its options, the attribution settings, the
-    fine-tuned model (its saved fine-tuning identity) and the rows."""
+    """What a method's scores depend on: the method, its options, the attribution settings it reads
+    (:meth:`wherefrom.methods.registry.MethodSpec.read`), the fine-tuned model (its saved fine-tuning identity) and
+    the rows."""
     identity = json.loads((gt.model_dir / "finetune_config.json").read_text(encoding="utf-8"))
     return {
         "format": _FORMAT_VERSION,
         "method": method,
         "options": options_off_default(method, options),
-        "attribution": attribution.to_dict(),
+        "attribution": method_spec(method).read(attribution.to_dict()),
         "model": {
             k: identity.get(k)
             for k in ("config", "data_fingerprint", "base_model_fingerprint", "tokenizer_fingerprint", "epoch_losses")
