@@ -457,7 +457,7 @@ def test_pq_training_on_few_rows_warns_once_not_once_per_sub_quantizer(capfd, ca
     "options",
     [{"kind": "ivf-pq", "nlist": 4, "nprobe": 4, "refine": 100}, {"kind": "pq", "refine": 100}],  # every row refined
 )
-def test_pq_index_is_saved_reused_across_refine_and_rebuilt_for_another_pq_m(tmp_path, options):
+def test_pq_index_is_saved_reused_across_refine_and_the_default_pq_m_and_rebuilt_for_another(tmp_path, options):
     rows, queries = clustered(800, 16, 8, seed=9)
     source = Rows(rows, 200)
     report = search_store(source, queries, 5, "faiss", faiss_options=options, index_folder=tmp_path)
@@ -467,7 +467,10 @@ def test_pq_index_is_saved_reused_across_refine_and_rebuilt_for_another_pq_m(tmp
     stamp = path.stat().st_mtime_ns
     search_store(source, queries, 5, "faiss", faiss_options={**options, "refine": 2}, index_folder=tmp_path)
     assert path.stat().st_mtime_ns == stamp  # refine is a search-time setting: the saved index is reused
-    search_store(source, queries, 5, "faiss", faiss_options={**options, "pq_m": 8}, index_folder=tmp_path)
+    default = FaissSettings(kind=options["kind"]).sub_quantizers(16)  # ivf-pq: 2, pq: 8
+    search_store(source, queries, 5, "faiss", faiss_options={**options, "pq_m": default}, index_folder=tmp_path)
+    assert path.stat().st_mtime_ns == stamp  # the default given: the same code size, the saved index reused
+    search_store(source, queries, 5, "faiss", faiss_options={**options, "pq_m": 4}, index_folder=tmp_path)
     assert path.stat().st_mtime_ns != stamp  # another code size: rebuilt
 
 
@@ -504,6 +507,10 @@ def test_saved_index_is_checksummed_reused_and_rebuilt_when_stale(tmp_path, monk
     build_faiss_index(source, FaissSettings(nlist=9), path, store_key="manifest-1")  # the store's own key
     build_faiss_index(source, FaissSettings(nlist=9), path, store_key="manifest-1")
     assert len(built) == 4
+    build_faiss_index(source, FaissSettings(), path)  # the default nlist: sqrt(600) rounds to 24
+    build_faiss_index(source, FaissSettings(nlist=24), path)  # the same cells given: reused
+    build_faiss_index(source, FaissSettings(nlist=700), path)  # cut to one cell per row: another index
+    assert len(built) == 6
 
 
 def test_faiss_with_candidates_returns_only_candidates():

@@ -587,9 +587,15 @@ def rows_sha256(source: RowSource) -> str:
 
 
 def _fingerprint(source: RowSource, settings: FaissSettings, store_key: str | None) -> dict[str, Any]:
-    """What decides the index's bytes: the store's shape, dtype and contents, and the build settings."""
+    """What decides the index's bytes: the store's shape, dtype and contents, and the build settings, ``nlist`` and
+    ``pq_m`` as built (:meth:`FaissSettings.lists`, :meth:`FaissSettings.sub_quantizers`): a value given equal to
+    the default rule's reuses the index, and a change of the rule rebuilds it."""
     uses = {"kind", *KIND_OPTIONS[settings.kind]} - set(SEARCH_TIME)
     build = {k: v for k, v in asdict(settings).items() if k in uses}
+    if "nlist" in build:
+        build["nlist"] = settings.lists(source.count)
+    if "pq_m" in build:
+        build["pq_m"] = settings.sub_quantizers(source.dim)
     contents = store_key if store_key is not None else rows_sha256(source)
     return {"count": source.count, "dim": source.dim, "dtype": source.dtype, "store": contents, **build}
 
