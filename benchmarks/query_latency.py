@@ -163,6 +163,11 @@ def median_seconds(search: Callable[[int], object], n: int) -> float:
     return statistics.median(times)
 
 
+def pq_m_list(text: str) -> list[int | None]:
+    """``--pq-m``'s values: comma-separated sub-quantizer counts, ``default`` (``None``) for ``FaissSettings``' rule."""
+    return [None if v == "default" else int(v) for v in text.split(",")]
+
+
 def sweep(kind: str) -> list[dict[str, int]]:
     """The search-time settings tried for an index ``kind``."""
     if kind == "hnsw":
@@ -391,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nlist", type=int, default=None, help="IVF cells (default: FaissSettings' rule)")
     parser.add_argument(
         "--pq-m",
-        type=lambda t: [None if v == "default" else int(v) for v in t.split(",")],
+        type=pq_m_list,
         default=[None],
         help="ivf-pq / pq sub-quantizers, one index each, e.g. 256,512,default (default: FaissSettings' rule)",
     )

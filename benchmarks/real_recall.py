@@ -37,7 +37,7 @@ from pathlib import Path
 
 from common import command_line, quiet_threads, uptime, write_results
 from index_scale import queries_path
-from query_latency import K, MemmapRows, sweep
+from query_latency import K, MemmapRows, pq_m_list, sweep
 
 KINDS = ["ivf", "ivf-sq8", "ivf-pq", "pq", "hnsw"]
 
@@ -46,6 +46,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", type=Path, required=True, help="a store written by index_scale.py --out")
     p.add_argument("--kinds", type=lambda t: t.split(","), default=KINDS)
+    p.add_argument(
+        "--pq-m",
+        type=pq_m_list,
+        default=[None],
+        help="ivf-pq / pq sub-quantizers, one index each, e.g. 256,default (default: FaissSettings' rule)",
+    )
+    p.add_argument("--rows", type=lambda t: t.split(","), default=["real", "gaussian"], help="real, gaussian")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="real_recall")
@@ -75,19 +82,21 @@ def gaussian_like(rows, seed: int):
     return ((z * np.sqrt(values)) @ vectors.T).astype(np.float32), values / values.sum()
 
 
-def measure(name: str, source, queries, kinds: list[str]) -> list[dict]:
-    """Recall@10 and batch time per query of every kind and swept setting on ``source``."""
+def measure(name: str, source, queries, kinds: list[str], pq_ms: list[int | None]) -> list[dict]:
+    """Recall@10 and batch time per query of every kind (a PQ kind once per sub-quantizer count of ``pq_ms``,
+    ``None`` for the default rule) and swept setting on ``source``."""
     from wherefrom.core.search import FaissSettings, build_faiss_index, exact_top_k, faiss_top_k, recall_at_k
 
     truth = exact_top_k(source, queries, K)
     opposite = exact_top_k(source, queries, K, opponents=True)
     out = []
-    for kind in kinds:
+    for kind, pq_m in [(k, m) for k in kinds for m in (pq_ms if "pq" in k else [None])]:
         start = time.perf_counter()
-        index = build_faiss_index(source, FaissSettings(kind=kind))
+        index = build_faiss_index(source, FaissSettings(kind=kind, pq_m=pq_m))
         built = time.perf_counter() - start
+        codes = f"pq_m={FaissSettings(kind=kind, pq_m=pq_m).sub_quantizers(source.dim)} " if "pq" in kind else ""
         for values in sweep(kind):
-            settings = FaissSettings(kind=kind, **values)
+            settings = FaissSettings(kind=kind, pq_m=pq_m, **values)
             start = time.perf_counter()
             found = faiss_top_k(index, source.ids, queries, K, settings=settings)
             per_query = (time.perf_counter() - start) / len(queries)
@@ -99,7 +108,7 @@ def measure(name: str, source, queries, kinds: list[str]) -> list[dict]:
                     "rows_kind": name,
                     "kind": kind,
                     "nlist": FaissSettings(kind=kind).lists(source.count) if kind.startswith("ivf") else None,
-                    "setting": " ".join(f"{k}={v}" for k, v in values.items()),
+                    "setting": codes + " ".join(f"{k}={v}" for k, v in values.items()),
                     "build_s": built,
                     "batch_query_ms": per_query * 1000,
                     "recall_at_10": float(recall.mean()),
@@ -142,9 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="real_recall_") as tmp:
         for name, matrix in (("real", rows), ("gaussian", synthetic)):
+            if name not in args.rows:
+                continue
             path = Path(tmp) / f"{name}.npy"
             np.save(path, matrix)
-            results += measure(name, MemmapRows(path), queries, args.kinds)
+            results += measure(name, MemmapRows(path), queries, args.kinds, args.pq_m)
     top = {n: float(shares[:n].sum()) for n in (1, 10, 100)}
     markdown = [
         "# FAISS recall@10 on a real gradient index against Gaussian rows of the same second moment",
@@ -158,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         f"exact search breaks by row order); `set overlap`: the plain overlap with the exact top-10 (ties as "
         "misses); `opponents`: the same recall of the 10 lowest scores (a search of `-q`); time per query of the "
         f"{len(queries)} proponent queries searched as one batch, {args.threads} "
-        "thread(s). FAISS build settings: `FaissSettings` defaults.",
+        "thread(s). FAISS build settings: `FaissSettings` defaults but `pq_m` where the setting names it.",
         "",
         f"Eigenvalue shares of the real rows' second moment: top 1 {top[1]:.3f}, top 10 {top[10]:.3f}, "
         f"top 100 {top[100]:.3f}.",
@@ -168,16 +179,28 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     by = {(r["rows_kind"], r["kind"], r["setting"]): r for r in results}
-    for r in results:
-        if r["rows_kind"] != "real":
-            continue
-        g = by[("gaussian", r["kind"], r["setting"])]
-        markdown.append(
-            f"| {r['kind']} | {r['setting']} | {r['recall_at_10']:.3f} ({r['recall_min']:.1f}) | {r['set_overlap']:.3f} | "
-            f"{r['opponents_recall_at_10']:.3f} ({r['opponents_recall_min']:.1f}) | {r['batch_query_ms']:.2f} | "
-            f"{g['recall_at_10']:.3f} ({g['recall_min']:.1f}) | {g['opponents_recall_at_10']:.3f} | "
-            f"{g['batch_query_ms']:.2f} |"
+    for kind, setting in dict.fromkeys((r["kind"], r["setting"]) for r in results):
+        r, g = by.get(("real", kind, setting)), by.get(("gaussian", kind, setting))
+        real_cells = (
+            [
+                f"{r['recall_at_10']:.3f} ({r['recall_min']:.1f})",
+                f"{r['set_overlap']:.3f}",
+                f"{r['opponents_recall_at_10']:.3f} ({r['opponents_recall_min']:.1f})",
+                f"{r['batch_query_ms']:.2f}",
+            ]
+            if r
+            else ["-"] * 4
         )
+        gaussian_cells = (
+            [
+                f"{g['recall_at_10']:.3f} ({g['recall_min']:.1f})",
+                f"{g['opponents_recall_at_10']:.3f}",
+                f"{g['batch_query_ms']:.2f}",
+            ]
+            if g
+            else ["-"] * 3
+        )
+        markdown.append("| " + " | ".join([kind, setting, *real_cells, *gaussian_cells]) + " |")
     data = {"store": str(args.store), "rows": store.count, "dim": store.dim, "duplicates": duplicates}
     data["queries"] = query_ids
     data.update({"shares_top": top, "results": results})

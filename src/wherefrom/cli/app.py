@@ -242,7 +242,8 @@ def refuse_unread_settings(method: str, kind: str = "method") -> None:
     unread = [name for name in given if name not in spec.settings_read]
     if unread:
         shown = ", ".join(SETTINGS[n].given(given[n]) for n in unread)
-        own = [n for n in unread if n in {option.name for option in spec.options}]
+        declared = {option.name for option in spec.options}
+        own = [n for n in unread if n in declared]
         hint = "".join(f"; {method}'s own {n} is --option {n}=..." for n in own)
         raise ValueError(
             f"{kind} {method!r} does not read {shown}: leave {'it' if len(unread) == 1 else 'them'} out (a setting "
