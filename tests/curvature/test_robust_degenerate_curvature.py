@@ -247,11 +247,15 @@ def test_prefilter_not_scored_mark_is_kept_but_a_nan_candidate_is_refused(tmp_pa
         save_scores(broken, tmp_path, "broken")
 
 
-@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
-def test_a_model_with_a_nan_weight_is_refused_by_name_and_no_stage_is_saved(tmp_path, strategy):
+@pytest.mark.parametrize(
+    ("strategy", "damping"),
+    [("ekfac", None), ("kfac", None), ("diagonal", None), ("diagonal", "0.1"), ("cg", None), ("lissa", None),
+     ("arnoldi", None), ("datainf", None)],
+)  # fmt: skip
+def test_a_model_with_a_nan_weight_is_refused_by_name_and_no_stage_is_saved(tmp_path, strategy, damping):
     """A NaN weight in a tracked module: ``fit`` stops with one named error (EK-FAC's eigendecomposition failed with
-    a linear-algebra traceback) and saves no fitting stage of NaN statistics (which bound the folder to the bad
-    model's settings)."""
+    a linear-algebra traceback; the relative damping of the other strategies blamed an indefinite Hessian) and saves
+    no fitting stage of NaN statistics (which bound the folder to the bad model's settings)."""
     model = save_tiny(tmp_path / "model")
     from safetensors.torch import load_file, save_file
 
@@ -264,9 +268,10 @@ def test_a_model_with_a_nan_weight_is_refused_by_name_and_no_stage_is_saved(tmp_
     fit = CliRunner().invoke(
         app,
         ["fit", "--train", str(tmp_path / "train.jsonl"), "--model", str(model), "--run", str(tmp_path / "run"),
-         "--strategy", strategy, "--threads", "1"],
+         "--strategy", strategy, "--threads", "1", *(["--damping", damping] if damping else [])],
     )  # fmt: skip
     assert fit.exit_code == 2, fit.output
     text = " ".join(fit.output.split())
-    assert "NaN or infinite entries" in text and f"strategy {strategy!r}" in text, text
+    assert "NaN or infinite entries" in text and "indefinite" not in text, text
+    assert f"strategy {strategy!r}" in text or "curvature block '" in text, text
     assert not list((tmp_path / "run" / "factors").rglob("*.safetensors"))

@@ -147,26 +147,32 @@ def check_damping(damping: float | None, damping_factor: float) -> None:
         )
 
 
+class NonFiniteCurvature(ValueError):
+    """Fitting statistics with NaN or infinite entries (the model's weights, or its outputs on the fitting rows,
+    are not finite)."""
+
+
 def relative_damping(damping: float | None, damping_factor: float, mean_eigenvalue: float, block: str) -> float:
     """lambda of one curvature ``block``: the absolute ``damping``, else ``damping_factor x mean_eigenvalue``.
 
     Returns 0.0 only for a block whose curvature is exactly zero under the relative rule (the caller
-    then treats the block's preconditioner as 0). Raises ``ValueError`` naming ``block`` when the mean
-    eigenvalue is negative or not finite (e.g. an indefinite Hessian): pass an absolute damping.
+    then treats the block's preconditioner as 0). Raises :class:`NonFiniteCurvature` naming ``block`` when the mean
+    eigenvalue is NaN or infinite (the statistics are: a NaN weight, or outputs that overflow), and ``ValueError``
+    naming it when the mean eigenvalue is negative (an indefinite Hessian): pass an absolute damping.
     """
     if damping is not None:
         return float(damping)
-    if not math.isfinite(mean_eigenvalue) or mean_eigenvalue < 0:
+    if not math.isfinite(mean_eigenvalue):
+        raise NonFiniteCurvature(
+            f"curvature block {block!r} has mean eigenvalue {mean_eigenvalue:g}: its statistics have NaN or infinite "
+            "entries (the model's weights or its outputs on the fitting rows are not finite); nothing of it was saved"
+        )
+    if mean_eigenvalue < 0:
         raise ValueError(
             f"curvature block {block!r} has mean eigenvalue {mean_eigenvalue:g}, so the relative damping "
             f"damping_factor x mean eigenvalue would not be positive (indefinite Hessian?); pass an absolute damping > 0"
         )
     return damping_factor * mean_eigenvalue
-
-
-class NonFiniteCurvature(ValueError):
-    """Fitting statistics with NaN or infinite entries (the model's weights, or its outputs on the fitting rows,
-    are not finite)."""
 
 
 def check_finite_state(tensors: Mapping[str, torch.Tensor], what: str) -> None:
