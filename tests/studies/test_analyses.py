@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -212,6 +213,22 @@ def test_second_run_recomputes_nothing(reports, bench_dir, monkeypatch):
     assert run_weights(bench_dir)["records"] == reports["weights"]["records"]
     assert run_ihvp(bench_dir)["rows"] == reports["ihvp"]["rows"]
     assert {p: p.stat().st_mtime_ns for p in units} == before
+
+
+def test_convergence_recomputes_only_the_rows_whose_method_reads_a_changed_setting(reports, bench_dir, tmp_path):
+    """A convergence row is keyed like a bench row (``row_key``: the settings its method reads): the bench folder
+    with another damping (as a rerun of ``bench --damping`` leaves it) recomputes EK-FAC's rows and reuses the
+    others'."""
+    folder = tmp_path / "bench"
+    shutil.copytree(bench_dir, folder)
+    report = json.loads((folder / "bench.json").read_text())
+    report["config"]["damping"] = 0.5
+    (folder / "bench.json").write_text(json.dumps(report))
+    units = {p: p.stat().st_mtime_ns for p in folder.glob("seed-0/convergence/*.json")}
+    assert len(units) == 6  # 2 epochs x gradsim, ekfac, repsim
+    run_convergence(folder, ConvergenceSettings(methods=["gradsim", "ekfac", "repsim"]))
+    changed = {p.stem for p, stamp in units.items() if p.stat().st_mtime_ns != stamp}
+    assert changed == {"epoch-1-ekfac", "epoch-2-ekfac"}
 
 
 def test_cli_and_bad_input(reports, bench_dir, tmp_path):

@@ -64,6 +64,7 @@ __all__ = [
     "finetuned",
     "make_task",
     "method_row",
+    "row_key",
     "run_bench",
     "scored_method",
 ]
@@ -239,7 +240,7 @@ def command_line(config: BenchConfig) -> str:
     )
 
 
-def _key(config: BenchConfig, seed: int, method: str) -> dict[str, Any]:
+def row_key(config: BenchConfig, seed: int, method: str) -> dict[str, Any]:
     """Every setting a (seed, method) row depends on; a cached row is reused only when it matches. A method that
     runs no model (``bm25``) depends on no fine-tuning setting, and each method on only the attribution settings it
     reads (:meth:`wherefrom.methods.registry.MethodSpec.read`: a changed ``damping`` keeps the rows of ``gradsim``
@@ -429,7 +430,7 @@ def run_bench(
     for seed in config.seeds:
         task = build_task(config, seed)
         kind, title, headline = task.kind, task.description or task.name, task.headline_metric
-        keys = {m: _key(config, seed, m) for m in config.methods}
+        keys = {m: row_key(config, seed, m) for m in config.methods}
         done = {m: cached(_row_path(out, seed, m), keys[m]) for m in config.methods}
         tuned = loaded = None
         if any(done[m] is None and not in_family(m, "lexical") for m in config.methods):

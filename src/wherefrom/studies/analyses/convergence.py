@@ -22,11 +22,10 @@ from typing import Any
 
 from wherefrom.core.commandline import command_line
 from wherefrom.core.option_pairs import check_methods_named
-from wherefrom.methods.registry import options_off_default
 from wherefrom.models.finetune import read_trainer_state
 from wherefrom.studies.analyses.common import Bench, load_checkpoint, method_options, open_bench, write_report
 from wherefrom.studies.analyses.ihvp import influence_methods
-from wherefrom.studies.bench import aggregate, build_task, finetuned, method_row
+from wherefrom.studies.bench import BenchConfig, aggregate, build_task, finetuned, method_row, row_key
 from wherefrom.studies.metrics import mean_stat
 from wherefrom.studies.toolkit import cached, free_memory, interval_cell, store
 
@@ -50,15 +49,11 @@ def chosen_methods(bench: Bench, settings: ConvergenceSettings) -> list[str]:
     return settings.methods or list(dict.fromkeys([*influence_methods(bench.config.methods), "repsim"]))
 
 
-def _key(bench: Bench, settings: ConvergenceSettings, seed: int, epoch: int, method: str) -> dict[str, Any]:
-    return {
-        **bench.seed_key(seed),
-        "analysis": NAME,
-        "format": _FORMAT_VERSION,
-        "epoch": epoch,
-        "method": method,
-        "options": options_off_default(method, method_options(bench, settings.method_options, method)),
-    }
+def _key(config: BenchConfig, seed: int, epoch: int, method: str) -> dict[str, Any]:
+    """What an (epoch, method) row depends on: the bench row's key under ``config`` (the bench's, with the
+    analysis's methods and options; :func:`wherefrom.studies.bench.row_key`: only the settings the method reads)
+    and the epoch."""
+    return {"row": row_key(config, seed, method), "analysis": NAME, "format": _FORMAT_VERSION, "epoch": epoch}
 
 
 def run_convergence(
@@ -85,7 +80,7 @@ def run_convergence(
     for seed in bench.config.seeds:
         task = build_task(bench.config, seed)
         path = {(k, m): bench.unit_path(seed, NAME, f"epoch-{k}-{m}") for k in epochs for m in methods}
-        done = {(k, m): cached(file, _key(bench, settings, seed, k, m)) for (k, m), file in path.items()}
+        done = {(k, m): cached(file, _key(config, seed, k, m)) for (k, m), file in path.items()}
         if any(row is None for row in done.values()):
             loaded, tuned = finetuned(bench.config, seed, task)
             tokenizer, checkpoints = loaded.tokenizer, list(tuned.checkpoints)
@@ -104,7 +99,7 @@ def run_convergence(
                 for m in todo:
                     row = method_row(config, task, seed, m, state, tokenizer)
                     row.update(epoch=k, train_loss=loss)
-                    done[k, m] = store(path[k, m], _key(bench, settings, seed, k, m), row)
+                    done[k, m] = store(path[k, m], _key(config, seed, k, m), row)
                     say(
                         f"seed {seed} epoch {k} {m}: "
                         + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s")
