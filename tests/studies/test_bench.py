@@ -26,6 +26,15 @@ def tiny_model(tmp_path_factory):
     return str(save_tiny(tmp_path_factory.mktemp("bench") / "model", arch="llama"))
 
 
+def tiny_config(task: str, out, model: str, methods: list[str], n_train: int, n_test: int, **settings) -> BenchConfig:
+    """A one-epoch bench of the tiny model on CPU (``max_length`` 128 unless given)."""
+    settings.setdefault("max_length", 128)
+    return BenchConfig(
+        task=task, out=str(out), methods=methods, n_train=n_train, n_test=n_test, model=model, epochs=1, device="cpu",
+        **settings,
+    )  # fmt: skip
+
+
 def test_bench_class_task_via_cli_and_resume(tmp_path, tiny_model):
     from typer.testing import CliRunner
 
@@ -83,17 +92,7 @@ def test_bench_class_task_via_cli_and_resume(tmp_path, tiny_model):
 
 
 def test_bench_identify_task(tmp_path, tiny_model):
-    config = BenchConfig(
-        task="backdoor",
-        out=str(tmp_path / "bd"),
-        methods=["gradsim", "bm25"],
-        n_train=40,
-        n_test=2,
-        model=tiny_model,
-        epochs=1,
-        max_length=128,
-        device="cpu",
-    )
+    config = tiny_config("backdoor", tmp_path / "bd", tiny_model, ["gradsim", "bm25"], 40, 2)
     report = run_bench(config)
     assert report["kind"] == "identify"
     for method in ("gradsim", "bm25"):
@@ -123,17 +122,8 @@ def _write_labelled(folder, labels):
 
 def test_bench_task_from_files_is_subsampled(tmp_path, tiny_model):
     _write_labelled(tmp_path, ["x", "y", "z"] * 6)
-    config = BenchConfig(
-        task=f"path:{tmp_path / 'a.jsonl'}:{tmp_path / 'b.jsonl'}",
-        out=str(tmp_path / "p"),
-        methods=["bm25"],
-        n_train=9,
-        n_test=3,
-        model=tiny_model,
-        epochs=1,
-        max_length=64,
-        device="cpu",
-    )
+    task = f"path:{tmp_path / 'a.jsonl'}:{tmp_path / 'b.jsonl'}"
+    config = tiny_config(task, tmp_path / "p", tiny_model, ["bm25"], 9, 3, max_length=64)
     report = run_bench(config)
     metrics = report["rows"][0]["metrics"]
     assert report["kind"] == "class" and metrics["n_queries"] == 3 and metrics["k"] == 3  # 9 rows / 3 classes
@@ -142,18 +132,8 @@ def test_bench_task_from_files_is_subsampled(tmp_path, tiny_model):
 def test_failed_method_is_recorded_and_retried(tmp_path, tiny_model):
     # gradsim with an unknown option fails; bm25 still runs, the failure is in the table, and a rerun
     # retries the failed method but reuses the good one
-    config = BenchConfig(
-        task="rules",
-        out=str(tmp_path / "f"),
-        methods=["bm25", "gradsim"],
-        n_train=10,
-        n_test=2,
-        model=tiny_model,
-        epochs=1,
-        max_length=128,
-        device="cpu",
-        method_options={"gradsim": {"no_such_option": 1}},
-    )
+    options = {"gradsim": {"no_such_option": 1}}
+    config = tiny_config("rules", tmp_path / "f", tiny_model, ["bm25", "gradsim"], 10, 2, method_options=options)
     report = run_bench(config)
     assert report["aggregate"]["bm25"]["n_ok"] == 1
     assert report["aggregate"]["gradsim"]["n_ok"] == 0 and report["aggregate"]["gradsim"]["errors"]["0"]
@@ -170,17 +150,7 @@ def test_a_row_is_recomputed_only_for_the_settings_its_method_reads(tmp_path, ti
     the fine-tuned model, the fine-tuning settings: a changed damping or Fisher recomputes kfac's row only, a changed
     epoch count every row but BM25's."""
     methods = ("bm25", "gradsim", "repsim", "kfac")
-    config = BenchConfig(
-        task="rules",
-        out=str(tmp_path / "k"),
-        methods=list(methods),
-        n_train=10,
-        n_test=2,
-        model=tiny_model,
-        epochs=1,
-        max_length=128,
-        device="cpu",
-    )
+    config = tiny_config("rules", tmp_path / "k", tiny_model, list(methods), 10, 2)
     folder = tmp_path / "k" / "seed-0"
 
     def stamps() -> dict[str, int]:
