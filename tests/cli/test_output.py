@@ -46,6 +46,13 @@ def test_scores_refuses_to_replace_a_score_set_of_other_queries_unless_overwrite
     saved = run / "scores" / "scores.safetensors"
     same = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl")
     assert same.exit_code == 0 and "replaced the earlier scores of the same query rows" in same.stderr
+    rows = [json.loads(line) for line in (workspace / "queries.jsonl").read_text().splitlines()]
+    rows[0]["completion"] += " more"  # the same ids, another row: not the same query rows
+    (workspace / "edited.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    before = saved.stat().st_mtime_ns
+    edited = invoke("scores", "--run", run, "--queries", workspace / "edited.jsonl")
+    assert edited.exit_code == 2 and "--overwrite" in edited.output and "query_fingerprint: recorded" in edited.output
+    assert saved.stat().st_mtime_ns == before
     (workspace / "two.jsonl").write_text("\n".join((workspace / "queries.jsonl").read_text().splitlines()[:2]) + "\n")
     before = saved.stat().st_mtime_ns
     other = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl")
@@ -86,6 +93,27 @@ def test_attribute_refuses_to_replace_scores_of_other_settings_unless_overwrite(
     assert invoke(*attribute_args(workspace, out, "--damping", "0.5", "--overwrite", method="diagonal")).exit_code == 0
     replayed = invoke("replay", out)
     assert replayed.exit_code == 0, replayed.output
+
+
+def test_attribute_refuses_to_replace_scores_of_edited_rows_under_the_same_paths(workspace, tmp_path):
+    """``attribute`` records the rows' fingerprints, not only their paths: the query file edited in place (same
+    ids) is other inputs, refused unless --overwrite; the training file too."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "model").symlink_to(workspace / "model")
+    for name in ("train.jsonl", "queries.jsonl"):
+        (root / name).write_text((workspace / name).read_text())
+    out = root / "out"
+    assert invoke(*attribute_args(root, out)).exit_code == 0
+    saved = (out / "scores.safetensors").stat().st_mtime_ns
+    for name, field in (("queries.jsonl", "query_fingerprint"), ("train.jsonl", "train_fingerprint")):
+        rows = [json.loads(line) for line in (root / name).read_text().splitlines()]
+        rows[0]["completion"] += " more"
+        (root / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        edited = invoke(*attribute_args(root, out))
+        assert edited.exit_code == 2 and f"{field}: recorded" in edited.output, edited.output
+        assert (out / "scores.safetensors").stat().st_mtime_ns == saved
+    assert invoke(*attribute_args(root, out, "--overwrite")).exit_code == 0
 
 
 def test_finetune_refuses_to_replace_another_run_unless_overwrite(workspace):

@@ -24,7 +24,7 @@ from wherefrom.cli.app import (
 from wherefrom.cli.run import print_tops
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.commandline import portable
-from wherefrom.core.data import DataError, load_records
+from wherefrom.core.data import DataError, data_fingerprint, load_records
 from wherefrom.core.distributed import refuse
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.models.loading import ModelLoadError, load_model
@@ -40,7 +40,8 @@ def attribute(
     """Any method end to end (fit, then score queries against the training rows).
 
     --out receives scores.safetensors, scores.json, scores.top.csv and config.json (earlier scores there
-    made with other settings are kept unless --overwrite; with the same ones they are recomputed)."""
+    made with other settings or from other rows, by content, are kept unless --overwrite; with the same ones they
+    are recomputed)."""
     from wherefrom.core.scoring import save_scores
     from wherefrom.core.store import atomic_write_json, check_replacement
     from wherefrom.methods.registry import make_method, method_spec, options_in_full
@@ -52,6 +53,7 @@ def attribute(
         spec = method_spec(method)
         options = spec.check(merged_options(option, method))
         config = settings_as(AttributionConfig)
+        train_rows, query_rows = load_records(train), load_records(queries)
 
         record = {
             "method": method,
@@ -59,6 +61,8 @@ def attribute(
             "prefilter": prefilter,
             "train": str(train),
             "queries": str(queries),
+            "train_fingerprint": data_fingerprint(train_rows),
+            "query_fingerprint": data_fingerprint(query_rows),
             "model": model,
             "adapter": adapter,
             "attribution": used_settings(method, config, options),
@@ -71,7 +75,6 @@ def attribute(
                 recorded_as=lambda saved: {**saved, "options": recorded_options(method, saved.get("options") or {})},
             )
         loaded = load_model(model, adapter, device=device)
-        train_rows, query_rows = load_records(train), load_records(queries)
         chosen = make_method(method, loaded.model, loaded.tokenizer, config, **options)
         chosen.fit(train_rows)
         if prefilter is not None:

@@ -27,7 +27,7 @@ from wherefrom.cli.app import (
     settings_as,
 )
 from wherefrom.cli.settings import ATTRIBUTION
-from wherefrom.core.data import DataError, Record, load_records
+from wherefrom.core.data import DataError, Record, data_fingerprint, load_records
 from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, refuse, session
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
 from wherefrom.core.scoring import Scores
@@ -146,7 +146,8 @@ def print_index_done(run: Path, written: int) -> None:
 def scores(run, queries, name, top_k, overwrite, search, search_option, prefilter_bm25, device, threads) -> None:
     """Pairwise influence of every training row on every query row; saved under RUN/scores/ (an earlier
     set of the same --name made for other query rows, or with its training side from elsewhere, e.g. before the
-    run had an index, is kept unless --overwrite; one for the same rows and training side is recomputed). Under
+    run had an index, is kept unless --overwrite; one for the same rows, by ids and content, and training side is
+    recomputed). Under
     `torchrun --nproc_per_node=N` the training rows are split over the processes and rank 0 gathers and writes
     the scores. With --search or --prefilter-bm25: each query's top
     proponents and opponents from the run's vector store instead (printed, nothing saved; one process)."""
@@ -159,14 +160,15 @@ def scores(run, queries, name, top_k, overwrite, search, search_option, prefilte
                 search_run(run, rows, top_k, search, options, prefilter_bm25, device)
                 return
             saved = [run / "scores" / f"{name}.{suffix}" for suffix in ("safetensors", "json")]
-            replaces = not overwrite and check_replacement(saved, saved[1], {"query_ids": [r.id for r in rows]})
+            queried = {"query_ids": [r.id for r in rows], "query_fingerprint": data_fingerprint(rows)}
+            replaces = not overwrite and check_replacement(saved, saved[1], queried)
             opened = Run.open(run, progress=progress, device=device)
             if replaces:  # the same query rows: still refused when the training side changed (e.g. now an index)
                 check_origin(saved, opened.scores_provenance())
             # a writer of RUN/scores: refuse before the work while another writer runs
             with held_by_main(lambda: writer_lock(run)):
                 result = opened.scores(rows)
-                path = on_main(lambda: opened.save_scores(result, name))
+                path = on_main(lambda: opened.save_scores(result, name, queried["query_fingerprint"]))
             main = is_main()
     except (DataError, FileNotFoundError, RunMismatch, RuntimeError, ValueError) as error:
         fail(error)

@@ -151,11 +151,14 @@ def save_scores(
     labels: Mapping[str, str | None] | None = None,
     top_k: int = 10,
     provenance: Mapping[str, Any] | None = None,
+    query_fingerprint: str | None = None,
 ) -> Path:
     """Write ``<name>.safetensors`` (``total``, ``per_module``) and ``<name>.json`` (ids, modules, the
     training rows' ``train_labels`` when ``labels`` maps their ids to labels, and ``provenance``, e.g. where the
     training side came from, :meth:`wherefrom.engine.run.Run.scores_provenance`, when given) atomically, with their
-    checksums recorded in ``folder/checksums.json`` (:mod:`wherefrom.core.store`); then
+    checksums recorded in ``folder/checksums.json`` (:mod:`wherefrom.core.store`), and ``query_fingerprint`` (the
+    query rows' :func:`wherefrom.core.data.data_fingerprint`, so that a set is replaced only by one of the same
+    rows, not only the same ids) when given; then
     ``<name>.top.csv`` (:func:`top_rows`, ``top_k`` per query and kind) for a spreadsheet or pandas.
 
     Raises ``ValueError`` (:func:`check_finite`) before writing anything if a score is NaN or infinite.
@@ -170,6 +173,8 @@ def save_scores(
         ids["train_labels"] = [labels.get(i) for i in scores.train_ids]
     if provenance is not None:
         ids["provenance"] = dict(provenance)
+    if query_fingerprint is not None:
+        ids["query_fingerprint"] = query_fingerprint
     write_json_checked({**ids, "sign": "positive = proponent"}, Path(folder) / f"{name}.json")
     write_top_csv(scores, Path(folder) / f"{name}.top.csv", top_k, labels or {})
     return path
