@@ -303,6 +303,14 @@ REFUSALS: tuple[Refusal, ...] = (
         "a search returns the top rows only; the JSON view describes every row's score",
         command=(*QUERY, "--search", "exact", "--json"),
     ),
+    Refusal(
+        "index and search",
+        "--search with --by-module (or scores' --name, --overwrite)",
+        EXIT,
+        "--by-module 5 needs the full scores",
+        "a search prints the top rows and saves nothing: a flag about the full scores would be ignored",
+        command=(*QUERY, "--search", "exact", "--by-module", "5"),
+    ),
     # --- curvature ------------------------------------------------------------------------------
     Refusal(
         "curvature",

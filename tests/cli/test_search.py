@@ -157,3 +157,12 @@ def test_search_of_a_run_index_finds_the_full_scores_tops(workspace, tmp_path, m
     assert filtered.stdout.count("query proponents: ") == 1
     both = invoke("query", "a prompt", "a completion", "--run", run, "--search", "exact", "--json")
     assert both.exit_code == 2 and "--json needs the full scores" in " ".join(both.output.split())
+    for command, flags, shown in (  # every flag about the full scores is refused with a search, not ignored
+        (("query", "a prompt", "a completion"), ("--by-module", 5), "--by-module 5 needs"),
+        (("query", "a prompt", "a completion"), ("--per-token", "--html", "x.html"), "--per-token, --html x.html need"),
+        (("scores", "--queries", queries), ("--name", "other"), "--name other needs"),
+        (("scores", "--queries", queries), ("--overwrite",), "--overwrite needs"),
+    ):
+        ignored = invoke(*command, "--run", run, "--search", "exact", *flags)
+        assert ignored.exit_code == 2 and shown in " ".join(ignored.output.split()), ignored.output
+    assert not (run / "scores" / "other.json").exists()

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from wherefrom.cli.app import (
+    changed_settings,
     command,
     console,
     fail,
@@ -26,7 +27,7 @@ from wherefrom.cli.app import (
     say,
     settings_as,
 )
-from wherefrom.cli.settings import ATTRIBUTION
+from wherefrom.cli.settings import ATTRIBUTION, SETTINGS
 from wherefrom.core.data import DataError, Record, data_fingerprint, load_records
 from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, refuse, session
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
@@ -157,6 +158,7 @@ def scores(run, queries, name, top_k, overwrite, search, search_option, prefilte
             rows = load_records(queries)
             if search is not None or prefilter_bm25 is not None:
                 refuse("scores --search/--prefilter-bm25", "search the index in one process")
+                refuse_full_score_flags(("name", "overwrite"))
                 search_run(run, rows, top_k, search, options, prefilter_bm25, device)
                 return
             saved = [run / "scores" / f"{name}.{suffix}" for suffix in ("safetensors", "json")]
@@ -195,6 +197,21 @@ def check_origin(saved: Sequence[Path], provenance: Mapping[str, object]) -> Non
         return
     before, now = ({key: record.get(key) for key in ORIGIN} for record in (recorded, provenance))
     refuse_other_inputs(saved, before, now, prefix="provenance")
+
+
+def refuse_full_score_flags(names: Sequence[str]) -> None:
+    """``ValueError`` naming each setting of ``names`` the running command was given off its default: a search
+    (``--search``/``--prefilter-bm25``) prints each query's top rows and saves nothing, so a flag about the full
+    scores (``--json``, ``--by-module``, ``--per-token``, ``--html``; ``scores``' ``--name``, ``--overwrite``) would
+    be ignored."""
+    given = changed_settings(names)
+    if given:
+        shown = ", ".join(SETTINGS[name].given(value) for name, value in given.items())
+        raise ValueError(
+            f"{shown} {'needs' if len(given) == 1 else 'need'} the full scores, which --search/--prefilter-bm25 do "
+            "not compute (they print each query's top rows and save nothing); leave "
+            f"{'it' if len(given) == 1 else 'them'} out, or drop --search/--prefilter-bm25"
+        )
 
 
 def check_search(search: str | None, search_option: list[str] | None) -> dict:
@@ -317,14 +334,7 @@ def query(
         record = Record(id="query", prompt=prompt, completion=completion)
         options = check_search(search, search_option)
         if search is not None or prefilter_bm25 is not None:
-            given = [
-                flag for flag, value in (("--json", as_json), ("--per-token", per_token), ("--html", html)) if value
-            ]
-            if given:
-                raise ValueError(
-                    f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} the full scores; without "
-                    "--search/--prefilter-bm25 they work"
-                )
+            refuse_full_score_flags(("as_json", "by_module", "per_token", "html"))
             search_run(run, [record], top_k, search, options, prefilter_bm25, device)
             return
         opened = Run.open(run, progress=progress, device=device)

@@ -657,9 +657,12 @@ class Setting:
 
     def given(self, value: Any) -> str:
         """The flag (or the argument's name) and ``value`` as the command line gives them (a list's items apart by
-        spaces), e.g. ``--damping 0.5``."""
+        spaces; a switch turned on by its flag alone), e.g. ``--damping 0.5``, ``--json``."""
+        name = self.name.upper() if self.argument else self.flag
+        if value is True:
+            return name
         shown = value if not isinstance(value, list) else " ".join(map(str, value))
-        return f"{self.name.upper() if self.argument else self.flag} {shown}"
+        return f"{name} {shown}"
 
 
 def _settings() -> dict[str, Setting]:
