@@ -134,6 +134,13 @@ def test_what_does_not_distribute_is_refused_by_name(workspace, monkeypatch):
     )  # fmt: skip
     assert result.exit_code == 2
     assert "command attribute cannot run under torch.distributed (WORLD_SIZE=2)" in " ".join(result.output.split())
+    run = workspace / "run-logra-recorded"  # a run of a method outside the influence family: its scores are
+    run.mkdir()  # refused from its recorded config, before the process group and the model
+    recorded = RunConfig.for_method("logra", str(workspace / "train.jsonl"), AttributionConfig(), {}, model="nowhere")
+    (run / "config.json").write_text(json.dumps(recorded.to_dict()))
+    scored = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl")
+    assert scored.exit_code == 2, scored.output
+    assert "scoring method 'logra' cannot run under torch.distributed" in " ".join(scored.output.split())
     config = RunConfig.for_method(
         "trak", str(workspace / "train.jsonl"), AttributionConfig(), {}, model=str(workspace / "model")
     )

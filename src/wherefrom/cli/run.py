@@ -35,7 +35,7 @@ from wherefrom.core.scoring import Scores
 from wherefrom.core.search import RowSource, SearchReport, faiss_settings, search_store
 from wherefrom.core.store import StoreError, check_replacement, refuse_other_inputs, strict_json, writer_lock
 from wherefrom.engine.api import AttributionConfig
-from wherefrom.engine.run import Run, RunConfig, RunMismatch
+from wherefrom.engine.run import Run, RunConfig, RunMismatch, refuse_distributed_scores
 from wherefrom.methods.registry import in_family
 from wherefrom.models.loading import ModelLoadError
 from wherefrom.studies.influence import short_names
@@ -153,6 +153,8 @@ def scores(run, queries, name, top_k, overwrite, search, search_option, prefilte
     the scores. With --search or --prefilter-bm25: each query's top
     proponents and opponents from the run's vector store instead (printed, nothing saved; one process)."""
     try:
+        if search is None and prefilter_bm25 is None:  # before the process group and the model
+            refuse_distributed_scores(Run.recorded_config(run))
         with session():
             options = check_search(search, search_option)
             rows = load_records(queries)

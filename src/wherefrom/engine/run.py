@@ -120,6 +120,15 @@ INDEX_PARTS = "index-parts"
 """The folder of a tracin index's per-checkpoint column blocks while it is built."""
 FIT_ALONE = "fit it in one process; the influence methods (a curvature strategy) fit in many"
 """What to do instead when a method outside the influence family is fitted under ``torch.distributed``."""
+
+
+def refuse_distributed_scores(config: RunConfig) -> None:
+    """:class:`wherefrom.core.distributed.NotDistributable` under ``torch.distributed`` for a run of a method outside
+    the influence family (``config.method``): its scores come from its fitted state or its index in one process."""
+    if config.method is not None:
+        refuse(f"scoring method {config.method!r}", "score it in one process; influence methods score in many")
+
+
 RECORDED_ONLY = ("threads",)
 """Settings recorded with a fit or an index but never compared: torch's CPU thread count changes float sums in
 the last bits (e.g. EK-FAC factors of SmolLM2), so a resumed job takes the recorded value
@@ -326,6 +335,17 @@ class Run:
         parts = ("factors/curvature.json", f"method/{META_FILE}", "index", "scores")
         return any((self.folder / part).exists() for part in parts)
 
+    @staticmethod
+    def recorded_config(folder: Path) -> RunConfig:
+        """The :class:`RunConfig` recorded in run ``folder`` (no model loaded); ``FileNotFoundError`` when
+        ``folder`` is not a run directory."""
+        folder = Path(folder)
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(
+                f"{folder} is not a wherefrom run directory (no config.json); run `wherefrom fit` first"
+            )
+        return RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+
     @classmethod
     def open(
         cls,
@@ -344,11 +364,7 @@ class Run:
         recorded fingerprint. Raises :class:`RunMismatch` naming a recorded file or folder that is gone.
         """
         folder = Path(folder)
-        if not (folder / "config.json").exists():
-            raise FileNotFoundError(
-                f"{folder} is not a wherefrom run directory (no config.json); run `wherefrom fit` first"
-            )
-        config = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        config = cls.recorded_config(folder)
         if train is not None:
             config.train = absolute(str(train))
         if device is not None:
@@ -1108,7 +1124,7 @@ class Run:
         """
         queries = checked_rows(queries, "query rows")
         if self.method is not None:
-            refuse(f"scoring method {self.config.method!r}", "score it in one process; influence methods score in many")
+            refuse_distributed_scores(self.config)
             if not self.has_index() and (self.index_manifest() or {}).get("precondition") == "empirical":
                 raise RuntimeError(
                     f"{self.folder / 'index'} is an unfinished --precondition empirical index (no {MARKER}): finish "
