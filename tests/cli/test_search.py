@@ -166,3 +166,14 @@ def test_search_of_a_run_index_finds_the_full_scores_tops(workspace, tmp_path, m
         ignored = invoke(*command, "--run", run, "--search", "exact", *flags)
         assert ignored.exit_code == 2 and shown in " ".join(ignored.output.split()), ignored.output
     assert not (run / "scores" / "other.json").exists()
+
+
+def test_a_run_without_vector_rows_is_refused_by_name_not_sent_to_index(workspace, tmp_path):
+    """A bm25 run has no vector store and `index` refuses it: `--search` says so instead of pointing at `index`."""
+    run = tmp_path / "bm25-run"
+    fitted = invoke("fit", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--run", run,
+                    "--method", "bm25")  # fmt: skip
+    assert fitted.exit_code == 0, fitted.output
+    searched = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl", "--search", "exact")
+    text = " ".join(searched.output.split())
+    assert searched.exit_code == 2 and "is a 'bm25' run" in text and "wherefrom index" not in text, text

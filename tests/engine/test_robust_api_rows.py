@@ -13,7 +13,7 @@ from wherefrom.methods.lexical import BM25
 from wherefrom.methods.projection import ProjectedInfluence
 from wherefrom.methods.registry import make_method
 from wherefrom.methods.representation import RepSim
-from wherefrom.methods.tracin import tracin_scores
+from wherefrom.methods.tracin import TracIn, tracin_scores
 from wherefrom.studies.benchtasks import BenchTask
 
 TRAIN = make_records(4, seed=3)
@@ -114,6 +114,9 @@ def test_every_method_refuses_empty_and_duplicate_rows(tokenizer, name: str) -> 
     with pytest.raises(DataError, match="query rows, index 1: field 'id': duplicate id 'r0'"):
         method.scores(DUPLICATE, TRAIN)
     assert method.scores(QUERIES, TRAIN).total.shape == (len(QUERIES), len(TRAIN))
+    if hasattr(method, "query_vectors"):  # the query side of a search of the method's index
+        with pytest.raises(DataError, match="query rows, index 1: field 'completion': empty completion"):
+            method.query_vectors(BAD)
 
 
 def test_direct_classes_and_tracin(tokenizer) -> None:
@@ -129,6 +132,8 @@ def test_direct_classes_and_tracin(tokenizer) -> None:
         tracin_scores(None, ["/does/not/exist"], tokenizer, [], TRAIN)
     with pytest.raises(DataError, match="training rows, index 1: field 'id': duplicate id 'r0'"):
         tracin_scores(None, ["/does/not/exist"], tokenizer, QUERIES, DUPLICATE)
+    with pytest.raises(DataError, match="query rows, index 1: field 'completion': empty completion"):
+        TracIn(lambda: model, ["/does/not/exist"], tokenizer, AttributionConfig()).query_vectors(BAD)
 
 
 def test_bench_task_rows_are_checked() -> None:

@@ -153,10 +153,10 @@ def scores(run, queries, name, top_k, overwrite, search, search_option, prefilte
     the scores. With --search or --prefilter-bm25: each query's top
     proponents and opponents from the run's vector store instead (printed, nothing saved; one process)."""
     try:
+        options = check_search(search, search_option)
         if search is None and prefilter_bm25 is None:  # before the process group and the model
             refuse_distributed_scores(Run.recorded_config(run))
         with session():
-            options = check_search(search, search_option)
             rows = load_records(queries)
             if search is not None or prefilter_bm25 is not None:
                 refuse("scores --search/--prefilter-bm25", "search the index in one process")
@@ -244,6 +244,11 @@ def search_run(
     any work; a FAISS kind that cannot index the store is refused before the queries are computed. Raises
     ``FileNotFoundError`` naming RUN when it has no finished index."""
     opened = Run.open(run, progress=progress, device=device)
+    if not opened.indexable():
+        raise ValueError(
+            f"{run} is a {opened.config.method!r} run: its train side is not a vector per row, so it has no vector "
+            f"store to search (--search, --prefilter-bm25); `wherefrom scores --run {run}` scores every row"
+        )
     if not opened.has_index():
         started = opened.index_manifest() is not None
         raise FileNotFoundError(

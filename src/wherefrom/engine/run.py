@@ -1182,7 +1182,8 @@ class Run:
         (a ``query_rank`` factorisation expanded back). Raises ``ValueError`` for a run scored with
         ``normalize="cosine"``: its scores divide by each row's norm, which a product search does not; and
         :class:`wherefrom.core.store.DamagedFile` naming a missing or damaged preconditioner of an ``empirical``
-        index (the next ``index`` refits it)."""
+        index (the next ``index`` refits it); :class:`~wherefrom.core.data.DataError` for an invalid query row (an
+        empty completion) or a repeated id, as :meth:`scores` raises, whatever the run's method."""
         vectors = self.vectors() or self.checkpoint_method()
         if vectors is not None and store.settings.get("precondition") == "empirical":
             problem = self.preconditioner_damage()

@@ -654,11 +654,12 @@ class ProjectedInfluence:
         """Ids and projected query vectors ``q~`` (``q = -grad f``), ``(q, sum k)`` in the row layout of
         :meth:`train_vectors` (``unit``: divided by their norms; ``curvature``: a fitted projected curvature
         of these modules, e.g. :meth:`row_curvature`, applied to each ``q~`` first, so that raw rows give
-        ``q~ . (F~ + lambda I)^-1 G~``)."""
+        ``q~ . (F~ + lambda I)^-1 G~``). Raises :class:`~wherefrom.core.data.DataError` before any pass for no
+        queries, an invalid row or a repeated id."""
         ids: list[str] = []
         parts = []
         for batch_ids, grads in self.projected_gradients(
-            queries, self.attributor.query_loss_fn(), "projected query gradients"
+            checked_rows(queries, "query rows"), self.attributor.query_loss_fn(), "projected query gradients"
         ):
             ids += batch_ids
             parts.append(

@@ -207,8 +207,9 @@ class RepSim:
             yield ids, F.normalize(reps, dim=-1)
 
     def query_vectors(self, queries: Sequence[Record], unit: bool = True) -> tuple[list[str], torch.Tensor]:
-        """Ids and unit-normalised query representations ``(q, hidden)``."""
-        ids, reps = self.representations(queries)
+        """Ids and unit-normalised query representations ``(q, hidden)``. Raises
+        :class:`~wherefrom.core.data.DataError` before any pass for no queries, an invalid row or a repeated id."""
+        ids, reps = self.representations(check_records(queries, "query rows"))
         return ids, F.normalize(reps, dim=-1)
 
     def scores(self, queries: Sequence[Record], train: Sequence[Record]) -> Scores:

@@ -387,8 +387,9 @@ class TracIn:
     def query_vectors(self, queries: Sequence[Record], unit: bool = False) -> tuple[list[str], torch.Tensor]:
         """Ids and query rows ``(q, C * D)`` in the layout of the index rows (:meth:`rows` with ``query``), so that
         ``query_row @ train_row = sum_k lr_k q_k . g_k`` (TracInCP; positive = proponent; ``unit``:
-        ``sum_k lr_k cos``). The query side is never Adam-preconditioned (LESS's convention)."""
-        return self.rows(queries, unit, query=True)
+        ``sum_k lr_k cos``). The query side is never Adam-preconditioned (LESS's convention). Raises
+        :class:`~wherefrom.core.data.DataError` before any pass for no queries, an invalid row or a repeated id."""
+        return self.rows(checked_rows(queries, "query rows"), unit, query=True)
 
     def rows(
         self, records: Sequence[Record], unit: bool = False, query: bool = False
