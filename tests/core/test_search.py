@@ -581,6 +581,12 @@ def test_search_store_says_whether_it_built_or_reused_the_index_and_keeps_one_fi
     assert sorted(path.name for path in tmp_path.glob("faiss-*")) == sorted(files.values())
     memory = search_store(source, queries, 5, "faiss", faiss_options={"kind": "hnsw"})  # no folder: built, not saved
     assert re.search(r"\(index built in [0-9.]+ s\)", memory.summary(5))
+    saved = tmp_path / files["inner-product"]
+    saved.write_bytes(saved.read_bytes()[:-10])  # a damaged index is rebuilt, and the summary says why
+    damaged = search_store(source, queries, 5, "faiss", faiss_options={"kind": "hnsw"}, index_folder=tmp_path)
+    assert f"saved as {saved.name}; the saved {saved.name} was damaged, replaced)" in damaged.summary(5)
+    stale = search_store(source, queries, 5, "faiss", faiss_options={"kind": "hnsw", "m": 8}, index_folder=tmp_path)
+    assert f"the saved {saved.name} was of other rows or build settings, replaced)" in stale.summary(5)
 
 
 def test_search_store_says_what_an_ivf_index_changed_of_its_settings():

@@ -82,7 +82,7 @@ import numpy as np
 import torch
 
 from wherefrom.core.options import OptionError, OptionSpec, check_options, from_signature
-from wherefrom.core.store import DamagedFile, load_tensors_checked, save_tensors_checked
+from wherefrom.core.store import DamagedFile, check_file, load_tensors_checked, save_tensors_checked
 
 __all__ = [
     "FAISS_OPTIONS",
@@ -666,16 +666,23 @@ def build_faiss_index(
 
 def _saved_or_built(
     source: RowSource, settings: FaissSettings | None, path: Path | None, store_key: str | None
-) -> tuple[Any, str]:
-    """:func:`build_faiss_index` and what it did: ``"reused"`` the index saved at ``path``, ``"saved"`` a new one
-    there, or ``"built"`` one it did not save (no ``path``, or the save failed)."""
+) -> tuple[Any, str, str | None]:
+    """:func:`build_faiss_index`, what it did (``"reused"`` the index saved at ``path``, ``"saved"`` a new one
+    there, or ``"built"`` one it did not save: no ``path``, or the save failed) and why a file at ``path`` was
+    not reused (``"damaged"``, ``"stale"``: of other rows or build settings; ``None``: none was there)."""
     faiss = _faiss()
     settings = settings or FaissSettings()
     key = None if path is None else _fingerprint(source, settings, store_key)
-    if path is not None:
+    previous = None
+    if path is not None and Path(path).exists():
         saved = load_faiss_index(path, key)
         if saved is not None:
-            return saved, "reused"
+            return saved, "reused", None
+        try:
+            check_file(Path(path))
+            previous = "stale"
+        except DamagedFile:
+            previous = "damaged"
     dim = source.dim
     settings.check_store(source.count, dim)
     if settings.kind == "hnsw":
@@ -706,14 +713,14 @@ def _saved_or_built(
         for _, shard in source.shards():
             index.add(np.ascontiguousarray(shard.to(torch.float32).numpy()))
     if path is None:
-        return index, "built"
+        return index, "built", previous
     try:  # a cache beside the store, written by readers: no writer lock (atomic, checksummed: never half read)
         data = torch.from_numpy(faiss.serialize_index(index).copy())
         save_tensors_checked({"index": data}, Path(path), {"key": json.dumps(key, sort_keys=True)})
     except OSError as error:
         logger.warning("the FAISS index was not saved (%s); the next search builds it again", error)
-        return index, "built"
-    return index, "saved"
+        return index, "built", previous
+    return index, "saved", previous
 
 
 def load_faiss_index(path: Path, key: Mapping[str, Any]):
@@ -876,12 +883,15 @@ def search_store(
         return SearchReport(*found, "exact", time.perf_counter() - start, note=note)
     path = None if index_folder is None else Path(index_folder) / settings.file_name()
     start = time.perf_counter()
-    index, done = _saved_or_built(source, settings, path, store_key)
+    index, done, previous = _saved_or_built(source, settings, path, store_key)
     how = f"index built in {time.perf_counter() - start:.1f} s"
     if done == "reused":
         how = f"index reused: {settings.file_name()}"
     elif done == "saved":
         how += f", saved as {settings.file_name()}"
+    if previous is not None:
+        why = "damaged" if previous == "damaged" else "of other rows or build settings"
+        how += f"; the saved {settings.file_name()} was {why}, replaced"
     start = time.perf_counter()
     found = tuple(faiss_top_k(index, source.ids, queries, k, end, candidates, settings) for end in (False, True))
     report = SearchReport(
