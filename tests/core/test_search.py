@@ -598,6 +598,7 @@ def test_search_store_says_what_an_ivf_index_changed_of_its_settings():
     assert "(nlist 500 cut to the store's 300 rows)" in cut.summary(5)
     default = search_store(source, queries, 5, "faiss", check_recall=False)  # sqrt(300) = 17 cells, nprobe 128
     assert "(nprobe 128 reaches all 17 cells: every cell searched)" in default.summary(5)
+    assert "; recall@300 vs exact" in search_store(source, queries, 500, "faiss").summary(500)  # k cut to the rows
     both = search_store(source, queries, 5, "faiss", faiss_options={"nlist": 400, "nprobe": 300}, check_recall=False)
     assert "nlist 400 cut to the store's 300 rows; nprobe 300 reaches all 300 cells" in both.summary(5)
     assert search_store(source, queries, 5, "faiss", faiss_options={"nprobe": 4}, check_recall=False).note is None

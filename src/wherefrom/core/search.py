@@ -821,8 +821,9 @@ class SearchReport:
     rows: int | None = None
 
     def summary(self, k: int) -> str:
-        """One line: mode, time and, for FAISS, the mean recall@k of each end against the exact search, with what
-        to change when either is below :data:`RECALL_HINT`."""
+        """One line: mode, time and, for FAISS, the mean recall@k of each end against the exact search (``k`` at
+        most the store's rows: every row is found then), with what to change when either is below
+        :data:`RECALL_HINT`."""
         line = f"{self.mode} search: {self.seconds * 1000:.1f} ms"
         if self.index:
             line += f" ({self.index})"
@@ -831,7 +832,7 @@ class SearchReport:
         if self.recall is not None:
             proponents, opponents = (float(end.nanmean()) for end in self.recall)
             line += (
-                f"; recall@{k} vs exact: proponents {proponents:.3f}, opponents {opponents:.3f} (exact "
+                f"; recall@{min(k, self.rows or k)} vs exact: proponents {proponents:.3f}, opponents {opponents:.3f} (exact "
                 f"{self.exact_seconds * 1000:.1f} ms)"
             )
             if min(proponents, opponents) < RECALL_HINT:
