@@ -134,6 +134,15 @@ def test_missing_field_jsonl(tmp_path: Path, field: str) -> None:
     assert_error(excinfo, "miss.jsonl", "line 3", f"missing field '{field}'")
 
 
+@pytest.mark.parametrize("field", ["prompt", "completion"])
+def test_null_field_is_named_null_not_missing(tmp_path: Path, field: str) -> None:
+    row = {"id": "z", "prompt": "p", "completion": "c", field: None}
+    path = write_jsonl(tmp_path / "null.jsonl", [json.dumps(row)])
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, "null.jsonl", "line 1", f"field '{field}' is null")
+
+
 def test_missing_column_csv(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "nocol.csv", ["id", "prompt"], [["a", "p"]])
     with pytest.raises(DataError) as excinfo:

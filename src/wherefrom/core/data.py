@@ -140,8 +140,10 @@ def _validate_row(row: Any, where: str, default_id: str) -> Record:
     if "messages" in row and "prompt" not in row and "completion" not in row:
         row = {**row, **_from_messages(row["messages"], where)}
     for field in ("prompt", "completion"):
-        if field not in row or row[field] is None:
+        if field not in row:
             raise DataError(f"{where}: missing field {field!r}")
+        if row[field] is None:
+            raise DataError(f"{where}: field {field!r} is null; it must be a string")
         if not isinstance(row[field], str):
             raise DataError(f"{where}: field {field!r} must be a string, got {type(row[field]).__name__}")
     prompt: str = row["prompt"]
