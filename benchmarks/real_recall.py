@@ -85,7 +85,14 @@ def gaussian_like(rows, seed: int):
 def measure(name: str, source, queries, kinds: list[str], pq_ms: list[int | None]) -> list[dict]:
     """Recall@10 and batch time per query of every kind (a PQ kind once per sub-quantizer count of ``pq_ms``,
     ``None`` for the default rule) and swept setting on ``source``."""
-    from wherefrom.core.search import FaissSettings, build_faiss_index, exact_top_k, faiss_top_k, recall_at_k
+    from wherefrom.core.search import (
+        FaissSettings,
+        build_faiss_index,
+        built_pq_m,
+        exact_top_k,
+        faiss_top_k,
+        recall_at_k,
+    )
 
     truth = exact_top_k(source, queries, K)
     opposite = exact_top_k(source, queries, K, opponents=True)
@@ -94,7 +101,7 @@ def measure(name: str, source, queries, kinds: list[str], pq_ms: list[int | None
         start = time.perf_counter()
         index = build_faiss_index(source, FaissSettings(kind=kind, pq_m=pq_m))
         built = time.perf_counter() - start
-        codes = f"pq_m={FaissSettings(kind=kind, pq_m=pq_m).sub_quantizers(source.dim)} " if "pq" in kind else ""
+        codes = f"pq_m={built_pq_m(index)}{' (probed)' if pq_m is None else ''} " if "pq" in kind else ""
         for values in sweep(kind):
             settings = FaissSettings(kind=kind, pq_m=pq_m, **values)
             start = time.perf_counter()

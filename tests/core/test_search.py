@@ -376,6 +376,57 @@ def test_pq_scans_every_row_so_it_finds_the_best_of_white_rows_where_ivf_cells_d
     assert [FaissSettings(kind="pq").sub_quantizers(d) for d in (1024, 100, 104, 13)] == [512, 50, 52, 1]
 
 
+def test_pq_m_candidates_are_the_given_one_or_dim_half_and_256():
+    assert FaissSettings(kind="pq").pq_m_candidates(1024) == [512, 256]
+    assert FaissSettings(kind="pq").pq_m_candidates(1000) == [500, 250]  # largest divisors below
+    assert FaissSettings(kind="pq").pq_m_candidates(512) == [256]  # dim / 2 is no larger: nothing to probe
+    assert FaissSettings(kind="pq", pq_m=1024).pq_m_candidates(4096) == [1024]
+    assert FaissSettings(kind="ivf-pq").pq_m_candidates(4096) == [512]
+
+
+def concentrated(count: int, dim: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` rows and 20 queries whose second moment is concentrated in the same 3 directions (variances 64,
+    16, 4) over white noise of variance 0.0025 an entry: effective rank about 1.6, like raw gradient rows
+    (``benchmarks/results/row_spectrum.md``)."""
+    basis = torch.linalg.qr(torch.randn(dim, 3, generator=generator))[0].T
+    both = (torch.randn(count + 20, 3, generator=generator) * torch.tensor([8.0, 4.0, 2.0])) @ basis
+    both += 0.05 * torch.randn(count + 20, dim, generator=generator)
+    return both[:count], both[count:]
+
+
+def test_pq_default_pq_m_is_probed_so_concentrated_rows_get_few_sub_quantizers_and_white_rows_many():
+    """The fast scan's 8-bit lookup tables, one scale for all ``pq_m`` of them, rank codes of rows concentrated in a
+    few directions wrongly at ``pq_m = dim / 2`` (here 2048 of dim 4096): the build probes that and 256 on its
+    held-out rows of its training sample and keeps 256, whose search finds more of the exact top 10 (measured: 0.965
+    against 0.73 at refine 4); on white rows of dim 1024 it keeps ``dim / 2`` (probe recall 1.000 against 0.956)."""
+    generator = torch.Generator().manual_seed(3)
+    rows, queries = concentrated(1200, 4096, generator)
+    source = Rows(rows, 512)
+    report = search_store(source, queries, 10, "faiss", faiss_options={"kind": "pq", "refine": 4})
+    assert "pq_m 256 chosen by probe recall@10 in 142 codes, 64 held-out of 1200 sample rows (2048: " in report.index
+    given = search_store(source, queries, 10, "faiss", faiss_options={"kind": "pq", "refine": 4, "pq_m": 2048})
+    assert float(report.recall.mean()) > float(given.recall.mean()) + 0.1
+    white = Rows(torch.randn(1000, 1024, generator=generator), 500)
+    index = build_faiss_index(white, FaissSettings(kind="pq"))
+    assert faiss.downcast_index(index.base_index).pq.M == 512
+
+
+def test_a_saved_pq_index_of_a_probed_pq_m_is_reused_and_says_its_pq_m(tmp_path):
+    generator = torch.Generator().manual_seed(4)
+    rows, queries = concentrated(600, 1024, generator)
+    source = Rows(rows, 300)
+    options = {"kind": "pq", "refine": 64}
+    built = search_store(source, queries, 5, "faiss", faiss_options=options, index_folder=tmp_path)
+    index = build_faiss_index(source, FaissSettings(kind="pq"))  # kept: FAISS frees base_index with it
+    chosen = faiss.downcast_index(index.base_index).pq.M
+    assert f"pq_m {chosen} chosen by probe recall" in built.index
+    stamp = (tmp_path / "faiss-pq.safetensors").stat().st_mtime_ns
+    reused = search_store(source, queries, 5, "faiss", faiss_options=options, index_folder=tmp_path)
+    assert f"index reused: faiss-pq.safetensors; pq_m {chosen}, chosen by probe recall when built" in reused.index
+    search_store(source, queries, 5, "faiss", faiss_options={**options, "pq_m": chosen}, index_folder=tmp_path)
+    assert (tmp_path / "faiss-pq.safetensors").stat().st_mtime_ns != stamp  # a given pq_m is not the probed rule
+
+
 def test_pq_with_candidates_ranks_them_exactly():
     """Fast scan takes no ID selector: with candidates a ``pq`` index ranks them by the float32 rows it keeps,
     which is the exact search among them."""

@@ -28,7 +28,8 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
   2011, scanned with SIMD lookup tables, Andre et al. 2017 "fast scan"; the ``refine x k`` best
   codes are re-ranked with the exact float32 rows, which the index also keeps, so the scores returned
   are exact and the memory is that of ``ivf`` plus ``dim / 16`` bytes per row), ``pq`` (no cells: every
-  row's 4-bit code of ``dim / 2`` sub-vectors scanned, then the same exact re-ranking: memory of the
+  row's 4-bit code of ``dim / 2`` sub-vectors, or 256 where a probe on held-out training rows ranks better with
+  those (:data:`PQ_M_CONCENTRATED`), scanned, then the same exact re-ranking: memory of the
   float32 rows plus ``dim / 4`` bytes per row; preconditioned rows are nearly white, so their best rows are spread over every IVF cell
   and only a scan of every row finds them: ``benchmarks/results/query-latency-pq.md``) or ``hnsw`` (Malkov &
   Yashunin 2018, graph of ``M`` links per row, ``ef_search`` candidates per search; ``graph``: each row linked
@@ -94,6 +95,7 @@ __all__ = [
     "SearchReport",
     "SearchResult",
     "build_faiss_index",
+    "built_pq_m",
     "exact_ends",
     "exact_top_k",
     "faiss_settings",
@@ -454,12 +456,23 @@ class FaissSettings:
         """4-bit PQ sub-quantizers for rows of ``dim``: ``pq_m``, by default ``dim / 8`` for ``ivf-pq`` (8 entries
         per code, ``dim / 16`` bytes per row) and ``dim / 2`` for ``pq`` (2 entries per code, ``dim / 4`` bytes:
         every code is scanned, so it must rank nearly white rows well), or where that does not divide ``dim`` its
-        largest divisor below; :class:`SearchError` unless a given ``pq_m`` divides ``dim``."""
+        largest divisor below; :class:`SearchError` unless a given ``pq_m`` divides ``dim``. A ``pq`` build without
+        ``pq_m`` probes this and a smaller one (:meth:`pq_m_candidates`)."""
         entries = 2 if self.kind == "pq" else 8
-        m = self.pq_m or next(m for m in range(max(1, dim // entries), 0, -1) if dim % m == 0)
+        m = self.pq_m or _divisor_at_most(dim, dim // entries)
         if dim % m:
             raise SearchError(f"FAISS option pq_m={m} must divide the rows' dimension {dim}")
         return m
+
+    def pq_m_candidates(self, dim: int) -> list[int]:
+        """The ``pq_m`` values a build of rows of ``dim`` chooses among, largest first: the one
+        :meth:`sub_quantizers` gives and, for ``pq`` without a given ``pq_m``, also the largest divisor of ``dim``
+        up to :data:`PQ_M_CONCENTRATED` where that is smaller (:func:`_probed_pq` keeps the one of better probe
+        recall)."""
+        m = self.sub_quantizers(dim)
+        if self.kind != "pq" or self.pq_m is not None or m <= PQ_M_CONCENTRATED:
+            return [m]
+        return [m, _divisor_at_most(dim, PQ_M_CONCENTRATED)]
 
     def recall_advice(self, count: int | None = None) -> str:
         """What raises this search's recall: its kind's search-time settings (:data:`SEARCH_TIME`; not ``nprobe``
@@ -525,7 +538,10 @@ FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
     ),
     OptionSpec("train_per_list", low=1, help="IVF k-means training rows per cell (a strided sample)"),
     OptionSpec(
-        "pq_m", low=1, help="ivf-pq, pq: 4-bit PQ sub-quantizers per row (default dim/8, pq: dim/2)", source=ANDRE_2017
+        "pq_m",
+        low=1,
+        help="ivf-pq, pq: 4-bit PQ sub-quantizers per row (default dim/8; pq: dim/2 or 256, probed at build)",
+        source=ANDRE_2017,
     ),
     OptionSpec(
         "refine", low=1, help="ivf-pq, pq: refine x k PQ candidates re-ranked with the float32 rows", source=JEGOU_2011
@@ -555,6 +571,30 @@ store needs at least that many rows to train them."""
 
 PQ_TRAINING_ROWS = 65536
 """Rows (a strided sample) the ``pq`` kind's centroids are trained on."""
+
+PQ_M_CONCENTRATED = 256
+"""The smaller ``pq_m`` a ``pq`` build probes beside ``dim / 2`` (:meth:`FaissSettings.pq_m_candidates`). Why:
+the fast scan sums ``pq_m`` lookup tables quantised to 8 bits with one scale, chosen so the sum fits 16 bits
+(Andre et al. 2017; FAISS ``quantize_lut``), so each table keeps about ``65535 / pq_m`` levels. On rows whose
+second moment is concentrated in a few directions (raw gradients) that noise ranks the codes wrongly at large
+``pq_m`` (measured on 4,000 raw-spectrum rows of dim 8,192 at ``pq_m`` 4,096: the same codes with float lookup
+tables, FAISS ``IndexPQ``, found all of the exact top 10 in a shortlist of 640, the fast scan none), while on
+nearly white (preconditioned) rows a large ``pq_m`` is needed: ``benchmarks/results/query-latency-pq-probe.md``."""
+
+PQ_PROBE_QUERIES = 64
+"""Training-sample rows a ``pq`` build with two candidate ``pq_m`` searches for (:func:`_probed_pq`)."""
+
+PQ_PROBE_SHORTLIST = 16
+"""The probe's recall@k counts the exact top-k (among the training sample's other rows) found in the
+``PQ_PROBE_SHORTLIST x k`` best codes: a shortlist such as the float32 re-ranking sees."""
+
+PQ_PROBE_K = 10
+"""``k`` of the probe's recall@k."""
+
+PQ_PROBE_MARGIN = 0.05
+"""The smaller ``pq_m`` is kept only where its probe recall exceeds the larger's by more than this. Measured gaps
+where the larger one's lookup tables fail: 0.36 to 0.97; where both rank well (dim 1024, 2 * 10^4 raw-spectrum
+rows) 0.001 either way, which is noise."""
 
 
 def faiss_settings(options: Mapping[str, Any] | None) -> FaissSettings:
@@ -588,14 +628,16 @@ def rows_sha256(source: RowSource) -> str:
 
 def _fingerprint(source: RowSource, settings: FaissSettings, store_key: str | None) -> dict[str, Any]:
     """What decides the index's bytes: the store's shape, dtype and contents, and the build settings, ``nlist`` and
-    ``pq_m`` as built (:meth:`FaissSettings.lists`, :meth:`FaissSettings.sub_quantizers`): a value given equal to
-    the default rule's reuses the index, and a change of the rule rebuilds it."""
+    ``pq_m`` as built (:meth:`FaissSettings.lists`; :meth:`FaissSettings.pq_m_candidates`, the list where a build
+    probes two): a value given equal to the default rule's reuses the index (not a probed build's choice), and a
+    change of the rule rebuilds it."""
     uses = {"kind", *KIND_OPTIONS[settings.kind]} - set(SEARCH_TIME)
     build = {k: v for k, v in asdict(settings).items() if k in uses}
     if "nlist" in build:
         build["nlist"] = settings.lists(source.count)
     if "pq_m" in build:
-        build["pq_m"] = settings.sub_quantizers(source.dim)
+        candidates = settings.pq_m_candidates(source.dim)
+        build["pq_m"] = candidates[0] if len(candidates) == 1 else candidates
     contents = store_key if store_key is not None else rows_sha256(source)
     return {"count": source.count, "dim": source.dim, "dtype": source.dtype, "store": contents, **build}
 
@@ -630,6 +672,65 @@ def _train_quietly(index, sample: np.ndarray) -> None:
     index.train(sample)
 
 
+def _divisor_at_most(dim: int, m: int) -> int:
+    """The largest divisor of ``dim`` at most ``max(1, m)``."""
+    return next(d for d in range(max(1, m), 0, -1) if dim % d == 0)
+
+
+def _trained_pq(m: int, rows: np.ndarray):
+    """An empty ``pq`` index of ``m`` 4-bit fast-scan sub-quantizers re-ranked by the float32 rows, trained on
+    ``rows``."""
+    index = _faiss().index_factory(rows.shape[1], f"PQ{m}x{PQ_BITS}fs,RFlat", _faiss().METRIC_INNER_PRODUCT)
+    _train_quietly(index, rows)
+    return index
+
+
+def _probed_pq(candidates: Sequence[int], sample: np.ndarray) -> tuple[Any, str | None]:
+    """A trained, empty ``pq`` index (:func:`_trained_pq`) of the ``pq_m`` in ``candidates`` (largest first) a probe
+    chooses, and what the probe measured (``None`` for one candidate). The probe: up to :data:`PQ_PROBE_QUERIES`
+    strided rows of the training ``sample`` are held out as queries (a search's queries are not rows the codebooks
+    were trained on); each candidate is trained on the rest and searched among the rest's codes; the recall@k
+    (:data:`PQ_PROBE_K`) of the exact top-k in a shortlist of the :data:`PQ_PROBE_SHORTLIST` ``x k`` best codes (at
+    most an eighth of the rows, at least ``k``) is measured, and the smaller ``pq_m`` kept only where its recall is
+    higher by more than :data:`PQ_PROBE_MARGIN` (:data:`PQ_M_CONCENTRATED` says why the best ``pq_m`` depends on
+    the rows). Too few rows to hold any out (fewer than ``2 ** PQ_BITS + 2``): the first candidate, trained on the
+    whole sample. Deterministic: the sample is strided and FAISS's k-means seeded."""
+    held = min(PQ_PROBE_QUERIES, (len(sample) - 2**PQ_BITS) // 2)
+    if len(candidates) == 1 or held < 1:
+        return _trained_pq(candidates[0], sample), None
+    out = np.zeros(len(sample), dtype=bool)
+    out[np.linspace(0, len(sample) - 1, held).round().astype(int)] = True
+    queries, rest = sample[out], np.ascontiguousarray(sample[~out])
+    k = min(PQ_PROBE_K, len(rest))
+    shortlist = max(k, min(PQ_PROBE_SHORTLIST * k, len(rest) // 8))
+    truth = np.argsort(-(queries @ rest.T), axis=1, kind="stable")[:, :k]
+    trained = []
+    for m in candidates:
+        index = _trained_pq(m, rest)
+        codes = _faiss().clone_index(index.base_index)
+        codes.add(rest)
+        _, found = codes.search(queries, shortlist)
+        recall = float(np.mean([np.isin(truth[q], found[q]).mean() for q in range(len(queries))]))
+        trained.append((recall, m, index))
+    (large, *_), (small, *_) = trained  # pq_m_candidates: at most two, largest first
+    best = trained[1] if small > large + PQ_PROBE_MARGIN else trained[0]
+    measured = ", ".join(f"{m}: {recall:.3f}" for recall, m, _ in trained)
+    note = (
+        f"pq_m {best[1]} chosen by probe recall@{k} in {shortlist} codes, {held} held-out of {len(sample)} sample "
+        f"rows ({measured})"
+    )
+    return best[2], note
+
+
+def built_pq_m(index) -> int | None:
+    """The sub-quantizers of a PQ kind's built ``index`` (``ivf-pq``, ``pq``: for a ``pq`` index without a given
+    ``pq_m``, what the build's probe chose, :func:`_probed_pq`); ``None`` for the other kinds."""
+    faiss = _faiss()
+    if not isinstance(index, faiss.IndexRefine):
+        return None
+    return faiss.downcast_index(index.base_index).pq.M
+
+
 def _add_angular(index, source: RowSource) -> None:
     """Add the rows of ``source`` to an empty HNSW ``index`` linked by angle: the graph is built on the unit rows,
     then a second pass overwrites its stored rows with the rows themselves (bit for bit), so a search walks the
@@ -661,15 +762,27 @@ def build_faiss_index(
     :func:`faiss_top_k`). Raises :class:`SearchError` when FAISS is missing, or for a store the
     kind cannot index (:meth:`FaissSettings.check_store`).
     """
-    return _saved_or_built(source, settings, path, store_key)[0]
+    return _saved_or_built(source, settings, path, store_key).index
+
+
+@dataclass
+class BuiltIndex:
+    """What :func:`_saved_or_built` had: the ``index``, what it did (``done``: ``"reused"`` the index saved at the
+    path, ``"saved"`` a new one there, or ``"built"`` one it did not save: no path, or the save failed), why a file
+    at the path was not reused (``previous``: ``"damaged"``, ``"stale"``: of other rows or build settings;
+    ``None``: none was there) and, for a ``pq`` index, its ``pq_m`` and what a build's probe measured
+    (``codes``, :func:`_probed_pq`; ``None`` for other kinds)."""
+
+    index: Any
+    done: str
+    previous: str | None = None
+    codes: str | None = None
 
 
 def _saved_or_built(
     source: RowSource, settings: FaissSettings | None, path: Path | None, store_key: str | None
-) -> tuple[Any, str, str | None]:
-    """:func:`build_faiss_index`, what it did (``"reused"`` the index saved at ``path``, ``"saved"`` a new one
-    there, or ``"built"`` one it did not save: no ``path``, or the save failed) and why a file at ``path`` was
-    not reused (``"damaged"``, ``"stale"``: of other rows or build settings; ``None``: none was there)."""
+) -> BuiltIndex:
+    """:func:`build_faiss_index`, with what it did (:class:`BuiltIndex`)."""
     faiss = _faiss()
     settings = settings or FaissSettings()
     key = None if path is None else _fingerprint(source, settings, store_key)
@@ -677,7 +790,10 @@ def _saved_or_built(
     if path is not None and Path(path).exists():
         saved = load_faiss_index(path, key)
         if saved is not None:
-            return saved, "reused", None
+            codes = None
+            if settings.kind == "pq" and len(settings.pq_m_candidates(source.dim)) > 1:
+                codes = f"pq_m {built_pq_m(saved)}, chosen by probe recall when built"
+            return BuiltIndex(saved, "reused", codes=codes)
         try:
             check_file(Path(path))
             previous = "stale"
@@ -685,6 +801,7 @@ def _saved_or_built(
             previous = "damaged"
     dim = source.dim
     settings.check_store(source.count, dim)
+    codes = None
     if settings.kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, settings.m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = settings.ef_construction
@@ -693,10 +810,7 @@ def _saved_or_built(
         index = faiss.index_factory(dim, f"IVF{lists},PQ{codes}x{PQ_BITS}fs,RFlat", faiss.METRIC_INNER_PRODUCT)
         _train_quietly(index, _training_sample(source, max(lists * settings.train_per_list, 2**PQ_BITS)))
     elif settings.kind == "pq":
-        index = faiss.index_factory(
-            dim, f"PQ{settings.sub_quantizers(dim)}x{PQ_BITS}fs,RFlat", faiss.METRIC_INNER_PRODUCT
-        )
-        _train_quietly(index, _training_sample(source, PQ_TRAINING_ROWS))
+        index, codes = _probed_pq(settings.pq_m_candidates(dim), _training_sample(source, PQ_TRAINING_ROWS))
     else:
         lists = settings.lists(source.count)
         quantizer = faiss.IndexFlatIP(dim)
@@ -713,14 +827,14 @@ def _saved_or_built(
         for _, shard in source.shards():
             index.add(np.ascontiguousarray(shard.to(torch.float32).numpy()))
     if path is None:
-        return index, "built", previous
+        return BuiltIndex(index, "built", previous, codes)
     try:  # a cache beside the store, written by readers: no writer lock (atomic, checksummed: never half read)
         data = torch.from_numpy(faiss.serialize_index(index).copy())
         save_tensors_checked({"index": data}, Path(path), {"key": json.dumps(key, sort_keys=True)})
     except OSError as error:
         logger.warning("the FAISS index was not saved (%s); the next search builds it again", error)
-        return index, "built", previous
-    return index, "saved", previous
+        return BuiltIndex(index, "built", previous, codes)
+    return BuiltIndex(index, "saved", previous, codes)
 
 
 def load_faiss_index(path: Path, key: Mapping[str, Any]):
@@ -884,17 +998,19 @@ def search_store(
         return SearchReport(*found, "exact", time.perf_counter() - start, note=note)
     path = None if index_folder is None else Path(index_folder) / settings.file_name()
     start = time.perf_counter()
-    index, done, previous = _saved_or_built(source, settings, path, store_key)
+    built = _saved_or_built(source, settings, path, store_key)
     how = f"index built in {time.perf_counter() - start:.1f} s"
-    if done == "reused":
+    if built.done == "reused":
         how = f"index reused: {settings.file_name()}"
-    elif done == "saved":
+    elif built.done == "saved":
         how += f", saved as {settings.file_name()}"
-    if previous is not None:
-        why = "damaged" if previous == "damaged" else "of other rows or build settings"
+    if built.previous is not None:
+        why = "damaged" if built.previous == "damaged" else "of other rows or build settings"
         how += f"; the saved {settings.file_name()} was {why}, replaced"
+    if built.codes is not None:
+        how += f"; {built.codes}"
     start = time.perf_counter()
-    found = tuple(faiss_top_k(index, source.ids, queries, k, end, candidates, settings) for end in (False, True))
+    found = tuple(faiss_top_k(built.index, source.ids, queries, k, end, candidates, settings) for end in (False, True))
     report = SearchReport(
         *found,
         mode,
