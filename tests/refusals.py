@@ -423,7 +423,7 @@ REFUSALS: tuple[Refusal, ...] = (
         "run folder",
         "a damaged result file",
         EXIT,
-        "curvature.safetensors is damaged: its sha256 differs",
+        "curvature.safetensors is damaged: its xxh3_128 differs",
         "a flipped or cut file would give wrong scores silently; checksums are checked on every read",
         command=("query", "--run", "damaged", "ab cd:", " ef"),
     ),

@@ -1,11 +1,33 @@
-"""Atomic JSON writing: strict JSON (no NaN), keyed cache reads that see the written form."""
+"""Atomic JSON writing: strict JSON (no NaN), keyed cache reads that see the written form; the checksums of
+written files (XXH3-128, and sha256 entries of folders written before it still verified)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
-from wherefrom.core.store import atomic_write_json, read_keyed_json, strict_json
+import pytest
+import torch
+import xxhash
+
+from wherefrom.core.store import (
+    CHECKSUMS,
+    DamagedFile,
+    atomic_write_json,
+    check_file,
+    check_size,
+    checksum_of,
+    is_intact,
+    load_tensors_checked,
+    read_json_checked,
+    read_keyed_json,
+    recorded_checksums,
+    save_tensors_checked,
+    strict_json,
+    write_json_checked,
+)
+from wherefrom.models.optimizer_state import OPTIMIZER_STATE_FILE, AdamState, save_adam_state
 
 
 def test_non_finite_floats_become_null_and_the_file_is_strict_json(tmp_path):
@@ -24,3 +46,79 @@ def test_keyed_read_matches_a_key_with_nan(tmp_path):
     atomic_write_json({"key": key, "values": [1.0]}, path)
     assert read_keyed_json(path, key)["values"] == [1.0]
     assert read_keyed_json(path, {"damping": 0.1, "rows": (1, 2)}) is None
+
+
+def flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def recorded_as(path, entry):
+    """Replace ``path``'s entry in its folder's manifest by ``entry`` (as an older wherefrom recorded it)."""
+    manifest = path.parent / CHECKSUMS
+    files = json.loads(manifest.read_text())
+    files["files"][path.name] = entry
+    manifest.write_text(json.dumps(files))
+
+
+def test_a_written_file_records_its_xxh3_128_and_size(tmp_path):
+    path = tmp_path / "a.safetensors"
+    save_tensors_checked({"x": torch.arange(4096.0)}, path)
+    data = path.read_bytes()  # the digest by the xxhash package directly, over all the file's bytes
+    assert recorded_checksums(tmp_path)[path.name] == {
+        "xxh3_128": xxhash.xxh3_128(data).hexdigest(),
+        "bytes": len(data),
+    }
+    assert checksum_of(recorded_checksums(tmp_path)[path.name]) == ("xxh3_128", xxhash.xxh3_128(data).hexdigest())
+    flip_last_byte(path)  # the same size: only the digest tells
+    with pytest.raises(DamagedFile, match=r"a\.safetensors is damaged: its xxh3_128 differs"):
+        check_file(path)
+    check_size(path)  # the cheap check reads no bytes
+
+
+def test_a_folder_written_with_sha256_checksums_is_still_verified(tmp_path):
+    """Folders written before XXH3 recorded sha256: each entry is verified with the hash it names."""
+    tensors, json_file = tmp_path / "a.safetensors", tmp_path / "b.json"
+    save_tensors_checked({"x": torch.arange(100.0)}, tensors)
+    write_json_checked({"k": [1, 2]}, json_file)
+    for path in (tensors, json_file):
+        data = path.read_bytes()
+        recorded_as(path, {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+    assert is_intact(tensors) and is_intact(json_file)
+    assert torch.equal(load_tensors_checked(tensors)[0]["x"], torch.arange(100.0))
+    assert read_json_checked(json_file) == {"k": [1, 2]}
+    flip_last_byte(tensors)
+    with pytest.raises(DamagedFile, match=r"a\.safetensors is damaged: its sha256 differs"):
+        load_tensors_checked(tensors)
+    flip_last_byte(json_file)
+    with pytest.raises(DamagedFile, match=r"b\.json is damaged: its sha256 differs"):
+        read_json_checked(json_file)
+
+
+def test_an_entry_naming_no_known_hash_is_no_checksum(tmp_path):
+    path = tmp_path / "a.json"
+    write_json_checked({"k": 1}, path)
+    recorded_as(path, {"md5": hashlib.md5(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size})
+    with pytest.raises(DamagedFile, match=r"a\.json has no checksum"):
+        read_json_checked(path)
+    with pytest.raises(KeyError, match="names none of"):
+        checksum_of({"md5": "0", "bytes": 1})
+
+
+def test_an_optimizer_states_fingerprint_names_the_hash_it_was_recorded_with(tmp_path):
+    """An index's settings record the state's fingerprint: a state saved with a sha256 entry keeps the
+    fingerprint it had (so those indexes are not refused as made with another state)."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    save_adam_state(optimizer, torch.nn.Sequential(model), tmp_path)
+    data = (tmp_path / OPTIMIZER_STATE_FILE).read_bytes()
+    fresh = AdamState.fingerprint(tmp_path)
+    assert fresh == {"checkpoint": str(tmp_path.resolve()), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
+    assert AdamState.load(tmp_path).checksum == fresh["xxh3_128"]
+    recorded_as(tmp_path / OPTIMIZER_STATE_FILE, {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+    old = {"checkpoint": str(tmp_path.resolve()), "sha256": hashlib.sha256(data).hexdigest()}
+    assert AdamState.fingerprint(tmp_path) == old
+    assert AdamState.load(tmp_path).checksum == old["sha256"]

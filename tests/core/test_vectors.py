@@ -296,7 +296,8 @@ def test_a_pass_over_the_shards_reads_the_checksum_manifest_once(tmp_path, monke
         assert len(reads) == 1
     reads.clear()
     hashed = []
-    monkeypatch.setattr(store_module, "_sha256", lambda data: hashed.append(1) or "")
+    monkeypatch.setattr(store_module, "_digest", lambda data, name: hashed.append(1) or "")
+    monkeypatch.setattr(store_module, "_file_digest", lambda path, name: hashed.append(1) or ("", 0))
     assert len(list(store.shards())) == 40 and not reads and not hashed  # verified once here: mapped since
 
 

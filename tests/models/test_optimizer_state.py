@@ -52,7 +52,7 @@ def test_saved_second_moment_is_adams_v_by_hand(tmp_path):
 def test_conv1d_divisors_are_transposed_with_the_bias_as_a_column():
     conv = Conv1D(nf=3, nx=2)  # weight (in 2, out 3), bias (3,)
     v = {"c.weight": torch.rand(2, 3), "c.bias": torch.rand(3)}
-    state = AdamState(None, v, step=5, beta2=0.999, eps=1e-8, sha256="")
+    state = AdamState(None, v, step=5, beta2=0.999, eps=1e-8, checksum="")
     divisor = state.divisors([TrackedModule("c", conv, is_conv1d=True, has_bias=True)])["c"]
     correction = 1 - 0.999**5
     assert divisor.shape == (3, 3)  # (out, in + bias)

@@ -8,7 +8,7 @@ Layout of a store folder (every file atomic and checksummed, :mod:`wherefrom.cor
     ids.json                   the row ids in row order (written second)
     shard-NNNNN.safetensors    rows ``[k * shard_size, (k + 1) * shard_size)``: tensor ``rows``
                                ``(n_k, dim)`` in the stored dtype; metadata ``ids`` (the shard's ids)
-    checksums.json             sha256 and size of each file above, recorded after it is written
+    checksums.json             checksum (xxh3_128) and size of each file above, recorded after it is written
     index.json                 the completion marker, written LAST: ``{shards, rows, dtype, shard_size}``
 
 A shard's bytes depend only on its rows, dtype and ids, so a store built in one process, resumed after

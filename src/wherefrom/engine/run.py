@@ -20,7 +20,7 @@ Layout::
     RUN/index-parts/           while a tracin run's index is built: one store per checkpoint
                                (checkpoint-C/, its column block), deleted once the index is complete
     RUN/scores/<name>.safetensors + <name>.json   pairwise scores with their ids
-    RUN/*/checksums.json       sha256 and size of every file above, recorded after it is written
+    RUN/*/checksums.json       checksum (xxh3_128) and size of every file above, recorded after it is written
 
 Every file is written atomically and checksummed, following the resumable-job contract of
 :mod:`wherefrom.core.store`: ``fit`` and ``index`` hold the run's writer lock, resume from whatever

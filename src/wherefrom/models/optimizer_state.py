@@ -12,7 +12,7 @@ a function of ``g`` alone, so only the second moment is used, as TrackStar does.
 
 A checkpoint folder of :func:`wherefrom.models.finetune.finetune` holds ``optimizer_state.safetensors``:
 one float32 tensor ``v`` per trainable parameter, named as in ``model.named_parameters()`` and shaped like
-the parameter, with metadata ``step``, ``beta1``, ``beta2``, ``eps`` and ``weight_decay``; its sha256 is
+the parameter, with metadata ``step``, ``beta1``, ``beta2``, ``eps`` and ``weight_decay``; its checksum is
 recorded in the folder's ``checksums.json`` (:func:`wherefrom.core.store.save_tensors_checked`), so a
 damaged file is refused by name, never read.
 """
@@ -27,7 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wherefrom.core.store import check_size, load_tensors_checked, recorded_checksums, save_tensors_checked
+from wherefrom.core.store import (
+    check_size,
+    checksum_of,
+    load_tensors_checked,
+    recorded_checksums,
+    save_tensors_checked,
+)
 from wherefrom.core.tracking import TrackedModule
 
 __all__ = ["OPTIMIZER_STATE_FILE", "AdamState", "MissingOptimizerState", "save_adam_state"]
@@ -70,19 +76,22 @@ def save_adam_state(optimizer: torch.optim.Optimizer, model: nn.Module, folder: 
 @dataclass
 class AdamState:
     """The AdamW state of one checkpoint folder: ``second_moment`` ``{parameter name: v}`` (float32, shaped
-    like the parameter), ``step`` ``t``, ``beta2`` and ``eps``; ``sha256`` of the file (a fingerprint)."""
+    like the parameter), ``step`` ``t``, ``beta2`` and ``eps``; ``checksum``: the file's recorded hex digest (a
+    fingerprint: :func:`AdamState.fingerprint`)."""
 
     folder: Path
     second_moment: dict[str, torch.Tensor]
     step: int
     beta2: float
     eps: float
-    sha256: str
+    checksum: str
 
     @staticmethod
     def fingerprint(folder: str | Path) -> dict[str, str]:
         """What identifies checkpoint ``folder``'s state in an index's settings, without reading its tensors:
-        the folder (absolute) and the file's recorded sha256.
+        the folder (absolute) and the file's recorded checksum, ``{"checkpoint": folder, hash name: hex}`` (the
+        hash name is ``xxh3_128``, or ``sha256`` for a state saved by an older wherefrom: its fingerprint, and so
+        an index's settings that record it, stay as they were).
 
         Raises :class:`MissingOptimizerState` naming the folder when it has no state and
         :class:`wherefrom.core.store.DamagedFile` when the file's checksum is not recorded."""
@@ -95,7 +104,8 @@ class AdamState:
                 "new output folder (in the same folder an identical earlier run is reused as it is, without the state)"
             )
         check_size(path)
-        return {"checkpoint": str(folder), "sha256": recorded_checksums(folder)[OPTIMIZER_STATE_FILE]["sha256"]}
+        name, digest = checksum_of(recorded_checksums(folder)[OPTIMIZER_STATE_FILE])
+        return {"checkpoint": str(folder), name: digest}
 
     @classmethod
     def load(cls, folder: str | Path) -> AdamState:
@@ -104,13 +114,13 @@ class AdamState:
         Raises :class:`MissingOptimizerState` naming the folder when it has none,
         :class:`wherefrom.core.store.DamagedFile` naming a damaged file and ``ValueError`` for a state saved
         before the first step."""
-        sha256 = cls.fingerprint(folder)["sha256"]
+        _, checksum = checksum_of(cls.fingerprint(folder))
         folder = Path(folder)
         tensors, meta = load_tensors_checked(folder / OPTIMIZER_STATE_FILE)
         adam = json.loads(meta["adam"])
         if adam["step"] < 1:
             raise ValueError(f"the AdamW state in {folder} is from before the first step (step 0)")
-        return cls(folder, tensors, int(adam["step"]), float(adam["beta2"]), float(adam["eps"]), sha256)
+        return cls(folder, tensors, int(adam["step"]), float(adam["beta2"]), float(adam["eps"]), checksum)
 
     def divisors(self, modules: Sequence[TrackedModule]) -> dict[str, torch.Tensor]:
         """``{module: sqrt(v_hat) + eps}`` float32, ``(out, in + has_bias)`` (the Linear orientation of every

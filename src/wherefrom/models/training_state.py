@@ -23,7 +23,7 @@ leaves at least one complete state once the first epoch has ended)::
                                  optimizer's parameter groups, the scheduler's state, Python's ``random``
                                  state; non-finite losses are kept as ``NaN``/``Infinity``
 
-Both files' sha256 go into the folder's ``checksums.json``; :meth:`TrainingState.read` hashes them as they
+Both files' checksums go into the folder's ``checksums.json``; :meth:`TrainingState.read` hashes them as they
 are read, so a damaged state is refused (:class:`wherefrom.core.store.DamagedFile`), never used.
 """
 
