@@ -331,3 +331,45 @@ def test_shards_not_verified_in_this_process_are_hashed_as_they_are_read(tmp_pat
         list(store.shards())
     with pytest.raises(DamagedFile, match="shard-00000"):
         store.verify()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("verified", [False, True])
+@pytest.mark.parametrize("size", [1, 3, 4, 5, 9, 10, 64])
+def test_blocks_are_the_shards_joined_in_row_order(tmp_path, dtype, verified, size):
+    """Consecutive shards (4 rows; the last 2) joined until a block holds ``size`` rows, read into one reused
+    buffer: hashed as read, or (after :meth:`VectorStore.verify`) read straight into it."""
+    build(tmp_path / "s", dtype=dtype)
+    store = VectorStore.open(tmp_path / "s")
+    if verified:
+        store.verify()
+    starts, blocks = [], []
+    for first, rows in store.blocks(size):
+        starts.append(first)
+        blocks.append(rows.clone())  # valid until the next block: kept as a copy
+    sizes = [b.shape[0] for b in blocks]
+    assert all(n >= size for n in sizes[:-1]) and all(n % 4 == 0 for n in sizes[:-1]), sizes
+    assert starts == [sum(sizes[:i]) for i in range(len(sizes))]
+    joined = torch.cat(blocks)
+    assert joined.dtype == getattr(torch, dtype) and torch.equal(joined, ROWS.to(getattr(torch, dtype)))
+
+
+def test_blocks_hash_the_shards_not_verified_and_check_each_shards_rows(tmp_path):
+    build(tmp_path / "s")
+    path = tmp_path / "s" / shard_name(1)
+    clean = path.read_bytes()
+    flip(path)
+    with pytest.raises(DamagedFile, match=f"{shard_name(1)} is damaged"):
+        list(VectorStore.open(tmp_path / "s").blocks(4))
+    path.write_bytes(clean)
+    store = VectorStore.open(tmp_path / "s")
+    store.verify()
+    # read without hashing once verified: a shard replaced by another's (other ids) is still refused by its header
+    path.write_bytes((tmp_path / "s" / shard_name(0)).read_bytes())
+    with pytest.raises(DamagedFile, match=f"{shard_name(1)} does not hold the store's rows from 4 on"):
+        list(store.blocks(4))
+    path.write_bytes(clean[:-8])  # truncated after the size check of open
+    with pytest.raises(DamagedFile, match=f"{shard_name(1)} is truncated"):
+        list(store.blocks(4))
+    with pytest.raises(ValueError, match="size must be >= 1"):
+        list(store.blocks(0))

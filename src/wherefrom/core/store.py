@@ -355,12 +355,18 @@ def _compare(path: Path, size: int, recorded: Recorded = None, digest: Callable[
         raise DamagedFile(f"{path} is damaged: its {name} differs from the one recorded when it was written")
 
 
+def check_bytes(path: Path, data: bytes, recorded: Recorded = None) -> None:
+    """Raise :class:`DamagedFile` naming ``path`` unless ``data`` (its bytes, read by the caller) match its recorded
+    checksum and size."""
+    _compare(Path(path), len(data), recorded, lambda name: _digest(data, name))
+
+
 def _verified_bytes(path: Path, recorded: Recorded = None) -> bytes:
     """The bytes of ``path``, read once and checked against the recorded checksum."""
     if not path.is_file():
         raise DamagedFile(f"{path} is missing")
     data = path.read_bytes()
-    _compare(path, len(data), recorded, lambda name: _digest(data, name))
+    check_bytes(path, data, recorded)
     return data
 
 
