@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wherefrom.core.search import FaissSettings, build_faiss_index, built_pq_m, exact_top_k, faiss_top_k, recall_at_k
+from wherefrom.core.search import FaissSettings, build_faiss_index, exact_top_k, faiss_top_k, pq_m_label, recall_at_k
 from wherefrom.core.store import atomic_write_json
 from wherefrom.studies.toolkit import markdown_table, number, provenance, write_report
 
@@ -231,9 +231,7 @@ def measure(args: argparse.Namespace) -> dict:
                     start = time.perf_counter()
                     index = build_faiss_index(source32, settings)
                     built = time.perf_counter() - start
-                    codes = (
-                        f"pq_m={built_pq_m(index)}{' (probed)' if pq_m is None else ''} " if "pq" in index_kind else ""
-                    )
+                    codes = pq_m_label(index, settings, source32.dim)
                     for values in sweep(index_kind):
                         chosen = FaissSettings(kind=index_kind, nlist=args.nlist, pq_m=pq_m, **values)
                         start = time.perf_counter()

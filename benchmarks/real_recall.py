@@ -88,9 +88,9 @@ def measure(name: str, source, queries, kinds: list[str], pq_ms: list[int | None
     from wherefrom.core.search import (
         FaissSettings,
         build_faiss_index,
-        built_pq_m,
         exact_top_k,
         faiss_top_k,
+        pq_m_label,
         recall_at_k,
     )
 
@@ -101,7 +101,7 @@ def measure(name: str, source, queries, kinds: list[str], pq_ms: list[int | None
         start = time.perf_counter()
         index = build_faiss_index(source, FaissSettings(kind=kind, pq_m=pq_m))
         built = time.perf_counter() - start
-        codes = f"pq_m={built_pq_m(index)}{' (probed)' if pq_m is None else ''} " if "pq" in kind else ""
+        codes = pq_m_label(index, FaissSettings(kind=kind, pq_m=pq_m), source.dim)
         for values in sweep(kind):
             settings = FaissSettings(kind=kind, pq_m=pq_m, **values)
             start = time.perf_counter()

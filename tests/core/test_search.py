@@ -21,6 +21,7 @@ from wherefrom.core.search import (
     exact_top_k,
     faiss_settings,
     faiss_top_k,
+    pq_m_label,
     recall_at_k,
     search_store,
 )
@@ -409,6 +410,19 @@ def test_pq_default_pq_m_is_probed_so_concentrated_rows_get_few_sub_quantizers_a
     white = Rows(torch.randn(1000, 1024, generator=generator), 500)
     index = build_faiss_index(white, FaissSettings(kind="pq"))
     assert faiss.downcast_index(index.base_index).pq.M == 512
+    assert pq_m_label(index, FaissSettings(kind="pq"), 1024) == "pq_m=512 (probed) "
+
+
+def test_pq_m_labels_say_whether_the_build_probed_took_the_rule_or_was_given():
+    """ivf-pq's default is dim / 8 by rule alone (not probed); a pq of dim/2 <= 256 has one candidate; ivf none."""
+    source = Rows(torch.randn(400, 64, generator=torch.Generator().manual_seed(5)), 200)
+    for chosen, label in [
+        (FaissSettings(kind="ivf-pq", nlist=4), "pq_m=8 (default) "),
+        (FaissSettings(kind="ivf-pq", nlist=4, pq_m=16), "pq_m=16 "),
+        (FaissSettings(kind="pq"), "pq_m=32 (default) "),
+        (FaissSettings(kind="ivf", nlist=4), ""),
+    ]:
+        assert pq_m_label(build_faiss_index(source, chosen), chosen, 64) == label
 
 
 def test_a_saved_pq_index_of_a_probed_pq_m_is_reused_and_says_its_pq_m(tmp_path):

@@ -101,6 +101,7 @@ __all__ = [
     "faiss_settings",
     "faiss_top_k",
     "load_faiss_index",
+    "pq_m_label",
     "recall_at_k",
     "rows_sha256",
     "search_store",
@@ -748,6 +749,17 @@ def built_pq_m(index) -> int | None:
     if not isinstance(index, faiss.IndexRefine):
         return None
     return faiss.downcast_index(index.base_index).pq.M
+
+
+def pq_m_label(index, settings: FaissSettings, dim: int) -> str:
+    """``"pq_m=N "`` of a PQ kind's built ``index`` (:func:`built_pq_m`) with how N was set: ``(probed)`` where the
+    build chose among :meth:`FaissSettings.pq_m_candidates`, ``(default)`` where no ``pq_m`` was given and the rule
+    alone set it; ``""`` for the other kinds (the benchmarks' row labels)."""
+    m = built_pq_m(index)
+    if m is None:
+        return ""
+    how = " (probed)" if len(settings.pq_m_candidates(dim)) > 1 else " (default)" if settings.pq_m is None else ""
+    return f"pq_m={m}{how} "
 
 
 def _add_angular(index, source: RowSource) -> None:
