@@ -487,12 +487,14 @@ class FaissSettings:
     def pq_m_candidates(self, dim: int) -> list[int]:
         """The ``pq_m`` values a build of rows of ``dim`` chooses among, largest first: the one
         :meth:`sub_quantizers` gives and, for ``pq`` without a given ``pq_m``, also the largest divisor of ``dim``
-        up to :data:`PQ_M_CONCENTRATED` where that is smaller (:func:`_probed_pq` keeps the one of better probe
+        up to :data:`PQ_M_CONCENTRATED` where that is smaller and at least a quarter of it (a dimension such as
+        2 x 257 has only 2: too coarse a code to be worth a build) (:func:`_probed_pq` keeps the one of better probe
         recall)."""
         m = self.sub_quantizers(dim)
-        if self.kind != "pq" or self.pq_m is not None or m <= PQ_M_CONCENTRATED:
+        small = _divisor_at_most(dim, PQ_M_CONCENTRATED)
+        if self.kind != "pq" or self.pq_m is not None or m <= PQ_M_CONCENTRATED or small < PQ_M_CONCENTRATED // 4:
             return [m]
-        return [m, _divisor_at_most(dim, PQ_M_CONCENTRATED)]
+        return [m, small]
 
     def recall_advice(self, count: int | None = None) -> str:
         """What raises this search's recall: its kind's search-time settings (:data:`SEARCH_TIME`; not ``nprobe``
@@ -604,12 +606,20 @@ nearly white (preconditioned) rows a large ``pq_m`` is needed: ``benchmarks/resu
 PQ_PROBE_QUERIES = 64
 """Training-sample rows a ``pq`` build with two candidate ``pq_m`` searches for (:func:`_probed_pq`)."""
 
+PQ_PROBE_MIN_QUERIES = 16
+"""Fewer held-out rows than this (a sample under ``2 * 16 + 2 ** PQ_BITS = 48`` rows) and the probe is not run: its
+recall would move in steps of 1/(queries x k) and the margin would decide on noise (the first candidate is built)."""
+
 PQ_PROBE_SHORTLIST = 16
 """The probe's recall@k counts the exact top-k (among the training sample's other rows) found in the
 ``PQ_PROBE_SHORTLIST x k`` best codes: a shortlist such as the float32 re-ranking sees."""
 
 PQ_PROBE_K = 10
 """``k`` of the probe's recall@k."""
+
+PQ_PROBE_VERSION = 2
+"""Bumped when the rows a probe trains on change for the same settings (2: the held-out rows swapped to the end of
+the sample, the rest a view; 1 took the rest through a boolean mask, in order): a saved probed index is rebuilt."""
 
 PQ_PROBE_MARGIN = 0.05
 """The smaller ``pq_m`` is kept only where its probe recall exceeds the larger's by more than this. Measured gaps
@@ -649,15 +659,15 @@ def rows_sha256(source: RowSource) -> str:
 def _fingerprint(source: RowSource, settings: FaissSettings, store_key: str | None) -> dict[str, Any]:
     """What decides the index's bytes: the store's shape, dtype and contents, and the build settings, ``nlist`` and
     ``pq_m`` as built (:meth:`FaissSettings.lists`; :meth:`FaissSettings.pq_m_candidates`, the list where a build
-    probes two): a value given equal to the default rule's reuses the index (not a probed build's choice), and a
-    change of the rule rebuilds it."""
+    probes two, with the probe's settings, :func:`_probe_rule`): a value given equal to the default rule's reuses the
+    index (not a probed build's choice), and a change of the rule or of the probe rebuilds it."""
     uses = {"kind", *KIND_OPTIONS[settings.kind]} - set(SEARCH_TIME)
     build = {k: v for k, v in asdict(settings).items() if k in uses}
     if "nlist" in build:
         build["nlist"] = settings.lists(source.count)
     if "pq_m" in build:
         candidates = settings.pq_m_candidates(source.dim)
-        build["pq_m"] = candidates[0] if len(candidates) == 1 else candidates
+        build["pq_m"] = candidates[0] if len(candidates) == 1 else {"candidates": candidates, "probe": _probe_rule()}
     contents = store_key if store_key is not None else rows_sha256(source)
     return {"count": source.count, "dim": source.dim, "dtype": source.dtype, "store": contents, **build}
 
@@ -705,6 +715,18 @@ def _trained_pq(m: int, rows: np.ndarray):
     return index
 
 
+def _probe_rule() -> dict[str, Any]:
+    """The settings of a ``pq`` build's probe (:func:`_probed_pq`), recorded in a saved index's key."""
+    return {
+        "queries": PQ_PROBE_QUERIES,
+        "min_queries": PQ_PROBE_MIN_QUERIES,
+        "shortlist": PQ_PROBE_SHORTLIST,
+        "k": PQ_PROBE_K,
+        "margin": PQ_PROBE_MARGIN,
+        "version": PQ_PROBE_VERSION,
+    }
+
+
 def _probed_pq(candidates: Sequence[int], sample: np.ndarray) -> tuple[Any, str | None]:
     """A trained, empty ``pq`` index (:func:`_trained_pq`) of the ``pq_m`` in ``candidates`` (largest first) a probe
     chooses, and what the probe measured (``None`` for one candidate). The probe: up to :data:`PQ_PROBE_QUERIES`
@@ -716,11 +738,17 @@ def _probed_pq(candidates: Sequence[int], sample: np.ndarray) -> tuple[Any, str 
     the rows). Too few rows to hold any out (fewer than ``2 ** PQ_BITS + 2``): the first candidate, trained on the
     whole sample. Deterministic: the sample is strided and FAISS's k-means seeded."""
     held = min(PQ_PROBE_QUERIES, (len(sample) - 2**PQ_BITS) // 2)
-    if len(candidates) == 1 or held < 1:
+    if len(candidates) == 1 or held < PQ_PROBE_MIN_QUERIES:
         return _trained_pq(candidates[0], sample), None
-    out = np.zeros(len(sample), dtype=bool)
-    out[np.linspace(0, len(sample) - 1, held).round().astype(int)] = True
-    queries, rest = sample[out], np.ascontiguousarray(sample[~out])
+    # the held-out rows swapped into the last ``held`` places of the (private) sample: the rest is a view of it, not
+    # a second copy (a boolean mask copied it: 4-8 GB more at PQ_TRAINING_ROWS rows of dim 16,384)
+    picked = np.linspace(0, len(sample) - 1, held).round().astype(int)
+    tail = len(sample) - held
+    held_rows = set(picked.tolist())
+    free = [row for row in range(tail, len(sample)) if row not in held_rows]
+    for row, place in zip([row for row in picked.tolist() if row < tail], free, strict=True):
+        sample[[row, place]] = sample[[place, row]]
+    rest, queries = sample[:tail], sample[tail:].copy()
     k = min(PQ_PROBE_K, len(rest))
     shortlist = max(k, min(PQ_PROBE_SHORTLIST * k, len(rest) // 8))
     truth = np.argsort(-(queries @ rest.T), axis=1, kind="stable")[:, :k]
@@ -837,8 +865,8 @@ def _saved_or_built(
         index = faiss.IndexHNSWFlat(dim, settings.m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = settings.ef_construction
     elif settings.kind == "ivf-pq":
-        lists, codes = settings.lists(source.count), settings.sub_quantizers(dim)
-        index = faiss.index_factory(dim, f"IVF{lists},PQ{codes}x{PQ_BITS}fs,RFlat", faiss.METRIC_INNER_PRODUCT)
+        lists, m = settings.lists(source.count), settings.sub_quantizers(dim)
+        index = faiss.index_factory(dim, f"IVF{lists},PQ{m}x{PQ_BITS}fs,RFlat", faiss.METRIC_INNER_PRODUCT)
         _train_quietly(index, _training_sample(source, max(lists * settings.train_per_list, 2**PQ_BITS)))
     elif settings.kind == "pq":
         index, codes = _probed_pq(settings.pq_m_candidates(dim), _training_sample(source, PQ_TRAINING_ROWS))
