@@ -373,3 +373,41 @@ def test_blocks_hash_the_shards_not_verified_and_check_each_shards_rows(tmp_path
         list(store.blocks(4))
     with pytest.raises(ValueError, match="size must be >= 1"):
         list(store.blocks(0))
+
+
+def test_blocks_read_a_shard_in_as_many_reads_as_the_system_gives_and_name_a_damaged_header_length(
+    tmp_path, monkeypatch
+):
+    """One read returns at most 2 GiB - 4 KiB on Linux, so a larger verified shard was refused as truncated; a
+    damaged header length of a verified shard raised an unnamed OverflowError or MemoryError."""
+    build(tmp_path / "s")
+    store = VectorStore.open(tmp_path / "s")
+    store.verify()
+    opened = open  # files opened unbuffered: each readinto returns at most 8 bytes here, as a capped read would
+
+    class Short:
+        def __init__(self, *args, **kwargs):
+            self.fh = opened(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def readinto(self, view):
+            return self.fh.readinto(view[:8])
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    monkeypatch.setattr("builtins.open", Short)
+    assert torch.equal(torch.cat([rows.clone() for _, rows in store.blocks(4)]), ROWS)
+    monkeypatch.undo()
+    path = tmp_path / "s" / shard_name(1)
+    data = bytearray(path.read_bytes())
+    for length in (2**40, 2**63):
+        data[:8] = length.to_bytes(8, "little")
+        path.write_bytes(bytes(data))
+        with pytest.raises(DamagedFile, match=f"{shard_name(1)} does not hold the store's rows"):
+            list(store.blocks(4))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -294,7 +295,8 @@ class VectorStore:
         self.shard_size: int = settings["shard_size"]
         self.shard_count = (self.count + self.shard_size - 1) // self.shard_size
         self.verified: set[int] = set()
-        """The shards :meth:`verify` hashed in this process: :meth:`shards` maps them."""
+        """The shards :meth:`verify` hashed in this process: :meth:`shards` maps them, :meth:`blocks` reads them
+        without hashing."""
 
     @classmethod
     def open(cls, folder: Path) -> VectorStore:
@@ -388,15 +390,23 @@ class VectorStore:
         with open(path, "rb", buffering=0) as fh:
             if shard in self.verified:
                 head = fh.read(8)
-                header = head + fh.read(struct.unpack("<Q", head)[0] if len(head) == 8 else 0)
+                size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+                # a damaged length field reads no more than the file holds (it then fails the layout check)
+                header = head + fh.read(min(size, os.fstat(fh.fileno()).st_size))
                 offset = self._rows_offset(path, header, start, n)
                 fh.seek(offset)
-                complete = fh.readinto(target) == len(target)
+                left = target
+                while left:  # one read returns at most 2 GiB - 4 KiB on Linux: a larger shard takes several
+                    got = fh.readinto(left)
+                    if not got:
+                        break
+                    left = left[got:]
+                complete = not left
             else:
                 data = fh.read()
                 check_bytes(path, data, recorded)
                 offset = self._rows_offset(path, data, start, n)
-                target[:] = data[offset : offset + len(target)]
+                target[:] = memoryview(data)[offset : offset + len(target)]
                 complete = True
         if not complete:
             raise DamagedFile(f"{path} is truncated: it ends inside its rows; rebuild the store")
