@@ -496,6 +496,10 @@ class FaissSettings:
             return [m]
         return [m, small]
 
+    def probes(self, dim: int) -> bool:
+        """Whether a build of rows of ``dim`` chooses its ``pq_m`` by a probe (two :meth:`pq_m_candidates`)."""
+        return len(self.pq_m_candidates(dim)) > 1
+
     def recall_advice(self, count: int | None = None) -> str:
         """What raises this search's recall: its kind's search-time settings (:data:`SEARCH_TIME`; not ``nprobe``
         where it reaches every cell of an IVF index over ``count`` rows), and the kind or graph measured to suit
@@ -667,7 +671,9 @@ def _fingerprint(source: RowSource, settings: FaissSettings, store_key: str | No
         build["nlist"] = settings.lists(source.count)
     if "pq_m" in build:
         candidates = settings.pq_m_candidates(source.dim)
-        build["pq_m"] = candidates[0] if len(candidates) == 1 else {"candidates": candidates, "probe": _probe_rule()}
+        build["pq_m"] = (
+            {"candidates": candidates, "probe": _probe_rule()} if settings.probes(source.dim) else candidates[0]
+        )
     contents = store_key if store_key is not None else rows_sha256(source)
     return {"count": source.count, "dim": source.dim, "dtype": source.dtype, "store": contents, **build}
 
@@ -735,7 +741,7 @@ def _probed_pq(candidates: Sequence[int], sample: np.ndarray) -> tuple[Any, str 
     (:data:`PQ_PROBE_K`) of the exact top-k in a shortlist of the :data:`PQ_PROBE_SHORTLIST` ``x k`` best codes (at
     most an eighth of the rows, at least ``k``) is measured, and the smaller ``pq_m`` kept only where its recall is
     higher by more than :data:`PQ_PROBE_MARGIN` (:data:`PQ_M_CONCENTRATED` says why the best ``pq_m`` depends on
-    the rows). Too few rows to hold any out (fewer than ``2 ** PQ_BITS + 2``): the first candidate, trained on the
+    the rows). Too few rows to hold :data:`PQ_PROBE_MIN_QUERIES` out (under 48): the first candidate, trained on the
     whole sample. Deterministic: the sample is strided and FAISS's k-means seeded."""
     held = min(PQ_PROBE_QUERIES, (len(sample) - 2**PQ_BITS) // 2)
     if len(candidates) == 1 or held < PQ_PROBE_MIN_QUERIES:
@@ -786,7 +792,7 @@ def pq_m_label(index, settings: FaissSettings, dim: int) -> str:
     m = built_pq_m(index)
     if m is None:
         return ""
-    how = " (probed)" if len(settings.pq_m_candidates(dim)) > 1 else " (default)" if settings.pq_m is None else ""
+    how = " (probed)" if settings.probes(dim) else " (default)" if settings.pq_m is None else ""
     return f"pq_m={m}{how} "
 
 
@@ -850,7 +856,7 @@ def _saved_or_built(
         saved = load_faiss_index(path, key)
         if saved is not None:
             codes = None
-            if settings.kind == "pq" and len(settings.pq_m_candidates(source.dim)) > 1:
+            if settings.probes(source.dim):
                 codes = f"pq_m {built_pq_m(saved)}, chosen by probe recall when built"
             return BuiltIndex(saved, "reused", codes=codes)
         try:
