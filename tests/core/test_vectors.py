@@ -411,3 +411,32 @@ def test_blocks_read_a_shard_in_as_many_reads_as_the_system_gives_and_name_a_dam
         path.write_bytes(bytes(data))
         with pytest.raises(DamagedFile, match=f"{shard_name(1)} does not hold the store's rows"):
             list(store.blocks(4))
+
+
+@pytest.mark.parametrize(
+    "hurt, named",
+    [
+        (lambda data, other: (2**40).to_bytes(8, "little") + data[8:], "cannot be read|does not hold the store's rows"),
+        (lambda data, other: data[:8] + b"{" * 20 + data[28:], "cannot be read|does not hold the store's rows"),
+        (lambda data, other: data[:-8], "cannot be read|is truncated"),
+        (lambda data, other: other, "does not hold the store's rows from 4 on"),
+        (None, "is missing"),
+    ],
+    ids=["header-length", "header-json", "truncated", "other-shard", "deleted"],
+)
+@pytest.mark.parametrize("read", ["mapped", "default", "blocks"])
+def test_a_shard_damaged_after_verify_is_named_by_every_reader(tmp_path, hurt, named, read):
+    """A shard verified in this process is then read without hashing: damaged after that (header, truncation,
+    another shard's bytes, deleted), the mapped read raised safetensors' or the OS's error without naming it as a
+    damaged shard of the store; every reader now raises DamagedFile naming the file."""
+    build(tmp_path / "s")
+    store = VectorStore.open(tmp_path / "s")
+    store.verify()
+    path = tmp_path / "s" / shard_name(1)
+    if hurt is None:
+        path.unlink()
+    else:
+        path.write_bytes(hurt(path.read_bytes(), (tmp_path / "s" / shard_name(0)).read_bytes()))
+    reads = {"mapped": lambda: store.shards(verify=False), "default": store.shards, "blocks": lambda: store.blocks(4)}
+    with pytest.raises(DamagedFile, match=f"{shard_name(1)} ({named})"):
+        list(reads[read]())

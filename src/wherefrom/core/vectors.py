@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from wherefrom.core.store import (
     DamagedFile,
@@ -387,7 +387,11 @@ class VectorStore:
         start = shard * self.shard_size
         n = min(self.shard_size, self.count - start)
         target = memoryview(out[:n].view(torch.uint8).numpy()).cast("B")
-        with open(path, "rb", buffering=0) as fh:
+        try:
+            fh = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by the with below)
+        except FileNotFoundError:  # deleted since the store was opened
+            raise DamagedFile(f"{path} is missing; rebuild the store") from None
+        with fh:
             if shard in self.verified:
                 head = fh.read(8)
                 size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
@@ -452,10 +456,22 @@ class VectorStore:
             if check:
                 tensors, meta = load_tensors_checked(path, recorded)
                 rows = tensors["rows"]
-            else:
-                with safe_open(str(path), "pt") as mapped:
-                    rows, meta = mapped.get_tensor("rows"), mapped.metadata()
             start = shard * self.shard_size
-            if json.loads(meta["ids"]) != self.ids[start : start + rows.shape[0]] or rows.shape[1] != self.dim:
+            try:
+                if not check:
+                    with safe_open(str(path), "pt") as mapped:
+                        rows, meta = mapped.get_tensor("rows"), mapped.metadata()
+                held = json.loads(meta["ids"]) == self.ids[start : start + rows.shape[0]] and rows.shape[1] == self.dim
+            except FileNotFoundError:  # deleted since it was verified
+                raise DamagedFile(f"{path} is missing; rebuild the store") from None
+            except (
+                SafetensorError,
+                OSError,
+                KeyError,
+                TypeError,
+                ValueError,
+            ) as error:  # damaged since it was verified
+                raise DamagedFile(f"{path} cannot be read ({error}); rebuild the store") from None
+            if not held:
                 raise DamagedFile(f"{path} does not hold the store's rows from {start} on; rebuild the store")
             yield start, rows
