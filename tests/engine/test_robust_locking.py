@@ -14,10 +14,13 @@ import textwrap
 import pytest
 import torch
 
+import wherefrom.cli.run as cli_run
 import wherefrom.core.search as search_module
 from wherefrom.core.search import search_store
 from wherefrom.core.store import FolderLocked, is_intact, writer_lock
 from wherefrom.core.vectors import VectorStore
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.engine.run import Run, RunConfig, RunMismatch
 
 from .robust_workspace import SRC, fit_args, invoke, make_workspace, spawn
 
@@ -103,6 +106,65 @@ def test_two_index_and_two_fit_processes_at_once(root):
     config = json.loads((contested / "config.json").read_text())
     factors = json.loads((contested / "factors" / "curvature.json").read_text())
     assert config["attribution"]["strategy"] == factors["strategy"] == ("kfac", "ekfac")[codes.index(0)]
+
+
+def strategy_config(root, strategy: str) -> RunConfig:
+    attribution = AttributionConfig(strategy=strategy, include=[r"layers\.1\.mlp\.down_proj"], batch_size=8)
+    return RunConfig(train=str(root / "train.jsonl"), attribution=attribution, model=str(root / "model"), device="cpu")
+
+
+def recorded_strategies(folder) -> tuple[str, str]:
+    config = json.loads((folder / "config.json").read_text())
+    factors = json.loads((folder / "factors" / "curvature.json").read_text())
+    return config["attribution"]["strategy"], factors["strategy"]
+
+
+def test_the_run_that_fits_a_new_folder_records_its_own_config(root, tmp_path):
+    """Two runs created on one new folder, as two fit processes do before either takes the lock to fit: the
+    second recorded its config over the first's, and the first then fitted beside it (config.json said ekfac,
+    the factors were kfac). The fit records its config again under its lock; the other is refused by name."""
+    folder = tmp_path / "contested"
+    first = Run.create(folder, strategy_config(root, "kfac"))
+    second = Run.create(folder, strategy_config(root, "ekfac"))
+    assert json.loads((folder / "config.json").read_text())["attribution"]["strategy"] == "ekfac"
+    assert first.fit() is True
+    assert recorded_strategies(folder) == ("kfac", "kfac")
+    with pytest.raises(RunMismatch, match=r"other settings \(attribution\.strategy"):
+        second.fit()
+    assert recorded_strategies(folder) == ("kfac", "kfac")
+
+
+def test_fit_records_its_command_under_the_lock_beside_its_own_config(root, tmp_path, monkeypatch):
+    """The CLI `fit` wrote its replay record into config.json without the lock: another writer acquiring the lock
+    deleted the record's temporary file (the command failed: No such file or directory), or the record landed in
+    the other fit's config. Here another fit of the same new folder records its config and command between this
+    fit's Run.create and its fit: config.json ends with this fit's config and its command alone."""
+    folder = tmp_path / "contested"
+    real_create = Run.create
+
+    def create_then_rival(run_folder, config, progress):
+        opened = real_create(run_folder, config, progress=progress)
+        real_create(run_folder, strategy_config(root, "ekfac"))
+        saved = json.loads((run_folder / "config.json").read_text())
+        saved["replay"] = {"fit": {"command": "fit", "arguments": {"strategy": "ekfac"}, "line": "wherefrom fit ekfac"}}
+        (run_folder / "config.json").write_text(json.dumps(saved))
+        return opened
+
+    monkeypatch.setattr(cli_run.Run, "create", create_then_rival)
+    code, out = invoke(*fit_args(root, str(folder), "--strategy", "kfac", "--batch-size", "8"))
+    assert code == 0, out
+    assert recorded_strategies(folder) == ("kfac", "kfac")
+    replay = json.loads((folder / "config.json").read_text())["replay"]
+    assert list(replay) == ["fit"] and replay["fit"]["arguments"]["strategy"] == "kfac", replay
+
+
+def test_a_config_recorded_again_unchanged_keeps_what_was_written_beside_it(root, tmp_path):
+    folder = tmp_path / "run"
+    run = Run.create(folder, strategy_config(root, "kfac"))
+    saved = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**saved, "replay": {"fit": {"line": "wherefrom fit"}}}))
+    run.fit()
+    assert json.loads((folder / "config.json").read_text())["replay"] == {"fit": {"line": "wherefrom fit"}}
 
 
 def test_a_faiss_search_is_a_reader_and_a_failed_save_only_costs_the_next_build(root, monkeypatch, caplog):

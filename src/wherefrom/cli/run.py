@@ -97,8 +97,10 @@ def fit(
                     f"--with-index: method {method!r} has no per-row index (its train side is not a vector per "
                     "row); fit it without --with-index"
                 )
-            on_main(lambda: remember(run))
-            fitted = opened.fit(keep_gradients=with_index)
+            with held_by_main(lambda: writer_lock(run)):  # the config, its replay record and the fit in one hold
+                on_main(opened.settle)  # another fit of this folder may have recorded its config since create
+                on_main(lambda: remember(run))
+                fitted = opened.fit(keep_gradients=with_index)
             barrier()
             written = opened.build_index(shard_size, dtype) if with_index else None
             main = is_main()

@@ -269,6 +269,9 @@ class Run:
                 config.method, loaded.model, loaded.tokenizer, config.attribution, **config.options
             )
         self.method_fitted = False
+        self.created_manifest: dict[str, Any] | None = None
+        """The manifest :meth:`create` recorded (``None`` for a run :meth:`open` found): :meth:`fit` records the
+        run's settings again under its lock, since another process may have recorded its own in between."""
         self.notices: list[str] = []
         """What a writer found and repaired (damaged files rebuilt, partial state of unknown settings discarded)."""
 
@@ -306,14 +309,21 @@ class Run:
             STRATEGIES[config.attribution.strategy].refuse_distributed()  # nothing fitted to reuse
         loaded = load_model(config.model, config.adapter, device=config.device)
         run = cls(folder, config, loaded, load_records(config.train), progress)
-        manifest = run.manifest()
-        on_main(lambda: run.settle(config, manifest))
+        run.created_manifest = run.manifest()
+        on_main(run.settle)
         return run
 
-    def settle(self, config: RunConfig, manifest: dict[str, Any]) -> None:
-        """:meth:`create`'s check of the folder against ``config``, or its record of ``config`` and ``manifest``
-        (rank 0's job under ``torch.distributed``)."""
-        folder = self.folder
+    def settle(self) -> None:
+        """Check the folder against the run's config, or record the config and :meth:`create`'s manifest there
+        (rank 0's job under ``torch.distributed``); under the run's writer lock (reentrant: a caller that holds it
+        keeps it). :meth:`create` calls it, and :meth:`fit` again under its own hold of the lock: two processes
+        that created the same new folder each recorded their config, and the one that fits must find its own.
+
+        A folder with a finished result (:meth:`finished`) raises :class:`RunMismatch` naming each setting that
+        differs (both values) or a manifest fingerprint that does; otherwise the run's config replaces what is
+        recorded, and ``config.json`` is left as it is where it already records the same config (a record
+        another writer added beside it, the CLI's ``replay``, stays)."""
+        folder, config = self.folder, self.config
         with writer_lock(folder):
             if self.finished():
                 # Round-trip through RunConfig: settings added in later versions take their defaults.
@@ -324,10 +334,17 @@ class Run:
                         f"{folder} holds a run with other settings ({'; '.join(differences)}); "
                         "use a new --run folder or the same arguments"
                     )
-                self._check(json.loads((folder / "manifest.json").read_text()), manifest)
-            else:  # nothing finished here yet: the new settings replace the old
-                atomic_write_json(config.to_dict(), folder / "config.json")
-                atomic_write_json(manifest, folder / "manifest.json")
+                self._check(json.loads((folder / "manifest.json").read_text()), self.created_manifest)
+                return
+            # nothing finished here yet: the new settings replace the old
+            recorded, own = folder / "config.json", config.to_dict()
+            try:
+                saved = json.loads(recorded.read_text())
+            except (OSError, ValueError):  # missing or damaged: written anew
+                saved = None
+            if not isinstance(saved, dict) or any(saved.get(key) != value for key, value in own.items()):
+                atomic_write_json(own, recorded)
+            atomic_write_json(self.created_manifest, folder / "manifest.json")
 
     def finished(self) -> bool:
         """Whether the folder holds a finished result (fitted factors, an index or scores): only then are
@@ -453,6 +470,8 @@ class Run:
         target = self.folder / "factors"
         stages = StageFolder(target / "stages")
         with held_by_main(lambda: writer_lock(self.folder)):
+            if self.created_manifest is not None:
+                on_main(self.settle)
             if on_main(lambda: self.factors_intact(target, stages)):
                 self.attributor.use_curvature(load_curvature(target), self.train)
                 on_main(stages.clear)  # left by a fit killed after its final save
@@ -538,6 +557,8 @@ class Run:
         refuse(f"method {self.config.method!r}", FIT_ALONE)
         target = self.folder / "method"
         with writer_lock(self.folder):
+            if self.created_manifest is not None:
+                self.settle()
 
             def problems() -> list[str]:
                 return [p for p in (damage(target / TENSORS_FILE), damage(target / META_FILE)) if p]
