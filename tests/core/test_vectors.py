@@ -440,3 +440,20 @@ def test_a_shard_damaged_after_verify_is_named_by_every_reader(tmp_path, hurt, n
     reads = {"mapped": lambda: store.shards(verify=False), "default": store.shards, "blocks": lambda: store.blocks(4)}
     with pytest.raises(DamagedFile, match=f"{shard_name(1)} ({named})"):
         list(reads[read]())
+
+
+def test_blocks_of_a_verified_store_compare_headers_without_parsing_them(tmp_path, monkeypatch):
+    """verify() checks each shard's header once (ids, dtype, shape); blocks() then compares the header it reads with
+    that one by hash (parsing it on every read was a third of a search's time at 10^6 rows)."""
+    build(tmp_path / "s")
+    store = VectorStore.open(tmp_path / "s")
+    store.verify()
+    monkeypatch.setattr(VectorStore, "_rows_offset", lambda *args: pytest.fail("a verified header was parsed"))
+    assert torch.equal(torch.cat([rows.clone() for _, rows in store.blocks(4)]), ROWS)
+    monkeypatch.undo()
+    other = VectorStore.open(tmp_path / "s")  # not verified: every shard hashed and parsed as it is read
+    parsed = []
+    offset = VectorStore._rows_offset
+    monkeypatch.setattr(VectorStore, "_rows_offset", lambda self, *args: parsed.append(1) or offset(self, *args))
+    assert torch.equal(torch.cat([rows.clone() for _, rows in other.blocks(4)]), ROWS)
+    assert len(parsed) == other.shard_count

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from safetensors import SafetensorError, safe_open
 
 from wherefrom.core.store import (
@@ -42,7 +42,6 @@ from wherefrom.core.store import (
     SettingsMismatch,
     StoreError,
     check_bytes,
-    check_file,
     check_size,
     damage,
     forget_file,
@@ -294,9 +293,14 @@ class VectorStore:
         self.dtype: str = settings["dtype"]
         self.shard_size: int = settings["shard_size"]
         self.shard_count = (self.count + self.shard_size - 1) // self.shard_size
-        self.verified: set[int] = set()
+        self._headers: dict[int, tuple[int, int, int]] = {}
+        # per shard verify() hashed: (its header's length, XXH3-64 of the header, where its rows begin)
+
+    @property
+    def verified(self) -> set[int]:
         """The shards :meth:`verify` hashed in this process: :meth:`shards` maps them, :meth:`blocks` reads them
-        without hashing."""
+        without hashing (their header compared with the one verified, not parsed again)."""
+        return set(self._headers)
 
     @classmethod
     def open(cls, folder: Path) -> VectorStore:
@@ -329,14 +333,28 @@ class VectorStore:
         return hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()
 
     def verify(self, only: Collection[int] | None = None) -> None:
-        """Hash every shard (``only``: just these, e.g. the ones this process reads); raises
-        :class:`wherefrom.core.store.DamagedFile` naming the first damaged one. :meth:`shards` then reads those it
-        hashed memory-mapped by default (hashing again in the same process adds only time: a scan of 10^6 rows
-        read each shard three times, verified here, then once per end of a search)."""
+        """Hash every shard (``only``: just these, e.g. the ones this process reads) and check its header (ids, dtype,
+        shape); raises :class:`wherefrom.core.store.DamagedFile` naming the first damaged one. :meth:`shards` then
+        reads those it hashed memory-mapped by default (hashing again in the same process adds only time: a scan of
+        10^6 rows read each shard three times, verified here, then once per end of a search), and :meth:`blocks`
+        reads them without parsing their header again (it compares the header's XXH3-64 with the one verified)."""
         recorded = recorded_checksums(self.folder)
         for shard in range(self.shard_count) if only is None else sorted(only):
-            check_file(self.folder / shard_name(shard), recorded)
-            self.verified.add(shard)
+            path = self.folder / shard_name(shard)
+            data = self._checked_bytes(path, recorded)
+            start = shard * self.shard_size
+            offset, header = self._rows_offset(path, data, start, min(self.shard_size, self.count - start))
+            self._headers[shard] = (header, xxhash.xxh3_64_intdigest(data[:header]), offset)
+
+    @staticmethod
+    def _checked_bytes(path: Path, recorded: Mapping[str, Any] | None) -> bytes:
+        """The bytes of shard ``path``, hashed against its recorded checksum (:class:`DamagedFile` otherwise)."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise DamagedFile(f"{path} is missing; rebuild the store") from None
+        check_bytes(path, data, recorded)
+        return data
 
     def require(
         self, settings: Mapping[str, Any], what: str = "", defaults: Mapping[str, Mapping[str, Any]] | None = None
@@ -360,20 +378,22 @@ class VectorStore:
         straight into one reused buffer until it holds ``size`` rows or more (whole shards; the last block fewer).
         A yielded block is valid until the next one is asked for (copy it to keep it).
 
-        A shard :meth:`verify` hashed in this process is read without hashing: its header, then its rows with one
-        ``readinto`` into the buffer. Any other shard is read whole, hashed, then its rows copied, so a damaged one is
-        never yielded. Each shard's ids and layout are checked as :meth:`shards` does. Raises
-        :class:`wherefrom.core.store.DamagedFile` naming a damaged shard.
+        A shard :meth:`verify` hashed in this process is read without hashing: its header, compared by its XXH3-64
+        with the header :meth:`verify` checked (so a shard replaced since is refused), then its rows with one
+        ``readinto`` into the buffer. Any other shard is read whole, hashed, its ids and layout checked as
+        :meth:`verify` does, then its rows copied, so a damaged one is never yielded. Raises
+        :class:`wherefrom.core.store.DamagedFile` naming a damaged, truncated or missing shard.
 
         Why not :meth:`shards` joined by the reader: mapping each shard and copying it into a block faults every
-        page in (``benchmarks/results/store_scan_float32.md``, 10^6 x 1024 float32 rows in 256-row shards, warm page
-        cache, two threads: the search of both ends took 1.2 s read into the buffer, 1.6 s mapped and joined into a
-        reused buffer, 2.0-2.5 s joined into a new tensor per block as before)."""
+        page in; and why the header is not parsed again: that was a third of the read (``benchmarks/results/
+        store_scan_float32.md``, 10^6 x 1024 float32 rows in 256-row shards, warm page cache, two threads: the search
+        of both ends took 0.74 s read into the buffer, 1.2 s with each header parsed as read, 1.4-1.6 s mapped and
+        joined into a reused buffer, 2.0-2.5 s joined into a new tensor per block as before)."""
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         dtype = DTYPES[self.dtype]
         buffer = torch.empty(max(size, self.shard_size) + self.shard_size - 1, self.dim, dtype=dtype)
-        recorded = None if self.verified.issuperset(range(self.shard_count)) else recorded_checksums(self.folder)
+        recorded = None if len(self._headers) == self.shard_count else recorded_checksums(self.folder)
         held, first = 0, 0
         for shard in range(self.shard_count):
             held += self._read_into(shard, buffer[held:], recorded)
@@ -387,38 +407,37 @@ class VectorStore:
         start = shard * self.shard_size
         n = min(self.shard_size, self.count - start)
         target = memoryview(out[:n].view(torch.uint8).numpy()).cast("B")
+        if shard not in self._headers:
+            data = self._checked_bytes(path, recorded)
+            offset = self._rows_offset(path, data, start, n)[0]
+            target[:] = memoryview(data)[offset : offset + len(target)]
+            return n
+        length, digest, offset = self._headers[shard]
         try:
             fh = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by the with below)
-        except FileNotFoundError:  # deleted since the store was opened
+        except FileNotFoundError:  # deleted since it was verified
             raise DamagedFile(f"{path} is missing; rebuild the store") from None
         with fh:
-            if shard in self.verified:
-                head = fh.read(8)
-                size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-                # a damaged length field reads no more than the file holds (it then fails the layout check)
-                header = head + fh.read(min(size, os.fstat(fh.fileno()).st_size))
-                offset = self._rows_offset(path, header, start, n)
-                fh.seek(offset)
-                left = target
-                while left:  # one read returns at most 2 GiB - 4 KiB on Linux: a larger shard takes several
-                    got = fh.readinto(left)
-                    if not got:
-                        break
-                    left = left[got:]
-                complete = not left
-            else:
-                data = fh.read()
-                check_bytes(path, data, recorded)
-                offset = self._rows_offset(path, data, start, n)
-                target[:] = memoryview(data)[offset : offset + len(target)]
-                complete = True
-        if not complete:
+            if xxhash.xxh3_64_intdigest(fh.read(length)) != digest:  # e.g. another shard's bytes, or rebuilt since
+                raise DamagedFile(
+                    f"{path} does not hold the store's rows from {start} on (its header changed since it was "
+                    "verified); rebuild the store"
+                )
+            fh.seek(offset)
+            left = target
+            while left:  # one read returns at most 2 GiB - 4 KiB on Linux: a larger shard takes several
+                got = fh.readinto(left)
+                if not got:
+                    break
+                left = left[got:]
+        if left:
             raise DamagedFile(f"{path} is truncated: it ends inside its rows; rebuild the store")
         return n
 
-    def _rows_offset(self, path: Path, header: bytes, start: int, n: int) -> int:
-        """Where shard ``path``'s rows begin, from its safetensors header; :class:`wherefrom.core.store.DamagedFile`
-        unless it holds the store's ``n`` rows from ``start`` on (ids, dtype, shape)."""
+    def _rows_offset(self, path: Path, header: bytes, start: int, n: int) -> tuple[int, int]:
+        """``(where the rows begin, the header's length)`` of shard ``path``, from its safetensors header (``header``:
+        the file's first bytes, at least its header); :class:`wherefrom.core.store.DamagedFile` unless it holds the
+        store's ``n`` rows from ``start`` on (ids, dtype, shape)."""
         try:
             (size,) = struct.unpack("<Q", header[:8])
             layout = json.loads(header[8 : 8 + size])
@@ -434,7 +453,7 @@ class VectorStore:
             fits, ids, begin, size = False, None, 0, 0
         if not fits or ids != self.ids[start : start + n]:
             raise DamagedFile(f"{path} does not hold the store's rows from {start} on; rebuild the store")
-        return 8 + size + begin
+        return 8 + size + begin, 8 + size
 
     def shards(
         self, verify: bool | None = None, only: Collection[int] | None = None
@@ -449,7 +468,7 @@ class VectorStore:
         The default (``None``) verifies each shard that :meth:`verify` did not hash in this process (:attr:`verified`).
         ``only``: read just these shards (e.g. one rank's, :func:`wherefrom.core.distributed.shards_for_rank`)."""
         chosen = range(self.shard_count) if only is None else sorted(only)
-        hashed = [shard not in self.verified if verify is None else verify for shard in chosen]
+        hashed = [shard not in self._headers if verify is None else verify for shard in chosen]
         recorded = recorded_checksums(self.folder) if any(hashed) else None
         for shard, check in zip(chosen, hashed, strict=True):
             path = self.folder / shard_name(shard)
