@@ -6,11 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import xxhash
 
+import wherefrom
 from wherefrom.core.store import (
     CHECKSUMS,
     DamagedFile,
@@ -25,6 +30,7 @@ from wherefrom.core.store import (
     recorded_checksums,
     save_tensors_checked,
     strict_json,
+    update_json,
     write_json_checked,
 )
 from wherefrom.models.optimizer_state import OPTIMIZER_STATE_FILE, AdamState, save_adam_state
@@ -122,3 +128,43 @@ def test_an_optimizer_states_fingerprint_names_the_hash_it_was_recorded_with(tmp
     old = {"checkpoint": str(tmp_path.resolve()), "sha256": hashlib.sha256(data).hexdigest()}
     assert AdamState.fingerprint(tmp_path) == old
     assert AdamState.load(tmp_path).checksum == old["sha256"]
+
+
+SRC = Path(wherefrom.__file__).resolve().parents[1]
+UPDATER = """
+import sys
+from wherefrom.core.store import update_json
+path, name = sys.argv[1], sys.argv[2]
+for i in range(60):
+    update_json(path, lambda saved, i=i: saved.setdefault("replay", {}).update({f"{name}{i}": i}))
+"""
+
+
+def test_processes_updating_one_json_file_at_once_keep_every_change(tmp_path):
+    """Commands record themselves in one folder's config.json by read-modify-write: two at once lost each other's
+    records (each wrote back its own copy). Under update_json's file lock every one of 2 x 60 updates is kept."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"kept": True}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    writers = [
+        subprocess.Popen([sys.executable, "-c", UPDATER, str(path), name], env=env, stderr=subprocess.PIPE, text=True)
+        for name in ("a", "b")
+    ]
+    errors = [p.communicate()[1] for p in writers]
+    assert [p.returncode for p in writers] == [0, 0], errors
+    saved = json.loads(path.read_text())
+    assert saved["kept"] is True
+    assert saved["replay"] == {f"{name}{i}": i for name in "ab" for i in range(60)}
+
+
+def test_update_json_names_a_file_that_is_not_a_json_object_and_leaves_it(tmp_path):
+    for text in ("{not json", "[1, 2]", "\xff\xfe"):
+        path = tmp_path / "config.json"
+        path.write_bytes(text.encode("latin-1"))
+        with pytest.raises(ValueError, match=f"{path} (is not valid JSON|does not hold a JSON object)"):
+            update_json(path, lambda saved: saved.update({"x": 1}))
+        assert path.read_bytes() == text.encode("latin-1")
+    update_json(tmp_path / "new.json", lambda saved: saved.update({"x": 1}))
+    assert json.loads((tmp_path / "new.json").read_text()) == {"x": 1}
+    update_json(tmp_path / "new.json", lambda saved: False)  # no change: not rewritten
+    assert json.loads((tmp_path / "new.json").read_text()) == {"x": 1}

@@ -14,7 +14,6 @@ import contextlib
 import contextvars
 import functools
 import inspect
-import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
@@ -30,7 +29,7 @@ from wherefrom.cli.settings import SETTINGS, Setting, check_arguments, default_t
 from wherefrom.core.commandline import command_line
 from wherefrom.core.distributed import end_process
 from wherefrom.core.option_pairs import check_methods_named, options_for, parse_option_pairs
-from wherefrom.core.store import atomic_write_json
+from wherefrom.core.store import update_json
 
 __all__ = [
     "COMMANDS",
@@ -145,17 +144,20 @@ def leave_to_preset(names: Iterable[str]) -> None:
 
 def remember(folder: Path, key: str | None = None) -> None:
     """Record the running command in ``folder/config.json`` under ``replay[key]`` (default: the command's
-    name), beside whatever else that file holds, so that ``wherefrom replay FOLDER`` reruns it."""
+    name), beside whatever else that file holds, so that ``wherefrom replay FOLDER`` reruns it. The file is
+    updated under its own lock (:func:`wherefrom.core.store.update_json`): commands recording themselves in one
+    folder at once (two ``evaluate`` runs of one ground truth) keep each other's records. Raises ``ValueError``
+    naming a ``config.json`` that is not a JSON object."""
     invocation = _CURRENT.get()
-    path = Path(folder) / "config.json"
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    replay = saved.setdefault("replay", {})
-    replay[key or invocation.name] = {
+    record = {
         "command": invocation.name,
         "arguments": {name: _jsonable(value) for name, value in invocation.recorded().items()},
         "line": recorded_line(),
     }
-    atomic_write_json(saved, path)
+    update_json(
+        Path(folder) / "config.json",
+        lambda saved: saved.setdefault("replay", {}).update({key or invocation.name: record}),
+    )
 
 
 def _jsonable(value: Any) -> Any:

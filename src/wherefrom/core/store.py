@@ -127,6 +127,36 @@ def atomic_write_json(obj: Any, path: Path) -> None:
     atomic_write_text(json.dumps(strict_json(obj), indent=2, sort_keys=True, default=str) + "\n", path)
 
 
+def update_json(
+    path: Path,
+    change: Callable[[dict[str, Any]], bool | None],
+    read: Callable[[Path], dict[str, Any]] | None = None,
+) -> None:
+    """Read the JSON object at ``path``, let ``change`` update it in place, and write it back
+    (:func:`atomic_write_json`; not when ``change`` returns ``False``), all under a file lock beside it
+    (``.<name>.lock``): processes that update one file at once (two commands recording themselves in one
+    folder's ``config.json``, the ranks of a distributed build recording checksums) never lose each other's
+    changes, as they did when each read the file, changed its copy and wrote it back.
+
+    A missing file reads as ``{}``. ``read``: how the file is read (default: strictly, raising ``ValueError``
+    naming ``path`` when it is not a JSON object). The folder must exist."""
+    path = Path(path)
+    with FileLock(path.parent / f".{path.name}.lock"):
+        if read is not None:
+            saved = read(path)
+        elif not path.exists():
+            saved = {}
+        else:
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, ValueError) as error:
+                raise ValueError(f"{path} is not valid JSON ({error}); repair or delete it") from None
+            if not isinstance(saved, dict):
+                raise ValueError(f"{path} does not hold a JSON object; repair or delete it")
+        if change(saved) is not False:
+            atomic_write_json(saved, path)
+
+
 def read_keyed_json(path: Path, key: Any) -> dict[str, Any] | None:
     """The JSON object at ``path`` if its ``"key"`` entry equals ``key``, else ``None``.
 
@@ -296,15 +326,15 @@ def _set_checksum(path: Path, entry: dict[str, Any] | None) -> None:
     # (the ranks of a distributed index build) never lose each other's entries.
     if not path.parent.is_dir():  # forgetting a file of a folder not yet made: nothing recorded
         return
-    with FileLock(path.parent / f".{CHECKSUMS}.lock"):
-        files = _checksums(path.parent)
+
+    def change(saved: dict[str, Any]) -> bool:
+        files = saved["files"]
         if entry is None:
-            if path.name not in files:
-                return
-            del files[path.name]
-        else:
-            files[path.name] = entry
-        atomic_write_json({"files": files}, path.parent / CHECKSUMS)
+            return files.pop(path.name, None) is not None
+        files[path.name] = entry
+        return True
+
+    update_json(path.parent / CHECKSUMS, change, lambda manifest: {"files": _checksums(manifest.parent)})
 
 
 def record_checksum(path: Path) -> None:
