@@ -5,6 +5,7 @@ rank/world split of a distributed build equal to a one-process build."""
 from __future__ import annotations
 
 import errno
+import json
 
 import pytest
 import torch
@@ -413,6 +414,16 @@ def test_blocks_read_a_shard_in_as_many_reads_as_the_system_gives_and_name_a_dam
             list(store.blocks(4))
 
 
+def edit_header(data: bytes, **rows) -> bytes:
+    """A shard's bytes with its ``rows`` entry changed in the safetensors header (same header length: padded)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["rows"].update(rows)
+    edited = json.dumps(header, separators=(",", ":")).encode()
+    assert len(edited) <= size
+    return data[:8] + edited.ljust(size) + data[8 + size :]
+
+
 @pytest.mark.parametrize(
     "hurt, named",
     [
@@ -420,9 +431,11 @@ def test_blocks_read_a_shard_in_as_many_reads_as_the_system_gives_and_name_a_dam
         (lambda data, other: data[:8] + b"{" * 20 + data[28:], "cannot be read|does not hold the store's rows"),
         (lambda data, other: data[:-8], "cannot be read|is truncated"),
         (lambda data, other: other, "does not hold the store's rows from 4 on"),
+        (lambda data, other: edit_header(data, dtype="I32"), "does not hold the store's rows from 4 on"),
+        (lambda data, other: edit_header(data, shape=[24]), "does not hold the store's rows from 4 on"),
         (None, "is missing"),
     ],
-    ids=["header-length", "header-json", "truncated", "other-shard", "deleted"],
+    ids=["header-length", "header-json", "truncated", "other-shard", "other-dtype", "one-dimensional", "deleted"],
 )
 @pytest.mark.parametrize("read", ["mapped", "default", "blocks"])
 def test_a_shard_damaged_after_verify_is_named_by_every_reader(tmp_path, hurt, named, read):
@@ -457,3 +470,19 @@ def test_blocks_of_a_verified_store_compare_headers_without_parsing_them(tmp_pat
     monkeypatch.setattr(VectorStore, "_rows_offset", lambda self, *args: parsed.append(1) or offset(self, *args))
     assert torch.equal(torch.cat([rows.clone() for _, rows in other.blocks(4)]), ROWS)
     assert len(parsed) == other.shard_count
+
+
+def test_a_shard_header_longer_than_the_piece_verify_keeps_is_read_again(tmp_path):
+    """verify() keeps each shard's first 64 KiB from the pass that hashes it (it hashes in pieces, so a large shard
+    is never held whole); a longer header (long ids) is read again, so its rows are still found and checked."""
+    ids = [f"{'x' * 600}-{i}" for i in range(200)]
+    rows = torch.randn(200, DIM, generator=torch.Generator().manual_seed(1))
+    writer = VectorStoreWriter(tmp_path / "s", ids, DIM, SETTINGS, shard_size=128)
+    writer.start()
+    writer.build(lambda _shard, part: [(part, rows[[ids.index(x) for x in part]])])
+    writer.finalize()
+    header = int.from_bytes((tmp_path / "s" / shard_name(0)).read_bytes()[:8], "little")
+    assert header > 2**16  # the case under test
+    store = VectorStore.open(tmp_path / "s")
+    store.verify()
+    assert torch.equal(torch.cat([block.clone() for _, block in store.blocks(64)]), rows)

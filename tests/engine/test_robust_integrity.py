@@ -6,6 +6,7 @@ Leftover `.partial-*` files of killed writers are removed by the next writer."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -158,3 +159,33 @@ def test_checked_files_name_the_damage(tmp_path):
     (tmp_path / "c.json").write_text('{"k": 2}\n')
     with pytest.raises(DamagedFile, match=r"c\.json"):
         read_json_checked(tmp_path / "c.json")
+
+
+@pytest.mark.parametrize("file", ["config.json", "manifest.json"])
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (b'{"train": ', "is not valid JSON"),
+        (b"[1, 2]", "does not hold a JSON object"),
+        (b'{"attribution": 3}', "does not (record a run's config|hold a run's manifest)"),
+    ],
+    ids=["cut", "list", "fields"],
+)
+def test_a_damaged_config_or_manifest_of_a_finished_run_is_named_and_kept(root, file, damage, named):
+    """A finished run's config.json or manifest.json that cannot be read: `fit` (which checks the folder against
+    its settings), `scores` and `query` (which open the run) exit 2 naming the file, and leave it as it was
+    (before: an unnamed JSONDecodeError, or a KeyError/AttributeError traceback)."""
+    path = root / "run" / file
+    clean = path.read_bytes()
+    path.write_bytes(damage)
+    try:
+        for args in (
+            fit_args(root, "run"),
+            ["scores", "--run", root / "run", "--queries", root / "queries.jsonl", "--name", "again"],
+            ["query", "--run", root / "run", "ab cd:", " ef"],
+        ):
+            code, out = invoke(*args)
+            assert code == 2 and str(path) in out and re.search(named, out), (args[0], out)
+            assert path.read_bytes() == damage
+    finally:
+        path.write_bytes(clean)

@@ -158,6 +158,25 @@ def test_fit_records_its_command_under_the_lock_beside_its_own_config(root, tmp_
     assert list(replay) == ["fit"] and replay["fit"]["arguments"]["strategy"] == "kfac", replay
 
 
+def test_fit_records_its_command_while_it_holds_the_runs_writer_lock(root, tmp_path, monkeypatch):
+    """The replay record is written while `fit` holds the run's writer lock: another process cannot take the lock
+    then (taking it deletes the leftovers of killed writers, which took this record's temporary file)."""
+    folder, probes = tmp_path / "held", []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    real = cli_run.remember
+
+    def remember_probed(run, *args):
+        script = f"from wherefrom.core.store import writer_lock\nwith writer_lock({str(run)!r}):\n    pass"
+        probes.append(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True))
+        real(run, *args)
+
+    monkeypatch.setattr(cli_run, "remember", remember_probed)
+    code, out = invoke(*fit_args(root, str(folder), "--strategy", "identity", "--batch-size", "8"))
+    assert code == 0, out
+    assert len(probes) == 1 and probes[0].returncode != 0 and f"{folder} is being written by pid" in probes[0].stderr
+    assert "replay" in json.loads((folder / "config.json").read_text())
+
+
 def test_a_config_recorded_again_unchanged_keeps_what_was_written_beside_it(root, tmp_path):
     folder = tmp_path / "run"
     run = Run.create(folder, strategy_config(root, "kfac"))
@@ -195,3 +214,24 @@ def test_a_faiss_search_is_a_reader_and_a_failed_save_only_costs_the_next_build(
     report = search_store(store, queries, 3, "faiss", **search)
     assert "index built in" in report.summary(3) and "saved" not in report.summary(3)
     assert "the FAISS index was not saved (the temporary file was removed)" in caplog.text
+
+
+def test_influence_writes_inside_the_run_under_its_writer_lock(root, tmp_path):
+    """`influence` writes RUN/analyses/NAME: it wrote without the run's lock, so a writer starting meanwhile (which
+    deletes the leftovers of killed writers) could delete its temporary files. It now holds the lock for an --out
+    inside RUN (refused while another process writes RUN); an --out elsewhere needs no lock."""
+    run = root / "run"
+    code, out = invoke("scores", "--run", run, "--queries", root / "queries.jsonl", "--name", "tails")
+    assert code == 0, out
+    holder = hold_lock(run)
+    try:
+        code, out = invoke("influence", "--run", run, "--name", "tails")
+        assert code == 2 and f"{run} is being written by pid {holder.pid}" in out, out
+        assert not (run / "analyses" / "tails").exists()
+        code, out = invoke("influence", "--run", run, "--name", "tails", "--out", tmp_path / "tails")
+        assert code == 0 and (tmp_path / "tails" / "influence.json").is_file(), out
+    finally:
+        holder.kill()
+        holder.wait()
+    code, out = invoke("influence", "--run", run, "--name", "tails")
+    assert code == 0 and (run / "analyses" / "tails" / "influence.json").is_file(), out

@@ -7,6 +7,7 @@ tables as Markdown + JSON (:mod:`wherefrom.studies.influence_tables`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import typer
 from wherefrom.cli.app import command, fail, recorded_line
 from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores, load_scores
+from wherefrom.core.store import StoreError, writer_lock
 from wherefrom.engine.run import Run
 from wherefrom.studies.influence_tables import influence_markdown, influence_tables
 from wherefrom.studies.report import render, write_html, write_report
@@ -42,20 +44,25 @@ def report(path, out, threads) -> None:
 def influence(run, name, top_k, out, threads) -> None:
     """Grosse et al.'s tail and layer tables of the scores RUN/scores/NAME (top-1%/10% shares, power-law fit,
     shares of |influence| by layer and module type for all rows and the --top-k proponents); --out
-    receives influence.json and influence.md (default: RUN/analyses/NAME)."""
+    receives influence.json and influence.md (default: RUN/analyses/NAME; an --out inside RUN is written under
+    RUN's writer lock, so it is refused while `fit`, `index` or `scores` writes RUN)."""
     folder = run / "scores"
     if not (folder / f"{name}.safetensors").is_file() or not (folder / f"{name}.json").is_file():
         found = sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
         fail(f"--name {name!r}: no score set {folder / name}.safetensors/.json (run `wherefrom scores`); found {found}")
     out = out or run / "analyses" / name
+    # a writer of the run folder (the default --out) holds its writer lock: a writer starting meanwhile would
+    # take the temporary files of these writes for a killed writer's leftovers, and delete them
+    inside = out.resolve().is_relative_to(run.resolve())
     started = time.perf_counter()
     try:
-        scores = load_scores(folder, name)
-        payload = influence_tables(scores, top_k)
-        payload.update(command=recorded_line(), seconds=time.perf_counter() - started)
-        title = f"Influence analyses of {run.name}/scores/{name}"
-        paths = write_tables(out / "influence", payload, influence_markdown(payload, title))
-    except (OSError, ValueError) as error:
+        with writer_lock(run) if inside else contextlib.nullcontext():
+            scores = load_scores(folder, name)
+            payload = influence_tables(scores, top_k)
+            payload.update(command=recorded_line(), seconds=time.perf_counter() - started)
+            title = f"Influence analyses of {run.name}/scores/{name}"
+            paths = write_tables(out / "influence", payload, influence_markdown(payload, title))
+    except (OSError, StoreError, ValueError) as error:
         fail(error)
     typer.echo(paths[1].read_text(encoding="utf-8"))
 

@@ -138,23 +138,29 @@ def update_json(
     folder's ``config.json``, the ranks of a distributed build recording checksums) never lose each other's
     changes, as they did when each read the file, changed its copy and wrote it back.
 
-    A missing file reads as ``{}``. ``read``: how the file is read (default: strictly, raising ``ValueError``
-    naming ``path`` when it is not a JSON object). The folder must exist."""
+    A missing file reads as ``{}``. ``read``: how the file is read (default: :func:`read_json_object`, which
+    raises ``ValueError`` naming ``path`` when it is not a JSON object). The folder must exist."""
     path = Path(path)
     with FileLock(path.parent / f".{path.name}.lock"):
         if read is not None:
             saved = read(path)
-        elif not path.exists():
-            saved = {}
         else:
-            try:
-                saved = json.loads(path.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, ValueError) as error:
-                raise ValueError(f"{path} is not valid JSON ({error}); repair or delete it") from None
-            if not isinstance(saved, dict):
-                raise ValueError(f"{path} does not hold a JSON object; repair or delete it")
+            saved = read_json_object(path) if path.exists() else {}
         if change(saved) is not False:
             atomic_write_json(saved, path)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``. Raises ``FileNotFoundError`` when it is missing and ``ValueError`` naming
+    ``path`` when it is not valid UTF-8 JSON or not an object."""
+    path = Path(path)
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); repair or delete it") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} does not hold a JSON object; repair or delete it")
+    return saved
 
 
 def read_keyed_json(path: Path, key: Any) -> dict[str, Any] | None:
@@ -303,13 +309,16 @@ def _digest(data: bytes, name: str = CHECKSUM) -> str:
     return HASHES[name](data).hexdigest()
 
 
-def _file_digest(path: Path, name: str = CHECKSUM) -> tuple[str, int]:
-    digest, size = HASHES[name](), 0
+def _file_digest(path: Path, name: str = CHECKSUM, head: int = 0) -> tuple[str, int, bytes]:
+    """``(hex digest, size, the first head bytes)`` of ``path``, read in 4 MiB pieces (memory: one piece)."""
+    digest, size, first = HASHES[name](), 0, b""
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
+            if size < head:
+                first += block[: head - size]
             digest.update(block)
             size += len(block)
-    return digest.hexdigest(), size
+    return digest.hexdigest(), size, first
 
 
 def _checksums(folder: Path) -> dict[str, dict[str, Any]]:
@@ -341,7 +350,7 @@ def record_checksum(path: Path) -> None:
     """Hash the finished file ``path`` and record its checksum (:data:`CHECKSUM`) and size in its folder's
     ``checksums.json``."""
     path = Path(path)
-    digest, size = _file_digest(path)
+    digest, size, _first = _file_digest(path)
     _set_checksum(path, {CHECKSUM: digest, "bytes": size})
 
 
@@ -409,13 +418,22 @@ def check_size(path: Path, recorded: Recorded = None) -> None:
     _compare(path, path.stat().st_size, recorded)
 
 
-def check_file(path: Path, recorded: Recorded = None) -> None:
+def check_file(path: Path, recorded: Recorded = None, head: int = 0) -> bytes:
     """Raise :class:`DamagedFile` naming ``path`` unless it matches its recorded checksum (the size first, so a
-    truncated file is named without being read)."""
+    truncated file is named without being read). Returns the file's first ``head`` bytes, from the same pass
+    that hashed them (fewer when the file is shorter; ``b""`` by default)."""
     path = Path(path)
     if not path.is_file():
         raise DamagedFile(f"{path} is missing")
-    _compare(path, path.stat().st_size, recorded, lambda name: _file_digest(path, name)[0])
+    first = b""
+
+    def digest(name: str) -> str:
+        nonlocal first
+        hexdigest, _size, first = _file_digest(path, name, head)
+        return hexdigest
+
+    _compare(path, path.stat().st_size, recorded, digest)
+    return first
 
 
 def damage(path: Path, recorded: Recorded = None) -> str | None:

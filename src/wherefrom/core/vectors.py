@@ -42,6 +42,7 @@ from wherefrom.core.store import (
     SettingsMismatch,
     StoreError,
     check_bytes,
+    check_file,
     check_size,
     damage,
     forget_file,
@@ -73,6 +74,9 @@ SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MARKER = "index.json"
 """The completion marker, written last."""
 IDS_FILE = "ids.json"
+_HEADER_PIECE = 1 << 16
+"""Bytes of a shard's start kept by :meth:`VectorStore.verify` from the pass that hashes it: the safetensors header
+(its rows' ids as JSON: about 3.5 KiB for the default 256 rows of 12-character ids); a longer one is read again."""
 LAYOUT = ("dim", "dtype", "shard_size", "rows", "ids_sha256")
 """Manifest keys the store sets itself (beside the caller's settings)."""
 
@@ -341,10 +345,14 @@ class VectorStore:
         recorded = recorded_checksums(self.folder)
         for shard in range(self.shard_count) if only is None else sorted(only):
             path = self.folder / shard_name(shard)
-            data = self._checked_bytes(path, recorded)
+            first = check_file(path, recorded, head=_HEADER_PIECE)  # hashed in pieces: memory one piece, not a shard
+            (size,) = struct.unpack("<Q", first[:8]) if len(first) >= 8 else (0,)
+            if len(first) < 8 + size <= path.stat().st_size:  # a header longer than the piece kept: read it again
+                with open(path, "rb") as fh:
+                    first = fh.read(8 + size)
             start = shard * self.shard_size
-            offset, header = self._rows_offset(path, data, start, min(self.shard_size, self.count - start))
-            self._headers[shard] = (header, xxhash.xxh3_64_intdigest(data[:header]), offset)
+            offset, header = self._rows_offset(path, first, start, min(self.shard_size, self.count - start))
+            self._headers[shard] = (header, xxhash.xxh3_64_intdigest(first[:header]), offset)
 
     @staticmethod
     def _checked_bytes(path: Path, recorded: Mapping[str, Any] | None) -> bytes:
@@ -472,25 +480,26 @@ class VectorStore:
         recorded = recorded_checksums(self.folder) if any(hashed) else None
         for shard, check in zip(chosen, hashed, strict=True):
             path = self.folder / shard_name(shard)
-            if check:
-                tensors, meta = load_tensors_checked(path, recorded)
-                rows = tensors["rows"]
             start = shard * self.shard_size
-            try:
-                if not check:
-                    with safe_open(str(path), "pt") as mapped:
-                        rows, meta = mapped.get_tensor("rows"), mapped.metadata()
-                held = json.loads(meta["ids"]) == self.ids[start : start + rows.shape[0]] and rows.shape[1] == self.dim
-            except FileNotFoundError:  # deleted since it was verified
-                raise DamagedFile(f"{path} is missing; rebuild the store") from None
-            except (
-                SafetensorError,
-                OSError,
-                KeyError,
-                TypeError,
-                ValueError,
-            ) as error:  # damaged since it was verified
-                raise DamagedFile(f"{path} cannot be read ({error}); rebuild the store") from None
-            if not held:
+            n = min(self.shard_size, self.count - start)
+            if check:  # hashed: the bytes as written
+                tensors, meta = load_tensors_checked(path, recorded)
+                rows, ids = tensors["rows"], json.loads(meta["ids"])
+            else:
+                rows, ids = self._mapped(path)
+            if (rows.dtype, tuple(rows.shape), ids) != (DTYPES[self.dtype], (n, self.dim), self.ids[start : start + n]):
                 raise DamagedFile(f"{path} does not hold the store's rows from {start} on; rebuild the store")
             yield start, rows
+
+    @staticmethod
+    def _mapped(path: Path) -> tuple[torch.Tensor, list[str]]:
+        """``(rows, ids)`` of shard ``path`` memory-mapped (not hashed); :class:`wherefrom.core.store.DamagedFile`
+        naming a shard that is missing or whose header cannot be read (damaged since :meth:`verify`)."""
+        try:
+            with safe_open(str(path), "pt") as mapped:
+                rows, meta = mapped.get_tensor("rows"), mapped.metadata()
+            return rows, json.loads(meta["ids"])
+        except FileNotFoundError:
+            raise DamagedFile(f"{path} is missing; rebuild the store") from None
+        except (SafetensorError, KeyError, TypeError, ValueError) as error:
+            raise DamagedFile(f"{path} cannot be read ({error}); rebuild the store") from None

@@ -80,6 +80,7 @@ from wherefrom.core.store import (
     hardware,
     package_versions,
     read_json_checked,
+    read_json_object,
     record_settings,
     settings_differences,
     writer_lock,
@@ -327,14 +328,14 @@ class Run:
         with writer_lock(folder):
             if self.finished():
                 # Round-trip through RunConfig: settings added in later versions take their defaults.
-                saved = RunConfig.from_dict(json.loads((folder / "config.json").read_text())).resolved().settings()
+                saved = self.recorded_config(folder).resolved().settings()
                 differences = settings_differences(saved, config.settings())
                 if differences:
                     raise RunMismatch(
                         f"{folder} holds a run with other settings ({'; '.join(differences)}); "
                         "use a new --run folder or the same arguments"
                     )
-                self._check(json.loads((folder / "manifest.json").read_text()), self.created_manifest)
+                self._check(folder, self.created_manifest)
                 return
             # nothing finished here yet: the new settings replace the old
             recorded, own = folder / "config.json", config.to_dict()
@@ -361,7 +362,11 @@ class Run:
             raise FileNotFoundError(
                 f"{folder} is not a wherefrom run directory (no config.json); run `wherefrom fit` first"
             )
-        return RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        path = folder / "config.json"
+        try:
+            return RunConfig.from_dict(read_json_object(path))
+        except (AttributeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path} does not record a run's config ({error!r}); repair or delete it") from None
 
     @classmethod
     def open(
@@ -389,7 +394,7 @@ class Run:
         config.check_paths(folder)
         loaded = load_model(config.model, config.adapter, device=config.device)
         run = cls(folder, config, loaded, load_records(config.train), progress)
-        run._check(json.loads((folder / "manifest.json").read_text()), run.manifest())
+        run._check(folder, run.manifest())
         if not factors:
             return run
         try:
@@ -419,13 +424,20 @@ class Run:
         }
 
     @staticmethod
-    def _check(saved: dict[str, Any], now: dict[str, Any]) -> None:
-        checks = [
-            (saved["model"]["fingerprint"], now["model"]["fingerprint"], "model weights (or adapter)"),
-            (saved["tokenizer_fingerprint"], now["tokenizer_fingerprint"], "tokenizer"),
-            (saved["modules"], now["modules"], "module selection"),
-            (saved["data"]["fingerprint"], now["data"]["fingerprint"], f"training data ({now['data']['path']})"),
-        ]
+    def _check(folder: Path, now: dict[str, Any]) -> None:
+        """:class:`RunMismatch` naming what differs between ``folder/manifest.json`` and the manifest ``now``
+        (``ValueError`` naming a manifest that cannot be read)."""
+        path = folder / "manifest.json"
+        saved = read_json_object(path)
+        try:
+            checks = [
+                (saved["model"]["fingerprint"], now["model"]["fingerprint"], "model weights (or adapter)"),
+                (saved["tokenizer_fingerprint"], now["tokenizer_fingerprint"], "tokenizer"),
+                (saved["modules"], now["modules"], "module selection"),
+                (saved["data"]["fingerprint"], now["data"]["fingerprint"], f"training data ({now['data']['path']})"),
+            ]
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{path} does not hold a run's manifest ({error!r}); repair or delete it") from None
         for before, after, what in checks:
             if before != after:
                 raise RunMismatch(f"the {what} differ from those this run was made with; refit in a new run folder")
