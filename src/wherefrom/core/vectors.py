@@ -387,16 +387,18 @@ class VectorStore:
         A yielded block is valid until the next one is asked for (copy it to keep it).
 
         A shard :meth:`verify` hashed in this process is read without hashing: its header, compared by its XXH3-64
-        with the header :meth:`verify` checked (so a shard replaced since is refused), then its rows with one
-        ``readinto`` into the buffer. Any other shard is read whole, hashed, its ids and layout checked as
+        with the header :meth:`verify` checked (a shard whose header changed since, other ids, dtype or shape, is
+        refused; one rewritten with the same ids and layout is found only by hashing it again), then its rows with
+        one ``readinto`` into the buffer. Any other shard is read whole, hashed, its ids and layout checked as
         :meth:`verify` does, then its rows copied, so a damaged one is never yielded. Raises
         :class:`wherefrom.core.store.DamagedFile` naming a damaged, truncated or missing shard.
 
         Why not :meth:`shards` joined by the reader: mapping each shard and copying it into a block faults every
-        page in; and why the header is not parsed again: that was a third of the read (``benchmarks/results/
-        store_scan_float32.md``, 10^6 x 1024 float32 rows in 256-row shards, warm page cache, two threads: the search
-        of both ends took 0.74 s read into the buffer, 1.2 s with each header parsed as read, 1.4-1.6 s mapped and
-        joined into a reused buffer, 2.0-2.5 s joined into a new tensor per block as before)."""
+        page in (``benchmarks/results/store_scan_float32.md``, 10^6 x 1024 float32 rows in 256-row shards, warm page
+        cache, two threads: the search of both ends took 0.86 s read into the buffer, 1.43 s mapped and joined into
+        a reused buffer; 2.0-2.5 s joined into a new tensor per block as before). Parsing each header again as it is
+        read made the search about 1.2x as long (0.92 against 0.76 s, both versions in one process, a one-off
+        script)."""
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         dtype = DTYPES[self.dtype]
