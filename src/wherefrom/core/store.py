@@ -400,8 +400,10 @@ def check_bytes(path: Path, data: bytes, recorded: Recorded = None) -> None:
     _compare(Path(path), len(data), recorded, lambda name: _digest(data, name))
 
 
-def _verified_bytes(path: Path, recorded: Recorded = None) -> bytes:
-    """The bytes of ``path``, read once and checked against the recorded checksum."""
+def read_checked(path: Path, recorded: Recorded = None) -> bytes:
+    """The bytes of ``path``, read once and checked against the recorded checksum (:class:`DamagedFile` naming a
+    missing or damaged file; ``recorded``: the folder's :func:`recorded_checksums`, read by the caller once for
+    many files)."""
     if not path.is_file():
         raise DamagedFile(f"{path} is missing")
     data = path.read_bytes()
@@ -465,7 +467,7 @@ def load_tensors_checked(path: Path, recorded: Recorded = None) -> tuple[dict[st
     ``path`` when they differ from the recorded checksum (or none is recorded; ``recorded``: the folder's
     :func:`recorded_checksums`, read by the caller once for many files).
     """
-    data = _verified_bytes(Path(path), recorded)
+    data = read_checked(Path(path), recorded)
     (header_size,) = struct.unpack("<Q", data[:8])
     meta = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
     return load_safetensors_bytes(data), dict(meta)
@@ -479,7 +481,7 @@ def write_json_checked(obj: Any, path: Path) -> None:
 
 def read_json_checked(path: Path) -> Any:
     """The JSON at ``path`` after checking its checksum (:class:`DamagedFile` names the file otherwise)."""
-    return json.loads(_verified_bytes(Path(path)).decode("utf-8"))
+    return json.loads(read_checked(Path(path)).decode("utf-8"))
 
 
 def settings_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:

@@ -41,13 +41,13 @@ from wherefrom.core.store import (
     DamagedFile,
     SettingsMismatch,
     StoreError,
-    check_bytes,
     check_file,
     check_size,
     damage,
     forget_file,
     is_intact,
     load_tensors_checked,
+    read_checked,
     read_json_checked,
     record_settings,
     recorded_checksums,
@@ -354,16 +354,6 @@ class VectorStore:
             offset, header = self._rows_offset(path, first, start, min(self.shard_size, self.count - start))
             self._headers[shard] = (header, xxhash.xxh3_64_intdigest(first[:header]), offset)
 
-    @staticmethod
-    def _checked_bytes(path: Path, recorded: Mapping[str, Any] | None) -> bytes:
-        """The bytes of shard ``path``, hashed against its recorded checksum (:class:`DamagedFile` otherwise)."""
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise DamagedFile(f"{path} is missing; rebuild the store") from None
-        check_bytes(path, data, recorded)
-        return data
-
     def require(
         self, settings: Mapping[str, Any], what: str = "", defaults: Mapping[str, Mapping[str, Any]] | None = None
     ) -> None:
@@ -418,7 +408,7 @@ class VectorStore:
         n = min(self.shard_size, self.count - start)
         target = memoryview(out[:n].view(torch.uint8).numpy()).cast("B")
         if shard not in self._headers:
-            data = self._checked_bytes(path, recorded)
+            data = read_checked(path, recorded)
             offset = self._rows_offset(path, data, start, n)[0]
             target[:] = memoryview(data)[offset : offset + len(target)]
             return n

@@ -36,7 +36,6 @@ file's new place to :meth:`Run.open`: it is taken when its rows' fingerprint mat
 from __future__ import annotations
 
 import gc
-import json
 import math
 import shlex
 import shutil
@@ -340,10 +339,10 @@ class Run:
             # nothing finished here yet: the new settings replace the old
             recorded, own = folder / "config.json", config.to_dict()
             try:
-                saved = json.loads(recorded.read_text())
+                saved = read_json_object(recorded)
             except (OSError, ValueError):  # missing or damaged: written anew
-                saved = None
-            if not isinstance(saved, dict) or any(saved.get(key) != value for key, value in own.items()):
+                saved = {}
+            if any(saved.get(key) != value for key, value in own.items()):
                 atomic_write_json(own, recorded)
             atomic_write_json(self.created_manifest, folder / "manifest.json")
 
