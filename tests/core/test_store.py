@@ -83,6 +83,23 @@ def test_a_written_file_records_its_xxh3_128_and_size(tmp_path):
     check_size(path)  # the cheap check reads no bytes
 
 
+@pytest.mark.parametrize("replace", ["deleted", "folder", "truncated"])
+def test_the_cheap_size_check_names_a_missing_replaced_or_truncated_file(tmp_path, replace):
+    path = tmp_path / "a.safetensors"
+    save_tensors_checked({"x": torch.arange(64.0)}, path)
+    recorded = recorded_checksums(tmp_path)
+    if replace == "truncated":
+        path.write_bytes(path.read_bytes()[:-1])
+    else:
+        path.unlink()
+        if replace == "folder":
+            path.mkdir()  # a directory of that name is no file: named missing, like a deleted one
+    message = "is truncated or changed" if replace == "truncated" else "is missing"
+    for given in (recorded, None):
+        with pytest.raises(DamagedFile, match=rf"a\.safetensors {message}"):
+            check_size(path, given)
+
+
 def test_a_folder_written_with_sha256_checksums_is_still_verified(tmp_path):
     """Folders written before XXH3 recorded sha256: each entry is verified with the hash it names."""
     tensors, json_file = tmp_path / "a.safetensors", tmp_path / "b.json"

@@ -316,14 +316,14 @@ class VectorStore:
         folder = Path(folder)
         if not (folder / MARKER).exists():
             raise IncompleteStore(f"{folder} is not a finished store (no {MARKER}); build or resume it first")
-        marker = read_json_checked(folder / MARKER)
-        settings = read_json_checked(folder / "settings.json")
-        ids = read_json_checked(folder / IDS_FILE)
+        recorded = recorded_checksums(folder)  # read once for every file checked below
+        marker = read_json_checked(folder / MARKER, recorded)
+        settings = read_json_checked(folder / "settings.json", recorded)
+        ids = read_json_checked(folder / IDS_FILE, recorded)
         layout = {key: settings.get(key) for key in ("rows", "dtype", "shard_size")}
         if layout != {key: marker[key] for key in layout} or ids_sha256(ids) != settings.get("ids_sha256"):
             raise DamagedFile(f"{folder}: {MARKER}, settings.json and {IDS_FILE} disagree; rebuild the store")
         store = cls(folder, settings, ids)
-        recorded = recorded_checksums(folder)
         for shard in range(store.shard_count):
             check_size(folder / shard_name(shard), recorded)
         return store
