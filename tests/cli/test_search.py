@@ -31,6 +31,8 @@ pytest.importorskip("faiss")
         (["--search", "faiss", "--search-option", "kind=ivf", "--search-option", "kind=hnsw"], "kind is given twice"),
         (["--search", "faiss", "--search-option", "hnsw.ef_search=8"], "has no option(s) ['hnsw.ef_search']"),
         (["--search", "faiss", "--search-option", "kind=pq", "--search-option", "nprobe=4"], "kind=pq does not use"),
+        (["--no-recall"], "it needs --search faiss (got no --search)"),
+        (["--search", "exact", "--no-recall"], "it needs --search faiss (got --search exact)"),
         (["--search", "exact"], "is not a wherefrom run directory"),
         (["--prefilter-bm25", "5"], "is not a wherefrom run directory"),
     ],
@@ -142,6 +144,14 @@ def test_search_of_a_run_index_finds_the_full_scores_tops(workspace, tmp_path, m
     faiss_run = invoke("scores", "--run", run, "--queries", queries, "--search", "faiss", "--search-option", "nlist=2")
     assert faiss_run.exit_code == 0, faiss_run.output
     assert "recall@10 vs exact" in " ".join(faiss_run.output.split())
+    with monkeypatch.context() as patched:  # the saved index searched, no shard read or hashed, no exact search
+        for name in ("verify", "shards", "blocks"):
+            patched.setattr(VectorStore, name, lambda *args, name=name, **kwargs: pytest.fail(f"{name} was called"))
+        quick = invoke("scores", "--run", run, "--queries", queries, "--search", "faiss", "--search-option", "nlist=2",
+                       "--no-recall")  # fmt: skip
+    assert quick.exit_code == 0, quick.output
+    assert "index reused" in quick.output and "recall" not in quick.output
+    assert quick.stdout == faiss_run.stdout  # the same tops
     dim = VectorStore.open(run / "index").dim
     for option, message in ((f"pq_m={dim + 1}", f"pq_m={dim + 1} must divide"), ("nlist=2", "")):
         with monkeypatch.context() as patched:  # a kind that cannot index the store: refused before the queries

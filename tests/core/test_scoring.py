@@ -168,3 +168,21 @@ def test_low_rank_factors_do_not_hold_the_full_svd():
     u, v = low_rank(torch.randn(3, 40, 30), 2)
     assert u.shape == (3, 40, 2) and v.shape == (3, 30, 2)
     assert u.untyped_storage().nbytes() == u.numel() * 4 and v.untyped_storage().nbytes() == v.numel() * 4
+
+
+def test_top_lists_equal_scores_in_training_row_order_at_both_ends():
+    """Copies of a training row score alike; ``top`` lists them lowest row first, as the store's exact search
+    does, where ``torch.topk`` alone ordered them arbitrarily (it gave t9 first at k = 1 on this machine)."""
+    from wherefrom.core.scoring import Scores
+    from wherefrom.methods.lexical import restrict
+
+    total = torch.tensor([[0.0, 1.0, 5.0, -3.0, 5.0, 0.5, -3.0, 5.0, 2.0, 5.0, -3.0, 1.0]])
+    ids = [f"t{i}" for i in range(total.shape[1])]
+    scores = Scores(["q"], ids, ["m"], total[None])
+    for k in (1, 2, 3, 4, 6):
+        assert [t for t, _ in scores.top(0, k)] == ["t2", "t4", "t7", "t9", "t8", "t1"][:k]
+        assert [t for t, _ in scores.top(0, k, opponents=True)] == ["t3", "t6", "t10", "t0", "t5", "t1"][:k]
+    assert [v for _, v in scores.top(0, 3, opponents=True)] == [-3.0, -3.0, -3.0]
+    restricted = restrict(scores, [[9, 7, 1, 11, 3]])
+    assert [t for t, _ in restricted.top(0, 3)] == ["t7", "t9", "t1"]
+    assert [t for t, _ in restricted.top(0, 3, opponents=True)] == ["t3", "t1", "t11"]

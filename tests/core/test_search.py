@@ -143,6 +143,63 @@ def test_half_precision_store_finds_the_rows_of_its_float32_values_with_ties_in_
     assert torch.get_num_threads() == threads  # the conversion's one thread is given back
 
 
+def with_copies(count: int, dim: int, copies: tuple[int, ...], n_query: int, seed: int):
+    """Random rows with row ``copies[0]`` copied to each of ``copies[1:]``, and queries near it (the copies are the
+    top rows), for the check that copies score the same bits whatever block they are multiplied in."""
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(count, dim, generator=generator)
+    matrix[copies[0]] *= 10  # far the longest row: the copies are the top rows of every query
+    matrix[list(copies[1:])] = matrix[copies[0]].clone()
+    queries = matrix[copies[0]] + 0.1 * torch.randn(n_query, dim, generator=generator)
+    return matrix, queries
+
+
+def assert_copies_tie_in_row_order(found, copies: tuple[int, ...]) -> None:
+    """Each query's first results are the copies, lowest row first, with one score (the same bits)."""
+    assert found.rows[:, : len(copies)].tolist() == [list(copies)] * found.rows.shape[0]
+    first = found.scores[:, :1].expand(-1, len(copies))
+    assert torch.equal(found.scores[:, : len(copies)], first)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dim", [7, 1024])
+@pytest.mark.parametrize("n_query", [1, 3])
+def test_copies_of_a_row_score_the_same_bits_in_any_block_so_they_tie_in_row_order(dtype, dim, n_query):
+    """Row 10 copied into the ragged last block, into an odd-sized shard and mid-store: MKL summed a ragged edge
+    of rows in another order, and one query's matrix-vector kernel a row not 64-byte aligned (dim 7 rows at odd
+    offsets), so a copy scored a few ulps apart from its original and could rank before it (before
+    ``search.ROW_TILE`` and the aligned copy of such rows)."""
+    count = 4097 if dim == 1024 else 1001
+    copies = (10, 1000 if dim == 1024 else 500, count - 1)
+    matrix, queries = with_copies(count, dim, copies, n_query, seed=dim + n_query)
+    for shard_rows, chunk_rows in ((256, 32768), (3, 32768), (4097, 101), (333, 7)):
+        found = exact_top_k(Rows(matrix.to(dtype), shard_rows), queries, 5, chunk_rows=chunk_rows)
+        assert_copies_tie_in_row_order(found, copies)
+
+
+def test_copies_in_a_store_on_disk_score_the_same_bits_as_their_original(tmp_path):
+    """The same through :meth:`VectorStore.blocks` (rows read into one reused buffer at shard offsets), the
+    store's size not a multiple of its shards', with both ends and candidates searched."""
+    from wherefrom.core.vectors import VectorStore, VectorStoreWriter
+
+    copies = (10, 1000, 4096)
+    matrix, queries = with_copies(4097, 1024, copies, 4, seed=3)
+    ids = [f"row-{i}" for i in range(4097)]
+    writer = VectorStoreWriter(tmp_path / "store", ids, 1024, {"model": "test"}, shard_size=300)
+    writer.start()
+    writer.build(lambda shard, shard_ids: iter([(shard_ids, matrix[slice(*writer.span(shard))])]))
+    writer.finalize()
+    store = VectorStore.open(tmp_path / "store")
+    store.verify()
+    proponents, opponents = exact_ends(store, queries, 5)
+    assert_copies_tie_in_row_order(proponents, copies)
+    found = exact_top_k(store, -queries, 5, opponents=True)  # the opponents of -q: the same copies, same order
+    assert_copies_tie_in_row_order(found, copies)
+    assert not set(opponents.rows.flatten().tolist()) & set(copies)
+    candidates = [[4096, 1000, 10, 7, 3000]] * 4
+    assert_copies_tie_in_row_order(exact_top_k(store, queries, 3, candidates=candidates), copies)
+
+
 def test_memory_is_bounded_by_one_shard_and_one_chunk(monkeypatch):
     """The largest float32 block scored at once is one chunk, and one shard is held at a time."""
     sizes = []
@@ -161,8 +218,10 @@ def test_memory_is_bounded_by_one_shard_and_one_chunk(monkeypatch):
     assert max(sizes) == 256
     assert source.largest == 700
     merged = []  # the scores of shards smaller than a chunk are merged once per chunk_rows rows, not per shard
-    best = search_module._best
-    monkeypatch.setattr(search_module, "_best", lambda values, k: merged.append(values.shape[1]) or best(values, k))
+    best = search_module.stable_top_k
+    monkeypatch.setattr(
+        search_module, "stable_top_k", lambda values, k: merged.append(values.shape[1]) or best(values, k)
+    )
     exact_top_k(Rows(torch.randn(5000, 8).half(), 50), torch.randn(3, 8), 10, chunk_rows=256)
     assert merged[::2] == [256] * 19 + [136]  # each chunk's top-k (then that of the kept k and it)
 
@@ -212,6 +271,33 @@ def test_bad_queries_and_candidates_are_named():
         exact_top_k(source, torch.randn(1, 4), 3, candidates=[[0, 1, 2, 3, 4, 5, 999, -1]])
     with pytest.raises(SearchError, match="k and chunk_rows must be >= 1"):
         exact_top_k(source, torch.randn(1, 4), 0)
+    for entry in (2.9, True, np.bool_(True), "3", 2.0, torch.tensor(2.0)):  # 2.9 was read as row 2, True as row 1
+        with pytest.raises(
+            SearchError, match=rf"query 1: candidate rows must be integers, got {re.escape(repr(entry))}"
+        ):
+            exact_top_k(source, torch.randn(2, 4), 3, candidates=[[1], [0, entry]])
+    found = exact_top_k(source, torch.randn(1, 4), 3, candidates=[[np.int64(3), torch.tensor(5), 7]])
+    assert sorted(found.rows[0].tolist()) == [3, 5, 7]  # integer scalars of numpy and torch are integers
+
+
+def test_finite_rows_whose_products_overflow_both_ways_are_named_not_ranked_first_at_both_ends():
+    """+inf + -inf is NaN, which ``topk`` ranks first as proponent and as opponent."""
+    matrix = torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, -3.0], [3e38, -3e38], [1.0, 0.0]])
+    with pytest.raises(SearchError, match=r"row 3 \(id 'row-3'\) .* overflow to \+inf and -inf"):
+        exact_ends(Rows(matrix, 2), torch.tensor([[10.0, 10.0]]), 2)
+    found = exact_top_k(Rows(matrix, 2), torch.tensor([[10.0, 0.0]]), 2)  # +inf alone is a score, ranked so
+    assert found.rows.tolist() == [[3, 1]] and found.scores[0, 0].item() == math.inf
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivf-pq", "pq"])
+@pytest.mark.parametrize("bad", [7, 1998])
+def test_faiss_refuses_a_non_finite_row_by_id_before_building(kind, bad):
+    """FAISS took such rows silently (HNSW; IVF where the row is not in the k-means sample) or failed in
+    its k-means naming no row."""
+    matrix = torch.randn(2000, 16, generator=torch.Generator().manual_seed(0))
+    matrix[bad, 3] = math.nan if bad == 7 else math.inf
+    with pytest.raises(SearchError, match=rf"row {bad} \(id 'row-{bad}'\) of the store has a NaN or infinite"):
+        build_faiss_index(Rows(matrix, 300), faiss_settings({"kind": kind}))
 
 
 def clustered(count: int, dim: int, clusters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,6 +405,22 @@ def test_faiss_search_of_duplicate_rows_reports_ties_as_found():
     assert torch.equal(report.recall, torch.ones(2, len(queries), dtype=torch.float64))
     overlap = float(recall_at_k(report.proponents, exact_top_k(source, queries, 5)).mean())
     assert overlap < 1, "FAISS returned the exact search's copies at every tie: this test no longer sees a tie"
+
+
+def test_ivf_sq8_codes_a_row_outside_its_training_sample_without_clipping_it():
+    """FAISS trained the 8-bit ranges on the k-means sample and clipped other rows to them: row 5, off the sample's
+    stride, of score 50, was coded as about 6 and missed with every cell probed."""
+    matrix = torch.randn(20_000, 8, generator=torch.Generator().manual_seed(0))
+    matrix[5] = 0.0
+    matrix[5, 0] = 50.0
+    settings = FaissSettings(kind="ivf-sq8", nprobe=10_000)
+    assert 5 % (20_000 // (settings.lists(20_000) * settings.train_per_list)) != 0  # not in the sample
+    source = Rows(matrix, 4096)
+    query = torch.tensor([[1.0, 1.0, 0, 0, 0, 0, 0, 0]])
+    found = faiss_top_k(build_faiss_index(source, settings), source.ids, query, 3, settings=settings)
+    exact = exact_top_k(source, query, 3)
+    assert found.rows[0, 0] == 5 and abs(found.scores[0, 0].item() - 50.0) < 0.5  # 8-bit: about range / 255
+    assert float(recall_at_k(found, exact, source, query)[0]) == 1.0
 
 
 def test_ivf_pq_re_ranks_its_shortlist_with_the_exact_rows():
@@ -656,6 +758,22 @@ def test_search_store_reports_recall_and_checks_options_first():
         search_store(source, queries, 10, "annoy")
     with pytest.raises(SearchError, match="given to an exact search"):
         search_store(source, queries, 10, "exact", faiss_options={"nprobe": 3})
+
+
+def test_search_store_refuses_k_queries_and_candidates_before_building_an_index(tmp_path, monkeypatch):
+    """A FAISS search checked them only after the build (46 s at 10^6 rows) and its save."""
+    source = Rows(torch.randn(300, 8), 100)
+    monkeypatch.setattr(search_module, "_saved_or_built", lambda *args: pytest.fail("built before the check"))
+    bad = {
+        "k must be >= 1, got 0": {"queries": torch.randn(2, 8), "k": 0},
+        "query vector 1 has a NaN": {"queries": torch.tensor([[1.0] * 8, [math.nan] * 8]), "k": 3},
+        r"queries must be \(n_query, 8\)": {"queries": torch.randn(2, 7), "k": 3},
+        "candidate rows must lie in 0..299, got 300": {"queries": torch.randn(1, 8), "k": 3, "candidates": [[300]]},
+    }
+    for message, call in bad.items():
+        with pytest.raises(SearchError, match=message):
+            search_store(source, mode="faiss", index_folder=tmp_path, **call)
+    assert not list(tmp_path.iterdir())
 
 
 def test_search_store_says_whether_it_built_or_reused_the_index_and_keeps_one_file_per_graph(tmp_path):

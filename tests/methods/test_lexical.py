@@ -9,6 +9,7 @@ import torch
 
 from tests.conftest import build_model
 from wherefrom.core.data import Record
+from wherefrom.core.scoring import Scores
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.lexical import (
     BM25,
@@ -117,3 +118,17 @@ def test_candidate_filter_on_another_methods_scores(tokenizer, train_records, qu
     torch.testing.assert_close(prefiltered.per_module, restricted.per_module, rtol=1e-5, atol=1e-6, equal_nan=True)
     with pytest.raises(ValueError, match="one candidate list per query"):
         restrict(full, candidates[:1])
+
+
+def test_restrict_refuses_candidates_that_are_not_row_indices():
+    """``True`` as a mask index made every row a candidate; 2.9 and -1 were index errors of torch or silent."""
+    scores = Scores(["q"], [f"t{i}" for i in range(5)], ["m"], torch.arange(5.0)[None, None])
+    for entry, message in (
+        (True, "must be integers, got True"),
+        (2.9, "must be integers, got 2.9"),
+        (5, r"must lie in 0\.\.4, got 5"),
+        (-1, r"must lie in 0\.\.4, got -1"),
+    ):
+        with pytest.raises(ValueError, match=f"query 0: candidate rows {message}"):
+            restrict(scores, [[1, entry]])
+    assert [t for t, _ in restrict(scores, [[1, 3, 3]]).top(0, 5)] == ["t3", "t1"]

@@ -146,7 +146,9 @@ def print_index_done(run: Path, written: int) -> None:
 
 
 @command
-def scores(run, queries, name, top_k, overwrite, search, search_option, prefilter_bm25, device, threads) -> None:
+def scores(
+    run, queries, name, top_k, overwrite, search, search_option, prefilter_bm25, no_recall, device, threads
+) -> None:
     """Pairwise influence of every training row on every query row; saved under RUN/scores/ (an earlier
     set of the same --name made for other query rows, or with its training side from elsewhere, e.g. before the
     run had an index, is kept unless --overwrite; one for the same rows, by ids and content, and training side is
@@ -155,7 +157,7 @@ def scores(run, queries, name, top_k, overwrite, search, search_option, prefilte
     the scores. With --search or --prefilter-bm25: each query's top
     proponents and opponents from the run's vector store instead (printed, nothing saved; one process)."""
     try:
-        options = check_search(search, search_option)
+        options = check_search(search, search_option, no_recall)
         if search is None and prefilter_bm25 is None:  # before the process group and the model
             refuse_distributed_scores(Run.recorded_config(run))
         with session():
@@ -163,7 +165,7 @@ def scores(run, queries, name, top_k, overwrite, search, search_option, prefilte
             if search is not None or prefilter_bm25 is not None:
                 refuse("scores --search/--prefilter-bm25", "search the index in one process")
                 refuse_full_score_flags(("name", "overwrite"))
-                search_run(run, rows, top_k, search, options, prefilter_bm25, device)
+                search_run(run, rows, top_k, search, options, prefilter_bm25, not no_recall, device)
                 return
             saved = [run / "scores" / f"{name}.{suffix}" for suffix in ("safetensors", "json")]
             queried = {"query_ids": [r.id for r in rows], "query_fingerprint": data_fingerprint(rows)}
@@ -218,13 +220,15 @@ def refuse_full_score_flags(names: Sequence[str]) -> None:
         )
 
 
-def check_search(search: str | None, search_option: list[str] | None) -> dict:
+def check_search(search: str | None, search_option: list[str] | None, no_recall: bool = False) -> dict:
     """The FAISS options of ``--search-option``, checked before any work: ``ValueError`` when they are given
     without ``--search faiss``, then :class:`wherefrom.core.options.OptionError` for a bad name or value or an
     option the kind does not use (:func:`wherefrom.core.search.faiss_settings`)."""
+    got = "no --search" if search is None else f"--search {search}"
     if search_option and search != "faiss":
-        got = "no --search" if search is None else f"--search {search}"
         raise ValueError(f"--search-option sets FAISS options; it needs --search faiss (got {got})")
+    if no_recall and search != "faiss":
+        raise ValueError(f"--no-recall skips the recall of an approximate search; it needs --search faiss (got {got})")
     options = options_for(parse_option_pairs(search_option, "--search-option", namespaced=False), "*")
     faiss_settings(options)
     return options
@@ -237,9 +241,11 @@ def search_run(
     search: str | None,
     options: Mapping[str, object],
     prefilter_bm25: int | None,
+    recall: bool,
     device: str | None,
 ) -> None:
-    """Answer ``scores`` / ``query`` from RUN's vector store (``--search``, ``--prefilter-bm25``): the
+    """Answer ``scores`` / ``query`` from RUN's vector store (``--search``, ``--prefilter-bm25``; ``recall``: with
+    ``--search faiss``, also the exact search and recall@k, for which every shard is hashed first): the
     queries in the store's row layout (:meth:`wherefrom.engine.run.Run.query_vectors`), searched by
     :func:`store_search` (a FAISS index kept in ``RUN/index/``, keyed by the store's contents) and printed
     by :func:`print_search`. ``options``: the FAISS options its callers parsed with :func:`check_search` before
@@ -258,14 +264,14 @@ def search_run(
             f"--prefilter-bm25 search the one `{opened.index_command()}` "
             f"{'finishes' if started else 'builds'}; without them the run scores every row"
         )
-    store = opened.open_index()
+    store = opened.open_index(verify=recall or search != "faiss")
     settings = faiss_settings(options)
     if search == "faiss" and settings.builds_index(prefilter_bm25 is not None):
         settings.check_store(store.count, store.dim)  # before the queries' gradients
     query_ids, vectors = opened.query_vectors(queries, store)
     report = store_search(
         store, vectors, queries, opened.train, top_k, search, options, prefilter_bm25, store.folder,
-        store.content_key(),
+        store.content_key(), recall,
     )  # fmt: skip
     print_search(report, query_ids, top_k, {row.id: row.label for row in opened.train})
 
@@ -281,13 +287,15 @@ def store_search(
     prefilter_bm25: int | None,
     folder: Path | None = None,
     store_key: str | None = None,
+    recall: bool = True,
 ) -> SearchReport:
     """The search of ``--search``/``--prefilter-bm25``: top-``top_k`` proponents and opponents of
     ``query_vectors`` ``(n_query, source.dim)`` (the ``queries`` in the store's projection) among the
     store's rows, restricted to each query's top-``prefilter_bm25`` BM25 rows of ``train`` when given
     (:func:`wherefrom.methods.lexical.bm25_candidates`), exact unless ``search`` is ``faiss`` (index
     saved in ``folder``, keyed by ``store_key``: :func:`wherefrom.core.search.build_faiss_index`; ``options``:
-    the FAISS options :func:`check_search` parsed). ``ValueError`` when ``train`` is not the store's rows in order."""
+    the FAISS options :func:`check_search` parsed; ``recall``: a FAISS search's recall@k against the exact one,
+    :func:`wherefrom.core.search.search_store`). ``ValueError`` when ``train`` is not the store's rows in order."""
     candidates = None
     if prefilter_bm25 is not None:
         from wherefrom.methods.lexical import bm25_candidates
@@ -295,7 +303,9 @@ def store_search(
         if [row.id for row in train] != list(source.ids):
             raise ValueError("--prefilter-bm25: the training rows are not the vector store's rows in order")
         candidates = bm25_candidates(queries, train, prefilter_bm25)
-    return search_store(source, query_vectors, top_k, search or "exact", candidates, options, folder, store_key)
+    return search_store(
+        source, query_vectors, top_k, search or "exact", candidates, options, folder, store_key, recall
+    )  # fmt: skip
 
 
 def print_search(report: SearchReport, query_ids: list[str], top_k: int, labels: Mapping[str, str | None]) -> None:
@@ -334,6 +344,7 @@ def query(
     search,
     search_option,
     prefilter_bm25,
+    no_recall,
     device,
     threads,
 ) -> None:
@@ -341,10 +352,10 @@ def query(
     --prefilter-bm25: from the run's vector store)."""
     try:
         record = Record(id="query", prompt=prompt, completion=completion)
-        options = check_search(search, search_option)
+        options = check_search(search, search_option, no_recall)
         if search is not None or prefilter_bm25 is not None:
             refuse_full_score_flags(("as_json", "by_module", "per_token", "html"))
-            search_run(run, [record], top_k, search, options, prefilter_bm25, device)
+            search_run(run, [record], top_k, search, options, prefilter_bm25, not no_recall, device)
             return
         opened = Run.open(run, progress=progress, device=device)
         if per_token and opened.method is not None:

@@ -419,6 +419,11 @@ class SearchSettings:
         "Search only each query's top-N BM25 rows (Grosse et al.'s prefilter), exactly unless --search faiss.",
         check=at_least(1),
     )
+    no_recall: bool = setting(
+        False,
+        "With --search faiss: skip the exact search that measures recall@k (a pass over the whole store) and the "
+        "hashing of every shard before it; a saved FAISS index is then searched without reading the rows.",
+    )
 
 
 @dataclass

@@ -97,6 +97,23 @@ def token_scores(query: QueryBlock, factors: TokenFactors) -> torch.Tensor:
     return scores.reshape(*scores.shape[:2], calls, -1).sum(2) if calls > 1 else scores
 
 
+def stable_top_k(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(top, columns)``, each ``(n, min(k, m))``: the ``k`` largest of each row of ``values`` ``(n, m)`` and their
+    columns, largest first, equal values in column order (the lower column, i.e. training row, first): a stable
+    descending sort, computed by ``topk`` where no tie crosses the ``k``-th value (``topk`` alone orders ties
+    arbitrarily, so two copies of a training row could be listed in either order)."""
+    k = min(k, values.shape[1])
+    top, where = torch.topk(values, k, dim=1)
+    crossing = (values >= top[:, -1:]).sum(1) > k if k else torch.zeros(values.shape[0], dtype=torch.bool)
+    # within the top k, order equal values by column: sort by column, then stably by value
+    by_column = where.sort(dim=1).values
+    order = torch.sort(values.gather(1, by_column), dim=1, descending=True, stable=True).indices
+    where = by_column.gather(1, order)
+    for row in torch.nonzero(crossing).flatten().tolist():
+        where[row] = torch.sort(values[row], descending=True, stable=True).indices[:k]
+    return values.gather(1, where), where
+
+
 @dataclass
 class Scores:
     """Pairwise influence scores with the example ids they belong to.
@@ -115,12 +132,12 @@ class Scores:
         return self.per_module.sum(0)
 
     def top(self, query_index: int, k: int, opponents: bool = False) -> list[tuple[str, float]]:
-        """The ``k`` strongest proponents (largest scores) or opponents (most negative) of one query."""
+        """The ``k`` strongest proponents (largest scores) or opponents (most negative) of one query, as
+        ``(train id, score)``; equal scores in training-row order (:func:`stable_top_k`)."""
         row = self.total[query_index]
-        k = min(k, row.shape[0])
-        values, indices = torch.topk(-row if opponents else row, k)
         sign = -1.0 if opponents else 1.0
-        return [(self.train_ids[i], sign * float(v)) for v, i in zip(values, indices.tolist())]
+        values, indices = stable_top_k(sign * row[None], k)
+        return [(self.train_ids[i], sign * float(v)) for v, i in zip(values[0], indices[0].tolist())]
 
 
 def check_finite(scores: Scores) -> Scores:

@@ -23,7 +23,8 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
 - **Approximate** (:func:`build_faiss_index`, :func:`faiss_top_k`): a FAISS inner-product index
   (Johnson, Douze & Jegou 2019, "Billion-scale similarity search with GPUs"): ``ivf`` (inverted
   lists over ``nlist`` k-means cells, ``nprobe`` of them searched, rows kept exactly), ``ivf-sq8``
-  (the same with rows quantised to 8 bits per entry: a quarter of the memory), ``ivf-pq`` (the same
+  (the same with rows quantised to 8 bits per entry between each entry's min and max over every row: a quarter
+  of the memory; its scores are those of the 8-bit rows, not exact), ``ivf-pq`` (the same
   cells holding 4-bit product-quantisation codes of ``pq_m`` sub-vectors, Jegou, Douze & Schmid
   2011, scanned with SIMD lookup tables, Andre et al. 2017 "fast scan"; the ``refine x k`` best
   codes are re-ranked with the exact float32 rows, which the index also keeps, so the scores returned
@@ -73,6 +74,7 @@ import hashlib
 import json
 import logging
 import math
+import operator
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -83,6 +85,7 @@ import numpy as np
 import torch
 
 from wherefrom.core.options import OptionError, OptionSpec, check_options, from_signature
+from wherefrom.core.scoring import stable_top_k
 from wherefrom.core.store import DamagedFile, check_file, load_tensors_checked, save_tensors_checked
 
 __all__ = [
@@ -159,22 +162,6 @@ CHUNK_ROWS = 32768
 """Rows whose scores are merged into the running top-``k`` at once (the default ``chunk_rows``)."""
 
 
-def _best(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest ``values`` per query (row ``i`` of ``(n_query, n)``) and their columns, largest
-    first, equal values in column order: a stable descending sort, computed by ``topk`` where no tie
-    crosses the ``k``-th value."""
-    k = min(k, values.shape[1])
-    top, where = torch.topk(values, k, dim=1)
-    crossing = (values >= top[:, -1:]).sum(1) > k if k else torch.zeros(values.shape[0], dtype=torch.bool)
-    # within the top k, order equal values by column: sort by column, then stably by value
-    by_column = where.sort(dim=1).values
-    order = torch.sort(values.gather(1, by_column), dim=1, descending=True, stable=True).indices
-    where = by_column.gather(1, order)
-    for query in torch.nonzero(crossing).flatten().tolist():
-        where[query] = torch.sort(values[query], descending=True, stable=True).indices[:k]
-    return values.gather(1, where), where
-
-
 def _check_queries(queries: torch.Tensor, dim: int) -> torch.Tensor:
     if queries.ndim != 2 or queries.shape[1] != dim:
         raise SearchError(f"queries must be (n_query, {dim}) to match the store's rows, got {tuple(queries.shape)}")
@@ -185,13 +172,25 @@ def _check_queries(queries: torch.Tensor, dim: int) -> torch.Tensor:
     return queries
 
 
-def _candidate_sets(candidates: Sequence[Sequence[int]], n_query: int, count: int) -> list[torch.Tensor]:
-    """Each query's candidate rows as a sorted int64 tensor; :class:`SearchError` for a wrong count or index."""
+def candidate_sets(candidates: Sequence[Sequence[int]], n_query: int, count: int) -> list[torch.Tensor]:
+    """Each query's candidate rows (indices into ``count`` rows) as a sorted int64 tensor without repeats.
+
+    Raises :class:`SearchError` for another number of lists than ``n_query``, an entry that is not an integer
+    (a float such as 2.9 was cut to row 2, and ``True`` taken as row 1 here or, as a mask index, as every row
+    in :func:`wherefrom.methods.lexical.restrict`) or one outside ``0..count-1``."""
     if len(candidates) != n_query:
         raise SearchError(f"need one candidate list per query: {n_query} queries, {len(candidates)} lists")
     out = []
     for query, rows in enumerate(candidates):
-        found = torch.as_tensor(list(rows), dtype=torch.int64).unique()
+        indices = []
+        for row in rows:
+            try:
+                if isinstance(row, (bool, np.bool_)):
+                    raise TypeError
+                indices.append(operator.index(row))
+            except TypeError:
+                raise SearchError(f"query {query}: candidate rows must be integers, got {row!r}") from None
+        found = torch.tensor(indices, dtype=torch.int64).unique()
         outside = found[(found < 0) | (found >= count)]
         if outside.numel():
             shown = ", ".join(map(str, outside.tolist()[:5])) + (", ..." if outside.numel() > 5 else "")
@@ -200,16 +199,28 @@ def _candidate_sets(candidates: Sequence[Sequence[int]], n_query: int, count: in
     return out
 
 
+def _non_finite_row(row: int, ids: Sequence[str]) -> SearchError:
+    return SearchError(f"row {row} (id {ids[row]!r}) of the store has a NaN or infinite entry")
+
+
 def _check_rows(values: torch.Tensor, chunk: torch.Tensor, rows: torch.Tensor, ids: Sequence[str]) -> None:
     """:class:`SearchError` naming the first row of ``chunk`` with a NaN or infinite entry. Such a row makes
-    its scores non-finite (``0 x inf`` is NaN too), so only the rows of non-finite score columns are read."""
+    its scores non-finite (``0 x inf`` is NaN too), so only the rows of non-finite score columns are read. A
+    finite row whose float32 products overflow scores +-inf, ranked as such, unless they overflow both ways
+    (``+inf + -inf``: NaN, which ``topk`` ranks first at both ends): that row is named too."""
     if bool(torch.isfinite(values).all()):
         return
     columns = torch.nonzero(~torch.isfinite(values).all(0)).flatten()
     bad = columns[~torch.isfinite(chunk[columns]).all(1)]
-    if bad.numel():  # else a float32 overflow of finite rows: their scores are +-inf, ranked as such
-        row = int(rows[bad[0]])
-        raise SearchError(f"row {row} (id {ids[row]!r}) of the store has a NaN or infinite entry")
+    if bad.numel():
+        raise _non_finite_row(int(rows[bad[0]]), ids)
+    overflow = columns[torch.isnan(values[:, columns]).any(0)]
+    if overflow.numel():
+        row = int(rows[overflow[0]])
+        raise SearchError(
+            f"row {row} (id {ids[row]!r}) of the store has finite entries, but its float32 products with a query "
+            "overflow to +inf and -inf (a NaN score); scale the rows or the queries down"
+        )
 
 
 def exact_top_k(
@@ -246,7 +257,7 @@ def exact_ends(
         raise SearchError(f"k and chunk_rows must be >= 1, got k={k}, chunk_rows={chunk_rows}")
     queries = _check_queries(queries, source.dim)
     n_query = queries.shape[0]
-    allowed = None if candidates is None else _candidate_sets(candidates, n_query, source.count)
+    allowed = None if candidates is None else candidate_sets(candidates, n_query, source.count)
     union = None if allowed is None else torch.cat([torch.empty(0, dtype=torch.int64), *allowed]).unique()
     signs = [-1.0 if opponents else 1.0 for opponents in ends]
     kept = [(torch.empty(n_query, 0), torch.empty(n_query, 0, dtype=torch.int64)) for _ in ends]
@@ -259,13 +270,13 @@ def exact_ends(
         inside = None if allowed is None else torch.stack([torch.isin(rows, rows_q) for rows_q in allowed])
         for end, sign in enumerate(signs):
             if inside is None:
-                top, where = _best(sign * values, k)
+                top, where = stable_top_k(sign * values, k)
                 found = rows[where]
             else:
-                top, where = _best((sign * values).masked_fill(~inside, -math.inf), k)
+                top, where = stable_top_k((sign * values).masked_fill(~inside, -math.inf), k)
                 found = rows.expand(n_query, -1).masked_fill(~inside, -1).gather(1, where)
             # kept rows precede the chunk's: ties stay in row order
-            top, where = _best(torch.cat([kept[end][0], top], 1), k)
+            top, where = stable_top_k(torch.cat([kept[end][0], top], 1), k)
             kept[end] = top, torch.cat([kept[end][1], found], 1).gather(1, where)
         pending.clear()
 
@@ -331,38 +342,67 @@ _CAST_BYTES = 16 * 2**20
 """Largest float32 block that half-precision rows are converted into at once (a cache-sized buffer:
 200,000 x 1024 float16 rows searched in 4,096-row blocks took 107 ms, in 32,768-row blocks 161 ms)."""
 
+ROW_TILE = 64
+"""Rows are multiplied with the queries in multiples of this many (a ragged rest zero-padded to it), so a row's
+float32 score is the same bits in whatever block, chunk or shard it is scored: MKL's kernels sum a ragged edge of
+rows in another order, and an exact copy of a row (the shared data sets hold 561 in 4,700 rows) scored in a
+shorter last block differed from the original in the last bits, which broke the ties-by-row-order rule (module
+docstring). Checked on this machine's MKL for 1-64 queries, dims 7-70,000, 1-8,192 rows at the first, middle
+and last position, blocks starting at 17 offsets (``tests/core/test_search.py`` keeps a few); multiples of 16
+sufficed, 8 did not for 20 queries."""
+
+
+_ALIGNED = 64
+"""Bytes a row block's start is aligned to before it is multiplied (:meth:`_Products.tiled`)."""
+
 
 def _cast_rows(dim: int) -> int:
-    """Rows of ``dim`` entries converted to float32 at once: :data:`_CAST_BYTES` of float32, at least one."""
-    return max(1, _CAST_BYTES // (4 * dim))
+    """Rows of ``dim`` entries converted to float32 at once: :data:`_CAST_BYTES` of float32, a multiple of
+    :data:`ROW_TILE`, at least one tile."""
+    return max(1, _CAST_BYTES // (4 * dim) // ROW_TILE) * ROW_TILE
 
 
 class _Products:
     """``queries @ rows.T`` in float32 for chunks of rows of any stored dtype.
 
-    Float32 rows are multiplied at once. Float16/bfloat16 rows are converted exactly to float32 (every
-    such value is a float32 value) in blocks of :func:`_cast_rows` rows, on one thread, into one reused
-    buffer, and each block is multiplied while it is in cache, so the chunk's scores are those of its
-    float32 values. Why: converting was the cost of a half-precision search on a loaded 2-core CPU
-    (measured, 200,000 x 1024 float16 rows in 4,096-row blocks: 24 ms on one thread into one buffer,
-    392 ms on two threads, about 260 ms into a new tensor per block; the float32 product with one query
-    on two threads: 53 ms). The products keep every thread.
+    Rows are multiplied in multiples of :data:`ROW_TILE` rows (a ragged rest copied into a zero-padded tile),
+    all in one layout, so a row's score does not depend on the chunk it is in. Float32 rows are multiplied at
+    once. Float16/bfloat16 rows are converted exactly to float32 (every such value is a float32 value) in blocks
+    of :func:`_cast_rows` rows, on one thread, into one reused buffer, and each block is multiplied while it is
+    in cache, so the chunk's scores are those of its float32 values (bit for bit those of the same rows stored
+    in float32). Why: converting was the cost of a half-precision search on a loaded 2-core CPU (measured,
+    200,000 x 1024 float16 rows in 4,096-row blocks: 24 ms on one thread into one buffer, 392 ms on two threads,
+    about 260 ms into a new tensor per block; the float32 product with one query on two threads: 53 ms). The
+    products keep every thread.
     """
 
     def __init__(self, queries: torch.Tensor):
         self.queries = queries
         self.buffer: torch.Tensor | None = None
+        self.tile = torch.zeros(ROW_TILE, queries.shape[1])
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """``(n_query, n)`` float32 products with ``rows`` ``(n, dim)``."""
         if rows.dtype == torch.float32:
-            return self.queries @ rows.T
-        out = torch.empty(rows.shape[0], self.queries.shape[0])
+            return self.tiled(rows)
         step = _cast_rows(rows.shape[1])
-        for start in range(0, rows.shape[0], step):
-            block = self.as_float32(rows[start : start + step])
-            torch.mm(block, self.queries.T, out=out[start : start + step])
-        return out.T
+        parts = [self.tiled(self.as_float32(rows[start : start + step])) for start in range(0, rows.shape[0], step)]
+        return torch.cat(parts, 1) if len(parts) != 1 else parts[0]
+
+    def tiled(self, rows: torch.Tensor) -> torch.Tensor:
+        """``queries @ rows.T`` for float32 ``rows``: the whole tiles at once, the ragged rest in the padded tile.
+        Rows whose first is not 64-byte aligned (only rows of an odd width, in chunks of an odd count) are
+        copied first: MKL's matrix-vector kernel (one query) sums them in another order, as it does a ragged edge."""
+        if rows.data_ptr() % _ALIGNED:
+            rows = rows.clone()  # a new tensor: torch aligns CPU allocations to 64 bytes
+        whole = rows.shape[0] - rows.shape[0] % ROW_TILE
+        if whole == rows.shape[0]:
+            return self.queries @ rows.T
+        rest = rows.shape[0] - whole
+        self.tile[:rest].copy_(rows[whole:])
+        self.tile[rest:].zero_()
+        tail = (self.queries @ self.tile.T)[:, :rest]
+        return torch.cat([self.queries @ rows[:whole].T, tail], 1) if whole else tail
 
     def as_float32(self, rows: torch.Tensor) -> torch.Tensor:
         """Half-precision ``rows`` in float32, converted on one thread into the buffer (a new one, kept,
@@ -653,8 +693,9 @@ def _faiss():
 
 
 def rows_sha256(source: RowSource) -> str:
-    """sha256 of the store's ids and row bytes in row order (one streamed pass)."""
-    digest = hashlib.sha256("\n".join(source.ids).encode())
+    """sha256 of the store's ids (as a JSON list: ids holding a newline do not run together) and row bytes in
+    row order (one streamed pass)."""
+    digest = hashlib.sha256(json.dumps(list(source.ids)).encode())
     for _, shard in source.shards():
         digest.update(shard.contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -669,6 +710,8 @@ def _fingerprint(source: RowSource, settings: FaissSettings, store_key: str | No
     build = {k: v for k, v in asdict(settings).items() if k in uses}
     if "nlist" in build:
         build["nlist"] = settings.lists(source.count)
+    if settings.kind == "ivf-sq8":  # indexes saved before _cover_every_row coded residuals in sampled ranges
+        build["ranges"] = "rows, every row's min and max"
     if "pq_m" in build:
         candidates = settings.pq_m_candidates(source.dim)
         build["pq_m"] = (
@@ -678,6 +721,16 @@ def _fingerprint(source: RowSource, settings: FaissSettings, store_key: str | No
     return {"count": source.count, "dim": source.dim, "dtype": source.dtype, "store": contents, **build}
 
 
+def _finite(source: RowSource, first: int, rows: torch.Tensor, step: int = 1) -> np.ndarray:
+    """``rows`` (rows ``first``, ``first + step``, ... of ``source``) as contiguous float32 for FAISS, which
+    takes NaN or infinite entries silently (HNSW, IVF adds) or fails in its k-means with a message naming no row:
+    :class:`SearchError` naming the first such row, as the exact search does."""
+    finite = torch.isfinite(rows).all(1)
+    if not bool(finite.all()):
+        raise _non_finite_row(first + step * int(torch.nonzero(~finite)[0]), source.ids)
+    return np.ascontiguousarray(rows.to(torch.float32).numpy())
+
+
 def _training_sample(source: RowSource, size: int) -> np.ndarray:
     """Every ``floor(count / size)``-th row, float32 (rows spread over the whole store): at least
     ``min(size, count)`` rows, fewer than ``2 size``."""
@@ -685,7 +738,7 @@ def _training_sample(source: RowSource, size: int) -> np.ndarray:
     parts = []
     for first, shard in source.shards():
         offset = (-first) % step
-        parts.append(shard[offset::step].to(torch.float32).numpy())
+        parts.append(_finite(source, first + offset, shard[offset::step], step))
     return np.ascontiguousarray(np.concatenate(parts))
 
 
@@ -796,6 +849,27 @@ def pq_m_label(index, settings: FaissSettings, dim: int) -> str:
     return f"pq_m={m}{how} "
 
 
+def _cover_every_row(index, source: RowSource) -> None:
+    """Set the 8-bit ranges of a trained ``ivf-sq8`` ``index`` to each entry's min and max over every row of
+    ``source`` (one streamed pass). FAISS trains them on the k-means sample alone and clips a row outside them:
+    a row with larger entries than the sampled ones, such as a training row of outsized influence, was scored
+    far too low and could be missed with every cell probed (a row of score 50 coded as about 6). The rows are
+    coded, not their residuals to the cell centroid, so that the ranges of the rows bound every coded value."""
+    low = high = None
+    for first, shard in source.shards():
+        rows = torch.from_numpy(_finite(source, first, shard))
+        low = rows.amin(0) if low is None else torch.minimum(low, rows.amin(0))
+        high = rows.amax(0) if high is None else torch.maximum(high, rows.amax(0))
+    if low is None or high is None:
+        raise SearchError("an ivf-sq8 index needs rows; the store has none")
+    # a constant entry gets a tiny positive width (FAISS divides by it): its rows decode to it within 2^-21
+    width = torch.where(high > low, high - low, low.abs().clamp(min=1.0) * 2**-20)
+    trained = torch.cat([low, width]).numpy()
+    if index.sq.trained.size() != trained.size:
+        raise SearchError(f"FAISS's 8-bit quantizer holds {index.sq.trained.size()} ranges, not 2 x {source.dim}")
+    _faiss().copy_array_to_vector(np.ascontiguousarray(trained), index.sq.trained)
+
+
 def _add_angular(index, source: RowSource) -> None:
     """Add the rows of ``source`` to an empty HNSW ``index`` linked by angle: the graph is built on the unit rows,
     then a second pass overwrites its stored rows with the rows themselves (bit for bit), so a search walks the
@@ -803,8 +877,8 @@ def _add_angular(index, source: RowSource) -> None:
     mostly to rows of large norm (Liu et al. 2020); where the best rows of a query are not those (raw rows,
     preconditioned queries) it leaves rows unreachable: ``benchmarks/results/hnsw_graph.md``."""
     faiss = _faiss()
-    for _, shard in source.shards():
-        unit = torch.nn.functional.normalize(shard.to(torch.float32), dim=1)  # a zero row stays zero
+    for first, shard in source.shards():
+        unit = torch.nn.functional.normalize(torch.from_numpy(_finite(source, first, shard)), dim=1)  # 0 stays 0
         index.add(np.ascontiguousarray(unit.numpy()))
     stored = faiss.rev_swig_ptr(faiss.downcast_index(index.storage).get_xb(), source.count * source.dim)
     stored = stored.reshape(source.count, source.dim)
@@ -885,12 +959,15 @@ def _saved_or_built(
             index = faiss.IndexIVFScalarQuantizer(
                 quantizer, dim, lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
             )
+            index.by_residual = False  # the rows themselves are coded, in ranges _cover_every_row sets
         index.train(_training_sample(source, lists * settings.train_per_list))
+        if settings.kind == "ivf-sq8":
+            _cover_every_row(index, source)
     if settings.graph == "angular" and settings.kind == "hnsw":
         _add_angular(index, source)
     else:
-        for _, shard in source.shards():
-            index.add(np.ascontiguousarray(shard.to(torch.float32).numpy()))
+        for first, shard in source.shards():
+            index.add(_finite(source, first, shard))
     if path is None:
         return BuiltIndex(index, "built", previous, codes)
     try:  # a cache beside the store, written by readers: no writer lock (atomic, checksummed: never half read)
@@ -960,7 +1037,7 @@ def faiss_top_k(
         values, rows = _on_device(index).search(search, k)
     else:
         values, rows = np.full((len(search), k), -np.inf, np.float32), np.full((len(search), k), -1, np.int64)
-        for query, allowed in enumerate(_candidate_sets(candidates, len(search), index.ntotal)):
+        for query, allowed in enumerate(candidate_sets(candidates, len(search), index.ntotal)):
             selector = faiss.IDSelectorBatch(allowed.numpy())
             searched = index
             if hnsw:
@@ -1044,6 +1121,11 @@ def search_store(
     """
     if mode not in ("exact", "faiss"):
         raise SearchError(f"search mode must be exact or faiss, got {mode!r}")
+    if k < 1:  # here, not only in the searches: a FAISS index is built before its search
+        raise SearchError(f"k must be >= 1, got {k}")
+    queries = _check_queries(queries, source.dim)
+    if candidates is not None:
+        candidate_sets(candidates, queries.shape[0], source.count)
     settings = faiss_settings(faiss_options)
     if mode == "exact" and faiss_options:
         raise SearchError(f"FAISS options {sorted(faiss_options)} were given to an exact search; use mode 'faiss'")

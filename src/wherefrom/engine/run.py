@@ -1090,15 +1090,17 @@ class Run:
             words += ["--device", str(settings["device"])]
         return shlex.join(words)
 
-    def open_index(self) -> VectorStore:
+    def open_index(self, verify: bool = True) -> VectorStore:
         """The run's finished index, its marker, manifest and the checksum of every shard this process reads
         verified (all of them in one process; under ``torch.distributed`` its share,
         :func:`wherefrom.core.distributed.shards_for_rank`, so no shard is hashed twice), and its settings required
-        to be this run's (model, tokenizer, module selection, gradient settings, layout).
+        to be this run's (model, tokenizer, module selection, gradient settings, layout). ``verify=False``: the
+        shards are not hashed now but as they are read (:meth:`wherefrom.core.vectors.VectorStore.shards`,
+        ``blocks``), for a search that may read none (a saved FAISS index searched without the exact search).
 
         Raises :class:`wherefrom.core.store.DamagedFile` naming a damaged file and
         :class:`wherefrom.core.store.SettingsMismatch` naming each setting that differs."""
-        store = self._index_store(verify=True)
+        store = self._index_store(verify=verify)
         now = self.index_settings()
         store.require(
             {k: v for k, v in now.items() if k not in ("device", "precondition", "unit_norm", *RECORDED_ONLY)},

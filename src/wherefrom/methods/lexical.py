@@ -35,7 +35,8 @@ import torch
 from scipy import sparse
 
 from wherefrom.core.data import Record, check_records, records_key
-from wherefrom.core.scoring import Scores
+from wherefrom.core.scoring import Scores, stable_top_k
+from wherefrom.core.search import candidate_sets
 
 __all__ = [
     "BM25",
@@ -198,22 +199,17 @@ class CandidateScores(Scores):
     def top(self, query_index: int, k: int, opponents: bool = False) -> list[tuple[str, float]]:
         row = self.total[query_index]
         keep = torch.nonzero(self.candidate_mask[query_index]).flatten()
-        values = row[keep]
-        k = min(k, values.shape[0])
-        best, order = torch.topk(-values if opponents else values, k)
         sign = -1.0 if opponents else 1.0
-        return [(self.train_ids[int(keep[i])], sign * float(v)) for v, i in zip(best, order.tolist())]
+        best, order = stable_top_k(sign * row[keep][None], k)
+        return [(self.train_ids[int(keep[i])], sign * float(v)) for v, i in zip(best[0], order[0].tolist())]
 
 
 def _mask(candidates: Sequence[Sequence[int]], n_query: int, n_train: int) -> torch.Tensor:
-    if len(candidates) != n_query:
-        raise ValueError(f"need one candidate list per query: {n_query} queries, {len(candidates)} lists")
+    """``(n_query, n_train)`` bool: each query's candidate rows, checked by
+    :func:`wherefrom.core.search.candidate_sets` (a ``ValueError`` naming the query and entry)."""
     mask = torch.zeros(n_query, n_train, dtype=torch.bool)
-    for i, rows in enumerate(candidates):
-        for j in rows:
-            if not 0 <= j < n_train:
-                raise IndexError(f"query {i}: candidate index {j} is outside 0..{n_train - 1}")
-            mask[i, j] = True
+    for i, rows in enumerate(candidate_sets(candidates, n_query, n_train)):
+        mask[i, rows] = True
     return mask
 
 
@@ -221,7 +217,9 @@ def restrict(scores: Scores, candidates: Sequence[Sequence[int]], fill: float = 
     """Mask ``scores`` to ``candidates`` (per query, indices into ``scores.train_ids``).
 
     Non-candidate entries of every module are set to ``fill`` (NaN by default, see the module note);
-    candidate entries are unchanged. ``top`` of the result returns candidates only.
+    candidate entries are unchanged. ``top`` of the result returns candidates only. Raises ``ValueError``
+    (:class:`wherefrom.core.search.SearchError`) for another number of lists than queries, or an entry that is
+    not an integer in ``0..n_train-1``.
     """
     n_query, n_train = scores.per_module.shape[1:]
     mask = _mask(candidates, n_query, n_train)
