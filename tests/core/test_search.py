@@ -818,6 +818,24 @@ def test_search_store_says_what_an_ivf_index_changed_of_its_settings():
     assert "every cell searched" in FaissSettings().capped(16512) and FaissSettings().capped(16513) is None
 
 
+def test_search_summary_says_when_scores_are_8_bit_and_when_fewer_than_k_rows_were_found():
+    """Both were silent: ivf-sq8 printed its 8-bit scores as the inner products, and an IVF search whose probed
+    cells held fewer than k rows printed a short list (a user saw 8 of 10 proponents without a word)."""
+    rows, queries = clustered(2000, 16, 40, seed=4)
+    source = Rows(rows, 500)
+    sq8 = search_store(source, queries, 5, "faiss", faiss_options={"kind": "ivf-sq8"}, check_recall=False)
+    assert "(scores of the 8-bit rows, not exact)" in sq8.summary(5)
+    assert "8-bit" not in search_store(source, queries, 5, "faiss", check_recall=False).summary(5)
+    assert "fewer than" not in sq8.summary(5)
+    sparse = search_store(source, queries, 200, "faiss", faiss_options={"nlist": 40, "nprobe": 1}, check_recall=False)
+    counts = [int(((end.rows >= 0).sum(1) < 200).sum()) for _, end in sparse.ends()]
+    assert counts[0] > 0 and counts[1] > 0  # one cell of about 50 rows: short lists at both ends
+    assert (
+        f"(fewer than 200 rows found for {counts[0]} of 20 queries' proponents and {counts[1]} of 20 queries' "
+        "opponents)" in sparse.summary(200)
+    )
+
+
 def test_recall_advice_leaves_out_nprobe_where_it_reaches_every_cell():
     """With every cell probed, 'raise nprobe' cannot raise the recall (ivf-sq8 loses it to its 8-bit codes)."""
     assert FaissSettings(kind="ivf-sq8").recall_advice(300).startswith("every cell is searched already")

@@ -106,6 +106,14 @@ def test_tracin_equals_hand_sum_over_checkpoints(run):
     named.fit(train)
     torch.testing.assert_close(named.scores(queries, train).per_module, scores.per_module, rtol=1e-5, atol=1e-7)
 
+    # Handed the fine-tuned model (the final adapter on the base, as a run given --adapter holds it): the
+    # checkpoints go on a copy of its base, not on the adapted model (whose wrapped names they did not fit).
+    adapted = load_model(base_dir, adapter=result.weights_dir, device="cpu").model
+    named = make_method("tracin", adapted, tokenizer, attribution_config(), checkpoints=result.checkpoints)
+    named.fit(train)
+    torch.testing.assert_close(named.scores(queries, train).per_module, scores.per_module, rtol=1e-5, atol=1e-7)
+    assert any("lora_" in name for name, _ in adapted.named_parameters())  # the run's model keeps its adapter
+
 
 def test_tracin_sign_is_proponent(run):
     """A small SGD step on z_m at a checkpoint lowers L(z_q) exactly when the TracIn term is positive."""

@@ -1076,15 +1076,28 @@ class SearchReport:
     index: str | None = None
     rows: int | None = None
 
+    def ends(self) -> tuple[tuple[str, SearchResult], tuple[str, SearchResult]]:
+        """``(("proponents", result), ("opponents", result))``."""
+        return ("proponents", self.proponents), ("opponents", self.opponents)
+
     def summary(self, k: int) -> str:
         """One line: mode, time and, for FAISS, the mean recall@k of each end against the exact search (``k`` at
         most the store's rows: every row is found then), with what to change when either is below
-        :data:`RECALL_HINT`."""
+        :data:`RECALL_HINT`; that ``ivf-sq8`` scores are the 8-bit rows'; how many queries a FAISS search found
+        fewer than ``k`` rows for (its probed cells or graph walk held fewer)."""
         line = f"{self.mode} search: {self.seconds * 1000:.1f} ms"
         if self.index:
             line += f" ({self.index})"
         if self.note:
             line += f" ({self.note})"
+        if self.mode == "faiss" and self.settings is not None and self.settings.kind == "ivf-sq8":
+            line += " (scores of the 8-bit rows, not exact)"
+        if self.mode == "faiss":
+            width = min(k, self.rows or k)
+            counts = {name: int(((end.rows >= 0).sum(1) < width).sum()) for name, end in self.ends()}
+            short = [f"{n} of {self.proponents.rows.shape[0]} queries' {name}" for name, n in counts.items() if n]
+            if short:
+                line += f" (fewer than {width} rows found for {' and '.join(short)})"
         if self.recall is not None:
             proponents, opponents = (float(end.nanmean()) for end in self.recall)
             line += (

@@ -215,7 +215,15 @@ def _influence(name: str, description: str, citation: str, **settings: Any) -> M
 
 
 def _tracin(name: str, model, tokenizer, config: AttributionConfig, checkpoints, base=None, **options) -> TracIn:
-    return TracIn(base or (lambda: copy.deepcopy(model)), checkpoints, tokenizer, config, **options)
+    return TracIn(base or (lambda: _without_adapter(copy.deepcopy(model))), checkpoints, tokenizer, config, **options)
+
+
+def _without_adapter(model):
+    """``model`` with a PEFT adapter removed, not merged (PEFT's ``unload``: the base weights), else as it is: the
+    base that TracIn's LoRA checkpoints go on. A run given ``--adapter`` (the fine-tuning's final adapter) holds the
+    adapted model, and its checkpoints' adapters did not fit the wrapped module names, so such a run fitted and then
+    failed to score unless ``base`` named the base model's folder."""
+    return model.unload() if hasattr(model, "peft_config") and hasattr(model, "unload") else model
 
 
 PROJECTED_CURVATURE = from_signature(
@@ -356,7 +364,8 @@ _SPECS = [
                 type=object,
                 default=None,
                 nullable=True,
-                help="base model folder (or loader) for LoRA checkpoints; null: a copy of the given model",
+                help="base model folder (or loader) for LoRA checkpoints; null: a copy of the given model, without "
+                "its LoRA adapter when it has one (--adapter)",
             ),
             *from_signature(
                 tracin_scores,

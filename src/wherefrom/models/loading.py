@@ -363,7 +363,7 @@ def check_adapter(adapter: str | Path, model: nn.Module, folder: str | Path | No
     both shapes, or the recorded base).
     """
     adapter = Path(adapter)
-    base_name = "built in code" if folder is None else str(folder)
+    base_name = "given in memory (no folder)" if folder is None else str(folder)
     files = [adapter / name for name in _ADAPTER_WEIGHTS if (adapter / name).is_file()]
     if not files:
         raise ModelLoadError(f"{adapter}: no adapter weights ({' or '.join(_ADAPTER_WEIGHTS)})")
