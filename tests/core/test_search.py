@@ -177,6 +177,37 @@ def test_copies_of_a_row_score_the_same_bits_in_any_block_so_they_tie_in_row_ord
         assert_copies_tie_in_row_order(found, copies)
 
 
+class Strided(Rows):
+    """Rows yielded column-major (a source may yield any strides): a Fortran-order copy of each shard."""
+
+    def shards(self):
+        for first, shard in super().shards():
+            yield first, torch.from_numpy(np.asfortranarray(shard.numpy()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_query", [1, 3])
+def test_copies_in_column_major_shards_score_the_same_bits_too(dtype, n_query):
+    """A block in another layout went to MKL as it was, its ragged rest through the row-major tile."""
+    copies = (10, 500, 999)
+    matrix, queries = with_copies(1000, 1024, copies, n_query, seed=5)
+    for chunk_rows in (32768, 333):  # one shard, one block: searched in the layout it came in
+        found = exact_top_k(Strided(matrix.to(dtype), 1000), queries, 5, chunk_rows=chunk_rows)
+        assert_copies_tie_in_row_order(found, copies)
+    found = exact_top_k(Strided(matrix.to(dtype), 300), queries, 5)  # shards joined into a row-major block
+    assert_copies_tie_in_row_order(found, copies)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_candidates_absent_from_whole_blocks_are_found_in_any_dtype(dtype):
+    """A chunk with no candidate row is empty: the half-precision product of it failed (torch.cat of nothing)."""
+    matrix = torch.randn(9000, 1024, generator=torch.Generator().manual_seed(2)).to(dtype)
+    queries = torch.randn(2, 1024)
+    candidates = [[5000, 6000, 7000], [6001]]  # all in the second of three 4,096-row blocks
+    for ends in exact_ends(Rows(matrix, 256), queries, 3, candidates=candidates):
+        assert [sorted(row) for row in ends.rows.tolist()] == [[5000, 6000, 7000], [-1, -1, 6001]]
+
+
 def test_copies_in_a_store_on_disk_score_the_same_bits_as_their_original(tmp_path):
     """The same through :meth:`VectorStore.blocks` (rows read into one reused buffer at shard offsets), the
     store's size not a multiple of its shards', with both ends and candidates searched."""
@@ -203,16 +234,15 @@ def test_copies_in_a_store_on_disk_score_the_same_bits_as_their_original(tmp_pat
 def test_memory_is_bounded_by_one_shard_and_one_chunk(monkeypatch):
     """The largest float32 block scored at once is one chunk, and one shard is held at a time."""
     sizes = []
-    original = torch.Tensor.to
+    original = search_module._Products.as_float32
 
-    def recording_to(tensor, *args, **kwargs):
-        out = original(tensor, *args, **kwargs)
-        if out.dtype == torch.float32 and out.ndim == 2 and out.shape[1] == 8:
-            sizes.append(out.shape[0])
+    def recording(products, rows):
+        out = original(products, rows)
+        sizes.append(out.shape[0])
         return out
 
     source = Rows(torch.randn(5000, 8).half(), 700)
-    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    monkeypatch.setattr(search_module._Products, "as_float32", recording)
     exact_top_k(source, torch.randn(3, 8), 10, chunk_rows=256)
     monkeypatch.undo()
     assert max(sizes) == 256
@@ -271,13 +301,28 @@ def test_bad_queries_and_candidates_are_named():
         exact_top_k(source, torch.randn(1, 4), 3, candidates=[[0, 1, 2, 3, 4, 5, 999, -1]])
     with pytest.raises(SearchError, match="k and chunk_rows must be >= 1"):
         exact_top_k(source, torch.randn(1, 4), 0)
-    for entry in (2.9, True, np.bool_(True), "3", 2.0, torch.tensor(2.0)):  # 2.9 was read as row 2, True as row 1
+    for entry in (
+        2.9,
+        True,
+        np.bool_(True),
+        "3",
+        2.0,
+        torch.tensor(2.0),
+        torch.tensor(True),
+    ):  # 2.9 was read as row 2, True as row 1
         with pytest.raises(
             SearchError, match=rf"query 1: candidate rows must be integers, got {re.escape(repr(entry))}"
         ):
             exact_top_k(source, torch.randn(2, 4), 3, candidates=[[1], [0, entry]])
     found = exact_top_k(source, torch.randn(1, 4), 3, candidates=[[np.int64(3), torch.tensor(5), 7]])
     assert sorted(found.rows[0].tolist()) == [3, 5, 7]  # integer scalars of numpy and torch are integers
+    arrays = [torch.tensor([7, 5, 3, 5]), np.array([3, 5, 7], dtype=np.int32)]  # checked by dtype, not entry by entry
+    assert [sorted(r) for r in exact_top_k(source, torch.randn(2, 4), 3, candidates=arrays).rows.tolist()] == [
+        [3, 5, 7]
+    ] * 2
+    for array in (torch.tensor([1.0, 2.0]), np.array([True, False]), torch.tensor([True])):
+        with pytest.raises(SearchError, match=r"query 0: candidate rows must be integers, got a torch\.\w+ array"):
+            exact_top_k(source, torch.randn(1, 4), 3, candidates=[array])
 
 
 def test_finite_rows_whose_products_overflow_both_ways_are_named_not_ranked_first_at_both_ends():
@@ -289,11 +334,12 @@ def test_finite_rows_whose_products_overflow_both_ways_are_named_not_ranked_firs
     assert found.rows.tolist() == [[3, 1]] and found.scores[0, 0].item() == math.inf
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivf-pq", "pq"])
+@pytest.mark.parametrize("kind", ["ivf", "ivf-sq8", "hnsw", "ivf-pq", "pq"])
 @pytest.mark.parametrize("bad", [7, 1998])
-def test_faiss_refuses_a_non_finite_row_by_id_before_building(kind, bad):
+def test_a_faiss_build_refuses_a_non_finite_row_by_id(kind, bad):
     """FAISS took such rows silently (HNSW; IVF where the row is not in the k-means sample) or failed in
-    its k-means naming no row."""
+    its k-means naming no row. Row 7 is in the k-means sample (refused before training), row 1998 is not
+    (refused as the rows are read for the ranges or added)."""
     matrix = torch.randn(2000, 16, generator=torch.Generator().manual_seed(0))
     matrix[bad, 3] = math.nan if bad == 7 else math.inf
     with pytest.raises(SearchError, match=rf"row {bad} \(id 'row-{bad}'\) of the store has a NaN or infinite"):
@@ -834,6 +880,8 @@ def test_search_summary_says_when_scores_are_8_bit_and_when_fewer_than_k_rows_we
         f"(fewer than 200 rows found for {counts[0]} of 20 queries' proponents and {counts[1]} of 20 queries' "
         "opponents)" in sparse.summary(200)
     )
+    few = search_store(source, queries, 5, "faiss", [[1, 2]] * 20, check_recall=False)  # two candidates each
+    assert (few.proponents.rows >= 0).sum(1).max() == 2 and "fewer than" not in few.summary(5)  # as documented
 
 
 def test_recall_advice_leaves_out_nprobe_where_it_reaches_every_cell():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import wherefrom.core.store as store_module
+import wherefrom.core.vectors as vectors_module
 from wherefrom.core.store import DamagedFile, SettingsMismatch
 from wherefrom.core.vectors import IncompleteStore, VectorStore, VectorStoreWriter, shard_name
 
@@ -140,7 +141,7 @@ def test_damaged_shard_is_detected_never_read_and_rebuilt(tmp_path, hurt, monkey
         VectorStore.open(tmp_path / "s").verify() if hurt is flip else VectorStore.open(tmp_path / "s")
     decoded = []
     monkeypatch.setattr(
-        "wherefrom.core.vectors.load_tensors_checked", lambda p: decoded.append(p) or pytest.fail("a shard was read")
+        "wherefrom.core.vectors.load_safetensors_bytes", lambda d: decoded.append(d) or pytest.fail("a shard was read")
     )
     writer, written = build(tmp_path / "s")
     assert written == 1 and any(shard_name(1) in note and "rebuilding" in note for note in writer.notices)
@@ -486,3 +487,23 @@ def test_a_shard_header_longer_than_the_piece_verify_keeps_is_read_again(tmp_pat
     store = VectorStore.open(tmp_path / "s")
     store.verify()
     assert torch.equal(torch.cat([block.clone() for _, block in store.blocks(64)]), rows)
+
+
+def test_a_shard_read_unverified_is_hashed_once_however_many_passes_read_it(tmp_path, monkeypatch):
+    """A FAISS build under --no-recall reads the store in two or three passes without verify(): each pass
+    hashed every shard again."""
+    build(tmp_path / "s")
+    store = VectorStore.open(tmp_path / "s")
+    hashed = []
+    real = vectors_module.read_checked
+    monkeypatch.setattr(vectors_module, "read_checked", lambda path, *a: hashed.append(path.name) or real(path, *a))
+    first = [rows.clone() for _, rows in store.shards()]
+    again = [rows.clone() for _, rows in store.shards()]
+    joined = next(store.blocks(len(IDS)))[1].clone()
+    assert sorted(hashed) == [shard_name(k) for k in range(store.shard_count)]  # once each
+    assert store.verified == set(range(store.shard_count))
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and torch.equal(torch.cat(first), joined)
+    flip_store = VectorStore.open(tmp_path / "s")
+    flip(tmp_path / "s" / shard_name(1))
+    with pytest.raises(DamagedFile, match=shard_name(1)):  # a fresh reader still hashes before reading
+        list(flip_store.blocks(4))

@@ -221,8 +221,8 @@ def refuse_full_score_flags(names: Sequence[str]) -> None:
 
 
 def check_search(search: str | None, search_option: list[str] | None, no_recall: bool = False) -> dict:
-    """The FAISS options of ``--search-option``, checked before any work: ``ValueError`` when they are given
-    without ``--search faiss``, then :class:`wherefrom.core.options.OptionError` for a bad name or value or an
+    """The FAISS options of ``--search-option``, checked before any work: ``ValueError`` when they or
+    ``--no-recall`` are given without ``--search faiss``, then :class:`wherefrom.core.options.OptionError` for a bad name or value or an
     option the kind does not use (:func:`wherefrom.core.search.faiss_settings`)."""
     got = "no --search" if search is None else f"--search {search}"
     if search_option and search != "faiss":

@@ -91,6 +91,7 @@ from wherefrom.core.store import DamagedFile, check_file, load_tensors_checked, 
 __all__ = [
     "FAISS_OPTIONS",
     "KIND_OPTIONS",
+    "ROW_TILE",
     "TIE_TOLERANCE",
     "FaissSettings",
     "RowSource",
@@ -99,6 +100,7 @@ __all__ = [
     "SearchResult",
     "build_faiss_index",
     "built_pq_m",
+    "candidate_sets",
     "exact_ends",
     "exact_top_k",
     "faiss_settings",
@@ -173,7 +175,8 @@ def _check_queries(queries: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def candidate_sets(candidates: Sequence[Sequence[int]], n_query: int, count: int) -> list[torch.Tensor]:
-    """Each query's candidate rows (indices into ``count`` rows) as a sorted int64 tensor without repeats.
+    """Each query's candidate rows (indices into ``count`` rows; a list, or an integer numpy array or torch tensor,
+    checked by its dtype at once) as a sorted int64 tensor without repeats.
 
     Raises :class:`SearchError` for another number of lists than ``n_query``, an entry that is not an integer
     (a float such as 2.9 was cut to row 2, and ``True`` taken as row 1 here or, as a mask index, as every row
@@ -182,21 +185,31 @@ def candidate_sets(candidates: Sequence[Sequence[int]], n_query: int, count: int
         raise SearchError(f"need one candidate list per query: {n_query} queries, {len(candidates)} lists")
     out = []
     for query, rows in enumerate(candidates):
-        indices = []
-        for row in rows:
-            try:
-                if isinstance(row, (bool, np.bool_)):
-                    raise TypeError
-                indices.append(operator.index(row))
-            except TypeError:
-                raise SearchError(f"query {query}: candidate rows must be integers, got {row!r}") from None
-        found = torch.tensor(indices, dtype=torch.int64).unique()
+        if isinstance(rows, torch.Tensor | np.ndarray):  # checked by dtype at once (a list entry by entry)
+            found = torch.as_tensor(rows)
+            if found.dtype == torch.bool or found.is_floating_point() or found.is_complex():
+                raise SearchError(f"query {query}: candidate rows must be integers, got a {found.dtype} array")
+        else:
+            found = torch.tensor([_candidate_row(query, row) for row in rows], dtype=torch.int64)
+        found = found.to("cpu", torch.int64).flatten().unique()
         outside = found[(found < 0) | (found >= count)]
         if outside.numel():
             shown = ", ".join(map(str, outside.tolist()[:5])) + (", ..." if outside.numel() > 5 else "")
             raise SearchError(f"query {query}: candidate rows must lie in 0..{count - 1}, got {shown}")
         out.append(found)
     return out
+
+
+def _candidate_row(query: int, row: Any) -> int:
+    """``row`` as an int: an int, or a numpy/torch integer scalar; :class:`SearchError` for a bool (of any kind),
+    a float or anything else."""
+    bool_tensor = isinstance(row, torch.Tensor) and row.dtype == torch.bool
+    try:
+        if isinstance(row, bool | np.bool_) or bool_tensor:
+            raise TypeError
+        return operator.index(row)
+    except TypeError:
+        raise SearchError(f"query {query}: candidate rows must be integers, got {row!r}") from None
 
 
 def _non_finite_row(row: int, ids: Sequence[str]) -> SearchError:
@@ -383,6 +396,8 @@ class _Products:
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """``(n_query, n)`` float32 products with ``rows`` ``(n, dim)``."""
+        if not rows.shape[0]:  # a chunk none of whose rows is a candidate
+            return self.queries.new_empty(self.queries.shape[0], 0)
         if rows.dtype == torch.float32:
             return self.tiled(rows)
         step = _cast_rows(rows.shape[1])
@@ -391,10 +406,11 @@ class _Products:
 
     def tiled(self, rows: torch.Tensor) -> torch.Tensor:
         """``queries @ rows.T`` for float32 ``rows``: the whole tiles at once, the ragged rest in the padded tile.
-        Rows whose first is not 64-byte aligned (only rows of an odd width, in chunks of an odd count) are
-        copied first: MKL's matrix-vector kernel (one query) sums them in another order, as it does a ragged edge."""
-        if rows.data_ptr() % _ALIGNED:
-            rows = rows.clone()  # a new tensor: torch aligns CPU allocations to 64 bytes
+        Rows that are not row-major (a source may yield any strides) or whose first is not 64-byte aligned (a
+        chunk starting inside a block, for a width not a multiple of 16) are copied first: MKL sums another layout
+        in another order, and one query's matrix-vector kernel an unaligned block, as it does a ragged edge."""
+        if not rows.is_contiguous() or rows.data_ptr() % _ALIGNED:
+            rows = rows.clone(memory_format=torch.contiguous_format)  # torch aligns CPU allocations to 64 bytes
         whole = rows.shape[0] - rows.shape[0] % ROW_TILE
         if whole == rows.shape[0]:
             return self.queries @ rows.T
@@ -411,7 +427,9 @@ class _Products:
         torch.set_num_threads(1)
         try:
             if self.buffer is None or self.buffer.shape[0] < rows.shape[0]:
-                self.buffer = rows.to(torch.float32)
+                self.buffer = torch.empty(rows.shape, dtype=torch.float32).copy_(
+                    rows
+                )  # row-major whatever rows' strides
                 return self.buffer
             return self.buffer[: rows.shape[0]].copy_(rows)
         finally:
@@ -1063,7 +1081,8 @@ class SearchReport:
     ``exact_seconds`` and the ``settings`` it ran with, ``index`` (how the FAISS index was had: built in how many
     seconds, or the saved one reused) and a ``note`` the summary line adds (why a FAISS search ran exactly, or
     what an IVF index changed of the settings: :meth:`FaissSettings.capped`), and the store's ``rows`` (what the
-    recall advice depends on)."""
+    recall advice depends on), and whether candidates restricted the search (``filtered``: then fewer than ``k``
+    rows is what a query with fewer candidates gets, not said)."""
 
     proponents: SearchResult
     opponents: SearchResult
@@ -1075,6 +1094,7 @@ class SearchReport:
     settings: FaissSettings | None = None
     index: str | None = None
     rows: int | None = None
+    filtered: bool = False
 
     def ends(self) -> tuple[tuple[str, SearchResult], tuple[str, SearchResult]]:
         """``(("proponents", result), ("opponents", result))``."""
@@ -1083,8 +1103,8 @@ class SearchReport:
     def summary(self, k: int) -> str:
         """One line: mode, time and, for FAISS, the mean recall@k of each end against the exact search (``k`` at
         most the store's rows: every row is found then), with what to change when either is below
-        :data:`RECALL_HINT`; that ``ivf-sq8`` scores are the 8-bit rows'; how many queries a FAISS search found
-        fewer than ``k`` rows for (its probed cells or graph walk held fewer)."""
+        :data:`RECALL_HINT`; that ``ivf-sq8`` scores are the 8-bit rows'; how many queries a FAISS search without
+        candidates found fewer than ``k`` rows for (its probed cells or graph walk held fewer)."""
         line = f"{self.mode} search: {self.seconds * 1000:.1f} ms"
         if self.index:
             line += f" ({self.index})"
@@ -1092,7 +1112,7 @@ class SearchReport:
             line += f" ({self.note})"
         if self.mode == "faiss" and self.settings is not None and self.settings.kind == "ivf-sq8":
             line += " (scores of the 8-bit rows, not exact)"
-        if self.mode == "faiss":
+        if self.mode == "faiss" and not self.filtered:  # with candidates, short lists are expected
             width = min(k, self.rows or k)
             counts = {name: int(((end.rows >= 0).sum(1) < width).sum()) for name, end in self.ends()}
             short = [f"{n} of {self.proponents.rows.shape[0]} queries' {name}" for name, n in counts.items() if n]
@@ -1137,8 +1157,8 @@ def search_store(
     if k < 1:  # here, not only in the searches: a FAISS index is built before its search
         raise SearchError(f"k must be >= 1, got {k}")
     queries = _check_queries(queries, source.dim)
-    if candidates is not None:
-        candidate_sets(candidates, queries.shape[0], source.count)
+    if candidates is not None:  # checked once here; the searches' own checks of these tensors are cheap
+        candidates = candidate_sets(candidates, queries.shape[0], source.count)
     settings = faiss_settings(faiss_options)
     if mode == "exact" and faiss_options:
         raise SearchError(f"FAISS options {sorted(faiss_options)} were given to an exact search; use mode 'faiss'")
@@ -1179,6 +1199,7 @@ def search_store(
         settings=settings,
         index=how,
         rows=source.count,
+        filtered=candidates is not None,
     )
     if check_recall:
         start = time.perf_counter()

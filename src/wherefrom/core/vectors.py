@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import xxhash
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors_bytes
 
 from wherefrom.core.store import (
     DamagedFile,
@@ -46,7 +47,6 @@ from wherefrom.core.store import (
     damage,
     forget_file,
     is_intact,
-    load_tensors_checked,
     read_checked,
     read_json_checked,
     record_settings,
@@ -298,12 +298,14 @@ class VectorStore:
         self.shard_size: int = settings["shard_size"]
         self.shard_count = (self.count + self.shard_size - 1) // self.shard_size
         self._headers: dict[int, tuple[int, int, int]] = {}
-        # per shard verify() hashed: (its header's length, XXH3-64 of the header, where its rows begin)
+        # per shard hashed in this process: (its header's length, XXH3-64 of the header, where its rows begin)
 
     @property
     def verified(self) -> set[int]:
-        """The shards :meth:`verify` hashed in this process: :meth:`shards` maps them, :meth:`blocks` reads them
-        without hashing (their header compared with the one verified, not parsed again)."""
+        """The shards hashed in this process (by :meth:`verify`, or as :meth:`shards` or :meth:`blocks` read them):
+        :meth:`shards` maps them, :meth:`blocks` reads them without hashing (their header compared with the one
+        checked, not parsed again), so a command that reads the store in several passes (a FAISS build) hashes
+        each shard once."""
         return set(self._headers)
 
     @classmethod
@@ -408,8 +410,7 @@ class VectorStore:
         n = min(self.shard_size, self.count - start)
         target = memoryview(out[:n].view(torch.uint8).numpy()).cast("B")
         if shard not in self._headers:
-            data = read_checked(path, recorded)
-            offset = self._rows_offset(path, data, start, n)[0]
+            data, offset = self._hashed(shard, recorded)
             target[:] = memoryview(data)[offset : offset + len(target)]
             return n
         length, digest, offset = self._headers[shard]
@@ -433,6 +434,16 @@ class VectorStore:
         if left:
             raise DamagedFile(f"{path} is truncated: it ends inside its rows; rebuild the store")
         return n
+
+    def _hashed(self, shard: int, recorded: Mapping[str, Any] | None) -> tuple[bytes, int]:
+        """``(bytes, where the rows begin)`` of ``shard`` read whole, hashed and its header checked (ids, dtype,
+        shape), then counted as :attr:`verified`; :class:`wherefrom.core.store.DamagedFile` naming it otherwise."""
+        path = self.folder / shard_name(shard)
+        start = shard * self.shard_size
+        data = read_checked(path, recorded)
+        offset, header = self._rows_offset(path, data, start, min(self.shard_size, self.count - start))
+        self._headers[shard] = (header, xxhash.xxh3_64_intdigest(data[:header]), offset)
+        return data, offset
 
     def _rows_offset(self, path: Path, header: bytes, start: int, n: int) -> tuple[int, int]:
         """``(where the rows begin, the header's length)`` of shard ``path``, from its safetensors header (``header``:
@@ -474,13 +485,17 @@ class VectorStore:
             path = self.folder / shard_name(shard)
             start = shard * self.shard_size
             n = min(self.shard_size, self.count - start)
-            if check:  # hashed: the bytes as written
-                tensors, meta = load_tensors_checked(path, recorded)
-                rows, ids = tensors["rows"], json.loads(meta["ids"])
+            if check:  # hashed: the bytes as written, the header checked
+                data, _ = self._hashed(shard, recorded)
+                rows = load_safetensors_bytes(data)["rows"]
             else:
                 rows, ids = self._mapped(path)
-            if (rows.dtype, tuple(rows.shape), ids) != (DTYPES[self.dtype], (n, self.dim), self.ids[start : start + n]):
-                raise DamagedFile(f"{path} does not hold the store's rows from {start} on; rebuild the store")
+                if (rows.dtype, tuple(rows.shape), ids) != (
+                    DTYPES[self.dtype],
+                    (n, self.dim),
+                    self.ids[start : start + n],
+                ):
+                    raise DamagedFile(f"{path} does not hold the store's rows from {start} on; rebuild the store")
             yield start, rows
 
     @staticmethod
