@@ -387,7 +387,7 @@ class VectorStore:
 
         Why not :meth:`shards` joined by the reader: mapping each shard and copying it into a block faults every
         page in (``benchmarks/results/store_scan_float32.md``, 10^6 x 1024 float32 rows in 256-row shards, warm page
-        cache, two threads: the search of both ends took 0.86 s read into the buffer, 1.43 s mapped and joined into
+        cache, two threads: the search of both ends took 0.75 s read into the buffer, 1.60 s mapped and joined into
         a reused buffer; 2.0-2.5 s joined into a new tensor per block as before). Parsing each header again as it is
         read made the search about 1.2x as long (0.92 against 0.76 s, both versions in one process, a one-off
         script)."""
