@@ -45,9 +45,15 @@ def test_fit_method_then_scores_from_another_directory(workspace, tmp_path, monk
     assert torch.equal(saved, chosen.scores(queries, train).total)
     provenance = json.loads((tmp_path / "run" / "scores" / "q.json").read_text())["provenance"]
     assert provenance == {"train_side": "recomputed"}
-    if method == "trak":  # scored from its float16 index: recorded so
+    assert "training side read from" not in result.output
+    if method == "trak":  # scored from its float16 index: recorded so, and said on screen
         assert invoke("index", "--run", "run", "--dtype", "float16").exit_code == 0
-        assert invoke("scores", "--run", "run", "--queries", workspace / "queries.jsonl", "--name", "i").exit_code == 0
+        indexed = invoke("scores", "--run", "run", "--queries", workspace / "queries.jsonl", "--name", "i")
+        assert indexed.exit_code == 0, indexed.output
+        said = " ".join(indexed.output.split())
+        assert "training side read from run/index (float16 rows, precondition fitted, unit_norm False)" in said
+        one = invoke("query", "--run", "run", "x ->", " sort", "--top-k", "2")
+        assert "training side read from run/index (float16 rows" in " ".join(one.output.split())
         provenance = json.loads((tmp_path / "run" / "scores" / "i.json").read_text())["provenance"]
         store = VectorStore.open(tmp_path / "run" / "index")
         options = {"precondition": "fitted", "unit_norm": False}

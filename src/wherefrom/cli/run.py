@@ -186,6 +186,7 @@ def scores(
         console.print(f"[yellow]note:[/] replaced the earlier scores of the same query rows in {escape(str(path))}")
     print_tops(result, top_k, {row.id: row.label for row in opened.train})
     say(f"{tuple(result.total.shape)} scores -> {path}")
+    say_train_side(opened)
 
 
 ORIGIN = ("train_side", "store")
@@ -398,10 +399,26 @@ def query(
         from wherefrom.cli.report import write_query_html
 
         say(f"query view -> {write_query_html(html, report, result, opened, record)}")
+    say_train_side(opened)
     if as_json:
         typer.echo(json.dumps(strict_json(report), indent=2, allow_nan=False))
         return
     print_report(report, result.module_names)
+
+
+def say_train_side(opened: Run) -> None:
+    """Say, on stderr, when ``scores``/``query`` read the training side from RUN/index rather than recomputing it:
+    the index's dtype and options (``--precondition``, ``--unit-norm``) then decide the scores, e.g. a
+    ``--unit-norm`` index makes a dot-product run's scores cosine-like. The saved scores' ``provenance`` records
+    the same (:meth:`wherefrom.engine.run.Run.scores_provenance`); before, nothing on screen said so."""
+    provenance = opened.scores_provenance()
+    if provenance["train_side"] != "index":
+        return
+    options = "".join(f", {key} {value}" for key, value in provenance["index_options"].items())
+    say(
+        f"training side read from {opened.folder / 'index'} ({provenance['dtype']} rows{options}): its rows, not "
+        "gradients recomputed at the run's settings, gave these scores"
+    )
 
 
 def end_name(kind: str, scores: Sequence[float]) -> str:
