@@ -177,6 +177,30 @@ def test_copies_of_a_row_score_the_same_bits_in_any_block_so_they_tie_in_row_ord
         assert_copies_tie_in_row_order(found, copies)
 
 
+def test_wide_rows_keep_the_memory_of_one_block_with_no_tile_of_64_rows(monkeypatch):
+    """Rows of raw layer gradients can hold millions of entries: a block stays one 16 MiB conversion (here 4 rows
+    of 10^6) and no 64-row tile is made (64 x 10^6 float32 would be 256 MB); their scores stay exact products."""
+    assert search_module._cast_rows(1_000_000) == 4 and search_module._cast_rows(1024) == 4096
+    assert search_module._cast_rows(search_module.TILED_DIM) == search_module.ROW_TILE
+    made = []
+    original = search_module._Products.tiled
+
+    def recording(products, rows):
+        out = original(products, rows)
+        made.append((rows.shape[0], products.tile))
+        return out
+
+    monkeypatch.setattr(search_module._Products, "tiled", recording)
+    generator = torch.Generator().manual_seed(0)
+    matrix, queries = torch.randn(10, 1_000_000, generator=generator).half(), torch.randn(2, 1_000_000)
+    for opponents in (False, True):
+        found = exact_top_k(Rows(matrix, 3), queries, 4, opponents)
+        rows, scores = reference(matrix, queries, 4, opponents)
+        assert torch.equal(found.rows, rows)
+        torch.testing.assert_close(found.scores, scores, rtol=1e-4, atol=0.1)  # sums of 10^6 float32 products
+    assert max(n for n, _ in made) <= 4 and all(tile is None for _, tile in made)
+
+
 class Strided(Rows):
     """Rows yielded column-major (a source may yield any strides): a Fortran-order copy of each shard."""
 

@@ -93,6 +93,7 @@ __all__ = [
     "KIND_OPTIONS",
     "ROW_TILE",
     "TIE_TOLERANCE",
+    "TILED_DIM",
     "FaissSettings",
     "RowSource",
     "SearchError",
@@ -356,43 +357,48 @@ _CAST_BYTES = 16 * 2**20
 200,000 x 1024 float16 rows searched in 4,096-row blocks took 107 ms, in 32,768-row blocks 161 ms)."""
 
 ROW_TILE = 64
-"""Rows are multiplied with the queries in multiples of this many (a ragged rest zero-padded to it), so a row's
-float32 score is the same bits in whatever block, chunk or shard it is scored: MKL's kernels sum a ragged edge of
-rows in another order, and an exact copy of a row (the shared data sets hold 561 in 4,700 rows) scored in a
-shorter last block differed from the original in the last bits, which broke the ties-by-row-order rule (module
-docstring). Checked on this machine's MKL for 1-64 queries, dims 7-70,000, 1-8,192 rows at the first, middle
-and last position, blocks starting at 17 offsets (``tests/core/test_search.py`` keeps a few); multiples of 16
-sufficed, 8 did not for 20 queries."""
-
+"""Rows are multiplied with the queries in multiples of this many, so a row's float32 score is the same bits in
+whatever block, chunk or shard it is scored: MKL's kernels sum a ragged edge of rows in another order, and an
+exact copy of a row (the shared data sets hold 561 in 4,700 rows) scored in a shorter last block differed from the
+original in the last bits, which broke the ties-by-row-order rule (module docstring). Checked on this machine's
+MKL for 1-64 queries, dims 7-70,000, 1-8,192 rows at the first, middle and last position, blocks starting at 17
+offsets (``tests/core/test_search.py`` keeps a few); multiples of 16 sufficed, 8 did not for 20 queries. It holds
+for rows of up to :data:`TILED_DIM` entries (:meth:`_Products.tiled`)."""
 
 _ALIGNED = 64
 """Bytes a row block's start is aligned to before it is multiplied (:meth:`_Products.tiled`)."""
 
 
 def _cast_rows(dim: int) -> int:
-    """Rows of ``dim`` entries converted to float32 at once: :data:`_CAST_BYTES` of float32, a multiple of
-    :data:`ROW_TILE`, at least one tile."""
-    return max(1, _CAST_BYTES // (4 * dim) // ROW_TILE) * ROW_TILE
+    """Rows of ``dim`` entries converted to float32 at once: :data:`_CAST_BYTES` of float32 (at least one row), a
+    multiple of :data:`ROW_TILE` where that many fit (rows up to :data:`TILED_DIM` entries)."""
+    rows = max(1, _CAST_BYTES // (4 * dim))
+    return rows - rows % ROW_TILE if rows >= ROW_TILE else rows
+
+
+TILED_DIM = _CAST_BYTES // (4 * ROW_TILE)
+"""Widest rows (65,536 entries) whose blocks hold whole tiles of :data:`ROW_TILE` rows within :data:`_CAST_BYTES`;
+a block of fewer rows than a tile is zero-padded to one only up to this width, so wider rows (raw gradients of
+whole layers) keep the memory of one such block, and their copies may score a few ulps apart."""
 
 
 class _Products:
     """``queries @ rows.T`` in float32 for chunks of rows of any stored dtype.
 
-    Rows are multiplied in multiples of :data:`ROW_TILE` rows (a ragged rest copied into a zero-padded tile),
-    all in one layout, so a row's score does not depend on the chunk it is in. Float32 rows are multiplied at
-    once. Float16/bfloat16 rows are converted exactly to float32 (every such value is a float32 value) in blocks
-    of :func:`_cast_rows` rows, on one thread, into one reused buffer, and each block is multiplied while it is
-    in cache, so the chunk's scores are those of its float32 values (bit for bit those of the same rows stored
-    in float32). Why: converting was the cost of a half-precision search on a loaded 2-core CPU (measured,
-    200,000 x 1024 float16 rows in 4,096-row blocks: 24 ms on one thread into one buffer, 392 ms on two threads,
-    about 260 ms into a new tensor per block; the float32 product with one query on two threads: 53 ms). The
-    products keep every thread.
+    Rows are multiplied in multiples of :data:`ROW_TILE` rows, all row-major, so a row's score does not depend on
+    the chunk it is in (:meth:`tiled`). Float32 rows are multiplied at once. Float16/bfloat16 rows are converted
+    exactly to float32 (every such value is a float32 value) in blocks of :func:`_cast_rows` rows, on one thread,
+    into one reused buffer, and each block is multiplied while it is in cache, so the chunk's scores are those of
+    its float32 values (bit for bit those of the same rows stored in float32). Why: converting was the cost of a
+    half-precision search on a loaded 2-core CPU (measured, 200,000 x 1024 float16 rows in 4,096-row blocks:
+    24 ms on one thread into one buffer, 392 ms on two threads, about 260 ms into a new tensor per block; the
+    float32 product with one query on two threads: 53 ms). The products keep every thread.
     """
 
     def __init__(self, queries: torch.Tensor):
         self.queries = queries
         self.buffer: torch.Tensor | None = None
-        self.tile = torch.zeros(ROW_TILE, queries.shape[1])
+        self.tile: torch.Tensor | None = None  # the zero-padded tile of a block of fewer rows, made when needed
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """``(n_query, n)`` float32 products with ``rows`` ``(n, dim)``."""
@@ -405,20 +411,31 @@ class _Products:
         return torch.cat(parts, 1) if len(parts) != 1 else parts[0]
 
     def tiled(self, rows: torch.Tensor) -> torch.Tensor:
-        """``queries @ rows.T`` for float32 ``rows``: the whole tiles at once, the ragged rest in the padded tile.
-        Rows that are not row-major (a source may yield any strides) or whose first is not 64-byte aligned (a
-        chunk starting inside a block, for a width not a multiple of 16) are copied first: MKL sums another layout
-        in another order, and one query's matrix-vector kernel an unaligned block, as it does a ragged edge."""
+        """``queries @ rows.T`` for float32 ``rows`` ``(n, dim)``, in products of whole tiles only: the whole tiles
+        at once, then a ragged rest of ``r`` rows as the last ``r`` columns of the product with the block's last
+        tile (a view: rows scored twice, no copy); a block of fewer rows than a tile is copied into a zero-padded
+        tile (rows of up to :data:`TILED_DIM` entries; wider ones are multiplied as they are). Rows that are not
+        row-major (a source may yield any strides) or not 64-byte aligned (a chunk starting inside a block, for a
+        width not a multiple of 16) are copied first: MKL sums another layout in another order, and one query's
+        matrix-vector kernel an unaligned block, as it does a ragged edge."""
+        n, dim = rows.shape
         if not rows.is_contiguous() or rows.data_ptr() % _ALIGNED:
             rows = rows.clone(memory_format=torch.contiguous_format)  # torch aligns CPU allocations to 64 bytes
-        whole = rows.shape[0] - rows.shape[0] % ROW_TILE
-        if whole == rows.shape[0]:
+        rest = n % ROW_TILE
+        if not rest:
             return self.queries @ rows.T
-        rest = rows.shape[0] - whole
-        self.tile[:rest].copy_(rows[whole:])
-        self.tile[rest:].zero_()
-        tail = (self.queries @ self.tile.T)[:, :rest]
-        return torch.cat([self.queries @ rows[:whole].T, tail], 1) if whole else tail
+        if n > ROW_TILE:
+            last = rows[n - ROW_TILE :]
+            if last.data_ptr() % _ALIGNED:  # a width not a multiple of 16: a copy of one tile
+                last = last.clone()
+            return torch.cat([self.queries @ rows[: n - rest].T, (self.queries @ last.T)[:, ROW_TILE - rest :]], 1)
+        if dim > TILED_DIM:
+            return self.queries @ rows.T
+        if self.tile is None:
+            self.tile = torch.zeros(ROW_TILE, dim)
+        self.tile[:n].copy_(rows)
+        self.tile[n:].zero_()
+        return (self.queries @ self.tile.T)[:, :n]
 
     def as_float32(self, rows: torch.Tensor) -> torch.Tensor:
         """Half-precision ``rows`` in float32, converted on one thread into the buffer (a new one, kept,
