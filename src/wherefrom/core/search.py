@@ -377,9 +377,10 @@ def _cast_rows(dim: int) -> int:
 
 
 TILED_DIM = _CAST_BYTES // (4 * ROW_TILE)
-"""Widest rows (65,536 entries) whose blocks hold whole tiles of :data:`ROW_TILE` rows within :data:`_CAST_BYTES`;
-a block of fewer rows than a tile is zero-padded to one only up to this width, so wider rows (raw gradients of
-whole layers) keep the memory of one such block, and their copies may score a few ulps apart."""
+"""Widest rows (65,536 entries) whose blocks hold whole tiles of :data:`ROW_TILE` rows within :data:`_CAST_BYTES`:
+rows up to this width are tiled, padded and aligned as :meth:`_Products.tiled` says; wider rows (raw gradients of
+whole layers) are multiplied as they come, with no copy, so they keep the memory of one block, and their copies
+may score a few ulps apart."""
 
 
 class _Products:
@@ -414,11 +415,13 @@ class _Products:
         """``queries @ rows.T`` for float32 ``rows`` ``(n, dim)``, in products of whole tiles only: the whole tiles
         at once, then a ragged rest of ``r`` rows as the last ``r`` columns of the product with the block's last
         tile (a view: rows scored twice, no copy); a block of fewer rows than a tile is copied into a zero-padded
-        tile (rows of up to :data:`TILED_DIM` entries; wider ones are multiplied as they are). Rows that are not
-        row-major (a source may yield any strides) or not 64-byte aligned (a chunk starting inside a block, for a
-        width not a multiple of 16) are copied first: MKL sums another layout in another order, and one query's
-        matrix-vector kernel an unaligned block, as it does a ragged edge."""
+        tile. Rows that are not row-major (a source may yield any strides) or not 64-byte aligned (a chunk starting
+        inside a block, for a width not a multiple of 16) are copied first: MKL sums another layout in another
+        order, and one query's matrix-vector kernel an unaligned block, as it does a ragged edge. Rows of more than
+        :data:`TILED_DIM` entries are multiplied as they are (no copy of such rows)."""
         n, dim = rows.shape
+        if dim > TILED_DIM:
+            return self.queries @ rows.T
         if not rows.is_contiguous() or rows.data_ptr() % _ALIGNED:
             rows = rows.clone(memory_format=torch.contiguous_format)  # torch aligns CPU allocations to 64 bytes
         rest = n % ROW_TILE
@@ -429,8 +432,6 @@ class _Products:
             if last.data_ptr() % _ALIGNED:  # a width not a multiple of 16: a copy of one tile
                 last = last.clone()
             return torch.cat([self.queries @ rows[: n - rest].T, (self.queries @ last.T)[:, ROW_TILE - rest :]], 1)
-        if dim > TILED_DIM:
-            return self.queries @ rows.T
         if self.tile is None:
             self.tile = torch.zeros(ROW_TILE, dim)
         self.tile[:n].copy_(rows)
