@@ -362,8 +362,8 @@ whatever block, chunk or shard it is scored: MKL's kernels sum a ragged edge of 
 exact copy of a row (the shared data sets hold 561 in 4,700 rows) scored in a shorter last block differed from the
 original in the last bits, which broke the ties-by-row-order rule (module docstring). Checked on this machine's
 MKL for 1-64 queries, dims 7-70,000, 1-8,192 rows at the first, middle and last position, blocks starting at 17
-offsets (``tests/core/test_search.py`` keeps a few); multiples of 16 sufficed, 8 did not for 20 queries. It holds
-for rows of up to :data:`TILED_DIM` entries (:meth:`_Products.tiled`)."""
+offsets (``tests/core/test_search.py`` keeps a few); multiples of 16 sufficed, 8 did not for 20 queries. It is
+applied, and so promised, for rows of up to :data:`TILED_DIM` entries only (:meth:`_Products.tiled`)."""
 
 _ALIGNED = 64
 """Bytes a row block's start is aligned to before it is multiplied (:meth:`_Products.tiled`)."""
@@ -386,8 +386,8 @@ may score a few ulps apart."""
 class _Products:
     """``queries @ rows.T`` in float32 for chunks of rows of any stored dtype.
 
-    Rows are multiplied in multiples of :data:`ROW_TILE` rows, all row-major, so a row's score does not depend on
-    the chunk it is in (:meth:`tiled`). Float32 rows are multiplied at once. Float16/bfloat16 rows are converted
+    Rows of up to :data:`TILED_DIM` entries are multiplied in multiples of :data:`ROW_TILE` rows, all row-major,
+    so a row's score does not depend on the chunk it is in (:meth:`tiled`); wider rows as they come. Float32 rows are multiplied at once. Float16/bfloat16 rows are converted
     exactly to float32 (every such value is a float32 value) in blocks of :func:`_cast_rows` rows, on one thread,
     into one reused buffer, and each block is multiplied while it is in cache, so the chunk's scores are those of
     its float32 values (bit for bit those of the same rows stored in float32). Why: converting was the cost of a
@@ -414,7 +414,7 @@ class _Products:
     def tiled(self, rows: torch.Tensor) -> torch.Tensor:
         """``queries @ rows.T`` for float32 ``rows`` ``(n, dim)``, in products of whole tiles only: the whole tiles
         at once, then a ragged rest of ``r`` rows as the last ``r`` columns of the product with the block's last
-        tile (a view: rows scored twice, no copy); a block of fewer rows than a tile is copied into a zero-padded
+        tile (a view, rows scored twice; copied, one tile, where that tile does not start 64-byte aligned); a block of fewer rows than a tile is copied into a zero-padded
         tile. Rows that are not row-major (a source may yield any strides) or not 64-byte aligned (a chunk starting
         inside a block, for a width not a multiple of 16) are copied first: MKL sums another layout in another
         order, and one query's matrix-vector kernel an unaligned block, as it does a ragged edge. Rows of more than
