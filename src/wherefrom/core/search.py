@@ -213,8 +213,9 @@ def _candidate_row(query: int, row: Any) -> int:
         raise SearchError(f"query {query}: candidate rows must be integers, got {row!r}") from None
 
 
-def _non_finite_row(row: int, ids: Sequence[str]) -> SearchError:
-    return SearchError(f"row {row} (id {ids[row]!r}) of the store has a NaN or infinite entry")
+def _row_error(row: int, ids: Sequence[str], problem: str = "has a NaN or infinite entry") -> SearchError:
+    """:class:`SearchError` naming store row ``row`` by index and id, and its ``problem``."""
+    return SearchError(f"row {row} (id {ids[row]!r}) of the store {problem}")
 
 
 def _check_rows(values: torch.Tensor, chunk: torch.Tensor, rows: torch.Tensor, ids: Sequence[str]) -> None:
@@ -227,13 +228,14 @@ def _check_rows(values: torch.Tensor, chunk: torch.Tensor, rows: torch.Tensor, i
     columns = torch.nonzero(~torch.isfinite(values).all(0)).flatten()
     bad = columns[~torch.isfinite(chunk[columns]).all(1)]
     if bad.numel():
-        raise _non_finite_row(int(rows[bad[0]]), ids)
+        raise _row_error(int(rows[bad[0]]), ids)
     overflow = columns[torch.isnan(values[:, columns]).any(0)]
     if overflow.numel():
-        row = int(rows[overflow[0]])
-        raise SearchError(
-            f"row {row} (id {ids[row]!r}) of the store has finite entries, but its float32 products with a query "
-            "overflow to +inf and -inf (a NaN score); scale the rows or the queries down"
+        raise _row_error(
+            int(rows[overflow[0]]),
+            ids,
+            "has finite entries, but its float32 products with a query overflow to +inf and -inf (a NaN score); "
+            "scale the rows or the queries down",
         )
 
 
@@ -445,9 +447,8 @@ class _Products:
         torch.set_num_threads(1)
         try:
             if self.buffer is None or self.buffer.shape[0] < rows.shape[0]:
-                self.buffer = torch.empty(rows.shape, dtype=torch.float32).copy_(
-                    rows
-                )  # row-major whatever rows' strides
+                self.buffer = torch.empty(rows.shape, dtype=torch.float32)  # row-major whatever rows' strides
+                self.buffer.copy_(rows)
                 return self.buffer
             return self.buffer[: rows.shape[0]].copy_(rows)
         finally:
@@ -763,7 +764,7 @@ def _finite(source: RowSource, first: int, rows: torch.Tensor, step: int = 1) ->
     :class:`SearchError` naming the first such row, as the exact search does."""
     finite = torch.isfinite(rows).all(1)
     if not bool(finite.all()):
-        raise _non_finite_row(first + step * int(torch.nonzero(~finite)[0]), source.ids)
+        raise _row_error(first + step * int(torch.nonzero(~finite)[0]), source.ids)
     return np.ascontiguousarray(rows.to(torch.float32).numpy())
 
 

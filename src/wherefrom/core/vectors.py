@@ -352,9 +352,7 @@ class VectorStore:
             if len(first) < 8 + size <= path.stat().st_size:  # a header longer than the piece kept: read it again
                 with open(path, "rb") as fh:
                     first = fh.read(8 + size)
-            start = shard * self.shard_size
-            offset, header = self._rows_offset(path, first, start, min(self.shard_size, self.count - start))
-            self._headers[shard] = (header, xxhash.xxh3_64_intdigest(first[:header]), offset)
+            self._check_header(shard, path, first)
 
     def require(
         self, settings: Mapping[str, Any], what: str = "", defaults: Mapping[str, Mapping[str, Any]] | None = None
@@ -439,11 +437,16 @@ class VectorStore:
         """``(bytes, where the rows begin)`` of ``shard`` read whole, hashed and its header checked (ids, dtype,
         shape), then counted as :attr:`verified`; :class:`wherefrom.core.store.DamagedFile` naming it otherwise."""
         path = self.folder / shard_name(shard)
-        start = shard * self.shard_size
         data = read_checked(path, recorded)
-        offset, header = self._rows_offset(path, data, start, min(self.shard_size, self.count - start))
-        self._headers[shard] = (header, xxhash.xxh3_64_intdigest(data[:header]), offset)
-        return data, offset
+        return data, self._check_header(shard, path, data)
+
+    def _check_header(self, shard: int, path: Path, head: bytes) -> int:
+        """Where the rows of ``shard`` (at ``path``, hashed; ``head``: its first bytes, its header at least) begin,
+        its header checked (:meth:`_rows_offset`) and recorded as :attr:`verified`."""
+        start = shard * self.shard_size
+        offset, header = self._rows_offset(path, head, start, min(self.shard_size, self.count - start))
+        self._headers[shard] = (header, xxhash.xxh3_64_intdigest(head[:header]), offset)
+        return offset
 
     def _rows_offset(self, path: Path, header: bytes, start: int, n: int) -> tuple[int, int]:
         """``(where the rows begin, the header's length)`` of shard ``path``, from its safetensors header (``header``:

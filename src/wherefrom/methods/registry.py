@@ -38,6 +38,7 @@ from wherefrom.methods.lexical import BM25
 from wherefrom.methods.projection import KroneckerProjection, ProjectedInfluence
 from wherefrom.methods.representation import RepSim
 from wherefrom.methods.tracin import TracIn, tracin_scores
+from wherefrom.models.loading import is_peft
 
 __all__ = [
     "FAMILIES",
@@ -223,7 +224,7 @@ def _without_adapter(model):
     base that TracIn's LoRA checkpoints go on. A run given ``--adapter`` (the fine-tuning's final adapter) holds the
     adapted model, and its checkpoints' adapters did not fit the wrapped module names, so such a run fitted and then
     failed to score unless ``base`` named the base model's folder."""
-    return model.unload() if hasattr(model, "peft_config") and hasattr(model, "unload") else model
+    return model.unload() if is_peft(model) else model
 
 
 PROJECTED_CURVATURE = from_signature(

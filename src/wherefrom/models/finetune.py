@@ -48,7 +48,7 @@ from wherefrom.core.data import Record, check_records, data_fingerprint
 from wherefrom.core.encoding import LAYOUT_SETTINGS, encode_records, iterate_batches, pad_id
 from wherefrom.core.store import atomic_write_dir, atomic_write_text, refuse_overwrite
 from wherefrom.core.task import per_example_loss
-from wherefrom.models.loading import model_fingerprint, quiet_peft, tokenizer_fingerprint
+from wherefrom.models.loading import is_peft, model_fingerprint, quiet_peft, tokenizer_fingerprint
 from wherefrom.models.optimizer_state import save_adam_state
 from wherefrom.models.training_state import TrainingStateMismatch, latest_training_state, save_training_state
 
@@ -243,14 +243,6 @@ def _dtype_of(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _is_peft(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
 def _wrap_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -440,7 +432,7 @@ def finetune(
     """
     config.validate()
     records = check_records(records, "fine-tuning rows")
-    if _is_peft(model):
+    if is_peft(model):
         raise ValueError(
             "finetune() expects a base model, not a peft.PeftModel; it adds the LoRA adapter "
             "itself (set FinetuneConfig.lora_rank)"

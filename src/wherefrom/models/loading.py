@@ -113,6 +113,13 @@ def quiet_peft() -> Iterator[None]:
         yield
 
 
+def is_peft(model: nn.Module) -> bool:
+    """Whether ``model`` is a PEFT model (a base model carrying an adapter, e.g. LoRA)."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
 def pick_device(requested: str | torch.device | None = None) -> torch.device:
     """The device to run on.
 

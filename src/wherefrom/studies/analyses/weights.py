@@ -38,7 +38,7 @@ from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
 from wherefrom.core.gradients import Batch
 from wherefrom.core.task import IGNORE_INDEX
 from wherefrom.models.finetune import read_trainer_state
-from wherefrom.models.loading import eval_mode, load_model
+from wherefrom.models.loading import eval_mode, is_peft, load_model
 from wherefrom.studies.analyses.common import Bench, load_checkpoint, open_bench, write_report
 from wherefrom.studies.bench import build_task, finetuned
 from wherefrom.studies.metrics import mean_stat, spearman
@@ -255,12 +255,6 @@ def _correlations(modules: list[dict[str, Any]]) -> dict[str, float | None]:
     }
 
 
-def _is_peft(model: nn.Module) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
 def run_weights(
     bench: Bench | str,
     n_queries: int | None = None,
@@ -293,9 +287,9 @@ def run_weights(
                 if done[name] is not None:
                     continue
                 model = tuned.model if folders[name] is None else load_checkpoint(bench, folders[name])
-                if not _is_peft(model) and base is None:
+                if not is_peft(model) and base is None:
                     base = load_model(c.model, device=c.device).model
-                changes = lora_changes(model) if _is_peft(model) else full_changes(model, base)
+                changes = lora_changes(model) if is_peft(model) else full_changes(model, base)
                 record = measure_model(model, changes, batches, ablate=name == "final")
                 record.update(
                     seed=seed,
