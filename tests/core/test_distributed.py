@@ -33,6 +33,7 @@ from wherefrom.core.distributed import (
 )
 from wherefrom.core.store import StageFolder
 from wherefrom.core.task import DrawCounts
+from wherefrom.curvature.base import DataShape
 from wherefrom.curvature.kronecker import KFAC
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.models.tiny import tiny_tokenizer
@@ -111,6 +112,32 @@ def raised_on(call) -> tuple[str, str, bool]:
     raise AssertionError("nothing raised")
 
 
+def datainf_fit(rows, model=None, **options) -> dict[str, torch.Tensor]:
+    """DataInf's fitted state on ``rows`` of the tiny Llama (``model`` when given)."""
+    from wherefrom.curvature.datainf import DataInf
+
+    attributor = Attributor(model or build_model("llama"), tiny_tokenizer(), AttributionConfig(strategy="datainf"))
+    attributor.fit(rows, DataInf(**options))
+    return {k: v.cpu() for k, v in attributor.curvature.state.items()}
+
+
+def datainf_on_one_row() -> dict[str, torch.Tensor]:
+    """DataInf on a float64 model and one row: under two processes rank 0 holds no rows."""
+    return datainf_fit(make_records(1, seed=1), build_model("llama").double())
+
+
+def datainf_bytes(n_rows: int) -> int:
+    """Bytes of DataInf's kept float32 per-example gradients of ``n_rows`` rows of the tiny Llama."""
+    from wherefrom.curvature.datainf import DataInf
+
+    attributor = Attributor(build_model("llama"), tiny_tokenizer(), AttributionConfig(strategy="datainf"))
+    return DataInf().state_bytes(attributor.modules, DataShape(n_rows, 1, 1, 1, 0))
+
+
+DATAINF_LIMIT = datainf_bytes(len(fitting_rows())) - 1
+"""One byte under DataInf's kept gradients of every fitting row, over each process's half."""
+
+
 def worker(rank: int, world: int, init_file: str, out: str) -> None:
     """One of ``world`` gloo processes: every helper and strategy; results saved to ``out/rank<r>.pt``."""
     torch.set_num_threads(1)
@@ -125,6 +152,11 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
             "sums": sum_over_ranks({"x": torch.full((2,), rank + 1.0, dtype=torch.float64)})["x"],
             "counts": sum_counts({"a": rank + 1, "b": 10}),
             "gathered": gather_rows(torch.arange(rank + 1)),
+            # a rank without rows makes its empty tensor in a default dtype: it takes the dtype of the rows
+            "empty_rank": gather_rows(torch.zeros(0, 2) if rank == 0 else torch.ones(1, 2, dtype=torch.float64)),
+            "mixed": raised_on(lambda: gather_rows(torch.ones(1, dtype=torch.float32 if rank else torch.float64))),
+            "datainf_float64": datainf_on_one_row(),
+            "datainf_limit": raised_on(lambda: datainf_fit(fitting_rows(), max_bytes=DATAINF_LIMIT)),
             "shared_sums": KFAC.covariance_sums(shared_input_stream(rank), SHARED_SHAPES),
         }
         ids = ["t0", "t1"] if rank == 0 else ["t2", "t3"]
@@ -208,6 +240,33 @@ def test_covariance_sums_of_a_shared_input_when_one_process_has_no_rows(two_proc
         sums, counts = result["shared_sums"]
         assert counts == info and sums.keys() == alone.keys()
         assert all(torch.equal(sums[n], value) for n, value in alone.items())
+
+
+def test_a_rank_without_rows_gathers_in_the_dtype_of_the_rows(two_processes):
+    """``gather_rows``: a rank without rows takes the other ranks' dtype (its float32 empty tensor against float64
+    rows made gloo abort: "Received data size doesn't match expected size"); ranks whose rows differ in dtype
+    are refused on every rank (no hang)."""
+    for result in two_processes:
+        assert result["empty_rank"].dtype == torch.float64 and result["empty_rank"].tolist() == [[1.0, 1.0]]
+        assert result["mixed"][0] == "ValueError" and "different dtypes" in result["mixed"][1]
+    alone = datainf_on_one_row()
+    for result in two_processes:
+        state = result["datainf_float64"]
+        assert state.keys() == alone.keys()
+        for key, value in alone.items():
+            assert state[key].dtype == value.dtype
+            assert_close(state[key], value, rtol=1e-5, atol=1e-7 * float(value.abs().max()))
+
+
+def test_datainf_memory_limit_counts_the_rows_of_every_process(two_processes):
+    """DataInf gathers every row's gradients onto every process: its ``max_bytes`` is checked against all rows,
+    not a process's share (each half is under the limit; before, the fit went through on both processes)."""
+    assert datainf_bytes(9) < DATAINF_LIMIT  # the larger share: rows 0-6 and the copies of rows 1 and 2
+    for result in two_processes:
+        kind, message, _ = result["datainf_limit"]
+        assert kind == "MemoryLimitError" and "the datainf option max_bytes" in message, message
+    with pytest.raises(MemoryError, match="the datainf option max_bytes"):
+        datainf_fit(fitting_rows(), max_bytes=DATAINF_LIMIT)
 
 
 def test_strategy_that_iterates_over_all_rows_is_refused_by_name(two_processes):

@@ -314,18 +314,41 @@ def sum_counts(counts: dict[str, int]) -> dict[str, int]:
     return dict(zip(names, total.tolist()))
 
 
+GATHERED_DTYPES = (
+    torch.float64,
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.int64,
+    torch.int32,
+    torch.uint8,
+    torch.bool,
+)
+"""The dtypes :func:`gather_rows` carries (its ranks agree on one through its index in this tuple)."""
+
+
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """The ranks' ``(n_r, ...)`` tensors concatenated along dim 0 in rank order, on every rank, on CPU
-    (ranks may hold different ``n_r``, including 0; the trailing shape and dtype must agree). One
-    process: ``tensor`` on CPU."""
+    """The ranks' ``(n_r, ...)`` tensors concatenated along dim 0 in rank order, on every rank, on CPU.
+
+    Ranks may hold different ``n_r``, including 0; the trailing shapes must agree. A rank without rows
+    takes the dtype of the ranks with rows (its empty tensor's dtype is whatever its caller could make
+    without any row), so every rank sends the same bytes per row. One process: ``tensor`` on CPU.
+    Raises ``ValueError`` when ranks with rows hold different dtypes, or a dtype not in
+    :data:`GATHERED_DTYPES`."""
     tensor = tensor.detach().cpu().contiguous()
     if not active():
         return tensor
-    sizes = torch.tensor([tensor.shape[0]], dtype=torch.int64)
-    all_sizes = [torch.zeros_like(sizes) for _ in range(world_size())]
-    dist.all_gather(all_sizes, sizes)
-    counts = [int(s) for s in all_sizes]
-    padded = torch.zeros((max(counts), *tensor.shape[1:]), dtype=tensor.dtype)
+    if tensor.dtype not in GATHERED_DTYPES:
+        raise ValueError(f"gather_rows carries {', '.join(map(str, GATHERED_DTYPES))}; got {tensor.dtype}")
+    mine = torch.tensor([tensor.shape[0], GATHERED_DTYPES.index(tensor.dtype)], dtype=torch.int64)
+    everyone = [torch.zeros_like(mine) for _ in range(world_size())]
+    dist.all_gather(everyone, mine)
+    counts = [int(size) for size, _ in everyone]
+    held = {GATHERED_DTYPES[int(code)] for size, code in everyone if size > 0}
+    if len(held) > 1:
+        raise ValueError(f"the ranks hold rows of different dtypes ({', '.join(sorted(map(str, held)))}) to gather")
+    dtype = held.pop() if held else tensor.dtype
+    padded = torch.zeros((max(counts), *tensor.shape[1:]), dtype=dtype)
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)

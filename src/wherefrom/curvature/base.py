@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from wherefrom.core.distributed import gather_rows, on_main, refuse
+from wherefrom.core.distributed import gather_rows, on_main, refuse, sum_counts
 from wherefrom.core.gradients import Batch, LossFn
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import OptionSpec, from_signature
@@ -84,7 +84,8 @@ def no_progress(batches: Iterable[Batch], _description: str) -> Iterator[Batch]:
 class DataShape:
     """Sizes of the fitting data that set the memory a strategy needs (measured without a model pass).
 
-    ``examples``: rows; ``max_batch``: rows of the largest batch; ``max_tokens``: the widest batch's
+    ``examples``: this process's rows; ``all_examples``: the rows of every process under ``torch.distributed``
+    (what a strategy that gathers rows onto every process holds; ``None``: ``examples``); ``max_batch``: rows of the largest batch; ``max_tokens``: the widest batch's
     sequence length ``T`` (1 for batches without ``input_ids``); ``max_labelled``: most predicting
     positions of one row (``labels[1:] != -100``; ``max_tokens`` without labels); ``vocabulary``: the
     width of the model's logits (0 when it has no output embedding or ``config.vocab_size``).
@@ -95,9 +96,17 @@ class DataShape:
     max_tokens: int
     max_labelled: int
     vocabulary: int
+    all_examples: int | None = None
+
+    @property
+    def rows_everywhere(self) -> int:
+        """Rows over every process (``examples`` in one process)."""
+        return self.examples if self.all_examples is None else self.all_examples
 
     @classmethod
     def measure(cls, model: nn.Module, batches: BatchSource) -> DataShape:
+        """Sizes of ``batches`` (this process's rows); under ``torch.distributed`` a collective (every process
+        calls it) for ``all_examples``."""
         examples = max_batch = max_labelled = 0
         max_tokens = 1
         for batch in batches():
@@ -113,7 +122,8 @@ class DataShape:
             if head is not None
             else int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
         )
-        return cls(examples, max_batch, max_tokens, max_labelled or max_tokens, vocabulary)
+        everywhere = sum_counts({"examples": examples})["examples"]
+        return cls(examples, max_batch, max_tokens, max_labelled or max_tokens, vocabulary, everywhere)
 
     def token_factor_bytes(self, modules: Sequence[TrackedModule]) -> int:
         """Bytes of one batch's :class:`~wherefrom.core.gradients.TokenFactors` (``a`` and ``g``, float32) over ``modules``."""

@@ -71,14 +71,13 @@ class DataInf(Curvature):
     )
 
     def state_bytes(self, modules, data: DataShape) -> int:
-        """Per module: the ``(n, out, in')`` float32 gradients and the float64 damping."""
-        return sum(nbytes(data.examples, *m.shape) + 8 for m in modules)
+        """Per module: the ``(n, out, in')`` float32 gradients and the float64 damping (``n``: the rows of every
+        process: under ``torch.distributed`` each process ends holding all of them)."""
+        return sum(nbytes(data.rows_everywhere, *m.shape) + 8 for m in modules)
 
     def memory_needs(self, modules, data: DataShape) -> dict[str, int]:
-        needs = {
-            f"{m.name}: per-example gradients of all {data.examples} rows": nbytes(data.examples, *m.shape) + 8
-            for m in modules
-        }
+        n = data.rows_everywhere
+        needs = {f"{m.name}: per-example gradients of all {n} rows": nbytes(n, *m.shape) + 8 for m in modules}
         check_memory(
             needs,
             "fitting 'datainf' (the kept per-example gradients)",
@@ -87,8 +86,8 @@ class DataInf(Curvature):
         )
         largest = max((m.shape[0] * m.shape[1] for m in modules), default=0)
         needs["concatenation and float64 mean of the largest module"] = nbytes(
-            data.examples, largest, dtype=torch.float64
-        ) + nbytes(data.examples, largest)
+            n, largest, dtype=torch.float64
+        ) + nbytes(n, largest)
         needs["per-example gradients of one batch"] = data.dense_gradient_bytes(modules) + data.token_factor_bytes(
             modules
         )
