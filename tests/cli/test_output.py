@@ -75,6 +75,11 @@ def test_scores_refuses_to_replace_a_score_set_of_other_queries_unless_overwrite
         record.write_text(json.dumps(saved_json))
         rerun = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl")
         assert rerun.exit_code == 0 and "replaced the earlier scores" in rerun.stderr, rerun.output
+    record.unlink()  # a set whose writer was killed before its .json (written last): unfinished, not refused
+    unfinished = invoke("scores", "--run", run, "--queries", workspace / "edited.jsonl")
+    assert unfinished.exit_code == 0 and "replaced the earlier" not in unfinished.stderr, unfinished.output
+    assert json.loads(record.read_text())["query_fingerprint"] != saved_json.get("query_fingerprint")
+    assert invoke("scores", "--run", run, "--queries", workspace / "two.jsonl", "--overwrite").exit_code == 0
     shard = run / "index" / "shard-00000.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])  # a damaged index is named with the command that rebuilds it
     damaged = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl")

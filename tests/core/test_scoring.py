@@ -186,3 +186,43 @@ def test_top_lists_equal_scores_in_training_row_order_at_both_ends():
     restricted = restrict(scores, [[9, 7, 1, 11, 3]])
     assert [t for t, _ in restricted.top(0, 3)] == ["t7", "t9", "t1"]
     assert [t for t, _ in restricted.top(0, 3, opponents=True)] == ["t3", "t1", "t11"]
+
+
+def test_a_score_set_killed_midway_is_refused_not_paired_with_an_earlier_sets_ids(tmp_path, monkeypatch):
+    """``save_scores`` over an earlier set: a writer killed after the new tensors (before the ``.json``, the set's
+    marker) left the earlier ``.json`` and ``.top.csv`` beside the new scores, both intact, so every reader paired
+    the new queries' scores with the earlier query ids. Now the earlier ``.json``/``.top.csv`` go first and
+    ``load_scores`` refuses a set without its ``.json``, or one whose files differ from their checksums."""
+    from wherefrom.core import scoring
+    from wherefrom.core.scoring import Scores, load_scores, save_scores
+    from wherefrom.core.store import DamagedFile
+
+    def scores(first_id: str, value: float) -> Scores:
+        return Scores([first_id, "q2"], ["t0", "t1", "t2"], ["m"], torch.full((1, 2, 3), value))
+
+    save_scores(scores("earlier", 1.0), tmp_path, "s")
+    assert load_scores(tmp_path, "s").query_ids == ["earlier", "q2"]
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*_args, **_kwargs):
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(scoring, "write_json_checked", killed)
+        with pytest.raises(Killed):
+            save_scores(scores("new", 2.0), tmp_path, "s")
+    assert not (tmp_path / "s.json").exists()
+    with pytest.raises(DamagedFile, match=r"s\.json is missing"):
+        load_scores(tmp_path, "s")
+    save_scores(scores("new", 2.0), tmp_path, "s")  # the rerun finishes the set
+    loaded = load_scores(tmp_path, "s")
+    assert loaded.query_ids == ["new", "q2"] and loaded.total.eq(2.0).all()
+    assert "new" in (tmp_path / "s.top.csv").read_text() and "earlier" not in (tmp_path / "s.top.csv").read_text()
+
+    data = bytearray((tmp_path / "s.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "s.safetensors").write_bytes(bytes(data))
+    with pytest.raises(DamagedFile, match=r"s\.safetensors is damaged"):
+        load_scores(tmp_path, "s")

@@ -169,7 +169,8 @@ def scores(
                 return
             saved = [run / "scores" / f"{name}.{suffix}" for suffix in ("safetensors", "json")]
             queried = {"query_ids": [r.id for r in rows], "query_fingerprint": data_fingerprint(rows)}
-            replaces = not overwrite and check_replacement(saved, saved[1], queried)
+            # a finished set is one with its .json (written last): tensors without it are a killed write's
+            replaces = not overwrite and saved[1].exists() and check_replacement(saved, saved[1], queried)
             opened = Run.open(run, progress=progress, device=device)
             if replaces:  # the same query rows: still refused when the training side changed (e.g. now an index)
                 check_origin(saved, opened.scores_provenance())

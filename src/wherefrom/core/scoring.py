@@ -21,10 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from wherefrom.core.gradients import TokenFactors
-from wherefrom.core.store import atomic_write_text, save_tensors_checked, write_json_checked
+from wherefrom.core.store import (
+    atomic_write_text,
+    forget_file,
+    load_tensors_checked,
+    read_json_checked,
+    save_tensors_checked,
+    write_json_checked,
+)
 
 LowRank = tuple[torch.Tensor, torch.Tensor]
 """``(U, V)`` with ``U``: ``(q, out, r)`` (singular values folded in) and ``V``: ``(q, in', r)``."""
@@ -178,13 +184,21 @@ def save_scores(
     rows, not only the same ids) when given; then
     ``<name>.top.csv`` (:func:`top_rows`, ``top_k`` per query and kind) for a spreadsheet or pandas.
 
+    The three files are one set and ``<name>.json`` is its completion marker: an earlier set's ``.json`` and
+    ``.top.csv`` are deleted first and the ``.json`` is written last, so a set killed midway has no ``.json``
+    (:func:`load_scores` refuses it) and never pairs new scores with an earlier set's ids.
+
     Raises ``ValueError`` (:func:`check_finite`) before writing anything if a score is NaN or infinite.
     """
     check_finite(scores)
-    path = Path(folder) / f"{name}.safetensors"
+    folder = Path(folder)
+    path, marker, top = (folder / f"{name}{suffix}" for suffix in (".safetensors", ".json", ".top.csv"))
+    for earlier in (marker, top):
+        forget_file(earlier)
     save_tensors_checked(
         {"total": scores.total.contiguous().cpu(), "per_module": scores.per_module.contiguous().cpu()}, path
     )
+    write_top_csv(scores, top, top_k, labels or {})
     ids = {"query_ids": scores.query_ids, "train_ids": scores.train_ids, "modules": scores.module_names}
     if labels is not None:
         ids["train_labels"] = [labels.get(i) for i in scores.train_ids]
@@ -192,8 +206,7 @@ def save_scores(
         ids["provenance"] = dict(provenance)
     if query_fingerprint is not None:
         ids["query_fingerprint"] = query_fingerprint
-    write_json_checked({**ids, "sign": "positive = proponent"}, Path(folder) / f"{name}.json")
-    write_top_csv(scores, Path(folder) / f"{name}.top.csv", top_k, labels or {})
+    write_json_checked({**ids, "sign": "positive = proponent"}, marker)
     return path
 
 
@@ -226,9 +239,13 @@ def write_top_csv(scores: Scores, path: Path, k: int, labels: Mapping[str, str |
 
 
 def load_scores(folder: Path, name: str) -> Scores:
-    """The :class:`Scores` that :func:`save_scores` wrote as ``<name>.safetensors`` + ``<name>.json`` in ``folder``."""
-    tensors = load_file(str(Path(folder) / f"{name}.safetensors"))
-    ids = json.loads((Path(folder) / f"{name}.json").read_text(encoding="utf-8"))
+    """The :class:`Scores` that :func:`save_scores` wrote as ``<name>.safetensors`` + ``<name>.json`` in ``folder``.
+
+    Raises :class:`wherefrom.core.store.DamagedFile` naming the file when either is missing, unfinished (a
+    set whose writer was killed) or differs from its recorded checksum."""
+    folder = Path(folder)
+    ids = read_json_checked(folder / f"{name}.json")
+    tensors, _ = load_tensors_checked(folder / f"{name}.safetensors")
     return Scores(ids["query_ids"], ids["train_ids"], ids["modules"], tensors["per_module"])
 
 

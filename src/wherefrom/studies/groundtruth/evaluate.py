@@ -199,7 +199,7 @@ def scored_row(
         return run_method(gt, method, options, replace(attribution), model, tokenizer, folder)
 
     key = method_key(gt, method, options, attribution)
-    row, reused = resumable(row_path, key, compute, needs=[folder / f"{method}.safetensors"])
+    row, reused = resumable(row_path, key, compute, needs=[folder / f"{method}.json"])  # the set's marker
     if reused:
         log(f"{label}: reused")
     else:
