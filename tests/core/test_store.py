@@ -185,3 +185,54 @@ def test_update_json_names_a_file_that_is_not_a_json_object_and_leaves_it(tmp_pa
     assert json.loads((tmp_path / "new.json").read_text()) == {"x": 1}
     update_json(tmp_path / "new.json", lambda saved: False)  # no change: not rewritten
     assert json.loads((tmp_path / "new.json").read_text()) == {"x": 1}
+
+
+def test_a_checked_file_is_on_the_disk_before_its_checksum_is_recorded(tmp_path, monkeypatch):
+    """A shard's bytes were never flushed while its checksum (and later the index's marker) was: after an OS crash
+    the marker could outlive the shard's bytes. Now the temporary file is flushed, renamed, and its folder flushed,
+    all before the checksum is written."""
+    from wherefrom.core.store import save_tensors_checked
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def flushed(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def renamed(source, target):
+        events.append(("replace", str(target)))
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", flushed)
+    monkeypatch.setattr(os, "replace", renamed)
+    shard = tmp_path / "shard.safetensors"
+    save_tensors_checked({"x": torch.ones(3)}, shard)
+    checksums = str(tmp_path / "checksums.json")
+    (first_fsync,) = (i for i, (kind, name) in enumerate(events) if kind == "fsync" and ".shard.safetensors" in name)
+    shard_renamed = events.index(("replace", str(shard)))
+    folder_flushed = events.index(("fsync", str(tmp_path)), shard_renamed)
+    manifest_renamed = events.index(("replace", checksums))
+    assert first_fsync < shard_renamed < folder_flushed < manifest_renamed
+
+
+def test_a_forgotten_file_killed_midway_is_missing_not_unchecked(tmp_path, monkeypatch):
+    """``forget_file`` removes the file before its checksum entry: a kill in between leaves a missing file (not yet
+    written, what a resumed job rewrites), where the other order left a file without a checksum, which readers
+    refuse as damaged (a finished index's marker did so until ``index`` was rerun)."""
+    from wherefrom.core import store
+    from wherefrom.core.store import forget_file, write_json_checked
+
+    marker = tmp_path / "index.json"
+    write_json_checked({"rows": 3}, marker)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*_args):
+        raise Killed
+
+    monkeypatch.setattr(store, "_set_checksum", killed)
+    with pytest.raises(Killed):
+        forget_file(marker)
+    assert not marker.exists()

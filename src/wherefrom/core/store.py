@@ -59,14 +59,28 @@ PARTIAL = ".partial-"
 """Infix of the temporary names: ``.<name>.partial-XXXX`` (a crash may leave one behind)."""
 
 
+def _fsync(path: str | Path) -> None:
+    """Flush ``path`` (a file, or a folder: its entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_replace(path: Path, write) -> None:
+    """``write(tmp)`` a temporary file beside ``path``, flush it to the disk, rename it to ``path`` and flush the
+    folder: when this returns, ``path``'s bytes and name survive an OS crash or power cut, so a checksum recorded
+    after it (:func:`record_checksum`) never names bytes the disk does not hold (kill -9 alone cannot lose them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL}", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it private
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -77,8 +91,6 @@ def atomic_write_text(text: str, path: Path) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
 
     _atomic_replace(Path(path), write)
 
@@ -364,8 +376,8 @@ def recorded_checksums(folder: Path) -> dict[str, dict[str, Any]]:
 def forget_file(path: Path) -> None:
     """Delete ``path`` (if present) and its checksum entry: the file counts as not yet written."""
     path = Path(path)
+    path.unlink(missing_ok=True)  # first: a kill before the entry goes leaves a missing file, not an unchecked one
     _set_checksum(path, None)
-    path.unlink(missing_ok=True)
 
 
 Recorded = Mapping[str, Mapping[str, Any]] | None
