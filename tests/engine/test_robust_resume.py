@@ -340,3 +340,24 @@ def test_a_finished_fit_of_a_strategy_that_does_not_distribute_is_reused_under_t
     monkeypatch.setenv("RANK", "0")
     config = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
     assert Run.create(run, config).finished()  # refused only where there is a fit to make
+
+
+def test_a_fit_resumed_under_another_process_count_is_refused_and_finished_factors_are_reused(root, tmp_path):
+    """A fit's stages are sums over the processes it started with: a fit killed under two processes and resumed in
+    one matched neither clean fit (eigenvalues 1e-7 to 3e-6 off) without a word. The process count is recorded and a
+    resume under another is refused naming it; finished factors are reused under any count, and an index is the
+    same bytes under any count, so its settings leave it out."""
+    run = root / f"processes-{tmp_path.name}"
+    code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac", "--threads", "1"))
+    assert code == 0, out
+    settings = run / "factors" / "settings.json"
+    assert json.loads(settings.read_text())["processes"] == 1
+    code, out = invoke("index", "--run", run, "--shard-size", "4", "--threads", "1")
+    assert code == 0 and "processes" not in json.loads((run / "index" / "settings.json").read_text()), out
+    recorded = {**json.loads(settings.read_text()), "processes": 2}  # as a fit started under torchrun leaves it
+    write_json_checked(recorded, settings)
+    code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac", "--threads", "1"))
+    assert code == 0 and "reused" in out, out  # finished: reused
+    (run / "factors" / "curvature.json").unlink()  # as a fit killed before its final save leaves it
+    code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac", "--threads", "1"))
+    assert code != 0 and "processes: recorded 2, now 1" in " ".join(out.split()), out

@@ -133,6 +133,9 @@ RECORDED_ONLY = ("threads",)
 """Settings recorded with a fit or an index but never compared: torch's CPU thread count changes float sums in
 the last bits (e.g. EK-FAC factors of SmolLM2), so a resumed job takes the recorded value
 (:meth:`Run.threads_as_recorded`) and a finished result is reused with any."""
+RESUMED_WHERE_STARTED = ("device", "processes")
+"""Settings of a fit that a resumed fit must keep (its finished stages were summed there: a fit killed under two
+processes and resumed in one matched neither clean fit) and that finished factors are reused under any of."""
 
 
 class RunMismatch(ValueError):
@@ -455,6 +458,7 @@ class Run:
             "data": manifest["data"]["fingerprint"],
             "modules": manifest["modules"],
             "device": self.attributor.device.type,
+            "processes": world_size(),
             "threads": torch.get_num_threads(),
         }
 
@@ -546,7 +550,7 @@ class Run:
             target,
             self.fit_settings(),
             f"Delete {target} to fit again with the current settings.",
-            ignore=RECORDED_ONLY if found else ("device", *RECORDED_ONLY),
+            ignore=RECORDED_ONLY if found else (*RESUMED_WHERE_STARTED, *RECORDED_ONLY),
             defaults=self.config.setting_defaults(),
         )
         if notes:  # factors of unknown settings were discarded
@@ -579,7 +583,7 @@ class Run:
                 target,
                 self.fit_settings(),
                 f"Delete {target} to fit again with the current settings.",
-                ("device", *RECORDED_ONLY),
+                (*RESUMED_WHERE_STARTED, *RECORDED_ONLY),
                 self.config.setting_defaults(),
             )
             if notes:  # a state of unknown settings was discarded
@@ -634,7 +638,8 @@ class Run:
         if optimizer_state is not None:
             extra["optimizer_state"] = optimizer_state
         return {
-            **{k: v for k, v in self.fit_settings().items() if k != "attribution"},
+            # an index row is the same bytes under any process count (each row is computed alone)
+            **{k: v for k, v in self.fit_settings().items() if k not in ("attribution", "processes")},
             "gradients": {k: v for k, v in self.config.attribution.to_dict().items() if k in GRADIENT_SETTINGS},
             "rows_layout": layout,
             **extra,
