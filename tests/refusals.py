@@ -471,6 +471,15 @@ REFUSALS: tuple[Refusal, ...] = (
         call='Attributor(att.model, tokenizer, AttributionConfig(strategy="cg")).fit(rows)',
         env=(("WORLD_SIZE", "2"), ("RANK", "0")),
     ),
+    Refusal(
+        "many processes",
+        "a command other than fit, index and scores, under torchrun",
+        EXIT,
+        "command query cannot run under torch.distributed (WORLD_SIZE=2): run it in one process",
+        "each process would do the whole job and print or write its results once per process",
+        command=("query", "a", "b", "--run", "run"),
+        env=(("WORLD_SIZE", "2"), ("RANK", "0")),
+    ),
 )
 
 

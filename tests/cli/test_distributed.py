@@ -134,6 +134,14 @@ def test_what_does_not_distribute_is_refused_by_name(workspace, monkeypatch):
     )  # fmt: skip
     assert result.exit_code == 2
     assert "command attribute cannot run under torch.distributed (WORLD_SIZE=2)" in " ".join(result.output.split())
+    # every command but fit, index, scores (and replay, which reruns one of them) is refused before it runs: query
+    # ran whole in each process, printing its answer once per process
+    asked = invoke("query", "a", "b", "--run", workspace / "run-refused")
+    assert asked.exit_code == 2 and not (workspace / "run-refused").exists()
+    assert (
+        "command query cannot run under torch.distributed (WORLD_SIZE=2): run it in one process; fit, index, "
+        "replay, scores run under torchrun" in " ".join(asked.output.split())
+    ), asked.output
     run = workspace / "run-logra-recorded"  # a run of a method outside the influence family: its scores are
     run.mkdir()  # refused from its recorded config, before the process group and the model
     recorded = RunConfig.for_method("logra", str(workspace / "train.jsonl"), AttributionConfig(), {}, model="nowhere")

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from wherefrom.cli.settings import SETTINGS, Setting, check_arguments, default_threads
 from wherefrom.core.commandline import command_line
-from wherefrom.core.distributed import end_process
+from wherefrom.core.distributed import NotDistributable, end_process, refuse
 from wherefrom.core.option_pairs import check_methods_named, options_for, parse_option_pairs
 from wherefrom.core.store import update_json
 
@@ -261,7 +261,17 @@ def reflowed(docstring: str) -> str:
     return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
 
 
-def command(function: Callable[..., None] | None = None, *, uses: Iterable[str] = (), name: str | None = None) -> Any:
+DISTRIBUTED: set[str] = set()
+"""The commands that run under ``torchrun`` (registered with ``distributed=True``); any other is refused there."""
+
+
+def command(
+    function: Callable[..., None] | None = None,
+    *,
+    uses: Iterable[str] = (),
+    name: str | None = None,
+    distributed: bool = False,
+) -> Any:
     """Register a function as the command of its name (or ``name``, e.g. ``word-order``). Its parameters, and the names in ``uses``
     (received through ``**settings`` and read by :func:`settings_as`), name settings of
     :data:`wherefrom.cli.settings.SETTINGS`; each gets that setting's flag, type, default and help.
@@ -271,10 +281,16 @@ def command(function: Callable[..., None] | None = None, *, uses: Iterable[str] 
     to :func:`remember`, :func:`recorded_line` and :func:`settings_as`. The registered callable also
     takes its parameters as keywords (missing ones take their defaults), which is how ``replay``
     reruns a record.
+
+    ``distributed``: the command runs under ``torchrun`` (its processes share the work); any other command is
+    refused there before it runs (:class:`wherefrom.core.distributed.NotDistributable`, exit 2), where each
+    process would have repeated the whole job and printed or written its results.
     """
     if function is None:
-        return functools.partial(command, uses=tuple(uses), name=name)
+        return functools.partial(command, uses=tuple(uses), name=name, distributed=distributed)
     name = name or function.__name__
+    if distributed:
+        DISTRIBUTED.add(name)
     own = [p.name for p in inspect.signature(function).parameters.values() if p.kind is not p.VAR_KEYWORD]
     names = own + [u for u in uses if u not in own]
     unknown = [p for p in names if p not in SETTINGS]
@@ -298,6 +314,11 @@ def command(function: Callable[..., None] | None = None, *, uses: Iterable[str] 
         problems = check_arguments(arguments)
         if problems:
             fail("\n".join(problems))
+        if not distributed:
+            try:
+                refuse(f"command {name}", f"run it in one process; {', '.join(sorted(DISTRIBUTED))} run under torchrun")
+            except NotDistributable as error:
+                fail(error)
         token = _CURRENT.set(Invocation(name, arguments))
         try:
             with torch_threads(arguments.get("threads")):

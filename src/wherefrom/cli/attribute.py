@@ -25,7 +25,6 @@ from wherefrom.cli.run import print_tops
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.commandline import portable
 from wherefrom.core.data import DataError, data_fingerprint, load_records
-from wherefrom.core.distributed import refuse
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.models.loading import ModelLoadError, load_model
 
@@ -48,7 +47,6 @@ def attribute(
 
     out, method = required(out, "out"), required(method, "method")
     try:
-        refuse("command attribute", "under torchrun use `fit` and `scores` on a run folder")
         refuse_unread_settings(method)
         spec = method_spec(method)
         options = spec.check(merged_options(option, method))

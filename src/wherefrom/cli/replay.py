@@ -7,7 +7,7 @@ import json
 from wherefrom.cli.app import COMMANDS, command, console, fail
 
 
-@command
+@command(distributed=True)  # reruns a recorded command, which decides for itself
 def replay(folder, threads) -> None:
     """Rerun, with exactly the recorded settings, every command recorded in FOLDER/config.json (in the
     order they first ran there: e.g. a bench, then its analyses). Finished outputs are reused as

@@ -47,7 +47,7 @@ def notify(opened: Run) -> None:
         console.print("[yellow]note:[/]", escape(notice))
 
 
-@command(uses=(*ATTRIBUTION, "fisher", "reduction", "query_rank", "seed", "autocast", "threads"))
+@command(uses=(*ATTRIBUTION, "fisher", "reduction", "query_rank", "seed", "autocast", "threads"), distributed=True)
 def fit(
     train,
     run,
@@ -118,7 +118,7 @@ def fit(
         print_index_done(run, written)
 
 
-@command
+@command(distributed=True)
 def index(run, shard_size, dtype, precondition, optimizer_checkpoint, unit_norm, device, threads) -> None:
     """Store one row per training example in RUN/index/ so that queries need no train pass: the raw
     gradients of an influence run, the projected (optionally preconditioned, unit) gradients of a fitted
@@ -145,7 +145,7 @@ def print_index_done(run: Path, written: int) -> None:
     say(f"index complete ({written} shards written now) -> {run / 'index'}")
 
 
-@command
+@command(distributed=True)
 def scores(
     run, queries, name, top_k, overwrite, search, search_option, prefilter_bm25, no_recall, device, threads
 ) -> None:
