@@ -152,6 +152,7 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
             "sums": sum_over_ranks({"x": torch.full((2,), rank + 1.0, dtype=torch.float64)})["x"],
             "counts": sum_counts({"a": rank + 1, "b": 10}),
             "gathered": gather_rows(torch.arange(rank + 1)),
+            "to_main": gather_rows(torch.arange(rank + 1), to_main=True),
             # a rank without rows makes its empty tensor in a default dtype: it takes the dtype of the rows
             "empty_rank": gather_rows(torch.zeros(0, 2) if rank == 0 else torch.ones(1, 2, dtype=torch.float64)),
             "mixed": raised_on(lambda: gather_rows(torch.ones(1, dtype=torch.float32 if rank else torch.float64))),
@@ -208,6 +209,7 @@ def test_helpers_split_and_gather(two_processes):
         assert result["counts"] == {"a": 3, "b": 20}
         assert result["gathered"].tolist() == [0, 0, 1]
         assert result["error"] == "checked on rank 0"
+    assert rank0["to_main"].tolist() == [0, 0, 1] and rank1["to_main"].shape == (0,)  # rank 0 alone holds them
     ids, columns = rank0["columns"]
     assert ids == ORDER and columns.tolist() == [[3.0, 0.0, 1.0, 2.0]]
     assert rank1["columns"][0] == []

@@ -327,8 +327,9 @@ GATHERED_DTYPES = (
 """The dtypes :func:`gather_rows` carries (its ranks agree on one through its index in this tuple)."""
 
 
-def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """The ranks' ``(n_r, ...)`` tensors concatenated along dim 0 in rank order, on every rank, on CPU.
+def gather_rows(tensor: torch.Tensor, to_main: bool = False) -> torch.Tensor:
+    """The ranks' ``(n_r, ...)`` tensors concatenated along dim 0 in rank order, on every rank, on CPU (with
+    ``to_main``: on rank 0 only, the others getting an empty ``(0, ...)`` tensor, so that only rank 0 holds them).
 
     Ranks may hold different ``n_r``, including 0; the trailing shapes must agree. A rank without rows
     takes the dtype of the ranks with rows (its empty tensor's dtype is whatever its caller could make
@@ -350,8 +351,14 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     dtype = held.pop() if held else tensor.dtype
     padded = torch.zeros((max(counts), *tensor.shape[1:]), dtype=dtype)
     padded[: tensor.shape[0]] = tensor
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
+    if to_main:
+        parts = [torch.empty_like(padded) for _ in counts] if is_main() else None
+        dist.gather(padded, parts, dst=0)
+        if parts is None:
+            return padded[:0]
+    else:
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded)
     return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
 
@@ -366,8 +373,8 @@ def gather_columns(ids: list[str], columns: torch.Tensor, order: Sequence[str]) 
     if active():
         # ids travel as JSON lines (one line per rank) in a byte tensor, so gloo and nccl both carry them
         line = torch.tensor(list((json.dumps(ids) + "\n").encode()), dtype=torch.uint8)
-        text = bytes(gather_rows(line).tolist()).decode()
-        gathered = gather_rows(columns.movedim(-1, 0)).movedim(0, -1)
+        text = bytes(gather_rows(line, to_main=True).tolist()).decode()
+        gathered = gather_rows(columns.movedim(-1, 0), to_main=True).movedim(0, -1)  # held by rank 0 alone
         if not is_main():
             return [], torch.empty(0)
         ids = [row_id for part in text.split("\n")[:-1] for row_id in json.loads(part)]
