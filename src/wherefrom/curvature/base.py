@@ -85,8 +85,9 @@ class DataShape:
     """Sizes of the fitting data that set the memory a strategy needs (measured without a model pass).
 
     ``examples``: this process's rows; ``all_examples``: the rows of every process under ``torch.distributed``
-    (what a strategy that gathers rows onto every process holds; ``None``: ``examples``); ``max_batch``: rows of the largest batch; ``max_tokens``: the widest batch's
-    sequence length ``T`` (1 for batches without ``input_ids``); ``max_labelled``: most predicting
+    (what a strategy that gathers rows onto every process holds; ``None``: ``examples``); ``max_batch``: rows
+    of the largest batch; ``max_tokens``: the widest batch's sequence length ``T`` (1 for batches without
+    ``input_ids``); ``max_labelled``: most predicting
     positions of one row (``labels[1:] != -100``; ``max_tokens`` without labels); ``vocabulary``: the
     width of the model's logits (0 when it has no output embedding or ``config.vocab_size``).
     """
