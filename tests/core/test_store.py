@@ -236,3 +236,48 @@ def test_a_forgotten_file_killed_midway_is_missing_not_unchecked(tmp_path, monke
     with pytest.raises(Killed):
         forget_file(marker)
     assert not marker.exists()
+
+
+def test_a_full_disk_is_an_oserror_naming_the_file_and_a_killed_writes_leftovers_are_removed(tmp_path):
+    """Two faults of real safetensors writes, in child processes: (1) under a file size limit (EFBIG, as a full disk
+    gives ENOSPC) safetensors raised its own ``SafetensorError``, which the index writer (it keeps finished shards
+    on an ``OSError``) and the CLI's one-line errors missed: a traceback, exit 1; (2) safetensors writes through a
+    ``.tmpXXXXXX`` file of its own, which a kill -9 left in the folder for good (the next writer removed only
+    ``.partial-`` names). Now it writes inside a private ``.<name>.partial-XXXX/`` folder that the next writer
+    removes."""
+    from wherefrom.core.store import writer_lock
+
+    limited = f"""
+import resource, signal, torch
+from wherefrom.core.store import save_tensors_checked
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+try:
+    save_tensors_checked({{"x": torch.ones(10_000)}}, {str(tmp_path / "big.safetensors")!r})
+except OSError as error:
+    print("OSError:", error)
+"""
+    done = subprocess.run([sys.executable, "-c", limited], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"OSError: could not write {tmp_path / 'big.safetensors'}: "), done.stdout
+    assert "File too large" in done.stdout and not (tmp_path / "big.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing left beside it
+
+    killed = f"""
+import os, signal, torch
+import safetensors.torch
+from wherefrom.core import store
+real = safetensors.torch.save_file
+def save_file(tensors, path, metadata=None):
+    real(tensors, os.path.join(os.path.dirname(path), ".tmpAbC123"))  # safetensors' own temporary file
+    os.kill(os.getpid(), signal.SIGKILL)
+store.save_file = save_file
+store.save_tensors_checked({{"x": torch.ones(3)}}, {str(tmp_path / "shard.safetensors")!r})
+"""
+    done = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr
+    left = [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")]
+    assert any(name.startswith(".shard.safetensors.partial-") and name.endswith("/.tmpAbC123") for name in left), left
+    with writer_lock(tmp_path):  # the next writer
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".wherefrom.lock"]

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 import xxhash
 from filelock import FileLock, Timeout
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
@@ -69,22 +70,22 @@ def _fsync(path: str | Path) -> None:
 
 
 def _atomic_replace(path: Path, write) -> None:
-    """``write(tmp)`` a temporary file beside ``path``, flush it to the disk, rename it to ``path`` and flush the
-    folder: when this returns, ``path``'s bytes and name survive an OS crash or power cut, so a checksum recorded
-    after it (:func:`record_checksum`) never names bytes the disk does not hold (kill -9 alone cannot lose them)."""
+    """``write(tmp)`` a file in a private folder beside ``path`` (``.<name>.partial-XXXX/``), flush it to the disk,
+    rename it to ``path`` and flush the folder: when this returns, ``path``'s bytes and name survive an OS crash or
+    power cut, so a checksum recorded after it (:func:`record_checksum`) never names bytes the disk does not hold
+    (kill -9 alone cannot lose them). Whatever ``write`` leaves beside ``tmp`` when killed (safetensors writes
+    through a temporary file of its own) is inside that folder, which :func:`cleanup_partials` removes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL}", dir=path.parent)
-    os.close(fd)
+    private = tempfile.mkdtemp(prefix=f".{path.name}{PARTIAL}", dir=path.parent)
+    tmp = os.path.join(private, path.name)
     try:
         write(tmp)
         _fsync(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
         _fsync(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
@@ -196,8 +197,19 @@ def read_keyed_json(path: Path, key: Any) -> dict[str, Any] | None:
 
 
 def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, str] | None = None) -> None:
-    """Save ``tensors`` as safetensors at ``path`` atomically (values must be contiguous CPU tensors)."""
-    _atomic_replace(Path(path), lambda tmp: save_file(dict(tensors), tmp, metadata=dict(meta) if meta else None))
+    """Save ``tensors`` as safetensors at ``path`` atomically (values must be contiguous CPU tensors).
+
+    Raises ``OSError`` naming ``path`` when the bytes cannot be written (a full disk, a file size limit):
+    safetensors reports those as its own ``SafetensorError``, which callers that keep finished work on an
+    ``OSError`` (and the CLI's one-line errors) did not catch."""
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(dict(tensors), tmp, metadata=dict(meta) if meta else None)
+        except SafetensorError as error:
+            raise OSError(f"could not write {path}: {error}") from error
+
+    _atomic_replace(Path(path), write)
 
 
 def package_versions() -> dict[str, str]:
