@@ -226,3 +226,18 @@ def test_a_score_set_killed_midway_is_refused_not_paired_with_an_earlier_sets_id
     (tmp_path / "s.safetensors").write_bytes(bytes(data))
     with pytest.raises(DamagedFile, match=r"s\.safetensors is damaged"):
         load_scores(tmp_path, "s")
+
+
+@pytest.mark.parametrize("name", ["../index/shard-00005", "../../escape", "a/b", ".hidden", "..", "", "checksums"])
+def test_a_score_set_name_that_is_not_a_file_stem_in_its_folder_is_refused(tmp_path, name):
+    """``scores --name ../index/shard-00005`` wrote score data over an index shard (and recorded its checksum, so
+    the store was refused and ``index`` did not repair it); ``checksums`` would replace the folder's manifest."""
+    from wherefrom.cli.settings import SETTINGS
+    from wherefrom.core.scoring import Scores, save_scores
+
+    scores = Scores(["q"], ["t0"], ["m"], torch.ones(1, 1, 1))
+    with pytest.raises(ValueError, match="score set name"):
+        save_scores(scores, tmp_path / "scores", name)
+    assert not (tmp_path / "scores").exists() and list(tmp_path.iterdir()) == []
+    assert SETTINGS["name"].validate(name) is not None  # the CLI's --name, before any work
+    assert SETTINGS["name"].validate("ekfac-v2.1_b") is None

@@ -228,6 +228,13 @@ def fraction(value: Any) -> str | None:
     return None if 0 <= value < 1 else f"must be in [0, 1), got {value}"
 
 
+def score_set_name(value: Any) -> str | None:
+    """A score set's name (:func:`wherefrom.core.scoring.set_name_problem`)."""
+    from wherefrom.core.scoring import set_name_problem
+
+    return set_name_problem(value)
+
+
 def preset_name(value: Any) -> str | None:
     """A preset in :data:`wherefrom.studies.presets.PRESETS`."""
     from wherefrom.studies.presets import PRESETS
@@ -568,7 +575,9 @@ class OutputSettings:
     out: Path | None = setting(
         None, "Output folder (its contents: see the command's description; required except for evaluate and tune)."
     )
-    name: str = setting("scores", "Score set under RUN/scores/ (`scores` writes it, `influence` reads it).")
+    name: str = setting(
+        "scores", "Score set under RUN/scores/ (`scores` writes it, `influence` reads it).", check=score_set_name
+    )
     overwrite: bool = setting(False, "Replace earlier results of this command in its output folder (default: refuse).")
     shard_size: int = setting(
         256, "Rows per index shard (an interrupted index resumes at shard granularity).", check=at_least(1)

@@ -15,6 +15,7 @@ import csv
 import importlib.util
 import io
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 
 from wherefrom.core.gradients import TokenFactors
 from wherefrom.core.store import (
+    CHECKSUMS,
     atomic_write_text,
     forget_file,
     load_tensors_checked,
@@ -167,6 +169,21 @@ def check_finite(scores: Scores) -> Scores:
     return scores
 
 
+SET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+"""What a score set's name may be: a file stem inside its folder (no ``/``, no leading ``.``, so no ``..``)."""
+
+
+def set_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a score set (``<name>.safetensors``, ``.json``, ``.top.csv`` in one folder), or
+    ``None``: it must match :data:`SET_NAME` (a path such as ``../index/shard-00005`` wrote outside the folder,
+    over an index shard) and must not be ``checksums`` (its ``.json`` is the folder's checksum manifest)."""
+    if not isinstance(name, str) or not SET_NAME.fullmatch(name):
+        return "a score set's name is a file stem: letters, digits, _ . - (not starting with . ; no /)"
+    if name == CHECKSUMS.removesuffix(".json"):
+        return f"{name!r} is taken: {CHECKSUMS} is the folder's checksum manifest"
+    return None
+
+
 def save_scores(
     scores: Scores,
     folder: Path,
@@ -188,8 +205,12 @@ def save_scores(
     ``.top.csv`` are deleted first and the ``.json`` is written last, so a set killed midway has no ``.json``
     (:func:`load_scores` refuses it) and never pairs new scores with an earlier set's ids.
 
-    Raises ``ValueError`` (:func:`check_finite`) before writing anything if a score is NaN or infinite.
+    Raises ``ValueError`` before writing anything if ``name`` is not a set's name (:func:`set_name_problem`) or a
+    score is NaN or infinite (:func:`check_finite`).
     """
+    problem = set_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"score set name {name!r}: {problem}")
     check_finite(scores)
     folder = Path(folder)
     path, marker, top = (folder / f"{name}{suffix}" for suffix in (".safetensors", ".json", ".top.csv"))
