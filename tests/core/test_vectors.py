@@ -463,13 +463,13 @@ def test_blocks_of_a_verified_store_compare_headers_without_parsing_them(tmp_pat
     build(tmp_path / "s")
     store = VectorStore.open(tmp_path / "s")
     store.verify()
-    monkeypatch.setattr(VectorStore, "_rows_offset", lambda *args: pytest.fail("a verified header was parsed"))
+    monkeypatch.setattr(vectors_module, "rows_offset", lambda *args: pytest.fail("a verified header was parsed"))
     assert torch.equal(torch.cat([rows.clone() for _, rows in store.blocks(4)]), ROWS)
     monkeypatch.undo()
     other = VectorStore.open(tmp_path / "s")  # not verified: every shard hashed and parsed as it is read
     parsed = []
-    offset = VectorStore._rows_offset
-    monkeypatch.setattr(VectorStore, "_rows_offset", lambda self, *args: parsed.append(1) or offset(self, *args))
+    offset = vectors_module.rows_offset
+    monkeypatch.setattr(vectors_module, "rows_offset", lambda *args: parsed.append(1) or offset(*args))
     assert torch.equal(torch.cat([rows.clone() for _, rows in other.blocks(4)]), ROWS)
     assert len(parsed) == other.shard_count
 
@@ -508,3 +508,29 @@ def test_a_shard_read_unverified_is_hashed_once_however_many_passes_read_it(tmp_
     flip(tmp_path / "s" / shard_name(1))
     with pytest.raises(DamagedFile, match=shard_name(1)):  # a fresh reader still hashes before reading
         list(flip_store.blocks(4))
+
+
+def test_a_shard_that_matches_its_checksum_but_holds_other_rows_is_rebuilt(tmp_path):
+    """Shards 0 and 1 swapped together with their checksum entries: each file matches its checksum, so the writer
+    called the store complete, while every reader refused it ("does not hold the store's rows from 0 on ... rerun
+    `wherefrom index`"): the advice looped. The writer now checks each shard's header (ids, dtype, shape) as the
+    reader does, and rebuilds such a shard."""
+    build(tmp_path / "clean")
+    folder = tmp_path / "s"
+    build(folder)
+    a, b = folder / shard_name(0), folder / shard_name(1)
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    checksums = json.loads((folder / "checksums.json").read_text())
+    entries = checksums["files"]
+    entries[a.name], entries[b.name] = entries[b.name], entries[a.name]
+    (folder / "checksums.json").write_text(json.dumps(checksums))
+    with pytest.raises(DamagedFile, match=rf"{shard_name(0)} does not hold the store's rows from 0 on"):
+        VectorStore.open(folder).verify()
+    writer = VectorStoreWriter(folder, IDS, DIM, SETTINGS, shard_size=4)
+    assert not writer.complete()
+    writer, written = build(folder)
+    assert written == 2 and sum("rebuilding" in note and "does not hold" in note for note in writer.notices) == 2
+    assert files(folder) == files(tmp_path / "clean")
+    VectorStore.open(folder).verify()

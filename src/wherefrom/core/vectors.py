@@ -94,6 +94,40 @@ def ids_sha256(ids: list[str]) -> str:
     return hashlib.sha256(json.dumps(ids).encode("utf-8")).hexdigest()
 
 
+def checked_head(path: Path, recorded: Mapping[str, Any] | None = None) -> bytes:
+    """The safetensors header of shard ``path`` (its first bytes, at least the header), from the pass that hashes
+    the whole file against its recorded checksum (:class:`wherefrom.core.store.DamagedFile` naming it otherwise);
+    hashed in pieces, so memory holds one piece, not a shard; a header longer than the piece kept is read again."""
+    first = check_file(path, recorded, head=_HEADER_PIECE)
+    (size,) = struct.unpack("<Q", first[:8]) if len(first) >= 8 else (0,)
+    if len(first) < 8 + size <= path.stat().st_size:
+        with open(path, "rb") as fh:
+            first = fh.read(8 + size)
+    return first
+
+
+def rows_offset(path: Path, header: bytes, ids: list[str], start: int, dtype: str, dim: int) -> tuple[int, int]:
+    """``(where the rows begin, the header's length)`` of shard ``path``, from its safetensors header (``header``:
+    the file's first bytes, at least its header); :class:`wherefrom.core.store.DamagedFile` unless it holds the rows
+    ``ids`` (the store's rows from ``start`` on) in order as ``(len(ids), dim)`` of ``dtype`` (a name of :data:`DTYPES`): a shard whose bytes match its
+    checksum can still hold another shard's rows (shards swapped with their checksum entries)."""
+    try:
+        (size,) = struct.unpack("<Q", header[:8])
+        layout = json.loads(header[8 : 8 + size])
+        rows, held = layout["rows"], json.loads(layout["__metadata__"]["ids"])
+        begin, end = rows["data_offsets"]
+        fits = (rows["dtype"], rows["shape"], end - begin) == (
+            SAFETENSORS_DTYPES[dtype],
+            [len(ids), dim],
+            len(ids) * dim * DTYPES[dtype].itemsize,
+        )
+    except (struct.error, ValueError, KeyError, TypeError):
+        fits, held, begin, size = False, None, 0, 0
+    if not fits or held != ids:
+        raise DamagedFile(f"{path} does not hold the store's rows from {start} on; rebuild the store")
+    return 8 + size + begin, 8 + size
+
+
 class VectorStoreWriter:
     """Builds (or resumes) a store of ``len(ids)`` rows of length ``dim`` in ``folder``.
 
@@ -157,11 +191,22 @@ class VectorStoreWriter:
         return start, min(start + self.shard_size, len(self.ids))
 
     def complete(self) -> bool:
-        """The marker and every shard are intact (hashes every file)."""
+        """The marker and every shard are intact (hashes every file, checks every shard's header)."""
         recorded = recorded_checksums(self.folder)
-        return is_intact(self.folder / MARKER, recorded) and all(
-            is_intact(self.shard_path(k), recorded) for k in range(self.shard_count)
+        return is_intact(self.folder / MARKER, recorded) and not any(
+            self.shard_problem(k, recorded) for k in range(self.shard_count)
         )
+
+    def shard_problem(self, shard: int, recorded: Mapping[str, Any] | None = None) -> str | None:
+        """Why shard ``shard`` is not finished and this store's (missing, unfinished, damaged, or a header that does
+        not hold its rows: :func:`rows_offset`), or ``None``: what a reader would refuse, the writer rebuilds."""
+        path = self.shard_path(shard)
+        start, stop = self.span(shard)
+        try:
+            rows_offset(path, checked_head(path, recorded), self.ids[start:stop], start, self.dtype, self.dim)
+        except DamagedFile as error:
+            return str(error)
+        return None
 
     def start(self, hint: str = "", ignore: Collection[str] = ()) -> list[str]:
         """Record the manifest (first write) or compare it; then the ids. Returns notes of what was discarded
@@ -189,7 +234,7 @@ class VectorStoreWriter:
         for shard in range(rank, self.shard_count, world):
             if only is not None and shard not in only:
                 continue
-            problem = damage(self.shard_path(shard), recorded)
+            problem = self.shard_problem(shard, recorded)
             if problem is None:
                 continue
             if self.shard_path(shard).exists():
@@ -272,7 +317,7 @@ class VectorStoreWriter:
         Raises :class:`IncompleteStore` naming the first shard that is not (e.g. another rank's, unfinished)."""
         recorded = recorded_checksums(self.folder)
         for shard in range(self.shard_count):
-            problem = damage(self.shard_path(shard), recorded)
+            problem = self.shard_problem(shard, recorded)
             if problem is not None:
                 raise IncompleteStore(f"{self.folder} cannot be finalized: {problem}")
         write_json_checked(
@@ -347,12 +392,7 @@ class VectorStore:
         recorded = recorded_checksums(self.folder)
         for shard in range(self.shard_count) if only is None else sorted(only):
             path = self.folder / shard_name(shard)
-            first = check_file(path, recorded, head=_HEADER_PIECE)  # hashed in pieces: memory one piece, not a shard
-            (size,) = struct.unpack("<Q", first[:8]) if len(first) >= 8 else (0,)
-            if len(first) < 8 + size <= path.stat().st_size:  # a header longer than the piece kept: read it again
-                with open(path, "rb") as fh:
-                    first = fh.read(8 + size)
-            self._check_header(shard, path, first)
+            self._check_header(shard, path, checked_head(path, recorded))
 
     def require(
         self, settings: Mapping[str, Any], what: str = "", defaults: Mapping[str, Mapping[str, Any]] | None = None
@@ -442,32 +482,12 @@ class VectorStore:
 
     def _check_header(self, shard: int, path: Path, head: bytes) -> int:
         """Where the rows of ``shard`` (at ``path``, hashed; ``head``: its first bytes, its header at least) begin,
-        its header checked (:meth:`_rows_offset`) and recorded as :attr:`verified`."""
+        its header checked (:func:`rows_offset`) and recorded as :attr:`verified`."""
         start = shard * self.shard_size
-        offset, header = self._rows_offset(path, head, start, min(self.shard_size, self.count - start))
+        ids = self.ids[start : start + self.shard_size]
+        offset, header = rows_offset(path, head, ids, start, self.dtype, self.dim)
         self._headers[shard] = (header, xxhash.xxh3_64_intdigest(head[:header]), offset)
         return offset
-
-    def _rows_offset(self, path: Path, header: bytes, start: int, n: int) -> tuple[int, int]:
-        """``(where the rows begin, the header's length)`` of shard ``path``, from its safetensors header (``header``:
-        the file's first bytes, at least its header); :class:`wherefrom.core.store.DamagedFile` unless it holds the
-        store's ``n`` rows from ``start`` on (ids, dtype, shape)."""
-        try:
-            (size,) = struct.unpack("<Q", header[:8])
-            layout = json.loads(header[8 : 8 + size])
-            rows, ids = layout["rows"], json.loads(layout["__metadata__"]["ids"])
-            begin, end = rows["data_offsets"]
-            itemsize = DTYPES[self.dtype].itemsize
-            fits = (rows["dtype"], rows["shape"], end - begin) == (
-                SAFETENSORS_DTYPES[self.dtype],
-                [n, self.dim],
-                n * self.dim * itemsize,
-            )
-        except (struct.error, ValueError, KeyError, TypeError):
-            fits, ids, begin, size = False, None, 0, 0
-        if not fits or ids != self.ids[start : start + n]:
-            raise DamagedFile(f"{path} does not hold the store's rows from {start} on; rebuild the store")
-        return 8 + size + begin, 8 + size
 
     def shards(
         self, verify: bool | None = None, only: Collection[int] | None = None
