@@ -300,7 +300,7 @@ def test_a_pass_over_the_shards_reads_the_checksum_manifest_once(tmp_path, monke
     reads.clear()
     hashed = []
     monkeypatch.setattr(store_module, "_digest", lambda data, name: hashed.append(1) or "")
-    monkeypatch.setattr(store_module, "_file_digest", lambda path, name: hashed.append(1) or ("", 0))
+    monkeypatch.setattr(store_module, "file_digest", lambda path, name: hashed.append(1) or ("", 0))
     assert len(list(store.shards())) == 40 and not reads and not hashed  # verified once here: mapped since
 
 

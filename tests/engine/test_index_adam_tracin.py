@@ -18,7 +18,7 @@ from tests.engine.robust_workspace import invoke, make_workspace, partials, spaw
 from wherefrom.core.data import load_records
 from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
 from wherefrom.core.search import search_store
-from wherefrom.core.store import is_intact
+from wherefrom.core.store import SettingsMismatch, is_intact
 from wherefrom.core.task import per_example_loss
 from wherefrom.core.vectors import VectorStore
 from wherefrom.engine.api import AttributionConfig
@@ -270,3 +270,27 @@ def test_projected_tracin_rows(workspace, tmp_path):
     full, unprojected = tracin(dim=4096).scores(queries, run.train), tracin().scores(queries, run.train)
     assert full.module_names == unprojected.module_names
     assert torch.allclose(full.per_module, unprojected.per_module, rtol=0, atol=1e-5 * scale)
+
+
+def test_a_tracin_checkpoint_rewritten_in_place_is_a_changed_setting(workspace, tmp_path):
+    """A tracin index's rows are gradients at each checkpoint's weights, but its settings named a checkpoint by
+    path and learning rate only: a checkpoint rewritten in place left a finished store serving rows of the old
+    weights to queries of the new ones, and a killed build resumed after the change mixed both. Each checkpoint's
+    weights fingerprint is now a setting: the store is refused naming it, by queries and by `index`."""
+    for k in (1, 2):
+        shutil.copytree(workspace / f"checkpoint-{k}", tmp_path / f"checkpoint-{k}")
+    options = {"checkpoints": [str(tmp_path / f"checkpoint-{k}") for k in (1, 2)], "learning_rates": RATES}
+    config = RunConfig.for_method(
+        "tracin", str(workspace / "train.jsonl"), TRACIN, options, model=str(workspace / "model")
+    )
+    run = Run.create(tmp_path / "run", replace(config, device="cpu"))
+    run.fit()
+    run.build_index(shard_size=4)
+    Run.open(tmp_path / "run", device="cpu").open_index()  # unchanged: served
+    weights = tmp_path / "checkpoint-1" / "model.safetensors"
+    weights.write_bytes((tmp_path / "checkpoint-2" / "model.safetensors").read_bytes())
+    reopened = Run.open(tmp_path / "run", device="cpu")
+    with pytest.raises(SettingsMismatch, match=r"rows_layout\.projection\.weights"):
+        reopened.open_index()
+    with pytest.raises(SettingsMismatch, match=r"rows_layout\.projection\.weights"):
+        Run.open(tmp_path / "run", device="cpu", factors=False).build_index(shard_size=4)

@@ -334,7 +334,7 @@ def _digest(data: bytes, name: str = CHECKSUM) -> str:
     return HASHES[name](data).hexdigest()
 
 
-def _file_digest(path: Path, name: str = CHECKSUM, head: int = 0) -> tuple[str, int, bytes]:
+def file_digest(path: Path, name: str = CHECKSUM, head: int = 0) -> tuple[str, int, bytes]:
     """``(hex digest, size, the first head bytes)`` of ``path``, read in 4 MiB pieces (memory: one piece)."""
     digest, size, first = HASHES[name](), 0, b""
     with open(path, "rb") as fh:
@@ -375,7 +375,7 @@ def record_checksum(path: Path) -> None:
     """Hash the finished file ``path`` and record its checksum (:data:`CHECKSUM`) and size in its folder's
     ``checksums.json``."""
     path = Path(path)
-    digest, size, _first = _file_digest(path)
+    digest, size, _first = file_digest(path)
     _set_checksum(path, {CHECKSUM: digest, "bytes": size})
 
 
@@ -460,7 +460,7 @@ def check_file(path: Path, recorded: Recorded = None, head: int = 0) -> bytes:
 
     def digest(name: str) -> str:
         nonlocal first
-        hexdigest, _size, first = _file_digest(path, name, head)
+        hexdigest, _size, first = file_digest(path, name, head)
         return hexdigest
 
     _compare(path, path.stat().st_size, recorded, digest)
