@@ -361,3 +361,25 @@ def test_a_fit_resumed_under_another_process_count_is_refused_and_finished_facto
     (run / "factors" / "curvature.json").unlink()  # as a fit killed before its final save leaves it
     code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac", "--threads", "1"))
     assert code != 0 and "processes: recorded 2, now 1" in " ".join(out.split()), out
+
+
+def test_index_rebuilds_shards_that_match_their_checksums_but_hold_other_rows(root, tmp_path):
+    """Shards 0 and 1 of a finished index swapped with their checksum entries: `query` refused the store ("does
+    not hold the store's rows from 0 on ... rerun `wherefrom index`") while `index` called it complete (the advice
+    looped). `index` now rebuilds both, to the bytes of the clean build."""
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    index = run / "index"
+    clean = {p.name: p.read_bytes() for p in index.iterdir() if not p.name.startswith(".")}
+    a, b = index / "shard-00000.safetensors", index / "shard-00001.safetensors"
+    a.write_bytes(clean[b.name])
+    b.write_bytes(clean[a.name])
+    checksums = json.loads((index / "checksums.json").read_text())
+    files = checksums["files"]
+    files[a.name], files[b.name] = files[b.name], files[a.name]
+    (index / "checksums.json").write_text(json.dumps(checksums))
+    code, out = invoke("scores", "--run", run, "--queries", root / "queries.jsonl", "--name", "swapped")
+    assert code == 2 and "does not hold the store's rows from 0 on" in out, out
+    code, out = invoke("index", "--run", run, "--shard-size", "4")
+    assert code == 0 and "2 shards written now" in out, out
+    assert {p.name: p.read_bytes() for p in index.iterdir() if not p.name.startswith(".")} == clean

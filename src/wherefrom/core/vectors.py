@@ -98,7 +98,12 @@ def checked_head(path: Path, recorded: Mapping[str, Any] | None = None) -> bytes
     """The safetensors header of shard ``path`` (its first bytes, at least the header), from the pass that hashes
     the whole file against its recorded checksum (:class:`wherefrom.core.store.DamagedFile` naming it otherwise);
     hashed in pieces, so memory holds one piece, not a shard; a header longer than the piece kept is read again."""
-    first = check_file(path, recorded, head=_HEADER_PIECE)
+    return whole_header(path, check_file(path, recorded, head=_HEADER_PIECE))
+
+
+def whole_header(path: Path, first: bytes) -> bytes:
+    """``first`` (shard ``path``'s first bytes), read again to the end of its safetensors header when that is
+    longer (long ids)."""
     (size,) = struct.unpack("<Q", first[:8]) if len(first) >= 8 else (0,)
     if len(first) < 8 + size <= path.stat().st_size:
         with open(path, "rb") as fh:
@@ -191,11 +196,33 @@ class VectorStoreWriter:
         return start, min(start + self.shard_size, len(self.ids))
 
     def complete(self) -> bool:
-        """The marker and every shard are intact (hashes every file, checks every shard's header)."""
+        """The marker and every shard are intact (hashes every file; whatever settings the store was made with)."""
         recorded = recorded_checksums(self.folder)
-        return is_intact(self.folder / MARKER, recorded) and not any(
-            self.shard_problem(k, recorded) for k in range(self.shard_count)
+        return is_intact(self.folder / MARKER, recorded) and all(
+            is_intact(self.shard_path(k), recorded) for k in range(self.shard_count)
         )
+
+    def misplaced(self) -> list[int]:
+        """The shards whose header does not hold their rows of this store (ids, dtype, shape: :func:`rows_offset`),
+        reading headers only: a finished store whose settings agree with the writer's can still hold a shard whose
+        bytes match its checksum but are another shard's (swapped with their checksum entries)."""
+        found = []
+        for shard in range(self.shard_count):
+            path = self.shard_path(shard)
+            start, stop = self.span(shard)
+            try:
+                with open(path, "rb") as fh:
+                    rows_offset(
+                        path,
+                        whole_header(path, fh.read(_HEADER_PIECE)),
+                        self.ids[start:stop],
+                        start,
+                        self.dtype,
+                        self.dim,
+                    )
+            except (OSError, DamagedFile):
+                found.append(shard)
+        return found
 
     def shard_problem(self, shard: int, recorded: Mapping[str, Any] | None = None) -> str | None:
         """Why shard ``shard`` is not finished and this store's (missing, unfinished, damaged, or a header that does

@@ -734,6 +734,10 @@ class Run:
             # A finished index is reused on any device; a resumed one must run where it started.
             if writer.start(hint(finished), ignore=("device",) if finished else ()):  # unknown settings discarded
                 finished = writer.complete()
+            misplaced = writer.misplaced() if finished else []
+            if misplaced:  # settings agree, yet a shard holds other rows: rebuilt (pending names it)
+                forget_file(writer.folder / MARKER)
+                finished = False
             problem = self.preconditioner_damage() if precondition == "empirical" else None
             if finished and problem is not None:  # refitted from the intact shards, then marked complete again
                 self.notices.append(f"refitting the index's preconditioner: {problem}")
