@@ -114,8 +114,9 @@ def whole_header(path: Path, first: bytes) -> bytes:
 def rows_offset(path: Path, header: bytes, ids: list[str], start: int, dtype: str, dim: int) -> tuple[int, int]:
     """``(where the rows begin, the header's length)`` of shard ``path``, from its safetensors header (``header``:
     the file's first bytes, at least its header); :class:`wherefrom.core.store.DamagedFile` unless it holds the rows
-    ``ids`` (the store's rows from ``start`` on) in order as ``(len(ids), dim)`` of ``dtype`` (a name of :data:`DTYPES`): a shard whose bytes match its
-    checksum can still hold another shard's rows (shards swapped with their checksum entries)."""
+    ``ids`` (the store's rows from ``start`` on) in order as ``(len(ids), dim)`` of ``dtype`` (a name of
+    :data:`DTYPES`): a shard whose bytes match its checksum can still hold another shard's rows (shards swapped with
+    their checksum entries)."""
     try:
         (size,) = struct.unpack("<Q", header[:8])
         layout = json.loads(header[8 : 8 + size])
@@ -209,17 +210,9 @@ class VectorStoreWriter:
         found = []
         for shard in range(self.shard_count):
             path = self.shard_path(shard)
-            start, stop = self.span(shard)
             try:
                 with open(path, "rb") as fh:
-                    rows_offset(
-                        path,
-                        whole_header(path, fh.read(_HEADER_PIECE)),
-                        self.ids[start:stop],
-                        start,
-                        self.dtype,
-                        self.dim,
-                    )
+                    self._check_rows(shard, whole_header(path, fh.read(_HEADER_PIECE)))
             except (OSError, DamagedFile):
                 found.append(shard)
         return found
@@ -227,13 +220,16 @@ class VectorStoreWriter:
     def shard_problem(self, shard: int, recorded: Mapping[str, Any] | None = None) -> str | None:
         """Why shard ``shard`` is not finished and this store's (missing, unfinished, damaged, or a header that does
         not hold its rows: :func:`rows_offset`), or ``None``: what a reader would refuse, the writer rebuilds."""
-        path = self.shard_path(shard)
-        start, stop = self.span(shard)
         try:
-            rows_offset(path, checked_head(path, recorded), self.ids[start:stop], start, self.dtype, self.dim)
+            self._check_rows(shard, checked_head(self.shard_path(shard), recorded))
         except DamagedFile as error:
             return str(error)
         return None
+
+    def _check_rows(self, shard: int, header: bytes) -> None:
+        """:func:`rows_offset` of shard ``shard`` (``header``: its first bytes) against its rows of this store."""
+        start, stop = self.span(shard)
+        rows_offset(self.shard_path(shard), header, self.ids[start:stop], start, self.dtype, self.dim)
 
     def start(self, hint: str = "", ignore: Collection[str] = ()) -> list[str]:
         """Record the manifest (first write) or compare it; then the ids. Returns notes of what was discarded
