@@ -35,22 +35,23 @@ def quiet_threads(threads: int = 1) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def begin() -> tuple[str, object, object]:
+def begin(model: str | None = None, device: str = "cpu") -> tuple[str, object, object]:
     """Start a SmolLM2 benchmark: one torch thread, the load recorded before any work, then
-    SmolLM2-135M-Instruct on CPU in eval mode. Returns ``(uptime line, model, tokenizer)``."""
+    SmolLM2-135M-Instruct (or the HF model folder ``model``) on ``device`` in eval mode. Returns
+    ``(uptime line, model, tokenizer)``."""
     quiet_threads()
     load_before = uptime()
-    return (load_before, *smollm2())
+    return (load_before, *smollm2(model, device))
 
 
-def smollm2():
-    """SmolLM2-135M-Instruct on CPU, eval mode: ``(model, tokenizer)``."""
+def smollm2(model: str | None = None, device: str = "cpu"):
+    """SmolLM2-135M-Instruct (or the HF model folder ``model``) on ``device``, eval mode: ``(model, tokenizer)``."""
     from transformers.utils import logging as hf_logging
 
     from wherefrom.models.loading import load_model
 
     hf_logging.disable_progress_bar()
-    loaded = load_model(device="cpu")
+    loaded = load_model(model, device=device)
     loaded.model.eval()
     return loaded.model, loaded.tokenizer
 
@@ -71,10 +72,16 @@ def emotion_sample(n_train: int, n_queries: int) -> tuple[list, list]:
 
 
 @contextmanager
-def timed(into: list[float]) -> Iterator[None]:
-    """Append the wall seconds of the ``with`` body to ``into``."""
+def timed(into: list[float], device: str = "cpu") -> Iterator[None]:
+    """Append the wall seconds of the ``with`` body to ``into``; on a CUDA ``device`` the queued kernels are
+    waited for before and after, so that the time is the body's work."""
+    import torch
+
+    wait = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+    wait()
     start = time.perf_counter()
     yield
+    wait()
     into.append(time.perf_counter() - start)
 
 

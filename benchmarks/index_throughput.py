@@ -20,6 +20,7 @@ Usage::
 
     python benchmarks/index_throughput.py                       # 32 rows of ~64 tokens, 2 repeats, ~5 min
     python benchmarks/index_throughput.py --rows 64 --repeats 3
+    python benchmarks/index_throughput.py --device cuda --autocast bfloat16 --model FOLDER --name NAME
 
 Writes ``benchmarks/results/index_throughput.{md,json}``.
 """
@@ -44,12 +45,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-raw", action="store_true", help="skip (c), the dense per-example gradients")
     p.add_argument("--name", default="index_throughput", help="results file name under benchmarks/results/")
+    p.add_argument("--model", help="a saved HF model folder of SmolLM2's shape (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="cpu", help="torch device of the model passes (cpu, cuda)")
+    p.add_argument("--autocast", choices=["bfloat16", "float16"], help="autocast of the model passes (GPUs)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    load_before, model, tokenizer = begin()
+    load_before, model, tokenizer = begin(args.model, args.device)
     import torch
 
     from wherefrom.core.gradients import flatten_blocks
@@ -59,14 +63,19 @@ def main(argv: list[str] | None = None) -> None:
 
     train = make_rows(tokenizer, args.rows, "t", 1, args.tokens)
     config = AttributionConfig(
-        strategy="identity", fisher="empirical", include=[args.include], batch_size=args.batch_size, max_length=512
+        strategy="identity",
+        fisher="empirical",
+        include=[args.include],
+        batch_size=args.batch_size,
+        max_length=512,
+        autocast=args.autocast,
     )
     attributor = Attributor(model, tokenizer, config)
     encoded = attributor.encode(train)
     tokens = sum(len(e.input_ids) for e in encoded)
     logra = ProjectedInfluence.logra(model, tokenizer, config, dim_in=args.dim, dim_out=args.dim)
     fit_time: list[float] = []
-    with timed(fit_time):
+    with timed(fit_time, args.device):
         logra.fit(encoded)
     dim = sum(logra.dims().values())
     n_params = sum(m.shape[0] * m.shape[1] for m in attributor.modules)
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                 if phase in errors:
                     continue
                 try:
-                    with timed(times):
+                    with timed(times, args.device):
                         if phase == "plain":
                             plain_backward(attributor, encoded)
                         elif phase == "logra":
@@ -132,9 +141,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{len(train) / best[phase]:.2f} | {tokens / best[phase]:.0f} | {share} |"
         )
     markdown = [
-        "# Index build throughput vs plain forward + backward (SmolLM2-135M, CPU)",
+        f"# Index build throughput vs plain forward + backward ({args.model or 'SmolLM2-135M'}, {args.device})",
         "",
-        f"{len(train)} rows, {tokens} tokens (synthetic, ~{args.tokens} per row), batch {args.batch_size}, "
+        f"Autocast: {args.autocast or 'none (float32)'}. {len(train)} rows, {tokens} tokens (synthetic, ~{args.tokens} per row), batch {args.batch_size}, "
         f"{len(attributor.module_names)} tracked modules (`{args.include}`, {n_params:,} parameters), "
         f"one torch thread; LoGra row length {dim:,}. Phases interleaved, {args.repeats} repeats each; "
         f"the ratio is best plain time / best phase time (target for (b): >= 0.8). The LoGra fit pass "
@@ -165,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
         "errors": errors,
         "fit_seconds": fit_time[0],
         "torch_threads": torch.get_num_threads(),
+        "device": args.device,
+        "autocast": args.autocast,
+        "model": args.model,
     }
     path = write_results(args.name, markdown, data, command_line("index_throughput.py", argv), load_before)
     print("\n".join(markdown))

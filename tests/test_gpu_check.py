@@ -1,0 +1,66 @@
+"""``benchmarks/gpu_check.sh``, the prepared GPU check, works before a GPU session spends minutes on it.
+
+Its CPU dry run (``GPU_CHECK_DEVICE=cpu``) runs every step on a tiny Llama (fit, index, query, scores, the same
+run again and the comparison of the two score sets, bfloat16 autocast, the throughput benchmark) and must
+finish each; without CUDA the real run exits 3 before any work, saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from wherefrom.models.tiny import save_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def run_script(out: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_dry_run_finishes_every_step_and_compares_the_two_runs(tmp_path):
+    model = save_tiny(tmp_path / "tiny", arch="llama")
+    out = tmp_path / "check"
+    done = run_script(out, GPU_CHECK_DEVICE="cpu", THROUGHPUT_MODEL=str(model), THROUGHPUT_ROWS="8")
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = (out / "timings.md").read_text()
+    steps = dict(re.findall(r"^\| ([a-z0-9-]+) \| ([^|]+) \|", table, flags=re.MULTILINE))
+    expected = ["fit-float32", "index", "query", "scores", "fit-cpu", "index-cpu", "scores-cpu", "compare-cpu"]
+    expected += ["fit-bfloat16", "scores-bfloat16", "throughput-float32", "throughput-bfloat16"]
+    assert {name: steps.get(name, "missing").strip().isdigit() for name in expected} == dict.fromkeys(expected, True)
+    # CPU against CPU: the same bytes, so the comparison's numbers are exact
+    assert "relative Frobenius difference 0.00e+00; Spearman per query min 1.000000" in table
+    assert "(20, 400) scores" in table
+    throughput = (out / "index_throughput-bfloat16.md").read_text()
+    assert "Autocast: bfloat16. 8 rows" in throughput and "(b) logra index" in throughput
+
+
+def test_dry_run_records_a_spent_budget_as_skipped_steps(tmp_path):
+    done = run_script(tmp_path / "check", GPU_CHECK_DEVICE="cpu", GPU_CHECK_SECONDS="5")
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = (tmp_path / "check" / "timings.md").read_text()
+    assert "| fit-float32 | skipped (time budget spent) | |" in table
+    assert "Made by `GPU_CHECK_SECONDS=5 bash benchmarks/gpu_check.sh" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_without_cuda_it_exits_3_before_any_work(tmp_path):
+    done = run_script(tmp_path / "check")
+    assert done.returncode == 3
+    assert "gpu_check.sh needs CUDA: torch.cuda.is_available() is False here" in done.stderr
+    assert not (tmp_path / "check").exists()
