@@ -81,9 +81,13 @@ def test_scores_refuses_to_replace_a_score_set_of_other_queries_unless_overwrite
     assert json.loads(record.read_text())["query_fingerprint"] != saved_json.get("query_fingerprint")
     assert invoke("scores", "--run", run, "--queries", workspace / "two.jsonl", "--overwrite").exit_code == 0
     shard = run / "index" / "shard-00000.safetensors"
-    shard.write_bytes(shard.read_bytes()[:-100])  # a damaged index is named with the command that rebuilds it
-    damaged = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl")
-    assert damaged.exit_code == 2 and "rerun `wherefrom index --run" in " ".join(damaged.output.split())
+    intact = shard.read_bytes()
+    for damage in ("truncated", "missing"):  # a damaged index is named with the command that rebuilds it
+        shard.write_bytes(intact[:-100]) if damage == "truncated" else shard.unlink()
+        damaged = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl")
+        said = " ".join(damaged.output.split())
+        assert damaged.exit_code == 2 and "; rebuild the store: rerun `wherefrom index --run" in said, said
+        assert said.count("rebuild") == 1, said  # the store's own advice is not repeated before the run's command
     assert invoke("index", "--run", run).exit_code == 0  # as the hint says (the run is shared with later tests)
 
 

@@ -20,9 +20,11 @@ from wherefrom.core.store import (
     CHECKSUMS,
     DamagedFile,
     atomic_write_json,
+    atomic_write_text,
     check_file,
     check_size,
     checksum_of,
+    forget_file,
     is_intact,
     load_tensors_checked,
     read_json_checked,
@@ -236,6 +238,39 @@ def test_a_forgotten_file_killed_midway_is_missing_not_unchecked(tmp_path, monke
     with pytest.raises(Killed):
         forget_file(marker)
     assert not marker.exists()
+
+
+def test_every_atomic_write_names_its_file_when_it_cannot_be_written(tmp_path):
+    """A JSON or text write that failed raised the OS's error naming the temporary file in its private folder, or
+    nothing (a disk filling on ``settings.json`` before any index shard: a bare ``[Errno 28]``); now every atomic
+    write names the file it was writing. A folder where a file belongs is refused naming it, not deleted."""
+    limited = f"""
+import resource, signal
+from wherefrom.core.store import atomic_write_json, write_json_checked
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1_000, 1_000))
+for write in (atomic_write_json, write_json_checked):
+    try:
+        write({{"rows": list(range(1_000))}}, {str(tmp_path / "settings.json")!r})
+    except OSError as error:
+        print("OSError:", error)
+"""
+    done = subprocess.run([sys.executable, "-c", limited], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    named = f"OSError: could not write {tmp_path / 'settings.json'}: File too large"
+    assert done.stdout.splitlines() == [named, named], done.stdout
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing written, nothing left beside it
+
+    folder = tmp_path / "checksums.json"
+    folder.mkdir()
+    with pytest.raises(OSError, match=rf"could not write {folder}: Is a directory"):
+        atomic_write_text("{}", folder)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(
+        IsADirectoryError, match=rf"a folder is where this file belongs; move it away.*{tmp_path / 'kept'}"
+    ):
+        forget_file(tmp_path / "kept")
+    assert (tmp_path / "kept").is_dir()
 
 
 def test_a_full_disk_is_an_oserror_naming_the_file_and_a_killed_writes_leftovers_are_removed(tmp_path):

@@ -32,6 +32,7 @@ build); the writer lock of step 1 still keeps two jobs from writing the same fil
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -74,18 +75,25 @@ def _atomic_replace(path: Path, write) -> None:
     rename it to ``path`` and flush the folder: when this returns, ``path``'s bytes and name survive an OS crash or
     power cut, so a checksum recorded after it (:func:`record_checksum`) never names bytes the disk does not hold
     (kill -9 alone cannot lose them). Whatever ``write`` leaves beside ``tmp`` when killed (safetensors writes
-    through a temporary file of its own) is inside that folder, which :func:`cleanup_partials` removes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    private = tempfile.mkdtemp(prefix=f".{path.name}{PARTIAL}", dir=path.parent)
-    tmp = os.path.join(private, path.name)
+    through a temporary file of its own) is inside that folder, which :func:`cleanup_partials` removes.
+
+    Raises ``OSError`` naming ``path`` when it cannot be written (a full disk, a file size limit, no permission,
+    a folder in its place): the error of the failed step names a temporary file, or nothing."""
+    private = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        private = tempfile.mkdtemp(prefix=f".{path.name}{PARTIAL}", dir=path.parent)
+        tmp = os.path.join(private, path.name)
         write(tmp)
         _fsync(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
         _fsync(path.parent)
+    except OSError as error:
+        raise OSError(f"could not write {path}: {error.strerror or error}") from error
     finally:
-        shutil.rmtree(private, ignore_errors=True)
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
@@ -207,7 +215,7 @@ def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, meta: M
         try:
             save_file(dict(tensors), tmp, metadata=dict(meta) if meta else None)
         except SafetensorError as error:
-            raise OSError(f"could not write {path}: {error}") from error
+            raise OSError(str(error)) from error
 
     _atomic_replace(Path(path), write)
 
@@ -386,8 +394,11 @@ def recorded_checksums(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def forget_file(path: Path) -> None:
-    """Delete ``path`` (if present) and its checksum entry: the file counts as not yet written."""
+    """Delete ``path`` (if present) and its checksum entry: the file counts as not yet written. Raises
+    ``IsADirectoryError`` naming ``path`` when a folder is in its place (not deleted: it is not this file)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder is where this file belongs; move it away and rerun", str(path))
     path.unlink(missing_ok=True)  # first: a kill before the entry goes leaves a missing file, not an unchecked one
     _set_checksum(path, None)
 

@@ -74,6 +74,9 @@ SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MARKER = "index.json"
 """The completion marker, written last."""
 IDS_FILE = "ids.json"
+REBUILD = "rebuild the store"
+"""The advice that ends every :class:`wherefrom.core.store.DamagedFile` a store raises about its own files (a run
+replaces it with the command that rebuilds its index)."""
 _HEADER_PIECE = 1 << 16
 """Bytes of a shard's start kept by :meth:`VectorStore.verify` from the pass that hashes it: the safetensors header
 (its rows' ids as JSON: about 3.5 KiB for the default 256 rows of 12-character ids); a longer one is read again."""
@@ -130,7 +133,7 @@ def rows_offset(path: Path, header: bytes, ids: list[str], start: int, dtype: st
     except (struct.error, ValueError, KeyError, TypeError):
         fits, held, begin, size = False, None, 0, 0
     if not fits or held != ids:
-        raise DamagedFile(f"{path} does not hold the store's rows from {start} on; rebuild the store")
+        raise DamagedFile(f"{path} does not hold the store's rows from {start} on; {REBUILD}")
     return 8 + size + begin, 8 + size
 
 
@@ -288,8 +291,7 @@ class VectorStoreWriter:
         except OSError as error:
             forget_file(path)
             raise OSError(
-                f"writing {path} failed ({error}); the finished shards are kept: free space and rerun the same "
-                "command to resume"
+                f"{error}; the finished shards are kept: free space and rerun the same command to resume"
             ) from error
 
     def _check_finite(self, shard: int, ids: list[str], rows: torch.Tensor, stored: torch.Tensor) -> None:
@@ -392,7 +394,7 @@ class VectorStore:
         ids = read_json_checked(folder / IDS_FILE, recorded)
         layout = {key: settings.get(key) for key in ("rows", "dtype", "shard_size")}
         if layout != {key: marker[key] for key in layout} or ids_sha256(ids) != settings.get("ids_sha256"):
-            raise DamagedFile(f"{folder}: {MARKER}, settings.json and {IDS_FILE} disagree; rebuild the store")
+            raise DamagedFile(f"{folder}: {MARKER}, settings.json and {IDS_FILE} disagree; {REBUILD}")
         store = cls(folder, settings, ids)
         for shard in range(store.shard_count):
             check_size(folder / shard_name(shard), recorded)
@@ -478,12 +480,12 @@ class VectorStore:
         try:
             fh = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by the with below)
         except FileNotFoundError:  # deleted since it was verified
-            raise DamagedFile(f"{path} is missing; rebuild the store") from None
+            raise DamagedFile(f"{path} is missing; {REBUILD}") from None
         with fh:
             if xxhash.xxh3_64_intdigest(fh.read(length)) != digest:  # e.g. another shard's bytes, or rebuilt since
                 raise DamagedFile(
                     f"{path} does not hold the store's rows from {start} on (its header changed since it was "
-                    "verified); rebuild the store"
+                    f"verified); {REBUILD}"
                 )
             fh.seek(offset)
             left = target
@@ -493,7 +495,7 @@ class VectorStore:
                     break
                 left = left[got:]
         if left:
-            raise DamagedFile(f"{path} is truncated: it ends inside its rows; rebuild the store")
+            raise DamagedFile(f"{path} is truncated: it ends inside its rows; {REBUILD}")
         return n
 
     def _hashed(self, shard: int, recorded: Mapping[str, Any] | None) -> tuple[bytes, int]:
@@ -541,7 +543,7 @@ class VectorStore:
                     (n, self.dim),
                     self.ids[start : start + n],
                 ):
-                    raise DamagedFile(f"{path} does not hold the store's rows from {start} on; rebuild the store")
+                    raise DamagedFile(f"{path} does not hold the store's rows from {start} on; {REBUILD}")
             yield start, rows
 
     @staticmethod
@@ -553,6 +555,6 @@ class VectorStore:
                 rows, meta = mapped.get_tensor("rows"), mapped.metadata()
             return rows, json.loads(meta["ids"])
         except FileNotFoundError:
-            raise DamagedFile(f"{path} is missing; rebuild the store") from None
+            raise DamagedFile(f"{path} is missing; {REBUILD}") from None
         except (SafetensorError, KeyError, TypeError, ValueError) as error:
-            raise DamagedFile(f"{path} cannot be read ({error}); rebuild the store") from None
+            raise DamagedFile(f"{path} cannot be read ({error}); {REBUILD}") from None

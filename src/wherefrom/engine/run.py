@@ -85,7 +85,7 @@ from wherefrom.core.store import (
     writer_lock,
 )
 from wherefrom.core.tracking import selection_signature
-from wherefrom.core.vectors import DTYPES, LAYOUT, MARKER, VectorStore, VectorStoreWriter
+from wherefrom.core.vectors import DTYPES, LAYOUT, MARKER, REBUILD, VectorStore, VectorStoreWriter
 from wherefrom.curvature import STRATEGIES, Curvature, load_curvature
 from wherefrom.curvature.base import META_FILE as CURVATURE_META
 from wherefrom.curvature.base import TENSORS_FILE as CURVATURE_TENSORS
@@ -1131,11 +1131,11 @@ class Run:
             if verify:  # every process hashes its own share; a damaged shard stops them all
                 on_every(lambda: store.verify(shards_for_rank(store.shard_count)))
         except DamagedFile as error:
-            raise DamagedFile(f"{error}; {self._rebuild_hint()}") from None
+            raise DamagedFile(f"{str(error).removesuffix(f'; {REBUILD}')}; {self._rebuild_hint()}") from None
         return store
 
     def _rebuild_hint(self) -> str:
-        return f"rerun `{self.index_command()}` to rebuild it"
+        return f"{REBUILD}: rerun `{self.index_command()}`"
 
     def indexed_gradients(
         self, store: VectorStore | None = None, shards: Sequence[int] | None = None
