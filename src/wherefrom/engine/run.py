@@ -442,7 +442,7 @@ class Run:
             raise ValueError(f"{path} does not hold a run's manifest ({error!r}); repair or delete it") from None
         for before, after, what in checks:
             if before != after:
-                raise RunMismatch(f"the {what} differ from those this run was made with; refit in a new run folder")
+                raise RunMismatch(f"{what} changed since this run was made; refit in a new run folder")
 
     # --- fit -----------------------------------------------------------------------------------
     def fit_settings(self) -> dict[str, Any]:
