@@ -117,8 +117,8 @@ fi
 if [[ -f $OUT/compare-cpu.md ]]; then printf '\n%s\n' "$(cat "$OUT/compare-cpu.md")" >> "$TABLE"; fi
 if [[ $DEVICE == cuda ]]; then
     mkdir -p "$RESULTS"
-    for made in "$TABLE" "$OUT"/compare-cpu.md "$OUT"/index_throughput-*.{md,json}; do
-        if [[ -f $made ]]; then cp "$made" "$RESULTS"/; fi
+    for result in "$TABLE" "$OUT"/compare-cpu.md "$OUT"/index_throughput-*.{md,json}; do
+        if [[ -f $result ]]; then cp "$result" "$RESULTS"/; fi
     done
 fi
 cat "$TABLE"
