@@ -17,8 +17,8 @@ import torch
 import wherefrom.cli.run as cli_run
 import wherefrom.core.search as search_module
 from wherefrom.core.search import search_store
-from wherefrom.core.store import FolderLocked, is_intact, writer_lock
-from wherefrom.core.vectors import VectorStore
+from wherefrom.core.store import FolderLocked, holder_guard, is_intact, writer_lock
+from wherefrom.core.vectors import MARKER, VectorStore, VectorStoreWriter, shard_name
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch
 
@@ -117,6 +117,61 @@ def recorded_strategies(folder) -> tuple[str, str]:
     config = json.loads((folder / "config.json").read_text())
     factors = json.loads((folder / "factors" / "curvature.json").read_text())
     return config["attribution"]["strategy"], factors["strategy"]
+
+
+def test_holder_guard_fails_once_the_writer_lock_changed_hands(tmp_path):
+    folder = tmp_path / "run"
+    with writer_lock(folder):
+        guard = holder_guard(folder)
+        guard()  # still held as it was
+    with pytest.raises(FolderLocked, match=r"changed hands while this process wrote it .*\(its hold ended\)"):
+        guard()
+    holder = hold_lock(folder)  # a rerun of another process took the lock
+    try:
+        with pytest.raises(FolderLocked, match=rf"changed hands .*now held by .*\b{holder.pid}\b.*the newer writer"):
+            guard()
+    finally:
+        holder.kill()
+        holder.wait()
+    with writer_lock(folder), pytest.raises(FolderLocked, match="changed hands"):  # this process, a new hold
+        guard()
+
+
+def test_an_index_rank_whose_writer_lock_changed_hands_stops_before_its_next_shard(root, tmp_path, monkeypatch):
+    """An orphaned torchrun rank (its launcher and rank 0, the lock's holder, killed) went on writing index shards,
+    and each write removed the completion marker, also of a store a rerun had meanwhile finished. Every rank now
+    checks before each shard that the run's writer lock is held as when it started, and stops otherwise: here the
+    lock changes hands (a rerun's description) during the build, and the next shard is not written; a writer of a
+    finished store whose guard fails leaves its marker and shards as they were."""
+    run = tmp_path / "run"
+    code, out = invoke(*fit_args(root, str(run), "--strategy", "identity"))
+    assert code == 0, out
+    real, written = VectorStoreWriter.write, []
+
+    def write(self, shard, ids, rows):
+        if written:  # after the first shard: a rerun takes the lock (rank 0 died, the OS released it)
+            rerun = {"pid": 424242, "command": "wherefrom index", "since": "now", "hold": "a rerun's"}
+            (run / ".wherefrom.lock.json").write_text(json.dumps(rerun))
+        real(self, shard, ids, rows)
+        written.append(shard)
+
+    monkeypatch.setattr(VectorStoreWriter, "write", write)
+    with pytest.raises(FolderLocked, match=r"changed hands .*424242"):
+        Run.open(run, device="cpu").build_index(shard_size=8)
+    assert written == [0] and not (run / "index" / shard_name(1)).exists()
+
+    monkeypatch.setattr(VectorStoreWriter, "write", real)
+    with writer_lock(run):  # an orphan's start: its rank 0 held the lock, then died
+        orphan_guard = holder_guard(run)
+    Run.open(run, device="cpu").build_index(shard_size=8)  # a rerun finishes the store
+    index = run / "index"
+    before = {p.name: p.read_bytes() for p in index.iterdir() if p.is_file()}
+    store = VectorStore.open(index)
+    orphan = VectorStoreWriter(index, store.ids, store.dim, {}, store.dtype, store.shard_size)
+    orphan.guard = orphan_guard
+    with pytest.raises(FolderLocked, match="its hold ended"):
+        orphan.write(1, store.ids[8:16], torch.zeros(8, store.dim))
+    assert (index / MARKER).exists() and {p.name: p.read_bytes() for p in index.iterdir() if p.is_file()} == before
 
 
 def test_the_run_that_fits_a_new_folder_records_its_own_config(root, tmp_path):

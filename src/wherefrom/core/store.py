@@ -44,6 +44,7 @@ import struct
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
@@ -641,25 +642,59 @@ def writer_lock(folder: Path) -> Iterator[None]:
         by = "another process"
         # The holder writes its description just after acquiring: give it a moment before naming no one.
         for _ in range(20):
-            try:
-                who = json.loads(holder.read_text(encoding="utf-8"))
-                by = f"pid {who['pid']} ({who['command']}, since {who['since']})"
+            who = _holder(folder)
+            if who is not None:
+                by = who
                 break
-            except (OSError, ValueError, KeyError, TypeError):
-                time.sleep(0.1)
+            time.sleep(0.1)
         raise FolderLocked(
             f"{folder} is being written by {by}; wait until it finishes, or use another folder"
         ) from None
     try:
         if outermost:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
-            atomic_write_json({"pid": os.getpid(), "command": " ".join(sys.argv), "since": stamp}, holder)
+            # "hold": this hold's own token, so that a new hold differs from the last one (holder_guard)
+            described = {"pid": os.getpid(), "command": " ".join(sys.argv), "since": stamp, "hold": uuid.uuid4().hex}
+            atomic_write_json(described, holder)
             cleanup_partials(folder)
         yield
     finally:
         if outermost:  # the description exists only while the lock is held (no stale holder named)
             holder.unlink(missing_ok=True)
         lock.release()
+
+
+def _holder(folder: Path, token: bool = False) -> str | None:
+    """Who holds ``folder``'s writer lock, as :func:`writer_lock` described it: ``pid N (command, since time)``, with
+    the hold's own token when ``token``; ``None`` while no readable description is there."""
+    try:
+        who = json.loads((folder / f"{LOCK}.json").read_text(encoding="utf-8"))
+        described = f"pid {who['pid']} ({who['command']}, since {who['since']})"
+        return f"{described} [{who['hold']}]" if token else described
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def holder_guard(folder: Path) -> Callable[[], None]:
+    """A check that ``folder``'s writer lock is still held as it is now (the description :func:`writer_lock` wrote
+    on acquiring: pid, command, time). Call it under a hold of the lock (under ``torch.distributed``, on every rank
+    while rank 0 holds it); the returned function raises :class:`FolderLocked`, naming the new holder, once
+    another process took the lock, or the hold ended: the ranks of a ``torchrun`` whose rank 0 died (and with it
+    the lock) stop before their next write instead of writing into the folder of a newer writer (an orphaned rank
+    removed the completion marker of an index a rerun had finished)."""
+    folder = Path(folder)
+    held = _holder(folder, token=True)
+
+    def check() -> None:
+        now = _holder(folder, token=True)
+        if now != held:
+            by = f"now held by {_holder(folder)}" if now is not None else "its hold ended"
+            raise FolderLocked(
+                f"{folder}'s writer lock changed hands while this process wrote it for an earlier writer ({by}); "
+                "it stops without writing more: the newer writer finishes the work"
+            )
+
+    return check
 
 
 class StageFolder:

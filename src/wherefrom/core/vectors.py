@@ -186,6 +186,9 @@ class VectorStoreWriter:
         self.defaults, self.unchecked = dict(defaults or {}), tuple(unchecked)
         self.notices: list[str] = []
         """What was found and repaired (damaged shards rebuilt, parts of unknown settings discarded)."""
+        self.guard: Callable[[], None] = lambda: None
+        """Called before each shard write (before the marker is cleared); raises when this writer must not write
+        any more, e.g. :func:`wherefrom.core.store.holder_guard` once the folder's writer lock changed hands."""
 
     @property
     def shard_count(self) -> int:
@@ -283,6 +286,7 @@ class VectorStoreWriter:
             raise ValueError(f"shard {shard} rows must have shape {(stop - start, self.dim)}, got {tuple(rows.shape)}")
         tensor = rows.detach().to(device="cpu", dtype=DTYPES[self.dtype]).contiguous()
         self._check_finite(shard, ids, rows, tensor)
+        self.guard()
         forget_file(self.folder / MARKER)
         path = self.shard_path(shard)
         forget_file(path)

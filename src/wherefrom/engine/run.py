@@ -77,6 +77,7 @@ from wherefrom.core.store import (
     damage,
     forget_file,
     hardware,
+    holder_guard,
     package_versions,
     read_json_checked,
     read_json_object,
@@ -747,6 +748,7 @@ class Run:
 
         written = 0
         with held_by_main(lambda: writer_lock(self.folder)):
+            writer.guard = holder_guard(self.folder)  # an orphaned rank (rank 0 died) stops once a rerun takes over
             try:
                 if not on_main(begin):  # rank 0 records the settings; the others then check them
                     if not is_main():
