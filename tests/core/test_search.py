@@ -846,7 +846,7 @@ def test_search_store_refuses_k_queries_and_candidates_before_building_an_index(
     assert not list(tmp_path.iterdir())
 
 
-def test_search_store_says_whether_it_built_or_reused_the_index_and_keeps_one_file_per_graph(tmp_path):
+def test_search_store_says_whether_it_built_or_reused_the_index_and_keeps_one_file_per_graph(tmp_path, monkeypatch):
     rows, queries = clustered(600, 16, 6, seed=3)
     source = Rows(rows, 128)
     files = {"inner-product": "faiss-hnsw.safetensors", "angular": "faiss-hnsw-angular.safetensors"}
@@ -866,9 +866,23 @@ def test_search_store_says_whether_it_built_or_reused_the_index_and_keeps_one_fi
     saved = tmp_path / files["inner-product"]
     saved.write_bytes(saved.read_bytes()[:-10])  # a damaged index is rebuilt, and the summary says why
     damaged = search_store(source, queries, 5, "faiss", faiss_options={"kind": "hnsw"}, index_folder=tmp_path)
-    assert f"saved as {saved.name}; the saved {saved.name} was damaged, replaced)" in damaged.summary(5)
+    assert f"saved as {saved.name}; the saved {saved.name} is damaged: replaced)" in damaged.summary(5)
     stale = search_store(source, queries, 5, "faiss", faiss_options={"kind": "hnsw", "m": 8}, index_folder=tmp_path)
-    assert f"the saved {saved.name} was of other rows or build settings, replaced)" in stale.summary(5)
+    assert f"the saved {saved.name} is of other rows or build settings: replaced)" in stale.summary(5)
+    # a save that fails (a full disk) keeps the saved file, and the summary says so (it said "replaced")
+    before = saved.read_bytes()
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(f"could not write {saved}: No space left on device")
+
+    monkeypatch.setattr(search_module, "save_tensors_checked", full_disk)
+    kept = search_store(source, queries, 5, "faiss", faiss_options={"kind": "hnsw", "m": 4}, index_folder=tmp_path)
+    assert re.search(
+        r"\(index built in [0-9.]+ s; the saved .* is of other rows or build settings: kept, since this "
+        r"index could not be saved\)",
+        kept.summary(5),
+    ), kept.summary(5)
+    assert saved.read_bytes() == before
 
 
 def test_search_store_says_what_an_ivf_index_changed_of_its_settings():
@@ -920,3 +934,37 @@ def test_recall_advice_leaves_out_nprobe_where_it_reaches_every_cell():
     assert report.summary(5).endswith(
         "; below 0.95: every cell is searched already: use kind=ivf (float32 rows) or kind=pq, or search exactly"
     )
+
+
+def test_faiss_settings_past_what_faiss_takes_are_refused_or_capped_before_faiss_fails(monkeypatch):
+    """Integer options had a lower bound only: ef_search=99999999999 passed the check, the index was built and saved,
+    then FAISS raised OverflowError (a traceback); m=10^10 a TypeError; refine=10^11 allocated refine x k candidates
+    (std::bad_alloc) and refine=10^20 overflowed inside FAISS ('k_base >= k' failed). Now every integer option is
+    at most a C int, refine x k is capped at the store's rows (the same result: every row re-ranked), and any
+    failure FAISS still raises is a SearchError naming the kind and its settings."""
+    for name in ("nlist", "nprobe", "m", "ef_construction", "ef_search", "train_per_list", "pq_m", "refine"):
+        kind = {"m": "hnsw", "ef_construction": "hnsw", "ef_search": "hnsw", "pq_m": "ivf-pq", "refine": "ivf-pq"}
+        with pytest.raises(OptionError, match=rf"{name}.*2\.14748e\+09"):
+            faiss_settings({"kind": kind.get(name, "ivf"), name: 2**31})
+        faiss_settings({"kind": kind.get(name, "ivf"), name: 2**31 - 1})  # the largest accepted
+    rows, queries = clustered(400, 16, 4, seed=5)
+    source = Rows(rows, 100)
+    exact = search_store(source, queries, 10, "exact").proponents
+    for kind in ("ivf-pq", "pq"):  # refine x k past the rows re-ranks every row: the exact top-k
+        options = {"kind": kind, "refine": 2**31 - 1} | ({"nprobe": 2**31 - 1} if kind == "ivf-pq" else {})
+        found = search_store(source, queries, 10, "faiss", faiss_options=options, check_recall=False).proponents
+        assert found.ids == exact.ids, kind
+        allowed = [[1, 5, 7, 50, 99, 350]] * 20  # and with candidates (ivf-pq; pq ranks candidates exactly)
+        some = search_store(source, queries, 4, "faiss", faiss_options=options, candidates=allowed, check_recall=False)
+        assert some.proponents.ids == search_store(source, queries, 4, "exact", candidates=allowed).proponents.ids
+
+    def out_of_memory(*_args):
+        raise MemoryError("std::bad_alloc")
+
+    monkeypatch.setattr(search_module, "_saved_or_built", out_of_memory)
+    with pytest.raises(
+        SearchError,
+        match=r"FAISS failed building a kind=hnsw index \(m=4096, ef_construction=80, "
+        r"graph=inner-product, ef_search=128\): std::bad_alloc; use smaller settings, or the exact",
+    ):
+        search_store(source, queries, 10, "faiss", faiss_options={"kind": "hnsw", "m": 4096})

@@ -77,6 +77,7 @@ import math
 import operator
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -620,6 +621,9 @@ class FaissSettings:
         self.sub_quantizers(dim)
 
 
+FAISS_INT = 2**31 - 1
+"""The largest value of FAISS's integer settings (C ``int``): larger ones failed inside FAISS, after the build."""
+
 FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
     FaissSettings,
     OptionSpec(
@@ -628,26 +632,35 @@ FAISS_OPTIONS: tuple[OptionSpec, ...] = from_signature(
         "re-rank) | pq (every row's 4-bit PQ code scanned, float32 re-rank: for nearly white rows) | hnsw (graph)",
         source=JOHNSON_2019,
     ),
-    OptionSpec("nlist", low=1, help="IVF cells (default sqrt(rows))", source=JOHNSON_2019),
-    OptionSpec("nprobe", low=1, help="IVF cells searched per query (recall vs latency)", source=JOHNSON_2019),
-    OptionSpec("m", low=2, help="HNSW links per row", source=MALKOV_2018),
-    OptionSpec("ef_construction", low=1, help="HNSW candidates while building", source=MALKOV_2018),
-    OptionSpec("ef_search", low=1, help="HNSW candidates per search (recall vs latency)", source=MALKOV_2018),
+    OptionSpec("nlist", high=FAISS_INT, low=1, help="IVF cells (default sqrt(rows))", source=JOHNSON_2019),
+    OptionSpec(
+        "nprobe", high=FAISS_INT, low=1, help="IVF cells searched per query (recall vs latency)", source=JOHNSON_2019
+    ),
+    OptionSpec("m", high=FAISS_INT, low=2, help="HNSW links per row", source=MALKOV_2018),
+    OptionSpec("ef_construction", high=FAISS_INT, low=1, help="HNSW candidates while building", source=MALKOV_2018),
+    OptionSpec(
+        "ef_search", high=FAISS_INT, low=1, help="HNSW candidates per search (recall vs latency)", source=MALKOV_2018
+    ),
     OptionSpec(
         "graph",
         help="HNSW links by inner product (ip-NSW) | angular (links by the angle between rows, searched by inner "
         "product: for raw rows searched with preconditioned queries, an empirical index)",
         source=LIU_2020,
     ),
-    OptionSpec("train_per_list", low=1, help="IVF k-means training rows per cell (a strided sample)"),
+    OptionSpec("train_per_list", high=FAISS_INT, low=1, help="IVF k-means training rows per cell (a strided sample)"),
     OptionSpec(
         "pq_m",
+        high=FAISS_INT,
         low=1,
         help="ivf-pq, pq: 4-bit PQ sub-quantizers per row (default dim/8; pq: dim/2 or 256, probed at build)",
         source=ANDRE_2017,
     ),
     OptionSpec(
-        "refine", low=1, help="ivf-pq, pq: refine x k PQ candidates re-ranked with the float32 rows", source=JEGOU_2011
+        "refine",
+        high=FAISS_INT,
+        low=1,
+        help="ivf-pq, pq: refine x k PQ candidates re-ranked with the float32 rows",
+        source=JEGOU_2011,
     ),
 )
 """The ``--search-option`` / ``faiss_options`` of :func:`search_store`."""
@@ -1064,13 +1077,14 @@ def faiss_top_k(
     refined = isinstance(index, faiss.IndexRefine)
     flat = refined and not isinstance(faiss.downcast_index(index.base_index), faiss.IndexIVF)
     cells = None if hnsw or flat else faiss.extract_index_ivf(index)
+    k_factor = min(settings.refine, max(1, index.ntotal // k))  # refine x k past the rows: every row re-ranked
     if candidates is None:
         if hnsw:
             index.hnsw.efSearch = max(settings.ef_search, k)
         elif cells is not None:
             cells.nprobe = min(settings.nprobe, cells.nlist)
         if refined:
-            index.k_factor = settings.refine
+            index.k_factor = k_factor
         values, rows = _on_device(index).search(search, k)
     else:
         values, rows = np.full((len(search), k), -np.inf, np.float32), np.full((len(search), k), -1, np.int64)
@@ -1084,7 +1098,7 @@ def faiss_top_k(
             else:
                 params = faiss.SearchParametersIVF(sel=selector, nprobe=min(settings.nprobe, cells.nlist))
             if refined and not flat:
-                params = faiss.IndexRefineSearchParameters(k_factor=settings.refine, base_index_params=params)
+                params = faiss.IndexRefineSearchParameters(k_factor=k_factor, base_index_params=params)
             values[query : query + 1], rows[query : query + 1] = searched.search(
                 search[query : query + 1], k, params=params
             )
@@ -1148,6 +1162,21 @@ class SearchReport:
         return line
 
 
+@contextmanager
+def _faiss_failure(settings: FaissSettings, doing: str) -> Iterator[None]:
+    """FAISS's own failures (out of memory: ``MemoryError``; a failed check: ``RuntimeError``) as a
+    :class:`SearchError` naming the kind and its settings, not a traceback."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as error:
+        used = ", ".join(f"{name}={getattr(settings, name)}" for name in KIND_OPTIONS[settings.kind])
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SearchError(
+            f"FAISS failed {doing} a kind={settings.kind} index ({used}): {reason}; use smaller settings, or the "
+            "exact search"
+        ) from error
+
+
 def search_store(
     source: RowSource,
     queries: torch.Tensor,
@@ -1197,7 +1226,8 @@ def search_store(
         return SearchReport(*found, "exact", time.perf_counter() - start, note=note)
     path = None if index_folder is None else Path(index_folder) / settings.file_name()
     start = time.perf_counter()
-    built = _saved_or_built(source, settings, path, store_key)
+    with _faiss_failure(settings, "building"):
+        built = _saved_or_built(source, settings, path, store_key)
     how = f"index built in {time.perf_counter() - start:.1f} s"
     if built.done == "reused":
         how = f"index reused: {settings.file_name()}"
@@ -1205,11 +1235,15 @@ def search_store(
         how += f", saved as {settings.file_name()}"
     if built.previous is not None:
         why = "damaged" if built.previous == "damaged" else "of other rows or build settings"
-        how += f"; the saved {settings.file_name()} was {why}, replaced"
+        fate = "replaced" if built.done == "saved" else "kept, since this index could not be saved"
+        how += f"; the saved {settings.file_name()} is {why}: {fate}"
     if built.codes is not None:
         how += f"; {built.codes}"
     start = time.perf_counter()
-    found = tuple(faiss_top_k(built.index, source.ids, queries, k, end, candidates, settings) for end in (False, True))
+    with _faiss_failure(settings, "searching"):
+        found = tuple(
+            faiss_top_k(built.index, source.ids, queries, k, end, candidates, settings) for end in (False, True)
+        )
     report = SearchReport(
         *found,
         mode,
