@@ -86,6 +86,14 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "data file",
+        "an id with a line break (any control character, in an id or a label)",
+        EXIT,
+        "line 2: field 'id' holds the control character '\\n'",
+        "results print one row per line and go to CSV tables: a line break split one result into two",
+        command=("fit", "--train", "control.jsonl", "--model", "model", "--run", "new"),
+    ),
+    Refusal(
+        "data file",
         "an empty training file",
         EXIT,
         "empty.jsonl: no records found",

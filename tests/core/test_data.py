@@ -188,6 +188,23 @@ def test_duplicate_id_names_both_lines(tmp_path: Path) -> None:
     assert_error(excinfo, "dup.jsonl", "line 3", "line 1", "'id'", "duplicate id 'a'")
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "control"),
+    [("id", "q\nnext", "\n"), ("id", "a\tb", "\t"), ("label", "x\r", "\r"), ("id", "\x00z", "\x00")],
+)
+def test_a_control_character_in_an_id_or_label_is_refused_by_name(tmp_path, field, value, control) -> None:
+    """An id with a line break was accepted and printed raw: `query` wrote one result over two lines, and a
+    consumer taking the first word read the ids "q" and "next". Control characters are refused in ids and labels,
+    in every format (here JSONL, and rows in memory); other characters (a zero-width joiner, accents) pass."""
+    path = write_jsonl(tmp_path / "ids.jsonl", [json.dumps(ROWS[0]), json.dumps({**ROWS[1], field: value})])
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, "ids.jsonl", "line 2", f"field {field!r} holds the control character {control!r}")
+    with pytest.raises(DataError, match=f"index 0: field '{field}' holds the control character"):
+        records_from_rows([{**ROWS[1], field: value}], source="queries")
+    assert records_from_rows([{**ROWS[1], "id": "emoji \u200d ok", "label": "café"}])[0].label == "café"
+
+
 def test_duplicate_id_in_memory() -> None:
     with pytest.raises(DataError) as excinfo:
         records_from_rows([ROWS[0], ROWS[0]], source="queries")

@@ -63,6 +63,7 @@ import io
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -158,6 +159,13 @@ def _validate_row(row: Any, where: str, default_id: str) -> Record:
 
     raw_label = _absent_if_nan(row.get("label"))
     label = None if raw_label is None else _scalar_to_str(raw_label, "label", where)
+    for field, value in (("id", record_id), ("label", label)):
+        control = next((c for c in value or "" if unicodedata.category(c) == "Cc"), None)
+        if control is not None:
+            raise DataError(
+                f"{where}: field {field!r} holds the control character {control!r} ({value!r}); ids and labels are "
+                "printed one result per line and written to CSV tables: remove it"
+            )
     return Record(id=record_id, prompt=prompt, completion=completion, label=label)
 
 
