@@ -9,10 +9,10 @@ import torch
 from tests.cli.conftest import invoke
 from tests.core.test_search import Rows, clustered
 from wherefrom.cli.run import end_name, print_search, store_search
-from wherefrom.core.data import load_records
+from wherefrom.core.data import Record, load_records
 from wherefrom.core.vectors import VectorStore
 from wherefrom.engine.run import Run
-from wherefrom.methods.lexical import bm25_candidates
+from wherefrom.methods.lexical import BM25, bm25_candidates
 
 pytest.importorskip("faiss")
 
@@ -62,6 +62,20 @@ def test_prefilter_restricts_each_query_to_its_bm25_rows(workspace):
         assert set(found) <= {train[j].id for j in allowed} and len(found) == 4
     full = store_search(source, vectors[: len(queries)], queries, train, 4, "exact", None, None)
     assert any(a != b for a, b in zip(full.proponents.ids, report.proponents.ids))  # the filter changed something
+
+
+def test_prefilter_says_when_a_querys_candidates_share_no_word_with_it(workspace, capsys):
+    """A query whose words match no training row got N arbitrary rows (file order) as its BM25 candidates, and its
+    'proponents' among them, with nothing said; now stderr says how many candidates matched."""
+    train = load_records(workspace / "train.jsonl")
+    source, vectors = store_of(train)
+    unrelated = [Record("odd", "zzqx wvvy", " kkjj"), *load_records(workspace / "queries.jsonl")[:1]]
+    candidates, matched = BM25().fit(train).matched_candidates(unrelated, 5)
+    assert matched[0] == 0 and candidates[0] == [0, 1, 2, 3, 4] and matched[1] == 5
+    store_search(source, vectors[:2], unrelated, train, 3, None, None, prefilter_bm25=5)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "note: odd: BM25 matched 0 of its 5 candidate rows; the other 5 share no word with it" in said, said
+    assert said.count("BM25 matched") == 1  # the query whose candidates all matched: nothing said
 
 
 def test_faiss_search_prints_tops_and_recall(workspace, tmp_path, capsys):

@@ -300,11 +300,20 @@ def store_search(
     :func:`wherefrom.core.search.search_store`). ``ValueError`` when ``train`` is not the store's rows in order."""
     candidates = None
     if prefilter_bm25 is not None:
-        from wherefrom.methods.lexical import bm25_candidates
+        from wherefrom.methods.lexical import BM25
 
         if [row.id for row in train] != list(source.ids):
             raise ValueError("--prefilter-bm25: the training rows are not the vector store's rows in order")
-        candidates = bm25_candidates(queries, train, prefilter_bm25)
+        candidates, matched = BM25().fit(train).matched_candidates(queries, prefilter_bm25)
+        for query, among, found in zip(queries, candidates, matched):
+            if found < len(among):  # said, since the rows that fill the list are not lexically related
+                console.print(
+                    "[yellow]note:[/]",
+                    escape(
+                        f"{query.id}: BM25 matched {found} of its {len(among)} candidate rows; the other "
+                        f"{len(among) - found} share no word with it (taken in file order)"
+                    ),
+                )
     return search_store(
         source, query_vectors, top_k, search or "exact", candidates, options, folder, store_key, recall
     )  # fmt: skip

@@ -168,20 +168,27 @@ class BM25:
 
     def candidates(self, queries: Sequence[Record], k: int) -> list[list[int]]:
         """Per query, indices of the ``k`` highest-scoring train rows of the index, best first (ties: lower index first)."""
+        return self.matched_candidates(queries, k)[0]
+
+    def matched_candidates(self, queries: Sequence[Record], k: int) -> tuple[list[list[int]], list[int]]:
+        """:meth:`candidates`, and per query how many of them have a positive score (share a word with it): the
+        rest, rows scoring 0, fill the list in train order."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         matrix = self.score_matrix(queries)
         k = min(k, matrix.shape[1])
         # stable sort of -score: equal scores keep train order
         order = np.argsort(-matrix, axis=1, kind="stable")[:, :k]
-        return [row.tolist() for row in order]
+        matched = [int((scores[row] > 0).sum()) for scores, row in zip(matrix, order)]
+        return [row.tolist() for row in order], matched
 
 
 def bm25_candidates(queries: Sequence[Record], train: Sequence[Record], k: int, **bm25_options) -> list[list[int]]:
     """Per query, indices into ``train`` of its top-``k`` rows by BM25 (best first); ``k`` is capped at ``len(train)``.
 
     ``bm25_options`` go to :class:`BM25` (``k1``, ``b``, ``idf``, ``epsilon``). Rows sharing no word
-    with the query score 0 and still fill the list when fewer than ``k`` rows match.
+    with the query score 0 and still fill the list when fewer than ``k`` rows match
+    (:meth:`BM25.matched_candidates` says how many did).
     """
     return BM25(**bm25_options).fit(train).candidates(queries, k)
 
