@@ -920,6 +920,16 @@ def test_search_summary_says_when_scores_are_8_bit_and_when_fewer_than_k_rows_we
     )
     few = search_store(source, queries, 5, "faiss", [[1, 2]] * 20, check_recall=False)  # two candidates each
     assert (few.proponents.rows >= 0).sum(1).max() == 2 and "fewer than" not in few.summary(5)  # as documented
+    # candidates in many cells, one cell probed: lists shorter than the candidates were said for no query (a user saw
+    # 34 of 40 lists empty without a word); now counted against min(k, each query's candidates)
+    spread = [list(range(0, 2000, 7))] * 20
+    probed = search_store(source, queries, 10, "faiss", spread, {"nlist": 40, "nprobe": 1}, check_recall=False)
+    found = (probed.proponents.rows >= 0).sum(1)
+    assert 0 < int((found < 10).sum()), found
+    assert (
+        f"(fewer than 10 rows (or their candidates) found for {int((found < 10).sum())} of 20 queries' proponents"
+        in (probed.summary(10))
+    )
 
 
 def test_recall_advice_leaves_out_nprobe_where_it_reaches_every_cell():

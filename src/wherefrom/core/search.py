@@ -1114,8 +1114,8 @@ class SearchReport:
     ``exact_seconds`` and the ``settings`` it ran with, ``index`` (how the FAISS index was had: built in how many
     seconds, or the saved one reused) and a ``note`` the summary line adds (why a FAISS search ran exactly, or
     what an IVF index changed of the settings: :meth:`FaissSettings.capped`), and the store's ``rows`` (what the
-    recall advice depends on), and whether candidates restricted the search (``filtered``: then fewer than ``k``
-    rows is what a query with fewer candidates gets, not said)."""
+    recall advice depends on), and how many candidate rows each query had when candidates restricted the search
+    (``candidates``; ``None``: every row): a query gets at most that many."""
 
     proponents: SearchResult
     opponents: SearchResult
@@ -1127,7 +1127,7 @@ class SearchReport:
     settings: FaissSettings | None = None
     index: str | None = None
     rows: int | None = None
-    filtered: bool = False
+    candidates: tuple[int, ...] | None = None
 
     def ends(self) -> tuple[tuple[str, SearchResult], tuple[str, SearchResult]]:
         """``(("proponents", result), ("opponents", result))``."""
@@ -1136,8 +1136,8 @@ class SearchReport:
     def summary(self, k: int) -> str:
         """One line: mode, time and, for FAISS, the mean recall@k of each end against the exact search (``k`` at
         most the store's rows: every row is found then), with what to change when either is below
-        :data:`RECALL_HINT`; that ``ivf-sq8`` scores are the 8-bit rows'; how many queries a FAISS search without
-        candidates found fewer than ``k`` rows for (its probed cells or graph walk held fewer)."""
+        :data:`RECALL_HINT`; that ``ivf-sq8`` scores are the 8-bit rows'; how many queries a FAISS search found
+        fewer than ``k`` rows for, or than their candidates where fewer (its probed cells or graph walk held fewer)."""
         line = f"{self.mode} search: {self.seconds * 1000:.1f} ms"
         if self.index:
             line += f" ({self.index})"
@@ -1145,12 +1145,16 @@ class SearchReport:
             line += f" ({self.note})"
         if self.mode == "faiss" and self.settings is not None and self.settings.kind == "ivf-sq8":
             line += " (scores of the 8-bit rows, not exact)"
-        if self.mode == "faiss" and not self.filtered:  # with candidates, short lists are expected
+        if self.mode == "faiss":
             width = min(k, self.rows or k)
-            counts = {name: int(((end.rows >= 0).sum(1) < width).sum()) for name, end in self.ends()}
-            short = [f"{n} of {self.proponents.rows.shape[0]} queries' {name}" for name, n in counts.items() if n]
+            limits = torch.full((self.proponents.rows.shape[0],), width)
+            if self.candidates is not None:  # a query with fewer candidates gets fewer rows: not short
+                limits = limits.clamp(max=torch.tensor(self.candidates))
+            counts = {name: int(((end.rows >= 0).sum(1) < limits).sum()) for name, end in self.ends()}
+            short = [f"{n} of {len(limits)} queries' {name}" for name, n in counts.items() if n]
             if short:
-                line += f" (fewer than {width} rows found for {' and '.join(short)})"
+                wanted = f"{width} rows" if self.candidates is None else f"{width} rows (or their candidates)"
+                line += f" (fewer than {wanted} found for {' and '.join(short)})"
         if self.recall is not None:
             proponents, opponents = (float(end.nanmean()) for end in self.recall)
             line += (
@@ -1252,7 +1256,7 @@ def search_store(
         settings=settings,
         index=how,
         rows=source.count,
-        filtered=candidates is not None,
+        candidates=None if candidates is None else tuple(len(c) for c in candidates),
     )
     if check_recall:
         start = time.perf_counter()
