@@ -925,7 +925,7 @@ def test_search_summary_says_when_scores_are_8_bit_and_when_fewer_than_k_rows_we
     spread = [list(range(0, 2000, 7))] * 20
     probed = search_store(source, queries, 10, "faiss", spread, {"nlist": 40, "nprobe": 1}, check_recall=False)
     found = (probed.proponents.rows >= 0).sum(1)
-    assert 0 < int((found < 10).sum()), found
+    assert int((found < 10).sum()) > 0, found
     assert (
         f"(fewer than 10 rows (or their candidates) found for {int((found < 10).sum())} of 20 queries' proponents"
         in (probed.summary(10))
