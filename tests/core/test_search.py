@@ -978,3 +978,27 @@ def test_faiss_settings_past_what_faiss_takes_are_refused_or_capped_before_faiss
         r"graph=inner-product, ef_search=128\): std::bad_alloc; use smaller settings, or the exact",
     ):
         search_store(source, queries, 10, "faiss", faiss_options={"kind": "hnsw", "m": 4096})
+
+
+def test_a_search_that_saves_the_faiss_index_removes_the_leftovers_of_killed_saves(tmp_path, caplog):
+    """Readers save the FAISS index without the run's writer lock, and only a writer removed leftovers: every kill -9
+    during a save left a private folder of the index's size in RUN/index for good. A save now holds the file's own
+    lock (`.<name>.lock`), removes that file's leftovers and only those, and is skipped while another process
+    saves the same file."""
+    from filelock import FileLock
+
+    rows, queries = clustered(300, 16, 4, seed=6)
+    source = Rows(rows, 100)
+    killed = tmp_path / ".faiss-hnsw.safetensors.partial-k1ll"
+    killed.mkdir()
+    (killed / "faiss-hnsw.safetensors").write_bytes(b"\0" * 1000)
+    other = tmp_path / ".shard-00000.safetensors.partial-w1p"  # a writer's, in progress: not a search's to remove
+    other.mkdir()
+    with FileLock(tmp_path / ".faiss-hnsw.safetensors.lock"):  # another search is saving this file
+        busy = search_store(source, queries, 5, "faiss", faiss_options={"kind": "hnsw"}, index_folder=tmp_path)
+    assert "another search is saving faiss-hnsw.safetensors now" in caplog.text
+    assert "saved as" not in busy.summary(5) and not (tmp_path / "faiss-hnsw.safetensors").exists() and killed.exists()
+    saved = search_store(source, queries, 5, "faiss", faiss_options={"kind": "hnsw"}, index_folder=tmp_path)
+    assert "saved as faiss-hnsw.safetensors" in saved.summary(5)
+    assert not killed.exists() and other.exists()
+    assert saved.proponents.ids == busy.proponents.ids

@@ -87,7 +87,13 @@ import torch
 
 from wherefrom.core.options import OptionError, OptionSpec, check_options, from_signature
 from wherefrom.core.scoring import stable_top_k
-from wherefrom.core.store import DamagedFile, check_file, load_tensors_checked, save_tensors_checked
+from wherefrom.core.store import (
+    DamagedFile,
+    cache_save_lock,
+    check_file,
+    load_tensors_checked,
+    save_tensors_checked,
+)
 
 __all__ = [
     "FAISS_OPTIONS",
@@ -1021,8 +1027,12 @@ def _saved_or_built(
     if path is None:
         return BuiltIndex(index, "built", previous, codes)
     try:  # a cache beside the store, written by readers: no writer lock (atomic, checksummed: never half read)
-        data = torch.from_numpy(faiss.serialize_index(index).copy())
-        save_tensors_checked({"index": data}, Path(path), {"key": json.dumps(key, sort_keys=True)})
+        with cache_save_lock(Path(path)) as held:
+            if not held:
+                logger.warning("the FAISS index was not saved: another search is saving %s now", Path(path).name)
+                return BuiltIndex(index, "built", previous, codes)
+            data = torch.from_numpy(faiss.serialize_index(index).copy())
+            save_tensors_checked({"index": data}, Path(path), {"key": json.dumps(key, sort_keys=True)})
     except OSError as error:
         logger.warning("the FAISS index was not saved (%s); the next search builds it again", error)
         return BuiltIndex(index, "built", previous, codes)

@@ -610,16 +610,41 @@ def record_settings(
     return notes
 
 
-def cleanup_partials(folder: Path) -> list[Path]:
+def cleanup_partials(folder: Path, name: str | None = None) -> list[Path]:
     """Delete the temporary files and folders of killed writers under ``folder`` (names
-    ``.*.partial-*`` and ``.*.old-*``); returns them. Call it only while holding the writer lock."""
-    found = [p for p in Path(folder).rglob(".*") if PARTIAL in p.name or ".old-" in p.name]
+    ``.*.partial-*`` and ``.*.old-*``); returns them. Call it only while holding the writer lock, or with
+    ``name`` (only the leftovers of that file's writes, directly in ``folder``) while holding
+    :func:`cache_save_lock` of that file."""
+    if name is not None:
+        found = list(Path(folder).glob(f".{name}{PARTIAL}*"))
+    else:
+        found = [p for p in Path(folder).rglob(".*") if PARTIAL in p.name or ".old-" in p.name]
     for path in sorted(found, key=lambda p: len(p.parts), reverse=True):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
     return found
+
+
+@contextmanager
+def cache_save_lock(path: Path) -> Iterator[bool]:
+    """The lock of the saves of one cache file that readers write beside a store without its folder's writer lock
+    (a FAISS index): yields ``True`` once held, after removing the leftovers of killed saves of that file
+    (:func:`cleanup_partials` with its name: a kill -9 mid-save left the whole index's size behind for good), or
+    ``False`` at once when another process is saving it (the caller skips its own save)."""
+    path = Path(path)
+    lock = FileLock(path.parent / f".{path.name}.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        yield False
+        return
+    try:
+        cleanup_partials(path.parent, path.name)
+        yield True
+    finally:
+        lock.release()
 
 
 @contextmanager
