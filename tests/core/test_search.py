@@ -954,16 +954,18 @@ def test_faiss_settings_past_what_faiss_takes_are_refused_or_capped_before_faiss
     failure FAISS still raises is a SearchError naming the kind and its settings."""
     for name in ("nlist", "nprobe", "m", "ef_construction", "ef_search", "train_per_list", "pq_m", "refine"):
         kind = {"m": "hnsw", "ef_construction": "hnsw", "ef_search": "hnsw", "pq_m": "ivf-pq", "refine": "ivf-pq"}
-        with pytest.raises(OptionError, match=rf"{name}.*2\.14748e\+09"):
+        with pytest.raises(OptionError, match=rf"{name}.*got 2147483648; allowed: an integer in \[\d, 2147483647\]"):
             faiss_settings({"kind": kind.get(name, "ivf"), name: 2**31})
         faiss_settings({"kind": kind.get(name, "ivf"), name: 2**31 - 1})  # the largest accepted
     rows, queries = clustered(400, 16, 4, seed=5)
     source = Rows(rows, 100)
-    exact = search_store(source, queries, 10, "exact").proponents
-    for kind in ("ivf-pq", "pq"):  # refine x k past the rows re-ranks every row: the exact top-k
-        options = {"kind": kind, "refine": 2**31 - 1} | ({"nprobe": 2**31 - 1} if kind == "ivf-pq" else {})
-        found = search_store(source, queries, 10, "faiss", faiss_options=options, check_recall=False).proponents
-        assert found.ids == exact.ids, kind
+    for k in (7, 10, 250):  # refine x k past the rows re-ranks every row: the exact top-k (k need not divide them)
+        exact = search_store(source, queries, k, "exact").proponents
+        for kind in ("ivf-pq", "pq"):
+            for refine in (2**31 - 1, 1024):
+                options = {"kind": kind, "refine": refine} | ({"nprobe": 2**31 - 1} if kind == "ivf-pq" else {})
+                found = search_store(source, queries, k, "faiss", faiss_options=options, check_recall=False)
+                assert found.proponents.ids == exact.ids, (k, kind, refine)
         allowed = [[1, 5, 7, 50, 99, 350]] * 20  # and with candidates (ivf-pq; pq ranks candidates exactly)
         some = search_store(source, queries, 4, "faiss", faiss_options=options, candidates=allowed, check_recall=False)
         assert some.proponents.ids == search_store(source, queries, 4, "exact", candidates=allowed).proponents.ids
@@ -971,6 +973,12 @@ def test_faiss_settings_past_what_faiss_takes_are_refused_or_capped_before_faiss
     def out_of_memory(*_args):
         raise MemoryError("std::bad_alloc")
 
+    def damaged(*_args):
+        raise DamagedFile("shard-00001.safetensors is truncated; rebuild the store")
+
+    monkeypatch.setattr(search_module, "_saved_or_built", damaged)  # the store's error stays the store's
+    with pytest.raises(DamagedFile, match=r"truncated; rebuild the store$"):
+        search_store(source, queries, 10, "faiss", faiss_options={"kind": "hnsw"})
     monkeypatch.setattr(search_module, "_saved_or_built", out_of_memory)
     with pytest.raises(
         SearchError,

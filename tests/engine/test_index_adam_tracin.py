@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import wherefrom.engine.run as run_module
 from tests.engine.robust_workspace import invoke, make_workspace, partials, spawn, wait_until
 from wherefrom.core.data import load_records
 from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
 from wherefrom.core.search import search_store
-from wherefrom.core.store import SettingsMismatch, is_intact
+from wherefrom.core.store import FolderLocked, SettingsMismatch, is_intact
 from wherefrom.core.task import per_example_loss
 from wherefrom.core.vectors import VectorStore
 from wherefrom.engine.api import AttributionConfig
@@ -208,6 +209,24 @@ def test_tracin_store_scores_and_tops_equal_tracins(workspace, tmp_path, cosine)
     best = expected.total.topk(3, dim=1).values  # rows compared by tracin's scores: equal rows may tie
     assert torch.allclose(expected.total.gather(1, found), best, rtol=0, atol=1e-5 * scale)
     assert torch.equal(found[:, 0], expected.total.argmax(dim=1))
+
+
+def test_a_tracin_index_build_that_lost_the_runs_writer_lock_writes_no_part(workspace, tmp_path, monkeypatch):
+    """The per-checkpoint parts (RUN/index-parts/, the long model passes) are written by writers of their own, which
+    kept no guard: an orphaned rank went on writing them after a rerun took the run. They now take the index
+    writer's guard (store.holder_guard), so a build whose lock changed hands writes no part shard."""
+    run = tracin_run(workspace, tmp_path / "run")
+
+    def lost(folder):
+        def check():
+            raise FolderLocked(f"{folder}'s writer lock changed hands (a rerun)")
+
+        return check
+
+    monkeypatch.setattr(run_module, "holder_guard", lost)
+    with pytest.raises(FolderLocked, match="changed hands"):
+        run.build_index(shard_size=4)
+    assert not list((tmp_path / "run").rglob("shard-*.safetensors"))
 
 
 def test_tracin_index_killed_then_resumed_is_byte_identical(workspace, tmp_path):

@@ -75,12 +75,15 @@ class OptionSpec:
             text = "true or false"
         elif self.type in (int, float):
             text = "an integer" if self.type is int else "a number"
-            if self.low is not None and self.high is not None:
-                text += f" in {'[' if self.low_inclusive else '('}{self.low:g}, {self.high:g}]"
-            elif self.low is not None:
-                text += f" {'>=' if self.low_inclusive else '>'} {self.low:g}"
-            elif self.high is not None:
-                text += f" <= {self.high:g}"
+            low, high = (
+                None if b is None else str(int(b)) if self.type is int else f"{b:g}" for b in (self.low, self.high)
+            )
+            if low is not None and high is not None:
+                text += f" in {'[' if self.low_inclusive else '('}{low}, {high}]"
+            elif low is not None:
+                text += f" {'>=' if self.low_inclusive else '>'} {low}"
+            elif high is not None:
+                text += f" <= {high}"
         elif self.type is str:
             text = "a string"
         elif self.type is list:

@@ -89,6 +89,7 @@ from wherefrom.core.options import OptionError, OptionSpec, check_options, from_
 from wherefrom.core.scoring import stable_top_k
 from wherefrom.core.store import (
     DamagedFile,
+    StoreError,
     cache_save_lock,
     check_file,
     load_tensors_checked,
@@ -1033,7 +1034,7 @@ def _saved_or_built(
                 return BuiltIndex(index, "built", previous, codes)
             data = torch.from_numpy(faiss.serialize_index(index).copy())
             save_tensors_checked({"index": data}, Path(path), {"key": json.dumps(key, sort_keys=True)})
-    except OSError as error:
+    except (OSError, MemoryError) as error:  # the index serialised for the save may not fit beside it
         logger.warning("the FAISS index was not saved (%s); the next search builds it again", error)
         return BuiltIndex(index, "built", previous, codes)
     return BuiltIndex(index, "saved", previous, codes)
@@ -1087,7 +1088,7 @@ def faiss_top_k(
     refined = isinstance(index, faiss.IndexRefine)
     flat = refined and not isinstance(faiss.downcast_index(index.base_index), faiss.IndexIVF)
     cells = None if hnsw or flat else faiss.extract_index_ivf(index)
-    k_factor = min(settings.refine, max(1, index.ntotal // k))  # refine x k past the rows: every row re-ranked
+    k_factor = min(settings.refine, -(-index.ntotal // k))  # refine x k past the rows: every row re-ranked
     if candidates is None:
         if hnsw:
             index.hnsw.efSearch = max(settings.ef_search, k)
@@ -1182,6 +1183,8 @@ def _faiss_failure(settings: FaissSettings, doing: str) -> Iterator[None]:
     :class:`SearchError` naming the kind and its settings, not a traceback."""
     try:
         yield
+    except StoreError:  # the store's own (a damaged shard read for the build): already says what to do
+        raise
     except (MemoryError, RuntimeError) as error:
         used = ", ".join(f"{name}={getattr(settings, name)}" for name in KIND_OPTIONS[settings.kind])
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

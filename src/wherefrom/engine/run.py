@@ -1039,6 +1039,7 @@ class Run:
         def prepare(rank: int, world: int) -> None:
             todo = writer.pending(rank, world)
             for c, part in enumerate(parts):
+                part.guard = writer.guard  # the parts' shards too: an orphaned rank stops before any of them
                 on_main(lambda part=part: begin(part))
                 if not is_main():
                     part.start(hint)
