@@ -3,6 +3,7 @@ written files (XXH3-128, and sha256 entries of folders written before it still v
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -240,7 +241,7 @@ def test_a_forgotten_file_killed_midway_is_missing_not_unchecked(tmp_path, monke
     assert not marker.exists()
 
 
-def test_every_atomic_write_names_its_file_when_it_cannot_be_written(tmp_path):
+def test_every_atomic_write_names_its_file_when_it_cannot_be_written(tmp_path, monkeypatch):
     """A JSON or text write that failed raised the OS's error naming the temporary file in its private folder, or
     nothing (a disk filling on ``settings.json`` before any index shard: a bare ``[Errno 28]``); now every atomic
     write names the file it was writing. A folder where a file belongs is refused naming it, not deleted."""
@@ -263,8 +264,18 @@ for write in (atomic_write_json, write_json_checked):
 
     folder = tmp_path / "checksums.json"
     folder.mkdir()
-    with pytest.raises(OSError, match=rf"could not write {folder}: Is a directory"):
+    with pytest.raises(IsADirectoryError, match=rf"^could not write {folder}: Is a directory$") as raised:
         atomic_write_text("{}", folder)
+    assert raised.value.errno == errno.EISDIR  # the kind and errno survive the renaming, for callers catching them
+
+    def vanished(*args):  # the folder deleted mid-write: studies commands catch FileNotFoundError
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", args[0])
+
+    monkeypatch.setattr(os, "replace", vanished)
+    with pytest.raises(FileNotFoundError, match=rf"^could not write {tmp_path / 'a.json'}: No such file") as raised:
+        atomic_write_text("{}", tmp_path / "a.json")
+    assert raised.value.errno == errno.ENOENT
+    monkeypatch.undo()
     (tmp_path / "kept").mkdir()
     with pytest.raises(
         IsADirectoryError, match=rf"a folder is where this file belongs; move it away.*{tmp_path / 'kept'}"

@@ -71,6 +71,15 @@ def _fsync(path: str | Path) -> None:
         os.close(fd)
 
 
+def _naming(error: OSError, path: Path) -> OSError:
+    """``error`` told as ``could not write PATH: <strerror>``, of the same built-in kind (``FileNotFoundError``,
+    ``PermissionError``, ...) with the same ``errno``, so that callers catching a kind still catch it."""
+    kind = type(error) if type(error).__module__ == "builtins" else OSError
+    named = kind(f"could not write {path}: {error.strerror or error}")
+    named.errno = error.errno
+    return named
+
+
 def _atomic_replace(path: Path, write) -> None:
     """``write(tmp)`` a file in a private folder beside ``path`` (``.<name>.partial-XXXX/``), flush it to the disk,
     rename it to ``path`` and flush the folder: when this returns, ``path``'s bytes and name survive an OS crash or
@@ -79,7 +88,8 @@ def _atomic_replace(path: Path, write) -> None:
     through a temporary file of its own) is inside that folder, which :func:`cleanup_partials` removes.
 
     Raises ``OSError`` naming ``path`` when it cannot be written (a full disk, a file size limit, no permission,
-    a folder in its place): the error of the failed step names a temporary file, or nothing."""
+    a folder in its place): the error of the failed step names a temporary file, or nothing. The raised error keeps
+    the failed step's kind and ``errno`` (a ``PermissionError`` stays one)."""
     private = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +101,7 @@ def _atomic_replace(path: Path, write) -> None:
         os.replace(tmp, path)
         _fsync(path.parent)
     except OSError as error:
-        raise OSError(f"could not write {path}: {error.strerror or error}") from error
+        raise _naming(error, path) from error
     finally:
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
