@@ -45,7 +45,7 @@ import time
 import warnings
 from pathlib import Path
 
-from common import provenance_lines
+from common import provenance_lines, wait_for
 
 HERE = Path(__file__).resolve().parent
 _WORD_TEXT = (
@@ -280,13 +280,6 @@ def _rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 class PassTimes:
     """A progress callback that adds up the wall seconds of each described pass (from its first batch asked for
     to its end, the consumer's work between batches included): the per-phase breakdown."""
@@ -326,7 +319,7 @@ def run_phase(job: dict) -> dict:
     pad = pad_id(tokenizer)
     if lib == "kronfluence":
         analyzer = kronfluence_analyzer(model, names, device, workdir, pad)
-    _sync(device)
+    wait_for(device)
     base_rss = _rss_peak_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -336,17 +329,17 @@ def run_phase(job: dict) -> dict:
     extra: dict = {}
     for _ in range(args.repeats):
         torch.manual_seed(args.seed)
-        _sync(device)
+        wait_for(device)
         start = time.perf_counter()
         if (lib, phase) == ("wherefrom", "fit"):
             attributor.fit(train_enc).save(workdir / "wherefrom_factors")
         elif (lib, phase) == ("wherefrom", "fit+score"):
             passes.seconds.clear()
             attributor.fit(train_enc).save(workdir / "wherefrom_factors_one_process")
-            _sync(device)
+            wait_for(device)
             extra["fit_s"] = time.perf_counter() - start
             scores = attributor.scores(query_enc, train_enc).total
-            _sync(device)
+            wait_for(device)
             extra["score_s"] = time.perf_counter() - start - extra["fit_s"]
             extra["passes_s"] = dict(passes.seconds)
             extra["shared"] = attributor.curvature.info.get("correction_from", "token factors")
@@ -364,7 +357,7 @@ def run_phase(job: dict) -> dict:
             plain_backward(attributor, train_enc)
         else:
             raise ValueError((lib, phase))
-        _sync(device)
+        wait_for(device)
         times.append(time.perf_counter() - start)
     if phase in ("score", "fit+score"):
         torch.save(scores.detach().cpu().double(), workdir / f"{lib}_{phase}_{args.fisher}_scores.pt")

@@ -71,17 +71,23 @@ def emotion_sample(n_train: int, n_queries: int) -> tuple[list, list]:
     return train[:: max(1, len(train) // n_train)][:n_train], test[:: max(1, len(test) // n_queries)][:n_queries]
 
 
+def wait_for(device) -> None:
+    """Wait for the kernels queued on ``device`` (a CUDA one; nothing to wait for on CPU), so that a clock read
+    next counts their work."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @contextmanager
 def timed(into: list[float], device: str = "cpu") -> Iterator[None]:
     """Append the wall seconds of the ``with`` body to ``into``; on a CUDA ``device`` the queued kernels are
-    waited for before and after, so that the time is the body's work."""
-    import torch
-
-    wait = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
-    wait()
+    waited for before and after (:func:`wait_for`), so that the time is the body's work."""
+    wait_for(device)
     start = time.perf_counter()
     yield
-    wait()
+    wait_for(device)
     into.append(time.perf_counter() - start)
 
 
