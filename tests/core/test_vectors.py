@@ -4,6 +4,7 @@ rank/world split of a distributed build equal to a one-process build."""
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
@@ -146,6 +147,23 @@ def test_damaged_shard_is_detected_never_read_and_rebuilt(tmp_path, hurt, monkey
     writer, written = build(tmp_path / "s")
     assert written == 1 and any(shard_name(1) in note and "rebuilding" in note for note in writer.notices)
     assert decoded == [] and files(tmp_path / "s") == files(tmp_path / "clean")
+
+
+def test_a_failed_shard_write_keeps_its_error_kind(tmp_path, monkeypatch):
+    """A shard write refused by the OS (no permission) is re-raised naming the shard and keeping its kind and
+    ``errno``: it was a plain ``OSError``, so callers catching ``PermissionError`` missed it."""
+    real, calls = store_module.save_file, []
+
+    def save_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(store_module, "save_file", save_file)
+    with pytest.raises(PermissionError, match=rf"could not write .*{shard_name(1)}: Permission denied; the fin") as e:
+        build(tmp_path / "s")
+    assert e.value.errno == errno.EACCES and (tmp_path / "s" / shard_name(0)).exists()
 
 
 def test_full_disk_mid_build_keeps_finished_shards_and_resumes(tmp_path, monkeypatch):

@@ -71,13 +71,13 @@ def _fsync(path: str | Path) -> None:
         os.close(fd)
 
 
-def _naming(error: OSError, path: Path) -> OSError:
-    """``error`` told as ``could not write PATH: <strerror>``, of the same built-in kind (``FileNotFoundError``,
-    ``PermissionError``, ...) with the same ``errno``, so that callers catching a kind still catch it."""
+def restated(error: OSError, message: str) -> OSError:
+    """``error`` with the text ``message``, of the same built-in kind (``FileNotFoundError``, ``PermissionError``,
+    ...) and ``errno``, so that callers catching a kind still catch it (raise it ``from error``)."""
     kind = type(error) if type(error).__module__ == "builtins" else OSError
-    named = kind(f"could not write {path}: {error.strerror or error}")
-    named.errno = error.errno
-    return named
+    told = kind(message)
+    told.errno = error.errno
+    return told
 
 
 def _atomic_replace(path: Path, write) -> None:
@@ -101,7 +101,7 @@ def _atomic_replace(path: Path, write) -> None:
         os.replace(tmp, path)
         _fsync(path.parent)
     except OSError as error:
-        raise _naming(error, path) from error
+        raise restated(error, f"could not write {path}: {error.strerror or error}") from error
     finally:
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)

@@ -51,6 +51,7 @@ from wherefrom.core.store import (
     read_json_checked,
     record_settings,
     recorded_checksums,
+    restated,
     save_tensors_checked,
     settings_differences,
     with_defaults_recorded,
@@ -294,8 +295,8 @@ class VectorStoreWriter:
             save_tensors_checked({"rows": tensor}, path, meta={"ids": json.dumps(ids)})
         except OSError as error:
             forget_file(path)
-            raise OSError(
-                f"{error}; the finished shards are kept: free space and rerun the same command to resume"
+            raise restated(
+                error, f"{error}; the finished shards are kept: free space and rerun the same command to resume"
             ) from error
 
     def _check_finite(self, shard: int, ids: list[str], rows: torch.Tensor, stored: torch.Tensor) -> None:
