@@ -16,7 +16,7 @@ import torch
 from tests.engine.robust_workspace import invoke, make_workspace, partials, spawn, wait_until
 from wherefrom.core.data import load_records
 from wherefrom.core.memory import MemoryLimitError
-from wherefrom.core.store import DamagedFile, SettingsMismatch, is_intact
+from wherefrom.core.store import DamagedFile, SettingsMismatch, is_intact, write_json_checked
 from wherefrom.core.vectors import VectorStore
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.engine.run import Run, RunConfig
@@ -107,6 +107,31 @@ def test_store_of_another_projection_or_model_is_refused_by_name(workspace, tmp_
     shutil.copytree(tmp_path / "c" / "index", tmp_path / "d" / "index")
     code, out = invoke("scores", "--run", tmp_path / "d", "--queries", workspace / "queries.jsonl")
     assert code == 2 and "model: recorded" in out and "rebuild it" in out, out
+
+
+def test_a_store_made_with_other_input_settings_is_refused_and_an_older_manifest_is_read(workspace, tmp_path):
+    """The input settings the rows depend on (template, truncation, EOS, padding side, loss tokens) are recorded
+    with the store: a store copied into a run that lays its rows out otherwise gave that run's scores from the
+    other rows, silently. A manifest written before they were recorded reads them at their defaults."""
+    queries = load_records(workspace / "queries.jsonl")
+    fitted(workspace, tmp_path / "a", "logra", LOGRA).build_index(shard_size=4)
+    expected = Run.open(tmp_path / "a", device="cpu").scores(queries).total
+    config = RunConfig.for_method(
+        "logra", str(workspace / "train.jsonl"), replace(ATTRIBUTION, append_eos=False), LOGRA
+    )
+    other = Run.create(tmp_path / "b", replace(config, model=str(workspace / "model"), device="cpu"))
+    other.fit()
+    shutil.copytree(tmp_path / "a" / "index", tmp_path / "b" / "index")
+    with pytest.raises(SettingsMismatch, match=r"gradients\.append_eos: recorded True, now False"):
+        other.scores(queries)
+
+    manifest = tmp_path / "a" / "index" / "settings.json"
+    older = json.loads(manifest.read_text())
+    kept = ("batch_size", "max_length", "chat_template", "reduction", "include", "exclude", "autocast")
+    older["gradients"] = {k: v for k, v in older["gradients"].items() if k in kept}
+    assert len(older["gradients"]) == len(kept)
+    write_json_checked(older, manifest)
+    assert torch.equal(Run.open(tmp_path / "a", device="cpu").scores(queries).total, expected)
 
 
 def test_index_settings_that_do_not_apply_are_refused(workspace, tmp_path):

@@ -95,6 +95,7 @@ from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
 from wherefrom.engine.passes import Kept, kept_rows
 from wherefrom.methods.projection import ProjectedInfluence
 from wherefrom.methods.registry import (
+    GRADIENT_SETTINGS,
     Method,
     in_family,
     make_method,
@@ -109,8 +110,10 @@ from wherefrom.models.finetune import TRAINER_STATE_FILE
 from wherefrom.models.loading import LoadedModel, load_model
 from wherefrom.models.optimizer_state import OPTIMIZER_STATE_FILE, AdamState, MissingOptimizerState
 
-GRADIENT_SETTINGS = ("batch_size", "max_length", "chat_template", "reduction", "include", "exclude", "autocast")
-"""The attribution settings that change stored training gradients (recorded with an index)."""
+TRAIN_GRADIENT_SETTINGS = (GRADIENT_SETTINGS - {"query_without_eos", "normalize"}) | {"reduction"}
+"""The attribution settings that change stored training gradients (recorded with an index, in its ``gradients``):
+:data:`wherefrom.methods.registry.GRADIENT_SETTINGS` less the query measurement and the score normalisation, and
+the training loss's ``reduction``."""
 PRECONDITIONS = ("fitted", "none", "adam", "empirical")
 """What the index rows are preconditioned with (see :meth:`Run.build_index`)."""
 PRECONDITIONER = "preconditioner"
@@ -141,6 +144,12 @@ processes and resumed in one matched neither clean fit) and that finished factor
 
 class RunMismatch(ValueError):
     """The run directory was made with another model, tokenizer, selection or data."""
+
+
+def train_gradient_settings(attribution: AttributionConfig) -> dict[str, Any]:
+    """``attribution``'s :data:`TRAIN_GRADIENT_SETTINGS` (JSON form): what an index's rows depend on beyond the
+    model, its module selection and the projection."""
+    return {k: v for k, v in attribution.to_dict().items() if k in TRAIN_GRADIENT_SETTINGS}
 
 
 def absolute(path: str | None) -> str | None:
@@ -202,11 +211,13 @@ class RunConfig:
         """What a setting missing from a recorded ``settings.json`` is taken to be (the ``defaults`` of
         :func:`wherefrom.core.store.record_settings`): every attribution setting at its default (settings added
         since a folder was started do what the older version did; so folders fitted by an older version are still
-        reused or resumed) and every option of this run's strategy and method at its own."""
+        reused or resumed), every option of this run's strategy and method at its own, and an index's ``gradients``
+        (:func:`train_gradient_settings`) at their defaults."""
         blank = RunConfig(
             self.train, attribution=AttributionConfig(strategy=self.attribution.strategy), method=self.method
         )
-        return {k: v for k, v in blank.settings().items() if k in ("attribution", "options")}
+        defaults = {k: v for k, v in blank.settings().items() if k in ("attribution", "options")}
+        return {**defaults, "gradients": train_gradient_settings(blank.attribution)}
 
     def resolved(self) -> RunConfig:
         """This config with ``train``, ``model`` and ``adapter`` as absolute paths (see :func:`absolute`)."""
@@ -641,7 +652,7 @@ class Run:
         return {
             # an index row is the same bytes under any process count (each row is computed alone)
             **{k: v for k, v in self.fit_settings().items() if k not in ("attribution", "processes")},
-            "gradients": {k: v for k, v in self.config.attribution.to_dict().items() if k in GRADIENT_SETTINGS},
+            "gradients": train_gradient_settings(self.config.attribution),
             "rows_layout": layout,
             **extra,
         }
