@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tests.cli.conftest import invoke
+from wherefrom.core.scoring import end_kind
 from wherefrom.models.tiny import save_tiny
 
 
@@ -78,6 +79,8 @@ def test_fit_index_scores_query(workspace):
     assert len(scores) == 4 and scores == sorted(scores, reverse=True)
     for entry in report["proponents"]:
         assert sum(v for _, v in entry["tokens"]) == pytest.approx(entry["score"], rel=1e-3, abs=1e-3)
+    for kind, lowest in (("proponents", False), ("opponents", True)):  # each entry's kind by the one rule
+        assert [e["kind"] for e in report[kind]] == [end_kind(e["score"], lowest) for e in report[kind]]
     table = invoke("query", "--run", root / "run", "x ->", " sort", "--top-k", "2")
     assert table.exit_code == 0 and "proponents" in table.output
 

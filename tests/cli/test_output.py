@@ -239,7 +239,7 @@ def test_scores_travel_with_labels_as_a_table_and_a_top_k_csv(workspace):
     first = rows[1]
     assert first[:3] == ["test-0000", "proponent", "1"] and first[4] == labels[first[3]]
     assert float(first[5]) == pytest.approx(scores.top(0, 1)[0][1], rel=1e-6)
-    assert {row[1] for row in rows[1:]} <= {"proponent", "opponent", "lowest"}
+    assert {row[1] for row in rows[1:]} <= {"proponent", "highest", "opponent", "lowest"}
     run = workspace / "overwrite-run"
     if not run.exists():
         test_scores_refuses_to_replace_a_score_set_of_other_queries_unless_overwrite(workspace)

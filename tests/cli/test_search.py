@@ -8,7 +8,7 @@ import torch
 
 from tests.cli.conftest import invoke
 from tests.core.test_search import Rows, clustered
-from wherefrom.cli.run import end_name, print_search, store_search
+from wherefrom.cli.run import end_name, print_search, print_tops, store_search
 from wherefrom.core.data import Record, load_records
 from wherefrom.core.vectors import VectorStore
 from wherefrom.engine.run import Run
@@ -122,6 +122,19 @@ def test_search_lines_name_rows_on_the_wrong_side_of_zero():
     nan = float("nan")  # the padding of a short candidate list: not shown, not counted
     assert end_name("proponents", [4.0, nan]) == "proponents"
     assert end_name("opponents", [-1.0, 2.0, nan, nan]) == "lowest scores (1 of 2 >= 0, not opponents)"
+
+
+def test_scores_lines_name_top_rows_that_are_not_proponents(capsys):
+    """``scores``' line of a query whose top rows score <= 0 said nothing of it (``q: a (-1)``), while ``query``
+    and ``--search`` named the end; now the line names it the same way, and an all-positive line is unchanged."""
+    from wherefrom.core.scoring import Scores
+
+    scores = Scores(["neg", "pos"], ["a", "b", "c"], ["m"], torch.tensor([[[-1.0, -2.0, 0.5], [3.0, 2.0, 1.0]]]))
+    print_tops(scores, 2, {"a": "angry"})
+    assert capsys.readouterr().out.splitlines() == [
+        "neg highest scores (1 of 2 <= 0, not proponents): c (+0.5), a [angry] (-1)",
+        "pos: a [angry] (+3), b (+2)",
+    ]
 
 
 def test_prefilter_needs_the_store_rows_in_training_order(workspace):

@@ -188,6 +188,22 @@ def test_top_lists_equal_scores_in_training_row_order_at_both_ends():
     assert [t for t, _ in restricted.top(0, 3, opponents=True)] == ["t3", "t1", "t11"]
 
 
+def test_top_rows_name_each_end_by_its_sign():
+    """A high-end row that scores <= 0 lowers (or leaves) the query's log-likelihood: it is ``highest``, not a
+    ``proponent`` (every top row was ``proponent``, negative ones too, while ``query``'s tables already said
+    "not proponents"); a low-end row >= 0 is ``lowest``, not an ``opponent``."""
+    from wherefrom.core.scoring import Scores, end_kind, top_rows
+
+    total = torch.tensor([[-1.0, -2.0, -3.0, 0.5], [4.0, 3.0, 2.0, 0.0]])
+    scores = Scores(["neg", "pos"], ["a", "b", "c", "d"], ["m"], total[None])
+    kinds = [(query, kind, train) for query, kind, _, train, _, _ in top_rows(scores, 2, {})]
+    assert kinds == [
+        ("neg", "proponent", "d"), ("neg", "highest", "a"), ("neg", "opponent", "c"), ("neg", "opponent", "b"),
+        ("pos", "proponent", "a"), ("pos", "proponent", "b"), ("pos", "lowest", "d"), ("pos", "lowest", "c"),
+    ]  # fmt: skip
+    assert [end_kind(0.0, lowest) for lowest in (False, True)] == ["highest", "lowest"]
+
+
 def test_a_score_set_killed_midway_is_refused_not_paired_with_an_earlier_sets_ids(tmp_path, monkeypatch):
     """``save_scores`` over an earlier set: a writer killed after the new tensors (before the ``.json``, the set's
     marker) left the earlier ``.json`` and ``.top.csv`` beside the new scores, both intact, so every reader paired

@@ -31,7 +31,7 @@ from wherefrom.cli.settings import ATTRIBUTION, SETTINGS
 from wherefrom.core.data import DataError, Record, data_fingerprint, load_records
 from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, refuse, session
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
-from wherefrom.core.scoring import Scores
+from wherefrom.core.scoring import Scores, end_kind
 from wherefrom.core.search import RowSource, SearchReport, faiss_settings, search_store
 from wherefrom.core.store import StoreError, check_replacement, refuse_other_inputs, strict_json, writer_lock
 from wherefrom.engine.api import AttributionConfig
@@ -332,9 +332,13 @@ def print_search(report: SearchReport, query_ids: list[str], top_k: int, labels:
 def print_tops(result: Scores, top_k: int, labels: Mapping[str, str | None]) -> None:
     """Each query's ``top_k`` proponents on stdout, one query a line: ``query: id [label] (+score), ...``
     (the label only where the training row has one), so the results can be piped apart from the
-    progress and paths on stderr."""
+    progress and paths on stderr. Where some of them are not proponents (score <= 0) the line says so, named by
+    :func:`end_name`: ``query highest scores (3 of 3 <= 0, not proponents): ...``."""
     for q, query_id in enumerate(result.query_ids):
-        typer.echo(f"{query_id}: {', '.join(shown_row(i, s, labels) for i, s in result.top(q, top_k))}")
+        top = result.top(q, top_k)
+        name = end_name("proponents", [score for _, score in top])
+        named = "" if name == "proponents" else f" {name}"
+        typer.echo(f"{query_id}{named}: {', '.join(shown_row(i, s, labels) for i, s in top)}")
 
 
 def shown_row(row_id: str, score: float, labels: Mapping[str, str | None]) -> str:
@@ -380,13 +384,14 @@ def query(
     position = {row_id: i for i, row_id in enumerate(result.train_ids)}
     tokenizer = opened.loaded.tokenizer
 
-    def describe(row_id: str, score: float) -> dict:
+    def describe(row_id: str, score: float, lowest: bool) -> dict:
         row = rows[row_id]
         column = result.per_module[:, 0, position[row_id]]
         order = column.abs().argsort(descending=True)[:by_module].tolist()
         return {
             "id": row_id,
             "score": score,
+            "kind": end_kind(score, lowest),
             "label": row.label,
             "prompt": row.prompt,
             "completion": row.completion,
@@ -397,8 +402,8 @@ def query(
         "query": {"prompt": prompt, "completion": completion},
         "strategy": opened.config.method or opened.config.attribution.strategy,
         "sign": "positive = proponent (raises log p(completion | prompt))",
-        "proponents": [describe(i, s) for i, s in result.top(0, top_k)],
-        "opponents": [describe(i, s) for i, s in result.top(0, top_k, opponents=True)],
+        "proponents": [describe(i, s, False) for i, s in result.top(0, top_k)],
+        "opponents": [describe(i, s, True) for i, s in result.top(0, top_k, opponents=True)],
     }
     if per_token:
         top_rows = [rows[p["id"]] for p in report["proponents"]]
@@ -438,7 +443,7 @@ def end_name(kind: str, scores: Sequence[float]) -> str:
     log-likelihood. NaN scores (the padding of a short candidate list, not shown) are left out."""
     lowest = kind == "opponents"
     shown = [s for s in scores if not math.isnan(s)]
-    other = sum(s >= 0 if lowest else s <= 0 for s in shown)
+    other = sum(end_kind(s, lowest) != kind[:-1] for s in shown)
     if not other:
         return kind
     return (

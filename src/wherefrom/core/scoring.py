@@ -235,16 +235,25 @@ TOP_COLUMNS = ("query_id", "kind", "rank", "train_id", "label", "score")
 """The columns of a top-k CSV file (:func:`write_top_csv`)."""
 
 
+def end_kind(score: float, lowest: bool) -> str:
+    """What a row at one end of a query's ranking is: at the high end ``proponent`` when its score is positive
+    (it raises the query's log-likelihood), else ``highest``; at the low end (``lowest``) ``opponent`` when
+    negative, else ``lowest`` (a row that raises the query's likelihood too). NaN (no row) is neither."""
+    if lowest:
+        return "opponent" if score < 0 else "lowest"
+    return "proponent" if score > 0 else "highest"
+
+
 def top_rows(scores: Scores, k: int, labels: Mapping[str, str | None]) -> list[tuple]:
-    """One tuple per query, kind and rank, in :data:`TOP_COLUMNS` order: the ``k`` proponents (``kind``
-    ``proponent``, largest score first) and the ``k`` lowest scores (``kind`` ``opponent`` when negative,
-    ``lowest`` when not: a row that raises the query's likelihood too) of each query; ``label`` from
-    ``labels`` (``""`` when absent); ``score`` in the convention of the module docstring."""
+    """One tuple per query, kind and rank, in :data:`TOP_COLUMNS` order: the ``k`` highest scores (largest
+    first) and the ``k`` lowest of each query, ``kind`` by :func:`end_kind` (``proponent``/``highest``,
+    ``opponent``/``lowest``); ``label`` from ``labels`` (``""`` when absent); ``score`` in the convention of the
+    module docstring."""
     rows = []
     for q, query_id in enumerate(scores.query_ids):
         for lowest in (False, True):
             for rank, (train_id, score) in enumerate(scores.top(q, k, opponents=lowest), 1):
-                kind = ("opponent" if score < 0 else "lowest") if lowest else "proponent"
+                kind = end_kind(score, lowest)
                 rows.append((query_id, kind, rank, train_id, labels.get(train_id) or "", score))
     return rows
 
