@@ -316,7 +316,8 @@ REFUSALS: tuple[Refusal, ...] = (
         "--search with --by-module (or scores' --name, --overwrite)",
         EXIT,
         "--by-module 5 needs the full scores",
-        "a search prints the top rows and saves nothing: a flag about the full scores would be ignored",
+        "a search prints the top rows and saves nothing: a flag about the full scores would be ignored "
+        "(`--by-module 0`, no modules, is accepted)",
         command=(*QUERY, "--search", "exact", "--by-module", "5"),
     ),
     # --- curvature ------------------------------------------------------------------------------

@@ -191,6 +191,9 @@ def test_search_of_a_run_index_finds_the_full_scores_tops(workspace, tmp_path, m
             assert isinstance(refused.exception, LookupError)  # the check passed: the queries came next
     filtered = invoke("query", "a prompt", "a completion", "--run", run, "--prefilter-bm25", 4, "--top-k", 3)
     assert filtered.exit_code == 0, filtered.output
+    none = invoke("query", "a prompt", "a completion", "--run", run, "--search", "exact", "--by-module", 0)
+    assert none.exit_code == 0 and none.stdout == invoke("query", "a prompt", "a completion", "--run", run,
+                                                         "--search", "exact").stdout  # fmt: skip
     assert filtered.stdout.count("query proponents: ") == 1
     both = invoke("query", "a prompt", "a completion", "--run", run, "--search", "exact", "--json")
     assert both.exit_code == 2 and "--json needs the full scores" in " ".join(both.output.split())

@@ -369,7 +369,8 @@ def query(
         record = Record(id="query", prompt=prompt, completion=completion)
         options = check_search(search, search_option, no_recall)
         if search is not None or prefilter_bm25 is not None:
-            refuse_full_score_flags(("as_json", "by_module", "per_token", "html"))
+            shown = ("by_module",) if by_module else ()  # --by-module 0 (no modules) is what a search shows
+            refuse_full_score_flags(("as_json", *shown, "per_token", "html"))
             search_run(run, [record], top_k, search, options, prefilter_bm25, not no_recall, device)
             return
         opened = Run.open(run, progress=progress, device=device)
