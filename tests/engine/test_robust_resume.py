@@ -79,6 +79,8 @@ def test_complete_index_is_not_mixed_with_new_settings(root):
     code, out = invoke("index", "--run", root / "run", "--shard-size", "4", "--dtype", "float16")
     assert code == 2 and "dtype: recorded 'float32', now 'float16'" in out, out
     assert "It is finished: `wherefrom index --run" in " ".join(out.split()), out  # not "resume" a finished one
+    code, out = invoke("index", "--run", root / "run", "--shard-size", "3")  # other shard files than it has
+    assert code == 2 and "shard_size: recorded 4, now 3" in out and "It is finished: `" in " ".join(out.split()), out
     code, out = invoke("index", "--run", root / "run", "--shard-size", "4")
     assert code == 0 and "0 shards written now" in out, out
 

@@ -141,7 +141,7 @@ def test_index_settings_that_do_not_apply_are_refused(workspace, tmp_path):
     )  # fmt: skip
     assert code == 0, out
     code, out = invoke("index", "--run", tmp_path / "run", "--unit-norm")
-    assert code == 2 and "--unit-norm apply to the index of a trak/logra/repsim run" in out, out
+    assert code == 2 and "--unit-norm apply to the index of a trak/logra/repsim/tracin run" in out, out
     code, out = invoke("index", "--run", tmp_path / "run", "--precondition", "lots")
     assert code == 2 and "--precondition" in out and "lots" in out, out
     unfitted = RunConfig.for_method("logra", str(workspace / "train.jsonl"), ATTRIBUTION, LOGRA, device="cpu")

@@ -604,7 +604,8 @@ class OutputSettings:
         check=existing_path,
     )
     unit_norm: bool = setting(
-        False, "Divide each index row and each query vector by its norm (trak/logra runs: cosine-like scores)."
+        False,
+        "Divide each index row and each query vector by its norm (trak/logra/repsim/tracin runs: cosine-like scores).",
     )
     with_index: bool = setting(
         False,

@@ -743,8 +743,9 @@ class Run:
 
         def begin() -> bool:
             finished = writer.complete()
+            marked = finished or (writer.folder / MARKER).exists()  # finished with another shard size: not "resume"
             # A finished index is reused on any device; a resumed one must run where it started.
-            if writer.start(hint(finished), ignore=("device",) if finished else ()):  # unknown settings discarded
+            if writer.start(hint(marked), ignore=("device",) if finished else ()):  # unknown settings discarded
                 finished = writer.complete()
             misplaced = writer.misplaced() if finished else []
             if misplaced:  # settings agree, yet a shard holds other rows: rebuilt (pending names it)
@@ -868,7 +869,7 @@ class Run:
             )
         if raw and (precondition == "none" or unit_norm):
             raise ValueError(
-                "--precondition and --unit-norm apply to the index of a trak/logra/repsim run; an influence run "
+                "--precondition and --unit-norm apply to the index of a trak/logra/repsim/tracin run; an influence run "
                 "stores raw gradients and applies its curvature to the queries"
             )
         self.check_adam(precondition, optimizer_checkpoint)
