@@ -439,7 +439,12 @@ class ScoringSettings:
 
     prompt: str = setting(REQUIRED, "The query prompt.", argument=True)
     completion: str = setting(REQUIRED, "The completion whose log-likelihood is attributed.", argument=True)
-    top_k: int = setting(10, "Proponents (and opponents) shown per query.", check=at_least(1))
+    top_k: int = setting(
+        10,
+        "Rows shown per query and end: scores and attribute print the highest, query and --search both ends "
+        "(attribute's top-k CSV keeps as many of each; scores' keeps 10).",
+        check=at_least(1),
+    )
     by_module: int = setting(
         3, "Show the modules with the largest share for each proponent (0 = none).", check=at_least(0)
     )
