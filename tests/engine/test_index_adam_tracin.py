@@ -182,6 +182,17 @@ def tracin_run(root, folder, attribution=TRACIN, **extra) -> Run:
     return run
 
 
+def test_a_tracin_fit_counts_its_checkpoints_not_the_run_models_modules(workspace, tmp_path):
+    """`fit` printed the run model's tracked modules (14 where tracin tracked a checkpoint's 8 LoRA modules)."""
+    checkpoints = json.dumps([str(workspace / "checkpoint-1"), str(workspace / "checkpoint-2")])
+    code, out = invoke(
+        "fit", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--run", tmp_path / "run",
+        "--device", "cpu", "--method", "tracin", "--option", f"checkpoints={checkpoints}",
+        "--option", f"learning_rates={json.dumps(RATES)}",
+    )  # fmt: skip
+    assert code == 0 and "tracin fitted: 2 checkpoints, 10 rows" in out and "modules" not in out, out
+
+
 @pytest.mark.parametrize("cosine", [False, True])
 def test_tracin_store_scores_and_tops_equal_tracins(workspace, tmp_path, cosine):
     """float32 rows: per-module scores within 1e-5 of the largest of `scores` with method tracin (sum_c lr_c

@@ -113,6 +113,9 @@ def fit(
     where = run / ("method" if opened.method is not None else "factors")
     gradients = method is None or not any(in_family(method, family) for family in ("representation", "lexical"))
     modules = f"{len(opened.attributor.modules)} modules, " if gradients else ""  # bm25, repsim track none
+    tracin = opened.checkpoint_method()
+    if tracin is not None:  # it tracks each checkpoint's modules (e.g. LoRA's), not those of the run's model
+        modules = f"{len(tracin.checkpoints)} checkpoints, "
     say(f"{method or strategy} {state}: {modules}{len(opened.train)} rows -> {where}")
     if written is not None:
         print_index_done(run, written)
