@@ -574,7 +574,9 @@ def test_a_probe_needs_16_held_out_rows_and_trains_on_a_view_of_its_sample(monke
     original = sample.copy()
     trained_on = []
     train = search_module._trained_pq
-    monkeypatch.setattr(search_module, "_trained_pq", lambda m, rows: trained_on.append(rows) or train(m, rows))
+    monkeypatch.setattr(
+        search_module, "_trained_pq", lambda m, rows, warn=True: trained_on.append(rows) or train(m, rows, warn)
+    )
     search_module._probed_pq([512, 256], sample)
     assert len(trained_on) == 2 and all(np.shares_memory(rows, sample) and len(rows) == 200 - 64 for rows in trained_on)
     assert sorted(map(tuple, sample.tolist())) == sorted(map(tuple, original.tolist()))  # the same rows, reordered
@@ -717,6 +719,12 @@ def test_pq_training_on_few_rows_warns_once_not_once_per_sub_quantizer(capfd, ca
     assert "WARNING clustering" not in capfd.readouterr().err
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["PQ codebooks trained on 100 rows"]
     assert index.ntotal == 100
+    caplog.clear()  # a build that probes two pq_m trains both on the same rows: said once, not once per candidate
+    rows, _ = clustered(100, 1024, 4, seed=14)
+    assert FaissSettings(kind="pq").probes(1024)
+    with caplog.at_level("WARNING", logger="wherefrom.core.search"):
+        build_faiss_index(Rows(rows, 50), FaissSettings(kind="pq"))
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["PQ codebooks trained on 58 rows"]
 
 
 @pytest.mark.parametrize(

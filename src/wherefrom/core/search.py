@@ -799,13 +799,14 @@ def _training_sample(source: RowSource, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts))
 
 
-def _train_quietly(index, sample: np.ndarray) -> None:
+def _train_quietly(index, sample: np.ndarray, warn: bool = True) -> None:
     """Train a refined PQ ``index`` on ``sample``. FAISS writes one warning line per sub-quantizer (thousands for
-    raw gradient rows) when a k-means has under 39 rows per centroid; that is said once here instead."""
+    raw gradient rows) when a k-means has under 39 rows per centroid; that is said once here instead (``warn``:
+    said at all; a probe's second candidate, trained on the same rows, does not say it again)."""
     faiss = _faiss()
     base = faiss.downcast_index(index.base_index)
     suggested = base.pq.cp.min_points_per_centroid * 2**PQ_BITS
-    if len(sample) < suggested:
+    if warn and len(sample) < suggested:
         logger.warning(
             "PQ codebooks trained on %d rows (FAISS suggests at least %d): the codes are coarse, the float32 "
             "re-ranking still returns exact scores (raise refine if recall is low)",
@@ -823,11 +824,11 @@ def _divisor_at_most(dim: int, m: int) -> int:
     return next(d for d in range(max(1, m), 0, -1) if dim % d == 0)
 
 
-def _trained_pq(m: int, rows: np.ndarray):
+def _trained_pq(m: int, rows: np.ndarray, warn: bool = True):
     """An empty ``pq`` index of ``m`` 4-bit fast-scan sub-quantizers re-ranked by the float32 rows, trained on
-    ``rows``."""
+    ``rows`` (``warn``: as :func:`_train_quietly`)."""
     index = _faiss().index_factory(rows.shape[1], f"PQ{m}x{PQ_BITS}fs,RFlat", _faiss().METRIC_INNER_PRODUCT)
-    _train_quietly(index, rows)
+    _train_quietly(index, rows, warn)
     return index
 
 
@@ -870,7 +871,7 @@ def _probed_pq(candidates: Sequence[int], sample: np.ndarray) -> tuple[Any, str 
     truth = np.argsort(-(queries @ rest.T), axis=1, kind="stable")[:, :k]
     trained = []
     for m in candidates:
-        index = _trained_pq(m, rest)
+        index = _trained_pq(m, rest, warn=not trained)
         codes = _faiss().clone_index(index.base_index)
         codes.add(rest)
         _, found = codes.search(queries, shortlist)
