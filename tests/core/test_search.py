@@ -725,6 +725,14 @@ def test_pq_training_on_few_rows_warns_once_not_once_per_sub_quantizer(capfd, ca
     with caplog.at_level("WARNING", logger="wherefrom.core.search"):
         build_faiss_index(Rows(rows, 50), FaissSettings(kind="pq"))
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["PQ codebooks trained on 58 rows"]
+    caplog.clear()
+    rows, _ = clustered(80, 16, 4, seed=14)
+    for kind in ("ivf", "ivf-sq8"):  # FAISS's own "WARNING clustering 80 points to 9 centroids" line leaked too
+        with caplog.at_level("WARNING", logger="wherefrom.core.search"):
+            build_faiss_index(Rows(rows, 50), FaissSettings(kind=kind, nlist=9))
+        assert "WARNING clustering" not in capfd.readouterr().err
+        assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["IVF cells trained on 80 rows"]
+        caplog.clear()
 
 
 @pytest.mark.parametrize(

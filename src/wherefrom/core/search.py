@@ -1018,7 +1018,18 @@ def _saved_or_built(
                 quantizer, dim, lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
             )
             index.by_residual = False  # the rows themselves are coded, in ranges _cover_every_row sets
-        index.train(_training_sample(source, lists * settings.train_per_list))
+        sample = _training_sample(source, lists * settings.train_per_list)
+        suggested = index.cp.min_points_per_centroid * lists
+        if len(sample) < suggested:  # said here, in wherefrom's log, instead of FAISS's own line on stderr
+            logger.warning(
+                "IVF cells trained on %d rows (FAISS suggests at least %d for nlist %d): the cells are coarse; "
+                "recall@k says what the search finds",
+                len(sample),
+                suggested,
+                lists,
+            )
+        index.cp.min_points_per_centroid = 1  # only FAISS's warning depends on it
+        index.train(sample)
         if settings.kind == "ivf-sq8":
             _cover_every_row(index, source)
     if settings.graph == "angular" and settings.kind == "hnsw":
