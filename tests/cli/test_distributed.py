@@ -125,6 +125,17 @@ def test_torchrun_scores_gather_every_training_row_in_order(workspace, one):
     assert_close(two["per_module"], single["per_module"], rtol=1e-5, atol=1e-6 * float(single["total"].abs().max()))
 
 
+def test_a_malformed_torchrun_environment_is_one_error_line_for_every_command(monkeypatch):
+    """A leftover ``RANK`` without ``WORLD_SIZE`` gave a traceback from every one-process command (``methods``,
+    ``query``), while ``fit``/``index``/``scores`` printed the error line."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    listed = invoke("methods")
+    text = " ".join(listed.output.split())
+    assert listed.exit_code == 2 and "RANK=1 and WORLD_SIZE=1: need 0 <= RANK < WORLD_SIZE" in text, listed.output
+    assert "Traceback" not in listed.output
+
+
 def test_what_does_not_distribute_is_refused_by_name(workspace, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; nothing below joins a process group
     monkeypatch.setenv("RANK", "0")

@@ -317,7 +317,7 @@ def command(
         if not distributed:
             try:
                 refuse(f"command {name}", f"run it in one process; {', '.join(sorted(DISTRIBUTED))} run under torchrun")
-            except NotDistributable as error:
+            except (NotDistributable, ValueError) as error:  # ValueError: a malformed RANK/WORLD_SIZE environment
                 fail(error)
         token = _CURRENT.set(Invocation(name, arguments))
         try:
