@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wherefrom.core.store import SettingsMismatch, record_checksum, record_settings, write_json_checked
+from wherefrom.core.store import SettingsMismatch, forget_file, record_checksum, record_settings, write_json_checked
 
 from .robust_workspace import fit_args, invoke, make_workspace
 
@@ -140,6 +140,27 @@ def test_fit_of_an_older_version_is_reused(root, tmp_path):
     assert (run / "factors" / "curvature.safetensors").read_bytes() == saved
     code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac", "--query-without-eos"))
     assert code == 2 and "attribution.query_without_eos: recorded False, now True" in out, out
+
+
+def test_a_fit_killed_before_its_first_stage_starts_again_without_a_note(root, tmp_path):
+    """A fit killed after it recorded ``factors/settings.json`` but before any stage: the rerun said "settings
+    unknown (settings.json is missing); discarded 2 entries", though the file was there (it was forgotten first, as
+    nothing of a fit was finished). The factors were and are the uninterrupted fit's."""
+    run = root / f"fit-{tmp_path.name}"
+    code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac"))
+    assert code == 0, out
+    saved = (run / "factors" / "curvature.safetensors").read_bytes()
+    for path in (run / "factors").iterdir():  # what a kill right after the settings leaves
+        if path.name not in ("settings.json", "checksums.json", ".checksums.json.lock"):
+            forget_file(path)
+    assert sorted(p.name for p in (run / "factors").iterdir()) == [
+        ".checksums.json.lock",
+        "checksums.json",
+        "settings.json",
+    ]
+    code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac"))
+    assert code == 0 and "settings unknown" not in out and "discarded" not in out, out
+    assert (run / "factors" / "curvature.safetensors").read_bytes() == saved
 
 
 def test_record_settings_fills_a_section_with_its_defaults(tmp_path):

@@ -554,8 +554,9 @@ class Run:
             (target / name).exists() for name in ("curvature.json", "curvature.safetensors")
         )
         if not started_before:
-            # Nothing of a fit is finished here (e.g. an earlier fit was refused): its settings bind nothing.
-            forget_file(target / SETTINGS)
+            # Nothing of a fit is finished here (an earlier fit was refused, or killed before its first stage): its
+            # settings bind nothing, and the folder starts empty (no "settings unknown" note for what is expected)
+            shutil.rmtree(target, ignore_errors=True)
             self.attributor.encode(self.train)  # rows the model cannot take: a DataError before anything is written
         # Finished factors are reused on any device; a resumed fit must run where it started.
         notes = record_settings(
