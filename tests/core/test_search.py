@@ -732,7 +732,12 @@ def test_pq_training_on_few_rows_warns_once_not_once_per_sub_quantizer(capfd, ca
             build_faiss_index(Rows(rows, 50), FaissSettings(kind=kind, nlist=9))
         assert "WARNING clustering" not in capfd.readouterr().err
         assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["IVF cells trained on 80 rows"]
+        assert "the 9 cells are coarse" in caplog.records[0].getMessage()
         caplog.clear()
+    with caplog.at_level("WARNING", logger="wherefrom.core.search"):  # its coarse cells quiet, its codebooks said
+        build_faiss_index(Rows(rows, 50), FaissSettings(kind="ivf-pq", nlist=9))
+    assert "WARNING clustering" not in capfd.readouterr().err
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["PQ codebooks trained on 80 rows"]
 
 
 @pytest.mark.parametrize(

@@ -799,23 +799,33 @@ def _training_sample(source: RowSource, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts))
 
 
+def _quiet_kmeans(clustering, rows: int, centroids: int, what: str | None = None, meaning: str = "") -> None:
+    """Let a FAISS k-means (``clustering``: its ``ClusteringParameters``) of ``centroids`` centroids train on
+    ``rows`` rows without FAISS's own warning line on stderr (one per k-means: thousands for a PQ of raw gradient
+    rows) when there are under ``min_points_per_centroid`` (39) rows per centroid; the threshold changes nothing
+    else (same index bytes). Where it applies, "``what`` trained on N rows (FAISS suggests at least M): ``meaning``"
+    is said once in wherefrom's log instead; ``what=None``: not said (a probe's second candidate, trained on the
+    same rows; an IVF-PQ's coarse cells, beside its codebooks' warning)."""
+    suggested = clustering.min_points_per_centroid * centroids
+    if what is not None and rows < suggested:
+        logger.warning("%s trained on %d rows (FAISS suggests at least %d): %s", what, rows, suggested, meaning)
+    clustering.min_points_per_centroid = 1
+
+
 def _train_quietly(index, sample: np.ndarray, warn: bool = True) -> None:
-    """Train a refined PQ ``index`` on ``sample``. FAISS writes one warning line per sub-quantizer (thousands for
-    raw gradient rows) when a k-means has under 39 rows per centroid; that is said once here instead (``warn``:
-    said at all; a probe's second candidate, trained on the same rows, does not say it again)."""
+    """Train a refined PQ ``index`` (``PQ`` or ``IVF,PQ`` fast-scan, ``RFlat``) on ``sample``, its k-means quieted
+    by :func:`_quiet_kmeans` (``warn``: the codebooks' warning said at all)."""
     faiss = _faiss()
     base = faiss.downcast_index(index.base_index)
-    suggested = base.pq.cp.min_points_per_centroid * 2**PQ_BITS
-    if warn and len(sample) < suggested:
-        logger.warning(
-            "PQ codebooks trained on %d rows (FAISS suggests at least %d): the codes are coarse, the float32 "
-            "re-ranking still returns exact scores (raise refine if recall is low)",
-            len(sample),
-            suggested,
-        )
-    base.pq.cp.min_points_per_centroid = 1
+    _quiet_kmeans(
+        base.pq.cp,
+        len(sample),
+        2**PQ_BITS,
+        "PQ codebooks" if warn else None,
+        "the codes are coarse, the float32 re-ranking still returns exact scores (raise refine if recall is low)",
+    )
     if isinstance(base, faiss.IndexIVF):
-        base.cp.min_points_per_centroid = 1
+        _quiet_kmeans(base.cp, len(sample), base.nlist)
     index.train(sample)
 
 
@@ -1019,16 +1029,13 @@ def _saved_or_built(
             )
             index.by_residual = False  # the rows themselves are coded, in ranges _cover_every_row sets
         sample = _training_sample(source, lists * settings.train_per_list)
-        suggested = index.cp.min_points_per_centroid * lists
-        if len(sample) < suggested:  # said here, in wherefrom's log, instead of FAISS's own line on stderr
-            logger.warning(
-                "IVF cells trained on %d rows (FAISS suggests at least %d for nlist %d): the cells are coarse; "
-                "recall@k says what the search finds",
-                len(sample),
-                suggested,
-                lists,
-            )
-        index.cp.min_points_per_centroid = 1  # only FAISS's warning depends on it
+        _quiet_kmeans(
+            index.cp,
+            len(sample),
+            lists,
+            "IVF cells",
+            f"the {lists} cells are coarse; recall@k says what the search finds",
+        )
         index.train(sample)
         if settings.kind == "ivf-sq8":
             _cover_every_row(index, source)
