@@ -7,6 +7,7 @@ the batches and the order of summation only, so fitted states agree to rtol 1e-5
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch.multiprocessing as mp
 from torch.testing import assert_close
 
 from tests.conftest import build_model, make_records
+from wherefrom.core import distributed
 from wherefrom.core.distributed import (
     NotDistributable,
     World,
@@ -27,6 +29,7 @@ from wherefrom.core.distributed import (
     on_main,
     refuse,
     rows_for_rank,
+    session,
     shards_for_rank,
     sum_counts,
     sum_over_ranks,
@@ -346,6 +349,32 @@ def test_launch_variables_are_checked(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(NotDistributable, match=r"command index cannot run under torch.distributed \(WORLD_SIZE=2\)"):
         refuse("command index", "build it in one process")
+
+
+def test_a_process_waiting_for_its_group_says_so_and_where(monkeypatch, caplog):
+    """A process started with WORLD_SIZE=2 and no peer waited in torch's rendezvous without a word (torch gives up
+    after its 30-minute process-group timeout); now it says where it waits once RENDEZVOUS_NOTE_S have passed, and a
+    group that forms in time says nothing."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "RENDEZVOUS_NOTE_S", 0.05)
+
+    def rendezvous(wait: float):
+        def init_process_group(**_):
+            time.sleep(wait)
+            raise RuntimeError("rendezvous ended")  # a group is not needed to see what was said while waiting
+
+        return init_process_group
+
+    note = "rank 0 of 2 has waited 0 s for the rest of its process group at 127.0.0.1:29999 (WORLD_SIZE=2"
+    for wait, said in ((0.5, [note]), (0.0, [])):
+        monkeypatch.setattr(dist, "init_process_group", rendezvous(wait))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="wherefrom.core.distributed"):
+            with pytest.raises(RuntimeError, match="rendezvous ended"), session():
+                pass
+            time.sleep(0.2)  # a note not cancelled would be said now
+        assert [r.getMessage()[: len(note)] for r in caplog.records] == said
 
 
 def test_gathered_draw_counts_keep_the_latest_count():

@@ -31,9 +31,11 @@ Conventions every distributed command follows:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import sys
+import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from contextvars import ContextVar
@@ -44,6 +46,11 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+RENDEZVOUS_NOTE_S = 10.0
+"""Seconds :func:`session` waits for the other processes before it says that it is waiting (and where)."""
+
 _ALONE: ContextVar[bool] = ContextVar("wherefrom_alone", default=False)
 
 
@@ -142,7 +149,13 @@ def session() -> Iterator[World]:
     if device is not None:
         torch.cuda.set_device(device)
     global left_group
-    dist.init_process_group(backend=backend(), rank=world.rank, world_size=world.size)
+    note = threading.Timer(RENDEZVOUS_NOTE_S, waiting_note, args=(world,))
+    note.daemon = True
+    note.start()
+    try:
+        dist.init_process_group(backend=backend(), rank=world.rank, world_size=world.size)
+    finally:
+        note.cancel()
     try:
         yield world
         dist.barrier()  # no rank leaves while another still communicates (after an error: no barrier,
@@ -150,6 +163,24 @@ def session() -> Iterator[World]:
     finally:
         dist.destroy_process_group()
         left_group = True
+
+
+def waiting_note(world: World) -> None:
+    """Say (a warning in wherefrom's log, on stderr) that rank ``world.rank`` still waits for the other processes
+    of its group at ``MASTER_ADDR:MASTER_PORT``: :func:`session` says it after :data:`RENDEZVOUS_NOTE_S` seconds.
+    Under torchrun the group forms in well under a second; a wait this long is a process started by hand with
+    ``WORLD_SIZE`` set (or left over) and no peers, or a machine of a multi-machine run not started yet."""
+    address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    logger.warning(
+        "rank %d of %d has waited %.0f s for the rest of its process group at %s (WORLD_SIZE=%d in the "
+        "environment): start the other processes, or unset WORLD_SIZE and RANK to run in one process; torch gives "
+        "up after its process-group timeout",
+        world.rank,
+        world.size,
+        RENDEZVOUS_NOTE_S,
+        address,
+        world.size,
+    )
 
 
 left_group = False
