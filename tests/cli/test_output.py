@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import re
@@ -41,8 +42,13 @@ def test_scores_refuses_to_replace_a_score_set_of_other_queries_unless_overwrite
         "fit", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--run", run, "--max-length", "128"
     )
     assert fitted.exit_code == 0, fitted.output
-    first = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl")
+    first = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl", "--top-k", "2")
     assert first.exit_code == 0, first.output
+    with (run / "scores" / "scores.top.csv").open() as handle:  # --top-k of each end (it kept 10)
+        kept = collections.Counter(
+            (row["query_id"], row["kind"] in ("proponent", "highest")) for row in csv.DictReader(handle)
+        )
+    assert len(kept) == 2 * len((workspace / "queries.jsonl").read_text().splitlines()) and set(kept.values()) == {2}
     saved = run / "scores" / "scores.safetensors"
     same = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl")
     assert same.exit_code == 0 and "replaced the earlier scores of the same query rows" in same.stderr

@@ -180,7 +180,7 @@ def scores(
             # a writer of RUN/scores: refuse before the work while another writer runs
             with held_by_main(lambda: writer_lock(run)):
                 result = opened.scores(rows)
-                path = on_main(lambda: opened.save_scores(result, name, queried["query_fingerprint"]))
+                path = on_main(lambda: opened.save_scores(result, name, queried["query_fingerprint"], top_k))
             main = is_main()
     except (DataError, FileNotFoundError, RunMismatch, RuntimeError, ValueError) as error:
         fail(error)

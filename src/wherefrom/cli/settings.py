@@ -442,7 +442,7 @@ class ScoringSettings:
     top_k: int = setting(
         10,
         "Rows shown per query and end: scores and attribute print the highest, query and --search both ends "
-        "(attribute's top-k CSV keeps as many of each; scores' keeps 10).",
+        "(the top-k CSV of scores and attribute keeps as many of each end).",
         check=at_least(1),
     )
     by_module: int = setting(

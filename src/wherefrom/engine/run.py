@@ -1270,13 +1270,11 @@ class Run:
         columns = [block_products(query_rows, rows.float(), blocks) for _start, rows in store.shards()]
         return Scores(query_ids, list(store.ids), [n for n, _ in blocks], torch.cat(columns, dim=2))
 
-    def save_scores(self, scores: Scores, name: str, query_fingerprint: str | None = None) -> Path:
-        """Write ``scores/<name>.safetensors`` and ``scores/<name>.json`` (see :func:`wherefrom.core.scoring.save_scores`,
-        with :meth:`scores_provenance` under ``provenance`` and the query rows' ``query_fingerprint``) under the run's
-        writer lock."""
+    def save_scores(self, scores: Scores, name: str, query_fingerprint: str | None = None, top_k: int = 10) -> Path:
+        """Write ``scores/<name>.safetensors``, ``scores/<name>.top.csv`` (``top_k`` rows per query and end) and
+        ``scores/<name>.json`` (see :func:`wherefrom.core.scoring.save_scores`, with :meth:`scores_provenance` under
+        ``provenance`` and the query rows' ``query_fingerprint``) under the run's writer lock."""
         with writer_lock(self.folder):
             labels = {row.id: row.label for row in self.train}
             provenance = self.scores_provenance()
-            return save_scores(
-                scores, self.folder / "scores", name, labels, provenance=provenance, query_fingerprint=query_fingerprint
-            )
+            return save_scores(scores, self.folder / "scores", name, labels, top_k, provenance, query_fingerprint)
