@@ -311,6 +311,22 @@ def test_nan_row_is_refused_naming_its_id():
         exact_top_k(Rows(matrix, 16), torch.tensor([[1.0, 1.0, 0.0, 1.0]]), 3)
 
 
+def test_a_candidate_whose_products_overflow_at_one_end_is_ranked_there():
+    """Rows a query may not return were filled with -inf at each end; a candidate whose float32 product overflows to
+    -inf at that end tied with them and lost to a lower-numbered one: query 0's opponent was no row (-1, NaN)
+    though its one candidate, row 1, has score +inf. Zero queries with candidates gave a torch traceback."""
+    rows, queries = torch.tensor([[1.0, 0.0], [3e38, 0.0], [5.0, 0.0]]), torch.tensor([[10.0, 0.0], [1.0, 0.0]])
+    for chunk_rows in (1, 2, 100):  # the overflow within one merge, and across merges of the running top-k
+        for k in (1, 2):
+            top, bottom = exact_ends(Rows(rows, 2), queries, k, candidates=[[1], [0]], chunk_rows=chunk_rows)
+            assert top.rows[:, 0].tolist() == bottom.rows[:, 0].tolist() == [1, 0]
+            assert bottom.scores[0, 0] == math.inf and top.ids == bottom.ids == [["row-1"], ["row-0"]]
+        top, bottom = exact_ends(Rows(rows, 2), queries, 3, candidates=[[0, 1, 2], [0, 2]], chunk_rows=chunk_rows)
+        assert top.rows.tolist() == [[1, 2, 0], [2, 0, -1]] and bottom.rows.tolist() == [[0, 2, 1], [0, 2, -1]]
+    for result in exact_ends(Rows(rows, 2), queries[:0], 2, candidates=[]):
+        assert result.rows.shape[0] == 0 and result.ids == []
+
+
 def test_bad_queries_and_candidates_are_named():
     source = Rows(torch.randn(20, 4), 8)
     with pytest.raises(SearchError, match=r"queries must be \(n_query, 4\).*\(2, 3\)"):

@@ -291,17 +291,24 @@ def exact_ends(
 
     def merge() -> None:
         values, rows = (torch.cat(part, -1) for part in zip(*pending)) if len(pending) > 1 else pending[0]
-        inside = None if allowed is None else torch.stack([torch.isin(rows, rows_q) for rows_q in allowed])
+        inside = None
+        if allowed is not None:  # (n_query, n): which of the rows each query may return
+            queried = [torch.isin(rows, rows_q) for rows_q in allowed]
+            inside = torch.stack(queried) if queried else torch.zeros(0, len(rows), dtype=torch.bool)
         for end, sign in enumerate(signs):
             if inside is None:
                 top, where = stable_top_k(sign * values, k)
                 found = rows[where]
             else:
-                top, where = stable_top_k((sign * values).masked_fill(~inside, -math.inf), k)
-                found = rows.expand(n_query, -1).masked_fill(~inside, -1).gather(1, where)
+                top, where = _top_of_candidates(sign * values, inside, k)
+                found = rows[where].masked_fill(~inside.gather(1, where), -1)
             # kept rows precede the chunk's: ties stay in row order
-            top, where = stable_top_k(torch.cat([kept[end][0], top], 1), k)
-            kept[end] = top, torch.cat([kept[end][1], found], 1).gather(1, where)
+            values_so_far, rows_so_far = torch.cat([kept[end][0], top], 1), torch.cat([kept[end][1], found], 1)
+            if inside is None:
+                top, where = stable_top_k(values_so_far, k)
+            else:
+                top, where = _top_of_candidates(values_so_far, rows_so_far >= 0, k)
+            kept[end] = top, rows_so_far.gather(1, where)
         pending.clear()
 
     for first, shard in _blocks(source, _cast_rows(source.dim)):
@@ -324,6 +331,17 @@ def exact_ends(
         _result(sign * values, rows, source.ids, opponents)
         for (values, rows), sign, opponents in zip(kept, signs, ends)
     ]
+
+
+def _top_of_candidates(values: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`wherefrom.core.scoring.stable_top_k` of each row of ``values`` ``(n_query, n)`` among its ``valid``
+    entries (a boolean mask of that shape), which come before every other entry, even one of value ``-inf`` (a
+    row's float32 products overflow at that end): the others are filled with ``-inf`` and, moved behind the valid
+    ones, can no longer win a tie with them by coming first. ``(top, columns)``, columns into ``values``; a column
+    that is not valid (fewer than ``k`` valid entries) is for the caller to mark."""
+    order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices  # the valid columns first, in order
+    top, where = stable_top_k(values.masked_fill(~valid, -math.inf).gather(1, order), k)
+    return top, order.gather(1, where)
 
 
 def _blocks(source: RowSource, size: int) -> Iterator[tuple[int, torch.Tensor]]:
