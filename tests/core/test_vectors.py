@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 
 import pytest
 import torch
@@ -115,6 +116,18 @@ def test_store_from_another_model_or_projection_is_refused_by_name(tmp_path):
         store.require({"model": "xyz"}, "the queries")
     with pytest.raises(SettingsMismatch, match=r"projection\.dim_out: recorded 4, now 16"):
         store.require({"projection": {"dim_in": 4, "dim_out": 16}})
+
+
+def test_a_store_serves_settings_it_accepted_when_built(tmp_path):
+    """A non-finite setting (an infinite damping) is recorded as JSON null, and the writer compares it that way;
+    the store's own check compared it as inf, so it refused to serve the settings it was built with."""
+    settings = {**SETTINGS, "damping": math.inf, "optimizer": {"lr": math.nan}}
+    writer = VectorStoreWriter(tmp_path / "s", IDS, DIM, settings, shard_size=4)
+    writer.start()
+    writer.build(produce, 0, 1)
+    writer.finalize()
+    VectorStoreWriter(tmp_path / "s", IDS, DIM, settings, shard_size=4).start()  # a rerun: accepted
+    VectorStore.open(tmp_path / "s").require(settings)  # and so is a search with them
 
 
 def flip(path):

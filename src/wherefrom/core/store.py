@@ -149,7 +149,7 @@ def strict_json(obj: Any) -> Any:
     return obj
 
 
-def _json_form(value: Any) -> Any:
+def json_form(value: Any) -> Any:
     """``value`` as it reads back from JSON (:func:`strict_json`; tuples become lists, other objects ``str``): the
     form in which recorded settings and cache keys are compared."""
     return json.loads(json.dumps(strict_json(value), default=str))
@@ -210,7 +210,7 @@ def read_keyed_json(path: Path, key: Any) -> dict[str, Any] | None:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(saved, dict) or saved.get("key") != _json_form(key):
+    if not isinstance(saved, dict) or saved.get("key") != json_form(key):
         return None
     return saved
 
@@ -320,7 +320,7 @@ def check_replacement(
         saved = json.loads(Path(record).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         saved = {}
-    saved = _json_form((recorded_as or dict)(saved)) if isinstance(saved, dict) else {}
+    saved = json_form((recorded_as or dict)(saved)) if isinstance(saved, dict) else {}
     refuse_other_inputs(results, {key: saved.get(key) for key in now}, now, allow)
     return True
 
@@ -334,7 +334,7 @@ def refuse_other_inputs(
 ) -> None:
     """:func:`refuse_overwrite` of ``results`` when the inputs they were made from (``saved``) differ from ``now``
     (compared in JSON form), naming each differing input (``prefix.key``) with both values."""
-    differences = settings_differences(saved, _json_form(dict(now)), prefix)
+    differences = settings_differences(saved, json_form(dict(now)), prefix)
     if differences:
         refuse_overwrite(results, allow, f", made from other inputs ({'; '.join(differences)})")
 
@@ -567,7 +567,7 @@ def with_defaults_recorded(saved: Mapping[str, Any], defaults: Mapping[str, Mapp
         return out
 
     out = dict(saved)
-    for section, values in _json_form(dict(defaults)).items():
+    for section, values in json_form(dict(defaults)).items():
         if isinstance(out.get(section), dict):
             out[section] = filled(out[section], values)
     return out
@@ -594,7 +594,7 @@ def record_settings(
     are unknown.
     """
     folder = Path(folder)
-    now = _json_form(dict(settings))
+    now = json_form(dict(settings))
     path = folder / SETTINGS
     notes = []
     try:

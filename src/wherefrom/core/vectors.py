@@ -47,6 +47,7 @@ from wherefrom.core.store import (
     damage,
     forget_file,
     is_intact,
+    json_form,
     read_checked,
     read_json_checked,
     record_settings,
@@ -431,7 +432,7 @@ class VectorStore:
         differs (e.g. the model fingerprint, the module selection, the projection); ``what`` says what the store
         is being used for; ``defaults``: what a setting the manifest lacks is taken to be
         (:func:`wherefrom.core.store.with_defaults_recorded`)."""
-        now = json.loads(json.dumps(dict(settings), default=str))
+        now = json_form(dict(settings))
         recorded = with_defaults_recorded({k: self.settings.get(k) for k in now}, defaults or {})
         differences = settings_differences(recorded, now)
         if differences:

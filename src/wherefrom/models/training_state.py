@@ -44,6 +44,7 @@ from wherefrom.core.store import (
     DamagedFile,
     atomic_write_dir,
     atomic_write_text,
+    json_form,
     load_tensors_checked,
     read_json_checked,
     record_checksum,
@@ -149,7 +150,7 @@ class TrainingState:
     def differences(self, identity: dict[str, Any]) -> list[str]:
         """``"key: recorded X, now Y"`` for each (dotted) key of ``identity`` whose saved value differs (empty:
         the state belongs to this run)."""
-        return settings_differences(self.identity, json.loads(json.dumps(identity)))
+        return settings_differences(self.identity, json_form(identity))
 
     def restore(
         self,
