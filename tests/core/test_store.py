@@ -20,6 +20,7 @@ import wherefrom
 from wherefrom.core.store import (
     CHECKSUMS,
     DamagedFile,
+    atomic_write_dir,
     atomic_write_json,
     atomic_write_text,
     check_file,
@@ -28,6 +29,7 @@ from wherefrom.core.store import (
     forget_file,
     is_intact,
     load_tensors_checked,
+    read_checked,
     read_json_checked,
     read_keyed_json,
     recorded_checksums,
@@ -327,3 +329,29 @@ store.save_tensors_checked({{"x": torch.ones(3)}}, {str(tmp_path / "shard.safete
     with writer_lock(tmp_path):  # the next writer
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == [".wherefrom.lock"]
+
+
+def test_a_folder_replaced_in_a_failed_rename_keeps_its_earlier_copy(tmp_path, monkeypatch):
+    """atomic_write_dir moved the earlier folder aside, and when the rename of the new one failed (ENOSPC on a
+    directory rename) it deleted the new one and left the earlier one under .old-, which the next writer lock
+    clears away: both copies lost. Now the earlier folder is moved back."""
+    target = tmp_path / "state"
+    atomic_write_dir(target, lambda tmp: (tmp / "a.txt").write_text("earlier"))
+    replace = os.replace
+
+    def full_disk(source, destination):
+        if Path(destination) == target and ".partial" in str(source):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_dir(target, lambda tmp: (tmp / "a.txt").write_text("new"))
+    assert (target / "a.txt").read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["state"]
+
+
+def test_a_file_missing_or_a_folder_is_damaged_not_a_traceback(tmp_path):
+    (tmp_path / "shard").mkdir()
+    for path in (tmp_path / "none", tmp_path / "shard"):
+        with pytest.raises(DamagedFile, match=f"{path} is missing"):
+            read_checked(path)

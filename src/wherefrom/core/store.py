@@ -118,7 +118,8 @@ def atomic_write_text(text: str, path: Path) -> None:
 def atomic_write_dir(target: Path, fill: Callable[[Path], None]) -> None:
     """Build a folder with ``fill(tmp)`` under a temporary name, then rename it to ``target``.
 
-    An existing ``target`` is moved aside first (``.<name>.old-XXXX``) and deleted after the rename.
+    An existing ``target`` is moved aside first (``.<name>.old-XXXX``) and deleted after the rename; where the
+    rename fails (``OSError``, raised), it is moved back, so ``target`` is the earlier folder, never none.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL}", dir=target.parent))
@@ -129,7 +130,13 @@ def atomic_write_dir(target: Path, fill: Callable[[Path], None]) -> None:
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / target.name)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old is not None:  # the next writer_lock would clear the .old- folder away: both copies lost
+                os.replace(old / target.name, target)
+                old.rmdir()
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -451,9 +458,10 @@ def read_checked(path: Path, recorded: Recorded = None) -> bytes:
     """The bytes of ``path``, read once and checked against the recorded checksum (:class:`DamagedFile` naming a
     missing or damaged file; ``recorded``: the folder's :func:`recorded_checksums`, read by the caller once for
     many files)."""
-    if not path.is_file():
-        raise DamagedFile(f"{path} is missing")
-    data = path.read_bytes()
+    try:  # no is_file() first: a file removed between the two (a rebuild beside an unlocked reader) raised
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        raise DamagedFile(f"{path} is missing") from None
     check_bytes(path, data, recorded)
     return data
 
