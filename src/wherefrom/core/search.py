@@ -156,8 +156,9 @@ class SearchError(ValueError):
 class SearchResult:
     """Per query, the ``k`` best rows found, best first.
 
-    ``rows``: ``(n_query, k)`` int64 row indices, ``-1`` where a query has fewer than ``k`` results;
-    ``scores``: ``(n_query, k)`` float32 inner products (the stored sign: opponents hold the most
+    ``rows``: ``(n_query, k')`` int64 row indices, ``k' = min(k, rows that could be returned)`` (the exact search:
+    the store's rows, or the union of every query's candidates; FAISS: the index's rows), ``-1`` where a query has
+    fewer than ``k'`` results (fewer candidates); ``scores``: ``(n_query, k')`` float32 inner products (the stored sign: opponents hold the most
     negative scores first), NaN where ``rows`` is ``-1``; ``ids``: per query, the ids of its found
     rows (no padding); ``opponents``: which end was searched.
     """

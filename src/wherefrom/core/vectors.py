@@ -77,8 +77,10 @@ MARKER = "index.json"
 """The completion marker, written last."""
 IDS_FILE = "ids.json"
 REBUILD = "rebuild the store"
-"""The advice that ends every :class:`wherefrom.core.store.DamagedFile` a store raises about its own files (a run
-replaces it with the command that rebuilds its index)."""
+"""The advice that ends each :class:`wherefrom.core.store.DamagedFile` the store raises itself (a shard missing,
+truncated or not holding its rows; the marker, settings and ids disagreeing); a checksum or size that differs is
+raised by :mod:`wherefrom.core.store`'s checks without it. A run opening and verifying its index ends either kind
+with the command that rebuilds it."""
 _HEADER_PIECE = 1 << 16
 """Bytes of a shard's start kept by :meth:`VectorStore.verify` from the pass that hashes it: the safetensors header
 (its rows' ids as JSON: about 3.5 KiB for the default 256 rows of 12-character ids); a longer one is read again."""
@@ -87,7 +89,8 @@ LAYOUT = ("dim", "dtype", "shard_size", "rows", "ids_sha256")
 
 
 class IncompleteStore(StoreError):
-    """A store folder has no intact completion marker, or a shard is missing when finalizing."""
+    """A store folder has no completion marker (a damaged one is a :class:`wherefrom.core.store.DamagedFile`), or
+    cannot be finalized: a shard is missing or damaged."""
 
 
 def shard_name(shard: int) -> str:
