@@ -341,3 +341,25 @@ def test_attribute_compares_an_older_record_with_its_defaults_in_json_form(works
     assert malformed.exit_code == 2 and "options: recorded ['not', 'an', 'object']" in malformed.output, (
         malformed.output
     )
+
+
+def test_a_write_the_system_refuses_is_one_error_line_in_any_command(workspace):
+    """A write that failed with an OSError the command did not list (a full disk, here a file where the scores folder
+    belongs) ended `scores` in a traceback, exit 1: each command caught its own list of kinds. Now any command ends
+    with one line naming the file, exit 2, and what was there is left."""
+
+    def last_line(result):
+        return result.output.replace("\r", "\n").strip().splitlines()[-1]
+
+    run = workspace / "refused-write-run"
+    fitted = invoke("fit", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--run", run)
+    assert fitted.exit_code == 0, fitted.output
+    (run / "scores").write_text("not a folder")
+    refused = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl")
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert last_line(refused).startswith("error: ") and str(run / "scores") in last_line(refused)
+    assert (run / "scores").read_text() == "not a folder"
+    out = workspace / "refused-write-out"
+    out.write_text("not a folder")
+    refused = invoke(*attribute_args(workspace, out / "inside"))
+    assert refused.exit_code == 2 and last_line(refused).startswith("error: ") and str(out) in last_line(refused)

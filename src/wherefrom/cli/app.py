@@ -68,6 +68,18 @@ def fail(error: Exception | str) -> NoReturn:
     raise typer.Exit(code=2)
 
 
+@contextlib.contextmanager
+def system_errors_named() -> Iterator[None]:
+    """An ``OSError`` out of the block (a full disk, a folder where a file belongs, a file removed underneath) is
+    printed as one error line, exit 2 (:func:`fail`), whichever command met it: its message names the file
+    (:func:`wherefrom.core.store.restated`: ``could not write PATH: reason``). Commands caught the kinds they
+    expected, each its own list, so a write that failed in ``scores`` ended in a traceback."""
+    try:
+        yield
+    except OSError as error:
+        fail(error)
+
+
 def say(line: str) -> None:
     """One progress line on stderr, printed as it is."""
     console.print(line, markup=False, highlight=False)
@@ -321,7 +333,7 @@ def command(
                 fail(error)
         token = _CURRENT.set(Invocation(name, arguments))
         try:
-            with torch_threads(arguments.get("threads")):
+            with torch_threads(arguments.get("threads")), system_errors_named():
                 function(**arguments)
         except typer.Exit as done:
             end_process(done.exit_code)  # a torchrun rank ends here (returns in one process)
