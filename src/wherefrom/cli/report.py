@@ -35,7 +35,7 @@ def report(path, out, threads) -> None:
     --out is the HTML file (default: PATH/report.html, or PATH.html for a file)."""
     try:
         written = write_report(path, out)
-    except (FileNotFoundError, ValueError, KeyError) as error:
+    except (ValueError, KeyError) as error:
         fail(error)
     typer.echo(f"report -> {written}")
 
@@ -62,7 +62,7 @@ def influence(run, name, top_k, out, threads) -> None:
             payload.update(command=recorded_line(), seconds=time.perf_counter() - started)
             title = f"Influence analyses of {run.name}/scores/{name}"
             paths = write_tables(out / "influence", payload, influence_markdown(payload, title))
-    except (OSError, StoreError, ValueError) as error:
+    except (StoreError, ValueError) as error:
         fail(error)
     typer.echo(paths[1].read_text(encoding="utf-8"))
 

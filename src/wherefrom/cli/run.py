@@ -104,7 +104,7 @@ def fit(
             barrier()
             written = opened.build_index(shard_size, dtype) if with_index else None
             main = is_main()
-    except (DataError, ModelLoadError, OSError, RunMismatch, StoreError, ValueError, MemoryError) as error:
+    except (DataError, ModelLoadError, RunMismatch, StoreError, ValueError, MemoryError) as error:
         fail(error)
     if not main:
         return
@@ -135,7 +135,7 @@ def index(run, shard_size, dtype, precondition, optimizer_checkpoint, unit_norm,
             opened = Run.open(run, progress=progress, device=device, factors=False)
             written = opened.build_index(shard_size, dtype, precondition, unit_norm, optimizer_checkpoint)
             main = is_main()
-    except (OSError, RunMismatch, StoreError, ValueError, MemoryError) as error:
+    except (RunMismatch, StoreError, ValueError, MemoryError) as error:
         fail(error)
     if not main:
         return
@@ -182,7 +182,7 @@ def scores(
                 result = opened.scores(rows)
                 path = on_main(lambda: opened.save_scores(result, name, queried["query_fingerprint"], top_k))
             main = is_main()
-    except (DataError, FileNotFoundError, RunMismatch, RuntimeError, ValueError) as error:
+    except (DataError, RunMismatch, RuntimeError, ValueError) as error:
         fail(error)
     if not main:
         return
@@ -382,7 +382,7 @@ def query(
                 f"--per-token needs an influence method's gradients; this run holds {opened.config.method!r}"
             )
         result = opened.scores([record])
-    except (DataError, FileNotFoundError, RunMismatch, RuntimeError, ValueError) as error:
+    except (DataError, RunMismatch, RuntimeError, ValueError) as error:
         fail(error)
     rows = {r.id: r for r in opened.train}
     position = {row_id: i for i, row_id in enumerate(result.train_ids)}

@@ -197,7 +197,7 @@ def analyze(kind, bench, methods, option, n_queries, seeds, device, **settings) 
             )
         else:
             run_weights(folder, n_queries=n_queries, command=recorded_line(), log=say)
-    except (FileNotFoundError, DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+    except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
         fail(error)
     typer.echo((bench / f"{kind}.md").read_text())
 
@@ -252,7 +252,7 @@ def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, **setti
         out.mkdir(parents=True, exist_ok=True)
         remember(out)
         gt = build_groundtruth(config, progress=progress, log=say, command=recorded_line())
-    except (FileNotFoundError, DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+    except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
         fail(error)
     meta = gt.meta
     targets = [
@@ -293,7 +293,7 @@ def evaluate(groundtruth, methods, option, damping, damping_factor, out, threads
             log=say,
             command=recorded_line(),
         )
-    except (FileNotFoundError, DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+    except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
         fail(error)
     typer.echo(stem.with_name(stem.name + ".md").read_text())
 
@@ -325,6 +325,6 @@ def tune(groundtruth, method, grid, option, split_seed, selection_share, out, th
             log=say,
             command=recorded_line(),
         )
-    except (FileNotFoundError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+    except (ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
         fail(error)
     typer.echo((folder / "tune.md").read_text())
