@@ -32,6 +32,7 @@ from wherefrom.core.store import (
     read_checked,
     read_json_checked,
     read_keyed_json,
+    record_settings,
     recorded_checksums,
     save_tensors_checked,
     strict_json,
@@ -355,3 +356,16 @@ def test_a_file_missing_or_a_folder_is_damaged_not_a_traceback(tmp_path):
     for path in (tmp_path / "none", tmp_path / "shard"):
         with pytest.raises(DamagedFile, match=f"{path} is missing"):
             read_checked(path)
+
+
+@pytest.mark.parametrize("name", ["settings.json", "checksums.json"])
+def test_a_folder_where_a_settings_file_belongs_is_named_not_emptied(tmp_path, name):
+    """A job folder without an intact settings.json is emptied and started again; a folder in the place of
+    settings.json (or checksums.json) was emptied with it, the user's files inside included."""
+    job = tmp_path / "index"
+    (job / name).mkdir(parents=True)
+    (job / name / "keep.txt").write_text("my notes")
+    (job / "shard-00000.safetensors").write_bytes(b"rows")
+    with pytest.raises(IsADirectoryError, match=f"a folder is where this file belongs.*{name}"):
+        record_settings(job, {"dim": 4})
+    assert (job / name / "keep.txt").read_text() == "my notes" and (job / "shard-00000.safetensors").exists()

@@ -411,12 +411,18 @@ def recorded_checksums(folder: Path) -> dict[str, dict[str, Any]]:
     return _checksums(Path(folder))
 
 
+def refuse_folder_in_place(path: Path) -> None:
+    """Raise ``IsADirectoryError`` naming ``path`` when a folder is where that file belongs: it is not the file, so
+    it is neither deleted nor replaced (it may hold a user's notes)."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder is where this file belongs; move it away and rerun", str(path))
+
+
 def forget_file(path: Path) -> None:
     """Delete ``path`` (if present) and its checksum entry: the file counts as not yet written. Raises
     ``IsADirectoryError`` naming ``path`` when a folder is in its place (not deleted: it is not this file)."""
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "a folder is where this file belongs; move it away and rerun", str(path))
+    refuse_folder_in_place(path)
     path.unlink(missing_ok=True)  # first: a kill before the entry goes leaves a missing file, not an unchecked one
     _set_checksum(path, None)
 
@@ -599,7 +605,8 @@ def record_settings(
     Raises :class:`SettingsMismatch` naming every differing setting with the recorded and the
     current value (``hint`` says what to do). A folder with results but no intact ``settings.json``
     (made by an older version, or damaged) is emptied and started afresh: its results' settings
-    are unknown.
+    are unknown; but where a folder is in the place of ``settings.json`` or ``checksums.json``, nothing is
+    emptied and ``IsADirectoryError`` names it (:func:`refuse_folder_in_place`).
     """
     folder = Path(folder)
     now = json_form(dict(settings))
@@ -610,6 +617,8 @@ def record_settings(
         if not isinstance(saved, dict):
             raise ValueError(f"{path}: not a JSON object")
     except (DamagedFile, ValueError) as error:
+        for name in (SETTINGS, CHECKSUMS):  # a folder there is not the job's file: not emptied with the rest
+            refuse_folder_in_place(folder / name)
         leftovers = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         if leftovers:
             notes.append(f"{folder}: settings unknown ({error}); discarded {len(leftovers)} entries and started again")
