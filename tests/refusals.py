@@ -297,6 +297,15 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "index and search",
+        "fit --shard-size or --dtype without --with-index",
+        EXIT,
+        "--shard-size 2: the index's layout, which fit uses with --with-index only",
+        "it would be recorded with the run and its replay line, yet the later `index` builds its own default layout; "
+        "refused first, nothing is fitted",
+        command=(*FIT, "new", "--shard-size", "2"),
+    ),
+    Refusal(
+        "index and search",
         "--search on a run without an index",
         EXIT,
         "has no vector store of training rows",

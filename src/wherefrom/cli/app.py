@@ -44,6 +44,7 @@ __all__ = [
     "refuse_unread_settings",
     "remember",
     "settings_as",
+    "shown_flags",
 ]
 
 app = typer.Typer(
@@ -236,6 +237,12 @@ def changed_settings(names: Iterable[str]) -> dict[str, Any]:
     return {n: arguments[n] for n in names if n in arguments and arguments[n] != SETTINGS[n].default}
 
 
+def shown_flags(given: dict[str, Any]) -> str:
+    """Settings ``{name: value}`` as the command line gives them (:meth:`wherefrom.cli.settings.Setting.given`),
+    apart by commas: ``--shard-size 2, --dtype float16``."""
+    return ", ".join(SETTINGS[name].given(value) for name, value in given.items())
+
+
 def refuse_unread_settings(method: str, kind: str = "method") -> None:
     """``ValueError`` when the running command was given, off its default, an attribution setting that ``method``
     does not read (:attr:`wherefrom.methods.registry.MethodSpec.settings_read`: ``--damping`` for ``bm25``,
@@ -255,7 +262,7 @@ def refuse_unread_settings(method: str, kind: str = "method") -> None:
         )
     unread = [name for name in given if name not in spec.settings_read]
     if unread:
-        shown = ", ".join(SETTINGS[n].given(given[n]) for n in unread)
+        shown = shown_flags({n: given[n] for n in unread})
         declared = {option.name for option in spec.options}
         own = [n for n in unread if n in declared]
         hint = "".join(f"; {method}'s own {n} is --option {n}=..." for n in own)

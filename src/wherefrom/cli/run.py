@@ -26,8 +26,9 @@ from wherefrom.cli.app import (
     remember,
     say,
     settings_as,
+    shown_flags,
 )
-from wherefrom.cli.settings import ATTRIBUTION, SETTINGS
+from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, data_fingerprint, load_records
 from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, refuse, session
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
@@ -72,6 +73,12 @@ def fit(
     the curvature statistics added (strategies identity, diagonal, kfac, ekfac, exact, datainf); rank 0
     writes RUN."""
     try:
+        given = changed_settings(("shard_size", "dtype"))
+        if given and not with_index:  # recorded in the run's config and replay line, yet read by nothing
+            raise ValueError(
+                f"{shown_flags(given)}: the index's layout, which fit uses with --with-index only; add --with-index, or give "
+                "it to `wherefrom index` after the fit"
+            )
         with session():
             paths = {"model": model, "adapter": adapter, "device": device}
             if method is None:
@@ -217,9 +224,8 @@ def refuse_full_score_flags(names: Sequence[str]) -> None:
     be ignored."""
     given = changed_settings(names)
     if given:
-        shown = ", ".join(SETTINGS[name].given(value) for name, value in given.items())
         raise ValueError(
-            f"{shown} {'needs' if len(given) == 1 else 'need'} the full scores, which --search/--prefilter-bm25 do "
+            f"{shown_flags(given)} {'needs' if len(given) == 1 else 'need'} the full scores, which --search/--prefilter-bm25 do "
             "not compute (they print each query's top rows and save nothing); leave "
             f"{'it' if len(given) == 1 else 'them'} out, or drop --search/--prefilter-bm25"
         )
