@@ -343,10 +343,11 @@ def test_attribute_compares_an_older_record_with_its_defaults_in_json_form(works
     )
 
 
-def test_a_write_the_system_refuses_is_one_error_line_in_any_command(workspace):
+def test_a_write_the_system_refuses_is_one_error_line_in_any_command(workspace, monkeypatch):
     """A write that failed with an OSError the command did not list (a full disk, here a file where the scores folder
-    belongs) ended `scores` in a traceback, exit 1: each command caught its own list of kinds. Now any command ends
-    with one line naming the file, exit 2, and what was there is left."""
+    belongs), or a memory refusal, ended `scores` (and `query`) in a traceback, exit 1: each command caught its own
+    list of kinds. Now any command ends with one line naming the file or the refusal, exit 2, and what was there is
+    left."""
 
     def last_line(result):
         return result.output.replace("\r", "\n").strip().splitlines()[-1]
@@ -359,6 +360,12 @@ def test_a_write_the_system_refuses_is_one_error_line_in_any_command(workspace):
     assert refused.exit_code == 2 and "Traceback" not in refused.output
     assert last_line(refused).startswith("error: ") and str(run / "scores") in last_line(refused)
     assert (run / "scores").read_text() == "not a folder"
+    (run / "scores").unlink()
+    monkeypatch.setenv("WHEREFROM_MEMORY_LIMIT", "1000")  # a memory refusal: a traceback in scores and query too
+    for args in (("scores", "--run", run, "--queries", workspace / "queries.jsonl"), ("query", "--run", run, "a", "b")):
+        refused = invoke(*args)
+        assert refused.exit_code == 2 and last_line(refused).startswith("error: scoring would allocate"), args
+    monkeypatch.delenv("WHEREFROM_MEMORY_LIMIT")
     out = workspace / "refused-write-out"
     out.write_text("not a folder")
     refused = invoke(*attribute_args(workspace, out / "inside"))

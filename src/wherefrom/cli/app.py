@@ -71,14 +71,18 @@ def fail(error: Exception | str) -> NoReturn:
 
 @contextlib.contextmanager
 def system_errors_named() -> Iterator[None]:
-    """An ``OSError`` out of the block (a full disk, a folder where a file belongs, a file removed underneath) is
-    printed as one error line, exit 2 (:func:`fail`), whichever command met it: its message names the file
-    (:func:`wherefrom.core.store.restated`: ``could not write PATH: reason``). Commands caught the kinds they
-    expected, each its own list, so a write that failed in ``scores`` ended in a traceback."""
+    """An ``OSError`` or ``MemoryError`` out of the block is printed as one error line, exit 2 (:func:`fail`),
+    whichever command met it: a full disk, a folder where a file belongs, a file removed underneath (the message
+    names the file: :func:`wherefrom.core.store.restated`, ``could not write PATH: reason``), a memory refusal
+    (:class:`wherefrom.core.memory.MemoryLimitError` says what would not fit, and the limit), or an allocation that
+    failed (``out of memory``). Commands caught the kinds they expected, each its own list, so a write refused in
+    ``scores`` or a memory refusal in ``query`` ended in a traceback."""
     try:
         yield
     except OSError as error:
         fail(error)
+    except MemoryError as error:
+        fail(str(error) or "out of memory (MemoryError)")
 
 
 def say(line: str) -> None:

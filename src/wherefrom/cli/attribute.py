@@ -26,7 +26,7 @@ from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.commandline import portable
 from wherefrom.core.data import DataError, data_fingerprint, load_records
 from wherefrom.engine.api import AttributionConfig
-from wherefrom.models.loading import ModelLoadError, load_model
+from wherefrom.models.loading import load_model
 
 DIAGNOSE_METHODS = ("ekfac", "kfac", "diagonal", "datainf", "cg", "lissa", "arnoldi", "gradsim")
 """What ``diagnose`` compares when ``--methods`` is not given."""
@@ -81,7 +81,7 @@ def attribute(
             result = prefiltered_scores(chosen, query_rows, train_rows, prefilter)
         else:
             result = chosen.scores(query_rows, train_rows)
-    except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError, KeyError) as error:
+    except (DataError, ValueError, RuntimeError, KeyError) as error:
         fail(error)
     atomic_write_json(record, out / "config.json")
     remember(out)
@@ -153,7 +153,7 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
             exact_blocks,
             progress,
         )
-    except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+    except (DataError, ValueError, RuntimeError) as error:
         fail(error)
     context = {
         "command": recorded_line(),

@@ -38,7 +38,6 @@ from wherefrom.core.store import StoreError, check_replacement, refuse_other_inp
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch, refuse_distributed_scores
 from wherefrom.methods.registry import in_family
-from wherefrom.models.loading import ModelLoadError
 from wherefrom.studies.influence import short_names
 
 
@@ -111,7 +110,7 @@ def fit(
             barrier()
             written = opened.build_index(shard_size, dtype) if with_index else None
             main = is_main()
-    except (DataError, ModelLoadError, RunMismatch, StoreError, ValueError, MemoryError) as error:
+    except (DataError, RunMismatch, StoreError, ValueError) as error:
         fail(error)
     if not main:
         return
@@ -142,7 +141,7 @@ def index(run, shard_size, dtype, precondition, optimizer_checkpoint, unit_norm,
             opened = Run.open(run, progress=progress, device=device, factors=False)
             written = opened.build_index(shard_size, dtype, precondition, unit_norm, optimizer_checkpoint)
             main = is_main()
-    except (RunMismatch, StoreError, ValueError, MemoryError) as error:
+    except (RunMismatch, StoreError, ValueError) as error:
         fail(error)
     if not main:
         return

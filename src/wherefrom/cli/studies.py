@@ -28,7 +28,7 @@ from wherefrom.core.data import DataError, load_records
 from wherefrom.core.option_pairs import parse_option_pairs
 from wherefrom.core.store import OutputExists
 from wherefrom.engine.run import RunMismatch
-from wherefrom.models.loading import ModelLoadError, load_model
+from wherefrom.models.loading import load_model
 
 EVALUATE_METHODS = ("ekfac", "kfac", "datainf", "gradsim", "tracin")
 """What ``evaluate`` scores when ``--methods`` is not given."""
@@ -57,7 +57,7 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
         records = load_records(train)
         loaded = load_model(model, device=device)
         result = run_finetune(loaded.model, loaded.tokenizer, records, config, out, progress=True, overwrite=overwrite)
-    except (DataError, ModelLoadError, ValueError, MemoryError, OutputExists) as error:
+    except (DataError, ValueError, OutputExists) as error:
         fail(error)
     losses = ", ".join(f"{loss:.3f}" for loss in result.epoch_losses)
     state = "reused an identical earlier run" if result.reused else "trained"
@@ -117,7 +117,7 @@ def run_study(out, build, run, table: str) -> None:
         out.mkdir(parents=True, exist_ok=True)
         remember(out)
         run(config, progress=progress, log=say, command=recorded_line())
-    except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+    except (DataError, ValueError, RuntimeError) as error:
         fail(error)
     typer.echo((out / table).read_text())
 
@@ -197,7 +197,7 @@ def analyze(kind, bench, methods, option, n_queries, seeds, device, **settings) 
             )
         else:
             run_weights(folder, n_queries=n_queries, command=recorded_line(), log=say)
-    except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+    except (DataError, ValueError, RuntimeError) as error:
         fail(error)
     typer.echo((bench / f"{kind}.md").read_text())
 
@@ -211,7 +211,7 @@ def demo(cache, n_train, n_queries, epochs, model, device, threads) -> None:
     sizes = {k: v for k, v in (("n_train", n_train), ("n_queries", n_queries)) if v is not None}
     try:
         run_demo(cache=cache, epochs=epochs, model=model, device=device, progress=progress, **{**DEMO_SIZES, **sizes})
-    except (DataError, ModelLoadError, RunMismatch, ValueError) as error:
+    except (DataError, RunMismatch, ValueError) as error:
         fail(error)
 
 
@@ -252,7 +252,7 @@ def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, **setti
         out.mkdir(parents=True, exist_ok=True)
         remember(out)
         gt = build_groundtruth(config, progress=progress, log=say, command=recorded_line())
-    except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+    except (DataError, ValueError, RuntimeError) as error:
         fail(error)
     meta = gt.meta
     targets = [
@@ -293,7 +293,7 @@ def evaluate(groundtruth, methods, option, damping, damping_factor, out, threads
             log=say,
             command=recorded_line(),
         )
-    except (DataError, ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+    except (DataError, ValueError, RuntimeError) as error:
         fail(error)
     typer.echo(stem.with_name(stem.name + ".md").read_text())
 
@@ -325,6 +325,6 @@ def tune(groundtruth, method, grid, option, split_seed, selection_share, out, th
             log=say,
             command=recorded_line(),
         )
-    except (ModelLoadError, ValueError, RuntimeError, MemoryError) as error:
+    except (ValueError, RuntimeError) as error:
         fail(error)
     typer.echo((folder / "tune.md").read_text())

@@ -8,7 +8,6 @@ import typer
 
 from wherefrom.cli.app import command, fail, recorded_line, remember, required, say
 from wherefrom.core.data import DataError
-from wherefrom.models.loading import ModelLoadError
 from wherefrom.studies.wordorder import WordOrderConfig, run_word_order
 
 
@@ -54,6 +53,6 @@ def word_order(
     try:
         remember(out)
         run_word_order(config, command=recorded_line(), log=say)
-    except (DataError, ModelLoadError, ValueError, RuntimeError) as error:
+    except (DataError, ValueError, RuntimeError) as error:
         fail(error)
     typer.echo((out / "wordorder.md").read_text())
