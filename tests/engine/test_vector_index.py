@@ -373,12 +373,14 @@ def test_index_commands_in_hints_work_as_given(workspace, tmp_path, monkeypatch)
     assert code == 2 and "error:" in out and "projected Fisher" in out and "Traceback" not in out, out
     run = Run.open(folder, device="cpu", factors=False)
     run.build_index(shard_size=4, precondition="empirical")
-    (folder / "index" / "settings.json").write_text("{")  # damaged
-    command = run.index_command()
-    assert command == f"wherefrom index --run '{folder}' --precondition empirical", command
+    (folder / "index" / "settings.json").write_text("{")  # damaged: the intact marker still says the layout
+    command = run.index_command()  # (it named neither: followed, it rebuilt a float32 store of 256-row shards)
+    expected = f"wherefrom index --run '{folder}' --shard-size 4 --dtype float32 --precondition empirical"
+    assert command == expected, command
     code, out = invoke(*shlex.split(command)[1:])
     assert code == 0, out
-    assert VectorStore.open(folder / "index").settings["precondition"] == "empirical"
+    rebuilt = VectorStore.open(folder / "index")
+    assert rebuilt.settings["precondition"] == "empirical" and (rebuilt.shard_size, rebuilt.dtype) == (4, "float32")
     expected = in_memory(workspace, "logra", {**options, "curvature": True, "fisher": "empirical"})
     from_store = Run.open(folder, device="cpu").scores(load_records(workspace / "queries.jsonl"))
     scale = float(expected.total.abs().max())

@@ -1097,12 +1097,19 @@ class Run:
 
     def index_command(self) -> str:
         """The ``wherefrom index`` command that resumes or repairs ``RUN/index/`` with the options its manifest
-        recorded (the plain command when the manifest is missing or damaged)."""
+        recorded. When the manifest is missing or damaged (the index is rebuilt whole), what survives says what was
+        built: an intact completion marker its ``--shard-size`` and ``--dtype``, a preconditioner folder
+        ``--precondition empirical``; else the plain command."""
         settings = self.index_manifest()
         words = ["wherefrom", "index", "--run", str(self.folder)]
-        if settings is None:  # the index is rebuilt whole; an empirical one is known by its preconditioner
-            empirical = (self.folder / "index" / PRECONDITIONER).is_dir()
-            return shlex.join(words + (["--precondition", "empirical"] if empirical else []))
+        if settings is None:
+            marker = self.folder / "index" / MARKER
+            layout = read_json_checked(marker) if damage(marker) is None else None
+            if isinstance(layout, dict) and {"shard_size", "dtype"} <= set(layout):
+                words += ["--shard-size", str(layout["shard_size"]), "--dtype", str(layout["dtype"])]
+            if (self.folder / "index" / PRECONDITIONER).is_dir():
+                words += ["--precondition", "empirical"]
+            return shlex.join(words)
         words += ["--shard-size", str(settings["shard_size"]), "--dtype", settings["dtype"]]
         if "precondition" in settings:
             words += ["--precondition", settings["precondition"]]
