@@ -311,6 +311,22 @@ def test_nan_row_is_refused_naming_its_id():
         exact_top_k(Rows(matrix, 16), torch.tensor([[1.0, 1.0, 0.0, 1.0]]), 3)
 
 
+@pytest.mark.parametrize("kind", ["ivf", "ivf-sq8", "ivf-pq", "pq", "hnsw"])
+def test_faiss_lists_copies_of_a_row_in_row_order_as_the_exact_search_does(kind):
+    """FAISS listed equal scores in its own order (copies of a row: the higher row first, even where the float32
+    rows re-rank the codes); a FAISS search now lists them as the exact search does."""
+    rows, _ = clustered(60, 16, 3, seed=3)
+    copies = (4, 17, 41)
+    rows[list(copies)] = 10 * rows[4]  # the largest inner products with a query near row 4
+    queries = rows[4:5] / 10 + 0.01 * torch.randn(1, 16, generator=torch.Generator().manual_seed(0))
+    settings = FaissSettings(kind=kind, nlist=2, nprobe=2, refine=100)
+    index = build_faiss_index(Rows(rows, 16), settings)
+    found = faiss_top_k(index, [f"row-{i}" for i in range(60)], queries, 5, settings=settings)
+    if kind != "ivf-sq8":  # 8-bit rows: the copies' scores are equal, but not those of the float32 rows
+        assert_copies_tie_in_row_order(exact_top_k(Rows(rows, 16), queries, 5), copies)
+    assert_copies_tie_in_row_order(found, copies)
+
+
 def test_a_candidate_whose_products_overflow_at_one_end_is_ranked_there():
     """Rows a query may not return were filled with -inf at each end; a candidate whose float32 product overflows to
     -inf at that end tied with them and lost to a lower-numbered one: query 0's opponent was no row (-1, NaN)

@@ -1151,6 +1151,9 @@ def faiss_top_k(
             values[query : query + 1], rows[query : query + 1] = searched.search(
                 search[query : query + 1], k, params=params
             )
+    # equal scores in row order, as the exact search lists them (FAISS listed copies of a row higher row first)
+    order = np.lexsort((np.where(rows < 0, np.iinfo(np.int64).max, rows), -values), axis=-1)
+    values, rows = np.take_along_axis(values, order, -1), np.take_along_axis(rows, order, -1)
     return _result(sign * torch.from_numpy(values), torch.from_numpy(rows), ids, opponents)
 
 
