@@ -124,6 +124,20 @@ def test_search_lines_name_rows_on_the_wrong_side_of_zero():
     assert end_name("opponents", [-1.0, 2.0, nan, nan]) == "lowest scores (1 of 2 >= 0, not opponents)"
 
 
+def test_an_end_a_search_found_none_of_says_so(capsys):
+    """An IVF search of BM25 candidates in cells it did not probe (nprobe 1) found none: the line ended in a bare
+    ``q opponents: ``."""
+    from types import SimpleNamespace
+
+    from wherefrom.core.search import SearchResult
+
+    found = SearchResult(torch.tensor([[0]]), torch.tensor([[2.0]]), [["a"]])
+    none = SearchResult(torch.full((1, 2), -1), torch.full((1, 2), float("nan")), [[]], opponents=True)
+    report = SimpleNamespace(ends=lambda: [("proponents", found), ("opponents", none)], summary=lambda k: "searched")
+    print_search(report, ["q"], 2, {})
+    assert capsys.readouterr().out.splitlines() == ["q proponents: a (+2)", "q opponents: none found"]
+
+
 def test_scores_lines_name_top_rows_that_are_not_proponents(capsys):
     """``scores``' line of a query whose top rows score <= 0 said nothing of it (``q: a (-1)``), while ``query``
     and ``--search`` named the end; now the line names it the same way, and an all-positive line is unchanged."""

@@ -329,10 +329,11 @@ def store_search(
 
 def print_search(report: SearchReport, query_ids: list[str], top_k: int, labels: Mapping[str, str | None]) -> None:
     """Each query's proponents, then its opponents, on stdout (one line each, like :func:`print_tops`, named
-    by :func:`end_name`), and the search's time and recall on stderr."""
+    by :func:`end_name`; ``none found`` where an approximate search of candidates found none of them), and the
+    search's time and recall on stderr."""
     for kind, found in report.ends():
         for query_id, ids, values in zip(query_ids, found.ids, found.scores.tolist()):
-            shown = ", ".join(shown_row(i, s, labels) for i, s in zip(ids, values))
+            shown = ", ".join(shown_row(i, s, labels) for i, s in zip(ids, values)) or "none found"
             typer.echo(f"{query_id} {end_name(kind, values)}: {shown}")
     console.print(report.summary(top_k), markup=False, highlight=False)
 
