@@ -550,6 +550,15 @@ def read_json_checked(path: Path, recorded: Recorded = None) -> Any:
     return json.loads(read_checked(Path(path), recorded).decode("utf-8"))
 
 
+def intact_json(path: Path) -> Any | None:
+    """The JSON at ``path`` when it is intact (:func:`read_json_checked`, one read), else ``None`` (missing or
+    damaged)."""
+    try:
+        return read_json_checked(path)
+    except DamagedFile:
+        return None
+
+
 def settings_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
     """``"key: recorded X, now Y"`` for every (dotted) key whose value differs between two settings dicts."""
     if isinstance(saved, dict) and isinstance(now, dict):

@@ -44,8 +44,8 @@ from wherefrom.core.store import (
     StoreError,
     check_file,
     check_size,
-    damage,
     forget_file,
+    intact_json,
     is_intact,
     json_form,
     read_checked,
@@ -253,7 +253,7 @@ class VectorStoreWriter:
         notes = record_settings(self.folder, self.manifest, hint, (*ignore, *self.unchecked), self.defaults)
         self.notices += notes
         path = self.folder / IDS_FILE
-        if damage(path) is not None or read_json_checked(path) != self.ids:
+        if intact_json(path) != self.ids:
             write_json_checked(self.ids, path)
         return notes
 

@@ -78,8 +78,8 @@ from wherefrom.core.store import (
     forget_file,
     hardware,
     holder_guard,
+    intact_json,
     package_versions,
-    read_json_checked,
     read_json_object,
     record_settings,
     settings_differences,
@@ -1092,8 +1092,7 @@ class Run:
     def recorded_settings(folder: Path) -> dict[str, Any] | None:
         """``folder/settings.json`` (a fit's or an index's recorded settings), or ``None`` when it is missing or
         damaged."""
-        recorded = Path(folder) / SETTINGS
-        return None if damage(recorded) is not None else read_json_checked(recorded)
+        return intact_json(Path(folder) / SETTINGS)
 
     def index_command(self) -> str:
         """The ``wherefrom index`` command that resumes or repairs ``RUN/index/`` with the options its manifest
@@ -1103,8 +1102,7 @@ class Run:
         settings = self.index_manifest()
         words = ["wherefrom", "index", "--run", str(self.folder)]
         if settings is None:
-            marker = self.folder / "index" / MARKER
-            layout = read_json_checked(marker) if damage(marker) is None else None
+            layout = intact_json(self.folder / "index" / MARKER)
             if isinstance(layout, dict) and {"shard_size", "dtype"} <= set(layout):
                 words += ["--shard-size", str(layout["shard_size"]), "--dtype", str(layout["dtype"])]
             if (self.folder / "index" / PRECONDITIONER).is_dir():
