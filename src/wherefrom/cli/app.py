@@ -75,8 +75,8 @@ def system_errors_named() -> Iterator[None]:
     whichever command met it: a full disk, a folder where a file belongs, a file removed underneath (the message
     names the file: :func:`wherefrom.core.store.restated`, ``could not write PATH: reason``), a memory refusal
     (:class:`wherefrom.core.memory.MemoryLimitError` says what would not fit, and the limit), or an allocation that
-    failed (``out of memory``). Commands caught the kinds they expected, each its own list, so a write refused in
-    ``scores`` or a memory refusal in ``query`` ended in a traceback."""
+    failed (``out of memory``). A command catches only the kinds of its own work (a bad data row, a run of other
+    settings)."""
     try:
         yield
     except OSError as error:

@@ -296,18 +296,15 @@ def exact_ends(
         if allowed is not None:  # (n_query, n): which of the rows each query may return
             queried = [torch.isin(rows, rows_q) for rows_q in allowed]
             inside = torch.stack(queried) if queried else torch.zeros(0, len(rows), dtype=torch.bool)
-        for end, sign in enumerate(signs):
+        for end, sign in enumerate(signs):  # kept rows precede the chunk's: ties stay in row order
             if inside is None:
                 top, where = stable_top_k(sign * values, k)
-                found = rows[where]
-            else:
-                top, where = _top_of_candidates(sign * values, inside, k)
-                found = rows[where].masked_fill(~inside.gather(1, where), -1)
-            # kept rows precede the chunk's: ties stay in row order
-            values_so_far, rows_so_far = torch.cat([kept[end][0], top], 1), torch.cat([kept[end][1], found], 1)
-            if inside is None:
+                values_so_far = torch.cat([kept[end][0], top], 1)
+                rows_so_far = torch.cat([kept[end][1], rows[where]], 1)
                 top, where = stable_top_k(values_so_far, k)
-            else:
+            else:  # one ranking of the kept rows and the chunk's, the rows a query may not return marked -1
+                values_so_far = torch.cat([kept[end][0], sign * values], 1)
+                rows_so_far = torch.cat([kept[end][1], rows.expand(n_query, -1).masked_fill(~inside, -1)], 1)
                 top, where = _top_of_candidates(values_so_far, rows_so_far >= 0, k)
             kept[end] = top, rows_so_far.gather(1, where)
         pending.clear()
