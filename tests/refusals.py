@@ -94,6 +94,14 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "data file",
+        "a field given twice in one row (a repeated JSON key, CSV header name or Parquet column)",
+        EXIT,
+        "twice.jsonl, line 2: field 'prompt' is given twice",
+        "a reader keeps one of the two silently (JSON the last key): which text was meant is the user's to say",
+        command=("fit", "--train", "twice.jsonl", "--model", "model", "--run", "new"),
+    ),
+    Refusal(
+        "data file",
         "an empty training file",
         EXIT,
         "empty.jsonl: no records found",
@@ -104,8 +112,9 @@ REFUSALS: tuple[Refusal, ...] = (
         "data file",
         "a row longer than --max-length",
         EXIT,
-        "tokens > max_length=4",
-        "truncating would attribute to text other than the row; nothing is cut silently",
+        "train.jsonl, line 1: record 'r0': ",
+        "truncating would attribute to text other than the row; nothing is cut silently (the error names the "
+        "row's file and line, and its tokens against max_length)",
         command=(*FIT, "new", "--max-length", "4"),
     ),
     # --- rows passed in Python ------------------------------------------------------------------

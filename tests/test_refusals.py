@@ -69,6 +69,9 @@ def workspace(tmp_path_factory):
     write_lines(root / "no-completion.jsonl", [good % 0, b'{"id": "r1", "prompt": "ab:"}'])
     write_lines(root / "duplicate.jsonl", [good % 0, good % 0])
     write_lines(root / "control.jsonl", [good % 0, b'{"id": "q\\nnext", "prompt": "ab:", "completion": " cd"}'])
+    write_lines(
+        root / "twice.jsonl", [good % 0, b'{"id": "r1", "prompt": "ab:", "completion": " cd", "prompt": "ef:"}']
+    )
     (root / "empty.jsonl").write_bytes(b"")
     # damaged model folders
     for name in ("no-weights", "truncated", "empty-weights", "no-template"):

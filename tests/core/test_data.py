@@ -346,3 +346,68 @@ def test_real_datasets_load_from_disk_folder(tmp_path: Path) -> None:
     dataset = datasets.Dataset.from_list(ROWS[:2]).shuffle(seed=0)  # an indices mapping: saved flattened
     dataset.save_to_disk(str(tmp_path / "saved"))
     assert [r.id for r in load_records(tmp_path / "saved")] == list(dataset["id"])
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "where"),
+    [
+        ("keys.jsonl", '{"prompt": "p", "completion": " c", "prompt": "q"}\n', "line 1"),
+        ("deep.jsonl", '{"messages": [{"role": "user", "content": "p", "content": "q"}, {}]}\n', "line 1"),
+        (
+            "array.json",
+            '[\n{"prompt": "p", "completion": " c"},\n{"prompt": "p", "completion": " c", "id": 1, "id": 2}]',
+            "line 3",
+        ),
+        ("header.csv", "prompt,completion,prompt\np, c,q\n", "line 1 (the header)"),
+    ],
+)
+def test_a_field_given_twice_in_one_row_is_refused_by_name(tmp_path: Path, name: str, text: str, where: str) -> None:
+    """A repeated JSON key (at any depth) or CSV header name was read silently: JSON kept the last key and the CSV
+    reader the last column, so one of the user's two prompts was dropped without a word."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    field = "'content'" if name == "deep.jsonl" else "'id'" if name == "array.json" else "'prompt'"
+    assert_error(excinfo, name, where, f"field {field} is given twice")
+
+
+def test_a_column_given_twice_in_parquet_or_arrow_is_refused_by_name(tmp_path: Path) -> None:
+    """pyarrow failed a Parquet file with a repeated column on "Multiple matches for FieldRef", and read a
+    save_to_disk Arrow file's repeated column as its last copy."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.table([pa.array(["p"]), pa.array([" c"]), pa.array(["q"])], names=["prompt", "completion", "prompt"])
+    pq.write_table(table, tmp_path / "twice.parquet")
+    with pytest.raises(DataError) as excinfo:
+        load_records(tmp_path / "twice.parquet")
+    assert_error(excinfo, "twice.parquet (its schema)", "field 'prompt' is given twice")
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    with pytest.raises(DataError) as excinfo:
+        load_records(folder)
+    assert_error(excinfo, "data-00000-of-00001.arrow (its schema)", "field 'prompt' is given twice")
+
+
+def test_blank_csv_header_names_and_repeated_keys_in_other_rows_pass(tmp_path: Path) -> None:
+    path = tmp_path / "trailing.csv"
+    path.write_text("prompt,completion,,\np, c,,\n", encoding="utf-8")
+    assert [r.completion for r in load_records(path)] == [" c"]
+
+
+def test_a_record_names_its_file_and_line_and_keeps_them_through_check_records(tmp_path: Path) -> None:
+    """Errors raised after loading (an over-long row at encoding) named the record id only; a record read from a
+    file now names its file and line, also after the API's check_records, and the fingerprint ignores where."""
+    from wherefrom.core.data import check_records
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [json.dumps(ROWS[0]), "", json.dumps(ROWS[1])])
+    records = load_records(path)
+    assert [r.named() for r in records] == [f"{path}, line 1: record 'a'", f"{path}, line 3: record 'b'"]
+    assert [r.named() for r in check_records(records)] == [r.named() for r in records]
+    assert check_records([Record("q", "p", " c")], source="queries")[0].named() == "queries, index 0: record 'q'"
+    assert Record("x", "p", " c").named() == "record 'x'"
+    in_memory = [Record(r.id, r.prompt, r.completion, r.label) for r in records]
+    assert in_memory == records and data_fingerprint(in_memory) == data_fingerprint(records)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -290,3 +291,17 @@ def test_template_is_checked_by_name():
         encode_records(rows, tokenizer, template="{completion} after {prompt}")
     with pytest.raises(ValueError, match="loss_tokens must be one of"):
         encode_records(rows, tokenizer, loss_tokens="prompt")
+
+
+def test_an_over_long_row_read_from_a_file_names_its_file_and_line(tok, tmp_path) -> None:
+    """The error named the record id only, so a user had to search a 10^5-row file for it."""
+    from wherefrom.core.data import load_records
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(
+        '{"id": "ok", "prompt": "a", "completion": " b"}\n\n{"id": "far", "prompt": "abcdefgh", "completion": " i"}\n'
+    )
+    with pytest.raises(
+        DataError, match=rf"^{re.escape(str(path))}, line 3: record 'far': 8 prompt tokens .* > max_length=6"
+    ):
+        encode_records(load_records(path), tok, max_length=6)

@@ -28,7 +28,9 @@ Text files are decoded as UTF-8; a UTF-8 byte-order mark is dropped, and a UTF-1
 LF. Any other bytes that are not UTF-8 (Latin-1 / cp1252 from an older editor) raise
 :class:`DataError` naming the line and column of the first bad byte.
 
-Field rules, the same for every source (extra fields are ignored):
+Field rules, the same for every source (extra fields are ignored; a field given twice in one row, as a
+repeated JSON key at any depth, a repeated CSV header name or a repeated Parquet/Arrow column, is refused:
+a reader would keep one of the two silently):
 
 * ``messages`` (chat format, in place of ``prompt`` and ``completion``): a list of two
   ``{"role", "content"}`` objects, ``user`` then ``assistant``; the user content is the prompt and
@@ -58,14 +60,15 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import hashlib
 import io
 import json
 import math
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +95,23 @@ class Record:
     """One training or query example.
 
     ``id`` is unique within its set; ``label`` is an optional class name for attribution metrics.
+    ``where`` names the row's source and position (``"train.jsonl, line 7"``; ``None`` for a row built in
+    code) for error messages; it is not part of the row's identity (equality, :func:`data_fingerprint`).
     """
 
     id: str
     prompt: str
     completion: str
     label: str | None = None
+    where: str | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def named(self) -> str:
+        """``"FILE, line N: record ID"`` (``"record ID"`` without a ``where``), to begin an error message."""
+        return f"{self.where}: record {self.id!r}" if self.where else f"record {self.id!r}"
+
+    def content(self) -> dict[str, str | None]:
+        """The row's fields without ``where``: what identifies it."""
+        return {"id": self.id, "prompt": self.prompt, "completion": self.completion, "label": self.label}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,7 +180,7 @@ def _validate_row(row: Any, where: str, default_id: str) -> Record:
                 f"{where}: field {field!r} holds the control character {control!r} ({value!r}); ids and labels are "
                 "printed one result per line and written to CSV tables: remove it"
             )
-    return Record(id=record_id, prompt=prompt, completion=completion, label=label)
+    return Record(id=record_id, prompt=prompt, completion=completion, label=label, where=where)
 
 
 def _build(rows: Iterable[tuple[str, Any, str]], source: str) -> list[Record]:
@@ -232,6 +246,27 @@ def _read_text(path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def _refuse_repeated(names: Iterable[str], where: str) -> None:
+    """:class:`DataError` naming the first field named twice in one object, header or schema (a reader would
+    keep one of the two silently: JSON the last key, ``dict(zip(header, cells))`` the last column)."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DataError(f"{where}: field {name!r} is given twice; keep one (only one of them would be read)")
+        if name:  # a CSV header's blank names (trailing delimiters) name no field
+            seen.add(name)
+
+
+def _unique_keys(where: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A JSON ``object_pairs_hook`` that refuses an object (at any depth) with a repeated key."""
+
+    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        _refuse_repeated((key for key, _ in pairs), where)
+        return dict(pairs)
+
+    return build
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any, str]]:
     text = _read_text(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
@@ -241,7 +276,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any, str]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_unique_keys(_where(str(path), f"line {lineno}")))
         except json.JSONDecodeError as err:
             hint = ""
             if line.rstrip().endswith(","):
@@ -256,7 +291,6 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any, str]]:
 
 def _json_array(path: Path, text: str) -> Iterator[tuple[str, Any, str]]:
     """The items of a JSON array, each with the line its value starts on."""
-    decoder = json.JSONDecoder()
 
     def skip(at: int) -> int:
         while at < len(text) and text[at] in " \t\n":
@@ -273,11 +307,12 @@ def _json_array(path: Path, text: str) -> Iterator[tuple[str, Any, str]]:
             if not first:
                 raise fail(at, "invalid JSON (a trailing comma before ']' is not JSON)")
             break
+        lineno = text.count("\n", 0, at) + 1
+        decoder = json.JSONDecoder(object_pairs_hook=_unique_keys(_where(str(path), f"line {lineno}")))
         try:
             row, end = decoder.raw_decode(text, at)
         except json.JSONDecodeError as err:
             raise fail(err.pos, f"invalid JSON ({err.msg})") from None
-        lineno = text.count("\n", 0, at) + 1
         yield f"line {lineno}", row, f"{path.stem}:{lineno}"
         first = False
         at = skip(end)
@@ -320,6 +355,7 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Any, str]]:
                 continue
             if header is None:
                 header = [name.strip() for name in cells]
+                _refuse_repeated(header, _where(str(path), f"line {lineno} (the header)"))
                 continue
             row = dict(zip(header, cells))
             for optional in ("id", "label"):
@@ -334,7 +370,11 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any, str]]:
     import pyarrow.parquet as pq
 
     try:
+        names = pq.read_schema(path).names
+        _refuse_repeated(names, f"{path} (its schema)")  # pyarrow would fail on "Multiple matches for FieldRef"
         table = pq.read_table(path)
+    except DataError:
+        raise
     except Exception as err:  # pyarrow raises ArrowInvalid / OSError subclasses
         raise DataError(f"{path}: cannot read Parquet file ({err})") from None
     for index, row in enumerate(table.to_pylist()):
@@ -356,6 +396,7 @@ def _read_saved_dataset(path: Path) -> Iterator[tuple[str, Any, str]]:
                 table = pa.ipc.open_stream(source).read_all()
         except (OSError, pa.ArrowInvalid) as err:
             raise DataError(f"{path / name}: cannot read Arrow stream file ({err})") from None
+        _refuse_repeated(table.column_names, f"{path / name} (its schema)")
         for row in table.to_pylist():
             yield f"row {index}", row, f"{path.name}:{index}"
             index += 1
@@ -431,10 +472,14 @@ def check_records(records: Iterable[Record | Mapping[str, Any]], source: str = "
     indices. Returns the validated records (ids and labels as ``str``). Raises :class:`DataError`
     for an empty list, an invalid row (wrong field type, empty completion) or a repeated id.
     """
-    rows = [asdict(r) if isinstance(r, Record) else r for r in records]
-    if not rows:
+    given = list(records)
+    if not given:
         raise DataError(f"{source}: no rows (an empty list); at least one row is needed")
-    return records_from_rows(rows, source)
+    checked = records_from_rows([r.content() if isinstance(r, Record) else r for r in given], source)
+    return [  # a Record read from a file keeps naming its file and line
+        replace(record, where=row.where) if isinstance(row, Record) and row.where else record
+        for record, row in zip(checked, given)
+    ]
 
 
 def check_ids(ids: Iterable[str], source: str = "<memory>") -> list[str]:
@@ -451,7 +496,7 @@ def check_ids(ids: Iterable[str], source: str = "<memory>") -> list[str]:
 def data_fingerprint(records: Sequence[Record]) -> str:
     """SHA-256 hex digest of a canonical JSON encoding of ``records`` (order matters)."""
     payload = json.dumps(
-        [asdict(record) for record in records],
+        [record.content() for record in records],
         sort_keys=True,
         ensure_ascii=False,
         separators=(",", ":"),

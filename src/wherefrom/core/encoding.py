@@ -130,11 +130,11 @@ def _chat_texts(record: Record, tokenizer: PreTrainedTokenizerBase) -> tuple[str
     probe = _render(tokenizer, [user, {"role": "assistant", "content": CONTENT_SENTINEL}])
     full = _render(tokenizer, [user, {"role": "assistant", "content": record.completion}])
     if probe.count(CONTENT_SENTINEL) != 1:
-        raise ValueError(f"the chat template does not render the assistant message once (record {record.id!r})")
+        raise ValueError(f"the chat template does not render the assistant message once ({record.named()})")
     before, after = probe.split(CONTENT_SENTINEL)
     if not (full.startswith(before) and full.endswith(after) and len(full) >= len(before) + len(after)):
         raise ValueError(
-            f"record {record.id!r}: the chat template renders text around the assistant content that depends on "
+            f"{record.named()}: the chat template renders text around the assistant content that depends on "
             f"the content; wherefrom cannot tell which tokens are the answer (use chat_template=False)"
         )
     content = full[len(before) : len(full) - len(after)]
@@ -159,7 +159,7 @@ def _split_tokens(
     head = [int(t) for t in tokenizer(prompt, add_special_tokens=False)["input_ids"]]
     if ids[: len(head)] != head:
         raise ValueError(
-            f"record {record.id!r}: the prompt's last token merges with the completion's first under this "
+            f"{record.named()}: the prompt's last token merges with the completion's first under this "
             f"(slow) tokenizer; load the fast tokenizer so the boundary can be placed by character offsets"
         )
     return head, ids[len(head) :]
@@ -202,7 +202,7 @@ def _check_vocabulary(record: Record, ids: list[int], vocabulary: int, tokenizer
     bad = next((t for t in ids if not 0 <= t < vocabulary), None)
     if bad is not None:
         raise DataError(
-            f"record {record.id!r}: token id {bad} ({tokenizer.convert_ids_to_tokens(bad)!r}) is outside "
+            f"{record.named()}: token id {bad} ({tokenizer.convert_ids_to_tokens(bad)!r}) is outside "
             f"the model's vocabulary of {vocabulary} embeddings (get_input_embeddings()); the tokenizer "
             f"has {len(tokenizer)} tokens: use the model's own tokenizer, or resize the embeddings"
         )
@@ -348,7 +348,7 @@ def encode_records(
             prompt = [int(bos)]
         if not completion:
             raise DataError(
-                f"record {record.id!r}: field 'completion' tokenizes to zero tokens "
+                f"{record.named()}: field 'completion' tokenizes to zero tokens "
                 f"(completion={record.completion!r}, append_eos={append_eos})"
             )
         total = len(prompt) + len(completion)
@@ -356,13 +356,13 @@ def encode_records(
             prompt, completion = prompt[:max_length], completion[: max(max_length - len(prompt), 0)]
             if not completion and loss_tokens == "completion":
                 raise DataError(
-                    f"record {record.id!r}: truncated to max_length={max_length} tokens, its {len(prompt)}+ prompt "
+                    f"{record.named()}: truncated to max_length={max_length} tokens, its {len(prompt)}+ prompt "
                     f"tokens leave no completion token to carry the loss (loss_tokens='completion'); raise max_length"
                 )
             total = len(prompt) + len(completion)
         if positions is not None and max_length >= total > positions[0]:
             raise DataError(
-                f"record {record.id!r}: {total} tokens > the model's {positions[0]} positions "
+                f"{record.named()}: {total} tokens > the model's {positions[0]} positions "
                 f"({positions[1]}); "
                 + (
                     f"it was truncated to max_length={max_length}: give max_length <= {positions[0]} for this model"
@@ -379,7 +379,7 @@ def encode_records(
             else:
                 hint = f"raise max_length (now {max_length}) or shorten the record"
             raise DataError(
-                f"record {record.id!r}: {len(prompt)} prompt tokens + {len(completion)} completion "
+                f"{record.named()}: {len(prompt)} prompt tokens + {len(completion)} completion "
                 f"tokens = {total} tokens > max_length={max_length}; {hint} "
                 f"(nothing is truncated)"
             )
