@@ -222,6 +222,33 @@ def test_search_of_a_run_index_finds_the_full_scores_tops(workspace, tmp_path, m
     assert not (run / "scores" / "other.json").exists()
 
 
+def test_a_search_reads_each_shard_once_and_names_a_damaged_one_with_the_rebuild_command(
+    workspace, tmp_path, monkeypatch
+):
+    """`--search exact` hashed every shard (verify) and then read it again for the search; now the search hashes a
+    shard as it first reads it. A shard damaged in place (its size kept, so opening the store passes) still stops
+    every search before any result, named with the command that rebuilds the run's index."""
+    run = tmp_path / "run"
+    fitted = invoke("fit", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--run", run)
+    assert fitted.exit_code == 0, fitted.output
+    assert invoke("index", "--run", run, "--shard-size", 7).exit_code == 0
+    queries = workspace / "queries.jsonl"
+    with monkeypatch.context() as patched:
+        patched.setattr(VectorStore, "verify", lambda *args, **kwargs: pytest.fail("verify was called"))
+        exact = invoke("scores", "--run", run, "--queries", queries, "--search", "exact")
+    assert exact.exit_code == 0 and exact.stdout.count(" proponents: ") == 3, exact.output
+    shard = run / "index" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    for flags in (("--search", "exact"), ("--search", "faiss", "--search-option", "nlist=2"), ("--prefilter-bm25", 4)):
+        damaged = invoke("scores", "--run", run, "--queries", queries, *flags)
+        said = " ".join(damaged.output.split())
+        assert damaged.exit_code == 2 and "shard-00001.safetensors is damaged" in said, (flags, said)
+        assert "; rebuild the store: rerun `wherefrom index --run" in said and said.count("rebuild") == 1, said
+        assert "proponents" not in damaged.stdout
+
+
 def test_a_run_without_vector_rows_is_refused_by_name_not_sent_to_index(workspace, tmp_path):
     """A bm25 run has no vector store and `index` refuses it: `--search` says so instead of pointing at `index`."""
     run = tmp_path / "bm25-run"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -567,3 +568,85 @@ def test_a_shard_that_matches_its_checksum_but_holds_other_rows_is_rebuilt(tmp_p
     assert written == 2 and sum("rebuilding" in note and "does not hold" in note for note in writer.notices) == 2
     assert files(folder) == files(tmp_path / "clean")
     VectorStore.open(folder).verify()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_blocks_read_a_shard_not_verified_once_hashing_it_on_the_way(tmp_path, monkeypatch, dtype):
+    """An exact search from the command line verified the store, then read it: every shard was read twice (at 10^6
+    x 1024 float16 rows, 0.45 s of a 1.48 s query). blocks() now reads an unverified shard once, straight into its
+    buffer, hashing every byte on the way: each shard file's bytes are read exactly once, and it counts as verified."""
+    build(tmp_path / "s", dtype=dtype)
+    store = VectorStore.open(tmp_path / "s")
+    read: dict[str, int] = {}
+    opened = open
+
+    class Counted:
+        def __init__(self, file, *args, **kwargs):
+            self.fh, self.name = opened(file, *args, **kwargs), Path(file).name
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def count(self, got):
+            read[self.name] = read.get(self.name, 0) + len(got if isinstance(got, bytes) else b"x" * got)
+            return got
+
+        def read(self, *args):
+            return self.count(self.fh.read(*args))
+
+        def readinto(self, view):
+            return self.count(self.fh.readinto(view))
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    monkeypatch.setattr("builtins.open", Counted)
+    monkeypatch.setattr(vectors_module, "read_checked", lambda *a: pytest.fail("a shard was read whole to be hashed"))
+    joined = torch.cat([rows.clone() for _, rows in store.blocks(3)])
+    monkeypatch.undo()
+    assert torch.equal(joined, ROWS.to(getattr(torch, dtype)))
+    shards = {shard_name(k): (tmp_path / "s" / shard_name(k)).stat().st_size for k in range(store.shard_count)}
+    assert {name: n for name, n in read.items() if name in shards} == shards  # every byte once
+    assert store.verified == set(range(store.shard_count))
+
+
+def append(path):
+    path.write_bytes(path.read_bytes() + b"\0" * 4)
+
+
+def header_byte(path):  # an id in the header: the shard no longer holds its rows, and its checksum differs
+    data = bytearray(path.read_bytes())
+    data[data.index(b"r5") + 1] = ord("9")
+    path.write_bytes(bytes(data))
+
+
+def header_length(path):
+    data = bytearray(path.read_bytes())
+    data[:8] = (2**62).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("hurt", "named"),
+    [
+        (flip, "is damaged: its xxh3_128 differs"),
+        (header_byte, "is damaged: its xxh3_128 differs"),
+        (header_length, "is damaged: its xxh3_128 differs"),
+        (truncate, "is truncated or changed"),
+        (append, "is truncated or changed"),
+    ],
+)
+def test_a_shard_damaged_after_open_stops_blocks_before_its_rows_are_yielded(tmp_path, hurt, named):
+    """The one-pass read checks the checksum before the block holding the shard is yielded; a damaged header is named
+    by its checksum (as verify() names it), not by the layout it fails; a damaged shard is not counted verified."""
+    build(tmp_path / "s")
+    store = VectorStore.open(tmp_path / "s")
+    hurt(tmp_path / "s" / shard_name(1))  # after open's size check
+    yielded = []
+    with pytest.raises(DamagedFile, match=f"{shard_name(1)} {named}"):
+        for first, _rows in store.blocks(4):
+            yielded.append(first)
+    assert yielded == [0] and store.verified == {0}

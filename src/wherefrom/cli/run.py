@@ -255,7 +255,8 @@ def search_run(
     device: str | None,
 ) -> None:
     """Answer ``scores`` / ``query`` from RUN's vector store (``--search``, ``--prefilter-bm25``; ``recall``: with
-    ``--search faiss``, also the exact search and recall@k, for which every shard is hashed first): the
+    ``--search faiss``, also the exact search and recall@k; a shard is hashed as it is first read, and a damaged
+    one stops the search before any result, naming it and the command that rebuilds it): the
     queries in the store's row layout (:meth:`wherefrom.engine.run.Run.query_vectors`), searched by
     :func:`store_search` (a FAISS index kept in ``RUN/index/``, keyed by the store's contents) and printed
     by :func:`print_search`. ``options``: the FAISS options its callers parsed with :func:`check_search` before
@@ -274,15 +275,16 @@ def search_run(
             f"--prefilter-bm25 search the one `{opened.index_command()}` "
             f"{'finishes' if started else 'builds'}; without them the run scores every row"
         )
-    store = opened.open_index(verify=recall or search != "faiss")
+    store = opened.open_index(verify=False)  # each shard is hashed as the search first reads it: read once, not twice
     settings = faiss_settings(options)
     if search == "faiss" and settings.builds_index(prefilter_bm25 is not None):
         settings.check_store(store.count, store.dim)  # before the queries' gradients
     query_ids, vectors = opened.query_vectors(queries, store)
-    report = store_search(
-        store, vectors, queries, opened.train, top_k, search, options, prefilter_bm25, store.folder,
-        store.content_key(), recall,
-    )  # fmt: skip
+    with opened.rebuild_named():
+        report = store_search(
+            store, vectors, queries, opened.train, top_k, search, options, prefilter_bm25, store.folder,
+            store.content_key(), recall,
+        )  # fmt: skip
     print_search(report, query_ids, top_k, {row.id: row.label for row in opened.train})
 
 

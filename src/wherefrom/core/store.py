@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -356,8 +356,11 @@ def checksum_of(entry: Mapping[str, Any]) -> tuple[str, str]:
     raise KeyError(f"a checksum entry names none of {sorted(HASHES)}: {dict(entry)}")
 
 
-def _digest(data: bytes, name: str = CHECKSUM) -> str:
-    return HASHES[name](data).hexdigest()
+def _digest(pieces: Iterable[bytes | memoryview], name: str = CHECKSUM) -> str:
+    digest = HASHES[name]()
+    for piece in pieces:
+        digest.update(piece)
+    return digest.hexdigest()
 
 
 def file_digest(path: Path, name: str = CHECKSUM, head: int = 0) -> tuple[str, int, bytes]:
@@ -454,10 +457,12 @@ def _compare(path: Path, size: int, recorded: Recorded = None, digest: Callable[
         raise DamagedFile(f"{path} is damaged: its {name} differs from the one recorded when it was written")
 
 
-def check_bytes(path: Path, data: bytes, recorded: Recorded = None) -> None:
-    """Raise :class:`DamagedFile` naming ``path`` unless ``data`` (its bytes, read by the caller) match its recorded
-    checksum and size."""
-    _compare(Path(path), len(data), recorded, lambda name: _digest(data, name))
+def check_bytes(path: Path, data: bytes | Sequence[bytes | memoryview], recorded: Recorded = None) -> None:
+    """Raise :class:`DamagedFile` naming ``path`` unless ``data`` (its bytes, read by the caller: whole, or in pieces
+    that join to them, e.g. a header and the rows read straight into a buffer) match its recorded checksum and
+    size."""
+    pieces = [data] if isinstance(data, bytes) else data
+    _compare(Path(path), sum(len(piece) for piece in pieces), recorded, lambda name: _digest(pieces, name))
 
 
 def read_checked(path: Path, recorded: Recorded = None) -> bytes:

@@ -1125,8 +1125,9 @@ class Run:
         verified (all of them in one process; under ``torch.distributed`` its share,
         :func:`wherefrom.core.distributed.shards_for_rank`, so no shard is hashed twice), and its settings required
         to be this run's (model, tokenizer, module selection, gradient settings, layout). ``verify=False``: the
-        shards are not hashed now but as they are read (:meth:`wherefrom.core.vectors.VectorStore.shards`,
-        ``blocks``), for a search that may read none (a saved FAISS index searched without the exact search).
+        shards are not hashed now but as they are first read (:meth:`wherefrom.core.vectors.VectorStore.shards`,
+        ``blocks``), for a search in one process: it reads each shard once, not twice, or none at all (a saved
+        FAISS index searched without the exact search), and a damaged shard stops it before any result.
 
         Raises :class:`wherefrom.core.store.DamagedFile` naming a damaged file and
         :class:`wherefrom.core.store.SettingsMismatch` naming each setting that differs."""
@@ -1147,13 +1148,20 @@ class Run:
     def _index_store(self, verify: bool) -> VectorStore:
         """``RUN/index/`` opened (with ``verify`` every shard this process reads hashed); a :class:`wherefrom.core.store.DamagedFile`
         names the damaged file and the command that rebuilds it."""
-        try:
+        with self.rebuild_named():
             store = VectorStore.open(self.folder / "index")
             if verify:  # every process hashes its own share; a damaged shard stops them all
                 on_every(lambda: store.verify(shards_for_rank(store.shard_count)))
+        return store
+
+    @contextmanager
+    def rebuild_named(self) -> Iterator[None]:
+        """A :class:`wherefrom.core.store.DamagedFile` raised inside (a damaged file of the run's index, found when
+        it is opened or read) names the command that rebuilds the index, in place of the store's general advice."""
+        try:
+            yield
         except DamagedFile as error:
             raise DamagedFile(f"{str(error).removesuffix(f'; {REBUILD}')}; {self._rebuild_hint()}") from None
-        return store
 
     def _rebuild_hint(self) -> str:
         return f"{REBUILD}: rerun `{self.index_command()}`"
@@ -1166,8 +1174,9 @@ class Run:
         verified as it is read (:class:`wherefrom.core.store.DamagedFile` names it)."""
         store = store or self.open_index()
         shapes = [(m.name, m.shape) for m in self.attributor.modules]
-        for start, rows in store.shards(only=shards):
-            yield store.ids[start : start + rows.shape[0]], split_rows(rows.float(), shapes)
+        with self.rebuild_named():
+            for start, rows in store.shards(only=shards):
+                yield store.ids[start : start + rows.shape[0]], split_rows(rows.float(), shapes)
 
     # --- scores --------------------------------------------------------------------------------
     def scores(self, queries: list[Record], curvature: Curvature | None = None) -> Scores | None:
