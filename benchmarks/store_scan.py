@@ -12,17 +12,26 @@ the store's files in the page cache after a warm-up (so this measures hashing an
 
 * ``open``: :meth:`VectorStore.open` (marker, manifest and ids hashed; every shard's size checked);
 * ``verify``: :meth:`VectorStore.verify` (every shard hashed with its recorded checksum, XXH3-128: what a
-  command does once before searching);
+  command did once before searching, until the search hashed the shards as it read them);
 * ``search``: :func:`wherefrom.core.search.exact_ends`, proponents and opponents of one query in one pass over
   the shards, read into one reused buffer without hashing them again (as after ``verify``,
-  :meth:`VectorStore.blocks`): the median of ``--queries`` queries;
+  :meth:`VectorStore.blocks`, the next block read ahead on a thread): the median of ``--queries`` queries;
+* ``in turn``: the same search with each block read in turn into one buffer (``blocks(size, ahead=False)``,
+  what the search did before it read ahead);
+* ``one pass``: what ``query --search exact`` runs now: the store opened, then the same search over its shards
+  unverified, each read once into the buffer and hashed on the way (:meth:`VectorStore.blocks`): the median of
+  ``--queries`` queries, each with a newly opened store;
+* ``evicted``: ``verify, then search`` and ``one pass`` again with the store's files dropped from this machine's
+  page cache before each (``posix_fadvise(POSIX_FADV_DONTNEED)``; a virtual machine's host may still cache
+  them), alternating, median of 5 each: what reading each shard once saves when the bytes come from the disk;
 * ``mapped``: the same search over the shards memory-mapped (:meth:`VectorStore.shards` with ``verify=False``),
   joined by the search's generic reader (what the search read before :meth:`VectorStore.blocks`);
 * the peers: ``verify, sha256``: the same shard files hashed with hashlib's sha256 in the same 4 MiB reads (the
   checksum wherefrom recorded and verified before XXH3-128); ``numpy``: a plain scan of the same rows held in
   memory (one end: one product and a top-k).
 
-``query total`` = open + verify + search; ``with sha256`` = open + verify, sha256 + search. Writes
+``verify, then search`` = open + verify + search (the command before); ``with sha256`` = open + verify, sha256 +
+search; ``query total`` = one pass. Writes
 ``benchmarks/results/store_scan.{md,json}`` (``--name``) with the command that made it.
 """
 
@@ -31,6 +40,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -59,6 +69,16 @@ class Mapped:
         return self.store.shards(verify=False)
 
 
+class InTurn:
+    """A :class:`wherefrom.core.search.RowSource` over ``store``'s blocks read in turn (no read-ahead thread)."""
+
+    def __init__(self, store: VectorStore):
+        self.store, self.dim, self.count, self.ids, self.dtype = store, store.dim, store.count, store.ids, store.dtype
+
+    def blocks(self, size: int):
+        return self.store.blocks(size, ahead=False)
+
+
 def sha256_files(folder: Path) -> None:
     """Hash every shard file of ``folder`` with sha256, in 4 MiB reads (the peer of :meth:`VectorStore.verify`)."""
     for path in sorted(folder.glob("shard-*")):
@@ -67,6 +87,31 @@ def sha256_files(folder: Path) -> None:
             for block in iter(lambda f=fh: f.read(1 << 22), b""):
                 digest.update(block)
         digest.hexdigest()
+
+
+def evict(folder: Path) -> None:
+    """Drop ``folder``'s files from this machine's page cache."""
+    for path in folder.iterdir():
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+
+
+def evicted_seconds(folder: Path, run) -> float:
+    """Wall time of ``run()`` with ``folder``'s files dropped from the page cache first."""
+    evict(folder)
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def verify_then_search(folder: Path, query: torch.Tensor) -> None:
+    """What ``query --search exact`` ran before: open, hash every shard, then search."""
+    store = VectorStore.open(folder)
+    store.verify()
+    exact_ends(store, query, K)
 
 
 def build(folder: Path, count: int, dim: int, dtype: str, rows: Spectral) -> float:
@@ -106,8 +151,18 @@ def measure(args: argparse.Namespace) -> list[dict]:
         verified = seconds(store.verify)
         sha256_seconds = seconds(lambda f=folder: sha256_files(f))
         times = [seconds(lambda s=store, v=ask[q : q + 1]: exact_ends(s, v, K)) for q in range(args.queries)]
+        once = [
+            seconds(lambda f=folder, v=ask[q : q + 1]: exact_ends(VectorStore.open(f), v, K))
+            for q in range(args.queries)
+        ]
+        in_turn = InTurn(store)
+        turns = [seconds(lambda s=in_turn, v=ask[q : q + 1]: exact_ends(s, v, K)) for q in range(args.queries)]
         plain = Mapped(store)
         mapped = [seconds(lambda s=plain, v=ask[q : q + 1]: exact_ends(s, v, K)) for q in range(args.queries)]
+        cold: dict[str, list[float]] = {"before": [], "once": []}
+        for _ in range(5):
+            cold["before"].append(evicted_seconds(folder, lambda f=folder: verify_then_search(f, ask[:1])))
+            cold["once"].append(evicted_seconds(folder, lambda f=folder: exact_ends(VectorStore.open(f), ask[:1], K)))
         matrix = np.concatenate([r.numpy() for _, r in store.shards()])
         first = ask[0].numpy()
         peer = seconds(lambda m=matrix, v=first: numpy_scan(m, v, K), 3)
@@ -124,9 +179,13 @@ def measure(args: argparse.Namespace) -> list[dict]:
             "verify_seconds": verified,
             "verify_sha256_seconds": sha256_seconds,
             "search_seconds": scan,
+            "in_turn_search_seconds": statistics.median(turns),
             "mapped_search_seconds": statistics.median(mapped),
             "numpy_seconds": peer,
-            "query_total_seconds": opened + verified + scan,
+            "verify_then_search_seconds": opened + verified + scan,
+            "query_total_seconds": statistics.median(once),
+            "evicted_verify_then_search_seconds": statistics.median(cold["before"]),
+            "evicted_one_pass_seconds": statistics.median(cold["once"]),
             "with_sha256_seconds": opened + sha256_seconds + scan,
             "top1": found.ids[0][0],
         }
@@ -138,17 +197,22 @@ def measure(args: argparse.Namespace) -> list[dict]:
 def render(rows: list[dict], command: str, load: str) -> str:
     table = markdown_table(
         ["rows", "shards", "GiB", "build (s)", "open (s)", "verify (s)", "verify, sha256 (s)", "sha256 / verify",
-         "search, both ends (ms)", "mapped (ms)", "mapped / search", "numpy, one end (ms)", "search / numpy",
-         "query total (s)", "with sha256 (s)"],
+         "search, both ends (ms)", "in turn (ms)", "in turn / search", "mapped (ms)", "mapped / search", "numpy, one end (ms)", "search / numpy",
+         "verify, then search (s)", "with sha256 (s)", "query total: one pass (s)", "one pass / verify, then search",
+         "evicted: verify, then search (s)", "evicted: one pass (s)", "evicted: one pass / verify, then search"],
         [
             [
                 f"{r['count']:,}", str(r["shards"]), number(r["bytes"] / 2**30, ".2f"), number(r["build_seconds"], ".1f"),
                 number(r["open_seconds"], ".3f"), number(r["verify_seconds"], ".3f"),
                 number(r["verify_sha256_seconds"], ".2f"), number(r["verify_sha256_seconds"] / r["verify_seconds"], ".1f"),
-                number(1000 * r["search_seconds"], ".1f"), number(1000 * r["mapped_search_seconds"], ".1f"),
+                number(1000 * r["search_seconds"], ".1f"), number(1000 * r["in_turn_search_seconds"], ".1f"),
+                number(r["in_turn_search_seconds"] / r["search_seconds"], ".2f"), number(1000 * r["mapped_search_seconds"], ".1f"),
                 number(r["mapped_search_seconds"] / r["search_seconds"], ".2f"), number(1000 * r["numpy_seconds"], ".1f"),
-                number(r["search_seconds"] / r["numpy_seconds"], ".2f"), number(r["query_total_seconds"], ".2f"),
-                number(r["with_sha256_seconds"], ".2f"),
+                number(r["search_seconds"] / r["numpy_seconds"], ".2f"), number(r["verify_then_search_seconds"], ".2f"),
+                number(r["with_sha256_seconds"], ".2f"), number(r["query_total_seconds"], ".2f"),
+                number(r["query_total_seconds"] / r["verify_then_search_seconds"], ".2f"),
+                number(r["evicted_verify_then_search_seconds"], ".2f"), number(r["evicted_one_pass_seconds"], ".2f"),
+                number(r["evicted_one_pass_seconds"] / r["evicted_verify_then_search_seconds"], ".2f"),
             ]
             for r in rows
         ],
@@ -158,9 +222,14 @@ def render(rows: list[dict], command: str, load: str) -> str:
         f"Command: `{command}`\n\nLoad average at the start: {load}. Build 0 = an intact store reused. "
         "Verify: every shard hashed with its recorded checksum (XXH3-128); verify, sha256: the same files hashed "
         "with sha256 (the checksum recorded before). Search: proponents and opponents of one query in one pass over "
-        "the shards read into one reused buffer (median); mapped: the same search over memory-mapped shards joined by "
+        "the shards read into reused buffers, the next block read ahead on a thread (median); in turn: the same with each "
+        "block read in turn into one buffer (the search before); mapped: the same search over memory-mapped shards joined by "
         "the search's generic reader (the path before); numpy: one product and one top-k over the same rows in memory (one end). "
-        "Query total = open + verify + search; with sha256 = open + verify, sha256 + search.\n\n"
+        "Verify, then search = open + verify + search (the command before); with sha256 = open + verify, sha256 + "
+        "search; query total: one pass = what `query --search exact` runs now, the store opened and searched with each "
+        "shard hashed as it is read into the buffer (median, a newly opened store per query). Evicted: the same two with "
+        "the store's files dropped from this machine's page cache first (posix_fadvise DONTNEED; the virtual machine's "
+        "host may still cache them), median of 5.\n\n"
         f"{table}\n"
     )
 

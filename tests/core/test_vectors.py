@@ -373,15 +373,17 @@ def test_shards_not_verified_in_this_process_are_hashed_as_they_are_read(tmp_pat
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("verified", [False, True])
 @pytest.mark.parametrize("size", [1, 3, 4, 5, 9, 10, 64])
-def test_blocks_are_the_shards_joined_in_row_order(tmp_path, dtype, verified, size):
-    """Consecutive shards (4 rows; the last 2) joined until a block holds ``size`` rows, read into one reused
-    buffer: hashed as read, or (after :meth:`VectorStore.verify`) read straight into it."""
+@pytest.mark.parametrize("ahead", [True, False])
+def test_blocks_are_the_shards_joined_in_row_order(tmp_path, dtype, verified, size, ahead):
+    """Consecutive shards (4 rows; the last 2) joined until a block holds ``size`` rows, read into reused buffers
+    (the next read ahead on a thread, or in turn into one): hashed as read, or (after :meth:`VectorStore.verify`)
+    read straight in."""
     build(tmp_path / "s", dtype=dtype)
     store = VectorStore.open(tmp_path / "s")
     if verified:
         store.verify()
     starts, blocks = [], []
-    for first, rows in store.blocks(size):
+    for first, rows in store.blocks(size, ahead=ahead):
         starts.append(first)
         blocks.append(rows.clone())  # valid until the next block: kept as a copy
     sizes = [b.shape[0] for b in blocks]
@@ -650,3 +652,30 @@ def test_a_shard_damaged_after_open_stops_blocks_before_its_rows_are_yielded(tmp
         for first, _rows in store.blocks(4):
             yielded.append(first)
     assert yielded == [0] and store.verified == {0}
+
+
+def test_a_block_read_ahead_is_not_touched_while_the_caller_holds_the_one_before(tmp_path, monkeypatch):
+    """The reader thread fills the next block while the caller works on this one: the block the caller holds keeps
+    its rows until it asks for the next (here the caller waits for the reader to finish before reading it), and a
+    caller that stops early leaves no reader thread behind."""
+    import threading
+    import time
+
+    build(tmp_path / "s")
+    store = VectorStore.open(tmp_path / "s")
+    reads = []
+    real = VectorStore._read_into
+    monkeypatch.setattr(VectorStore, "_read_into", lambda *a: reads.append(a[1]) or real(*a))
+    seen, read_ahead = [], []
+    for first, rows in store.blocks(4):
+        wanted, deadline = min(first // 4 + 2, store.shard_count), time.monotonic() + 5
+        while len(reads) < wanted and time.monotonic() < deadline:
+            time.sleep(0.01)  # the next block is read into the other buffer while this one is held
+        read_ahead.append(len(reads) >= wanted)
+        seen.append(rows.clone())
+    assert read_ahead == [True] * store.shard_count and reads == list(range(store.shard_count))
+    assert torch.equal(torch.cat(seen), ROWS)
+    early = store.blocks(4)
+    next(early)
+    early.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("wherefrom-read-ahead")]

@@ -14,7 +14,7 @@ gradients and ``q`` the query gradient in the same projection (positive = propon
   (half-precision rows converted exactly, on one thread, into a reused cache-sized buffer), and a running
   top-``k`` per query is merged with the scores of every ``chunk_rows`` rows; shards smaller than a
   cache-sized block are joined first (the index's default is 256 rows). Memory: one shard (as the source
-  yields it) + one such block + one float32 block + ``n_query x (chunk_rows + one block)`` scores +
+  yields it) + one such block (two from the store on disk, which reads the next one ahead) + one float32 block + ``n_query x (chunk_rows + one block)`` scores +
   ``n_query x k`` kept, never the whole store.
   **Proponents** are the ``k`` largest scores, **opponents** the ``k`` smallest (most negative), each
   best first. **Ties** are broken by row order (the lower row first), so the result is deterministic
