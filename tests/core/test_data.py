@@ -411,3 +411,16 @@ def test_a_record_names_its_file_and_line_and_keeps_them_through_check_records(t
     assert Record("x", "p", " c").named() == "record 'x'"
     in_memory = [Record(r.id, r.prompt, r.completion, r.label) for r in records]
     assert in_memory == records and data_fingerprint(in_memory) == data_fingerprint(records)
+
+
+def test_a_csv_row_with_more_cells_than_the_header_is_refused_by_line(tmp_path: Path) -> None:
+    """An unquoted comma in a prompt gave the row one cell more than the header: the completion took part of the
+    prompt, the label took the completion, and the last cell was dropped, all without a word. Empty extra cells
+    (trailing delimiters, as spreadsheets write them) still pass."""
+    path = tmp_path / "shifted.csv"
+    path.write_text("id,prompt,completion,label\nr0,hello world:, ef,x\nr1,hello, world:, ij,y\n", encoding="utf-8")
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, "shifted.csv, line 3", "5 cells, the header names 4", "extra: 'y'", "must be quoted")
+    path.write_text("id,prompt,completion,label\nr0,hello world:, ef,x,,\n", encoding="utf-8")
+    assert [r.label for r in load_records(path)] == ["x"]

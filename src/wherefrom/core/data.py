@@ -14,7 +14,8 @@ File formats (chosen by suffix, case-insensitive):
   that splits the header into a row naming both ``prompt`` and ``completion`` (European Excel
   writes ``;``, Excel's "Unicode text" tab); header names are stripped of surrounding whitespace.
   Quoted cells may span lines. Positions are 1-based line numbers counting the header as line 1,
-  so the first data row is line 2 (a multi-line row is named by the line it starts on). Rows whose
+  so the first data row is line 2 (a multi-line row is named by the line it starts on). A row with more
+  non-empty cells than the header (an unquoted delimiter in a cell) is refused naming its line. Rows whose
   cells are all empty (blank lines, Excel's ``;;;``) are skipped. Empty ``id`` / ``label`` cells
   count as absent.
 * ``.parquet``: read with ``pyarrow.parquet``. Positions are 0-based row indices ("row N").
@@ -357,6 +358,12 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Any, str]]:
                 header = [name.strip() for name in cells]
                 _refuse_repeated(header, _where(str(path), f"line {lineno} (the header)"))
                 continue
+            extra = [cell for cell in cells[len(header) :] if cell.strip()]
+            if extra:  # zip would drop them, and every field after an unquoted delimiter shifts by one
+                raise DataError(
+                    f"{_where(str(path), f'line {lineno}')}: {len(cells)} cells, the header names {len(header)} "
+                    f"(extra: {extra[0]!r}); a cell holding the delimiter {reader.dialect.delimiter!r} must be quoted"
+                )
             row = dict(zip(header, cells))
             for optional in ("id", "label"):
                 if row.get(optional) == "":
