@@ -102,6 +102,10 @@ def test_bad_arguments_raise(groundtruth, tmp_path):
         tune(groundtruth, "nope", GRID, out=tmp_path)
     with pytest.raises(FileNotFoundError, match="ground-truth"):
         tune(tmp_path, "ekfac", GRID, out=tmp_path)
+    # a fixed option that is also a grid key won at every point while the table named the grid's value
+    key = next(iter(GRID))
+    with pytest.raises(ValueError, match=f"{key}: given both as a grid key"):
+        tune(groundtruth, "ekfac", GRID, out=tmp_path, method_options={key: 100.0})
 
 
 def test_cli_tune(groundtruth, tmp_path):

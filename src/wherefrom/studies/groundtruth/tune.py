@@ -195,7 +195,7 @@ def tune(
 ) -> dict[str, Any]:
     """Tune ``method`` over ``grid`` by LDS on the ground truth in ``gt_folder``; returns what ``tune.json`` holds.
 
-    ``method_options``: fixed options of every point (grid values override them); ``attribution``:
+    ``method_options``: fixed options of every point (``ValueError`` for a key also in ``grid``); ``attribution``:
     base settings (default: the ground truth's, :meth:`GroundTruthConfig.attribution`). The returned
     dict has ``points`` (``point``, ``seconds``, ``error``, ``selection`` / ``held_out`` LDS
     ``{mean, low, high, n, ...}`` and ``per_query`` LDS of all queries), ``chosen`` (``index`` into
@@ -205,6 +205,12 @@ def tune(
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
     points = grid_points(grid)
     method_options = dict(method_options or {})
+    both = sorted(set(method_options) & set(grid))
+    if both:  # a fixed option won over the grid's value at every point, while the table named the grid's
+        raise ValueError(
+            f"{', '.join(both)}: given both as a grid key (--grid) and as a fixed option (--option); the grid sets "
+            "it at each point, so leave it out of --option"
+        )
     say = log or (lambda _line: None)
     gt = GroundTruth.load(gt_folder)
     if gt.lds_masks is None:
