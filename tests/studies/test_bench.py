@@ -129,6 +129,23 @@ def test_bench_task_from_files_is_subsampled(tmp_path, tiny_model):
     assert report["kind"] == "class" and metrics["n_queries"] == 3 and metrics["k"] == 3  # 9 rows / 3 classes
 
 
+def test_a_file_task_edited_in_place_is_recomputed_not_reused(tmp_path, tiny_model):
+    """A row's key named a file task by its paths only: after the labelled files were edited in place (labels
+    shuffled), the same --out reused every row and printed the old metrics. The rows' fingerprint is in the key."""
+    _write_labelled(tmp_path, ["x", "y", "z"] * 6)
+    task = f"path:{tmp_path / 'a.jsonl'}:{tmp_path / 'b.jsonl'}"
+    config = tiny_config(task, tmp_path / "p", tiny_model, ["bm25"], 9, 3, max_length=64)
+    row = tmp_path / "p" / "seed-0" / "bm25.json"
+    run_bench(config)
+    first = row.read_text()
+    run_bench(config)
+    assert row.read_text() == first  # unchanged files: reused
+    _write_labelled(tmp_path, ["z", "x", "y"] * 6)
+    said: list[str] = []
+    run_bench(config, log=said.append)
+    assert "seed 0 bm25: reused" not in said and json.loads(row.read_text())["key"] != json.loads(first)["key"]
+
+
 def test_failed_method_is_recorded_and_retried(tmp_path, tiny_model):
     # gradsim with an unknown option fails; bm25 still runs, the failure is in the table, and a rerun
     # retries the failed method but reuses the good one

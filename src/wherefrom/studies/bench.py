@@ -32,7 +32,7 @@ from typing import Any
 
 from wherefrom.core.commandline import command_line as render_command
 from wherefrom.core.commandline import field_flags
-from wherefrom.core.data import DataError
+from wherefrom.core.data import DataError, data_fingerprint
 from wherefrom.core.encoding import check_template
 from wherefrom.core.option_pairs import format_option_pairs, options_for
 from wherefrom.curvature.base import Progress, no_progress
@@ -65,6 +65,7 @@ __all__ = [
     "make_task",
     "method_row",
     "row_key",
+    "rows_key",
     "run_bench",
     "scored_method",
 ]
@@ -240,11 +241,20 @@ def command_line(config: BenchConfig) -> str:
     )
 
 
-def row_key(config: BenchConfig, seed: int, method: str) -> dict[str, Any]:
+def rows_key(config: BenchConfig, task: BenchTask) -> dict[str, Any]:
+    """``{"rows": fingerprint}`` of a file task's rows (``path:`` tasks: the files can be edited in place under the
+    same name, and cached results of the old rows were reused), ``{}`` for a generated task (its rows follow from
+    its name, sizes and seed, all in the keys already; so rows cached before keep matching)."""
+    if not config.task.startswith("path:"):
+        return {}
+    return {"rows": data_fingerprint([*task.train, *task.test])}
+
+
+def row_key(config: BenchConfig, seed: int, method: str, task: BenchTask) -> dict[str, Any]:
     """Every setting a (seed, method) row depends on; a cached row is reused only when it matches. A method that
     runs no model (``bm25``) depends on no fine-tuning setting, and each method on only the attribution settings it
     reads (:meth:`wherefrom.methods.registry.MethodSpec.read`: a changed ``damping`` keeps the rows of ``gradsim``
-    and ``repsim``)."""
+    and ``repsim``); a file task's rows are in it (:func:`rows_key`)."""
     spec = method_spec(method)
     runs_model = bool(spec.model_settings)
     # only when set: rows cached before these settings existed keep matching
@@ -260,6 +270,7 @@ def row_key(config: BenchConfig, seed: int, method: str) -> dict[str, Any]:
         "options": options_off_default(method, config.options_for(method)),
         **({k: getattr(config, k) for k in _FINETUNING} if runs_model else {}),
         **{k: v for k, v in later.items() if k in spec.settings_read or (runs_model and k in _LATER_FINETUNING)},
+        **rows_key(config, task),
     }
 
 
@@ -430,7 +441,7 @@ def run_bench(
     for seed in config.seeds:
         task = build_task(config, seed)
         kind, title, headline = task.kind, task.description or task.name, task.headline_metric
-        keys = {m: row_key(config, seed, m) for m in config.methods}
+        keys = {m: row_key(config, seed, m, task) for m in config.methods}
         done = {m: cached(_row_path(out, seed, m), keys[m]) for m in config.methods}
         tuned = loaded = None
         if any(done[m] is None and not in_family(m, "lexical") for m in config.methods):

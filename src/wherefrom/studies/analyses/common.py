@@ -26,7 +26,8 @@ from torch import nn
 from wherefrom.methods.tracin import checkpoint_model
 from wherefrom.models.loading import load_model
 from wherefrom.studies import toolkit
-from wherefrom.studies.bench import BenchConfig
+from wherefrom.studies.bench import BenchConfig, rows_key
+from wherefrom.studies.benchtasks import BenchTask
 
 __all__ = [
     "Bench",
@@ -67,10 +68,15 @@ class Bench:
                 return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
         return None
 
-    def seed_key(self, seed: int) -> dict[str, Any]:
-        """Every bench setting a seed's task and fine-tuned model depend on (cache keys start from it)."""
+    def seed_key(self, seed: int, task: BenchTask) -> dict[str, Any]:
+        """Every bench setting a seed's ``task`` and fine-tuned model depend on, and a file task's rows
+        (:func:`wherefrom.studies.bench.rows_key`); cache keys start from it."""
         skip = {"out", "methods", "seeds", "method_options", "device"}
-        return {**{k: v for k, v in asdict(self.config).items() if k not in skip}, "seed": seed}
+        return {
+            **{k: v for k, v in asdict(self.config).items() if k not in skip},
+            "seed": seed,
+            **rows_key(self.config, task),
+        }
 
     def unit_path(self, seed: int, analysis: str, name: str, suffix: str = ".json") -> Path:
         """``folder/seed-<s>/<analysis>/<name><suffix>``: one cached unit of work."""

@@ -26,6 +26,7 @@ from wherefrom.models.finetune import read_trainer_state
 from wherefrom.studies.analyses.common import Bench, load_checkpoint, method_options, open_bench, write_report
 from wherefrom.studies.analyses.ihvp import influence_methods
 from wherefrom.studies.bench import BenchConfig, aggregate, build_task, finetuned, method_row, row_key
+from wherefrom.studies.benchtasks import BenchTask
 from wherefrom.studies.metrics import mean_stat
 from wherefrom.studies.toolkit import cached, free_memory, interval_cell, store
 
@@ -49,11 +50,11 @@ def chosen_methods(bench: Bench, settings: ConvergenceSettings) -> list[str]:
     return settings.methods or list(dict.fromkeys([*influence_methods(bench.config.methods), "repsim"]))
 
 
-def _key(config: BenchConfig, seed: int, epoch: int, method: str) -> dict[str, Any]:
+def _key(config: BenchConfig, seed: int, epoch: int, method: str, task: BenchTask) -> dict[str, Any]:
     """What an (epoch, method) row depends on: the bench row's key under ``config`` (the bench's, with the
     analysis's methods and options; :func:`wherefrom.studies.bench.row_key`: only the settings the method reads)
     and the epoch."""
-    return {"row": row_key(config, seed, method), "analysis": NAME, "format": _FORMAT_VERSION, "epoch": epoch}
+    return {"row": row_key(config, seed, method, task), "analysis": NAME, "format": _FORMAT_VERSION, "epoch": epoch}
 
 
 def run_convergence(
@@ -80,7 +81,7 @@ def run_convergence(
     for seed in bench.config.seeds:
         task = build_task(bench.config, seed)
         path = {(k, m): bench.unit_path(seed, NAME, f"epoch-{k}-{m}") for k in epochs for m in methods}
-        done = {(k, m): cached(file, _key(config, seed, k, m)) for (k, m), file in path.items()}
+        done = {(k, m): cached(file, _key(config, seed, k, m, task)) for (k, m), file in path.items()}
         if any(row is None for row in done.values()):
             loaded, tuned = finetuned(bench.config, seed, task)
             tokenizer, checkpoints = loaded.tokenizer, list(tuned.checkpoints)
@@ -99,7 +100,7 @@ def run_convergence(
                 for m in todo:
                     row = method_row(config, task, seed, m, state, tokenizer)
                     row.update(epoch=k, train_loss=loss)
-                    done[k, m] = store(path[k, m], _key(config, seed, k, m), row)
+                    done[k, m] = store(path[k, m], _key(config, seed, k, m, task), row)
                     say(
                         f"seed {seed} epoch {k} {m}: "
                         + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s")

@@ -283,7 +283,7 @@ def run_ihvp(
         task = build_task(bench.config, seed)
         queries = task.test[: settings.n_queries] if settings.n_queries else task.test
         ref_key = {
-            **bench.seed_key(seed),
+            **bench.seed_key(seed, task),
             "analysis": NAME,
             "format": _FORMAT_VERSION,
             **{k: v for k, v in asdict(settings).items() if k not in ("methods", "method_options")},

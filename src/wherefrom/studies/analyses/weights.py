@@ -273,7 +273,7 @@ def run_weights(
     for seed in c.seeds:
         task = build_task(c, seed)
         queries = task.test[:n_queries] if n_queries else task.test
-        key = {**bench.seed_key(seed), "analysis": NAME, "format": _FORMAT_VERSION, "n_queries": n_queries}
+        key = {**bench.seed_key(seed, task), "analysis": NAME, "format": _FORMAT_VERSION, "n_queries": n_queries}
         done = {n: cached(bench.unit_path(seed, NAME, n), {**key, "checkpoint": n}) for n in names}
         if any(v is None for v in done.values()):
             loaded, tuned = finetuned(c, seed, task)
