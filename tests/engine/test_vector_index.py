@@ -385,3 +385,36 @@ def test_index_commands_in_hints_work_as_given(workspace, tmp_path, monkeypatch)
     from_store = Run.open(folder, device="cpu").scores(load_records(workspace / "queries.jsonl"))
     scale = float(expected.total.abs().max())
     assert torch.allclose(from_store.total, expected.total, rtol=0, atol=1e-5 * scale)
+
+
+def test_a_store_of_rows_preconditioned_by_another_fit_is_refused(workspace, tmp_path):
+    """Rows built with ``precondition="fitted"`` carry the run's fitted ``(F~ + lambda I)^-1``: a store made by a
+    run fitted with the true Fisher served a run fitted with the empirical one, silently (its scores 7.6x off
+    the run's own). The fit's attribution settings are recorded with such rows and required; rows that carry no
+    fitted curvature (``precondition="none"``) still serve any fit of the same projection."""
+    queries = load_records(workspace / "queries.jsonl")
+    true = fitted(workspace, tmp_path / "a", "logra", {**LOGRA, "fisher": "true"})
+    true.build_index(shard_size=4)
+    empirical = fitted(workspace, tmp_path / "b", "logra", {**LOGRA, "fisher": "empirical"})
+    own = empirical.scores(queries).total
+    shutil.copytree(tmp_path / "a" / "index", tmp_path / "b" / "index")
+    with pytest.raises(SettingsMismatch, match=r"attribution\.fisher: recorded 'true', now 'empirical'"):
+        Run.open(tmp_path / "b", device="cpu").scores(queries)
+    manifest = tmp_path / "a" / "index" / "settings.json"
+    older = json.loads(manifest.read_text())  # written before the fit's settings were recorded: unknown fit
+    del older["attribution"]
+    write_json_checked(older, manifest)
+    with pytest.raises(SettingsMismatch, match=r"attribution: recorded None"):
+        Run.open(tmp_path / "a", device="cpu").scores(queries)
+
+    shutil.rmtree(tmp_path / "b" / "index")
+    empirical.build_index(shard_size=4)  # the run's own store gives its own scores
+    assert torch.allclose(
+        Run.open(tmp_path / "b", device="cpu").scores(queries).total, own, atol=1e-5 * float(own.abs().max())
+    )
+    shutil.rmtree(tmp_path / "a" / "index")
+    true.build_index(shard_size=4, precondition="none", unit_norm=True)
+    shutil.rmtree(tmp_path / "b" / "index")
+    shutil.copytree(tmp_path / "a" / "index", tmp_path / "b" / "index")
+    raw = Run.open(tmp_path / "b", device="cpu").scores(queries).total  # not refused: no fitted curvature in it
+    assert torch.allclose(raw, Run.open(tmp_path / "a", device="cpu").scores(queries).total)

@@ -636,8 +636,12 @@ class Run:
         """What decides the index's rows besides its layout: recorded in ``index/settings.json`` (the store's
         manifest) before the first shard; every key but ``device``, ``precondition``, ``unit_norm`` and
         ``optimizer_state`` (the fingerprints of the AdamW states of ``--precondition adam``) and ``threads``
-        (:data:`RECORDED_ONLY`) is required of a store a query reads (:meth:`open_index`)."""
+        (:data:`RECORDED_ONLY`) is required of a store a query reads (:meth:`open_index`). Rows that carry a
+        fitted projected curvature (``precondition="fitted"`` of a trak/logra run with a curvature) also record
+        the attribution settings the fit was made with (``fisher``, ``damping``, ...; the fit's own
+        ``factors``-style record, :meth:`fit_settings`): a store built under another fit is refused."""
         vectors, tracin = self.vectors(), self.checkpoint_method()
+        fitted_rows = isinstance(vectors, ProjectedInfluence) and vectors.use_curvature and precondition == "fitted"
         extra: dict[str, Any] = {"precondition": precondition, "unit_norm": unit_norm}
         if tracin is not None:
             blocks = [[name, *shape] for name, shape in tracin.row_blocks()]
@@ -652,7 +656,9 @@ class Run:
             extra["optimizer_state"] = optimizer_state
         return {
             # an index row is the same bytes under any process count (each row is computed alone)
-            **{k: v for k, v in self.fit_settings().items() if k not in ("attribution", "processes")},
+            **{
+                k: v for k, v in self.fit_settings().items() if k != "processes" and (k != "attribution" or fitted_rows)
+            },
             "gradients": train_gradient_settings(self.config.attribution),
             "rows_layout": layout,
             **extra,
@@ -1132,7 +1138,7 @@ class Run:
         Raises :class:`wherefrom.core.store.DamagedFile` naming a damaged file and
         :class:`wherefrom.core.store.SettingsMismatch` naming each setting that differs."""
         store = self._index_store(verify=verify)
-        now = self.index_settings()
+        now = self.index_settings(store.settings.get("precondition", "fitted"))
         store.require(
             {k: v for k, v in now.items() if k not in ("device", "precondition", "unit_norm", *RECORDED_ONLY)},
             f"run {self.folder}",
