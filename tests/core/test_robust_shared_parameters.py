@@ -115,3 +115,50 @@ def test_two_modules_sharing_one_weight_are_refused(tokenizer):
             select_modules(model, include=include)
     assert [m.name for m in select_modules(model, include=["mix"])] == ["mix"]
     assert [m.name for m in select_modules(TinyLM(len(tokenizer)), include=["head", "twin"])] == ["head", "twin"]
+
+
+class PooledLM(TinyLM):
+    """:class:`TinyLM` plus ``pool``, a Linear run once per row on its first token's embedding (one position per
+    call; the first token is real in a right-padded batch), its output added at every position."""
+
+    def __init__(self, vocab: int):
+        super().__init__(vocab)
+        self.pool = nn.Linear(8, vocab, bias=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        out = super().forward(input_ids, attention_mask)
+        return SimpleNamespace(logits=out.logits + self.pool(self.embed(input_ids[:, :1])))
+
+
+@pytest.mark.parametrize("include", [["mix"], ["mix", "head"]])
+def test_token_scores_of_a_module_called_twice_sum_its_calls_per_position(tokenizer, include):
+    """A module called twice per forward captures ``2T`` positions; its calls are summed per position, so each
+    row's tokens sum to its score (train and query side). They were sliced to the first call's positions (the
+    tokens' sum 700 off a score of 1200), and with a second module the per-module parts did not even add up."""
+    attributor = Attributor(TinyLM(len(tokenizer)), tokenizer, AttributionConfig(strategy="identity", include=include))
+    train, queries = make_records(4, seed=33), make_records(2, seed=34, prefix="q")
+    total = attributor.scores(queries, train).total
+    scale = float(total.abs().max())
+    _, rows = attributor.token_scores(queries, train)
+    for j, (_row, input_ids, per_token) in enumerate(rows):
+        assert per_token.shape == (2, len(input_ids))
+        torch.testing.assert_close(per_token.sum(-1), total[:, j], rtol=0, atol=1e-5 * scale)
+    _, rows = attributor.query_token_scores(queries, train)
+    for i, (_query, input_ids, per_token) in enumerate(rows):
+        assert per_token.shape == (4, len(input_ids))
+        torch.testing.assert_close(per_token.sum(-1), total[i], rtol=0, atol=1e-5 * scale)
+
+
+def test_token_scores_refuse_a_module_that_does_not_run_on_every_position(tokenizer):
+    """``pool`` runs on one position per row: its part of a score has no token; refused naming it (its part was
+    added to every token, or the shapes failed to broadcast), while the scores themselves are exact."""
+    model = PooledLM(len(tokenizer))
+    attributor = Attributor(model, tokenizer, AttributionConfig(strategy="identity", include=["mix", "pool"]))
+    train, queries = make_records(3, seed=35), make_records(1, seed=36, prefix="q")
+    ours = attributor.scores(queries, train).per_module[1]
+    torch.testing.assert_close(
+        ours, autograd_identity(model, tokenizer, queries, train, model.pool.weight), rtol=1e-4, atol=1e-4
+    )
+    for split in (attributor.token_scores, attributor.query_token_scores):
+        with pytest.raises(ValueError, match=r"module 'pool' ran on 1 positions per call.*--exclude"):
+            split(queries, train)

@@ -35,6 +35,17 @@ class TokenFactors:
     g: torch.Tensor
     token_mask: torch.Tensor
     """``(B, T)`` bool: real (non-padding) token positions."""
+    calls: tuple[int, ...] = ()
+    """The positions of each call of the module along ``T``, in call order (they sum to ``T``); ``()``: one call."""
+
+    def per_position(self, values: torch.Tensor) -> torch.Tensor | None:
+        """``values`` ``(..., T)`` (a number per captured position) summed over the module's calls per position:
+        ``(..., T_1)``, or ``None`` when its calls ran on different numbers of positions (no position of one call
+        is a position of another)."""
+        if len(set(self.calls)) > 1:
+            return None
+        calls = len(self.calls) or 1
+        return values.reshape(*values.shape[:-1], calls, -1).sum(-2) if calls > 1 else values
 
     def dense(self) -> torch.Tensor:
         """Per-example gradient ``sum_t g_t a_t^T``, shape ``(B, out, in')``."""
@@ -109,10 +120,11 @@ def shared_token_factors(
                 ),
             )
         joined_a, joined_mask = joined[inputs]
+        lengths = tuple(_as_3d(a).shape[1] for a, _g in first)
         for k, per_loss in enumerate(calls):
             # pop: each module's raw captures are freed once converted
             gradients = [_masked(g, keep, dtype) for (_a, g), keep, dtype in zip(per_loss.pop(m.name), keeps, dtypes)]
-            results[k][m.name] = TokenFactors(joined_a, _join(gradients), joined_mask)
+            results[k][m.name] = TokenFactors(joined_a, _join(gradients), joined_mask, lengths)
     return list(zip(results, losses))
 
 

@@ -16,7 +16,7 @@ import importlib.util
 import io
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,12 +85,13 @@ def module_scores(query: QueryBlock, train: torch.Tensor) -> torch.Tensor:
     return query.reshape(query.shape[0], -1).to(train.dtype) @ flat_train.T
 
 
-def token_scores(query: QueryBlock, factors: TokenFactors) -> torch.Tensor:
+def token_scores(query: QueryBlock, factors: TokenFactors) -> torch.Tensor | None:
     """``(q, n, T)`` scores of one module split over the train examples' token positions.
 
     Token ``t`` of train example ``n`` contributes ``g_t^T Q a_t`` (Grosse et al.'s token-wise
     attribution); the sum over ``t`` is :func:`module_scores`. When the module ran several times per
-    forward pass, calls are summed per position.
+    forward pass (``factors.calls``), calls are summed per position (``T`` is one call's); ``None`` when its
+    calls ran on different numbers of positions.
     """
     g, a = factors.g, factors.a
     if isinstance(query, tuple):
@@ -100,9 +101,29 @@ def token_scores(query: QueryBlock, factors: TokenFactors) -> torch.Tensor:
         ).sum(-1)
     else:
         scores = torch.einsum("nto,qoi,nti->qnt", g, query.to(g.dtype), a)
-    seq = factors.token_mask.shape[1]
-    calls = scores.shape[-1] // seq if seq else 1
-    return scores.reshape(*scores.shape[:2], calls, -1).sum(2) if calls > 1 else scores
+    return factors.per_position(scores)
+
+
+def summed_token_scores(
+    queries: Mapping[str, QueryBlock], factors: Mapping[str, TokenFactors], names: Sequence[str], positions: int
+) -> torch.Tensor:
+    """``(q, n, positions)``: :func:`token_scores` summed over the modules ``names`` (Grosse et al. 2023, section
+    5.3.2: token ``t`` gets ``sum_modules g_t^T Q a_t``), for a batch of ``positions`` token positions (its
+    padded length). Raises ``ValueError`` naming a module whose calls do not each run on every token position
+    (e.g. a head applied to the last position only, or calls on different numbers of positions): its part has
+    no token to go to."""
+    parts = []
+    for name in names:
+        part = token_scores(queries[name], factors[name])
+        if part is None or part.shape[-1] != positions:
+            ran = factors[name].calls or (factors[name].g.shape[1],)
+            raise ValueError(
+                f"per-token scores: module {name!r} ran on {'/'.join(map(str, ran))} positions per call, not on each "
+                f"of the batch's {positions} token positions, so its part of a score has no token to go to; leave it "
+                "out of the tracked modules (--exclude) for a per-token split"
+            )
+        parts.append(part)
+    return sum(parts[1:], parts[0])
 
 
 def stable_top_k(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,7 +40,7 @@ from wherefrom.core.scoring import (
     compress_queries,
     concat_query_blocks,
     module_scores,
-    token_scores,
+    summed_token_scores,
 )
 from wherefrom.core.store import StageFolder
 from wherefrom.core.task import DrawCounts, LanguageModelingTask, example_seeds
@@ -622,7 +622,8 @@ class Attributor:
         query_ids, pre = self.preconditioned_queries(self.encoded(queries))
         out = []
         for ids, factors in self.token_factor_stream(encoded, description="token scores"):
-            per_token = sum(token_scores(pre[n], factors[n]) for n in self.module_names)
+            width = max(len(e.input_ids) for e in encoded[len(out) : len(out) + len(ids)])
+            per_token = summed_token_scores(pre, factors, self.module_names, width)
             if self.config.normalize == "cosine":
                 train_norms = _sq_norms({n: f.dense() for n, f in factors.items()}).sqrt()
                 per_token = per_token / cosine_denominator(pre.norms, train_norms)[:, :, None].to(per_token)
@@ -656,7 +657,8 @@ class Attributor:
             cosine = cosine_denominator(self.preconditioned_queries(encoded)[1].norms, torch.cat(train_sq).sqrt())
         out = []
         for ids, factors in self.token_factor_stream(encoded, self.query_loss_fn(), "query token scores"):
-            per_token = sum(token_scores(preconditioned[n], factors[n]) for n in self.module_names)  # (n_train, b, T)
+            width = max(len(e.input_ids) for e in encoded[len(out) : len(out) + len(ids)])
+            per_token = summed_token_scores(preconditioned, factors, self.module_names, width)  # (n_train, b, T)
             if cosine is not None:
                 per_token = per_token / cosine[len(out) : len(out) + len(ids)].T[:, :, None].to(per_token)
             for j, query_id in enumerate(ids):

@@ -285,7 +285,7 @@ class KroneckerProjection(Projection):
             a = a @ p_in.T
         if p_out is not None:
             g = g @ p_out.T
-        return TokenFactors(a, g, factors.token_mask)
+        return replace(factors, a=a, g=g)
 
     def project(self, name: str, factors: TokenFactors) -> torch.Tensor:
         projected = self.project_factors(name, factors)
