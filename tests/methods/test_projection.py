@@ -338,3 +338,29 @@ def test_projected_ekfac_state_round_trip_and_strategy_mismatch(setting, tokeniz
     exact = make_method("logra", model, tokenizer, config, dim_in=4, dim_out=4)
     with pytest.raises(ValueError, match="saved strategy 'ekfac' differs from this method's 'exact'"):
         exact.restore_state(tensors, state, train)
+
+
+def test_kept_projected_rows_are_reused_only_while_the_weights_are_unchanged(tokenizer, train_records, monkeypatch):
+    """``index`` keeps the projected training gradients; ``scores`` used them for the same rows even after the
+    weights changed (further fine-tuning): old rows against new queries, silently. The kept rows are keyed on
+    :meth:`Attributor.gradient_key` (rows, batch settings, every weight's bytes)."""
+    model = build_model("lora")
+    config = AttributionConfig(batch_size=5, fisher="empirical")
+    method = ProjectedInfluence.logra(model, tokenizer, config, dim_in=2, dim_out=2, curvature=False)
+    method.fit(train_records)
+    method.index(train_records)
+    queries = train_records[:2]
+    passes = []
+    projected = ProjectedInfluence.projected_gradients
+    monkeypatch.setattr(
+        ProjectedInfluence, "projected_gradients", lambda self, *a, **k: passes.append(1) or projected(self, *a, **k)
+    )
+    method.scores(queries, train_records)
+    assert len(passes) == 1  # the queries' pass only: the kept rows served
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).data.add_(0.5)  # no version counter sees .data
+    changed = method.scores(queries, train_records)
+    assert len(passes) == 3  # the training rows projected again
+    fresh = ProjectedInfluence.logra(model, tokenizer, config, dim_in=2, dim_out=2, curvature=False)
+    fresh.fit(train_records)
+    torch.testing.assert_close(changed.total, fresh.scores(queries, train_records).total)

@@ -59,7 +59,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from wherefrom.core.data import Record, records_key
+from wherefrom.core.data import Record
 from wherefrom.core.encoding import EncodedExample
 from wherefrom.core.gradients import LossFn, TokenFactors, flatten_blocks, split_rows
 from wherefrom.core.memory import check_memory, nbytes
@@ -568,17 +568,19 @@ class ProjectedInfluence:
 
     # --- index and scores -----------------------------------------------------------------------
     def index(self, train: Sequence[Record]) -> dict[str, torch.Tensor]:
-        """Project and keep the training gradients (``{module: (n, k)}``, CPU); ``scores`` reuses them for these rows."""
-        train = checked_rows(train, "training rows")
-        self.check_memory(len(train), fit=False)
+        """Project and keep the training gradients (``{module: (n, k)}``, CPU); ``scores`` reuses them for these rows
+        while nothing they depend on changed (:meth:`wherefrom.engine.api.Attributor.gradient_key`: the rows' tokens,
+        the batch settings and every weight of the model)."""
+        encoded = self.attributor.encoded(checked_rows(train, "training rows"))
+        self.check_memory(len(encoded), fit=False)
         ids: list[str] = []
         parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.module_names}
-        for batch_ids, grads in self.projected_gradients(train, description="projected train gradients"):
+        for batch_ids, grads in self.projected_gradients(encoded, description="projected train gradients"):
             ids += batch_ids
             for n in self.module_names:
                 parts[n].append(grads.pop(n).cpu())
         stored = {n: torch.cat(p) for n, p in parts.items()} if ids else {}
-        self._index = (records_key(train), ids, stored)
+        self._index = (self.attributor.gradient_key(encoded), ids, stored)
         return stored
 
     def preconditioned_queries(self, queries: Sequence[Record]) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -607,8 +609,8 @@ class ProjectedInfluence:
         ``train``, an invalid row or a repeated id.
         """
         queries, train = checked_rows(queries, "query rows"), checked_rows(train, "training rows")
-        indexed = self._index is not None and self._index[0] == records_key(train)
-        encoded_train = None if indexed else self.attributor.encoded(train)  # checked before any pass
+        encoded_train = self.attributor.encoded(train)  # checked before any pass
+        indexed = self._index is not None and self._index[0] == self.attributor.gradient_key(encoded_train)
         self.check_memory(len(queries), fit=False)
         query_ids, pre = self.preconditioned_queries(self.attributor.encoded(queries))
         if indexed:
