@@ -102,6 +102,14 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "data file",
+        "a row holding chat `messages` and `prompt`/`completion`",
+        EXIT,
+        "two-forms.jsonl, line 2: fields 'messages' and 'prompt' and 'completion' both given",
+        "one of the two pairs was dropped silently (the messages): which one was meant is the user's to say",
+        command=("fit", "--train", "two-forms.jsonl", "--model", "model", "--run", "new"),
+    ),
+    Refusal(
+        "data file",
         "an empty training file",
         EXIT,
         "empty.jsonl: no records found",

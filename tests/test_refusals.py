@@ -72,6 +72,8 @@ def workspace(tmp_path_factory):
     write_lines(
         root / "twice.jsonl", [good % 0, b'{"id": "r1", "prompt": "ab:", "completion": " cd", "prompt": "ef:"}']
     )
+    chat = b'{"id": "r1", "messages": [{"role": "user", "content": "ab:"}, {"role": "assistant", "content": " cd"}], '
+    write_lines(root / "two-forms.jsonl", [good % 0, chat + b'"prompt": "ef:", "completion": " gh"}'])
     (root / "empty.jsonl").write_bytes(b"")
     # damaged model folders
     for name in ("no-weights", "truncated", "empty-weights", "no-template"):

@@ -304,6 +304,36 @@ def test_other_conversations_are_refused_naming_the_roles(tmp_path: Path, messag
         load_records(path)
 
 
+@pytest.mark.parametrize("extra", [{"prompt": "zz", "completion": " yy"}, {"completion": " yy"}, {"prompt": ""}])
+def test_a_row_with_messages_and_a_plain_field_is_refused(tmp_path: Path, extra) -> None:
+    """Both forms in one row: the messages were dropped silently for the prompt/completion (and with only one
+    of them, the row was refused as missing the other); the form to keep is the user's choice."""
+    row = {"id": "m0", "messages": chat_rows()[0]["messages"], **extra}
+    path = write_jsonl(tmp_path / "chat.jsonl", [json.dumps(chat_rows()[1]), json.dumps(row)])
+    given = " and ".join(repr(k) for k in extra)
+    with pytest.raises(DataError, match=rf"chat\.jsonl, line 2: fields 'messages' and {given} both given"):
+        load_records(path)
+
+
+def test_a_table_mixing_chat_and_plain_rows_reads_both(tmp_path: Path) -> None:
+    """A Parquet table of both forms has every column in every row, null where a row has the other form."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chat = chat_rows()[0]
+    table = pa.Table.from_pylist(
+        [
+            {"id": "m1", "messages": chat["messages"], "prompt": None, "completion": None},
+            {"id": "p1", "messages": None, "prompt": "ab", "completion": " cd"},
+        ]
+    )
+    pq.write_table(table, tmp_path / "mixed.parquet")
+    assert load_records(tmp_path / "mixed.parquet") == [
+        Record(id="m1", prompt="Hi?", completion=" Hello."),
+        Record(id="p1", prompt="ab", completion=" cd"),
+    ]
+
+
 def save_to_disk_by_hand(folder: Path, rows: list[dict], files: int = 2) -> Path:
     """The layout ``datasets.Dataset.save_to_disk`` writes: Arrow stream shards named in ``state.json``."""
     import pyarrow as pa

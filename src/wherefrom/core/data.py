@@ -33,7 +33,8 @@ Field rules, the same for every source (extra fields are ignored; a field given 
 repeated JSON key at any depth, a repeated CSV header name or a repeated Parquet/Arrow column, is refused:
 a reader would keep one of the two silently):
 
-* ``messages`` (chat format, in place of ``prompt`` and ``completion``): a list of two
+* ``messages`` (chat format, in place of ``prompt`` and ``completion``, refused beside either; a null
+  ``messages`` cell, as in a table mixing both forms, is absent): a list of two
   ``{"role", "content"}`` objects, ``user`` then ``assistant``; the user content is the prompt and
   the assistant content the completion. This is the conversation ``chat_template=True`` renders (see
   :mod:`wherefrom.core.encoding`), so pass ``--chat-template`` to score it as a chat model sees it.
@@ -153,7 +154,13 @@ def _from_messages(messages: Any, where: str) -> dict[str, Any]:
 def _validate_row(row: Any, where: str, default_id: str) -> Record:
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected an object with fields 'prompt' and 'completion', got {type(row).__name__}")
-    if "messages" in row and "prompt" not in row and "completion" not in row:
+    if _absent_if_nan(row.get("messages")) is not None:
+        given = [f for f in ("prompt", "completion") if _absent_if_nan(row.get(f)) is not None]
+        if given:
+            raise DataError(
+                f"{where}: fields 'messages' and {' and '.join(map(repr, given))} both given: a row is one (prompt, "
+                "completion) pair, in the chat form or the plain one; keep one of them"
+            )
         row = {**row, **_from_messages(row["messages"], where)}
     for field in ("prompt", "completion"):
         if field not in row:
