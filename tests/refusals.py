@@ -264,6 +264,23 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "argument",
+        "an option given for all methods and again for each method that runs",
+        EXIT,
+        "--strategy-option 'depth=5': every method that runs sets depth itself (lissa.depth=6)",
+        "the shared value is never used (the method's own wins), yet the command line shows it",
+        command=(
+            *FIT,
+            "new",
+            "--strategy",
+            "lissa",
+            "--strategy-option",
+            "depth=5",
+            "--strategy-option",
+            "lissa.depth=6",
+        ),
+    ),
+    Refusal(
+        "argument",
         "--device cuda on a machine without CUDA",
         EXIT,
         "--device cuda: CUDA device cuda:0 is not available on this machine; available: cpu",

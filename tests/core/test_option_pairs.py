@@ -64,3 +64,15 @@ def test_an_option_of_a_method_that_does_not_run_is_refused_naming_it():
         "--strategy-option 'lissa.depth=5': method 'lissa' does not run here (methods run: ekfac, gradsim)"
     )
     check_methods_named(parse_option_pairs(["depth=3"]), [])
+
+
+def test_a_shared_pair_that_every_running_method_overrides_is_refused():
+    """``depth=5`` beside ``lissa.depth=6`` where only lissa runs: 6 won silently and 5 was never used."""
+    options = parse_option_pairs(["depth=5", "lissa.depth=6"])
+    with pytest.raises(OptionPairError, match=r"'depth=5': every method that runs sets depth itself \(lissa.depth=6\)"):
+        check_methods_named(options, ["lissa"])
+    check_methods_named(options, ["lissa", "ekfac"])  # ekfac takes depth=5: both are used
+    both = parse_option_pairs(["k1=1.2", "bm25.k1=2", "lissa.k1=3"])
+    with pytest.raises(OptionPairError, match=r"\(bm25.k1=2, lissa.k1=3\)"):
+        check_methods_named(both, ["bm25", "lissa", "bm25"])
+    check_methods_named(parse_option_pairs(["depth=5"]), ["lissa"])

@@ -80,8 +80,20 @@ def format_option_pairs(options: dict[str, dict[str, Any]]) -> list[str]:
 def check_methods_named(options: dict[str, dict[str, Any]], methods: Iterable[str], flag: str = "--option") -> None:
     """Raise :class:`OptionPairError` naming ``flag`` and the first ``method.key=value`` pair of ``options``
     (:func:`parse_option_pairs`) whose method is not among the ``methods`` that run: it would be silently unused
-    (e.g. ``--option lissa.depth=5`` beside ``--methods ekfac,gradsim``). Pairs without a method apply to all."""
+    (e.g. ``--option lissa.depth=5`` beside ``--methods ekfac,gradsim``). Pairs without a method apply to all;
+    one whose key every method that runs sets itself (``depth=5`` beside ``lissa.depth=6`` where only lissa runs)
+    is never used either, and is refused naming both pairs."""
     running = list(methods)
     for method in sorted(set(options) - {"*", *running}):
         pair = format_option_pairs({method: options[method]})[0]
         raise OptionPairError(flag, pair, f"method {method!r} does not run here (methods run: {', '.join(running)})")
+    for key, value in sorted(options.get("*", {}).items()):
+        if running and all(key in options.get(method, {}) for method in running):
+            own = ", ".join(
+                format_option_pairs({method: {key: options[method][key]}})[0] for method in dict.fromkeys(running)
+            )
+            raise OptionPairError(
+                flag,
+                f"{key}={json.dumps(value)}",
+                f"every method that runs sets {key} itself ({own}), so this value is never used; give one of them",
+            )
