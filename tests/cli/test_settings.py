@@ -184,6 +184,8 @@ def test_replay_of_a_fit_recomputes_identical_factors(workspace, tmp_path):
     assert saved["attribution"]["strategy"] == "kfac"  # the run's own settings stay beside the record
     before = load_file(str(run / "factors" / "curvature.safetensors"))
     shutil.rmtree(run / "factors")
+    del saved["replay"]["fit"]["cwd"], saved["replay"]["fit"]["position"]  # a record of an older version
+    (run / "config.json").write_text(json.dumps(saved))
     replayed = invoke("replay", run)
     assert replayed.exit_code == 0, replayed.output
     after = load_file(str(run / "factors" / "curvature.safetensors"))
@@ -217,3 +219,47 @@ def test_replay_of_a_bench_reproduces_its_rows(tmp_path):
 def test_commands_are_callable_with_keywords_and_reject_unknown_settings(workspace):
     with pytest.raises(typer.Exit):
         COMMANDS["index"](run=workspace / "absent", colour="blue")
+
+
+def test_replay_runs_each_command_where_and_in_the_order_it_first_ran(tmp_path, monkeypatch):
+    """Relative paths were resolved against the directory replay ran in (another experiment's files of the same
+    names, or none), and records ran in the sorted order of their keys (``analyze weights`` before the ``bench``
+    it reads). A record keeps the directory it ran in (relative to its folder) and the position it first ran at."""
+    project = tmp_path / "project"
+    save_tiny(project / "model", arch="llama")
+    write_jsonl(
+        [Record(f"r{i}", f"p{i} is", f" w{i % 3}", label=f"w{i % 3}") for i in range(8)], project / "train.jsonl"
+    )
+    write_jsonl(
+        [Record(f"q{i}", f"p{i} is", f" w{i % 3}", label=f"w{i % 3}") for i in range(2)], project / "queries.jsonl"
+    )
+    monkeypatch.chdir(project)
+    bench = ["bench", "--task", "path:train.jsonl:queries.jsonl", "--model", "model", "--methods", "gradsim,bm25"]
+    bench += ["--seeds", "0", "--out", "bx", "--device", "cpu", "--threads", "1", "--max-length", "64"]
+    first = invoke(*bench, "--epochs", "2")
+    assert first.exit_code == 0, first.output
+    analysis = invoke("analyze", "weights", "--bench", "bx", "--threads", "1")
+    assert analysis.exit_code == 0, analysis.output
+    last = invoke(*bench, "--epochs", "1")  # rerun with other settings: keeps its first place
+    assert last.exit_code == 0, last.output
+    records = json.loads((project / "bx" / "config.json").read_text())["replay"]
+    assert {k: (r["position"], r["cwd"]) for k, r in records.items()} == {
+        "bench": (0, ".."),
+        "analyze weights": (1, ".."),
+    }
+    expected = json.loads((project / "bx" / "bench.json").read_text())["rows"]
+
+    moved, elsewhere = tmp_path / "moved", tmp_path / "elsewhere"
+    shutil.move(project, moved)
+    elsewhere.mkdir()
+    write_jsonl([Record("other", "x", " y", label="y")], elsewhere / "train.jsonl")  # same name, other rows
+    monkeypatch.chdir(elsewhere)
+    for item in (moved / "bx").iterdir():
+        if item.name != "config.json":
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    replayed = invoke("replay", moved / "bx")
+    assert replayed.exit_code == 0, replayed.output
+    assert replayed.output.index("wherefrom bench") < replayed.output.index("wherefrom analyze weights")
+    rows = json.loads((moved / "bx" / "bench.json").read_text())["rows"]
+    assert [(r["method"], r["metrics"]) for r in rows] == [(r["method"], r["metrics"]) for r in expected]
+    assert (moved / "bx" / "weights.json").is_file() and sorted(p.name for p in elsewhere.iterdir()) == ["train.jsonl"]

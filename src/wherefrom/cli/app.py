@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
@@ -161,20 +162,30 @@ def leave_to_preset(names: Iterable[str]) -> None:
 
 def remember(folder: Path, key: str | None = None) -> None:
     """Record the running command in ``folder/config.json`` under ``replay[key]`` (default: the command's
-    name), beside whatever else that file holds, so that ``wherefrom replay FOLDER`` reruns it. The file is
+    name), beside whatever else that file holds, so that ``wherefrom replay FOLDER`` reruns it: its arguments,
+    its line, the directory it ran in (``cwd``, relative to ``folder``: relative paths among the arguments are
+    relative to it, and a project moved whole keeps it) and its ``position``, the order the folder's commands
+    first ran in (a command run again keeps its place; the file's keys are sorted). The file is
     updated under its own lock (:func:`wherefrom.core.store.update_json`): commands recording themselves in one
     folder at once (two ``evaluate`` runs of one ground truth) keep each other's records. Raises ``ValueError``
     naming a ``config.json`` that is not a JSON object."""
     invocation = _CURRENT.get()
+    name = key or invocation.name
     record = {
         "command": invocation.name,
         "arguments": {name: _jsonable(value) for name, value in invocation.recorded().items()},
         "line": recorded_line(),
+        "cwd": os.path.relpath(Path.cwd(), Path(folder).resolve()),
     }
-    update_json(
-        Path(folder) / "config.json",
-        lambda saved: saved.setdefault("replay", {}).update({key or invocation.name: record}),
-    )
+
+    def change(saved: dict[str, Any]) -> None:
+        records = saved.setdefault("replay", {})
+        earlier = records.get(name)
+        first = earlier.get("position") if isinstance(earlier, dict) else None
+        positions = [r["position"] for r in records.values() if isinstance(r, dict) and "position" in r]
+        records[name] = {**record, "position": first if first is not None else max(positions, default=-1) + 1}
+
+    update_json(Path(folder) / "config.json", change)
 
 
 def _jsonable(value: Any) -> Any:
