@@ -8,6 +8,7 @@ import pytest
 
 from wherefrom.core.data import DataError
 from wherefrom.models.tiny import save_tiny
+from wherefrom.studies import bench
 from wherefrom.studies.bench import (
     BenchConfig,
     aggregate,
@@ -146,20 +147,50 @@ def test_a_file_task_edited_in_place_is_recomputed_not_reused(tmp_path, tiny_mod
     assert "seed 0 bm25: reused" not in said and json.loads(row.read_text())["key"] != json.loads(first)["key"]
 
 
-def test_failed_method_is_recorded_and_retried(tmp_path, tiny_model):
-    # gradsim with an unknown option fails; bm25 still runs, the failure is in the table, and a rerun
+def test_failed_method_is_recorded_and_retried(tmp_path, tiny_model, monkeypatch):
+    # gradsim fails as it runs (here: made to); bm25 still runs, the failure is in the table, and a rerun
     # retries the failed method but reuses the good one
-    options = {"gradsim": {"no_such_option": 1}}
-    config = tiny_config("rules", tmp_path / "f", tiny_model, ["bm25", "gradsim"], 10, 2, method_options=options)
+    made = bench.make_method
+
+    def failing(name, *args, **options):
+        if name == "gradsim":
+            raise RuntimeError("out of memory, say")
+        return made(name, *args, **options)
+
+    monkeypatch.setattr(bench, "make_method", failing)
+    config = tiny_config("rules", tmp_path / "f", tiny_model, ["bm25", "gradsim"], 10, 2)
     report = run_bench(config)
     assert report["aggregate"]["bm25"]["n_ok"] == 1
-    assert report["aggregate"]["gradsim"]["n_ok"] == 0 and report["aggregate"]["gradsim"]["errors"]["0"]
+    assert (
+        report["aggregate"]["gradsim"]["n_ok"] == 0 and "out of memory" in report["aggregate"]["gradsim"]["errors"]["0"]
+    )
     assert "gradsim | failed:" in (tmp_path / "f" / "bench.md").read_text()
     folder = tmp_path / "f" / "seed-0"
     before = {m: (folder / f"{m}.json").stat().st_mtime_ns for m in ("bm25", "gradsim")}
-    run_bench(config)
+    monkeypatch.setattr(bench, "make_method", made)
+    again = run_bench(config)
     assert (folder / "bm25.json").stat().st_mtime_ns == before["bm25"]
     assert (folder / "gradsim.json").stat().st_mtime_ns != before["gradsim"]
+    assert again["aggregate"]["gradsim"]["n_ok"] == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"gradsim": {"no_such_option": 1}}, r"method 'gradsim' has no option\(s\) \['no_such_option'\]"),
+        ({"ekfac": {"damping_factor": -1}}, "damping_factor"),
+        ({"tracin": {"dim": 0}}, "method 'tracin'.*dim"),
+    ],
+)
+def test_a_bad_method_option_is_refused_before_any_fine_tuning(tmp_path, tiny_model, options, match):
+    """It failed each seed's row of the method after the fine-tuning, and bench ended with exit 0; tracin's
+    required checkpoints come from the fine-tuning, so its other options are checked without them."""
+    config = tiny_config("rules", tmp_path / "f", tiny_model, ["bm25", *options], 10, 2, method_options=options)
+    with pytest.raises(ValueError, match=match):
+        run_bench(config)
+    assert not (tmp_path / "f" / "seed-0").exists()
+    fine = tiny_config("rules", tmp_path / "g", tiny_model, ["tracin"], 10, 2)
+    fine.validate()  # tracin without checkpoints: the fine-tuning gives them
 
 
 def test_a_row_is_recomputed_only_for_the_settings_its_method_reads(tmp_path, tiny_model):

@@ -333,11 +333,29 @@ def test_from_path_requires_labels(tmp_path: Path) -> None:
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"id": "a", "prompt": "p", "completion": " x", "label": "x"}) + "\n")
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"id": "b", "prompt": "p", "completion": " y"}) + "\n")
+    rows = [
+        {"id": "a", "prompt": "p", "completion": " x", "label": "x"},
+        {"id": "b", "prompt": "p", "completion": " y"},
+    ]
+    bad.write_text("".join(json.dumps(row) + "\n" for row in rows))
     task = from_path("tiny", good, good)
     assert task.kind == "class" and task.name == "tiny" and task.train[0].label == "x"
-    with pytest.raises(DataError, match=r"bad\.jsonl"):
+    # the file's line (it said "record 1", a 0-based position)
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2: record 'b': field 'label': missing"):
         from_path("tiny", good, bad)
+
+
+def test_from_path_refuses_a_query_label_no_training_row_has(tmp_path: Path) -> None:
+    """Such a query was scored with accuracy 0 by every method, silently."""
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text(json.dumps({"id": "a", "prompt": "p", "completion": " x", "label": "x"}) + "\n")
+    rows = [
+        {"id": "q0", "prompt": "p", "completion": " x", "label": "x"},
+        {"id": "q1", "prompt": "p", "completion": " z", "label": "z"},
+    ]
+    test.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=r"test\.jsonl, line 2: record 'q1': label 'z' has no training row .*\['x'\]"):
+        from_path("tiny", train, test)
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared datasets not present")

@@ -15,6 +15,7 @@ from tests.conftest import build_model, make_records
 from wherefrom.core.scoring import Scores
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.models.tiny import tiny_tokenizer
+from wherefrom.studies import bench
 from wherefrom.studies.groundtruth.build import (
     GroundTruth,
     GroundTruthConfig,
@@ -108,8 +109,16 @@ def test_evaluate_exact_and_identity_with_table_and_resume(folder, tmp_path):
     assert row_file.stat().st_mtime_ns != stamp
 
 
-def test_a_failing_method_does_not_stop_the_others(folder, tmp_path):
-    report = evaluate(folder, ["identity", "kfac"], {"kfac": {"no_such_option": 1}}, out=tmp_path / "r")
+def test_a_failing_method_does_not_stop_the_others(folder, tmp_path, monkeypatch):
+    made = bench.make_method
+
+    def failing(name, *args, **options):  # kfac fails as it runs (out of memory, say)
+        if name == "kfac":
+            raise RuntimeError("out of memory, say")
+        return made(name, *args, **options)
+
+    monkeypatch.setattr(bench, "make_method", failing)
+    report = evaluate(folder, ["identity", "kfac"], out=tmp_path / "r")
     assert report["methods"]["kfac"]["error"] and report["methods"]["kfac"]["metrics"] is None
     assert report["methods"]["identity"]["error"] is None
     assert "| kfac | failed: " in (tmp_path / "r.md").read_text()
@@ -121,6 +130,16 @@ def test_rebuild_reuses_every_job(folder):
     again = build_groundtruth(gt.config)
     assert {p.name: p.stat().st_mtime_ns for p in (folder / "jobs").iterdir()} == stamps
     np.testing.assert_array_equal(again.lds_outputs, gt.lds_outputs)
+
+
+def test_evaluate_refuses_a_bad_method_option_before_any_method_runs(folder, tmp_path):
+    """It failed that method's row after the methods before it ran, and evaluate ended with exit 0."""
+    scores = folder / "scores"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in scores.iterdir()) if scores.exists() else []
+    with pytest.raises(ValueError, match=r"method 'identity' has no option\(s\) \['depth'\]"):
+        evaluate(folder, ["exact", "identity"], {"identity": {"depth": 3}}, out=tmp_path / "bad")
+    assert not (tmp_path / "bad.json").exists()
+    assert before == (sorted((p.name, p.stat().st_mtime_ns) for p in scores.iterdir()) if scores.exists() else [])
 
 
 def test_evaluate_scores_checks_ids_and_selects_queries(folder):

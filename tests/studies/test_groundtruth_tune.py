@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from wherefrom.cli import app
 from wherefrom.engine.api import AttributionConfig
+from wherefrom.studies import bench
 from wherefrom.studies.groundtruth.tune import _split_point, grid_points, split_queries, tune
 
 from .tiny_groundtruth import build_tiny_groundtruth
@@ -64,11 +65,33 @@ def test_chosen_point_is_the_argmax_of_selection_lds_and_every_point_is_reported
     assert [p["held_out"] for p in again["points"]] == [p["held_out"] for p in points]
 
 
-def test_default_point_runs_when_the_grid_lacks_it_and_errors_are_reported(groundtruth, tmp_path):
-    report = tune(groundtruth, "ekfac", {"damping": [0.5], "bogus_option": [1]}, out=tmp_path / "t")
-    assert report["points"][0]["error"] and "bogus_option" in report["points"][0]["error"]
+def test_default_point_runs_when_the_grid_lacks_it_and_errors_are_reported(groundtruth, tmp_path, monkeypatch):
+    made = bench.make_method
+
+    def failing(name, model, tokenizer, config, **options):  # a point that fails as it runs (out of memory, say)
+        if config.damping == 0.5:
+            raise RuntimeError("out of memory, say")
+        return made(name, model, tokenizer, config, **options)
+
+    monkeypatch.setattr(bench, "make_method", failing)
+    report = tune(groundtruth, "ekfac", {"damping": [0.5]}, out=tmp_path / "t")
+    assert report["points"][0]["error"] and "out of memory" in report["points"][0]["error"]
     assert report["chosen"] is None and report["default"]["held_out"]["mean"] is not None
     assert "failed" in (tmp_path / "t" / "tune.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("grid", "match"),
+    [
+        ({"damping": [0.5], "bogus_option": [1]}, r"method 'ekfac' has no option\(s\) \['bogus_option'\]"),
+        ({"damping_factor": [0.1, -1.0]}, "damping_factor"),
+    ],
+)
+def test_a_grid_key_or_value_the_method_does_not_take_is_refused_before_any_point(groundtruth, tmp_path, grid, match):
+    """Every point failed with the method's error, after running the others, and tune ended with exit 0."""
+    with pytest.raises(ValueError, match=match):
+        tune(groundtruth, "ekfac", grid, out=tmp_path / "t")
+    assert not (tmp_path / "t").exists()
 
 
 def test_grid_split_and_routing():

@@ -24,7 +24,7 @@ import inspect
 import json
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -165,10 +165,13 @@ def _type_name(kind: Any) -> str:
     return getattr(kind, "__name__", str(kind))
 
 
-def check_options(owner: str, specs: Iterable[OptionSpec], given: Mapping[str, Any]) -> dict[str, Any]:
+def check_options(
+    owner: str, specs: Iterable[OptionSpec], given: Mapping[str, Any], supplied: Collection[str] = ()
+) -> dict[str, Any]:
     """``given`` validated against ``specs`` and converted to their types (same keys, same order).
 
-    ``owner`` names who the options belong to in messages, e.g. ``"method 'lissa'"``. Raises
+    ``owner`` names who the options belong to in messages, e.g. ``"method 'lissa'"``. ``supplied``: required
+    options the caller fills in later (a study's fine-tuning checkpoints), not missing now. Raises
     :class:`OptionError` for an option not in ``specs`` (listing those that are), a required option
     missing, or a value of the wrong type or out of range (naming the option, the value and what is
     allowed).
@@ -180,7 +183,7 @@ def check_options(owner: str, specs: Iterable[OptionSpec], given: Mapping[str, A
             f"{owner} has no option(s) {unknown} (given { ({k: given[k] for k in unknown}) }); "
             f"its options are {list(by_name)}"
         )
-    missing = [spec for spec in by_name.values() if spec.required and spec.name not in given]
+    missing = [spec for spec in by_name.values() if spec.required and spec.name not in (*given, *supplied)]
     if missing:
         spec = missing[0]
         raise OptionError(f"{owner} needs option {spec.name!r} ({spec.allowed()}): {spec.help}")

@@ -21,7 +21,7 @@ registry.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -179,9 +179,10 @@ class MethodSpec:
         :attr:`settings_read`: those this method's scores depend on, so those a cache of its scores is keyed on."""
         return {k: v for k, v in settings.items() if k in self.settings_read}
 
-    def check(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        """``options`` validated and converted (see :func:`wherefrom.core.options.check_options`)."""
-        return check_options(f"method {self.name!r}", self.options, options)
+    def check(self, options: Mapping[str, Any], supplied: Collection[str] = ()) -> dict[str, Any]:
+        """``options`` validated and converted (see :func:`wherefrom.core.options.check_options`; ``supplied``:
+        required options the caller fills in later)."""
+        return check_options(f"method {self.name!r}", self.options, options, supplied)
 
     @property
     def constructor_options(self) -> tuple[OptionSpec, ...]:
@@ -468,13 +469,18 @@ def make_method(name: str, model, tokenizer, config: AttributionConfig | None = 
 
 
 def method_settings(
-    name: str, config: AttributionConfig | None = None, options: Mapping[str, Any] | None = None
+    name: str,
+    config: AttributionConfig | None = None,
+    options: Mapping[str, Any] | None = None,
+    supplied: Collection[str] = (),
 ) -> tuple[AttributionConfig, dict[str, Any]]:
     """``(config, constructor options)`` of method ``name``: ``options`` validated, the method's fixed
     settings and its setting options applied to ``config``, the other options left for its constructor
-    (an influence method's: its strategy's). Raises as :func:`make_method`, before any model work."""
+    (an influence method's: its strategy's). ``supplied``: required options the caller fills in later (a study
+    checks its methods' options before fine-tuning gives tracin its checkpoints). Raises as :func:`make_method`,
+    before any model work."""
     spec = method_spec(name)
-    settings, constructor = split_settings(spec.check(options or {}))
+    settings, constructor = split_settings(spec.check(options or {}, supplied))
     return replace(config or AttributionConfig(), **{**spec.settings, **settings}), constructor
 
 

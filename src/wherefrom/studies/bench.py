@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +35,17 @@ from wherefrom.core.commandline import field_flags
 from wherefrom.core.data import DataError, data_fingerprint
 from wherefrom.core.encoding import check_template
 from wherefrom.core.option_pairs import format_option_pairs, options_for
+from wherefrom.curvature import make_curvature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
-from wherefrom.methods.registry import check_methods, in_family, make_method, method_spec, options_off_default
+from wherefrom.methods.registry import (
+    check_methods,
+    in_family,
+    make_method,
+    method_settings,
+    method_spec,
+    options_off_default,
+)
 from wherefrom.models.finetune import FinetuneConfig, FinetuneResult, finetune
 from wherefrom.models.loading import LoadedModel, load_model, pick_device
 from wherefrom.studies.benchtasks import TASKS, BenchTask, as_identification, from_path, subsampled
@@ -136,7 +144,9 @@ class BenchConfig:
     finetune_dir: str | None = None
 
     def validate(self) -> None:
-        """Raise ``ValueError`` for an unknown task or method, or an empty method / seed list."""
+        """Raise ``ValueError`` for an unknown task or method, or an empty method / seed list, and
+        :class:`wherefrom.core.options.OptionError` (a ``ValueError``) for an option a method does not have or a bad
+        value of one (:func:`wherefrom.methods.registry.method_settings`), before any fine-tuning."""
         check_task_name(self.task)
         check_methods(self.methods)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -146,6 +156,8 @@ class BenchConfig:
         self.finetune_config(self.seeds[0]).validate()
         if self.template is not None:
             check_template(self.template)
+        for method in self.methods:  # before any fine-tuning: a bad option failed every seed's row of it
+            check_method_options(method, self.attribution_config(self.seeds[0]), self.options_for(method))
 
     def options_for(self, method: str) -> dict[str, Any]:
         return options_for(self.method_options, method)
@@ -282,6 +294,21 @@ def _metrics(task: BenchTask, scores) -> dict[str, Any]:
     if task.kind == "class":
         return class_attribution(scores, {r.id: r.label for r in task.train}, {r.id: r.label for r in task.test})
     return identification(scores, task.targets, k=task.recall_k)
+
+
+def check_method_options(method: str, attribution: AttributionConfig, options: Mapping[str, Any]) -> None:
+    """Validate ``method``'s ``options`` and setting options over ``attribution``
+    (:func:`wherefrom.methods.registry.method_settings`) before a study does any work: a bad one failed each of
+    the method's rows (seeds, grid points) after the fine-tuning, which still ended with exit 0. A checkpoint
+    method's (tracin's) ``checkpoints`` are not required: the study's fine-tuning gives them
+    (:func:`scored_method`'s callers). Raises :class:`wherefrom.core.options.OptionError` (a ``ValueError``)
+    naming the method, the option and what it takes; an influence method's damping and strategy options as its
+    curvature checks them (:func:`wherefrom.curvature.make_curvature`)."""
+    config, constructor = method_settings(
+        method, attribution, options, ("checkpoints",) if in_family(method, "checkpoint") else ()
+    )
+    if in_family(method, "influence"):
+        make_curvature(config.strategy, config.damping, config.damping_factor, **constructor)
 
 
 def scored_method(

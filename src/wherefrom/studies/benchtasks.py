@@ -825,19 +825,28 @@ def rule_rewriting(n_train: int = 240, n_test: int = 40, seed: int = 0) -> Bench
 def from_path(name: str, train_path: str | Path, test_path: str | Path) -> BenchTask:
     """A class task loaded from files (:func:`wherefrom.core.data.load_records`).
 
-    Raises :class:`DataError` naming the file and the row when a row has no ``label``.
+    Raises :class:`DataError` naming the file and line of a row without a ``label``, and of a query whose label
+    no training row has (no top row could ever share it: its accuracy would be 0 whatever the method).
     """
     splits = []
     for path in (train_path, test_path):
         records = load_records(path)
-        for position, record in enumerate(records):
+        for record in records:
             if record.label is None:
                 raise DataError(
-                    f"{path}: record {position} (id {record.id!r}): field 'label': missing; "
-                    f"class tasks need a label on every row"
+                    f"{record.named()}: field 'label': missing; a task from files needs a label on every row "
+                    "(class attribution compares the top rows' labels with the query's; identification finds the "
+                    "rows with the query's label)"
                 )
         splits.append(records)
     train, test = splits
+    labels = {r.label for r in train}
+    for record in test:
+        if record.label not in labels:
+            raise DataError(
+                f"{record.named()}: label {record.label!r} has no training row in {train_path} (its labels: "
+                f"{sorted(str(label) for label in labels)}), so no method could attribute it"
+            )
     return BenchTask(
         name=name,
         kind="class",

@@ -40,7 +40,7 @@ from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import check_methods, in_family, method_spec, options_off_default
 from wherefrom.models.loading import load_model
-from wherefrom.studies.bench import scored_method
+from wherefrom.studies.bench import check_method_options, scored_method
 from wherefrom.studies.groundtruth.build import GroundTruth
 from wherefrom.studies.groundtruth.lds import lds_per_query, loo_correlations, summarize
 from wherefrom.studies.metrics import spearman_rows
@@ -266,6 +266,8 @@ def evaluate(
     say = log or (lambda _line: None)
     gt = GroundTruth.load(gt_folder)
     attribution = attribution or gt.config.attribution()
+    for method in methods:  # before any method runs
+        check_method_options(method, attribution, options_for(method_options, method))
     stem = Path(out) if out is not None else gt.folder / "evaluate"
     folder = gt.folder / "scores"
     folder.mkdir(parents=True, exist_ok=True)

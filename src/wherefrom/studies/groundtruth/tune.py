@@ -12,7 +12,8 @@ setting: ``damping_factor = 0.1``, default options) is run and scored the same w
 Grid keys ``damping`` (absolute), ``damping_factor`` (relative) and ``fisher`` set those
 :class:`wherefrom.engine.api.AttributionConfig` fields; every other key is a method option passed to
 :func:`wherefrom.methods.registry.make_method` (``depth``, ``scale``, ``batch_size`` of ``lissa``; ``rank`` of
-``arnoldi``; ``max_iter`` of ``cg``; ...; unknown ones fail that point with the method's error). ``damping=None`` in a grid means
+``arnoldi``; ``max_iter`` of ``cg``; ...; a key the method does not have, or a bad value, is refused before any point
+runs, naming it). ``damping=None`` in a grid means
 "use the relative ``damping_factor``".
 
 Outputs under ``out`` (default ``<gt folder>/tune-<method>``), all written atomically:
@@ -39,6 +40,7 @@ from wherefrom.core.option_pairs import format_option_pairs
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import METHODS, options_off_default
+from wherefrom.studies.bench import check_method_options
 from wherefrom.studies.groundtruth.build import GroundTruth
 from wherefrom.studies.groundtruth.evaluate import evaluate_scores, load_method_scores, scored_row
 from wherefrom.studies.toolkit import (
@@ -219,6 +221,8 @@ def tune(
         )
     selection, held_out = split_queries(len(gt.query_ids), selection_share, split_seed)
     base = attribution or gt.config.attribution()
+    for point in [{}, *points]:  # every point's options and settings, before any point runs
+        check_method_options(method, *_split_point(point, base, method_options))
     folder = Path(out) if out is not None else gt.folder / f"tune-{method}"
     models = cache(gt.load_model)  # loaded once, when the first point runs
 
