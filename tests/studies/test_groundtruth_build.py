@@ -221,9 +221,14 @@ def test_cli_groundtruth_and_evaluate(folder, tmp_path):
     assert result.exit_code == 0, result.output
     built = GroundTruth.load(out)
     assert built.lds_masks.shape == (3, N_TRAIN) and built.loo_rows.shape == (2,) and built.config.lora_rank is None
-    result = runner.invoke(app, ["evaluate", str(out), "--methods", "identity,bm25"])
-    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["evaluate", str(out), "--methods", "identity,bm25", "--device", "cpu"])
+    assert result.exit_code == 0, result.output  # --device: README's "every command" (evaluate had none)
     assert "| identity | " in result.output and (out / "evaluate.md").is_file()
+    assert "--device cpu" in json.loads((out / "config.json").read_text())["replay"]["evaluate evaluate"]["line"]
+    assert (
+        GroundTruth.load(out, "meta").config.device == "meta"
+        and GroundTruth.load(out).config.device == built.config.device
+    )
     unused = runner.invoke(app, ["evaluate", str(out), "--methods", "identity", "--option", "lissa.depth=3"])
     assert unused.exit_code == 2 and "method 'lissa' does not run here (methods run: identity)" in unused.output
     result = runner.invoke(app, ["evaluate", str(tmp_path / "missing"), "--methods", "identity"])

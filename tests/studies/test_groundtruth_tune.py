@@ -144,10 +144,13 @@ def test_cli_tune(groundtruth, tmp_path):
             "damping_factor=0.01,1",
             "--out",
             str(tmp_path / "cli"),
+            "--device",
+            "cpu",
         ],
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, result.output  # --device: README's "every command" (tune had none)
     report = json.loads((tmp_path / "cli" / "tune.json").read_text())
+    assert "--device cpu" in report["command"]
     assert [p["point"] for p in report["points"]] == [{"damping_factor": 0.01}, {"damping_factor": 1}]
     assert "Chosen" in result.output
     bad = runner.invoke(app, ["tune", str(groundtruth), "--method", "ekfac", "--grid", "damping_factor"])

@@ -268,7 +268,7 @@ def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, **setti
 
 
 @command
-def evaluate(groundtruth, methods, option, damping, damping_factor, out, threads) -> None:
+def evaluate(groundtruth, methods, option, damping, damping_factor, out, device, threads) -> None:
     """Score methods against a ground truth: LDS, LOO Pearson/Spearman, PBRF Spearman with intervals, time, memory.
 
     --methods defaults to ekfac,kfac,datainf,gradsim,tracin. --out is the file stem of the report
@@ -281,7 +281,7 @@ def evaluate(groundtruth, methods, option, damping, damping_factor, out, threads
     try:
         chosen = method_list(methods, EVALUATE_METHODS)
         options = method_pairs(option, chosen)
-        base = GroundTruth.load(groundtruth).config.attribution()
+        base = GroundTruth.load(groundtruth, device).config.attribution()
         remember(stem.parent, f"evaluate {stem.name}")
         run_evaluate(
             groundtruth,
@@ -292,6 +292,7 @@ def evaluate(groundtruth, methods, option, damping, damping_factor, out, threads
             progress=progress,
             log=say,
             command=recorded_line(),
+            device=device,
         )
     except (DataError, ValueError, RuntimeError) as error:
         fail(error)
@@ -299,7 +300,7 @@ def evaluate(groundtruth, methods, option, damping, damping_factor, out, threads
 
 
 @command
-def tune(groundtruth, method, grid, option, split_seed, selection_share, out, threads) -> None:
+def tune(groundtruth, method, grid, option, split_seed, selection_share, out, device, threads) -> None:
     """Pick the damping (and LiSSA / Arnoldi knobs) that maximise LDS on a selection half of the queries;
     report every point's LDS on both halves and the chosen point's held-out LDS.
 
@@ -324,6 +325,7 @@ def tune(groundtruth, method, grid, option, split_seed, selection_share, out, th
             progress=progress,
             log=say,
             command=recorded_line(),
+            device=device,
         )
     except (ValueError, RuntimeError) as error:
         fail(error)

@@ -363,8 +363,9 @@ class GroundTruth:
     pbrf_influence: np.ndarray | None
 
     @classmethod
-    def load(cls, folder: str | Path) -> GroundTruth:
-        """Read ``folder`` (built by :func:`build_groundtruth`) and rebuild its task; raises
+    def load(cls, folder: str | Path, device: str | None = None) -> GroundTruth:
+        """Read ``folder`` (built by :func:`build_groundtruth`) and rebuild its task; ``device``: where its model
+        is loaded and methods run from now on (default: the device it was built on, as recorded). Raises
         ``FileNotFoundError`` without ``groundtruth.json`` and ``ValueError`` when the rebuilt task's
         ids differ from the saved ones (e.g. the data files changed)."""
         folder = Path(folder)
@@ -373,6 +374,8 @@ class GroundTruth:
             raise FileNotFoundError(f"not a ground-truth folder (no {META_FILE}): {folder}")
         meta = json.loads(path.read_text(encoding="utf-8"))
         config = GroundTruthConfig.from_dict(meta["config"])
+        if device is not None:
+            config = replace(config, device=device)
         task = make_task(config.task, config.n_train, config.n_test, config.seed)
         for what, records in (("train", task.train), ("query", task.test)):
             if [r.id for r in records] != meta[f"{what}_ids"]:

@@ -230,7 +230,11 @@ def markdown(rows: dict[str, dict[str, Any]], command: str, title: str) -> str:
 
 
 def command_line(
-    folder: Path, methods: Sequence[str], method_options: dict[str, dict[str, Any]], out: Path | None
+    folder: Path,
+    methods: Sequence[str],
+    method_options: dict[str, dict[str, Any]],
+    out: Path | None,
+    device: str | None = None,
 ) -> str:
     """A ``wherefrom evaluate`` command line equivalent to the arguments."""
     return render_command(
@@ -240,6 +244,7 @@ def command_line(
             ("--methods", ",".join(methods)),
             ("--option", format_option_pairs(method_options)),
             ("--out", out),
+            ("--device", device),
         ],
     )
 
@@ -253,18 +258,20 @@ def evaluate(
     progress: Progress = no_progress,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Run ``methods`` on the ground truth in ``gt_folder`` and score them; returns what ``<out>.json`` holds.
 
     ``method_options``: ``{method: {key: value}}`` for :func:`wherefrom.methods.registry.make_method` (``"*"``:
     every method); ``out``: file stem of the report (default ``<gt_folder>/evaluate``);
     ``attribution``: batching/damping settings (default: the ground truth's batch size and maximum
-    length, :meth:`GroundTruthConfig.attribution`).
+    length, :meth:`GroundTruthConfig.attribution`); ``device``: where the model is loaded and the methods run
+    (default: the ground truth's own, :meth:`GroundTruth.load`; cached rows are reused on any).
     """
     methods = check_methods(methods)
     method_options = method_options or {}
     say = log or (lambda _line: None)
-    gt = GroundTruth.load(gt_folder)
+    gt = GroundTruth.load(gt_folder, device)
     attribution = attribution or gt.config.attribution()
     for method in methods:  # before any method runs
         check_method_options(method, attribution, options_for(method_options, method))
@@ -282,7 +289,9 @@ def evaluate(
     models = None
     free_memory()
 
-    command = command or command_line(Path(gt_folder), methods, method_options, None if out is None else Path(out))
+    command = command or command_line(
+        Path(gt_folder), methods, method_options, None if out is None else Path(out), device
+    )
     report = {
         "format": _FORMAT_VERSION,
         **provenance(command),

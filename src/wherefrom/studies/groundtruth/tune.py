@@ -115,6 +115,7 @@ def command_line(
     selection_share: float,
     method_options: dict[str, Any],
     out: str | Path | None,
+    device: str | None = None,
 ) -> str:
     """A ``wherefrom tune`` command line equivalent to the arguments."""
     return render_command(
@@ -127,6 +128,7 @@ def command_line(
             ("--split-seed", split_seed),
             ("--selection-share", float(selection_share)),
             ("--out", out),
+            ("--device", device),
         ],
     )
 
@@ -194,8 +196,10 @@ def tune(
     progress: Progress = no_progress,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Tune ``method`` over ``grid`` by LDS on the ground truth in ``gt_folder``; returns what ``tune.json`` holds.
+    ``device``: where the model is loaded and the points run (default: the ground truth's own).
 
     ``method_options``: fixed options of every point (``ValueError`` for a key also in ``grid``); ``attribution``:
     base settings (default: the ground truth's, :meth:`GroundTruthConfig.attribution`). The returned
@@ -214,7 +218,7 @@ def tune(
             "it at each point, so leave it out of --option"
         )
     say = log or (lambda _line: None)
-    gt = GroundTruth.load(gt_folder)
+    gt = GroundTruth.load(gt_folder, device)
     if gt.lds_masks is None:
         raise ValueError(
             f"{gt_folder}: the ground truth has no LDS subsets (built with n_subsets=0); tuning needs them"
@@ -268,7 +272,7 @@ def tune(
     models = None
     free_memory()
 
-    command = command or command_line(gt_folder, method, grid, split_seed, selection_share, method_options, out)
+    command = command or command_line(gt_folder, method, grid, split_seed, selection_share, method_options, out, device)
     report = {
         "format": _FORMAT_VERSION,
         **provenance(command),
