@@ -534,7 +534,7 @@ class VectorStore:
             raise DamagedFile(f"{path} is missing; {REBUILD}") from None
         with fh:
             if shard not in self._headers:
-                self._read_hashing(shard, fh, target, recorded)
+                self._read_hashing(shard, path, fh, target, recorded)
                 return n
             length, digest, offset = self._headers[shard]
             if xxhash.xxh3_64_intdigest(fh.read(length)) != digest:  # e.g. another shard's bytes, or rebuilt since
@@ -547,14 +547,15 @@ class VectorStore:
                 raise DamagedFile(f"{path} is truncated: it ends inside its rows; {REBUILD}")
         return n
 
-    def _read_hashing(self, shard: int, fh: BinaryIO, target: memoryview, recorded: Mapping[str, Any] | None) -> None:
-        """Read ``shard`` (open as ``fh``) once: its header checked, its rows straight into ``target``, every byte
+    def _read_hashing(
+        self, shard: int, path: Path, fh: BinaryIO, target: memoryview, recorded: Mapping[str, Any] | None
+    ) -> None:
+        """Read ``shard`` (``path``, open as ``fh``) once: its header checked, its rows straight into ``target``, every byte
         hashed on the way against the recorded checksum, then counted as :attr:`verified`. Raises
         :class:`wherefrom.core.store.DamagedFile` naming it (its checksum named first when its header is damaged too);
         ``target`` then holds bytes that must not be used. Verifying first and then reading read each shard twice
         (``benchmarks/results/store_scan.md``, 10^6 x 1024 float16 rows in the page cache: opened and searched in
         one pass 0.97 s, verified first 1.07 s)."""
-        path = self.folder / shard_name(shard)
         head = fh.read(8)
         (length,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
         head += fh.read(min(length, os.fstat(fh.fileno()).st_size))  # a damaged length reads to the end at most
