@@ -174,6 +174,43 @@ def test_failed_method_is_recorded_and_retried(tmp_path, tiny_model, monkeypatch
     assert again["aggregate"]["gradsim"]["n_ok"] == 1
 
 
+def test_a_command_whose_method_failed_prints_its_table_then_exits_1(tmp_path, tiny_model, monkeypatch):
+    """bench exited 0 with every method failed; now the table, then one error line per failed method, exit 1."""
+    from typer.testing import CliRunner
+
+    from wherefrom.cli import app
+
+    made = bench.make_method
+
+    def failing(name, *args, **options):
+        if name == "gradsim":
+            raise RuntimeError("out of memory, say")
+        return made(name, *args, **options)
+
+    monkeypatch.setattr(bench, "make_method", failing)
+    args = [
+        "bench",
+        "--task",
+        "rules",
+        "--n-train",
+        "10",
+        "--n-test",
+        "2",
+        "--methods",
+        "bm25,gradsim",
+        "--epochs",
+        "1",
+    ]
+    args += ["--model", tiny_model, "--device", "cpu", "--max-length", "128", "--out", str(tmp_path / "b")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "| bm25 |" in result.output
+    assert "error: gradsim: failed on 1 of 1 seeds (RuntimeError: out of memory, say)" in result.output
+    monkeypatch.setattr(bench, "make_method", made)
+    again = CliRunner().invoke(app, args)  # retried, the rest reused
+    assert again.exit_code == 0, again.output
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [

@@ -119,6 +119,15 @@ def test_a_failing_method_does_not_stop_the_others(folder, tmp_path, monkeypatch
 
     monkeypatch.setattr(bench, "make_method", failing)
     report = evaluate(folder, ["identity", "kfac"], out=tmp_path / "r")
+    from typer.testing import CliRunner
+
+    from wherefrom.cli import app
+
+    result = CliRunner().invoke(
+        app, ["evaluate", str(folder), "--methods", "identity,kfac", "--out", str(tmp_path / "c")]
+    )
+    assert result.exit_code == 1 and "| identity | " in result.output, result.output  # it exited 0
+    assert "error: kfac: RuntimeError: out of memory, say" in result.output
     assert report["methods"]["kfac"]["error"] and report["methods"]["kfac"]["metrics"] is None
     assert report["methods"]["identity"]["error"] is None
     assert "| kfac | failed: " in (tmp_path / "r.md").read_text()

@@ -153,6 +153,26 @@ def test_cli_tune(groundtruth, tmp_path):
     assert "--device cpu" in report["command"]
     assert [p["point"] for p in report["points"]] == [{"damping_factor": 0.01}, {"damping_factor": 1}]
     assert "Chosen" in result.output
+    nothing = runner.invoke(
+        app, ["tune", str(groundtruth), "--method", "ekfac", "--grid", "damping=0.5", "--out", str(tmp_path / "none")]
+    )
+    assert nothing.exit_code == 0, nothing.output  # control for the failing run below
+    made = bench.make_method
+
+    def failing(name, model, tokenizer, config, **options):
+        if config.damping == 0.5:
+            raise RuntimeError("out of memory, say")
+        return made(name, model, tokenizer, config, **options)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "make_method", failing)
+        failed = runner.invoke(
+            app, ["tune", str(groundtruth), "--method", "ekfac", "--grid", "damping=0.5", "--out", str(tmp_path / "f")]
+        )
+    # tune exited 0 with no LDS at all: now the table, then what failed, exit 1
+    assert failed.exit_code == 1 and "| 0.5 |" in failed.output, failed.output
+    assert 'error: point {"damping": 0.5}: RuntimeError: out of memory' in failed.output
+    assert "error: no grid point gave an LDS on the selection queries" in failed.output
     bad = runner.invoke(app, ["tune", str(groundtruth), "--method", "ekfac", "--grid", "damping_factor"])
     assert bad.exit_code != 0 and "key=value1,value2" in bad.output
 

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import typer
 
@@ -89,7 +91,7 @@ def bench(task, out, methods, seeds, option, preset, no_eos, **settings) -> None
     reference-study | wherefrom starts from that bundle of settings (wherefrom.studies.presets); flags
     at other than their default override it. --out receives bench.json (with the resolved settings),
     bench.md, seed-<s>/<method>.json and config.json (a rerun resumes)."""
-    from wherefrom.studies.bench import DEFAULT_METHODS, BenchConfig, run_bench
+    from wherefrom.studies.bench import DEFAULT_METHODS, BenchConfig, failed_methods, run_bench
     from wherefrom.studies.presets import resolve
 
     out = required(out, "out")
@@ -104,22 +106,34 @@ def bench(task, out, methods, seeds, option, preset, no_eos, **settings) -> None
             settings = {**resolve(preset, explicit_bench_settings(option, chosen["methods"])), "preset": preset}
         return settings_as(BenchConfig, **chosen, **settings)
 
-    run_study(out, build, run_bench, "bench.md")
+    run_study(out, build, run_bench, "bench.md", lambda report: failed_methods(report["aggregate"]))
 
 
-def run_study(out, build, run, table: str) -> None:
+def run_study(out, build, run, table: str, failures: Callable[[dict[str, Any]], list[str]]) -> None:
     """Build a study's configuration (``build()``), validate it, record the command in ``out``, run it
     (``run(config, progress=, log=, command=)``) and print ``out/table``; a data, model, setting or memory
-    error ends the command (exit 2)."""
+    error ends the command (exit 2); ``failures(report)`` (a method that failed on some seed) exit 1 after the
+    table (:func:`incomplete`)."""
     try:
         config = build()
         config.validate()
         out.mkdir(parents=True, exist_ok=True)
         remember(out)
-        run(config, progress=progress, log=say, command=recorded_line())
+        report = run(config, progress=progress, log=say, command=recorded_line())
     except (DataError, ValueError, RuntimeError) as error:
         fail(error)
     typer.echo((out / table).read_text())
+    incomplete(failures(report))
+
+
+def incomplete(failures: list[str]) -> None:
+    """After a study's table: each of ``failures`` (what failed, with its first error) as an ``error:`` line on
+    stderr and exit 1, so that a script or CI job sees a result that is not all there (they exited 0, also when
+    every method had failed). The report keeps the failures; a rerun retries them and reuses the rest."""
+    for line in failures:
+        say(f"error: {line}")
+    if failures:
+        raise typer.Exit(code=1)
 
 
 @command(uses=(*PRESET_SETTINGS, "n_train", "n_test", "model", "device", "threads"))
@@ -133,6 +147,7 @@ def ablate(task, out, methods, seeds, option, start, target, n_train, n_test, mo
     hold in every run. --out receives ablate.json, ablate.md, runs/<run>/ (bench folders), finetunes/ and
     config.json (a rerun resumes)."""
     from wherefrom.studies.ablation import STUDY_METHODS, AblationConfig, run_ablation
+    from wherefrom.studies.bench import failed_methods
 
     out = required(out, "out")
     leave_to_preset(PRESET_SETTINGS)  # the presets --from and --to decide what no flag sets
@@ -153,7 +168,15 @@ def ablate(task, out, methods, seeds, option, start, target, n_train, n_test, mo
             fixed=explicit_bench_settings(option, chosen),
         )
 
-    run_study(out, build, run_ablation, "ablate.md")
+    run_study(
+        out,
+        build,
+        run_ablation,
+        "ablate.md",
+        lambda report: [
+            f"{run}: {line}" for run, summary in report["runs"].items() for line in failed_methods(summary)
+        ],
+    )
 
 
 @command(uses=("damping", "damping_factor", "reference", "exact_blocks", "cg_tol", "cg_max_iter", "probes", "threads"))
@@ -283,7 +306,7 @@ def evaluate(groundtruth, methods, option, damping, damping_factor, out, device,
         options = method_pairs(option, chosen)
         base = GroundTruth.load(groundtruth, device).config.attribution()
         remember(stem.parent, f"evaluate {stem.name}")
-        run_evaluate(
+        report = run_evaluate(
             groundtruth,
             chosen,
             options,
@@ -297,6 +320,7 @@ def evaluate(groundtruth, methods, option, damping, damping_factor, out, device,
     except (DataError, ValueError, RuntimeError) as error:
         fail(error)
     typer.echo(stem.with_name(stem.name + ".md").read_text())
+    incomplete([f"{method}: {row['error']}" for method, row in report["methods"].items() if row["error"]])
 
 
 @command
@@ -314,7 +338,7 @@ def tune(groundtruth, method, grid, option, split_seed, selection_share, out, de
         options = merged_options(option, method)
         folder.mkdir(parents=True, exist_ok=True)
         remember(folder)
-        run_tune(
+        report = run_tune(
             groundtruth,
             method,
             parsed,
@@ -330,3 +354,9 @@ def tune(groundtruth, method, grid, option, split_seed, selection_share, out, de
     except (ValueError, RuntimeError) as error:
         fail(error)
     typer.echo((folder / "tune.md").read_text())
+    failed = [
+        f"point {json.dumps(p['point'])}: {p['error']}" for p in [*report["points"], report["default"]] if p["error"]
+    ]
+    incomplete(
+        failed if report["chosen"] is not None else [*failed, "no grid point gave an LDS on the selection queries"]
+    )

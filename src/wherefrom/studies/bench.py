@@ -311,6 +311,16 @@ def check_method_options(method: str, attribution: AttributionConfig, options: M
         make_curvature(config.strategy, config.damping, config.damping_factor, **constructor)
 
 
+def failed_methods(summary: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """``"METHOD: failed on k of n seeds (first error)"`` for each method of a bench's ``aggregate`` (:func:`aggregate`)
+    with a failed seed, in method order: what a command reports, beside its table, before it exits 1."""
+    return [
+        f"{method}: failed on {len(entry['errors'])} of {entry['n_seeds']} seeds ({next(iter(entry['errors'].values()))})"
+        for method, entry in summary.items()
+        if entry.get("errors")
+    ]
+
+
 def scored_method(
     method: str,
     model,
