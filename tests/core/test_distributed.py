@@ -387,3 +387,22 @@ def test_rank_split_ignores_environment_without_a_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert rows_for_rank([1, 2, 3]) == [1, 2, 3]  # no process group joined: this process has every row
+
+
+def test_local_device_is_the_local_ranks_gpu_round_robin(monkeypatch):
+    """Under torchrun with CUDA: ``cuda:LOCAL_RANK`` modulo the GPUs (more processes than GPUs share them round
+    robin); one process, or no CUDA: ``None`` (the command's own ``--device`` decides)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for local_rank, expected in ((0, "cuda:0"), (1, "cuda:1"), (3, "cuda:1")):
+        monkeypatch.setenv("RANK", str(local_rank))
+        monkeypatch.setenv("WORLD_SIZE", "4")
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        assert str(distributed.local_device()) == expected
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed.local_device() is None
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.local_device() is None

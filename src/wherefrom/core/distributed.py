@@ -122,7 +122,8 @@ def backend() -> str:
 
 
 def local_device() -> torch.device | None:
-    """``cuda:LOCAL_RANK`` under torchrun with CUDA available (one GPU per process), else ``None``."""
+    """``cuda:LOCAL_RANK`` under torchrun with CUDA available (one GPU per process; with more processes than GPUs,
+    ``LOCAL_RANK`` modulo their count: they share them round robin), else ``None``."""
     world = World.from_env()
     if world.size > 1 and torch.cuda.is_available():
         return torch.device("cuda", world.local_rank % torch.cuda.device_count())
