@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from tests.studies.failing import failing_methods
 from wherefrom.core.data import DataError
 from wherefrom.models.tiny import save_tiny
-from wherefrom.studies import bench
 from wherefrom.studies.bench import (
     BenchConfig,
     aggregate,
@@ -147,19 +147,12 @@ def test_a_file_task_edited_in_place_is_recomputed_not_reused(tmp_path, tiny_mod
     assert "seed 0 bm25: reused" not in said and json.loads(row.read_text())["key"] != json.loads(first)["key"]
 
 
-def test_failed_method_is_recorded_and_retried(tmp_path, tiny_model, monkeypatch):
+def test_failed_method_is_recorded_and_retried(tmp_path, tiny_model):
     # gradsim fails as it runs (here: made to); bm25 still runs, the failure is in the table, and a rerun
     # retries the failed method but reuses the good one
-    made = bench.make_method
-
-    def failing(name, *args, **options):
-        if name == "gradsim":
-            raise RuntimeError("out of memory, say")
-        return made(name, *args, **options)
-
-    monkeypatch.setattr(bench, "make_method", failing)
     config = tiny_config("rules", tmp_path / "f", tiny_model, ["bm25", "gradsim"], 10, 2)
-    report = run_bench(config)
+    with failing_methods(lambda name, _config: name == "gradsim"):
+        report = run_bench(config)
     assert report["aggregate"]["bm25"]["n_ok"] == 1
     assert (
         report["aggregate"]["gradsim"]["n_ok"] == 0 and "out of memory" in report["aggregate"]["gradsim"]["errors"]["0"]
@@ -167,27 +160,18 @@ def test_failed_method_is_recorded_and_retried(tmp_path, tiny_model, monkeypatch
     assert "gradsim | failed:" in (tmp_path / "f" / "bench.md").read_text()
     folder = tmp_path / "f" / "seed-0"
     before = {m: (folder / f"{m}.json").stat().st_mtime_ns for m in ("bm25", "gradsim")}
-    monkeypatch.setattr(bench, "make_method", made)
     again = run_bench(config)
     assert (folder / "bm25.json").stat().st_mtime_ns == before["bm25"]
     assert (folder / "gradsim.json").stat().st_mtime_ns != before["gradsim"]
     assert again["aggregate"]["gradsim"]["n_ok"] == 1
 
 
-def test_a_command_whose_method_failed_prints_its_table_then_exits_1(tmp_path, tiny_model, monkeypatch):
+def test_a_command_whose_method_failed_prints_its_table_then_exits_1(tmp_path, tiny_model):
     """bench exited 0 with every method failed; now the table, then one error line per failed method, exit 1."""
     from typer.testing import CliRunner
 
     from wherefrom.cli import app
 
-    made = bench.make_method
-
-    def failing(name, *args, **options):
-        if name == "gradsim":
-            raise RuntimeError("out of memory, say")
-        return made(name, *args, **options)
-
-    monkeypatch.setattr(bench, "make_method", failing)
     args = [
         "bench",
         "--task",
@@ -202,11 +186,11 @@ def test_a_command_whose_method_failed_prints_its_table_then_exits_1(tmp_path, t
         "1",
     ]
     args += ["--model", tiny_model, "--device", "cpu", "--max-length", "128", "--out", str(tmp_path / "b")]
-    result = CliRunner().invoke(app, args)
+    with failing_methods(lambda name, _config: name == "gradsim"):
+        result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output
     assert "| bm25 |" in result.output
     assert "error: gradsim: failed on 1 of 1 seeds (RuntimeError: out of memory, say)" in result.output
-    monkeypatch.setattr(bench, "make_method", made)
     again = CliRunner().invoke(app, args)  # retried, the rest reused
     assert again.exit_code == 0, again.output
 

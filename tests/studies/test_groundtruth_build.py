@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tests.conftest import build_model, make_records
+from tests.studies.failing import failing_methods
 from wherefrom.core.scoring import Scores
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.models.tiny import tiny_tokenizer
-from wherefrom.studies import bench
 from wherefrom.studies.groundtruth.build import (
     GroundTruth,
     GroundTruthConfig,
@@ -109,28 +109,20 @@ def test_evaluate_exact_and_identity_with_table_and_resume(folder, tmp_path):
     assert row_file.stat().st_mtime_ns != stamp
 
 
-def test_a_failing_method_does_not_stop_the_others(folder, tmp_path, monkeypatch):
-    made = bench.make_method
-
-    def failing(name, *args, **options):  # kfac fails as it runs (out of memory, say)
-        if name == "kfac":
-            raise RuntimeError("out of memory, say")
-        return made(name, *args, **options)
-
-    monkeypatch.setattr(bench, "make_method", failing)
-    report = evaluate(folder, ["identity", "kfac"], out=tmp_path / "r")
+def test_a_failing_method_does_not_stop_the_others(folder, tmp_path):
     from typer.testing import CliRunner
 
     from wherefrom.cli import app
 
-    result = CliRunner().invoke(
-        app, ["evaluate", str(folder), "--methods", "identity,kfac", "--out", str(tmp_path / "c")]
-    )
-    assert result.exit_code == 1 and "| identity | " in result.output, result.output  # it exited 0
-    assert "error: kfac: RuntimeError: out of memory, say" in result.output
+    with failing_methods(lambda name, _config: name == "kfac"):
+        report = evaluate(folder, ["identity", "kfac"], out=tmp_path / "r")
+        args = ["evaluate", str(folder), "--methods", "identity,kfac", "--out", str(tmp_path / "c")]
+        result = CliRunner().invoke(app, args)
     assert report["methods"]["kfac"]["error"] and report["methods"]["kfac"]["metrics"] is None
     assert report["methods"]["identity"]["error"] is None
     assert "| kfac | failed: " in (tmp_path / "r.md").read_text()
+    assert result.exit_code == 1 and "| identity | " in result.output, result.output  # it exited 0
+    assert "error: kfac: RuntimeError: out of memory, say" in result.output
 
 
 def test_rebuild_reuses_every_job(folder):

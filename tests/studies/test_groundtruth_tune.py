@@ -12,9 +12,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from tests.studies.failing import failing_methods
 from wherefrom.cli import app
 from wherefrom.engine.api import AttributionConfig
-from wherefrom.studies import bench
 from wherefrom.studies.groundtruth.tune import _split_point, grid_points, split_queries, tune
 
 from .tiny_groundtruth import build_tiny_groundtruth
@@ -65,16 +65,9 @@ def test_chosen_point_is_the_argmax_of_selection_lds_and_every_point_is_reported
     assert [p["held_out"] for p in again["points"]] == [p["held_out"] for p in points]
 
 
-def test_default_point_runs_when_the_grid_lacks_it_and_errors_are_reported(groundtruth, tmp_path, monkeypatch):
-    made = bench.make_method
-
-    def failing(name, model, tokenizer, config, **options):  # a point that fails as it runs (out of memory, say)
-        if config.damping == 0.5:
-            raise RuntimeError("out of memory, say")
-        return made(name, model, tokenizer, config, **options)
-
-    monkeypatch.setattr(bench, "make_method", failing)
-    report = tune(groundtruth, "ekfac", {"damping": [0.5]}, out=tmp_path / "t")
+def test_default_point_runs_when_the_grid_lacks_it_and_errors_are_reported(groundtruth, tmp_path):
+    with failing_methods(lambda _name, config: config.damping == 0.5):
+        report = tune(groundtruth, "ekfac", {"damping": [0.5]}, out=tmp_path / "t")
     assert report["points"][0]["error"] and "out of memory" in report["points"][0]["error"]
     assert report["chosen"] is None and report["default"]["held_out"]["mean"] is not None
     assert "failed" in (tmp_path / "t" / "tune.md").read_text()
@@ -157,15 +150,7 @@ def test_cli_tune(groundtruth, tmp_path):
         app, ["tune", str(groundtruth), "--method", "ekfac", "--grid", "damping=0.5", "--out", str(tmp_path / "none")]
     )
     assert nothing.exit_code == 0, nothing.output  # control for the failing run below
-    made = bench.make_method
-
-    def failing(name, model, tokenizer, config, **options):
-        if config.damping == 0.5:
-            raise RuntimeError("out of memory, say")
-        return made(name, model, tokenizer, config, **options)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bench, "make_method", failing)
+    with failing_methods(lambda _name, config: config.damping == 0.5):
         failed = runner.invoke(
             app, ["tune", str(groundtruth), "--method", "ekfac", "--grid", "damping=0.5", "--out", str(tmp_path / "f")]
         )

@@ -1,0 +1,27 @@
+"""A method made to fail as it runs (out of memory, say), for the studies' tests of failed rows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.studies import bench
+
+
+@contextmanager
+def failing_methods(fails: Callable[[str, AttributionConfig], bool]) -> Iterator[None]:
+    """Within the block, ``bench.make_method`` (which ``bench``, ``evaluate`` and ``tune`` call for every row) raises
+    ``RuntimeError("out of memory, say")`` for a method and settings where ``fails(name, config)`` is true."""
+    made = bench.make_method
+
+    def failing(name: str, model, tokenizer, config: AttributionConfig, **options):
+        if fails(name, config):
+            raise RuntimeError("out of memory, say")
+        return made(name, model, tokenizer, config, **options)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "make_method", failing)
+        yield
