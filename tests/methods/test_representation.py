@@ -92,3 +92,25 @@ def test_repsim_arguments(tokenizer, train_records):
     repsim = RepSim.from_config(model, tokenizer, config)
     assert (repsim.layer, repsim.pooling, repsim.batch_size) == (1, "mean", 3)
     assert repsim.name == "repsim"
+
+
+def test_kept_training_representations_are_reused_only_while_the_weights_are_unchanged(
+    tokenizer, train_records, monkeypatch
+):
+    """``fit`` keeps the training representations; ``scores`` reused them for the same rows after the weights
+    changed (0.94 off a fresh RepSim's cosine), mixing two models. They are keyed on the model's fingerprint."""
+    model = build_model("llama")
+    queries = train_records[:2]
+    method = RepSim(model, tokenizer, layer=-1, pooling="mean")
+    method.fit(train_records)
+    passes = []
+    computed = RepSim.representations
+    monkeypatch.setattr(RepSim, "representations", lambda self, rows: passes.append(len(rows)) or computed(self, rows))
+    method.scores(queries, train_records)
+    assert passes == [2]  # unchanged weights: the queries' pass only, the kept rows served
+    with torch.no_grad():
+        next(model.parameters()).data.add_(0.5)  # no version counter sees .data
+    changed = method.scores(queries, train_records).total
+    assert passes == [2, 2, len(train_records)]
+    fresh = RepSim(model, tokenizer, layer=-1, pooling="mean").scores(queries, train_records).total
+    torch.testing.assert_close(changed, fresh)

@@ -35,7 +35,7 @@ from torch import nn
 from wherefrom.core.data import Record, check_records, records_key
 from wherefrom.core.encoding import EncodedExample, encode_records, iterate_batches, pad_id
 from wherefrom.core.scoring import Scores
-from wherefrom.models.loading import eval_mode
+from wherefrom.models.loading import eval_mode, model_fingerprint
 
 Pooling = Literal["last_prompt", "last", "mean"]
 POOLINGS: tuple[str, ...] = ("last_prompt", "last", "mean")
@@ -162,14 +162,14 @@ class RepSim:
         Raises :class:`~wherefrom.core.data.DataError` for no rows, an invalid row or a repeated id."""
         train = check_records(train, "training rows")
         ids, reps = self.representations(train)
-        self._cache = ((self.layer, self.pooling, records_key(train)), ids, F.normalize(reps, dim=-1))
+        self._cache = (self._key(train), ids, F.normalize(reps, dim=-1))
 
     def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The cached normalised train representations ``(n, hidden)`` float32, with their ids, layer and pooling."""
         if self._cache is None:
             raise RuntimeError("repsim is not fitted: call fit(train) first")
-        (layer, pooling, _key), ids, reps = self._cache
-        return {"representations": reps}, {"ids": list(ids), "layer": layer, "pooling": pooling}
+        _key, ids, reps = self._cache
+        return {"representations": reps}, {"ids": list(ids), "layer": self.layer, "pooling": self.pooling}
 
     def restore_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any], train: Sequence[Record]) -> None:
         """Adopt saved representations of ``train``; ``ValueError`` when their layer, pooling or ids differ."""
@@ -179,11 +179,17 @@ class RepSim:
             )
         if state["ids"] != [r.id for r in train]:
             raise ValueError("repsim: the saved representations are of other training rows")
-        self._cache = ((self.layer, self.pooling, records_key(train)), list(state["ids"]), tensors["representations"])
+        self._cache = (self._key(train), list(state["ids"]), tensors["representations"])
+
+    def _key(self, train: Sequence[Record]) -> tuple:
+        """What the training representations depend on: the layer, pooling and input layout, the rows, and every
+        weight of the model (:func:`wherefrom.models.loading.model_fingerprint`: kept representations were reused
+        after the weights changed, mixing two models' representations in one score)."""
+        layout = (self.max_length, self.chat_template, self.template, self.truncate)
+        return self.layer, self.pooling, layout, records_key(train), model_fingerprint(self.model)
 
     def _train_representations(self, train: Sequence[Record]) -> tuple[list[str], torch.Tensor]:
-        key = (self.layer, self.pooling, records_key(train))
-        if self._cache is not None and self._cache[0] == key:
+        if self._cache is not None and self._cache[0] == self._key(train):
             return self._cache[1], self._cache[2]
         ids, reps = self.representations(train)
         return ids, F.normalize(reps, dim=-1)
