@@ -78,6 +78,12 @@ def test_attributor_every_entry_point(tokenizer, monkeypatch) -> None:
         "self_influence(dup)": (lambda: att.self_influence(DUPLICATE), "duplicate id 'r0'"),
         "token_scores(q, [])": (lambda: att.token_scores(QUERIES, []), "training rows: no rows"),
         "token_scores([], t)": (lambda: att.token_scores([], TRAIN), "query rows: no rows"),
+        # query_token_scores encoded its queries unchecked, after the training pass (found by code review)
+        "query_token_scores([], t)": (lambda: att.query_token_scores([], TRAIN), "query rows: no rows"),
+        "query_token_scores(dup, t)": (
+            lambda: att.query_token_scores(DUPLICATE, TRAIN),
+            "query rows, index 1: field 'id': duplicate id 'r0'",
+        ),
         "gradients([])": (lambda: next(att.gradients([])), "no rows"),
         "gradients(dup)": (lambda: next(att.gradients(DUPLICATE)), "duplicate id 'r0'"),
         "preconditioned_queries([])": (lambda: att.preconditioned_queries([]), "query rows: no rows"),

@@ -645,13 +645,13 @@ class Attributor:
         part is divided by ``||P q|| * ||grad L(z_m)||``. Holds every training row's preconditioned
         gradient in memory: meant for a few rows (e.g. a query's top proponents).
         """
+        encoded = self.encoded(checked_rows(queries, "query rows"))  # before any pass
         train_ids, blocks, train_sq = [], [], []
         for ids, grads in self.gradients(train, description="train gradients"):
             train_ids += ids
             train_sq.append(_sq_norms(grads))
             blocks.append(self.curvature.precondition(grads))
         preconditioned = {n: torch.cat([b.pop(n) for b in blocks]) for n in self.module_names}
-        encoded = self.encode(queries)
         cosine = None
         if self.config.normalize == "cosine":
             cosine = cosine_denominator(self.preconditioned_queries(encoded)[1].norms, torch.cat(train_sq).sqrt())
