@@ -552,7 +552,7 @@ def test_ivf_pq_re_ranks_its_shortlist_with_the_exact_rows():
 def test_ivf_pq_default_code_size_divides_any_dimension():
     """The default ``pq_m`` is ``dim / 8``, or where 8 does not divide ``dim`` its largest divisor below that: rows
     of 100 entries build (``dim // 8 = 12`` does not divide 100 and was refused naming an option never given)."""
-    assert [FaissSettings().sub_quantizers(d) for d in (1024, 100, 104, 13)] == [128, 10, 13, 1]
+    assert [FaissSettings().sub_quantizers(d) for d in (1024, 100, 104, 16, 8, 13)] == [128, 10, 13, 4, 4, 13]
     rows, queries = clustered(600, 100, 6, seed=10)
     source = Rows(rows, 200)
     settings = FaissSettings(kind="ivf-pq", nlist=4, nprobe=4, refine=100)  # every cell, every row re-ranked
@@ -579,7 +579,7 @@ def test_pq_scans_every_row_so_it_finds_the_best_of_white_rows_where_ivf_cells_d
         assert float(recall_at_k(found, exact).mean()) >= 0.95
         scored = torch.stack([rows[found.rows[q]] @ queries[q] for q in range(len(queries))])
         torch.testing.assert_close(found.scores, scored)
-    assert [FaissSettings(kind="pq").sub_quantizers(d) for d in (1024, 100, 104, 13)] == [512, 50, 52, 1]
+    assert [FaissSettings(kind="pq").sub_quantizers(d) for d in (1024, 100, 104, 16, 8, 13)] == [512, 50, 52, 8, 4, 13]
 
 
 def test_pq_m_candidates_are_the_given_one_or_dim_half_and_256():
@@ -786,10 +786,11 @@ def test_pq_index_is_saved_reused_across_refine_and_the_default_pq_m_and_rebuilt
     stamp = path.stat().st_mtime_ns
     search_store(source, queries, 5, "faiss", faiss_options={**options, "refine": 2}, index_folder=tmp_path)
     assert path.stat().st_mtime_ns == stamp  # refine is a search-time setting: the saved index is reused
-    default = FaissSettings(kind=options["kind"]).sub_quantizers(16)  # ivf-pq: 2, pq: 8
+    default = FaissSettings(kind=options["kind"]).sub_quantizers(16)  # ivf-pq: 4, pq: 8
     search_store(source, queries, 5, "faiss", faiss_options={**options, "pq_m": default}, index_folder=tmp_path)
     assert path.stat().st_mtime_ns == stamp  # the default given: the same code size, the saved index reused
-    search_store(source, queries, 5, "faiss", faiss_options={**options, "pq_m": 4}, index_folder=tmp_path)
+    other = 8 if default == 4 else 4
+    search_store(source, queries, 5, "faiss", faiss_options={**options, "pq_m": other}, index_folder=tmp_path)
     assert path.stat().st_mtime_ns != stamp  # another code size: rebuilt
 
 
@@ -1063,3 +1064,21 @@ def test_a_search_that_saves_the_faiss_index_removes_the_leftovers_of_killed_sav
     assert "saved as faiss-hnsw.safetensors" in saved.summary(5)
     assert not killed.exists() and other.exists()
     assert saved.proponents.ids == busy.proponents.ids
+
+
+@pytest.mark.parametrize("kind", ["ivf-pq", "pq"])
+@pytest.mark.parametrize("dim", [6, 8, 13, 16])
+def test_small_rows_get_enough_sub_quantizers_that_an_exhaustive_search_returns_every_row(kind, dim):
+    """The default ``pq_m = dim / 8`` was 1 or 2 on rows under 24 numbers (1 on a prime dimension), and FAISS's 4-bit
+    fast scan with so few sub-quantizers returned 280-299 of 300 rows with every cell probed and every row refined
+    (found by code review): the default is at least 4 now (a prime dimension: the dimension), a given one below
+    4 refused."""
+    generator = torch.Generator().manual_seed(dim)
+    rows, queries = torch.randn(300, dim, generator=generator), torch.randn(3, dim, generator=generator)
+    options = {"kind": kind, "refine": 10**6, **({"nprobe": 10**6} if kind == "ivf-pq" else {})}
+    report = search_store(Rows(rows, 64), queries, 300, "faiss", faiss_options=options)
+    assert (report.proponents.rows >= 0).sum(1).tolist() == [300] * 3
+    assert float(report.recall.mean()) == 1.0
+    assert FaissSettings(kind=kind).sub_quantizers(dim) >= 4
+    with pytest.raises(SearchError, match=rf"pq_m=1 on rows of {dim} numbers: .*at least 4"):
+        FaissSettings(kind=kind, pq_m=1).sub_quantizers(dim)
