@@ -370,3 +370,12 @@ def test_a_write_the_system_refuses_is_one_error_line_in_any_command(workspace, 
     out.write_text("not a folder")
     refused = invoke(*attribute_args(workspace, out / "inside"))
     assert refused.exit_code == 2 and last_line(refused).startswith("error: ") and str(out) in last_line(refused)
+
+
+def test_error_lines_show_values_as_given_not_as_emoji(tmp_path):
+    """rich replaced ``:smile:`` in an error line with an emoji, naming a path that was not the one given (found by a
+    new-user trial); error lines and notes are printed verbatim."""
+    result = invoke("fit", "--train", tmp_path / "a:smile:b.jsonl", "--model", tmp_path / "m", "--run", tmp_path / "r")
+    assert result.exit_code == 2 and "a:smile:b.jsonl: no such file" in result.output, result.output
+    result = invoke("fit", "--train", tmp_path / "t.jsonl", "--run", tmp_path / "r", "--device", "cuda:x:")
+    assert result.exit_code == 2 and "--device cuda:x:" in result.output, result.output

@@ -164,4 +164,4 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
         "methods": names,
     }
     _, md_path = write_report(rows, reason, out, context)
-    Console().print(md_path.read_text())
+    Console(emoji=False).print(md_path.read_text(), markup=False)

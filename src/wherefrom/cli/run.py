@@ -472,7 +472,7 @@ def print_report(report: dict, module_names: list[str] | None = None) -> None:
     """The proponent and opponent tables of a ``query`` report on stdout, then each proponent's tokens.
     A row's text shows its prompt, then ``->``, then its completion in bold; modules are named without
     the prefix all ``module_names`` share (default: the report's own), one per line."""
-    out = Console()
+    out = Console(emoji=False)
     shown = [name for kind in ("proponents", "opponents") for e in report[kind] for name, _ in e["top_modules"]]
     short = short_names(sorted(set(module_names or shown)))
     for kind in ("proponents", "opponents"):
