@@ -211,3 +211,21 @@ def test_settings_json_is_compact_and_unchanged_in_content():
     assert json.loads(text) == manifest
     assert len(text.splitlines()) == 120 + 9 and '    ["model.layers.0.mlp.up_proj", 16, 8],' in text
     assert '"seeds": [0, 1]' in text
+
+
+def test_report_on_a_damaged_score_set_or_json_names_the_file(run_folder, tmp_path):
+    """A flipped byte in a score set was a traceback (exit 1), and a damaged JSON file an error naming no file
+    (found by a new-user trial): one error line naming it, exit 2."""
+    root, _ = run_folder
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    path = copy / "scores" / "ekfac.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    result = runner.invoke(app, ["report", str(copy)])
+    assert result.exit_code == 2 and "ekfac.safetensors" in result.output and "Traceback" not in result.output
+    shutil.copy(root / "scores" / "ekfac.safetensors", path)
+    (copy / "manifest.json").write_text("{'no': 1}")
+    result = runner.invoke(app, ["report", str(copy)])
+    assert result.exit_code == 2 and "manifest.json is not valid JSON" in result.output, result.output

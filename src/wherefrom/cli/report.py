@@ -35,7 +35,7 @@ def report(path, out, threads) -> None:
     --out is the HTML file (default: PATH/report.html, or PATH.html for a file)."""
     try:
         written = write_report(path, out)
-    except (ValueError, KeyError) as error:
+    except (StoreError, ValueError, KeyError) as error:  # a damaged score set was a traceback
         fail(error)
     typer.echo(f"report -> {written}")
 

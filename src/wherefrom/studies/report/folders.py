@@ -20,12 +20,12 @@ was expected when ``PATH`` is none of these.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from wherefrom.core.data import DataError, Record, load_records
 from wherefrom.core.scoring import Scores, load_scores
+from wherefrom.core.store import read_json_object
 from wherefrom.studies.report.render import render, write_html
 from wherefrom.studies.report.sections import (
     agreement_section,
@@ -43,16 +43,12 @@ RESULT_KEYS = ("aggregate", "rows", "methods", "seeds", "summary", "runs", "chan
 """Keys of a result JSON that hold results (shown in their own sections, not as settings)."""
 
 
-def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def score_sets(folder: Path) -> dict[str, Scores]:
     """Every score set :func:`wherefrom.core.scoring.save_scores` wrote in ``folder``, by name (sorted)."""
     found = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
         ids = path.with_suffix(".json")
-        if ids.is_file() and "train_ids" in _read(ids):
+        if ids.is_file() and "train_ids" in read_json_object(ids):
             found[path.stem] = load_scores(folder, path.stem)
     return found
 
@@ -86,17 +82,17 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
     """``(title, sections)`` of the report on ``path`` (see the module docstring for what is recognised)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".json":
-        data = _read(path)
+        data = read_json_object(path)
         if "proponents" in data and "query" in data:
             return "Query: " + data["query"]["prompt"][:80], query_sections(data)
     if path.is_dir():
         if (path / "bench.json").is_file():
-            data = _read(path / "bench.json")
+            data = read_json_object(path / "bench.json")
             extra = {"seconds": "time, s", "peak_mib": "peak memory, MiB"}
             sections = [metric_sections(data["aggregate"], f"Bench ({data.get('kind', '')})", extra)]
             return f"Bench: {path.name}", sections + _provenance(data)
         if (path / "ablate.json").is_file():
-            data = _read(path / "ablate.json")
+            data = read_json_object(path / "ablate.json")
             sections = [metric_sections(data["runs"][run], f"Run {run}") for run in data["order"]]
             changes = {
                 f"{run}: {method}": {"metrics": entry}
@@ -106,19 +102,19 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             sections.append(metric_sections(changes, "Change against the start run (paired over seeds)"))
             return f"Ablation: {path.name}", sections + _provenance(data)
         if (path / "evaluate.json").is_file():
-            data = _read(path / "evaluate.json")
+            data = read_json_object(path / "evaluate.json")
             sections = [metric_sections(data["methods"], "Methods against the ground truth", {"seconds": "time, s"})]
             scores_folder = Path(data.get("config", {}).get("groundtruth", path)) / "scores"
             together = agreement_section(score_sets(scores_folder)) if scores_folder.is_dir() else None
             return f"Evaluate: {path.name}", sections + ([together] if together else []) + _provenance(data)
         if (path / "diagnose.json").is_file():
-            data = _read(path / "diagnose.json")
+            data = read_json_object(path / "diagnose.json")
             return f"Diagnose: {path.name}", [diagnose_section(data["rows"]), *_provenance(data)]
         if (path / "wordorder.json").is_file():
-            data = _read(path / "wordorder.json")
+            data = read_json_object(path / "wordorder.json")
             return f"Word order: {path.name}", [word_order_section(data["summary"]), *_provenance(data)]
         if (path / "config.json").is_file() and (path / "manifest.json").is_file():
-            config, manifest = _read(path / "config.json"), _read(path / "manifest.json")
+            config, manifest = read_json_object(path / "config.json"), read_json_object(path / "manifest.json")
             named = score_sets(path / "scores") if (path / "scores").is_dir() else {}
             sections = _scores_report(named, _rows(config.get("train")))
             if not named:
@@ -134,7 +130,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
                 settings_section("Provenance", manifest),
             ]
         if (path / "config.json").is_file() and (path / "scores.safetensors").is_file():
-            config = _read(path / "config.json")
+            config = read_json_object(path / "config.json")
             sections = _scores_report(score_sets(path), _rows(config.get("train")))
             return f"Attribution: {config.get('method', path.name)}", [*sections, settings_section("Settings", config)]
     raise FileNotFoundError(
