@@ -12,6 +12,7 @@ from tests.conftest import SHARED
 from wherefrom.core.data import (
     DataError,
     Record,
+    check_records,
     data_fingerprint,
     load_records,
     records_from_rows,
@@ -295,7 +296,6 @@ def test_chat_messages_rows_become_prompt_and_completion(tmp_path: Path) -> None
             {"role": "assistant", "content": "Yo"},
         ],
         [{"role": "user", "content": "Hi"}],
-        "Hi",
     ],
 )
 def test_other_conversations_are_refused_naming_the_roles(tmp_path: Path, messages) -> None:
@@ -454,3 +454,30 @@ def test_a_csv_row_with_more_cells_than_the_header_is_refused_by_line(tmp_path: 
     assert_error(excinfo, "shifted.csv, line 3", "5 cells, the header names 4", "extra: 'y'", "must be quoted")
     path.write_text("id,prompt,completion,label\nr0,hello world:, ef,x,,\n", encoding="utf-8")
     assert [r.label for r in load_records(path)] == ["x"]
+
+
+def test_messages_that_are_not_a_list_are_named_as_such(tmp_path: Path) -> None:
+    """A string was iterated letter by letter ("got roles ['str', 'str']"; found by a new-user trial)."""
+    path = write_jsonl(tmp_path / "chat.jsonl", [json.dumps({"messages": "hi"})])
+    with pytest.raises(DataError, match=r"line 1: field 'messages': expected a list of \{role, content\} .* got str"):
+        load_records(path)
+
+
+@pytest.mark.parametrize("field", ["prompt", "completion", "id", "label"])
+def test_a_lone_surrogate_is_refused_naming_the_line_and_field(tmp_path: Path, field: str) -> None:
+    """JSON's "\\ud800" without its pair reads as a Python string that is no text: it was accepted and failed after
+    the model loaded with "surrogates not allowed", naming nothing (found by a new-user trial)."""
+    row = {"id": "a", "prompt": "ab", "completion": " cd", "label": "x"}
+    line = json.dumps(row).replace(f'"{row[field]}"', f'"{row[field]}\\ud800"', 1)
+    path = write_jsonl(tmp_path / "bad.jsonl", [json.dumps({**row, "id": "z"}), line])
+    with pytest.raises(DataError, match=rf"bad\.jsonl, line 2: field '{field}' holds a lone surrogate '\\ud800'"):
+        load_records(path)
+    with pytest.raises(DataError, match=rf"index 0: field '{field}' holds a lone surrogate"):
+        check_records([{**row, field: row[field] + "\ud800"}])
+
+
+def test_an_infinite_number_id_is_named_as_not_finite(tmp_path: Path) -> None:
+    """``"id": 1e400`` parses to inf, and the error said "must be a string or a number, got float"."""
+    path = write_jsonl(tmp_path / "inf.jsonl", ['{"id": 1e400, "prompt": "a", "completion": " b"}'])
+    with pytest.raises(DataError, match=r"line 1: field 'id' must be a string or a finite number, got inf"):
+        load_records(path)

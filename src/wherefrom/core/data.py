@@ -132,7 +132,21 @@ def _scalar_to_str(value: Any, field: str, where: str) -> str:
         return str(int(value))
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return str(value)
+    if isinstance(value, float):  # inf (e.g. JSON 1e400): a number, but no id
+        raise DataError(f"{where}: field {field!r} must be a string or a finite number, got {value}")
     raise DataError(f"{where}: field {field!r} must be a string or a number, got {type(value).__name__}")
+
+
+def _check_text(value: str, field: str, where: str) -> None:
+    """:class:`DataError` naming ``field`` when ``value`` holds a lone surrogate (a JSON ``\\ud800`` escape without
+    its pair): Python reads it, but it is no text, and tokenizing or hashing it failed later naming nothing."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(
+            f"{where}: field {field!r} holds a lone surrogate {value[error.start]!r} at character {error.start}: "
+            "not text (a \\uD800-\\uDFFF escape without its pair)"
+        ) from None
 
 
 def _absent_if_nan(value: Any) -> Any:
@@ -142,8 +156,13 @@ def _absent_if_nan(value: Any) -> Any:
 
 def _from_messages(messages: Any, where: str) -> dict[str, Any]:
     """``prompt`` and ``completion`` of a chat-format row's ``[user, assistant]`` messages."""
-    roles = [m.get("role") if isinstance(m, Mapping) else type(m).__name__ for m in messages or []]
-    if not isinstance(messages, list) or roles != ["user", "assistant"]:
+    if not isinstance(messages, list):
+        raise DataError(
+            f"{where}: field 'messages': expected a list of {{role, content}} objects (a user message then an "
+            f"assistant message), got {type(messages).__name__}"
+        )
+    roles = [m.get("role") if isinstance(m, Mapping) else type(m).__name__ for m in messages]
+    if roles != ["user", "assistant"]:
         raise DataError(
             f"{where}: field 'messages': expected a user message then an assistant message, got roles {roles}; "
             "one row is one (prompt, completion) pair: write other conversations as prompt and completion"
@@ -169,6 +188,7 @@ def _validate_row(row: Any, where: str, default_id: str) -> Record:
             raise DataError(f"{where}: field {field!r} is null; it must be a string")
         if not isinstance(row[field], str):
             raise DataError(f"{where}: field {field!r} must be a string, got {type(row[field]).__name__}")
+        _check_text(row[field], field, where)
     prompt: str = row["prompt"]
     completion: str = row["completion"]
     if not completion.strip():
@@ -182,6 +202,7 @@ def _validate_row(row: Any, where: str, default_id: str) -> Record:
     raw_label = _absent_if_nan(row.get("label"))
     label = None if raw_label is None else _scalar_to_str(raw_label, "label", where)
     for field, value in (("id", record_id), ("label", label)):
+        _check_text(value or "", field, where)
         control = next((c for c in value or "" if unicodedata.category(c) == "Cc"), None)
         if control is not None:
             raise DataError(
