@@ -30,7 +30,7 @@ import torch
 from wherefrom.core.data import Record
 from wherefrom.core.options import UNSET, OptionSpec, check_options, from_signature, with_defaults
 from wherefrom.core.scoring import Scores
-from wherefrom.curvature import STRATEGIES, curvature_from_state
+from wherefrom.curvature import STRATEGIES, curvature_from_state, make_curvature
 from wherefrom.curvature.base import DAMPING_OPTIONS, GROSSE_2023
 from wherefrom.curvature.iterative import AGARWAL_2017, SCHIOPPA_2022
 from wherefrom.engine.api import AttributionConfig, Attributor
@@ -477,11 +477,15 @@ def method_settings(
     """``(config, constructor options)`` of method ``name``: ``options`` validated, the method's fixed
     settings and its setting options applied to ``config``, the other options left for its constructor
     (an influence method's: its strategy's). ``supplied``: required options the caller fills in later (a study
-    checks its methods' options before fine-tuning gives tracin its checkpoints). Raises as :func:`make_method`,
-    before any model work."""
+    checks its methods' options before fine-tuning gives tracin its checkpoints). An influence method's damping and
+    strategy options are checked as its curvature will check them (:func:`wherefrom.curvature.make_curvature`).
+    Raises as :func:`make_method`, before any model work."""
     spec = method_spec(name)
     settings, constructor = split_settings(spec.check(options or {}, supplied))
-    return replace(config or AttributionConfig(), **{**spec.settings, **settings}), constructor
+    config = replace(config or AttributionConfig(), **{**spec.settings, **settings})
+    if spec.family == "influence":
+        make_curvature(config.strategy, config.damping, config.damping_factor, **constructor)
+    return config, constructor
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:

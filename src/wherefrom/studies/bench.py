@@ -35,7 +35,6 @@ from wherefrom.core.commandline import field_flags
 from wherefrom.core.data import DataError, data_fingerprint
 from wherefrom.core.encoding import check_template
 from wherefrom.core.option_pairs import format_option_pairs, options_for
-from wherefrom.curvature import make_curvature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import (
@@ -297,18 +296,13 @@ def _metrics(task: BenchTask, scores) -> dict[str, Any]:
 
 
 def check_method_options(method: str, attribution: AttributionConfig, options: Mapping[str, Any]) -> None:
-    """Validate ``method``'s ``options`` and setting options over ``attribution``
-    (:func:`wherefrom.methods.registry.method_settings`) before a study does any work: a bad one failed each of
-    the method's rows (seeds, grid points) after the fine-tuning, which still ended with exit 0. A checkpoint
-    method's (tracin's) ``checkpoints`` are not required: the study's fine-tuning gives them
+    """Validate ``method``'s ``options`` and setting options over ``attribution`` (an influence method's damping and
+    strategy options too: :func:`wherefrom.methods.registry.method_settings`) before a study does any work: a bad
+    one failed each of the method's rows (seeds, grid points) after the fine-tuning, which still ended with exit 0.
+    A checkpoint method's (tracin's) ``checkpoints`` are not required: the study's fine-tuning gives them
     (:func:`scored_method`'s callers). Raises :class:`wherefrom.core.options.OptionError` (a ``ValueError``)
-    naming the method, the option and what it takes; an influence method's damping and strategy options as its
-    curvature checks them (:func:`wherefrom.curvature.make_curvature`)."""
-    config, constructor = method_settings(
-        method, attribution, options, ("checkpoints",) if in_family(method, "checkpoint") else ()
-    )
-    if in_family(method, "influence"):
-        make_curvature(config.strategy, config.damping, config.damping_factor, **constructor)
+    naming the method, the option and what it takes."""
+    method_settings(method, attribution, options, ("checkpoints",) if in_family(method, "checkpoint") else ())
 
 
 def failed_methods(summary: Mapping[str, Mapping[str, Any]]) -> list[str]:
