@@ -51,10 +51,9 @@ __all__ = [
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Which training examples made a language model say this?"
 )
-console = Console(
-    stderr=True, soft_wrap=True, emoji=False
-)  # unwrapped: paths and messages stay copyable and greppable;
-# no emoji codes: ":smile:" in a path, id or device is shown as given, not replaced
+# unwrapped: paths and messages stay copyable and greppable; no emoji codes: ":smile:" in a path, id or device is
+# shown as given, not replaced
+console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 T = TypeVar("T")
 
