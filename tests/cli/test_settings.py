@@ -192,6 +192,41 @@ def test_replay_of_a_fit_recomputes_identical_factors(workspace, tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_refused_command_keeps_the_record_of_the_one_that_made_the_folder(workspace, tmp_path, monkeypatch):
+    """A refused ``fit --with-index`` (the index holds another --dtype) replaced the run's record, so ``replay``
+    reran the refused command (exit 2). A command ending in an error puts back the record it replaced, or removes
+    its own from a folder it was the first to record in; an interrupted one keeps it for replay to resume."""
+    run = tmp_path / "run"
+    args = [*fit_args(workspace, run, "--with-index", "--shard-size", "4", "--threads", "1")]
+    assert invoke(*args, "--dtype", "float16").exit_code == 0
+
+    def recorded(folder=run):
+        return json.loads((folder / "config.json").read_text())["replay"]
+
+    made = recorded()
+    refused = invoke(*args, "--dtype", "float32")
+    assert refused.exit_code == 2 and "dtype: recorded 'float16', now 'float32'" in refused.output
+    assert recorded() == made
+    replayed = invoke("replay", run)
+    assert replayed.exit_code == 0, replayed.output
+
+    fresh = tmp_path / "fresh"  # refused after the record was written: nothing left to replay
+    long_rows = tmp_path / "long.jsonl"
+    write_jsonl([Record("a", "ab " * 10, " end"), Record("b", "x", " y")], long_rows)
+    short = invoke("fit", "--train", long_rows, "--model", workspace / "model", "--run", fresh, "--max-length", "16")
+    assert short.exit_code == 2 and "fit" not in recorded(fresh)
+
+    from wherefrom.engine.run import Run
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "fit", interrupted)
+    other = tmp_path / "other"
+    invoke(*fit_args(workspace, other, "--threads", "1"))
+    assert recorded(other)["fit"]["arguments"]["run"] == str(other)
+
+
 def test_replay_of_a_bench_reproduces_its_rows(tmp_path):
     model = save_tiny(tmp_path / "model", arch="llama")
     out = tmp_path / "bench"

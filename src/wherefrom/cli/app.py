@@ -131,6 +131,9 @@ class Invocation:
     name: str
     arguments: dict[str, Any]
     unrecorded: set[str] = field(default_factory=set)
+    replaced: list[tuple[Path, str, Any]] = field(default_factory=list)
+    """``(folder, key, the record there before or None)`` of each :func:`remember` of this command, so that a
+    command ending in an error puts them back (:func:`restore_records`)."""
 
     def recorded(self) -> dict[str, Any]:
         """The arguments that go into the record (:func:`recorded_line`, :func:`remember`)."""
@@ -169,8 +172,11 @@ def remember(folder: Path, key: str | None = None) -> None:
     relative to it, and a project moved whole keeps it) and its ``position``, the order the folder's commands
     first ran in (a command run again keeps its place; the file's keys are sorted). The file is
     updated under its own lock (:func:`wherefrom.core.store.update_json`): commands recording themselves in one
-    folder at once (two ``evaluate`` runs of one ground truth) keep each other's records. Raises ``ValueError``
-    naming a ``config.json`` that is not a JSON object."""
+    folder at once (two ``evaluate`` runs of one ground truth) keep each other's records. A command that ends in
+    an error (exit 2: refused, or failed) puts back the record it replaced, or removes its own
+    (:func:`restore_records`), so the record stays that of the last command that did not fail; a command killed
+    midway keeps its record, which ``replay`` then resumes. Raises ``ValueError`` naming a ``config.json`` that is
+    not a JSON object."""
     invocation = _CURRENT.get()
     name = key or invocation.name
     record = {
@@ -183,11 +189,28 @@ def remember(folder: Path, key: str | None = None) -> None:
     def change(saved: dict[str, Any]) -> None:
         records = saved.setdefault("replay", {})
         earlier = records.get(name)
+        invocation.replaced.append((Path(folder), name, earlier))
         first = earlier.get("position") if isinstance(earlier, dict) else None
         positions = [r["position"] for r in records.values() if isinstance(r, dict) and "position" in r]
         records[name] = {**record, "position": first if first is not None else max(positions, default=-1) + 1}
 
     update_json(Path(folder) / "config.json", change)
+
+
+def restore_records(invocation: Invocation) -> None:
+    """Put back, in each folder the failed ``invocation`` recorded itself in (:func:`remember`), the record it
+    replaced, or remove its own where there was none: a refused ``fit --with-index`` (an index of another
+    ``--dtype``) or ``evaluate --option`` (a key no method has) no longer leaves ``replay`` a command that fails."""
+    for folder, name, earlier in reversed(invocation.replaced):
+
+        def change(saved: dict[str, Any], name: str = name, earlier: Any = earlier) -> None:
+            records = saved.setdefault("replay", {})
+            if earlier is None:
+                records.pop(name, None)
+            else:
+                records[name] = earlier
+
+        update_json(folder / "config.json", change)
 
 
 def _jsonable(value: Any) -> Any:
@@ -355,12 +378,18 @@ def command(
                 refuse(f"command {name}", f"run it in one process; {', '.join(sorted(DISTRIBUTED))} run under torchrun")
             except (NotDistributable, ValueError) as error:  # ValueError: a malformed RANK/WORLD_SIZE environment
                 fail(error)
-        token = _CURRENT.set(Invocation(name, arguments))
+        invocation = Invocation(name, arguments)
+        token = _CURRENT.set(invocation)
         try:
             with torch_threads(arguments.get("threads")), system_errors_named():
                 function(**arguments)
         except typer.Exit as done:
+            if done.exit_code == 2:  # an error: not what made the folder (exit 1: finished, some method failed)
+                restore_records(invocation)
             end_process(done.exit_code)  # a torchrun rank ends here (returns in one process)
+            raise
+        except Exception:  # a traceback too (an interrupt, like kill -9, keeps the record for replay to resume)
+            restore_records(invocation)
             raise
         finally:
             _CURRENT.reset(token)
