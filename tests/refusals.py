@@ -473,6 +473,15 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "run folder",
+        "a run or output folder that is a file, or lies under one",
+        EXIT,
+        "--run train.jsonl/run: train.jsonl is a file, not a folder",
+        "named before the model loads (`attribute` failed after its whole job, others with a bare `File exists`); "
+        "`report --out` and `evaluate --out` name files: only a file above them is refused",
+        command=(*FIT, "train.jsonl/run"),
+    ),
+    Refusal(
+        "run folder",
         "a damaged result file",
         EXIT,
         "curvature.safetensors is damaged: its xxh3_128 differs",

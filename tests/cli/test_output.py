@@ -379,3 +379,41 @@ def test_error_lines_show_values_as_given_not_as_emoji(tmp_path):
     assert result.exit_code == 2 and "a:smile:b.jsonl: no such file" in result.output, result.output
     result = invoke("fit", "--train", tmp_path / "t.jsonl", "--run", tmp_path / "r", "--device", "cuda:x:")
     assert result.exit_code == 2 and "--device cuda:x:" in result.output, result.output
+
+
+def test_an_output_folder_that_is_a_file_is_named_before_any_work(workspace, tmp_path, monkeypatch):
+    """`attribute --out FILE` loaded the model, ran the method and then failed naming `FILE/config.json: File
+    exists`; `fit --run FILE` and `finetune --out FILE` ended with a bare `[Errno 17] File exists`. A folder
+    setting naming a file, or a path under one, is refused before anything loads; `report --out` (an HTML file) and
+    `evaluate --out` (a file stem) name files: a file there is replaced, only a file above them is refused."""
+    import wherefrom.cli.attribute as attribute_module
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(attribute_module, "load_model", never)
+    blocker = tmp_path / "file"
+    blocker.write_text("kept")
+    train = workspace / "train.jsonl"
+    for flag, args in (
+        ("--out", attribute_args(workspace, blocker)),
+        ("--run", ["fit", "--train", train, "--model", workspace / "model", "--run", blocker]),
+        ("--out", ["finetune", "--train", train, "--model", workspace / "model", "--out", blocker]),
+        ("--run", ["scores", "--run", blocker, "--queries", workspace / "queries.jsonl"]),
+        ("--cache", ["demo", "--cache", blocker]),
+    ):
+        refused = invoke(*[str(a) for a in args])
+        assert refused.exit_code == 2 and f"error: {flag} {blocker}: is a file, not a folder" in refused.output, args
+    under = invoke(*attribute_args(workspace, blocker / "inside"))
+    assert under.exit_code == 2 and f"--out {blocker / 'inside'}: {blocker} is a file, not a folder" in under.output
+    assert blocker.read_text() == "kept"
+
+    run = workspace / "report-run"
+    assert invoke("fit", "--train", train, "--model", workspace / "model", "--run", run).exit_code == 0
+    page = tmp_path / "page.html"
+    page.write_text("an earlier report")
+    assert invoke("report", run, "--out", page).exit_code == 0 and "<html" in page.read_text().lower()
+    refused = invoke("report", run, "--out", blocker / "page.html")
+    assert refused.exit_code == 2 and f"{blocker} is a file, not a folder" in refused.output
+    refused = invoke("evaluate", run, "--out", blocker / "stem")
+    assert refused.exit_code == 2 and f"{blocker} is a file, not a folder" in refused.output

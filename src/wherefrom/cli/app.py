@@ -330,6 +330,7 @@ def command(
     uses: Iterable[str] = (),
     name: str | None = None,
     distributed: bool = False,
+    files: Iterable[str] = (),
 ) -> Any:
     """Register a function as the command of its name (or ``name``, e.g. ``word-order``). Its parameters, and the names in ``uses``
     (received through ``**settings`` and read by :func:`settings_as`), name settings of
@@ -344,9 +345,12 @@ def command(
     ``distributed``: the command runs under ``torchrun`` (its processes share the work); any other command is
     refused there before it runs (:class:`wherefrom.core.distributed.NotDistributable`, exit 2), where each
     process would have repeated the whole job and printed or written its results.
+
+    ``files``: settings declared as folders that name a file in this command (``report --out``: the HTML file),
+    checked as files (:func:`wherefrom.cli.settings.check_arguments`).
     """
     if function is None:
-        return functools.partial(command, uses=tuple(uses), name=name, distributed=distributed)
+        return functools.partial(command, uses=tuple(uses), name=name, distributed=distributed, files=tuple(files))
     name = name or function.__name__
     if distributed:
         DISTRIBUTED.add(name)
@@ -370,7 +374,7 @@ def command(
             if value is ...:
                 fail(f"{setting.flag} is required")
             arguments[setting.name] = _coerce(setting, value)
-        problems = check_arguments(arguments)
+        problems = check_arguments(arguments, files)
         if problems:
             fail("\n".join(problems))
         if not distributed:

@@ -29,7 +29,7 @@ QUERY_SIDE_ROWS = 3
 """Top proponents whose query-side token heatmap the query view shows."""
 
 
-@command
+@command(files=("out",))
 def report(path, out, threads) -> None:
     """One self-contained HTML report (no network needed to open it) of a result folder or query JSON;
     --out is the HTML file (default: PATH/report.html, or PATH.html for a file)."""

@@ -21,7 +21,7 @@ import math
 import os
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,26 @@ def one_of(*allowed: str) -> Check:
 def existing_path(value: Any) -> str | None:
     """A file or folder that exists."""
     return None if Path(value).exists() else f"no such file or folder: {value}"
+
+
+def output_folder(value: Any) -> str | None:
+    """A folder to write in or read from (made where missing): neither it nor a folder above it is a file (it failed
+    after the model loaded, or with a bare ``File exists``)."""
+    return _file_in_the_way(Path(value), Path(value))
+
+
+def output_file(value: Any) -> str | None:
+    """A file (or file stem) to write: no folder above it is a file."""
+    return _file_in_the_way(Path(value).parent, Path(value))
+
+
+def _file_in_the_way(folder: Path, value: Path) -> str | None:
+    for path in (folder, *folder.parents):  # the nearest one that exists decides
+        if path.exists():
+            if path.is_dir():
+                return None
+            return "is a file, not a folder" if path == value else f"{path} is a file, not a folder"
+    return None
 
 
 def groundtruth_folder(value: Any) -> str | None:
@@ -576,9 +596,12 @@ class DeviceSettings:
 class OutputSettings:
     """Output: where results go, and folders written by earlier commands."""
 
-    run: Path = setting(REQUIRED, "Run directory (created by `fit`).")
+    run: Path = setting(REQUIRED, "Run directory (created by `fit`).", check=output_folder)
     out: Path | None = setting(
-        None, "Output folder (its contents: see the command's description; required except for evaluate and tune)."
+        None,
+        "Output folder (its contents: see the command's description; required except for evaluate and tune; "
+        "report: the HTML file, evaluate: the reports' file stem).",
+        check=output_folder,
     )
     name: str = setting(
         "scores", "Score set under RUN/scores/ (`scores` writes it, `influence` reads it).", check=score_set_name
@@ -627,8 +650,12 @@ class OutputSettings:
     folder: Path = setting(
         REQUIRED, "An output folder holding a config.json written by wherefrom.", check=replay_folder, argument=True
     )
-    cache: Path | None = setting(None, "Demo folder (default: $WHEREFROM_CACHE/demo or ~/.cache/wherefrom/demo).")
-    html: Path | None = setting(None, "Also write this query's view as one self-contained HTML file.")
+    cache: Path | None = setting(
+        None, "Demo folder (default: $WHEREFROM_CACHE/demo or ~/.cache/wherefrom/demo).", check=output_folder
+    )
+    html: Path | None = setting(
+        None, "Also write this query's view as one self-contained HTML file.", check=output_file
+    )
     path: Path = setting(
         REQUIRED,
         "A run, bench, evaluate, diagnose, word-order or attribute folder, or a query JSON (`wherefrom query --json`).",
@@ -668,11 +695,13 @@ class Setting:
     argument: bool
     group: str
 
-    def validate(self, value: Any) -> str | None:
-        """``None`` when ``value`` is valid (or ``None``), else a message naming the flag and the value."""
-        if value is None or self.check is None:
+    def validate(self, value: Any, check: Check | None = None) -> str | None:
+        """``None`` when ``value`` is valid (or ``None``), else a message naming the flag and the value. ``check``:
+        the command's own check of this setting in place of the setting's (:func:`check_arguments`)."""
+        check = check or self.check
+        if value is None or check is None:
             return None
-        problem = self.check(value)
+        problem = check(value)
         return None if problem is None else f"{self.given(value)}: {problem}"
 
     def given(self, value: Any) -> str:
@@ -739,7 +768,13 @@ REFERENCE_SWITCHES = (*REFERENCE_FINETUNING, "fisher")
 (:data:`wherefrom.studies.presets.PRESETS`)."""
 
 
-def check_arguments(arguments: dict[str, Any]) -> list[str]:
-    """Problems with ``{parameter: value}`` (the settings among them), one message each, in order."""
-    problems = [SETTINGS[name].validate(value) for name, value in arguments.items() if name in SETTINGS]
+def check_arguments(arguments: dict[str, Any], files: Collection[str] = ()) -> list[str]:
+    """Problems with ``{parameter: value}`` (the settings among them), one message each, in order. ``files``: the
+    settings that name a file to write in this command though a folder elsewhere (``report --out``), checked
+    with :func:`output_file`."""
+    problems = [
+        SETTINGS[name].validate(value, output_file if name in files else None)
+        for name, value in arguments.items()
+        if name in SETTINGS
+    ]
     return [p for p in problems if p is not None]

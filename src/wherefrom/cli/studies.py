@@ -290,7 +290,7 @@ def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, **setti
     typer.echo(json.dumps(meta["noise"], indent=2))
 
 
-@command
+@command(files=("out",))
 def evaluate(groundtruth, methods, option, damping, damping_factor, out, device, threads) -> None:
     """Score methods against a ground truth: LDS, LOO Pearson/Spearman, PBRF Spearman with intervals, time, memory.
 
