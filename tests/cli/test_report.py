@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from wherefrom.core.scoring import load_scores
 from wherefrom.models.tiny import save_tiny
 from wherefrom.studies.generated import rule_identification, write_jsonl
 from wherefrom.studies.influence import layer_profile, tail_profile
+from wherefrom.studies.report.folders import score_sets
 
 
 @pytest.fixture(scope="module")
@@ -68,5 +70,25 @@ def test_influence_writes_the_analyses_of_the_saved_scores(scored_run):
 def test_influence_names_a_missing_score_set_before_any_work(scored_run, tmp_path):
     result = invoke("influence", "--run", scored_run, "--name", "nope", "--out", tmp_path / "out")
     message = re.sub(r"[\s│]+", " ", result.output)
-    assert result.exit_code == 2 and "--name 'nope': no score set" in message and "found ['scores']" in message
+    assert result.exit_code == 2 and "--name 'nope': no score set" in message and "sets: ['scores']" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_influence_names_an_unfinished_score_set_as_such(scored_run, tmp_path):
+    """A set whose writer was stopped before its .json was named "no score set" while the sets found listed it. It
+    is named unfinished with the command to rerun, and the list of sets holds finished ones only (the report of
+    the run skips it the same way)."""
+    folder = scored_run / "scores"
+    shutil.copy(folder / "scores.safetensors", folder / "stopped.safetensors")  # the killed write's first file
+    try:
+        result = invoke("influence", "--run", scored_run, "--name", "stopped", "--out", tmp_path / "out")
+        message = re.sub(r"[\s│]+", " ", result.output)
+        assert result.exit_code == 2 and "the score set" in message and "stopped is unfinished" in message
+        assert f"rerun that `wherefrom scores --run {scored_run} ... --name stopped`" in message
+        other = invoke("influence", "--run", scored_run, "--name", "nope", "--out", tmp_path / "out")
+        message = re.sub(r"[\s│]+", " ", other.output)
+        assert "finished sets: ['scores']; unfinished: ['stopped']" in message
+        assert not (tmp_path / "out").exists()
+        assert list(score_sets(folder)) == ["scores"]
+    finally:
+        (folder / "stopped.safetensors").unlink()

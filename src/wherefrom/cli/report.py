@@ -17,7 +17,7 @@ import typer
 
 from wherefrom.cli.app import command, fail, recorded_line
 from wherefrom.core.data import Record
-from wherefrom.core.scoring import Scores, load_scores
+from wherefrom.core.scoring import Scores, load_scores, score_set_names
 from wherefrom.core.store import StoreError, writer_lock
 from wherefrom.engine.run import Run
 from wherefrom.studies.influence_tables import influence_markdown, influence_tables
@@ -47,9 +47,19 @@ def influence(run, name, top_k, out, threads) -> None:
     receives influence.json and influence.md (default: RUN/analyses/NAME; an --out inside RUN is written under
     RUN's writer lock, so it is refused while `fit`, `index` or `scores` writes RUN)."""
     folder = run / "scores"
-    if not (folder / f"{name}.safetensors").is_file() or not (folder / f"{name}.json").is_file():
-        found = sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
-        fail(f"--name {name!r}: no score set {folder / name}.safetensors/.json (run `wherefrom scores`); found {found}")
+    finished, unfinished = score_set_names(folder)
+    if name in unfinished:
+        fail(
+            f"--name {name!r}: the score set {folder / name} is unfinished ({name}.safetensors without its {name}.json, "
+            f"written last: the `scores` that wrote it was stopped); rerun that `wherefrom scores --run {run} ... "
+            f"--name {name}`"
+        )
+    if name not in finished:
+        others = f"; unfinished: {unfinished}" if unfinished else ""
+        fail(
+            f"--name {name!r}: no score set {folder / name}.safetensors/.json (run `wherefrom scores`); "
+            f"finished sets: {finished}{others}"
+        )
     out = out or run / "analyses" / name
     # a writer of the run folder (the default --out) holds its writer lock: a writer starting meanwhile would
     # take the temporary files of these writes for a killed writer's leftovers, and delete them

@@ -289,6 +289,16 @@ def write_top_csv(scores: Scores, path: Path, k: int, labels: Mapping[str, str |
     return Path(path)
 
 
+def score_set_names(folder: Path) -> tuple[list[str], list[str]]:
+    """``(finished, unfinished)``: the names of the score sets :func:`save_scores` wrote in ``folder`` (both files;
+    ``<name>.json`` is the completion marker) and of those whose writer was stopped before it (a
+    ``<name>.safetensors`` without its ``.json``), each sorted; both empty when ``folder`` is not a folder."""
+    folder = Path(folder)
+    stems = sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+    finished = [name for name in stems if (folder / f"{name}.json").is_file()]
+    return finished, [name for name in stems if name not in finished]
+
+
 def load_scores(folder: Path, name: str) -> Scores:
     """The :class:`Scores` that :func:`save_scores` wrote as ``<name>.safetensors`` + ``<name>.json`` in ``folder``.
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from wherefrom.core.data import DataError, Record, load_records
-from wherefrom.core.scoring import Scores, load_scores
+from wherefrom.core.scoring import Scores, load_scores, score_set_names
 from wherefrom.core.store import read_json_object
 from wherefrom.studies.report.render import render, write_html
 from wherefrom.studies.report.sections import (
@@ -45,12 +45,12 @@ RESULT_KEYS = ("aggregate", "rows", "methods", "seeds", "summary", "runs", "chan
 
 def score_sets(folder: Path) -> dict[str, Scores]:
     """Every score set :func:`wherefrom.core.scoring.save_scores` wrote in ``folder``, by name (sorted)."""
-    found = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        ids = path.with_suffix(".json")
-        if ids.is_file() and "train_ids" in read_json_object(ids):
-            found[path.stem] = load_scores(folder, path.stem)
-    return found
+    finished, _unfinished = score_set_names(folder)
+    return {
+        name: load_scores(folder, name)
+        for name in finished
+        if "train_ids" in read_json_object(Path(folder) / f"{name}.json")
+    }
 
 
 def _rows(train: str | None) -> dict[str, Record] | None:
