@@ -387,6 +387,26 @@ def test_index_commands_in_hints_work_as_given(workspace, tmp_path, monkeypatch)
     assert torch.allclose(from_store.total, expected.total, rtol=0, atol=1e-5 * scale)
 
 
+def test_the_rebuild_hint_keeps_the_layout_when_the_checksums_are_lost(workspace, tmp_path):
+    """With ``checksums.json`` lost no file of the index is verified, so the hint named the plain ``index`` command
+    and, followed, it rebuilt a float32 store of 256-row shards instead of the float16 / 16-row one the user chose.
+    The manifest read unchecked still gives the options (a hint only: the store is rebuilt whole); a manifest whose
+    recorded checksum differs is not read, the intact marker is."""
+    run = fitted(workspace, tmp_path / "run", "logra", LOGRA)
+    run.build_index(shard_size=4, dtype="float16", precondition="none")
+    index = tmp_path / "run" / "index"
+    (index / "checksums.json").unlink()
+    command = run.index_command()
+    assert "--shard-size 4 --dtype float16 --precondition none" in command, command
+    code, out = invoke(*shlex.split(command)[1:])
+    assert code == 0, out
+    rebuilt = VectorStore.open(index)
+    assert (rebuilt.shard_size, rebuilt.dtype, rebuilt.settings["precondition"]) == (4, "float16", "none")
+    manifest = json.loads((index / "settings.json").read_text())
+    (index / "settings.json").write_text(json.dumps({**manifest, "shard_size": 99}))  # damaged: checksum differs
+    assert "--shard-size 4 --dtype float16" in run.index_command()  # from the intact marker
+
+
 def test_a_store_of_rows_preconditioned_by_another_fit_is_refused(workspace, tmp_path):
     """Rows built with ``precondition="fitted"`` carry the run's fitted ``(F~ + lambda I)^-1``: a store made by a
     run fitted with the true Fisher served a run fitted with the empirical one, silently (its scores 7.6x off

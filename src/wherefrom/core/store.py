@@ -564,6 +564,20 @@ def intact_json(path: Path) -> Any | None:
         return None
 
 
+def unchecked_json(path: Path) -> Any | None:
+    """The JSON at ``path`` when no checksum is recorded for it (its folder's ``checksums.json`` was lost, or its
+    write was cut before the entry): not known to be damaged, nor to be intact. For a hint only (which options
+    rebuild a store as it was), never for results. ``None`` when a checksum is recorded (:func:`intact_json` reads
+    it), or the file is missing or not JSON."""
+    path = Path(path)
+    if _entry(path, None) is not None:
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def settings_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
     """``"key: recorded X, now Y"`` for every (dotted) key whose value differs between two settings dicts."""
     if isinstance(saved, dict) and isinstance(now, dict):

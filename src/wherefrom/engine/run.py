@@ -83,6 +83,7 @@ from wherefrom.core.store import (
     read_json_object,
     record_settings,
     settings_differences,
+    unchecked_json,
     writer_lock,
 )
 from wherefrom.core.tracking import selection_signature
@@ -1102,16 +1103,19 @@ class Run:
 
     def index_command(self) -> str:
         """The ``wherefrom index`` command that resumes or repairs ``RUN/index/`` with the options its manifest
-        recorded. When the manifest is missing or damaged (the index is rebuilt whole), what survives says what was
-        built: an intact completion marker its ``--shard-size`` and ``--dtype``, a preconditioner folder
+        recorded. A manifest without its checksum (``checksums.json`` lost: the store is rebuilt whole) still gives
+        them, read unchecked (:func:`wherefrom.core.store.unchecked_json`), so the rebuild keeps the layout the user
+        chose. When the manifest is missing or damaged, what survives says what was built: a completion marker
+        (intact, or without its checksum) its ``--shard-size`` and ``--dtype``, a preconditioner folder
         ``--precondition empirical``; else the plain command."""
-        settings = self.index_manifest()
+        index = self.folder / "index"
+        settings = self.index_manifest() or unchecked_json(index / SETTINGS)
         words = ["wherefrom", "index", "--run", str(self.folder)]
-        if settings is None:
-            layout = intact_json(self.folder / "index" / MARKER)
+        if not (isinstance(settings, dict) and {"shard_size", "dtype"} <= set(settings)):
+            layout = intact_json(index / MARKER) or unchecked_json(index / MARKER)
             if isinstance(layout, dict) and {"shard_size", "dtype"} <= set(layout):
                 words += ["--shard-size", str(layout["shard_size"]), "--dtype", str(layout["dtype"])]
-            if (self.folder / "index" / PRECONDITIONER).is_dir():
+            if (index / PRECONDITIONER).is_dir():
                 words += ["--precondition", "empirical"]
             return shlex.join(words)
         words += ["--shard-size", str(settings["shard_size"]), "--dtype", settings["dtype"]]
