@@ -227,6 +227,39 @@ def test_a_refused_command_keeps_the_record_of_the_one_that_made_the_folder(work
     assert recorded(other)["fit"]["arguments"]["run"] == str(other)
 
 
+def test_a_failed_rerun_keeps_the_record_and_a_deleted_folder_stays_deleted(workspace, tmp_path, monkeypatch):
+    """(code review) `attribute` rewrote its config.json whole before recording itself, so a failed rerun found no
+    earlier record and removed its own: the folder had nothing to replay; and a folder deleted while a command ran
+    was made again by the restore (its config.json, its lock)."""
+    import wherefrom.core.scoring as scoring
+    from wherefrom.engine.run import Run
+
+    out = tmp_path / "attributed"
+    args = ["attribute", "--method", "gradsim", "--train", workspace / "train.jsonl", "--queries"]
+    args += [workspace / "queries.jsonl", "--model", workspace / "model", "--max-length", "128", "--out", out]
+    assert invoke(*args).exit_code == 0
+    made = json.loads((out / "config.json").read_text())["replay"]
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(scoring, "save_scores", full_disk)
+        assert invoke(*args).exit_code == 2
+    assert json.loads((out / "config.json").read_text())["replay"] == made
+    assert invoke("replay", out).exit_code == 0
+
+    run = tmp_path / "deleted"
+
+    def deleted_underneath(self, *_args, **_kwargs):
+        shutil.rmtree(run)
+        raise ValueError("the folder went away")
+
+    monkeypatch.setattr(Run, "fit", deleted_underneath)
+    assert invoke(*fit_args(workspace, run, "--threads", "1")).exit_code == 2
+    assert not run.exists()
+
+
 def test_replay_of_a_bench_reproduces_its_rows(tmp_path):
     model = save_tiny(tmp_path / "model", arch="llama")
     out = tmp_path / "bench"

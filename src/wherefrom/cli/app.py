@@ -131,9 +131,9 @@ class Invocation:
     name: str
     arguments: dict[str, Any]
     unrecorded: set[str] = field(default_factory=set)
-    replaced: list[tuple[Path, str, Any]] = field(default_factory=list)
-    """``(folder, key, the record there before or None)`` of each :func:`remember` of this command, so that a
-    command ending in an error puts them back (:func:`restore_records`)."""
+    replaced: list[tuple[Path, str, Any, Any]] = field(default_factory=list)
+    """``(folder, key, the record there before or None, the record written)`` of each :func:`remember` of this
+    command, so that a command ending in an error puts them back (:func:`restore_records`)."""
 
     def recorded(self) -> dict[str, Any]:
         """The arguments that go into the record (:func:`recorded_line`, :func:`remember`)."""
@@ -173,9 +173,9 @@ def remember(folder: Path, key: str | None = None) -> None:
     first ran in (a command run again keeps its place; the file's keys are sorted). The file is
     updated under its own lock (:func:`wherefrom.core.store.update_json`): commands recording themselves in one
     folder at once (two ``evaluate`` runs of one ground truth) keep each other's records. A command that ends in
-    an error (exit 2: refused, or failed) puts back the record it replaced, or removes its own
-    (:func:`restore_records`), so the record stays that of the last command that did not fail; a command killed
-    midway keeps its record, which ``replay`` then resumes. Raises ``ValueError`` naming a ``config.json`` that is
+    an error (exit 2: refused, or failed) puts back the record it replaced, or removes its own, unless another
+    command recorded itself there since (:func:`restore_records`); a command killed, interrupted or crashed
+    (a traceback) midway keeps its record, which ``replay`` then resumes. Raises ``ValueError`` naming a ``config.json`` that is
     not a JSON object."""
     invocation = _CURRENT.get()
     name = key or invocation.name
@@ -189,10 +189,10 @@ def remember(folder: Path, key: str | None = None) -> None:
     def change(saved: dict[str, Any]) -> None:
         records = saved.setdefault("replay", {})
         earlier = records.get(name)
-        invocation.replaced.append((Path(folder), name, earlier))
         first = earlier.get("position") if isinstance(earlier, dict) else None
         positions = [r["position"] for r in records.values() if isinstance(r, dict) and "position" in r]
         records[name] = {**record, "position": first if first is not None else max(positions, default=-1) + 1}
+        invocation.replaced.append((Path(folder), name, earlier, records[name]))
 
     update_json(Path(folder) / "config.json", change)
 
@@ -201,16 +201,20 @@ def restore_records(invocation: Invocation) -> None:
     """Put back, in each folder the failed ``invocation`` recorded itself in (:func:`remember`), the record it
     replaced, or remove its own where there was none: a refused ``fit --with-index`` (an index of another
     ``--dtype``) or ``evaluate --option`` (a key no method has) no longer leaves ``replay`` a command that fails."""
-    for folder, name, earlier in reversed(invocation.replaced):
+    for folder, name, earlier, written in reversed(invocation.replaced):
 
-        def change(saved: dict[str, Any], name: str = name, earlier: Any = earlier) -> None:
-            records = saved.setdefault("replay", {})
+        def change(saved: dict[str, Any], name: str = name, earlier: Any = earlier, written: Any = written) -> bool:
+            records = saved.get("replay")
+            if not isinstance(records, dict) or records.get(name) != written:
+                return False  # another command recorded itself here since: its record stays
             if earlier is None:
-                records.pop(name, None)
+                records.pop(name)
             else:
                 records[name] = earlier
+            return True
 
-        update_json(folder / "config.json", change)
+        if (folder / "config.json").is_file():  # a folder deleted meanwhile is not made again
+            update_json(folder / "config.json", change)
 
 
 def _jsonable(value: Any) -> Any:
@@ -388,12 +392,11 @@ def command(
             with torch_threads(arguments.get("threads")), system_errors_named():
                 function(**arguments)
         except typer.Exit as done:
-            if done.exit_code == 2:  # an error: not what made the folder (exit 1: finished, some method failed)
+            # an error (exit 2) did not make the folder; exit 1 (finished, some method failed) did, and a crash
+            # (a traceback) or an interrupt, like kill -9, keeps the record for replay to resume
+            if done.exit_code == 2:
                 restore_records(invocation)
             end_process(done.exit_code)  # a torchrun rank ends here (returns in one process)
-            raise
-        except Exception:  # a traceback too (an interrupt, like kill -9, keeps the record for replay to resume)
-            restore_records(invocation)
             raise
         finally:
             _CURRENT.reset(token)

@@ -42,7 +42,7 @@ def attribute(
     made with other settings or from other rows, by content, are kept unless --overwrite; with the same ones they
     are recomputed)."""
     from wherefrom.core.scoring import save_scores
-    from wherefrom.core.store import atomic_write_json, check_replacement
+    from wherefrom.core.store import check_replacement, update_json
     from wherefrom.methods.registry import make_method, method_spec, options_in_full
 
     out, method = required(out, "out"), required(method, "method")
@@ -83,7 +83,14 @@ def attribute(
             result = chosen.scores(query_rows, train_rows)
     except (DataError, ValueError, RuntimeError, KeyError) as error:
         fail(error)
-    atomic_write_json(record, out / "config.json")
+    out.mkdir(parents=True, exist_ok=True)
+
+    def settings_of_this_run(saved: dict) -> None:  # the replay record of the run before stays until remember
+        saved.update({**record, "replay": saved.get("replay", {})})
+        for key in set(saved) - set(record) - {"replay"}:
+            del saved[key]
+
+    update_json(out / "config.json", settings_of_this_run)
     remember(out)
     labels = {row.id: row.label for row in train_rows}
     path = save_scores(result, out, "scores", labels, top_k)

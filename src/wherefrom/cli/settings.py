@@ -124,8 +124,10 @@ def output_file(value: Any) -> str | None:
 
 def _file_in_the_way(folder: Path, value: Path) -> str | None:
     for path in (folder, *folder.parents):  # the nearest one that exists decides
-        if path.exists():
-            if path.is_dir():
+        if os.path.exists(
+            path
+        ):  # False, not PermissionError, under a folder that cannot be searched: left to the command
+            if os.path.isdir(path):
                 return None
             return "is a file, not a folder" if path == value else f"{path} is a file, not a folder"
     return None
