@@ -175,8 +175,8 @@ def remember(folder: Path, key: str | None = None) -> None:
     folder at once (two ``evaluate`` runs of one ground truth) keep each other's records. A command that ends in
     an error (exit 2: refused, or failed) puts back the record it replaced, or removes its own, unless another
     command recorded itself there since (:func:`restore_records`); a command killed, interrupted or crashed
-    (a traceback) midway keeps its record, which ``replay`` then resumes. Raises ``ValueError`` naming a ``config.json`` that is
-    not a JSON object."""
+    (a traceback) midway keeps its record, which ``replay`` then resumes. Raises ``ValueError`` naming a
+    ``config.json`` that is not a JSON object."""
     invocation = _CURRENT.get()
     name = key or invocation.name
     record = {

@@ -86,9 +86,9 @@ def attribute(
     out.mkdir(parents=True, exist_ok=True)
 
     def settings_of_this_run(saved: dict) -> None:  # the replay record of the run before stays until remember
-        saved.update({**record, "replay": saved.get("replay", {})})
-        for key in set(saved) - set(record) - {"replay"}:
-            del saved[key]
+        replay = saved.get("replay", {})
+        saved.clear()
+        saved.update(record, replay=replay)
 
     update_json(out / "config.json", settings_of_this_run)
     remember(out)

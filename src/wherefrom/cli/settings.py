@@ -123,10 +123,10 @@ def output_file(value: Any) -> str | None:
 
 
 def _file_in_the_way(folder: Path, value: Path) -> str | None:
-    for path in (folder, *folder.parents):  # the nearest one that exists decides
-        if os.path.exists(
-            path
-        ):  # False, not PermissionError, under a folder that cannot be searched: left to the command
+    # the nearest one that exists decides; os.path says False, not PermissionError, under a folder that cannot be
+    # searched: left to the command
+    for path in (folder, *folder.parents):
+        if os.path.exists(path):
             if os.path.isdir(path):
                 return None
             return "is a file, not a folder" if path == value else f"{path} is a file, not a folder"
@@ -601,8 +601,8 @@ class OutputSettings:
     run: Path = setting(REQUIRED, "Run directory (created by `fit`).", check=output_folder)
     out: Path | None = setting(
         None,
-        "Output folder (its contents: see the command's description; required except for evaluate and tune; "
-        "report: the HTML file, evaluate: the reports' file stem).",
+        "Output folder (its contents: see the command's description; optional for evaluate, tune, report and "
+        "influence, which have a default; report: the HTML file, evaluate: the reports' file stem).",
         check=output_folder,
     )
     name: str = setting(
