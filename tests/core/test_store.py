@@ -20,6 +20,7 @@ import wherefrom
 from wherefrom.core.store import (
     CHECKSUMS,
     DamagedFile,
+    SettingsMismatch,
     atomic_write_dir,
     atomic_write_json,
     atomic_write_text,
@@ -369,3 +370,18 @@ def test_a_folder_where_a_settings_file_belongs_is_named_not_emptied(tmp_path, n
     with pytest.raises(IsADirectoryError, match=f"a folder is where this file belongs.*{name}"):
         record_settings(job, {"dim": 4})
     assert (job / name / "keep.txt").read_text() == "my notes" and (job / "shard-00000.safetensors").exists()
+
+
+def test_a_settings_hint_can_depend_on_what_differs(tmp_path):
+    """A callable hint is given the dotted keys that differ (a key one side lacks by its own name), so a caller can
+    tell settings a rerun chooses from inputs that changed; a plain hint is said as it is."""
+    recorded = {"dtype": "float32", "layout": {"weights": ["a", "b"], "dim": 4}, "state": {"x": 1}}
+    record_settings(tmp_path, recorded)
+    seen = []
+    now = {"dtype": "float16", "layout": {"weights": ["a", "c"], "dim": 4}, "extra": 1}
+    with pytest.raises(SettingsMismatch, match=r"dtype: recorded 'float32', now 'float16'.*\. told$"):
+        record_settings(tmp_path, now, lambda names: seen.append(names) or "told")
+    assert seen == [["dtype", "extra", "layout.weights", "state"]]
+    with pytest.raises(SettingsMismatch, match=r"\. plain$"):
+        record_settings(tmp_path, now, "plain")
+    record_settings(tmp_path, recorded, lambda names: pytest.fail(f"no difference, yet called with {names}"))

@@ -132,6 +132,11 @@ def test_adam_of_an_earlier_checkpoint_and_the_refusals(workspace, tmp_path):
         adam_run(workspace, tmp_path / "kfac", replace(ADAM, strategy="kfac")).build_index(precondition="adam")
     with pytest.raises(ValueError, match="--optimizer-checkpoint applies to --precondition adam only"):
         run.build_index(optimizer_checkpoint=first)
+    # another --optimizer-checkpoint is an option: the recorded command reuses the finished store
+    with pytest.raises(SettingsMismatch, match=r"optimizer_state\.checkpoint") as refused:
+        run.build_index(shard_size=10, precondition="adam")
+    assert f"It is finished: `{run.index_command()}` reuses it" in str(refused.value)
+    assert f"--optimizer-checkpoint {first.resolve()}" in run.index_command()
     old = tmp_path / "old"  # a fine-tuning saved before checkpoints kept the optimizer state
     shutil.copytree(workspace / "ft", old / "ft")
     (old / "ft" / "checkpoints" / "epoch-2" / OPTIMIZER_STATE_FILE).unlink()
@@ -320,7 +325,18 @@ def test_a_tracin_checkpoint_rewritten_in_place_is_a_changed_setting(workspace, 
     weights = tmp_path / "checkpoint-1" / "model.safetensors"
     weights.write_bytes((tmp_path / "checkpoint-2" / "model.safetensors").read_bytes())
     reopened = Run.open(tmp_path / "run", device="cpu")
-    with pytest.raises(SettingsMismatch, match=r"rows_layout\.projection\.weights"):
+    index = tmp_path / "run" / "index"
+    recorded = f"wherefrom index --run {tmp_path / 'run'} --shard-size 4 --dtype float32 --precondition fitted"
+    with pytest.raises(SettingsMismatch, match=r"rows_layout\.projection\.weights") as refused:
         reopened.open_index()
-    with pytest.raises(SettingsMismatch, match=r"rows_layout\.projection\.weights"):
+    assert f"delete {index} and rerun `{recorded}" in str(refused.value)  # no bare "rebuild it": the way to
+    with pytest.raises(SettingsMismatch, match=r"rows_layout\.projection\.weights") as refused:
         Run.open(tmp_path / "run", device="cpu", factors=False).build_index(shard_size=4)
+    # no option brings the old weights back: the hint said the recorded command "reuses it", which refused again
+    assert "reuses it" not in str(refused.value) and "No `wherefrom index` option chooses what differs" in str(
+        refused.value
+    )
+    assert f"delete {index} and rerun" in str(refused.value) and recorded in str(refused.value)
+    shutil.rmtree(index)  # followed: the store is rebuilt from the current weights and served
+    Run.open(tmp_path / "run", device="cpu", factors=False).build_index(shard_size=4)
+    Run.open(tmp_path / "run", device="cpu").open_index()

@@ -580,18 +580,24 @@ def unchecked_json(path: Path) -> Any | None:
 
 def settings_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
     """``"key: recorded X, now Y"`` for every (dotted) key whose value differs between two settings dicts."""
+    return [text for _name, text in differing_settings(saved, now, prefix)]
+
+
+def differing_settings(saved: Any, now: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """``(dotted key, "key: recorded X, now Y")`` for every key whose value differs between two settings dicts
+    (a key one of them lacks included), in key order."""
     if isinstance(saved, dict) and isinstance(now, dict):
         out = []
         for key in sorted(set(saved) | set(now), key=str):
             name = f"{prefix}.{key}" if prefix else str(key)
             if key not in saved:
-                out.append(f"{name}: not recorded, now {now[key]!r}")
+                out.append((name, f"{name}: not recorded, now {now[key]!r}"))
             elif key not in now:
-                out.append(f"{name}: recorded {saved[key]!r}, now absent")
+                out.append((name, f"{name}: recorded {saved[key]!r}, now absent"))
             else:
-                out += settings_differences(saved[key], now[key], name)
+                out += differing_settings(saved[key], now[key], name)
         return out
-    return [] if saved == now else [f"{prefix or 'value'}: recorded {saved!r}, now {now!r}"]
+    return [] if saved == now else [(prefix or "value", f"{prefix or 'value'}: recorded {saved!r}, now {now!r}")]
 
 
 def with_defaults_recorded(saved: Mapping[str, Any], defaults: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -618,7 +624,7 @@ def with_defaults_recorded(saved: Mapping[str, Any], defaults: Mapping[str, Mapp
 def record_settings(
     folder: Path,
     settings: Mapping[str, Any],
-    hint: str = "",
+    hint: str | Callable[[list[str]], str] = "",
     ignore: Collection[str] = (),
     defaults: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[str]:
@@ -631,7 +637,8 @@ def record_settings(
     added since the folder was started, whose defaults do what the older version did, and options recorded
     as given, an option left out being at its default). Returns notes of what was discarded (empty when nothing was).
     Raises :class:`SettingsMismatch` naming every differing setting with the recorded and the
-    current value (``hint`` says what to do). A folder with results but no intact ``settings.json``
+    current value (``hint`` says what to do; a callable is given the dotted keys that differ, e.g. to tell
+    settings a rerun can choose from inputs that changed). A folder with results but no intact ``settings.json``
     (made by an older version, or damaged) is emptied and started afresh: its results' settings
     are unknown; but where a folder is in the place of ``settings.json`` or ``checksums.json``, nothing is
     emptied and ``IsADirectoryError`` names it (:func:`refuse_folder_in_place`).
@@ -654,13 +661,14 @@ def record_settings(
         write_json_checked(now, path)
         return notes
     saved = with_defaults_recorded(saved, defaults or {})
-    differences = settings_differences(
+    differences = differing_settings(
         {k: v for k, v in saved.items() if k not in ignore}, {k: v for k, v in now.items() if k not in ignore}
     )
     if differences:
+        said = hint([name for name, _text in differences]) if callable(hint) else hint
         raise SettingsMismatch(
-            f"{folder} was started with other settings ({'; '.join(differences)}). "
-            + (hint or f"Rerun with the recorded settings, or delete {folder} to start again with the new ones.")
+            f"{folder} was started with other settings ({'; '.join(text for _name, text in differences)}). "
+            + (said or f"Rerun with the recorded settings, or delete {folder} to start again with the new ones.")
         )
     return notes
 

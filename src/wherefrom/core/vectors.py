@@ -257,13 +257,13 @@ class VectorStoreWriter:
         start, stop = self.span(shard)
         rows_offset(self.shard_path(shard), header, self.ids[start:stop], start, self.dtype, self.dim)
 
-    def start(self, hint: str = "", ignore: Collection[str] = ()) -> list[str]:
+    def start(self, hint: str | Callable[[list[str]], str] = "", ignore: Collection[str] = ()) -> list[str]:
         """Record the manifest (first write) or compare it; then the ids. Returns notes of what was discarded
         (empty when nothing was; see :func:`wherefrom.core.store.record_settings`).
 
         ``ignore``: top-level settings not compared (e.g. the device when a finished store is reused).
         Raises :class:`wherefrom.core.store.SettingsMismatch` naming each differing setting (``hint`` says
-        what to do). A folder whose manifest is missing or damaged is emptied (noted in :attr:`notices`).
+        what to do; a callable is given the dotted keys that differ). A folder whose manifest is missing or damaged is emptied (noted in :attr:`notices`).
         """
         notes = record_settings(self.folder, self.manifest, hint, (*ignore, *self.unchecked), self.defaults)
         self.notices += notes
@@ -444,12 +444,17 @@ class VectorStore:
             self._check_header(shard, path, checked_head(path, recorded))
 
     def require(
-        self, settings: Mapping[str, Any], what: str = "", defaults: Mapping[str, Mapping[str, Any]] | None = None
+        self,
+        settings: Mapping[str, Any],
+        what: str = "",
+        defaults: Mapping[str, Mapping[str, Any]] | None = None,
+        remedy: str = "rebuild it with the current ones",
     ) -> None:
         """Raise :class:`wherefrom.core.store.SettingsMismatch` naming each of ``settings`` whose recorded value
         differs (e.g. the model fingerprint, the module selection, the projection); ``what`` says what the store
         is being used for; ``defaults``: what a setting the manifest lacks is taken to be
-        (:func:`wherefrom.core.store.with_defaults_recorded`)."""
+        (:func:`wherefrom.core.store.with_defaults_recorded`); ``remedy``: what to do (e.g. the command that
+        rebuilds it)."""
         now = json_form(dict(settings))
         recorded = with_defaults_recorded({k: self.settings.get(k) for k in now}, defaults or {})
         differences = settings_differences(recorded, now)
@@ -457,7 +462,7 @@ class VectorStore:
             raise SettingsMismatch(
                 f"the store {self.folder} was made with other settings ({'; '.join(differences)})"
                 + (f"; it cannot serve {what}" if what else "")
-                + "; rebuild it with the current ones"
+                + f"; {remedy}"
             )
 
     def blocks(self, size: int, ahead: bool = True) -> Iterator[tuple[int, torch.Tensor]]:

@@ -121,6 +121,15 @@ PRECONDITIONER = "preconditioner"
 """The folder in ``RUN/index/`` of an ``empirical`` index's projected Fisher, fitted on its stored rows."""
 UNFITTED_PRECONDITIONS = ("none", "empirical")
 """The index kinds of a trak/logra run that do not use the method's fitted curvature (built before any fit)."""
+INDEX_OPTIONS = ("shard_size", "dtype", "precondition", "unit_norm", "device")
+"""The index settings that ``wherefrom index`` options choose (``--shard-size``, ``--dtype``, ``--precondition``,
+``--unit-norm``, ``--device``; and ``--optimizer-checkpoint`` the AdamW state's folder): a store started under other
+ones is reused or resumed by the command of the recorded ones (:meth:`Run.index_command`). Every other recorded
+setting (the model, its checkpoints and their AdamW states, the training rows, the method's settings) comes from the
+run: a store that differs there must be rebuilt."""
+WITH_PRECONDITION = ("attribution", "optimizer_state")
+"""Index settings recorded under some ``--precondition`` kinds only (the fit's settings with fitted projected rows,
+the AdamW states with ``adam``): they differ when the kind does."""
 INDEX_PARTS = "index-parts"
 """The folder of a tracin index's per-checkpoint column blocks while it is built."""
 FIT_ALONE = "fit it in one process; the influence methods (a curvature strategy) fit in many"
@@ -743,11 +752,26 @@ class Run:
             shard_size, dtype, precondition, unit_norm, optimizer_checkpoint, kept
         )
 
-        def hint(finished: bool) -> str:
-            """What to do when the store was started with other settings: the command of the recorded ones."""
-            command = self.index_command()
-            state = f"It is finished: `{command}` reuses it" if finished else f"Resume it with `{command}`"
-            return f"{state}, or delete {writer.folder} to index with the new settings."
+        def hint(finished: bool) -> Callable[[list[str]], str]:
+            """What to do when the store was started with other settings (``differing``, dotted keys): the command
+            of the recorded ones where only options differ, else delete the store (no option brings back the
+            inputs it was built from)."""
+
+            def said(differing: list[str]) -> str:
+                command = self.index_command()
+                chosen = {*INDEX_OPTIONS, *(WITH_PRECONDITION if "precondition" in differing else ())}
+                if "optimizer_state.checkpoint" in differing:  # another --optimizer-checkpoint: another state
+                    chosen.add("optimizer_state")
+                if not all(name.split(".")[0] in chosen for name in differing):
+                    return (
+                        "No `wherefrom index` option chooses what differs (the run's weights, checkpoints, training "
+                        f"rows or method settings changed since): delete {writer.folder} and rerun to index with the "
+                        f"current ones (`{command}` keeps the recorded layout)."
+                    )
+                state = f"It is finished: `{command}` reuses it" if finished else f"Resume it with `{command}`"
+                return f"{state}, or delete {writer.folder} to index with the new settings."
+
+            return said
 
         def begin() -> bool:
             finished = writer.complete()
@@ -1147,6 +1171,7 @@ class Run:
             {k: v for k, v in now.items() if k not in ("device", "precondition", "unit_norm", *RECORDED_ONLY)},
             f"run {self.folder}",
             self.config.setting_defaults(),
+            f"delete {store.folder} and rerun `{self.index_command()}` to rebuild it with the current ones",
         )
         if store.ids != [r.id for r in self.train]:
             raise DamagedFile(
