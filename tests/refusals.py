@@ -34,6 +34,10 @@ class Refusal:
     command: tuple[str, ...] = ()
     call: str = ""
     env: tuple[tuple[str, str], ...] = ()
+    settled: bool = False
+    """Refused after a new run folder recorded its config (a check of the loaded model or rows): the folder keeps
+    its config, which the next command there replaces (README "Run folders"); every other command row writes no
+    output folder."""
 
     def shown(self) -> str:
         """The command line or call as the table shows it."""
@@ -124,6 +128,7 @@ REFUSALS: tuple[Refusal, ...] = (
         "truncating would attribute to text other than the row; nothing is cut silently (the error names the "
         "row's file and line, and its tokens against max_length)",
         command=(*FIT, "new", "--max-length", "4"),
+        settled=True,
     ),
     # --- rows passed in Python ------------------------------------------------------------------
     Refusal(
@@ -326,7 +331,7 @@ REFUSALS: tuple[Refusal, ...] = (
         "fit --with-index for a method whose train side is not a vector per row (bm25)",
         EXIT,
         "--with-index: method 'bm25' has no per-row index",
-        "the fit would be written and its index then refused; refused first, nothing is fitted",
+        "the fit would be written and its index then refused; refused before the run folder is made",
         command=(*FIT, "new", "--method", "bm25", "--with-index"),
     ),
     Refusal(
@@ -504,6 +509,7 @@ REFUSALS: tuple[Refusal, ...] = (
         "the prediction is checked before the first pass, rather than swapping or dying hours in",
         command=(*FIT, "new"),
         env=(("WHEREFROM_MEMORY_LIMIT", "1000"),),
+        settled=True,
     ),
     # --- chat template --------------------------------------------------------------------------
     Refusal(
@@ -513,6 +519,7 @@ REFUSALS: tuple[Refusal, ...] = (
         "the tokenizer has no chat template",
         "prompts would be scored in a format the model was not trained on",
         command=(*FIT, "new", "--chat-template", "--model", "no-template"),
+        settled=True,
     ),
     Refusal(
         "chat template",

@@ -97,12 +97,12 @@ def fit(
                 refuse_unread_settings(method)
                 options = merged_options(option, method)
                 config = RunConfig.for_method(method, str(train), settings_as(AttributionConfig), options, **paths)
-            opened = Run.create(run, config, progress=progress)
-            if with_index and not opened.indexable():
+            if with_index and not config.indexable:  # before the run folder is made
                 raise ValueError(
                     f"--with-index: method {method!r} has no per-row index (its train side is not a vector per "
                     "row); fit it without --with-index"
                 )
+            opened = Run.create(run, config, progress=progress)
             with held_by_main(lambda: writer_lock(run)):  # the config, its replay record and the fit in one hold
                 on_main(opened.settle)  # another fit of this folder may have recorded its config since create
                 on_main(lambda: remember(run))
@@ -263,7 +263,7 @@ def search_run(
     any work; a FAISS kind that cannot index the store is refused before the queries are computed. Raises
     ``FileNotFoundError`` naming RUN when it has no finished index."""
     opened = Run.open(run, progress=progress, device=device)
-    if not opened.indexable():
+    if not opened.config.indexable:
         raise ValueError(
             f"{run} is a {opened.config.method!r} run: its train side is not a vector per row, so it has no vector "
             f"store to search (--search, --prefilter-bm25); `wherefrom scores --run {run}` scores every row"

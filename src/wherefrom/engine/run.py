@@ -97,6 +97,7 @@ from wherefrom.engine.passes import Kept, kept_rows
 from wherefrom.methods.projection import ProjectedInfluence
 from wherefrom.methods.registry import (
     GRADIENT_SETTINGS,
+    ROW_FAMILIES,
     Method,
     in_family,
     make_method,
@@ -237,6 +238,13 @@ class RunConfig:
     def fits_method(self) -> bool:
         """Whether the run fits a method into ``method/`` (not a curvature into ``factors/``)."""
         return self.method is not None and not in_family(self.method, "influence")
+
+    @property
+    def indexable(self) -> bool:
+        """Whether :meth:`Run.build_index` can store this run's training side as a row per example: an influence
+        run's raw gradients, a ``trak``/``logra``/``repsim`` run's vectors, a ``tracin`` run's checkpoint rows
+        (:data:`wherefrom.methods.registry.ROW_FAMILIES`; a ``bm25`` run scores from its fitted state only)."""
+        return self.method is None or any(in_family(self.method, family) for family in ROW_FAMILIES)
 
     def check_paths(self, folder: Path) -> None:
         """Raise :class:`RunMismatch` naming the training file, model or adapter folder recorded in
@@ -630,12 +638,6 @@ class Run:
         ``train_vectors``), else ``None`` (an influence run indexes raw gradients)."""
         return self.method if hasattr(self.method, "train_vectors") else None
 
-    def indexable(self) -> bool:
-        """Whether :meth:`build_index` can store this run's training side as a row per example: an influence
-        run's raw gradients, a ``trak``/``logra``/``repsim`` run's vectors, a ``tracin`` run's checkpoint rows
-        (any other method scores from its fitted state only)."""
-        return self.method is None or self.vectors() is not None or self.checkpoint_method() is not None
-
     def checkpoint_method(self) -> TracIn | None:
         """The run's method when its index rows are built checkpoint by checkpoint (``tracin``), else ``None``."""
         return self.method if isinstance(self.method, TracIn) else None
@@ -876,7 +878,7 @@ class Run:
         vectors, tracin = self.vectors(), self.checkpoint_method()
         raw = vectors is None and tracin is None  # an influence run's raw gradients (or no rows at all)
         unfitted_rows = isinstance(vectors, ProjectedInfluence) and precondition in UNFITTED_PRECONDITIONS
-        if not self.indexable() or (self.method is not None and not self.method_fitted and not unfitted_rows):
+        if not self.config.indexable or (self.method is not None and not self.method_fitted and not unfitted_rows):
             why = "its train side is not a vector per row" if raw else "before it is fitted"
             raise ValueError(
                 f"method {self.config.method!r} has no per-row gradient index ({why}); "
@@ -1264,8 +1266,8 @@ class Run:
 
     def scores_from_index(self) -> bool:
         """Whether :meth:`scores` reads the training side from the run's finished index (an indexable run with
-        one, :meth:`indexable`) rather than recomputing it."""
-        return self.indexable() and self.has_index()
+        one, :attr:`RunConfig.indexable`) rather than recomputing it."""
+        return self.config.indexable and self.has_index()
 
     def scores_provenance(self) -> dict[str, Any]:
         """Where :meth:`scores` takes the training side from, recorded in ``scores/<name>.json``:

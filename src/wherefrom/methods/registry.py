@@ -98,6 +98,9 @@ class InfluenceMethod:
 
 
 FAMILIES = ("influence", "projected", "checkpoint", "representation", "lexical")
+ROW_FAMILIES = ("influence", "projected", "checkpoint", "representation")
+"""The families whose train side is a vector per training row (raw or projected gradients, checkpoint rows, hidden
+states), which a vector index stores; a lexical method scores from its fitted state only."""
 
 SETTING_OPTIONS: tuple[OptionSpec, ...] = from_signature(
     AttributionConfig,
