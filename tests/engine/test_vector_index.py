@@ -215,6 +215,30 @@ def test_empirical_index_gives_the_methods_empirical_fisher_scores_without_a_fit
     assert not torch.allclose(from_store.per_module, true_fisher.per_module, rtol=0, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("lost", [("settings.json", "index.json"), ("checksums.json", "index.json")])
+def test_an_empirical_index_that_lost_its_manifest_is_not_scored_as_the_fitted_method(workspace, tmp_path, lost):
+    """A fitted trak run without curvature (its scores: raw projected products) indexed with --precondition
+    empirical, then the manifest and the completion marker lost (or the checksums and the marker): `scores`
+    recomputed the raw products silently, another estimator than the index's. The preconditioner folder (or
+    the manifest read unchecked) tells an unfinished empirical index: refused with the command that finishes
+    it, which (followed) gives the empirical-Fisher scores again."""
+    options = {"dim": 8, "curvature": False}
+    config = RunConfig.for_method("trak", str(workspace / "train.jsonl"), ATTRIBUTION, options, device="cpu")
+    run = Run.create(tmp_path / "run", replace(config, model=str(workspace / "model")))
+    run.fit()
+    run.build_index(shard_size=4, precondition="empirical")
+    queries = load_records(workspace / "queries.jsonl")
+    empirical = Run.open(tmp_path / "run", device="cpu").scores(queries).per_module
+    index = tmp_path / "run" / "index"
+    for name in lost:
+        (index / name).unlink()
+    with pytest.raises(RuntimeError, match=r"unfinished --precondition empirical index.*--precondition empirical"):
+        Run.open(tmp_path / "run", device="cpu").scores(queries)
+    Run.open(tmp_path / "run", device="cpu").build_index(precondition="empirical")  # the hint, followed
+    again = Run.open(tmp_path / "run", device="cpu").scores(queries).per_module  # another shard size: sums reordered
+    assert torch.allclose(again, empirical, rtol=0, atol=1e-6 * float(empirical.abs().max()))
+
+
 def test_empirical_index_resumes_to_the_same_bytes_and_refits_a_damaged_preconditioner(workspace, tmp_path):
     options = {**LOGRA, "fisher": "empirical"}  # the run's own fit would give the same estimator
     config = RunConfig.for_method("logra", str(workspace / "train.jsonl"), ATTRIBUTION, options, device="cpu")

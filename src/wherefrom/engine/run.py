@@ -1116,10 +1116,22 @@ class Run:
     def has_index(self) -> bool:
         return (self.folder / "index" / MARKER).exists()
 
-    def index_manifest(self) -> dict[str, Any] | None:
+    def index_manifest(self, unchecked: bool = False) -> dict[str, Any] | None:
         """``RUN/index/settings.json`` as recorded when the index was started (finished or not), or ``None``
-        when it is missing or damaged."""
-        return self.recorded_settings(self.folder / "index")
+        when it is missing or damaged; ``unchecked``: also one whose checksum is lost (``checksums.json`` gone:
+        :func:`wherefrom.core.store.unchecked_json`), for what a hint or a refusal says, never for results."""
+        recorded = self.recorded_settings(self.folder / "index")
+        if recorded is None and unchecked:
+            recorded = unchecked_json(self.folder / "index" / SETTINGS)
+        return recorded if isinstance(recorded, dict) else None
+
+    def unfinished_empirical_index(self) -> bool:
+        """Whether ``RUN/index/`` is an unfinished ``--precondition empirical`` index (no completion marker): its
+        manifest (read ``unchecked``) records it, or, with the manifest lost, a preconditioner folder is there."""
+        if self.has_index():
+            return False
+        recorded = self.index_manifest(unchecked=True) or {}
+        return recorded.get("precondition") == "empirical" or (self.folder / "index" / PRECONDITIONER).exists()
 
     @staticmethod
     def recorded_settings(folder: Path) -> dict[str, Any] | None:
@@ -1135,9 +1147,9 @@ class Run:
         (intact, or without its checksum) its ``--shard-size`` and ``--dtype``, a preconditioner folder
         ``--precondition empirical``; else the plain command."""
         index = self.folder / "index"
-        settings = self.index_manifest() or unchecked_json(index / SETTINGS)
+        settings = self.index_manifest(unchecked=True) or {}
         words = ["wherefrom", "index", "--run", str(self.folder)]
-        if not (isinstance(settings, dict) and {"shard_size", "dtype"} <= set(settings)):
+        if not {"shard_size", "dtype"} <= set(settings):
             layout = intact_json(index / MARKER) or unchecked_json(index / MARKER)
             if isinstance(layout, dict) and {"shard_size", "dtype"} <= set(layout):
                 words += ["--shard-size", str(layout["shard_size"]), "--dtype", str(layout["dtype"])]
@@ -1235,7 +1247,7 @@ class Run:
         queries = checked_rows(queries, "query rows")
         if self.method is not None:
             refuse_distributed_scores(self.config)
-            if not self.has_index() and (self.index_manifest() or {}).get("precondition") == "empirical":
+            if self.unfinished_empirical_index():
                 raise RuntimeError(
                     f"{self.folder / 'index'} is an unfinished --precondition empirical index (no {MARKER}): finish "
                     f"it with `{self.index_command()}`, or delete it to score without the index"
