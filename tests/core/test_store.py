@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,8 +101,9 @@ def test_the_cheap_size_check_names_a_missing_replaced_or_truncated_file(tmp_pat
     else:
         path.unlink()
         if replace == "folder":
-            path.mkdir()  # a directory of that name is no file: named missing, like a deleted one
-    message = "is truncated or changed" if replace == "truncated" else "is missing"
+            path.mkdir()  # a directory of that name is no file: named as a folder, not as missing
+    message = {"deleted": "is missing", "folder": "is a folder where this file belongs", "truncated": "is truncated"}
+    message = message[replace]
     for given in (recorded, None):
         with pytest.raises(DamagedFile, match=rf"a\.safetensors {message}"):
             check_size(path, given)
@@ -352,13 +354,6 @@ def test_a_folder_replaced_in_a_failed_rename_keeps_its_earlier_copy(tmp_path, m
     assert (target / "a.txt").read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["state"]
 
 
-def test_a_file_missing_or_a_folder_is_damaged_not_a_traceback(tmp_path):
-    (tmp_path / "shard").mkdir()
-    for path in (tmp_path / "none", tmp_path / "shard"):
-        with pytest.raises(DamagedFile, match=f"{path} is missing"):
-            read_checked(path)
-
-
 @pytest.mark.parametrize("name", ["settings.json", "checksums.json"])
 def test_a_folder_where_a_settings_file_belongs_is_named_not_emptied(tmp_path, name):
     """A job folder without an intact settings.json is emptied and started again; a folder in the place of
@@ -385,3 +380,17 @@ def test_a_settings_hint_can_depend_on_what_differs(tmp_path):
     with pytest.raises(SettingsMismatch, match=r"\. plain$"):
         record_settings(tmp_path, now, "plain")
     record_settings(tmp_path, recorded, lambda names: pytest.fail(f"no difference, yet called with {names}"))
+
+
+def test_a_file_missing_or_a_folder_is_damaged_not_a_traceback(tmp_path):
+    """Every checked read names a folder found where its file belongs (it was "missing": the user, seeing it
+    there, had no way to tell what was wrong), and a file that is not there stays "missing"."""
+    path = tmp_path / "shard-00000.safetensors"
+    path.mkdir()
+    for read in (check_size, check_file, read_checked):
+        with pytest.raises(DamagedFile, match=f"{re.escape(str(path))} is a folder where this file belongs"):
+            read(path)
+    path.rmdir()
+    for read in (check_size, check_file, read_checked):
+        with pytest.raises(DamagedFile, match=f"{re.escape(str(path))} is missing"):
+            read(path)

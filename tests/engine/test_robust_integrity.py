@@ -106,6 +106,39 @@ def test_damaged_index_shard_is_refused_then_rebuilt(root, kind):
     assert torch.equal(scores_of(root, "rebuilt"), scores_of(root, "clean"))
 
 
+@pytest.mark.parametrize("file", ["shard-00002.safetensors", "ids.json", "index.json"])
+def test_a_folder_in_place_of_an_index_file_is_named_and_changes_nothing(root, file):
+    """A folder where a finished index's file belongs was reported as "missing", and `index` removed the
+    completion marker before it met the folder (a finished store became unfinished, with a raw `[Errno 21]`).
+    Readers name the folder, `index` refuses it before any change, and once it is moved away the store is whole
+    again (the shard rebuilt from the run, the marker rewritten)."""
+    index = root / "run" / "index"
+    before = {p.name: p.read_bytes() for p in index.iterdir() if p.is_file()}
+    path = index / file
+    path.rename(root / "kept")
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+    try:
+        code, out = invoke("scores", "--run", root / "run", "--queries", root / "queries.jsonl", "--name", "folder")
+        said = " ".join(out.split())
+        assert code == 2 and f"{path} is a folder where this file belongs" in said, out
+        code, out = invoke("index", "--run", root / "run", "--shard-size", "4")
+        said = " ".join(out.split())
+        assert code == 2 and f"{path}: a folder is where this file belongs" in said and "Errno" not in said, out
+        assert (path / "notes.txt").read_text() == "mine"
+        assert {p.name: p.read_bytes() for p in index.iterdir() if p.is_file()} == {
+            k: v for k, v in before.items() if k != file
+        }  # nothing changed: the marker kept
+    finally:
+        (path / "notes.txt").unlink()
+        path.rmdir()
+    code, out = invoke("index", "--run", root / "run", "--shard-size", "4")
+    assert code == 0, out
+    code, out = invoke("scores", "--run", root / "run", "--queries", root / "queries.jsonl", "--name", "moved")
+    assert code == 0 and torch.equal(scores_of(root, "moved"), scores_of(root, "clean")), out
+    (root / "kept").unlink()
+
+
 def test_damaged_index_marker_is_refused_then_rewritten(root):
     path = root / "run" / "index" / "index.json"
     path.write_text(path.read_text().replace('"rows": 20', '"rows": 21'))

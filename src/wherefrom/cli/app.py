@@ -83,9 +83,18 @@ def system_errors_named() -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        fail(error)
+        fail(os_error_text(error))
     except MemoryError as error:
         fail(str(error) or "out of memory (MemoryError)")
+
+
+def os_error_text(error: OSError) -> str:
+    """``PATH: reason`` (``PATH -> OTHER: reason`` for a rename) for an error of the OS that names its file, in
+    place of Python's ``[Errno 21] reason: 'PATH'``; any other ``OSError`` as it is."""
+    if error.filename is None or not error.strerror:
+        return str(error)
+    paths = str(error.filename) + (f" -> {error.filename2}" if error.filename2 is not None else "")
+    return f"{paths}: {error.strerror}"
 
 
 def say(line: str) -> None:

@@ -465,6 +465,15 @@ def check_bytes(path: Path, data: bytes | Sequence[bytes | memoryview], recorded
     _compare(Path(path), sum(len(piece) for piece in pieces), recorded, lambda name: _digest(pieces, name))
 
 
+def absent(path: Path) -> DamagedFile:
+    """The :class:`DamagedFile` of a file that is not there: ``PATH is missing``, or, where a folder is in its
+    place, ``PATH is a folder where this file belongs`` (a reader cannot use it, and no writer deletes it:
+    :func:`refuse_folder_in_place`)."""
+    if Path(path).is_dir():
+        return DamagedFile(f"{path} is a folder where this file belongs; move it away")
+    return DamagedFile(f"{path} is missing")
+
+
 def read_checked(path: Path, recorded: Recorded = None) -> bytes:
     """The bytes of ``path``, read once and checked against the recorded checksum (:class:`DamagedFile` naming a
     missing or damaged file; ``recorded``: the folder's :func:`recorded_checksums`, read by the caller once for
@@ -472,7 +481,7 @@ def read_checked(path: Path, recorded: Recorded = None) -> bytes:
     try:  # no is_file() first: a file removed between the two (a rebuild beside an unlocked reader) raised
         data = path.read_bytes()
     except (FileNotFoundError, IsADirectoryError):
-        raise DamagedFile(f"{path} is missing") from None
+        raise absent(path) from None
     check_bytes(path, data, recorded)
     return data
 
@@ -486,7 +495,7 @@ def check_size(path: Path, recorded: Recorded = None) -> None:
     except FileNotFoundError:
         status = None
     if status is None or not stat.S_ISREG(status.st_mode):
-        raise DamagedFile(f"{path} is missing")
+        raise absent(path)
     _compare(path, status.st_size, recorded)
 
 
@@ -496,7 +505,7 @@ def check_file(path: Path, recorded: Recorded = None, head: int = 0) -> bytes:
     that hashed them (fewer when the file is shorter; ``b""`` by default)."""
     path = Path(path)
     if not path.is_file():
-        raise DamagedFile(f"{path} is missing")
+        raise absent(path)
     first = b""
 
     def digest(name: str) -> str:

@@ -55,6 +55,7 @@ from wherefrom.core.store import (
     read_json_checked,
     record_settings,
     recorded_checksums,
+    refuse_folder_in_place,
     restated,
     save_tensors_checked,
     settings_differences,
@@ -263,8 +264,13 @@ class VectorStoreWriter:
 
         ``ignore``: top-level settings not compared (e.g. the device when a finished store is reused).
         Raises :class:`wherefrom.core.store.SettingsMismatch` naming each differing setting (``hint`` says
-        what to do; a callable is given the dotted keys that differ). A folder whose manifest is missing or damaged is emptied (noted in :attr:`notices`).
+        what to do; a callable is given the dotted keys that differ). A folder whose manifest is missing or damaged
+        is emptied (noted in :attr:`notices`). A folder in the place of one of the store's files (a shard, the ids,
+        the marker) raises ``IsADirectoryError`` naming it before anything changes (it is not the store's file: it
+        is neither deleted nor replaced, and a finished store keeps its marker).
         """
+        for path in (self.folder / MARKER, self.folder / IDS_FILE, *map(self.shard_path, range(self.shard_count))):
+            refuse_folder_in_place(path)
         notes = record_settings(self.folder, self.manifest, hint, (*ignore, *self.unchecked), self.defaults)
         self.notices += notes
         path = self.folder / IDS_FILE
