@@ -6,6 +6,7 @@ import collections
 import csv
 import json
 import re
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -417,3 +418,43 @@ def test_an_output_folder_that_is_a_file_is_named_before_any_work(workspace, tmp
     assert refused.exit_code == 2 and f"{blocker} is a file, not a folder" in refused.output
     refused = invoke("evaluate", run, "--out", blocker / "stem")
     assert refused.exit_code == 2 and f"{blocker} is a file, not a folder" in refused.output
+
+
+@pytest.mark.parametrize(
+    ("folder", "command"),
+    [
+        ("index", ["index"]),
+        ("index", ["query", "ab cd:", " ef", "--search", "exact"]),
+        ("scores", ["scores", "--queries", "QUERIES"]),
+        ("factors", ["scores", "--queries", "QUERIES"]),
+        ("factors", ["fit", "--train", "TRAIN", "--model", "MODEL", "--max-length", "128"]),
+        ("factors/stages", ["fit", "--train", "TRAIN", "--model", "MODEL", "--max-length", "128"]),
+        ("analyses", ["influence"]),
+    ],
+)
+def test_a_run_folder_that_is_a_file_is_named_before_the_model_loads(workspace, tmp_path, monkeypatch, folder, command):
+    """A file where one of a run's folders belongs gave `[Errno 20] Not a directory: 'RUN/index/settings.json'`
+    (index, `query --search`), failed after the query pass (scores/), or said "no fitted curvature; run `wherefrom
+    fit` first", whose fit then failed (factors/). It is named, before the model loads, and kept."""
+    import wherefrom.engine.run as run_module
+
+    run = tmp_path / "run"
+    train, model, queries = workspace / "train.jsonl", workspace / "model", workspace / "queries.jsonl"
+    for args in (
+        ("fit", "--train", train, "--model", model, "--run", run, "--max-length", "128"),
+        ("scores", "--run", run, "--queries", queries),
+    ):
+        assert invoke(*args).exit_code == 0
+    path = run / folder
+    shutil.rmtree(path, ignore_errors=True)
+    path.write_text("kept")
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(run_module, "load_model", never)
+    given = {"TRAIN": train, "MODEL": model, "QUERIES": queries}
+    result = invoke(*[given.get(a, a) for a in command], "--run", run)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"{path}: a file is where the run's folder belongs" in said, result.output
+    assert path.read_text() == "kept"

@@ -19,7 +19,7 @@ from wherefrom.cli.app import command, fail, recorded_line
 from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores, load_scores, score_set_names
 from wherefrom.core.store import StoreError, writer_lock
-from wherefrom.engine.run import Run
+from wherefrom.engine.run import Run, refuse_files_in_place
 from wherefrom.studies.influence_tables import influence_markdown, influence_tables
 from wherefrom.studies.report import render, write_html, write_report
 from wherefrom.studies.report.sections import query_sections, settings_section
@@ -46,6 +46,7 @@ def influence(run, name, top_k, out, threads) -> None:
     shares of |influence| by layer and module type for all rows and the --top-k proponents); --out
     receives influence.json and influence.md (default: RUN/analyses/NAME; an --out inside RUN is written under
     RUN's writer lock, so it is refused while `fit`, `index` or `scores` writes RUN)."""
+    refuse_files_in_place(run)
     folder = run / "scores"
     finished, unfinished = score_set_names(folder)
     if name in unfinished:

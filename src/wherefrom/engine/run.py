@@ -35,6 +35,7 @@ file's new place to :meth:`Run.open`: it is taken when its rows' fingerprint mat
 
 from __future__ import annotations
 
+import errno
 import gc
 import math
 import shlex
@@ -133,8 +134,31 @@ WITH_PRECONDITION = ("attribution", "optimizer_state")
 the AdamW states with ``adam``): they differ when the kind does."""
 INDEX_PARTS = "index-parts"
 """The folder of a tracin index's per-checkpoint column blocks while it is built."""
+RUN_FOLDERS = (
+    "factors",
+    "factors/stages",
+    "method",
+    "index",
+    f"index/{PRECONDITIONER}",
+    INDEX_PARTS,
+    "scores",
+    "analyses",
+)
+"""The folders a run's commands write in (the module docstring's layout; ``analyses/``: ``wherefrom influence``'s
+default output)."""
 FIT_ALONE = "fit it in one process; the influence methods (a curvature strategy) fit in many"
 """What to do instead when a method outside the influence family is fitted under ``torch.distributed``."""
+
+
+def refuse_files_in_place(folder: Path) -> None:
+    """Raise ``NotADirectoryError`` naming the first of the run's folders (:data:`RUN_FOLDERS`) that is a file, before
+    the model loads: a command would fail in it later, with an error naming a file under it (``fit`` after the
+    checks, ``scores`` after the query pass), or take it for a folder not yet made (no fitted curvature). The file
+    is not the run's: it is neither deleted nor replaced."""
+    for name in RUN_FOLDERS:
+        path = Path(folder) / name
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file is where the run's folder belongs; move it away", str(path))
 
 
 def refuse_distributed_scores(config: RunConfig) -> None:
@@ -318,7 +342,8 @@ class Run:
         Raises :class:`RunMismatch` naming each setting that differs from a finished run's config (with
         both values), :class:`wherefrom.core.store.FolderLocked` while another process writes the run, and
         ``ValueError`` when ``config.options`` holds setting options (:func:`RunConfig.for_method` puts them in
-        ``attribution``) or a method's option is bad.
+        ``attribution``) or a method's option is bad, ``NotADirectoryError`` naming a file where one of the run's
+        folders belongs (:func:`refuse_files_in_place`).
         Under ``torch.distributed`` rank 0 checks and writes the folder; a method outside the influence
         family, or a strategy that does not distribute (``cg``, ``lissa``, ``arnoldi``) where no fitted factors
         are there to reuse, raises :class:`wherefrom.core.distributed.NotDistributable` before the model loads
@@ -327,6 +352,7 @@ class Run:
         other settings raise :class:`RunMismatch` here, as in one process.
         """
         folder = Path(folder)
+        refuse_files_in_place(folder)
         config = config.resolved()
         if config.method is not None:  # options checked before the model loads
             method_settings(config.method, config.attribution, config.options)
@@ -415,9 +441,11 @@ class Run:
         With ``factors`` (the default) a fitted curvature or method is loaded, verified against its checksums
         (:class:`wherefrom.core.store.DamagedFile` names a damaged file); ``index`` does not need it.
         ``train``: the training file's new place when it was moved; taken only when its rows have the
-        recorded fingerprint. Raises :class:`RunMismatch` naming a recorded file or folder that is gone.
+        recorded fingerprint. Raises :class:`RunMismatch` naming a recorded file or folder that is gone, and
+        ``NotADirectoryError`` naming a file where one of the run's folders belongs (:func:`refuse_files_in_place`).
         """
         folder = Path(folder)
+        refuse_files_in_place(folder)
         config = cls.recorded_config(folder)
         if train is not None:
             config.train = absolute(str(train))
