@@ -404,6 +404,16 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "model",
+        "a LoRA target that names no module of the model (GPT-2 with the default q_proj, v_proj)",
+        EXIT,
+        "lora_targets (--lora-target) ['q_proj', 'v_proj']: no module of this gpt2 model is named so; its weight "
+        "matrices' modules are named c_attn, c_fc, c_proj",
+        "PEFT's own error named neither the flag nor the model's modules, and a target beside one that matches was "
+        "ignored; refused before the output folder is made",
+        command=("finetune", "--train", "train.jsonl", "--model", "model", "--out", "new"),
+    ),
+    Refusal(
+        "model",
         "a model folder without weights",
         EXIT,
         "no-weights: no model weights",

@@ -243,6 +243,30 @@ def _dtype_of(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def check_lora_targets(model: nn.Module, targets: list[str]) -> None:
+    """Raise ``ValueError`` naming each of ``targets`` (``FinetuneConfig.lora_targets``, ``--lora-target``) that
+    matches no module of ``model`` by PEFT's rule (a module named so, or whose dotted name ends in ``.target``),
+    with the names of the model's weight matrices (the modules LoRA can wrap): PEFT refuses when none matches, with
+    a message naming neither the setting nor the model's modules, and ignores a target that alone matches none."""
+    names = [name for name, _module in model.named_modules()]
+    unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+    if unmatched:
+        matrices = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in model.named_modules()
+                if next(module.children(), None) is None
+                and isinstance(getattr(module, "weight", None), torch.Tensor)
+                and module.weight.dim() == 2
+            }
+        )
+        kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        raise ValueError(
+            f"lora_targets (--lora-target) {unmatched}: no module of this {kind} model is named so; its weight "
+            f"matrices' modules are named {', '.join(matrices)}"
+        )
+
+
 def _wrap_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -426,7 +450,8 @@ def finetune(
     :class:`wherefrom.core.store.OutputExists` instead, before any training (an interrupted run that left no
     state is still cleared).
 
-    Raises ``ValueError`` for a bad config or a PEFT model, :class:`wherefrom.core.data.DataError` for
+    Raises ``ValueError`` for a bad config, a PEFT model or a LoRA target that names no module of the model
+    (:func:`check_lora_targets`), before ``output_dir`` is made; :class:`wherefrom.core.data.DataError` for
     an empty ``records``, an invalid row, a repeated id or an example longer than ``max_length``
     (or the model's positions).
     """
@@ -437,9 +462,11 @@ def finetune(
             "finetune() expects a base model, not a peft.PeftModel; it adds the LoRA adapter "
             "itself (set FinetuneConfig.lora_rank)"
         )
+    lora = config.lora_rank is not None
+    if lora:  # before the output folder is made
+        check_lora_targets(model, config.lora_targets)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    lora = config.lora_rank is not None
 
     identity = _identity(config, records, model, tokenizer)
     device = _device_of(model)
