@@ -6,6 +6,7 @@ tracin, and whose build, SIGKILLed part-way, resumes to the same bytes."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 from dataclasses import replace
@@ -132,6 +133,14 @@ def test_adam_of_an_earlier_checkpoint_and_the_refusals(workspace, tmp_path):
         adam_run(workspace, tmp_path / "kfac", replace(ADAM, strategy="kfac")).build_index(precondition="adam")
     with pytest.raises(ValueError, match="--optimizer-checkpoint applies to --precondition adam only"):
         run.build_index(optimizer_checkpoint=first)
+    # a file, or the final adapter, holds no state: the checkpoints that do are named (not "fine-tune again")
+    last = workspace / "ft" / "checkpoints" / "epoch-2"
+    other = adam_run(workspace, tmp_path / "other")
+    for given, said in ((last / OPTIMIZER_STATE_FILE, "is a file"), (workspace / "ft" / "adapter", "holds no AdamW")):
+        with pytest.raises(MissingOptimizerState, match=f"{re.escape(str(given))} {said}") as refused:
+            other.build_index(precondition="adam", optimizer_checkpoint=given)
+        assert str(last) in str(refused.value) and "fine-tune again" not in str(refused.value)
+    assert not (tmp_path / "other" / "index").exists()
     # another --optimizer-checkpoint is an option: the recorded command reuses the finished store
     with pytest.raises(SettingsMismatch, match=r"optimizer_state\.checkpoint") as refused:
         run.build_index(shard_size=10, precondition="adam")

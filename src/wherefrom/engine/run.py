@@ -42,7 +42,7 @@ import shlex
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,33 @@ def refuse_files_in_place(folder: Path) -> None:
         path = Path(folder) / name
         if path.exists() and not path.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "a file is where the run's folder belongs; move it away", str(path))
+
+
+def refuse_stateless_checkpoint(given: Path) -> None:
+    """Raise :class:`wherefrom.models.optimizer_state.MissingOptimizerState` when ``--optimizer-checkpoint``
+    ``given`` holds no AdamW state but is a file, or lies beside checkpoints that hold one (a file in a checkpoint
+    folder, a fine-tuning's output folder or its final weights), naming those: the advice of a checkpoint saved
+    before states were kept (fine-tune again) would be wrong there. Else the state's reader names the folder."""
+    if (given / OPTIMIZER_STATE_FILE).is_file():
+        return
+    found = [given.parent] if given.is_file() else []
+    for output in (given, given.parent):  # a fine-tuning's output folder, or its adapter/model folder given
+        if (output / FINETUNE_CONFIG).is_file():
+            with suppress(FileNotFoundError):
+                found += finetune_checkpoints(output)
+    found = [str(folder) for folder in dict.fromkeys(found) if (folder / OPTIMIZER_STATE_FILE).is_file()]
+    what = "is a file" if given.is_file() else f"holds no AdamW state ({OPTIMIZER_STATE_FILE})"
+    if found:
+        raise MissingOptimizerState(
+            f"--optimizer-checkpoint {given} {what}: it takes a checkpoint folder holding {OPTIMIZER_STATE_FILE}; "
+            f"these hold one: {', '.join(found)} (without the flag, a run on a fine-tuning's final weights takes its "
+            "last checkpoint)"
+        )
+    if given.is_file():
+        raise MissingOptimizerState(
+            f"--optimizer-checkpoint {given} is a file: it takes a checkpoint folder that `wherefrom finetune` saved "
+            f"(OUT/checkpoints/epoch-K, holding {OPTIMIZER_STATE_FILE})"
+        )
 
 
 def refuse_distributed_scores(config: RunConfig) -> None:
@@ -1075,6 +1102,8 @@ class Run:
                 f"this run applies {strategy!r} to the queries: index a run fitted with --strategy identity "
                 "(gradient similarity; LESS), or drop --precondition adam"
             )
+        if optimizer_checkpoint is not None:
+            refuse_stateless_checkpoint(Path(optimizer_checkpoint))
 
     def checkpoint_parts(
         self, writer: VectorStoreWriter, adam: bool, unit_norm: bool
