@@ -492,7 +492,8 @@ REFUSALS: tuple[Refusal, ...] = (
         EXIT,
         "--run train.jsonl/run: train.jsonl is a file, not a folder",
         "named before the model loads (`attribute` failed after its whole job, others with a bare `File exists`); "
-        "`report --out` and `evaluate --out` name files: only a file above them is refused",
+        "`report --out` and `query --html` name files (a folder there is refused too) and `evaluate --out` a file "
+        "stem: only a file above it is refused",
         command=(*FIT, "train.jsonl/run"),
     ),
     Refusal(

@@ -418,6 +418,16 @@ def test_an_output_folder_that_is_a_file_is_named_before_any_work(workspace, tmp
     assert refused.exit_code == 2 and f"{blocker} is a file, not a folder" in refused.output
     refused = invoke("evaluate", run, "--out", blocker / "stem")
     assert refused.exit_code == 2 and f"{blocker} is a file, not a folder" in refused.output
+    # a file's setting that is a folder: refused first (report failed once the page was made: "Is a directory")
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    for args in (("report", run, "--out", folder), ("query", "--run", run, "ab:", " cd", "--html", folder)):
+        refused = invoke(*args)
+        assert refused.exit_code == 2 and f"{folder}: is a folder, not a file" in refused.output, refused.output
+    # evaluate's --out is a stem (STEM.json, STEM.md): a file or a folder of that name is no problem of --out
+    for stem in (blocker, folder):
+        refused = invoke("evaluate", run, "--out", stem)  # refused for its ground truth alone
+        assert refused.exit_code == 2 and "GROUNDTRUTH" in refused.output and "--out" not in refused.output
 
 
 @pytest.mark.parametrize(

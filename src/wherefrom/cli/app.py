@@ -16,7 +16,7 @@ import functools
 import inspect
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from tqdm import tqdm
 
-from wherefrom.cli.settings import SETTINGS, Setting, check_arguments, default_threads
+from wherefrom.cli.settings import SETTINGS, Check, Setting, check_arguments, default_threads
 from wherefrom.core.commandline import command_line
 from wherefrom.core.distributed import NotDistributable, end_process, refuse
 from wherefrom.core.option_pairs import check_methods_named, options_for, parse_option_pairs
@@ -343,7 +343,7 @@ def command(
     uses: Iterable[str] = (),
     name: str | None = None,
     distributed: bool = False,
-    files: Iterable[str] = (),
+    files: Mapping[str, Check] | None = None,
 ) -> Any:
     """Register a function as the command of its name (or ``name``, e.g. ``word-order``). Its parameters, and the names in ``uses``
     (received through ``**settings`` and read by :func:`settings_as`), name settings of
@@ -359,11 +359,13 @@ def command(
     refused there before it runs (:class:`wherefrom.core.distributed.NotDistributable`, exit 2), where each
     process would have repeated the whole job and printed or written its results.
 
-    ``files``: settings declared as folders that name a file in this command (``report --out``: the HTML file),
-    checked as files (:func:`wherefrom.cli.settings.check_arguments`).
+    ``files``: settings declared as folders that name a file in this command, with the check that replaces the
+    folder's (:func:`wherefrom.cli.settings.check_arguments`): ``report --out`` the HTML file
+    (:func:`wherefrom.cli.settings.output_file`), ``evaluate --out`` a file stem
+    (:func:`wherefrom.cli.settings.output_stem`).
     """
     if function is None:
-        return functools.partial(command, uses=tuple(uses), name=name, distributed=distributed, files=tuple(files))
+        return functools.partial(command, uses=tuple(uses), name=name, distributed=distributed, files=files)
     name = name or function.__name__
     if distributed:
         DISTRIBUTED.add(name)
@@ -387,7 +389,7 @@ def command(
             if value is ...:
                 fail(f"{setting.flag} is required")
             arguments[setting.name] = _coerce(setting, value)
-        problems = check_arguments(arguments, files)
+        problems = check_arguments(arguments, files or {})
         if problems:
             fail("\n".join(problems))
         if not distributed:

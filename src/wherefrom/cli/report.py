@@ -16,6 +16,7 @@ from typing import Any
 import typer
 
 from wherefrom.cli.app import command, fail, recorded_line
+from wherefrom.cli.settings import output_file
 from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores, load_scores, score_set_names
 from wherefrom.core.store import StoreError, writer_lock
@@ -29,7 +30,7 @@ QUERY_SIDE_ROWS = 3
 """Top proponents whose query-side token heatmap the query view shows."""
 
 
-@command(files=("out",))
+@command(files={"out": output_file})
 def report(path, out, threads) -> None:
     """One self-contained HTML report (no network needed to open it) of a result folder or query JSON;
     --out is the HTML file (default: PATH/report.html, or PATH.html for a file)."""

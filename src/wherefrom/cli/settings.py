@@ -21,7 +21,7 @@ import math
 import os
 import re
 import typing
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -118,7 +118,16 @@ def output_folder(value: Any) -> str | None:
 
 
 def output_file(value: Any) -> str | None:
-    """A file (or file stem) to write: no folder above it is a file."""
+    """A file to write (replaced when it exists): not a folder (it failed once its content was made, ``Is a
+    directory``), and no folder above it is a file."""
+    if os.path.isdir(value):
+        return "is a folder, not a file"
+    return output_stem(value)
+
+
+def output_stem(value: Any) -> str | None:
+    """A file stem (``STEM.json``, ``STEM.md`` are written; a folder named ``STEM`` is left beside them): no folder
+    above it is a file."""
     return _file_in_the_way(Path(value).parent, Path(value))
 
 
@@ -770,13 +779,11 @@ REFERENCE_SWITCHES = (*REFERENCE_FINETUNING, "fisher")
 (:data:`wherefrom.studies.presets.PRESETS`)."""
 
 
-def check_arguments(arguments: dict[str, Any], files: Collection[str] = ()) -> list[str]:
+def check_arguments(arguments: dict[str, Any], files: Mapping[str, Check] | None = None) -> list[str]:
     """Problems with ``{parameter: value}`` (the settings among them), one message each, in order. ``files``: the
-    settings that name a file to write in this command though a folder elsewhere (``report --out``), checked
-    with :func:`output_file`."""
+    settings that name a file to write in this command though a folder elsewhere, with their check in place of the
+    setting's (``report --out``: :func:`output_file`; ``evaluate --out``: :func:`output_stem`)."""
     problems = [
-        SETTINGS[name].validate(value, output_file if name in files else None)
-        for name, value in arguments.items()
-        if name in SETTINGS
+        SETTINGS[name].validate(value, (files or {}).get(name)) for name, value in arguments.items() if name in SETTINGS
     ]
     return [p for p in problems if p is not None]

@@ -25,7 +25,14 @@ from wherefrom.cli.app import (
     say,
     settings_as,
 )
-from wherefrom.cli.settings import FINETUNING, REFERENCE_FINETUNING, REFERENCE_SWITCHES, int_list, parse_grid
+from wherefrom.cli.settings import (
+    FINETUNING,
+    REFERENCE_FINETUNING,
+    REFERENCE_SWITCHES,
+    int_list,
+    output_stem,
+    parse_grid,
+)
 from wherefrom.core.data import DataError, load_records
 from wherefrom.core.option_pairs import parse_option_pairs
 from wherefrom.core.store import OutputExists
@@ -290,7 +297,7 @@ def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, **setti
     typer.echo(json.dumps(meta["noise"], indent=2))
 
 
-@command(files=("out",))
+@command(files={"out": output_stem})
 def evaluate(groundtruth, methods, option, damping, damping_factor, out, device, threads) -> None:
     """Score methods against a ground truth: LDS, LOO Pearson/Spearman, PBRF Spearman with intervals, time, memory.
 
