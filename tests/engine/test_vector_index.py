@@ -429,6 +429,14 @@ def test_the_rebuild_hint_keeps_the_layout_when_the_checksums_are_lost(workspace
     manifest = json.loads((index / "settings.json").read_text())
     (index / "settings.json").write_text(json.dumps({**manifest, "shard_size": 99}))  # damaged: checksum differs
     assert "--shard-size 4 --dtype float16" in run.index_command()  # from the intact marker
+    # an unchecked manifest edited by hand: a value the command does not take is left out (it gave `--dtype ''`, or
+    # a KeyError inside the error path for an AdamW state without its folder)
+    (index / "checksums.json").unlink()
+    edited = {**manifest, "dtype": "", "precondition": 7, "optimizer_state": {"sha": "x"}, "device": None}
+    (index / "settings.json").write_text(json.dumps(edited))
+    assert run.index_command() == shlex.join(
+        ["wherefrom", "index", "--run", str(tmp_path / "run"), "--shard-size", "4"]
+    )
 
 
 def test_a_store_of_rows_preconditioned_by_another_fit_is_refused(workspace, tmp_path):

@@ -1205,24 +1205,29 @@ class Run:
         ``--precondition empirical``; else the plain command."""
         index = self.folder / "index"
         settings = self.index_manifest(unchecked=True) or {}
+        recorded = settings if {"shard_size", "dtype"} <= set(settings) else {}
+        layout = recorded or intact_json(index / MARKER) or unchecked_json(index / MARKER)
+        layout = layout if isinstance(layout, dict) else {}
+        if recorded:
+            precondition = recorded.get("precondition")
+        else:
+            precondition = "empirical" if (index / PRECONDITIONER).is_dir() else None
+        state, device = recorded.get("optimizer_state"), recorded.get("device")
+        # an option whose recorded value is not one the command takes (a file edited by hand) is left out
+        options = {
+            "--shard-size": layout.get("shard_size") if type(layout.get("shard_size")) is int else None,
+            "--dtype": layout.get("dtype") if layout.get("dtype") in DTYPES else None,
+            "--precondition": precondition if precondition in PRECONDITIONS else None,
+            # one AdamW state (a tracin run uses each checkpoint's own)
+            "--optimizer-checkpoint": state.get("checkpoint") if isinstance(state, dict) else None,
+            "--device": device,  # a resumed index runs where it started
+        }
         words = ["wherefrom", "index", "--run", str(self.folder)]
-        if not {"shard_size", "dtype"} <= set(settings):
-            layout = intact_json(index / MARKER) or unchecked_json(index / MARKER)
-            if isinstance(layout, dict) and {"shard_size", "dtype"} <= set(layout):
-                words += ["--shard-size", str(layout["shard_size"]), "--dtype", str(layout["dtype"])]
-            if (index / PRECONDITIONER).is_dir():
-                words += ["--precondition", "empirical"]
-            return shlex.join(words)
-        words += ["--shard-size", str(settings["shard_size"]), "--dtype", settings["dtype"]]
-        if "precondition" in settings:
-            words += ["--precondition", settings["precondition"]]
-        state = settings.get("optimizer_state")
-        if isinstance(state, dict):  # one AdamW state (a tracin run uses each checkpoint's own)
-            words += ["--optimizer-checkpoint", str(state["checkpoint"])]
-        if settings.get("unit_norm"):
+        for flag, value in options.items():
+            if isinstance(value, (int, str)) and not isinstance(value, bool) and str(value):
+                words += [flag, str(value)]
+        if recorded.get("unit_norm") is True:
             words.append("--unit-norm")
-        if "device" in settings:  # a resumed index runs where it started
-            words += ["--device", str(settings["device"])]
         return shlex.join(words)
 
     def open_index(self, verify: bool = True) -> VectorStore:
