@@ -158,6 +158,12 @@ def test_cli_tune(groundtruth, tmp_path):
     assert failed.exit_code == 1 and "| 0.5 |" in failed.output, failed.output
     assert 'error: point {"damping": 0.5}: RuntimeError: out of memory' in failed.output
     assert "error: no grid point gave an LDS on the selection queries" in failed.output
+    # a failed grid point that is also the default point (the damping factor's default, 0.1) is listed once
+    with failing_methods(lambda _name, config: config.damping_factor == 0.1 and config.damping is None):
+        args = ["tune", str(groundtruth), "--method", "ekfac", "--grid", "damping_factor=0.1,1", "--out"]
+        failed = runner.invoke(app, [*args, str(tmp_path / "d")])
+    assert failed.exit_code == 1 and 'error: point {"damping_factor": 0.1}: RuntimeError' in failed.output
+    assert failed.output.count("error: point") == 1, failed.output  # not again as the default point, `point {}`
     bad = runner.invoke(app, ["tune", str(groundtruth), "--method", "ekfac", "--grid", "damping_factor"])
     assert bad.exit_code != 0 and "key=value1,value2" in bad.output
 

@@ -361,9 +361,8 @@ def tune(groundtruth, method, grid, option, split_seed, selection_share, out, de
     except (ValueError, RuntimeError) as error:
         fail(error)
     typer.echo((folder / "tune.md").read_text())
-    failed = [
-        f"point {json.dumps(p['point'])}: {p['error']}" for p in [*report["points"], report["default"]] if p["error"]
-    ]
+    default = [report["default"]] if report["default"].get("grid_point") is None else []  # else one of the points
+    failed = [f"point {json.dumps(p['point'])}: {p['error']}" for p in [*report["points"], *default] if p["error"]]
     incomplete(
         failed if report["chosen"] is not None else [*failed, "no grid point gave an LDS on the selection queries"]
     )

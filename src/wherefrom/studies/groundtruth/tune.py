@@ -205,7 +205,8 @@ def tune(
     base settings (default: the ground truth's, :meth:`GroundTruthConfig.attribution`). The returned
     dict has ``points`` (``point``, ``seconds``, ``error``, ``selection`` / ``held_out`` LDS
     ``{mean, low, high, n, ...}`` and ``per_query`` LDS of all queries), ``chosen`` (``index`` into
-    ``points``, ``point``, both LDS) and ``default`` (the method's default point, both LDS).
+    ``points``, ``point``, both LDS) and ``default`` (the method's default point, both LDS, its ``error``, and
+    ``grid_point``: the index into ``points`` of the grid point it equals, which it reuses, or ``None``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
@@ -264,8 +265,9 @@ def tune(
         return settings, options_off_default(method, options)
 
     plain = settings_of({})  # the default point: reuse a grid point that equals it
-    same = [r for r, p in zip(rows, points) if settings_of(p) == plain]
-    default = {**same[0], "point": {}} if same else run({})
+    same = [i for i, p in enumerate(points) if settings_of(p) == plain]
+    default = {**rows[same[0]], "point": {}} if same else run({})
+    default["grid_point"] = same[0] if same else None
     chosen = None
     if best is not None:
         chosen = {"index": best, **{k: rows[best][k] for k in ("point", "selection", "held_out")}}
@@ -288,7 +290,7 @@ def tune(
         "split": {"selection": [gt.query_ids[q] for q in selection], "held_out": [gt.query_ids[q] for q in held_out]},
         "points": rows,
         "chosen": chosen,
-        "default": {k: default[k] for k in ("point", "selection", "held_out", "error")},
+        "default": {k: default[k] for k in ("point", "selection", "held_out", "error", "grid_point")},
     }
     write_report(folder / "tune", report, markdown(report))
     return report
