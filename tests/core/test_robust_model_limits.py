@@ -108,7 +108,12 @@ def test_finetune_and_groundtruth_refuse_long_rows(tmp_path) -> None:
     message = r"record 'long': 200 tokens > the model's 128 positions \(config.n_positions\)"
     with pytest.raises(DataError, match=message):
         finetune(
-            models(tok)["gpt2"], tok, [*TRAIN, row_of(200)], FinetuneConfig(epochs=1), tmp_path / "ft", progress=False
+            models(tok)["gpt2"],
+            tok,
+            [*TRAIN, row_of(200)],
+            FinetuneConfig(epochs=1, lora_targets=["c_attn"]),  # GPT-2's (the default names LLaMA's modules)
+            tmp_path / "ft",
+            progress=False,
         )
     assert not (tmp_path / "ft").exists() or not any((tmp_path / "ft").iterdir())
     with pytest.raises(DataError, match=message):

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -158,6 +158,23 @@ def _block_sq_norms(block: QueryBlock) -> torch.Tensor:
 def _sq_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     """``(n,)`` float64 squared norms of dense gradients ``{module: (n, out, in')}`` over all modules, on CPU."""
     return sum(torch.einsum("np,np->n", g.flatten(1), g.flatten(1)).double().cpu() for g in grads.values())
+
+
+def _per_token_rows(
+    encoded: Sequence[Any],
+    stream: Iterable[tuple[list[str], dict[str, Any]]],
+    score: Callable[[dict[str, Any], int, int], torch.Tensor],
+) -> list[tuple[str, list[int], torch.Tensor]]:
+    """``[(row_id, input_ids, (n_other, T_row))]`` of the rows of ``encoded`` in order, from ``stream`` (``(ids,
+    per-token factors)`` per batch of them) and ``score(factors, width, start)`` (a batch's per-token scores
+    ``(n_other, b, width)``, ``width`` its longest row, ``start`` its first row's index): each row's scores cut to
+    its own tokens (the padding's dropped)."""
+    out: list[tuple[str, list[int], torch.Tensor]] = []
+    for ids, factors in stream:
+        batch = encoded[len(out) : len(out) + len(ids)]
+        per_token = score(factors, max(len(e.input_ids) for e in batch), len(out))
+        out += [(i, e.input_ids, per_token[:, j, : len(e.input_ids)].cpu()) for j, (i, e) in enumerate(zip(ids, batch))]
+    return out
 
 
 def cosine_denominator(query_norms: torch.Tensor, train_norms: torch.Tensor) -> torch.Tensor:
@@ -620,17 +637,15 @@ class Attributor:
         queries, train = checked_rows(queries, "query rows"), checked_rows(train, "training rows")
         encoded = self.encoded(train)
         query_ids, pre = self.preconditioned_queries(self.encoded(queries))
-        out = []
-        for ids, factors in self.token_factor_stream(encoded, description="token scores"):
-            width = max(len(e.input_ids) for e in encoded[len(out) : len(out) + len(ids)])
+
+        def score(factors: dict[str, Any], width: int, _start: int) -> torch.Tensor:
             per_token = summed_token_scores(pre, factors, self.module_names, width)
             if self.config.normalize == "cosine":
                 train_norms = _sq_norms({n: f.dense() for n, f in factors.items()}).sqrt()
                 per_token = per_token / cosine_denominator(pre.norms, train_norms)[:, :, None].to(per_token)
-            for j, row_id in enumerate(ids):
-                example = encoded[len(out)]
-                out.append((row_id, example.input_ids, per_token[:, j, : len(example.input_ids)].cpu()))
-        return query_ids, out
+            return per_token
+
+        return query_ids, _per_token_rows(encoded, self.token_factor_stream(encoded, description="token scores"), score)
 
     def query_token_scores(
         self, queries: Sequence[Record], train: Sequence[Record]
@@ -655,13 +670,12 @@ class Attributor:
         cosine = None
         if self.config.normalize == "cosine":
             cosine = cosine_denominator(self.preconditioned_queries(encoded)[1].norms, torch.cat(train_sq).sqrt())
-        out = []
-        for ids, factors in self.token_factor_stream(encoded, self.query_loss_fn(), "query token scores"):
-            width = max(len(e.input_ids) for e in encoded[len(out) : len(out) + len(ids)])
+
+        def score(factors: dict[str, Any], width: int, start: int) -> torch.Tensor:
             per_token = summed_token_scores(preconditioned, factors, self.module_names, width)  # (n_train, b, T)
             if cosine is not None:
-                per_token = per_token / cosine[len(out) : len(out) + len(ids)].T[:, :, None].to(per_token)
-            for j, query_id in enumerate(ids):
-                example = encoded[len(out)]
-                out.append((query_id, example.input_ids, per_token[:, j, : len(example.input_ids)].cpu()))
-        return train_ids, out
+                per_token = per_token / cosine[start : start + per_token.shape[1]].T[:, :, None].to(per_token)
+            return per_token
+
+        stream = self.token_factor_stream(encoded, self.query_loss_fn(), "query token scores")
+        return train_ids, _per_token_rows(encoded, stream, score)
