@@ -1188,7 +1188,7 @@ class Run:
         if self.has_index():
             return False
         recorded = self.index_manifest(unchecked=True) or {}
-        return recorded.get("precondition") == "empirical" or (self.folder / "index" / PRECONDITIONER).exists()
+        return recorded.get("precondition") == "empirical" or (self.folder / "index" / PRECONDITIONER).is_dir()
 
     @staticmethod
     def recorded_settings(folder: Path) -> dict[str, Any] | None:
@@ -1212,10 +1212,10 @@ class Run:
             precondition = recorded.get("precondition")
         else:
             precondition = "empirical" if (index / PRECONDITIONER).is_dir() else None
-        state, device = recorded.get("optimizer_state"), recorded.get("device")
+        state, device, size = recorded.get("optimizer_state"), recorded.get("device"), layout.get("shard_size")
         # an option whose recorded value is not one the command takes (a file edited by hand) is left out
         options = {
-            "--shard-size": layout.get("shard_size") if type(layout.get("shard_size")) is int else None,
+            "--shard-size": size if type(size) is int and size >= 1 else None,
             "--dtype": layout.get("dtype") if layout.get("dtype") in DTYPES else None,
             "--precondition": precondition if precondition in PRECONDITIONS else None,
             # one AdamW state (a tracin run uses each checkpoint's own)
