@@ -406,8 +406,8 @@ REFUSALS: tuple[Refusal, ...] = (
         "model",
         "a LoRA target that names no module of the model (GPT-2 with the default q_proj, v_proj)",
         EXIT,
-        "lora_targets (--lora-target) ['q_proj', 'v_proj']: no module of this gpt2 model is named so; its weight "
-        "matrices' modules are named c_attn, c_fc, c_proj",
+        "lora_targets ['q_proj', 'v_proj'] (finetune's and groundtruth's --lora-target): no module of this gpt2 model "
+        "is named so; its linear layers are named c_attn, c_fc, c_proj",
         "PEFT's own error named neither the flag nor the model's modules, and a target beside one that matches was "
         "ignored; refused before the output folder is made",
         command=("finetune", "--train", "train.jsonl", "--model", "model", "--out", "new"),
@@ -492,8 +492,8 @@ REFUSALS: tuple[Refusal, ...] = (
         EXIT,
         "--run train.jsonl/run: train.jsonl is a file, not a folder",
         "named before the model loads (`attribute` failed after its whole job, others with a bare `File exists`); "
-        "`report --out` and `query --html` name files (a folder there is refused too) and `evaluate --out` a file "
-        "stem: only a file above it is refused",
+        "`report --out` (or its default page) and `query --html` name files, and `evaluate --out` a file stem: a "
+        "folder at the file (at STEM.json or STEM.md) is refused too",
         command=(*FIT, "train.jsonl/run"),
     ),
     Refusal(

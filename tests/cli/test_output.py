@@ -428,6 +428,14 @@ def test_an_output_folder_that_is_a_file_is_named_before_any_work(workspace, tmp
     for stem in (blocker, folder):
         refused = invoke("evaluate", run, "--out", stem)  # refused for its ground truth alone
         assert refused.exit_code == 2 and "GROUNDTRUTH" in refused.output and "--out" not in refused.output
+    (tmp_path / "stem.md").mkdir()  # one of the files it writes is a folder: refused before the evaluation
+    refused = invoke("evaluate", run, "--out", tmp_path / "stem")
+    assert refused.exit_code == 2 and f"{tmp_path / 'stem.md'} is a folder, not a file" in refused.output
+    default = run / "report.html"  # report's default page: refused before the report is made too
+    default.mkdir()
+    refused = invoke("report", run)
+    assert refused.exit_code == 2 and f"{default}: a folder is where this file belongs" in refused.output
+    default.rmdir()
 
 
 @pytest.mark.parametrize(
@@ -439,7 +447,8 @@ def test_an_output_folder_that_is_a_file_is_named_before_any_work(workspace, tmp
         ("factors", ["scores", "--queries", "QUERIES"]),
         ("factors", ["fit", "--train", "TRAIN", "--model", "MODEL", "--max-length", "128"]),
         ("factors/stages", ["fit", "--train", "TRAIN", "--model", "MODEL", "--max-length", "128"]),
-        ("analyses", ["influence"]),
+        ("scores", ["influence"]),
+        ("scores", ["report", "RUN"]),  # it said "No scores yet: run `wherefrom scores`", which was then refused
     ],
 )
 def test_a_run_folder_that_is_a_file_is_named_before_the_model_loads(workspace, tmp_path, monkeypatch, folder, command):
@@ -464,7 +473,8 @@ def test_a_run_folder_that_is_a_file_is_named_before_the_model_loads(workspace, 
 
     monkeypatch.setattr(run_module, "load_model", never)
     given = {"TRAIN": train, "MODEL": model, "QUERIES": queries}
-    result = invoke(*[given.get(a, a) for a in command], "--run", run)
+    given["RUN"] = run
+    result = invoke(*[given.get(a, a) for a in command], *([] if "RUN" in command else ["--run", run]))
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and f"{path}: a file is where the run's folder belongs" in said, result.output
     assert path.read_text() == "kept"

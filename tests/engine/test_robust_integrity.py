@@ -139,6 +139,26 @@ def test_a_folder_in_place_of_an_index_file_is_named_and_changes_nothing(root, f
     (root / "kept").unlink()
 
 
+@pytest.mark.parametrize("file", ["scores/clean.top.csv", "scores/clean.json", "factors/curvature.safetensors"])
+def test_a_folder_in_place_of_a_result_file_is_refused_before_the_work(root, file):
+    """A folder where a score set's file belongs: `scores` ran the whole query pass, removed the finished set's
+    marker (the set became unfinished) and then refused the folder; in place of a factors file, `fit` refitted
+    the whole curvature before failing. Both are refused first, nothing changed."""
+    path = root / "run" / file
+    kept = {p: p.read_bytes() for p in (root / "run").rglob("*") if p.is_file() and p != path}
+    path.rename(root / "aside")
+    path.mkdir()
+    try:
+        args = ["scores", "--run", root / "run", "--queries", root / "queries.jsonl", "--name", "clean"]
+        code, out = invoke(*(fit_args(root, "run") if file.startswith("factors") else args))
+        said = " ".join(out.split())
+        assert code == 2 and f"{path}: a folder is where this file belongs" in said and "refitting" not in said, out
+        assert {p: p.read_bytes() for p in kept} == kept  # nothing changed: the set's marker kept
+    finally:
+        path.rmdir()
+        (root / "aside").rename(path)
+
+
 def test_damaged_index_marker_is_refused_then_rewritten(root):
     path = root / "run" / "index" / "index.json"
     path.write_text(path.read_text().replace('"rows": 20', '"rows": 21'))

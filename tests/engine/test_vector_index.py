@@ -215,7 +215,14 @@ def test_empirical_index_gives_the_methods_empirical_fisher_scores_without_a_fit
     assert not torch.allclose(from_store.per_module, true_fisher.per_module, rtol=0, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("lost", [("settings.json", "index.json"), ("checksums.json", "index.json")])
+@pytest.mark.parametrize(
+    "lost",
+    [
+        ("settings.json", "index.json"),  # known by its preconditioner folder
+        ("checksums.json", "index.json"),
+        ("checksums.json", "index.json", "preconditioner"),  # known by the manifest read unchecked
+    ],
+)
 def test_an_empirical_index_that_lost_its_manifest_is_not_scored_as_the_fitted_method(workspace, tmp_path, lost):
     """A fitted trak run without curvature (its scores: raw projected products) indexed with --precondition
     empirical, then the manifest and the completion marker lost (or the checksums and the marker): `scores`
@@ -231,12 +238,30 @@ def test_an_empirical_index_that_lost_its_manifest_is_not_scored_as_the_fitted_m
     empirical = Run.open(tmp_path / "run", device="cpu").scores(queries).per_module
     index = tmp_path / "run" / "index"
     for name in lost:
-        (index / name).unlink()
+        shutil.rmtree(index / name) if (index / name).is_dir() else (index / name).unlink()
     with pytest.raises(RuntimeError, match=r"unfinished --precondition empirical index.*--precondition empirical"):
         Run.open(tmp_path / "run", device="cpu").scores(queries)
     Run.open(tmp_path / "run", device="cpu").build_index(precondition="empirical")  # the hint, followed
     again = Run.open(tmp_path / "run", device="cpu").scores(queries).per_module  # another shard size: sums reordered
     assert torch.allclose(again, empirical, rtol=0, atol=1e-6 * float(empirical.abs().max()))
+
+
+def test_a_folder_in_place_of_the_preconditioner_keeps_the_finished_index(workspace, tmp_path):
+    """A folder where a finished empirical index's preconditioner file belongs: `index` removed the completion
+    marker, refitted the preconditioner from every shard and only then failed ("Is a directory"), leaving the
+    store unfinished. It is refused before anything changes, the marker kept."""
+    options = {"dim": 8, "curvature": False}
+    config = RunConfig.for_method("trak", str(workspace / "train.jsonl"), ATTRIBUTION, options, device="cpu")
+    run = Run.create(tmp_path / "run", replace(config, model=str(workspace / "model")))
+    run.fit()
+    run.build_index(shard_size=4, precondition="empirical")
+    tensors = tmp_path / "run" / "index" / "preconditioner" / "curvature.safetensors"
+    tensors.unlink()
+    tensors.mkdir()
+    marker = (tmp_path / "run" / "index" / "index.json").read_bytes()
+    with pytest.raises(IsADirectoryError, match="a folder is where this file belongs"):
+        Run.open(tmp_path / "run", device="cpu", factors=False).build_index(shard_size=4, precondition="empirical")
+    assert (tmp_path / "run" / "index" / "index.json").read_bytes() == marker and tensors.is_dir()
 
 
 def test_empirical_index_resumes_to_the_same_bytes_and_refits_a_damaged_preconditioner(workspace, tmp_path):

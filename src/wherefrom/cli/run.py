@@ -32,7 +32,7 @@ from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, data_fingerprint, load_records
 from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, refuse, session
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
-from wherefrom.core.scoring import Scores, end_kind
+from wherefrom.core.scoring import Scores, end_kind, refuse_folders_in_set
 from wherefrom.core.search import RowSource, SearchReport, faiss_settings, search_store
 from wherefrom.core.store import StoreError, check_replacement, refuse_other_inputs, strict_json, writer_lock
 from wherefrom.engine.api import AttributionConfig
@@ -176,7 +176,7 @@ def scores(
                 refuse_full_score_flags(("name", "overwrite"))
                 search_run(run, rows, top_k, search, options, prefilter_bm25, not no_recall, device)
                 return
-            saved = [run / "scores" / f"{name}.{suffix}" for suffix in ("safetensors", "json")]
+            saved = list(refuse_folders_in_set(run / "scores", name)[:2])  # a folder there: before the query pass
             queried = {"query_ids": [r.id for r in rows], "query_fingerprint": data_fingerprint(rows)}
             # a finished set is one with its .json (written last): tensors without it are a killed write's
             replaces = not overwrite and saved[1].exists() and check_replacement(saved, saved[1], queried)

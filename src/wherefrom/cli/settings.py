@@ -126,8 +126,11 @@ def output_file(value: Any) -> str | None:
 
 
 def output_stem(value: Any) -> str | None:
-    """A file stem (``STEM.json``, ``STEM.md`` are written; a folder named ``STEM`` is left beside them): no folder
-    above it is a file."""
+    """A file stem (``STEM.json``, ``STEM.md`` are written; a folder named ``STEM`` is left beside them): neither
+    file is a folder, and no folder above them is a file."""
+    for written in (f"{value}.json", f"{value}.md"):
+        if os.path.isdir(written):
+            return f"{written} is a folder, not a file"
     return _file_in_the_way(Path(value).parent, Path(value))
 
 

@@ -30,6 +30,7 @@ from wherefrom.core.store import (
     forget_file,
     load_tensors_checked,
     read_json_checked,
+    refuse_folder_in_place,
     save_tensors_checked,
     write_json_checked,
 )
@@ -205,6 +206,16 @@ def set_name_problem(name: str) -> str | None:
     return None
 
 
+def refuse_folders_in_set(folder: Path, name: str) -> tuple[Path, Path, Path]:
+    """The files of score set ``name`` in ``folder`` (``<name>.safetensors``, ``<name>.json``, ``<name>.top.csv``);
+    raises ``IsADirectoryError`` naming one that is a folder (not the set's: never deleted), so that a writer can
+    refuse before its work and before it forgets an earlier set's files."""
+    paths = tuple(Path(folder) / f"{name}{suffix}" for suffix in (".safetensors", ".json", ".top.csv"))
+    for path in paths:
+        refuse_folder_in_place(path)
+    return paths
+
+
 def save_scores(
     scores: Scores,
     folder: Path,
@@ -227,14 +238,13 @@ def save_scores(
     (:func:`load_scores` refuses it) and never pairs new scores with an earlier set's ids.
 
     Raises ``ValueError`` before writing anything if ``name`` is not a set's name (:func:`set_name_problem`) or a
-    score is NaN or infinite (:func:`check_finite`).
+    score is NaN or infinite (:func:`check_finite`), and ``IsADirectoryError`` (:func:`refuse_folders_in_set`).
     """
     problem = set_name_problem(name)
     if problem is not None:
         raise ValueError(f"score set name {name!r}: {problem}")
     check_finite(scores)
-    folder = Path(folder)
-    path, marker, top = (folder / f"{name}{suffix}" for suffix in (".safetensors", ".json", ".top.csv"))
+    path, marker, top = refuse_folders_in_set(folder, name)
     for earlier in (marker, top):
         forget_file(earlier)
     save_tensors_checked(

@@ -90,7 +90,9 @@ class TrackedModule:
         return w
 
 
-def _is_trackable(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer wherefrom tracks (and LoRA wraps): ``nn.Linear`` or transformers'
+    ``Conv1D`` (GPT-2's, weight stored ``(in, out)``)."""
     return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
 
 
@@ -150,7 +152,7 @@ def select_modules(
     Biases are tracked when present and trainable. Raises ``ValueError`` when nothing matches, and
     when a chosen module's parameter is shared with another module (:func:`check_unshared`).
     """
-    candidates = [(n, m) for n, m in model.named_modules() if _is_trackable(m)]
+    candidates = [(n, m) for n, m in model.named_modules() if is_linear(m)]
     if include is None:
         lora = [(n, m) for n, m in candidates if LORA_PATTERN.search(n + ".")]
         chosen = lora or [(n, m) for n, m in candidates if not any(re.search(p, n) for p in DEFAULT_EXCLUDE)]

@@ -83,6 +83,7 @@ from wherefrom.core.store import (
     package_versions,
     read_json_object,
     record_settings,
+    refuse_folder_in_place,
     settings_differences,
     unchecked_json,
     writer_lock,
@@ -142,10 +143,8 @@ RUN_FOLDERS = (
     f"index/{PRECONDITIONER}",
     INDEX_PARTS,
     "scores",
-    "analyses",
 )
-"""The folders a run's commands write in (the module docstring's layout; ``analyses/``: ``wherefrom influence``'s
-default output)."""
+"""The folders a run's commands write in (the module docstring's layout)."""
 FIT_ALONE = "fit it in one process; the influence methods (a curvature strategy) fit in many"
 """What to do instead when a method outside the influence family is fitted under ``torch.distributed``."""
 
@@ -613,10 +612,14 @@ class Run:
     def factors_intact(self, target: Path, stages: StageFolder) -> bool:
         """Whether ``target`` holds intact factors fitted with this run's settings; when not, prepare it for a
         fit (settings recorded, unfinished marker removed; repairs noted in :attr:`notices`). Rank 0's job
-        under ``torch.distributed``, holding the writer lock."""
+        under ``torch.distributed``, holding the writer lock. Raises ``IsADirectoryError`` naming a folder in the
+        place of a factors file, before the fit (which would fail writing it)."""
+        files = [target / "curvature.safetensors", target / "curvature.json"]
+        for path in files:
+            refuse_folder_in_place(path)
 
         def problems() -> list[str]:
-            return [p for p in (damage(target / "curvature.safetensors"), damage(target / "curvature.json")) if p]
+            return [p for p in map(damage, files) if p]
 
         found = problems()
         if (found or damage(target / SETTINGS)) and self.config.attribution.strategy in STRATEGIES:
@@ -661,8 +664,12 @@ class Run:
             if self.created_manifest is not None:
                 self.settle()
 
+            files = [target / TENSORS_FILE, target / META_FILE]
+            for path in files:  # a folder there: refused before the fit (which would fail writing it)
+                refuse_folder_in_place(path)
+
             def problems() -> list[str]:
-                return [p for p in (damage(target / TENSORS_FILE), damage(target / META_FILE)) if p]
+                return [p for p in map(damage, files) if p]
 
             found = problems()
             notes = record_settings(
@@ -815,7 +822,7 @@ class Run:
             inputs it was built from)."""
 
             def said(differing: list[str]) -> str:
-                command = self.index_command()
+                command = self.index_command(device=not finished)  # a finished store is reused on any device
                 chosen = {*INDEX_OPTIONS, *(WITH_PRECONDITION if "precondition" in differing else ())}
                 if "optimizer_state.checkpoint" in differing:  # another --optimizer-checkpoint: another state
                     chosen.add("optimizer_state")
@@ -823,7 +830,7 @@ class Run:
                     return (
                         "No `wherefrom index` option chooses what differs (the run's weights, checkpoints, training "
                         f"rows or method settings changed since): delete {writer.folder} and rerun to index with the "
-                        f"current ones (`{command}` keeps the recorded layout)."
+                        f"current ones (`{self.index_command(device=False)}` keeps the recorded layout)."
                     )
                 state = f"It is finished: `{command}` reuses it" if finished else f"Resume it with `{command}`"
                 return f"{state}, or delete {writer.folder} to index with the new settings."
@@ -883,9 +890,13 @@ class Run:
         on_main(fit)
 
     def preconditioner_damage(self) -> str | None:
-        """What is wrong with ``RUN/index/preconditioner/`` (missing or damaged), or ``None`` when it is intact."""
-        folder = self.folder / "index" / PRECONDITIONER
-        return next((p for p in (damage(folder / CURVATURE_TENSORS), damage(folder / CURVATURE_META)) if p), None)
+        """What is wrong with ``RUN/index/preconditioner/`` (missing or damaged), or ``None`` when it is intact.
+        Raises ``IsADirectoryError`` naming a folder in the place of one of its files (not refitted over: a writer
+        would remove the index's marker and refit, then fail)."""
+        files = [self.folder / "index" / PRECONDITIONER / name for name in (CURVATURE_TENSORS, CURVATURE_META)]
+        for path in files:
+            refuse_folder_in_place(path)
+        return next((problem for problem in map(damage, files) if problem), None)
 
     def default_optimizer_checkpoint(self) -> Path:
         """The checkpoint folder whose AdamW state ``--precondition adam`` uses by default: the run's adapter (or
@@ -1196,13 +1207,14 @@ class Run:
         damaged."""
         return intact_json(Path(folder) / SETTINGS)
 
-    def index_command(self) -> str:
+    def index_command(self, device: bool = True) -> str:
         """The ``wherefrom index`` command that resumes or repairs ``RUN/index/`` with the options its manifest
         recorded. A manifest without its checksum (``checksums.json`` lost: the store is rebuilt whole) still gives
         them, read unchecked (:func:`wherefrom.core.store.unchecked_json`), so the rebuild keeps the layout the user
         chose. When the manifest is missing or damaged, what survives says what was built: a completion marker
         (intact, or without its checksum) its ``--shard-size`` and ``--dtype``, a preconditioner folder
-        ``--precondition empirical``; else the plain command."""
+        ``--precondition empirical``; else the plain command. ``device=False``: without the recorded ``--device``
+        (a resumed index runs where it started; a finished one, or one deleted and built again, on any)."""
         index = self.folder / "index"
         settings = self.index_manifest(unchecked=True) or {}
         recorded = settings if {"shard_size", "dtype"} <= set(settings) else {}
@@ -1212,7 +1224,7 @@ class Run:
             precondition = recorded.get("precondition")
         else:
             precondition = "empirical" if (index / PRECONDITIONER).is_dir() else None
-        state, device, size = recorded.get("optimizer_state"), recorded.get("device"), layout.get("shard_size")
+        state, recorded_device, size = recorded.get("optimizer_state"), recorded.get("device"), layout.get("shard_size")
         # an option whose recorded value is not one the command takes (a file edited by hand) is left out
         options = {
             "--shard-size": size if type(size) is int and size >= 1 else None,
@@ -1220,7 +1232,7 @@ class Run:
             "--precondition": precondition if precondition in PRECONDITIONS else None,
             # one AdamW state (a tracin run uses each checkpoint's own)
             "--optimizer-checkpoint": state.get("checkpoint") if isinstance(state, dict) else None,
-            "--device": device,  # a resumed index runs where it started
+            "--device": recorded_device if device else None,  # a resumed index runs where it started
         }
         words = ["wherefrom", "index", "--run", str(self.folder)]
         for flag, value in options.items():
@@ -1247,7 +1259,7 @@ class Run:
             {k: v for k, v in now.items() if k not in ("device", "precondition", "unit_norm", *RECORDED_ONLY)},
             f"run {self.folder}",
             self.config.setting_defaults(),
-            f"delete {store.folder} and rerun `{self.index_command()}` to rebuild it with the current ones",
+            f"delete {store.folder} and rerun `{self.index_command(device=False)}` to rebuild it with the current ones",
         )
         if store.ids != [r.id for r in self.train]:
             raise DamagedFile(

@@ -48,6 +48,7 @@ from wherefrom.core.data import Record, check_records, data_fingerprint
 from wherefrom.core.encoding import LAYOUT_SETTINGS, encode_records, iterate_batches, pad_id
 from wherefrom.core.store import atomic_write_dir, atomic_write_text, refuse_overwrite
 from wherefrom.core.task import per_example_loss
+from wherefrom.core.tracking import is_linear
 from wherefrom.models.loading import is_peft, model_fingerprint, quiet_peft, tokenizer_fingerprint
 from wherefrom.models.optimizer_state import save_adam_state
 from wherefrom.models.training_state import TrainingStateMismatch, latest_training_state, save_training_state
@@ -246,24 +247,17 @@ def _dtype_of(model: nn.Module) -> torch.dtype:
 def check_lora_targets(model: nn.Module, targets: list[str]) -> None:
     """Raise ``ValueError`` naming each of ``targets`` (``FinetuneConfig.lora_targets``, ``--lora-target``) that
     matches no module of ``model`` by PEFT's rule (a module named so, or whose dotted name ends in ``.target``),
-    with the names of the model's weight matrices (the modules LoRA can wrap): PEFT refuses when none matches, with
+    with the names of the model's linear layers (:func:`wherefrom.core.tracking.is_linear`): PEFT refuses when none matches, with
     a message naming neither the setting nor the model's modules, and ignores a target that alone matches none."""
     names = [name for name, _module in model.named_modules()]
     unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
     if unmatched:
-        matrices = sorted(
-            {
-                name.rsplit(".", 1)[-1]
-                for name, module in model.named_modules()
-                if next(module.children(), None) is None
-                and isinstance(getattr(module, "weight", None), torch.Tensor)
-                and module.weight.dim() == 2
-            }
-        )
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if is_linear(module)})
         kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
         raise ValueError(
-            f"lora_targets (--lora-target) {unmatched}: no module of this {kind} model is named so; its weight "
-            f"matrices' modules are named {', '.join(matrices)}"
+            f"lora_targets {unmatched} (finetune's and groundtruth's --lora-target): no module of this {kind} model "
+            f"is named so; its linear layers are named {', '.join(linear)} (a command without --lora-target fine-tunes "
+            "with LoRA only a model that has the default q_proj and v_proj: use --lora-rank 0, or such a model)"
         )
 
 

@@ -25,7 +25,8 @@ from typing import Any
 
 from wherefrom.core.data import DataError, Record, load_records
 from wherefrom.core.scoring import Scores, load_scores, score_set_names
-from wherefrom.core.store import read_json_object
+from wherefrom.core.store import read_json_object, refuse_folder_in_place
+from wherefrom.engine.run import refuse_files_in_place
 from wherefrom.studies.report.render import render, write_html
 from wherefrom.studies.report.sections import (
     agreement_section,
@@ -114,6 +115,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             data = read_json_object(path / "wordorder.json")
             return f"Word order: {path.name}", [word_order_section(data["summary"]), *_provenance(data)]
         if (path / "config.json").is_file() and (path / "manifest.json").is_file():
+            refuse_files_in_place(path)  # a file in place of RUN/scores is no "no scores yet"
             config, manifest = read_json_object(path / "config.json"), read_json_object(path / "manifest.json")
             named = score_sets(path / "scores") if (path / "scores").is_dir() else {}
             sections = _scores_report(named, _rows(config.get("train")))
@@ -141,9 +143,11 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
 
 
 def write_report(path: Path, out: Path | None = None) -> Path:
-    """Write the HTML report on ``path`` to ``out`` (default ``<folder>/report.html``, or ``<file>.html``)."""
+    """Write the HTML report on ``path`` to ``out`` (default ``<folder>/report.html``, or ``<file>.html``).
+    Raises ``IsADirectoryError`` naming ``out`` when it is a folder, before the report is made."""
     path = Path(path)
-    title, sections = report_sections(path)
     if out is None:
         out = path / "report.html" if path.is_dir() else path.with_suffix(".html")
+    refuse_folder_in_place(out)
+    title, sections = report_sections(path)
     return write_html(render(title, str(path), sections), out)
