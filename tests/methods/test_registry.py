@@ -111,6 +111,17 @@ def test_text_values_are_read_as_json_for_typed_options(model, tokenizer):
         make_curvature("lissa", depth="abc")
 
 
+def test_a_text_option_takes_the_text_that_the_command_line_read_as_json():
+    """`--option fisher=true` (or a tune grid `fisher=empirical,true`) reached the option as JSON `true`, and was
+    refused with "got True; allowed: one of "true", "empirical"": the user typed an allowed value. A text option
+    takes a JSON scalar as the text typed; other values are still refused."""
+    spec = OptionSpec("fisher", type=str, default="true", choices=("true", "empirical"))
+    assert spec.check(True, "method 'ekfac'") == "true" and spec.check("empirical", "m") == "empirical"
+    assert OptionSpec("name", type=str, default="a").check(300, "m") == "300"
+    with pytest.raises(OptionError, match=r"option 'fisher' got False; allowed: one of \"true\", \"empirical\""):
+        spec.check(False, "method 'ekfac'")
+
+
 def test_load_curvature_validates_the_saved_options(tmp_path):
     make_curvature("datainf", max_bytes=100).save(tmp_path)
     assert load_curvature(tmp_path).max_bytes == 100

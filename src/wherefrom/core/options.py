@@ -123,6 +123,9 @@ class OptionSpec:
             return float(value) if ok else UNSET
         if self.type is list:
             return value if isinstance(value, (list, tuple)) else UNSET
+        if self.type is str and isinstance(value, (bool, int, float)):
+            # `key=true` on the command line is read as JSON: the text typed (fisher=true is "true")
+            return json.dumps(value)
         if self.type is callable:
             return value if callable(value) else UNSET
         if self.type is object:
