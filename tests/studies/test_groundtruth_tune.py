@@ -164,6 +164,16 @@ def test_cli_tune(groundtruth, tmp_path):
         failed = runner.invoke(app, [*args, str(tmp_path / "d")])
     assert failed.exit_code == 1 and 'error: point {"damping_factor": 0.1}: RuntimeError' in failed.output
     assert failed.output.count("error: point") == 1, failed.output  # not again as the default point, `point {}`
+    # refused for an option no method has, after recording itself: no output folder is left (it left config.json)
+    refused = runner.invoke(
+        app, ["tune", str(groundtruth), "--method", "ekfac", "--grid", "bogus=1", "--out", str(tmp_path / "t")]
+    )
+    assert refused.exit_code == 2 and "bogus" in refused.output and not (tmp_path / "t").exists(), refused.output
+    stem = tmp_path / "ev" / "mine"
+    refused = runner.invoke(
+        app, ["evaluate", str(groundtruth), "--methods", "gradsim", "--option", "gradsim.bogus=1", "--out", str(stem)]
+    )
+    assert refused.exit_code == 2 and "bogus" in refused.output and not stem.parent.exists(), refused.output
     bad = runner.invoke(app, ["tune", str(groundtruth), "--method", "ekfac", "--grid", "damping_factor"])
     assert bad.exit_code != 0 and "key=value1,value2" in bad.output
 

@@ -30,7 +30,7 @@ from wherefrom.cli.settings import SETTINGS, Check, Setting, check_arguments, de
 from wherefrom.core.commandline import command_line
 from wherefrom.core.distributed import NotDistributable, end_process, refuse
 from wherefrom.core.option_pairs import check_methods_named, options_for, parse_option_pairs
-from wherefrom.core.store import update_json
+from wherefrom.core.store import read_json_object, update_json
 
 __all__ = [
     "COMMANDS",
@@ -140,9 +140,10 @@ class Invocation:
     name: str
     arguments: dict[str, Any]
     unrecorded: set[str] = field(default_factory=set)
-    replaced: list[tuple[Path, str, Any, Any]] = field(default_factory=list)
-    """``(folder, key, the record there before or None, the record written)`` of each :func:`remember` of this
-    command, so that a command ending in an error puts them back (:func:`restore_records`)."""
+    replaced: list[tuple[Path, str, Any, Any, tuple[bool, bool]]] = field(default_factory=list)
+    """``(folder, key, the record there before or None, the record written, (folder made, config.json made))`` of
+    each :func:`remember` of this command, so that a command ending in an error puts them back, and removes what
+    its record alone made (:func:`restore_records`)."""
 
     def recorded(self) -> dict[str, Any]:
         """The arguments that go into the record (:func:`recorded_line`, :func:`remember`)."""
@@ -201,16 +202,19 @@ def remember(folder: Path, key: str | None = None) -> None:
         first = earlier.get("position") if isinstance(earlier, dict) else None
         positions = [r["position"] for r in records.values() if isinstance(r, dict) and "position" in r]
         records[name] = {**record, "position": first if first is not None else max(positions, default=-1) + 1}
-        invocation.replaced.append((Path(folder), name, earlier, records[name]))
+        invocation.replaced.append((Path(folder), name, earlier, records[name], made))
 
+    made = (not Path(folder).exists(), not (Path(folder) / "config.json").exists())
     update_json(Path(folder) / "config.json", change)
 
 
 def restore_records(invocation: Invocation) -> None:
     """Put back, in each folder the failed ``invocation`` recorded itself in (:func:`remember`), the record it
     replaced, or remove its own where there was none: a refused ``fit --with-index`` (an index of another
-    ``--dtype``) or ``evaluate --option`` (a key no method has) no longer leaves ``replay`` a command that fails."""
-    for folder, name, earlier, written in reversed(invocation.replaced):
+    ``--dtype``) or ``evaluate --option`` (a key no method has) no longer leaves ``replay`` a command that fails.
+    A ``config.json`` the record made that now holds nothing goes too (with its lock file), and so does the folder
+    the record made when nothing else is in it: a refused ``tune``/``evaluate`` leaves no output folder."""
+    for folder, name, earlier, written, (folder_made, file_made) in reversed(invocation.replaced):
 
         def change(saved: dict[str, Any], name: str = name, earlier: Any = earlier, written: Any = written) -> bool:
             records = saved.get("replay")
@@ -222,8 +226,15 @@ def restore_records(invocation: Invocation) -> None:
                 records[name] = earlier
             return True
 
-        if (folder / "config.json").is_file():  # a folder deleted meanwhile is not made again
-            update_json(folder / "config.json", change)
+        config = folder / "config.json"
+        if not config.is_file():  # a folder deleted meanwhile is not made again
+            continue
+        update_json(config, change)
+        if file_made and read_json_object(config) in ({}, {"replay": {}}):
+            config.unlink()
+            (folder / f".{config.name}.lock").unlink(missing_ok=True)
+            if folder_made and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _jsonable(value: Any) -> Any:

@@ -343,8 +343,7 @@ def tune(groundtruth, method, grid, option, split_seed, selection_share, out, de
     try:
         parsed = parse_grid(grid)
         options = merged_options(option, method)
-        folder.mkdir(parents=True, exist_ok=True)
-        remember(folder)
+        remember(folder)  # makes the folder (removed again, when nothing else is there, if tune is refused)
         report = run_tune(
             groundtruth,
             method,
