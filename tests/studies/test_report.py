@@ -91,6 +91,11 @@ def test_bench_evaluate_and_diagnose_reports(tmp_path):
     assert self_contained(bench) and "ekfac" in bench and bench.count("<svg") >= 3 and "Provenance" in bench
     evaluate = write_report(RESULTS / "groundtruth-tiny", tmp_path / "evaluate.html").read_text()
     assert self_contained(evaluate) and "lds" in evaluate and "0.688 [0.613, 0.760]" in evaluate  # ekfac's LDS
+    # `evaluate --out STEM` writes STEM.json: reported as a file (only the default evaluate.json was recognised)
+    stem = tmp_path / "mine.json"
+    stem.write_bytes((RESULTS / "groundtruth-tiny" / "evaluate.json").read_bytes())
+    page = write_report(stem).read_text()
+    assert (tmp_path / "mine.html").is_file() and "Evaluate: mine" in page and "0.688 [0.613, 0.760]" in page
     rows = [Diagnosis("ekfac", 1.5, 10.0, 0.2, 0.9, 0.85), Diagnosis("cg", 2.0, None, error="diverged")]
     write_diagnosis(rows, None, tmp_path / "diag", {"command": "wherefrom diagnose ..."})
     diagnosis = write_report(tmp_path / "diag").read_text()

@@ -6,7 +6,8 @@ Recognised, in this order:
 * a **bench** folder: ``bench.json`` (``wherefrom bench``): metric table and interval plots per method;
 * an **ablate** folder: ``ablate.json`` (``wherefrom ablate``): each run's metric table, and the changes
   against the start run per switch and method, with interval plots;
-* an **evaluate** report: ``evaluate.json`` (``wherefrom evaluate``), with the methods' saved scores in
+* an **evaluate** report: ``evaluate.json`` (``wherefrom evaluate``), or the ``STEM.json`` file of
+  ``evaluate --out STEM``, with the methods' saved scores in
   the ground-truth folder's ``scores/`` when they are there (method agreement);
 * a **diagnose** folder: ``diagnose.json`` (``wherefrom diagnose``);
 * a **word-order** folder: ``wordorder.json`` (``wherefrom word-order``);
@@ -79,6 +80,16 @@ def _scores_report(named: dict[str, Scores], rows: dict[str, Record] | None) -> 
     return sections + ([together] if together else [])
 
 
+def _evaluate_report(path: Path, data: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """The report of an ``evaluate`` JSON ``path`` (``data``: its content): named by its folder for the default
+    ``evaluate.json``, else by its stem (``--out STEM``)."""
+    sections = [metric_sections(data["methods"], "Methods against the ground truth", {"seconds": "time, s"})]
+    scores_folder = Path(data.get("config", {}).get("groundtruth", path.parent)) / "scores"
+    together = agreement_section(score_sets(scores_folder)) if scores_folder.is_dir() else None
+    name = path.parent.name if path.name == "evaluate.json" else path.stem
+    return f"Evaluate: {name}", sections + ([together] if together else []) + _provenance(data)
+
+
 def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
     """``(title, sections)`` of the report on ``path`` (see the module docstring for what is recognised)."""
     path = Path(path)
@@ -86,6 +97,8 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
         data = read_json_object(path)
         if "proponents" in data and "query" in data:
             return "Query: " + data["query"]["prompt"][:80], query_sections(data)
+        if {"methods", "groundtruth", "config"} <= set(data):  # `wherefrom evaluate --out STEM`'s STEM.json
+            return _evaluate_report(path, data)
     if path.is_dir():
         if (path / "bench.json").is_file():
             data = read_json_object(path / "bench.json")
@@ -103,11 +116,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             sections.append(metric_sections(changes, "Change against the start run (paired over seeds)"))
             return f"Ablation: {path.name}", sections + _provenance(data)
         if (path / "evaluate.json").is_file():
-            data = read_json_object(path / "evaluate.json")
-            sections = [metric_sections(data["methods"], "Methods against the ground truth", {"seconds": "time, s"})]
-            scores_folder = Path(data.get("config", {}).get("groundtruth", path)) / "scores"
-            together = agreement_section(score_sets(scores_folder)) if scores_folder.is_dir() else None
-            return f"Evaluate: {path.name}", sections + ([together] if together else []) + _provenance(data)
+            return _evaluate_report(path / "evaluate.json", read_json_object(path / "evaluate.json"))
         if (path / "diagnose.json").is_file():
             data = read_json_object(path / "diagnose.json")
             return f"Diagnose: {path.name}", [diagnose_section(data["rows"]), *_provenance(data)]
@@ -136,7 +145,8 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             sections = _scores_report(score_sets(path), _rows(config.get("train")))
             return f"Attribution: {config.get('method', path.name)}", [*sections, settings_section("Settings", config)]
     raise FileNotFoundError(
-        f"{path} is not a result wherefrom can report on: expected a query JSON (`wherefrom query --json`), or a "
+        f"{path} is not a result wherefrom can report on: expected a query JSON (`wherefrom query --json`), an "
+        "evaluate JSON (`wherefrom evaluate --out STEM`), or a "
         "folder with bench.json, evaluate.json, diagnose.json, wordorder.json, config.json + manifest.json (a run), "
         "config.json + scores.safetensors (`wherefrom attribute`) or ablate.json (`wherefrom ablate`)"
     )
