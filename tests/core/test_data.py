@@ -78,6 +78,18 @@ def test_load_csv(tmp_path: Path) -> None:
     assert load_records(path) == expected("rows", 4)
 
 
+def test_a_csv_float_id_is_the_id_of_the_same_json_number(tmp_path: Path) -> None:
+    """pandas writes a float id column as 1.0, 2.0: the CSV gave ids '1.0', '2.0' where the same column as JSON or
+    Parquet gives '1', '2', and the cells 1 and 1.0 were two ids (JSON refuses them as one id given twice)."""
+    rows = [["1.0", "p", " c", "2.0"], ["-3.00", "p", " c", "x"], ["1.5", "p", " c", "007"], ["1e3", "p", " c", ""]]
+    path = write_csv(tmp_path / "f.csv", ["id", "prompt", "completion", "label"], rows)
+    loaded = load_records(path)
+    assert [(r.id, r.label) for r in loaded] == [("1", "2"), ("-3", "x"), ("1.5", "007"), ("1e3", None)]
+    twice = write_csv(tmp_path / "twice.csv", ["id", "prompt", "completion"], [["1", "p", " c"], ["1.0", "p", " c"]])
+    with pytest.raises(DataError, match=r"twice\.csv, line 3: field 'id': duplicate id '1' \(first used at line 2\)"):
+        load_records(twice)
+
+
 def test_load_csv_empty_label_is_none(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "r.csv", ["prompt", "completion", "label"], [["p", "c", ""]])
     assert load_records(path) == [Record("r:2", "p", "c", None)]

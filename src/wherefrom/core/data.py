@@ -17,7 +17,7 @@ File formats (chosen by suffix, case-insensitive):
   so the first data row is line 2 (a multi-line row is named by the line it starts on). A row with more
   non-empty cells than the header (an unquoted delimiter in a cell) is refused naming its line. Rows whose
   cells are all empty (blank lines, Excel's ``;;;``) are skipped. Empty ``id`` / ``label`` cells
-  count as absent.
+  count as absent; a whole number written as a float (``1.0``) is the integer's id or label, as in JSON.
 * ``.parquet``: read with ``pyarrow.parquet``. Positions are 0-based row indices ("row N").
 * a folder written by Hugging Face ``datasets``' ``Dataset.save_to_disk`` (what ``load_from_disk``
   reads: ``state.json`` naming Arrow stream files): read with ``pyarrow``, so ``datasets`` need not be
@@ -86,6 +86,9 @@ __all__ = [
 ]
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".csv", ".parquet")
+WHOLE_FLOAT_CELL = re.compile(r"[+-]?\d+\.0*")
+"""A CSV ``id``/``label`` cell that is a whole number written as a float (``1.0``, as pandas writes a float column):
+read as the integer, as a JSON or Parquet ``1.0`` is (:func:`_scalar_to_str`)."""
 
 
 class DataError(ValueError):
@@ -396,6 +399,8 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Any, str]]:
             for optional in ("id", "label"):
                 if row.get(optional) == "":
                     row[optional] = None
+                elif row.get(optional) is not None and WHOLE_FLOAT_CELL.fullmatch(row[optional]):
+                    row[optional] = str(int(row[optional].split(".")[0]))  # a float column's 1.0: the id 1
             yield f"line {lineno}", row, f"{path.stem}:{lineno}"
     except csv.Error as err:
         raise DataError(f"{_where(str(path), f'line {reader.line_num}')}: malformed CSV ({err})") from None
