@@ -3,6 +3,7 @@ renders it (headless Chromium: no console message, plots and heatmaps drawn, a s
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -61,6 +62,23 @@ def run_folder(tmp_path_factory):
     save_scores(heavy_tailed_scores(0, ids), root / "scores", "ekfac")
     save_scores(heavy_tailed_scores(1, ids), root / "scores", "gradsim")
     return root, train
+
+
+def test_an_attribute_folder_reports_its_rows_from_any_directory(tmp_path, monkeypatch):
+    """`attribute` records its paths as given (`--train data/train.jsonl`): a report made from another directory
+    read no rows ("ids only", the labels too). The replay record's directory resolves them."""
+    train, _ = rule_identification(n_train=20, n_test=2, seed=0)
+    write_jsonl(train, tmp_path / "data" / "train.jsonl")
+    out = tmp_path / "out" / "gradsim"
+    save_scores(heavy_tailed_scores(0, [r.id for r in train]), out, "scores")
+    record = {"command": "attribute", "arguments": {}, "line": "wherefrom attribute ...", "cwd": "../.."}
+    config = {"method": "gradsim", "train": "data/train.jsonl", "replay": {"attribute": record}}
+    (out / "config.json").write_text(json.dumps(config))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    page = write_report(out).read_text()
+    assert "could not be read" not in page and train[0].prompt.split("\n")[0][:30] in html.unescape(page)
 
 
 def test_run_report_is_self_contained_with_every_section(run_folder, tmp_path):
