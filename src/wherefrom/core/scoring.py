@@ -211,8 +211,7 @@ def refuse_folders_in_set(folder: Path, name: str) -> tuple[Path, Path, Path]:
     raises ``IsADirectoryError`` naming one that is a folder (not the set's: never deleted), so that a writer can
     refuse before its work and before it forgets an earlier set's files."""
     paths = tuple(Path(folder) / f"{name}{suffix}" for suffix in (".safetensors", ".json", ".top.csv"))
-    for path in paths:
-        refuse_folder_in_place(path)
+    refuse_folder_in_place(*paths)
     return paths
 
 

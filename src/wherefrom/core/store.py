@@ -414,11 +414,14 @@ def recorded_checksums(folder: Path) -> dict[str, dict[str, Any]]:
     return _checksums(Path(folder))
 
 
-def refuse_folder_in_place(path: Path) -> None:
-    """Raise ``IsADirectoryError`` naming ``path`` when a folder is where that file belongs: it is not the file, so
-    it is neither deleted nor replaced (it may hold a user's notes)."""
-    if Path(path).is_dir():
-        raise IsADirectoryError(errno.EISDIR, "a folder is where this file belongs; move it away and rerun", str(path))
+def refuse_folder_in_place(*paths: Path) -> None:
+    """Raise ``IsADirectoryError`` naming the first of ``paths`` where a folder is where that file belongs: it is
+    not the file, so it is neither deleted nor replaced (it may hold a user's notes)."""
+    for path in paths:
+        if Path(path).is_dir():
+            raise IsADirectoryError(
+                errno.EISDIR, "a folder is where this file belongs; move it away and rerun", str(path)
+            )
 
 
 def forget_file(path: Path) -> None:
@@ -661,8 +664,8 @@ def record_settings(
         if not isinstance(saved, dict):
             raise ValueError(f"{path}: not a JSON object")
     except (DamagedFile, ValueError) as error:
-        for name in (SETTINGS, CHECKSUMS):  # a folder there is not the job's file: not emptied with the rest
-            refuse_folder_in_place(folder / name)
+        # a folder there is not the job's file: not emptied with the rest
+        refuse_folder_in_place(folder / SETTINGS, folder / CHECKSUMS)
         leftovers = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         if leftovers:
             notes.append(f"{folder}: settings unknown ({error}); discarded {len(leftovers)} entries and started again")

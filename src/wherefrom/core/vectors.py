@@ -269,8 +269,9 @@ class VectorStoreWriter:
         the marker) raises ``IsADirectoryError`` naming it before anything changes (it is not the store's file: it
         is neither deleted nor replaced, and a finished store keeps its marker).
         """
-        for path in (self.folder / MARKER, self.folder / IDS_FILE, *map(self.shard_path, range(self.shard_count))):
-            refuse_folder_in_place(path)
+        refuse_folder_in_place(
+            self.folder / MARKER, self.folder / IDS_FILE, *map(self.shard_path, range(self.shard_count))
+        )
         notes = record_settings(self.folder, self.manifest, hint, (*ignore, *self.unchecked), self.defaults)
         self.notices += notes
         path = self.folder / IDS_FILE

@@ -615,8 +615,7 @@ class Run:
         under ``torch.distributed``, holding the writer lock. Raises ``IsADirectoryError`` naming a folder in the
         place of a factors file, before the fit (which would fail writing it)."""
         files = [target / "curvature.safetensors", target / "curvature.json"]
-        for path in files:
-            refuse_folder_in_place(path)
+        refuse_folder_in_place(*files)
 
         def problems() -> list[str]:
             return [p for p in map(damage, files) if p]
@@ -665,8 +664,7 @@ class Run:
                 self.settle()
 
             files = [target / TENSORS_FILE, target / META_FILE]
-            for path in files:  # a folder there: refused before the fit (which would fail writing it)
-                refuse_folder_in_place(path)
+            refuse_folder_in_place(*files)  # a folder there: refused before the fit (which would fail writing it)
 
             def problems() -> list[str]:
                 return [p for p in map(damage, files) if p]
@@ -894,8 +892,7 @@ class Run:
         Raises ``IsADirectoryError`` naming a folder in the place of one of its files (not refitted over: a writer
         would remove the index's marker and refit, then fail)."""
         files = [self.folder / "index" / PRECONDITIONER / name for name in (CURVATURE_TENSORS, CURVATURE_META)]
-        for path in files:
-            refuse_folder_in_place(path)
+        refuse_folder_in_place(*files)
         return next((problem for problem in map(damage, files) if problem), None)
 
     def default_optimizer_checkpoint(self) -> Path:
