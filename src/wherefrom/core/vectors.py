@@ -455,13 +455,13 @@ class VectorStore:
         settings: Mapping[str, Any],
         what: str = "",
         defaults: Mapping[str, Mapping[str, Any]] | None = None,
-        remedy: str = "rebuild it with the current ones",
+        remedy: str | Callable[[], str] = "rebuild it with the current ones",
     ) -> None:
         """Raise :class:`wherefrom.core.store.SettingsMismatch` naming each of ``settings`` whose recorded value
         differs (e.g. the model fingerprint, the module selection, the projection); ``what`` says what the store
         is being used for; ``defaults``: what a setting the manifest lacks is taken to be
         (:func:`wherefrom.core.store.with_defaults_recorded`); ``remedy``: what to do (e.g. the command that
-        rebuilds it)."""
+        rebuilds it; a callable is called only when a setting differs)."""
         now = json_form(dict(settings))
         recorded = with_defaults_recorded({k: self.settings.get(k) for k in now}, defaults or {})
         differences = settings_differences(recorded, now)
@@ -469,7 +469,7 @@ class VectorStore:
             raise SettingsMismatch(
                 f"the store {self.folder} was made with other settings ({'; '.join(differences)})"
                 + (f"; it cannot serve {what}" if what else "")
-                + f"; {remedy}"
+                + f"; {remedy() if callable(remedy) else remedy}"
             )
 
     def blocks(self, size: int, ahead: bool = True) -> Iterator[tuple[int, torch.Tensor]]:

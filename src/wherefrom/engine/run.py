@@ -1256,7 +1256,11 @@ class Run:
             {k: v for k, v in now.items() if k not in ("device", "precondition", "unit_norm", *RECORDED_ONLY)},
             f"run {self.folder}",
             self.config.setting_defaults(),
-            f"delete {store.folder} and rerun `{self.index_command(device=False)}` to rebuild it with the current ones",
+            # built only on a refusal: the command reads the index's manifest and marker again
+            lambda: (
+                f"delete {store.folder} and rerun `{self.index_command(device=False)}` to rebuild it with the "
+                "current ones"
+            ),
         )
         if store.ids != [r.id for r in self.train]:
             raise DamagedFile(
