@@ -400,7 +400,7 @@ def command(
             if value is ...:
                 fail(f"{setting.flag} is required")
             arguments[setting.name] = _coerce(setting, value)
-        problems = check_arguments(arguments, files or {})
+        problems = check_arguments(arguments, files)
         if problems:
             fail("\n".join(problems))
         if not distributed:

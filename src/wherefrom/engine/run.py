@@ -820,7 +820,6 @@ class Run:
             inputs it was built from)."""
 
             def said(differing: list[str]) -> str:
-                command = self.index_command(device=not finished)  # a finished store is reused on any device
                 chosen = {*INDEX_OPTIONS, *(WITH_PRECONDITION if "precondition" in differing else ())}
                 if "optimizer_state.checkpoint" in differing:  # another --optimizer-checkpoint: another state
                     chosen.add("optimizer_state")
@@ -830,6 +829,7 @@ class Run:
                         f"rows or method settings changed since): delete {writer.folder} and rerun to index with the "
                         f"current ones (`{self.index_command(device=False)}` keeps the recorded layout)."
                     )
+                command = self.index_command(device=not finished)  # a finished store is reused on any device
                 state = f"It is finished: `{command}` reuses it" if finished else f"Resume it with `{command}`"
                 return f"{state}, or delete {writer.folder} to index with the new settings."
 

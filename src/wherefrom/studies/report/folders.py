@@ -55,10 +55,12 @@ def score_sets(folder: Path) -> dict[str, Scores]:
     }
 
 
-def _rows(train: str | None, folder: Path, config: dict[str, Any]) -> dict[str, Record] | None:
-    """The training rows by id, or ``None`` when the file is gone or unreadable (the report shows ids). A relative
-    ``train`` (``attribute`` records paths as given) is taken from the directory the command ran in, which its
-    replay record in ``config`` keeps relative to ``folder`` (so the report is the same from any directory)."""
+def _rows(folder: Path, config: dict[str, Any]) -> dict[str, Record] | None:
+    """The training rows by id of the result ``folder`` whose ``config.json`` is ``config`` (its ``train``), or
+    ``None`` when the file is gone or unreadable (the report shows ids). A relative ``train`` (``attribute`` records
+    paths as given) is taken from the directory the command ran in, which its replay record keeps relative to
+    ``folder`` (so the report is the same from any directory)."""
+    train = config.get("train")
     if not train:
         return None
     records = config.get("replay")
@@ -134,7 +136,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             refuse_files_in_place(path)  # a file in place of RUN/scores is no "no scores yet"
             config, manifest = read_json_object(path / "config.json"), read_json_object(path / "manifest.json")
             named = score_sets(path / "scores") if (path / "scores").is_dir() else {}
-            sections = _scores_report(named, _rows(config.get("train"), path, config))
+            sections = _scores_report(named, _rows(path, config))
             if not named:
                 sections.append(
                     {
@@ -149,7 +151,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             ]
         if (path / "config.json").is_file() and (path / "scores.safetensors").is_file():
             config = read_json_object(path / "config.json")
-            sections = _scores_report(score_sets(path), _rows(config.get("train"), path, config))
+            sections = _scores_report(score_sets(path), _rows(path, config))
             return f"Attribution: {config.get('method', path.name)}", [*sections, settings_section("Settings", config)]
     raise FileNotFoundError(
         f"{path} is not a result wherefrom can report on: expected a query JSON (`wherefrom query --json`), an "
