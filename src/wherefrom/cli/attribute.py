@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
+import typer
 
 from wherefrom.cli.app import (
     command,
@@ -171,4 +171,4 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
         "methods": names,
     }
     _, md_path = write_report(rows, reason, out, context)
-    Console(emoji=False).print(md_path.read_text(), markup=False)
+    typer.echo(md_path.read_text())
