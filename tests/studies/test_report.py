@@ -81,6 +81,22 @@ def test_an_attribute_folder_reports_its_rows_from_any_directory(tmp_path, monke
     assert "could not be read" not in page and train[0].prompt.split("\n")[0][:30] in html.unescape(page)
 
 
+def test_a_report_whose_training_file_is_gone_names_it_and_shows_the_saved_labels(tmp_path):
+    """The rows' text comes from the training file; without it the report showed bare ids, dropping the labels
+    the score set holds, and did not say which file it tried."""
+    train, _ = rule_identification(n_train=20, n_test=2, seed=0)
+    out = tmp_path / "gradsim"
+    scores = heavy_tailed_scores(0, [r.id for r in train])
+    save_scores(scores, out, "scores", labels={r.id: r.label for r in train})
+    gone = tmp_path / "moved" / "train.jsonl"
+    (out / "config.json").write_text(json.dumps({"method": "gradsim", "train": str(gone)}))
+    page = html.unescape(write_report(out).read_text())
+    assert f"could not be read ({gone}: file not found)" in page
+    top_id, _ = scores.top(0, 1)[0]
+    label = next(r.label for r in train if r.id == top_id)
+    assert f"#1 <b>{top_id}</b> score {scores.total[0].max().item():+.4g} · label {label}" in page
+
+
 def test_run_report_is_self_contained_with_every_section(run_folder, tmp_path):
     root, train = run_folder
     html = write_report(root, tmp_path / "run.html").read_text()

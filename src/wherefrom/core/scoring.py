@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -319,6 +318,13 @@ def load_scores(folder: Path, name: str) -> Scores:
     return Scores(ids["query_ids"], ids["train_ids"], ids["modules"], tensors["per_module"])
 
 
+def saved_labels(folder: Path, name: str) -> dict[str, str | None]:
+    """The labels :func:`save_scores` saved with set ``name`` in ``folder``, by training id (``{}`` when the set
+    was saved without labels). Raises :class:`wherefrom.core.store.DamagedFile` as :func:`load_scores` does."""
+    saved = read_json_checked(Path(folder) / f"{name}.json")
+    return dict(zip(saved["train_ids"], saved.get("train_labels") or [], strict=False))
+
+
 @dataclass
 class ScoreTable:
     """Saved scores as a table: ``total[q, m]`` is the influence of training row ``train_ids[m]`` (label
@@ -354,9 +360,8 @@ def load_score_table(folder: Path, name: str = "scores", as_frame: bool | None =
         if not (folder / part).is_file():
             raise FileNotFoundError(f"{folder / part}: no such score file (save_scores writes it)")
     scores = load_scores(folder, name)
-    saved = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
-    labels = saved.get("train_labels") or [None] * len(scores.train_ids)
-    table = ScoreTable(scores.query_ids, scores.train_ids, labels, scores.total)
+    labels = saved_labels(folder, name)
+    table = ScoreTable(scores.query_ids, scores.train_ids, [labels.get(i) for i in scores.train_ids], scores.total)
     if as_frame is None:
         as_frame = importlib.util.find_spec("pandas") is not None
     return table.to_pandas() if as_frame else table

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from wherefrom.core.data import DataError, Record, load_records
-from wherefrom.core.scoring import Scores, load_scores, score_set_names
+from wherefrom.core.scoring import Scores, load_scores, saved_labels, score_set_names
 from wherefrom.core.store import read_json_object, refuse_folder_in_place
 from wherefrom.engine.run import refuse_files_in_place
 from wherefrom.studies.report.render import render, write_html
@@ -55,23 +55,27 @@ def score_sets(folder: Path) -> dict[str, Scores]:
     }
 
 
-def _rows(folder: Path, config: dict[str, Any]) -> dict[str, Record] | None:
+def _rows(folder: Path, config: dict[str, Any]) -> tuple[dict[str, Record] | None, str]:
     """The training rows by id of the result ``folder`` whose ``config.json`` is ``config`` (its ``train``), or
-    ``None`` when the file is gone or unreadable (the report shows ids). A relative ``train`` (``attribute`` records
+    ``None`` when there is none or the file is gone or unreadable (the report shows ids and the labels saved with
+    the scores), with the note saying so: the path tried and why. A relative ``train`` (``attribute`` records
     paths as given) is taken from the directory the command ran in, which its replay record keeps relative to
     ``folder`` (so the report is the same from any directory)."""
     train = config.get("train")
     if not train:
-        return None
+        return None, "The settings name no training file: ids only, with the labels saved with the scores."
     records = config.get("replay")
     ran_in = (
         [r["cwd"] for r in records.values() if isinstance(r, dict) and "cwd" in r] if isinstance(records, dict) else []
     )
     path = Path(train) if Path(train).is_absolute() or not ran_in else folder / ran_in[0] / train
     try:
-        return {r.id: r for r in load_records(path)}
-    except (DataError, FileNotFoundError, OSError):
-        return None
+        return {r.id: r for r in load_records(path)}, ""
+    except (DataError, OSError) as error:  # each names the file
+        return None, (
+            f"The training rows could not be read ({error}): ids only, with the labels saved with the scores. "
+            "Put the training file back there and report again to see their text."
+        )
 
 
 def _provenance(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -81,10 +85,14 @@ def _provenance(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out + ([settings_section("Provenance", provenance)] if provenance else [])
 
 
-def _scores_report(named: dict[str, Scores], rows: dict[str, Record] | None) -> list[dict[str, Any]]:
+def _scores_report(path: Path, sets: Path, named: dict[str, Scores], config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sections of the score sets ``named`` (saved in ``sets``) of the run or ``attribute`` folder ``path``
+    whose settings are ``config``: their rows' text when the training file is readable, else their saved labels."""
+    rows, unread = _rows(path, config)
     sections = []
     for name, scores in named.items():
-        sections += scores_sections(name, scores, rows)
+        labels = saved_labels(sets, name) if rows is None else None
+        sections += scores_sections(name, scores, rows, labels=labels, unread=unread)
     together = agreement_section(named)
     return sections + ([together] if together else [])
 
@@ -136,7 +144,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             refuse_files_in_place(path)  # a file in place of RUN/scores is no "no scores yet"
             config, manifest = read_json_object(path / "config.json"), read_json_object(path / "manifest.json")
             named = score_sets(path / "scores") if (path / "scores").is_dir() else {}
-            sections = _scores_report(named, _rows(path, config))
+            sections = _scores_report(path, path / "scores", named, config)
             if not named:
                 sections.append(
                     {
@@ -151,7 +159,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             ]
         if (path / "config.json").is_file() and (path / "scores.safetensors").is_file():
             config = read_json_object(path / "config.json")
-            sections = _scores_report(score_sets(path), _rows(path, config))
+            sections = _scores_report(path, path, score_sets(path), config)
             return f"Attribution: {config.get('method', path.name)}", [*sections, settings_section("Settings", config)]
     raise FileNotFoundError(
         f"{path} is not a result wherefrom can report on: expected a query JSON (`wherefrom query --json`), an "

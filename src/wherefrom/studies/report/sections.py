@@ -76,15 +76,23 @@ def entries_block(entries: Sequence[Mapping[str, Any]], caption: str) -> dict[st
 
 
 def top_entries(
-    scores: Scores, query: int, k: int, rows: Mapping[str, Record] | None, opponents: bool = False
+    scores: Scores,
+    query: int,
+    k: int,
+    rows: Mapping[str, Record] | None,
+    opponents: bool = False,
+    labels: Mapping[str, str | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """The ``k`` top proponents (or opponents) of one query with their text when ``rows`` is given."""
+    """The ``k`` top proponents (or opponents) of one query with their text when ``rows`` is given, else with
+    their label from ``labels`` (those saved with the scores) when given."""
     out = []
     for row_id, score in scores.top(query, k, opponents=opponents):
         entry: dict[str, Any] = {"id": row_id, "score": score}
         if rows is not None and row_id in rows:
             row = rows[row_id]
             entry.update(label=row.label, prompt=row.prompt, completion=row.completion)
+        elif labels:
+            entry["label"] = labels.get(row_id)
         out.append(entry)
     return out
 
@@ -160,9 +168,18 @@ def agreement_section(named: Mapping[str, Scores]) -> dict[str, Any] | None:
 
 
 def scores_sections(
-    name: str, scores: Scores, rows: Mapping[str, Record] | None, top_k: int = 5, max_queries: int = 5
+    name: str,
+    scores: Scores,
+    rows: Mapping[str, Record] | None,
+    top_k: int = 5,
+    max_queries: int = 5,
+    *,
+    labels: Mapping[str, str | None] | None,
+    unread: str,
 ) -> list[dict[str, Any]]:
-    """Top proponents and opponents of the first queries, the layer profile and the tail of one score set."""
+    """Top proponents and opponents of the first queries, the layer profile and the tail of one score set. Rows
+    are shown with their text from ``rows``; when ``rows`` is ``None`` the note ``unread`` says why, and they are
+    shown by id with their label from ``labels`` (those saved with the scores, when given)."""
     blocks: list[dict[str, Any]] = [
         {
             "type": "note",
@@ -171,10 +188,10 @@ def scores_sections(
         }
     ]
     if rows is None:
-        blocks.append({"type": "note", "text": "The training rows could not be read: ids only."})
+        blocks.append({"type": "note", "text": unread})
     for q, query_id in enumerate(scores.query_ids[:max_queries]):
         for opponents, kind in ((False, "proponents"), (True, "opponents")):
-            entries = top_entries(scores, q, top_k, rows, opponents)
+            entries = top_entries(scores, q, top_k, rows, opponents, labels)
             blocks.append(entries_block(entries, f"Query {query_id}: top {kind}"))
     if len(scores.query_ids) > max_queries:
         blocks.append({"type": "note", "text": f"The first {max_queries} queries are shown."})
