@@ -142,6 +142,15 @@ def test_report_on_an_unknown_path_names_what_it_expects(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path)])
     message = re.sub(r"[\s│]+", " ", result.output)  # typer's error box wraps the message
     assert result.exit_code == 2 and "is not a result wherefrom can report on" in message
+    # a folder holding `evaluate --out DIR/STEM` or `query --json > DIR/q.json` files: named with their commands
+    (tmp_path / "lds.json").write_bytes((RESULTS / "groundtruth-tiny" / "evaluate.json").read_bytes())
+    (tmp_path / "q.json").write_text(json.dumps({"query": {"prompt": "p"}, "proponents": []}))
+    (tmp_path / "other.json").write_text("[]")
+    with pytest.raises(FileNotFoundError, match="holding result files") as refused:
+        write_report(tmp_path)
+    assert f"`wherefrom report {tmp_path / 'lds.json'}`, `wherefrom report {tmp_path / 'q.json'}`)" in str(
+        refused.value
+    )
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ Recognised, in this order:
 * an **attribute** folder: ``config.json`` + ``scores.safetensors`` (``wherefrom attribute``).
 
 Every report ends with the settings and provenance it found. Raises ``FileNotFoundError`` naming what
-was expected when ``PATH`` is none of these.
+was expected when ``PATH`` is none of these, or the result files in it (query or evaluate JSON) to report
+one by one when it is a folder holding some.
 """
 
 from __future__ import annotations
@@ -107,14 +108,37 @@ def _evaluate_report(path: Path, data: dict[str, Any]) -> tuple[str, list[dict[s
     return f"Evaluate: {name}", sections + ([together] if together else []) + _provenance(data)
 
 
+def _file_kind(data: dict[str, Any]) -> str | None:
+    """What a result JSON file holds: ``"query"`` (``query --json``), ``"evaluate"`` (``evaluate --out STEM``'s
+    ``STEM.json``), or ``None``."""
+    if "proponents" in data and "query" in data:
+        return "query"
+    if {"methods", "groundtruth", "config"} <= set(data):
+        return "evaluate"
+    return None
+
+
+def _result_files(folder: Path) -> list[Path]:
+    """The JSON files directly in ``folder`` that :func:`report_sections` reports on (unreadable ones left out)."""
+    found = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            if path.is_file() and _file_kind(read_json_object(path)):
+                found.append(path)
+        except (ValueError, OSError):
+            continue
+    return found
+
+
 def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
     """``(title, sections)`` of the report on ``path`` (see the module docstring for what is recognised)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".json":
         data = read_json_object(path)
-        if "proponents" in data and "query" in data:
+        kind = _file_kind(data)
+        if kind == "query":
             return "Query: " + data["query"]["prompt"][:80], query_sections(data)
-        if {"methods", "groundtruth", "config"} <= set(data):  # `wherefrom evaluate --out STEM`'s STEM.json
+        if kind == "evaluate":
             return _evaluate_report(path, data)
     if path.is_dir():
         if (path / "bench.json").is_file():
@@ -161,6 +185,12 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             config = read_json_object(path / "config.json")
             sections = _scores_report(path, path, score_sets(path), config)
             return f"Attribution: {config.get('method', path.name)}", [*sections, settings_section("Settings", config)]
+    files = _result_files(path) if path.is_dir() else []
+    if files:
+        shown = ", ".join(f"`wherefrom report {file}`" for file in files)
+        raise FileNotFoundError(
+            f"{path} is a folder holding result files, not a result folder: report one of them ({shown})"
+        )
     raise FileNotFoundError(
         f"{path} is not a result wherefrom can report on: expected a query JSON (`wherefrom query --json`), an "
         "evaluate JSON (`wherefrom evaluate --out STEM`), or a "
