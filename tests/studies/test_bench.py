@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -128,6 +129,13 @@ def test_bench_task_from_files_is_subsampled(tmp_path, tiny_model):
     report = run_bench(config)
     metrics = report["rows"][0]["metrics"]
     assert report["kind"] == "class" and metrics["n_queries"] == 3 and metrics["k"] == 3  # 9 rows / 3 classes
+    assert report["sizes"] == {"n_train": 9, "n_test": 3}
+    # more rows asked for than the files have: all are used, and the sizes say so (bench.json recorded 100/50)
+    said: list[str] = []
+    report = run_bench(replace(config, n_train=100, n_test=50, out=str(tmp_path / "all")), log=said.append)
+    assert report["sizes"] == {"n_train": 18, "n_test": 18} and report["rows"][0]["metrics"]["n_queries"] == 18
+    assert "n_train 100: the task has only 18 training rows; all of them are used" in said
+    assert "18 training rows, 18 queries)" in (tmp_path / "all" / "bench.md").read_text()
 
 
 def test_a_file_task_edited_in_place_is_recomputed_not_reused(tmp_path, tiny_model):

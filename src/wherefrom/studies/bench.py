@@ -15,7 +15,8 @@ Outputs (all written atomically):
   row id ``top1``, seconds, peak MiB, error) and the ``key`` of settings it was computed with (:func:`wherefrom.studies.toolkit.cached` /
   :func:`wherefrom.studies.toolkit.store`). A later run skips a (seed, method) whose file exists with the
   same key and no error, so an interrupted run resumes;
-* ``out/bench.json``: config, package versions, hardware, command, every row and the aggregate
+* ``out/bench.json``: config, package versions, hardware, command, the ``sizes`` the task had (``n_train``,
+  ``n_test``: a file task with fewer rows than asked for uses them all), every row and the aggregate
   (per method and metric: mean and 95% Student-t interval over seeds, :func:`wherefrom.studies.metrics.mean_ci`;
   mean seconds and peak MiB);
 * ``out/bench.md``: the same aggregate as a Markdown table.
@@ -469,9 +470,14 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     kind = title = headline = None
+    sizes: dict[str, int] = {}
     for seed in config.seeds:
         task = build_task(config, seed)
         kind, title, headline = task.kind, task.description or task.name, task.headline_metric
+        sizes = {"n_train": len(task.train), "n_test": len(task.test)}
+        for name, asked, split in (("n_train", config.n_train, "training"), ("n_test", config.n_test, "test")):
+            if asked is not None and asked > sizes[name] and seed == config.seeds[0]:
+                say(f"{name} {asked}: the task has only {sizes[name]} {split} rows; all of them are used")
         keys = {m: row_key(config, seed, m, task) for m in config.methods}
         done = {m: cached(_row_path(out, seed, m), keys[m]) for m in config.methods}
         tuned = loaded = None
@@ -501,8 +507,10 @@ def run_bench(
         "config": asdict(config),
         "kind": kind,
         "headline": headline,
+        "sizes": sizes,
         "rows": [dict(r.items()) for r in rows],
         "aggregate": summary,
     }
-    write_report(out / "bench", report, markdown(summary, kind or "class", command, f"{config.task} ({title})"))
+    shown = f"{config.task} ({title}; {sizes['n_train']} training rows, {sizes['n_test']} queries)"
+    write_report(out / "bench", report, markdown(summary, kind or "class", command, shown))
     return report
