@@ -234,6 +234,18 @@ def make_task(task: str, n_train: int | None, n_test: int | None, seed: int) -> 
     return TASKS[task](seed=seed, **sizes)
 
 
+def short_of_sizes(task: BenchTask, n_train: int | None, n_test: int | None) -> list[str]:
+    """One line for each of ``n_train`` / ``n_test`` that asked for more rows than ``task`` (from
+    :func:`make_task`) has: a file task then uses all its rows, which the caller says rather than record the size
+    asked for."""
+    asked = (("n_train", n_train, task.train, "training"), ("n_test", n_test, task.test, "test"))
+    return [
+        f"{name} {n}: the task has only {len(rows)} {split} rows; all of them are used"
+        for name, n, rows, split in asked
+        if n is not None and n > len(rows)
+    ]
+
+
 def command_line(config: BenchConfig) -> str:
     """A ``wherefrom bench`` command line equivalent to ``config`` (its options of methods it does not run, e.g. a
     preset's, left out: ``bench`` refuses them as unused)."""
@@ -475,9 +487,8 @@ def run_bench(
         task = build_task(config, seed)
         kind, title, headline = task.kind, task.description or task.name, task.headline_metric
         sizes = {"n_train": len(task.train), "n_test": len(task.test)}
-        for name, asked, split in (("n_train", config.n_train, "training"), ("n_test", config.n_test, "test")):
-            if asked is not None and asked > sizes[name] and seed == config.seeds[0]:
-                say(f"{name} {asked}: the task has only {sizes[name]} {split} rows; all of them are used")
+        for line in short_of_sizes(task, config.n_train, config.n_test) if seed == config.seeds[0] else []:
+            say(line)
         keys = {m: row_key(config, seed, m, task) for m in config.methods}
         done = {m: cached(_row_path(out, seed, m), keys[m]) for m in config.methods}
         tuned = loaded = None

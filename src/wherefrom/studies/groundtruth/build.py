@@ -47,7 +47,7 @@ from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.tracin import finetune_checkpoints
 from wherefrom.models.finetune import ADAPTER_DIR, MODEL_DIR, FinetuneConfig, finetune
 from wherefrom.models.loading import load_model
-from wherefrom.studies.bench import check_task_name, make_task
+from wherefrom.studies.bench import check_task_name, make_task, short_of_sizes
 from wherefrom.studies.benchtasks import BenchTask
 from wherefrom.studies.groundtruth.lds import loo_effect, loo_noise, sample_subsets
 from wherefrom.studies.groundtruth.retrain import FinetuneRetrainer, measure_queries, run_jobs
@@ -230,6 +230,8 @@ def build_groundtruth(
     timings: dict[str, float] = {}
 
     task = make_task(config.task, config.n_train, config.n_test, config.seed)
+    for line in short_of_sizes(task, config.n_train, config.n_test):
+        say(line)
     train, queries = list(task.train), list(task.test)
     n = len(train)
     if config.loo_rows > n or config.pbrf_rows > n:
