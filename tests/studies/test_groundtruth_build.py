@@ -72,6 +72,7 @@ def test_folder_layout_and_loaded_arrays(folder):
     assert gt.pbrf_rows is None and gt.pbrf_influence is None
     assert gt.train_ids == [r.id for r in gt.task.train] and len(gt.query_ids) == N_QUERIES
     assert [p.name for p in gt.checkpoints] == ["epoch-1", "epoch-2", "epoch-3"]
+    assert not (folder / "scratch").exists()  # the retraining jobs' scratch folder goes when they end
     meta = gt.meta
     assert meta["command"].startswith("wherefrom groundtruth --task path:") and meta["versions"]["torch"]
     assert meta["n_jobs"] == N_SUBSETS + LOO_SEEDS * (LOO_ROWS + 1)
@@ -128,7 +129,11 @@ def test_a_failing_method_does_not_stop_the_others(folder, tmp_path):
 def test_rebuild_reuses_every_job(folder):
     gt = GroundTruth.load(folder)
     stamps = {p.name: p.stat().st_mtime_ns for p in (folder / "jobs").iterdir()}
+    stale = folder / "scratch" / "wherefrom-retrain-killed"  # what a job killed by SIGKILL leaves
+    stale.mkdir(parents=True)
+    (stale / "adapter_model.safetensors").write_bytes(b"partial")
     again = build_groundtruth(gt.config)
+    assert not (folder / "scratch").exists()
     assert {p.name: p.stat().st_mtime_ns for p in (folder / "jobs").iterdir()} == stamps
     np.testing.assert_array_equal(again.lds_outputs, gt.lds_outputs)
 

@@ -18,6 +18,7 @@ job and every finished PBRF row)::
     pbrf.safetensors     rows (P,) int64, influence (Q, P) float64   (only with pbrf_rows > 0)
     model/               the full-data fine-tune (wherefrom.models.finetune layout, checkpoints/epoch-k)
     jobs/                one JSON per retraining job;  pbrf-rows/: one JSON per PBRF row
+    scratch/             the jobs' model folders while they run (removed, with what killed jobs left, when all end)
 
 LOO rows and PBRF rows are the first ``loo_rows`` / ``pbrf_rows`` entries of one seeded permutation
 of the training rows (so the smaller set is inside the larger), each sorted.
@@ -26,6 +27,7 @@ of the training rows (so the smaller set is inside the larger), each sorted.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -258,6 +260,8 @@ def build_groundtruth(
         train, queries, config.finetune_config(), config.model, config.device, scratch=str(out / "scratch")
     )
     values = run_jobs(retrainer, jobs, out / "jobs", config.workers, progress, say) if jobs else {}
+    if (out / "scratch").is_dir():  # every job is done: what jobs killed before they ended left there goes too
+        shutil.rmtree(out / "scratch")
     timings["retraining_s"] = time.perf_counter() - tick
     timings["job_seconds_sum"] = float(
         sum(json.loads((out / "jobs" / f"{job_id}.json").read_text()).get("seconds", 0.0) for job_id, _, _ in jobs)
