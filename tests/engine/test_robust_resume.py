@@ -383,7 +383,14 @@ def test_a_fit_resumed_under_another_process_count_is_refused_and_finished_facto
     assert code == 0 and "reused" in out, out  # finished: reused
     (run / "factors" / "curvature.json").unlink()  # as a fit killed before its final save leaves it
     code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac", "--threads", "1"))
-    assert code != 0 and "processes: recorded 2, now 1" in " ".join(out.split()), out
+    message = " ".join(out.split())
+    assert code != 0 and "processes: recorded 2, now 1" in message, out
+    # how to resume it where it started, not only "delete" (which throws the finished stages away)
+    assert f"resume it with `torchrun --nproc-per-node 2 -m wherefrom.cli -- replay {run}`" in message, out
+    write_json_checked({**recorded, "processes": 1, "device": "cuda"}, settings)  # as a fit started on a GPU
+    code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac", "--threads", "1"))
+    message = " ".join(out.split())
+    assert code != 0 and "resume it with its `fit` command with `--device cuda`" in message, out
 
 
 def test_index_rebuilds_shards_that_match_their_checksums_but_hold_other_rows(root, tmp_path):

@@ -637,7 +637,7 @@ class Run:
         notes = record_settings(
             target,
             self.fit_settings(),
-            f"Delete {target} to fit again with the current settings.",
+            self.refit_hint(target),
             ignore=RECORDED_ONLY if found else (*RESUMED_WHERE_STARTED, *RECORDED_ONLY),
             defaults=self.config.setting_defaults(),
         )
@@ -650,6 +650,28 @@ class Run:
             self.notices.append(f"refitting: {found[0]}")
         forget_file(target / "curvature.json")  # the factors are unfinished until both are rewritten
         return False
+
+    def refit_hint(self, target: Path) -> Callable[[list[str]], str]:
+        """What a fit refused for its settings (:func:`wherefrom.core.store.record_settings`) says to do: where only
+        the process count or the device differs from the unfinished fit's in ``target`` (it resumes only where it
+        started, :data:`RESUMED_WHERE_STARTED`), how to resume it there (``torchrun --nproc-per-node 2 -m
+        wherefrom.cli -- replay RUN``; ``--device cuda``); in any case, or to delete ``target`` and fit again."""
+        delete = f"delete {target} to fit again with the current settings"
+
+        def hint(differing: list[str]) -> str:
+            if not differing or not set(differing) <= set(RESUMED_WHERE_STARTED):
+                return delete[0].upper() + delete[1:] + "."
+            recorded = intact_json(target / SETTINGS)
+            recorded = recorded if isinstance(recorded, dict) else {}
+            processes, device = recorded.get("processes"), recorded.get("device")
+            if "processes" in differing and type(processes) is int:
+                launch = f"torchrun --nproc-per-node {processes} -m wherefrom.cli -- " if processes > 1 else ""
+                how = f"`{launch or 'wherefrom '}replay {self.folder}`"
+            else:
+                how = f"its `fit` command with `--device {device}`"
+            return f"The unfinished fit resumes only as it started: resume it with {how}, or {delete}."
+
+        return hint
 
     def fit_method(self) -> bool:
         """Fit the run's method into ``method/`` unless an intact fitted state is there; returns True when it fitted.
@@ -673,7 +695,7 @@ class Run:
             notes = record_settings(
                 target,
                 self.fit_settings(),
-                f"Delete {target} to fit again with the current settings.",
+                self.refit_hint(target),
                 (*RESUMED_WHERE_STARTED, *RECORDED_ONLY),
                 self.config.setting_defaults(),
             )
