@@ -5,8 +5,11 @@ from __future__ import annotations
 import collections
 import csv
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -14,7 +17,7 @@ from typer.testing import CliRunner
 
 from tests.cli.conftest import invoke
 from wherefrom.cli import app
-from wherefrom.cli.app import COMMANDS
+from wherefrom.cli.app import COMMANDS, stdout_closed
 
 runner = CliRunner()
 
@@ -478,3 +481,24 @@ def test_a_run_folder_that_is_a_file_is_named_before_the_model_loads(workspace, 
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and f"{path}: a file is where the run's folder belongs" in said, result.output
     assert path.read_text() == "kept"
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`wherefrom scores ... | head -1`: once the reader has gone, the next write fails. A command failed with
+    `error: [Errno 32] Broken pipe` (exit 2), while one printing through click ended silently (exit 1): now
+    every command ends as click does, exit 1 and no message (its results are written before they are printed)."""
+    command = [sys.executable, "-m", "wherefrom.cli", "methods", "--json"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before the command prints: it takes a second or more to start
+    _, err = process.communicate(timeout=300)
+    assert (process.returncode, err.decode()) == (1, "")
+
+
+def test_stdout_closed_tells_a_pipe_without_reader(monkeypatch):
+    """Only a closed reader of stdout ends a command quietly: a broken pipe of its own work is an error."""
+    read, write = os.pipe()
+    with os.fdopen(write, "w") as writer:
+        monkeypatch.setattr(sys, "stdout", writer)
+        assert not stdout_closed()
+        os.close(read)
+        assert stdout_closed()

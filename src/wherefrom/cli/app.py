@@ -15,6 +15,7 @@ import contextvars
 import functools
 import inspect
 import os
+import select
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -88,10 +89,26 @@ def system_errors_named() -> Iterator[None]:
     settings)."""
     try:
         yield
+    except BrokenPipeError as error:
+        if not stdout_closed():  # another pipe (a worker process's) broke: an error of the work
+            fail(os_error_text(error))
+        raise  # the output's reader went away (`| head -1`): click exits 1 without a message, as it does outside
     except OSError as error:
         fail(os_error_text(error))
     except MemoryError as error:
         fail(str(error) or "out of memory (MemoryError)")
+
+
+def stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reading end is closed (``wherefrom scores ... | head -1`` after
+    ``head`` read its line): polled, so nothing is written. ``False`` where it cannot be polled (not a file
+    descriptor, no ``poll`` on this OS)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        return False
 
 
 def os_error_text(error: OSError) -> str:
