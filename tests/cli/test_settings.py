@@ -192,6 +192,35 @@ def test_replay_of_a_fit_recomputes_identical_factors(workspace, tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_replay_of_a_copied_or_moved_folder_writes_it_not_the_original(workspace, tmp_path, monkeypatch):
+    """`replay COPY` of a run folder copied beside its original reran `fit --run runs/orig` (the recorded
+    argument): it refitted the original and left the copy as it was, exit 0. The record keeps its folder as seen
+    from where it ran, and a path argument at or under it names the replayed folder."""
+    monkeypatch.chdir(tmp_path)
+    assert invoke(*fit_args(workspace, "runs/orig", "--strategy", "kfac", "--threads", "1")).exit_code == 0
+    factors = tmp_path / "runs" / "orig" / "factors" / "curvature.safetensors"
+    made = (factors.read_bytes(), factors.stat().st_mtime_ns)
+    for copy in ("copy", "moved"):
+        if copy == "copy":
+            shutil.copytree(tmp_path / "runs" / "orig", tmp_path / "runs" / copy)
+        else:
+            shutil.move(tmp_path / "runs" / "copy", tmp_path / "runs" / copy)
+        shutil.rmtree(tmp_path / "runs" / copy / "factors")
+        replayed = invoke("replay", tmp_path / "runs" / copy)
+        assert replayed.exit_code == 0 and "was recorded as" in replayed.output, replayed.output
+        assert (tmp_path / "runs" / copy / "factors" / "curvature.safetensors").read_bytes() == made[0]
+        assert (factors.read_bytes(), factors.stat().st_mtime_ns) == made  # the original is not touched
+        record = json.loads((tmp_path / "runs" / copy / "config.json").read_text())["replay"]["fit"]
+        assert record["arguments"]["run"] == f"runs/{copy}" and record["folder"] == f"runs/{copy}"
+    # a record whose folder none of its paths names (tune's default --out under its ground truth): refused
+    tune = {"command": "tune", "arguments": {"groundtruth": "gt", "method": "ekfac", "out": None}}
+    tune |= {"line": "wherefrom tune --groundtruth gt --method ekfac", "cwd": "..", "folder": "gt/tune-ekfac"}
+    (tmp_path / "copied").mkdir()
+    (tmp_path / "copied" / "config.json").write_text(json.dumps({"replay": {"tune": tune}}))
+    refused = invoke("replay", tmp_path / "copied")
+    assert refused.exit_code == 2 and "is named by none of its paths" in " ".join(refused.output.split())
+
+
 def test_a_refused_command_keeps_the_record_of_the_one_that_made_the_folder(workspace, tmp_path, monkeypatch):
     """A refused ``fit --with-index`` (the index holds another --dtype) replaced the run's record, so ``replay``
     reran the refused command (exit 2). A command ending in an error puts back the record it replaced, or removes

@@ -225,7 +225,8 @@ def remember(folder: Path, key: str | None = None) -> None:
     """Record the running command in ``folder/config.json`` under ``replay[key]`` (default: the command's
     name), beside whatever else that file holds, so that ``wherefrom replay FOLDER`` reruns it: its arguments,
     its line, the directory it ran in (``cwd``, relative to ``folder``: relative paths among the arguments are
-    relative to it, and a project moved whole keeps it) and its ``position``, the order the folder's commands
+    relative to it, and a project moved whole keeps it), ``folder`` as seen from there (so that ``replay`` of a
+    copied or moved folder writes there, not to the folder it was copied from) and its ``position``, the order the folder's commands
     first ran in (a command run again keeps its place; the file's keys are sorted). The file is
     updated under its own lock (:func:`wherefrom.core.store.update_json`): commands recording themselves in one
     folder at once (two ``evaluate`` runs of one ground truth) keep each other's records. A command that ends in
@@ -240,6 +241,7 @@ def remember(folder: Path, key: str | None = None) -> None:
         "arguments": {name: _jsonable(value) for name, value in invocation.recorded().items()},
         "line": recorded_line(),
         "cwd": os.path.relpath(Path.cwd(), Path(folder).resolve()),
+        "folder": os.path.relpath(Path(folder).resolve(), Path.cwd()),
     }
 
     def change(saved: dict[str, Any]) -> None:
@@ -322,7 +324,7 @@ def _parameter(setting: Setting) -> Any:
 def _coerce(setting: Setting, value: Any) -> Any:
     """A value in the parameter's type: a path read back from ``config.json`` (text) as a ``Path``, a
     repeatable option given no times (typer: an empty list) as ``None``, a list as a list."""
-    if isinstance(value, str) and "Path" in str(setting.type):
+    if isinstance(value, str) and setting.is_path:
         return Path(value)
     if isinstance(value, list | tuple):
         return list(value) or None

@@ -4,9 +4,34 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 from wherefrom.cli.app import COMMANDS, command, console, fail
+from wherefrom.cli.settings import SETTINGS
+
+
+def relocated(record: dict[str, Any], where: Path, folder: Path) -> tuple[dict[str, Any], Path | None]:
+    """``(arguments, recorded folder)`` of a :func:`wherefrom.cli.app.remember` record found in ``folder``, which
+    ran in ``where``: when the folder it was recorded in (its ``folder``, seen from ``where``) is another one, i.e.
+    ``folder`` is a copy or was moved without the directory it ran in, each path argument at or under that folder
+    names the same place under ``folder`` (relative paths stay relative to ``where``), and the recorded folder is
+    returned; else the arguments as recorded and ``None`` (also for a record older than its ``folder`` entry)."""
+    arguments = dict(record["arguments"])
+    if not isinstance(record.get("folder"), str):
+        return arguments, None
+    recorded = (where / record["folder"]).resolve()
+    if recorded == folder:
+        return arguments, None
+    for name, value in arguments.items():
+        if not (isinstance(value, str) and name in SETTINGS and SETTINGS[name].is_path):
+            continue
+        path = (where / value).resolve()
+        if path == recorded or recorded in path.parents:
+            moved = folder / path.relative_to(recorded)
+            arguments[name] = str(moved) if Path(value).is_absolute() else os.path.relpath(moved, where)
+    return arguments, recorded
 
 
 @command(distributed=True)  # reruns a recorded command, which decides for itself
@@ -14,6 +39,7 @@ def replay(folder, threads) -> None:
     """Rerun, with exactly the recorded settings, every command recorded in FOLDER/config.json (in the
     order they first ran there: e.g. a bench, then its analyses), each in the directory it ran in (relative
     to FOLDER, so its relative paths name the same files from anywhere and after the project is moved whole).
+    A FOLDER copied or moved on its own is written, not the folder it was recorded in.
     Finished outputs are reused as each command reuses them; delete them first to recompute."""
     folder = Path(folder).resolve()
     config = folder / "config.json"
@@ -28,6 +54,13 @@ def replay(folder, threads) -> None:
                 f"{config}: record {key!r} ran in {where}, which is gone, and its relative paths are relative to it; "
                 f"run its line by hand from the directory it means: {record['line']}"
             )
-        console.print(f"replay (in {where}): {record['line']}", markup=False, highlight=False)
+        arguments, recorded = relocated(record, where, folder)
+        if recorded is not None and arguments == record["arguments"]:
+            fail(
+                f"{config}: record {key!r} wrote to {recorded}, and {folder} (a copy, or moved) is named by none of "
+                f"its paths; run its line by hand with its output in {folder}: {record['line']}"
+            )
+        moved = f" ({folder} was recorded as {recorded}: written here)" if recorded is not None else ""
+        console.print(f"replay (in {where}){moved}: {record['line']}", markup=False, highlight=False)
         with contextlib.chdir(where):
-            COMMANDS[record["command"]](**record["arguments"])
+            COMMANDS[record["command"]](**arguments)

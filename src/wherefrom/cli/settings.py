@@ -709,6 +709,11 @@ class Setting:
     argument: bool
     group: str
 
+    @property
+    def is_path(self) -> bool:
+        """Whether the setting names a file or folder (its type is ``Path`` or ``Path | None``)."""
+        return "Path" in str(self.type)
+
     def validate(self, value: Any, check: Check | None = None) -> str | None:
         """``None`` when ``value`` is valid (or ``None``), else a message naming the flag and the value. ``check``:
         the command's own check of this setting in place of the setting's (:func:`check_arguments`)."""
