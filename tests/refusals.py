@@ -286,14 +286,6 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "argument",
-        "a setting given by its flag and again as an option of every method that runs",
-        EXIT,
-        "--option 'damping=0.7': --damping 0.5 is never used, as --option sets damping for every method that runs",
-        "the option wins, so the flag's value is silently never used, yet the command line shows it",
-        command=(*FIT, "new", "--method", "ekfac", "--damping", "0.5", "--option", "damping=0.7"),
-    ),
-    Refusal(
-        "argument",
         "--device cuda on a machine without CUDA",
         EXIT,
         "--device cuda: CUDA device cuda:0 is not available on this machine; available: cpu",

@@ -30,13 +30,7 @@ from tqdm import tqdm
 from wherefrom.cli.settings import SETTINGS, Check, Setting, check_arguments, default_threads
 from wherefrom.core.commandline import command_line
 from wherefrom.core.distributed import NotDistributable, end_process, refuse
-from wherefrom.core.option_pairs import (
-    OptionPairError,
-    check_methods_named,
-    format_option_pairs,
-    options_for,
-    parse_option_pairs,
-)
+from wherefrom.core.option_pairs import check_methods_named, options_for, parse_option_pairs
 from wherefrom.core.store import read_json_object, update_json
 
 __all__ = [
@@ -139,30 +133,7 @@ def method_pairs(pairs: list[str] | None, methods: Iterable[str], flag: str = "-
     method not among ``methods`` refused (:func:`wherefrom.core.option_pairs.check_methods_named`)."""
     options = parse_option_pairs(pairs, flag)
     check_methods_named(options, methods, flag)
-    refuse_settings_given_twice(options, list(methods), flag)
     return options
-
-
-def refuse_settings_given_twice(options: dict[str, dict[str, Any]], methods: list[str], flag: str) -> None:
-    """Raise :class:`wherefrom.core.option_pairs.OptionPairError` when an attribution setting that a method option
-    overrides (``damping``, ``fisher``, ...: :data:`wherefrom.methods.registry.SETTING_NAMES`) is given by its flag
-    off its default and also, in ``options`` (parsed ``flag`` pairs), for every method that runs (an unprefixed
-    pair, or each method's own): the flag's value was silently never used (``--damping 0.5 --option
-    damping=0.7``). The message names both and asks for one, as :func:`check_methods_named` does for pairs."""
-    from wherefrom.methods.registry import SETTING_NAMES
-
-    for name, value in sorted(changed_settings(SETTING_NAMES).items()):
-        owners = (
-            ["*"] if name in options.get("*", {}) else [m for m in dict.fromkeys(methods) if name in options.get(m, {})]
-        )
-        if owners and (owners == ["*"] or len(owners) == len(set(methods))):
-            pairs = [format_option_pairs({m: {name: options[m][name]}})[0] for m in owners]
-            raise OptionPairError(
-                flag,
-                pairs[0],
-                f"{SETTINGS[name].given(value)} is never used, as {flag} sets {name} for every method that runs "
-                f"({', '.join(pairs)}); give one of them",
-            )
 
 
 def method_list(text: str | None, default: Iterable[str]) -> list[str]:
