@@ -134,6 +134,10 @@ def test_rebuild_reuses_every_job(folder):
     (stale / "adapter_model.safetensors").write_bytes(b"partial")
     again = build_groundtruth(gt.config)
     assert not (folder / "scratch").exists()
+    (folder / "scratch").mkdir()
+    (folder / "scratch" / "notes.txt").write_text("mine")  # not a job's: kept, and so is the folder
+    build_groundtruth(gt.config)
+    assert (folder / "scratch" / "notes.txt").read_text() == "mine"
     assert {p.name: p.stat().st_mtime_ns for p in (folder / "jobs").iterdir()} == stamps
     np.testing.assert_array_equal(again.lds_outputs, gt.lds_outputs)
 

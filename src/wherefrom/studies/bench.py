@@ -76,6 +76,7 @@ __all__ = [
     "rows_key",
     "run_bench",
     "scored_method",
+    "short_of_sizes",
 ]
 
 DEFAULT_METHODS = ["ekfac", "kfac", "datainf", "gradsim", "tracin", "repsim", "bm25"]

@@ -26,6 +26,7 @@ of the training rows (so the smaller set is inside the larger), each sorted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -52,7 +53,7 @@ from wherefrom.models.loading import load_model
 from wherefrom.studies.bench import check_task_name, make_task, short_of_sizes
 from wherefrom.studies.benchtasks import BenchTask
 from wherefrom.studies.groundtruth.lds import loo_effect, loo_noise, sample_subsets
-from wherefrom.studies.groundtruth.retrain import FinetuneRetrainer, measure_queries, run_jobs
+from wherefrom.studies.groundtruth.retrain import SCRATCH_PREFIX, FinetuneRetrainer, measure_queries, run_jobs
 from wherefrom.studies.toolkit import free_memory, provenance
 
 __all__ = ["GroundTruth", "GroundTruthConfig", "build_groundtruth", "command_line"]
@@ -260,8 +261,11 @@ def build_groundtruth(
         train, queries, config.finetune_config(), config.model, config.device, scratch=str(out / "scratch")
     )
     values = run_jobs(retrainer, jobs, out / "jobs", config.workers, progress, say) if jobs else {}
-    if (out / "scratch").is_dir():  # every job is done: what jobs killed before they ended left there goes too
-        shutil.rmtree(out / "scratch")
+    # every job is done: their folders go, with what jobs killed before they ended left there, not anything else
+    for leftover in (out / "scratch").glob(f"{SCRATCH_PREFIX}*"):
+        shutil.rmtree(leftover)
+    with contextlib.suppress(OSError):  # only when empty
+        (out / "scratch").rmdir()
     timings["retraining_s"] = time.perf_counter() - tick
     timings["job_seconds_sum"] = float(
         sum(json.loads((out / "jobs" / f"{job_id}.json").read_text()).get("seconds", 0.0) for job_id, _, _ in jobs)

@@ -43,6 +43,7 @@ from wherefrom.models.loading import eval_mode, load_model
 from wherefrom.studies.toolkit import cached, store
 
 __all__ = [
+    "SCRATCH_PREFIX",
     "FinetuneRetrainer",
     "FunctionRetrainer",
     "Job",
@@ -57,6 +58,8 @@ Job = tuple[str, Sequence[int], int]
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _FORMAT_VERSION = 1
+SCRATCH_PREFIX = "wherefrom-retrain-"
+"""The name prefix of a :class:`FinetuneRetrainer` job's scratch folder (what a killed job leaves is found by it)."""
 
 
 @runtime_checkable
@@ -173,7 +176,7 @@ class FinetuneRetrainer:
         config = replace(self.config, seed=int(seed), checkpoint_every_epoch=False)
         if self.scratch is not None:
             Path(self.scratch).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="wherefrom-retrain-", dir=self.scratch) as folder:
+        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=self.scratch) as folder:
             tuned = finetune(loaded.model, loaded.tokenizer, rows, config, folder, progress=False, resumable=False)
             return measure_queries(
                 tuned.model,
