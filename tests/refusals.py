@@ -286,6 +286,14 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "argument",
+        "the damping given as a strategy option",
+        EXIT,
+        "strategy 'ekfac': damping is the damping setting, not a strategy option; give it as damping (--damping",
+        "it reached the strategy twice: a TypeError traceback naming no setting",
+        command=(*FIT, "new", "--strategy", "ekfac", "--strategy-option", "damping=0.7"),
+    ),
+    Refusal(
+        "argument",
         "--device cuda on a machine without CUDA",
         EXIT,
         "--device cuda: CUDA device cuda:0 is not available on this machine; available: cpu",

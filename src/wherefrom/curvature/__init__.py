@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from wherefrom.core.options import check_options
+from wherefrom.core.options import OptionError, check_options
 from wherefrom.curvature.base import DAMPING_OPTIONS, BatchSource, Curvature
 from wherefrom.curvature.datainf import DataInf
 from wherefrom.curvature.exact import ExactGGN
@@ -35,6 +37,23 @@ def make_curvature(strategy: str, damping: float | None = None, damping_factor: 
         {"damping": damping, "damping_factor": damping_factor, **options},
     )
     return cls(**checked)
+
+
+def configured_curvature(
+    strategy: str, damping: float | None, damping_factor: float, options: Mapping[str, Any]
+) -> Curvature:
+    """:func:`make_curvature` of a configuration's ``strategy`` with its strategy ``options`` as a mapping
+    (:attr:`wherefrom.engine.api.AttributionConfig.strategy_options`, ``--strategy-option``). Raises
+    :class:`wherefrom.core.options.OptionError` naming the setting when ``options`` holds ``damping`` or
+    ``damping_factor``: they are the configuration's own settings (given twice, they reached the strategy as a
+    ``TypeError`` naming none); else as :func:`make_curvature`."""
+    clash = [spec.name for spec in DAMPING_OPTIONS if spec.name in options]
+    if clash:
+        raise OptionError(
+            f"strategy {strategy!r}: {clash[0]} is the damping setting, not a strategy option; give it as "
+            f"{clash[0]} (--{clash[0].replace('_', '-')} on the command line)"
+        )
+    return make_curvature(strategy, damping, damping_factor, **options)
 
 
 def load_curvature(folder: Path) -> Curvature:
@@ -68,6 +87,7 @@ __all__ = [
     "GGNOperator",
     "Identity",
     "LiSSA",
+    "configured_curvature",
     "curvature_from_state",
     "load_curvature",
     "make_curvature",

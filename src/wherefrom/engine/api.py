@@ -45,7 +45,7 @@ from wherefrom.core.scoring import (
 from wherefrom.core.store import StageFolder
 from wherefrom.core.task import DrawCounts, LanguageModelingTask, example_seeds
 from wherefrom.core.tracking import TrackedModule, output_layer, select_modules, selection_signature
-from wherefrom.curvature import Curvature, make_curvature
+from wherefrom.curvature import Curvature, configured_curvature
 from wherefrom.curvature.base import BatchSource, DataShape, Progress, no_progress
 from wherefrom.engine.passes import Kept, SharedPass, plan
 from wherefrom.models.loading import eval_mode, model_fingerprint
@@ -222,7 +222,7 @@ class Attributor:
     def new_curvature(self) -> Curvature:
         """An unfitted instance of the configured strategy, damping and strategy options."""
         c = self.config
-        return make_curvature(c.strategy, c.damping, c.damping_factor, **c.strategy_options)
+        return configured_curvature(c.strategy, c.damping, c.damping_factor, c.strategy_options)
 
     @property
     def device(self) -> torch.device:

@@ -30,7 +30,7 @@ import torch
 from wherefrom.core.data import Record
 from wherefrom.core.options import UNSET, OptionSpec, check_options, from_signature, with_defaults
 from wherefrom.core.scoring import Scores
-from wherefrom.curvature import STRATEGIES, curvature_from_state, make_curvature
+from wherefrom.curvature import STRATEGIES, configured_curvature, curvature_from_state
 from wherefrom.curvature.base import DAMPING_OPTIONS, GROSSE_2023
 from wherefrom.curvature.iterative import AGARWAL_2017, SCHIOPPA_2022
 from wherefrom.engine.api import AttributionConfig, Attributor
@@ -487,7 +487,7 @@ def method_settings(
     settings, constructor = split_settings(spec.check(options or {}, supplied))
     config = replace(config or AttributionConfig(), **{**spec.settings, **settings})
     if spec.family == "influence":
-        make_curvature(config.strategy, config.damping, config.damping_factor, **constructor)
+        configured_curvature(config.strategy, config.damping, config.damping_factor, constructor)
     return config, constructor
 
 
