@@ -193,6 +193,22 @@ def test_query_tables_at_80_columns_name_lowest_scores_and_keep_module_names_who
     assert re.search(r"Rule: -> +[a-z]", wide.stdout)  # each row's prompt, then its completion
 
 
+def test_query_and_methods_tables_into_a_file_keep_long_ids_whole(monkeypatch, capsys):
+    """`wherefrom query ... > out.txt`: rich took 80 columns where stdout is no terminal and folded a long id over
+    two lines (`emotion-train-00` / `03`), so the file could not be searched for it."""
+    from wherefrom.cli.run import print_report
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    long_id = "emotion-train-" + "0" * 50 + "3"
+    entry = {"id": long_id, "score": 1.5, "label": "joy", "prompt": "p " * 60, "completion": " c", "top_modules": []}
+    print_report({"strategy": "ekfac", "sign": "s", "proponents": [entry], "opponents": [{**entry, "score": -1.0}]})
+    assert capsys.readouterr().out.count(long_id) == 2
+    result = runner.invoke(app, ["methods"])
+    assert (
+        result.exit_code == 0 and "Agarwal, Bullins & Hazan 2017, Second-Order Stochastic Optimization" in result.stdout
+    )
+
+
 def test_help_reflows_each_paragraph_to_the_terminal(workspace):
     result = runner.invoke(app, ["diagnose", "--help"], env={"COLUMNS": "200"})
     assert "the exact GGN is formed. Every method and the exact reference use one absolute damping" in result.stdout

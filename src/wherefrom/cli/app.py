@@ -114,6 +114,18 @@ def os_error_text(error: OSError) -> str:
     return f"{paths}: {error.strerror}"
 
 
+def stdout_console() -> Console:
+    """A rich console on stdout for tables (``query``, ``methods``): on a terminal as wide as it is, and as wide as
+    ``COLUMNS`` says where that is set; else (a file or pipe) as wide as the rows need, where rich took 80 columns
+    and folded cells, ids among them, over lines."""
+    chosen = sys.stdout.isatty() or "COLUMNS" in os.environ
+    return Console(emoji=False, width=None if chosen else UNWRAPPED_WIDTH)
+
+
+UNWRAPPED_WIDTH = 100_000
+"""The width a table printed into a file or pipe may take (:func:`stdout_console`): more than any row needs."""
+
+
 def say(line: str) -> None:
     """One progress line on stderr, printed as it is."""
     console.print(line, markup=False, highlight=False)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from wherefrom.cli.app import command
+from wherefrom.cli.app import command, stdout_console
 
 
 @command
@@ -32,4 +31,4 @@ def methods(as_json, threads) -> None:
         fixed = ", ".join(f"{key}={value}" for key, value in spec.settings.items())
         description = spec.description + (f" [{fixed}]" if fixed else "")
         table.add_row(spec.name, spec.family, escape(description), escape("\n".join(lines)), escape(spec.citation))
-    Console().print(table)
+    stdout_console().print(table)

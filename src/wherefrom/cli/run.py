@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -27,6 +26,7 @@ from wherefrom.cli.app import (
     say,
     settings_as,
     shown_flags,
+    stdout_console,
 )
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, data_fingerprint, load_records
@@ -472,7 +472,7 @@ def print_report(report: dict, module_names: list[str] | None = None) -> None:
     """The proponent and opponent tables of a ``query`` report on stdout, then each proponent's tokens.
     A row's text shows its prompt, then ``->``, then its completion in bold; modules are named without
     the prefix all ``module_names`` share (default: the report's own), one per line."""
-    out = Console(emoji=False)
+    out = stdout_console()
     shown = [name for kind in ("proponents", "opponents") for e in report[kind] for name, _ in e["top_modules"]]
     short = short_names(sorted(set(module_names or shown)))
     for kind in ("proponents", "opponents"):
