@@ -95,6 +95,13 @@ def test_a_report_whose_training_file_is_gone_names_it_and_shows_the_saved_label
     top_id, _ = scores.top(0, 1)[0]
     label = next(r.label for r in train if r.id == top_id)
     assert f"#1 <b>{top_id}</b> score {scores.total[0].max().item():+.4g} · label {label}" in page
+    # a training file that no longer holds every id (edited since): those rows by id, with their saved label
+    kept = [r for r in train if r.id != top_id]
+    write_jsonl(kept, gone)
+    page = html.unescape(write_report(out).read_text())
+    assert "1 of the 20 training ids of these scores are not in the training file" in page
+    assert f"#1 <b>{top_id}</b> score {scores.total[0].max().item():+.4g} · label {label}" in page
+    assert "could not be read" not in page
 
 
 def test_run_report_is_self_contained_with_every_section(run_folder, tmp_path):
@@ -143,14 +150,16 @@ def test_report_on_an_unknown_path_names_what_it_expects(tmp_path):
     message = re.sub(r"[\s│]+", " ", result.output)  # typer's error box wraps the message
     assert result.exit_code == 2 and "is not a result wherefrom can report on" in message
     # a folder holding `evaluate --out DIR/STEM` or `query --json > DIR/q.json` files: named with their commands
-    (tmp_path / "lds.json").write_bytes((RESULTS / "groundtruth-tiny" / "evaluate.json").read_bytes())
-    (tmp_path / "q.json").write_text(json.dumps({"query": {"prompt": "p"}, "proponents": []}))
-    (tmp_path / "other.json").write_text("[]")
+    folder = tmp_path / "my results"
+    folder.mkdir()
+    (folder / "lds.json").write_bytes((RESULTS / "groundtruth-tiny" / "evaluate.json").read_bytes())
+    (folder / "q.json").write_text(json.dumps({"query": {"prompt": "p"}, "proponents": []}))
+    (folder / "other.json").write_text("[]")
+    (folder / "config.json").write_text(json.dumps({"replay": {"evaluate lds": {}}}))  # as evaluate --out leaves it
     with pytest.raises(FileNotFoundError, match="holding result files") as refused:
-        write_report(tmp_path)
-    assert f"`wherefrom report {tmp_path / 'lds.json'}`, `wherefrom report {tmp_path / 'q.json'}`)" in str(
-        refused.value
-    )
+        write_report(folder)
+    quoted = [f"`wherefrom report '{folder / name}'`" for name in ("lds.json", "q.json")]
+    assert f"({', '.join(quoted)})" in str(refused.value)  # each a command to paste, quoted for the shell
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,11 @@ one by one when it is a folder holding some.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+from wherefrom.core.commandline import command_line
 from wherefrom.core.data import DataError, Record, load_records
 from wherefrom.core.scoring import Scores, load_scores, saved_labels, score_set_names
 from wherefrom.core.store import read_json_object, refuse_folder_in_place
@@ -58,24 +60,23 @@ def score_sets(folder: Path) -> dict[str, Scores]:
 
 def _rows(folder: Path, config: dict[str, Any]) -> tuple[dict[str, Record] | None, str]:
     """The training rows by id of the result ``folder`` whose ``config.json`` is ``config`` (its ``train``), or
-    ``None`` when there is none or the file is gone or unreadable (the report shows ids and the labels saved with
-    the scores), with the note saying so: the path tried and why. A relative ``train`` (``attribute`` records
-    paths as given) is taken from the directory the command ran in, which its replay record keeps relative to
-    ``folder`` (so the report is the same from any directory)."""
+    ``None`` when there is none or the file is gone or unreadable, with the note saying so (the path tried and
+    why). A relative ``train`` (``attribute`` records paths as given) is taken from the directory the command ran
+    in, which its replay record keeps relative to ``folder`` (so the report is the same from any directory)."""
     train = config.get("train")
     if not train:
-        return None, "The settings name no training file: ids only, with the labels saved with the scores."
+        return None, "The settings name no training file: rows are shown by id."
     records = config.get("replay")
     ran_in = (
         [r["cwd"] for r in records.values() if isinstance(r, dict) and "cwd" in r] if isinstance(records, dict) else []
     )
-    path = Path(train) if Path(train).is_absolute() or not ran_in else folder / ran_in[0] / train
+    path = Path(os.path.normpath(train if Path(train).is_absolute() or not ran_in else folder / ran_in[0] / train))
     try:
         return {r.id: r for r in load_records(path)}, ""
     except (DataError, OSError) as error:  # each names the file
         return None, (
-            f"The training rows could not be read ({error}): ids only, with the labels saved with the scores. "
-            "Put the training file back there and report again to see their text."
+            f"The training rows could not be read ({error}): rows are shown by id. Put the training file back "
+            "(or repair it) and report again to see their text."
         )
 
 
@@ -92,8 +93,7 @@ def _scores_report(path: Path, sets: Path, named: dict[str, Scores], config: dic
     rows, unread = _rows(path, config)
     sections = []
     for name, scores in named.items():
-        labels = saved_labels(sets, name) if rows is None else None
-        sections += scores_sections(name, scores, rows, labels=labels, unread=unread)
+        sections += scores_sections(name, scores, rows, labels=saved_labels(sets, name), unread=unread)
     together = agreement_section(named)
     return sections + ([together] if together else [])
 
@@ -187,7 +187,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             return f"Attribution: {config.get('method', path.name)}", [*sections, settings_section("Settings", config)]
     files = _result_files(path) if path.is_dir() else []
     if files:
-        shown = ", ".join(f"`wherefrom report {file}`" for file in files)
+        shown = ", ".join(f"`{command_line('report', [(None, str(file))], exact=True)}`" for file in files)
         raise FileNotFoundError(
             f"{path} is a folder holding result files, not a result folder: report one of them ({shown})"
         )

@@ -178,8 +178,9 @@ def scores_sections(
     unread: str,
 ) -> list[dict[str, Any]]:
     """Top proponents and opponents of the first queries, the layer profile and the tail of one score set. Rows
-    are shown with their text from ``rows``; when ``rows`` is ``None`` the note ``unread`` says why, and they are
-    shown by id with their label from ``labels`` (those saved with the scores, when given)."""
+    are shown with their text from ``rows``; when ``rows`` is ``None`` the note ``unread`` says why, and a note
+    counts the score set's ids ``rows`` lacks (a training file edited since); those rows are shown by id, with
+    their label from ``labels`` (saved with the scores; ``{}`` when none were)."""
     blocks: list[dict[str, Any]] = [
         {
             "type": "note",
@@ -189,6 +190,16 @@ def scores_sections(
     ]
     if rows is None:
         blocks.append({"type": "note", "text": unread})
+    else:
+        missing = sum(row_id not in rows for row_id in scores.train_ids)
+        if missing:
+            blocks.append(
+                {
+                    "type": "note",
+                    "text": f"{missing} of the {len(scores.train_ids)} training ids of these scores are not in the "
+                    "training file (edited since?): they are shown by id.",
+                }
+            )
     for q, query_id in enumerate(scores.query_ids[:max_queries]):
         for opponents, kind in ((False, "proponents"), (True, "opponents")):
             entries = top_entries(scores, q, top_k, rows, opponents, labels)
