@@ -50,6 +50,7 @@ from wherefrom.core.search import FaissSettings, build_faiss_index, exact_top_k,
 from wherefrom.core.store import atomic_write_json
 from wherefrom.studies.toolkit import markdown_table, number, provenance, write_report
 
+HERE = Path(__file__).resolve().parent
 K = 10
 SHARD_ROWS = 65536
 """Rows per shard of the synthetic store (256 MiB at 1024 float32 entries)."""
@@ -180,10 +181,6 @@ def sweep(kind: str) -> list[dict[str, int]]:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
-    import faiss
-
-    faiss.omp_set_num_threads(args.threads)
     exact_rows, faiss_rows = [], []
     for dim in args.dims:
         for kind in args.rows:
@@ -385,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rows", type=lambda t: t.split(","), default=["fitted", "none"], help="row kinds: fitted, none, iid, latent"
     )
-    parser.add_argument("--spectrum", type=Path, default=Path("benchmarks/results/row_spectrum.json"))
+    parser.add_argument("--spectrum", type=Path, default=HERE / "results" / "row_spectrum.json")
     parser.add_argument("--kinds", type=lambda t: t.split(","), default=["ivf", "ivf-pq", "pq", "ivf-sq8", "hnsw"])
     parser.add_argument(
         "--kind-max",
@@ -406,18 +403,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--noise", type=float, default=0.5, help="standard deviation of the rows' isotropic noise")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", type=Path, default=Path("/tmp/wherefrom-query-latency"))
-    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--name", default="query-latency", help="results file stem under --results")
     args = parser.parse_args(argv)
     import os
 
     import faiss
 
+    torch.set_num_threads(args.threads)  # before the provenance, which records torch's threads
+    faiss.omp_set_num_threads(args.threads)
     command = "python benchmarks/query_latency.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     record = {
         **provenance(command.strip()),
         "rows": args.rows,
-        "spectrum_file": str(args.spectrum),
+        "spectrum_file": os.path.relpath(args.spectrum.resolve(), HERE.parent),  # from the repository's root
         "spectrum": {
             k: {m: v for m, v in s.items() if m != "eigenvalue_shares"}
             for k, s in json.loads(args.spectrum.read_text()).items()
