@@ -674,6 +674,12 @@ def test_a_saved_pq_index_of_a_probed_pq_m_is_reused_and_says_its_pq_m(tmp_path)
     assert f"index reused: faiss-pq.safetensors; pq_m {chosen}, chosen by probe recall when built" in reused.index
     search_store(source, queries, 5, "faiss", faiss_options={**options, "pq_m": chosen}, index_folder=tmp_path)
     assert (tmp_path / "faiss-pq.safetensors").stat().st_mtime_ns != stamp  # a given pq_m is not the probed rule
+    # a store too small for the probe (under 48 rows): its build runs none, and its reuse claimed one
+    small = Rows(rows[:40], 20)
+    folder = tmp_path / "small"
+    built = search_store(small, queries, 5, "faiss", faiss_options=options, index_folder=folder)
+    reused = search_store(small, queries, 5, "faiss", faiss_options=options, index_folder=folder)
+    assert "probe" not in built.index and "index reused" in reused.index and "probe" not in reused.index
 
 
 def test_pq_with_candidates_ranks_them_exactly():

@@ -817,7 +817,7 @@ def _finite(source: RowSource, first: int, rows: torch.Tensor, step: int = 1) ->
 def _training_sample(source: RowSource, size: int) -> np.ndarray:
     """Every ``floor(count / size)``-th row, float32 (rows spread over the whole store): at least
     ``min(size, count)`` rows, fewer than ``2 size``."""
-    step = max(1, source.count // size)
+    step = max(1, source.count // size)  # _sample_rows counts what this takes
     parts = []
     for first, shard in source.shards():
         offset = (-first) % step
@@ -880,6 +880,18 @@ def _probe_rule() -> dict[str, Any]:
     }
 
 
+def _probe_queries(sample_rows: int) -> int:
+    """The held-out queries of a ``pq`` probe (:func:`_probed_pq`) on a training sample of ``sample_rows`` rows: the
+    probe runs only where they are at least :data:`PQ_PROBE_MIN_QUERIES`."""
+    return min(PQ_PROBE_QUERIES, (sample_rows - 2**PQ_BITS) // 2)
+
+
+def _sample_rows(count: int, size: int) -> int:
+    """How many rows :func:`_training_sample` takes of a store of ``count`` rows for a sample of ``size``."""
+    step = max(1, count // size)
+    return -(-count // step)
+
+
 def _probed_pq(candidates: Sequence[int], sample: np.ndarray) -> tuple[Any, str | None]:
     """A trained, empty ``pq`` index (:func:`_trained_pq`) of the ``pq_m`` in ``candidates`` (largest first) a probe
     chooses, and what the probe measured (``None`` for one candidate). The probe: up to :data:`PQ_PROBE_QUERIES`
@@ -890,7 +902,7 @@ def _probed_pq(candidates: Sequence[int], sample: np.ndarray) -> tuple[Any, str 
     higher by more than :data:`PQ_PROBE_MARGIN` (:data:`PQ_M_CONCENTRATED` says why the best ``pq_m`` depends on
     the rows). Too few rows to hold :data:`PQ_PROBE_MIN_QUERIES` out (under 48): the first candidate, trained on the
     whole sample. Deterministic: the sample is strided and FAISS's k-means seeded."""
-    held = min(PQ_PROBE_QUERIES, (len(sample) - 2**PQ_BITS) // 2)
+    held = _probe_queries(len(sample))
     if len(candidates) == 1 or held < PQ_PROBE_MIN_QUERIES:
         return _trained_pq(candidates[0], sample), None
     # the held-out rows swapped into the last ``held`` places of the (private) sample: the rest is a view of it, not
@@ -1024,7 +1036,8 @@ def _saved_or_built(
         saved = load_faiss_index(path, key)
         if saved is not None:
             codes = None
-            if settings.probes(source.dim):
+            probed = _probe_queries(_sample_rows(source.count, PQ_TRAINING_ROWS)) >= PQ_PROBE_MIN_QUERIES
+            if settings.probes(source.dim) and probed:  # too few rows: the build ran no probe and said none
                 codes = f"pq_m {built_pq_m(saved)}, chosen by probe recall when built"
             return BuiltIndex(saved, "reused", codes=codes)
         try:
