@@ -128,13 +128,14 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
     ekfac,kfac,diagonal,datainf,cg,lissa,arnoldi,gradsim. --out receives diagnose.json, diagnose.md
     and config.json."""
     from wherefrom.core.memory import MemoryLimitError, format_bytes, memory_limit
+    from wherefrom.studies.diagnose import check_shared_damping, reference_bytes, write_report
     from wherefrom.studies.diagnose import diagnose as run_diagnosis
-    from wherefrom.studies.diagnose import reference_bytes, write_report
 
     out = required(out, "out")
     names = method_list(methods, DIAGNOSE_METHODS)
     try:
         options = method_pairs(option, names)
+        check_shared_damping(options)  # before the model loads
         config = settings_as(AttributionConfig)
         loaded = load_model(model, adapter, device=device)
         train_rows, query_rows = load_records(train), load_records(queries)

@@ -121,6 +121,21 @@ def ihvp_relative_error(
     return float((approx_flat - reference_flat).norm() / reference_flat.norm())
 
 
+def check_shared_damping(method_options: dict[str, dict[str, Any]]) -> None:
+    """``ValueError`` naming the pair when ``method_options`` (``{method or "*": {key: value}}``) sets a method's
+    ``damping`` or ``damping_factor``: diagnose compares every method with the exact reference at one absolute
+    damping (the config's), and a method of its own damping was compared at another while its row showed the
+    shared one."""
+    for method, options in method_options.items():
+        for key in ("damping", "damping_factor"):
+            if key in options:
+                pair = f"{key}={options[key]}" if method == "*" else f"{method}.{key}={options[key]}"
+                raise ValueError(
+                    f"--option {pair}: diagnose compares every method with the exact reference at one damping; give "
+                    f"it as --{key.replace('_', '-')} (the config's {key})"
+                )
+
+
 def diagnose(
     model,
     tokenizer,
@@ -135,7 +150,9 @@ def diagnose(
     """Run every method and compare it with exact influence, at one damping (module docstring); returns
     the rows and, when the exact reference could not be formed, the reason (the comparisons are then
     ``None``). ``method_options``: ``{method or "*": {key: value}}`` (a ``"*"`` entry applies to every method).
-    ``progress`` (tqdm-like) wraps the loop over methods; the fits report their own batches."""
+    ``progress`` (tqdm-like) wraps the loop over methods; the fits report their own batches. Raises
+    ``ValueError`` for a method's own damping among ``method_options`` (:func:`check_shared_damping`)."""
+    check_shared_damping(method_options or {})
     if exact_blocks not in ("full", "module"):
         raise ValueError(f"exact_blocks must be 'full' or 'module', got {exact_blocks!r}")
     if not queries:
