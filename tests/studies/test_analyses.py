@@ -250,6 +250,11 @@ def test_cli_and_bad_input(reports, bench_dir, tmp_path):
         open_bench(bench_dir, seeds=[5])
     with pytest.raises(ValueError, match="not influence methods"):
         run_ihvp(bench_dir, IhvpSettings(methods=["repsim"]))
+    # one damping for every method and the reference: a method's own was compared at it, its row showing the shared
+    own = runner.invoke(app, ["analyze", "ihvp", "--bench", str(bench_dir), "--option", "ekfac.damping=0.5"])
+    assert own.exit_code == 2 and "ihvp compares every method with the exact reference at one damping" in " ".join(
+        own.output.split()
+    )
 
 
 def test_spearman_is_undefined_for_constants_and_few_points():

@@ -50,7 +50,7 @@ from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import InfluenceMethod, in_family, make_method, options_off_default
 from wherefrom.studies.analyses.common import Bench, method_options, open_bench, write_report
 from wherefrom.studies.bench import build_task, finetuned
-from wherefrom.studies.diagnose import fit_reference, ihvp_relative_error
+from wherefrom.studies.diagnose import check_shared_damping, fit_reference, ihvp_relative_error
 from wherefrom.studies.metrics import mean_stat, spearman
 from wherefrom.studies.toolkit import (
     cached,
@@ -101,13 +101,15 @@ class IhvpSettings:
     method_options: dict[str, dict] = field(default_factory=dict)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` on an impossible setting or a method that preconditions nothing."""
+        """Raise ``ValueError`` on an impossible setting, a method that preconditions nothing, or a method's own
+        damping among ``method_options`` (:func:`wherefrom.studies.diagnose.check_shared_damping`)."""
         if self.reference not in ("auto", "exact", "cg"):
             raise ValueError(f"reference must be 'auto', 'exact' or 'cg', got {self.reference!r}")
         if self.damping is not None and not self.damping > 0:
             raise ValueError(f"damping must be > 0, got {self.damping}")
         if self.n_queries is not None and self.n_queries < 1:
             raise ValueError(f"n_queries must be >= 1, got {self.n_queries}")
+        check_shared_damping(self.method_options, "ihvp")
         if self.methods is not None:
             other = [m for m in self.methods if m not in influence_methods(self.methods)]
             if other:
@@ -239,6 +241,7 @@ def _method_row(
         "info": None,
     }
     try:
+        check_shared_damping({method: options}, "ihvp")  # the bench's own options may give one
         chosen = make_method(method, model, tokenizer, config, **options)
         if not isinstance(chosen, InfluenceMethod) or chosen.attributor.config.normalize is not None:
             raise ValueError(
