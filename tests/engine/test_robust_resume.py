@@ -391,6 +391,10 @@ def test_a_fit_resumed_under_another_process_count_is_refused_and_finished_facto
     code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac", "--threads", "1"))
     message = " ".join(out.split())
     assert code != 0 and "resume it with its `fit` command with `--device cuda`" in message, out
+    write_json_checked({k: v for k, v in recorded.items() if k != "processes"}, settings)  # an older version's
+    code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac", "--threads", "1"))
+    message = " ".join(out.split())
+    assert code != 0 and "resume it with" not in message and "to fit again with the current settings" in message
 
 
 def test_index_rebuilds_shards_that_match_their_checksums_but_hold_other_rows(root, tmp_path):

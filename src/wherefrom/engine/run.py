@@ -664,12 +664,15 @@ class Run:
             recorded = intact_json(target / SETTINGS)
             recorded = recorded if isinstance(recorded, dict) else {}
             processes, device = recorded.get("processes"), recorded.get("device")
-            if "processes" in differing and type(processes) is int:
-                launch = f"torchrun --nproc-per-node {processes} -m wherefrom.cli -- " if processes > 1 else ""
-                how = f"`{launch or 'wherefrom '}replay {self.folder}`"
-            else:
-                how = f"its `fit` command with `--device {device}`"
-            return f"The unfinished fit resumes only as it started: resume it with {how}, or {delete}."
+            ways = []
+            if "processes" in differing and type(processes) is int and processes >= 1:
+                launch = f"torchrun --nproc-per-node {processes} -m wherefrom.cli --" if processes > 1 else "wherefrom"
+                ways.append(f"`{launch} {shlex.join(['replay', str(self.folder)])}`")
+            if "device" in differing and isinstance(device, str):
+                ways.append(f"its `fit` command with `--device {shlex.quote(device)}`")
+            if len(ways) < len(differing):  # a value not recorded (a fit of an older version): no command to name
+                return delete[0].upper() + delete[1:] + "."
+            return f"The unfinished fit resumes only as it started: resume it with {' and '.join(ways)}, or {delete}."
 
         return hint
 
