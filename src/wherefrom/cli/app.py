@@ -94,13 +94,13 @@ def system_errors_named() -> Iterator[None]:
 
 
 def stdout_closed() -> bool:
-    """Whether standard output is a pipe whose reading end is closed (``wherefrom scores ... | head -1`` after
-    ``head`` read its line): polled, so nothing is written. ``False`` where it cannot be polled (not a file
+    """Whether standard output is a pipe or socket whose reading end is closed (``wherefrom scores ... | head -1``
+    after ``head`` read its line): polled, so nothing is written. ``False`` where it cannot be polled (not a file
     descriptor, no ``poll`` on this OS)."""
     try:
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(event & select.POLLERR for _, event in poller.poll(0))
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))  # pipe | socket
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
         return False
 
@@ -115,7 +115,7 @@ def os_error_text(error: OSError) -> str:
 
 
 def stdout_console() -> Console:
-    """A rich console on stdout for tables (``query``, ``methods``): on a terminal as wide as it is, and as wide as
+    """A rich console on stdout for ``query``'s tables: on a terminal as wide as it is, and as wide as
     ``COLUMNS`` says where that is set; else (a file or pipe) as wide as the rows need, where rich took 80 columns
     and folded cells, ids among them, over lines."""
     chosen = sys.stdout.isatty() or "COLUMNS" in os.environ

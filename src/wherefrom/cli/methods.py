@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from wherefrom.cli.app import command, stdout_console
+from wherefrom.cli.app import command
 
 
 @command
@@ -31,4 +32,4 @@ def methods(as_json, threads) -> None:
         fixed = ", ".join(f"{key}={value}" for key, value in spec.settings.items())
         description = spec.description + (f" [{fixed}]" if fixed else "")
         table.add_row(spec.name, spec.family, escape(description), escape("\n".join(lines)), escape(spec.citation))
-    stdout_console().print(table)
+    Console().print(table)  # for reading: at the terminal's width (80 columns into a file); --json for machines
