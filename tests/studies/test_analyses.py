@@ -255,6 +255,13 @@ def test_cli_and_bad_input(reports, bench_dir, tmp_path):
     assert own.exit_code == 2 and "ihvp compares every method with the exact reference at one damping" in " ".join(
         own.output.split()
     )
+    copied = tmp_path / "bench-own-damping"  # a bench run with its own damping for a method: refused before work
+    shutil.copytree(bench_dir, copied)
+    saved = json.loads((copied / "bench.json").read_text())
+    saved["config"]["method_options"] = {**saved["config"]["method_options"], "ekfac": {"damping": 0.5}}
+    (copied / "bench.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"the bench's --option ekfac.damping=0.5: ihvp compares"):
+        run_ihvp(copied, IhvpSettings(methods=["ekfac"]))
 
 
 def test_spearman_is_undefined_for_constants_and_few_points():

@@ -121,17 +121,19 @@ def ihvp_relative_error(
     return float((approx_flat - reference_flat).norm() / reference_flat.norm())
 
 
-def check_shared_damping(method_options: dict[str, dict[str, Any]], study: str = "diagnose") -> None:
-    """``ValueError`` naming the pair when ``method_options`` (``{method or "*": {key: value}}``) sets a method's
-    ``damping`` or ``damping_factor``: ``study`` (diagnose, the ihvp analysis) compares every method with the exact
-    reference at one absolute damping (the config's), and a method of its own damping was compared at another
-    while its row showed the shared one."""
+def check_shared_damping(
+    method_options: dict[str, dict[str, Any]], study: str = "diagnose", source: str = "--option"
+) -> None:
+    """``ValueError`` naming the pair (given by ``source``) when ``method_options`` (``{method or "*": {key:
+    value}}``) sets a method's ``damping`` or ``damping_factor``: ``study`` (diagnose, the ihvp analysis) compares
+    every method with the exact reference at one absolute damping (the config's), and a method of its own damping
+    was compared at another while its row showed the shared one."""
     for method, options in method_options.items():
         for key in ("damping", "damping_factor"):
             if key in options:
                 pair = f"{key}={options[key]}" if method == "*" else f"{method}.{key}={options[key]}"
                 raise ValueError(
-                    f"--option {pair}: {study} compares every method with the exact reference at one damping; give "
+                    f"{source} {pair}: {study} compares every method with the exact reference at one damping; give "
                     f"it as --{key.replace('_', '-')} (the config's {key})"
                 )
 

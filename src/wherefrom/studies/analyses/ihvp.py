@@ -241,7 +241,6 @@ def _method_row(
         "info": None,
     }
     try:
-        check_shared_damping({method: options}, "ihvp")  # the bench's own options may give one
         chosen = make_method(method, model, tokenizer, config, **options)
         if not isinstance(chosen, InfluenceMethod) or chosen.attributor.config.normalize is not None:
             raise ValueError(
@@ -280,6 +279,8 @@ def run_ihvp(
     if not methods:
         raise ValueError(f"the bench ran no influence method ({bench.config.methods}); pass methods=[...]")
     check_methods_named(settings.method_options, methods)
+    for method in methods:  # the bench's own options may give one: refused before any work or cached row
+        check_shared_damping({method: method_options(bench, {}, method)}, "ihvp", "the bench's --option")
     rows: list[dict[str, Any]] = []
     references: dict[str, Any] = {}
     for seed in bench.config.seeds:

@@ -83,8 +83,8 @@ def top_entries(
     opponents: bool = False,
     labels: Mapping[str, str | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """The ``k`` top proponents (or opponents) of one query with their text when ``rows`` is given, else with
-    their label from ``labels`` (those saved with the scores) when given."""
+    """The ``k`` top proponents (or opponents) of one query with their text from ``rows``; a row ``rows`` lacks
+    (or all, when it is ``None``) with its label from ``labels`` (those saved with the scores) when given."""
     out = []
     for row_id, score in scores.top(query, k, opponents=opponents):
         entry: dict[str, Any] = {"id": row_id, "score": score}
