@@ -61,7 +61,7 @@ def word_rows(n: int, seed: int, prefix: str) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=".cache/groundtruth-tiny")
-    parser.add_argument("--results", default="benchmarks/results/groundtruth-tiny")
+    parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "results" / "groundtruth-tiny"))
     parser.add_argument("--n-train", type=int, default=48)
     parser.add_argument("--n-test", type=int, default=12)
     parser.add_argument("--subsets", type=int, default=48)

@@ -52,7 +52,7 @@ def summary(folder: Path) -> str:
 
 
 if __name__ == "__main__":
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/study-smollm2")
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results" / "study-smollm2"
     text = summary(folder)
     atomic_write_text(text, folder / "summary.md")
     print(text)

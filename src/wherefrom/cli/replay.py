@@ -39,7 +39,8 @@ def replay(folder, threads) -> None:
     """Rerun, with exactly the recorded settings, every command recorded in FOLDER/config.json (in the
     order they first ran there: e.g. a bench, then its analyses), each in the directory it ran in (relative
     to FOLDER, so its relative paths name the same files from anywhere and after the project is moved whole).
-    A FOLDER copied or moved on its own is written, not the folder it was recorded in.
+    A FOLDER copied or moved on its own beside the original (at the same depth) is written, not the folder it was
+    recorded in.
     Finished outputs are reused as each command reuses them; delete them first to recompute."""
     folder = Path(folder).resolve()
     config = folder / "config.json"
