@@ -52,6 +52,7 @@ class Refusal:
 FIT = ("fit", "--train", "train.jsonl", "--model", "model", "--run")
 FINETUNE = ("finetune", "--train", "train.jsonl", "--model", "model", "--full", "--out", "interrupted")
 QUERY = ("query", "--run", "run", "ab cd:", " ef")
+ROWS = ("--train", "train.jsonl", "--queries", "queries.jsonl", "--model", "model")
 EXIT = "exit 2"
 
 REFUSALS: tuple[Refusal, ...] = (
@@ -229,12 +230,7 @@ REFUSALS: tuple[Refusal, ...] = (
         "options are typed (wherefrom methods lists them); a string where a count belongs is refused",
         command=(
             "attribute",
-            "--train",
-            "train.jsonl",
-            "--queries",
-            "queries.jsonl",
-            "--model",
-            "model",
+            *ROWS,
             "--method",
             "lissa",
             "--option",
@@ -300,12 +296,7 @@ REFUSALS: tuple[Refusal, ...] = (
         "the method was compared at its own damping while its row showed the shared one",
         command=(
             "diagnose",
-            "--train",
-            "train.jsonl",
-            "--queries",
-            "queries.jsonl",
-            "--model",
-            "model",
+            *ROWS,
             "--methods",
             "ekfac",
             "--option",

@@ -817,7 +817,7 @@ def _finite(source: RowSource, first: int, rows: torch.Tensor, step: int = 1) ->
 def _training_sample(source: RowSource, size: int) -> np.ndarray:
     """Every ``floor(count / size)``-th row, float32 (rows spread over the whole store): at least
     ``min(size, count)`` rows, fewer than ``2 size``."""
-    step = max(1, source.count // size)  # _sample_rows counts what this takes
+    step = _sample_step(source.count, size)
     parts = []
     for first, shard in source.shards():
         offset = (-first) % step
@@ -886,10 +886,14 @@ def _probe_queries(sample_rows: int) -> int:
     return min(PQ_PROBE_QUERIES, (sample_rows - 2**PQ_BITS) // 2)
 
 
+def _sample_step(count: int, size: int) -> int:
+    """The stride of :func:`_training_sample` over a store of ``count`` rows for a sample of ``size``."""
+    return max(1, count // size)
+
+
 def _sample_rows(count: int, size: int) -> int:
     """How many rows :func:`_training_sample` takes of a store of ``count`` rows for a sample of ``size``."""
-    step = max(1, count // size)
-    return -(-count // step)
+    return -(-count // _sample_step(count, size))
 
 
 def _probed_pq(candidates: Sequence[int], sample: np.ndarray) -> tuple[Any, str | None]:
@@ -1036,8 +1040,10 @@ def _saved_or_built(
         saved = load_faiss_index(path, key)
         if saved is not None:
             codes = None
-            probed = _probe_queries(_sample_rows(source.count, PQ_TRAINING_ROWS)) >= PQ_PROBE_MIN_QUERIES
-            if settings.probes(source.dim) and probed:  # too few rows: the build ran no probe and said none
+            # too few rows: the build ran no probe and said none
+            if settings.probes(source.dim) and (
+                _probe_queries(_sample_rows(source.count, PQ_TRAINING_ROWS)) >= PQ_PROBE_MIN_QUERIES
+            ):
                 codes = f"pq_m {built_pq_m(saved)}, chosen by probe recall when built"
             return BuiltIndex(saved, "reused", codes=codes)
         try:

@@ -657,10 +657,11 @@ class Run:
         started, :data:`RESUMED_WHERE_STARTED`), how to resume it there (``torchrun --nproc-per-node 2 -m
         wherefrom.cli -- replay RUN``; ``--device cuda``); in any case, or to delete ``target`` and fit again."""
         delete = f"delete {target} to fit again with the current settings"
+        only_delete = f"Delete {target} to fit again with the current settings."
 
         def hint(differing: list[str]) -> str:
             if not differing or not set(differing) <= set(RESUMED_WHERE_STARTED):
-                return delete[0].upper() + delete[1:] + "."
+                return only_delete
             recorded = intact_json(target / SETTINGS)
             recorded = recorded if isinstance(recorded, dict) else {}
             processes, device = recorded.get("processes"), recorded.get("device")
@@ -671,7 +672,7 @@ class Run:
             if "device" in differing and isinstance(device, str):
                 ways.append(f"its `fit` command with `--device {shlex.quote(device)}`")
             if len(ways) < len(differing):  # a value not recorded (a fit of an older version): no command to name
-                return delete[0].upper() + delete[1:] + "."
+                return only_delete
             return f"The unfinished fit resumes only as it started: resume it with {' and '.join(ways)}, or {delete}."
 
         return hint

@@ -93,7 +93,10 @@ def _scores_report(path: Path, sets: Path, named: dict[str, Scores], config: dic
     rows, unread = _rows(path, config)
     sections = []
     for name, scores in named.items():
-        sections += scores_sections(name, scores, rows, labels=saved_labels(sets, name), unread=unread)
+        # the set's JSON read again only where some row has no text, and so needs its saved label
+        lacking = rows is None or any(row_id not in rows for row_id in scores.train_ids)
+        labels = saved_labels(sets, name) if lacking else {}
+        sections += scores_sections(name, scores, rows, labels=labels, unread=unread)
     together = agreement_section(named)
     return sections + ([together] if together else [])
 
