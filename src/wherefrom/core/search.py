@@ -1079,7 +1079,7 @@ def _saved_or_built(
             len(sample),
             lists,
             "IVF cells",
-            f"the {lists} cells are coarse; recall@k says what the search finds",
+            f"the {lists} cells are coarse: the search may miss rows the exact search finds (recall@k counts them)",
         )
         index.train(sample)
         if settings.kind == "ivf-sq8":
