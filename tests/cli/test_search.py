@@ -10,7 +10,7 @@ from tests.cli.conftest import invoke
 from tests.core.test_search import Rows, clustered
 from wherefrom.cli.run import end_name, print_search, print_tops, store_search
 from wherefrom.core.data import Record, load_records
-from wherefrom.core.vectors import VectorStore
+from wherefrom.core.vectors import STOPPED, VectorStore
 from wherefrom.engine.run import Run
 from wherefrom.methods.lexical import BM25, bm25_candidates
 
@@ -258,3 +258,27 @@ def test_a_run_without_vector_rows_is_refused_by_name_not_sent_to_index(workspac
     searched = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl", "--search", "exact")
     text = " ".join(searched.output.split())
     assert searched.exit_code == 2 and "is a 'bm25' run" in text and "wherefrom index" not in text, text
+
+
+def test_a_store_stopped_on_a_row_it_cannot_hold_is_named_not_sent_back_to_the_same_command(workspace, tmp_path):
+    """`index --dtype float16` stops on a preconditioned row beyond 65504 (a tiny absolute damping); `scores`/`query
+    --search` then said to finish the store with that same float16 command, which stops on the same row again. They,
+    and an `index` rerun with other settings, now give the reason the build stopped (delete, rebuild in a wider
+    dtype); the recorded command comes back once a build starts again."""
+    run = tmp_path / "run"
+    fitted = invoke("fit", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--run", run,
+                    "--method", "logra", "--damping", "1e-12")  # fmt: skip
+    assert fitted.exit_code == 0, fitted.output
+    stopped = invoke("index", "--run", run, "--dtype", "float16")
+    reason = "beyond the largest float16 (65504); this store cannot hold it: delete"
+    assert stopped.exit_code != 0 and reason in " ".join(stopped.output.split()), stopped.output
+    for command in (("scores", "--queries", workspace / "queries.jsonl"), ("query", "a prompt", "a completion")):
+        refused = invoke(*command, "--run", run, "--search", "exact")
+        text = " ".join(refused.output.split())
+        assert refused.exit_code == 2 and "has no finished vector store" in text and reason in text, text
+        assert "its build stopped on a row it cannot store" in text and "`wherefrom index" not in text, text
+    other = invoke("index", "--run", run, "--dtype", "bfloat16")
+    text = " ".join(other.output.split())
+    assert other.exit_code == 2 and "dtype: recorded 'float16', now 'bfloat16'" in text, text
+    assert reason in text and f"or delete {run / 'index'} to index with the new settings" in text, text
+    assert (run / "index" / STOPPED).exists()  # a refused rerun leaves the record

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from safetensors import SafetensorError
 import wherefrom.core.store as store_module
 import wherefrom.core.vectors as vectors_module
 from wherefrom.core.store import DamagedFile, SettingsMismatch
-from wherefrom.core.vectors import IncompleteStore, VectorStore, VectorStoreWriter, shard_name
+from wherefrom.core.vectors import STOPPED, IncompleteStore, VectorStore, VectorStoreWriter, shard_name, stop_reason
 
 N, DIM = 10, 6
 IDS = [f"r{i}" for i in range(N)]
@@ -302,9 +303,21 @@ def test_a_row_the_dtype_cannot_hold_is_refused_by_name_not_stored_as_inf(tmp_pa
         writer.build(produce_bad)
     assert writer.pending() == [1, 2]  # shard 0 is intact, nothing was written for shard 1
     assert not (tmp_path / "s" / shard_name(1)).exists()
+    assert re.search(message, stop_reason(tmp_path / "s"))  # recorded: the same build stops there again
+    writer.start()  # a build starts again: it may get further
+    assert stop_reason(tmp_path / "s") is None
+    with pytest.raises(ValueError, match=message):
+        writer.build(produce_bad)
     bad[5, 2] = 6e4  # within the dtype's range: stored
     writer.build(produce_bad)
+    assert stop_reason(tmp_path / "s") is not None  # kept until the store is finished
     writer.finalize()
+    assert stop_reason(tmp_path / "s") is None and not (tmp_path / "s" / STOPPED).exists()
+    clean = VectorStoreWriter(tmp_path / "clean", IDS, DIM, SETTINGS, shard_size=4, dtype=dtype)
+    clean.start()
+    clean.build(produce_bad)
+    clean.finalize()
+    assert files(tmp_path / "s") == files(tmp_path / "clean")  # the record leaves nothing behind
     stored = next(rows for start, rows in VectorStore.open(tmp_path / "s").shards() if start == 4)
     assert torch.equal(stored, bad[4:8].to(getattr(torch, dtype)))
 

@@ -53,8 +53,9 @@ def test_resume_with_other_index_settings_is_refused_then_equals_clean(root, fla
     interrupt_after_first_shard(index)
     code, out = invoke("index", "--run", root / "run", *flags)
     assert code == 2 and named in out and str(index) in out, out
-    resume = f"Resume it with `wherefrom index --run {root / 'run'} --shard-size 4 --dtype float32"
-    assert resume in " ".join(out.split()), out  # the command of the recorded settings
+    resume = f"`wherefrom index --run {root / 'run'} --shard-size 4 --dtype float32"
+    joined = " ".join(out.split())
+    assert resume in joined and "` finishes it; or delete" in joined, out  # the recorded settings' command
     assert (index / "shard-00000.safetensors").read_bytes() == kept and not (index / "index.json").exists()
     assert not (index / "shard-00001.safetensors").exists()  # nothing written under the other settings
     code, out = invoke("index", "--run", root / "run", "--shard-size", "4")

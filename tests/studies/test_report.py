@@ -104,6 +104,25 @@ def test_a_report_whose_training_file_is_gone_names_it_and_shows_the_saved_label
     assert "could not be read" not in page
 
 
+def test_a_run_report_says_where_each_score_sets_training_side_came_from(tmp_path):
+    """`scores` records whether the training side was read from the run's index (its dtype and options decide the
+    scores) or recomputed; the report showed neither, so two sets of one run could differ for no visible reason."""
+    train, _ = rule_identification(n_train=20, n_test=2, seed=0)
+    ids = [r.id for r in train]
+    (tmp_path / "config.json").write_text(json.dumps({"train": str(tmp_path / "gone.jsonl")}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"data": {"rows": 20}}))
+    index = {"train_side": "index", "dtype": "float16", "store": "x", "index_options": {"precondition": "fitted"}}
+    save_scores(heavy_tailed_scores(0, ids), tmp_path / "scores", "a", provenance=index)
+    save_scores(heavy_tailed_scores(1, ids), tmp_path / "scores", "b", provenance={"train_side": "recomputed"})
+    save_scores(heavy_tailed_scores(2, ids), tmp_path / "scores", "c")  # saved before provenance was recorded
+    page = html.unescape(write_report(tmp_path).read_text())
+    from_index = "Training side: read from the run's index (float16 rows, precondition fitted), not gradients"
+    assert page.count(from_index) == 1 and page.count("Training side: recomputed at the run's settings.") == 1
+    at = {name: page.index(f"<h2>Scores {name}: top rows</h2>") for name in "abc"}  # its section, not the contents
+    assert at["a"] < page.index(from_index) < at["b"] < page.index("Training side: recomputed") < at["c"]
+    assert page.count("Training side:") == 2  # none said for the set saved without it
+
+
 def test_run_report_is_self_contained_with_every_section(run_folder, tmp_path):
     root, train = run_folder
     html = write_report(root, tmp_path / "run.html").read_text()

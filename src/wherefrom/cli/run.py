@@ -32,7 +32,7 @@ from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, data_fingerprint, load_records
 from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, refuse, session
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
-from wherefrom.core.scoring import Scores, end_kind, refuse_folders_in_set
+from wherefrom.core.scoring import Scores, end_kind, index_rows_text, refuse_folders_in_set
 from wherefrom.core.search import RowSource, SearchReport, faiss_settings, search_store
 from wherefrom.core.store import StoreError, check_replacement, refuse_other_inputs, strict_json, writer_lock
 from wherefrom.engine.api import AttributionConfig
@@ -270,10 +270,10 @@ def search_run(
         )
     if not opened.has_index():
         started = opened.index_manifest() is not None
+        step = opened.resume_advice() if started else f"build it with `{opened.index_command()}`"
         raise FileNotFoundError(
-            f"{run} has no {'finished ' if started else ''}vector store of training rows: --search and "
-            f"--prefilter-bm25 search the one `{opened.index_command()}` "
-            f"{'finishes' if started else 'builds'}; without them the run scores every row"
+            f"{run} has no {'finished ' if started else ''}vector store of training rows, which --search and "
+            f"--prefilter-bm25 search: {step}; without them the run scores every row"
         )
     store = opened.open_index(verify=False)  # each shard is hashed as the search first reads it: read once, not twice
     settings = faiss_settings(options)
@@ -441,9 +441,8 @@ def say_train_side(opened: Run) -> None:
     provenance = opened.scores_provenance()
     if provenance["train_side"] != "index":
         return
-    options = "".join(f", {key} {value}" for key, value in provenance["index_options"].items())
     say(
-        f"training side read from {opened.folder / 'index'} ({provenance['dtype']} rows{options}): its rows, not "
+        f"training side read from {opened.folder / 'index'} ({index_rows_text(provenance)}): its rows, not "
         "gradients recomputed at the run's settings, gave these scores"
     )
 

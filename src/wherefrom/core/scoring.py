@@ -307,22 +307,35 @@ def score_set_names(folder: Path) -> tuple[list[str], list[str]]:
     return finished, [name for name in stems if name not in finished]
 
 
-def load_scores(folder: Path, name: str) -> Scores:
-    """The :class:`Scores` that :func:`save_scores` wrote as ``<name>.safetensors`` + ``<name>.json`` in ``folder``.
+def load_score_set(folder: Path, name: str) -> tuple[Scores, dict[str, Any]]:
+    """``(scores, record)``: the :class:`Scores` that :func:`save_scores` wrote as ``<name>.safetensors`` +
+    ``<name>.json`` in ``folder``, and that JSON record (ids, ``train_labels``, ``provenance`` where saved: see
+    :func:`saved_labels`), each file read once.
 
     Raises :class:`wherefrom.core.store.DamagedFile` naming the file when either is missing, unfinished (a
     set whose writer was killed) or differs from its recorded checksum."""
     folder = Path(folder)
-    ids = read_json_checked(folder / f"{name}.json")
+    record = read_json_checked(folder / f"{name}.json")
     tensors, _ = load_tensors_checked(folder / f"{name}.safetensors")
-    return Scores(ids["query_ids"], ids["train_ids"], ids["modules"], tensors["per_module"])
+    return Scores(record["query_ids"], record["train_ids"], record["modules"], tensors["per_module"]), record
 
 
-def saved_labels(folder: Path, name: str) -> dict[str, str | None]:
-    """The labels :func:`save_scores` saved with set ``name`` in ``folder``, by training id (``{}`` when the set
-    was saved without labels). Raises :class:`wherefrom.core.store.DamagedFile` as :func:`load_scores` does."""
-    saved = read_json_checked(Path(folder) / f"{name}.json")
-    return dict(zip(saved["train_ids"], saved.get("train_labels") or [], strict=False))
+def load_scores(folder: Path, name: str) -> Scores:
+    """The :class:`Scores` of :func:`load_score_set` (raising as it does)."""
+    return load_score_set(folder, name)[0]
+
+
+def index_rows_text(provenance: Mapping[str, Any]) -> str:
+    """``float16 rows, precondition fitted, unit_norm False``: the index rows a score set's training side was read
+    from, by its ``provenance`` with ``train_side`` ``index`` (:meth:`wherefrom.engine.run.Run.scores_provenance`)."""
+    options = provenance.get("index_options") or {}
+    return f"{provenance.get('dtype')} rows" + "".join(f", {key} {value}" for key, value in options.items())
+
+
+def saved_labels(record: Mapping[str, Any]) -> dict[str, str | None]:
+    """The labels :func:`save_scores` saved with a set, by training id, from its JSON ``record``
+    (:func:`load_score_set`; ``{}`` when the set was saved without labels)."""
+    return dict(zip(record["train_ids"], record.get("train_labels") or [], strict=False))
 
 
 @dataclass
@@ -359,8 +372,8 @@ def load_score_table(folder: Path, name: str = "scores", as_frame: bool | None =
     for part in (f"{name}.safetensors", f"{name}.json"):
         if not (folder / part).is_file():
             raise FileNotFoundError(f"{folder / part}: no such score file (save_scores writes it)")
-    scores = load_scores(folder, name)
-    labels = saved_labels(folder, name)
+    scores, record = load_score_set(folder, name)
+    labels = saved_labels(record)
     table = ScoreTable(scores.query_ids, scores.train_ids, [labels.get(i) for i in scores.train_ids], scores.total)
     if as_frame is None:
         as_frame = importlib.util.find_spec("pandas") is not None

@@ -67,10 +67,13 @@ __all__ = [
     "DTYPES",
     "IDS_FILE",
     "MARKER",
+    "STOPPED",
     "IncompleteStore",
+    "UnstorableRow",
     "VectorStore",
     "VectorStoreWriter",
     "shard_name",
+    "stop_reason",
 ]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -80,6 +83,10 @@ SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MARKER = "index.json"
 """The completion marker, written last."""
 IDS_FILE = "ids.json"
+STOPPED = "stopped.json"
+"""Why the last build of an unfinished store stopped on a row it cannot store (:class:`UnstorableRow`): written by
+:meth:`VectorStoreWriter.build` as it stops, removed when a build starts again (:meth:`VectorStoreWriter.start`)
+and when the store is finished; :func:`stop_reason` reads it."""
 REBUILD = "rebuild the store"
 """The advice that ends each :class:`wherefrom.core.store.DamagedFile` the store raises itself (a shard missing,
 truncated or not holding its rows; the marker, settings and ids disagreeing); a checksum or size that differs is
@@ -95,6 +102,18 @@ LAYOUT = ("dim", "dtype", "shard_size", "rows", "ids_sha256")
 class IncompleteStore(StoreError):
     """A store folder has no completion marker (a damaged one is a :class:`wherefrom.core.store.DamagedFile`), or
     cannot be finalized: a shard is missing or damaged."""
+
+
+class UnstorableRow(ValueError):
+    """A row with a NaN or infinite entry, or one the store's dtype cannot hold (float16 beyond 65504): the same
+    settings compute the same row again, so rerunning the same build stops on it again."""
+
+
+def stop_reason(folder: Path) -> str | None:
+    """The error that stopped the last build of the unfinished store in ``folder`` on a row it cannot store (what
+    :data:`STOPPED` records; ``None`` when none did, or the record is damaged)."""
+    recorded = intact_json(Path(folder) / STOPPED)
+    return str(recorded["error"]) if isinstance(recorded, dict) and "error" in recorded else None
 
 
 def shard_name(shard: int) -> str:
@@ -274,6 +293,7 @@ class VectorStoreWriter:
         )
         notes = record_settings(self.folder, self.manifest, hint, (*ignore, *self.unchecked), self.defaults)
         self.notices += notes
+        self._forget_stop()  # this build tries again
         path = self.folder / IDS_FILE
         if intact_json(path) != self.ids:
             write_json_checked(self.ids, path)
@@ -335,11 +355,11 @@ class VectorStoreWriter:
         given = rows[row].detach().cpu()
         where = f"row {ids[row]!r} (shard {shard} of {self.folder})"
         if not torch.isfinite(given).all():
-            raise ValueError(f"{where} has a NaN or infinite entry; nothing of the shard was written")
+            raise UnstorableRow(f"{where} has a NaN or infinite entry; nothing of the shard was written")
         advice = ""
         if self.dtype == "float16":
             advice = f": delete {self.folder} and rebuild it with dtype bfloat16 (float32's range) or float32"
-        raise ValueError(
+        raise UnstorableRow(
             f"{where} has an entry of magnitude {float(given.abs().max()):.4g}, beyond the largest {self.dtype} "
             f"({torch.finfo(DTYPES[self.dtype]).max:.6g}); this store cannot hold it{advice}"
         )
@@ -353,19 +373,30 @@ class VectorStoreWriter:
     ) -> int:
         """Build this process's pending shards (:meth:`pending`, ``only`` as there); returns how many it wrote.
 
-        ``produce(shard, ids)`` yields ``(batch_ids, rows (b, dim))`` for the shard's ids, in order."""
+        ``produce(shard, ids)`` yields ``(batch_ids, rows (b, dim))`` for the shard's ids, in order. A row the store
+        cannot hold raises :class:`UnstorableRow` after recording it in :data:`STOPPED`."""
         written = 0
         for shard in self.pending(rank, world, only):
             start, stop = self.span(shard)
             ids, parts = [], []
-            for batch_ids, rows in produce(shard, self.ids[start:stop]):
-                cast = rows.detach().to(device="cpu", dtype=DTYPES[self.dtype])  # the shard held in the store's dtype
-                self._check_finite(shard, list(batch_ids), rows, cast)
-                ids += list(batch_ids)
-                parts.append(cast)
-            self.write(shard, ids, torch.cat(parts) if parts else torch.zeros(0, self.dim))
+            try:
+                for batch_ids, rows in produce(shard, self.ids[start:stop]):
+                    cast = rows.detach().to(device="cpu", dtype=DTYPES[self.dtype])  # held in the store's dtype
+                    self._check_finite(shard, list(batch_ids), rows, cast)
+                    ids += list(batch_ids)
+                    parts.append(cast)
+                self.write(shard, ids, torch.cat(parts) if parts else torch.zeros(0, self.dim))
+            except UnstorableRow as error:
+                write_json_checked({"shard": shard, "error": str(error)}, self.folder / STOPPED)
+                raise
             written += 1
         return written
+
+    def _forget_stop(self) -> None:
+        """Remove :data:`STOPPED` (a build starts again, or the store is finished); ``checksums.json`` is read only
+        when there is one."""
+        if (self.folder / STOPPED).exists():
+            forget_file(self.folder / STOPPED)
 
     def finalize(self) -> None:
         """Write the completion marker once every shard is intact (hashing each).
@@ -376,6 +407,7 @@ class VectorStoreWriter:
             problem = self.shard_problem(shard, recorded)
             if problem is not None:
                 raise IncompleteStore(f"{self.folder} cannot be finalized: {problem}")
+        self._forget_stop()
         write_json_checked(
             {"shards": self.shard_count, "rows": len(self.ids), "dtype": self.dtype, "shard_size": self.shard_size},
             self.folder / MARKER,

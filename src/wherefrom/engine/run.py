@@ -89,7 +89,7 @@ from wherefrom.core.store import (
     writer_lock,
 )
 from wherefrom.core.tracking import selection_signature
-from wherefrom.core.vectors import DTYPES, LAYOUT, MARKER, REBUILD, VectorStore, VectorStoreWriter
+from wherefrom.core.vectors import DTYPES, LAYOUT, MARKER, REBUILD, VectorStore, VectorStoreWriter, stop_reason
 from wherefrom.curvature import STRATEGIES, Curvature, load_curvature
 from wherefrom.curvature.base import META_FILE as CURVATURE_META
 from wherefrom.curvature.base import TENSORS_FILE as CURVATURE_TENSORS
@@ -856,8 +856,8 @@ class Run:
                         f"current ones (`{self.index_command(device=False)}` keeps the recorded layout)."
                     )
                 command = self.index_command(device=not finished)  # a finished store is reused on any device
-                state = f"It is finished: `{command}` reuses it" if finished else f"Resume it with `{command}`"
-                return f"{state}, or delete {writer.folder} to index with the new settings."
+                state = f"It is finished: `{command}` reuses it" if finished else self.resume_advice()
+                return f"{state}; or delete {writer.folder} to index with the new settings."
 
             return said
 
@@ -1224,6 +1224,15 @@ class Run:
         recorded = self.index_manifest(unchecked=True) or {}
         return recorded.get("precondition") == "empirical" or (self.folder / "index" / PRECONDITIONER).is_dir()
 
+    def resume_advice(self, device: bool = True) -> str:
+        """What finishes the unfinished ``RUN/index/``: ```COMMAND` finishes it`` (:meth:`index_command`), or,
+        when its last build stopped on a row the store cannot hold (:func:`wherefrom.core.vectors.stop_reason`), that
+        error: the same command computes the same row and stops again."""
+        reason = stop_reason(self.folder / "index")
+        if reason is not None:
+            return f"its build stopped on a row it cannot store, and the same command stops there again: {reason}"
+        return f"`{self.index_command(device=device)}` finishes it"
+
     @staticmethod
     def recorded_settings(folder: Path) -> dict[str, Any] | None:
         """``folder/settings.json`` (a fit's or an index's recorded settings), or ``None`` when it is missing or
@@ -1350,8 +1359,8 @@ class Run:
             refuse_distributed_scores(self.config)
             if self.unfinished_empirical_index():
                 raise RuntimeError(
-                    f"{self.folder / 'index'} is an unfinished --precondition empirical index (no {MARKER}): finish "
-                    f"it with `{self.index_command()}`, or delete it to score without the index"
+                    f"{self.folder / 'index'} is an unfinished --precondition empirical index (no {MARKER}): "
+                    f"{self.resume_advice()}; or delete it to score without the index"
                 )
             if not self.method_fitted and not (self.vectors() is not None and self.has_index()):
                 raise RuntimeError(

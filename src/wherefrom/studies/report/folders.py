@@ -28,7 +28,7 @@ from typing import Any
 
 from wherefrom.core.commandline import command_line
 from wherefrom.core.data import DataError, Record, load_records
-from wherefrom.core.scoring import Scores, load_scores, saved_labels, score_set_names
+from wherefrom.core.scoring import Scores, index_rows_text, load_score_set, saved_labels, score_set_names
 from wherefrom.core.store import read_json_object, refuse_folder_in_place
 from wherefrom.engine.run import refuse_files_in_place
 from wherefrom.studies.report.render import render, write_html
@@ -48,14 +48,33 @@ RESULT_KEYS = ("aggregate", "rows", "methods", "seeds", "summary", "runs", "chan
 """Keys of a result JSON that hold results (shown in their own sections, not as settings)."""
 
 
-def score_sets(folder: Path) -> dict[str, Scores]:
-    """Every score set :func:`wherefrom.core.scoring.save_scores` wrote in ``folder``, by name (sorted)."""
+def score_sets(folder: Path) -> dict[str, tuple[Scores, dict[str, Any]]]:
+    """Every score set :func:`wherefrom.core.scoring.save_scores` wrote in ``folder``, by name (sorted): its scores
+    and JSON record (:func:`wherefrom.core.scoring.load_score_set`)."""
     finished, _unfinished = score_set_names(folder)
     return {
-        name: load_scores(folder, name)
+        name: load_score_set(folder, name)
         for name in finished
         if "train_ids" in read_json_object(Path(folder) / f"{name}.json")
     }
+
+
+def _scores_of(named: dict[str, tuple[Scores, dict[str, Any]]]) -> dict[str, Scores]:
+    """The scores of :func:`score_sets`' sets, by name."""
+    return {name: scores for name, (scores, _record) in named.items()}
+
+
+def _train_side(record: dict[str, Any]) -> str | None:
+    """Where a score set's training side came from, by its saved ``provenance`` (``None`` for a set saved without
+    it: ``attribute``, or an older ``scores``)."""
+    provenance = record.get("provenance")
+    side = provenance.get("train_side") if isinstance(provenance, dict) else None
+    if side == "index":
+        return (
+            f"Training side: read from the run's index ({index_rows_text(provenance)}), not gradients recomputed at "
+            "the run's settings."
+        )
+    return "Training side: recomputed at the run's settings." if side == "recomputed" else None
 
 
 def _rows(folder: Path, config: dict[str, Any]) -> tuple[dict[str, Record] | None, str]:
@@ -87,17 +106,19 @@ def _provenance(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out + ([settings_section("Provenance", provenance)] if provenance else [])
 
 
-def _scores_report(path: Path, sets: Path, named: dict[str, Scores], config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The sections of the score sets ``named`` (saved in ``sets``) of the run or ``attribute`` folder ``path``
-    whose settings are ``config``: their rows' text when the training file is readable, else their saved labels."""
+def _scores_report(
+    path: Path, named: dict[str, tuple[Scores, dict[str, Any]]], config: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The sections of the score sets ``named`` (:func:`score_sets`) of the run or ``attribute`` folder ``path``
+    whose settings are ``config``: their rows' text when the training file is readable, else their saved labels;
+    where each set's training side came from, when it was saved."""
     rows, unread = _rows(path, config)
     sections = []
-    for name, scores in named.items():
-        # the set's JSON read again only where some row has no text, and so needs its saved label
-        lacking = rows is None or any(row_id not in rows for row_id in scores.train_ids)
-        labels = saved_labels(sets, name) if lacking else {}
-        sections += scores_sections(name, scores, rows, labels=labels, unread=unread)
-    together = agreement_section(named)
+    for name, (scores, record) in named.items():
+        sections += scores_sections(
+            name, scores, rows, labels=saved_labels(record), unread=unread, origin=_train_side(record)
+        )
+    together = agreement_section(_scores_of(named))
     return sections + ([together] if together else [])
 
 
@@ -106,7 +127,8 @@ def _evaluate_report(path: Path, data: dict[str, Any]) -> tuple[str, list[dict[s
     ``evaluate.json``, else by its stem (``--out STEM``)."""
     sections = [metric_sections(data["methods"], "Methods against the ground truth", {"seconds": "time, s"})]
     scores_folder = Path(data.get("config", {}).get("groundtruth", path.parent)) / "scores"
-    together = agreement_section(score_sets(scores_folder)) if scores_folder.is_dir() else None
+    named = score_sets(scores_folder) if scores_folder.is_dir() else {}
+    together = agreement_section(_scores_of(named))
     name = path.parent.name if path.name == "evaluate.json" else path.stem
     return f"Evaluate: {name}", sections + ([together] if together else []) + _provenance(data)
 
@@ -171,7 +193,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             refuse_files_in_place(path)  # a file in place of RUN/scores is no "no scores yet"
             config, manifest = read_json_object(path / "config.json"), read_json_object(path / "manifest.json")
             named = score_sets(path / "scores") if (path / "scores").is_dir() else {}
-            sections = _scores_report(path, path / "scores", named, config)
+            sections = _scores_report(path, named, config)
             if not named:
                 sections.append(
                     {
@@ -186,7 +208,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             ]
         if (path / "config.json").is_file() and (path / "scores.safetensors").is_file():
             config = read_json_object(path / "config.json")
-            sections = _scores_report(path, path, score_sets(path), config)
+            sections = _scores_report(path, score_sets(path), config)
             return f"Attribution: {config.get('method', path.name)}", [*sections, settings_section("Settings", config)]
     files = _result_files(path) if path.is_dir() else []
     if files:

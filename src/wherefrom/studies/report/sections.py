@@ -176,11 +176,13 @@ def scores_sections(
     *,
     labels: Mapping[str, str | None] | None,
     unread: str,
+    origin: str | None = None,
 ) -> list[dict[str, Any]]:
     """Top proponents and opponents of the first queries, the layer profile and the tail of one score set. Rows
     are shown with their text from ``rows``; when ``rows`` is ``None`` the note ``unread`` says why, and a note
     counts the score set's ids ``rows`` lacks (a training file edited since); those rows are shown by id, with
-    their label from ``labels`` (saved with the scores; ``{}`` when none were)."""
+    their label from ``labels`` (saved with the scores; ``{}`` when none were). ``origin``: a note saying where
+    the set's training side came from (an index's rows or recomputed gradients), when known."""
     blocks: list[dict[str, Any]] = [
         {
             "type": "note",
@@ -188,6 +190,8 @@ def scores_sections(
             f"{len(scores.module_names)} modules; positive = proponent (raises log p(completion | prompt)).",
         }
     ]
+    if origin:
+        blocks.append({"type": "note", "text": origin})
     if rows is None:
         blocks.append({"type": "note", "text": unread})
     else:
