@@ -194,6 +194,24 @@ def test_query_tables_at_80_columns_name_lowest_scores_and_keep_module_names_who
     assert re.search(r"Rule: -> +[a-z]", wide.stdout)  # each row's prompt, then its completion
 
 
+def test_demo_tables_into_a_file_are_not_folded_at_80_columns(monkeypatch, capsys):
+    """`wherefrom demo > out.txt` printed its table and its example line on a default rich console: 80 columns
+    into a file, so a proponent's labels and the example row were folded over lines. The CLI now gives the demo
+    the console `query` uses (:func:`wherefrom.cli.app.stdout_console`)."""
+    import wherefrom.studies.demo as demo
+
+    line = "example: " + "a long proponent row " * 10
+
+    def printed(console=None, **_settings):
+        console.print(line, markup=False)
+        return {}
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr(demo, "run_demo", printed)
+    app(["demo", "--n-train", "8"], standalone_mode=False)
+    assert line in capsys.readouterr().out.splitlines()
+
+
 def test_query_tables_into_a_file_keep_long_ids_whole(monkeypatch, capsys):
     """`wherefrom query ... > out.txt`: rich took 80 columns where stdout is no terminal and folded a long id over
     two lines (`emotion-train-00` / `03`), so the file could not be searched for it."""

@@ -134,7 +134,7 @@ def test_bench_task_from_files_is_subsampled(tmp_path, tiny_model):
     said: list[str] = []
     report = run_bench(replace(config, n_train=100, n_test=50, out=str(tmp_path / "all")), log=said.append)
     assert report["sizes"] == {"n_train": 18, "n_test": 18} and report["rows"][0]["metrics"]["n_queries"] == 18
-    assert "n_train 100: the task has only 18 training rows; all of them are used" in said
+    assert "--n-train 100 (n_train): the task has only 18 training rows; all of them are used" in said
     assert "18 training rows, 18 queries)" in (tmp_path / "all" / "bench.md").read_text()
 
 

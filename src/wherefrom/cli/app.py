@@ -115,7 +115,7 @@ def os_error_text(error: OSError) -> str:
 
 
 def stdout_console() -> Console:
-    """A rich console on stdout for ``query``'s tables: on a terminal as wide as it is, and as wide as
+    """A rich console on stdout for ``query``'s and ``demo``'s tables: on a terminal as wide as it is, and as wide as
     ``COLUMNS`` says where that is set; else (a file or pipe) as wide as the rows need, where rich took 80 columns
     and folded cells, ids among them, over lines."""
     chosen = sys.stdout.isatty() or "COLUMNS" in os.environ

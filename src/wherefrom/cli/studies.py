@@ -24,6 +24,7 @@ from wherefrom.cli.app import (
     required,
     say,
     settings_as,
+    stdout_console,
 )
 from wherefrom.cli.settings import (
     FINETUNING,
@@ -240,7 +241,10 @@ def demo(cache, n_train, n_queries, epochs, model, device, threads) -> None:
 
     sizes = {k: v for k, v in (("n_train", n_train), ("n_queries", n_queries)) if v is not None}
     try:
-        run_demo(cache=cache, epochs=epochs, model=model, device=device, progress=progress, **{**DEMO_SIZES, **sizes})
+        run_demo(
+            cache=cache, epochs=epochs, model=model, device=device, progress=progress, console=stdout_console(),
+            **{**DEMO_SIZES, **sizes},
+        )  # fmt: skip
     except (DataError, RunMismatch, ValueError) as error:
         fail(error)
 

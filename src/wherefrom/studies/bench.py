@@ -238,10 +238,10 @@ def make_task(task: str, n_train: int | None, n_test: int | None, seed: int) -> 
 def short_of_sizes(task: BenchTask, n_train: int | None, n_test: int | None) -> list[str]:
     """One line for each of ``n_train`` / ``n_test`` that asked for more rows than ``task`` (from
     :func:`make_task`) has: a file task then uses all its rows, which the caller says rather than record the size
-    asked for."""
+    asked for. Each names the command-line flag and the config field (``--n-train 100 (n_train)``)."""
     asked = (("n_train", n_train, task.train, "training"), ("n_test", n_test, task.test, "test"))
     return [
-        f"{name} {n}: the task has only {len(rows)} {split} rows; all of them are used"
+        f"--{name.replace('_', '-')} {n} ({name}): the task has only {len(rows)} {split} rows; all of them are used"
         for name, n, rows, split in asked
         if n is not None and n > len(rows)
     ]
