@@ -79,6 +79,15 @@ def test_scores_refuses_to_replace_a_score_set_of_other_queries_unless_overwrite
     assert invoke("scores", "--run", run, "--queries", workspace / "two.jsonl", "--overwrite").exit_code == 0
     again = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl")  # the same index: recomputed in place
     assert again.exit_code == 0 and "replaced the earlier scores of the same query rows" in again.stderr
+    shutil.copytree(run / "index", workspace / "kept-index")
+    shutil.rmtree(run / "index")
+    assert invoke("index", "--run", run, "--dtype", "bfloat16").exit_code == 0  # another index: named by its dtype
+    rebuilt = invoke("scores", "--run", run, "--queries", workspace / "two.jsonl")
+    said = " ".join(rebuilt.output.split())
+    assert rebuilt.exit_code == 2 and "provenance.dtype: recorded 'float32', now 'bfloat16'" in said, said
+    assert "provenance.store" not in said, said  # not its digest beside it
+    shutil.rmtree(run / "index")
+    shutil.copytree(workspace / "kept-index", run / "index")
     record = run / "scores" / "scores.json"
     for older in ("dtype", "provenance"):  # sets of older versions: another layout, or no provenance at all
         saved_json = json.loads(record.read_text())

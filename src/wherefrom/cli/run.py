@@ -34,7 +34,14 @@ from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, 
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
 from wherefrom.core.scoring import Scores, end_kind, index_rows_text, refuse_folders_in_set
 from wherefrom.core.search import RowSource, SearchReport, faiss_settings, search_store
-from wherefrom.core.store import StoreError, check_replacement, refuse_other_inputs, strict_json, writer_lock
+from wherefrom.core.store import (
+    StoreError,
+    check_replacement,
+    json_form,
+    refuse_other_inputs,
+    strict_json,
+    writer_lock,
+)
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch, refuse_distributed_scores
 from wherefrom.methods.registry import in_family
@@ -202,17 +209,27 @@ def scores(
 ORIGIN = ("train_side", "store")
 """The keys of a score set's ``provenance`` (:meth:`wherefrom.engine.run.Run.scores_provenance`) that decide its
 training side; ``store``, the index's content digest, covers the index's own settings (dtype, precondition)."""
+SHOWN_ORIGIN = ("dtype", "index_options")
+"""The keys of a score set's ``provenance`` a refusal names for a store that differs, where they do: readable, where
+the digest is not (it is named only when they agree: the index rebuilt with the same settings)."""
 
 
 def check_origin(saved: Sequence[Path], provenance: Mapping[str, object]) -> None:
     """Refuse (:class:`wherefrom.core.store.OutputExists`, pass ``--overwrite``) to replace the score set ``saved``
     (its ``.safetensors`` and ``.json``) of the same query rows when its recorded ``provenance`` differs from
-    ``provenance`` in an :data:`ORIGIN` key, e.g. recomputed then and read from an index now; a set recorded
-    without provenance (before it was recorded) is not compared."""
+    ``provenance`` in an :data:`ORIGIN` key, e.g. recomputed then and read from an index now (named), or from
+    another index (named by its :data:`SHOWN_ORIGIN` keys that differ, else by its digest); a set recorded without
+    provenance (before it was recorded) is not compared."""
     recorded = json.loads(Path(saved[1]).read_text(encoding="utf-8")).get("provenance")
     if not isinstance(recorded, dict):
         return
-    before, now = ({key: record.get(key) for key in ORIGIN} for record in (recorded, provenance))
+    differing = [key for key in ORIGIN if json_form(recorded.get(key)) != json_form(provenance.get(key))]
+    if "train_side" in differing:  # recomputed then, from an index now (or the reverse): the store says no more
+        differing = ["train_side"]
+    elif differing:  # the same training side, another index: how it differs, where that is readable
+        differing = [key for key in SHOWN_ORIGIN if json_form(recorded.get(key)) != json_form(provenance.get(key))]
+        differing = differing or ["store"]
+    before, now = ({key: record.get(key) for key in differing} for record in (recorded, provenance))
     refuse_other_inputs(saved, before, now, prefix="provenance")
 
 
