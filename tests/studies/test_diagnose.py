@@ -35,3 +35,10 @@ def test_every_method_gets_the_damping_of_the_exact_reference(setup, tokenizer):
     assert by_name["ekfac"].ihvp_rel_error < 2 and by_name["ekfac"].spearman > 0.7
     fixed, _ = diagnose(model, tokenizer, train, queries, ["ekfac"], AttributionConfig(batch_size=5, damping=0.5))
     assert fixed[0].damping == 0.5
+
+
+def test_a_methods_own_damping_is_refused_naming_the_python_argument():
+    """The refusal named `--option` also when the pair came from the Python API's ``method_options``; it now names
+    both (the command line passes its own flag), before any work (no model is needed to be refused)."""
+    with pytest.raises(ValueError, match=r"^option ekfac\.damping=0\.5 \(--option, or method_options in Python\): "):
+        diagnose(None, None, [], [], ["ekfac"], method_options={"ekfac": {"damping": 0.5}})

@@ -135,7 +135,7 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
     names = method_list(methods, DIAGNOSE_METHODS)
     try:
         options = method_pairs(option, names)
-        check_shared_damping(options)  # before the model loads
+        check_shared_damping(options, source="--option")  # before the model loads
         config = settings_as(AttributionConfig)
         loaded = load_model(model, adapter, device=device)
         train_rows, query_rows = load_records(train), load_records(queries)

@@ -122,9 +122,12 @@ def ihvp_relative_error(
 
 
 def check_shared_damping(
-    method_options: dict[str, dict[str, Any]], study: str = "diagnose", source: str = "--option"
+    method_options: dict[str, dict[str, Any]],
+    study: str = "diagnose",
+    source: str = "option",
 ) -> None:
-    """``ValueError`` naming the pair (given by ``source``) when ``method_options`` (``{method or "*": {key:
+    """``ValueError`` naming the pair (given by ``source``: by default the command line's ``--option`` or the Python
+    API's ``method_options``, both named) when ``method_options`` (``{method or "*": {key:
     value}}``) sets a method's ``damping`` or ``damping_factor``: ``study`` (diagnose, the ihvp analysis) compares
     every method with the exact reference at one absolute damping (the config's), and a method of its own damping
     was compared at another while its row showed the shared one."""
@@ -132,8 +135,13 @@ def check_shared_damping(
         for key in ("damping", "damping_factor"):
             if key in options:
                 pair = f"{key}={options[key]}" if method == "*" else f"{method}.{key}={options[key]}"
+                given = (
+                    f"option {pair} (--option, or method_options in Python)"
+                    if source == "option"
+                    else f"{source} {pair}"
+                )
                 raise ValueError(
-                    f"{source} {pair}: {study} compares every method with the exact reference at one damping; give "
+                    f"{given}: {study} compares every method with the exact reference at one damping; give "
                     f"it as --{key.replace('_', '-')} (the config's {key})"
                 )
 
