@@ -110,6 +110,7 @@ def test_ablate_two_switches_on_tiny_model(tmp_path, tiny_model):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "ablate.json").read_text())
     assert report["order"] == ["start", "template", "fisher", "target"] and set(report["runs"]) == set(report["order"])
+    assert report["sizes"] == {"n_train": 12, "n_test": 3}  # the rows used, as bench.json records them
     configs = {run: json.loads((out / "runs" / run / "bench.json").read_text())["config"] for run in report["runs"]}
     assert configs["start"]["template"] == REFERENCE_TEMPLATE and configs["start"]["fisher"] == "empirical"
     assert configs["template"]["template"] is None and configs["template"]["append_eos"] is True
@@ -134,6 +135,7 @@ def test_ablate_two_switches_on_tiny_model(tmp_path, tiny_model):
     short = report["short_rows"]["start"]["gradsim"]
     assert short["queries"] == 6 and 0 <= short["short_top1"] <= 6 and 1 <= short["most_frequent_top1"] <= 6
     text = (out / "ablate.md").read_text()
+    assert text.startswith("# wherefrom ablate: rules (12 training rows, 3 queries), from reference-study to")
     assert "## Change against `start`" in text and "| fisher | ekfac |" in text and "top-1 is a short row" in text
     shown = invoke("report", out)
     assert shown.exit_code == 0, shown.output

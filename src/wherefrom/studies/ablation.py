@@ -8,7 +8,8 @@ of fixed settings is left out. Runs that fine-tune alike share the fine-tuned mo
 (``out/finetunes/``, :attr:`wherefrom.studies.bench.BenchConfig.finetune_dir`).
 
 Outputs: ``out/runs/<run>/`` (one bench folder each: ``bench.json``, ``bench.md``, rows) and
-``out/ablate.json`` / ``out/ablate.md`` (``order``: the runs in order, ``start`` first) with three tables:
+``out/ablate.json`` / ``out/ablate.md`` (``order``: the runs in order, ``start`` first; ``sizes``: the rows every
+run's task had, as in ``bench.json``) with three tables:
 
 * each run's metrics per method, mean and 95% Student-t interval over seeds (``acc``, ``cover`` for a
   class task; ``auprc``, ``mrr`` for an identification task);
@@ -203,6 +204,7 @@ def run_ablation(
         **provenance(command),
         "config": asdict(config),
         "kind": kind,
+        "sizes": reports["start"].get("sizes"),  # every run's task is the same rows (task, sizes, seeds)
         "order": list(reports),
         "switches": {run: list(SWITCHES.get(run, ())) for run in reports},
         "runs": aggregates,
@@ -218,8 +220,10 @@ def markdown(payload: dict[str, Any], command: str) -> str:
     """The three tables of an ablation (see the module docstring) as Markdown."""
     config, names = payload["config"], ABLATION_METRICS[payload["kind"]]
     switches = "; ".join(f"{run}: {', '.join(keys)}" for run, keys in payload["switches"].items() if keys)
+    sizes = payload.get("sizes") or {}
+    rows_used = f" ({sizes['n_train']} training rows, {sizes['n_test']} queries)" if sizes else ""
     lines = [
-        f"# wherefrom ablate: {config['task']}, from {config['start']} to {config['target']}",
+        f"# wherefrom ablate: {config['task']}{rows_used}, from {config['start']} to {config['target']}",
         "",
         f"Command: `{command}`",
         "",
