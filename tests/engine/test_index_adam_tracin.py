@@ -351,3 +351,24 @@ def test_a_tracin_checkpoint_rewritten_in_place_is_a_changed_setting(workspace, 
     shutil.rmtree(index)  # followed: the store is rebuilt from the current weights and served
     Run.open(tmp_path / "run", device="cpu", factors=False).build_index(shard_size=4)
     Run.open(tmp_path / "run", device="cpu").open_index()
+
+
+def test_a_tracin_row_its_float16_index_cannot_hold_names_the_index_to_delete(workspace, tmp_path, monkeypatch):
+    """A tracin index is built through one store per checkpoint (RUN/index-parts/checkpoint-C/) in the index's dtype.
+    A row beyond float16's range stopped the part's build with advice to delete that part folder, after which the same
+    index still stopped, and `scores --search` said to finish it with the same command. The advice names RUN/index
+    (the parts of other settings are discarded when it is rebuilt), and the index records why it stopped."""
+    from wherefrom.methods.tracin import TracIn
+
+    run = tracin_run(workspace, tmp_path / "run")
+    original = TracIn.checkpoint_rows
+
+    def huge(self, *args, **kwargs):
+        for ids, rows in original(self, *args, **kwargs):
+            yield ids, rows * 1e12
+
+    monkeypatch.setattr(TracIn, "checkpoint_rows", huge)
+    index = run.folder / "index"
+    with pytest.raises(ValueError, match=rf"beyond the largest float16 .*: delete {re.escape(str(index))} and rebuild"):
+        run.build_index(shard_size=4, dtype="float16")
+    assert "beyond the largest float16" in run.resume_advice() and "wherefrom index" not in run.resume_advice()

@@ -226,6 +226,10 @@ class VectorStoreWriter:
         self.defaults, self.unchecked = dict(defaults or {}), tuple(unchecked)
         self.notices: list[str] = []
         """What was found and repaired (damaged shards rebuilt, parts of unknown settings discarded)."""
+        self.owner = self.folder
+        """The store a user deletes to build again with other settings: this one, or for a part of another store
+        (a tracin index's checkpoint stores) that store; named by the advice of a row the dtype cannot hold, and
+        where its :data:`STOPPED` record goes."""
         self.guard: Callable[[], None] = lambda: None
         """Called before each shard write (before the marker is cleared); raises when this writer must not write
         any more, e.g. :func:`wherefrom.core.store.holder_guard` once the folder's writer lock changed hands."""
@@ -358,7 +362,7 @@ class VectorStoreWriter:
             raise UnstorableRow(f"{where} has a NaN or infinite entry; nothing of the shard was written")
         advice = ""
         if self.dtype == "float16":
-            advice = f": delete {self.folder} and rebuild it with dtype bfloat16 (float32's range) or float32"
+            advice = f": delete {self.owner} and rebuild it with dtype bfloat16 (float32's range) or float32"
         raise UnstorableRow(
             f"{where} has an entry of magnitude {float(given.abs().max()):.4g}, beyond the largest {self.dtype} "
             f"({torch.finfo(DTYPES[self.dtype]).max:.6g}); this store cannot hold it{advice}"
@@ -374,7 +378,7 @@ class VectorStoreWriter:
         """Build this process's pending shards (:meth:`pending`, ``only`` as there); returns how many it wrote.
 
         ``produce(shard, ids)`` yields ``(batch_ids, rows (b, dim))`` for the shard's ids, in order. A row the store
-        cannot hold raises :class:`UnstorableRow` after recording it in :data:`STOPPED`."""
+        cannot hold raises :class:`UnstorableRow` after recording it in :data:`STOPPED` of :attr:`owner`."""
         written = 0
         for shard in self.pending(rank, world, only):
             start, stop = self.span(shard)
@@ -387,7 +391,7 @@ class VectorStoreWriter:
                     parts.append(cast)
                 self.write(shard, ids, torch.cat(parts) if parts else torch.zeros(0, self.dim))
             except UnstorableRow as error:
-                write_json_checked({"shard": shard, "error": str(error)}, self.folder / STOPPED)
+                write_json_checked({"shard": shard, "error": str(error)}, self.owner / STOPPED)
                 raise
             written += 1
         return written

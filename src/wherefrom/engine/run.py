@@ -1177,6 +1177,7 @@ class Run:
             todo = writer.pending(rank, world)
             for c, part in enumerate(parts):
                 part.guard = writer.guard  # the parts' shards too: an orphaned rank stops before any of them
+                part.owner = writer.folder  # a row the dtype cannot hold: the index is what is rebuilt
                 on_main(lambda part=part: begin(part))
                 if not is_main():
                     part.start(hint)
