@@ -156,6 +156,14 @@ REFUSALS: tuple[Refusal, ...] = (
         "no completion tokens, no loss and no gradient",
         call='att.fit([Record("a", "ab:", "")])',
     ),
+    Refusal(
+        "Python rows",
+        "a row with no predicted token (an empty prompt, no BOS, one completion token, no EOS)",
+        "DataError",
+        "record 'a': no token of the row is predicted, so nothing carries its loss",
+        "the completion's first token is context only: the row had a loss of 0 and scores of exactly 0",
+        call='Attributor(att.model, tokenizer, AttributionConfig(append_eos=False)).fit([Record("a", "", "b")])',
+    ),
     # --- arguments ------------------------------------------------------------------------------
     Refusal(
         "argument",
@@ -397,6 +405,14 @@ REFUSALS: tuple[Refusal, ...] = (
         "--damping 0.0: must be a finite number > 0",
         "(G + 0 I) is singular where a module's curvature is rank-deficient: scores would be inf or NaN",
         command=(*FIT, "new", "--damping", "0"),
+    ),
+    Refusal(
+        "curvature",
+        "a damping float32 holds as 0 or subnormal",
+        EXIT,
+        "damping must be a finite number > 0, at least 1.175e-38",
+        "the curvature is float32: 1e-46 passed as > 0 and was no damping at all (scores of 1e19-1e20, or round-off)",
+        command=(*FIT, "new", "--damping", "1e-46"),
     ),
     Refusal(
         "curvature",

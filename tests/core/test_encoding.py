@@ -305,3 +305,23 @@ def test_an_over_long_row_read_from_a_file_names_its_file_and_line(tok, tmp_path
         DataError, match=rf"^{re.escape(str(path))}, line 3: record 'far': 8 prompt tokens .* > max_length=6"
     ):
         encode_records(load_records(path), tok, max_length=6)
+
+
+def test_a_row_whose_completion_predicts_no_token_is_refused_by_name() -> None:
+    """An empty prompt with no BOS makes the completion's first token context only: a one-token completion without
+    EOS (`--no-eos`, `query_without_eos`) then has no predicted token, and the row was taken silently as a row of
+    zero loss (its scores exactly 0, an all-zero query). Refused like an empty completion, naming the row."""
+    tokenizer = make_tokenizer()
+    tokenizer.bos_token = None
+    assert tokenizer.bos_token_id is None
+    row = [Record("lone", "", "c")]
+    with pytest.raises(DataError, match=r"record 'lone': .*no token of the row is predicted"):
+        encode_records(row, tokenizer, append_eos=False)
+    with pytest.raises(DataError, match=r"record 'lone': .*no token of the row is predicted"):
+        encode_records(row, tokenizer, append_eos=False, loss_tokens="all")  # one token: no next-token position
+    (kept,) = encode_records(row, tokenizer)  # its EOS is predicted from it (labels shift by one in the loss)
+    assert kept.input_ids == [*char_ids("c"), EOS] and kept.labels == kept.input_ids
+    (two,) = encode_records([Record("two", "", "cd")], tokenizer, append_eos=False)
+    assert two.labels == char_ids("cd")
+    (bos,) = encode_records(row, make_tokenizer(), append_eos=False)  # a BOS is prepended: the token is predicted
+    assert bos.labels == [IGNORE_INDEX, *char_ids("c")]

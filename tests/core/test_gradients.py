@@ -126,3 +126,23 @@ def test_shared_token_factors_refuse_losses_with_other_model_inputs(tokenizer, t
 
     with pytest.raises(ValueError, match="same arguments"):
         shared_token_factors(model, attributor.modules, batch, [attributor.train_loss_fn(), shorter])
+
+
+@pytest.mark.parametrize("method", ["ekfac", "gradsim", "trak"])
+def test_a_tracked_module_that_never_runs_is_named(method):
+    """A selected module the forward pass never calls (a second, inactive LoRA adapter that `include` matches; a
+    layer the model holds but does not use) crashed every method with a bare `torch.cat(): expected a non-empty list
+    of Tensors`. It is refused naming the module, before any result."""
+    from wherefrom.core.data import Record
+    from wherefrom.methods.registry import make_method
+    from wherefrom.models.tiny import tiny_llama, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(len(tokenizer), hidden=16, intermediate=32, layers=1)
+    model.model.unused_head = torch.nn.Linear(16, 4)  # held, never called by forward
+    config = AttributionConfig(include=[r"unused_head", r"mlp\.down_proj"])
+    rows = [Record("r0", "ab cd:", " ef"), Record("r1", "gh:", " ij kl")]
+    with pytest.raises(ValueError, match=r"tracked module\(s\) \['model\.unused_head'\] never ran in the forward"):
+        built = make_method(method, model, tokenizer, config)
+        built.fit(rows)
+        built.scores(rows[:1], rows)

@@ -165,3 +165,23 @@ def test_finetune_and_groundtruth_entry_points(tokenizer, tmp_path) -> None:
         pbrf_influence(model, tokenizer, DUPLICATE, QUERIES, [0])
     with pytest.raises(DataError, match="query rows, index 1: field 'completion': empty completion"):
         measure_queries(model, tokenizer, BAD)
+
+
+@pytest.mark.parametrize("method", ["ekfac", "gradsim", "trak"])
+def test_a_query_left_with_no_token_to_measure_is_named(tokenizer, method):
+    """`query_without_eos` leaves out each query's EOS; a query whose only other token is context (an empty prompt,
+    a tokenizer without BOS) then had no token left: its measurement 0, every score +0, printed and saved without a
+    word. Refused naming the query; the same row with its EOS measured is scored."""
+    from wherefrom.models.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    assert tokenizer.bos_token_id is None  # the case needs a tokenizer that prepends nothing to an empty prompt
+    train = make_records(4, seed=5)
+    lone = Record("lone", "", "a")
+    built = make_method(method, build_model("llama"), tokenizer, AttributionConfig(query_without_eos=True))
+    built.fit(train)
+    with pytest.raises(DataError, match=r"query row 'lone': no token of the query is left to measure"):
+        built.scores([lone], train)
+    measured = make_method(method, build_model("llama"), tokenizer, AttributionConfig())
+    measured.fit(train)
+    assert torch.isfinite(measured.scores([lone], train).total).all()

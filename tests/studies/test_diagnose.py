@@ -42,3 +42,19 @@ def test_a_methods_own_damping_is_refused_naming_the_python_argument():
     both (the command line passes its own flag), before any work (no model is needed to be refused)."""
     with pytest.raises(ValueError, match=r"^option ekfac\.damping=0\.5 \(--option, or method_options in Python\): "):
         diagnose(None, None, [], [], ["ekfac"], method_options={"ekfac": {"damping": 0.5}})
+
+
+def test_tracked_modules_without_gradient_are_named_not_blamed_on_a_damping_of_0(tokenizer):
+    """lora_A of a fresh adapter (lora_B zero) has no gradient: the relative damping rule of the exact reference gave
+    lambda = 0, and every method, gradsim too, "failed" with an OptionError about a damping of 0.0 nobody gave, while
+    the command exited 0. Now one error says the tracked modules have no gradient."""
+    import torch
+
+    model = build_model("lora")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.zero_()
+    config = AttributionConfig(batch_size=5, include=[r"lora_A"])
+    with pytest.raises(ValueError, match=r"every training gradient of the tracked modules is zero"):
+        diagnose(model, tokenizer, make_records(6, seed=3), make_records(2, seed=4, prefix="q"), ["gradsim"], config)

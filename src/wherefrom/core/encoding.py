@@ -280,7 +280,8 @@ def encode_records(
 
     If the prompt tokenizes to nothing (an empty prompt and no BOS added by the tokenizer), the
     tokenizer's ``bos_token_id`` is prepended when it has one, so that the first completion token
-    is predicted from something; without a BOS that first token is context only (never scored).
+    is predicted from something; without a BOS that first token is context only (never scored), and a row left
+    with no predicted token at all (a one-token completion without EOS) is a :class:`DataError`.
 
     ``template`` (a text with ``{prompt}`` and a final ``{completion}``, e.g. :data:`REFERENCE_TEMPLATE`;
     not with ``chat_template``): each row is the rendered text tokenized once, with the special tokens
@@ -360,6 +361,7 @@ def encode_records(
                     f"tokens leave no completion token to carry the loss (loss_tokens='completion'); raise max_length"
                 )
             total = len(prompt) + len(completion)
+        _check_predicted(record, prompt, completion, loss_tokens, append_eos)
         if positions is not None and max_length >= total > positions[0]:
             raise DataError(
                 f"{record.named()}: {total} tokens > the model's {positions[0]} positions "
@@ -385,6 +387,26 @@ def encode_records(
             )
         examples.append(_laid_out(record.id, prompt, completion, max_length, pad_id(tokenizer), pad_left, loss_tokens))
     return examples
+
+
+def _check_predicted(
+    record: Record, prompt: list[int], completion: list[int], loss_tokens: str, append_eos: bool
+) -> None:
+    """:class:`DataError` naming ``record`` when none of its tokens is predicted, so nothing carries its loss: under
+    ``loss_tokens="completion"`` an empty prompt (no BOS to prepend) leaves the completion's first token as context
+    only, which for a one-token completion without EOS is all of it; under ``"all"`` a row of one token has no
+    next-token position. Such a row was taken as a row of zero loss: scores exactly 0, a query of zeros."""
+    if loss_tokens == "completion":
+        predicted = len(completion) - (0 if prompt else 1)
+        why = (
+            f"its prompt is empty and the tokenizer has no BOS, so the first of its {len(completion)} completion "
+            f"token(s) (append_eos={append_eos}) is context, not predicted; give it a prompt, or append EOS"
+        )
+    else:
+        predicted = len(prompt) + len(completion) - 1
+        why = "it is one token, and the loss over all tokens predicts each from the tokens before it"
+    if predicted < 1:
+        raise DataError(f"{record.named()}: no token of the row is predicted, so nothing carries its loss ({why})")
 
 
 def _laid_out(

@@ -38,6 +38,20 @@ IGNORE_INDEX = -100
 Reduction = Literal["sum", "mean"]
 
 
+class UnmeasuredQuery(ValueError):
+    """A query row of a batch (``row``: its index there) with no token left to measure once its last labelled token
+    is left out (``query_without_eos``): its measurement would be 0 and its scores all 0. The caller names the row
+    (:meth:`wherefrom.engine.api.Attributor.token_factor_stream`)."""
+
+    def __init__(self, row: int):
+        super().__init__(
+            "no token of the query is left to measure once its last labelled token, the EOS, is left out "
+            "(query_without_eos): its prompt is empty and the tokenizer has no BOS, so the first of its completion "
+            "tokens is context only; give it a prompt, or measure the EOS too (query_without_eos off)"
+        )
+        self.row = row
+
+
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """Targets for logits ``[:, :-1]``: ``labels[:, 1:]``, shape ``(B, T-1)``."""
     return labels[:, 1:]
@@ -267,8 +281,12 @@ class LanguageModelingTask:
 
     def measurement(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """f(z_q) = log p(completion | prompt) per example, ``(B,)``, in nats; equals ``-L_sum``. With
-        ``query_without_eos`` each row's last labelled token (the appended EOS) is left out."""
+        ``query_without_eos`` each row's last labelled token (the appended EOS) is left out; :class:`UnmeasuredQuery`
+        for a row left with no predicted token."""
         labels = without_last_label(batch["labels"]) if self.query_without_eos else batch["labels"]
+        unmeasured = ((shifted_targets(labels) != IGNORE_INDEX).sum(dim=1) == 0).nonzero()
+        if len(unmeasured):
+            raise UnmeasuredQuery(int(unmeasured[0]))
         return -prediction_losses(*labelled_predictions(model, batch, labels, self.every_position)).sum(dim=1)
 
 

@@ -212,7 +212,17 @@ class Capture:
 
         ``a``: ``(B, T, in + has_bias)`` (or ``(B, in)`` for 2-D inputs); ``g = d objective / d out``,
         ``(B, T, out)``. Only the paths to tracked outputs are differentiated; no ``.grad`` is written.
+        Raises ``ValueError`` naming the tracked modules the forward pass did not call (without a call there is no
+        gradient: a bare ``torch.cat`` error followed).
         """
+        idle = [m.name for m in self.modules if not self.calls[m.name].outputs]
+        if idle:
+            raise ValueError(
+                f"tracked module(s) {idle[:5]}{' ...' if len(idle) > 5 else ''} never ran in the forward pass "
+                f"({len(idle)} of {len(self.modules)} tracked): they have no gradient to attribute with (e.g. the LoRA "
+                "layers of an adapter that is loaded but not active, or a layer the model holds but does not call); "
+                "leave them out of the module selection (include/exclude)"
+            )
         names, outputs = [], []
         for m in self.modules:
             for out in self.calls[m.name].outputs:

@@ -139,22 +139,30 @@ class DegenerateCurvatureWarning(RuntimeWarning):
     """Some curvature blocks are exactly zero: they contribute 0 to every score (see the module doc)."""
 
 
+SMALLEST_DAMPING = float(torch.finfo(torch.float32).tiny)
+"""The smallest damping (and damping factor) taken: float32's smallest normal number, about 1.18e-38. The curvature
+is held in float32, where a smaller value is 0 (below about 1.4e-45) or subnormal: no damping at all in effect."""
+
+
 def check_damping(damping: float | None, damping_factor: float) -> None:
     """Refuse a damping that leaves ``(G + lambda I)`` without an inverse where ``G`` is singular.
 
-    Raises ``ValueError`` naming the setting unless ``damping`` is ``None`` or finite and > 0, and
-    ``damping_factor`` is finite and > 0.
+    Raises ``ValueError`` naming the setting unless ``damping`` is ``None`` or finite and at least
+    :data:`SMALLEST_DAMPING`, and ``damping_factor`` is finite and at least :data:`SMALLEST_DAMPING` (``1e-46`` passed
+    a check of > 0 and was 0 in the float32 curvature: scores of 1e19-1e20, or decided by round-off).
     """
-    if damping is not None and not (math.isfinite(damping) and damping > 0):
+    if damping is not None and not (math.isfinite(damping) and damping >= SMALLEST_DAMPING):
         raise ValueError(
-            f"damping must be a finite number > 0 (an absolute lambda), got {damping}: with lambda = 0 the damped "
+            f"damping must be a finite number > 0, at least {SMALLEST_DAMPING:.4g} (float32's smallest normal number: "
+            f"the curvature is float32) (an absolute lambda), got {damping}: with lambda = 0 the damped "
             "inverse (G + lambda I)^-1 does not exist when G is singular (fewer fitting rows than parameters), and an "
             "undamped solve returns values decided by round-off; pass e.g. 1e-3, or leave damping unset for "
             "damping_factor x mean eigenvalue"
         )
-    if not (math.isfinite(damping_factor) and damping_factor > 0):
+    if not (math.isfinite(damping_factor) and damping_factor >= SMALLEST_DAMPING):
         raise ValueError(
-            f"damping_factor must be a finite number > 0, got {damping_factor} (default 0.1: lambda = 0.1 x mean eigenvalue)"
+            f"damping_factor must be a finite number > 0, at least {SMALLEST_DAMPING:.4g} (float32's smallest normal "
+            f"number), got {damping_factor} (default 0.1: lambda = 0.1 x mean eigenvalue)"
         )
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from wherefrom.core.data import Record, check_ids, check_records
+from wherefrom.core.data import DataError, Record, check_ids, check_records
 from wherefrom.core.distributed import rows_for_rank, world_size
 from wherefrom.core.encoding import (
     LAYOUT_SETTINGS,
@@ -43,7 +43,7 @@ from wherefrom.core.scoring import (
     summed_token_scores,
 )
 from wherefrom.core.store import StageFolder
-from wherefrom.core.task import DrawCounts, LanguageModelingTask, example_seeds
+from wherefrom.core.task import DrawCounts, LanguageModelingTask, UnmeasuredQuery, example_seeds
 from wherefrom.core.tracking import TrackedModule, output_layer, select_modules, selection_signature
 from wherefrom.curvature import Curvature, configured_curvature
 from wherefrom.curvature.base import BatchSource, DataShape, Progress, no_progress
@@ -477,12 +477,17 @@ class Attributor:
         """``(ids, {module: TokenFactors})`` per batch; training-loss gradients unless ``loss_fn`` is given.
 
         Raises :class:`~wherefrom.core.data.DataError` (before the first pass) for no rows, an invalid row
-        or a repeated id."""
+        or a repeated id, and naming a query row left with no token to measure
+        (:class:`wherefrom.core.task.UnmeasuredQuery`)."""
         records = checked_rows(records, f"{description} rows")
         loss_fn = loss_fn or self.train_loss_fn()
         with eval_mode(self.model):
             for ids, batch in self.progress(self.batches(records), description):  # type: ignore[arg-type]
-                yield ids, token_factors(self.model, self.modules, batch, loss_fn)[0]
+                try:
+                    factors = token_factors(self.model, self.modules, batch, loss_fn)[0]
+                except UnmeasuredQuery as error:
+                    raise DataError(f"query row {ids[error.row]!r}: {error}") from None
+                yield ids, factors
 
     def gradients(
         self,

@@ -161,7 +161,8 @@ def diagnose(
     the rows and, when the exact reference could not be formed, the reason (the comparisons are then
     ``None``). ``method_options``: ``{method or "*": {key: value}}`` (a ``"*"`` entry applies to every method).
     ``progress`` (tqdm-like) wraps the loop over methods; the fits report their own batches. Raises
-    ``ValueError`` for a method's own damping among ``method_options`` (:func:`check_shared_damping`)."""
+    ``ValueError`` for a method's own damping among ``method_options`` (:func:`check_shared_damping`), and when every
+    training gradient of the tracked modules is zero (the shared damping would be 0)."""
     check_shared_damping(method_options or {})
     if exact_blocks not in ("full", "module"):
         raise ValueError(f"exact_blocks must be 'full' or 'module', got {exact_blocks!r}")
@@ -177,6 +178,12 @@ def diagnose(
         reference = fit_reference(model, tokenizer, train, config, "exact", blocks=exact_blocks)
         if config.damping is None:
             config = replace(config, damping=shared_damping(reference.curvature, config.damping_factor))
+            if not config.damping > 0:  # G = 0: no influence to compare, and a damping of 0 no method takes
+                raise ValueError(
+                    "every training gradient of the tracked modules is zero (their GGN is 0; e.g. lora_A of a fresh "
+                    "LoRA adapter, whose lora_B is zero), so the relative damping rule gives lambda = 0 and there is "
+                    "no influence to compare; track modules that get a gradient (include/exclude)"
+                )
             if exact_blocks == "module":  # its blocks were damped each by its own mean eigenvalue: refit
                 reference = fit_reference(model, tokenizer, train, config, "exact", blocks=exact_blocks)
         query_ids, exact_queries = reference.preconditioned_queries(queries)
