@@ -325,3 +325,8 @@ def test_a_row_whose_completion_predicts_no_token_is_refused_by_name() -> None:
     assert two.labels == char_ids("cd")
     (bos,) = encode_records(row, make_tokenizer(), append_eos=False)  # a BOS is prepended: the token is predicted
     assert bos.labels == [IGNORE_INDEX, *char_ids("c")]
+    for loss_tokens in ("completion", "all"):  # left-padded: the token is predicted from a padding position
+        (padded,) = encode_records(
+            row, tokenizer, append_eos=False, pad_left=True, max_length=4, loss_tokens=loss_tokens
+        )
+        assert padded.labels[-1] == char_ids("c")[0] and padded.padding == 3

@@ -47,7 +47,8 @@ def test_a_methods_own_damping_is_refused_naming_the_python_argument():
 def test_tracked_modules_without_gradient_are_named_not_blamed_on_a_damping_of_0(tokenizer):
     """lora_A of a fresh adapter (lora_B zero) has no gradient: the relative damping rule of the exact reference gave
     lambda = 0, and every method, gradsim too, "failed" with an OptionError about a damping of 0.0 nobody gave, while
-    the command exited 0. Now one error says the tracked modules have no gradient."""
+    the command exited 0. Now one error says the tracked modules have no gradient (the fit's warning names the
+    blocks)."""
     import torch
 
     model = build_model("lora")

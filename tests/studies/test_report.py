@@ -115,12 +115,15 @@ def test_a_run_report_says_where_each_score_sets_training_side_came_from(tmp_pat
     save_scores(heavy_tailed_scores(0, ids), tmp_path / "scores", "a", provenance=index)
     save_scores(heavy_tailed_scores(1, ids), tmp_path / "scores", "b", provenance={"train_side": "recomputed"})
     save_scores(heavy_tailed_scores(2, ids), tmp_path / "scores", "c")  # saved before provenance was recorded
+    older = {"train_side": "index", "dtype": "bfloat16", "store": "y", "precondition": "none", "unit_norm": True}
+    save_scores(heavy_tailed_scores(3, ids), tmp_path / "scores", "d", provenance=older)  # an earlier layout
     page = html.unescape(write_report(tmp_path).read_text())
     from_index = "Training side: read from the run's index (float16 rows, precondition fitted), not gradients"
     assert page.count(from_index) == 1 and page.count("Training side: recomputed at the run's settings.") == 1
     at = {name: page.index(f"<h2>Scores {name}: top rows</h2>") for name in "abc"}  # its section, not the contents
     assert at["a"] < page.index(from_index) < at["b"] < page.index("Training side: recomputed") < at["c"]
-    assert page.count("Training side:") == 2  # none said for the set saved without it
+    assert page.count("Training side:") == 3  # none said for the set saved without it
+    assert "read from the run's index (bfloat16 rows, precondition none, unit_norm True)" in page
 
 
 def test_run_report_is_self_contained_with_every_section(run_folder, tmp_path):

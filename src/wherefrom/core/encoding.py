@@ -361,7 +361,6 @@ def encode_records(
                     f"tokens leave no completion token to carry the loss (loss_tokens='completion'); raise max_length"
                 )
             total = len(prompt) + len(completion)
-        _check_predicted(record, prompt, completion, loss_tokens, append_eos)
         if positions is not None and max_length >= total > positions[0]:
             raise DataError(
                 f"{record.named()}: {total} tokens > the model's {positions[0]} positions "
@@ -385,28 +384,26 @@ def encode_records(
                 f"tokens = {total} tokens > max_length={max_length}; {hint} "
                 f"(nothing is truncated)"
             )
-        examples.append(_laid_out(record.id, prompt, completion, max_length, pad_id(tokenizer), pad_left, loss_tokens))
+        example = _laid_out(record.id, prompt, completion, max_length, pad_id(tokenizer), pad_left, loss_tokens)
+        _check_predicted(record, example, bool(prompt))
+        examples.append(example)
     return examples
 
 
-def _check_predicted(
-    record: Record, prompt: list[int], completion: list[int], loss_tokens: str, append_eos: bool
-) -> None:
-    """:class:`DataError` naming ``record`` when none of its tokens is predicted, so nothing carries its loss: under
-    ``loss_tokens="completion"`` an empty prompt (no BOS to prepend) leaves the completion's first token as context
-    only, which for a one-token completion without EOS is all of it; under ``"all"`` a row of one token has no
-    next-token position. Such a row was taken as a row of zero loss: scores exactly 0, a query of zeros."""
-    if loss_tokens == "completion":
-        predicted = len(completion) - (0 if prompt else 1)
-        why = (
-            f"its prompt is empty and the tokenizer has no BOS, so the first of its {len(completion)} completion "
-            f"token(s) (append_eos={append_eos}) is context, not predicted; give it a prompt, or append EOS"
-        )
-    else:
-        predicted = len(prompt) + len(completion) - 1
-        why = "it is one token, and the loss over all tokens predicts each from the tokens before it"
-    if predicted < 1:
-        raise DataError(f"{record.named()}: no token of the row is predicted, so nothing carries its loss ({why})")
+def _check_predicted(record: Record, example: EncodedExample, prompted: bool) -> None:
+    """:class:`DataError` naming ``record`` when none of the labelled tokens of its laid-out ``example`` is predicted
+    (a label at the first position has no position before it), so nothing carries its loss: e.g. a one-token
+    completion without EOS after an empty prompt (``prompted`` false) and no BOS to prepend, its only token then
+    context; or a row of one token under ``loss_tokens="all"``. Such a row was taken as a row of zero loss: scores
+    exactly 0, a query of zeros."""
+    if any(label != IGNORE_INDEX for label in example.labels[1:]):
+        return
+    why = "" if prompted else "; its prompt is empty and the tokenizer has no BOS, so its first token is context only"
+    raise DataError(
+        f"{record.named()}: no token of the row is predicted, so nothing carries its loss (its labelled tokens are "
+        f"{sum(label != IGNORE_INDEX for label in example.labels)}, and a label at the first position is predicted "
+        f"from nothing{why}); give it a prompt, or a longer completion"
+    )
 
 
 def _laid_out(

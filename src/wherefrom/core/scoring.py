@@ -327,9 +327,13 @@ def load_scores(folder: Path, name: str) -> Scores:
 
 def index_rows_text(provenance: Mapping[str, Any]) -> str:
     """``float16 rows, precondition fitted, unit_norm False``: the index rows a score set's training side was read
-    from, by its ``provenance`` with ``train_side`` ``index`` (:meth:`wherefrom.engine.run.Run.scores_provenance`)."""
-    options = provenance.get("index_options") or {}
-    return f"{provenance.get('dtype')} rows" + "".join(f", {key} {value}" for key, value in options.items())
+    from, by its ``provenance`` with ``train_side`` ``index`` (:meth:`wherefrom.engine.run.Run.scores_provenance`; a
+    set of an earlier version recorded ``precondition``/``unit_norm`` beside ``dtype``, or no ``dtype``)."""
+    options = provenance.get("index_options")
+    if not isinstance(options, dict):  # sets of earlier versions kept them beside the dtype
+        options = {key: provenance[key] for key in ("precondition", "unit_norm") if key in provenance}
+    rows = f"{provenance['dtype']} rows" if provenance.get("dtype") else "rows"
+    return rows + "".join(f", {key} {value}" for key, value in options.items())
 
 
 def saved_labels(record: Mapping[str, Any]) -> dict[str, str | None]:

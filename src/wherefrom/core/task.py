@@ -45,9 +45,10 @@ class UnmeasuredQuery(ValueError):
 
     def __init__(self, row: int):
         super().__init__(
-            "no token of the query is left to measure once its last labelled token, the EOS, is left out "
-            "(query_without_eos): its prompt is empty and the tokenizer has no BOS, so the first of its completion "
-            "tokens is context only; give it a prompt, or measure the EOS too (query_without_eos off)"
+            "no token of the query is left to measure once its last labelled token (the appended EOS, where there "
+            "is one) is left out (query_without_eos): it was the only one predicted (an empty prompt with no BOS "
+            "makes the first completion token context only); give the query a prompt, or measure its last token too "
+            "(query_without_eos off)"
         )
         self.row = row
 
@@ -283,10 +284,13 @@ class LanguageModelingTask:
         """f(z_q) = log p(completion | prompt) per example, ``(B,)``, in nats; equals ``-L_sum``. With
         ``query_without_eos`` each row's last labelled token (the appended EOS) is left out; :class:`UnmeasuredQuery`
         for a row left with no predicted token."""
-        labels = without_last_label(batch["labels"]) if self.query_without_eos else batch["labels"]
-        unmeasured = ((shifted_targets(labels) != IGNORE_INDEX).sum(dim=1) == 0).nonzero()
-        if len(unmeasured):
-            raise UnmeasuredQuery(int(unmeasured[0]))
+        labels = batch["labels"]
+        if self.query_without_eos:
+            labels = without_last_label(labels)
+            before, after = ((shifted_targets(x) != IGNORE_INDEX).sum(dim=1) for x in (batch["labels"], labels))
+            emptied = ((before > 0) & (after == 0)).nonzero()
+            if len(emptied):
+                raise UnmeasuredQuery(int(emptied[0]))
         return -prediction_losses(*labelled_predictions(model, batch, labels, self.every_position)).sum(dim=1)
 
 

@@ -281,11 +281,15 @@ class VectorStoreWriter:
         start, stop = self.span(shard)
         rows_offset(self.shard_path(shard), header, self.ids[start:stop], start, self.dtype, self.dim)
 
-    def start(self, hint: str | Callable[[list[str]], str] = "", ignore: Collection[str] = ()) -> list[str]:
+    def start(
+        self, hint: str | Callable[[list[str]], str] = "", ignore: Collection[str] = (), forget_stop: bool = True
+    ) -> list[str]:
         """Record the manifest (first write) or compare it; then the ids. Returns notes of what was discarded
         (empty when nothing was; see :func:`wherefrom.core.store.record_settings`).
 
         ``ignore``: top-level settings not compared (e.g. the device when a finished store is reused).
+        ``forget_stop``: remove :data:`STOPPED` (a build starts again); ``False`` for the other processes of a
+        distributed build, which start after the first and must not remove what a process that stopped since wrote.
         Raises :class:`wherefrom.core.store.SettingsMismatch` naming each differing setting (``hint`` says
         what to do; a callable is given the dotted keys that differ). A folder whose manifest is missing or damaged
         is emptied (noted in :attr:`notices`). A folder in the place of one of the store's files (a shard, the ids,
@@ -297,7 +301,8 @@ class VectorStoreWriter:
         )
         notes = record_settings(self.folder, self.manifest, hint, (*ignore, *self.unchecked), self.defaults)
         self.notices += notes
-        self._forget_stop()  # this build tries again
+        if forget_stop:  # this build tries again
+            self._forget_stop()
         path = self.folder / IDS_FILE
         if intact_json(path) != self.ids:
             write_json_checked(self.ids, path)
@@ -391,14 +396,18 @@ class VectorStoreWriter:
                     parts.append(cast)
                 self.write(shard, ids, torch.cat(parts) if parts else torch.zeros(0, self.dim))
             except UnstorableRow as error:
-                write_json_checked({"shard": shard, "error": str(error)}, self.owner / STOPPED)
+                try:
+                    write_json_checked({"shard": shard, "error": str(error)}, self.owner / STOPPED)
+                except OSError as unrecorded:  # a full disk: the row's error is what the user needs
+                    error.add_note(f"(why the build stopped was not recorded: {unrecorded})")
                 raise
             written += 1
         return written
 
     def _forget_stop(self) -> None:
         """Remove :data:`STOPPED` (a build starts again, or the store is finished); ``checksums.json`` is read only
-        when there is one."""
+        when there is one. A part of another store (:attr:`owner`) records its stops there, and the owner's own
+        writer removes them."""
         if (self.folder / STOPPED).exists():
             forget_file(self.folder / STOPPED)
 

@@ -21,9 +21,11 @@ refuses with :class:`wherefrom.core.memory.MemoryLimitError` (module, bytes, lim
 
 Degenerate curvature, one rule for every strategy (:func:`check_damping`, :func:`relative_damping`):
 
-* ``damping`` and ``damping_factor`` must be finite and > 0 (``ValueError`` naming the setting, at
-  construction): with fewer fitting rows than parameters ``G`` is singular, and ``(G + 0 I)^-1`` does
-  not exist; an undamped solve would return values decided by round-off eigenvalues.
+* ``damping`` and ``damping_factor`` must be finite and > 0, and at least :data:`SMALLEST_DAMPING` (``ValueError``
+  naming the setting, at construction): with fewer fitting rows than parameters ``G`` is singular, and
+  ``(G + 0 I)^-1`` does not exist; an undamped solve would return values decided by round-off eigenvalues.
+  The floor only makes the value one float32 holds (not 0 or subnormal); a representable but tiny damping is
+  still far below round-off for any curvature and the user's choice.
 * With the relative damping, a block whose curvature is exactly zero (every fitting gradient of the
   module is 0, e.g. ``lora_A`` of a fresh LoRA adapter, whose ``lora_B = 0``) has ``lambda = 0`` too;
   its preconditioner is defined as 0, the pseudo-inverse of the zero matrix, so the block contributes
@@ -140,8 +142,10 @@ class DegenerateCurvatureWarning(RuntimeWarning):
 
 
 SMALLEST_DAMPING = float(torch.finfo(torch.float32).tiny)
-"""The smallest damping (and damping factor) taken: float32's smallest normal number, about 1.18e-38. The curvature
-is held in float32, where a smaller value is 0 (below about 1.4e-45) or subnormal: no damping at all in effect."""
+"""The smallest damping (and damping factor) taken: float32's smallest normal number, about 1.18e-38; a smaller one
+is 0 (below about 1.4e-45) or subnormal in the float32 statistics, where ``1e-46`` passed as > 0 (trak scores of
+1e20). Only representability: ``exact`` and the projected curvatures solve in float64, where any damping far below
+round-off acts as none."""
 
 
 def check_damping(damping: float | None, damping_factor: float) -> None:
@@ -154,7 +158,7 @@ def check_damping(damping: float | None, damping_factor: float) -> None:
     if damping is not None and not (math.isfinite(damping) and damping >= SMALLEST_DAMPING):
         raise ValueError(
             f"damping must be a finite number > 0, at least {SMALLEST_DAMPING:.4g} (float32's smallest normal number: "
-            f"the curvature is float32) (an absolute lambda), got {damping}: with lambda = 0 the damped "
+            f"a smaller one is 0 or subnormal in float32) (an absolute lambda), got {damping}: with lambda = 0 the damped "
             "inverse (G + lambda I)^-1 does not exist when G is singular (fewer fitting rows than parameters), and an "
             "undamped solve returns values decided by round-off; pass e.g. 1e-3, or leave damping unset for "
             "damping_factor x mean eigenvalue"

@@ -855,8 +855,12 @@ class Run:
                         f"rows or method settings changed since): delete {writer.folder} and rerun to index with the "
                         f"current ones (`{self.index_command(device=False)}` keeps the recorded layout)."
                     )
-                command = self.index_command(device=not finished)  # a finished store is reused on any device
-                state = f"It is finished: `{command}` reuses it" if finished else self.resume_advice()
+                # a finished store is reused on any device; a resumed one runs where it started
+                state = (
+                    f"It is finished: `{self.index_command(device=False)}` reuses it"
+                    if finished
+                    else self.resume_advice()
+                )
                 return f"{state}; or delete {writer.folder} to index with the new settings."
 
             return said
@@ -883,8 +887,8 @@ class Run:
             writer.guard = holder_guard(self.folder)  # an orphaned rank (rank 0 died) stops once a rerun takes over
             try:
                 if not on_main(begin):  # rank 0 records the settings; the others then check them
-                    if not is_main():
-                        writer.start(hint(False))
+                    if not is_main():  # rank 0's start cleared the stop record: a rank that stopped since keeps its
+                        writer.start(hint(False), forget_stop=False)
                     with self.threads_as_recorded(writer.folder):  # resumed shards computed as the first ones
                         prepare(rank(), world_size())
                         written = writer.build(produce, rank(), world_size())  # shards k with k % W == rank
@@ -1225,14 +1229,14 @@ class Run:
         recorded = self.index_manifest(unchecked=True) or {}
         return recorded.get("precondition") == "empirical" or (self.folder / "index" / PRECONDITIONER).is_dir()
 
-    def resume_advice(self, device: bool = True) -> str:
+    def resume_advice(self) -> str:
         """What finishes the unfinished ``RUN/index/``: ```COMMAND` finishes it`` (:meth:`index_command`), or,
         when its last build stopped on a row the store cannot hold (:func:`wherefrom.core.vectors.stop_reason`), that
         error: the same command computes the same row and stops again."""
         reason = stop_reason(self.folder / "index")
         if reason is not None:
             return f"its build stopped on a row it cannot store, and the same command stops there again: {reason}"
-        return f"`{self.index_command(device=device)}` finishes it"
+        return f"`{self.index_command()}` finishes it"
 
     @staticmethod
     def recorded_settings(folder: Path) -> dict[str, Any] | None:

@@ -31,7 +31,7 @@ import torch
 
 from wherefrom.core.data import Record
 from wherefrom.core.option_pairs import options_for
-from wherefrom.curvature.base import Curvature, DataShape, Progress, no_progress
+from wherefrom.curvature.base import SMALLEST_DAMPING, Curvature, DataShape, Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import InfluenceMethod, make_method
 from wherefrom.studies import toolkit
@@ -124,9 +124,9 @@ def ihvp_relative_error(
 def check_shared_damping(
     method_options: dict[str, dict[str, Any]],
     study: str = "diagnose",
-    source: str = "option",
+    source: str | None = None,
 ) -> None:
-    """``ValueError`` naming the pair (given by ``source``: by default the command line's ``--option`` or the Python
+    """``ValueError`` naming the pair (given by ``source``; ``None``: the command line's ``--option`` or the Python
     API's ``method_options``, both named) when ``method_options`` (``{method or "*": {key:
     value}}``) sets a method's ``damping`` or ``damping_factor``: ``study`` (diagnose, the ihvp analysis) compares
     every method with the exact reference at one absolute damping (the config's), and a method of its own damping
@@ -136,9 +136,7 @@ def check_shared_damping(
             if key in options:
                 pair = f"{key}={options[key]}" if method == "*" else f"{method}.{key}={options[key]}"
                 given = (
-                    f"option {pair} (--option, or method_options in Python)"
-                    if source == "option"
-                    else f"{source} {pair}"
+                    f"option {pair} (--option, or method_options in Python)" if source is None else f"{source} {pair}"
                 )
                 raise ValueError(
                     f"{given}: {study} compares every method with the exact reference at one damping; give "
@@ -178,11 +176,12 @@ def diagnose(
         reference = fit_reference(model, tokenizer, train, config, "exact", blocks=exact_blocks)
         if config.damping is None:
             config = replace(config, damping=shared_damping(reference.curvature, config.damping_factor))
-            if not config.damping > 0:  # G = 0: no influence to compare, and a damping of 0 no method takes
+            if not config.damping >= SMALLEST_DAMPING:  # G = 0: no influence to compare, a damping no method takes
                 raise ValueError(
-                    "every training gradient of the tracked modules is zero (their GGN is 0; e.g. lora_A of a fresh "
-                    "LoRA adapter, whose lora_B is zero), so the relative damping rule gives lambda = 0 and there is "
-                    "no influence to compare; track modules that get a gradient (include/exclude)"
+                    "every training gradient of the tracked modules is zero, or nearly (their GGN is 0; e.g. lora_A "
+                    "of a fresh LoRA adapter, whose lora_B is zero: the fit's warning names such blocks), so the "
+                    f"relative damping rule gives lambda = {config.damping:.3g} and there is no influence to compare; "
+                    "track modules that get a gradient (include/exclude)"
                 )
             if exact_blocks == "module":  # its blocks were damped each by its own mean eigenvalue: refit
                 reference = fit_reference(model, tokenizer, train, config, "exact", blocks=exact_blocks)
