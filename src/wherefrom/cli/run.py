@@ -223,15 +223,16 @@ def check_origin(saved: Sequence[Path], provenance: Mapping[str, object]) -> Non
     recorded = json.loads(Path(saved[1]).read_text(encoding="utf-8")).get("provenance")
     if not isinstance(recorded, dict):
         return
-    differing = [key for key in ORIGIN if json_form(recorded.get(key)) != json_form(provenance.get(key))]
+
+    def differs(key: str) -> bool:
+        return json_form(recorded.get(key)) != json_form(provenance.get(key))
+
+    differing = [key for key in ORIGIN if differs(key)]
     if "train_side" in differing:  # recomputed then, from an index now (or the reverse): the store says no more
         differing = ["train_side"]
     elif differing:  # the same training side, another index: how it differs, where that is readable
-        differing = [  # a key a set of an earlier version lacks is not named (it kept them elsewhere)
-            key
-            for key in SHOWN_ORIGIN
-            if key in recorded and json_form(recorded[key]) != json_form(provenance.get(key))
-        ]
+        # a key a set of an earlier version lacks is not named (it kept them elsewhere)
+        differing = [key for key in SHOWN_ORIGIN if key in recorded and differs(key)]
         differing = differing or ["store"]
     before, now = ({key: record.get(key) for key in differing} for record in (recorded, provenance))
     refuse_other_inputs(saved, before, now, prefix="provenance")

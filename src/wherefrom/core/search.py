@@ -886,6 +886,11 @@ def _probe_queries(sample_rows: int) -> int:
     return min(PQ_PROBE_QUERIES, (sample_rows - 2**PQ_BITS) // 2)
 
 
+def _probe_runs(sample_rows: int) -> bool:
+    """Whether a ``pq`` probe holds enough queries out of a training sample of ``sample_rows`` rows to run."""
+    return _probe_queries(sample_rows) >= PQ_PROBE_MIN_QUERIES
+
+
 def _sample_step(count: int, size: int) -> int:
     """The stride of :func:`_training_sample` over a store of ``count`` rows for a sample of ``size``."""
     return max(1, count // size)
@@ -906,9 +911,9 @@ def _probed_pq(candidates: Sequence[int], sample: np.ndarray) -> tuple[Any, str 
     higher by more than :data:`PQ_PROBE_MARGIN` (:data:`PQ_M_CONCENTRATED` says why the best ``pq_m`` depends on
     the rows). Too few rows to hold :data:`PQ_PROBE_MIN_QUERIES` out (under 48): the first candidate, trained on the
     whole sample. Deterministic: the sample is strided and FAISS's k-means seeded."""
-    held = _probe_queries(len(sample))
-    if len(candidates) == 1 or held < PQ_PROBE_MIN_QUERIES:
+    if len(candidates) == 1 or not _probe_runs(len(sample)):
         return _trained_pq(candidates[0], sample), None
+    held = _probe_queries(len(sample))
     # the held-out rows swapped into the last ``held`` places of the (private) sample: the rest is a view of it, not
     # a second copy (a boolean mask copied it: 4-8 GB more at PQ_TRAINING_ROWS rows of dim 16,384)
     picked = np.linspace(0, len(sample) - 1, held).round().astype(int)
@@ -1041,9 +1046,7 @@ def _saved_or_built(
         if saved is not None:
             codes = None
             # too few rows: the build ran no probe and said none
-            if settings.probes(source.dim) and (
-                _probe_queries(_sample_rows(source.count, PQ_TRAINING_ROWS)) >= PQ_PROBE_MIN_QUERIES
-            ):
+            if settings.probes(source.dim) and _probe_runs(_sample_rows(source.count, PQ_TRAINING_ROWS)):
                 codes = f"pq_m {built_pq_m(saved)}, chosen by probe recall when built"
             return BuiltIndex(saved, "reused", codes=codes)
         try:

@@ -187,6 +187,11 @@ def refuse_stateless_checkpoint(given: Path) -> None:
         )
 
 
+def sentence(clause: str) -> str:
+    """``clause`` with its first letter in upper case (the rest as it is), to begin a sentence."""
+    return clause[:1].upper() + clause[1:]
+
+
 def refuse_distributed_scores(config: RunConfig) -> None:
     """:class:`wherefrom.core.distributed.NotDistributable` under ``torch.distributed`` for a run of a method outside
     the influence family (``config.method``): its scores come from its fitted state or its index in one process."""
@@ -657,7 +662,7 @@ class Run:
         started, :data:`RESUMED_WHERE_STARTED`), how to resume it there (``torchrun --nproc-per-node 2 -m
         wherefrom.cli -- replay RUN``; ``--device cuda``); in any case, or to delete ``target`` and fit again."""
         delete = f"delete {target} to fit again with the current settings"
-        only_delete = f"Delete {target} to fit again with the current settings."
+        only_delete = f"{sentence(delete)}."
 
         def hint(differing: list[str]) -> str:
             if not differing or not set(differing) <= set(RESUMED_WHERE_STARTED):
@@ -859,7 +864,7 @@ class Run:
                 state = (
                     f"It is finished: `{self.index_command(device=False)}` reuses it"
                     if finished
-                    else self.resume_advice()
+                    else sentence(self.resume_advice())  # it follows the refusal's full stop
                 )
                 return f"{state}; or delete {writer.folder} to index with the new settings."
 
