@@ -44,6 +44,16 @@ def build_model(kind: str, seed: int = 0) -> torch.nn.Module:
     raise ValueError(kind)
 
 
+def scale_lora_b(model: torch.nn.Module, scale: float) -> torch.nn.Module:
+    """``model`` with every ``lora_B`` weight multiplied by ``scale`` in place: its ``lora_A`` gradients are about
+    ``scale`` (and, for a scale this small, the model is its base model)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(scale)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()

@@ -4,7 +4,8 @@ Each :class:`Refusal` is one thing a user can do wrong: the command (``wherefrom
 workspace that ``tests/test_refusals.py`` builds: a tiny GPT-2 in ``model/``, ``train.jsonl``, a fitted
 run ``run/``, damaged copies, a fine-tuning ``interrupted/`` stopped in its second epoch) or the Python call (run with ``att``, an :class:`~wherefrom.engine.api.Attributor`
 on that model, ``rows`` (valid training rows), ``tokenizer``, ``tied`` (a tiny GPT-2 whose ``lm_head`` is its
-input embedding), ``fresh_lora`` (a tiny Llama with a fresh LoRA adapter) and ``odd_template`` (a tokenizer
+input embedding), ``fresh_lora`` (a tiny Llama with a fresh LoRA adapter), ``small_lora`` (one whose
+``lora_B`` is scaled by 1e-30: ``lora_A`` gradients of about 1e-30) and ``odd_template`` (a tokenizer
 whose chat template appends '!' to long messages) in scope), the error it gets (exit code 2 and one
 ``error:`` line for a command, the exception class for a call), a fragment of that error, and why
 wherefrom refuses rather than goes on. The test runs every row; README.md's section must equal
@@ -429,6 +430,15 @@ REFUSALS: tuple[Refusal, ...] = (
         "lora_A",
         "not refused: such a block has no gradient, contributes exactly 0 to every score, and is named",
         call='Attributor(fresh_lora, tokenizer, AttributionConfig(include=["lora_A"])).fit(rows)',
+    ),
+    Refusal(
+        "curvature",
+        "gradients whose squares leave float32 (lora_A gradients of about 1e-30) under kfac, ekfac or diagonal",
+        "ValueError",
+        "outside what its float32 state holds",
+        "their curvature (about 1e-60) is 0 in the float32 state: kfac took the block for a zero one, ekfac and "
+        "diagonal gave non-finite scores; exact, datainf, trak and logra keep float64 curvature and score it",
+        call='Attributor(small_lora, tokenizer, AttributionConfig(include=["lora_A"])).fit(rows)',
     ),
     # --- model and adapter ----------------------------------------------------------------------
     Refusal(

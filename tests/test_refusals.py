@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import wherefrom.models.finetune as finetuning
-from tests.conftest import make_records
+from tests.conftest import make_records, scale_lora_b
 from tests.refusals import FINETUNE, FIT, README, REFUSALS, Refusal, readme_section, render
 from wherefrom.cli import app
 from wherefrom.core.data import DataError, Record
@@ -163,6 +163,7 @@ def python_scope(workspace):
         "tokenizer": tokenizer,
         "tied": tiny_gpt2(len(tokenizer), hidden=16, layers=1, tie_word_embeddings=True),
         "fresh_lora": with_lora(tiny_llama(len(tokenizer), hidden=16, layers=1), r=2, init_b_random=False),
+        "small_lora": scale_lora_b(with_lora(tiny_llama(len(tokenizer), hidden=16, layers=1), r=2), 1e-30),
         "odd_template": odd_template,
         "encode_records": encode_records,
         "Attributor": Attributor,

@@ -14,12 +14,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.conftest import make_records
+from tests.conftest import make_records, scale_lora_b
 from wherefrom.cli import app
 from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores, save_scores
 from wherefrom.curvature import make_curvature
-from wherefrom.curvature.base import DegenerateCurvatureWarning
+from wherefrom.curvature.base import DegenerateCurvatureWarning, UnrepresentableCurvature
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import METHODS, make_method
 from wherefrom.models.tiny import save_tiny, tiny_llama, with_lora
@@ -176,6 +176,60 @@ def test_indefinite_relative_damping_is_refused_by_name():
     with pytest.raises(ValueError, match=r"'blk'.*mean eigenvalue -2"):
         relative_damping(None, 0.1, -2.0, "blk")
     assert relative_damping(None, 0.1, 0.0, "blk") == 0.0 and relative_damping(0.3, 0.1, -2.0, "blk") == 0.3
+
+
+def scaled_lora(tokenizer, scale: float):
+    """A tiny LoRA model whose ``lora_A`` gradients are about ``scale`` (:func:`tests.conftest.scale_lora_b`)."""
+    return scale_lora_b(with_lora(tiny_llama(len(tokenizer), hidden=16, intermediate=32, layers=1), r=2, seed=0), scale)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e-30])
+@pytest.mark.parametrize("strategy", ["kfac", "ekfac", "diagonal"])
+def test_gradients_whose_squares_leave_float32_are_refused_by_block(tokenizer, strategy, scale):
+    """lora_A gradients of about 1e-20 or 1e-30: their curvature (about 1e-40 .. 1e-60) is 0 or subnormal in the
+    float32 state of kfac/ekfac/diagonal. Before, kfac's float32 covariance underflowed to exactly 0 and took the
+    block for a zero one (finite, wrong scores, a warning saying every gradient is 0), ekfac and diagonal failed
+    on non-finite scores; now each refuses naming the block."""
+    m = method(strategy, scaled_lora(tokenizer, scale), tokenizer, include=["lora_A"])
+    with pytest.raises(UnrepresentableCurvature, match=r"q_proj\.lora_A.*float32.*exact, datainf, trak, logra"):
+        m.fit(CASE_TRAIN)
+
+
+@pytest.mark.parametrize("strategy", ["exact", "datainf", "trak", "logra"])
+def test_float64_curvature_scores_tiny_gradients_independent_of_their_scale(tokenizer, strategy):
+    """The ways out that the refusal names: with the relative damping, influence is invariant to a module's gradient
+    scale (G ~ c^2, lambda ~ c^2, q^T (G + lambda)^-1 g ~ 1), and these strategies give the same scores at 1e-20 and
+    1e-30 (tolerance: float32 gradients, relative 1e-4)."""
+    fisher = {"fisher": "empirical"} if strategy == "datainf" else {}
+    small, smaller = (
+        scores_of(
+            strategy, scaled_lora(tokenizer, s), tokenizer, CASE_TRAIN, CASE_QUERIES, include=["lora_A"], **fisher
+        )
+        for s in (1e-20, 1e-30)
+    )
+    assert small.total.abs().max() > 1e-3
+    torch.testing.assert_close(smaller.total, small.total, rtol=1e-4, atol=1e-4 * float(small.total.abs().max()))
+
+
+@pytest.mark.parametrize("exponent", [-70, 0, 70])
+def test_kfac_covariance_sums_scale_exactly_with_the_factors(exponent):
+    """The covariance sums of factors scaled by 2^e are those of the factors times 2^2e, bit for bit: at 2^-70
+    (entries about 1e-21) the float32 product of the old sums underflowed to 0, at 2^70 it overflowed."""
+    from wherefrom.core.gradients import TokenFactors
+    from wherefrom.curvature.kronecker import KFAC
+
+    generator = torch.Generator().manual_seed(0)
+    a, g = torch.randn(2, 5, 3, generator=generator), torch.randn(2, 5, 4, generator=generator)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+
+    def sums(scale):
+        stream = lambda: iter([(2, {"m": TokenFactors(a * scale, g * scale, mask)})])  # noqa: E731
+        return KFAC.covariance_sums(stream, {"m": (4, 3)})[0]
+
+    reference, scaled = sums(1.0), sums(2.0**exponent)
+    for key in ("m.a_cov", "m.s_cov"):
+        assert torch.equal(scaled[key], reference[key] * 2.0 ** (2 * exponent)), key
+        assert reference[key].abs().min() > 0
 
 
 def test_non_finite_scores_never_reach_a_score_file(tmp_path):

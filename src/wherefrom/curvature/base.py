@@ -32,6 +32,10 @@ Degenerate curvature, one rule for every strategy (:func:`check_damping`, :func:
   exactly 0 to every score. ``fit`` warns (:class:`DegenerateCurvatureWarning`) naming those blocks
   (listed in ``info["zero_curvature"]``). A negative mean eigenvalue (an indefinite Hessian) is
   refused by name.
+* The strategies with a float32 state (``kfac``, ``ekfac``, ``diagonal``) sum their statistics in float64 and
+  refuse a nonzero block whose eigenvalues or damping leave float32's normal range
+  (:func:`check_float32_block`: gradients of about 1e-20 or 1e20), naming it; ``exact``, ``datainf`` and the
+  projected ``trak``/``logra`` keep float64 curvature and score such a block.
 """
 
 from __future__ import annotations
@@ -168,6 +172,39 @@ def check_damping(damping: float | None, damping_factor: float) -> None:
             f"damping_factor must be a finite number > 0, at least {SMALLEST_DAMPING:.4g} (float32's smallest normal "
             f"number), got {damping_factor} (default 0.1: lambda = 0.1 x mean eigenvalue)"
         )
+
+
+FLOAT32_LARGEST = float(torch.finfo(torch.float32).max)
+"""float32's largest finite number, about 3.4e38."""
+
+
+class UnrepresentableCurvature(ValueError):
+    """A nonzero curvature block that a strategy's float32 state cannot hold (:func:`check_float32_block`)."""
+
+
+def check_float32_block(values: torch.Tensor, damping: float, block: str, strategy: str) -> None:
+    """Refuse a curvature ``block`` whose float64 eigenvalues ``values`` (any shape) or damping ``damping`` fall
+    outside float32's normal range, for strategies that keep their curvature in float32 (``kfac``, ``ekfac``,
+    ``diagonal``).
+
+    A block's curvature is its gradients squared: gradients of about 1e-20 give eigenvalues of about 1e-40 and a
+    relative damping below :data:`SMALLEST_DAMPING` (0 or subnormal in float32: non-finite scores, or, where the
+    float32 sums underflowed to exactly 0, a block silently taken as zero), gradients of about 1e20 eigenvalues
+    beyond :data:`FLOAT32_LARGEST` (infinite). A block that is exactly zero (``damping == 0``) passes: it is the
+    zero block of the module doc; so do non-finite ``values`` (:func:`check_finite_state` names those). Raises :class:`UnrepresentableCurvature` naming the block, its largest
+    eigenvalue, its damping and the ways out.
+    """
+    top = float(values.max()) if values.numel() else 0.0
+    if damping == 0 or not math.isfinite(top) or (damping >= SMALLEST_DAMPING and top <= FLOAT32_LARGEST):
+        return
+    mean = float(values.mean())
+    raise UnrepresentableCurvature(
+        f"curvature block {block!r} ({strategy}) has eigenvalues up to {top:.3g} (mean {mean:.3g}) and damping "
+        f"lambda = {damping:.3g}, outside what its float32 state holds ({SMALLEST_DAMPING:.3g} .. "
+        f"{FLOAT32_LARGEST:.3g}): its gradient entries are about {math.sqrt(max(mean, 0.0)):.1g} in size and their "
+        "squares leave float32's range. Scale the model or the loss so that its gradients are nearer 1, exclude the "
+        "module (include/exclude), or use a strategy that keeps its curvature in float64 (exact, datainf, trak, logra)"
+    )
 
 
 class NonFiniteCurvature(ValueError):

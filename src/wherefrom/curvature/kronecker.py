@@ -40,6 +40,7 @@ of per-token factors of (possibly virtual) modules, e.g. LoGra's projected ``(P_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -48,7 +49,7 @@ import torch
 from wherefrom.core.distributed import active, sum_counts, sum_over_ranks
 from wherefrom.core.gradients import LossFn, TokenFactors, token_factors
 from wherefrom.core.memory import nbytes
-from wherefrom.curvature.base import Curvature, DataShape, no_progress, warn_zero_curvature
+from wherefrom.curvature.base import Curvature, DataShape, check_float32_block, no_progress, warn_zero_curvature
 
 FactorStream = Callable[[], Iterable[tuple[int, dict[str, Any]]]]
 """A fresh pass over the data: ``(examples in the batch, {module: TokenFactors})`` per batch (a correction
@@ -63,10 +64,11 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Decompositions:
-    """:func:`_eigh` of ``matrix / scale`` as float32 CPU ``(values, vectors)``, computed once per distinct pair: a
-    call with a matrix equal (``torch.equal``) to an earlier one and the same ``scale`` returns copies of the
-    earlier result (copies: saved tensors may not share memory). It keeps references to the matrices it was
-    given (the caller holds them anyway), not copies."""
+    """:func:`_eigh` of ``matrix / scale`` as CPU ``(values, vectors)``, values float64 (in float32, those of a block
+    with gradients of about 1e-20 are 0; :func:`~wherefrom.curvature.base.check_float32_block` reads them) and vectors
+    float32, computed once per distinct pair: a call with a matrix equal (``torch.equal``) to an earlier one and the
+    same ``scale`` returns copies of the earlier result (copies: saved tensors may not share memory). It keeps
+    references to the matrices it was given (the caller holds them anyway), not copies."""
 
     def __init__(self) -> None:
         self.known: dict[tuple, list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]] = {}
@@ -77,7 +79,7 @@ class Decompositions:
             if torch.equal(earlier, matrix):
                 return values.clone(), vectors.clone()
         values, vectors = _eigh(matrix / scale)
-        result = (values.float().cpu(), vectors.float().cpu())
+        result = (values.cpu(), vectors.float().cpu())
         self.known.setdefault(key, []).append((matrix, result))
         return result
 
@@ -131,9 +133,12 @@ class KFAC(Curvature):
     takes_source = True
 
     def state_bytes(self, modules, data: DataShape) -> int:
-        """Per module, float32: eigenbases ``(in', in')`` and ``(out, out)``, their eigenvalues, the
-        ``(out, in')`` eigenvalue grid, and the damping scalar."""
-        return sum(nbytes(o * o + i * i + o + i + o * i) + 4 for o, i in (m.shape for m in modules))
+        """Per module: eigenbases ``(in', in')`` and ``(out, out)`` (float32), their eigenvalues (float64), the
+        ``(out, in')`` eigenvalue grid and the damping scalar (float32)."""
+        return sum(
+            nbytes(o * o + i * i + o * i) + nbytes(o + i, dtype=torch.float64) + 4
+            for o, i in (m.shape for m in modules)
+        )
 
     def memory_needs(self, modules, data: DataShape) -> dict[str, int]:
         needs = {}
@@ -142,7 +147,7 @@ class KFAC(Curvature):
             # an upper bound: modules fed one input share one ``a^T a`` sum (:meth:`covariance_sums`)
             accumulators = nbytes(o * o + i * i, dtype=torch.float64)
             needs[f"{m.name}: covariance factors and eigenbases"] = (
-                accumulators + nbytes(o * o + i * i + o + i + o * i) + 4
+                accumulators + nbytes(o * o + i * i + o * i) + nbytes(o + i, dtype=torch.float64) + 4
             )
         side = max((max(m.shape) for m in modules), default=0)
         needs["eigendecomposition workspace (largest factor, float64)"] = 3 * nbytes(side, side, dtype=torch.float64)
@@ -164,7 +169,7 @@ class KFAC(Curvature):
             self._set_eigenvalues(name, torch.outer(s, a))
 
     def _fit_factors(self, model, modules, batches, loss_fn, progress) -> None:
-        """First pass: covariances ``A`` and ``S``, then their eigenbases (stored float32)."""
+        """First pass: covariances ``A`` and ``S``, then their eigenbases (vectors stored float32, values float64)."""
 
         source = self.data_source(model, modules, batches, loss_fn, progress)
 
@@ -209,13 +214,13 @@ class KFAC(Curvature):
             for names in inputs.values():
                 a = factors[names[0]].a
                 a = a.reshape(-1, a.shape[-1])
-                product = (a.T @ a).double()
+                product = gram(a)
                 for total in shared_sums(a_cov, names, product):
                     total += product
                 del product
             for name, f in factors.items():
                 g = f.g.reshape(-1, f.g.shape[-1])
-                s_cov[name] += (g.T @ g).double()
+                s_cov[name] += gram(g)
                 tokens[name] += int(f.token_mask.sum())
         # in the order of ``shapes``; every process reduces the same tensors in the same order, whatever sharing
         # its own batches showed (a process may have no rows)
@@ -270,8 +275,11 @@ class KFAC(Curvature):
         return eig
 
     def _set_eigenvalues(self, name: str, eigenvalues: torch.Tensor) -> None:
+        """Keep float64 ``eigenvalues`` as float32 with their damping; refuses a block outside float32's range."""
+        damping = self.damping_for(eigenvalues.mean().item(), name)
+        check_float32_block(eigenvalues, damping, name, self.name)
         self.state[f"{name}.eigenvalues"] = eigenvalues.float().cpu()
-        self.state[f"{name}.damping"] = torch.tensor(self.damping_for(eigenvalues.mean().item(), name))
+        self.state[f"{name}.damping"] = torch.tensor(damping)
 
     def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         q_s = self.state[f"{name}.s_eigvecs"].to(grads.device, grads.dtype)
@@ -346,6 +354,26 @@ class EKFAC(KFAC):
         corrected, info = self.correction_sums(stream, shapes)
         self.info.update(info)
         self._corrected_eigenvalues(list(shapes), corrected)
+
+
+GRAM_SAFE = 2.0**50
+"""Entries up to this size (and down to its inverse) give ``x^T x`` products well inside float32's range."""
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """float64 ``x^T x`` of a ``(rows, d)`` matrix, multiplied in ``x``'s dtype. Where the largest entry is below
+    ``1 / GRAM_SAFE`` or above :data:`GRAM_SAFE` (gradients of about 1e-20 square to 1e-40, 0 in float32, and the
+    block would pass for a zero one), ``x`` is first scaled by a power of two near its largest entry (in float32),
+    which is exact: the sum is that of the unscaled entries, without underflow or overflow."""
+    if not x.numel():
+        return torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+    low, high = torch.aminmax(x)
+    largest = max(-float(low), float(high))
+    if largest == 0 or not math.isfinite(largest) or 1 / GRAM_SAFE <= largest <= GRAM_SAFE:
+        return (x.T @ x).double()
+    exponent = min(max(math.frexp(largest)[1], -125), 126)
+    scaled = x.float() * 2.0**-exponent
+    return (scaled.T @ scaled).double() * 4.0**exponent
 
 
 def shared_sums(sums: dict[str, torch.Tensor], names: list[str], addend: torch.Tensor) -> list[torch.Tensor]:

@@ -7,7 +7,7 @@ import torch
 from wherefrom.core.distributed import sum_counts, sum_over_ranks
 from wherefrom.core.gradients import per_example_gradients
 from wherefrom.core.memory import nbytes
-from wherefrom.curvature.base import Curvature, DataShape
+from wherefrom.curvature.base import Curvature, DataShape, check_float32_block
 
 
 class Identity(Curvature):
@@ -61,7 +61,8 @@ class Diagonal(Curvature):
 
     def fit_blocks(self, blocks, shapes) -> None:
         """``diag(G) = mean_n G_n ** 2`` per module, accumulated in float64 (sums and count added over
-        processes under :mod:`wherefrom.core.distributed`)."""
+        processes under :mod:`wherefrom.core.distributed`), kept in float32 (a block outside its range is refused,
+        :func:`~wherefrom.curvature.base.check_float32_block`)."""
         sums = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()}
         count = 0
         for grads in blocks():
@@ -73,8 +74,10 @@ class Diagonal(Curvature):
         self.info["examples"] = count
         for name, total in sums.items():
             diag = total / max(count, 1)
+            damping = self.damping_for(diag.mean().item(), name)
+            check_float32_block(diag, damping, name, self.name)
             self.state[f"{name}.diagonal"] = diag.float()
-            self.state[f"{name}.damping"] = torch.tensor(self.damping_for(diag.mean().item(), name))
+            self.state[f"{name}.damping"] = torch.tensor(damping)
 
     def precondition_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         diag = self.state[f"{name}.diagonal"].to(grads.device)
