@@ -45,8 +45,9 @@ def build_model(kind: str, seed: int = 0) -> torch.nn.Module:
 
 
 def scale_lora_b(model: torch.nn.Module, scale: float) -> torch.nn.Module:
-    """``model`` with every ``lora_B`` weight multiplied by ``scale`` in place: its ``lora_A`` gradients are about
-    ``scale`` (and, for a scale this small, the model is its base model)."""
+    """``model`` with every ``lora_B`` weight multiplied by ``scale`` in place: its ``lora_A`` gradients are
+    multiplied by ``scale`` (about 1e-4 x ``scale`` for the tests' tiny Llama), and for a small scale the model is
+    its base model."""
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:

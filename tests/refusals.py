@@ -5,7 +5,7 @@ workspace that ``tests/test_refusals.py`` builds: a tiny GPT-2 in ``model/``, ``
 run ``run/``, damaged copies, a fine-tuning ``interrupted/`` stopped in its second epoch) or the Python call (run with ``att``, an :class:`~wherefrom.engine.api.Attributor`
 on that model, ``rows`` (valid training rows), ``tokenizer``, ``tied`` (a tiny GPT-2 whose ``lm_head`` is its
 input embedding), ``fresh_lora`` (a tiny Llama with a fresh LoRA adapter), ``small_lora`` (one whose
-``lora_B`` is scaled by 1e-30: ``lora_A`` gradients of about 1e-30) and ``odd_template`` (a tokenizer
+``lora_B`` is scaled by 1e-30: ``lora_A`` gradients of about 1e-34) and ``odd_template`` (a tokenizer
 whose chat template appends '!' to long messages) in scope), the error it gets (exit code 2 and one
 ``error:`` line for a command, the exception class for a call), a fragment of that error, and why
 wherefrom refuses rather than goes on. The test runs every row; README.md's section must equal
@@ -433,11 +433,12 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "curvature",
-        "gradients whose squares leave float32 (lora_A gradients of about 1e-30) under kfac, ekfac or diagonal",
+        "gradients whose squares leave float32 (lora_A gradients of about 1e-34) under kfac, ekfac or diagonal",
         "ValueError",
         "outside what its float32 state holds",
-        "their curvature (about 1e-60) is 0 in the float32 state: kfac took the block for a zero one, ekfac and "
-        "diagonal gave non-finite scores; exact, datainf, trak and logra keep float64 curvature and score it",
+        "their curvature (about 1e-68) is 0 in the float32 state: kfac took the block for a zero one, ekfac and "
+        "diagonal gave non-finite scores; exact, datainf, trak and logra (strategy exact) keep float64 curvature "
+        "and score it",
         call='Attributor(small_lora, tokenizer, AttributionConfig(include=["lora_A"])).fit(rows)',
     ),
     # --- model and adapter ----------------------------------------------------------------------

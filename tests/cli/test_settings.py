@@ -124,6 +124,9 @@ def invalid_cases(root, out):
         (["query", "x", "y", "--run", out, "--top-k", "-1"], ["--top-k -1", ">= 1"]),
         (["query", "x", "y", "--run", out, "--by-module", "-1"], ["--by-module -1", ">= 0"]),
         (["bench", "--task", "rules", "--out", out, "--seeds", "a,b"], ["--seeds a,b", "integers"]),
+        # a repeated seed is one run counted twice (word-order reported n 2 and an interval of zero width)
+        (["word-order", "--out", out, "--seeds", "0,0"], ["--seeds 0,0", "seed(s) [0] repeated"]),
+        (["ablate", "--task", "rules", "--out", out, "--seeds", "1,2,1"], ["--seeds 1,2,1", "seed(s) [1] repeated"]),
         (["bench", "--task", "rules", "--out", out, "--methods", "ekfac,nope"], ["--methods", "nope"]),
         (
             [

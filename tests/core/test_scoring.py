@@ -257,3 +257,23 @@ def test_a_score_set_name_that_is_not_a_file_stem_in_its_folder_is_refused(tmp_p
     assert not (tmp_path / "scores").exists() and list(tmp_path.iterdir()) == []
     assert SETTINGS["name"].validate(name) is not None  # the CLI's --name, before any work
     assert SETTINGS["name"].validate("ekfac-v2.1_b") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_unit_rows_of_tiny_huge_and_zero_rows(dtype):
+    """``unit_rows`` divides each row by its norm taken in float64: rows of entries about 1e-30 (float32 squares 0;
+    ``torch.nn.functional.normalize`` divided them by its eps 1e-12, giving norms of about 1e-18) and float16 rows of
+    norm above 65504 come out unit (relative 1e-3 for float16, 1e-6 otherwise); a zero row stays 0."""
+    from wherefrom.core.scoring import row_sq_norms, unit_rows
+
+    rows = torch.tensor([[3.0, 4.0], [3e-30, 4e-30], [0.0, 0.0], [3e3, 4e4]], dtype=torch.float64)
+    if dtype == torch.float16:
+        rows = rows[[0, 2, 3]]  # 3e-30 is 0 in float16
+    unit = unit_rows(rows.to(dtype))
+    assert unit.dtype == dtype and torch.isfinite(unit).all()
+    norms = row_sq_norms(unit).sqrt()
+    zero = (rows == 0).all(1)
+    tolerance = 1e-3 if dtype == torch.float16 else 1e-6
+    assert torch.allclose(norms[~zero], torch.ones_like(norms[~zero]), rtol=tolerance, atol=0)
+    assert (unit[zero] == 0).all()
+    assert torch.allclose(unit.double()[0], torch.tensor([0.6, 0.8], dtype=torch.float64), rtol=tolerance)

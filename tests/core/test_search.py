@@ -382,10 +382,16 @@ def test_bad_queries_and_candidates_are_named():
 
 
 def test_finite_rows_whose_products_overflow_both_ways_are_named_not_ranked_first_at_both_ends():
-    """+inf + -inf is NaN, which ``topk`` ranks first as proponent and as opponent."""
+    """+inf + -inf is NaN, which ``topk`` ranks first as proponent and as opponent; a BLAS kernel that adds in another
+    order (fused multiply-adds: ``inf + -3e39``) gives +inf, ranked first as proponent, for a score that is 0 (this
+    test failed on such a machine). Both are named, from the float64 score; a score beyond float32 in float64 too
+    is +inf, ranked so."""
     matrix = torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, -3.0], [3e38, -3e38], [1.0, 0.0]])
-    with pytest.raises(SearchError, match=r"row 3 \(id 'row-3'\) .* overflow to \+inf and -inf"):
+    with pytest.raises(SearchError, match=r"row 3 \(id 'row-3'\) .* overflow \(\+inf and -inf\) where the score"):
         exact_ends(Rows(matrix, 2), torch.tensor([[10.0, 10.0]]), 2)
+    wide = torch.tensor([[1.0, 0.0, 0.0, 0.0], [3e38, 3e38, -3e38, -3e38]])  # (inf + inf) + (-inf + -inf) pairwise
+    with pytest.raises(SearchError, match=r"row 1 \(id 'row-1'\) .* overflow"):
+        exact_ends(Rows(wide, 2), torch.full((1, 4), 10.0), 1)
     found = exact_top_k(Rows(matrix, 2), torch.tensor([[10.0, 0.0]]), 2)  # +inf alone is a score, ranked so
     assert found.rows.tolist() == [[3, 1]] and found.scores[0, 0].item() == math.inf
 

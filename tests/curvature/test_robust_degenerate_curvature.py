@@ -138,6 +138,7 @@ def test_zero_block_in_a_joint_inverse_drops_out_at_absolute_damping(tokenizer, 
         {"damping": 1e-46},  # 0 in float32: trak returned scores of 1e19-1e20, exact ones decided by round-off
         {"damping": 1e-40},  # subnormal in float32
         {"damping_factor": 1e-45},
+        {"damping": 1e39},  # infinite in float32: every preconditioned block was 0
     ],
 )
 def test_non_positive_damping_is_refused_by_name_before_any_work(tokenizer, name, setting):
@@ -179,20 +180,47 @@ def test_indefinite_relative_damping_is_refused_by_name():
 
 
 def scaled_lora(tokenizer, scale: float):
-    """A tiny LoRA model whose ``lora_A`` gradients are about ``scale`` (:func:`tests.conftest.scale_lora_b`)."""
+    """A tiny LoRA model whose ``lora_B`` is scaled by ``scale`` (:func:`tests.conftest.scale_lora_b`): its ``lora_A``
+    gradient entries are about ``1e-4 x scale`` (root mean square; 1e-24 at 1e-20)."""
     return scale_lora_b(with_lora(tiny_llama(len(tokenizer), hidden=16, intermediate=32, layers=1), r=2, seed=0), scale)
 
 
+FLOAT32_STATE = ["kfac", "ekfac", "diagonal"]
+
+
 @pytest.mark.parametrize("scale", [1e-20, 1e-30])
-@pytest.mark.parametrize("strategy", ["kfac", "ekfac", "diagonal"])
+@pytest.mark.parametrize("strategy", FLOAT32_STATE)
 def test_gradients_whose_squares_leave_float32_are_refused_by_block(tokenizer, strategy, scale):
-    """lora_A gradients of about 1e-20 or 1e-30: their curvature (about 1e-40 .. 1e-60) is 0 or subnormal in the
-    float32 state of kfac/ekfac/diagonal. Before, kfac's float32 covariance underflowed to exactly 0 and took the
-    block for a zero one (finite, wrong scores, a warning saying every gradient is 0), ekfac and diagonal failed
-    on non-finite scores; now each refuses naming the block."""
+    """lora_A gradients of about 1e-24 and 1e-34: their curvature (about 1e-48, 1e-68) and its relative damping are 0
+    in the float32 state of kfac/ekfac/diagonal. Before, kfac's float32 covariance underflowed to exactly 0 and took
+    the block for a zero one (finite, wrong scores, a warning saying every gradient is 0), ekfac and diagonal failed
+    on non-finite scores; now each refuses naming the block and the strategies that score it."""
     m = method(strategy, scaled_lora(tokenizer, scale), tokenizer, include=["lora_A"])
-    with pytest.raises(UnrepresentableCurvature, match=r"q_proj\.lora_A.*float32.*exact, datainf, trak, logra"):
+    with pytest.raises(UnrepresentableCurvature, match=r"q_proj\.lora_A.*float32.*exact, datainf, trak, or logra"):
         m.fit(CASE_TRAIN)
+
+
+@pytest.mark.parametrize("strategy", FLOAT32_STATE)
+def test_gradients_just_above_the_float32_floor_score_as_at_a_larger_scale(tokenizer, strategy):
+    """lora_A gradients of about 1e-19: a relative damping of about 1e-39, subnormal in float32 but above the floor
+    2^-136 (1.15e-41) that holds it to 1.2e-4, scores as at 1e-14 (the same model for scales this small; tolerance:
+    relative 1e-4 of the largest score). A floor at float32's smallest normal number refused this block."""
+    small, reference = (
+        scores_of(strategy, scaled_lora(tokenizer, s), tokenizer, CASE_TRAIN, CASE_QUERIES, include=["lora_A"])
+        for s in (1e-15, 1e-10)
+    )
+    assert reference.total.abs().max() > 1e-3
+    torch.testing.assert_close(small.total, reference.total, rtol=1e-4, atol=1e-4 * float(reference.total.abs().max()))
+
+
+def test_a_damping_factor_too_small_for_a_normal_block_is_named():
+    """Gradients of ordinary size, damping_factor 1e-37 (allowed: float32 holds it): lambda about 1e-41 is below the
+    floor, and the refusal names the damping factor, not the gradients."""
+    from wherefrom.curvature.simple import Diagonal
+
+    blocks = lambda: iter([{"m": torch.full((3, 2, 2), 1e-3)}])  # noqa: E731
+    with pytest.raises(UnrepresentableCurvature, match=r"'m' \(diagonal\).*damping_factor is too small"):
+        Diagonal(damping_factor=1e-37).fit_gradients(blocks, {"m": (2, 2)})
 
 
 @pytest.mark.parametrize("strategy", ["exact", "datainf", "trak", "logra"])
@@ -211,15 +239,39 @@ def test_float64_curvature_scores_tiny_gradients_independent_of_their_scale(toke
     torch.testing.assert_close(smaller.total, small.total, rtol=1e-4, atol=1e-4 * float(small.total.abs().max()))
 
 
-@pytest.mark.parametrize("exponent", [-70, 0, 70])
-def test_kfac_covariance_sums_scale_exactly_with_the_factors(exponent):
+def test_cosine_normalisation_of_tiny_gradients_is_a_cosine(tokenizer):
+    """exact with normalize="cosine": the training gradients' norms are taken in float64. Their float32 squares were 0
+    at 1e-30 (entries about 1e-34), the denominator was then 1, and a "cosine" of 22.96 came out; now the scores at
+    1e-26 and 1e-30 equal those at 1e-10 (relative 1e-4)."""
+    reference, *small = (
+        scores_of(
+            "exact",
+            scaled_lora(tokenizer, s),
+            tokenizer,
+            CASE_TRAIN,
+            CASE_QUERIES,
+            include=["lora_A"],
+            normalize="cosine",
+        )
+        for s in (1e-10, 1e-26, 1e-30)
+    )
+    assert float(reference.total.abs().max()) <= 1 + 1e-5
+    for scores in small:
+        torch.testing.assert_close(scores.total, reference.total, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("exponent", [-70, 70])
+def test_kfac_covariance_sums_scale_exactly_with_the_factors(exponent, dtype):
     """The covariance sums of factors scaled by 2^e are those of the factors times 2^2e, bit for bit: at 2^-70
-    (entries about 1e-21) the float32 product of the old sums underflowed to 0, at 2^70 it overflowed."""
+    (entries about 1e-21) the float32 product of the old sums was subnormal or 0, at 2^70 it overflowed; float64
+    factors keep float64 precision."""
     from wherefrom.core.gradients import TokenFactors
     from wherefrom.curvature.kronecker import KFAC
 
     generator = torch.Generator().manual_seed(0)
     a, g = torch.randn(2, 5, 3, generator=generator), torch.randn(2, 5, 4, generator=generator)
+    a, g = a.to(dtype), g.to(dtype)
     mask = torch.ones(2, 5, dtype=torch.bool)
 
     def sums(scale):
@@ -230,6 +282,37 @@ def test_kfac_covariance_sums_scale_exactly_with_the_factors(exponent):
     for key in ("m.a_cov", "m.s_cov"):
         assert torch.equal(scaled[key], reference[key] * 2.0 ** (2 * exponent)), key
         assert reference[key].abs().min() > 0
+
+
+def test_a_stage_of_another_layout_is_recomputed_not_resumed(tokenizer, tmp_path):
+    """A K-FAC fit killed under an earlier version left stages of layout 1 (float32 eigenvalues, covariance sums that
+    underflowed to 0 for tiny gradients): resuming them took such a block for a zero one. A stage whose layout is not
+    the strategy's is recomputed: the resumed fit refuses the block as a fresh one does, and a normal fit resumed
+    from a doctored old-layout stage equals a fresh fit."""
+    from wherefrom.core.store import StageFolder
+    from wherefrom.curvature.base import STAGE_FORMAT_KEY
+
+    attributor = Attributor(
+        scaled_lora(tokenizer, 1e-10), tokenizer, AttributionConfig(strategy="kfac", fisher="empirical")
+    )
+
+    def fit(stages=None):
+        batches = lambda: attributor.batches(CASE_TRAIN).without_ids()  # noqa: E731
+        return make_curvature("kfac").fit(
+            attributor.model, attributor.modules, batches, attributor.train_loss_fn(), stages=stages
+        )
+
+    fresh = fit().state
+    stages = StageFolder(tmp_path)
+    fit(stages)
+    for stage in ("covariances", "eigenbases"):
+        tensors, info = stages.load(stage)
+        assert info[STAGE_FORMAT_KEY] == 2
+        del info[STAGE_FORMAT_KEY]
+        stages.save(stage, {k: torch.zeros_like(v) for k, v in tensors.items()}, info)  # an "old" layout, zeroed
+    resumed = fit(stages)
+    assert fresh.keys() == resumed.state.keys()
+    assert all(torch.equal(fresh[k], resumed.state[k]) for k in fresh)
 
 
 def test_non_finite_scores_never_reach_a_score_file(tmp_path):

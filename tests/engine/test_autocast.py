@@ -22,7 +22,8 @@ def scored(tokenizer, train_records, query_records):
 def test_autocast_keeps_statistics_in_float32(scored):
     attributor, _ = scored["bfloat16"]
     for key, value in attributor.curvature.state.items():
-        assert value.dtype == torch.float32 and bool(torch.isfinite(value).all()), key
+        # not bfloat16: float32, and float64 for the eigenbases' eigenvalues (their float32 squares underflow)
+        assert value.dtype in (torch.float32, torch.float64) and bool(torch.isfinite(value).all()), key
     assert next(attributor.model.parameters()).dtype == torch.float32  # the weights are not cast
 
 

@@ -59,3 +59,20 @@ def test_tracked_modules_without_gradient_are_named_not_blamed_on_a_damping_of_0
     config = AttributionConfig(batch_size=5, include=[r"lora_A"])
     with pytest.raises(ValueError, match=r"every training gradient of the tracked modules is zero"):
         diagnose(model, tokenizer, make_records(6, seed=3), make_records(2, seed=4, prefix="q"), ["gradsim"], config)
+
+
+def test_shared_damping_of_tiny_gradients_is_their_own_not_zero(tokenizer):
+    """With lora_A gradients of about 1e-29 the exact reference's saved float32 GGN blocks are 0, and the shared
+    damping read from them was 0; it is taken from the float64 mean eigenvalues the fit recorded, and scales with
+    the gradients squared (1e-20 x for a 1e-10 x scale of the gradients; relative 1e-4)."""
+    from tests.conftest import scale_lora_b
+
+    config = AttributionConfig(include=["lora_A"])
+    train = make_records(6, seed=21)
+
+    def damping(scale):
+        reference = fit_reference(scale_lora_b(build_model("lora"), scale), tokenizer, train, config, "exact")
+        return shared_damping(reference.curvature, 0.1)
+
+    ordinary, tiny = damping(1e-15), damping(1e-25)
+    assert tiny > 0 and tiny == pytest.approx(ordinary * 1e-20, rel=1e-4)

@@ -8,6 +8,7 @@ LDS 0.594 / 0.609 / 0.558 and held-out LDS 0.630 / 0.661 / 0.576; 0.1 is chosen.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 from tests.studies.failing import failing_methods
 from wherefrom.cli import app
 from wherefrom.engine.api import AttributionConfig
-from wherefrom.studies.groundtruth.tune import _split_point, grid_points, split_queries, tune
+from wherefrom.studies.groundtruth.tune import grid_points, split_queries, tune
 
 from .tiny_groundtruth import build_tiny_groundtruth
 
@@ -107,10 +108,6 @@ def test_grid_split_and_routing():
     for args in ((1, 0.5), (5, 0.0), (5, 1.0)):
         with pytest.raises(ValueError):
             split_queries(*args)
-    base = AttributionConfig(batch_size=8)
-    settings, options = _split_point({"damping": 0.5, "depth": 10, "batch_size": 4}, base, {"depth": 3, "tol": 1e-3})
-    assert settings.damping == 0.5 and settings.batch_size == 8  # batch_size is LiSSA's option, not the attribution's
-    assert options == {"depth": 10, "batch_size": 4, "tol": 1e-3}
 
 
 def test_bad_arguments_raise(groundtruth, tmp_path):
@@ -207,3 +204,26 @@ def test_a_method_key_holds_only_the_attribution_settings_the_method_reads(groun
             for m in ("ekfac", "gradsim", "repsim", "bm25")
         }
         assert {m for m, (a, b) in keys.items() if a != b} == differs
+
+
+@pytest.mark.parametrize(
+    ("method", "grid", "named"),
+    [
+        ("bm25", {"damping_factor": [0.001, 1.0]}, "method 'bm25' has no option(s) ['damping_factor']"),
+        ("gradsim", {"damping_factor": [0.001, 1.0]}, "method 'gradsim' has no option(s) ['damping_factor']"),
+        ("repsim", {"damping": [0.1, 1.0]}, "method 'repsim' has no option(s) ['damping']"),
+    ],
+)
+def test_a_grid_key_the_method_does_not_read_is_refused(groundtruth, tmp_path, method, grid, named):
+    """Every point scored alike and one was reported as chosen; now refused before any point runs."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        tune(groundtruth, method, grid, out=tmp_path / "tune")
+    assert not (tmp_path / "tune").exists()
+
+
+def test_a_fisher_grid_reads_true_as_the_option_text(groundtruth, tmp_path):
+    """``--grid fisher=true,empirical`` parses ``true`` as JSON; it was set on the attribution config as the boolean
+    and refused ("fisher must be 'true' or 'empirical', got True"); as an option it is the text "true"."""
+    report = tune(groundtruth, "kfac", {"fisher": [True, "empirical"]}, out=tmp_path / "tune")
+    assert [p["point"] for p in report["points"]] == [{"fisher": True}, {"fisher": "empirical"}]
+    assert all(p["error"] is None for p in report["points"])

@@ -180,12 +180,17 @@ def int_list(text: str) -> list[int]:
         raise ValueError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def integers(value: Any) -> str | None:
-    """Comma-separated integers, at least one."""
+def seed_list(value: Any) -> str | None:
+    """Comma-separated integers, at least one, none repeated (a repeated seed is one run counted twice: an interval
+    over seeds of zero width)."""
     try:
-        return None if int_list(value) else "expected at least one integer"
+        seeds = int_list(value)
     except ValueError as error:
         return str(error)
+    if not seeds:
+        return "expected at least one integer"
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    return f"seed(s) {repeated} repeated: each seed is one run" if repeated else None
 
 
 def pair_problem(value: Any, namespaced: bool = True) -> str | None:
@@ -512,8 +517,9 @@ class FinetuneSettings:
     seed: int = setting(0, "Seed of the task data, LoRA initialisation, epoch orders and Fisher labels.")
     seeds: str | None = setting(
         None,
-        "Comma-separated seeds (default: 0 for a new bench; every seed of the bench for analyze).",
-        check=integers,
+        "Comma-separated seeds, none repeated (default: 0 for a new bench; 0,1,2 for ablate and word-order; every seed "
+        "of the bench for analyze).",
+        check=seed_list,
     )
 
 

@@ -126,6 +126,21 @@ def summed_token_scores(
     return sum(parts[1:], parts[0])
 
 
+def row_sq_norms(rows: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` float64 squared Euclidean norms of ``rows`` ``(n, ...)`` (each row flattened), taken in float64: the
+    float32 squares of entries of about 1e-20 are subnormal or 0."""
+    return torch.linalg.vector_norm(rows.flatten(1), dim=1, dtype=torch.float64).square()
+
+
+def unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` ``(n, d)`` each divided by its Euclidean norm (:func:`row_sq_norms`; ``torch.nn.functional.normalize``
+    divided rows of norm below its ``eps`` 1e-12 by 1e-12, not by their norm), in float32 at least (a float16 row's
+    norm may exceed 65504); a zero row stays 0. Same shape and dtype as ``rows``."""
+    wide = torch.promote_types(rows.dtype, torch.float32)
+    norms = row_sq_norms(rows).sqrt().to(wide)[:, None]
+    return (rows.to(wide) / torch.where(norms > 0, norms, torch.ones_like(norms))).to(rows.dtype)
+
+
 def stable_top_k(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(top, columns)``, each ``(n, min(k, m))``: the ``k`` largest of each row of ``values`` ``(n, m)`` and their
     columns, largest first, equal values in column order (the lower column, i.e. training row, first): a stable

@@ -86,7 +86,7 @@ import numpy as np
 import torch
 
 from wherefrom.core.options import OptionError, OptionSpec, check_options, from_signature
-from wherefrom.core.scoring import stable_top_k
+from wherefrom.core.scoring import stable_top_k, unit_rows
 from wherefrom.core.store import (
     DamagedFile,
     StoreError,
@@ -227,24 +227,29 @@ def _row_error(row: int, ids: Sequence[str], problem: str = "has a NaN or infini
     return SearchError(f"row {row} (id {ids[row]!r}) of the store {problem}")
 
 
-def _check_rows(values: torch.Tensor, chunk: torch.Tensor, rows: torch.Tensor, ids: Sequence[str]) -> None:
+def _check_rows(
+    values: torch.Tensor, chunk: torch.Tensor, rows: torch.Tensor, ids: Sequence[str], queries: torch.Tensor
+) -> None:
     """:class:`SearchError` naming the first row of ``chunk`` with a NaN or infinite entry. Such a row makes
     its scores non-finite (``0 x inf`` is NaN too), so only the rows of non-finite score columns are read. A
-    finite row whose float32 products overflow scores +-inf, ranked as such, unless they overflow both ways
-    (``+inf + -inf``: NaN, which ``topk`` ranks first at both ends): that row is named too."""
+    finite row with a non-finite float32 score ``values`` ``(n_query, n)`` is recomputed with ``queries`` in float64:
+    a score beyond float32's range there is +-inf in truth too, ranked as such; one within it overflowed in the
+    float32 sum only (products that overflow both ways: ``+inf + -inf`` is NaN, which ``topk`` ranks first at both
+    ends, or +-inf, by the order in which the BLAS kernel adds them), and that row is named too."""
     if bool(torch.isfinite(values).all()):
         return
     columns = torch.nonzero(~torch.isfinite(values).all(0)).flatten()
     bad = columns[~torch.isfinite(chunk[columns]).all(1)]
     if bad.numel():
         raise _row_error(int(rows[bad[0]]), ids)
-    overflow = columns[torch.isnan(values[:, columns]).any(0)]
-    if overflow.numel():
+    exact = queries.double() @ chunk[columns].double().T
+    wrong = (~torch.isfinite(values[:, columns]) & (exact.abs() <= torch.finfo(torch.float32).max)).any(0)
+    if bool(wrong.any()):
         raise _row_error(
-            int(rows[overflow[0]]),
+            int(rows[columns[wrong][0]]),
             ids,
-            "has finite entries, but its float32 products with a query overflow to +inf and -inf (a NaN score); "
-            "scale the rows or the queries down",
+            "has finite entries, but its float32 products with a query overflow (+inf and -inf) where the score "
+            "itself does not; scale the rows or the queries down",
         )
 
 
@@ -317,7 +322,7 @@ def exact_ends(
                 rows = rows[torch.isin(rows, union)]
                 chunk = chunk[rows - first - start]
             values = products(chunk)
-            _check_rows(values, chunk, rows, source.ids)
+            _check_rows(values, chunk, rows, source.ids, queries)
             pending.append((values, rows))
             held += len(rows)
             if held >= chunk_rows:
@@ -993,7 +998,7 @@ def _add_angular(index, source: RowSource) -> None:
     preconditioned queries) it leaves rows unreachable: ``benchmarks/results/hnsw_graph.md``."""
     faiss = _faiss()
     for first, shard in source.shards():
-        unit = torch.nn.functional.normalize(torch.from_numpy(_finite(source, first, shard)), dim=1)  # 0 stays 0
+        unit = unit_rows(torch.from_numpy(_finite(source, first, shard)))  # 0 stays 0
         index.add(np.ascontiguousarray(unit.numpy()))
     stored = faiss.rev_swig_ptr(faiss.downcast_index(index.storage).get_xb(), source.count * source.dim)
     stored = stored.reshape(source.count, source.dim)

@@ -33,9 +33,9 @@ Degenerate curvature, one rule for every strategy (:func:`check_damping`, :func:
   (listed in ``info["zero_curvature"]``). A negative mean eigenvalue (an indefinite Hessian) is
   refused by name.
 * The strategies with a float32 state (``kfac``, ``ekfac``, ``diagonal``) sum their statistics in float64 and
-  refuse a nonzero block whose eigenvalues or damping leave float32's normal range
-  (:func:`check_float32_block`: gradients of about 1e-20 or 1e20), naming it; ``exact``, ``datainf`` and the
-  projected ``trak``/``logra`` keep float64 curvature and score such a block.
+  refuse a nonzero block whose relative damping or eigenvalues float32 cannot hold (:func:`check_float32_block`:
+  gradient entries below about 1e-20 or above about 1e19), naming it; ``exact``, ``datainf``, ``trak`` and
+  ``logra`` (with its default ``strategy="exact"``) keep float64 curvature and score such a block.
 """
 
 from __future__ import annotations
@@ -75,6 +75,9 @@ Progress = Callable[[Iterable[Batch], str], Iterator[Batch]]
 
 RNG_KEY = "__sampling_state__"
 """Key of the loss's sampling state in a persisted fitting stage."""
+
+STAGE_FORMAT_KEY = "stage_format"
+"""Key of :attr:`Curvature.stage_format` in a persisted fitting stage's info (absent: layout 1)."""
 
 META_FILE = "curvature.json"
 """Strategy, damping, options, modules and info of a saved curvature (written last: "finished")."""
@@ -152,17 +155,24 @@ is 0 (below about 1.4e-45) or subnormal in the float32 statistics, where ``1e-46
 round-off acts as none."""
 
 
+FLOAT32_LARGEST = float(torch.finfo(torch.float32).max)
+"""float32's largest finite number, about 3.4e38: the largest damping taken, and in a float32 curvature state the
+largest relative damping and eigenvalue (:func:`check_float32_block`)."""
+
+
 def check_damping(damping: float | None, damping_factor: float) -> None:
     """Refuse a damping that leaves ``(G + lambda I)`` without an inverse where ``G`` is singular.
 
-    Raises ``ValueError`` naming the setting unless ``damping`` is ``None`` or finite and at least
-    :data:`SMALLEST_DAMPING`, and ``damping_factor`` is finite and at least :data:`SMALLEST_DAMPING` (``1e-46`` passed
-    a check of > 0 and was 0 in the float32 curvature: scores of 1e19-1e20, or decided by round-off).
+    Raises ``ValueError`` naming the setting unless ``damping`` is ``None`` or finite, at least
+    :data:`SMALLEST_DAMPING` and at most :data:`FLOAT32_LARGEST` (``1e39`` was infinite in a float32 state), and
+    ``damping_factor`` is finite and at least :data:`SMALLEST_DAMPING` (``1e-46`` passed a check of > 0 and was 0 in
+    the float32 curvature: scores of 1e19-1e20, or decided by round-off).
     """
-    if damping is not None and not (math.isfinite(damping) and damping >= SMALLEST_DAMPING):
+    if damping is not None and not (math.isfinite(damping) and SMALLEST_DAMPING <= damping <= FLOAT32_LARGEST):
         raise ValueError(
             f"damping must be a finite number > 0, at least {SMALLEST_DAMPING:.4g} (float32's smallest normal number: "
-            f"a smaller one is 0 or subnormal in float32) (an absolute lambda), got {damping}: with lambda = 0 the damped "
+            f"a smaller one is 0 or subnormal in float32) and at most {FLOAT32_LARGEST:.4g} (float32's largest) (an "
+            f"absolute lambda), got {damping}: with lambda = 0 the damped "
             "inverse (G + lambda I)^-1 does not exist when G is singular (fewer fitting rows than parameters), and an "
             "undamped solve returns values decided by round-off; pass e.g. 1e-3, or leave damping unset for "
             "damping_factor x mean eigenvalue"
@@ -174,8 +184,10 @@ def check_damping(damping: float | None, damping_factor: float) -> None:
         )
 
 
-FLOAT32_LARGEST = float(torch.finfo(torch.float32).max)
-"""float32's largest finite number, about 3.4e38."""
+SMALLEST_FLOAT32_STATE_DAMPING = 2.0**-136
+"""The smallest relative damping a float32 curvature state takes, about 1.15e-41: float32 holds it (a subnormal
+number there) to a relative 2^-13 (1.2e-4), and every eigenvalue added to it to that absolute precision; below,
+the damping and the block's eigenvalues lose their digits (0 below about 1.4e-45: non-finite scores)."""
 
 
 class UnrepresentableCurvature(ValueError):
@@ -183,27 +195,37 @@ class UnrepresentableCurvature(ValueError):
 
 
 def check_float32_block(values: torch.Tensor, damping: float, block: str, strategy: str) -> None:
-    """Refuse a curvature ``block`` whose float64 eigenvalues ``values`` (any shape) or damping ``damping`` fall
-    outside float32's normal range, for strategies that keep their curvature in float32 (``kfac``, ``ekfac``,
-    ``diagonal``).
+    """Refuse a curvature ``block`` whose damping ``damping`` is below :data:`SMALLEST_FLOAT32_STATE_DAMPING` or whose
+    float64 eigenvalues ``values`` (any shape) or damping exceed :data:`FLOAT32_LARGEST`, for the strategies that
+    keep their curvature in float32 (``kfac``, ``ekfac``, ``diagonal``).
 
-    A block's curvature is its gradients squared: gradients of about 1e-20 give eigenvalues of about 1e-40 and a
-    relative damping below :data:`SMALLEST_DAMPING` (0 or subnormal in float32: non-finite scores, or, where the
-    float32 sums underflowed to exactly 0, a block silently taken as zero), gradients of about 1e20 eigenvalues
-    beyond :data:`FLOAT32_LARGEST` (infinite). A block that is exactly zero (``damping == 0``) passes: it is the
-    zero block of the module doc; so do non-finite ``values`` (:func:`check_finite_state` names those). Raises :class:`UnrepresentableCurvature` naming the block, its largest
-    eigenvalue, its damping and the ways out.
+    A block's curvature is its gradients squared, and the relative damping ``damping_factor x`` its mean
+    eigenvalue: at the default factor 0.1, gradient entries below about 1e-20 (root mean square) give a damping
+    below the floor (before: non-finite scores, or, where kfac's float32 sums underflowed to exactly 0, a block
+    silently taken as zero), entries above about 1e19 eigenvalues beyond float32 (infinite). A block that is
+    exactly zero (``damping == 0``) passes: it is the zero block of the module doc; so do non-finite ``values``
+    (:func:`check_finite_state` names those). Raises :class:`UnrepresentableCurvature` naming the block, its mean
+    and largest eigenvalue, its damping, and what to change: the ``damping_factor`` where the mean eigenvalue is
+    itself in float32's normal range, else the gradients' scale, the module selection or the strategy.
     """
     top = float(values.max()) if values.numel() else 0.0
-    if damping == 0 or not math.isfinite(top) or (damping >= SMALLEST_DAMPING and top <= FLOAT32_LARGEST):
+    if damping == 0 or not math.isfinite(top):
+        return
+    if SMALLEST_FLOAT32_STATE_DAMPING <= damping <= FLOAT32_LARGEST and top <= FLOAT32_LARGEST:
         return
     mean = float(values.mean())
+    found = (
+        f"curvature block {block!r} ({strategy}) has mean eigenvalue {mean:.3g} (largest {top:.3g}) and damping "
+        f"lambda = {damping:.3g}, outside what its float32 state holds (lambda {SMALLEST_FLOAT32_STATE_DAMPING:.3g} .. "
+        f"{FLOAT32_LARGEST:.3g}, eigenvalues up to {FLOAT32_LARGEST:.3g})"
+    )
+    if damping < SMALLEST_FLOAT32_STATE_DAMPING and mean >= SMALLEST_DAMPING:
+        raise UnrepresentableCurvature(f"{found}: the damping_factor is too small for it; raise it")
     raise UnrepresentableCurvature(
-        f"curvature block {block!r} ({strategy}) has eigenvalues up to {top:.3g} (mean {mean:.3g}) and damping "
-        f"lambda = {damping:.3g}, outside what its float32 state holds ({SMALLEST_DAMPING:.3g} .. "
-        f"{FLOAT32_LARGEST:.3g}): its gradient entries are about {math.sqrt(max(mean, 0.0)):.1g} in size and their "
+        f"{found}: its gradient entries are about {math.sqrt(max(mean, 0.0)):.1g} (root mean square) and their "
         "squares leave float32's range. Scale the model or the loss so that its gradients are nearer 1, exclude the "
-        "module (include/exclude), or use a strategy that keeps its curvature in float64 (exact, datainf, trak, logra)"
+        "module (include/exclude), or use a strategy that keeps its curvature in float64 (exact, datainf, trak, or "
+        "logra with its default strategy 'exact')"
     )
 
 
@@ -269,6 +291,9 @@ class Curvature(ABC):
     option_specs: ClassVar[tuple[OptionSpec, ...]] = ()
     """Typed constructor keywords (besides the damping, :data:`DAMPING_OPTIONS`), validated by
     :func:`wherefrom.curvature.make_curvature`, saved in ``metadata()["options"]`` and restored on load."""
+    stage_format: ClassVar[int] = 1
+    """The layout of the strategy's persisted fitting stages (:meth:`run_stage`): a saved stage of another layout (an
+    earlier version's, killed midway) is recomputed, not resumed."""
     needs_operator: ClassVar[bool] = False
     """True for strategies that multiply by ``G`` on the fly (``cg``, ``lissa``): they must be attached
     to the model and fitting data again after loading."""
@@ -392,6 +417,8 @@ class Curvature(ABC):
         sampling = getattr(loss_fn, "sampling_state", None)
         stages = self.stages
         saved = on_main(lambda: stages.load(stage)) if stages is not None else None
+        if saved is not None and saved[1].pop(STAGE_FORMAT_KEY, 1) != self.stage_format:
+            saved = None  # another version's layout
         if saved is not None:
             tensors, info = saved
             rng = tensors.pop(RNG_KEY, None)
@@ -402,7 +429,7 @@ class Curvature(ABC):
             check_finite_state(tensors, f"the {stage} stage of strategy {self.name!r}")
             if stages is not None:
                 rng = {RNG_KEY: gather_rows(sampling.get_state())} if sampling is not None else {}
-                on_main(lambda: stages.save(stage, {**tensors, **rng}, info))
+                on_main(lambda: stages.save(stage, {**tensors, **rng}, {**info, STAGE_FORMAT_KEY: self.stage_format}))
         self.info.update(info)
         return tensors
 
@@ -417,6 +444,13 @@ class Curvature(ABC):
 
     @abstractmethod
     def _fit(self, model, modules, batches: BatchSource, loss_fn: LossFn, progress: Progress) -> None: ...
+
+    def float32_damping(self, values: torch.Tensor, block: str) -> float:
+        """:meth:`damping_for` of the float64 eigenvalues ``values`` (any shape) of a ``block`` the strategy keeps in
+        float32, refusing a block that float32 cannot hold (:func:`check_float32_block`)."""
+        damping = self.damping_for(values.mean().item(), block)
+        check_float32_block(values, damping, block, self.name)
+        return damping
 
     def damping_for(self, mean_eigenvalue: float, block: str) -> float:
         """The damping lambda of one curvature ``block`` (a module name, or ``"full"`` for a joint inverse)

@@ -88,8 +88,8 @@ class ExactGGN(Curvature):
         return {"full": sum(sizes.values())} if self.blocks == "full" else sizes
 
     def state_bytes(self, modules, data: DataShape) -> int:
-        """Per block of size ``s``: the float32 matrix, the float64 inverse and a float32 damping."""
-        return sum(nbytes(s, s) + nbytes(s, s, dtype=torch.float64) + 4 for s in self._blocks(modules).values())
+        """Per block of size ``s``: the float32 matrix, the float64 inverse and a float64 damping."""
+        return sum(nbytes(s, s) + nbytes(s, s, dtype=torch.float64) + 8 for s in self._blocks(modules).values())
 
     def memory_needs(self, modules, data: DataShape) -> dict[str, int]:
         """The whole ``(P, P)`` float64 matrix is accumulated whatever ``blocks`` is (the blocks are cut
@@ -103,7 +103,7 @@ class ExactGGN(Curvature):
         }
         for name, size in self._blocks(modules).items():
             needs[f"{name}: saved matrix (float32) and inverse (float64)"] = (
-                nbytes(size, size) + nbytes(size, size, dtype=torch.float64) + 4
+                nbytes(size, size) + nbytes(size, size, dtype=torch.float64) + 8
             )
         largest = max(self._blocks(modules).values(), default=0)
         needs["inversion workspace (largest block, float64)"] = 3 * nbytes(largest, largest, dtype=torch.float64)
@@ -264,7 +264,7 @@ class ExactGGN(Curvature):
             if self.curvature == "hessian":
                 negative = int((torch.linalg.eigvalsh(block + damping * eye) < 0).sum())
                 self.info.setdefault("negative_eigenvalues", {})[key] = negative
-            self.state[f"{key}.damping"] = torch.tensor(damping)
+            self.state[f"{key}.damping"] = torch.tensor(damping, dtype=torch.float64)
 
     def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.blocks == "module":

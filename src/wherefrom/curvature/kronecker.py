@@ -49,7 +49,7 @@ import torch
 from wherefrom.core.distributed import active, sum_counts, sum_over_ranks
 from wherefrom.core.gradients import LossFn, TokenFactors, token_factors
 from wherefrom.core.memory import nbytes
-from wherefrom.curvature.base import Curvature, DataShape, check_float32_block, no_progress, warn_zero_curvature
+from wherefrom.curvature.base import Curvature, DataShape, no_progress, warn_zero_curvature
 
 FactorStream = Callable[[], Iterable[tuple[int, dict[str, Any]]]]
 """A fresh pass over the data: ``(examples in the batch, {module: TokenFactors})`` per batch (a correction
@@ -131,6 +131,8 @@ class KFAC(Curvature):
     name = "kfac"
     distributes = True
     takes_source = True
+    stage_format = 2
+    """2: covariance sums formed without float32 underflow (:func:`gram`), eigenbasis eigenvalues in float64."""
 
     def state_bytes(self, modules, data: DataShape) -> int:
         """Per module: eigenbases ``(in', in')`` and ``(out, out)`` (float32), their eigenvalues (float64), the
@@ -276,8 +278,7 @@ class KFAC(Curvature):
 
     def _set_eigenvalues(self, name: str, eigenvalues: torch.Tensor) -> None:
         """Keep float64 ``eigenvalues`` as float32 with their damping; refuses a block outside float32's range."""
-        damping = self.damping_for(eigenvalues.mean().item(), name)
-        check_float32_block(eigenvalues, damping, name, self.name)
+        damping = self.float32_damping(eigenvalues, name)
         self.state[f"{name}.eigenvalues"] = eigenvalues.float().cpu()
         self.state[f"{name}.damping"] = torch.tensor(damping)
 
@@ -363,16 +364,16 @@ GRAM_SAFE = 2.0**50
 def gram(x: torch.Tensor) -> torch.Tensor:
     """float64 ``x^T x`` of a ``(rows, d)`` matrix, multiplied in ``x``'s dtype. Where the largest entry is below
     ``1 / GRAM_SAFE`` or above :data:`GRAM_SAFE` (gradients of about 1e-20 square to 1e-40, 0 in float32, and the
-    block would pass for a zero one), ``x`` is first scaled by a power of two near its largest entry (in float32),
-    which is exact: the sum is that of the unscaled entries, without underflow or overflow."""
+    block would pass for a zero one), ``x`` is first scaled by a power of two near its largest entry (in float32 at
+    least), which is exact: the sum is that of the unscaled entries, without underflow or overflow."""
     if not x.numel():
         return torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
-    low, high = torch.aminmax(x)
-    largest = max(-float(low), float(high))
+    low, high = torch.stack(torch.aminmax(x)).tolist()  # one device sync
+    largest = max(-low, high)
     if largest == 0 or not math.isfinite(largest) or 1 / GRAM_SAFE <= largest <= GRAM_SAFE:
         return (x.T @ x).double()
     exponent = min(max(math.frexp(largest)[1], -125), 126)
-    scaled = x.float() * 2.0**-exponent
+    scaled = x.to(torch.promote_types(x.dtype, torch.float32)) * 2.0**-exponent
     return (scaled.T @ scaled).double() * 4.0**exponent
 
 

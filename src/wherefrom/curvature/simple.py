@@ -7,7 +7,7 @@ import torch
 from wherefrom.core.distributed import sum_counts, sum_over_ranks
 from wherefrom.core.gradients import per_example_gradients
 from wherefrom.core.memory import nbytes
-from wherefrom.curvature.base import Curvature, DataShape, check_float32_block
+from wherefrom.curvature.base import Curvature, DataShape
 
 
 class Identity(Curvature):
@@ -74,8 +74,7 @@ class Diagonal(Curvature):
         self.info["examples"] = count
         for name, total in sums.items():
             diag = total / max(count, 1)
-            damping = self.damping_for(diag.mean().item(), name)
-            check_float32_block(diag, damping, name, self.name)
+            damping = self.float32_damping(diag, name)
             self.state[f"{name}.diagonal"] = diag.float()
             self.state[f"{name}.damping"] = torch.tensor(damping)
 

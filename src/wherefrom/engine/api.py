@@ -40,6 +40,7 @@ from wherefrom.core.scoring import (
     compress_queries,
     concat_query_blocks,
     module_scores,
+    row_sq_norms,
     summed_token_scores,
 )
 from wherefrom.core.store import StageFolder
@@ -151,13 +152,12 @@ def _block_sq_norms(block: QueryBlock) -> torch.Tensor:
         u, v = (x.double() for x in block)
         # ||U V^T||_F^2 = trace((U^T U)(V^T V))
         return ((u.mT @ u) * (v.mT @ v)).sum((-2, -1))
-    flat = block.double().flatten(1)
-    return torch.einsum("qp,qp->q", flat, flat)
+    return row_sq_norms(block)
 
 
 def _sq_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     """``(n,)`` float64 squared norms of dense gradients ``{module: (n, out, in')}`` over all modules, on CPU."""
-    return sum(torch.einsum("np,np->n", g.flatten(1), g.flatten(1)).double().cpu() for g in grads.values())
+    return sum(row_sq_norms(g).cpu() for g in grads.values())
 
 
 def _per_token_rows(
@@ -556,9 +556,7 @@ class Attributor:
                 dense = value.dense() if isinstance(value, TokenFactors) else value.to(self.device)
                 column.append(module_scores(queries[n], dense))
                 if cosine:
-                    flat = dense.reshape(dense.shape[0], -1)
-                    train_sq_norms += torch.einsum("np,np->n", flat, flat).double().cpu()
-                    del flat
+                    train_sq_norms += row_sq_norms(dense).cpu()
                 del value, dense
             block = torch.stack(column).cpu()
             if cosine:

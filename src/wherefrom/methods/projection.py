@@ -63,7 +63,7 @@ from wherefrom.core.data import Record
 from wherefrom.core.encoding import EncodedExample
 from wherefrom.core.gradients import LossFn, TokenFactors, flatten_blocks, split_rows
 from wherefrom.core.memory import check_memory, nbytes
-from wherefrom.core.scoring import Scores
+from wherefrom.core.scoring import Scores, unit_rows
 from wherefrom.curvature import Curvature, curvature_from_state, make_curvature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
@@ -648,7 +648,7 @@ class ProjectedInfluence:
         ``precondition`` before :meth:`fit`."""
         for ids, grads in self.projected_gradients(train, description="projected train rows", divisors=divisors):
             rows = flatten_blocks(self.precondition(grads) if precondition else grads, self.module_names)
-            yield ids, torch.nn.functional.normalize(rows, dim=1) if unit else rows
+            yield ids, unit_rows(rows) if unit else rows
 
     def query_vectors(
         self, queries: Sequence[Record], unit: bool = False, curvature: Curvature | None = None
@@ -668,7 +668,7 @@ class ProjectedInfluence:
                 flatten_blocks(grads if curvature is None else self.precondition(grads, curvature), self.module_names)
             )
         rows = torch.cat(parts)
-        return ids, torch.nn.functional.normalize(rows, dim=1) if unit else rows
+        return ids, unit_rows(rows) if unit else rows
 
     def row_curvature(self, rows: Callable[[], Iterator[torch.Tensor]]) -> Curvature:
         """The empirical projected Fisher of stored rows: ``F~ = mean_n G~_n G~_n^T`` per module block of

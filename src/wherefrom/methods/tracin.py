@@ -44,7 +44,7 @@ from torch import nn
 
 from wherefrom.core.data import Record
 from wherefrom.core.gradients import block_products, flatten_blocks
-from wherefrom.core.scoring import Scores
+from wherefrom.core.scoring import Scores, unit_rows
 from wherefrom.core.store import file_digest
 from wherefrom.core.task import LanguageModelingTask
 from wherefrom.core.tracking import selection_signature
@@ -411,7 +411,7 @@ class TracIn:
             if self.projection is not None:
                 grads = {n: self.projection.project_flat(n, g.reshape(g.shape[0], -1)) for n, g in grads.items()}
             rows = flatten_blocks(grads, attributor.module_names)
-            yield ids, math.sqrt(lr) * (torch.nn.functional.normalize(rows, dim=1) if unit else rows)
+            yield ids, math.sqrt(lr) * (unit_rows(rows) if unit else rows)
 
     def query_vectors(self, queries: Sequence[Record], unit: bool = False) -> tuple[list[str], torch.Tensor]:
         """Ids and query rows ``(q, C * D)`` in the layout of the index rows (:meth:`rows` with ``query``), so that

@@ -309,14 +309,17 @@ def _metrics(task: BenchTask, scores) -> dict[str, Any]:
     return identification(scores, task.targets, k=task.recall_k)
 
 
-def check_method_options(method: str, attribution: AttributionConfig, options: Mapping[str, Any]) -> None:
+def check_method_options(
+    method: str, attribution: AttributionConfig, options: Mapping[str, Any]
+) -> tuple[AttributionConfig, dict[str, Any]]:
     """Validate ``method``'s ``options`` and setting options over ``attribution`` (an influence method's damping and
     strategy options too: :func:`wherefrom.methods.registry.method_settings`) before a study does any work: a bad
     one failed each of the method's rows (seeds, grid points) after the fine-tuning, which still ended with exit 0.
     A checkpoint method's (tracin's) ``checkpoints`` are not required: the study's fine-tuning gives them
-    (:func:`scored_method`'s callers). Raises :class:`wherefrom.core.options.OptionError` (a ``ValueError``)
-    naming the method, the option and what it takes."""
-    method_settings(method, attribution, options, ("checkpoints",) if in_family(method, "checkpoint") else ())
+    (:func:`scored_method`'s callers). Returns ``(config, constructor options)`` as the method will run (:func:`method_settings`);
+    raises :class:`wherefrom.core.options.OptionError` (a ``ValueError``) naming the method, the option and what it
+    takes."""
+    return method_settings(method, attribution, options, ("checkpoints",) if in_family(method, "checkpoint") else ())
 
 
 def failed_methods(summary: Mapping[str, Mapping[str, Any]]) -> list[str]:

@@ -95,10 +95,13 @@ def reference_bytes(
 
 def shared_damping(reference: Curvature, damping_factor: float) -> float:
     """``damping_factor x trace(G) / P``: the relative damping rule applied to the whole GGN ``G`` of a
-    fitted ``exact`` ``reference`` (its blocks' traces summed over all ``P`` tracked parameters)."""
-    matrices = [value for key, value in reference.state.items() if key.endswith(".matrix")]
-    trace = sum(float(torch.trace(m.double())) for m in matrices)
-    return damping_factor * trace / sum(m.shape[0] for m in matrices)
+    fitted ``exact`` ``reference`` (its blocks' traces summed over all ``P`` tracked parameters), from the float64
+    mean eigenvalue it recorded per block (its saved float32 ``.matrix`` is 0 for gradients of about 1e-20)."""
+    sizes = {
+        key.removesuffix(".matrix"): len(value) for key, value in reference.state.items() if key.endswith(".matrix")
+    }
+    means = reference.info["mean_eigenvalue"]
+    return damping_factor * sum(means[key] * size for key, size in sizes.items()) / sum(sizes.values())
 
 
 def ihvp_relative_error(

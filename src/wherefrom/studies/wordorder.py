@@ -79,8 +79,8 @@ class WordOrderConfig:
         for name in ("n_facts", "repeats", "n_controls"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.seeds:
-            raise ValueError("seeds must name at least one seed")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
         check_methods([self.method])
         self.finetune.validate()
 

@@ -9,11 +9,12 @@ with the highest selection LDS (the first of ties); its **held-out** LDS is the 
 the selection LDS is biased upwards by the choice itself. The method's default point (no grid
 setting: ``damping_factor = 0.1``, default options) is run and scored the same way for comparison.
 
-Grid keys ``damping`` (absolute), ``damping_factor`` (relative) and ``fisher`` set those
-:class:`wherefrom.engine.api.AttributionConfig` fields; every other key is a method option passed to
-:func:`wherefrom.methods.registry.make_method` (``depth``, ``scale``, ``batch_size`` of ``lissa``; ``rank`` of
-``arnoldi``; ``max_iter`` of ``cg``; ...; a key the method does not have, or a bad value, is refused before any point
-runs, naming it). ``damping=None`` in a grid means
+Every grid key is an option of the method passed to :func:`wherefrom.methods.registry.make_method`: its setting
+options ``damping`` (absolute), ``damping_factor`` (relative) and ``fisher``, which set those
+:class:`wherefrom.engine.api.AttributionConfig` fields, and its own (``depth``, ``scale``, ``batch_size`` of ``lissa``;
+``rank`` of ``arnoldi``; ``max_iter`` of ``cg``; ...). A key the method does not read (``damping_factor`` of
+``bm25``, ``gradsim`` or ``repsim``: every point scored alike and one was "chosen") or a bad value is refused
+before any point runs, naming it; a value is read as the option's type (``fisher=true`` is ``"true"``). ``damping=None`` in a grid means
 "use the relative ``damping_factor``".
 
 Outputs under ``out`` (default ``<gt folder>/tune-<method>``), all written atomically:
@@ -28,7 +29,6 @@ import hashlib
 import itertools
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -53,11 +53,9 @@ from wherefrom.studies.toolkit import (
     write_report,
 )
 
-__all__ = ["ATTRIBUTION_KEYS", "grid_points", "split_queries", "tune"]
+__all__ = ["grid_points", "split_queries", "tune"]
 
 _FORMAT_VERSION = 1
-ATTRIBUTION_KEYS = ("damping", "damping_factor", "fisher")
-"""Grid keys that set :class:`wherefrom.engine.api.AttributionConfig` fields; every other key is a method option."""
 
 
 def split_queries(n_queries: int, selection_share: float = 0.5, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -88,13 +86,11 @@ def grid_points(grid: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combination)) for combination in itertools.product(*(grid[k] for k in keys))]
 
 
-def _split_point(
-    point: dict[str, Any], base: AttributionConfig, fixed: dict[str, Any]
-) -> tuple[AttributionConfig, dict[str, Any]]:
-    """``(attribution settings, method options)`` of one grid point; ``fixed`` options under the point's."""
-    settings = {k: v for k, v in point.items() if k in ATTRIBUTION_KEYS}
-    options = {k: v for k, v in point.items() if k not in ATTRIBUTION_KEYS}
-    return replace(base, **settings), {**fixed, **options}
+def _options(point: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
+    """The method options of one grid point: ``fixed`` under the point's. Every grid key is an option of the method,
+    its setting options (``damping``, ``damping_factor``, ``fisher``) included, so a key the method does not read
+    is refused by name and a value is read as the option's type (``fisher=true`` is the text ``"true"``)."""
+    return {**fixed, **point}
 
 
 def _lds(summary: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -227,15 +223,16 @@ def tune(
     selection, held_out = split_queries(len(gt.query_ids), selection_share, split_seed)
     base = attribution or gt.config.attribution()
     for point in [{}, *points]:  # every point's options and settings, before any point runs
-        check_method_options(method, *_split_point(point, base, method_options))
+        check_method_options(method, base, _options(point, method_options))
     folder = Path(out) if out is not None else gt.folder / f"tune-{method}"
     models = cache(gt.load_model)  # loaded once, when the first point runs
 
     def run(point: dict[str, Any]) -> dict[str, Any]:
-        settings, options = _split_point(point, base, method_options)
         key_options = options_off_default(method, method_options)
         where = _point_folder(folder, {"method": method, "point": point, "options": key_options})
-        row = scored_row(gt, method, options, settings, where, where / "row.json", models, say, json.dumps(point))
+        row = scored_row(
+            gt, method, _options(point, method_options), base, where, where / "row.json", models, say, json.dumps(point)
+        )
         result = {
             "point": point,
             "seconds": row["seconds"],
@@ -259,13 +256,14 @@ def tune(
     ]
     best = max(ranked, key=lambda pair: pair[1])[0] if ranked else None  # max keeps the first of ties
 
-    def settings_of(point: dict[str, Any]) -> tuple[AttributionConfig, dict[str, Any]]:
-        """What ``point`` runs with, an option at its default the same as the option left out."""
-        settings, options = _split_point(point, base, method_options)
-        return settings, options_off_default(method, options)
+    def runs_with(point: dict[str, Any]) -> tuple[AttributionConfig, dict[str, Any]]:
+        """What ``point`` runs with (settings, constructor options), an option at its default the same as the option
+        left out."""
+        config, constructor = check_method_options(method, base, _options(point, method_options))
+        return config, options_off_default(method, constructor)
 
-    plain = settings_of({})  # the default point: reuse a grid point that equals it
-    same = [i for i, p in enumerate(points) if settings_of(p) == plain]
+    plain = runs_with({})  # the default point: reuse a grid point that equals it
+    same = [i for i, p in enumerate(points) if runs_with(p) == plain]
     default = {**rows[same[0]], "point": {}} if same else run({})
     default["grid_point"] = same[0] if same else None
     chosen = None
