@@ -155,6 +155,27 @@ def test_a_file_task_edited_in_place_is_recomputed_not_reused(tmp_path, tiny_mod
     assert "seed 0 bm25: reused" not in said and json.loads(row.read_text())["key"] != json.loads(first)["key"]
 
 
+def test_a_model_folder_saved_again_with_other_weights_is_recomputed_not_reused(tmp_path):
+    """userL 01: a row's key named the model by its path: after `model/` was saved again with other weights, the same
+    --out reused every row and printed the old model's metrics. The weights' digest is in the key of every method
+    that runs the model (bm25, which runs none, keeps its row); the rows then equal a fresh folder's."""
+    model = tmp_path / "model"
+    save_tiny(model, arch="llama", seed=0)
+    config = tiny_config("rules", tmp_path / "b", str(model), ["bm25", "gradsim"], 10, 2)
+    run_bench(config)
+    rows = {m: tmp_path / "b" / "seed-0" / f"{m}.json" for m in ("bm25", "gradsim")}
+    first = {m: json.loads(path.read_text()) for m, path in rows.items()}
+    save_tiny(model, arch="llama", seed=5)
+    said: list[str] = []
+    run_bench(config, log=said.append)
+    again = {m: json.loads(path.read_text()) for m, path in rows.items()}
+    assert again["bm25"] == first["bm25"] and again["gradsim"]["key"] != first["gradsim"]["key"]
+    run_bench(replace(config, out=str(tmp_path / "fresh")))
+    fresh = json.loads((tmp_path / "fresh" / "seed-0" / "gradsim.json").read_text())
+    assert again["gradsim"]["key"] == fresh["key"] and again["gradsim"]["metrics"] == fresh["metrics"]
+    assert "seed 0 gradsim: reused" not in said and "seed 0 bm25: reused" in said
+
+
 def test_failed_method_is_recorded_and_retried(tmp_path, tiny_model):
     # gradsim fails as it runs (here: made to); bm25 still runs, the failure is in the table, and a rerun
     # retries the failed method but reuses the good one

@@ -46,6 +46,7 @@ from wherefrom.methods.registry import (
     method_spec,
     options_off_default,
 )
+from wherefrom.methods.tracin import weights_fingerprint
 from wherefrom.models.finetune import FinetuneConfig, FinetuneResult, finetune
 from wherefrom.models.loading import LoadedModel, load_model, pick_device
 from wherefrom.studies.benchtasks import TASKS, BenchTask, as_identification, from_path, subsampled
@@ -275,11 +276,20 @@ def rows_key(config: BenchConfig, task: BenchTask) -> dict[str, Any]:
     return {"rows": data_fingerprint([*task.train, *task.test])}
 
 
+def model_key(model: str | None) -> dict[str, str]:
+    """``{"model_weights": digest}`` of a ``--model`` folder's weight and config files
+    (:func:`wherefrom.methods.tracin.weights_fingerprint`): a folder saved again under the same name with other
+    weights kept the path in the key, and bench reused the rows of the old weights. ``{}`` for the default model
+    (``None``), which its package fixes, and a path that is no folder (loading it names the fault)."""
+    return {"model_weights": weights_fingerprint(model)} if model is not None and Path(model).is_dir() else {}
+
+
 def row_key(config: BenchConfig, seed: int, method: str, task: BenchTask) -> dict[str, Any]:
     """Every setting a (seed, method) row depends on; a cached row is reused only when it matches. A method that
     runs no model (``bm25``) depends on no fine-tuning setting, and each method on only the attribution settings it
     reads (:meth:`wherefrom.methods.registry.MethodSpec.read`: a changed ``damping`` keeps the rows of ``gradsim``
-    and ``repsim``); a file task's rows are in it (:func:`rows_key`)."""
+    and ``repsim``); a file task's rows are in it (:func:`rows_key`), and a model folder's weights in that of a method
+    that runs it (:func:`model_key`)."""
     spec = method_spec(method)
     runs_model = bool(spec.model_settings)
     # only when set: rows cached before these settings existed keep matching
@@ -294,6 +304,7 @@ def row_key(config: BenchConfig, seed: int, method: str, task: BenchTask) -> dic
         "method": method,
         "options": options_off_default(method, config.options_for(method)),
         **({k: getattr(config, k) for k in _FINETUNING} if runs_model else {}),
+        **(model_key(config.model) if runs_model else {}),
         **{k: v for k, v in later.items() if k in spec.settings_read or (runs_model and k in _LATER_FINETUNING)},
         **rows_key(config, task),
     }
