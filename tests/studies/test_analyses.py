@@ -246,6 +246,14 @@ def test_cli_and_bad_input(reports, bench_dir, tmp_path):
     assert unknown.exit_code == 2 and "unknown analysis" in unknown.output
     unused = runner.invoke(app, ["analyze", "weights", "--bench", str(bench_dir), "--option", "lissa.depth=3"])
     assert unused.exit_code == 2 and "analyze weights takes no --option" in unused.output  # was silently unused
+    # ihvp's settings, and --n-queries under convergence, were taken, ignored and recorded in the command line
+    for kind, flags, named in [
+        ("weights", ["--damping", "1e6", "--reference", "cg"], "analyze weights does not read --damping 1000000.0"),
+        ("convergence", ["--probes", "3"], "analyze convergence does not read --probes 3"),
+        ("convergence", ["--n-queries", "1"], "--n-queries 1 (analyze ihvp does, and --n-queries weights too)"),
+    ]:
+        ignored = runner.invoke(app, ["analyze", kind, "--bench", str(bench_dir), *flags])
+        assert ignored.exit_code == 2 and named in " ".join(ignored.output.split()), ignored.output
     with pytest.raises(ValueError, match="ran seeds"):
         open_bench(bench_dir, seeds=[5])
     with pytest.raises(ValueError, match="not influence methods"):

@@ -24,6 +24,7 @@ from wherefrom.cli.app import (
     required,
     say,
     settings_as,
+    shown_flags,
     stdout_console,
 )
 from wherefrom.cli.settings import (
@@ -187,7 +188,11 @@ def ablate(task, out, methods, seeds, option, start, target, n_train, n_test, mo
     )
 
 
-@command(uses=("damping", "damping_factor", "reference", "exact_blocks", "cg_tol", "cg_max_iter", "probes", "threads"))
+IHVP_ONLY = ("damping", "damping_factor", "reference", "exact_blocks", "cg_tol", "cg_max_iter", "probes")
+"""The settings of ``analyze ihvp`` alone (its reference's and the methods' damping)."""
+
+
+@command(uses=(*IHVP_ONLY, "threads"))
 def analyze(kind, bench, methods, option, n_queries, seeds, device, **settings) -> None:
     """The reference study's analyses on a bench folder: writes <kind>.json and <kind>.md into it (resumable).
 
@@ -208,6 +213,17 @@ def analyze(kind, bench, methods, option, n_queries, seeds, device, **settings) 
         fail(ValueError(f"unknown analysis {kind!r}; choose one of {list(ANALYSES)}"))
     if kind == "weights" and (option or methods):
         fail(ValueError("analyze weights takes no --option or --methods (it measures the fine-tuning weight change)"))
+    unread = changed_settings(IHVP_ONLY) if kind != "ihvp" else {}
+    if kind == "convergence":
+        unread.update(changed_settings(("n_queries",)))
+    if unread:  # they were taken, ignored, and recorded in the analysis's command line
+        also = ", and --n-queries weights too" if "n_queries" in unread else ""
+        fail(
+            ValueError(
+                f"analyze {kind} does not read {shown_flags(unread)} (analyze ihvp does{also}): leave "
+                f"{'it' if len(unread) == 1 else 'them'} out"
+            )
+        )
     chosen = method_list(methods, []) or None
     try:
         folder = open_bench(bench, device, int_list(seeds) if seeds else None)
