@@ -363,3 +363,17 @@ def test_replay_runs_each_command_where_and_in_the_order_it_first_ran(tmp_path, 
     rows = json.loads((moved / "bx" / "bench.json").read_text())["rows"]
     assert [(r["method"], r["metrics"]) for r in rows] == [(r["method"], r["metrics"]) for r in expected]
     assert (moved / "bx" / "weights.json").is_file() and sorted(p.name for p in elsewhere.iterdir()) == ["train.jsonl"]
+
+
+def test_evaluate_of_an_unfinished_ground_truth_says_so_and_how_to_finish_it(tmp_path):
+    """userL: `evaluate` of a ground-truth folder whose build was interrupted said only "not a ground-truth folder";
+    a folder whose config.json records a groundtruth command is named unfinished, with the replay that finishes it."""
+    folder = tmp_path / "gt"
+    folder.mkdir()
+    record = {"command": "groundtruth", "arguments": {}, "line": "wherefrom groundtruth --out gt", "position": 0}
+    (folder / "config.json").write_text(json.dumps({"replay": {"groundtruth": record}}))
+    result = invoke("evaluate", folder)
+    assert result.exit_code == 2 and "an unfinished ground truth" in result.output, result.output
+    assert f"wherefrom replay {folder}" in " ".join(result.output.split())
+    other = invoke("evaluate", tmp_path)
+    assert other.exit_code == 2 and "not a ground-truth folder" in other.output

@@ -146,8 +146,18 @@ def _file_in_the_way(folder: Path, value: Path) -> str | None:
 
 
 def groundtruth_folder(value: Any) -> str | None:
-    """A folder built by ``wherefrom groundtruth`` (it holds ``groundtruth.json``)."""
-    return None if (Path(value) / "groundtruth.json").is_file() else "not a ground-truth folder (no groundtruth.json)"
+    """A folder built by ``wherefrom groundtruth`` (it holds ``groundtruth.json``); one whose ``config.json`` records a
+    ``groundtruth`` command without it is named as unfinished, with the command that finishes it."""
+    if (Path(value) / "groundtruth.json").is_file():
+        return None
+    try:
+        records = json.loads((Path(value) / "config.json").read_text()).get("replay", {}).values()
+        started = any(record.get("command") == "groundtruth" for record in records)
+    except (OSError, ValueError, AttributeError):
+        started = False
+    if started:
+        return f"an unfinished ground truth (no groundtruth.json yet): finish it with `wherefrom replay {value}`"
+    return "not a ground-truth folder (no groundtruth.json)"
 
 
 def replay_folder(value: Any) -> str | None:
