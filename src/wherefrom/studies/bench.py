@@ -327,8 +327,8 @@ def check_method_options(
     strategy options too: :func:`wherefrom.methods.registry.method_settings`) before a study does any work: a bad
     one failed each of the method's rows (seeds, grid points) after the fine-tuning, which still ended with exit 0.
     A checkpoint method's (tracin's) ``checkpoints`` are not required: the study's fine-tuning gives them
-    (:func:`scored_method`'s callers). Returns ``(config, constructor options)`` as the method will run (:func:`method_settings`);
-    raises :class:`wherefrom.core.options.OptionError` (a ``ValueError``) naming the method, the option and what it
+    (:func:`scored_method`'s callers). Returns ``(config, constructor options)`` as the method will run
+    (:func:`method_settings`); raises :class:`wherefrom.core.options.OptionError` (a ``ValueError``) naming the method, the option and what it
     takes."""
     return method_settings(method, attribution, options, ("checkpoints",) if in_family(method, "checkpoint") else ())
 

@@ -14,8 +14,8 @@ options ``damping`` (absolute), ``damping_factor`` (relative) and ``fisher``, wh
 :class:`wherefrom.engine.api.AttributionConfig` fields, and its own (``depth``, ``scale``, ``batch_size`` of ``lissa``;
 ``rank`` of ``arnoldi``; ``max_iter`` of ``cg``; ...). A key the method does not read (``damping_factor`` of
 ``bm25``, ``gradsim`` or ``repsim``: every point scored alike and one was "chosen") or a bad value is refused
-before any point runs, naming it; a value is read as the option's type (``fisher=true`` is ``"true"``). ``damping=None`` in a grid means
-"use the relative ``damping_factor``".
+before any point runs, naming it; a value is read as the option's type (``fisher=true`` is ``"true"``).
+``damping=None`` in a grid means "use the relative ``damping_factor``".
 
 Outputs under ``out`` (default ``<gt folder>/tune-<method>``), all written atomically:
 ``points/<nnn>/`` the scores of each point and its row (reused by a rerun with the same settings,
