@@ -53,6 +53,7 @@ from wherefrom.studies.benchtasks import TASKS, BenchTask, as_identification, fr
 from wherefrom.studies.metrics import class_attribution, identification, mean_stat
 from wherefrom.studies.toolkit import (
     cached,
+    check_seeds,
     failure_cell,
     free_memory,
     interval_cell,
@@ -151,8 +152,7 @@ class BenchConfig:
         value of one (:func:`wherefrom.methods.registry.method_settings`), before any fine-tuning."""
         check_task_name(self.task)
         check_methods(self.methods)
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
+        check_seeds(self.seeds)
         if self.fisher not in ("true", "empirical"):
             raise ValueError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
         self.finetune_config(self.seeds[0]).validate()
@@ -328,8 +328,8 @@ def check_method_options(
     one failed each of the method's rows (seeds, grid points) after the fine-tuning, which still ended with exit 0.
     A checkpoint method's (tracin's) ``checkpoints`` are not required: the study's fine-tuning gives them
     (:func:`scored_method`'s callers). Returns ``(config, constructor options)`` as the method will run
-    (:func:`method_settings`); raises :class:`wherefrom.core.options.OptionError` (a ``ValueError``) naming the method, the option and what it
-    takes."""
+    (:func:`method_settings`); raises :class:`wherefrom.core.options.OptionError` (a ``ValueError``) naming the
+    method, the option and what it takes."""
     return method_settings(method, attribution, options, ("checkpoints",) if in_family(method, "checkpoint") else ())
 
 

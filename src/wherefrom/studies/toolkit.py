@@ -52,6 +52,13 @@ __all__ = [
 
 
 # --- cache -----------------------------------------------------------------------------------------
+def check_seeds(seeds: Sequence[int]) -> None:
+    """``ValueError`` unless ``seeds`` is a non-empty list without repeats: a study's interval over seeds counted a
+    repeated seed's one run twice (``word-order --seeds 0,0``: n 2, an interval of zero width)."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a non-empty list without repeats, got {seeds}")
+
+
 def cached(path: Path, key: Any, needs: Iterable[Path] = ()) -> dict[str, Any] | None:
     """The finished unit of work at ``path`` if it was computed with ``key``, else ``None``.
 

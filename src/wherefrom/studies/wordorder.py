@@ -36,6 +36,7 @@ from wherefrom.models.finetune import FinetuneConfig, finetune
 from wherefrom.models.loading import load_model
 from wherefrom.studies.bench import interval_cell, scored_method
 from wherefrom.studies.metrics import mean_stat
+from wherefrom.studies.toolkit import check_seeds
 
 GROUPS = ("same", "reversed", "control")
 """Training-row groups of the study, by how the row states a fact relative to the query."""
@@ -79,8 +80,7 @@ class WordOrderConfig:
         for name in ("n_facts", "repeats", "n_controls"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
+        check_seeds(self.seeds)
         check_methods([self.method])
         self.finetune.validate()
 
