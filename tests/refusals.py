@@ -546,6 +546,27 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "run folder",
+        "another command's output folder as --out or --run",
+        EXIT,
+        "run is an output folder of",
+        "both commands' files and settings would mix in one folder (`attribute --out RUN` replaced the run's settings, "
+        "`report` showed the later command only); `analyze` shares its bench folder and `evaluate` its ground truth",
+        command=(
+            "attribute",
+            "--method",
+            "gradsim",
+            "--model",
+            "model",
+            "--train",
+            "train.jsonl",
+            "--queries",
+            "train.jsonl",
+            "--out",
+            "run",
+        ),
+    ),
+    Refusal(
+        "run folder",
         "a damaged result file",
         EXIT,
         "curvature.safetensors is damaged: its xxh3_128 differs",

@@ -548,3 +548,51 @@ def test_stdout_closed_tells_a_pipe_without_reader(monkeypatch):
         assert not stdout_closed()
         peer.close()
         assert stdout_closed()
+
+
+def _files(folder):
+    """Every file under ``folder`` (lock files aside) and its bytes."""
+    return {
+        p.relative_to(folder): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and ".lock" not in p.name
+    }
+
+
+def test_a_command_refuses_another_commands_output_folder_and_writes_nothing_there(workspace, tmp_path):
+    """`attribute --out RUN` ran and replaced the run's settings in its config.json; `fit --run ATTRIBUTE_FOLDER`
+    replaced the attribute settings; `bench`/`diagnose --out` another command's folder wrote their files beside its
+    own, and `wherefrom report` showed the later command only. Each is refused naming the folder and the command
+    that made it, before any work, and the folder is left byte for byte; a run made with the Python API (no
+    replay record) counts as `fit`'s. Commands that share folders by design (analyze in a bench folder, evaluate
+    in a ground truth) are tested where they are."""
+    train, queries, model = workspace / "train.jsonl", workspace / "queries.jsonl", workspace / "model"
+    run, attributed, api_run = tmp_path / "run", tmp_path / "attributed", tmp_path / "api-run"
+    assert invoke("fit", "--train", train, "--model", model, "--run", run, "--max-length", "128").exit_code == 0
+    assert invoke(*attribute_args(workspace, attributed)).exit_code == 0
+    shutil.copytree(run, api_run)
+    config = json.loads((api_run / "config.json").read_text())
+    del config["replay"]
+    (api_run / "config.json").write_text(json.dumps(config))
+    intruders = {
+        "attribute": attribute_args(workspace, "FOLDER"),
+        "fit": ["fit", "--train", train, "--model", model, "--run", "FOLDER", "--max-length", "128"],
+        "diagnose": ["diagnose", "--train", train, "--queries", queries, "--model", model, "--out", "FOLDER"],
+        "bench": ["bench", "--task", "rules", "--n-train", "8", "--n-test", "2", "--model", model, "--out", "FOLDER"],
+        "groundtruth": ["groundtruth", "--task", "rules", "--model", model, "--out", "FOLDER"],
+        "word-order": ["word-order", "--model", model, "--out", "FOLDER"],
+    }
+    for folder, maker in ((run, "fit"), (api_run, "fit"), (attributed, "attribute")):
+        before = _files(folder)
+        for intruder, args in intruders.items():
+            if intruder == maker:
+                continue
+            result = invoke(*[folder if a == "FOLDER" else a for a in args], "--threads", "1")
+            said = " ".join(result.output.split())
+            assert result.exit_code == 2, (folder, intruder, result.output)
+            assert f"{folder} is an output folder of `wherefrom {maker}`" in said, (intruder, said)
+            assert f"give {intruder} a folder of its own" in said, said
+            assert _files(folder) == before, (folder, intruder)
+    # the folder's own command still runs there
+    assert invoke("fit", "--train", train, "--model", model, "--run", run, "--max-length", "128").exit_code == 0
+    assert invoke(*attribute_args(workspace, attributed)).exit_code == 0

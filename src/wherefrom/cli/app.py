@@ -43,6 +43,7 @@ __all__ = [
     "leave_to_preset",
     "progress",
     "recorded_line",
+    "refuse_foreign_folder",
     "refuse_unread_settings",
     "remember",
     "settings_as",
@@ -204,6 +205,42 @@ def leave_to_preset(names: Iterable[str]) -> None:
     invocation.unrecorded |= {n for n in names if n in invocation.arguments} - set(changed_settings(names))
 
 
+SHARED_FOLDERS = (frozenset({"bench", "analyze"}), frozenset({"groundtruth", "evaluate"}))
+"""Commands whose records may share one output folder: ``analyze`` writes into its bench folder, ``evaluate``
+(by default) into its ground truth. Any other recording command's folder is its own (:func:`refuse_foreign_folder`)."""
+
+
+def refuse_foreign_folder(folder: Path, saved: dict[str, Any] | None = None) -> None:
+    """``ValueError`` when ``folder`` is another command's output folder, which the running command would write
+    into: its ``config.json`` (or ``saved``, its content) records a command that may not share a folder with the
+    running one (:data:`SHARED_FOLDERS`), or, recording none, ``folder`` holds a run (``manifest.json``: a run made
+    with the Python API). Both commands' files and settings would mix in one folder (``attribute --out RUN``
+    replaced the run's settings in its ``config.json``; ``wherefrom report`` showed the later command only). The
+    message names the folder, the command that made it and the way out. A folder with no ``config.json`` passes."""
+    this = _CURRENT.get().name
+    config = Path(folder) / "config.json"
+    if saved is None:
+        if not config.is_file():
+            return
+        saved = read_json_object(config)
+    records = saved.get("replay")
+    made_by = sorted(
+        {r["command"] for r in records.values() if isinstance(r, dict) and isinstance(r.get("command"), str)}
+        if isinstance(records, dict)
+        else set()
+    )
+    if not made_by and (Path(folder) / "manifest.json").is_file():
+        made_by = ["fit"]
+    sharing = next((group for group in SHARED_FOLDERS if this in group), frozenset({this}))
+    foreign = [name for name in made_by if name not in sharing]
+    if foreign:
+        shown = " and ".join(f"`wherefrom {name}`" for name in foreign)
+        raise ValueError(
+            f"{folder} is an output folder of {shown} ({config.name} records it); `wherefrom {this}` would mix its "
+            f"files and settings with that command's: give {this} a folder of its own"
+        )
+
+
 def remember(folder: Path, key: str | None = None) -> None:
     """Record the running command in ``folder/config.json`` under ``replay[key]`` (default: the command's
     name), beside whatever else that file holds, so that ``wherefrom replay FOLDER`` reruns it: its arguments,
@@ -216,7 +253,8 @@ def remember(folder: Path, key: str | None = None) -> None:
     an error (exit 2: refused, or failed) puts back the record it replaced, or removes its own, unless another
     command recorded itself there since (:func:`restore_records`); a command killed, interrupted or crashed
     (a traceback) midway keeps its record, which ``replay`` then resumes. Raises ``ValueError`` naming a
-    ``config.json`` that is not a JSON object."""
+    ``config.json`` that is not a JSON object, and one naming the folder when it is another command's
+    (:func:`refuse_foreign_folder`; nothing is written then)."""
     invocation = _CURRENT.get()
     name = key or invocation.name
     record = {
@@ -228,6 +266,7 @@ def remember(folder: Path, key: str | None = None) -> None:
     }
 
     def change(saved: dict[str, Any]) -> None:
+        refuse_foreign_folder(folder, saved)  # under the file's lock: a command recording itself meanwhile counts
         records = saved.setdefault("replay", {})
         earlier = records.get(name)
         first = earlier.get("position") if isinstance(earlier, dict) else None

@@ -15,6 +15,7 @@ from wherefrom.cli.app import (
     method_pairs,
     progress,
     recorded_line,
+    refuse_foreign_folder,
     refuse_unread_settings,
     remember,
     required,
@@ -47,6 +48,7 @@ def attribute(
 
     out, method = required(out, "out"), required(method, "method")
     try:
+        refuse_foreign_folder(out)  # before the model loads
         refuse_unread_settings(method)
         spec = method_spec(method)
         options = spec.check(merged_options(option, method))
@@ -134,6 +136,7 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
     out = required(out, "out")
     names = method_list(methods, DIAGNOSE_METHODS)
     try:
+        refuse_foreign_folder(out)
         options = method_pairs(option, names)
         check_shared_damping(options, source="--option")  # before the model loads
         config = settings_as(AttributionConfig)

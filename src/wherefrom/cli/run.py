@@ -21,6 +21,7 @@ from wherefrom.cli.app import (
     fail,
     merged_options,
     progress,
+    refuse_foreign_folder,
     refuse_unread_settings,
     remember,
     say,
@@ -109,6 +110,7 @@ def fit(
                     f"--with-index: method {method!r} has no per-row index (its train side is not a vector per "
                     "row); fit it without --with-index"
                 )
+            refuse_foreign_folder(run)  # before create writes the run's config.json there
             opened = Run.create(run, config, progress=progress)
             with held_by_main(lambda: writer_lock(run)):  # the config, its replay record and the fit in one hold
                 on_main(opened.settle)  # another fit of this folder may have recorded its config since create
