@@ -72,6 +72,12 @@ def test_influence_names_a_missing_score_set_before_any_work(scored_run, tmp_pat
     message = re.sub(r"[\s│]+", " ", result.output)
     assert result.exit_code == 2 and "--name 'nope': no score set" in message and "sets: ['scores']" in message
     assert not (tmp_path / "out").exists()
+    # a --run that is no run at all was named as one without score sets ("no score set nonexist/scores/...")
+    missing = tmp_path / "nonexist"
+    result = invoke("influence", "--run", missing)
+    message = re.sub(r"[\s│]+", " ", result.output)
+    assert result.exit_code == 2 and f"{missing} is not a wherefrom run directory (no config.json)" in message, message
+    assert not missing.exists()
 
 
 def test_influence_names_an_unfinished_score_set_as_such(scored_run, tmp_path):

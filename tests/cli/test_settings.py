@@ -143,6 +143,11 @@ def invalid_cases(root, out):
             ["--queries", "q.jsonl", "no such file"],
         ),
         (["evaluate", out], ["GROUNDTRUTH", "not a ground-truth folder"]),
+        # the flag, not the field (it said "selection_share must be in (0, 1)" once the ground truth was read)
+        (
+            ["tune", out, "--method", "ekfac", "--grid", "damping=1", "--selection-share", "1.5"],
+            ["--selection-share 1.5"],
+        ),
         (["replay", out], ["FOLDER", "no config.json"]),
     ]
     if not torch.cuda.is_available():

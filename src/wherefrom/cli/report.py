@@ -47,6 +47,10 @@ def influence(run, name, top_k, out, threads) -> None:
     shares of |influence| by layer and module type for all rows and the --top-k proponents); --out
     receives influence.json and influence.md (default: RUN/analyses/NAME; an --out inside RUN is written under
     RUN's writer lock, so it is refused while `fit`, `index` or `scores` writes RUN)."""
+    try:
+        Run.recorded_config(run)  # a folder that is not a run is named as such, not as one without score sets
+    except (FileNotFoundError, ValueError) as error:
+        fail(error)
     refuse_files_in_place(run)
     folder = run / "scores"
     finished, unfinished = score_set_names(folder)

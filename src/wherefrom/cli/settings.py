@@ -277,6 +277,11 @@ def fraction(value: Any) -> str | None:
     return None if 0 <= value < 1 else f"must be in [0, 1), got {value}"
 
 
+def open_fraction(value: Any) -> str | None:
+    """A number in ``(0, 1)``: a share of which both parts are non-empty."""
+    return None if 0 < value < 1 else f"must be in (0, 1), got {value}"
+
+
 def score_set_name(value: Any) -> str | None:
     """A score set's name (:func:`wherefrom.core.scoring.set_name_problem`)."""
     from wherefrom.core.scoring import set_name_problem
@@ -361,7 +366,7 @@ class DataSettings:
     max_length: int = setting(
         512,
         "Longest prompt+completion in tokens, for fine-tuning and attribution alike; a longer row is an "
-        "error (nothing is truncated, unless --truncate).",
+        "error, nothing is truncated (a command that takes --truncate cuts it instead).",
         check=at_least(1),
     )
     chat_template: bool = setting(False, "Wrap prompts in the tokenizer's chat template.")
@@ -578,7 +583,9 @@ class StudySettings:
         WordOrderConfig.n_controls, "word-order: rows stating unrelated invented facts.", check=at_least(0)
     )
     split_seed: int = setting(0, "Seed of the selection / held-out split of the queries.")
-    selection_share: float = setting(0.5, "Share of the queries the choice is made on; the rest are held out.")
+    selection_share: float = setting(
+        0.5, "Share of the queries the choice is made on; the rest are held out.", check=open_fraction
+    )
 
 
 @dataclass
