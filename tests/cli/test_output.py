@@ -564,10 +564,15 @@ def test_a_command_refuses_another_commands_output_folder_and_writes_nothing_the
     replaced the attribute settings; `bench`/`diagnose --out` another command's folder wrote their files beside its
     own, and `wherefrom report` showed the later command only. Each is refused naming the folder and the command
     that made it, before any work, and the folder is left byte for byte; a run made with the Python API (no
-    replay record) counts as `fit`'s. Commands that share folders by design (analyze in a bench folder, evaluate
-    in a ground truth) are tested where they are."""
+    replay record) counts as `fit`'s, and a fine-tuning (`finetune` records none) as `finetune`'s (it was
+    written into an attribute folder; `attribute --out` a fine-tuning wrote its scores beside the weights).
+    Commands that share folders by design (analyze in a bench folder, evaluate in a ground truth) are tested
+    where they are."""
     train, queries, model = workspace / "train.jsonl", workspace / "queries.jsonl", workspace / "model"
     run, attributed, api_run = tmp_path / "run", tmp_path / "attributed", tmp_path / "api-run"
+    tuned = tmp_path / "tuned"
+    tune = ["finetune", "--train", train, "--model", model, "--lora-target", "c_attn", "--epochs", "1", "--out"]
+    assert invoke(*tune, tuned).exit_code == 0
     assert invoke("fit", "--train", train, "--model", model, "--run", run, "--max-length", "128").exit_code == 0
     assert invoke(*attribute_args(workspace, attributed)).exit_code == 0
     shutil.copytree(run, api_run)
@@ -581,8 +586,9 @@ def test_a_command_refuses_another_commands_output_folder_and_writes_nothing_the
         "bench": ["bench", "--task", "rules", "--n-train", "8", "--n-test", "2", "--model", model, "--out", "FOLDER"],
         "groundtruth": ["groundtruth", "--task", "rules", "--model", model, "--out", "FOLDER"],
         "word-order": ["word-order", "--model", model, "--out", "FOLDER"],
+        "finetune": [*tune, "FOLDER"],
     }
-    for folder, maker in ((run, "fit"), (api_run, "fit"), (attributed, "attribute")):
+    for folder, maker in ((run, "fit"), (api_run, "fit"), (attributed, "attribute"), (tuned, "finetune")):
         before = _files(folder)
         for intruder, args in intruders.items():
             if intruder == maker:
@@ -596,3 +602,4 @@ def test_a_command_refuses_another_commands_output_folder_and_writes_nothing_the
     # the folder's own command still runs there
     assert invoke("fit", "--train", train, "--model", model, "--run", run, "--max-length", "128").exit_code == 0
     assert invoke(*attribute_args(workspace, attributed)).exit_code == 0
+    assert "reused an identical earlier run" in invoke(*tune, tuned).output

@@ -214,30 +214,32 @@ def refuse_foreign_folder(folder: Path, saved: dict[str, Any] | None = None) -> 
     """``ValueError`` when ``folder`` is another command's output folder, which the running command would write
     into: its ``config.json`` (or ``saved``, its content) records a command that may not share a folder with the
     running one (:data:`SHARED_FOLDERS`), or, recording none, ``folder`` holds a run (``manifest.json``: a run made
-    with the Python API). Both commands' files and settings would mix in one folder (``attribute --out RUN``
-    replaced the run's settings in its ``config.json``; ``wherefrom report`` showed the later command only). The
-    message names the folder, the command that made it and the way out. A folder with no ``config.json`` passes."""
+    with the Python API) or a fine-tuning (``finetune_config.json`` or ``train_log.jsonl``: ``finetune`` records
+    no command). Both commands' files and settings would mix in one folder (``attribute --out RUN`` replaced the
+    run's settings in its ``config.json``; ``wherefrom report`` showed the later command only). The message names
+    the folder, the command that made it and the way out. A folder with none of these passes."""
+    from wherefrom.models.finetune import CONFIG_FILE, TRAIN_LOG_FILE
+
     this = _CURRENT.get().name
-    config = Path(folder) / "config.json"
+    folder = Path(folder)
     if saved is None:
-        if not config.is_file():
-            return
-        saved = read_json_object(config)
+        saved = read_json_object(folder / "config.json") if (folder / "config.json").is_file() else {}
     records = saved.get("replay")
     made_by = sorted(
         {r["command"] for r in records.values() if isinstance(r, dict) and isinstance(r.get("command"), str)}
         if isinstance(records, dict)
         else set()
     )
-    if not made_by and (Path(folder) / "manifest.json").is_file():
-        made_by = ["fit"]
+    if not made_by:
+        markers = {"fit": ("manifest.json",), "finetune": (CONFIG_FILE, TRAIN_LOG_FILE)}
+        made_by = [name for name, files in markers.items() if any((folder / f).is_file() for f in files)]
     sharing = next((group for group in SHARED_FOLDERS if this in group), frozenset({this}))
     foreign = [name for name in made_by if name not in sharing]
     if foreign:
         shown = " and ".join(f"`wherefrom {name}`" for name in foreign)
         raise ValueError(
-            f"{folder} is an output folder of {shown} ({config.name} records it); `wherefrom {this}` would mix its "
-            f"files and settings with that command's: give {this} a folder of its own"
+            f"{folder} is an output folder of {shown}; `wherefrom {this}` would mix its files and settings with "
+            f"that command's: give {this} a folder of its own"
         )
 
 

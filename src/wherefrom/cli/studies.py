@@ -20,6 +20,7 @@ from wherefrom.cli.app import (
     method_pairs,
     progress,
     recorded_line,
+    refuse_foreign_folder,
     remember,
     required,
     say,
@@ -61,6 +62,7 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
 
     out = required(out, "out")
     try:
+        refuse_foreign_folder(out)
         targets = {"lora_targets": lora_target} if lora_target else {}
         rank = None if full or lora_rank == 0 else lora_rank
         config = settings_as(FinetuneConfig, lora_rank=rank, append_eos=not no_eos, **targets)
