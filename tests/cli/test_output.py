@@ -599,6 +599,19 @@ def test_a_command_refuses_another_commands_output_folder_and_writes_nothing_the
             assert f"{folder} is an output folder of `wherefrom {maker}`" in said, (intruder, said)
             assert f"give {intruder} a folder of its own" in said, said
             assert _files(folder) == before, (folder, intruder)
+    # the run's own commands, given an attribute folder (a config.json, no manifest.json), read its config as a
+    # run's and failed after the model loaded on a bare "manifest.json: No such file or directory"
+    before = _files(attributed)
+    for args in (
+        ["scores", "--queries", queries],
+        ["index"],
+        ["query", "ab:", " cd"],
+        ["influence"],
+    ):
+        result = invoke(*args, "--run", attributed)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and f"{attributed} is not a wherefrom run directory (no manifest.json)" in said
+    assert _files(attributed) == before
     # the folder's own command still runs there
     assert invoke("fit", "--train", train, "--model", model, "--run", run, "--max-length", "128").exit_code == 0
     assert invoke(*attribute_args(workspace, attributed)).exit_code == 0

@@ -445,11 +445,14 @@ class Run:
     @staticmethod
     def recorded_config(folder: Path) -> RunConfig:
         """The :class:`RunConfig` recorded in run ``folder`` (no model loaded); ``FileNotFoundError`` when
-        ``folder`` is not a run directory."""
+        ``folder`` is not a run directory: it lacks ``config.json`` or ``manifest.json`` (another command's output
+        folder, such as ``attribute``'s, holds a ``config.json`` alone: it was read as a run's and the command
+        failed on a bare ``manifest.json: No such file or directory`` after the model loaded)."""
         folder = Path(folder)
-        if not (folder / "config.json").exists():
+        missing = [name for name in ("config.json", "manifest.json") if not (folder / name).exists()]
+        if missing:
             raise FileNotFoundError(
-                f"{folder} is not a wherefrom run directory (no config.json); run `wherefrom fit` first"
+                f"{folder} is not a wherefrom run directory (no {' or '.join(missing)}); run `wherefrom fit` first"
             )
         path = folder / "config.json"
         try:
