@@ -564,21 +564,28 @@ def test_a_command_refuses_another_commands_output_folder_and_writes_nothing_the
     replaced the attribute settings; `bench`/`diagnose --out` another command's folder wrote their files beside its
     own, and `wherefrom report` showed the later command only. Each is refused naming the folder and the command
     that made it, before any work, and the folder is left byte for byte; a run made with the Python API (no
-    replay record) counts as `fit`'s, and a fine-tuning (`finetune` records none) as `finetune`'s (it was
-    written into an attribute folder; `attribute --out` a fine-tuning wrote its scores beside the weights).
+    replay record) counts as `fit`'s, a folder of an older version (no record) by its files, and a fine-tuning
+    (`finetune` records none), a killed one's checkpoints alone included, as `finetune`'s (it was written into
+    an attribute folder; `attribute --out` a fine-tuning wrote its scores beside the weights, and the fine-tuning
+    could not be resumed). `influence --out` and `demo --cache` are refused alike.
     Commands that share folders by design (analyze in a bench folder, evaluate in a ground truth) are tested
     where they are."""
     train, queries, model = workspace / "train.jsonl", workspace / "queries.jsonl", workspace / "model"
     run, attributed, api_run = tmp_path / "run", tmp_path / "attributed", tmp_path / "api-run"
-    tuned = tmp_path / "tuned"
+    tuned, killed, older = tmp_path / "tuned", tmp_path / "killed", tmp_path / "older"
     tune = ["finetune", "--train", train, "--model", model, "--lora-target", "c_attn", "--epochs", "1", "--out"]
     assert invoke(*tune, tuned).exit_code == 0
     assert invoke("fit", "--train", train, "--model", model, "--run", run, "--max-length", "128").exit_code == 0
+    assert invoke("scores", "--run", run, "--queries", queries).exit_code == 0
     assert invoke(*attribute_args(workspace, attributed)).exit_code == 0
-    shutil.copytree(run, api_run)
-    config = json.loads((api_run / "config.json").read_text())
-    del config["replay"]
-    (api_run / "config.json").write_text(json.dumps(config))
+    for source, copy in ((run, api_run), (attributed, older)):  # the Python API's run, an older version's folder
+        shutil.copytree(source, copy)
+        config = json.loads((copy / "config.json").read_text())
+        del config["replay"]
+        (copy / "config.json").write_text(json.dumps(config))
+    shutil.copytree(tuned, killed)  # a fine-tuning killed after its first epoch: its checkpoints alone
+    for name in ("finetune_config.json", "train_log.jsonl", "adapter"):
+        shutil.rmtree(killed / name) if (killed / name).is_dir() else (killed / name).unlink()
     intruders = {
         "attribute": attribute_args(workspace, "FOLDER"),
         "fit": ["fit", "--train", train, "--model", model, "--run", "FOLDER", "--max-length", "128"],
@@ -587,17 +594,20 @@ def test_a_command_refuses_another_commands_output_folder_and_writes_nothing_the
         "groundtruth": ["groundtruth", "--task", "rules", "--model", model, "--out", "FOLDER"],
         "word-order": ["word-order", "--model", model, "--out", "FOLDER"],
         "finetune": [*tune, "FOLDER"],
+        "influence": ["influence", "--run", run, "--out", "FOLDER"],
+        "demo": ["demo", "--model", model, "--cache", "FOLDER"],
     }
-    for folder, maker in ((run, "fit"), (api_run, "fit"), (attributed, "attribute"), (tuned, "finetune")):
+    makers = ((run, "fit"), (api_run, "fit"), (attributed, "attribute"), (older, "attribute"))
+    for folder, maker in (*makers, (tuned, "finetune"), (killed, "finetune")):
         before = _files(folder)
         for intruder, args in intruders.items():
-            if intruder == maker:
+            if intruder == maker or (intruder == "influence" and folder == run):  # its own; the run's analyses
                 continue
             result = invoke(*[folder if a == "FOLDER" else a for a in args], "--threads", "1")
             said = " ".join(result.output.split())
             assert result.exit_code == 2, (folder, intruder, result.output)
             assert f"{folder} is an output folder of `wherefrom {maker}`" in said, (intruder, said)
-            assert f"give {intruder} a folder of its own" in said, said
+            assert f"choose another folder for {intruder}'s output" in said, said
             assert _files(folder) == before, (folder, intruder)
     # the run's own commands, given an attribute folder (a config.json, no manifest.json), read its config as a
     # run's and failed after the model loaded on a bare "manifest.json: No such file or directory"
@@ -616,3 +626,25 @@ def test_a_command_refuses_another_commands_output_folder_and_writes_nothing_the
     assert invoke("fit", "--train", train, "--model", model, "--run", run, "--max-length", "128").exit_code == 0
     assert invoke(*attribute_args(workspace, attributed)).exit_code == 0
     assert "reused an identical earlier run" in invoke(*tune, tuned).output
+
+
+def test_attribute_refuses_a_folder_another_command_took_while_it_worked(workspace, tmp_path, monkeypatch):
+    """The folder check ran when attribute started; a `fit` that recorded itself in the folder meanwhile had its
+    settings replaced by attribute's (and attribute ended in a traceback). The check is made again where attribute
+    writes its settings, under the file's lock: exit 2, the other command's config.json kept."""
+    import wherefrom.cli.attribute as attribute_module
+
+    out = tmp_path / "taken"
+    taken = {"device": None, "replay": {"fit": {"command": "fit", "arguments": {}, "line": "wherefrom fit"}}}
+    real = attribute_module.load_model
+
+    def another_command_records_itself(*args, **kwargs):
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps(taken))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attribute_module, "load_model", another_command_records_itself)
+    result = invoke(*attribute_args(workspace, out))
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"{out} is an output folder of `wherefrom fit`" in said, result.output
+    assert json.loads((out / "config.json").read_text()) == taken and not (out / "scores.safetensors").exists()

@@ -32,6 +32,7 @@ from wherefrom.core.commandline import command_line
 from wherefrom.core.distributed import NotDistributable, end_process, refuse
 from wherefrom.core.option_pairs import check_methods_named, options_for, parse_option_pairs
 from wherefrom.core.store import read_json_object, update_json
+from wherefrom.studies.outputs import folder_makers
 
 __all__ = [
     "COMMANDS",
@@ -205,41 +206,30 @@ def leave_to_preset(names: Iterable[str]) -> None:
     invocation.unrecorded |= {n for n in names if n in invocation.arguments} - set(changed_settings(names))
 
 
-SHARED_FOLDERS = (frozenset({"bench", "analyze"}), frozenset({"groundtruth", "evaluate"}))
-"""Commands whose records may share one output folder: ``analyze`` writes into its bench folder, ``evaluate``
-(by default) into its ground truth. Any other recording command's folder is its own (:func:`refuse_foreign_folder`)."""
+GUESTS = {"bench": frozenset({"analyze"}), "groundtruth": frozenset({"evaluate"})}
+"""Commands that write into another command's folder by design: ``analyze`` into its bench folder, ``evaluate``
+(by default) into its ground truth. Any other command's folder is its own (:func:`refuse_foreign_folder`)."""
 
 
 def refuse_foreign_folder(folder: Path, saved: dict[str, Any] | None = None) -> None:
     """``ValueError`` when ``folder`` is another command's output folder, which the running command would write
-    into: its ``config.json`` (or ``saved``, its content) records a command that may not share a folder with the
-    running one (:data:`SHARED_FOLDERS`), or, recording none, ``folder`` holds a run (``manifest.json``: a run made
-    with the Python API) or a fine-tuning (``finetune_config.json`` or ``train_log.jsonl``: ``finetune`` records
-    no command). Both commands' files and settings would mix in one folder (``attribute --out RUN`` replaced the
-    run's settings in its ``config.json``; ``wherefrom report`` showed the later command only). The message names
-    the folder, the command that made it and the way out. A folder with none of these passes."""
-    from wherefrom.models.finetune import CONFIG_FILE, TRAIN_LOG_FILE
-
+    into: it was made by a command (:func:`wherefrom.studies.outputs.folder_makers`: the commands its
+    ``config.json``, or ``saved``, that file's content, records, else those whose files it holds, a fine-tuning's
+    unfinished one included) that is neither the running one nor its host or guest (:data:`GUESTS`). Both
+    commands' files and settings would mix in one folder (``attribute --out RUN`` replaced the run's settings in
+    its ``config.json``; ``wherefrom report`` showed the later command only). The message names the folder and the
+    command that made it (a guest only where no host is there). Also ``ValueError`` naming a ``config.json`` that
+    is not a JSON object. Called while a command runs (it names the running command)."""
     this = _CURRENT.get().name
-    folder = Path(folder)
-    if saved is None:
-        saved = read_json_object(folder / "config.json") if (folder / "config.json").is_file() else {}
-    records = saved.get("replay")
-    made_by = sorted(
-        {r["command"] for r in records.values() if isinstance(r, dict) and isinstance(r.get("command"), str)}
-        if isinstance(records, dict)
-        else set()
-    )
-    if not made_by:
-        markers = {"fit": ("manifest.json",), "finetune": (CONFIG_FILE, TRAIN_LOG_FILE)}
-        made_by = [name for name, files in markers.items() if any((folder / f).is_file() for f in files)]
-    sharing = next((group for group in SHARED_FOLDERS if this in group), frozenset({this}))
-    foreign = [name for name in made_by if name not in sharing]
+    sharing = {this, *GUESTS.get(this, ())} | {host for host, guests in GUESTS.items() if this in guests}
+    makers = folder_makers(folder, saved)
+    foreign = [name for name in makers if name not in sharing]
     if foreign:
-        shown = " and ".join(f"`wherefrom {name}`" for name in foreign)
+        hosts = [name for name in foreign if not any(name in guests for guests in GUESTS.values())]
+        shown = " and ".join(f"`wherefrom {name}`" for name in hosts or foreign)
         raise ValueError(
             f"{folder} is an output folder of {shown}; `wherefrom {this}` would mix its files and settings with "
-            f"that command's: give {this} a folder of its own"
+            f"those there: choose another folder for {this}'s output"
         )
 
 

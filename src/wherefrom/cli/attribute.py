@@ -88,12 +88,16 @@ def attribute(
     out.mkdir(parents=True, exist_ok=True)
 
     def settings_of_this_run(saved: dict) -> None:  # the replay record of the run before stays until remember
+        refuse_foreign_folder(out, saved)  # again, under the file's lock: another command may have come meanwhile
         replay = saved.get("replay", {})
         saved.clear()
         saved.update(record, replay=replay)
 
-    update_json(out / "config.json", settings_of_this_run)
-    remember(out)
+    try:
+        update_json(out / "config.json", settings_of_this_run)
+        remember(out)
+    except ValueError as error:
+        fail(error)
     labels = {row.id: row.label for row in train_rows}
     path = save_scores(result, out, "scores", labels, top_k)
     print_tops(result, top_k, labels)

@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from wherefrom.cli.app import command, fail, recorded_line
+from wherefrom.cli.app import command, fail, recorded_line, refuse_foreign_folder
 from wherefrom.cli.settings import output_file
 from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores, load_scores, score_set_names
@@ -70,6 +70,11 @@ def influence(run, name, top_k, out, threads) -> None:
     # a writer of the run folder (the default --out) holds its writer lock: a writer starting meanwhile would
     # take the temporary files of these writes for a killed writer's leftovers, and delete them
     inside = out.resolve().is_relative_to(run.resolve())
+    if not inside:
+        try:
+            refuse_foreign_folder(out)
+        except ValueError as error:
+            fail(error)
     started = time.perf_counter()
     try:
         with writer_lock(run) if inside else contextlib.nullcontext():

@@ -29,8 +29,10 @@ from typing import Any
 from wherefrom.core.encoding import LOSS_TOKENS, check_template
 from wherefrom.core.option_pairs import OptionPairError, parse_option_pairs, parse_value
 from wherefrom.core.search import FAISS_OPTIONS
+from wherefrom.core.store import read_json_object
 from wherefrom.engine.run import PRECONDITIONS
 from wherefrom.models.finetune import LR_SCHEDULES, FinetuneConfig
+from wherefrom.studies.outputs import recorded_commands
 from wherefrom.studies.wordorder import WordOrderConfig
 
 __all__ = [
@@ -151,9 +153,8 @@ def groundtruth_folder(value: Any) -> str | None:
     if (Path(value) / "groundtruth.json").is_file():
         return None
     try:
-        records = json.loads((Path(value) / "config.json").read_text()).get("replay", {}).values()
-        started = any(record.get("command") == "groundtruth" for record in records)
-    except (OSError, ValueError, AttributeError):
+        started = "groundtruth" in recorded_commands(read_json_object(Path(value) / "config.json"))
+    except (OSError, ValueError):
         started = False
     if started:
         return f"an unfinished ground truth (no groundtruth.json yet): finish it with `wherefrom replay {value}`"

@@ -259,6 +259,8 @@ def demo(cache, n_train, n_queries, epochs, model, device, threads) -> None:
 
     sizes = {k: v for k, v in (("n_train", n_train), ("n_queries", n_queries)) if v is not None}
     try:
+        if cache is not None:
+            refuse_foreign_folder(cache)
         run_demo(
             cache=cache, epochs=epochs, model=model, device=device, progress=progress, console=stdout_console(),
             **{**DEMO_SIZES, **sizes},

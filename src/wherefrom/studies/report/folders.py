@@ -1,6 +1,7 @@
 """``wherefrom report PATH``: recognise what a result folder (or file) holds and build its report.
 
-Recognised, in this order:
+Recognised, in this order (folders by their files: :data:`wherefrom.studies.outputs.FOLDER_MARKERS`, the table that
+also tells whose output folder a command is given):
 
 * a **query result**: a JSON file as ``wherefrom query --json`` prints it (``query``, ``proponents``);
 * a **bench** folder: ``bench.json`` (``wherefrom bench``): metric table and interval plots per method;
@@ -31,6 +32,7 @@ from wherefrom.core.data import DataError, Record, load_records
 from wherefrom.core.scoring import Scores, index_rows_text, load_score_set, saved_labels, score_set_names
 from wherefrom.core.store import read_json_object, refuse_folder_in_place
 from wherefrom.engine.run import refuse_files_in_place
+from wherefrom.studies.outputs import marked_commands
 from wherefrom.studies.report.render import render, write_html
 from wherefrom.studies.report.sections import (
     agreement_section,
@@ -165,13 +167,14 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             return "Query: " + data["query"]["prompt"][:80], query_sections(data)
         if kind == "evaluate":
             return _evaluate_report(path, data)
-    if path.is_dir():
-        if (path / "bench.json").is_file():
+    kind = next(iter(marked_commands(path)), None) if path.is_dir() else None
+    if kind is not None:
+        if kind == "bench":
             data = read_json_object(path / "bench.json")
             extra = {"seconds": "time, s", "peak_mib": "peak memory, MiB"}
             sections = [metric_sections(data["aggregate"], f"Bench ({data.get('kind', '')})", extra)]
             return f"Bench: {path.name}", sections + _provenance(data)
-        if (path / "ablate.json").is_file():
+        if kind == "ablate":
             data = read_json_object(path / "ablate.json")
             sections = [metric_sections(data["runs"][run], f"Run {run}") for run in data["order"]]
             changes = {
@@ -181,15 +184,15 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             }
             sections.append(metric_sections(changes, "Change against the start run (paired over seeds)"))
             return f"Ablation: {path.name}", sections + _provenance(data)
-        if (path / "evaluate.json").is_file():
+        if kind == "evaluate":
             return _evaluate_report(path / "evaluate.json", read_json_object(path / "evaluate.json"))
-        if (path / "diagnose.json").is_file():
+        if kind == "diagnose":
             data = read_json_object(path / "diagnose.json")
             return f"Diagnose: {path.name}", [diagnose_section(data["rows"]), *_provenance(data)]
-        if (path / "wordorder.json").is_file():
+        if kind == "word-order":
             data = read_json_object(path / "wordorder.json")
             return f"Word order: {path.name}", [word_order_section(data["summary"]), *_provenance(data)]
-        if (path / "config.json").is_file() and (path / "manifest.json").is_file():
+        if kind == "fit":
             refuse_files_in_place(path)  # a file in place of RUN/scores is no "no scores yet"
             config, manifest = read_json_object(path / "config.json"), read_json_object(path / "manifest.json")
             named = score_sets(path / "scores") if (path / "scores").is_dir() else {}
@@ -206,7 +209,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
                 settings_section("Settings", config),
                 settings_section("Provenance", manifest),
             ]
-        if (path / "config.json").is_file() and (path / "scores.safetensors").is_file():
+        if kind == "attribute":
             config = read_json_object(path / "config.json")
             sections = _scores_report(path, score_sets(path), config)
             return f"Attribution: {config.get('method', path.name)}", [*sections, settings_section("Settings", config)]

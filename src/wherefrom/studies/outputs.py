@@ -1,0 +1,63 @@
+"""Which command made an output folder, read from the files it holds.
+
+A folder's own record says it first: the commands ``wherefrom replay`` reruns, in ``config.json``'s ``replay``
+(:func:`wherefrom.cli.app.remember`). A folder without one (made by an older version, by the Python API, or by
+``finetune``, which records none) is recognised by the files each command writes there, in the order of
+:data:`FOLDER_MARKERS`, which is also the order ``wherefrom report`` recognises result folders in
+(:mod:`wherefrom.studies.report.folders`). ``finetune``'s folder is recognised by any of its files, an
+unfinished or killed fine-tuning's (``checkpoints/``, ``resume/``) included (:data:`FINETUNE_MARKERS`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from wherefrom.core.store import read_json_object
+from wherefrom.models.finetune import CHECKPOINTS_DIR, CONFIG_FILE, RESUME_DIR, TRAIN_LOG_FILE
+
+__all__ = ["FINETUNE_MARKERS", "FOLDER_MARKERS", "folder_makers", "marked_commands", "recorded_commands"]
+
+FOLDER_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("bench", ("bench.json",)),
+    ("ablate", ("ablate.json",)),
+    ("evaluate", ("evaluate.json",)),
+    ("diagnose", ("diagnose.json",)),
+    ("word-order", ("wordorder.json",)),
+    ("groundtruth", ("groundtruth.json",)),
+    ("fit", ("config.json", "manifest.json")),
+    ("attribute", ("config.json", "scores.safetensors")),
+)
+"""``(command, files)``: a folder holding every one of ``files`` was made by ``command``."""
+
+FINETUNE_MARKERS = (CONFIG_FILE, TRAIN_LOG_FILE, CHECKPOINTS_DIR, RESUME_DIR)
+"""What ``finetune`` writes in its folder from the first finished epoch on (its weights folders, ``adapter/`` and
+``model/``, are left out: a ground truth holds its fine-tuning in ``model/``)."""
+
+
+def recorded_commands(saved: dict[str, Any]) -> list[str]:
+    """The commands a ``config.json`` (its content ``saved``) records under ``replay``, sorted; ``[]`` for none."""
+    records = saved.get("replay")
+    if not isinstance(records, dict):
+        return []
+    return sorted({r["command"] for r in records.values() if isinstance(r, dict) and isinstance(r.get("command"), str)})
+
+
+def folder_makers(folder: Path, saved: dict[str, Any] | None = None) -> list[str]:
+    """The commands that made ``folder``: those its ``config.json`` (or ``saved``, that file's content) records,
+    else those whose files it holds (:data:`FOLDER_MARKERS`, then ``finetune``'s :data:`FINETUNE_MARKERS`);
+    ``[]`` for a folder of none. ``ValueError`` naming a ``config.json`` that is not a JSON object."""
+    folder = Path(folder)
+    if saved is None:
+        saved = read_json_object(folder / "config.json") if (folder / "config.json").is_file() else {}
+    return recorded_commands(saved) or marked_commands(folder)
+
+
+def marked_commands(folder: Path) -> list[str]:
+    """The commands whose files ``folder`` holds, in the order of :data:`FOLDER_MARKERS`, then ``finetune``
+    (:data:`FINETUNE_MARKERS`); ``[]`` for none."""
+    folder = Path(folder)
+    found = [command for command, files in FOLDER_MARKERS if all((folder / f).is_file() for f in files)]
+    if any((folder / name).exists() for name in FINETUNE_MARKERS):
+        found.append("finetune")
+    return found
