@@ -32,9 +32,35 @@ def make_records(n: int, seed: int, prefix: str = "r") -> list[Record]:
     return rows
 
 
+def tiny_opt(vocab: int, seed: int = 0) -> torch.nn.Module:
+    """A random ``OPTForCausalLM`` (fp32, eval, 1 layer, 128 positions): its decoder layer folds the positions into
+    the rows before ``fc1``/``fc2``, which see ``(B * T, hidden)``."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    tokens = tiny_tokenizer()
+    config = OPTConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        ffn_dim=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        word_embed_proj_dim=16,
+        dropout=0.0,
+        pad_token_id=tokens.pad_token_id,
+        bos_token_id=tokens.bos_token_id,
+        eos_token_id=tokens.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return OPTForCausalLM(config).eval()
+
+
 def build_model(kind: str, seed: int = 0) -> torch.nn.Module:
-    """``llama`` (Linear), ``gpt2`` (Conv1D) or ``lora`` (LoRA A/B on a tiny Llama), tiny sizes."""
+    """``llama`` (Linear), ``gpt2`` (Conv1D), ``opt`` (``fc1``/``fc2`` fed positions folded into rows) or
+    ``lora`` (LoRA A/B on a tiny Llama), tiny sizes."""
     vocab = len(tiny_tokenizer())
+    if kind == "opt":
+        return tiny_opt(vocab, seed)
     if kind == "llama":
         return tiny_llama(vocab, hidden=16, intermediate=32, layers=1, seed=seed)
     if kind == "gpt2":

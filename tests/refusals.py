@@ -165,6 +165,39 @@ REFUSALS: tuple[Refusal, ...] = (
         "the completion's first token is context only: the row had a loss of 0 and scores of exactly 0",
         call='Attributor(att.model, tokenizer, AttributionConfig(append_eos=False)).fit([Record("a", "", "b")])',
     ),
+    Refusal(
+        "Python rows",
+        "one row where a list of rows belongs",
+        "TypeError",
+        "query rows must be a list of rows; got one row ('r0'): pass [row]",
+        "a Record is not iterable: it failed with a bare \"'Record' object is not iterable\"",
+        call="att.scores(rows[0], rows)",
+    ),
+    Refusal(
+        "Python rows",
+        "a model path, a missing tokenizer or a dict of settings where the objects belong",
+        "TypeError",
+        "config must be an AttributionConfig (AttributionConfig(**settings))",
+        "each failed later on a bare AttributeError naming no argument (the model and tokenizer are checked alike)",
+        call='Attributor(att.model, tokenizer, {"strategy": "identity"})',
+    ),
+    Refusal(
+        "Python rows",
+        "a batch size, length, seed, rank or damping of the wrong type",
+        "ValueError",
+        "batch_size must be an integer, got 2.5",
+        "a batch size of 2.5 or a seed of 'a' failed deep in a pass, naming no setting",
+        call="AttributionConfig(batch_size=2.5)",
+    ),
+    Refusal(
+        "Python rows",
+        "a module pattern that is not a regular expression",
+        "ValueError",
+        "include: '(' is not a valid regular expression",
+        "one string is one pattern (include='q_proj' was taken letter by letter: every module matched); a list of "
+        "them or None otherwise",
+        call='AttributionConfig(include="(")',
+    ),
     # --- arguments ------------------------------------------------------------------------------
     Refusal(
         "argument",

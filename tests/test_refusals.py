@@ -37,6 +37,7 @@ from wherefrom.studies.generated import write_jsonl
 ERRORS = {
     "DataError": DataError,
     "ValueError": ValueError,
+    "TypeError": TypeError,
     "DegenerateCurvatureWarning": DegenerateCurvatureWarning,
     "NotDistributable": NotDistributable,
 }

@@ -76,7 +76,9 @@ def test_influence_names_a_missing_score_set_before_any_work(scored_run, tmp_pat
     missing = tmp_path / "nonexist"
     result = invoke("influence", "--run", missing)
     message = re.sub(r"[\s│]+", " ", result.output)
-    assert result.exit_code == 2 and f"{missing} is not a wherefrom run directory (no config.json or manifest" in message, message
+    assert (
+        result.exit_code == 2 and f"{missing} is not a wherefrom run directory (no config.json or manifest" in message
+    ), message
     assert not missing.exists()
 
 

@@ -31,14 +31,18 @@ def autograd_gradient(model, modules, example, pad: int, query: bool = False) ->
     return torch.cat(flat)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "lora"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "lora", "opt"])
 def test_identity_equals_autograd_dot_products(kind, tokenizer, train_records, query_records):
+    """opt: its fc1/fc2 see ``(B * T, hidden)``; they were taken for B * T rows of one position (scores of
+    ``B * T`` rows, or a batch that failed on unequal sizes)."""
     model = build_model(kind)
     attributor = Attributor(model, tokenizer, AttributionConfig(strategy="identity", batch_size=5))
     if kind == "lora":
         assert all(".lora_" in m.name for m in attributor.modules)
     if kind == "gpt2":
         assert all(m.is_conv1d for m in attributor.modules) and any(m.has_bias for m in attributor.modules)
+    if kind == "opt":
+        assert {"fc1", "fc2"} <= {m.name.rsplit(".", 1)[-1] for m in attributor.modules}
     scores = attributor.scores(query_records, train_records)
 
     pad = pad_id(tokenizer)
@@ -146,3 +150,100 @@ def test_a_tracked_module_that_never_runs_is_named(method):
         built = make_method(method, model, tokenizer, config)
         built.fit(rows)
         built.scores(rows[:1], rows)
+
+
+def test_a_module_called_on_rows_that_are_not_the_batchs_is_named(tokenizer, train_records):
+    """A tracked module called on a tensor whose leading size is neither the batch's rows nor its rows x positions
+    (here: positions first) cannot be split into per-example gradients; it is refused naming the module and the
+    shape, not taken for that many rows."""
+    model = build_model("llama")
+    mlp = model.model.layers[0].mlp
+    down = mlp.down_proj
+
+    class PositionsFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down_proj = down
+
+        def forward(self, x):
+            return self.down_proj(x.transpose(0, 1)).transpose(0, 1)
+
+    mlp.down_proj = torch.nn.Identity()
+    model.model.layers[0].positions_first = PositionsFirst()
+    original = mlp.forward
+    mlp.forward = lambda x: model.model.layers[0].positions_first(original(x))
+    attributor = Attributor(model, tokenizer, AttributionConfig(include=["positions_first"], batch_size=5))
+    with pytest.raises(
+        ValueError, match=r"module 'model\.layers\.0\.positions_first\.down_proj' was called on a tensor"
+    ):
+        attributor.scores(train_records[:2], train_records)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "opt", "llama"])
+def test_left_padded_rows_score_as_unpadded_ones(kind, tokenizer, train_records, query_records):
+    """`pad_left` (the reference study's layout) on GPT-2, whose positions are absolute: the model read a row's
+    tokens at positions shifted by its padding, so scores changed with `max_length` (0.23 relative between 64 and
+    128) and matched no unpadded pass. Positions now count from each row's first real token: the scores equal
+    the unpadded autograd dot products at any `max_length`, as for OPT and Llama (which never shifted); the
+    representations of `repsim` do not depend on `max_length` either."""
+    from wherefrom.methods.registry import make_method
+
+    model = build_model(kind)
+    modules = Attributor(model, tokenizer, AttributionConfig(strategy="identity")).modules
+    pad = pad_id(tokenizer)
+    plain = Attributor(model, tokenizer, AttributionConfig(strategy="identity"))
+    train = torch.stack([autograd_gradient(model, modules, e, pad) for e in plain.encode(train_records)])
+    queries = torch.stack([autograd_gradient(model, modules, e, pad) for e in plain.encode(query_records)])
+    represented = []
+    for max_length in (32, 96):
+        config = AttributionConfig(strategy="identity", batch_size=5, pad_left=True, max_length=max_length)
+        scores = Attributor(model, tokenizer, config).scores(query_records, train_records)
+        torch.testing.assert_close(scores.total, queries @ train.T, rtol=1e-4, atol=1e-5)
+        repsim = make_method("repsim", model, tokenizer, config)
+        repsim.fit(train_records)
+        represented.append(repsim.scores(query_records, train_records).total)
+    torch.testing.assert_close(represented[0], represented[1], rtol=1e-4, atol=1e-6)
+
+
+def test_left_padding_beyond_the_models_positions_is_named(tokenizer, train_records):
+    """`pad_left` pads every row to `max_length`; at the default 512 on a 128-position model it failed in the
+    embedding with a bare `IndexError: index out of range in self`."""
+    model = build_model("gpt2")
+    attributor = Attributor(model, tokenizer, AttributionConfig(pad_left=True))
+    with pytest.raises(
+        ValueError, match=r"pad_left pads every row to max_length=512 tokens, more than the model's 128"
+    ):
+        attributor.scores(train_records[:1], train_records)
+
+
+def test_one_string_is_one_module_pattern(tokenizer):
+    """`include="q_proj"` was iterated letter by letter: the patterns q, _, p, r, o, j matched every Linear module,
+    the output layer included, silently; `exclude="mlp"` was shown as ['m', 'l', 'p']."""
+    from wherefrom.core.tracking import select_modules
+
+    model = build_model("llama")
+    one = [m.name for m in select_modules(model, include="q_proj")]
+    assert one == [m.name for m in select_modules(model, include=["q_proj"])] and len(one) == 1
+    config = AttributionConfig(include="q_proj", exclude="mlp")
+    assert config.include == ["q_proj"] and config.exclude == ["mlp"]
+    assert [m.name for m in Attributor(model, tokenizer, config).modules] == one
+    with pytest.raises(ValueError, match=r"include must be a regular expression or a list of them, got 3"):
+        AttributionConfig(include=3)
+
+
+def test_a_model_frozen_whole_scores_as_a_trainable_one(tokenizer, train_records, query_records):
+    """`model.requires_grad_(False)` (inference habit, or PEFT's loading) kept every weight tracked (the capture
+    switches it on) but dropped every bias: GPT-2's scores changed silently. A bias frozen with its weight is
+    tracked as the weight is; one frozen beside a trainable weight (a fine-tuning of the weights alone) is not."""
+    model = build_model("gpt2")
+    config = AttributionConfig(strategy="identity", batch_size=5)
+    trainable = Attributor(model, tokenizer, config)
+    expected = trainable.scores(query_records, train_records).total
+    assert any(m.has_bias for m in trainable.modules)
+    model.requires_grad_(False)
+    frozen = Attributor(model, tokenizer, config)
+    assert [m.has_bias for m in frozen.modules] == [m.has_bias for m in trainable.modules]
+    torch.testing.assert_close(frozen.scores(query_records, train_records).total, expected, rtol=1e-5, atol=1e-6)
+    for m in frozen.modules:
+        m.module.weight.requires_grad_(True)
+    assert not any(m.has_bias for m in Attributor(model, tokenizer, config).modules)

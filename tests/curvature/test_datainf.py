@@ -119,3 +119,22 @@ def test_absolute_damping_save_load_and_memory_limit(tokenizer, tmp_path):
 
     with pytest.raises(MemoryError, match="bytes"):
         small.fit(model, attributor.modules, batches, attributor.train_loss_fn())
+
+
+def test_exact_fisher_is_the_damped_empirical_fisher_inverse(lora_setup, tokenizer):
+    """`exact` with `fisher="empirical"` formed the GGN all the same (scores bit-equal to `fisher="true"`, 0.097
+    relative from the empirical-Fisher solve), silently. `curvature="fisher"` forms the dense Fisher of the fitting
+    loss, here the empirical one, per module: scores equal the explicit damped inverse of the autograd gradients'
+    second moment; the GGN with `fisher="empirical"` warns that the setting changes nothing."""
+    from wherefrom.engine.api import IgnoredFisherWarning
+
+    model, _, train, queries, ref = lora_setup
+    settings = {"fisher": "empirical", "batch_size": 4}
+    options = {"curvature": "fisher"}
+    exact = Attributor(model, tokenizer, AttributionConfig(strategy="exact", strategy_options=options, **settings))
+    exact.fit(train)
+    expected = torch.stack([q @ inverse @ g.T for g, q, _, _, inverse in ref.values()])
+    torch.testing.assert_close(exact.scores(queries, train).per_module.double(), expected, rtol=1e-4, atol=1e-6)
+    ggn = Attributor(model, tokenizer, AttributionConfig(strategy="exact", **settings))
+    with pytest.warns(IgnoredFisherWarning, match="fisher='empirical' changes none of its numbers"):
+        ggn.fit(train)

@@ -301,7 +301,8 @@ def encode_records(
     Raises :class:`DataError` if an example would exceed ``max_length`` tokens (without ``truncate``) or
     the model's positions, holds a token id outside the model's embedding, or a
     completion tokenizes to no tokens; ``ValueError`` if ``chat_template=True`` and the tokenizer
-    has no chat template, or for a bad ``template`` / ``loss_tokens`` or ``template`` with ``chat_template``.
+    has no chat template, for a bad ``template`` / ``loss_tokens`` or ``template`` with ``chat_template``, or
+    when ``pad_left`` would pad rows beyond the model's positions (it failed in the embedding, an ``IndexError``).
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -315,6 +316,11 @@ def encode_records(
     if not records:
         return []
     positions = model_positions(model) if model is not None else None
+    if pad_left and positions is not None and max_length > positions[0]:
+        raise ValueError(
+            f"pad_left pads every row to max_length={max_length} tokens, more than the model's {positions[0]} "
+            f"positions ({positions[1]}); give max_length <= {positions[0]}"
+        )
     vocabulary = model_vocabulary(model) if model is not None else None
     if vocabulary is not None and not 0 <= pad_id(tokenizer) < vocabulary:
         raise DataError(

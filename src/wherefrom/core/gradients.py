@@ -52,12 +52,25 @@ class TokenFactors:
         return torch.einsum("bto,bti->boi", self.g, self.a)
 
 
-def _as_3d(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() == 2:
+def _as_3d(x: torch.Tensor, shape: tuple[int, int] | None, name: str) -> torch.Tensor:
+    """A tracked module's input or output gradient ``x`` as ``(B, T', d)`` for a batch of ``shape`` ``(B, T)``:
+    ``(B, d)`` is one position per row; ``(B * T, d)``, the positions folded into the rows (OPT's ``fc1``/``fc2``
+    see the hidden states so), is unfolded to ``(B, T, d)`` (it was taken for ``B * T`` rows of one position: the
+    scores had ``B * T`` rows, silently, or the batch failed on unequal sizes); ``(B, ..., d)`` flattens the
+    middle. ``ValueError`` naming module ``name`` when the leading size is neither ``B`` nor ``B * T``. A batch
+    without token tensors (``shape`` ``None``: a model of other inputs) takes ``x``'s leading size for ``B``."""
+    rows, positions = shape if shape is not None else (x.shape[0], 1)
+    if x.dim() == 2 and x.shape[0] == rows:
         return x.unsqueeze(1)
-    if x.dim() == 3:
-        return x
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+    if x.dim() == 2 and x.shape[0] == rows * positions:
+        return x.reshape(rows, positions, x.shape[-1])
+    if x.dim() >= 3 and x.shape[0] == rows:
+        return x if x.dim() == 3 else x.reshape(rows, -1, x.shape[-1])
+    raise ValueError(
+        f"module {name!r} was called on a tensor of shape {tuple(x.shape)}, whose leading size is neither the "
+        f"batch's {rows} rows nor its {rows} x {positions} positions: its per-example gradients cannot be told "
+        "apart; leave it out of the tracked modules (exclude)"
+    )
 
 
 def token_factors(
@@ -91,6 +104,8 @@ def shared_token_factors(
     forward computation, the same gradients), with one forward pass instead of ``len(loss_fns)``.
     """
     mask = batch.get("attention_mask")
+    tokens = mask if mask is not None else batch.get("input_ids")
+    shape = tuple(tokens.shape[:2]) if tokens is not None and tokens.dim() >= 2 else None
     forward = model if len(loss_fns) == 1 else ForwardOnce(model)
     losses, calls = [], []
     with torch.enable_grad(), capturing(modules, model) as capture:
@@ -107,23 +122,28 @@ def shared_token_factors(
         first = calls[0][m.name]
         # half precision accumulates in float32; each call's a and g in the dtype of its input
         dtypes = [torch.promote_types(a.dtype, torch.float32) for a, _g in first]
-        keeps = [_keep(_as_3d(a), mask) for a, _g in first]
+        unfolded = [_as_3d(a, shape, m.name) for a, _g in first]
+        keeps = [_keep(a, mask) for a in unfolded]
         inputs = tuple(_memory(a) for a, _g in first)
         if inputs not in joined:
             joined[inputs] = (
-                _join([_masked(a, keep, dtype) for (a, _g), keep, dtype in zip(first, keeps, dtypes)]),
+                _join([_masked(a, keep, dtype) for a, keep, dtype in zip(unfolded, keeps, dtypes)]),
                 _join(
                     [
-                        torch.ones(_as_3d(a).shape[:2], dtype=torch.bool, device=a.device) if keep is None else keep
-                        for (a, _g), keep in zip(first, keeps)
+                        torch.ones(a.shape[:2], dtype=torch.bool, device=a.device) if keep is None else keep
+                        for a, keep in zip(unfolded, keeps)
                     ]
                 ),
             )
         joined_a, joined_mask = joined[inputs]
-        lengths = tuple(_as_3d(a).shape[1] for a, _g in first)
+        lengths = tuple(a.shape[1] for a in unfolded)
+        del unfolded
         for k, per_loss in enumerate(calls):
             # pop: each module's raw captures are freed once converted
-            gradients = [_masked(g, keep, dtype) for (_a, g), keep, dtype in zip(per_loss.pop(m.name), keeps, dtypes)]
+            gradients = [
+                _masked(_as_3d(g, shape, m.name), keep, dtype)
+                for (_a, g), keep, dtype in zip(per_loss.pop(m.name), keeps, dtypes)
+            ]
             results[k][m.name] = TokenFactors(joined_a, _join(gradients), joined_mask, lengths)
     return list(zip(results, losses))
 
@@ -193,8 +213,8 @@ def _keep(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _masked(x: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` as ``(B, T, d)`` in ``dtype``, zero where ``keep`` is false."""
-    x = _as_3d(x).to(dtype)
+    """``x`` ``(B, T, d)`` in ``dtype``, zero where ``keep`` is false."""
+    x = x.to(dtype)
     return x if keep is None else x * keep.unsqueeze(-1)
 
 

@@ -162,13 +162,22 @@ def stable_top_k(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 class Scores:
     """Pairwise influence scores with the example ids they belong to.
 
-    ``per_module``: ``(n_modules, n_query, n_train)``, in the order of ``module_names``.
+    ``per_module``: ``(n_modules, n_query, n_train)``, in the order of ``module_names``; ``ValueError`` when its
+    shape is not that of the ids and names (scores of rows that are not the ids' were returned silently once).
     """
 
     query_ids: list[str]
     train_ids: list[str]
     module_names: list[str]
     per_module: torch.Tensor
+
+    def __post_init__(self) -> None:
+        expected = (len(self.module_names), len(self.query_ids), len(self.train_ids))
+        if tuple(self.per_module.shape) != expected:
+            raise ValueError(
+                f"scores of shape {tuple(self.per_module.shape)} for {expected[0]} modules x {expected[1]} queries x "
+                f"{expected[2]} training rows: they are not the scores of these rows"
+            )
 
     @property
     def total(self) -> torch.Tensor:

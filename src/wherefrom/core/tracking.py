@@ -139,19 +139,40 @@ def check_unshared(model: nn.Module, tracked: Sequence[TrackedModule]) -> None:
         )
 
 
+def name_patterns(value: str | Sequence[str] | None, setting: str) -> list[str] | None:
+    """``include``/``exclude`` (named ``setting`` in errors) as a list of regular expressions: one string is one
+    pattern (it was iterated character by character: ``include="q_proj"`` selected every module whose name holds
+    a ``q``, ``_``, ``p``, ...), ``None`` stays ``None``. ``ValueError`` naming ``setting`` for anything else than a
+    string or a list/tuple of strings, and for a pattern that is not a valid regular expression."""
+    if value is None:
+        return None
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"{setting} must be a regular expression or a list of them, got {value!r}")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"{setting}: {pattern!r} is not a valid regular expression ({error})") from None
+    return list(patterns)
+
+
 def select_modules(
     model: nn.Module,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
 ) -> list[TrackedModule]:
     """Modules to track, in ``named_modules`` order.
 
-    ``include``/``exclude`` are regular expressions searched in the module's qualified name.
+    ``include``/``exclude`` are regular expressions searched in the module's qualified name (one string is one
+    pattern: :func:`name_patterns`).
     Default: if the model has LoRA layers, their ``lora_A``/``lora_B`` Linear modules (the trained
     parameters); otherwise every ``nn.Linear``/``Conv1D`` except the LM head and embeddings.
-    Biases are tracked when present and trainable. Raises ``ValueError`` when nothing matches, and
+    Biases are tracked when present, unless frozen beside a trainable weight (a fine-tuning that trained the
+    weights alone); a module frozen whole is tracked with its bias, as when it is trainable. Raises ``ValueError`` when nothing matches, and
     when a chosen module's parameter is shared with another module (:func:`check_unshared`).
     """
+    include, exclude = name_patterns(include, "include"), name_patterns(exclude, "exclude")
     candidates = [(n, m) for n, m in model.named_modules() if is_linear(m)]
     if include is None:
         lora = [(n, m) for n, m in candidates if LORA_PATTERN.search(n + ".")]
@@ -162,15 +183,18 @@ def select_modules(
         chosen = [(n, m) for n, m in chosen if not any(re.search(p, n) for p in exclude)]
     if not chosen:
         raise ValueError(
-            f"no Linear/Conv1D module matches include={list(include) if include else None} "
-            f"exclude={list(exclude) if exclude else None}; "
+            f"no Linear/Conv1D module matches include={include} exclude={exclude}; "
             f"available: {[n for n, _ in candidates][:20]}{' ...' if len(candidates) > 20 else ''}"
         )
     tracked = []
     for name, module in chosen:
         is_conv1d = bool(Conv1D) and isinstance(module, Conv1D)
         bias = getattr(module, "bias", None)
-        tracked.append(TrackedModule(name, module, is_conv1d, bias is not None and bias.requires_grad))
+        # a bias frozen beside a trainable weight was not trained: left out; frozen with its weight (a model frozen
+        # whole, for inference or by PEFT) it is tracked as the weight is (it was dropped: scores changed by
+        # 0.24 relative on Qwen2's q/k/v once the model was frozen)
+        trained = bias is not None and (bias.requires_grad or not module.weight.requires_grad)
+        tracked.append(TrackedModule(name, module, is_conv1d, trained))
     check_unshared(model, tracked)
     return tracked
 
@@ -229,7 +253,11 @@ class Capture:
                 if not out.requires_grad:
                     raise RuntimeError(
                         f"output of tracked module {m.name!r} does not require grad; "
-                        "its weight must have requires_grad=True"
+                        + (
+                            "the pass ran under torch.inference_mode(), which records no gradient: call outside it"
+                            if out.is_inference()
+                            else "its weight must have requires_grad=True"
+                        )
                     )
                 names.append(m.name)
                 outputs.append(out)

@@ -303,9 +303,10 @@ class Curvature(ABC):
     takes_source: ClassVar[bool] = False
     """True for strategies whose fitting stages can read a given data source instead of their own model
     passes (:meth:`fit`'s ``source``: ``kfac``, ``ekfac``)."""
-    own_ggn: ClassVar[bool] = False
-    """True for strategies that form the GGN of the summed token loss themselves (``exact`` and the
-    operator strategies) instead of using the ``loss_fn`` handed to :meth:`fit`."""
+    own_ggn: bool = False
+    """True for strategies that form the GGN (or Hessian) of the summed token loss themselves (``exact`` and the
+    operator strategies, unless ``curvature="fisher"``) instead of using the ``loss_fn`` handed to :meth:`fit`:
+    the Fisher setting (true or empirical) does not reach them."""
 
     def __init__(self, damping: float | None = None, damping_factor: float = 0.1):
         check_damping(damping, damping_factor)

@@ -6,6 +6,10 @@ The GGN of the summed token cross-entropy equals the true Fisher:
 ``functional_call``, independently of the hook-based gradient code, so it can serve as ground truth
 for every other strategy.
 
+``curvature="fisher"`` forms instead ``F = mean_n g_n g_n^T`` of the per-example gradients of the fitting loss
+(:meth:`ExactGGN.fit_blocks`): with ``fisher="empirical"`` the empirical Fisher, the exact reference of the
+empirical-Fisher estimators (their ``fisher`` setting does not reach the GGN and the Hessian).
+
 ``blocks="module"`` keeps one dense block per tracked module (the structure K-FAC approximates);
 ``blocks="full"`` keeps the whole ``(P, P)`` matrix, cross-module terms included.
 Damping per block (or for the full matrix): ``damping_factor x trace(G_block) / dim`` unless an
@@ -26,9 +30,10 @@ import torch.nn.functional as F
 from torch.func import functional_call, jacfwd, jacrev
 
 from wherefrom.core.distributed import sum_counts, sum_over_ranks
+from wherefrom.core.gradients import per_example_gradients
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import OptionSpec, from_signature
-from wherefrom.core.task import IGNORE_INDEX, per_example_loss
+from wherefrom.core.task import IGNORE_INDEX, model_inputs, per_example_loss
 from wherefrom.curvature.base import Curvature, DataShape
 
 
@@ -66,20 +71,25 @@ class ExactGGN(Curvature):
         damping: float | None = None,
         damping_factor: float = 0.1,
         blocks: Literal["module", "full"] = "module",
-        curvature: Literal["ggn", "hessian"] = "ggn",
+        curvature: Literal["ggn", "hessian", "fisher"] = "ggn",
     ):
         super().__init__(damping, damping_factor)
         if blocks not in ("module", "full"):
             raise ValueError(f"blocks must be 'module' or 'full', got {blocks!r}")
-        if curvature not in ("ggn", "hessian"):
-            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
+        if curvature not in ("ggn", "hessian", "fisher"):
+            raise ValueError(f"curvature must be 'ggn', 'hessian' or 'fisher', got {curvature!r}")
         self.blocks = blocks
         self.curvature = curvature
+        self.own_ggn = curvature != "fisher"
 
     option_specs = from_signature(
         __init__,
         OptionSpec("blocks", help="module: one dense block per tracked module; full: all tracked parameters jointly"),
-        OptionSpec("curvature", help="ggn: Gauss-Newton matrix; hessian: the true Hessian (may be indefinite)"),
+        OptionSpec(
+            "curvature",
+            help="ggn: Gauss-Newton matrix; hessian: the true Hessian (may be indefinite); fisher: mean of g g^T over "
+            "the fitting loss's per-example gradients (the empirical Fisher with fisher=empirical)",
+        ),
     )
 
     def _blocks(self, modules) -> dict[str, int]:
@@ -109,6 +119,10 @@ class ExactGGN(Curvature):
         needs["inversion workspace (largest block, float64)"] = 3 * nbytes(largest, largest, dtype=torch.float64)
         if self.curvature == "hessian":
             needs["Hessian of one batch (torch.func)"] = nbytes(total, total)
+        elif self.curvature == "fisher":
+            needs["per-example gradients of one batch"] = data.dense_gradient_bytes(modules) + nbytes(
+                data.max_batch, total, dtype=torch.float64
+            )
         else:  # jac (t, V, P) in the parameters' dtype, its flattened copy and the float64 weighted rows
             needs["Jacobian of one example (t x V x P)"] = 2 * nbytes(
                 data.max_labelled, data.vocabulary, total
@@ -116,6 +130,15 @@ class ExactGGN(Curvature):
         return needs
 
     def _fit(self, model, modules, batches, loss_fn, progress) -> None:
+        if self.curvature == "fisher":  # the per-example gradients of loss_fn, as the diagonal strategy takes them
+            self.fit_blocks(
+                lambda: (
+                    per_example_gradients(model, modules, batch, loss_fn)
+                    for batch in progress(batches(), "exact Fisher")
+                ),
+                {m.name: m.shape for m in modules},
+            )
+            return
         total = sum(m.shape[0] * m.shape[1] for m in modules)
         params = {f"{m.name}.{suffix}": p for m in modules for suffix, p in zip(("weight", "bias"), m.parameters())}
         device = next(model.parameters()).device
@@ -124,7 +147,7 @@ class ExactGGN(Curvature):
         def log_probs(p, input_ids, attention_mask, positions):
             """``(t, V)`` float64 next-token log-probabilities at the predicting ``positions``."""
             logits = functional_call(
-                model, p, (), {"input_ids": input_ids[None], "attention_mask": attention_mask[None]}
+                model, p, (), model_inputs({"input_ids": input_ids[None], "attention_mask": attention_mask[None]})
             ).logits
             return F.log_softmax(logits[0, positions].double(), dim=-1)
 
@@ -187,7 +210,7 @@ class ExactGGN(Curvature):
                     model,
                     unflatten(flat),
                     (),
-                    {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                    model_inputs(batch),
                 ).logits
                 return per_example_loss(logits.double(), batch["labels"], "sum").sum()
 

@@ -39,7 +39,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from wherefrom.core.gradients import Batch, LossFn, per_example_gradients
-from wherefrom.core.task import IGNORE_INDEX, per_example_loss
+from wherefrom.core.task import IGNORE_INDEX, model_inputs, per_example_loss
 from wherefrom.core.tracking import TrackedModule
 from wherefrom.curvature.base import BatchSource, Progress, no_progress
 from wherefrom.curvature.exact import eager_attention
@@ -185,8 +185,7 @@ class GGNOperator:
 
     def _logits_fn(self, batch: Batch):
         def logits(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            return functional_call(self.model, p, (), kwargs).logits
+            return functional_call(self.model, p, (), model_inputs(batch)).logits
 
         return logits
 

@@ -16,6 +16,7 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from numbers import Integral, Real
 from typing import Any, Literal
 
 import torch
@@ -45,7 +46,7 @@ from wherefrom.core.scoring import (
 )
 from wherefrom.core.store import StageFolder
 from wherefrom.core.task import DrawCounts, LanguageModelingTask, UnmeasuredQuery, example_seeds
-from wherefrom.core.tracking import TrackedModule, output_layer, select_modules, selection_signature
+from wherefrom.core.tracking import TrackedModule, name_patterns, output_layer, select_modules, selection_signature
 from wherefrom.curvature import Curvature, configured_curvature
 from wherefrom.curvature.base import BatchSource, DataShape, Progress, no_progress
 from wherefrom.engine.passes import Kept, SharedPass, plan
@@ -53,6 +54,23 @@ from wherefrom.models.loading import eval_mode, model_fingerprint
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 """The ``autocast`` settings and the dtype each runs the model's forward passes in."""
+
+
+class IgnoredFisherWarning(UserWarning):
+    """``fisher="empirical"`` given to a strategy that forms its curvature from the model itself (``exact``,
+    ``cg``, ``lissa``, ``arnoldi`` with ``curvature="ggn"`` or ``"hessian"``): the setting changes no number."""
+
+
+NUMBER_SETTINGS = {
+    "batch_size": Integral,
+    "max_length": Integral,
+    "seed": Integral,
+    "query_rank": Integral,
+    "damping": Real,
+    "damping_factor": Real,
+}
+"""The numeric settings of :class:`AttributionConfig` and the kind each must be (``query_rank`` and ``damping`` may
+be ``None``): a ``batch_size`` of 2.5 or a ``seed`` of ``"a"`` failed deep in a pass, naming no setting."""
 
 
 @dataclass
@@ -105,6 +123,14 @@ class AttributionConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.include = name_patterns(self.include, "include")
+        self.exclude = name_patterns(self.exclude, "exclude")
+        for name, kind in NUMBER_SETTINGS.items():
+            value = getattr(self, name)
+            if value is None and name in ("query_rank", "damping"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"{name} must be {'an integer' if kind is Integral else 'a number'}, got {value!r}")
         if self.fisher not in ("true", "empirical"):
             raise ValueError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
         if self.normalize not in (None, "cosine"):
@@ -131,6 +157,8 @@ def checked_rows(rows: Rows, source: str) -> list[Record] | list[EncodedExample]
     for encoded rows, their ids with :func:`wherefrom.core.data.check_ids`). ``source`` names them in
     messages (``"training rows"``, ``"query rows"``). Raises :class:`~wherefrom.core.data.DataError` for an
     empty list, an invalid row or a repeated id."""
+    if isinstance(rows, (Record, EncodedExample)):
+        raise TypeError(f"{source} must be a list of rows; got one row ({rows.id!r}): pass [row]")
     rows = list(rows)
     if rows and isinstance(rows[0], EncodedExample):
         check_ids([row.id for row in rows], source)
@@ -194,6 +222,14 @@ class Attributor:
         task: LanguageModelingTask | None = None,
         progress: Progress = no_progress,
     ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module (wherefrom.models.loading.load_model(PATH).model loads one), got {model!r}"
+            )
+        if tokenizer is None or not callable(tokenizer):
+            raise TypeError(f"tokenizer must be the model's transformers tokenizer, got {tokenizer!r}")
+        if config is not None and not isinstance(config, AttributionConfig):
+            raise TypeError(f"config must be an AttributionConfig (AttributionConfig(**settings)), got {config!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or AttributionConfig()
@@ -384,6 +420,14 @@ class Attributor:
             raise ValueError(
                 f"strategy {self.curvature.name!r} forms the GGN of the summed completion loss itself; "
                 f"reduction={self.config.reduction!r} is not supported with it (use reduction='sum')"
+            )
+        if self.curvature.own_ggn and self.config.fisher == "empirical":
+            warnings.warn(
+                f"strategy {self.curvature.name!r} forms its {getattr(self.curvature, 'curvature', 'ggn')} from the "
+                "model itself: fisher='empirical' changes none of its numbers; give it the strategy option "
+                "curvature=fisher for the empirical Fisher (the mean g g^T of the data-label gradients)",
+                IgnoredFisherWarning,
+                stacklevel=2,
             )
         fisher_loss = self.fisher_loss_fn()
         self.kept = None

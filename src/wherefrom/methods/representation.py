@@ -35,6 +35,7 @@ from torch import nn
 from wherefrom.core.data import Record, check_records, records_key
 from wherefrom.core.encoding import EncodedExample, encode_records, iterate_batches, pad_id
 from wherefrom.core.scoring import Scores
+from wherefrom.core.task import model_inputs
 from wherefrom.models.loading import eval_mode, model_fingerprint
 
 Pooling = Literal["last_prompt", "last", "mean"]
@@ -131,9 +132,7 @@ class RepSim:
                 range(0, len(encoded), self.batch_size),
                 iterate_batches(encoded, self.batch_size, pad_id(self.tokenizer), self.device),
             ):
-                out = self.model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
-                )
+                out = self.model(**model_inputs(batch), output_hidden_states=True)
                 states = out.hidden_states
                 if not -len(states) <= self.layer < len(states):
                     raise IndexError(

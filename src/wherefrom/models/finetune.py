@@ -47,7 +47,7 @@ from torch import nn
 from wherefrom.core.data import Record, check_records, data_fingerprint
 from wherefrom.core.encoding import LAYOUT_SETTINGS, encode_records, iterate_batches, pad_id
 from wherefrom.core.store import atomic_write_dir, atomic_write_text, refuse_overwrite
-from wherefrom.core.task import per_example_loss
+from wherefrom.core.task import model_inputs, per_example_loss
 from wherefrom.core.tracking import is_linear
 from wherefrom.models.loading import is_peft, model_fingerprint, quiet_peft, tokenizer_fingerprint
 from wherefrom.models.optimizer_state import save_adam_state
@@ -530,7 +530,7 @@ def finetune(
             step_losses: list[float] = []
             for batch_ids, batch in iterate_batches(shuffled, config.batch_size, padding, device=device):
                 lr = float(optimizer.param_groups[0]["lr"])
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = model(**model_inputs(batch)).logits
                 loss = per_example_loss(logits, batch["labels"], "sum").mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -36,7 +36,7 @@ from torch import nn
 from wherefrom.core.commandline import command_line
 from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
 from wherefrom.core.gradients import Batch
-from wherefrom.core.task import IGNORE_INDEX
+from wherefrom.core.task import IGNORE_INDEX, model_inputs
 from wherefrom.models.finetune import read_trainer_state
 from wherefrom.models.loading import eval_mode, is_peft, load_model
 from wherefrom.studies.analyses.common import Bench, load_checkpoint, open_bench, write_report
@@ -166,7 +166,7 @@ def full_changes(tuned: nn.Module, base: nn.Module) -> list[ParameterChange]:
 
 def _log_probs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(log_probs (N, V) float64, targets (N,), batch rows (N,))`` at the completion positions."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logits = model(**model_inputs(batch)).logits[:, :-1]
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     rows = keep.nonzero()[:, 0]

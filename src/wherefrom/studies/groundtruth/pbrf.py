@@ -58,7 +58,7 @@ from torch import nn
 
 from wherefrom.core.data import Record, check_records
 from wherefrom.core.encoding import EncodedExample, collate, encode_records, pad_id
-from wherefrom.core.task import IGNORE_INDEX, per_example_loss
+from wherefrom.core.task import IGNORE_INDEX, model_inputs, per_example_loss
 from wherefrom.core.tracking import TrackedModule, select_modules
 from wherefrom.curvature.base import Progress, no_progress, relative_damping
 from wherefrom.curvature.iterative import ConvergenceWarning
@@ -183,7 +183,7 @@ class _Problem:
     def _completion_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at completion positions ``(tokens, V)`` (rows in order; at least float32) and their
         target token ids ``(tokens,)``."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(**model_inputs(batch)).logits
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE_INDEX
         work = torch.promote_types(logits.dtype, torch.float32)
@@ -345,7 +345,7 @@ def _measure(model: nn.Module, queries: list[EncodedExample], pad: int, batch_si
     with torch.no_grad():
         for start in range(0, len(queries), batch_size):
             batch = {k: v.to(device) for k, v in collate(queries[start : start + batch_size], pad).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(**model_inputs(batch)).logits
             values.append(-per_example_loss(logits.double(), batch["labels"], "sum").cpu())
     return torch.cat(values)
 
