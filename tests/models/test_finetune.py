@@ -378,3 +378,15 @@ def test_a_lora_target_that_names_no_module_is_refused_before_the_output_folder(
     ) as error:
         finetune(tiny_gpt2(len(tokenizer)), tokenizer, records[:2], lora_config(lora_targets=targets), tmp_path / "o")
     assert "'c_attn'" not in str(error.value) and not (tmp_path / "o").exists()
+
+
+def test_lora_rank_0_fine_tunes_every_weight_in_every_command(tmp_path):
+    """Every command's help says `--lora-rank 0` fine-tunes every weight; finetune, groundtruth and word-order
+    turned 0 into None each on its own, and bench passed it on: refused ("lora_rank must be >= 1 or None, got 0").
+    FinetuneConfig takes 0 as None, so bench's fine-tuning is a full one."""
+    from wherefrom.studies.bench import BenchConfig
+
+    assert FinetuneConfig(lora_rank=0).lora_rank is None
+    settings = BenchConfig(task="rules", out=str(tmp_path), lora_rank=0).finetune_config(0)
+    settings.validate()
+    assert settings.lora_rank is None

@@ -76,3 +76,13 @@ def test_shared_damping_of_tiny_gradients_is_their_own_not_zero(tokenizer):
 
     ordinary, tiny = damping(1e-15), damping(1e-25)
     assert tiny > 0 and tiny == pytest.approx(ordinary * 1e-20, rel=1e-4)
+
+
+def test_the_reference_of_an_empirical_fisher_diagnosis_is_the_empirical_fisher(setup, tokenizer):
+    """Under `fisher="empirical"` the exact reference formed the GGN all the same, so every empirical-Fisher
+    method was compared with another matrix than the one it approximates. It is the dense empirical Fisher now:
+    DataInf on one training row, exact there (Sherman-Morrison), matches it to round-off."""
+    model, train, queries = setup
+    config = AttributionConfig(batch_size=5, fisher="empirical")
+    rows, reason = diagnose(model, tokenizer, train[:1], queries, ["datainf"], config, exact_blocks="module")
+    assert reason is None and rows[0].ihvp_rel_error < 1e-4, rows[0]

@@ -308,3 +308,18 @@ def test_report_on_a_damaged_score_set_or_json_names_the_file(run_folder, tmp_pa
     (copy / "manifest.json").write_text("{'no': 1}")
     result = runner.invoke(app, ["report", str(copy)])
     assert result.exit_code == 2 and "manifest.json is not valid JSON" in result.output, result.output
+
+
+def test_query_html_of_a_row_among_proponents_and_opponents(query_view):
+    """With more proponents and opponents asked for than the run has rows (20 rows, --top-k 15), some rows are
+    both; `query --html` passed them twice to the token scores and ended in a traceback (duplicate id). Each is
+    scored once and shown in both lists, with the same tokens."""
+    root, _ = query_view
+    prompt, completion = "Determine the rewriting rule: a b c -> c b a\nRule:", " reverse"
+    page = root / "overlap.html"
+    args = ["query", prompt, completion, "--run", str(root / "run-report"), "--top-k", "15", "--json"]
+    result = runner.invoke(app, [*args, "--html", str(page)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    both = {e["id"] for e in report["proponents"]} & {e["id"] for e in report["opponents"]}
+    assert both and page.read_text().count('class="heatmap"') == 15 + 15 + 3

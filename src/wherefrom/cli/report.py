@@ -96,9 +96,15 @@ def write_query_html(out: Path, result: dict[str, Any], scores: Scores, opened: 
     rows = {r.id: r for r in opened.train}
     shown = {kind: [dict(entry) for entry in result[kind]] for kind in ("proponents", "opponents")}
     entries = shown["proponents"] + shown["opponents"]
-    _, per_row = opened.attributor.token_scores([record], [rows[e["id"]] for e in entries])
-    for entry, (_row_id, input_ids, values) in zip(entries, per_row):
-        entry["tokens"] = [[tokenizer.decode([t]), float(v)] for t, v in zip(input_ids, values[0])]
+    # a row among both the proponents and the opponents (a set of fewer than 2 x top-k rows) is scored once: the
+    # rows were passed as given and refused as a duplicate id, a traceback
+    _, per_row = opened.attributor.token_scores([record], [rows[i] for i in dict.fromkeys(e["id"] for e in entries)])
+    tokens = {
+        row_id: [[tokenizer.decode([t]), float(v)] for t, v in zip(input_ids, values[0])]
+        for row_id, input_ids, values in per_row
+    }
+    for entry in entries:
+        entry["tokens"] = tokens[entry["id"]]
     top = [rows[e["id"]] for e in shown["proponents"][:QUERY_SIDE_ROWS]]
     train_ids, query_side = opened.attributor.query_token_scores([record], top) if top else ([], [])
     query_tokens = []

@@ -64,7 +64,7 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
     try:
         refuse_foreign_folder(out)
         targets = {"lora_targets": lora_target} if lora_target else {}
-        rank = None if full or lora_rank == 0 else lora_rank
+        rank = None if full else lora_rank
         config = settings_as(FinetuneConfig, lora_rank=rank, append_eos=not no_eos, **targets)
         config.validate()
         records = load_records(train)

@@ -83,7 +83,7 @@ logger = logging.getLogger(__name__)
 class FinetuneConfig:
     """Hyper-parameters of :func:`finetune`.
 
-    ``lora_rank=None`` fine-tunes all parameters (then a smaller ``learning_rate``, such as 1e-5,
+    ``lora_rank=None`` (or 0) fine-tunes all parameters (then a smaller ``learning_rate``, such as 1e-5,
     suits real models); otherwise a LoRA adapter of that rank, scale ``lora_alpha / lora_rank``,
     no dropout and no bias is trained on ``lora_targets``. The learning rate is constant (AdamW,
     no warm-up or decay). ``max_length`` bounds prompt + completion tokens (a longer example raises
@@ -122,6 +122,10 @@ class FinetuneConfig:
     truncate: bool = False
     lora_dropout: float = 0.0
     lr_schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        if self.lora_rank == 0:  # the command line's "--lora-rank 0 fine-tunes every weight", in every command
+            self.lora_rank = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` on an impossible setting."""

@@ -4,7 +4,9 @@ For every method on one model and data set, :func:`diagnose` reports
 
 * ``ihvp_rel_error``: ``||P_method q - P_exact q|| / ||P_exact q||`` over all queries and tracked
   parameters (influence methods only), where ``P_exact = (G + lambda I)^-1`` with the dense GGN over
-  all tracked parameters (``exact_blocks="full"``, cross-module terms included) or its module blocks;
+  all tracked parameters (``exact_blocks="full"``, cross-module terms included) or its module blocks; under
+  ``fisher="empirical"`` ``G`` is the dense empirical Fisher, the matrix such methods approximate
+  (:func:`exact_options`);
 * ``spearman``: rank correlation of the method's ``(n_query, n_train)`` scores with exact scores,
   over all pairs, and ``spearman_per_query``, the mean over queries
   (:func:`wherefrom.studies.metrics.spearman_rows`);
@@ -79,6 +81,13 @@ def fit_reference(
     return reference
 
 
+def exact_options(config: AttributionConfig, exact_blocks: str) -> dict[str, str]:
+    """The options of :func:`diagnose`'s ``exact`` reference: ``exact_blocks``, and under ``config.fisher ==
+    "empirical"`` the dense empirical Fisher (``curvature="fisher"``), the matrix the methods fitted on it
+    approximate (the GGN, the true Fisher's expectation, was taken whatever the setting)."""
+    return {"blocks": exact_blocks, **({"curvature": "fisher"} if config.fisher == "empirical" else {})}
+
+
 def reference_bytes(
     model, tokenizer, train: Sequence[Record], config: AttributionConfig, exact_blocks: str = "full"
 ) -> int:
@@ -86,7 +95,7 @@ def reference_bytes(
     against the memory limit: the dense GGN, its inverse, one example's ``(t, V, P)`` Jacobian), predicted
     without a model pass, so that a caller can say it, or stop, before any work."""
     attributor = Attributor(
-        model, tokenizer, replace(config, strategy="exact", strategy_options={"blocks": exact_blocks})
+        model, tokenizer, replace(config, strategy="exact", strategy_options=exact_options(config, exact_blocks))
     )
     encoded = attributor.encoded(train)
     shape = DataShape.measure(model, lambda: attributor.batches(encoded).without_ids())
@@ -176,7 +185,7 @@ def diagnose(
     exact_scores = exact_queries = None
     reason = None
     try:
-        reference = fit_reference(model, tokenizer, train, config, "exact", blocks=exact_blocks)
+        reference = fit_reference(model, tokenizer, train, config, "exact", **exact_options(config, exact_blocks))
         if config.damping is None:
             config = replace(config, damping=shared_damping(reference.curvature, config.damping_factor))
             if not config.damping >= SMALLEST_DAMPING:  # G = 0: no influence to compare, a damping no method takes
@@ -187,7 +196,9 @@ def diagnose(
                     "track modules that get a gradient (include/exclude)"
                 )
             if exact_blocks == "module":  # its blocks were damped each by its own mean eigenvalue: refit
-                reference = fit_reference(model, tokenizer, train, config, "exact", blocks=exact_blocks)
+                reference = fit_reference(
+                    model, tokenizer, train, config, "exact", **exact_options(config, exact_blocks)
+                )
         query_ids, exact_queries = reference.preconditioned_queries(queries)
         train_gradients = reference.token_factor_stream(train, description="train gradients")
         exact_scores = reference.scores_from_gradients(query_ids, exact_queries, train_gradients).total.double()
