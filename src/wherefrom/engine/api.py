@@ -226,7 +226,7 @@ class Attributor:
             raise TypeError(
                 f"model must be a torch.nn.Module (wherefrom.models.loading.load_model(PATH).model loads one), got {model!r}"
             )
-        if tokenizer is None or not callable(tokenizer):
+        if tokenizer is None:
             raise TypeError(f"tokenizer must be the model's transformers tokenizer, got {tokenizer!r}")
         if config is not None and not isinstance(config, AttributionConfig):
             raise TypeError(f"config must be an AttributionConfig (AttributionConfig(**settings)), got {config!r}")
