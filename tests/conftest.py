@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from wherefrom.core.data import Record
-from wherefrom.models.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer, with_lora
+from wherefrom.models.tiny import tiny_gpt2, tiny_llama, tiny_opt, tiny_tokenizer, with_lora
 
 # Parallel test runs on a 2-core machine: set WHEREFROM_TEST_THREADS=1 to avoid oversubscription.
 torch.set_num_threads(int(os.environ.get("WHEREFROM_TEST_THREADS", "2")))
@@ -32,35 +32,12 @@ def make_records(n: int, seed: int, prefix: str = "r") -> list[Record]:
     return rows
 
 
-def tiny_opt(vocab: int, seed: int = 0) -> torch.nn.Module:
-    """A random ``OPTForCausalLM`` (fp32, eval, 1 layer, 128 positions): its decoder layer folds the positions into
-    the rows before ``fc1``/``fc2``, which see ``(B * T, hidden)``."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    tokens = tiny_tokenizer()
-    config = OPTConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        ffn_dim=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=128,
-        word_embed_proj_dim=16,
-        dropout=0.0,
-        pad_token_id=tokens.pad_token_id,
-        bos_token_id=tokens.bos_token_id,
-        eos_token_id=tokens.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    return OPTForCausalLM(config).eval()
-
-
 def build_model(kind: str, seed: int = 0) -> torch.nn.Module:
     """``llama`` (Linear), ``gpt2`` (Conv1D), ``opt`` (``fc1``/``fc2`` fed positions folded into rows) or
     ``lora`` (LoRA A/B on a tiny Llama), tiny sizes."""
     vocab = len(tiny_tokenizer())
     if kind == "opt":
-        return tiny_opt(vocab, seed)
+        return tiny_opt(vocab, hidden=16, layers=1, heads=2, seed=seed)
     if kind == "llama":
         return tiny_llama(vocab, hidden=16, intermediate=32, layers=1, seed=seed)
     if kind == "gpt2":

@@ -180,6 +180,28 @@ def tiny_gpt2(
     return _build(GPT2LMHeadModel, config, seed)
 
 
+def tiny_opt(vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> nn.Module:
+    """A randomly initialised ``OPTForCausalLM`` (fp32, eval mode, 128 positions, dropout 0): its decoder layers
+    fold the positions into the rows before ``fc1``/``fc2``, which see ``(B * T, hidden)``; ``pad_token_id``/
+    ``eos_token_id`` match :func:`tiny_tokenizer`."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        ffn_dim=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=128,
+        word_embed_proj_dim=hidden,
+        dropout=0.0,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=EOS_ID,
+    )
+    return _build(OPTForCausalLM, config, seed)
+
+
 def _is_gpt2(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) == "gpt2"
 
