@@ -174,7 +174,7 @@ def test_a_module_called_on_rows_that_are_not_the_batchs_is_named(tokenizer, tra
     mlp.forward = lambda x: model.model.layers[0].positions_first(original(x))
     attributor = Attributor(model, tokenizer, AttributionConfig(include=["positions_first"], batch_size=5))
     with pytest.raises(
-        ValueError, match=r"module 'model\.layers\.0\.positions_first\.down_proj' was called on a tensor"
+        ValueError, match=r"module 'model\.layers\.0\.positions_first\.down_proj' was called on inputs of leading size"
     ):
         attributor.scores(train_records[:2], train_records)
 
@@ -247,3 +247,50 @@ def test_a_model_frozen_whole_scores_as_a_trainable_one(tokenizer, train_records
     for m in frozen.modules:
         m.module.weight.requires_grad_(True)
     assert not any(m.has_bias for m in Attributor(model, tokenizer, config).modules)
+
+
+def test_a_module_that_sees_some_tokens_of_one_row_gets_that_rows_gradient(tokenizer, train_records, query_records):
+    """An expert of a mixture sees some of the batch's tokens, gathered as ``(n, d)``: with one row per batch
+    they are all that row's (they were taken for n rows: a failed batch, or scores of the wrong rows), so the
+    scores equal the autograd dot products; with more rows per batch the leading size is refused by name unless
+    it happens to be the batch's row count (the README says so)."""
+    model = build_model("llama")
+    mlp = model.model.layers[0].mlp
+
+    class EveryOtherToken(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            flat = x.reshape(-1, x.shape[-1])
+            chosen = torch.arange(0, flat.shape[0], 2)
+            out = torch.zeros(flat.shape[0], self.inner.out_features, dtype=x.dtype)
+            return out.index_copy(0, chosen, self.inner(flat[chosen])).reshape(*x.shape[:-1], -1)
+
+    mlp.down_proj = EveryOtherToken(mlp.down_proj)
+    attributor = Attributor(
+        model, tokenizer, AttributionConfig(strategy="identity", include=["down_proj.inner"], batch_size=1)
+    )
+    pad = pad_id(tokenizer)
+    train = torch.stack(
+        [autograd_gradient(model, attributor.modules, e, pad) for e in attributor.encode(train_records)]
+    )
+    queries = torch.stack(
+        [autograd_gradient(model, attributor.modules, e, pad) for e in attributor.encode(query_records)]
+    )
+    scores = attributor.scores(query_records, train_records)
+    torch.testing.assert_close(scores.total, queries @ train.T, rtol=1e-4, atol=1e-5)
+
+
+def test_numpy_numbers_are_taken_as_python_numbers():
+    """`AttributionConfig(damping=np.float32(0.1))` passed the type check, then the fit refused it as an option of
+    the wrong kind, and `batch_size=np.int64(4)` made the config unwritable as JSON."""
+    import json
+
+    import numpy as np
+
+    config = AttributionConfig(damping=np.float32(0.5), batch_size=np.int64(4), seed=np.int32(3))
+    assert (config.damping, config.batch_size, config.seed) == (0.5, 4, 3)
+    assert all(type(getattr(config, k)) in (int, float) for k in ("damping", "batch_size", "seed"))
+    json.dumps(config.to_dict())

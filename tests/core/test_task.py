@@ -159,3 +159,17 @@ def test_tensors_that_require_grad_are_merged_by_identity_only():
     once(inputs_embeds=embeds)
     with pytest.raises(ValueError, match="same arguments"):
         once(inputs_embeds=torch.ones(1, 2, 3, requires_grad=True))
+
+
+def test_a_model_without_position_ids_takes_left_padded_rows_as_before(tokenizer):
+    """Left-padded rows get `position_ids` only from a model whose forward takes them: a model outside
+    transformers without that parameter failed on an unexpected keyword (review); it places the rows itself,
+    here a Llama (rotary, so its scores equal the ones with positions counted from the first real token)."""
+    from wherefrom.engine.api import AttributionConfig, Attributor
+
+    model = build_model("llama")
+    rows = make_records(6, seed=5)
+    config = AttributionConfig(strategy="identity", pad_left=True, max_length=48, batch_size=3)
+    expected = Attributor(model, tokenizer, config).scores(rows[:2], rows).total
+    wrapped = Attributor(_Wrapped(model), tokenizer, config).scores(rows[:2], rows).total
+    torch.testing.assert_close(wrapped, expected, rtol=1e-4, atol=1e-5)

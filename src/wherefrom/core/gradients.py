@@ -54,22 +54,27 @@ class TokenFactors:
 
 def _as_3d(x: torch.Tensor, shape: tuple[int, int] | None, name: str) -> torch.Tensor:
     """A tracked module's input or output gradient ``x`` as ``(B, T', d)`` for a batch of ``shape`` ``(B, T)``:
-    ``(B, d)`` is one position per row; ``(B * T, d)``, the positions folded into the rows (OPT's ``fc1``/``fc2``
-    see the hidden states so), is unfolded to ``(B, T, d)`` (it was taken for ``B * T`` rows of one position: the
-    scores had ``B * T`` rows, silently, or the batch failed on unequal sizes); ``(B, ..., d)`` flattens the
-    middle. ``ValueError`` naming module ``name`` when the leading size is neither ``B`` nor ``B * T``. A batch
-    without token tensors (``shape`` ``None``: a model of other inputs) takes ``x``'s leading size for ``B``."""
+    ``(B * T, d)``, the positions folded into the rows (OPT's ``fc1``/``fc2`` see the hidden states so), is
+    unfolded to ``(B, T, d)`` (it was taken for ``B * T`` rows of one position: the scores had ``B * T`` rows,
+    silently, or the batch failed on unequal sizes); ``(B, d)`` is one position per row (a head on a pooled
+    state); ``(B, ..., d)`` flattens the middle; for one row (``B = 1``) any ``(n, d)`` is that row's ``n``
+    positions (an expert of a mixture that saw ``n`` of its tokens). ``ValueError`` naming module ``name`` when
+    the leading size is none of these. Assumed, and not checkable: a ``(B, d)`` input holds one position of each
+    row, in row order (an expert of a mixture that receives exactly ``B`` tokens of a larger batch is credited to
+    the wrong rows: exclude such modules, or score one row per batch). A batch without token tensors (``shape``
+    ``None``: a model of other inputs) takes ``x``'s leading size for ``B``."""
     rows, positions = shape if shape is not None else (x.shape[0], 1)
     if x.dim() == 2 and x.shape[0] == rows:
         return x.unsqueeze(1)
-    if x.dim() == 2 and x.shape[0] == rows * positions:
-        return x.reshape(rows, positions, x.shape[-1])
+    if x.dim() == 2 and (x.shape[0] == rows * positions or rows == 1):
+        return x.reshape(rows, -1, x.shape[-1])
     if x.dim() >= 3 and x.shape[0] == rows:
         return x if x.dim() == 3 else x.reshape(rows, -1, x.shape[-1])
     raise ValueError(
-        f"module {name!r} was called on a tensor of shape {tuple(x.shape)}, whose leading size is neither the "
-        f"batch's {rows} rows nor its {rows} x {positions} positions: its per-example gradients cannot be told "
-        "apart; leave it out of the tracked modules (exclude)"
+        f"module {name!r} was called on inputs of leading size {x.shape[0]} ({x.dim()}-D), neither the batch's "
+        f"{rows} rows nor its {rows} x {positions} positions: its per-example gradients cannot be told apart "
+        "(e.g. an expert of a mixture, which sees some of the tokens); leave it out of the tracked modules "
+        "(exclude), or score one row per batch (batch_size=1)"
     )
 
 

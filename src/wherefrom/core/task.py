@@ -53,18 +53,27 @@ class UnmeasuredQuery(ValueError):
         self.row = row
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keyword arguments of a model call on ``batch`` (:func:`wherefrom.core.encoding.collate`): ``input_ids``
-    and ``attention_mask`` ``(B, T)``, and, when a row is left-padded (``pad_left``: attention 0 at its first
-    position), ``position_ids`` ``(B, T)`` counted from each row's first real token (0 on its padding), the rule
-    of ``transformers``' ``generate``. Without them a model with absolute positions (GPT-2) read a left-padded
-    row's tokens at positions shifted by its padding: its scores changed with ``max_length``, and matched no
-    unpadded pass. Right-padded batches get no ``position_ids`` (the model's own ``0 .. T-1`` are those)."""
+def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keyword arguments of a call of ``model`` on ``batch`` (:func:`wherefrom.core.encoding.collate`):
+    ``input_ids`` and ``attention_mask`` ``(B, T)``, and, when a row is left-padded (``pad_left``: attention 0 at
+    its first position) and the model's ``forward`` takes them (:func:`base_model`'s class: a ``position_ids``
+    parameter or ``**kwargs``), ``position_ids`` ``(B, T)`` counted from each row's first real token (0 on its
+    padding), the rule of ``transformers``' ``generate``. Without them a model with absolute positions (GPT-2)
+    read a left-padded row's tokens at positions shifted by its padding: its scores changed with ``max_length``,
+    and matched no unpadded pass. Right-padded batches get no ``position_ids`` (the model's own ``0 .. T-1`` are
+    those); a model whose ``forward`` takes none places left-padded rows as it does itself."""
     mask = batch["attention_mask"]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": mask}
-    if mask.numel() and bool((mask[:, 0] == 0).any()):
+    if mask.numel() and bool((mask[:, 0] == 0).any()) and _takes_positions(type(base_model(model))):
         inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
     return inputs
+
+
+@functools.cache
+def _takes_positions(model_type: type) -> bool:
+    """Whether ``model_type.forward`` takes ``position_ids`` (by name, or through ``**kwargs``)."""
+    parameters = inspect.signature(model_type.forward).parameters.values()
+    return any(p.name == "position_ids" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -219,7 +228,7 @@ def labelled_predictions(
     filled = torch.arange(width, device=labels.device) < counts.unsqueeze(1)
     positions = torch.where(filled, positions, 0)
     kept = torch.where(filled, targets.gather(1, positions), IGNORE_INDEX)
-    inputs = model_inputs(batch)
+    inputs = model_inputs(model, batch)
     base = base_model(model)
     peft = getattr(model, "active_peft_config", None)
     if not every_position and not getattr(peft, "is_prompt_learning", False) and _keeps_logits(type(base)):

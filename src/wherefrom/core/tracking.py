@@ -169,8 +169,9 @@ def select_modules(
     Default: if the model has LoRA layers, their ``lora_A``/``lora_B`` Linear modules (the trained
     parameters); otherwise every ``nn.Linear``/``Conv1D`` except the LM head and embeddings.
     Biases are tracked when present, unless frozen beside a trainable weight (a fine-tuning that trained the
-    weights alone); a module frozen whole is tracked with its bias, as when it is trainable. Raises ``ValueError`` when nothing matches, and
-    when a chosen module's parameter is shared with another module (:func:`check_unshared`).
+    weights alone); a module frozen whole is tracked with its bias, as when it is trainable. Raises
+    ``ValueError`` when nothing matches, and when a chosen module's parameter is shared with another module
+    (:func:`check_unshared`).
     """
     include, exclude = name_patterns(include, "include"), name_patterns(exclude, "exclude")
     candidates = [(n, m) for n, m in model.named_modules() if is_linear(m)]

@@ -147,7 +147,10 @@ class ExactGGN(Curvature):
         def log_probs(p, input_ids, attention_mask, positions):
             """``(t, V)`` float64 next-token log-probabilities at the predicting ``positions``."""
             logits = functional_call(
-                model, p, (), model_inputs({"input_ids": input_ids[None], "attention_mask": attention_mask[None]})
+                model,
+                p,
+                (),
+                model_inputs(model, {"input_ids": input_ids[None], "attention_mask": attention_mask[None]}),
             ).logits
             return F.log_softmax(logits[0, positions].double(), dim=-1)
 
@@ -210,7 +213,7 @@ class ExactGGN(Curvature):
                     model,
                     unflatten(flat),
                     (),
-                    model_inputs(batch),
+                    model_inputs(model, batch),
                 ).logits
                 return per_example_loss(logits.double(), batch["labels"], "sum").sum()
 

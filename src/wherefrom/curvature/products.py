@@ -185,7 +185,7 @@ class GGNOperator:
 
     def _logits_fn(self, batch: Batch):
         def logits(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return functional_call(self.model, p, (), model_inputs(batch)).logits
+            return functional_call(self.model, p, (), model_inputs(self.model, batch)).logits
 
         return logits
 

@@ -131,6 +131,8 @@ class AttributionConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ValueError(f"{name} must be {'an integer' if kind is Integral else 'a number'}, got {value!r}")
+            if not isinstance(value, (int, float)):  # numpy's: kept, they failed later checks and JSON
+                setattr(self, name, int(value) if kind is Integral else float(value))
         if self.fisher not in ("true", "empirical"):
             raise ValueError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
         if self.normalize not in (None, "cosine"):
@@ -224,7 +226,8 @@ class Attributor:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(
-                f"model must be a torch.nn.Module (wherefrom.models.loading.load_model(PATH).model loads one), got {model!r}"
+                f"model must be a torch.nn.Module (wherefrom.models.loading.load_model(PATH).model loads one), "
+                f"got {model!r}"
             )
         if tokenizer is None:
             raise TypeError(f"tokenizer must be the model's transformers tokenizer, got {tokenizer!r}")

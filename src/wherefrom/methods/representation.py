@@ -132,7 +132,7 @@ class RepSim:
                 range(0, len(encoded), self.batch_size),
                 iterate_batches(encoded, self.batch_size, pad_id(self.tokenizer), self.device),
             ):
-                out = self.model(**model_inputs(batch), output_hidden_states=True)
+                out = self.model(**model_inputs(self.model, batch), output_hidden_states=True)
                 states = out.hidden_states
                 if not -len(states) <= self.layer < len(states):
                     raise IndexError(

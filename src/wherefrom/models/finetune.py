@@ -534,7 +534,7 @@ def finetune(
             step_losses: list[float] = []
             for batch_ids, batch in iterate_batches(shuffled, config.batch_size, padding, device=device):
                 lr = float(optimizer.param_groups[0]["lr"])
-                logits = model(**model_inputs(batch)).logits
+                logits = model(**model_inputs(model, batch)).logits
                 loss = per_example_loss(logits, batch["labels"], "sum").mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

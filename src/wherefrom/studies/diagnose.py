@@ -35,7 +35,7 @@ from wherefrom.core.data import Record
 from wherefrom.core.option_pairs import options_for
 from wherefrom.curvature.base import SMALLEST_DAMPING, Curvature, DataShape, Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor
-from wherefrom.methods.registry import InfluenceMethod, make_method
+from wherefrom.methods.registry import InfluenceMethod, make_method, method_spec
 from wherefrom.studies import toolkit
 from wherefrom.studies.metrics import spearman_rows
 from wherefrom.studies.toolkit import failure_cell, markdown_table, measured, number, provenance
@@ -81,11 +81,22 @@ def fit_reference(
     return reference
 
 
-def exact_options(config: AttributionConfig, exact_blocks: str) -> dict[str, str]:
-    """The options of :func:`diagnose`'s ``exact`` reference: ``exact_blocks``, and under ``config.fisher ==
-    "empirical"`` the dense empirical Fisher (``curvature="fisher"``), the matrix the methods fitted on it
-    approximate (the GGN, the true Fisher's expectation, was taken whatever the setting)."""
-    return {"blocks": exact_blocks, **({"curvature": "fisher"} if config.fisher == "empirical" else {})}
+def fisher_options(name: str, config: AttributionConfig, given: dict[str, Any]) -> dict[str, Any]:
+    """Method ``name``'s options ``given``, with ``curvature="fisher"`` added under ``config.fisher ==
+    "empirical"`` for a method that takes a ``curvature`` and was given none (``exact``, ``cg``, ``lissa``,
+    ``arnoldi``): their GGN and Hessian are formed from the model, so the setting did not reach them, and they
+    were compared with another matrix than the others (review: ``exact`` showed an error of 0.90)."""
+    takes = any(option.name == "curvature" for option in method_spec(name).options)
+    if config.fisher == "empirical" and takes and "curvature" not in given:
+        return {**given, "curvature": "fisher"}
+    return dict(given)
+
+
+def exact_options(config: AttributionConfig, exact_blocks: str) -> dict[str, Any]:
+    """The options of :func:`diagnose`'s ``exact`` reference: ``exact_blocks``, on the dense empirical Fisher under
+    ``config.fisher == "empirical"`` (:func:`fisher_options`), the matrix the methods fitted on it approximate
+    (the GGN, the true Fisher's expectation, was taken whatever the setting)."""
+    return fisher_options("exact", config, {"blocks": exact_blocks})
 
 
 def reference_bytes(
@@ -207,7 +218,8 @@ def diagnose(
     rows = []
     for name in progress(list(methods), "methods"):
         try:
-            method = make_method(name, model, tokenizer, config, **options_for(method_options, name))
+            options = fisher_options(name, config, options_for(method_options, name))
+            method = make_method(name, model, tokenizer, config, **options)
             with measured(device) as cost:
                 method.fit(train)
                 scores = method.scores(queries, train)

@@ -166,7 +166,7 @@ def full_changes(tuned: nn.Module, base: nn.Module) -> list[ParameterChange]:
 
 def _log_probs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(log_probs (N, V) float64, targets (N,), batch rows (N,))`` at the completion positions."""
-    logits = model(**model_inputs(batch)).logits[:, :-1]
+    logits = model(**model_inputs(model, batch)).logits[:, :-1]
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     rows = keep.nonzero()[:, 0]

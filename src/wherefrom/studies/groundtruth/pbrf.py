@@ -183,7 +183,7 @@ class _Problem:
     def _completion_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at completion positions ``(tokens, V)`` (rows in order; at least float32) and their
         target token ids ``(tokens,)``."""
-        logits = self.model(**model_inputs(batch)).logits
+        logits = self.model(**model_inputs(self.model, batch)).logits
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE_INDEX
         work = torch.promote_types(logits.dtype, torch.float32)
@@ -345,7 +345,7 @@ def _measure(model: nn.Module, queries: list[EncodedExample], pad: int, batch_si
     with torch.no_grad():
         for start in range(0, len(queries), batch_size):
             batch = {k: v.to(device) for k, v in collate(queries[start : start + batch_size], pad).items()}
-            logits = model(**model_inputs(batch)).logits
+            logits = model(**model_inputs(model, batch)).logits
             values.append(-per_example_loss(logits.double(), batch["labels"], "sum").cpu())
     return torch.cat(values)
 
