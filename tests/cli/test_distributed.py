@@ -157,6 +157,7 @@ def test_what_does_not_distribute_is_refused_by_name(workspace, monkeypatch):
     run.mkdir()  # refused from its recorded config, before the process group and the model
     recorded = RunConfig.for_method("logra", str(workspace / "train.jsonl"), AttributionConfig(), {}, model="nowhere")
     (run / "config.json").write_text(json.dumps(recorded.to_dict()))
+    (run / "manifest.json").write_text("{}")  # a run folder holds both (the manifest is read after the model loads)
     scored = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl")
     assert scored.exit_code == 2, scored.output
     assert "scoring method 'logra' cannot run under torch.distributed" in " ".join(scored.output.split())
