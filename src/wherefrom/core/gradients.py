@@ -142,7 +142,6 @@ def shared_token_factors(
             )
         joined_a, joined_mask = joined[inputs]
         lengths = tuple(a.shape[1] for a in unfolded)
-        del unfolded
         for k, per_loss in enumerate(calls):
             # pop: each module's raw captures are freed once converted
             gradients = [

@@ -303,10 +303,14 @@ class Curvature(ABC):
     takes_source: ClassVar[bool] = False
     """True for strategies whose fitting stages can read a given data source instead of their own model
     passes (:meth:`fit`'s ``source``: ``kfac``, ``ekfac``)."""
-    own_ggn: bool = False
-    """True for strategies that form the GGN (or Hessian) of the summed token loss themselves (``exact`` and the
-    operator strategies, unless ``curvature="fisher"``) instead of using the ``loss_fn`` handed to :meth:`fit`:
-    the Fisher setting (true or empirical) does not reach them."""
+
+    @property
+    def own_ggn(self) -> bool:
+        """True for strategies that form the GGN (or Hessian) of the summed token loss themselves instead of using
+        the ``loss_fn`` handed to :meth:`fit`: those with a ``curvature`` option (``exact`` and the operator
+        strategies) on ``"ggn"`` or ``"hessian"``; on ``"fisher"`` they take the fitting loss's gradients as the
+        others do. The Fisher setting (true or empirical) does not reach the former."""
+        return getattr(self, "curvature", None) in ("ggn", "hessian")
 
     def __init__(self, damping: float | None = None, damping_factor: float = 0.1):
         check_damping(damping, damping_factor)

@@ -63,7 +63,6 @@ class ExactGGN(Curvature):
     """
 
     name = "exact"
-    own_ggn = True
     distributes = True
 
     def __init__(
@@ -80,7 +79,6 @@ class ExactGGN(Curvature):
             raise ValueError(f"curvature must be 'ggn', 'hessian' or 'fisher', got {curvature!r}")
         self.blocks = blocks
         self.curvature = curvature
-        self.own_ggn = curvature != "fisher"
 
     option_specs = from_signature(
         __init__,

@@ -78,7 +78,6 @@ class OperatorCurvature(Curvature):
     """
 
     needs_operator: ClassVar[bool] = True
-    own_ggn = True
 
     def __init__(
         self,
@@ -95,7 +94,6 @@ class OperatorCurvature(Curvature):
         if probes < 1:
             raise ValueError(f"probes must be >= 1, got {probes}")
         self.curvature = curvature
-        self.own_ggn = curvature != "fisher"  # the Fisher of the fitting loss is that loss's
         self.probes = probes
         self.seed = seed
         self.max_vectors = max_vectors
