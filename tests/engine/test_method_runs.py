@@ -11,6 +11,7 @@ import torch
 
 from tests.engine.robust_workspace import make_workspace
 from wherefrom.core.data import load_records
+from wherefrom.core.store import record_checksum, recorded_checksums
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch
 from wherefrom.methods.registry import METHODS, make_method, method_settings
@@ -100,3 +101,41 @@ def test_method_run_refuses_index_and_bad_option(workspace, tmp_path):
         run.scores(load_records(workspace / "queries.jsonl"))
     with pytest.raises(ValueError, match="dims"):
         method_settings("trak", ATTRIBUTION, {"dims": 8})
+
+
+def test_a_tokenizer_that_encodes_otherwise_is_refused_and_version_1_records_still_open(workspace, tmp_path):
+    """A run and its index record the tokenizer's fingerprint: one that encodes the same text to other ids (the
+    same vocabulary and special tokens) is refused by name. A run made before version 2 of the fingerprint
+    (records holding the version-1 digest, rewritten here) opens, reuses its fit and reads its index as before."""
+    from tests.models.test_models import appends_eos, version_1
+
+    root = tmp_path / "copy"
+    shutil.copytree(workspace, root, ignore=shutil.ignore_patterns("checkpoint-*"))
+    options = options_of("logra", root)
+    config = RunConfig.for_method("logra", str(root / "train.jsonl"), ATTRIBUTION, options, model=str(root / "model"))
+    folder = tmp_path / "run"
+    run = Run.create(folder, replace(config, device="cpu"))
+    run.fit()
+    run.build_index(shard_size=4)
+    queries = load_records(root / "queries.jsonl")
+    before = run.store_scores(queries, run.open_index())
+    tokenizer = run.loaded.tokenizer
+
+    appends_eos(load_model(root / "model").tokenizer).save_pretrained(root / "model")
+    with pytest.raises(RunMismatch, match=r"^tokenizer changed since this run was made"):
+        Run.open(folder, device="cpu")
+    tokenizer.save_pretrained(root / "model")
+
+    current, old = run.loaded.tokenizer_fingerprint, version_1(tokenizer)
+    records = [path for path in folder.rglob("*.json") if current in path.read_text()]
+    assert {path.relative_to(folder).as_posix() for path in records} >= {"manifest.json", "index/settings.json"}
+    for path in records:
+        path.write_text(path.read_text().replace(current, old))
+        if path.name in recorded_checksums(path.parent):
+            record_checksum(path)  # as the version that wrote it recorded it
+    reopened = Run.open(folder, device="cpu")
+    assert reopened.loaded.tokenizer_fingerprint == old
+    after = reopened.store_scores(queries, reopened.open_index())
+    assert torch.equal(after.per_module, before.per_module)
+    assert Run.create(folder, replace(config, device="cpu")).fit() is False  # the fit is reused
+    assert old in (folder / "manifest.json").read_text()

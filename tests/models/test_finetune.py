@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from wherefrom.core.data import DataError, data_fingerprint
-from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
-from wherefrom.core.store import OutputExists
+from wherefrom.core.encoding import TokenBoundaryWarning, encode_records, iterate_batches, pad_id
+from wherefrom.core.store import OutputExists, record_checksum, recorded_checksums
 from wherefrom.core.task import per_example_loss
 from wherefrom.models.finetune import FinetuneConfig, finetune, read_trainer_state
 from wherefrom.models.tiny import save_tiny, tiny_gpt2, tiny_llama, tiny_tokenizer
@@ -390,3 +390,46 @@ def test_lora_rank_0_fine_tunes_every_weight_in_every_command(tmp_path):
     settings = BenchConfig(task="rules", out=str(tmp_path), lora_rank=0).finetune_config(0)
     settings.validate()
     assert settings.lora_rank is None
+
+
+def test_a_tokenizer_that_encodes_otherwise_retrains_and_a_version_1_record_is_reused(tokenizer, records, tmp_path):
+    """A fine-tuning is reused only with a tokenizer that encodes as the recorded one did (version 2 of the
+    fingerprint; version 1 took one that adds ``<eos>`` for the same); one finished before version 2 (its
+    ``finetune_config.json`` holding the version-1 digest) is still reused."""
+    from tests.models.test_models import appends_eos, version_1
+
+    out, small = tmp_path / "run", records[:8]
+    first = finetune(tiny_llama(len(tokenizer)), tokenizer, small, lora_config(epochs=1), out, progress=False)
+    shutil.copytree(out, tmp_path / "old")
+    other = appends_eos(tiny_tokenizer())
+    assert version_1(other) == version_1(tokenizer)
+    with pytest.warns(TokenBoundaryWarning):  # the <eos> it appends is not in the completion's tokens
+        retrained = finetune(tiny_llama(len(other)), other, small, lora_config(epochs=1), out, progress=False)
+    assert not retrained.reused
+
+    config = tmp_path / "old" / "finetune_config.json"
+    saved = json.loads(config.read_text())
+    saved["tokenizer_fingerprint"] = version_1(tokenizer)
+    config.write_text(json.dumps(saved))
+    again = finetune(
+        tiny_llama(len(tokenizer)), tokenizer, small, lora_config(epochs=1), tmp_path / "old", progress=False
+    )
+    assert again.reused and again.epoch_losses == first.epoch_losses
+    assert json.loads(config.read_text())["tokenizer_fingerprint"] == version_1(tokenizer)
+
+
+def test_an_interrupted_run_of_version_1_resumes(tokenizer, records, tmp_path, monkeypatch):
+    """A fine-tuning killed before version 2 of the tokenizer fingerprint (its training state's identity holding the
+    version-1 digest) resumes after its last epoch, as it did."""
+    from tests.models.test_models import version_1
+
+    config, out = lora_config(epochs=2), tmp_path / "killed"
+    interrupt(tiny_llama, tokenizer, records, config, out, monkeypatch, stop_after=5)  # stopped in epoch 2
+    (state,) = (out / "resume").glob("*/state.json")
+    saved = json.loads(state.read_text())
+    saved["identity"]["tokenizer_fingerprint"] = version_1(tokenizer)
+    state.write_text(json.dumps(saved))
+    if state.name in recorded_checksums(state.parent):
+        record_checksum(state)  # as the version that wrote it recorded it
+    resumed = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, out, progress=False)
+    assert resumed.resumed_after == 1

@@ -23,6 +23,7 @@ from wherefrom.models.loading import (
     model_fingerprint,
     pick_device,
     quiet_peft,
+    recorded_tokenizer_fingerprint,
     tokenizer_fingerprint,
 )
 from wherefrom.models.tiny import (
@@ -165,6 +166,79 @@ def test_tokenizer_fingerprint_sees_chat_template(tok):
     assert tokenizer_fingerprint(other) == tokenizer_fingerprint(tok)
     other.chat_template = "{{ messages[0]['content'] }}"
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)
+
+
+def appends_eos(tokenizer):
+    """``tokenizer`` made to add ``<eos>`` after every text (as ``add_eos_token``/``add_bos_token`` do): the same
+    vocabulary, special tokens and chat template, other ids."""
+    from tokenizers import processors
+
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <eos>", special_tokens=[("<eos>", EOS_ID)]
+    )
+    return tokenizer
+
+
+def version_1(tokenizer) -> str:
+    """The tokenizer fingerprint of wherefrom before version 2, written out here: vocabulary, special tokens and
+    chat template only."""
+    import hashlib
+
+    special = {
+        "map": tokenizer.special_tokens_map,
+        "all": sorted(str(t) for t in tokenizer.all_special_tokens),
+        "ids": {key: getattr(tokenizer, f"{key}_token_id") for key in ("pad", "eos", "bos", "unk")},
+    }
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": special,
+        "chat_template": tokenizer.chat_template,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def test_tokenizer_fingerprint_sees_how_text_is_encoded(tok):
+    """Tokenizers that give other ids for the same text, with the same vocabulary and special tokens, have other
+    fingerprints (version 1 called them equal): an added special token, another normaliser."""
+    from tokenizers import normalizers
+
+    added = appends_eos(tiny_tokenizer())
+    assert added("ab")["input_ids"] != tok("ab")["input_ids"]
+    assert version_1(added) == version_1(tok)
+    assert tokenizer_fingerprint(added) != tokenizer_fingerprint(tok)
+    cased = tiny_tokenizer()
+    cased.backend_tokenizer.normalizer = normalizers.Sequence([])  # "A" is <unk> now, not "a"
+    assert version_1(cased) == version_1(tok)
+    assert tokenizer_fingerprint(cased) != tokenizer_fingerprint(tok)
+    assert tokenizer_fingerprint(tiny_tokenizer()) == tokenizer_fingerprint(tok)
+
+
+def test_a_tokenizer_loaded_as_another_class_has_another_fingerprint(tmp_path, tok):
+    """A Qwen2 folder saved with a generic tokenizer: transformers loads a Qwen2Tokenizer, which encodes the same
+    text otherwise; :func:`load_model`'s fingerprint is not the saved tokenizer's (version 1's was)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, max_position_embeddings=128,
+    )  # fmt: skip
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path, device="cpu")
+    if loaded.tokenizer("cat dog:")["input_ids"] == tok("cat dog:")["input_ids"]:
+        pytest.skip(f"this transformers loads a tokenizer that encodes as the saved one ({type(loaded.tokenizer)})")
+    assert version_1(loaded.tokenizer) == version_1(tok)
+    assert loaded.tokenizer_fingerprint != tokenizer_fingerprint(tok)
+
+
+def test_a_version_1_record_is_taken_where_it_matches(tok):
+    current = tokenizer_fingerprint(tok)
+    assert recorded_tokenizer_fingerprint(version_1(tok), tok, current) == version_1(tok)
+    assert recorded_tokenizer_fingerprint(current, tok, current) == current
+    other = tiny_tokenizer()
+    other.chat_template = "{{ messages[0]['content'] }}"
+    for recorded in (version_1(other), None, 3, "0" * 64):
+        assert recorded_tokenizer_fingerprint(recorded, tok, current) == current
 
 
 # ---------------------------------------------------------------------------- LoRA

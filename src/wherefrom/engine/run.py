@@ -111,7 +111,7 @@ from wherefrom.methods.saved import META_FILE, TENSORS_FILE, load_fitted, save_f
 from wherefrom.methods.tracin import TracIn, finetune_checkpoints, interleave_checkpoints
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_CONFIG
 from wherefrom.models.finetune import TRAINER_STATE_FILE
-from wherefrom.models.loading import LoadedModel, load_model
+from wherefrom.models.loading import LoadedModel, load_model, recorded_tokenizer_fingerprint
 from wherefrom.models.optimizer_state import OPTIMIZER_STATE_FILE, AdamState, MissingOptimizerState
 
 TRAIN_GRADIENT_SETTINGS = (GRADIENT_SETTINGS - {"query_without_eos", "normalize"}) | {"reduction"}
@@ -347,7 +347,7 @@ class Run:
     ):
         self.folder = Path(folder)
         self.config = config
-        self.loaded = loaded
+        self.loaded = self.in_recorded_form(loaded)
         self.train = checked_rows(train, f"training rows ({config.train})")
         self.attributor = Attributor(loaded.model, loaded.tokenizer, config.attribution, progress=progress)
         self.method: Method | None = None
@@ -362,6 +362,17 @@ class Run:
         run's settings again under its lock, since another process may have recorded its own in between."""
         self.notices: list[str] = []
         """What a writer found and repaired (damaged files rebuilt, partial state of unknown settings discarded)."""
+
+    def in_recorded_form(self, loaded: LoadedModel) -> LoadedModel:
+        """``loaded`` with its tokenizer fingerprint in the form the folder's ``manifest.json`` recorded it
+        (:func:`wherefrom.models.loading.recorded_tokenizer_fingerprint`): a run made before version 2 of the
+        fingerprint keeps its records, and the settings of its factors and store, in version 1."""
+        try:
+            recorded = read_json_object(self.folder / "manifest.json").get("tokenizer_fingerprint")
+        except (OSError, ValueError):  # no manifest yet, or a damaged one (checked where it is read)
+            return loaded
+        form = recorded_tokenizer_fingerprint(recorded, loaded.tokenizer, loaded.tokenizer_fingerprint)
+        return loaded if form == loaded.tokenizer_fingerprint else replace(loaded, tokenizer_fingerprint=form)
 
     # --- opening -------------------------------------------------------------------------------
     @classmethod

@@ -37,6 +37,7 @@ import random
 import re
 import shutil
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,15 @@ from wherefrom.core.encoding import LAYOUT_SETTINGS, encode_records, iterate_bat
 from wherefrom.core.store import atomic_write_dir, atomic_write_text, refuse_overwrite
 from wherefrom.core.task import model_inputs, per_example_loss
 from wherefrom.core.tracking import is_linear
-from wherefrom.models.loading import is_peft, model_fingerprint, quiet_peft, tokenizer_fingerprint
+from wherefrom.models.loading import (
+    is_peft,
+    model_fingerprint,
+    quiet_peft,
+    recorded_tokenizer_fingerprint,
+    tokenizer_fingerprint,
+)
 from wherefrom.models.optimizer_state import save_adam_state
+from wherefrom.models.training_state import JSON_FILE as STATE_JSON
 from wherefrom.models.training_state import TrainingStateMismatch, latest_training_state, save_training_state
 
 __all__ = [
@@ -303,15 +311,27 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     return json.loads((Path(checkpoint) / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
 
 
-def _identity(config: FinetuneConfig, records: Sequence[Record], model: nn.Module, tokenizer: Any) -> dict[str, Any]:
-    """What must match for a saved run to be reused."""
+def _identity(
+    config: FinetuneConfig, records: Sequence[Record], model: nn.Module, tokenizer: Any, output_dir: Path
+) -> dict[str, Any]:
+    """What must match for a saved run to be reused or an interrupted one resumed; the tokenizer's fingerprint in
+    the form ``output_dir``'s finished run or training states recorded it (a run made before version 2 of the
+    fingerprint keeps version 1: :func:`wherefrom.models.loading.recorded_tokenizer_fingerprint`)."""
+    current = tokenizer_fingerprint(tokenizer)
+    form = current
+    for path in (output_dir / CONFIG_FILE, *sorted((output_dir / RESUME_DIR).glob(f"*/{STATE_JSON}"))):
+        with suppress(OSError, ValueError):  # missing or damaged: not a record (checked where it is read)
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            recorded = saved.get("identity", saved) if isinstance(saved, dict) else None
+            if isinstance(recorded, dict) and form == current:
+                form = recorded_tokenizer_fingerprint(recorded.get("tokenizer_fingerprint"), tokenizer, current)
     return {
         "format": _FORMAT_VERSION,
         "config": config.to_dict(),
         "data_fingerprint": data_fingerprint(records),
         "num_records": len(records),
         "base_model_fingerprint": model_fingerprint(model),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "tokenizer_fingerprint": form,
     }
 
 
@@ -466,7 +486,7 @@ def finetune(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    identity = _identity(config, records, model, tokenizer)
+    identity = _identity(config, records, model, tokenizer, output_dir)
     device = _device_of(model)
     reusable = _try_reuse(output_dir, identity)
     if reusable is not None:

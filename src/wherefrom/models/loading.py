@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
+    "TOKENIZER_FINGERPRINT_VERSION",
+    "TOKENIZER_PROBES",
     "LoadedModel",
     "ModelLoadError",
     "cache_root",
@@ -48,6 +50,7 @@ __all__ = [
     "model_fingerprint",
     "pick_device",
     "quiet_peft",
+    "recorded_tokenizer_fingerprint",
     "tokenizer_fingerprint",
 ]
 
@@ -580,26 +583,73 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A sha256 hex digest of a tokenizer's vocabulary, special tokens and chat template.
+TOKENIZER_PROBES = (
+    "The cat sat on the mat.",
+    " leading space",
+    "two  spaces and\ttab\nnew line\r\n",
+    "MiXeD CaSe UPPER lower",
+    "digits 0123456789 3.14159 -42 1e-5",
+    "punctuation: !?,;'\"()[]{}<>@#$%^&*_+=~`|\\/",
+    "accents: café naïve Ångström façade",
+    "unicode: 你好世界 こんにちは 안녕하세요 Привет مرحبا",
+    "emoji: 🙂🚀👍🏽",
+    "code: def f(x):\n    return x ** 2  # square",
+    "   ",
+    "",
+)
+"""Texts :func:`tokenizer_fingerprint` encodes: ids that differ on any of them (another pre-tokenizer, normaliser,
+BPE merges, an added BOS/EOS, ...) give another fingerprint, where vocabulary and special tokens are the same."""
 
-    Covers the sorted ``get_vocab()`` items, the special tokens (``special_tokens_map``,
-    ``all_special_tokens`` and the pad/eos/bos/unk ids) and ``chat_template``. Two tokenizers
-    with the same digest map text to the same ids for all practical purposes of this library.
-    """
-    vocab = sorted(tokenizer.get_vocab().items())
+TOKENIZER_FINGERPRINT_VERSION = 2
+"""The form :func:`tokenizer_fingerprint` computes. Version 1 (wherefrom before it was 2) hashed the vocabulary,
+the special tokens and the chat template only: tokenizers that encode the same text to other ids (``add_bos_token``
+set, another pre-tokenizer, a tokenizer class chosen by transformers on loading) shared a fingerprint."""
+
+
+def _tokenizer_description(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Vocabulary, special tokens and chat template: what version 1 of the fingerprint hashed."""
     special = {
         "map": getattr(tokenizer, "special_tokens_map", None),
         "all": sorted(str(t) for t in (getattr(tokenizer, "all_special_tokens", None) or [])),
         "ids": {key: getattr(tokenizer, f"{key}_token_id", None) for key in ("pad", "eos", "bos", "unk")},
     }
-    payload = {
-        "vocab": vocab,
+    return {
+        "vocab": sorted(tokenizer.get_vocab().items()),
         "special": special,
         "chat_template": getattr(tokenizer, "chat_template", None),
     }
+
+
+def _digest(payload: dict[str, Any]) -> str:
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=_jsonable)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A sha256 hex digest of what a tokenizer is and how it encodes (version :data:`TOKENIZER_FINGERPRINT_VERSION`).
+
+    Covers the sorted ``get_vocab()`` items, the special tokens (``special_tokens_map``, ``all_special_tokens``
+    and the pad/eos/bos/unk ids), ``chat_template``, and the ids of every :data:`TOKENIZER_PROBES` text encoded
+    with and without special tokens, so a tokenizer that encodes otherwise (``add_bos_token``, a normaliser,
+    pre-tokenizer or merges of its own) has another digest. Identical across ``save_pretrained``/
+    ``from_pretrained`` when the loaded tokenizer encodes as the saved one. Records of version 1 are still
+    accepted where they match (:func:`recorded_tokenizer_fingerprint`).
+    """
+    probes = [
+        [list(tokenizer(text, add_special_tokens=special)["input_ids"]) for text in TOKENIZER_PROBES]
+        for special in (True, False)
+    ]
+    return _digest({"version": TOKENIZER_FINGERPRINT_VERSION, **_tokenizer_description(tokenizer), "probes": probes})
+
+
+def recorded_tokenizer_fingerprint(recorded: Any, tokenizer: PreTrainedTokenizerBase, current: str) -> str:
+    """The fingerprint to compare with a record, in the form it was made: ``recorded`` when it is ``tokenizer``'s
+    version-1 digest (a run, store or fine-tuning made before version 2, whose recorded settings keep that form),
+    else ``current`` (``tokenizer``'s :func:`tokenizer_fingerprint`). A version-1 record cannot tell tokenizers
+    that encode otherwise apart (see :data:`TOKENIZER_FINGERPRINT_VERSION`): it is taken as it was before."""
+    if isinstance(recorded, str) and recorded != current and recorded == _digest(_tokenizer_description(tokenizer)):
+        return recorded
+    return current
 
 
 @contextmanager

@@ -52,7 +52,7 @@ from wherefrom.core.store import (
     settings_differences,
 )
 
-__all__ = ["TrainingState", "TrainingStateMismatch", "latest_training_state", "save_training_state"]
+__all__ = ["JSON_FILE", "TrainingState", "TrainingStateMismatch", "latest_training_state", "save_training_state"]
 
 FORMAT = 1
 TENSORS_FILE = "state.safetensors"
