@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 
 from tests.studies.failing import failing_methods
+from tests.studies.replayed import config_of_line, off_default
 from wherefrom.core.data import DataError
+from wherefrom.models.finetune import FinetuneConfig
 from wherefrom.models.tiny import save_tiny
 from wherefrom.studies.bench import (
     BenchConfig,
@@ -352,3 +354,38 @@ def test_options_off_default_drops_only_constructor_options_at_their_defaults():
     assert options_off_default("logra", given) == {"dim_out": 8, "damping_factor": 0.1}  # a setting option stays
     assert options_off_default("lissa", {"depth": 1000, "scale": None, "seed": 1}) == {"seed": 1}
     assert options_off_default("no-such-method", {"a": 1}) == {"a": 1}
+
+
+def test_bench_command_line_gives_back_its_config(tmp_path, tiny_model):
+    """Every setting of a bench, each off its default, survives :func:`command_line` and the CLI: the command a bench
+    records is one that reruns it (``append_eos=False`` was left out: no ``--no-eos``, so the recorded command of a
+    reference-study bench, as ablate runs it, appended EOS); ``bench`` takes ``--lora-target`` as ``groundtruth``
+    does."""
+    import wherefrom.studies.bench as module
+
+    config = BenchConfig(
+        task="rules", out=str(tmp_path / "b"), methods=["gradsim", "ekfac"], seeds=[1, 2], n_train=10, n_test=3,
+        model=tiny_model, epochs=3, learning_rate=2e-3, lora_rank=2, batch_size=4, max_length=96, damping=0.01,
+        damping_factor=0.2, device="cpu", method_options={"gradsim": {"reduction": "mean"}}, fisher="empirical",
+        template="Q: {prompt} A: {completion}", append_eos=False, pad_left=True, loss_tokens="all", truncate=True,
+        lora_alpha=16, lora_dropout=0.1, lr_schedule="linear", lora_targets=["q_proj", "o_proj"],
+    )  # fmt: skip
+    recorded_only = {"preset", "finetune_dir"}
+    assert off_default(config, recorded_only) == []
+    parsed = config_of_line(command_line(config), module, "run_bench")
+    assert {k: v for k, v in parsed.items() if k not in recorded_only} == {
+        k: v for k, v in asdict(config).items() if k not in recorded_only
+    }
+
+
+def test_bench_lora_targets_reach_the_fine_tuning_and_the_keys_of_methods_that_run_it():
+    from wherefrom.studies.bench import row_key
+
+    base = BenchConfig(task="rules", out="o")
+    chosen = replace(base, lora_targets=["o_proj"])
+    assert chosen.finetune_config(0).lora_targets == ["o_proj"]
+    assert base.finetune_config(0).lora_targets == FinetuneConfig().lora_targets
+    task = make_task("rules", 8, 2, 0)
+    assert row_key(chosen, 0, "gradsim", task) != row_key(base, 0, "gradsim", task)
+    assert row_key(chosen, 0, "bm25", task) == row_key(base, 0, "bm25", task)  # runs no model
+    assert "lora_targets" not in row_key(base, 0, "gradsim", task)  # rows cached before it keep matching

@@ -13,6 +13,7 @@ import torch
 
 from tests.conftest import build_model, make_records
 from tests.studies.failing import failing_methods
+from tests.studies.replayed import config_of_line, off_default
 from wherefrom.core.scoring import Scores
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.models.tiny import tiny_tokenizer
@@ -243,3 +244,48 @@ def test_cli_groundtruth_and_evaluate(folder, tmp_path):
     assert unused.exit_code == 2 and "method 'lissa' does not run here (methods run: identity)" in unused.output
     result = runner.invoke(app, ["evaluate", str(tmp_path / "missing"), "--methods", "identity"])
     assert result.exit_code == 2 and "not a ground-truth folder" in result.output
+
+
+def test_groundtruth_command_line_gives_back_its_config(tmp_path):
+    """Every setting of a ground truth, each off its default, survives :func:`command_line` and the CLI, the
+    fine-tuning settings ``bench`` takes included (the input layout, LoRA alpha and dropout, the schedule: ground
+    truth had none of them, so no ground truth could be built for a bench run with them)."""
+    import wherefrom.studies.groundtruth.build as module
+
+    config = GroundTruthConfig(
+        task="rules", out=str(tmp_path / "gt"), n_train=10, n_test=3, model=str(tmp_path), epochs=3,
+        learning_rate=2e-3, lora_rank=2, lora_targets=["q_proj"], batch_size=4, max_length=96, lora_alpha=16,
+        lora_dropout=0.1, lr_schedule="linear", template="Q: {prompt} A: {completion}", append_eos=False,
+        pad_left=True, loss_tokens="all", truncate=True, alpha=0.25, n_subsets=5, subset_seeds=2, loo_rows=3,
+        loo_seeds=3, pbrf_rows=2, pbrf_options={"steps": 5}, workers=2, seed=4, device="cpu",
+    )  # fmt: skip
+    assert off_default(config, set()) == []
+    assert config_of_line(command_line(config), module, "build_groundtruth") == asdict(config)
+
+
+def test_a_ground_truth_fine_tunes_measures_and_attributes_with_its_layout(tmp_path):
+    """A ground truth's input layout reaches its fine-tuning (recorded with the model), the measured queries
+    ``f(z_q)`` (the fine-tuned model's loss under that layout) and the attribution that ``evaluate`` starts from."""
+    from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
+    from wherefrom.core.task import LanguageModelingTask
+    from wherefrom.models.loading import load_model
+
+    layout = {"template": "Q {prompt} A {completion}", "append_eos": False, "loss_tokens": "all"}
+    gt = build_small(tmp_path, n_subsets=0, loo_rows=1, loo_seeds=1, epochs=1, **layout)
+    recorded = json.loads((gt.folder / "model" / "finetune_config.json").read_text())["config"]
+    assert {k: recorded[k] for k in layout} == layout
+    attribution = gt.config.attribution()
+    assert {k: getattr(attribution, k) for k in layout} == layout
+
+    tuned = load_model(gt.folder / "model" / "model", device="cpu")
+    queries = gt.task.test
+
+    def measured(**given) -> np.ndarray:
+        examples = encode_records(queries, tuned.tokenizer, max_length=64, **given)
+        batches = iterate_batches(examples, 8, pad_id(tuned.tokenizer))
+        with torch.no_grad():
+            return torch.cat([LanguageModelingTask().measurement(tuned.model, b) for _, b in batches]).double().numpy()
+
+    full = json.loads((gt.folder / "groundtruth.json").read_text())["full_model_f"]
+    np.testing.assert_allclose(full, measured(**layout), rtol=1e-5)
+    assert np.abs(np.asarray(full) - measured()).max() > 1e-2  # the default layout measures another function

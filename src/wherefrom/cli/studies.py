@@ -94,8 +94,8 @@ def explicit_bench_settings(option: list[str] | None, methods: list[str]) -> dic
     return {**explicit, "method_options": options} if options else explicit
 
 
-@command(uses=(*PRESET_SETTINGS, "n_train", "n_test", "model", "device", "threads"))
-def bench(task, out, methods, seeds, option, preset, no_eos, **settings) -> None:
+@command(uses=(*PRESET_SETTINGS, "lora_target", "n_train", "n_test", "model", "device", "threads"))
+def bench(task, out, methods, seeds, option, preset, no_eos, lora_target, **settings) -> None:
     """Every method on a benchmark task over seeds: metrics with 95% intervals, time and memory.
 
     --methods defaults to ekfac,kfac,datainf,gradsim,tracin,repsim,bm25 and --seeds to 0. --preset
@@ -110,7 +110,12 @@ def bench(task, out, methods, seeds, option, preset, no_eos, **settings) -> None
         leave_to_preset(PRESET_SETTINGS)
 
     def build() -> BenchConfig:
-        chosen = {"out": str(out), "methods": method_list(methods, DEFAULT_METHODS), "seeds": int_list(seeds or "0")}
+        chosen = {
+            "out": str(out),
+            "methods": method_list(methods, DEFAULT_METHODS),
+            "seeds": int_list(seeds or "0"),
+            "lora_targets": lora_target or None,
+        }
         if preset is None:
             settings = {"method_options": method_pairs(option, chosen["methods"]), "append_eos": not no_eos}
         else:
@@ -272,6 +277,7 @@ def demo(cache, n_train, n_queries, epochs, model, device, threads) -> None:
 @command(
     uses=(
         *FINETUNING,
+        *REFERENCE_FINETUNING,
         "n_train",
         "n_test",
         "model",
@@ -286,7 +292,7 @@ def demo(cache, n_train, n_queries, epochs, model, device, threads) -> None:
         "threads",
     )
 )
-def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, **settings) -> None:
+def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, no_eos, **settings) -> None:
     """Ground truth for attribution: retrain on LDS subsets and leave-one-out sets, and PBRF; resumable.
 
     --out receives groundtruth.json, lds/loo/pbrf.safetensors, model/, jobs/ and config.json."""
@@ -299,6 +305,7 @@ def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, **setti
             out=str(out),
             lora_rank=lora_rank or None,
             lora_targets=lora_target,
+            append_eos=not no_eos,
             n_subsets=subsets,
             pbrf_options=merged_options(pbrf_option, "*", "--pbrf-option"),
         )

@@ -67,11 +67,14 @@ from wherefrom.studies.toolkit import (
 
 __all__ = [
     "DEFAULT_METHODS",
+    "LATER_FINETUNING",
+    "LAYOUT",
     "BenchConfig",
     "build_task",
     "check_task_name",
     "command_line",
     "finetuned",
+    "later_flags",
     "make_task",
     "method_row",
     "row_key",
@@ -85,11 +88,15 @@ DEFAULT_METHODS = ["ekfac", "kfac", "datainf", "gradsim", "tracin", "repsim", "b
 _FORMAT_VERSION = 1
 LAYOUT = ("template", "append_eos", "pad_left", "loss_tokens", "truncate")
 """The input-layout settings shared by fine-tuning and attribution (:func:`wherefrom.core.encoding.encode_records`)."""
-_LATER_FINETUNING = (*LAYOUT, "lora_alpha", "lora_dropout", "lr_schedule")
-LATER = ("fisher", *_LATER_FINETUNING)
+LATER_FINETUNING = (*LAYOUT, "lora_alpha", "lora_dropout", "lr_schedule")
+"""The fine-tuning settings beyond the first ones (epochs, learning rate, LoRA rank, batch size, length): the input
+layout, LoRA alpha and dropout, the schedule; ``bench`` and ``groundtruth`` take them alike."""
+LATER = ("fisher", *LATER_FINETUNING, "lora_targets")
 """Settings added after bench rows were first cached: in a row's key (and the command line) only when not at their default."""
+_LATER_RUNS_MODEL = (*LATER_FINETUNING, "lora_targets")
+"""The settings of :data:`LATER` in the key of every method that runs the fine-tuned model."""
 _FINETUNING = ("model", "epochs", "learning_rate", "lora_rank", "batch_size", "max_length")
-"""The first settings of the seeds' fine-tuning (:meth:`BenchConfig.finetune_config`, with :data:`_LATER_FINETUNING`):
+"""The first settings of the seeds' fine-tuning (:meth:`BenchConfig.finetune_config`, with :data:`LATER_FINETUNING`):
 in the key of every method that runs the fine-tuned model."""
 _NOT_AGGREGATED = {"k", "n_queries", "per_query"}
 _UNIT_INTERVAL = {"acc", "cover", "cover_ceiling", "mrr", "auprc", "auroc", "recall_at_k"}
@@ -110,8 +117,8 @@ class BenchConfig:
     :func:`wherefrom.methods.registry.make_method`; the key ``"*"`` applies to every method.
     ``damping`` / ``damping_factor`` / ``fisher`` and the input layout ``template`` / ``append_eos`` /
     ``pad_left`` / ``loss_tokens`` / ``truncate``: as in :class:`wherefrom.engine.api.AttributionConfig` (the layout
-    also applies to fine-tuning); ``lora_alpha`` / ``lora_dropout`` / ``lr_schedule``: as in
-    :class:`wherefrom.models.finetune.FinetuneConfig`. ``preset``: the name of the preset
+    also applies to fine-tuning); ``lora_alpha`` / ``lora_dropout`` / ``lr_schedule`` / ``lora_targets`` (``None``:
+    its default): as in :class:`wherefrom.models.finetune.FinetuneConfig`. ``preset``: the name of the preset
     (:data:`wherefrom.studies.presets.PRESETS`) the settings were resolved from, recorded only.
     ``finetune_dir``: where the seeds' fine-tuned models live (default ``out/seed-<s>/finetune``); given,
     each fine-tuning gets the folder ``<finetune_dir>/<hash of its settings>``, so runs that fine-tune
@@ -143,6 +150,7 @@ class BenchConfig:
     lora_alpha: int = 8
     lora_dropout: float = 0.0
     lr_schedule: str = "constant"
+    lora_targets: list[str] | None = None
     preset: str | None = None
     finetune_dir: str | None = None
 
@@ -177,6 +185,7 @@ class BenchConfig:
             lora_dropout=self.lora_dropout,
             lr_schedule=self.lr_schedule,
             **{key: getattr(self, key) for key in LAYOUT},
+            **({} if self.lora_targets is None else {"lora_targets": list(self.lora_targets)}),
         )
 
     def attribution_config(self, seed: int) -> AttributionConfig:
@@ -260,11 +269,26 @@ def command_line(config: BenchConfig) -> str:
             ("--seeds", ",".join(map(str, config.seeds))),
             *field_flags(config, ("n_train", "n_test", "model", "device", "epochs", "learning_rate", "lora_rank")),
             *field_flags(config, ("batch_size", "max_length", "damping", "damping_factor")),
-            *field_flags(config, [k for k in LATER if getattr(config, k) != getattr(BenchConfig, k)]),
+            *later_flags(config, LATER),
             ("--option", format_option_pairs(used)),
             ("--out", config.out),
         ],
     )
+
+
+OTHER_FLAGS: dict[str, Callable[[Any], tuple[str, Any]]] = {
+    "append_eos": lambda value: ("--no-eos", not value),
+    "lora_targets": lambda value: ("--lora-target", value),
+}
+"""``(flag, value)`` on the command line of the configuration fields whose flag is not their name."""
+
+
+def later_flags(config: Any, names: Sequence[str]) -> list[tuple[str, Any]]:
+    """``(--flag, value)`` of the settings ``names`` of the configuration ``config`` (a dataclass: its class
+    attributes are the defaults) that are off their default, for :func:`wherefrom.core.commandline.command_line`
+    (:data:`OTHER_FLAGS`: ``append_eos`` as ``--no-eos``, ``lora_targets`` as ``--lora-target``)."""
+    changed = [k for k in names if getattr(config, k) != getattr(type(config), k)]
+    return [OTHER_FLAGS[k](getattr(config, k)) if k in OTHER_FLAGS else field_flags(config, [k])[0] for k in changed]
 
 
 def rows_key(config: BenchConfig, task: BenchTask) -> dict[str, Any]:
@@ -305,7 +329,7 @@ def row_key(config: BenchConfig, seed: int, method: str, task: BenchTask) -> dic
         "options": options_off_default(method, config.options_for(method)),
         **({k: getattr(config, k) for k in _FINETUNING} if runs_model else {}),
         **(model_key(config.model) if runs_model else {}),
-        **{k: v for k, v in later.items() if k in spec.settings_read or (runs_model and k in _LATER_FINETUNING)},
+        **{k: v for k, v in later.items() if k in spec.settings_read or (runs_model and k in _LATER_RUNS_MODEL)},
         **rows_key(config, task),
     }
 

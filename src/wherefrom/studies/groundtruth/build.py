@@ -50,7 +50,7 @@ from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.tracin import finetune_checkpoints
 from wherefrom.models.finetune import ADAPTER_DIR, MODEL_DIR, FinetuneConfig, finetune
 from wherefrom.models.loading import load_model
-from wherefrom.studies.bench import check_task_name, make_task, short_of_sizes
+from wherefrom.studies.bench import LATER_FINETUNING, LAYOUT, check_task_name, later_flags, make_task, short_of_sizes
 from wherefrom.studies.benchtasks import BenchTask
 from wherefrom.studies.groundtruth.lds import loo_effect, loo_noise, sample_subsets
 from wherefrom.studies.groundtruth.retrain import SCRATCH_PREFIX, FinetuneRetrainer, measure_queries, run_jobs
@@ -71,7 +71,10 @@ class GroundTruthConfig:
     model folder (``None``: the default model). Fine-tuning: ``epochs``, ``learning_rate``,
     ``lora_rank`` (``None``: full fine-tuning, e.g. of a tiny model from a saved random init),
     ``lora_targets`` (``None``: :class:`wherefrom.models.finetune.FinetuneConfig`'s default), ``batch_size``,
-    ``max_length``. Budget: ``n_subsets`` LDS subsets of fraction ``alpha`` (0 skips LDS), each
+    ``max_length``, and as in ``bench`` (:data:`wherefrom.studies.bench.LATER_FINETUNING`) ``lora_alpha``,
+    ``lora_dropout``, ``lr_schedule`` and the input layout ``template`` / ``append_eos`` / ``pad_left`` /
+    ``loss_tokens`` / ``truncate``, which the attribution of ``evaluate``, ``tune`` and PBRF takes too
+    (:meth:`attribution`). Budget: ``n_subsets`` LDS subsets of fraction ``alpha`` (0 skips LDS), each
     trained ``subset_seeds`` times; ``loo_rows`` rows left out (0 skips LOO), each and the full set
     trained ``loo_seeds`` times; ``pbrf_rows`` rows for PBRF (0 skips it) with ``pbrf_options``
     (fields of :class:`wherefrom.studies.groundtruth.pbrf.PBRFConfig`). ``workers``: parallel retraining
@@ -89,6 +92,14 @@ class GroundTruthConfig:
     lora_targets: list[str] | None = None
     batch_size: int = 8
     max_length: int = 256
+    lora_alpha: int = FinetuneConfig.lora_alpha
+    lora_dropout: float = FinetuneConfig.lora_dropout
+    lr_schedule: str = FinetuneConfig.lr_schedule
+    template: str | None = FinetuneConfig.template
+    append_eos: bool = FinetuneConfig.append_eos
+    pad_left: bool = FinetuneConfig.pad_left
+    loss_tokens: str = FinetuneConfig.loss_tokens
+    truncate: bool = FinetuneConfig.truncate
     alpha: float = 0.5
     n_subsets: int = 32
     subset_seeds: int = 1
@@ -128,12 +139,15 @@ class GroundTruthConfig:
             seed=self.seed if seed is None else seed,
             lora_rank=self.lora_rank,
             checkpoint_every_epoch=True,
+            **{key: getattr(self, key) for key in LATER_FINETUNING},
             **extra,
         )
 
     def attribution(self) -> AttributionConfig:
-        """The :class:`wherefrom.engine.api.AttributionConfig` that PBRF and ``evaluate`` start from."""
-        return AttributionConfig(batch_size=self.batch_size, max_length=self.max_length, seed=self.seed)
+        """The :class:`wherefrom.engine.api.AttributionConfig` that PBRF, ``evaluate`` and ``tune`` start from (the
+        fine-tuning's batch size, length and input layout)."""
+        layout = {key: getattr(self, key) for key in LAYOUT}
+        return AttributionConfig(batch_size=self.batch_size, max_length=self.max_length, seed=self.seed, **layout)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GroundTruthConfig:
@@ -152,8 +166,9 @@ def command_line(config: GroundTruthConfig) -> str:
         [
             *field_flags(config, ("task", "n_train", "n_test", "model", "device", "epochs", "learning_rate")),
             ("--lora-rank", config.lora_rank or 0),
-            ("--lora-target", config.lora_targets),
-            *field_flags(config, ("batch_size", "max_length", "alpha")),
+            *field_flags(config, ("batch_size", "max_length")),
+            *later_flags(config, ("lora_targets", *LATER_FINETUNING)),
+            *field_flags(config, ("alpha",)),
             ("--subsets", config.n_subsets),
             *field_flags(config, ("subset_seeds", "loo_rows", "loo_seeds", "pbrf_rows")),
             ("--pbrf-option", format_option_pairs({"*": config.pbrf_options})),
@@ -246,7 +261,9 @@ def build_groundtruth(
     tick = time.perf_counter()
     loaded = load_model(config.model, device=config.device)
     tuned = finetune(loaded.model, loaded.tokenizer, train, config.finetune_config(), out / "model", progress=False)
-    full_f = measure_queries(tuned.model, loaded.tokenizer, queries, config.batch_size, config.max_length)
+    full_f = measure_queries(
+        tuned.model, loaded.tokenizer, queries, config.batch_size, **config.finetune_config().layout()
+    )
     timings["finetune_s"] = time.perf_counter() - tick
     say(f"full-data model: {'reused' if tuned.reused else 'trained'} ({timings['finetune_s']:.1f} s)")
     epoch_losses = tuned.epoch_losses

@@ -100,13 +100,18 @@ def measure_queries(
     tokenizer: Any,
     queries: Sequence[Record],
     batch_size: int = 8,
-    max_length: int = 512,
-    chat_template: bool = False,
+    **layout: Any,
 ) -> np.ndarray:
     """``(n_query,)`` float64 ``f(z_q) = log p(completion | prompt)`` (nats, summed over completion
-    tokens; :meth:`wherefrom.core.task.LanguageModelingTask.measurement`) under ``torch.no_grad`` in eval mode."""
+    tokens; :meth:`wherefrom.core.task.LanguageModelingTask.measurement`) under ``torch.no_grad`` in eval mode.
+
+    ``layout``: the keywords of :func:`wherefrom.core.encoding.encode_records` the rows are encoded with
+    (``max_length``, ``template``, ``append_eos``, ``pad_left``, ``loss_tokens``, ...;
+    :meth:`wherefrom.models.finetune.FinetuneConfig.layout`): the fine-tuning's, so the measured function is the one
+    the model was trained on and the attribution differentiates (``loss_tokens="all"``: summed over every labelled
+    token)."""
     queries = check_records(queries, "query rows")
-    examples = encode_records(queries, tokenizer, max_length=max_length, chat_template=chat_template, model=model)
+    examples = encode_records(queries, tokenizer, model=model, **layout)
     device = next(model.parameters()).device
     task = LanguageModelingTask()
     values: list[torch.Tensor] = []
@@ -179,12 +184,7 @@ class FinetuneRetrainer:
         with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=self.scratch) as folder:
             tuned = finetune(loaded.model, loaded.tokenizer, rows, config, folder, progress=False, resumable=False)
             return measure_queries(
-                tuned.model,
-                loaded.tokenizer,
-                self.queries,
-                self.measure_batch_size,
-                config.max_length,
-                config.chat_template,
+                tuned.model, loaded.tokenizer, self.queries, self.measure_batch_size, **config.layout()
             )
 
 
