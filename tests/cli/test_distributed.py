@@ -331,3 +331,59 @@ def test_setting_options_in_a_run_config_options_are_refused(workspace, tmp_path
     with pytest.raises(ValueError, match=r"RunConfig.options holds setting options \['reduction'\]"):
         Run.create(tmp_path / "run", config)
     assert not (tmp_path / "run").exists()
+
+
+def ranks_by_hand(commands: list[list], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """One process per rank of a 2-process gloo group, started by hand (as a multi-node launch or a script does) with
+    its own arguments ``commands[rank]`` (``python -m wherefrom.cli ARGS``); their results in rank order. A rank
+    that fails before the group forms leaves the others waiting (torch gives up after its timeout)."""
+    import socket
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    source = str(Path(__file__).resolve().parents[2] / "src")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")]),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(len(commands)),
+        "LOCAL_WORLD_SIZE": str(len(commands)),
+    }
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-m", "wherefrom.cli", *map(str, args)],
+            cwd=cwd,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            **pipes,
+        )
+        for r, args in enumerate(commands)
+    ]
+    results = []
+    for process in started:
+        out, err = process.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return results
+
+
+def test_ranks_started_with_other_arguments_are_refused_by_flag_before_anything_is_written(workspace, one, tmp_path):
+    """Rank 1 given another ``--shard-size``: rank 0 had recorded its own settings and written its shards, then died
+    at the barrier with a gloo traceback (a closed connection) while rank 1 refused. Now every rank refuses at once,
+    naming the flag and both values, and no index is started; ``--device``/``--threads`` may differ."""
+    run = tmp_path / "run"
+    shutil.copytree(one, run)
+    shutil.rmtree(run / "scores")
+    results = ranks_by_hand([["index", "--run", run, "--shard-size", s, "--threads", 1] for s in (6, 4)], workspace)
+    for done in results:
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert done.stderr.strip().splitlines() == [
+            "error: the 2 processes of this torch.distributed group were started with other arguments "
+            "(--shard-size: rank 0 6, rank 1 4); start every process with the same command"
+        ]
+    assert not (run / "index").exists()
+    own = [["--device", "cpu", "--threads", 1], ["--threads", 2]]  # each process's own device and threads
+    results = ranks_by_hand([["index", "--run", run, "--shard-size", 6, *mine] for mine in own], workspace)
+    assert [done.returncode for done in results] == [0, 0], results[0].stderr[-3000:] + results[1].stderr[-3000:]

@@ -29,18 +29,20 @@ from tqdm import tqdm
 
 from wherefrom.cli.settings import SETTINGS, Check, Setting, check_arguments, default_threads
 from wherefrom.core.commandline import command_line
-from wherefrom.core.distributed import NotDistributable, end_process, refuse
+from wherefrom.core.distributed import NotDistributable, World, end_process, refuse, refuse_other_arguments, session
 from wherefrom.core.option_pairs import check_methods_named, options_for, parse_option_pairs
 from wherefrom.core.store import read_json_object, update_json
 from wherefrom.studies.outputs import folder_makers
 
 __all__ = [
     "COMMANDS",
+    "PER_PROCESS",
     "app",
     "changed_settings",
     "command",
     "console",
     "fail",
+    "group_session",
     "leave_to_preset",
     "progress",
     "recorded_line",
@@ -188,6 +190,21 @@ class Invocation:
 
 
 _CURRENT: contextvars.ContextVar[Invocation] = contextvars.ContextVar("wherefrom_invocation")
+
+
+PER_PROCESS = ("device", "threads")
+"""Settings each process of a ``torchrun`` group may set for itself (its device, its CPU threads)."""
+
+
+@contextlib.contextmanager
+def group_session() -> Iterator[World]:
+    """:func:`wherefrom.core.distributed.session` for the running command, whose processes must all have been
+    started with its arguments but :data:`PER_PROCESS`: another ``--shard-size`` on one rank is refused on every
+    rank, by flag, before anything is written (:func:`wherefrom.core.distributed.refuse_other_arguments`)."""
+    with session() as world:
+        arguments = _CURRENT.get().arguments
+        refuse_other_arguments({SETTINGS[k].flag: v for k, v in arguments.items() if k not in PER_PROCESS})
+        yield world
 
 
 def recorded_line() -> str:

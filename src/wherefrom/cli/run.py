@@ -19,6 +19,7 @@ from wherefrom.cli.app import (
     command,
     console,
     fail,
+    group_session,
     merged_options,
     progress,
     refuse_foreign_folder,
@@ -31,7 +32,7 @@ from wherefrom.cli.app import (
 )
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, data_fingerprint, load_records
-from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, refuse, session
+from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, refuse
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
 from wherefrom.core.scoring import Scores, end_kind, index_rows_text, refuse_folders_in_set
 from wherefrom.core.search import RowSource, SearchReport, faiss_settings, search_store
@@ -86,7 +87,7 @@ def fit(
                 f"{shown_flags(given)}: the index's layout, which fit uses with --with-index only; add --with-index, or give "
                 "it to `wherefrom index` after the fit"
             )
-        with session():
+        with group_session():
             paths = {"model": model, "adapter": adapter, "device": device}
             if method is None:
                 if option:
@@ -146,7 +147,7 @@ def index(run, shard_size, dtype, precondition, optimizer_checkpoint, unit_norm,
     interrupted index was started with, naming them. Under `torchrun --nproc_per_node=N` each process
     builds every N-th shard and rank 0 finishes the store (the same bytes as one process)."""
     try:
-        with session():
+        with group_session():
             opened = Run.open(run, progress=progress, device=device, factors=False)
             written = opened.build_index(shard_size, dtype, precondition, unit_norm, optimizer_checkpoint)
             main = is_main()
@@ -178,7 +179,7 @@ def scores(
         options = check_search(search, search_option, no_recall)
         if search is None and prefilter_bm25 is None:  # before the process group and the model
             refuse_distributed_scores(Run.recorded_config(run))
-        with session():
+        with group_session():
             rows = load_records(queries)
             if search is not None or prefilter_bm25 is not None:
                 refuse("scores --search/--prefilter-bm25", "search the index in one process")

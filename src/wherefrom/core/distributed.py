@@ -36,7 +36,7 @@ import os
 import pickle
 import sys
 import threading
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -211,6 +211,29 @@ def refuse(what: str, hint: str) -> None:
     size = world_size() if active() else World.from_env().size
     if size > 1:
         raise NotDistributable(f"{what} cannot run under torch.distributed (WORLD_SIZE={size}): {hint}")
+
+
+def refuse_other_arguments(arguments: Mapping[str, Any]) -> None:
+    """``ValueError`` on every rank, before any work, when the processes of the group were started with other
+    ``arguments`` (``{name: value}``, e.g. a command's flags) than rank 0, naming each that differs with both
+    values: rank 0 recorded its settings and wrote its share before the barrier where the others, refusing them,
+    had left (a traceback of a closed connection there). One process: nothing."""
+    if not active():
+        return
+    every: list[Any] = [None] * world_size()
+    dist.all_gather_object(every, dict(arguments))
+    first = every[0]
+    differing = [
+        f"{name}: rank 0 {first.get(name)!r}, rank {r} {theirs.get(name)!r}"
+        for r, theirs in enumerate(every[1:], start=1)
+        for name in sorted(set(first) | set(theirs), key=str)
+        if first.get(name) != theirs.get(name)
+    ]
+    if differing:
+        raise ValueError(
+            f"the {world_size()} processes of this torch.distributed group were started with other arguments "
+            f"({'; '.join(differing)}); start every process with the same command"
+        )
 
 
 def rows_for_rank(rows: Sequence[T], groups: Sequence[Hashable] | None = None) -> list[T]:
