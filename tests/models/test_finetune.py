@@ -13,6 +13,7 @@ from wherefrom.core.encoding import TokenBoundaryWarning, encode_records, iterat
 from wherefrom.core.store import OutputExists, record_checksum, recorded_checksums
 from wherefrom.core.task import per_example_loss
 from wherefrom.models.finetune import FinetuneConfig, finetune, read_trainer_state
+from wherefrom.models.loading import Version1TokenizerRecord
 from wherefrom.models.tiny import save_tiny, tiny_gpt2, tiny_llama, tiny_tokenizer
 from wherefrom.studies.generated import rule_identification
 
@@ -411,9 +412,10 @@ def test_a_tokenizer_that_encodes_otherwise_retrains_and_a_version_1_record_is_r
     saved = json.loads(config.read_text())
     saved["tokenizer_fingerprint"] = version_1(tokenizer)
     config.write_text(json.dumps(saved))
-    again = finetune(
-        tiny_llama(len(tokenizer)), tokenizer, small, lora_config(epochs=1), tmp_path / "old", progress=False
-    )
+    with pytest.warns(Version1TokenizerRecord, match=r"finetune_config\.json records its tokenizer with version 1"):
+        again = finetune(
+            tiny_llama(len(tokenizer)), tokenizer, small, lora_config(epochs=1), tmp_path / "old", progress=False
+        )
     assert again.reused and again.epoch_losses == first.epoch_losses
     assert json.loads(config.read_text())["tokenizer_fingerprint"] == version_1(tokenizer)
 
@@ -431,5 +433,6 @@ def test_an_interrupted_run_of_version_1_resumes(tokenizer, records, tmp_path, m
     state.write_text(json.dumps(saved))
     if state.name in recorded_checksums(state.parent):
         record_checksum(state)  # as the version that wrote it recorded it
-    resumed = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, out, progress=False)
+    with pytest.warns(Version1TokenizerRecord, match=r"state\.json records its tokenizer with version 1"):
+        resumed = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, out, progress=False)
     assert resumed.resumed_after == 1

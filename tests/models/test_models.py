@@ -15,6 +15,7 @@ from wherefrom.models import loading as models
 from wherefrom.models.loading import (
     LoadedModel,
     ModelLoadError,
+    Version1TokenizerRecord,
     check_adapter,
     check_safetensors,
     check_weights,
@@ -233,12 +234,15 @@ def test_a_tokenizer_loaded_as_another_class_has_another_fingerprint(tmp_path, t
 
 def test_a_version_1_record_is_taken_where_it_matches(tok):
     current = tokenizer_fingerprint(tok)
-    assert recorded_tokenizer_fingerprint(version_1(tok), tok, current) == version_1(tok)
-    assert recorded_tokenizer_fingerprint(current, tok, current) == current
-    other = tiny_tokenizer()
-    other.chat_template = "{{ messages[0]['content'] }}"
-    for recorded in (version_1(other), None, 3, "0" * 64):
-        assert recorded_tokenizer_fingerprint(recorded, tok, current) == current
+    with pytest.warns(Version1TokenizerRecord, match=r"^RUN/manifest\.json records its tokenizer with version 1"):
+        assert recorded_tokenizer_fingerprint(version_1(tok), tok, current, "RUN/manifest.json") == version_1(tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a record of this version, or one that does not match: no warning
+        assert recorded_tokenizer_fingerprint(current, tok, current) == current
+        other = tiny_tokenizer()
+        other.chat_template = "{{ messages[0]['content'] }}"
+        for recorded in (version_1(other), None, 3, "0" * 64):
+            assert recorded_tokenizer_fingerprint(recorded, tok, current) == current
 
 
 # ---------------------------------------------------------------------------- LoRA

@@ -371,7 +371,8 @@ class Run:
             recorded = read_json_object(self.folder / "manifest.json").get("tokenizer_fingerprint")
         except (OSError, ValueError):  # no manifest yet, or a damaged one (checked where it is read)
             return loaded
-        form = recorded_tokenizer_fingerprint(recorded, loaded.tokenizer, loaded.tokenizer_fingerprint)
+        where = str(self.folder / "manifest.json")
+        form = recorded_tokenizer_fingerprint(recorded, loaded.tokenizer, loaded.tokenizer_fingerprint, where)
         return loaded if form == loaded.tokenizer_fingerprint else replace(loaded, tokenizer_fingerprint=form)
 
     # --- opening -------------------------------------------------------------------------------

@@ -324,7 +324,9 @@ def _identity(
             saved = json.loads(path.read_text(encoding="utf-8"))
             recorded = saved.get("identity", saved) if isinstance(saved, dict) else None
             if isinstance(recorded, dict) and form == current:
-                form = recorded_tokenizer_fingerprint(recorded.get("tokenizer_fingerprint"), tokenizer, current)
+                form = recorded_tokenizer_fingerprint(
+                    recorded.get("tokenizer_fingerprint"), tokenizer, current, str(path)
+                )
     return {
         "format": _FORMAT_VERSION,
         "config": config.to_dict(),

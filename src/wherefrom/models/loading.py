@@ -41,6 +41,7 @@ __all__ = [
     "TOKENIZER_PROBES",
     "LoadedModel",
     "ModelLoadError",
+    "Version1TokenizerRecord",
     "cache_root",
     "check_adapter",
     "check_safetensors",
@@ -642,12 +643,27 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return _digest({"version": TOKENIZER_FINGERPRINT_VERSION, **_tokenizer_description(tokenizer), "probes": probes})
 
 
-def recorded_tokenizer_fingerprint(recorded: Any, tokenizer: PreTrainedTokenizerBase, current: str) -> str:
+class Version1TokenizerRecord(UserWarning):
+    """A record made with version 1 of the tokenizer fingerprint was taken (:func:`recorded_tokenizer_fingerprint`):
+    it cannot tell a tokenizer that encodes otherwise from the one it was made with."""
+
+
+def recorded_tokenizer_fingerprint(
+    recorded: Any, tokenizer: PreTrainedTokenizerBase, current: str, where: str = "a record"
+) -> str:
     """The fingerprint to compare with a record, in the form it was made: ``recorded`` when it is ``tokenizer``'s
     version-1 digest (a run, store or fine-tuning made before version 2, whose recorded settings keep that form),
     else ``current`` (``tokenizer``'s :func:`tokenizer_fingerprint`). A version-1 record cannot tell tokenizers
-    that encode otherwise apart (see :data:`TOKENIZER_FINGERPRINT_VERSION`): it is taken as it was before."""
+    that encode otherwise apart (see :data:`TOKENIZER_FINGERPRINT_VERSION`): it is taken as it was before, with a
+    :class:`Version1TokenizerRecord` warning naming ``where`` (the record's file)."""
     if isinstance(recorded, str) and recorded != current and recorded == _digest(_tokenizer_description(tokenizer)):
+        warnings.warn(
+            f"{where} records its tokenizer with version 1 of the fingerprint (vocabulary, special tokens and chat "
+            "template only): a tokenizer that encodes text otherwise than the one it was made with is not refused "
+            "there; remake it (a new run folder; a fine-tuning with --overwrite) to record version 2",
+            Version1TokenizerRecord,
+            stacklevel=2,
+        )
         return recorded
     return current
 
