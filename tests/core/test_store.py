@@ -394,3 +394,32 @@ def test_a_file_missing_or_a_folder_is_damaged_not_a_traceback(tmp_path):
     for read in (check_size, check_file, read_checked):
         with pytest.raises(DamagedFile, match=f"{re.escape(str(path))} is missing"):
             read(path)
+
+
+def test_a_settings_difference_names_what_differs_without_dumping_long_values():
+    """A refusal names the setting that differs; a long value (a whole attribution section gone, two module lists) is
+    cut, and two long lists of one length are compared item by item, where the message dumped both in full."""
+    from wherefrom.core.store import SHOWN_CHARACTERS, settings_differences
+
+    attribution = {f"setting_{i}": i for i in range(20)}
+    blocks = [[f"model.layers.{i}.mlp.down_proj", 64, 16] for i in range(24)]
+    changed = [list(b) for b in blocks]
+    changed[3][1] = 32
+    saved = {"attribution": attribution, "precondition": "fitted", "blocks": blocks, "modules": blocks, "dim": 4}
+    now = {"precondition": "none", "blocks": changed, "modules": blocks[:12], "dim": 8}
+    differences = settings_differences(saved, now)
+    assert differences[0].startswith("attribution: recorded {'setting_0': 0,") and differences[0].endswith(
+        "... (20 keys), now absent"
+    )
+    assert differences[1] == (
+        "blocks[3]: recorded ['model.layers.3.mlp.down_proj', 64, 16], now ['model.layers.3.mlp.down_proj', 32, 16]"
+    )
+    assert differences[2] == "dim: recorded 4, now 8"  # short values in full, as before
+    assert differences[3].startswith("modules: recorded [['model.layers.0.mlp.down_proj'") and "(24 items), now" in (
+        differences[3]
+    ) and differences[3].endswith("(12 items)")  # fmt: skip
+    assert differences[4] == "precondition: recorded 'fitted', now 'none'"
+    assert all(len(text) < 3 * SHOWN_CHARACTERS for text in differences)
+    assert settings_differences({"include": ["mlp"]}, {"include": ["attn"]}) == [
+        "include: recorded ['mlp'], now ['attn']"
+    ]

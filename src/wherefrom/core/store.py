@@ -595,21 +595,48 @@ def settings_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
     return [text for _name, text in differing_settings(saved, now, prefix)]
 
 
+SHOWN_CHARACTERS = 100
+"""A value shown in a settings difference is cut to this many characters (a module list runs to thousands)."""
+
+
+def shown_setting(value: Any) -> str:
+    """``repr(value)``, cut to :data:`SHOWN_CHARACTERS` with ``...`` and the count of its items or keys when longer."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARACTERS:
+        return text
+    count = (
+        f" ({len(value)} {'keys' if isinstance(value, dict) else 'items'})" if isinstance(value, dict | list) else ""
+    )
+    return f"{text[:SHOWN_CHARACTERS]}...{count}"
+
+
 def differing_settings(saved: Any, now: Any, prefix: str = "") -> list[tuple[str, str]]:
     """``(dotted key, "key: recorded X, now Y")`` for every key whose value differs between two settings dicts
-    (a key one of them lacks included), in key order."""
+    (a key one of them lacks included), in key order. Values are shown by :func:`shown_setting`; two long lists of
+    one length (a module list) are compared item by item (``blocks[3]: ...``, keyed by the list's own key)."""
+    name = prefix or "value"
     if isinstance(saved, dict) and isinstance(now, dict):
         out = []
         for key in sorted(set(saved) | set(now), key=str):
-            name = f"{prefix}.{key}" if prefix else str(key)
+            inner = f"{prefix}.{key}" if prefix else str(key)
             if key not in saved:
-                out.append((name, f"{name}: not recorded, now {now[key]!r}"))
+                out.append((inner, f"{inner}: not recorded, now {shown_setting(now[key])}"))
             elif key not in now:
-                out.append((name, f"{name}: recorded {saved[key]!r}, now absent"))
+                out.append((inner, f"{inner}: recorded {shown_setting(saved[key])}, now absent"))
             else:
-                out += differing_settings(saved[key], now[key], name)
+                out += differing_settings(saved[key], now[key], inner)
         return out
-    return [] if saved == now else [(prefix or "value", f"{prefix or 'value'}: recorded {saved!r}, now {now!r}")]
+    if saved == now:
+        return []
+    if (
+        isinstance(saved, list)
+        and isinstance(now, list)
+        and len(saved) == len(now)
+        and len(repr(saved)) > SHOWN_CHARACTERS
+    ):
+        items = [differing_settings(a, b, f"{name}[{i}]") for i, (a, b) in enumerate(zip(saved, now))]
+        return [(name, text) for differences in items for _item, text in differences]  # keyed by the list's name
+    return [(name, f"{name}: recorded {shown_setting(saved)}, now {shown_setting(now)}")]
 
 
 def with_defaults_recorded(saved: Mapping[str, Any], defaults: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
