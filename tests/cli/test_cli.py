@@ -94,7 +94,7 @@ def test_index_resumes_from_finished_shards(workspace):
     (folder / "index.json").unlink()
     (folder / "shard-00002.safetensors").unlink()  # as if interrupted during the last shard
     result = invoke("index", "--run", root / "resume", "--shard-size", "8")
-    assert result.exit_code == 0 and "1 shards written now" in result.output
+    assert result.exit_code == 0 and "1 shard written now" in result.output
     assert (folder / "shard-00000.safetensors").stat().st_mtime_ns == kept
 
 
@@ -122,6 +122,7 @@ def test_errors_name_the_culprit(workspace, tmp_path):
     config_path.write_text(json.dumps(config))
     result = invoke("scores", "--run", root / "check", "--queries", root / "queries.jsonl")
     assert result.exit_code == 2 and "model weights" in result.output
+    assert f"(in {changed}) changed since this run was made" in " ".join(result.output.split())  # the folder named
 
     other = invoke(*fit_args(root, "check")[:-4], "--batch-size", "4", "--max-length", "128", "--strategy", "kfac")
     assert other.exit_code == 2 and "other settings" in other.output

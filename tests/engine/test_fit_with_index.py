@@ -74,7 +74,7 @@ def test_fit_with_index_resumed_after_losing_shards_gives_the_same_bytes(workspa
     (workspace / "resumed" / "index" / shard_name(1)).unlink()
     code, out = invoke(*args)
     assert code == 0, out
-    assert "already fitted" in out and "index complete (1 shards written now)" in out
+    assert "already fitted" in out and "index complete (1 shard written now)" in out
     assert passes == ["index shard 2/3"]
     assert torch.equal(rows(workspace / "resumed"), whole)
     code, out = invoke(*args)

@@ -99,7 +99,7 @@ def test_damaged_index_shard_is_refused_then_rebuilt(root, kind):
     assert code == 2 and str(path) in out and named in out, out
     assert not (root / "run" / "scores" / "damaged.safetensors").exists()
     code, out = invoke("index", "--run", root / "run", "--shard-size", "4")
-    assert code == 0 and "1 shards written now" in out, out
+    assert code == 0 and "1 shard written now" in out, out
     assert kind == "deleted" or "rebuilding" in out
     code, out = invoke("scores", "--run", root / "run", "--queries", root / "queries.jsonl", "--name", "rebuilt")
     assert code == 0, out

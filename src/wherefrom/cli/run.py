@@ -161,7 +161,7 @@ def index(run, shard_size, dtype, precondition, optimizer_checkpoint, unit_norm,
 
 def print_index_done(run: Path, written: int) -> None:
     """The line that ends a build of RUN/index/."""
-    say(f"index complete ({written} shards written now) -> {run / 'index'}")
+    say(f"index complete ({written} {'shard' if written == 1 else 'shards'} written now) -> {run / 'index'}")
 
 
 @command(distributed=True)

@@ -533,11 +533,17 @@ class Run:
     def _check(folder: Path, now: dict[str, Any]) -> None:
         """:class:`RunMismatch` naming what differs between ``folder/manifest.json`` and the manifest ``now``
         (``ValueError`` naming a manifest that cannot be read)."""
+
+        def model_named(manifest: dict[str, Any]) -> str:
+            """``(in MODEL)``, or ``(in MODEL or ADAPTER)``: where the weights that changed are."""
+            model = manifest["model"]
+            return f"(in {model['path']}{'' if model['adapter'] is None else ' or ' + model['adapter']})"
+
         path = folder / "manifest.json"
         saved = read_json_object(path)
         try:
             checks = [
-                (saved["model"]["fingerprint"], now["model"]["fingerprint"], "model weights (or adapter)"),
+                (saved["model"]["fingerprint"], now["model"]["fingerprint"], f"model weights {model_named(now)}"),
                 (saved["tokenizer_fingerprint"], now["tokenizer_fingerprint"], "tokenizer"),
                 (saved["modules"], now["modules"], "module selection"),
                 (saved["data"]["fingerprint"], now["data"]["fingerprint"], f"training data ({now['data']['path']})"),
