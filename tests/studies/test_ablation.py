@@ -184,3 +184,19 @@ def test_paired_change_pairs_seeds_both_runs_scored():
     assert (change["low"], change["high"]) == (pytest.approx(max(low, -1.0)), pytest.approx(min(high, 1.0)))
     assert paired_change(base, other, "ekfac", "acc", [2]) is None
     assert paired_change(base, other, "gradsim", "acc", [0, 1]) is None
+
+
+def test_lora_target_holds_in_every_run_of_ablate_and_of_a_preset_bench(tmp_path):
+    """``--lora-target`` (bench and groundtruth took it, ablate and a preset bench did not) reaches every bench run an
+    ablation makes, and a bench under a preset, as an explicit setting the presets do not override."""
+    import wherefrom.studies.ablation as ablation
+    import wherefrom.studies.bench as bench
+    from tests.studies.replayed import config_of_line
+
+    line = f"wherefrom ablate --task rules --out {tmp_path / 'a'} --lora-target o_proj --lora-target q_proj"
+    config = ablation.AblationConfig(**config_of_line(line, ablation, "run_ablation"))
+    assert config.fixed["lora_targets"] == ["o_proj", "q_proj"]
+    runs = ablation.ablation_runs(config)
+    assert len(runs) > 2 and all(run.finetune_config(0).lora_targets == ["o_proj", "q_proj"] for _, run in runs)
+    line = f"wherefrom bench --task rules --out {tmp_path / 'b'} --preset reference-study --lora-target o_proj"
+    assert config_of_line(line, bench, "run_bench")["lora_targets"] == ["o_proj"]

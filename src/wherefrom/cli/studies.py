@@ -85,11 +85,13 @@ PRESET_SETTINGS = (*FINETUNING, *REFERENCE_SWITCHES, "damping", "damping_factor"
 
 def explicit_bench_settings(option: list[str] | None, methods: list[str]) -> dict:
     """The :class:`wherefrom.studies.bench.BenchConfig` settings the user set (:func:`changed_settings`, with
-    ``--no-eos`` as ``append_eos``) and the ``--option`` pairs as ``method_options`` (when any; one for a method
+    ``--no-eos`` as ``append_eos`` and ``--lora-target`` as ``lora_targets``) and the ``--option`` pairs as ``method_options`` (when any; one for a method
     not among ``methods`` is refused)."""
-    explicit = changed_settings(PRESET_SETTINGS)
+    explicit = changed_settings((*PRESET_SETTINGS, "lora_target"))
     if explicit.pop("no_eos", False):
         explicit["append_eos"] = False
+    if "lora_target" in explicit:
+        explicit["lora_targets"] = explicit.pop("lora_target")
     options = method_pairs(option, methods)
     return {**explicit, "method_options": options} if options else explicit
 
@@ -110,14 +112,13 @@ def bench(task, out, methods, seeds, option, preset, no_eos, lora_target, **sett
         leave_to_preset(PRESET_SETTINGS)
 
     def build() -> BenchConfig:
-        chosen = {
-            "out": str(out),
-            "methods": method_list(methods, DEFAULT_METHODS),
-            "seeds": int_list(seeds or "0"),
-            "lora_targets": lora_target or None,
-        }
+        chosen = {"out": str(out), "methods": method_list(methods, DEFAULT_METHODS), "seeds": int_list(seeds or "0")}
         if preset is None:
-            settings = {"method_options": method_pairs(option, chosen["methods"]), "append_eos": not no_eos}
+            settings = {
+                "method_options": method_pairs(option, chosen["methods"]),
+                "append_eos": not no_eos,
+                "lora_targets": lora_target or None,
+            }
         else:
             settings = {**resolve(preset, explicit_bench_settings(option, chosen["methods"])), "preset": preset}
         return settings_as(BenchConfig, **chosen, **settings)
@@ -152,7 +153,7 @@ def incomplete(failures: list[str]) -> None:
         raise typer.Exit(code=1)
 
 
-@command(uses=(*PRESET_SETTINGS, "n_train", "n_test", "model", "device", "threads"))
+@command(uses=(*PRESET_SETTINGS, "lora_target", "n_train", "n_test", "model", "device", "threads"))
 def ablate(task, out, methods, seeds, option, start, target, n_train, n_test, model, device, **settings) -> None:
     """Which setting flips the study's finding: the study methods under preset --from (default
     reference-study), then with one switch at a time set as in --to (default wherefrom), then under --to;
