@@ -13,7 +13,7 @@ from wherefrom.core.encoding import TokenBoundaryWarning, encode_records, iterat
 from wherefrom.core.store import OutputExists, record_checksum, recorded_checksums
 from wherefrom.core.task import per_example_loss
 from wherefrom.models.finetune import FinetuneConfig, finetune, read_trainer_state
-from wherefrom.models.loading import Version1TokenizerRecord
+from wherefrom.models.loading import Version1TokenizerRecord, tokenizer_fingerprint
 from wherefrom.models.tiny import save_tiny, tiny_gpt2, tiny_llama, tiny_tokenizer
 from wherefrom.studies.generated import rule_identification
 
@@ -418,6 +418,12 @@ def test_a_tokenizer_that_encodes_otherwise_retrains_and_a_version_1_record_is_r
         )
     assert again.reused and again.epoch_losses == first.epoch_losses
     assert json.loads(config.read_text())["tokenizer_fingerprint"] == version_1(tokenizer)
+    with pytest.warns(Version1TokenizerRecord):  # the record read is of version 1
+        trained = finetune(
+            tiny_llama(len(tokenizer)), tokenizer, small, lora_config(epochs=2), tmp_path / "old", progress=False
+        )  # trained anew (other settings): it records version 2
+    assert not trained.reused
+    assert json.loads(config.read_text())["tokenizer_fingerprint"] == tokenizer_fingerprint(tokenizer)
 
 
 def test_an_interrupted_run_of_version_1_resumes(tokenizer, records, tmp_path, monkeypatch):
@@ -436,3 +442,5 @@ def test_an_interrupted_run_of_version_1_resumes(tokenizer, records, tmp_path, m
     with pytest.warns(Version1TokenizerRecord, match=r"state\.json records its tokenizer with version 1"):
         resumed = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, out, progress=False)
     assert resumed.resumed_after == 1
+    finished = json.loads((out / "finetune_config.json").read_text())
+    assert finished["tokenizer_fingerprint"] == tokenizer_fingerprint(tokenizer)  # it trained now: version 2

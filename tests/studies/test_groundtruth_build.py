@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+import shutil
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -289,3 +290,24 @@ def test_a_ground_truth_fine_tunes_measures_and_attributes_with_its_layout(tmp_p
     full = json.loads((gt.folder / "groundtruth.json").read_text())["full_model_f"]
     np.testing.assert_allclose(full, measured(**layout), rtol=1e-5)
     assert np.abs(np.asarray(full) - measured()).max() > 1e-2  # the default layout measures another function
+
+
+def test_a_ground_truth_made_before_version_2_of_the_tokenizer_fingerprint_reuses_its_jobs(folder, tmp_path):
+    """A ground truth whose records hold the version-1 tokenizer fingerprint (its fine-tuning's record and every
+    retraining job's key, rewritten here as that version wrote them) is rebuilt without retraining anything."""
+    from tests.models.test_models import version_1
+    from wherefrom.models.loading import Version1TokenizerRecord, load_model, tokenizer_fingerprint
+
+    copy = tmp_path / "gt"
+    shutil.copytree(folder, copy)
+    tokenizer = load_model(GroundTruth.load(copy).config.model, device="cpu").tokenizer
+    current, old = tokenizer_fingerprint(tokenizer), version_1(tokenizer)
+    records = [copy / "model" / "finetune_config.json", *sorted((copy / "jobs").glob("*.json"))]
+    for path in records:
+        assert current in path.read_text()
+        path.write_text(path.read_text().replace(current, old))
+    stamps = {p.name: p.stat().st_mtime_ns for p in (copy / "jobs").iterdir()}
+    config = replace(GroundTruth.load(copy).config, out=str(copy))
+    with pytest.warns(Version1TokenizerRecord):
+        build_groundtruth(config)
+    assert {p.name: p.stat().st_mtime_ns for p in (copy / "jobs").iterdir()} == stamps  # no job retrained

@@ -37,7 +37,6 @@ import random
 import re
 import shutil
 from collections.abc import Sequence
-from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,33 +310,30 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     return json.loads((Path(checkpoint) / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
 
 
-def _identity(
-    config: FinetuneConfig, records: Sequence[Record], model: nn.Module, tokenizer: Any, output_dir: Path
-) -> dict[str, Any]:
-    """What must match for a saved run to be reused or an interrupted one resumed; the tokenizer's fingerprint in
-    the form ``output_dir``'s finished run or training states recorded it (a run made before version 2 of the
-    fingerprint keeps version 1: :func:`wherefrom.models.loading.recorded_tokenizer_fingerprint`)."""
-    current = tokenizer_fingerprint(tokenizer)
-    form = current
-    for path in (output_dir / CONFIG_FILE, *sorted((output_dir / RESUME_DIR).glob(f"*/{STATE_JSON}"))):
-        with suppress(OSError, ValueError):  # missing or damaged: not a record (checked where it is read)
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            recorded = saved.get("identity", saved) if isinstance(saved, dict) else None
-            if isinstance(recorded, dict) and form == current:
-                form = recorded_tokenizer_fingerprint(
-                    recorded.get("tokenizer_fingerprint"), tokenizer, current, str(path)
-                )
+def _identity(config: FinetuneConfig, records: Sequence[Record], model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """What must match for a saved run to be reused or an interrupted one resumed (recorded by a run trained now)."""
     return {
         "format": _FORMAT_VERSION,
         "config": config.to_dict(),
         "data_fingerprint": data_fingerprint(records),
         "num_records": len(records),
         "base_model_fingerprint": model_fingerprint(model),
-        "tokenizer_fingerprint": form,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
     }
 
 
-def _try_reuse(output_dir: Path, identity: dict[str, Any]) -> tuple[list[float], list[Path], Path] | None:
+def _in_recorded_form(identity: dict[str, Any], recorded: Any, tokenizer: Any, where: Path) -> dict[str, Any]:
+    """``identity`` to compare with the record ``recorded`` (read from ``where``): its tokenizer fingerprint in the
+    record's form (a run made before version 2 of the fingerprint keeps version 1 where it matches:
+    :func:`wherefrom.models.loading.recorded_tokenizer_fingerprint`). A run trained now records ``identity``."""
+    saved = recorded.get("tokenizer_fingerprint") if isinstance(recorded, dict) else None
+    form = recorded_tokenizer_fingerprint(saved, tokenizer, identity["tokenizer_fingerprint"], str(where))
+    return {**identity, "tokenizer_fingerprint": form}
+
+
+def _try_reuse(
+    output_dir: Path, identity: dict[str, Any], tokenizer: Any
+) -> tuple[list[float], list[Path], Path] | None:
     """``(epoch_losses, checkpoints, weights_dir)`` of a complete matching run, else ``None``."""
     path = output_dir / CONFIG_FILE
     if not path.is_file():
@@ -346,7 +342,10 @@ def _try_reuse(output_dir: Path, identity: dict[str, Any]) -> tuple[list[float],
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in identity.items()):
+    if not isinstance(saved, dict):
+        return None
+    identity = _in_recorded_form(identity, saved, tokenizer, path)
+    if any(saved.get(k) != v for k, v in identity.items()):
         return None
     lora = identity["config"]["lora_rank"] is not None
     weights_dir = output_dir / (ADAPTER_DIR if lora else MODEL_DIR)
@@ -370,6 +369,7 @@ def _new_run() -> dict[str, Any]:
 def _restore(
     output_dir: Path,
     identity: dict[str, Any],
+    tokenizer: Any,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
@@ -386,7 +386,7 @@ def _restore(
         logger.warning("not resuming from a damaged training state: %s", note)
     if state is None:
         return 0, _new_run()
-    differing = state.differences(identity)
+    differing = state.differences(_in_recorded_form(identity, state.identity, tokenizer, state.folder / STATE_JSON))
     if differing and not overwrite:
         refuse_overwrite(
             [state.folder],
@@ -488,9 +488,9 @@ def finetune(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    identity = _identity(config, records, model, tokenizer, output_dir)
+    identity = _identity(config, records, model, tokenizer)
     device = _device_of(model)
-    reusable = _try_reuse(output_dir, identity)
+    reusable = _try_reuse(output_dir, identity, tokenizer)
     if reusable is not None:
         losses, checkpoints, weights_dir = reusable
         _remove(output_dir / RESUME_DIR)  # left by a run killed between its last two writes
@@ -526,7 +526,7 @@ def finetune(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     state_identity = {**identity, "device": device.type}  # a state resumes on the device kind that saved it
     done, book = (
-        _restore(output_dir, state_identity, model, optimizer, schedule, device, overwrite)
+        _restore(output_dir, state_identity, tokenizer, model, optimizer, schedule, device, overwrite)
         if resumable
         else (0, _new_run())
     )

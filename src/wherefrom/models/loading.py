@@ -660,7 +660,7 @@ def recorded_tokenizer_fingerprint(
         warnings.warn(
             f"{where} records its tokenizer with version 1 of the fingerprint (vocabulary, special tokens and chat "
             "template only): a tokenizer that encodes text otherwise than the one it was made with is not refused "
-            "there; remake it (a new run folder; a fine-tuning with --overwrite) to record version 2",
+            "there; make it again in a new folder to record version 2 (a fine-tuning that trains anew records it too)",
             Version1TokenizerRecord,
             stacklevel=2,
         )

@@ -44,11 +44,12 @@ from wherefrom.core.commandline import command_line as render_command
 from wherefrom.core.commandline import field_flags
 from wherefrom.core.data import data_fingerprint
 from wherefrom.core.option_pairs import format_option_pairs
-from wherefrom.core.store import atomic_save_tensors, atomic_write_json
+from wherefrom.core.store import atomic_save_tensors, atomic_write_json, read_json_object
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.tracin import finetune_checkpoints
 from wherefrom.models.finetune import ADAPTER_DIR, MODEL_DIR, FinetuneConfig, finetune
+from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_RECORD
 from wherefrom.models.loading import load_model
 from wherefrom.studies.bench import LATER_FINETUNING, LAYOUT, check_task_name, later_flags, make_task, short_of_sizes
 from wherefrom.studies.benchtasks import BenchTask
@@ -261,6 +262,7 @@ def build_groundtruth(
     tick = time.perf_counter()
     loaded = load_model(config.model, device=config.device)
     tuned = finetune(loaded.model, loaded.tokenizer, train, config.finetune_config(), out / "model", progress=False)
+    recorded = read_json_object(out / "model" / FINETUNE_RECORD)["tokenizer_fingerprint"]  # the folder's form
     full_f = measure_queries(
         tuned.model, loaded.tokenizer, queries, config.batch_size, **config.finetune_config().layout()
     )
@@ -275,7 +277,13 @@ def build_groundtruth(
     jobs = _jobs(config, masks, loo, n)
     tick = time.perf_counter()
     retrainer = FinetuneRetrainer(
-        train, queries, config.finetune_config(), config.model, config.device, scratch=str(out / "scratch")
+        train,
+        queries,
+        config.finetune_config(),
+        config.model,
+        config.device,
+        scratch=str(out / "scratch"),
+        recorded_tokenizer=recorded,
     )
     values = run_jobs(retrainer, jobs, out / "jobs", config.workers, progress, say) if jobs else {}
     # every job is done: their folders go, with what jobs killed before they ended left there, not anything else

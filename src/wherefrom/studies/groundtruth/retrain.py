@@ -39,7 +39,7 @@ from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
 from wherefrom.core.task import LanguageModelingTask
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.models.finetune import FinetuneConfig, finetune
-from wherefrom.models.loading import eval_mode, load_model
+from wherefrom.models.loading import eval_mode, load_model, recorded_tokenizer_fingerprint
 from wherefrom.studies.toolkit import cached, store
 
 __all__ = [
@@ -121,6 +121,10 @@ def measure_queries(
     return torch.cat(values).numpy() if values else np.zeros(0)
 
 
+MEASURED = {"completion": "completion", "all": "all labelled"}
+"""The tokens :func:`measure_queries` sums over, by ``loss_tokens`` (in a retraining job's key)."""
+
+
 @dataclass
 class FinetuneRetrainer:
     """Re-fine-tunes a fresh copy of the base model ``model`` (folder; ``None``: the default model)
@@ -139,6 +143,10 @@ class FinetuneRetrainer:
     device: str | None = None
     scratch: str | None = None
     measure_batch_size: int = 8
+    recorded_tokenizer: str | None = None
+    """The tokenizer fingerprint the ground truth's records hold (its full-data fine-tuning's): a version-1 one of
+    this tokenizer keys the jobs in that form, so jobs cached before version 2 of the fingerprint are reused
+    (:func:`wherefrom.models.loading.recorded_tokenizer_fingerprint`)."""
     _fingerprints: dict[str, str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -150,7 +158,10 @@ class FinetuneRetrainer:
     def key(self) -> dict[str, Any]:
         if self._fingerprints is None:
             loaded = load_model(self.model, device="cpu")
-            self._fingerprints = {"base_model": loaded.fingerprint, "tokenizer": loaded.tokenizer_fingerprint}
+            tokenizer = recorded_tokenizer_fingerprint(
+                self.recorded_tokenizer, loaded.tokenizer, loaded.tokenizer_fingerprint, "the ground truth's records"
+            )
+            self._fingerprints = {"base_model": loaded.fingerprint, "tokenizer": tokenizer}
         settings = self.config.to_dict()
         for per_job in ("seed", "checkpoint_every_epoch"):
             settings.pop(per_job)
@@ -164,7 +175,7 @@ class FinetuneRetrainer:
             "queries": data_fingerprint(self.queries),
             "query_ids": [q.id for q in self.queries],
             "finetune": settings,
-            "measurement": "log p(completion | prompt), summed over completion tokens",
+            "measurement": f"log p(completion | prompt), summed over {MEASURED[self.config.loss_tokens]} tokens",
         }
 
     def train_and_measure(self, indices: Sequence[int], seed: int) -> np.ndarray:
