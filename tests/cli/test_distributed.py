@@ -372,7 +372,8 @@ def ranks_by_hand(commands: list[list], cwd: Path) -> list[subprocess.CompletedP
 def test_ranks_started_with_other_arguments_are_refused_by_flag_before_anything_is_written(workspace, one, tmp_path):
     """Rank 1 given another ``--shard-size``: rank 0 had recorded its own settings and written its shards, then died
     at the barrier with a gloo traceback (a closed connection) while rank 1 refused. Now every rank refuses at once,
-    naming the flag and both values, and no index is started; ``--device``/``--threads`` may differ."""
+    naming the flag and both values, and no index is started; ``--device``/``--threads`` may differ, and a path given
+    relative on one rank and absolute on the other agrees."""
     run = tmp_path / "run"
     shutil.copytree(one, run)
     shutil.rmtree(run / "scores")
@@ -385,5 +386,7 @@ def test_ranks_started_with_other_arguments_are_refused_by_flag_before_anything_
         ]
     assert not (run / "index").exists()
     own = [["--device", "cpu", "--threads", 1], ["--threads", 2]]  # each process's own device and threads
-    results = ranks_by_hand([["index", "--run", run, "--shard-size", 6, *mine] for mine in own], workspace)
+    paths = [run, os.path.relpath(run, workspace)]  # one folder, given absolute and relative to the working dir
+    commands = [["index", "--run", path, "--shard-size", 6, *mine] for path, mine in zip(paths, own)]
+    results = ranks_by_hand(commands, workspace)
     assert [done.returncode for done in results] == [0, 0], results[0].stderr[-3000:] + results[1].stderr[-3000:]

@@ -423,3 +423,6 @@ def test_a_settings_difference_names_what_differs_without_dumping_long_values():
     assert settings_differences({"include": ["mlp"]}, {"include": ["attn"]}) == [
         "include: recorded ['mlp'], now ['attn']"
     ]
+    (shifted,) = settings_differences({"blocks": blocks}, {"blocks": blocks[1:] + blocks[:1]})  # every item differs
+    assert shifted.startswith("blocks[0]: recorded ['model.layers.0.") and shifted.count("blocks[") == 3
+    assert shifted.endswith("(and 21 more items of blocks differ)") and len(shifted) < 4 * SHOWN_CHARACTERS

@@ -443,3 +443,14 @@ def test_quiet_peft_hides_only_the_peft_notice():
             warnings.warn("something else", UserWarning, stacklevel=1)
         warnings.warn("Accessing `is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something else", "Accessing `is_gradient_checkpointing` is deprecated"]
+
+
+def test_the_fingerprint_leaves_a_tokenizer_its_warning_about_too_long_text():
+    """The probes are longer than a tokenizer with a short ``model_max_length`` takes: encoded quietly, so its
+    one-time warning (transformers warns once per tokenizer) is left for real rows that are too long."""
+    short = tiny_tokenizer()
+    short.model_max_length = 5
+    tokenizer_fingerprint(short)
+    assert "sequence-length-is-longer-than-the-specified-maximum" not in short.deprecation_warnings
+    short("a text longer than five")
+    assert "sequence-length-is-longer-than-the-specified-maximum" in short.deprecation_warnings

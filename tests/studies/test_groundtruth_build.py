@@ -190,6 +190,11 @@ def test_config_errors_name_the_setting(tmp_path):
         GroundTruthConfig(task="rules", out=str(tmp_path), loo_seeds=0).validate()
     with pytest.raises(ValueError, match="nothing to build"):
         GroundTruthConfig(task="rules", out=str(tmp_path), n_subsets=0, loo_rows=0).validate()
+    # the layout is checked before the base model loads, as bench's is
+    with pytest.raises(ValueError, match=r"template '\{prompt\}' must contain \{prompt\} once and end with"):
+        GroundTruthConfig(task="rules", out=str(tmp_path), template="{prompt}").validate()
+    with pytest.raises(ValueError, match=r"loss_tokens must be one of \('completion', 'all'\), got 'prompt'"):
+        GroundTruthConfig(task="rules", out=str(tmp_path), loss_tokens="prompt").validate()
     with pytest.raises(FileNotFoundError, match="not a ground-truth folder"):
         GroundTruth.load(tmp_path)
     config = GroundTruthConfig(task="rules", out="o", lora_rank=None, pbrf_options={"steps": 5})

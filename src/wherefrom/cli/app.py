@@ -36,7 +36,6 @@ from wherefrom.studies.outputs import folder_makers
 
 __all__ = [
     "COMMANDS",
-    "PER_PROCESS",
     "app",
     "changed_settings",
     "command",
@@ -192,18 +191,18 @@ class Invocation:
 _CURRENT: contextvars.ContextVar[Invocation] = contextvars.ContextVar("wherefrom_invocation")
 
 
-PER_PROCESS = ("device", "threads")
-"""Settings each process of a ``torchrun`` group may set for itself (its device, its CPU threads)."""
-
-
 @contextlib.contextmanager
 def group_session() -> Iterator[World]:
     """:func:`wherefrom.core.distributed.session` for the running command, whose processes must all have been
-    started with its arguments but :data:`PER_PROCESS`: another ``--shard-size`` on one rank is refused on every
-    rank, by flag, before anything is written (:func:`wherefrom.core.distributed.refuse_other_arguments`)."""
+    started with its arguments but the ``per_process`` settings (``--device``, ``--threads``): another
+    ``--shard-size`` on one rank is refused on every rank, by flag, before anything is written
+    (:func:`wherefrom.core.distributed.refuse_other_arguments`; a path is compared resolved, so ``run`` and
+    ``/abs/run`` agree)."""
     with session() as world:
-        arguments = _CURRENT.get().arguments
-        refuse_other_arguments({SETTINGS[k].flag: v for k, v in arguments.items() if k not in PER_PROCESS})
+        given = [(SETTINGS[name], value) for name, value in _CURRENT.get().arguments.items()]
+        refuse_other_arguments(
+            {s.flag: str(v.resolve()) if isinstance(v, Path) else v for s, v in given if not s.per_process}
+        )
         yield world
 
 

@@ -81,13 +81,13 @@ def fit(
     the curvature statistics added (strategies identity, diagonal, kfac, ekfac, exact, datainf); rank 0
     writes RUN."""
     try:
-        given = changed_settings(("shard_size", "dtype"))
-        if given and not with_index:  # recorded in the run's config and replay line, yet read by nothing
-            raise ValueError(
-                f"{shown_flags(given)}: the index's layout, which fit uses with --with-index only; add --with-index, or give "
-                "it to `wherefrom index` after the fit"
-            )
-        with group_session():
+        with group_session():  # first: a rank refused alone would leave the others waiting for the group
+            given = changed_settings(("shard_size", "dtype"))
+            if given and not with_index:  # recorded in the run's config and replay line, yet read by nothing
+                raise ValueError(
+                    f"{shown_flags(given)}: the index's layout, which fit uses with --with-index only; add --with-index, "
+                    "or give it to `wherefrom index` after the fit"
+                )
             paths = {"model": model, "adapter": adapter, "device": device}
             if method is None:
                 if option:

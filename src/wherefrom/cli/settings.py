@@ -74,10 +74,13 @@ def setting(
     check: Check | None = None,
     flag: str | None = None,
     argument: bool = False,
+    per_process: bool = False,
 ) -> Any:
     """A dataclass field carrying a command-line setting: its default, help, check, flag (default
-    ``--field-name``) and whether it is a positional argument."""
-    return field(default=default, metadata={"help": help, "check": check, "flag": flag, "argument": argument})
+    ``--field-name``), whether it is a positional argument, and whether each process of a ``torchrun`` group may
+    set it for itself (``per_process``: its device, its threads; every other setting must agree)."""
+    metadata = {"help": help, "check": check, "flag": flag, "argument": argument, "per_process": per_process}
+    return field(default=default, metadata=metadata)
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -616,11 +619,13 @@ class DeviceSettings:
         None,
         "cpu | cuda | cuda:N | mps (default: cuda when available; on an existing run or bench folder: its setting).",
         check=device_here,
+        per_process=True,
     )
     threads: int | None = setting(
         None,
         "Torch CPU threads (default: the cores this process may use minus the 1-minute load average, at least 1).",
         check=at_least(1),
+        per_process=True,
     )
     autocast: str | None = setting(
         None,
@@ -722,7 +727,8 @@ GROUPS: tuple[type, ...] = (
 @dataclass(frozen=True)
 class Setting:
     """One command-line setting: ``name`` (the parameter), ``flag``, ``type``, ``default`` (``...``:
-    required), ``help``, ``check``, ``argument`` (positional) and ``group`` (the panel title)."""
+    required), ``help``, ``check``, ``argument`` (positional), ``group`` (the panel title) and ``per_process``
+    (each process of a ``torchrun`` group may set it for itself)."""
 
     name: str
     flag: str
@@ -732,6 +738,7 @@ class Setting:
     check: Check | None
     argument: bool
     group: str
+    per_process: bool = False
 
     @property
     def is_path(self) -> bool:
@@ -772,6 +779,7 @@ def _settings() -> dict[str, Setting]:
                 check=item.metadata["check"],
                 argument=item.metadata["argument"],
                 group=title,
+                per_process=item.metadata["per_process"],
             )
     return table
 

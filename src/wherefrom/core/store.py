@@ -597,6 +597,8 @@ def settings_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
 
 SHOWN_CHARACTERS = 100
 """A value shown in a settings difference is cut to this many characters (a module list runs to thousands)."""
+SHOWN_ITEMS = 3
+"""Differing items of two long lists shown in a settings difference; the rest are counted."""
 
 
 def shown_setting(value: Any) -> str:
@@ -612,8 +614,9 @@ def shown_setting(value: Any) -> str:
 
 def differing_settings(saved: Any, now: Any, prefix: str = "") -> list[tuple[str, str]]:
     """``(dotted key, "key: recorded X, now Y")`` for every key whose value differs between two settings dicts
-    (a key one of them lacks included), in key order. Values are shown by :func:`shown_setting`; two long lists of
-    one length (a module list) are compared item by item (``blocks[3]: ...``, keyed by the list's own key)."""
+        (a key one of them lacks included), in key order. Values are shown by :func:`shown_setting`; two long lists of
+        one length (a module list) are compared item by item (``blocks[3]: ...``, the first :data:`SHOWN_ITEMS` of them,
+    keyed by the list's own key)."""
     name = prefix or "value"
     if isinstance(saved, dict) and isinstance(now, dict):
         out = []
@@ -634,8 +637,11 @@ def differing_settings(saved: Any, now: Any, prefix: str = "") -> list[tuple[str
         and len(saved) == len(now)
         and len(repr(saved)) > SHOWN_CHARACTERS
     ):
-        items = [differing_settings(a, b, f"{name}[{i}]") for i, (a, b) in enumerate(zip(saved, now))]
-        return [(name, text) for differences in items for _item, text in differences]  # keyed by the list's name
+        items = [
+            text for i, (a, b) in enumerate(zip(saved, now)) for _item, text in differing_settings(a, b, f"{name}[{i}]")
+        ]
+        more = f" (and {len(items) - SHOWN_ITEMS} more items of {name} differ)" if len(items) > SHOWN_ITEMS else ""
+        return [(name, f"{'; '.join(items[:SHOWN_ITEMS])}{more}")]  # keyed by the list's name
     return [(name, f"{name}: recorded {shown_setting(saved)}, now {shown_setting(now)}")]
 
 

@@ -544,7 +544,12 @@ class Run:
         try:
             checks = [
                 (saved["model"]["fingerprint"], now["model"]["fingerprint"], f"model weights {model_named(now)}"),
-                (saved["tokenizer_fingerprint"], now["tokenizer_fingerprint"], "tokenizer"),
+                (
+                    saved["tokenizer_fingerprint"],
+                    now["tokenizer_fingerprint"],
+                    "tokenizer (its vocabulary, special tokens, chat template, or how it encodes text: another "
+                    "tokenizer file or class, or a transformers/tokenizers version that encodes otherwise)",
+                ),
                 (saved["modules"], now["modules"], "module selection"),
                 (saved["data"]["fingerprint"], now["data"]["fingerprint"], f"training data ({now['data']['path']})"),
             ]

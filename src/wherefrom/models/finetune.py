@@ -45,7 +45,14 @@ import torch
 from torch import nn
 
 from wherefrom.core.data import Record, check_records, data_fingerprint
-from wherefrom.core.encoding import LAYOUT_SETTINGS, encode_records, iterate_batches, pad_id
+from wherefrom.core.encoding import (
+    LAYOUT_SETTINGS,
+    LOSS_TOKENS,
+    check_template,
+    encode_records,
+    iterate_batches,
+    pad_id,
+)
 from wherefrom.core.store import atomic_write_dir, atomic_write_text, refuse_overwrite
 from wherefrom.core.task import model_inputs, per_example_loss
 from wherefrom.core.tracking import is_linear
@@ -150,6 +157,10 @@ class FinetuneConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.loss_tokens not in LOSS_TOKENS:
+            raise ValueError(f"loss_tokens must be one of {LOSS_TOKENS}, got {self.loss_tokens!r}")
+        if self.template is not None:
+            check_template(self.template)
         if self.lora_rank is not None:
             if self.lora_rank < 1:
                 raise ValueError(f"lora_rank must be >= 1 or None, got {self.lora_rank}")

@@ -633,11 +633,13 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     and the pad/eos/bos/unk ids), ``chat_template``, and the ids of every :data:`TOKENIZER_PROBES` text encoded
     with and without special tokens, so a tokenizer that encodes otherwise (``add_bos_token``, a normaliser,
     pre-tokenizer or merges of its own) has another digest. Identical across ``save_pretrained``/
-    ``from_pretrained`` when the loaded tokenizer encodes as the saved one. Records of version 1 are still
-    accepted where they match (:func:`recorded_tokenizer_fingerprint`).
+    ``from_pretrained`` when the loaded tokenizer encodes as the saved one; a transformers or tokenizers upgrade
+    that encodes a probe otherwise changes it too. Probes are encoded with ``verbose=False``: a tokenizer with a
+    short ``model_max_length`` keeps its one warning about too-long text for real rows. Records of version 1 are
+    still accepted where they match (:func:`recorded_tokenizer_fingerprint`).
     """
     probes = [
-        [list(tokenizer(text, add_special_tokens=special)["input_ids"]) for text in TOKENIZER_PROBES]
+        [list(tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"]) for text in TOKENIZER_PROBES]
         for special in (True, False)
     ]
     return _digest({"version": TOKENIZER_FINGERPRINT_VERSION, **_tokenizer_description(tokenizer), "probes": probes})

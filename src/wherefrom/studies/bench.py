@@ -34,7 +34,6 @@ from typing import Any
 from wherefrom.core.commandline import command_line as render_command
 from wherefrom.core.commandline import field_flags
 from wherefrom.core.data import DataError, data_fingerprint
-from wherefrom.core.encoding import check_template
 from wherefrom.core.option_pairs import format_option_pairs, options_for
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
@@ -69,6 +68,7 @@ __all__ = [
     "DEFAULT_METHODS",
     "LATER_FINETUNING",
     "LAYOUT",
+    "OTHER_FLAGS",
     "BenchConfig",
     "build_task",
     "check_task_name",
@@ -163,9 +163,7 @@ class BenchConfig:
         check_seeds(self.seeds)
         if self.fisher not in ("true", "empirical"):
             raise ValueError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
-        self.finetune_config(self.seeds[0]).validate()
-        if self.template is not None:
-            check_template(self.template)
+        self.finetune_config(self.seeds[0]).validate()  # the layout's template and loss tokens too
         for method in self.methods:  # before any fine-tuning: a bad option failed every seed's row of it
             check_method_options(method, self.attribution_config(self.seeds[0]), self.options_for(method))
 
