@@ -122,7 +122,9 @@ def test_a_tokenizer_that_encodes_otherwise_is_refused_and_version_1_records_sti
     tokenizer = run.loaded.tokenizer
 
     appends_eos(load_model(root / "model").tokenizer).save_pretrained(root / "model")
-    with pytest.raises(RunMismatch, match=r"^tokenizer \(its vocabulary, .*how it encodes text.*\) changed since this run"):
+    with pytest.raises(
+        RunMismatch, match=r"^tokenizer \(its vocabulary, .*how it encodes text.*\) changed since this run"
+    ):
         Run.open(folder, device="cpu")
     tokenizer.save_pretrained(root / "model")
 

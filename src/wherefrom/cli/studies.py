@@ -85,8 +85,8 @@ PRESET_SETTINGS = (*FINETUNING, *REFERENCE_SWITCHES, "damping", "damping_factor"
 
 def explicit_bench_settings(option: list[str] | None, methods: list[str]) -> dict:
     """The :class:`wherefrom.studies.bench.BenchConfig` settings the user set (:func:`changed_settings`, with
-    ``--no-eos`` as ``append_eos`` and ``--lora-target`` as ``lora_targets``) and the ``--option`` pairs as ``method_options`` (when any; one for a method
-    not among ``methods`` is refused)."""
+    ``--no-eos`` as ``append_eos`` and ``--lora-target`` as ``lora_targets``) and the ``--option`` pairs as
+    ``method_options`` (when any; one for a method not among ``methods`` is refused)."""
     explicit = changed_settings((*PRESET_SETTINGS, "lora_target"))
     if explicit.pop("no_eos", False):
         explicit["append_eos"] = False

@@ -614,9 +614,9 @@ def shown_setting(value: Any) -> str:
 
 def differing_settings(saved: Any, now: Any, prefix: str = "") -> list[tuple[str, str]]:
     """``(dotted key, "key: recorded X, now Y")`` for every key whose value differs between two settings dicts
-        (a key one of them lacks included), in key order. Values are shown by :func:`shown_setting`; two long lists of
-        one length (a module list) are compared item by item (``blocks[3]: ...``, the first :data:`SHOWN_ITEMS` of them,
-    keyed by the list's own key)."""
+    (a key one of them lacks included), in key order. Values are shown by :func:`shown_setting`; two long lists of
+    one length (a module list) are compared item by item (``blocks[3]: ...``, the first :data:`SHOWN_ITEMS` of
+    them), keyed by the list's own key."""
     name = prefix or "value"
     if isinstance(saved, dict) and isinstance(now, dict):
         out = []
