@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.engine.robust_workspace import make_workspace
+from tests.models.tokenizers import appends_eos, version_1
 from wherefrom.core.data import load_records
 from wherefrom.core.store import record_checksum, recorded_checksums
 from wherefrom.engine.api import AttributionConfig
@@ -107,8 +108,6 @@ def test_a_tokenizer_that_encodes_otherwise_is_refused_and_version_1_records_sti
     """A run and its index record the tokenizer's fingerprint: one that encodes the same text to other ids (the
     same vocabulary and special tokens) is refused by name. A run made before version 2 of the fingerprint
     (records holding the version-1 digest, rewritten here) opens, reuses its fit and reads its index as before."""
-    from tests.models.test_models import appends_eos, version_1
-
     root = tmp_path / "copy"
     shutil.copytree(workspace, root, ignore=shutil.ignore_patterns("checkpoint-*"))
     options = options_of("logra", root)

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from tests.models.tokenizers import appends_eos, version_1
 from wherefrom.core.data import DataError, data_fingerprint
 from wherefrom.core.encoding import TokenBoundaryWarning, encode_records, iterate_batches, pad_id
 from wherefrom.core.store import OutputExists, record_checksum, recorded_checksums
@@ -397,8 +398,6 @@ def test_a_tokenizer_that_encodes_otherwise_retrains_and_a_version_1_record_is_r
     """A fine-tuning is reused only with a tokenizer that encodes as the recorded one did (version 2 of the
     fingerprint; version 1 took one that adds ``<eos>`` for the same); one finished before version 2 (its
     ``finetune_config.json`` holding the version-1 digest) is still reused."""
-    from tests.models.test_models import appends_eos, version_1
-
     out, small = tmp_path / "run", records[:8]
     first = finetune(tiny_llama(len(tokenizer)), tokenizer, small, lora_config(epochs=1), out, progress=False)
     shutil.copytree(out, tmp_path / "old")
@@ -429,8 +428,6 @@ def test_a_tokenizer_that_encodes_otherwise_retrains_and_a_version_1_record_is_r
 def test_an_interrupted_run_of_version_1_resumes(tokenizer, records, tmp_path, monkeypatch):
     """A fine-tuning killed before version 2 of the tokenizer fingerprint (its training state's identity holding the
     version-1 digest) resumes after its last epoch, as it did."""
-    from tests.models.test_models import version_1
-
     config, out = lora_config(epochs=2), tmp_path / "killed"
     interrupt(tiny_llama, tokenizer, records, config, out, monkeypatch, stop_after=5)  # stopped in epoch 2
     (state,) = (out / "resume").glob("*/state.json")

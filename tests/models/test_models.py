@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.models.tokenizers import appends_eos, version_1
 from wherefrom.models import loading as models
 from wherefrom.models.loading import (
     LoadedModel,
@@ -167,35 +168,6 @@ def test_tokenizer_fingerprint_sees_chat_template(tok):
     assert tokenizer_fingerprint(other) == tokenizer_fingerprint(tok)
     other.chat_template = "{{ messages[0]['content'] }}"
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)
-
-
-def appends_eos(tokenizer):
-    """``tokenizer`` made to add ``<eos>`` after every text (as ``add_eos_token``/``add_bos_token`` do): the same
-    vocabulary, special tokens and chat template, other ids."""
-    from tokenizers import processors
-
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="$A <eos>", special_tokens=[("<eos>", EOS_ID)]
-    )
-    return tokenizer
-
-
-def version_1(tokenizer) -> str:
-    """The tokenizer fingerprint of wherefrom before version 2, written out here: vocabulary, special tokens and
-    chat template only."""
-    import hashlib
-
-    special = {
-        "map": tokenizer.special_tokens_map,
-        "all": sorted(str(t) for t in tokenizer.all_special_tokens),
-        "ids": {key: getattr(tokenizer, f"{key}_token_id") for key in ("pad", "eos", "bos", "unk")},
-    }
-    payload = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special": special,
-        "chat_template": tokenizer.chat_template,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def test_tokenizer_fingerprint_sees_how_text_is_encoded(tok):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import build_model, make_records
+from tests.models.tokenizers import version_1
 from tests.studies.failing import failing_methods
 from tests.studies.replayed import config_of_line, off_default
 from wherefrom.core.scoring import Scores
@@ -300,7 +301,6 @@ def test_a_ground_truth_fine_tunes_measures_and_attributes_with_its_layout(tmp_p
 def test_a_ground_truth_made_before_version_2_of_the_tokenizer_fingerprint_reuses_its_jobs(folder, tmp_path):
     """A ground truth whose records hold the version-1 tokenizer fingerprint (its fine-tuning's record and every
     retraining job's key, rewritten here as that version wrote them) is rebuilt without retraining anything."""
-    from tests.models.test_models import version_1
     from wherefrom.models.loading import Version1TokenizerRecord, load_model, tokenizer_fingerprint
 
     copy = tmp_path / "gt"
