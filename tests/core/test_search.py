@@ -985,7 +985,10 @@ def test_search_summary_says_when_scores_are_8_bit_and_when_fewer_than_k_rows_we
         "opponents)" in sparse.summary(200)
     )
     few = search_store(source, queries, 5, "faiss", [[1, 2]] * 20, check_recall=False)  # two candidates each
-    assert (few.proponents.rows >= 0).sum(1).max() == 2 and "fewer than" not in few.summary(5)  # as documented
+    assert (few.proponents.rows >= 0).sum(1).max() == 2 and "rows found for" not in few.summary(5)  # as documented
+    assert "(20 of 20 queries had fewer than 5 candidate rows, as few as 2: their lists are that short)" in (
+        few.summary(5)
+    )
     # candidates in many cells, one cell probed: lists shorter than the candidates were said for no query (a user saw
     # 34 of 40 lists empty without a word); now counted against min(k, each query's candidates)
     spread = [list(range(0, 2000, 7))] * 20
@@ -1094,3 +1097,19 @@ def test_small_rows_get_enough_sub_quantizers_that_an_exhaustive_search_returns_
     assert FaissSettings(kind=kind).sub_quantizers(dim) >= 4
     with pytest.raises(SearchError, match=rf"pq_m=1 on rows of {dim} numbers: .*at least 4"):
         FaissSettings(kind=kind, pq_m=1).sub_quantizers(dim)
+
+
+def test_the_summary_says_when_candidates_were_fewer_than_k():
+    """With a prefilter of fewer rows than ``k`` (``--prefilter-bm25 3 --top-k 5``) the exact search's lists held 3
+    rows and its summary said nothing of it; it names how many queries had fewer candidates, in either mode."""
+    generator = torch.Generator().manual_seed(8)
+    rows, queries = Rows(torch.randn(40, 16, generator=generator), 10), torch.randn(2, 16, generator=generator)
+    for mode in ("exact", "faiss"):
+        report = search_store(rows, queries, 5, mode, candidates=[[0, 1, 2], list(range(10))], check_recall=False)
+        assert (report.proponents.rows >= 0).sum(1).tolist() == [3, 5]
+        assert "1 of 2 queries had fewer than 5 candidate rows, as few as 3: their lists are that short" in (
+            report.summary(5)
+        ), report.summary(5)
+    full = search_store(rows, queries, 5, "exact", candidates=[list(range(5)), list(range(9))])
+    assert "candidate rows" not in full.summary(5)
+    assert "candidate rows" not in search_store(rows, queries, 50, "exact").summary(50)  # 40 rows: all found

@@ -389,3 +389,34 @@ def test_bench_lora_targets_reach_the_fine_tuning_and_the_keys_of_methods_that_r
     assert row_key(chosen, 0, "gradsim", task) != row_key(base, 0, "gradsim", task)
     assert row_key(chosen, 0, "bm25", task) == row_key(base, 0, "bm25", task)  # runs no model
     assert "lora_targets" not in row_key(base, 0, "gradsim", task)  # rows cached before it keep matching
+
+
+def test_the_default_lora_targets_given_explicitly_are_the_default():
+    """``--lora-target q_proj --lora-target v_proj`` (the default modules, in any order) put ``lora_targets`` into the
+    keys of the rows of every method that runs the model, so a bench given them recomputed the rows of one that did
+    not; a ground truth recorded them too. Both now store the default as ``None``, and the command lines agree."""
+    from wherefrom.studies.bench import row_key
+    from wherefrom.studies.groundtruth.build import GroundTruthConfig
+    from wherefrom.studies.groundtruth.build import command_line as groundtruth_line
+
+    base, task = BenchConfig(task="rules", out="o"), make_task("rules", 8, 2, 0)
+    for given in (["q_proj", "v_proj"], ["v_proj", "q_proj"], ["q_proj", "v_proj", "q_proj"]):
+        explicit = BenchConfig(task="rules", out="o", lora_targets=given)
+        assert explicit.lora_targets is None
+        assert row_key(explicit, 0, "gradsim", task) == row_key(base, 0, "gradsim", task)
+        assert command_line(explicit) == command_line(base)
+        truth = GroundTruthConfig(task="rules", out="o", lora_targets=given)
+        assert groundtruth_line(truth) == groundtruth_line(GroundTruthConfig(task="rules", out="o"))
+    assert BenchConfig(task="rules", out="o", lora_targets=["q_proj"]).lora_targets == ["q_proj"]
+
+
+def test_full_fine_tuning_bench_round_trips_as_lora_rank_0(tmp_path):
+    """A bench that fine-tunes every weight (``lora_rank`` 0 or ``None``, stored as ``None`` as ground truths do)
+    records ``--lora-rank 0``, which reruns it."""
+    import wherefrom.studies.bench as module
+
+    for rank in (0, None):
+        config = BenchConfig(task="rules", out=str(tmp_path / "b"), methods=["gradsim"], lora_rank=rank)
+        assert config.lora_rank is None
+        assert "--lora-rank 0" in command_line(config)
+        assert config_of_line(command_line(config), module, "run_bench") == asdict(config)

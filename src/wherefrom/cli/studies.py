@@ -304,7 +304,7 @@ def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, no_eos,
         config = settings_as(
             GroundTruthConfig,
             out=str(out),
-            lora_rank=lora_rank or None,
+            lora_rank=lora_rank,
             lora_targets=lora_target,
             append_eos=not no_eos,
             n_subsets=subsets,

@@ -44,7 +44,7 @@ def word_order(
             defaults.finetune,
             epochs=epochs,
             learning_rate=learning_rate,
-            lora_rank=lora_rank or None,
+            lora_rank=lora_rank,
             batch_size=batch_size,
             max_length=max_length,
         ),

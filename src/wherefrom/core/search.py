@@ -1222,8 +1222,10 @@ class SearchReport:
     def summary(self, k: int) -> str:
         """One line: mode, time and, for FAISS, the mean recall@k of each end against the exact search (``k`` at
         most the store's rows: every row is found then), with what to change when either is below
-        :data:`RECALL_HINT`; that ``ivf-sq8`` scores are the 8-bit rows'; how many queries a FAISS search found
-        fewer than ``k`` rows for, or than their candidates where fewer (its probed cells or graph walk held fewer)."""
+        :data:`RECALL_HINT`; that ``ivf-sq8`` scores are the 8-bit rows'; how many queries had fewer than ``k``
+        candidate rows (a prefilter of fewer rows than ``k``: their lists are shorter, in any mode); how many queries
+        a FAISS search found fewer than ``k`` rows for, or than their candidates where fewer (its probed cells or
+        graph walk held fewer)."""
         line = f"{self.mode} search: {self.seconds * 1000:.1f} ms"
         if self.index:
             line += f" ({self.index})"
@@ -1231,8 +1233,14 @@ class SearchReport:
             line += f" ({self.note})"
         if self.mode == "faiss" and self.settings is not None and self.settings.kind == "ivf-sq8":
             line += " (scores of the 8-bit rows, not exact)"
+        width = min(k, self.rows or k)
+        few = [count for count in self.candidates or () if count < width]
+        if few:  # each such query's lists hold every one of its candidates, and no more
+            line += (
+                f" ({len(few)} of {len(self.candidates)} queries had fewer than {width} candidate rows, as few as "
+                f"{min(few)}: their lists are that short)"
+            )
         if self.mode == "faiss":
-            width = min(k, self.rows or k)
             limits = torch.full((self.proponents.rows.shape[0],), width)
             if self.candidates is not None:  # a query with fewer candidates gets fewer rows: not short
                 limits = limits.clamp(max=torch.tensor(self.candidates))
@@ -1297,8 +1305,10 @@ def search_store(
     if k < 1:  # here, not only in the searches: a FAISS index is built before its search
         raise SearchError(f"k must be >= 1, got {k}")
     queries = _check_queries(queries, source.dim)
+    counts = None
     if candidates is not None:  # checked once here; the searches' own checks of these tensors are cheap
         candidates = candidate_sets(candidates, queries.shape[0], source.count)
+        counts = tuple(len(c) for c in candidates)
     settings = faiss_settings(faiss_options)
     if mode == "exact" and faiss_options:
         raise SearchError(f"FAISS options {sorted(faiss_options)} were given to an exact search; use mode 'faiss'")
@@ -1315,7 +1325,9 @@ def search_store(
             note = "kind=pq ranks the candidates by their float32 rows: the exact search, no index built" + (
                 f"; options {unused} unused" if unused else ""
             )
-        return SearchReport(*found, "exact", time.perf_counter() - start, note=note)
+        return SearchReport(
+            *found, "exact", time.perf_counter() - start, note=note, rows=source.count, candidates=counts
+        )
     path = None if index_folder is None else Path(index_folder) / settings.file_name()
     start = time.perf_counter()
     with _faiss_failure(settings, "building"):
@@ -1344,7 +1356,7 @@ def search_store(
         settings=settings,
         index=how,
         rows=source.count,
-        candidates=None if candidates is None else tuple(len(c) for c in candidates),
+        candidates=counts,
     )
     if check_recall:
         start = time.perf_counter()

@@ -75,6 +75,7 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "finetune",
+    "full_when_zero",
     "read_trainer_state",
 ]
 
@@ -138,8 +139,7 @@ class FinetuneConfig:
     lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
-        if self.lora_rank == 0:  # the command line's "--lora-rank 0 fine-tunes every weight", in every command
-            self.lora_rank = None
+        self.lora_rank = full_when_zero(self.lora_rank)
 
     def validate(self) -> None:
         """Raise ``ValueError`` on an impossible setting."""
@@ -180,6 +180,12 @@ class FinetuneConfig:
     def layout(self) -> dict[str, Any]:
         """The keywords of :func:`wherefrom.core.encoding.encode_records` these settings give."""
         return {key: getattr(self, key) for key in LAYOUT_SETTINGS}
+
+
+def full_when_zero(lora_rank: int | None) -> int | None:
+    """``None`` (full fine-tuning) for a LoRA rank of 0, the rank otherwise: the command line's "--lora-rank 0
+    fine-tunes every weight", in every command and configuration."""
+    return None if lora_rank == 0 else lora_rank
 
 
 LATER_SETTINGS = ("template", "append_eos", "pad_left", "loss_tokens", "truncate", "lora_dropout", "lr_schedule")

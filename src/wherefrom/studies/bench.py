@@ -46,9 +46,10 @@ from wherefrom.methods.registry import (
     options_off_default,
 )
 from wherefrom.methods.tracin import weights_fingerprint
-from wherefrom.models.finetune import FinetuneConfig, FinetuneResult, finetune
+from wherefrom.models.finetune import FinetuneResult, finetune
 from wherefrom.models.loading import LoadedModel, load_model, pick_device
 from wherefrom.studies.benchtasks import TASKS, BenchTask, as_identification, from_path, subsampled
+from wherefrom.studies.finetuning import FIRST_FINETUNING, LATER_FINETUNING, StudyFinetuning, later_flags
 from wherefrom.studies.metrics import class_attribution, identification, mean_stat
 from wherefrom.studies.toolkit import (
     cached,
@@ -66,15 +67,11 @@ from wherefrom.studies.toolkit import (
 
 __all__ = [
     "DEFAULT_METHODS",
-    "LATER_FINETUNING",
-    "LAYOUT",
-    "OTHER_FLAGS",
     "BenchConfig",
     "build_task",
     "check_task_name",
     "command_line",
     "finetuned",
-    "later_flags",
     "make_task",
     "method_row",
     "row_key",
@@ -86,18 +83,13 @@ __all__ = [
 
 DEFAULT_METHODS = ["ekfac", "kfac", "datainf", "gradsim", "tracin", "repsim", "bm25"]
 _FORMAT_VERSION = 1
-LAYOUT = ("template", "append_eos", "pad_left", "loss_tokens", "truncate")
-"""The input-layout settings shared by fine-tuning and attribution (:func:`wherefrom.core.encoding.encode_records`)."""
-LATER_FINETUNING = (*LAYOUT, "lora_alpha", "lora_dropout", "lr_schedule")
-"""The fine-tuning settings beyond the first ones (epochs, learning rate, LoRA rank, batch size, length): the input
-layout, LoRA alpha and dropout, the schedule; ``bench`` and ``groundtruth`` take them alike."""
 LATER = ("fisher", *LATER_FINETUNING, "lora_targets")
 """Settings added after bench rows were first cached: in a row's key (and the command line) only when not at their default."""
 _LATER_RUNS_MODEL = (*LATER_FINETUNING, "lora_targets")
 """The settings of :data:`LATER` in the key of every method that runs the fine-tuned model."""
-_FINETUNING = ("model", "epochs", "learning_rate", "lora_rank", "batch_size", "max_length")
-"""The first settings of the seeds' fine-tuning (:meth:`BenchConfig.finetune_config`, with :data:`LATER_FINETUNING`):
-in the key of every method that runs the fine-tuned model."""
+_FINETUNING = ("model", *FIRST_FINETUNING)
+"""The model and the first settings of the seeds' fine-tuning (:meth:`BenchConfig.finetune_config`, with
+:data:`wherefrom.studies.finetuning.LATER_FINETUNING`): in the key of every method that runs the fine-tuned model."""
 _NOT_AGGREGATED = {"k", "n_queries", "per_query"}
 _UNIT_INTERVAL = {"acc", "cover", "cover_ceiling", "mrr", "auprc", "auroc", "recall_at_k"}
 """Metrics that lie in [0, 1]: their interval over seeds is clipped to it (with few seeds a Student-t
@@ -105,7 +97,7 @@ interval reaches past the range the metric can take)."""
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(StudyFinetuning):
     """Settings of one benchmark: task, methods, seeds, fine-tuning, attribution batching, output.
 
     ``task``: a name in :data:`wherefrom.studies.benchtasks.TASKS` or ``"path:<train file>:<test file>"``
@@ -115,10 +107,9 @@ class BenchConfig:
     draws a class-balanced subset per seed, :func:`wherefrom.studies.benchtasks.subsampled`). ``model``: local model folder
     (``None``: the default model). ``method_options``: ``{method: {key: value}}`` passed to
     :func:`wherefrom.methods.registry.make_method`; the key ``"*"`` applies to every method.
-    ``damping`` / ``damping_factor`` / ``fisher`` and the input layout ``template`` / ``append_eos`` /
-    ``pad_left`` / ``loss_tokens`` / ``truncate``: as in :class:`wherefrom.engine.api.AttributionConfig` (the layout
-    also applies to fine-tuning); ``lora_alpha`` / ``lora_dropout`` / ``lr_schedule`` / ``lora_targets`` (``None``:
-    its default): as in :class:`wherefrom.models.finetune.FinetuneConfig`. ``preset``: the name of the preset
+    ``damping`` / ``damping_factor`` / ``fisher``: as in :class:`wherefrom.engine.api.AttributionConfig`. The
+    fine-tuning settings and the input layout (which the attribution takes too) are those of
+    :class:`wherefrom.studies.finetuning.StudyFinetuning`. ``preset``: the name of the preset
     (:data:`wherefrom.studies.presets.PRESETS`) the settings were resolved from, recorded only.
     ``finetune_dir``: where the seeds' fine-tuned models live (default ``out/seed-<s>/finetune``); given,
     each fine-tuning gets the folder ``<finetune_dir>/<hash of its settings>``, so runs that fine-tune
@@ -132,25 +123,11 @@ class BenchConfig:
     n_train: int | None = None
     n_test: int | None = None
     model: str | None = None
-    epochs: int = 2
-    learning_rate: float = 1e-3
-    lora_rank: int = 4
-    batch_size: int = 8
-    max_length: int = 256
     damping: float | None = None
     damping_factor: float = 0.1
     device: str | None = None
     method_options: dict[str, dict] = field(default_factory=dict)
     fisher: str = "true"
-    template: str | None = None
-    append_eos: bool = True
-    pad_left: bool = False
-    loss_tokens: str = "completion"
-    truncate: bool = False
-    lora_alpha: int = 8
-    lora_dropout: float = 0.0
-    lr_schedule: str = "constant"
-    lora_targets: list[str] | None = None
     preset: str | None = None
     finetune_dir: str | None = None
 
@@ -170,32 +147,10 @@ class BenchConfig:
     def options_for(self, method: str) -> dict[str, Any]:
         return options_for(self.method_options, method)
 
-    def finetune_config(self, seed: int) -> FinetuneConfig:
-        """The :class:`wherefrom.models.finetune.FinetuneConfig` of the seed's fine-tuning."""
-        return FinetuneConfig(
-            epochs=self.epochs,
-            learning_rate=self.learning_rate,
-            batch_size=self.batch_size,
-            max_length=self.max_length,
-            seed=seed,
-            lora_rank=self.lora_rank,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            lr_schedule=self.lr_schedule,
-            **{key: getattr(self, key) for key in LAYOUT},
-            **({} if self.lora_targets is None else {"lora_targets": list(self.lora_targets)}),
-        )
-
     def attribution_config(self, seed: int) -> AttributionConfig:
         """The :class:`wherefrom.engine.api.AttributionConfig` every method of the seed runs with."""
-        return AttributionConfig(
-            batch_size=self.batch_size,
-            max_length=self.max_length,
-            seed=seed,
-            damping=self.damping,
-            damping_factor=self.damping_factor,
-            fisher=self.fisher,
-            **{key: getattr(self, key) for key in LAYOUT},
+        return self.fine_tuned_attribution(
+            seed, damping=self.damping, damping_factor=self.damping_factor, fisher=self.fisher
         )
 
 
@@ -265,28 +220,14 @@ def command_line(config: BenchConfig) -> str:
             ("--task", config.task),
             ("--methods", ",".join(config.methods)),
             ("--seeds", ",".join(map(str, config.seeds))),
-            *field_flags(config, ("n_train", "n_test", "model", "device", "epochs", "learning_rate", "lora_rank")),
-            *field_flags(config, ("batch_size", "max_length", "damping", "damping_factor")),
-            *later_flags(config, LATER),
+            *field_flags(config, ("n_train", "n_test", "model", "device")),
+            *config.finetuning_flags(),
+            *field_flags(config, ("damping", "damping_factor")),
+            *later_flags(config, ("fisher",)),
             ("--option", format_option_pairs(used)),
             ("--out", config.out),
         ],
     )
-
-
-OTHER_FLAGS: dict[str, Callable[[Any], tuple[str, Any]]] = {
-    "append_eos": lambda value: ("--no-eos", not value),
-    "lora_targets": lambda value: ("--lora-target", value),
-}
-"""``(flag, value)`` on the command line of the configuration fields whose flag is not their name."""
-
-
-def later_flags(config: Any, names: Sequence[str]) -> list[tuple[str, Any]]:
-    """``(--flag, value)`` of the settings ``names`` of the configuration ``config`` (a dataclass: its class
-    attributes are the defaults) that are off their default, for :func:`wherefrom.core.commandline.command_line`
-    (:data:`OTHER_FLAGS`: ``append_eos`` as ``--no-eos``, ``lora_targets`` as ``--lora-target``)."""
-    changed = [k for k in names if getattr(config, k) != getattr(type(config), k)]
-    return [OTHER_FLAGS[k](getattr(config, k)) if k in OTHER_FLAGS else field_flags(config, [k])[0] for k in changed]
 
 
 def rows_key(config: BenchConfig, task: BenchTask) -> dict[str, Any]:

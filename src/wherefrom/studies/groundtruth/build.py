@@ -48,11 +48,12 @@ from wherefrom.core.store import atomic_save_tensors, atomic_write_json, read_js
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.tracin import finetune_checkpoints
-from wherefrom.models.finetune import ADAPTER_DIR, MODEL_DIR, FinetuneConfig, finetune
+from wherefrom.models.finetune import ADAPTER_DIR, MODEL_DIR, finetune
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_RECORD
 from wherefrom.models.loading import load_model
-from wherefrom.studies.bench import LATER_FINETUNING, LAYOUT, check_task_name, later_flags, make_task, short_of_sizes
+from wherefrom.studies.bench import check_task_name, make_task, short_of_sizes
 from wherefrom.studies.benchtasks import BenchTask
+from wherefrom.studies.finetuning import StudyFinetuning
 from wherefrom.studies.groundtruth.lds import loo_effect, loo_noise, sample_subsets
 from wherefrom.studies.groundtruth.retrain import SCRATCH_PREFIX, FinetuneRetrainer, measure_queries, run_jobs
 from wherefrom.studies.toolkit import free_memory, provenance
@@ -64,18 +65,15 @@ META_FILE = "groundtruth.json"
 
 
 @dataclass
-class GroundTruthConfig:
+class GroundTruthConfig(StudyFinetuning):
     """Settings of one ground-truth folder.
 
     ``task``: a :data:`wherefrom.studies.benchtasks.TASKS` name or ``"path:<train>:<test>"``; ``n_train`` /
     ``n_test``: sizes (``None``: the task's default); the test rows are the queries. ``model``: base
-    model folder (``None``: the default model). Fine-tuning: ``epochs``, ``learning_rate``,
-    ``lora_rank`` (``None``: full fine-tuning, e.g. of a tiny model from a saved random init),
-    ``lora_targets`` (``None``: :class:`wherefrom.models.finetune.FinetuneConfig`'s default), ``batch_size``,
-    ``max_length``, and as in ``bench`` (:data:`wherefrom.studies.bench.LATER_FINETUNING`) ``lora_alpha``,
-    ``lora_dropout``, ``lr_schedule`` and the input layout ``template`` / ``append_eos`` / ``pad_left`` /
-    ``loss_tokens`` / ``truncate``, which the attribution of ``evaluate``, ``tune`` and PBRF takes too
-    (:meth:`attribution`). Budget: ``n_subsets`` LDS subsets of fraction ``alpha`` (0 skips LDS), each
+    model folder (``None``: the default model). The fine-tuning settings and input layout: those of
+    :class:`wherefrom.studies.finetuning.StudyFinetuning`, as in ``bench`` (``lora_rank=None``: full fine-tuning,
+    e.g. of a tiny model from a saved random init); the attribution of ``evaluate``, ``tune`` and PBRF takes
+    the layout too (:meth:`attribution`). Budget: ``n_subsets`` LDS subsets of fraction ``alpha`` (0 skips LDS), each
     trained ``subset_seeds`` times; ``loo_rows`` rows left out (0 skips LOO), each and the full set
     trained ``loo_seeds`` times; ``pbrf_rows`` rows for PBRF (0 skips it) with ``pbrf_options``
     (fields of :class:`wherefrom.studies.groundtruth.pbrf.PBRFConfig`). ``workers``: parallel retraining
@@ -87,20 +85,6 @@ class GroundTruthConfig:
     n_train: int | None = None
     n_test: int | None = None
     model: str | None = None
-    epochs: int = 2
-    learning_rate: float = 1e-3
-    lora_rank: int | None = 4
-    lora_targets: list[str] | None = None
-    batch_size: int = 8
-    max_length: int = 256
-    lora_alpha: int = FinetuneConfig.lora_alpha
-    lora_dropout: float = FinetuneConfig.lora_dropout
-    lr_schedule: str = FinetuneConfig.lr_schedule
-    template: str | None = FinetuneConfig.template
-    append_eos: bool = FinetuneConfig.append_eos
-    pad_left: bool = FinetuneConfig.pad_left
-    loss_tokens: str = FinetuneConfig.loss_tokens
-    truncate: bool = FinetuneConfig.truncate
     alpha: float = 0.5
     n_subsets: int = 32
     subset_seeds: int = 1
@@ -127,28 +111,12 @@ class GroundTruthConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.n_subsets == 0 and self.loo_rows == 0 and self.pbrf_rows == 0:
             raise ValueError("nothing to build: n_subsets, loo_rows and pbrf_rows are all 0")
-        self.finetune_config().validate()
-
-    def finetune_config(self, seed: int | None = None) -> FinetuneConfig:
-        """The :class:`wherefrom.models.finetune.FinetuneConfig` of every training run (checkpoints on)."""
-        extra = {} if self.lora_targets is None else {"lora_targets": list(self.lora_targets)}
-        return FinetuneConfig(
-            epochs=self.epochs,
-            learning_rate=self.learning_rate,
-            batch_size=self.batch_size,
-            max_length=self.max_length,
-            seed=self.seed if seed is None else seed,
-            lora_rank=self.lora_rank,
-            checkpoint_every_epoch=True,
-            **{key: getattr(self, key) for key in LATER_FINETUNING},
-            **extra,
-        )
+        self.finetune_config(self.seed).validate()
 
     def attribution(self) -> AttributionConfig:
         """The :class:`wherefrom.engine.api.AttributionConfig` that PBRF, ``evaluate`` and ``tune`` start from (the
         fine-tuning's batch size, length and input layout)."""
-        layout = {key: getattr(self, key) for key in LAYOUT}
-        return AttributionConfig(batch_size=self.batch_size, max_length=self.max_length, seed=self.seed, **layout)
+        return self.fine_tuned_attribution(self.seed)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GroundTruthConfig:
@@ -165,10 +133,8 @@ def command_line(config: GroundTruthConfig) -> str:
     return render_command(
         "groundtruth",
         [
-            *field_flags(config, ("task", "n_train", "n_test", "model", "device", "epochs", "learning_rate")),
-            ("--lora-rank", config.lora_rank or 0),
-            *field_flags(config, ("batch_size", "max_length")),
-            *later_flags(config, ("lora_targets", *LATER_FINETUNING)),
+            *field_flags(config, ("task", "n_train", "n_test", "model", "device")),
+            *config.finetuning_flags(),
             *field_flags(config, ("alpha",)),
             ("--subsets", config.n_subsets),
             *field_flags(config, ("subset_seeds", "loo_rows", "loo_seeds", "pbrf_rows")),
@@ -261,11 +227,10 @@ def build_groundtruth(
     # the full-data model, kept with its per-epoch checkpoints
     tick = time.perf_counter()
     loaded = load_model(config.model, device=config.device)
-    tuned = finetune(loaded.model, loaded.tokenizer, train, config.finetune_config(), out / "model", progress=False)
+    settings = config.finetune_config(config.seed)
+    tuned = finetune(loaded.model, loaded.tokenizer, train, settings, out / "model", progress=False)
     recorded = read_json_object(out / "model" / FINETUNE_RECORD)["tokenizer_fingerprint"]  # the folder's form
-    full_f = measure_queries(
-        tuned.model, loaded.tokenizer, queries, config.batch_size, **config.finetune_config().layout()
-    )
+    full_f = measure_queries(tuned.model, loaded.tokenizer, queries, config.batch_size, **settings.layout())
     timings["finetune_s"] = time.perf_counter() - tick
     say(f"full-data model: {'reused' if tuned.reused else 'trained'} ({timings['finetune_s']:.1f} s)")
     epoch_losses = tuned.epoch_losses
@@ -279,7 +244,7 @@ def build_groundtruth(
     retrainer = FinetuneRetrainer(
         train,
         queries,
-        config.finetune_config(),
+        settings,
         config.model,
         config.device,
         scratch=str(out / "scratch"),
