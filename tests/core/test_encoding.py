@@ -330,3 +330,21 @@ def test_a_row_whose_completion_predicts_no_token_is_refused_by_name() -> None:
             row, tokenizer, append_eos=False, pad_left=True, max_length=4, loss_tokens=loss_tokens
         )
         assert padded.labels[-1] == char_ids("c")[0] and padded.padding == 3
+
+
+@pytest.mark.parametrize("layout", [{}, {"template": "Q: {prompt} A: {completion}"}, {"chat_template": True}])
+def test_a_row_longer_than_the_tokenizers_model_max_length_encodes_without_its_warning(layout, capfd):
+    """A tokenizer saved with a small ``model_max_length`` printed transformers' "Token indices sequence length is
+    longer than the specified maximum sequence length for this model ... will result in indexing errors" for rows
+    that fit ``max_length`` and the model (and before wherefrom's own error for one that did not): ``max_length``
+    and the model's positions decide, naming the row."""
+    from wherefrom.models.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.model_max_length = 4
+    rows = [Record("long", "the quick brown fox", " jumps"), Record("short", "a", " b")]
+    encoded = encode_records(rows, tokenizer, max_length=64, **layout)
+    assert len(encoded[0].input_ids) > 4
+    with pytest.raises(DataError, match="'long'"):
+        encode_records(rows, tokenizer, max_length=8, **layout)
+    assert "sequence length is longer" not in capfd.readouterr().err

@@ -151,12 +151,12 @@ def _split_tokens(
     goes to the completion. Tokenizers without offsets must tokenize the prompt to a prefix."""
     text = prompt + completion
     if getattr(tokenizer, "is_fast", False):
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids, offsets = [int(t) for t in encoded["input_ids"]], encoded["offset_mapping"]
         cut = next((i for i, (_, stop) in enumerate(offsets) if stop > len(prompt)), len(ids))
         return ids[:cut], ids[cut:]
-    ids = [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
-    head = [int(t) for t in tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    ids = [int(t) for t in tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]]
+    head = [int(t) for t in tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]]
     if ids[: len(head)] != head:
         raise ValueError(
             f"{record.named()}: the prompt's last token merges with the completion's first under this "
@@ -296,7 +296,9 @@ def encode_records(
 
     ``model``: the model the rows are for; when given, rows must also fit its position table
     (:func:`model_positions`) and every id, the padding id included, its input embedding
-    (:func:`model_vocabulary`).
+    (:func:`model_vocabulary`). The tokenizer encodes quietly: its ``model_max_length`` warning ("will result
+    in indexing errors") is not printed, since ``max_length`` and the model's positions decide here, naming
+    the row.
 
     Raises :class:`DataError` if an example would exceed ``max_length`` tokens (without ``truncate``) or
     the model's positions, holds a token id outside the model's embedding, or a
@@ -344,8 +346,10 @@ def encode_records(
                 completion = [*completion, int(eos)]  # a template without an end-of-turn marker
             pairs.append((prompt, completion))
     else:
-        prompt_ids = _ids(tokenizer([record.prompt for record in records], add_special_tokens=True))
-        completion_ids = _ids(tokenizer([record.completion for record in records], add_special_tokens=False))
+        prompt_ids = _ids(tokenizer([record.prompt for record in records], add_special_tokens=True, verbose=False))
+        completion_ids = _ids(
+            tokenizer([record.completion for record in records], add_special_tokens=False, verbose=False)
+        )
         warn_split_boundaries(records, prompt_ids, completion_ids, tokenizer)
         pairs = [(p, [*c, int(eos)] if eos is not None else c) for p, c in zip(prompt_ids, completion_ids)]
 
@@ -455,7 +459,7 @@ def warn_split_boundaries(
     message names how many rows, whether prompt and completion had no space between them, and the
     first row's completion tokens both ways.
     """
-    joined = _ids(tokenizer([r.prompt + r.completion for r in records], add_special_tokens=True))
+    joined = _ids(tokenizer([r.prompt + r.completion for r in records], add_special_tokens=True, verbose=False))
     differ = [i for i, (p, c, j) in enumerate(zip(prompt_ids, completion_ids, joined)) if p + c != j]
     if differ:
         first = records[differ[0]]

@@ -634,8 +634,8 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     with and without special tokens, so a tokenizer that encodes otherwise (``add_bos_token``, a normaliser,
     pre-tokenizer or merges of its own) has another digest. Identical across ``save_pretrained``/
     ``from_pretrained`` when the loaded tokenizer encodes as the saved one; a transformers or tokenizers upgrade
-    that encodes a probe otherwise changes it too. Probes are encoded with ``verbose=False``: a tokenizer with a
-    short ``model_max_length`` keeps its one warning about too-long text for real rows. Records of version 1 are
+    that encodes a probe otherwise changes it too. Probes are encoded with ``verbose=False``, as rows are
+    (:func:`wherefrom.core.encoding.encode_records`): no warning about a short ``model_max_length``. Records of version 1 are
     still accepted where they match (:func:`recorded_tokenizer_fingerprint`).
     """
     probes = [
