@@ -441,3 +441,14 @@ def test_an_interrupted_run_of_version_1_resumes(tokenizer, records, tmp_path, m
     assert resumed.resumed_after == 1
     finished = json.loads((out / "finetune_config.json").read_text())
     assert finished["tokenizer_fingerprint"] == tokenizer_fingerprint(tokenizer)  # it trained now: version 2
+
+
+def test_lora_targets_in_another_order_or_repeated_are_the_same_fine_tuning(tokenizer, records, tmp_path):
+    """PEFT adapts the set of modules the targets name, so ``--lora-target v_proj --lora-target q_proj`` trains what
+    the default ``q_proj, v_proj`` does; it was another fine-tuning's identity, and retrained."""
+    reordered = lora_config(epochs=1, lora_targets=["v_proj", "q_proj", "v_proj"])
+    assert reordered.lora_targets == ["q_proj", "v_proj"] and reordered.to_dict() == lora_config(epochs=1).to_dict()
+    out, small = tmp_path / "run", records[:4]
+    finetune(tiny_llama(len(tokenizer)), tokenizer, small, lora_config(epochs=1), out, progress=False)
+    again = finetune(tiny_llama(len(tokenizer)), tokenizer, small, reordered, out, progress=False)
+    assert again.reused

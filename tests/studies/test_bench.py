@@ -420,3 +420,36 @@ def test_full_fine_tuning_bench_round_trips_as_lora_rank_0(tmp_path):
         assert config.lora_rank is None
         assert "--lora-rank 0" in command_line(config)
         assert config_of_line(command_line(config), module, "run_bench") == asdict(config)
+
+
+def test_default_keys_and_command_lines_are_those_cached_rows_were_made_with():
+    """The keys a bench row and a fine-tuning are cached under, and the recorded command lines, at default settings,
+    written out: the fine-tuning settings moved into one declaration (``StudyFinetuning``) without changing them, and
+    a change of any of these would recompute every cached row or retrain every fine-tuning."""
+    from wherefrom.studies.bench import row_key
+    from wherefrom.studies.groundtruth.build import GroundTruthConfig
+    from wherefrom.studies.groundtruth.build import command_line as groundtruth_line
+
+    config, task = BenchConfig(task="rules", out="o"), make_task("rules", 8, 2, 0)
+    first = {"format": 1, "task": "rules", "n_train": None, "n_test": None, "seed": 0}
+    assert row_key(config, 0, "bm25", task) == {**first, "method": "bm25", "options": {}}
+    assert row_key(config, 0, "ekfac", task) == {
+        **first, "method": "ekfac", "options": {}, "model": None, "epochs": 2, "learning_rate": 0.001, "lora_rank": 4,
+        "batch_size": 8, "max_length": 256,
+    }  # fmt: skip
+    assert config.finetune_config(0).to_dict() == {
+        "epochs": 2, "learning_rate": 0.001, "batch_size": 8, "max_length": 256, "seed": 0, "lora_rank": 4,
+        "lora_alpha": 8, "lora_targets": ["q_proj", "v_proj"], "weight_decay": 0.0, "chat_template": False,
+        "checkpoint_every_epoch": True,
+    }  # fmt: skip
+    assert command_line(config) == (
+        "wherefrom bench --task rules --methods ekfac,kfac,datainf,gradsim,tracin,repsim,bm25 --seeds 0 --epochs 2 "
+        "--learning-rate 0.001 --lora-rank 4 --batch-size 8 --max-length 256 --damping-factor 0.1 --out o"
+    )
+    assert groundtruth_line(GroundTruthConfig(task="rules", out="o")) == (
+        "wherefrom groundtruth --task rules --epochs 2 --learning-rate 0.001 --lora-rank 4 --batch-size 8 "
+        "--max-length 256 --alpha 0.5 --subsets 32 --subset-seeds 1 --loo-rows 16 --loo-seeds 2 --pbrf-rows 0 "
+        "--workers 1 --seed 0 --out o"
+    )
+    with pytest.raises(TypeError):  # positional settings after the first ones landed in other fields
+        BenchConfig("rules", "o")

@@ -32,12 +32,12 @@ from wherefrom.core.search import FAISS_OPTIONS
 from wherefrom.core.store import read_json_object
 from wherefrom.engine.run import PRECONDITIONS
 from wherefrom.models.finetune import LR_SCHEDULES, FinetuneConfig
+from wherefrom.studies.finetuning import LATER_FINETUNING
 from wherefrom.studies.outputs import recorded_commands
 from wherefrom.studies.wordorder import WordOrderConfig
 
 __all__ = [
     "ATTRIBUTION",
-    "FINETUNING",
     "GROUPS",
     "SETTINGS",
     "CurvatureSettings",
@@ -514,16 +514,18 @@ class ScoringSettings:
 class FinetuneSettings:
     """Fine-tuning: fine-tuning (LoRA or full) before attribution, and the seeds."""
 
-    epochs: int = setting(2, "Fine-tuning epochs.", check=at_least(1))
+    epochs: int = setting(FinetuneConfig.epochs, "Fine-tuning epochs.", check=at_least(1))
     learning_rate: float = setting(
-        1e-3, "Constant AdamW fine-tuning learning rate (full fine-tuning of a real model: ~1e-5).", check=at_least(0)
+        FinetuneConfig.learning_rate,
+        "Constant AdamW fine-tuning learning rate (full fine-tuning of a real model: ~1e-5).",
+        check=at_least(0),
     )
-    lora_rank: int = setting(4, "LoRA rank; 0 fine-tunes every weight.", check=at_least(0))
-    lora_alpha: int = setting(8, "LoRA alpha (scale alpha / rank).", check=at_least(1))
+    lora_rank: int = setting(FinetuneConfig.lora_rank, "LoRA rank; 0 fine-tunes every weight.", check=at_least(0))
+    lora_alpha: int = setting(FinetuneConfig.lora_alpha, "LoRA alpha (scale alpha / rank).", check=at_least(1))
     lora_target: list[str] | None = setting(
         None, "Module name to adapt with LoRA (repeatable; default q_proj and v_proj)."
     )
-    weight_decay: float = setting(0.0, "AdamW weight decay.", check=at_least(0))
+    weight_decay: float = setting(FinetuneConfig.weight_decay, "AdamW weight decay.", check=at_least(0))
     lora_dropout: float = setting(
         FinetuneConfig.lora_dropout, "LoRA dropout while fine-tuning (the reference study: 0.1).", check=fraction
     )
@@ -799,23 +801,12 @@ ATTRIBUTION = (
 )
 """The :class:`wherefrom.engine.api.AttributionConfig` settings of every command that runs a method on rows."""
 
-FINETUNING = ("epochs", "learning_rate", "lora_rank", "batch_size", "max_length")
-"""The fine-tuning settings shared by ``bench`` and ``groundtruth``."""
-
-REFERENCE_FINETUNING = (
-    "template",
-    "no_eos",
-    "pad_left",
-    "loss_tokens",
-    "truncate",
-    "lora_alpha",
-    "lora_dropout",
-    "lr_schedule",
-)
-"""The fine-tuning settings (input layout, LoRA, schedule) that the reference study set otherwise than wherefrom."""
+REFERENCE_FINETUNING = tuple("no_eos" if name == "append_eos" else name for name in LATER_FINETUNING)
+"""The fine-tuning settings (input layout, LoRA, schedule) that the reference study set otherwise than wherefrom: the
+command-line names of :data:`wherefrom.studies.finetuning.LATER_FINETUNING` (``append_eos`` is ``--no-eos``)."""
 
 REFERENCE_SWITCHES = (*REFERENCE_FINETUNING, "fisher")
-"""The settings of ``bench`` and ``ablate`` beyond :data:`FINETUNING` that a preset sets
+"""The settings of ``bench`` and ``ablate`` beyond :data:`wherefrom.studies.finetuning.FIRST_FINETUNING` that a preset sets
 (:data:`wherefrom.studies.presets.PRESETS`)."""
 
 

@@ -29,7 +29,6 @@ from wherefrom.cli.app import (
     stdout_console,
 )
 from wherefrom.cli.settings import (
-    FINETUNING,
     REFERENCE_FINETUNING,
     REFERENCE_SWITCHES,
     int_list,
@@ -41,6 +40,7 @@ from wherefrom.core.option_pairs import parse_option_pairs
 from wherefrom.core.store import OutputExists
 from wherefrom.engine.run import RunMismatch
 from wherefrom.models.loading import load_model
+from wherefrom.studies.finetuning import FIRST_FINETUNING
 
 EVALUATE_METHODS = ("ekfac", "kfac", "datainf", "gradsim", "tracin")
 """What ``evaluate`` scores when ``--methods`` is not given."""
@@ -49,7 +49,7 @@ DEMO_SIZES = {"n_train": 160, "n_queries": 10}
 """The demo's generated training rows and held-out queries when ``--n-train`` / ``--n-queries`` are not given."""
 
 
-@command(uses=(*FINETUNING, *REFERENCE_FINETUNING, "weight_decay", "chat_template", "seed", "threads"))
+@command(uses=(*FIRST_FINETUNING, *REFERENCE_FINETUNING, "weight_decay", "chat_template", "seed", "threads"))
 def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device, no_eos, **settings) -> None:
     """Fine-tune a causal LM on prompt/completion rows (loss on completion tokens only), saving a
     checkpoint per epoch for TracIn and the convergence analysis; an identical earlier run is reused,
@@ -79,7 +79,7 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
     say(f"{state}: mean loss per epoch {losses} -> {result.weights_dir} ({len(result.checkpoints)} checkpoints)")
 
 
-PRESET_SETTINGS = (*FINETUNING, *REFERENCE_SWITCHES, "damping", "damping_factor")
+PRESET_SETTINGS = (*FIRST_FINETUNING, *REFERENCE_SWITCHES, "damping", "damping_factor")
 """The settings a preset may set; given at other than their default they override it."""
 
 
@@ -277,7 +277,7 @@ def demo(cache, n_train, n_queries, epochs, model, device, threads) -> None:
 
 @command(
     uses=(
-        *FINETUNING,
+        *FIRST_FINETUNING,
         *REFERENCE_FINETUNING,
         "n_train",
         "n_test",

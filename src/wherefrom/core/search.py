@@ -1200,7 +1200,7 @@ class SearchReport:
     ``exact_seconds`` and the ``settings`` it ran with, ``index`` (how the FAISS index was had: built in how many
     seconds, or the saved one reused) and a ``note`` the summary line adds (why a FAISS search ran exactly, or
     what an IVF index changed of the settings: :meth:`FaissSettings.capped`), and the store's ``rows`` (what the
-    recall advice depends on), and how many candidate rows each query had when candidates restricted the search
+    recall advice and the widths of full lists depend on), and how many candidate rows each query had when candidates restricted the search
     (``candidates``; ``None``: every row): a query gets at most that many."""
 
     proponents: SearchResult

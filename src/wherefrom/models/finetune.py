@@ -76,6 +76,7 @@ __all__ = [
     "FinetuneResult",
     "finetune",
     "full_when_zero",
+    "lora_target_set",
     "read_trainer_state",
 ]
 
@@ -140,6 +141,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         self.lora_rank = full_when_zero(self.lora_rank)
+        self.lora_targets = lora_target_set(self.lora_targets)
 
     def validate(self) -> None:
         """Raise ``ValueError`` on an impossible setting."""
@@ -186,6 +188,13 @@ def full_when_zero(lora_rank: int | None) -> int | None:
     """``None`` (full fine-tuning) for a LoRA rank of 0, the rank otherwise: the command line's "--lora-rank 0
     fine-tunes every weight", in every command and configuration."""
     return None if lora_rank == 0 else lora_rank
+
+
+def lora_target_set(targets: Sequence[str]) -> list[str]:
+    """The LoRA target module names ``targets`` sorted, each once: PEFT adapts the set of modules they name
+    (``LoraConfig.target_modules`` is a set), so the order and repeats given change no fine-tuning, and one
+    fine-tuning has one identity (``--lora-target v_proj --lora-target q_proj`` was another than the default)."""
+    return sorted(set(targets))
 
 
 LATER_SETTINGS = ("template", "append_eos", "pad_left", "loss_tokens", "truncate", "lora_dropout", "lr_schedule")

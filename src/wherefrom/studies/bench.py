@@ -83,10 +83,10 @@ __all__ = [
 
 DEFAULT_METHODS = ["ekfac", "kfac", "datainf", "gradsim", "tracin", "repsim", "bm25"]
 _FORMAT_VERSION = 1
-LATER = ("fisher", *LATER_FINETUNING, "lora_targets")
-"""Settings added after bench rows were first cached: in a row's key (and the command line) only when not at their default."""
 _LATER_RUNS_MODEL = (*LATER_FINETUNING, "lora_targets")
 """The settings of :data:`LATER` in the key of every method that runs the fine-tuned model."""
+LATER = ("fisher", *_LATER_RUNS_MODEL)
+"""Settings added after bench rows were first cached: in a row's key (and the command line) only when not at their default."""
 _FINETUNING = ("model", *FIRST_FINETUNING)
 """The model and the first settings of the seeds' fine-tuning (:meth:`BenchConfig.finetune_config`, with
 :data:`wherefrom.studies.finetuning.LATER_FINETUNING`): in the key of every method that runs the fine-tuned model."""
@@ -96,7 +96,7 @@ _UNIT_INTERVAL = {"acc", "cover", "cover_ceiling", "mrr", "auprc", "auroc", "rec
 interval reaches past the range the metric can take)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchConfig(StudyFinetuning):
     """Settings of one benchmark: task, methods, seeds, fine-tuning, attribution batching, output.
 

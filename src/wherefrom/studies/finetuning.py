@@ -15,7 +15,7 @@ from typing import Any
 from wherefrom.core.commandline import field_flags
 from wherefrom.core.encoding import LAYOUT_SETTINGS
 from wherefrom.engine.api import AttributionConfig
-from wherefrom.models.finetune import FinetuneConfig, full_when_zero
+from wherefrom.models.finetune import FinetuneConfig, full_when_zero, lora_target_set
 
 __all__ = ["FIRST_FINETUNING", "LATER_FINETUNING", "LAYOUT", "OTHER_FLAGS", "StudyFinetuning", "later_flags"]
 
@@ -33,9 +33,9 @@ schedule (with ``lora_targets``: on a study's command line only when off their d
 class StudyFinetuning:
     """Fine-tuning settings of a study: ``epochs``, ``learning_rate``, ``lora_rank`` (``None`` or 0: full
     fine-tuning, stored as ``None``), ``batch_size``, ``max_length`` (tokens), ``lora_alpha``, ``lora_dropout``,
-    ``lr_schedule``, ``lora_targets`` (``None``: :class:`wherefrom.models.finetune.FinetuneConfig`'s default; the
-    default modules given explicitly, in any order, are stored as ``None`` too, so a study's keys do not tell
-    them apart) and the input layout :data:`LAYOUT`, all as in :class:`wherefrom.models.finetune.FinetuneConfig`
+    ``lr_schedule``, ``lora_targets`` (``None``: :class:`wherefrom.models.finetune.FinetuneConfig`'s default; stored sorted,
+    each once, :func:`wherefrom.models.finetune.lora_target_set`, and the default modules given explicitly as
+    ``None``, so a study's keys do not tell them apart) and the input layout :data:`LAYOUT`, all as in :class:`wherefrom.models.finetune.FinetuneConfig`
     and with its defaults."""
 
     epochs: int = FinetuneConfig.epochs
@@ -55,8 +55,10 @@ class StudyFinetuning:
 
     def __post_init__(self) -> None:
         self.lora_rank = full_when_zero(self.lora_rank)
-        if self.lora_targets is not None and sorted(set(self.lora_targets)) == sorted(FinetuneConfig().lora_targets):
-            self.lora_targets = None
+        if self.lora_targets is not None:
+            self.lora_targets = lora_target_set(self.lora_targets)
+            if self.lora_targets == FinetuneConfig().lora_targets:
+                self.lora_targets = None
 
     def finetune_config(self, seed: int) -> FinetuneConfig:
         """The :class:`wherefrom.models.finetune.FinetuneConfig` of a fine-tuning with training seed ``seed``

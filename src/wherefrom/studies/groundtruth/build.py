@@ -64,7 +64,7 @@ _FORMAT_VERSION = 1
 META_FILE = "groundtruth.json"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GroundTruthConfig(StudyFinetuning):
     """Settings of one ground-truth folder.
 
