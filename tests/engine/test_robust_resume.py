@@ -421,3 +421,37 @@ def test_index_rebuilds_shards_that_match_their_checksums_but_hold_other_rows(ro
     code, out = invoke("index", "--run", run, "--shard-size", "4")
     assert code == 0 and "2 shards written now" in out, out
     assert {p.name: p.read_bytes() for p in index.iterdir() if not p.name.startswith(".")} == clean
+
+
+@pytest.mark.parametrize(
+    ("first", "unfinish", "other", "named"),
+    [
+        (["--strategy", "kfac"], "factors", ["--strategy", "kfac", "--fisher", "empirical"], "attribution.fisher"),
+        (["--method", "trak"], "method", ["--method", "trak", "--max-length", "96"], "max_length"),
+    ],
+)
+def test_a_refused_resume_of_an_unfinished_fit_keeps_the_run_as_recorded(root, tmp_path, first, unfinish, other, named):
+    """A fit killed midway (its ``factors/`` or ``method/`` holds settings and no result), rerun with another setting:
+    refused rightly, but the run's ``config.json`` had taken the refused settings (the factors' were the old ones) and
+    lost its replay record, so ``replay`` could not resume it ("records no command to replay"). Both stay as they
+    were; the recorded command then finishes the fit with the uninterrupted fit's bytes."""
+    run = root / f"fit-{tmp_path.name}"
+    code, out = invoke(*fit_args(root, run.name, *first))
+    assert code == 0, out
+    results = sorted(p for p in (run / unfinish).iterdir() if p.suffix == ".safetensors")
+    saved = {p.name: p.read_bytes() for p in results}
+    for path in results:  # what a kill midway leaves: the settings, no result (and a stage folder for factors)
+        forget_file(path)
+    for path in (run / unfinish).glob("*.json"):
+        if path.name not in ("settings.json", "checksums.json"):
+            forget_file(path)
+    if unfinish == "factors":
+        (run / "factors" / "stages").mkdir()
+    recorded = {name: (run / name).read_bytes() for name in ("config.json", "manifest.json")}
+    assert json.loads(recorded["config.json"])["replay"]["fit"]
+    code, out = invoke(*fit_args(root, run.name, *other))
+    assert code == 2 and named in out and "was started with other settings" in " ".join(out.split()), out
+    assert {name: (run / name).read_bytes() for name in recorded} == recorded
+    code, out = invoke("replay", run)
+    assert code == 0, out
+    assert {p.name: p.read_bytes() for p in (run / unfinish).iterdir() if p.suffix == ".safetensors"} == saved

@@ -75,6 +75,7 @@ from wherefrom.core.store import (
     SettingsMismatch,
     StageFolder,
     atomic_write_json,
+    atomic_write_text,
     damage,
     forget_file,
     hardware,
@@ -360,6 +361,10 @@ class Run:
         self.created_manifest: dict[str, Any] | None = None
         """The manifest :meth:`create` recorded (``None`` for a run :meth:`open` found): :meth:`fit` records the
         run's settings again under its lock, since another process may have recorded its own in between."""
+        self.replaced: dict[Path, str | None] | None = None
+        """The texts of ``config.json`` and ``manifest.json`` (``None``: absent) that :meth:`settle` replaced with this
+        run's, put back when a fit is refused for the settings its unfinished state was started with
+        (:meth:`put_back_replaced`)."""
         self.notices: list[str] = []
         """What a writer found and repaired (damaged files rebuilt, partial state of unknown settings discarded)."""
 
@@ -438,15 +443,31 @@ class Run:
                     )
                 self._check(folder, self.created_manifest)
                 return
-            # nothing finished here yet: the new settings replace the old
+            # nothing finished here yet: the new settings replace the old (what else the file holds, the CLI's
+            # replay records, stays), put back where the unfinished state refuses them
             recorded, own = folder / "config.json", config.to_dict()
             try:
                 saved = read_json_object(recorded)
             except (OSError, ValueError):  # missing or damaged: written anew
                 saved = {}
+            manifest = folder / "manifest.json"
+            if self.replaced is None:
+                self.replaced = {
+                    path: path.read_text("utf-8") if path.is_file() else None for path in (recorded, manifest)
+                }
             if any(saved.get(key) != value for key, value in own.items()):
-                atomic_write_json(own, recorded)
-            atomic_write_json(self.created_manifest, folder / "manifest.json")
+                atomic_write_json({**saved, **own}, recorded)
+            atomic_write_json(self.created_manifest, manifest)
+
+    def put_back_replaced(self) -> None:
+        """Write back the ``config.json`` and ``manifest.json`` that :meth:`settle` replaced (remove those it made):
+        a fit refused for the settings its unfinished ``factors/`` or ``method/`` was started with leaves the run
+        recorded as it was, so the recorded settings still resume it. Rank 0's job under ``torch.distributed``."""
+        for path, text in (self.replaced or {}).items():
+            if text is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write_text(text, path)
 
     def finished(self) -> bool:
         """Whether the folder holds a finished result (fitted factors, an index or scores): only then are
@@ -602,7 +623,12 @@ class Run:
         with held_by_main(lambda: writer_lock(self.folder)):
             if self.created_manifest is not None:
                 on_main(self.settle)
-            if on_main(lambda: self.factors_intact(target, stages)):
+            try:
+                intact = on_main(lambda: self.factors_intact(target, stages))
+            except SettingsMismatch:
+                on_main(self.put_back_replaced)
+                raise
+            if intact:
                 self.attributor.use_curvature(load_curvature(target), self.train)
                 on_main(stages.clear)  # left by a fit killed after its final save
                 return False
@@ -727,13 +753,17 @@ class Run:
                 return [p for p in map(damage, files) if p]
 
             found = problems()
-            notes = record_settings(
-                target,
-                self.fit_settings(),
-                self.refit_hint(target),
-                (*RESUMED_WHERE_STARTED, *RECORDED_ONLY),
-                self.config.setting_defaults(),
-            )
+            try:
+                notes = record_settings(
+                    target,
+                    self.fit_settings(),
+                    self.refit_hint(target),
+                    (*RESUMED_WHERE_STARTED, *RECORDED_ONLY),
+                    self.config.setting_defaults(),
+                )
+            except SettingsMismatch:
+                self.put_back_replaced()
+                raise
             if notes:  # a state of unknown settings was discarded
                 self.notices += notes
                 found = problems()
