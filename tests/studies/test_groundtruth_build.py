@@ -316,3 +316,32 @@ def test_a_ground_truth_made_before_version_2_of_the_tokenizer_fingerprint_reuse
     with pytest.warns(Version1TokenizerRecord):
         build_groundtruth(config)
     assert {p.name: p.stat().st_mtime_ns for p in (copy / "jobs").iterdir()} == stamps  # no job retrained
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("bogus=1", {"bogus": 1}, "PBRF has no option(s) ['bogus']; its options are ['batch_size',"),
+        ("eps=nan", {"eps": "nan"}, "PBRF option eps='nan': expected float or None"),
+        ("optimizer=sgd", {"optimizer": "sgd"}, "PBRF option optimizer='sgd': expected 'lbfgs' or 'adam'"),
+        ("steps=-3", {"steps": -3}, "steps must be >= 1, got -3"),
+        ("steps=true", {"steps": True}, "PBRF option steps=True: expected int"),
+    ],
+)
+def test_pbrf_options_are_checked_before_any_fine_tuning(tmp_path, option, value, said):
+    """``--pbrf-option`` was checked when PBRF ran, after the fine-tuning and every retraining job (an unknown key or
+    ``eps=nan`` then a ``TypeError`` traceback), and not at all without ``--pbrf-rows``; now by ``validate``, naming
+    the flag, whether or not PBRF rows are asked for, and the command writes nothing."""
+    from typer.testing import CliRunner
+
+    from wherefrom.cli import app
+
+    for rows in (0, 2):
+        with pytest.raises(ValueError) as error:
+            GroundTruthConfig(task="rules", out="o", pbrf_rows=rows, pbrf_options=value).validate()
+        assert str(error.value).startswith("pbrf_options (--pbrf-option): ") and said in str(error.value)
+    out = tmp_path / "gt"
+    args = ["groundtruth", "--task", "rules", "--pbrf-rows", "2", "--pbrf-option", option, "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+    assert not out.exists()

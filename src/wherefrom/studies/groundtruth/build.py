@@ -55,6 +55,7 @@ from wherefrom.studies.bench import check_task_name, make_task, short_of_sizes
 from wherefrom.studies.benchtasks import BenchTask
 from wherefrom.studies.finetuning import StudyFinetuning
 from wherefrom.studies.groundtruth.lds import loo_effect, loo_noise, sample_subsets
+from wherefrom.studies.groundtruth.pbrf import pbrf_config
 from wherefrom.studies.groundtruth.retrain import SCRATCH_PREFIX, FinetuneRetrainer, measure_queries, run_jobs
 from wherefrom.studies.toolkit import free_memory, provenance
 
@@ -112,6 +113,10 @@ class GroundTruthConfig(StudyFinetuning):
         if self.n_subsets == 0 and self.loo_rows == 0 and self.pbrf_rows == 0:
             raise ValueError("nothing to build: n_subsets, loo_rows and pbrf_rows are all 0")
         self.finetune_config(self.seed).validate()
+        try:  # before any fine-tuning, also where no PBRF row is asked for (they are recorded)
+            pbrf_config(self.pbrf_options)
+        except ValueError as error:
+            raise ValueError(f"pbrf_options (--pbrf-option): {error}") from None
 
     def attribution(self) -> AttributionConfig:
         """The :class:`wherefrom.engine.api.AttributionConfig` that PBRF, ``evaluate`` and ``tune`` start from (the
@@ -289,7 +294,7 @@ def build_groundtruth(
     pbrf_info: dict[str, Any] = {}
     if config.pbrf_rows:
         try:
-            from wherefrom.studies.groundtruth.pbrf import PBRFConfig, pbrf_influence
+            from wherefrom.studies.groundtruth.pbrf import pbrf_influence
         except ImportError as error:
             raise RuntimeError(
                 f"pbrf_rows={config.pbrf_rows} needs wherefrom.studies.groundtruth.pbrf: {error}"
@@ -303,7 +308,7 @@ def build_groundtruth(
             train,
             queries,
             rows.tolist(),
-            PBRFConfig(**config.pbrf_options),
+            pbrf_config(config.pbrf_options),
             config.attribution(),
             progress=progress,
             info=pbrf_info,

@@ -46,8 +46,10 @@ import hashlib
 import json
 import math
 import time
+import types
+import typing
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,7 +69,7 @@ from wherefrom.engine.api import AttributionConfig
 from wherefrom.models.loading import eval_mode
 from wherefrom.studies.toolkit import cached, store
 
-__all__ = ["PBRFConfig", "pbrf_influence"]
+__all__ = ["PBRFConfig", "pbrf_config", "pbrf_influence"]
 
 _FORMAT_VERSION = 1
 
@@ -128,6 +130,44 @@ class PBRFConfig:
             raise ValueError(f"tol must be > 0, got {self.tol}")
         if self.probes < 1:
             raise ValueError(f"probes must be >= 1, got {self.probes}")
+
+
+def pbrf_config(options: Mapping[str, Any]) -> PBRFConfig:
+    """:class:`PBRFConfig` of ``options`` (``groundtruth --pbrf-option key=value``), each key a field and each value
+    of the field's type (an int where a float is asked for; ``None`` where the field allows it). Raises
+    ``ValueError`` naming an unknown key with the known ones, or the key, value and type of a value of another type
+    (``eps=nan`` reaches here as the text ``'nan'``, and a comparison with it was a ``TypeError`` traceback), and
+    :class:`PBRFConfig`'s own range errors; ``groundtruth`` calls it before any fine-tuning."""
+    hints = typing.get_type_hints(PBRFConfig)
+    unknown = sorted(set(options) - set(hints))
+    if unknown:
+        raise ValueError(f"PBRF has no option(s) {unknown}; its options are {sorted(hints)}")
+    for key, value in options.items():
+        if not _of_type(value, hints[key]):
+            raise ValueError(f"PBRF option {key}={value!r}: expected {_type_name(hints[key])}")
+    return PBRFConfig(**options)
+
+
+def _of_type(value: Any, kind: Any) -> bool:
+    if typing.get_origin(kind) is Literal:
+        return value in typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return any(_of_type(value, part) for part in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is Literal:
+        return " or ".join(map(repr, typing.get_args(kind)))
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(part) for part in typing.get_args(kind))
+    return "None" if kind is type(None) else kind.__name__
 
 
 @contextmanager
