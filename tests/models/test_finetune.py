@@ -13,7 +13,7 @@ from wherefrom.core.data import DataError, data_fingerprint
 from wherefrom.core.encoding import TokenBoundaryWarning, encode_records, iterate_batches, pad_id
 from wherefrom.core.store import OutputExists, record_checksum, recorded_checksums
 from wherefrom.core.task import per_example_loss
-from wherefrom.models.finetune import FinetuneConfig, finetune, read_trainer_state
+from wherefrom.models.finetune import FinetuneConfig, FinetuneDiverged, finetune, read_trainer_state
 from wherefrom.models.loading import Version1TokenizerRecord, tokenizer_fingerprint
 from wherefrom.models.tiny import save_tiny, tiny_gpt2, tiny_llama, tiny_tokenizer
 from wherefrom.studies.generated import rule_identification
@@ -452,3 +452,46 @@ def test_lora_targets_in_another_order_or_repeated_are_the_same_fine_tuning(toke
     finetune(tiny_llama(len(tokenizer)), tokenizer, small, lora_config(epochs=1), out, progress=False)
     again = finetune(tiny_llama(len(tokenizer)), tokenizer, small, reordered, out, progress=False)
     assert again.reused
+
+
+def test_a_fine_tuning_whose_loss_turns_non_finite_stops_naming_the_step(tokenizer, records, tmp_path):
+    """``--learning-rate inf`` was taken and the fine-tuning ran on with a NaN loss without a word, so the error came
+    later, from the scores. A non-finite learning rate is refused by ``validate``; a finite one that diverges says so
+    once, at the first non-finite loss (the run goes on as configured: resumed, it equals an uninterrupted one)."""
+    for rate in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="learning_rate must be a finite number > 0"):
+            lora_config(learning_rate=rate).validate()
+    with pytest.warns(
+        FinetuneDiverged, match=r"fine-tuning diverged: the loss of step \d+ \(epoch \d\) is (nan|inf)"
+    ) as said:
+        finetune(
+            tiny_llama(len(tokenizer)),
+            tokenizer,
+            records[:8],
+            lora_config(learning_rate=1e35, epochs=1, batch_size=2),
+            tmp_path / "run",
+            progress=False,
+        )
+    assert sum(isinstance(w.message, FinetuneDiverged) for w in said) == 1
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "said"),
+    [
+        ("--learning-rate", "inf", "--learning-rate inf: must be a finite number > 0, got inf"),
+        ("--learning-rate", "nan", "--learning-rate nan: must be a finite number > 0, got nan"),
+        ("--learning-rate", "-1", "--learning-rate -1.0: must be a finite number > 0, got -1.0"),
+        ("--weight-decay", "inf", "--weight-decay inf: must be a finite number >= 0, got inf"),
+    ],
+)
+def test_a_non_finite_fine_tuning_number_is_refused_before_any_work(tmp_path, flag, value, said):
+    from typer.testing import CliRunner
+
+    from wherefrom.cli import app
+
+    out = tmp_path / "ft"
+    result = CliRunner().invoke(
+        app, ["finetune", "--train", str(tmp_path / "none.jsonl"), "--out", str(out), flag, value]
+    )
+    assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+    assert not out.exists()

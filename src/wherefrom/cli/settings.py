@@ -92,12 +92,14 @@ def positive(value: Any) -> str | None:
 
 
 def at_least(minimum: float) -> Check:
-    """Numbers (or each number of a list) must be ``>= minimum``."""
+    """Numbers (or each number of a list) must be finite and ``>= minimum``."""
 
     def check(value: Any) -> str | None:
         values = value if isinstance(value, list) else [value]
-        low = [v for v in values if v < minimum]
-        return f"must be >= {minimum:g}, got {low[0]}" if low else None
+        low = [v for v in values if not (math.isfinite(v) and v >= minimum)]  # nan and inf were let through
+        if not low:
+            return None
+        return f"must be {'' if math.isfinite(low[0]) else 'a finite number '}>= {minimum:g}, got {low[0]}"
 
     return check
 
@@ -518,7 +520,7 @@ class FinetuneSettings:
     learning_rate: float = setting(
         FinetuneConfig.learning_rate,
         "Constant AdamW fine-tuning learning rate (full fine-tuning of a real model: ~1e-5).",
-        check=at_least(0),
+        check=positive,
     )
     lora_rank: int = setting(FinetuneConfig.lora_rank, "LoRA rank; 0 fine-tunes every weight.", check=at_least(0))
     lora_alpha: int = setting(FinetuneConfig.lora_alpha, "LoRA alpha (scale alpha / rank).", check=at_least(1))

@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,6 +75,7 @@ __all__ = [
     "TRAINER_STATE_FILE",
     "TRAIN_LOG_FILE",
     "FinetuneConfig",
+    "FinetuneDiverged",
     "FinetuneResult",
     "finetune",
     "full_when_zero",
@@ -151,10 +154,10 @@ class FinetuneConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {self.max_length}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -182,6 +185,11 @@ class FinetuneConfig:
     def layout(self) -> dict[str, Any]:
         """The keywords of :func:`wherefrom.core.encoding.encode_records` these settings give."""
         return {key: getattr(self, key) for key in LAYOUT_SETTINGS}
+
+
+class FinetuneDiverged(UserWarning):
+    """A fine-tuning step's loss is not finite (too high a learning rate): the run goes on as configured (a resumed
+    run still equals an uninterrupted one), and the weights and scores of the model are NaN."""
 
 
 def full_when_zero(lora_rank: int | None) -> int | None:
@@ -573,6 +581,7 @@ def finetune(
         dynamic_ncols=True,
     )
     model.train()
+    diverged = False
     try:
         for epoch in range(done + 1, config.epochs + 1):
             generator = torch.Generator().manual_seed(config.seed + epoch)
@@ -584,12 +593,21 @@ def finetune(
                 lr = float(optimizer.param_groups[0]["lr"])
                 logits = model(**model_inputs(model, batch)).logits
                 loss = per_example_loss(logits, batch["labels"], "sum").mean()
+                value = float(loss.detach())
+                if not (math.isfinite(value) or diverged):  # said once: the scores of this model will be NaN
+                    diverged = True
+                    warnings.warn(
+                        f"fine-tuning diverged: the loss of step {step + 1} (epoch {epoch}) is {value} at learning "
+                        f"rate {lr:g}; the weights and every score of this model will be NaN: lower learning_rate "
+                        "(--learning-rate)",
+                        FinetuneDiverged,
+                        stacklevel=2,
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
                 step += 1
-                value = float(loss.detach())
                 step_losses.append(value)
                 log.append({"epoch": epoch, "step": step, "loss": value, "lr": lr, "batch_ids": batch_ids})
                 bar.update(1)
