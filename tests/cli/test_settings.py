@@ -382,3 +382,22 @@ def test_evaluate_of_an_unfinished_ground_truth_says_so_and_how_to_finish_it(tmp
     assert f"wherefrom replay {folder}" in " ".join(result.output.split())
     other = invoke("evaluate", tmp_path)
     assert other.exit_code == 2 and "not a ground-truth folder" in other.output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [
+        (["groundtruth", "--task", "rules", "--alpha", "0", "--out", "gt"], "--alpha 0.0: must be in (0, 1), got 0.0"),
+        (["groundtruth", "--task", "rules", "--seed", "-1", "--out", "gt"], "--seed -1: must be >= 0, got -1"),
+        (["tune", "gt", "--method", "ekfac", "--grid", "damping_factor=0.1", "--split-seed", "-1"], "--split-seed -1"),
+        (["bench", "--task", "rules", "--epochs", "1", "--learning-rate", "inf", "--out", "b"], "--learning-rate inf"),
+    ],
+)
+def test_out_of_range_settings_are_refused_naming_the_flag(tmp_path, monkeypatch, arguments, said):
+    """``--alpha 0`` and ``--seed -1`` were refused only by the configuration, naming the field (``alpha must be in
+    (0, 1)``), ``--split-seed -1`` by numpy (``expected non-negative integer``, no flag), and ``inf`` passed every
+    ``>=`` check; each is now refused by its flag before the command starts, writing nothing."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*arguments)
+    assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

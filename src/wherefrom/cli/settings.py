@@ -537,7 +537,9 @@ class FinetuneSettings:
         check=one_of(*LR_SCHEDULES),
     )
     full: bool = setting(False, "Fine-tune every weight (the same as --lora-rank 0).", flag="--full")
-    seed: int = setting(0, "Seed of the task data, LoRA initialisation, epoch orders and Fisher labels.")
+    seed: int = setting(
+        0, "Seed of the task data, LoRA initialisation, epoch orders and Fisher labels.", check=at_least(0)
+    )
     seeds: str | None = setting(
         None,
         "Comma-separated seeds, none repeated (default: 0 for a new bench; 0,1,2 for ablate and word-order; every seed "
@@ -550,7 +552,7 @@ class FinetuneSettings:
 class GroundTruthSettings:
     """Ground truth: retraining budget of a ground truth (LDS, leave-one-out, PBRF)."""
 
-    alpha: float = setting(0.5, "LDS subset fraction.")
+    alpha: float = setting(0.5, "LDS subset fraction.", check=open_fraction)
     subsets: int = setting(32, "LDS subsets (0: no LDS).", check=at_least(0))
     subset_seeds: int = setting(1, "Training seeds per LDS subset (averaged).", check=at_least(1))
     loo_rows: int = setting(16, "Rows left out one at a time (0: no LOO).", check=at_least(0))
@@ -590,7 +592,7 @@ class StudySettings:
     n_controls: int = setting(
         WordOrderConfig.n_controls, "word-order: rows stating unrelated invented facts.", check=at_least(0)
     )
-    split_seed: int = setting(0, "Seed of the selection / held-out split of the queries.")
+    split_seed: int = setting(0, "Seed of the selection / held-out split of the queries.", check=at_least(0))
     selection_share: float = setting(
         0.5, "Share of the queries the choice is made on; the rest are held out.", check=open_fraction
     )
