@@ -142,6 +142,10 @@ def test_report_cells():
     assert interval_cell({"mean": 0.4, "low": None, "high": None}) == "0.400"
     assert interval_cell(None) == "–" and interval_cell({"mean": None}) == "–"
     assert interval_cell({"mean": 1234.5, "low": 1000.0, "high": 1500.0}, ".3g") == "1.23e+03 [1e+03, 1.5e+03]"
+    # a tiny negative rounds to zero without its sign (ablate.md showed "-0.000 [-1.000, +1.000]")
+    assert interval_cell({"mean": -1e-9, "low": -0.0, "high": 0.767}) == "0.000 [0.000, 0.767]"
+    assert interval_cell({"mean": -4e-5, "low": -1.0, "high": 1.0}, "+.3f") == "+0.000 [-1.000, +1.000]"
+    assert number(-4e-4, ".1%") == "0.0%" and number(-1e-4, ".3g") == "-0.0001" and number(-0.0006) == "-0.001"
     assert number(None) == "–" and number(float("nan")) == "–" and number(2.0, ".1f") == "2.0"
     assert failure_cell("ValueError: a | b\nc" + "x" * 300) == "failed: " + ("ValueError: a \\| b c" + "x" * 300)[:200]
     assert failure_cell(None) == "failed: no result"

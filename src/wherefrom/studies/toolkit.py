@@ -170,8 +170,12 @@ def provenance(command: str, **records: Sequence[Record]) -> dict[str, Any]:
 
 
 def number(value: float | None, fmt: str = ".3f") -> str:
-    """``value`` formatted with ``fmt``; ``–`` for ``None`` or a non-finite value."""
-    return "–" if value is None or not math.isfinite(value) else format(value, fmt)
+    """``value`` formatted with ``fmt``; ``–`` for ``None`` or a non-finite value; a value that rounds to zero shows
+    as zero, without a sign of its own (``0.000``, ``+0.000`` with ``fmt="+.3f"``; tables showed ``-0.000``)."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    text = format(value, fmt)
+    return format(0.0, fmt) if text == format(-0.0, fmt) else text
 
 
 def interval_cell(stat: Mapping[str, Any] | None, fmt: str = ".3f") -> str:
@@ -180,9 +184,9 @@ def interval_cell(stat: Mapping[str, Any] | None, fmt: str = ".3f") -> str:
     for no entry or no mean."""
     if not stat or stat.get("mean") is None:
         return "–"
-    text = format(stat["mean"], fmt)
+    text = number(stat["mean"], fmt)
     if stat.get("low") is not None:
-        text += f" [{format(stat['low'], fmt)}, {format(stat['high'], fmt)}]"
+        text += f" [{number(stat['low'], fmt)}, {number(stat['high'], fmt)}]"
     return text
 
 
