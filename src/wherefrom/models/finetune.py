@@ -144,7 +144,8 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         self.lora_rank = full_when_zero(self.lora_rank)
-        self.lora_targets = lora_target_set(self.lora_targets)
+        if self.lora_targets is not None:  # None is refused by validate, naming the setting
+            self.lora_targets = lora_target_set(self.lora_targets)
 
     def validate(self) -> None:
         """Raise ``ValueError`` on an impossible setting."""
