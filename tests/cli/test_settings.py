@@ -401,3 +401,14 @@ def test_out_of_range_settings_are_refused_naming_the_flag(tmp_path, monkeypatch
     result = invoke(*arguments)
     assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_study_refused_for_its_data_leaves_no_output_folder(tmp_path):
+    """``bench`` (and ``groundtruth``) made ``--out`` before recording themselves there, so a refusal of a data file
+    left an empty folder; the record makes it now, and a refusal takes it away again."""
+    (tmp_path / "trunc.jsonl").write_text('{"id": "a", "prompt": "x", "completion": " y", "label": "p"}\n{"id": "b"')
+    (tmp_path / "good.jsonl").write_text('{"id": "a", "prompt": "x", "completion": " y", "label": "p"}\n')
+    task = f"path:{tmp_path / 'trunc.jsonl'}:{tmp_path / 'good.jsonl'}"
+    result = invoke("bench", "--task", task, "--methods", "bm25", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "trunc.jsonl, line 2: invalid JSON" in result.output, result.output
+    assert not (tmp_path / "out").exists()

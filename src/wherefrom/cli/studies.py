@@ -134,8 +134,7 @@ def run_study(out, build, run, table: str, failures: Callable[[dict[str, Any]], 
     try:
         config = build()
         config.validate()
-        out.mkdir(parents=True, exist_ok=True)
-        remember(out)
+        remember(out)  # makes the folder, so that a refusal from here on takes it away again
         report = run(config, progress=progress, log=say, command=recorded_line())
     except (DataError, ValueError, RuntimeError) as error:
         fail(error)
@@ -311,8 +310,7 @@ def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, no_eos,
             pbrf_options=merged_options(pbrf_option, "*", "--pbrf-option"),
         )
         config.validate()
-        out.mkdir(parents=True, exist_ok=True)
-        remember(out)
+        remember(out)  # makes the folder, so that a refusal from here on takes it away again
         gt = build_groundtruth(config, progress=progress, log=say, command=recorded_line())
     except (DataError, ValueError, RuntimeError) as error:
         fail(error)
