@@ -155,8 +155,7 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
                 f"diagnose: the exact reference would need {format_bytes(needed)}, over the limit of {limit}; track "
                 r"a few modules (e.g. --include 'layers\.0\.'), use --exact-blocks module, or give fewer --train rows"
             )
-        out.mkdir(parents=True, exist_ok=True)
-        remember(out)
+        remember(out)  # makes the folder, so that a refusal from here on takes it away again
         rows, reason = run_diagnosis(
             loaded.model,
             loaded.tokenizer,
