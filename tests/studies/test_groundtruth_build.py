@@ -321,11 +321,15 @@ def test_a_ground_truth_made_before_version_2_of_the_tokenizer_fingerprint_reuse
 @pytest.mark.parametrize(
     ("option", "value", "said"),
     [
-        ("bogus=1", {"bogus": 1}, "PBRF has no option(s) ['bogus']; its options are ['batch_size',"),
-        ("eps=nan", {"eps": "nan"}, "PBRF option eps='nan': expected float or None"),
-        ("optimizer=sgd", {"optimizer": "sgd"}, "PBRF option optimizer='sgd': expected 'lbfgs' or 'adam'"),
+        ("bogus=1", {"bogus": 1}, "PBRF has no option(s) ['bogus'] (given {'bogus': 1}); its options are ['eps',"),
+        ("eps=nan", {"eps": "nan"}, "PBRF: option 'eps' got 'nan'; allowed: a number or null"),
+        (
+            "optimizer=sgd",
+            {"optimizer": "sgd"},
+            "PBRF: option 'optimizer' got 'sgd'; allowed: one of \"lbfgs\", \"adam\"",
+        ),
         ("steps=-3", {"steps": -3}, "steps must be >= 1, got -3"),
-        ("steps=true", {"steps": True}, "PBRF option steps=True: expected int"),
+        ("steps=true", {"steps": True}, "PBRF: option 'steps' got True; allowed: an integer"),
     ],
 )
 def test_pbrf_options_are_checked_before_any_fine_tuning(tmp_path, option, value, said):

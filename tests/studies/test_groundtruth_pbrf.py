@@ -22,8 +22,9 @@ Measured (L-BFGS, ``tol`` 1e-6, 4 rows x 4 queries, influences of both signs; ``
 from __future__ import annotations
 
 import functools
+import json
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ from wherefrom.curvature import ConvergenceWarning
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import make_method
 from wherefrom.models.tiny import tiny_tokenizer
-from wherefrom.studies.groundtruth.pbrf import PBRFConfig, pbrf_influence
+from wherefrom.studies.groundtruth.pbrf import PBRFConfig, pbrf_config, pbrf_influence
 
 INCLUDE = [r"mlp\.c_fc", r"mlp\.c_proj"]
 SMALL = [r"attn\.c_proj"]  # P = 272, for the quick checks
@@ -266,3 +267,12 @@ def test_float64_option_solves_on_a_double_copy():
     torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
     assert next(single.parameters()).dtype == torch.float32
     assert all(torch.equal(before[k], v) for k, v in _state(single).items())
+
+
+def test_pbrf_options_are_converted_as_every_method_option_is():
+    """``pbrf_config`` checks with ``core.options.check_options`` (it had its own type check): an int given for a
+    float option is that float, so ``lr=1`` and ``lr=1.0`` key the same cached PBRF rows (they keyed two), and
+    text is read as JSON as for a method's options (``"0.5"`` was a ``TypeError`` from a comparison)."""
+    keys = {json.dumps(asdict(pbrf_config(given)), sort_keys=True) for given in ({"lr": 1}, {"lr": 1.0}, {"lr": "1"})}
+    assert len(keys) == 1
+    assert pbrf_config({"eps": "null", "damping": "0.5"}) == PBRFConfig(eps=None, damping=0.5)

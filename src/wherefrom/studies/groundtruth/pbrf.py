@@ -46,12 +46,10 @@ import hashlib
 import json
 import math
 import time
-import types
-import typing
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +58,7 @@ from torch import nn
 
 from wherefrom.core.data import Record, check_records
 from wherefrom.core.encoding import EncodedExample, collate, encode_records, pad_id
+from wherefrom.core.options import OptionSpec, check_options, from_signature
 from wherefrom.core.task import IGNORE_INDEX, model_inputs, per_example_loss
 from wherefrom.core.tracking import TrackedModule, select_modules
 from wherefrom.curvature.base import Progress, no_progress, relative_damping
@@ -132,42 +131,18 @@ class PBRFConfig:
             raise ValueError(f"probes must be >= 1, got {self.probes}")
 
 
+PBRF_OPTIONS = from_signature(PBRFConfig, *(OptionSpec(f.name) for f in fields(PBRFConfig)))
+"""The options of :class:`PBRFConfig` (``groundtruth --pbrf-option``): type, default and choices read from it."""
+
+
 def pbrf_config(options: Mapping[str, Any]) -> PBRFConfig:
-    """:class:`PBRFConfig` of ``options`` (``groundtruth --pbrf-option key=value``), each key a field and each value
-    of the field's type (an int where a float is asked for; ``None`` where the field allows it). Raises
-    ``ValueError`` naming an unknown key with the known ones, or the key, value and type of a value of another type
-    (``eps=nan`` reaches here as the text ``'nan'``, and a comparison with it was a ``TypeError`` traceback), and
+    """:class:`PBRFConfig` of ``options`` (``groundtruth --pbrf-option key=value``), checked and converted by
+    :func:`~wherefrom.core.options.check_options` against :data:`PBRF_OPTIONS` as every method's options are (an
+    int given for a float becomes a float, so ``lr=1`` and ``lr=1.0`` key the same cached rows; text is read as
+    JSON). Raises :class:`~wherefrom.core.options.OptionError` (a ``ValueError``) naming an unknown key with the
+    known ones, or the key, the value and what is allowed (``eps=nan`` reaches here as the text ``'nan'``), and
     :class:`PBRFConfig`'s own range errors; ``groundtruth`` calls it before any fine-tuning."""
-    hints = typing.get_type_hints(PBRFConfig)
-    unknown = sorted(set(options) - set(hints))
-    if unknown:
-        raise ValueError(f"PBRF has no option(s) {unknown}; its options are {sorted(hints)}")
-    for key, value in options.items():
-        if not _of_type(value, hints[key]):
-            raise ValueError(f"PBRF option {key}={value!r}: expected {_type_name(hints[key])}")
-    return PBRFConfig(**options)
-
-
-def _of_type(value: Any, kind: Any) -> bool:
-    if typing.get_origin(kind) is Literal:
-        return value in typing.get_args(kind)
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        return any(_of_type(value, part) for part in typing.get_args(kind))
-    if kind is type(None):
-        return value is None
-    if kind is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def _type_name(kind: Any) -> str:
-    if typing.get_origin(kind) is Literal:
-        return " or ".join(map(repr, typing.get_args(kind)))
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(part) for part in typing.get_args(kind))
-    return "None" if kind is type(None) else kind.__name__
+    return PBRFConfig(**check_options("PBRF", PBRF_OPTIONS, options))
 
 
 @contextmanager
