@@ -127,6 +127,9 @@ def invalid_cases(root, out):
         # a repeated seed is one run counted twice (word-order reported n 2 and an interval of zero width)
         (["word-order", "--out", out, "--seeds", "0,0"], ["--seeds 0,0", "seed(s) [0] repeated"]),
         (["ablate", "--task", "rules", "--out", out, "--seeds", "1,2,1"], ["--seeds 1,2,1", "seed(s) [1] repeated"]),
+        # a negative seed was taken by --seeds though --seed refuses it (bench wrote seed--1/)
+        (["bench", "--task", "rules", "--out", out, "--seeds", "0,-1"], ["--seeds 0,-1", "seed(s) [-1] negative"]),
+        (["word-order", "--out", out, "--seeds", "-2"], ["--seeds -2", "seed(s) [-2] negative"]),
         (["bench", "--task", "rules", "--out", out, "--methods", "ekfac,nope"], ["--methods", "nope"]),
         (
             [

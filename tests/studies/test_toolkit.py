@@ -17,6 +17,7 @@ from wherefrom.core.data import Record, data_fingerprint
 from wherefrom.studies.metrics import spearman, spearman_rows
 from wherefrom.studies.toolkit import (
     cached,
+    check_seeds,
     failure_cell,
     interval_cell,
     markdown_table,
@@ -204,3 +205,12 @@ def test_measured_peak_counts_memory_glibc_kept_from_earlier_frees():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout.strip()) >= 47
+
+
+@pytest.mark.parametrize("seeds", [[], [0, 0], [1, 2, 1], [-1], [0, -3]])
+def test_seed_lists_are_non_empty_non_negative_without_repeats(seeds):
+    """A study's seeds as ``--seed``: a negative one was taken by ``BenchConfig`` and ``WordOrderConfig`` (a bench
+    wrote ``seed--1/``) though a fine-tuning's or ground truth's single seed refuses it."""
+    with pytest.raises(ValueError, match="seeds must be a non-empty list of integers >= 0 without repeats"):
+        check_seeds(seeds)
+    check_seeds([0, 1, 7])

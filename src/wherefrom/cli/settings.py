@@ -197,14 +197,17 @@ def int_list(text: str) -> list[int]:
 
 
 def seed_list(value: Any) -> str | None:
-    """Comma-separated integers, at least one, none repeated (a repeated seed is one run counted twice: an interval
-    over seeds of zero width)."""
+    """Comma-separated integers >= 0 (as ``--seed``), at least one, none repeated (a repeated seed is one run
+    counted twice: an interval over seeds of zero width)."""
     try:
         seeds = int_list(value)
     except ValueError as error:
         return str(error)
     if not seeds:
         return "expected at least one integer"
+    negative = sorted({seed for seed in seeds if seed < 0})
+    if negative:
+        return f"seed(s) {negative} negative: seeds are integers >= 0, as --seed"
     repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
     return f"seed(s) {repeated} repeated: each seed is one run" if repeated else None
 

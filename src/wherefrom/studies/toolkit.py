@@ -53,10 +53,12 @@ __all__ = [
 
 # --- cache -----------------------------------------------------------------------------------------
 def check_seeds(seeds: Sequence[int]) -> None:
-    """``ValueError`` unless ``seeds`` is a non-empty list without repeats: a study's interval over seeds counted a
-    repeated seed's one run twice (``word-order --seeds 0,0``: n 2, an interval of zero width)."""
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be a non-empty list without repeats, got {seeds}")
+    """``ValueError`` unless ``seeds`` is a non-empty list of integers >= 0 without repeats: a study's interval over
+    seeds counted a repeated seed's one run twice (``word-order --seeds 0,0``: n 2, an interval of zero width), and
+    a negative seed is refused as the single ``seed`` of a fine-tuning or ground truth is (numpy's generators,
+    which draw LDS subsets and query splits, take none)."""
+    if not seeds or len(set(seeds)) != len(seeds) or any(seed < 0 for seed in seeds):
+        raise ValueError(f"seeds must be a non-empty list of integers >= 0 without repeats, got {seeds}")
 
 
 def cached(path: Path, key: Any, needs: Iterable[Path] = ()) -> dict[str, Any] | None:
