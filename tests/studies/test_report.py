@@ -323,3 +323,13 @@ def test_query_html_of_a_row_among_proponents_and_opponents(query_view):
     report = json.loads(result.stdout)
     both = {e["id"] for e in report["proponents"]} & {e["id"] for e in report["opponents"]}
     assert both and page.read_text().count('class="heatmap"') == 15 + 15 + 3
+
+
+def test_the_html_diagnose_table_formats_numbers_as_the_markdown_tables_do():
+    """The HTML report formatted numbers with its own helper, which showed ``-0.000`` for a Spearman that rounds to
+    zero where the Markdown tables (``toolkit.number``) show ``0.000``, and ``nan`` as ``–`` only there."""
+    from wherefrom.studies.report.sections import diagnose_section
+
+    rows = [{"method": "gradsim", "ihvp_rel_error": 0.5, "spearman": -0.0001, "spearman_per_query": float("nan")}]
+    table = diagnose_section(rows)["blocks"][0]["rows"]
+    assert table == [["gradsim", "0.5", "0.000", "–", "–"]]

@@ -16,17 +16,16 @@ Every number shown keeps the sign convention of :mod:`wherefrom.core.scoring` (p
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores
-from wherefrom.studies.bench import interval_cell
 from wherefrom.studies.influence import agreement, layer_profile, short_names, tail_profile
 from wherefrom.studies.influence_tables import AXES, layer_table, tail_query_table, tail_summary_table
 from wherefrom.studies.report import plots
+from wherefrom.studies.toolkit import interval_cell, number
 
 SHARE_NOTE = (
     "Share of |influence|: for each query, the sum over training rows of |score part| of the modules in a group, "
@@ -40,11 +39,6 @@ TAIL_NOTE = (
     "scores above xmin, with a 95% interval; R > 0 favours the power law over a log-normal (p: significance). "
     "Grosse et al. (2023) report alpha between 2 and 4.3."
 )
-
-
-def cell(value: float | None, fmt: str = ".3g") -> str:
-    """A number for a table cell; ``–`` for a missing or non-finite value."""
-    return "–" if value is None or not math.isfinite(value) else format(value, fmt)
 
 
 def token_spans(tokens: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
@@ -64,7 +58,7 @@ def entries_block(entries: Sequence[Mapping[str, Any]], caption: str) -> dict[st
             {
                 "rank": rank,
                 "id": entry["id"],
-                "score": cell(entry["score"], "+.4g"),
+                "score": number(entry["score"], "+.4g"),
                 "label": entry.get("label") or "",
                 "prompt": entry.get("prompt"),
                 "completion": entry.get("completion"),
@@ -260,7 +254,7 @@ def metric_sections(
             [
                 method,
                 *[interval_cell(values.get(m)) for m in metrics],
-                *[cell(entry.get(key)) for key in extra_columns],
+                *[number(entry.get(key), ".3g") for key in extra_columns],
             ]
         )
     blocks: list[dict[str, Any]] = [
@@ -284,10 +278,10 @@ def diagnose_section(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     table = [
         [
             r["method"],
-            cell(r.get("ihvp_rel_error")),
-            cell(r.get("spearman"), ".3f"),
-            cell(r.get("spearman_per_query"), ".3f"),
-            cell(r.get("seconds"), ".3g"),
+            number(r.get("ihvp_rel_error"), ".3g"),
+            number(r.get("spearman")),
+            number(r.get("spearman_per_query")),
+            number(r.get("seconds"), ".3g"),
         ]
         if not r.get("error")
         else [r["method"], f"failed: {r['error']}", "", "", ""]
