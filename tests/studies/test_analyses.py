@@ -276,3 +276,24 @@ def test_spearman_is_undefined_for_constants_and_few_points():
     assert spearman([1, 2], [2, 1]) is None
     assert spearman([1, 2, 3], [5, 5, 5]) is None
     assert spearman([1, 2, 3, None], [3, 2, 1, 0]) == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "said"),
+    [
+        ({"damping": math.inf}, "damping must be a finite number > 0"),
+        ({"damping": 1e-46}, "damping must be a finite number > 0"),
+        ({"damping_factor": math.inf}, "damping_factor must be a finite number > 0"),
+        ({"damping_factor": 0.0}, "damping_factor must be a finite number > 0"),
+    ],
+)
+def test_ihvp_and_pbrf_damping_is_checked_by_the_strategies_rule(settings, said):
+    """``IhvpSettings`` and ``PBRFConfig`` checked their damping with their own ``> 0``: ``inf`` and ``1e-46`` (0 in
+    float32) were taken, and PBRF, which uses its damping without a strategy, solved with them; both call
+    ``curvature.base.check_damping`` now, as every strategy does."""
+    from wherefrom.studies.groundtruth.pbrf import PBRFConfig
+
+    with pytest.raises(ValueError, match=said):
+        IhvpSettings(**settings).validate()
+    with pytest.raises(ValueError, match=said):
+        PBRFConfig(**settings)

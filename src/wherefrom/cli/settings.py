@@ -30,8 +30,10 @@ from wherefrom.core.encoding import LOSS_TOKENS, check_template
 from wherefrom.core.option_pairs import OptionPairError, parse_option_pairs, parse_value
 from wherefrom.core.search import FAISS_OPTIONS
 from wherefrom.core.store import read_json_object
+from wherefrom.curvature.base import DAMPING_FACTOR
 from wherefrom.engine.run import PRECONDITIONS
 from wherefrom.models.finetune import LR_SCHEDULES, FinetuneConfig
+from wherefrom.studies.analyses.ihvp import REFERENCES, IhvpSettings
 from wherefrom.studies.finetuning import LATER_FINETUNING
 from wherefrom.studies.outputs import recorded_commands
 from wherefrom.studies.wordorder import WordOrderConfig
@@ -429,7 +431,9 @@ class CurvatureSettings:
         "Absolute damping lambda; default: --damping-factor x the mean eigenvalue per module (Grosse et al.).",
         check=positive,
     )
-    damping_factor: float = setting(0.1, "Relative damping, used when --damping is not given.", check=positive)
+    damping_factor: float = setting(
+        DAMPING_FACTOR, "Relative damping, used when --damping is not given.", check=positive
+    )
     reduction: str = setting("sum", "Training loss over completion tokens: sum | mean.", check=one_of("sum", "mean"))
     query_rank: int | None = setting(None, "Low-rank query batching rank (default: full rank).", check=at_least(1))
     strategy_option: list[str] | None = setting(
@@ -577,11 +581,17 @@ class StudySettings:
         argument=True,
     )
     reference: str = setting(
-        "auto", "ihvp: exact | cg | auto (exact when the dense GGN fits, else cg).", check=one_of("exact", "cg", "auto")
+        IhvpSettings.reference,
+        "ihvp: exact | cg | auto (exact when the dense GGN fits, else cg).",
+        check=one_of(*REFERENCES),
     )
-    cg_tol: float = setting(1e-8, "ihvp: relative residual of the cg reference.", check=at_least(0))
-    cg_max_iter: int = setting(1000, "ihvp: iterations of the cg reference at most.", check=at_least(1))
-    probes: int = setting(32, "ihvp: Hutchinson probes of the default damping's trace estimate.", check=at_least(1))
+    cg_tol: float = setting(IhvpSettings.cg_tol, "ihvp: relative residual of the cg reference.", check=at_least(0))
+    cg_max_iter: int = setting(
+        IhvpSettings.cg_max_iter, "ihvp: iterations of the cg reference at most.", check=at_least(1)
+    )
+    probes: int = setting(
+        IhvpSettings.probes, "ihvp: Hutchinson probes of the default damping's trace estimate.", check=at_least(1)
+    )
     grid: list[str] = setting(
         REQUIRED,
         "key=v1,v2,... (repeatable; the grid is their product): damping_factor=0.001,0.01,0.1,1, damping=..., "

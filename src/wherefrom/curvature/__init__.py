@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from wherefrom.core.options import OptionError, check_options
-from wherefrom.curvature.base import DAMPING_OPTIONS, BatchSource, Curvature
+from wherefrom.curvature.base import DAMPING_FACTOR, DAMPING_OPTIONS, BatchSource, Curvature
 from wherefrom.curvature.datainf import DataInf
 from wherefrom.curvature.exact import ExactGGN
 from wherefrom.curvature.iterative import Arnoldi, ConjugateGradient, ConvergenceWarning, LiSSA
@@ -20,7 +20,9 @@ STRATEGIES: dict[str, type[Curvature]] = {
 }
 
 
-def make_curvature(strategy: str, damping: float | None = None, damping_factor: float = 0.1, **options) -> Curvature:
+def make_curvature(
+    strategy: str, damping: float | None = None, damping_factor: float = DAMPING_FACTOR, **options
+) -> Curvature:
     """A fresh, unfitted strategy by name (one of :data:`STRATEGIES`); ``options`` go to its constructor.
 
     The damping and ``options`` are validated against :data:`wherefrom.curvature.base.DAMPING_OPTIONS`

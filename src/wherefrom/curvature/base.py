@@ -148,6 +148,15 @@ class DegenerateCurvatureWarning(RuntimeWarning):
     """Some curvature blocks are exactly zero: they contribute 0 to every score (see the module doc)."""
 
 
+DAMPING_FACTOR = 0.1
+"""The default relative damping: lambda = 0.1 x mean eigenvalue of each curvature block (Grosse et al. 2023, Sec.
+3.2.1), used where no absolute damping is given; every strategy, study and the command line default to it."""
+
+TRACE_PROBES = 32
+"""Default number of Hutchinson probes (Hutchinson 1989) that estimate trace(G) of an operator whose eigenvalues are
+not formed (``cg``, ``lissa``, ``arnoldi``, PBRF): mean eigenvalue = trace / P for the relative damping."""
+
+
 SMALLEST_DAMPING = float(torch.finfo(torch.float32).tiny)
 """The smallest damping (and damping factor) taken: float32's smallest normal number, about 1.18e-38; a smaller one
 is 0 (below about 1.4e-45) or subnormal in the float32 statistics, where ``1e-46`` passed as > 0 (trak scores of
@@ -312,7 +321,7 @@ class Curvature(ABC):
         others do. The Fisher setting (true or empirical) does not reach the former."""
         return getattr(self, "curvature", None) in ("ggn", "hessian")
 
-    def __init__(self, damping: float | None = None, damping_factor: float = 0.1):
+    def __init__(self, damping: float | None = None, damping_factor: float = DAMPING_FACTOR):
         check_damping(damping, damping_factor)
         self.damping = damping
         self.damping_factor = damping_factor

@@ -48,7 +48,7 @@ from wherefrom.core.distributed import gather_rows, sum_counts
 from wherefrom.core.gradients import per_example_gradients
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import OptionSpec, from_signature
-from wherefrom.curvature.base import Curvature, DataShape
+from wherefrom.curvature.base import DAMPING_FACTOR, Curvature, DataShape
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
 
@@ -59,7 +59,9 @@ class DataInf(Curvature):
     name = "datainf"
     distributes = True
 
-    def __init__(self, damping: float | None = None, damping_factor: float = 0.1, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(
+        self, damping: float | None = None, damping_factor: float = DAMPING_FACTOR, max_bytes: int = DEFAULT_MAX_BYTES
+    ):
         super().__init__(damping=damping, damping_factor=damping_factor)
         self.max_bytes = int(max_bytes)
 

@@ -34,7 +34,7 @@ from wherefrom.core.gradients import per_example_gradients
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import OptionSpec, from_signature
 from wherefrom.core.task import IGNORE_INDEX, model_inputs, per_example_loss
-from wherefrom.curvature.base import Curvature, DataShape
+from wherefrom.curvature.base import DAMPING_FACTOR, Curvature, DataShape
 
 
 @contextmanager
@@ -68,7 +68,7 @@ class ExactGGN(Curvature):
     def __init__(
         self,
         damping: float | None = None,
-        damping_factor: float = 0.1,
+        damping_factor: float = DAMPING_FACTOR,
         blocks: Literal["module", "full"] = "module",
         curvature: Literal["ggn", "hessian", "fisher"] = "ggn",
     ):

@@ -51,7 +51,15 @@ from wherefrom.core.gradients import LossFn
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import OptionSpec, from_signature
 from wherefrom.core.tracking import TrackedModule, selection_signature
-from wherefrom.curvature.base import BatchSource, Curvature, DataShape, Progress, no_progress
+from wherefrom.curvature.base import (
+    DAMPING_FACTOR,
+    TRACE_PROBES,
+    BatchSource,
+    Curvature,
+    DataShape,
+    Progress,
+    no_progress,
+)
 from wherefrom.curvature.products import FisherOperator, GGNOperator
 
 AGARWAL_2017 = "Agarwal, Bullins & Hazan 2017, Second-Order Stochastic Optimization in Linear Time (LiSSA)"
@@ -82,9 +90,9 @@ class OperatorCurvature(Curvature):
     def __init__(
         self,
         damping: float | None = None,
-        damping_factor: float = 0.1,
+        damping_factor: float = DAMPING_FACTOR,
         curvature: Literal["ggn", "hessian", "fisher"] = "ggn",
-        probes: int = 32,
+        probes: int = TRACE_PROBES,
         seed: int = 0,
         max_vectors: int = 4,
     ):
@@ -259,7 +267,7 @@ class ConjugateGradient(OperatorCurvature):
 
     name = "cg"
 
-    def __init__(self, damping=None, damping_factor=0.1, tol: float = 1e-6, max_iter: int = 100, **options):
+    def __init__(self, damping=None, damping_factor=DAMPING_FACTOR, tol: float = 1e-6, max_iter: int = 100, **options):
         super().__init__(damping, damping_factor, **options)
         if tol <= 0 or max_iter < 1:
             raise ValueError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
@@ -363,7 +371,7 @@ class LiSSA(OperatorCurvature):
     def __init__(
         self,
         damping=None,
-        damping_factor=0.1,
+        damping_factor=DAMPING_FACTOR,
         depth: int = 1000,
         scale: float | None = None,
         batch_size: int | None = None,
@@ -540,7 +548,7 @@ class Arnoldi(OperatorCurvature):
     def __init__(
         self,
         damping=None,
-        damping_factor=0.1,
+        damping_factor=DAMPING_FACTOR,
         rank: int = 64,
         iterations: int | None = None,
         complement: bool = False,

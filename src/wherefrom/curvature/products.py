@@ -41,7 +41,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from wherefrom.core.gradients import Batch, LossFn, per_example_gradients
 from wherefrom.core.task import IGNORE_INDEX, model_inputs, per_example_loss
 from wherefrom.core.tracking import TrackedModule
-from wherefrom.curvature.base import BatchSource, Progress, no_progress
+from wherefrom.curvature.base import TRACE_PROBES, BatchSource, Progress, no_progress
 from wherefrom.curvature.exact import eager_attention
 from wherefrom.models.loading import eval_mode
 
@@ -215,7 +215,7 @@ class GGNOperator:
         return vmap(pullback)(tangents)[0]
 
     # --- spectrum --------------------------------------------------------------------------------
-    def trace(self, probes: int = 32, seed: int = 0) -> tuple[float, float]:
+    def trace(self, probes: int = TRACE_PROBES, seed: int = 0) -> tuple[float, float]:
         """Hutchinson estimate of ``trace(G)`` with ``probes`` seeded Rademacher vectors.
 
         Returns ``(estimate, standard error)``; ``0.1 x estimate / P`` is the default damping.
@@ -229,7 +229,7 @@ class GGNOperator:
         error = float(values.std() / probes**0.5) if probes > 1 else float("nan")
         return float(values.mean()), error
 
-    def mean_eigenvalue(self, probes: int = 32, seed: int = 0) -> tuple[float, dict[str, float]]:
+    def mean_eigenvalue(self, probes: int = TRACE_PROBES, seed: int = 0) -> tuple[float, dict[str, float]]:
         """Hutchinson estimate of the mean eigenvalue ``trace(G) / P`` (:meth:`trace`, ``probes`` seeded
         Rademacher vectors), the quantity of the default damping ``damping_factor x mean eigenvalue``
         (Grosse et al. 2023; the rule itself is :func:`wherefrom.curvature.base.relative_damping`).
@@ -297,6 +297,6 @@ class FisherOperator(GGNOperator):
         x = flat.to(grads.device, torch.float64)
         return ((x @ grads.T) @ grads / grads.shape[0]).to(flat.device)
 
-    def trace(self, probes: int = 32, seed: int = 0) -> tuple[float, float]:
+    def trace(self, probes: int = TRACE_PROBES, seed: int = 0) -> tuple[float, float]:
         """``trace(F) = mean_n ||g_n||^2``, exactly: returns ``(trace, 0.0)`` (``probes``, ``seed`` unused)."""
         return float(self.gradients.square().sum() / self.gradients.shape[0]), 0.0

@@ -48,7 +48,7 @@ from wherefrom.core.store import StageFolder
 from wherefrom.core.task import DrawCounts, LanguageModelingTask, UnmeasuredQuery, example_seeds
 from wherefrom.core.tracking import TrackedModule, name_patterns, output_layer, select_modules, selection_signature
 from wherefrom.curvature import Curvature, configured_curvature
-from wherefrom.curvature.base import BatchSource, DataShape, Progress, no_progress
+from wherefrom.curvature.base import DAMPING_FACTOR, BatchSource, DataShape, Progress, no_progress
 from wherefrom.engine.passes import Kept, SharedPass, plan
 from wherefrom.models.loading import eval_mode, model_fingerprint
 
@@ -102,7 +102,7 @@ class AttributionConfig:
     strategy: str = "ekfac"
     fisher: Literal["true", "empirical"] = "true"
     damping: float | None = None
-    damping_factor: float = 0.1
+    damping_factor: float = DAMPING_FACTOR
     include: list[str] | None = None
     exclude: list[str] | None = None
     batch_size: int = 8

@@ -35,7 +35,7 @@ from wherefrom.core.commandline import command_line as render_command
 from wherefrom.core.commandline import field_flags
 from wherefrom.core.data import DataError, data_fingerprint
 from wherefrom.core.option_pairs import format_option_pairs, options_for
-from wherefrom.curvature.base import Progress, no_progress
+from wherefrom.curvature.base import DAMPING_FACTOR, Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import (
     check_methods,
@@ -124,7 +124,7 @@ class BenchConfig(StudyFinetuning):
     n_test: int | None = None
     model: str | None = None
     damping: float | None = None
-    damping_factor: float = 0.1
+    damping_factor: float = DAMPING_FACTOR
     device: str | None = None
     method_options: dict[str, dict] = field(default_factory=dict)
     fisher: str = "true"

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -44,7 +45,7 @@ from wherefrom.core.commandline import command_line
 from wherefrom.core.memory import memory_limit
 from wherefrom.core.option_pairs import check_methods_named
 from wherefrom.core.store import atomic_save_tensors
-from wherefrom.curvature.base import DataShape
+from wherefrom.curvature.base import DAMPING_FACTOR, TRACE_PROBES, DataShape, check_damping
 from wherefrom.curvature.exact import ExactGGN
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import InfluenceMethod, in_family, make_method, options_off_default
@@ -77,6 +78,11 @@ def influence_methods(names: list[str]) -> list[str]:
     return [n for n in names if in_family(n, "influence")]
 
 
+Reference = Literal["auto", "exact", "cg"]
+REFERENCES: tuple[str, ...] = typing.get_args(Reference)
+"""The iHVP references :class:`IhvpSettings` takes (``--reference``)."""
+
+
 @dataclass
 class IhvpSettings:
     """Settings of :func:`run_ihvp`.
@@ -91,22 +97,22 @@ class IhvpSettings:
 
     methods: list[str] | None = None
     damping: float | None = None
-    damping_factor: float = 0.1
-    reference: Literal["auto", "exact", "cg"] = "auto"
+    damping_factor: float = DAMPING_FACTOR
+    reference: Reference = "auto"
     exact_blocks: Literal["full", "module"] = "full"
     cg_tol: float = 1e-8
     cg_max_iter: int = 1000
-    probes: int = 32
+    probes: int = TRACE_PROBES
     n_queries: int | None = None
     method_options: dict[str, dict] = field(default_factory=dict)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` on an impossible setting, a method that preconditions nothing, or a method's own
+        """Raise ``ValueError`` on an impossible setting (the damping by
+        :func:`wherefrom.curvature.base.check_damping`, as every strategy's), a method that preconditions nothing, or a method's own
         damping among ``method_options`` (:func:`wherefrom.studies.diagnose.check_shared_damping`)."""
-        if self.reference not in ("auto", "exact", "cg"):
-            raise ValueError(f"reference must be 'auto', 'exact' or 'cg', got {self.reference!r}")
-        if self.damping is not None and not self.damping > 0:
-            raise ValueError(f"damping must be > 0, got {self.damping}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {list(REFERENCES)}, got {self.reference!r}")
+        check_damping(self.damping, self.damping_factor)
         if self.n_queries is not None and self.n_queries < 1:
             raise ValueError(f"n_queries must be >= 1, got {self.n_queries}")
         check_shared_damping(self.method_options, "ihvp")

@@ -61,7 +61,14 @@ from wherefrom.core.encoding import EncodedExample, collate, encode_records, pad
 from wherefrom.core.options import OptionSpec, check_options, from_signature
 from wherefrom.core.task import IGNORE_INDEX, model_inputs, per_example_loss
 from wherefrom.core.tracking import TrackedModule, select_modules
-from wherefrom.curvature.base import Progress, no_progress, relative_damping
+from wherefrom.curvature.base import (
+    DAMPING_FACTOR,
+    TRACE_PROBES,
+    Progress,
+    check_damping,
+    no_progress,
+    relative_damping,
+)
 from wherefrom.curvature.iterative import ConvergenceWarning
 from wherefrom.curvature.products import GGNOperator
 from wherefrom.engine.api import AttributionConfig
@@ -92,7 +99,7 @@ class PBRFConfig:
 
     eps: float | None = None
     damping: float | None = None
-    damping_factor: float = 0.1
+    damping_factor: float = DAMPING_FACTOR
     optimizer: Literal["lbfgs", "adam"] = "lbfgs"
     steps: int = 500
     lr: float | None = None
@@ -100,19 +107,14 @@ class PBRFConfig:
     batch_size: int | None = None
     tol: float = 1e-6
     symmetric: bool = True
-    probes: int = 32
+    probes: int = TRACE_PROBES
     seed: int = 0
     float64: bool = False
 
     def __post_init__(self) -> None:
         if self.eps is not None and not (self.eps > 0 and math.isfinite(self.eps)):
             raise ValueError(f"eps must be a positive finite number or None, got {self.eps}")
-        if self.damping is not None and not self.damping > 0:
-            raise ValueError(
-                f"damping must be > 0 (the proximal term keeps the solution unique) or None, got {self.damping}"
-            )
-        if not self.damping_factor > 0:
-            raise ValueError(f"damping_factor must be > 0, got {self.damping_factor}")
+        check_damping(self.damping, self.damping_factor)  # > 0: the proximal term keeps the solution unique
         if self.optimizer not in ("lbfgs", "adam"):
             raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {self.optimizer!r}")
         if self.steps < 1:
