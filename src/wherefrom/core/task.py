@@ -249,18 +249,11 @@ def labelled_predictions(
     return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])), kept
 
 
-def per_example_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    reduction: Reduction = "sum",
-    sample: bool = False,
-    generator: torch.Generator | None = None,
-    seeds: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """Training loss of each example, shape ``(B,)``, in nats (sum or mean over completion tokens);
-    ``sample``, ``generator``, ``seeds`` as in :func:`token_losses`."""
-    losses = token_losses(logits, labels, sample=sample, generator=generator, seeds=seeds)
-    return reduced(losses, shifted_targets(labels), reduction)
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: Reduction = "sum") -> torch.Tensor:
+    """Training loss of each example, shape ``(B,)``, in nats (sum or mean over completion tokens) of the
+    full-sequence ``logits`` ``(B, L, V)`` against ``labels`` ``(B, L)`` (``-100`` outside the completion);
+    the empirical (observed-label) loss of :func:`token_losses`."""
+    return reduced(token_losses(logits, labels), shifted_targets(labels), reduction)
 
 
 def reduced(losses: torch.Tensor, targets: torch.Tensor, reduction: Reduction) -> torch.Tensor:

@@ -278,9 +278,5 @@ def markdown(payload: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _share(count: int, total: int) -> str:
-    return number(count / total, ".2f") if total else "–"
-
-
 def _signed(stat: dict[str, Any] | None) -> str:
     return interval_cell(stat, "+.3f")
