@@ -61,6 +61,10 @@ from safetensors.torch import save_file
 PARTIAL = ".partial-"
 """Infix of the temporary names: ``.<name>.partial-XXXX`` (a crash may leave one behind)."""
 
+OLD = ".old-"
+"""Infix of a folder moved aside while its replacement is renamed in: ``.<name>.old-XXXX`` (:func:`atomic_write_dir`;
+a crash may leave one behind)."""
+
 
 def _fsync(path: str | Path) -> None:
     """Flush ``path`` (a file, or a folder: its entries) to the disk."""
@@ -128,7 +132,7 @@ def atomic_write_dir(target: Path, fill: Callable[[Path], None]) -> None:
         fill(tmp)
         old = None
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}{OLD}", dir=target.parent))
             os.replace(target, old / target.name)
         try:
             os.replace(tmp, target)
@@ -726,7 +730,7 @@ def cleanup_partials(folder: Path, name: str | None = None) -> list[Path]:
     if name is not None:
         found = list(Path(folder).glob(f".{name}{PARTIAL}*"))
     else:
-        found = [p for p in Path(folder).rglob(".*") if PARTIAL in p.name or ".old-" in p.name]
+        found = [p for p in Path(folder).rglob(".*") if PARTIAL in p.name or OLD in p.name]
     for path in sorted(found, key=lambda p: len(p.parts), reverse=True):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

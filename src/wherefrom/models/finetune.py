@@ -55,7 +55,7 @@ from wherefrom.core.encoding import (
     iterate_batches,
     pad_id,
 )
-from wherefrom.core.store import atomic_write_dir, atomic_write_text, refuse_overwrite
+from wherefrom.core.store import OLD, PARTIAL, atomic_write_dir, atomic_write_text, refuse_overwrite
 from wherefrom.core.task import model_inputs, per_example_loss
 from wherefrom.core.tracking import is_linear
 from wherefrom.models.loading import (
@@ -266,7 +266,7 @@ def _clear_outputs(output_dir: Path, resuming: Sequence[str] | None = None) -> N
             if entry not in kept:  # later epochs and the partial folders of a killed write
                 _remove(entry)
     names = (CONFIG_FILE, TRAIN_LOG_FILE, CHECKPOINTS_DIR, ADAPTER_DIR, MODEL_DIR, RESUME_DIR)
-    pattern = re.compile(r"^\.(" + "|".join(re.escape(n) for n in names) + r")(\.partial-|\.old-)")
+    pattern = re.compile(r"^\.(" + "|".join(re.escape(n) for n in names) + f")({re.escape(PARTIAL)}|{re.escape(OLD)})")
     for leftover in output_dir.iterdir():
         if pattern.match(leftover.name):
             _remove(leftover)

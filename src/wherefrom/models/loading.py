@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from wherefrom.core.distributed import local_device
+from wherefrom.core.store import PARTIAL
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -196,7 +197,7 @@ def _remove_stale_partials(target: Path, max_age_s: float = 3600.0) -> None:
     if not target.parent.is_dir():
         return
     now = time.time()
-    for partial in target.parent.glob(f".{target.name}.partial-*"):
+    for partial in target.parent.glob(f".{target.name}{PARTIAL}*"):
         try:
             if now - partial.stat().st_mtime > max_age_s:
                 shutil.rmtree(partial, ignore_errors=True)
@@ -230,7 +231,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         reference = model(input_ids=probe).logits
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL}", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -114,6 +114,7 @@ def save_training_state(
 
     def fill(folder: Path) -> None:
         save_tensors_checked(tensors, folder / TENSORS_FILE)
+        # not write_json_checked: its strict JSON writes a NaN loss sum as null, and a diverged run must resume equal
         atomic_write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", folder / JSON_FILE)
         record_checksum(folder / JSON_FILE)
 
