@@ -92,3 +92,19 @@ def test_the_reference_of_an_empirical_fisher_diagnosis_is_the_empirical_fisher(
     rows, reason = diagnose(model, tokenizer, train, queries, ["exact", "cg"], config, full, exact_blocks="full")
     errors = {row.method: row.ihvp_rel_error for row in rows}
     assert reason is None and errors["exact"] < 1e-4 and errors["cg"] < 1e-3, rows
+
+
+def test_shared_damping_refuses_a_negative_mean_eigenvalue():
+    """``shared_damping`` computed ``damping_factor x mean`` itself: an exact Hessian reference with a negative mean
+    eigenvalue gave a negative lambda, refused afterwards as "every training gradient ... is zero"; it goes through
+    ``relative_damping`` now, which names the indefinite curvature."""
+    import torch
+
+    class Reference:
+        state = {"a.matrix": torch.zeros(3), "b.matrix": torch.zeros(1)}
+        info = {"mean_eigenvalue": {"a": -2.0, "b": 1.0}}
+
+    with pytest.raises(ValueError, match="'whole GGN' has mean eigenvalue -1.25"):
+        shared_damping(Reference(), 0.1)
+    Reference.info = {"mean_eigenvalue": {"a": 2.0, "b": 6.0}}
+    assert shared_damping(Reference(), 0.1) == pytest.approx(0.3)

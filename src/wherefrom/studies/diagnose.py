@@ -33,7 +33,7 @@ import torch
 
 from wherefrom.core.data import Record
 from wherefrom.core.option_pairs import options_for
-from wherefrom.curvature.base import SMALLEST_DAMPING, Curvature, DataShape, Progress, no_progress
+from wherefrom.curvature.base import SMALLEST_DAMPING, Curvature, DataShape, Progress, no_progress, relative_damping
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import InfluenceMethod, make_method, method_spec
 from wherefrom.studies import toolkit
@@ -116,12 +116,14 @@ def reference_bytes(
 def shared_damping(reference: Curvature, damping_factor: float) -> float:
     """``damping_factor x trace(G) / P``: the relative damping rule applied to the whole GGN ``G`` of a
     fitted ``exact`` ``reference`` (its blocks' traces summed over all ``P`` tracked parameters), from the float64
-    mean eigenvalue it recorded per block (its saved float32 ``.matrix`` is 0 for gradients of about 1e-20)."""
+    mean eigenvalue it recorded per block (its saved float32 ``.matrix`` is 0 for gradients of about 1e-20), by
+    :func:`wherefrom.curvature.base.relative_damping` (which refuses a negative or non-finite mean: a Hessian)."""
     sizes = {
         key.removesuffix(".matrix"): len(value) for key, value in reference.state.items() if key.endswith(".matrix")
     }
     means = reference.info["mean_eigenvalue"]
-    return damping_factor * sum(means[key] * size for key, size in sizes.items()) / sum(sizes.values())
+    mean = sum(means[key] * size for key, size in sizes.items()) / sum(sizes.values())
+    return relative_damping(None, damping_factor, mean, "whole GGN")
 
 
 def ihvp_relative_error(
