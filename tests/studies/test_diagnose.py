@@ -98,13 +98,12 @@ def test_shared_damping_refuses_a_negative_mean_eigenvalue():
     """``shared_damping`` computed ``damping_factor x mean`` itself: an exact Hessian reference with a negative mean
     eigenvalue gave a negative lambda, refused afterwards as "every training gradient ... is zero"; it goes through
     ``relative_damping`` now, which names the indefinite curvature."""
+    from types import SimpleNamespace
+
     import torch
 
-    class Reference:
-        state = {"a.matrix": torch.zeros(3), "b.matrix": torch.zeros(1)}
-        info = {"mean_eigenvalue": {"a": -2.0, "b": 1.0}}
-
+    state = {"a.matrix": torch.zeros(3), "b.matrix": torch.zeros(1)}
     with pytest.raises(ValueError, match="'whole GGN' has mean eigenvalue -1.25"):
-        shared_damping(Reference(), 0.1)
-    Reference.info = {"mean_eigenvalue": {"a": 2.0, "b": 6.0}}
-    assert shared_damping(Reference(), 0.1) == pytest.approx(0.3)
+        shared_damping(SimpleNamespace(state=state, info={"mean_eigenvalue": {"a": -2.0, "b": 1.0}}), 0.1)
+    reference = SimpleNamespace(state=state, info={"mean_eigenvalue": {"a": 2.0, "b": 6.0}})
+    assert shared_damping(reference, 0.1) == pytest.approx(0.3)
