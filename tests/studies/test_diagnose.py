@@ -103,7 +103,7 @@ def test_shared_damping_refuses_a_negative_mean_eigenvalue():
     import torch
 
     state = {"a.matrix": torch.zeros(3), "b.matrix": torch.zeros(1)}
-    with pytest.raises(ValueError, match="'whole GGN' has mean eigenvalue -1.25"):
+    with pytest.raises(ValueError, match=r"'whole GGN' has mean eigenvalue -1\.25"):
         shared_damping(SimpleNamespace(state=state, info={"mean_eigenvalue": {"a": -2.0, "b": 1.0}}), 0.1)
     reference = SimpleNamespace(state=state, info={"mean_eigenvalue": {"a": 2.0, "b": 6.0}})
     assert shared_damping(reference, 0.1) == pytest.approx(0.3)
