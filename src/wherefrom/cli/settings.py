@@ -30,7 +30,10 @@ from wherefrom.core.encoding import LOSS_TOKENS, check_template
 from wherefrom.core.option_pairs import OptionPairError, parse_option_pairs, parse_value
 from wherefrom.core.search import FAISS_OPTIONS
 from wherefrom.core.store import read_json_object
+from wherefrom.core.task import REDUCTIONS
 from wherefrom.curvature.base import DAMPING_FACTOR
+from wherefrom.curvature.exact import BLOCKS
+from wherefrom.engine.api import FISHERS
 from wherefrom.engine.run import PRECONDITIONS
 from wherefrom.models.finetune import LR_SCHEDULES, FinetuneConfig
 from wherefrom.studies.analyses.ihvp import REFERENCES, IhvpSettings
@@ -425,7 +428,7 @@ class CurvatureSettings:
     strategy: str = setting(
         "ekfac", "identity | diagonal | kfac | ekfac | exact | cg | lissa | arnoldi | datainf", check=strategy_name
     )
-    fisher: str = setting("true", "true (labels sampled from the model) | empirical", check=one_of("true", "empirical"))
+    fisher: str = setting("true", "true (labels sampled from the model) | empirical", check=one_of(*FISHERS))
     damping: float | None = setting(
         None,
         "Absolute damping lambda; default: --damping-factor x the mean eigenvalue per module (Grosse et al.).",
@@ -434,7 +437,7 @@ class CurvatureSettings:
     damping_factor: float = setting(
         DAMPING_FACTOR, "Relative damping, used when --damping is not given.", check=positive
     )
-    reduction: str = setting("sum", "Training loss over completion tokens: sum | mean.", check=one_of("sum", "mean"))
+    reduction: str = setting("sum", "Training loss over completion tokens: sum | mean.", check=one_of(*REDUCTIONS))
     query_rank: int | None = setting(None, "Low-rank query batching rank (default: full rank).", check=at_least(1))
     strategy_option: list[str] | None = setting(
         None,
@@ -442,7 +445,7 @@ class CurvatureSettings:
         check=option_pairs,
     )
     exact_blocks: str = setting(
-        "full", "Exact reference: full (whole GGN) | module (block diagonal).", check=one_of("full", "module")
+        "full", "Exact reference: full (whole GGN) | module (block diagonal).", check=one_of(*BLOCKS)
     )
 
 

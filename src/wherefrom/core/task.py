@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -36,6 +37,8 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 Reduction = Literal["sum", "mean"]
+REDUCTIONS: tuple[str, ...] = typing.get_args(Reduction)
+"""The training-loss reductions over completion tokens (``--reduction``)."""
 
 
 class UnmeasuredQuery(ValueError):

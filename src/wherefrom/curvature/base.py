@@ -41,12 +41,13 @@ Degenerate curvature, one rule for every strategy (:func:`check_damping`, :func:
 from __future__ import annotations
 
 import math
+import typing
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -147,6 +148,13 @@ class DataShape:
 class DegenerateCurvatureWarning(RuntimeWarning):
     """Some curvature blocks are exactly zero: they contribute 0 to every score (see the module doc)."""
 
+
+OwnCurvature = Literal["ggn", "hessian"]
+CurvatureKind = Literal[OwnCurvature, "fisher"]
+CURVATURE_KINDS: tuple[str, ...] = typing.get_args(CurvatureKind)
+"""The curvatures a strategy with a ``curvature`` option approximates: the GGN or the Hessian of the summed token
+loss, which it forms itself (:data:`OWN_CURVATURES`), or the Fisher of the fitting loss's gradients."""
+OWN_CURVATURES: tuple[str, ...] = typing.get_args(OwnCurvature)
 
 DAMPING_FACTOR = 0.1
 """The default relative damping: lambda = 0.1 x mean eigenvalue of each curvature block (Grosse et al. 2023, Sec.
@@ -319,7 +327,7 @@ class Curvature(ABC):
         the ``loss_fn`` handed to :meth:`fit`: those with a ``curvature`` option (``exact`` and the operator
         strategies) on ``"ggn"`` or ``"hessian"``; on ``"fisher"`` they take the fitting loss's gradients as the
         others do. The Fisher setting (true or empirical) does not reach the former."""
-        return getattr(self, "curvature", None) in ("ggn", "hessian")
+        return getattr(self, "curvature", None) in OWN_CURVATURES
 
     def __init__(self, damping: float | None = None, damping_factor: float = DAMPING_FACTOR):
         check_damping(damping, damping_factor)

@@ -21,6 +21,7 @@ sums and the example count are added over processes before the division by the c
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -34,7 +35,12 @@ from wherefrom.core.gradients import per_example_gradients
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import OptionSpec, from_signature
 from wherefrom.core.task import IGNORE_INDEX, model_inputs, per_example_loss
-from wherefrom.curvature.base import DAMPING_FACTOR, Curvature, DataShape
+from wherefrom.curvature.base import CURVATURE_KINDS, DAMPING_FACTOR, Curvature, CurvatureKind, DataShape
+
+Blocks = Literal["module", "full"]
+BLOCKS: tuple[str, ...] = typing.get_args(Blocks)
+"""The exact curvature's blocks: one per tracked module (block diagonal) or one over every tracked parameter (the whole
+GGN; ``--exact-blocks``)."""
 
 
 @contextmanager
@@ -69,14 +75,14 @@ class ExactGGN(Curvature):
         self,
         damping: float | None = None,
         damping_factor: float = DAMPING_FACTOR,
-        blocks: Literal["module", "full"] = "module",
-        curvature: Literal["ggn", "hessian", "fisher"] = "ggn",
+        blocks: Blocks = "module",
+        curvature: CurvatureKind = "ggn",
     ):
         super().__init__(damping, damping_factor)
-        if blocks not in ("module", "full"):
-            raise ValueError(f"blocks must be 'module' or 'full', got {blocks!r}")
-        if curvature not in ("ggn", "hessian", "fisher"):
-            raise ValueError(f"curvature must be 'ggn', 'hessian' or 'fisher', got {curvature!r}")
+        if blocks not in BLOCKS:
+            raise ValueError(f"blocks must be one of {list(BLOCKS)}, got {blocks!r}")
+        if curvature not in CURVATURE_KINDS:
+            raise ValueError(f"curvature must be one of {list(CURVATURE_KINDS)}, got {curvature!r}")
         self.blocks = blocks
         self.curvature = curvature
 

@@ -52,10 +52,12 @@ from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import OptionSpec, from_signature
 from wherefrom.core.tracking import TrackedModule, selection_signature
 from wherefrom.curvature.base import (
+    CURVATURE_KINDS,
     DAMPING_FACTOR,
     TRACE_PROBES,
     BatchSource,
     Curvature,
+    CurvatureKind,
     DataShape,
     Progress,
     no_progress,
@@ -91,14 +93,14 @@ class OperatorCurvature(Curvature):
         self,
         damping: float | None = None,
         damping_factor: float = DAMPING_FACTOR,
-        curvature: Literal["ggn", "hessian", "fisher"] = "ggn",
+        curvature: CurvatureKind = "ggn",
         probes: int = TRACE_PROBES,
         seed: int = 0,
         max_vectors: int = 4,
     ):
         super().__init__(damping, damping_factor)
-        if curvature not in ("ggn", "hessian", "fisher"):
-            raise ValueError(f"curvature must be 'ggn', 'hessian' or 'fisher', got {curvature!r}")
+        if curvature not in CURVATURE_KINDS:
+            raise ValueError(f"curvature must be one of {list(CURVATURE_KINDS)}, got {curvature!r}")
         if probes < 1:
             raise ValueError(f"probes must be >= 1, got {probes}")
         self.curvature = curvature

@@ -31,7 +31,6 @@ forward-AD rules for some of its ops).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from wherefrom.core.gradients import Batch, LossFn, per_example_gradients
 from wherefrom.core.task import IGNORE_INDEX, model_inputs, per_example_loss
 from wherefrom.core.tracking import TrackedModule
-from wherefrom.curvature.base import TRACE_PROBES, BatchSource, Progress, no_progress
+from wherefrom.curvature.base import OWN_CURVATURES, TRACE_PROBES, BatchSource, OwnCurvature, Progress, no_progress
 from wherefrom.curvature.exact import eager_attention
 from wherefrom.models.loading import eval_mode
 
@@ -64,12 +63,12 @@ class GGNOperator:
         model: nn.Module,
         modules: Sequence[TrackedModule],
         batches: BatchSource,
-        curvature: Literal["ggn", "hessian"] = "ggn",
+        curvature: OwnCurvature = "ggn",
         max_vectors: int = 4,
         progress: Progress = no_progress,
     ):
-        if curvature not in ("ggn", "hessian"):
-            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
+        if curvature not in OWN_CURVATURES:
+            raise ValueError(f"curvature must be one of {list(OWN_CURVATURES)}, got {curvature!r}")
         if max_vectors < 1:
             raise ValueError(f"max_vectors must be >= 1, got {max_vectors}")
         self.model = model

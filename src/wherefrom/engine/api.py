@@ -13,6 +13,7 @@ Every score follows the sign convention of :mod:`wherefrom.core.scoring`.
 from __future__ import annotations
 
 import contextlib
+import typing
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,12 +46,17 @@ from wherefrom.core.scoring import (
     summed_token_scores,
 )
 from wherefrom.core.store import StageFolder
-from wherefrom.core.task import DrawCounts, LanguageModelingTask, UnmeasuredQuery, example_seeds
+from wherefrom.core.task import DrawCounts, LanguageModelingTask, Reduction, UnmeasuredQuery, example_seeds
 from wherefrom.core.tracking import TrackedModule, name_patterns, output_layer, select_modules, selection_signature
 from wherefrom.curvature import Curvature, configured_curvature
 from wherefrom.curvature.base import DAMPING_FACTOR, BatchSource, DataShape, Progress, no_progress
 from wherefrom.engine.passes import Kept, SharedPass, plan
 from wherefrom.models.loading import eval_mode, model_fingerprint
+
+Fisher = Literal["true", "empirical"]
+FISHERS: tuple[str, ...] = typing.get_args(Fisher)
+"""The Fisher of the fitting loss (``--fisher``): ``"true"``, targets sampled from the model (Grosse et al. 2023, Sec.
+2.2), or ``"empirical"``, the training rows' own targets."""
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 """The ``autocast`` settings and the dtype each runs the model's forward passes in."""
@@ -100,7 +106,7 @@ class AttributionConfig:
     """
 
     strategy: str = "ekfac"
-    fisher: Literal["true", "empirical"] = "true"
+    fisher: Fisher = "true"
     damping: float | None = None
     damping_factor: float = DAMPING_FACTOR
     include: list[str] | None = None
@@ -108,7 +114,7 @@ class AttributionConfig:
     batch_size: int = 8
     max_length: int = 512
     chat_template: bool = False
-    reduction: Literal["sum", "mean"] = "sum"
+    reduction: Reduction = "sum"
     query_rank: int | None = None
     normalize: Literal["cosine"] | None = None
     seed: int = 0
@@ -133,8 +139,8 @@ class AttributionConfig:
                 raise ValueError(f"{name} must be {'an integer' if kind is Integral else 'a number'}, got {value!r}")
             if not isinstance(value, (int, float)):  # numpy's: kept, they failed later checks and JSON
                 setattr(self, name, int(value) if kind is Integral else float(value))
-        if self.fisher not in ("true", "empirical"):
-            raise ValueError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
+        if self.fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {list(FISHERS)}, got {self.fisher!r}")
         if self.normalize not in (None, "cosine"):
             raise ValueError(f"normalize must be None or 'cosine', got {self.normalize!r}")
         if self.batch_size < 1:

@@ -36,7 +36,7 @@ from wherefrom.core.commandline import field_flags
 from wherefrom.core.data import DataError, data_fingerprint
 from wherefrom.core.option_pairs import format_option_pairs, options_for
 from wherefrom.curvature.base import DAMPING_FACTOR, Progress, no_progress
-from wherefrom.engine.api import AttributionConfig
+from wherefrom.engine.api import FISHERS, AttributionConfig
 from wherefrom.methods.registry import (
     check_methods,
     in_family,
@@ -138,8 +138,8 @@ class BenchConfig(StudyFinetuning):
         check_task_name(self.task)
         check_methods(self.methods)
         check_seeds(self.seeds)
-        if self.fisher not in ("true", "empirical"):
-            raise ValueError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
+        if self.fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {list(FISHERS)}, got {self.fisher!r}")
         self.finetune_config(self.seeds[0]).validate()  # the layout's template and loss tokens too
         for method in self.methods:  # before any fine-tuning: a bad option failed every seed's row of it
             check_method_options(method, self.attribution_config(self.seeds[0]), self.options_for(method))

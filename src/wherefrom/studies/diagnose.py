@@ -34,6 +34,7 @@ import torch
 from wherefrom.core.data import Record
 from wherefrom.core.option_pairs import options_for
 from wherefrom.curvature.base import SMALLEST_DAMPING, Curvature, DataShape, Progress, no_progress, relative_damping
+from wherefrom.curvature.exact import BLOCKS
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import InfluenceMethod, make_method, method_spec
 from wherefrom.studies import toolkit
@@ -187,8 +188,8 @@ def diagnose(
     ``ValueError`` for a method's own damping among ``method_options`` (:func:`check_shared_damping`), and when every
     training gradient of the tracked modules is zero (the shared damping would be 0)."""
     check_shared_damping(method_options or {})
-    if exact_blocks not in ("full", "module"):
-        raise ValueError(f"exact_blocks must be 'full' or 'module', got {exact_blocks!r}")
+    if exact_blocks not in BLOCKS:
+        raise ValueError(f"exact_blocks must be one of {list(BLOCKS)}, got {exact_blocks!r}")
     if not queries:
         raise ValueError("diagnose needs at least one query row")
     config = replace(config or AttributionConfig(), query_rank=None)

@@ -46,7 +46,7 @@ from wherefrom.core.memory import memory_limit
 from wherefrom.core.option_pairs import check_methods_named
 from wherefrom.core.store import atomic_save_tensors
 from wherefrom.curvature.base import DAMPING_FACTOR, TRACE_PROBES, DataShape, check_damping
-from wherefrom.curvature.exact import ExactGGN
+from wherefrom.curvature.exact import Blocks, ExactGGN
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import InfluenceMethod, in_family, make_method, options_off_default
 from wherefrom.studies.analyses.common import Bench, method_options, open_bench, write_report
@@ -99,7 +99,7 @@ class IhvpSettings:
     damping: float | None = None
     damping_factor: float = DAMPING_FACTOR
     reference: Reference = "auto"
-    exact_blocks: Literal["full", "module"] = "full"
+    exact_blocks: Blocks = "full"
     cg_tol: float = 1e-8
     cg_max_iter: int = 1000
     probes: int = TRACE_PROBES
