@@ -333,3 +333,18 @@ def test_the_html_diagnose_table_formats_numbers_as_the_markdown_tables_do():
     rows = [{"method": "gradsim", "ihvp_rel_error": 0.5, "spearman": -0.0001, "spearman_per_query": float("nan")}]
     table = diagnose_section(rows)["blocks"][0]["rows"]
     assert table == [["gradsim", "0.5", "0.000", "–", "–"]]
+
+
+def test_report_on_a_killed_bench_names_it_unfinished_with_its_replay_line(tmp_path):
+    """A bench killed before ``bench.json`` was "not a result wherefrom can report on" though its ``config.json``
+    records the command; the message names the unfinished command and the ``replay`` line that finishes it."""
+    out = tmp_path / "killed bench"
+    result = runner.invoke(app, ["bench", "--task", "rules", "--methods", "bm25", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("bench.json", "bench.md"):
+        (out / name).unlink()  # as a kill before the result files leaves it
+    with pytest.raises(FileNotFoundError, match="is an unfinished bench folder") as refused:
+        write_report(out)
+    assert f"`wherefrom replay '{out}'`" in str(refused.value)
+    assert runner.invoke(app, ["replay", str(out)]).exit_code == 0
+    assert "bm25" in write_report(out).read_text()

@@ -32,7 +32,7 @@ from wherefrom.core.data import DataError, Record, load_records
 from wherefrom.core.scoring import Scores, index_rows_text, load_score_set, saved_labels, score_set_names
 from wherefrom.core.store import read_json_object, refuse_folder_in_place
 from wherefrom.engine.run import refuse_files_in_place
-from wherefrom.studies.outputs import marked_commands
+from wherefrom.studies.outputs import marked_commands, recorded_commands
 from wherefrom.studies.report.render import render, write_html
 from wherefrom.studies.report.sections import (
     agreement_section,
@@ -218,6 +218,13 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
         shown = ", ".join(f"`{command_line('report', [(None, str(file))], exact=True)}`" for file in files)
         raise FileNotFoundError(
             f"{path} is a folder holding result files, not a result folder: report one of them ({shown})"
+        )
+    recorded = recorded_commands(read_json_object(path / "config.json")) if (path / "config.json").is_file() else []
+    if recorded:  # its command recorded itself there and was killed or failed before its result file
+        replay = command_line("replay", [(None, str(path))], exact=True)
+        raise FileNotFoundError(
+            f"{path} is an unfinished {' / '.join(recorded)} folder: its config.json records the command, but its "
+            f"result file is not written yet (killed, or it failed?); finish it with `{replay}`, then report it"
         )
     raise FileNotFoundError(
         f"{path} is not a result wherefrom can report on: expected a query JSON (`wherefrom query --json`), an "
