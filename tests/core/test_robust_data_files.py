@@ -106,6 +106,18 @@ def test_utf16_without_bom_is_named(tmp_path: Path) -> None:
         load_records(path)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le"])
+@pytest.mark.parametrize("name", ["ascii.jsonl", "ascii.csv"])
+def test_ascii_text_in_utf16_or_32_without_bom_is_named(tmp_path: Path, encoding: str, name: str) -> None:
+    """ASCII text in UTF-16/32 without a BOM is valid UTF-8 (a NUL beside each character): it was "invalid JSON at
+    column 2" (or a CSV without the header's fields), naming no encoding."""
+    text = '{"prompt": "p", "completion": "c"}\n' if name.endswith("jsonl") else "prompt,completion\np,c\n"
+    path = tmp_path / name
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(DataError, match=r"ascii\.\w+, line 1: a NUL character at column [12]: it looks like UTF-16"):
+        load_records(path)
+
+
 def test_json_array_file_and_trailing_commas(tmp_path: Path) -> None:
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(ROWS, indent=2, ensure_ascii=False), encoding="utf-8")

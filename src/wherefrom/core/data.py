@@ -27,7 +27,8 @@ File formats (chosen by suffix, case-insensitive):
 Text files are decoded as UTF-8; a UTF-8 byte-order mark is dropped, and a UTF-16 or UTF-32 BOM
 (Excel's "Unicode text", Windows Notepad) selects that encoding. CRLF and CR line endings read as
 LF. Any other bytes that are not UTF-8 (Latin-1 / cp1252 from an older editor) raise
-:class:`DataError` naming the line and column of the first bad byte.
+:class:`DataError` naming the line and column of the first bad byte, and so does a NUL character (UTF-16/32 without
+a BOM: ASCII text in it is valid UTF-8).
 
 Field rules, the same for every source (extra fields are ignored; a field given twice in one row, as a
 repeated JSON key at any depth, a repeated CSV header name or a repeated Parquet/Arrow column, is refused:
@@ -275,6 +276,13 @@ def _read_text(path: Path) -> str:
             f"{_where(str(path), f'line {lineno}')}: not valid {encoding.upper()} (byte "
             f"0x{data[bad]:02x} at column {bad - line_start + 1}: {err.reason}); {hint}"
         ) from None
+    if encoding == "utf-8" and "\x00" in text:  # UTF-16/32 of ASCII text is valid UTF-8, a NUL beside each character
+        nul = text.index("\x00")
+        lineno, column = text.count("\n", 0, nul) + 1, nul - (text.rfind("\n", 0, nul) + 1) + 1
+        raise DataError(
+            f"{_where(str(path), f'line {lineno}')}: a NUL character at column {column}: it looks like UTF-16 or "
+            "UTF-32 without a byte-order mark (text has no NUL characters); save it as UTF-8"
+        )
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
