@@ -218,6 +218,22 @@ def test_a_control_character_in_an_id_or_label_is_refused_by_name(tmp_path, fiel
     assert records_from_rows([{**ROWS[1], "id": "emoji \u200d ok", "label": "café"}])[0].label == "café"
 
 
+@pytest.mark.parametrize("label", ["", "  "])
+def test_an_empty_or_blank_label_is_refused_by_name(tmp_path: Path, label: str) -> None:
+    """A JSON ``"label": ""`` was the class ``""`` (ranked as one by class attribution) while an empty CSV cell is no
+    label; an empty or blank label is refused in every form (JSONL, CSV, rows in memory)."""
+    path = write_jsonl(tmp_path / "labels.jsonl", [json.dumps(ROWS[0]), json.dumps({**ROWS[1], "label": label})])
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, "labels.jsonl", "line 2", "field 'label' is", "leave the field out")
+    if label:
+        csv_path = write_csv(tmp_path / "labels.csv", ["prompt", "completion", "label"], [["p", "c", label]])
+        with pytest.raises(DataError, match=r"labels\.csv, line 2: field 'label' is blank"):
+            load_records(csv_path)
+    with pytest.raises(DataError, match="index 0: field 'label' is"):
+        records_from_rows([{**ROWS[1], "label": label}], source="queries")
+
+
 def test_duplicate_id_in_memory() -> None:
     with pytest.raises(DataError) as excinfo:
         records_from_rows([ROWS[0], ROWS[0]], source="queries")

@@ -51,7 +51,7 @@ a reader would keep one of the two silently):
   ``1`` of a CSV file and a Parquet column that pandas turned into floats agree); NaN (pandas'
   missing value) counts as absent.
 * ``label``: optional string or number, stored as ``str`` like ``id`` (or ``None`` when
-  absent/null/NaN).
+  absent/null/NaN, or an empty CSV cell); an empty or blank string is refused (no class).
 
 Rows given in memory (the Python API) pass the same validator through :func:`check_records`, which
 also refuses an empty list.
@@ -205,6 +205,11 @@ def _validate_row(row: Any, where: str, default_id: str) -> Record:
 
     raw_label = _absent_if_nan(row.get("label"))
     label = None if raw_label is None else _scalar_to_str(raw_label, "label", where)
+    if label is not None and not label.strip():  # a class named "" ranked as one in class attribution
+        raise DataError(
+            f"{where}: field 'label' is {'an empty string' if not label else f'blank ({label!r})'}; a label names "
+            "the row's class: leave the field out (or null, or an empty CSV cell) for a row without one"
+        )
     for field, value in (("id", record_id), ("label", label)):
         _check_text(value or "", field, where)
         control = next((c for c in value or "" if unicodedata.category(c) == "Cc"), None)
