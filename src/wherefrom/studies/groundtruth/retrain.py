@@ -23,6 +23,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
@@ -207,6 +208,11 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+class OversubscribedWorkers(UserWarning):
+    """More ``workers`` than CPU cores: :func:`run_jobs` runs one process per core instead (``groundtruth --workers
+    12`` on 2 cores took 82 s where 2 processes took 9 s: twelve models in memory sharing two cores)."""
+
+
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -250,8 +256,8 @@ def run_jobs(
     Each finished job is written atomically to ``cache_dir/<job_id>.json`` (``key``: the retrainer's
     key, indices and seed; ``values``; ``seconds``) as soon as it ends, so an interruption loses only
     the jobs in flight; a rerun skips every job whose file has the same key. ``workers > 1`` runs the
-    remaining jobs in that many spawned processes, each with ``torch.set_num_threads(max(1, cores //
-    workers))``; the first failing job stops the run (finished jobs stay cached) and its error is
+    remaining jobs in that many spawned processes (at most one per core: :class:`OversubscribedWorkers` warns of
+    more), each with ``torch.set_num_threads(max(1, cores // workers))``; the first failing job stops the run (finished jobs stay cached) and its error is
     raised. ``progress`` wraps the iteration over finished jobs; ``log`` gets one line per job.
     """
     if workers < 1:
@@ -288,7 +294,16 @@ def run_jobs(
             values, seconds = _run_one(retrainer, indices, seed)
             finish(job_id, key, values, seconds)
     elif todo:
-        threads = max(1, available_cores() // workers)
+        cores = available_cores()
+        if workers > cores:
+            warnings.warn(
+                f"workers={workers} (--workers) but this process may use {cores} CPU cores: running {cores} "
+                "retraining processes (more would share the cores, each holding its own model)",
+                OversubscribedWorkers,
+                stacklevel=2,
+            )
+            workers = cores
+        threads = max(1, cores // workers)
         with ProcessPoolExecutor(
             max_workers=min(workers, len(todo)),
             mp_context=get_context("spawn"),
