@@ -198,6 +198,29 @@ def test_config_errors_name_the_setting(tmp_path):
         GroundTruthConfig(task="rules", out=str(tmp_path), loss_tokens="prompt").validate()
     with pytest.raises(FileNotFoundError, match="not a ground-truth folder"):
         GroundTruth.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--subsets", "1"], "n_subsets (--subsets) must be 0 (no LDS) or >= 2, got 1"),
+        (["--subsets", "0", "--loo-rows", "0"], "n_subsets (--subsets), loo_rows (--loo-rows) and pbrf_rows"),
+        (["--loo-rows", "1000"], "loo_rows (--loo-rows) is 1000, more than the 240 training rows of task 'rules'"),
+        (["--pbrf-rows", "999"], "pbrf_rows (--pbrf-rows) is 999, more than the 240 training rows"),
+    ],
+)
+def test_groundtruth_refusals_name_the_flag(tmp_path, flags, said):
+    """The command line's refusals named only the configuration's fields (``n_subsets`` for ``--subsets``), and
+    ``--loo-rows 1000`` said ``loo_rows=1000 / pbrf_rows=0 exceed the 240 training rows``, naming the one that did
+    not too; the flag is named beside the field, and nothing is left behind."""
+    from typer.testing import CliRunner
+
+    from wherefrom.cli import app
+
+    out = tmp_path / "gt"
+    result = CliRunner().invoke(app, ["groundtruth", "--task", "rules", *flags, "--out", str(out)])
+    assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+    assert not out.exists()
     config = GroundTruthConfig(task="rules", out="o", lora_rank=None, pbrf_options={"steps": 5})
     line = command_line(config)
     assert "--lora-rank 0" in line and "--pbrf-option steps=5" in line

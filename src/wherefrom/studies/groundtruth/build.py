@@ -103,7 +103,7 @@ class GroundTruthConfig(StudyFinetuning):
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
         if self.n_subsets < 0 or self.n_subsets == 1:
-            raise ValueError(f"n_subsets must be 0 (no LDS) or >= 2, got {self.n_subsets}")
+            raise ValueError(f"n_subsets (--subsets) must be 0 (no LDS) or >= 2, got {self.n_subsets}")
         for name in ("subset_seeds", "loo_seeds", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -111,7 +111,9 @@ class GroundTruthConfig(StudyFinetuning):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.n_subsets == 0 and self.loo_rows == 0 and self.pbrf_rows == 0:
-            raise ValueError("nothing to build: n_subsets, loo_rows and pbrf_rows are all 0")
+            raise ValueError(
+                "nothing to build: n_subsets (--subsets), loo_rows (--loo-rows) and pbrf_rows (--pbrf-rows) are all 0"
+            )
         self.finetune_config(self.seed).validate()
         try:  # before any fine-tuning, also where no PBRF row is asked for (they are recorded)
             pbrf_config(self.pbrf_options)
@@ -224,8 +226,11 @@ def build_groundtruth(
         say(line)
     train, queries = list(task.train), list(task.test)
     n = len(train)
-    if config.loo_rows > n or config.pbrf_rows > n:
-        raise ValueError(f"loo_rows={config.loo_rows} / pbrf_rows={config.pbrf_rows} exceed the {n} training rows")
+    for name, flag in (("loo_rows", "--loo-rows"), ("pbrf_rows", "--pbrf-rows")):
+        if getattr(config, name) > n:
+            raise ValueError(
+                f"{name} ({flag}) is {getattr(config, name)}, more than the {n} training rows of task {config.task!r}"
+            )
     if not queries:
         raise ValueError(f"task {config.task!r} has no test rows to use as queries")
 
