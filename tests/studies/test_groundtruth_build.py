@@ -372,3 +372,23 @@ def test_pbrf_options_are_checked_before_any_fine_tuning(tmp_path, option, value
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
     assert not out.exists()
+
+
+def test_targets_of_too_few_rows_to_correlate_are_said_before_any_fine_tuning(tmp_path, monkeypatch):
+    """``--pbrf-rows 2`` (or ``--loo-rows``/``--subsets`` 2) gave correlations of +-1 whatever the scores, reported
+    with intervals; they are undefined now (``metrics.pearson_rows``), and ``groundtruth`` says so before it trains."""
+    import wherefrom.studies.groundtruth.build as module
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_args, **_kwargs):
+        raise Stop
+
+    monkeypatch.setattr(module, "load_model", stop)
+    lines: list[str] = []
+    config = GroundTruthConfig(task="rules", out=str(tmp_path / "gt"), n_subsets=2, loo_rows=1, pbrf_rows=3)
+    with pytest.raises(Stop):
+        build_groundtruth(config, log=lines.append)
+    said = [line.split(":")[0] for line in lines if "correlations need at least 3 points" in line]
+    assert said == ["--subsets 2", "--loo-rows 1"]

@@ -44,6 +44,10 @@ def test_correlations_by_hand():
     # Spearman = 1 - 6 sum d^2 / (n (n^2 - 1)) = 1 - 6 * 2 / 24 = 0.5 for ranks (1, 2, 3) vs (1, 3, 2)
     assert spearman_rows(np.array([[10.0, 20.0, 30.0]]), np.array([[0.1, 9.0, 3.0]]))[0] == pytest.approx(0.5)
     assert math.isnan(pearson_rows(np.ones((1, 1)), np.ones((1, 1)))[0])
+    # over two points a correlation is +-1 whatever the values (--pbrf-rows 2 reported a mean Spearman of 1.000):
+    # undefined, as the single-pair spearman already was
+    two_a, two_b = np.array([[1.0, 2.0], [0.0, 5.0]]), np.array([[3.0, 3.1], [1.0, -7.0]])
+    assert np.isnan(pearson_rows(two_a, two_b)).all() and np.isnan(spearman_rows(two_a, two_b)).all()
     with pytest.raises(ValueError, match="shapes differ"):
         pearson_rows(np.ones((2, 3)), np.ones((2, 4)))
 

@@ -25,8 +25,8 @@ Every metric function returns means over queries plus a ``per_query`` dict of li
 
 **Correlations** (the one implementation every study calls): :func:`pearson_rows` and
 :func:`spearman_rows` correlate row ``q`` of one matrix with row ``q`` of another (Spearman = Pearson of
-average ranks, ties averaged, as ``scipy.stats.spearmanr``); a row with a constant side is NaN
-(undefined). :func:`spearman` is the single-pair form over the finite pairs, ``None`` when undefined.
+average ranks, ties averaged, as ``scipy.stats.spearmanr``); a row with a constant side, or of fewer than
+:data:`FEWEST_CORRELATED` points, is NaN (undefined). :func:`spearman` is the single-pair form over the finite pairs, ``None`` when undefined.
 """
 
 from __future__ import annotations
@@ -296,13 +296,18 @@ def as_2d(name: str, value: Any) -> np.ndarray:
     return array
 
 
+FEWEST_CORRELATED = 3
+"""The fewest points a correlation is computed over: over two it is +-1 whatever the values (a ground truth with
+``--pbrf-rows 2`` or ``--loo-rows 2`` reported a mean Spearman of 1.000 with an interval)."""
+
+
 def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pearson correlation of each row of ``a`` with the same row of ``b`` (``(Q, m)`` each) -> ``(Q,)``;
-    NaN for a row where either side is constant."""
+    NaN for a row where either side is constant, and for every row when ``m`` < :data:`FEWEST_CORRELATED`."""
     a, b = as_2d("a", a), as_2d("b", b)
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
-    if a.shape[1] < 2:
+    if a.shape[1] < FEWEST_CORRELATED:
         return np.full(a.shape[0], np.nan)
     constant = (np.ptp(a, axis=1) == 0) | (np.ptp(b, axis=1) == 0)
     a = a - a.mean(axis=1, keepdims=True)
@@ -324,7 +329,7 @@ def spearman(x: Sequence[float | None], y: Sequence[float | None]) -> float | No
     """Spearman rank correlation (:func:`spearman_rows`) of the pairs where both values are finite;
     ``None`` with fewer than 3 such pairs or a constant side (undefined)."""
     pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
-    if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
+    if len(pairs) < FEWEST_CORRELATED or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
         return None
     value = float(spearman_rows([[a for a, _ in pairs]], [[b for _, b in pairs]])[0])
     return value if math.isfinite(value) else None

@@ -57,6 +57,7 @@ from wherefrom.studies.finetuning import StudyFinetuning
 from wherefrom.studies.groundtruth.lds import loo_effect, loo_noise, sample_subsets
 from wherefrom.studies.groundtruth.pbrf import pbrf_config
 from wherefrom.studies.groundtruth.retrain import SCRATCH_PREFIX, FinetuneRetrainer, measure_queries, run_jobs
+from wherefrom.studies.metrics import FEWEST_CORRELATED
 from wherefrom.studies.toolkit import free_memory, provenance
 
 __all__ = ["GroundTruth", "GroundTruthConfig", "build_groundtruth", "command_line"]
@@ -230,6 +231,13 @@ def build_groundtruth(
         if getattr(config, name) > n:
             raise ValueError(
                 f"{name} ({flag}) is {getattr(config, name)}, more than the {n} training rows of task {config.task!r}"
+            )
+    targets = (("LDS", config.n_subsets, "--subsets"), ("LOO", config.loo_rows, "--loo-rows"))
+    for target, count, flag in (*targets, ("PBRF", config.pbrf_rows, "--pbrf-rows")):
+        if 0 < count < FEWEST_CORRELATED:
+            say(
+                f"{flag} {count}: {target} correlations need at least {FEWEST_CORRELATED} points (over 2 a correlation "
+                f"is +-1 whatever the scores), so evaluate reports {target} as undefined"
             )
     if not queries:
         raise ValueError(f"task {config.task!r} has no test rows to use as queries")
