@@ -34,9 +34,9 @@ from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import check_methods
 from wherefrom.models.finetune import FinetuneConfig, finetune
 from wherefrom.models.loading import load_model
-from wherefrom.studies.bench import interval_cell, scored_method
+from wherefrom.studies.bench import scored_method
 from wherefrom.studies.metrics import mean_stat
-from wherefrom.studies.toolkit import check_seeds
+from wherefrom.studies.toolkit import check_seeds, interval_cell, markdown_table
 
 GROUPS = ("same", "reversed", "control")
 """Training-row groups of the study, by how the row states a fact relative to the query."""
@@ -185,11 +185,10 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{config['n_facts']} invented facts x {config['repeats']} rows per order, {config['n_controls']} controls, "
         f"seeds {config['seeds']}; mean score per row, mean over queries, then over seeds [95% t interval].",
         "",
-        "| rows | mean influence |",
-        "| --- | ---: |",
+        markdown_table(
+            ["rows", "mean influence"], [[key, interval_cell(stat, ".4g")] for key, stat in payload["summary"].items()]
+        ),
     ]
-    for key, stat in payload["summary"].items():
-        lines.append(f"| {key} | {interval_cell(stat, '.4g')} |")
     if payload.get("command"):
         lines += ["", f"Command: `{payload['command']}`"]
     return "\n".join(lines) + "\n"

@@ -28,7 +28,7 @@ from wherefrom.studies.analyses.ihvp import influence_methods
 from wherefrom.studies.bench import BenchConfig, aggregate, build_task, finetuned, method_row, row_key
 from wherefrom.studies.benchtasks import BenchTask
 from wherefrom.studies.metrics import mean_stat
-from wherefrom.studies.toolkit import cached, free_memory, interval_cell, store
+from wherefrom.studies.toolkit import cached, free_memory, interval_cell, markdown_table, store
 
 __all__ = ["ConvergenceSettings", "chosen_methods", "run_convergence"]
 
@@ -133,8 +133,11 @@ def run_convergence(
 
 def _markdown(bench: Bench, payload: dict[str, Any]) -> str:
     epochs = payload["epochs"]
-    header = "| method | " + " | ".join(f"epoch {k}" for k in epochs) + " | bench (final model) |"
-    rule = "| --- | " + " | ".join("---:" for _ in epochs) + " | ---: |"
+    columns = [f"epoch {k}" for k in epochs]
+    loss = [
+        "training loss (mean over the epoch's steps)",
+        *(interval_cell(payload["train_loss"][str(k)]) for k in epochs),
+    ]
     lines = [
         f"# wherefrom analyze convergence: {bench.config.task}",
         "",
@@ -145,20 +148,15 @@ def _markdown(bench: Bench, payload: dict[str, Any]) -> str:
             f"seeds ({len(bench.config.seeds)})."
         ),
         "",
-        "| | " + " | ".join(f"epoch {k}" for k in epochs) + " |",
-        "| --- | " + " | ".join("---:" for _ in epochs) + " |",
-        "| training loss (mean over the epoch's steps) | "
-        + " | ".join(interval_cell(payload["train_loss"][str(k)]) for k in epochs)
-        + " |",
+        markdown_table(["", *columns], [loss]),
     ]
     for name in bench.metric_names:
-        lines += ["", f"## {name}", "", header, rule]
+        rows = []
         for method in payload["methods"]:
             cells = []
             for k in epochs:
                 entry = payload["per_epoch"][str(k)][method]
                 cells.append(interval_cell(entry["metrics"].get(name)) if entry["n_ok"] else "failed")
-            lines.append(
-                f"| {method} | " + " | ".join(cells) + f" | {interval_cell(payload['bench_final'][method].get(name))} |"
-            )
+            rows.append([method, *cells, interval_cell(payload["bench_final"][method].get(name))])
+        lines += ["", f"## {name}", "", markdown_table(["method", *columns, "bench (final model)"], rows)]
     return "\n".join(lines) + "\n"

@@ -42,7 +42,7 @@ from wherefrom.models.loading import eval_mode, is_peft, load_model
 from wherefrom.studies.analyses.common import Bench, load_checkpoint, open_bench, write_report
 from wherefrom.studies.bench import build_task, finetuned
 from wherefrom.studies.metrics import mean_stat, spearman
-from wherefrom.studies.toolkit import cached, free_memory, interval_cell, number, store
+from wherefrom.studies.toolkit import cached, free_memory, interval_cell, markdown_table, number, store
 
 __all__ = [
     "ParameterChange",
@@ -347,6 +347,10 @@ def _summary(seeds: Sequence[int], names: Sequence[str], records: dict[str, dict
     return {"per_checkpoint": per_checkpoint, "per_module": per_module, "spearman": correlation}
 
 
+_DW_NORM = "\\|\\|dW\\|\\|"  # ||dW|| with its bars escaped for a Markdown table cell
+_W_NORM = "\\|\\|W\\|\\|"
+
+
 def _markdown(bench: Bench, payload: dict[str, Any]) -> str:
     g = ".4g"
     lines = [
@@ -360,14 +364,30 @@ def _markdown(bench: Bench, payload: dict[str, Any]) -> str:
             "nats; KL(p_tuned || p_base) per completion token, nats."
         ),
         "",
-        "| checkpoint | training loss | \\|\\|dW\\|\\|_F (all modules) | mean \\|\\|dW\\|\\| / \\|\\|W\\|\\| | mean df | mean \\|df\\| | KL per token |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        markdown_table(
+            [
+                "checkpoint",
+                "training loss",
+                f"{_DW_NORM}_F (all modules)",
+                f"mean {_DW_NORM} / {_W_NORM}",
+                "mean df",
+                "mean \\|df\\|",
+                "KL per token",
+            ],
+            [
+                [
+                    name,
+                    interval_cell(e["train_loss"]),
+                    interval_cell(e["total_delta_norm"], g),
+                    interval_cell(e["mean_relative"], g),
+                    interval_cell(e["mean_delta_f"]),
+                    interval_cell(e["mean_abs_delta_f"]),
+                    interval_cell(e["kl_per_token"], g),
+                ]
+                for name, e in payload["per_checkpoint"].items()
+            ],
+        ),
     ]
-    for name, e in payload["per_checkpoint"].items():
-        lines.append(
-            f"| {name} | {interval_cell(e['train_loss'])} | {interval_cell(e['total_delta_norm'], g)} | {interval_cell(e['mean_relative'], g)} "
-            f"| {interval_cell(e['mean_delta_f'])} | {interval_cell(e['mean_abs_delta_f'])} | {interval_cell(e['kl_per_token'], g)} |"
-        )
     lines += [
         "",
         (
@@ -390,13 +410,27 @@ def _markdown(bench: Bench, payload: dict[str, Any]) -> str:
             "df = f_tuned - f_ablated):"
         ),
         "",
-        "| module | \\|\\|dW\\|\\|_F | \\|\\|dW\\|\\| / \\|\\|W\\|\\| | ablation KL per token | ablation mean df | ablation mean \\|df\\| |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+    rows = []
     for name, e in payload["per_module"].items():
         mean = {k: (v or {}).get("mean") for k, v in e.items()}
-        lines.append(
-            f"| {name} | {number(mean['delta_norm'], g)} | {number(mean['relative'], g)} "
-            f"| {number(mean['kl_per_token'], g)} | {number(mean['mean_delta_f'])} | {number(mean['mean_abs_delta_f'])} |"
+        rows.append(
+            [
+                name,
+                number(mean["delta_norm"], g),
+                number(mean["relative"], g),
+                number(mean["kl_per_token"], g),
+                number(mean["mean_delta_f"]),
+                number(mean["mean_abs_delta_f"]),
+            ]
         )
+    header = [
+        "module",
+        f"{_DW_NORM}_F",
+        f"{_DW_NORM} / {_W_NORM}",
+        "ablation KL per token",
+        "ablation mean df",
+        "ablation mean \\|df\\|",
+    ]
+    lines.append(markdown_table(header, rows))
     return "\n".join(lines) + "\n"
