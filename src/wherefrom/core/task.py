@@ -252,6 +252,17 @@ def labelled_predictions(
     return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])), kept
 
 
+def completion_predictions(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits at every position that predicts a labelled token of ``batch`` (``labels`` ``-100`` elsewhere), over
+    the batch in row order: ``(N, V)``, their target ids ``(N,)`` and the batch row of each ``(N,)``; computed by
+    :func:`labelled_predictions` (the output layer at these positions only where the model allows)."""
+    logits, targets = labelled_predictions(model, batch, batch["labels"])
+    keep = targets != IGNORE_INDEX
+    return logits[keep], targets[keep], keep.nonzero()[:, 0]
+
+
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: Reduction = "sum") -> torch.Tensor:
     """Training loss of each example, shape ``(B,)``, in nats (sum or mean over completion tokens) of the
     full-sequence ``logits`` ``(B, L, V)`` against ``labels`` ``(B, L)`` (``-100`` outside the completion);

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -71,6 +72,16 @@ from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
 __all__ = ["KroneckerProjection", "ProjectedInfluence", "Projection", "RandomProjection"]
 
 Kind = Literal["gaussian", "rademacher"]
+KINDS: tuple[str, ...] = typing.get_args(Kind)
+"""Entries of a TRAK projection matrix (:class:`RandomProjection`)."""
+KroneckerKind = Literal[Kind, "orthogonal"]
+KRONECKER_KINDS: tuple[str, ...] = typing.get_args(KroneckerKind)
+"""Entries of LoGra's projection matrices (:class:`KroneckerProjection`): also scaled orthonormal rows."""
+
+TRAK_DIM = 1024
+"""Default projected length ``k`` per module of ``trak``."""
+LOGRA_DIM = 16
+"""Default ``k_in`` and ``k_out`` of ``logra``: ``k = k_in k_out = 256`` numbers per module."""
 
 MEMORY_HINT = "Lower the projected dimension or track fewer modules."
 """What a memory refusal of a projected method says to change."""
@@ -124,8 +135,8 @@ class RandomProjection(Projection):
     ):
         if dim < 1:
             raise ValueError(f"projection dim must be >= 1, got {dim}")
-        if kind not in ("gaussian", "rademacher"):
-            raise ValueError(f"kind must be 'gaussian' or 'rademacher', got {kind!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
         if block_columns < 1:
             raise ValueError(f"block_columns must be >= 1, got {block_columns}")
         self.dim, self.kind, self.seed = int(dim), kind, int(seed)
@@ -206,13 +217,13 @@ class KroneckerProjection(Projection):
         dim_in: int,
         dim_out: int,
         seed: int = 0,
-        kind: Literal["gaussian", "rademacher", "orthogonal"] = "gaussian",
+        kind: KroneckerKind = "gaussian",
         matrices: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
     ):
         if dim_in < 1 or dim_out < 1:
             raise ValueError(f"dim_in and dim_out must be >= 1, got {dim_in}, {dim_out}")
-        if kind not in ("gaussian", "rademacher", "orthogonal"):
-            raise ValueError(f"kind must be 'gaussian', 'rademacher' or 'orthogonal', got {kind!r}")
+        if kind not in KRONECKER_KINDS:
+            raise ValueError(f"kind must be one of {list(KRONECKER_KINDS)}, got {kind!r}")
         self.dim_in, self.dim_out, self.seed, self.kind = int(dim_in), int(dim_out), int(seed), kind
         self.explicit = dict(matrices or {})
         self._cache: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
@@ -323,7 +334,7 @@ class ProjectedInfluence:
             )
         self.strategy = strategy
         self.attributor = Attributor(model, tokenizer, replace(config, strategy="identity"), progress=progress)
-        self.projection = projection or RandomProjection(1024, seed=config.seed)
+        self.projection = projection or RandomProjection(TRAK_DIM, seed=config.seed)
         self.damping = config.damping if damping is None else damping
         self.damping_factor = config.damping_factor if damping_factor is None else damping_factor
         self.use_curvature = curvature
@@ -336,10 +347,16 @@ class ProjectedInfluence:
         model,
         tokenizer,
         config: AttributionConfig | None = None,
-        dim: int = 1024,
+        dim: int = TRAK_DIM,
         kind: Kind = "gaussian",
         **kwargs,
     ) -> ProjectedInfluence:
+        """TRAK (Park et al. 2023, with one model): influence in a dense random projection of each tracked
+        module's flattened gradient to ``dim`` numbers (:class:`RandomProjection`, entries ``kind``, seeded by
+        ``config.seed``), preconditioned by the damped projected Fisher ``(F~ + lambda I)^-1`` of ``dim x dim`` per
+        module. ``kwargs`` go to :class:`ProjectedInfluence` (``damping``, ``curvature``, ``progress``; ``strategy``
+        stays ``"exact"``: a random projection has no token factors). Scores ``(n_query, n_train)``, positive for a
+        proponent. ``ValueError`` for ``dim`` < 1 or another ``kind``."""
         config = config or AttributionConfig()
         return cls(model, tokenizer, config, RandomProjection(dim, kind, seed=config.seed), **kwargs)
 
@@ -349,15 +366,21 @@ class ProjectedInfluence:
         model,
         tokenizer,
         config: AttributionConfig | None = None,
-        dim_in: int = 16,
-        dim_out: int = 16,
-        kind: str = "gaussian",
+        dim_in: int = LOGRA_DIM,
+        dim_out: int = LOGRA_DIM,
+        kind: KroneckerKind = "gaussian",
         **kwargs,
     ) -> ProjectedInfluence:
+        """LoGra (Choe et al. 2024): influence in the Kronecker projection ``P_out G P_in^T`` of each tracked
+        module's gradient, ``dim_out x dim_in`` numbers formed from the projected token factors (the gradient is never
+        formed; :class:`KroneckerProjection`, entries ``kind``, seeded by ``config.seed``), preconditioned by the
+        damped projected Fisher, or by K-FAC/EK-FAC fitted in the projected space with ``strategy="kfac"``/
+        ``"ekfac"`` (``kwargs``, with ``damping``, ``curvature``, ``progress``: :class:`ProjectedInfluence`). Scores
+        ``(n_query, n_train)``, positive for a proponent. ``ValueError`` for a dimension < 1 or another ``kind``."""
         config = config or AttributionConfig()
         return cls(
             model, tokenizer, config, KroneckerProjection(dim_in, dim_out, seed=config.seed, kind=kind), **kwargs
-        )  # type: ignore[arg-type]
+        )
 
     @property
     def name(self) -> str:

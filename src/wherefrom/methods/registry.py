@@ -35,7 +35,7 @@ from wherefrom.curvature.base import DAMPING_OPTIONS, GROSSE_2023
 from wherefrom.curvature.iterative import AGARWAL_2017, SCHIOPPA_2022
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.lexical import BM25
-from wherefrom.methods.projection import KroneckerProjection, ProjectedInfluence
+from wherefrom.methods.projection import ProjectedInfluence
 from wherefrom.methods.representation import RepSim
 from wherefrom.methods.tracin import TracIn, tracin_scores
 from wherefrom.models.loading import is_peft
@@ -342,8 +342,7 @@ _SPECS = [
         ProjectedInfluence.logra,
         OptionSpec("dim_in", low=1, help="projected input side k_in per module"),
         OptionSpec("dim_out", low=1, help="projected output side k_out per module"),
-        # logra's own signature types kind as str: the choices are the projection's
-        *from_signature(KroneckerProjection, OptionSpec("kind", help="projection matrices' entries")),
+        OptionSpec("kind", help="projection matrices' entries"),
     ),
     MethodSpec(
         "tracin",

@@ -36,7 +36,7 @@ from torch import nn
 from wherefrom.core.commandline import command_line
 from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
 from wherefrom.core.gradients import Batch
-from wherefrom.core.task import IGNORE_INDEX, model_inputs
+from wherefrom.core.task import completion_predictions
 from wherefrom.models.finetune import read_trainer_state
 from wherefrom.models.loading import eval_mode, is_peft, load_model
 from wherefrom.studies.analyses.common import Bench, load_checkpoint, open_bench, write_report
@@ -166,11 +166,8 @@ def full_changes(tuned: nn.Module, base: nn.Module) -> list[ParameterChange]:
 
 def _log_probs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(log_probs (N, V) float64, targets (N,), batch rows (N,))`` at the completion positions."""
-    logits = model(**model_inputs(model, batch)).logits[:, :-1]
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    rows = keep.nonzero()[:, 0]
-    return torch.log_softmax(logits[keep].double(), dim=-1).cpu(), targets[keep].cpu(), rows.cpu()
+    logits, targets, rows = completion_predictions(model, batch)
+    return torch.log_softmax(logits.double(), dim=-1).cpu(), targets.cpu(), rows.cpu()
 
 
 def completion_log_probs(model: nn.Module, batches: Sequence[tuple[list[str], Batch]]) -> LogProbs:

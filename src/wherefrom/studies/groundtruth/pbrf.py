@@ -59,7 +59,7 @@ from torch import nn
 from wherefrom.core.data import Record, check_records
 from wherefrom.core.encoding import EncodedExample, collate, encode_records, pad_id
 from wherefrom.core.options import OptionSpec, check_options, from_signature
-from wherefrom.core.task import IGNORE_INDEX, model_inputs, per_example_loss
+from wherefrom.core.task import IGNORE_INDEX, completion_predictions, model_inputs, per_example_loss
 from wherefrom.core.tracking import TrackedModule, select_modules
 from wherefrom.curvature.base import (
     DAMPING_FACTOR,
@@ -200,11 +200,8 @@ class _Problem:
     def _completion_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at completion positions ``(tokens, V)`` (rows in order; at least float32) and their
         target token ids ``(tokens,)``."""
-        logits = self.model(**model_inputs(self.model, batch)).logits
-        targets = batch["labels"][:, 1:]
-        keep = targets != IGNORE_INDEX
-        work = torch.promote_types(logits.dtype, torch.float32)
-        return logits[:, :-1][keep].to(work), targets[keep]
+        logits, targets, _ = completion_predictions(self.model, batch)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32)), targets
 
     @torch.no_grad()
     def _reference(self) -> list[torch.Tensor]:
