@@ -61,7 +61,14 @@ def test_losses_at_the_labelled_positions_equal_the_full_logits_losses(tokenizer
     transformers (full logits, positions taken from them). Rows of unequal length, so padding and rows with
     fewer labelled tokens than K are covered; tolerance 1e-6 relative (float32 round-off of a smaller
     output product; measured 0 to 3e-7)."""
-    from wherefrom.core.task import example_seeds, per_example_loss
+    from wherefrom.core.task import (
+        completion_predictions,
+        example_seeds,
+        per_example_loss,
+        reduced,
+        shifted_targets,
+        token_losses,
+    )
 
     model = build_model(kind)
     batch = collate(encode_records(make_records(6, seed=5), tokenizer), pad_id(tokenizer))
@@ -79,7 +86,8 @@ def test_losses_at_the_labelled_positions_equal_the_full_logits_losses(tokenizer
                 widths.clear()
                 ours = task.train_loss(model, batch, sample=sample, seeds=seeds)
                 assert widths == [most] and most < batch["input_ids"].shape[1]
-                reference = per_example_loss(full, batch["labels"], reduction, sample=sample, seeds=seeds)
+                losses = token_losses(full, batch["labels"], sample=sample, seeds=seeds)
+                reference = reduced(losses, shifted_targets(batch["labels"]), reduction)
                 torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
                 assert ours[0] == 0
                 outside = task.train_loss(_Wrapped(model), batch, sample=sample, seeds=seeds)
@@ -89,6 +97,12 @@ def test_losses_at_the_labelled_positions_equal_the_full_logits_losses(tokenizer
             torch.testing.assert_close(
                 task.measurement(model, batch), -per_example_loss(full, labels, "sum"), rtol=1e-6, atol=1e-6
             )
+        # the flat form PBRF and the weights analysis use: every labelled position, rows in order
+        keep = batch["labels"][:, 1:] != IGNORE_INDEX
+        for predicted in (model, _Wrapped(model)):
+            logits, targets, rows = completion_predictions(predicted, batch)
+            torch.testing.assert_close(logits, full[:, :-1][keep], rtol=1e-6, atol=1e-6)
+            assert torch.equal(targets, batch["labels"][:, 1:][keep]) and torch.equal(rows, keep.nonzero()[:, 0])
 
 
 def test_the_losses_of_one_batch_share_one_forward_pass():
