@@ -157,8 +157,8 @@ loss, which it forms itself (:data:`OWN_CURVATURES`), or the Fisher of the fitti
 OWN_CURVATURES: tuple[str, ...] = typing.get_args(OwnCurvature)
 
 DAMPING_FACTOR = 0.1
-"""The default relative damping: lambda = 0.1 x mean eigenvalue of each curvature block (Grosse et al. 2023, Sec.
-3.2.1), used where no absolute damping is given; every strategy, study and the command line default to it."""
+"""The default relative damping: lambda = 0.1 x mean eigenvalue of each curvature block (Grosse et al. 2023's
+choice), used where no absolute damping is given; every strategy, study and the command line default to it."""
 
 TRACE_PROBES = 32
 """Default number of Hutchinson probes (Hutchinson 1989) that estimate trace(G) of an operator whose eigenvalues are

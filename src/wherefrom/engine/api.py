@@ -55,8 +55,8 @@ from wherefrom.models.loading import eval_mode, model_fingerprint
 
 Fisher = Literal["true", "empirical"]
 FISHERS: tuple[str, ...] = typing.get_args(Fisher)
-"""The Fisher of the fitting loss (``--fisher``): ``"true"``, targets sampled from the model (Grosse et al. 2023, Sec.
-2.2), or ``"empirical"``, the training rows' own targets."""
+"""The Fisher of the fitting loss (``--fisher``): ``"true"``, targets sampled from the model (as Grosse et al. 2023),
+or ``"empirical"``, the training rows' own targets."""
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 """The ``autocast`` settings and the dtype each runs the model's forward passes in."""
