@@ -232,8 +232,12 @@ def build_groundtruth(
             raise ValueError(
                 f"{name} ({flag}) is {getattr(config, name)}, more than the {n} training rows of task {config.task!r}"
             )
-    targets = (("LDS", config.n_subsets, "--subsets"), ("LOO", config.loo_rows, "--loo-rows"))
-    for target, count, flag in (*targets, ("PBRF", config.pbrf_rows, "--pbrf-rows")):
+    counted = {
+        "LDS": (config.n_subsets, "--subsets"),
+        "LOO": (config.loo_rows, "--loo-rows"),
+        "PBRF": (config.pbrf_rows, "--pbrf-rows"),
+    }
+    for target, (count, flag) in counted.items():
         if 0 < count < FEWEST_CORRELATED:
             say(
                 f"{flag} {count}: {target} correlations need at least {FEWEST_CORRELATED} points (over 2 a correlation "
