@@ -20,6 +20,7 @@ from wherefrom.studies.toolkit import (
     check_seeds,
     failure_cell,
     interval_cell,
+    key_digest,
     markdown_table,
     measured,
     number,
@@ -214,3 +215,15 @@ def test_seed_lists_are_non_empty_non_negative_without_repeats(seeds):
     with pytest.raises(ValueError, match="seeds must be a non-empty list of integers >= 0 without repeats"):
         check_seeds(seeds)
     check_seeds([0, 1, 7])
+
+
+def test_key_digest_names_equal_keys_alike_in_any_order():
+    """One naming of cache folders by settings (tune's points, bench's shared fine-tunings, ihvp's references: three
+    hashes written three ways before); the names bench and tune gave stay what they were."""
+    import hashlib
+
+    point = {"damping_factor": 0.01, "depth": 100}
+    assert key_digest(point, 12) == key_digest({"depth": 100, "damping_factor": 0.01}, 12)
+    assert key_digest(point, 12) == hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:12]
+    assert len(key_digest(point, 16)) == 16 and key_digest(point, 16).startswith(key_digest(point, 12))
+    assert key_digest(point, 12) != key_digest({**point, "depth": 101}, 12)

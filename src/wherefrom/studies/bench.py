@@ -24,8 +24,6 @@ Outputs (all written atomically):
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,6 +55,7 @@ from wherefrom.studies.toolkit import (
     failure_cell,
     free_memory,
     interval_cell,
+    key_digest,
     markdown_table,
     measured,
     number,
@@ -349,10 +348,9 @@ def finetuned(config: BenchConfig, seed: int, task: BenchTask) -> tuple[LoadedMo
     settings = config.finetune_config(seed)
     folder = Path(config.out) / f"seed-{seed}" / "finetune"
     if config.finetune_dir is not None:
-        digest = hashlib.sha256(
-            json.dumps([config.task, config.n_train, config.model, settings.to_dict()], sort_keys=True).encode()
+        folder = Path(config.finetune_dir) / key_digest(
+            [config.task, config.n_train, config.model, settings.to_dict()], 16
         )
-        folder = Path(config.finetune_dir) / digest.hexdigest()[:16]
     tuned = finetune(loaded.model, loaded.tokenizer, task.train, settings, folder, progress=False)
     return loaded, tuned
 

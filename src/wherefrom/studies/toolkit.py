@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -59,6 +61,12 @@ def check_seeds(seeds: Sequence[int]) -> None:
     which draw LDS subsets and query splits, take none)."""
     if not seeds or len(set(seeds)) != len(seeds) or any(seed < 0 for seed in seeds):
         raise ValueError(f"seeds must be a non-empty list of integers >= 0 without repeats, got {seeds}")
+
+
+def key_digest(key: Any, length: int) -> str:
+    """A folder name for a settings ``key``: the first ``length`` hex digits of the SHA-256 of its key-sorted JSON
+    (other objects as ``str``); equal keys, in any order, name one folder."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def cached(path: Path, key: Any, needs: Iterable[Path] = ()) -> dict[str, Any] | None:

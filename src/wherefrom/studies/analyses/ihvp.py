@@ -30,8 +30,6 @@ setting it depends on; ``<digest>`` names the reference settings, so several coe
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import typing
 from collections.abc import Callable
@@ -58,6 +56,7 @@ from wherefrom.studies.toolkit import (
     failure_cell,
     free_memory,
     interval_cell,
+    key_digest,
     markdown_table,
     measured,
     number,
@@ -120,11 +119,6 @@ class IhvpSettings:
             other = [m for m in self.methods if m not in influence_methods(self.methods)]
             if other:
                 raise ValueError(f"not influence methods (no preconditioned queries to compare): {other}")
-
-
-def _digest(key: dict[str, Any]) -> str:
-    """A short stable name for a settings key (first 10 hex digits of the SHA-1 of its JSON)."""
-    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _scalars(info: dict[str, Any]) -> dict[str, Any]:
@@ -298,7 +292,7 @@ def run_ihvp(
             "format": _FORMAT_VERSION,
             **{k: v for k, v in asdict(settings).items() if k not in ("methods", "method_options")},
         }
-        folder = f"{NAME}/{_digest(ref_key)}"  # one cache folder per reference setting: switching back reuses it
+        folder = f"{NAME}/{key_digest(ref_key, 10)}"  # one cache folder per reference setting: switching back reuses it
         ref_json, ref_tensors = (
             bench.unit_path(seed, folder, "reference"),
             bench.unit_path(seed, folder, "reference", ".safetensors"),

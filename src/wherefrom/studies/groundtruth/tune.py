@@ -25,7 +25,6 @@ split, every point's LDS on both halves, chosen and default points) and ``tune.m
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from collections.abc import Callable, Sequence
@@ -47,6 +46,7 @@ from wherefrom.studies.toolkit import (
     failure_cell,
     free_memory,
     interval_cell,
+    key_digest,
     markdown_table,
     number,
     provenance,
@@ -99,8 +99,7 @@ def _lds(summary: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _point_folder(out: Path, point: dict[str, Any]) -> Path:
-    text = json.dumps(point, sort_keys=True, default=str)
-    return out / "points" / hashlib.sha256(text.encode()).hexdigest()[:12]
+    return out / "points" / key_digest(point, 12)
 
 
 def command_line(
