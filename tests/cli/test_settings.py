@@ -127,6 +127,9 @@ def invalid_cases(root, out):
         # a repeated seed is one run counted twice (word-order reported n 2 and an interval of zero width)
         (["word-order", "--out", out, "--seeds", "0,0"], ["--seeds 0,0", "seed(s) [0] repeated"]),
         (["ablate", "--task", "rules", "--out", out, "--seeds", "1,2,1"], ["--seeds 1,2,1", "seed(s) [1] repeated"]),
+        # an integer beyond int64 was stored (index.json), then a tensor of that size overflowed with a traceback
+        (["index", "--run", out, "--shard-size", "99999999999999999999"], ["--shard-size", "largest 64-bit integer"]),
+        (["query", "x", "y", "--run", out, "--top-k", str(2**63)], ["--top-k 9223372036854775808", "64-bit"]),
         # a negative seed was taken by --seeds though --seed refuses it (bench wrote seed--1/)
         (["bench", "--task", "rules", "--out", out, "--seeds", "0,-1"], ["--seeds 0,-1", "seed(s) [-1] negative"]),
         (["word-order", "--out", out, "--seeds", "-2"], ["--seeds -2", "seed(s) [-2] negative"]),
@@ -415,3 +418,14 @@ def test_a_study_refused_for_its_data_leaves_no_output_folder(tmp_path):
     result = invoke("bench", "--task", task, "--methods", "bm25", "--out", tmp_path / "out")
     assert result.exit_code == 2 and "trunc.jsonl, line 2: invalid JSON" in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_more_threads_than_cores_run_on_the_cores_with_a_note(monkeypatch):
+    """``--threads 99999`` was an out-of-memory error (``methods``) or a failure to load a shared library (``query``),
+    naming no flag; threads beyond the cores this process may use are cut to them, with a note."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["wherefrom.cli.app"], "available_cores", lambda: 2)
+    result = invoke("methods", "--threads", "99999")
+    assert result.exit_code == 0, result.output
+    assert "--threads 99999: this process may use 2 CPU cores; running 2 threads" in result.output

@@ -406,6 +406,25 @@ def test_blocks_are_the_shards_joined_in_row_order(tmp_path, dtype, verified, si
     assert joined.dtype == getattr(torch, dtype) and torch.equal(joined, ROWS.to(getattr(torch, dtype)))
 
 
+@pytest.mark.parametrize("shard_size", [4, 10, 10**12])
+def test_block_buffers_hold_the_rows_there_are_not_the_recorded_shard_size(tmp_path, shard_size, monkeypatch):
+    """A store of 10 rows built with ``--shard-size 1000000`` (one shard) asked for 147 GB when searched: each block
+    buffer was sized ``max(size, shard_size) + shard_size - 1`` rows; it holds the most rows a block has now."""
+    build(tmp_path / "s", shard_size=shard_size)
+    store = VectorStore.open(tmp_path / "s")
+    allocated = []
+    empty = torch.empty
+
+    def recorded(*shape, **kwargs):
+        allocated.append(shape[0])
+        return empty(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", recorded)
+    blocks = [rows.clone() for _, rows in store.blocks(5)]
+    monkeypatch.undo()
+    assert torch.equal(torch.cat(blocks), ROWS) and max(allocated) == (8 if shard_size == 4 else N)
+
+
 def test_blocks_hash_the_shards_not_verified_and_check_each_shards_rows(tmp_path):
     build(tmp_path / "s")
     path = tmp_path / "s" / shard_name(1)

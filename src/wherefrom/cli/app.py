@@ -29,7 +29,15 @@ from tqdm import tqdm
 
 from wherefrom.cli.settings import SETTINGS, Check, Setting, check_arguments, default_threads
 from wherefrom.core.commandline import command_line
-from wherefrom.core.distributed import NotDistributable, World, end_process, refuse, refuse_other_arguments, session
+from wherefrom.core.distributed import (
+    NotDistributable,
+    World,
+    available_cores,
+    end_process,
+    refuse,
+    refuse_other_arguments,
+    session,
+)
 from wherefrom.core.option_pairs import check_methods_named, options_for, parse_option_pairs
 from wherefrom.core.store import read_json_object, update_json
 from wherefrom.studies.outputs import folder_makers
@@ -326,11 +334,17 @@ def _jsonable(value: Any) -> Any:
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[int]:
     """Torch's CPU threads set to ``threads`` (default :func:`wherefrom.cli.settings.default_threads`)
-    for the block, restored after it (commands also run inside tests and ``replay``)."""
+    for the block, restored after it (commands also run inside tests and ``replay``). More than the cores this
+    process may use are cut to them, with a note (``--threads 99999`` was an out-of-memory error, or a failure to
+    load a library, naming no flag)."""
     import torch
 
     before = torch.get_num_threads()
     chosen = threads or default_threads()
+    cores = available_cores()
+    if chosen > cores:
+        say(f"--threads {chosen}: this process may use {cores} CPU cores; running {cores} threads")
+        chosen = cores
     torch.set_num_threads(chosen)
     try:
         yield chosen

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from wherefrom.core.distributed import available_cores
 from wherefrom.core.encoding import LOSS_TOKENS, check_template
 from wherefrom.core.option_pairs import OptionPairError, parse_option_pairs, parse_value
 from wherefrom.core.search import FAISS_OPTIONS
@@ -89,6 +90,10 @@ def setting(
 
 
 # --- checks -------------------------------------------------------------------------------------
+INT64_LARGEST = 2**63 - 1
+"""The largest integer any setting takes (a count, size or seed that tensors, arrays and files hold as int64)."""
+
+
 def positive(value: Any) -> str | None:
     """A number (when given) must be finite and > 0 (a damping: ``(G + 0 I)`` has no inverse where ``G`` is singular)."""
     if value is None or (isinstance(value, int | float) and math.isfinite(value) and value > 0):
@@ -342,7 +347,7 @@ def default_threads() -> int:
     Oversubscribed cores are slow: measured on 2 shared cores with another job on one of them, a
     tiny-model ``fit`` ran at 0.85 batches/s with torch's default of 2 threads and 29 with 1.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return max(1, int(cores - load))
 
@@ -771,6 +776,10 @@ class Setting:
         """``None`` when ``value`` is valid (or ``None``), else a message naming the flag and the value. ``check``:
         the command's own check of this setting in place of the setting's (:func:`check_arguments`)."""
         check = check or self.check
+        values = value if isinstance(value, list) else [value]
+        huge = next((v for v in values if type(v) is int and not -INT64_LARGEST <= v <= INT64_LARGEST), None)
+        if huge is not None:  # stored, then a tensor or array of that size overflowed with a traceback
+            return f"{self.given(value)}: {huge} is beyond the largest 64-bit integer ({INT64_LARGEST})"
         if value is None or check is None:
             return None
         problem = check(value)

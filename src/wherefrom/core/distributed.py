@@ -121,6 +121,14 @@ def backend() -> str:
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def local_device() -> torch.device | None:
     """``cuda:LOCAL_RANK`` under torchrun with CUDA available (one GPU per process; with more processes than GPUs,
     ``LOCAL_RANK`` modulo their count: they share them round robin), else ``None``."""

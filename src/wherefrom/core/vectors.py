@@ -547,13 +547,14 @@ class VectorStore:
             raise ValueError(f"size must be >= 1, got {size}")
         groups: list[list[int]] = []  # the shards of each block
         held = size
+        rows = 0  # the most any block holds: a buffer's rows (by the rows there are, not the recorded shard size)
         for shard in range(self.shard_count):
             if held >= size:
                 groups.append([])
                 held = 0
             groups[-1].append(shard)
             held += min(self.shard_size, self.count - shard * self.shard_size)
-        rows = max(size, self.shard_size) + self.shard_size - 1
+            rows = max(rows, held)
         buffers = [torch.empty(rows, self.dim, dtype=DTYPES[self.dtype]) for _ in groups[: 2 if ahead else 1]]
         recorded = None if len(self._headers) == self.shard_count else recorded_checksums(self.folder)
 

@@ -19,7 +19,6 @@ Implementations:
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 import time
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from wherefrom.core.data import Record, check_records, data_fingerprint
+from wherefrom.core.distributed import available_cores
 from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
 from wherefrom.core.task import LanguageModelingTask
 from wherefrom.curvature.base import Progress, no_progress
@@ -49,7 +49,6 @@ __all__ = [
     "FunctionRetrainer",
     "Job",
     "Retrainer",
-    "available_cores",
     "measure_queries",
     "run_jobs",
 ]
@@ -198,14 +197,6 @@ class FinetuneRetrainer:
             return measure_queries(
                 tuned.model, loaded.tokenizer, self.queries, self.measure_batch_size, **config.layout()
             )
-
-
-def available_cores() -> int:
-    """CPU cores this process may use (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 class OversubscribedWorkers(UserWarning):
