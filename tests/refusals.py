@@ -76,6 +76,22 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "data file",
+        "UTF-16 without a byte-order mark (of ASCII text: valid UTF-8 with a NUL beside each character)",
+        EXIT,
+        "utf16.jsonl, line 1: a NUL character at column 2: it looks like UTF-16",
+        "read as UTF-8 it was 'invalid JSON at column 2', naming no encoding; text holds no NUL characters",
+        command=("fit", "--train", "utf16.jsonl", "--model", "model", "--run", "new"),
+    ),
+    Refusal(
+        "data file",
+        'an empty label (`"label": ""`)',
+        EXIT,
+        "empty-label.jsonl, line 2: field 'label' is an empty string",
+        "it was a class named '' in class attribution; an absent or null label (or an empty CSV cell) is no class",
+        command=("fit", "--train", "empty-label.jsonl", "--model", "model", "--run", "new"),
+    ),
+    Refusal(
+        "data file",
         "a row without a completion",
         EXIT,
         "no-completion.jsonl, line 2: missing field 'completion'",

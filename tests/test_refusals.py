@@ -68,6 +68,10 @@ def workspace(tmp_path_factory):
         [good % i for i in range(7)] + ['{"prompt": "caf\xe9", "completion": " x"}'.encode("latin-1")],
     )
     write_lines(root / "no-completion.jsonl", [good % 0, b'{"id": "r1", "prompt": "ab:"}'])
+    (root / "utf16.jsonl").write_bytes((good % 0).decode().encode("utf-16-le"))  # no byte-order mark
+    write_lines(
+        root / "empty-label.jsonl", [good % 0, b'{"id": "r1", "prompt": "ab:", "completion": " cd", "label": ""}']
+    )
     write_lines(root / "duplicate.jsonl", [good % 0, good % 0])
     write_lines(root / "control.jsonl", [good % 0, b'{"id": "q\\nnext", "prompt": "ab:", "completion": " cd"}'])
     write_lines(
