@@ -126,6 +126,10 @@ PRECONDITIONER = "preconditioner"
 UNFITTED_PRECONDITIONS = ("none", "empirical")
 """The index kinds of a trak/logra run that do not use the method's fitted curvature (built before any fit)."""
 INDEX_OPTIONS = ("shard_size", "dtype", "precondition", "unit_norm", "device")
+
+ENCODE_CHECK_ROWS = 4096
+"""Rows tokenized at a time when ``index`` checks every training row before its pass (a row over ``max_length`` or
+the model's positions was found when its shard came: 5 of 7 shards written); their encodings are not kept."""
 """The index settings that ``wherefrom index`` options choose (``--shard-size``, ``--dtype``, ``--precondition``,
 ``--unit-norm``, ``--device``; and ``--optimizer-checkpoint`` the AdamW state's folder): a store started under other
 ones is reused or resumed by the command of the recorded ones (:meth:`Run.index_command`). Every other recorded
@@ -1083,6 +1087,9 @@ class Run:
         writer = VectorStoreWriter(
             folder, ids, dim, settings, dtype, shard_size, self.config.setting_defaults(), RECORDED_ONLY
         )
+        if not (folder / MARKER).exists():  # a row the model cannot take is named now, not when its shard comes
+            for start in range(0, len(self.train), ENCODE_CHECK_ROWS):
+                self.attributor.encode(self.train[start : start + ENCODE_CHECK_ROWS])
         if raw and not (folder / MARKER).exists():  # predicted before anything is written
             rows, size = min(shard_size, len(self.train)), self.attributor.num_parameters
             check_memory(
