@@ -26,6 +26,6 @@ $W bench --task rules --n-train 16 --n-test 3 --methods gradsim,bm25,repsim,trac
 $W diagnose --train "$OUT/train.jsonl" --queries "$OUT/queries.jsonl" --methods ekfac,kfac,gradsim,datainf \
     --exact-blocks module --include layers.1.mlp.down --out "$OUT/diag" "${common[@]}" > /dev/null
 $W groundtruth --task "path:$OUT/train.jsonl:$OUT/queries.jsonl" --epochs 1 --lora-rank 0 --batch-size 4 --subsets 4 \
-    --loo-rows 2 --loo-seeds 1 --device cpu --out "$OUT/gt" "${common[@]}" > /dev/null
+    --loo-rows 3 --loo-seeds 1 --device cpu --out "$OUT/gt" "${common[@]}" > /dev/null
 $W evaluate "$OUT/gt" --methods ekfac,gradsim,tracin > /dev/null
 echo "parity outputs -> $OUT"

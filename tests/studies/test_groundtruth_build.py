@@ -203,7 +203,9 @@ def test_config_errors_name_the_setting(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "said"),
     [
-        (["--subsets", "1"], "n_subsets (--subsets) must be 0 (no LDS) or >= 2, got 1"),
+        (["--subsets", "1"], "n_subsets (--subsets) must be 0 (no LDS) or >= 3"),
+        # over 2 subsets the LDS is +-1 whatever the scores: tune picked a point from such values
+        (["--subsets", "2"], "(the LDS is a correlation across subsets, undefined over fewer), got 2"),
         (["--subsets", "0", "--loo-rows", "0"], "n_subsets (--subsets), loo_rows (--loo-rows) and pbrf_rows"),
         (["--loo-rows", "1000"], "loo_rows (--loo-rows) is 1000, more than the 240 training rows of task 'rules'"),
         (["--pbrf-rows", "999"], "pbrf_rows (--pbrf-rows) is 999, more than the 240 training rows"),
@@ -375,8 +377,9 @@ def test_pbrf_options_are_checked_before_any_fine_tuning(tmp_path, option, value
 
 
 def test_targets_of_too_few_rows_to_correlate_are_said_before_any_fine_tuning(tmp_path, monkeypatch):
-    """``--pbrf-rows 2`` (or ``--loo-rows``/``--subsets`` 2) gave correlations of +-1 whatever the scores, reported
-    with intervals; they are undefined now (``metrics.pearson_rows``), and ``groundtruth`` says so before it trains."""
+    """``--pbrf-rows 2`` (or ``--loo-rows 2``) gave correlations of +-1 whatever the scores, reported with intervals;
+    they are undefined now (``metrics.pearson_rows``), and ``groundtruth`` says so before it trains (``--subsets 2``
+    is refused: tune ranked its points by such LDS values)."""
     import wherefrom.studies.groundtruth.build as module
 
     class Stop(Exception):
@@ -387,8 +390,8 @@ def test_targets_of_too_few_rows_to_correlate_are_said_before_any_fine_tuning(tm
 
     monkeypatch.setattr(module, "load_model", stop)
     lines: list[str] = []
-    config = GroundTruthConfig(task="rules", out=str(tmp_path / "gt"), n_subsets=2, loo_rows=1, pbrf_rows=3)
+    config = GroundTruthConfig(task="rules", out=str(tmp_path / "gt"), n_subsets=3, loo_rows=1, pbrf_rows=2)
     with pytest.raises(Stop):
         build_groundtruth(config, log=lines.append)
     said = [line.split(":")[0] for line in lines if "correlations need at least 3 points" in line]
-    assert said == ["--subsets 2", "--loo-rows 1"]
+    assert said == ["--loo-rows 1", "--pbrf-rows 2"]

@@ -227,3 +227,18 @@ def test_a_fisher_grid_reads_true_as_the_option_text(groundtruth, tmp_path):
     report = tune(groundtruth, "kfac", {"fisher": [True, "empirical"]}, out=tmp_path / "tune")
     assert [p["point"] for p in report["points"]] == [{"fisher": True}, {"fisher": "empirical"}]
     assert all(p["error"] is None for p in report["points"])
+
+
+def test_a_ground_truth_of_fewer_than_3_subsets_is_refused(groundtruth, tmp_path, monkeypatch):
+    """Over 2 subsets the LDS is +-1 whatever the scores (undefined now): a ground truth built with ``--subsets 2``
+    (which ``groundtruth`` refuses now) ranked tune's points by such values, then would rank none; refused up front."""
+    from dataclasses import replace
+
+    import wherefrom.studies.groundtruth.tune as module
+
+    loaded = module.GroundTruth.load(groundtruth)
+    two = replace(loaded, lds_masks=loaded.lds_masks[:2], lds_outputs=loaded.lds_outputs[:2])
+    monkeypatch.setattr(module.GroundTruth, "load", staticmethod(lambda *_args, **_kwargs: two))
+    with pytest.raises(ValueError, match="has 2 LDS subsets; tuning needs at least 3"):
+        tune(groundtruth, "ekfac", GRID, out=tmp_path / "tune")
+    assert not (tmp_path / "tune").exists()

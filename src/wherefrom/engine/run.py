@@ -126,15 +126,14 @@ PRECONDITIONER = "preconditioner"
 UNFITTED_PRECONDITIONS = ("none", "empirical")
 """The index kinds of a trak/logra run that do not use the method's fitted curvature (built before any fit)."""
 INDEX_OPTIONS = ("shard_size", "dtype", "precondition", "unit_norm", "device")
-
-ENCODE_CHECK_ROWS = 4096
-"""Rows tokenized at a time when ``index`` checks every training row before its pass (a row over ``max_length`` or
-the model's positions was found when its shard came: 5 of 7 shards written); their encodings are not kept."""
 """The index settings that ``wherefrom index`` options choose (``--shard-size``, ``--dtype``, ``--precondition``,
 ``--unit-norm``, ``--device``; and ``--optimizer-checkpoint`` the AdamW state's folder): a store started under other
 ones is reused or resumed by the command of the recorded ones (:meth:`Run.index_command`). Every other recorded
 setting (the model, its checkpoints and their AdamW states, the training rows, the method's settings) comes from the
 run: a store that differs there must be rebuilt."""
+ENCODE_CHECK_ROWS = 4096
+"""Rows tokenized at a time when ``index`` checks every training row before its pass (a row over ``max_length`` or
+the model's positions was found when its shard came: 5 of 7 shards written); their encodings are not kept."""
 WITH_PRECONDITION = ("attribution", "optimizer_state")
 """Index settings recorded under some ``--precondition`` kinds only (the fit's settings with fitted projected rows,
 the AdamW states with ``adam``): they differ when the kind does."""

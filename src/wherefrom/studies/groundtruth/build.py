@@ -103,8 +103,11 @@ class GroundTruthConfig(StudyFinetuning):
         check_task_name(self.task)
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
-        if self.n_subsets < 0 or self.n_subsets == 1:
-            raise ValueError(f"n_subsets (--subsets) must be 0 (no LDS) or >= 2, got {self.n_subsets}")
+        if self.n_subsets < 0 or 0 < self.n_subsets < FEWEST_CORRELATED:
+            raise ValueError(
+                f"n_subsets (--subsets) must be 0 (no LDS) or >= {FEWEST_CORRELATED} (the LDS is a correlation across "
+                f"subsets, undefined over fewer), got {self.n_subsets}"
+            )
         for name in ("subset_seeds", "loo_seeds", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -232,13 +235,11 @@ def build_groundtruth(
             raise ValueError(
                 f"{name} ({flag}) is {getattr(config, name)}, more than the {n} training rows of task {config.task!r}"
             )
-    counted = {
-        "LDS": (config.n_subsets, "--subsets"),
+    for target, (count, flag) in {
         "LOO": (config.loo_rows, "--loo-rows"),
         "PBRF": (config.pbrf_rows, "--pbrf-rows"),
-    }
-    for target, (count, flag) in counted.items():
-        if 0 < count < FEWEST_CORRELATED:
+    }.items():
+        if 0 < count < FEWEST_CORRELATED:  # the effects themselves are kept (another analysis may use them)
             say(
                 f"{flag} {count}: {target} correlations need at least {FEWEST_CORRELATED} points (over 2 a correlation "
                 f"is +-1 whatever the scores), so evaluate reports {target} as undefined"

@@ -42,6 +42,7 @@ from wherefrom.methods.registry import METHODS, options_off_default
 from wherefrom.studies.bench import check_method_options
 from wherefrom.studies.groundtruth.build import GroundTruth
 from wherefrom.studies.groundtruth.evaluate import evaluate_scores, load_method_scores, scored_row
+from wherefrom.studies.metrics import FEWEST_CORRELATED
 from wherefrom.studies.toolkit import (
     failure_cell,
     free_memory,
@@ -215,9 +216,10 @@ def tune(
         )
     say = log or (lambda _line: None)
     gt = GroundTruth.load(gt_folder, device)
-    if gt.lds_masks is None:
+    if gt.lds_masks is None or len(gt.lds_masks) < FEWEST_CORRELATED:
         raise ValueError(
-            f"{gt_folder}: the ground truth has no LDS subsets (built with n_subsets=0); tuning needs them"
+            f"{gt_folder}: the ground truth has {0 if gt.lds_masks is None else len(gt.lds_masks)} LDS subsets; tuning "
+            f"needs at least {FEWEST_CORRELATED} (the LDS is a correlation across them)"
         )
     selection, held_out = split_queries(len(gt.query_ids), selection_share, split_seed)
     base = attribution or gt.config.attribution()
