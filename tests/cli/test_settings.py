@@ -128,8 +128,13 @@ def invalid_cases(root, out):
         (["word-order", "--out", out, "--seeds", "0,0"], ["--seeds 0,0", "seed(s) [0] repeated"]),
         (["ablate", "--task", "rules", "--out", out, "--seeds", "1,2,1"], ["--seeds 1,2,1", "seed(s) [1] repeated"]),
         # an integer beyond int64 was stored (index.json), then a tensor of that size overflowed with a traceback
-        (["index", "--run", out, "--shard-size", "99999999999999999999"], ["--shard-size", "largest 64-bit integer"]),
+        (["index", "--run", out, "--shard-size", "99999999999999999999"], ["--shard-size", "outside the 64-bit integers"]),
         (["query", "x", "y", "--run", out, "--top-k", str(2**63)], ["--top-k 9223372036854775808", "64-bit"]),
+        (["bench", "--task", "rules", "--out", out, "--seeds", "0,99999999999999999999"], ["--seeds", "64-bit"]),
+        (
+            ["bench", "--task", "rules", "--out", out, "--methods", "lissa", "--option", "lissa.depth=1" + "0" * 30],
+            ["depth", "outside the 64-bit integers"],
+        ),
         # a negative seed was taken by --seeds though --seed refuses it (bench wrote seed--1/)
         (["bench", "--task", "rules", "--out", out, "--seeds", "0,-1"], ["--seeds 0,-1", "seed(s) [-1] negative"]),
         (["word-order", "--out", out, "--seeds", "-2"], ["--seeds -2", "seed(s) [-2] negative"]),

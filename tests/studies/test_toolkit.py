@@ -208,12 +208,24 @@ def test_measured_peak_counts_memory_glibc_kept_from_earlier_frees():
     assert float(done.stdout.strip()) >= 47
 
 
-@pytest.mark.parametrize("seeds", [[], [0, 0], [1, 2, 1], [-1], [0, -3]])
-def test_seed_lists_are_non_empty_non_negative_without_repeats(seeds):
+@pytest.mark.parametrize(
+    ("seeds", "said"),
+    [
+        ([], "expected at least one integer"),
+        ([0, 0], "seed(s) [0] repeated"),
+        ([1, 2, 1], "seed(s) [1] repeated"),
+        ([-1], "seed(s) [-1] negative"),
+        ([0, -3], "seed(s) [-3] negative"),
+        ([0, 10**20], "100000000000000000000 is outside the 64-bit integers"),
+    ],
+)
+def test_seed_lists_are_non_empty_non_negative_64_bit_without_repeats(seeds, said):
     """A study's seeds as ``--seed``: a negative one was taken by ``BenchConfig`` and ``WordOrderConfig`` (a bench
-    wrote ``seed--1/``) though a fine-tuning's or ground truth's single seed refuses it."""
-    with pytest.raises(ValueError, match="seeds must be a non-empty list of integers >= 0 without repeats"):
+    wrote ``seed--1/``) though a fine-tuning's or ground truth's single seed refuses it, and one beyond 64 bits
+    overflowed in torch's seeding after the study started."""
+    with pytest.raises(ValueError) as error:
         check_seeds(seeds)
+    assert str(error.value) == f"seeds {seeds}: {said}" or said in str(error.value)
     check_seeds([0, 1, 7])
 
 

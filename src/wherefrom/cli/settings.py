@@ -29,6 +29,7 @@ from typing import Any
 from wherefrom.core.distributed import available_cores
 from wherefrom.core.encoding import LOSS_TOKENS, check_template
 from wherefrom.core.option_pairs import OptionPairError, parse_option_pairs, parse_value
+from wherefrom.core.options import int64_problem
 from wherefrom.core.search import FAISS_OPTIONS
 from wherefrom.core.store import read_json_object
 from wherefrom.core.task import REDUCTIONS
@@ -40,6 +41,7 @@ from wherefrom.models.finetune import LR_SCHEDULES, FinetuneConfig
 from wherefrom.studies.analyses.ihvp import REFERENCES, IhvpSettings
 from wherefrom.studies.finetuning import LATER_FINETUNING
 from wherefrom.studies.outputs import recorded_commands
+from wherefrom.studies.toolkit import seeds_problem
 from wherefrom.studies.wordorder import WordOrderConfig
 
 __all__ = [
@@ -90,10 +92,6 @@ def setting(
 
 
 # --- checks -------------------------------------------------------------------------------------
-INT64_LARGEST = 2**63 - 1
-"""The largest integer any setting takes (a count, size or seed that tensors, arrays and files hold as int64)."""
-
-
 def positive(value: Any) -> str | None:
     """A number (when given) must be finite and > 0 (a damping: ``(G + 0 I)`` has no inverse where ``G`` is singular)."""
     if value is None or (isinstance(value, int | float) and math.isfinite(value) and value > 0):
@@ -207,19 +205,11 @@ def int_list(text: str) -> list[int]:
 
 
 def seed_list(value: Any) -> str | None:
-    """Comma-separated integers >= 0 (as ``--seed``), at least one, none repeated (a repeated seed is one run
-    counted twice: an interval over seeds of zero width)."""
+    """Comma-separated seeds as a study takes them (:func:`wherefrom.studies.toolkit.seeds_problem`)."""
     try:
-        seeds = int_list(value)
+        return seeds_problem(int_list(value))
     except ValueError as error:
         return str(error)
-    if not seeds:
-        return "expected at least one integer"
-    negative = sorted({seed for seed in seeds if seed < 0})
-    if negative:
-        return f"seed(s) {negative} negative: seeds are integers >= 0, as --seed"
-    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
-    return f"seed(s) {repeated} repeated: each seed is one run" if repeated else None
 
 
 def pair_problem(value: Any, namespaced: bool = True) -> str | None:
@@ -777,9 +767,9 @@ class Setting:
         the command's own check of this setting in place of the setting's (:func:`check_arguments`)."""
         check = check or self.check
         values = value if isinstance(value, list) else [value]
-        huge = next((v for v in values if type(v) is int and not -INT64_LARGEST <= v <= INT64_LARGEST), None)
+        huge = next((int64_problem(v) for v in values if int64_problem(v)), None)
         if huge is not None:  # stored, then a tensor or array of that size overflowed with a traceback
-            return f"{self.given(value)}: {huge} is beyond the largest 64-bit integer ({INT64_LARGEST})"
+            return f"{self.given(value)}: {huge}"
         if value is None or check is None:
             return None
         problem = check(value)

@@ -28,7 +28,16 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-__all__ = ["UNSET", "OptionError", "OptionSpec", "check_options", "from_signature", "with_defaults"]
+__all__ = [
+    "INT64_LARGEST",
+    "UNSET",
+    "OptionError",
+    "OptionSpec",
+    "check_options",
+    "from_signature",
+    "int64_problem",
+    "with_defaults",
+]
 
 
 class _Unset:
@@ -38,6 +47,17 @@ class _Unset:
 
 UNSET: Any = _Unset()
 """Marks a type or default not given yet (filled by :func:`from_signature`)."""
+
+INT64_LARGEST = 2**63 - 1
+"""The largest integer a setting or option takes (counts, sizes and seeds go into tensors, arrays and files as int64;
+``--shard-size 99999999999999999999`` was stored, then a tensor of that size overflowed with a traceback)."""
+
+
+def int64_problem(value: Any) -> str | None:
+    """What is wrong with an integer ``value`` outside the 64-bit integers ``[-2^63, 2^63 - 1]``, else ``None``."""
+    if type(value) is int and not -INT64_LARGEST - 1 <= value <= INT64_LARGEST:
+        return f"{value} is outside the 64-bit integers [-2^63, 2^63 - 1]"
+    return None
 
 
 class OptionError(ValueError):
@@ -103,6 +123,8 @@ class OptionSpec:
         converted = self._convert(value)
         if converted is None:  # "null" text for a nullable option
             return None
+        if int64_problem(converted):
+            raise OptionError(f"{owner}: option {self.name!r} got {value!r}: {int64_problem(converted)}")
         if converted is UNSET or not self._in_range(converted):
             raise OptionError(f"{owner}: option {self.name!r} got {value!r}; allowed: {self.allowed()}")
         return converted

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from wherefrom.core.data import Record, data_fingerprint
+from wherefrom.core.options import int64_problem
 from wherefrom.core.store import atomic_write_json, atomic_write_text, hardware, package_versions, read_keyed_json
 
 __all__ = [
@@ -54,13 +55,28 @@ __all__ = [
 
 
 # --- cache -----------------------------------------------------------------------------------------
+def seeds_problem(seeds: Sequence[int]) -> str | None:
+    """What is wrong with a study's ``seeds``, else ``None``: none; one negative (refused as the single ``seed`` of a
+    fine-tuning or ground truth is: numpy's generators, which draw LDS subsets and query splits, take none) or beyond
+    the 64-bit integers (torch's seeding overflowed after the study started); one repeated (its one run counted
+    twice: ``word-order --seeds 0,0`` reported n 2 and an interval of zero width)."""
+    if not seeds:
+        return "expected at least one integer"
+    negative = sorted({seed for seed in seeds if seed < 0})
+    if negative:
+        return f"seed(s) {negative} negative: seeds are integers >= 0, as --seed"
+    huge = next((int64_problem(seed) for seed in seeds if int64_problem(seed)), None)
+    if huge is not None:
+        return huge
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    return f"seed(s) {repeated} repeated: each seed is one run" if repeated else None
+
+
 def check_seeds(seeds: Sequence[int]) -> None:
-    """``ValueError`` unless ``seeds`` is a non-empty list of integers >= 0 without repeats: a study's interval over
-    seeds counted a repeated seed's one run twice (``word-order --seeds 0,0``: n 2, an interval of zero width), and
-    a negative seed is refused as the single ``seed`` of a fine-tuning or ground truth is (numpy's generators,
-    which draw LDS subsets and query splits, take none)."""
-    if not seeds or len(set(seeds)) != len(seeds) or any(seed < 0 for seed in seeds):
-        raise ValueError(f"seeds must be a non-empty list of integers >= 0 without repeats, got {seeds}")
+    """``ValueError`` naming the seeds and :func:`seeds_problem`'s finding, if any."""
+    problem = seeds_problem(list(seeds))
+    if problem is not None:
+        raise ValueError(f"seeds {list(seeds)}: {problem}")
 
 
 def key_digest(key: Any, length: int) -> str:
