@@ -276,5 +276,5 @@ def test_pbrf_options_are_converted_as_every_method_option_is():
     keys = {json.dumps(asdict(pbrf_config(given)), sort_keys=True) for given in ({"lr": 1}, {"lr": 1.0}, {"lr": "1"})}
     assert len(keys) == 1
     assert pbrf_config({"eps": "null", "damping": "0.5"}) == PBRFConfig(eps=None, damping=0.5)
-    with pytest.raises(ValueError, match="option 'steps' got 10{30}: 10{30} is outside the 64-bit integers"):
+    with pytest.raises(ValueError, match=r"option 'steps' got 10{30}: 10{30} is outside the 64-bit integers"):
         pbrf_config({"steps": 10**30})  # taken, then a tensor or range of that size overflowed
