@@ -128,7 +128,10 @@ def invalid_cases(root, out):
         (["word-order", "--out", out, "--seeds", "0,0"], ["--seeds 0,0", "seed(s) [0] repeated"]),
         (["ablate", "--task", "rules", "--out", out, "--seeds", "1,2,1"], ["--seeds 1,2,1", "seed(s) [1] repeated"]),
         # an integer beyond int64 was stored (index.json), then a tensor of that size overflowed with a traceback
-        (["index", "--run", out, "--shard-size", "99999999999999999999"], ["--shard-size", "outside the 64-bit integers"]),
+        (
+            ["index", "--run", out, "--shard-size", "99999999999999999999"],
+            ["--shard-size", "outside the 64-bit integers"],
+        ),
         (["query", "x", "y", "--run", out, "--top-k", str(2**63)], ["--top-k 9223372036854775808", "64-bit"]),
         (["bench", "--task", "rules", "--out", out, "--seeds", "0,99999999999999999999"], ["--seeds", "64-bit"]),
         (
