@@ -193,7 +193,7 @@ def test_index_names_a_row_the_model_cannot_take_before_its_first_shard(workspac
     assert fit.exit_code == 2 and "16" in fit.output
     index = invoke("index", "--run", run, "--shard-size", "1", *flags)
     assert index.exit_code == 2 and "rows.jsonl, line 3" in index.output, index.output
-    assert not list(run.glob("index/shard-*"))
+    assert not list(run.glob("index/shard-*")) and not (run / "index" / "index.json").exists()
 
 
 def test_failed_fit_accepts_new_settings_and_a_finished_one_names_what_differs(workspace, tmp_path):
@@ -448,7 +448,13 @@ def test_more_threads_than_cores_run_on_the_cores_with_a_note(monkeypatch):
     naming no flag; threads beyond the cores this process may use are cut to them, with a note."""
     import sys
 
+    import torch
+
     monkeypatch.setattr(sys.modules["wherefrom.cli.app"], "available_cores", lambda: 2)
+    before, chosen = torch.get_num_threads(), []
+    set_threads = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (chosen.append(n), set_threads(n)))
     result = invoke("methods", "--threads", "99999")
     assert result.exit_code == 0, result.output
     assert "--threads 99999: this process may use 2 CPU cores; running 2 threads" in result.output
+    assert chosen == [2, before]  # set for the command, then put back

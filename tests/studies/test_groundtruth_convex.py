@@ -187,3 +187,8 @@ def test_more_workers_than_cores_run_one_process_per_core(tmp_path, monkeypatch)
     assert started == [2]
     for job_id, rows, seed in jobs:
         np.testing.assert_allclose(parallel[job_id], logistic_f(np.array(rows), seed), rtol=1e-10)
+    # on one core more workers run the jobs in this process (it spawned one worker process)
+    monkeypatch.setattr(retrain, "available_cores", lambda: 1)
+    with pytest.warns(retrain.OversubscribedWorkers, match="may use 1 CPU cores: running 1"):
+        run_jobs(_retrainer(), jobs, tmp_path / "one", workers=4)
+    assert started == [2]

@@ -286,7 +286,8 @@ def _read_text(path: Path) -> str:
         lineno, column = text.count("\n", 0, nul) + 1, nul - (text.rfind("\n", 0, nul) + 1) + 1
         raise DataError(
             f"{_where(str(path), f'line {lineno}')}: a NUL character at column {column}: it looks like UTF-16 or "
-            "UTF-32 without a byte-order mark (text has no NUL characters); save it as UTF-8"
+            "UTF-32 without a byte-order mark (save it as UTF-8), or zero bytes (a file padded after a crash); text "
+            "has no NUL characters"
         )
     return text.replace("\r\n", "\n").replace("\r", "\n")
 

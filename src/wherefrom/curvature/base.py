@@ -197,7 +197,7 @@ def check_damping(damping: float | None, damping_factor: float) -> None:
     if not (math.isfinite(damping_factor) and damping_factor >= SMALLEST_DAMPING):
         raise ValueError(
             f"damping_factor must be a finite number > 0, at least {SMALLEST_DAMPING:.4g} (float32's smallest normal "
-            f"number), got {damping_factor} (default 0.1: lambda = 0.1 x mean eigenvalue)"
+            f"number), got {damping_factor} (default {DAMPING_FACTOR}: lambda = {DAMPING_FACTOR} x mean eigenvalue)"
         )
 
 

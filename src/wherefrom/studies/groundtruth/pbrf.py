@@ -46,6 +46,7 @@ import hashlib
 import json
 import math
 import time
+import typing
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -75,7 +76,11 @@ from wherefrom.engine.api import AttributionConfig
 from wherefrom.models.loading import eval_mode
 from wherefrom.studies.toolkit import cached, store
 
-__all__ = ["PBRFConfig", "pbrf_config", "pbrf_influence"]
+__all__ = ["OPTIMIZERS", "PBRF_OPTIONS", "PBRFConfig", "pbrf_config", "pbrf_influence"]
+
+Optimizer = Literal["lbfgs", "adam"]
+OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
+"""The optimizers a PBRF solve runs with (:attr:`PBRFConfig.optimizer`)."""
 
 _FORMAT_VERSION = 1
 
@@ -100,7 +105,7 @@ class PBRFConfig:
     eps: float | None = None
     damping: float | None = None
     damping_factor: float = DAMPING_FACTOR
-    optimizer: Literal["lbfgs", "adam"] = "lbfgs"
+    optimizer: Optimizer = "lbfgs"
     steps: int = 500
     lr: float | None = None
     history: int = 50
@@ -115,8 +120,8 @@ class PBRFConfig:
         if self.eps is not None and not (self.eps > 0 and math.isfinite(self.eps)):
             raise ValueError(f"eps must be a positive finite number or None, got {self.eps}")
         check_damping(self.damping, self.damping_factor)  # > 0: the proximal term keeps the solution unique
-        if self.optimizer not in ("lbfgs", "adam"):
-            raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.lr is not None and not self.lr > 0:

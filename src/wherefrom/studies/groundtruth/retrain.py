@@ -48,6 +48,7 @@ __all__ = [
     "FinetuneRetrainer",
     "FunctionRetrainer",
     "Job",
+    "OversubscribedWorkers",
     "Retrainer",
     "measure_queries",
     "run_jobs",
@@ -280,20 +281,20 @@ def run_jobs(
         results[job_id] = values
         say(f"job {job_id}: {seconds:.1f} s")
 
+    cores = available_cores()
+    if workers > cores and len(todo) > 1:
+        warnings.warn(
+            f"workers={workers} (--workers) but this process may use {cores} CPU cores: running {cores} "
+            "retraining processes (more would share the cores, each holding its own model)",
+            OversubscribedWorkers,
+            stacklevel=2,
+        )
+        workers = cores
     if workers == 1 or len(todo) <= 1:
         for job_id, indices, seed, key in progress(todo, "retraining"):
             values, seconds = _run_one(retrainer, indices, seed)
             finish(job_id, key, values, seconds)
     elif todo:
-        cores = available_cores()
-        if workers > cores:
-            warnings.warn(
-                f"workers={workers} (--workers) but this process may use {cores} CPU cores: running {cores} "
-                "retraining processes (more would share the cores, each holding its own model)",
-                OversubscribedWorkers,
-                stacklevel=2,
-            )
-            workers = cores
         threads = max(1, cores // workers)
         with ProcessPoolExecutor(
             max_workers=min(workers, len(todo)),
