@@ -311,6 +311,25 @@ def test_score_table_as_a_pandas_frame(workspace):
     assert frame["label"].notna().all()
 
 
+def diagnose_args(workspace) -> list:
+    """``diagnose`` of one small module of the workspace's tiny GPT-2 (``--out`` left to the caller)."""
+    return [
+        "diagnose",
+        "--train",
+        workspace / "train.jsonl",
+        "--queries",
+        workspace / "queries.jsonl",
+        "--model",
+        workspace / "model",
+        "--max-length",
+        "128",
+        "--methods",
+        "gradsim",
+        "--include",
+        "h\\.1\\.attn\\.c_proj",
+    ]
+
+
 def test_diagnose_refused_after_it_recorded_itself_leaves_no_output_folder(workspace, monkeypatch):
     """``diagnose`` made ``--out`` before recording itself there (as ``bench`` and ``groundtruth`` did), so a refusal
     of the diagnosis (a data error of a method, say) left an empty folder; the record makes it now."""
@@ -321,34 +340,14 @@ def test_diagnose_refused_after_it_recorded_itself_leaves_no_output_folder(works
         raise DataError("refused by the diagnosis")
 
     monkeypatch.setattr(module, "diagnose", refused)
-    args = ["diagnose", "--train", workspace / "train.jsonl", "--queries", workspace / "queries.jsonl"]
-    args += [
-        "--model",
-        workspace / "model",
-        "--max-length",
-        "128",
-        "--methods",
-        "gradsim",
-        "--include",
-        "h\\.1\\.attn\\.c_proj",
-    ]
+    args = diagnose_args(workspace)
     result = invoke(*args, "--out", workspace / "diag-refused")
     assert result.exit_code == 2 and "refused by the diagnosis" in result.output, result.output
     assert not (workspace / "diag-refused").exists()
 
 
 def test_diagnose_predicts_the_exact_reference_memory_and_stops_before_work_when_over(workspace):
-    args = ["diagnose", "--train", workspace / "train.jsonl", "--queries", workspace / "queries.jsonl"]
-    args += [
-        "--model",
-        workspace / "model",
-        "--max-length",
-        "128",
-        "--methods",
-        "gradsim",
-        "--include",
-        "h\\.1\\.attn\\.c_proj",
-    ]
+    args = diagnose_args(workspace)
     over = runner.invoke(
         app, [str(a) for a in [*args, "--out", workspace / "diag-over"]], env={"WHEREFROM_MEMORY_LIMIT": "1KiB"}
     )
