@@ -55,7 +55,7 @@ from wherefrom.studies.bench import check_task_name, make_task, short_of_sizes
 from wherefrom.studies.benchtasks import BenchTask
 from wherefrom.studies.finetuning import StudyFinetuning
 from wherefrom.studies.groundtruth.lds import loo_effect, loo_noise, sample_subsets
-from wherefrom.studies.groundtruth.pbrf import pbrf_config
+from wherefrom.studies.groundtruth.pbrf import pbrf_config, pbrf_influence
 from wherefrom.studies.groundtruth.retrain import SCRATCH_PREFIX, FinetuneRetrainer, measure_queries, run_jobs
 from wherefrom.studies.metrics import FEWEST_CORRELATED
 from wherefrom.studies.toolkit import free_memory, provenance
@@ -311,12 +311,6 @@ def build_groundtruth(
 
     pbrf_info: dict[str, Any] = {}
     if config.pbrf_rows:
-        try:
-            from wherefrom.studies.groundtruth.pbrf import pbrf_influence
-        except ImportError as error:
-            raise RuntimeError(
-                f"pbrf_rows={config.pbrf_rows} needs wherefrom.studies.groundtruth.pbrf: {error}"
-            ) from error
         tick = time.perf_counter()
         rows = pbrf_rows_of(config, n)
         model, tokenizer = _load_tuned(config, out / "model")
