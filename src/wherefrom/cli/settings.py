@@ -9,9 +9,9 @@ anything (:func:`check_arguments`).
 
 Settings map onto the saved configurations by name: ``AttributionConfig``, ``RunConfig``,
 ``BenchConfig``, ``GroundTruthConfig``, ``FinetuneConfig``, ``IhvpSettings`` keep their fields; a
-command builds them from these values. Where a domain configuration has another default (e.g.
-``BenchConfig.max_length`` 256 for Python callers) the command line passes its own value, so the
-command line has one default per meaning.
+command builds them from these values. A setting's default is read from the configuration (or module constant)
+that declares it; where a domain configuration has another default (e.g. ``BenchConfig.max_length`` 256 for
+Python callers) the command line passes its own value, so the command line has one default per meaning.
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ from wherefrom.core.options import int64_problem
 from wherefrom.core.search import FAISS_OPTIONS
 from wherefrom.core.store import read_json_object
 from wherefrom.core.task import REDUCTIONS
+from wherefrom.core.vectors import DTYPE, DTYPES, SHARD_SIZE
 from wherefrom.curvature.base import DAMPING_FACTOR
 from wherefrom.curvature.exact import BLOCKS
-from wherefrom.engine.api import FISHERS
-from wherefrom.engine.run import PRECONDITIONS
+from wherefrom.engine.api import FISHERS, AttributionConfig
+from wherefrom.engine.run import PRECONDITION, PRECONDITIONS
 from wherefrom.models.finetune import LR_SCHEDULES, FinetuneConfig
 from wherefrom.studies.analyses.ihvp import REFERENCES, IhvpSettings
 from wherefrom.studies.finetuning import LATER_FINETUNING
+from wherefrom.studies.groundtruth.build import GroundTruthConfig
 from wherefrom.studies.outputs import recorded_commands
 from wherefrom.studies.toolkit import seeds_problem
 from wherefrom.studies.wordorder import WordOrderConfig
@@ -371,9 +373,9 @@ class DataSettings:
     n_train: int | None = setting(None, "Training rows (default: the task's).", check=at_least(1))
     n_test: int | None = setting(None, "Test rows, the queries (default: the task's).", check=at_least(1))
     n_queries: int | None = setting(None, "Only the first N queries (default: all; the demo: 10).", check=at_least(1))
-    batch_size: int = setting(8, "Rows per batch.", check=at_least(1))
+    batch_size: int = setting(AttributionConfig.batch_size, "Rows per batch.", check=at_least(1))
     max_length: int = setting(
-        512,
+        AttributionConfig.max_length,
         "Longest prompt+completion in tokens, for fine-tuning and attribution alike; a longer row is an "
         "error, nothing is truncated (a command that takes --truncate cuts it instead).",
         check=at_least(1),
@@ -401,7 +403,7 @@ class DataSettings:
         "study: yes, at 128).",
     )
     loss_tokens: str = setting(
-        "completion",
+        AttributionConfig.loss_tokens,
         "Tokens that carry the loss: completion (and its EOS) | all (every next-token position, padding, prompt "
         "and template included: the reference study).",
         check=one_of(*LOSS_TOKENS),
@@ -421,9 +423,13 @@ class CurvatureSettings:
     """Curvature: the curvature G and its damping in (G + lambda I)^-1."""
 
     strategy: str = setting(
-        "ekfac", "identity | diagonal | kfac | ekfac | exact | cg | lissa | arnoldi | datainf", check=strategy_name
+        AttributionConfig.strategy,
+        "identity | diagonal | kfac | ekfac | exact | cg | lissa | arnoldi | datainf",
+        check=strategy_name,
     )
-    fisher: str = setting("true", "true (labels sampled from the model) | empirical", check=one_of(*FISHERS))
+    fisher: str = setting(
+        AttributionConfig.fisher, "true (labels sampled from the model) | empirical", check=one_of(*FISHERS)
+    )
     damping: float | None = setting(
         None,
         "Absolute damping lambda; default: --damping-factor x the mean eigenvalue per module (Grosse et al.).",
@@ -432,7 +438,9 @@ class CurvatureSettings:
     damping_factor: float = setting(
         DAMPING_FACTOR, "Relative damping, used when --damping is not given.", check=positive
     )
-    reduction: str = setting("sum", "Training loss over completion tokens: sum | mean.", check=one_of(*REDUCTIONS))
+    reduction: str = setting(
+        AttributionConfig.reduction, "Training loss over completion tokens: sum | mean.", check=one_of(*REDUCTIONS)
+    )
     query_rank: int | None = setting(None, "Low-rank query batching rank (default: full rank).", check=at_least(1))
     strategy_option: list[str] | None = setting(
         None,
@@ -543,7 +551,9 @@ class FinetuneSettings:
     )
     full: bool = setting(False, "Fine-tune every weight (the same as --lora-rank 0).", flag="--full")
     seed: int = setting(
-        0, "Seed of the task data, LoRA initialisation, epoch orders and Fisher labels.", check=at_least(0)
+        AttributionConfig.seed,
+        "Seed of the task data, LoRA initialisation, epoch orders and Fisher labels.",
+        check=at_least(0),
     )
     seeds: str | None = setting(
         None,
@@ -557,16 +567,26 @@ class FinetuneSettings:
 class GroundTruthSettings:
     """Ground truth: retraining budget of a ground truth (LDS, leave-one-out, PBRF)."""
 
-    alpha: float = setting(0.5, "LDS subset fraction.", check=open_fraction)
-    subsets: int = setting(32, "LDS subsets (0: no LDS).", check=at_least(0))
-    subset_seeds: int = setting(1, "Training seeds per LDS subset (averaged).", check=at_least(1))
-    loo_rows: int = setting(16, "Rows left out one at a time (0: no LOO).", check=at_least(0))
-    loo_seeds: int = setting(2, "Training seeds per LOO set and for the full set (averaged).", check=at_least(1))
-    pbrf_rows: int = setting(0, "Rows for PBRF on the full-data model (0: none).", check=at_least(0))
+    alpha: float = setting(GroundTruthConfig.alpha, "LDS subset fraction.", check=open_fraction)
+    subsets: int = setting(GroundTruthConfig.n_subsets, "LDS subsets (0: no LDS).", check=at_least(0))
+    subset_seeds: int = setting(
+        GroundTruthConfig.subset_seeds, "Training seeds per LDS subset (averaged).", check=at_least(1)
+    )
+    loo_rows: int = setting(GroundTruthConfig.loo_rows, "Rows left out one at a time (0: no LOO).", check=at_least(0))
+    loo_seeds: int = setting(
+        GroundTruthConfig.loo_seeds, "Training seeds per LOO set and for the full set (averaged).", check=at_least(1)
+    )
+    pbrf_rows: int = setting(
+        GroundTruthConfig.pbrf_rows, "Rows for PBRF on the full-data model (0: none).", check=at_least(0)
+    )
     pbrf_option: list[str] | None = setting(
         None, "PBRFConfig field key=value (JSON value; repeatable), e.g. steps=200.", check=field_pairs
     )
-    workers: int = setting(1, "Parallel retraining processes (each gets cores // workers threads).", check=at_least(1))
+    workers: int = setting(
+        GroundTruthConfig.workers,
+        "Parallel retraining processes (each gets cores // workers threads).",
+        check=at_least(1),
+    )
 
 
 @dataclass
@@ -668,13 +688,11 @@ class OutputSettings:
     )
     overwrite: bool = setting(False, "Replace earlier results of this command in its output folder (default: refuse).")
     shard_size: int = setting(
-        256, "Rows per index shard (an interrupted index resumes at shard granularity).", check=at_least(1)
+        SHARD_SIZE, "Rows per index shard (an interrupted index resumes at shard granularity).", check=at_least(1)
     )
-    dtype: str = setting(
-        "float32", "Index storage dtype: float32 | bfloat16 | float16.", check=one_of("float32", "bfloat16", "float16")
-    )
+    dtype: str = setting(DTYPE, f"Index storage dtype: {' | '.join(DTYPES)}.", check=one_of(*DTYPES))
     precondition: str = setting(
-        "fitted",
+        PRECONDITION,
         "Index rows of a trak/logra run: fitted = the fitted projected (F~ + lambda I)^-1 applied to each row (the "
         "method's own scores); none = raw projected gradients (projected gradient similarity); adam = each "
         "per-example gradient divided elementwise by AdamW's sqrt(v_hat) + eps before projection (LESS/TrackStar; "

@@ -64,9 +64,11 @@ from wherefrom.core.store import (
 )
 
 __all__ = [
+    "DTYPE",
     "DTYPES",
     "IDS_FILE",
     "MARKER",
+    "SHARD_SIZE",
     "STOPPED",
     "IncompleteStore",
     "UnstorableRow",
@@ -78,6 +80,11 @@ __all__ = [
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 """Storage dtypes of the rows, by name."""
+DTYPE = "float32"
+"""The default storage dtype (``wherefrom index --dtype``)."""
+SHARD_SIZE = 256
+"""The default rows per shard (``wherefrom index --shard-size``): a build resumes shard by shard, and a search reads
+cache-sized blocks of shards whatever their size."""
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 """Each storage dtype's name in a safetensors header (a shard's ``rows`` tensor; :meth:`VectorStore.blocks`)."""
 MARKER = "index.json"
@@ -196,8 +203,8 @@ class VectorStoreWriter:
         ids: list[str],
         dim: int,
         settings: Mapping[str, Any],
-        dtype: str = "float32",
-        shard_size: int = 256,
+        dtype: str = DTYPE,
+        shard_size: int = SHARD_SIZE,
         defaults: Mapping[str, Mapping[str, Any]] | None = None,
         unchecked: Collection[str] = (),
     ):

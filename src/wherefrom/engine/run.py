@@ -91,7 +91,17 @@ from wherefrom.core.store import (
     writer_lock,
 )
 from wherefrom.core.tracking import selection_signature
-from wherefrom.core.vectors import DTYPES, LAYOUT, MARKER, REBUILD, VectorStore, VectorStoreWriter, stop_reason
+from wherefrom.core.vectors import (
+    DTYPE,
+    DTYPES,
+    LAYOUT,
+    MARKER,
+    REBUILD,
+    SHARD_SIZE,
+    VectorStore,
+    VectorStoreWriter,
+    stop_reason,
+)
 from wherefrom.curvature import STRATEGIES, Curvature, load_curvature
 from wherefrom.curvature.base import META_FILE as CURVATURE_META
 from wherefrom.curvature.base import TENSORS_FILE as CURVATURE_TENSORS
@@ -120,7 +130,9 @@ TRAIN_GRADIENT_SETTINGS = (GRADIENT_SETTINGS - {"query_without_eos", "normalize"
 """The attribution settings that change stored training gradients (recorded with an index, in its ``gradients``):
 :data:`wherefrom.methods.registry.GRADIENT_SETTINGS` less the query measurement and the score normalisation, and
 the training loss's ``reduction``."""
-PRECONDITIONS = ("fitted", "none", "adam", "empirical")
+PRECONDITION = "fitted"
+"""The default of what index rows are preconditioned with (``wherefrom index --precondition``)."""
+PRECONDITIONS = (PRECONDITION, "none", "adam", "empirical")
 """What the index rows are preconditioned with (see :meth:`Run.build_index`)."""
 PRECONDITIONER = "preconditioner"
 """The folder in ``RUN/index/`` of an ``empirical`` index's projected Fisher, fitted on its stored rows."""
@@ -796,7 +808,7 @@ class Run:
         return self.method if isinstance(self.method, TracIn) else None
 
     def index_settings(
-        self, precondition: str = "fitted", unit_norm: bool = False, optimizer_state: Any = None
+        self, precondition: str = PRECONDITION, unit_norm: bool = False, optimizer_state: Any = None
     ) -> dict[str, Any]:
         """What decides the index's rows besides its layout: recorded in ``index/settings.json`` (the store's
         manifest) before the first shard; every key but ``device``, ``precondition``, ``unit_norm`` and
@@ -831,9 +843,9 @@ class Run:
 
     def build_index(
         self,
-        shard_size: int = 256,
-        dtype: str = "float32",
-        precondition: str = "fitted",
+        shard_size: int = SHARD_SIZE,
+        dtype: str = DTYPE,
+        precondition: str = PRECONDITION,
         unit_norm: bool = False,
         optimizer_checkpoint: str | Path | None = None,
     ) -> int:
@@ -1014,9 +1026,9 @@ class Run:
 
     def index_writer(
         self,
-        shard_size: int = 256,
-        dtype: str = "float32",
-        precondition: str = "fitted",
+        shard_size: int = SHARD_SIZE,
+        dtype: str = DTYPE,
+        precondition: str = PRECONDITION,
         unit_norm: bool = False,
         optimizer_checkpoint: str | Path | None = None,
         kept: Kept | None = None,
@@ -1363,7 +1375,7 @@ class Run:
         Raises :class:`wherefrom.core.store.DamagedFile` naming a damaged file and
         :class:`wherefrom.core.store.SettingsMismatch` naming each setting that differs."""
         store = self._index_store(verify=verify)
-        now = self.index_settings(store.settings.get("precondition", "fitted"))
+        now = self.index_settings(store.settings.get("precondition", PRECONDITION))
         store.require(
             {k: v for k, v in now.items() if k not in ("device", "precondition", "unit_norm", *RECORDED_ONLY)},
             f"run {self.folder}",

@@ -46,6 +46,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from wherefrom.core.encoding import REFERENCE_TEMPLATE
+from wherefrom.engine.api import AttributionConfig
+from wherefrom.models.finetune import FinetuneConfig
 
 __all__ = ["PRESETS", "REFERENCE_LISSA_SCALE", "SWITCHES", "check_preset", "resolve", "switched", "switches_between"]
 
@@ -54,20 +56,15 @@ REFERENCE_LISSA_SCALE = 1e-3 / 127**2
 padded to 128, for the summed loss: the per-example gradients are 127 times larger, their Fisher 127^2."""
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "wherefrom": {
-        "template": None,
-        "append_eos": True,
-        "pad_left": False,
-        "loss_tokens": "completion",
-        "truncate": False,
-        "max_length": 512,
-        "fisher": "true",
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "lr_schedule": "constant",
-        "learning_rate": 1e-3,
-        "batch_size": 8,
-        "epochs": 2,
+    "wherefrom": {  # the command line's defaults
+        **{
+            key: getattr(AttributionConfig, key)
+            for key in ("template", "append_eos", "pad_left", "loss_tokens", "truncate", "max_length", "fisher")
+        },
+        **{
+            key: getattr(FinetuneConfig, key)
+            for key in ("lora_alpha", "lora_dropout", "lr_schedule", "learning_rate", "batch_size", "epochs")
+        },
         "method_options": {"lissa": {}},
     },
     "reference-study": {
