@@ -17,14 +17,17 @@ from wherefrom.cli import app
 from wherefrom.cli.app import COMMANDS, torch_threads
 from wherefrom.cli.settings import ATTRIBUTION, SETTINGS, default_threads
 from wherefrom.core.data import Record
+from wherefrom.core.scoring import save_scores
 from wherefrom.core.vectors import VectorStoreWriter
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run
 from wherefrom.models.finetune import FinetuneConfig
 from wherefrom.models.tiny import save_tiny
 from wherefrom.studies.analyses.ihvp import IhvpSettings
+from wherefrom.studies.diagnose import diagnose
 from wherefrom.studies.generated import write_jsonl
 from wherefrom.studies.groundtruth.build import GroundTruthConfig
+from wherefrom.studies.groundtruth.tune import tune
 from wherefrom.studies.wordorder import WordOrderConfig
 
 
@@ -81,12 +84,13 @@ def test_flag_defaults_are_those_of_the_configuration_fields_they_set():
             if field_name in defaults:
                 assert setting.default == defaults[field_name], f"--{name}: {setting.default!r} vs {config.__name__}"
                 compared.add(name)
-    for function in (Run.build_index, VectorStoreWriter):
+    for function in (Run.build_index, VectorStoreWriter, save_scores, diagnose, tune):
         for name, parameter in inspect.signature(function).parameters.items():
             if name in SETTINGS and parameter.default is not inspect.Parameter.empty:
                 assert SETTINGS[name].default == parameter.default, f"--{name} vs {function.__qualname__}"
                 compared.add(name)
-    assert {"strategy", "fisher", "batch_size", "epochs", "subsets", "shard_size", "dtype", "precondition"} <= compared
+    chosen = {"strategy", "fisher", "batch_size", "epochs", "subsets", "shard_size", "dtype", "precondition", "top_k"}
+    assert chosen | {"exact_blocks", "split_seed", "selection_share"} <= compared
     assert SETTINGS["max_length"].default == AttributionConfig.max_length == 512 != FinetuneConfig.max_length
 
 

@@ -30,6 +30,7 @@ from wherefrom.core.distributed import available_cores
 from wherefrom.core.encoding import LOSS_TOKENS, check_template
 from wherefrom.core.option_pairs import OptionPairError, parse_option_pairs, parse_value
 from wherefrom.core.options import int64_problem
+from wherefrom.core.scoring import TOP_K
 from wherefrom.core.search import FAISS_OPTIONS
 from wherefrom.core.store import read_json_object
 from wherefrom.core.task import REDUCTIONS
@@ -40,8 +41,10 @@ from wherefrom.engine.api import FISHERS, AttributionConfig
 from wherefrom.engine.run import PRECONDITION, PRECONDITIONS
 from wherefrom.models.finetune import LR_SCHEDULES, FinetuneConfig
 from wherefrom.studies.analyses.ihvp import REFERENCES, IhvpSettings
+from wherefrom.studies.diagnose import EXACT_BLOCKS
 from wherefrom.studies.finetuning import LATER_FINETUNING
 from wherefrom.studies.groundtruth.build import GroundTruthConfig
+from wherefrom.studies.groundtruth.tune import SELECTION_SHARE, SPLIT_SEED
 from wherefrom.studies.outputs import recorded_commands
 from wherefrom.studies.toolkit import seeds_problem
 from wherefrom.studies.wordorder import WordOrderConfig
@@ -448,7 +451,7 @@ class CurvatureSettings:
         check=option_pairs,
     )
     exact_blocks: str = setting(
-        "full", "Exact reference: full (whole GGN) | module (block diagonal).", check=one_of(*BLOCKS)
+        EXACT_BLOCKS, "Exact reference: full (whole GGN) | module (block diagonal).", check=one_of(*BLOCKS)
     )
 
 
@@ -513,7 +516,7 @@ class ScoringSettings:
     prompt: str = setting(REQUIRED, "The query prompt.", argument=True)
     completion: str = setting(REQUIRED, "The completion whose log-likelihood is attributed.", argument=True)
     top_k: int = setting(
-        10,
+        TOP_K,
         "Rows shown per query and end: scores and attribute print the highest, query and --search both ends "
         "(the top-k CSV of scores and attribute keeps as many of each end).",
         check=at_least(1),
@@ -623,9 +626,9 @@ class StudySettings:
     n_controls: int = setting(
         WordOrderConfig.n_controls, "word-order: rows stating unrelated invented facts.", check=at_least(0)
     )
-    split_seed: int = setting(0, "Seed of the selection / held-out split of the queries.", check=at_least(0))
+    split_seed: int = setting(SPLIT_SEED, "Seed of the selection / held-out split of the queries.", check=at_least(0))
     selection_share: float = setting(
-        0.5, "Share of the queries the choice is made on; the rest are held out.", check=open_fraction
+        SELECTION_SHARE, "Share of the queries the choice is made on; the rest are held out.", check=open_fraction
     )
 
 

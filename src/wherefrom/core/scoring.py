@@ -64,6 +64,8 @@ def concat_query_blocks(blocks: list[QueryBlock]) -> QueryBlock:
     return torch.cat(blocks)
 
 
+TOP_K = 10
+"""The default rows listed per query and end (``--top-k``; the top-k CSV of a score set, the influence tables)."""
 QUERY_CHUNK = 16
 """Low-rank queries whose dense ``(out, in')`` matrices :func:`module_scores` rebuilds at once."""
 
@@ -243,7 +245,7 @@ def save_scores(
     folder: Path,
     name: str,
     labels: Mapping[str, str | None] | None = None,
-    top_k: int = 10,
+    top_k: int = TOP_K,
     provenance: Mapping[str, Any] | None = None,
     query_fingerprint: str | None = None,
 ) -> Path:

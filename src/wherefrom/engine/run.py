@@ -69,7 +69,7 @@ from wherefrom.core.distributed import (
 from wherefrom.core.gradients import block_products, flatten_blocks, split_rows
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import with_defaults
-from wherefrom.core.scoring import Scores, save_scores
+from wherefrom.core.scoring import TOP_K, Scores, save_scores
 from wherefrom.core.store import (
     SETTINGS,
     DamagedFile,
@@ -1532,7 +1532,7 @@ class Run:
         columns = [block_products(query_rows, rows.float(), blocks) for _start, rows in store.shards()]
         return Scores(query_ids, list(store.ids), [n for n, _ in blocks], torch.cat(columns, dim=2))
 
-    def save_scores(self, scores: Scores, name: str, query_fingerprint: str | None = None, top_k: int = 10) -> Path:
+    def save_scores(self, scores: Scores, name: str, query_fingerprint: str | None = None, top_k: int = TOP_K) -> Path:
         """Write ``scores/<name>.safetensors``, ``scores/<name>.top.csv`` (``top_k`` rows per query and end) and
         ``scores/<name>.json`` (see :func:`wherefrom.core.scoring.save_scores`, with :meth:`scores_provenance` under
         ``provenance`` and the query rows' ``query_fingerprint``) under the run's writer lock."""

@@ -41,6 +41,10 @@ from wherefrom.studies import toolkit
 from wherefrom.studies.metrics import spearman_rows
 from wherefrom.studies.toolkit import failure_cell, markdown_table, measured, number, provenance
 
+EXACT_BLOCKS = "full"
+"""The default blocks of :func:`diagnose`'s exact reference (``--exact-blocks``): the whole GGN, cross-module terms
+included (:data:`wherefrom.curvature.exact.BLOCKS`)."""
+
 
 @dataclass
 class Diagnosis:
@@ -101,7 +105,7 @@ def exact_options(config: AttributionConfig, exact_blocks: str) -> dict[str, Any
 
 
 def reference_bytes(
-    model, tokenizer, train: Sequence[Record], config: AttributionConfig, exact_blocks: str = "full"
+    model, tokenizer, train: Sequence[Record], config: AttributionConfig, exact_blocks: str = EXACT_BLOCKS
 ) -> int:
     """Bytes the exact reference of :func:`diagnose` will allocate on ``train`` (what its fit checks
     against the memory limit: the dense GGN, its inverse, one example's ``(t, V, P)`` Jacobian), predicted
@@ -178,7 +182,7 @@ def diagnose(
     methods: Sequence[str],
     config: AttributionConfig | None = None,
     method_options: dict[str, dict[str, Any]] | None = None,
-    exact_blocks: str = "full",
+    exact_blocks: str = EXACT_BLOCKS,
     progress: Progress = no_progress,
 ) -> tuple[list[Diagnosis], str | None]:
     """Run every method and compare it with exact influence, at one damping (module docstring); returns

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from wherefrom.core.scoring import Scores
+from wherefrom.core.scoring import TOP_K, Scores
 from wherefrom.studies.groundtruth.lds import spearman_rows
 from wherefrom.studies.metrics import bootstrap_ci
 
@@ -147,7 +147,7 @@ def _profile(per_module: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
     return profile
 
 
-def layer_profile(scores: Scores, top_k: int = 10) -> dict[str, Any]:
+def layer_profile(scores: Scores, top_k: int = TOP_K) -> dict[str, Any]:
     """By-layer and by-module-type shares of influence, over all rows and over each query's top proponents.
 
     Returns ``{"all": P, "top": P, "top_k": k, "modules": [...]}`` where ``P`` holds ``by_layer`` and

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from wherefrom.core.scoring import Scores
+from wherefrom.core.scoring import TOP_K, Scores
 from wherefrom.studies.influence import layer_profile, tail_profile
 from wherefrom.studies.toolkit import interval_cell, markdown_table, number
 
@@ -84,7 +84,7 @@ def markdown_cells(table: Table) -> Table:
     return [c.replace("|", "\\|") for c in columns], [[c.replace("|", "\\|") for c in row] for row in rows]
 
 
-def influence_tables(scores: Scores, top_k: int = 10) -> dict[str, Any]:
+def influence_tables(scores: Scores, top_k: int = TOP_K) -> dict[str, Any]:
     """The analyses of ``scores`` as one JSON-ready payload: ``{"shape": [n_query, n_train, n_modules],
     "layers": layer_profile(scores, top_k), "tail": tail_profile(scores)}``.
 

@@ -54,12 +54,19 @@ from wherefrom.studies.toolkit import (
     write_report,
 )
 
-__all__ = ["grid_points", "split_queries", "tune"]
+__all__ = ["SELECTION_SHARE", "SPLIT_SEED", "grid_points", "split_queries", "tune"]
+
+SELECTION_SHARE = 0.5
+"""The default share of the queries a tuning choice is made on (``--selection-share``); the rest are held out."""
+SPLIT_SEED = 0
+"""The default seed of the selection / held-out split (``--split-seed``)."""
 
 _FORMAT_VERSION = 1
 
 
-def split_queries(n_queries: int, selection_share: float = 0.5, seed: int = 0) -> tuple[list[int], list[int]]:
+def split_queries(
+    n_queries: int, selection_share: float = SELECTION_SHARE, seed: int = SPLIT_SEED
+) -> tuple[list[int], list[int]]:
     """Seeded split of query indices ``0..n_queries-1`` into ``(selection, held_out)``, each sorted and
     non-empty; ``round(selection_share x n_queries)`` queries (at least 1, at most ``n - 1``) select."""
     if not 0 < selection_share < 1:
@@ -184,8 +191,8 @@ def tune(
     gt_folder: str | Path,
     method: str,
     grid: dict[str, Sequence[Any]],
-    split_seed: int = 0,
-    selection_share: float = 0.5,
+    split_seed: int = SPLIT_SEED,
+    selection_share: float = SELECTION_SHARE,
     out: str | Path | None = None,
     method_options: dict[str, Any] | None = None,
     attribution: AttributionConfig | None = None,
