@@ -167,6 +167,7 @@ def test_ekfac_tracks_exact_ggn_on_tiny_lm(kind, tokenizer):
     assert report["ekfac"]["spearman"] >= 0.85
     assert report["ekfac"]["spearman"] >= report["kfac"]["spearman"]
     assert report["ekfac"]["spearman"] > report["identity"]["spearman"]
+    assert report["ekfac"]["ihvp_rel_error"] < report["identity"]["ihvp_rel_error"]
 
 
 def test_save_load_roundtrip_and_selection_check(tmp_path, tokenizer, train_records):

@@ -72,11 +72,15 @@ def test_datainf_equals_closed_form(lora_setup):
 
 
 def test_datainf_vs_exact_damped_inverse(lora_setup):
-    """An approximation: report how far it is from the exact damped inverse of the empirical Fisher."""
-    _, _, train, _, ref = lora_setup
-    approx = torch.cat([(q @ datainf).flatten() for _, q, _, datainf, _ in ref.values()])
+    """An approximation: how far wherefrom's DataInf scores and iHVPs are from the exact damped inverse of the
+    empirical Fisher (formed by hand); floor 0.75 on the Spearman (measured 0.787; identity 0.343). The iHVP error
+    is reported, not bounded (measured 1.53: the inverse of each row's damped outer product, averaged, is far from
+    the inverse of their average; the ranking survives better than the vectors)."""
+    _, attributor, train, queries, ref = lora_setup
+    _, pre = attributor.preconditioned_queries(queries)
+    approx = torch.cat([pre[name].flatten(1).double().flatten() for name in ref])
     exact = torch.cat([(q @ inverse).flatten() for _, q, _, _, inverse in ref.values()])
-    datainf_scores = sum(q @ datainf @ g.T for g, q, _, datainf, _ in ref.values())
+    datainf_scores = attributor.scores(queries, train).total.double()
     exact_scores = sum(q @ inverse @ g.T for g, q, _, _, inverse in ref.values())
     identity_scores = sum(q @ g.T for g, q, _, _, _ in ref.values())
     report = {
@@ -85,7 +89,7 @@ def test_datainf_vs_exact_damped_inverse(lora_setup):
         "spearman_identity": round(float(spearmanr(identity_scores.flatten(), exact_scores.flatten()).statistic), 3),
     }
     print(f"DataInf vs exact (G + lambda I)^-1, empirical Fisher, {len(train)} rows, LoRA tiny Llama:", report)
-    assert report["spearman_datainf"] > report["spearman_identity"]
+    assert report["spearman_datainf"] >= 0.75 > report["spearman_identity"]
 
 
 def test_datainf_is_exact_for_one_example(tokenizer):

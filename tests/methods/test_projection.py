@@ -224,8 +224,8 @@ def test_projected_curvature_equals_hand_computation(setting, tokenizer):
         torch.testing.assert_close(
             scores.per_module.double(),
             torch.stack(expected),
-            rtol=2e-3,
-            atol=1e-4 * float(torch.stack(expected).abs().max()),
+            rtol=1e-4,
+            atol=1e-5 * float(torch.stack(expected).abs().max()),
         )
 
 
