@@ -54,6 +54,7 @@ FIT = ("fit", "--train", "train.jsonl", "--model", "model", "--run")
 FINETUNE = ("finetune", "--train", "train.jsonl", "--model", "model", "--full", "--out", "interrupted")
 QUERY = ("query", "--run", "run", "ab cd:", " ef")
 ROWS = ("--train", "train.jsonl", "--queries", "queries.jsonl", "--model", "model")
+BENCHED = ("bench", "--task", "facts", "--methods", "bm25", "--n-train", "40", "--n-test", "8", "--out", "benched")
 EXIT = "exit 2"
 
 REFUSALS: tuple[Refusal, ...] = (
@@ -375,7 +376,7 @@ REFUSALS: tuple[Refusal, ...] = (
         "argument",
         "an index dtype wherefrom cannot store",
         EXIT,
-        "--dtype float64: unknown value; choose one of float32, bfloat16, float16",
+        "--dtype float64: unknown value; choose one of float32, float16, bfloat16",
         "the index is stored in the dtype named; one it does not store is not silently replaced",
         command=("index", "--run", "run", "--dtype", "float64"),
     ),
@@ -582,6 +583,16 @@ REFUSALS: tuple[Refusal, ...] = (
         "its saved training state holds finished epochs that a new run would delete; rerun with the recorded "
         "settings to resume it, or pass --overwrite",
         command=(*FINETUNE, "--learning-rate", "0.002"),
+    ),
+    Refusal(
+        "run folder",
+        "other settings on a finished bench (or ablate, groundtruth)",
+        EXIT,
+        "benched/seed-0/bm25.json, made from other inputs (options.k1: not recorded, now 2.0)",
+        "a rerun into the same --out replaced finished rows, fine-tuned models, retraining jobs or PBRF rows of other "
+        "settings without a word; every seed's rows are checked before any work, new methods, seeds and subsets are "
+        "added, and --overwrite replaces",
+        command=(*BENCHED, "--option", "bm25.k1=2.0"),
     ),
     Refusal(
         "run folder",

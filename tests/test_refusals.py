@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 import wherefrom.models.finetune as finetuning
 from tests.conftest import make_records, scale_lora_b
-from tests.refusals import FINETUNE, FIT, README, REFUSALS, Refusal, readme_section, render
+from tests.refusals import BENCHED, FINETUNE, FIT, README, REFUSALS, Refusal, readme_section, render
 from wherefrom.cli import app
 from wherefrom.core.data import DataError, Record
 from wherefrom.core.distributed import NotDistributable
@@ -111,6 +111,7 @@ def workspace(tmp_path_factory):
     os.chdir(root)
     try:
         fitted = CliRunner().invoke(app, [*FIT, "run", "--threads", "1"])
+        benched = CliRunner().invoke(app, [*BENCHED, "--threads", "1"])
         # a fine-tuning stopped in its second epoch (12 rows in batches of 8: 2 steps an epoch), leaving
         # its training state after epoch 1
         real, steps = finetuning.per_example_loss, []
@@ -125,7 +126,7 @@ def workspace(tmp_path_factory):
             stopped = CliRunner().invoke(app, [*FINETUNE, "--threads", "1"])
     finally:
         os.chdir(cwd)
-    assert fitted.exit_code == 0, fitted.output
+    assert fitted.exit_code == 0 and benched.exit_code == 0, fitted.output + benched.output
     assert isinstance(stopped.exception, RuntimeError), stopped.output
     assert (root / "interrupted" / "resume" / "epoch-1").is_dir()
     shutil.copytree(root / "run", root / "damaged")

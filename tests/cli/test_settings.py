@@ -414,7 +414,7 @@ def test_replay_runs_each_command_where_and_in_the_order_it_first_ran(tmp_path, 
     assert first.exit_code == 0, first.output
     analysis = invoke("analyze", "weights", "--bench", "bx", "--threads", "1")
     assert analysis.exit_code == 0, analysis.output
-    last = invoke(*bench, "--epochs", "1")  # rerun with other settings: keeps its first place
+    last = invoke(*bench, "--epochs", "1", "--overwrite")  # rerun with other settings: keeps its first place
     assert last.exit_code == 0, last.output
     records = json.loads((project / "bx" / "config.json").read_text())["replay"]
     assert {k: (r["position"], r["cwd"]) for k, r in records.items()} == {

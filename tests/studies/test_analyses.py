@@ -226,7 +226,21 @@ def test_convergence_recomputes_only_the_rows_whose_method_reads_a_changed_setti
     (folder / "bench.json").write_text(json.dumps(report))
     units = {p: p.stat().st_mtime_ns for p in folder.glob("seed-0/convergence/*.json")}
     assert len(units) == 6  # 2 epochs x gradsim, ekfac, repsim
-    run_convergence(folder, ConvergenceSettings(methods=["gradsim", "ekfac", "repsim"]))
+    from typer.testing import CliRunner
+
+    from wherefrom.cli import app
+
+    # the command refuses to replace them (before any work), naming the first unit and what differs
+    refused = CliRunner().invoke(
+        app, ["analyze", "convergence", "--bench", str(folder), "--methods", "gradsim,ekfac,repsim"]
+    )
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "Traceback" not in refused.output, refused.output
+    assert (
+        "epoch-1-ekfac.json and 1 more beside it, made from other inputs (row.damping: not recorded, now 0.5)" in said
+    )
+    assert {p: p.stat().st_mtime_ns for p in units} == units
+    run_convergence(folder, ConvergenceSettings(methods=["gradsim", "ekfac", "repsim"]))  # the Python default replaces
     changed = {p.stem for p, stamp in units.items() if p.stat().st_mtime_ns != stamp}
     assert changed == {"epoch-1-ekfac", "epoch-2-ekfac"}
 

@@ -94,6 +94,20 @@ def test_bench_class_task_via_cli_and_resume(tmp_path, tiny_model):
     assert {m: (out / "seed-0" / f"{m}.json").stat().st_mtime_ns for m in METHODS} == mtimes
     assert json.loads((out / "bench.json").read_text())["aggregate"] == report["aggregate"]
 
+    # another damping into the same folder: refused before any work, naming the row and the setting; nothing replaced
+    files = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    refused = runner.invoke(app, [*args, "--damping-factor", "0.01"])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "Traceback" not in refused.output, refused.output
+    assert f"{out / 'seed-0' / 'ekfac.json'}, made from other inputs (" in said
+    assert "(damping_factor: not recorded, now 0.01)" in said and "pass --overwrite to replace them" in said
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == files
+    replaced = runner.invoke(app, [*args, "--damping-factor", "0.01", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    rows = {m: json.loads((out / "seed-0" / f"{m}.json").read_text()) for m in METHODS}
+    changed = {m for m in METHODS if (out / "seed-0" / f"{m}.json").stat().st_mtime_ns != mtimes[m]}
+    assert changed == {"ekfac"} and rows["ekfac"]["key"]["damping_factor"] == 0.01
+
 
 def test_bench_identify_task(tmp_path, tiny_model):
     config = tiny_config("backdoor", tmp_path / "bd", tiny_model, ["gradsim", "bm25"], 40, 2)

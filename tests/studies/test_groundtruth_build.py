@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from tests.models.tokenizers import version_1
 from tests.studies.failing import failing_methods
 from tests.studies.replayed import config_of_line, off_default
 from wherefrom.core.scoring import Scores
+from wherefrom.core.store import OutputExists
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.models.tiny import tiny_tokenizer
 from wherefrom.studies.groundtruth.build import (
@@ -24,6 +26,7 @@ from wherefrom.studies.groundtruth.build import (
     GroundTruthConfig,
     build_groundtruth,
     command_line,
+    pbrf_rows_of,
 )
 from wherefrom.studies.groundtruth.evaluate import evaluate, evaluate_scores
 
@@ -264,9 +267,22 @@ def test_cli_groundtruth_and_evaluate(folder, tmp_path):
     assert result.exit_code == 0, result.output
     built = GroundTruth.load(out)
     assert built.lds_masks.shape == (3, N_TRAIN) and built.loo_rows.shape == (2,) and built.config.lora_rank is None
+    before = files_of(out)
+    other = [*args[: args.index("--epochs") + 1], "2", *args[args.index("--epochs") + 2 :]]
+    result = runner.invoke(app, other)  # another --epochs into the same folder: refused, nothing replaced
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    said = " ".join(result.output.split())
+    assert "model/finetune_config.json, made from other inputs (config.epochs: recorded 1, now 2)" in said, said
+    assert "pass --overwrite to replace them" in said and files_of(out) == before
     result = runner.invoke(app, ["evaluate", str(out), "--methods", "identity,bm25", "--device", "cpu"])
     assert result.exit_code == 0, result.output  # --device: README's "every command" (evaluate had none)
     assert "| identity | " in result.output and (out / "evaluate.md").is_file()
+    scores = files_of(out / "scores")
+    other = runner.invoke(app, ["evaluate", str(out), "--methods", "identity,bm25", "--option", "bm25.k1=2.0"])
+    said = " ".join(other.output.split())
+    assert other.exit_code == 2 and "Traceback" not in other.output, other.output
+    assert f"{out / 'scores' / 'bm25.row.json'}, made from other inputs (options.k1: not recorded, now 2.0)" in said
+    assert files_of(out / "scores") == scores
     assert "--device cpu" in json.loads((out / "config.json").read_text())["replay"]["evaluate evaluate"]["line"]
     assert (
         GroundTruth.load(out, "meta").config.device == "meta"
@@ -276,6 +292,40 @@ def test_cli_groundtruth_and_evaluate(folder, tmp_path):
     assert unused.exit_code == 2 and "method 'lissa' does not run here (methods run: identity)" in unused.output
     result = runner.invoke(app, ["evaluate", str(tmp_path / "missing"), "--methods", "identity"])
     assert result.exit_code == 2 and "not a ground-truth folder" in result.output
+
+
+def files_of(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_rerun_with_other_settings_is_refused_before_it_replaces_anything(tmp_path):
+    """A ground truth rerun into its folder with another setting replaced the full-data model, every retraining job
+    and every PBRF row it touched, without a word (hours of retraining lost to a mistyped flag). Without
+    ``overwrite`` (``wherefrom groundtruth`` without ``--overwrite``) such a rerun is refused before anything is
+    computed, naming the first replaced file, how many more, and the settings that differ; the folder is unchanged.
+    More subsets are added beside the earlier ones; ``overwrite=True`` (the Python default) replaces."""
+    config = build_small(tmp_path, n_subsets=3, loo_rows=0, pbrf_rows=1, pbrf_options={"steps": 2}).config
+    folder = Path(config.out)
+    before = files_of(folder)
+    refused = {
+        "model/finetune_config.json, made from other inputs (config.epochs: recorded 3, now 2)": {"epochs": 2},
+        "jobs/lds-0000-r0.json and 2 more beside it, made from other inputs (indices: recorded": {"alpha": 0.25},
+        f"pbrf-rows/row-{pbrf_rows_of(config, N_TRAIN)[0]}.json, made from other inputs (config.steps: recorded 2, "
+        "now 3)": {"pbrf_options": {"steps": 3}},
+    }
+    for said, change in refused.items():
+        with pytest.raises(OutputExists) as error:
+            build_groundtruth(replace(config, **change), overwrite=False)
+        assert f"{folder}/{said}" in str(error.value) and str(error.value).endswith("pass --overwrite to replace them")
+        assert files_of(folder) == before, change
+    build_groundtruth(replace(config, n_subsets=4), overwrite=False)
+    after = files_of(folder)
+    assert "jobs/lds-0003-r0.json" in after and all(
+        after[f"jobs/lds-000{s}-r0.json"] == before[f"jobs/lds-000{s}-r0.json"] for s in range(3)
+    )
+    build_groundtruth(replace(config, alpha=0.25))
+    assert files_of(folder)["jobs/lds-0000-r0.json"] != before["jobs/lds-0000-r0.json"]
 
 
 def test_groundtruth_command_line_gives_back_its_config(tmp_path):

@@ -25,6 +25,7 @@ from wherefrom.studies.toolkit import (
     measured,
     number,
     provenance,
+    refuse_replacing,
     resumable,
     store,
     write_report,
@@ -239,3 +240,24 @@ def test_key_digest_names_equal_keys_alike_in_any_order():
     assert key_digest(point, 12) == hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:12]
     assert len(key_digest(point, 16)) == 16 and key_digest(point, 16).startswith(key_digest(point, 12))
     assert key_digest(point, 12) != key_digest({**point, "depth": 101}, 12)
+
+
+def test_refuse_replacing_names_only_finished_units_of_another_key(tmp_path):
+    """Only a finished unit (no ``error``) holding another key is refused: the same key, a failed unit, a missing
+    or unreadable file and a unit of a new id are computed as :func:`resumable` would; the message counts the rest."""
+    for name, key, row in (
+        ("a", {"lr": 1, "rows": [1, 2]}, {}),
+        ("b", {"lr": 1}, {}),
+        ("c", {"lr": 1}, {"error": "x"}),
+    ):
+        store(tmp_path / f"{name}.json", key, dict(row))
+    (tmp_path / "d.json").write_text("{not json")
+    now = {"lr": 2, "rows": [1, 2]}
+    refuse_replacing([(tmp_path / "a.json", {"lr": 1, "rows": [1, 2]}), (tmp_path / "c.json", now)])
+    refuse_replacing([(tmp_path / "d.json", now), (tmp_path / "e.json", now)])
+    with pytest.raises(core_store.OutputExists) as error:
+        refuse_replacing([(tmp_path / name, now) for name in ("a.json", "b.json", "c.json", "d.json")], "--again")
+    assert str(error.value) == (
+        f"earlier results would be overwritten: {tmp_path / 'a.json'} and 1 more beside it, made from other inputs "
+        "(lr: recorded 1, now 2); pass --again to replace them"
+    )

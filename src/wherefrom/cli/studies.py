@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -97,13 +98,14 @@ def explicit_bench_settings(option: list[str] | None, methods: list[str]) -> dic
 
 
 @command(uses=(*PRESET_SETTINGS, "lora_target", "n_train", "n_test", "model", "device", "threads"))
-def bench(task, out, methods, seeds, option, preset, no_eos, lora_target, **settings) -> None:
+def bench(task, out, methods, seeds, option, preset, no_eos, lora_target, overwrite, **settings) -> None:
     """Every method on a benchmark task over seeds: metrics with 95% intervals, time and memory.
 
     --methods defaults to ekfac,kfac,datainf,gradsim,tracin,repsim,bm25 and --seeds to 0. --preset
     reference-study | wherefrom starts from that bundle of settings (wherefrom.studies.presets); flags
     at other than their default override it. --out receives bench.json (with the resolved settings),
-    bench.md, seed-<s>/<method>.json and config.json (a rerun resumes)."""
+    bench.md, seed-<s>/<method>.json and config.json (a rerun resumes and adds new methods and seeds; one that
+    would replace a row or fine-tuned model made with other settings is refused unless --overwrite)."""
     from wherefrom.studies.bench import DEFAULT_METHODS, BenchConfig, failed_methods, run_bench
     from wherefrom.studies.presets import resolve
 
@@ -123,7 +125,8 @@ def bench(task, out, methods, seeds, option, preset, no_eos, lora_target, **sett
             settings = {**resolve(preset, explicit_bench_settings(option, chosen["methods"])), "preset": preset}
         return settings_as(BenchConfig, **chosen, **settings)
 
-    run_study(out, build, run_bench, "bench.md", lambda report: failed_methods(report["aggregate"]))
+    run = functools.partial(run_bench, overwrite=overwrite)
+    run_study(out, build, run, "bench.md", lambda report: failed_methods(report["aggregate"]))
 
 
 def run_study(out, build, run, table: str, failures: Callable[[dict[str, Any]], list[str]]) -> None:
@@ -153,7 +156,9 @@ def incomplete(failures: list[str]) -> None:
 
 
 @command(uses=(*PRESET_SETTINGS, "lora_target", "n_train", "n_test", "model", "device", "threads"))
-def ablate(task, out, methods, seeds, option, start, target, n_train, n_test, model, device, **settings) -> None:
+def ablate(
+    task, out, methods, seeds, option, start, target, n_train, n_test, model, device, overwrite, **settings
+) -> None:
     """Which setting flips the study's finding: the study methods under preset --from (default
     reference-study), then with one switch at a time set as in --to (default wherefrom), then under --to;
     the change of Acc/Cover (AUPRC/MRR) per switch and method with 95% intervals over seeds, and how often
@@ -161,7 +166,8 @@ def ablate(task, out, methods, seeds, option, start, target, n_train, n_test, mo
 
     --methods defaults to ekfac,gradsim,repsim and --seeds to 0,1,2. Flags at other than their default
     hold in every run. --out receives ablate.json, ablate.md, runs/<run>/ (bench folders), finetunes/ and
-    config.json (a rerun resumes)."""
+    config.json (a rerun resumes; one that would replace a bench row made with other settings is refused unless
+    --overwrite)."""
     from wherefrom.studies.ablation import STUDY_METHODS, AblationConfig, run_ablation
     from wherefrom.studies.bench import failed_methods
 
@@ -187,7 +193,7 @@ def ablate(task, out, methods, seeds, option, start, target, n_train, n_test, mo
     run_study(
         out,
         build,
-        run_ablation,
+        functools.partial(run_ablation, overwrite=overwrite),
         "ablate.md",
         lambda report: [
             f"{run}: {line}" for run, summary in report["runs"].items() for line in failed_methods(summary)
@@ -200,8 +206,9 @@ IHVP_ONLY = ("damping", "damping_factor", "reference", "exact_blocks", "cg_tol",
 
 
 @command(uses=(*IHVP_ONLY, "threads"))
-def analyze(kind, bench, methods, option, n_queries, seeds, device, **settings) -> None:
-    """The reference study's analyses on a bench folder: writes <kind>.json and <kind>.md into it (resumable).
+def analyze(kind, bench, methods, option, n_queries, seeds, overwrite, device, **settings) -> None:
+    """The reference study's analyses on a bench folder: writes <kind>.json and <kind>.md into it (resumable; a
+    rerun that would replace results of other settings is refused unless --overwrite).
 
     --methods: ihvp defaults to the bench's influence methods, convergence to those and repsim.
     ihvp's default damping is --damping-factor x the Hutchinson estimate of the mean GGN eigenvalue.
@@ -241,6 +248,7 @@ def analyze(kind, bench, methods, option, n_queries, seeds, device, **settings) 
                 settings_as(IhvpSettings, methods=chosen, method_options=parse_option_pairs(option)),
                 command=recorded_line(),
                 log=say,
+                overwrite=overwrite,
             )
         elif kind == "convergence":
             run_convergence(
@@ -248,9 +256,10 @@ def analyze(kind, bench, methods, option, n_queries, seeds, device, **settings) 
                 ConvergenceSettings(methods=chosen, method_options=parse_option_pairs(option)),
                 command=recorded_line(),
                 log=say,
+                overwrite=overwrite,
             )
         else:
-            run_weights(folder, n_queries=n_queries, command=recorded_line(), log=say)
+            run_weights(folder, n_queries=n_queries, command=recorded_line(), log=say, overwrite=overwrite)
     except (DataError, ValueError, RuntimeError) as error:
         fail(error)
     typer.echo((bench / f"{kind}.md").read_text())
@@ -292,10 +301,12 @@ def demo(cache, n_train, n_queries, epochs, model, device, threads) -> None:
         "threads",
     )
 )
-def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, no_eos, **settings) -> None:
+def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, no_eos, overwrite, **settings) -> None:
     """Ground truth for attribution: retrain on LDS subsets and leave-one-out sets, and PBRF; resumable.
 
-    --out receives groundtruth.json, lds/loo/pbrf.safetensors, model/, jobs/ and config.json."""
+    --out receives groundtruth.json, lds/loo/pbrf.safetensors, model/, jobs/ and config.json. A rerun reuses what
+    was made with the same settings and adds new subsets or rows; one that would replace a finished model, job or
+    PBRF row made with other settings is refused unless --overwrite."""
     from wherefrom.studies.groundtruth.build import GroundTruthConfig, build_groundtruth
 
     out = required(out, "out")
@@ -311,7 +322,7 @@ def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, no_eos,
         )
         config.validate()
         remember(out)  # makes the folder, so that a refusal from here on takes it away again
-        gt = build_groundtruth(config, progress=progress, log=say, command=recorded_line())
+        gt = build_groundtruth(config, progress=progress, log=say, command=recorded_line(), overwrite=overwrite)
     except (DataError, ValueError, RuntimeError) as error:
         fail(error)
     meta = gt.meta
@@ -328,12 +339,13 @@ def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, no_eos,
 
 
 @command(files={"out": output_stem})
-def evaluate(groundtruth, methods, option, damping, damping_factor, out, device, threads) -> None:
+def evaluate(groundtruth, methods, option, damping, damping_factor, out, overwrite, device, threads) -> None:
     """Score methods against a ground truth: LDS, LOO Pearson/Spearman, PBRF Spearman with intervals, time, memory.
 
     --methods defaults to ekfac,kfac,datainf,gradsim,tracin. --out is the file stem of the report
     (default GROUNDTRUTH/evaluate): STEM.json, STEM.md; the command is recorded in the config.json
-    beside them."""
+    beside them. Each method's scores and row are kept in GROUNDTRUTH/scores/ and reused; a rerun that would
+    replace those of other options or damping is refused unless --overwrite."""
     from wherefrom.studies.groundtruth.build import GroundTruth
     from wherefrom.studies.groundtruth.evaluate import evaluate as run_evaluate
 
@@ -353,6 +365,7 @@ def evaluate(groundtruth, methods, option, damping, damping_factor, out, device,
             log=say,
             command=recorded_line(),
             device=device,
+            overwrite=overwrite,
         )
     except (DataError, ValueError, RuntimeError) as error:
         fail(error)

@@ -55,7 +55,15 @@ from wherefrom.core.encoding import (
     iterate_batches,
     pad_id,
 )
-from wherefrom.core.store import OLD, PARTIAL, atomic_write_dir, atomic_write_text, refuse_overwrite
+from wherefrom.core.store import (
+    OLD,
+    PARTIAL,
+    atomic_write_dir,
+    atomic_write_text,
+    json_form,
+    refuse_overwrite,
+    settings_differences,
+)
 from wherefrom.core.task import model_inputs, per_example_loss
 from wherefrom.core.tracking import is_linear
 from wherefrom.models.loading import (
@@ -366,20 +374,35 @@ def _in_recorded_form(identity: dict[str, Any], recorded: Any, tokenizer: Any, w
     return {**identity, "tokenizer_fingerprint": form}
 
 
+def _finished_record(output_dir: Path) -> dict[str, Any] | None:
+    """The record (``CONFIG_FILE``) of the finished run in ``output_dir``, or ``None`` when missing or unreadable."""
+    path = output_dir / CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _other_inputs(output_dir: Path, identity: dict[str, Any], tokenizer: Any) -> str:
+    """``", made from other inputs (...)"`` naming each setting, data or model fingerprint of ``identity`` that differs
+    from the finished run recorded in ``output_dir`` with both values (``""`` when its record is unreadable)."""
+    saved = _finished_record(output_dir)
+    if saved is None:
+        return ""
+    now = _in_recorded_form(identity, saved, tokenizer, output_dir / CONFIG_FILE)
+    differences = settings_differences({key: saved.get(key) for key in now}, json_form(now))
+    return f", made from other inputs ({'; '.join(differences)})" if differences else ""
+
+
 def _try_reuse(
     output_dir: Path, identity: dict[str, Any], tokenizer: Any
 ) -> tuple[list[float], list[Path], Path] | None:
     """``(epoch_losses, checkpoints, weights_dir)`` of a complete matching run, else ``None``."""
-    path = output_dir / CONFIG_FILE
-    if not path.is_file():
+    saved = _finished_record(output_dir)
+    if saved is None:
         return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(saved, dict):
-        return None
-    identity = _in_recorded_form(identity, saved, tokenizer, path)
+    identity = _in_recorded_form(identity, saved, tokenizer, output_dir / CONFIG_FILE)
     if any(saved.get(k) != v for k, v in identity.items()):
         return None
     lora = identity["config"]["lora_rank"] is not None
@@ -541,7 +564,7 @@ def finetune(
     # Encode first, so bad data fails before anything on disk is touched.
     examples = encode_records(records, tokenizer, model=model, **config.layout())
     if not overwrite:
-        refuse_overwrite([output_dir / CONFIG_FILE])
+        refuse_overwrite([output_dir / CONFIG_FILE], why=_other_inputs(output_dir, identity, tokenizer))
 
     random.seed(config.seed)
     torch.manual_seed(config.seed)

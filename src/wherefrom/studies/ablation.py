@@ -177,15 +177,19 @@ def run_ablation(
     progress: Progress = no_progress,
     command: str = "",
     log: Callable[[str], None] | None = None,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
     """Run every bench of :func:`ablation_runs` (resuming each from its folder) and write ``ablate.json`` /
-    ``ablate.md`` into ``config.out`` (see the module docstring); returns what ``ablate.json`` holds."""
+    ``ablate.md`` into ``config.out`` (see the module docstring); returns what ``ablate.json`` holds.
+    ``overwrite=False``: a bench row made with other settings is refused, not replaced (:func:`run_bench`)."""
     config.validate()
     say = log or (lambda _line: None)
     reports: dict[str, dict[str, Any]] = {}
     for name, bench in ablation_runs(config):
         say(f"run {name}: {bench.preset}")
-        reports[name] = run_bench(bench, progress=progress, log=lambda line, name=name: say(f"{name}: {line}"))
+        reports[name] = run_bench(
+            bench, progress=progress, log=lambda line, name=name: say(f"{name}: {line}"), overwrite=overwrite
+        )
     kind = reports["start"]["kind"] or "class"
     names = ABLATION_METRICS[kind]
     lengths = row_lengths(next(iter(ablation_runs(config)))[1])

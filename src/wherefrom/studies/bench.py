@@ -60,6 +60,7 @@ from wherefrom.studies.toolkit import (
     measured,
     number,
     provenance,
+    refuse_replacing,
     store,
     write_report,
 )
@@ -336,10 +337,13 @@ def scored_method(
     return scores, usage
 
 
-def finetuned(config: BenchConfig, seed: int, task: BenchTask) -> tuple[LoadedModel, FinetuneResult]:
+def finetuned(
+    config: BenchConfig, seed: int, task: BenchTask, overwrite: bool = True
+) -> tuple[LoadedModel, FinetuneResult]:
     """The base model (tokenizer included) and the seed's fine-tuned model: :func:`wherefrom.models.finetune.finetune`
     on ``task.train`` with :meth:`BenchConfig.finetune_config` in ``<config.out>/seed-<seed>/finetune``
-    (reused when that folder holds the same run, trained otherwise).
+    (reused when that folder holds the same run, trained otherwise; one of other settings is replaced, or with
+    ``overwrite=False`` refused: :class:`wherefrom.core.store.OutputExists`).
 
     The returned ``LoadedModel.model`` is the base model with the adapter injected (LoRA modifies it
     in place); ``FinetuneResult.model`` is the fine-tuned model.
@@ -351,7 +355,7 @@ def finetuned(config: BenchConfig, seed: int, task: BenchTask) -> tuple[LoadedMo
         folder = Path(config.finetune_dir) / key_digest(
             [config.task, config.n_train, config.model, settings.to_dict()], 16
         )
-    tuned = finetune(loaded.model, loaded.tokenizer, task.train, settings, folder, progress=False)
+    tuned = finetune(loaded.model, loaded.tokenizer, task.train, settings, folder, progress=False, overwrite=overwrite)
     return loaded, tuned
 
 
@@ -446,11 +450,15 @@ def run_bench(
     progress: Progress = no_progress,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
     """Run the benchmark of ``config`` (resuming from ``config.out``); returns what ``bench.json`` holds.
 
     ``progress`` wraps the loop over methods of each seed (tqdm-like, as elsewhere in wherefrom);
-    ``log`` receives one line per step; ``command`` is recorded (default: :func:`command_line`).
+    ``log`` receives one line per step; ``command`` is recorded (default: :func:`command_line`). A row or a
+    fine-tuned model made with other settings is recomputed and replaced; ``overwrite=False`` (``wherefrom bench``
+    without ``--overwrite``) refuses that instead (:class:`wherefrom.core.store.OutputExists` naming the settings
+    that differ), the rows of every seed checked before any work.
     """
     config.validate()
     say = log or (lambda _line: None)
@@ -459,17 +467,19 @@ def run_bench(
     rows: list[dict[str, Any]] = []
     kind = title = headline = None
     sizes: dict[str, int] = {}
-    for seed in config.seeds:
-        task = build_task(config, seed)
+    tasks = {seed: build_task(config, seed) for seed in config.seeds}
+    keys = {seed: {m: row_key(config, seed, m, task) for m in config.methods} for seed, task in tasks.items()}
+    if not overwrite:
+        refuse_replacing((_row_path(out, seed, m), key) for seed in keys for m, key in keys[seed].items())
+    for seed, task in tasks.items():
         kind, title, headline = task.kind, task.description or task.name, task.headline_metric
         sizes = {"n_train": len(task.train), "n_test": len(task.test)}
         for line in short_of_sizes(task, config.n_train, config.n_test) if seed == config.seeds[0] else []:
             say(line)
-        keys = {m: row_key(config, seed, m, task) for m in config.methods}
-        done = {m: cached(_row_path(out, seed, m), keys[m]) for m in config.methods}
+        done = {m: cached(_row_path(out, seed, m), keys[seed][m]) for m in config.methods}
         tuned = loaded = None
         if any(done[m] is None and not in_family(m, "lexical") for m in config.methods):
-            loaded, tuned = finetuned(config, seed, task)
+            loaded, tuned = finetuned(config, seed, task, overwrite)
             say(f"seed {seed}: {'reused' if tuned.reused else 'trained'} the fine-tuned model")
         for method in progress(config.methods, f"seed {seed}"):
             if done[method] is not None:
@@ -478,7 +488,7 @@ def run_bench(
                 continue
             row = store(
                 _row_path(out, seed, method),
-                keys[method],
+                keys[seed][method],
                 method_row(config, task, seed, method, tuned, loaded and loaded.tokenizer),
             )
             say(f"seed {seed} {method}: " + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s"))

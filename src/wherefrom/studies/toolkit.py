@@ -37,7 +37,16 @@ import torch
 
 from wherefrom.core.data import Record, data_fingerprint
 from wherefrom.core.options import int64_problem
-from wherefrom.core.store import atomic_write_json, atomic_write_text, hardware, package_versions, read_keyed_json
+from wherefrom.core.store import (
+    OutputExists,
+    atomic_write_json,
+    atomic_write_text,
+    hardware,
+    json_form,
+    package_versions,
+    read_keyed_json,
+    settings_differences,
+)
 
 __all__ = [
     "cached",
@@ -48,6 +57,7 @@ __all__ = [
     "measured",
     "number",
     "provenance",
+    "refuse_replacing",
     "resumable",
     "store",
     "write_report",
@@ -96,6 +106,28 @@ def cached(path: Path, key: Any, needs: Iterable[Path] = ()) -> dict[str, Any] |
     if row is None or row.get("error") or not all(Path(p).is_file() for p in needs):
         return None
     return row
+
+
+def refuse_replacing(units: Iterable[tuple[Path, Any]], allow: str = "--overwrite") -> None:
+    """Raise :class:`wherefrom.core.store.OutputExists` when a finished unit of work (a :func:`store`d row without an
+    ``error``) at one of ``units``' paths holds another key than the one paired with it: computing that unit now
+    would replace it. The message names how many would be replaced, the first one's file, each entry of its key that
+    differs (with both values) and ``allow``, the caller's way to permit it. Call it before any long work."""
+    replaced = []
+    for path, key in units:
+        try:
+            saved = json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
+        except (OSError, ValueError):
+            continue  # an unreadable unit is recomputed, as cached() does
+        if isinstance(saved, dict) and "key" in saved and not saved.get("error") and saved["key"] != json_form(key):
+            replaced.append((Path(path), saved["key"], json_form(key)))
+    if replaced:
+        path, was, now = replaced[0]
+        others = f" and {len(replaced) - 1} more beside it" if len(replaced) > 1 else ""
+        raise OutputExists(
+            f"earlier results would be overwritten: {path}{others}, made from other inputs "
+            f"({'; '.join(settings_differences(was, now))}); pass {allow} to replace them"
+        )
 
 
 def store(path: Path, key: Any, row: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from wherefrom.studies.analyses.ihvp import influence_methods
 from wherefrom.studies.bench import BenchConfig, aggregate, build_task, finetuned, method_row, row_key
 from wherefrom.studies.benchtasks import BenchTask
 from wherefrom.studies.metrics import mean_stat
-from wherefrom.studies.toolkit import cached, free_memory, interval_cell, markdown_table, store
+from wherefrom.studies.toolkit import cached, free_memory, interval_cell, markdown_table, refuse_replacing, store
 
 __all__ = ["ConvergenceSettings", "chosen_methods", "run_convergence"]
 
@@ -62,9 +62,12 @@ def run_convergence(
     settings: ConvergenceSettings | None = None,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
     """Run analysis (b) on a bench folder (resuming from its cache); returns what ``convergence.json``
-    holds and writes ``convergence.json`` / ``convergence.md`` into the folder."""
+    holds and writes ``convergence.json`` / ``convergence.md`` into the folder.
+    ``overwrite=False`` (``wherefrom analyze`` without ``--overwrite``): a seed's unit made with other settings is
+    refused before that seed's work (:func:`wherefrom.studies.toolkit.refuse_replacing`), not replaced."""
     bench = open_bench(bench)
     settings = settings or ConvergenceSettings()
     say = log or (lambda _line: None)
@@ -81,7 +84,10 @@ def run_convergence(
     for seed in bench.config.seeds:
         task = build_task(bench.config, seed)
         path = {(k, m): bench.unit_path(seed, NAME, f"epoch-{k}-{m}") for k in epochs for m in methods}
-        done = {(k, m): cached(file, _key(config, seed, k, m, task)) for (k, m), file in path.items()}
+        keys = {unit: _key(config, seed, *unit, task) for unit in path}
+        if not overwrite:
+            refuse_replacing((file, keys[unit]) for unit, file in path.items())
+        done = {unit: cached(file, keys[unit]) for unit, file in path.items()}
         if any(row is None for row in done.values()):
             loaded, tuned = finetuned(bench.config, seed, task)
             tokenizer, checkpoints = loaded.tokenizer, list(tuned.checkpoints)

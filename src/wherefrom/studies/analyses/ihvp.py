@@ -60,6 +60,7 @@ from wherefrom.studies.toolkit import (
     markdown_table,
     measured,
     number,
+    refuse_replacing,
     store,
 )
 
@@ -268,9 +269,12 @@ def run_ihvp(
     settings: IhvpSettings | None = None,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
     """Run analysis (a) on a bench folder (resuming from its cache); returns what ``ihvp.json`` holds
-    and writes ``ihvp.json`` / ``ihvp.md`` into the folder."""
+    and writes ``ihvp.json`` / ``ihvp.md`` into the folder (each reference setting in its own cache folder).
+    ``overwrite=False`` (``wherefrom analyze`` without ``--overwrite``): a seed's unit made with other settings is
+    refused before that seed's work (:func:`wherefrom.studies.toolkit.refuse_replacing`), not replaced."""
     bench = open_bench(bench)
     settings = settings or IhvpSettings()
     settings.validate()
@@ -300,9 +304,11 @@ def run_ihvp(
         ref = cached(ref_json, ref_key, needs=[ref_tensors])
         done = {}
         if ref is not None:
+            keys = {method: _method_key(bench, settings, ref_key, ref, method) for method in methods}
+            if not overwrite:
+                refuse_replacing((bench.unit_path(seed, folder, method), key) for method, key in keys.items())
             for method in methods:
-                key = _method_key(bench, settings, ref_key, ref, method)
-                done[method] = cached(bench.unit_path(seed, folder, method), key)
+                done[method] = cached(bench.unit_path(seed, folder, method), keys[method])
         todo = [m for m in methods if done.get(m) is None]
         if todo:
             loaded, tuned = finetuned(bench.config, seed, task)

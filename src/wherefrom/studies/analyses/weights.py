@@ -42,7 +42,15 @@ from wherefrom.models.loading import eval_mode, is_peft, load_model
 from wherefrom.studies.analyses.common import Bench, load_checkpoint, open_bench, write_report
 from wherefrom.studies.bench import build_task, finetuned
 from wherefrom.studies.metrics import mean_stat, spearman
-from wherefrom.studies.toolkit import cached, free_memory, interval_cell, markdown_table, number, store
+from wherefrom.studies.toolkit import (
+    cached,
+    free_memory,
+    interval_cell,
+    markdown_table,
+    number,
+    refuse_replacing,
+    store,
+)
 
 __all__ = [
     "ParameterChange",
@@ -257,9 +265,12 @@ def run_weights(
     n_queries: int | None = None,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
     """Run analysis (c) on a bench folder (resuming from its cache) on the first ``n_queries`` test rows
-    (``None``: all); returns what ``weights.json`` holds and writes ``weights.json`` / ``weights.md``."""
+    (``None``: all); returns what ``weights.json`` holds and writes ``weights.json`` / ``weights.md``.
+    ``overwrite=False`` (``wherefrom analyze`` without ``--overwrite``): a seed's unit made with other settings is
+    refused before that seed's work (:func:`wherefrom.studies.toolkit.refuse_replacing`), not replaced."""
     bench = open_bench(bench)
     if n_queries is not None and n_queries < 1:
         raise ValueError(f"n_queries must be >= 1, got {n_queries}")
@@ -271,7 +282,10 @@ def run_weights(
         task = build_task(c, seed)
         queries = task.test[:n_queries] if n_queries else task.test
         key = {**bench.seed_key(seed, task), "analysis": NAME, "format": _FORMAT_VERSION, "n_queries": n_queries}
-        done = {n: cached(bench.unit_path(seed, NAME, n), {**key, "checkpoint": n}) for n in names}
+        units = {n: (bench.unit_path(seed, NAME, n), {**key, "checkpoint": n}) for n in names}
+        if not overwrite:
+            refuse_replacing(units.values())
+        done = {n: cached(path, unit_key) for n, (path, unit_key) in units.items()}
         if any(v is None for v in done.values()):
             loaded, tuned = finetuned(c, seed, task)
             encoded = encode_records(queries, loaded.tokenizer, c.max_length, model=tuned.model)

@@ -216,8 +216,15 @@ def build_groundtruth(
     progress: Progress = no_progress,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
+    overwrite: bool = True,
 ) -> GroundTruth:
-    """Build (or resume) the ground-truth folder ``config.out``; returns it loaded (:meth:`GroundTruth.load`)."""
+    """Build (or resume) the ground-truth folder ``config.out``; returns it loaded (:meth:`GroundTruth.load`).
+
+    A rerun reuses every finished part made with the same settings (the full-data model, each retraining job, each
+    PBRF row) and adds new ones (more subsets, LOO or PBRF rows). ``overwrite=False`` (``wherefrom groundtruth``
+    without ``--overwrite``) refuses, with :class:`wherefrom.core.store.OutputExists` naming the settings that
+    differ, to replace a finished part made with other settings, before computing anything; ``True`` (the Python
+    default, as :func:`wherefrom.models.finetune.finetune`'s) recomputes and replaces it."""
     config.validate()
     say = log or (lambda _line: None)
     out = Path(config.out)
@@ -251,7 +258,9 @@ def build_groundtruth(
     tick = time.perf_counter()
     loaded = load_model(config.model, device=config.device)
     settings = config.finetune_config(config.seed)
-    tuned = finetune(loaded.model, loaded.tokenizer, train, settings, out / "model", progress=False)
+    tuned = finetune(
+        loaded.model, loaded.tokenizer, train, settings, out / "model", progress=False, overwrite=overwrite
+    )
     recorded = read_json_object(out / "model" / FINETUNE_RECORD)["tokenizer_fingerprint"]  # the folder's form
     full_f = measure_queries(tuned.model, loaded.tokenizer, queries, config.batch_size, **settings.layout())
     timings["finetune_s"] = time.perf_counter() - tick
@@ -273,7 +282,7 @@ def build_groundtruth(
         scratch=str(out / "scratch"),
         recorded_tokenizer=recorded,
     )
-    values = run_jobs(retrainer, jobs, out / "jobs", config.workers, progress, say) if jobs else {}
+    values = run_jobs(retrainer, jobs, out / "jobs", config.workers, progress, say, overwrite) if jobs else {}
     # every job is done: their folders go, with what jobs killed before they ended left there, not anything else
     for leftover in (out / "scratch").glob(f"{SCRATCH_PREFIX}*"):
         shutil.rmtree(leftover)
@@ -325,6 +334,7 @@ def build_groundtruth(
             progress=progress,
             info=pbrf_info,
             cache=out / "pbrf-rows",
+            replace=overwrite,
         )
         atomic_save_tensors(
             {"rows": torch.from_numpy(rows), "influence": influence.double().cpu().contiguous()},

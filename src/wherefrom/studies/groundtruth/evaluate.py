@@ -51,6 +51,7 @@ from wherefrom.studies.toolkit import (
     markdown_table,
     number,
     provenance,
+    refuse_replacing,
     resumable,
     write_report,
 )
@@ -259,6 +260,7 @@ def evaluate(
     log: Callable[[str], None] | None = None,
     command: str | None = None,
     device: str | None = None,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
     """Run ``methods`` on the ground truth in ``gt_folder`` and score them; returns what ``<out>.json`` holds.
 
@@ -266,7 +268,9 @@ def evaluate(
     every method); ``out``: file stem of the report (default ``<gt_folder>/evaluate``);
     ``attribution``: batching/damping settings (default: the ground truth's batch size and maximum
     length, :meth:`GroundTruthConfig.attribution`); ``device``: where the model is loaded and the methods run
-    (default: the ground truth's own, :meth:`GroundTruth.load`; cached rows are reused on any).
+    (default: the ground truth's own, :meth:`GroundTruth.load`; cached rows are reused on any). A method's row
+    made with other options or settings is recomputed and replaced; ``overwrite=False`` (``wherefrom evaluate``
+    without ``--overwrite``) refuses that before any method runs (:class:`wherefrom.core.store.OutputExists`).
     """
     methods = check_methods(methods)
     method_options = method_options or {}
@@ -277,6 +281,11 @@ def evaluate(
         check_method_options(method, attribution, options_for(method_options, method))
     stem = Path(out) if out is not None else gt.folder / "evaluate"
     folder = gt.folder / "scores"
+    if not overwrite:
+        refuse_replacing(
+            (folder / f"{method}.row.json", method_key(gt, method, options_for(method_options, method), attribution))
+            for method in methods
+        )
     folder.mkdir(parents=True, exist_ok=True)
     models = cache(gt.load_model)  # loaded once, when the first method runs
     rows: dict[str, dict[str, Any]] = {}

@@ -74,7 +74,7 @@ from wherefrom.curvature.iterative import ConvergenceWarning
 from wherefrom.curvature.products import GGNOperator
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.models.loading import eval_mode
-from wherefrom.studies.toolkit import cached, store
+from wherefrom.studies.toolkit import cached, refuse_replacing, store
 
 __all__ = ["OPTIMIZERS", "PBRF_OPTIONS", "PBRFConfig", "pbrf_config", "pbrf_influence"]
 
@@ -427,6 +427,7 @@ def pbrf_influence(
     progress: Progress = no_progress,
     info: dict[str, Any] | None = None,
     cache: str | Path | None = None,
+    replace: bool = True,
 ) -> torch.Tensor:
     """PBRF influence of each training row in ``rows`` on every query: ``(n_query, len(rows))`` float64.
 
@@ -440,7 +441,9 @@ def pbrf_influence(
     iterations, objective-gradient norms (``relative_grad``: max-abs gradient over its value at
     ``theta_s``), convergence and seconds; ``all_converged``. ``cache``: a folder where each row's
     column is written atomically (``row-<index>.json``) and reused by a rerun with the same settings,
-    weights and data. The model's weights are restored after every row, also on error.
+    weights and data; with ``replace=False`` a cached row of other settings, weights or data is refused
+    (:class:`wherefrom.core.store.OutputExists`, :func:`wherefrom.studies.toolkit.refuse_replacing`) before any row is
+    solved, not recomputed. The model's weights are restored after every row, also on error.
     """
     config = config or PBRFConfig()
     attribution = attribution or AttributionConfig()
@@ -472,6 +475,8 @@ def pbrf_influence(
                     "modules": [m.name for m in modules],
                     "data": _fingerprint(problem.params, encoded, encoded_queries),
                 }
+                if not replace:
+                    refuse_replacing((folder / f"row-{row}.json", key) for row in indices)
             base = _measure(model, encoded_queries, pad, attribution.batch_size, problem.device)
             problem.lam = _damping(problem, config, info)
             info.update(

@@ -41,7 +41,7 @@ from wherefrom.core.task import LanguageModelingTask
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.models.finetune import FinetuneConfig, finetune
 from wherefrom.models.loading import eval_mode, load_model, recorded_tokenizer_fingerprint
-from wherefrom.studies.toolkit import cached, store
+from wherefrom.studies.toolkit import cached, refuse_replacing, store
 
 __all__ = [
     "SCRATCH_PREFIX",
@@ -242,6 +242,7 @@ def run_jobs(
     workers: int = 1,
     progress: Progress = no_progress,
     log: Callable[[str], None] | None = None,
+    replace: bool = True,
 ) -> dict[str, np.ndarray]:
     """Run every job (``(job_id, indices, seed)``) through ``retrainer``; returns ``{job_id: (n_query,)}``.
 
@@ -250,7 +251,10 @@ def run_jobs(
     the jobs in flight; a rerun skips every job whose file has the same key. ``workers > 1`` runs the
     remaining jobs in that many spawned processes (at most one per core: :class:`OversubscribedWorkers` warns of
     more), each with ``torch.set_num_threads(max(1, cores // workers))``; the first failing job stops the run (finished jobs stay cached) and its error is
-    raised. ``progress`` wraps the iteration over finished jobs; ``log`` gets one line per job.
+    raised. ``progress`` wraps the iteration over finished jobs; ``log`` gets one line per job. ``replace=False``: a
+    finished job of another key (other settings, rows or seed under the same id) is not recomputed but refused
+    (:class:`wherefrom.core.store.OutputExists`, :func:`wherefrom.studies.toolkit.refuse_replacing`) before any job
+    runs; jobs of new ids are run beside the earlier ones.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -273,6 +277,8 @@ def run_jobs(
             results[job_id] = np.asarray(saved["values"], dtype=np.float64)
         else:
             todo.append((job_id, indices, seed, key))
+    if not replace:
+        refuse_replacing((cache_dir / f"{job_id}.json", key) for job_id, _, _, key in todo)
     if len(results):
         say(f"{len(results)} of {len(checked)} jobs reused from {cache_dir}")
 
