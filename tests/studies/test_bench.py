@@ -467,3 +467,22 @@ def test_default_keys_and_command_lines_are_those_cached_rows_were_made_with():
     )
     with pytest.raises(TypeError):  # positional settings after the first ones landed in other fields
         BenchConfig("rules", "o")
+
+
+def test_a_row_the_model_cannot_take_leaves_no_folder(tmp_path, tiny_model):
+    """userS: a bench refused for a row over ``--max-length`` left ``OUT/seed-0/finetune/`` behind, empty (the
+    fine-tuning made its folder before it encoded the rows); now nothing is made, and the message names the flag."""
+    from typer.testing import CliRunner
+
+    from wherefrom.cli import app
+
+    long = {"id": "long", "prompt": "a b:", "completion": " x" * 200, "label": "x"}
+    rows = [{"id": f"r{i}", "prompt": f"{i} w:", "completion": " x", "label": "x"} for i in range(6)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, long]))
+    (tmp_path / "test.jsonl").write_text(json.dumps({**rows[0], "id": "q0"}) + "\n")
+    out = tmp_path / "out"
+    args = ["bench", "--task", f"path:{tmp_path / 'train.jsonl'}:{tmp_path / 'test.jsonl'}", "--methods", "gradsim"]
+    result = CliRunner().invoke(app, [*args, "--model", tiny_model, "--max-length", "64", "--out", str(out)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "record 'long'" in said and "raise max_length (--max-length, now 64)" in said
+    assert not out.exists()

@@ -348,3 +348,23 @@ def test_report_on_a_killed_bench_names_it_unfinished_with_its_replay_line(tmp_p
     assert f"`wherefrom replay '{out}'`" in str(refused.value)
     assert runner.invoke(app, ["replay", str(out)]).exit_code == 0
     assert "bm25" in write_report(out).read_text()
+
+
+@pytest.mark.parametrize("command", ["groundtruth", "tune", "finetune"])
+def test_report_on_a_finished_folder_it_has_no_page_for_says_so(tmp_path, command):
+    """userS: a finished ground truth (not evaluated yet) or tune folder was called "unfinished" and sent to
+    ``replay``, as if killed; it is named finished, with what to do instead."""
+    out = tmp_path / command
+    out.mkdir()
+    record = {"replay": {command: {"command": command, "arguments": {}, "line": f"wherefrom {command}"}}}
+    (out / "config.json").write_text(json.dumps(record))
+    marker = {"groundtruth": "groundtruth.json", "tune": "tune.json", "finetune": "finetune_config.json"}[command]
+    (out / marker).write_text("{}")
+    with pytest.raises(FileNotFoundError) as refused:
+        write_report(out)
+    said = str(refused.value)
+    assert f"is a finished {command} folder ({marker}), which report does not read: " in said
+    assert "unfinished" not in said and "replay" not in said
+    (out / marker).unlink()  # killed before its result: unfinished, with the replay line
+    with pytest.raises(FileNotFoundError, match=f"is an unfinished {command} folder"):
+        write_report(out)

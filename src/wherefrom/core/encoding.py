@@ -388,7 +388,7 @@ def encode_records(
             if len(prompt) >= max_length:
                 hint = f"the prompt leaves no room for the completion under max_length={max_length}"
             else:
-                hint = f"raise max_length (now {max_length}) or shorten the record"
+                hint = f"raise max_length (--max-length, now {max_length}) or shorten the record"
             raise DataError(
                 f"{record.named()}: {len(prompt)} prompt tokens + {len(completion)} completion "
                 f"tokens = {total} tokens > max_length={max_length}; {hint} "

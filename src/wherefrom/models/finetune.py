@@ -529,9 +529,9 @@ def finetune(
     state is still cleared).
 
     Raises ``ValueError`` for a bad config, a PEFT model or a LoRA target that names no module of the model
-    (:func:`check_lora_targets`), before ``output_dir`` is made; :class:`wherefrom.core.data.DataError` for
-    an empty ``records``, an invalid row, a repeated id or an example longer than ``max_length``
-    (or the model's positions).
+    (:func:`check_lora_targets`); :class:`wherefrom.core.data.DataError` for an empty ``records``, an invalid row,
+    a repeated id or an example longer than ``max_length`` (or the model's positions): each before ``output_dir`` is
+    made (a refused run leaves no folder).
     """
     config.validate()
     records = check_records(records, "fine-tuning rows")
@@ -544,7 +544,6 @@ def finetune(
     if lora:  # before the output folder is made
         check_lora_targets(model, config.lora_targets)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     identity = _identity(config, records, model, tokenizer)
     device = _device_of(model)
@@ -565,6 +564,7 @@ def finetune(
     examples = encode_records(records, tokenizer, model=model, **config.layout())
     if not overwrite:
         refuse_overwrite([output_dir / CONFIG_FILE], why=_other_inputs(output_dir, identity, tokenizer))
+    output_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused row leaves no folder
 
     random.seed(config.seed)
     torch.manual_seed(config.seed)

@@ -32,6 +32,7 @@ from wherefrom.core.data import DataError, Record, load_records
 from wherefrom.core.scoring import Scores, index_rows_text, load_score_set, saved_labels, score_set_names
 from wherefrom.core.store import read_json_object, refuse_folder_in_place
 from wherefrom.engine.run import refuse_files_in_place
+from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_RECORD
 from wherefrom.studies.outputs import marked_commands, recorded_commands
 from wherefrom.studies.report.render import render, write_html
 from wherefrom.studies.report.sections import (
@@ -44,6 +45,20 @@ from wherefrom.studies.report.sections import (
     word_order_section,
 )
 
+NOT_REPORTED = {
+    "groundtruth": (
+        "groundtruth.json",
+        "score methods against it (`wherefrom evaluate {path}`), then report `{path}/evaluate.json`",
+    ),
+    "tune": ("tune.json", "its table is {path}/tune.md"),
+    "finetune": (
+        FINETUNE_RECORD,
+        "attribute with its weights (`wherefrom fit --model MODEL --adapter {path}/adapter`, or `--model {path}/model` "
+        "after a full fine-tuning)",
+    ),
+}
+"""Finished result folders report has no page for, with the result file that marks each and what to do instead (a
+folder with that file was called unfinished and sent to ``replay``)."""
 PROVENANCE_KEYS = ("command", "versions", "hardware", "format")
 """Keys of a result JSON shown as provenance; the others (``config`` and the like) as settings."""
 RESULT_KEYS = ("aggregate", "rows", "methods", "seeds", "summary", "runs", "changes", "short_rows")
@@ -219,6 +234,12 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
         raise FileNotFoundError(
             f"{path} is a folder holding result files, not a result folder: report one of them ({shown})"
         )
+    for command, (result, advice) in NOT_REPORTED.items():
+        if path.is_dir() and (path / result).is_file():  # finished: not to be replayed
+            raise FileNotFoundError(
+                f"{path} is a finished {command} folder ({result}), which report does not read: "
+                + advice.format(path=path)
+            )
     recorded = recorded_commands(read_json_object(path / "config.json")) if (path / "config.json").is_file() else []
     if recorded:  # its command recorded itself there and was killed or failed before its result file
         replay = command_line("replay", [(None, str(path))], exact=True)
