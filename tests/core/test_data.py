@@ -128,6 +128,15 @@ def test_malformed_json_line(tmp_path: Path) -> None:
     with pytest.raises(DataError) as excinfo:
         load_records(path)
     assert_error(excinfo, "bad.jsonl", "line 2", "invalid JSON")
+    path = write_jsonl(tmp_path / "open.jsonl", [json.dumps(ROWS[0]), '{"prompt": "p, "completion": "c"}'])
+    with pytest.raises(DataError) as excinfo:  # userS: json's "starting at" read "starting at at column 29"
+        load_records(path)
+    assert_error(excinfo, "open.jsonl, line 2: invalid JSON (Expecting ',' delimiter at column 17)")
+    path = write_jsonl(tmp_path / "unterminated.jsonl", [json.dumps(ROWS[0]), '{"prompt": "p'])
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, "invalid JSON (Unterminated string starting at column 12)")
+    assert " at at " not in str(excinfo.value)
 
 
 def test_non_object_json_line(tmp_path: Path) -> None:

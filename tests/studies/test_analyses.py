@@ -264,7 +264,11 @@ def test_cli_and_bad_input(reports, bench_dir, tmp_path):
     for kind, flags, named in [
         ("weights", ["--damping", "1e6", "--reference", "cg"], "analyze weights does not read --damping 1000000.0"),
         ("convergence", ["--probes", "3"], "analyze convergence does not read --probes 3"),
-        ("convergence", ["--n-queries", "1"], "--n-queries 1 (analyze ihvp does, and --n-queries weights too)"),
+        (
+            "convergence",
+            ["--n-queries", "1"],
+            "--n-queries 1 (analyze ihvp does; analyze weights reads --n-queries too)",
+        ),
     ]:
         ignored = runner.invoke(app, ["analyze", kind, "--bench", str(bench_dir), *flags])
         assert ignored.exit_code == 2 and named in " ".join(ignored.output.split()), ignored.output

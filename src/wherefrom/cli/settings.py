@@ -857,4 +857,21 @@ def check_arguments(arguments: dict[str, Any], files: Mapping[str, Check] | None
     problems = [
         SETTINGS[name].validate(value, (files or {}).get(name)) for name, value in arguments.items() if name in SETTINGS
     ]
-    return [p for p in problems if p is not None]
+    return [p for p in problems if p is not None] + contradictions(arguments)
+
+
+def contradictions(arguments: Mapping[str, Any]) -> list[str]:
+    """Flags of ``arguments`` that another one makes unused, each off its default (userS: ``--full --lora-rank 8``
+    fine-tuned every weight and recorded rank 8 nowhere; ``--damping 1 --damping-factor 0.5`` recorded a factor that
+    changed nothing)."""
+    problems = []
+    damping, factor = arguments.get("damping"), arguments.get("damping_factor", DAMPING_FACTOR)
+    if damping is not None and factor != DAMPING_FACTOR:
+        problems.append(
+            f"--damping {damping} sets lambda itself, so --damping-factor {factor} (lambda = factor x the mean "
+            "eigenvalue, used without --damping) would change nothing: give one of them"
+        )
+    rank = arguments.get("lora_rank", FinetuneConfig.lora_rank)
+    if arguments.get("full") and rank not in (FinetuneConfig.lora_rank, 0):
+        problems.append(f"--full fine-tunes every weight, so --lora-rank {rank} would change nothing: give one of them")
+    return problems

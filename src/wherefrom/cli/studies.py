@@ -231,7 +231,7 @@ def analyze(kind, bench, methods, option, n_queries, seeds, overwrite, device, *
     if kind == "convergence":
         unread.update(changed_settings(("n_queries",)))
     if unread:  # they were taken, ignored, and recorded in the analysis's command line
-        also = ", and --n-queries weights too" if "n_queries" in unread else ""
+        also = "; analyze weights reads --n-queries too" if "n_queries" in unread else ""
         fail(
             ValueError(
                 f"analyze {kind} does not read {shown_flags(unread)} (analyze ihvp does{also}): leave "

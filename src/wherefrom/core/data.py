@@ -330,7 +330,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any, str]]:
             elif re.search(r",\s*[}\]]", line):
                 hint = "; a trailing comma before } or ] is not JSON"
             raise DataError(
-                f"{_where(str(path), f'line {lineno}')}: invalid JSON ({err.msg} at column {err.colno}){hint}"
+                f"{_where(str(path), f'line {lineno}')}: invalid JSON ({err.msg.removesuffix(' at')} at column {err.colno}){hint}"
             ) from None
         yield f"line {lineno}", row, f"{path.stem}:{lineno}"
 
