@@ -200,3 +200,26 @@ def test_lora_target_holds_in_every_run_of_ablate_and_of_a_preset_bench(tmp_path
     assert len(runs) > 2 and all(run.finetune_config(0).lora_targets == ["o_proj", "q_proj"] for _, run in runs)
     line = f"wherefrom bench --task rules --out {tmp_path / 'b'} --preset reference-study --lora-target o_proj"
     assert config_of_line(line, bench, "run_bench")["lora_targets"] == ["o_proj"]
+
+
+def test_a_row_one_switch_cannot_take_is_refused_before_any_run(tmp_path, tiny_model):
+    """userS: a row of 135 tokens fits the reference study's layout (truncated at 128) but not wherefrom's
+    (no truncation, capped at the model's 128 positions): ``ablate`` fine-tuned every seed of the runs before
+    ``padded-loss``, then refused it. Every run's layout is checked on every seed's rows before any run starts."""
+    from wherefrom.core.data import DataError
+    from wherefrom.studies.ablation import AblationConfig, run_ablation
+
+    rows = [{"id": f"r{i}", "prompt": f"{i} w:", "completion": " x", "label": "x"} for i in range(6)]
+    long = {"id": "long", "prompt": "a b:", "completion": " x" * 150, "label": "x"}
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, long]))
+    (tmp_path / "test.jsonl").write_text(json.dumps({**rows[0], "id": "q0"}) + "\n")
+    task = f"path:{tmp_path / 'train.jsonl'}:{tmp_path / 'test.jsonl'}"
+    config = AblationConfig(
+        task=task, out=str(tmp_path / "ablate"), methods=["gradsim"], seeds=[0, 1], model=tiny_model, device="cpu"
+    )
+    with pytest.raises(DataError) as refused:
+        run_ablation(config)
+    said = str(refused.value)
+    assert said.startswith("ablate run 'padded-loss' (reference-study + padded-loss of wherefrom), seed 0: ")
+    assert "record 'long'" in said and "128 positions" in said
+    assert not (tmp_path / "ablate" / "finetunes").exists() and not (tmp_path / "ablate" / "runs").exists()

@@ -22,6 +22,7 @@ run's task had, as in ``bench.json``) with three tables:
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -29,7 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wherefrom.core.data import DataError
+from wherefrom.core.encoding import encode_records
 from wherefrom.curvature.base import Progress, no_progress
+from wherefrom.models.loading import load_model
 from wherefrom.studies.bench import BenchConfig, build_task, check_task_name, run_bench
 from wherefrom.studies.metrics import mean_stat
 from wherefrom.studies.presets import SWITCHES, check_preset, resolve, switched, switches_between
@@ -172,6 +176,30 @@ def short_row_wins(
     return {"queries": queries, "short_top1": short, "most_frequent_top1": most}
 
 
+def check_rows_fit(runs: Sequence[tuple[str, BenchConfig]]) -> None:
+    """Encode every run's training and test rows, for each seed, under that run's input layout (template, EOS,
+    padding, loss tokens, ``max_length``, truncation) with the runs' model, before any run starts: a row one switch's
+    layout cannot take was found when that run came, after the runs before it had fine-tuned (userS: six
+    fine-tunings, then ``padded-loss`` refused a 135-token row). Raises
+    :class:`wherefrom.core.data.DataError` naming the run, then the file, line and record."""
+    loaded = None
+    checked: set[str] = set()
+    for name, bench in runs:
+        layout = bench.finetune_config(bench.seeds[0]).layout()
+        seen = json.dumps(layout, sort_keys=True, default=str)
+        if seen in checked:
+            continue
+        checked.add(seen)
+        loaded = loaded or load_model(bench.model, device="cpu")
+        for seed in bench.seeds:
+            task = build_task(bench, seed)
+            try:
+                for rows in (task.train, task.test):
+                    encode_records(rows, loaded.tokenizer, model=loaded.model, **layout)
+            except DataError as error:
+                raise DataError(f"ablate run {name!r} ({bench.preset}), seed {seed}: {error}") from None
+
+
 def run_ablation(
     config: AblationConfig,
     progress: Progress = no_progress,
@@ -184,6 +212,7 @@ def run_ablation(
     ``overwrite=False``: a bench row made with other settings is refused, not replaced (:func:`run_bench`)."""
     config.validate()
     say = log or (lambda _line: None)
+    check_rows_fit(ablation_runs(config))
     reports: dict[str, dict[str, Any]] = {}
     for name, bench in ablation_runs(config):
         say(f"run {name}: {bench.preset}")
