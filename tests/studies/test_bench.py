@@ -386,10 +386,14 @@ def test_bench_command_line_gives_back_its_config(tmp_path, tiny_model):
     )  # fmt: skip
     recorded_only = {"preset", "finetune_dir"}
     assert off_default(config, recorded_only) == []
-    parsed = config_of_line(command_line(config), module, "run_bench")
-    assert {k: v for k, v in parsed.items() if k not in recorded_only} == {
-        k: v for k, v in asdict(config).items() if k not in recorded_only
-    }
+    # --damping makes --damping-factor unused, and the command line refuses the two together: each round-trips alone,
+    # and a config holding both records the one it uses
+    assert "--damping 0.01" in command_line(config) and "--damping-factor" not in command_line(config)
+    for chosen in (replace(config, damping_factor=0.1), replace(config, damping=None)):
+        parsed = config_of_line(command_line(chosen), module, "run_bench")
+        assert {k: v for k, v in parsed.items() if k not in recorded_only} == {
+            k: v for k, v in asdict(chosen).items() if k not in recorded_only
+        }
 
 
 def test_bench_lora_targets_reach_the_fine_tuning_and_the_keys_of_methods_that_run_it():

@@ -212,7 +212,8 @@ def short_of_sizes(task: BenchTask, n_train: int | None, n_test: int | None) -> 
 
 def command_line(config: BenchConfig) -> str:
     """A ``wherefrom bench`` command line equivalent to ``config`` (its options of methods it does not run, e.g. a
-    preset's, left out: ``bench`` refuses them as unused)."""
+    preset's, left out: ``bench`` refuses them as unused; likewise ``damping_factor`` beside an absolute ``damping``,
+    which the command line refuses together)."""
     used = {method: options for method, options in config.method_options.items() if method in {"*", *config.methods}}
     return render_command(
         "bench",
@@ -222,7 +223,7 @@ def command_line(config: BenchConfig) -> str:
             ("--seeds", ",".join(map(str, config.seeds))),
             *field_flags(config, ("n_train", "n_test", "model", "device")),
             *config.finetuning_flags(),
-            *field_flags(config, ("damping", "damping_factor")),
+            *field_flags(config, ("damping",) if config.damping is not None else ("damping_factor",)),  # one is used
             *later_flags(config, ("fisher",)),
             ("--option", format_option_pairs(used)),
             ("--out", config.out),
