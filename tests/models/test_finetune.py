@@ -8,13 +8,14 @@ import shutil
 import pytest
 import torch
 
+from tests.conftest import make_records
 from tests.models.tokenizers import appends_eos, version_1
 from wherefrom.core.data import DataError, data_fingerprint
 from wherefrom.core.encoding import TokenBoundaryWarning, encode_records, iterate_batches, pad_id
 from wherefrom.core.store import OutputExists, record_checksum, recorded_checksums
 from wherefrom.core.task import per_example_loss
 from wherefrom.models.finetune import FinetuneConfig, FinetuneDiverged, finetune, read_trainer_state
-from wherefrom.models.loading import Version1TokenizerRecord, tokenizer_fingerprint
+from wherefrom.models.loading import Version1TokenizerRecord, load_model, tokenizer_fingerprint
 from wherefrom.models.tiny import save_tiny, tiny_gpt2, tiny_llama, tiny_tokenizer
 from wherefrom.studies.generated import rule_identification
 
@@ -495,3 +496,21 @@ def test_a_non_finite_fine_tuning_number_is_refused_before_any_work(tmp_path, fl
     )
     assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
     assert not out.exists()
+
+
+def test_without_overwrite_a_run_of_the_same_inputs_missing_a_checkpoint_is_trained_again(tmp_path):
+    """reviewU: with ``overwrite=False`` (the ``finetune`` command, and ``bench``/``groundtruth`` now) a finished run
+    of the same inputs that could not be reused (a checkpoint deleted) was refused with no reason; it is trained
+    again (nothing is lost). A record that cannot be read is refused, naming that."""
+    model_dir = save_tiny(tmp_path / "base", arch="llama")
+    loaded = load_model(model_dir, device="cpu")
+    rows = make_records(8, seed=3)
+    config = FinetuneConfig(epochs=2, batch_size=4, max_length=64)
+    out = tmp_path / "run"
+    finetune(loaded.model, loaded.tokenizer, rows, config, out, progress=False)
+    shutil.rmtree(out / "checkpoints" / "epoch-1")
+    again = finetune(load_model(model_dir, device="cpu").model, loaded.tokenizer, rows, config, out, overwrite=False)
+    assert not again.reused and (out / "checkpoints" / "epoch-1").is_dir()
+    (out / "finetune_config.json").write_text("{not json")
+    with pytest.raises(OutputExists, match=r"finetune_config.json \(its record is unreadable\); pass --overwrite"):
+        finetune(load_model(model_dir, device="cpu").model, loaded.tokenizer, rows, config, out, overwrite=False)

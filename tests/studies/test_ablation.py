@@ -223,3 +223,24 @@ def test_a_row_one_switch_cannot_take_is_refused_before_any_run(tmp_path, tiny_m
     assert said.startswith("ablate run 'padded-loss' (reference-study + padded-loss of wherefrom), seed 0: ")
     assert "record 'long'" in said and "128 positions" in said
     assert not (tmp_path / "ablate" / "finetunes").exists() and not (tmp_path / "ablate" / "runs").exists()
+
+
+def test_a_later_run_of_other_settings_is_refused_before_the_first_run(tmp_path, tiny_model):
+    """reviewU: ``ablate`` checked each run's rows when that run came, so a rerun whose first runs were unchanged
+    fine-tuned and scored them, then refused a later one. Every run's rows are checked before the first run."""
+    from wherefrom.core.store import OutputExists
+    from wherefrom.studies.ablation import AblationConfig, ablation_runs, run_ablation
+    from wherefrom.studies.toolkit import store
+
+    config = AblationConfig(
+        task="rules", out=str(tmp_path / "ablate"), methods=["gradsim"], seeds=[0], n_train=8, n_test=2,
+        model=tiny_model, device="cpu",
+    )  # fmt: skip
+    name = ablation_runs(config)[-1][0]
+    row = tmp_path / "ablate" / "runs" / name / "seed-0" / "gradsim.json"
+    row.parent.mkdir(parents=True)
+    store(row, {"epochs": 1}, {"error": None})  # a finished row made with other settings
+    with pytest.raises(OutputExists) as refused:
+        run_ablation(config, overwrite=False)
+    assert str(refused.value).startswith(f"earlier results would be overwritten: {row}, made from other inputs (")
+    assert not (tmp_path / "ablate" / "finetunes").exists() and not (tmp_path / "ablate" / "runs" / "start").exists()

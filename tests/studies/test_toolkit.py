@@ -258,6 +258,6 @@ def test_refuse_replacing_names_only_finished_units_of_another_key(tmp_path):
     with pytest.raises(core_store.OutputExists) as error:
         refuse_replacing([(tmp_path / name, now) for name in ("a.json", "b.json", "c.json", "d.json")], "--again")
     assert str(error.value) == (
-        f"earlier results would be overwritten: {tmp_path / 'a.json'} and 1 more beside it, made from other inputs "
+        f"earlier results would be overwritten: {tmp_path / 'a.json'} and 1 more, made from other inputs "
         "(lr: recorded 1, now 2); pass --again to replace them"
     )

@@ -68,6 +68,7 @@ __all__ = [
     "StudySettings",
     "TrackingSettings",
     "check_arguments",
+    "contradictions",
     "default_threads",
     "int_list",
     "parse_grid",

@@ -60,9 +60,8 @@ from wherefrom.core.store import (
     PARTIAL,
     atomic_write_dir,
     atomic_write_text,
-    json_form,
+    refuse_other_inputs,
     refuse_overwrite,
-    settings_differences,
 )
 from wherefrom.core.task import model_inputs, per_example_loss
 from wherefrom.core.tracking import is_linear
@@ -384,15 +383,18 @@ def _finished_record(output_dir: Path) -> dict[str, Any] | None:
     return saved if isinstance(saved, dict) else None
 
 
-def _other_inputs(output_dir: Path, identity: dict[str, Any], tokenizer: Any) -> str:
-    """``", made from other inputs (...)"`` naming each setting, data or model fingerprint of ``identity`` that differs
-    from the finished run recorded in ``output_dir`` with both values (``""`` when its record is unreadable)."""
+def _refuse_other_run(output_dir: Path, identity: dict[str, Any], tokenizer: Any) -> None:
+    """:class:`wherefrom.core.store.OutputExists` when ``output_dir`` holds a finished run made from other inputs
+    (naming each setting, data or model fingerprint that differs, with both values) or whose record is unreadable;
+    nothing when it records the same inputs (a run whose checkpoints or weights are gone is trained again: that loses
+    nothing)."""
+    path = output_dir / CONFIG_FILE
     saved = _finished_record(output_dir)
     if saved is None:
-        return ""
-    now = _in_recorded_form(identity, saved, tokenizer, output_dir / CONFIG_FILE)
-    differences = settings_differences({key: saved.get(key) for key in now}, json_form(now))
-    return f", made from other inputs ({'; '.join(differences)})" if differences else ""
+        refuse_overwrite([path], why=" (its record is unreadable)")
+        return
+    now = _in_recorded_form(identity, saved, tokenizer, path)
+    refuse_other_inputs([path], {key: saved.get(key) for key in now}, now)
 
 
 def _try_reuse(
@@ -563,7 +565,7 @@ def finetune(
     # Encode first, so bad data fails before anything on disk is touched.
     examples = encode_records(records, tokenizer, model=model, **config.layout())
     if not overwrite:
-        refuse_overwrite([output_dir / CONFIG_FILE], why=_other_inputs(output_dir, identity, tokenizer))
+        _refuse_other_run(output_dir, identity, tokenizer)
     output_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused row leaves no folder
 
     random.seed(config.seed)

@@ -34,7 +34,14 @@ from wherefrom.core.data import DataError
 from wherefrom.core.encoding import encode_records
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.models.loading import load_model
-from wherefrom.studies.bench import BenchConfig, build_task, check_task_name, run_bench
+from wherefrom.studies.bench import (
+    BenchConfig,
+    build_task,
+    check_task_name,
+    planned_rows,
+    refuse_replaced_rows,
+    run_bench,
+)
 from wherefrom.studies.metrics import mean_stat
 from wherefrom.studies.presets import SWITCHES, check_preset, resolve, switched, switches_between
 from wherefrom.studies.toolkit import interval_cell, markdown_table, number, provenance, write_report
@@ -45,6 +52,7 @@ __all__ = [
     "STUDY_METHODS",
     "AblationConfig",
     "ablation_runs",
+    "check_rows_fit",
     "paired_change",
     "row_lengths",
     "run_ablation",
@@ -184,6 +192,7 @@ def check_rows_fit(runs: Sequence[tuple[str, BenchConfig]]) -> None:
     :class:`wherefrom.core.data.DataError` naming the run, then the file, line and record."""
     loaded = None
     checked: set[str] = set()
+    tasks = {seed: build_task(runs[0][1], seed) for seed in runs[0][1].seeds}  # the same rows in every run
     for name, bench in runs:
         layout = bench.finetune_config(bench.seeds[0]).layout()
         seen = json.dumps(layout, sort_keys=True, default=str)
@@ -191,8 +200,7 @@ def check_rows_fit(runs: Sequence[tuple[str, BenchConfig]]) -> None:
             continue
         checked.add(seen)
         loaded = loaded or load_model(bench.model, device="cpu")
-        for seed in bench.seeds:
-            task = build_task(bench, seed)
+        for seed, task in tasks.items():
             try:
                 for rows in (task.train, task.test):
                     encode_records(rows, loaded.tokenizer, model=loaded.model, **layout)
@@ -212,9 +220,13 @@ def run_ablation(
     ``overwrite=False``: a bench row made with other settings is refused, not replaced (:func:`run_bench`)."""
     config.validate()
     say = log or (lambda _line: None)
-    check_rows_fit(ablation_runs(config))
+    runs = ablation_runs(config)
+    check_rows_fit(runs)
+    if not overwrite:  # every run's rows before the first run starts
+        for _name, bench in runs:
+            refuse_replaced_rows(bench, planned_rows(bench)[1])
     reports: dict[str, dict[str, Any]] = {}
-    for name, bench in ablation_runs(config):
+    for name, bench in runs:
         say(f"run {name}: {bench.preset}")
         reports[name] = run_bench(
             bench, progress=progress, log=lambda line, name=name: say(f"{name}: {line}"), overwrite=overwrite

@@ -74,6 +74,8 @@ __all__ = [
     "finetuned",
     "make_task",
     "method_row",
+    "planned_rows",
+    "refuse_replaced_rows",
     "row_key",
     "rows_key",
     "run_bench",
@@ -446,6 +448,20 @@ def markdown(summary: dict[str, Any], kind: str, command: str, title: str) -> st
     return f"# wherefrom bench: {title}\n\nCommand: `{command}`\n\n" + table + "\n"
 
 
+def planned_rows(config: BenchConfig) -> tuple[dict[int, BenchTask], dict[int, dict[str, Any]]]:
+    """``(tasks, keys)``: each seed's task and the key of each of its methods' rows (:func:`row_key`), as
+    :func:`run_bench` caches them."""
+    tasks = {seed: build_task(config, seed) for seed in config.seeds}
+    return tasks, {seed: {m: row_key(config, seed, m, task) for m in config.methods} for seed, task in tasks.items()}
+
+
+def refuse_replaced_rows(config: BenchConfig, keys: dict[int, dict[str, Any]]) -> None:
+    """:class:`wherefrom.core.store.OutputExists` when a finished row of ``config.out`` holds another key than
+    ``keys`` (:func:`planned_rows`) gives it (:func:`wherefrom.studies.toolkit.refuse_replacing`)."""
+    out = Path(config.out)
+    refuse_replacing((_row_path(out, seed, m), key) for seed in keys for m, key in keys[seed].items())
+
+
 def run_bench(
     config: BenchConfig,
     progress: Progress = no_progress,
@@ -468,10 +484,9 @@ def run_bench(
     rows: list[dict[str, Any]] = []
     kind = title = headline = None
     sizes: dict[str, int] = {}
-    tasks = {seed: build_task(config, seed) for seed in config.seeds}
-    keys = {seed: {m: row_key(config, seed, m, task) for m in config.methods} for seed, task in tasks.items()}
+    tasks, keys = planned_rows(config)
     if not overwrite:
-        refuse_replacing((_row_path(out, seed, m), key) for seed in keys for m, key in keys[seed].items())
+        refuse_replaced_rows(config, keys)
     for seed, task in tasks.items():
         kind, title, headline = task.kind, task.description or task.name, task.headline_metric
         sizes = {"n_train": len(task.train), "n_test": len(task.test)}

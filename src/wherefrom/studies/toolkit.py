@@ -38,13 +38,13 @@ import torch
 from wherefrom.core.data import Record, data_fingerprint
 from wherefrom.core.options import int64_problem
 from wherefrom.core.store import (
-    OutputExists,
     atomic_write_json,
     atomic_write_text,
     hardware,
     json_form,
     package_versions,
     read_keyed_json,
+    refuse_overwrite,
     settings_differences,
 )
 
@@ -123,10 +123,9 @@ def refuse_replacing(units: Iterable[tuple[Path, Any]], allow: str = "--overwrit
             replaced.append((Path(path), saved["key"], json_form(key)))
     if replaced:
         path, was, now = replaced[0]
-        others = f" and {len(replaced) - 1} more beside it" if len(replaced) > 1 else ""
-        raise OutputExists(
-            f"earlier results would be overwritten: {path}{others}, made from other inputs "
-            f"({'; '.join(settings_differences(was, now))}); pass {allow} to replace them"
+        others = f" and {len(replaced) - 1} more" if len(replaced) > 1 else ""
+        refuse_overwrite(
+            [path], allow, f"{others}, made from other inputs ({'; '.join(settings_differences(was, now))})"
         )
 
 

@@ -264,6 +264,24 @@ def _method_row(
     return row
 
 
+def _unit_keys(
+    bench: Bench,
+    settings: IhvpSettings,
+    seed: int,
+    folder: str,
+    ref_key: dict[str, Any],
+    ref: dict[str, Any],
+    methods: list[str],
+    overwrite: bool,
+) -> dict[str, Any]:
+    """Each method unit's key under the reference ``ref``, after refusing (unless ``overwrite``) to replace a finished
+    unit of another key (:func:`wherefrom.studies.toolkit.refuse_replacing`)."""
+    keys = {method: _method_key(bench, settings, ref_key, ref, method) for method in methods}
+    if not overwrite:
+        refuse_replacing((bench.unit_path(seed, folder, method), key) for method, key in keys.items())
+    return keys
+
+
 def run_ihvp(
     bench: Bench | str,
     settings: IhvpSettings | None = None,
@@ -304,9 +322,7 @@ def run_ihvp(
         ref = cached(ref_json, ref_key, needs=[ref_tensors])
         done = {}
         if ref is not None:
-            keys = {method: _method_key(bench, settings, ref_key, ref, method) for method in methods}
-            if not overwrite:
-                refuse_replacing((bench.unit_path(seed, folder, method), key) for method, key in keys.items())
+            keys = _unit_keys(bench, settings, seed, folder, ref_key, ref, methods, overwrite)
             for method in methods:
                 done[method] = cached(bench.unit_path(seed, folder, method), keys[method])
         todo = [m for m in methods if done.get(m) is None]
@@ -316,6 +332,8 @@ def run_ihvp(
                 info, blocks = _reference(bench, settings, seed, tuned.model, loaded.tokenizer, task, queries, say)
                 atomic_save_tensors(blocks, ref_tensors)
                 ref = store(ref_json, ref_key, {"info": info})
+                # a reference computed again: its units are checked before they are written
+                _unit_keys(bench, settings, seed, folder, ref_key, ref, methods, overwrite)
             else:
                 blocks = dict(load_file(str(ref_tensors)).items())
             for method in todo:

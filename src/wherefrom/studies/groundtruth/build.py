@@ -223,8 +223,10 @@ def build_groundtruth(
     A rerun reuses every finished part made with the same settings (the full-data model, each retraining job, each
     PBRF row) and adds new ones (more subsets, LOO or PBRF rows). ``overwrite=False`` (``wherefrom groundtruth``
     without ``--overwrite``) refuses, with :class:`wherefrom.core.store.OutputExists` naming the settings that
-    differ, to replace a finished part made with other settings, before computing anything; ``True`` (the Python
-    default, as :func:`wherefrom.models.finetune.finetune`'s) recomputes and replaces it."""
+    differ, to replace a finished part made with other settings: the full-data model before it trains, the jobs before
+    any job runs, the PBRF rows when PBRF starts (after the jobs: a rerun that changes both the budget and
+    ``--pbrf-option`` trains its new jobs first); ``True`` (the Python default, as
+    :func:`wherefrom.models.finetune.finetune`'s) recomputes and replaces it."""
     config.validate()
     say = log or (lambda _line: None)
     out = Path(config.out)
