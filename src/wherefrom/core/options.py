@@ -123,8 +123,8 @@ class OptionSpec:
         converted = self._convert(value)
         if converted is None:  # "null" text for a nullable option
             return None
-        if int64_problem(converted):
-            raise OptionError(f"{owner}: option {self.name!r} got {value!r}: {int64_problem(converted)}")
+        if problem := int64_problem(converted):
+            raise OptionError(f"{owner}: option {self.name!r} got {value!r}: {problem}")
         if converted is UNSET or not self._in_range(converted):
             raise OptionError(f"{owner}: option {self.name!r} got {value!r}; allowed: {self.allowed()}")
         return converted

@@ -60,6 +60,7 @@ from wherefrom.core.store import (
     PARTIAL,
     atomic_write_dir,
     atomic_write_text,
+    read_json_object,
     refuse_other_inputs,
     refuse_overwrite,
 )
@@ -375,12 +376,10 @@ def _in_recorded_form(identity: dict[str, Any], recorded: Any, tokenizer: Any, w
 
 def _finished_record(output_dir: Path) -> dict[str, Any] | None:
     """The record (``CONFIG_FILE``) of the finished run in ``output_dir``, or ``None`` when missing or unreadable."""
-    path = output_dir / CONFIG_FILE
     try:
-        saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
+        return read_json_object(output_dir / CONFIG_FILE)
+    except (OSError, ValueError):
         return None
-    return saved if isinstance(saved, dict) else None
 
 
 def _refuse_other_run(output_dir: Path, identity: dict[str, Any], tokenizer: Any) -> None:

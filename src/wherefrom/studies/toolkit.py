@@ -43,6 +43,7 @@ from wherefrom.core.store import (
     hardware,
     json_form,
     package_versions,
+    read_json_object,
     read_keyed_json,
     refuse_overwrite,
     settings_differences,
@@ -75,7 +76,7 @@ def seeds_problem(seeds: Sequence[int]) -> str | None:
     negative = sorted({seed for seed in seeds if seed < 0})
     if negative:
         return f"seed(s) {negative} negative: seeds are integers >= 0, as --seed"
-    huge = next((int64_problem(seed) for seed in seeds if int64_problem(seed)), None)
+    huge = next(filter(None, map(int64_problem, seeds)), None)
     if huge is not None:
         return huge
     repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
@@ -116,11 +117,12 @@ def refuse_replacing(units: Iterable[tuple[Path, Any]], allow: str = "--overwrit
     replaced = []
     for path, key in units:
         try:
-            saved = json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
+            saved = read_json_object(Path(path))
         except (OSError, ValueError):
-            continue  # an unreadable unit is recomputed, as cached() does
-        if isinstance(saved, dict) and "key" in saved and not saved.get("error") and saved["key"] != json_form(key):
-            replaced.append((Path(path), saved["key"], json_form(key)))
+            continue  # a missing or unreadable unit is computed, as cached() does
+        now = json_form(key)
+        if "key" in saved and not saved.get("error") and saved["key"] != now:
+            replaced.append((Path(path), saved["key"], now))
     if replaced:
         path, was, now = replaced[0]
         others = f" and {len(replaced) - 1} more" if len(replaced) > 1 else ""
