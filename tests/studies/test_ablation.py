@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
+import typer
 
 from tests.cli.conftest import invoke
 from wherefrom.core.encoding import REFERENCE_TEMPLATE
@@ -92,6 +94,43 @@ def test_bench_preset_records_resolved_settings_and_flags_override(tmp_path, tin
     assert (
         bad.exit_code == 2 and "--preset nope: unknown preset; choose one of reference-study, wherefrom" in bad.output
     )
+
+
+def test_a_flag_given_at_its_default_overrides_the_preset(tmp_path):
+    """userS: ``bench --preset reference-study --fisher true`` ran with the preset's empirical Fisher: a flag given
+    at its default value was not told apart from one left out. A flag given overrides the preset, at its default
+    too; the command line recorded names it, and so does a record replayed (the command called with keywords);
+    ``ablate`` holds it in every run, so the ``fisher`` switch is left out."""
+    import wherefrom.studies.ablation as ablation
+    import wherefrom.studies.bench as bench
+    from tests.studies.replayed import config_of_line
+    from wherefrom.cli.app import COMMANDS
+
+    made: list[tuple] = []
+
+    def capture(config, command=None, **_keywords):
+        made.append((config, command))
+        raise RuntimeError("captured")  # ends the command before any work
+
+    preset = f"wherefrom bench --task rules --out {tmp_path / 'b'} --preset reference-study"
+    plain = config_of_line(preset, bench, "run_bench")
+    assert (plain["fisher"], plain["max_length"], plain["epochs"]) == ("empirical", 128, 10)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "run_bench", capture)
+        invoke(*preset.split()[1:], "--fisher", "true", "--max-length", "512", "--epochs", "10")
+        with pytest.raises(typer.Exit):  # exit 2 at the captured error
+            COMMANDS["bench"](task="rules", out=tmp_path / "b", preset="reference-study", fisher="true")
+    (given, line), (replayed, _) = made
+    assert (given.fisher, given.max_length, given.epochs, replayed.fisher) == ("true", 512, 10, "true")
+    assert "--fisher true" in line and "--max-length 512" in line and "--epochs 10" in line, line
+    assert "--learning-rate" not in line and "--loss-tokens" not in line, line  # left to the preset, as before
+    assert asdict(given) == config_of_line(line, bench, "run_bench")
+    ablate = f"wherefrom ablate --task rules --out {tmp_path / 'a'} --fisher true"
+    config = ablation.AblationConfig(**config_of_line(ablate, ablation, "run_ablation"))
+    assert config.fixed == {"fisher": "true"}
+    assert [name for name, _ in ablation.ablation_runs(config)] == [
+        *(n for n, _ in ablation.ablation_runs(ablation.AblationConfig(task="rules", out="x")) if n != "fisher")
+    ]
 
 
 def test_ablate_two_switches_on_tiny_model(tmp_path, tiny_model):

@@ -252,6 +252,10 @@ def test_cli_and_bad_input(reports, bench_dir, tmp_path):
     result = runner.invoke(app, ["analyze", "weights", "--bench", str(bench_dir)])
     assert result.exit_code == 0, result.output
     assert "| checkpoint | training loss |" in result.output
+    # userS: the command line of an analysis named ihvp's settings at their defaults, which it does not read
+    line = json.loads((bench_dir / "weights.json").read_text())["command"]
+    assert line.startswith("wherefrom analyze weights --bench "), line
+    assert not any(flag in line for flag in ("--damping", "--reference", "--probes", "--cg-tol")), line
     missing = runner.invoke(app, ["analyze", "ihvp", "--bench", str(tmp_path)])
     assert missing.exit_code == 2 and "bench.json" in missing.output
     unknown = runner.invoke(app, ["analyze", "nope", "--bench", str(bench_dir)])

@@ -49,13 +49,15 @@ __all__ = [
     "command",
     "console",
     "fail",
+    "given_settings",
     "group_session",
-    "leave_to_preset",
     "progress",
+    "record_only_set",
     "recorded_line",
     "refuse_foreign_folder",
     "refuse_unread_settings",
     "remember",
+    "set_settings",
     "settings_as",
     "shown_flags",
 ]
@@ -175,10 +177,12 @@ def required(value: Any, name: str) -> Any:
 @dataclass
 class Invocation:
     """The command running now and its arguments (after checks), in signature order; ``unrecorded``: the
-    settings its record leaves out (see :func:`leave_to_preset`)."""
+    settings its record leaves out (see :func:`record_only_set`)."""
 
     name: str
     arguments: dict[str, Any]
+    given: set[str] = field(default_factory=set)
+    """The settings the user gave (:func:`given_settings`), at their default value or not."""
     unrecorded: set[str] = field(default_factory=set)
     replaced: list[tuple[Path, str, Any, Any, tuple[bool, bool]]] = field(default_factory=list)
     """``(folder, key, the record there before or None, the record written, (folder made, config.json made))`` of
@@ -221,13 +225,14 @@ def recorded_line() -> str:
     return command_line(invocation.name, invocation.pairs())
 
 
-def leave_to_preset(names: Iterable[str]) -> None:
-    """Leave the running command's settings among ``names`` that are at their default out of its record
-    (:func:`recorded_line`, :func:`remember`): a preset decides them (``bench --preset``, ``ablate``), so a
-    default written there would read as a value the run used. A rerun of the record resolves them the same
-    way, since a flag at its default never overrides a preset."""
+def record_only_set(names: Iterable[str]) -> None:
+    """Leave the running command's settings among ``names`` that the user did not set (:func:`set_settings`) out
+    of its record (:func:`recorded_line`, :func:`remember`): a preset decides them (``bench --preset``,
+    ``ablate``), or the command does not read them (``analyze``'s ihvp settings in its other analyses), so a
+    default written there would read as a value the run used. A rerun of the record resolves them the same way:
+    what it names is set again, what it leaves out is left to the preset again."""
     invocation = _CURRENT.get()
-    invocation.unrecorded |= {n for n in names if n in invocation.arguments} - set(changed_settings(names))
+    invocation.unrecorded |= {n for n in names if n in invocation.arguments} - set(set_settings(names))
 
 
 GUESTS = {"bench": frozenset({"analyze"}), "groundtruth": frozenset({"evaluate"})}
@@ -387,10 +392,33 @@ def settings_as(cls: type[T], **overrides: Any) -> T:
 
 def changed_settings(names: Iterable[str]) -> dict[str, Any]:
     """``{name: value}`` of the running command's settings among ``names`` whose value is not their
-    default: what the user set, which a preset does not override (a flag given at its default value is
-    indistinguishable from one not given)."""
+    default: those that change what the command computes (a flag given at its default value changes nothing,
+    and a record of a command without a preset names every setting at its value)."""
     arguments = _CURRENT.get().arguments
     return {n: arguments[n] for n in names if n in arguments and arguments[n] != SETTINGS[n].default}
+
+
+def set_settings(names: Iterable[str]) -> dict[str, Any]:
+    """``{name: value}`` of the running command's settings among ``names`` that the user set: given
+    (:func:`given_settings`; a flag at its default value too, such as ``--fisher true``) or off their default.
+    A preset does not override them (``bench --preset``, ``ablate``)."""
+    invocation = _CURRENT.get()
+    changed = changed_settings(names)
+    return {
+        n: invocation.arguments[n]
+        for n in names
+        if n in invocation.arguments and (n in changed or n in invocation.given)
+    }
+
+
+def given_settings(context: typer.Context | None, given: Mapping[str, Any]) -> set[str]:
+    """The settings among ``given`` (the keywords a command was called with) that the user gave: on the command
+    line (``context``, the command's), those whose value did not come from the flag's default (click's parameter
+    source); called as a function (no ``context``: ``replay`` passes a record's arguments), every keyword."""
+    if context is None:
+        return set(given)
+    sources = {n: context.get_parameter_source(n) for n in given}
+    return {n for n, source in sources.items() if source is not None and source.name != "DEFAULT"}
 
 
 def shown_flags(given: dict[str, Any]) -> str:
@@ -480,7 +508,7 @@ def command(
     settings = [SETTINGS[p] for p in names]
 
     @functools.wraps(function)
-    def run(**given: Any) -> None:
+    def run(typer_context: typer.Context | None = None, **given: Any) -> None:
         unknown = sorted(set(given) - set(names))
         if unknown:
             fail(f"command {name} has no settings {unknown}")
@@ -500,7 +528,7 @@ def command(
                 refuse(f"command {name}", f"run it in one process; {', '.join(sorted(DISTRIBUTED))} run under torchrun")
             except (NotDistributable, ValueError) as error:  # ValueError: a malformed RANK/WORLD_SIZE environment
                 fail(error)
-        invocation = Invocation(name, arguments)
+        invocation = Invocation(name, arguments, given_settings(typer_context, given))
         token = _CURRENT.set(invocation)
         try:
             with torch_threads(arguments.get("threads")), system_errors_named():
@@ -516,14 +544,15 @@ def command(
             _CURRENT.reset(token)
         end_process(0)
 
-    parameters = [
+    context = inspect.Parameter("typer_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+    parameters = [context] + [
         inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=_parameter(s), annotation=s.type)
         for s in settings
     ]
     del run.__wrapped__
     run.__doc__ = reflowed(function.__doc__ or "")
     run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-    run.__annotations__ = {s.name: s.type for s in settings}
+    run.__annotations__ = {"typer_context": typer.Context} | {s.name: s.type for s in settings}
     COMMANDS[name] = run
     app.command(name=name, help=escape(run.__doc__))(run)
     return run

@@ -15,16 +15,17 @@ from wherefrom.cli.app import (
     changed_settings,
     command,
     fail,
-    leave_to_preset,
     merged_options,
     method_list,
     method_pairs,
     progress,
+    record_only_set,
     recorded_line,
     refuse_foreign_folder,
     remember,
     required,
     say,
+    set_settings,
     settings_as,
     shown_flags,
     stdout_console,
@@ -81,14 +82,14 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
 
 
 PRESET_SETTINGS = (*FIRST_FINETUNING, *REFERENCE_SWITCHES, "damping", "damping_factor")
-"""The settings a preset may set; given at other than their default they override it."""
+"""The settings a preset may set; a flag given overrides it (at its default value too)."""
 
 
 def explicit_bench_settings(option: list[str] | None, methods: list[str]) -> dict:
-    """The :class:`wherefrom.studies.bench.BenchConfig` settings the user set (:func:`changed_settings`, with
+    """The :class:`wherefrom.studies.bench.BenchConfig` settings the user set (:func:`set_settings`, with
     ``--no-eos`` as ``append_eos`` and ``--lora-target`` as ``lora_targets``) and the ``--option`` pairs as
     ``method_options`` (when any; one for a method not among ``methods`` is refused)."""
-    explicit = changed_settings((*PRESET_SETTINGS, "lora_target"))
+    explicit = set_settings((*PRESET_SETTINGS, "lora_target"))
     if explicit.pop("no_eos", False):
         explicit["append_eos"] = False
     if "lora_target" in explicit:
@@ -102,8 +103,8 @@ def bench(task, out, methods, seeds, option, preset, no_eos, lora_target, overwr
     """Every method on a benchmark task over seeds: metrics with 95% intervals, time and memory.
 
     --methods defaults to ekfac,kfac,datainf,gradsim,tracin,repsim,bm25 and --seeds to 0. --preset
-    reference-study | wherefrom starts from that bundle of settings (wherefrom.studies.presets); flags
-    at other than their default override it. --out receives bench.json (with the resolved settings),
+    reference-study | wherefrom starts from that bundle of settings (wherefrom.studies.presets); a flag
+    given overrides it, also at its default value (--fisher true). --out receives bench.json (with the resolved settings),
     bench.md, seed-<s>/<method>.json and config.json (a rerun resumes and adds new methods and seeds; one that
     would replace a row or fine-tuned model made with other settings is refused unless --overwrite)."""
     from wherefrom.studies.bench import DEFAULT_METHODS, BenchConfig, failed_methods, run_bench
@@ -111,7 +112,7 @@ def bench(task, out, methods, seeds, option, preset, no_eos, lora_target, overwr
 
     out = required(out, "out")
     if preset is not None:
-        leave_to_preset(PRESET_SETTINGS)
+        record_only_set(PRESET_SETTINGS)
 
     def build() -> BenchConfig:
         chosen = {"out": str(out), "methods": method_list(methods, DEFAULT_METHODS), "seeds": int_list(seeds or "0")}
@@ -164,15 +165,15 @@ def ablate(
     the change of Acc/Cover (AUPRC/MRR) per switch and method with 95% intervals over seeds, and how often
     short rows rank top-1.
 
-    --methods defaults to ekfac,gradsim,repsim and --seeds to 0,1,2. Flags at other than their default
-    hold in every run. --out receives ablate.json, ablate.md, runs/<run>/ (bench folders), finetunes/ and
+    --methods defaults to ekfac,gradsim,repsim and --seeds to 0,1,2. Flags given (also at their
+    default value) hold in every run. --out receives ablate.json, ablate.md, runs/<run>/ (bench folders), finetunes/ and
     config.json (a rerun resumes; one that would replace a bench row made with other settings is refused unless
     --overwrite)."""
     from wherefrom.studies.ablation import STUDY_METHODS, AblationConfig, run_ablation
     from wherefrom.studies.bench import failed_methods
 
     out = required(out, "out")
-    leave_to_preset(PRESET_SETTINGS)  # the presets --from and --to decide what no flag sets
+    record_only_set(PRESET_SETTINGS)  # the presets --from and --to decide what no flag sets
 
     def build() -> AblationConfig:
         chosen = method_list(methods, STUDY_METHODS)
@@ -227,9 +228,9 @@ def analyze(kind, bench, methods, option, n_queries, seeds, overwrite, device, *
         fail(ValueError(f"unknown analysis {kind!r}; choose one of {list(ANALYSES)}"))
     if kind == "weights" and (option or methods):
         fail(ValueError("analyze weights takes no --option or --methods (it measures the fine-tuning weight change)"))
-    unread = changed_settings(IHVP_ONLY) if kind != "ihvp" else {}
-    if kind == "convergence":
-        unread.update(changed_settings(("n_queries",)))
+    not_read = {"ihvp": (), "convergence": (*IHVP_ONLY, "n_queries")}.get(kind, IHVP_ONLY)
+    record_only_set(not_read)  # their defaults would read in the analysis's command line as settings it used
+    unread = changed_settings(not_read)
     if unread:  # they were taken, ignored, and recorded in the analysis's command line
         also = "; analyze weights reads --n-queries too" if "n_queries" in unread else ""
         fail(
