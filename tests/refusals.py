@@ -226,6 +226,15 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "argument",
+        "a report's --out naming a file wherefrom did not write (likewise `query --html`, `evaluate --out`)",
+        EXIT,
+        "--out train.jsonl: is a file wherefrom did not write",
+        "the page replaced the file, whatever it held, and it was lost; an earlier wherefrom report (or an empty "
+        "file) is replaced",
+        command=("report", "run", "--out", "train.jsonl"),
+    ),
+    Refusal(
+        "argument",
         "a negative --top-k",
         EXIT,
         "--top-k -1: must be >= 1",

@@ -480,8 +480,22 @@ def test_an_output_folder_that_is_a_file_is_named_before_any_work(workspace, tmp
     run = workspace / "report-run"
     assert invoke("fit", "--train", train, "--model", workspace / "model", "--run", run).exit_code == 0
     page = tmp_path / "page.html"
-    page.write_text("an earlier report")
+    page.write_text("")  # an empty file loses nothing
     assert invoke("report", run, "--out", page).exit_code == 0 and "<html" in page.read_text().lower()
+    page.write_text(page.read_text().replace("</h1>", "</h1>an earlier report"))
+    assert invoke("report", run, "--out", page).exit_code == 0 and "an earlier report" not in page.read_text()
+    # a file wherefrom did not write was replaced by the page (and lost): refused, kept (evaluate's stem likewise)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    (tmp_path / "notes.md").write_text("# my notes, with a # wherefrom evaluate: line further down")
+    for args, said in (
+        (("report", run, "--out", notes), f"--out {notes}: is a file wherefrom did not write"),
+        (("query", "--run", run, "ab:", " cd", "--html", notes), f"--html {notes}: is a file wherefrom did not write"),
+        (("evaluate", run, "--out", tmp_path / "notes"), f"{tmp_path / 'notes.md'} is a file wherefrom did not write"),
+    ):
+        refused = invoke(*args)
+        assert refused.exit_code == 2 and said in " ".join(refused.output.split()), refused.output
+    assert notes.read_text() == "my notes" and (tmp_path / "notes.md").read_text().startswith("# my notes")
     refused = invoke("report", run, "--out", blocker / "page.html")
     assert refused.exit_code == 2 and f"{blocker} is a file, not a folder" in refused.output
     refused = invoke("evaluate", run, "--out", blocker / "stem")

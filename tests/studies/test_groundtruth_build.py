@@ -277,6 +277,9 @@ def test_cli_groundtruth_and_evaluate(folder, tmp_path):
     result = runner.invoke(app, ["evaluate", str(out), "--methods", "identity,bm25", "--device", "cpu"])
     assert result.exit_code == 0, result.output  # --device: README's "every command" (evaluate had none)
     assert "| identity | " in result.output and (out / "evaluate.md").is_file()
+    again = ["evaluate", str(out), "--methods", "identity,bm25", "--out", str(out / "evaluate"), "--device", "cpu"]
+    again = runner.invoke(app, again)
+    assert again.exit_code == 0, again.output  # --out naming an earlier report (both its files) replaces it
     scores = files_of(out / "scores")
     other = runner.invoke(app, ["evaluate", str(out), "--methods", "identity,bm25", "--option", "bm25.k1=2.0"])
     said = " ".join(other.output.split())

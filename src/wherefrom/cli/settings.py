@@ -32,7 +32,7 @@ from wherefrom.core.option_pairs import OptionPairError, parse_option_pairs, par
 from wherefrom.core.options import int64_problem
 from wherefrom.core.scoring import TOP_K
 from wherefrom.core.search import FAISS_OPTIONS
-from wherefrom.core.store import read_json_object
+from wherefrom.core.store import read_json_object, replaceable
 from wherefrom.core.task import REDUCTIONS
 from wherefrom.core.vectors import DTYPE, DTYPES, SHARD_SIZE
 from wherefrom.curvature.base import DAMPING_FACTOR
@@ -139,19 +139,31 @@ def output_folder(value: Any) -> str | None:
 
 
 def output_file(value: Any) -> str | None:
-    """A file to write (replaced when it exists): not a folder (it failed once its content was made, ``Is a
-    directory``), and no folder above it is a file."""
+    """An HTML report to write (``report --out``, ``query --html``): not a folder (it failed once its content was
+    made, ``Is a directory``), no folder above it is a file, and an existing file is a wherefrom report
+    (:data:`wherefrom.studies.report.render.GENERATOR`), which is replaced; another file (``--out notes.txt``) was
+    replaced and lost."""
+    from wherefrom.studies.report.render import GENERATOR
+
     if os.path.isdir(value):
         return "is a folder, not a file"
-    return output_stem(value)
+    if not replaceable(Path(value), GENERATOR):
+        return "is a file wherefrom did not write (not a wherefrom HTML report): choose another file, or remove it"
+    return _file_in_the_way(Path(value).parent, Path(value))
 
 
 def output_stem(value: Any) -> str | None:
-    """A file stem (``STEM.json``, ``STEM.md`` are written; a folder named ``STEM`` is left beside them): neither
-    file is a folder, and no folder above them is a file."""
-    for written in (f"{value}.json", f"{value}.md"):
+    """A file stem of ``evaluate``'s report (``STEM.json``, ``STEM.md`` are written, replacing an earlier report; a
+    folder named ``STEM`` is left beside them): neither file is a folder or a file wherefrom did not write
+    (:data:`wherefrom.studies.groundtruth.evaluate.REPORT_MARKS`), and no folder above them is a file."""
+    from wherefrom.studies.groundtruth.evaluate import REPORT_MARKS
+
+    for suffix, mark in REPORT_MARKS.items():
+        written = f"{value}{suffix}"
         if os.path.isdir(written):
             return f"{written} is a folder, not a file"
+        if not replaceable(Path(written), mark):
+            return f"{written} is a file wherefrom did not write (not an evaluate report): choose another stem, or remove it"
     return _file_in_the_way(Path(value).parent, Path(value))
 
 

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import stat
 import struct
@@ -109,6 +110,19 @@ def _atomic_replace(path: Path, write) -> None:
     finally:
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
+
+
+def replaceable(path: Path, mark: str, within: int = 4096) -> bool:
+    """Whether a job may replace the file ``path``: it is missing, empty, not readable (left to the write, which
+    names it), or ``mark`` (a regular expression, ``re.search``) matches its first ``within`` bytes (as UTF-8): a
+    file of the kind the job writes, which it can make again. Else it is someone else's file, which the job would
+    destroy (``report --out notes.txt`` replaced it)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(within)
+    except OSError:
+        return True
+    return not head or re.search(mark, head.decode("utf-8", errors="replace")) is not None
 
 
 def atomic_write_text(text: str, path: Path) -> None:

@@ -25,6 +25,7 @@ goes to ``<stem>.json`` and ``<stem>.md`` (default stem ``<folder>/evaluate``).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from functools import cache
@@ -57,6 +58,7 @@ from wherefrom.studies.toolkit import (
 )
 
 __all__ = [
+    "REPORT_MARKS",
     "TARGETS",
     "evaluate",
     "evaluate_scores",
@@ -69,6 +71,11 @@ __all__ = [
 ]
 
 TARGETS = ("lds", "loo_pearson", "loo_spearman", "pbrf_spearman")
+REPORT_TITLE = "# wherefrom evaluate:"
+REPORT_MARKS = {".json": r'\A\{\s*"command": "wherefrom evaluate ', ".md": r"\A" + re.escape(REPORT_TITLE)}
+"""How the report files ``STEM.json`` (key-sorted: its command first) and ``STEM.md`` (its title) start (regular
+expressions): a file that starts so is an earlier report, which ``evaluate --out STEM`` may replace
+(:func:`wherefrom.core.store.replaceable`)."""
 _FORMAT_VERSION = 1
 
 
@@ -224,7 +231,7 @@ def markdown(rows: dict[str, dict[str, Any]], command: str, title: str) -> str:
     ]
     header = ["method", "LDS", "LOO Pearson", "LOO Spearman", "PBRF Spearman", "time, s", "peak memory, MiB"]
     return (
-        f"# wherefrom evaluate: {title}\n\nCommand: `{command}`\n\n"
+        f"{REPORT_TITLE} {title}\n\nCommand: `{command}`\n\n"
         + markdown_table(header, table)
         + "\n\nIntervals: 95% percentile bootstrap over queries. Time and memory: fit + scores of the method.\n"
     )

@@ -17,6 +17,9 @@ import jinja2
 from wherefrom.core.store import atomic_write_text
 
 TEMPLATE = "report.html.j2"
+GENERATOR = r'<meta name="generator" content="wherefrom[ "]'
+"""The generator tag the template writes in every page's head (a regular expression): a file holding it is a
+wherefrom report, which ``report --out`` and ``query --html`` may replace (:func:`wherefrom.core.store.replaceable`)."""
 
 
 def _version() -> str:
