@@ -3,7 +3,9 @@
 For a module with per-token inputs ``a_t`` (``in'``) and output gradients ``g_t`` (``out``):
 
 * ``A = sum_{tokens} a a^T / n_tokens`` and ``S = sum_{tokens} g g^T / n_examples``, so that with
-  ``G_n = sum_t g_t a_t^T`` and no cross-token terms, ``mean_n vec(G_n) vec(G_n)^T ~= A (x) S``.
+  ``G_n = sum_t g_t a_t^T`` and no cross-token terms, ``mean_n vec(G_n) vec(G_n)^T ~= A (x) S`` with ``vec``
+  stacking columns (Grosse et al.'s); on the row-major flattening of ``G_n`` ``(out, in')`` that this module
+  and the index use, the same curvature reads ``S (x) A``.
   With one example of one token the factorisation is exact.
 * K-FAC eigenvalues: ``Lambda[i, j] = s_i * a_j`` from ``A = Q_A diag(a) Q_A^T``, ``S = Q_S diag(s) Q_S^T``.
 * EK-FAC eigenvalues (the eigenvalue correction): ``Lambda[i, j] = mean_n (Q_S^T G_n Q_A)[i, j]^2``,

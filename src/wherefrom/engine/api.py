@@ -98,7 +98,9 @@ class AttributionConfig:
     (:mod:`wherefrom.core.task`); by default ``f = log p(completion, EOS | prompt)``.
     ``autocast``: ``"bfloat16"`` or ``"float16"`` runs the model's forward passes under
     ``torch.autocast`` on its device (faster on GPUs); the captured inputs and output gradients are
-    taken to float32 and every statistic is accumulated in float32/float64 as without it.
+    taken to float32 and every statistic is accumulated in float32/float64 as without it (float16's backward
+    pass runs on a scaled loss, :data:`wherefrom.core.tracking.LOSS_SCALES`, so small gradients do not flush
+    to zero).
     ``template`` / ``append_eos`` / ``pad_left`` / ``loss_tokens`` / ``truncate``: the input layout of
     :func:`wherefrom.core.encoding.encode_records` (defaults: the raw prompt, an EOS after the completion,
     right padding, loss on the completion, a longer row refused); the reference study's layout is ``template=
