@@ -18,7 +18,7 @@ import os
 import select
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -183,6 +183,8 @@ class Invocation:
     arguments: dict[str, Any]
     given: set[str] = field(default_factory=set)
     """The settings the user gave (:func:`given_settings`), at their default value or not."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Each setting's default in this command (``command(defaults=...)``, else the setting's)."""
     unrecorded: set[str] = field(default_factory=set)
     replaced: list[tuple[Path, str, Any, Any, tuple[bool, bool]]] = field(default_factory=list)
     """``(folder, key, the record there before or None, the record written, (folder made, config.json made))`` of
@@ -394,8 +396,9 @@ def changed_settings(names: Iterable[str]) -> dict[str, Any]:
     """``{name: value}`` of the running command's settings among ``names`` whose value is not their
     default: those that change what the command computes (a flag given at its default value changes nothing,
     and a record of a command without a preset names every setting at its value)."""
-    arguments = _CURRENT.get().arguments
-    return {n: arguments[n] for n in names if n in arguments and arguments[n] != SETTINGS[n].default}
+    invocation = _CURRENT.get()
+    arguments, defaults = invocation.arguments, invocation.defaults
+    return {n: arguments[n] for n in names if n in arguments and arguments[n] != defaults[n]}
 
 
 def set_settings(names: Iterable[str]) -> dict[str, Any]:
@@ -475,6 +478,7 @@ def command(
     name: str | None = None,
     distributed: bool = False,
     files: Mapping[str, Check] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> Any:
     """Register a function as the command of its name (or ``name``, e.g. ``word-order``). Its parameters, and the names in ``uses``
     (received through ``**settings`` and read by :func:`settings_as`), name settings of
@@ -494,9 +498,14 @@ def command(
     folder's (:func:`wherefrom.cli.settings.check_arguments`): ``report --out`` the HTML file
     (:func:`wherefrom.cli.settings.output_file`), ``evaluate --out`` a file stem
     (:func:`wherefrom.cli.settings.output_stem`).
+
+    ``defaults``: this command's own defaults of settings shared with other commands, shown in its help and
+    taken where the flag is not given (``word-order``'s fine-tuning is the study's, not ``finetune``'s).
     """
     if function is None:
-        return functools.partial(command, uses=tuple(uses), name=name, distributed=distributed, files=files)
+        return functools.partial(
+            command, uses=tuple(uses), name=name, distributed=distributed, files=files, defaults=defaults
+        )
     name = name or function.__name__
     if distributed:
         DISTRIBUTED.add(name)
@@ -505,7 +514,10 @@ def command(
     unknown = [p for p in names if p not in SETTINGS]
     if unknown:
         raise TypeError(f"command {name}: parameters {unknown} are not settings in wherefrom.cli.settings")
-    settings = [SETTINGS[p] for p in names]
+    defaults = dict(defaults or {})
+    if set(defaults) - set(names):
+        raise TypeError(f"command {name}: defaults for {sorted(set(defaults) - set(names))}, which it does not take")
+    settings = [replace(SETTINGS[p], default=defaults[p]) if p in defaults else SETTINGS[p] for p in names]
 
     @functools.wraps(function)
     def run(typer_context: typer.Context | None = None, **given: Any) -> None:
@@ -528,7 +540,9 @@ def command(
                 refuse(f"command {name}", f"run it in one process; {', '.join(sorted(DISTRIBUTED))} run under torchrun")
             except (NotDistributable, ValueError) as error:  # ValueError: a malformed RANK/WORLD_SIZE environment
                 fail(error)
-        invocation = Invocation(name, arguments, given_settings(typer_context, given))
+        invocation = Invocation(
+            name, arguments, given_settings(typer_context, given), {s.name: s.default for s in settings}
+        )
         token = _CURRENT.set(invocation)
         try:
             with torch_threads(arguments.get("threads")), system_errors_named():
