@@ -81,7 +81,7 @@ def test_the_query_measures_the_fact_without_the_appended_eos(tmp_path, monkeypa
 
     def scored(method, model, tokenizer, attribution, options, train, queries, device):
         seen.append(attribution)
-        per_module = torch.ones(1, len(queries), len(train))
+        per_module = torch.arange(float(len(train))).expand(1, len(queries), len(train))  # rows scored apart
         return Scores([q.id for q in queries], [r.id for r in train], ["m"], per_module), {}
 
     monkeypatch.setattr(wordorder, "scored_method", scored)
@@ -120,3 +120,48 @@ def test_the_command_fine_tunes_as_the_study_does(tmp_path, monkeypatch):
     assert (built[1].finetune.epochs, built[1].finetune.lora_rank, built[1].finetune.learning_rate) == (3, 4, 3e-3)
     shown = " ".join(runner.invoke(app, ["word-order", "--help"], env={"COLUMNS": "200"}).output.split())
     assert "Fine-tuning epochs. [default: 40]" in shown and "[default: 0.003]" in shown, shown
+
+
+def test_a_method_that_scores_every_row_alike_is_refused(tmp_path):
+    """userV: repsim (its default pooling reads the prompt's last token, and every row of the study has the prompt
+    ``"fact:"``) scored every training row alike, and the table read same = reversed = control, reversed/same 1,
+    as a finding. Refused after the fine-tuning, naming the method; no table is written."""
+    save_tiny(tmp_path / "model", arch="llama")
+    config = WordOrderConfig(
+        out=str(tmp_path / "out"), model=str(tmp_path / "model"), seeds=[0], device="cpu", method="repsim",
+        finetune=replace(wordorder.tiny_finetune(), epochs=1),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="method 'repsim' scored every training row alike for each query on seed 0"):
+        run_word_order(config, log=lambda line: None)
+    assert not (tmp_path / "out" / "wordorder.md").exists()
+
+
+def test_a_rerun_of_other_settings_is_refused_unless_overwrite(tmp_path, monkeypatch):
+    """userV: a rerun into the same --out with another --method replaced wordorder.json and .md without a word (the
+    other studies refuse since the last session). Refused before any work, naming what differs; ``--device`` and
+    the spelling of ``--out`` change no number and are not compared; ``--overwrite`` replaces."""
+    monkeypatch.setattr(
+        wordorder,
+        "scored_method",
+        lambda method, model, tokenizer, attribution, options, train, queries, device: (
+            Scores([q.id for q in queries], [r.id for r in train], ["m"], torch.rand(1, len(queries), len(train))),
+            {},
+        ),
+    )
+    monkeypatch.setattr(
+        wordorder, "finetune", lambda model, *args, **kwargs: SimpleNamespace(model=model, epoch_losses=[2.0, 1.0])
+    )
+    save_tiny(tmp_path / "model", arch="llama")
+    out = tmp_path / "out"
+    first = ["word-order", "--out", str(out), "--model", str(tmp_path / "model"), "--seeds", "0", "--method", "bm25"]
+    runner = CliRunner()
+    assert runner.invoke(app, first).exit_code == 0
+    before = (out / "wordorder.json").read_bytes()
+    refused = runner.invoke(app, [*first[:-1], "gradsim"])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "made from other inputs (method: recorded 'bm25', now 'gradsim')" in said, said
+    assert (out / "wordorder.json").read_bytes() == before
+    moved = ["--out", f"{tmp_path}/./out", "--device", "cpu"]
+    assert runner.invoke(app, [*first[:1], *moved, *first[3:]]).exit_code == 0  # same settings: computed again
+    replaced = runner.invoke(app, [*first[:-1], "gradsim", "--overwrite"])
+    assert replaced.exit_code == 0 and json.loads((out / "wordorder.json").read_text())["config"]["method"] == "gradsim"

@@ -33,11 +33,13 @@ def word_order(
     lora_rank,
     batch_size,
     max_length,
+    overwrite,
     device,
     threads,
 ) -> None:
     """Influence on a query of training rows stating its fact in the query's order, reversed, and of unrelated
-    rows; --out receives wordorder.json, wordorder.md and seed-<s>/finetune."""
+    rows; --out receives wordorder.json, wordorder.md and seed-<s>/finetune (a rerun reuses fine-tuned models of
+    the same settings; one that would replace results of other settings is refused unless --overwrite)."""
     out = required(out, "out")
     defaults = WordOrderConfig(out=str(out))
     config = replace(
@@ -60,7 +62,7 @@ def word_order(
     )
     try:
         remember(out)
-        run_word_order(config, command=recorded_line(), log=say)
+        run_word_order(config, command=recorded_line(), log=say, overwrite=overwrite)
     except (DataError, ValueError, RuntimeError) as error:
         fail(error)
     typer.echo((out / "wordorder.md").read_text())

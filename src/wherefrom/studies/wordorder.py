@@ -29,7 +29,13 @@ from typing import Any
 import numpy as np
 
 from wherefrom.core.data import Record
-from wherefrom.core.store import atomic_write_json, atomic_write_text, hardware, package_versions
+from wherefrom.core.store import (
+    atomic_write_json,
+    atomic_write_text,
+    check_replacement,
+    hardware,
+    package_versions,
+)
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import check_methods
 from wherefrom.models.finetune import FinetuneConfig, finetune
@@ -130,20 +136,39 @@ def group_means(total: np.ndarray, train: Sequence[Record], queries: Sequence[Re
     return out
 
 
-def run_word_order(config: WordOrderConfig, command: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_word_order(
+    config: WordOrderConfig, command: str = "", log: Callable[[str], None] = print, overwrite: bool = True
+) -> dict[str, Any]:
     """Run the study for every seed; writes ``out/wordorder.json`` and ``out/wordorder.md``, returns the payload.
 
-    Raises ``ValueError`` for a bad setting (before training) and ``RuntimeError`` when the method fails.
+    A rerun into the same ``out`` reuses each seed's fine-tuned model of the same settings. ``overwrite=False``
+    (``wherefrom word-order`` without ``--overwrite``) refuses (:class:`wherefrom.core.store.OutputExists`) to
+    replace results made with other settings: before any work a ``wordorder.json`` of another configuration
+    (``out`` and ``device`` aside: they change no number), and a seed's fine-tuning of other settings
+    (:func:`wherefrom.models.finetune.finetune`; one killed before ``wordorder.json`` was written).
+
+    Raises ``ValueError`` for a bad setting (before training) or a method that scores every training row alike
+    (after the fine-tuning, which a rerun reuses), and ``RuntimeError`` when the method fails.
     """
     config.validate()
     out = Path(config.out)
+    if not overwrite:
+        report = out / "wordorder.json"
+        settings = {k: v for k, v in asdict(config).items() if k not in ("out", "device")}
+        check_replacement([report], report, settings, recorded_as=lambda saved: saved.get("config") or {})
     per_seed = []
     for seed in config.seeds:
         train, queries = word_order_rows(config.n_facts, config.repeats, config.n_controls, seed)
         loaded = load_model(config.model, device=config.device)
         tuning = replace(config.finetune, seed=seed)
         tuned = finetune(
-            loaded.model, loaded.tokenizer, train, tuning, out / f"seed-{seed}" / "finetune", progress=False
+            loaded.model,
+            loaded.tokenizer,
+            train,
+            tuning,
+            out / f"seed-{seed}" / "finetune",
+            progress=False,
+            overwrite=overwrite,
         )
         attribution = AttributionConfig(
             batch_size=tuning.batch_size,
@@ -156,9 +181,21 @@ def run_word_order(config: WordOrderConfig, command: str = "", log: Callable[[st
         )
         if scores is None:
             raise RuntimeError(f"word-order: method {config.method!r} failed on seed {seed}: {usage['error']}")
-        per_query = group_means(scores.total.double().numpy(), train, queries)
+        total = scores.total.double().numpy()
+        if not np.ptp(total, axis=1).any():  # the table showed same = reversed = control, reversed/same 1
+            raise ValueError(
+                f"word-order: method {config.method!r} scored every training row alike for each query on seed {seed} "
+                f"(every row has the prompt {train[0].prompt!r}, and repsim, say, reads the prompt's last token): "
+                "its groups cannot differ; choose another method"
+            )
+        per_query = group_means(total, train, queries)
         means = {g: float(np.mean(v)) for g, v in per_query.items()}
-        log(f"seed {seed}: " + ", ".join(f"{g} {v:+.4g}" for g, v in means.items()))
+        losses = tuned.epoch_losses
+        log(
+            f"seed {seed}: "
+            + ", ".join(f"{g} {v:+.4g}" for g, v in means.items())
+            + f" (fine-tuning loss {losses[0]:.4g} -> {losses[-1]:.4g} nats)"
+        )
         per_seed.append({"seed": seed, "means": means, "per_query": per_query, "final_loss": tuned.epoch_losses[-1]})
     summary = {g: mean_stat([s["means"][g] for s in per_seed]) for g in GROUPS}
     ratios = [s["means"]["reversed"] / s["means"]["same"] for s in per_seed if s["means"]["same"] != 0]
