@@ -208,6 +208,14 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "Python rows",
+        "a query rank of 0",
+        "ValueError",
+        "query_rank must be >= 1 or None, got 0",
+        "it was taken, the fit ran, and the first `scores` refused it (a new user's trial)",
+        call="AttributionConfig(query_rank=0)",
+    ),
+    Refusal(
+        "Python rows",
         "a module pattern that is not a regular expression",
         "ValueError",
         "include: '(' is not a valid regular expression",

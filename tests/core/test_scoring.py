@@ -186,6 +186,9 @@ def test_top_lists_equal_scores_in_training_row_order_at_both_ends():
     restricted = restrict(scores, [[9, 7, 1, 11, 3]])
     assert [t for t, _ in restricted.top(0, 3)] == ["t7", "t9", "t1"]
     assert [t for t, _ in restricted.top(0, 3, opponents=True)] == ["t3", "t1", "t11"]
+    assert scores.top(0, 0) == [] and len(scores.top(0, 99)) == 12
+    with pytest.raises(ValueError, match=r"k \(how many rows to list\) must be >= 0, got -1"):
+        scores.top(0, -1)  # userV: torch's "selected index k out of range"
 
 
 def test_top_rows_name_each_end_by_its_sign():

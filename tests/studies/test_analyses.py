@@ -258,6 +258,8 @@ def test_cli_and_bad_input(reports, bench_dir, tmp_path):
     assert not any(flag in line for flag in ("--damping", "--reference", "--probes", "--cg-tol")), line
     missing = runner.invoke(app, ["analyze", "ihvp", "--bench", str(tmp_path)])
     assert missing.exit_code == 2 and "bench.json" in missing.output
+    zero = runner.invoke(app, ["analyze", "ihvp", "--bench", str(bench_dir), "--cg-tol", "0"])
+    assert zero.exit_code == 2 and "--cg-tol 0.0: must be a finite number > 0" in zero.output  # named cg's 'tol'
     unknown = runner.invoke(app, ["analyze", "nope", "--bench", str(bench_dir)])
     assert unknown.exit_code == 2 and "unknown analysis" in unknown.output
     unused = runner.invoke(app, ["analyze", "weights", "--bench", str(bench_dir), "--option", "lissa.depth=3"])

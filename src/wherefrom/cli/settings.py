@@ -619,7 +619,7 @@ class StudySettings:
         "ihvp: exact | cg | auto (exact when the dense GGN fits, else cg).",
         check=one_of(*REFERENCES),
     )
-    cg_tol: float = setting(IhvpSettings.cg_tol, "ihvp: relative residual of the cg reference.", check=at_least(0))
+    cg_tol: float = setting(IhvpSettings.cg_tol, "ihvp: relative residual of the cg reference.", check=positive)
     cg_max_iter: int = setting(
         IhvpSettings.cg_max_iter, "ihvp: iterations of the cg reference at most.", check=at_least(1)
     )

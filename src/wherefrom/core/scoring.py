@@ -147,7 +147,10 @@ def stable_top_k(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """``(top, columns)``, each ``(n, min(k, m))``: the ``k`` largest of each row of ``values`` ``(n, m)`` and their
     columns, largest first, equal values in column order (the lower column, i.e. training row, first): a stable
     descending sort, computed by ``topk`` where no tie crosses the ``k``-th value (``topk`` alone orders ties
-    arbitrarily, so two copies of a training row could be listed in either order)."""
+    arbitrarily, so two copies of a training row could be listed in either order). ``ValueError`` for ``k < 0``
+    (torch's ``selected index k out of range`` named no setting)."""
+    if k < 0:
+        raise ValueError(f"k (how many rows to list) must be >= 0, got {k}")
     k = min(k, values.shape[1])
     top, where = torch.topk(values, k, dim=1)
     crossing = (values >= top[:, -1:]).sum(1) > k if k else torch.zeros(values.shape[0], dtype=torch.bool)
@@ -188,7 +191,8 @@ class Scores:
 
     def top(self, query_index: int, k: int, opponents: bool = False) -> list[tuple[str, float]]:
         """The ``k`` strongest proponents (largest scores) or opponents (most negative) of one query, as
-        ``(train id, score)``; equal scores in training-row order (:func:`stable_top_k`)."""
+        ``(train id, score)``; equal scores in training-row order (:func:`stable_top_k`; ``ValueError`` for
+        ``k < 0``)."""
         row = self.total[query_index]
         sign = -1.0 if opponents else 1.0
         values, indices = stable_top_k(sign * row[None], k)

@@ -90,7 +90,7 @@ class AttributionConfig:
     ``normalize="cosine"`` divides each score by ``||q|| * ||g_m||``, with ``q`` the preconditioned
     query over all tracked modules (taken before low-rank compression) and ``g_m`` the training
     gradient over all tracked modules: with the ``identity`` strategy that is the cosine similarity
-    of the gradients (gradsim cosine), in ``[-1, 1]``. Per-module parts are divided by the same two
+    of the gradients (gradsim cosine), in ``[-1, 1]`` up to float32 rounding (1.0000001). Per-module parts are divided by the same two
     norms, so they still sum to the total. ``strategy_options``: constructor options of the strategy
     (e.g. ``{"max_iter": 300}`` for ``cg``, ``{"rank": 64}`` for ``arnoldi``); ``extra``: settings
     of methods that are not curvature strategies (e.g. ``layer``/``pooling`` for ``repsim``).
@@ -147,6 +147,8 @@ class AttributionConfig:
             raise ValueError(f"normalize must be None or 'cosine', got {self.normalize!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.query_rank is not None and self.query_rank < 1:  # it was refused by the first scores, after the fit
+            raise ValueError(f"query_rank must be >= 1 or None, got {self.query_rank}")
         if self.autocast not in (None, *AUTOCAST_DTYPES):
             raise ValueError(f"autocast must be None or one of {sorted(AUTOCAST_DTYPES)}, got {self.autocast!r}")
 
