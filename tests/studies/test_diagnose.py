@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import build_model, make_records
@@ -107,3 +109,32 @@ def test_shared_damping_refuses_a_negative_mean_eigenvalue():
         shared_damping(SimpleNamespace(state=state, info={"mean_eigenvalue": {"a": -2.0, "b": 1.0}}), 0.1)
     reference = SimpleNamespace(state=state, info={"mean_eigenvalue": {"a": 2.0, "b": 6.0}})
     assert shared_damping(reference, 0.1) == pytest.approx(0.3)
+
+
+def test_a_method_that_did_not_converge_is_said_in_the_report_and_on_its_own_line(tmp_path):
+    """userV: ``diagnose``'s ``ConvergenceWarning`` (cg stopped at its ``max_iter``) began on the progress bar's line,
+    so a terminal showed only its source line, and ``diagnose.md``/``.json`` did not say that cg's row is of an
+    unconverged iHVP. The CLI prints each warning as one line above the bars; the report names it under the row."""
+    from tests.cli.conftest import invoke
+    from wherefrom.models.tiny import save_tiny
+    from wherefrom.studies.generated import write_jsonl
+
+    save_tiny(tmp_path / "model", arch="gpt2")
+    write_jsonl(make_records(6, seed=21), tmp_path / "train.jsonl")
+    write_jsonl(make_records(2, seed=22, prefix="q"), tmp_path / "queries.jsonl")
+    result = invoke(
+        "diagnose", "--train", tmp_path / "train.jsonl", "--queries", tmp_path / "queries.jsonl", "--model",
+        tmp_path / "model", "--methods", "cg,gradsim", "--option", "cg.max_iter=1", "--include", "mlp.c_fc",
+        "--out", tmp_path / "out",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("warning: ConvergenceWarning: cg did not converge") for line in lines), lines
+    assert not any("iterative.py" in line for line in lines), lines  # Python's form: the file, then the source
+    report = json.loads((tmp_path / "out" / "diagnose.json").read_text())
+    rows = {row["method"]: row for row in report["rows"]}
+    assert rows["cg"]["warnings"][0].startswith("ConvergenceWarning: cg did not converge in max_iter=1")
+    assert rows["gradsim"]["warnings"] == []
+    assert (
+        "Warnings of cg:\n\n- ConvergenceWarning: cg did not converge" in (tmp_path / "out" / "diagnose.md").read_text()
+    )

@@ -17,6 +17,7 @@ import inspect
 import os
 import select
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -84,6 +85,23 @@ def fail(error: Exception | str) -> NoReturn:
     """Print ``error`` verbatim (brackets in it are not rich markup), then exit 2."""
     console.print("[bold red]error:[/]", escape(str(error)))
     raise typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def warnings_above_bars() -> Iterator[None]:
+    """The command's Python warnings as one line each on stderr, ``warning: Category: message``, written above any
+    progress bar (``tqdm.write``). Printed as Python prints them they began on the bar's line, and a terminal
+    showed only their source line (``diagnose``'s ``ConvergenceWarning``: a new user's trial)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        tqdm.write(f"warning: {category.__name__}: {message}", file=sys.stderr)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 @contextlib.contextmanager
@@ -545,7 +563,7 @@ def command(
         )
         token = _CURRENT.set(invocation)
         try:
-            with torch_threads(arguments.get("threads")), system_errors_named():
+            with torch_threads(arguments.get("threads")), system_errors_named(), warnings_above_bars():
                 function(**arguments)
         except typer.Exit as done:
             # an error (exit 2) did not make the folder; exit 1 (finished, some method failed) did, and a crash

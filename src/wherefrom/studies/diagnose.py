@@ -24,8 +24,9 @@ when the exact reference cannot be formed, each method keeps its own default (``
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,9 @@ class Diagnosis:
     spearman_per_query: float | None = None
     error: str | None = None
     damping: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    """The method's warnings of wherefrom (``Category: message``), e.g. an iterative inverse that did not converge: its row's
+    numbers are of an unconverged iHVP (they were printed on stderr alone, and lost with the terminal)."""
 
 
 def _flat(blocks: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
@@ -227,13 +231,18 @@ def diagnose(
         try:
             options = fisher_options(name, config, options_for(method_options, name))
             method = make_method(name, model, tokenizer, config, **options)
-            with measured(device) as cost:
+            with measured(device) as cost, warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
                 method.fit(train)
                 scores = method.scores(queries, train)
         except (MemoryError, RuntimeError, ValueError) as error:
             rows.append(Diagnosis(name, float("nan"), None, error=f"{type(error).__name__}: {error}"))
             continue
+        for w in said:  # shown as well as recorded
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         row = Diagnosis(name, cost["seconds"], cost["peak_mib"], damping=config.damping)
+        own = [w for w in said if w.category.__module__.startswith("wherefrom.")]  # not a library's deprecation
+        row.warnings = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in own))
         if exact_scores is not None:
             row.spearman, row.spearman_per_query = _spearman(scores.total.double(), exact_scores)
             if isinstance(method, InfluenceMethod) and method.attributor.config.normalize is None:
@@ -277,6 +286,9 @@ def write_report(
         + (f"Command: `{command}`\n\n" if command else "")
         + markdown_table(header, table)
         + (f"\n\nNo exact reference: {reason}" if reason else "")
+        + "".join(
+            f"\n\nWarnings of {r.method}:\n" + "".join(f"\n- {w}" for w in r.warnings) for r in rows if r.warnings
+        )
         + "\n"
     )
     payload = {**provenance(command), **context, "exact_reference_missing": reason, "rows": [asdict(r) for r in rows]}
