@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU readiness check: fit, index, query and scores on CUDA (float32 and bfloat16 autocast), the same float32
+# GPU readiness check: fit, index, query and scores on CUDA (float32, bfloat16 and float16 autocast), the same float32
 # run on CPU and the CUDA scores compared with it, index build throughput against plain forward+backward
 # on SmolLM2 (benchmarks/index_throughput.py, float32 and bfloat16), and a 2-process torchrun fit on nccl when
 # two GPUs are there; wall times -> benchmarks/results/gpu-check/timings.md (with the comparison and the
@@ -102,6 +102,9 @@ sys.exit(0 if relative < 1e-2 and rho.min() > 0.99 else 1)
 PY
 step fit-bfloat16 "${W[@]}" fit --train "$OUT/train.jsonl" --run "$OUT/run-bf16" --autocast bfloat16 "${common[@]}"
 step scores-bfloat16 "${W[@]}" scores --run "$OUT/run-bf16" --queries "$OUT/queries.jsonl"
+# float16's backward pass runs on a scaled loss (wherefrom.core.tracking.LOSS_SCALES): its path on CUDA
+step fit-float16 "${W[@]}" fit --train "$OUT/train.jsonl" --run "$OUT/run-fp16" --autocast float16 "${common[@]}"
+step scores-float16 "${W[@]}" scores --run "$OUT/run-fp16" --queries "$OUT/queries.jsonl"
 throughput=("$PYTHON" benchmarks/index_throughput.py --device "$DEVICE" --rows "${THROUGHPUT_ROWS:-512}" --batch-size 16
     --repeats 2 ${THROUGHPUT_MODEL:+--model "$THROUGHPUT_MODEL"})
 step throughput-float32 "${throughput[@]}" --name "$OUT/index_throughput-float32"

@@ -1,7 +1,7 @@
 """``benchmarks/gpu_check.sh``, the prepared GPU check, works before a GPU session spends minutes on it.
 
 Its CPU dry run (``GPU_CHECK_DEVICE=cpu``) runs every step on a tiny Llama (fit, index, query, scores, the same
-run again and the comparison of the two score sets, bfloat16 autocast, the throughput benchmark) and must
+run again and the comparison of the two score sets, bfloat16 and float16 autocast, the throughput benchmark) and must
 finish each; without CUDA the real run exits 3 before any work, saying why.
 """
 
@@ -41,7 +41,8 @@ def test_dry_run_finishes_every_step_and_compares_the_two_runs(tmp_path):
     table = (out / "timings.md").read_text()
     steps = dict(re.findall(r"^\| ([a-z0-9-]+) \| ([^|]+) \|", table, flags=re.MULTILINE))
     expected = ["fit-float32", "index", "query", "scores", "fit-cpu", "index-cpu", "scores-cpu", "compare-cpu"]
-    expected += ["fit-bfloat16", "scores-bfloat16", "throughput-float32", "throughput-bfloat16"]
+    expected += ["fit-bfloat16", "scores-bfloat16", "fit-float16", "scores-float16"]
+    expected += ["throughput-float32", "throughput-bfloat16"]
     assert {name: steps.get(name, "missing").strip().isdigit() for name in expected} == dict.fromkeys(expected, True)
     # CPU against CPU: the same bytes, so the comparison's numbers are exact
     assert "relative Frobenius difference 0.00e+00; Spearman per query min 1.000000" in table

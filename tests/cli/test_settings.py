@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -507,3 +508,16 @@ def test_more_threads_than_cores_run_on_the_cores_with_a_note(monkeypatch):
     assert result.exit_code == 0, result.output
     assert "--threads 99999: this process may use 2 CPU cores; running 2 threads" in result.output
     assert chosen == [2, before]  # set for the command, then put back
+
+
+def test_an_evaluate_report_made_by_any_command_may_be_replaced(tmp_path):
+    """reviewW: ``evaluate --out STEM`` recognised an earlier report by its command (``wherefrom evaluate ...``), so
+    a report of the Python ``evaluate`` with a command of its own (``python benchmarks/groundtruth_tiny.py ...``) was
+    refused as a file wherefrom did not write. Known by its layout now; a JSON file of another layout is refused."""
+    from wherefrom.cli.settings import output_stem
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    for stem in (results / "groundtruth-tiny" / "evaluate", results / "groundtruth-smollm2" / "evaluate"):
+        assert output_stem(stem) is None
+    (tmp_path / "x.json").write_text(json.dumps({"command": "wherefrom evaluate", "config": {"methods": []}}))
+    assert "x.json is a file wherefrom did not write" in output_stem(tmp_path / "x")

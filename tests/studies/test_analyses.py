@@ -249,8 +249,8 @@ def test_cli_and_bad_input(reports, bench_dir, tmp_path):
     from wherefrom.cli import app
 
     runner = CliRunner()
-    result = runner.invoke(app, ["analyze", "weights", "--bench", str(bench_dir)])
-    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["analyze", "weights", "--bench", str(bench_dir), "--cg-max-iter", "1000"])
+    assert result.exit_code == 0, result.output  # an ihvp setting given at its default: taken, not recorded
     assert "| checkpoint | training loss |" in result.output
     # userS: the command line of an analysis named ihvp's settings at their defaults, which it does not read
     line = json.loads((bench_dir / "weights.json").read_text())["command"]
@@ -280,6 +280,8 @@ def test_cli_and_bad_input(reports, bench_dir, tmp_path):
         open_bench(bench_dir, seeds=[5])
     with pytest.raises(ValueError, match="not influence methods"):
         run_ihvp(bench_dir, IhvpSettings(methods=["repsim"]))
+    with pytest.raises(ValueError, match="cg_tol must be > 0, got 0"):
+        IhvpSettings(cg_tol=0).validate()
     # one damping for every method and the reference: a method's own was compared at it, its row showing the shared
     own = runner.invoke(app, ["analyze", "ihvp", "--bench", str(bench_dir), "--option", "ekfac.damping=0.5"])
     assert own.exit_code == 2 and "ihvp compares every method with the exact reference at one damping" in " ".join(

@@ -161,7 +161,8 @@ def test_a_rerun_of_other_settings_is_refused_unless_overwrite(tmp_path, monkeyp
     said = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "made from other inputs (method: recorded 'bm25', now 'gradsim')" in said, said
     assert (out / "wordorder.json").read_bytes() == before
-    moved = ["--out", f"{tmp_path}/./out", "--device", "cpu"]
-    assert runner.invoke(app, [*first[:1], *moved, *first[3:]]).exit_code == 0  # same settings: computed again
+    moved = ["--out", f"{tmp_path}/./out", "--device", "cpu", "--model", f"{tmp_path}/./model"]
+    again = runner.invoke(app, [*first[:1], *moved, *first[5:]])  # same settings (reviewW: the model's spelling)
+    assert again.exit_code == 0, again.output
     replaced = runner.invoke(app, [*first[:-1], "gradsim", "--overwrite"])
     assert replaced.exit_code == 0 and json.loads((out / "wordorder.json").read_text())["config"]["method"] == "gradsim"

@@ -52,6 +52,7 @@ __all__ = [
     "fail",
     "given_settings",
     "group_session",
+    "leave_unrecorded",
     "progress",
     "record_only_set",
     "recorded_line",
@@ -89,19 +90,23 @@ def fail(error: Exception | str) -> NoReturn:
 
 @contextlib.contextmanager
 def warnings_above_bars() -> Iterator[None]:
-    """The command's Python warnings as one line each on stderr, ``warning: Category: message``, written above any
-    progress bar (``tqdm.write``). Printed as Python prints them they began on the bar's line, and a terminal
-    showed only their source line (``diagnose``'s ``ConvergenceWarning``: a new user's trial)."""
+    """The command's Python warnings printed as one line each, ``warning: Category: message``, from the start of
+    the line (on a terminal the progress bar there is cleared first; tqdm draws it again below). Printed as Python
+    prints them they began on the bar's line, and a terminal showed only their source line (``diagnose``'s
+    ``ConvergenceWarning``: a new user's trial). Only the text changes (``warnings.formatwarning``): where and
+    whether a warning is shown stays Python's, so ``warnings.catch_warnings(record=True)`` and ``pytest.warns``
+    still record a command's warnings."""
+    start = "\r\x1b[K" if sys.stderr.isatty() else "\r"
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        tqdm.write(f"warning: {category.__name__}: {message}", file=sys.stderr)
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        return f"{start}warning: {category.__name__}: {message}\n"
 
-    previous = warnings.showwarning
-    warnings.showwarning = show
+    previous = warnings.formatwarning
+    warnings.formatwarning = one_line
     try:
         yield
     finally:
-        warnings.showwarning = previous
+        warnings.formatwarning = previous
 
 
 @contextlib.contextmanager
@@ -248,11 +253,18 @@ def recorded_line() -> str:
 def record_only_set(names: Iterable[str]) -> None:
     """Leave the running command's settings among ``names`` that the user did not set (:func:`set_settings`) out
     of its record (:func:`recorded_line`, :func:`remember`): a preset decides them (``bench --preset``,
-    ``ablate``), or the command does not read them (``analyze``'s ihvp settings in its other analyses), so a
-    default written there would read as a value the run used. A rerun of the record resolves them the same way:
+    ``ablate``), so a default written there would read as a value the run used. A rerun of the record resolves them the same way:
     what it names is set again, what it leaves out is left to the preset again."""
+    names = list(names)
+    leave_unrecorded(set(names) - set(set_settings(names)))
+
+
+def leave_unrecorded(names: Iterable[str]) -> None:
+    """Leave the running command's settings among ``names`` out of its record (:func:`recorded_line`,
+    :func:`remember`): ``analyze``'s ihvp settings in its other analyses, which it does not read (one given off
+    its default is refused)."""
     invocation = _CURRENT.get()
-    invocation.unrecorded |= {n for n in names if n in invocation.arguments} - set(set_settings(names))
+    invocation.unrecorded |= {n for n in names if n in invocation.arguments}
 
 
 GUESTS = {"bench": frozenset({"analyze"}), "groundtruth": frozenset({"evaluate"})}
@@ -576,7 +588,7 @@ def command(
             _CURRENT.reset(token)
         end_process(0)
 
-    context = inspect.Parameter("typer_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+    context = inspect.Parameter("typer_context", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=typer.Context)
     parameters = [context] + [
         inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=_parameter(s), annotation=s.type)
         for s in settings

@@ -15,6 +15,7 @@ from wherefrom.cli.app import (
     changed_settings,
     command,
     fail,
+    leave_unrecorded,
     merged_options,
     method_list,
     method_pairs,
@@ -83,13 +84,16 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
 
 PRESET_SETTINGS = (*FIRST_FINETUNING, *REFERENCE_SWITCHES, "damping", "damping_factor")
 """The settings a preset may set; a flag given overrides it (at its default value too)."""
+OVERRIDES = (*PRESET_SETTINGS, "lora_target")
+"""The settings a preset run takes from flags given, and records only then: the preset's, and ``--lora-target``,
+which no preset sets (recorded unset, a replayed ``ablate`` held ``lora_targets=None`` in every run)."""
 
 
 def explicit_bench_settings(option: list[str] | None, methods: list[str]) -> dict:
     """The :class:`wherefrom.studies.bench.BenchConfig` settings the user set (:func:`set_settings`, with
     ``--no-eos`` as ``append_eos`` and ``--lora-target`` as ``lora_targets``) and the ``--option`` pairs as
     ``method_options`` (when any; one for a method not among ``methods`` is refused)."""
-    explicit = set_settings((*PRESET_SETTINGS, "lora_target"))
+    explicit = set_settings(OVERRIDES)
     if explicit.pop("no_eos", False):
         explicit["append_eos"] = False
     if "lora_target" in explicit:
@@ -98,7 +102,7 @@ def explicit_bench_settings(option: list[str] | None, methods: list[str]) -> dic
     return {**explicit, "method_options": options} if options else explicit
 
 
-@command(uses=(*PRESET_SETTINGS, "lora_target", "n_train", "n_test", "model", "device", "threads"))
+@command(uses=(*OVERRIDES, "n_train", "n_test", "model", "device", "threads"))
 def bench(task, out, methods, seeds, option, preset, no_eos, lora_target, overwrite, **settings) -> None:
     """Every method on a benchmark task over seeds: metrics with 95% intervals, time and memory.
 
@@ -112,7 +116,7 @@ def bench(task, out, methods, seeds, option, preset, no_eos, lora_target, overwr
 
     out = required(out, "out")
     if preset is not None:
-        record_only_set(PRESET_SETTINGS)
+        record_only_set(OVERRIDES)
 
     def build() -> BenchConfig:
         chosen = {"out": str(out), "methods": method_list(methods, DEFAULT_METHODS), "seeds": int_list(seeds or "0")}
@@ -156,7 +160,7 @@ def incomplete(failures: list[str]) -> None:
         raise typer.Exit(code=1)
 
 
-@command(uses=(*PRESET_SETTINGS, "lora_target", "n_train", "n_test", "model", "device", "threads"))
+@command(uses=(*OVERRIDES, "n_train", "n_test", "model", "device", "threads"))
 def ablate(
     task, out, methods, seeds, option, start, target, n_train, n_test, model, device, overwrite, **settings
 ) -> None:
@@ -173,7 +177,7 @@ def ablate(
     from wherefrom.studies.bench import failed_methods
 
     out = required(out, "out")
-    record_only_set(PRESET_SETTINGS)  # the presets --from and --to decide what no flag sets
+    record_only_set(OVERRIDES)  # the presets --from and --to decide what no flag sets
 
     def build() -> AblationConfig:
         chosen = method_list(methods, STUDY_METHODS)
@@ -229,7 +233,6 @@ def analyze(kind, bench, methods, option, n_queries, seeds, overwrite, device, *
     if kind == "weights" and (option or methods):
         fail(ValueError("analyze weights takes no --option or --methods (it measures the fine-tuning weight change)"))
     not_read = {"ihvp": (), "convergence": (*IHVP_ONLY, "n_queries")}.get(kind, IHVP_ONLY)
-    record_only_set(not_read)  # their defaults would read in the analysis's command line as settings it used
     unread = changed_settings(not_read)
     if unread:  # they were taken, ignored, and recorded in the analysis's command line
         also = "; analyze weights reads --n-queries too" if "n_queries" in unread else ""
@@ -239,6 +242,7 @@ def analyze(kind, bench, methods, option, n_queries, seeds, overwrite, device, *
                 f"{'it' if len(unread) == 1 else 'them'} out"
             )
         )
+    leave_unrecorded(not_read)  # at their defaults, which the analysis does not use: not in its command line
     chosen = method_list(methods, []) or None
     try:
         folder = open_bench(bench, device, int_list(seeds) if seeds else None)

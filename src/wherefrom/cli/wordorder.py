@@ -8,11 +8,12 @@ import typer
 
 from wherefrom.cli.app import command, fail, recorded_line, remember, required, say
 from wherefrom.core.data import DataError
+from wherefrom.studies.finetuning import FIRST_FINETUNING
 from wherefrom.studies.wordorder import WordOrderConfig, run_word_order, tiny_finetune
 
 STUDY_FINETUNING = {
     name: getattr(tiny_finetune(), name) or 0  # lora_rank None (every weight) is the flag's 0
-    for name in ("epochs", "learning_rate", "lora_rank", "batch_size", "max_length")
+    for name in FIRST_FINETUNING
 }
 """word-order's defaults of the fine-tuning flags: the study's (:func:`wherefrom.studies.wordorder.tiny_finetune`),
 not ``finetune``'s (2 epochs of a rank-4 LoRA at 1e-3 left the tiny models untrained: reversed/same 0.78

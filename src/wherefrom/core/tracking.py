@@ -36,14 +36,16 @@ except ImportError:  # pragma: no cover
 
 LORA_PATTERN = re.compile(r"\.lora_[AB]\.")
 DEFAULT_EXCLUDE = (r"lm_head", r"embed", r"wte", r"wpe")
-LOSS_SCALES = (2.0**16, 2.0**8, 1.0)
+LOSS_SCALES = (2.0**8, 1.0)
 """The scales of the objective tried in turn when a tracked output is float16 (``autocast="float16"``, a float16
 model): the first whose output gradients are all finite is taken, and divided out in float32 (exactly: powers of
 two). Float16's smallest normal number is 6.1e-5 and its smallest subnormal 6.0e-8: unscaled, output gradients
-below them lost digits or became 0 (a LoRA ``lora_A`` block of gradients about 1e-8 scored 0, 27% of the scores
-on a tiny Llama). Its largest is 65504, so a scale that overflows is backed off, as ``torch.amp.GradScaler``
-does, here per batch: the result depends on the batch alone, so a resumed or distributed pass takes the same
-scales. kronfluence scales by 2^16 too (its ``amp_scale``)."""
+below them lost digits or became 0 (a LoRA ``lora_A`` block of gradients about 1e-8 scored 0, and EK-FAC's scores
+moved 27% from float32's on a tiny Llama). Its largest is 65504: the output gradients of a summed token loss reach
+1-3 in attention layers, so 2^16 (kronfluence's ``amp_scale``) overflowed on every batch tried (a second backward
+pass each); 2^8 leaves a margin of about 100. A batch that overflows even so is taken again unscaled, as
+``torch.amp.GradScaler`` backs off, here per batch: the result depends on the batch alone, so a resumed or
+distributed pass takes the same scales."""
 
 
 @dataclass
@@ -245,8 +247,9 @@ class Capture:
 
         ``a``: ``(B, T, in + has_bias)`` (or ``(B, in)`` for 2-D inputs); ``g = d objective / d out``,
         ``(B, T, out)``, in float32 where ``out`` is float16 (taken with the objective scaled by one of
-        :data:`LOSS_SCALES`; the graph is kept until a scale's gradients are finite). Only the paths to tracked
-        outputs are differentiated; no ``.grad`` is written.
+        :data:`LOSS_SCALES`; the graph is kept for the unscaled pass until the scaled one is found finite). Only the
+        paths to tracked outputs are differentiated; no ``.grad`` is written. Unless ``retain_graph``, the outputs
+        are let go, so the graph is freed with the objective.
         Raises ``ValueError`` naming the tracked modules the forward pass did not call (without a call there is no
         gradient: a bare ``torch.cat`` error followed).
         """
@@ -281,14 +284,19 @@ class Capture:
             grads = torch.autograd.grad(scaled, outputs, allow_unused=True, retain_graph=retain_graph or not last)
             if last or _all_finite(grads):
                 break
+        grads = [torch.zeros_like(out) if g is None else g.detach() for out, g in zip(outputs, grads)]
         if len(scales) > 1:
-            grads = tuple(None if g is None else g.float() / scale for g in grads)
+            grads = [g.float() / scale for g in grads]
+        if not retain_graph:
+            for m in self.modules:
+                self.calls[m.name].outputs.clear()
+        del outputs
         result: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m.name: [] for m in self.modules}
         counters = {m.name: 0 for m in self.modules}
-        for name, out, g in zip(names, outputs, grads):
+        for name, g in zip(names, grads):
             a = self.calls[name].inputs[counters[name]]
             counters[name] += 1
-            result[name].append((a, torch.zeros_like(out) if g is None else g.detach()))
+            result[name].append((a, g))
         return result
 
 

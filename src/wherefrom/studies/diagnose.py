@@ -228,28 +228,37 @@ def diagnose(
         reason = str(error)
     rows = []
     for name in progress(list(methods), "methods"):
-        try:
-            options = fisher_options(name, config, options_for(method_options, name))
-            method = make_method(name, model, tokenizer, config, **options)
-            with measured(device) as cost, warnings.catch_warnings(record=True) as said:
-                warnings.simplefilter("always")
-                method.fit(train)
-                scores = method.scores(queries, train)
-        except (MemoryError, RuntimeError, ValueError) as error:
-            rows.append(Diagnosis(name, float("nan"), None, error=f"{type(error).__name__}: {error}"))
-            continue
-        for w in said:  # shown as well as recorded
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        row = Diagnosis(name, cost["seconds"], cost["peak_mib"], damping=config.damping)
-        own = [w for w in said if w.category.__module__.startswith("wherefrom.")]  # not a library's deprecation
-        row.warnings = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in own))
-        if exact_scores is not None:
-            row.spearman, row.spearman_per_query = _spearman(scores.total.double(), exact_scores)
-            if isinstance(method, InfluenceMethod) and method.attributor.config.normalize is None:
-                _, approx = method.attributor.preconditioned_queries(queries)
-                row.ihvp_rel_error = ihvp_relative_error(approx, exact_queries, names)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            try:
+                options = fisher_options(name, config, options_for(method_options, name))
+                method = make_method(name, model, tokenizer, config, **options)
+                with measured(device) as cost:
+                    method.fit(train)
+                    scores = method.scores(queries, train)
+                row = Diagnosis(name, cost["seconds"], cost["peak_mib"], damping=config.damping)
+                if exact_scores is not None:  # its iHVP again: its warnings again, recorded with the others
+                    row.spearman, row.spearman_per_query = _spearman(scores.total.double(), exact_scores)
+                    if isinstance(method, InfluenceMethod) and method.attributor.config.normalize is None:
+                        _, approx = method.attributor.preconditioned_queries(queries)
+                        row.ihvp_rel_error = ihvp_relative_error(approx, exact_queries, names)
+            except (MemoryError, RuntimeError, ValueError) as error:
+                row = Diagnosis(name, float("nan"), None, error=f"{type(error).__name__}: {error}")
+        row.warnings = _shown_again(said)
         rows.append(row)
     return rows, reason
+
+
+def _shown_again(said: Sequence[warnings.WarningMessage]) -> list[str]:
+    """Show the warnings ``said`` (recorded) once each, as Python's default filter shows a warning of one text from
+    one place (they were recorded, so each repeat was shown: a cg warning of every query batch 12 times); returns
+    wherefrom's own among them as ``Category: message``, once each (not a library's deprecation)."""
+    for text, category, filename, lineno in dict.fromkeys(
+        (str(w.message), w.category, w.filename, w.lineno) for w in said
+    ):
+        warnings.warn_explicit(text, category, filename, lineno)
+    own = [w for w in said if w.category.__module__.startswith("wherefrom.")]
+    return list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in own))
 
 
 def write_report(

@@ -136,6 +136,15 @@ def group_means(total: np.ndarray, train: Sequence[Record], queries: Sequence[Re
     return out
 
 
+def _compared(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a run that a rerun must share to replace it: all but ``out`` and ``device`` (they change no
+    number), the model folder by its resolved path (``m``, ``./m`` and its absolute path are one model)."""
+    settings = {k: v for k, v in config.items() if k not in ("out", "device")}
+    if settings.get("model") is not None:
+        settings["model"] = str(Path(settings["model"]).resolve())
+    return settings
+
+
 def run_word_order(
     config: WordOrderConfig, command: str = "", log: Callable[[str], None] = print, overwrite: bool = True
 ) -> dict[str, Any]:
@@ -144,7 +153,7 @@ def run_word_order(
     A rerun into the same ``out`` reuses each seed's fine-tuned model of the same settings. ``overwrite=False``
     (``wherefrom word-order`` without ``--overwrite``) refuses (:class:`wherefrom.core.store.OutputExists`) to
     replace results made with other settings: before any work a ``wordorder.json`` of another configuration
-    (``out`` and ``device`` aside: they change no number), and a seed's fine-tuning of other settings
+    (``out`` and ``device`` aside, the model by its path: they change no number), and a seed's fine-tuning of other settings
     (:func:`wherefrom.models.finetune.finetune`; one killed before ``wordorder.json`` was written).
 
     Raises ``ValueError`` for a bad setting (before training) or a method that scores every training row alike
@@ -154,8 +163,9 @@ def run_word_order(
     out = Path(config.out)
     if not overwrite:
         report = out / "wordorder.json"
-        settings = {k: v for k, v in asdict(config).items() if k not in ("out", "device")}
-        check_replacement([report], report, settings, recorded_as=lambda saved: saved.get("config") or {})
+        check_replacement(
+            [report], report, _compared(asdict(config)), recorded_as=lambda saved: _compared(saved.get("config") or {})
+        )
     per_seed = []
     for seed in config.seeds:
         train, queries = word_order_rows(config.n_facts, config.repeats, config.n_controls, seed)

@@ -115,6 +115,8 @@ class IhvpSettings:
         check_damping(self.damping, self.damping_factor)
         if self.n_queries is not None and self.n_queries < 1:
             raise ValueError(f"n_queries must be >= 1, got {self.n_queries}")
+        if not self.cg_tol > 0:  # refused by cg as its option 'tol', after the bench was opened (reviewW)
+            raise ValueError(f"cg_tol must be > 0, got {self.cg_tol}")
         check_shared_damping(self.method_options, "ihvp")
         if self.methods is not None:
             other = [m for m in self.methods if m not in influence_methods(self.methods)]

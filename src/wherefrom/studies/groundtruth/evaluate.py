@@ -72,10 +72,13 @@ __all__ = [
 
 TARGETS = ("lds", "loo_pearson", "loo_spearman", "pbrf_spearman")
 REPORT_TITLE = "# wherefrom evaluate:"
-REPORT_MARKS = {".json": r'\A\{\s*"command": "wherefrom evaluate ', ".md": r"\A" + re.escape(REPORT_TITLE)}
-"""How the report files ``STEM.json`` (key-sorted: its command first) and ``STEM.md`` (its title) start (regular
-expressions): a file that starts so is an earlier report, which ``evaluate --out STEM`` may replace
-(:func:`wherefrom.core.store.replaceable`)."""
+REPORT_MARKS = {
+    ".json": r'\A\{\s*"command": "(?:[^"\\]|\\.)*",\s*"config": \{\s*"attribution": \{',
+    ".md": r"\A" + re.escape(REPORT_TITLE),
+}
+"""How the report files ``STEM.json`` (key-sorted: its command, whatever it is, then its config, whose first key is
+the attribution settings) and ``STEM.md`` (its title) start (regular expressions): a file that starts so is an
+earlier report, which ``evaluate --out STEM`` may replace (:func:`wherefrom.core.store.replaceable`)."""
 _FORMAT_VERSION = 1
 
 
