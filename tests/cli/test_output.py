@@ -667,6 +667,54 @@ def test_a_command_refuses_another_commands_output_folder_and_writes_nothing_the
     assert "reused an identical earlier run" in invoke(*tune, tuned).output
 
 
+def test_a_folder_inside_another_commands_output_folder_is_refused_where_it_exists(workspace, tmp_path):
+    """`finetune --out GROUNDTRUTH/model --overwrite` replaced a ground truth's fine-tuning, under the losses it
+    had measured with the old one (only the folder itself was checked, not the folders above it). An existing
+    folder inside another command's folder is refused alike, naming both, and left byte for byte; a new folder
+    there, a folder by design inside another's (`tune`'s in its ground truth, `analyze` in an ablation's bench)
+    and a folder above whose config.json is not a JSON object (another program's) are not refused for it."""
+    train, model = workspace / "train.jsonl", workspace / "model"
+    truth = tmp_path / "truth"
+    (truth / "model").mkdir(parents=True)
+    (truth / "config.json").write_text(json.dumps({"replay": {"groundtruth": {"command": "groundtruth"}}}))
+    (truth / "model" / "finetune_config.json").write_text("{}")
+    (truth / "tune-ekfac").mkdir()
+    bench = tmp_path / "ablation" / "runs" / "lora" / "seed-0" / "finetune"
+    bench.mkdir(parents=True)
+    (tmp_path / "ablation" / "ablate.json").write_text("{}")
+    (bench.parent.parent / "bench.json").write_text("{}")
+    (bench / "finetune_config.json").write_text("{}")
+    before = _files(tmp_path)
+    tune = ["finetune", "--train", train, "--model", model, "--lora-target", "c_attn", "--epochs", "1"]
+    for folder, maker, outer in (
+        (truth / "model", "groundtruth", truth),
+        (bench, "bench", bench.parent.parent),
+        (truth / "tune-ekfac", "groundtruth", truth),
+    ):
+        result = invoke(*tune, "--out", folder, "--overwrite")
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2, result.output
+        assert f"{folder} lies inside {outer}, an output folder of `wherefrom {maker}`" in said, said
+        assert "choose another folder for finetune's output" in said, said
+    fit = ["fit", "--train", train, "--model", model, "--max-length", "128", "--run", truth / "tune-ekfac"]
+    assert f"lies inside {truth}" in " ".join(invoke(*fit).output.split())
+    assert _files(tmp_path) == before
+    # by design inside another's: refused later, for what they are, not for where they lie
+    for args in (
+        ["tune", "--groundtruth", truth, "--method", "ekfac"],
+        ["analyze", "weights", "--bench", bench.parent.parent],
+    ):
+        result = invoke(*args, "--threads", "1")
+        assert result.exit_code == 2 and "lies inside" not in result.output, result.output
+    other = tmp_path / "other"
+    (other / "done").mkdir(parents=True)
+    (other / "config.json").write_text("[1]")
+    assert invoke(*tune, "--out", other / "done").exit_code == 0
+    assert invoke(*tune, "--out", truth / "new").exit_code == 0
+    (truth / "a" / "b" / "deep").mkdir(parents=True)  # three levels down: no longer the ground truth's own layout
+    assert invoke(*tune, "--out", truth / "a" / "b" / "deep").exit_code == 0
+
+
 def test_attribute_refuses_a_folder_another_command_took_while_it_worked(workspace, tmp_path, monkeypatch):
     """The folder check ran when attribute started; a `fit` that recorded itself in the folder meanwhile had its
     settings replaced by attribute's (and attribute ended in a traceback). The check is made again where attribute

@@ -16,7 +16,14 @@ from typing import Any
 from wherefrom.core.store import read_json_object
 from wherefrom.models.finetune import CHECKPOINTS_DIR, CONFIG_FILE, RESUME_DIR, TRAIN_LOG_FILE
 
-__all__ = ["FINETUNE_MARKERS", "FOLDER_MARKERS", "folder_makers", "marked_commands", "recorded_commands"]
+__all__ = [
+    "FINETUNE_MARKERS",
+    "FOLDER_MARKERS",
+    "enclosing_output",
+    "folder_makers",
+    "marked_commands",
+    "recorded_commands",
+]
 
 FOLDER_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bench", ("bench.json",)),
@@ -61,3 +68,26 @@ def marked_commands(folder: Path) -> list[str]:
     if any((folder / name).exists() for name in FINETUNE_MARKERS):
         found.append("finetune")
     return found
+
+
+FOLDER_HOLDERS = frozenset({"fit", "bench", "ablate", "groundtruth", "word-order", "finetune", "tune"})
+"""The commands whose output folder holds folders they made, at most two levels down (``GROUNDTRUTH/model``,
+``BENCH/seed-<s>/finetune``, ``ABLATE/finetunes/KEY``, ``RUN/index``, ``TUNE/points``): the folders
+:func:`enclosing_output` looks for. The others write files (``evaluate`` its ``STEM.json``, ``attribute`` its
+scores)."""
+
+
+def enclosing_output(folder: Path) -> tuple[Path, list[str]] | None:
+    """``(the nearest of the two folders above folder that a command of FOLDER_HOLDERS made, those makers)``
+    (:func:`folder_makers`), or ``None``. A ``config.json`` there that is not a JSON object is not read (only
+    the files there count): another program's, not the running command's to name. No higher: a folder such as
+    ``/tmp`` that once took a command's output does not own every folder below it."""
+    for parent in Path(folder).resolve().parents[:2]:
+        try:
+            makers = folder_makers(parent)
+        except ValueError:
+            makers = marked_commands(parent)
+        holders = [name for name in makers if name in FOLDER_HOLDERS]
+        if holders:
+            return parent, holders
+    return None
