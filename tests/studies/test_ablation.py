@@ -97,6 +97,37 @@ def test_bench_preset_records_resolved_settings_and_flags_override(tmp_path, tin
     )
 
 
+def test_a_preset_record_of_the_first_version_replays_to_the_preset(tmp_path):
+    """reviewW: a ``bench --preset`` record written on 1 December 2026 (fe1aeab to f8238df) named every setting,
+    those at their default included, which the preset then decided. Replayed now, a default recorded there
+    overrode the preset as a flag given does (``--fisher true``, ``--max-length 512``, ``--epochs 2``). A record
+    naming every preset setting is replayed with those at their default left to the preset, as it ran."""
+    import wherefrom.studies.bench as bench
+    from tests.studies.replayed import config_of_line
+    from wherefrom.cli.settings import SETTINGS
+    from wherefrom.cli.studies import PRESET_SETTINGS
+
+    out = tmp_path / "b"
+    line = f"wherefrom bench --task rules --out {out} --preset reference-study --epochs 3"
+    expected = config_of_line(line, bench, "run_bench")
+    assert (expected["fisher"], expected["max_length"], expected["epochs"]) == ("empirical", 128, 3)
+    arguments = {name: SETTINGS[name].default for name in PRESET_SETTINGS}
+    arguments |= {"task": "rules", "out": str(out), "preset": "reference-study", "epochs": 3}
+    out.mkdir()
+    record = {"command": "bench", "arguments": arguments, "line": line, "cwd": ".", "folder": "."}
+    (out / "config.json").write_text(json.dumps({"replay": {"bench": record}}))
+    made = []
+
+    def capture(config, command=None, **_keywords):
+        made.append(config)
+        raise RuntimeError("captured")  # ends the command before any work
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "run_bench", capture)
+        invoke("replay", out)
+    assert asdict(made[0]) == expected
+
+
 def test_a_flag_given_at_its_default_overrides_the_preset(tmp_path):
     """userS: ``bench --preset reference-study --fisher true`` ran with the preset's empirical Fisher: a flag given
     at its default value was not told apart from one left out. A flag given overrides the preset, at its default

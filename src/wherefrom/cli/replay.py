@@ -10,6 +10,7 @@ from typing import Any
 
 from wherefrom.cli.app import COMMANDS, command, console, fail
 from wherefrom.cli.settings import SETTINGS
+from wherefrom.cli.studies import PRESET_SETTINGS
 
 
 def relocated(record: dict[str, Any], where: Path, folder: Path) -> tuple[dict[str, Any], Path | None]:
@@ -32,6 +33,19 @@ def relocated(record: dict[str, Any], where: Path, folder: Path) -> tuple[dict[s
             moved = folder / path.relative_to(recorded)
             arguments[name] = str(moved) if Path(value).is_absolute() else os.path.relpath(moved, where)
     return arguments, recorded
+
+
+def preset_resolved(command: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """``arguments`` of a recorded ``bench --preset`` or ``ablate``, less the preset's settings at their default
+    where the record names every one of them (:data:`wherefrom.cli.studies.PRESET_SETTINGS`): such a record was
+    written by the versions of 1 December 2026 (fe1aeab to f8238df), which recorded every setting and let the
+    preset decide those at their default. Replayed as written, each default now overrides the preset, as a flag
+    given does (the empirical Fisher became the true one, 128 tokens 512). A record written since names only
+    the flags given; it is returned as it is."""
+    presetting = command == "ablate" or (command == "bench" and arguments.get("preset") is not None)
+    if not presetting or not all(name in arguments for name in PRESET_SETTINGS):
+        return arguments
+    return {n: v for n, v in arguments.items() if n not in PRESET_SETTINGS or v != SETTINGS[n].default}
 
 
 @command(distributed=True)  # reruns a recorded command, which decides for itself
@@ -64,4 +78,4 @@ def replay(folder, threads) -> None:
         moved = f" ({folder} was recorded as {recorded}: written here)" if recorded is not None else ""
         console.print(f"replay (in {where}){moved}: {record['line']}", markup=False, highlight=False)
         with contextlib.chdir(where):
-            COMMANDS[record["command"]](**arguments)
+            COMMANDS[record["command"]](**preset_resolved(record["command"], arguments))
