@@ -422,3 +422,42 @@ def test_a_model_with_a_nan_weight_is_refused_by_name_and_no_stage_is_saved(tmp_
     assert "NaN or infinite entries" in text and "indefinite" not in text, text
     assert f"strategy {strategy!r}" in text or "curvature block '" in text, text
     assert not list((tmp_path / "run" / "factors").rglob("*.safetensors"))
+
+
+def test_ekfac_warns_when_its_correction_lies_in_a_null_space_whose_basis_rounding_chose(tokenizer):
+    """userY: EK-FAC with the true Fisher on 2 training rows gave scores 0.16 of the largest apart between one and
+    two processes (and between batch sizes 8 and 1), far beyond the stated tolerance. Its output-gradient
+    covariance S is singular (fewer loss tokens than a module's width), and the correction pass's fresh label draws
+    put a third or more of its mass in S's null space, whose eigenbasis is whatever rounding gives: the fit warns,
+    naming the share; on 40 rows, or with the empirical Fisher (one set of gradients), nothing lies there, the fit
+    is silent and the batch size changes nothing beyond float round-off."""
+    import warnings
+
+    from wherefrom.curvature.kronecker import ArbitraryBasisWarning
+    from wherefrom.models.tiny import tiny_gpt2
+
+    model = tiny_gpt2(len(tokenizer))
+    queries = make_records(3, seed=7, prefix="q")
+
+    def scores(train, fisher, batch_size):
+        attributor = Attributor(
+            model, tokenizer, AttributionConfig(strategy="ekfac", fisher=fisher, batch_size=batch_size)
+        )
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            attributor.fit(train)
+        told = [str(w.message) for w in seen if issubclass(w.category, ArbitraryBasisWarning)]
+        return attributor.scores(queries, train).total, told
+
+    def apart(a, b):
+        return float((a - b).abs().max() / a.abs().max())
+
+    two = make_records(2, seed=3)
+    (eight, told), (one, told_one) = scores(two, "true", 8), scores(two, "true", 1)
+    assert told and told_one and "--batch-size" in told[0] and "%)" in told[0], told
+    assert apart(eight, one) > 1e-3  # what the warning is about
+    many = make_records(40, seed=3)
+    (eight, told), (one, told_one) = scores(many, "true", 8), scores(many, "true", 1)
+    assert not told and not told_one and apart(eight, one) < 1e-4
+    (eight, told), (one, told_one) = scores(two, "empirical", 8), scores(two, "empirical", 1)
+    assert not told and not told_one and apart(eight, one) < 1e-4
