@@ -183,6 +183,16 @@ def test_evaluate_scores_checks_ids_and_selects_queries(folder):
         evaluate_scores(gt, scores(["nope"] * N_QUERIES, gt.train_ids, total))
     with pytest.raises(ValueError, match="out of range"):
         evaluate_scores(gt, scores(gt.query_ids, gt.train_ids, total), queries=[N_QUERIES])
+    # userX: a NaN score made its query's correlations undefined, and the summary left the query out (LDS rose)
+    poisoned = total.clone()
+    poisoned[1, 3] = float("nan")
+    said = rf"1 scores are NaN or infinite, e.g. of training row '{gt.train_ids[3]}' for query '{gt.query_ids[1]}'"
+    with pytest.raises(ValueError, match=said):
+        evaluate_scores(gt, scores(gt.query_ids, gt.train_ids, poisoned))
+    with pytest.raises(
+        ValueError, match=rf"missing \['{gt.train_ids[1]}'\], extra \[\], repeated \['{gt.train_ids[0]}'\]"
+    ):
+        evaluate_scores(gt, scores(gt.query_ids, [gt.train_ids[0], *gt.train_ids[:1], *gt.train_ids[2:]], total))
 
 
 def test_config_errors_name_the_setting(tmp_path):
@@ -448,3 +458,70 @@ def test_targets_of_too_few_rows_to_correlate_are_said_before_any_fine_tuning(tm
         build_groundtruth(config, log=lines.append)
     said = [line.split(":")[0] for line in lines if "correlations need at least 3 points" in line]
     assert said == ["--loo-rows 1", "--pbrf-rows 2"]
+
+
+def test_a_ground_truth_reads_its_relative_paths_from_where_it_was_built(tmp_path, monkeypatch):
+    """userX: `evaluate`/`tune` read a ground truth's recorded relative `--model` (and `path:` task files) from the
+    directory they ran in: from another one holding a folder of that name with other weights of the same shapes, the
+    LoRA adapter ran on that model with no error (kfac's LOO Pearson 0.136 for 0.761) and the row was cached. The
+    paths are now named from the directory the ground truth's config.json records it was built in; one built with
+    the Python API (no record) has its base model checked against the fingerprint its fine-tuning recorded."""
+    from typer.testing import CliRunner
+
+    from wherefrom.cli import app
+    from wherefrom.models.tiny import save_tiny
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    save_tiny(project / "model", "gpt2", seed=1)
+    save_tiny(elsewhere / "model", "gpt2", seed=2)  # the same name and shapes, other weights
+    for name, rows in (("train", make_records(12, seed=1)), ("test", make_records(3, seed=2, prefix="q"))):
+        lines = [
+            json.dumps({"id": r.id, "prompt": r.prompt, "completion": r.completion, "label": r.label}) for r in rows
+        ]
+        (project / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    runner = CliRunner()
+    monkeypatch.chdir(project)
+    built = runner.invoke(
+        app,
+        ["groundtruth", "--task", "path:train.jsonl:test.jsonl", "--model", "model", "--lora-rank", "2",
+         "--lora-target", "c_attn", "--epochs", "1", "--max-length", "64", "--subsets", "3", "--loo-rows", "0",
+         "--out", "gt"],
+    )  # fmt: skip
+    assert built.exit_code == 0, built.output
+    shutil.copytree(project / "gt", project / "api-gt")  # as the Python API leaves it: no record of the command
+    (project / "api-gt" / "config.json").unlink()
+    here = runner.invoke(app, ["evaluate", "gt", "--methods", "identity", "--out", str(tmp_path / "here")])
+    assert here.exit_code == 0, here.output
+    scores = project / "gt" / "scores" / "identity.safetensors"
+    computed_here = scores.read_bytes()
+    shutil.rmtree(project / "gt" / "scores")  # computed afresh from elsewhere
+    monkeypatch.chdir(elsewhere)
+    there = runner.invoke(app, ["evaluate", "../project/gt", "--methods", "identity", "--out", str(tmp_path / "there")])
+    assert there.exit_code == 0, there.output
+    assert scores.read_bytes() == computed_here  # the project's model, not elsewhere/model
+    for name in ("train.jsonl", "test.jsonl"):  # the rows found from here too: only the model differs
+        shutil.copy(project / name, elsewhere / name)
+    refused = runner.invoke(
+        app, ["evaluate", "../project/api-gt", "--methods", "identity", "--out", str(tmp_path / "x")]
+    )
+    said = " ".join(refused.output.split())
+    assert "holds other weights than the base model this was made from" in said, refused.output
+    assert not (project / "api-gt" / "scores" / "identity.safetensors").exists()
+
+
+@pytest.mark.parametrize("target", ["lds", "loo"])
+def test_a_missing_or_truncated_target_file_is_named_with_the_command_that_rewrites_it(folder, tmp_path, target):
+    """userX: a truncated lds.safetensors ended `evaluate` in a safetensors traceback (exit 1), and a deleted one
+    left the LDS out of the report ("-") though groundtruth.json records 8 subsets. Both are refused naming the
+    file and the replay that writes it again from the finished jobs."""
+    copy = tmp_path / "gt"
+    shutil.copytree(folder, copy)
+    path = copy / f"{target}.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"{path} cannot be read .*wherefrom replay {copy}"):
+        GroundTruth.load(copy)
+    path.unlink()
+    with pytest.raises(ValueError, match=rf"{path} is missing, though .*groundtruth.json records its {target} target"):
+        GroundTruth.load(copy)

@@ -453,6 +453,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     trainable_adapter: bool = False,
+    base_fingerprint: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local folder, optionally with a LoRA adapter.
 
@@ -465,7 +466,11 @@ def load_model(
     Raises :class:`ModelLoadError` naming the path when the model folder (or its config.json)
     or the adapter folder (or its adapter_config.json) is missing, when the model folder has no
     weights or a damaged safetensors file (:func:`check_weights`), and when the adapter's weights
-    are damaged or were made for another base model (:func:`check_adapter`).
+    are damaged or were made for another base model (:func:`check_adapter`). ``base_fingerprint``: the
+    :func:`model_fingerprint` the model in ``path`` must have (before an adapter is added), e.g. the base a
+    fine-tuning recorded; another one is refused naming the folder (a relative path read from another directory
+    found a model of the same shapes there, and a ground truth's LoRA adapter ran on it, with no error); the
+    adapter's recorded base folder is then not compared (:func:`check_adapter`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -487,10 +492,18 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    if base_fingerprint is not None and model_fingerprint(model) != base_fingerprint:
+        raise ModelLoadError(
+            f"{folder.resolve()} holds other weights than the base model this was made from (fingerprint "
+            f"{base_fingerprint[:12]}..., now {model_fingerprint(model)[:12]}...): a relative model path names "
+            "another folder from another directory"
+        )
     if adapter_dir is not None:
         from peft import PeftModel
 
-        check_adapter(adapter_dir, model, folder)
+        # a base checked by fingerprint: its adapter's recorded base folder, relative to where it was trained, is
+        # not looked up from here
+        check_adapter(adapter_dir, model, folder if base_fingerprint is None else None)
 
         with quiet_peft():
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable_adapter)

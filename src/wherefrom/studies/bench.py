@@ -81,6 +81,7 @@ __all__ = [
     "run_bench",
     "scored_method",
     "short_of_sizes",
+    "task_from",
 ]
 
 DEFAULT_METHODS = ["ekfac", "kfac", "datainf", "gradsim", "tracin", "repsim", "bm25"]
@@ -185,6 +186,16 @@ def check_task_name(task: str) -> None:
                 f"{path}: file not found (task {task!r}; the reference study's sets are in shared/datasets, "
                 f"see its README)"
             )
+
+
+def task_from(task: str, directory: Path) -> str:
+    """``task`` with the relative files of a ``path:`` task named from ``directory`` (where it was given); a task
+    by name as it is."""
+    if not task.startswith("path:"):
+        return task
+    train, test, identify = _file_task(task)
+    files = [str(Path(directory) / f) if not Path(f).is_absolute() else f for f in (train, test)]
+    return ":".join(["path", *files, *(["identify"] if identify else [])])
 
 
 def make_task(task: str, n_train: int | None, n_test: int | None, seed: int) -> BenchTask:

@@ -91,3 +91,18 @@ def enclosing_output(folder: Path) -> tuple[Path, list[str]] | None:
         if holders:
             return parent, holders
     return None
+
+
+def recorded_directory(folder: Path, command: str) -> Path | None:
+    """The directory ``command``'s record in ``folder/config.json`` ran in (its ``cwd``, kept relative to
+    ``folder``, so a project moved whole keeps it), which its relative paths are relative to; ``None`` without such a
+    record (a folder made with the Python API or by an older version) or a readable ``config.json``."""
+    path = Path(folder) / "config.json"
+    try:
+        saved = read_json_object(path) if path.is_file() else {}
+    except ValueError:
+        return None
+    records = saved.get("replay")
+    record = records.get(command) if isinstance(records, dict) else None
+    cwd = record.get("cwd") if isinstance(record, dict) else None
+    return (Path(folder) / cwd).resolve() if isinstance(cwd, str) else None

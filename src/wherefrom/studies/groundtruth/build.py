@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -51,16 +52,17 @@ from wherefrom.methods.tracin import finetune_checkpoints
 from wherefrom.models.finetune import ADAPTER_DIR, MODEL_DIR, finetune
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_RECORD
 from wherefrom.models.loading import load_model
-from wherefrom.studies.bench import check_task_name, make_task, short_of_sizes
+from wherefrom.studies.bench import check_task_name, make_task, short_of_sizes, task_from
 from wherefrom.studies.benchtasks import BenchTask
 from wherefrom.studies.finetuning import StudyFinetuning
 from wherefrom.studies.groundtruth.lds import loo_effect, loo_noise, sample_subsets
 from wherefrom.studies.groundtruth.pbrf import pbrf_config, pbrf_influence
 from wherefrom.studies.groundtruth.retrain import SCRATCH_PREFIX, FinetuneRetrainer, measure_queries, run_jobs
 from wherefrom.studies.metrics import FEWEST_CORRELATED
+from wherefrom.studies.outputs import recorded_directory
 from wherefrom.studies.toolkit import free_memory, provenance
 
-__all__ = ["GroundTruth", "GroundTruthConfig", "build_groundtruth", "command_line"]
+__all__ = ["GroundTruth", "GroundTruthConfig", "base_of", "build_groundtruth", "command_line"]
 
 _FORMAT_VERSION = 1
 META_FILE = "groundtruth.json"
@@ -189,10 +191,17 @@ def _jobs(
 
 def _load_tuned(config: GroundTruthConfig, model_dir: Path) -> tuple[nn.Module, Any]:
     if config.lora_rank is not None:
-        loaded = load_model(config.model, adapter=model_dir / ADAPTER_DIR, device=config.device)
+        loaded = load_model(
+            config.model, adapter=model_dir / ADAPTER_DIR, device=config.device, base_fingerprint=base_of(model_dir)
+        )
     else:
         loaded = load_model(model_dir / MODEL_DIR, device=config.device)
     return loaded.model, loaded.tokenizer
+
+
+def base_of(model_dir: Path) -> str:
+    """The fingerprint of the base model the fine-tuning in ``model_dir`` started from (its record)."""
+    return read_json_object(Path(model_dir) / FINETUNE_RECORD)["base_model_fingerprint"]
 
 
 def _lds_noise(outputs: np.ndarray) -> dict[str, float]:
@@ -369,8 +378,29 @@ def build_groundtruth(
     return GroundTruth.load(out)
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor] | None:
-    return load_file(str(path)) if path.is_file() else None
+def built_targets(folder: Path, meta: dict[str, Any], config: GroundTruthConfig) -> dict[str, dict | None]:
+    """``{lds, loo, pbrf: tensors or None}``: each target file of the ground truth in ``folder``, read; ``ValueError``
+    naming one that its ``groundtruth.json`` (``meta``) records as built and is missing, or one unreadable (a
+    truncated ``lds.safetensors`` ended ``evaluate`` in a safetensors traceback, a deleted one left its LDS out
+    without a word), with the command that rebuilds it from the finished jobs."""
+    noise = meta.get("noise") if isinstance(meta.get("noise"), dict) else {}
+    built = {"lds": "lds" in noise, "loo": "loo" in noise, "pbrf": bool(config.pbrf_rows)}
+    targets: dict[str, dict | None] = {}
+    for name, expected in built.items():
+        path = folder / f"{name}.safetensors"
+        targets[name] = None
+        if not expected and not path.is_file():
+            continue
+        rebuild = (
+            f"rerun `wherefrom replay {folder}` (or its groundtruth command) to write it again from the finished jobs"
+        )
+        if not path.is_file():
+            raise ValueError(f"{path} is missing, though {folder / META_FILE} records its {name} target; {rebuild}")
+        try:
+            targets[name] = load_file(str(path))
+        except (OSError, SafetensorError) as error:
+            raise ValueError(f"{path} cannot be read ({error}); {rebuild}") from None
+    return targets
 
 
 @dataclass
@@ -381,6 +411,9 @@ class GroundTruth:
 
     folder: Path
     config: GroundTruthConfig
+    model: str | None
+    """The base model folder, ``config.model`` named from the directory the ground truth was built in (the
+    directory its ``config.json`` records; else the current one); ``None``: the default model."""
     meta: dict[str, Any]
     task: BenchTask
     lds_masks: np.ndarray | None
@@ -405,7 +438,11 @@ class GroundTruth:
         config = GroundTruthConfig.from_dict(meta["config"])
         if device is not None:
             config = replace(config, device=device)
-        task = make_task(config.task, config.n_train, config.n_test, config.seed)
+        # relative paths name files from where the ground truth was built (`evaluate` run elsewhere loaded another
+        # folder of that name as its base model)
+        built_in = recorded_directory(folder, "groundtruth") or Path.cwd()
+        model = None if config.model is None else str(built_in / Path(config.model).expanduser())
+        task = make_task(task_from(config.task, built_in), config.n_train, config.n_test, config.seed)
         for what, records in (("train", task.train), ("query", task.test)):
             if [r.id for r in records] != meta[f"{what}_ids"]:
                 raise ValueError(f"{folder}: the rebuilt task's {what} ids differ from {META_FILE} (data changed?)")
@@ -414,10 +451,12 @@ class GroundTruth:
             or data_fingerprint(task.test) != meta["query_fingerprint"]
         ):
             raise ValueError(f"{folder}: the rebuilt task's rows differ from the ones the ground truth was built on")
-        lds, loo, pbrf = (_tensors(folder / f"{name}.safetensors") for name in ("lds", "loo", "pbrf"))
+        targets = built_targets(folder, meta, config)
+        lds, loo, pbrf = targets["lds"], targets["loo"], targets["pbrf"]
         return cls(
             folder=folder,
             config=config,
+            model=model,
             meta=meta,
             task=task,
             lds_masks=None if lds is None else lds["masks"].numpy().astype(bool),
@@ -456,5 +495,5 @@ class GroundTruth:
 
     def load_model(self, device: str | None = None) -> tuple[nn.Module, Any]:
         """``(model, tokenizer)`` of the full-data fine-tuned model (eval mode; a ``PeftModel`` for LoRA)."""
-        config = self.config if device is None else replace(self.config, device=device)
+        config = replace(self.config, model=self.model, device=device or self.config.device)
         return _load_tuned(config, self.model_dir)

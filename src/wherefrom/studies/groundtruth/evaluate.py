@@ -42,7 +42,7 @@ from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import check_methods, in_family, method_spec, options_off_default
 from wherefrom.models.loading import load_model
 from wherefrom.studies.bench import check_method_options, scored_method
-from wherefrom.studies.groundtruth.build import GroundTruth
+from wherefrom.studies.groundtruth.build import GroundTruth, base_of
 from wherefrom.studies.groundtruth.lds import lds_per_query, loo_correlations, summarize
 from wherefrom.studies.metrics import spearman_rows
 from wherefrom.studies.toolkit import (
@@ -86,7 +86,8 @@ def score_matrix(gt: GroundTruth, scores: Scores, queries: Sequence[int] | None 
     """``(len(queries), n_train)`` float64 scores in the ground truth's query and training-row order.
 
     ``scores`` may cover every ground-truth query or exactly the selected ones (in order); its
-    training rows must be the ground truth's (any order). Raises ``ValueError`` naming the ids otherwise.
+    training rows must be the ground truth's (any order). Raises ``ValueError`` naming the ids otherwise, and
+    naming a query and training row of a NaN or infinite score.
     """
     all_ids = gt.query_ids
     selected = list(range(len(all_ids))) if queries is None else [int(q) for q in queries]
@@ -109,10 +110,19 @@ def score_matrix(gt: GroundTruth, scores: Scores, queries: Sequence[int] | None 
         missing = [t for t in train_ids if t not in position]
         extra = sorted(set(scores.train_ids) - set(train_ids))
         if missing or extra or len(position) != len(train_ids):
+            repeated = sorted({t for t in scores.train_ids if list(scores.train_ids).count(t) > 1})
             raise ValueError(
                 f"score train ids differ from the ground truth's: missing {missing[:5]}, extra {extra[:5]}"
+                + (f", repeated {repeated[:5]}" if repeated else "")
             )
         total = total[:, [position[t] for t in train_ids]]
+    bad = np.argwhere(~np.isfinite(total))
+    if bad.size:  # a NaN made its query's correlations undefined, and the summary left that query out
+        query, row = bad[0]
+        raise ValueError(
+            f"{len(bad)} scores are NaN or infinite, e.g. of training row {train_ids[row]!r} for query "
+            f"{all_ids[selected[query]]!r}: they rank nothing, and no correlation is measured on them"
+        )
     return total
 
 
@@ -176,7 +186,10 @@ def run_method(
     if in_family(method, "checkpoint"):
         options.setdefault("checkpoints", [str(p) for p in gt.checkpoints])
         if config.lora_rank is not None:
-            options.setdefault("base", lambda: load_model(config.model, device=config.device).model)
+            options.setdefault(
+                "base",
+                lambda: load_model(gt.model, device=config.device, base_fingerprint=base_of(gt.model_dir)).model,
+            )
     scores, usage = scored_method(
         method, model, tokenizer, attribution, options, gt.task.train, gt.task.test, config.device
     )
