@@ -349,6 +349,13 @@ def test_launch_variables_are_checked(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(NotDistributable, match=r"command index cannot run under torch.distributed \(WORLD_SIZE=2\)"):
         refuse("command index", "build it in one process")
+    # userY: a WORLD_SIZE left over without torchrun's MASTER_ADDR gave torch's bare "environment variable
+    # MASTER_ADDR expected, but not set"
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    said = r"WORLD_SIZE=2 is set but MASTER_ADDR not, .* or unset WORLD_SIZE and RANK"
+    with pytest.raises(ValueError, match=said), session():
+        pass
 
 
 def test_a_process_waiting_for_its_group_says_so_and_where(monkeypatch, caplog):

@@ -192,3 +192,18 @@ def test_ids_one_and_one_point_zero_collide(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match=r"dup\.jsonl, line 2: field 'id': duplicate id '1' \(first used at line 1\)"):
         load_records(path)
+
+
+def test_a_clash_with_a_generated_id_says_the_id_was_generated(tmp_path: Path) -> None:
+    """userY: a row without an id gets ``stem:line``; where an earlier row had taken that id, the message blamed
+    the later row's 'id' field, which it does not have. Either order now says which id was generated."""
+    rows = [{"prompt": "a:", "completion": " b"}, {"prompt": "c:", "completion": " d"}]
+    later = tmp_path / "later.jsonl"
+    later.write_text("\n".join(json.dumps(r) for r in [{**rows[0], "id": "later:2"}, rows[1]]) + "\n")
+    with pytest.raises(DataError, match=r"later.jsonl, line 2: the row has no id, and the one generated for it, "):
+        load_records(later)
+    earlier = tmp_path / "earlier.jsonl"
+    earlier.write_text("\n".join(json.dumps(r) for r in [rows[0], {**rows[1], "id": "earlier:1"}]) + "\n")
+    said = r"line 2: field 'id': duplicate id 'earlier:1' \(first used at line 1, generated for a row without one\)"
+    with pytest.raises(DataError, match=said):
+        load_records(earlier)

@@ -227,18 +227,25 @@ def _build(rows: Iterable[tuple[str, Any, str]], source: str) -> list[Record]:
     seen: dict[str, str] = {}
     for position, row, default_id in rows:
         record = _validate_row(row, _where(source, position), default_id)
-        _check_new_id(seen, record.id, position, source)
+        generated = record.id == default_id and not (isinstance(row, dict) and row.get("id") == default_id)
+        _check_new_id(seen, record.id, position, source, generated)
         records.append(record)
     return records
 
 
-def _check_new_id(seen: dict[str, str], record_id: str, position: str, source: str) -> None:
-    """Record ``record_id`` at ``position`` in ``seen``; :class:`DataError` when it is there already."""
+def _check_new_id(seen: dict[str, str], record_id: str, position: str, source: str, generated: bool = False) -> None:
+    """Record ``record_id`` at ``position`` in ``seen``; :class:`DataError` when it is there already, saying so
+    when the id is the one ``generated`` for a row without one (the message blamed the row's 'id' field)."""
+    if record_id in seen and generated:
+        raise DataError(
+            f"{_where(source, position)}: the row has no id, and the one generated for it, {record_id!r}, is already "
+            f"used at {seen[record_id]}: give this row an id, or that one another"
+        )
     if record_id in seen:
         raise DataError(
             f"{_where(source, position)}: field 'id': duplicate id {record_id!r} (first used at {seen[record_id]})"
         )
-    seen[record_id] = position
+    seen[record_id] = f"{position}, generated for a row without one" if generated else position
 
 
 # --------------------------------------------------------------------------------------------------

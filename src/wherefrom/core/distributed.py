@@ -145,8 +145,8 @@ def session() -> Iterator[World]:
     A block that ends without an error ends with a barrier, so no rank leaves the group while another
     still communicates; a process that left a group ends through :func:`end_process`. With
     ``WORLD_SIZE`` unset or 1, or a group already joined (by the caller), nothing is done. Raises
-    ``ValueError`` for malformed variables; the rendezvous itself (``MASTER_ADDR``/``MASTER_PORT``) is
-    torch's ``env://`` initialisation.
+    ``ValueError`` for malformed variables, and for ``WORLD_SIZE`` > 1 without ``MASTER_ADDR`` or ``MASTER_PORT``
+    (a variable left over from another job); the rendezvous itself is torch's ``env://`` initialisation.
     """
     world = World.from_env()
     if world.size == 1 or (dist.is_available() and dist.is_initialized()):
@@ -154,6 +154,12 @@ def session() -> Iterator[World]:
         return
     if not dist.is_available():
         raise NotDistributable(f"WORLD_SIZE={world.size}, but this torch build has no torch.distributed")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:  # torch's own error named the variable alone
+        raise ValueError(
+            f"WORLD_SIZE={world.size} is set but {' and '.join(missing)} not, so no process group can form: start the "
+            "command with torchrun (which sets them all), or unset WORLD_SIZE and RANK to run in one process"
+        )
     device = local_device()
     if device is not None:
         torch.cuda.set_device(device)
