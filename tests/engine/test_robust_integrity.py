@@ -242,3 +242,51 @@ def test_a_damaged_config_or_manifest_of_a_finished_run_is_named_and_kept(root, 
             assert path.read_bytes() == damage
     finally:
         path.write_bytes(clean)
+
+
+@pytest.mark.parametrize(
+    ("flags", "other", "folder", "named"),
+    [
+        (
+            ["--strategy", "kfac"],
+            ["--strategy", "ekfac"],
+            "factors",
+            "attribution.strategy: recorded 'ekfac', now 'kfac'",
+        ),
+        ([], ["--damping-factor", "0.5"], "factors", "attribution.damping_factor: recorded 0.5, now 0.1"),
+        ([], ["--train", "FEWER"], "factors", "data: recorded"),
+        (["--method", "logra"], ["--method", "logra", "--option", "dim_in=8"], "method", "options.dim_in: recorded 8"),
+    ],
+)
+def test_factors_of_other_settings_put_in_a_run_are_refused_by_its_readers(root, tmp_path, flags, other, folder, named):
+    """userY: `scores`/`query` used whatever RUN/factors held: a K-FAC run's scores were, byte for byte, those of
+    the EK-FAC factors copied there, and factors of another damping or of other training rows gave other scores,
+    with no error, where `fit` refused them. Readers now compare the factors' (or a fitted method's) recorded
+    settings with the run's, naming each that differs; the run's own factors are read as before."""
+    import shutil
+
+    rows = (root / "train.jsonl").read_text().splitlines()
+    (tmp_path / "fewer.jsonl").write_text("\n".join(rows[:12]) + "\n")
+    other = [str(tmp_path / "fewer.jsonl") if a == "FEWER" else a for a in other]
+    run, donor = f"mine-{tmp_path.name}", f"donor-{tmp_path.name}"
+    code, out = invoke(*fit_args(root, run, *flags))
+    assert code == 0, out
+    donor_args = fit_args(root, donor)
+    if "--train" in other:  # the donor fitted on other rows
+        donor_args[donor_args.index("--train") + 1] = other[1]
+        other = []
+    code, out = invoke(*donor_args, *other)
+    assert code == 0, out
+    code, out = invoke("scores", "--run", root / run, "--queries", root / "queries.jsonl", "--name", "own")
+    assert code == 0, out
+    shutil.rmtree(root / run / folder)
+    shutil.copytree(root / donor / folder, root / run / folder)
+    for args in (
+        ["scores", "--run", root / run, "--queries", root / "queries.jsonl", "--name", "swapped"],
+        ["query", "--run", root / run, "ab cd:", " ef"],
+    ):
+        code, out = invoke(*args)
+        said = " ".join(out.split())
+        assert code == 2 and f"{root / run / folder} was fitted with other settings than run" in said, out
+        assert named in said, said
+    assert not (root / run / "scores" / "swapped.safetensors").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -290,3 +291,41 @@ def test_influence_writes_inside_the_run_under_its_writer_lock(root, tmp_path):
         holder.wait()
     code, out = invoke("influence", "--run", run, "--name", "tails")
     assert code == 0 and (run / "analyses" / "tails" / "influence.json").is_file(), out
+
+
+def test_a_reader_finding_no_fit_names_the_process_writing_the_run(root, tmp_path):
+    """userY: a `query` during a running `fit` was told "no fitted curvature ...; run wherefrom fit first" (or,
+    earlier in the fit, "not a wherefrom run directory ...; run wherefrom fit first"). While a live process holds
+    the run's writer lock, both name it and say to wait; a description left by a killed holder is not named."""
+    from wherefrom.core.store import writing_now
+
+    fresh = tmp_path / "being-made"
+    holder = hold_lock(fresh)
+    try:
+        assert str(holder.pid) in (writing_now(fresh) or "")
+        code, out = invoke("query", "--run", fresh, "ab cd:", " ef")
+        said = " ".join(out.split())
+        assert (
+            code == 2
+            and f"is not a wherefrom run directory (no config.json or manifest.json); it is being made now by pid {holder.pid}"
+            in said
+        ), out
+    finally:
+        holder.kill()
+        holder.wait()
+    assert writing_now(fresh) is None  # killed: its description is left, naming a process that is gone
+    assert (fresh / ".wherefrom.lock.json").exists()
+    code, out = invoke("query", "--run", fresh, "ab cd:", " ef")
+    assert code == 2 and "run `wherefrom fit` first" in " ".join(out.split()), out
+    code, out = invoke(*fit_args(root, f"kfac-{tmp_path.name}", "--strategy", "kfac"))
+    assert code == 0, out
+    unfitted = root / f"kfac-{tmp_path.name}"
+    shutil.rmtree(unfitted / "factors")  # as a fit writing them finds it
+    holder = hold_lock(unfitted)
+    try:
+        code, out = invoke("query", "--run", unfitted, "ab cd:", " ef")
+        said = " ".join(out.split())
+        assert code == 2 and f"the run is being written now by pid {holder.pid}" in said and "wait" in said, out
+    finally:
+        holder.kill()
+        holder.wait()

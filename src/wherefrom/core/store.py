@@ -684,6 +684,22 @@ def with_defaults_recorded(saved: Mapping[str, Any], defaults: Mapping[str, Mapp
     return out
 
 
+def recorded_differences(
+    saved: Mapping[str, Any],
+    now: Mapping[str, Any],
+    ignore: Collection[str] = (),
+    defaults: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[tuple[str, str]]:
+    """:func:`differing_settings` of a job's recorded ``saved`` settings (its missing keys taken from ``defaults``,
+    :func:`with_defaults_recorded`) and the settings ``now`` (in their JSON form), top-level keys in ``ignore``
+    left out."""
+    saved = with_defaults_recorded(saved, defaults or {})
+    now = json_form(dict(now))
+    return differing_settings(
+        {k: v for k, v in saved.items() if k not in ignore}, {k: v for k, v in now.items() if k not in ignore}
+    )
+
+
 def record_settings(
     folder: Path,
     settings: Mapping[str, Any],
@@ -723,10 +739,7 @@ def record_settings(
             shutil.rmtree(folder)
         write_json_checked(now, path)
         return notes
-    saved = with_defaults_recorded(saved, defaults or {})
-    differences = differing_settings(
-        {k: v for k, v in saved.items() if k not in ignore}, {k: v for k, v in now.items() if k not in ignore}
-    )
+    differences = recorded_differences(saved, now, ignore, defaults)
     if differences:
         said = hint([name for name, _text in differences]) if callable(hint) else hint
         raise SettingsMismatch(
@@ -824,6 +837,23 @@ def _holder(folder: Path, token: bool = False) -> str | None:
         return f"{described} [{who['hold']}]" if token else described
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def writing_now(folder: Path) -> str | None:
+    """The holder of ``folder``'s writer lock as its description names it (``pid N (command, since time)``) while
+    that process is alive, else ``None``; read without taking the lock (a reader's try would make a writer starting
+    that instant fail as locked), so it is for what a message says, never for a decision. A description left by a
+    killed holder names a process that is gone (or, rarely, one that took its pid since)."""
+    who = _holder(Path(folder))
+    if who is None:
+        return None
+    try:
+        os.kill(int(who.split()[1]), 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    return who
 
 
 def holder_guard(folder: Path) -> Callable[[], None]:

@@ -85,10 +85,12 @@ from wherefrom.core.store import (
     package_versions,
     read_json_object,
     record_settings,
+    recorded_differences,
     refuse_folder_in_place,
     settings_differences,
     unchecked_json,
     writer_lock,
+    writing_now,
 )
 from wherefrom.core.tracking import selection_signature
 from wherefrom.core.vectors import (
@@ -502,9 +504,9 @@ class Run:
         folder = Path(folder)
         missing = [name for name in ("config.json", "manifest.json") if not (folder / name).exists()]
         if missing:
-            raise FileNotFoundError(
-                f"{folder} is not a wherefrom run directory (no {' or '.join(missing)}); run `wherefrom fit` first"
-            )
+            writer = writing_now(folder) if folder.is_dir() else None
+            advice = "run `wherefrom fit` first" if writer is None else f"it is being made now by {writer}: wait"
+            raise FileNotFoundError(f"{folder} is not a wherefrom run directory (no {' or '.join(missing)}); {advice}")
         path = folder / "config.json"
         try:
             return RunConfig.from_dict(read_json_object(path))
@@ -539,18 +541,45 @@ class Run:
         config.check_paths(folder)
         loaded = load_model(config.model, config.adapter, device=config.device)
         run = cls(folder, config, loaded, load_records(config.train), progress)
-        run._check(folder, run.manifest())
+        manifest = run.manifest()
+        run._check(folder, manifest)
         if not factors:
             return run
         try:
             if run.method is not None and (folder / "method" / META_FILE).exists():
+                run.require_fitted(folder / "method", manifest)
                 load_fitted(run.method, folder / "method", run.train)
                 run.method_fitted = True
             elif run.method is None and (folder / "factors" / "curvature.json").exists():
+                run.require_fitted(folder / "factors", manifest)
                 run.attributor.use_curvature(load_curvature(folder / "factors"), run.train)
         except DamagedFile as error:
             raise DamagedFile(f"{error}; rerun `wherefrom fit` with this run's arguments to refit it") from None
         return run
+
+    def require_fitted(self, target: Path, manifest: dict[str, Any]) -> None:
+        """Refuse finished factors or a fitted method in ``target`` (``RUN/factors``, ``RUN/method``) whose recorded
+        ``settings.json`` is not this run's (:meth:`fit_settings`; the device, process and thread count it was
+        fitted with aside, as a finished fit is reused under any): :class:`wherefrom.core.store.SettingsMismatch`
+        naming each setting that differs, :class:`wherefrom.core.store.DamagedFile` when ``settings.json`` is
+        missing or damaged (the settings are unknown). Readers used whatever ``target`` held: K-FAC scores from a
+        run's EK-FAC factors put in its place, scores of another damping or of other training rows, with no error,
+        where ``fit`` refused them."""
+        recorded = self.recorded_settings(target)
+        if recorded is None:
+            raise DamagedFile(f"{target / SETTINGS} is missing or damaged: the settings of its fit are unknown")
+        differences = recorded_differences(
+            recorded,
+            self.fit_settings(manifest),
+            (*RESUMED_WHERE_STARTED, *RECORDED_ONLY),
+            self.config.setting_defaults(),
+        )
+        if differences:
+            raise SettingsMismatch(
+                f"{target} was fitted with other settings than run {self.folder} records "
+                f"({'; '.join(text for _name, text in differences)}); delete {target} and rerun `wherefrom fit` with "
+                "this run's arguments to refit it"
+            )
 
     def manifest(self) -> dict[str, Any]:
         return {
@@ -599,9 +628,10 @@ class Run:
                 raise RunMismatch(f"{what} changed since this run was made; refit in a new run folder")
 
     # --- fit -----------------------------------------------------------------------------------
-    def fit_settings(self) -> dict[str, Any]:
-        """What decides the fitted factors' bytes: recorded in ``factors/settings.json`` first."""
-        manifest = self.manifest()
+    def fit_settings(self, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What decides the fitted factors' bytes: recorded in ``factors/settings.json`` first. ``manifest``: the
+        run's :meth:`manifest`, when already made (it fingerprints the training rows)."""
+        manifest = manifest or self.manifest()
         settings = self.config.settings()
         method = {"method": self.config.method, "options": settings["options"]} if self.config.fits_method else {}
         return {
@@ -1452,16 +1482,14 @@ class Run:
                     f"{self.resume_advice()}; or delete it to score without the index"
                 )
             if not self.method_fitted and not (self.vectors() is not None and self.has_index()):
-                raise RuntimeError(
-                    f"no fitted {self.config.method} in {self.folder / 'method'}; run `wherefrom fit` first"
-                )
+                raise RuntimeError(f"no fitted {self.config.method} in {self.folder / 'method'}; {self.fit_advice()}")
             if self.scores_from_index():
                 return self.store_scores(queries, self.open_index())
             return self.method.scores(queries, self.train)
         self.attributor.check_scoring_memory(len(queries), len(self.train))
         curvature = curvature or self.attributor.curvature
         if curvature.needs_fit and not curvature.state:
-            raise RuntimeError(f"no fitted curvature in {self.folder / 'factors'}; run `wherefrom fit` first")
+            raise RuntimeError(f"no fitted curvature in {self.folder / 'factors'}; {self.fit_advice()}")
         store = self.open_index() if self.scores_from_index() else None  # a damaged one refused before the query work
         query_ids, pre = self.attributor.preconditioned_queries(queries, curvature)
         if store is not None:
@@ -1474,6 +1502,15 @@ class Run:
             return part
         train_ids, per_module = gather_columns(part.train_ids, part.per_module, [r.id for r in self.train])
         return Scores(query_ids, train_ids, part.module_names, per_module) if is_main() else None
+
+    def fit_advice(self) -> str:
+        """What a reader finding no fitted state says: to run ``wherefrom fit``, or, while a process writes the run
+        (:func:`wherefrom.core.store.writing_now`), to wait for it (a `query` during a running `fit` was told to
+        run `fit`)."""
+        writer = writing_now(self.folder)
+        if writer is None:
+            return "run `wherefrom fit` first"
+        return f"the run is being written now by {writer}: wait until it finishes"
 
     def scores_from_index(self) -> bool:
         """Whether :meth:`scores` reads the training side from the run's finished index (an indexable run with
