@@ -290,3 +290,18 @@ def test_factors_of_other_settings_put_in_a_run_are_refused_by_its_readers(root,
         assert code == 2 and f"{root / run / folder} was fitted with other settings than run" in said, out
         assert named in said, said
     assert not (root / run / "scores" / "swapped.safetensors").exists()
+
+
+def test_an_unfinished_index_passed_over_by_scores_is_said(root, tmp_path):
+    """userY: with RUN/index unfinished (no index.json), `scores` and `query` recomputed the training gradients and
+    said nothing of the index; they now say it was passed over, with the command that finishes it."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    (run / "index" / "index.json").unlink()
+    for args in (["scores", "--queries", root / "queries.jsonl", "--name", "passed"], ["query", "ab cd:", " ef"]):
+        code, out = invoke(*args, "--run", run)
+        said = " ".join(out.split())
+        assert code == 0 and f"note: {run / 'index'} is unfinished, so the training gradients were recomputed" in said
+        assert f"wherefrom index --run {run} --shard-size 4" in said, said

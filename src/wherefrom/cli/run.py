@@ -462,9 +462,15 @@ def say_train_side(opened: Run) -> None:
     """Say, on stderr, when ``scores``/``query`` read the training side from RUN/index rather than recomputing it:
     the index's dtype and options (``--precondition``, ``--unit-norm``) then decide the scores, e.g. a
     ``--unit-norm`` index makes a dot-product run's scores cosine-like. The saved scores' ``provenance`` records
-    the same (:meth:`wherefrom.engine.run.Run.scores_provenance`); before, nothing on screen said so."""
+    the same (:meth:`wherefrom.engine.run.Run.scores_provenance`); before, nothing on screen said so. Also when an
+    unfinished RUN/index (no completion marker) was passed over, with what finishes it."""
     provenance = opened.scores_provenance()
     if provenance["train_side"] != "index":
+        if (opened.folder / "index").is_dir() and not opened.has_index():  # it was passed over without a word
+            say(
+                f"note: {opened.folder / 'index'} is unfinished, so the training gradients were recomputed; "
+                f"{opened.resume_advice()}"
+            )
         return
     say(
         f"training side read from {opened.folder / 'index'} ({index_rows_text(provenance)}): its rows, not "
