@@ -667,12 +667,14 @@ def test_a_command_refuses_another_commands_output_folder_and_writes_nothing_the
     assert "reused an identical earlier run" in invoke(*tune, tuned).output
 
 
-def test_a_folder_inside_another_commands_output_folder_is_refused_where_it_exists(workspace, tmp_path):
+def test_a_folder_another_command_makes_inside_its_own_is_refused(workspace, tmp_path):
     """`finetune --out GROUNDTRUTH/model --overwrite` replaced a ground truth's fine-tuning, under the losses it
-    had measured with the old one (only the folder itself was checked, not the folders above it). An existing
-    folder inside another command's folder is refused alike, naming both, and left byte for byte; a new folder
-    there, a folder by design inside another's (`tune`'s in its ground truth, `analyze` in an ablation's bench)
-    and a folder above whose config.json is not a JSON object (another program's) are not refused for it."""
+    had measured with the old one (only the folder itself was checked, not the folders above it). A folder that
+    another command makes inside its own, one or two levels down (`GROUNDTRUTH/model`, `BENCH/seed-0/finetune`,
+    `RUN/scores`), is refused alike, naming both, and everything is left byte for byte. Not refused for where they
+    lie: a folder of another name there (a run kept beside its fine-tuning: a first version refused `fit --run
+    FINETUNE/run`, reviewX), `tune`'s folder in its ground truth, `analyze` on an ablation's bench, and folders
+    below one whose config.json is not a JSON object (another program's)."""
     train, model = workspace / "train.jsonl", workspace / "model"
     truth = tmp_path / "truth"
     (truth / "model").mkdir(parents=True)
@@ -686,18 +688,14 @@ def test_a_folder_inside_another_commands_output_folder_is_refused_where_it_exis
     (bench / "finetune_config.json").write_text("{}")
     before = _files(tmp_path)
     tune = ["finetune", "--train", train, "--model", model, "--lora-target", "c_attn", "--epochs", "1"]
-    for folder, maker, outer in (
-        (truth / "model", "groundtruth", truth),
-        (bench, "bench", bench.parent.parent),
-        (truth / "tune-ekfac", "groundtruth", truth),
-    ):
+    for folder, maker, outer in ((truth / "model", "groundtruth", truth), (bench, "bench", bench.parent.parent)):
         result = invoke(*tune, "--out", folder, "--overwrite")
         said = " ".join(result.output.split())
         assert result.exit_code == 2, result.output
         assert f"{folder} lies inside {outer}, an output folder of `wherefrom {maker}`" in said, said
         assert "choose another folder for finetune's output" in said, said
-    fit = ["fit", "--train", train, "--model", model, "--max-length", "128", "--run", truth / "tune-ekfac"]
-    assert f"lies inside {truth}" in " ".join(invoke(*fit).output.split())
+    fit = ["fit", "--train", train, "--model", model, "--max-length", "128", "--run"]
+    assert f"lies inside {truth}" in " ".join(invoke(*fit, truth / "scores").output.split())  # new, yet its name
     assert _files(tmp_path) == before
     # by design inside another's: refused later, for what they are, not for where they lie
     for args in (
@@ -711,8 +709,14 @@ def test_a_folder_inside_another_commands_output_folder_is_refused_where_it_exis
     (other / "config.json").write_text("[1]")
     assert invoke(*tune, "--out", other / "done").exit_code == 0
     assert invoke(*tune, "--out", truth / "new").exit_code == 0
-    (truth / "a" / "b" / "deep").mkdir(parents=True)  # three levels down: no longer the ground truth's own layout
-    assert invoke(*tune, "--out", truth / "a" / "b" / "deep").exit_code == 0
+    tuned = truth / "new"
+    for _ in range(2):  # a run beside its fine-tuning, made and then reused
+        result = invoke(*fit, tuned / "run", "--adapter", tuned / "adapter")
+        assert result.exit_code == 0, result.output
+    (tmp_path / "plain").mkdir()
+    for _ in range(2):  # a run named as a fine-tuning's folder: its own folder made the one above look like one
+        result = invoke(*fit, tmp_path / "plain" / "resume")
+        assert result.exit_code == 0, result.output
 
 
 def test_attribute_refuses_a_folder_another_command_took_while_it_worked(workspace, tmp_path, monkeypatch):

@@ -303,5 +303,5 @@ def test_an_unfinished_index_passed_over_by_scores_is_said(root, tmp_path):
     for args in (["scores", "--queries", root / "queries.jsonl", "--name", "passed"], ["query", "ab cd:", " ef"]):
         code, out = invoke(*args, "--run", run)
         said = " ".join(out.split())
-        assert code == 0 and f"note: {run / 'index'} is unfinished, so the training gradients were recomputed" in said
+        assert code == 0 and f"note: {run / 'index'} is unfinished, so the training side was recomputed" in said
         assert f"wherefrom index --run {run} --shard-size 4" in said, said

@@ -329,3 +329,7 @@ def test_a_reader_finding_no_fit_names_the_process_writing_the_run(root, tmp_pat
     finally:
         holder.kill()
         holder.wait()
+    # `scores` reads under its own hold of the lock: it is not told to wait for itself (reviewX)
+    code, out = invoke("scores", "--run", unfitted, "--queries", root / "queries.jsonl")
+    said = " ".join(out.split())
+    assert code == 2 and "no fitted curvature" in said and "run `wherefrom fit` first" in said, out

@@ -132,6 +132,30 @@ def test_a_failing_method_does_not_stop_the_others(folder, tmp_path):
     assert "error: kfac: RuntimeError: out of memory, say" in result.output
 
 
+def test_a_method_with_non_finite_scores_fails_alone(folder, tmp_path, monkeypatch):
+    """reviewX: the NaN refusal of `evaluate_scores` was raised outside the per-method handling, so one method (or
+    tune point) with a non-finite score ended the whole evaluate with no report. It fails alone, as a method that
+    raises does, and the others are reported."""
+    import importlib
+
+    evaluate_module = importlib.import_module(
+        "wherefrom.studies.groundtruth.evaluate"
+    )  # the package's name is the function
+    real = evaluate_module.load_method_scores
+
+    def poisoned(where, method):
+        scores = real(where, method)
+        if method == "identity":
+            scores.per_module[0, 0, 0] = float("nan")
+        return scores
+
+    monkeypatch.setattr(evaluate_module, "load_method_scores", poisoned)
+    report = evaluate(folder, ["identity", "gradsim"], out=tmp_path / "r")
+    assert report["methods"]["gradsim"]["error"] is None and report["methods"]["gradsim"]["metrics"]["lds"]
+    failed = report["methods"]["identity"]
+    assert failed["metrics"] is None and "scores are NaN or infinite" in failed["error"], failed
+
+
 def test_rebuild_reuses_every_job(folder):
     gt = GroundTruth.load(folder)
     stamps = {p.name: p.stat().st_mtime_ns for p in (folder / "jobs").iterdir()}

@@ -271,11 +271,10 @@ GUESTS = {"bench": frozenset({"analyze"}), "groundtruth": frozenset({"evaluate"}
 """Commands that write into another command's folder by design: ``analyze`` into its bench folder, ``evaluate``
 (by default) into its ground truth. Any other command's folder is its own (:func:`refuse_foreign_folder`)."""
 
-NESTED = {"groundtruth": frozenset({"tune"}), "ablate": frozenset({"analyze"})}
-"""Commands whose folder may lie inside another command's folder by design: ``tune``'s (by default
-``GROUNDTRUTH/tune-METHOD``) in its ground truth, and an ablation's benches (``ABLATE/runs/RUN``), which
-``analyze`` writes into. Any other existing folder inside another command's folder is that command's
-(:func:`refuse_foreign_folder`)."""
+NESTED = {"ablate": frozenset({"analyze"})}
+"""Commands that write by design into a folder another command made inside its own: ``analyze`` into an
+ablation's benches (``ABLATE/runs/RUN``). Any other folder a command made inside its own
+(:data:`wherefrom.studies.outputs.FOLDER_CHILDREN`) is that command's (:func:`refuse_foreign_folder`)."""
 
 
 def refuse_foreign_folder(folder: Path, saved: dict[str, Any] | None = None) -> None:
@@ -284,17 +283,17 @@ def refuse_foreign_folder(folder: Path, saved: dict[str, Any] | None = None) -> 
     ``config.json``, or ``saved``, that file's content, records, else those whose files it holds, a fine-tuning's
     unfinished one included) that is neither the running one nor its host or guest (:data:`GUESTS`). Both
     commands' files and settings would mix in one folder (``attribute --out RUN`` replaced the run's settings in
-    its ``config.json``; ``wherefrom report`` showed the later command only). Likewise when ``folder`` exists
-    inside such a folder (:func:`wherefrom.studies.outputs.enclosing_output`), but where :data:`NESTED` allows
-    it: ``finetune --out GROUNDTRUTH/model --overwrite`` replaced the ground truth's fine-tuning under its
-    measured losses. The message names the folder and the command that made it (a guest only where no host is
+    its ``config.json``; ``wherefrom report`` showed the later command only). Likewise when ``folder`` is one of
+    the folders another command makes in its own, one or two levels up (:func:`wherefrom.studies.outputs.enclosing_output`),
+    but where :data:`NESTED` allows it: ``finetune --out GROUNDTRUTH/model --overwrite`` replaced the ground truth's
+    fine-tuning under its measured losses. The message names the folder and the command that made it (a guest only where no host is
     there). Also ``ValueError`` naming a ``config.json`` that is not a JSON object. Called while a command runs
     (it names the running command)."""
     this = _CURRENT.get().name
     sharing = {this, *GUESTS.get(this, ())} | {host for host, guests in GUESTS.items() if this in guests}
     foreign = [name for name in folder_makers(folder, saved) if name not in sharing]
     place = f"{folder} is an output folder of"
-    enclosing = enclosing_output(folder) if not foreign and Path(folder).exists() else None
+    enclosing = enclosing_output(folder) if not foreign else None
     if enclosing is not None:
         outer, makers = enclosing
         foreign = [name for name in makers if name not in sharing and this not in NESTED.get(name, ())]

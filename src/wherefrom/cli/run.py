@@ -468,7 +468,7 @@ def say_train_side(opened: Run) -> None:
     if provenance["train_side"] != "index":
         if (opened.folder / "index").is_dir() and not opened.has_index():  # it was passed over without a word
             say(
-                f"note: {opened.folder / 'index'} is unfinished, so the training gradients were recomputed; "
+                f"note: {opened.folder / 'index'} is unfinished, so the training side was recomputed; "
                 f"{opened.resume_advice()}"
             )
         return

@@ -848,7 +848,10 @@ def writing_now(folder: Path) -> str | None:
     if who is None:
         return None
     try:
-        os.kill(int(who.split()[1]), 0)
+        pid = int(who.split()[1])
+        if pid == os.getpid():  # this process's own hold (`scores` reads under it): no one else writes
+            return None
+        os.kill(pid, 0)
     except (ValueError, IndexError, ProcessLookupError):
         return None
     except PermissionError:  # alive, another user's

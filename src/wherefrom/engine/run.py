@@ -1507,7 +1507,7 @@ class Run:
         """What a reader finding no fitted state says: to run ``wherefrom fit``, or, while a process writes the run
         (:func:`wherefrom.core.store.writing_now`), to wait for it (a `query` during a running `fit` was told to
         run `fit`)."""
-        writer = writing_now(self.folder)
+        writer = None if world_size() > 1 else writing_now(self.folder)  # under torchrun rank 0 of this group holds it
         if writer is None:
             return "run `wherefrom fit` first"
         return f"the run is being written now by {writer}: wait until it finishes"

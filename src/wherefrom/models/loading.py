@@ -492,11 +492,12 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    if base_fingerprint is not None and model_fingerprint(model) != base_fingerprint:
+    found = model_fingerprint(model) if base_fingerprint is not None else base_fingerprint
+    if found != base_fingerprint:
         raise ModelLoadError(
             f"{folder.resolve()} holds other weights than the base model this was made from (fingerprint "
-            f"{base_fingerprint[:12]}..., now {model_fingerprint(model)[:12]}...): a relative model path names "
-            "another folder from another directory"
+            f"{base_fingerprint[:12]}..., now {found[:12]}...): a relative model path names another folder from "
+            "another directory"
         )
     if adapter_dir is not None:
         from peft import PeftModel

@@ -10,6 +10,7 @@ unfinished or killed fine-tuning's (``checkpoints/``, ``resume/``) included (:da
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -70,24 +71,38 @@ def marked_commands(folder: Path) -> list[str]:
     return found
 
 
-FOLDER_HOLDERS = frozenset({"fit", "bench", "ablate", "groundtruth", "word-order", "finetune", "tune"})
-"""The commands whose output folder holds folders they made, at most two levels down (``GROUNDTRUTH/model``,
-``BENCH/seed-<s>/finetune``, ``ABLATE/finetunes/KEY``, ``RUN/index``, ``TUNE/points``): the folders
-:func:`enclosing_output` looks for. The others write files (``evaluate`` its ``STEM.json``, ``attribute`` its
-scores)."""
+FOLDER_CHILDREN: dict[str, tuple[str, ...]] = {
+    "fit": ("factors", "method", "index", "index-parts", "scores", "analyses"),
+    "bench": ("seed-*",),
+    "ablate": ("runs", "finetunes"),
+    "groundtruth": ("model", "jobs", "scratch", "scores", "pbrf-rows"),
+    "word-order": ("seed-*",),
+    "finetune": ("adapter", "model", "checkpoints", "resume"),
+    "tune": ("points",),
+}
+"""The folders (``fnmatch`` patterns) a command makes in its output folder: ``GROUNDTRUTH/model``,
+``BENCH/seed-<s>/finetune``, ``ABLATE/finetunes/KEY``, ``RUN/index``: what :func:`enclosing_output` looks for. A
+folder of another name there is the user's (``FINETUNE/run``, a run kept beside the fine-tuning it scores)."""
 
 
 def enclosing_output(folder: Path) -> tuple[Path, list[str]] | None:
-    """``(the nearest of the two folders above folder that a command of FOLDER_HOLDERS made, those makers)``
-    (:func:`folder_makers`), or ``None``. A ``config.json`` there that is not a JSON object is not read (only
-    the files there count): another program's, not the running command's to name. No higher: a folder such as
-    ``/tmp`` that once took a command's output does not own every folder below it."""
-    for parent in Path(folder).resolve().parents[:2]:
+    """``(the nearest of the two folders above folder, the commands that made it)`` where ``folder`` lies in one of
+    the folders those commands make there (:data:`FOLDER_CHILDREN`; the makers by :func:`folder_makers`), or
+    ``None``. A ``config.json`` there that is not a JSON object is not read (only the files there count): another
+    program's, not the running command's to name. A fine-tuning counts by its files (``finetune_config.json``,
+    ``train_log.jsonl``), not by a ``checkpoints/`` or ``resume/`` alone: ``fit --run resume`` made the folder
+    it ran in look like a killed fine-tuning, and was refused as its child."""
+    folder = Path(folder).resolve()
+    for parent in folder.parents[:2]:
+        child = folder.relative_to(parent).parts[0]
         try:
             makers = folder_makers(parent)
         except ValueError:
             makers = marked_commands(parent)
-        holders = [name for name in makers if name in FOLDER_HOLDERS]
+        if not any((parent / name).is_file() for name in (CONFIG_FILE, TRAIN_LOG_FILE)):
+            # known by its folders alone, which may be the very folder in question (a run named `resume`)
+            makers = [name for name in makers if name != "finetune"]
+        holders = [name for name in makers if any(fnmatch(child, p) for p in FOLDER_CHILDREN.get(name, ()))]
         if holders:
             return parent, holders
     return None

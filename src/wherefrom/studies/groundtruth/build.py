@@ -379,8 +379,8 @@ def build_groundtruth(
 
 
 def built_targets(folder: Path, meta: dict[str, Any], config: GroundTruthConfig) -> dict[str, dict | None]:
-    """``{lds, loo, pbrf: tensors or None}``: each target file of the ground truth in ``folder``, read; ``ValueError``
-    naming one that its ``groundtruth.json`` (``meta``) records as built and is missing, or one unreadable (a
+    """``{lds, loo, pbrf: tensors or None}``: each target file that the ground truth in ``folder`` records as built
+    (its ``groundtruth.json``, ``meta``), read; ``ValueError`` naming one that is missing or unreadable (a
     truncated ``lds.safetensors`` ended ``evaluate`` in a safetensors traceback, a deleted one left its LDS out
     without a word), with the command that rebuilds it from the finished jobs."""
     noise = meta.get("noise") if isinstance(meta.get("noise"), dict) else {}
@@ -389,10 +389,11 @@ def built_targets(folder: Path, meta: dict[str, Any], config: GroundTruthConfig)
     for name, expected in built.items():
         path = folder / f"{name}.safetensors"
         targets[name] = None
-        if not expected and not path.is_file():
+        if not expected:  # a file of an earlier, larger build (a rebuild with --subsets 0 leaves it): not this one's
             continue
         rebuild = (
-            f"rerun `wherefrom replay {folder}` (or its groundtruth command) to write it again from the finished jobs"
+            f"rerun `wherefrom replay {folder}` (or its groundtruth command, or `build_groundtruth` for one made in "
+            "Python) to write it again from the finished jobs"
         )
         if not path.is_file():
             raise ValueError(f"{path} is missing, though {folder / META_FILE} records its {name} target; {rebuild}")

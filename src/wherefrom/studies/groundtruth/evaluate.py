@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from functools import cache
@@ -64,6 +65,7 @@ __all__ = [
     "evaluate_scores",
     "load_method_scores",
     "markdown",
+    "measured_metrics",
     "method_key",
     "run_method",
     "score_matrix",
@@ -110,7 +112,7 @@ def score_matrix(gt: GroundTruth, scores: Scores, queries: Sequence[int] | None 
         missing = [t for t in train_ids if t not in position]
         extra = sorted(set(scores.train_ids) - set(train_ids))
         if missing or extra or len(position) != len(train_ids):
-            repeated = sorted({t for t in scores.train_ids if list(scores.train_ids).count(t) > 1})
+            repeated = sorted(t for t, count in Counter(scores.train_ids).items() if count > 1)
             raise ValueError(
                 f"score train ids differ from the ground truth's: missing {missing[:5]}, extra {extra[:5]}"
                 + (f", repeated {repeated[:5]}" if repeated else "")
@@ -143,6 +145,18 @@ def evaluate_scores(gt: GroundTruth, scores: Scores, queries: Sequence[int] | No
     if gt.pbrf_influence is not None and gt.pbrf_rows.size:
         result["pbrf_spearman"] = summarize(spearman_rows(gt.pbrf_influence[selected], total[:, gt.pbrf_rows]))
     return result
+
+
+def measured_metrics(gt: GroundTruth, scores: Scores, row: dict[str, Any], *queries: Sequence[int] | None) -> Any:
+    """:func:`evaluate_scores` of ``scores`` (for each of ``queries``, or all queries: one result, or a tuple of
+    them), or ``None`` with the ``ValueError`` it raised (non-finite scores) put in ``row["error"]``: one method or
+    grid point with a broken-down solve fails alone, as a method that raises does, and the others are reported."""
+    try:
+        results = tuple(evaluate_scores(gt, scores, q) for q in (queries or (None,)))
+    except ValueError as error:
+        row["error"] = f"ValueError: {error}"
+        return None
+    return results if queries else results[0]
 
 
 def method_key(gt: GroundTruth, method: str, options: dict[str, Any], attribution: AttributionConfig) -> dict[str, Any]:
@@ -316,7 +330,7 @@ def evaluate(
         options = options_for(method_options, method)
         row = scored_row(gt, method, options, attribution, folder, folder / f"{method}.row.json", models, say, method)
         row = dict(row)
-        row["metrics"] = None if row["error"] else evaluate_scores(gt, load_method_scores(folder, method))
+        row["metrics"] = None if row["error"] else measured_metrics(gt, load_method_scores(folder, method), row)
         rows[method] = row
     models = None
     free_memory()

@@ -41,7 +41,7 @@ from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import METHODS, options_off_default
 from wherefrom.studies.bench import check_method_options
 from wherefrom.studies.groundtruth.build import GroundTruth
-from wherefrom.studies.groundtruth.evaluate import evaluate_scores, load_method_scores, scored_row
+from wherefrom.studies.groundtruth.evaluate import load_method_scores, measured_metrics, scored_row
 from wherefrom.studies.metrics import FEWEST_CORRELATED
 from wherefrom.studies.toolkit import (
     failure_cell,
@@ -250,12 +250,15 @@ def tune(
             "held_out": None,
             "per_query": None,
         }
-        if not row["error"]:
-            scores = load_method_scores(where, method)
-            everything = evaluate_scores(gt, scores)["lds"]
+        measured = (
+            None
+            if row["error"]
+            else measured_metrics(gt, load_method_scores(where, method), result, None, selection, held_out)
+        )
+        if measured is not None:
+            everything, chosen, kept = (metrics["lds"] for metrics in measured)
             result["per_query"] = everything["per_query"]
-            result["selection"] = _lds(evaluate_scores(gt, scores, selection)["lds"])
-            result["held_out"] = _lds(evaluate_scores(gt, scores, held_out)["lds"])
+            result["selection"], result["held_out"] = _lds(chosen), _lds(kept)
         return result
 
     rows = [run(point) for point in progress(points, f"tune {method}")]  # type: ignore[arg-type]
