@@ -19,11 +19,13 @@ from wherefrom.models.finetune import CHECKPOINTS_DIR, CONFIG_FILE, RESUME_DIR, 
 
 __all__ = [
     "FINETUNE_MARKERS",
+    "FOLDER_CHILDREN",
     "FOLDER_MARKERS",
     "enclosing_output",
     "folder_makers",
     "marked_commands",
     "recorded_commands",
+    "recorded_directory",
 ]
 
 FOLDER_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
