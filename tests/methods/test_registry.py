@@ -231,3 +231,18 @@ def test_every_setting_a_method_does_not_declare_leaves_its_scores_unchanged(nam
         torch.testing.assert_close(scores(**{setting: OTHER_VALUES[setting]}), base, rtol=0, atol=0, msg=setting)
     expected = {"gradsim", "gradsim-cosine", "identity", "trak", "logra", "tracin", "repsim", "bm25"}
     assert bool(unread) == (name in expected), unread
+
+
+def test_an_absolute_damping_beside_a_damping_factor_option_is_refused():
+    """userX: `tune --grid damping=0.1 --grid damping_factor=1,0.01` scored two identical points and marked one
+    "chosen", and `evaluate --option ekfac.damping=0.1 --option ekfac.damping_factor=1` recorded both, where the
+    command line refuses `--damping` with `--damping-factor`. A method's options are refused alike; a factor at
+    its default, or beside no absolute damping, is not."""
+    from wherefrom.methods.registry import method_settings
+
+    with pytest.raises(
+        OptionError, match=r"method 'ekfac': option damping=0.1 sets lambda itself, so damping_factor=1"
+    ):
+        method_settings("ekfac", None, {"damping": 0.1, "damping_factor": 1.0})
+    assert method_settings("ekfac", None, {"damping": 0.1, "damping_factor": 0.1})[0].damping == 0.1
+    assert method_settings("ekfac", None, {"damping": None, "damping_factor": 1.0})[0].damping_factor == 1.0

@@ -28,10 +28,10 @@ from typing import Any, Protocol
 import torch
 
 from wherefrom.core.data import Record
-from wherefrom.core.options import UNSET, OptionSpec, check_options, from_signature, with_defaults
+from wherefrom.core.options import UNSET, OptionError, OptionSpec, check_options, from_signature, with_defaults
 from wherefrom.core.scoring import Scores
 from wherefrom.curvature import STRATEGIES, configured_curvature, curvature_from_state
-from wherefrom.curvature.base import DAMPING_OPTIONS, GROSSE_2023
+from wherefrom.curvature.base import DAMPING_FACTOR, DAMPING_OPTIONS, GROSSE_2023
 from wherefrom.curvature.iterative import AGARWAL_2017, SCHIOPPA_2022
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.lexical import BM25
@@ -480,10 +480,18 @@ def method_settings(
     settings and its setting options applied to ``config``, the other options left for its constructor
     (an influence method's: its strategy's). ``supplied``: required options the caller fills in later (a study
     checks its methods' options before fine-tuning gives tracin its checkpoints). An influence method's damping and
-    strategy options are checked as its curvature will check them (:func:`wherefrom.curvature.make_curvature`).
+    strategy options are checked as its curvature will check them (:func:`wherefrom.curvature.make_curvature`); an
+    absolute ``damping`` with a ``damping_factor`` off its default is refused (the factor would change nothing: a
+    ``tune`` grid over it scored identical points and "chose" one).
     Raises as :func:`make_method`, before any model work."""
     spec = method_spec(name)
     settings, constructor = split_settings(spec.check(options or {}, supplied))
+    damping, factor = settings.get("damping"), settings.get("damping_factor", DAMPING_FACTOR)
+    if damping is not None and factor != DAMPING_FACTOR:  # as the command line refuses --damping with --damping-factor
+        raise OptionError(
+            f"method {name!r}: option damping={damping} sets lambda itself, so damping_factor={factor} (lambda = factor "
+            "x the mean eigenvalue, used without damping) would change nothing: give one of them"
+        )
     config = replace(config or AttributionConfig(), **{**spec.settings, **settings})
     if spec.family == "influence":
         configured_curvature(config.strategy, config.damping, config.damping_factor, constructor)
