@@ -492,11 +492,11 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    found = model_fingerprint(model) if base_fingerprint is not None else base_fingerprint
-    if found != base_fingerprint:
+    base = None if base_fingerprint is None else model_fingerprint(model)
+    if base is not None and base != base_fingerprint:
         raise ModelLoadError(
             f"{folder.resolve()} holds other weights than the base model this was made from (fingerprint "
-            f"{base_fingerprint[:12]}..., now {found[:12]}...): a relative model path names another folder from "
+            f"{base_fingerprint[:12]}..., now {base[:12]}...): a relative model path names another folder from "
             "another directory"
         )
     if adapter_dir is not None:
@@ -516,7 +516,7 @@ def load_model(
         name=_model_name(folder),
         path=str(folder),
         adapter=None if adapter_dir is None else str(adapter_dir),
-        fingerprint=model_fingerprint(model),
+        fingerprint=base if base is not None and adapter_dir is None else model_fingerprint(model),  # hashed once
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
     )
 
