@@ -393,7 +393,7 @@ REFUSALS: tuple[Refusal, ...] = (
         "argument",
         "--damping with --damping-factor off its default",
         EXIT,
-        "--damping 1.0 sets lambda itself, so --damping-factor 0.5",
+        "--damping with --damping-factor: damping=1.0 sets lambda itself, so damping_factor=0.5",
         "the absolute damping makes the relative one unused; both were taken and the factor recorded, changing nothing",
         command=(*FIT, "new", "--damping", "1", "--damping-factor", "0.5"),
     ),

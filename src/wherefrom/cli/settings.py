@@ -35,7 +35,7 @@ from wherefrom.core.search import FAISS_OPTIONS
 from wherefrom.core.store import read_json_object, replaceable
 from wherefrom.core.task import REDUCTIONS
 from wherefrom.core.vectors import DTYPE, DTYPES, SHARD_SIZE
-from wherefrom.curvature.base import DAMPING_FACTOR
+from wherefrom.curvature.base import DAMPING_FACTOR, unused_damping_factor
 from wherefrom.curvature.exact import BLOCKS
 from wherefrom.engine.api import FISHERS, AttributionConfig
 from wherefrom.engine.run import PRECONDITION, PRECONDITIONS
@@ -878,12 +878,9 @@ def contradictions(arguments: Mapping[str, Any]) -> list[str]:
     fine-tuned every weight and recorded rank 8 nowhere; ``--damping 1 --damping-factor 0.5`` recorded a factor that
     changed nothing)."""
     problems = []
-    damping, factor = arguments.get("damping"), arguments.get("damping_factor", DAMPING_FACTOR)
-    if damping is not None and factor != DAMPING_FACTOR:
-        problems.append(
-            f"--damping {damping} sets lambda itself, so --damping-factor {factor} (lambda = factor x the mean "
-            "eigenvalue, used without --damping) would change nothing: give one of them"
-        )
+    unused = unused_damping_factor(arguments.get("damping"), arguments.get("damping_factor", DAMPING_FACTOR))
+    if unused is not None:
+        problems.append(f"--damping with --damping-factor: {unused}")
     rank = arguments.get("lora_rank", FinetuneConfig.lora_rank)
     if arguments.get("full") and rank not in (FinetuneConfig.lora_rank, 0):
         problems.append(f"--full fine-tunes every weight, so --lora-rank {rank} would change nothing: give one of them")

@@ -201,6 +201,21 @@ def check_damping(damping: float | None, damping_factor: float) -> None:
         )
 
 
+def unused_damping_factor(damping: float | None, damping_factor: float) -> str | None:
+    """Why ``damping_factor`` would change nothing beside an absolute ``damping``, or ``None`` when it does.
+
+    An absolute ``damping`` sets lambda itself, so a ``damping_factor`` off :data:`DAMPING_FACTOR` is unused; the
+    command line (``--damping`` with ``--damping-factor``) and a method's options (a ``tune`` grid over the factor
+    scored identical points and "chose" one) refuse it with this text.
+    """
+    if damping is None or damping_factor == DAMPING_FACTOR:
+        return None
+    return (
+        f"damping={damping} sets lambda itself, so damping_factor={damping_factor} (lambda = factor x the mean "
+        "eigenvalue, used without damping) would change nothing: give one of them"
+    )
+
+
 SMALLEST_FLOAT32_STATE_DAMPING = 2.0**-136
 """The smallest relative damping a float32 curvature state takes, about 1.15e-41: float32 holds it (a subnormal
 number there) to a relative 2^-13 (1.2e-4), and every eigenvalue added to it to that absolute precision; below,

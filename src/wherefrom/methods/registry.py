@@ -31,7 +31,7 @@ from wherefrom.core.data import Record
 from wherefrom.core.options import UNSET, OptionError, OptionSpec, check_options, from_signature, with_defaults
 from wherefrom.core.scoring import Scores
 from wherefrom.curvature import STRATEGIES, configured_curvature, curvature_from_state
-from wherefrom.curvature.base import DAMPING_FACTOR, DAMPING_OPTIONS, GROSSE_2023
+from wherefrom.curvature.base import DAMPING_FACTOR, DAMPING_OPTIONS, GROSSE_2023, unused_damping_factor
 from wherefrom.curvature.iterative import AGARWAL_2017, SCHIOPPA_2022
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.lexical import BM25
@@ -486,12 +486,9 @@ def method_settings(
     Raises as :func:`make_method`, before any model work."""
     spec = method_spec(name)
     settings, constructor = split_settings(spec.check(options or {}, supplied))
-    damping, factor = settings.get("damping"), settings.get("damping_factor", DAMPING_FACTOR)
-    if damping is not None and factor != DAMPING_FACTOR:  # as the command line refuses --damping with --damping-factor
-        raise OptionError(
-            f"method {name!r}: option damping={damping} sets lambda itself, so damping_factor={factor} (lambda = factor "
-            "x the mean eigenvalue, used without damping) would change nothing: give one of them"
-        )
+    unused = unused_damping_factor(settings.get("damping"), settings.get("damping_factor", DAMPING_FACTOR))
+    if unused is not None:
+        raise OptionError(f"method {name!r}: option {unused}")
     config = replace(config or AttributionConfig(), **{**spec.settings, **settings})
     if spec.family == "influence":
         configured_curvature(config.strategy, config.damping, config.damping_factor, constructor)
