@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.testing import assert_close
 
-from tests.conftest import build_model, make_records
+from tests.conftest import build_model, make_records, scale_lora_b
 from wherefrom.core import distributed
 from wherefrom.core.distributed import (
     NotDistributable,
@@ -39,7 +40,7 @@ from wherefrom.core.task import DrawCounts
 from wherefrom.curvature.base import DataShape
 from wherefrom.curvature.kronecker import KFAC
 from wherefrom.engine.api import AttributionConfig, Attributor
-from wherefrom.models.tiny import tiny_tokenizer
+from wherefrom.models.tiny import tiny_gpt2, tiny_tokenizer
 
 STRATEGIES = {"ekfac": {}, "kfac": {}, "diagonal": {}, "exact": {"blocks": "module"}, "datainf": {}}
 ORDER = ["t3", "t0", "t1", "t2"]
@@ -186,6 +187,14 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
             results["refused"] = str(error)
         results["states"] = fitted_states({})
         results["empirical"] = fitted_states({"fisher": "empirical"})["diagonal"]
+        with warnings.catch_warnings(record=True) as seen:  # about all-reduced statistics: said by rank 0 alone
+            warnings.simplefilter("always")
+            tokenizer = tiny_tokenizer()
+            ekfac = AttributionConfig(strategy="ekfac")  # true Fisher on 2 rows: S singular (ArbitraryBasisWarning)
+            Attributor(tiny_gpt2(len(tokenizer)), tokenizer, ekfac).fit(make_records(2, seed=3))
+            zero = scale_lora_b(build_model("lora"), 0.0)  # lora_A's gradients are 0 (DegenerateCurvatureWarning)
+            Attributor(zero, tokenizer, AttributionConfig(strategy="kfac")).fit(fitting_rows())
+        results["warned"] = sorted(w.category.__name__ for w in seen if issubclass(w.category, RuntimeWarning))
         staged = Attributor(build_model("llama"), tiny_tokenizer(), AttributionConfig(batch_size=3))
         staged.fit(fitting_rows(), stages=StageFolder(Path(out) / "stages"))  # rank 0 writes every stage
         torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -216,6 +225,15 @@ def test_helpers_split_and_gather(two_processes):
     ids, columns = rank0["columns"]
     assert ids == ORDER and columns.tolist() == [[3.0, 0.0, 1.0, 2.0]]
     assert rank1["columns"][0] == []
+
+
+def test_a_warning_about_all_reduced_curvature_is_said_once(two_processes):
+    """userY/reviewX: under torchrun every rank printed the same ``ArbitraryBasisWarning`` (and a zero-curvature
+    ``DegenerateCurvatureWarning``), though each is about statistics every rank holds alike: rank 0 says each once,
+    the other ranks nothing."""
+    rank0, rank1 = two_processes
+    assert rank0["warned"] == ["ArbitraryBasisWarning", "DegenerateCurvatureWarning"], rank0["warned"]
+    assert rank1["warned"] == [], rank1["warned"]
 
 
 def test_an_exception_reaches_every_rank_and_its_own_keeps_its_traceback(two_processes):

@@ -36,6 +36,7 @@ import os
 import pickle
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from contextvars import ContextVar
@@ -114,6 +115,14 @@ def world_size() -> int:
 def is_main() -> bool:
     """Whether this process writes files: rank 0, or the only process."""
     return rank() == 0
+
+
+def warn_once(message: str, category: type[Warning], stacklevel: int = 2) -> None:
+    """``warnings.warn(message, category)`` on rank 0 alone: for a finding about state that every rank holds alike
+    (all-reduced curvature statistics), which ``torchrun --nproc_per_node=N`` printed N times. One process: a plain
+    ``warnings.warn``; ``stacklevel`` counts from the caller, as there."""
+    if is_main():
+        warnings.warn(message, category, stacklevel=stacklevel + 1)
 
 
 def backend() -> str:

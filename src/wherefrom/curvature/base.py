@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 import typing
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from wherefrom.core.distributed import gather_rows, on_main, refuse, sum_counts
+from wherefrom.core.distributed import gather_rows, on_main, refuse, sum_counts, warn_once
 from wherefrom.core.gradients import Batch, LossFn
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import OptionSpec, from_signature
@@ -304,7 +303,7 @@ def check_finite_state(tensors: Mapping[str, torch.Tensor], what: str) -> None:
 def warn_zero_curvature(blocks: Sequence[str]) -> None:
     """Warn that ``blocks`` have exactly zero curvature and therefore contribute 0 to every score."""
     if blocks:
-        warnings.warn(
+        warn_once(
             f"the curvature of {len(blocks)} block(s) is exactly zero on the fitting rows (every gradient of theirs "
             f"is 0, e.g. lora_A of a fresh LoRA adapter whose lora_B = 0): {list(blocks)[:8]}"
             f"{' ...' if len(blocks) > 8 else ''}. With the relative damping lambda is 0 there too, so they "

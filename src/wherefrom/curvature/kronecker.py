@@ -43,13 +43,12 @@ of per-token factors of (possibly virtual) modules, e.g. LoGra's projected ``(P_
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
-from wherefrom.core.distributed import active, sum_counts, sum_over_ranks
+from wherefrom.core.distributed import active, sum_counts, sum_over_ranks, warn_once
 from wherefrom.core.gradients import LossFn, TokenFactors, token_factors
 from wherefrom.core.memory import nbytes
 from wherefrom.curvature.base import Curvature, DataShape, no_progress, warn_zero_curvature
@@ -342,7 +341,7 @@ class EKFAC(KFAC):
                 arbitrary.append(f"{name} ({share:.1%})")
             self._set_eigenvalues(name, eigenvalues)
         if arbitrary:
-            warnings.warn(
+            warn_once(
                 f"EK-FAC: in {len(arbitrary)} of {len(names)} modules the eigenvalue correction puts a share of its "
                 f"mass in the null space of the output-gradient covariance S, e.g. {arbitrary[0]}, whose eigenbasis "
                 "is any that rounding gives: the scores there change with --batch-size and the process count. It "
