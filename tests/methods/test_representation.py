@@ -114,3 +114,21 @@ def test_kept_training_representations_are_reused_only_while_the_weights_are_unc
     assert passes == [2, 2, len(train_records)]
     fresh = RepSim(model, tokenizer, layer=-1, pooling="mean").scores(queries, train_records).total
     torch.testing.assert_close(changed, fresh)
+
+
+def test_a_truncated_row_whose_prompt_fills_max_length_is_represented(tokenizer):
+    """userW: under the reference-study preset (``truncate``, ``loss_tokens="all"``) RepSim failed on a row whose
+    prompt alone filled ``max_length`` ("leaves no completion token to carry the loss (loss_tokens='completion')"),
+    though it computes no loss and the other methods scored that row: its encoding took the default
+    ``loss_tokens``. It now represents the row's first ``max_length`` tokens, as a hand computation does."""
+    model = build_model("llama")
+    long = Record("long", "a prompt that runs past the window", " done")
+    rows = [long, Record("short", "hi", " there")]
+    method = RepSim(model, tokenizer, max_length=12, truncate=True, pooling="last_prompt")
+    method.fit(rows)
+    ids, got = method.representations(rows)
+    with torch.no_grad():
+        first = tokenizer(long.prompt)["input_ids"][:12]
+        states = model(input_ids=torch.tensor([first]), output_hidden_states=True).hidden_states
+    assert ids == ["long", "short"]
+    torch.testing.assert_close(got[0], states[-1][0, -1], rtol=1e-5, atol=1e-6)

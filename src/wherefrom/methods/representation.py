@@ -107,6 +107,10 @@ class RepSim:
 
     # --- representations ----------------------------------------------------------------------
     def encode(self, records: Sequence[Record]) -> list[EncodedExample]:
+        """``records`` tokenized as the attribution lays them out; labelled on every token (``loss_tokens="all"``):
+        RepSim computes no loss, so a truncated row whose prompt fills ``max_length`` is represented, not refused
+        for leaving no completion token (it failed under the reference-study preset, where the other methods
+        scored the row). The prompt boundary, which ``last_prompt`` pools at, is kept either way."""
         return encode_records(
             records,
             self.tokenizer,
@@ -114,6 +118,7 @@ class RepSim:
             self.chat_template,
             model=self.model,
             template=self.template,
+            loss_tokens="all",
             truncate=self.truncate,
         )
 
