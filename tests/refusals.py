@@ -284,6 +284,27 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "argument",
+        "a curvature setting none of a study's methods reads (bench, ablate, evaluate)",
+        EXIT,
+        "none of the methods bm25, repsim reads --fisher empirical, --damping 0.5",
+        "it was recorded in the study's settings and keys, changing no number (userX: `evaluate --methods bm25 "
+        "--damping 0.5`)",
+        command=(
+            "bench",
+            "--task",
+            "facts",
+            "--methods",
+            "bm25,repsim",
+            "--fisher",
+            "empirical",
+            "--damping",
+            "0.5",
+            "--out",
+            "new",
+        ),
+    ),
+    Refusal(
+        "argument",
         "a --strategy other than the one --method fixes",
         EXIT,
         "--strategy diagonal: method 'kfac' is influence with the 'kfac' strategy",

@@ -166,6 +166,11 @@ def invalid_cases(root, out):
             ["--option 'nope.x=1'", "method 'nope' does not run here"],
         ),
         (["ablate", "--task", "rules", "--out", out, "--option", "lissa.depth=3"], ["method 'lissa' does not run"]),
+        # a curvature setting that none of a study's methods reads was recorded in its settings and keys (userX)
+        (
+            ["ablate", "--task", "rules", "--out", out, "--methods", "repsim,gradsim", "--damping-factor", "0.5"],
+            ["none of the methods repsim, gradsim reads --damping-factor 0.5: leave it out"],
+        ),
         (
             ["diagnose", "--train", root / "train.jsonl", "--queries", root / "train.jsonl", "--out", out, *UNRUN],
             ["method 'lissa' does not run here (methods run: ekfac)"],
@@ -447,6 +452,24 @@ def test_replay_runs_each_command_where_and_in_the_order_it_first_ran(tmp_path, 
     rows = json.loads((moved / "bx" / "bench.json").read_text())["rows"]
     assert [(r["method"], r["metrics"]) for r in rows] == [(r["method"], r["metrics"]) for r in expected]
     assert (moved / "bx" / "weights.json").is_file() and sorted(p.name for p in elsewhere.iterdir()) == ["train.jsonl"]
+
+
+def test_evaluate_refuses_a_damping_none_of_its_methods_reads_before_reading_the_ground_truth(tmp_path):
+    """userX: `evaluate --methods bm25 --damping 0.5` was taken and recorded (the damping in bm25's cache key and
+    the evaluate record), changing no number; it is refused naming the flag, and with a method that reads it taken.
+    A ``groundtruth.json`` that lacks what loading reads was a ``KeyError`` traceback: named as damaged."""
+    folder = tmp_path / "gt"
+    folder.mkdir()
+    (folder / "groundtruth.json").write_text("{}")  # not read: the settings are checked first
+    refused = invoke("evaluate", folder, "--methods", "bm25", "--damping", "0.5")
+    assert refused.exit_code == 2, refused.output
+    assert "method 'bm25' does not read --damping 0.5" in " ".join(refused.output.split())
+    assert sorted(p.name for p in folder.iterdir()) == ["groundtruth.json"]
+    taken = invoke("evaluate", folder, "--methods", "bm25,ekfac", "--damping", "0.5")
+    assert taken.exit_code == 2 and "read --damping" not in taken.output, taken.output
+    # then refused for the damaged groundtruth.json, naming it and what it lacks (a KeyError traceback, exit 1)
+    said = " ".join(taken.output.split())
+    assert "groundtruth.json is damaged: it lacks ['config', 'train_ids'" in said and "wherefrom replay" in said
 
 
 def test_evaluate_of_an_unfinished_ground_truth_says_so_and_how_to_finish_it(tmp_path):

@@ -473,33 +473,42 @@ def shown_flags(given: dict[str, Any]) -> str:
     return ", ".join(SETTINGS[name].given(value) for name, value in given.items())
 
 
-def refuse_unread_settings(method: str, kind: str = "method") -> None:
-    """``ValueError`` when the running command was given, off its default, an attribution setting that ``method``
-    does not read (:attr:`wherefrom.methods.registry.MethodSpec.settings_read`: ``--damping`` for ``bm25``,
-    ``--strategy`` for ``logra``), or a ``--strategy`` other than the one ``method`` fixes: recorded with the run or
+def refuse_unread_settings(*methods: str, kind: str = "method", names: Iterable[str] | None = None) -> None:
+    """``ValueError`` when the running command was given, off its default, an attribution setting that none of
+    ``methods`` reads (:attr:`wherefrom.methods.registry.MethodSpec.settings_read`: ``--damping`` for ``bm25``,
+    ``--strategy`` for ``logra``), or a ``--strategy`` other than the one a method fixes: recorded with the run or
     the scores it would change no number, and a later run without it would be refused as other settings. The
-    message names each flag and value, and ``method`` as a ``kind`` (``fit --strategy`` names a strategy)."""
+    message names each flag and value, and the method as a ``kind`` (``fit --strategy`` names a strategy).
+    ``methods``: a command's one method (``fit``, ``attribute``) or a study's list (``bench``, ``ablate``,
+    ``evaluate``: ``evaluate --methods bm25 --damping 0.5`` was recorded). ``names``: the settings checked (default
+    every :class:`wherefrom.engine.api.AttributionConfig` field; a study passes those its fine-tuning does not read
+    too)."""
     from wherefrom.engine.api import AttributionConfig
     from wherefrom.methods.registry import method_spec
 
-    spec = method_spec(method)
-    given = changed_settings(f.name for f in fields(AttributionConfig))
-    fixed = spec.settings.get("strategy")
-    if fixed is not None and given.get("strategy", fixed) != fixed:
-        raise ValueError(
-            f"--strategy {given['strategy']}: {kind} {method!r} is influence with the {fixed!r} strategy; leave "
-            f"--strategy out, or give --method {given['strategy']}"
-        )
-    unread = [name for name in given if name not in spec.settings_read]
+    specs = {method: method_spec(method) for method in methods}
+    given = changed_settings(names if names is not None else (f.name for f in fields(AttributionConfig)))
+    for method, spec in specs.items():
+        fixed = spec.settings.get("strategy")
+        if fixed is not None and given.get("strategy", fixed) != fixed:
+            raise ValueError(
+                f"--strategy {given['strategy']}: {kind} {method!r} is influence with the {fixed!r} strategy; leave "
+                f"--strategy out, or give --method {given['strategy']}"
+            )
+    unread = [name for name in given if not any(name in spec.settings_read for spec in specs.values())]
     if unread:
         shown = shown_flags({n: given[n] for n in unread})
-        declared = {option.name for option in spec.options}
-        own = [n for n in unread if n in declared]
-        hint = "".join(f"; {method}'s own {n} is --option {n}=..." for n in own)
+        one = len(methods) == 1
+        hint = "".join(
+            f"; {method}'s own {n} is --option {'' if one else method + '.'}{n}=..."
+            for n in unread
+            for method, spec in specs.items()
+            if n in {option.name for option in spec.options}
+        )
+        who = f"{kind} {methods[0]!r} does not read" if one else f"none of the methods {', '.join(methods)} reads"
         raise ValueError(
-            f"{kind} {method!r} does not read {shown}: leave {'it' if len(unread) == 1 else 'them'} out (a setting "
-            f"a method does not read changes no score, yet it is recorded, and a later run without it would be "
-            f"refused){hint}"
+            f"{who} {shown}: leave {'it' if len(unread) == 1 else 'them'} out (a setting a method does not read "
+            f"changes no score, yet it is recorded, and a later run without it would be refused){hint}"
         )
 
 

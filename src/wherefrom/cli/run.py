@@ -94,7 +94,7 @@ def fit(
                     raise ValueError(
                         f"--option is for --method; give strategy {strategy!r} its options with --strategy-option"
                     )
-                refuse_unread_settings(strategy, "strategy")
+                refuse_unread_settings(strategy, kind="strategy")
                 options = merged_options(strategy_option, strategy, "--strategy-option")
                 attribution = settings_as(AttributionConfig, strategy=strategy, strategy_options=options)
                 config = RunConfig(train=str(train), attribution=attribution, **paths)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import typer
@@ -23,6 +23,7 @@ from wherefrom.cli.app import (
     record_only_set,
     recorded_line,
     refuse_foreign_folder,
+    refuse_unread_settings,
     remember,
     required,
     say,
@@ -34,6 +35,7 @@ from wherefrom.cli.app import (
 from wherefrom.cli.settings import (
     REFERENCE_FINETUNING,
     REFERENCE_SWITCHES,
+    CurvatureSettings,
     int_list,
     output_stem,
     parse_grid,
@@ -84,6 +86,10 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
 
 PRESET_SETTINGS = (*FIRST_FINETUNING, *REFERENCE_SWITCHES, "damping", "damping_factor")
 """The settings a preset may set; a flag given overrides it (at its default value too)."""
+CURVATURE = tuple(f.name for f in fields(CurvatureSettings))
+"""The curvature settings: a study's attribution reads them and its fine-tuning none, so one that none of the
+study's methods reads is refused (:func:`wherefrom.cli.app.refuse_unread_settings`)."""
+
 OVERRIDES = (*PRESET_SETTINGS, "lora_target")
 """The settings a preset run takes from flags given, and records only then: the preset's, and ``--lora-target``,
 which no preset sets (recorded unset, a replayed ``ablate`` held ``lora_targets=None`` in every run)."""
@@ -120,6 +126,7 @@ def bench(task, out, methods, seeds, option, preset, no_eos, lora_target, overwr
 
     def build() -> BenchConfig:
         chosen = {"out": str(out), "methods": method_list(methods, DEFAULT_METHODS), "seeds": int_list(seeds or "0")}
+        refuse_unread_settings(*chosen["methods"], names=CURVATURE)
         if preset is None:
             settings = {
                 "method_options": method_pairs(option, chosen["methods"]),
@@ -181,6 +188,7 @@ def ablate(
 
     def build() -> AblationConfig:
         chosen = method_list(methods, STUDY_METHODS)
+        refuse_unread_settings(*chosen, names=CURVATURE)
         return AblationConfig(
             task=task,
             out=str(out),
@@ -357,6 +365,7 @@ def evaluate(groundtruth, methods, option, damping, damping_factor, out, overwri
     stem = out if out is not None else groundtruth / "evaluate"
     try:
         chosen = method_list(methods, EVALUATE_METHODS)
+        refuse_unread_settings(*chosen, names=CURVATURE)
         options = method_pairs(option, chosen)
         base = GroundTruth.load(groundtruth, device).config.attribution()
         remember(stem.parent, f"evaluate {stem.name}")

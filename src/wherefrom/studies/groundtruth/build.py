@@ -66,6 +66,8 @@ __all__ = ["GroundTruth", "GroundTruthConfig", "base_of", "build_groundtruth", "
 
 _FORMAT_VERSION = 1
 META_FILE = "groundtruth.json"
+META_KEYS = ("config", "train_ids", "query_ids", "train_fingerprint", "query_fingerprint")
+"""What loading a ground truth reads of its ``groundtruth.json`` (:meth:`GroundTruth.load`)."""
 
 
 @dataclass(kw_only=True)
@@ -429,13 +431,20 @@ class GroundTruth:
     def load(cls, folder: str | Path, device: str | None = None) -> GroundTruth:
         """Read ``folder`` (built by :func:`build_groundtruth`) and rebuild its task; ``device``: where its model
         is loaded and methods run from now on (default: the device it was built on, as recorded). Raises
-        ``FileNotFoundError`` without ``groundtruth.json`` and ``ValueError`` when the rebuilt task's
-        ids differ from the saved ones (e.g. the data files changed)."""
+        ``FileNotFoundError`` without ``groundtruth.json``, ``ValueError`` when it is not JSON or lacks one of
+        :data:`META_KEYS` (it was ``KeyError``), and when the rebuilt task's ids differ from the saved ones (e.g.
+        the data files changed)."""
         folder = Path(folder)
         path = folder / META_FILE
         if not path.is_file():
             raise FileNotFoundError(f"not a ground-truth folder (no {META_FILE}): {folder}")
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = read_json_object(path)
+        lacking = [key for key in META_KEYS if key not in meta]
+        if lacking or not isinstance(meta["config"], dict):
+            raise ValueError(
+                f"{path} is damaged: {f'it lacks {lacking}' if lacking else 'its config is not a JSON object'} "
+                f"(written last, by a finished `wherefrom groundtruth`); rebuild it with `wherefrom replay {folder}`"
+            )
         config = GroundTruthConfig.from_dict(meta["config"])
         if device is not None:
             config = replace(config, device=device)
