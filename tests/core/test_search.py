@@ -1015,6 +1015,20 @@ def test_recall_advice_leaves_out_nprobe_where_it_reaches_every_cell():
     )
 
 
+def test_faiss_settings_made_directly_are_checked_as_the_options_are():
+    """userW: ``benchmarks/query_latency.py --kinds bogus`` made ``FaissSettings(kind="bogus")``, built an IVF-SQ8
+    index (the last branch) and reported it as "bogus" meeting the target: settings made directly were not checked.
+    They now are, by the same option checks as ``faiss_settings``."""
+    for settings, said in (
+        ({"kind": "bogus"}, "option 'kind' got 'bogus'; allowed: one of"),
+        ({"nprobe": 0}, r"option 'nprobe' got 0; allowed: an integer in \[1, "),
+        ({"kind": "hnsw", "graph": "cosine"}, "option 'graph' got 'cosine'"),
+    ):
+        with pytest.raises(OptionError, match=said):
+            FaissSettings(**settings)
+    assert FaissSettings(kind="ivf-pq", pq_m=8, nlist=4) == faiss_settings({"kind": "ivf-pq", "pq_m": 8, "nlist": 4})
+
+
 def test_faiss_settings_past_what_faiss_takes_are_refused_or_capped_before_faiss_fails(monkeypatch):
     """Integer options had a lower bound only: ef_search=99999999999 passed the check, the index was built and saved,
     then FAISS raised OverflowError (a traceback); m=10^10 a TypeError; refine=10^11 allocated refine x k candidates

@@ -561,6 +561,12 @@ class FaissSettings:
     pq_m: int | None = None
     refine: int = 1024
 
+    def __post_init__(self) -> None:
+        """:class:`wherefrom.core.options.OptionError` naming a setting :data:`FAISS_OPTIONS` refuses: made
+        directly (a benchmark's ``kind="bogus"`` built an IVF-SQ8 index and labelled it "bogus") as through
+        :func:`faiss_settings`."""
+        check_options("FAISS settings", FAISS_OPTIONS, {k: v for k, v in asdict(self).items() if v is not None})
+
     def lists(self, count: int) -> int:
         """IVF cells for ``count`` rows: ``nlist``, by default ``sqrt(count)``; at most ``count``."""
         return max(1, min(count, self.nlist or round(math.sqrt(count))))
