@@ -1019,13 +1019,13 @@ def test_faiss_settings_made_directly_are_checked_as_the_options_are():
     """userW: ``benchmarks/query_latency.py --kinds bogus`` made ``FaissSettings(kind="bogus")``, built an IVF-SQ8
     index (the last branch) and reported it as "bogus" meeting the target: settings made directly were not checked.
     They now are, by the same option checks as ``faiss_settings``."""
-    for given, said in (
+    for chosen_options, said in (
         ({"kind": "bogus"}, "option 'kind' got 'bogus'; allowed: one of"),
         ({"nprobe": 0}, r"option 'nprobe' got 0; allowed: an integer in \[1, "),
         ({"kind": "hnsw", "graph": "cosine"}, "option 'graph' got 'cosine'"),
     ):
         with pytest.raises(OptionError, match=said):
-            FaissSettings(**given)
+            FaissSettings(**chosen_options)
     assert FaissSettings(kind="ivf-pq", pq_m=8, nlist=4) == faiss_settings({"kind": "ivf-pq", "pq_m": 8, "nlist": 4})
 
 
