@@ -17,6 +17,7 @@ from wherefrom.studies.influence import (
     power_law_fit,
     tail_profile,
     tail_shares,
+    top_name,
 )
 
 NAMES = [
@@ -67,6 +68,28 @@ def test_layer_shares_sum_to_one_and_match_per_module_by_hand():
     assert profile["top_k"] == 5
     with pytest.raises(ValueError, match="top_k"):
         layer_profile(scores, top_k=0)
+
+
+def test_top_proponents_are_the_rows_of_positive_score_among_the_top_k():
+    """userZ: the "top 10 proponents" share of a query with one positive score was taken over its 10 highest rows,
+    9 of them <= 0; with --top-k past the positive rows, every row entered. Only rows scoring > 0 enter now; a query
+    with none is left out of the top profile (n), and the name says how many queries have fewer than k."""
+    rng = np.random.default_rng(3)
+    per_module = np.abs(rng.normal(size=(len(NAMES), 3, 12)))
+    per_module[:, 0, 2:] *= -1  # q0: rows 0 and 1 positive, the rest negative
+    per_module[:, 1] *= -1  # q1: every row negative
+    scores = Scores(["q0", "q1", "q2"], [f"r{i}" for i in range(12)], NAMES, torch.from_numpy(per_module))
+    profile = layer_profile(scores, top_k=5)
+    assert profile["proponents"] == [2, 0, 5]
+    assert top_name(profile) == "top 5 proponents (score > 0; 2 of 3 queries have fewer)"
+    top2 = np.argsort(-per_module[:, 2].sum(0))[:5]
+    layer0 = [
+        np.abs(per_module[0:2, 0, :2]).sum() / np.abs(per_module[:, 0, :2]).sum(),
+        np.abs(per_module[0:2, 2, top2]).sum() / np.abs(per_module[:, 2, top2]).sum(),
+    ]
+    share = profile["top"]["by_layer"]["abs_share"]["0"]
+    assert share["n"] == 2 and share["mean"] == pytest.approx(np.mean(layer0))
+    assert top_name(layer_profile(scores, top_k=2)) == "top 2 proponents (score > 0; 1 of 3 queries have fewer)"
 
 
 def test_tail_shares_on_a_hand_made_vector():

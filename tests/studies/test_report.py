@@ -26,7 +26,7 @@ from wherefrom.studies.diagnose import write_report as write_diagnosis
 from wherefrom.studies.generated import rule_identification, write_jsonl
 from wherefrom.studies.report import write_report
 from wherefrom.studies.report.plots import share_axis_top
-from wherefrom.studies.report.sections import compact_json
+from wherefrom.studies.report.sections import compact_json, query_sections, scores_sections
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 ARTIFACTS = Path(__file__).resolve().parents[2] / ".cache" / "test-artifacts"
@@ -368,3 +368,29 @@ def test_report_on_a_finished_folder_it_has_no_page_for_says_so(tmp_path, comman
     (out / marker).unlink()  # killed before its result: unfinished, with the replay line
     with pytest.raises(FileNotFoundError, match=f"is an unfinished {command} folder"):
         write_report(out)
+
+
+def test_rows_of_the_wrong_sign_are_not_called_proponents_or_opponents():
+    """userZ: the report and the query view titled rows of negative score "top proponents" (the terminal table
+    said "highest scores (2 of 3 <= 0, not proponents)"): every table is now titled by that one rule."""
+    total = torch.tensor([[7.5, -15.0, -18.0, -20.0], [3.0, 2.0, 1.0, 0.5]], dtype=torch.float64)
+    scores = Scores(["e1", "ok"], ["a", "b", "c", "d"], ["m"], total[None])
+    tops = scores_sections("edge", scores, None, top_k=3, labels={}, unread="no rows")[0]
+    captions = [block.get("caption") for block in tops["blocks"] if block["type"] == "entries"]
+    assert captions == [
+        "Query e1: highest scores (2 of 3 <= 0, not proponents)",
+        "Query e1: opponents",
+        "Query ok: proponents",
+        "Query ok: lowest scores (3 of 3 >= 0, not opponents)",
+    ], captions
+    entry = {"prompt": "p", "completion": "c", "top_modules": []}
+    report = {
+        "query": {"prompt": "x", "completion": "y"},
+        "proponents": [{**entry, "id": "a", "score": 7.5}, {**entry, "id": "b", "score": -15.0}],
+        "opponents": [{**entry, "id": "d", "score": -20.0}],
+    }
+    blocks = query_sections(report)[0]["blocks"]
+    captions = [block.get("caption") for block in blocks if block["type"] == "entries"]
+    assert (
+        captions[0].startswith("Highest scores (1 of 2 <= 0, not proponents) (heatmap") and captions[1] == "Opponents"
+    )

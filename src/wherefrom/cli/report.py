@@ -105,7 +105,7 @@ def write_query_html(out: Path, result: dict[str, Any], scores: Scores, opened: 
     }
     for entry in entries:
         entry["tokens"] = tokens[entry["id"]]
-    top = [rows[e["id"]] for e in shown["proponents"][:QUERY_SIDE_ROWS]]
+    top = [rows[e["id"]] for e in shown["proponents"][:QUERY_SIDE_ROWS] if e["score"] > 0]  # proponents alone
     train_ids, query_side = opened.attributor.query_token_scores([record], top) if top else ([], [])
     query_tokens = []
     if query_side:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, data_fingerprint, load_records
 from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, refuse
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
-from wherefrom.core.scoring import Scores, end_kind, index_rows_text, refuse_folders_in_set
+from wherefrom.core.scoring import Scores, end_kind, end_name, index_rows_text, refuse_folders_in_set
 from wherefrom.core.search import RowSource, SearchReport, faiss_settings, search_store
 from wherefrom.core.store import (
     StoreError,
@@ -475,21 +474,6 @@ def say_train_side(opened: Run) -> None:
     say(
         f"training side read from {opened.folder / 'index'} ({index_rows_text(provenance)}): its rows, not "
         "gradients recomputed at the run's settings, gave these scores"
-    )
-
-
-def end_name(kind: str, scores: Sequence[float]) -> str:
-    """What a shown end of the ranking is: ``proponents`` (``opponents``) only where every score shown is
-    positive (negative); else ``highest scores`` (``lowest scores``) saying how many are on the other side
-    of 0, e.g. ``lowest scores (2 of 10 >= 0, not opponents)``: rows that also raise (lower) the query's
-    log-likelihood. NaN scores (the padding of a short candidate list, not shown) are left out."""
-    lowest = kind == "opponents"
-    shown = [s for s in scores if not math.isnan(s)]
-    other = sum(end_kind(s, lowest) != kind[:-1] for s in shown)
-    if not other:
-        return kind
-    return (
-        f"{'lowest' if lowest else 'highest'} scores ({other} of {len(shown)} {'>=' if lowest else '<='} 0, not {kind})"
     )
 
 

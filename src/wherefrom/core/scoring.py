@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -301,6 +302,23 @@ def end_kind(score: float, lowest: bool) -> str:
     if lowest:
         return "opponent" if score < 0 else "lowest"
     return "proponent" if score > 0 else "highest"
+
+
+def end_name(kind: str, scores: Sequence[float]) -> str:
+    """What a shown end of the ranking is: ``proponents`` (``opponents``) only where every score shown is
+    positive (negative); else ``highest scores`` (``lowest scores``) saying how many are on the other side
+    of 0, e.g. ``lowest scores (2 of 10 >= 0, not opponents)``: rows that also raise (lower) the query's
+    log-likelihood. NaN scores (the padding of a short candidate list, not shown) are left out. Every table of
+    proponents is titled by it: ``query``'s, the report's and the query view's (they said "top proponents" over
+    rows of negative score)."""
+    lowest = kind == "opponents"
+    shown = [s for s in scores if not math.isnan(s)]
+    other = sum(end_kind(s, lowest) != kind[:-1] for s in shown)
+    if not other:
+        return kind
+    return (
+        f"{'lowest' if lowest else 'highest'} scores ({other} of {len(shown)} {'>=' if lowest else '<='} 0, not {kind})"
+    )
 
 
 def top_rows(scores: Scores, k: int, labels: Mapping[str, str | None]) -> list[tuple]:

@@ -11,7 +11,9 @@ modules (one layer, or one module type: attention / MLP / LoRA A / LoRA B / othe
     pos_share(L, q) = sum_{m in L} sum_n max(I_m(q, n), 0) / sum_m sum_n max(I_m(q, n), 0)
 
 so each sums to 1 over the groups (NaN when the denominator is 0). ``n`` runs over all training rows,
-or over the query's ``top_k`` proponents (largest total score) for the "top proponents" profile.
+or over the query's top proponents for the "top proponents" profile: its ``top_k`` rows of largest total score,
+those with a total score > 0 alone (a query with fewer proponents counts those; one with none is left out of
+that profile's means, ``n``).
 Means over queries carry a 95% percentile bootstrap interval (:func:`wherefrom.studies.metrics.bootstrap_ci`).
 
 **The tail** (Grosse et al., section 5.2.1). For one query's scores over ``N`` rows, the share of the
@@ -153,25 +155,37 @@ def layer_profile(scores: Scores, top_k: int = TOP_K) -> dict[str, Any]:
     Returns ``{"all": P, "top": P, "top_k": k, "modules": [...]}`` where ``P`` holds ``by_layer`` and
     ``by_kind``, each ``{labels, abs_share, pos_share, per_query_abs_share}``: ``abs_share[label]`` /
     ``pos_share[label]`` are ``{mean, low, high, n}`` over queries (see the module docstring), and
-    ``per_query_abs_share`` is ``(n_query, n_groups)``. ``"top"`` restricts each query to its ``top_k``
-    rows by total score. NaN scores (rows a prefilter did not score) count as 0 in the shares and are
-    never among the top rows.
+    ``per_query_abs_share`` is ``(n_query, n_groups)``. ``"top"`` restricts each query to its top ``top_k``
+    proponents: of its ``top_k`` rows by total score, those scoring > 0 (``"proponents"``: how many, per
+    query; rows of score <= 0 were counted as proponents, a query with one positive score among its top 10 had
+    its "top 10 proponents" share taken over 10 rows). NaN scores (rows a prefilter did not score) count as 0 in
+    the shares and are never among the top rows.
     Raises ``ValueError`` for ``top_k < 1``.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     per_module = scores.per_module.detach().cpu().double().numpy()
     per_module = np.nan_to_num(per_module, nan=0.0)
-    total = scores.total.detach().cpu().double().numpy()
+    total = np.nan_to_num(scores.total.detach().cpu().double().numpy(), nan=-np.inf)
     k = min(top_k, total.shape[1])
-    ranked = np.argsort(-np.nan_to_num(total, nan=-np.inf), axis=1, kind="stable")[:, :k]  # (Q, k)
-    top = np.stack([per_module[:, q, ranked[q]] for q in range(total.shape[0])], axis=1)  # (M, Q, k)
+    ranked = np.argsort(-total, axis=1, kind="stable")[:, :k]  # (Q, k)
+    proponents = np.take_along_axis(total, ranked, axis=1) > 0  # (Q, k)
+    top = np.stack([per_module[:, q, ranked[q]] * proponents[q] for q in range(total.shape[0])], axis=1)  # (M, Q, k)
     return {
         "modules": list(scores.module_names),
         "top_k": k,
+        "proponents": proponents.sum(1).tolist(),
         "all": _profile(per_module, scores.module_names),
         "top": _profile(top, scores.module_names),
     }
+
+
+def top_name(profile: Mapping[str, Any]) -> str:
+    """The name of a :func:`layer_profile`'s ``"top"`` rows: ``top 10 proponents``, saying how many queries have
+    fewer rows of score > 0 (``top 10 proponents (score > 0; 2 of 6 queries have fewer)``)."""
+    k, counts = profile["top_k"], profile["proponents"]
+    fewer = sum(count < k for count in counts)
+    return f"top {k} proponents" + (f" (score > 0; {fewer} of {len(counts)} queries have fewer)" if fewer else "")
 
 
 def tail_shares(row: np.ndarray, fractions: Sequence[float] = TAIL_FRACTIONS) -> dict[str, float]:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from wherefrom.core.scoring import TOP_K, Scores
-from wherefrom.studies.influence import layer_profile, tail_profile
+from wherefrom.studies.influence import layer_profile, tail_profile, top_name
 from wherefrom.studies.toolkit import interval_cell, markdown_table, number
 
 Table = tuple[list[str], list[list[str]]]
@@ -27,8 +27,7 @@ def layer_table(profile: Mapping[str, Any], key: str) -> Table:
     """Shares of influence by ``key`` (``"by_layer"`` or ``"by_kind"``) of a :func:`layer_profile` result:
     one row per group with the share of ``|influence|`` and of positive influence over all rows, and of
     ``|influence|`` over each query's top proponents (each ``mean [95% interval]`` over queries)."""
-    top_name = f"top {profile['top_k']} proponents"
-    columns = [AXES[key], "|influence|, all rows", "positive, all rows", f"|influence|, {top_name}"]
+    columns = [AXES[key], "|influence|, all rows", "positive, all rows", f"|influence|, {top_name(profile)}"]
     rows = [
         [
             label,

@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from wherefrom.core.data import Record
-from wherefrom.core.scoring import Scores
-from wherefrom.studies.influence import agreement, layer_profile, short_names, tail_profile
+from wherefrom.core.scoring import Scores, end_name
+from wherefrom.studies.influence import agreement, layer_profile, short_names, tail_profile, top_name
 from wherefrom.studies.influence_tables import AXES, layer_table, tail_query_table, tail_summary_table
 from wherefrom.studies.report import plots
 from wherefrom.studies.toolkit import interval_cell, number
@@ -94,11 +94,10 @@ def top_entries(
 def layer_section(profile: Mapping[str, Any], heading: str = "Influence by layer and module type") -> dict[str, Any]:
     """Bars of the by-layer and by-type shares (all rows vs top proponents) and a table of the means."""
     blocks: list[dict[str, Any]] = [{"type": "note", "text": SHARE_NOTE}]
-    top_name = f"top {profile['top_k']} proponents"
     for key, axis in AXES.items():
         labels = profile["all"][key]["labels"]
         for share, what in (("abs_share", "|influence|"), ("pos_share", "positive influence")):
-            series = {"all rows": profile["all"][key][share], top_name: profile["top"][key][share]}
+            series = {"all rows": profile["all"][key][share], top_name(profile): profile["top"][key][share]}
             blocks.append(
                 {
                     "type": "figure",
@@ -201,7 +200,7 @@ def scores_sections(
     for q, query_id in enumerate(scores.query_ids[:max_queries]):
         for opponents, kind in ((False, "proponents"), (True, "opponents")):
             entries = top_entries(scores, q, top_k, rows, opponents, labels)
-            blocks.append(entries_block(entries, f"Query {query_id}: top {kind}"))
+            blocks.append(entries_block(entries, f"Query {query_id}: {end_name(kind, [e['score'] for e in entries])}"))
     if len(scores.query_ids) > max_queries:
         blocks.append({"type": "note", "text": f"The first {max_queries} queries are shown."})
     tops = {"heading": f"Scores {name}: top rows", "blocks": blocks}
@@ -324,11 +323,14 @@ def query_sections(
     report: Mapping[str, Any], scores: Scores | None = None, query_tokens: Sequence[Mapping[str, Any]] = ()
 ) -> list[dict[str, Any]]:
     """The view of one query: its top proponents and opponents (with token heatmaps when the report has
-    them), the query-side token heatmaps, and, with the query's ``scores``, its layer profile and tail.
+    them; each table titled by :func:`wherefrom.core.scoring.end_name`, so rows of the wrong sign are not called
+    proponents or opponents), the query-side token heatmaps, and, with the query's ``scores``, its layer profile
+    over as many top proponents as the report shows, and its tail.
 
     ``report``: the dict ``wherefrom query --json`` prints; ``query_tokens``: ``[{"id": train_id,
     "tokens": [[text, value], ...]}]``, the query's tokens' share of its score on that row.
     """
+    ends = {kind: end_name(kind, [e["score"] for e in report[kind]]) for kind in ("proponents", "opponents")}
     query = report["query"]
     blocks: list[dict[str, Any]] = [
         {"type": "note", "text": f"strategy {report.get('strategy')}; {report.get('sign', '')}"},
@@ -338,8 +340,11 @@ def query_sections(
             "columns": ["prompt", "completion"],
             "rows": [[query["prompt"], query["completion"]]],
         },
-        entries_block(report["proponents"], "Top proponents (heatmap: each training token's part of the score)"),
-        entries_block(report["opponents"], "Top opponents"),
+        entries_block(
+            report["proponents"],
+            f"{ends['proponents'].capitalize()} (heatmap: each training token's part of the score)",
+        ),
+        entries_block(report["opponents"], ends["opponents"].capitalize()),
     ]
     for entry in query_tokens:
         blocks.append(
@@ -351,5 +356,5 @@ def query_sections(
         )
     sections = [{"heading": "Which training rows made the model say this?", "blocks": blocks}]
     if scores is not None:
-        sections += [layer_section(layer_profile(scores)), tail_section(scores)]
+        sections += [layer_section(layer_profile(scores, max(len(report["proponents"]), 1))), tail_section(scores)]
     return sections
