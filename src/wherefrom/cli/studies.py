@@ -220,8 +220,10 @@ IHVP_ONLY = ("damping", "damping_factor", "reference", "exact_blocks", "cg_tol",
 
 @command(uses=(*IHVP_ONLY, "threads"))
 def analyze(kind, bench, methods, option, n_queries, seeds, overwrite, device, **settings) -> None:
-    """The reference study's analyses on a bench folder: writes <kind>.json and <kind>.md into it (resumable; a
-    rerun that would replace results of other settings is refused unless --overwrite, each seed before its work).
+    """The reference study's analyses on a bench folder: writes <kind>.json and <kind>.md into it, the tables of
+    this command's settings (resumable; units of work are cached per setting, so rerunning an earlier command
+    brings its tables back; one that would replace a cached unit of other settings is refused unless --overwrite,
+    each seed before its work).
 
     --methods: ihvp defaults to the bench's influence methods, convergence to those and repsim.
     ihvp's default damping is --damping-factor x the Hutchinson estimate of the mean GGN eigenvalue.
