@@ -661,6 +661,15 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "run folder",
+        "an output folder holding a config.json wherefrom did not write (a model's folder)",
+        EXIT,
+        "model/config.json was not written by wherefrom (it records no command",
+        "the command added its replay record to the model's config.json and wrote its files beside the weights "
+        "(userW: `bench --out MODEL`)",
+        command=(*BENCHED[:-1], "model"),
+    ),
+    Refusal(
+        "run folder",
         "a run or output folder that is a file, or lies under one",
         EXIT,
         "--run train.jsonl/run: train.jsonl is a file, not a folder",

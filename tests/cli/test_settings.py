@@ -384,7 +384,17 @@ def test_a_failed_rerun_keeps_the_record_and_a_deleted_folder_stays_deleted(work
 def test_replay_of_a_bench_reproduces_its_rows(tmp_path):
     model = save_tiny(tmp_path / "model", arch="llama")
     out = tmp_path / "bench"
-    args = ["bench", "--task", "rules", "--n-train", "8", "--n-test", "2", "--methods", "gradsim,bm25"]
+    args = [
+        "bench",
+        "--task",
+        "rules",
+        "--n-train",
+        "8",
+        "--n-test",
+        "2",
+        "--methods",
+        "diagonal,bm25",
+    ]  # diagonal reads --damping
     args += ["--epochs", "1", "--max-length", "128", "--model", model, "--device", "cpu", "--damping", "0.5"]
     first = invoke(*args, "--out", out)
     assert first.exit_code == 0, first.output

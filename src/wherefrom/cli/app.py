@@ -288,8 +288,18 @@ def refuse_foreign_folder(folder: Path, saved: dict[str, Any] | None = None) -> 
     but where :data:`NESTED` allows it: ``finetune --out GROUNDTRUTH/model --overwrite`` replaced the ground truth's
     fine-tuning under its measured losses. The message names the folder and the command that made it (a guest only where no host is
     there). Also ``ValueError`` naming a ``config.json`` that is not a JSON object. Called while a command runs
-    (it names the running command)."""
+    (it names the running command). And ``ValueError`` when ``folder/config.json`` is not a wherefrom record: it
+    records no command and nothing of wherefrom's is beside it (a model's folder: ``bench --out MODEL`` added its
+    record to the model's ``config.json`` and its files beside the weights)."""
     this = _CURRENT.get().name
+    if saved is None:
+        saved = read_json_object(folder / "config.json") if (folder / "config.json").is_file() else {}
+    if saved and "replay" not in saved and not folder_makers(folder, saved):
+        raise ValueError(
+            f"{folder / 'config.json'} was not written by wherefrom (it records no command; its keys begin "
+            f"{sorted(saved)[:4]}): a model's or another program's folder? `wherefrom {this}` would add its record "
+            f"to that file and its output beside it: choose another folder for {this}'s output"
+        )
     sharing = {this, *GUESTS.get(this, ())} | {host for host, guests in GUESTS.items() if this in guests}
     foreign = [name for name in folder_makers(folder, saved) if name not in sharing]
     place = f"{folder} is an output folder of"
