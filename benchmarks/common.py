@@ -1,19 +1,23 @@
 """What the benchmark scripts share: SmolLM2 loading, the shared data sets, timing, and the results
 files (``benchmarks/results/<name>.md`` and ``.json``, written atomically, with the command that made
-them, the machine's load (``uptime``), package versions and hardware).
+them, the machine's load (``uptime``), package versions and hardware), and the ``argparse`` types that check
+a script's numbers and names as it parses them (``error: argument --sizes: ...``, exit 2, before any work).
 
-Used by ``index_throughput.py``, ``index_quality.py``, ``index_peers.py``, ``index_scale.py`` and
-``bench_kronfluence.py``; see ``benchmarks/README.md``.
+Used by ``index_throughput.py``, ``index_quality.py``, ``index_peers.py``, ``index_scale.py``,
+``bench_kronfluence.py``, ``query_latency.py``, ``store_scan.py``, ``real_recall.py`` and ``hnsw_graph.py``; see
+``benchmarks/README.md``.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,59 @@ DATASETS = HERE.parent.parent / "shared" / "datasets"
 MLP = r"\.mlp\."
 MLP_AND_ATTENTION = r"\.(mlp|self_attn)\."
 """Module-name regexes: every MLP projection (90 Linear layers of SmolLM2), and with attention (210)."""
+
+
+# --- argument types: argparse ``type=`` functions; a bad value ends in ``error: argument --flag: ...`` (exit 2) ---
+def _integer(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (``--threads 2``, ``--queries 20``, ``--dim 1024``)."""
+    return _integer(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (a seed; a count where 0 means "all" or "none", as ``index_scale.py --per-task 0``)."""
+    return _integer(text, 0)
+
+
+def positive_ints(text: str) -> list[int]:
+    """Comma-separated integers >= 1 (``--sizes 1000,10000``)."""
+    try:
+        return [_integer(item, 1) for item in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}") from None
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (a standard deviation)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def names_of(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """The type of a comma-separated list of names, each one of ``choices`` (``--rows fitted,none``)."""
+
+    def names(text: str) -> list[str]:
+        chosen = text.split(",")
+        wrong = [name for name in chosen if name not in choices]
+        if wrong:
+            raise argparse.ArgumentTypeError(f"{wrong[0]!r} is not one of {', '.join(choices)}")
+        return chosen
+
+    return names
 
 
 def quiet_threads(threads: int = 1) -> None:

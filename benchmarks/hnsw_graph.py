@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import command_line, quiet_threads, uptime, write_results
+from common import command_line, positive_int, positive_ints, quiet_threads, uptime, write_results
 from query_latency import K, MemmapRows, sweep
 from real_recall import load_store
 
@@ -42,8 +42,8 @@ TOP_NORM = 0.05
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stores", type=lambda t: [Path(s) for s in t.split(",")], required=True)
-    p.add_argument("--ef-construction", type=lambda t: [int(v) for v in t.split(",")], default=[40, 80, 160])
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ef-construction", type=positive_ints, default=[40, 80, 160])
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--name", default="hnsw_graph")
     return p.parse_args(argv)
 

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MLP, begin, command_line, folder_bytes, rows, timed, write_results
+from common import MLP, begin, command_line, folder_bytes, nonnegative_int, positive_int, rows, timed, write_results
 
 TASKS = ["emotion", "grammars", "math", "mixedL", "backdoor", "multibackdoor"]
 
@@ -44,19 +44,19 @@ def queries_path(store: Path) -> Path:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--per-task", type=int, default=50, help="training rows per data set (0 = all)")
-    p.add_argument("--fit-rows", type=int, default=32, help="rows of the projected Fisher fit (0 = none)")
+    p.add_argument("--per-task", type=nonnegative_int, default=50, help="training rows per data set (0 = all)")
+    p.add_argument("--fit-rows", type=nonnegative_int, default=32, help="rows of the projected Fisher fit (0 = none)")
     p.add_argument(
         "--empirical",
         action="store_true",
         help="no fit pass: store raw rows, fit F~ on every stored row, precondition the queries (the index's "
         "--precondition empirical; --fit-rows is then ignored)",
     )
-    p.add_argument("--queries", type=int, default=2, help="test rows per data set used as queries")
-    p.add_argument("--dim", type=int, default=16, help="LoGra dim_in = dim_out")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=704, help="tokens per row (mixedL's longest is ~640)")
-    p.add_argument("--shard-size", type=int, default=64)
+    p.add_argument("--queries", type=positive_int, default=2, help="test rows per data set used as queries")
+    p.add_argument("--dim", type=positive_int, default=16, help="LoGra dim_in = dim_out")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-length", type=positive_int, default=704, help="tokens per row (mixedL's longest is ~640)")
+    p.add_argument("--shard-size", type=positive_int, default=64)
     p.add_argument("--include", default=MLP)
     p.add_argument(
         "--out",

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -46,12 +45,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wherefrom.core.search import FaissSettings, build_faiss_index, exact_top_k, faiss_top_k, pq_m_label, recall_at_k
+from common import command_line, names_of, nonnegative_float, positive_int, positive_ints
+from wherefrom.core.search import (
+    KIND_OPTIONS,
+    FaissSettings,
+    build_faiss_index,
+    exact_top_k,
+    faiss_top_k,
+    pq_m_label,
+    recall_at_k,
+)
 from wherefrom.core.store import atomic_write_json
 from wherefrom.studies.toolkit import markdown_table, number, provenance, write_report
 
 HERE = Path(__file__).resolve().parent
 K = 10
+ROW_KINDS = ("fitted", "none", "iid", "latent")
+"""``--rows``: the synthetic row kinds (module docstring)."""
+DTYPES = ("float32", "float16", "float64")
+"""``--dtypes``: the numpy dtypes the rows are stored in (FAISS builds on the float32 rows)."""
 SHARD_ROWS = 65536
 """Rows per shard of the synthetic store (256 MiB at 1024 float32 entries)."""
 
@@ -165,8 +177,30 @@ def median_seconds(search: Callable[[int], object], n: int) -> float:
 
 
 def pq_m_list(text: str) -> list[int | None]:
-    """``--pq-m``'s values: comma-separated sub-quantizer counts, ``default`` (``None``) for ``FaissSettings``' rule."""
-    return [None if v == "default" else int(v) for v in text.split(",")]
+    """``--pq-m``'s values: comma-separated sub-quantizer counts (integers >= 1), ``default`` (``None``) for
+    ``FaissSettings``' rule; an ``argparse`` type."""
+    try:
+        return [None if v == "default" else positive_int(v) for v in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 or 'default', got {text!r}") from None
+
+
+def kind_limits(text: str) -> dict[str, int]:
+    """``--kind-max``'s value: comma-separated ``kind=rows`` pairs, each kind a FAISS kind (``KIND_OPTIONS``), each
+    ``rows`` an integer >= 1; an ``argparse`` type."""
+    limits = {}
+    for pair in text.split(","):
+        kind, _, rows = pair.partition("=")
+        try:
+            if kind not in KIND_OPTIONS:
+                raise argparse.ArgumentTypeError
+            limits[kind] = positive_int(rows)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"expected kind=rows pairs, each kind one of {', '.join(KIND_OPTIONS)} and rows an integer >= 1, "
+                f"got {pair!r}"
+            ) from None
+    return limits
 
 
 def sweep(kind: str) -> list[dict[str, int]]:
@@ -373,48 +407,61 @@ def markdown(result: dict, record: dict) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; every number and name is checked here (``error: argument --sizes: ...``, exit 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-    parser.add_argument("--sizes", type=ints, default=[1000, 10000, 100000, 1000000])
-    parser.add_argument("--dims", type=ints, default=[1024])
-    parser.add_argument("--dtypes", type=lambda t: t.split(","), default=["float32", "float16"])
+    parser.add_argument("--sizes", type=positive_ints, default=[1000, 10000, 100000, 1000000])
+    parser.add_argument("--dims", type=positive_ints, default=[1024])
     parser.add_argument(
-        "--rows", type=lambda t: t.split(","), default=["fitted", "none"], help="row kinds: fitted, none, iid, latent"
+        "--dtypes", type=names_of(DTYPES), default=["float32", "float16"], help=f"of {', '.join(DTYPES)}"
+    )
+    parser.add_argument(
+        "--rows", type=names_of(ROW_KINDS), default=["fitted", "none"], help=f"of {', '.join(ROW_KINDS)}"
     )
     parser.add_argument("--spectrum", type=Path, default=HERE / "results" / "row_spectrum.json")
-    parser.add_argument("--kinds", type=lambda t: t.split(","), default=["ivf", "ivf-pq", "pq", "ivf-sq8", "hnsw"])
+    parser.add_argument(
+        "--kinds",
+        type=names_of(tuple(KIND_OPTIONS)),
+        default=["ivf", "ivf-pq", "pq", "ivf-sq8", "hnsw"],
+        help=f"FAISS index kinds, of {', '.join(KIND_OPTIONS)}",
+    )
     parser.add_argument(
         "--kind-max",
-        type=lambda t: {k: int(v) for k, v in (pair.split("=") for pair in t.split(","))},
+        type=kind_limits,
         default={"hnsw": 10000, "ivf-sq8": 100000},
         help="largest store to build each kind of index for, e.g. hnsw=10000,ivf-sq8=100000 (builds are slow on a small CPU)",
     )
-    parser.add_argument("--nlist", type=int, default=None, help="IVF cells (default: FaissSettings' rule)")
+    parser.add_argument("--nlist", type=positive_int, default=None, help="IVF cells (default: FaissSettings' rule)")
     parser.add_argument(
         "--pq-m",
         type=pq_m_list,
         default=[None],
         help="ivf-pq / pq sub-quantizers, one index each, e.g. 256,512,default (default: FaissSettings' rule)",
     )
-    parser.add_argument("--queries", type=int, default=20)
-    parser.add_argument("--peer-queries", type=int, default=5, help="queries timed for the numpy peer")
-    parser.add_argument("--rank", type=int, default=32, help="latent dimension of the synthetic rows")
-    parser.add_argument("--noise", type=float, default=0.5, help="standard deviation of the rows' isotropic noise")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--queries", type=positive_int, default=20)
+    parser.add_argument("--peer-queries", type=positive_int, default=5, help="queries timed for the numpy peer")
+    parser.add_argument("--rank", type=positive_int, default=32, help="latent dimension of the synthetic rows")
+    parser.add_argument(
+        "--noise", type=nonnegative_float, default=0.5, help="standard deviation of the rows' isotropic noise"
+    )
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--data", type=Path, default=Path("/tmp/wherefrom-query-latency"))
-    parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--results", type=Path, default=HERE / "results", help="folder of the results files")
     parser.add_argument("--name", default="query-latency", help="results file stem under --results")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     import os
 
     import faiss
 
     torch.set_num_threads(args.threads)  # before the provenance, which records torch's threads
     faiss.omp_set_num_threads(args.threads)
-    command = "python benchmarks/query_latency.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line("query_latency.py", argv).strip()
     record = {
-        **provenance(command.strip()),
+        **provenance(command),
         "rows": args.rows,
         "spectrum_file": os.path.relpath(args.spectrum.resolve(), HERE.parent),  # from the repository's root
         "spectrum": {

@@ -35,26 +35,33 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import command_line, quiet_threads, uptime, write_results
+from common import command_line, names_of, nonnegative_int, positive_int, quiet_threads, uptime, write_results
 from index_scale import queries_path
 from query_latency import K, MemmapRows, pq_m_list, sweep
+from wherefrom.core.search import KIND_OPTIONS
 
 KINDS = ["ivf", "ivf-sq8", "ivf-pq", "pq", "hnsw"]
+ROW_KINDS = ("real", "gaussian")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", type=Path, required=True, help="a store written by index_scale.py --out")
-    p.add_argument("--kinds", type=lambda t: t.split(","), default=KINDS)
+    p.add_argument(
+        "--kinds",
+        type=names_of(tuple(KIND_OPTIONS)),
+        default=KINDS,
+        help=f"FAISS index kinds, of {', '.join(KIND_OPTIONS)}",
+    )
     p.add_argument(
         "--pq-m",
         type=pq_m_list,
         default=[None],
         help="ivf-pq / pq sub-quantizers, one index each, e.g. 256,default (default: FaissSettings' rule)",
     )
-    p.add_argument("--rows", type=lambda t: t.split(","), default=["real", "gaussian"], help="real, gaussian")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows", type=names_of(ROW_KINDS), default=list(ROW_KINDS), help="of real, gaussian")
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--name", default="real_recall")
     return p.parse_args(argv)
 

@@ -3,7 +3,7 @@
 memory-mapped ``.npy`` rows).
 
     python benchmarks/store_scan.py [--sizes 10000,100000,1000000] [--dim 1024] [--dtype float16] \\
-        [--threads 2] [--data /tmp/wherefrom-store-scan] [--name store_scan]
+        [--threads 2] [--data /tmp/wherefrom-store-scan] [--results benchmarks/results] [--name store_scan]
 
 Each store is written with :class:`wherefrom.core.vectors.VectorStoreWriter` (the default 256 rows a shard,
 checksums recorded), its rows drawn like ``query_latency.py``'s ``fitted`` rows (the eigen-spectrum measured on
@@ -32,7 +32,7 @@ the store's files in the page cache after a warm-up (so this measures hashing an
 
 ``verify, then search`` = open + verify + search (the command before); ``with sha256`` = open + verify, sha256 +
 search; ``query total`` = one pass. Writes
-``benchmarks/results/store_scan.{md,json}`` (``--name``) with the command that made it.
+``benchmarks/results/store_scan.{md,json}`` (``--results``, ``--name``) with the command that made it.
 """
 
 from __future__ import annotations
@@ -41,15 +41,14 @@ import argparse
 import hashlib
 import json
 import os
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common import command_line, positive_int, positive_ints
 from query_latency import Spectral, median_seconds, numpy_scan
 from wherefrom.core.search import exact_ends
 from wherefrom.core.vectors import VectorStore, VectorStoreWriter
@@ -234,22 +233,28 @@ def render(rows: list[dict], command: str, load: str) -> str:
     )
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; every number and name is checked here (``error: argument --sizes: ...``, exit 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="10000,100000,1000000", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--sizes", type=positive_ints, default=[10000, 100000, 1000000])
+    parser.add_argument("--dim", type=positive_int, default=1024)
     parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--queries", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--queries", type=positive_int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--spectrum", type=Path, default=HERE / "results" / "row_spectrum.json")
     parser.add_argument("--data", type=Path, default=Path("/tmp/wherefrom-store-scan"))
-    parser.add_argument("--name", default="store_scan")
-    args = parser.parse_args()
-    command = "python " + shlex.join(["benchmarks/store_scan.py", *sys.argv[1:]])
+    parser.add_argument("--results", type=Path, default=HERE / "results", help="folder of the results files")
+    parser.add_argument("--name", default="store_scan", help="results file stem under --results")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    command = command_line("store_scan.py", argv).strip()
     load = Path("/proc/loadavg").read_text().split()[:3]
     rows = measure(args)
     report = {**provenance(command), "load_at_start": " ".join(load), "rows": rows}
-    write_report(HERE / "results" / args.name, report, render(rows, command, " ".join(load)))
+    write_report(args.results / args.name, report, render(rows, command, " ".join(load)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,165 @@
+"""The benchmark scripts refuse a bad number or name as they parse it: ``error: argument --flag: ...``, exit 2,
+no traceback and nothing written (``benchmarks/common.py``'s ``argparse`` types); ``store_scan.py --results``
+writes its files where it is told, recording the command that made them.
+
+Reported: ``query_latency.py --sizes 0`` (and ``--dims 0``, ``--queries 0``, ``--threads 0``, ``--rows bogus``,
+``--dtypes float8``) ended in a traceback, ``--kinds bogus`` was refused only after the rows were written;
+``store_scan.py --sizes 0`` failed naming ``ids``, and the script could write only to ``benchmarks/results/``.
+
+Every bad value is run as its script's ``__main__`` (``runpy``, the script's folder first on ``sys.path`` as
+``python benchmarks/X.py`` has it) in one interpreter, so torch is imported once; the two reported scripts are
+also run as plain commands.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+DRIVER = r"""
+import contextlib, io, json, runpy, sys, traceback
+from pathlib import Path
+
+benchmarks, out, cases = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+sys.path.insert(0, benchmarks)
+import common
+
+common.RESULTS = out / "results"  # where write_results would write (real_recall, hnsw_graph, index_scale)
+answers = []
+for script, argv in cases:
+    err, code = io.StringIO(), 0
+    sys.argv = [f"{benchmarks}/{script}", *argv]
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            runpy.run_path(f"{benchmarks}/{script}", run_name="__main__")
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    answers.append({"code": code, "stderr": err.getvalue()})
+print(json.dumps(answers))
+"""
+
+WHERE = {  # what each script is told about where to write, all under the test's folder
+    "query_latency.py": lambda tmp: ["--results", f"{tmp}/results", "--data", f"{tmp}/data"],
+    "store_scan.py": lambda tmp: ["--results", f"{tmp}/results", "--data", f"{tmp}/data"],
+    "real_recall.py": lambda tmp: ["--store", f"{tmp}/store"],
+    "hnsw_graph.py": lambda tmp: ["--stores", f"{tmp}/store"],
+    "index_scale.py": lambda tmp: ["--out", f"{tmp}/store"],
+}
+
+BAD = [  # (script, the bad arguments, the flag the error must name, text the error must contain)
+    ("query_latency.py", ["--sizes", "0"], "--sizes", "integers >= 1"),
+    ("query_latency.py", ["--sizes", "1000,x"], "--sizes", "integers >= 1"),
+    ("query_latency.py", ["--dims", "0"], "--dims", "integers >= 1"),
+    ("query_latency.py", ["--queries", "0"], "--queries", ">= 1"),
+    ("query_latency.py", ["--threads", "0"], "--threads", ">= 1"),
+    ("query_latency.py", ["--peer-queries", "0"], "--peer-queries", ">= 1"),
+    ("query_latency.py", ["--rank", "0"], "--rank", ">= 1"),
+    ("query_latency.py", ["--nlist", "0"], "--nlist", ">= 1"),
+    ("query_latency.py", ["--noise=-1"], "--noise", ">= 0"),
+    ("query_latency.py", ["--rows", "bogus"], "--rows", "fitted, none, iid, latent"),
+    ("query_latency.py", ["--dtypes", "float8"], "--dtypes", "float32, float16"),
+    ("query_latency.py", ["--kinds", "bogus"], "--kinds", "ivf, ivf-sq8, ivf-pq, pq, hnsw"),
+    ("query_latency.py", ["--kind-max", "hnsw=0"], "--kind-max", "'hnsw=0'"),
+    ("query_latency.py", ["--kind-max", "bogus=10"], "--kind-max", "'bogus=10'"),
+    ("query_latency.py", ["--pq-m", "0"], "--pq-m", "'default'"),
+    ("store_scan.py", ["--sizes", "0"], "--sizes", "integers >= 1"),
+    ("store_scan.py", ["--dim", "0"], "--dim", ">= 1"),
+    ("store_scan.py", ["--queries", "0"], "--queries", ">= 1"),
+    ("store_scan.py", ["--threads", "0"], "--threads", ">= 1"),
+    ("real_recall.py", ["--kinds", "bogus"], "--kinds", "ivf, ivf-sq8, ivf-pq, pq, hnsw"),
+    ("real_recall.py", ["--rows", "bogus"], "--rows", "real, gaussian"),
+    ("real_recall.py", ["--threads", "0"], "--threads", ">= 1"),
+    ("real_recall.py", ["--seed=-1"], "--seed", ">= 0"),
+    ("real_recall.py", ["--pq-m", "0"], "--pq-m", "'default'"),
+    ("hnsw_graph.py", ["--ef-construction", "40,0"], "--ef-construction", "integers >= 1"),
+    ("hnsw_graph.py", ["--threads", "0"], "--threads", ">= 1"),
+    ("index_scale.py", ["--per-task=-1"], "--per-task", ">= 0"),
+    ("index_scale.py", ["--fit-rows=-1"], "--fit-rows", ">= 0"),
+    ("index_scale.py", ["--queries", "0"], "--queries", ">= 1"),
+    ("index_scale.py", ["--dim", "0"], "--dim", ">= 1"),
+    ("index_scale.py", ["--batch-size", "0"], "--batch-size", ">= 1"),
+    ("index_scale.py", ["--max-length", "0"], "--max-length", ">= 1"),
+    ("index_scale.py", ["--shard-size", "0"], "--shard-size", ">= 1"),
+]
+
+
+def written(folder: Path) -> list[str]:
+    """Every file under ``folder`` (none when it does not exist)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """Every ``BAD`` case run as its script's ``__main__``, in one interpreter: ``(folder, answers)``."""
+    tmp = tmp_path_factory.mktemp("bad")
+    cases = [(script, [*argv, *WHERE[script](tmp)]) for script, argv, _, _ in BAD]
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(BENCHMARKS), str(tmp), json.dumps(cases)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return tmp, json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", range(len(BAD)), ids=[f"{s}:{' '.join(a)}" for s, a, _, _ in BAD])
+def test_a_bad_argument_is_refused_at_parse_time_naming_its_flag(refusals, case):
+    tmp, answers = refusals
+    _script, _argv, flag, says = BAD[case]
+    answer = answers[case]
+    assert answer["code"] == 2, answer["stderr"]
+    assert "Traceback" not in answer["stderr"]
+    assert f"error: argument {flag}: " in answer["stderr"]
+    assert says in answer["stderr"]
+    assert written(tmp) == []  # no rows, store or results file from any refused command
+
+
+@pytest.mark.parametrize("script", ["query_latency.py", "store_scan.py"])
+def test_the_reported_command_exits_2_before_any_work(tmp_path, script):
+    """``--sizes 0`` as the user ran it: a plain command, not the in-process driver."""
+    done = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--sizes", "0", *WHERE[script](tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "error: argument --sizes: expected comma-separated integers >= 1, got '0'" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert written(tmp_path) == []
+
+
+def test_store_scan_writes_its_results_under_results(tmp_path):
+    """``--results`` puts ``<name>.md`` / ``.json`` there, the committed ``benchmarks/results/store_scan.*``
+    untouched; the command recorded is the one given, the script named from the repository's root."""
+    committed = {p: p.read_bytes() for p in (BENCHMARKS / "results").glob("store_scan.*")}
+    argv = ["--sizes", "1000", "--dim", "8", "--queries", "2", "--threads", "1"]
+    where = ["--data", str(tmp_path / "data"), "--results", str(tmp_path / "results"), "--name", "tiny"]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/store_scan.py", *argv, *where],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert written(tmp_path / "results") == ["tiny.json", "tiny.md"]
+    command = "python benchmarks/store_scan.py " + " ".join([*argv, *where])
+    report = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert report["command"] == command
+    assert [r["count"] for r in report["rows"]] == [1000]
+    assert f"Command: `{command}`" in (tmp_path / "results" / "tiny.md").read_text()
+    assert {p: p.read_bytes() for p in (BENCHMARKS / "results").glob("store_scan.*")} == committed
