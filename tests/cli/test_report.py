@@ -100,3 +100,28 @@ def test_influence_names_an_unfinished_score_set_as_such(scored_run, tmp_path):
         assert list(score_sets(folder)) == ["scores"]
     finally:
         (folder / "stopped.safetensors").unlink()
+
+
+def test_influence_and_the_studies_keep_a_file_of_their_report_names_they_did_not_write(scored_run, tmp_path):
+    """userZ: `influence --out FOLDER` replaced the user's own FOLDER/influence.md (exit 0). A report's .json or .md
+    that wherefrom did not write is now kept and named, by every command writing one (a study before its work)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "influence.md").write_text("# my own notes\n")
+    result = invoke("influence", "--run", scored_run, "--out", mine)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "influence.md is a file wherefrom did not write" in said, result.output
+    assert (mine / "influence.md").read_text() == "# my own notes\n" and not (mine / "influence.json").exists()
+    (mine / "influence.json").write_text('{"notes": 1}')  # a JSON of its own beside it
+    result = invoke("influence", "--run", scored_run, "--out", mine)
+    assert result.exit_code == 2 and "influence.json is a file wherefrom did not write" in " ".join(
+        result.output.split()
+    )
+    assert invoke("influence", "--run", scored_run, "--out", tmp_path / "fresh").exit_code == 0
+    again = invoke("influence", "--run", scored_run, "--out", tmp_path / "fresh")  # its own report: replaced
+    assert again.exit_code == 0, again.output
+    (mine / "influence.json").unlink()
+    (mine / "bench.md").write_text("# my bench notes\n")
+    bench = invoke("bench", "--task", "facts", "--methods", "bm25", "--n-train", "40", "--n-test", "8", "--out", mine)
+    assert bench.exit_code == 2 and "bench.md is a file wherefrom did not write" in " ".join(bench.output.split())
+    assert sorted(p.name for p in mine.iterdir()) == ["bench.md", "influence.md"]

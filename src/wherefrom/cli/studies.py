@@ -7,6 +7,7 @@ import functools
 import json
 from collections.abc import Callable
 from dataclasses import fields, replace
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -149,6 +150,9 @@ def run_study(out, build, run, table: str, failures: Callable[[dict[str, Any]], 
     try:
         config = build()
         config.validate()
+        from wherefrom.studies.toolkit import refuse_foreign_report  # torch: loaded by the command, not the CLI
+
+        refuse_foreign_report(out / Path(table).stem)  # before the work, not only as the tables are written
         remember(out)  # makes the folder, so that a refusal from here on takes it away again
         report = run(config, progress=progress, log=say, command=recorded_line())
     except (DataError, ValueError, RuntimeError) as error:

@@ -58,6 +58,7 @@ __all__ = [
     "measured",
     "number",
     "provenance",
+    "refuse_foreign_report",
     "refuse_replacing",
     "resumable",
     "store",
@@ -272,9 +273,34 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: 
     return "\n".join(lines)
 
 
+def refuse_foreign_report(stem: Path) -> None:
+    """``ValueError`` naming ``<stem>.json`` or ``<stem>.md`` when :func:`write_report` would replace a file wherefrom
+    did not write there: a ``.json`` that is not a JSON object recording its ``command`` (every report does), or a
+    ``.md`` without its ``.json`` beside it (``influence --out FOLDER`` replaced a user's ``influence.md``)."""
+    stem = Path(stem)
+    json_path, md_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")
+    if json_path.is_file():
+        try:
+            ours = "command" in read_json_object(json_path)
+        except ValueError:
+            ours = False
+        if not ours:
+            raise ValueError(
+                f"{json_path} is a file wherefrom did not write (not a report recording its command): choose "
+                "another folder, or move it"
+            )
+    elif md_path.is_file():
+        raise ValueError(
+            f"{md_path} is a file wherefrom did not write (no {json_path.name} beside it): choose another folder, "
+            "or move it"
+        )
+
+
 def write_report(stem: Path, payload: Mapping[str, Any], markdown: str) -> tuple[Path, Path]:
     """Write ``<stem>.json`` (``payload``, strict key-sorted JSON) and ``<stem>.md`` (``markdown``),
-    each atomically; returns both paths."""
+    each atomically; returns both paths. ``ValueError`` from :func:`refuse_foreign_report` first: a file of either
+    name that wherefrom did not write is kept."""
+    refuse_foreign_report(stem)
     stem = Path(stem)
     json_path, md_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")
     atomic_write_json(dict(payload), json_path)
