@@ -26,10 +26,11 @@ _salt = itertools.count()
 
 
 def svg(figure: Figure) -> str:
-    """The figure as an ``<svg>`` element (XML header and DOCTYPE dropped, ids unique to this figure)."""
+    """The figure as an ``<svg>`` element (XML header and DOCTYPE dropped, ids unique to this figure), without the
+    time it was drawn (its ``dc:date`` made two reports of the same results differ)."""
     buffer = io.StringIO()
     with mpl.rc_context({"svg.fonttype": "none", "svg.hashsalt": f"wherefrom-{next(_salt)}"}):
-        figure.savefig(buffer, format="svg", bbox_inches="tight")
+        figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
     text = buffer.getvalue()
     return text[text.index("<svg") :]
 
