@@ -651,8 +651,8 @@ class PresetSettings:
 
     preset: str | None = setting(
         None,
-        "reference-study | wherefrom: start from this bundle of settings; flags set to other than their default "
-        "override it (bench records the resolved settings).",
+        "reference-study | wherefrom: start from this bundle of settings; a flag given overrides it, also at its "
+        "default value, e.g. --fisher true (bench records the resolved settings).",
         check=preset_name,
     )
     start: str = setting("reference-study", "ablate: the preset to start from.", check=preset_name, flag="--from")
