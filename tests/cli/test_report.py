@@ -14,7 +14,7 @@ from wherefrom.core.scoring import load_scores
 from wherefrom.models.tiny import save_tiny
 from wherefrom.studies.generated import rule_identification, write_jsonl
 from wherefrom.studies.influence import layer_profile, tail_profile
-from wherefrom.studies.report.folders import score_sets
+from wherefrom.studies.report.folders import ScoreSetLeftOut, score_sets
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_influence_names_a_missing_score_set_before_any_work(scored_run, tmp_pat
 def test_influence_names_an_unfinished_score_set_as_such(scored_run, tmp_path):
     """A set whose writer was stopped before its .json was named "no score set" while the sets found listed it. It
     is named unfinished with the command to rerun, and the list of sets holds finished ones only (the report of
-    the run skips it the same way)."""
+    the run leaves it out, saying so: it left it out without a word)."""
     folder = scored_run / "scores"
     shutil.copy(folder / "scores.safetensors", folder / "stopped.safetensors")  # the killed write's first file
     try:
@@ -97,7 +97,9 @@ def test_influence_names_an_unfinished_score_set_as_such(scored_run, tmp_path):
         message = re.sub(r"[\s│]+", " ", other.output)
         assert "finished sets: ['scores']; unfinished: ['stopped']" in message
         assert not (tmp_path / "out").exists()
-        assert list(score_sets(folder)) == ["scores"]
+        with pytest.warns(ScoreSetLeftOut, match="leaves out the score set .*stopped is unfinished"):
+            sets, left_out = score_sets(folder)  # the report shows the others, and says why this one is left out
+        assert list(sets) == ["scores"] and len(left_out) == 1
     finally:
         (folder / "stopped.safetensors").unlink()
 

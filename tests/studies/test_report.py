@@ -25,6 +25,7 @@ from wherefrom.studies.diagnose import Diagnosis
 from wherefrom.studies.diagnose import write_report as write_diagnosis
 from wherefrom.studies.generated import rule_identification, write_jsonl
 from wherefrom.studies.report import write_report
+from wherefrom.studies.report.folders import ScoreSetLeftOut
 from wherefrom.studies.report.plots import share_axis_top
 from wherefrom.studies.report.sections import compact_json, query_sections, scores_sections
 
@@ -304,7 +305,9 @@ def test_settings_json_is_compact_and_unchanged_in_content():
 
 def test_report_on_a_damaged_score_set_or_json_names_the_file(run_folder, tmp_path):
     """A flipped byte in a score set was a traceback (exit 1), and a damaged JSON file an error naming no file
-    (found by a new-user trial): one error line naming it, exit 2."""
+    (found by a new-user trial): named. userZ: one damaged set then ended the whole report (exit 2, nothing of the
+    intact sets), and an unfinished set was left out without a word: the report shows the other sets and names
+    each set it leaves out and why, on the page and as a warning; a damaged run file is still an error."""
     root, _ = run_folder
     copy = tmp_path / "run"
     shutil.copytree(root, copy)
@@ -312,8 +315,18 @@ def test_report_on_a_damaged_score_set_or_json_names_the_file(run_folder, tmp_pa
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    result = runner.invoke(app, ["report", str(copy)])
-    assert result.exit_code == 2 and "ekfac.safetensors" in result.output and "Traceback" not in result.output
+    shutil.copy(root / "scores" / "ekfac.safetensors", copy / "scores" / "stopped.safetensors")  # no stopped.json
+    with pytest.warns(ScoreSetLeftOut) as said:
+        result = runner.invoke(app, ["report", str(copy)])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    said = sorted(str(w.message) for w in said if issubclass(w.category, ScoreSetLeftOut))
+    assert len(said) == 2 and "ekfac is damaged" in said[0] and "ekfac.safetensors" in said[0], said
+    assert "stopped is unfinished" in said[1], said
+    page = html.unescape((copy / "report.html").read_text())
+    assert "Score sets left out" in page and "ekfac is damaged" in page and "stopped is unfinished" in page
+    others = sorted(p.stem for p in (root / "scores").glob("*.safetensors") if p.stem != "ekfac")
+    assert others and all(f"Scores {name}: top rows" in page for name in others), others
+    assert "Scores ekfac: top rows" not in page
     shutil.copy(root / "scores" / "ekfac.safetensors", path)
     (copy / "manifest.json").write_text("{'no': 1}")
     result = runner.invoke(app, ["report", str(copy)])

@@ -18,7 +18,7 @@ import typer
 from wherefrom.cli.app import command, fail, recorded_line, refuse_foreign_folder
 from wherefrom.cli.settings import output_file
 from wherefrom.core.data import Record
-from wherefrom.core.scoring import Scores, load_scores, score_set_names
+from wherefrom.core.scoring import Scores, load_scores, score_set_names, unfinished_set
 from wherefrom.core.store import StoreError, writer_lock
 from wherefrom.engine.run import Run, refuse_files_in_place
 from wherefrom.studies.influence_tables import influence_markdown, influence_tables
@@ -56,9 +56,7 @@ def influence(run, name, top_k, out, threads) -> None:
     finished, unfinished = score_set_names(folder)
     if name in unfinished:
         fail(
-            f"--name {name!r}: the score set {folder / name} is unfinished ({name}.safetensors without its {name}.json, "
-            f"written last: the `scores` that wrote it was stopped); rerun that `wherefrom scores --run {run} ... "
-            f"--name {name}`"
+            f"--name {name!r}: {unfinished_set(folder, name)}; rerun that `wherefrom scores --run {run} ... --name {name}`"
         )
     if name not in finished:
         others = f"; unfinished: {unfinished}" if unfinished else ""

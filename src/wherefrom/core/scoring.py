@@ -355,6 +355,15 @@ def score_set_names(folder: Path) -> tuple[list[str], list[str]]:
     return finished, [name for name in stems if name not in finished]
 
 
+def unfinished_set(folder: Path, name: str) -> str:
+    """What an unfinished score set ``name`` in ``folder`` is, in words (``influence`` refuses it, ``report`` leaves
+    it out saying so: it left it out without a word)."""
+    return (
+        f"the score set {Path(folder) / name} is unfinished ({name}.safetensors without its {name}.json, written "
+        "last: the `scores` that wrote it was stopped)"
+    )
+
+
 def load_score_set(folder: Path, name: str) -> tuple[Scores, dict[str, Any]]:
     """``(scores, record)``: the :class:`Scores` that :func:`save_scores` wrote as ``<name>.safetensors`` +
     ``<name>.json`` in ``folder``, and that JSON record (ids, ``train_labels``, ``provenance`` where saved: see

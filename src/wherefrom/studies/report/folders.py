@@ -24,13 +24,21 @@ one by one when it is a folder holding some.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 from wherefrom.core.commandline import command_line
 from wherefrom.core.data import DataError, Record, load_records
-from wherefrom.core.scoring import Scores, index_rows_text, load_score_set, saved_labels, score_set_names
-from wherefrom.core.store import read_json_object, refuse_folder_in_place
+from wherefrom.core.scoring import (
+    Scores,
+    index_rows_text,
+    load_score_set,
+    saved_labels,
+    score_set_names,
+    unfinished_set,
+)
+from wherefrom.core.store import StoreError, read_json_object, refuse_folder_in_place
 from wherefrom.engine.run import refuse_files_in_place
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_RECORD
 from wherefrom.studies.outputs import marked_commands, recorded_commands
@@ -65,15 +73,39 @@ RESULT_KEYS = ("aggregate", "rows", "methods", "seeds", "summary", "runs", "chan
 """Keys of a result JSON that hold results (shown in their own sections, not as settings)."""
 
 
-def score_sets(folder: Path) -> dict[str, tuple[Scores, dict[str, Any]]]:
+class ScoreSetLeftOut(UserWarning):
+    """A score set the report cannot show (unfinished, or damaged): the report shows the others and says why."""
+
+
+def score_sets(folder: Path) -> tuple[dict[str, tuple[Scores, dict[str, Any]]], list[str]]:
     """Every score set :func:`wherefrom.core.scoring.save_scores` wrote in ``folder``, by name (sorted): its scores
-    and JSON record (:func:`wherefrom.core.scoring.load_score_set`)."""
-    finished, _unfinished = score_set_names(folder)
-    return {
-        name: load_score_set(folder, name)
-        for name in finished
-        if "train_ids" in read_json_object(Path(folder) / f"{name}.json")
-    }
+    and JSON record (:func:`wherefrom.core.scoring.load_score_set`); and why each set it cannot read is left out,
+    unfinished (its writer stopped) or damaged (a truncated file: the whole report ended in an error), each also
+    said as a :class:`ScoreSetLeftOut` warning (an unfinished one was left out without a word). A JSON beside a
+    ``.safetensors`` that is no score set is passed over."""
+    finished, unfinished = score_set_names(folder)
+    sets, left_out = {}, [unfinished_set(folder, name) for name in unfinished]
+    for name in finished:
+        try:
+            if "train_ids" not in read_json_object(Path(folder) / f"{name}.json"):
+                continue
+        except ValueError:
+            pass  # damaged: named below as influence names it (by its checksum), not as "not valid JSON"
+        try:
+            sets[name] = load_score_set(folder, name)
+        except (StoreError, ValueError, KeyError) as error:
+            left_out.append(f"the score set {Path(folder) / name} is damaged: {error}")
+    for why in left_out:
+        warnings.warn(f"the report leaves out {why}", ScoreSetLeftOut, stacklevel=2)
+    return sets, left_out
+
+
+def left_out_section(left_out: list[str]) -> list[dict[str, Any]]:
+    """A section naming the score sets :func:`score_sets` left out, and why; none when it left out none."""
+    if not left_out:
+        return []
+    notes = [{"type": "note", "text": f"Left out: {why}."} for why in left_out]
+    return [{"heading": "Score sets left out", "blocks": notes}]
 
 
 def _scores_of(named: dict[str, tuple[Scores, dict[str, Any]]]) -> dict[str, Scores]:
@@ -123,12 +155,15 @@ def _provenance(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out + ([settings_section("Provenance", provenance)] if provenance else [])
 
 
-def _scores_report(
-    path: Path, named: dict[str, tuple[Scores, dict[str, Any]]], config: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """The sections of the score sets ``named`` (:func:`score_sets`) of the run or ``attribute`` folder ``path``
+def _scores_report(path: Path, folder: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sections of the score sets in ``folder`` (:func:`score_sets`) of the run or ``attribute`` folder ``path``
     whose settings are ``config``: their rows' text when the training file is readable, else their saved labels;
-    where each set's training side came from, when it was saved."""
+    where each set's training side came from, when it was saved; those left out and why; a note when there are
+    none."""
+    named, left_out = score_sets(folder)
+    if not named:
+        none = "No scores yet: run `wherefrom scores`." if not left_out else "No score set could be read."
+        return [{"heading": "Scores", "blocks": [{"type": "note", "text": none}]}, *left_out_section(left_out)]
     rows, unread = _rows(path, config)
     sections = []
     for name, (scores, record) in named.items():
@@ -136,7 +171,7 @@ def _scores_report(
             name, scores, rows, labels=saved_labels(record), unread=unread, origin=_train_side(record)
         )
     together = agreement_section(_scores_of(named))
-    return sections + ([together] if together else [])
+    return sections + ([together] if together else []) + left_out_section(left_out)
 
 
 def _evaluate_report(path: Path, data: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
@@ -144,10 +179,15 @@ def _evaluate_report(path: Path, data: dict[str, Any]) -> tuple[str, list[dict[s
     ``evaluate.json``, else by its stem (``--out STEM``)."""
     sections = [metric_sections(data["methods"], "Methods against the ground truth", {"seconds": "time, s"})]
     scores_folder = Path(data.get("config", {}).get("groundtruth", path.parent)) / "scores"
-    named = score_sets(scores_folder) if scores_folder.is_dir() else {}
+    named, left_out = score_sets(scores_folder)
     together = agreement_section(_scores_of(named))
     name = path.parent.name if path.name == "evaluate.json" else path.stem
-    return f"Evaluate: {name}", sections + ([together] if together else []) + _provenance(data)
+    return f"Evaluate: {name}", [
+        *sections,
+        *([together] if together else []),
+        *left_out_section(left_out),
+        *_provenance(data),
+    ]
 
 
 def _file_kind(data: dict[str, Any]) -> str | None:
@@ -210,15 +250,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
         if kind == "fit":
             refuse_files_in_place(path)  # a file in place of RUN/scores is no "no scores yet"
             config, manifest = read_json_object(path / "config.json"), read_json_object(path / "manifest.json")
-            named = score_sets(path / "scores") if (path / "scores").is_dir() else {}
-            sections = _scores_report(path, named, config)
-            if not named:
-                sections.append(
-                    {
-                        "heading": "Scores",
-                        "blocks": [{"type": "note", "text": "No scores yet: run `wherefrom scores`."}],
-                    }
-                )
+            sections = _scores_report(path, path / "scores", config)
             return f"Run: {path.name}", [
                 *sections,
                 settings_section("Settings", config),
@@ -226,7 +258,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             ]
         if kind == "attribute":
             config = read_json_object(path / "config.json")
-            sections = _scores_report(path, score_sets(path), config)
+            sections = _scores_report(path, path, config)
             return f"Attribution: {config.get('method', path.name)}", [*sections, settings_section("Settings", config)]
     files = _result_files(path) if path.is_dir() else []
     if files:
