@@ -13,7 +13,7 @@ from tests.cli.conftest import invoke
 from wherefrom.core.encoding import REFERENCE_TEMPLATE
 from wherefrom.core.option_pairs import options_for
 from wherefrom.models.tiny import save_tiny
-from wherefrom.studies.presets import PRESETS, SWITCHES, resolve, switched, switches_between
+from wherefrom.studies.presets import PRESETS, SWITCHES, resolve, switch_keys, switched, switches_between
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,11 @@ def test_presets_share_keys_and_resolve_explicit_settings_over_them():
     assert switched(settings, "wherefrom", "finetune", {"epochs": 1})["epochs"] == 1  # a fixed setting holds
     assert switches_between("reference-study", "wherefrom", {}) == list(SWITCHES)
     assert "lissa" not in switches_between("reference-study", "wherefrom", {}, methods=["gradsim"])
+    # what a switch's run changes: a fixed setting is not among them (userW: ablate.md listed epochs under --epochs 3)
+    finetune = list(SWITCHES["finetune"])
+    assert switch_keys("reference-study", "wherefrom", "finetune", {}) == finetune
+    assert switch_keys("reference-study", "wherefrom", "finetune", {"epochs": 3}) == finetune[:-1]
+    assert switch_keys("reference-study", "wherefrom", "lissa", {}, methods=["gradsim"]) == []
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         resolve("nope", {})
 
@@ -185,6 +190,12 @@ def test_ablate_two_switches_on_tiny_model(tmp_path, tiny_model):
     report = json.loads((out / "ablate.json").read_text())
     assert report["order"] == ["start", "template", "fisher", "target"] and set(report["runs"]) == set(report["order"])
     assert report["sizes"] == {"n_train": 12, "n_test": 3}  # the rows used, as bench.json records them
+    assert report["switches"] == {
+        "start": [],
+        "template": ["template", "append_eos"],
+        "fisher": ["fisher"],
+        "target": [],
+    }
     configs = {run: json.loads((out / "runs" / run / "bench.json").read_text())["config"] for run in report["runs"]}
     assert configs["start"]["template"] == REFERENCE_TEMPLATE and configs["start"]["fisher"] == "empirical"
     assert configs["template"]["template"] is None and configs["template"]["append_eos"] is True

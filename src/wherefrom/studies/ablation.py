@@ -43,7 +43,7 @@ from wherefrom.studies.bench import (
     run_bench,
 )
 from wherefrom.studies.metrics import mean_stat
-from wherefrom.studies.presets import SWITCHES, check_preset, resolve, switched, switches_between
+from wherefrom.studies.presets import SWITCHES, check_preset, resolve, switch_keys, switched, switches_between
 from wherefrom.studies.toolkit import interval_cell, markdown_table, number, provenance, write_report
 
 __all__ = [
@@ -251,7 +251,10 @@ def run_ablation(
         "kind": kind,
         "sizes": reports["start"].get("sizes"),  # every run's task is the same rows (task, sizes, seeds)
         "order": list(reports),
-        "switches": {run: list(SWITCHES.get(run, ())) for run in reports},
+        "switches": {
+            run: switch_keys(config.start, config.target, run, config.fixed, config.methods) if run in SWITCHES else []
+            for run in reports
+        },
         "runs": aggregates,
         "changes": changes,
         "short_rows": short,

@@ -49,7 +49,16 @@ from wherefrom.core.encoding import REFERENCE_TEMPLATE
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.models.finetune import FinetuneConfig
 
-__all__ = ["PRESETS", "REFERENCE_LISSA_SCALE", "SWITCHES", "check_preset", "resolve", "switched", "switches_between"]
+__all__ = [
+    "PRESETS",
+    "REFERENCE_LISSA_SCALE",
+    "SWITCHES",
+    "check_preset",
+    "resolve",
+    "switch_keys",
+    "switched",
+    "switches_between",
+]
 
 REFERENCE_LISSA_SCALE = 1e-3 / 127**2
 """The reference study's LiSSA scale 1e-3, taken on its mean loss over the 127 next-token positions of a row
@@ -169,9 +178,19 @@ def switches_between(
     """The switches whose settings differ between presets ``start`` and ``target`` once ``fixed`` (explicit
     settings) are laid over both, in :data:`SWITCHES` order; given ``methods``, a method's options count
     only when it is among them."""
+    return [name for name in SWITCHES if switch_keys(start, target, name, fixed, methods)]
+
+
+def switch_keys(
+    start: str, target: str, switch: str, fixed: Mapping[str, Any], methods: Sequence[str] | None = None
+) -> list[str]:
+    """The settings of ``switch`` that differ between presets ``start`` and ``target`` once ``fixed`` (explicit
+    settings) are laid over both, in :data:`SWITCHES` order: what the switch's run changes (``ablate.md`` listed
+    every key of the switch, ``epochs`` under ``--epochs 3`` too); given ``methods``, a method's options count only
+    when it is among them."""
     a, b = resolve(start, fixed), resolve(target, fixed)
 
     def matters(key: str) -> bool:
         return methods is None or not key.startswith("method_options.") or key.split(".", 1)[1] in methods
 
-    return [name for name, keys in SWITCHES.items() if any(matters(k) and _get(a, k) != _get(b, k) for k in keys)]
+    return [key for key in SWITCHES[switch] if matters(key) and _get(a, key) != _get(b, key)]
