@@ -329,3 +329,10 @@ def test_a_later_run_of_other_settings_is_refused_before_the_first_run(tmp_path,
         run_ablation(config, overwrite=False)
     assert str(refused.value).startswith(f"earlier results would be overwritten: {row}, made from other inputs (")
     assert not (tmp_path / "ablate" / "finetunes").exists() and not (tmp_path / "ablate" / "runs" / "start").exists()
+    # userW: the count named the first run's rows only ("and 5 more" where 36 would change): every run's together
+    first = tmp_path / "ablate" / "runs" / "start" / "seed-0" / "gradsim.json"
+    first.parent.mkdir(parents=True)
+    store(first, {"epochs": 1}, {"error": None})
+    with pytest.raises(OutputExists) as refused:
+        run_ablation(config, overwrite=False)
+    assert str(refused.value).startswith(f"earlier results would be overwritten: {first} and 1 more, made from")

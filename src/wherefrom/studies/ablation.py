@@ -39,12 +39,12 @@ from wherefrom.studies.bench import (
     build_task,
     check_task_name,
     planned_rows,
-    refuse_replaced_rows,
+    row_units,
     run_bench,
 )
 from wherefrom.studies.metrics import mean_stat
 from wherefrom.studies.presets import SWITCHES, check_preset, resolve, switch_keys, switched, switches_between
-from wherefrom.studies.toolkit import interval_cell, markdown_table, number, provenance, write_report
+from wherefrom.studies.toolkit import interval_cell, markdown_table, number, provenance, refuse_replacing, write_report
 
 __all__ = [
     "ABLATION_METRICS",
@@ -222,9 +222,8 @@ def run_ablation(
     say = log or (lambda _line: None)
     runs = ablation_runs(config)
     check_rows_fit(runs)
-    if not overwrite:  # every run's rows before the first run starts
-        for _name, bench in runs:
-            refuse_replaced_rows(bench, planned_rows(bench)[1])
+    if not overwrite:  # every run's rows before the first run starts, counted together ("and 35 more")
+        refuse_replacing([unit for _name, bench in runs for unit in row_units(bench, planned_rows(bench)[1])])
     reports: dict[str, dict[str, Any]] = {}
     for name, bench in runs:
         say(f"run {name}: {bench.preset}")

@@ -77,6 +77,7 @@ __all__ = [
     "planned_rows",
     "refuse_replaced_rows",
     "row_key",
+    "row_units",
     "rows_key",
     "run_bench",
     "scored_method",
@@ -466,11 +467,17 @@ def planned_rows(config: BenchConfig) -> tuple[dict[int, BenchTask], dict[int, d
     return tasks, {seed: {m: row_key(config, seed, m, task) for m in config.methods} for seed, task in tasks.items()}
 
 
+def row_units(config: BenchConfig, keys: dict[int, dict[str, Any]]) -> list[tuple[Path, dict[str, Any]]]:
+    """``(file, key)`` of every row of ``config.out`` that ``keys`` (:func:`planned_rows`) plans: what
+    :func:`wherefrom.studies.toolkit.refuse_replacing` checks (``ablate`` checks every run's at once)."""
+    out = Path(config.out)
+    return [(_row_path(out, seed, m), key) for seed in keys for m, key in keys[seed].items()]
+
+
 def refuse_replaced_rows(config: BenchConfig, keys: dict[int, dict[str, Any]]) -> None:
     """:class:`wherefrom.core.store.OutputExists` when a finished row of ``config.out`` holds another key than
     ``keys`` (:func:`planned_rows`) gives it (:func:`wherefrom.studies.toolkit.refuse_replacing`)."""
-    out = Path(config.out)
-    refuse_replacing((_row_path(out, seed, m), key) for seed in keys for m, key in keys[seed].items())
+    refuse_replacing(row_units(config, keys))
 
 
 def run_bench(
