@@ -124,6 +124,22 @@ def test_influence_and_the_studies_keep_a_file_of_their_report_names_they_did_no
     assert again.exit_code == 0, again.output
     (mine / "influence.json").unlink()
     (mine / "bench.md").write_text("# my bench notes\n")
-    bench = invoke("bench", "--task", "facts", "--methods", "bm25", "--n-train", "40", "--n-test", "8", "--out", mine)
+    model = scored_run.parent / "model"
+    bench = invoke(
+        "bench", "--task", "facts", "--methods", "bm25", "--n-train", "40", "--n-test", "8", "--out", mine,
+        "--model", model,
+    )  # fmt: skip
     assert bench.exit_code == 2 and "bench.md is a file wherefrom did not write" in " ".join(bench.output.split())
-    assert sorted(p.name for p in mine.iterdir()) == ["bench.md", "influence.md"]
+    # reviewX: diagnose met it after all its work, as a traceback; word-order replaced a user's wordorder.md
+    (mine / "diagnose.md").write_text("# notes\n")
+    rows = ("--train", scored_run.parent / "train.jsonl", "--queries", scored_run.parent / "queries.jsonl")
+    diagnosed = invoke("diagnose", *rows, "--model", model, "--methods", "gradsim", "--out", mine)
+    assert diagnosed.exit_code == 2 and "diagnose.md is a file wherefrom did not write" in " ".join(
+        diagnosed.output.split()
+    ), diagnosed.output
+    (mine / "wordorder.md").write_text("# notes\n")
+    ordered = invoke("word-order", "--out", mine, "--model", model, "--seeds", "0")
+    assert ordered.exit_code == 2 and "wordorder.md is a file wherefrom did not write" in " ".join(
+        ordered.output.split()
+    ), ordered.output
+    assert sorted(p.name for p in mine.iterdir()) == ["bench.md", "diagnose.md", "influence.md", "wordorder.md"]

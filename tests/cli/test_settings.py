@@ -167,6 +167,23 @@ def invalid_cases(root, out):
         ),
         (["ablate", "--task", "rules", "--out", out, "--option", "lissa.depth=3"], ["method 'lissa' does not run"]),
         # a curvature setting that none of a study's methods reads was recorded in its settings and keys (userX)
+        # under a preset a flag given at its default value overrides it, so it counts (reviewX)
+        (
+            [
+                "bench",
+                "--task",
+                "rules",
+                "--out",
+                out,
+                "--preset",
+                "reference-study",
+                "--fisher",
+                "true",
+                "--methods",
+                "bm25,repsim",
+            ],
+            ["none of the methods bm25, repsim reads --fisher true"],
+        ),
         (
             ["ablate", "--task", "rules", "--out", out, "--methods", "repsim,gradsim", "--damping-factor", "0.5"],
             ["none of the methods repsim, gradsim reads --damping-factor 0.5: leave it out"],

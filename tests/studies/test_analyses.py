@@ -101,6 +101,9 @@ def test_ihvp_exact_is_exact_and_identity_is_not(reports, bench_dir):
     text = (bench_dir / "ihvp.md").read_text()
     assert "| method | iHVP rel. error | scale-free | acc | cover |" in text and "| gradsim |" in text
     assert json.loads((bench_dir / "ihvp.json").read_text())["versions"]["torch"]
+    # userZ: an undefined Spearman printed "–" without a reason
+    undefined = [c for c in payload["spearman"].values() if None in (c["across_methods"], c["across_pairs"])]
+    assert ("– : undefined: fewer than 3 finite pairs, or one side constant" in text) == bool(undefined), undefined
 
 
 def test_ihvp_cg_reference_matches_exact(bench_dir):

@@ -288,18 +288,8 @@ def refuse_foreign_folder(folder: Path, saved: dict[str, Any] | None = None) -> 
     but where :data:`NESTED` allows it: ``finetune --out GROUNDTRUTH/model --overwrite`` replaced the ground truth's
     fine-tuning under its measured losses. The message names the folder and the command that made it (a guest only where no host is
     there). Also ``ValueError`` naming a ``config.json`` that is not a JSON object. Called while a command runs
-    (it names the running command). And ``ValueError`` when ``folder/config.json`` is not a wherefrom record: it
-    records no command and nothing of wherefrom's is beside it (a model's folder: ``bench --out MODEL`` added its
-    record to the model's ``config.json`` and its files beside the weights)."""
+    (it names the running command)."""
     this = _CURRENT.get().name
-    if saved is None:
-        saved = read_json_object(folder / "config.json") if (folder / "config.json").is_file() else {}
-    if saved and "replay" not in saved and not folder_makers(folder, saved):
-        raise ValueError(
-            f"{folder / 'config.json'} was not written by wherefrom (it records no command; its keys begin "
-            f"{sorted(saved)[:4]}): a model's or another program's folder? `wherefrom {this}` would add its record "
-            f"to that file and its output beside it: choose another folder for {this}'s output"
-        )
     sharing = {this, *GUESTS.get(this, ())} | {host for host, guests in GUESTS.items() if this in guests}
     foreign = [name for name in folder_makers(folder, saved) if name not in sharing]
     place = f"{folder} is an output folder of"
@@ -330,7 +320,9 @@ def remember(folder: Path, key: str | None = None) -> None:
     command recorded itself there since (:func:`restore_records`); a command killed, interrupted or crashed
     (a traceback) midway keeps its record, which ``replay`` then resumes. Raises ``ValueError`` naming a
     ``config.json`` that is not a JSON object, and one naming the folder when it is another command's
-    (:func:`refuse_foreign_folder`; nothing is written then)."""
+    (:func:`refuse_foreign_folder`; nothing is written then), and one naming a ``config.json`` that is no wherefrom
+    record: it records no command and nothing of wherefrom's is beside it (a model's folder: ``bench --out MODEL``
+    added its record to the model's ``config.json`` and its files beside the weights)."""
     invocation = _CURRENT.get()
     name = key or invocation.name
     record = {
@@ -342,6 +334,12 @@ def remember(folder: Path, key: str | None = None) -> None:
     }
 
     def change(saved: dict[str, Any]) -> None:
+        if saved and "replay" not in saved and not folder_makers(folder, saved):
+            raise ValueError(
+                f"{Path(folder) / 'config.json'} was not written by wherefrom (it records no command; its keys begin "
+                f"{sorted(saved)[:4]}): a model's or another program's folder? `wherefrom {invocation.name}` would "
+                f"add its record to that file and its output beside it: choose another folder for its output"
+            )
         refuse_foreign_folder(folder, saved)  # under the file's lock: a command recording itself meanwhile counts
         records = saved.setdefault("replay", {})
         earlier = records.get(name)
@@ -483,7 +481,9 @@ def shown_flags(given: dict[str, Any]) -> str:
     return ", ".join(SETTINGS[name].given(value) for name, value in given.items())
 
 
-def refuse_unread_settings(*methods: str, kind: str = "method", names: Iterable[str] | None = None) -> None:
+def refuse_unread_settings(
+    *methods: str, kind: str = "method", names: Iterable[str] | None = None, preset: bool = False
+) -> None:
     """``ValueError`` when the running command was given, off its default, an attribution setting that none of
     ``methods`` reads (:attr:`wherefrom.methods.registry.MethodSpec.settings_read`: ``--damping`` for ``bm25``,
     ``--strategy`` for ``logra``), or a ``--strategy`` other than the one a method fixes: recorded with the run or
@@ -492,12 +492,14 @@ def refuse_unread_settings(*methods: str, kind: str = "method", names: Iterable[
     ``methods``: a command's one method (``fit``, ``attribute``) or a study's list (``bench``, ``ablate``,
     ``evaluate``: ``evaluate --methods bm25 --damping 0.5`` was recorded). ``names``: the settings checked (default
     every :class:`wherefrom.engine.api.AttributionConfig` field; a study passes those its fine-tuning does not read
-    too)."""
+    too). ``preset``: a flag given at its default value counts too, as it overrides the preset (:func:`set_settings`:
+    ``bench --preset``, ``ablate``)."""
     from wherefrom.engine.api import AttributionConfig
     from wherefrom.methods.registry import method_spec
 
     specs = {method: method_spec(method) for method in methods}
-    given = changed_settings(names if names is not None else (f.name for f in fields(AttributionConfig)))
+    chosen = list(names) if names is not None else [f.name for f in fields(AttributionConfig)]
+    given = set_settings(chosen) if preset else changed_settings(chosen)
     for method, spec in specs.items():
         fixed = spec.settings.get("strategy")
         if fixed is not None and given.get("strategy", fixed) != fixed:

@@ -136,11 +136,13 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
     from wherefrom.core.memory import MemoryLimitError, format_bytes, memory_limit
     from wherefrom.studies.diagnose import check_shared_damping, reference_bytes, write_report
     from wherefrom.studies.diagnose import diagnose as run_diagnosis
+    from wherefrom.studies.toolkit import refuse_foreign_report
 
     out = required(out, "out")
     names = method_list(methods, DIAGNOSE_METHODS)
     try:
         refuse_foreign_folder(out)
+        refuse_foreign_report(out / "diagnose")  # before the work, not only as the tables are written
         options = method_pairs(option, names)
         check_shared_damping(options, source="--option")  # before the model loads
         config = settings_as(AttributionConfig)
@@ -167,15 +169,15 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
             exact_blocks,
             progress,
         )
+        context = {
+            "command": recorded_line(),
+            "train": portable(str(train)),
+            "queries": portable(str(queries)),
+            "model": model and portable(model),
+            "adapter": adapter and portable(adapter),
+            "methods": names,
+        }
+        _, md_path = write_report(rows, reason, out, context)
     except (DataError, ValueError, RuntimeError) as error:
         fail(error)
-    context = {
-        "command": recorded_line(),
-        "train": portable(str(train)),
-        "queries": portable(str(queries)),
-        "model": model and portable(model),
-        "adapter": adapter and portable(adapter),
-        "methods": names,
-    }
-    _, md_path = write_report(rows, reason, out, context)
     typer.echo(md_path.read_text())

@@ -22,7 +22,7 @@ from wherefrom.core.scoring import Scores, load_scores, score_set_names, unfinis
 from wherefrom.core.store import StoreError, writer_lock
 from wherefrom.engine.run import Run, refuse_files_in_place
 from wherefrom.studies.influence_tables import influence_markdown, influence_tables
-from wherefrom.studies.report import render, write_html, write_report
+from wherefrom.studies.report import plots, render, write_html, write_report
 from wherefrom.studies.report.sections import query_sections, settings_section
 from wherefrom.studies.toolkit import write_report as write_tables
 
@@ -90,6 +90,7 @@ def write_query_html(out: Path, result: dict[str, Any], scores: Scores, opened: 
     """The query view of ``wherefrom query``: ``result`` (its JSON report), with token heatmaps on the
     training side for every shown row and on the query side for the top :data:`QUERY_SIDE_ROWS`
     proponents, the query's layer profile and tail (from ``scores``), the run's settings and provenance."""
+    plots.new_page()
     tokenizer = opened.loaded.tokenizer
     rows = {r.id: r for r in opened.train}
     shown = {kind: [dict(entry) for entry in result[kind]] for kind in ("proponents", "opponents")}

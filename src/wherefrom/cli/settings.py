@@ -155,16 +155,12 @@ def output_file(value: Any) -> str | None:
 def output_stem(value: Any) -> str | None:
     """A file stem of ``evaluate``'s report (``STEM.json``, ``STEM.md`` are written, replacing an earlier report; a
     folder named ``STEM`` is left beside them): neither file is a folder or a file wherefrom did not write
-    (:data:`wherefrom.studies.groundtruth.evaluate.REPORT_MARKS`), and no folder above them is a file."""
+    (:data:`wherefrom.studies.groundtruth.evaluate.REPORT_MARKS`, by the rule its writing checks again:
+    :func:`wherefrom.studies.toolkit.foreign_report`), and no folder above them is a file."""
     from wherefrom.studies.groundtruth.evaluate import REPORT_MARKS
+    from wherefrom.studies.toolkit import foreign_report
 
-    for suffix, mark in REPORT_MARKS.items():
-        written = f"{value}{suffix}"
-        if os.path.isdir(written):
-            return f"{written} is a folder, not a file"
-        if not replaceable(Path(written), mark):
-            return f"{written} is a file wherefrom did not write (not an evaluate report): choose another stem, or remove it"
-    return _file_in_the_way(Path(value).parent, Path(value))
+    return foreign_report(Path(value), REPORT_MARKS) or _file_in_the_way(Path(value).parent, Path(value))
 
 
 def _file_in_the_way(folder: Path, value: Path) -> str | None:

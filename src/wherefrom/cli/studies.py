@@ -127,7 +127,7 @@ def bench(task, out, methods, seeds, option, preset, no_eos, lora_target, overwr
 
     def build() -> BenchConfig:
         chosen = {"out": str(out), "methods": method_list(methods, DEFAULT_METHODS), "seeds": int_list(seeds or "0")}
-        refuse_unread_settings(*chosen["methods"], names=CURVATURE)
+        refuse_unread_settings(*chosen["methods"], names=CURVATURE, preset=preset is not None)
         if preset is None:
             settings = {
                 "method_options": method_pairs(option, chosen["methods"]),
@@ -192,7 +192,7 @@ def ablate(
 
     def build() -> AblationConfig:
         chosen = method_list(methods, STUDY_METHODS)
-        refuse_unread_settings(*chosen, names=CURVATURE)
+        refuse_unread_settings(*chosen, names=CURVATURE, preset=True)
         return AblationConfig(
             task=task,
             out=str(out),

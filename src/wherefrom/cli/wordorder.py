@@ -9,6 +9,7 @@ import typer
 from wherefrom.cli.app import command, fail, recorded_line, remember, required, say
 from wherefrom.core.data import DataError
 from wherefrom.studies.finetuning import FIRST_FINETUNING
+from wherefrom.studies.toolkit import refuse_foreign_report
 from wherefrom.studies.wordorder import WordOrderConfig, run_word_order, tiny_finetune
 
 STUDY_FINETUNING = {
@@ -62,6 +63,7 @@ def word_order(
         device=device,
     )
     try:
+        refuse_foreign_report(out / "wordorder")  # before the work, not only as the tables are written
         remember(out)
         run_word_order(config, command=recorded_line(), log=say, overwrite=overwrite)
     except (DataError, ValueError, RuntimeError) as error:

@@ -120,7 +120,8 @@ def is_main() -> bool:
 def warn_once(message: str, category: type[Warning], stacklevel: int = 2) -> None:
     """``warnings.warn(message, category)`` on rank 0 alone: for a finding about state that every rank holds alike
     (all-reduced curvature statistics), which ``torchrun --nproc_per_node=N`` printed N times. One process: a plain
-    ``warnings.warn``; ``stacklevel`` counts from the caller, as there."""
+    ``warnings.warn``; ``stacklevel`` counts from the caller, as there. Under ``-W error`` rank 0 alone raises, and
+    the other ranks wait for it at their next collective until torch's timeout (every rank raised before)."""
     if is_main():
         warnings.warn(message, category, stacklevel=stacklevel + 1)
 

@@ -46,12 +46,14 @@ from wherefrom.core.store import (
     read_json_object,
     read_keyed_json,
     refuse_overwrite,
+    replaceable,
     settings_differences,
 )
 
 __all__ = [
     "cached",
     "failure_cell",
+    "foreign_report",
     "free_memory",
     "interval_cell",
     "markdown_table",
@@ -273,34 +275,48 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: 
     return "\n".join(lines)
 
 
-def refuse_foreign_report(stem: Path) -> None:
-    """``ValueError`` naming ``<stem>.json`` or ``<stem>.md`` when :func:`write_report` would replace a file wherefrom
-    did not write there: a ``.json`` that is not a JSON object recording its ``command`` (every report does), or a
-    ``.md`` without its ``.json`` beside it (``influence --out FOLDER`` replaced a user's ``influence.md``)."""
+def foreign_report(stem: Path, marks: Mapping[str, str] | None = None) -> str | None:
+    """Why :func:`write_report` may not write ``<stem>.json`` and ``<stem>.md``, or ``None``: one is a folder, or a
+    file wherefrom did not write there. ``marks`` (``{".json": regex, ".md": regex}``, :func:`wherefrom.core.store.
+    replaceable`): how a command's own report starts (``evaluate``'s, so that it replaces no report of another
+    command); else any report: a ``.json`` that is a JSON object recording its ``command`` (every report does), a
+    ``.md`` with its ``.json`` beside it (``influence --out FOLDER`` replaced a user's ``influence.md``). An empty
+    file holds nothing to lose."""
     stem = Path(stem)
-    json_path, md_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")
-    if json_path.is_file():
-        try:
-            ours = "command" in read_json_object(json_path)
-        except ValueError:
-            ours = False
+    paths = {suffix: stem.with_name(stem.name + suffix) for suffix in (".json", ".md")}
+    for suffix, path in paths.items():
+        if path.is_dir():
+            return f"{path} is a folder, not a file"
+        if not path.is_file() or path.stat().st_size == 0:
+            continue
+        if marks is not None:
+            ours = replaceable(path, marks[suffix])
+        elif suffix == ".json":
+            try:
+                ours = "command" in read_json_object(path)
+            except ValueError:
+                ours = False
+        else:
+            ours = paths[".json"].is_file()
         if not ours:
-            raise ValueError(
-                f"{json_path} is a file wherefrom did not write (not a report recording its command): choose "
-                "another folder, or move it"
-            )
-    elif md_path.is_file():
-        raise ValueError(
-            f"{md_path} is a file wherefrom did not write (no {json_path.name} beside it): choose another folder, "
-            "or move it"
-        )
+            return f"{path} is a file wherefrom did not write (not a report of this command): choose another place, or move it"
+    return None
 
 
-def write_report(stem: Path, payload: Mapping[str, Any], markdown: str) -> tuple[Path, Path]:
+def refuse_foreign_report(stem: Path, marks: Mapping[str, str] | None = None) -> None:
+    """``ValueError`` with :func:`foreign_report`'s reason, where it gives one."""
+    problem = foreign_report(stem, marks)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def write_report(
+    stem: Path, payload: Mapping[str, Any], markdown: str, marks: Mapping[str, str] | None = None
+) -> tuple[Path, Path]:
     """Write ``<stem>.json`` (``payload``, strict key-sorted JSON) and ``<stem>.md`` (``markdown``),
-    each atomically; returns both paths. ``ValueError`` from :func:`refuse_foreign_report` first: a file of either
-    name that wherefrom did not write is kept."""
-    refuse_foreign_report(stem)
+    each atomically; returns both paths. ``ValueError`` from :func:`refuse_foreign_report` (with ``marks``) first: a
+    file of either name that wherefrom did not write is kept."""
+    refuse_foreign_report(stem, marks)
     stem = Path(stem)
     json_path, md_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")
     atomic_write_json(dict(payload), json_path)

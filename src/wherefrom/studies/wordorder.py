@@ -30,8 +30,6 @@ import numpy as np
 
 from wherefrom.core.data import Record
 from wherefrom.core.store import (
-    atomic_write_json,
-    atomic_write_text,
     check_replacement,
     hardware,
     package_versions,
@@ -42,7 +40,7 @@ from wherefrom.models.finetune import FinetuneConfig, finetune
 from wherefrom.models.loading import load_model
 from wherefrom.studies.bench import scored_method
 from wherefrom.studies.metrics import mean_stat
-from wherefrom.studies.toolkit import check_seeds, interval_cell, markdown_table
+from wherefrom.studies.toolkit import check_seeds, interval_cell, markdown_table, write_report
 
 GROUPS = ("same", "reversed", "control")
 """Training-row groups of the study, by how the row states a fact relative to the query."""
@@ -218,8 +216,7 @@ def run_word_order(
         "seeds": per_seed,
         "summary": summary,
     }
-    atomic_write_json(payload, out / "wordorder.json")
-    atomic_write_text(markdown(payload), out / "wordorder.md")
+    write_report(out / "wordorder", payload, markdown(payload))
     return payload
 
 

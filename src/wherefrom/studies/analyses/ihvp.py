@@ -471,6 +471,8 @@ def _markdown(bench: Bench, payload: dict[str, Any]) -> str:
             f"- {label} vs {corr['metric']}: across methods {number(corr['across_methods'])} (n = {corr['n_methods']}), "
             f"across (seed, method) pairs {number(corr['across_pairs'])} (n = {corr['n_pairs']})"
         )
+    if any(corr[side] is None for corr in payload["spearman"].values() for side in ("across_methods", "across_pairs")):
+        lines += ["", "– : undefined: fewer than 3 finite pairs, or one side constant (every method's metric 1.0)."]
     lines += ["", "References:", ""]
     for seed, info in payload["references"].items():
         text = f"- seed {seed}: `{info['strategy']}` ({info.get('blocks')} GGN), damping {info['damping']:.4g}"

@@ -443,7 +443,8 @@ class GroundTruth:
         if lacking or not isinstance(meta["config"], dict):
             raise ValueError(
                 f"{path} is damaged: {f'it lacks {lacking}' if lacking else 'its config is not a JSON object'} "
-                f"(written last, by a finished `wherefrom groundtruth`); rebuild it with `wherefrom replay {folder}`"
+                f"(written last, by a finished `wherefrom groundtruth`); rebuild it with `wherefrom replay {folder}` "
+                "(a ground truth built with the Python API: build_groundtruth again)"
             )
         config = GroundTruthConfig.from_dict(meta["config"])
         if device is not None:

@@ -353,5 +353,5 @@ def evaluate(
         "methods": {m: {k: v for k, v in r.items() if k != "key"} for m, r in rows.items()},
     }
     title = f"{gt.config.task} ({gt.task.description or gt.task.name}), {len(gt.train_ids)} rows, {len(gt.query_ids)} queries"
-    write_report(stem, report, markdown(rows, command, title))
+    write_report(stem, report, markdown(rows, command, title), REPORT_MARKS)
     return report

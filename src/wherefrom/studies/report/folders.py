@@ -42,6 +42,7 @@ from wherefrom.core.store import StoreError, read_json_object, refuse_folder_in_
 from wherefrom.engine.run import refuse_files_in_place
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_RECORD
 from wherefrom.studies.outputs import marked_commands, recorded_commands
+from wherefrom.studies.report import plots
 from wherefrom.studies.report.render import render, write_html
 from wherefrom.studies.report.sections import (
     agreement_section,
@@ -294,5 +295,6 @@ def write_report(path: Path, out: Path | None = None) -> Path:
     if out is None:
         out = path / "report.html" if path.is_dir() else path.with_suffix(".html")
     refuse_folder_in_place(out)
+    plots.new_page()
     title, sections = report_sections(path)
     return write_html(render(title, str(path), sections), out)

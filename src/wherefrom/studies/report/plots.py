@@ -25,6 +25,13 @@ TOKEN_COLORMAP = "RdBu_r"
 _salt = itertools.count()
 
 
+def new_page() -> None:
+    """Salt the next figures' ids from the first again (call before a page's figures are drawn): a page made again
+    from the same results, in the same process too, is the same text (the ids differed from the second page on)."""
+    global _salt
+    _salt = itertools.count()
+
+
 def svg(figure: Figure) -> str:
     """The figure as an ``<svg>`` element (XML header and DOCTYPE dropped, ids unique to this figure), without the
     time it was drawn (its ``dc:date`` made two reports of the same results differ)."""
