@@ -17,14 +17,13 @@ Writes ``benchmarks/results/<name>.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections import Counter
 from pathlib import Path
 
 from common import command_line, uptime, write_results
 from wherefrom.studies.ablation import row_lengths, short_row_wins
-from wherefrom.studies.bench import BenchConfig
+from wherefrom.studies.analyses import open_bench
 
 SHARES = (0.03, 0.10)
 
@@ -38,9 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def bench_rows(folder: Path) -> list[dict]:
     """One table row per method of the bench in ``folder`` (see the module docstring)."""
-    report = json.loads((folder / "bench.json").read_text(encoding="utf-8"))
-    config = BenchConfig(**report["config"])
-    lengths = row_lengths(config)
+    bench = open_bench(folder)  # a path: task's files named from where the bench ran
+    report, config = bench.report, bench.config
+    lengths = row_lengths(config, bench.directory)
     out = []
     for method in config.methods:
         rows = [r for r in report["rows"] if r["method"] == method and not r["error"] and r.get("top1")]

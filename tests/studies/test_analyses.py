@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+from wherefrom.core.data import Record
 from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
 from wherefrom.models.loading import load_model
 from wherefrom.models.tiny import save_tiny
@@ -31,6 +32,7 @@ from wherefrom.studies.analyses.weights import (
     reverted,
 )
 from wherefrom.studies.bench import BenchConfig, build_task, run_bench
+from wherefrom.studies.generated import write_jsonl
 from wherefrom.studies.metrics import spearman
 
 METHODS = ["gradsim", "ekfac", "exact", "repsim"]
@@ -324,3 +326,64 @@ def test_ihvp_and_pbrf_damping_is_checked_by_the_strategies_rule(settings, said)
         IhvpSettings(**settings).validate()
     with pytest.raises(ValueError, match=said):
         PBRFConfig(**settings)
+
+
+def test_an_analysis_run_elsewhere_reads_the_files_and_model_the_bench_ran_with(tmp_path, monkeypatch):
+    """userW: `analyze` of a bench whose task and model are relative paths read them from the current directory:
+    from elsewhere "file not found", and with other files of those names there, the rows and base model found there
+    (the seed's saved fine-tuning reused on that model). They are now named from the directory `bench` recorded in the
+    bench's config.json, as `evaluate` does for a ground truth."""
+    from tests.cli.conftest import invoke
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    rows = [Record(f"r{i}", f"{i % 5} is", f" w{i % 3}", label=f"w{i % 3}") for i in range(9)]
+    queries = [Record(f"q{i}", f"{i} is", f" w{i % 3}", label=f"w{i % 3}") for i in range(3)]
+    for where, seed in ((project, 1), (elsewhere, 2)):
+        save_tiny(where / "model", arch="llama", seed=seed)  # the same name and shapes, other weights
+        write_jsonl(rows, where / "train.jsonl")
+        write_jsonl(queries, where / "queries.jsonl")
+    monkeypatch.chdir(project)
+    bench = ["bench", "--task", "path:train.jsonl:queries.jsonl", "--model", "model", "--methods", "gradsim,tracin"]
+    made = invoke(*bench, "--seeds", "0", "--epochs", "2", "--max-length", "32", "--out", "bx", "--threads", "1")
+    assert made.exit_code == 0, made.output
+    finetuning = project / "bx" / "seed-0" / "finetune"
+    saved = sorted((p, p.stat().st_mtime_ns) for p in finetuning.rglob("*"))
+    here = {}
+    for kind in ("weights", "convergence"):
+        result = invoke("analyze", kind, "--bench", "bx", "--threads", "1")
+        assert result.exit_code == 0, result.output
+        here[kind] = _computed(project / "bx", kind)
+        shutil.rmtree(project / "bx" / "seed-0" / kind)  # computed afresh from elsewhere
+    monkeypatch.chdir(elsewhere)
+    for kind in ("weights", "convergence"):
+        result = invoke("analyze", kind, "--bench", project / "bx", "--threads", "1")
+        assert result.exit_code == 0, result.output
+        assert _computed(project / "bx", kind) == here[kind], kind  # elsewhere/model changes every number
+    assert sorted((p, p.stat().st_mtime_ns) for p in finetuning.rglob("*")) == saved  # reused, not trained again
+    for name in ("train.jsonl", "queries.jsonl"):  # nor do the rows need to be here
+        (elsewhere / name).unlink()
+    result = invoke("analyze", "ihvp", "--bench", project / "bx", "--threads", "1", "--n-queries", "1")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["model"]  # nothing written here
+
+
+def _computed(folder, kind: str) -> list:
+    """What analysis ``kind`` computed in ``folder``: its rows or records without the time and memory measured."""
+    payload = json.loads((folder / f"{kind}.json").read_text())
+    entries = payload["rows"] if kind == "convergence" else list(payload["records"].values())
+    return [{k: v for k, v in entry.items() if k not in ("seconds", "peak_mib")} for entry in entries]
+
+
+def test_a_run_of_ablate_names_its_paths_from_where_ablate_ran(tmp_path, monkeypatch):
+    """An ablation's runs (``ABLATE/runs/<name>``) record no command of their own: their paths are named from the
+    directory `ablate` recorded; a folder with no record (the Python API's) from the current directory."""
+    from wherefrom.studies.analyses.common import bench_directory
+
+    run = tmp_path / "abl" / "runs" / "start"
+    run.mkdir(parents=True)
+    (tmp_path / "abl" / "config.json").write_text(json.dumps({"replay": {"ablate": {"cwd": "../project"}}}))
+    assert bench_directory(run) == tmp_path / "project"
+    (run / "config.json").write_text(json.dumps({"replay": {"bench": {"cwd": "../../../bench-here"}}}))
+    assert bench_directory(run) == tmp_path / "bench-here"
+    monkeypatch.chdir(tmp_path)
+    assert bench_directory(tmp_path / "api-bench") == tmp_path

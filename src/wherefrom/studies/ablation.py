@@ -157,11 +157,13 @@ def paired_change(
     return mean_stat([b[s] - a[s] for s in seeds if s in a and s in b], within=(-1.0, 1.0))
 
 
-def row_lengths(bench: BenchConfig) -> dict[int, dict[str, int]]:
+def row_lengths(bench: BenchConfig, directory: Path | None = None) -> dict[int, dict[str, int]]:
     """Per seed of ``bench``, each training row id's length in characters (prompt + completion): the
-    ``lengths`` of :func:`short_row_wins`."""
+    ``lengths`` of :func:`short_row_wins`; ``directory``: where the bench ran
+    (:func:`wherefrom.studies.bench.build_task`)."""
     return {
-        seed: {r.id: len(r.prompt) + len(r.completion) for r in build_task(bench, seed).train} for seed in bench.seeds
+        seed: {r.id: len(r.prompt) + len(r.completion) for r in build_task(bench, seed, directory).train}
+        for seed in bench.seeds
     }
 
 

@@ -74,6 +74,7 @@ __all__ = [
     "finetuned",
     "make_task",
     "method_row",
+    "named_from",
     "planned_rows",
     "refuse_replaced_rows",
     "row_key",
@@ -158,9 +159,19 @@ class BenchConfig(StudyFinetuning):
         )
 
 
-def build_task(config: BenchConfig, seed: int) -> BenchTask:
-    """The task of ``config`` for one seed."""
-    return make_task(config.task, config.n_train, config.n_test, seed)
+def build_task(config: BenchConfig, seed: int, directory: Path | None = None) -> BenchTask:
+    """The task of ``config`` for one seed; a ``path:`` task's relative files named from ``directory`` (where the
+    bench ran, :func:`task_from`; ``None``: the current directory)."""
+    task = config.task if directory is None else task_from(config.task, directory)
+    return make_task(task, config.n_train, config.n_test, seed)
+
+
+def named_from(path: str | None, directory: Path | None) -> str | None:
+    """A path setting (``model``, ``finetune_dir``) named from ``directory`` where it is relative; as it is without
+    one (``None``: the current directory, or the default model)."""
+    if path is None or directory is None:
+        return path
+    return str(Path(directory) / Path(path).expanduser())
 
 
 def _file_task(task: str) -> tuple[str, str, bool]:
@@ -262,12 +273,14 @@ def model_key(model: str | None) -> dict[str, str]:
     return {"model_weights": weights_fingerprint(model)} if model is not None and Path(model).is_dir() else {}
 
 
-def row_key(config: BenchConfig, seed: int, method: str, task: BenchTask) -> dict[str, Any]:
+def row_key(
+    config: BenchConfig, seed: int, method: str, task: BenchTask, directory: Path | None = None
+) -> dict[str, Any]:
     """Every setting a (seed, method) row depends on; a cached row is reused only when it matches. A method that
     runs no model (``bm25``) depends on no fine-tuning setting, and each method on only the attribution settings it
     reads (:meth:`wherefrom.methods.registry.MethodSpec.read`: a changed ``damping`` keeps the rows of ``gradsim``
     and ``repsim``); a file task's rows are in it (:func:`rows_key`), and a model folder's weights in that of a method
-    that runs it (:func:`model_key`)."""
+    that runs it (:func:`model_key`; a relative folder named from ``directory``, where the bench ran, :func:`named_from`)."""
     spec = method_spec(method)
     runs_model = bool(spec.model_settings)
     # only when set: rows cached before these settings existed keep matching
@@ -282,7 +295,7 @@ def row_key(config: BenchConfig, seed: int, method: str, task: BenchTask) -> dic
         "method": method,
         "options": options_off_default(method, config.options_for(method)),
         **({k: getattr(config, k) for k in _FINETUNING} if runs_model else {}),
-        **(model_key(config.model) if runs_model else {}),
+        **(model_key(named_from(config.model, directory)) if runs_model else {}),
         **{k: v for k, v in later.items() if k in spec.settings_read or (runs_model and k in _LATER_RUNS_MODEL)},
         **rows_key(config, task),
     }
@@ -353,31 +366,36 @@ def scored_method(
 
 
 def finetuned(
-    config: BenchConfig, seed: int, task: BenchTask, overwrite: bool = True
+    config: BenchConfig, seed: int, task: BenchTask, overwrite: bool = True, directory: Path | None = None
 ) -> tuple[LoadedModel, FinetuneResult]:
     """The base model (tokenizer included) and the seed's fine-tuned model: :func:`wherefrom.models.finetune.finetune`
     on ``task.train`` with :meth:`BenchConfig.finetune_config` in ``<config.out>/seed-<seed>/finetune``
     (reused when that folder holds the same run, trained otherwise; one of other settings is replaced, or with
-    ``overwrite=False`` refused: :class:`wherefrom.core.store.OutputExists`).
+    ``overwrite=False`` refused: :class:`wherefrom.core.store.OutputExists`). ``directory``: where the bench ran, which
+    a relative ``model`` / ``finetune_dir`` is named from (:func:`named_from`; the folder's name keeps the settings
+    as recorded, so an analysis run elsewhere finds the bench's fine-tuning).
 
     The returned ``LoadedModel.model`` is the base model with the adapter injected (LoRA modifies it
     in place); ``FinetuneResult.model`` is the fine-tuned model.
     """
-    loaded = load_model(config.model, device=config.device)
+    loaded = load_model(named_from(config.model, directory), device=config.device)
     settings = config.finetune_config(seed)
     folder = Path(config.out) / f"seed-{seed}" / "finetune"
     if config.finetune_dir is not None:
-        folder = Path(config.finetune_dir) / key_digest(
+        folder = Path(named_from(config.finetune_dir, directory)) / key_digest(
             [config.task, config.n_train, config.model, settings.to_dict()], 16
         )
     tuned = finetune(loaded.model, loaded.tokenizer, task.train, settings, folder, progress=False, overwrite=overwrite)
     return loaded, tuned
 
 
-def method_row(config: BenchConfig, task: BenchTask, seed: int, method: str, tuned, tokenizer) -> dict[str, Any]:
+def method_row(
+    config: BenchConfig, task: BenchTask, seed: int, method: str, tuned, tokenizer, directory: Path | None = None
+) -> dict[str, Any]:
     """One bench row: ``method`` fitted and scored on ``task`` with the fine-tuned ``tuned.model`` (:func:`scored_method`;
     ``tracin`` gets ``tuned.checkpoints`` and a loader of the base model), then its metrics. ``tuned`` and
-    ``tokenizer`` are ``None`` for a method that needs no model (the ``lexical`` family: BM25).
+    ``tokenizer`` are ``None`` for a method that needs no model (the ``lexical`` family: BM25). ``directory``: where
+    the bench ran (:func:`finetuned`).
 
     Returns ``{seed, method, metrics, top1, seconds, peak_mib, error}`` (``top1``: each query's highest-scored
     training row id, when scored): ``metrics`` from
@@ -387,7 +405,7 @@ def method_row(config: BenchConfig, task: BenchTask, seed: int, method: str, tun
     options = config.options_for(method)
     if in_family(method, "checkpoint"):
         options.setdefault("checkpoints", [str(p) for p in tuned.checkpoints])
-        options.setdefault("base", lambda: load_model(config.model, device=config.device).model)
+        options.setdefault("base", lambda: load_model(named_from(config.model, directory), device=config.device).model)
     scores, usage = scored_method(
         method,
         tuned and tuned.model,

@@ -24,10 +24,12 @@ import torch
 from torch import nn
 
 from wherefrom.methods.tracin import checkpoint_model
-from wherefrom.models.loading import load_model
+from wherefrom.models.finetune import FinetuneResult
+from wherefrom.models.loading import LoadedModel, load_model
 from wherefrom.studies import toolkit
-from wherefrom.studies.bench import BenchConfig, rows_key
+from wherefrom.studies.bench import BenchConfig, build_task, finetuned, named_from, rows_key, task_from
 from wherefrom.studies.benchtasks import BenchTask
+from wherefrom.studies.outputs import recorded_directory
 
 __all__ = [
     "Bench",
@@ -44,11 +46,15 @@ IDENTIFY_METRICS = ("auprc",)
 
 @dataclass
 class Bench:
-    """A bench folder: ``config`` (with ``out`` = ``folder``), the parsed ``bench.json`` as ``report``."""
+    """A bench folder: ``config`` (with ``out`` = ``folder``; its paths as recorded, which cache keys hold), the
+    parsed ``bench.json`` as ``report``, and ``directory``, where the bench ran: its relative paths (a ``path:``
+    task's files, ``model``, ``finetune_dir``) are named from there (:func:`bench_directory`), wherever the
+    analysis runs."""
 
     folder: Path
     config: BenchConfig
     report: dict[str, Any]
+    directory: Path
 
     @property
     def kind(self) -> str:
@@ -77,6 +83,24 @@ class Bench:
             "seed": seed,
             **rows_key(self.config, task),
         }
+
+    def validate(self, config: BenchConfig | None = None) -> None:
+        """:meth:`wherefrom.studies.bench.BenchConfig.validate` of ``config`` (default: the bench's; an analysis's
+        own methods and options), a ``path:`` task's files checked where the bench ran (:attr:`directory`)."""
+        config = config or self.config
+        replace(config, task=task_from(config.task, self.directory)).validate()
+
+    def task(self, seed: int) -> BenchTask:
+        """The seed's task (:func:`wherefrom.studies.bench.build_task`, files named from :attr:`directory`)."""
+        return build_task(self.config, seed, self.directory)
+
+    def finetuned(self, seed: int, task: BenchTask) -> tuple[LoadedModel, FinetuneResult]:
+        """The base model and the seed's fine-tuned model (:func:`wherefrom.studies.bench.finetuned`)."""
+        return finetuned(self.config, seed, task, directory=self.directory)
+
+    def base_model(self) -> nn.Module:
+        """The bench's base model (its ``model`` folder named from :attr:`directory`), on its device."""
+        return load_model(named_from(self.config.model, self.directory), device=self.config.device).model
 
     def unit_path(self, seed: int, analysis: str, name: str, suffix: str = ".json") -> Path:
         """``folder/seed-<s>/<analysis>/<name><suffix>``: one cached unit of work."""
@@ -111,15 +135,26 @@ def open_bench(folder: str | Path | Bench, device: str | None = None, seeds: Seq
         if unknown or not seeds:
             raise ValueError(f"seeds {list(seeds)}: the bench in {folder} ran seeds {config.seeds}")
         config = replace(config, seeds=list(seeds))
-    config.validate()
-    return Bench(folder, config, report)
+    bench = Bench(folder, config, report, bench_directory(folder))
+    bench.validate()
+    return bench
+
+
+def bench_directory(folder: Path) -> Path:
+    """Where the bench in ``folder`` ran, which its relative paths are named from: the directory recorded by
+    ``wherefrom bench`` in ``folder/config.json``, for a run of ``wherefrom ablate`` (``ABLATE/runs/<name>``) that
+    recorded by ``ablate`` in ``ABLATE/config.json``, else (a bench of the Python API) the current directory.
+    An analysis run elsewhere read a ``path:`` task's files from the current directory ("file not found")."""
+    recorded = recorded_directory(folder, "bench")
+    if recorded is None and folder.resolve().parent.name == "runs":
+        recorded = recorded_directory(folder.resolve().parent.parent, "ablate")
+    return recorded or Path.cwd()
 
 
 def load_checkpoint(bench: Bench, folder: Path) -> nn.Module:
     """The model of a checkpoint (or final weights) folder: the base model plus its LoRA adapter, or a
     full model folder; eval mode, on the bench's device (:func:`wherefrom.methods.tracin.checkpoint_model`)."""
-    c = bench.config
-    return checkpoint_model(lambda: load_model(c.model, device=c.device).model, Path(folder), c.device, torch.float32)
+    return checkpoint_model(bench.base_model, Path(folder), bench.config.device, torch.float32)
 
 
 def method_options(bench: Bench, extra: dict[str, dict], method: str) -> dict[str, Any]:

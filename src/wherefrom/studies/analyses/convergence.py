@@ -25,7 +25,7 @@ from wherefrom.core.option_pairs import check_methods_named
 from wherefrom.models.finetune import read_trainer_state
 from wherefrom.studies.analyses.common import Bench, load_checkpoint, method_options, open_bench, write_report
 from wherefrom.studies.analyses.ihvp import influence_methods
-from wherefrom.studies.bench import BenchConfig, aggregate, build_task, finetuned, method_row, row_key
+from wherefrom.studies.bench import BenchConfig, aggregate, method_row, row_key
 from wherefrom.studies.benchtasks import BenchTask
 from wherefrom.studies.metrics import mean_stat
 from wherefrom.studies.toolkit import cached, free_memory, interval_cell, markdown_table, refuse_replacing, store
@@ -50,11 +50,12 @@ def chosen_methods(bench: Bench, settings: ConvergenceSettings) -> list[str]:
     return settings.methods or list(dict.fromkeys([*influence_methods(bench.config.methods), "repsim"]))
 
 
-def _key(config: BenchConfig, seed: int, epoch: int, method: str, task: BenchTask) -> dict[str, Any]:
+def _key(bench: Bench, config: BenchConfig, seed: int, epoch: int, method: str, task: BenchTask) -> dict[str, Any]:
     """What an (epoch, method) row depends on: the bench row's key under ``config`` (the bench's, with the
     analysis's methods and options; :func:`wherefrom.studies.bench.row_key`: only the settings the method reads)
     and the epoch."""
-    return {"row": row_key(config, seed, method, task), "analysis": NAME, "format": _FORMAT_VERSION, "epoch": epoch}
+    row = row_key(config, seed, method, task, bench.directory)
+    return {"row": row, "analysis": NAME, "format": _FORMAT_VERSION, "epoch": epoch}
 
 
 def run_convergence(
@@ -78,18 +79,18 @@ def run_convergence(
         methods=methods,
         method_options={m: method_options(bench, settings.method_options, m) for m in methods},
     )
-    config.validate()
+    bench.validate(config)
     epochs = list(range(1, bench.config.epochs + 1))
     rows: list[dict[str, Any]] = []
     for seed in bench.config.seeds:
-        task = build_task(bench.config, seed)
+        task = bench.task(seed)
         path = {(k, m): bench.unit_path(seed, NAME, f"epoch-{k}-{m}") for k in epochs for m in methods}
-        keys = {unit: _key(config, seed, *unit, task) for unit in path}
+        keys = {unit: _key(bench, config, seed, *unit, task) for unit in path}
         if not overwrite:
             refuse_replacing((file, keys[unit]) for unit, file in path.items())
         done = {unit: cached(file, keys[unit]) for unit, file in path.items()}
         if any(row is None for row in done.values()):
-            loaded, tuned = finetuned(bench.config, seed, task)
+            loaded, tuned = bench.finetuned(seed, task)
             tokenizer, checkpoints = loaded.tokenizer, list(tuned.checkpoints)
             loaded = tuned = None
             if len(checkpoints) != len(epochs):
@@ -104,9 +105,9 @@ def run_convergence(
                 state = SimpleNamespace(model=model, checkpoints=checkpoints[:k])
                 loss = read_trainer_state(checkpoint).get("mean_loss")
                 for m in todo:
-                    row = method_row(config, task, seed, m, state, tokenizer)
+                    row = method_row(config, task, seed, m, state, tokenizer, bench.directory)
                     row.update(epoch=k, train_loss=loss)
-                    done[k, m] = store(path[k, m], _key(config, seed, k, m, task), row)
+                    done[k, m] = store(path[k, m], _key(bench, config, seed, k, m, task), row)
                     say(
                         f"seed {seed} epoch {k} {m}: "
                         + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s")

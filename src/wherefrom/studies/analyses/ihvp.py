@@ -48,7 +48,6 @@ from wherefrom.curvature.exact import Blocks, ExactGGN
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import InfluenceMethod, in_family, make_method, options_off_default
 from wherefrom.studies.analyses.common import Bench, method_options, open_bench, write_report
-from wherefrom.studies.bench import build_task, finetuned
 from wherefrom.studies.diagnose import check_shared_damping, fit_reference, ihvp_relative_error
 from wherefrom.studies.metrics import mean_stat, spearman
 from wherefrom.studies.toolkit import (
@@ -308,7 +307,7 @@ def run_ihvp(
     rows: list[dict[str, Any]] = []
     references: dict[str, Any] = {}
     for seed in bench.config.seeds:
-        task = build_task(bench.config, seed)
+        task = bench.task(seed)
         queries = task.test[: settings.n_queries] if settings.n_queries else task.test
         ref_key = {
             **bench.seed_key(seed, task),
@@ -329,7 +328,7 @@ def run_ihvp(
                 done[method] = cached(bench.unit_path(seed, folder, method), keys[method])
         todo = [m for m in methods if done.get(m) is None]
         if todo:
-            loaded, tuned = finetuned(bench.config, seed, task)
+            loaded, tuned = bench.finetuned(seed, task)
             if ref is None:
                 info, blocks = _reference(bench, settings, seed, tuned.model, loaded.tokenizer, task, queries, say)
                 atomic_save_tensors(blocks, ref_tensors)

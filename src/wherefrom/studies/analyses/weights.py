@@ -38,9 +38,8 @@ from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
 from wherefrom.core.gradients import Batch
 from wherefrom.core.task import completion_predictions
 from wherefrom.models.finetune import read_trainer_state
-from wherefrom.models.loading import eval_mode, is_peft, load_model
+from wherefrom.models.loading import eval_mode, is_peft
 from wherefrom.studies.analyses.common import Bench, load_checkpoint, open_bench, write_report
-from wherefrom.studies.bench import build_task, finetuned
 from wherefrom.studies.metrics import mean_stat, spearman
 from wherefrom.studies.toolkit import (
     cached,
@@ -279,7 +278,7 @@ def run_weights(
     names = [f"epoch-{k}" for k in range(1, c.epochs + 1)] + ["final"]
     records: dict[str, dict[str, Any]] = {}
     for seed in c.seeds:
-        task = build_task(c, seed)
+        task = bench.task(seed)
         queries = task.test[:n_queries] if n_queries else task.test
         key = {**bench.seed_key(seed, task), "analysis": NAME, "format": _FORMAT_VERSION, "n_queries": n_queries}
         units = {n: (bench.unit_path(seed, NAME, n), {**key, "checkpoint": n}) for n in names}
@@ -287,7 +286,7 @@ def run_weights(
             refuse_replacing(units.values())
         done = {n: cached(path, unit_key) for n, (path, unit_key) in units.items()}
         if any(v is None for v in done.values()):
-            loaded, tuned = finetuned(c, seed, task)
+            loaded, tuned = bench.finetuned(seed, task)
             encoded = encode_records(queries, loaded.tokenizer, c.max_length, model=tuned.model)
             batches = list(
                 iterate_batches(encoded, c.batch_size, pad_id(loaded.tokenizer), next(tuned.model.parameters()).device)
@@ -299,7 +298,7 @@ def run_weights(
                     continue
                 model = tuned.model if folders[name] is None else load_checkpoint(bench, folders[name])
                 if not is_peft(model) and base is None:
-                    base = load_model(c.model, device=c.device).model
+                    base = bench.base_model()
                 changes = lora_changes(model) if is_peft(model) else full_changes(model, base)
                 record = measure_model(model, changes, batches, ablate=name == "final")
                 record.update(
