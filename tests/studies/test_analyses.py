@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from wherefrom.core.data import Record
-from wherefrom.core.encoding import encode_records, iterate_batches, pad_id
+from wherefrom.core.encoding import REFERENCE_TEMPLATE, encode_records, iterate_batches, pad_id
 from wherefrom.models.loading import load_model
 from wherefrom.models.tiny import save_tiny
 from wherefrom.studies.analyses import (
@@ -387,3 +387,46 @@ def test_a_run_of_ablate_names_its_paths_from_where_ablate_ran(tmp_path, monkeyp
     assert bench_directory(run) == tmp_path / "bench-here"
     monkeypatch.chdir(tmp_path)
     assert bench_directory(tmp_path / "api-bench") == tmp_path
+
+
+def test_weights_measures_the_queries_as_the_bench_encodes_them(tmp_path):
+    """`analyze weights` encoded its test prompts with `max_length` alone: under a bench's template (the reference
+    study's `[INST] ... [/INST]`) or `--no-eos` it measured f on rows the model was neither tuned nor attributed on.
+    Checked against f summed by hand over the labelled positions of the bench's own encoding, base vs tuned."""
+    model = str(save_tiny(tmp_path / "model", arch="llama"))
+    rows = [Record(f"{s}{i}", f"{i % 5} is", f" w{i % 3}", label=f"w{i % 3}") for s in "ab" for i in range(9)]
+    write_jsonl(rows[:9], tmp_path / "a.jsonl")
+    write_jsonl(rows[9:], tmp_path / "b.jsonl")
+    config = BenchConfig(
+        task=f"path:{tmp_path / 'a.jsonl'}:{tmp_path / 'b.jsonl'}",
+        out=str(tmp_path / "bench"),
+        methods=["bm25"],
+        model=model,
+        epochs=1,
+        learning_rate=0.05,
+        max_length=48,
+        template=REFERENCE_TEMPLATE,
+        append_eos=False,
+        device="cpu",
+    )
+    run_bench(config)
+    payload = run_weights(tmp_path / "bench", n_queries=3)
+    behaviour = payload["records"]["0/final"]["behaviour"]
+
+    task = build_task(config, 0)
+    base = load_model(model, device="cpu")
+    tuned = load_model(model, adapter=tmp_path / "bench" / "seed-0" / "finetune" / "adapter", device="cpu").model
+    encoded = encode_records(task.test[:3], base.tokenizer, **config.attribution_config(0).layout())
+    assert "inst" in base.tokenizer.decode(encoded[0].input_ids)  # the tiny tokenizer: lower case, no brackets
+
+    def f(network, example) -> float:
+        with torch.no_grad():
+            logits = network(torch.tensor([example.input_ids])).logits[0].double()
+        log_probs = torch.log_softmax(logits[:-1], dim=-1)
+        labelled = [t for t in range(1, len(example.labels)) if example.labels[t] != -100]
+        return sum(float(log_probs[t - 1, example.input_ids[t]]) for t in labelled)
+
+    by_hand = [f(tuned, e) - f(base.model, e) for e in encoded]
+    assert behaviour["n_tokens"] == sum(sum(label != -100 for label in e.labels[1:]) for e in encoded)
+    assert behaviour["delta_f"] == pytest.approx(by_hand, abs=1e-6)
+    assert max(abs(d) for d in by_hand) > 1e-3  # the tuning changed f: the comparison can fail

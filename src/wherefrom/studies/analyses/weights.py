@@ -5,7 +5,11 @@ Per module (a LoRA-adapted layer, or for full fine-tuning any module with parame
 * ``delta_norm = ||Delta W||_F``: LoRA ``sum_adapters scaling * B @ A`` (the update LoRA adds to the
   base weight), full fine-tuning ``W_tuned - W_base``; ``relative = ||Delta W||_F / ||W_base||_F``.
 
-Behaviour on the test prompts, from the log-probabilities at the completion positions:
+Behaviour on the test prompts, encoded as the bench's attribution encodes its queries (its input layout:
+template or chat template, EOS, truncation, padding, labels; they were encoded with ``max_length`` alone, so
+under ``--preset reference-study`` the behaviour was measured on rows the model was never tuned on), from the
+log-probabilities at the labelled (completion) positions, i.e. the bench's query measurement ``f`` (under
+``loss_tokens="all"`` every token is labelled and counts):
 
 * ``delta_f`` per query: ``f_tuned - f_other`` in nats, ``f = log p(completion | prompt)`` (summed
   over completion tokens); positive = the tuned model finds the completion likelier;
@@ -63,7 +67,7 @@ __all__ = [
 ]
 
 NAME = "weights"
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 LogProbs = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 """Per batch: ``(log_probs (N, V) float64, targets (N,), rows (N,))`` at the ``N`` completion positions;
 ``rows`` are indices of the examples in the whole sequence of batches."""
@@ -287,7 +291,8 @@ def run_weights(
         done = {n: cached(path, unit_key) for n, (path, unit_key) in units.items()}
         if any(v is None for v in done.values()):
             loaded, tuned = bench.finetuned(seed, task)
-            encoded = encode_records(queries, loaded.tokenizer, c.max_length, model=tuned.model)
+            layout = c.attribution_config(seed).layout()  # the bench's queries as its attribution encoded them
+            encoded = encode_records(queries, loaded.tokenizer, model=tuned.model, **layout)
             batches = list(
                 iterate_batches(encoded, c.batch_size, pad_id(loaded.tokenizer), next(tuned.model.parameters()).device)
             )
