@@ -11,6 +11,7 @@ Used by ``index_throughput.py``, ``index_quality.py``, ``index_peers.py``, ``ind
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shlex
@@ -69,6 +70,37 @@ def nonnegative_float(text: str) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return value
+
+
+def json_file(text: str) -> Path:
+    """A file that holds JSON (``--spectrum results/row_spectrum.json``)."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}" + (" (a folder)" if path.is_dir() else ""))
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({error})") from None
+    return path
+
+
+def folder_with(marker: str, made_by: str) -> Callable[[str], Path]:
+    """The type of a folder that holds the file ``marker``; ``made_by`` names what writes one, for the message
+    (``folder_with("bench.json", "wherefrom bench --out")``)."""
+
+    def folder(text: str) -> Path:
+        if not (Path(text) / marker).is_file():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a folder with {marker} (written by {made_by})")
+        return Path(text)
+
+    return folder
+
+
+def results_arguments(parser: argparse.ArgumentParser, name: str | None) -> None:
+    """``--results DIR`` (default ``benchmarks/results``) and ``--name STEM`` (default ``name``; ``None``: required):
+    where :func:`write_results` writes ``STEM.md`` and ``STEM.json`` (a trial need not replace a committed file)."""
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the results files")
+    parser.add_argument("--name", default=name, required=name is None, help="results file stem under --results")
 
 
 def names_of(choices: Sequence[str]) -> Callable[[str], list[str]]:
@@ -185,9 +217,10 @@ def provenance_lines(command: str, versions: dict[str, str], load: str = "") -> 
     ]
 
 
-def write_results(name: str, markdown: list[str], data: dict[str, Any], command: str, load_before: str) -> Path:
-    """Write ``RESULTS/<name>.md`` (``markdown`` lines, then the command, load, versions and hardware) and
-    ``RESULTS/<name>.json`` (``data`` with the same provenance); returns the Markdown path."""
+def write_results(stem: Path, markdown: list[str], data: dict[str, Any], command: str, load_before: str) -> Path:
+    """Write ``<stem>.md`` (``markdown`` lines, then the command, load, versions and hardware) and ``<stem>.json``
+    (``data`` with the same provenance), ``stem`` = ``--results`` / ``--name`` (:func:`results_arguments`); returns
+    the Markdown path."""
     from wherefrom.core.store import atomic_write_json, atomic_write_text, hardware, package_versions
 
     load_after = uptime()
@@ -199,7 +232,7 @@ def write_results(name: str, markdown: list[str], data: dict[str, Any], command:
         "versions": package_versions(),
         "hardware": hardware(),
     }
-    path = RESULTS / f"{name}.md"
+    path = stem.with_name(f"{stem.name}.md")
     atomic_write_text("\n".join([*markdown, "", *provenance_lines(command, provenance["versions"], load)]), path)
-    atomic_write_json({**data, **provenance}, RESULTS / f"{name}.json")
+    atomic_write_json({**data, **provenance}, stem.with_name(f"{stem.name}.json"))
     return path

@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import command_line, positive_int, positive_ints, quiet_threads, uptime, write_results
+from common import command_line, positive_int, positive_ints, quiet_threads, results_arguments, uptime, write_results
+from index_scale import scale_store
 from query_latency import K, MemmapRows, sweep
 from real_recall import load_store
 
@@ -41,10 +42,15 @@ TOP_NORM = 0.05
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stores", type=lambda t: [Path(s) for s in t.split(",")], required=True)
+    p.add_argument(
+        "--stores",
+        type=lambda t: [scale_store(s) for s in t.split(",")],
+        required=True,
+        help="comma-separated stores written by index_scale.py --out",
+    )
     p.add_argument("--ef-construction", type=positive_ints, default=[40, 80, 160])
     p.add_argument("--threads", type=positive_int, default=1)
-    p.add_argument("--name", default="hnsw_graph")
+    results_arguments(p, "hnsw_graph")
     return p.parse_args(argv)
 
 
@@ -152,7 +158,9 @@ def main(argv: list[str] | None = None) -> None:
                 + " | ".join(cells)
                 + " |"
             )
-    path = write_results(args.name, markdown, {"stores": results}, command_line("hnsw_graph.py", argv), load_before)
+    path = write_results(
+        args.results / args.name, markdown, {"stores": results}, command_line("hnsw_graph.py", argv), load_before
+    )
     print("\n".join(markdown))
     print(f"written to {path}")
 

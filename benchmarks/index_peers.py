@@ -50,7 +50,16 @@ import warnings
 from pathlib import Path
 
 from bench_kronfluence import kronfluence_analyzer, kronfluence_fit, kronfluence_pairwise
-from common import begin, command_line, emotion_sample, folder_bytes, quiet_threads, timed, write_results
+from common import (
+    begin,
+    command_line,
+    emotion_sample,
+    folder_bytes,
+    quiet_threads,
+    results_arguments,
+    timed,
+    write_results,
+)
 
 BERGSON = Path(__file__).resolve().parent.parent / ".cache" / "peers" / "bergson"
 """Where Bergson is installed (under the checkout's ignored ``.cache``), outside the venv."""
@@ -72,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=16, help="LoGra dim_in = dim_out; Bergson's projection_dim")
     p.add_argument("--include", default=r"layers\.(28|29)\.mlp\.")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--name", default="index_peers")
+    results_arguments(p, "index_peers")
     p.add_argument(
         "--bergson-worker", type=Path, help="internal: run Bergson on this spec file (in the subprocess that has it)"
     )
@@ -315,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         ),
     ]
     path = write_results(
-        args.name,
+        args.results / args.name,
         markdown,
         {"train": len(train), "queries": len(queries), "results": results, "spearman": spearman},
         command_line("index_peers.py", argv),

@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from common import begin, command_line, emotion_sample, timed, write_results
+from common import begin, command_line, emotion_sample, results_arguments, timed, write_results
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--raw-dims", type=int, nargs="*", default=[16], help="dims also scored without preconditioning")
     p.add_argument("--include", default=r"layers\.(28|29)\.mlp\.", help="module-name regex of the tracked modules")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--name", default="index_quality")
+    results_arguments(p, "index_quality")
     return p.parse_args(argv)
 
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         *table,
     ]
     path = write_results(
-        args.name,
+        args.results / args.name,
         markdown,
         {"train": len(train), "queries": len(queries), "include": args.include, "results": results},
         command_line("index_quality.py", argv),

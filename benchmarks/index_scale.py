@@ -30,7 +30,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MLP, begin, command_line, folder_bytes, nonnegative_int, positive_int, rows, timed, write_results
+from common import (
+    MLP,
+    begin,
+    command_line,
+    folder_bytes,
+    nonnegative_int,
+    positive_int,
+    results_arguments,
+    rows,
+    timed,
+    write_results,
+)
 
 TASKS = ["emotion", "grammars", "math", "mixedL", "backdoor", "multibackdoor"]
 
@@ -40,6 +51,18 @@ def queries_path(store: Path) -> Path:
     atomic, checksum recorded): ``{"vectors": (n_query, row length) float32}``, the query ids (JSON) in the metadata
     under ``ids``."""
     return store.with_name(store.name + "-queries.safetensors")
+
+
+def scale_store(text: str) -> Path:
+    """The ``argparse`` type of a store this script wrote with ``--out`` (``real_recall.py --store``,
+    ``hnsw_graph.py --stores``): a finished store with its query vectors beside it (:func:`queries_path`)."""
+    from wherefrom.core.vectors import MARKER
+
+    store = Path(text)
+    for needed in (store / MARKER, queries_path(store)):
+        if not needed.is_file():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a store written by index_scale.py --out (no {needed})")
+    return store
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="store folder (default: temporary, removed); the query vectors go beside it, to "
         "<out>-queries.safetensors (what real_recall.py reads)",
     )
-    p.add_argument("--name", default="index_scale")
+    results_arguments(p, "index_scale")
     return p.parse_args(argv)
 
 
@@ -208,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         "proponents": proponents,
         "own_set_in_top10": own,
     }
-    path = write_results(args.name, markdown, data, command_line("index_scale.py", argv), load_before)
+    path = write_results(args.results / args.name, markdown, data, command_line("index_scale.py", argv), load_before)
     print("\n".join(markdown))
     print(f"written to {path}")
 

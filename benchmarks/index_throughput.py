@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 from bench_kronfluence import make_rows, plain_backward
-from common import MLP_AND_ATTENTION, begin, command_line, timed, write_results
+from common import MLP_AND_ATTENTION, begin, command_line, results_arguments, timed, write_results
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--include", default=MLP_AND_ATTENTION, help="module-name regex of the tracked modules")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-raw", action="store_true", help="skip (c), the dense per-example gradients")
-    p.add_argument("--name", default="index_throughput", help="results file name under benchmarks/results/")
+    results_arguments(p, "index_throughput")
     p.add_argument("--model", help="a saved HF model folder of SmolLM2's shape (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cpu", help="torch device of the model passes (cpu, cuda)")
     p.add_argument("--autocast", choices=["bfloat16", "float16"], help="autocast of the model passes (GPUs)")
@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         "autocast": args.autocast,
         "model": args.model,
     }
-    path = write_results(args.name, markdown, data, command_line("index_throughput.py", argv), load_before)
+    path = write_results(
+        args.results / args.name, markdown, data, command_line("index_throughput.py", argv), load_before
+    )
     print("\n".join(markdown))
     print(f"written to {path}")
 

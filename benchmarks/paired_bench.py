@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import command_line, uptime, write_results
+from common import command_line, results_arguments, uptime, write_results
 from wherefrom.studies.ablation import ABLATION_METRICS, paired_change
 from wherefrom.studies.toolkit import interval_cell
 
@@ -31,7 +31,7 @@ SAME = ("task", "n_train", "n_test", "model", "seeds")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pair", action="append", required=True, help="LABEL=BASE_FOLDER:OTHER_FOLDER (bench folders)")
-    p.add_argument("--name", required=True, help="results file stem under benchmarks/results/")
+    results_arguments(p, None)
     return p.parse_args(argv)
 
 
@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {interval_cell(row['change'], '+.3f')} |"
             )
         markdown.append("")
-    path = write_results(args.name, markdown, {"pairs": pairs}, command_line("paired_bench.py", argv), before)
+    path = write_results(
+        args.results / args.name, markdown, {"pairs": pairs}, command_line("paired_bench.py", argv), before
+    )
     print("\n".join(markdown))
     print(f"written to {path}")
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import command_line, names_of, nonnegative_float, positive_int, positive_ints
+from common import command_line, json_file, names_of, nonnegative_float, positive_int, positive_ints, results_arguments
 from wherefrom.core.search import (
     KIND_OPTIONS,
     FaissSettings,
@@ -418,7 +418,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--rows", type=names_of(ROW_KINDS), default=["fitted", "none"], help=f"of {', '.join(ROW_KINDS)}"
     )
-    parser.add_argument("--spectrum", type=Path, default=HERE / "results" / "row_spectrum.json")
+    parser.add_argument("--spectrum", type=json_file, default=HERE / "results" / "row_spectrum.json")
     parser.add_argument(
         "--kinds",
         type=names_of(tuple(KIND_OPTIONS)),
@@ -446,8 +446,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--data", type=Path, default=Path("/tmp/wherefrom-query-latency"))
-    parser.add_argument("--results", type=Path, default=HERE / "results", help="folder of the results files")
-    parser.add_argument("--name", default="query-latency", help="results file stem under --results")
+    results_arguments(parser, "query-latency")
     return parser.parse_args(argv)
 
 

@@ -35,8 +35,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import command_line, names_of, nonnegative_int, positive_int, quiet_threads, uptime, write_results
-from index_scale import queries_path
+from common import (
+    command_line,
+    names_of,
+    nonnegative_int,
+    positive_int,
+    quiet_threads,
+    results_arguments,
+    uptime,
+    write_results,
+)
+from index_scale import queries_path, scale_store
 from query_latency import K, MemmapRows, pq_m_list, sweep
 from wherefrom.core.search import KIND_OPTIONS
 
@@ -46,7 +55,7 @@ ROW_KINDS = ("real", "gaussian")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--store", type=Path, required=True, help="a store written by index_scale.py --out")
+    p.add_argument("--store", type=scale_store, required=True, help="a store written by index_scale.py --out")
     p.add_argument(
         "--kinds",
         type=names_of(tuple(KIND_OPTIONS)),
@@ -62,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", type=names_of(ROW_KINDS), default=list(ROW_KINDS), help="of real, gaussian")
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--seed", type=nonnegative_int, default=0)
-    p.add_argument("--name", default="real_recall")
+    results_arguments(p, "real_recall")
     return p.parse_args(argv)
 
 
@@ -218,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     data = {"store": str(args.store), "rows": store.count, "dim": store.dim, "duplicates": duplicates}
     data["queries"] = query_ids
     data.update({"shares_top": top, "results": results})
-    path = write_results(args.name, markdown, data, command_line("real_recall.py", argv), load_before)
+    path = write_results(args.results / args.name, markdown, data, command_line("real_recall.py", argv), load_before)
     print("\n".join(markdown))
     print(f"written to {path}")
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import begin, command_line, emotion_sample, timed, write_results
+from common import begin, command_line, emotion_sample, results_arguments, timed, write_results
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=16, help="LoGra dim_in = dim_out (the index default)")
     p.add_argument("--include", default=r"layers\.(26|27|28|29)\.mlp\.", help="module-name regex")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--name", default="row_spectrum")
+    results_arguments(p, "row_spectrum")
     return p.parse_args(argv)
 
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         "First 20 shares (fitted): " + ", ".join(f"{v:.3g}" for v in kinds["fitted"]["eigenvalue_shares"][:20]),
     ]
     data = {"train": len(train), "include": args.include, "dim": args.dim, "row_length": length, **kinds}
-    path = write_results(args.name, markdown, data, command_line("row_spectrum.py", argv), load_before)
+    path = write_results(args.results / args.name, markdown, data, command_line("row_spectrum.py", argv), load_before)
     print("\n".join(markdown))
     print(f"written to {path}")
 

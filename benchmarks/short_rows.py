@@ -21,7 +21,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from common import command_line, uptime, write_results
+from common import command_line, folder_with, results_arguments, uptime, write_results
 from wherefrom.studies.ablation import row_lengths, short_row_wins
 from wherefrom.studies.analyses import open_bench
 
@@ -30,8 +30,8 @@ SHARES = (0.03, 0.10)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("benches", nargs="+", type=Path, help="bench folders (each with bench.json)")
-    p.add_argument("--name", default="short_rows", help="results file stem under benchmarks/results/")
+    p.add_argument("benches", nargs="+", type=folder_with("bench.json", "wherefrom bench --out"), help="bench folders")
+    results_arguments(p, "short_rows")
     return p.parse_args(argv)
 
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| `{e['bench']}` | {e['preset'] or '-'} | {e['method']} | {e['queries']} | {e['distinct_top1']} | "
             f"{top['id']} ({top['wins']}, {top['length_rank']} of {e['train_rows']}) | {cells} |"
         )
-    path = write_results(args.name, markdown, {"rows": table}, command_line("short_rows.py", argv), load)
+    path = write_results(args.results / args.name, markdown, {"rows": table}, command_line("short_rows.py", argv), load)
     print("\n".join(markdown))
     print(f"written to {path}")
 

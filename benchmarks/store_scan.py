@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import command_line, positive_int, positive_ints
+from common import command_line, json_file, positive_int, positive_ints, results_arguments
 from query_latency import Spectral, median_seconds, numpy_scan
 from wherefrom.core.search import exact_ends
 from wherefrom.core.vectors import VectorStore, VectorStoreWriter
@@ -241,10 +241,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--queries", type=positive_int, default=5)
     parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--spectrum", type=Path, default=HERE / "results" / "row_spectrum.json")
+    parser.add_argument("--spectrum", type=json_file, default=HERE / "results" / "row_spectrum.json")
     parser.add_argument("--data", type=Path, default=Path("/tmp/wherefrom-store-scan"))
-    parser.add_argument("--results", type=Path, default=HERE / "results", help="folder of the results files")
-    parser.add_argument("--name", default="store_scan", help="results file stem under --results")
+    results_arguments(parser, "store_scan")
     return parser.parse_args(argv)
 
 

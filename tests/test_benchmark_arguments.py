@@ -54,6 +54,7 @@ WHERE = {  # what each script is told about where to write, all under the test's
     "real_recall.py": lambda tmp: ["--store", f"{tmp}/store"],
     "hnsw_graph.py": lambda tmp: ["--stores", f"{tmp}/store"],
     "index_scale.py": lambda tmp: ["--out", f"{tmp}/store"],
+    "short_rows.py": lambda tmp: ["--results", f"{tmp}/results"],
 }
 
 BAD = [  # (script, the bad arguments, the flag the error must name, text the error must contain)
@@ -90,6 +91,14 @@ BAD = [  # (script, the bad arguments, the flag the error must name, text the er
     ("index_scale.py", ["--batch-size", "0"], "--batch-size", ">= 1"),
     ("index_scale.py", ["--max-length", "0"], "--max-length", ">= 1"),
     ("index_scale.py", ["--shard-size", "0"], "--shard-size", ">= 1"),
+    # paths: they ended in a traceback (FileNotFoundError, IncompleteStore, JSONDecodeError) after the imports
+    ("real_recall.py", ["--store", "no-such-store"], "--store", "not a store written by index_scale.py --out"),
+    ("real_recall.py", ["--store", str(BENCHMARKS)], "--store", "(no "),
+    ("hnsw_graph.py", ["--stores", f"{BENCHMARKS},x"], "--stores", "not a store written by index_scale.py --out"),
+    ("query_latency.py", ["--spectrum", "no-such.json"], "--spectrum", "no such file"),
+    ("store_scan.py", ["--spectrum", str(ROOT / "README.md")], "--spectrum", "is not JSON"),
+    ("store_scan.py", ["--spectrum", str(BENCHMARKS)], "--spectrum", "(a folder)"),
+    ("short_rows.py", [str(BENCHMARKS)], "benches", "not a folder with bench.json"),
 ]
 
 
