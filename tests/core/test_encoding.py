@@ -307,6 +307,36 @@ def test_an_over_long_row_read_from_a_file_names_its_file_and_line(tok, tmp_path
         encode_records(load_records(path), tok, max_length=6)
 
 
+def test_every_row_that_does_not_fit_is_counted_with_the_longest(tok, tmp_path) -> None:
+    """userY: only the first over-long row was named, so a user learned the length that fits one rerun at a time.
+    The first row keeps its own message; how many of the rows do not fit, the next five by line and the longest
+    follow. A fault of another kind before any over-long row is raised as it was."""
+    from wherefrom.core.data import load_records
+
+    lengths = [2, 9, 3, 12, 10, 11, 15, 13, 14, 4, 17]  # prompt characters; max_length 8 fits 2, 3 and 4
+    path = tmp_path / "train.jsonl"
+    path.write_text(
+        "".join(f'{{"id": "r{i}", "prompt": "{"a" * n}", "completion": " b"}}\n' for i, n in enumerate(lengths))
+    )
+    rows = load_records(path)
+    sizes = [len(e.input_ids) for e in encode_records(rows, tok, max_length=64)]
+    with pytest.raises(DataError) as raised:
+        encode_records(rows, tok, max_length=8)
+    said = str(raised.value)
+    assert said.startswith(f"{path}, line 2: record 'r1': ")  # the first row's own message, as before
+    assert "8 of the 11 rows do not fit; also line 4 'r3' (" in said
+    assert f"line 11 'r10' ({sizes[10]} tokens)" not in said.split("; the longest")[0]  # five named, then a count
+    assert "and 2 more" in said and said.endswith(f"; the longest is line 11 'r10', {sizes[10]} tokens")
+    truncated = [Record(id="wordy", prompt="a" * 20, completion=" b"), *rows[:1]]
+    with pytest.raises(DataError, match=r"record 'wordy': truncated to max_length=8 .*no completion token"):
+        encode_records(truncated, tok, max_length=8, truncate=True)  # one row: its message alone
+    empty = Record(id="blank", prompt="a", completion="")
+    with pytest.raises(DataError, match=r"^record 'blank': field 'completion' tokenizes to zero tokens"):
+        encode_records([empty, *rows], tok, max_length=8, append_eos=False)
+    with pytest.raises(DataError, match=r"line 2: record 'r1': .*8 of the 12 rows do not fit"):
+        encode_records([*rows[:2], empty, *rows[2:]], tok, max_length=8, append_eos=False)
+
+
 def test_a_row_whose_completion_predicts_no_token_is_refused_by_name() -> None:
     """An empty prompt with no BOS makes the completion's first token context only: a one-token completion without
     EOS (`--no-eos`, `query_without_eos`) then has no predicted token, and the row was taken silently as a row of

@@ -354,50 +354,120 @@ def encode_records(
         pairs = [(p, [*c, int(eos)] if eos is not None else c) for p, c in zip(prompt_ids, completion_ids)]
 
     examples: list[EncodedExample] = []
+    too_long: list[_TooLong] = []
     for record, (prompt, completion) in zip(records, pairs):
-        if not prompt and bos is not None:
-            prompt = [int(bos)]
-        if not completion:
-            raise DataError(
-                f"{record.named()}: field 'completion' tokenizes to zero tokens "
-                f"(completion={record.completion!r}, append_eos={append_eos})"
+        try:
+            examples.append(
+                _encoded_row(
+                    record, prompt, completion, max_length, positions, vocabulary, tokenizer, bos, append_eos,
+                    pad_left, loss_tokens, truncate,
+                )
+            )  # fmt: skip
+        except _TooLong as error:
+            too_long.append(error)  # every such row is named together: one run tells the length that fits
+        except DataError:
+            if not too_long:  # the first fault is a row that fits: raised as it is
+                raise
+    if too_long:
+        raise DataError(_too_long_message(too_long, len(records)))
+    return examples
+
+
+class _TooLong(DataError):
+    """One row that does not fit ``max_length`` or the model's positions: ``record`` and its ``tokens``."""
+
+    def __init__(self, message: str, record: Record, tokens: int):
+        super().__init__(message)
+        self.record, self.tokens = record, tokens
+
+
+def _too_long_message(rows: list[_TooLong], total: int, shown: int = 5) -> str:
+    """The first row's own message, then how many more of the ``total`` rows do not fit either, the next ones by name
+    (at most ``shown``) and the longest."""
+    message = str(rows[0])
+    if len(rows) == 1:
+        return message
+    source = (rows[0].record.where or "").rpartition(", ")[0]
+
+    def brief(row: _TooLong) -> str:  # "line 7 'id'" in the first row's file, else the whole name
+        where = row.record.where or ""
+        place = where[len(source) + 2 :] if source and where.startswith(f"{source}, ") else where
+        return f"{place} {row.record.id!r}".strip()
+
+    named = ", ".join(f"{brief(r)} ({r.tokens} tokens)" for r in rows[1 : 1 + shown])
+    rest = len(rows) - 1 - shown
+    longest = max(rows, key=lambda r: r.tokens)
+    return (
+        f"{message}. {len(rows)} of the {total} rows do not fit; also {named}"
+        + (f" and {rest} more" if rest > 0 else "")
+        + f"; the longest is {brief(longest)}, {longest.tokens} tokens"
+    )
+
+
+def _encoded_row(
+    record: Record,
+    prompt: list[int],
+    completion: list[int],
+    max_length: int,
+    positions: tuple[int, str] | None,
+    vocabulary: int | None,
+    tokenizer: PreTrainedTokenizerBase,
+    bos: int | None,
+    append_eos: bool,
+    pad_left: bool,
+    loss_tokens: str,
+    truncate: bool,
+) -> EncodedExample:
+    """One row of :func:`encode_records` from its ``prompt`` and ``completion`` ids, checked and laid out; a row that
+    does not fit raises :class:`_TooLong`, any other fault :class:`DataError`."""
+    if not prompt and bos is not None:
+        prompt = [int(bos)]
+    if not completion:
+        raise DataError(
+            f"{record.named()}: field 'completion' tokenizes to zero tokens "
+            f"(completion={record.completion!r}, append_eos={append_eos})"
+        )
+    total = len(prompt) + len(completion)
+    if total > max_length and truncate:  # cut first: the rows the model takes must fit its positions too
+        prompt, completion = prompt[:max_length], completion[: max(max_length - len(prompt), 0)]
+        if not completion and loss_tokens == "completion":
+            raise _TooLong(
+                f"{record.named()}: truncated to max_length={max_length} tokens, its {len(prompt)}+ prompt "
+                f"tokens leave no completion token to carry the loss (loss_tokens='completion'); raise max_length",
+                record,
+                total,
             )
         total = len(prompt) + len(completion)
-        if total > max_length and truncate:  # cut first: the rows the model takes must fit its positions too
-            prompt, completion = prompt[:max_length], completion[: max(max_length - len(prompt), 0)]
-            if not completion and loss_tokens == "completion":
-                raise DataError(
-                    f"{record.named()}: truncated to max_length={max_length} tokens, its {len(prompt)}+ prompt "
-                    f"tokens leave no completion token to carry the loss (loss_tokens='completion'); raise max_length"
-                )
-            total = len(prompt) + len(completion)
-        if positions is not None and max_length >= total > positions[0]:
-            raise DataError(
-                f"{record.named()}: {total} tokens > the model's {positions[0]} positions "
-                f"({positions[1]}); "
-                + (
-                    f"it was truncated to max_length={max_length}: give max_length <= {positions[0]} for this model"
-                    if truncate
-                    else f"shorten the record (nothing is truncated; max_length={max_length} is capped at "
-                    f"{positions[0]} for this model)"
-                )
-            )
-        if vocabulary is not None:
-            _check_vocabulary(record, prompt + completion, vocabulary, tokenizer)
-        if total > max_length:
-            if len(prompt) >= max_length:
-                hint = f"the prompt leaves no room for the completion under max_length={max_length}"
-            else:
-                hint = f"raise max_length (--max-length, now {max_length}) or shorten the record"
-            raise DataError(
-                f"{record.named()}: {len(prompt)} prompt tokens + {len(completion)} completion "
-                f"tokens = {total} tokens > max_length={max_length}; {hint} "
-                f"(nothing is truncated)"
-            )
-        example = _laid_out(record.id, prompt, completion, max_length, pad_id(tokenizer), pad_left, loss_tokens)
-        _check_predicted(record, example, bool(prompt))
-        examples.append(example)
-    return examples
+    if positions is not None and max_length >= total > positions[0]:
+        raise _TooLong(
+            f"{record.named()}: {total} tokens > the model's {positions[0]} positions "
+            f"({positions[1]}); "
+            + (
+                f"it was truncated to max_length={max_length}: give max_length <= {positions[0]} for this model"
+                if truncate
+                else f"shorten the record (nothing is truncated; max_length={max_length} is capped at "
+                f"{positions[0]} for this model)"
+            ),
+            record,
+            total,
+        )
+    if vocabulary is not None:
+        _check_vocabulary(record, prompt + completion, vocabulary, tokenizer)
+    if total > max_length:
+        if len(prompt) >= max_length:
+            hint = f"the prompt leaves no room for the completion under max_length={max_length}"
+        else:
+            hint = f"raise max_length (--max-length, now {max_length}) or shorten the record"
+        raise _TooLong(
+            f"{record.named()}: {len(prompt)} prompt tokens + {len(completion)} completion "
+            f"tokens = {total} tokens > max_length={max_length}; {hint} "
+            f"(nothing is truncated)",
+            record,
+            total,
+        )
+    example = _laid_out(record.id, prompt, completion, max_length, pad_id(tokenizer), pad_left, loss_tokens)
+    _check_predicted(record, example, bool(prompt))
+    return example
 
 
 def _check_predicted(record: Record, example: EncodedExample, prompted: bool) -> None:
