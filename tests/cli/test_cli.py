@@ -77,8 +77,10 @@ def test_fit_index_scores_query(workspace):
     report = json.loads(result.stdout[result.stdout.index("{") :])
     scores = [p["score"] for p in report["proponents"]]
     assert len(scores) == 4 and scores == sorted(scores, reverse=True)
-    for entry in report["proponents"]:
-        assert sum(v for _, v in entry["tokens"]) == pytest.approx(entry["score"], rel=1e-3, abs=1e-3)
+    for entry in [*report["proponents"], *report["opponents"]]:  # userZ: opponents and the query side had none
+        for side in ("tokens", "query_tokens"):  # the row's tokens, the query's: each sums to the score
+            assert sum(v for _, v in entry[side]) == pytest.approx(entry["score"], rel=1e-3, abs=1e-3)
+        assert "".join(t for t, _ in entry["query_tokens"]).endswith(" reverse<eos>")  # the query, lower-cased
     for kind, lowest in (("proponents", False), ("opponents", True)):  # each entry's kind by the one rule
         assert [e["kind"] for e in report[kind]] == [end_kind(e["score"], lowest) for e in report[kind]]
     table = invoke("query", "--run", root / "run", "x ->", " sort", "--top-k", "2")

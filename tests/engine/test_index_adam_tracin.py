@@ -372,3 +372,32 @@ def test_a_tracin_row_its_float16_index_cannot_hold_names_the_index_to_delete(wo
     with pytest.raises(ValueError, match=rf"beyond the largest float16 .*: delete {re.escape(str(index))} and rebuild"):
         run.build_index(shard_size=4, dtype="float16")
     assert "beyond the largest float16" in run.resume_advice() and "wherefrom index" not in run.resume_advice()
+
+
+def test_query_refuses_to_split_scores_an_adam_index_gave(workspace, tmp_path):
+    """userA: `query --per-token` on a run with an adam index printed the adam score (43.1) beside token parts that
+    summed to the plain gradient score (4.64): the split is of gradients recomputed at the run's settings. Now
+    --per-token and --html (which splits the same way) are refused naming the index; a run whose index holds the
+    raw gradients still splits, each row's parts summing to its score."""
+    from tests.cli.conftest import invoke as cli  # the whole result: stdout apart
+
+    query = load_records(workspace / "queries.jsonl")[0]
+    asked = ("query", query.prompt, query.completion, "--top-k", "2", "--device", "cpu")
+    for precondition in ("adam", "fitted"):
+        folder = tmp_path / precondition
+        adam_run(workspace, folder).build_index(shard_size=4, precondition=precondition)
+        for flags in (["--per-token"], ["--html", str(tmp_path / "q.html")], ["--per-token", "--json"]):
+            result = cli(*asked, "--run", folder, *flags)
+            if precondition == "adam":
+                said = " ".join(result.output.split())
+                assert result.exit_code == 2, result.output
+                assert f"{flags[0]} split each score over tokens" in said and "precondition adam" in said
+            else:
+                assert result.exit_code == 0, result.output
+        assert not (tmp_path / "q.html").exists() or precondition == "fitted"
+    plain = cli(*asked, "--run", tmp_path / "adam", "--json")
+    assert plain.exit_code == 0, plain.output  # the adam scores themselves, as before
+    out = cli(*asked, "--run", tmp_path / "fitted", "--json", "--per-token").stdout
+    split = json.loads(out[out.index("{") :])
+    for entry in split["proponents"]:
+        assert sum(v for _, v in entry["tokens"]) == pytest.approx(entry["score"], rel=1e-3)

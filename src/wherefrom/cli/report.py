@@ -16,6 +16,7 @@ from typing import Any
 import typer
 
 from wherefrom.cli.app import command, fail, recorded_line, refuse_foreign_folder
+from wherefrom.cli.run import decoded
 from wherefrom.cli.settings import output_file
 from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores, load_scores, score_set_names, unfinished_set
@@ -98,10 +99,7 @@ def write_query_html(out: Path, result: dict[str, Any], scores: Scores, opened: 
     # a row among both the proponents and the opponents (a set of fewer than 2 x top-k rows) is scored once: the
     # rows were passed as given and refused as a duplicate id, a traceback
     _, per_row = opened.attributor.token_scores([record], [rows[i] for i in dict.fromkeys(e["id"] for e in entries)])
-    tokens = {
-        row_id: [[tokenizer.decode([t]), float(v)] for t, v in zip(input_ids, values[0])]
-        for row_id, input_ids, values in per_row
-    }
+    tokens = {row_id: decoded(tokenizer, input_ids, values[0]) for row_id, input_ids, values in per_row}
     for entry in entries:
         entry["tokens"] = tokens[entry["id"]]
     top = [rows[e["id"]] for e in shown["proponents"][:QUERY_SIDE_ROWS] if e["score"] > 0]  # proponents alone
@@ -110,9 +108,7 @@ def write_query_html(out: Path, result: dict[str, Any], scores: Scores, opened: 
     if query_side:
         _query_id, input_ids, values = query_side[0]
         for j, row_id in enumerate(train_ids):
-            query_tokens.append(
-                {"id": row_id, "tokens": [[tokenizer.decode([t]), float(v)] for t, v in zip(input_ids, values[j])]}
-            )
+            query_tokens.append({"id": row_id, "tokens": decoded(tokenizer, input_ids, values[j])})
     sections = query_sections({**result, **shown}, scores, query_tokens)
     sections.append(settings_section("Settings", opened.config.to_dict()))
     manifest = opened.folder / "manifest.json"

@@ -413,6 +413,9 @@ def query(
             raise ValueError(
                 f"--per-token needs an influence method's gradients; this run holds {opened.config.method!r}"
             )
+        refuse_unsplittable_scores(
+            opened, [flag for flag, given in (("--per-token", per_token), ("--html", html)) if given]
+        )
         result = opened.scores([record])
     except (DataError, RunMismatch, RuntimeError, ValueError) as error:
         fail(error)
@@ -441,11 +444,15 @@ def query(
         "proponents": [describe(i, s, False) for i, s in result.top(0, top_k)],
         "opponents": [describe(i, s, True) for i, s in result.top(0, top_k, opponents=True)],
     }
-    if per_token:
-        top_rows = [rows[p["id"]] for p in report["proponents"]]
-        _, tokens = opened.attributor.token_scores([record], top_rows)
-        for entry, (_row_id, input_ids, values) in zip(report["proponents"], tokens):
-            entry["tokens"] = [[tokenizer.decode([t]), float(v)] for t, v in zip(input_ids, values[0])]
+    if per_token:  # each listed row's score split over its own tokens and over the query's (both sum to it)
+        entries = [*report["proponents"], *report["opponents"]]
+        listed = [rows[i] for i in dict.fromkeys(e["id"] for e in entries)]  # a row at both ends: scored once
+        _, own = opened.attributor.token_scores([record], listed)
+        train_ids, [(_query, query_ids, values)] = opened.attributor.query_token_scores([record], listed)
+        split = {row_id: decoded(tokenizer, input_ids, row_values[0]) for row_id, input_ids, row_values in own}
+        split_query = {row_id: decoded(tokenizer, query_ids, values[j]) for j, row_id in enumerate(train_ids)}
+        for entry in entries:
+            entry["tokens"], entry["query_tokens"] = split[entry["id"]], split_query[entry["id"]]
     if html is not None:
         from wherefrom.cli.report import write_query_html
 
@@ -455,6 +462,26 @@ def query(
         typer.echo(json.dumps(strict_json(report), indent=2, allow_nan=False))
         return
     print_report(report, result.module_names)
+
+
+def refuse_unsplittable_scores(opened: Run, flags: Sequence[str]) -> None:
+    """``ValueError`` naming ``flags`` (``--per-token``, ``--html``: they split each score over tokens, from the
+    gradients recomputed at the run's settings) when the run's scores read the training side from an index whose rows
+    change them (``--precondition adam``: the index records its options only then): the parts summed to the plain
+    gradient score (4.64) beside the adam score shown (43.1)."""
+    provenance = opened.scores_provenance()
+    if flags and provenance.get("index_options"):
+        raise ValueError(
+            f"{', '.join(flags)} split each score over tokens from the gradients recomputed at the run's settings, but "
+            f"its scores come from {opened.folder / 'index'} ({index_rows_text(provenance)}), whose rows change them: "
+            f"query without {' and '.join(flags)}, or in a run without that index"
+        )
+
+
+def decoded(tokenizer, input_ids: Sequence[int], values: torch.Tensor) -> list[list]:
+    """``[[token text, score part], ...]`` of one row's per-token split (a ``(T,)`` row of
+    :meth:`wherefrom.engine.api.Attributor.token_scores` or ``query_token_scores``), as ``query --json`` gives it."""
+    return [[tokenizer.decode([t]), float(v)] for t, v in zip(input_ids, values)]
 
 
 def say_train_side(opened: Run) -> None:
@@ -483,7 +510,8 @@ def table_title(report: dict, kind: str) -> str:
 
 
 def print_report(report: dict, module_names: list[str] | None = None) -> None:
-    """The proponent and opponent tables of a ``query`` report on stdout, then each proponent's tokens.
+    """The proponent and opponent tables of a ``query`` report on stdout, then each listed row's score by its tokens
+    and by the query's (``--per-token``).
     A row's text shows its prompt, then ``->``, then its completion in bold; modules are named without
     the prefix all ``module_names`` share (default: the report's own), one per line."""
     out = stdout_console()
@@ -500,7 +528,8 @@ def print_report(report: dict, module_names: list[str] | None = None) -> None:
             cells = (str(rank), f"{entry['score']:+.4g}", entry["id"], str(entry["label"] or ""))
             table.add_row(*map(Text, cells), text, Text(modules))  # Text: an id or label is shown as written
         out.print(table)
-    for entry in report["proponents"]:
-        if "tokens" in entry:
-            shown = " ".join(f"{tok!r}:{value:+.2g}" for tok, value in entry["tokens"])
-            out.print(Text.assemble((entry["id"], "bold"), f" by token: {shown}"))
+    for entry in [*report["proponents"], *report["opponents"]]:
+        for key, side in (("tokens", "its tokens"), ("query_tokens", "the query's tokens")):
+            if key in entry:
+                shown = " ".join(f"{tok!r}:{value:+.2g}" for tok, value in entry[key])
+                out.print(Text.assemble((entry["id"], "bold"), f" ({entry['kind']}) by {side}: {shown}"))
