@@ -439,6 +439,15 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "argument",
+        "an output folder that holds the base model where the fine-tuning writes",
+        EXIT,
+        "the base model's folder model is where the fine-tuning writes",
+        "the fine-tuned weights replaced the base model's folder (with every file of the user's in it), also "
+        "without --overwrite; a user's own adapter/ or model/ in the output folder is likewise refused by name",
+        command=("finetune", "--train", "train.jsonl", "--model", "model", "--full", "--out", "."),
+    ),
+    Refusal(
+        "argument",
         "an index dtype wherefrom cannot store",
         EXIT,
         "--dtype float64: unknown value; choose one of float32, float16, bfloat16",

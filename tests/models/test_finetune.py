@@ -514,3 +514,38 @@ def test_without_overwrite_a_run_of_the_same_inputs_missing_a_checkpoint_is_trai
     (out / "finetune_config.json").write_text("{not json")
     with pytest.raises(OutputExists, match=r"finetune_config.json \(its record is unreadable\); pass --overwrite"):
         finetune(load_model(model_dir, device="cpu").model, loaded.tokenizer, rows, config, out, overwrite=False)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_fine_tuning_deletes_nothing_it_did_not_make(tokenizer, records, tmp_path, full):
+    """userA: `finetune --model proj/model --out proj --full` replaced the base model by the fine-tuned one (the
+    user's file beside its weights gone), and a user's own `adapter/` in `--out` was deleted, without --overwrite.
+    The base model's folder where the run writes is refused; folders of its names that no fine-tuning recorded are
+    refused by name, also with overwrite, and kept. A killed run's folders (a checkpoint's trainer state) are not
+    the user's: the rerun clears and trains."""
+    config = lora_config(epochs=1, lora_rank=None if full else 4)
+    base = save_tiny(tmp_path / "proj" / "model", "llama")
+    (base / "MY_NOTES.txt").write_text("keep")
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    for out in (tmp_path / "proj", base):
+        loaded = load_model(base, device="cpu")
+        with pytest.raises(ValueError, match=r"the base model's folder .*model is where the fine-tuning writes"):
+            finetune(loaded.model, loaded.tokenizer, records[:8], config, out, progress=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+    out = tmp_path / "mine"
+    for name in ("adapter", "model", "checkpoints"):
+        (out / name).mkdir(parents=True)
+        (out / name / "mine.txt").write_text(name)
+    for overwrite in (False, True):
+        with pytest.raises(OutputExists, match=r"mine/adapter, .*mine/model, .*mine/checkpoints would be deleted"):
+            finetune(
+                tiny_llama(len(tokenizer)), tokenizer, records[:8], config, out, progress=False, overwrite=overwrite
+            )
+    assert sorted(p.read_text() for p in out.rglob("mine.txt")) == ["adapter", "checkpoints", "model"]
+
+    killed = tmp_path / "killed"  # as a run killed after its first epoch's checkpoint leaves it
+    finetune(tiny_llama(len(tokenizer)), tokenizer, records[:8], config, killed, progress=False)
+    (killed / "finetune_config.json").unlink()
+    again = finetune(tiny_llama(len(tokenizer)), tokenizer, records[:8], config, killed, progress=False)
+    assert not again.reused and (killed / "finetune_config.json").is_file()

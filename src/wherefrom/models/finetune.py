@@ -58,6 +58,7 @@ from wherefrom.core.encoding import (
 from wherefrom.core.store import (
     OLD,
     PARTIAL,
+    OutputExists,
     atomic_write_dir,
     atomic_write_text,
     read_json_object,
@@ -396,6 +397,36 @@ def _refuse_other_run(output_dir: Path, identity: dict[str, Any], tokenizer: Any
     refuse_other_inputs([path], {key: saved.get(key) for key in now}, now)
 
 
+def _refuse_unrecorded_outputs(output_dir: Path, model: nn.Module) -> None:
+    """Refuse to train into ``output_dir`` where it would delete what no fine-tuning recorded: ``ValueError`` when
+    the base model's own folder (``model.config.name_or_path``) is ``output_dir`` or one the run replaces
+    (``--model proj/model --out proj --full`` replaced the base model by the fine-tuned one), and
+    :class:`wherefrom.core.store.OutputExists` naming ``adapter/``, ``model/``, ``checkpoints/`` or the training
+    log where no record of a fine-tuning is there (its ``finetune_config.json``, a killed run's ``resume/``, an
+    epoch checkpoint's trainer state): the user's own folders of those names were deleted, also without
+    ``--overwrite``."""
+    writes = (ADAPTER_DIR, MODEL_DIR, CHECKPOINTS_DIR, RESUME_DIR)
+    base = getattr(getattr(model, "config", None), "name_or_path", None) or ""
+    if base and Path(base).is_dir():
+        base_dir, out = Path(base).resolve(), output_dir.resolve()
+        if base_dir == out or any(base_dir.is_relative_to(out / name) for name in writes):
+            raise ValueError(
+                f"the base model's folder {base} is where the fine-tuning writes (output folder {output_dir}: its "
+                f"{', '.join(f'{n}/' for n in writes)}): it would be replaced; choose another output folder"
+            )
+    recorded = (output_dir / CONFIG_FILE).exists() or (output_dir / RESUME_DIR).exists()
+    recorded = recorded or any((output_dir / CHECKPOINTS_DIR).glob(f"*/{TRAINER_STATE_FILE}"))
+    unrecorded = [output_dir / n for n in (ADAPTER_DIR, MODEL_DIR, CHECKPOINTS_DIR, TRAIN_LOG_FILE)]
+    unrecorded = [str(path) for path in unrecorded if path.exists()]
+    if unrecorded and not recorded:
+        raise OutputExists(
+            f"{', '.join(unrecorded)} would be deleted: no fine-tuning made {'it' if len(unrecorded) == 1 else 'them'} "
+            f"({output_dir} holds no "
+            f"{CONFIG_FILE}, {RESUME_DIR}/ or epoch checkpoint); move them or choose another output folder "
+            "(--overwrite does not delete them)"
+        )
+
+
 def _try_reuse(
     output_dir: Path, identity: dict[str, Any], tokenizer: Any
 ) -> tuple[list[float], list[Path], Path] | None:
@@ -563,6 +594,7 @@ def finetune(
 
     # Encode first, so bad data fails before anything on disk is touched.
     examples = encode_records(records, tokenizer, model=model, **config.layout())
+    _refuse_unrecorded_outputs(output_dir, model)  # with overwrite too: not a fine-tuning's to replace
     if not overwrite:
         _refuse_other_run(output_dir, identity, tokenizer)
     output_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused row leaves no folder
