@@ -160,7 +160,7 @@ def test_non_positive_damping_is_refused_by_name_before_any_work(tokenizer, name
 def test_case02_rows_zero_damping_refused_and_small_damping_finite(tokenizer):
     train = [Record("r0", "kl ab ef:", " cd ij kl ef"), Record("r1", "gh:", " ab")]
     queries = [Record("q0", "ab cd:", " ef"), Record("q1", "ij:", " gh kl")]
-    with pytest.raises(ValueError, match=r"damping must be|option 'damping' got 0.0; allowed: a number > 0"):
+    with pytest.raises(ValueError, match=r"damping must be|option 'damping' got 0.0; allowed: a finite number > 0"):
         make_curvature("ekfac", damping=0.0)
     model = tiny_llama(len(tokenizer), hidden=16, intermediate=32, layers=1)
     for strategy in ("ekfac", "kfac", "exact"):

@@ -82,15 +82,28 @@ def test_datainf_presets_the_empirical_fisher_and_an_option_overrides_it(model, 
         ("lissa", {"depth": 0}, ["method 'lissa'", "option 'depth'", "got 0", "an integer >= 1"]),
         ("arnoldi", {"rank": 2.5}, ["method 'arnoldi'", "option 'rank'", "2.5", "an integer >= 1"]),
         ("arnoldi", {"complement": 1}, ["method 'arnoldi'", "option 'complement'", "got 1", "true or false"]),
-        ("cg", {"tol": 0.0}, ["method 'cg'", "option 'tol'", "got 0.0", "a number > 0"]),
+        ("cg", {"tol": 0.0}, ["method 'cg'", "option 'tol'", "got 0.0", "a finite number > 0"]),
         ("exact", {"blocks": "diag"}, ["method 'exact'", "option 'blocks'", "'diag'", 'one of "module", "full"']),
-        ("ekfac", {"damping": -1.0}, ["method 'ekfac'", "option 'damping'", "-1.0", "a number > 0 or null"]),
+        ("ekfac", {"damping": -1.0}, ["method 'ekfac'", "option 'damping'", "-1.0", "a finite number > 0 or null"]),
         ("ekfac", {"fisher": "sampled"}, ["method 'ekfac'", "option 'fisher'", 'one of "true", "empirical"']),
-        ("bm25", {"b": 2}, ["method 'bm25'", "option 'b'", "got 2", "a number in [0, 1]"]),
+        ("bm25", {"b": 2}, ["method 'bm25'", "option 'b'", "got 2", "a finite number in [0, 1]"]),
         ("repsim", {"pooling": "max"}, ["method 'repsim'", "option 'pooling'", '"last_prompt", "last", "mean"']),
         ("trak", {"dim": "many"}, ["method 'trak'", "option 'dim'", "'many'", "an integer >= 1"]),
         ("tracin", {}, ["method 'tracin' needs option 'checkpoints'", "a list"]),
         ("tracin", {"checkpoints": "ckpt"}, ["method 'tracin'", "option 'checkpoints'", "'ckpt'", "a list"]),
+        # userB: inf met every lower bound and NaN every option without one (lissa's safety=inf divided by zero in
+        # fit, cg's tol=inf stopped at once with no warning, lissa's scale=inf was blamed on the model, bm25's
+        # k1=inf scored NaN); also as text, as the command line gives them
+        ("lissa", {"safety": float("inf")}, ["method 'lissa'", "option 'safety'", "got inf", "a finite number >= 1"]),
+        ("cg", {"tol": "Infinity"}, ["method 'cg'", "option 'tol'", "'Infinity'", "a finite number > 0"]),
+        ("lissa", {"tol": float("inf")}, ["method 'lissa'", "option 'tol'", "got inf", "a finite number > 0"]),
+        ("lissa", {"scale": float("inf")}, ["method 'lissa'", "option 'scale'", "got inf", "a finite number"]),
+        ("bm25", {"k1": float("inf")}, ["method 'bm25'", "option 'k1'", "got inf", "a finite number >= 0"]),
+        ("bm25", {"epsilon": float("nan")}, ["method 'bm25'", "option 'epsilon'", "got nan", "a finite number"]),
+        ("bm25", {"epsilon": "NaN"}, ["method 'bm25'", "option 'epsilon'", "'NaN'", "a finite number"]),
+        # userB: listed and taken, then refused by the fit, after the model was set up
+        ("exact", {"reduction": "mean"}, ["method 'exact'", "reduction='mean' is not supported", "reduction='sum'"]),
+        ("lissa", {"reduction": "mean"}, ["method 'lissa'", "forms the GGN of the summed completion loss itself"]),
     ],
 )
 def test_bad_options_are_named_errors_before_any_model_work(name, options, words):

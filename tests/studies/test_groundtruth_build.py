@@ -434,7 +434,7 @@ def test_a_ground_truth_made_before_version_2_of_the_tokenizer_fingerprint_reuse
     ("option", "value", "said"),
     [
         ("bogus=1", {"bogus": 1}, "PBRF has no option(s) ['bogus'] (given {'bogus': 1}); its options are ['eps',"),
-        ("eps=nan", {"eps": "nan"}, "PBRF: option 'eps' got 'nan'; allowed: a number or null"),
+        ("eps=nan", {"eps": "nan"}, "PBRF: option 'eps' got 'nan'; allowed: a finite number or null"),
         (
             "optimizer=sgd",
             {"optimizer": "sgd"},

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections.abc
 import inspect
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -70,7 +71,9 @@ class OptionSpec:
 
     ``type``: ``int``, ``float``, ``bool``, ``str``, ``list`` (a list or tuple), ``callable`` (any
     callable), ``object`` (anything) or a class (``isinstance``). ``low``/``high``: inclusive bounds for
-    numbers (``low_inclusive=False`` makes ``low`` exclusive); ``choices``: the allowed values;
+    numbers (``low_inclusive=False`` makes ``low`` exclusive; a ``float`` is finite: ``inf`` met every lower bound,
+    and NaN every option without one: lissa's ``safety=inf`` divided by zero, cg's ``tol=inf`` stopped at once with
+    no warning, bm25's ``k1=inf`` scored NaN); ``choices``: the allowed values;
     ``nullable``: ``None`` is allowed; ``required``: the option must be given (it has no default).
     ``source``: the paper (and equation) the option's meaning comes from, if any.
     """
@@ -94,7 +97,7 @@ class OptionSpec:
         elif self.type is bool:
             text = "true or false"
         elif self.type in (int, float):
-            text = "an integer" if self.type is int else "a number"
+            text = "an integer" if self.type is int else "a finite number"
             low, high = (
                 None if b is None else str(int(b)) if self.type is int else f"{b:g}" for b in (self.low, self.high)
             )
@@ -158,6 +161,8 @@ class OptionSpec:
         if self.choices is not None and value not in self.choices:
             return False
         if self.type in (int, float):
+            if not math.isfinite(value):
+                return False
             if self.low is not None and not (value >= self.low if self.low_inclusive else value > self.low):
                 return False
             if self.high is not None and not value <= self.high:

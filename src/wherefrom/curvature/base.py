@@ -343,6 +343,17 @@ class Curvature(ABC):
         others do. The Fisher setting (true or empirical) does not reach the former."""
         return getattr(self, "curvature", None) in OWN_CURVATURES
 
+    def check_reduction(self, reduction: str) -> None:
+        """``ValueError`` when this strategy cannot fit under the training loss's ``reduction``: one that forms the
+        GGN or Hessian of the summed loss itself (:attr:`own_ggn`) takes ``"sum"`` only. Checked when a method is
+        made (``reduction="mean"`` was listed and taken for ``exact``, ``cg``, ``lissa``, ``arnoldi``, then refused
+        by the fit) and again by the fit."""
+        if self.own_ggn and reduction != "sum":
+            raise ValueError(
+                f"strategy {self.name!r} forms the GGN of the summed completion loss itself; "
+                f"reduction={reduction!r} is not supported with it (use reduction='sum')"
+            )
+
     def __init__(self, damping: float | None = None, damping_factor: float = DAMPING_FACTOR):
         check_damping(damping, damping_factor)
         self.damping = damping

@@ -429,11 +429,7 @@ class Attributor:
             return self.batches(encoded).without_ids()
 
         self.curvature = curvature or self.new_curvature()
-        if self.curvature.own_ggn and self.config.reduction != "sum":
-            raise ValueError(
-                f"strategy {self.curvature.name!r} forms the GGN of the summed completion loss itself; "
-                f"reduction={self.config.reduction!r} is not supported with it (use reduction='sum')"
-            )
+        self.curvature.check_reduction(self.config.reduction)
         if self.curvature.own_ggn and self.config.fisher == "empirical":
             warnings.warn(
                 f"strategy {self.curvature.name!r} forms its {getattr(self.curvature, 'curvature', 'ggn')} from the "

@@ -491,7 +491,11 @@ def method_settings(
         raise OptionError(f"method {name!r}: option {unused}")
     config = replace(config or AttributionConfig(), **{**spec.settings, **settings})
     if spec.family == "influence":
-        configured_curvature(config.strategy, config.damping, config.damping_factor, constructor)
+        curvature = configured_curvature(config.strategy, config.damping, config.damping_factor, constructor)
+        try:
+            curvature.check_reduction(config.reduction)
+        except ValueError as error:
+            raise OptionError(f"method {name!r}: {error}") from None
     return config, constructor
 
 
