@@ -520,6 +520,20 @@ def test_evaluate_of_an_unfinished_ground_truth_says_so_and_how_to_finish_it(tmp
         (["groundtruth", "--task", "rules", "--seed", "-1", "--out", "gt"], "--seed -1: must be >= 0, got -1"),
         (["tune", "gt", "--method", "ekfac", "--grid", "damping_factor=0.1", "--split-seed", "-1"], "--split-seed -1"),
         (["bench", "--task", "rules", "--epochs", "1", "--learning-rate", "inf", "--out", "b"], "--learning-rate inf"),
+        # userA: LoRA flags beside full fine-tuning were taken, recorded, and a rerun refused over a change of nothing
+        (
+            ["finetune", "--train", "t.jsonl", "--full", "--lora-alpha", "16", "--out", "f"],
+            "--full fine-tunes every weight with no LoRA adapter, so --lora-alpha 16 would change nothing",
+        ),
+        (["finetune", "--train", "t.jsonl", "--full", "--lora-dropout", "0.1", "--out", "f"], "--lora-dropout 0.1"),
+        (
+            ["finetune", "--train", "t.jsonl", "--full", "--lora-target", "q_proj", "--lora-target", "k_proj"],
+            "so --lora-target q_proj,k_proj would change nothing",
+        ),
+        (
+            ["bench", "--task", "rules", "--lora-rank", "0", "--lora-alpha", "4", "--out", "b"],
+            "--lora-rank 0 fine-tunes",
+        ),
     ],
 )
 def test_out_of_range_settings_are_refused_naming_the_flag(tmp_path, monkeypatch, arguments, said):

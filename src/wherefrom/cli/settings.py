@@ -880,4 +880,20 @@ def contradictions(arguments: Mapping[str, Any]) -> list[str]:
     rank = arguments.get("lora_rank", FinetuneConfig.lora_rank)
     if arguments.get("full") and rank not in (FinetuneConfig.lora_rank, 0):
         problems.append(f"--full fine-tunes every weight, so --lora-rank {rank} would change nothing: give one of them")
+    if arguments.get("full") or rank == 0:  # userA: taken, recorded, and a rerun refused over a change of nothing
+        full = "--full" if arguments.get("full") else "--lora-rank 0"
+        lora = {
+            "lora_target": None,
+            "lora_alpha": FinetuneConfig.lora_alpha,
+            "lora_dropout": FinetuneConfig.lora_dropout,
+        }
+        for name, default in lora.items():
+            if arguments.get(name, default) not in (default, [], ()):
+                flag = f"--{name.replace('_', '-')} {_shown(arguments[name])}"
+                problems.append(f"{full} fine-tunes every weight with no LoRA adapter, so {flag} would change nothing")
     return problems
+
+
+def _shown(value: Any) -> str:
+    """A flag's value as typed: a repeated flag's values joined by commas."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
