@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -224,3 +225,40 @@ def test_finetune_command_names_bad_input(workspace):
         "cpu",
     )
     assert result.exit_code == 2 and "epochs" in result.output
+
+
+def layout_warnings(*args) -> tuple[object, list[str]]:
+    """``invoke(*args)`` and the messages of the LayoutMismatch warnings it gave."""
+    from wherefrom.models.finetune import LayoutMismatch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = invoke(*args)
+    return result, [" ".join(str(w.message).split()) for w in caught if issubclass(w.category, LayoutMismatch)]
+
+
+def test_fit_and_attribute_take_the_fine_tunings_layout_and_warn_when_it_differs(workspace, tmp_path):
+    """userA: `finetune --no-eos` (or `--template`, `--truncate`, ...) made an adapter that `fit` and `attribute`
+    attributed with the EOS appended, without a word: they took no layout flags. They take them now, and warn
+    (LayoutMismatch, naming each setting and its flag) when the fine-tuning recorded another layout."""
+    template = "q {prompt} a {completion}"
+    tuned = tmp_path / "ft"
+    made = invoke(
+        "finetune", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--lora-target", "c_attn",
+        "--out", tuned, "--epochs", "1", "--max-length", "128", "--no-eos", "--template", template,
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    common = ["--train", workspace / "train.jsonl", "--model", workspace / "model", "--adapter", tuned / "adapter"]
+    plain, said = layout_warnings("fit", *common, "--run", tmp_path / "plain", "--strategy", "identity")
+    assert plain.exit_code == 0 and len(said) == 1, plain.output
+    assert "append_eos False there, True here (--no-eos)" in said[0] and "(--template)" in said[0]
+    matched = [*common, "--max-length", "128", "--no-eos", "--template", template]
+    fitted, said = layout_warnings("fit", *matched, "--run", tmp_path / "matched", "--strategy", "identity")
+    assert fitted.exit_code == 0 and said == [], fitted.output
+    recorded = json.loads((tmp_path / "matched" / "config.json").read_text())
+    assert recorded["attribution"]["append_eos"] is False and recorded["attribution"]["template"] == template
+    queries = ["--queries", workspace / "queries.jsonl"]
+    attributed, said = layout_warnings("attribute", "--method", "gradsim", *matched, *queries, "--out", tmp_path / "a")
+    assert attributed.exit_code == 0 and said == [], attributed.output
+    other, said = layout_warnings("attribute", "--method", "gradsim", *common, *queries, "--out", tmp_path / "b")
+    assert other.exit_code == 0 and len(said) == 1, other.output

@@ -157,6 +157,10 @@ def invalid_cases(root, out):
             ["attribute", "--method", "bm25", *rows_args(root), "--out", out, "--batch-size", "2"],
             ["method 'bm25' does not read --batch-size 2: leave it out"],
         ),
+        (  # a layout flag fit and attribute now take, by its command-line name (the field is append_eos)
+            ["attribute", "--method", "bm25", *rows_args(root), "--out", out, "--no-eos"],
+            ["method 'bm25' does not read --no-eos: leave it out"],
+        ),
         (
             ["bench", "--task", "rules", "--out", out, "--methods", "ekfac,gradsim", "--option", "lissa.depth=3"],
             ["--option 'lissa.depth=3'", "method 'lissa' does not run here (methods run: ekfac, gradsim)"],
@@ -533,6 +537,10 @@ def test_evaluate_of_an_unfinished_ground_truth_says_so_and_how_to_finish_it(tmp
         (
             ["bench", "--task", "rules", "--lora-rank", "0", "--lora-alpha", "4", "--out", "b"],
             "--lora-rank 0 fine-tunes",
+        ),
+        (
+            ["fit", "--train", "t.jsonl", "--run", "r", "--no-eos", "--query-without-eos"],
+            "--no-eos appends no EOS, so --query-without-eos has none to leave out",
         ),
     ],
 )

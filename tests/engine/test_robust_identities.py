@@ -86,7 +86,10 @@ def check_low_rank(attributor: Attributor, train, queries) -> None:
     attributor.config.query_rank = previous
     for earlier, later in itertools.pairwise(query_errors):
         assert all(b <= a * (1 + 1e-4) + 1e-6 for a, b in zip(earlier, later)), query_errors
-    torch.testing.assert_close(approx, full, rtol=RTOL, atol=ATOL)
+    # the full-rank factors are an SVD's, which rounds at the scale of the query matrix: an entry that cancels to
+    # well below the largest score keeps that absolute error (1.05e-4 relative on one entry on an AMD EPYC, where the
+    # per-entry rtol of 1e-4 had passed elsewhere), so the absolute tolerance follows the largest score
+    torch.testing.assert_close(approx, full, rtol=RTOL, atol=max(ATOL, RTOL * float(full.abs().max())))
 
 
 def check_module_parts_are_module_influence(strategy, chat, reduction, train, queries, tokenizer, scores) -> None:

@@ -435,11 +435,13 @@ def _coerce(setting: Setting, value: Any) -> Any:
 
 def settings_as(cls: type[T], **overrides: Any) -> T:
     """The configuration dataclass ``cls`` (e.g. ``AttributionConfig``, ``BenchConfig``) filled from the
-    running command's settings of the same names; ``overrides`` give the fields whose command-line
-    form differs (a path as text, a comma-separated list as a list)."""
+    running command's settings of the same names (``--no-eos`` as ``append_eos``); ``overrides`` give the fields
+    whose command-line form differs (a path as text, a comma-separated list as a list)."""
     arguments = _CURRENT.get().arguments
     names = {f.name for f in fields(cls) if f.init}  # type: ignore[arg-type]
     taken = {k: v for k, v in arguments.items() if k in names and k not in overrides}
+    if "append_eos" in names and "no_eos" in arguments and "append_eos" not in overrides:
+        taken["append_eos"] = not arguments["no_eos"]  # the one flag whose name is the field's negation
     return cls(**taken, **overrides)
 
 
@@ -500,6 +502,9 @@ def refuse_unread_settings(
     specs = {method: method_spec(method) for method in methods}
     chosen = list(names) if names is not None else [f.name for f in fields(AttributionConfig)]
     given = set_settings(chosen) if preset else changed_settings(chosen)
+    if "append_eos" in chosen:  # given on the command line as its negation, --no-eos
+        given.update(set_settings(["no_eos"]) if preset else changed_settings(["no_eos"]))
+    field = {"no_eos": "append_eos"}
     for method, spec in specs.items():
         fixed = spec.settings.get("strategy")
         if fixed is not None and given.get("strategy", fixed) != fixed:
@@ -507,7 +512,7 @@ def refuse_unread_settings(
                 f"--strategy {given['strategy']}: {kind} {method!r} is influence with the {fixed!r} strategy; leave "
                 f"--strategy out, or give --method {given['strategy']}"
             )
-    unread = [name for name in given if not any(name in spec.settings_read for spec in specs.values())]
+    unread = [n for n in given if not any(field.get(n, n) in spec.settings_read for spec in specs.values())]
     if unread:
         shown = shown_flags({n: given[n] for n in unread})
         one = len(methods) == 1

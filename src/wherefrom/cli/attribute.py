@@ -27,6 +27,7 @@ from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.commandline import portable
 from wherefrom.core.data import DataError, data_fingerprint, load_records
 from wherefrom.engine.api import AttributionConfig
+from wherefrom.models.finetune import warn_layout_mismatch
 from wherefrom.models.loading import load_model
 
 DIAGNOSE_METHODS = ("ekfac", "kfac", "diagonal", "datainf", "cg", "lissa", "arnoldi", "gradsim")
@@ -74,6 +75,7 @@ def attribute(
                 record,
                 recorded_as=lambda saved: {**saved, "options": recorded_options(method, saved.get("options") or {})},
             )
+        warn_layout_mismatch(adapter or model, config.layout())
         loaded = load_model(model, adapter, device=device)
         chosen = make_method(method, loaded.model, loaded.tokenizer, config, **options)
         chosen.fit(train_rows)

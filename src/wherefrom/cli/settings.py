@@ -495,7 +495,7 @@ class SearchSettings:
 
     search: str | None = setting(
         None,
-        "exact (streaming, memory of one shard) | faiss (approximate; prints its recall@k against exact): answer "
+        "exact (streaming, memory of two blocks of rows, each whole shards) | faiss (approximate; prints its recall@k against exact): answer "
         "from the run's vector store.",
         check=one_of("exact", "faiss"),
     )
@@ -544,7 +544,7 @@ class FinetuneSettings:
     epochs: int = setting(FinetuneConfig.epochs, "Fine-tuning epochs.", check=at_least(1))
     learning_rate: float = setting(
         FinetuneConfig.learning_rate,
-        "Constant AdamW fine-tuning learning rate (full fine-tuning of a real model: ~1e-5).",
+        "AdamW fine-tuning learning rate, at the start of --lr-schedule (full fine-tuning of a real model: ~1e-5).",
         check=positive,
     )
     lora_rank: int = setting(FinetuneConfig.lora_rank, "LoRA rank; 0 fine-tunes every weight.", check=at_least(0))
@@ -564,7 +564,7 @@ class FinetuneSettings:
     full: bool = setting(False, "Fine-tune every weight (the same as --lora-rank 0).", flag="--full")
     seed: int = setting(
         AttributionConfig.seed,
-        "Seed of the task data, LoRA initialisation, epoch orders and Fisher labels.",
+        "Random seed of what the command draws: task data, LoRA initialisation, epoch orders, Fisher labels.",
         check=at_least(0),
     )
     seeds: str | None = setting(
@@ -846,9 +846,16 @@ ATTRIBUTION = (
     "batch_size",
     "max_length",
     "chat_template",
+    "template",
+    "no_eos",
+    "pad_left",
+    "truncate",
+    "loss_tokens",
     "query_without_eos",
 )
-"""The :class:`wherefrom.engine.api.AttributionConfig` settings of every command that runs a method on rows."""
+"""The :class:`wherefrom.engine.api.AttributionConfig` settings of every command that runs a method on rows, the
+input layout among them (a model fine-tuned with ``--no-eos`` or a template is attributed with the same flags;
+``fit`` and ``attribute`` lacked them)."""
 
 REFERENCE_FINETUNING = tuple("no_eos" if name == "append_eos" else name for name in LATER_FINETUNING)
 """The fine-tuning settings (input layout, LoRA, schedule) that the reference study set otherwise than wherefrom: the
@@ -880,6 +887,8 @@ def contradictions(arguments: Mapping[str, Any]) -> list[str]:
     rank = arguments.get("lora_rank", FinetuneConfig.lora_rank)
     if arguments.get("full") and rank not in (FinetuneConfig.lora_rank, 0):
         problems.append(f"--full fine-tunes every weight, so --lora-rank {rank} would change nothing: give one of them")
+    if arguments.get("no_eos") and arguments.get("query_without_eos"):
+        problems.append("--no-eos appends no EOS, so --query-without-eos has none to leave out: give one of them")
     if arguments.get("full") or rank == 0:  # userA: taken, recorded, and a rerun refused over a change of nothing
         full = "--full" if arguments.get("full") else "--lora-rank 0"
         lora = {

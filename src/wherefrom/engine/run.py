@@ -124,7 +124,7 @@ from wherefrom.methods.registry import (
 from wherefrom.methods.saved import META_FILE, TENSORS_FILE, load_fitted, save_fitted
 from wherefrom.methods.tracin import TracIn, finetune_checkpoints, interleave_checkpoints
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_CONFIG
-from wherefrom.models.finetune import TRAINER_STATE_FILE
+from wherefrom.models.finetune import TRAINER_STATE_FILE, warn_layout_mismatch
 from wherefrom.models.loading import LoadedModel, load_model, recorded_tokenizer_fingerprint
 from wherefrom.models.optimizer_state import OPTIMIZER_STATE_FILE, AdamState, MissingOptimizerState
 
@@ -422,6 +422,7 @@ class Run:
         folder = Path(folder)
         refuse_files_in_place(folder)
         config = config.resolved()
+        warn_layout_mismatch(config.adapter or config.model, config.attribution.layout())
         if config.method is not None:  # options checked before the model loads
             method_settings(config.method, config.attribution, config.options)
         misplaced = split_settings(config.options)[0]

@@ -80,16 +80,19 @@ from wherefrom.models.training_state import TrainingStateMismatch, latest_traini
 
 __all__ = [
     "CONFIG_FILE",
+    "LAYOUT_FLAGS",
     "LR_SCHEDULES",
     "TRAINER_STATE_FILE",
     "TRAIN_LOG_FILE",
     "FinetuneConfig",
     "FinetuneDiverged",
     "FinetuneResult",
+    "LayoutMismatch",
     "finetune",
     "full_when_zero",
     "lora_target_set",
     "read_trainer_state",
+    "warn_layout_mismatch",
 ]
 
 LR_SCHEDULES = ("constant", "linear")
@@ -200,6 +203,53 @@ class FinetuneConfig:
 class FinetuneDiverged(UserWarning):
     """A fine-tuning step's loss is not finite (too high a learning rate): the run goes on as configured (a resumed
     run still equals an uninterrupted one), and the weights and scores of the model are NaN."""
+
+
+class LayoutMismatch(UserWarning):
+    """The rows are encoded otherwise than the fine-tuning that made the model encoded them (another template, EOS,
+    padding, loss tokens or truncation): the loss ``L(z)`` attributed is not the one the model was trained on."""
+
+
+LAYOUT_FLAGS = {
+    "chat_template": "--chat-template",
+    "template": "--template",
+    "append_eos": "--no-eos",
+    "pad_left": "--pad-left",
+    "loss_tokens": "--loss-tokens",
+    "truncate": "--truncate",
+    "max_length": "--max-length",
+}
+"""The command-line flag of each input-layout setting (``append_eos=False`` is ``--no-eos``)."""
+
+
+def warn_layout_mismatch(weights: str | Path | None, layout: dict[str, Any]) -> None:
+    """Warn (:class:`LayoutMismatch`) when the fine-tuning that wrote ``weights`` (its ``adapter/``, ``model/`` or an
+    epoch checkpoint, beside the ``finetune_config.json`` it recorded) laid its rows out otherwise than ``layout``
+    (:meth:`wherefrom.engine.api.AttributionConfig.layout`), naming each setting with both values and its flag;
+    ``max_length`` only where either side pads or truncates to it. Nothing for a folder no fine-tuning of wherefrom
+    wrote. userA: an adapter tuned with ``--no-eos`` was attributed with the EOS appended, without a word."""
+    if weights is None:
+        return
+    folder = Path(weights)
+    home = folder.parent.parent if folder.parent.name == CHECKPOINTS_DIR else folder.parent
+    record = home / CONFIG_FILE
+    if (folder.name not in (ADAPTER_DIR, MODEL_DIR) and folder.parent.name != CHECKPOINTS_DIR) or not record.is_file():
+        return
+    try:
+        recorded = read_json_object(record).get("config") or {}
+    except ValueError:
+        return  # a damaged record is named where the fine-tuning is reused
+    tuned = {key: recorded.get(key, getattr(FinetuneConfig, key)) for key in LAYOUT_FLAGS}
+    cut = tuned["pad_left"] or tuned["truncate"] or layout["pad_left"] or layout["truncate"]
+    differ = [key for key in LAYOUT_FLAGS if tuned[key] != layout[key] and (key != "max_length" or cut)]
+    if differ:
+        shown = ", ".join(f"{key} {tuned[key]!r} there, {layout[key]!r} here ({LAYOUT_FLAGS[key]})" for key in differ)
+        warnings.warn(
+            f"{folder} was fine-tuned with rows laid out otherwise ({record}): {shown}; the loss attributed is not "
+            "the one the model was trained on: give the flags the fine-tuning was given",
+            LayoutMismatch,
+            stacklevel=2,
+        )
 
 
 def full_when_zero(lora_rank: int | None) -> int | None:
