@@ -239,6 +239,9 @@ def invalid_cases(root, out):
             ["--selection-share 1.5"],
         ),
         (["replay", out], ["FOLDER", "no config.json"]),
+        # reviewY: refused by the fit after the model loaded, leaving the run's config behind
+        (fit_args(root, out, "--strategy", "exact", "--reduction", "mean"), ["reduction='mean' is not supported"]),
+        (fit_args(root, out, "--method", "lissa", "--reduction", "mean"), ["method 'lissa'", "reduction='mean'"]),
     ]
     if not torch.cuda.is_available():
         cases.append((fit_args(root, out, "--device", "cuda"), ["--device cuda", "not available", "available: cpu"]))

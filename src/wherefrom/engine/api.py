@@ -155,6 +155,11 @@ class AttributionConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def new_curvature(self) -> Curvature:
+        """An unfitted instance of the configured strategy, damping and strategy options (checked: an
+        :class:`wherefrom.core.options.OptionError` before any model work)."""
+        return configured_curvature(self.strategy, self.damping, self.damping_factor, self.strategy_options)
+
     def layout(self) -> dict:
         """The keywords of :func:`wherefrom.core.encoding.encode_records` these settings give (rows' text,
         length, EOS, padding and labels)."""
@@ -270,8 +275,7 @@ class Attributor:
 
     def new_curvature(self) -> Curvature:
         """An unfitted instance of the configured strategy, damping and strategy options."""
-        c = self.config
-        return configured_curvature(c.strategy, c.damping, c.damping_factor, c.strategy_options)
+        return self.config.new_curvature()
 
     @property
     def device(self) -> torch.device:

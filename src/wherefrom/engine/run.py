@@ -425,6 +425,8 @@ class Run:
         warn_layout_mismatch(config.adapter or config.model, config.attribution.layout())
         if config.method is not None:  # options checked before the model loads
             method_settings(config.method, config.attribution, config.options)
+        else:  # a strategy and its options, likewise (fit --strategy exact --reduction mean left a folder behind)
+            config.attribution.new_curvature().check_reduction(config.attribution.reduction)
         misplaced = split_settings(config.options)[0]
         if misplaced:  # the method would apply them, the recorded settings (RunConfig.settings) would not hold them
             raise ValueError(
