@@ -262,3 +262,16 @@ def test_fit_and_attribute_take_the_fine_tunings_layout_and_warn_when_it_differs
     assert attributed.exit_code == 0 and said == [], attributed.output
     other, said = layout_warnings("attribute", "--method", "gradsim", *common, *queries, "--out", tmp_path / "b")
     assert other.exit_code == 0 and len(said) == 1, other.output
+
+
+def test_query_splits_over_tokens_only_an_influence_runs_scores(workspace, tmp_path):
+    """reviewY: `query --html` on a repsim run ended in a KeyError (the view splits each score over tokens from
+    influence gradients); --per-token was refused by name. Both are now, before any scoring."""
+    fitted = invoke("fit", *["--train", workspace / "train.jsonl", "--model", workspace / "model"],
+                    "--run", tmp_path / "r", "--method", "repsim")  # fmt: skip
+    assert fitted.exit_code == 0, fitted.output
+    for flags in (["--html", tmp_path / "q.html"], ["--per-token"], ["--per-token", "--html", tmp_path / "q.html"]):
+        result = invoke("query", "a ->", " b", "--run", tmp_path / "r", *flags)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and "need an influence method's gradients" in said, result.output
+        assert "this run holds 'repsim'" in said and not (tmp_path / "q.html").exists()

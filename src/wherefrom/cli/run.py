@@ -409,10 +409,6 @@ def query(
             search_run(run, [record], top_k, search, options, prefilter_bm25, not no_recall, device)
             return
         opened = Run.open(run, progress=progress, device=device)
-        if per_token and opened.method is not None:
-            raise ValueError(
-                f"--per-token needs an influence method's gradients; this run holds {opened.config.method!r}"
-            )
         refuse_unsplittable_scores(
             opened, [flag for flag, given in (("--per-token", per_token), ("--html", html)) if given]
         )
@@ -466,11 +462,18 @@ def query(
 
 def refuse_unsplittable_scores(opened: Run, flags: Sequence[str]) -> None:
     """``ValueError`` naming ``flags`` (``--per-token``, ``--html``: they split each score over tokens, from the
-    gradients recomputed at the run's settings) when the run's scores read the training side from an index whose rows
-    change them (``--precondition adam``: the index records its options only then): the parts summed to the plain
-    gradient score (4.64) beside the adam score shown (43.1)."""
+    gradients recomputed at the run's settings) on a run of a method that is not influence (no per-token gradients:
+    ``--html`` ended in a ``KeyError``), and on an influence run whose scores read the training side from an
+    ``--precondition adam`` index, whose rows change them: the parts summed to the plain gradient score (4.64)
+    beside the adam score shown (43.1)."""
+    if not flags:
+        return
+    if opened.method is not None:
+        raise ValueError(
+            f"{' and '.join(flags)} need an influence method's gradients; this run holds {opened.config.method!r}"
+        )
     provenance = opened.scores_provenance()
-    if flags and provenance.get("index_options"):
+    if (provenance.get("index_options") or {}).get("precondition") == "adam":
         raise ValueError(
             f"{', '.join(flags)} split each score over tokens from the gradients recomputed at the run's settings, but "
             f"its scores come from {opened.folder / 'index'} ({index_rows_text(provenance)}), whose rows change them: "
