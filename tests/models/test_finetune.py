@@ -527,9 +527,12 @@ def test_a_fine_tuning_deletes_nothing_it_did_not_make(tokenizer, records, tmp_p
     base = save_tiny(tmp_path / "proj" / "model", "llama")
     (base / "MY_NOTES.txt").write_text("keep")
     before = {p.name: p.read_bytes() for p in base.iterdir()}
-    for out in (tmp_path / "proj", base):
+    for out, said in (
+        (tmp_path / "proj", "is where the fine-tuning writes"),
+        (base, "files would mix with the model's"),
+    ):
         loaded = load_model(base, device="cpu")
-        with pytest.raises(ValueError, match=r"the base model's folder .*model is where the fine-tuning writes"):
+        with pytest.raises(ValueError, match=rf"base model's folder .*{said}"):
             finetune(loaded.model, loaded.tokenizer, records[:8], config, out, progress=False, overwrite=True)
     assert {p.name: p.read_bytes() for p in base.iterdir()} == before
 
@@ -549,3 +552,8 @@ def test_a_fine_tuning_deletes_nothing_it_did_not_make(tokenizer, records, tmp_p
     (killed / "finetune_config.json").unlink()
     again = finetune(tiny_llama(len(tokenizer)), tokenizer, records[:8], config, killed, progress=False)
     assert not again.reused and (killed / "finetune_config.json").is_file()
+    # reviewY: killed while a rerun cleared the folder (its record first, then the weights and checkpoints)
+    (killed / "finetune_config.json").unlink()
+    (killed / "checkpoints" / "epoch-1" / "trainer_state.json").unlink()
+    cleared = finetune(tiny_llama(len(tokenizer)), tokenizer, records[:8], config, killed, progress=False)
+    assert not cleared.reused and (killed / "checkpoints" / "epoch-1" / "trainer_state.json").is_file()

@@ -366,6 +366,19 @@ def test_an_analysis_run_elsewhere_reads_the_files_and_model_the_bench_ran_with(
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in elsewhere.iterdir()) == ["model"]  # nothing written here
 
+    # reviewY: the bench folder moved without its project, where its relative `model` names another model: the
+    # seed's fine-tuning was trained again in place of the bench's; now refused, naming the base model
+    moved = elsewhere / "moved"
+    shutil.copytree(project / "bx", moved / "bx")
+    save_tiny(moved / "model", arch="llama", seed=3)
+    for name in ("train.jsonl", "queries.jsonl"):
+        shutil.copy(project / name, moved / name)
+    kept = sorted((p.relative_to(moved), p.stat().st_mtime_ns) for p in (moved / "bx").rglob("finetune/**/*"))
+    shutil.rmtree(moved / "bx" / "seed-0" / "weights")
+    refused = invoke("analyze", "weights", "--bench", moved / "bx", "--threads", "1")
+    assert refused.exit_code == 2 and "base_model_fingerprint" in refused.output, refused.output
+    assert sorted((p.relative_to(moved), p.stat().st_mtime_ns) for p in (moved / "bx").rglob("finetune/**/*")) == kept
+
 
 def _computed(folder, kind: str) -> list:
     """What analysis ``kind`` computed in ``folder``: its rows or records without the time and memory measured."""

@@ -309,6 +309,14 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+_LEFTOVER = re.compile(
+    r"^\.("
+    + "|".join(re.escape(n) for n in (CONFIG_FILE, TRAIN_LOG_FILE, CHECKPOINTS_DIR, ADAPTER_DIR, MODEL_DIR, RESUME_DIR))
+    + f")({re.escape(PARTIAL)}|{re.escape(OLD)})"
+)
+"""The hidden partial or old copy an interrupted atomic write of one of the run's files leaves beside it."""
+
+
 def _clear_outputs(output_dir: Path, resuming: Sequence[str] | None = None) -> None:
     """Delete what an earlier (other or interrupted) run left: only names this module writes. ``resuming``:
     the checkpoints (relative paths) of the interrupted run being resumed, kept with its training state
@@ -324,10 +332,8 @@ def _clear_outputs(output_dir: Path, resuming: Sequence[str] | None = None) -> N
         for entry in checkpoints.iterdir():
             if entry not in kept:  # later epochs and the partial folders of a killed write
                 _remove(entry)
-    names = (CONFIG_FILE, TRAIN_LOG_FILE, CHECKPOINTS_DIR, ADAPTER_DIR, MODEL_DIR, RESUME_DIR)
-    pattern = re.compile(r"^\.(" + "|".join(re.escape(n) for n in names) + f")({re.escape(PARTIAL)}|{re.escape(OLD)})")
     for leftover in output_dir.iterdir():
-        if pattern.match(leftover.name):
+        if _LEFTOVER.match(leftover.name):
             _remove(leftover)
 
 
@@ -459,21 +465,29 @@ def _refuse_unrecorded_outputs(output_dir: Path, model: nn.Module) -> None:
     base = getattr(getattr(model, "config", None), "name_or_path", None) or ""
     if base and Path(base).is_dir():
         base_dir, out = Path(base).resolve(), output_dir.resolve()
-        if base_dir == out or any(base_dir.is_relative_to(out / name) for name in writes):
+        if base_dir == out:
+            raise ValueError(
+                f"the output folder {output_dir} is the base model's folder {base}: the fine-tuning's files would mix "
+                "with the model's; choose another output folder"
+            )
+        if any(base_dir.is_relative_to(out / name) for name in writes):
             raise ValueError(
                 f"the base model's folder {base} is where the fine-tuning writes (output folder {output_dir}: its "
                 f"{', '.join(f'{n}/' for n in writes)}): it would be replaced; choose another output folder"
             )
     recorded = (output_dir / CONFIG_FILE).exists() or (output_dir / RESUME_DIR).exists()
-    recorded = recorded or any((output_dir / CHECKPOINTS_DIR).glob(f"*/{TRAINER_STATE_FILE}"))
+    # an epoch's checkpoint folder, or a leftover of a write or a clearing a kill interrupted (a run killed while
+    # deleting its checkpoints leaves epoch-k without its trainer state)
+    recorded = recorded or any((output_dir / CHECKPOINTS_DIR).glob("epoch-*"))
+    recorded = recorded or (output_dir.is_dir() and any(_LEFTOVER.match(p.name) for p in output_dir.iterdir()))
     unrecorded = [output_dir / n for n in (ADAPTER_DIR, MODEL_DIR, CHECKPOINTS_DIR, TRAIN_LOG_FILE)]
     unrecorded = [str(path) for path in unrecorded if path.exists()]
     if unrecorded and not recorded:
         raise OutputExists(
             f"{', '.join(unrecorded)} would be deleted: no fine-tuning made {'it' if len(unrecorded) == 1 else 'them'} "
-            f"({output_dir} holds no "
-            f"{CONFIG_FILE}, {RESUME_DIR}/ or epoch checkpoint); move them or choose another output folder "
-            "(--overwrite does not delete them)"
+            f"({output_dir} holds no {CONFIG_FILE}, {RESUME_DIR}/ or epoch checkpoint); move them or choose another "
+            "output folder (--overwrite does not delete them; a fine-tuning killed while writing its final weights, "
+            "without epoch checkpoints, leaves such a folder too: delete it)"
         )
 
 

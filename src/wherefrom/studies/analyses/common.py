@@ -5,7 +5,7 @@ rows, aggregate) and ``seed-<s>/finetune`` (the LoRA fine-tune with ``checkpoint
 analysis reads the config from ``bench.json``, rebuilds each seed's task with
 :func:`wherefrom.studies.bench.build_task` and gets each seed's fine-tuned model through
 :func:`wherefrom.studies.bench.finetuned` with the bench's settings (which reuses the saved run; it would
-train again only if the folder were missing or stale). Its cache files live under
+train again only if the folder were missing; one made from other inputs is refused). Its cache files live under
 ``seed-<s>/<analysis>/`` and carry a ``key`` of every setting they depend on
 (:func:`wherefrom.studies.toolkit.cached`); its report is ``<analysis>.json`` + ``<analysis>.md`` in
 the bench folder (:func:`write_report`).
@@ -95,8 +95,11 @@ class Bench:
         return build_task(self.config, seed, self.directory)
 
     def finetuned(self, seed: int, task: BenchTask) -> tuple[LoadedModel, FinetuneResult]:
-        """The base model and the seed's fine-tuned model (:func:`wherefrom.studies.bench.finetuned`)."""
-        return finetuned(self.config, seed, task, directory=self.directory)
+        """The base model and the seed's fine-tuned model (:func:`wherefrom.studies.bench.finetuned`): the bench's
+        own, reused; one made from other inputs (another base model where the bench's relative ``model`` now
+        names another folder) is refused, :class:`wherefrom.core.store.OutputExists`, not trained again in its
+        place."""
+        return finetuned(self.config, seed, task, overwrite=False, directory=self.directory)
 
     def base_model(self) -> nn.Module:
         """The bench's base model (its ``model`` folder named from :attr:`directory`), on its device."""
