@@ -101,6 +101,7 @@ def test_datainf_presets_the_empirical_fisher_and_an_option_overrides_it(model, 
         ("bm25", {"k1": float("inf")}, ["method 'bm25'", "option 'k1'", "got inf", "a finite number >= 0"]),
         ("bm25", {"epsilon": float("nan")}, ["method 'bm25'", "option 'epsilon'", "got nan", "a finite number"]),
         ("bm25", {"epsilon": "NaN"}, ["method 'bm25'", "option 'epsilon'", "'NaN'", "a finite number"]),
+        ("cg", {"tol": "1" + "0" * 400}, ["method 'cg'", "option 'tol'", "a finite number > 0"]),  # OverflowError
         # userB: listed and taken, then refused by the fit, after the model was set up
         ("exact", {"reduction": "mean"}, ["method 'exact'", "reduction='mean' is not supported", "reduction='sum'"]),
         ("lissa", {"reduction": "mean"}, ["method 'lissa'", "forms the GGN of the summed completion loss itself"]),

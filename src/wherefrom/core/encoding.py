@@ -301,7 +301,9 @@ def encode_records(
     the row.
 
     Raises :class:`DataError` if an example would exceed ``max_length`` tokens (without ``truncate``) or
-    the model's positions, holds a token id outside the model's embedding, or a
+    the model's positions (every such row counted in one error: the first named with its own message, then how many
+    do not fit, the next five by line and the longest; a fault of another kind after the first such row is left for
+    the next run), holds a token id outside the model's embedding, or a
     completion tokenizes to no tokens; ``ValueError`` if ``chat_template=True`` and the tokenizer
     has no chat template, for a bad ``template`` / ``loss_tokens`` or ``template`` with ``chat_template``, or
     when ``pad_left`` would pad rows beyond the model's positions (it failed in the embedding, an ``IndexError``).

@@ -145,7 +145,10 @@ class OptionSpec:
             return value if isinstance(value, int) and not isinstance(value, bool) else UNSET
         if self.type is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            return float(value) if ok else UNSET
+            try:
+                return float(value) if ok else UNSET
+            except OverflowError:  # an integer literal beyond a float's range (it ended in a traceback)
+                return UNSET
         if self.type is list:
             return value if isinstance(value, (list, tuple)) else UNSET
         if self.type is str and isinstance(value, (bool, int, float)):

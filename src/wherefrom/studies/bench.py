@@ -167,8 +167,8 @@ def build_task(config: BenchConfig, seed: int, directory: Path | None = None) ->
 
 
 def named_from(path: str | None, directory: Path | None) -> str | None:
-    """A path setting (``model``, ``finetune_dir``) named from ``directory`` where it is relative; as it is without
-    one (``None``: the current directory, or the default model)."""
+    """A path setting (``model``, ``finetune_dir``, a ``path:`` task's file) named from ``directory`` where it is
+    relative (``~`` expanded); as it is without one (``None``: the current directory, or the default model)."""
     if path is None or directory is None:
         return path
     return str(Path(directory) / Path(path).expanduser())
@@ -206,8 +206,7 @@ def task_from(task: str, directory: Path) -> str:
     if not task.startswith("path:"):
         return task
     train, test, identify = _file_task(task)
-    files = [str(Path(directory) / f) if not Path(f).is_absolute() else f for f in (train, test)]
-    return ":".join(["path", *files, *(["identify"] if identify else [])])
+    return ":".join(["path", *(named_from(f, directory) for f in (train, test)), *(["identify"] if identify else [])])
 
 
 def make_task(task: str, n_train: int | None, n_test: int | None, seed: int) -> BenchTask:

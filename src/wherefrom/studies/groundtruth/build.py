@@ -52,7 +52,7 @@ from wherefrom.methods.tracin import finetune_checkpoints
 from wherefrom.models.finetune import ADAPTER_DIR, MODEL_DIR, finetune
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_RECORD
 from wherefrom.models.loading import load_model
-from wherefrom.studies.bench import check_task_name, make_task, short_of_sizes, task_from
+from wherefrom.studies.bench import check_task_name, make_task, named_from, short_of_sizes, task_from
 from wherefrom.studies.benchtasks import BenchTask
 from wherefrom.studies.finetuning import StudyFinetuning
 from wherefrom.studies.groundtruth.lds import loo_effect, loo_noise, sample_subsets
@@ -452,7 +452,7 @@ class GroundTruth:
         # relative paths name files from where the ground truth was built (`evaluate` run elsewhere loaded another
         # folder of that name as its base model)
         built_in = recorded_directory(folder, "groundtruth") or Path.cwd()
-        model = None if config.model is None else str(built_in / Path(config.model).expanduser())
+        model = named_from(config.model, built_in)
         task = make_task(task_from(config.task, built_in), config.n_train, config.n_test, config.seed)
         for what, records in (("train", task.train), ("query", task.test)):
             if [r.id for r in records] != meta[f"{what}_ids"]:
