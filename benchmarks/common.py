@@ -96,11 +96,28 @@ def folder_with(marker: str, made_by: str) -> Callable[[str], Path]:
     return folder
 
 
+def results_folder(text: str) -> Path:
+    """A folder for results files: one that exists, or a path where none is (made when written); not a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder for the results files")
+    return path
+
+
+def file_stem(text: str) -> str:
+    """A results file stem: a plain file name, no folder in it (``--name ""`` wrote ``benchmarks/results.md``)."""
+    if not text or text in (".", "..") or Path(text).name != text or "\\" in text:
+        raise argparse.ArgumentTypeError(f"expected a file name without a folder, got {text!r}")
+    return text
+
+
 def results_arguments(parser: argparse.ArgumentParser, name: str | None) -> None:
     """``--results DIR`` (default ``benchmarks/results``) and ``--name STEM`` (default ``name``; ``None``: required):
     where :func:`write_results` writes ``STEM.md`` and ``STEM.json`` (a trial need not replace a committed file)."""
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the results files")
-    parser.add_argument("--name", default=name, required=name is None, help="results file stem under --results")
+    parser.add_argument("--results", type=results_folder, default=RESULTS, help="folder of the results files")
+    parser.add_argument(
+        "--name", type=file_stem, default=name, required=name is None, help="results file stem under --results"
+    )
 
 
 def names_of(choices: Sequence[str]) -> Callable[[str], list[str]]:

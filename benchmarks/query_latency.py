@@ -418,7 +418,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--rows", type=names_of(ROW_KINDS), default=["fitted", "none"], help=f"of {', '.join(ROW_KINDS)}"
     )
-    parser.add_argument("--spectrum", type=json_file, default=HERE / "results" / "row_spectrum.json")
+    parser.add_argument("--spectrum", type=json_file, default=str(HERE / "results" / "row_spectrum.json"))
     parser.add_argument(
         "--kinds",
         type=names_of(tuple(KIND_OPTIONS)),

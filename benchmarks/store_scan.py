@@ -241,7 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--queries", type=positive_int, default=5)
     parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--spectrum", type=json_file, default=HERE / "results" / "row_spectrum.json")
+    parser.add_argument("--spectrum", type=json_file, default=str(HERE / "results" / "row_spectrum.json"))
     parser.add_argument("--data", type=Path, default=Path("/tmp/wherefrom-store-scan"))
     results_arguments(parser, "store_scan")
     return parser.parse_args(argv)

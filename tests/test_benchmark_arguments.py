@@ -99,6 +99,11 @@ BAD = [  # (script, the bad arguments, the flag the error must name, text the er
     ("store_scan.py", ["--spectrum", str(ROOT / "README.md")], "--spectrum", "is not JSON"),
     ("store_scan.py", ["--spectrum", str(BENCHMARKS)], "--spectrum", "(a folder)"),
     ("short_rows.py", [str(BENCHMARKS)], "benches", "not a folder with bench.json"),
+    # reviewY: --name "" wrote benchmarks/results.md, ../x outside the results folder; a file as --results failed
+    # after all the work
+    ("real_recall.py", ["--name", ""], "--name", "a file name without a folder"),
+    ("hnsw_graph.py", ["--name", "../x"], "--name", "a file name without a folder"),
+    ("store_scan.py", ["--results", str(ROOT / "README.md")], "--results", "is a file, not a folder"),
 ]
 
 
