@@ -1,8 +1,10 @@
-"""Slow tier: the demo end to end on the default SmolLM2 model, at a reduced size, twice (reuse)."""
+"""The demo: end to end on the default SmolLM2 model at a reduced size, twice (reuse; slow tier), and a cache of
+other settings refused (fast)."""
 
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import pytest
@@ -30,3 +32,20 @@ def test_demo_runs_and_reuses_its_cache(tmp_path):
     assert again == share
     assert "reused earlier fine-tuning" in console.file.getvalue()
     assert second < first
+
+
+def test_a_demo_of_other_settings_is_refused_before_its_cache_changes(tmp_path):
+    """userC: `demo --cache C --n-train 20` after `--n-train 30` retrained into C/finetune (replacing the adapter,
+    the rows and the checkpoints), then the run refused the new adapter on every rerun. Each cache holds one
+    setting; another is refused naming it, before anything there is touched."""
+    from wherefrom.core.store import OutputExists
+    from wherefrom.studies.demo import SETTINGS_FILE
+
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "train.jsonl").write_text("the earlier rows\n")
+    made = {"n_train": 30, "n_queries": 2, "epochs": 1, "model": None}
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps(made))
+    with pytest.raises(OutputExists, match=r"n_train: recorded 30, now 20.*pass another --cache"):
+        run_demo(cache=tmp_path, n_train=20, n_queries=2, epochs=1, console=Console(file=io.StringIO()))
+    assert (tmp_path / "train.jsonl").read_text() == "the earlier rows\n"
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == made

@@ -43,7 +43,7 @@ from wherefrom.cli.settings import (
 )
 from wherefrom.core.data import DataError, load_records
 from wherefrom.core.option_pairs import parse_option_pairs
-from wherefrom.core.store import OutputExists
+from wherefrom.core.store import OutputExists, StoreError
 from wherefrom.engine.run import RunMismatch
 from wherefrom.models.loading import load_model
 from wherefrom.studies.finetuning import FIRST_FINETUNING
@@ -298,7 +298,7 @@ def demo(cache, n_train, n_queries, epochs, model, device, threads) -> None:
             cache=cache, epochs=epochs, model=model, device=device, progress=progress, console=stdout_console(),
             **{**DEMO_SIZES, **sizes},
         )  # fmt: skip
-    except (DataError, RunMismatch, ValueError) as error:
+    except (DataError, RunMismatch, StoreError, ValueError) as error:
         fail(error)
 
 

@@ -21,6 +21,7 @@ from rich.text import Text
 
 from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores
+from wherefrom.core.store import atomic_write_json, read_json_object, refuse_other_inputs
 from wherefrom.curvature import make_curvature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
@@ -28,6 +29,9 @@ from wherefrom.engine.run import Run, RunConfig
 from wherefrom.models.finetune import FinetuneConfig, finetune
 from wherefrom.models.loading import cache_root, load_model
 from wherefrom.studies.generated import rule_identification, write_jsonl
+
+SETTINGS_FILE = "demo.json"
+"""The demo settings its cache folder was made with."""
 
 
 def top1_label_share(scores: Scores, queries: list[Record], labels: dict[str, str | None]) -> float:
@@ -46,9 +50,19 @@ def run_demo(
     progress: Progress = no_progress,
     console: Console | None = None,
 ) -> dict[str, float]:
-    """Run the demo end to end; returns ``{method: top-1 label share}``."""
+    """Run the demo end to end; returns ``{method: top-1 label share}``. ``cache`` keeps every step of one setting
+    (``demo.json`` records it): a rerun reuses them, and one of other sizes, epochs or model is refused naming each
+    (:class:`wherefrom.core.store.OutputExists`: it replaced the fine-tuning, then the run refused the new adapter
+    for good)."""
     console = console or Console()
     folder = Path(cache) if cache else cache_root() / "demo"
+    settings = {"n_train": n_train, "n_queries": n_queries, "epochs": epochs, "model": model}
+    record = folder / SETTINGS_FILE
+    if record.is_file():
+        refuse_other_inputs(
+            [folder / "finetune", folder / "run-ekfac"], read_json_object(record), settings, allow="another --cache"
+        )
+    atomic_write_json(settings, record)
     train, queries = rule_identification(n_train=n_train, n_test=n_queries, seed=0)
     train_path = write_jsonl(train, folder / "train.jsonl")
     write_jsonl(queries, folder / "queries.jsonl")
@@ -56,8 +70,9 @@ def run_demo(
     console.print(f"[bold]1/3[/] LoRA fine-tuning on {len(train)} generated rule-identification rows")
     base = load_model(model, device=device)
     tuned = finetune(
-        base.model, base.tokenizer, train, FinetuneConfig(epochs=epochs), folder / "finetune", progress=True
-    )
+        base.model, base.tokenizer, train, FinetuneConfig(epochs=epochs), folder / "finetune", progress=True,
+        overwrite=False,
+    )  # fmt: skip
     console.print(
         f"    {'reused earlier fine-tuning' if tuned.reused else 'trained'}; loss per epoch {[round(x, 3) for x in tuned.epoch_losses]}"
     )
