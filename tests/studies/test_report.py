@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from html import escape
 from pathlib import Path
 
@@ -103,6 +104,37 @@ def test_a_report_whose_training_file_is_gone_names_it_and_shows_the_saved_label
     assert "1 of the 20 training ids of these scores are not in the training file" in page
     assert f"#1 <b>{top_id}</b> score {scores.total[0].max().item():+.4g} · label {label}" in page
     assert "could not be read" not in page
+
+
+def test_a_report_shows_no_edited_text_beside_the_scores_of_the_old_rows(tmp_path):
+    """userC: a training file edited after the scores (`sed -i` on one prompt) showed the new text beside the old
+    score, with no word; `query` on the same run refused. The fingerprint the folder records (an `attribute`
+    folder's `train_fingerprint`, a run's manifest `data`) is compared: rows by id, with a note, when it differs."""
+    from wherefrom.core.data import data_fingerprint
+
+    train, _ = rule_identification(n_train=20, n_test=2, seed=0)
+    path = write_jsonl(train, tmp_path / "train.jsonl")
+    ids = [r.id for r in train]
+    for kind in ("attribute", "run"):
+        out = tmp_path / kind
+        save_scores(heavy_tailed_scores(0, ids), out / ("scores" if kind == "run" else ""), "scores")
+        config = {"method": "gradsim", "train": str(path)}
+        made = {"fingerprint": data_fingerprint(train), "rows": 20}
+        if kind == "attribute":
+            config["train_fingerprint"] = made["fingerprint"]
+        else:
+            config = {"train": str(path), "attribution": {"strategy": "identity"}}
+            (out / "manifest.json").write_text(json.dumps({"data": made}))
+        (out / "config.json").write_text(json.dumps(config))
+    edited = [replace(train[0], prompt="TOTALLY DIFFERENT TEXT"), *train[1:]]
+    for kind in ("attribute", "run"):
+        write_jsonl(train, path)
+        page = html.unescape(write_report(tmp_path / kind, tmp_path / f"{kind}-before.html").read_text())
+        assert "changed since these results were made" not in page and train[1].prompt[:20] in page, kind
+        write_jsonl(edited, path)
+        page = html.unescape(write_report(tmp_path / kind, tmp_path / f"{kind}-after.html").read_text())
+        assert f"The training file {path} changed since these results were made" in page, kind
+        assert "TOTALLY DIFFERENT TEXT" not in page and train[1].prompt[:20] not in page, kind
 
 
 def test_a_run_report_says_where_each_score_sets_training_side_came_from(tmp_path):

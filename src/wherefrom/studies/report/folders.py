@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from wherefrom.core.commandline import command_line
-from wherefrom.core.data import DataError, Record, load_records
+from wherefrom.core.data import DataError, Record, data_fingerprint, load_records
 from wherefrom.core.scoring import (
     Scores,
     index_rows_text,
@@ -141,12 +141,30 @@ def _rows(folder: Path, config: dict[str, Any]) -> tuple[dict[str, Record] | Non
     )
     path = Path(os.path.normpath(train if Path(train).is_absolute() or not ran_in else folder / ran_in[0] / train))
     try:
-        return {r.id: r for r in load_records(path)}, ""
+        records = load_records(path)
     except (DataError, OSError) as error:  # each names the file
         return None, (
             f"The training rows could not be read ({error}): rows are shown by id. Put the training file back "
             "(or repair it) and report again to see their text."
         )
+    if _made_from(folder, config) not in (None, data_fingerprint(records)):  # edited text beside the old scores
+        return None, (
+            f"The training file {path} changed since these results were made (its rows' fingerprint is not the one "
+            "recorded): rows are shown by id. Put back the file they were made from to see their text."
+        )
+    return {r.id: r for r in records}, ""
+
+
+def _made_from(folder: Path, config: dict[str, Any]) -> str | None:
+    """The fingerprint of the training rows the results in ``folder`` were made from: an ``attribute`` folder's
+    ``train_fingerprint`` (its ``config.json``), a run's ``manifest.json`` ``data``; ``None`` where none is recorded."""
+    if isinstance(config.get("train_fingerprint"), str):
+        return config["train_fingerprint"]
+    try:
+        data = read_json_object(folder / "manifest.json").get("data") if (folder / "manifest.json").is_file() else None
+    except ValueError:
+        return None
+    return data.get("fingerprint") if isinstance(data, dict) else None
 
 
 def _provenance(data: dict[str, Any]) -> list[dict[str, Any]]:
