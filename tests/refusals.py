@@ -192,6 +192,14 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "Python rows",
+        "scores before the fit",
+        "RuntimeError",
+        "strategy 'ekfac' is not fitted: call fit(train rows) first",
+        "each strategy that needs a fit failed on a KeyError naming one of its factors ('...q_proj.s_eigvecs')",
+        call='Attributor(att.model, tokenizer, AttributionConfig(strategy="ekfac")).scores(rows[:1], rows)',
+    ),
+    Refusal(
+        "Python rows",
         "a model path, a missing tokenizer or a dict of settings where the objects belong",
         "TypeError",
         "config must be an AttributionConfig (AttributionConfig(**settings))",

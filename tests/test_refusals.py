@@ -38,6 +38,7 @@ ERRORS = {
     "DataError": DataError,
     "ValueError": ValueError,
     "TypeError": TypeError,
+    "RuntimeError": RuntimeError,
     "DegenerateCurvatureWarning": DegenerateCurvatureWarning,
     "NotDistributable": NotDistributable,
 }

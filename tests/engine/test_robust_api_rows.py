@@ -185,3 +185,23 @@ def test_a_query_left_with_no_token_to_measure_is_named(tokenizer, method):
     measured = make_method(method, build_model("llama"), tokenizer, AttributionConfig())
     measured.fit(train)
     assert torch.isfinite(measured.scores([lone], train).total).all()
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal", "datainf", "exact", "cg"])
+def test_scoring_before_the_fit_names_the_strategy(tokenizer, strategy) -> None:
+    """userC: `scores` of an EK-FAC or K-FAC `Attributor` before `fit` raised `KeyError: '...q_proj.s_eigvecs'`. Every
+    strategy that needs a fit now says so by name, for scores, token splits and self-influence alike; identity, which
+    fits nothing, scores at once."""
+    rows = make_records(3, seed=5)
+    att = attributor(tokenizer, strategy)
+    for call in (
+        lambda: att.scores(rows[:1], rows),
+        lambda: att.token_scores(rows[:1], rows),
+        lambda: att.query_token_scores(rows[:1], rows),
+        lambda: att.self_influence(rows),
+    ):
+        with pytest.raises(RuntimeError, match=rf"strategy '{strategy}' is not fitted: call fit"):
+            call()
+    att.fit(rows)
+    assert torch.isfinite(att.scores(rows[:1], rows).total).all()
+    assert torch.isfinite(attributor(tokenizer, "identity").scores(rows[:1], rows).total).all()

@@ -594,6 +594,14 @@ class Curvature(ABC):
         self.state = state
         return self
 
+    def check_fitted(self) -> None:
+        """``RuntimeError`` naming the strategy when it needs a fit and has none (no fitted module): preconditioning
+        then failed with a ``KeyError`` on a factor's name (``...q_proj.s_eigvecs``)."""
+        if self.needs_fit and not self.modules:
+            raise RuntimeError(
+                f"strategy {self.name!r} is not fitted: call fit(train rows) first, or load a fitted curvature"
+            )
+
     def check_modules(self, modules: Sequence[TrackedModule]) -> None:
         """Raise if ``modules`` is not the selection this curvature was fitted on."""
         wanted = selection_signature(modules)
