@@ -275,3 +275,16 @@ def test_query_splits_over_tokens_only_an_influence_runs_scores(workspace, tmp_p
         said = " ".join(result.output.split())
         assert result.exit_code == 2 and "need an influence method's gradients" in said, result.output
         assert "this run holds 'repsim'" in said and not (tmp_path / "q.html").exists()
+
+
+def test_attribute_names_every_file_it_would_replace(workspace, tmp_path):
+    """userC: the refusal to replace earlier scores named scores.safetensors and scores.json, not scores.top.csv,
+    which --overwrite replaces too."""
+    rows = ["--train", workspace / "train.jsonl", "--queries", workspace / "queries.jsonl"]
+    common = ["attribute", "--method", "gradsim", *rows, "--model", workspace / "model", "--out", tmp_path / "a"]
+    assert invoke(*common).exit_code == 0
+    refused = invoke(*common, "--top-k", "3", "--prefilter", "5")
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "earlier results would be overwritten" in said, refused.output
+    for name in ("scores.safetensors", "scores.json", "scores.top.csv"):
+        assert str(tmp_path / "a" / name) in said, name

@@ -43,7 +43,7 @@ def attribute(
     --out receives scores.safetensors, scores.json, scores.top.csv and config.json (earlier scores there
     made with other settings or from other rows, by content, are kept unless --overwrite; with the same ones they
     are recomputed)."""
-    from wherefrom.core.scoring import save_scores
+    from wherefrom.core.scoring import refuse_folders_in_set, save_scores
     from wherefrom.core.store import check_replacement, update_json
     from wherefrom.methods.registry import make_method, method_spec, options_in_full
 
@@ -70,7 +70,7 @@ def attribute(
         }
         if not overwrite:
             check_replacement(
-                [out / "scores.safetensors", out / "scores.json"],
+                refuse_folders_in_set(out, "scores"),  # the top-k CSV too, which --overwrite replaces as well
                 out / "config.json",
                 record,
                 recorded_as=lambda saved: {**saved, "options": recorded_options(method, saved.get("options") or {})},
