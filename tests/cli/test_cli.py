@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -288,3 +289,14 @@ def test_attribute_names_every_file_it_would_replace(workspace, tmp_path):
     assert refused.exit_code == 2 and "earlier results would be overwritten" in said, refused.output
     for name in ("scores.safetensors", "scores.json", "scores.top.csv"):
         assert str(tmp_path / "a" / name) in said, name
+
+
+def test_methods_table_keeps_each_name_on_one_line():
+    """userC: into a pipe the table took 80 columns and folded `gradsim-cosine` into `gradsim-cosin` / `e`, so
+    `wherefrom methods | grep gradsim-cosine` found nothing."""
+    from wherefrom.methods.registry import METHODS
+
+    listed = invoke("methods")
+    assert listed.exit_code == 0
+    for name, spec in METHODS.items():
+        assert re.search(rf"│ {re.escape(name)} +│ {re.escape(spec.family)} +│", listed.stdout), name

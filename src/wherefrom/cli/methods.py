@@ -22,7 +22,9 @@ def methods(as_json, threads) -> None:
         typer.echo(json.dumps({"methods": [spec.to_dict() for spec in METHODS.values()]}, indent=2))
         return
     table = Table(title="methods (options: --option key=value; settings fixed by the method in brackets)")
-    for column in ("method", "family", "what it computes", "options", "paper"):
+    for column in ("method", "family"):  # a name whole on one line (`gradsim-cosin` / `e`: grep found none)
+        table.add_column(column, no_wrap=True)
+    for column in ("what it computes", "options", "paper"):
         table.add_column(column, overflow="fold")
     for spec in METHODS.values():
         lines = []
