@@ -147,7 +147,7 @@ def test_non_positive_damping_is_refused_by_name_before_any_work(tokenizer, name
     key = next(iter(setting))
     # the typed option check (registry) or the strategy's own check, whichever meets it first
     with pytest.raises(
-        ValueError, match=rf"{key} must be a finite number > 0|option '{key}' got .*allowed: a number > 0"
+        ValueError, match=rf"{key} must be a finite number > 0|option '{key}' got .*allowed: a finite number > 0"
     ):
         make_method(
             name,
