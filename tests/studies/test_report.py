@@ -248,6 +248,24 @@ def test_query_html_shows_rows_heatmaps_on_both_sides_layers_and_tail(query_view
     assert self_contained(rendered) and report["opponents"][0]["id"] in rendered
 
 
+def test_the_report_of_a_per_token_query_json_shows_the_query_side_too(query_view):
+    """userC: `wherefrom report` of a `query --json --per-token` file left out the query tokens' heatmaps that the
+    JSON holds and `query --html` shows: the first 3 proponents' (score > 0)."""
+    root, _ = query_view
+    prompt, completion = "Determine the rewriting rule: a b c -> c b a\nRule:", " reverse"
+    args = ["query", prompt, completion, "--run", str(root / "run-report"), "--top-k", "3", "--json", "--per-token"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    (root / "split.json").write_text(json.dumps(report))
+    made = runner.invoke(app, ["report", str(root / "split.json"), "--out", str(root / "split.html")])
+    assert made.exit_code == 0, made.output
+    page = (root / "split.html").read_text()
+    shown = [e for e in report["proponents"][:3] if e["score"] > 0]
+    assert page.count("Query tokens&#39; part of the score on row") == len(shown) > 0
+    assert page.count('class="heatmap"') == 6 + len(shown)
+
+
 def chromium() -> str:
     """Path of the Chromium binary; skips when it is missing, except where CI requires it
     (``WHEREFROM_REQUIRE_BROWSER=1``, set by ``.ci/run`` after installing Debian's ``chromium``)."""

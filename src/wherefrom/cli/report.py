@@ -24,11 +24,8 @@ from wherefrom.core.store import StoreError, writer_lock
 from wherefrom.engine.run import Run, refuse_files_in_place
 from wherefrom.studies.influence_tables import influence_markdown, influence_tables
 from wherefrom.studies.report import plots, render, write_html, write_report
-from wherefrom.studies.report.sections import query_sections, settings_section
+from wherefrom.studies.report.sections import QUERY_SIDE_ROWS, query_sections, settings_section
 from wherefrom.studies.toolkit import write_report as write_tables
-
-QUERY_SIDE_ROWS = 3
-"""Top proponents whose query-side token heatmap the query view shows."""
 
 
 @command(files={"out": output_file})

@@ -319,6 +319,18 @@ def word_order_section(summary: Mapping[str, Mapping[str, Any] | None]) -> dict[
     }
 
 
+QUERY_SIDE_ROWS = 3
+"""Top proponents whose query-side token heatmap the query view shows."""
+
+
+def query_side_tokens(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``query_tokens`` of :func:`query_sections` that a ``query --json --per-token`` report holds: those of its
+    first :data:`QUERY_SIDE_ROWS` proponents (score > 0), as the query view shows them (a report of the JSON file
+    left them out)."""
+    top = [e for e in report["proponents"][:QUERY_SIDE_ROWS] if e["score"] > 0 and "query_tokens" in e]
+    return [{"id": e["id"], "tokens": e["query_tokens"]} for e in top]
+
+
 def query_sections(
     report: Mapping[str, Any], scores: Scores | None = None, query_tokens: Sequence[Mapping[str, Any]] = ()
 ) -> list[dict[str, Any]]:
