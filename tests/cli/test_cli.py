@@ -263,6 +263,9 @@ def test_fit_and_attribute_take_the_fine_tunings_layout_and_warn_when_it_differs
     assert attributed.exit_code == 0 and said == [], attributed.output
     other, said = layout_warnings("attribute", "--method", "gradsim", *common, *queries, "--out", tmp_path / "b")
     assert other.exit_code == 0 and len(said) == 1, other.output
+    # reviewZ: bm25 reads no layout setting (given, --no-eos is refused): nothing to warn of
+    lexical, said = layout_warnings("attribute", "--method", "bm25", *common, *queries, "--out", tmp_path / "c")
+    assert lexical.exit_code == 0 and said == [], lexical.output
 
 
 def test_query_splits_over_tokens_only_an_influence_runs_scores(workspace, tmp_path):

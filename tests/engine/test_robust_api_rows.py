@@ -205,3 +205,22 @@ def test_scoring_before_the_fit_names_the_strategy(tokenizer, strategy) -> None:
     att.fit(rows)
     assert torch.isfinite(att.scores(rows[:1], rows).total).all()
     assert torch.isfinite(attributor(tokenizer, "identity").scores(rows[:1], rows).total).all()
+
+
+def test_scoring_after_an_interrupted_fit_names_the_strategy(tokenizer, monkeypatch) -> None:
+    """reviewZ: a fit interrupted part-way (Ctrl-C in a notebook) left its modules and half its state, which scoring
+    took as fitted: a KeyError on a factor's name. The fit now leaves nothing behind."""
+    from wherefrom.curvature import EKFAC
+
+    rows = make_records(3, seed=5)
+    att = attributor(tokenizer, "ekfac")
+
+    def interrupted(self, *args, **kwargs):
+        self.state["half"] = torch.zeros(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(EKFAC, "_fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        att.fit(rows)
+    with pytest.raises(RuntimeError, match=r"strategy 'ekfac' is not fitted"):
+        att.scores(rows[:1], rows)

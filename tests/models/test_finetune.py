@@ -546,6 +546,10 @@ def test_a_fine_tuning_deletes_nothing_it_did_not_make(tokenizer, records, tmp_p
                 tiny_llama(len(tokenizer)), tokenizer, records[:8], config, out, progress=False, overwrite=overwrite
             )
     assert sorted(p.read_text() for p in out.rglob("mine.txt")) == ["adapter", "checkpoints", "model"]
+    (out / "checkpoints" / "epoch-1.pt").write_text("the user's own checkpoint")  # reviewZ: no fine-tuning's record
+    with pytest.raises(OutputExists, match=r"mine/checkpoints would be deleted"):
+        finetune(tiny_llama(len(tokenizer)), tokenizer, records[:8], config, out, progress=False, overwrite=True)
+    assert (out / "checkpoints" / "epoch-1.pt").is_file()
 
     killed = tmp_path / "killed"  # as a run killed after its first epoch's checkpoint leaves it
     finetune(tiny_llama(len(tokenizer)), tokenizer, records[:8], config, killed, progress=False)

@@ -43,9 +43,9 @@ def test_a_demo_of_other_settings_is_refused_before_its_cache_changes(tmp_path):
 
     (tmp_path / "finetune").mkdir()
     (tmp_path / "train.jsonl").write_text("the earlier rows\n")
-    made = {"n_train": 30, "n_queries": 2, "epochs": 1, "model": None}
+    made = {"n_train": 30, "epochs": 1, "model": None}
     (tmp_path / SETTINGS_FILE).write_text(json.dumps(made))
-    with pytest.raises(OutputExists, match=r"n_train: recorded 30, now 20.*pass another --cache"):
+    with pytest.raises(OutputExists, match=r"other settings \(n_train: recorded 30, now 20\).*give another --cache"):
         run_demo(cache=tmp_path, n_train=20, n_queries=2, epochs=1, console=Console(file=io.StringIO()))
     assert (tmp_path / "train.jsonl").read_text() == "the earlier rows\n"
     assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == made

@@ -75,7 +75,7 @@ def attribute(
                 record,
                 recorded_as=lambda saved: {**saved, "options": recorded_options(method, saved.get("options") or {})},
             )
-        warn_layout_mismatch(adapter or model, config.layout())
+        warn_layout_mismatch(adapter or model, config.layout(), spec.settings_read)
         loaded = load_model(model, adapter, device=device)
         chosen = make_method(method, loaded.model, loaded.tokenizer, config, **options)
         chosen.fit(train_rows)
@@ -148,6 +148,7 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
         options = method_pairs(option, names)
         check_shared_damping(options, source="--option")  # before the model loads
         config = settings_as(AttributionConfig)
+        warn_layout_mismatch(adapter or model, config.layout())  # the exact reference reads every layout setting
         loaded = load_model(model, adapter, device=device)
         train_rows, query_rows = load_records(train), load_records(queries)
         needed = reference_bytes(loaded.model, loaded.tokenizer, train_rows, config, exact_blocks)

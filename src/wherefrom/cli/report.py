@@ -24,14 +24,14 @@ from wherefrom.core.store import StoreError, writer_lock
 from wherefrom.engine.run import Run, refuse_files_in_place
 from wherefrom.studies.influence_tables import influence_markdown, influence_tables
 from wherefrom.studies.report import plots, render, write_html, write_report
-from wherefrom.studies.report.sections import QUERY_SIDE_ROWS, query_sections, settings_section
+from wherefrom.studies.report.sections import query_sections, query_side_rows, settings_section
 from wherefrom.studies.toolkit import write_report as write_tables
 
 
 @command(files={"out": output_file})
 def report(path, out, threads) -> None:
     """One self-contained HTML report (no network needed to open it) of a result folder or query JSON;
-    --out is the HTML file (default: PATH/report.html, or PATH.html for a file)."""
+    --out is the HTML file (default: PATH/report.html, or for a file PATH with .html as its suffix)."""
     try:
         written = write_report(path, out)
     except (StoreError, ValueError, KeyError) as error:  # a damaged score set was a traceback
@@ -86,7 +86,7 @@ def influence(run, name, top_k, out, threads) -> None:
 
 def write_query_html(out: Path, result: dict[str, Any], scores: Scores, opened: Run, record: Record) -> Path:
     """The query view of ``wherefrom query``: ``result`` (its JSON report), with token heatmaps on the
-    training side for every shown row and on the query side for the top :data:`QUERY_SIDE_ROWS`
+    training side for every shown row and on the query side for the top :data:`wherefrom.studies.report.sections.QUERY_SIDE_ROWS`
     proponents, the query's layer profile and tail (from ``scores``), the run's settings and provenance."""
     plots.new_page()
     tokenizer = opened.loaded.tokenizer
@@ -99,7 +99,7 @@ def write_query_html(out: Path, result: dict[str, Any], scores: Scores, opened: 
     tokens = {row_id: decoded(tokenizer, input_ids, values[0]) for row_id, input_ids, values in per_row}
     for entry in entries:
         entry["tokens"] = tokens[entry["id"]]
-    top = [rows[e["id"]] for e in shown["proponents"][:QUERY_SIDE_ROWS] if e["score"] > 0]  # proponents alone
+    top = [rows[e["id"]] for e in query_side_rows(shown["proponents"])]  # proponents alone
     train_ids, query_side = opened.attributor.query_token_scores([record], top) if top else ([], [])
     query_tokens = []
     if query_side:

@@ -56,7 +56,7 @@ DEMO_SIZES = {"n_train": 160, "n_queries": 10}
 
 
 @command(uses=(*FIRST_FINETUNING, *REFERENCE_FINETUNING, "weight_decay", "chat_template", "seed", "threads"))
-def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device, no_eos, **settings) -> None:
+def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device, **settings) -> None:
     """Fine-tune a causal LM on prompt/completion rows (loss on completion tokens only), saving a
     checkpoint per epoch for TracIn and the convergence analysis; an identical earlier run is reused,
     one with other settings or data is kept unless --overwrite; a killed one resumes after its last epoch.
@@ -71,7 +71,7 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
         refuse_foreign_folder(out)
         targets = {"lora_targets": lora_target} if lora_target else {}
         rank = None if full else lora_rank
-        config = settings_as(FinetuneConfig, lora_rank=rank, append_eos=not no_eos, **targets)
+        config = settings_as(FinetuneConfig, lora_rank=rank, **targets)
         config.validate()
         records = load_records(train)
         loaded = load_model(model, device=device)
@@ -110,7 +110,7 @@ def explicit_bench_settings(option: list[str] | None, methods: list[str]) -> dic
 
 
 @command(uses=(*OVERRIDES, "n_train", "n_test", "model", "device", "threads"))
-def bench(task, out, methods, seeds, option, preset, no_eos, lora_target, overwrite, **settings) -> None:
+def bench(task, out, methods, seeds, option, preset, lora_target, overwrite, **settings) -> None:
     """Every method on a benchmark task over seeds: metrics with 95% intervals, time and memory.
 
     --methods defaults to ekfac,kfac,datainf,gradsim,tracin,repsim,bm25 and --seeds to 0. --preset
@@ -131,7 +131,6 @@ def bench(task, out, methods, seeds, option, preset, no_eos, lora_target, overwr
         if preset is None:
             settings = {
                 "method_options": method_pairs(option, chosen["methods"]),
-                "append_eos": not no_eos,
                 "lora_targets": lora_target or None,
             }
         else:
@@ -320,7 +319,7 @@ def demo(cache, n_train, n_queries, epochs, model, device, threads) -> None:
         "threads",
     )
 )
-def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, no_eos, overwrite, **settings) -> None:
+def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, overwrite, **settings) -> None:
     """Ground truth for attribution: retrain on LDS subsets and leave-one-out sets, and PBRF; resumable.
 
     --out receives groundtruth.json, lds/loo/pbrf.safetensors, model/, jobs/ and config.json. A rerun reuses what
@@ -335,7 +334,6 @@ def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, no_eos,
             out=str(out),
             lora_rank=lora_rank,
             lora_targets=lora_target,
-            append_eos=not no_eos,
             n_subsets=subsets,
             pbrf_options=merged_options(pbrf_option, "*", "--pbrf-option"),
         )

@@ -421,6 +421,9 @@ class Curvature(ABC):
         self.stages, self.source = stages, source
         try:
             self._fit(model, modules, batches, loss_fn, progress)
+        except BaseException:  # an interrupted fit (Ctrl-C) leaves no half state that scores would take as fitted
+            self.modules, self.state = [], {}
+            raise
         finally:
             self.stages, self.source = None, None
         check_finite_state(self.state, f"the curvature of strategy {self.name!r}")

@@ -118,6 +118,7 @@ from wherefrom.methods.registry import (
     in_family,
     make_method,
     method_settings,
+    method_spec,
     options_in_full,
     split_settings,
 )
@@ -422,7 +423,8 @@ class Run:
         folder = Path(folder)
         refuse_files_in_place(folder)
         config = config.resolved()
-        warn_layout_mismatch(config.adapter or config.model, config.attribution.layout())
+        read = method_spec(config.method).settings_read if config.method is not None else None
+        warn_layout_mismatch(config.adapter or config.model, config.attribution.layout(), read)
         if config.method is not None:  # options checked before the model loads
             method_settings(config.method, config.attribution, config.options)
         else:  # a strategy and its options, likewise (fit --strategy exact --reduction mean left a folder behind)

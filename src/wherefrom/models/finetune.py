@@ -38,7 +38,7 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,8 +116,8 @@ class FinetuneConfig:
 
     ``lora_rank=None`` (or 0) fine-tunes all parameters (then a smaller ``learning_rate``, such as 1e-5,
     suits real models); otherwise a LoRA adapter of that rank, scale ``lora_alpha / lora_rank``,
-    no dropout and no bias is trained on ``lora_targets``. The learning rate is constant (AdamW,
-    no warm-up or decay). ``max_length`` bounds prompt + completion tokens (a longer example raises
+    no dropout and no bias is trained on ``lora_targets``. AdamW, no warm-up; the learning rate follows
+    ``lr_schedule`` (constant by default, or a linear decay). ``max_length`` bounds prompt + completion tokens (a longer example raises
     :class:`wherefrom.core.data.DataError`, or with ``truncate`` keeps its first ``max_length`` tokens).
     ``chat_template`` renders prompts with the tokenizer's chat template (see
     :func:`wherefrom.core.encoding.encode_records`); ``template``, ``append_eos``, ``pad_left``,
@@ -222,12 +222,16 @@ LAYOUT_FLAGS = {
 """The command-line flag of each input-layout setting (``append_eos=False`` is ``--no-eos``)."""
 
 
-def warn_layout_mismatch(weights: str | Path | None, layout: dict[str, Any]) -> None:
+def warn_layout_mismatch(
+    weights: str | Path | None, layout: dict[str, Any], read: Collection[str] | None = None
+) -> None:
     """Warn (:class:`LayoutMismatch`) when the fine-tuning that wrote ``weights`` (its ``adapter/``, ``model/`` or an
     epoch checkpoint, beside the ``finetune_config.json`` it recorded) laid its rows out otherwise than ``layout``
     (:meth:`wherefrom.engine.api.AttributionConfig.layout`), naming each setting with both values and its flag;
-    ``max_length`` only where either side pads or truncates to it. Nothing for a folder no fine-tuning of wherefrom
-    wrote. userA: an adapter tuned with ``--no-eos`` was attributed with the EOS appended, without a word."""
+    ``max_length`` only where either side pads or truncates to it; ``read``: the settings the method reads (a setting
+    it does not read changes none of its numbers, and is refused if given). Nothing for a folder no fine-tuning of
+    wherefrom wrote, or whose record is unreadable (named where the fine-tuning is reused). userA: an adapter tuned
+    with ``--no-eos`` was attributed with the EOS appended, without a word."""
     if weights is None:
         return
     folder = Path(weights)
@@ -236,12 +240,17 @@ def warn_layout_mismatch(weights: str | Path | None, layout: dict[str, Any]) -> 
     if (folder.name not in (ADAPTER_DIR, MODEL_DIR) and folder.parent.name != CHECKPOINTS_DIR) or not record.is_file():
         return
     try:
-        recorded = read_json_object(record).get("config") or {}
-    except ValueError:
-        return  # a damaged record is named where the fine-tuning is reused
+        saved = read_json_object(record)
+    except (OSError, ValueError):
+        return
+    recorded = saved.get("config")
+    other_weights = folder.name in (ADAPTER_DIR, MODEL_DIR) and folder.name != saved.get("weights_dir", folder.name)
+    if not isinstance(recorded, dict) or other_weights:
+        return  # ft/model beside a LoRA fine-tuning's record is not its weights
     tuned = {key: recorded.get(key, getattr(FinetuneConfig, key)) for key in LAYOUT_FLAGS}
     cut = tuned["pad_left"] or tuned["truncate"] or layout["pad_left"] or layout["truncate"]
-    differ = [key for key in LAYOUT_FLAGS if tuned[key] != layout[key] and (key != "max_length" or cut)]
+    keys = [key for key in LAYOUT_FLAGS if read is None or key in read]
+    differ = [key for key in keys if tuned[key] != layout[key] and (key != "max_length" or cut)]
     if differ:
         shown = ", ".join(f"{key} {tuned[key]!r} there, {layout[key]!r} here ({LAYOUT_FLAGS[key]})" for key in differ)
         warnings.warn(
@@ -478,7 +487,9 @@ def _refuse_unrecorded_outputs(output_dir: Path, model: nn.Module) -> None:
     recorded = (output_dir / CONFIG_FILE).exists() or (output_dir / RESUME_DIR).exists()
     # an epoch's checkpoint folder, or a leftover of a write or a clearing a kill interrupted (a run killed while
     # deleting its checkpoints leaves epoch-k without its trainer state)
-    recorded = recorded or any((output_dir / CHECKPOINTS_DIR).glob("epoch-*"))
+    recorded = recorded or any(
+        p.is_dir() and re.fullmatch(r"epoch-\d+", p.name) for p in (output_dir / CHECKPOINTS_DIR).glob("epoch-*")
+    )
     recorded = recorded or (output_dir.is_dir() and any(_LEFTOVER.match(p.name) for p in output_dir.iterdir()))
     unrecorded = [output_dir / n for n in (ADAPTER_DIR, MODEL_DIR, CHECKPOINTS_DIR, TRAIN_LOG_FILE)]
     unrecorded = [str(path) for path in unrecorded if path.exists()]
@@ -602,8 +613,8 @@ def finetune(
       epoch ``k`` (1-based) visits the examples in ``torch.randperm`` order drawn from a
       ``torch.Generator`` seeded with ``seed + k``; batches of ``batch_size``, the last smaller;
     * the loss of a step is the mean over its examples of the summed completion-token loss
-      (:func:`wherefrom.core.task.per_example_loss` with ``"sum"``); AdamW with a constant
-      ``learning_rate`` and ``weight_decay``.
+      (:func:`wherefrom.core.task.per_example_loss` with ``"sum"``); AdamW with ``learning_rate`` (on the
+      ``lr_schedule``) and ``weight_decay``.
 
     After each epoch (with ``checkpoint_every_epoch``) the weights go to
     ``output_dir/checkpoints/epoch-{k}`` with a ``trainer_state.json`` (epoch, step, learning

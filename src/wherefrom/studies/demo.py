@@ -12,6 +12,7 @@ Steps (each cached under the demo folder and reused by a second run):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -21,7 +22,7 @@ from rich.text import Text
 
 from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores
-from wherefrom.core.store import atomic_write_json, read_json_object, refuse_other_inputs
+from wherefrom.core.store import OutputExists, atomic_write_json, read_json_object, settings_differences
 from wherefrom.curvature import make_curvature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
@@ -51,18 +52,21 @@ def run_demo(
     console: Console | None = None,
 ) -> dict[str, float]:
     """Run the demo end to end; returns ``{method: top-1 label share}``. ``cache`` keeps every step of one setting
-    (``demo.json`` records it): a rerun reuses them, and one of other sizes, epochs or model is refused naming each
-    (:class:`wherefrom.core.store.OutputExists`: it replaced the fine-tuning, then the run refused the new adapter
-    for good)."""
+    (``demo.json`` records its training rows, epochs and model once its fine-tuning and run are made): a rerun reuses
+    them, and one of other settings is refused naming each (:class:`wherefrom.core.store.OutputExists`: it replaced
+    the fine-tuning, then the run refused the new adapter for good); ``n_queries`` may differ."""
     console = console or Console()
     folder = Path(cache) if cache else cache_root() / "demo"
-    settings = {"n_train": n_train, "n_queries": n_queries, "epochs": epochs, "model": model}
+    # what the cache's fine-tuning and run depend on (the queries are drawn after the training rows, and scored anew)
+    settings = {"n_train": n_train, "epochs": epochs, "model": None if model is None else os.path.abspath(model)}
     record = folder / SETTINGS_FILE
     if record.is_file():
-        refuse_other_inputs(
-            [folder / "finetune", folder / "run-ekfac"], read_json_object(record), settings, allow="another --cache"
-        )
-    atomic_write_json(settings, record)
+        differences = settings_differences(read_json_object(record), settings)
+        if differences:
+            raise OutputExists(
+                f"{folder} holds the demo of other settings ({'; '.join(differences)}), which this one would "
+                "replace: give another --cache"
+            )
     train, queries = rule_identification(n_train=n_train, n_test=n_queries, seed=0)
     train_path = write_jsonl(train, folder / "train.jsonl")
     write_jsonl(queries, folder / "queries.jsonl")
@@ -87,6 +91,8 @@ def run_demo(
         attribution=AttributionConfig(strategy="ekfac", batch_size=8, max_length=256),
     )
     run = Run.create(folder / "run-ekfac", config, progress=progress)
+    atomic_write_json(settings, record)  # once its fine-tuning and run are this setting's (an earlier version's
+    # cache has no record: a fine-tuning of other settings was refused above, and the record is not written)
     run.fit()
     run.build_index()
 

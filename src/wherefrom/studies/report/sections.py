@@ -323,12 +323,20 @@ QUERY_SIDE_ROWS = 3
 """Top proponents whose query-side token heatmap the query view shows."""
 
 
+def query_side_rows(proponents: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The entries whose query-side token heatmap the query view shows: the first :data:`QUERY_SIDE_ROWS` of a
+    report's ``proponents`` that score above 0 (a ``null`` score, written for a non-finite one, is none)."""
+    return [e for e in proponents[:QUERY_SIDE_ROWS] if isinstance(e["score"], (int, float)) and e["score"] > 0]
+
+
 def query_side_tokens(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The ``query_tokens`` of :func:`query_sections` that a ``query --json --per-token`` report holds: those of its
-    first :data:`QUERY_SIDE_ROWS` proponents (score > 0), as the query view shows them (a report of the JSON file
-    left them out)."""
-    top = [e for e in report["proponents"][:QUERY_SIDE_ROWS] if e["score"] > 0 and "query_tokens" in e]
-    return [{"id": e["id"], "tokens": e["query_tokens"]} for e in top]
+    """The ``query_tokens`` of :func:`query_sections` that a ``query --json --per-token`` report holds
+    (:func:`query_side_rows`; a report of the JSON file left them out)."""
+    return [
+        {"id": e["id"], "tokens": e["query_tokens"]}
+        for e in query_side_rows(report["proponents"])
+        if "query_tokens" in e
+    ]
 
 
 def query_sections(
