@@ -376,7 +376,9 @@ def test_an_analysis_run_elsewhere_reads_the_files_and_model_the_bench_ran_with(
     kept = sorted((p.relative_to(moved), p.stat().st_mtime_ns) for p in (moved / "bx").rglob("finetune/**/*"))
     shutil.rmtree(moved / "bx" / "seed-0" / "weights")
     refused = invoke("analyze", "weights", "--bench", moved / "bx", "--threads", "1")
-    assert refused.exit_code == 2 and "base_model_fingerprint" in refused.output, refused.output
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "base_model_fingerprint" in said, refused.output
+    assert "pass --overwrite to `wherefrom bench` for" in said and "(an analysis never replaces a fine-tuning)" in said
     assert sorted((p.relative_to(moved), p.stat().st_mtime_ns) for p in (moved / "bx").rglob("finetune/**/*")) == kept
 
 

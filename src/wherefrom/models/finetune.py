@@ -448,18 +448,18 @@ def _finished_record(output_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _refuse_other_run(output_dir: Path, identity: dict[str, Any], tokenizer: Any) -> None:
+def _refuse_other_run(output_dir: Path, identity: dict[str, Any], tokenizer: Any, allow: str) -> None:
     """:class:`wherefrom.core.store.OutputExists` when ``output_dir`` holds a finished run made from other inputs
     (naming each setting, data or model fingerprint that differs, with both values) or whose record is unreadable;
     nothing when it records the same inputs (a run whose checkpoints or weights are gone is trained again: that loses
-    nothing)."""
+    nothing). ``allow``: how the caller permits replacing it, named in the message."""
     path = output_dir / CONFIG_FILE
     saved = _finished_record(output_dir)
     if saved is None:
-        refuse_overwrite([path], why=" (its record is unreadable)")
+        refuse_overwrite([path], allow, why=" (its record is unreadable)")
         return
     now = _in_recorded_form(identity, saved, tokenizer, path)
-    refuse_other_inputs([path], {key: saved.get(key) for key in now}, now)
+    refuse_other_inputs([path], {key: saved.get(key) for key in now}, now, allow)
 
 
 def _refuse_unrecorded_outputs(output_dir: Path, model: nn.Module) -> None:
@@ -600,6 +600,7 @@ def finetune(
     progress: bool = True,
     overwrite: bool = True,
     resumable: bool = True,
+    allow: str = "--overwrite",
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``records`` and save checkpoints, logs and final weights.
 
@@ -633,7 +634,7 @@ def finetune(
     Otherwise what earlier runs left there (only the names above) is deleted first; with ``overwrite=False`` a
     complete earlier run of other settings or data, or an interrupted one's training state, raises
     :class:`wherefrom.core.store.OutputExists` instead, before any training (an interrupted run that left no
-    state is still cleared).
+    state is still cleared); its message names ``allow``, the caller's way to permit it.
 
     Raises ``ValueError`` for a bad config, a PEFT model or a LoRA target that names no module of the model
     (:func:`check_lora_targets`); :class:`wherefrom.core.data.DataError` for an empty ``records``, an invalid row,
@@ -671,7 +672,7 @@ def finetune(
     examples = encode_records(records, tokenizer, model=model, **config.layout())
     _refuse_unrecorded_outputs(output_dir, model)  # with overwrite too: not a fine-tuning's to replace
     if not overwrite:
-        _refuse_other_run(output_dir, identity, tokenizer)
+        _refuse_other_run(output_dir, identity, tokenizer, allow)
     output_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused row leaves no folder
 
     random.seed(config.seed)

@@ -365,14 +365,20 @@ def scored_method(
 
 
 def finetuned(
-    config: BenchConfig, seed: int, task: BenchTask, overwrite: bool = True, directory: Path | None = None
+    config: BenchConfig,
+    seed: int,
+    task: BenchTask,
+    overwrite: bool = True,
+    directory: Path | None = None,
+    allow: str = "--overwrite",
 ) -> tuple[LoadedModel, FinetuneResult]:
     """The base model (tokenizer included) and the seed's fine-tuned model: :func:`wherefrom.models.finetune.finetune`
     on ``task.train`` with :meth:`BenchConfig.finetune_config` in ``<config.out>/seed-<seed>/finetune``
     (reused when that folder holds the same run, trained otherwise; one of other settings is replaced, or with
     ``overwrite=False`` refused: :class:`wherefrom.core.store.OutputExists`). ``directory``: where the bench ran, which
     a relative ``model`` / ``finetune_dir`` is named from (:func:`named_from`; the folder's name keeps the settings
-    as recorded, so an analysis run elsewhere finds the bench's fine-tuning).
+    as recorded, so an analysis run elsewhere finds the bench's fine-tuning); ``allow``: how a refusal says to permit
+    the replacement.
 
     The returned ``LoadedModel.model`` is the base model with the adapter injected (LoRA modifies it
     in place); ``FinetuneResult.model`` is the fine-tuned model.
@@ -384,7 +390,9 @@ def finetuned(
         folder = Path(named_from(config.finetune_dir, directory)) / key_digest(
             [config.task, config.n_train, config.model, settings.to_dict()], 16
         )
-    tuned = finetune(loaded.model, loaded.tokenizer, task.train, settings, folder, progress=False, overwrite=overwrite)
+    tuned = finetune(
+        loaded.model, loaded.tokenizer, task.train, settings, folder, progress=False, overwrite=overwrite, allow=allow
+    )
     return loaded, tuned
 
 

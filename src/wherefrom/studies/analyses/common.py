@@ -99,7 +99,8 @@ class Bench:
         own, reused; one made from other inputs (another base model where the bench's relative ``model`` now
         names another folder) is refused, :class:`wherefrom.core.store.OutputExists`, not trained again in its
         place."""
-        return finetuned(self.config, seed, task, overwrite=False, directory=self.directory)
+        allow = f"--overwrite to `wherefrom bench` for {self.folder} (an analysis never replaces a fine-tuning)"
+        return finetuned(self.config, seed, task, overwrite=False, directory=self.directory, allow=allow)
 
     def base_model(self) -> nn.Module:
         """The bench's base model (its ``model`` folder named from :attr:`directory`), on its device."""
