@@ -172,7 +172,9 @@ def test_a_module_called_on_rows_that_are_not_the_batchs_is_named(tokenizer, tra
     model.model.layers[0].positions_first = PositionsFirst()
     original = mlp.forward
     mlp.forward = lambda x: model.model.layers[0].positions_first(original(x))
-    attributor = Attributor(model, tokenizer, AttributionConfig(include=["positions_first"], batch_size=5))
+    attributor = Attributor(
+        model, tokenizer, AttributionConfig(include=["positions_first"], batch_size=5, strategy="identity")
+    )
     with pytest.raises(
         ValueError, match=r"module 'model\.layers\.0\.positions_first\.down_proj' was called on inputs of leading size"
     ):

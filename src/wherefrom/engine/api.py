@@ -569,8 +569,8 @@ class Attributor:
         norm over all tracked modules, before compression (used by ``normalize="cosine"``).
         """
         curvature = curvature or self.curvature
-        curvature.check_fitted()
         queries = checked_rows(queries, "query rows")
+        curvature.check_fitted()  # after the rows: a bad row is named first, as before
         self.check_scoring_memory(len(queries))
         ids, parts, sq_norms = [], [], []
         for batch_ids, grads in self.gradients(queries, self.query_loss_fn(), "query gradients"):
@@ -672,8 +672,8 @@ class Attributor:
                 f"query_rank={self.config.query_rank}, so its diagonal differs by that truncation",
                 stacklevel=2,
             )
-        self.curvature.check_fitted()
         train = checked_rows(train, "training rows")
+        self.curvature.check_fitted()
         ids, values = [], []
         for batch_ids, grads in self.gradients(train, description="self-influence"):
             pre = self.curvature.precondition(grads)
@@ -722,8 +722,8 @@ class Attributor:
         part is divided by ``||P q|| * ||grad L(z_m)||``. Holds every training row's preconditioned
         gradient in memory: meant for a few rows (e.g. a query's top proponents).
         """
-        self.curvature.check_fitted()
         encoded = self.encoded(checked_rows(queries, "query rows"))  # before any pass
+        self.curvature.check_fitted()
         train_ids, blocks, train_sq = [], [], []
         for ids, grads in self.gradients(train, description="train gradients"):
             train_ids += ids
