@@ -106,9 +106,9 @@ step scores-bfloat16 "${W[@]}" scores --run "$OUT/run-bf16" --queries "$OUT/quer
 step fit-float16 "${W[@]}" fit --train "$OUT/train.jsonl" --run "$OUT/run-fp16" --autocast float16 "${common[@]}"
 step scores-float16 "${W[@]}" scores --run "$OUT/run-fp16" --queries "$OUT/queries.jsonl"
 throughput=("$PYTHON" benchmarks/index_throughput.py --device "$DEVICE" --rows "${THROUGHPUT_ROWS:-512}" --batch-size 16
-    --repeats 2 ${THROUGHPUT_MODEL:+--model "$THROUGHPUT_MODEL"})
-step throughput-float32 "${throughput[@]}" --name "$OUT/index_throughput-float32"
-step throughput-bfloat16 "${throughput[@]}" --autocast bfloat16 --name "$OUT/index_throughput-bfloat16"
+    --repeats 2 --results "$OUT" ${THROUGHPUT_MODEL:+--model "$THROUGHPUT_MODEL"})
+step throughput-float32 "${throughput[@]}" --name index_throughput-float32
+step throughput-bfloat16 "${throughput[@]}" --autocast bfloat16 --name index_throughput-bfloat16
 if [[ $DEVICE == cuda ]] && (($("$PYTHON" -c "import torch; print(torch.cuda.device_count())") >= 2)); then
     step torchrun-fit-nccl "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=2 -m wherefrom.cli -- \
         fit --train "$OUT/train.jsonl" --run "$OUT/run-2gpu" --model "$MODEL" --max-length 128
