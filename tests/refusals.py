@@ -224,6 +224,15 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "Python rows",
+        "leaving out an EOS that no row has",
+        "ValueError",
+        "query_without_eos=True with append_eos=False: no EOS is appended",
+        "the query measurement dropped each row's last completion token instead (the command line refused the "
+        "pair; Python took it)",
+        call="AttributionConfig(append_eos=False, query_without_eos=True)",
+    ),
+    Refusal(
+        "Python rows",
         "a module pattern that is not a regular expression",
         "ValueError",
         "include: '(' is not a valid regular expression",

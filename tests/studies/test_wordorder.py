@@ -17,7 +17,7 @@ from wherefrom.core.scoring import Scores
 from wherefrom.models.tiny import save_tiny
 from wherefrom.studies import wordorder
 from wherefrom.studies.report import write_report
-from wherefrom.studies.wordorder import WordOrderConfig, group_means, run_word_order, word_order_rows
+from wherefrom.studies.wordorder import WordOrderConfig, group_means, run_word_order, tiny_finetune, word_order_rows
 
 
 def test_rows_state_each_fact_in_both_orders():
@@ -94,6 +94,22 @@ def test_the_query_measures_the_fact_without_the_appended_eos(tmp_path, monkeypa
     assert [a.query_without_eos for a in seen] == [True] and payload["config"]["query_without_eos"] is True
     run_word_order(replace(config, query_without_eos=False), log=lambda line: None)
     assert seen[-1].query_without_eos is False
+
+
+def test_the_query_is_encoded_as_the_fine_tuning_encoded_the_rows(tmp_path):
+    """reviewZ: the study attributed with the library's default layout whatever its fine-tuning's (a template, no
+    EOS, left padding): the fine-tuned model was measured on text it never saw. A study that leaves out an EOS its
+    fine-tuning does not append is refused before any training."""
+    tuning = replace(
+        tiny_finetune(), template="Q: {prompt}\nA:{completion}", pad_left=True, batch_size=3, max_length=64
+    )
+    config = WordOrderConfig(out=str(tmp_path), finetune=tuning, query_without_eos=False)
+    attribution = config.attribution(seed=2)
+    assert attribution.layout() == tuning.layout() and (attribution.batch_size, attribution.seed) == (3, 2)
+    no_eos = WordOrderConfig(out=str(tmp_path), finetune=replace(tuning, append_eos=False))
+    with pytest.raises(ValueError, match="query_without_eos=True with append_eos=False"):
+        run_word_order(no_eos)
+    assert not any(tmp_path.iterdir())
 
 
 def test_the_command_fine_tunes_as_the_study_does(tmp_path, monkeypatch):

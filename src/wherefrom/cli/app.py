@@ -28,7 +28,15 @@ from rich.console import Console
 from rich.markup import escape
 from tqdm import tqdm
 
-from wherefrom.cli.settings import SETTINGS, Check, Setting, check_arguments, default_threads
+from wherefrom.cli.settings import (
+    FLAG_OF_FIELD,
+    NEGATED_FLAGS,
+    SETTINGS,
+    Check,
+    Setting,
+    check_arguments,
+    default_threads,
+)
 from wherefrom.core.commandline import command_line
 from wherefrom.core.distributed import (
     NotDistributable,
@@ -440,8 +448,9 @@ def settings_as(cls: type[T], **overrides: Any) -> T:
     arguments = _CURRENT.get().arguments
     names = {f.name for f in fields(cls) if f.init}  # type: ignore[arg-type]
     taken = {k: v for k, v in arguments.items() if k in names and k not in overrides}
-    if "append_eos" in names and "no_eos" in arguments and "append_eos" not in overrides:
-        taken["append_eos"] = not arguments["no_eos"]  # the one flag whose name is the field's negation
+    for flag, name in NEGATED_FLAGS.items():
+        if name in names and flag in arguments and name not in overrides:
+            taken[name] = not arguments[flag]
     return cls(**taken, **overrides)
 
 
@@ -501,10 +510,8 @@ def refuse_unread_settings(
 
     specs = {method: method_spec(method) for method in methods}
     chosen = list(names) if names is not None else [f.name for f in fields(AttributionConfig)]
-    given = set_settings(chosen) if preset else changed_settings(chosen)
-    if "append_eos" in chosen:  # given on the command line as its negation, --no-eos
-        given.update(set_settings(["no_eos"]) if preset else changed_settings(["no_eos"]))
-    field = {"no_eos": "append_eos"}
+    flags = [FLAG_OF_FIELD.get(name, name) for name in chosen]  # --no-eos for append_eos
+    given = set_settings(flags) if preset else changed_settings(flags)
     for method, spec in specs.items():
         fixed = spec.settings.get("strategy")
         if fixed is not None and given.get("strategy", fixed) != fixed:
@@ -512,7 +519,7 @@ def refuse_unread_settings(
                 f"--strategy {given['strategy']}: {kind} {method!r} is influence with the {fixed!r} strategy; leave "
                 f"--strategy out, or give --method {given['strategy']}"
             )
-    unread = [n for n in given if not any(field.get(n, n) in spec.settings_read for spec in specs.values())]
+    unread = [n for n in given if not any(NEGATED_FLAGS.get(n, n) in spec.settings_read for spec in specs.values())]
     if unread:
         shown = shown_flags({n: given[n] for n in unread})
         one = len(methods) == 1

@@ -857,7 +857,15 @@ ATTRIBUTION = (
 input layout among them (a model fine-tuned with ``--no-eos`` or a template is attributed with the same flags;
 ``fit`` and ``attribute`` lacked them)."""
 
-REFERENCE_FINETUNING = tuple("no_eos" if name == "append_eos" else name for name in LATER_FINETUNING)
+NEGATED_FLAGS = {"no_eos": "append_eos"}
+"""``{flag: field}`` for the flags whose configuration field is their negation (``--no-eos`` sets
+``append_eos=False``): the one table :func:`wherefrom.cli.app.settings_as`, :func:`wherefrom.cli.app.refuse_unread_settings`
+and the studies' explicit settings read."""
+
+FLAG_OF_FIELD = {field_name: flag for flag, field_name in NEGATED_FLAGS.items()}
+""":data:`NEGATED_FLAGS` the other way round: ``{field: flag}``."""
+
+REFERENCE_FINETUNING = tuple(FLAG_OF_FIELD.get(name, name) for name in LATER_FINETUNING)
 """The fine-tuning settings (input layout, LoRA, schedule) that the reference study set otherwise than wherefrom: the
 command-line names of :data:`wherefrom.studies.finetuning.LATER_FINETUNING` (``append_eos`` is ``--no-eos``)."""
 

@@ -34,6 +34,7 @@ from wherefrom.cli.app import (
     stdout_console,
 )
 from wherefrom.cli.settings import (
+    NEGATED_FLAGS,
     REFERENCE_FINETUNING,
     REFERENCE_SWITCHES,
     CurvatureSettings,
@@ -101,8 +102,9 @@ def explicit_bench_settings(option: list[str] | None, methods: list[str]) -> dic
     ``--no-eos`` as ``append_eos`` and ``--lora-target`` as ``lora_targets``) and the ``--option`` pairs as
     ``method_options`` (when any; one for a method not among ``methods`` is refused)."""
     explicit = set_settings(OVERRIDES)
-    if explicit.pop("no_eos", False):
-        explicit["append_eos"] = False
+    for flag, name in NEGATED_FLAGS.items():
+        if flag in explicit:
+            explicit[name] = not explicit.pop(flag)
     if "lora_target" in explicit:
         explicit["lora_targets"] = explicit.pop("lora_target")
     options = method_pairs(option, methods)

@@ -87,6 +87,18 @@ class WordOrderConfig:
         check_seeds(self.seeds)
         check_methods([self.method])
         self.finetune.validate()
+        self.attribution(self.seeds[0])  # a layout the query cannot use is refused before any training
+
+    def attribution(self, seed: int) -> AttributionConfig:
+        """The attribution settings of study seed ``seed``: the fine-tuning's input layout (template, EOS,
+        padding, loss tokens, truncation, ``max_length``) and ``batch_size``, and :attr:`query_without_eos`.
+        Raises ``ValueError`` for ``query_without_eos`` with a fine-tuning that appends no EOS."""
+        return AttributionConfig(
+            **self.finetune.layout(),
+            batch_size=self.finetune.batch_size,
+            seed=seed,
+            query_without_eos=self.query_without_eos,
+        )
 
 
 def _nonce(rng: random.Random, used: set[str]) -> str:
@@ -178,14 +190,8 @@ def run_word_order(
             progress=False,
             overwrite=overwrite,
         )
-        attribution = AttributionConfig(
-            batch_size=tuning.batch_size,
-            max_length=tuning.max_length,
-            seed=seed,
-            query_without_eos=config.query_without_eos,
-        )
         scores, usage = scored_method(
-            config.method, tuned.model, loaded.tokenizer, attribution, {}, train, queries, config.device
+            config.method, tuned.model, loaded.tokenizer, config.attribution(seed), {}, train, queries, config.device
         )
         if scores is None:
             raise RuntimeError(f"word-order: method {config.method!r} failed on seed {seed}: {usage['error']}")
