@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -185,6 +186,32 @@ def test_full_finetune_gpt2(tokenizer, records, tmp_path):
     assert again.reused
     a, b = result.model.state_dict(), again.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_fine_tuning_is_the_same_whatever_its_unused_lora_settings(tokenizer, records, tmp_path):
+    """reviewY: a full fine-tuning records ``lora_alpha``/``lora_targets``/``lora_dropout`` (a preset or a Python
+    config sets them), which train nothing there, and an identical rerun with other values trained again (refused as
+    other settings with ``overwrite=False``, as the command line runs it). It is reused now, the record kept; a LoRA
+    run of another alpha is still another run."""
+    data = records[:8]
+    full = lora_config(epochs=1, lora_rank=None, learning_rate=3e-3)
+    odd = replace(full, lora_alpha=32, lora_dropout=0.1, lora_targets=["c_attn"])
+    first = finetune(tiny_gpt2(len(tokenizer)), tokenizer, data, odd, tmp_path / "full", progress=False)
+    again = finetune(tiny_gpt2(len(tokenizer)), tokenizer, data, full, tmp_path / "full", progress=False)
+    assert again.reused and again.epoch_losses == first.epoch_losses
+    saved = json.loads((tmp_path / "full" / "finetune_config.json").read_text())["config"]
+    assert (saved["lora_alpha"], saved["lora_dropout"], saved["lora_targets"]) == (32, 0.1, ["c_attn"])
+    finetune(tiny_llama(len(tokenizer)), tokenizer, data, lora_config(epochs=1), tmp_path / "lora", progress=False)
+    with pytest.raises(OutputExists, match="lora_alpha"):
+        finetune(
+            tiny_llama(len(tokenizer)),
+            tokenizer,
+            data,
+            lora_config(epochs=1, lora_alpha=32),
+            tmp_path / "lora",
+            progress=False,
+            overwrite=False,
+        )
 
 
 def test_bad_inputs(tokenizer, records, tmp_path):

@@ -274,6 +274,9 @@ def lora_target_set(targets: Sequence[str]) -> list[str]:
     return sorted(set(targets))
 
 
+LORA_SETTINGS = ("lora_alpha", "lora_targets", "lora_dropout")
+"""The :class:`FinetuneConfig` settings of the LoRA adapter alone: a full fine-tuning (``lora_rank=None``) reads none."""
+
 LATER_SETTINGS = ("template", "append_eos", "pad_left", "loss_tokens", "truncate", "lora_dropout", "lr_schedule")
 """Settings added after runs were first saved: recorded only when not at their default."""
 
@@ -434,10 +437,18 @@ def _identity(config: FinetuneConfig, records: Sequence[Record], model: nn.Modul
 def _in_recorded_form(identity: dict[str, Any], recorded: Any, tokenizer: Any, where: Path) -> dict[str, Any]:
     """``identity`` to compare with the record ``recorded`` (read from ``where``): its tokenizer fingerprint in the
     record's form (a run made before version 2 of the fingerprint keeps version 1 where it matches:
-    :func:`wherefrom.models.loading.recorded_tokenizer_fingerprint`). A run trained now records ``identity``."""
-    saved = recorded.get("tokenizer_fingerprint") if isinstance(recorded, dict) else None
-    form = recorded_tokenizer_fingerprint(saved, tokenizer, identity["tokenizer_fingerprint"], str(where))
-    return {**identity, "tokenizer_fingerprint": form}
+    :func:`wherefrom.models.loading.recorded_tokenizer_fingerprint`), and for a full fine-tuning recorded as one,
+    the record's LoRA settings (:data:`LORA_SETTINGS`, which train nothing there: ``lora_alpha=32`` of a preset
+    or a Python config made an identical rerun with the default refused). A run trained now records ``identity``."""
+    saved = recorded if isinstance(recorded, dict) else {}
+    form = recorded_tokenizer_fingerprint(
+        saved.get("tokenizer_fingerprint"), tokenizer, identity["tokenizer_fingerprint"], str(where)
+    )
+    config, saved_config = identity["config"], saved.get("config")
+    if config["lora_rank"] is None and isinstance(saved_config, dict) and saved_config.get("lora_rank", 0) is None:
+        unused = {key: saved_config[key] for key in LORA_SETTINGS if key in saved_config}
+        config = {key: value for key, value in config.items() if key not in LORA_SETTINGS} | unused
+    return {**identity, "config": config, "tokenizer_fingerprint": form}
 
 
 def _finished_record(output_dir: Path) -> dict[str, Any] | None:
