@@ -587,9 +587,18 @@ REFUSALS: tuple[Refusal, ...] = (
         "model",
         "a model folder that does not exist",
         EXIT,
-        "Model folder not found: nowhere",
-        "nothing is fetched from a hub; the path is named",
+        "--model nowhere: Model folder not found: nowhere",
+        "nothing is fetched from a hub; the path is named (with its flag, before any work)",
         command=("fit", "--train", "train.jsonl", "--model", "nowhere", "--run", "new"),
+    ),
+    Refusal(
+        "model",
+        "a LoRA fine-tuning's output folder as the adapter",
+        EXIT,
+        "--adapter tuned: Not a PEFT adapter folder (no adapter_config.json): tuned; a fine-tuning's output folder: "
+        "give tuned/adapter",
+        "the adapter is the folder inside it (`--model` of a full fine-tuning likewise names `model/`)",
+        command=(*FIT, "new", "--adapter", "tuned"),
     ),
     Refusal(
         "model",

@@ -97,6 +97,7 @@ def workspace(tmp_path_factory):
     vocab = len(tiny_tokenizer())
     save_adapter(root / "gpt2-adapter", tiny_gpt2(vocab))
     shutil.copytree(root / "gpt2-adapter", root / "truncated-adapter")
+    shutil.copytree(root / "gpt2-adapter", root / "tuned" / "adapter")  # a LoRA fine-tuning's output folder
     adapter_file = root / "truncated-adapter" / "adapter_model.safetensors"
     adapter_file.write_bytes(adapter_file.read_bytes()[:100])
     save_adapter(root / "llama-adapter", tiny_llama(vocab))

@@ -123,7 +123,15 @@ UNRUN = ("--methods", "ekfac", "--option", "lissa.depth=3")
 
 
 def invalid_cases(root, out):
-    """(arguments, words the message must hold) for each invalid argument; ``out`` must stay absent."""
+    """(arguments, words the message must hold) for each invalid argument; ``out`` must stay absent. Makes
+    ``root/listed`` (a ``config.json`` holding a list) and ``root/tuned`` (a fine-tuning's output folder: its
+    weights in ``model/``, its adapter in ``adapter/``)."""
+    listed, tuned = root / "listed", root / "tuned"
+    listed.mkdir(exist_ok=True)
+    (listed / "config.json").write_text("[1, 2]")
+    for inner, marker in (("model", "config.json"), ("adapter", "adapter_config.json")):
+        (tuned / inner).mkdir(parents=True, exist_ok=True)
+        (tuned / inner / marker).write_text("{}")
     cases = [
         (fit_args(root, out, "--include", "["), ["--include [", "invalid regular expression"]),
         (fit_args(root, out, "--batch-size", "0"), ["--batch-size 0", ">= 1"]),
@@ -238,7 +246,20 @@ def invalid_cases(root, out):
             ["tune", out, "--method", "ekfac", "--grid", "damping=1", "--selection-share", "1.5"],
             ["--selection-share 1.5"],
         ),
-        (["replay", out], ["FOLDER", "no config.json"]),
+        (["replay", out], ["FOLDER", "no such file or folder"]),
+        (["replay", root], ["FOLDER", "no config.json here"]),
+        # userC: "'list' object has no attribute 'get'"
+        (["replay", listed], ["FOLDER", "config.json does not hold a JSON object"]),
+        # userC: "Model folder not found: nowhere" named no flag; userA: a fine-tuning's folder named where to look
+        (["fit", "--train", root / "train.jsonl", "--model", root / "nowhere", "--run", out], ["--model", "not found"]),
+        (
+            ["fit", "--train", root / "train.jsonl", "--model", tuned, "--run", out],
+            ["--model", "no config.json", f"a fine-tuning's output folder: give {tuned / 'model'}"],
+        ),
+        (
+            [*fit_args(root, out), "--adapter", tuned],
+            ["--adapter", "no adapter_config.json", f"give {tuned / 'adapter'}"],
+        ),
         # reviewY: refused by the fit after the model loaded, leaving the run's config behind
         (fit_args(root, out, "--strategy", "exact", "--reduction", "mean"), ["reduction='mean' is not supported"]),
         (fit_args(root, out, "--method", "lissa", "--reduction", "mean"), ["method 'lissa'", "reduction='mean'"]),

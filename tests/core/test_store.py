@@ -21,11 +21,13 @@ import wherefrom
 from wherefrom.core.store import (
     CHECKSUMS,
     DamagedFile,
+    OutputExists,
     SettingsMismatch,
     atomic_write_dir,
     atomic_write_json,
     atomic_write_text,
     check_file,
+    check_replacement,
     check_size,
     checksum_of,
     forget_file,
@@ -426,3 +428,25 @@ def test_a_settings_difference_names_what_differs_without_dumping_long_values():
     (shifted,) = settings_differences({"blocks": blocks}, {"blocks": blocks[1:] + blocks[:1]})  # every item differs
     assert shifted.startswith("blocks[0]: recorded ['model.layers.0.") and shifted.count("blocks[") == 3
     assert shifted.endswith("(and 21 more items of blocks differ)") and len(shifted) < 4 * SHOWN_CHARACTERS
+
+
+@pytest.mark.parametrize("record", [None, "[1, 2]", '{"other": 1}', "{"])
+def test_replacing_results_whose_record_is_not_the_jobs_names_the_record(tmp_path, record):
+    """userA: a ``scores.json`` in ``attribute --out`` whose ``config.json`` is missing, another program's or broken
+    was refused as "made from other inputs (attribution: recorded None, now {...}; method: recorded None, ...)", one
+    clause per input. Now the record is named as holding none of them; a record of the same inputs loses nothing."""
+    result, config = tmp_path / "scores.json", tmp_path / "config.json"
+    result.write_text("{}")
+    if record is not None:
+        config.write_text(record)
+    now = {"method": "gradsim", "train": "t.jsonl"}
+    with pytest.raises(
+        OutputExists, match=r"config.json records none of this job's inputs: method, train\); pass"
+    ) as e:
+        check_replacement([result], config, now)
+    assert "recorded None" not in str(e.value)
+    config.write_text(json.dumps({"method": "bm25", "train": "t.jsonl"}))
+    with pytest.raises(OutputExists, match=r"made from other inputs \(method: recorded 'bm25', now 'gradsim'"):
+        check_replacement([result], config, now)
+    config.write_text(json.dumps(now))
+    assert check_replacement([result], config, now) is True

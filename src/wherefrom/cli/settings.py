@@ -16,7 +16,6 @@ Python callers) the command line passes its own value, so the command line has o
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -40,6 +39,7 @@ from wherefrom.curvature.exact import BLOCKS
 from wherefrom.engine.api import FISHERS, AttributionConfig
 from wherefrom.engine.run import PRECONDITION, PRECONDITIONS
 from wherefrom.models.finetune import LR_SCHEDULES, FinetuneConfig
+from wherefrom.models.loading import adapter_folder_problem, model_folder_problem
 from wherefrom.studies.analyses.ihvp import REFERENCES, IhvpSettings
 from wherefrom.studies.diagnose import EXACT_BLOCKS
 from wherefrom.studies.finetuning import LATER_FINETUNING
@@ -190,13 +190,16 @@ def groundtruth_folder(value: Any) -> str | None:
 
 def replay_folder(value: Any) -> str | None:
     """A folder whose ``config.json`` records commands (written by :func:`wherefrom.cli.app.remember`)."""
+    missing = existing_path(value)
+    if missing is not None:
+        return missing
     path = Path(value) / "config.json"
     if not path.is_file():
         return "no config.json here: not an output folder of wherefrom"
     try:
-        return None if json.loads(path.read_text()).get("replay") else "its config.json records no command to replay"
-    except (json.JSONDecodeError, AttributeError) as error:
-        return f"unreadable config.json: {error}"
+        return None if read_json_object(path).get("replay") else "its config.json records no command to replay"
+    except ValueError as error:  # userC: a list there was "'list' object has no attribute 'get'"
+        return str(error)
 
 
 def regexes(value: Any) -> str | None:
@@ -361,8 +364,10 @@ def default_threads() -> int:
 class ModelSettings:
     """Model: the model attributed or fine-tuned."""
 
-    model: str | None = setting(None, "Local Hugging Face model folder (default: SmolLM2-135M-Instruct).")
-    adapter: str | None = setting(None, "PEFT LoRA adapter folder on top of --model.", check=existing_path)
+    model: str | None = setting(
+        None, "Local Hugging Face model folder (default: SmolLM2-135M-Instruct).", check=model_folder_problem
+    )
+    adapter: str | None = setting(None, "PEFT LoRA adapter folder on top of --model.", check=adapter_folder_problem)
 
 
 @dataclass

@@ -338,15 +338,20 @@ def check_replacement(
     key of ``now`` with the same value: recomputing them loses nothing); else :class:`OutputExists`
     naming the existing results, each input that differs with both values, and ``allow`` (the caller's
     way to permit it, e.g. ``--overwrite``). ``recorded_as``: the record in the form ``now`` takes (e.g. an older
-    version's options given the defaults it left out; compared in JSON form too). Call it before any long work."""
+    version's options given the defaults it left out; compared in JSON form too). A ``record`` that is missing,
+    unreadable or names none of ``now``'s keys is named so (userA: another program's ``scores.json`` read
+    "attribution: recorded None, now {...}" for every input). Call it before any long work."""
     if not any(Path(p).exists() for p in results):
         return False
     try:
         saved = json.loads(Path(record).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         saved = {}
-    saved = json_form((recorded_as or dict)(saved)) if isinstance(saved, dict) else {}
-    refuse_other_inputs(results, {key: saved.get(key) for key in now}, now, allow)
+    saved = saved if isinstance(saved, dict) else {}
+    recorded, empty = (json_form({key: form.get(key) for key in now}) for form in map(recorded_as or dict, (saved, {})))
+    if recorded == empty and recorded != json_form(dict(now)):  # the record tells nothing an empty one does not
+        refuse_overwrite(results, allow, f" ({record} records none of this job's inputs: {', '.join(now)})")
+    refuse_other_inputs(results, recorded, now, allow)
     return True
 
 

@@ -68,6 +68,8 @@ from wherefrom.core.store import (
 from wherefrom.core.task import model_inputs, per_example_loss
 from wherefrom.core.tracking import is_linear
 from wherefrom.models.loading import (
+    ADAPTER_DIR,
+    MODEL_DIR,
     is_peft,
     model_fingerprint,
     quiet_peft,
@@ -103,8 +105,6 @@ TRAIN_LOG_FILE = "train_log.jsonl"
 TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINTS_DIR = "checkpoints"
 RESUME_DIR = "resume"
-ADAPTER_DIR = "adapter"
-MODEL_DIR = "model"
 _FORMAT_VERSION = 1
 
 logger = logging.getLogger(__name__)

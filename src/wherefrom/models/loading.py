@@ -447,6 +447,37 @@ def _model_name(path: Path) -> str:
     return name or str(path)
 
 
+ADAPTER_DIR = "adapter"
+"""The folder of a LoRA fine-tuning's final adapter in its output folder (:func:`wherefrom.models.finetune.finetune`)."""
+MODEL_DIR = "model"
+"""The folder of a full fine-tuning's final model in its output folder."""
+
+
+def _folder_problem(path: str | Path, kind: str, what: str, marker: str, inner: str) -> str | None:
+    """``None`` when ``path`` (``~`` expanded) is a folder holding ``marker``, else what is wrong, naming the path
+    (``kind``: ``"Model"``; ``what``: ``"Hugging Face model"``); a fine-tuning's output folder, which holds it in
+    ``inner``, is named with that folder (userA: ``--adapter ft_lora`` for ``ft_lora/adapter``)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return f"{kind} folder not found: {folder}"
+    if not (folder / marker).is_file():
+        hint = f"; a fine-tuning's output folder: give {folder / inner}" if (folder / inner / marker).is_file() else ""
+        return f"Not a {what} folder (no {marker}): {folder}{hint}"
+    return None
+
+
+def model_folder_problem(path: str | Path) -> str | None:
+    """``None`` when ``path`` (``~`` expanded) is a Hugging Face model folder (a folder with a ``config.json``),
+    else what is wrong, naming the path: the check of :func:`load_model` and of the command line's ``--model``."""
+    return _folder_problem(path, "Model", "Hugging Face model", "config.json", MODEL_DIR)
+
+
+def adapter_folder_problem(path: str | Path) -> str | None:
+    """``None`` when ``path`` is a PEFT adapter folder (with an ``adapter_config.json``), else what is wrong, naming
+    the path: the check of :func:`load_model` and of the command line's ``--adapter``."""
+    return _folder_problem(path, "Adapter", "PEFT adapter", "adapter_config.json", ADAPTER_DIR)
+
+
 def load_model(
     path: str | Path | None = None,
     adapter: str | Path | None = None,
@@ -475,17 +506,15 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = default_model_dir() if path is None else Path(path).expanduser()
-    if not folder.is_dir():
-        raise ModelLoadError(f"Model folder not found: {folder}")
-    if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"Not a Hugging Face model folder (no config.json): {folder}")
+    problem = model_folder_problem(folder)
+    if problem is not None:
+        raise ModelLoadError(problem)
     adapter_dir: Path | None = None
     if adapter is not None:
         adapter_dir = Path(adapter).expanduser()
-        if not adapter_dir.is_dir():
-            raise ModelLoadError(f"Adapter folder not found: {adapter_dir}")
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise ModelLoadError(f"Not a PEFT adapter folder (no adapter_config.json): {adapter_dir}")
+        problem = adapter_folder_problem(adapter_dir)
+        if problem is not None:
+            raise ModelLoadError(problem)
 
     check_weights(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)

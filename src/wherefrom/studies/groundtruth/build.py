@@ -49,9 +49,9 @@ from wherefrom.core.store import atomic_save_tensors, atomic_write_json, read_js
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.tracin import finetune_checkpoints
-from wherefrom.models.finetune import ADAPTER_DIR, MODEL_DIR, finetune
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_RECORD
-from wherefrom.models.loading import load_model
+from wherefrom.models.finetune import finetune
+from wherefrom.models.loading import ADAPTER_DIR, MODEL_DIR, load_model
 from wherefrom.studies.bench import check_task_name, make_task, named_from, short_of_sizes, task_from
 from wherefrom.studies.benchtasks import BenchTask
 from wherefrom.studies.finetuning import StudyFinetuning
