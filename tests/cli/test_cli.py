@@ -89,6 +89,33 @@ def test_fit_index_scores_query(workspace):
     assert table.exit_code == 0 and "proponents" in table.output
 
 
+def test_query_view_shows_the_token_splits_per_token_computed(workspace, tmp_path, monkeypatch):
+    """reviewY: ``query --per-token --html`` split every listed row over its tokens twice and the query side twice
+    (the view computed again what the report held). Each split is computed once now, and the view shows the
+    report's."""
+    from wherefrom.engine.api import Attributor
+
+    root = workspace
+    assert invoke(*fit_args(root, "viewed")).exit_code == 0
+    calls = []
+    for name in ("token_scores", "query_token_scores"):
+        original = getattr(Attributor, name)
+        monkeypatch.setattr(Attributor, name, lambda self, *a, _f=original, _n=name: calls.append(_n) or _f(self, *a))
+    page = tmp_path / "q.html"
+    query = ("query", "--run", root / "viewed", "a b -> b a\nRule:", " swap", "--top-k", "3", "--json")
+    result = invoke(*query, "--per-token", "--html", page)
+    assert result.exit_code == 0, result.output
+    assert sorted(calls) == ["query_token_scores", "token_scores"]
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    shown = page.read_text()
+    for entry in report["proponents"][:1]:  # the view's heatmaps are the report's splits
+        assert entry["id"] in shown and entry["query_tokens"] and entry["tokens"]
+    calls.clear()
+    alone = invoke(*query[:-1], "--html", tmp_path / "alone.html")  # without --per-token the view splits once
+    assert alone.exit_code == 0 and sorted(calls) == ["query_token_scores", "token_scores"]
+    assert (tmp_path / "alone.html").read_text().count("<svg") == shown.count("<svg")
+
+
 def test_index_resumes_from_finished_shards(workspace):
     root = workspace
     assert invoke(*fit_args(root, "resume")).exit_code == 0

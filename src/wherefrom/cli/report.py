@@ -24,7 +24,7 @@ from wherefrom.core.store import StoreError, writer_lock
 from wherefrom.engine.run import Run, refuse_files_in_place
 from wherefrom.studies.influence_tables import influence_markdown, influence_tables
 from wherefrom.studies.report import plots, render, write_html, write_report
-from wherefrom.studies.report.sections import query_sections, query_side_rows, settings_section
+from wherefrom.studies.report.sections import query_sections, query_side_rows, query_side_tokens, settings_section
 from wherefrom.studies.toolkit import write_report as write_tables
 
 
@@ -87,7 +87,9 @@ def influence(run, name, top_k, out, threads) -> None:
 def write_query_html(out: Path, result: dict[str, Any], scores: Scores, opened: Run, record: Record) -> Path:
     """The query view of ``wherefrom query``: ``result`` (its JSON report), with token heatmaps on the
     training side for every shown row and on the query side for the top :data:`wherefrom.studies.report.sections.QUERY_SIDE_ROWS`
-    proponents, the query's layer profile and tail (from ``scores``), the run's settings and provenance."""
+    proponents, the query's layer profile and tail (from ``scores``), the run's settings and provenance. Token splits
+    that ``result``'s entries already hold (``tokens``, ``query_tokens``: ``query --per-token``) are shown as they
+    are, not computed again."""
     plots.new_page()
     tokenizer = opened.loaded.tokenizer
     rows = {r.id: r for r in opened.train}
@@ -95,17 +97,18 @@ def write_query_html(out: Path, result: dict[str, Any], scores: Scores, opened: 
     entries = shown["proponents"] + shown["opponents"]
     # a row among both the proponents and the opponents (a set of fewer than 2 x top-k rows) is scored once: the
     # rows were passed as given and refused as a duplicate id, a traceback
-    _, per_row = opened.attributor.token_scores([record], [rows[i] for i in dict.fromkeys(e["id"] for e in entries)])
-    tokens = {row_id: decoded(tokenizer, input_ids, values[0]) for row_id, input_ids, values in per_row}
-    for entry in entries:
-        entry["tokens"] = tokens[entry["id"]]
-    top = [rows[e["id"]] for e in query_side_rows(shown["proponents"])]  # proponents alone
-    train_ids, query_side = opened.attributor.query_token_scores([record], top) if top else ([], [])
-    query_tokens = []
-    if query_side:
+    needed = [rows[i] for i in dict.fromkeys(e["id"] for e in entries if "tokens" not in e)]
+    if needed:
+        _, per_row = opened.attributor.token_scores([record], needed)
+        tokens = {row_id: decoded(tokenizer, input_ids, values[0]) for row_id, input_ids, values in per_row}
+        for entry in entries:
+            entry.setdefault("tokens", tokens.get(entry["id"]))
+    top = query_side_rows(shown["proponents"])  # proponents alone
+    query_tokens = query_side_tokens(shown)
+    if len(query_tokens) < len(top):
+        train_ids, query_side = opened.attributor.query_token_scores([record], [rows[e["id"]] for e in top])
         _query_id, input_ids, values = query_side[0]
-        for j, row_id in enumerate(train_ids):
-            query_tokens.append({"id": row_id, "tokens": decoded(tokenizer, input_ids, values[j])})
+        query_tokens = [{"id": i, "tokens": decoded(tokenizer, input_ids, values[j])} for j, i in enumerate(train_ids)]
     sections = query_sections({**result, **shown}, scores, query_tokens)
     sections.append(settings_section("Settings", opened.config.to_dict()))
     manifest = opened.folder / "manifest.json"
