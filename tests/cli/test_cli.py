@@ -7,6 +7,7 @@ import re
 import warnings
 
 import pytest
+import torch
 
 from tests.cli.conftest import invoke
 from wherefrom.core.scoring import end_kind
@@ -114,6 +115,31 @@ def test_query_view_shows_the_token_splits_per_token_computed(workspace, tmp_pat
     alone = invoke(*query[:-1], "--html", tmp_path / "alone.html")  # without --per-token the view splits once
     assert alone.exit_code == 0 and sorted(calls) == ["query_token_scores", "token_scores"]
     assert (tmp_path / "alone.html").read_text().count("<svg") == shown.count("<svg")
+
+
+def test_attribute_takes_the_fitting_settings_fit_takes(workspace, tmp_path):
+    """userE: ``attribute`` had no ``--seed`` (EK-FAC draws its true-Fisher labels with it: a word-order seed's
+    scores could not be redone, 34% apart) nor ``--fisher``, ``--reduction``, ``--query-rank``, ``--autocast``. Given
+    the same settings, ``attribute`` and ``fit`` + ``scores`` agree; another seed gives other scores."""
+    from safetensors.torch import load_file
+
+    root, rows = workspace, ("--train", workspace / "train.jsonl", "--queries", workspace / "queries.jsonl")
+    model = ("--model", root / "model", "--batch-size", "8", "--max-length", "128")
+    for seed in ("0", "1"):
+        done = invoke("attribute", "--method", "ekfac", *rows, *model, "--out", tmp_path / seed, "--seed", seed)
+        assert done.exit_code == 0, done.output
+    fitted = invoke("fit", "--train", root / "train.jsonl", *model, "--run", tmp_path / "run", "--seed", "1")
+    assert fitted.exit_code == 0, fitted.output
+    assert invoke("scores", "--run", tmp_path / "run", "--queries", root / "queries.jsonl").exit_code == 0
+    by_seed = {seed: load_file(str(tmp_path / seed / "scores.safetensors"))["total"] for seed in ("0", "1")}
+    run = load_file(str(tmp_path / "run" / "scores" / "scores.safetensors"))["total"]
+    torch.testing.assert_close(by_seed["1"], run, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(by_seed["0"], by_seed["1"], rtol=1e-3)
+    empirical = invoke(
+        "attribute", "--method", "ekfac", *rows, *model, "--out", tmp_path / "e", "--fisher", "empirical"
+    )
+    assert empirical.exit_code == 0, empirical.output
+    assert json.loads((tmp_path / "e" / "config.json").read_text())["attribution"]["fisher"] == "empirical"
 
 
 def test_index_resumes_from_finished_shards(workspace):

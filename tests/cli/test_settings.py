@@ -247,6 +247,31 @@ def invalid_cases(root, out):
             ["--selection-share 1.5"],
         ),
         (["replay", out], ["FOLDER", "no such file or folder"]),
+        # a flag and an --option of one setting: the option won without a word
+        (
+            fit_args(root, out, "--method", "ekfac", "--fisher", "empirical", "--option", "fisher=true"),
+            ["--fisher empirical and --option fisher=", "set the same setting: give it once"],
+        ),
+        (
+            [
+                "attribute",
+                "--method",
+                "ekfac",
+                *rows_args(root),
+                "--out",
+                out,
+                "--damping",
+                "0.5",
+                "--option",
+                "damping=1",
+            ],
+            ["--damping 0.5 and --option damping=1"],
+        ),
+        # userE: attribute took no --seed (EK-FAC's fitting labels); a method that draws nothing refuses it
+        (
+            ["attribute", "--method", "gradsim", *rows_args(root), "--out", out, "--seed", "1"],
+            ["does not read --seed 1"],
+        ),
         (["replay", root], ["FOLDER", "no config.json here"]),
         # userC: "'list' object has no attribute 'get'"
         (["replay", listed], ["FOLDER", "config.json does not hold a JSON object"]),

@@ -182,9 +182,12 @@ def test_cli_methods_lists_every_method_with_its_options():
 
 
 def test_cli_attribute_bad_option_exits_2_with_the_named_message_before_loading_the_model(tmp_path):
-    """The model folder does not exist: the option error must come first, as a message, not a traceback."""
+    """The model folder cannot be loaded (a config.json of nothing, no weights: ``--model``'s own check, as it is
+    parsed, passes): the option error must come first, as a message, not a traceback."""
     for name in ("train", "queries"):  # valid rows: the argument checks pass, the model is never loaded
         write_jsonl(make_records(2, seed=1, prefix=name), tmp_path / f"{name}.jsonl")
+    (tmp_path / "no-model").mkdir()
+    (tmp_path / "no-model" / "config.json").write_text("{}")
     result = CliRunner().invoke(
         app,
         [

@@ -39,6 +39,10 @@ def test_presets_share_keys_and_resolve_explicit_settings_over_them():
     assert switched(settings, "wherefrom", "finetune", {"epochs": 1})["epochs"] == 1  # a fixed setting holds
     assert switches_between("reference-study", "wherefrom", {}) == list(SWITCHES)
     assert "lissa" not in switches_between("reference-study", "wherefrom", {}, methods=["gradsim"])
+    # userE: a fisher run of methods none of which reads --fisher was run, identical to start (delta +0.000 everywhere)
+    unread = switches_between("reference-study", "wherefrom", {}, methods=["gradsim", "bm25"])
+    assert unread == ["template", "padded-loss", "finetune"]  # the fine-tuning's switches change every method's model
+    assert "fisher" in switches_between("reference-study", "wherefrom", {}, methods=["gradsim", "ekfac"])
     # what a switch's run changes: a fixed setting is not among them (userW: ablate.md listed epochs under --epochs 3)
     finetune = list(SWITCHES["finetune"])
     assert switch_keys("reference-study", "wherefrom", "finetune", {}) == finetune

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -97,19 +98,31 @@ def test_the_query_measures_the_fact_without_the_appended_eos(tmp_path, monkeypa
 
 
 def test_the_query_is_encoded_as_the_fine_tuning_encoded_the_rows(tmp_path):
-    """reviewZ: the study attributed with the library's default layout whatever its fine-tuning's (a template, no
-    EOS, left padding): the fine-tuned model was measured on text it never saw. A study that leaves out an EOS its
-    fine-tuning does not append is refused before any training."""
-    tuning = replace(
-        tiny_finetune(), template="Q: {prompt}\nA:{completion}", pad_left=True, batch_size=3, max_length=64
-    )
+    """reviewZ: the study attributed with the library's default layout whatever its fine-tuning's (no EOS, left
+    padding, loss on every token): the fine-tuned model was measured on text it never saw. A study that leaves out
+    an EOS its fine-tuning does not append is refused before any training, and so is a template (userE: the query
+    no longer continued the same-order rows' text, reversed/same 0.82 against 0.04) and a lexical method (userE:
+    bm25 sees a reversed row's words as the same-order row's, ratio 1 after 40 epochs)."""
+    tuning = replace(tiny_finetune(), pad_left=True, loss_tokens="all", batch_size=3, max_length=64)
     config = WordOrderConfig(out=str(tmp_path), finetune=tuning, query_without_eos=False)
     attribution = config.attribution(seed=2)
     assert attribution.layout() == tuning.layout() and (attribution.batch_size, attribution.seed) == (3, 2)
-    no_eos = WordOrderConfig(out=str(tmp_path), finetune=replace(tuning, append_eos=False))
-    with pytest.raises(ValueError, match="query_without_eos=True with append_eos=False"):
-        run_word_order(no_eos)
+    refused = {
+        "query_without_eos=True with append_eos=False": replace(
+            config, finetune=replace(tuning, append_eos=False), query_without_eos=True
+        ),
+        "finetune.template / chat_template": replace(
+            config, finetune=replace(tuning, template="Q {prompt} A{completion}")
+        ),
+        "template / chat_template": replace(config, finetune=replace(tuning, chat_template=True)),
+        "method 'bm25' scores the words": replace(config, method="bm25"),
+    }
+    for said, study in refused.items():
+        with pytest.raises(ValueError, match=re.escape(said)):
+            run_word_order(study)
     assert not any(tmp_path.iterdir())
+    result = CliRunner().invoke(app, ["word-order", "--out", str(tmp_path / "w"), "--n-controls", "0"])
+    assert result.exit_code == 2 and "--n-controls 0: must be >= 1" in " ".join(result.output.split())
 
 
 def test_the_command_fine_tunes_as_the_study_does(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ DIAGNOSE_METHODS = ("ekfac", "kfac", "diagonal", "datainf", "cg", "lissa", "arno
 """What ``diagnose`` compares when ``--methods`` is not given."""
 
 
-@command(uses=(*ATTRIBUTION, "threads"))
+@command(uses=(*ATTRIBUTION, "fisher", "reduction", "query_rank", "seed", "autocast", "threads"))
 def attribute(
     method, train, queries, out, model, adapter, option, top_k, prefilter, overwrite, device, **settings
 ) -> None:
@@ -77,7 +77,7 @@ def attribute(
             )
         warn_layout_mismatch(adapter or model, config.layout(), spec.settings_read)
         loaded = load_model(model, adapter, device=device)
-        chosen = make_method(method, loaded.model, loaded.tokenizer, config, **options)
+        chosen = make_method(method, loaded.model, loaded.tokenizer, config, progress, **options)
         chosen.fit(train_rows)
         if prefilter is not None:
             from wherefrom.methods.lexical import prefiltered_scores

@@ -638,7 +638,7 @@ class StudySettings:
         WordOrderConfig.repeats, "word-order: training rows per fact and ordering.", check=at_least(1)
     )
     n_controls: int = setting(
-        WordOrderConfig.n_controls, "word-order: rows stating unrelated invented facts.", check=at_least(0)
+        WordOrderConfig.n_controls, "word-order: rows stating unrelated invented facts.", check=at_least(1)
     )
     split_seed: int = setting(SPLIT_SEED, "Seed of the selection / held-out split of the queries.", check=at_least(0))
     selection_share: float = setting(

@@ -312,6 +312,8 @@ class VectorStoreWriter:
             self._forget_stop()
         path = self.folder / IDS_FILE
         if intact_json(path) != self.ids:
+            if path.exists():  # userD: an edited ids.json was put right without a word (a damaged shard is noted)
+                self.notices.append(f"rewriting: {path} is damaged or holds other ids than the training rows'")
             write_json_checked(self.ids, path)
         return notes
 

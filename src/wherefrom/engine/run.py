@@ -376,7 +376,7 @@ class Run:
         """The run's method outside the influence family (``None``: the attributor's curvature)."""
         if config.fits_method:
             self.method = make_method(
-                config.method, loaded.model, loaded.tokenizer, config.attribution, **config.options
+                config.method, loaded.model, loaded.tokenizer, config.attribution, progress, **config.options
             )
         self.method_fitted = False
         self.created_manifest: dict[str, Any] | None = None

@@ -31,7 +31,14 @@ from wherefrom.core.data import Record
 from wherefrom.core.options import UNSET, OptionError, OptionSpec, check_options, from_signature, with_defaults
 from wherefrom.core.scoring import Scores
 from wherefrom.curvature import STRATEGIES, configured_curvature, curvature_from_state
-from wherefrom.curvature.base import DAMPING_FACTOR, DAMPING_OPTIONS, GROSSE_2023, unused_damping_factor
+from wherefrom.curvature.base import (
+    DAMPING_FACTOR,
+    DAMPING_OPTIONS,
+    GROSSE_2023,
+    Progress,
+    no_progress,
+    unused_damping_factor,
+)
 from wherefrom.curvature.iterative import AGARWAL_2017, SCHIOPPA_2022
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.lexical import BM25
@@ -74,10 +81,18 @@ class Method(Protocol):
 class InfluenceMethod:
     """Influence with one curvature strategy: ``-grad f(z_q)^T (G + lambda I)^-1 grad L(z_m)``."""
 
-    def __init__(self, name: str, model, tokenizer, config: AttributionConfig, **strategy_options: Any):
+    def __init__(
+        self,
+        name: str,
+        model,
+        tokenizer,
+        config: AttributionConfig,
+        progress: Progress = no_progress,
+        **strategy_options: Any,
+    ):
         self.name = name
         options = {**config.strategy_options, **strategy_options}
-        self.attributor = Attributor(model, tokenizer, replace(config, strategy_options=options))
+        self.attributor = Attributor(model, tokenizer, replace(config, strategy_options=options), progress=progress)
 
     def fit(self, train: Sequence[Record]) -> None:
         self.attributor.fit(train)
@@ -150,7 +165,8 @@ def _settings(*names: str, **presets: Any) -> tuple[OptionSpec, ...]:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One named method: ``build(name, model, tokenizer, config, **options)`` makes it.
+    """One named method: ``build(name, model, tokenizer, config, progress, **options)`` makes it (``progress``: the
+    :data:`wherefrom.curvature.base.Progress` its passes over rows report to; ``bm25`` runs none).
 
     ``settings``: :class:`~wherefrom.engine.api.AttributionConfig` values the method fixes (``strategy``,
     ``normalize``) or presets (``fisher`` for ``datainf``); setting options given to :func:`make_method`
@@ -219,8 +235,11 @@ def _influence(name: str, description: str, citation: str, **settings: Any) -> M
     return MethodSpec(name, "influence", description, citation, options, InfluenceMethod, settings, model)
 
 
-def _tracin(name: str, model, tokenizer, config: AttributionConfig, checkpoints, base=None, **options) -> TracIn:
-    return TracIn(base or (lambda: _without_adapter(copy.deepcopy(model))), checkpoints, tokenizer, config, **options)
+def _tracin(
+    name: str, model, tokenizer, config: AttributionConfig, progress: Progress, checkpoints, base=None, **options
+) -> TracIn:
+    base = base or (lambda: _without_adapter(copy.deepcopy(model)))
+    return TracIn(base, checkpoints, tokenizer, config, progress=progress, **options)
 
 
 def _without_adapter(model):
@@ -258,7 +277,9 @@ def _projected(
         description,
         citation,
         options,
-        lambda _name, model, tokenizer, config, **chosen: build(model, tokenizer, config, **chosen),
+        lambda _name, model, tokenizer, config, progress, **chosen: build(
+            model, tokenizer, config, progress=progress, **chosen
+        ),
     )
 
 
@@ -392,7 +413,9 @@ _SPECS = [
             OptionSpec("layer", help="hidden-state index: 0 = embeddings, -1 = last layer"),
             OptionSpec("pooling", help="last_prompt: last prompt token; last: last token; mean: over real tokens"),
         ),
-        lambda name, model, tokenizer, config, **options: RepSim.from_config(model, tokenizer, config, **options),
+        lambda name, model, tokenizer, config, progress, **options: RepSim.from_config(
+            model, tokenizer, config, progress=progress, **options
+        ),
         model_settings=INPUT_SETTINGS,
     ),
     MethodSpec(
@@ -407,7 +430,7 @@ _SPECS = [
             OptionSpec("idf", help="lucene: log(1 + (N - n + 0.5) / (n + 0.5)); okapi: the classic form"),
             OptionSpec("epsilon", help="okapi idf: negative values become epsilon x mean idf"),
         ),
-        lambda name, model, tokenizer, config, **options: BM25(**options),
+        lambda name, model, tokenizer, config, _progress, **options: BM25(**options),  # no model pass to report
         model_settings=frozenset(),
     ),
 ]
@@ -457,8 +480,16 @@ def in_family(name: str, family: str) -> bool:
     return name in METHODS and METHODS[name].family == family
 
 
-def make_method(name: str, model, tokenizer, config: AttributionConfig | None = None, **options: Any) -> Method:
-    """The method ``name`` (one of :data:`METHODS`) with ``options``, validated before any model work.
+def make_method(
+    name: str,
+    model,
+    tokenizer,
+    config: AttributionConfig | None = None,
+    progress: Progress = no_progress,
+    **options: Any,
+) -> Method:
+    """The method ``name`` (one of :data:`METHODS`) with ``options``, validated before any model work; its passes
+    over rows report to ``progress`` (a run's bars: userD saw none for logra, trak, tracin or repsim runs).
 
     Setting options (:data:`SETTING_OPTIONS` the method declares) replace the ``config``'s values; the
     others go to the method's constructor. Raises ``ValueError`` for an unknown method and
@@ -467,7 +498,7 @@ def make_method(name: str, model, tokenizer, config: AttributionConfig | None = 
     method, the option, the value and what is allowed.
     """
     config, constructor = method_settings(name, config, options)
-    return METHODS[name].build(name, model, tokenizer, config, **constructor)
+    return METHODS[name].build(name, model, tokenizer, config, progress, **constructor)
 
 
 def method_settings(

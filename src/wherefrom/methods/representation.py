@@ -36,6 +36,7 @@ from wherefrom.core.data import Record, check_records, records_key
 from wherefrom.core.encoding import EncodedExample, encode_records, iterate_batches, pad_id
 from wherefrom.core.scoring import Scores
 from wherefrom.core.task import model_inputs
+from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.models.loading import eval_mode, model_fingerprint
 
 Pooling = Literal["last_prompt", "last", "mean"]
@@ -48,7 +49,8 @@ class RepSim:
     """Hidden-state cosine similarity; ``fit(train)`` caches the train representations.
 
     The cache is keyed by the train rows (ids and texts) and the layer/pooling; it is not invalidated
-    when the model's weights change, so call :meth:`fit` again after changing them.
+    when the model's weights change, so call :meth:`fit` again after changing them. ``progress``: what each pass
+    over rows reports its batches to (:data:`wherefrom.curvature.base.Progress`; a run's progress bars).
     """
 
     name = "repsim"
@@ -64,6 +66,7 @@ class RepSim:
         chat_template: bool = False,
         template: str | None = None,
         truncate: bool = False,
+        progress: Progress = no_progress,
     ):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -78,6 +81,7 @@ class RepSim:
         self.chat_template = chat_template
         self.template = template
         self.truncate = truncate
+        self.progress = progress
         self._cache: tuple[tuple, list[str], torch.Tensor] | None = None
 
     @classmethod
@@ -135,7 +139,9 @@ class RepSim:
         with eval_mode(self.model), torch.no_grad():
             for start, (batch_ids, batch) in zip(
                 range(0, len(encoded), self.batch_size),
-                iterate_batches(encoded, self.batch_size, pad_id(self.tokenizer), self.device),
+                self.progress(
+                    iterate_batches(encoded, self.batch_size, pad_id(self.tokenizer), self.device), "hidden states"
+                ),
             ):
                 out = self.model(**model_inputs(self.model, batch), output_hidden_states=True)
                 states = out.hidden_states

@@ -232,7 +232,7 @@ def diagnose(
             warnings.simplefilter("always")
             try:
                 options = fisher_options(name, config, options_for(method_options, name))
-                method = make_method(name, model, tokenizer, config, **options)
+                method = make_method(name, model, tokenizer, config, progress, **options)
                 with measured(device) as cost:
                     method.fit(train)
                     scores = method.scores(queries, train)

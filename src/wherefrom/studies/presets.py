@@ -43,10 +43,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from typing import Any
 
 from wherefrom.core.encoding import REFERENCE_TEMPLATE
 from wherefrom.engine.api import AttributionConfig
+from wherefrom.methods.registry import method_spec
 from wherefrom.models.finetune import FinetuneConfig
 
 __all__ = [
@@ -106,6 +108,10 @@ SWITCHES: dict[str, tuple[str, ...]] = {
 }
 """Named groups of preset keys flipped together by ``wherefrom ablate`` (``method_options.<method>``: that
 method's options)."""
+
+
+FINETUNE_FIELDS = frozenset(f.name for f in fields(FinetuneConfig))
+"""The preset keys the fine-tuning reads: a switch of one changes the model every method scores."""
 
 
 def check_preset(name: str) -> None:
@@ -177,7 +183,7 @@ def switches_between(
 ) -> list[str]:
     """The switches whose settings differ between presets ``start`` and ``target`` once ``fixed`` (explicit
     settings) are laid over both, in :data:`SWITCHES` order; given ``methods``, a method's options count
-    only when it is among them."""
+    only when it is among them, and an attribution setting only when one of them reads it (:func:`switch_keys`)."""
     return [name for name in SWITCHES if switch_keys(start, target, name, fixed, methods)]
 
 
@@ -187,10 +193,15 @@ def switch_keys(
     """The settings of ``switch`` that differ between presets ``start`` and ``target`` once ``fixed`` (explicit
     settings) are laid over both, in :data:`SWITCHES` order: what the switch's run changes (``ablate.md`` listed
     every key of the switch, ``epochs`` under ``--epochs 3`` too); given ``methods``, a method's options count only
-    when it is among them."""
+    when it is among them, and an attribution setting only when one of them reads it (a fine-tuning setting
+    always: it changes the model every method scores)."""
     a, b = resolve(start, fixed), resolve(target, fixed)
 
-    def matters(key: str) -> bool:
-        return methods is None or not key.startswith("method_options.") or key.split(".", 1)[1] in methods
+    def matters(key: str) -> bool:  # userE: a fisher run of gradsim and bm25 changed nothing (delta +0.000)
+        if methods is None:
+            return True
+        if key.startswith("method_options."):
+            return key.split(".", 1)[1] in methods
+        return key in FINETUNE_FIELDS or any(key in method_spec(method).settings_read for method in methods)
 
     return [key for key in SWITCHES[switch] if matters(key) and _get(a, key) != _get(b, key)]

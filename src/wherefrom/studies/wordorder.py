@@ -35,7 +35,7 @@ from wherefrom.core.store import (
     package_versions,
 )
 from wherefrom.engine.api import AttributionConfig
-from wherefrom.methods.registry import check_methods
+from wherefrom.methods.registry import check_methods, method_spec
 from wherefrom.models.finetune import FinetuneConfig, finetune
 from wherefrom.models.loading import load_model
 from wherefrom.studies.bench import scored_method
@@ -86,12 +86,24 @@ class WordOrderConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_seeds(self.seeds)
         check_methods([self.method])
+        if method_spec(self.method).family == "lexical":  # userE: 40 epochs, then same = reversed, ratio 1
+            raise ValueError(
+                f"method {self.method!r} scores the words a row shares with the query, not their order: a fact's "
+                "same-order and reversed rows hold the same words, so its groups cannot differ; choose another method"
+            )
         self.finetune.validate()
+        if self.finetune.template is not None or self.finetune.chat_template:
+            raise ValueError(
+                "finetune.template / chat_template: the study's query 'fact: the capital of S is' -> ' O' is a "
+                "same-order row's text cut before its object, which a template that wraps the prompt 'fact:' and "
+                "its completion apart no longer is (userE: reversed/same 0.82 with one, 0.04 without); leave them out"
+            )
         self.attribution(self.seeds[0])  # a layout the query cannot use is refused before any training
 
     def attribution(self, seed: int) -> AttributionConfig:
-        """The attribution settings of study seed ``seed``: the fine-tuning's input layout (template, EOS,
-        padding, loss tokens, truncation, ``max_length``) and ``batch_size``, and :attr:`query_without_eos`.
+        """The attribution settings of study seed ``seed`` (its ``seed`` too: EK-FAC draws its fitting targets with
+        it): the fine-tuning's input layout (EOS, padding, loss tokens, truncation, ``max_length``) and
+        ``batch_size``, and :attr:`query_without_eos`.
         Raises ``ValueError`` for ``query_without_eos`` with a fine-tuning that appends no EOS."""
         return AttributionConfig(
             **self.finetune.layout(),
