@@ -164,6 +164,20 @@ def test_damaged_shard_is_detected_never_read_and_rebuilt(tmp_path, hurt, monkey
     assert decoded == [] and files(tmp_path / "s") == files(tmp_path / "clean")
 
 
+@pytest.mark.parametrize("hurt", [flip, lambda path: path.write_text(path.read_text().replace('"r3"', '"r9"'))])
+def test_a_damaged_ids_file_is_rewritten_with_a_note(tmp_path, hurt):
+    """userD: an edited ``ids.json`` was put right without a word, where a damaged shard is noted. Now it is noted
+    too, and the store is the clean one again; an intact one is not rewritten (no note)."""
+    build(tmp_path / "clean")
+    build(tmp_path / "s")
+    hurt(tmp_path / "s" / "ids.json")
+    writer, written = build(tmp_path / "s")
+    assert written == 0 and any("rewriting" in note and "ids.json" in note for note in writer.notices)
+    assert files(tmp_path / "s") == files(tmp_path / "clean")
+    writer, _ = build(tmp_path / "s")
+    assert not writer.notices
+
+
 def test_a_failed_shard_write_keeps_its_error_kind(tmp_path, monkeypatch):
     """A shard write refused by the OS (no permission) is re-raised naming the shard and keeping its kind and
     ``errno``: it was a plain ``OSError``, so callers catching ``PermissionError`` missed it."""
