@@ -869,9 +869,13 @@ def test_search_store_reports_recall_and_checks_options_first():
     report.recall = torch.tensor([[1.0, 1.0], [0.5, 1.0]])  # one end alone below the hint's threshold
     report.rows = None  # the advice where the store's size is unknown: every search-time setting
     assert "recall@10 vs exact: proponents 1.000, opponents 0.750 (exact" in report.summary(10)
-    assert "; below 0.95: raise nprobe, or for preconditioned (nearly white) rows use kind=pq" in report.summary(10)
+    assert "; below 0.95: raise nprobe, or for preconditioned (nearly white) rows (a fitted" in report.summary(10)
+    # userD: pq was advised for an empirical index too, where it misses proponents until refine=1024
+    ivf = "or for preconditioned (nearly white) rows (a fitted index) use kind=pq; for raw rows searched with "
+    ivf += "preconditioned queries (an empirical index) search exactly"
     advice = {  # each kind's own search-time settings, and the kind or graph measured to suit other rows
-        FaissSettings(kind="ivf-pq"): "raise nprobe or refine, or for preconditioned (nearly white) rows use kind=pq",
+        FaissSettings(kind="ivf-pq"): f"raise nprobe or refine, {ivf}",
+        FaissSettings(kind="ivf"): f"raise nprobe, {ivf}",
         FaissSettings(kind="pq"): "raise refine",
         FaissSettings(kind="hnsw"): "raise ef_search, or for raw rows searched with preconditioned queries (an "
         "empirical index) use graph=angular, or search exactly",

@@ -638,7 +638,10 @@ class FaissSettings:
             return f"raise {raise_}, or for raw rows searched with preconditioned queries (an empirical index) {other}search exactly"
         if self.kind == "pq":
             return f"raise {raise_}"
-        return f"raise {raise_}, or for preconditioned (nearly white) rows use kind=pq"
+        return (  # userD: on an empirical index pq misses proponents until refine=1024 (query-latency-pq-probe.md)
+            f"raise {raise_}, or for preconditioned (nearly white) rows (a fitted index) use kind=pq; for raw rows "
+            "searched with preconditioned queries (an empirical index) search exactly"
+        )
 
     def file_name(self) -> str:
         """The file the index of these settings is saved to beside the store: ``faiss-<kind>.safetensors``, and
