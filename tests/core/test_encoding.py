@@ -272,7 +272,8 @@ def test_truncate_keeps_the_first_max_length_tokens_as_the_reference_does():
     assert long_cut.num_prompt_tokens == long_full.num_prompt_tokens - long_full.padding
     plain = encode_records(rows[1:], tokenizer, max_length=40, **layout)
     assert cut[1].input_ids == plain[0].input_ids and cut[1].labels == plain[0].labels
-    with pytest.raises(DataError, match=r"record 'long': .* > max_length=40"):
+    # the cure names truncation too (userE: "shorten the record" of a generated or shared set)
+    with pytest.raises(DataError, match=r"record 'long': .* > max_length=40; .*cut such rows to it .truncate, --trunc"):
         encode_records(rows, tokenizer, max_length=40, **layout)
     masked = encode_records(rows, tokenizer, max_length=40, truncate=True, template=template, append_eos=False)
     completion = [label for label in masked[0].labels if label != IGNORE_INDEX]

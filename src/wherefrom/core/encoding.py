@@ -459,7 +459,10 @@ def _encoded_row(
         if len(prompt) >= max_length:
             hint = f"the prompt leaves no room for the completion under max_length={max_length}"
         else:
-            hint = f"raise max_length (--max-length, now {max_length}) or shorten the record"
+            hint = (  # userE: in a generated or shared set the record is not the user's to shorten
+                f"raise max_length (--max-length, now {max_length}), cut such rows to it (truncate, --truncate) or "
+                "shorten the record"
+            )
         raise _TooLong(
             f"{record.named()}: {len(prompt)} prompt tokens + {len(completion)} completion "
             f"tokens = {total} tokens > max_length={max_length}; {hint} "
