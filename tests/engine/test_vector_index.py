@@ -24,6 +24,7 @@ from wherefrom.methods import projection
 from wherefrom.methods.registry import make_method
 from wherefrom.models.loading import load_model
 from wherefrom.models.tiny import save_tiny
+from wherefrom.studies.generated import write_jsonl
 
 ATTRIBUTION = AttributionConfig(include=[r"layers\.1\.mlp\.(down|up)_proj"], batch_size=4, max_length=64)
 LOGRA = {"dim_in": 4, "dim_out": 4}
@@ -107,6 +108,23 @@ def test_store_of_another_projection_or_model_is_refused_by_name(workspace, tmp_
     shutil.copytree(tmp_path / "c" / "index", tmp_path / "d" / "index")
     code, out = invoke("scores", "--run", tmp_path / "d", "--queries", workspace / "queries.jsonl")
     assert code == 2 and "model: recorded" in out and "rebuild it" in out, out
+
+
+def test_a_store_of_other_training_rows_names_both_sets_of_rows(workspace, tmp_path):
+    """userD: a store copied from a run of another training file was refused as ``data: recorded '98d4...', now
+    '8d54...'`` alone; the refusal now names the store's rows and the run's training file (counts, first ids)."""
+    rows = load_records(workspace / "train.jsonl")
+    fewer = tmp_path / "fewer.jsonl"
+    write_jsonl(rows[3:], fewer)
+    fitted(workspace, tmp_path / "a", "logra", LOGRA).build_index(shard_size=4)
+    config = RunConfig.for_method("logra", str(fewer), ATTRIBUTION, LOGRA, model=str(workspace / "model"))
+    other = Run.create(tmp_path / "b", replace(config, device="cpu"))
+    other.fit()
+    shutil.copytree(tmp_path / "a" / "index", tmp_path / "b" / "index")
+    with pytest.raises(SettingsMismatch, match="data: recorded") as refused:
+        other.scores(load_records(workspace / "queries.jsonl"))
+    said = f"the store indexes 10 rows (the first {rows[0].id!r}), not the 7 rows of this run's training file"
+    assert said in str(refused.value) and f"{fewer} (the first {rows[3].id!r})" in str(refused.value)
 
 
 def test_a_store_made_with_other_input_settings_is_refused_and_an_older_manifest_is_read(workspace, tmp_path):

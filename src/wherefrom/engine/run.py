@@ -1417,7 +1417,8 @@ class Run:
             self.config.setting_defaults(),
             # built only on a refusal: the command reads the index's manifest and marker again
             lambda: (
-                f"delete {store.folder} and rerun `{self.index_command(device=False)}` to rebuild it with the "
+                self.other_rows(store)
+                + f"delete {store.folder} and rerun `{self.index_command(device=False)}` to rebuild it with the "
                 "current ones"
             ),
         )
@@ -1427,6 +1428,19 @@ class Run:
                 + self._rebuild_hint()
             )
         return store
+
+    def other_rows(self, store: VectorStore) -> str:
+        """``""`` when ``store`` indexes the run's training ids in order, else a sentence naming both sets of rows
+        (count and first id, and the run's training file): userD read only ``data: recorded '98d4...', now
+        '8d54...'`` for a store copied from a run of another training file."""
+        ids = [r.id for r in self.train]
+        if store.ids == ids:
+            return ""
+        first = repr(store.ids[0]) if store.ids else "none"
+        return (
+            f"the store indexes {store.count} rows (the first {first}), not the {len(ids)} rows of this run's "
+            f"training file {self.config.train} (the first {ids[0]!r}); "
+        )
 
     def _index_store(self, verify: bool) -> VectorStore:
         """``RUN/index/`` opened (with ``verify`` every shard this process reads hashed); a :class:`wherefrom.core.store.DamagedFile`
