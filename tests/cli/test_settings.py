@@ -642,3 +642,18 @@ def test_an_evaluate_report_made_by_any_command_may_be_replaced(tmp_path):
         assert output_stem(stem) is None
     (tmp_path / "x.json").write_text(json.dumps({"command": "wherefrom evaluate", "config": {"methods": []}}))
     assert "x.json is a file wherefrom did not write" in output_stem(tmp_path / "x")
+
+
+def test_a_setting_option_is_refused_beside_its_own_flag_only(workspace, tmp_path):
+    """reviewQ: the refusal of ``--fisher empirical --option fisher=true`` refused lissa's own ``seed`` option beside
+    ``--seed`` (another setting of the same name) and every replay of a run given ``--option damping=...`` (a replay
+    gives each recorded setting, ``--damping None`` too). Only a setting option whose flag is off its default is."""
+    model = ("--model", workspace / "model", "--max-length", "128")
+    own = invoke("attribute", "--method", "lissa", *rows_args(workspace), *model, "--out", tmp_path / "a",
+                 "--seed", "1", "--option", "seed=7", "--option", "depth=abc")  # fmt: skip
+    assert own.exit_code == 2 and "option 'depth' got 'abc'" in own.output and "same setting" not in own.output
+    done = invoke("attribute", "--method", "ekfac", *rows_args(workspace), *model, "--out", tmp_path / "b",
+                  "--option", "damping=0.01")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    again = invoke("replay", tmp_path / "b")
+    assert again.exit_code == 0, again.output

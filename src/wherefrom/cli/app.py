@@ -178,12 +178,17 @@ def say(line: str) -> None:
 def merged_options(pairs: list[str] | None, method: str, flag: str = "--option") -> dict[str, Any]:
     """The options of one ``method`` from ``--option`` pairs (its own over the ``"*"`` ones; a pair for another
     method is refused: :func:`method_pairs`); ``method="*"``: a flag of one thing's fields, whose pairs take no
-    ``method.`` prefix (kept in the key, so refused as a field). ``ValueError`` for an option that a flag of the
-    running command set too (``--fisher empirical --option fisher=true``: the option won without a word)."""
+    ``method.`` prefix (kept in the key, so refused as a field). ``ValueError`` for a setting option
+    (:data:`wherefrom.methods.registry.SETTING_NAMES`) whose flag the running command has off its default too
+    (``--fisher empirical --option fisher=true``: the option won without a word)."""
     if method == "*":
         return options_for(parse_option_pairs(pairs, flag, namespaced=False), method)
+    from wherefrom.methods.registry import SETTING_NAMES
+
     options = options_for(method_pairs(pairs, [method], flag), method)
-    both = set_settings([key for key in options if key in SETTINGS])  # --fisher empirical --option fisher=true
+    # --fisher empirical --option fisher=true; a flag off its default only (a replay gives every recorded setting),
+    # and an option that sets the flag's setting only (lissa's seed and batch_size are its own)
+    both = changed_settings([key for key in options if key in SETTING_NAMES])
     if both:
         pairs_shown = ", ".join(f"{flag} {key}={options[key]}" for key in both)
         raise ValueError(f"{shown_flags(both)} and {pairs_shown} set the same setting: give it once")
