@@ -267,6 +267,23 @@ def invalid_cases(root, out):
             ],
             ["--damping 0.5 and --option damping=1"],
         ),
+        # reviewQ: datainf presets the empirical Fisher over the configuration's: --fisher true changed nothing
+        (
+            [
+                "bench",
+                "--task",
+                "rules",
+                "--out",
+                out,
+                "--preset",
+                "wherefrom",
+                "--methods",
+                "datainf",
+                "--fisher",
+                "true",
+            ],
+            ["method 'datainf' does not read --fisher true", "datainf's own fisher is --option fisher=..."],
+        ),
         # userE: attribute took no --seed (EK-FAC's fitting labels); a method that draws nothing refuses it
         (
             ["attribute", "--method", "gradsim", *rows_args(root), "--out", out, "--seed", "1"],

@@ -43,6 +43,8 @@ def test_presets_share_keys_and_resolve_explicit_settings_over_them():
     unread = switches_between("reference-study", "wherefrom", {}, methods=["gradsim", "bm25"])
     assert unread == ["template", "padded-loss", "finetune"]  # the fine-tuning's switches change every method's model
     assert "fisher" in switches_between("reference-study", "wherefrom", {}, methods=["gradsim", "ekfac"])
+    # reviewQ: datainf presets the empirical Fisher over the bench's, so its fisher run changed nothing either
+    assert "fisher" not in switches_between("reference-study", "wherefrom", {}, methods=["datainf", "gradsim"])
     # what a switch's run changes: a fixed setting is not among them (userW: ablate.md listed epochs under --epochs 3)
     finetune = list(SWITCHES["finetune"])
     assert switch_keys("reference-study", "wherefrom", "finetune", {}) == finetune

@@ -530,7 +530,8 @@ def refuse_unread_settings(
                 f"--strategy {given['strategy']}: {kind} {method!r} is influence with the {fixed!r} strategy; leave "
                 f"--strategy out, or give --method {given['strategy']}"
             )
-    unread = [n for n in given if not any(NEGATED_FLAGS.get(n, n) in spec.settings_read for spec in specs.values())]
+    fields_given = {n: (NEGATED_FLAGS[n], not given[n]) if n in NEGATED_FLAGS else (n, given[n]) for n in given}
+    unread = [n for n, (name, value) in fields_given.items() if not any(s.takes(name, value) for s in specs.values())]
     if unread:
         shown = shown_flags({n: given[n] for n in unread})
         one = len(methods) == 1

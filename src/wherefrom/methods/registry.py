@@ -193,6 +193,15 @@ class MethodSpec:
         declared = {spec.name for spec in self.options if spec.name in SETTING_NAMES}
         return self.model_settings | declared | set(self.settings)
 
+    def takes(self, name: str, value: Any = UNSET) -> bool:
+        """Whether this method's numbers follow the configuration's setting ``name`` (at ``value``, when given): one
+        of :attr:`settings_read` that it does not fix or preset (:attr:`settings`: ``method_settings`` lays those over
+        the configuration, so ``datainf`` scores with the empirical Fisher whatever ``--fisher`` says; its own
+        ``fisher`` is a setting option), or a fixed or preset setting given at the method's own value."""
+        if name in self.settings:
+            return value is not UNSET and self.settings[name] == value
+        return name in self.settings_read
+
     def read(self, settings: Mapping[str, Any]) -> dict[str, Any]:
         """The entries of ``settings`` (:class:`~wherefrom.engine.api.AttributionConfig` names to values) in
         :attr:`settings_read`: those this method's scores depend on, so those a cache of its scores is keyed on."""

@@ -202,6 +202,6 @@ def switch_keys(
             return True
         if key.startswith("method_options."):
             return key.split(".", 1)[1] in methods
-        return key in FINETUNE_FIELDS or any(key in method_spec(method).settings_read for method in methods)
+        return key in FINETUNE_FIELDS or any(method_spec(method).takes(key) for method in methods)
 
     return [key for key in SWITCHES[switch] if matters(key) and _get(a, key) != _get(b, key)]
