@@ -125,8 +125,10 @@ UNRUN = ("--methods", "ekfac", "--option", "lissa.depth=3")
 def invalid_cases(root, out):
     """(arguments, words the message must hold) for each invalid argument; ``out`` must stay absent. Makes
     ``root/listed`` (a ``config.json`` holding a list) and ``root/tuned`` (a fine-tuning's output folder: its
-    weights in ``model/``, its adapter in ``adapter/``)."""
-    listed, tuned = root / "listed", root / "tuned"
+    weights in ``model/``, its adapter in ``adapter/``) and ``root/lora-run`` (a LoRA fine-tuning's: ``adapter/`` alone)."""
+    listed, tuned, lora_run = root / "listed", root / "tuned", root / "lora-run"
+    (lora_run / "adapter").mkdir(parents=True, exist_ok=True)
+    (lora_run / "adapter" / "adapter_config.json").write_text("{}")
     listed.mkdir(exist_ok=True)
     (listed / "config.json").write_text("[1, 2]")
     for inner, marker in (("model", "config.json"), ("adapter", "adapter_config.json")):
@@ -297,6 +299,10 @@ def invalid_cases(root, out):
         (
             ["fit", "--train", root / "train.jsonl", "--model", tuned, "--run", out],
             ["--model", "no config.json", f"a fine-tuning's output folder: give {tuned / 'model'}"],
+        ),
+        (
+            ["fit", "--train", root / "train.jsonl", "--model", lora_run, "--run", out],
+            ["--model", f"a LoRA fine-tuning's output folder: give its base model here and {lora_run / 'adapter'}"],
         ),
         (
             [*fit_args(root, out), "--adapter", tuned],

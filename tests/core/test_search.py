@@ -1015,7 +1015,7 @@ def test_recall_advice_leaves_out_nprobe_where_it_reaches_every_cell():
     report = search_store(Rows(rows, 100), queries, 5, "faiss", faiss_options={"kind": "ivf-sq8"})
     report.recall = torch.tensor([[0.5, 0.5], [1.0, 1.0]])
     assert report.summary(5).endswith(
-        "; below 0.95: every cell is searched already: use kind=ivf (float32 rows) or kind=pq, or search exactly"
+        "; below 0.95: every cell is searched already: use kind=ivf (float32 rows), kind=pq for a fitted index, or search exactly"
     )
 
 

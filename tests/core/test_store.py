@@ -441,7 +441,8 @@ def test_replacing_results_whose_record_is_not_the_jobs_names_the_record(tmp_pat
         config.write_text(record)
     now = {"method": "gradsim", "train": "t.jsonl"}
     with pytest.raises(
-        OutputExists, match=r"config.json records none of this job's inputs: method, train\); pass"
+        OutputExists,
+        match=r"config.json is missing, unreadable or records none of this job's inputs: method, train\); pass",
     ) as e:
         check_replacement([result], config, now)
     assert "recorded None" not in str(e.value)

@@ -90,9 +90,13 @@ def test_the_query_measures_the_fact_without_the_appended_eos(tmp_path, monkeypa
         wordorder, "finetune", lambda model, *args, **kwargs: SimpleNamespace(model=model, epoch_losses=[1.0])
     )
     save_tiny(tmp_path / "model", arch="llama")
-    config = WordOrderConfig(out=str(tmp_path / "out"), model=str(tmp_path / "model"), seeds=[0], device="cpu")
+    padded = replace(tiny_finetune(), pad_left=True)  # a layout other than the attribution's default
+    config = WordOrderConfig(
+        out=str(tmp_path / "out"), model=str(tmp_path / "model"), seeds=[0], device="cpu", finetune=padded
+    )
     payload = run_word_order(config, log=lambda line: None)
     assert [a.query_without_eos for a in seen] == [True] and payload["config"]["query_without_eos"] is True
+    assert seen[0] == config.attribution(0)  # the fine-tuning's layout, batch size and the study seed (reviewQ)
     run_word_order(replace(config, query_without_eos=False), log=lambda line: None)
     assert seen[-1].query_without_eos is False
 
@@ -103,7 +107,7 @@ def test_the_query_is_encoded_as_the_fine_tuning_encoded_the_rows(tmp_path):
     an EOS its fine-tuning does not append is refused before any training, and so is a template (userE: the query
     no longer continued the same-order rows' text, reversed/same 0.82 against 0.04) and a lexical method (userE:
     bm25 sees a reversed row's words as the same-order row's, ratio 1 after 40 epochs)."""
-    tuning = replace(tiny_finetune(), pad_left=True, loss_tokens="all", batch_size=3, max_length=64)
+    tuning = replace(tiny_finetune(), pad_left=True, truncate=True, batch_size=3, max_length=64)
     config = WordOrderConfig(out=str(tmp_path), finetune=tuning, query_without_eos=False)
     attribution = config.attribution(seed=2)
     assert attribution.layout() == tuning.layout() and (attribution.batch_size, attribution.seed) == (3, 2)
@@ -116,6 +120,7 @@ def test_the_query_is_encoded_as_the_fine_tuning_encoded_the_rows(tmp_path):
         ),
         "template / chat_template": replace(config, finetune=replace(tuning, chat_template=True)),
         "method 'bm25' scores the words": replace(config, method="bm25"),
+        "finetune.loss_tokens='all'": replace(config, finetune=replace(tuning, loss_tokens="all")),
     }
     for said, study in refused.items():
         with pytest.raises(ValueError, match=re.escape(said)):

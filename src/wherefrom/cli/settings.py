@@ -51,7 +51,9 @@ from wherefrom.studies.wordorder import WordOrderConfig
 
 __all__ = [
     "ATTRIBUTION",
+    "FLAG_OF_FIELD",
     "GROUPS",
+    "NEGATED_FLAGS",
     "SETTINGS",
     "CurvatureSettings",
     "DataSettings",

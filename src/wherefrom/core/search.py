@@ -630,7 +630,7 @@ class FaissSettings:
         if count is not None and "nprobe" in names and self.nprobe >= self.lists(count):
             names.remove("nprobe")  # every cell is searched already
         if not names:  # ivf-sq8 with every cell searched loses recall to its 8-bit codes (ivf: none is lost)
-            other = "use kind=ivf (float32 rows) or kind=pq, or " if self.kind == "ivf-sq8" else ""
+            other = "use kind=ivf (float32 rows), kind=pq for a fitted index, or " if self.kind == "ivf-sq8" else ""
             return f"every cell is searched already: {other}search exactly"
         raise_ = " or ".join(names)
         if self.kind == "hnsw":

@@ -344,13 +344,14 @@ def check_replacement(
     if not any(Path(p).exists() for p in results):
         return False
     try:
-        saved = json.loads(Path(record).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        saved = read_json_object(Path(record))
+    except (OSError, ValueError):  # missing, unreadable or not an object: it records nothing
         saved = {}
-    saved = saved if isinstance(saved, dict) else {}
     recorded, empty = (json_form({key: form.get(key) for key in now}) for form in map(recorded_as or dict, (saved, {})))
     if recorded == empty and recorded != json_form(dict(now)):  # the record tells nothing an empty one does not
-        refuse_overwrite(results, allow, f" ({record} records none of this job's inputs: {', '.join(now)})")
+        refuse_overwrite(
+            results, allow, f" ({record} is missing, unreadable or records none of this job's inputs: {', '.join(now)})"
+        )
     refuse_other_inputs(results, recorded, now, allow)
     return True
 

@@ -245,7 +245,14 @@ def _influence(name: str, description: str, citation: str, **settings: Any) -> M
 
 
 def _tracin(
-    name: str, model, tokenizer, config: AttributionConfig, progress: Progress, checkpoints, base=None, **options
+    name: str,
+    model,
+    tokenizer,
+    config: AttributionConfig,
+    progress: Progress = no_progress,
+    checkpoints=None,
+    base=None,
+    **options,
 ) -> TracIn:
     base = base or (lambda: _without_adapter(copy.deepcopy(model)))
     return TracIn(base, checkpoints, tokenizer, config, progress=progress, **options)
@@ -286,7 +293,7 @@ def _projected(
         description,
         citation,
         options,
-        lambda _name, model, tokenizer, config, progress, **chosen: build(
+        lambda _name, model, tokenizer, config, progress=no_progress, **chosen: build(
             model, tokenizer, config, progress=progress, **chosen
         ),
     )
@@ -422,7 +429,7 @@ _SPECS = [
             OptionSpec("layer", help="hidden-state index: 0 = embeddings, -1 = last layer"),
             OptionSpec("pooling", help="last_prompt: last prompt token; last: last token; mean: over real tokens"),
         ),
-        lambda name, model, tokenizer, config, progress, **options: RepSim.from_config(
+        lambda name, model, tokenizer, config, progress=no_progress, **options: RepSim.from_config(
             model, tokenizer, config, progress=progress, **options
         ),
         model_settings=INPUT_SETTINGS,
@@ -439,7 +446,7 @@ _SPECS = [
             OptionSpec("idf", help="lucene: log(1 + (N - n + 0.5) / (n + 0.5)); okapi: the classic form"),
             OptionSpec("epsilon", help="okapi idf: negative values become epsilon x mean idf"),
         ),
-        lambda name, model, tokenizer, config, _progress, **options: BM25(**options),  # no model pass to report
+        lambda name, model, tokenizer, config, _progress=no_progress, **options: BM25(**options),  # no model pass
         model_settings=frozenset(),
     ),
 ]

@@ -83,6 +83,7 @@ from wherefrom.models.training_state import TrainingStateMismatch, latest_traini
 __all__ = [
     "CONFIG_FILE",
     "LAYOUT_FLAGS",
+    "LORA_SETTINGS",
     "LR_SCHEDULES",
     "TRAINER_STATE_FILE",
     "TRAIN_LOG_FILE",

@@ -37,12 +37,15 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "ADAPTER_DIR",
     "DEFAULT_MODEL_NAME",
+    "MODEL_DIR",
     "TOKENIZER_FINGERPRINT_VERSION",
     "TOKENIZER_PROBES",
     "LoadedModel",
     "ModelLoadError",
     "Version1TokenizerRecord",
+    "adapter_folder_problem",
     "cache_root",
     "check_adapter",
     "check_safetensors",
@@ -50,6 +53,7 @@ __all__ = [
     "default_model_dir",
     "load_model",
     "model_fingerprint",
+    "model_folder_problem",
     "pick_device",
     "quiet_peft",
     "recorded_tokenizer_fingerprint",
@@ -469,7 +473,11 @@ def _folder_problem(path: str | Path, kind: str, what: str, marker: str, inner: 
 def model_folder_problem(path: str | Path) -> str | None:
     """``None`` when ``path`` (``~`` expanded) is a Hugging Face model folder (a folder with a ``config.json``),
     else what is wrong, naming the path: the check of :func:`load_model` and of the command line's ``--model``."""
-    return _folder_problem(path, "Model", "Hugging Face model", "config.json", MODEL_DIR)
+    problem = _folder_problem(path, "Model", "Hugging Face model", "config.json", MODEL_DIR)
+    adapter = Path(path).expanduser() / ADAPTER_DIR
+    if problem is not None and (adapter / "adapter_config.json").is_file():  # reviewQ: a LoRA fine-tuning's folder
+        problem += f"; a LoRA fine-tuning's output folder: give its base model here and {adapter} as the adapter"
+    return problem
 
 
 def adapter_folder_problem(path: str | Path) -> str | None:

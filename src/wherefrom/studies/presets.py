@@ -52,6 +52,7 @@ from wherefrom.methods.registry import method_spec
 from wherefrom.models.finetune import FinetuneConfig
 
 __all__ = [
+    "FINETUNE_FIELDS",
     "PRESETS",
     "REFERENCE_LISSA_SCALE",
     "SWITCHES",

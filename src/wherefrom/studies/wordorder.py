@@ -58,8 +58,9 @@ class WordOrderConfig:
     """Settings of :func:`run_word_order` (saved in ``wordorder.json``).
 
     ``model``: base model folder (``None``: the default SmolLM2); ``finetune``: the fine-tuning settings
-    (its ``seed`` is replaced by each study seed; its ``batch_size`` and ``max_length`` also serve the
-    attribution). The default suits the tiny models (:func:`tiny_finetune`); a real model wants a
+    (its ``seed`` is replaced by each study seed; its input layout, ``batch_size`` and ``max_length`` also serve
+    the attribution: :meth:`attribution`; a template, a chat template or ``loss_tokens="all"`` is refused, as the
+    query would no longer measure its object alone). The default suits the tiny models (:func:`tiny_finetune`); a real model wants a
     LoRA rank and fewer epochs. ``query_without_eos`` (default ``True``): the query measures
     ``f = log p(" O" | "fact: the capital of S is")`` without the EOS the library appends to a
     completion. Every same-order row continues ``O`` with ``"."``, so with the EOS in ``f`` those rows
@@ -92,6 +93,12 @@ class WordOrderConfig:
                 "same-order and reversed rows hold the same words, so its groups cannot differ; choose another method"
             )
         self.finetune.validate()
+        if self.finetune.loss_tokens != "completion":  # reviewQ: f would be the whole query text's log-likelihood
+            raise ValueError(
+                f"finetune.loss_tokens={self.finetune.loss_tokens!r}: the study's query measures f = log p(' O' | "
+                "'fact: the capital of S is'), its completion alone, and the attribution encodes the query as the "
+                "fine-tuning encoded its rows; use loss_tokens='completion'"
+            )
         if self.finetune.template is not None or self.finetune.chat_template:
             raise ValueError(
                 "finetune.template / chat_template: the study's query 'fact: the capital of S is' -> ' O' is a "
