@@ -371,6 +371,7 @@ def test_groundtruth_command_line_gives_back_its_config(tmp_path):
     truth had none of them, so no ground truth could be built for a bench run with them)."""
     import wherefrom.studies.groundtruth.build as module
 
+    (tmp_path / "config.json").write_text("{}")  # a model folder as --model's check sees one (nothing is loaded)
     config = GroundTruthConfig(
         task="rules", out=str(tmp_path / "gt"), n_train=10, n_test=3, model=str(tmp_path), epochs=3,
         learning_rate=2e-3, lora_rank=2, lora_targets=["q_proj"], batch_size=4, max_length=96, lora_alpha=16,
