@@ -187,16 +187,16 @@ def test_a_rerun_of_other_settings_is_refused_unless_overwrite(tmp_path, monkeyp
     )
     save_tiny(tmp_path / "model", arch="llama")
     out = tmp_path / "out"
-    first = ["word-order", "--out", str(out), "--model", str(tmp_path / "model"), "--seeds", "0", "--method", "bm25"]
+    first = ["word-order", "--out", str(out), "--model", str(tmp_path / "model"), "--seeds", "0", "--method", "gradsim"]
     runner = CliRunner()
     assert runner.invoke(app, first).exit_code == 0
     before = (out / "wordorder.json").read_bytes()
-    refused = runner.invoke(app, [*first[:-1], "gradsim"])
+    refused = runner.invoke(app, [*first[:-1], "ekfac"])
     said = " ".join(refused.output.split())
-    assert refused.exit_code == 2 and "made from other inputs (method: recorded 'bm25', now 'gradsim')" in said, said
+    assert refused.exit_code == 2 and "made from other inputs (method: recorded 'gradsim', now 'ekfac')" in said, said
     assert (out / "wordorder.json").read_bytes() == before
     moved = ["--out", f"{tmp_path}/./out", "--device", "cpu", "--model", f"{tmp_path}/./model"]
     again = runner.invoke(app, [*first[:1], *moved, *first[5:]])  # same settings (reviewW: the model's spelling)
     assert again.exit_code == 0, again.output
-    replaced = runner.invoke(app, [*first[:-1], "gradsim", "--overwrite"])
-    assert replaced.exit_code == 0 and json.loads((out / "wordorder.json").read_text())["config"]["method"] == "gradsim"
+    replaced = runner.invoke(app, [*first[:-1], "ekfac", "--overwrite"])
+    assert replaced.exit_code == 0 and json.loads((out / "wordorder.json").read_text())["config"]["method"] == "ekfac"
