@@ -447,8 +447,8 @@ def _encoded_row(
             + (
                 f"it was truncated to max_length={max_length}: give max_length <= {positions[0]} for this model"
                 if truncate
-                else f"shorten the record (nothing is truncated; max_length={max_length} is capped at "
-                f"{positions[0]} for this model)"
+                else f"shorten the record, or cut such rows with truncate (--truncate) and max_length <= {positions[0]} "
+                f"(nothing is truncated; max_length={max_length} is capped at {positions[0]} for this model)"
             ),
             record,
             total,
