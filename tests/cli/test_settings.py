@@ -134,6 +134,10 @@ def invalid_cases(root, out):
     for inner, marker in (("model", "config.json"), ("adapter", "adapter_config.json")):
         (tuned / inner).mkdir(parents=True, exist_ok=True)
         (tuned / inner / marker).write_text("{}")
+
+    def preset_bench(preset: str, *more: str) -> list:
+        return ["bench", "--task", "rules", "--out", out, "--preset", preset, *more]
+
     cases = [
         (fit_args(root, out, "--include", "["), ["--include [", "invalid regular expression"]),
         (fit_args(root, out, "--batch-size", "0"), ["--batch-size 0", ">= 1"]),
@@ -183,19 +187,7 @@ def invalid_cases(root, out):
         # a curvature setting that none of a study's methods reads was recorded in its settings and keys (userX)
         # under a preset a flag given at its default value overrides it, so it counts (reviewX)
         (
-            [
-                "bench",
-                "--task",
-                "rules",
-                "--out",
-                out,
-                "--preset",
-                "reference-study",
-                "--fisher",
-                "true",
-                "--methods",
-                "bm25,repsim",
-            ],
+            preset_bench("reference-study", "--fisher", "true", "--methods", "bm25,repsim"),
             ["none of the methods bm25, repsim reads --fisher true"],
         ),
         (
@@ -271,19 +263,7 @@ def invalid_cases(root, out):
         ),
         # reviewQ: datainf presets the empirical Fisher over the configuration's: --fisher true changed nothing
         (
-            [
-                "bench",
-                "--task",
-                "rules",
-                "--out",
-                out,
-                "--preset",
-                "wherefrom",
-                "--methods",
-                "datainf",
-                "--fisher",
-                "true",
-            ],
+            preset_bench("wherefrom", "--methods", "datainf", "--fisher", "true"),
             ["method 'datainf' does not read --fisher true", "datainf's own fisher is --option fisher=..."],
         ),
         # userE: attribute took no --seed (EK-FAC's fitting labels); a method that draws nothing refuses it
