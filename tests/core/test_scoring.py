@@ -207,6 +207,27 @@ def test_top_rows_name_each_end_by_its_sign():
     assert [end_kind(0.0, lowest) for lowest in (False, True)] == ["highest", "lowest"]
 
 
+def test_the_top_k_csv_shows_formula_like_ids_and_labels_as_text_and_keeps_numbers(tmp_path):
+    """userC: an id ``=cmd()`` went into ``.top.csv`` as it was, so a spreadsheet opening the file ran it as a
+    formula. Text starting a formula gets a leading ``'`` (ids, query ids and labels); numbers (``-5``, ``+1.5``)
+    and the ``.json``'s ids stay as given."""
+    import csv
+    import json
+
+    from wherefrom.core.scoring import Scores, save_scores
+
+    train = ["=cmd()", "-5", "+x", "@SUM(A1)", "\tt", "plain"]
+    scores = Scores(["-q", "+1.5"], train, ["m"], torch.arange(12.0).reshape(1, 2, 6))
+    labels = {"plain": "=label", "-5": "-3"}
+    save_scores(scores, tmp_path, "s", top_k=6, labels=labels)
+    with (tmp_path / "s.top.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["query_id"] for row in rows} == {"'-q", "+1.5"}
+    assert {row["train_id"] for row in rows} == {"'=cmd()", "-5", "'+x", "'@SUM(A1)", "'\tt", "plain"}
+    assert {row["label"] for row in rows if row["train_id"] in ("plain", "-5")} == {"'=label", "-3"}
+    assert json.loads((tmp_path / "s.json").read_text())["train_ids"] == train
+
+
 def test_a_score_set_killed_midway_is_refused_not_paired_with_an_earlier_sets_ids(tmp_path, monkeypatch):
     """``save_scores`` over an earlier set: a writer killed after the new tensors (before the ``.json``, the set's
     marker) left the earlier ``.json`` and ``.top.csv`` beside the new scores, both intact, so every reader paired

@@ -335,12 +335,32 @@ def top_rows(scores: Scores, k: int, labels: Mapping[str, str | None]) -> list[t
     return rows
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""First characters a spreadsheet reads as the start of a formula (OWASP's CSV injection list)."""
+
+
+def spreadsheet_cell(text: str) -> str:
+    """``text`` as a CSV cell a spreadsheet shows as text: one starting a formula (:data:`FORMULA_STARTS`) and not
+    a number gets a leading ``'`` (an id ``=HYPERLINK(...)`` ran as a formula when the top-k CSV was opened);
+    numbers such as ``-5`` and every other text are kept as they are."""
+    if not text.startswith(FORMULA_STARTS):
+        return text
+    try:
+        float(text)
+    except ValueError:
+        return "'" + text
+    return text
+
+
 def write_top_csv(scores: Scores, path: Path, k: int, labels: Mapping[str, str | None]) -> Path:
-    """Write :func:`top_rows` as a CSV file with a :data:`TOP_COLUMNS` header (written atomically)."""
+    """Write :func:`top_rows` as a CSV file with a :data:`TOP_COLUMNS` header (written atomically); ids and labels
+    pass through :func:`spreadsheet_cell` (the ``.json`` beside it keeps them as given)."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(TOP_COLUMNS)
-    writer.writerows((*row[:-1], repr(float(row[-1]))) for row in top_rows(scores, k, labels))
+    for query_id, kind, rank, train_id, label, score in top_rows(scores, k, labels):
+        cells = (spreadsheet_cell(str(query_id)), kind, rank, spreadsheet_cell(str(train_id)))
+        writer.writerow((*cells, spreadsheet_cell(str(label)), repr(float(score))))
     atomic_write_text(text.getvalue(), Path(path))
     return Path(path)
 
