@@ -112,7 +112,8 @@ def test_store_of_another_projection_or_model_is_refused_by_name(workspace, tmp_
 
 def test_a_store_of_other_training_rows_names_both_sets_of_rows(workspace, tmp_path):
     """userD: a store copied from a run of another training file was refused as ``data: recorded '98d4...', now
-    '8d54...'`` alone; the refusal now names the store's rows and the run's training file (counts, first ids)."""
+    '8d54...'`` alone; the refusal now names the store's rows and the run's training file (counts, first ids; for
+    as many rows, the first row that differs)."""
     rows = load_records(workspace / "train.jsonl")
     fewer = tmp_path / "fewer.jsonl"
     write_jsonl(rows[3:], fewer)
@@ -125,6 +126,16 @@ def test_a_store_of_other_training_rows_names_both_sets_of_rows(workspace, tmp_p
         other.scores(load_records(workspace / "queries.jsonl"))
     said = f"the store indexes 10 rows (the first {rows[0].id!r}), not the 7 rows of this run's training file"
     assert said in str(refused.value) and f"{fewer} (the first {rows[3].id!r})" in str(refused.value)
+    # the same rows in another order: both counts and first ids alike, so the first row that differs
+    swapped = [*rows[:2], rows[5], *rows[3:5], rows[2], *rows[6:]]
+    write_jsonl(swapped, fewer)
+    reordered = Run.create(tmp_path / "c", replace(config, device="cpu"))
+    reordered.fit()
+    shutil.copytree(tmp_path / "a" / "index", tmp_path / "c" / "index")
+    with pytest.raises(SettingsMismatch, match="data: recorded") as refused:
+        reordered.scores(load_records(workspace / "queries.jsonl"))
+    said = f"row 2 of the store is {rows[2].id!r}, not {rows[5].id!r} as in this run's training file {fewer}"
+    assert said in str(refused.value) and "(both 10 rows)" in str(refused.value)
 
 
 def test_a_store_made_with_other_input_settings_is_refused_and_an_older_manifest_is_read(workspace, tmp_path):

@@ -1422,20 +1422,22 @@ class Run:
                 "current ones"
             ),
         )
-        if store.ids != [r.id for r in self.train]:
-            raise DamagedFile(
-                f"{store.folder} holds {store.count} rows that are not the run's {len(self.train)} training ids in order; "
-                + self._rebuild_hint()
-            )
-        return store
+        return store  # its ids are the run's: the settings hold the rows' fingerprint, the store its ids' digest
 
     def other_rows(self, store: VectorStore) -> str:
-        """``""`` when ``store`` indexes the run's training ids in order, else a sentence naming both sets of rows
-        (count and first id, and the run's training file): userD read only ``data: recorded '98d4...', now
-        '8d54...'`` for a store copied from a run of another training file."""
+        """``""`` when ``store`` indexes the run's training ids in order, else a sentence (ending ``"; "``) naming both
+        sets of rows and the run's training file: their counts and first ids, or, for as many rows, the first row
+        where they differ (a store of the same rows in another order). userD read only ``data: recorded '98d4...',
+        now '8d54...'`` for a store copied from a run of another training file."""
         ids = [r.id for r in self.train]
         if store.ids == ids:
             return ""
+        if store.count == len(ids):
+            row = next(i for i, (a, b) in enumerate(zip(store.ids, ids)) if a != b)
+            return (
+                f"row {row} of the store is {store.ids[row]!r}, not {ids[row]!r} as in this run's training file "
+                f"{self.config.train} (both {len(ids)} rows); "
+            )
         first = repr(store.ids[0]) if store.ids else "none"
         return (
             f"the store indexes {store.count} rows (the first {first}), not the {len(ids)} rows of this run's "
