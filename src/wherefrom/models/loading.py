@@ -457,33 +457,54 @@ MODEL_DIR = "model"
 """The folder of a full fine-tuning's final model in its output folder."""
 
 
-def _folder_problem(path: str | Path, kind: str, what: str, marker: str, inner: str) -> str | None:
+FolderHint = tuple[str, str, str]
+"""``(inner folder, file marking it, what to say)``: a folder that holds another kind of folder inside it, named in
+the refusal of :func:`_folder_problem` (``{inner}`` in the wording is that inner folder's path)."""
+
+
+def _folder_problem(path: str | Path, kind: str, what: str, marker: str, hints: tuple[FolderHint, ...]) -> str | None:
     """``None`` when ``path`` (``~`` expanded) is a folder holding ``marker``, else what is wrong, naming the path
-    (``kind``: ``"Model"``; ``what``: ``"Hugging Face model"``); a fine-tuning's output folder, which holds it in
-    ``inner``, is named with that folder (userA: ``--adapter ft_lora`` for ``ft_lora/adapter``)."""
+    (``kind``: ``"Model"``; ``what``: ``"Hugging Face model"``), with each of ``hints`` whose inner folder it holds: a
+    fine-tuning's output folder is named with the folder inside it (userA: ``--adapter ft_lora`` for
+    ``ft_lora/adapter``)."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         return f"{kind} folder not found: {folder}"
     if not (folder / marker).is_file():
-        hint = f"; a fine-tuning's output folder: give {folder / inner}" if (folder / inner / marker).is_file() else ""
-        return f"Not a {what} folder (no {marker}): {folder}{hint}"
+        found = [
+            wording.format(inner=folder / inner) for inner, mark, wording in hints if (folder / inner / mark).is_file()
+        ]
+        return f"Not a {what} folder (no {marker}): {folder}" + "".join(f"; {hint}" for hint in found)
     return None
+
+
+OUTPUT_FOLDER = "a fine-tuning's output folder: give {inner}"
+"""The hint for a fine-tuning's output folder given where the folder inside it belongs."""
+
+MODEL_HINTS: tuple[FolderHint, ...] = (
+    (MODEL_DIR, "config.json", OUTPUT_FOLDER),
+    # reviewQ: a LoRA fine-tuning's folder holds its adapter alone
+    (
+        ADAPTER_DIR,
+        "adapter_config.json",
+        "a LoRA fine-tuning's output folder: give its base model here and {inner} as the adapter",
+    ),
+)
+"""The folders inside a folder given as ``--model`` that :func:`model_folder_problem` names."""
 
 
 def model_folder_problem(path: str | Path) -> str | None:
     """``None`` when ``path`` (``~`` expanded) is a Hugging Face model folder (a folder with a ``config.json``),
     else what is wrong, naming the path: the check of :func:`load_model` and of the command line's ``--model``."""
-    problem = _folder_problem(path, "Model", "Hugging Face model", "config.json", MODEL_DIR)
-    adapter = Path(path).expanduser() / ADAPTER_DIR
-    if problem is not None and (adapter / "adapter_config.json").is_file():  # reviewQ: a LoRA fine-tuning's folder
-        problem += f"; a LoRA fine-tuning's output folder: give its base model here and {adapter} as the adapter"
-    return problem
+    return _folder_problem(path, "Model", "Hugging Face model", "config.json", MODEL_HINTS)
 
 
 def adapter_folder_problem(path: str | Path) -> str | None:
     """``None`` when ``path`` is a PEFT adapter folder (with an ``adapter_config.json``), else what is wrong, naming
     the path: the check of :func:`load_model` and of the command line's ``--adapter``."""
-    return _folder_problem(path, "Adapter", "PEFT adapter", "adapter_config.json", ADAPTER_DIR)
+    return _folder_problem(
+        path, "Adapter", "PEFT adapter", "adapter_config.json", ((ADAPTER_DIR, "adapter_config.json", OUTPUT_FOLDER),)
+    )
 
 
 def load_model(
