@@ -374,6 +374,13 @@ def test_an_analysis_run_elsewhere_reads_the_files_and_model_the_bench_ran_with(
     for name in ("train.jsonl", "queries.jsonl"):
         shutil.copy(project / name, moved / name)
     kept = sorted((p.relative_to(moved), p.stat().st_mtime_ns) for p in (moved / "bx").rglob("finetune/**/*"))
+    # the cached weights and ihvp rows are of the bench's model: they were served for the other one as they were
+    refused = invoke("analyze", "weights", "--bench", moved / "bx", "--threads", "1")
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "made from other inputs (model_weights: recorded" in said, refused.output
+    refused = invoke("analyze", "ihvp", "--bench", moved / "bx", "--threads", "1", "--n-queries", "1")
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "base_model_fingerprint" in said, refused.output
     shutil.rmtree(moved / "bx" / "seed-0" / "weights")
     refused = invoke("analyze", "weights", "--bench", moved / "bx", "--threads", "1")
     said = " ".join(refused.output.split())

@@ -27,7 +27,7 @@ from wherefrom.methods.tracin import checkpoint_model
 from wherefrom.models.finetune import FinetuneResult
 from wherefrom.models.loading import LoadedModel, load_model
 from wherefrom.studies import toolkit
-from wherefrom.studies.bench import BenchConfig, build_task, finetuned, named_from, rows_key, task_from
+from wherefrom.studies.bench import BenchConfig, build_task, finetuned, model_key, named_from, rows_key, task_from
 from wherefrom.studies.benchtasks import BenchTask
 from wherefrom.studies.outputs import recorded_directory
 
@@ -75,13 +75,16 @@ class Bench:
         return None
 
     def seed_key(self, seed: int, task: BenchTask) -> dict[str, Any]:
-        """Every bench setting a seed's ``task`` and fine-tuned model depend on, and a file task's rows
-        (:func:`wherefrom.studies.bench.rows_key`); cache keys start from it."""
+        """Every bench setting a seed's ``task`` and fine-tuned model depend on, a file task's rows
+        (:func:`wherefrom.studies.bench.rows_key`) and the base model's weights
+        (:func:`wherefrom.studies.bench.model_key`, as a bench row's key holds them: a model folder saved again under
+        the same name served the ``ihvp`` and ``weights`` rows of the old weights); cache keys start from it."""
         skip = {"out", "methods", "seeds", "method_options", "device"}
         return {
             **{k: v for k, v in asdict(self.config).items() if k not in skip},
             "seed": seed,
             **rows_key(self.config, task),
+            **model_key(named_from(self.config.model, self.directory)),
         }
 
     def validate(self, config: BenchConfig | None = None) -> None:
