@@ -455,3 +455,21 @@ def test_a_refused_resume_of_an_unfinished_fit_keeps_the_run_as_recorded(root, t
     code, out = invoke("replay", run)
     assert code == 0, out
     assert {p.name: p.read_bytes() for p in (run / unfinish).iterdir() if p.suffix == ".safetensors"} == saved
+
+
+def test_index_names_the_layout_it_built_also_after_its_settings_were_lost(root):
+    """userD: an index whose ``settings.json`` was damaged, rebuilt by an ``index`` without its layout flags, was
+    noted ("settings unknown ... discarded N entries and started again") but not which layout it now had (the
+    defaults, not the float16 of the first build). The closing line names the store's rows, length, dtype, shard
+    size and preconditioning."""
+    run = "logra-layout"
+    assert invoke(*fit_args(root, run, "--method", "logra", "--option", "dim_in=2", "--option", "dim_out=2"))[0] == 0
+    code, out = invoke("index", "--run", root / run, "--dtype", "float16", "--shard-size", "4")
+    said = " ".join(out.split())
+    assert (
+        code == 0 and "written now; 10 rows x " in said and " float16, 4 rows a shard, --precondition fitted)" in said
+    )
+    (root / run / "index" / "settings.json").write_text("{")
+    code, out = invoke("index", "--run", root / run)
+    said = " ".join(out.split())
+    assert code == 0 and "settings unknown" in said and " float32, 256 rows a shard, --precondition fitted)" in said

@@ -36,9 +36,11 @@ from wherefrom.core.option_pairs import options_for, parse_option_pairs
 from wherefrom.core.scoring import Scores, end_kind, end_name, index_rows_text, refuse_folders_in_set
 from wherefrom.core.search import RowSource, SearchReport, faiss_settings, search_store
 from wherefrom.core.store import (
+    SETTINGS,
     StoreError,
     check_replacement,
     json_form,
+    read_json_object,
     refuse_other_inputs,
     strict_json,
     writer_lock,
@@ -159,8 +161,15 @@ def index(run, shard_size, dtype, precondition, optimizer_checkpoint, unit_norm,
 
 
 def print_index_done(run: Path, written: int) -> None:
-    """The line that ends a build of RUN/index/."""
-    say(f"index complete ({written} {'shard' if written == 1 else 'shards'} written now) -> {run / 'index'}")
+    """The line that ends a build of RUN/index/, with the layout the store has (its manifest's rows, length, dtype,
+    shard size and preconditioning): userD saw an index whose settings were lost rebuilt at the default layout,
+    noted, but not which layout it then had."""
+    settings = read_json_object(run / "index" / SETTINGS)
+    done = "shard" if written == 1 else "shards"
+    layout = f"{settings['rows']} rows x {settings['dim']:,} {settings['dtype']}, {settings['shard_size']} rows a shard"
+    if "precondition" in settings:
+        layout += f", --precondition {settings['precondition']}{' --unit-norm' if settings.get('unit_norm') else ''}"
+    say(f"index complete ({written} {done} written now; {layout}) -> {run / 'index'}")
 
 
 @command(distributed=True)
