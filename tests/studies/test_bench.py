@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, replace
 
 import pytest
@@ -107,6 +108,28 @@ def test_bench_class_task_via_cli_and_resume(tmp_path, tiny_model):
     rows = {m: json.loads((out / "seed-0" / f"{m}.json").read_text()) for m in METHODS}
     changed = {m for m in METHODS if (out / "seed-0" / f"{m}.json").stat().st_mtime_ns != mtimes[m]}
     assert changed == {"ekfac"} and rows["ekfac"]["key"]["damping_factor"] == 0.01
+
+
+def test_bench_reports_each_methods_passes_to_its_progress(tmp_path, tiny_model):
+    """A bench gave its progress to the loop over methods only: a SmolLM2 bench showed one bar per seed, unmoved for
+    minutes while a method fitted. Each method's passes over rows report to it too (bm25 makes none)."""
+    seen: list[str] = []
+
+    def progress(items, description):
+        for item in items:
+            seen.append(description)
+            yield item
+
+    config = tiny_config("backdoor", tmp_path / "bd", tiny_model, ["gradsim", "ekfac", "bm25"], 12, 2, batch_size=4)
+    run_bench(config, progress=progress)
+    # 12 rows in batches of 4: gradsim's train pass, EK-FAC's shared pass, one batch of queries each
+    expected = {
+        "seed 0": 3,
+        "train gradients": 3,
+        "shared pass (covariances, correction, train)": 3,
+        "query gradients": 2,
+    }
+    assert Counter(seen) == expected, seen
 
 
 def test_bench_identify_task(tmp_path, tiny_model):

@@ -156,6 +156,23 @@ def test_a_method_with_non_finite_scores_fails_alone(folder, tmp_path, monkeypat
     assert failed["metrics"] is None and "scores are NaN or infinite" in failed["error"], failed
 
 
+def test_evaluate_reports_each_methods_passes_to_its_progress(folder, tmp_path):
+    """`evaluate` and `tune` gave their progress to the loop over methods (points) only, not to a method's passes;
+    a method computed now reports them (its train and query gradient passes), one reused reports none."""
+    seen: list[str] = []
+
+    def progress(items, description):
+        for item in items:
+            seen.append(description)
+            yield item
+
+    evaluate(folder, ["gradsim-cosine"], out=tmp_path / "p", progress=progress)
+    assert seen[0] == "methods" and {"train gradients", "query gradients"} <= set(seen), seen
+    seen.clear()
+    evaluate(folder, ["gradsim-cosine"], out=tmp_path / "p", progress=progress)
+    assert seen == ["methods"]
+
+
 def test_rebuild_reuses_every_job(folder):
     gt = GroundTruth.load(folder)
     stamps = {p.name: p.stat().st_mtime_ns for p in (folder / "jobs").iterdir()}

@@ -342,16 +342,18 @@ def scored_method(
     train: Sequence,
     test: Sequence,
     device: str | None,
+    progress: Progress = no_progress,
 ) -> tuple[Any, dict[str, Any]]:
     """Fit ``method`` (:func:`wherefrom.methods.registry.make_method`) on ``train`` and score ``test``, timed and
-    memory-measured (:func:`wherefrom.studies.toolkit.measured`). Returns ``(scores, usage)`` with ``usage``
+    memory-measured (:func:`wherefrom.studies.toolkit.measured`); its passes over rows report to ``progress`` (a
+    bench of SmolLM2 showed no bar for minutes per method). Returns ``(scores, usage)`` with ``usage``
     ``{seconds, peak_mib, error}``; a failure is recorded in ``error`` (``scores`` is then ``None``),
     not raised, so one failing method never stops the others. The method is released afterwards."""
     usage: dict[str, Any] = {"seconds": None, "peak_mib": None, "error": None}
     chosen = scores = None
     try:
         with measured(pick_device(device)) as measurement:
-            chosen = make_method(method, model, tokenizer, attribution, **options)
+            chosen = make_method(method, model, tokenizer, attribution, progress, **options)
             chosen.fit(train)
             scores = chosen.scores(test, train)
         usage["seconds"], usage["peak_mib"] = measurement["seconds"], measurement["peak_mib"]
@@ -397,12 +399,19 @@ def finetuned(
 
 
 def method_row(
-    config: BenchConfig, task: BenchTask, seed: int, method: str, tuned, tokenizer, directory: Path | None = None
+    config: BenchConfig,
+    task: BenchTask,
+    seed: int,
+    method: str,
+    tuned,
+    tokenizer,
+    directory: Path | None = None,
+    progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """One bench row: ``method`` fitted and scored on ``task`` with the fine-tuned ``tuned.model`` (:func:`scored_method`;
     ``tracin`` gets ``tuned.checkpoints`` and a loader of the base model), then its metrics. ``tuned`` and
     ``tokenizer`` are ``None`` for a method that needs no model (the ``lexical`` family: BM25). ``directory``: where
-    the bench ran (:func:`finetuned`).
+    the bench ran (:func:`finetuned`); ``progress``: the method's passes.
 
     Returns ``{seed, method, metrics, top1, seconds, peak_mib, error}`` (``top1``: each query's highest-scored
     training row id, when scored): ``metrics`` from
@@ -422,6 +431,7 @@ def method_row(
         task.train,
         task.test,
         config.device,
+        progress,
     )
     row: dict[str, Any] = {"seed": seed, "method": method, "metrics": None, **usage}
     if scores is not None:
@@ -514,7 +524,8 @@ def run_bench(
 ) -> dict[str, Any]:
     """Run the benchmark of ``config`` (resuming from ``config.out``); returns what ``bench.json`` holds.
 
-    ``progress`` wraps the loop over methods of each seed (tqdm-like, as elsewhere in wherefrom);
+    ``progress`` wraps the loop over methods of each seed and each method's passes (tqdm-like, as elsewhere in
+    wherefrom);
     ``log`` receives one line per step; ``command`` is recorded (default: :func:`command_line`). A row or a
     fine-tuned model made with other settings is recomputed and replaced; ``overwrite=False`` (``wherefrom bench``
     without ``--overwrite``) refuses that instead (:class:`wherefrom.core.store.OutputExists` naming the settings
@@ -548,7 +559,7 @@ def run_bench(
             row = store(
                 _row_path(out, seed, method),
                 keys[seed][method],
-                method_row(config, task, seed, method, tuned, loaded and loaded.tokenizer),
+                method_row(config, task, seed, method, tuned, loaded and loaded.tokenizer, progress=progress),
             )
             say(f"seed {seed} {method}: " + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s"))
             rows.append(row)

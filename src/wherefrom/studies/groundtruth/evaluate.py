@@ -191,10 +191,11 @@ def run_method(
     model,
     tokenizer,
     folder: Path,
+    progress: Progress = no_progress,
 ) -> dict[str, Any]:
-    """Fit and score ``method`` on the ground truth's full-data model (``tracin`` gets its checkpoints),
-    save the scores in ``folder`` and return the row: ``method``, ``seconds``, ``peak_mib``, ``error``
-    (a failure is recorded, not raised)."""
+    """Fit and score ``method`` on the ground truth's full-data model (``tracin`` gets its checkpoints; its passes
+    report to ``progress``), save the scores in ``folder`` and return the row: ``method``, ``seconds``,
+    ``peak_mib``, ``error`` (a failure is recorded, not raised)."""
     options = dict(options)
     config = gt.config
     if in_family(method, "checkpoint"):
@@ -205,7 +206,7 @@ def run_method(
                 lambda: load_model(gt.model, device=config.device, base_fingerprint=base_of(gt.model_dir)).model,
             )
     scores, usage = scored_method(
-        method, model, tokenizer, attribution, options, gt.task.train, gt.task.test, config.device
+        method, model, tokenizer, attribution, options, gt.task.train, gt.task.test, config.device, progress
     )
     row = {"method": method, **usage}
     if scores is not None:
@@ -226,15 +227,17 @@ def scored_row(
     models: Callable[[], tuple[Any, Any]],
     log: Callable[[str], None],
     label: str,
+    progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """The row of ``method`` with ``options`` and ``attribution`` on the ground truth's model: reused from
     ``row_path`` when it was written with the same :func:`method_key` and its scores are in ``folder``
     (:func:`wherefrom.studies.toolkit.resumable`), else :func:`run_method` on ``models()`` (called only
-    then: ``(model, tokenizer)``) and stored. ``log`` gets one line, starting with ``label``."""
+    then: ``(model, tokenizer)``; its passes report to ``progress``) and stored. ``log`` gets one line, starting
+    with ``label``."""
 
     def compute() -> dict[str, Any]:
         model, tokenizer = models()
-        return run_method(gt, method, options, replace(attribution), model, tokenizer, folder)
+        return run_method(gt, method, options, replace(attribution), model, tokenizer, folder, progress)
 
     key = method_key(gt, method, options, attribution)
     row, reused = resumable(row_path, key, compute, needs=[folder / f"{method}.json"])  # the set's marker
@@ -328,7 +331,8 @@ def evaluate(
     rows: dict[str, dict[str, Any]] = {}
     for method in progress(methods, "methods"):
         options = options_for(method_options, method)
-        row = scored_row(gt, method, options, attribution, folder, folder / f"{method}.row.json", models, say, method)
+        row_path = folder / f"{method}.row.json"
+        row = scored_row(gt, method, options, attribution, folder, row_path, models, say, method, progress)
         row = dict(row)
         row["metrics"] = None if row["error"] else measured_metrics(gt, load_method_scores(folder, method), row)
         rows[method] = row

@@ -238,9 +238,8 @@ def tune(
     def run(point: dict[str, Any]) -> dict[str, Any]:
         key_options = options_off_default(method, method_options)
         where = _point_folder(folder, {"method": method, "point": point, "options": key_options})
-        row = scored_row(
-            gt, method, _options(point, method_options), base, where, where / "row.json", models, say, json.dumps(point)
-        )
+        options = _options(point, method_options)
+        row = scored_row(gt, method, options, base, where, where / "row.json", models, say, json.dumps(point), progress)
         result = {
             "point": point,
             "seconds": row["seconds"],
