@@ -77,11 +77,13 @@ def test_bad_settings_are_named_before_training(tmp_path):
 
 
 def test_the_query_measures_the_fact_without_the_appended_eos(tmp_path, monkeypatch):
-    """Same-order rows continue the object with ".", so an EOS in f would measure "stop after O" too."""
-    seen = []
+    """Same-order rows continue the object with ".", so an EOS in f would measure "stop after O" too. The method's
+    passes report to the study's progress (they showed no bar)."""
+    seen, bars = [], []
 
-    def scored(method, model, tokenizer, attribution, options, train, queries, device):
+    def scored(method, model, tokenizer, attribution, options, train, queries, device, progress):
         seen.append(attribution)
+        bars.append(progress)
         per_module = torch.arange(float(len(train))).expand(1, len(queries), len(train))  # rows scored apart
         return Scores([q.id for q in queries], [r.id for r in train], ["m"], per_module), {}
 
@@ -94,8 +96,13 @@ def test_the_query_measures_the_fact_without_the_appended_eos(tmp_path, monkeypa
     config = WordOrderConfig(
         out=str(tmp_path / "out"), model=str(tmp_path / "model"), seeds=[0], device="cpu", finetune=padded
     )
-    payload = run_word_order(config, log=lambda line: None)
+
+    def bar(items, _description):
+        return iter(items)
+
+    payload = run_word_order(config, log=lambda line: None, progress=bar)
     assert [a.query_without_eos for a in seen] == [True] and payload["config"]["query_without_eos"] is True
+    assert bars == [bar]
     assert seen[0] == config.attribution(0)  # the fine-tuning's layout, batch size and the study seed (reviewQ)
     run_word_order(replace(config, query_without_eos=False), log=lambda line: None)
     assert seen[-1].query_without_eos is False
@@ -177,7 +184,7 @@ def test_a_rerun_of_other_settings_is_refused_unless_overwrite(tmp_path, monkeyp
     monkeypatch.setattr(
         wordorder,
         "scored_method",
-        lambda method, model, tokenizer, attribution, options, train, queries, device: (
+        lambda method, model, tokenizer, attribution, options, train, queries, device, progress: (
             Scores([q.id for q in queries], [r.id for r in train], ["m"], torch.rand(1, len(queries), len(train))),
             {},
         ),

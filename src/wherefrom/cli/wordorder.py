@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import typer
 
-from wherefrom.cli.app import command, fail, recorded_line, remember, required, say
+from wherefrom.cli.app import command, fail, progress, recorded_line, remember, required, say
 from wherefrom.core.data import DataError
 from wherefrom.studies.finetuning import FIRST_FINETUNING
 from wherefrom.studies.toolkit import refuse_foreign_report
@@ -65,7 +65,7 @@ def word_order(
     try:
         refuse_foreign_report(out / "wordorder")  # before the work, not only as the tables are written
         remember(out)
-        run_word_order(config, command=recorded_line(), log=say, overwrite=overwrite)
+        run_word_order(config, command=recorded_line(), log=say, overwrite=overwrite, progress=progress)
     except (DataError, ValueError, RuntimeError) as error:
         fail(error)
     typer.echo((out / "wordorder.md").read_text())

@@ -34,6 +34,7 @@ from wherefrom.core.store import (
     hardware,
     package_versions,
 )
+from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import check_methods, method_spec
 from wherefrom.models.finetune import FinetuneConfig, finetune
@@ -175,9 +176,14 @@ def _compared(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_word_order(
-    config: WordOrderConfig, command: str = "", log: Callable[[str], None] = print, overwrite: bool = True
+    config: WordOrderConfig,
+    command: str = "",
+    log: Callable[[str], None] = print,
+    overwrite: bool = True,
+    progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Run the study for every seed; writes ``out/wordorder.json`` and ``out/wordorder.md``, returns the payload.
+    ``progress``: the method's passes over rows.
 
     A rerun into the same ``out`` reuses each seed's fine-tuned model of the same settings. ``overwrite=False``
     (``wherefrom word-order`` without ``--overwrite``) refuses (:class:`wherefrom.core.store.OutputExists`) to
@@ -209,8 +215,9 @@ def run_word_order(
             progress=False,
             overwrite=overwrite,
         )
+        attribution = config.attribution(seed)
         scores, usage = scored_method(
-            config.method, tuned.model, loaded.tokenizer, config.attribution(seed), {}, train, queries, config.device
+            config.method, tuned.model, loaded.tokenizer, attribution, {}, train, queries, config.device, progress
         )
         if scores is None:
             raise RuntimeError(f"word-order: method {config.method!r} failed on seed {seed}: {usage['error']}")
