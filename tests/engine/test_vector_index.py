@@ -524,3 +524,28 @@ def test_a_store_of_rows_preconditioned_by_another_fit_is_refused(workspace, tmp
     shutil.copytree(tmp_path / "a" / "index", tmp_path / "b" / "index")
     raw = Run.open(tmp_path / "b", device="cpu").scores(queries).total  # not refused: no fitted curvature in it
     assert torch.allclose(raw, Run.open(tmp_path / "a", device="cpu").scores(queries).total)
+
+
+def test_an_index_warns_of_rows_split_at_their_token_boundary_once_not_for_each_shard(workspace, tmp_path, monkeypatch):
+    """userD: on the shared data (completions without a leading space) `index` repeated the
+    :class:`~wherefrom.core.encoding.TokenBoundaryWarning` for every shard, each counting that shard's rows. The check
+    of every row before the pass says it once, counted in the first block of rows that has any, with how many
+    more blocks do; the shards say nothing more."""
+    import warnings
+
+    from wherefrom.core import encoding
+    from wherefrom.core.encoding import TokenBoundaryWarning
+    from wherefrom.engine import run as run_module
+
+    def boundary(records, prompt_ids, completion_ids, tokenizer):
+        warnings.warn(f"{len(records)} of {len(records)} rows tokenize differently", TokenBoundaryWarning, stacklevel=2)
+        return len(records)
+
+    run = fitted(workspace, tmp_path / "a", "logra", LOGRA)
+    monkeypatch.setattr(encoding, "warn_split_boundaries", boundary)
+    monkeypatch.setattr(run_module, "ENCODE_CHECK_ROWS", 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.build_index(shard_size=2)
+    said = [str(w.message) for w in caught if issubclass(w.category, TokenBoundaryWarning)]
+    assert said == ["4 of 4 rows tokenize differently (in one block of 4 rows; 2 more blocks have such rows)"], said

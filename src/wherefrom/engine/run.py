@@ -66,6 +66,7 @@ from wherefrom.core.distributed import (
     sum_counts,
     world_size,
 )
+from wherefrom.core.encoding import TokenBoundaryWarning
 from wherefrom.core.gradients import block_products, flatten_blocks, split_rows
 from wherefrom.core.memory import check_memory, nbytes
 from wherefrom.core.options import with_defaults
@@ -1136,11 +1137,9 @@ class Run:
         writer = VectorStoreWriter(
             folder, ids, dim, settings, dtype, shard_size, self.config.setting_defaults(), RECORDED_ONLY
         )
-        if not (folder / MARKER).exists():  # a row the model cannot take is named now, not when its shard comes
-            with warnings.catch_warnings():  # said once, as each shard's rows are encoded for the pass
-                warnings.simplefilter("ignore")
-                for start in range(0, len(self.train), ENCODE_CHECK_ROWS):
-                    self.attributor.encode(self.train[start : start + ENCODE_CHECK_ROWS])
+        checked = not (folder / MARKER).exists()
+        if checked:  # a row the model cannot take is named now, not when its shard comes
+            self.check_encodings()
         if raw and not (folder / MARKER).exists():  # predicted before anything is written
             rows, size = min(shard_size, len(self.train)), self.attributor.num_parameters
             check_memory(
@@ -1171,6 +1170,12 @@ class Run:
             divisors = {n: d.to(self.attributor.device) for n, d in state.divisors(self.attributor.modules).items()}
 
         def produce(shard: int, _ids: list[str]) -> Iterator[tuple[list[str], torch.Tensor]]:
+            with warnings.catch_warnings():
+                if checked:  # check_encodings said it once for every row (it was said again for each shard)
+                    warnings.simplefilter("ignore", TokenBoundaryWarning)
+                yield from rows_of(shard)
+
+        def rows_of(shard: int) -> Iterator[tuple[list[str], torch.Tensor]]:
             start, stop = writer.span(shard)
             if vectors is not None:
                 rows = (self.train[start:stop], precondition == "fitted", unit_norm)
@@ -1188,6 +1193,22 @@ class Run:
                 yield ids, flatten_blocks(grads, names)
 
         return writer, lambda _rank, _world: None, produce
+
+    def check_encodings(self) -> None:
+        """Tokenize every training row, :data:`ENCODE_CHECK_ROWS` at a time (not kept), before an index's pass: a row
+        the model cannot take raises its :class:`wherefrom.core.data.DataError` now, not when its shard comes. Rows
+        whose prompt/completion boundary tokenizes otherwise than their joined text are warned of once
+        (:class:`wherefrom.core.encoding.TokenBoundaryWarning`, counted in the first block of rows that has any,
+        with how many more blocks do); other warnings of the encoding come with the shards."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for start in range(0, len(self.train), ENCODE_CHECK_ROWS):
+                self.attributor.encode(self.train[start : start + ENCODE_CHECK_ROWS])
+        boundary = [w.message for w in caught if issubclass(w.category, TokenBoundaryWarning)]
+        if boundary:
+            more = len(boundary) - 1
+            also = f" (in one block of {ENCODE_CHECK_ROWS} rows; {more} more blocks have such rows)" if more else ""
+            warnings.warn(f"{boundary[0]}{also}", TokenBoundaryWarning, stacklevel=2)
 
     def check_empirical(self, unit_norm: bool) -> None:
         """Refuse ``--precondition empirical`` where it does not apply (``ValueError`` naming why and what to use
