@@ -37,15 +37,13 @@ import multiprocessing as mp
 import os
 import random
 import resource
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-from common import provenance_lines, wait_for
+from common import command_line, provenance_lines, wait_for
 
 HERE = Path(__file__).resolve().parent
 _WORD_TEXT = (
@@ -511,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
     from wherefrom.core.store import atomic_write_text
 
     args = parse_args(argv)
-    command = ("python benchmarks/bench_kronfluence.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
+    command = command_line("bench_kronfluence.py", argv, args).strip()
     results, agreements = {}, {}
     if args.malloc_mmap_threshold is not None:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)  # read by glibc as each phase starts

@@ -210,9 +210,33 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-def command_line(script: str, argv: list[str] | None) -> str:
-    """The command that reproduces this run, as recorded in the results."""
-    return f"python benchmarks/{script} " + shlex.join(sys.argv[1:] if argv is None else argv)
+REPOSITORY = Path(__file__).resolve().parent.parent
+"""The checkout this script belongs to: recorded commands run from its root."""
+
+
+def _rerunnable(argument: str, paths: set[str]) -> str:
+    """``argument`` as a command run from the repository's root takes it: one of ``paths`` (the values of the
+    script's path options) named relative to the root when inside it, else absolute; the value of a
+    ``--flag=value`` the same way; any other argument as it is. userG: ``--output bench/kron.md`` given in another
+    folder was recorded as given, so no folder reran the recorded command."""
+    if argument.startswith("-"):
+        flag, equals, value = argument.partition("=")
+        return f"{flag}={_rerunnable(value, paths)}" if equals else argument
+    if argument not in paths:
+        return argument
+    where = Path(argument).resolve()
+    return str(where.relative_to(REPOSITORY)) if where.is_relative_to(REPOSITORY) else str(where)
+
+
+def command_line(script: str, argv: list[str] | None, args: argparse.Namespace) -> str:
+    """The command that reproduces this run from the repository's root, as recorded in the results: the script's
+    arguments (``argv``, default ``sys.argv``) with the values of its path options (the :class:`~pathlib.Path`
+    values of ``args``, the parsed arguments, and text values naming a file or folder that exists, such as a
+    ``--model`` folder) named from the root (:func:`_rerunnable`), whatever folder it ran from."""
+    arguments = sys.argv[1:] if argv is None else argv
+    values = [v for value in vars(args).values() for v in (value if isinstance(value, (list, tuple)) else [value])]
+    paths = {str(v) for v in values if isinstance(v, Path) or (isinstance(v, str) and v and Path(v).exists())}
+    return f"python benchmarks/{script} " + shlex.join(_rerunnable(argument, paths) for argument in arguments)
 
 
 def provenance_lines(command: str, versions: dict[str, str], load: str = "") -> list[str]:

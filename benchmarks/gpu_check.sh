@@ -12,8 +12,17 @@
 # line saying why, before any work, where torch sees no CUDA device. GPU_CHECK_DEVICE=cpu is a dry run of
 # the script itself on CPU (its table stays in OUT; benchmarks/results/ is not touched).
 set -euo pipefail
-OUT=${1:-/tmp/wherefrom-gpu-check}
-MODEL=${2:-}
+# run from anywhere: OUT, MODEL, THROUGHPUT_MODEL and a PYTHON path are named from where it is called, then the
+# script works from the repository's root (its .venv, benchmarks/ and results; userG: called from another folder it
+# did not find .venv/bin/python and said "needs CUDA")
+absolute() { if [[ -n $1 && $1 != /* ]]; then echo "$PWD/$1"; else echo "$1"; fi; }
+ARGS=$(printf ' %q' "$@")
+GIVEN_PYTHON=${PYTHON:-}
+OUT=$(absolute "${1:-/tmp/wherefrom-gpu-check}")
+MODEL=$(absolute "${2:-}")
+if [[ -n ${THROUGHPUT_MODEL:-} ]]; then THROUGHPUT_MODEL=$(absolute "$THROUGHPUT_MODEL"); fi
+if [[ $GIVEN_PYTHON == */* ]]; then PYTHON=$(absolute "$GIVEN_PYTHON"); fi
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 RESULTS=benchmarks/results/gpu-check
 DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-600}))  # GPU_CHECK_SECONDS: a smaller budget; steps past it are skipped
@@ -44,9 +53,11 @@ TABLE="$OUT/timings.md"
 {
     echo "# GPU check: wall seconds per step (process start and model load included)"
     echo
+    # every setting it was given (userG: a dry run's GPU_CHECK_DEVICE=cpu and PYTHON were left out)
     made="${GPU_CHECK_SECONDS:+GPU_CHECK_SECONDS=$GPU_CHECK_SECONDS }${THROUGHPUT_MODEL:+THROUGHPUT_MODEL=$THROUGHPUT_MODEL }"
-    made+="${THROUGHPUT_ROWS:+THROUGHPUT_ROWS=$THROUGHPUT_ROWS }"
-    echo "Made by \`${made}bash benchmarks/gpu_check.sh $*\` on $(date -u +%Y-%m-%dT%H:%MZ)."
+    made+="${THROUGHPUT_ROWS:+THROUGHPUT_ROWS=$THROUGHPUT_ROWS }${GPU_CHECK_DEVICE:+GPU_CHECK_DEVICE=$GPU_CHECK_DEVICE }"
+    made+="${GIVEN_PYTHON:+PYTHON=$GIVEN_PYTHON }"
+    echo "Made by \`${made}bash benchmarks/gpu_check.sh${ARGS}\` (from the repository's root) on $(date -u +%Y-%m-%dT%H:%MZ)."
     "$PYTHON" -c "import torch; print(f'torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)', torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
     echo "Device: $DEVICE."
     echo "Model: $MODEL; 400 training rows, 20 queries (generated rule task)."
@@ -63,7 +74,8 @@ step() {  # step NAME COMMAND...: run with the time left (at most 300 s), record
     timeout $((left < 300 ? left : 300)) "$@" > "$OUT/$name.log" 2>&1 || status=$?
     local took=$((SECONDS - start))
     if ((status != 0)); then took="failed (exit $status, see $name.log)"; fi
-    echo "| $name | $took | \`${*//$OUT/OUT}\` |" >> "$TABLE"
+    local shown; shown=$(printf '%q ' "$@")  # as a shell reads it back (a query's spaces were lost)
+    echo "| $name | $took | \`${shown//$OUT/OUT}\` |" >> "$TABLE"
 }
 
 common=(--model "$MODEL" --max-length 128 --device "$DEVICE")

@@ -18,10 +18,10 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
+from common import command_line
 from wherefrom.core.store import atomic_write_text
 from wherefrom.models.tiny import tiny_gpt2, tiny_tokenizer
 from wherefrom.studies.groundtruth import GroundTruthConfig, build_groundtruth, evaluate
@@ -60,8 +60,10 @@ def word_rows(n: int, seed: int, prefix: str) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=".cache/groundtruth-tiny")
-    parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "results" / "groundtruth-tiny"))
+    parser.add_argument("--out", type=Path, default=Path(".cache/groundtruth-tiny"))
+    parser.add_argument(
+        "--results", type=Path, default=Path(__file__).resolve().parent / "results" / "groundtruth-tiny"
+    )
     parser.add_argument("--n-train", type=int, default=48)
     parser.add_argument("--n-test", type=int, default=12)
     parser.add_argument("--subsets", type=int, default=48)
@@ -81,7 +83,7 @@ def main() -> None:
     for split, n, seed in (("train", args.n_train, 1), ("test", args.n_test, 2)):
         atomic_write_text("".join(json.dumps(r) + "\n" for r in word_rows(n, seed, split[:2])), out / f"{split}.jsonl")
 
-    command = "python " + " ".join(sys.argv)
+    command = command_line("groundtruth_tiny.py", None, args)
     started = time.perf_counter()
     config = GroundTruthConfig(
         task=f"path:{out / 'train.jsonl'}:{out / 'test.jsonl'}",

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                 + " |"
             )
     path = write_results(
-        args.results / args.name, markdown, {"stores": results}, command_line("hnsw_graph.py", argv), load_before
+        args.results / args.name, markdown, {"stores": results}, command_line("hnsw_graph.py", argv, args), load_before
     )
     print("\n".join(markdown))
     print(f"written to {path}")

@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         args.results / args.name,
         markdown,
         {"train": len(train), "queries": len(queries), "results": results, "spearman": spearman},
-        command_line("index_peers.py", argv),
+        command_line("index_peers.py", argv, args),
         load_before,
     )
     print("\n".join(markdown))

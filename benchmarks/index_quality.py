@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         args.results / args.name,
         markdown,
         {"train": len(train), "queries": len(queries), "include": args.include, "results": results},
-        command_line("index_quality.py", argv),
+        command_line("index_quality.py", argv, args),
         load_before,
     )
     print("\n".join(markdown))

@@ -231,7 +231,9 @@ def main(argv: list[str] | None = None) -> None:
         "proponents": proponents,
         "own_set_in_top10": own,
     }
-    path = write_results(args.results / args.name, markdown, data, command_line("index_scale.py", argv), load_before)
+    path = write_results(
+        args.results / args.name, markdown, data, command_line("index_scale.py", argv, args), load_before
+    )
     print("\n".join(markdown))
     print(f"written to {path}")
 

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model,
     }
     path = write_results(
-        args.results / args.name, markdown, data, command_line("index_throughput.py", argv), load_before
+        args.results / args.name, markdown, data, command_line("index_throughput.py", argv, args), load_before
     )
     print("\n".join(markdown))
     print(f"written to {path}")

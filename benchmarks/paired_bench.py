@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         markdown.append("")
     path = write_results(
-        args.results / args.name, markdown, {"pairs": pairs}, command_line("paired_bench.py", argv), before
+        args.results / args.name, markdown, {"pairs": pairs}, command_line("paired_bench.py", argv, args), before
     )
     print("\n".join(markdown))
     print(f"written to {path}")

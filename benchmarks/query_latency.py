@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)  # before the provenance, which records torch's threads
     faiss.omp_set_num_threads(args.threads)
-    command = command_line("query_latency.py", argv).strip()
+    command = command_line("query_latency.py", argv, args).strip()
     record = {
         **provenance(command),
         "rows": args.rows,

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import command_line
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "emotion.test.jsonl"
 
@@ -89,7 +91,7 @@ def main() -> None:
             process.join()
             results.append(result)
             print(json.dumps(result), flush=True)
-    command = "python benchmarks/query_memory.py " + " ".join(sys.argv[1:])
+    command = command_line("query_memory.py", None, args)
     lines = [
         "# Query memory: full-rank vs low-rank query batching",
         "",

@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     data = {"store": str(args.store), "rows": store.count, "dim": store.dim, "duplicates": duplicates}
     data["queries"] = query_ids
     data.update({"shares_top": top, "results": results})
-    path = write_results(args.results / args.name, markdown, data, command_line("real_recall.py", argv), load_before)
+    path = write_results(
+        args.results / args.name, markdown, data, command_line("real_recall.py", argv, args), load_before
+    )
     print("\n".join(markdown))
     print(f"written to {path}")
 

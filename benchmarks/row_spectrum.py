@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
         "First 20 shares (fitted): " + ", ".join(f"{v:.3g}" for v in kinds["fitted"]["eigenvalue_shares"][:20]),
     ]
     data = {"train": len(train), "include": args.include, "dim": args.dim, "row_length": length, **kinds}
-    path = write_results(args.results / args.name, markdown, data, command_line("row_spectrum.py", argv), load_before)
+    path = write_results(
+        args.results / args.name, markdown, data, command_line("row_spectrum.py", argv, args), load_before
+    )
     print("\n".join(markdown))
     print(f"written to {path}")
 

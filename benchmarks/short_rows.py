@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
             f"| `{e['bench']}` | {e['preset'] or '-'} | {e['method']} | {e['queries']} | {e['distinct_top1']} | "
             f"{top['id']} ({top['wins']}, {top['length_rank']} of {e['train_rows']}) | {cells} |"
         )
-    path = write_results(args.results / args.name, markdown, {"rows": table}, command_line("short_rows.py", argv), load)
+    path = write_results(
+        args.results / args.name, markdown, {"rows": table}, command_line("short_rows.py", argv, args), load
+    )
     print("\n".join(markdown))
     print(f"written to {path}")
 

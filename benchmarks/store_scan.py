@@ -249,7 +249,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = command_line("store_scan.py", argv).strip()
+    command = command_line("store_scan.py", argv, args).strip()
     load = Path("/proc/loadavg").read_text().split()[:3]
     rows = measure(args)
     report = {**provenance(command), "load_at_start": " ".join(load), "rows": rows}

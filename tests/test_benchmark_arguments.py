@@ -177,3 +177,28 @@ def test_store_scan_writes_its_results_under_results(tmp_path):
     assert [r["count"] for r in report["rows"]] == [1000]
     assert f"Command: `{command}`" in (tmp_path / "results" / "tiny.md").read_text()
     assert {p: p.read_bytes() for p in (BENCHMARKS / "results").glob("store_scan.*")} == committed
+
+
+def test_the_recorded_command_reruns_from_the_repositorys_root_whatever_folder_ran_it(tmp_path):
+    """userG: run from another folder, ``--data``/``--results`` were recorded as given (relative to that folder),
+    with the script named from the repository's root, so no folder reran the recorded command. Paths are now named
+    from the root (absolute outside it), and the recorded command, run from the root, writes the same files."""
+    import shlex
+
+    argv = ["--sizes", "1000", "--dim", "8", "--queries", "2", "--threads", "1", "--name", "tiny"]
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "store_scan.py"), *argv, "--data", "data", "--results", "results"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    command = json.loads((tmp_path / "results" / "tiny.json").read_text())["command"]
+    where = f"--data {tmp_path / 'data'} --results {tmp_path / 'results'}"
+    assert command == "python benchmarks/store_scan.py " + " ".join(argv) + " " + where, command
+    for name in ("tiny.json", "tiny.md"):
+        (tmp_path / "results" / name).unlink()
+    words = shlex.split(command)
+    again = subprocess.run([sys.executable, *words[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and (tmp_path / "results" / "tiny.json").is_file(), again.stderr

@@ -47,6 +47,8 @@ def test_dry_run_finishes_every_step_and_compares_the_two_runs(tmp_path):
     # CPU against CPU: the same bytes, so the comparison's numbers are exact
     assert "relative Frobenius difference 0.00e+00; Spearman per query min 1.000000" in table
     assert "(20, 400) scores" in table
+    # each step's command as a shell reads it back (userG: the query's spaces were lost)
+    assert r"query Determine\ the\ rewriting\ rule:\ a\ b\ c\ -\>\ c\ b\ a\ Rule: \ reverse --run OUT/run" in table
     throughput = (out / "index_throughput-bfloat16.md").read_text()
     assert "Autocast: bfloat16. 8 rows" in throughput and "(b) logra index" in throughput
 
@@ -56,12 +58,29 @@ def test_dry_run_records_a_spent_budget_as_skipped_steps(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     table = (tmp_path / "check" / "timings.md").read_text()
     assert "| fit-float32 | skipped (time budget spent) | |" in table
-    assert "Made by `GPU_CHECK_SECONDS=5 bash benchmarks/gpu_check.sh" in table
+    # every setting it was given: a rerun of the line is a dry run again (userG: GPU_CHECK_DEVICE, PYTHON were left out)
+    made = f"Made by `GPU_CHECK_SECONDS=5 GPU_CHECK_DEVICE=cpu PYTHON={sys.executable} bash benchmarks/gpu_check.sh "
+    assert made in table, table
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_without_cuda_it_exits_3_before_any_work(tmp_path):
     done = run_script(tmp_path / "check")
     assert done.returncode == 3
-    assert "gpu_check.sh needs CUDA: torch.cuda.is_available() is False here" in done.stderr
+    assert "gpu_check.sh needs CUDA: torch.cuda.is_available() is False here (torch " in done.stderr
     assert not (tmp_path / "check").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_called_from_another_folder_it_finds_the_repositorys_python(tmp_path):
+    """userG: `bash /path/to/benchmarks/gpu_check.sh out` from another folder looked for `.venv/bin/python` there,
+    failed, and said "needs CUDA ... is False here ()" whatever the machine. It works from the repository's root,
+    naming a relative OUT from where it was called (here: the CUDA probe itself runs, and says so)."""
+    if not (ROOT / ".venv" / "bin" / "python").exists():
+        pytest.skip("needs the repository's .venv (make demo)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "check"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 3 and "is False here (torch " in done.stderr, done.stderr
+    assert not (tmp_path / "check").exists() and not (ROOT / "check").exists()
