@@ -372,7 +372,7 @@ def markdown(result: dict, record: dict) -> str:
                 number(r["query_ms"], ".2f"),
                 number(r["batch_query_ms"], ".2f"),
                 number(r["recall_at_10"], ".3f"),
-                number(r["exact_over_faiss"], ".0f"),
+                number(r["exact_over_faiss"], ".3g"),
             ]
             for r in result["faiss"]
         ],
