@@ -172,10 +172,7 @@ class MethodSpec:
     ``normalize``) or presets (``fisher`` for ``datainf``); setting options given to :func:`make_method`
     override the presets. ``options``: every keyword the method accepts. ``model_settings``: the
     :class:`~wherefrom.engine.api.AttributionConfig` settings of the model's passes that the method reads
-    (:data:`GRADIENT_SETTINGS`, :data:`DRAWING_SETTINGS`, :data:`INPUT_SETTINGS` or none). ``curvature_settings``:
-    the settings and options read only while the method's option ``curvature`` is on (``trak``/``logra``: the
-    Fisher and strategy of the projected curvature that ``curvature=False`` skips; not the damping, which an
-    ``index --precondition empirical`` of such a run applies to the Fisher of the stored rows).
+    (:data:`GRADIENT_SETTINGS`, :data:`DRAWING_SETTINGS`, :data:`INPUT_SETTINGS` or none).
     """
 
     name: str
@@ -186,7 +183,6 @@ class MethodSpec:
     build: Callable[..., Method]
     settings: Mapping[str, Any] = field(default_factory=dict)
     model_settings: frozenset[str] = DRAWING_SETTINGS
-    curvature_settings: frozenset[str] = frozenset()
 
     @property
     def settings_read(self) -> frozenset[str]:
@@ -197,19 +193,11 @@ class MethodSpec:
         declared = {spec.name for spec in self.options if spec.name in SETTING_NAMES}
         return self.model_settings | declared | set(self.settings)
 
-    def skipped_with(self, options: Mapping[str, Any]) -> frozenset[str]:
-        """The settings and options this method does not read with its ``options``: :attr:`curvature_settings` with
-        ``curvature=False``, else none."""
-        return self.curvature_settings if options.get("curvature") is False else frozenset()
-
-    def takes(self, name: str, value: Any = UNSET, options: Mapping[str, Any] | None = None) -> bool:
-        """Whether this method's numbers follow the configuration's setting ``name`` (at ``value``, when given), with
-        its ``options``: one of :attr:`settings_read` that it does not fix or preset (:attr:`settings`:
-        ``method_settings`` lays those over the configuration, so ``datainf`` scores with the empirical Fisher
-        whatever ``--fisher`` says; its own ``fisher`` is a setting option) nor skip (:meth:`skipped_with`:
-        ``logra``'s Fisher with ``curvature=False``), or a fixed or preset setting given at the method's own value."""
-        if name in self.skipped_with(options or {}):
-            return False
+    def takes(self, name: str, value: Any = UNSET) -> bool:
+        """Whether this method's numbers follow the configuration's setting ``name`` (at ``value``, when given): one
+        of :attr:`settings_read` that it does not fix or preset (:attr:`settings`: ``method_settings`` lays those over
+        the configuration, so ``datainf`` scores with the empirical Fisher whatever ``--fisher`` says; its own
+        ``fisher`` is a setting option), or a fixed or preset setting given at the method's own value."""
         if name in self.settings:
             return value is not UNSET and self.settings[name] == value
         return name in self.settings_read
@@ -308,7 +296,6 @@ def _projected(
         lambda _name, model, tokenizer, config, progress=no_progress, **chosen: build(
             model, tokenizer, config, progress=progress, **chosen
         ),
-        curvature_settings=frozenset({"fisher", "strategy"}),
     )
 
 
@@ -542,27 +529,13 @@ def method_settings(
     checks its methods' options before fine-tuning gives tracin its checkpoints). An influence method's damping and
     strategy options are checked as its curvature will check them (:func:`wherefrom.curvature.make_curvature`); an
     absolute ``damping`` with a ``damping_factor`` off its default is refused (the factor would change nothing: a
-    ``tune`` grid over it scored identical points and "chose" one); so is an option the others make unread
-    (:meth:`MethodSpec.skipped_with`: ``logra`` with ``curvature=False`` and a ``fisher``, or a ``strategy`` off
-    its default, which it accepted and ignored).
+    ``tune`` grid over it scored identical points and "chose" one).
     Raises as :func:`make_method`, before any model work."""
     spec = method_spec(name)
     settings, constructor = split_settings(spec.check(options or {}, supplied))
     unused = unused_damping_factor(settings.get("damping"), settings.get("damping_factor", DAMPING_FACTOR))
     if unused is not None:
         raise OptionError(f"method {name!r}: option {unused}")
-    defaults = with_defaults(spec.constructor_options, {})
-    skipped = [
-        f"{k}={v!r}"
-        for k, v in {**settings, **constructor}.items()
-        if k in spec.skipped_with(constructor) and (k in settings or v != defaults.get(k))
-    ]
-    if skipped:
-        raise OptionError(
-            f"method {name!r}: option {', '.join(skipped)} with curvature=False: it fits no projected curvature, so "
-            f"{'it changes' if len(skipped) == 1 else 'they change'} no score; leave "
-            f"{'it' if len(skipped) == 1 else 'them'} out or set curvature=True"
-        )
     config = replace(config or AttributionConfig(), **{**spec.settings, **settings})
     if spec.family == "influence":
         curvature = configured_curvature(config.strategy, config.damping, config.damping_factor, constructor)
