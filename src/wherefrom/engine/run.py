@@ -951,6 +951,7 @@ class Run:
         kept: Kept | None,
     ) -> int:
         """:meth:`build_index` at the thread count it chose (``kept``: the fit's kept gradients of the rows)."""
+        checked = not (self.folder / "index" / MARKER).exists()  # index_writer checks every row's encoding then
         writer, prepare, produce = self.index_writer(
             shard_size, dtype, precondition, unit_norm, optimizer_checkpoint, kept
         )
@@ -1004,8 +1005,10 @@ class Run:
                 if not on_main(begin):  # rank 0 records the settings; the others then check them
                     if not is_main():  # rank 0's start cleared the stop record: a rank that stopped since keeps its
                         writer.start(hint(False), forget_stop=False)
-                    with self.threads_as_recorded(writer.folder):  # resumed shards computed as the first ones
-                        prepare(rank(), world_size())
+                    with self.threads_as_recorded(writer.folder), warnings.catch_warnings():
+                        if checked:  # check_encodings said it once for every row (it was said for each shard)
+                            warnings.simplefilter("ignore", TokenBoundaryWarning)
+                        prepare(rank(), world_size())  # resumed shards computed as the first ones
                         written = writer.build(produce, rank(), world_size())  # shards k with k % W == rank
                         barrier()
                         if precondition == "empirical":
@@ -1137,8 +1140,7 @@ class Run:
         writer = VectorStoreWriter(
             folder, ids, dim, settings, dtype, shard_size, self.config.setting_defaults(), RECORDED_ONLY
         )
-        checked = not (folder / MARKER).exists()
-        if checked:  # a row the model cannot take is named now, not when its shard comes
+        if not (folder / MARKER).exists():  # a row the model cannot take is named now, not when its shard comes
             self.check_encodings()
         if raw and not (folder / MARKER).exists():  # predicted before anything is written
             rows, size = min(shard_size, len(self.train)), self.attributor.num_parameters
@@ -1170,12 +1172,6 @@ class Run:
             divisors = {n: d.to(self.attributor.device) for n, d in state.divisors(self.attributor.modules).items()}
 
         def produce(shard: int, _ids: list[str]) -> Iterator[tuple[list[str], torch.Tensor]]:
-            with warnings.catch_warnings():
-                if checked:  # check_encodings said it once for every row (it was said again for each shard)
-                    warnings.simplefilter("ignore", TokenBoundaryWarning)
-                yield from rows_of(shard)
-
-        def rows_of(shard: int) -> Iterator[tuple[list[str], torch.Tensor]]:
             start, stop = writer.span(shard)
             if vectors is not None:
                 rows = (self.train[start:stop], precondition == "fitted", unit_norm)
