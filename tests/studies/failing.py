@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import method_settings
 from wherefrom.studies import bench
@@ -19,10 +20,10 @@ def failing_methods(fails: Callable[[str, AttributionConfig], bool]) -> Iterator
     with the method's setting options applied: a tune grid's ``damping``)."""
     made = bench.make_method
 
-    def failing(name: str, model, tokenizer, config: AttributionConfig, **options):
+    def failing(name: str, model, tokenizer, config: AttributionConfig, progress: Progress = no_progress, **options):
         if fails(name, method_settings(name, config, options, ("checkpoints",))[0]):  # with its setting options
             raise RuntimeError("out of memory, say")
-        return made(name, model, tokenizer, config, **options)
+        return made(name, model, tokenizer, config, progress, **options)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bench, "make_method", failing)
