@@ -214,29 +214,37 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 """The checkout this script belongs to: recorded commands run from its root."""
 
 
-def _rerunnable(argument: str, paths: set[str]) -> str:
-    """``argument`` as a command run from the repository's root takes it: one of ``paths`` (the values of the
-    script's path options) named relative to the root when inside it, else absolute; the value of a
-    ``--flag=value`` the same way; any other argument as it is. userG: ``--output bench/kron.md`` given in another
-    folder was recorded as given, so no folder reran the recorded command."""
-    if argument.startswith("-"):
-        flag, equals, value = argument.partition("=")
-        return f"{flag}={_rerunnable(value, paths)}" if equals else argument
-    if argument not in paths:
-        return argument
-    where = Path(argument).resolve()
+def _from_root(value: str) -> str:
+    """A path given to a script, named as a command run from the repository's root takes it: relative to the root
+    when inside it, else absolute."""
+    where = Path(value).resolve()
     return str(where.relative_to(REPOSITORY)) if where.is_relative_to(REPOSITORY) else str(where)
+
+
+def _is_path_option(flag: str, args: argparse.Namespace) -> bool:
+    """Whether ``--flag`` (argparse's default destination, ``--spectrum-file`` -> ``spectrum_file``) holds a path in
+    ``args``: a :class:`~pathlib.Path` (a script declares its path options ``type=Path``), or a list of them."""
+    value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return bool(values) and all(isinstance(v, Path) for v in values)
 
 
 def command_line(script: str, argv: list[str] | None, args: argparse.Namespace) -> str:
     """The command that reproduces this run from the repository's root, as recorded in the results: the script's
-    arguments (``argv``, default ``sys.argv``) with the values of its path options (the :class:`~pathlib.Path`
-    values of ``args``, the parsed arguments, and text values naming a file or folder that exists, such as a
-    ``--model`` folder) named from the root (:func:`_rerunnable`), whatever folder it ran from."""
-    arguments = sys.argv[1:] if argv is None else argv
-    values = [v for value in vars(args).values() for v in (value if isinstance(value, (list, tuple)) else [value])]
-    paths = {str(v) for v in values if isinstance(v, Path) or (isinstance(v, str) and v and Path(v).exists())}
-    return f"python benchmarks/{script} " + shlex.join(_rerunnable(argument, paths) for argument in arguments)
+    arguments (``argv``, default ``sys.argv``) with the value of each path option (:func:`_is_path_option`; as
+    ``--flag value`` or ``--flag=value``) named from the root (:func:`_from_root`), whatever folder it ran from, and
+    every other argument as given. userG: ``--output bench/kron.md`` given in another folder was recorded as
+    typed, so no folder reran the recorded command."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    shown = []
+    for i, argument in enumerate(arguments):
+        flag, equals, value = argument.partition("=")
+        if argument.startswith("--") and equals and _is_path_option(flag, args):
+            argument = f"{flag}={_from_root(value)}"
+        elif i and arguments[i - 1].startswith("--") and "=" not in arguments[i - 1] and not argument.startswith("-"):
+            argument = _from_root(argument) if _is_path_option(arguments[i - 1], args) else argument
+        shown.append(argument)
+    return f"python benchmarks/{script} " + shlex.join(shown)
 
 
 def provenance_lines(command: str, versions: dict[str, str], load: str = "") -> list[str]:

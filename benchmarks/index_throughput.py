@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-raw", action="store_true", help="skip (c), the dense per-example gradients")
     results_arguments(p, "index_throughput")
-    p.add_argument("--model", help="a saved HF model folder of SmolLM2's shape (default: SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model", type=Path, help="a saved HF model folder of SmolLM2's shape (default: SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--device", default="cpu", help="torch device of the model passes (cpu, cuda)")
     p.add_argument("--autocast", choices=["bfloat16", "float16"], help="autocast of the model passes (GPUs)")
     return p.parse_args(argv)
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch_threads": torch.get_num_threads(),
         "device": args.device,
         "autocast": args.autocast,
-        "model": args.model,
+        "model": None if args.model is None else str(args.model),
     }
     path = write_results(
         args.results / args.name, markdown, data, command_line("index_throughput.py", argv, args), load_before

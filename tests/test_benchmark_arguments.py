@@ -202,3 +202,27 @@ def test_the_recorded_command_reruns_from_the_repositorys_root_whatever_folder_r
     words = shlex.split(command)
     again = subprocess.run([sys.executable, *words[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and (tmp_path / "results" / "tiny.json").is_file(), again.stderr
+
+
+def test_only_the_values_of_path_options_are_named_from_the_root(tmp_path, monkeypatch):
+    """reviewR: matching the text of each argument against the parsed paths missed ``./data/`` and ``--data=./data``
+    (a path prints without them) and rewrote ``--name data`` beside ``--data data`` (a folder ``data`` exists). Only
+    the value of a path option is rewritten, whichever form it was given in."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from common import command_line
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path)
+    parser.add_argument("--results", type=Path)
+    parser.add_argument("--name")
+    parser.add_argument("--kinds")
+    argv = ["--data", "./data/", "--results=results/", "--name", "data", "--kinds", "data"]
+    line = command_line("x.py", argv, parser.parse_args(argv))
+    data, results = tmp_path / "data", tmp_path / "results"
+    assert line == f"python benchmarks/x.py --data {data} --results={results} --name data --kinds data", line
+    inside = ["--data", str(BENCHMARKS / "results")]
+    assert command_line("x.py", inside, parser.parse_args(inside)) == "python benchmarks/x.py --data benchmarks/results"
