@@ -16,12 +16,13 @@ set -euo pipefail
 # script works from the repository's root (its .venv, benchmarks/ and results; userG: called from another folder it
 # did not find .venv/bin/python and said "needs CUDA")
 absolute() { if [[ -n $1 && $1 != /* ]]; then echo "$PWD/$1"; else echo "$1"; fi; }
-ARGS=$(printf ' %q' "$@")
-GIVEN_PYTHON=${PYTHON:-}
 OUT=$(absolute "${1:-/tmp/wherefrom-gpu-check}")
 MODEL=$(absolute "${2:-}")
+ARGS=""  # the arguments as given, with their paths as resolved above: the recorded command reruns from the root
+for given in "${1:+$OUT}" "${2:+$MODEL}"; do if [[ -n $given ]]; then ARGS+=$(printf ' %q' "$given"); fi; done
 if [[ -n ${THROUGHPUT_MODEL:-} ]]; then THROUGHPUT_MODEL=$(absolute "$THROUGHPUT_MODEL"); fi
-if [[ $GIVEN_PYTHON == */* ]]; then PYTHON=$(absolute "$GIVEN_PYTHON"); fi
+if [[ ${PYTHON:-} == */* ]]; then PYTHON=$(absolute "$PYTHON"); fi
+GIVEN_PYTHON=${PYTHON:-}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 RESULTS=benchmarks/results/gpu-check
@@ -56,7 +57,7 @@ TABLE="$OUT/timings.md"
     # every setting it was given (userG: a dry run's GPU_CHECK_DEVICE=cpu and PYTHON were left out)
     made="${GPU_CHECK_SECONDS:+GPU_CHECK_SECONDS=$GPU_CHECK_SECONDS }${THROUGHPUT_MODEL:+THROUGHPUT_MODEL=$THROUGHPUT_MODEL }"
     made+="${THROUGHPUT_ROWS:+THROUGHPUT_ROWS=$THROUGHPUT_ROWS }${GPU_CHECK_DEVICE:+GPU_CHECK_DEVICE=$GPU_CHECK_DEVICE }"
-    made+="${GIVEN_PYTHON:+PYTHON=$GIVEN_PYTHON }"
+    made+="${GIVEN_PYTHON:+PYTHON=$(printf %q "$GIVEN_PYTHON") }"
     echo "Made by \`${made}bash benchmarks/gpu_check.sh${ARGS}\` (from the repository's root) on $(date -u +%Y-%m-%dT%H:%MZ)."
     "$PYTHON" -c "import torch; print(f'torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)', torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
     echo "Device: $DEVICE."
@@ -74,8 +75,8 @@ step() {  # step NAME COMMAND...: run with the time left (at most 300 s), record
     timeout $((left < 300 ? left : 300)) "$@" > "$OUT/$name.log" 2>&1 || status=$?
     local took=$((SECONDS - start))
     if ((status != 0)); then took="failed (exit $status, see $name.log)"; fi
-    local shown; shown=$(printf '%q ' "$@")  # as a shell reads it back (a query's spaces were lost)
-    echo "| $name | $took | \`${shown//$OUT/OUT}\` |" >> "$TABLE"
+    local shown out; shown=$(printf '%q ' "$@") out=$(printf %q "$OUT")  # as a shell reads it back
+    echo "| $name | $took | \`${shown//"$out"/OUT}\` |" >> "$TABLE"
 }
 
 common=(--model "$MODEL" --max-length 128 --device "$DEVICE")

@@ -60,7 +60,7 @@ def test_dry_run_records_a_spent_budget_as_skipped_steps(tmp_path):
     assert "| fit-float32 | skipped (time budget spent) | |" in table
     # every setting it was given: a rerun of the line is a dry run again (userG: GPU_CHECK_DEVICE, PYTHON were left out)
     made = f"Made by `GPU_CHECK_SECONDS=5 GPU_CHECK_DEVICE=cpu PYTHON={sys.executable} bash benchmarks/gpu_check.sh "
-    assert made in table, table
+    assert made + f"{tmp_path / 'check'}` (from the repository's root)" in table, table
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
