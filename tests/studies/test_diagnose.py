@@ -153,3 +153,29 @@ def test_a_method_that_did_not_converge_is_said_in_the_report_and_on_its_own_lin
     said = [line for line in lines if line.startswith("warning: ConvergenceWarning: cg did not converge")]
     assert said and len(said) == len(set(said)), lines  # each text once
     assert not any("iterative.py" in line for line in lines), lines  # Python's form: the file, then the source
+
+
+def test_the_command_takes_fisher_and_refuses_a_methods_own(tmp_path):
+    """userF: `diagnose` had no `--fisher`, and `--option fisher=empirical` fitted the methods on the empirical
+    Fisher while the exact reference stayed the GGN (`exact` error 0 beside an IgnoredFisherWarning, EK-FAC's
+    0.999 measured against another matrix). `--fisher empirical` makes the reference the exact empirical Fisher
+    (DataInf on one row is exact there, module by module: error 0); a method's own `fisher` is refused naming `--fisher`."""
+    from tests.cli.conftest import invoke
+    from wherefrom.models.tiny import save_tiny
+    from wherefrom.studies.generated import write_jsonl
+
+    save_tiny(tmp_path / "model", arch="gpt2")
+    write_jsonl(make_records(1, seed=21), tmp_path / "train.jsonl")
+    write_jsonl(make_records(2, seed=22, prefix="q"), tmp_path / "queries.jsonl")
+    args = [
+        "diagnose", "--train", tmp_path / "train.jsonl", "--queries", tmp_path / "queries.jsonl", "--model",
+        tmp_path / "model", "--include", "mlp.c_fc", "--methods", "exact,datainf", "--exact-blocks", "module",
+    ]  # fmt: skip
+    refused = invoke(*args, "--option", "fisher=empirical", "--out", tmp_path / "refused")
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "--option fisher=empirical: diagnose compares every method" in said, said
+    assert "give it as --fisher" in said and not (tmp_path / "refused").exists()
+    result = invoke(*args, "--fisher", "empirical", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    rows = {row["method"]: row for row in json.loads((tmp_path / "out" / "diagnose.json").read_text())["rows"]}
+    assert rows["exact"]["ihvp_rel_error"] == 0 and rows["datainf"]["ihvp_rel_error"] < 1e-4, rows

@@ -126,17 +126,18 @@ def used_settings(method: str, config: AttributionConfig, options: dict) -> dict
     return used
 
 
-@command(uses=(*ATTRIBUTION, "threads"))
+@command(uses=(*ATTRIBUTION, "fisher", "threads"))
 def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks, device, **settings) -> None:
     """Each method against exact influence: iHVP relative error, rank correlation, time, memory.
 
     Keep the training rows and the tracked modules few (--include): the exact GGN is formed. Every
     method and the exact reference use one absolute damping: --damping, else --damping-factor x the
-    mean eigenvalue of the exact GGN. --methods defaults to
+    mean eigenvalue of the exact GGN; under --fisher empirical the reference is the exact empirical Fisher
+    instead. --methods defaults to
     ekfac,kfac,diagonal,datainf,cg,lissa,arnoldi,gradsim. --out receives diagnose.json, diagnose.md
     and config.json."""
     from wherefrom.core.memory import MemoryLimitError, format_bytes, memory_limit
-    from wherefrom.studies.diagnose import check_shared_damping, reference_bytes, write_report
+    from wherefrom.studies.diagnose import check_shared_settings, reference_bytes, write_report
     from wherefrom.studies.diagnose import diagnose as run_diagnosis
     from wherefrom.studies.toolkit import refuse_foreign_report
 
@@ -146,7 +147,7 @@ def diagnose(train, queries, methods, out, model, adapter, option, exact_blocks,
         refuse_foreign_folder(out)
         refuse_foreign_report(out / "diagnose")  # before the work, not only as the tables are written
         options = method_pairs(option, names)
-        check_shared_damping(options, source="--option")  # before the model loads
+        check_shared_settings(options, source="--option")  # before the model loads
         config = settings_as(AttributionConfig)
         warn_layout_mismatch(adapter or model, config.layout())  # the exact reference reads every layout setting
         loaded = load_model(model, adapter, device=device)

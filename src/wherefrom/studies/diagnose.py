@@ -155,26 +155,32 @@ def ihvp_relative_error(
     return float((approx_flat - reference_flat).norm() / reference_flat.norm())
 
 
-def check_shared_damping(
+SHARED_SETTINGS = ("damping", "damping_factor", "fisher")
+"""The attribution settings every method of :func:`diagnose` (and the ihvp analysis) shares with the exact reference:
+its damping and the matrix it is formed from (the GGN, or the empirical Fisher under ``fisher="empirical"``)."""
+
+
+def check_shared_settings(
     method_options: dict[str, dict[str, Any]],
     study: str = "diagnose",
     source: str | None = None,
 ) -> None:
     """``ValueError`` naming the pair (given by ``source``; ``None``: the command line's ``--option`` or the Python
-    API's ``method_options``, both named) when ``method_options`` (``{method or "*": {key:
-    value}}``) sets a method's ``damping`` or ``damping_factor``: ``study`` (diagnose, the ihvp analysis) compares
-    every method with the exact reference at one absolute damping (the config's), and a method of its own damping
-    was compared at another while its row showed the shared one."""
+    API's ``method_options``, both named) when ``method_options`` (``{method or "*": {key: value}}``) sets one of a
+    method's :data:`SHARED_SETTINGS`: ``study`` (diagnose, the ihvp analysis) compares every method with the exact
+    reference at one absolute damping and on one matrix (the config's), and a method of its own damping was compared
+    at another while its row showed the shared one; one of its own ``fisher`` (userF: ``--option fisher=empirical``)
+    was fitted on the empirical Fisher and measured against the GGN."""
     for method, options in method_options.items():
-        for key in ("damping", "damping_factor"):
+        for key in SHARED_SETTINGS:
             if key in options:
                 pair = f"{key}={options[key]}" if method == "*" else f"{method}.{key}={options[key]}"
                 given = (
                     f"option {pair} (--option, or method_options in Python)" if source is None else f"{source} {pair}"
                 )
                 raise ValueError(
-                    f"{given}: {study} compares every method with the exact reference at one damping; give "
-                    f"it as --{key.replace('_', '-')} (the config's {key})"
+                    f"{given}: {study} compares every method with the exact reference at one damping and on one "
+                    f"Fisher; give it as --{key.replace('_', '-')} (the config's {key})"
                 )
 
 
@@ -193,9 +199,9 @@ def diagnose(
     the rows and, when the exact reference could not be formed, the reason (the comparisons are then
     ``None``). ``method_options``: ``{method or "*": {key: value}}`` (a ``"*"`` entry applies to every method).
     ``progress`` (tqdm-like) wraps the loop over methods; the fits report their own batches. Raises
-    ``ValueError`` for a method's own damping among ``method_options`` (:func:`check_shared_damping`), and when every
+    ``ValueError`` for a method's own damping among ``method_options`` (:func:`check_shared_settings`), and when every
     training gradient of the tracked modules is zero (the shared damping would be 0)."""
-    check_shared_damping(method_options or {})
+    check_shared_settings(method_options or {})
     if exact_blocks not in BLOCKS:
         raise ValueError(f"exact_blocks must be one of {list(BLOCKS)}, got {exact_blocks!r}")
     if not queries:

@@ -48,7 +48,7 @@ from wherefrom.curvature.exact import Blocks, ExactGGN
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import InfluenceMethod, in_family, make_method, options_off_default
 from wherefrom.studies.analyses.common import Bench, method_options, open_bench, write_report
-from wherefrom.studies.diagnose import check_shared_damping, fit_reference, ihvp_relative_error
+from wherefrom.studies.diagnose import check_shared_settings, fit_reference, ihvp_relative_error
 from wherefrom.studies.metrics import mean_stat, spearman
 from wherefrom.studies.toolkit import (
     cached,
@@ -108,7 +108,7 @@ class IhvpSettings:
     def validate(self) -> None:
         """Raise ``ValueError`` on an impossible setting (the damping by
         :func:`wherefrom.curvature.base.check_damping`, as every strategy's), a method that preconditions nothing, or a method's own
-        damping among ``method_options`` (:func:`wherefrom.studies.diagnose.check_shared_damping`)."""
+        damping among ``method_options`` (:func:`wherefrom.studies.diagnose.check_shared_settings`)."""
         if self.reference not in REFERENCES:
             raise ValueError(f"reference must be one of {list(REFERENCES)}, got {self.reference!r}")
         check_damping(self.damping, self.damping_factor)
@@ -116,7 +116,7 @@ class IhvpSettings:
             raise ValueError(f"n_queries must be >= 1, got {self.n_queries}")
         if not self.cg_tol > 0:  # refused by cg as its option 'tol', after the bench was opened (reviewW)
             raise ValueError(f"cg_tol must be > 0, got {self.cg_tol}")
-        check_shared_damping(self.method_options, "ihvp")
+        check_shared_settings(self.method_options, "ihvp")
         if self.methods is not None:
             other = [m for m in self.methods if m not in influence_methods(self.methods)]
             if other:
@@ -303,7 +303,7 @@ def run_ihvp(
         raise ValueError(f"the bench ran no influence method ({bench.config.methods}); pass methods=[...]")
     check_methods_named(settings.method_options, methods)
     for method in methods:  # the bench's own options may give one: refused before any work or cached row
-        check_shared_damping({method: method_options(bench, {}, method)}, "ihvp", "the bench's --option")
+        check_shared_settings({method: method_options(bench, {}, method)}, "ihvp", "the bench's --option")
     rows: list[dict[str, Any]] = []
     references: dict[str, Any] = {}
     for seed in bench.config.seeds:
