@@ -408,7 +408,27 @@ def test_the_html_diagnose_table_formats_numbers_as_the_markdown_tables_do():
 
     rows = [{"method": "gradsim", "ihvp_rel_error": 0.5, "spearman": -0.0001, "spearman_per_query": float("nan")}]
     table = diagnose_section(rows)["blocks"][0]["rows"]
-    assert table == [["gradsim", "0.5", "0.000", "–", "–"]]
+    assert table == [["gradsim", "0.5", "0.000", "–", "–", "–", "own default"]]
+
+
+def test_the_html_diagnose_report_shows_the_warnings_damping_and_memory_of_diagnose_md():
+    """userF: `report` of a diagnose folder left out what `diagnose.md` says: each method's warnings (cg and lissa
+    that did not converge looked converged), the shared damping and the peak memory, and why there is no exact
+    reference."""
+    from wherefrom.studies.report.sections import diagnose_section
+
+    rows = [
+        {"method": "cg", "ihvp_rel_error": 5.8e-4, "spearman": 1.0, "spearman_per_query": 1.0, "seconds": 2.0,
+         "peak_mib": 12.4, "damping": 0.0023, "warnings": ["ConvergenceWarning: cg did not converge in max_iter=100"]},
+    ]  # fmt: skip
+    blocks = diagnose_section(rows, "over the memory limit")["blocks"]
+    assert blocks[0]["columns"][-2:] == ["peak memory, MiB", "damping (absolute)"]
+    assert blocks[0]["rows"][0][-2:] == ["12", "0.0023"]
+    notes = [b["text"] for b in blocks if b["type"] == "note"]
+    assert notes == [
+        "No exact reference: over the memory limit",
+        "Warning of cg: ConvergenceWarning: cg did not converge in max_iter=100",
+    ]
 
 
 def test_report_on_a_killed_bench_names_it_unfinished_with_its_replay_line(tmp_path):

@@ -263,7 +263,8 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             return _evaluate_report(path / "evaluate.json", read_json_object(path / "evaluate.json"))
         if kind == "diagnose":
             data = read_json_object(path / "diagnose.json")
-            return f"Diagnose: {path.name}", [diagnose_section(data["rows"]), *_provenance(data)]
+            section = diagnose_section(data["rows"], data.get("exact_reference_missing"))
+            return f"Diagnose: {path.name}", [section, *_provenance(data)]
         if kind == "word-order":
             data = read_json_object(path / "wordorder.json")
             return f"Word order: {path.name}", [word_order_section(data["summary"]), *_provenance(data)]

@@ -271,9 +271,20 @@ def metric_sections(
     return {"heading": heading, "blocks": blocks}
 
 
-def diagnose_section(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The diagnose table (each method against exact influence) and a plot of its rank agreement."""
-    columns = ["method", "iHVP rel. error vs exact", "Spearman vs exact", "mean per-query Spearman", "time, s"]
+def diagnose_section(rows: Sequence[Mapping[str, Any]], missing: str | None = None) -> dict[str, Any]:
+    """The diagnose table (each method against exact influence, with its time, peak memory and damping), each
+    method's warnings (a ``cg`` or ``lissa`` that did not converge: its row is of an unconverged iHVP) and why there
+    is no exact reference (``missing``), as ``diagnose.md`` has them (userF: the report left out the warnings, so an
+    unconverged row looked converged, and the damping and memory), and a plot of its rank agreement."""
+    columns = [
+        "method",
+        "iHVP rel. error vs exact",
+        "Spearman vs exact",
+        "mean per-query Spearman",
+        "time, s",
+        "peak memory, MiB",
+        "damping (absolute)",
+    ]
     table = [
         [
             r["method"],
@@ -281,15 +292,22 @@ def diagnose_section(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             number(r.get("spearman")),
             number(r.get("spearman_per_query")),
             number(r.get("seconds"), ".3g"),
+            number(r.get("peak_mib"), ".0f"),
+            number(r.get("damping"), ".3g") if r.get("damping") is not None else "own default",
         ]
         if not r.get("error")
-        else [r["method"], f"failed: {r['error']}", "", "", ""]
+        else [r["method"], f"failed: {r['error']}", "", "", "", "", ""]
         for r in rows
     ]
     stats = {
         r["method"]: {"mean": r.get("spearman_per_query")} for r in rows if r.get("spearman_per_query") is not None
     }
     blocks: list[dict[str, Any]] = [{"type": "table", "caption": "", "columns": columns, "rows": table}]
+    if missing:
+        blocks.append({"type": "note", "text": f"No exact reference: {missing}"})
+    for r in rows:
+        for warning in r.get("warnings") or []:
+            blocks.append({"type": "note", "text": f"Warning of {r['method']}: {warning}"})
     if stats:
         svg = plots.interval_plot(stats, "mean per-query Spearman vs exact influence")
         blocks.append({"type": "figure", "caption": "Agreement with exact influence", "svg": svg})
