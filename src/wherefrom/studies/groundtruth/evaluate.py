@@ -248,9 +248,32 @@ def scored_row(
     return row
 
 
-def markdown(rows: dict[str, dict[str, Any]], command: str, title: str) -> str:
+def noise_line(noise: dict[str, Any] | None) -> str:
+    """The ground truth's noise floors in words (``groundtruth.json``'s ``noise``): LOO's signal-to-noise (near or
+    below 1 its correlations are mostly training noise) and LDS's spread across subsets over the seed noise of a
+    subset's mean; ``""`` when it recorded none. userF: ``evaluate.md`` showed LOO correlations with no word of a
+    signal-to-noise of 1.1."""
+    noise = noise or {}
+    parts = []
+    if isinstance(noise.get("loo"), dict):
+        loo = noise["loo"]
+        parts.append(
+            f"LOO signal-to-noise {number(loo.get('signal_to_noise'), '.3g')} over {loo.get('seeds')} seeds (mean "
+            "|effect| / its standard error; near or below 1 the LOO columns are mostly training noise)"
+        )
+    if isinstance(noise.get("lds"), dict):
+        lds = noise["lds"]
+        parts.append(
+            f"LDS spread across subsets {number(lds.get('subset_to_seed_noise'), '.3g')} x the seed noise of a "
+            f"subset's mean over {lds.get('seeds')} seeds"
+        )
+    return f"Noise floors: {'; '.join(parts)}.\n" if parts else ""
+
+
+def markdown(rows: dict[str, dict[str, Any]], command: str, title: str, noise: dict[str, Any] | None = None) -> str:
     """The report as a Markdown table: method x LDS / LOO Pearson / LOO Spearman / PBRF Spearman
-    ("mean [low, high]", bootstrap over queries), time and peak memory."""
+    ("mean [low, high]", bootstrap over queries), time and peak memory, then the ground truth's noise floors
+    (:func:`noise_line`)."""
     table = [
         [method, failure_cell(row["error"])]
         if row.get("error")
@@ -267,6 +290,7 @@ def markdown(rows: dict[str, dict[str, Any]], command: str, title: str) -> str:
         f"{REPORT_TITLE} {title}\n\nCommand: `{command}`\n\n"
         + markdown_table(header, table)
         + "\n\nIntervals: 95% percentile bootstrap over queries. Time and memory: fit + scores of the method.\n"
+        + noise_line(noise)
     )
 
 
@@ -357,5 +381,5 @@ def evaluate(
         "methods": {m: {k: v for k, v in r.items() if k != "key"} for m, r in rows.items()},
     }
     title = f"{gt.config.task} ({gt.task.description or gt.task.name}), {len(gt.train_ids)} rows, {len(gt.query_ids)} queries"
-    write_report(stem, report, markdown(rows, command, title), REPORT_MARKS)
+    write_report(stem, report, markdown(rows, command, title, gt.meta.get("noise")), REPORT_MARKS)
     return report
