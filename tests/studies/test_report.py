@@ -490,3 +490,19 @@ def test_rows_of_the_wrong_sign_are_not_called_proponents_or_opponents():
     assert (
         captions[0].startswith("Highest scores (1 of 2 <= 0, not proponents) (heatmap") and captions[1] == "Opponents"
     )
+
+
+def test_the_query_view_promises_a_heatmap_only_where_the_rows_have_token_values():
+    """userF: the view of `query --json` without `--per-token` titled its proponents "(heatmap: each training token's
+    part of the score)" over rows with no token values, so no heatmap."""
+    from wherefrom.studies.report.sections import query_sections
+
+    def report(tokens):
+        row = {"id": "t1", "score": 2.0, "prompt": "a", "completion": " b", **({"tokens": tokens} if tokens else {})}
+        return {"query": {"prompt": "a", "completion": " b"}, "proponents": [row], "opponents": []}
+
+    def caption(tokens) -> str:
+        return query_sections(report(tokens))[0]["blocks"][2]["caption"]
+
+    assert caption(None) == "Proponents"
+    assert caption([["a", 1.0], [" b", 1.0]]) == "Proponents (heatmap: each training token's part of the score)"

@@ -357,6 +357,11 @@ def query_side_tokens(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def heatmaps(entries: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether any of the ranked ``entries`` carries token values (a heatmap to show)."""
+    return any(entry.get("tokens") for entry in entries)
+
+
 def query_sections(
     report: Mapping[str, Any], scores: Scores | None = None, query_tokens: Sequence[Mapping[str, Any]] = ()
 ) -> list[dict[str, Any]]:
@@ -380,7 +385,9 @@ def query_sections(
         },
         entries_block(
             report["proponents"],
-            f"{ends['proponents'].capitalize()} (heatmap: each training token's part of the score)",
+            # the heatmap only where the report has token splits (`query --per-token`; userF: promised without)
+            ends["proponents"].capitalize()
+            + (" (heatmap: each training token's part of the score)" if heatmaps(report["proponents"]) else ""),
         ),
         entries_block(report["opponents"], ends["opponents"].capitalize()),
     ]
