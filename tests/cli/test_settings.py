@@ -234,7 +234,7 @@ def invalid_cases(root, out):
             ],
             ["--queries", "q.jsonl", "no such file"],
         ),
-        (["evaluate", out], ["GROUNDTRUTH", "not a ground-truth folder"]),
+        (["evaluate", out], ["GROUNDTRUTH", "no such folder"]),  # userF: it said "not a ground-truth folder"
         # the flag, not the field (it said "selection_share must be in (0, 1)" once the ground truth was read)
         (
             ["tune", out, "--method", "ekfac", "--grid", "damping=1", "--selection-share", "1.5"],

@@ -349,6 +349,9 @@ def test_cli_groundtruth_and_evaluate(folder, tmp_path):
     unused = runner.invoke(app, ["evaluate", str(out), "--methods", "identity", "--option", "lissa.depth=3"])
     assert unused.exit_code == 2 and "method 'lissa' does not run here (methods run: identity)" in unused.output
     result = runner.invoke(app, ["evaluate", str(tmp_path / "missing"), "--methods", "identity"])
+    assert result.exit_code == 2 and "no such folder" in result.output  # userF: "not a ground-truth folder"
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "empty"), "--methods", "identity"])
     assert result.exit_code == 2 and "not a ground-truth folder" in result.output
 
 

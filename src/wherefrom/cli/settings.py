@@ -181,6 +181,8 @@ def groundtruth_folder(value: Any) -> str | None:
     ``groundtruth`` command without it is named as unfinished, with the command that finishes it."""
     if (Path(value) / "groundtruth.json").is_file():
         return None
+    if not Path(value).exists():  # userF: named "not a ground-truth folder (no groundtruth.json)"
+        return "no such folder"
     try:
         started = "groundtruth" in recorded_commands(read_json_object(Path(value) / "config.json"))
     except (OSError, ValueError):
