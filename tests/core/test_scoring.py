@@ -216,14 +216,15 @@ def test_the_top_k_csv_shows_formula_like_ids_and_labels_as_text_and_keeps_numbe
 
     from wherefrom.core.scoring import Scores, save_scores
 
-    train = ["=cmd()", "-5", "+x", "@SUM(A1)", "\tt", "plain"]
-    scores = Scores(["-q", "+1.5"], train, ["m"], torch.arange(12.0).reshape(1, 2, 6))
+    train = ["=cmd()", "-5", "+x", "@SUM(A1)", "\tt", "plain", "-inf", "-1.5e3"]
+    scores = Scores(["-q", "+1.5"], train, ["m"], torch.arange(16.0).reshape(1, 2, 8))
     labels = {"plain": "=label", "-5": "-3"}
-    save_scores(scores, tmp_path, "s", top_k=6, labels=labels)
+    save_scores(scores, tmp_path, "s", top_k=8, labels=labels)
     with (tmp_path / "s.top.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert {row["query_id"] for row in rows} == {"'-q", "+1.5"}
-    assert {row["train_id"] for row in rows} == {"'=cmd()", "-5", "'+x", "'@SUM(A1)", "'\tt", "plain"}
+    expected = {"'=cmd()", "-5", "'+x", "'@SUM(A1)", "'\tt", "plain", "'-inf", "-1.5e3"}  # -inf: a formula there
+    assert {row["train_id"] for row in rows} == expected
     assert {row["label"] for row in rows if row["train_id"] in ("plain", "-5")} == {"'=label", "-3"}
     assert json.loads((tmp_path / "s.json").read_text())["train_ids"] == train
 

@@ -339,17 +339,17 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 """First characters a spreadsheet reads as the start of a formula (OWASP's CSV injection list)."""
 
 
+PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+"""A decimal number as a spreadsheet reads one (not ``-inf``, ``+nan`` or ``-1_000``, which Python's ``float`` takes)."""
+
+
 def spreadsheet_cell(text: str) -> str:
     """``text`` as a CSV cell a spreadsheet shows as text: one starting a formula (:data:`FORMULA_STARTS`) and not
     a number gets a leading ``'`` (an id ``=HYPERLINK(...)`` ran as a formula when the top-k CSV was opened);
     numbers such as ``-5`` and every other text are kept as they are."""
-    if not text.startswith(FORMULA_STARTS):
+    if not text.startswith(FORMULA_STARTS) or PLAIN_NUMBER.fullmatch(text):
         return text
-    try:
-        float(text)
-    except ValueError:
-        return "'" + text
-    return text
+    return "'" + text
 
 
 def write_top_csv(scores: Scores, path: Path, k: int, labels: Mapping[str, str | None]) -> Path:
