@@ -119,23 +119,24 @@ def test_a_store_of_other_training_rows_names_both_sets_of_rows(workspace, tmp_p
     write_jsonl(rows[3:], fewer)
     fitted(workspace, tmp_path / "a", "logra", LOGRA).build_index(shard_size=4)
     config = RunConfig.for_method("logra", str(fewer), ATTRIBUTION, LOGRA, model=str(workspace / "model"))
-    other = Run.create(tmp_path / "b", replace(config, device="cpu"))
-    other.fit()
-    shutil.copytree(tmp_path / "a" / "index", tmp_path / "b" / "index")
-    with pytest.raises(SettingsMismatch, match="data: recorded") as refused:
-        other.scores(load_records(workspace / "queries.jsonl"))
-    said = f"the store indexes 10 rows (the first {rows[0].id!r}), not the 7 rows of this run's training file"
-    assert said in str(refused.value) and f"{fewer} (the first {rows[3].id!r})" in str(refused.value)
+
+    def refusal(folder) -> str:
+        """The refusal of `a`'s store copied into a run of ``fewer`` as it is now."""
+        other = Run.create(folder, replace(config, device="cpu"))
+        other.fit()
+        shutil.copytree(tmp_path / "a" / "index", folder / "index")
+        with pytest.raises(SettingsMismatch, match="data: recorded") as refused:
+            other.scores(load_records(workspace / "queries.jsonl"))
+        return str(refused.value)
+
+    said = refusal(tmp_path / "b")
+    assert f"the store indexes 10 rows (the first {rows[0].id!r}), not the 7 rows of this run's training file" in said
+    assert f"{fewer} (the first {rows[3].id!r})" in said
     # the same rows in another order: both counts and first ids alike, so the first row that differs
-    swapped = [*rows[:2], rows[5], *rows[3:5], rows[2], *rows[6:]]
-    write_jsonl(swapped, fewer)
-    reordered = Run.create(tmp_path / "c", replace(config, device="cpu"))
-    reordered.fit()
-    shutil.copytree(tmp_path / "a" / "index", tmp_path / "c" / "index")
-    with pytest.raises(SettingsMismatch, match="data: recorded") as refused:
-        reordered.scores(load_records(workspace / "queries.jsonl"))
-    said = f"row 2 of the store is {rows[2].id!r}, not {rows[5].id!r} as in this run's training file {fewer}"
-    assert said in str(refused.value) and "(both 10 rows)" in str(refused.value)
+    write_jsonl([*rows[:2], rows[5], *rows[3:5], rows[2], *rows[6:]], fewer)
+    said = refusal(tmp_path / "c")
+    assert f"row 2 of the store is {rows[2].id!r}, not {rows[5].id!r} as in this run's training file {fewer}" in said
+    assert "(both 10 rows)" in said
 
 
 def test_a_store_made_with_other_input_settings_is_refused_and_an_older_manifest_is_read(workspace, tmp_path):

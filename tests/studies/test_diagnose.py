@@ -116,6 +116,21 @@ def test_shared_damping_refuses_a_negative_mean_eigenvalue():
     assert shared_damping(reference, 0.1) == pytest.approx(0.3)
 
 
+def diagnose_args(folder, n_train: int, n_queries: int, *more: str) -> list:
+    """A `diagnose` command's arguments on a tiny GPT-2 saved in ``folder`` with ``n_train`` training rows and
+    ``n_queries`` queries written there, its MLPs' ``c_fc`` tracked, then ``more``."""
+    from wherefrom.models.tiny import save_tiny
+    from wherefrom.studies.generated import write_jsonl
+
+    save_tiny(folder / "model", arch="gpt2")
+    write_jsonl(make_records(n_train, seed=21), folder / "train.jsonl")
+    write_jsonl(make_records(n_queries, seed=22, prefix="q"), folder / "queries.jsonl")
+    return [
+        "diagnose", "--train", folder / "train.jsonl", "--queries", folder / "queries.jsonl", "--model",
+        folder / "model", "--include", "mlp.c_fc", *more,
+    ]  # fmt: skip
+
+
 def test_a_method_that_did_not_converge_is_said_in_the_report_and_on_its_own_line(tmp_path):
     """userV: ``diagnose``'s ``ConvergenceWarning`` (cg stopped at its ``max_iter``) began on the progress bar's line,
     so a terminal showed only its source line, and ``diagnose.md``/``.json`` did not say that cg's row is of an
@@ -126,16 +141,8 @@ def test_a_method_that_did_not_converge_is_said_in_the_report_and_on_its_own_lin
 
     from tests.cli.conftest import invoke
     from wherefrom.curvature.iterative import ConvergenceWarning
-    from wherefrom.models.tiny import save_tiny
-    from wherefrom.studies.generated import write_jsonl
 
-    save_tiny(tmp_path / "model", arch="gpt2")
-    write_jsonl(make_records(6, seed=21), tmp_path / "train.jsonl")
-    write_jsonl(make_records(4, seed=22, prefix="q"), tmp_path / "queries.jsonl")
-    args = [
-        "diagnose", "--train", tmp_path / "train.jsonl", "--queries", tmp_path / "queries.jsonl", "--model",
-        tmp_path / "model", "--option", "cg.max_iter=1", "--include", "mlp.c_fc", "--batch-size", "1",
-    ]  # fmt: skip
+    args = diagnose_args(tmp_path, 6, 4, "--option", "cg.max_iter=1", "--batch-size", "1")
     with pytest.warns(ConvergenceWarning, match="cg did not converge"):
         result = invoke(*args, "--methods", "cg,gradsim", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
@@ -161,16 +168,8 @@ def test_the_command_takes_fisher_and_refuses_a_methods_own(tmp_path):
     0.999 measured against another matrix). `--fisher empirical` makes the reference the exact empirical Fisher
     (DataInf on one row is exact there, module by module: error 0); a method's own `fisher` is refused naming `--fisher`."""
     from tests.cli.conftest import invoke
-    from wherefrom.models.tiny import save_tiny
-    from wherefrom.studies.generated import write_jsonl
 
-    save_tiny(tmp_path / "model", arch="gpt2")
-    write_jsonl(make_records(1, seed=21), tmp_path / "train.jsonl")
-    write_jsonl(make_records(2, seed=22, prefix="q"), tmp_path / "queries.jsonl")
-    args = [
-        "diagnose", "--train", tmp_path / "train.jsonl", "--queries", tmp_path / "queries.jsonl", "--model",
-        tmp_path / "model", "--include", "mlp.c_fc", "--methods", "exact,datainf", "--exact-blocks", "module",
-    ]  # fmt: skip
+    args = diagnose_args(tmp_path, 1, 2, "--methods", "exact,datainf", "--exact-blocks", "module")
     refused = invoke(*args, "--option", "fisher=empirical", "--out", tmp_path / "refused")
     said = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "--option fisher=empirical: diagnose compares every method" in said, said
