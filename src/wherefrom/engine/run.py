@@ -951,7 +951,7 @@ class Run:
         kept: Kept | None,
     ) -> int:
         """:meth:`build_index` at the thread count it chose (``kept``: the fit's kept gradients of the rows)."""
-        checked = not (self.folder / "index" / MARKER).exists()  # index_writer checks every row's encoding then
+        checked = not self.has_index()  # index_writer then checks every row's encoding (check_encodings)
         writer, prepare, produce = self.index_writer(
             shard_size, dtype, precondition, unit_norm, optimizer_checkpoint, kept
         )

@@ -199,7 +199,7 @@ def diagnose(
     the rows and, when the exact reference could not be formed, the reason (the comparisons are then
     ``None``). ``method_options``: ``{method or "*": {key: value}}`` (a ``"*"`` entry applies to every method).
     ``progress`` (tqdm-like) wraps the loop over methods; the fits report their own batches. Raises
-    ``ValueError`` for a method's own damping among ``method_options`` (:func:`check_shared_settings`), and when every
+    ``ValueError`` for a method's own damping or Fisher among ``method_options`` (:func:`check_shared_settings`), and when every
     training gradient of the tracked modules is zero (the shared damping would be 0)."""
     check_shared_settings(method_options or {})
     if exact_blocks not in BLOCKS:

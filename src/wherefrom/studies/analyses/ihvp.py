@@ -108,7 +108,7 @@ class IhvpSettings:
     def validate(self) -> None:
         """Raise ``ValueError`` on an impossible setting (the damping by
         :func:`wherefrom.curvature.base.check_damping`, as every strategy's), a method that preconditions nothing, or a method's own
-        damping among ``method_options`` (:func:`wherefrom.studies.diagnose.check_shared_settings`)."""
+        damping or Fisher among ``method_options`` (:func:`wherefrom.studies.diagnose.check_shared_settings`)."""
         if self.reference not in REFERENCES:
             raise ValueError(f"reference must be one of {list(REFERENCES)}, got {self.reference!r}")
         check_damping(self.damping, self.damping_factor)
