@@ -121,6 +121,12 @@ def rows_args(root):
 UNRUN = ("--methods", "ekfac", "--option", "lissa.depth=3")
 """A method list and an option of a method not in it."""
 
+CURVATURE_OFF = ("--option", "logra.curvature=false")
+"""logra without its projected curvature: its Fisher is unread."""
+
+TRAK_OFF = ("--option", "curvature=false")
+"""trak, a command's one method, without its projected curvature."""
+
 
 def invalid_cases(root, out):
     """(arguments, words the message must hold) for each invalid argument; ``out`` must stay absent. Makes
@@ -161,6 +167,37 @@ def invalid_cases(root, out):
             ["method 'logra' does not read --strategy kfac, --query-rank 2", "own strategy is --option strategy="],
         ),
         (fit_args(root, out, "--method", "gradsim", "--damping-factor", "2"), ["not read --damping-factor 2.0"]),
+        # curvature=false skips the projected Fisher: its kind was recorded and changed no score
+        (
+            fit_args(root, out, "--method", "logra", "--option", "curvature=false", "--fisher", "empirical"),
+            ["method 'logra' does not read --fisher empirical: leave it out"],
+        ),
+        (
+            [*fit_args(root, out, "--method", "trak", "--fisher", "empirical"), "--option", "curvature=false"],
+            ["method 'trak' does not read --fisher empirical"],
+        ),
+        (
+            fit_args(root, out, "--method", "logra", "--option", "curvature=false", "--option", "strategy=kfac"),
+            ["strategy='kfac' with curvature=False", "set curvature=True"],
+        ),
+        (
+            fit_args(root, out, "--method", "trak", "--option", "curvature=false", "--option", "fisher=empirical"),
+            ["method 'trak': fisher='empirical' with curvature=False"],
+        ),
+        (
+            [
+                "attribute",
+                "--method",
+                "trak",
+                *rows_args(root),
+                "--out",
+                out,
+                *TRAK_OFF,
+                "--option",
+                "fisher=empirical",
+            ],
+            ["method 'trak': fisher='empirical' with curvature=False"],
+        ),
         (fit_args(root, out, "--strategy", "identity", "--fisher", "empirical"), ["strategy 'identity' does not"]),
         (fit_args(root, out, "--method", "repsim", "--include", "h.1", "--seed", "3"), ["--include h.1, --seed 3"]),
         (
@@ -189,6 +226,25 @@ def invalid_cases(root, out):
         (
             preset_bench("reference-study", "--fisher", "true", "--methods", "bm25,repsim"),
             ["none of the methods bm25, repsim reads --fisher true"],
+        ),
+        (
+            ["bench", "--task", "rules", "--out", out, "--methods", "logra", "--fisher", "empirical", *CURVATURE_OFF],
+            ["method 'logra' does not read --fisher empirical: leave it out"],
+        ),
+        (
+            [
+                "ablate",
+                "--task",
+                "rules",
+                "--out",
+                out,
+                "--methods",
+                "logra",
+                *CURVATURE_OFF,
+                "--option",
+                "logra.strategy=kfac",
+            ],
+            ["method 'logra': strategy='kfac' with curvature=False"],
         ),
         (
             ["ablate", "--task", "rules", "--out", out, "--methods", "repsim,gradsim", "--damping-factor", "0.5"],

@@ -164,3 +164,31 @@ def test_a_method_run_reports_its_passes_to_its_progress(workspace, tmp_path, na
     run.scores(load_records(workspace / "queries.jsonl"))
     assert seen and all(description for description, _ in seen)
     assert len(seen) >= 2 * len(load_records(workspace / "train.jsonl")) // ATTRIBUTION.batch_size  # fit + scores
+
+
+def test_a_recorded_run_of_settings_its_options_skip_still_opens_but_a_new_one_is_refused(
+    workspace, tmp_path, monkeypatch
+):
+    """A ``logra`` run with ``curvature=False`` reads no Fisher. ``Run.create`` refuses one that gives
+    ``fisher="empirical"`` (:func:`wherefrom.methods.registry.refuse_skipped_options`), but a run an older version
+    recorded with it (made here with that check off) still opens, scores as ``curvature=False`` scores and builds
+    its index: the check is made where a run is made, not where a recorded one is opened."""
+    import wherefrom.engine.run as run_module
+    from wherefrom.core.options import OptionError
+
+    options = {"dim_in": 4, "dim_out": 4, "curvature": False}
+    skipped = replace(ATTRIBUTION, fisher="empirical")
+    config = RunConfig.for_method(
+        "logra", str(workspace / "train.jsonl"), skipped, options, model=str(workspace / "model")
+    )
+    config = replace(config, device="cpu")
+    with pytest.raises(OptionError, match="method 'logra': fisher='empirical' with curvature=False"):
+        Run.create(tmp_path / "refused", config)
+    assert not (tmp_path / "refused").exists()
+    with monkeypatch.context() as older:
+        older.setattr(run_module, "refuse_skipped_options", lambda *args: None)
+        Run.create(tmp_path / "old", config).fit()
+    reopened = Run.open(tmp_path / "old", device="cpu")
+    expected = in_memory_scores("logra", workspace, options)
+    assert torch.equal(reopened.scores(load_records(workspace / "queries.jsonl")).per_module, expected.per_module)
+    assert reopened.build_index() >= 1

@@ -263,3 +263,38 @@ def test_an_absolute_damping_beside_a_damping_factor_option_is_refused():
         method_settings("ekfac", None, {"damping": 0.1, "damping_factor": 1.0})
     assert method_settings("ekfac", None, {"damping": 0.1, "damping_factor": 0.1})[0].damping == 0.1
     assert method_settings("ekfac", None, {"damping": None, "damping_factor": 1.0})[0].damping_factor == 1.0
+
+
+@pytest.mark.parametrize("name", ["trak", "logra"])
+def test_with_curvature_false_the_projected_curvature_settings_change_no_score_and_are_refused(name, model, tokenizer):
+    """userB: ``trak``/``logra`` with ``curvature=False`` took ``fisher`` and ``strategy`` and ignored them. Those
+    (``MethodSpec.skipped_with``) leave the scores as they are, so where a run or study is made
+    (``refuse_skipped_options``) one given is refused naming it (a strategy at its default, as a replay gives it,
+    is not), and the command line's refusal of unread flags counts them as unread. The damping stays: it changes
+    no score here, but an ``index --precondition empirical`` of the run damps the stored rows' Fisher with it.
+    ``method_settings``, which also opens a recorded run, still takes them: an older version recorded such runs."""
+    from wherefrom.methods.registry import method_settings, refuse_skipped_options
+
+    train, queries = make_records(6, seed=41), make_records(2, seed=42, prefix="q")
+    dims = {"trak": {"dim": 16}, "logra": {"dim_in": 2, "dim_out": 2}}[name]
+
+    def scores(**settings) -> torch.Tensor:
+        config = AttributionConfig(**{"batch_size": 2, **settings})
+        method = make_method(name, model, tokenizer, config, curvature=False, **dims)
+        method.fit(train)
+        return method.scores(queries, train).total
+
+    torch.testing.assert_close(scores(fisher="empirical"), scores(), rtol=0, atol=0)
+    off = {"curvature": False}
+    with pytest.raises(OptionError, match=f"method '{name}': fisher='empirical' with curvature=False"):
+        refuse_skipped_options(name, {"fisher": "empirical"}, off)
+    refuse_skipped_options(name, {"damping": 0.5, "fisher": AttributionConfig().fisher}, off)
+    refuse_skipped_options(name, {"fisher": "empirical"}, {"curvature": True})
+    assert method_settings(name, None, {**off, "fisher": "empirical"})[0].fisher == "empirical"
+    if name == "logra":
+        with pytest.raises(OptionError, match="strategy='ekfac' with curvature=False"):
+            refuse_skipped_options(name, {}, {**off, "strategy": "ekfac"})
+        refuse_skipped_options(name, {}, {**off, "strategy": "exact"})
+    spec = METHODS[name]
+    assert not spec.takes("fisher", "empirical", off) and spec.takes("fisher", "empirical", {})
+    assert spec.takes("damping", 0.5, off)

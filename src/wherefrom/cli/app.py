@@ -504,7 +504,11 @@ def shown_flags(given: dict[str, Any]) -> str:
 
 
 def refuse_unread_settings(
-    *methods: str, kind: str = "method", names: Iterable[str] | None = None, preset: bool = False
+    *methods: str,
+    kind: str = "method",
+    names: Iterable[str] | None = None,
+    preset: bool = False,
+    options: Mapping[str, dict[str, Any]] | None = None,
 ) -> None:
     """``ValueError`` when the running command was given, off its default, an attribution setting that none of
     ``methods`` reads (:attr:`wherefrom.methods.registry.MethodSpec.settings_read`: ``--damping`` for ``bm25``,
@@ -515,9 +519,11 @@ def refuse_unread_settings(
     ``evaluate``: ``evaluate --methods bm25 --damping 0.5`` was recorded). ``names``: the settings checked (default
     every :class:`wherefrom.engine.api.AttributionConfig` field; a study passes those its fine-tuning does not read
     too). ``preset``: a flag given at its default value counts too, as it overrides the preset (:func:`set_settings`:
-    ``bench --preset``, ``ablate``)."""
+    ``bench --preset``, ``ablate``). ``options``: the ``--option`` pairs as :func:`method_pairs` gives them; a
+    method's own options may make a setting unread (``--fisher`` for ``logra`` with ``--option curvature=false``),
+    and an own option they make unread is refused too (:func:`wherefrom.methods.registry.refuse_skipped_options`)."""
     from wherefrom.engine.api import AttributionConfig
-    from wherefrom.methods.registry import method_spec
+    from wherefrom.methods.registry import method_spec, refuse_skipped_options, split_settings
 
     specs = {method: method_spec(method) for method in methods}
     chosen = list(names) if names is not None else [f.name for f in fields(AttributionConfig)]
@@ -531,7 +537,10 @@ def refuse_unread_settings(
                 f"--strategy out, or give --method {given['strategy']}"
             )
     fields_given = {n: (NEGATED_FLAGS[n], not given[n]) if n in NEGATED_FLAGS else (n, given[n]) for n in given}
-    unread = [n for n, (name, value) in fields_given.items() if not any(s.takes(name, value) for s in specs.values())]
+    own = {method: options_for(options or {}, method) for method in methods}
+    for method in methods:
+        refuse_skipped_options(method, *split_settings(own[method]))
+    unread = [n for n, (name, v) in fields_given.items() if not any(s.takes(name, v, own[m]) for m, s in specs.items())]
     if unread:
         shown = shown_flags({n: given[n] for n in unread})
         one = len(methods) == 1
@@ -539,7 +548,7 @@ def refuse_unread_settings(
             f"; {method}'s own {n} is --option {'' if one else method + '.'}{n}=..."
             for n in unread
             for method, spec in specs.items()
-            if n in {option.name for option in spec.options}
+            if n in {option.name for option in spec.options} - spec.skipped_with(own[method])
         )
         who = f"{kind} {methods[0]!r} does not read" if one else f"none of the methods {', '.join(methods)} reads"
         raise ValueError(

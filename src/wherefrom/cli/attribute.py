@@ -50,9 +50,9 @@ def attribute(
     out, method = required(out, "out"), required(method, "method")
     try:
         refuse_foreign_folder(out)  # before the model loads
-        refuse_unread_settings(method)
         spec = method_spec(method)
         options = spec.check(merged_options(option, method))
+        refuse_unread_settings(method, options={method: options})
         config = settings_as(AttributionConfig)
         train_rows, query_rows = load_records(train), load_records(queries)
 

@@ -104,8 +104,8 @@ def fit(
                     f"--strategy-option is for --strategy; give method {method!r} its options with --option"
                 )
             else:
-                refuse_unread_settings(method)
                 options = merged_options(option, method)
+                refuse_unread_settings(method, options={method: options})
                 config = RunConfig.for_method(method, str(train), settings_as(AttributionConfig), options, **paths)
             if with_index and not config.indexable:  # before the run folder is made
                 raise ValueError(

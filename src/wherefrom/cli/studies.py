@@ -129,7 +129,12 @@ def bench(task, out, methods, seeds, option, preset, lora_target, overwrite, **s
 
     def build() -> BenchConfig:
         chosen = {"out": str(out), "methods": method_list(methods, DEFAULT_METHODS), "seeds": int_list(seeds or "0")}
-        refuse_unread_settings(*chosen["methods"], names=CURVATURE, preset=preset is not None)
+        refuse_unread_settings(
+            *chosen["methods"],
+            names=CURVATURE,
+            preset=preset is not None,
+            options=method_pairs(option, chosen["methods"]),
+        )
         if preset is None:
             settings = {
                 "method_options": method_pairs(option, chosen["methods"]),
@@ -193,7 +198,7 @@ def ablate(
 
     def build() -> AblationConfig:
         chosen = method_list(methods, STUDY_METHODS)
-        refuse_unread_settings(*chosen, names=CURVATURE, preset=True)
+        refuse_unread_settings(*chosen, names=CURVATURE, preset=True, options=method_pairs(option, chosen))
         return AblationConfig(
             task=task,
             out=str(out),
@@ -371,8 +376,8 @@ def evaluate(groundtruth, methods, option, damping, damping_factor, out, overwri
     stem = out if out is not None else groundtruth / "evaluate"
     try:
         chosen = method_list(methods, EVALUATE_METHODS)
-        refuse_unread_settings(*chosen, names=CURVATURE)
         options = method_pairs(option, chosen)
+        refuse_unread_settings(*chosen, names=CURVATURE, options=options)
         base = GroundTruth.load(groundtruth, device).config.attribution()
         remember(stem.parent, f"evaluate {stem.name}")
         report = run_evaluate(

@@ -121,6 +121,7 @@ from wherefrom.methods.registry import (
     method_settings,
     method_spec,
     options_in_full,
+    refuse_skipped_options,
     split_settings,
 )
 from wherefrom.methods.saved import META_FILE, TENSORS_FILE, load_fitted, save_fitted
@@ -428,6 +429,7 @@ class Run:
         warn_layout_mismatch(config.adapter or config.model, config.attribution.layout(), read)
         if config.method is not None:  # options checked before the model loads
             method_settings(config.method, config.attribution, config.options)
+            refuse_skipped_options(config.method, asdict(config.attribution), config.options)
         else:  # a strategy and its options, likewise (fit --strategy exact --reduction mean left a folder behind)
             config.attribution.new_curvature().check_reduction(config.attribution.reduction)
         misplaced = split_settings(config.options)[0]

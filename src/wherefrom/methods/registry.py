@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -172,7 +172,10 @@ class MethodSpec:
     ``normalize``) or presets (``fisher`` for ``datainf``); setting options given to :func:`make_method`
     override the presets. ``options``: every keyword the method accepts. ``model_settings``: the
     :class:`~wherefrom.engine.api.AttributionConfig` settings of the model's passes that the method reads
-    (:data:`GRADIENT_SETTINGS`, :data:`DRAWING_SETTINGS`, :data:`INPUT_SETTINGS` or none).
+    (:data:`GRADIENT_SETTINGS`, :data:`DRAWING_SETTINGS`, :data:`INPUT_SETTINGS` or none). ``curvature_settings``:
+    the settings and options read only while the method's option ``curvature`` is on (``trak``/``logra``: the
+    Fisher and strategy of the projected curvature that ``curvature=False`` skips; not the damping, which an
+    ``index --precondition empirical`` of such a run applies to the Fisher of the stored rows).
     """
 
     name: str
@@ -183,6 +186,7 @@ class MethodSpec:
     build: Callable[..., Method]
     settings: Mapping[str, Any] = field(default_factory=dict)
     model_settings: frozenset[str] = DRAWING_SETTINGS
+    curvature_settings: frozenset[str] = frozenset()
 
     @property
     def settings_read(self) -> frozenset[str]:
@@ -193,11 +197,19 @@ class MethodSpec:
         declared = {spec.name for spec in self.options if spec.name in SETTING_NAMES}
         return self.model_settings | declared | set(self.settings)
 
-    def takes(self, name: str, value: Any = UNSET) -> bool:
-        """Whether this method's numbers follow the configuration's setting ``name`` (at ``value``, when given): one
-        of :attr:`settings_read` that it does not fix or preset (:attr:`settings`: ``method_settings`` lays those over
-        the configuration, so ``datainf`` scores with the empirical Fisher whatever ``--fisher`` says; its own
-        ``fisher`` is a setting option), or a fixed or preset setting given at the method's own value."""
+    def skipped_with(self, options: Mapping[str, Any]) -> frozenset[str]:
+        """The settings and options this method does not read with its ``options``: :attr:`curvature_settings` with
+        ``curvature=False``, else none."""
+        return self.curvature_settings if options.get("curvature") is False else frozenset()
+
+    def takes(self, name: str, value: Any = UNSET, options: Mapping[str, Any] | None = None) -> bool:
+        """Whether this method's numbers follow the configuration's setting ``name`` (at ``value``, when given), with
+        its ``options``: one of :attr:`settings_read` that it does not fix or preset (:attr:`settings`:
+        ``method_settings`` lays those over the configuration, so ``datainf`` scores with the empirical Fisher
+        whatever ``--fisher`` says; its own ``fisher`` is a setting option) nor skip (:meth:`skipped_with`:
+        ``logra``'s Fisher with ``curvature=False``), or a fixed or preset setting given at the method's own value."""
+        if name in self.skipped_with(options or {}):
+            return False
         if name in self.settings:
             return value is not UNSET and self.settings[name] == value
         return name in self.settings_read
@@ -296,6 +308,7 @@ def _projected(
         lambda _name, model, tokenizer, config, progress=no_progress, **chosen: build(
             model, tokenizer, config, progress=progress, **chosen
         ),
+        curvature_settings=frozenset({"fisher", "strategy"}),
     )
 
 
@@ -544,6 +557,28 @@ def method_settings(
         except ValueError as error:
             raise OptionError(f"method {name!r}: {error}") from None
     return config, constructor
+
+
+def refuse_skipped_options(name: str, settings: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+    """:class:`OptionError` naming each of method ``name``'s ``settings`` (attribution settings, as
+    :class:`~wherefrom.engine.api.AttributionConfig` fields) or constructor ``options`` that its ``options`` make
+    unread (:meth:`MethodSpec.skipped_with`: ``trak``/``logra`` with ``curvature=False`` and a ``fisher`` or a
+    ``strategy`` off its default): accepted, recorded and changing no score. Checked where a run or a study is made
+    (``fit``, ``attribute``, a study's command, :meth:`wherefrom.engine.run.Run.create`), not where a recorded one
+    is opened: an older version recorded such runs, and they still open, score and index as recorded.
+    ``options``: the constructor options (:func:`split_settings`)."""
+    spec = method_spec(name)
+    skipped = spec.skipped_with(options)
+    defaults = {**asdict(AttributionConfig()), **with_defaults(spec.constructor_options, {})}
+    given = {**{k: v for k, v in settings.items() if k in spec.settings_read}, **options}
+    off = [f"{k}={v!r}" for k, v in given.items() if k in skipped and v != defaults.get(k)]
+    if off:
+        one = len(off) == 1
+        raise OptionError(
+            f"method {name!r}: {', '.join(off)} with curvature=False: it fits no projected curvature, so "
+            f"{'this changes' if one else 'these change'} no score; leave {'it' if one else 'them'} out or set "
+            "curvature=True"
+        )
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
