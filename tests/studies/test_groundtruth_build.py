@@ -371,7 +371,9 @@ def test_a_rerun_with_other_settings_is_refused_before_it_replaces_anything(tmp_
     before = files_of(folder)
     refused = {
         "model/finetune_config.json, made from other inputs (config.epochs: recorded 3, now 2)": {"epochs": 2},
-        "jobs/lds-0000-r0.json and 2 more, made from other inputs (indices: recorded": {"alpha": 0.25},
+        # userF: named only the rows ("indices"), not the setting that drew them
+        "jobs/lds-0000-r0.json and the other LDS jobs, made with another --alpha: subsets of 8 of 16 rows (alpha "
+        "0.5), now --alpha 0.25 draws 4": {"alpha": 0.25},
         f"pbrf-rows/row-{pbrf_rows_of(config, N_TRAIN)[0]}.json, made from other inputs (config.steps: recorded 2, "
         "now 3)": {"pbrf_options": {"steps": 3}},
     }

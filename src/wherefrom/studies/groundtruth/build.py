@@ -45,7 +45,7 @@ from wherefrom.core.commandline import command_line as render_command
 from wherefrom.core.commandline import field_flags
 from wherefrom.core.data import data_fingerprint
 from wherefrom.core.option_pairs import format_option_pairs
-from wherefrom.core.store import atomic_save_tensors, atomic_write_json, read_json_object
+from wherefrom.core.store import atomic_save_tensors, atomic_write_json, read_json_object, refuse_overwrite
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.tracin import finetune_checkpoints
@@ -191,6 +191,25 @@ def _jobs(
     return jobs
 
 
+def refuse_other_alpha(jobs_dir: Path, first: tuple[str, list[int], int], alpha: float, n_train: int) -> None:
+    """:class:`wherefrom.core.store.OutputExists` naming ``--alpha`` when the finished first LDS job in ``jobs_dir``
+    holds a subset of another size than ``first`` (``(job_id, rows, seed)``, drawn with ``alpha`` from ``n_train``
+    rows). A job's key records its rows, not the fraction they were drawn with, so the generic refusal
+    (:func:`wherefrom.studies.toolkit.refuse_replacing`) named only ``indices`` (userF)."""
+    job_id, rows, _seed = first
+    path = jobs_dir / f"{job_id}.json"
+    try:
+        recorded = read_json_object(path)["key"]["indices"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # none finished, or unreadable: computed, as the jobs' own cache does
+    if len(recorded) != len(rows):
+        refuse_overwrite(
+            [path],
+            why=f" and the other LDS jobs, made with another --alpha: subsets of {len(recorded)} of {n_train} rows "
+            f"(alpha {len(recorded) / n_train:.3g}), now --alpha {alpha} draws {len(rows)}",
+        )
+
+
 def _load_tuned(config: GroundTruthConfig, model_dir: Path) -> tuple[nn.Module, Any]:
     if config.lora_rank is not None:
         loaded = load_model(
@@ -285,6 +304,8 @@ def build_groundtruth(
     masks = sample_subsets(n, config.alpha, config.n_subsets, config.seed) if config.n_subsets else None
     loo = loo_rows_of(config, n)
     jobs = _jobs(config, masks, loo, n)
+    if masks is not None and not overwrite:
+        refuse_other_alpha(out / "jobs", jobs[0], config.alpha, n)
     tick = time.perf_counter()
     retrainer = FinetuneRetrainer(
         train,
