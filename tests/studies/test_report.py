@@ -401,6 +401,10 @@ def test_query_html_of_a_row_among_proponents_and_opponents(query_view):
     assert both and page.read_text().count('class="heatmap"') == 15 + 15 + 3
 
 
+DAMPINGS = (("gradsim", 0.5), ("bm25", 0.5), ("ekfac", None), ("datainf", 0.5))
+"""Diagnose rows' (method, damping): two methods that read none, one without an exact reference, one with it."""
+
+
 def test_the_html_diagnose_table_formats_numbers_as_the_markdown_tables_do():
     """The HTML report formatted numbers with its own helper, which showed ``-0.000`` for a Spearman that rounds to
     zero where the Markdown tables (``toolkit.number``) show ``0.000``, and ``nan`` as ``–`` only there."""
@@ -408,7 +412,7 @@ def test_the_html_diagnose_table_formats_numbers_as_the_markdown_tables_do():
 
     rows = [{"method": "gradsim", "ihvp_rel_error": 0.5, "spearman": -0.0001, "spearman_per_query": float("nan")}]
     table = diagnose_section(rows)["blocks"][0]["rows"]
-    assert table == [["gradsim", "0.5", "0.000", "–", "–", "–", "own default"]]
+    assert table == [["gradsim", "0.5", "0.000", "–", "–", "–", "not read"]]
 
 
 def test_the_html_diagnose_report_shows_the_warnings_damping_and_memory_of_diagnose_md():
@@ -424,6 +428,9 @@ def test_the_html_diagnose_report_shows_the_warnings_damping_and_memory_of_diagn
     blocks = diagnose_section(rows, "over the memory limit")["blocks"]
     assert blocks[0]["columns"][-2:] == ["peak memory, MiB", "damping (absolute)"]
     assert blocks[0]["rows"][0][-2:] == ["12", "0.0023"]
+    # userF: a method that reads no damping showed the shared one; an influence method without a reference its own
+    cells = {m: diagnose_section([{"method": m, "damping": d}])["blocks"][0]["rows"][0][-1] for m, d in DAMPINGS}
+    assert cells == {"gradsim": "not read", "bm25": "not read", "ekfac": "own default", "datainf": "0.5"}
     notes = [b["text"] for b in blocks if b["type"] == "note"]
     assert notes == [
         "No exact reference: over the memory limit",
@@ -504,3 +511,18 @@ def test_the_query_view_promises_a_heatmap_only_where_the_rows_have_token_values
 
     assert caption(None) == "Proponents"
     assert caption([["a", 1.0], [" b", 1.0]]) == "Proponents (heatmap: each training token's part of the score)"
+
+
+def test_diagnose_md_shows_not_read_for_a_method_that_takes_no_damping(tmp_path):
+    """userF: ``diagnose.md``'s damping column showed the shared damping for ``gradsim`` and ``bm25``, which read
+    none (``MethodSpec.takes``); the HTML report's cells are the same (``diagnose.damping_cell``)."""
+    rows = [Diagnosis(m, 1.0, 2.0, damping=d) for m, d in DAMPINGS]
+    _, md = write_diagnosis(rows, None, tmp_path, {"command": "wherefrom diagnose ..."})
+    table = [line.split("|") for line in md.read_text().splitlines() if line.startswith("| ")]
+    ends = {cells[1].strip(): cells[-2].strip() for cells in table}
+    assert {m: ends.get(m) for m, _ in DAMPINGS} == {
+        "gradsim": "not read",
+        "bm25": "not read",
+        "ekfac": "own default",
+        "datainf": "0.5",
+    }

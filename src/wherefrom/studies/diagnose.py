@@ -37,7 +37,7 @@ from wherefrom.core.option_pairs import options_for
 from wherefrom.curvature.base import SMALLEST_DAMPING, Curvature, DataShape, Progress, no_progress, relative_damping
 from wherefrom.curvature.exact import BLOCKS
 from wherefrom.engine.api import AttributionConfig, Attributor
-from wherefrom.methods.registry import InfluenceMethod, make_method, method_spec
+from wherefrom.methods.registry import METHODS, InfluenceMethod, make_method, method_spec
 from wherefrom.studies import toolkit
 from wherefrom.studies.metrics import spearman_rows
 from wherefrom.studies.toolkit import failure_cell, markdown_table, measured, number, provenance
@@ -267,6 +267,15 @@ def _shown_again(said: Sequence[warnings.WarningMessage]) -> list[str]:
     return list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in own))
 
 
+def damping_cell(method: str, damping: float | None) -> str:
+    """The table's damping cell of ``method``'s row: the absolute ``damping``; ``not read`` for a method that takes
+    none (``gradsim``, ``repsim``, ``bm25``, ``tracin``: the shared value changed none of its numbers, and showing it
+    said otherwise); ``own default`` where there was no exact reference to take the shared one from (``None``)."""
+    if method in METHODS and not method_spec(method).takes("damping"):
+        return "not read"
+    return number(damping, ".3g") if damping is not None else "own default"
+
+
 def write_report(
     rows: Sequence[Diagnosis], reason: str | None, folder: Path, context: dict[str, Any]
 ) -> tuple[Path, Path]:
@@ -291,7 +300,7 @@ def write_report(
             number(r.spearman_per_query),
             number(r.seconds, ".2f"),
             number(r.peak_mib, ".0f"),
-            number(r.damping, ".3g") if r.damping is not None else "own default",
+            damping_cell(r.method, r.damping),
         ]
         for r in rows
     ]

@@ -22,6 +22,7 @@ from typing import Any
 
 from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores, end_name
+from wherefrom.studies.diagnose import damping_cell
 from wherefrom.studies.influence import agreement, layer_profile, short_names, tail_profile, top_name
 from wherefrom.studies.influence_tables import AXES, layer_table, tail_query_table, tail_summary_table
 from wherefrom.studies.report import plots
@@ -293,7 +294,7 @@ def diagnose_section(rows: Sequence[Mapping[str, Any]], missing: str | None = No
             number(r.get("spearman_per_query")),
             number(r.get("seconds"), ".3g"),
             number(r.get("peak_mib"), ".0f"),
-            number(r.get("damping"), ".3g") if r.get("damping") is not None else "own default",
+            damping_cell(r["method"], r.get("damping")),
         ]
         if not r.get("error")
         else [r["method"], f"failed: {r['error']}", "", "", "", "", ""]
