@@ -185,6 +185,7 @@ def test_run_report_is_self_contained_with_every_section(run_folder, tmp_path):
 def test_bench_evaluate_and_diagnose_reports(tmp_path):
     bench = write_report(RESULTS / "study-smollm2" / "emotion", tmp_path / "bench.html").read_text()
     assert self_contained(bench) and "ekfac" in bench and bench.count("<svg") >= 3 and "Provenance" in bench
+    assert "heatmaps: red" not in bench  # userF: a page without token heatmaps explained their colours
     evaluate = write_report(RESULTS / "groundtruth-tiny", tmp_path / "evaluate.html").read_text()
     assert self_contained(evaluate) and "lds" in evaluate and "0.688 [0.613, 0.760]" in evaluate  # ekfac's LDS
     # `evaluate --out STEM` writes STEM.json: reported as a file (only the default evaluate.json was recognised)
@@ -237,6 +238,7 @@ def test_query_html_shows_rows_heatmaps_on_both_sides_layers_and_tail(query_view
     assert "tokens" not in report["proponents"][0]  # --html leaves the JSON report as it was
     # Heatmaps: the 3 proponents and 3 opponents on the training side, 3 rows on the query side.
     assert html.count('class="heatmap"') == 6 + 3
+    assert "token heatmaps: red = positive, blue = negative" in html  # explained where there are some
     assert "Query tokens&#39; part of the score on row" in html
     assert "influence by layer" in html.lower() and "The tail" in html and "Provenance" in html
     assert report["proponents"][0]["id"] in html

@@ -29,6 +29,16 @@ def _version() -> str:
         return "unknown"
 
 
+def has_tokens(sections: Sequence[dict[str, Any]]) -> bool:
+    """Whether any block of ``sections`` shows a token heatmap (a ``tokens`` block, or ranked entries with token
+    values): only then does the page's header explain their colours (userF: it did on every page)."""
+    return any(
+        block["type"] == "tokens" or (block["type"] == "entries" and any(e.get("tokens") for e in block["entries"]))
+        for section in sections
+        for block in section["blocks"]
+    )
+
+
 def render(title: str, source: str, sections: Sequence[dict[str, Any]]) -> str:
     """The HTML page of ``sections`` under ``title``; ``source`` names what the report was made from."""
     environment = jinja2.Environment(
@@ -38,7 +48,9 @@ def render(title: str, source: str, sections: Sequence[dict[str, Any]]) -> str:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    return environment.get_template(TEMPLATE).render(title=title, source=source, sections=sections, version=_version())
+    return environment.get_template(TEMPLATE).render(
+        title=title, source=source, sections=sections, version=_version(), tokens=has_tokens(sections)
+    )
 
 
 def write_html(html: str, out: Path) -> Path:
