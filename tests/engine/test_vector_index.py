@@ -530,17 +530,18 @@ def test_a_store_of_rows_preconditioned_by_another_fit_is_refused(workspace, tmp
 def test_an_index_warns_of_rows_split_at_their_token_boundary_once_not_for_each_shard(workspace, tmp_path, monkeypatch):
     """userD: on the shared data (completions without a leading space) `index` repeated the
     :class:`~wherefrom.core.encoding.TokenBoundaryWarning` for every shard, each counting that shard's rows. The check
-    of every row before the pass says it once, counted in the first block of rows that has any, with how many
-    more blocks do; the shards say nothing more."""
+    of every row before the pass says it once: the first block's message, with every block's rows added up (reviewR:
+    it counted the first block only, plus "N more blocks"); the shards say nothing more."""
     import warnings
 
     from wherefrom.core import encoding
     from wherefrom.core.encoding import TokenBoundaryWarning
     from wherefrom.engine import run as run_module
 
-    def boundary(records, prompt_ids, completion_ids, tokenizer):
-        warnings.warn(f"{len(records)} of {len(records)} rows tokenize differently", TokenBoundaryWarning, stacklevel=2)
-        return len(records)
+    def boundary(records, prompt_ids, completion_ids, tokenizer):  # every row but one of each block
+        differ = len(records) - 1
+        warnings.warn(TokenBoundaryWarning(f"{differ} of {len(records)} rows differ", differ), stacklevel=2)
+        return differ
 
     run = fitted(workspace, tmp_path / "a", "logra", LOGRA)
     monkeypatch.setattr(encoding, "warn_split_boundaries", boundary)
@@ -549,4 +550,6 @@ def test_an_index_warns_of_rows_split_at_their_token_boundary_once_not_for_each_
         warnings.simplefilter("always")
         run.build_index(shard_size=2)
     said = [str(w.message) for w in caught if issubclass(w.category, TokenBoundaryWarning)]
-    assert said == ["4 of 4 rows tokenize differently (in one block of 4 rows; 2 more blocks have such rows)"], said
+    blocks = -(-len(run.train) // 4)
+    total = len(run.train) - blocks
+    assert said == [f"3 of 4 rows differ ({total} of {len(run.train)} rows in all, in {blocks} blocks of 4 rows)"], said

@@ -514,7 +514,12 @@ def _laid_out(
 
 
 class TokenBoundaryWarning(UserWarning):
-    """Rows whose prompt and completion, tokenized apart, give other tokens than their joined text."""
+    """Rows whose prompt and completion, tokenized apart, give other tokens than their joined text; ``differ``: how
+    many rows (0 where a caller gave only a message), so that warnings of several blocks of rows add up."""
+
+    def __init__(self, message: str, differ: int = 0) -> None:
+        super().__init__(message)
+        self.differ = differ
 
 
 def warn_split_boundaries(
@@ -545,14 +550,13 @@ def warn_split_boundaries(
         )
         apart = tokenizer.convert_ids_to_tokens(completion_ids[differ[0]])
         together = tokenizer.convert_ids_to_tokens(joined[differ[0]][len(prompt_ids[differ[0]]) - 1 :])
-        warnings.warn(
+        text = (
             f"{len(differ)} of {len(records)} rows tokenize differently at the prompt/completion boundary than "
             f"their joined text ({glued} with no space between prompt and completion); e.g. row {first.id!r}: "
             f"the completion {first.completion!r} is scored as tokens {apart}, while the joined text ends in "
-            f"{together}. Start completions with a space (' fearful') and end prompts without one",
-            TokenBoundaryWarning,
-            stacklevel=3,
+            f"{together}. Start completions with a space (' fearful') and end prompts without one"
         )
+        warnings.warn(TokenBoundaryWarning(text, len(differ)), stacklevel=3)
     return len(differ)
 
 

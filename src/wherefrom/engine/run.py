@@ -1196,17 +1196,21 @@ class Run:
         """Tokenize every training row, :data:`ENCODE_CHECK_ROWS` at a time (not kept), before an index's pass: a row
         the model cannot take raises its :class:`wherefrom.core.data.DataError` now, not when its shard comes. Rows
         whose prompt/completion boundary tokenizes otherwise than their joined text are warned of once
-        (:class:`wherefrom.core.encoding.TokenBoundaryWarning`, counted in the first block of rows that has any,
-        with how many more blocks do); other warnings of the encoding come with the shards."""
+        (:class:`wherefrom.core.encoding.TokenBoundaryWarning`: the first block's message, with the rows of every
+        block added up); other warnings of the encoding come with the shards."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for start in range(0, len(self.train), ENCODE_CHECK_ROWS):
                 self.attributor.encode(self.train[start : start + ENCODE_CHECK_ROWS])
-        boundary = [w.message for w in caught if issubclass(w.category, TokenBoundaryWarning)]
+        boundary = [w.message for w in caught if isinstance(w.message, TokenBoundaryWarning)]
         if boundary:
-            more = len(boundary) - 1
-            also = f" (in one block of {ENCODE_CHECK_ROWS} rows; {more} more blocks have such rows)" if more else ""
-            warnings.warn(f"{boundary[0]}{also}", TokenBoundaryWarning, stacklevel=2)
+            total = sum(message.differ for message in boundary)
+            also = (
+                f" ({total} of {len(self.train)} rows in all, in {len(boundary)} blocks of {ENCODE_CHECK_ROWS} rows)"
+                if len(boundary) > 1
+                else ""
+            )
+            warnings.warn(TokenBoundaryWarning(f"{boundary[0]}{also}", total), stacklevel=2)
 
     def check_empirical(self, unit_norm: bool) -> None:
         """Refuse ``--precondition empirical`` where it does not apply (``ValueError`` naming why and what to use
