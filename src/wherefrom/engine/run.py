@@ -1142,20 +1142,20 @@ class Run:
         writer = VectorStoreWriter(
             folder, ids, dim, settings, dtype, shard_size, self.config.setting_defaults(), RECORDED_ONLY
         )
-        if not (folder / MARKER).exists():  # a row the model cannot take is named now, not when its shard comes
-            self.check_encodings()
-        if raw and not (folder / MARKER).exists():  # predicted before anything is written
-            rows, size = min(shard_size, len(self.train)), self.attributor.num_parameters
-            check_memory(
-                {
-                    f"one index shard ({rows} rows x {size:,} parameters, {dtype}, parts and joined)": 2
-                    * nbytes(rows, size, dtype=DTYPES[dtype]),
-                    "per-example gradients of one batch (float32)": nbytes(self.attributor.config.batch_size, size),
-                },
-                "building the gradient index",
-                self.attributor.device,
-                "Use a smaller shard_size or dtype bfloat16.",
-            )
+        if not self.has_index():  # a store to build or finish
+            self.check_encodings()  # a row the model cannot take is named now, not when its shard comes
+            if raw:  # predicted before anything is written
+                rows, size = min(shard_size, len(self.train)), self.attributor.num_parameters
+                check_memory(
+                    {
+                        f"one index shard ({rows} rows x {size:,} parameters, {dtype}, parts and joined)": 2
+                        * nbytes(rows, size, dtype=DTYPES[dtype]),
+                        "per-example gradients of one batch (float32)": nbytes(self.attributor.config.batch_size, size),
+                    },
+                    "building the gradient index",
+                    self.attributor.device,
+                    "Use a smaller shard_size or dtype bfloat16.",
+                )
         if tracin is not None:
             return writer, *self.checkpoint_parts(writer, adam, unit_norm)
         divisors = None
