@@ -129,15 +129,11 @@ def bench(task, out, methods, seeds, option, preset, lora_target, overwrite, **s
 
     def build() -> BenchConfig:
         chosen = {"out": str(out), "methods": method_list(methods, DEFAULT_METHODS), "seeds": int_list(seeds or "0")}
-        refuse_unread_settings(
-            *chosen["methods"],
-            names=CURVATURE,
-            preset=preset is not None,
-            options=method_pairs(option, chosen["methods"]),
-        )
+        pairs = method_pairs(option, chosen["methods"])
+        refuse_unread_settings(*chosen["methods"], names=CURVATURE, preset=preset is not None, options=pairs)
         if preset is None:
             settings = {
-                "method_options": method_pairs(option, chosen["methods"]),
+                "method_options": pairs,
                 "lora_targets": lora_target or None,
             }
         else:

@@ -413,7 +413,8 @@ class Run:
         Raises :class:`RunMismatch` naming each setting that differs from a finished run's config (with
         both values), :class:`wherefrom.core.store.FolderLocked` while another process writes the run, and
         ``ValueError`` when ``config.options`` holds setting options (:func:`RunConfig.for_method` puts them in
-        ``attribution``) or a method's option is bad, ``NotADirectoryError`` naming a file where one of the run's
+        ``attribution``) or a method's option is bad or unread with its other options
+        (:func:`wherefrom.methods.registry.refuse_skipped_options`), ``NotADirectoryError`` naming a file where one of the run's
         folders belongs (:func:`refuse_files_in_place`).
         Under ``torch.distributed`` rank 0 checks and writes the folder; a method outside the influence
         family, or a strategy that does not distribute (``cg``, ``lissa``, ``arnoldi``) where no fitted factors
