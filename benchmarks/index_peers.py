@@ -20,7 +20,7 @@ size, one process (Bergson: a subprocess), one torch thread, empirical Fisher, d
   encoded (``input_ids`` and ``labels`` in a JSONL file, so the loss is the same summed completion loss) and
   tracks the same modules (``filter_modules`` lists every other Linear layer). pip's resolver would replace this
   venv's CPU torch with a CUDA one, so Bergson and the packages it imports (:data:`BERGSON_PACKAGES`) are
-  installed with ``--no-deps`` into :data:`BERGSON` (once; a ``.part`` folder renamed when done), and it runs in
+  installed with ``--no-deps`` into ``--peers-dir``/``bergson`` (default :data:`PEERS`; once; a ``.part`` folder renamed when done), and it runs in
   a subprocess (this script with ``--bergson-worker``) with that folder on ``PYTHONPATH``; the venv is not
   changed. A failing step is recorded with its error text instead of numbers;
 * **kronfluence ekfac** (``kronfluence==1.0.1``, run last: ``prepare_model`` wraps the model's modules):
@@ -61,8 +61,9 @@ from common import (
     write_results,
 )
 
-BERGSON = Path(__file__).resolve().parent.parent / ".cache" / "peers" / "bergson"
-"""Where Bergson is installed (under the checkout's ignored ``.cache``), outside the venv."""
+PEERS = Path(__file__).resolve().parent.parent / ".cache" / "peers"
+"""The default ``--peers-dir``, where Bergson is installed (``bergson/``) outside the venv: the checkout's ignored
+``.cache`` (userG: a read-only or shared checkout needs another place)."""
 BERGSON_PACKAGES = (
     "bergson==2.5.1",
     *("jaxtyping==0.3.11", "wadler_lindig==0.1.8", "natsort==8.4.0", "simple-parsing==0.1.9"),
@@ -83,16 +84,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     results_arguments(p, "index_peers")
     p.add_argument(
+        "--peers-dir",
+        type=Path,
+        default=PEERS,
+        help="where Bergson is installed, once (default: <checkout>/.cache/peers)",
+    )
+    p.add_argument(
         "--bergson-worker", type=Path, help="internal: run Bergson on this spec file (in the subprocess that has it)"
     )
     return p.parse_args(argv)
 
 
-def install_bergson() -> str | None:
-    """Install :data:`BERGSON_PACKAGES` into :data:`BERGSON` unless there; the error text when pip fails."""
-    if BERGSON.is_dir():
+def install_bergson(target: Path) -> str | None:
+    """Install :data:`BERGSON_PACKAGES` into ``target`` unless there; the error text when pip fails."""
+    if target.is_dir():
         return None
-    part = BERGSON.with_name(BERGSON.name + ".part")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
     shutil.rmtree(part, ignore_errors=True)
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(part), *BERGSON_PACKAGES]
     try:
@@ -101,21 +109,22 @@ def install_bergson() -> str | None:
         return "`pip install --no-deps --target` did not finish in 30 minutes"
     if done.returncode != 0:
         return f"`pip install --no-deps --target` failed (exit {done.returncode}): {done.stderr.strip()[-1000:]}"
-    part.rename(BERGSON)
+    part.rename(target)
     return None
 
 
-def run_bergson(work: Path, spec: dict) -> dict:
-    """Run :func:`bergson_worker` in a subprocess with :data:`BERGSON` on ``PYTHONPATH``: its build / query
-    seconds, disk bytes, scores ``(n_query, n_train)`` and collected modules, or ``{"error": text}`` (pip's
-    error, or the worker's last traceback lines) when a step fails."""
-    error = install_bergson()
+def run_bergson(work: Path, spec: dict, peers: Path) -> dict:
+    """Run :func:`bergson_worker` in a subprocess with Bergson (installed in ``peers/bergson``) on ``PYTHONPATH``:
+    its build / query seconds, disk bytes, scores ``(n_query, n_train)`` and collected modules, or
+    ``{"error": text}`` (pip's error, or the worker's last traceback lines) when a step fails."""
+    target = peers / "bergson"
+    error = install_bergson(target)
     if error:
         return {"error": error}
     (work / "spec.json").write_text(json.dumps(spec))
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(BERGSON), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")])),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "HF_DATASETS_CACHE": str(work / "datasets_cache"),
@@ -259,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
             "batch_size": args.batch_size,
             "skip": ",".join(skip),
         }
-        results["Bergson"] = run_bergson(work / "bergson", spec)
+        results["Bergson"] = run_bergson(work / "bergson", spec, args.peers_dir.resolve())
         # kronfluence ekfac (last: it wraps the model's modules)
         analyzer = kronfluence_analyzer(model, attributor.module_names, torch.device("cpu"), work, pad_id(tokenizer))
         logging.getLogger("kronfluence").setLevel(logging.WARNING)

@@ -226,3 +226,26 @@ def test_only_the_values_of_path_options_are_named_from_the_root(tmp_path, monke
     assert line == f"python benchmarks/x.py --data {data} --results={results} --name data --kinds data", line
     inside = ["--data", str(BENCHMARKS / "results")]
     assert command_line("x.py", inside, parser.parse_args(inside)) == "python benchmarks/x.py --data benchmarks/results"
+
+
+def test_index_peers_installs_bergson_under_peers_dir_not_the_checkout(tmp_path, monkeypatch):
+    """userG: ``index_peers.py`` installed Bergson into ``<checkout>/.cache`` with no way to put it elsewhere (a
+    read-only or shared checkout). ``--peers-dir DIR`` installs into ``DIR/bergson`` (a ``.part`` folder renamed when
+    pip is done); pip itself is stood in for here, writing into the folder it is given."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import index_peers
+
+    args = index_peers.parse_args(["--peers-dir", str(tmp_path / "peers")])
+    assert args.peers_dir == tmp_path / "peers" and index_peers.parse_args([]).peers_dir == ROOT / ".cache" / "peers"
+    calls = []
+
+    def pip(command, **_kwargs):
+        calls.append(command)
+        Path(command[command.index("--target") + 1], "bergson").mkdir(parents=True)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(index_peers.subprocess, "run", pip)
+    target = args.peers_dir / "bergson"
+    assert index_peers.install_bergson(target) is None and (target / "bergson").is_dir()
+    assert index_peers.install_bergson(target) is None and len(calls) == 1  # installed once
+    assert not (target.parent / "bergson.part").exists()
