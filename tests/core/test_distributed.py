@@ -431,3 +431,47 @@ def test_local_device_is_the_local_ranks_gpu_round_robin(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert distributed.local_device() is None
+
+
+def orphan_worker(rank: int, init_file: str, out: str) -> None:
+    """Rank 0 joins the group and ends at once (as ``kill -9`` ends it); rank 1 then meets the group's barrier and
+    a sum, and saves what each raised to ``out/orphan.pt``."""
+    import os
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    if rank == 0:
+        os._exit(0)
+    time.sleep(1)  # rank 0 has gone
+    try:
+        raised = {
+            "barrier": raised_on(distributed.barrier),
+            "sum": raised_on(lambda: sum_counts({"a": 1})),
+            "type": type(raised_exception(distributed.barrier)).__mro__[:2],
+        }
+        torch.save(raised, Path(out) / "orphan.pt")
+    finally:
+        os._exit(0)  # its group's teardown would wait for rank 0
+
+
+def raised_exception(call) -> BaseException:
+    try:
+        call()
+    except Exception as error:
+        return error
+    raise AssertionError("nothing raised")
+
+
+def test_a_collective_without_its_peers_raises_peers_lost_naming_the_rank_and_what_to_do(tmp_path):
+    """userG: an orphaned torchrun rank (its launcher and rank 0 killed) ended in gloo's traceback at a barrier
+    ("Connection closed by peer", a plain ``RuntimeError``). Every collective now raises
+    :class:`wherefrom.core.distributed.PeersLost` (a ``RuntimeError``) naming the rank, the operation and gloo's
+    line, and saying to rerun the command; the CLI prints it as one line (``tests/cli/test_distributed.py``)."""
+    mp.spawn(orphan_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    raised = torch.load(tmp_path / "orphan.pt", weights_only=False)
+    for operation, (name, message, _) in {"barrier": raised["barrier"], "all_reduce": raised["sum"]}.items():
+        assert name == "PeersLost", (name, message)
+        assert message.startswith(f"rank 1 of 2: torch.distributed's {operation} failed ("), message
+        assert message.endswith("What finished is kept: rerun the whole command to resume"), message
+    assert raised["type"] == (distributed.PeersLost, RuntimeError)

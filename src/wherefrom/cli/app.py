@@ -40,6 +40,7 @@ from wherefrom.cli.settings import (
 from wherefrom.core.commandline import command_line
 from wherefrom.core.distributed import (
     NotDistributable,
+    PeersLost,
     World,
     available_cores,
     end_process,
@@ -651,6 +652,10 @@ def command(
                 restore_records(invocation)
             end_process(done.exit_code)  # a torchrun rank ends here (returns in one process)
             raise
+        except PeersLost as lost:  # one line, not gloo's traceback; exit 1 keeps the record, as a crash does
+            console.print("[bold red]error:[/]", escape(str(lost)))
+            end_process(1)
+            raise typer.Exit(code=1) from None
         finally:
             _CURRENT.reset(token)
         end_process(0)

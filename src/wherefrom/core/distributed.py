@@ -183,7 +183,7 @@ def session() -> Iterator[World]:
         note.cancel()
     try:
         yield world
-        dist.barrier()  # no rank leaves while another still communicates (after an error: no barrier,
+        collective(dist.barrier)  # no rank leaves while another still communicates (after an error: no barrier,
         # the other ranks may never get here)
     finally:
         dist.destroy_process_group()
@@ -245,7 +245,7 @@ def refuse_other_arguments(arguments: Mapping[str, Any]) -> None:
     if not active():
         return
     every: list[Any] = [None] * world_size()
-    dist.all_gather_object(every, dict(arguments))
+    collective(dist.all_gather_object, every, dict(arguments))
     first = every[0]
     differing = [
         f"{name}: rank 0 {first.get(name)!r}, rank {r} {theirs.get(name)!r}"
@@ -287,10 +287,31 @@ def shards_for_rank(shards: int) -> list[int]:
     return list(range(rank(), shards, world_size()))
 
 
+class PeersLost(RuntimeError):
+    """A collective operation of the process group failed, as it does when another process of the command has
+    ended (killed, or stopped by an error only it saw): gloo raises a plain ``RuntimeError`` ("Connection closed by
+    peer"), which a command printed as a traceback (userG: an orphaned rank, its launcher and rank 0 killed)."""
+
+
+def collective(operation: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``operation(*args, **kwargs)``, a ``torch.distributed`` collective; the ``RuntimeError`` it raises (a peer
+    gone, a timeout) raised as :class:`PeersLost`, naming this rank, the operation and the error's first line, and
+    saying what to do: rerun the whole command, which resumes from what finished."""
+    try:
+        return operation(*args, **kwargs)
+    except RuntimeError as error:
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        raise PeersLost(
+            f"rank {rank()} of {world_size()}: torch.distributed's {operation.__name__} failed ({first}); another "
+            "process of this command has ended (killed, or stopped by an error only it saw: its own output says "
+            "which). What finished is kept: rerun the whole command to resume"
+        ) from error
+
+
 def barrier() -> None:
     """Wait until every process gets here (nothing in one process)."""
     if active():
-        dist.barrier()
+        collective(dist.barrier)
 
 
 def on_main(function: Callable[[], T]) -> T:
@@ -318,7 +339,7 @@ def on_main(function: Callable[[], T]) -> T:
                 error.__cause__ = raised
         if error is not None:
             box[0] = pickle.dumps((False, sendable(error)))
-    dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
+    collective(dist.broadcast_object_list, box, src=0, device=torch.device("cpu"))
     if is_main():
         if error is not None:
             raise error
@@ -358,7 +379,7 @@ def on_every(function: Callable[[], T]) -> T:
     except Exception as raised:
         error = raised
     every: list[Any] = [None] * world_size()
-    dist.all_gather_object(every, None if error is None else sendable(error))
+    collective(dist.all_gather_object, every, None if error is None else sendable(error))
     first = next((r for r, sent in enumerate(every) if sent is not None), None)
     if first is None:
         return value
@@ -379,7 +400,7 @@ def sum_over_ranks(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     on sums, before dividing by a count. One process: ``tensors`` unchanged."""
     if active():
         for value in tensors.values():
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            collective(dist.all_reduce, value, op=dist.ReduceOp.SUM)
     return tensors
 
 
@@ -389,7 +410,7 @@ def sum_counts(counts: dict[str, int]) -> dict[str, int]:
         return dict(counts)
     names = sorted(counts)
     total = torch.tensor([int(counts[name]) for name in names], dtype=torch.int64)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    collective(dist.all_reduce, total, op=dist.ReduceOp.SUM)
     return dict(zip(names, total.tolist()))
 
 
@@ -422,7 +443,7 @@ def gather_rows(tensor: torch.Tensor, to_main: bool = False) -> torch.Tensor:
         raise ValueError(f"gather_rows carries {', '.join(map(str, GATHERED_DTYPES))}; got {tensor.dtype}")
     mine = torch.tensor([tensor.shape[0], GATHERED_DTYPES.index(tensor.dtype)], dtype=torch.int64)
     everyone = [torch.zeros_like(mine) for _ in range(world_size())]
-    dist.all_gather(everyone, mine)
+    collective(dist.all_gather, everyone, mine)
     counts = [int(size) for size, _ in everyone]
     held = {GATHERED_DTYPES[int(code)] for size, code in everyone if size > 0}
     if len(held) > 1:
@@ -432,12 +453,12 @@ def gather_rows(tensor: torch.Tensor, to_main: bool = False) -> torch.Tensor:
     padded[: tensor.shape[0]] = tensor
     if to_main:
         parts = [torch.empty_like(padded) for _ in counts] if is_main() else None
-        dist.gather(padded, parts, dst=0)
+        collective(dist.gather, padded, parts, dst=0)
         if parts is None:
             return padded[:0]
     else:
         parts = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(parts, padded)
+        collective(dist.all_gather, parts, padded)
     return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
 
