@@ -493,6 +493,27 @@ def test_a_csv_row_with_more_cells_than_the_header_is_refused_by_line(tmp_path: 
     assert [r.label for r in load_records(path)] == ["x"]
 
 
+@pytest.mark.parametrize(
+    ("text", "lines"),
+    [
+        # a quote never closed: it swallowed the next rows (3 rows loaded as 1)
+        ('id,prompt,completion\na,"p1 quoted, never closed, c1\nb,p2, c2\nc,"p3", c3"\n', "lines 2-4"),
+        ('id,prompt,completion\na,"hi" she said, c1\n', "line 2"),  # the quotes were dropped from the prompt
+        ('id,prompt,completion\na,p1, c1\nb,"p2 never closed, c2\n', "line 3"),  # open at the end of the file
+    ],
+)
+def test_csv_quotes_that_do_not_pair_up_are_refused_by_line(tmp_path: Path, text: str, lines: str) -> None:
+    """userH: the CSV reader was not strict, so a quoted cell left open merged the rows after it into one and a quote
+    closing a cell early vanished from its text, without a word. A quote inside an unquoted cell is kept."""
+    path = tmp_path / "quotes.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, f"quotes.csv, {lines}: malformed CSV", "this row's quotes do not pair up")
+    path.write_text('id,prompt,completion\na,he said "hi", c1\n', encoding="utf-8")
+    assert load_records(path)[0].prompt == 'he said "hi"'
+
+
 def test_messages_that_are_not_a_list_are_named_as_such(tmp_path: Path) -> None:
     """A string was iterated letter by letter ("got roles ['str', 'str']"; found by a new-user trial)."""
     path = write_jsonl(tmp_path / "chat.jsonl", [json.dumps({"messages": "hi"})])

@@ -398,7 +398,9 @@ def _csv_delimiter(text: str) -> str:
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any, str]]:
     text = _read_text(path)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_csv_delimiter(text))
+    # strict: a quote that does not pair up is an error (else a cell left open swallowed the next rows, and a quote
+    # closing a cell early was dropped from the text: userH)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_csv_delimiter(text), strict=True)
     header: list[str] | None = None
     last_line = 0
     try:
@@ -424,7 +426,13 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Any, str]]:
                     row[optional] = str(int(row[optional].split(".")[0]))  # a float column's 1.0: the id 1
             yield f"line {lineno}", row, f"{path.stem}:{lineno}"
     except csv.Error as err:
-        raise DataError(f"{_where(str(path), f'line {reader.line_num}')}: malformed CSV ({err})") from None
+        start, end = last_line + 1, reader.line_num
+        lines = f"line {start}" if end <= start else f"lines {start}-{end}"
+        raise DataError(
+            f"{_where(str(path), lines)}: malformed CSV ({err}): a cell that starts with a quote ends at the next lone "
+            "quote, which the delimiter or the line's end must follow (a quote inside such a cell is doubled, \"\"); "
+            "this row's quotes do not pair up"
+        ) from None
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, Any, str]]:
