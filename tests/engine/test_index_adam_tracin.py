@@ -318,11 +318,20 @@ def test_projected_tracin_rows(workspace, tmp_path):
     assert torch.allclose(full.per_module, unprojected.per_module, rtol=0, atol=1e-5 * scale)
 
 
+def run_index(folder):
+    """A call that builds ``folder``'s index (shards of 4 rows), the run opened without its fitted state."""
+    return lambda: Run.open(folder, device="cpu", factors=False).build_index(shard_size=4)
+
+
 def test_a_tracin_checkpoint_rewritten_in_place_is_a_changed_setting(workspace, tmp_path):
     """A tracin index's rows are gradients at each checkpoint's weights, but its settings named a checkpoint by
     path and learning rate only: a checkpoint rewritten in place left a finished store serving rows of the old
     weights to queries of the new ones, and a killed build resumed after the change mixed both. Each checkpoint's
-    weights fingerprint is now a setting: the store is refused naming it, by queries and by `index`."""
+    weights fingerprint is now a setting: the store is refused naming it, by queries and by `index`. The fitted run
+    itself refuses first (userH: its learning rates were read from the old checkpoints), naming the folder; once it
+    is fitted again, as its message says, the store is refused as above."""
+    from wherefrom.models.loading import ModelLoadError
+
     for k in (1, 2):
         shutil.copytree(workspace / f"checkpoint-{k}", tmp_path / f"checkpoint-{k}")
     options = {"checkpoints": [str(tmp_path / f"checkpoint-{k}") for k in (1, 2)], "learning_rates": RATES}
@@ -335,6 +344,11 @@ def test_a_tracin_checkpoint_rewritten_in_place_is_a_changed_setting(workspace, 
     Run.open(tmp_path / "run", device="cpu").open_index()  # unchanged: served
     weights = tmp_path / "checkpoint-1" / "model.safetensors"
     weights.write_bytes((tmp_path / "checkpoint-2" / "model.safetensors").read_bytes())
+    for opening in (lambda: Run.open(tmp_path / "run", device="cpu"), run_index(tmp_path / "run")):
+        with pytest.raises(ModelLoadError, match=r"checkpoint-1'\] hold other weights than when the run was fitted"):
+            opening()
+    shutil.rmtree(tmp_path / "run" / "method")  # as the refusal says: its fit again
+    Run.create(tmp_path / "run", replace(config, device="cpu")).fit()
     reopened = Run.open(tmp_path / "run", device="cpu")
     index = tmp_path / "run" / "index"
     recorded = f"wherefrom index --run {tmp_path / 'run'} --shard-size 4 --dtype float32 --precondition fitted"

@@ -192,3 +192,20 @@ def test_a_recorded_run_of_settings_its_options_skip_still_opens_but_a_new_one_i
     expected = in_memory_scores("logra", workspace, options)
     assert torch.equal(reopened.scores(load_records(workspace / "queries.jsonl")).per_module, expected.per_module)
     assert reopened.build_index() >= 1
+
+
+def test_a_tracin_checkpoint_written_again_after_the_fit_is_refused_by_name(workspace, tmp_path):
+    """userH: a tracin run stored its checkpoints' paths and learning rates, not their weights: a checkpoint
+    fine-tuned again in place was scored with the old learning rates (neither the old run's scores nor a new
+    fit's), and a rerun of the fit said "already fitted". Opening the run now refuses, naming the folder."""
+    from wherefrom.models.loading import ModelLoadError
+
+    root = tmp_path / "copy"
+    shutil.copytree(workspace, root)
+    options = options_of("tracin", root)
+    config = RunConfig.for_method("tracin", str(root / "train.jsonl"), ATTRIBUTION, options, model=str(root / "model"))
+    Run.create(tmp_path / "run", replace(config, device="cpu")).fit()
+    assert Run.open(tmp_path / "run", device="cpu").method_fitted  # unchanged: opens
+    save_tiny(root / "checkpoint-2", arch="llama", seed=7)  # the same folder, other weights
+    with pytest.raises(ModelLoadError, match=r"checkpoint-2'\] hold other weights than when the run was fitted"):
+        Run.open(tmp_path / "run", device="cpu")

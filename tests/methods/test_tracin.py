@@ -194,3 +194,30 @@ def test_gradsim_cosine(run):
 def test_config_rejects_unknown_normalisation():
     with pytest.raises(ValueError, match="normalize"):
         AttributionConfig(normalize="relative")  # type: ignore[arg-type]
+
+
+def test_checkpoints_and_learning_rates_are_checked_before_any_model_work(tmp_path):
+    """userH: a ``[folder, lr]`` pair from the command line (JSON gives a list) ended in ``Path(list)``'s
+    ``TypeError``; ``learning_rates=[nan]`` failed only after every score ("non-finite scores"); a negative rate
+    flipped its checkpoint's terms where ``index`` refused it; a folder given twice counted twice. Each is refused,
+    naming the checkpoint, when the method is made."""
+    from wherefrom.methods.tracin import checked_checkpoints, learning_rate
+
+    one, two = tmp_path / "epoch-1", tmp_path / "epoch-2"
+    refused = {
+        "tracin checkpoint 0 is [": ([[str(one), 0.01]], None),
+        "tracin learning_rates[0]: learning rate nan": ([one], [float("nan")]),
+        "tracin learning_rates[1]: learning rate -0.1": ([one, two], [0.1, -0.1]),
+        "tracin learning_rates[0]: learning rate True": ([one], [True]),
+        "tracin checkpoint 0: learning rate inf": ([(torch.nn.Linear(1, 1), float("inf"))], None),
+        "given more than once": ([one, str(tmp_path / "." / "epoch-1")], None),
+        "got 1 learning rates for 2 checkpoints": ([one, two], [0.1]),
+    }
+    for said, (checkpoints, rates) in refused.items():
+        with pytest.raises(ValueError) as error:
+            TracIn(None, checkpoints, None, learning_rates=rates)
+        assert said in str(error.value), (said, str(error.value))
+    assert checked_checkpoints([str(one), two], [0, 2.5]) == [one.resolve(), two.resolve()]
+    assert learning_rate(3, "here") == 3.0
+    with pytest.raises(FileNotFoundError, match=r"tracin checkpoint .*epoch-1: no such folder"):
+        TracIn(None, [one], None).fit([])

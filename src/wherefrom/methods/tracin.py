@@ -33,6 +33,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -86,16 +87,59 @@ def finetune_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[6:]))
 
 
+def learning_rate(value: Any, where: str) -> float:
+    """``value`` as a learning rate: a finite real number >= 0 (``ValueError`` naming ``where`` otherwise). A NaN was
+    found only when the scores were computed ("non-finite scores"), and a negative rate flipped the signs of its
+    checkpoint's terms where the index refused it (userH)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: learning rate {value!r}; a learning rate is a finite number >= 0")
+    return float(value)
+
+
+def checked_checkpoints(checkpoints: Sequence[Any], learning_rates: Sequence[Any] | None) -> list[Checkpoint]:
+    """``checkpoints`` checked before any model work: each a folder (a path) or an in-memory ``(model, lr)`` pair,
+    no folder twice (its terms would count double), and ``learning_rates`` (when given) one finite rate >= 0 per
+    checkpoint (:func:`learning_rate`). Folders are returned resolved. ``ValueError`` naming the checkpoint: a
+    ``[folder, lr]`` list from the command line was taken for an in-memory pair and failed in ``Path(list)``."""
+    if not checkpoints:
+        raise ValueError("TracIn needs at least one checkpoint")
+    if learning_rates is not None:
+        if len(learning_rates) != len(checkpoints):
+            raise ValueError(f"got {len(learning_rates)} learning rates for {len(checkpoints)} checkpoints")
+        for k, value in enumerate(learning_rates):
+            learning_rate(value, f"tracin learning_rates[{k}]")
+    checked: list[Checkpoint] = []
+    for k, checkpoint in enumerate(checkpoints):
+        if isinstance(checkpoint, tuple) and len(checkpoint) == 2 and isinstance(checkpoint[0], nn.Module):
+            checked.append((checkpoint[0], learning_rate(checkpoint[1], f"tracin checkpoint {k}")))
+        elif isinstance(checkpoint, str | os.PathLike):
+            checked.append(Path(checkpoint).resolve())
+        else:
+            raise ValueError(
+                f"tracin checkpoint {k} is {checkpoint!r}: give a checkpoint folder (a path), or in Python an "
+                "in-memory (model, learning rate) pair; a folder's learning rate comes from its trainer_state.json, "
+                "or give them all as learning_rates=[...]"
+            )
+    folders = [c for c in checked if isinstance(c, Path)]
+    repeated = sorted({str(c) for c in folders if folders.count(c) > 1})
+    if repeated:
+        raise ValueError(f"tracin checkpoint folder(s) {repeated} given more than once: each would count again")
+    return checked
+
+
 def _learning_rate(folder: Path) -> float:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tracin checkpoint {folder}: no such folder")
     if not (folder / TRAINER_STATE_FILE).is_file():
         raise FileNotFoundError(
             f"no {TRAINER_STATE_FILE} in checkpoint {folder}: TracIn needs each checkpoint's learning rate "
-            "(pass learning_rates=[...] explicitly)"
+            "(pass learning_rates=[...] explicitly, or name the epoch folders a fine-tuning saved, e.g. "
+            "OUT/checkpoints/epoch-1)"
         )
     state = read_trainer_state(folder)
     if "learning_rate" not in state:
         raise KeyError(f"{folder / TRAINER_STATE_FILE} has no 'learning_rate'")
-    return float(state["learning_rate"])
+    return learning_rate(state["learning_rate"], str(folder / TRAINER_STATE_FILE))
 
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "config.json", "adapter_config.json")
@@ -201,10 +245,7 @@ def tracin_scores(
     ``queries`` or ``train``, an invalid row or a repeated id.
     """
     queries, train = checked_rows(queries, "query rows"), checked_rows(train, "training rows")
-    if not checkpoints:
-        raise ValueError("TracIn needs at least one checkpoint")
-    if learning_rates is not None and len(learning_rates) != len(checkpoints):
-        raise ValueError(f"got {len(learning_rates)} learning rates for {len(checkpoints)} checkpoints")
+    checkpoints = checked_checkpoints(checkpoints, learning_rates)
     config = replace(config or AttributionConfig(), strategy="identity")
     total: torch.Tensor | None = None
     reference: Scores | None = None
@@ -255,32 +296,33 @@ class TracIn:
         (:class:`wherefrom.methods.projection.RandomProjection`, seed ``config.seed``; the same matrix at every
         checkpoint and on both sides), so that scores are ``sum_k lr_k (P q_k) . (P g_k)`` and index rows short;
         ``None``: unprojected. ``options``: the keyword arguments of :func:`tracin_scores` (``learning_rates``,
-        ``device``, ...). Raises ``ValueError`` for no checkpoints or ``dim < 1``."""
-        if not checkpoints:
-            raise ValueError("TracIn needs at least one checkpoint")
-        self.base, self.checkpoints, self.tokenizer, self.config = base, list(checkpoints), tokenizer, config
+        ``device``, ...). Raises ``ValueError`` as :func:`checked_checkpoints` (no checkpoints, one neither a folder
+        nor a ``(model, lr)`` pair, a folder twice, a bad learning rate) and for ``dim < 1``."""
+        checked = checked_checkpoints(checkpoints, options.get("learning_rates"))
+        self.base, self.checkpoints, self.tokenizer, self.config = base, checked, tokenizer, config
         seed = (config or AttributionConfig()).seed
         self.projection = None if dim is None else RandomProjection(dim, seed=seed)
         self.options = dict(options)
         self.fitted = False
         self.signature: list[list] | None = None
         """:meth:`module_signature`, once known."""
+        self.weights: list[str] | None = None
+        """The checkpoint folders' :func:`weights_fingerprint`, once fitted (or restored from a state that has them)."""
 
     def fit(self, train: Sequence[Record]) -> None:
-        """Resolve the checkpoint folders to absolute paths and fix each checkpoint's learning rate
-        (given, or read from its ``trainer_state.json``): nothing else to precompute."""
+        """Fix each checkpoint's learning rate (given, or read from its ``trainer_state.json``) and fingerprint each
+        checkpoint folder's weights (:func:`weights_fingerprint`, recorded with the fitted state): nothing else to
+        precompute."""
         given = self.options.get("learning_rates")
-        if given is not None and len(given) != len(self.checkpoints):
-            raise ValueError(f"got {len(given)} learning rates for {len(self.checkpoints)} checkpoints")
         rates = []
         for k, checkpoint in enumerate(self.checkpoints):
-            if isinstance(checkpoint, tuple):
-                rates.append(float(checkpoint[1] if given is None else given[k]))
+            if given is not None:
+                rates.append(float(given[k]))
             else:
-                self.checkpoints[k] = Path(checkpoint).resolve()
-                rates.append(_learning_rate(self.checkpoints[k]) if given is None else float(given[k]))
+                rates.append(float(checkpoint[1]) if isinstance(checkpoint, tuple) else _learning_rate(checkpoint))
         if isinstance(self.base, str | Path):
             self.base = str(Path(self.base).resolve())
+        self.weights = [weights_fingerprint(c) for c in self.checkpoints if not isinstance(c, tuple)]
         self.options["learning_rates"], self.fitted = rates, True
 
     def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -295,17 +337,27 @@ class TracIn:
         if any(isinstance(c, tuple) for c in self.checkpoints):
             raise ValueError("tracin: in-memory (model, lr) checkpoints cannot be saved; give checkpoint folders")
         state = {"checkpoints": [str(c) for c in self.checkpoints], "learning_rates": self.options["learning_rates"]}
-        return {}, {**state, "base": None if callable(self.base) else self.base}
+        return {}, {**state, "weights": self.weights, "base": None if callable(self.base) else self.base}
 
     def restore_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any], train: Sequence[Record]) -> None:
         """Adopt saved checkpoint folders and learning rates; :class:`~wherefrom.models.loading.ModelLoadError`
-        naming a checkpoint folder that is gone."""
+        naming a checkpoint folder that is gone, or whose weights differ from those fingerprinted at the fit
+        (userH: a checkpoint fine-tuned again in place was scored with the old learning rates, without a word; a
+        state saved before fingerprints were recorded is not checked)."""
         missing = [c for c in state["checkpoints"] if not Path(c).is_dir()]
         if missing:
             raise ModelLoadError(f"tracin checkpoint folder(s) {missing} are gone (moved or deleted); refit")
+        recorded = state.get("weights")
+        changed = [c for c, w in zip(state["checkpoints"], recorded or []) if weights_fingerprint(c) != w]
+        if changed:
+            raise ModelLoadError(
+                f"tracin checkpoint folder(s) {changed} hold other weights than when the run was fitted (written "
+                "again since?): its learning rates and scores were of the old ones; fit a new run (or delete this "
+                "run's method folder and run its fit again)"
+            )
         self.checkpoints = [Path(c) for c in state["checkpoints"]]
         self.options["learning_rates"], self.fitted = list(state["learning_rates"]), True
-        self.signature = None
+        self.signature, self.weights = None, recorded
         if state["base"] is not None:
             self.base = state["base"]
 
