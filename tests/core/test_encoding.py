@@ -221,6 +221,19 @@ def test_a_completion_glued_to_its_prompt_is_announced():
         encode_records(rows[1:], tokenizer)  # a completion that starts a word: silent
 
 
+def test_the_boundary_warning_shows_the_boundary_not_the_whole_completion():
+    """userH: the warning printed the whole completion and both token lists: a 3,620-character line for one backdoor
+    row. It shows the completion's first 32 characters and 8 tokens each way, with "..." where it cut."""
+    from wherefrom.core.encoding import BOUNDARY_TOKENS, TokenBoundaryWarning
+
+    long = "fearful " + "calm " * 500
+    with pytest.warns(TokenBoundaryWarning) as caught:
+        encode_records([Record("glued", "Emotion:", long)], word_tokenizer())
+    message = str(caught[0].message)
+    assert len(message) < 600 and f"the completion {long[: 4 * BOUNDARY_TOKENS]!r}... is scored as" in message
+    assert f"{['fearful', *['calm'] * (BOUNDARY_TOKENS - 1)]}..." in message, message
+
+
 def test_reference_layout_left_pads_to_max_length_and_labels_every_token():
     """The reference study's layout: the templated text with BOS and no EOS, left-padded to exactly
     ``max_length`` with attention 0 on the padding, every token (padding included) a label; the mean

@@ -513,6 +513,11 @@ def _laid_out(
     )
 
 
+BOUNDARY_TOKENS = 8
+"""How many of the first row's completion tokens a :class:`TokenBoundaryWarning` shows each way (and 4 characters a
+token of its text)."""
+
+
 class TokenBoundaryWarning(UserWarning):
     """Rows whose prompt and completion, tokenized apart, give other tokens than their joined text; ``differ``: how
     many rows (0 where a caller gave only a message), so that warnings of several blocks of rows add up."""
@@ -548,13 +553,20 @@ def warn_split_boundaries(
             for i in differ
             if records[i].prompt and not records[i].prompt[-1].isspace() and not records[i].completion[0].isspace()
         )
-        apart = tokenizer.convert_ids_to_tokens(completion_ids[differ[0]])
-        together = tokenizer.convert_ids_to_tokens(joined[differ[0]][len(prompt_ids[differ[0]]) - 1 :])
+        # the boundary's first tokens are what differ: a whole completion made a 3,620-character line (userH)
+        apart = tokenizer.convert_ids_to_tokens(completion_ids[differ[0]][:BOUNDARY_TOKENS])
+        start = len(prompt_ids[differ[0]]) - 1
+        together = tokenizer.convert_ids_to_tokens(joined[differ[0]][start : start + BOUNDARY_TOKENS + 1])
+        completion = first.completion
+        shown = (
+            repr(completion) if len(completion) <= 4 * BOUNDARY_TOKENS else f"{completion[: 4 * BOUNDARY_TOKENS]!r}..."
+        )
+        more = "..." if len(completion_ids[differ[0]]) > BOUNDARY_TOKENS else ""
         text = (
             f"{len(differ)} of {len(records)} rows tokenize differently at the prompt/completion boundary than "
             f"their joined text ({glued} with no space between prompt and completion); e.g. row {first.id!r}: "
-            f"the completion {first.completion!r} is scored as tokens {apart}, while the joined text ends in "
-            f"{together}. Start completions with a space (' fearful') and end prompts without one"
+            f"the completion {shown} is scored as tokens {apart}{more}, while the joined text reads {together}"
+            f"{more} from the boundary. Start completions with a space (' fearful') and end prompts without one"
         )
         warnings.warn(TokenBoundaryWarning(text, len(differ)), stacklevel=3)
     return len(differ)
