@@ -539,3 +539,27 @@ def test_an_infinite_number_id_is_named_as_not_finite(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "inf.jsonl", ['{"id": 1e400, "prompt": "a", "completion": " b"}'])
     with pytest.raises(DataError, match=r"line 1: field 'id' must be a string or a finite number, got inf"):
         load_records(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "said"),
+    [
+        ("case.csv", "ID,Prompt,Completion\na,p, c\n", "line 2: missing field 'prompt' (there is 'Prompt': field"),
+        ("space.jsonl", '{" prompt": "p", "completion": " c"}\n', "missing field 'prompt' (there is ' prompt'"),
+        (
+            "wrapped.json",
+            '{"data": [{"prompt": "p", "completion": " c"}]}',
+            "line 1: missing field 'prompt' (this object holds a list of objects under 'data'",
+        ),
+        ("blank.jsonl", '{"id": "  ", "prompt": "p", "completion": " c"}\n', "line 1: field 'id' is blank ('  ')"),
+        ("empty.jsonl", '{"id": "", "prompt": "p", "completion": " c"}\n', "line 1: field 'id' is an empty string"),
+    ],
+)
+def test_a_missing_field_says_what_is_there_instead_and_a_blank_id_is_refused(tmp_path, name, text, said):
+    """userH: a header ``Prompt`` and rows wrapped in ``{"data": [...]}`` both said "missing field 'prompt'" alone,
+    and an id of spaces (printed as nothing in every table) was taken where an empty one was refused."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as excinfo:
+        load_records(path)
+    assert_error(excinfo, said)

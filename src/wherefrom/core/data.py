@@ -187,7 +187,7 @@ def _validate_row(row: Any, where: str, default_id: str) -> Record:
         row = {**row, **_from_messages(row["messages"], where)}
     for field in ("prompt", "completion"):
         if field not in row:
-            raise DataError(f"{where}: missing field {field!r}")
+            raise DataError(f"{where}: missing field {field!r}{_missing_hint(row, field)}")
         if row[field] is None:
             raise DataError(f"{where}: field {field!r} is null; it must be a string")
         if not isinstance(row[field], str):
@@ -200,8 +200,8 @@ def _validate_row(row: Any, where: str, default_id: str) -> Record:
 
     raw_id = _absent_if_nan(row.get("id"))
     record_id = default_id if raw_id is None else _scalar_to_str(raw_id, "id", where)
-    if not record_id:
-        raise DataError(f"{where}: field 'id' is an empty string")
+    if not record_id.strip():  # userH: an id of spaces printed as nothing in every table
+        raise DataError(f"{where}: field 'id' is {'an empty string' if not record_id else f'blank ({record_id!r})'}")
 
     raw_label = _absent_if_nan(row.get("label"))
     label = None if raw_label is None else _scalar_to_str(raw_label, "label", where)
@@ -219,6 +219,21 @@ def _validate_row(row: Any, where: str, default_id: str) -> Record:
                 "printed one result per line and written to CSV tables: remove it"
             )
     return Record(id=record_id, prompt=prompt, completion=completion, label=label, where=where)
+
+
+def _missing_hint(row: dict[str, Any], field: str) -> str:
+    """Why ``row`` may lack ``field`` (userH: both were "missing field 'prompt'" alone): a name that differs in case
+    or spaces only (``Prompt``), or rows wrapped in one object (``{"data": [...]}``)."""
+    near = [name for name in row if isinstance(name, str) and name.strip().lower() == field]
+    if near:
+        return f" (there is {near[0]!r}: field names are lower case, without spaces)"
+    wrapped = [name for name, value in row.items() if isinstance(value, list) and value and isinstance(value[0], dict)]
+    if len(row) == 1 and wrapped:
+        return (
+            f" (this object holds a list of objects under {wrapped[0]!r}: give the rows as one JSON object per line, "
+            "or as a top-level JSON array)"
+        )
+    return ""
 
 
 def _build(rows: Iterable[tuple[str, Any, str]], source: str) -> list[Record]:
@@ -430,7 +445,7 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Any, str]]:
         lines = f"line {start}" if end <= start else f"lines {start}-{end}"
         raise DataError(
             f"{_where(str(path), lines)}: malformed CSV ({err}): a cell that starts with a quote ends at the next lone "
-            "quote, which the delimiter or the line's end must follow (a quote inside such a cell is doubled, \"\"); "
+            'quote, which the delimiter or the line\'s end must follow (a quote inside such a cell is doubled, ""); '
             "this row's quotes do not pair up"
         ) from None
 
