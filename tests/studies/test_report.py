@@ -528,3 +528,25 @@ def test_diagnose_md_shows_not_read_for_a_method_that_takes_no_damping(tmp_path)
         "ekfac": "own default",
         "datainf": "0.5",
     }
+
+
+def test_the_bench_report_shows_failed_methods_and_seeds_as_bench_md_does(tmp_path):
+    """userI: a method whose every seed failed showed as a row of dashes (``bench.md``: ``failed: IndexError ...``),
+    a seed that failed left no trace (the mean was over the others), methods came in alphabetical order, and
+    ``cover_ceiling`` (not a method's metric) had a column. The report follows ``bench.md``: ``--methods`` order,
+    the task kind's metrics, "seeds ok", each failed seed's error."""
+    folder = tmp_path / "bench"
+    shutil.copytree(RESULTS / "study-smollm2" / "emotion", folder)
+    data = json.loads((folder / "bench.json").read_text())
+    data["aggregate"]["repsim"].update(n_ok=0, errors={"0": "IndexError: layer 50 is out of range"}, metrics={})
+    data["aggregate"]["bm25"].update(n_ok=data["aggregate"]["bm25"]["n_seeds"] - 1, errors={"2": "ValueError: x"})
+    (folder / "bench.json").write_text(json.dumps(data))
+    page = write_report(folder).read_text()
+    table = page[page.index("<table>") : page.index("</table>")]
+    methods = re.findall(r"<tr><td>([a-z0-9-]+)</td>", table)
+    assert methods == data["config"]["methods"], methods
+    assert "<th>seeds ok</th>" in table and "cover_ceiling" not in table
+    assert "<td>failed: IndexError: layer 50 is out of range</td>" in table
+    assert "repsim, seed 0 failed: IndexError" in page and "bm25, seed 2 failed: ValueError: x" in page
+    n = data["aggregate"]["bm25"]["n_seeds"]
+    assert f"<td>{n - 1}/{n}</td>" in table

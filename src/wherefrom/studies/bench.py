@@ -474,9 +474,15 @@ def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[st
     return result
 
 
+def table_metrics(kind: str) -> list[str]:
+    """The metrics a bench of task ``kind`` reports, in order (``cover_ceiling``, the cover an ideal ranking reaches,
+    is kept in the rows, not reported as a method's metric)."""
+    return ["acc", "cover", "mrr"] if kind == "class" else ["auprc", "auroc", "mrr", "recall_at_k", "acc"]
+
+
 def markdown(summary: dict[str, Any], kind: str, command: str, title: str) -> str:
     """The aggregate as a Markdown table: method x metrics ("mean [low, high]" over seeds), time, memory."""
-    names = ["acc", "cover", "mrr"] if kind == "class" else ["auprc", "auroc", "mrr", "recall_at_k", "acc"]
+    names = table_metrics(kind)
     rows = []
     for method, entry in summary.items():
         if not entry["n_ok"]:

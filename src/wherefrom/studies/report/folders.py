@@ -41,6 +41,7 @@ from wherefrom.core.scoring import (
 from wherefrom.core.store import StoreError, read_json_object, refuse_folder_in_place
 from wherefrom.engine.run import refuse_files_in_place
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_RECORD
+from wherefrom.studies.bench import table_metrics
 from wherefrom.studies.outputs import marked_commands, recorded_commands
 from wherefrom.studies.report import plots
 from wherefrom.studies.report.render import render, write_html
@@ -247,7 +248,11 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
         if kind == "bench":
             data = read_json_object(path / "bench.json")
             extra = {"seconds": "time, s", "peak_mib": "peak memory, MiB"}
-            sections = [metric_sections(data["aggregate"], f"Bench ({data.get('kind', '')})", extra)]
+            ordered = {m: data["aggregate"][m] for m in data["config"]["methods"] if m in data["aggregate"]}
+            caption = "mean over seeds [95% t interval, clipped to [0, 1]]"
+            kind = data.get("kind", "")
+            section = metric_sections(ordered, f"Bench ({kind})", extra, table_metrics(kind), caption)
+            sections = [section]
             return f"Bench: {path.name}", sections + _provenance(data)
         if kind == "ablate":
             data = read_json_object(path / "ablate.json")

@@ -230,40 +230,56 @@ def settings_section(heading: str, settings: Mapping[str, Any]) -> dict[str, Any
 
 
 def metric_sections(
-    per_method: Mapping[str, Mapping[str, Any]], heading: str, extra_columns: Mapping[str, str] | None = None
+    per_method: Mapping[str, Mapping[str, Any]],
+    heading: str,
+    extra_columns: Mapping[str, str] | None = None,
+    metrics: Sequence[str] | None = None,
+    caption: str = "mean [95% interval]",
 ) -> dict[str, Any]:
     """A table of every metric (mean [95% interval]) per method, and one interval plot per metric.
 
-    ``per_method``: ``{method: {"metrics": {name: {mean, low, high} | None}, ...}}`` (other metric
-    entries, such as counts, are left out); ``extra_columns``
-    maps a key of the method's entry (e.g. ``seconds``) to its column title.
+    ``per_method``: ``{method: {"metrics": {name: {mean, low, high} | None}, ...}}`` in the order shown (other
+    metric entries, such as counts, are left out); ``extra_columns`` maps a key of the method's entry (e.g.
+    ``seconds``) to its column title; ``metrics``: the metrics shown, in order (default every one, sorted). An entry
+    counting its seeds (a bench's: ``n_ok``, ``n_seeds``, ``errors``) gets a "seeds ok" column, a method whose every
+    seed failed its first error in place of its numbers, and each failed seed a note, as ``bench.md`` has them
+    (userI: the report showed a failed method as dashes and a mean over the seeds left as over all).
     """
     extra_columns = extra_columns or {}
-    metrics = sorted(
-        {
-            m
-            for e in per_method.values()
-            for m, v in (e.get("metrics") or {}).items()
-            if v is None or isinstance(v, dict)
-        }
-    )
-    rows = []
+    if metrics is None:
+        metrics = sorted(
+            {
+                m
+                for e in per_method.values()
+                for m, v in (e.get("metrics") or {}).items()
+                if v is None or isinstance(v, dict)
+            }
+        )
+    counted = any("n_seeds" in e for e in per_method.values())
+    rows, notes = [], []
     for method, entry in per_method.items():
-        values = entry.get("metrics") or {}
+        values, errors = entry.get("metrics") or {}, entry.get("errors") or {}
+        notes += [f"{method}, seed {seed} failed: {error}" for seed, error in errors.items()]
+        if counted and not entry.get("n_ok"):
+            first = next(iter(errors.values()), "no result")
+            rows.append([method, f"failed: {first}", *[""] * (len(metrics) + len(extra_columns))])
+            continue
         rows.append(
             [
                 method,
                 *[interval_cell(values.get(m)) for m in metrics],
                 *[number(entry.get(key), ".3g") for key in extra_columns],
+                *([f"{entry.get('n_ok')}/{entry.get('n_seeds')}"] if counted else []),
             ]
         )
     blocks: list[dict[str, Any]] = [
         {
             "type": "table",
-            "caption": "mean [95% interval]",
-            "columns": ["method", *metrics, *extra_columns.values()],
+            "caption": caption,
+            "columns": ["method", *metrics, *extra_columns.values(), *(["seeds ok"] if counted else [])],
             "rows": rows,
-        }
+        },
+        *({"type": "note", "text": note} for note in notes),
     ]
     for metric in metrics:
         stats = {m: (e.get("metrics") or {}).get(metric) for m, e in per_method.items()}
