@@ -188,6 +188,9 @@ def test_bench_evaluate_and_diagnose_reports(tmp_path):
     assert "heatmaps: red" not in bench  # userF: a page without token heatmaps explained their colours
     evaluate = write_report(RESULTS / "groundtruth-tiny", tmp_path / "evaluate.html").read_text()
     assert self_contained(evaluate) and "lds" in evaluate and "0.688 [0.613, 0.760]" in evaluate  # ekfac's LDS
+    # userI: the noise floors and the memory were only in evaluate.md; one LDS seed read "– x the seed noise"
+    assert "LOO signal-to-noise 0.747 over 3 seeds" in evaluate and "<th>peak memory, MiB</th>" in evaluate
+    assert "LDS seed noise not measured (one seed per subset; --subset-seeds 2 or more measures it)" in evaluate
     # `evaluate --out STEM` writes STEM.json: reported as a file (only the default evaluate.json was recognised)
     stem = tmp_path / "mine.json"
     stem.write_bytes((RESULTS / "groundtruth-tiny" / "evaluate.json").read_bytes())

@@ -258,14 +258,18 @@ def noise_line(noise: dict[str, Any] | None) -> str:
     if isinstance(noise.get("loo"), dict):
         loo = noise["loo"]
         parts.append(
-            f"LOO signal-to-noise {number(loo.get('signal_to_noise'), '.3g')} over {loo.get('seeds')} seeds (mean "
+            f"LOO signal-to-noise {number(loo['signal_to_noise'], '.3g')} over {loo.get('seeds')} seeds (mean "
             "|effect| / its standard error; near or below 1 the LOO columns are mostly training noise)"
+            if loo.get("signal_to_noise") is not None
+            else "LOO signal-to-noise not measured (one seed; --loo-seeds 2 or more measures it)"
         )
     if isinstance(noise.get("lds"), dict):
         lds = noise["lds"]
-        parts.append(
-            f"LDS spread across subsets {number(lds.get('subset_to_seed_noise'), '.3g')} x the seed noise of a "
+        parts.append(  # userI: "spread across subsets – x the seed noise ... over 1 seeds"
+            f"LDS spread across subsets {number(lds['subset_to_seed_noise'], '.3g')} x the seed noise of a "
             f"subset's mean over {lds.get('seeds')} seeds"
+            if lds.get("subset_to_seed_noise") is not None
+            else "LDS seed noise not measured (one seed per subset; --subset-seeds 2 or more measures it)"
         )
     return f"Noise floors: {'; '.join(parts)}.\n" if parts else ""
 

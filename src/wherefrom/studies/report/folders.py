@@ -42,6 +42,7 @@ from wherefrom.core.store import StoreError, read_json_object, refuse_folder_in_
 from wherefrom.engine.run import refuse_files_in_place
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_RECORD
 from wherefrom.studies.bench import table_metrics
+from wherefrom.studies.groundtruth.evaluate import noise_line
 from wherefrom.studies.outputs import marked_commands, recorded_commands
 from wherefrom.studies.report import plots
 from wherefrom.studies.report.render import render, write_html
@@ -198,7 +199,12 @@ def _scores_report(path: Path, folder: Path, config: dict[str, Any]) -> list[dic
 def _evaluate_report(path: Path, data: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     """The report of an ``evaluate`` JSON ``path`` (``data``: its content): named by its folder for the default
     ``evaluate.json``, else by its stem (``--out STEM``)."""
-    sections = [metric_sections(data["methods"], "Methods against the ground truth", {"seconds": "time, s"})]
+    extra = {"seconds": "time, s", "peak_mib": "peak memory, MiB"}
+    section = metric_sections(data["methods"], "Methods against the ground truth", extra)
+    noise = noise_line((data.get("groundtruth") or {}).get("noise"))  # userI: only in evaluate.md
+    if noise:
+        section["blocks"].insert(1, {"type": "note", "text": noise.strip()})
+    sections = [section]
     scores_folder = Path(data.get("config", {}).get("groundtruth", path.parent)) / "scores"
     named, left_out = score_sets(scores_folder)
     together = agreement_section(_scores_of(named))

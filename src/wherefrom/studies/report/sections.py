@@ -243,7 +243,8 @@ def metric_sections(
     ``seconds``) to its column title; ``metrics``: the metrics shown, in order (default every one, sorted). An entry
     counting its seeds (a bench's: ``n_ok``, ``n_seeds``, ``errors``) gets a "seeds ok" column, a method whose every
     seed failed its first error in place of its numbers, and each failed seed a note, as ``bench.md`` has them
-    (userI: the report showed a failed method as dashes and a mean over the seeds left as over all).
+    (userI: the report showed a failed method as dashes and a mean over the seeds left as over all); an entry's own
+    ``error`` (an evaluate row's) is shown in place of its numbers too.
     """
     extra_columns = extra_columns or {}
     if metrics is None:
@@ -260,9 +261,11 @@ def metric_sections(
     for method, entry in per_method.items():
         values, errors = entry.get("metrics") or {}, entry.get("errors") or {}
         notes += [f"{method}, seed {seed} failed: {error}" for seed, error in errors.items()]
-        if counted and not entry.get("n_ok"):
-            first = next(iter(errors.values()), "no result")
-            rows.append([method, f"failed: {first}", *[""] * (len(metrics) + len(extra_columns))])
+        failure = entry.get("error") or (
+            next(iter(errors.values()), "no result") if counted and not entry["n_ok"] else None
+        )
+        if failure:  # an evaluate row's error, or a bench method none of whose seeds gave a result
+            rows.append([method, f"failed: {failure}", *[""] * (len(metrics) + len(extra_columns) + counted)])
             continue
         rows.append(
             [
