@@ -143,6 +143,15 @@ def test_attribute_refuses_to_replace_scores_of_edited_rows_under_the_same_paths
         assert edited.exit_code == 2 and f"{field}: recorded" in edited.output, edited.output
         assert (out / "scores.safetensors").stat().st_mtime_ns == saved
     assert invoke(*attribute_args(root, out, "--overwrite")).exit_code == 0
+    # userI: replay gave the recorded --overwrite back, so the scores of queries edited since were replaced without a
+    # word; it is not replayed (replay's own --overwrite replaces: the refusal's advice is a flag replay takes)
+    (root / "queries.jsonl").write_text((workspace / "queries.jsonl").read_text())
+    saved = (out / "scores.safetensors").stat().st_mtime_ns
+    replayed = invoke("replay", out)
+    assert replayed.exit_code == 2 and "query_fingerprint: recorded" in replayed.output, replayed.output
+    assert "pass --overwrite" in replayed.output and (out / "scores.safetensors").stat().st_mtime_ns == saved
+    assert invoke("replay", out, "--overwrite").exit_code == 0
+    assert (out / "scores.safetensors").stat().st_mtime_ns != saved
 
 
 def test_finetune_refuses_to_replace_another_run_unless_overwrite(workspace):

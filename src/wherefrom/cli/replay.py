@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -49,13 +50,15 @@ def preset_resolved(command: str, arguments: dict[str, Any]) -> dict[str, Any]:
 
 
 @command(distributed=True)  # reruns a recorded command, which decides for itself
-def replay(folder, threads) -> None:
+def replay(folder, threads, overwrite) -> None:
     """Rerun, with exactly the recorded settings, every command recorded in FOLDER/config.json (in the
     order they first ran there: e.g. a bench, then its analyses), each in the directory it ran in (relative
     to FOLDER, so its relative paths name the same files from anywhere and after the project is moved whole).
     A FOLDER copied or moved on its own beside the original (at the same depth) is written, not the folder it was
     recorded in.
-    Finished outputs are reused as each command reuses them; delete them first to recompute."""
+    Finished outputs are reused as each command reuses them; delete them first to recompute. A recorded
+    --overwrite is not replayed: results made from other inputs (a data file edited since) are refused, as
+    without it, unless replay itself is given --overwrite (then every command that takes it replaces them)."""
     folder = Path(folder).resolve()
     config = folder / "config.json"
     records = json.loads(config.read_text())["replay"]
@@ -77,5 +80,9 @@ def replay(folder, threads) -> None:
             )
         moved = f" ({folder} was recorded as {recorded}: written here)" if recorded is not None else ""
         console.print(f"replay (in {where}){moved}: {record['line']}", markup=False, highlight=False)
+        # userI: a recorded --overwrite replaced the scores of edited queries without a word, and the refusal's
+        # "pass --overwrite" named a flag replay did not take
+        if "overwrite" in inspect.signature(COMMANDS[record["command"]]).parameters:
+            arguments["overwrite"] = overwrite
         with contextlib.chdir(where):
             COMMANDS[record["command"]](**preset_resolved(record["command"], arguments))
