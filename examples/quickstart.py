@@ -11,12 +11,14 @@ Without ``--model`` it uses the default model (SmolLM2-135M-Instruct, installed 
 4. attribute held-out queries: the top proponents (positive = the row raised log p(completion | prompt)),
    their labels against the query's, and how one proponent's score splits over its tokens.
 
-Every step is cached in ``--out``: a second run reuses the fine-tuning, the factors and the index.
+Every step is cached in ``--out``: a second run reuses the fine-tuning, the factors and the index. An ``--out``
+made with other arguments is refused before anything is written there (``quickstart.json`` records them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from wherefrom.engine.api import AttributionConfig
@@ -36,6 +38,14 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     args = parser.parse_args()
     out = Path(args.out)
+    # userI: another --n-train into the same --out rewrote train.jsonl and the fine-tuning, then stopped at the run
+    chosen, record = {k: v for k, v in vars(args).items() if k != "out"}, out / "quickstart.json"
+    made = json.loads(record.read_text()) if record.is_file() else chosen
+    differ = [f"--{k.replace('_', '-')} {made.get(k)} there, {v} now" for k, v in chosen.items() if made.get(k) != v]
+    if differ:
+        parser.error(f"{out} holds a quickstart made with other arguments ({'; '.join(differ)}): give another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(chosen))
 
     # 1. data: rows {id, prompt, completion, label}, written as JSONL as a user's files would be
     train, queries = rule_identification(n_train=args.n_train, n_test=args.n_queries, seed=0)
@@ -53,6 +63,7 @@ def main() -> None:
         FinetuneConfig(epochs=args.epochs, max_length=args.max_length),
         out / "finetune",
         progress=False,
+        overwrite=False,  # a fine-tuning of other settings there is refused, not replaced
     )
     print(f"2. fine-tuned: mean loss per epoch {[round(x, 3) for x in tuned.epoch_losses]} -> {tuned.weights_dir}")
     del base, tuned

@@ -41,6 +41,13 @@ def test_quickstart_on_a_tiny_model(tmp_path):
     factors = (tmp_path / "out" / "run" / "factors").stat().st_mtime_ns
     check_output(run_quickstart(*args), 2)  # cached: the factors are reused, not refitted
     assert (tmp_path / "out" / "run" / "factors").stat().st_mtime_ns == factors
+    # userI: another --n-train there rewrote train.jsonl and the fine-tuning, then stopped at the run's weights
+    before = (tmp_path / "out" / "train.jsonl").read_bytes()
+    other = subprocess.run([sys.executable, str(SCRIPT), *args[:5], "13", *args[6:]], capture_output=True, text=True)
+    assert other.returncode == 2 and "holds a quickstart made with other arguments (--n-train 12 there, 13 now)" in (
+        other.stderr
+    ), other.stderr
+    assert (tmp_path / "out" / "train.jsonl").read_bytes() == before
 
 
 @pytest.mark.slow
