@@ -221,3 +221,16 @@ def test_checkpoints_and_learning_rates_are_checked_before_any_model_work(tmp_pa
     assert learning_rate(3, "here") == 3.0
     with pytest.raises(FileNotFoundError, match=r"tracin checkpoint .*epoch-1: no such folder"):
         TracIn(None, [one], None).fit([])
+
+
+def test_checkpoints_tuned_with_another_row_layout_are_warned_of(run):
+    """userH: tracin checked the layout of an ``--adapter`` only; its checkpoints, fine-tuned with the EOS appended
+    here, were attributed without it (another loss) without a word. Each checkpoint's fine-tuning is checked."""
+    from wherefrom.models.finetune import LayoutMismatch
+
+    base_dir, tokenizer, train, _queries, result, _hand = run
+    with pytest.warns(LayoutMismatch, match=r"epoch-1 was fine-tuned .*append_eos True there, False here"):
+        TracIn(base_dir, result.checkpoints, tokenizer, attribution_config(append_eos=False)).fit(train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LayoutMismatch)
+        TracIn(base_dir, result.checkpoints, tokenizer, attribution_config()).fit(train)

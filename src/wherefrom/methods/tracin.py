@@ -52,7 +52,7 @@ from wherefrom.core.tracking import selection_signature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
 from wherefrom.methods.projection import RandomProjection
-from wherefrom.models.finetune import CONFIG_FILE, TRAINER_STATE_FILE, read_trainer_state
+from wherefrom.models.finetune import CONFIG_FILE, TRAINER_STATE_FILE, read_trainer_state, warn_layout_mismatch
 from wherefrom.models.loading import (
     ModelLoadError,
     check_adapter,
@@ -312,7 +312,9 @@ class TracIn:
     def fit(self, train: Sequence[Record]) -> None:
         """Fix each checkpoint's learning rate (given, or read from its ``trainer_state.json``) and fingerprint each
         checkpoint folder's weights (:func:`weights_fingerprint`, recorded with the fitted state): nothing else to
-        precompute."""
+        precompute. A checkpoint whose fine-tuning laid its rows out otherwise than the configuration is warned of
+        (:func:`wherefrom.models.finetune.warn_layout_mismatch`; userH: only an ``--adapter`` was checked, so
+        checkpoints tuned with ``--no-eos`` were attributed with the EOS appended, without a word)."""
         given = self.options.get("learning_rates")
         rates = []
         for k, checkpoint in enumerate(self.checkpoints):
@@ -322,7 +324,10 @@ class TracIn:
                 rates.append(float(checkpoint[1]) if isinstance(checkpoint, tuple) else _learning_rate(checkpoint))
         if isinstance(self.base, str | Path):
             self.base = str(Path(self.base).resolve())
-        self.weights = [weights_fingerprint(c) for c in self.checkpoints if not isinstance(c, tuple)]
+        folders = [c for c in self.checkpoints if not isinstance(c, tuple)]
+        for folder in folders:
+            warn_layout_mismatch(folder, (self.config or AttributionConfig()).layout())
+        self.weights = [weights_fingerprint(c) for c in folders]
         self.options["learning_rates"], self.fitted = rates, True
 
     def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
