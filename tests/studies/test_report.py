@@ -553,3 +553,18 @@ def test_the_bench_report_shows_failed_methods_and_seeds_as_bench_md_does(tmp_pa
     assert "repsim, seed 0 failed: IndexError" in page and "bm25, seed 2 failed: ValueError: x" in page
     n = data["aggregate"]["bm25"]["n_seeds"]
     assert f"<td>{n - 1}/{n}</td>" in table
+
+
+def test_the_ablate_report_has_what_ablate_md_says(tmp_path):
+    """userI: the ablation page left out what each run switches, the seeds' Student-t intervals and the short-rows
+    table, titled the change plots as the metrics themselves, printed the changes without their sign and put the
+    methods in alphabetical order. It now says what ``ablate.md`` says, with the same cells."""
+    folder = RESULTS / "ablation-smollm2" / "emotion"
+    page = write_report(folder, tmp_path / "ablate.html").read_text()
+    text = (folder / "ablate.md").read_text()
+    assert "intervals are 95% Student-t over seeds" in page and "Short rows among the top-1" in page
+    assert "<th>Δ acc</th>" in page and "<figcaption>Δ cover</figcaption>" in page
+    for cell in ("+0.267 [-0.113, +0.646]", "+0.283 [+0.127, +0.440]"):  # template, ekfac: as ablate.md has it
+        assert cell in text and f"<td>{cell}</td>" in page
+    first = page[page.index("<table>") : page.index("</table>")]
+    assert re.findall(r"<tr><td>([a-z0-9-]+)</td>", first) == ["ekfac", "gradsim", "repsim"]

@@ -265,10 +265,13 @@ def run_ablation(
     return payload
 
 
+SIGNED = "+.3f"
+"""The format of a change against ``start`` (a sign always: positive = the switch raised the metric)."""
+
+
 def markdown(payload: dict[str, Any], command: str) -> str:
     """The three tables of an ablation (see the module docstring) as Markdown."""
     config, names = payload["config"], ABLATION_METRICS[payload["kind"]]
-    switches = "; ".join(f"{run}: {', '.join(keys)}" for run, keys in payload["switches"].items() if keys)
     sizes = payload.get("sizes") or {}
     rows_used = f" ({sizes['n_train']} training rows, {sizes['n_test']} queries)" if sizes else ""
     lines = [
@@ -276,9 +279,7 @@ def markdown(payload: dict[str, Any], command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Seeds {config['seeds']}; intervals are 95% Student-t over seeds. Runs: `start` = {config['start']}, "
-        f"`target` = {config['target']}, each other run = start with that switch's settings from {config['target']} "
-        f"({switches}).",
+        runs_line(payload),
         "",
         "## Metrics per run",
         "",
@@ -299,11 +300,31 @@ def markdown(payload: dict[str, Any], command: str) -> str:
     lines += [
         markdown_table(["run", "method", *(f"Δ {n}" for n in names)], rows, ["---", "---", *["---:"] * len(names)])
     ]
-    lines += [
-        "",
-        f"## Short rows among the top-1 (shortest {payload['short_share']:.0%} of training rows by characters)",
-        "",
-    ]
+    columns, rows = short_rows_table(payload)
+    lines += ["", f"## {short_rows_heading(payload)}", ""]
+    lines += [markdown_table(columns, rows, ["---", "---", "---:", "---:", "---:"])]
+    return "\n".join(lines) + "\n"
+
+
+def runs_line(payload: dict[str, Any]) -> str:
+    """The ablation's seeds, intervals and what each run changes, in one paragraph (``ablate.md`` and the report)."""
+    config = payload["config"]
+    switches = "; ".join(f"{run}: {', '.join(keys)}" for run, keys in payload["switches"].items() if keys)
+    return (
+        f"Seeds {config['seeds']}; intervals are 95% Student-t over seeds. Runs: `start` = {config['start']}, "
+        f"`target` = {config['target']}, each other run = start with that switch's settings from {config['target']} "
+        f"({switches})."
+    )
+
+
+def short_rows_heading(payload: dict[str, Any]) -> str:
+    """The title of the short-rows table."""
+    return f"Short rows among the top-1 (shortest {payload['short_share']:.0%} of training rows by characters)"
+
+
+def short_rows_table(payload: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """``(columns, rows)`` of the short-rows table: per run and method, how many top-1 proponents are short rows
+    and how many are the most frequent winner (``ablate.md`` and the report)."""
     rows = []
     for run, methods in payload["short_rows"].items():
         for method, c in methods.items():
@@ -317,15 +338,9 @@ def markdown(payload: dict[str, Any], command: str) -> str:
                     f"{c['most_frequent_top1']} ({share('most_frequent_top1')})",
                 ]
             )
-    lines += [
-        markdown_table(
-            ["run", "method", "queries", "top-1 is a short row", "top-1 is the most frequent winner (per seed)"],
-            rows,
-            ["---", "---", "---:", "---:", "---:"],
-        )
-    ]
-    return "\n".join(lines) + "\n"
+    columns = ["run", "method", "queries", "top-1 is a short row", "top-1 is the most frequent winner (per seed)"]
+    return columns, rows
 
 
 def _signed(stat: dict[str, Any] | None) -> str:
-    return interval_cell(stat, "+.3f")
+    return interval_cell(stat, SIGNED)

@@ -41,6 +41,7 @@ from wherefrom.core.scoring import (
 from wherefrom.core.store import StoreError, read_json_object, refuse_folder_in_place
 from wherefrom.engine.run import refuse_files_in_place
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_RECORD
+from wherefrom.studies.ablation import ABLATION_METRICS, SIGNED, runs_line, short_rows_heading, short_rows_table
 from wherefrom.studies.bench import table_metrics
 from wherefrom.studies.groundtruth.evaluate import noise_line
 from wherefrom.studies.outputs import marked_commands, recorded_commands
@@ -262,13 +263,27 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             return f"Bench: {path.name}", sections + _provenance(data)
         if kind == "ablate":
             data = read_json_object(path / "ablate.json")
-            sections = [metric_sections(data["runs"][run], f"Run {run}") for run in data["order"]]
+            # userI: the page left out what ablate.md says (what each run changes, the short rows), titled the
+            # changes as the metrics and printed them unsigned, in alphabetical order
+            names, methods = ABLATION_METRICS[data["kind"]], data["config"]["methods"]
+            sections = [
+                metric_sections(
+                    {m: data["runs"][run][m] for m in methods if m in data["runs"][run]}, f"Run {run}", {}, names
+                )
+                for run in data["order"]
+            ]
+            sections[0]["blocks"].insert(0, {"type": "note", "text": runs_line(data)})
             changes = {
-                f"{run}: {method}": {"metrics": entry}
+                f"{run}: {method}": {"metrics": data["changes"][run][method]}
                 for run in data["order"][1:]
-                for method, entry in data["changes"][run].items()
+                for method in methods
+                if method in data["changes"][run]
             }
-            sections.append(metric_sections(changes, "Change against the start run (paired over seeds)"))
+            heading = "Change against the start run (paired over seeds; positive: the run's switch raised the metric)"
+            sections.append(metric_sections(changes, heading, {}, names, fmt=SIGNED, prefix="Δ "))
+            columns, rows = short_rows_table(data)
+            table = {"type": "table", "caption": "", "columns": columns, "rows": rows}
+            sections.append({"heading": short_rows_heading(data), "blocks": [table]})
             return f"Ablation: {path.name}", sections + _provenance(data)
         if kind == "evaluate":
             return _evaluate_report(path / "evaluate.json", read_json_object(path / "evaluate.json"))

@@ -235,12 +235,15 @@ def metric_sections(
     extra_columns: Mapping[str, str] | None = None,
     metrics: Sequence[str] | None = None,
     caption: str = "mean [95% interval]",
+    fmt: str = ".3f",
+    prefix: str = "",
 ) -> dict[str, Any]:
     """A table of every metric (mean [95% interval]) per method, and one interval plot per metric.
 
     ``per_method``: ``{method: {"metrics": {name: {mean, low, high} | None}, ...}}`` in the order shown (other
     metric entries, such as counts, are left out); ``extra_columns`` maps a key of the method's entry (e.g.
-    ``seconds``) to its column title; ``metrics``: the metrics shown, in order (default every one, sorted). An entry
+    ``seconds``) to its column title; ``metrics``: the metrics shown, in order (default every one, sorted), each
+    titled ``prefix + name`` (``"Δ "`` for an ablation's changes) with its numbers in ``fmt`` (``"+.3f"``). An entry
     counting its seeds (a bench's: ``n_ok``, ``n_seeds``, ``errors``) gets a "seeds ok" column, a method whose every
     seed failed its first error in place of its numbers, and each failed seed a note, as ``bench.md`` has them
     (userI: the report showed a failed method as dashes and a mean over the seeds left as over all); an entry's own
@@ -270,7 +273,7 @@ def metric_sections(
         rows.append(
             [
                 method,
-                *[interval_cell(values.get(m)) for m in metrics],
+                *[interval_cell(values.get(m), fmt) for m in metrics],
                 *[number(entry.get(key), ".3g") for key in extra_columns],
                 *([f"{entry.get('n_ok')}/{entry.get('n_seeds')}"] if counted else []),
             ]
@@ -279,7 +282,12 @@ def metric_sections(
         {
             "type": "table",
             "caption": caption,
-            "columns": ["method", *metrics, *extra_columns.values(), *(["seeds ok"] if counted else [])],
+            "columns": [
+                "method",
+                *(prefix + m for m in metrics),
+                *extra_columns.values(),
+                *(["seeds ok"] if counted else []),
+            ],
             "rows": rows,
         },
         *({"type": "note", "text": note} for note in notes),
@@ -287,7 +295,8 @@ def metric_sections(
     for metric in metrics:
         stats = {m: (e.get("metrics") or {}).get(metric) for m, e in per_method.items()}
         if any(s for s in stats.values()):
-            blocks.append({"type": "figure", "caption": metric, "svg": plots.interval_plot(stats, metric)})
+            title = prefix + metric
+            blocks.append({"type": "figure", "caption": title, "svg": plots.interval_plot(stats, title)})
     return {"heading": heading, "blocks": blocks}
 
 
