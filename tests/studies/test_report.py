@@ -568,3 +568,22 @@ def test_the_ablate_report_has_what_ablate_md_says(tmp_path):
         assert cell in text and f"<td>{cell}</td>" in page
     first = page[page.index("<table>") : page.index("</table>")]
     assert re.findall(r"<tr><td>([a-z0-9-]+)</td>", first) == ["ekfac", "gradsim", "repsim"]
+
+
+def test_the_word_order_report_keeps_the_groups_order_and_names_the_method(tmp_path):
+    """userI: the rows came in alphabetical order (the ratio reversed/same among the mean influences), and neither
+    the title nor the table named the method or what was averaged."""
+    folder = tmp_path / "wo"
+    folder.mkdir()
+    stat = {"mean": 1.0, "low": 0.5, "high": 1.5}
+    summary = {"control": stat, "reversed": stat, "reversed/same": {**stat, "mean": 0.1188}, "same": stat}
+    (folder / "wordorder.json").write_text(json.dumps({"config": {"method": "kfac"}, "summary": summary}))
+    page = write_report(folder).read_text()
+    table = page[page.index("<table>") : page.index("</table>")]
+    assert re.findall(r"<tr><td>([^<]+)</td>", table) == [
+        "same",
+        "reversed",
+        "control",
+        "reversed / same (a ratio of the two)",
+    ]
+    assert "Word order (kfac)" in page and "mean influence score per training row" in table

@@ -293,7 +293,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             return f"Diagnose: {path.name}", [section, *_provenance(data)]
         if kind == "word-order":
             data = read_json_object(path / "wordorder.json")
-            return f"Word order: {path.name}", [word_order_section(data["summary"]), *_provenance(data)]
+            return f"Word order: {path.name}", [word_order_section(data), *_provenance(data)]
         if kind == "fit":
             refuse_files_in_place(path)  # a file in place of RUN/scores is no "no scores yet"
             config, manifest = read_json_object(path / "config.json"), read_json_object(path / "manifest.json")

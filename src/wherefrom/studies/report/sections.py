@@ -27,6 +27,7 @@ from wherefrom.studies.influence import agreement, layer_profile, short_names, t
 from wherefrom.studies.influence_tables import AXES, layer_table, tail_query_table, tail_summary_table
 from wherefrom.studies.report import plots
 from wherefrom.studies.toolkit import interval_cell, number
+from wherefrom.studies.wordorder import GROUPS
 
 SHARE_NOTE = (
     "Share of |influence|: for each query, the sum over training rows of |score part| of the modules in a group, "
@@ -343,17 +344,22 @@ def diagnose_section(rows: Sequence[Mapping[str, Any]], missing: str | None = No
     return {"heading": "Each method against exact influence", "blocks": blocks}
 
 
-def word_order_section(summary: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]:
-    """The word-order study (:mod:`wherefrom.studies.wordorder`): mean influence per row group and the
-    ratio reversed / same, each with its 95% interval over seeds, as a table and an interval plot."""
-    rows = [[group, interval_cell(stat, ".4g")] for group, stat in summary.items()]
-    groups = {g: stat for g, stat in summary.items() if g != "reversed/same"}
+def word_order_section(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The word-order study (:mod:`wherefrom.studies.wordorder`; ``payload``: its ``wordorder.json``): mean
+    influence per row group (in :data:`wherefrom.studies.wordorder.GROUPS` order) and the ratio reversed / same,
+    each with its 95% interval over seeds, as a table and an interval plot, under the method's name (userI: the rows
+    came in alphabetical order, the ratio among the influences, and no method was named)."""
+    summary = payload["summary"]
+    groups = {g: summary.get(g) for g in GROUPS}
+    rows = [[group, interval_cell(stat, ".4g")] for group, stat in groups.items()]
+    rows.append(["reversed / same (a ratio of the two)", interval_cell(summary.get("reversed/same"), ".4g")])
+    method = payload.get("config", {}).get("method", "")
     return {
-        "heading": "Word order: the fact in the query's order, reversed, and unrelated rows",
+        "heading": f"Word order ({method}): the fact in the query's order, reversed, and unrelated rows",
         "blocks": [
             {
                 "type": "table",
-                "caption": "mean [95% interval over seeds]",
+                "caption": "mean influence score per training row, mean over queries, then over seeds [95% t interval]",
                 "columns": ["rows", "mean influence"],
                 "rows": rows,
             },
