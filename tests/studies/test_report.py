@@ -587,3 +587,19 @@ def test_the_word_order_report_keeps_the_groups_order_and_names_the_method(tmp_p
         "reversed / same (a ratio of the two)",
     ]
     assert "Word order (kfac)" in page and "mean influence score per training row" in table
+
+
+@pytest.mark.parametrize(("method", "family"), [("bm25", "lexical"), ("repsim", "representation"), ("gradsim", None)])
+def test_a_similarity_methods_report_says_so_and_fits_no_influence_profile(tmp_path, method, family):
+    """userI: the report of a bm25 attribute folder read its scores as influence ("positive = proponent (raises log
+    p(completion | prompt))"), with a layer profile of one "other" module and power-law tail fits. A representation
+    or lexical method's page says its scores are a similarity and shows their top rows only."""
+    train, _ = rule_identification(n_train=20, n_test=2, seed=0)
+    write_jsonl(train, tmp_path / "train.jsonl")
+    out = tmp_path / method
+    save_scores(heavy_tailed_scores(0, [r.id for r in train]), out, "scores")
+    (out / "config.json").write_text(json.dumps({"method": method, "train": str(tmp_path / "train.jsonl")}))
+    page = write_report(out).read_text()
+    said = f"higher = more similar (a {family} similarity, not influence)"
+    assert (said in page) == (family is not None) and ("raises log p(completion | prompt))." in page) == (not family)
+    assert ("influence by layer" in page) == (family is None) and ("The tail" in page) == (family is None)

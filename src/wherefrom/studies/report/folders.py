@@ -40,6 +40,7 @@ from wherefrom.core.scoring import (
 )
 from wherefrom.core.store import StoreError, read_json_object, refuse_folder_in_place
 from wherefrom.engine.run import refuse_files_in_place
+from wherefrom.methods.registry import METHODS, method_spec
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_RECORD
 from wherefrom.studies.ablation import ABLATION_METRICS, SIGNED, runs_line, short_rows_heading, short_rows_table
 from wherefrom.studies.bench import table_metrics
@@ -188,10 +189,19 @@ def _scores_report(path: Path, folder: Path, config: dict[str, Any]) -> list[dic
         none = "No scores yet: run `wherefrom scores`." if not left_out else "No score set could be read."
         return [{"heading": "Scores", "blocks": [{"type": "note", "text": none}]}, *left_out_section(left_out)]
     rows, unread = _rows(path, config)
+    method = config.get("method")
+    family = method_spec(method).family if isinstance(method, str) and method in METHODS else None
+    similarity = family if family in ("representation", "lexical") else None
     sections = []
     for name, (scores, record) in named.items():
         sections += scores_sections(
-            name, scores, rows, labels=saved_labels(record), unread=unread, origin=_train_side(record)
+            name,
+            scores,
+            rows,
+            labels=saved_labels(record),
+            unread=unread,
+            origin=_train_side(record),
+            similarity=similarity,
         )
     together = agreement_section(_scores_of(named))
     return sections + ([together] if together else []) + left_out_section(left_out)

@@ -172,17 +172,25 @@ def scores_sections(
     labels: Mapping[str, str | None] | None,
     unread: str,
     origin: str | None = None,
+    similarity: str | None = None,
 ) -> list[dict[str, Any]]:
     """Top proponents and opponents of the first queries, the layer profile and the tail of one score set. Rows
     are shown with their text from ``rows``; when ``rows`` is ``None`` the note ``unread`` says why, and a note
     counts the score set's ids ``rows`` lacks (a training file edited since); those rows are shown by id, with
     their label from ``labels`` (saved with the scores; ``{}`` when none were). ``origin``: a note saying where
-    the set's training side came from (an index's rows or recomputed gradients), when known."""
+    the set's training side came from (an index's rows or recomputed gradients), when known. ``similarity``: the
+    family of a method whose scores are a similarity, not influence (``representation``: repsim, ``lexical``:
+    bm25): said so, with no layer profile or tail fit (userI: a bm25 page read as influence by layer, all "other")."""
+    sign = (
+        f"higher = more similar (a {similarity} similarity, not influence)"
+        if similarity
+        else "positive = proponent (raises log p(completion | prompt))"
+    )
     blocks: list[dict[str, Any]] = [
         {
             "type": "note",
             "text": f"{len(scores.query_ids)} queries x {len(scores.train_ids)} training rows, "
-            f"{len(scores.module_names)} modules; positive = proponent (raises log p(completion | prompt)).",
+            f"{len(scores.module_names)} modules; {sign}.",
         }
     ]
     if origin:
@@ -206,6 +214,8 @@ def scores_sections(
     if len(scores.query_ids) > max_queries:
         blocks.append({"type": "note", "text": f"The first {max_queries} queries are shown."})
     tops = {"heading": f"Scores {name}: top rows", "blocks": blocks}
+    if similarity:
+        return [tops]
     layers = layer_section(layer_profile(scores), f"Scores {name}: influence by layer and module type")
     tail = tail_section(scores)
     tail["heading"] = f"Scores {name}: {tail['heading']}"
