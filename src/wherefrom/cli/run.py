@@ -479,7 +479,8 @@ def refuse_unsplittable_scores(opened: Run, flags: Sequence[str]) -> None:
         return
     if opened.method is not None:
         raise ValueError(
-            f"{' and '.join(flags)} need an influence method's gradients; this run holds {opened.config.method!r}"
+            f"{' and '.join(flags)} {'needs' if len(flags) == 1 else 'need'} an influence method's gradients; this run "
+            f"holds {opened.config.method!r}"
         )
     provenance = opened.scores_provenance()
     if (provenance.get("index_options") or {}).get("precondition") == "adam":
