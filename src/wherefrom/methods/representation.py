@@ -45,6 +45,16 @@ POOLINGS: tuple[str, ...] = ("last_prompt", "last", "mean")
 __all__ = ["POOLINGS", "Pooling", "RepSim"]
 
 
+def check_layer(layer: int, states: int) -> None:
+    """``ValueError`` (a bad ``layer`` option) when ``layer`` indexes none of a model's ``states`` hidden states
+    (``0``: the embeddings)."""
+    if not -states <= layer < states:
+        raise ValueError(
+            f"layer {layer} is out of range: the model returns {states} hidden states "
+            f"(0 = embeddings, {states - 1} or -1 = last layer)"
+        )
+
+
 class RepSim:
     """Hidden-state cosine similarity; ``fit(train)`` caches the train representations.
 
@@ -72,6 +82,9 @@ class RepSim:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        if isinstance(layers, int):  # a Hugging Face model returns its layers' states and the embeddings'
+            check_layer(int(layer), layers + 1)  # userI: found only once the rows' pass ran, after a bench's tuning
         self.model = model
         self.tokenizer = tokenizer
         self.layer = int(layer)
@@ -145,11 +158,7 @@ class RepSim:
             ):
                 out = self.model(**model_inputs(self.model, batch), output_hidden_states=True)
                 states = out.hidden_states
-                if not -len(states) <= self.layer < len(states):
-                    raise IndexError(
-                        f"layer {self.layer} is out of range: the model returns {len(states)} hidden states "
-                        f"(0 = embeddings, {len(states) - 1} or -1 = last layer)"
-                    )
+                check_layer(self.layer, len(states))
                 hidden = states[self.layer].float()  # (B, T, d)
                 if self.pooling == "mean":
                     mask = batch["attention_mask"].to(hidden.dtype).unsqueeze(-1)
