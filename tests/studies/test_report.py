@@ -543,6 +543,7 @@ def test_the_bench_report_shows_failed_methods_and_seeds_as_bench_md_does(tmp_pa
     data = json.loads((folder / "bench.json").read_text())
     data["aggregate"]["repsim"].update(n_ok=0, errors={"0": "IndexError: layer 50 is out of range"}, metrics={})
     data["aggregate"]["bm25"].update(n_ok=data["aggregate"]["bm25"]["n_seeds"] - 1, errors={"2": "ValueError: x"})
+    data["sizes"] = {"n_train": 40, "n_test": 8}  # as a bench writes them (this older one has none)
     (folder / "bench.json").write_text(json.dumps(data))
     page = write_report(folder).read_text()
     table = page[page.index("<table>") : page.index("</table>")]
@@ -553,6 +554,7 @@ def test_the_bench_report_shows_failed_methods_and_seeds_as_bench_md_does(tmp_pa
     assert "repsim, seed 0 failed: IndexError" in page and "bm25, seed 2 failed: ValueError: x" in page
     n = data["aggregate"]["bm25"]["n_seeds"]
     assert f"<td>{n - 1}/{n}</td>" in table
+    assert f"Bench: task {data['config']['task']} (class; 40 training rows, 8 queries)" in html.unescape(page)
 
 
 def test_the_ablate_report_has_what_ablate_md_says(tmp_path):

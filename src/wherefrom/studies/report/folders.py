@@ -267,8 +267,10 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             extra = {"seconds": "time, s", "peak_mib": "peak memory, MiB"}
             ordered = {m: data["aggregate"][m] for m in data["config"]["methods"] if m in data["aggregate"]}
             caption = "mean over seeds [95% t interval, clipped to [0, 1]]"
-            kind = data.get("kind", "")
-            section = metric_sections(ordered, f"Bench ({kind})", extra, table_metrics(kind), caption)
+            kind, sizes = data.get("kind", ""), data.get("sizes") or {}
+            rows_used = f"; {sizes['n_train']} training rows, {sizes['n_test']} queries" if sizes else ""
+            heading = f"Bench: task {data['config']['task']} ({kind}{rows_used})"  # userI: bench.md's title had them
+            section = metric_sections(ordered, heading, extra, table_metrics(kind), caption)
             sections = [section]
             return f"Bench: {path.name}", sections + _provenance(data)
         if kind == "ablate":
