@@ -141,6 +141,9 @@ def test_attribute_refuses_to_replace_scores_of_edited_rows_under_the_same_paths
         (root / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
         edited = invoke(*attribute_args(root, out))
         assert edited.exit_code == 2 and f"{field}: recorded" in edited.output, edited.output
+        # userI: the refusal named two digests only; it names the file whose rows changed
+        clause = " ".join(edited.output.split()).split("(the rows of ")[-1]  # the queries stay edited: both, then
+        assert str(root / name) in clause and clause.endswith("were edited since these results were made)"), clause
         assert (out / "scores.safetensors").stat().st_mtime_ns == saved
     assert invoke(*attribute_args(root, out, "--overwrite")).exit_code == 0
     # userI: replay gave the recorded --overwrite back, so the scores of queries edited since were replaced without a

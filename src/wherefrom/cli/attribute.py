@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -26,12 +27,25 @@ from wherefrom.cli.run import print_tops
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.commandline import portable
 from wherefrom.core.data import DataError, data_fingerprint, load_records
+from wherefrom.core.store import OutputExists, read_json_object
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.models.finetune import warn_layout_mismatch
 from wherefrom.models.loading import load_model
 
 DIAGNOSE_METHODS = ("ekfac", "kfac", "diagonal", "datainf", "cg", "lissa", "arnoldi", "gradsim")
 """What ``diagnose`` compares when ``--methods`` is not given."""
+
+
+def edited_files(config: Path, record: dict[str, Any]) -> str:
+    """The files among ``record``'s training and query files whose rows' fingerprint differs from the one
+    ``config`` recorded under the same path, as a clause (userI: the refusal named only the two digests)."""
+    try:
+        saved = read_json_object(config)
+    except (OSError, ValueError):
+        return ""
+    pairs = (("train", "train_fingerprint"), ("queries", "query_fingerprint"))
+    files = [record[name] for name, key in pairs if saved.get(name) == record[name] and saved.get(key) != record[key]]
+    return f" (the rows of {' and '.join(files)} were edited since these results were made)" if files else ""
 
 
 @command(uses=(*ATTRIBUTION, "fisher", "reduction", "query_rank", "seed", "autocast", "threads"))
@@ -69,12 +83,18 @@ def attribute(
             "attribution": used_settings(method, config, options),
         }
         if not overwrite:
-            check_replacement(
-                refuse_folders_in_set(out, "scores"),  # the top-k CSV too, which --overwrite replaces as well
-                out / "config.json",
-                record,
-                recorded_as=lambda saved: {**saved, "options": recorded_options(method, saved.get("options") or {})},
-            )
+            try:
+                check_replacement(
+                    refuse_folders_in_set(out, "scores"),  # the top-k CSV too, which --overwrite replaces as well
+                    out / "config.json",
+                    record,
+                    recorded_as=lambda saved: {
+                        **saved,
+                        "options": recorded_options(method, saved.get("options") or {}),
+                    },
+                )
+            except OutputExists as refused:
+                raise OutputExists(f"{refused}{edited_files(out / 'config.json', record)}") from None
         warn_layout_mismatch(adapter or model, config.layout(), spec.settings_read)
         loaded = load_model(model, adapter, device=device)
         chosen = make_method(method, loaded.model, loaded.tokenizer, config, progress, **options)
