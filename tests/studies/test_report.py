@@ -550,6 +550,9 @@ def test_the_bench_report_shows_failed_methods_and_seeds_as_bench_md_does(tmp_pa
     methods = re.findall(r"<tr><td>([a-z0-9-]+)</td>", table)
     assert methods == data["config"]["methods"], methods
     assert "<th>seeds ok</th>" in table and "cover_ceiling" not in table
+    widths = {len(re.findall(r"<t[hd]>", row)) for row in re.findall(r"<tr>.*?</tr>", table, re.S)}
+    assert widths == {len(re.findall(r"<th>", table))}, widths  # reviewS: a failed row had one cell too many
+    assert f"<td>0/{data['aggregate']['repsim']['n_seeds']}</td>" in table
     assert "<td>failed: IndexError: layer 50 is out of range</td>" in table
     assert "repsim, seed 0 failed: IndexError" in page and "bm25, seed 2 failed: ValueError: x" in page
     n = data["aggregate"]["bm25"]["n_seeds"]

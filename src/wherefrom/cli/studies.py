@@ -97,17 +97,16 @@ OVERRIDES = (*PRESET_SETTINGS, "lora_target")
 which no preset sets (recorded unset, a replayed ``ablate`` held ``lora_targets=None`` in every run)."""
 
 
-def explicit_bench_settings(option: list[str] | None, methods: list[str]) -> dict:
+def explicit_bench_settings(options: dict[str, dict[str, Any]]) -> dict:
     """The :class:`wherefrom.studies.bench.BenchConfig` settings the user set (:func:`set_settings`, with
-    ``--no-eos`` as ``append_eos`` and ``--lora-target`` as ``lora_targets``) and the ``--option`` pairs as
-    ``method_options`` (when any; one for a method not among ``methods`` is refused)."""
+    ``--no-eos`` as ``append_eos`` and ``--lora-target`` as ``lora_targets``) and the ``--option`` pairs
+    (``options``, as :func:`wherefrom.cli.app.method_pairs` parsed them) as ``method_options`` (when any)."""
     explicit = set_settings(OVERRIDES)
     for flag, name in NEGATED_FLAGS.items():
         if flag in explicit:
             explicit[name] = not explicit.pop(flag)
     if "lora_target" in explicit:
         explicit["lora_targets"] = explicit.pop("lora_target")
-    options = method_pairs(option, methods)
     return {**explicit, "method_options": options} if options else explicit
 
 
@@ -137,7 +136,7 @@ def bench(task, out, methods, seeds, option, preset, lora_target, overwrite, **s
                 "lora_targets": lora_target or None,
             }
         else:
-            settings = {**resolve(preset, explicit_bench_settings(option, chosen["methods"])), "preset": preset}
+            settings = {**resolve(preset, explicit_bench_settings(pairs)), "preset": preset}
         return settings_as(BenchConfig, **chosen, **settings)
 
     run = functools.partial(run_bench, overwrite=overwrite)
@@ -194,7 +193,8 @@ def ablate(
 
     def build() -> AblationConfig:
         chosen = method_list(methods, STUDY_METHODS)
-        refuse_unread_settings(*chosen, names=CURVATURE, preset=True, options=method_pairs(option, chosen))
+        pairs = method_pairs(option, chosen)
+        refuse_unread_settings(*chosen, names=CURVATURE, preset=True, options=pairs)
         return AblationConfig(
             task=task,
             out=str(out),
@@ -206,7 +206,7 @@ def ablate(
             n_test=n_test,
             model=model,
             device=device,
-            fixed=explicit_bench_settings(option, chosen),
+            fixed=explicit_bench_settings(pairs),
         )
 
     run_study(

@@ -252,11 +252,16 @@ def interval_cell(stat: Mapping[str, Any] | None, fmt: str = ".3f") -> str:
     return text
 
 
-def failure_cell(error: str | None, limit: int = 200) -> str:
-    """``"failed: <error>"`` made safe for one Markdown table cell (``|`` escaped, newlines as spaces,
-    the error cut to ``limit`` characters)."""
-    text = (error or "no result").replace("|", "\\|").replace("\n", " ")
+def failure_text(error: str | None, limit: int = 200) -> str:
+    """``"failed: <error>"`` on one line (newlines as spaces, the error cut to ``limit`` characters): a table cell
+    of a method or row that failed (``failure_cell`` in Markdown, the HTML report's tables)."""
+    text = (error or "no result").replace("\n", " ")
     return f"failed: {text[:limit]}"
+
+
+def failure_cell(error: str | None, limit: int = 200) -> str:
+    """:func:`failure_text` made safe for one Markdown table cell (``|`` escaped)."""
+    return failure_text((error or "no result").replace("|", "\\|"), limit)
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: Sequence[str] | None = None) -> str:

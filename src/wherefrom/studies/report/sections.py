@@ -26,7 +26,7 @@ from wherefrom.studies.diagnose import damping_cell
 from wherefrom.studies.influence import agreement, layer_profile, short_names, tail_profile, top_name
 from wherefrom.studies.influence_tables import AXES, layer_table, tail_query_table, tail_summary_table
 from wherefrom.studies.report import plots
-from wherefrom.studies.toolkit import interval_cell, number
+from wherefrom.studies.toolkit import failure_text, interval_cell, number
 from wherefrom.studies.wordorder import GROUPS
 
 SHARE_NOTE = (
@@ -255,10 +255,10 @@ def metric_sections(
     metric entries, such as counts, are left out); ``extra_columns`` maps a key of the method's entry (e.g.
     ``seconds``) to its column title; ``metrics``: the metrics shown, in order (default every one, sorted), each
     titled ``prefix + name`` (``"Δ "`` for an ablation's changes) with its numbers in ``fmt`` (``"+.3f"``). An entry
-    counting its seeds (a bench's: ``n_ok``, ``n_seeds``, ``errors``) gets a "seeds ok" column, a method whose every
-    seed failed its first error in place of its numbers, and each failed seed a note, as ``bench.md`` has them
-    (userI: the report showed a failed method as dashes and a mean over the seeds left as over all); an entry's own
-    ``error`` (an evaluate row's) is shown in place of its numbers too.
+    counting its seeds (a bench's: ``n_ok``, ``n_seeds``, ``errors``) gets a "seeds ok" column and a method whose
+    every seed failed its first error in place of its numbers, as in ``bench.md``, and each failed seed's error is
+    a note (userI: the report showed a failed method as dashes and a mean over the seeds left as over all); an
+    entry's own ``error`` (an evaluate row's) is shown in place of its numbers too.
     """
     extra_columns = extra_columns or {}
     if metrics is None:
@@ -275,18 +275,20 @@ def metric_sections(
     for method, entry in per_method.items():
         values, errors = entry.get("metrics") or {}, entry.get("errors") or {}
         notes += [f"{method}, seed {seed} failed: {error}" for seed, error in errors.items()]
+        seeds = [f"{entry.get('n_ok')}/{entry.get('n_seeds')}"] if counted else []
         failure = entry.get("error") or (
             next(iter(errors.values()), "no result") if counted and not entry["n_ok"] else None
         )
         if failure:  # an evaluate row's error, or a bench method none of whose seeds gave a result
-            rows.append([method, f"failed: {failure}", *[""] * (len(metrics) + len(extra_columns) + counted)])
+            blank = [""] * (len(metrics) + len(extra_columns) - 1)
+            rows.append([method, failure_text(failure), *blank, *seeds])
             continue
         rows.append(
             [
                 method,
                 *[interval_cell(values.get(m), fmt) for m in metrics],
                 *[number(entry.get(key), ".3g") for key in extra_columns],
-                *([f"{entry.get('n_ok')}/{entry.get('n_seeds')}"] if counted else []),
+                *seeds,
             ]
         )
     blocks: list[dict[str, Any]] = [
@@ -336,7 +338,7 @@ def diagnose_section(rows: Sequence[Mapping[str, Any]], missing: str | None = No
             damping_cell(r["method"], r.get("damping")),
         ]
         if not r.get("error")
-        else [r["method"], f"failed: {r['error']}", "", "", "", "", ""]
+        else [r["method"], failure_text(r["error"]), "", "", "", "", ""]
         for r in rows
     ]
     stats = {
@@ -363,9 +365,10 @@ def word_order_section(payload: Mapping[str, Any]) -> dict[str, Any]:
     groups = {g: summary.get(g) for g in GROUPS}
     rows = [[group, interval_cell(stat, ".4g")] for group, stat in groups.items()]
     rows.append(["reversed / same (a ratio of the two)", interval_cell(summary.get("reversed/same"), ".4g")])
-    method = payload.get("config", {}).get("method", "")
+    method = payload.get("config", {}).get("method")
     return {
-        "heading": f"Word order ({method}): the fact in the query's order, reversed, and unrelated rows",
+        "heading": f"Word order{f' ({method})' if method else ''}: the fact in the query's order, reversed, and "
+        "unrelated rows",
         "blocks": [
             {
                 "type": "table",
