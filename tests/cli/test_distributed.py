@@ -392,10 +392,11 @@ def test_ranks_started_with_other_arguments_are_refused_by_flag_before_anything_
     assert [done.returncode for done in results] == [0, 0], results[0].stderr[-3000:] + results[1].stderr[-3000:]
 
 
-def test_a_lost_peer_is_one_error_line_and_keeps_the_record_for_replay(workspace, tmp_path, monkeypatch):
+def test_a_lost_peer_is_one_error_line_and_keeps_the_record_for_replay(workspace, one, tmp_path, monkeypatch):
     """userG: an orphaned rank ended in gloo's traceback. A :class:`wherefrom.core.distributed.PeersLost` (raised by
     every collective, ``tests/core/test_distributed.py``) is printed as one ``error:`` line, exit 1: a crash, so the
-    command's record stays for ``replay`` to resume (exit 2 would take it back as a refusal's)."""
+    command's record stays for ``replay`` to resume (exit 2 would take it back as a refusal's); ``scores`` too, which
+    turned it into its exit-2 error (reviewS)."""
     from wherefrom.core.distributed import PeersLost
 
     lost = "rank 1 of 2: torch.distributed's barrier failed (Connection closed by peer); rerun the whole command"
@@ -404,8 +405,11 @@ def test_a_lost_peer_is_one_error_line_and_keeps_the_record_for_replay(workspace
         raise PeersLost(lost)
 
     monkeypatch.setattr(Run, "fit", fit)
+    monkeypatch.setattr(Run, "scores", fit)
     run = tmp_path / "run"
     result = invoke("fit", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--run", run)
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert " ".join(result.output.split()).endswith(f"error: {lost}")  # after the model's loading bar
     assert "fit" in json.loads((run / "config.json").read_text())["replay"]
+    scored = invoke("scores", "--run", one, "--queries", workspace / "queries.jsonl", "--name", "lost")
+    assert scored.exit_code == 1 and " ".join(scored.output.split()).endswith(f"error: {lost}"), scored.output

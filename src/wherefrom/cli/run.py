@@ -31,7 +31,7 @@ from wherefrom.cli.app import (
 )
 from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, data_fingerprint, load_records
-from wherefrom.core.distributed import barrier, held_by_main, is_main, on_main, refuse
+from wherefrom.core.distributed import PeersLost, barrier, held_by_main, is_main, on_main, refuse
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
 from wherefrom.core.scoring import Scores, end_kind, end_name, index_rows_text, refuse_folders_in_set
 from wherefrom.core.search import RowSource, SearchReport, faiss_settings, search_store
@@ -206,6 +206,8 @@ def scores(
                 result = opened.scores(rows)
                 path = on_main(lambda: opened.save_scores(result, name, queried["query_fingerprint"], top_k))
             main = is_main()
+    except PeersLost:
+        raise  # one line and exit 1, as every command gives it (wherefrom.cli.app.command; reviewS: exit 2 here)
     except (DataError, RunMismatch, RuntimeError, ValueError) as error:
         fail(error)
     if not main:

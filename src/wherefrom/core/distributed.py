@@ -293,13 +293,22 @@ class PeersLost(RuntimeError):
     peer"), which a command printed as a traceback (userG: an orphaned rank, its launcher and rank 0 killed)."""
 
 
+LOST_PEER = ("connection closed", "closed by peer", "reset by peer", "broken pipe", "timed out", "timeout")
+"""Words of a collective's ``RuntimeError`` that say a peer is gone (gloo: "Connection closed by peer"; nccl and the
+store: timeouts), beside torch's own :class:`torch.distributed.DistError` subclasses."""
+
+
 def collective(operation: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``operation(*args, **kwargs)``, a ``torch.distributed`` collective; the ``RuntimeError`` it raises (a peer
-    gone, a timeout) raised as :class:`PeersLost`, naming this rank, the operation and the error's first line, and
-    saying what to do: rerun the whole command, which resumes from what finished."""
+    """``operation(*args, **kwargs)``, a ``torch.distributed`` collective; the error it raises when a peer is gone
+    (a ``torch.distributed.DistError``, or a ``RuntimeError`` saying so: :data:`LOST_PEER`) raised as
+    :class:`PeersLost`, naming this rank, the operation and the error's first line, and saying what to do: rerun the
+    whole command, which resumes from what finished. Any other error (tensors of other shapes, memory) is raised as
+    it is (reviewS: it read as a lost peer)."""
     try:
         return operation(*args, **kwargs)
     except RuntimeError as error:
+        if not isinstance(error, dist.DistError) and not any(w in str(error).lower() for w in LOST_PEER):
+            raise
         first = (str(error).splitlines() or [type(error).__name__])[0]
         raise PeersLost(
             f"rank {rank()} of {world_size()}: torch.distributed's {operation.__name__} failed ({first}); another "
