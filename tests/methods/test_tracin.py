@@ -218,7 +218,20 @@ def test_checkpoints_and_learning_rates_are_checked_before_any_model_work(tmp_pa
             TracIn(None, checkpoints, None, learning_rates=rates)
         assert said in str(error.value), (said, str(error.value))
     assert checked_checkpoints([str(one), two], [0, 2.5]) == [one.resolve(), two.resolve()]
-    assert learning_rate(3, "here") == 3.0
+    # reviewS: numpy and torch numbers are rates, and learning_rates override a pair's rate (None there)
+    import numpy as np
+
+    assert [learning_rate(v, "here") for v in (3, np.float32(0.5), np.int64(0), torch.tensor(0.25))] == [
+        3,
+        0.5,
+        0,
+        0.25,
+    ]
+    linear = torch.nn.Linear(1, 1)
+    assert checked_checkpoints([(linear, None)], np.array([1e-4], dtype=np.float32))[0][0] is linear
+    for value in ("0.1", torch.tensor([0.1, 0.2])):
+        with pytest.raises(ValueError, match="learning rate"):
+            learning_rate(value, "here")
     with pytest.raises(FileNotFoundError, match=r"tracin checkpoint .*epoch-1: no such folder"):
         TracIn(None, [one], None).fit([])
 

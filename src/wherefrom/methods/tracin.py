@@ -30,6 +30,7 @@ fresh copy of the base model) or a full model (``config.json``). In-memory check
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -88,12 +89,17 @@ def finetune_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def learning_rate(value: Any, where: str) -> float:
-    """``value`` as a learning rate: a finite real number >= 0 (``ValueError`` naming ``where`` otherwise). A NaN was
-    found only when the scores were computed ("non-finite scores"), and a negative rate flipped the signs of its
-    checkpoint's terms where the index refused it (userH)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+    """``value`` as a learning rate: a real number (a Python, numpy or one-element torch one) that is finite and >= 0
+    (``ValueError`` naming ``where`` otherwise; ``True`` and ``"0.1"`` are not numbers here). A NaN was found only
+    when the scores were computed ("non-finite scores"), and a negative rate flipped the signs of its checkpoint's
+    terms where the index refused it (userH)."""
+    rate = math.nan
+    if not isinstance(value, bool | str | bytes):
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several numbers
+            rate = float(value)
+    if not math.isfinite(rate) or rate < 0:
         raise ValueError(f"{where}: learning rate {value!r}; a learning rate is a finite number >= 0")
-    return float(value)
+    return rate
 
 
 def checked_checkpoints(checkpoints: Sequence[Any], learning_rates: Sequence[Any] | None) -> list[Checkpoint]:
@@ -111,7 +117,10 @@ def checked_checkpoints(checkpoints: Sequence[Any], learning_rates: Sequence[Any
     checked: list[Checkpoint] = []
     for k, checkpoint in enumerate(checkpoints):
         if isinstance(checkpoint, tuple) and len(checkpoint) == 2 and isinstance(checkpoint[0], nn.Module):
-            checked.append((checkpoint[0], learning_rate(checkpoint[1], f"tracin checkpoint {k}")))
+            rate = (
+                checkpoint[1] if learning_rates is not None else learning_rate(checkpoint[1], f"tracin checkpoint {k}")
+            )
+            checked.append((checkpoint[0], rate))  # given learning_rates override a pair's (reviewS: None refused)
         elif isinstance(checkpoint, str | os.PathLike):
             checked.append(Path(checkpoint).resolve())
         else:
@@ -153,14 +162,25 @@ def weights_fingerprint(folder: str | Path) -> str:
     whose rows are gradients at those weights (a checkpoint rewritten in place kept its path and learning rate, and
     its index served rows of the old weights to queries of the new ones). Raises ``FileNotFoundError`` naming a
     folder that is gone."""
+    digest = xxhash.xxh3_128()
+    for path in weight_files(folder):
+        digest.update(f"{path.name}\n{file_digest(path)[0]}\n".encode())
+    return digest.hexdigest()
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """``folder``'s :data:`WEIGHT_FILES`, in name order; ``FileNotFoundError`` naming a folder that is gone."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such model or checkpoint folder")
     found = {p for pattern in WEIGHT_FILES for p in folder.glob(pattern) if p.name != OPTIMIZER_STATE_FILE}
-    digest = xxhash.xxh3_128()
-    for path in sorted(found, key=lambda p: p.name):
-        digest.update(f"{path.name}\n{file_digest(path)[0]}\n".encode())
-    return digest.hexdigest()
+    return sorted(found, key=lambda p: p.name)
+
+
+def weights_stat(folder: str | Path) -> list[list[Any]]:
+    """``[name, size, mtime_ns]`` of each of ``folder``'s :func:`weight_files`: while it is unchanged, the weights
+    are taken as fingerprinted before (reviewS: a tracin run hashed every checkpoint's bytes on each opening)."""
+    return [[p.name, (s := p.stat()).st_size, s.st_mtime_ns] for p in weight_files(folder)]
 
 
 def checkpoint_model(base: BaseModel, folder: Path, device, dtype: torch.dtype) -> nn.Module:
@@ -308,6 +328,8 @@ class TracIn:
         """:meth:`module_signature`, once known."""
         self.weights: list[str] | None = None
         """The checkpoint folders' :func:`weights_fingerprint`, once fitted (or restored from a state that has them)."""
+        self.weights_stats: list[Any] | None = None
+        """The checkpoint folders' :func:`weights_stat` when :attr:`weights` were taken."""
 
     def fit(self, train: Sequence[Record]) -> None:
         """Fix each checkpoint's learning rate (given, or read from its ``trainer_state.json``) and fingerprint each
@@ -328,6 +350,7 @@ class TracIn:
         for folder in folders:
             warn_layout_mismatch(folder, (self.config or AttributionConfig()).layout())
         self.weights = [weights_fingerprint(c) for c in folders]
+        self.weights_stats = [weights_stat(c) for c in folders]
         self.options["learning_rates"], self.fitted = rates, True
 
     def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -342,7 +365,8 @@ class TracIn:
         if any(isinstance(c, tuple) for c in self.checkpoints):
             raise ValueError("tracin: in-memory (model, lr) checkpoints cannot be saved; give checkpoint folders")
         state = {"checkpoints": [str(c) for c in self.checkpoints], "learning_rates": self.options["learning_rates"]}
-        return {}, {**state, "weights": self.weights, "base": None if callable(self.base) else self.base}
+        recorded = {"weights": self.weights, "weights_stats": self.weights_stats}
+        return {}, {**state, **recorded, "base": None if callable(self.base) else self.base}
 
     def restore_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any], train: Sequence[Record]) -> None:
         """Adopt saved checkpoint folders and learning rates; :class:`~wherefrom.models.loading.ModelLoadError`
@@ -352,8 +376,12 @@ class TracIn:
         missing = [c for c in state["checkpoints"] if not Path(c).is_dir()]
         if missing:
             raise ModelLoadError(f"tracin checkpoint folder(s) {missing} are gone (moved or deleted); refit")
-        recorded = state.get("weights")
-        changed = [c for c, w in zip(state["checkpoints"], recorded or []) if weights_fingerprint(c) != w]
+        recorded, stats = state.get("weights"), state.get("weights_stats") or [None] * len(state["checkpoints"])
+        changed = [
+            c
+            for c, w, stat in zip(state["checkpoints"], recorded or [], stats)
+            if weights_stat(c) != stat and weights_fingerprint(c) != w  # hashed only when a file's size or time moved
+        ]
         if changed:
             raise ModelLoadError(
                 f"tracin checkpoint folder(s) {changed} hold other weights than when the run was fitted (written "
@@ -362,7 +390,7 @@ class TracIn:
             )
         self.checkpoints = [Path(c) for c in state["checkpoints"]]
         self.options["learning_rates"], self.fitted = list(state["learning_rates"]), True
-        self.signature, self.weights = None, recorded
+        self.signature, self.weights, self.weights_stats = None, recorded, stats
         if state["base"] is not None:
             self.base = state["base"]
 
