@@ -563,3 +563,15 @@ def test_a_missing_field_says_what_is_there_instead_and_a_blank_id_is_refused(tm
     with pytest.raises(DataError) as excinfo:
         load_records(path)
     assert_error(excinfo, said)
+
+
+def test_a_long_csv_cell_loads_and_only_quote_errors_are_explained_as_quotes(tmp_path: Path) -> None:
+    """reviewS: a quoted cell of over 128 KiB (a long document) failed with csv's field limit, and that error was
+    explained as quotes that do not pair up."""
+    path = tmp_path / "long.csv"
+    long = "word " * 60_000
+    path.write_text(f'id,prompt,completion\na,"{long}", c\n', encoding="utf-8")
+    assert load_records(path)[0].prompt == long
+    import csv
+
+    assert csv.field_size_limit() == 131072  # restored after the read

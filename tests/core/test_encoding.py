@@ -232,6 +232,10 @@ def test_the_boundary_warning_shows_the_boundary_not_the_whole_completion():
     message = str(caught[0].message)
     assert len(message) < 600 and f"the completion {long[: 4 * BOUNDARY_TOKENS]!r}... is scored as" in message
     assert f"{['fearful', *['calm'] * (BOUNDARY_TOKENS - 1)]}..." in message, message
+    import pickle
+
+    again = pickle.loads(pickle.dumps(caught[0].message))  # reviewS: its count was lost on the way between processes
+    assert (str(again), again.differ) == (message, caught[0].message.differ) and again.differ == 1
 
 
 def test_reference_layout_left_pads_to_max_length_and_labels_every_token():

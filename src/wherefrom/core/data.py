@@ -398,6 +398,9 @@ def _json_array(path: Path, text: str) -> Iterator[tuple[str, Any, str]]:
 
 _DELIMITERS = (",", ";", "\t", "|")
 
+UNPAIRED_QUOTES = ("expected after '\"'", "unexpected end of data")
+"""Words of Python's strict CSV errors when a row's quotes do not pair up."""
+
 
 def _csv_delimiter(text: str) -> str:
     """The delimiter that splits the header into a row naming ``prompt`` and ``completion`` (else ``,``)."""
@@ -418,6 +421,7 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Any, str]]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=_csv_delimiter(text), strict=True)
     header: list[str] | None = None
     last_line = 0
+    limit = csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))  # a long document in one cell
     try:
         for cells in reader:
             lineno, last_line = last_line + 1, reader.line_num  # a quoted cell may span lines
@@ -443,11 +447,14 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Any, str]]:
     except csv.Error as err:
         start, end = last_line + 1, reader.line_num
         lines = f"line {start}" if end <= start else f"lines {start}-{end}"
-        raise DataError(
-            f"{_where(str(path), lines)}: malformed CSV ({err}): a cell that starts with a quote ends at the next lone "
-            'quote, which the delimiter or the line\'s end must follow (a quote inside such a cell is doubled, ""); '
-            "this row's quotes do not pair up"
-        ) from None
+        quotes = any(words in str(err) for words in UNPAIRED_QUOTES)  # reviewS: not every CSV error is a quote's
+        hint = (
+            ": a cell that starts with a quote ends at the next lone quote, which the delimiter or the line's end "
+            'must follow (a quote inside such a cell is doubled, ""); this row\'s quotes do not pair up'
+        )
+        raise DataError(f"{_where(str(path), lines)}: malformed CSV ({err}){hint if quotes else ''}") from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, Any, str]]:

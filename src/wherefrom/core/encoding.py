@@ -526,6 +526,10 @@ class TokenBoundaryWarning(UserWarning):
         super().__init__(message)
         self.differ = differ
 
+    def __reduce__(self) -> tuple[Any, tuple[str, int]]:
+        """Pickled with its count (a warning sent from another process kept its message only)."""
+        return type(self), (str(self), self.differ)
+
 
 def warn_split_boundaries(
     records: Sequence[Record],
