@@ -12,15 +12,17 @@ Without ``--model`` it uses the default model (SmolLM2-135M-Instruct, installed 
    their labels against the query's, and how one proponent's score splits over its tokens.
 
 Every step is cached in ``--out``: a second run reuses the fine-tuning, the factors and the index. An ``--out``
-made with other arguments is refused before anything is written there (``quickstart.json`` records them).
+made with other arguments (but ``--n-queries``) is refused before anything is written there (``quickstart.json``
+records them once the fine-tuning and the run are made).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 from pathlib import Path
 
+from wherefrom.core.store import atomic_write_json, read_json_object, settings_differences
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig
 from wherefrom.models.finetune import FinetuneConfig, finetune
@@ -38,14 +40,16 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     args = parser.parse_args()
     out = Path(args.out)
-    # userI: another --n-train into the same --out rewrote train.jsonl and the fine-tuning, then stopped at the run
-    chosen, record = {k: v for k, v in vars(args).items() if k != "out"}, out / "quickstart.json"
-    made = json.loads(record.read_text()) if record.is_file() else chosen
-    differ = [f"--{k.replace('_', '-')} {made.get(k)} there, {v} now" for k, v in chosen.items() if made.get(k) != v]
-    if differ:
-        parser.error(f"{out} holds a quickstart made with other arguments ({'; '.join(differ)}): give another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(chosen))
+    # userI: another --n-train into the same --out rewrote train.jsonl and the fine-tuning, then stopped at the run.
+    # What the cached steps depend on (the queries are drawn after the training rows and scored anew):
+    model = None if args.model is None else os.path.abspath(args.model)
+    chosen = {"n_train": args.n_train, "epochs": args.epochs, "max_length": args.max_length, "model": model}
+    record = out / "quickstart.json"
+    differences = settings_differences(read_json_object(record), chosen) if record.is_file() else []
+    if differences:
+        parser.error(
+            f"{out} holds a quickstart made with other arguments ({'; '.join(differences)}): give another --out"
+        )
 
     # 1. data: rows {id, prompt, completion, label}, written as JSONL as a user's files would be
     train, queries = rule_identification(n_train=args.n_train, n_test=args.n_queries, seed=0)
@@ -80,6 +84,7 @@ def main() -> None:
     run.fit()
     run.build_index()
     print(f"3. EK-FAC on {len(run.attributor.modules)} LoRA modules, training gradients indexed -> {out / 'run'}")
+    atomic_write_json(chosen, record)  # once the fine-tuning and the run are these arguments'
 
     # 4. attribute: scores (n_queries, n_train), positive = proponent
     scores = run.scores(queries)

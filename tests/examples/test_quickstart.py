@@ -44,10 +44,11 @@ def test_quickstart_on_a_tiny_model(tmp_path):
     # userI: another --n-train there rewrote train.jsonl and the fine-tuning, then stopped at the run's weights
     before = (tmp_path / "out" / "train.jsonl").read_bytes()
     other = subprocess.run([sys.executable, str(SCRIPT), *args[:5], "13", *args[6:]], capture_output=True, text=True)
-    assert other.returncode == 2 and "holds a quickstart made with other arguments (--n-train 12 there, 13 now)" in (
-        other.stderr
+    assert other.returncode == 2 and "holds a quickstart made with other arguments (n_train: recorded 12, now 13)" in (
+        " ".join(other.stderr.split())
     ), other.stderr
     assert (tmp_path / "out" / "train.jsonl").read_bytes() == before
+    check_output(run_quickstart(*args[:7], "3", *args[8:]), 3)  # reviewS: --n-queries changes nothing cached
 
 
 @pytest.mark.slow
