@@ -242,8 +242,9 @@ def test_checkpoints_tuned_with_another_row_layout_are_warned_of(run):
     from wherefrom.models.finetune import LayoutMismatch
 
     base_dir, tokenizer, train, _queries, result, _hand = run
-    with pytest.warns(LayoutMismatch, match=r"epoch-1 was fine-tuned .*append_eos True there, False here"):
+    with pytest.warns(LayoutMismatch, match=r"epoch-1 was fine-tuned .*append_eos True there, False here") as said:
         TracIn(base_dir, result.checkpoints, tokenizer, attribution_config(append_eos=False)).fit(train)
+    assert len(result.checkpoints) == 2 and len(said) == 1  # reviewS: once per fine-tuning, not per checkpoint
     with warnings.catch_warnings():
         warnings.simplefilter("error", LayoutMismatch)
         TracIn(base_dir, result.checkpoints, tokenizer, attribution_config()).fit(train)

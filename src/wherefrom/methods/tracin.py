@@ -53,7 +53,13 @@ from wherefrom.core.tracking import selection_signature
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig, Attributor, checked_rows
 from wherefrom.methods.projection import RandomProjection
-from wherefrom.models.finetune import CONFIG_FILE, TRAINER_STATE_FILE, read_trainer_state, warn_layout_mismatch
+from wherefrom.models.finetune import (
+    CONFIG_FILE,
+    TRAINER_STATE_FILE,
+    finetune_record,
+    read_trainer_state,
+    warn_layout_mismatch,
+)
 from wherefrom.models.loading import (
     ModelLoadError,
     check_adapter,
@@ -347,7 +353,7 @@ class TracIn:
         if isinstance(self.base, str | Path):
             self.base = str(Path(self.base).resolve())
         folders = [c for c in self.checkpoints if not isinstance(c, tuple)]
-        for folder in folders:
+        for folder in {finetune_record(c): c for c in reversed(folders)}.values():  # once per fine-tuning (reviewS)
             warn_layout_mismatch(folder, (self.config or AttributionConfig()).layout())
         self.weights = [weights_fingerprint(c) for c in folders]
         self.weights_stats = [weights_stat(c) for c in folders]

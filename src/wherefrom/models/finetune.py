@@ -223,6 +223,13 @@ LAYOUT_FLAGS = {
 """The command-line flag of each input-layout setting (``append_eos=False`` is ``--no-eos``)."""
 
 
+def finetune_record(weights: str | Path) -> Path:
+    """Where the fine-tuning that wrote ``weights`` (its ``adapter/``, ``model/`` or an epoch checkpoint) records
+    its settings: the ``finetune_config.json`` of its output folder (which may not exist)."""
+    folder = Path(weights)
+    return (folder.parent.parent if folder.parent.name == CHECKPOINTS_DIR else folder.parent) / CONFIG_FILE
+
+
 def warn_layout_mismatch(
     weights: str | Path | None, layout: dict[str, Any], read: Collection[str] | None = None
 ) -> None:
@@ -236,8 +243,7 @@ def warn_layout_mismatch(
     if weights is None:
         return
     folder = Path(weights)
-    home = folder.parent.parent if folder.parent.name == CHECKPOINTS_DIR else folder.parent
-    record = home / CONFIG_FILE
+    record = finetune_record(folder)
     if (folder.name not in (ADAPTER_DIR, MODEL_DIR) and folder.parent.name != CHECKPOINTS_DIR) or not record.is_file():
         return
     try:
