@@ -66,7 +66,7 @@ def test_reversed_statements_carry_less_influence_than_the_query_order(tmp_path)
     saved = json.loads((tmp_path / "out" / "wordorder.json").read_text())
     assert saved["summary"] == summary and "| reversed/same |" in (tmp_path / "out" / "wordorder.md").read_text()
     html = write_report(tmp_path / "out").read_text()
-    assert "Word order" in html and html.count("<svg") == 1 and "reversed/same" in html
+    assert "Word order (" in html and html.count("<svg") == 1 and "reversed / same (a ratio of the two)" in html
 
 
 def test_bad_settings_are_named_before_training(tmp_path):
