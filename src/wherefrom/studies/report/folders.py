@@ -207,6 +207,11 @@ def _scores_report(path: Path, folder: Path, config: dict[str, Any]) -> list[dic
     return sections + ([together] if together else []) + left_out_section(left_out)
 
 
+def in_order(per_method: dict[str, Any], methods: list[str]) -> dict[str, Any]:
+    """``per_method``'s entries in the order of ``methods`` (a study's ``--methods``; its JSON stores them sorted)."""
+    return {m: per_method[m] for m in methods if m in per_method}
+
+
 def _evaluate_report(path: Path, data: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     """The report of an ``evaluate`` JSON ``path`` (``data``: its content): named by its folder for the default
     ``evaluate.json``, else by its stem (``--out STEM``)."""
@@ -265,7 +270,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
         if kind == "bench":
             data = read_json_object(path / "bench.json")
             extra = {"seconds": "time, s", "peak_mib": "peak memory, MiB"}
-            ordered = {m: data["aggregate"][m] for m in data["config"]["methods"] if m in data["aggregate"]}
+            ordered = in_order(data["aggregate"], data["config"]["methods"])
             caption = "mean over seeds [95% t interval, clipped to [0, 1]]"
             kind, sizes = data.get("kind", ""), data.get("sizes") or {}
             rows_used = f"; {sizes['n_train']} training rows, {sizes['n_test']} queries" if sizes else ""
@@ -279,10 +284,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
             # changes as the metrics and printed them unsigned, in alphabetical order
             names, methods = ABLATION_METRICS[data["kind"]], data["config"]["methods"]
             sections = [
-                metric_sections(
-                    {m: data["runs"][run][m] for m in methods if m in data["runs"][run]}, f"Run {run}", {}, names
-                )
-                for run in data["order"]
+                metric_sections(in_order(data["runs"][run], methods), f"Run {run}", {}, names) for run in data["order"]
             ]
             sections[0]["blocks"].insert(0, {"type": "note", "text": runs_line(data)})
             changes = {

@@ -15,6 +15,7 @@ from typing import Any
 import jinja2
 
 from wherefrom.core.store import atomic_write_text
+from wherefrom.studies.report.sections import heatmaps
 
 TEMPLATE = "report.html.j2"
 GENERATOR = r'<meta name="generator" content="wherefrom[ "]'
@@ -33,7 +34,7 @@ def has_tokens(sections: Sequence[dict[str, Any]]) -> bool:
     """Whether any block of ``sections`` shows a token heatmap (a ``tokens`` block, or ranked entries with token
     values): only then does the page's header explain their colours (userF: it did on every page)."""
     return any(
-        block["type"] == "tokens" or (block["type"] == "entries" and any(e.get("tokens") for e in block["entries"]))
+        block["type"] == "tokens" or (block["type"] == "entries" and heatmaps(block["entries"]))
         for section in sections
         for block in section["blocks"]
     )
