@@ -524,14 +524,6 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "index and search",
-        "--search with --json",
-        EXIT,
-        "--json needs the full scores",
-        "a search returns the top rows only; the JSON view describes every row's score",
-        command=(*QUERY, "--search", "exact", "--json"),
-    ),
-    Refusal(
-        "index and search",
         "--search with --by-module (or scores' --name, --overwrite)",
         EXIT,
         "--by-module 5 needs the full scores",

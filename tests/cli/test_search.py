@@ -3,6 +3,8 @@ any work, refused on a run without a vector store, and the search they run (on a
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -209,8 +211,7 @@ def test_search_of_a_run_index_finds_the_full_scores_tops(workspace, tmp_path, m
     assert none.exit_code == 0 and none.stdout == invoke("query", "a prompt", "a completion", "--run", run,
                                                          "--search", "exact").stdout  # fmt: skip
     assert filtered.stdout.count("query proponents: ") == 1
-    both = invoke("query", "a prompt", "a completion", "--run", run, "--search", "exact", "--json")
-    assert both.exit_code == 2 and "--json needs the full scores" in " ".join(both.output.split())
+    check_search_json(run, tmp_path)
     for command, flags, shown in (  # every flag about the full scores is refused with a search, not ignored
         (("query", "a prompt", "a completion"), ("--by-module", 5), "--by-module 5 needs"),
         (("query", "a prompt", "a completion"), ("--per-token", "--html", "x.html"), "--per-token, --html x.html need"),
@@ -220,6 +221,34 @@ def test_search_of_a_run_index_finds_the_full_scores_tops(workspace, tmp_path, m
         ignored = invoke(*command, "--run", run, "--search", "exact", *flags)
         assert ignored.exit_code == 2 and shown in " ".join(ignored.output.split()), ignored.output
     assert not (run / "scores" / "other.json").exists()
+
+
+def check_search_json(run, tmp_path):
+    """``query --json`` with a search (refused before: userH): the full query JSON's rows and scores at each end
+    (float32 sums in another order: 1e-5 relative), without ``top_modules``, with the search's mode, time and
+    recall; a prefilter of fewer rows than --top-k gives shorter ends (no padding); the report reads it."""
+    full = invoke("query", "a prompt", "a completion", "--run", run, "--json", "--top-k", 4, "--by-module", 0)
+    searched = invoke("query", "a prompt", "a completion", "--run", run, "--json", "--top-k", 4, "--search", "exact")
+    assert full.exit_code == 0 and searched.exit_code == 0, searched.output
+    full, exact = json.loads(full.stdout), json.loads(searched.stdout)
+    assert {k: exact[k] for k in ("query", "strategy", "sign")} == {k: full[k] for k in ("query", "strategy", "sign")}
+    for end in ("proponents", "opponents"):
+        assert [e["id"] for e in exact[end]] == [e["id"] for e in full[end]]
+        assert [e["kind"] for e in exact[end]] == [e["kind"] for e in full[end]]
+        assert [e["score"] for e in exact[end]] == pytest.approx([e["score"] for e in full[end]], rel=1e-5)
+        assert all(e.keys() == {"id", "score", "kind", "label", "prompt", "completion"} for e in exact[end])
+    assert exact["search"]["mode"] == "exact" and exact["search"]["recall"] is None and exact["search"]["seconds"] >= 0
+    approximate = invoke("query", "a prompt", "a completion", "--run", run, "--json", "--search", "faiss",
+                         "--search-option", "nlist=2")  # fmt: skip
+    assert approximate.exit_code == 0, approximate.output
+    recall = json.loads(approximate.stdout)["search"]["recall"]
+    assert len(recall) == 2 and all(0 <= r <= 1 for r in recall)
+    few = invoke("query", "a prompt", "a completion", "--run", run, "--json", "--prefilter-bm25", 2, "--top-k", 5)
+    assert few.exit_code == 0, few.output
+    assert [len(json.loads(few.stdout)[end]) for end in ("proponents", "opponents")] == [2, 2]
+    (tmp_path / "q.json").write_text(searched.stdout)
+    page = invoke("report", tmp_path / "q.json", "--out", tmp_path / "q.html")
+    assert page.exit_code == 0 and (tmp_path / "q.html").exists(), page.output
 
 
 def test_a_search_reads_each_shard_once_and_names_a_damaged_one_with_the_rebuild_command(

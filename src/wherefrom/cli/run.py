@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -288,13 +289,14 @@ def search_run(
     prefilter_bm25: int | None,
     recall: bool,
     device: str | None,
+    as_json: bool = False,
 ) -> None:
     """Answer ``scores`` / ``query`` from RUN's vector store (``--search``, ``--prefilter-bm25``; ``recall``: with
     ``--search faiss``, also the exact search and recall@k; a shard is hashed as it is first read, and a damaged
     one stops the search before any result, naming it and the command that rebuilds it): the
     queries in the store's row layout (:meth:`wherefrom.engine.run.Run.query_vectors`), searched by
     :func:`store_search` (a FAISS index kept in ``RUN/index/``, keyed by the store's contents) and printed
-    by :func:`print_search`. ``options``: the FAISS options its callers parsed with :func:`check_search` before
+    by :func:`print_search`, or with ``as_json`` (``query --json``, one query) as :func:`search_json`. ``options``: the FAISS options its callers parsed with :func:`check_search` before
     any work; a FAISS kind that cannot index the store is refused before the queries are computed. Raises
     ``FileNotFoundError`` naming RUN when it has no finished index."""
     opened = Run.open(run, progress=progress, device=device)
@@ -320,7 +322,53 @@ def search_run(
             store, vectors, queries, opened.train, top_k, search, options, prefilter_bm25, store.folder,
             store.content_key(), recall,
         )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(strict_json(search_json(report, opened, queries[0], top_k)), indent=2, allow_nan=False))
+        console.print(report.summary(top_k), markup=False, highlight=False)
+        return
     print_search(report, query_ids, top_k, {row.id: row.label for row in opened.train})
+
+
+def query_header(opened: Run, record: Record) -> dict:
+    """The head of ``query --json``'s report: the query, the run's method and what the sign of a score means."""
+    return {
+        "query": {"prompt": record.prompt, "completion": record.completion},
+        "strategy": opened.config.method or opened.config.attribution.strategy,
+        "sign": "positive = proponent (raises log p(completion | prompt))",
+    }
+
+
+def row_entry(row: Record, score: float, lowest: bool) -> dict:
+    """A training row at one end of ``query --json``'s report (``lowest``: the opponents' end): id, score, its
+    kind (:func:`wherefrom.core.scoring.end_kind`), label, prompt and completion."""
+    kind = end_kind(score, lowest)
+    return {
+        "id": row.id,
+        "score": score,
+        "kind": kind,
+        "label": row.label,
+        "prompt": row.prompt,
+        "completion": row.completion,
+    }
+
+
+def search_json(report: SearchReport, opened: Run, record: Record, top_k: int) -> dict:
+    """``query --json --search ...``: the report of the full scores (:func:`query_header`, each end's rows as
+    :func:`row_entry`; no ``top_modules``: a search scores the store's rows, not each module) and ``search``: its
+    mode, seconds, the recall@k of each end against the exact search (FAISS; else ``null``) and the summary line
+    (the one printed on stderr). An end a search of candidates found fewer rows for is shorter (no padding)."""
+    rows = {row.id: row for row in opened.train}
+    ends = {
+        kind: [
+            row_entry(rows[row_id], score, kind == "opponents")
+            for row_id, score in zip(found.ids[0], found.scores[0].tolist())
+            if not math.isnan(score)
+        ]
+        for kind, found in report.ends()
+    }
+    recall = None if report.recall is None else [float(end[0]) for end in report.recall]
+    search = {"mode": report.mode, "seconds": report.seconds, "recall": recall, "summary": report.summary(top_k)}
+    return {**query_header(opened, record), **ends, "search": search}
 
 
 def store_search(
@@ -416,8 +464,8 @@ def query(
         options = check_search(search, search_option, no_recall)
         if search is not None or prefilter_bm25 is not None:
             shown = ("by_module",) if by_module else ()  # --by-module 0 (no modules) is what a search shows
-            refuse_full_score_flags(("as_json", *shown, "per_token", "html"))
-            search_run(run, [record], top_k, search, options, prefilter_bm25, not no_recall, device)
+            refuse_full_score_flags((*shown, "per_token", "html"))
+            search_run(run, [record], top_k, search, options, prefilter_bm25, not no_recall, device, as_json)
             return
         opened = Run.open(run, progress=progress, device=device)
         refuse_unsplittable_scores(
@@ -431,23 +479,13 @@ def query(
     tokenizer = opened.loaded.tokenizer
 
     def describe(row_id: str, score: float, lowest: bool) -> dict:
-        row = rows[row_id]
         column = result.per_module[:, 0, position[row_id]]
         order = column.abs().argsort(descending=True)[:by_module].tolist()
-        return {
-            "id": row_id,
-            "score": score,
-            "kind": end_kind(score, lowest),
-            "label": row.label,
-            "prompt": row.prompt,
-            "completion": row.completion,
-            "top_modules": [[result.module_names[i], float(column[i])] for i in order],
-        }
+        top_modules = [[result.module_names[i], float(column[i])] for i in order]
+        return {**row_entry(rows[row_id], score, lowest), "top_modules": top_modules}
 
     report = {
-        "query": {"prompt": prompt, "completion": completion},
-        "strategy": opened.config.method or opened.config.attribution.strategy,
-        "sign": "positive = proponent (raises log p(completion | prompt))",
+        **query_header(opened, record),
         "proponents": [describe(i, s, False) for i, s in result.top(0, top_k)],
         "opponents": [describe(i, s, True) for i, s in result.top(0, top_k, opponents=True)],
     }
