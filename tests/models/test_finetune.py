@@ -16,7 +16,7 @@ from wherefrom.core.encoding import TokenBoundaryWarning, encode_records, iterat
 from wherefrom.core.store import OutputExists, record_checksum, recorded_checksums
 from wherefrom.core.task import per_example_loss
 from wherefrom.models.finetune import FinetuneConfig, FinetuneDiverged, finetune, read_trainer_state
-from wherefrom.models.loading import Version1TokenizerRecord, load_model, tokenizer_fingerprint
+from wherefrom.models.loading import ModelLoadError, Version1TokenizerRecord, load_model, tokenizer_fingerprint
 from wherefrom.models.tiny import save_tiny, tiny_gpt2, tiny_llama, tiny_tokenizer
 from wherefrom.studies.generated import rule_identification
 
@@ -167,6 +167,21 @@ def test_changed_config_or_data_retrains(tokenizer, records, tmp_path):
     assert not fourth.reused  # other base model
 
 
+def test_a_finished_fine_tuning_with_damaged_weights_is_named_not_loaded(lora_run, tokenizer, records, tmp_path):
+    """A final adapter cut short ended every analysis of a bench in PEFT's ``SafetensorError`` traceback (userJ);
+    it is named, with the folder to delete, and nothing is trained or removed."""
+    _, out = lora_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    weights = copy / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match=rf"adapter_model\.safetensors: not a complete safetensors file .*{copy}"):
+        finetune(tiny_llama(len(tokenizer)), tokenizer, records, lora_config(), copy, progress=False)
+    assert weights.stat().st_size == 100 and sorted(p.name for p in copy.iterdir()) == sorted(
+        p.name for p in out.iterdir()
+    )
+
+
 def test_full_finetune_gpt2(tokenizer, records, tmp_path):
     from wherefrom.models.loading import load_model
 
@@ -186,6 +201,10 @@ def test_full_finetune_gpt2(tokenizer, records, tmp_path):
     assert again.reused
     a, b = result.model.state_dict(), again.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    weights = out / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # a full fine-tuning's saved model cut short: named too
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: not a complete safetensors file"):
+        finetune(tiny_gpt2(len(tokenizer)), tokenizer, data, config, out, progress=False)
 
 
 def test_a_full_fine_tuning_is_the_same_whatever_its_unused_lora_settings(tokenizer, records, tmp_path):

@@ -70,6 +70,9 @@ from wherefrom.core.tracking import is_linear
 from wherefrom.models.loading import (
     ADAPTER_DIR,
     MODEL_DIR,
+    ModelLoadError,
+    check_adapter,
+    check_weights,
     is_peft,
     model_fingerprint,
     quiet_peft,
@@ -589,6 +592,19 @@ def _restore(
 
 
 def _load_saved(model: nn.Module, weights_dir: Path, lora: bool) -> nn.Module:
+    """The finished fine-tuning's weights in ``weights_dir`` on ``model`` (its adapter, or its model). Raises
+    :class:`wherefrom.models.loading.ModelLoadError` naming a damaged weight file (e.g. cut short: it was a
+    ``SafetensorError`` traceback) and the fine-tuning folder to delete so that it is made again."""
+    try:
+        if lora:
+            check_adapter(weights_dir, model, None)
+        else:
+            check_weights(weights_dir)
+    except ModelLoadError as error:
+        raise ModelLoadError(
+            f"{error} The finished fine-tuning in {weights_dir.parent} cannot be reused as it is: restore the file, "
+            "or delete that folder to fine-tune again"
+        ) from error
     device, dtype = _device_of(model), _dtype_of(model)
     if lora:
         from peft import PeftModel
