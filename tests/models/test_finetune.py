@@ -182,6 +182,13 @@ def test_a_finished_fine_tuning_with_damaged_weights_is_named_not_loaded(lora_ru
     )
 
 
+def test_a_damaged_trainer_state_is_named(tmp_path):
+    """A checkpoint's ``trainer_state.json`` (TracIn's learning rate) cut short raised a bare JSONDecodeError."""
+    (tmp_path / "trainer_state.json").write_text('{"epoch": 1, "learn')
+    with pytest.raises(ValueError, match=r"trainer_state\.json is not valid JSON"):
+        read_trainer_state(tmp_path)
+
+
 def test_full_finetune_gpt2(tokenizer, records, tmp_path):
     from wherefrom.models.loading import load_model
 

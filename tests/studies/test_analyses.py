@@ -263,6 +263,11 @@ def test_cli_and_bad_input(reports, bench_dir, tmp_path):
     assert not any(flag in line for flag in ("--damping", "--reference", "--probes", "--cg-tol")), line
     missing = runner.invoke(app, ["analyze", "ihvp", "--bench", str(tmp_path)])
     assert missing.exit_code == 2 and "bench.json" in missing.output
+    damaged = tmp_path / "damaged"  # userJ: a cut-short bench.json said only "Expecting value: line 2 column 1"
+    damaged.mkdir()
+    (damaged / "bench.json").write_text('{\n  "aggr')
+    cut = runner.invoke(app, ["analyze", "ihvp", "--bench", str(damaged)])
+    assert cut.exit_code == 2 and f"{damaged / 'bench.json'} is not valid JSON" in " ".join(cut.output.split())
     zero = runner.invoke(app, ["analyze", "ihvp", "--bench", str(bench_dir), "--cg-tol", "0"])
     assert zero.exit_code == 2 and "--cg-tol 0.0: must be a finite number > 0" in zero.output  # named cg's 'tol'
     unknown = runner.invoke(app, ["analyze", "nope", "--bench", str(bench_dir)])

@@ -8,7 +8,6 @@ tables as Markdown + JSON (:mod:`wherefrom.studies.influence_tables`).
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from wherefrom.cli.run import decoded
 from wherefrom.cli.settings import output_file
 from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores, load_scores, score_set_names, unfinished_set
-from wherefrom.core.store import StoreError, writer_lock
+from wherefrom.core.store import StoreError, read_json_object, writer_lock
 from wherefrom.engine.run import Run, refuse_files_in_place
 from wherefrom.studies.influence_tables import influence_markdown, influence_tables
 from wherefrom.studies.report import plots, render, write_html, write_report
@@ -113,5 +112,5 @@ def write_query_html(out: Path, result: dict[str, Any], scores: Scores, opened: 
     sections.append(settings_section("Settings", opened.config.to_dict()))
     manifest = opened.folder / "manifest.json"
     if manifest.is_file():
-        sections.append(settings_section("Provenance", json.loads(manifest.read_text(encoding="utf-8"))))
+        sections.append(settings_section("Provenance", read_json_object(manifest)))
     return write_html(render("Query: " + record.prompt[:80], str(opened.folder), sections), out)

@@ -234,7 +234,7 @@ def check_origin(saved: Sequence[Path], provenance: Mapping[str, object]) -> Non
     ``provenance`` in an :data:`ORIGIN` key, e.g. recomputed then and read from an index now (named), or from
     another index (named by its :data:`SHOWN_ORIGIN` keys that differ, else by its digest); a set recorded without
     provenance (before it was recorded) is not compared."""
-    recorded = json.loads(Path(saved[1]).read_text(encoding="utf-8")).get("provenance")
+    recorded = read_json_object(Path(saved[1])).get("provenance")
     if not isinstance(recorded, dict):
         return
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -47,7 +46,7 @@ from torch import nn
 from wherefrom.core.data import Record
 from wherefrom.core.gradients import block_products, flatten_blocks
 from wherefrom.core.scoring import Scores, unit_rows
-from wherefrom.core.store import file_digest
+from wherefrom.core.store import file_digest, read_json_object
 from wherefrom.core.task import LanguageModelingTask
 from wherefrom.core.tracking import selection_signature
 from wherefrom.curvature.base import Progress, no_progress
@@ -83,7 +82,7 @@ def finetune_checkpoints(output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     config = output_dir / CONFIG_FILE
     if config.is_file():
-        listed = json.loads(config.read_text(encoding="utf-8")).get("checkpoints")
+        listed = read_json_object(config).get("checkpoints")
         if listed:
             return [output_dir / rel for rel in listed]
     found = [p for p in (output_dir / "checkpoints").glob("epoch-*") if p.is_dir() and p.name[6:].isdigit()]

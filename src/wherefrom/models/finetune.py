@@ -429,7 +429,7 @@ def _save_weights(model: nn.Module, tokenizer: Any, folder: Path, lora: bool, pr
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     """The ``trainer_state.json`` of a checkpoint folder (``epoch``, ``step``, ``learning_rate``,
     ``mean_loss``, ...)."""
-    return json.loads((Path(checkpoint) / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    return read_json_object(Path(checkpoint) / TRAINER_STATE_FILE)
 
 
 def _identity(config: FinetuneConfig, records: Sequence[Record], model: nn.Module, tokenizer: Any) -> dict[str, Any]:

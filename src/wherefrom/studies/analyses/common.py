@@ -13,7 +13,6 @@ the bench folder (:func:`write_report`).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wherefrom.core.store import read_json_object
 from wherefrom.methods.tracin import checkpoint_model
 from wherefrom.models.finetune import FinetuneResult
 from wherefrom.models.loading import LoadedModel, load_model
@@ -130,7 +130,7 @@ def open_bench(folder: str | Path | Bench, device: str | None = None, seeds: Seq
     path = folder / BENCH_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {BENCH_FILE} in {folder}: pass the folder `wherefrom bench --out` wrote")
-    report = json.loads(path.read_text(encoding="utf-8"))
+    report = read_json_object(path)  # a damaged file is named (it was "Expecting value: line 2 column 1")
     saved = report.get("config") if isinstance(report, dict) else None
     if not isinstance(saved, dict) or "task" not in saved:
         raise ValueError(f"{path} has no bench 'config' (was it written by `wherefrom bench`?)")

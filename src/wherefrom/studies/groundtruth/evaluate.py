@@ -24,7 +24,6 @@ goes to ``<stem>.json`` and ``<stem>.md`` (default stem ``<folder>/evaluate``).
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ import numpy as np
 from wherefrom.core.commandline import command_line as render_command
 from wherefrom.core.option_pairs import format_option_pairs, options_for
 from wherefrom.core.scoring import Scores, load_scores, save_scores
+from wherefrom.core.store import read_json_object
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import check_methods, in_family, method_spec, options_off_default
@@ -163,7 +163,7 @@ def method_key(gt: GroundTruth, method: str, options: dict[str, Any], attributio
     """What a method's scores depend on: the method, its options, the attribution settings it reads
     (:meth:`wherefrom.methods.registry.MethodSpec.read`), the fine-tuned model (its saved fine-tuning identity) and
     the rows."""
-    identity = json.loads((gt.model_dir / "finetune_config.json").read_text(encoding="utf-8"))
+    identity = read_json_object(gt.model_dir / "finetune_config.json")
     return {
         "format": _FORMAT_VERSION,
         "method": method,
