@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from tests.studies.failing import failing_methods
 from wherefrom.cli import app
 from wherefrom.engine.api import AttributionConfig
-from wherefrom.studies.groundtruth.tune import grid_points, split_queries, tune
+from wherefrom.studies.groundtruth.tune import grid_points, markdown, split_queries, tune
 
 from .tiny_groundtruth import build_tiny_groundtruth
 
@@ -58,6 +58,11 @@ def test_chosen_point_is_the_argmax_of_selection_lds_and_every_point_is_reported
     )
     table = (tmp_path / "tune" / "tune.md").read_text()
     assert all(f"| {json.dumps(v)} |" in table for v in GRID["damping_factor"]) and "**chosen**" in table
+    # userJ: points tied on the selection LDS were not said (the first was "chosen"); none tie here
+    assert report["chosen"]["ties"] == [] and "It ties" not in table
+    other = next(i for i in range(len(points)) if i != best)
+    tied = markdown({**report, "chosen": {**report["chosen"], "ties": [other]}})
+    assert f"It ties 1 other point(s) on the selection LDS (`{json.dumps(points[other]['point'])}`)" in tied
 
     # a rerun reuses every point's scores and gives the same report
     lines.clear()
@@ -104,10 +109,13 @@ def test_grid_split_and_routing():
         selection,
         held_out,
     )
-    assert len(split_queries(2, 0.01)[0]) == 1 and len(split_queries(2, 0.99)[1]) == 1
-    for args in ((1, 0.5), (5, 0.0), (5, 1.0)):
+    assert [len(half) for half in split_queries(8, 0.2)] == [2, 6]  # round(1.6)
+    for args in ((1, 0.5), (5, 0.0), (5, 1.0), (3, 0.5)):
         with pytest.raises(ValueError):
             split_queries(*args)
+    for share, said in ((0.05, "selects on 0 of the 8 queries and holds out 8"), (0.95, "selects on 8 of the 8")):
+        with pytest.raises(ValueError, match=rf"selection_share {share} \(--selection-share\) {said}.*above 0\.188"):
+            split_queries(8, share)  # userJ: one query each side gave intervals [0.902, 0.902]; 0.05 took 1
 
 
 def test_bad_arguments_raise(groundtruth, tmp_path):

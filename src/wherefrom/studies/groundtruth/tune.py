@@ -60,6 +60,8 @@ SELECTION_SHARE = 0.5
 """The default share of the queries a tuning choice is made on (``--selection-share``); the rest are held out."""
 SPLIT_SEED = 0
 """The default seed of the selection / held-out split (``--split-seed``)."""
+MIN_HALF = 2
+"""The fewest queries either half of the split may have (:func:`split_queries`)."""
 
 _FORMAT_VERSION = 1
 
@@ -67,14 +69,26 @@ _FORMAT_VERSION = 1
 def split_queries(
     n_queries: int, selection_share: float = SELECTION_SHARE, seed: int = SPLIT_SEED
 ) -> tuple[list[int], list[int]]:
-    """Seeded split of query indices ``0..n_queries-1`` into ``(selection, held_out)``, each sorted and
-    non-empty; ``round(selection_share x n_queries)`` queries (at least 1, at most ``n - 1``) select."""
+    """Seeded split of query indices ``0..n_queries-1`` into ``(selection, held_out)``, each sorted; the first
+    ``round(selection_share x n_queries)`` of a seeded permutation select. ``ValueError`` unless each half has at
+    least :data:`MIN_HALF` queries (userJ: one selection query gave every point an interval ``[0.902, 0.902]``
+    and "chose" one; the share was raised to one query before)."""
     if not 0 < selection_share < 1:
         raise ValueError(f"selection_share must be in (0, 1), got {selection_share}")
-    if n_queries < 2:
-        raise ValueError(f"tuning needs at least 2 queries (one to select on, one held out), got {n_queries}")
+    if n_queries < 2 * MIN_HALF:
+        raise ValueError(
+            f"tuning needs at least {2 * MIN_HALF} queries ({MIN_HALF} to select on, {MIN_HALF} held out: an "
+            f"interval over one query is a point), got {n_queries}"
+        )
+    size = round(selection_share * n_queries)
+    if min(size, n_queries - size) < MIN_HALF:
+        low, high = (MIN_HALF - 0.5) / n_queries, (n_queries - MIN_HALF + 0.5) / n_queries
+        raise ValueError(
+            f"selection_share {selection_share} (--selection-share) selects on {size} of the {n_queries} queries and "
+            f"holds out {n_queries - size}; each half needs at least {MIN_HALF} (an interval over one query is a "
+            f"point): give a share above {low:.3g} and below {high:.3g}"
+        )
     order = np.random.default_rng([seed, 5]).permutation(n_queries)
-    size = min(max(round(selection_share * n_queries), 1), n_queries - 1)
     return sorted(order[:size].tolist()), sorted(order[size:].tolist())
 
 
@@ -173,10 +187,18 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if report["chosen"]:
         c, d = report["chosen"], report["default"]
+        tied = [json.dumps(report["points"][i]["point"]) for i in c.get("ties", [])]
         text += [
             (
                 f"Chosen: `{json.dumps(c['point'])}`: held-out LDS **{interval_cell(c['held_out'])}** "
                 f"(selection {interval_cell(c['selection'])}; the held-out number is the one to quote)."
+            )
+            + (
+                f" It ties {len(tied)} other point(s) on the selection LDS ({', '.join(f'`{t}`' for t in tied)}): "
+                "the first in grid order is taken; the selection cannot tell them apart (a setting that changes "
+                "no score, or an estimator that did not converge, scores alike)."
+                if tied
+                else ""
             ),
             f"Default (`{json.dumps(d['point'])}`): held-out LDS {interval_cell(d['held_out'])}"
             + (f" (failed: {d['error']})" if d.get("error") else "")
@@ -277,8 +299,9 @@ def tune(
     default = {**rows[same[0]], "point": {}} if same else run({})
     default["grid_point"] = same[0] if same else None
     chosen = None
-    if best is not None:
-        chosen = {"index": best, **{k: rows[best][k] for k in ("point", "selection", "held_out")}}
+    if best is not None:  # the points whose selection LDS equals the best's, beside it (userJ: three tied, unsaid)
+        ties = [i for i, mean in ranked if mean == rows[best]["selection"]["mean"] and i != best]
+        chosen = {"index": best, **{k: rows[best][k] for k in ("point", "selection", "held_out")}, "ties": ties}
     models = None
     free_memory()
 
