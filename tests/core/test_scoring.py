@@ -207,6 +207,23 @@ def test_top_rows_name_each_end_by_its_sign():
     assert [end_kind(0.0, lowest) for lowest in (False, True)] == ["highest", "lowest"]
 
 
+def test_top_takes_a_query_position_or_id_and_names_one_that_is_not_there():
+    """userK: ``top(5)`` of 2 queries raised torch's bare IndexError, ``top("q-id")`` "too many indices" with a
+    deprecation warning, and ``top(-1)`` gave the last query's rows."""
+    import numpy as np
+
+    from wherefrom.core.scoring import Scores
+
+    total = torch.tensor([[-1.0, -2.0, -3.0, 0.5], [4.0, 3.0, 2.0, 0.0]])
+    scores = Scores(["neg", "pos"], ["a", "b", "c", "d"], ["m"], total[None])
+    assert scores.top("pos", 2) == scores.top(1, 2) == scores.top(np.int64(1), 2) == [("a", 4.0), ("b", 3.0)]
+    for query in (5, -1, True, 1.0):
+        with pytest.raises(IndexError, match=r"give a position in 0\.\.1 or an id \(neg, pos\)"):
+            scores.top(query, 2)
+    with pytest.raises(KeyError, match=r"no query 'q-id' in these scores \(queries: neg, pos\)"):
+        scores.top("q-id", 2)
+
+
 def test_the_top_k_csv_shows_formula_like_ids_and_labels_as_text_and_keeps_numbers(tmp_path):
     """userC: an id ``=cmd()`` went into ``.top.csv`` as it was, so a spreadsheet opening the file ran it as a
     formula. Text starting a formula gets a leading ``'`` (ids, query ids and labels); numbers (``-5``, ``+1.5``)
