@@ -171,6 +171,14 @@ def test_template_without_end_marker_gets_eos() -> None:
     assert no_eos.input_ids == example.input_ids[:-1]
 
 
+@pytest.mark.parametrize("family", ["smollm2", "llama3", "gemma"])
+def test_no_eos_with_a_template_that_ends_the_turn_is_refused(family) -> None:
+    """userK: ``--chat-template --no-eos`` trained with the end-of-turn marker scored (the same loss as without
+    ``--no-eos``), recorded ``append_eos: False``, and a later fit warned of a LayoutMismatch that was not one."""
+    with pytest.raises(ValueError, match=r"append_eos=False \(--no-eos\) changes nothing with chat_template"):
+        encode_records(RECORDS[:1], family_tokenizer(family), chat_template=True, append_eos=False)
+
+
 def test_content_dependent_template_is_refused() -> None:
     tok = tiny_tokenizer()
     tok.chat_template = (

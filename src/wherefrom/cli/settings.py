@@ -10,8 +10,9 @@ anything (:func:`check_arguments`).
 Settings map onto the saved configurations by name: ``AttributionConfig``, ``RunConfig``,
 ``BenchConfig``, ``GroundTruthConfig``, ``FinetuneConfig``, ``IhvpSettings`` keep their fields; a
 command builds them from these values. A setting's default is read from the configuration (or module constant)
-that declares it; where a domain configuration has another default (e.g. ``BenchConfig.max_length`` 256 for
-Python callers) the command line passes its own value, so the command line has one default per meaning.
+that declares it; where a domain configuration has another default the command line passes its own value, so the
+command line has one default per meaning (the longest row is one constant, ``wherefrom.core.encoding.MAX_LENGTH``:
+``BenchConfig.max_length`` was 256 for Python callers, 512 on the command line).
 """
 
 from __future__ import annotations

@@ -217,6 +217,10 @@ REFERENCE_TEMPLATE = "[INST] {prompt} [/INST] {completion}"
 
 LOSS_TOKENS = ("completion", "all")
 """Which tokens carry a label: the completion (and its EOS), or every token (padding included)."""
+MAX_LENGTH = 512
+"""The default longest prompt + completion in tokens, for fine-tuning and attribution alike (``--max-length``;
+``FinetuneConfig`` had 256 where ``AttributionConfig`` had 512, so a Python fine-tuning and the same command line's
+were two fine-tunings: userK)."""
 LAYOUT_SETTINGS = ("max_length", "chat_template", "template", "append_eos", "pad_left", "loss_tokens", "truncate")
 """The keywords of :func:`encode_records` that fix a row's tokens, padding and labels (its input layout): the
 settings of the same names that a config hands to it (``AttributionConfig.layout``, ``FinetuneConfig.layout``)."""
@@ -252,7 +256,7 @@ def _template_pairs(
 def encode_records(
     records: Sequence[Record],
     tokenizer: PreTrainedTokenizerBase,
-    max_length: int = 512,
+    max_length: int = MAX_LENGTH,
     chat_template: bool = False,
     append_eos: bool = True,
     model: Any = None,
@@ -276,7 +280,8 @@ def encode_records(
     template renders between content and marker, such as Llama-2's space, included); text after the
     marker is dropped; the prompt is everything the template renders before the content (system
     turn, user turn, assistant header). A token straddling the boundary goes to the completion.
-    ``append_eos`` adds the EOS only for a template that renders no end-of-turn marker.
+    ``append_eos`` adds the EOS only for a template that renders no end-of-turn marker; ``append_eos=False`` with
+    a template that renders one raises ``ValueError`` (it would change nothing).
 
     If the prompt tokenizes to nothing (an empty prompt and no BOS added by the tokenizer), the
     tokenizer's ``bos_token_id`` is prepended when it has one, so that the first completion token
@@ -343,6 +348,11 @@ def encode_records(
         pairs = []
         for record in records:
             prompt_text, completion_text, has_marker = _chat_texts(record, tokenizer)
+            if has_marker and not append_eos:  # userK: taken, recorded, then warned of as another layout
+                raise ValueError(
+                    "append_eos=False (--no-eos) changes nothing with chat_template: the template's end-of-turn "
+                    "marker ends each completion and is scored; leave it out"
+                )
             prompt, completion = _split_tokens(record, tokenizer, prompt_text, completion_text)
             if eos is not None and not has_marker:
                 completion = [*completion, int(eos)]  # a template without an end-of-turn marker

@@ -27,6 +27,7 @@ from wherefrom.core.data import DataError, Record, check_ids, check_records
 from wherefrom.core.distributed import rows_for_rank, world_size
 from wherefrom.core.encoding import (
     LAYOUT_SETTINGS,
+    MAX_LENGTH,
     Batches,
     EncodedExample,
     encode_records,
@@ -114,7 +115,7 @@ class AttributionConfig:
     include: list[str] | None = None
     exclude: list[str] | None = None
     batch_size: int = 8
-    max_length: int = 512
+    max_length: int = MAX_LENGTH
     chat_template: bool = False
     reduction: Reduction = "sum"
     query_rank: int | None = None

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wherefrom.core.data import Record, check_records, records_key
-from wherefrom.core.encoding import EncodedExample, encode_records, iterate_batches, pad_id
+from wherefrom.core.encoding import MAX_LENGTH, EncodedExample, encode_records, iterate_batches, pad_id
 from wherefrom.core.scoring import Scores
 from wherefrom.core.task import model_inputs
 from wherefrom.curvature.base import Progress, no_progress
@@ -71,7 +71,7 @@ class RepSim:
         tokenizer,
         layer: int = -1,
         pooling: Pooling = "last_prompt",
-        max_length: int = 512,
+        max_length: int = MAX_LENGTH,
         batch_size: int = 8,
         chat_template: bool = False,
         template: str | None = None,
