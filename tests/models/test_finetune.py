@@ -144,7 +144,12 @@ def test_changed_config_or_data_retrains(tokenizer, records, tmp_path):
     small = records[:8]
     first = finetune(tiny_llama(len(tokenizer)), tokenizer, small, lora_config(epochs=2), out, progress=False)
     assert len(first.checkpoints) == 2
-    second = finetune(tiny_llama(len(tokenizer)), tokenizer, small, lora_config(epochs=1), out, progress=False)
+    with pytest.raises(OutputExists, match=r"overwrite=True"):  # userK: the default replaced it without a word
+        finetune(tiny_llama(len(tokenizer)), tokenizer, small, lora_config(epochs=1), out, progress=False)
+    assert len(first.checkpoints) == 2 and (out / "checkpoints" / "epoch-2").is_dir()  # kept
+    second = finetune(
+        tiny_llama(len(tokenizer)), tokenizer, small, lora_config(epochs=1), out, progress=False, overwrite=True
+    )
     assert not second.reused
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch-1"]  # stale epoch-2 gone
     third = finetune(
@@ -154,6 +159,7 @@ def test_changed_config_or_data_retrains(tokenizer, records, tmp_path):
         lora_config(epochs=1),
         out,
         progress=False,
+        overwrite=True,
     )
     assert not third.reused  # other data
     fourth = finetune(
@@ -163,6 +169,7 @@ def test_changed_config_or_data_retrains(tokenizer, records, tmp_path):
         lora_config(epochs=1),
         out,
         progress=False,
+        overwrite=True,
     )
     assert not fourth.reused  # other base model
 
@@ -380,7 +387,7 @@ def test_a_training_state_of_other_settings_or_damaged_is_not_resumed(
         finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, other, progress=False, overwrite=False)
     assert files_of(other) == before  # refused: nothing deleted or written
     with caplog.at_level("WARNING", logger="wherefrom.models.finetune"):
-        again = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, other, progress=False)
+        again = finetune(tiny_llama(len(tokenizer)), tokenizer, records, config, other, progress=False, overwrite=True)
     assert again.resumed_after == 0 and again.epoch_losses == clean.epoch_losses
     assert "config.learning_rate: recorded 0.01, now 0.02" in caplog.text
     assert files_of(other) == expected
@@ -436,6 +443,49 @@ def test_a_lora_target_that_names_no_module_is_refused_before_the_output_folder(
     assert "'c_attn'" not in str(error.value) and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"lora_targets": ["embed_tokens"]},
+            r"\['embed_tokens'\] .*not linear layers, e\.g\. model\.embed_tokens \(Embedding\)",
+        ),
+        ({"lora_targets": ["mlp"]}, r"\['mlp'\] .*not linear layers.*LlamaMLP.*named .*q_proj"),
+        ({"lora_rank": 100000}, r"lora_rank 100000 \(--lora-rank\) is above .*: at most \d+"),
+        ({"lora_alpha": 0}, r"lora_alpha must be >= 1, got 0"),
+        ({"batch_size": 2.5}, r"batch_size must be an integer, got 2\.5"),
+        ({"epochs": "2"}, r"epochs must be an integer, got '2'"),
+        ({"lora_rank": 2.5}, r"lora_rank must be an integer, got 2\.5"),
+        ({"seed": -1}, r"seed must be >= 0, got -1"),
+        ({"learning_rate": True}, r"learning_rate must be a number, got True"),
+    ],
+)
+def test_a_setting_the_model_or_training_cannot_take_is_named_before_the_output_folder(
+    tokenizer, records, tmp_path, overrides, message
+):
+    """userK: LoRA on ``embed_tokens`` trained an adapter attribution never reads, ``mlp`` ended in PEFT's module
+    dump, rank 100000 was killed for memory, ``lora_alpha=0`` trained nothing (every epoch's loss the same), and
+    wrong types failed inside training, each leaving an empty folder: each is named first, nothing made."""
+    with pytest.raises(ValueError, match=message):
+        finetune(tiny_llama(len(tokenizer)), tokenizer, records[:2], lora_config(**overrides), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_finetune_names_a_wrong_model_config_or_output_dir(tokenizer, records, tmp_path):
+    """userK: a LoadedModel, a dict config and a file as output_dir raised AttributeError or FileExistsError."""
+    from wherefrom.models.loading import LoadedModel
+
+    loaded = LoadedModel(tiny_llama(len(tokenizer)), tokenizer, "tiny", "tiny", None, "f", "t")
+    with pytest.raises(TypeError, match=r"got LoadedModel: pass its \.model"):
+        finetune(loaded, tokenizer, records[:2], lora_config(), tmp_path / "o")
+    with pytest.raises(TypeError, match="config must be a FinetuneConfig, got dict"):
+        finetune(loaded.model, tokenizer, records[:2], {"epochs": 1}, tmp_path / "o")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        finetune(loaded.model, tokenizer, records[:2], lora_config(), tmp_path / "afile")
+    assert FinetuneConfig(lora_targets="q_proj").lora_targets == ["q_proj"]  # was ['_', 'j', 'o', 'p', 'q', 'r']
+
+
 def test_lora_rank_0_fine_tunes_every_weight_in_every_command(tmp_path):
     """Every command's help says `--lora-rank 0` fine-tunes every weight; finetune, groundtruth and word-order
     turned 0 into None each on its own, and bench passed it on: refused ("lora_rank must be >= 1 or None, got 0").
@@ -458,7 +508,9 @@ def test_a_tokenizer_that_encodes_otherwise_retrains_and_a_version_1_record_is_r
     other = appends_eos(tiny_tokenizer())
     assert version_1(other) == version_1(tokenizer)
     with pytest.warns(TokenBoundaryWarning):  # the <eos> it appends is not in the completion's tokens
-        retrained = finetune(tiny_llama(len(other)), other, small, lora_config(epochs=1), out, progress=False)
+        retrained = finetune(
+            tiny_llama(len(other)), other, small, lora_config(epochs=1), out, progress=False, overwrite=True
+        )
     assert not retrained.reused
 
     config = tmp_path / "old" / "finetune_config.json"
@@ -473,7 +525,13 @@ def test_a_tokenizer_that_encodes_otherwise_retrains_and_a_version_1_record_is_r
     assert json.loads(config.read_text())["tokenizer_fingerprint"] == version_1(tokenizer)
     with pytest.warns(Version1TokenizerRecord):  # the record read is of version 1
         trained = finetune(
-            tiny_llama(len(tokenizer)), tokenizer, small, lora_config(epochs=2), tmp_path / "old", progress=False
+            tiny_llama(len(tokenizer)),
+            tokenizer,
+            small,
+            lora_config(epochs=2),
+            tmp_path / "old",
+            progress=False,
+            overwrite=True,
         )  # trained anew (other settings): it records version 2
     assert not trained.reused
     assert json.loads(config.read_text())["tokenizer_fingerprint"] == tokenizer_fingerprint(tokenizer)
@@ -565,7 +623,7 @@ def test_without_overwrite_a_run_of_the_same_inputs_missing_a_checkpoint_is_trai
     again = finetune(load_model(model_dir, device="cpu").model, loaded.tokenizer, rows, config, out, overwrite=False)
     assert not again.reused and (out / "checkpoints" / "epoch-1").is_dir()
     (out / "finetune_config.json").write_text("{not json")
-    with pytest.raises(OutputExists, match=r"finetune_config.json \(its record is unreadable\); pass --overwrite"):
+    with pytest.raises(OutputExists, match=r"finetune_config.json \(its record is unreadable\); pass overwrite=True"):
         finetune(load_model(model_dir, device="cpu").model, loaded.tokenizer, rows, config, out, overwrite=False)
 
 
@@ -614,3 +672,14 @@ def test_a_fine_tuning_deletes_nothing_it_did_not_make(tokenizer, records, tmp_p
     (killed / "checkpoints" / "epoch-1" / "trainer_state.json").unlink()
     cleared = finetune(tiny_llama(len(tokenizer)), tokenizer, records[:8], config, killed, progress=False)
     assert not cleared.reused and (killed / "checkpoints" / "epoch-1" / "trainer_state.json").is_file()
+
+
+def test_the_longest_row_has_one_default_in_python_and_on_the_command_line():
+    """userK: ``FinetuneConfig().max_length`` was 256 where ``AttributionConfig`` and ``--max-length`` had 512, so
+    the same fine-tuning made in Python and on the command line were two (the second refused over max_length)."""
+    from wherefrom.cli.settings import SETTINGS
+    from wherefrom.engine.api import AttributionConfig
+    from wherefrom.studies.bench import BenchConfig
+
+    lengths = {FinetuneConfig().max_length, AttributionConfig().max_length, BenchConfig(task="t", out="o").max_length}
+    assert lengths == {SETTINGS["max_length"].default} == {512}

@@ -12,6 +12,7 @@ import torch
 
 from wherefrom.core.data import Record
 from wherefrom.core.encoding import REFERENCE_TEMPLATE, encode_records, iterate_batches, pad_id
+from wherefrom.core.store import OutputExists
 from wherefrom.models.loading import load_model
 from wherefrom.models.tiny import save_tiny
 from wherefrom.studies.analyses import (
@@ -217,6 +218,11 @@ def test_second_run_recomputes_nothing(reports, bench_dir, monkeypatch):
     )
     assert run_weights(bench_dir)["records"] == reports["weights"]["records"]
     assert run_ihvp(bench_dir)["rows"] == reports["ihvp"]["rows"]
+    # userJ: --n-queries beyond the task's test rows was keyed apart from "all" and recomputed everything
+    said: list[str] = []
+    assert run_weights(bench_dir, n_queries=1000, log=said.append)["records"] == reports["weights"]["records"]
+    assert run_ihvp(bench_dir, IhvpSettings(n_queries=1000), log=said.append)["rows"] == reports["ihvp"]["rows"]
+    assert sum("--n-queries 1000: the task has" in line for line in said) >= 2, said
     assert {p: p.stat().st_mtime_ns for p in units} == before
 
 
@@ -243,7 +249,9 @@ def test_convergence_recomputes_only_the_rows_whose_method_reads_a_changed_setti
     assert refused.exit_code == 2 and "Traceback" not in refused.output, refused.output
     assert "epoch-1-ekfac.json and 1 more, made from other inputs (row.damping: not recorded, now 0.5)" in said
     assert {p: p.stat().st_mtime_ns for p in units} == units
-    run_convergence(folder, ConvergenceSettings(methods=["gradsim", "ekfac", "repsim"]))  # the Python default replaces
+    with pytest.raises(OutputExists, match="overwrite"):  # the Python default refuses too (it replaced: userK)
+        run_convergence(folder, ConvergenceSettings(methods=["gradsim", "ekfac", "repsim"]))
+    run_convergence(folder, ConvergenceSettings(methods=["gradsim", "ekfac", "repsim"]), overwrite=True)
     changed = {p.stem for p, stamp in units.items() if p.stat().st_mtime_ns != stamp}
     assert changed == {"epoch-1-ekfac", "epoch-2-ekfac"}
 
@@ -288,7 +296,7 @@ def test_cli_and_bad_input(reports, bench_dir, tmp_path):
         assert ignored.exit_code == 2 and named in " ".join(ignored.output.split()), ignored.output
     with pytest.raises(ValueError, match="ran seeds"):
         open_bench(bench_dir, seeds=[5])
-    with pytest.raises(ValueError, match="not influence methods"):
+    with pytest.raises(ValueError, match=r"methods \(--methods\) \['repsim'\]: not influence methods"):
         run_ihvp(bench_dir, IhvpSettings(methods=["repsim"]))
     with pytest.raises(ValueError, match="cg_tol must be > 0, got 0"):
         IhvpSettings(cg_tol=0).validate()

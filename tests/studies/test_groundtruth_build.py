@@ -116,7 +116,11 @@ def test_evaluate_exact_and_identity_with_table_and_resume(folder, tmp_path):
     assert again["methods"]["exact"]["metrics"] == report["methods"]["exact"]["metrics"]
     # other attribution settings are another key: recomputed
     evaluate(
-        folder, ["exact"], attribution=AttributionConfig(damping=1.0, batch_size=8, max_length=64), out=tmp_path / "x"
+        folder,
+        ["exact"],
+        attribution=AttributionConfig(damping=1.0, batch_size=8, max_length=64),
+        out=tmp_path / "x",
+        overwrite=True,
     )
     assert row_file.stat().st_mtime_ns != stamp
 
@@ -388,7 +392,7 @@ def test_a_rerun_with_other_settings_is_refused_before_it_replaces_anything(tmp_
     assert "jobs/lds-0003-r0.json" in after and all(
         after[f"jobs/lds-000{s}-r0.json"] == before[f"jobs/lds-000{s}-r0.json"] for s in range(3)
     )
-    build_groundtruth(replace(config, alpha=0.25))
+    build_groundtruth(replace(config, alpha=0.25), overwrite=True)
     assert files_of(folder)["jobs/lds-0000-r0.json"] != before["jobs/lds-0000-r0.json"]
 
 
@@ -488,6 +492,11 @@ def test_pbrf_options_are_checked_before_any_fine_tuning(tmp_path, option, value
     args = ["groundtruth", "--task", "rules", "--pbrf-rows", "2", "--pbrf-option", option, "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+    assert not out.exists()
+    # userJ: without --pbrf-rows a (valid) --pbrf-option was taken, recorded and read by nothing
+    unread = CliRunner().invoke(app, ["groundtruth", "--task", "rules", "--pbrf-option", "steps=5", "--out", str(out)])
+    said = "--pbrf-option steps=5: PBRF's options, which groundtruth uses with --pbrf-rows N (N > 0) only"
+    assert unread.exit_code == 2 and said in " ".join(unread.output.split()), unread.output
     assert not out.exists()
 
 

@@ -104,7 +104,7 @@ def test_the_query_measures_the_fact_without_the_appended_eos(tmp_path, monkeypa
     assert [a.query_without_eos for a in seen] == [True] and payload["config"]["query_without_eos"] is True
     assert bars == [bar]
     assert seen[0] == config.attribution(0)  # the fine-tuning's layout, batch size and the study seed (reviewQ)
-    run_word_order(replace(config, query_without_eos=False), log=lambda line: None)
+    run_word_order(replace(config, query_without_eos=False), log=lambda line: None, overwrite=True)
     assert seen[-1].query_without_eos is False
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import random
 import re
 import shutil
@@ -50,6 +51,7 @@ from wherefrom.core.data import Record, check_records, data_fingerprint
 from wherefrom.core.encoding import (
     LAYOUT_SETTINGS,
     LOSS_TOKENS,
+    MAX_LENGTH,
     check_template,
     encode_records,
     iterate_batches,
@@ -114,6 +116,19 @@ _FORMAT_VERSION = 1
 logger = logging.getLogger(__name__)
 
 
+_INTEGER = (numbers.Integral,)  # numpy's integers too (a grid's values)
+_NUMBER = (numbers.Real,)
+_SETTING_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("epochs", "batch_size", "max_length", "seed", "lora_rank", "lora_alpha"), _INTEGER),
+    **dict.fromkeys(("learning_rate", "weight_decay", "lora_dropout"), _NUMBER),
+    **dict.fromkeys(("chat_template", "checkpoint_every_epoch", "append_eos", "pad_left", "truncate"), (bool,)),
+    **dict.fromkeys(("template", "loss_tokens", "lr_schedule"), (str,)),
+}
+"""The type of each :class:`FinetuneConfig` setting that :meth:`FinetuneConfig.validate` checks (``lora_rank`` and
+``template`` may also be ``None``; a bool is not taken for a number)."""
+_TYPE_NAMES = {_INTEGER: "an integer", _NUMBER: "a number", (bool,): "True or False", (str,): "a string"}
+
+
 @dataclass
 class FinetuneConfig:
     """Hyper-parameters of :func:`finetune`.
@@ -142,7 +157,7 @@ class FinetuneConfig:
     epochs: int = 2
     learning_rate: float = 1e-3
     batch_size: int = 8
-    max_length: int = 256
+    max_length: int = MAX_LENGTH
     seed: int = 0
     lora_rank: int | None = 4
     lora_alpha: int = 8
@@ -160,11 +175,25 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         self.lora_rank = full_when_zero(self.lora_rank)
+        if isinstance(self.lora_targets, str):  # one name, as AttributionConfig's include takes it (it was split
+            self.lora_targets = [self.lora_targets]  # into characters: ['_', 'j', 'o', 'p', 'q', 'r'])
         if self.lora_targets is not None:  # None is refused by validate, naming the setting
             self.lora_targets = lora_target_set(self.lora_targets)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` on an impossible setting."""
+        """Raise ``ValueError`` on an impossible setting, naming it: a value of the wrong type first (userK:
+        ``batch_size=2.5`` and ``epochs="2"`` failed inside training or a comparison, naming none), then one out of
+        range, as the command line's checks refuse it (``lora_alpha=0`` trained nothing, ``seed=-1``)."""
+        for name, kinds in _SETTING_TYPES.items():
+            value = getattr(self, name)
+            if (name == "lora_rank" and value is None) or (name == "template" and value is None):
+                continue
+            if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+                raise ValueError(f"{name} must be {_TYPE_NAMES[kinds]}, got {value!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.lora_alpha < 1:
+            raise ValueError(f"lora_alpha must be >= 1, got {self.lora_alpha}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -377,21 +406,47 @@ def _dtype_of(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def check_lora_targets(model: nn.Module, targets: list[str]) -> None:
+def check_lora_targets(model: nn.Module, targets: list[str], rank: int | None = None) -> None:
     """Raise ``ValueError`` naming each of ``targets`` (``FinetuneConfig.lora_targets``, ``--lora-target``) that
     matches no module of ``model`` by PEFT's rule (a module named so, or whose dotted name ends in ``.target``),
     with the names of the model's linear layers (:func:`wherefrom.core.tracking.is_linear`): PEFT refuses when none matches, with
-    a message naming neither the setting nor the model's modules, and ignores a target that alone matches none."""
-    names = [name for name, _module in model.named_modules()]
-    unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+    a message naming neither the setting nor the model's modules, and ignores a target that alone matches none.
+    Also raised for a target that matches a module other than a linear layer (userK: ``embed_tokens`` trained an
+    adapter that attribution, which tracks linear layers, never read; ``mlp`` ended in PEFT's module dump) and
+    for a ``rank`` above the smaller side of a targeted layer's weight (userK: ``--lora-rank 100000`` was killed
+    for memory without a word; a LoRA update ``B A`` has at most that rank whatever ``r`` is)."""
+    modules = list(model.named_modules())
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules if is_linear(module)})
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    layers = f"its linear layers are named {', '.join(linear)}"
+
+    def matches(name: str, target: str) -> bool:
+        return name == target or name.endswith(f".{target}")
+
+    unmatched = [t for t in targets if not any(matches(name, t) for name, _module in modules)]
     if unmatched:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if is_linear(module)})
-        kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
         raise ValueError(
             f"lora_targets {unmatched} (finetune's and groundtruth's --lora-target): no module of this {kind} model "
-            f"is named so; its linear layers are named {', '.join(linear)} (a command without --lora-target fine-tunes "
+            f"is named so; {layers} (a command without --lora-target fine-tunes "
             "with LoRA only a model that has the default q_proj and v_proj: use --lora-rank 0, or such a model)"
         )
+    matched = [(name, module) for name, module in modules if any(matches(name, t) for t in targets)]
+    other = {name: type(module).__name__ for name, module in matched if not is_linear(module)}
+    if other:
+        shown = ", ".join(f"{name} ({kind_name})" for name, kind_name in list(other.items())[:3])
+        raise ValueError(
+            f"lora_targets {sorted(t for t in targets if any(matches(n, t) for n in other))} (--lora-target): "
+            f"{len(other)} module(s) that are not linear layers, e.g. {shown}; wherefrom fine-tunes and attributes "
+            f"LoRA on linear layers only: {layers}"
+        )
+    if rank is not None:
+        name, module = min(matched, key=lambda pair: min(pair[1].weight.shape))
+        most = min(module.weight.shape)
+        if rank > most:
+            raise ValueError(
+                f"lora_rank {rank} (--lora-rank) is above the rank a LoRA update of {name} "
+                f"({tuple(module.weight.shape)}) can have: at most {most}"
+            )
 
 
 def _wrap_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
@@ -561,12 +616,14 @@ def _restore(
     schedule: torch.optim.lr_scheduler.LRScheduler,
     device: torch.device,
     overwrite: bool,
+    allow: str,
 ) -> tuple[int, dict[str, Any]]:
     """``(epochs done, bookkeeping)`` of the interrupted identical run whose newest training state is in
     ``output_dir/resume`` (restored into ``model``, ``optimizer``, ``schedule`` and the generators), or
     ``(0, empty bookkeeping)`` when there is none to resume: a damaged state, one whose checkpoints are gone,
     or (with ``overwrite``) one of other settings is logged and left to be deleted. Raises
-    :class:`wherefrom.core.store.OutputExists` for a state of other settings without ``overwrite``."""
+    :class:`wherefrom.core.store.OutputExists` for a state of other settings without ``overwrite`` (naming
+    ``allow``)."""
     state, notes = latest_training_state(output_dir / RESUME_DIR)
     for note in notes:
         logger.warning("not resuming from a damaged training state: %s", note)
@@ -576,6 +633,7 @@ def _restore(
     if differing and not overwrite:
         refuse_overwrite(
             [state.folder],
+            allow,
             why=f" (an interrupted run with other settings: {'; '.join(differing)}; rerun with them to resume it)",
         )
     missing = [rel for rel in state.bookkeeping["checkpoints"] if not (output_dir / rel / TRAINER_STATE_FILE).is_file()]
@@ -632,9 +690,9 @@ def finetune(
     config: FinetuneConfig,
     output_dir: str | Path,
     progress: bool = True,
-    overwrite: bool = True,
+    overwrite: bool = False,
     resumable: bool = True,
-    allow: str = "--overwrite",
+    allow: str = "overwrite=True (--overwrite on the command line)",
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``records`` and save checkpoints, logs and final weights.
 
@@ -665,16 +723,26 @@ def finetune(
     fingerprints and device kind resumes from the newest one after its last finished epoch
     (``resumed_after``), keeping that run's checkpoints and log, with the result of an uninterrupted run. A
     damaged state, or one whose checkpoints were deleted, is logged and the run starts from the first epoch.
-    Otherwise what earlier runs left there (only the names above) is deleted first; with ``overwrite=False`` a
-    complete earlier run of other settings or data, or an interrupted one's training state, raises
-    :class:`wherefrom.core.store.OutputExists` instead, before any training (an interrupted run that left no
-    state is still cleared); its message names ``allow``, the caller's way to permit it.
+    Otherwise a complete earlier run of other settings or data, or an interrupted one's training state, raises
+    :class:`wherefrom.core.store.OutputExists`, before any training (an interrupted run that left no state is
+    still cleared); its message names ``allow``, the caller's way to permit it. With ``overwrite=True`` what
+    earlier runs left there (only the names above) is deleted first instead. The default was ``True``, so a
+    Python call replaced a finished fine-tuning of other settings without a word where the command line refused.
 
-    Raises ``ValueError`` for a bad config, a PEFT model or a LoRA target that names no module of the model
-    (:func:`check_lora_targets`); :class:`wherefrom.core.data.DataError` for an empty ``records``, an invalid row,
-    a repeated id or an example longer than ``max_length`` (or the model's positions): each before ``output_dir`` is
-    made (a refused run leaves no folder).
+    Raises ``TypeError`` for a ``model`` that is not a module (a :class:`wherefrom.models.loading.LoadedModel`: pass
+    its ``.model``) or a ``config`` that is not a :class:`FinetuneConfig`; ``ValueError`` for a bad config
+    (:meth:`FinetuneConfig.validate`), a PEFT model, a LoRA target or rank the model cannot take
+    (:func:`check_lora_targets`) or an ``output_dir`` that is a file; :class:`wherefrom.core.data.DataError` for an
+    empty ``records``, an invalid row, a repeated id or an example longer than ``max_length`` (or the model's
+    positions): each before ``output_dir`` is made (a refused run leaves no folder).
     """
+    if not isinstance(config, FinetuneConfig):
+        raise TypeError(f"config must be a FinetuneConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        hint = ": pass its .model" if hasattr(model, "model") and hasattr(model, "tokenizer") else ""
+        raise TypeError(f"model must be a causal LM (torch.nn.Module), got {type(model).__name__}{hint}")
+    if Path(output_dir).is_file():
+        raise ValueError(f"output_dir {output_dir} is a file, not a folder")
     config.validate()
     records = check_records(records, "fine-tuning rows")
     if is_peft(model):
@@ -684,7 +752,7 @@ def finetune(
         )
     lora = config.lora_rank is not None
     if lora:  # before the output folder is made
-        check_lora_targets(model, config.lora_targets)
+        check_lora_targets(model, config.lora_targets, config.lora_rank)
     output_dir = Path(output_dir)
 
     identity = _identity(config, records, model, tokenizer)
@@ -727,7 +795,7 @@ def finetune(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     state_identity = {**identity, "device": device.type}  # a state resumes on the device kind that saved it
     done, book = (
-        _restore(output_dir, state_identity, tokenizer, model, optimizer, schedule, device, overwrite)
+        _restore(output_dir, state_identity, tokenizer, model, optimizer, schedule, device, overwrite, allow)
         if resumable
         else (0, _new_run())
     )

@@ -215,7 +215,7 @@ def run_ablation(
     progress: Progress = no_progress,
     command: str = "",
     log: Callable[[str], None] | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run every bench of :func:`ablation_runs` (resuming each from its folder) and write ``ablate.json`` /
     ``ablate.md`` into ``config.out`` (see the module docstring); returns what ``ablate.json`` holds.

@@ -370,14 +370,14 @@ def finetuned(
     config: BenchConfig,
     seed: int,
     task: BenchTask,
-    overwrite: bool = True,
+    overwrite: bool = False,
     directory: Path | None = None,
     allow: str = "--overwrite",
 ) -> tuple[LoadedModel, FinetuneResult]:
     """The base model (tokenizer included) and the seed's fine-tuned model: :func:`wherefrom.models.finetune.finetune`
     on ``task.train`` with :meth:`BenchConfig.finetune_config` in ``<config.out>/seed-<seed>/finetune``
-    (reused when that folder holds the same run, trained otherwise; one of other settings is replaced, or with
-    ``overwrite=False`` refused: :class:`wherefrom.core.store.OutputExists`). ``directory``: where the bench ran, which
+    (reused when that folder holds the same run, trained otherwise; one of other settings is replaced with
+    ``overwrite``, else refused: :class:`wherefrom.core.store.OutputExists`). ``directory``: where the bench ran, which
     a relative ``model`` / ``finetune_dir`` is named from (:func:`named_from`; the folder's name keeps the settings
     as recorded, so an analysis run elsewhere finds the bench's fine-tuning); ``allow``: how a refusal says to permit
     the replacement.
@@ -526,15 +526,15 @@ def run_bench(
     progress: Progress = no_progress,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark of ``config`` (resuming from ``config.out``); returns what ``bench.json`` holds.
 
     ``progress`` wraps the loop over methods of each seed and each method's passes (tqdm-like, as elsewhere in
     wherefrom);
     ``log`` receives one line per step; ``command`` is recorded (default: :func:`command_line`). A row or a
-    fine-tuned model made with other settings is recomputed and replaced; ``overwrite=False`` (``wherefrom bench``
-    without ``--overwrite``) refuses that instead (:class:`wherefrom.core.store.OutputExists` naming the settings
+    fine-tuned model made with other settings is recomputed and replaced with ``overwrite=True``; ``overwrite=False``
+    (the default, as ``wherefrom bench`` without ``--overwrite``; it was ``True``) refuses that instead (:class:`wherefrom.core.store.OutputExists` naming the settings
     that differ), the rows of every seed checked before any work.
     """
     config.validate()

@@ -179,7 +179,7 @@ def run_word_order(
     config: WordOrderConfig,
     command: str = "",
     log: Callable[[str], None] = print,
-    overwrite: bool = True,
+    overwrite: bool = False,
     progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Run the study for every seed; writes ``out/wordorder.json`` and ``out/wordorder.md``, returns the payload.
@@ -214,6 +214,7 @@ def run_word_order(
             out / f"seed-{seed}" / "finetune",
             progress=False,
             overwrite=overwrite,
+            allow="--overwrite",  # as the study's other refusals name it
         )
         attribution = config.attribution(seed)
         scores, usage = scored_method(

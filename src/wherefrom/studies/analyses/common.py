@@ -14,7 +14,7 @@ the bench folder (:func:`write_report`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from wherefrom.studies.outputs import recorded_directory
 
 __all__ = [
     "Bench",
+    "first_queries",
     "load_checkpoint",
     "method_options",
     "open_bench",
@@ -156,6 +157,16 @@ def bench_directory(folder: Path) -> Path:
     if recorded is None and folder.resolve().parent.name == "runs":
         recorded = recorded_directory(folder.resolve().parent.parent, "ablate")
     return recorded or Path.cwd()
+
+
+def first_queries(test: Sequence[Any], n_queries: int | None, say: Callable[[str], None]) -> int | None:
+    """``n_queries`` (``--n-queries``: the first test rows only) as an analysis keys its cache on it: ``None`` (all)
+    when it is ``None`` or reaches the task's ``len(test)`` rows, which is said (userJ: ``--n-queries 100`` of a
+    6-query bench was keyed apart from all 6 and recomputed everything to the same numbers)."""
+    if n_queries is None or n_queries < len(test):
+        return n_queries
+    say(f"--n-queries {n_queries}: the task has {len(test)} test rows; all are used")
+    return None
 
 
 def load_checkpoint(bench: Bench, folder: Path) -> nn.Module:

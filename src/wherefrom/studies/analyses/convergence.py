@@ -63,11 +63,11 @@ def run_convergence(
     settings: ConvergenceSettings | None = None,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run analysis (b) on a bench folder (resuming from its cache); returns what ``convergence.json``
     holds and writes ``convergence.json`` / ``convergence.md`` into the folder.
-    ``overwrite=False`` (``wherefrom analyze`` without ``--overwrite``): a seed's unit made with other settings is
+    ``overwrite=False`` (the default, as ``wherefrom analyze`` without ``--overwrite``): a seed's unit made with other settings is
     refused before that seed's work (:func:`wherefrom.studies.toolkit.refuse_replacing`), not replaced."""
     bench = open_bench(bench)
     settings = settings or ConvergenceSettings()

@@ -47,7 +47,7 @@ from wherefrom.curvature.base import DAMPING_FACTOR, TRACE_PROBES, DataShape, ch
 from wherefrom.curvature.exact import Blocks, ExactGGN
 from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import InfluenceMethod, in_family, make_method, options_off_default
-from wherefrom.studies.analyses.common import Bench, method_options, open_bench, write_report
+from wherefrom.studies.analyses.common import Bench, first_queries, method_options, open_bench, write_report
 from wherefrom.studies.diagnose import check_shared_settings, fit_reference, ihvp_relative_error
 from wherefrom.studies.metrics import mean_stat, spearman
 from wherefrom.studies.toolkit import (
@@ -120,7 +120,9 @@ class IhvpSettings:
         if self.methods is not None:
             other = [m for m in self.methods if m not in influence_methods(self.methods)]
             if other:
-                raise ValueError(f"not influence methods (no preconditioned queries to compare): {other}")
+                raise ValueError(
+                    f"methods (--methods) {other}: not influence methods (no preconditioned queries to compare)"
+                )
 
 
 def _scalars(info: dict[str, Any]) -> dict[str, Any]:
@@ -288,11 +290,11 @@ def run_ihvp(
     settings: IhvpSettings | None = None,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run analysis (a) on a bench folder (resuming from its cache); returns what ``ihvp.json`` holds
     and writes ``ihvp.json`` / ``ihvp.md`` into the folder (each reference setting in its own cache folder).
-    ``overwrite=False`` (``wherefrom analyze`` without ``--overwrite``): a seed's unit made with other settings is
+    ``overwrite=False`` (the default, as ``wherefrom analyze`` without ``--overwrite``): a seed's unit made with other settings is
     refused before that seed's work (:func:`wherefrom.studies.toolkit.refuse_replacing`), not replaced."""
     bench = open_bench(bench)
     settings = settings or IhvpSettings()
@@ -300,7 +302,10 @@ def run_ihvp(
     say = log or (lambda _line: None)
     methods = settings.methods or influence_methods(bench.config.methods)
     if not methods:
-        raise ValueError(f"the bench ran no influence method ({bench.config.methods}); pass methods=[...]")
+        raise ValueError(
+            f"the bench ran no influence method ({', '.join(bench.config.methods)}); name influence methods to run "
+            "with --methods (Python: IhvpSettings(methods=[...]))"
+        )
     check_methods_named(settings.method_options, methods)
     for method in methods:  # the bench's own options may give one: refused before any work or cached row
         check_shared_settings({method: method_options(bench, {}, method)}, "ihvp", "the bench's --option")
@@ -308,12 +313,14 @@ def run_ihvp(
     references: dict[str, Any] = {}
     for seed in bench.config.seeds:
         task = bench.task(seed)
-        queries = task.test[: settings.n_queries] if settings.n_queries else task.test
+        n_queries = first_queries(task.test, settings.n_queries, say)
+        queries = task.test[:n_queries] if n_queries else task.test
         ref_key = {
             **bench.seed_key(seed, task),
             "analysis": NAME,
             "format": _FORMAT_VERSION,
             **{k: v for k, v in asdict(settings).items() if k not in ("methods", "method_options")},
+            "n_queries": n_queries,
         }
         folder = f"{NAME}/{key_digest(ref_key, 10)}"  # one cache folder per reference setting: switching back reuses it
         ref_json, ref_tensors = (

@@ -43,7 +43,7 @@ from wherefrom.core.gradients import Batch
 from wherefrom.core.task import completion_predictions
 from wherefrom.models.finetune import read_trainer_state
 from wherefrom.models.loading import eval_mode, is_peft
-from wherefrom.studies.analyses.common import Bench, load_checkpoint, open_bench, write_report
+from wherefrom.studies.analyses.common import Bench, first_queries, load_checkpoint, open_bench, write_report
 from wherefrom.studies.metrics import mean_stat, spearman
 from wherefrom.studies.toolkit import (
     cached,
@@ -268,11 +268,11 @@ def run_weights(
     n_queries: int | None = None,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run analysis (c) on a bench folder (resuming from its cache) on the first ``n_queries`` test rows
     (``None``: all); returns what ``weights.json`` holds and writes ``weights.json`` / ``weights.md``.
-    ``overwrite=False`` (``wherefrom analyze`` without ``--overwrite``): a seed's unit made with other settings is
+    ``overwrite=False`` (the default, as ``wherefrom analyze`` without ``--overwrite``): a seed's unit made with other settings is
     refused before that seed's work (:func:`wherefrom.studies.toolkit.refuse_replacing`), not replaced."""
     bench = open_bench(bench)
     if n_queries is not None and n_queries < 1:
@@ -283,8 +283,9 @@ def run_weights(
     records: dict[str, dict[str, Any]] = {}
     for seed in c.seeds:
         task = bench.task(seed)
-        queries = task.test[:n_queries] if n_queries else task.test
-        key = {**bench.seed_key(seed, task), "analysis": NAME, "format": _FORMAT_VERSION, "n_queries": n_queries}
+        taken = first_queries(task.test, n_queries, say)
+        queries = task.test[:taken] if taken else task.test
+        key = {**bench.seed_key(seed, task), "analysis": NAME, "format": _FORMAT_VERSION, "n_queries": taken}
         units = {n: (bench.unit_path(seed, NAME, n), {**key, "checkpoint": n}) for n in names}
         if not overwrite:
             refuse_replacing(units.values())

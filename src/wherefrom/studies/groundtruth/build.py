@@ -246,12 +246,12 @@ def build_groundtruth(
     progress: Progress = no_progress,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> GroundTruth:
     """Build (or resume) the ground-truth folder ``config.out``; returns it loaded (:meth:`GroundTruth.load`).
 
     A rerun reuses every finished part made with the same settings (the full-data model, each retraining job, each
-    PBRF row) and adds new ones (more subsets, LOO or PBRF rows). ``overwrite=False`` (``wherefrom groundtruth``
+    PBRF row) and adds new ones (more subsets, LOO or PBRF rows). ``overwrite=False`` (the default, as ``wherefrom groundtruth``
     without ``--overwrite``) refuses, with :class:`wherefrom.core.store.OutputExists` naming the settings that
     differ, to replace a finished part made with other settings: the full-data model before it trains, the jobs before
     any job runs, the PBRF rows when PBRF starts (after the jobs: a rerun that changes both the budget and
@@ -291,8 +291,9 @@ def build_groundtruth(
     loaded = load_model(config.model, device=config.device)
     settings = config.finetune_config(config.seed)
     tuned = finetune(
-        loaded.model, loaded.tokenizer, train, settings, out / "model", progress=False, overwrite=overwrite
-    )
+        loaded.model, loaded.tokenizer, train, settings, out / "model", progress=False, overwrite=overwrite,
+        allow="--overwrite",  # as the study's other refusals name it
+    )  # fmt: skip
     recorded = read_json_object(out / "model" / FINETUNE_RECORD)["tokenizer_fingerprint"]  # the folder's form
     full_f = measure_queries(tuned.model, loaded.tokenizer, queries, config.batch_size, **settings.layout())
     timings["finetune_s"] = time.perf_counter() - tick

@@ -328,7 +328,7 @@ def evaluate(
     log: Callable[[str], None] | None = None,
     command: str | None = None,
     device: str | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run ``methods`` on the ground truth in ``gt_folder`` and score them; returns what ``<out>.json`` holds.
 
@@ -337,7 +337,7 @@ def evaluate(
     ``attribution``: batching/damping settings (default: the ground truth's batch size and maximum
     length, :meth:`GroundTruthConfig.attribution`); ``device``: where the model is loaded and the methods run
     (default: the ground truth's own, :meth:`GroundTruth.load`; cached rows are reused on any). A method's row
-    made with other options or settings is recomputed and replaced; ``overwrite=False`` (``wherefrom evaluate``
+    made with other options or settings is recomputed and replaced with ``overwrite=True``; ``overwrite=False`` (the default, as ``wherefrom evaluate``
     without ``--overwrite``) refuses that before any method runs (:class:`wherefrom.core.store.OutputExists`).
     """
     methods = check_methods(methods)
