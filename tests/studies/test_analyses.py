@@ -465,3 +465,18 @@ def test_weights_measures_the_queries_as_the_bench_encodes_them(tmp_path):
     assert behaviour["n_tokens"] == sum(sum(label != -100 for label in e.labels[1:]) for e in encoded)
     assert behaviour["delta_f"] == pytest.approx(by_hand, abs=1e-6)
     assert max(abs(d) for d in by_hand) > 1e-3  # the tuning changed f: the comparison can fail
+
+
+def test_an_analysis_says_when_it_fine_tunes_a_missing_seed_again(bench_dir, tmp_path):
+    """userJ: with ``seed-0/finetune`` deleted, ``analyze weights`` fine-tuned the seed again without a word, while
+    the bench metrics other analyses pair with came from the deleted model."""
+    folder = tmp_path / "bench"
+    shutil.copytree(bench_dir, folder)
+    shutil.rmtree(folder / "seed-0" / "finetune")
+    shutil.rmtree(folder / "seed-0" / "weights", ignore_errors=True)  # made by an earlier test of this module
+    said: list[str] = []
+    run_weights(folder, log=said.append)
+    assert any(line.startswith("seed 0: the bench's fine-tuning was not in ") for line in said), said
+    said.clear()
+    run_weights(folder, log=said.append)  # reused now: nothing said
+    assert not any("fine-tuned again" in line for line in said), said

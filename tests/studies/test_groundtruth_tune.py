@@ -147,6 +147,9 @@ def test_cli_tune(groundtruth, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output  # --device: README's "every command" (tune had none)
+    unnamed = runner.invoke(app, ["tune", str(groundtruth), "--grid", "damping_factor=0.01,1"])
+    assert unnamed.exit_code == 2 and "--method is required for this command" in unnamed.output  # "unknown method None"
+    assert not (groundtruth / "tune-None").exists()
     report = json.loads((tmp_path / "cli" / "tune.json").read_text())
     assert "--device cpu" in report["command"]
     assert [p["point"] for p in report["points"]] == [{"damping_factor": 0.01}, {"damping_factor": 1}]

@@ -454,7 +454,9 @@ class CurvatureSettings:
     )
     damping: float | None = setting(
         None,
-        "Absolute damping lambda; default: --damping-factor x the mean eigenvalue per module (Grosse et al.).",
+        "Absolute damping lambda; default: --damping-factor x the mean eigenvalue per module (Grosse et al.; "
+        "analyze ihvp: one lambda for every module, --damping-factor x the Hutchinson estimate of the mean GGN "
+        "eigenvalue).",
         check=positive,
     )
     damping_factor: float = setting(
@@ -481,7 +483,7 @@ class MethodSettings:
     method: str | None = setting(
         None,
         "Method name (see `wherefrom.methods.registry.METHODS`): ekfac, kfac, lissa, cg, arnoldi, datainf, gradsim, "
-        "gradsim-cosine, tracin, repsim, bm25, trak, logra, ... (required by attribute; fit: default --strategy).",
+        "gradsim-cosine, tracin, repsim, bm25, trak, logra, ... (required by attribute and tune; fit: default --strategy).",
         check=method_names,
     )
     methods: str | None = setting(

@@ -406,6 +406,7 @@ def tune(groundtruth, method, grid, option, split_seed, selection_share, out, de
     tune.json, tune.md, points/ and config.json."""
     from wherefrom.studies.groundtruth.tune import tune as run_tune
 
+    method = required(method, "method")  # it said "unknown method None" (userJ)
     folder = out or groundtruth / f"tune-{method}"
     try:
         parsed = parse_grid(grid)

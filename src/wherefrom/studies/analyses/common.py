@@ -98,13 +98,22 @@ class Bench:
         """The seed's task (:func:`wherefrom.studies.bench.build_task`, files named from :attr:`directory`)."""
         return build_task(self.config, seed, self.directory)
 
-    def finetuned(self, seed: int, task: BenchTask) -> tuple[LoadedModel, FinetuneResult]:
+    def finetuned(
+        self, seed: int, task: BenchTask, log: Callable[[str], None] = lambda _line: None
+    ) -> tuple[LoadedModel, FinetuneResult]:
         """The base model and the seed's fine-tuned model (:func:`wherefrom.studies.bench.finetuned`): the bench's
         own, reused; one made from other inputs (another base model where the bench's relative ``model`` now
         names another folder) is refused, :class:`wherefrom.core.store.OutputExists`, not trained again in its
-        place."""
+        place. One that is missing (deleted, or never finished) is trained, and ``log`` says so (userJ: it was
+        trained again without a word, while the bench's metrics an analysis pairs with came from the deleted one)."""
         allow = f"--overwrite to `wherefrom bench` for {self.folder} (an analysis never replaces a fine-tuning)"
-        return finetuned(self.config, seed, task, overwrite=False, directory=self.directory, allow=allow)
+        loaded, tuned = finetuned(self.config, seed, task, overwrite=False, directory=self.directory, allow=allow)
+        if not tuned.reused:
+            log(
+                f"seed {seed}: the bench's fine-tuning was not in {tuned.output_dir}: fine-tuned again (the bench's "
+                "metrics are the earlier fine-tuning's)"
+            )
+        return loaded, tuned
 
     def base_model(self) -> nn.Module:
         """The bench's base model (its ``model`` folder named from :attr:`directory`), on its device."""

@@ -90,7 +90,7 @@ def run_convergence(
             refuse_replacing((file, keys[unit]) for unit, file in path.items())
         done = {unit: cached(file, keys[unit]) for unit, file in path.items()}
         if any(row is None for row in done.values()):
-            loaded, tuned = bench.finetuned(seed, task)
+            loaded, tuned = bench.finetuned(seed, task, say)
             tokenizer, checkpoints = loaded.tokenizer, list(tuned.checkpoints)
             loaded = tuned = None
             if len(checkpoints) != len(epochs):

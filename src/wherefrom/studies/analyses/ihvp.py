@@ -335,7 +335,7 @@ def run_ihvp(
                 done[method] = cached(bench.unit_path(seed, folder, method), keys[method])
         todo = [m for m in methods if done.get(m) is None]
         if todo:
-            loaded, tuned = bench.finetuned(seed, task)
+            loaded, tuned = bench.finetuned(seed, task, say)
             if ref is None:
                 info, blocks = _reference(bench, settings, seed, tuned.model, loaded.tokenizer, task, queries, say)
                 atomic_save_tensors(blocks, ref_tensors)

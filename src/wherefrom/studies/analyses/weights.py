@@ -291,7 +291,7 @@ def run_weights(
             refuse_replacing(units.values())
         done = {n: cached(path, unit_key) for n, (path, unit_key) in units.items()}
         if any(v is None for v in done.values()):
-            loaded, tuned = bench.finetuned(seed, task)
+            loaded, tuned = bench.finetuned(seed, task, say)
             layout = c.attribution_config(seed).layout()  # the bench's queries as its attribution encoded them
             encoded = encode_records(queries, loaded.tokenizer, model=tuned.model, **layout)
             batches = list(
