@@ -6,7 +6,7 @@ saved random initialisation on a generated word-association set (prompt "w1 [w2]
 small enough that ``exact`` (the dense damped GGN of every parameter block) is feasible, so the exact
 influence function is one of the rows of the table::
 
-    python benchmarks/groundtruth_tiny.py [--out .cache/groundtruth-tiny] [--results benchmarks/results/groundtruth-tiny]
+    python benchmarks/groundtruth_tiny.py [--out .cache/groundtruth-tiny] [--results benchmarks/results/groundtruth-tiny] [--overwrite]
 
 Writes ``evaluate.{md,json}`` and ``tune.{md,json}`` (copied to ``--results``); a rerun resumes from ``--out``.
 """
@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--loo-seeds", type=int, default=3)
     parser.add_argument("--pbrf-rows", type=int, default=8)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to evaluate")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace results in --out made with other settings (else refused)"
+    )
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -102,9 +105,11 @@ def main() -> None:
         device="cpu",
         # PBRF at the estimators' default relative damping, solved in float64 (float32 stalls, and HF Llama
         # keeps its norms in float32 even in a float64 copy, hence GPT-2 here; see README "PBRF and tuning")
-        pbrf_options={"eps": 1e-3, "float64": True, "damping_factor": 0.1, "steps": 1000, "tol": 1e-5},
+        pbrf_options=(
+            {"eps": 1e-3, "float64": True, "damping_factor": 0.1, "steps": 1000, "tol": 1e-5} if args.pbrf_rows else {}
+        ),
     )
-    build_groundtruth(config, log=print, command=command)
+    build_groundtruth(config, log=print, command=command, overwrite=args.overwrite)
     built = time.perf_counter() - started
     evaluate(
         out / "gt",
@@ -112,6 +117,7 @@ def main() -> None:
         method_options={"lissa": {"depth": 2000}, "cg": {"max_iter": 500}},
         log=print,
         command=command,
+        overwrite=args.overwrite,
     )
     evaluated = time.perf_counter() - started - built
     tune(out / "gt", "ekfac", {"damping_factor": [1e-3, 1e-2, 0.1, 1.0, 10.0]}, log=print, command=command)

@@ -220,7 +220,7 @@ def test_top_takes_a_query_position_or_id_and_names_one_that_is_not_there():
     for query in (5, -1, True, 1.0):
         with pytest.raises(IndexError, match=r"give a position in 0\.\.1 or an id \(neg, pos\)"):
             scores.top(query, 2)
-    with pytest.raises(KeyError, match=r"no query 'q-id' in these scores \(queries: neg, pos\)"):
+    with pytest.raises(LookupError, match=r"no query 'q-id' in these scores \(queries: neg, pos\)"):
         scores.top("q-id", 2)
 
 

@@ -455,7 +455,8 @@ def test_a_lora_target_that_names_no_module_is_refused_before_the_output_folder(
         ({"lora_alpha": 0}, r"lora_alpha must be >= 1, got 0"),
         ({"batch_size": 2.5}, r"batch_size must be an integer, got 2\.5"),
         ({"epochs": "2"}, r"epochs must be an integer, got '2'"),
-        ({"lora_rank": 2.5}, r"lora_rank must be an integer, got 2\.5"),
+        ({"lora_rank": 2.5}, r"lora_rank must be an integer or None, got 2\.5"),
+        ({"lora_rank": False}, r"lora_rank must be an integer or None, got False"),  # was a full fine-tuning
         ({"seed": -1}, r"seed must be >= 0, got -1"),
         ({"learning_rate": True}, r"learning_rate must be a number, got True"),
     ],
@@ -683,3 +684,28 @@ def test_the_longest_row_has_one_default_in_python_and_on_the_command_line():
 
     lengths = {FinetuneConfig().max_length, AttributionConfig().max_length, BenchConfig(task="t", out="o").max_length}
     assert lengths == {SETTINGS["max_length"].default} == {512}
+
+
+def test_no_eos_beside_a_chat_template_that_ends_the_turn_is_refused_before_the_output_folder(records, tmp_path):
+    """userK: ``--chat-template --no-eos`` trained with the end-of-turn marker scored (the same loss as without
+    ``--no-eos``) and recorded ``append_eos: False``; a later fit warned of a layout mismatch that was none."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    config = lora_config(chat_template=True, append_eos=False)
+    with pytest.raises(ValueError, match=r"append_eos=False \(--no-eos\) changes nothing with this chat template"):
+        finetune(tiny_llama(len(tokenizer)), tokenizer, records[:2], config, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_numpy_settings_are_stored_as_python_numbers_and_one_target_name_is_a_list_of_one():
+    """reviewT: numpy numbers passed the type check but stayed numpy's, so the fine-tuning died writing its JSON
+    record after its first epoch; ``BenchConfig(lora_targets="q_proj")`` was still split into characters."""
+    import numpy as np
+
+    from wherefrom.studies.bench import BenchConfig
+
+    config = FinetuneConfig(epochs=np.int64(2), learning_rate=np.float32(0.5), lora_rank=np.int32(4))
+    config.validate()
+    assert [type(getattr(config, n)) for n in ("epochs", "learning_rate", "lora_rank")] == [int, float, int]
+    json.dumps(config.to_dict())
+    assert BenchConfig(task="t", out="o", lora_targets="q_proj").lora_targets == ["q_proj"]

@@ -480,3 +480,17 @@ def test_an_analysis_says_when_it_fine_tunes_a_missing_seed_again(bench_dir, tmp
     said.clear()
     run_weights(folder, log=said.append)  # reused now: nothing said
     assert not any("fine-tuned again" in line for line in said), said
+
+
+def test_the_note_on_exacts_missing_cross_module_terms_is_only_under_a_full_reference(reports, bench_dir):
+    """userJ: under ``--exact-blocks module`` (the reference per module too, ``exact``'s error 0) the report still
+    said ``exact``'s error against the full-GGN reference is what the cross-module terms carry."""
+    from wherefrom.studies.analyses.ihvp import _markdown
+
+    payload, bench = reports["ihvp"], open_bench(bench_dir)
+    note = "its error against the full-GGN reference is what those terms carry"
+    per_module = {**payload["settings"], "method_options": {"exact": {"blocks": "module"}}}  # exact as the bench's
+    full = {**payload, "settings": per_module}
+    assert per_module["exact_blocks"] == "full" and note in " ".join(_markdown(bench, full).split())
+    module = {**payload, "settings": {**per_module, "exact_blocks": "module"}}
+    assert note not in " ".join(_markdown(bench, module).split())

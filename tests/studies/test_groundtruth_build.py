@@ -495,9 +495,11 @@ def test_pbrf_options_are_checked_before_any_fine_tuning(tmp_path, option, value
     assert not out.exists()
     # userJ: without --pbrf-rows a (valid) --pbrf-option was taken, recorded and read by nothing
     unread = CliRunner().invoke(app, ["groundtruth", "--task", "rules", "--pbrf-option", "steps=5", "--out", str(out)])
-    said = "--pbrf-option steps=5: PBRF's options, which groundtruth uses with --pbrf-rows N (N > 0) only"
+    said = "pbrf_options (--pbrf-option) {'steps': 5}: PBRF's options, which a ground truth reads with pbrf_rows"
     assert unread.exit_code == 2 and said in " ".join(unread.output.split()), unread.output
     assert not out.exists()
+    with pytest.raises(ValueError, match=r"\(--pbrf-rows\) > 0 only"):  # in Python too
+        GroundTruthConfig(task="rules", out="o", pbrf_options={"steps": 5}).validate()
 
 
 def test_targets_of_too_few_rows_to_correlate_are_said_before_any_fine_tuning(tmp_path, monkeypatch):

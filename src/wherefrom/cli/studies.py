@@ -332,9 +332,6 @@ def groundtruth(task, out, lora_rank, lora_target, subsets, pbrf_option, overwri
 
     out = required(out, "out")
     try:
-        if pbrf_option and not settings.get("pbrf_rows"):  # userJ: taken, recorded and read by nothing
-            given = " ".join(f"--pbrf-option {pair}" for pair in pbrf_option)
-            raise ValueError(f"{given}: PBRF's options, which groundtruth uses with --pbrf-rows N (N > 0) only")
         config = settings_as(
             GroundTruthConfig,
             out=str(out),

@@ -142,6 +142,15 @@ def _chat_texts(record: Record, tokenizer: PreTrainedTokenizerBase) -> tuple[str
     return before, content + after[:marker_end], marker_end > 0
 
 
+def template_ends_turn(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's chat template ends the assistant's turn with a special token (``<|im_end|>``,
+    ``<|eot_id|>``, ...): then that marker ends each completion and is scored, and ``append_eos`` changes nothing
+    (:func:`encode_records`). ``ValueError`` for a tokenizer without a chat template."""
+    _check_template(tokenizer)
+    probe = _render(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": CONTENT_SENTINEL}])
+    return _end_of_turn(probe.split(CONTENT_SENTINEL)[-1], tokenizer) > 0
+
+
 def _split_tokens(
     record: Record, tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str
 ) -> tuple[list[int], list[int]]:
@@ -280,8 +289,7 @@ def encode_records(
     template renders between content and marker, such as Llama-2's space, included); text after the
     marker is dropped; the prompt is everything the template renders before the content (system
     turn, user turn, assistant header). A token straddling the boundary goes to the completion.
-    ``append_eos`` adds the EOS only for a template that renders no end-of-turn marker; ``append_eos=False`` with
-    a template that renders one raises ``ValueError`` (it would change nothing).
+    ``append_eos`` adds the EOS only for a template that renders no end-of-turn marker (:func:`template_ends_turn`).
 
     If the prompt tokenizes to nothing (an empty prompt and no BOS added by the tokenizer), the
     tokenizer's ``bos_token_id`` is prepended when it has one, so that the first completion token
@@ -348,11 +356,6 @@ def encode_records(
         pairs = []
         for record in records:
             prompt_text, completion_text, has_marker = _chat_texts(record, tokenizer)
-            if has_marker and not append_eos:  # userK: taken, recorded, then warned of as another layout
-                raise ValueError(
-                    "append_eos=False (--no-eos) changes nothing with chat_template: the template's end-of-turn "
-                    "marker ends each completion and is scored; leave it out"
-                )
             prompt, completion = _split_tokens(record, tokenizer, prompt_text, completion_text)
             if eos is not None and not has_marker:
                 completion = [*completion, int(eos)]  # a template without an end-of-turn marker

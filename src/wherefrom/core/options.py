@@ -23,6 +23,7 @@ import collections.abc
 import inspect
 import json
 import math
+import numbers
 import types
 import typing
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -52,6 +53,22 @@ UNSET: Any = _Unset()
 INT64_LARGEST = 2**63 - 1
 """The largest integer a setting or option takes (counts, sizes and seeds go into tensors, arrays and files as int64;
 ``--shard-size 99999999999999999999`` was stored, then a tensor of that size overflowed with a traceback)."""
+
+
+def plain_numbers(config: Any, kinds: Mapping[str, type], optional: Collection[str] = ()) -> None:
+    """Check each numeric setting ``name`` of ``config`` (a dataclass) is of ``kinds[name]`` (``numbers.Integral``
+    or ``numbers.Real``; a bool is neither; ``None`` allowed for ``optional``) and store numpy's numbers as Python's
+    (kept as they were, they failed later checks and JSON: a fine-tuning died writing its record after its first
+    epoch). Raises ``ValueError`` naming the setting and value."""
+    for name, kind in kinds.items():
+        value = getattr(config, name)
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            kind_name = "an integer" if kind is numbers.Integral else "a number"
+            raise ValueError(f"{name} must be {kind_name}{' or None' if name in optional else ''}, got {value!r}")
+        if not isinstance(value, (int, float)):
+            setattr(config, name, int(value) if kind is numbers.Integral else float(value))
 
 
 def int64_problem(value: Any) -> str | None:

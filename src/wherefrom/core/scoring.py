@@ -195,7 +195,7 @@ class Scores:
         """The ``k`` strongest proponents (largest scores) or opponents (most negative) of one query (its position
         in :attr:`query_ids`, or its id), as ``(train id, score)``; equal scores in training-row order
         (:func:`stable_top_k`; ``ValueError`` for ``k < 0``). ``IndexError`` for a position outside
-        ``0..n_query-1`` (a negative one counted from the end was taken: userK) and ``KeyError`` for an unknown id,
+        ``0..n_query-1`` (a negative one counted from the end was taken: userK) and ``LookupError`` for an unknown id,
         each naming the queries there are (an id raised torch's "too many indices")."""
         row = self.total[self.query_position(query)]
         sign = -1.0 if opponents else 1.0
@@ -204,19 +204,21 @@ class Scores:
 
     def query_position(self, query: int | str) -> int:
         """The row of ``total`` of ``query``: a position in :attr:`query_ids` or an id (see :meth:`top`)."""
-        shown = ", ".join(self.query_ids[:5]) + (
-            f" and {len(self.query_ids) - 5} more" if len(self.query_ids) > 5 else ""
-        )
+        ids = self.query_ids
+
+        def shown() -> str:
+            return ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+
         if isinstance(query, str):
-            if query not in self.query_ids:
-                raise KeyError(f"no query {query!r} in these scores (queries: {shown})")
-            return self.query_ids.index(query)
+            if query not in ids:
+                raise LookupError(f"no query {query!r} in these scores (queries: {shown()})")
+            return ids.index(query)
         try:
             position = None if isinstance(query, bool) else operator.index(query)  # numpy's and torch's integers too
         except TypeError:
             position = None
-        if position is None or not 0 <= position < len(self.query_ids):
-            raise IndexError(f"query {query!r}: give a position in 0..{len(self.query_ids) - 1} or an id ({shown})")
+        if position is None or not 0 <= position < len(ids):
+            raise IndexError(f"query {query!r}: give a position in 0..{len(ids) - 1} or an id ({shown()})")
         return position
 
 

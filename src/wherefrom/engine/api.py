@@ -36,6 +36,7 @@ from wherefrom.core.encoding import (
 )
 from wherefrom.core.gradients import Batch, LossFn, TokenFactors, token_factors
 from wherefrom.core.memory import check_memory, nbytes
+from wherefrom.core.options import plain_numbers
 from wherefrom.core.scoring import (
     QueryBlock,
     Scores,
@@ -134,14 +135,7 @@ class AttributionConfig:
     def __post_init__(self) -> None:
         self.include = name_patterns(self.include, "include")
         self.exclude = name_patterns(self.exclude, "exclude")
-        for name, kind in NUMBER_SETTINGS.items():
-            value = getattr(self, name)
-            if value is None and name in ("query_rank", "damping"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise ValueError(f"{name} must be {'an integer' if kind is Integral else 'a number'}, got {value!r}")
-            if not isinstance(value, (int, float)):  # numpy's: kept, they failed later checks and JSON
-                setattr(self, name, int(value) if kind is Integral else float(value))
+        plain_numbers(self, NUMBER_SETTINGS, ("query_rank", "damping"))
         if self.fisher not in FISHERS:
             raise ValueError(f"fisher must be one of {list(FISHERS)}, got {self.fisher!r}")
         if self.normalize not in (None, "cosine"):

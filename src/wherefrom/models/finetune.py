@@ -56,7 +56,9 @@ from wherefrom.core.encoding import (
     encode_records,
     iterate_batches,
     pad_id,
+    template_ends_turn,
 )
+from wherefrom.core.options import plain_numbers
 from wherefrom.core.store import (
     OLD,
     PARTIAL,
@@ -116,17 +118,13 @@ _FORMAT_VERSION = 1
 logger = logging.getLogger(__name__)
 
 
-_INTEGER = (numbers.Integral,)  # numpy's integers too (a grid's values)
-_NUMBER = (numbers.Real,)
-_SETTING_TYPES: dict[str, tuple[type, ...]] = {
-    **dict.fromkeys(("epochs", "batch_size", "max_length", "seed", "lora_rank", "lora_alpha"), _INTEGER),
-    **dict.fromkeys(("learning_rate", "weight_decay", "lora_dropout"), _NUMBER),
-    **dict.fromkeys(("chat_template", "checkpoint_every_epoch", "append_eos", "pad_left", "truncate"), (bool,)),
-    **dict.fromkeys(("template", "loss_tokens", "lr_schedule"), (str,)),
+_NUMBER_SETTINGS = {
+    **dict.fromkeys(("epochs", "batch_size", "max_length", "seed", "lora_rank", "lora_alpha"), numbers.Integral),
+    **dict.fromkeys(("learning_rate", "weight_decay", "lora_dropout"), numbers.Real),
 }
-"""The type of each :class:`FinetuneConfig` setting that :meth:`FinetuneConfig.validate` checks (``lora_rank`` and
-``template`` may also be ``None``; a bool is not taken for a number)."""
-_TYPE_NAMES = {_INTEGER: "an integer", _NUMBER: "a number", (bool,): "True or False", (str,): "a string"}
+"""The numeric settings of :class:`FinetuneConfig` and the kind each must be (``lora_rank`` may also be ``None``)."""
+_FLAG_SETTINGS = ("chat_template", "checkpoint_every_epoch", "append_eos", "pad_left", "truncate")
+_TEXT_SETTINGS = ("loss_tokens", "lr_schedule")
 
 
 @dataclass
@@ -175,8 +173,6 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         self.lora_rank = full_when_zero(self.lora_rank)
-        if isinstance(self.lora_targets, str):  # one name, as AttributionConfig's include takes it (it was split
-            self.lora_targets = [self.lora_targets]  # into characters: ['_', 'j', 'o', 'p', 'q', 'r'])
         if self.lora_targets is not None:  # None is refused by validate, naming the setting
             self.lora_targets = lora_target_set(self.lora_targets)
 
@@ -184,12 +180,13 @@ class FinetuneConfig:
         """Raise ``ValueError`` on an impossible setting, naming it: a value of the wrong type first (userK:
         ``batch_size=2.5`` and ``epochs="2"`` failed inside training or a comparison, naming none), then one out of
         range, as the command line's checks refuse it (``lora_alpha=0`` trained nothing, ``seed=-1``)."""
-        for name, kinds in _SETTING_TYPES.items():
-            value = getattr(self, name)
-            if (name == "lora_rank" and value is None) or (name == "template" and value is None):
-                continue
-            if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-                raise ValueError(f"{name} must be {_TYPE_NAMES[kinds]}, got {value!r}")
+        plain_numbers(self, _NUMBER_SETTINGS, ("lora_rank",))  # numpy's numbers stored as Python's
+        for name in _FLAG_SETTINGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in (*_TEXT_SETTINGS, *(["template"] if self.template is not None else [])):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.lora_alpha < 1:
@@ -302,15 +299,18 @@ def warn_layout_mismatch(
 
 def full_when_zero(lora_rank: int | None) -> int | None:
     """``None`` (full fine-tuning) for a LoRA rank of 0, the rank otherwise: the command line's "--lora-rank 0
-    fine-tunes every weight", in every command and configuration."""
-    return None if lora_rank == 0 else lora_rank
+    fine-tunes every weight", in every command and configuration. Only an integer 0 (``False`` and ``0.0`` are left
+    for the type check to name: they were taken as 0, a full fine-tuning)."""
+    exact_zero = isinstance(lora_rank, numbers.Integral) and not isinstance(lora_rank, bool) and lora_rank == 0
+    return None if exact_zero else lora_rank
 
 
 def lora_target_set(targets: Sequence[str]) -> list[str]:
     """The LoRA target module names ``targets`` sorted, each once: PEFT adapts the set of modules they name
     (``LoraConfig.target_modules`` is a set), so the order and repeats given change no fine-tuning, and one
-    fine-tuning has one identity (``--lora-target v_proj --lora-target q_proj`` was another than the default)."""
-    return sorted(set(targets))
+    fine-tuning has one identity (``--lora-target v_proj --lora-target q_proj`` was another than the default). One
+    name given as a string is a list of one (it was split into its characters: userK)."""
+    return sorted({targets} if isinstance(targets, str) else set(targets))
 
 
 LORA_SETTINGS = ("lora_alpha", "lora_targets", "lora_dropout")
@@ -444,8 +444,8 @@ def check_lora_targets(model: nn.Module, targets: list[str], rank: int | None = 
         most = min(module.weight.shape)
         if rank > most:
             raise ValueError(
-                f"lora_rank {rank} (--lora-rank) is above the rank a LoRA update of {name} "
-                f"({tuple(module.weight.shape)}) can have: at most {most}"
+                f"lora_rank {rank} (--lora-rank) is above the rank a LoRA update of {name}, weight "
+                f"{tuple(module.weight.shape)}, can have: at most {most}"
             )
 
 
@@ -660,8 +660,8 @@ def _load_saved(model: nn.Module, weights_dir: Path, lora: bool) -> nn.Module:
             check_weights(weights_dir)
     except ModelLoadError as error:
         raise ModelLoadError(
-            f"{error} The finished fine-tuning in {weights_dir.parent} cannot be reused as it is: restore the file, "
-            "or delete that folder to fine-tune again"
+            f"{str(error).split('. It was probably cut short')[0]}: the finished fine-tuning in {weights_dir.parent} "
+            "cannot be reused; restore the file, or delete that folder to fine-tune again"
         ) from error
     device, dtype = _device_of(model), _dtype_of(model)
     if lora:
@@ -749,6 +749,11 @@ def finetune(
         raise ValueError(
             "finetune() expects a base model, not a peft.PeftModel; it adds the LoRA adapter "
             "itself (set FinetuneConfig.lora_rank)"
+        )
+    if config.chat_template and not config.append_eos and template_ends_turn(tokenizer):
+        raise ValueError(  # userK: taken, recorded, then warned of as another layout when the run was attributed
+            "append_eos=False (--no-eos) changes nothing with this chat template: its end-of-turn marker ends each "
+            "completion and is scored; leave it out"
         )
     lora = config.lora_rank is not None
     if lora:  # before the output folder is made

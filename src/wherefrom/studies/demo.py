@@ -31,6 +31,10 @@ from wherefrom.models.finetune import FinetuneConfig, finetune
 from wherefrom.models.loading import cache_root, load_model
 from wherefrom.studies.generated import rule_identification, write_jsonl
 
+MAX_LENGTH = 256
+"""The demo's longest row, for its fine-tuning and its runs alike (the generated rows are short; a cache made
+before FinetuneConfig's default became 512 is reused)."""
+
 SETTINGS_FILE = "demo.json"
 """The demo settings its cache folder was made with."""
 
@@ -74,8 +78,8 @@ def run_demo(
     console.print(f"[bold]1/3[/] LoRA fine-tuning on {len(train)} generated rule-identification rows")
     base = load_model(model, device=device)
     tuned = finetune(
-        base.model, base.tokenizer, train, FinetuneConfig(epochs=epochs), folder / "finetune", progress=True,
-        overwrite=False,
+        base.model, base.tokenizer, train, FinetuneConfig(epochs=epochs, max_length=MAX_LENGTH), folder / "finetune",
+        progress=True, overwrite=False,
     )  # fmt: skip
     console.print(
         f"    {'reused earlier fine-tuning' if tuned.reused else 'trained'}; loss per epoch {[round(x, 3) for x in tuned.epoch_losses]}"
@@ -88,7 +92,7 @@ def run_demo(
         model=model,
         adapter=str(folder / "finetune" / "adapter"),
         device=device,
-        attribution=AttributionConfig(strategy="ekfac", batch_size=8, max_length=256),
+        attribution=AttributionConfig(strategy="ekfac", batch_size=8, max_length=MAX_LENGTH),
     )
     run = Run.create(folder / "run-ekfac", config, progress=progress)
     atomic_write_json(settings, record)  # once its fine-tuning and run are this setting's (an earlier version's

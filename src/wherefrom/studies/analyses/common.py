@@ -141,7 +141,7 @@ def open_bench(folder: str | Path | Bench, device: str | None = None, seeds: Seq
     if not path.is_file():
         raise FileNotFoundError(f"no {BENCH_FILE} in {folder}: pass the folder `wherefrom bench --out` wrote")
     report = read_json_object(path)  # a damaged file is named (it was "Expecting value: line 2 column 1")
-    saved = report.get("config") if isinstance(report, dict) else None
+    saved = report.get("config")
     if not isinstance(saved, dict) or "task" not in saved:
         raise ValueError(f"{path} has no bench 'config' (was it written by `wherefrom bench`?)")
     known = {f.name for f in fields(BenchConfig)}

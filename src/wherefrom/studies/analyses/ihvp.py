@@ -458,7 +458,8 @@ def _markdown(bench: Bench, payload: dict[str, Any]) -> str:
             + "; ".join(f"{m} " + ", ".join(f"{k}={v}" for k, v in o.items()) for m, o in options.items() if o)
             + ".",
         ]
-    if "exact" in options and options["exact"].get("blocks", "module") != "full":
+    full_reference = payload["settings"].get("exact_blocks", "full") == "full"  # userJ: said under module too
+    if "exact" in options and options["exact"].get("blocks", "module") != "full" and full_reference:
         lines += [
             "",
             (

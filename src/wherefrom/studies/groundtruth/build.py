@@ -127,6 +127,11 @@ class GroundTruthConfig(StudyFinetuning):
             pbrf_config(self.pbrf_options)
         except ValueError as error:
             raise ValueError(f"pbrf_options (--pbrf-option): {error}") from None
+        if self.pbrf_options and self.pbrf_rows == 0:  # userJ: taken, recorded and read by nothing
+            raise ValueError(
+                f"pbrf_options (--pbrf-option) {self.pbrf_options}: PBRF's options, which a ground truth reads with "
+                "pbrf_rows (--pbrf-rows) > 0 only"
+            )
 
     def attribution(self) -> AttributionConfig:
         """The :class:`wherefrom.engine.api.AttributionConfig` that PBRF, ``evaluate`` and ``tune`` start from (the
@@ -255,8 +260,8 @@ def build_groundtruth(
     without ``--overwrite``) refuses, with :class:`wherefrom.core.store.OutputExists` naming the settings that
     differ, to replace a finished part made with other settings: the full-data model before it trains, the jobs before
     any job runs, the PBRF rows when PBRF starts (after the jobs: a rerun that changes both the budget and
-    ``--pbrf-option`` trains its new jobs first); ``True`` (the Python default, as
-    :func:`wherefrom.models.finetune.finetune`'s) recomputes and replaces it."""
+    ``--pbrf-option`` trains its new jobs first); ``True`` recomputes and replaces it (it was the Python default, as
+    :func:`wherefrom.models.finetune.finetune`'s was)."""
     config.validate()
     say = log or (lambda _line: None)
     out = Path(config.out)
