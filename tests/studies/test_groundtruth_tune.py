@@ -253,3 +253,22 @@ def test_a_ground_truth_of_fewer_than_3_subsets_is_refused(groundtruth, tmp_path
     with pytest.raises(ValueError, match="has 2 LDS subsets; tuning needs at least 3"):
         tune(groundtruth, "ekfac", GRID, out=tmp_path / "tune")
     assert not (tmp_path / "tune").exists()
+
+
+def test_points_that_tie_the_chosen_one_are_named(groundtruth, tmp_path, monkeypatch):
+    """userJ: three LiSSA points of one LDS, and one "chosen" without a word. Every point measured as the first
+    here (a setting that changes no score): the first is taken and the others are named as its ties."""
+    import wherefrom.studies.groundtruth.tune as module
+
+    first: list = []
+    measured = module.measured_metrics
+
+    def as_the_first(*args, **kwargs):
+        if not first:
+            first.append(measured(*args, **kwargs))
+        return first[0]
+
+    monkeypatch.setattr(module, "measured_metrics", as_the_first)
+    report = tune(groundtruth, "ekfac", GRID, out=tmp_path / "tied")
+    assert report["chosen"]["index"] == 0 and report["chosen"]["ties"] == [1, 2]
+    assert "It ties 2 other point(s) on the selection LDS" in (tmp_path / "tied" / "tune.md").read_text()
