@@ -426,3 +426,20 @@ def test_the_fingerprint_leaves_a_tokenizer_its_warning_about_too_long_text():
     assert "sequence-length-is-longer-than-the-specified-maximum" not in short.deprecation_warnings
     short("a text longer than five")
     assert "sequence-length-is-longer-than-the-specified-maximum" in short.deprecation_warnings
+
+
+def test_a_peft_config_key_a_later_peft_adds_unset_leaves_the_fingerprint_as_it_was(monkeypatch):
+    """peft 0.22 added ``astra_config: None`` to every LoRA config, so each run recorded with peft 0.21 was refused
+    as "model weights changed" (the demo's cache, on a fresh install). An added key that is unset is not hashed; set,
+    it is; a key of peft 0.21's config is hashed as before (recorded fingerprints stay valid)."""
+    from peft import LoraConfig, get_peft_model
+
+    tok = tiny_tokenizer()
+    model = get_peft_model(tiny_llama(len(tok)), LoraConfig(r=2, target_modules=["q_proj"]))
+    before = model_fingerprint(model)
+    to_dict = LoraConfig.to_dict
+    for extra, same in (({"astra_config": None}, True), ({"astra_config": {"rank": 2}}, False)):
+        monkeypatch.setattr(LoraConfig, "to_dict", lambda self, extra=extra: {**to_dict(self), **extra})
+        assert (model_fingerprint(model) == before) is same, extra
+    monkeypatch.setattr(LoraConfig, "to_dict", lambda self: {**to_dict(self), "use_dora": None})  # a 0.21 key
+    assert model_fingerprint(model) != before

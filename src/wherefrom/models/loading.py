@@ -617,12 +617,31 @@ def _config_json(model: nn.Module) -> str:
     return json.dumps(_strip(data, _VOLATILE_CONFIG_KEYS), sort_keys=True, default=_jsonable)
 
 
+_PEFT_KEYS_V1 = frozenset(
+    {
+        "alora_invocation_tokens", "alpha_pattern", "arrow_config", "bias", "corda_config", "ensure_weight_tying",
+        "eva_config", "exclude_modules", "fan_in_fan_out", "kasa_config", "layer_replication", "layers_pattern",
+        "layers_to_transform", "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config",
+        "megatron_config", "megatron_core", "modules_to_save", "monteclora_config", "peft_type", "qalora_group_size",
+        "r", "rank_pattern", "target_modules", "target_parameters", "task_type", "trainable_token_indices",
+        "use_bdlora", "use_dora", "use_qalora", "use_rslora", "velora_config",
+    }
+)  # fmt: skip
+"""The keys of a LoRA adapter's config as peft 0.21 writes it, hashed as they are (fingerprints recorded with it
+stay valid). A key a later peft adds is hashed only when it is set (not ``None``): peft 0.22 added
+``astra_config: None``, and every run recorded before was refused as "model weights changed"."""
+
+
 def _peft_json(model: nn.Module) -> str:
     peft_config = getattr(model, "peft_config", None)
     if not isinstance(peft_config, dict):
         return "null"
     data = {name: (cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))) for name, cfg in peft_config.items()}
     data = json.loads(json.dumps(data, sort_keys=True, default=_jsonable))
+    data = {
+        name: {k: v for k, v in cfg.items() if k in _PEFT_KEYS_V1 or v is not None} if isinstance(cfg, dict) else cfg
+        for name, cfg in data.items()
+    }
     return json.dumps(_strip(data, _VOLATILE_PEFT_KEYS), sort_keys=True, default=_jsonable)
 
 
