@@ -252,6 +252,46 @@ def test_finetune_command_trains_then_reuses(workspace, mode):
     assert again.exit_code == 0 and "reused" in again.output
 
 
+def test_a_diverged_finetune_exits_1_and_a_finite_one_0(workspace):
+    """userK: a fine-tuning whose loss went NaN (every later score NaN) exited 0 after its warning, so a script went on
+    to attribute it. It is kept as configured (a rerun reuses it) and exits 1, naming the epoch and what to change."""
+    args = ["finetune", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--out",
+            workspace / "ft-nan", "--epochs", "2", "--full", "--device", "cpu"]  # fmt: skip
+    for attempt in ("trained", "reused"):
+        result = invoke(*args, "--learning-rate", "10000")
+        said = " ".join(result.output.split())
+        assert result.exit_code == 1 and attempt in said, result.output
+        assert "error: the fine-tuning diverged (the mean loss of epoch 1 is not finite)" in said
+        assert "rerun with a lower --learning-rate and --overwrite" in said
+    fine = invoke(*args, "--learning-rate", "0.001", "--overwrite")
+    assert fine.exit_code == 0 and "error:" not in fine.output, fine.output
+
+
+def test_ctrl_c_says_the_work_is_kept_and_the_same_command_goes_on(workspace, monkeypatch):
+    """userK: Ctrl-C in `finetune` ended in click's bare "Aborted!" (exit 1). It says what is kept and that the same
+    command goes on (exit 130, as a shell reports SIGINT), and the same command resumes after the finished epoch."""
+    import wherefrom.models.finetune as module
+
+    real, steps = module.per_example_loss, []
+
+    def interrupted_at_step_5(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 5:  # 3 steps an epoch: epoch 1 is finished
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    args = ["finetune", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--out",
+            workspace / "ft-ctrl-c", "--epochs", "2", "--full", "--device", "cpu"]  # fmt: skip
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "per_example_loss", interrupted_at_step_5)
+        stopped = invoke(*args)
+    said = " ".join(stopped.output.split())
+    assert stopped.exit_code == 130 and "Traceback" not in stopped.output, stopped.output
+    assert "interrupted: what was finished is kept" in said and "run the same command again to go on from it" in said
+    again = invoke(*args)
+    assert again.exit_code == 0 and "resumed an interrupted identical run after epoch 1" in again.output, again.output
+
+
 def test_finetune_command_names_bad_input(workspace):
     result = invoke(
         "finetune",

@@ -569,6 +569,15 @@ DISTRIBUTED: set[str] = set()
 """The commands that run under ``torchrun`` (registered with ``distributed=True``); any other is refused there."""
 
 
+INTERRUPTED = (
+    "what was finished is kept (each long job writes its work as it goes, as after kill -9); run the same command "
+    "again to go on from it"
+)
+"""What a command interrupted by Ctrl-C (``KeyboardInterrupt``) prints after ``interrupted:``."""
+INTERRUPTED_EXIT = 130
+"""Its exit status: 128 + SIGINT, as a shell reports a command ended by Ctrl-C."""
+
+
 def command(
     function: Callable[..., None] | None = None,
     *,
@@ -656,6 +665,10 @@ def command(
             console.print("[bold red]error:[/]", escape(str(lost)))
             end_process(1)
             raise typer.Exit(code=1) from None
+        except KeyboardInterrupt:  # userK: click's bare "Aborted!" (exit 1) said nothing of the work kept
+            console.print("[bold red]interrupted:[/]", escape(INTERRUPTED))
+            end_process(INTERRUPTED_EXIT)
+            raise typer.Exit(code=INTERRUPTED_EXIT) from None
         finally:
             _CURRENT.reset(token)
         end_process(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
@@ -60,7 +61,8 @@ DEMO_SIZES = {"n_train": 160, "n_queries": 10}
 def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device, **settings) -> None:
     """Fine-tune a causal LM on prompt/completion rows (loss on completion tokens only), saving a
     checkpoint per epoch for TracIn and the convergence analysis; an identical earlier run is reused,
-    one with other settings or data is kept unless --overwrite; a killed one resumes after its last epoch.
+    one with other settings or data is kept unless --overwrite; a killed one resumes after its last epoch. A run
+    whose loss diverged (not finite) is kept as configured and exits 1.
 
     --out receives adapter/ or model/, checkpoints/epoch-k/, train_log.jsonl, finetune_config.json (and
     resume/epoch-k/ while training)."""
@@ -84,6 +86,12 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
     if result.resumed_after:
         state = f"resumed an interrupted identical run after epoch {result.resumed_after} and trained"
     say(f"{state}: mean loss per epoch {losses} -> {result.weights_dir} ({len(result.checkpoints)} checkpoints)")
+    diverged = [k for k, loss in enumerate(result.epoch_losses, 1) if not math.isfinite(loss)]
+    if diverged:  # userK: it exited 0, so a script went on to attribute a model whose every score is NaN
+        incomplete([
+            f"the fine-tuning diverged (the mean loss of epoch {diverged[0]} is not finite): the weights in "
+            f"{result.weights_dir} are not finite either; rerun with a lower --learning-rate and --overwrite"
+        ])  # fmt: skip
 
 
 PRESET_SETTINGS = (*FIRST_FINETUNING, *REFERENCE_SWITCHES, "damping", "damping_factor")
