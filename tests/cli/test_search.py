@@ -64,6 +64,11 @@ def test_prefilter_restricts_each_query_to_its_bm25_rows(workspace):
         assert set(found) <= {train[j].id for j in allowed} and len(found) == 4
     full = store_search(source, vectors[: len(queries)], queries, train, 4, "exact", None, None)
     assert any(a != b for a, b in zip(full.proponents.ids, report.proponents.ids))  # the filter changed something
+    # userL: the summary line of a prefiltered search read as a search of the whole store
+    assert f"exact search: {report.seconds * 1000:.1f} ms among each query's candidate rows only (up to 5 of" in (
+        report.summary(4)
+    ) and f"of {len(train)} rows)" in report.summary(4)
+    assert "candidate" not in full.summary(4)
 
 
 def test_prefilter_says_when_a_querys_candidates_share_no_word_with_it(workspace, capsys):

@@ -170,8 +170,16 @@ def test_index_settings_that_do_not_apply_are_refused(workspace, tmp_path):
         "--device", "cpu", "--strategy", "identity", "--include", r"layers\.1\.mlp\.down_proj",
     )  # fmt: skip
     assert code == 0, out
-    code, out = invoke("index", "--run", tmp_path / "run", "--unit-norm")
-    assert code == 2 and "--unit-norm apply to the index of a trak/logra/repsim/tracin run" in out, out
+    # userL: each refusal named both flags, also when only --unit-norm was given beside a valid --precondition adam
+    for flags, named in (
+        (["--unit-norm"], "--unit-norm applies"),
+        (["--precondition", "adam", "--unit-norm"], "--unit-norm applies"),
+        (["--precondition", "none"], "--precondition none applies"),
+        (["--precondition", "none", "--unit-norm"], "--precondition none and --unit-norm apply"),
+    ):
+        code, out = invoke("index", "--run", tmp_path / "run", *flags)
+        said = " ".join(out.split())
+        assert code == 2 and f"error: {named} only to the index of a trak/logra/repsim/tracin run" in said, out
     code, out = invoke("index", "--run", tmp_path / "run", "--precondition", "lots")
     assert code == 2 and "--precondition" in out and "lots" in out, out
     unfitted = RunConfig.for_method("logra", str(workspace / "train.jsonl"), ATTRIBUTION, LOGRA, device="cpu")

@@ -1229,13 +1229,16 @@ class SearchReport:
         return ("proponents", self.proponents), ("opponents", self.opponents)
 
     def summary(self, k: int) -> str:
-        """One line: mode, time and, for FAISS, the mean recall@k of each end against the exact search (``k`` at
+        """One line: mode, time, that a search of candidates (a prefilter) searched only them and, for FAISS, the mean recall@k of each end against the exact search (``k`` at
         most the store's rows: every row is found then), with what to change when either is below
         :data:`RECALL_HINT`; that ``ivf-sq8`` scores are the 8-bit rows'; how many queries had fewer than ``k``
         candidate rows (a prefilter of fewer rows than ``k``: their lists are shorter, in any mode); how many queries
         a FAISS search found fewer than ``k`` rows for, or than their candidates where fewer (its probed cells or
         graph walk held fewer)."""
         line = f"{self.mode} search: {self.seconds * 1000:.1f} ms"
+        if self.candidates is not None:  # userL: a prefiltered search's lists read as the whole store's
+            line += f" among each query's candidate rows only (up to {max(self.candidates, default=0)}"
+            line += f" of {self.rows} rows)" if self.rows is not None else ")"
         if self.index:
             line += f" ({self.index})"
         if self.note:

@@ -1115,10 +1115,13 @@ class Run:
                 "do not give; score it without an index, or index a run fitted with --option curvature=false "
                 "using --precondition none --unit-norm (the cosine of the raw projected gradients)"
             )
-        if raw and (precondition == "none" or unit_norm):
+        given = [
+            flag for flag, on in (("--precondition none", precondition == "none"), ("--unit-norm", unit_norm)) if on
+        ]
+        if raw and given:  # userL: it named both flags, also when only --unit-norm was given beside a valid adam
             raise ValueError(
-                "--precondition and --unit-norm apply to the index of a trak/logra/repsim/tracin run; an influence run "
-                "stores raw gradients and applies its curvature to the queries"
+                f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to the index of a trak/logra/repsim/tracin run; an influence run "
+                "stores raw gradients (--precondition fitted, or adam) and applies its curvature to the queries"
             )
         self.check_adam(precondition, optimizer_checkpoint)
         if tracin is not None and tracin.config is not None and tracin.config.normalize == "cosine" and not unit_norm:
