@@ -233,6 +233,30 @@ def test_one_string_is_one_module_pattern(tokenizer):
         AttributionConfig(include=3)
 
 
+def test_a_peft_adapter_without_lora_linear_layers_is_said_when_base_layers_are_tracked():
+    """userK: on an adapter made elsewhere (IA3 here; LoRA on embeddings alike) the default selection fell back to the
+    base model's linear layers, which the adapter leaves frozen, without a word. It warns (UntrainedSelection); a LoRA
+    adapter's selection and an explicit include do not."""
+    import warnings
+
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    from wherefrom.core.tracking import UntrainedSelection, select_modules
+    from wherefrom.models.tiny import tiny_llama
+
+    ia3 = get_peft_model(
+        tiny_llama(50), IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    )
+    with pytest.warns(UntrainedSelection, match=r"adapter \(IA3\) has no LoRA linear layer.*include \(--include\)"):
+        chosen = select_modules(ia3)
+    assert chosen and not any("ia3" in m.name for m in chosen)
+    lora = get_peft_model(tiny_llama(50), LoraConfig(r=2, target_modules=["q_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedSelection)
+        assert all(".lora_" in m.name for m in select_modules(lora))
+        assert select_modules(ia3, include="q_proj")
+
+
 def test_a_model_frozen_whole_scores_as_a_trainable_one(tokenizer, train_records, query_records):
     """`model.requires_grad_(False)` (inference habit, or PEFT's loading) kept every weight tracked (the capture
     switches it on) but dropped every bias: GPT-2's scores changed silently. A bias frozen with its weight is

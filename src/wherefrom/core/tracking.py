@@ -22,6 +22,7 @@ naming both owners.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -167,6 +168,11 @@ def name_patterns(value: str | Sequence[str] | None, setting: str) -> list[str] 
     return list(patterns)
 
 
+class UntrainedSelection(UserWarning):
+    """:func:`select_modules`' default chose linear layers a PEFT adapter leaves frozen (the adapter has no LoRA
+    linear layer: IA3, prompt tuning, LoRA on embeddings only)."""
+
+
 def select_modules(
     model: nn.Module,
     include: str | Sequence[str] | None = None,
@@ -177,7 +183,8 @@ def select_modules(
     ``include``/``exclude`` are regular expressions searched in the module's qualified name (one string is one
     pattern: :func:`name_patterns`).
     Default: if the model has LoRA layers, their ``lora_A``/``lora_B`` Linear modules (the trained
-    parameters); otherwise every ``nn.Linear``/``Conv1D`` except the LM head and embeddings.
+    parameters); otherwise every ``nn.Linear``/``Conv1D`` except the LM head and embeddings (on a PEFT model whose
+    adapter has no LoRA linear layer, with an :class:`UntrainedSelection` warning).
     Biases are tracked when present, unless frozen beside a trainable weight (a fine-tuning that trained the
     weights alone); a module frozen whole is tracked with its bias, as when it is trainable. Raises
     ``ValueError`` when nothing matches, and when a chosen module's parameter is shared with another module
@@ -188,6 +195,16 @@ def select_modules(
     if include is None:
         lora = [(n, m) for n, m in candidates if LORA_PATTERN.search(n + ".")]
         chosen = lora or [(n, m) for n, m in candidates if not any(re.search(p, n) for p in DEFAULT_EXCLUDE)]
+        adapters = getattr(model, "peft_config", None)
+        if not lora and adapters:  # userK: an adapter made elsewhere (IA3, LoRA on embeddings) was left unsaid
+            kinds = sorted({str(getattr(c, "peft_type", type(c).__name__)).split(".")[-1] for c in adapters.values()})
+            warnings.warn(
+                f"the model's PEFT adapter ({', '.join(kinds)}) has no LoRA linear layer, so the default selection "
+                "is the base model's linear layers, which the adapter leaves frozen: the scores attribute weights "
+                "the fine-tuning did not train; name the modules to track with include (--include)",
+                UntrainedSelection,
+                stacklevel=2,
+            )
     else:
         chosen = [(n, m) for n, m in candidates if any(re.search(p, n) for p in include)]
     if exclude:
