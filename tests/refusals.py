@@ -224,6 +224,16 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "Python rows",
+        "an impossible input layout or reduction",
+        "ValueError",
+        "max_length must be >= 1, got 0",
+        "`AttributionConfig` took it (also `reduction='avg'`, `loss_tokens='x'`, a template without `{prompt}`, "
+        "`truncate='yes'`), and the fit failed on it, or encoded otherwise, after the model loaded (userK); one check "
+        "with `FinetuneConfig`'s",
+        call="AttributionConfig(max_length=0)",
+    ),
+    Refusal(
+        "Python rows",
         "leaving out an EOS that no row has",
         "ValueError",
         "query_without_eos=True with append_eos=False: no EOS is appended",

@@ -396,3 +396,33 @@ def test_a_row_longer_than_the_tokenizers_model_max_length_encodes_without_its_w
     with pytest.raises(DataError, match="'long'"):
         encode_records(rows, tokenizer, max_length=8, **layout)
     assert "sequence length is longer" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"max_length": 0}, "max_length must be >= 1, got 0"),
+        ({"loss_tokens": "prompt"}, r"loss_tokens must be one of \('completion', 'all'\), got 'prompt'"),
+        ({"template": "{completion} {prompt}"}, "must contain {prompt} once and end with {completion}"),
+        ({"template": 3}, "template must be a string or None, got 3"),
+        ({"truncate": "yes"}, "truncate must be True or False, got 'yes'"),
+        ({"chat_template": 1}, "chat_template must be True or False, got 1"),
+    ],
+)
+def test_both_configs_refuse_an_impossible_layout_when_made(setting, message):
+    """userK: AttributionConfig took these, and the fit failed on them (or encoded otherwise) after the model loaded;
+    FinetuneConfig refused them in its own words. One check (``check_layout``) serves both."""
+    from wherefrom.engine.api import AttributionConfig
+    from wherefrom.models.finetune import FinetuneConfig
+
+    with pytest.raises(ValueError, match=message):
+        AttributionConfig(**setting)
+    with pytest.raises(ValueError, match=message):
+        FinetuneConfig(**setting).validate()
+
+
+def test_attribution_config_refuses_an_unknown_reduction():
+    from wherefrom.engine.api import AttributionConfig
+
+    with pytest.raises(ValueError, match=r"reduction must be one of \['sum', 'mean'\], got 'avg'"):
+        AttributionConfig(reduction="avg")

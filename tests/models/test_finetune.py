@@ -484,6 +484,10 @@ def test_finetune_names_a_wrong_model_config_or_output_dir(tokenizer, records, t
     (tmp_path / "afile").write_text("")
     with pytest.raises(ValueError, match="is a file, not a folder"):
         finetune(loaded.model, tokenizer, records[:2], lora_config(), tmp_path / "afile")
+    with pytest.raises(ValueError, match=f"afile/o: {tmp_path / 'afile'} is a file, not a folder"):
+        finetune(
+            loaded.model, tokenizer, records[:2], lora_config(), tmp_path / "afile" / "o"
+        )  # was NotADirectoryError
     assert FinetuneConfig(lora_targets="q_proj").lora_targets == ["q_proj"]  # was ['_', 'j', 'o', 'p', 'q', 'r']
 
 

@@ -101,7 +101,10 @@ def test_bench_class_task_via_cli_and_resume(tmp_path, tiny_model):
     said = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "Traceback" not in refused.output, refused.output
     assert f"{out / 'seed-0' / 'ekfac.json'}, made from other inputs (" in said
-    assert "(damping_factor: not recorded, now 0.01)" in said and "pass --overwrite to replace them" in said
+    assert (
+        "(damping_factor: not recorded, now 0.01)" in said
+        and "pass overwrite=True (--overwrite on the command line) to replace them" in said
+    )
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == files
     replaced = runner.invoke(app, [*args, "--damping-factor", "0.01", "--overwrite"])
     assert replaced.exit_code == 0, replaced.output

@@ -333,7 +333,7 @@ def test_cli_groundtruth_and_evaluate(folder, tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     said = " ".join(result.output.split())
     assert "model/finetune_config.json, made from other inputs (config.epochs: recorded 1, now 2)" in said, said
-    assert "pass --overwrite to replace them" in said and files_of(out) == before
+    assert "pass overwrite=True (--overwrite on the command line) to replace them" in said and files_of(out) == before
     result = runner.invoke(app, ["evaluate", str(out), "--methods", "identity,bm25", "--device", "cpu"])
     assert result.exit_code == 0, result.output  # --device: README's "every command" (evaluate had none)
     assert "| identity | " in result.output and (out / "evaluate.md").is_file()
@@ -385,7 +385,9 @@ def test_a_rerun_with_other_settings_is_refused_before_it_replaces_anything(tmp_
     for said, change in refused.items():
         with pytest.raises(OutputExists) as error:
             build_groundtruth(replace(config, **change), overwrite=False)
-        assert f"{folder}/{said}" in str(error.value) and str(error.value).endswith("pass --overwrite to replace them")
+        assert f"{folder}/{said}" in str(error.value) and str(error.value).endswith(
+            "pass overwrite=True (--overwrite on the command line) to replace them"
+        )
         assert files_of(folder) == before, change
     build_groundtruth(replace(config, n_subsets=4), overwrite=False)
     after = files_of(folder)

@@ -256,8 +256,8 @@ def test_refuse_replacing_names_only_finished_units_of_another_key(tmp_path):
     refuse_replacing([(tmp_path / "a.json", {"lr": 1, "rows": [1, 2]}), (tmp_path / "c.json", now)])
     refuse_replacing([(tmp_path / "d.json", now), (tmp_path / "e.json", now)])
     with pytest.raises(core_store.OutputExists) as error:
-        refuse_replacing([(tmp_path / name, now) for name in ("a.json", "b.json", "c.json", "d.json")], "--again")
+        refuse_replacing([(tmp_path / name, now) for name in ("a.json", "b.json", "c.json", "d.json")])
     assert str(error.value) == (
         f"earlier results would be overwritten: {tmp_path / 'a.json'} and 1 more, made from other inputs "
-        "(lr: recorded 1, now 2); pass --again to replace them"
+        "(lr: recorded 1, now 2); pass overwrite=True (--overwrite on the command line) to replace them"
     )

@@ -323,8 +323,9 @@ def search_run(
             store.content_key(), recall,
         )  # fmt: skip
     if as_json:
-        typer.echo(json.dumps(strict_json(search_json(report, opened, queries[0], top_k)), indent=2, allow_nan=False))
-        console.print(report.summary(top_k), markup=False, highlight=False)
+        found = search_json(report, opened, queries[0], top_k)
+        typer.echo(json.dumps(strict_json(found), indent=2, allow_nan=False))
+        console.print(found["search"]["summary"], markup=False, highlight=False)
         return
     print_search(report, query_ids, top_k, {row.id: row.label for row in opened.train})
 

@@ -32,7 +32,7 @@ from wherefrom.core.option_pairs import OptionPairError, parse_option_pairs, par
 from wherefrom.core.options import int64_problem
 from wherefrom.core.scoring import TOP_K
 from wherefrom.core.search import FAISS_OPTIONS
-from wherefrom.core.store import read_json_object, replaceable
+from wherefrom.core.store import file_in_the_way, read_json_object, replaceable
 from wherefrom.core.task import REDUCTIONS
 from wherefrom.core.vectors import DTYPE, DTYPES, SHARD_SIZE
 from wherefrom.curvature.base import DAMPING_FACTOR, unused_damping_factor
@@ -138,7 +138,7 @@ def existing_path(value: Any) -> str | None:
 def output_folder(value: Any) -> str | None:
     """A folder to write in or read from (made where missing): neither it nor a folder above it is a file (it failed
     after the model loaded, or with a bare ``File exists``)."""
-    return _file_in_the_way(Path(value), Path(value))
+    return file_in_the_way(Path(value), Path(value))
 
 
 def output_file(value: Any) -> str | None:
@@ -152,7 +152,7 @@ def output_file(value: Any) -> str | None:
         return "is a folder, not a file"
     if not replaceable(Path(value), GENERATOR):
         return "is a file wherefrom did not write (not a wherefrom HTML report): choose another file, or remove it"
-    return _file_in_the_way(Path(value).parent, Path(value))
+    return file_in_the_way(Path(value).parent, Path(value))
 
 
 def output_stem(value: Any) -> str | None:
@@ -163,18 +163,7 @@ def output_stem(value: Any) -> str | None:
     from wherefrom.studies.groundtruth.evaluate import REPORT_MARKS
     from wherefrom.studies.toolkit import foreign_report
 
-    return foreign_report(Path(value), REPORT_MARKS) or _file_in_the_way(Path(value).parent, Path(value))
-
-
-def _file_in_the_way(folder: Path, value: Path) -> str | None:
-    # the nearest one that exists decides; os.path says False, not PermissionError, under a folder that cannot be
-    # searched: left to the command
-    for path in (folder, *folder.parents):
-        if os.path.exists(path):
-            if os.path.isdir(path):
-                return None
-            return "is a file, not a folder" if path == value else f"{path} is a file, not a folder"
-    return None
+    return foreign_report(Path(value), REPORT_MARKS) or file_in_the_way(Path(value).parent, Path(value))
 
 
 def groundtruth_folder(value: Any) -> str | None:

@@ -34,7 +34,7 @@ included, as the reference's ``labels = input_ids`` does).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -121,17 +121,27 @@ def _end_of_turn(suffix: str, tokenizer: PreTrainedTokenizerBase) -> int:
     return at + len(token)
 
 
+def _around_content(tokenizer: PreTrainedTokenizerBase, prompt: str, where: str) -> tuple[str, str]:
+    """The text the template renders before and after the assistant content of ``[user: prompt, assistant:
+    CONTENT_SENTINEL]``; ``ValueError`` naming ``where`` when it does not render the assistant message once."""
+    probe = _render(
+        tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": CONTENT_SENTINEL}]
+    )
+    if probe.count(CONTENT_SENTINEL) != 1:
+        raise ValueError(f"the chat template does not render the assistant message once ({where})")
+    before, after = probe.split(CONTENT_SENTINEL)
+    return before, after
+
+
 def _chat_texts(record: Record, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str, bool]:
     """``(prompt_text, completion_text, has_marker)``: the conversation ``[user: prompt, assistant:
     completion]`` as the template renders it, cut where the assistant content starts and after its
     end-of-turn marker (``has_marker``: the template renders one). The template is rendered once with :data:`CONTENT_SENTINEL` as the assistant content,
     which shows the text before and after any content (header, trimming, marker)."""
-    user = {"role": "user", "content": record.prompt}
-    probe = _render(tokenizer, [user, {"role": "assistant", "content": CONTENT_SENTINEL}])
-    full = _render(tokenizer, [user, {"role": "assistant", "content": record.completion}])
-    if probe.count(CONTENT_SENTINEL) != 1:
-        raise ValueError(f"the chat template does not render the assistant message once ({record.named()})")
-    before, after = probe.split(CONTENT_SENTINEL)
+    before, after = _around_content(tokenizer, record.prompt, record.named())
+    full = _render(
+        tokenizer, [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.completion}]
+    )
     if not (full.startswith(before) and full.endswith(after) and len(full) >= len(before) + len(after)):
         raise ValueError(
             f"{record.named()}: the chat template renders text around the assistant content that depends on "
@@ -147,8 +157,8 @@ def template_ends_turn(tokenizer: PreTrainedTokenizerBase) -> bool:
     ``<|eot_id|>``, ...): then that marker ends each completion and is scored, and ``append_eos`` changes nothing
     (:func:`encode_records`). ``ValueError`` for a tokenizer without a chat template."""
     _check_template(tokenizer)
-    probe = _render(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": CONTENT_SENTINEL}])
-    return _end_of_turn(probe.split(CONTENT_SENTINEL)[-1], tokenizer) > 0
+    _, after = _around_content(tokenizer, "x", "a probe conversation")
+    return _end_of_turn(after, tokenizer) > 0
 
 
 def _split_tokens(
@@ -233,6 +243,25 @@ were two fine-tunings: userK)."""
 LAYOUT_SETTINGS = ("max_length", "chat_template", "template", "append_eos", "pad_left", "loss_tokens", "truncate")
 """The keywords of :func:`encode_records` that fix a row's tokens, padding and labels (its input layout): the
 settings of the same names that a config hands to it (``AttributionConfig.layout``, ``FinetuneConfig.layout``)."""
+
+
+def check_layout(layout: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first impossible input-layout setting of ``layout`` (the
+    :data:`LAYOUT_SETTINGS` of an ``AttributionConfig`` or a ``FinetuneConfig``, as ``.layout()`` gives them): a flag
+    that is not ``True``/``False``, ``max_length < 1``, a ``loss_tokens`` outside :data:`LOSS_TOKENS`, a ``template``
+    that is not ``None`` or a valid template (:func:`check_template`). An ``AttributionConfig`` took each of these and
+    failed, or encoded otherwise, only when a run was fitted (userK)."""
+    for name in ("chat_template", "append_eos", "pad_left", "truncate"):
+        if not isinstance(layout[name], bool):
+            raise ValueError(f"{name} must be True or False, got {layout[name]!r}")
+    if layout["max_length"] < 1:
+        raise ValueError(f"max_length must be >= 1, got {layout['max_length']}")
+    if layout["loss_tokens"] not in LOSS_TOKENS:
+        raise ValueError(f"loss_tokens must be one of {LOSS_TOKENS}, got {layout['loss_tokens']!r}")
+    if layout["template"] is not None:
+        if not isinstance(layout["template"], str):
+            raise ValueError(f"template must be a string or None, got {layout['template']!r}")
+        check_template(layout["template"])
 
 
 def check_template(template: str) -> None:

@@ -125,6 +125,19 @@ def replaceable(path: Path, mark: str, within: int = 4096) -> bool:
     return not head or re.search(mark, head.decode("utf-8", errors="replace")) is not None
 
 
+def file_in_the_way(folder: Path, value: Path) -> str | None:
+    """What stops ``folder`` (made where missing) from holding ``value``: ``"is a file, not a folder"`` when ``value``
+    itself is that file, ``"<path> is a file, not a folder"`` for a file above it; ``None`` when nothing does. The
+    nearest path that exists decides; under a folder that cannot be searched ``os.path`` says False, not
+    ``PermissionError``, and that is left to the writer."""
+    for path in (folder, *folder.parents):
+        if os.path.exists(path):
+            if os.path.isdir(path):
+                return None
+            return "is a file, not a folder" if path == value else f"{path} is a file, not a folder"
+    return None
+
+
 def atomic_write_text(text: str, path: Path) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -315,7 +328,12 @@ class OutputExists(StoreError):
     """A job would replace the finished results of an earlier job; the message names them and how to allow it."""
 
 
-def refuse_overwrite(paths: Collection[Path], allow: str = "--overwrite", why: str = "") -> None:
+OVERWRITE_ALLOW = "overwrite=True (--overwrite on the command line)"
+"""How a refusal to replace earlier results says to permit it, by default: the Python argument and the command's flag
+(a study's Python caller was told "pass --overwrite")."""
+
+
+def refuse_overwrite(paths: Collection[Path], allow: str = OVERWRITE_ALLOW, why: str = "") -> None:
     """Raise :class:`OutputExists` naming the existing ones among ``paths`` (earlier results a job is about to
     replace), ``why`` (e.g. which inputs differ) and ``allow`` (the caller's way to permit it, e.g.
     ``--overwrite``). Call it before any long work, so nothing is computed only to be refused."""
@@ -330,7 +348,7 @@ def check_replacement(
     results: Collection[Path],
     record: Path,
     now: Mapping[str, Any],
-    allow: str = "--overwrite",
+    allow: str = OVERWRITE_ALLOW,
     recorded_as: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> bool:
     """Whether a job about to write ``results`` replaces earlier ones: ``False`` when none of them exists;
@@ -360,7 +378,7 @@ def refuse_other_inputs(
     results: Collection[Path],
     saved: Mapping[str, Any],
     now: Mapping[str, Any],
-    allow: str = "--overwrite",
+    allow: str = OVERWRITE_ALLOW,
     prefix: str = "",
 ) -> None:
     """:func:`refuse_overwrite` of ``results`` when the inputs they were made from (``saved``) differ from ``now``

@@ -30,6 +30,7 @@ from wherefrom.core.encoding import (
     MAX_LENGTH,
     Batches,
     EncodedExample,
+    check_layout,
     encode_records,
     iterate_batches,
     pad_id,
@@ -48,7 +49,14 @@ from wherefrom.core.scoring import (
     summed_token_scores,
 )
 from wherefrom.core.store import StageFolder
-from wherefrom.core.task import DrawCounts, LanguageModelingTask, Reduction, UnmeasuredQuery, example_seeds
+from wherefrom.core.task import (
+    REDUCTIONS,
+    DrawCounts,
+    LanguageModelingTask,
+    Reduction,
+    UnmeasuredQuery,
+    example_seeds,
+)
 from wherefrom.core.tracking import TrackedModule, name_patterns, output_layer, select_modules, selection_signature
 from wherefrom.curvature import Curvature, configured_curvature
 from wherefrom.curvature.base import DAMPING_FACTOR, BatchSource, DataShape, Progress, no_progress
@@ -136,6 +144,9 @@ class AttributionConfig:
         self.include = name_patterns(self.include, "include")
         self.exclude = name_patterns(self.exclude, "exclude")
         plain_numbers(self, NUMBER_SETTINGS, ("query_rank", "damping"))
+        check_layout(self.layout())  # userK: they failed, or encoded otherwise, only when a run was fitted
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {self.reduction!r}")
         if self.fisher not in FISHERS:
             raise ValueError(f"fisher must be one of {list(FISHERS)}, got {self.fisher!r}")
         if self.normalize not in (None, "cosine"):

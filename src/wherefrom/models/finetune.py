@@ -50,9 +50,8 @@ from torch import nn
 from wherefrom.core.data import Record, check_records, data_fingerprint
 from wherefrom.core.encoding import (
     LAYOUT_SETTINGS,
-    LOSS_TOKENS,
     MAX_LENGTH,
-    check_template,
+    check_layout,
     encode_records,
     iterate_batches,
     pad_id,
@@ -61,10 +60,12 @@ from wherefrom.core.encoding import (
 from wherefrom.core.options import plain_numbers
 from wherefrom.core.store import (
     OLD,
+    OVERWRITE_ALLOW,
     PARTIAL,
     OutputExists,
     atomic_write_dir,
     atomic_write_text,
+    file_in_the_way,
     read_json_object,
     refuse_other_inputs,
     refuse_overwrite,
@@ -123,8 +124,6 @@ _NUMBER_SETTINGS = {
     **dict.fromkeys(("learning_rate", "weight_decay", "lora_dropout"), numbers.Real),
 }
 """The numeric settings of :class:`FinetuneConfig` and the kind each must be (``lora_rank`` may also be ``None``)."""
-_FLAG_SETTINGS = ("chat_template", "checkpoint_every_epoch", "append_eos", "pad_left", "truncate")
-_TEXT_SETTINGS = ("loss_tokens", "lr_schedule")
 
 
 @dataclass
@@ -181,12 +180,9 @@ class FinetuneConfig:
         ``batch_size=2.5`` and ``epochs="2"`` failed inside training or a comparison, naming none), then one out of
         range, as the command line's checks refuse it (``lora_alpha=0`` trained nothing, ``seed=-1``)."""
         plain_numbers(self, _NUMBER_SETTINGS, ("lora_rank",))  # numpy's numbers stored as Python's
-        for name in _FLAG_SETTINGS:
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in (*_TEXT_SETTINGS, *(["template"] if self.template is not None else [])):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        check_layout(self.layout())
+        if not isinstance(self.checkpoint_every_epoch, bool):
+            raise ValueError(f"checkpoint_every_epoch must be True or False, got {self.checkpoint_every_epoch!r}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.lora_alpha < 1:
@@ -195,8 +191,6 @@ class FinetuneConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
@@ -205,10 +199,6 @@ class FinetuneConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.loss_tokens not in LOSS_TOKENS:
-            raise ValueError(f"loss_tokens must be one of {LOSS_TOKENS}, got {self.loss_tokens!r}")
-        if self.template is not None:
-            check_template(self.template)
         if self.lora_rank is not None:
             if self.lora_rank < 1:
                 raise ValueError(f"lora_rank must be >= 1 or None, got {self.lora_rank}")
@@ -692,7 +682,7 @@ def finetune(
     progress: bool = True,
     overwrite: bool = False,
     resumable: bool = True,
-    allow: str = "overwrite=True (--overwrite on the command line)",
+    allow: str = OVERWRITE_ALLOW,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``records`` and save checkpoints, logs and final weights.
 
@@ -741,8 +731,9 @@ def finetune(
     if not isinstance(model, nn.Module):
         hint = ": pass its .model" if hasattr(model, "model") and hasattr(model, "tokenizer") else ""
         raise TypeError(f"model must be a causal LM (torch.nn.Module), got {type(model).__name__}{hint}")
-    if Path(output_dir).is_file():
-        raise ValueError(f"output_dir {output_dir} is a file, not a folder")
+    in_the_way = file_in_the_way(Path(output_dir), Path(output_dir))
+    if in_the_way:
+        raise ValueError(f"output_dir {output_dir}: {in_the_way}")
     config.validate()
     records = check_records(records, "fine-tuning rows")
     if is_peft(model):

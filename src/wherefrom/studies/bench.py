@@ -33,6 +33,7 @@ from wherefrom.core.commandline import command_line as render_command
 from wherefrom.core.commandline import field_flags
 from wherefrom.core.data import DataError, data_fingerprint
 from wherefrom.core.option_pairs import format_option_pairs, options_for
+from wherefrom.core.store import OVERWRITE_ALLOW
 from wherefrom.curvature.base import DAMPING_FACTOR, Progress, no_progress
 from wherefrom.engine.api import FISHERS, AttributionConfig
 from wherefrom.methods.registry import (
@@ -372,7 +373,7 @@ def finetuned(
     task: BenchTask,
     overwrite: bool = False,
     directory: Path | None = None,
-    allow: str = "--overwrite",
+    allow: str = OVERWRITE_ALLOW,
 ) -> tuple[LoadedModel, FinetuneResult]:
     """The base model (tokenizer included) and the seed's fine-tuned model: :func:`wherefrom.models.finetune.finetune`
     on ``task.train`` with :meth:`BenchConfig.finetune_config` in ``<config.out>/seed-<seed>/finetune``

@@ -112,11 +112,12 @@ def cached(path: Path, key: Any, needs: Iterable[Path] = ()) -> dict[str, Any] |
     return row
 
 
-def refuse_replacing(units: Iterable[tuple[Path, Any]], allow: str = "--overwrite") -> None:
+def refuse_replacing(units: Iterable[tuple[Path, Any]]) -> None:
     """Raise :class:`wherefrom.core.store.OutputExists` when a finished unit of work (a :func:`store`d row without an
     ``error``) at one of ``units``' paths holds another key than the one paired with it: computing that unit now
     would replace it. The message names how many would be replaced, the first one's file, each entry of its key that
-    differs (with both values) and ``allow``, the caller's way to permit it. Call it before any long work."""
+    differs (with both values) and how to permit it (:data:`wherefrom.core.store.OVERWRITE_ALLOW`). Call it before any long
+    work."""
     replaced = []
     for path, key in units:
         try:
@@ -129,9 +130,7 @@ def refuse_replacing(units: Iterable[tuple[Path, Any]], allow: str = "--overwrit
     if replaced:
         path, was, now = replaced[0]
         others = f" and {len(replaced) - 1} more" if len(replaced) > 1 else ""
-        refuse_overwrite(
-            [path], allow, f"{others}, made from other inputs ({'; '.join(settings_differences(was, now))})"
-        )
+        refuse_overwrite([path], why=f"{others}, made from other inputs ({'; '.join(settings_differences(was, now))})")
 
 
 def store(path: Path, key: Any, row: dict[str, Any]) -> dict[str, Any]:

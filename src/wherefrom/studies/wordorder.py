@@ -214,7 +214,6 @@ def run_word_order(
             out / f"seed-{seed}" / "finetune",
             progress=False,
             overwrite=overwrite,
-            allow="--overwrite",  # as the study's other refusals name it
         )
         attribution = config.attribution(seed)
         scores, usage = scored_method(

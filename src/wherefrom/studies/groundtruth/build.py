@@ -296,9 +296,8 @@ def build_groundtruth(
     loaded = load_model(config.model, device=config.device)
     settings = config.finetune_config(config.seed)
     tuned = finetune(
-        loaded.model, loaded.tokenizer, train, settings, out / "model", progress=False, overwrite=overwrite,
-        allow="--overwrite",  # as the study's other refusals name it
-    )  # fmt: skip
+        loaded.model, loaded.tokenizer, train, settings, out / "model", progress=False, overwrite=overwrite
+    )
     recorded = read_json_object(out / "model" / FINETUNE_RECORD)["tokenizer_fingerprint"]  # the folder's form
     full_f = measure_queries(tuned.model, loaded.tokenizer, queries, config.batch_size, **settings.layout())
     timings["finetune_s"] = time.perf_counter() - tick
