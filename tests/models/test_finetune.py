@@ -187,6 +187,11 @@ def test_a_finished_fine_tuning_with_damaged_weights_is_named_not_loaded(lora_ru
     assert weights.stat().st_size == 100 and sorted(p.name for p in copy.iterdir()) == sorted(
         p.name for p in out.iterdir()
     )
+    # reviewT: overwrite=True, which permits replacing the folder's fine-tuning, was refused alike; it trains again
+    again = finetune(
+        tiny_llama(len(tokenizer)), tokenizer, records, lora_config(), copy, progress=False, overwrite=True
+    )
+    assert not again.reused and files_of(copy) == files_of(out)
 
 
 def test_a_damaged_trainer_state_is_named(tmp_path):

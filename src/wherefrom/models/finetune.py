@@ -706,7 +706,9 @@ def finetune(
     weights go to ``output_dir/adapter`` (LoRA) or ``output_dir/model`` (full model + tokenizer), then
     ``train_log.jsonl`` and ``finetune_config.json`` (config, fingerprints of data, base model and tokenizer, epoch
     losses, checkpoint list). If a complete earlier run with the same config and fingerprints is
-    in ``output_dir``, its weights are loaded instead (``reused=True``). With ``resumable`` (the default; off
+    in ``output_dir``, its weights are loaded instead (``reused=True``); when they are damaged,
+    :class:`wherefrom.models.loading.ModelLoadError` names the file, or with ``overwrite`` the run is trained again
+    (logged). With ``resumable`` (the default; off
     for a throw-away ``output_dir``), each epoch but the last also leaves its training state in
     ``output_dir/resume`` (:mod:`wherefrom.models.training_state`; for full fine-tuning three copies of the
     model's size, twice that while the next one is written); an interrupted run with the same config,
@@ -756,15 +758,23 @@ def finetune(
     reusable = _try_reuse(output_dir, identity, tokenizer)
     if reusable is not None:
         losses, checkpoints, weights_dir = reusable
-        _remove(output_dir / RESUME_DIR)  # left by a run killed between its last two writes
-        return FinetuneResult(
-            model=_load_saved(model, weights_dir, lora),
-            output_dir=output_dir,
-            weights_dir=weights_dir,
-            epoch_losses=losses,
-            checkpoints=checkpoints,
-            reused=True,
-        )
+        try:
+            saved = _load_saved(model, weights_dir, lora)
+        except ModelLoadError as damaged:
+            if not overwrite:
+                raise
+            # reviewT: it was refused with overwrite=True too, which permits replacing the folder's fine-tuning
+            logger.warning("%s; overwrite=True: fine-tuning again", damaged)
+        else:
+            _remove(output_dir / RESUME_DIR)  # left by a run killed between its last two writes
+            return FinetuneResult(
+                model=saved,
+                output_dir=output_dir,
+                weights_dir=weights_dir,
+                epoch_losses=losses,
+                checkpoints=checkpoints,
+                reused=True,
+            )
 
     # Encode first, so bad data fails before anything on disk is touched.
     examples = encode_records(records, tokenizer, model=model, **config.layout())
