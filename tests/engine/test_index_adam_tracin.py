@@ -148,6 +148,18 @@ def test_adam_of_an_earlier_checkpoint_and_the_refusals(workspace, tmp_path):
     # CUDA device, the command with it was refused)
     assert f"It is finished: `{run.index_command(device=False)}` reuses it" in str(refused.value)
     assert f"--optimizer-checkpoint {first.resolve()}" in run.index_command()
+    # userL: the default after adam was named "precondition: recorded 'adam', now absent; unit_norm: recorded False,
+    # now absent" (a raw store records them for adam only; unit_norm never changed)
+    with pytest.raises(SettingsMismatch, match=r"precondition: recorded 'adam', now 'fitted'") as refused:
+        run.build_index(shard_size=10)
+    assert "unit_norm" not in str(refused.value) and "now absent;" not in str(refused.value).split("optimizer_state")[0]
+    assert f"It is finished: `{run.index_command(device=False)}` reuses it" in str(refused.value)
+    raw = adam_run(workspace, tmp_path / "raw")
+    raw.build_index(shard_size=10)
+    with pytest.raises(SettingsMismatch, match=r"precondition: recorded 'fitted', now 'adam'") as refused:
+        raw.build_index(shard_size=10, precondition="adam")
+    assert "unit_norm" not in str(refused.value)
+    raw.build_index(shard_size=10)  # the same settings: reused
     old = tmp_path / "old"  # a fine-tuning saved before checkpoints kept the optimizer state
     shutil.copytree(workspace / "ft", old / "ft")
     (old / "ft" / "checkpoints" / "epoch-2" / OPTIMIZER_STATE_FILE).unlink()

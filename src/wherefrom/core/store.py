@@ -687,10 +687,11 @@ def differing_settings(saved: Any, now: Any, prefix: str = "") -> list[tuple[str
     return [(name, f"{name}: recorded {shown_setting(saved)}, now {shown_setting(now)}")]
 
 
-def with_defaults_recorded(saved: Mapping[str, Any], defaults: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def with_defaults_recorded(saved: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     """``saved`` (settings read back from JSON) with what it does not record taken from ``defaults``: per top-level
     section that ``saved`` holds as a dict, every key missing from it at the default, recursively into
-    sub-dicts both hold (e.g. a strategy's options); sections ``saved`` lacks stay out."""
+    sub-dicts both hold (e.g. a strategy's options); sections ``saved`` lacks stay out. A default that is not a dict
+    is what a missing top-level key means (a raw gradient index records no ``precondition`` unless it is ``adam``)."""
 
     def filled(recorded: dict[str, Any], known: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(recorded)
@@ -703,8 +704,11 @@ def with_defaults_recorded(saved: Mapping[str, Any], defaults: Mapping[str, Mapp
 
     out = dict(saved)
     for section, values in json_form(dict(defaults)).items():
-        if isinstance(out.get(section), dict):
-            out[section] = filled(out[section], values)
+        if isinstance(values, dict):
+            if isinstance(out.get(section), dict):
+                out[section] = filled(out[section], values)
+        elif section not in out:
+            out[section] = values
     return out
 
 
@@ -712,13 +716,13 @@ def recorded_differences(
     saved: Mapping[str, Any],
     now: Mapping[str, Any],
     ignore: Collection[str] = (),
-    defaults: Mapping[str, Mapping[str, Any]] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> list[tuple[str, str]]:
-    """:func:`differing_settings` of a job's recorded ``saved`` settings (its missing keys taken from ``defaults``,
-    :func:`with_defaults_recorded`) and the settings ``now`` (in their JSON form), top-level keys in ``ignore``
-    left out."""
+    """:func:`differing_settings` of a job's recorded ``saved`` settings and the settings ``now`` (in their JSON
+    form), the missing keys of each taken from ``defaults`` (:func:`with_defaults_recorded`), top-level keys in
+    ``ignore`` left out."""
     saved = with_defaults_recorded(saved, defaults or {})
-    now = json_form(dict(now))
+    now = with_defaults_recorded(json_form(dict(now)), defaults or {})
     return differing_settings(
         {k: v for k, v in saved.items() if k not in ignore}, {k: v for k, v in now.items() if k not in ignore}
     )
@@ -729,7 +733,7 @@ def record_settings(
     settings: Mapping[str, Any],
     hint: str | Callable[[list[str]], str] = "",
     ignore: Collection[str] = (),
-    defaults: Mapping[str, Mapping[str, Any]] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Record ``settings`` in ``folder/settings.json`` before the job's first result, or compare them.
 

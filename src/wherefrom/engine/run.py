@@ -143,6 +143,10 @@ PRECONDITIONER = "preconditioner"
 """The folder in ``RUN/index/`` of an ``empirical`` index's projected Fisher, fitted on its stored rows."""
 UNFITTED_PRECONDITIONS = ("none", "empirical")
 """The index kinds of a trak/logra run that do not use the method's fitted curvature (built before any fit)."""
+UNRECORDED_INDEX_OPTIONS = {"precondition": PRECONDITION, "unit_norm": False}
+"""What a store's missing ``precondition`` and ``unit_norm`` mean when its settings are compared: an influence run's
+raw gradient store records them for ``adam`` rows only (:meth:`Run.index_settings`), so a rerun with the default
+after ``adam`` named them "recorded 'adam', now absent" and ``unit_norm`` as changed (userL)."""
 INDEX_OPTIONS = ("shard_size", "dtype", "precondition", "unit_norm", "device")
 """The index settings that ``wherefrom index`` options choose (``--shard-size``, ``--dtype``, ``--precondition``,
 ``--unit-norm``, ``--device``; and ``--optimizer-checkpoint`` the AdamW state's folder): a store started under other
@@ -1144,7 +1148,14 @@ class Run:
         dim = sum(math.prod(shape) for _name, *shape in settings["rows_layout"]["blocks"])
         ids = [r.id for r in self.train]
         writer = VectorStoreWriter(
-            folder, ids, dim, settings, dtype, shard_size, self.config.setting_defaults(), RECORDED_ONLY
+            folder,
+            ids,
+            dim,
+            settings,
+            dtype,
+            shard_size,
+            {**self.config.setting_defaults(), **UNRECORDED_INDEX_OPTIONS},
+            RECORDED_ONLY,
         )
         if not self.has_index():  # a store to build or finish
             self.check_encodings()  # a row the model cannot take is named now, not when its shard comes
