@@ -407,6 +407,7 @@ def test_a_row_longer_than_the_tokenizers_model_max_length_encodes_without_its_w
         ({"template": 3}, "template must be a string or None, got 3"),
         ({"truncate": "yes"}, "truncate must be True or False, got 'yes'"),
         ({"chat_template": 1}, "chat_template must be True or False, got 1"),
+        ({"template": "{prompt} {completion}", "chat_template": True}, "give either template or chat_template"),
     ],
 )
 def test_both_configs_refuse_an_impossible_layout_when_made(setting, message):
@@ -426,3 +427,29 @@ def test_attribution_config_refuses_an_unknown_reduction():
 
     with pytest.raises(ValueError, match=r"reduction must be one of \['sum', 'mean'\], got 'avg'"):
         AttributionConfig(reduction="avg")
+
+
+def test_chat_form_rows_encoded_without_a_chat_template_are_said():
+    """userK: rows given as ``messages`` were encoded as plain prompt + completion without a word when no chat template
+    was asked for. A PlainChatRows warning names the first and counts them; plain rows and a chat template say
+    nothing. The form is not part of a row's identity (same fingerprint as the plain row)."""
+    from wherefrom.core.data import data_fingerprint, records_from_rows
+    from wherefrom.core.encoding import PlainChatRows
+
+    tok = make_tokenizer()
+    chat = records_from_rows(
+        [{"id": "c1", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+         {"id": "c2", "messages": [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"}]},
+         {"id": "p", "prompt": "hi", "completion": "yo"}],
+        "rows.jsonl",
+    )  # fmt: skip
+    with pytest.warns(PlainChatRows, match=r"record 'c1' and 1 more of 3 rows were given in the chat form.*--chat"):
+        encode_records(chat, tok)
+    assert chat[0] == Record("c1", "hi", "yo") and data_fingerprint(chat[:1]) == data_fingerprint(
+        [Record("c1", "hi", "yo")]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlainChatRows)
+        encode_records(chat[2:], tok)
+        tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        encode_records(chat, tok, chat_template=True)

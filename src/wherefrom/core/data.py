@@ -102,7 +102,9 @@ class Record:
 
     ``id`` is unique within its set; ``label`` is an optional class name for attribution metrics.
     ``where`` names the row's source and position (``"train.jsonl, line 7"``; ``None`` for a row built in
-    code) for error messages; it is not part of the row's identity (equality, :func:`data_fingerprint`).
+    code) for error messages; ``chat`` whether it was given in the chat form (``messages``), which
+    :func:`wherefrom.core.encoding.encode_records` warns of when no chat template renders it. Neither is part of
+    the row's identity (equality, :func:`data_fingerprint`).
     """
 
     id: str
@@ -110,6 +112,7 @@ class Record:
     completion: str
     label: str | None = None
     where: str | None = dataclasses.field(default=None, compare=False, repr=False)
+    chat: bool = dataclasses.field(default=False, compare=False, repr=False)
 
     def named(self) -> str:
         """``"FILE, line N: record ID"`` (``"record ID"`` without a ``where``), to begin an error message."""
@@ -177,7 +180,8 @@ def _from_messages(messages: Any, where: str) -> dict[str, Any]:
 def _validate_row(row: Any, where: str, default_id: str) -> Record:
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected an object with fields 'prompt' and 'completion', got {type(row).__name__}")
-    if _absent_if_nan(row.get("messages")) is not None:
+    chat = _absent_if_nan(row.get("messages")) is not None
+    if chat:
         given = [f for f in ("prompt", "completion") if _absent_if_nan(row.get(f)) is not None]
         if given:
             raise DataError(
@@ -218,7 +222,7 @@ def _validate_row(row: Any, where: str, default_id: str) -> Record:
                 f"{where}: field {field!r} holds the control character {control!r} ({value!r}); ids and labels are "
                 "printed one result per line and written to CSV tables: remove it"
             )
-    return Record(id=record_id, prompt=prompt, completion=completion, label=label, where=where)
+    return Record(id=record_id, prompt=prompt, completion=completion, label=label, where=where, chat=chat)
 
 
 def _missing_hint(row: dict[str, Any], field: str) -> str:

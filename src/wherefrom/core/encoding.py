@@ -249,7 +249,7 @@ def check_layout(layout: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` naming the first impossible input-layout setting of ``layout`` (the
     :data:`LAYOUT_SETTINGS` of an ``AttributionConfig`` or a ``FinetuneConfig``, as ``.layout()`` gives them): a flag
     that is not ``True``/``False``, ``max_length < 1``, a ``loss_tokens`` outside :data:`LOSS_TOKENS`, a ``template``
-    that is not ``None`` or a valid template (:func:`check_template`). An ``AttributionConfig`` took each of these and
+    that is not ``None`` or a valid template (:func:`check_template`), a template beside ``chat_template``. An ``AttributionConfig`` took each of these and
     failed, or encoded otherwise, only when a run was fitted (userK)."""
     for name in ("chat_template", "append_eos", "pad_left", "truncate"):
         if not isinstance(layout[name], bool):
@@ -262,6 +262,8 @@ def check_layout(layout: Mapping[str, Any]) -> None:
         if not isinstance(layout["template"], str):
             raise ValueError(f"template must be a string or None, got {layout['template']!r}")
         check_template(layout["template"])
+        if layout["chat_template"]:
+            raise ValueError("give either template or chat_template=True, not both")
 
 
 def check_template(template: str) -> None:
@@ -347,20 +349,25 @@ def encode_records(
     do not fit, the next five by line and the longest; a fault of another kind after the first such row is left for
     the next run), holds a token id outside the model's embedding, or a
     completion tokenizes to no tokens; ``ValueError`` if ``chat_template=True`` and the tokenizer
-    has no chat template, for a bad ``template`` / ``loss_tokens`` or ``template`` with ``chat_template``, or
+    has no chat template, for an impossible layout (:func:`check_layout`), or
     when ``pad_left`` would pad rows beyond the model's positions (it failed in the embedding, an ``IndexError``).
     """
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
-    if loss_tokens not in LOSS_TOKENS:
-        raise ValueError(f"loss_tokens must be one of {LOSS_TOKENS}, got {loss_tokens!r}")
-    if template is not None:
-        check_template(template)
-        if chat_template:
-            raise ValueError("give either template or chat_template=True, not both")
+    check_layout({
+        "max_length": max_length, "chat_template": chat_template, "template": template, "append_eos": append_eos,
+        "pad_left": pad_left, "loss_tokens": loss_tokens, "truncate": truncate,
+    })  # fmt: skip
     records = list(records)
     if not records:
         return []
+    chat_rows = [r for r in records if r.chat] if not chat_template else []
+    if chat_rows:  # userK: encoded as plain text without a word
+        warnings.warn(
+            f"{chat_rows[0].named()} and {len(chat_rows) - 1} more of {len(records)} rows were given in the chat form "
+            "(messages) and are encoded as plain prompt + completion text, without the tokenizer's chat template; "
+            "pass chat_template=True (--chat-template) for the conversation a chat model was trained on",
+            PlainChatRows,
+            stacklevel=2,
+        )
     positions = model_positions(model) if model is not None else None
     if pad_left and positions is not None and max_length > positions[0]:
         raise ValueError(
@@ -558,6 +565,10 @@ def _laid_out(
 BOUNDARY_TOKENS = 8
 """How many of the first row's completion tokens a :class:`TokenBoundaryWarning` shows each way (and 4 characters a
 token of its text)."""
+
+
+class PlainChatRows(UserWarning):
+    """Rows given in the chat form (``messages``) are encoded without a chat template (:func:`encode_records`)."""
 
 
 class TokenBoundaryWarning(UserWarning):
