@@ -287,7 +287,7 @@ def test_ctrl_c_says_the_work_is_kept_and_the_same_command_goes_on(workspace, mo
         stopped = invoke(*args)
     said = " ".join(stopped.output.split())
     assert stopped.exit_code == 130 and "Traceback" not in stopped.output, stopped.output
-    assert "interrupted: what was finished is kept" in said and "run the same command again to go on from it" in said
+    assert "interrupted: the work already written is kept" in said and "the same command run again goes on" in said
     again = invoke(*args)
     assert again.exit_code == 0 and "resumed an interrupted identical run after epoch 1" in again.output, again.output
 

@@ -153,7 +153,7 @@ def test_attribute_refuses_to_replace_scores_of_edited_rows_under_the_same_paths
     replayed = invoke("replay", out)
     assert replayed.exit_code == 2 and "query_fingerprint: recorded" in replayed.output, replayed.output
     said = " ".join(replayed.output.split())
-    assert "(--overwrite on the command line)" in said and (out / "scores.safetensors").stat().st_mtime_ns == saved
+    assert "pass --overwrite" in said and (out / "scores.safetensors").stat().st_mtime_ns == saved
     assert invoke("replay", out, "--overwrite").exit_code == 0
     assert (out / "scores.safetensors").stat().st_mtime_ns != saved
 

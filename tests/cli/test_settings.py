@@ -413,6 +413,32 @@ def test_replay_of_a_fit_recomputes_identical_factors(workspace, tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_replay_of_a_record_whose_directory_is_gone_runs_when_every_path_is_absolute(workspace, tmp_path):
+    """userJ: a record whose directory (where it ran) is gone was refused even when every path it names is absolute,
+    so that directory does not matter. It runs; one with a relative path is refused naming that path's flag."""
+    run = tmp_path / "run"
+    assert invoke(*fit_args(workspace, run, "--strategy", "kfac", "--threads", "1")).exit_code == 0
+    saved = json.loads((run / "config.json").read_text())
+    saved["replay"]["fit"]["cwd"] = "../gone"
+    (run / "config.json").write_text(json.dumps(saved))
+    before = (run / "factors" / "curvature.safetensors").read_bytes()
+    shutil.rmtree(run / "factors")
+    replayed = invoke("replay", run)
+    assert replayed.exit_code == 0, replayed.output
+    assert (run / "factors" / "curvature.safetensors").read_bytes() == before
+    saved["replay"]["fit"]["arguments"]["train"] = "train.jsonl"
+    (run / "config.json").write_text(json.dumps(saved))
+    refused = invoke("replay", run)
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "which is gone, and its relative paths (--train) are relative to it" in said
+    shutil.copytree(run, tmp_path / "copy")  # its absolute --run names the original: not replayed into it
+    saved["replay"]["fit"]["arguments"]["train"] = str(workspace / "train.jsonl")
+    (tmp_path / "copy" / "config.json").write_text(json.dumps(saved))
+    refused = invoke("replay", tmp_path / "copy")
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and f"which is gone, and none of its paths names {tmp_path / 'copy'}" in said
+
+
 def test_replay_of_a_copied_or_moved_folder_writes_it_not_the_original(workspace, tmp_path, monkeypatch):
     """`replay COPY` of a run folder copied beside its original reran `fit --run runs/orig` (the recorded
     argument): it refitted the original and left the copy as it was, exit 0. The record keeps its folder as seen
@@ -649,6 +675,11 @@ def test_evaluate_of_an_unfinished_ground_truth_says_so_and_how_to_finish_it(tmp
         (
             ["fit", "--train", "t.jsonl", "--run", "r", "--no-eos", "--query-without-eos"],
             "--no-eos appends no EOS, so --query-without-eos has none to leave out",
+        ),
+        # reviewU: refused by AttributionConfig's check in Python's words ("chat_template=True")
+        (
+            ["fit", "--train", "t.jsonl", "--run", "r", "--template", "q {prompt} a {completion}", "--chat-template"],
+            "--template and --chat-template are two layouts of one row: give one of them",
         ),
     ],
 )

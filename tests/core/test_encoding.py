@@ -427,14 +427,19 @@ def test_attribution_config_refuses_an_unknown_reduction():
 
     with pytest.raises(ValueError, match=r"reduction must be one of \['sum', 'mean'\], got 'avg'"):
         AttributionConfig(reduction="avg")
+    with pytest.raises(ValueError, match="query_without_eos must be True or False, got 'no'"):  # it acted as True
+        AttributionConfig(query_without_eos="no")
 
 
-def test_chat_form_rows_encoded_without_a_chat_template_are_said():
+def test_chat_form_rows_encoded_without_a_chat_template_are_said(tmp_path):
     """userK: rows given as ``messages`` were encoded as plain prompt + completion without a word when no chat template
-    was asked for. A PlainChatRows warning names the first and counts them; plain rows and a chat template say
-    nothing. The form is not part of a row's identity (same fingerprint as the plain row)."""
-    from wherefrom.core.data import data_fingerprint, records_from_rows
+    was asked for. A PlainChatRows warning says so, through a real path too (``finetune()`` checks its rows with
+    ``check_records``, which dropped the form: reviewU); plain rows, a ``template`` and a chat template say nothing.
+    The form is not part of a row's identity (same fingerprint as the plain row)."""
+    from wherefrom.core.data import check_records, data_fingerprint, records_from_rows
     from wherefrom.core.encoding import PlainChatRows
+    from wherefrom.models.finetune import FinetuneConfig, finetune
+    from wherefrom.models.tiny import tiny_llama
 
     tok = make_tokenizer()
     chat = records_from_rows(
@@ -443,13 +448,19 @@ def test_chat_form_rows_encoded_without_a_chat_template_are_said():
          {"id": "p", "prompt": "hi", "completion": "yo"}],
         "rows.jsonl",
     )  # fmt: skip
-    with pytest.warns(PlainChatRows, match=r"record 'c1' and 1 more of 3 rows were given in the chat form.*--chat"):
+    said = r"rows given in the chat form \(messages\) are encoded as plain prompt \+ completion text.*--chat-template"
+    with pytest.warns(PlainChatRows, match=said):
         encode_records(chat, tok)
+    assert [r.chat for r in check_records(chat)] == [True, True, False]
     assert chat[0] == Record("c1", "hi", "yo") and data_fingerprint(chat[:1]) == data_fingerprint(
         [Record("c1", "hi", "yo")]
     )
+    config = FinetuneConfig(epochs=1, batch_size=2, lora_rank=None, checkpoint_every_epoch=False)
+    with pytest.warns(PlainChatRows, match=said):
+        finetune(tiny_llama(len(tok)), tok, chat, config, tmp_path / "ft", progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", PlainChatRows)
         encode_records(chat[2:], tok)
+        encode_records(chat, tok, template="q {prompt} a {completion}")
         tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
         encode_records(chat, tok, chat_template=True)

@@ -182,8 +182,11 @@ def test_a_finished_fine_tuning_with_damaged_weights_is_named_not_loaded(lora_ru
     shutil.copytree(out, copy)
     weights = copy / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(ModelLoadError, match=rf"adapter_model\.safetensors: not a complete safetensors file .*{copy}"):
+    with pytest.raises(
+        ModelLoadError, match=rf"adapter_model\.safetensors: not a complete safetensors file .*{copy}"
+    ) as e:
         finetune(tiny_llama(len(tokenizer)), tokenizer, records, lora_config(), copy, progress=False)
+    assert "or pass overwrite=True (--overwrite on the command line) to fine-tune again" in str(e.value)
     assert weights.stat().st_size == 100 and sorted(p.name for p in copy.iterdir()) == sorted(
         p.name for p in out.iterdir()
     )

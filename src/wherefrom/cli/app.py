@@ -570,8 +570,8 @@ DISTRIBUTED: set[str] = set()
 
 
 INTERRUPTED = (
-    "what was finished is kept (each long job writes its work as it goes, as after kill -9); run the same command "
-    "again to go on from it"
+    "the work already written is kept (a long job writes it as it goes, as after kill -9), and the same command run "
+    "again goes on from it; a command that writes only at its end (attribute, query, diagnose) starts again"
 )
 """What a command interrupted by Ctrl-C (``KeyboardInterrupt``) prints after ``interrupted:``."""
 INTERRUPTED_EXIT = 130

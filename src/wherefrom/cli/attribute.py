@@ -88,6 +88,7 @@ def attribute(
                     refuse_folders_in_set(out, "scores"),  # the top-k CSV too, which --overwrite replaces as well
                     out / "config.json",
                     record,
+                    "--overwrite",  # a command line's words
                     recorded_as=lambda saved: {
                         **saved,
                         "options": recorded_options(method, saved.get("options") or {}),

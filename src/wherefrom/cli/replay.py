@@ -14,6 +14,15 @@ from wherefrom.cli.settings import SETTINGS
 from wherefrom.cli.studies import PRESET_SETTINGS
 
 
+def path_arguments(arguments: dict[str, Any]) -> dict[str, str]:
+    """The arguments of a record that name a file or folder (settings declared as paths), by setting name."""
+    return {
+        name: value
+        for name, value in arguments.items()
+        if isinstance(value, str) and name in SETTINGS and SETTINGS[name].is_path
+    }
+
+
 def relocated(record: dict[str, Any], where: Path, folder: Path) -> tuple[dict[str, Any], Path | None]:
     """``(arguments, recorded folder)`` of a :func:`wherefrom.cli.app.remember` record found in ``folder``, which
     ran in ``where``: when the folder it was recorded in (its ``folder``, seen from ``where``) is another one, i.e.
@@ -26,9 +35,7 @@ def relocated(record: dict[str, Any], where: Path, folder: Path) -> tuple[dict[s
     recorded = (where / record["folder"]).resolve()
     if recorded == folder:
         return arguments, None
-    for name, value in arguments.items():
-        if not (isinstance(value, str) and name in SETTINGS and SETTINGS[name].is_path):
-            continue
+    for name, value in path_arguments(arguments).items():
         path = (where / value).resolve()
         if path == recorded or recorded in path.parents:
             moved = folder / path.relative_to(recorded)
@@ -67,17 +74,28 @@ def replay(folder, threads, overwrite) -> None:
         if record["command"] not in COMMANDS:
             fail(f"{config}: record {key!r} names an unknown command {record['command']!r}")
         where = (folder / record["cwd"]).resolve() if "cwd" in record else Path.cwd()
-        if not where.is_dir():
-            fail(
-                f"{config}: record {key!r} ran in {where}, which is gone, and its relative paths are relative to it; "
-                f"run its line by hand from the directory it means: {record['line']}"
-            )
-        arguments, recorded = relocated(record, where, folder)
-        if recorded is not None and arguments == record["arguments"]:
-            fail(
-                f"{config}: record {key!r} wrote to {recorded}, and {folder} (a copy, or moved) is named by none of "
-                f"its paths; run its line by hand with its output in {folder}: {record['line']}"
-            )
+        paths = path_arguments(record["arguments"])
+        if where.is_dir():
+            arguments, recorded = relocated(record, where, folder)
+            if recorded is not None and arguments == record["arguments"]:
+                fail(
+                    f"{config}: record {key!r} wrote to {recorded}, and {folder} (a copy, or moved) is named by none "
+                    f"of its paths; run its line by hand with its output in {folder}: {record['line']}"
+                )
+        else:  # userJ: refused also where every path is absolute, so that where it ran does not matter
+            relative = [SETTINGS[name].flag for name, value in paths.items() if not Path(value).is_absolute()]
+            if relative:
+                fail(
+                    f"{config}: record {key!r} ran in {where}, which is gone, and its relative paths "
+                    f"({', '.join(relative)}) are relative to it; run its line by hand from the directory it means: "
+                    f"{record['line']}"
+                )
+            if not any(Path(value).resolve() == folder for value in paths.values()):  # they name the original
+                fail(
+                    f"{config}: record {key!r} ran in {where}, which is gone, and none of its paths names {folder} "
+                    f"(a copy, or moved); run its line by hand with its output in {folder}: {record['line']}"
+                )
+            where, arguments, recorded = folder, dict(record["arguments"]), None
         moved = f" ({folder} was recorded as {recorded}: written here)" if recorded is not None else ""
         console.print(f"replay (in {where}){moved}: {record['line']}", markup=False, highlight=False)
         # userI: a recorded --overwrite replaced the scores of edited queries without a word, and the refusal's

@@ -198,7 +198,9 @@ def scores(
             saved = list(refuse_folders_in_set(run / "scores", name)[:2])  # a folder there: before the query pass
             queried = {"query_ids": [r.id for r in rows], "query_fingerprint": data_fingerprint(rows)}
             # a finished set is one with its .json (written last): tensors without it are a killed write's
-            replaces = not overwrite and saved[1].exists() and check_replacement(saved, saved[1], queried)
+            replaces = (
+                not overwrite and saved[1].exists() and check_replacement(saved, saved[1], queried, "--overwrite")
+            )
             opened = Run.open(run, progress=progress, device=device)
             if replaces:  # the same query rows: still refused when the training side changed (e.g. now an index)
                 check_origin(saved, opened.scores_provenance())

@@ -898,6 +898,8 @@ def contradictions(arguments: Mapping[str, Any]) -> list[str]:
         problems.append(f"--full fine-tunes every weight, so --lora-rank {rank} would change nothing: give one of them")
     if arguments.get("no_eos") and arguments.get("query_without_eos"):
         problems.append("--no-eos appends no EOS, so --query-without-eos has none to leave out: give one of them")
+    if arguments.get("template") is not None and arguments.get("chat_template"):  # reviewU: said in Python's words
+        problems.append("--template and --chat-template are two layouts of one row: give one of them")
     if arguments.get("full") or rank == 0:  # userA: taken, recorded, and a rerun refused over a change of nothing
         full = "--full" if arguments.get("full") else "--lora-rank 0"
         lora = {

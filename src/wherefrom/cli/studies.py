@@ -171,9 +171,10 @@ def run_study(out, build, run, table: str, failures: Callable[[dict[str, Any]], 
 
 
 def incomplete(failures: list[str]) -> None:
-    """After a study's table: each of ``failures`` (what failed, with its first error) as an ``error:`` line on
-    stderr and exit 1, so that a script or CI job sees a result that is not all there (they exited 0, also when
-    every method had failed). The report keeps the failures; a rerun retries them and reuses the rest."""
+    """After a study's table (or a fine-tuning's summary): each of ``failures`` (what failed, with its first error)
+    as an ``error:`` line on stderr and exit 1, so that a script or CI job sees a result that is not all there (they
+    exited 0, also when every method had failed, or the fine-tuning diverged). A study's report keeps the failures; a
+    rerun retries them and reuses the rest."""
     for line in failures:
         say(f"error: {line}")
     if failures:

@@ -571,8 +571,8 @@ def check_records(records: Iterable[Record | Mapping[str, Any]], source: str = "
     if not given:
         raise DataError(f"{source}: no rows (an empty list); at least one row is needed")
     checked = records_from_rows([r.content() if isinstance(r, Record) else r for r in given], source)
-    return [  # a Record read from a file keeps naming its file and line
-        replace(record, where=row.where) if isinstance(row, Record) and row.where else record
+    return [  # a Record read from a file keeps naming its file and line, and its form (reviewU: chat was dropped)
+        replace(record, where=row.where or record.where, chat=row.chat) if isinstance(row, Record) else record
         for record, row in zip(checked, given)
     ]
 

@@ -53,7 +53,9 @@ __all__ = [
     "REFERENCE_TEMPLATE",
     "Batches",
     "EncodedExample",
+    "PlainChatRows",
     "TokenBoundaryWarning",
+    "check_layout",
     "collate",
     "encode_records",
     "iterate_batches",
@@ -155,7 +157,8 @@ def _chat_texts(record: Record, tokenizer: PreTrainedTokenizerBase) -> tuple[str
 def template_ends_turn(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer's chat template ends the assistant's turn with a special token (``<|im_end|>``,
     ``<|eot_id|>``, ...): then that marker ends each completion and is scored, and ``append_eos`` changes nothing
-    (:func:`encode_records`). ``ValueError`` for a tokenizer without a chat template."""
+    (:func:`encode_records`). ``ValueError`` for a tokenizer without a chat template, or one whose template does
+    not render the assistant message once."""
     _check_template(tokenizer)
     _, after = _around_content(tokenizer, "x", "a probe conversation")
     return _end_of_turn(after, tokenizer) > 0
@@ -359,15 +362,8 @@ def encode_records(
     records = list(records)
     if not records:
         return []
-    chat_rows = [r for r in records if r.chat] if not chat_template else []
-    if chat_rows:  # userK: encoded as plain text without a word
-        warnings.warn(
-            f"{chat_rows[0].named()} and {len(chat_rows) - 1} more of {len(records)} rows were given in the chat form "
-            "(messages) and are encoded as plain prompt + completion text, without the tokenizer's chat template; "
-            "pass chat_template=True (--chat-template) for the conversation a chat model was trained on",
-            PlainChatRows,
-            stacklevel=2,
-        )
+    if not chat_template and template is None and any(r.chat for r in records):  # userK: without a word
+        warnings.warn(PlainChatRows(), stacklevel=2)  # one text: said once, not for each batch of the rows
     positions = model_positions(model) if model is not None else None
     if pad_left and positions is not None and max_length > positions[0]:
         raise ValueError(
@@ -568,7 +564,15 @@ token of its text)."""
 
 
 class PlainChatRows(UserWarning):
-    """Rows given in the chat form (``messages``) are encoded without a chat template (:func:`encode_records`)."""
+    """Rows given in the chat form (``messages``) are encoded as plain text, with neither a chat template nor a
+    ``template`` (:func:`encode_records`). One message for every call, so Python shows it once."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "rows given in the chat form (messages) are encoded as plain prompt + completion text, without the "
+            "tokenizer's chat template; where the model was fine-tuned on its chat template, pass chat_template=True "
+            "(--chat-template)"
+        )
 
 
 class TokenBoundaryWarning(UserWarning):

@@ -742,7 +742,8 @@ def record_settings(
     no part of it is computed again). ``defaults``: per top-level section (a dict of settings), the values
     that keys missing from the recorded section take, recursively (:func:`with_defaults_recorded`: settings
     added since the folder was started, whose defaults do what the older version did, and options recorded
-    as given, an option left out being at its default). Returns notes of what was discarded (empty when nothing was).
+    as given, an option left out being at its default); a default that is not a dict is what a missing top-level
+    key means, on either side (the recorded settings and ``settings``). Returns notes of what was discarded (empty when nothing was).
     Raises :class:`SettingsMismatch` naming every differing setting with the recorded and the
     current value (``hint`` says what to do; a callable is given the dotted keys that differ, e.g. to tell
     settings a rerun can choose from inputs that changed). A folder with results but no intact ``settings.json``

@@ -508,7 +508,7 @@ class VectorStore:
         self,
         settings: Mapping[str, Any],
         what: str = "",
-        defaults: Mapping[str, Any] | None = None,
+        defaults: Mapping[str, Mapping[str, Any]] | None = None,
         remedy: str | Callable[[], str] = "rebuild it with the current ones",
     ) -> None:
         """Raise :class:`wherefrom.core.store.SettingsMismatch` naming each of ``settings`` whose recorded value

@@ -157,6 +157,8 @@ class AttributionConfig:
             raise ValueError(f"query_rank must be >= 1 or None, got {self.query_rank}")
         if self.autocast not in (None, *AUTOCAST_DTYPES):
             raise ValueError(f"autocast must be None or one of {sorted(AUTOCAST_DTYPES)}, got {self.autocast!r}")
+        if not isinstance(self.query_without_eos, bool):  # reviewU: "no" acted as True
+            raise ValueError(f"query_without_eos must be True or False, got {self.query_without_eos!r}")
         if self.query_without_eos and not self.append_eos:  # reviewZ: the row's last completion token was dropped
             raise ValueError(
                 "query_without_eos=True with append_eos=False: no EOS is appended, so there is none to leave out "

@@ -639,10 +639,11 @@ def _restore(
     return state.epoch, state.bookkeeping
 
 
-def _load_saved(model: nn.Module, weights_dir: Path, lora: bool) -> nn.Module:
+def _load_saved(model: nn.Module, weights_dir: Path, lora: bool, allow: str) -> nn.Module:
     """The finished fine-tuning's weights in ``weights_dir`` on ``model`` (its adapter, or its model). Raises
     :class:`wherefrom.models.loading.ModelLoadError` naming a damaged weight file (e.g. cut short: it was a
-    ``SafetensorError`` traceback) and the fine-tuning folder to delete so that it is made again."""
+    ``SafetensorError`` traceback), the fine-tuning folder to delete so that it is made again, and ``allow`` (the
+    caller's way to replace it)."""
     try:
         if lora:
             check_adapter(weights_dir, model, None)
@@ -651,7 +652,7 @@ def _load_saved(model: nn.Module, weights_dir: Path, lora: bool) -> nn.Module:
     except ModelLoadError as error:
         raise ModelLoadError(
             f"{str(error).split('. It was probably cut short')[0]}: the finished fine-tuning in {weights_dir.parent} "
-            "cannot be reused; restore the file, or delete that folder to fine-tune again"
+            f"cannot be reused; restore the file, delete that folder, or pass {allow} to fine-tune again"
         ) from error
     device, dtype = _device_of(model), _dtype_of(model)
     if lora:
@@ -759,12 +760,12 @@ def finetune(
     if reusable is not None:
         losses, checkpoints, weights_dir = reusable
         try:
-            saved = _load_saved(model, weights_dir, lora)
+            saved = _load_saved(model, weights_dir, lora, allow)
         except ModelLoadError as damaged:
             if not overwrite:
                 raise
             # reviewT: it was refused with overwrite=True too, which permits replacing the folder's fine-tuning
-            logger.warning("%s; overwrite=True: fine-tuning again", damaged)
+            logger.warning("%s; replacing it (overwrite): fine-tuning again", damaged)
         else:
             _remove(output_dir / RESUME_DIR)  # left by a run killed between its last two writes
             return FinetuneResult(
