@@ -337,6 +337,8 @@ def test_cli_groundtruth_and_evaluate(folder, tmp_path):
     result = runner.invoke(app, ["evaluate", str(out), "--methods", "identity,bm25", "--device", "cpu"])
     assert result.exit_code == 0, result.output  # --device: README's "every command" (evaluate had none)
     assert "| identity | " in result.output and (out / "evaluate.md").is_file()
+    # userM: --loo-rows 2 gave blank LOO columns, and evaluate.md did not say why
+    assert "--loo-rows 2: LOO correlations need at least 3 points" in (out / "evaluate.md").read_text()
     again = ["evaluate", str(out), "--methods", "identity,bm25", "--out", str(out / "evaluate"), "--device", "cpu"]
     again = runner.invoke(app, again)
     assert again.exit_code == 0, again.output  # --out naming an earlier report (both its files) replaces it

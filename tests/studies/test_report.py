@@ -589,7 +589,7 @@ def test_the_word_order_report_keeps_the_groups_order_and_names_the_method(tmp_p
         "same",
         "reversed",
         "control",
-        "reversed / same (a ratio of the two)",
+        "reversed / same (each seed&#39;s ratio, then their mean)",
     ]
     assert "Word order (kfac)" in page and "mean influence score per training row" in table
 
@@ -608,3 +608,8 @@ def test_a_similarity_methods_report_says_so_and_fits_no_influence_profile(tmp_p
     said = f"higher = more similar (a {family} similarity, not influence)"
     assert (said in page) == (family is not None) and ("raises log p(completion | prompt))." in page) == (not family)
     assert ("influence by layer" in page) == (family is None) and ("The tail" in page) == (family is None)
+    # userM: its ends were titled "proponents" / "lowest scores (... not opponents)", and the page's head said
+    # "Influence sign: positive = proponent" alone
+    titles = re.findall(r"Query [^:<]+: ([a-z ]+)", page)
+    assert titles and (set(titles) <= {"highest scores", "lowest scores"}) == (family is not None), titles
+    assert "Sign of influence scores: positive = proponent" in page and "Influence sign" not in page

@@ -143,6 +143,26 @@ PRECONDITIONER = "preconditioner"
 """The folder in ``RUN/index/`` of an ``empirical`` index's projected Fisher, fitted on its stored rows."""
 UNFITTED_PRECONDITIONS = ("none", "empirical")
 """The index kinds of a trak/logra run that do not use the method's fitted curvature (built before any fit)."""
+FINISHED_PARTS = ("factors/curvature.json", f"method/{META_FILE}", "index", "scores")
+"""What a run folder holds once a result is finished (fitted factors or method, an index, scores): its settings are
+fixed from then on (:meth:`Run.finished`)."""
+
+
+def lost_manifest(folder: Path) -> str | None:
+    """The refusal of a run ``folder`` that holds finished results (:data:`FINISHED_PARTS`) and its ``config.json``
+    but not its ``manifest.json`` (the model and data fingerprints the results were made with), naming what to do;
+    ``None`` for any other folder. Every command had named it "not a wherefrom run directory; run `wherefrom fit`
+    first", and ``fit`` there said the same (userM)."""
+    found = sorted({part.split("/")[0] for part in FINISHED_PARTS if (folder / part).exists()})
+    if not found or not (folder / "config.json").is_file() or (folder / "manifest.json").exists():
+        return None
+    return (
+        f"{folder} holds a run's results ({', '.join(f'{name}/' for name in found)}) and its config.json but not its "
+        "manifest.json, which records the model and data fingerprints they were made with, so they cannot be checked, "
+        f"reused or resumed: restore manifest.json, or delete {folder} to fit the run again"
+    )
+
+
 UNRECORDED_INDEX_OPTIONS = {"precondition": PRECONDITION, "unit_norm": False}
 """What a store's missing ``precondition`` and ``unit_norm`` mean when its settings are compared: an influence run's
 raw gradient store records them for ``adam`` rows only (:meth:`Run.index_settings`), so a rerun with the default
@@ -505,8 +525,7 @@ class Run:
     def finished(self) -> bool:
         """Whether the folder holds a finished result (fitted factors, an index or scores): only then are
         its settings fixed."""
-        parts = ("factors/curvature.json", f"method/{META_FILE}", "index", "scores")
-        return any((self.folder / part).exists() for part in parts)
+        return any((self.folder / part).exists() for part in FINISHED_PARTS)
 
     @staticmethod
     def recorded_config(folder: Path) -> RunConfig:
@@ -518,6 +537,9 @@ class Run:
         missing = [name for name in ("config.json", "manifest.json") if not (folder / name).exists()]
         if missing:
             writer = writing_now(folder) if folder.is_dir() else None
+            lost = lost_manifest(folder)
+            if lost is not None and writer is None:
+                raise FileNotFoundError(lost)
             advice = "run `wherefrom fit` first" if writer is None else f"it is being made now by {writer}: wait"
             raise FileNotFoundError(f"{folder} is not a wherefrom run directory (no {' or '.join(missing)}); {advice}")
         path = folder / "config.json"

@@ -169,6 +169,18 @@ def _row_sample(n_train: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 1]).permutation(n_train)
 
 
+def too_few_points(loo_rows: int, pbrf_rows: int) -> list[str]:
+    """A line for LOO and for PBRF when its rows are fewer than :data:`wherefrom.studies.metrics.FEWEST_CORRELATED`
+    (and not 0): each correlation of its evaluation is undefined. ``build_groundtruth`` says it, and ``evaluate.md``
+    under its table (userM: `--loo-rows 2` gave blank LOO columns, and the report did not say why)."""
+    return [
+        f"{flag} {count}: {target} correlations need at least {FEWEST_CORRELATED} points (over 2 a correlation is +-1 "
+        f"whatever the scores), so evaluate reports {target} as undefined"
+        for target, count, flag in (("LOO", loo_rows, "--loo-rows"), ("PBRF", pbrf_rows, "--pbrf-rows"))
+        if 0 < count < FEWEST_CORRELATED
+    ]
+
+
 def loo_rows_of(config: GroundTruthConfig, n_train: int) -> np.ndarray:
     """``(L,)`` sorted int64 indices of the rows left out."""
     return np.sort(_row_sample(n_train, config.seed)[: config.loo_rows]).astype(np.int64)
@@ -279,15 +291,10 @@ def build_groundtruth(
             raise ValueError(
                 f"{name} ({flag}) is {getattr(config, name)}, more than the {n} training rows of task {config.task!r}"
             )
-    for target, (count, flag) in {
-        "LOO": (config.loo_rows, "--loo-rows"),
-        "PBRF": (config.pbrf_rows, "--pbrf-rows"),
-    }.items():
-        if 0 < count < FEWEST_CORRELATED:  # the effects themselves are kept (another analysis may use them)
-            say(
-                f"{flag} {count}: {target} correlations need at least {FEWEST_CORRELATED} points (over 2 a correlation "
-                f"is +-1 whatever the scores), so evaluate reports {target} as undefined"
-            )
+    for line in too_few_points(
+        config.loo_rows, config.pbrf_rows
+    ):  # the effects are kept (another analysis may use them)
+        say(line)
     if not queries:
         raise ValueError(f"task {config.task!r} has no test rows to use as queries")
 

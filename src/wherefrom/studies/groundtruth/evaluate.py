@@ -43,7 +43,7 @@ from wherefrom.engine.api import AttributionConfig
 from wherefrom.methods.registry import check_methods, in_family, method_spec, options_off_default
 from wherefrom.models.loading import load_model
 from wherefrom.studies.bench import check_method_options, scored_method
-from wherefrom.studies.groundtruth.build import GroundTruth, base_of
+from wherefrom.studies.groundtruth.build import GroundTruth, base_of, too_few_points
 from wherefrom.studies.groundtruth.lds import lds_per_query, loo_correlations, summarize
 from wherefrom.studies.metrics import spearman_rows
 from wherefrom.studies.toolkit import (
@@ -274,10 +274,17 @@ def noise_line(noise: dict[str, Any] | None) -> str:
     return f"Noise floors: {'; '.join(parts)}.\n" if parts else ""
 
 
-def markdown(rows: dict[str, dict[str, Any]], command: str, title: str, noise: dict[str, Any] | None = None) -> str:
+def markdown(
+    rows: dict[str, dict[str, Any]],
+    command: str,
+    title: str,
+    noise: dict[str, Any] | None = None,
+    notes: Sequence[str] = (),
+) -> str:
     """The report as a Markdown table: method x LDS / LOO Pearson / LOO Spearman / PBRF Spearman
-    ("mean [low, high]", bootstrap over queries), time and peak memory, then the ground truth's noise floors
-    (:func:`noise_line`)."""
+    ("mean [low, high]", bootstrap over queries), time and peak memory, then ``notes`` (one line each: why a
+    column is undefined, :func:`wherefrom.studies.groundtruth.build.too_few_points`) and the ground truth's noise
+    floors (:func:`noise_line`)."""
     table = [
         [method, failure_cell(row["error"])]
         if row.get("error")
@@ -294,6 +301,7 @@ def markdown(rows: dict[str, dict[str, Any]], command: str, title: str, noise: d
         f"{REPORT_TITLE} {title}\n\nCommand: `{command}`\n\n"
         + markdown_table(header, table)
         + "\n\nIntervals: 95% percentile bootstrap over queries. Time and memory: fit + scores of the method.\n"
+        + "".join(f"{note}.\n" for note in notes)
         + noise_line(noise)
     )
 
@@ -385,5 +393,16 @@ def evaluate(
         "methods": {m: {k: v for k, v in r.items() if k != "key"} for m, r in rows.items()},
     }
     title = f"{gt.config.task} ({gt.task.description or gt.task.name}), {len(gt.train_ids)} rows, {len(gt.query_ids)} queries"
-    write_report(stem, report, markdown(rows, command, title, gt.meta.get("noise")), REPORT_MARKS)
+    write_report(
+        stem,
+        report,
+        markdown(
+            rows,
+            command,
+            title,
+            gt.meta.get("noise"),
+            too_few_points(*(0 if rows_of is None else rows_of.size for rows_of in (gt.loo_rows, gt.pbrf_rows))),
+        ),
+        REPORT_MARKS,
+    )
     return report

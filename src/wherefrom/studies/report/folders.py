@@ -39,7 +39,7 @@ from wherefrom.core.scoring import (
     unfinished_set,
 )
 from wherefrom.core.store import StoreError, read_json_object, refuse_folder_in_place
-from wherefrom.engine.run import refuse_files_in_place
+from wherefrom.engine.run import lost_manifest, refuse_files_in_place
 from wherefrom.methods.registry import METHODS, method_spec
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_RECORD
 from wherefrom.studies.ablation import ABLATION_METRICS, SIGNED, runs_line, short_rows_heading, short_rows_table
@@ -333,6 +333,9 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
                 f"{path} is a finished {command} folder ({result}), which report does not read: "
                 + advice.format(path=path)
             )
+    lost = lost_manifest(path) if path.is_dir() else None
+    if lost is not None:  # userM: named "unfinished", and the replay it advised refused it too
+        raise FileNotFoundError(lost)
     recorded = recorded_commands(read_json_object(path / "config.json")) if (path / "config.json").is_file() else []
     if recorded:  # its command recorded itself there and was killed or failed before its result file
         replay = command_line("replay", [(None, str(path))], exact=True)

@@ -27,7 +27,7 @@ from wherefrom.studies.influence import agreement, layer_profile, short_names, t
 from wherefrom.studies.influence_tables import AXES, layer_table, tail_query_table, tail_summary_table
 from wherefrom.studies.report import plots
 from wherefrom.studies.toolkit import failure_text, interval_cell, number
-from wherefrom.studies.wordorder import GROUPS
+from wherefrom.studies.wordorder import GROUPS, RATIO_LABEL
 
 SHARE_NOTE = (
     "Share of |influence|: for each query, the sum over training rows of |score part| of the modules in a group, "
@@ -190,7 +190,7 @@ def scores_sections(
         {
             "type": "note",
             "text": f"{len(scores.query_ids)} queries x {len(scores.train_ids)} training rows, "
-            f"{len(scores.module_names)} modules; {sign}.",
+            f"{len(scores.module_names)} module{'' if len(scores.module_names) == 1 else 's'}; {sign}.",
         }
     ]
     if origin:
@@ -210,7 +210,13 @@ def scores_sections(
     for q, query_id in enumerate(scores.query_ids[:max_queries]):
         for opponents, kind in ((False, "proponents"), (True, "opponents")):
             entries = top_entries(scores, q, top_k, rows, opponents, labels)
-            blocks.append(entries_block(entries, f"Query {query_id}: {end_name(kind, [e['score'] for e in entries])}"))
+            # userM: a similarity's ends were titled proponents / "lowest scores (..., not opponents)"
+            end = (
+                ("lowest" if opponents else "highest") + " scores"
+                if similarity
+                else end_name(kind, [e["score"] for e in entries])
+            )
+            blocks.append(entries_block(entries, f"Query {query_id}: {end}"))
     if len(scores.query_ids) > max_queries:
         blocks.append({"type": "note", "text": f"The first {max_queries} queries are shown."})
     tops = {"heading": f"Scores {name}: top rows", "blocks": blocks}
@@ -364,7 +370,7 @@ def word_order_section(payload: Mapping[str, Any]) -> dict[str, Any]:
     summary = payload["summary"]
     groups = {g: summary.get(g) for g in GROUPS}
     rows = [[group, interval_cell(stat, ".4g")] for group, stat in groups.items()]
-    rows.append(["reversed / same (a ratio of the two)", interval_cell(summary.get("reversed/same"), ".4g")])
+    rows.append([RATIO_LABEL, interval_cell(summary.get("reversed/same"), ".4g")])
     method = payload.get("config", {}).get("method")
     return {
         "heading": f"Word order{f' ({method})' if method else ''}: the fact in the query's order, reversed, and "
