@@ -97,7 +97,7 @@ def test_influence_names_an_unfinished_score_set_as_such(scored_run, tmp_path):
         message = re.sub(r"[\s│]+", " ", other.output)
         assert "finished sets: ['scores']; unfinished: ['stopped']" in message
         assert not (tmp_path / "out").exists()
-        with pytest.warns(ScoreSetLeftOut, match="leaves out the score set .*stopped is unfinished"):
+        with pytest.warns(ScoreSetLeftOut, match="leaves out a score set: the score set .*stopped is unfinished"):
             sets, left_out = score_sets(folder)  # the report shows the others, and says why this one is left out
         assert list(sets) == ["scores"] and len(left_out) == 1
     finally:

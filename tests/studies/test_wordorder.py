@@ -64,9 +64,17 @@ def test_reversed_statements_carry_less_influence_than_the_query_order(tmp_path)
     assert summary["same"]["n"] == 2 and summary["reversed/same"]["high"] is not None
     assert summary["reversed/same"]["mean"] < 0.5
     saved = json.loads((tmp_path / "out" / "wordorder.json").read_text())
-    assert saved["summary"] == summary and "| reversed / same (each seed's ratio, then their mean) |" in (tmp_path / "out" / "wordorder.md").read_text()
+    assert (
+        saved["summary"] == summary
+        and "| reversed / same (each seed's ratio, then their mean) |"
+        in (tmp_path / "out" / "wordorder.md").read_text()
+    )
     html = write_report(tmp_path / "out").read_text()
-    assert "Word order (" in html and html.count("<svg") == 1 and "reversed / same (each seed&#39;s ratio, then their mean)" in html
+    assert (
+        "Word order (" in html
+        and html.count("<svg") == 1
+        and "reversed / same (each seed&#39;s ratio, then their mean)" in html
+    )
 
 
 def test_bad_settings_are_named_before_training(tmp_path):

@@ -749,7 +749,7 @@ class OutputSettings:
     )
     path: Path = setting(
         REQUIRED,
-        "A run, bench, evaluate, diagnose, word-order or attribute folder, or a query JSON (`wherefrom query --json`).",
+        "A run, bench, ablate, evaluate, diagnose, word-order or attribute folder, or a query JSON (`wherefrom query --json`).",
         check=existing_path,
         argument=True,
     )

@@ -102,7 +102,7 @@ def score_sets(folder: Path) -> tuple[dict[str, tuple[Scores, dict[str, Any]]], 
         except (StoreError, ValueError, KeyError) as error:
             left_out.append(f"the score set {Path(folder) / name} is damaged: {error}")
     for why in left_out:
-        warnings.warn(f"the report leaves out {why}", ScoreSetLeftOut, stacklevel=2)
+        warnings.warn(f"the report leaves out a score set: {why}", ScoreSetLeftOut, stacklevel=2)  # one sentence
     return sets, left_out
 
 
