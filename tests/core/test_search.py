@@ -1129,5 +1129,6 @@ def test_the_summary_says_when_candidates_were_fewer_than_k():
             report.summary(5)
         ), report.summary(5)
     full = search_store(rows, queries, 5, "exact", candidates=[list(range(5)), list(range(9))])
-    assert "candidate rows" not in full.summary(5)
+    assert "had fewer than" not in full.summary(5)
+    assert "among each query's candidate rows only (up to 9 of 40 rows)" in full.summary(5)  # userL: it said nothing
     assert "candidate rows" not in search_store(rows, queries, 50, "exact").summary(50)  # 40 rows: all found
