@@ -399,16 +399,22 @@ def test_methods_table_keeps_each_name_on_one_line():
         assert re.search(rf"│ {re.escape(name)} +│ {re.escape(spec.family)} +│", listed.stdout), name
 
 
-def test_a_run_that_lost_its_manifest_is_named_by_every_command(workspace):
+@pytest.mark.parametrize(("lost", "records"), [("manifest.json", "the model and data"), ("config.json", "the run's")])
+def test_a_run_that_lost_its_manifest_is_named_by_every_command(workspace, lost, records):
     """userM: a finished run without manifest.json (the fingerprints its results were made with) was "not a wherefrom
     run directory; run `wherefrom fit` first" to fit itself, and "unfinished: finish it with replay" to report, whose
-    replay refused it again: no command led anywhere. Each names the lost file and what to do."""
-    run = workspace / "lost-manifest"
+    replay refused it again: no command led anywhere. Each names the lost file and what to do; a lost config.json
+    alike (report said "not a result wherefrom can report on")."""
+    run = workspace / f"lost-{lost}"
     assert invoke(*fit_args(workspace, run)).exit_code == 0
-    (run / "manifest.json").unlink()
+    (run / lost).unlink()
+    (kept,) = {"manifest.json", "config.json"} - {lost}
     for args in (fit_args(workspace, run), ["replay", run], ["report", run], ["scores", "--run", run]):
         result = invoke(*args, *(["--queries", workspace / "queries.jsonl"] if args[0] == "scores" else []))
         said = " ".join(result.output.split())
         assert result.exit_code == 2 and "Traceback" not in said, (args, result.output)
-        assert f"{run} holds a run's results (factors/) and its config.json but not its manifest.json" in said, said
-        assert f"restore manifest.json, or delete {run} to fit the run again" in said
+        assert (
+            f"{run} holds a run's results (factors/) and its {kept} but not its {lost}, which records {records}" in said
+        )
+        assert f"restore {lost}, or delete {run} to fit the run again" in said
+    assert not (run / lost).exists()  # nothing written in its place

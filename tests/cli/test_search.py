@@ -316,3 +316,48 @@ def test_a_store_stopped_on_a_row_it_cannot_hold_is_named_not_sent_back_to_the_s
     assert other.exit_code == 2 and "dtype: recorded 'float16', now 'bfloat16'" in text, text
     assert reason in text and f"or delete {run / 'index'} to index with the new settings" in text, text
     assert (run / "index" / STOPPED).exists()  # a refused rerun leaves the record
+
+
+@pytest.mark.parametrize("method", ["repsim", "bm25", "gradsim"])
+def test_a_similarity_methods_outputs_call_no_row_a_proponent(workspace, tmp_path, method):
+    """userM: a bm25/repsim run's score record said ``"sign": "positive = proponent"``, its top-k CSV called every
+    high row a ``proponent`` and ``query --json`` did too (only the report said "a similarity"). Every output of a
+    similarity method's scores now says ``higher = more similar`` and calls its ends ``highest``/``lowest``
+    (scores, query, query --json, its view, the search of a repsim index); an influence-style method (gradsim)
+    keeps proponents and opponents."""
+    similar = method != "gradsim"
+    run = tmp_path / method
+    fitted = invoke("fit", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--run", run,
+                    "--method", method)  # fmt: skip
+    assert fitted.exit_code == 0, fitted.output
+    scored = invoke("scores", "--run", run, "--queries", workspace / "queries.jsonl", "--top-k", 3)
+    assert scored.exit_code == 0, scored.output
+    record = json.loads((run / "scores" / "scores.json").read_text())
+    assert record["sign"].startswith("higher = more similar" if similar else "positive = proponent"), record["sign"]
+    kinds = {line.split(",")[1] for line in (run / "scores" / "scores.top.csv").read_text().splitlines()[1:]}
+    assert (kinds <= {"highest", "lowest"}) == similar and kinds, kinds
+    assert ("highest scores" in scored.stdout) == similar, scored.stdout
+    asked = invoke("query", "a prompt", "a completion", "--run", run, "--json", "--top-k", 3, "--by-module", 0)
+    assert asked.exit_code == 0, asked.output
+    report = json.loads(asked.stdout)
+    assert report["sign"] == record["sign"] and report["sign"] != ""
+    assert ({e["kind"] for end in ("proponents", "opponents") for e in report[end]} <= {"highest", "lowest"}) == similar
+    printed = invoke("query", "a prompt", "a completion", "--run", run, "--top-k", 3, "--by-module", 0)
+    assert printed.exit_code == 0 and ("highest scores" in printed.stdout) == similar, printed.stdout
+    (tmp_path / "q.json").write_text(asked.stdout)
+    assert invoke("report", tmp_path / "q.json", "--out", tmp_path / "q.html").exit_code == 0
+    page = (tmp_path / "q.html").read_text()
+    assert ("similarity, not influence)" in page) == similar  # the note under the title (the page's head names both)
+    assert not similar or ("Lowest scores" in page and "Proponents" not in page and "not opponents" not in page)
+    attributed = invoke("attribute", "--train", workspace / "train.jsonl", "--queries", workspace / "queries.jsonl",
+                        "--model", workspace / "model", "--method", method, "--out", tmp_path / "attributed")  # fmt: skip
+    assert attributed.exit_code == 0 and ("highest scores" in attributed.stdout) == similar, attributed.output
+    assert json.loads((tmp_path / "attributed" / "scores.json").read_text())["sign"] == record["sign"]
+    if method != "repsim":
+        return
+    assert invoke("index", "--run", run, "--shard-size", 7).exit_code == 0
+    searched = invoke("query", "a prompt", "a completion", "--run", run, "--search", "exact", "--top-k", 3)
+    assert searched.exit_code == 0 and "query highest scores: " in searched.stdout, searched.stdout
+    assert "query lowest scores: " in searched.stdout and "proponent" not in searched.stdout
+    found = json.loads(invoke("query", "a prompt", "a completion", "--run", run, "--json", "--search", "exact").stdout)
+    assert {e["kind"] for end in ("proponents", "opponents") for e in found[end]} == {"highest", "lowest"}

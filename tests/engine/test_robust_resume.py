@@ -387,7 +387,7 @@ def test_a_fit_resumed_under_another_process_count_is_refused_and_finished_facto
     message = " ".join(out.split())
     assert code != 0 and "processes: recorded 2, now 1" in message, out
     # how to resume it where it started, not only "delete" (which throws the finished stages away)
-    assert f"resume it with `torchrun --nproc-per-node 2 -m wherefrom.cli -- replay {run}`" in message, out
+    assert f"resume it with `torchrun --standalone --nproc-per-node 2 -m wherefrom.cli -- replay {run}`" in message, out
     write_json_checked({**recorded, "processes": 1, "device": "cuda"}, settings)  # as a fit started on a GPU
     code, out = invoke(*fit_args(root, run.name, "--strategy", "kfac", "--threads", "1"))
     message = " ".join(out.split())

@@ -59,7 +59,7 @@ def attribute(
     are recomputed)."""
     from wherefrom.core.scoring import refuse_folders_in_set, save_scores
     from wherefrom.core.store import check_replacement, update_json
-    from wherefrom.methods.registry import make_method, method_spec, options_in_full
+    from wherefrom.methods.registry import make_method, method_spec, options_in_full, similarity_family
 
     out, method = required(out, "out"), required(method, "method")
     try:
@@ -122,8 +122,9 @@ def attribute(
     except ValueError as error:
         fail(error)
     labels = {row.id: row.label for row in train_rows}
-    path = save_scores(result, out, "scores", labels, top_k)
-    print_tops(result, top_k, labels)
+    similarity = similarity_family(method)
+    path = save_scores(result, out, "scores", labels, top_k, similarity=similarity)
+    print_tops(result, top_k, labels, similarity is not None)
     say(f"{method}: {tuple(result.total.shape)} scores -> {path}")
 
 

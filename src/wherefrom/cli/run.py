@@ -34,7 +34,7 @@ from wherefrom.cli.settings import ATTRIBUTION
 from wherefrom.core.data import DataError, Record, data_fingerprint, load_records
 from wherefrom.core.distributed import PeersLost, barrier, held_by_main, is_main, on_main, refuse
 from wherefrom.core.option_pairs import options_for, parse_option_pairs
-from wherefrom.core.scoring import Scores, end_kind, end_name, index_rows_text, refuse_folders_in_set
+from wherefrom.core.scoring import Scores, end_kind, end_name, index_rows_text, refuse_folders_in_set, sign_note
 from wherefrom.core.search import RowSource, SearchReport, faiss_settings, search_store
 from wherefrom.core.store import (
     SETTINGS,
@@ -48,7 +48,7 @@ from wherefrom.core.store import (
 )
 from wherefrom.engine.api import AttributionConfig
 from wherefrom.engine.run import Run, RunConfig, RunMismatch, refuse_distributed_scores
-from wherefrom.methods.registry import in_family
+from wherefrom.methods.registry import in_family, similarity_family
 from wherefrom.studies.influence import short_names
 
 
@@ -217,7 +217,7 @@ def scores(
         return
     if replaces:
         console.print(f"[yellow]note:[/] replaced the earlier scores of the same query rows in {escape(str(path))}")
-    print_tops(result, top_k, {row.id: row.label for row in opened.train})
+    print_tops(result, top_k, {row.id: row.label for row in opened.train}, opened.similarity is not None)
     say(f"{tuple(result.total.shape)} scores -> {path}")
     say_train_side(opened)
 
@@ -329,22 +329,24 @@ def search_run(
         typer.echo(json.dumps(strict_json(found), indent=2, allow_nan=False))
         console.print(found["search"]["summary"], markup=False, highlight=False)
         return
-    print_search(report, query_ids, top_k, {row.id: row.label for row in opened.train})
+    print_search(report, query_ids, top_k, {row.id: row.label for row in opened.train}, opened.similarity is not None)
 
 
 def query_header(opened: Run, record: Record) -> dict:
-    """The head of ``query --json``'s report: the query, the run's method and what the sign of a score means."""
+    """The head of ``query --json``'s report: the query, the run's method and what the sign of a score means
+    (:func:`wherefrom.core.scoring.sign_note`)."""
     return {
         "query": {"prompt": record.prompt, "completion": record.completion},
         "strategy": opened.config.method or opened.config.attribution.strategy,
-        "sign": "positive = proponent (raises log p(completion | prompt))",
+        "sign": sign_note(opened.similarity),
     }
 
 
-def row_entry(row: Record, score: float, lowest: bool) -> dict:
+def row_entry(row: Record, score: float, lowest: bool, similarity: bool = False) -> dict:
     """A training row at one end of ``query --json``'s report (``lowest``: the opponents' end): id, score, its
-    kind (:func:`wherefrom.core.scoring.end_kind`), label, prompt and completion."""
-    kind = end_kind(score, lowest)
+    kind (:func:`wherefrom.core.scoring.end_kind`; ``similarity``: of a similarity method), label, prompt and
+    completion."""
+    kind = end_kind(score, lowest, similarity)
     return {
         "id": row.id,
         "score": score,
@@ -363,7 +365,7 @@ def search_json(report: SearchReport, opened: Run, record: Record, top_k: int) -
     rows = {row.id: row for row in opened.train}
     ends = {
         kind: [
-            row_entry(rows[row_id], score, kind == "opponents")
+            row_entry(rows[row_id], score, kind == "opponents", opened.similarity is not None)
             for row_id, score in zip(found.ids[0], found.scores[0].tolist())
             if not math.isnan(score)
         ]
@@ -415,25 +417,32 @@ def store_search(
     )  # fmt: skip
 
 
-def print_search(report: SearchReport, query_ids: list[str], top_k: int, labels: Mapping[str, str | None]) -> None:
+def print_search(
+    report: SearchReport,
+    query_ids: list[str],
+    top_k: int,
+    labels: Mapping[str, str | None],
+    similarity: bool = False,
+) -> None:
     """Each query's proponents, then its opponents, on stdout (one line each, like :func:`print_tops`, named
-    by :func:`end_name`; ``none found`` where an approximate search of candidates found none of them), and the
+    by :func:`end_name`, of a similarity method's scores when ``similarity``; ``none found`` where an approximate search of candidates found none of them), and the
     search's time and recall on stderr."""
     for kind, found in report.ends():
         for query_id, ids, values in zip(query_ids, found.ids, found.scores.tolist()):
             shown = ", ".join(shown_row(i, s, labels) for i, s in zip(ids, values)) or "none found"
-            typer.echo(f"{query_id} {end_name(kind, values)}: {shown}")
+            typer.echo(f"{query_id} {end_name(kind, values, similarity)}: {shown}")
     console.print(report.summary(top_k), markup=False, highlight=False)
 
 
-def print_tops(result: Scores, top_k: int, labels: Mapping[str, str | None]) -> None:
+def print_tops(result: Scores, top_k: int, labels: Mapping[str, str | None], similarity: bool = False) -> None:
     """Each query's ``top_k`` proponents on stdout, one query a line: ``query: id [label] (+score), ...``
     (the label only where the training row has one), so the results can be piped apart from the
     progress and paths on stderr. Where some of them are not proponents (score <= 0) the line says so, named by
-    :func:`end_name`: ``query highest scores (3 of 3 <= 0, not proponents): ...``."""
+    :func:`end_name`: ``query highest scores (3 of 3 <= 0, not proponents): ...``; a ``similarity``'s line always
+    says ``highest scores``."""
     for q, query_id in enumerate(result.query_ids):
         top = result.top(q, top_k)
-        name = end_name("proponents", [score for _, score in top])
+        name = end_name("proponents", [score for _, score in top], similarity)
         named = "" if name == "proponents" else f" {name}"
         typer.echo(f"{query_id}{named}: {', '.join(shown_row(i, s, labels) for i, s in top)}")
 
@@ -485,7 +494,7 @@ def query(
         column = result.per_module[:, 0, position[row_id]]
         order = column.abs().argsort(descending=True)[:by_module].tolist()
         top_modules = [[result.module_names[i], float(column[i])] for i in order]
-        return {**row_entry(rows[row_id], score, lowest), "top_modules": top_modules}
+        return {**row_entry(rows[row_id], score, lowest, opened.similarity is not None), "top_modules": top_modules}
 
     report = {
         **query_header(opened, record),
@@ -561,8 +570,11 @@ def say_train_side(opened: Run) -> None:
 
 
 def table_title(report: dict, kind: str) -> str:
-    """The title of a ``query`` table: the end's :func:`end_name`, the strategy and the sign convention."""
-    return f"{end_name(kind, [entry['score'] for entry in report[kind]])} ({report['strategy']}; {report['sign']})"
+    """The title of a ``query`` table: the end's :func:`end_name` (of a similarity method's scores when the report's
+    ``strategy`` is one), the strategy and the sign convention."""
+    similarity = similarity_family(report["strategy"]) is not None
+    ends = end_name(kind, [entry["score"] for entry in report[kind]], similarity)
+    return f"{ends} ({report['strategy']}; {report['sign']})"
 
 
 def print_report(report: dict, module_names: list[str] | None = None) -> None:

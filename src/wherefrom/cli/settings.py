@@ -189,7 +189,10 @@ def replay_folder(value: Any) -> str | None:
         return missing
     path = Path(value) / "config.json"
     if not path.is_file():
-        return "no config.json here: not an output folder of wherefrom"
+        from wherefrom.engine.run import lost_record  # on this error path only: it loads the engine
+
+        lost = lost_record(Path(value))  # a run's results without their config.json: named, not "not a folder"
+        return lost or "no config.json here: not an output folder of wherefrom"
     try:
         return None if read_json_object(path).get("replay") else "its config.json records no command to replay"
     except ValueError as error:  # userC: a list there was "'list' object has no attribute 'get'"

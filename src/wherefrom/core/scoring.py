@@ -275,6 +275,7 @@ def save_scores(
     top_k: int = TOP_K,
     provenance: Mapping[str, Any] | None = None,
     query_fingerprint: str | None = None,
+    similarity: str | None = None,
 ) -> Path:
     """Write ``<name>.safetensors`` (``total``, ``per_module``) and ``<name>.json`` (ids, modules, the
     training rows' ``train_labels`` when ``labels`` maps their ids to labels, and ``provenance``, e.g. where the
@@ -282,7 +283,8 @@ def save_scores(
     checksums recorded in ``folder/checksums.json`` (:mod:`wherefrom.core.store`), and ``query_fingerprint`` (the
     query rows' :func:`wherefrom.core.data.data_fingerprint`, so that a set is replaced only by one of the same
     rows, not only the same ids) when given; then
-    ``<name>.top.csv`` (:func:`top_rows`, ``top_k`` per query and kind) for a spreadsheet or pandas.
+    ``<name>.top.csv`` (:func:`top_rows`, ``top_k`` per query and kind) for a spreadsheet or pandas. ``sign`` in
+    ``<name>.json`` is :func:`sign_note` of ``similarity`` (the family of a method whose scores are a similarity).
 
     The three files are one set and ``<name>.json`` is its completion marker: an earlier set's ``.json`` and
     ``.top.csv`` are deleted first and the ``.json`` is written last, so a set killed midway has no ``.json``
@@ -301,7 +303,7 @@ def save_scores(
     save_tensors_checked(
         {"total": scores.total.contiguous().cpu(), "per_module": scores.per_module.contiguous().cpu()}, path
     )
-    write_top_csv(scores, top, top_k, labels or {})
+    write_top_csv(scores, top, top_k, labels or {}, similarity is not None)
     ids = {"query_ids": scores.query_ids, "train_ids": scores.train_ids, "modules": scores.module_names}
     if labels is not None:
         ids["train_labels"] = [labels.get(i) for i in scores.train_ids]
@@ -309,7 +311,7 @@ def save_scores(
         ids["provenance"] = dict(provenance)
     if query_fingerprint is not None:
         ids["query_fingerprint"] = query_fingerprint
-    write_json_checked({**ids, "sign": "positive = proponent"}, marker)
+    write_json_checked({**ids, "sign": sign_note(similarity)}, marker)
     return path
 
 
@@ -317,23 +319,39 @@ TOP_COLUMNS = ("query_id", "kind", "rank", "train_id", "label", "score")
 """The columns of a top-k CSV file (:func:`write_top_csv`)."""
 
 
-def end_kind(score: float, lowest: bool) -> str:
+def sign_note(similarity: str | None = None) -> str:
+    """What the sign of a score means, as every output states it: influence's ``positive = proponent (raises log
+    p(completion | prompt))``, or, for a method whose scores are a ``similarity`` (its family, e.g.
+    ``representation``: :func:`wherefrom.methods.registry.similarity_family`), ``higher = more similar (a
+    representation similarity, not influence)``."""
+    if similarity:
+        return f"higher = more similar (a {similarity} similarity, not influence)"
+    return "positive = proponent (raises log p(completion | prompt))"
+
+
+def end_kind(score: float, lowest: bool, similarity: bool = False) -> str:
     """What a row at one end of a query's ranking is: at the high end ``proponent`` when its score is positive
     (it raises the query's log-likelihood), else ``highest``; at the low end (``lowest``) ``opponent`` when
-    negative, else ``lowest`` (a row that raises the query's likelihood too). NaN (no row) is neither."""
+    negative, else ``lowest`` (a row that raises the query's likelihood too). A ``similarity``'s rows are
+    ``highest``/``lowest`` whatever their sign (userM: a bm25 CSV called every row a proponent). NaN (no row) is
+    neither."""
+    if similarity:
+        return "lowest" if lowest else "highest"
     if lowest:
         return "opponent" if score < 0 else "lowest"
     return "proponent" if score > 0 else "highest"
 
 
-def end_name(kind: str, scores: Sequence[float]) -> str:
+def end_name(kind: str, scores: Sequence[float], similarity: bool = False) -> str:
     """What a shown end of the ranking is: ``proponents`` (``opponents``) only where every score shown is
     positive (negative); else ``highest scores`` (``lowest scores``) saying how many are on the other side
     of 0, e.g. ``lowest scores (2 of 10 >= 0, not opponents)``: rows that also raise (lower) the query's
-    log-likelihood. NaN scores (the padding of a short candidate list, not shown) are left out. Every table of
-    proponents is titled by it: ``query``'s, the report's and the query view's (they said "top proponents" over
-    rows of negative score)."""
+    log-likelihood. A ``similarity``'s ends are ``highest scores`` / ``lowest scores``. NaN scores (the padding
+    of a short candidate list, not shown) are left out. Every table of proponents is titled by it: ``query``'s,
+    the report's and the query view's (they said "top proponents" over rows of negative score)."""
     lowest = kind == "opponents"
+    if similarity:
+        return f"{'lowest' if lowest else 'highest'} scores"
     shown = [s for s in scores if not math.isnan(s)]
     other = sum(end_kind(s, lowest) != kind[:-1] for s in shown)
     if not other:
@@ -343,16 +361,16 @@ def end_name(kind: str, scores: Sequence[float]) -> str:
     )
 
 
-def top_rows(scores: Scores, k: int, labels: Mapping[str, str | None]) -> list[tuple]:
+def top_rows(scores: Scores, k: int, labels: Mapping[str, str | None], similarity: bool = False) -> list[tuple]:
     """One tuple per query, kind and rank, in :data:`TOP_COLUMNS` order: the ``k`` highest scores (largest
     first) and the ``k`` lowest of each query, ``kind`` by :func:`end_kind` (``proponent``/``highest``,
-    ``opponent``/``lowest``); ``label`` from ``labels`` (``""`` when absent); ``score`` in the convention of the
+    ``opponent``/``lowest``; a ``similarity``'s ``highest``/``lowest``); ``label`` from ``labels`` (``""`` when absent); ``score`` in the convention of the
     module docstring."""
     rows = []
     for q, query_id in enumerate(scores.query_ids):
         for lowest in (False, True):
             for rank, (train_id, score) in enumerate(scores.top(q, k, opponents=lowest), 1):
-                kind = end_kind(score, lowest)
+                kind = end_kind(score, lowest, similarity)
                 rows.append((query_id, kind, rank, train_id, labels.get(train_id) or "", score))
     return rows
 
@@ -374,13 +392,15 @@ def spreadsheet_cell(text: str) -> str:
     return "'" + text
 
 
-def write_top_csv(scores: Scores, path: Path, k: int, labels: Mapping[str, str | None]) -> Path:
-    """Write :func:`top_rows` as a CSV file with a :data:`TOP_COLUMNS` header (written atomically); ids and labels
+def write_top_csv(
+    scores: Scores, path: Path, k: int, labels: Mapping[str, str | None], similarity: bool = False
+) -> Path:
+    """Write :func:`top_rows` (``similarity``: see there) as a CSV file with a :data:`TOP_COLUMNS` header (written atomically); ids and labels
     pass through :func:`spreadsheet_cell` (the ``.json`` beside it keeps them as given)."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(TOP_COLUMNS)
-    for query_id, kind, rank, train_id, label, score in top_rows(scores, k, labels):
+    for query_id, kind, rank, train_id, label, score in top_rows(scores, k, labels, similarity):
         cells = (spreadsheet_cell(str(query_id)), kind, rank, spreadsheet_cell(str(train_id)))
         writer.writerow((*cells, spreadsheet_cell(str(label)), repr(float(score))))
     atomic_write_text(text.getvalue(), Path(path))

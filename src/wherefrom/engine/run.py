@@ -122,6 +122,7 @@ from wherefrom.methods.registry import (
     method_spec,
     options_in_full,
     refuse_skipped_options,
+    similarity_family,
     split_settings,
 )
 from wherefrom.methods.saved import META_FILE, TENSORS_FILE, load_fitted, save_fitted
@@ -148,18 +149,27 @@ FINISHED_PARTS = ("factors/curvature.json", f"method/{META_FILE}", "index", "sco
 fixed from then on (:meth:`Run.finished`)."""
 
 
-def lost_manifest(folder: Path) -> str | None:
-    """The refusal of a run ``folder`` that holds finished results (:data:`FINISHED_PARTS`) and its ``config.json``
-    but not its ``manifest.json`` (the model and data fingerprints the results were made with), naming what to do;
-    ``None`` for any other folder. Every command had named it "not a wherefrom run directory; run `wherefrom fit`
-    first", and ``fit`` there said the same (userM)."""
+RUN_RECORDS = {
+    "config.json": "the run's settings",
+    "manifest.json": "the model and data fingerprints they were made with",
+}
+"""The two files that make a folder a run, and what each records for its results (:func:`lost_record`)."""
+
+
+def lost_record(folder: Path) -> str | None:
+    """The refusal of a run ``folder`` that holds finished results (:data:`FINISHED_PARTS`) and one of
+    :data:`RUN_RECORDS` but not the other, naming the lost file and what to do; ``None`` for any other folder
+    (neither file: not a run). Every command had named it "not a wherefrom run directory; run `wherefrom fit`
+    first", and ``fit`` there said the same (userM: a lost manifest.json; a lost config.json alike)."""
     found = sorted({part.split("/")[0] for part in FINISHED_PARTS if (folder / part).exists()})
-    if not found or not (folder / "config.json").is_file() or (folder / "manifest.json").exists():
+    kept = [name for name in RUN_RECORDS if (folder / name).is_file()]
+    if not found or len(kept) != 1:
         return None
+    (lost,) = set(RUN_RECORDS) - set(kept)
     return (
-        f"{folder} holds a run's results ({', '.join(f'{name}/' for name in found)}) and its config.json but not its "
-        "manifest.json, which records the model and data fingerprints they were made with, so they cannot be checked, "
-        f"reused or resumed: restore manifest.json, or delete {folder} to fit the run again"
+        f"{folder} holds a run's results ({', '.join(f'{name}/' for name in found)}) and its {kept[0]} but not its "
+        f"{lost}, which records {RUN_RECORDS[lost]}, so they cannot be checked, reused or resumed: restore {lost}, or "
+        f"delete {folder} to fit the run again"
     )
 
 
@@ -537,7 +547,7 @@ class Run:
         missing = [name for name in ("config.json", "manifest.json") if not (folder / name).exists()]
         if missing:
             writer = writing_now(folder) if folder.is_dir() else None
-            lost = lost_manifest(folder)
+            lost = lost_record(folder)
             if lost is not None and writer is None:
                 raise FileNotFoundError(lost)
             advice = "run `wherefrom fit` first" if writer is None else f"it is being made now by {writer}: wait"
@@ -794,7 +804,7 @@ class Run:
     def refit_hint(self, target: Path) -> Callable[[list[str]], str]:
         """What a fit refused for its settings (:func:`wherefrom.core.store.record_settings`) says to do: where only
         the process count or the device differs from the unfinished fit's in ``target`` (it resumes only where it
-        started, :data:`RESUMED_WHERE_STARTED`), how to resume it there (``torchrun --nproc-per-node 2 -m
+        started, :data:`RESUMED_WHERE_STARTED`), how to resume it there (``torchrun --standalone --nproc-per-node 2 -m
         wherefrom.cli -- replay RUN``; ``--device cuda``); in any case, or to delete ``target`` and fit again."""
         delete = f"delete {target} to fit again with the current settings"
         only_delete = f"{sentence(delete)}."
@@ -807,7 +817,11 @@ class Run:
             processes, device = recorded.get("processes"), recorded.get("device")
             ways = []
             if "processes" in differing and type(processes) is int and processes >= 1:
-                launch = f"torchrun --nproc-per-node {processes} -m wherefrom.cli --" if processes > 1 else "wherefrom"
+                launch = (
+                    f"torchrun --standalone --nproc-per-node {processes} -m wherefrom.cli --"
+                    if processes > 1
+                    else "wherefrom"
+                )
                 ways.append(f"`{launch} {shlex.join(['replay', str(self.folder)])}`")
             if "device" in differing and isinstance(device, str):
                 ways.append(f"its `fit` command with `--device {shlex.quote(device)}`")
@@ -1598,6 +1612,13 @@ class Run:
         one, :attr:`RunConfig.indexable`) rather than recomputing it."""
         return self.config.indexable and self.has_index()
 
+    @property
+    def similarity(self) -> str | None:
+        """The family of the run's method when its scores are a similarity, not influence (repsim's
+        ``representation``, bm25's ``lexical``; :func:`wherefrom.methods.registry.similarity_family`), else ``None``:
+        what every output of its scores says of their sign and ends."""
+        return similarity_family(self.config.method)
+
     def scores_provenance(self) -> dict[str, Any]:
         """Where :meth:`scores` takes the training side from, recorded in ``scores/<name>.json``:
         ``{"train_side": "recomputed"}`` (gradients, vectors or the method's fitted state, at the run's settings),
@@ -1653,8 +1674,11 @@ class Run:
     def save_scores(self, scores: Scores, name: str, query_fingerprint: str | None = None, top_k: int = TOP_K) -> Path:
         """Write ``scores/<name>.safetensors``, ``scores/<name>.top.csv`` (``top_k`` rows per query and end) and
         ``scores/<name>.json`` (see :func:`wherefrom.core.scoring.save_scores`, with :meth:`scores_provenance` under
-        ``provenance`` and the query rows' ``query_fingerprint``) under the run's writer lock."""
+        ``provenance``, the query rows' ``query_fingerprint`` and the sign of a similarity method's scores) under the run's
+        writer lock."""
         with writer_lock(self.folder):
             labels = {row.id: row.label for row in self.train}
             provenance = self.scores_provenance()
-            return save_scores(scores, self.folder / "scores", name, labels, top_k, provenance, query_fingerprint)
+            return save_scores(
+                scores, self.folder / "scores", name, labels, top_k, provenance, query_fingerprint, self.similarity
+            )  # fmt: skip

@@ -59,6 +59,7 @@ __all__ = [
     "make_method",
     "method_settings",
     "method_spec",
+    "similarity_family",
 ]
 
 
@@ -507,6 +508,20 @@ def in_family(name: str, family: str) -> bool:
     if family not in FAMILIES:
         raise ValueError(f"unknown method family {family!r}; choose one of {list(FAMILIES)}")
     return name in METHODS and METHODS[name].family == family
+
+
+SIMILARITY_FAMILIES = ("representation", "lexical")
+"""The families whose scores are a similarity, not influence: higher = more similar, no proponents or opponents."""
+
+
+def similarity_family(name: object) -> str | None:
+    """The family of method ``name`` when its scores are a similarity (:data:`SIMILARITY_FAMILIES`: repsim's
+    ``representation``, bm25's ``lexical``), else ``None`` (an influence method, a bare strategy, or a name that is
+    not a method: a run's recorded method may be absent)."""
+    if not isinstance(name, str) or name not in METHODS:
+        return None
+    family = METHODS[name].family
+    return family if family in SIMILARITY_FAMILIES else None
 
 
 def make_method(

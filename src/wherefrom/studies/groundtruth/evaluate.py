@@ -40,7 +40,7 @@ from wherefrom.core.scoring import Scores, load_scores, save_scores
 from wherefrom.core.store import read_json_object
 from wherefrom.curvature.base import Progress, no_progress
 from wherefrom.engine.api import AttributionConfig
-from wherefrom.methods.registry import check_methods, in_family, method_spec, options_off_default
+from wherefrom.methods.registry import check_methods, in_family, method_spec, options_off_default, similarity_family
 from wherefrom.models.loading import load_model
 from wherefrom.studies.bench import check_method_options, scored_method
 from wherefrom.studies.groundtruth.build import GroundTruth, base_of, too_few_points
@@ -211,7 +211,7 @@ def run_method(
     row = {"method": method, **usage}
     if scores is not None:
         try:
-            save_scores(scores, folder, method)  # <method>.safetensors + <method>.json (ids)
+            save_scores(scores, folder, method, similarity=similarity_family(method))  # <method>.safetensors + .json
         except Exception as error:
             row["error"] = f"{type(error).__name__}: {error}"
     return row

@@ -39,8 +39,8 @@ from wherefrom.core.scoring import (
     unfinished_set,
 )
 from wherefrom.core.store import StoreError, read_json_object, refuse_folder_in_place
-from wherefrom.engine.run import lost_manifest, refuse_files_in_place
-from wherefrom.methods.registry import METHODS, method_spec
+from wherefrom.engine.run import lost_record, refuse_files_in_place
+from wherefrom.methods.registry import similarity_family
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_RECORD
 from wherefrom.studies.ablation import ABLATION_METRICS, SIGNED, runs_line, short_rows_heading, short_rows_table
 from wherefrom.studies.bench import table_metrics
@@ -189,9 +189,7 @@ def _scores_report(path: Path, folder: Path, config: dict[str, Any]) -> list[dic
         none = "No scores yet: run `wherefrom scores`." if not left_out else "No score set could be read."
         return [{"heading": "Scores", "blocks": [{"type": "note", "text": none}]}, *left_out_section(left_out)]
     rows, unread = _rows(path, config)
-    method = config.get("method")
-    family = method_spec(method).family if isinstance(method, str) and method in METHODS else None
-    similarity = family if family in ("representation", "lexical") else None
+    similarity = similarity_family(config.get("method"))
     sections = []
     for name, (scores, record) in named.items():
         sections += scores_sections(
@@ -333,7 +331,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
                 f"{path} is a finished {command} folder ({result}), which report does not read: "
                 + advice.format(path=path)
             )
-    lost = lost_manifest(path) if path.is_dir() else None
+    lost = lost_record(path) if path.is_dir() else None
     if lost is not None:  # userM: named "unfinished", and the replay it advised refused it too
         raise FileNotFoundError(lost)
     recorded = recorded_commands(read_json_object(path / "config.json")) if (path / "config.json").is_file() else []

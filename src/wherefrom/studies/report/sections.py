@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from wherefrom.core.data import Record
-from wherefrom.core.scoring import Scores, end_name
+from wherefrom.core.scoring import Scores, end_name, sign_note
+from wherefrom.methods.registry import similarity_family
 from wherefrom.studies.diagnose import damping_cell
 from wherefrom.studies.influence import agreement, layer_profile, short_names, tail_profile, top_name
 from wherefrom.studies.influence_tables import AXES, layer_table, tail_query_table, tail_summary_table
@@ -181,11 +182,7 @@ def scores_sections(
     the set's training side came from (an index's rows or recomputed gradients), when known. ``similarity``: the
     family of a method whose scores are a similarity, not influence (``representation``: repsim, ``lexical``:
     bm25): said so, with no layer profile or tail fit (userI: a bm25 page read as influence by layer, all "other")."""
-    sign = (
-        f"higher = more similar (a {similarity} similarity, not influence)"
-        if similarity
-        else "positive = proponent (raises log p(completion | prompt))"
-    )
+    sign = sign_note(similarity)
     blocks: list[dict[str, Any]] = [
         {
             "type": "note",
@@ -211,11 +208,7 @@ def scores_sections(
         for opponents, kind in ((False, "proponents"), (True, "opponents")):
             entries = top_entries(scores, q, top_k, rows, opponents, labels)
             # userM: a similarity's ends were titled proponents / "lowest scores (..., not opponents)"
-            end = (
-                ("lowest" if opponents else "highest") + " scores"
-                if similarity
-                else end_name(kind, [e["score"] for e in entries])
-            )
+            end = end_name(kind, [e["score"] for e in entries], similarity is not None)
             blocks.append(entries_block(entries, f"Query {query_id}: {end}"))
     if len(scores.query_ids) > max_queries:
         blocks.append({"type": "note", "text": f"The first {max_queries} queries are shown."})
@@ -421,13 +414,17 @@ def query_sections(
 ) -> list[dict[str, Any]]:
     """The view of one query: its top proponents and opponents (with token heatmaps when the report has
     them; each table titled by :func:`wherefrom.core.scoring.end_name`, so rows of the wrong sign are not called
-    proponents or opponents), the query-side token heatmaps, and, with the query's ``scores``, its layer profile
-    over as many top proponents as the report shows, and its tail.
+    proponents or opponents, and a similarity method's, named by the report's ``strategy``, highest/lowest scores),
+    the query-side token heatmaps, and, with the query's ``scores``, its layer profile
+    over as many top proponents as the report shows, and its tail (neither for a similarity).
 
     ``report``: the dict ``wherefrom query --json`` prints; ``query_tokens``: ``[{"id": train_id,
     "tokens": [[text, value], ...]}]``, the query's tokens' share of its score on that row.
     """
-    ends = {kind: end_name(kind, [e["score"] for e in report[kind]]) for kind in ("proponents", "opponents")}
+    similarity = similarity_family(report.get("strategy")) is not None
+    ends = {
+        kind: end_name(kind, [e["score"] for e in report[kind]], similarity) for kind in ("proponents", "opponents")
+    }
     query = report["query"]
     blocks: list[dict[str, Any]] = [
         {"type": "note", "text": f"strategy {report.get('strategy')}; {report.get('sign', '')}"},
@@ -454,6 +451,6 @@ def query_sections(
             }
         )
     sections = [{"heading": "Which training rows made the model say this?", "blocks": blocks}]
-    if scores is not None:
+    if scores is not None and not similarity:  # a similarity has no influence by layer or tail to fit
         sections += [layer_section(layer_profile(scores, max(len(report["proponents"]), 1))), tail_section(scores)]
     return sections
