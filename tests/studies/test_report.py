@@ -518,6 +518,24 @@ def test_the_query_view_promises_a_heatmap_only_where_the_rows_have_token_values
     assert caption([["a", 1.0], [" b", 1.0]]) == "Proponents (heatmap: each training token's part of the score)"
 
 
+@pytest.mark.parametrize(
+    ("prompt", "title"),
+    [
+        ("Rule:\n a  b", "Query: Rule: a b"),
+        ("w" * 80, "Query: " + "w" * 80),
+        ("word " * 30, "Query: " + ("word " * 16)[:79].rstrip() + "…"),
+    ],
+)
+def test_a_query_views_title_says_where_it_cut_the_prompt(tmp_path, prompt, title):
+    """userM: the query view's title was the prompt's first 80 characters, cut mid-word with no ellipsis and its
+    line breaks kept; it is one line, and an ellipsis ends one that was cut (the query's table shows it whole)."""
+    row = {"id": "t1", "score": 2.0, "kind": "proponent", "label": None, "prompt": "a", "completion": " b"}
+    query = {"query": {"prompt": prompt, "completion": " b"}, "strategy": "ekfac", "sign": "s"}
+    (tmp_path / "q.json").write_text(json.dumps({**query, "proponents": [row], "opponents": []}))
+    page = write_report(tmp_path / "q.json").read_text()
+    assert re.search(r"<title>([^<]*)</title>", page).group(1) == html.escape(title, quote=False)
+
+
 def test_diagnose_md_shows_not_read_for_a_method_that_takes_no_damping(tmp_path):
     """userF: ``diagnose.md``'s damping column showed the shared damping for ``gradsim`` and ``bm25``, which read
     none (``MethodSpec.takes``); the HTML report's cells are the same (``diagnose.damping_cell``)."""

@@ -23,7 +23,13 @@ from wherefrom.core.store import StoreError, read_json_object, writer_lock
 from wherefrom.engine.run import Run, refuse_files_in_place
 from wherefrom.studies.influence_tables import influence_markdown, influence_tables
 from wherefrom.studies.report import plots, render, write_html, write_report
-from wherefrom.studies.report.sections import query_sections, query_side_rows, query_side_tokens, settings_section
+from wherefrom.studies.report.sections import (
+    query_sections,
+    query_side_rows,
+    query_side_tokens,
+    query_title,
+    settings_section,
+)
 from wherefrom.studies.toolkit import write_report as write_tables
 
 
@@ -113,4 +119,4 @@ def write_query_html(out: Path, result: dict[str, Any], scores: Scores, opened: 
     manifest = opened.folder / "manifest.json"
     if manifest.is_file():
         sections.append(settings_section("Provenance", read_json_object(manifest)))
-    return write_html(render("Query: " + record.prompt[:80], str(opened.folder), sections), out)
+    return write_html(render(query_title(record.prompt), str(opened.folder), sections), out)

@@ -54,6 +54,7 @@ from wherefrom.studies.report.sections import (
     metric_sections,
     query_sections,
     query_side_tokens,
+    query_title,
     scores_sections,
     settings_section,
     word_order_section,
@@ -260,7 +261,7 @@ def report_sections(path: Path) -> tuple[str, list[dict[str, Any]]]:
         data = read_json_object(path)
         kind = _file_kind(data)
         if kind == "query":
-            return "Query: " + data["query"]["prompt"][:80], query_sections(data, query_tokens=query_side_tokens(data))
+            return query_title(data["query"]["prompt"]), query_sections(data, query_tokens=query_side_tokens(data))
         if kind == "evaluate":
             return _evaluate_report(path, data)
     kind = next(iter(marked_commands(path)), None) if path.is_dir() else None

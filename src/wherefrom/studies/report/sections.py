@@ -409,6 +409,17 @@ def heatmaps(entries: Sequence[Mapping[str, Any]]) -> bool:
     return any(entry.get("tokens") for entry in entries)
 
 
+TITLE_CHARACTERS = 80
+"""The most characters of a query's prompt a query view's title shows (:func:`query_title`)."""
+
+
+def query_title(prompt: str) -> str:
+    """The title of a query view: ``Query: `` and the prompt, on one line, cut at :data:`TITLE_CHARACTERS` with an
+    ellipsis where it is longer (userM: the title was cut mid-word with nothing to say so)."""
+    line = " ".join(prompt.split())
+    return "Query: " + (line if len(line) <= TITLE_CHARACTERS else line[: TITLE_CHARACTERS - 1].rstrip() + "…")
+
+
 def query_sections(
     report: Mapping[str, Any], scores: Scores | None = None, query_tokens: Sequence[Mapping[str, Any]] = ()
 ) -> list[dict[str, Any]]:
