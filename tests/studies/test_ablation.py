@@ -13,6 +13,7 @@ from tests.cli.conftest import invoke
 from wherefrom.core.encoding import REFERENCE_TEMPLATE
 from wherefrom.core.option_pairs import options_for
 from wherefrom.models.tiny import save_tiny
+from wherefrom.studies.ablation import markdown as ablation_markdown
 from wherefrom.studies.presets import PRESETS, SWITCHES, resolve, switch_keys, switched, switches_between
 
 
@@ -228,6 +229,9 @@ def test_ablate_two_switches_on_tiny_model(tmp_path, tiny_model):
     text = (out / "ablate.md").read_text()
     assert text.startswith("# wherefrom ablate: rules (12 training rows, 3 queries), from reference-study to")
     assert "## Change against `start`" in text and "| fisher | ekfac |" in text and "top-1 is a short row" in text
+    assert "Warnings while computing" not in text  # neither method said any
+    report["runs"]["fisher"]["ekfac"]["warnings"] = {"1": ["ConvergenceWarning: x"]}  # as a bench row records one
+    assert "- fisher: ekfac, seed 1: ConvergenceWarning: x" in ablation_markdown(report, "wherefrom ablate ...")
     shown = invoke("report", out)
     assert shown.exit_code == 0, shown.output
     html = (out / "report.html").read_text()

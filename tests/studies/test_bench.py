@@ -518,3 +518,19 @@ def test_a_row_the_model_cannot_take_leaves_no_folder(tmp_path, tiny_model):
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "record 'long'" in said and "raise max_length (--max-length, now 64)" in said
     assert not out.exists()
+
+
+def test_a_methods_warnings_are_recorded_in_its_row_and_listed_in_bench_md(tmp_path, tiny_model):
+    """userJ (tune.md) as a kind: a bench row of a method whose iHVP did not converge (cg stopped after one
+    iteration) records the warning, and bench.md lists it under the table by method and seed; a method that said
+    nothing has none."""
+    config = tiny_config(
+        "rules", tmp_path / "w", tiny_model, ["cg", "bm25"], 10, 2, method_options={"cg": {"max_iter": 1}}
+    )
+    with pytest.warns(RuntimeWarning, match="cg did not converge"):
+        report = run_bench(config)
+    said = report["aggregate"]["cg"]["warnings"]["0"]
+    assert any(w.startswith("ConvergenceWarning: cg did not converge in max_iter=1") for w in said), said
+    assert report["aggregate"]["bm25"]["warnings"] == {}
+    text = (tmp_path / "w" / "bench.md").read_text()
+    assert "- cg, seed 0: ConvergenceWarning: cg did not converge" in text and "- bm25" not in text

@@ -272,3 +272,27 @@ def test_points_that_tie_the_chosen_one_are_named(groundtruth, tmp_path, monkeyp
     report = tune(groundtruth, "ekfac", GRID, out=tmp_path / "tied")
     assert report["chosen"]["index"] == 0 and report["chosen"]["ties"] == [1, 2]
     assert "It ties 2 other point(s) on the selection LDS" in (tmp_path / "tied" / "tune.md").read_text()
+
+
+def test_a_points_warnings_are_recorded_in_tune_and_evaluate_reports(groundtruth, tmp_path):
+    """userJ: tune.md showed LiSSA points whose iHVP had not converged (the terminal said so) as plain numbers. A
+    study's row now records wherefrom's warnings said while its method ran (cg stopped after one iteration here),
+    and tune.md / evaluate.md list them under the table; a point that converges lists none, and a rerun that reuses
+    the cached rows keeps them."""
+    from wherefrom.studies.groundtruth.evaluate import evaluate
+
+    grid, fixed = {"tol": [1e-6, 10.0]}, {"max_iter": 1}  # one cg iteration: 10 is reached, 1e-6 is not
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        report = tune(groundtruth, "cg", grid, out=tmp_path / "t", method_options=fixed)
+    first, second = report["points"]
+    assert any(w.startswith("ConvergenceWarning: cg did not converge") for w in first["warnings"]), first["warnings"]
+    assert second["warnings"] == [] and first["error"] is None
+    table = (tmp_path / "t" / "tune.md").read_text()
+    notes = table[table.index("Warnings while computing") :]
+    assert '- `{"tol": 1e-06}`: ConvergenceWarning: ' in notes and '"tol": 10.0' not in notes
+    again = tune(groundtruth, "cg", grid, out=tmp_path / "t", method_options=fixed)  # every row reused
+    assert [p["warnings"] for p in again["points"]] == [first["warnings"], []]
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        evaluate(groundtruth, ["cg", "gradsim"], {"cg": {"max_iter": 1}}, out=tmp_path / "e")
+    text = (tmp_path / "e.md").read_text()
+    assert "- cg: ConvergenceWarning: " in text and "- gradsim:" not in text

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -25,9 +26,11 @@ from wherefrom.studies.toolkit import (
     measured,
     number,
     provenance,
+    recorded_warnings,
     refuse_replacing,
     resumable,
     store,
+    warning_notes,
     write_report,
 )
 
@@ -261,3 +264,28 @@ def test_refuse_replacing_names_only_finished_units_of_another_key(tmp_path):
         f"earlier results would be overwritten: {tmp_path / 'a.json'} and 1 more, made from other inputs "
         "(lr: recorded 1, now 2); pass overwrite=True (--overwrite on the command line) to replace them"
     )
+
+
+def test_recorded_warnings_keep_wherefroms_own_once_and_show_each_once_even_when_the_block_raises():
+    """What a study's row records (:func:`recorded_warnings`): wherefrom's warnings once each (a cg warning of every
+    query batch), not a library's; each warning is shown again once, also when the block raised."""
+    from wherefrom.curvature.iterative import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with recorded_warnings() as said:
+            for _ in range(3):
+                warnings.warn("cg did not converge", ConvergenceWarning, stacklevel=1)
+            warnings.warn("a library's", DeprecationWarning, stacklevel=1)
+    assert said == ["ConvergenceWarning: cg did not converge"]
+    assert [str(w.message) for w in shown] == ["cg did not converge", "a library's"]
+    with warnings.catch_warnings(record=True) as shown, pytest.raises(ValueError, match="stop"):
+        warnings.simplefilter("always")
+        with recorded_warnings() as said:
+            warnings.warn("before the failure", ConvergenceWarning, stacklevel=1)
+            raise ValueError("stop")
+    assert said == ["ConvergenceWarning: before the failure"] and len(shown) == 1
+    assert warning_notes([("a", said), ("b", []), ("c", None)]).splitlines()[-1] == (
+        "- a: ConvergenceWarning: before the failure"
+    )
+    assert warning_notes([("b", [])]) == ""

@@ -18,7 +18,14 @@ from wherefrom.core.scoring import Scores
 from wherefrom.models.tiny import save_tiny
 from wherefrom.studies import wordorder
 from wherefrom.studies.report import write_report
-from wherefrom.studies.wordorder import WordOrderConfig, group_means, run_word_order, tiny_finetune, word_order_rows
+from wherefrom.studies.wordorder import (
+    WordOrderConfig,
+    group_means,
+    markdown,
+    run_word_order,
+    tiny_finetune,
+    word_order_rows,
+)
 
 
 def test_rows_state_each_fact_in_both_orders():
@@ -69,6 +76,9 @@ def test_reversed_statements_carry_less_influence_than_the_query_order(tmp_path)
         and "| reversed / same (each seed's ratio, then their mean) |"
         in (tmp_path / "out" / "wordorder.md").read_text()
     )
+    assert "Warnings while computing" not in (tmp_path / "out" / "wordorder.md").read_text()  # ekfac said none
+    payload["seeds"][1]["warnings"] = ["ConvergenceWarning: x"]  # as a method that did not converge records it
+    assert "- seed 1: ConvergenceWarning: x" in markdown(payload)
     html = write_report(tmp_path / "out").read_text()
     assert (
         "Word order (" in html
@@ -93,7 +103,7 @@ def test_the_query_measures_the_fact_without_the_appended_eos(tmp_path, monkeypa
         seen.append(attribution)
         bars.append(progress)
         per_module = torch.arange(float(len(train))).expand(1, len(queries), len(train))  # rows scored apart
-        return Scores([q.id for q in queries], [r.id for r in train], ["m"], per_module), {}
+        return Scores([q.id for q in queries], [r.id for r in train], ["m"], per_module), {"warnings": []}
 
     monkeypatch.setattr(wordorder, "scored_method", scored)
     monkeypatch.setattr(
@@ -194,7 +204,7 @@ def test_a_rerun_of_other_settings_is_refused_unless_overwrite(tmp_path, monkeyp
         "scored_method",
         lambda method, model, tokenizer, attribution, options, train, queries, device, progress: (
             Scores([q.id for q in queries], [r.id for r in train], ["m"], torch.rand(1, len(queries), len(train))),
-            {},
+            {"warnings": []},
         ),
     )
     monkeypatch.setattr(

@@ -44,7 +44,15 @@ from wherefrom.studies.bench import (
 )
 from wherefrom.studies.metrics import mean_stat
 from wherefrom.studies.presets import SWITCHES, check_preset, resolve, switch_keys, switched, switches_between
-from wherefrom.studies.toolkit import interval_cell, markdown_table, number, provenance, refuse_replacing, write_report
+from wherefrom.studies.toolkit import (
+    interval_cell,
+    markdown_table,
+    number,
+    provenance,
+    refuse_replacing,
+    warning_notes,
+    write_report,
+)
 
 __all__ = [
     "ABLATION_METRICS",
@@ -270,7 +278,8 @@ SIGNED = "+.3f"
 
 
 def markdown(payload: dict[str, Any], command: str) -> str:
-    """The three tables of an ablation (see the module docstring) as Markdown."""
+    """The three tables of an ablation (see the module docstring) as Markdown, then the warnings recorded in its
+    runs' rows (:func:`wherefrom.studies.toolkit.warning_notes`)."""
     config, names = payload["config"], ABLATION_METRICS[payload["kind"]]
     sizes = payload.get("sizes") or {}
     rows_used = f" ({sizes['n_train']} training rows, {sizes['n_test']} queries)" if sizes else ""
@@ -303,7 +312,13 @@ def markdown(payload: dict[str, Any], command: str) -> str:
     columns, rows = short_rows_table(payload)
     lines += ["", f"## {short_rows_heading(payload)}", ""]
     lines += [markdown_table(columns, rows, ["---", "---", "---:", "---:", "---:"])]
-    return "\n".join(lines) + "\n"
+    warned = [
+        (f"{run}: {method}, seed {seed}", said)
+        for run, aggregate in payload["runs"].items()
+        for method, entry in aggregate.items()
+        for seed, said in entry.get("warnings", {}).items()  # each run's bench.md lists them too
+    ]
+    return "\n".join(lines) + "\n" + warning_notes(warned)
 
 
 def runs_line(payload: dict[str, Any]) -> str:

@@ -61,8 +61,10 @@ from wherefrom.studies.toolkit import (
     measured,
     number,
     provenance,
+    recorded_warnings,
     refuse_replacing,
     store,
+    warning_notes,
     write_report,
 )
 
@@ -348,23 +350,26 @@ def scored_method(
     """Fit ``method`` (:func:`wherefrom.methods.registry.make_method`) on ``train`` and score ``test``, timed and
     memory-measured (:func:`wherefrom.studies.toolkit.measured`); its passes over rows report to ``progress`` (a
     bench of SmolLM2 showed no bar for minutes per method). Returns ``(scores, usage)`` with ``usage``
-    ``{seconds, peak_mib, error}``; a failure is recorded in ``error`` (``scores`` is then ``None``),
-    not raised, so one failing method never stops the others. The method is released afterwards."""
+    ``{seconds, peak_mib, error, warnings}``; a failure is recorded in ``error`` (``scores`` is then ``None``),
+    not raised, so one failing method never stops the others; ``warnings``: wherefrom's warnings said meanwhile
+    (:func:`wherefrom.studies.toolkit.recorded_warnings`: an iHVP that did not converge, say). The method is released
+    afterwards."""
     usage: dict[str, Any] = {"seconds": None, "peak_mib": None, "error": None}
     chosen = scores = None
-    try:
-        with measured(pick_device(device)) as measurement:
-            chosen = make_method(method, model, tokenizer, attribution, progress, **options)
-            chosen.fit(train)
-            scores = chosen.scores(test, train)
-        usage["seconds"], usage["peak_mib"] = measurement["seconds"], measurement["peak_mib"]
-    except Exception as error:
-        usage["error"] = f"{type(error).__name__}: {error}"
-        scores = None
-    finally:
-        chosen = None  # release it before the next method
-        free_memory()
-    return scores, usage
+    with recorded_warnings() as said:
+        try:
+            with measured(pick_device(device)) as measurement:
+                chosen = make_method(method, model, tokenizer, attribution, progress, **options)
+                chosen.fit(train)
+                scores = chosen.scores(test, train)
+            usage["seconds"], usage["peak_mib"] = measurement["seconds"], measurement["peak_mib"]
+        except Exception as error:
+            usage["error"] = f"{type(error).__name__}: {error}"
+            scores = None
+        finally:
+            chosen = None  # release it before the next method
+            free_memory()
+    return scores, {**usage, "warnings": said}
 
 
 def finetuned(
@@ -447,7 +452,7 @@ def method_row(
 def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
     """Per method: ``metrics`` ``{name: {mean, low, high}}`` over the seeds that succeeded (95% t
     interval, clipped to [0, 1] for the metrics in that range; ``low``/``high`` are ``None`` with one seed), mean ``seconds`` / ``peak_mib``,
-    ``n_ok`` and the ``errors`` of failed seeds."""
+    ``n_ok``, the ``errors`` of failed seeds and the ``warnings`` of the seeds that had some (by seed)."""
     result: dict[str, Any] = {}
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
@@ -456,6 +461,7 @@ def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[st
             "n_ok": len(ok),
             "n_seeds": len(mine),
             "errors": {str(r["seed"]): r["error"] for r in mine if r["error"]},
+            "warnings": {str(r["seed"]): r["warnings"] for r in mine if r.get("warnings")},  # none in a cached row
             "metrics": {},
             "seconds": None,
             "peak_mib": None,
@@ -499,7 +505,12 @@ def markdown(summary: dict[str, Any], kind: str, command: str, title: str) -> st
             ]
         )
     table = markdown_table(["method", *names, "time, s", "peak memory, MiB", "seeds ok"], rows)
-    return f"# wherefrom bench: {title}\n\nCommand: `{command}`\n\n" + table + "\n"
+    warned = [
+        (f"{method}, seed {seed}", said)
+        for method, entry in summary.items()
+        for seed, said in entry.get("warnings", {}).items()  # none in a bench.json written before they were kept
+    ]
+    return f"# wherefrom bench: {title}\n\nCommand: `{command}`\n\n" + table + "\n" + warning_notes(warned)
 
 
 def planned_rows(config: BenchConfig) -> tuple[dict[int, BenchTask], dict[int, dict[str, Any]]]:

@@ -24,7 +24,6 @@ when the exact reference cannot be formed, each method keeps its own default (``
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,7 +39,7 @@ from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import METHODS, InfluenceMethod, make_method, method_spec
 from wherefrom.studies import toolkit
 from wherefrom.studies.metrics import spearman_rows
-from wherefrom.studies.toolkit import failure_cell, markdown_table, measured, number, provenance
+from wherefrom.studies.toolkit import failure_cell, markdown_table, measured, number, provenance, recorded_warnings
 
 EXACT_BLOCKS = "full"
 """The default blocks of :func:`diagnose`'s exact reference (``--exact-blocks``): the whole GGN, cross-module terms
@@ -234,8 +233,7 @@ def diagnose(
         reason = str(error)
     rows = []
     for name in progress(list(methods), "methods"):
-        with warnings.catch_warnings(record=True) as said:
-            warnings.simplefilter("always")
+        with recorded_warnings() as said:
             try:
                 options = fisher_options(name, config, options_for(method_options, name))
                 method = make_method(name, model, tokenizer, config, progress, **options)
@@ -250,21 +248,9 @@ def diagnose(
                         row.ihvp_rel_error = ihvp_relative_error(approx, exact_queries, names)
             except (MemoryError, RuntimeError, ValueError) as error:
                 row = Diagnosis(name, float("nan"), None, error=f"{type(error).__name__}: {error}")
-        row.warnings = _shown_again(said)
+        row.warnings = said
         rows.append(row)
     return rows, reason
-
-
-def _shown_again(said: Sequence[warnings.WarningMessage]) -> list[str]:
-    """Show the warnings ``said`` (recorded) once each, as Python's default filter shows a warning of one text from
-    one place (they were recorded, so each repeat was shown: a cg warning of every query batch 12 times); returns
-    wherefrom's own among them as ``Category: message``, once each (not a library's deprecation)."""
-    for text, category, filename, lineno in dict.fromkeys(
-        (str(w.message), w.category, w.filename, w.lineno) for w in said
-    ):
-        warnings.warn_explicit(text, category, filename, lineno)
-    own = [w for w in said if w.category.__module__.startswith("wherefrom.")]
-    return list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in own))
 
 
 def damping_cell(method: str, damping: float | None) -> str:

@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -228,6 +229,40 @@ def provenance(command: str, **records: Sequence[Record]) -> dict[str, Any]:
     for name, rows in records.items():
         record[f"{name}_fingerprint"] = data_fingerprint(rows)
     return record
+
+
+@contextmanager
+def recorded_warnings() -> Iterator[list[str]]:
+    """Record the warnings said inside the block, show each once afterwards (as Python's default filter shows a
+    warning of one text from one place: recorded, each repeat would be shown, a cg warning of every query batch 12
+    times), and fill the yielded list with wherefrom's own among them as ``Category: message``, once each (not a
+    library's deprecation): what a study's row records, so that its report says a number came from, say, an iHVP
+    that did not converge (userJ: ``tune.md`` showed LiSSA points with no word of the warnings on the terminal)."""
+    own: list[str] = []
+    said: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            said = caught
+            yield own
+    finally:  # also when the block raises: what it said before is shown
+        for text, category, filename, lineno in dict.fromkeys(
+            (str(w.message), w.category, w.filename, w.lineno) for w in said
+        ):
+            warnings.warn_explicit(text, category, filename, lineno)
+        mine = [w for w in said if w.category.__module__.startswith("wherefrom.")]
+        own.extend(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in mine))
+
+
+def warning_notes(warned: Iterable[tuple[str, Sequence[str]]]) -> str:
+    """The Markdown notes under a study's table naming each row's recorded warnings (:func:`recorded_warnings`),
+    one line each, ``- label: Category: message``; ``""`` when no row has any."""
+    lines = [f"- {label}: {text}" for label, texts in warned for text in texts or ()]
+    if not lines:
+        return ""
+    return "\nWarnings while computing these numbers (a number beside one may not be what its method promises):\n\n" + (
+        "\n".join(lines) + "\n"
+    )
 
 
 def number(value: float | None, fmt: str = ".3f") -> str:

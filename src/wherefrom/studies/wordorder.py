@@ -41,7 +41,7 @@ from wherefrom.models.finetune import FinetuneConfig, finetune
 from wherefrom.models.loading import load_model
 from wherefrom.studies.bench import scored_method
 from wherefrom.studies.metrics import mean_stat
-from wherefrom.studies.toolkit import check_seeds, interval_cell, markdown_table, write_report
+from wherefrom.studies.toolkit import check_seeds, interval_cell, markdown_table, warning_notes, write_report
 
 GROUPS = ("same", "reversed", "control")
 """Training-row groups of the study, by how the row states a fact relative to the query."""
@@ -236,7 +236,15 @@ def run_word_order(
             + ", ".join(f"{g} {v:+.4g}" for g, v in means.items())
             + f" (fine-tuning loss {losses[0]:.4g} -> {losses[-1]:.4g} nats)"
         )
-        per_seed.append({"seed": seed, "means": means, "per_query": per_query, "final_loss": tuned.epoch_losses[-1]})
+        per_seed.append(
+            {
+                "seed": seed,
+                "means": means,
+                "per_query": per_query,
+                "final_loss": tuned.epoch_losses[-1],
+                "warnings": usage["warnings"],
+            }
+        )
     summary = {g: mean_stat([s["means"][g] for s in per_seed]) for g in GROUPS}
     ratios = [s["means"]["reversed"] / s["means"]["same"] for s in per_seed if s["means"]["same"] != 0]
     summary["reversed/same"] = mean_stat(ratios)
@@ -258,7 +266,8 @@ not the ratio of the two means shown above it (userM divided those: 72.03 / 69.9
 
 
 def markdown(payload: dict[str, Any]) -> str:
-    """The summary as a Markdown table (mean [95% interval over seeds]; the ratio as :data:`RATIO_LABEL`)."""
+    """The summary as a Markdown table (mean [95% interval over seeds]; the ratio as :data:`RATIO_LABEL`), then the
+    method's warnings on each seed (:func:`wherefrom.studies.toolkit.warning_notes`)."""
     config = payload["config"]
     lines = [
         f"# Word order: influence of a fact stated in the query's order and reversed ({config['method']})",
@@ -276,4 +285,5 @@ def markdown(payload: dict[str, Any]) -> str:
     ]
     if payload.get("command"):
         lines += ["", f"Command: `{payload['command']}`"]
-    return "\n".join(lines) + "\n"
+    warned = [(f"seed {s['seed']}", s.get("warnings")) for s in payload.get("seeds", [])]
+    return "\n".join(lines) + "\n" + warning_notes(warned)

@@ -55,6 +55,7 @@ from wherefrom.studies.toolkit import (
     provenance,
     refuse_replacing,
     resumable,
+    warning_notes,
     write_report,
 )
 
@@ -195,7 +196,8 @@ def run_method(
 ) -> dict[str, Any]:
     """Fit and score ``method`` on the ground truth's full-data model (``tracin`` gets its checkpoints; its passes
     report to ``progress``), save the scores in ``folder`` and return the row: ``method``, ``seconds``,
-    ``peak_mib``, ``error`` (a failure is recorded, not raised)."""
+    ``peak_mib``, ``error`` (a failure is recorded, not raised) and ``warnings`` (wherefrom's, said meanwhile:
+    :func:`wherefrom.studies.bench.scored_method`)."""
     options = dict(options)
     config = gt.config
     if in_family(method, "checkpoint"):
@@ -284,7 +286,8 @@ def markdown(
     """The report as a Markdown table: method x LDS / LOO Pearson / LOO Spearman / PBRF Spearman
     ("mean [low, high]", bootstrap over queries), time and peak memory, then ``notes`` (one line each: why a
     column is undefined, :func:`wherefrom.studies.groundtruth.build.too_few_points`) and the ground truth's noise
-    floors (:func:`noise_line`)."""
+    floors (:func:`noise_line`), then each method's recorded warnings
+    (:func:`wherefrom.studies.toolkit.warning_notes`)."""
     table = [
         [method, failure_cell(row["error"])]
         if row.get("error")
@@ -303,6 +306,7 @@ def markdown(
         + "\n\nIntervals: 95% percentile bootstrap over queries. Time and memory: fit + scores of the method.\n"
         + "".join(f"{note}.\n" for note in notes)
         + noise_line(noise)
+        + warning_notes((method, row.get("warnings")) for method, row in rows.items())  # none in an older row
     )
 
 

@@ -51,6 +51,7 @@ from wherefrom.studies.toolkit import (
     markdown_table,
     number,
     provenance,
+    warning_notes,
     write_report,
 )
 
@@ -151,7 +152,9 @@ def command_line(
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """``tune.md``: one row per grid point (LDS on both halves, time), then the chosen and default points."""
+    """``tune.md``: one row per grid point (LDS on both halves, time), then the chosen and default points, then each
+    point's recorded warnings (:func:`wherefrom.studies.toolkit.warning_notes`: userJ's LiSSA points that did not
+    converge)."""
     keys = list(report["config"]["grid"])
     chosen = report["chosen"]["index"] if report["chosen"] else None
     table = []
@@ -206,7 +209,10 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     else:
         text.append("No grid point produced an LDS on the selection queries.")
-    return "\n".join(text) + "\n"
+    warned = [(f"`{json.dumps(row['point'])}`", row.get("warnings")) for row in report["points"]]
+    if report["default"].get("grid_point") is None:  # run apart from the grid
+        warned.append(("the default point", report["default"].get("warnings")))
+    return "\n".join(text) + "\n" + warning_notes(warned)
 
 
 def tune(
@@ -267,6 +273,7 @@ def tune(
             "seconds": row["seconds"],
             "peak_mib": row["peak_mib"],
             "error": row["error"],
+            "warnings": row.get("warnings", []),  # none in a row cached before they were kept
             "selection": None,
             "held_out": None,
             "per_query": None,
@@ -321,7 +328,7 @@ def tune(
         "split": {"selection": [gt.query_ids[q] for q in selection], "held_out": [gt.query_ids[q] for q in held_out]},
         "points": rows,
         "chosen": chosen,
-        "default": {k: default[k] for k in ("point", "selection", "held_out", "error", "grid_point")},
+        "default": {k: default[k] for k in ("point", "selection", "held_out", "error", "warnings", "grid_point")},
     }
     write_report(folder / "tune", report, markdown(report))
     return report
