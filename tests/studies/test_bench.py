@@ -534,3 +534,7 @@ def test_a_methods_warnings_are_recorded_in_its_row_and_listed_in_bench_md(tmp_p
     assert report["aggregate"]["bm25"]["warnings"] == {}
     text = (tmp_path / "w" / "bench.md").read_text()
     assert "- cg, seed 0: ConvergenceWarning: cg did not converge" in text and "- bm25" not in text
+    from wherefrom.studies.report import write_report as write_html_report
+
+    page = write_html_report(tmp_path / "w").read_text()  # the HTML report lists them as bench.md does
+    assert "Warning of cg, seed 0: ConvergenceWarning: cg did not converge" in page and "Warning of bm25" not in page

@@ -296,3 +296,7 @@ def test_a_points_warnings_are_recorded_in_tune_and_evaluate_reports(groundtruth
         evaluate(groundtruth, ["cg", "gradsim"], {"cg": {"max_iter": 1}}, out=tmp_path / "e")
     text = (tmp_path / "e.md").read_text()
     assert "- cg: ConvergenceWarning: " in text and "- gradsim:" not in text
+    from wherefrom.studies.report import write_report
+
+    page = write_report(tmp_path / "e.json").read_text()
+    assert "Warning of cg: ConvergenceWarning: cg did not converge" in page and "Warning of gradsim" not in page

@@ -18,6 +18,7 @@ from wherefrom.core.scoring import Scores
 from wherefrom.models.tiny import save_tiny
 from wherefrom.studies import wordorder
 from wherefrom.studies.report import write_report
+from wherefrom.studies.report.sections import word_order_section
 from wherefrom.studies.wordorder import (
     WordOrderConfig,
     group_means,
@@ -79,6 +80,8 @@ def test_reversed_statements_carry_less_influence_than_the_query_order(tmp_path)
     assert "Warnings while computing" not in (tmp_path / "out" / "wordorder.md").read_text()  # ekfac said none
     payload["seeds"][1]["warnings"] = ["ConvergenceWarning: x"]  # as a method that did not converge records it
     assert "- seed 1: ConvergenceWarning: x" in markdown(payload)
+    notes = [b["text"] for b in word_order_section(payload)["blocks"] if b["type"] == "note"]
+    assert notes == ["Warning of ekfac, seed 1: ConvergenceWarning: x"]
     html = write_report(tmp_path / "out").read_text()
     assert (
         "Word order (" in html

@@ -257,7 +257,9 @@ def metric_sections(
     counting its seeds (a bench's: ``n_ok``, ``n_seeds``, ``errors``) gets a "seeds ok" column and a method whose
     every seed failed its first error in place of its numbers, as in ``bench.md``, and each failed seed's error is
     a note (userI: the report showed a failed method as dashes and a mean over the seeds left as over all); an
-    entry's own ``error`` (an evaluate row's) is shown in place of its numbers too.
+    entry's own ``error`` (an evaluate row's) is shown in place of its numbers too. Its recorded ``warnings`` (a
+    bench's by seed, an evaluate row's a list: :func:`wherefrom.studies.toolkit.recorded_warnings`) are notes, as the
+    ``.md`` files list them.
     """
     extra_columns = extra_columns or {}
     if metrics is None:
@@ -274,6 +276,13 @@ def metric_sections(
     for method, entry in per_method.items():
         values, errors = entry.get("metrics") or {}, entry.get("errors") or {}
         notes += [f"{method}, seed {seed} failed: {error}" for seed, error in errors.items()]
+        said = entry.get("warnings") or {}  # a bench's by seed, an evaluate row's a list
+        said = said.items() if isinstance(said, Mapping) else [(None, said)]
+        notes += [
+            f"Warning of {method}{'' if seed is None else f', seed {seed}'}: {text}"
+            for seed, texts in said
+            for text in texts
+        ]
         seeds = [f"{entry.get('n_ok')}/{entry.get('n_seeds')}"] if counted else []
         failure = entry.get("error") or (
             next(iter(errors.values()), "no result") if counted and not entry["n_ok"] else None
@@ -359,7 +368,8 @@ def word_order_section(payload: Mapping[str, Any]) -> dict[str, Any]:
     """The word-order study (:mod:`wherefrom.studies.wordorder`; ``payload``: its ``wordorder.json``): mean
     influence per row group (in :data:`wherefrom.studies.wordorder.GROUPS` order) and the ratio reversed / same,
     each with its 95% interval over seeds, as a table and an interval plot, under the method's name (userI: the rows
-    came in alphabetical order, the ratio among the influences, and no method was named)."""
+    came in alphabetical order, the ratio among the influences, and no method was named); the method's recorded
+    warnings on each seed as notes."""
     summary = payload["summary"]
     groups = {g: summary.get(g) for g in GROUPS}
     rows = [[group, interval_cell(stat, ".4g")] for group, stat in groups.items()]
@@ -380,6 +390,11 @@ def word_order_section(payload: Mapping[str, Any]) -> dict[str, Any]:
                 "caption": "Mean influence per row",
                 "svg": plots.interval_plot(groups, "mean influence per row"),
             },
+            *(
+                {"type": "note", "text": f"Warning of {method}, seed {seed['seed']}: {text}"}
+                for seed in payload.get("seeds", [])
+                for text in seed.get("warnings") or []
+            ),
         ],
     }
 
