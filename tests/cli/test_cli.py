@@ -267,6 +267,30 @@ def test_a_diverged_finetune_exits_1_and_a_finite_one_0(workspace):
     assert fine.exit_code == 0 and "error:" not in fine.output, fine.output
 
 
+def test_a_finetune_whose_last_step_made_the_weights_nan_exits_1(workspace, monkeypatch):
+    """reviewU: the divergence exit read the epochs' mean losses only, so a fine-tuning whose last step (after its
+    last, finite, loss) overflowed exited 0 with NaN weights. One step here (20 rows, one batch, one epoch), made to
+    leave NaN weights; a rerun that reuses the saved run exits 1 too."""
+    import torch
+
+    real = torch.optim.AdamW.step
+
+    def overflowing(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    args = ["finetune", "--train", workspace / "train.jsonl", "--model", workspace / "model", "--out",
+            workspace / "ft-last-step", "--epochs", "1", "--batch-size", "20", "--full", "--device", "cpu"]  # fmt: skip
+    for attempt in ("trained", "reused"):
+        result = invoke(*args)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 1 and attempt in said, result.output
+        assert "error: the fine-tuning diverged in its last step (every mean loss is finite): 1 parameter(s)" in said
+
+
 def test_ctrl_c_says_the_work_is_kept_and_the_same_command_goes_on(workspace, monkeypatch):
     """userK: Ctrl-C in `finetune` ended in click's bare "Aborted!" (exit 1). It says what is kept and that the same
     command goes on (exit 130, as a shell reports SIGINT), and the same command resumes after the finished epoch."""

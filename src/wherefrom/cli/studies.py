@@ -92,6 +92,12 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
             f"the fine-tuning diverged (the mean loss of epoch {diverged[0]} is not finite): the weights in "
             f"{result.weights_dir} are not finite either; rerun with a lower --learning-rate and --overwrite"
         ])  # fmt: skip
+    broken = result.nonfinite_parameters()  # every loss finite, and the last step overflowed (reviewU)
+    if broken:
+        incomplete([
+            f"the fine-tuning diverged in its last step (every mean loss is finite): {len(broken)} parameter(s) in "
+            f"{result.weights_dir} are not finite ({broken[0]}, ...); rerun with a lower --learning-rate and --overwrite"
+        ])  # fmt: skip
 
 
 PRESET_SETTINGS = (*FIRST_FINETUNING, *REFERENCE_SWITCHES, "damping", "damping_factor")

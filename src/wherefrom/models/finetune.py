@@ -337,6 +337,15 @@ class FinetuneResult:
         """Whether ``weights_dir`` holds a LoRA adapter (else a full model)."""
         return self.weights_dir.name == ADAPTER_DIR
 
+    def nonfinite_parameters(self) -> list[str]:
+        """The names of the model's floating-point parameters holding a NaN or infinite entry: a fine-tuning whose
+        every loss was finite can still end so, when its last step (after the last loss) overflowed (reviewU)."""
+        return [
+            name
+            for name, parameter in self.model.named_parameters()
+            if parameter.is_floating_point() and not bool(torch.isfinite(parameter).all())
+        ]
+
 
 # --------------------------------------------------------------------------------------------
 # atomic writes
