@@ -36,6 +36,7 @@ extra=()
 [[ -n "${THREADS:-}" ]] && extra+=(--threads "$THREADS")
 read -r -a fixed <<< "$FIXED"
 
+failed=()
 for name in $TASKS; do
   case "$name" in
     emotion|grammars|math|backdoor)
@@ -47,7 +48,7 @@ for name in $TASKS; do
   start=$(date +%s)
   "$WHEREFROM" ablate --task "$task" --from "$FROM" --to "$TO" --methods "$METHODS" --seeds "$SEEDS" \
     --n-train "$N_TRAIN" --n-test "$N_TEST" "${fixed[@]}" "${extra[@]}" --out "$WORK/$name" > "$WORK/$name.log" 2>&1 \
-    || { echo "$name: failed, see $WORK/$name.log" >&2; continue; }
+    || { echo "$name: failed, see $WORK/$name.log" >&2; failed+=("$name"); continue; }
   seconds=$(( $(date +%s) - start ))
   mkdir -p "$RESULTS/$name"
   cp "$WORK/$name/ablate.md" "$WORK/$name/ablate.json" "$RESULTS/$name/"
@@ -56,3 +57,8 @@ for name in $TASKS; do
   done
   echo "$name: $seconds s (this invocation; a resumed run counts only what it computed)" | tee "$RESULTS/$name/time.txt"
 done
+# a failed task is skipped above so the others still run; the script then exits 1 naming them (userN: exit 0)
+if (( ${#failed[@]} )); then
+  echo "failed tasks: ${failed[*]}" >&2
+  exit 1
+fi

@@ -449,6 +449,12 @@ def fisher_section(args, fisher: str, results: dict, agreement: dict) -> list[st
 
 def report(args, results: dict, agreements: dict, command: str, load: tuple[float, float]) -> str:
     import kronfluence
+    import torch
+
+    if (
+        args.threads
+    ):  # the count every phase ran with (run_phase), which the Hardware line records (userN: the parent's)
+        torch.set_num_threads(args.threads)
 
     from wherefrom.core.store import package_versions
 

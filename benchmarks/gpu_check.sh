@@ -67,6 +67,7 @@ TABLE="$OUT/timings.md"
     echo "|---|---|---|"
 } > "$TABLE"
 
+failed=()  # the steps that failed: the script exits 1 naming them (userN: it exited 0 beside a failed step)
 step() {  # step NAME COMMAND...: run with the time left (at most 300 s), record its wall time
     local name=$1; shift
     local left=$((DEADLINE - SECONDS))
@@ -74,7 +75,7 @@ step() {  # step NAME COMMAND...: run with the time left (at most 300 s), record
     local start=$SECONDS status=0
     timeout $((left < 300 ? left : 300)) "$@" > "$OUT/$name.log" 2>&1 || status=$?
     local took=$((SECONDS - start))
-    if ((status != 0)); then took="failed (exit $status, see $name.log)"; fi
+    if ((status != 0)); then took="failed (exit $status, see $name.log)"; failed+=("$name"); fi
     local shown out; shown=$(printf '%q ' "$@") out=$(printf %q "$OUT")  # as a shell reads it back
     echo "| $name | $took | \`${shown//"$out"/OUT}\` |" >> "$TABLE"
 }
@@ -138,3 +139,7 @@ if [[ $DEVICE == cuda ]]; then
     done
 fi
 cat "$TABLE"
+if (( ${#failed[@]} )); then
+    echo "gpu_check.sh: failed steps: ${failed[*]} (their logs are in $OUT)" >&2
+    exit 1
+fi

@@ -21,12 +21,13 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
+import queue as queues
 import resource
 import sys
 import time
 from pathlib import Path
 
-from common import command_line
+from common import command_line, positive_int, positive_ints
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "emotion.test.jsonl"
@@ -66,28 +67,53 @@ def cell(rank: int | None, n_queries: int, args: argparse.Namespace, out: mp.Que
     )
 
 
+def query_ranks(text: str) -> list[int | None]:
+    """Comma-separated query ranks, each ``none`` (full rank) or an integer >= 1."""
+    try:
+        return [None if item == "none" else positive_int(item) for item in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated 'none' or integers >= 1, got {text!r}") from None
+
+
+def cell_result(process: mp.Process, results: mp.Queue, what: str) -> dict:
+    """The result ``process`` (one cell) puts on ``results``; exits naming ``what`` when the process ends without
+    one (it failed: its traceback is above). userN: the benchmark waited for ever on a cell that had failed."""
+    while True:
+        try:
+            return results.get(timeout=1.0)
+        except queues.Empty:
+            if not process.is_alive():
+                try:
+                    return results.get(timeout=1.0)  # put just before it ended
+                except queues.Empty:
+                    process.join()
+                    sys.exit(f"query_memory: the cell {what} failed (exit code {process.exitcode}; its error is above)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--queries", default="4,8,16", help="numbers of queries, comma-separated")
-    parser.add_argument("--ranks", default="none,32", help="query ranks ('none' = full rank), comma-separated")
-    parser.add_argument("--layers", type=int, default=6, help="track the MLP of the last N of 30 blocks")
-    parser.add_argument("--train", type=int, default=8, help="training rows scored")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--queries", type=positive_ints, default=[4, 8, 16], help="numbers of queries, comma-separated")
+    parser.add_argument(
+        "--ranks", type=query_ranks, default=[None, 32], help="query ranks ('none' = full rank), comma-separated"
+    )
+    parser.add_argument("--layers", type=positive_int, default=6, help="track the MLP of the last N of 30 blocks")
+    parser.add_argument("--train", type=positive_int, default=8, help="training rows scored")
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--out", default="benchmarks/results/query-memory")
     args = parser.parse_args()
+    if args.layers > 30:
+        parser.error(f"--layers: SmolLM2-135M has 30 blocks, got {args.layers}")
     if not DATA.exists():
         sys.exit(f"query_memory: needs the shared emotion data at {DATA}")
-    ranks = [None if r == "none" else int(r) for r in args.ranks.split(",")]
-    counts = [int(n) for n in args.queries.split(",")]
     context = mp.get_context("spawn")
     results = []
-    for rank in ranks:
-        for n in counts:
+    for rank in args.ranks:
+        for n in args.queries:
             queue = context.Queue()
             process = context.Process(target=cell, args=(rank, n, args, queue))
             process.start()
-            result = queue.get()
+            result = cell_result(process, queue, f"query rank {rank or 'full'}, {n} queries")
             process.join()
             results.append(result)
             print(json.dumps(result), flush=True)

@@ -38,6 +38,7 @@ extra=()
 lissa=()
 for pair in $LISSA; do lissa+=(--option "lissa.$pair"); done
 
+failed=()
 for name in $TASKS; do
   case "$name" in
     emotion|grammars) task="path:$DATA/$name.train.jsonl:$DATA/$name.test.jsonl" ;;
@@ -55,9 +56,16 @@ for name in $TASKS; do
   start=$(date +%s)
   "$WHEREFROM" bench --task "$task" --methods "$methods" --seeds "$SEEDS" --n-train "$n_train" \
     --n-test "$N_TEST" --epochs "$EPOCHS" --max-length "$MAX_LENGTH" "${extra[@]}" "${options[@]}" --out "$WORK/$name" > "$WORK/$name.log" 2>&1 \
-    || { echo "$name: failed, see $WORK/$name.log" >&2; continue; }
+    || { echo "$name: failed, see $WORK/$name.log" >&2; failed+=("$name"); continue; }
   mkdir -p "$RESULTS/$name"
   cp "$WORK/$name/bench.md" "$WORK/$name/bench.json" "$RESULTS/$name/"
   echo "$name: $(( $(date +%s) - start )) s"
 done
-"${PY:-.venv/bin/python}" benchmarks/study_summary.py "$RESULTS"
+if compgen -G "$RESULTS/*/bench.json" > /dev/null; then  # the summary of the tasks there (none: every task failed)
+  "${PY:-.venv/bin/python}" benchmarks/study_summary.py "$RESULTS"
+fi
+# a failed task is skipped above so the others still run; the script then exits 1 naming them (userN: exit 0)
+if (( ${#failed[@]} )); then
+  echo "failed tasks: ${failed[*]}" >&2
+  exit 1
+fi

@@ -3,12 +3,15 @@
 identification tasks), mean over seeds, read from each ``<task>/bench.json``.
 
     python benchmarks/study_summary.py [benchmarks/results/study-smollm2]   # writes summary.md there
+
+The folder must hold at least one ``<task>/bench.json`` (userN: any argument, ``--help`` included, was taken as the
+folder, made, and given a malformed empty table, exit 0).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from wherefrom.core.store import atomic_write_text
@@ -51,8 +54,27 @@ def summary(folder: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results" / "study-smollm2"
+def study_folder(text: str) -> Path:
+    """A folder holding at least one ``<task>/bench.json`` (a ``study.sh`` results folder)."""
+    if not any(Path(text).glob("*/bench.json")):
+        raise argparse.ArgumentTypeError(f"{text!r} holds no <task>/bench.json (written by benchmarks/study.sh)")
+    return Path(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "folder",
+        nargs="?",
+        type=study_folder,
+        default=str(Path(__file__).resolve().parent / "results" / "study-smollm2"),
+        help="the study's results folder (default: benchmarks/results/study-smollm2)",
+    )
+    folder = parser.parse_args().folder
     text = summary(folder)
     atomic_write_text(text, folder / "summary.md")
     print(text)
+
+
+if __name__ == "__main__":
+    main()

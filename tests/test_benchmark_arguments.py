@@ -14,6 +14,7 @@ also run as plain commands.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,9 @@ WHERE = {  # what each script is told about where to write, all under the test's
     "hnsw_graph.py": lambda tmp: ["--stores", f"{tmp}/store"],
     "index_scale.py": lambda tmp: ["--out", f"{tmp}/store"],
     "short_rows.py": lambda tmp: ["--results", f"{tmp}/results"],
+    "query_memory.py": lambda tmp: ["--out", f"{tmp}/results/query-memory"],
+    "study_summary.py": lambda tmp: [],
+    "parity_compare.py": lambda tmp: [],
 }
 
 BAD = [  # (script, the bad arguments, the flag the error must name, text the error must contain)
@@ -104,6 +108,13 @@ BAD = [  # (script, the bad arguments, the flag the error must name, text the er
     ("real_recall.py", ["--name", ""], "--name", "a file name without a folder"),
     ("hnsw_graph.py", ["--name", "../x"], "--name", "a file name without a folder"),
     ("store_scan.py", ["--results", str(ROOT / "README.md")], "--results", "is a file, not a folder"),
+    # userN: --ranks abc ended in a traceback; --queries 0 started a child that failed, and the script waited for ever
+    ("query_memory.py", ["--ranks", "abc"], "--ranks", "'none' or integers >= 1"),
+    ("query_memory.py", ["--queries", "0"], "--queries", "integers >= 1"),
+    # userN: any argument (--help, a misspelt folder) was taken as the study folder, made and given an empty table
+    ("study_summary.py", [str(BENCHMARKS)], "folder", "holds no <task>/bench.json"),
+    # userN: a misspelt run folder was "missing (True, False)", exit 0
+    ("parity_compare.py", [str(BENCHMARKS), "no-such-run"], "after", "no such folder"),
 ]
 
 
@@ -249,3 +260,48 @@ def test_index_peers_installs_bergson_under_peers_dir_not_the_checkout(tmp_path,
     assert index_peers.install_bergson(target) is None and (target / "bergson").is_dir()
     assert index_peers.install_bergson(target) is None and len(calls) == 1  # installed once
     assert not (target.parent / "bergson.part").exists()
+
+
+def test_parity_compare_exits_1_on_a_difference_or_a_missing_file_and_0_when_identical(tmp_path):
+    """userN: ``parity_compare.py`` printed a real difference (and four "missing" lines for a misspelt folder) and
+    exited 0, so the refactor gate it is could not fail a script or CI job."""
+    files = {"bench/bench.json": {"aggregate": {"ekfac": {"acc": 0.5}}}, "diag/diagnose.json": {"rows": [1.0]}}
+    files |= {"gt/evaluate.json": {"lds": 0.25}, "gt/groundtruth.json": {"n": 3}}
+    for run in ("before", "after"):
+        for name, data in files.items():
+            (tmp_path / run / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / run / name).write_text(json.dumps(data))
+
+    def compare() -> subprocess.CompletedProcess:
+        command = [sys.executable, "benchmarks/parity_compare.py", str(tmp_path / "before"), str(tmp_path / "after")]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    same = compare()
+    assert same.returncode == 0 and same.stdout.strip() == "IDENTICAL numbers", same.stdout + same.stderr
+    (tmp_path / "after" / "gt" / "evaluate.json").write_text(json.dumps({"lds": 0.3}))
+    (tmp_path / "after" / "diag" / "diagnose.json").unlink()
+    differ = compare()
+    assert differ.returncode == 1, differ.stdout + differ.stderr
+    assert "gt/evaluate.json.lds: 0.25 vs 0.3" in differ.stdout
+    assert f"diag/diagnose.json: missing from {tmp_path / 'after'}" in differ.stdout
+
+
+@pytest.mark.parametrize("script", ["ablation.sh", "study.sh"])
+def test_a_study_script_whose_task_failed_exits_1_naming_it(tmp_path, script):
+    """userN: ``ablation.sh`` and ``study.sh`` said "<task>: failed, see <log>" and went on to the next task, as they
+    should, but then exited 0, so a caller saw success. They exit 1 at the end, naming the failed tasks."""
+    shim = tmp_path / "wherefrom"
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m wherefrom.cli "$@"\n')
+    shim.chmod(0o755)
+    env = {"TASKS": "no-such-task", "RESULTS": str(tmp_path / "results"), "WHEREFROM": str(shim), "PY": sys.executable}
+    done = subprocess.run(
+        ["bash", f"benchmarks/{script}", str(tmp_path / "work")],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "no-such-task: failed, see" in done.stderr and "failed tasks: no-such-task" in done.stderr
+    assert written(tmp_path / "results") == []

@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
 
-def run_script(out: Path, **env: str) -> subprocess.CompletedProcess:
+def run_script(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["bash", str(SCRIPT), str(out)],
+        ["bash", str(SCRIPT), str(out), *args],
         cwd=ROOT,
         env={**os.environ, "PYTHON": sys.executable, **env},
         capture_output=True,
@@ -61,6 +61,17 @@ def test_dry_run_records_a_spent_budget_as_skipped_steps(tmp_path):
     # every setting it was given: a rerun of the line is a dry run again (userG: GPU_CHECK_DEVICE, PYTHON were left out)
     made = f"Made by `GPU_CHECK_SECONDS=5 GPU_CHECK_DEVICE=cpu PYTHON={sys.executable} bash benchmarks/gpu_check.sh "
     assert made + f"{tmp_path / 'check'}` (from the repository's root)" in table, table
+
+
+def test_a_failed_step_makes_the_check_exit_1_naming_it(tmp_path):
+    """userN: a step that failed (in its dry run, bfloat16 throughput past its time cap) was a row of the table and the
+    script exited 0, which reads as a passed readiness check. A model folder that is not there fails the first steps
+    (the budget skips the rest); the table is written and the script exits 1 naming them."""
+    out = tmp_path / "check"
+    done = run_script(out, str(tmp_path / "no-model"), GPU_CHECK_DEVICE="cpu", GPU_CHECK_SECONDS="20")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "gpu_check.sh: failed steps: fit-float32" in done.stderr and f"(their logs are in {out})" in done.stderr
+    assert "| fit-float32 | failed (exit " in (out / "timings.md").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
