@@ -776,7 +776,7 @@ def test_pq_training_on_few_rows_warns_once_not_once_per_sub_quantizer(capfd, ca
             build_faiss_index(Rows(rows, 50), FaissSettings(kind=kind, nlist=9))
         assert "WARNING clustering" not in capfd.readouterr().err
         assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["IVF cells trained on 80 rows"]
-        assert "the 9 cells are coarse" in caplog.records[0].getMessage()
+        assert "the 9 cells' centroids are fitted to few rows each" in caplog.records[0].getMessage()
         caplog.clear()
     with caplog.at_level("WARNING", logger="wherefrom.core.search"):  # its coarse cells quiet, its codebooks said
         build_faiss_index(Rows(rows, 50), FaissSettings(kind="ivf-pq", nlist=9))
@@ -876,7 +876,7 @@ def test_search_store_reports_recall_and_checks_options_first():
     advice = {  # each kind's own search-time settings, and the kind or graph measured to suit other rows
         FaissSettings(kind="ivf-pq"): f"raise nprobe or refine, {ivf}",
         FaissSettings(kind="ivf"): f"raise nprobe, {ivf}",
-        FaissSettings(kind="pq"): "raise refine",
+        FaissSettings(kind="pq"): "raise refine, or rebuild with a larger pq_m (a finer code: pq_m / 2 bytes per row)",
         FaissSettings(kind="hnsw"): "raise ef_search, or for raw rows searched with preconditioned queries (an "
         "empirical index) use graph=angular, or search exactly",
         FaissSettings(kind="hnsw", graph="angular"): "raise ef_search, or for raw rows searched with preconditioned "

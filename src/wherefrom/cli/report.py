@@ -21,6 +21,7 @@ from wherefrom.core.data import Record
 from wherefrom.core.scoring import Scores, load_scores, score_set_names, unfinished_set
 from wherefrom.core.store import StoreError, read_json_object, writer_lock
 from wherefrom.engine.run import Run, refuse_files_in_place
+from wherefrom.methods.registry import similarity_family
 from wherefrom.studies.influence_tables import influence_markdown, influence_tables
 from wherefrom.studies.report import plots, render, write_html, write_report
 from wherefrom.studies.report.sections import (
@@ -51,9 +52,15 @@ def influence(run, name, top_k, out, threads) -> None:
     receives influence.json and influence.md (default: RUN/analyses/NAME; an --out inside RUN is written under
     RUN's writer lock, so it is refused while `fit`, `index` or `scores` writes RUN)."""
     try:
-        Run.recorded_config(run)  # a folder that is not a run is named as such, not as one without score sets
+        recorded = Run.recorded_config(run)  # a folder that is not a run is named as such, not as one without sets
     except (FileNotFoundError, ValueError) as error:
         fail(error)
+    family = similarity_family(recorded.method)
+    if family is not None:  # reviewV: layer tables of "|influence|" over the "top proponents" of a similarity
+        fail(
+            f"{run} is a {recorded.method!r} run: its scores are a {family} similarity, not influence, so they have no "
+            f"influence by layer or tail to analyse; `wherefrom report {run}` shows their highest and lowest rows"
+        )
     refuse_files_in_place(run)
     folder = run / "scores"
     finished, unfinished = score_set_names(folder)

@@ -372,7 +372,8 @@ def search_json(report: SearchReport, opened: Run, record: Record, top_k: int) -
         for kind, found in report.ends()
     }
     recall = None if report.recall is None else [float(end[0]) for end in report.recall]
-    search = {"mode": report.mode, "seconds": report.seconds, "recall": recall, "summary": report.summary(top_k)}
+    summary = report.summary(top_k, opened.similarity is not None)
+    search = {"mode": report.mode, "seconds": report.seconds, "recall": recall, "summary": summary}
     return {**query_header(opened, record), **ends, "search": search}
 
 
@@ -431,7 +432,7 @@ def print_search(
         for query_id, ids, values in zip(query_ids, found.ids, found.scores.tolist()):
             shown = ", ".join(shown_row(i, s, labels) for i, s in zip(ids, values)) or "none found"
             typer.echo(f"{query_id} {end_name(kind, values, similarity)}: {shown}")
-    console.print(report.summary(top_k), markup=False, highlight=False)
+    console.print(report.summary(top_k, similarity), markup=False, highlight=False)
 
 
 def print_tops(result: Scores, top_k: int, labels: Mapping[str, str | None], similarity: bool = False) -> None:

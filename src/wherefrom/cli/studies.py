@@ -62,7 +62,7 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
     """Fine-tune a causal LM on prompt/completion rows (loss on completion tokens only), saving a
     checkpoint per epoch for TracIn and the convergence analysis; an identical earlier run is reused,
     one with other settings or data is kept unless --overwrite; a killed one resumes after its last epoch. A run
-    whose loss diverged (not finite) is kept as configured and exits 1.
+    whose loss diverged (not finite), or whose weights end non-finite, is kept as configured and exits 1.
 
     --out receives adapter/ or model/, checkpoints/epoch-k/, train_log.jsonl, finetune_config.json (and
     resume/epoch-k/ while training)."""

@@ -636,8 +636,8 @@ class FaissSettings:
         if self.kind == "hnsw":
             other = "use graph=angular, or " if self.graph == "inner-product" else ""
             return f"raise {raise_}, or for raw rows searched with preconditioned queries (an empirical index) {other}search exactly"
-        if self.kind == "pq":
-            return f"raise {raise_}"
+        if self.kind == "pq":  # userN: pq_m=16 gave recall 0.075, and the advice named refine only
+            return f"raise {raise_}, or rebuild with a larger pq_m (a finer code: pq_m / 2 bytes per row)"
         return (  # userD: on an empirical index pq misses proponents until refine=1024 (query-latency-pq-probe.md)
             f"raise {raise_}, or for preconditioned (nearly white) rows (a fitted index) use kind=pq; for raw rows "
             "searched with preconditioned queries (an empirical index) search exactly"
@@ -1096,7 +1096,9 @@ def _saved_or_built(
             len(sample),
             lists,
             "IVF cells",
-            f"the {lists} cells are coarse: the search may miss rows the exact search finds (recall@k counts them)",
+            # userN: "the 3000 cells are coarse" of 3,000 rows in 3,000 cells: few rows fit the centroids, not few cells
+            f"the {lists} cells' centroids are fitted to few rows each, so a row may lie outside the cells a query "
+            "probes: the search may miss rows the exact search finds (recall@k counts them)",
         )
         index.train(sample)
         if settings.kind == "ivf-sq8":
@@ -1228,13 +1230,16 @@ class SearchReport:
         """``(("proponents", result), ("opponents", result))``."""
         return ("proponents", self.proponents), ("opponents", self.opponents)
 
-    def summary(self, k: int) -> str:
-        """One line: mode, time, that a search of candidates (a prefilter) searched only them and, for FAISS, the mean recall@k of each end against the exact search (``k`` at
+    def summary(self, k: int, similarity: bool = False) -> str:
+        """One line (each end named ``proponents``/``opponents``, or a ``similarity``'s ``highest``/``lowest scores``:
+        reviewV): mode, time, that a search of candidates (a prefilter) searched only them and, for FAISS, the mean recall@k of each end against the exact search (``k`` at
         most the store's rows: every row is found then), with what to change when either is below
         :data:`RECALL_HINT`; that ``ivf-sq8`` scores are the 8-bit rows'; how many queries had fewer than ``k``
         candidate rows (a prefilter of fewer rows than ``k``: their lists are shorter, in any mode); how many queries
         a FAISS search found fewer than ``k`` rows for, or than their candidates where fewer (its probed cells or
         graph walk held fewer)."""
+        named = {"proponents": "highest scores", "opponents": "lowest scores"} if similarity else {}
+        named = {name: named.get(name, name) for name in ("proponents", "opponents")}
         line = f"{self.mode} search: {self.seconds * 1000:.1f} ms"
         if self.candidates is not None:  # userL: a prefiltered search's lists read as the whole store's
             line += f" among each query's candidate rows only (up to {max(self.candidates, default=0)}"
@@ -1257,14 +1262,15 @@ class SearchReport:
             if self.candidates is not None:  # a query with fewer candidates gets fewer rows: not short
                 limits = limits.clamp(max=torch.tensor(self.candidates))
             counts = {name: int(((end.rows >= 0).sum(1) < limits).sum()) for name, end in self.ends()}
-            short = [f"{n} of {len(limits)} queries' {name}" for name, n in counts.items() if n]
+            short = [f"{n} of {len(limits)} queries' {named[name]}" for name, n in counts.items() if n]
             if short:
                 wanted = f"{width} rows" if self.candidates is None else f"{width} rows (or their candidates)"
                 line += f" (fewer than {wanted} found for {' and '.join(short)})"
         if self.recall is not None:
             proponents, opponents = (float(end.nanmean()) for end in self.recall)
             line += (
-                f"; recall@{min(k, self.rows or k)} vs exact: proponents {proponents:.3f}, opponents {opponents:.3f} (exact "
+                f"; recall@{min(k, self.rows or k)} vs exact: {named['proponents']} {proponents:.3f}, "
+                f"{named['opponents']} {opponents:.3f} (exact "
                 f"{self.exact_seconds * 1000:.1f} ms)"
             )
             if min(proponents, opponents) < RECALL_HINT:

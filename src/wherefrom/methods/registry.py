@@ -2,7 +2,8 @@
 
 Every method has the same two-phase contract (dattri-style): ``fit(train)`` once, then
 ``scores(queries, train)`` returning :class:`wherefrom.core.scoring.Scores` with the README's sign
-convention (positive = proponent). :data:`METHODS` holds one :class:`MethodSpec` per name: its
+convention (positive = proponent; for the similarity families, :data:`SIMILARITY_FAMILIES`, higher = more
+similar). :data:`METHODS` holds one :class:`MethodSpec` per name: its
 family (``influence``: a curvature strategy over exact gradients; ``projected``: influence in a
 random projection of the gradients; ``checkpoint``: summed over fine-tuning checkpoints;
 ``representation``; ``lexical``), a description, the citation (paper, equation where there is one),

@@ -3,8 +3,9 @@ Explanations), the representation baseline of Li et al. (2024, Do Influence Func
 Language Models?).
 
 ``score(z_q, z_m) = cos(h(z_q), h(z_m))`` where ``h`` is one hidden layer of the model, pooled over
-token positions. Larger = more similar; like every method it reads "positive = proponent", but it
-is a similarity in ``[-1, 1]``, not an influence (no sign reasoning about upweighting applies).
+token positions. Larger = more similar: a similarity in ``[-1, 1]``, not an influence (no sign reasoning about
+upweighting applies), so its outputs say "higher = more similar" and call its ends highest / lowest scores, not
+proponents / opponents (:func:`wherefrom.methods.registry.similarity_family`).
 
 * ``layer`` indexes ``model(..., output_hidden_states=True).hidden_states``: ``0`` is the embedding
   output, ``-1`` (default) the last layer (for Llama in Hugging Face, after the final norm).

@@ -419,7 +419,7 @@ def method_row(
     ``tokenizer`` are ``None`` for a method that needs no model (the ``lexical`` family: BM25). ``directory``: where
     the bench ran (:func:`finetuned`); ``progress``: the method's passes.
 
-    Returns ``{seed, method, metrics, top1, seconds, peak_mib, error}`` (``top1``: each query's highest-scored
+    Returns ``{seed, method, metrics, top1, seconds, peak_mib, error, warnings}`` (``top1``: each query's highest-scored
     training row id, when scored): ``metrics`` from
     :func:`wherefrom.studies.metrics.class_attribution` (``task.kind == "class"``) or
     :func:`wherefrom.studies.metrics.identification`; a failure is recorded in ``error``, not raised.
@@ -452,7 +452,8 @@ def method_row(
 def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
     """Per method: ``metrics`` ``{name: {mean, low, high}}`` over the seeds that succeeded (95% t
     interval, clipped to [0, 1] for the metrics in that range; ``low``/``high`` are ``None`` with one seed), mean ``seconds`` / ``peak_mib``,
-    ``n_ok``, the ``errors`` of failed seeds and the ``warnings`` of the seeds that had some (by seed)."""
+    ``n_ok``, the ``errors`` of failed seeds and the ``warnings`` of the seeds that had some (by seed; ``None``: a
+    row cached by an earlier version, which recorded none)."""
     result: dict[str, Any] = {}
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
@@ -461,7 +462,8 @@ def aggregate(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[st
             "n_ok": len(ok),
             "n_seeds": len(mine),
             "errors": {str(r["seed"]): r["error"] for r in mine if r["error"]},
-            "warnings": {str(r["seed"]): r["warnings"] for r in mine if r.get("warnings")},  # none in a cached row
+            # by seed: those said, and None for a row cached by an earlier version (it kept none)
+            "warnings": {str(r["seed"]): r.get("warnings") for r in mine if r.get("warnings") != []},
             "metrics": {},
             "seconds": None,
             "peak_mib": None,
@@ -508,7 +510,7 @@ def markdown(summary: dict[str, Any], kind: str, command: str, title: str) -> st
     warned = [
         (f"{method}, seed {seed}", said)
         for method, entry in summary.items()
-        for seed, said in entry.get("warnings", {}).items()  # none in a bench.json written before they were kept
+        for seed, said in entry.get("warnings", {}).items()  # no key in a bench.json written before they were kept
     ]
     return f"# wherefrom bench: {title}\n\nCommand: `{command}`\n\n" + table + "\n" + warning_notes(warned)
 

@@ -27,6 +27,7 @@ import gc
 import hashlib
 import json
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -231,12 +232,18 @@ def provenance(command: str, **records: Sequence[Record]) -> dict[str, Any]:
     return record
 
 
+NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+"""A number in a warning's text: warnings that differ only in their numbers (a cg residual of each query batch) are
+recorded once, counted (:func:`recorded_warnings`)."""
+
+
 @contextmanager
 def recorded_warnings() -> Iterator[list[str]]:
     """Record the warnings said inside the block, show each once afterwards (as Python's default filter shows a
     warning of one text from one place: recorded, each repeat would be shown, a cg warning of every query batch 12
     times), and fill the yielded list with wherefrom's own among them as ``Category: message``, once each (not a
-    library's deprecation): what a study's row records, so that its report says a number came from, say, an iHVP
+    library's deprecation; those that differ only in their numbers once, the first with how many more there were:
+    ``... (and 11 more like it)``): what a study's row records, so that its report says a number came from, say, an iHVP
     that did not converge (userJ: ``tune.md`` showed LiSSA points with no word of the warnings on the terminal)."""
     own: list[str] = []
     said: list[warnings.WarningMessage] = []
@@ -250,19 +257,33 @@ def recorded_warnings() -> Iterator[list[str]]:
             (str(w.message), w.category, w.filename, w.lineno) for w in said
         ):
             warnings.warn_explicit(text, category, filename, lineno)
-        mine = [w for w in said if w.category.__module__.startswith("wherefrom.")]
-        own.extend(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in mine))
+        alike: dict[str, list] = {}  # the text with its numbers left out -> [its first text, how many]
+        for w in said:
+            if w.category.__module__.startswith("wherefrom."):
+                text = f"{w.category.__name__}: {w.message}"
+                alike.setdefault(NUMBER.sub("#", text), [text, 0])[1] += 1
+        own.extend(text if count == 1 else f"{text} (and {count - 1} more like it)" for text, count in alike.values())
 
 
-def warning_notes(warned: Iterable[tuple[str, Sequence[str]]]) -> str:
+def warning_notes(warned: Iterable[tuple[str, Sequence[str] | None]]) -> str:
     """The Markdown notes under a study's table naming each row's recorded warnings (:func:`recorded_warnings`),
-    one line each, ``- label: Category: message``; ``""`` when no row has any."""
+    one line each, ``- label: Category: message``, then the rows whose warnings were not recorded (``None``: a row
+    cached by an earlier version, reviewV: read as "none"); ``""`` when no row has any and every row recorded."""
+    warned = list(warned)
     lines = [f"- {label}: {text}" for label, texts in warned for text in texts or ()]
-    if not lines:
-        return ""
-    return "\nWarnings while computing these numbers (a number beside one may not be what its method promises):\n\n" + (
-        "\n".join(lines) + "\n"
-    )
+    unrecorded = [label for label, texts in warned if texts is None]
+    text = ""
+    if lines:
+        text += (
+            "\nWarnings while computing these numbers (a number beside one may not be what its method promises):\n\n"
+        )
+        text += "\n".join(lines) + "\n"
+    if unrecorded:
+        text += (
+            f"\nWarnings not recorded for {', '.join(unrecorded)}: rows cached by an earlier version, which kept none "
+            "(`--overwrite` recomputes them).\n"
+        )
+    return text
 
 
 def number(value: float | None, fmt: str = ".3f") -> str:

@@ -306,7 +306,7 @@ def markdown(
         + "\n\nIntervals: 95% percentile bootstrap over queries. Time and memory: fit + scores of the method.\n"
         + "".join(f"{note}.\n" for note in notes)
         + noise_line(noise)
-        + warning_notes((method, row.get("warnings")) for method, row in rows.items())  # none in an older row
+        + warning_notes((method, row.get("warnings")) for method, row in rows.items())  # None: a row cached before
     )
 
 
@@ -373,7 +373,7 @@ def evaluate(
         options = options_for(method_options, method)
         row_path = folder / f"{method}.row.json"
         row = scored_row(gt, method, options, attribution, folder, row_path, models, say, method, progress)
-        row = dict(row)
+        row = {"warnings": None, **row}  # None: a row cached by an earlier version, which recorded none
         row["metrics"] = None if row["error"] else measured_metrics(gt, load_method_scores(folder, method), row)
         rows[method] = row
     models = None

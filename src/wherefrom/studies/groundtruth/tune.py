@@ -209,9 +209,9 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     else:
         text.append("No grid point produced an LDS on the selection queries.")
-    warned = [(f"`{json.dumps(row['point'])}`", row.get("warnings")) for row in report["points"]]
+    warned = [(f"`{json.dumps(row['point'])}`", row.get("warnings", [])) for row in report["points"]]
     if report["default"].get("grid_point") is None:  # run apart from the grid
-        warned.append(("the default point", report["default"].get("warnings")))
+        warned.append(("the default point", report["default"].get("warnings", [])))
     return "\n".join(text) + "\n" + warning_notes(warned)
 
 
@@ -234,7 +234,7 @@ def tune(
 
     ``method_options``: fixed options of every point (``ValueError`` for a key also in ``grid``); ``attribution``:
     base settings (default: the ground truth's, :meth:`GroundTruthConfig.attribution`). The returned
-    dict has ``points`` (``point``, ``seconds``, ``error``, ``selection`` / ``held_out`` LDS
+    dict has ``points`` (``point``, ``seconds``, ``error``, ``warnings`` (``None``: a row cached before they were kept), ``selection`` / ``held_out`` LDS
     ``{mean, low, high, n, ...}`` and ``per_query`` LDS of all queries), ``chosen`` (``index`` into
     ``points``, ``point``, both LDS) and ``default`` (the method's default point, both LDS, its ``error``, and
     ``grid_point``: the index into ``points`` of the grid point it equals, which it reuses, or ``None``).
@@ -273,7 +273,7 @@ def tune(
             "seconds": row["seconds"],
             "peak_mib": row["peak_mib"],
             "error": row["error"],
-            "warnings": row.get("warnings", []),  # none in a row cached before they were kept
+            "warnings": row.get("warnings"),  # None: a row cached by an earlier version, which kept none
             "selection": None,
             "held_out": None,
             "per_query": None,

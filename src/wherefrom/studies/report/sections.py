@@ -276,13 +276,13 @@ def metric_sections(
     for method, entry in per_method.items():
         values, errors = entry.get("metrics") or {}, entry.get("errors") or {}
         notes += [f"{method}, seed {seed} failed: {error}" for seed, error in errors.items()]
-        said = entry.get("warnings") or {}  # a bench's by seed, an evaluate row's a list
+        said = entry.get("warnings", [])  # a bench's by seed, an evaluate row's a list (None: not recorded)
         said = said.items() if isinstance(said, Mapping) else [(None, said)]
-        notes += [
-            f"Warning of {method}{'' if seed is None else f', seed {seed}'}: {text}"
-            for seed, texts in said
-            for text in texts
-        ]
+        for seed, texts in said:
+            where = f"{method}{'' if seed is None else f', seed {seed}'}"
+            notes += [f"Warning of {where}: {text}" for text in texts or ()]
+            if texts is None:
+                notes.append(f"Warnings of {where}: not recorded (a row cached by an earlier version)")
         seeds = [f"{entry.get('n_ok')}/{entry.get('n_seeds')}"] if counted else []
         failure = entry.get("error") or (
             next(iter(errors.values()), "no result") if counted and not entry["n_ok"] else None
@@ -442,7 +442,7 @@ def query_sections(
     them; each table titled by :func:`wherefrom.core.scoring.end_name`, so rows of the wrong sign are not called
     proponents or opponents, and a similarity method's, named by the report's ``strategy``, highest/lowest scores),
     the query-side token heatmaps, and, with the query's ``scores``, its layer profile
-    over as many top proponents as the report shows, and its tail (neither for a similarity).
+    over as many top proponents as the report shows, and its tail.
 
     ``report``: the dict ``wherefrom query --json`` prints; ``query_tokens``: ``[{"id": train_id,
     "tokens": [[text, value], ...]}]``, the query's tokens' share of its score on that row.
@@ -453,7 +453,11 @@ def query_sections(
     }
     query = report["query"]
     blocks: list[dict[str, Any]] = [
-        {"type": "note", "text": f"strategy {report.get('strategy')}; {report.get('sign', '')}"},
+        {  # a similarity's file written before it said so read "positive = proponent"
+            "type": "note",
+            "text": f"strategy {report.get('strategy')}; "
+            + (sign_note(similarity_family(report["strategy"])) if similarity else report.get("sign", "")),
+        },
         {
             "type": "table",
             "caption": "Query",
@@ -477,6 +481,6 @@ def query_sections(
             }
         )
     sections = [{"heading": "Which training rows made the model say this?", "blocks": blocks}]
-    if scores is not None and not similarity:  # a similarity has no influence by layer or tail to fit
+    if scores is not None:
         sections += [layer_section(layer_profile(scores, max(len(report["proponents"]), 1))), tail_section(scores)]
     return sections
