@@ -86,7 +86,7 @@ import numpy as np
 import torch
 
 from wherefrom.core.options import OptionError, OptionSpec, check_options, from_signature
-from wherefrom.core.scoring import stable_top_k, unit_rows
+from wherefrom.core.scoring import end_name, stable_top_k, unit_rows
 from wherefrom.core.store import (
     DamagedFile,
     StoreError,
@@ -1238,8 +1238,7 @@ class SearchReport:
         candidate rows (a prefilter of fewer rows than ``k``: their lists are shorter, in any mode); how many queries
         a FAISS search found fewer than ``k`` rows for, or than their candidates where fewer (its probed cells or
         graph walk held fewer)."""
-        named = {"proponents": "highest scores", "opponents": "lowest scores"} if similarity else {}
-        named = {name: named.get(name, name) for name in ("proponents", "opponents")}
+        named = {name: end_name(name, [], similarity) for name in ("proponents", "opponents")}  # no score: the kind
         line = f"{self.mode} search: {self.seconds * 1000:.1f} ms"
         if self.candidates is not None:  # userL: a prefiltered search's lists read as the whole store's
             line += f" among each query's candidate rows only (up to {max(self.candidates, default=0)}"
