@@ -441,6 +441,8 @@ def test_the_html_diagnose_report_shows_the_warnings_damping_and_memory_of_diagn
         "No exact reference: over the memory limit",
         "Warning of cg: ConvergenceWarning: cg did not converge in max_iter=100",
     ]
+    unrecorded = [b["text"] for b in diagnose_section([{"method": "lissa"}])["blocks"] if b["type"] == "note"]
+    assert unrecorded == ["Warnings of lissa: not recorded (a row cached by an earlier version)"]
 
 
 def test_report_on_a_killed_bench_names_it_unfinished_with_its_replay_line(tmp_path):

@@ -82,6 +82,11 @@ def test_reversed_statements_carry_less_influence_than_the_query_order(tmp_path)
     assert "- seed 1: ConvergenceWarning: x" in markdown(payload)
     notes = [b["text"] for b in word_order_section(payload)["blocks"] if b["type"] == "note"]
     assert notes == ["Warning of ekfac, seed 1: ConvergenceWarning: x"]
+    del payload["seeds"][0]["warnings"]  # a seed cached by an earlier version: the HTML said nothing, as for "none"
+    notes = [b["text"] for b in word_order_section(payload)["blocks"] if b["type"] == "note"]
+    assert notes[0] == "Warnings of ekfac, seed 0: not recorded (a row cached by an earlier version)"
+    assert "Warnings not recorded for seed 0" in markdown(payload)
+    payload["seeds"][0]["warnings"] = []
     html = write_report(tmp_path / "out").read_text()
     assert (
         "Word order (" in html

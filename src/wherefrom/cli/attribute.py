@@ -124,7 +124,7 @@ def attribute(
     labels = {row.id: row.label for row in train_rows}
     similarity = similarity_family(method)
     path = save_scores(result, out, "scores", labels, top_k, similarity=similarity)
-    print_tops(result, top_k, labels, similarity is not None)
+    print_tops(result, top_k, labels, similarity)
     say(f"{method}: {tuple(result.total.shape)} scores -> {path}")
 
 

@@ -217,7 +217,7 @@ def scores(
         return
     if replaces:
         console.print(f"[yellow]note:[/] replaced the earlier scores of the same query rows in {escape(str(path))}")
-    print_tops(result, top_k, {row.id: row.label for row in opened.train}, opened.similarity is not None)
+    print_tops(result, top_k, {row.id: row.label for row in opened.train}, opened.similarity)
     say(f"{tuple(result.total.shape)} scores -> {path}")
     say_train_side(opened)
 
@@ -329,7 +329,7 @@ def search_run(
         typer.echo(json.dumps(strict_json(found), indent=2, allow_nan=False))
         console.print(found["search"]["summary"], markup=False, highlight=False)
         return
-    print_search(report, query_ids, top_k, {row.id: row.label for row in opened.train}, opened.similarity is not None)
+    print_search(report, query_ids, top_k, {row.id: row.label for row in opened.train}, opened.similarity)
 
 
 def query_header(opened: Run, record: Record) -> dict:
@@ -342,7 +342,7 @@ def query_header(opened: Run, record: Record) -> dict:
     }
 
 
-def row_entry(row: Record, score: float, lowest: bool, similarity: bool = False) -> dict:
+def row_entry(row: Record, score: float, lowest: bool, similarity: str | None = None) -> dict:
     """A training row at one end of ``query --json``'s report (``lowest``: the opponents' end): id, score, its
     kind (:func:`wherefrom.core.scoring.end_kind`; ``similarity``: of a similarity method), label, prompt and
     completion."""
@@ -365,14 +365,14 @@ def search_json(report: SearchReport, opened: Run, record: Record, top_k: int) -
     rows = {row.id: row for row in opened.train}
     ends = {
         kind: [
-            row_entry(rows[row_id], score, kind == "opponents", opened.similarity is not None)
+            row_entry(rows[row_id], score, kind == "opponents", opened.similarity)
             for row_id, score in zip(found.ids[0], found.scores[0].tolist())
             if not math.isnan(score)
         ]
         for kind, found in report.ends()
     }
     recall = None if report.recall is None else [float(end[0]) for end in report.recall]
-    summary = report.summary(top_k, opened.similarity is not None)
+    summary = report.summary(top_k, opened.similarity)
     search = {"mode": report.mode, "seconds": report.seconds, "recall": recall, "summary": summary}
     return {**query_header(opened, record), **ends, "search": search}
 
@@ -423,7 +423,7 @@ def print_search(
     query_ids: list[str],
     top_k: int,
     labels: Mapping[str, str | None],
-    similarity: bool = False,
+    similarity: str | None = None,
 ) -> None:
     """Each query's proponents, then its opponents, on stdout (one line each, like :func:`print_tops`, named
     by :func:`end_name`, of a similarity method's scores when ``similarity``; ``none found`` where an approximate search of candidates found none of them), and the
@@ -435,7 +435,7 @@ def print_search(
     console.print(report.summary(top_k, similarity), markup=False, highlight=False)
 
 
-def print_tops(result: Scores, top_k: int, labels: Mapping[str, str | None], similarity: bool = False) -> None:
+def print_tops(result: Scores, top_k: int, labels: Mapping[str, str | None], similarity: str | None = None) -> None:
     """Each query's ``top_k`` proponents on stdout, one query a line: ``query: id [label] (+score), ...``
     (the label only where the training row has one), so the results can be piped apart from the
     progress and paths on stderr. Where some of them are not proponents (score <= 0) the line says so, named by
@@ -495,7 +495,7 @@ def query(
         column = result.per_module[:, 0, position[row_id]]
         order = column.abs().argsort(descending=True)[:by_module].tolist()
         top_modules = [[result.module_names[i], float(column[i])] for i in order]
-        return {**row_entry(rows[row_id], score, lowest, opened.similarity is not None), "top_modules": top_modules}
+        return {**row_entry(rows[row_id], score, lowest, opened.similarity), "top_modules": top_modules}
 
     report = {
         **query_header(opened, record),
@@ -573,7 +573,7 @@ def say_train_side(opened: Run) -> None:
 def table_title(report: dict, kind: str) -> str:
     """The title of a ``query`` table: the end's :func:`end_name` (of a similarity method's scores when the report's
     ``strategy`` is one), the strategy and the sign convention."""
-    similarity = similarity_family(report["strategy"]) is not None
+    similarity = similarity_family(report["strategy"])
     ends = end_name(kind, [entry["score"] for entry in report[kind]], similarity)
     return f"{ends} ({report['strategy']}; {report['sign']})"
 

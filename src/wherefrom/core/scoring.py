@@ -303,7 +303,7 @@ def save_scores(
     save_tensors_checked(
         {"total": scores.total.contiguous().cpu(), "per_module": scores.per_module.contiguous().cpu()}, path
     )
-    write_top_csv(scores, top, top_k, labels or {}, similarity is not None)
+    write_top_csv(scores, top, top_k, labels or {}, similarity)
     ids = {"query_ids": scores.query_ids, "train_ids": scores.train_ids, "modules": scores.module_names}
     if labels is not None:
         ids["train_labels"] = [labels.get(i) for i in scores.train_ids]
@@ -329,12 +329,13 @@ def sign_note(similarity: str | None = None) -> str:
     return "positive = proponent (raises log p(completion | prompt))"
 
 
-def end_kind(score: float, lowest: bool, similarity: bool = False) -> str:
+def end_kind(score: float, lowest: bool, similarity: str | None = None) -> str:
     """What a row at one end of a query's ranking is: at the high end ``proponent`` when its score is positive
     (it raises the query's log-likelihood), else ``highest``; at the low end (``lowest``) ``opponent`` when
     negative, else ``lowest`` (a row that raises the query's likelihood too). A ``similarity``'s rows are
-    ``highest``/``lowest`` whatever their sign (userM: a bm25 CSV called every row a proponent). NaN (no row) is
-    neither."""
+    ``highest``/``lowest`` whatever their sign (userM: a bm25 CSV called every row a proponent); ``similarity`` is
+    such a method's family (:func:`wherefrom.methods.registry.similarity_family`, ``None`` for influence), as in
+    :func:`sign_note` and every function below that takes it. NaN (no row) is neither."""
     if similarity:
         return "lowest" if lowest else "highest"
     if lowest:
@@ -342,7 +343,7 @@ def end_kind(score: float, lowest: bool, similarity: bool = False) -> str:
     return "proponent" if score > 0 else "highest"
 
 
-def end_name(kind: str, scores: Sequence[float], similarity: bool = False) -> str:
+def end_name(kind: str, scores: Sequence[float], similarity: str | None = None) -> str:
     """What a shown end of the ranking is: ``proponents`` (``opponents``) only where every score shown is
     positive (negative); else ``highest scores`` (``lowest scores``) saying how many are on the other side
     of 0, e.g. ``lowest scores (2 of 10 >= 0, not opponents)``: rows that also raise (lower) the query's
@@ -361,7 +362,7 @@ def end_name(kind: str, scores: Sequence[float], similarity: bool = False) -> st
     )
 
 
-def top_rows(scores: Scores, k: int, labels: Mapping[str, str | None], similarity: bool = False) -> list[tuple]:
+def top_rows(scores: Scores, k: int, labels: Mapping[str, str | None], similarity: str | None = None) -> list[tuple]:
     """One tuple per query, kind and rank, in :data:`TOP_COLUMNS` order: the ``k`` highest scores (largest
     first) and the ``k`` lowest of each query, ``kind`` by :func:`end_kind` (``proponent``/``highest``,
     ``opponent``/``lowest``; a ``similarity``'s ``highest``/``lowest``); ``label`` from ``labels`` (``""`` when absent); ``score`` in the convention of the
@@ -393,7 +394,7 @@ def spreadsheet_cell(text: str) -> str:
 
 
 def write_top_csv(
-    scores: Scores, path: Path, k: int, labels: Mapping[str, str | None], similarity: bool = False
+    scores: Scores, path: Path, k: int, labels: Mapping[str, str | None], similarity: str | None = None
 ) -> Path:
     """Write :func:`top_rows` (``similarity``: see there) as a CSV file with a :data:`TOP_COLUMNS` header (written atomically); ids and labels
     pass through :func:`spreadsheet_cell` (the ``.json`` beside it keeps them as given)."""

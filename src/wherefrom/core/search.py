@@ -1230,7 +1230,7 @@ class SearchReport:
         """``(("proponents", result), ("opponents", result))``."""
         return ("proponents", self.proponents), ("opponents", self.opponents)
 
-    def summary(self, k: int, similarity: bool = False) -> str:
+    def summary(self, k: int, similarity: str | None = None) -> str:
         """One line (each end named ``proponents``/``opponents``, or a ``similarity``'s ``highest``/``lowest scores``:
         reviewV): mode, time, that a search of candidates (a prefilter) searched only them and, for FAISS, the mean recall@k of each end against the exact search (``k`` at
         most the store's rows: every row is found then), with what to change when either is below

@@ -41,6 +41,7 @@ from wherefrom.studies.bench import (
     planned_rows,
     row_units,
     run_bench,
+    seed_warnings,
 )
 from wherefrom.studies.metrics import mean_stat
 from wherefrom.studies.presets import SWITCHES, check_preset, resolve, switch_keys, switched, switches_between
@@ -312,12 +313,7 @@ def markdown(payload: dict[str, Any], command: str) -> str:
     columns, rows = short_rows_table(payload)
     lines += ["", f"## {short_rows_heading(payload)}", ""]
     lines += [markdown_table(columns, rows, ["---", "---", "---:", "---:", "---:"])]
-    warned = [
-        (f"{run}: {method}, seed {seed}", said)
-        for run, aggregate in payload["runs"].items()
-        for method, entry in aggregate.items()
-        for seed, said in entry.get("warnings", {}).items()  # each run's bench.md lists them too
-    ]
+    warned = [entry for run, aggregate in payload["runs"].items() for entry in seed_warnings(aggregate, run)]
     return "\n".join(lines) + "\n" + warning_notes(warned)
 
 

@@ -507,12 +507,19 @@ def markdown(summary: dict[str, Any], kind: str, command: str, title: str) -> st
             ]
         )
     table = markdown_table(["method", *names, "time, s", "peak memory, MiB", "seeds ok"], rows)
-    warned = [
-        (f"{method}, seed {seed}", said)
+    return (
+        f"# wherefrom bench: {title}\n\nCommand: `{command}`\n\n" + table + "\n" + warning_notes(seed_warnings(summary))
+    )
+
+
+def seed_warnings(summary: dict[str, Any], run: str = "") -> list[tuple[str, list[str] | None]]:
+    """The recorded warnings of an :func:`aggregate` (of the ``run`` an ablation names, if any), labelled
+    ``[run: ]method, seed s``, as :func:`wherefrom.studies.toolkit.warning_notes` lists them."""
+    return [
+        (f"{run + ': ' if run else ''}{method}, seed {seed}", said)
         for method, entry in summary.items()
         for seed, said in entry.get("warnings", {}).items()  # no key in a bench.json written before they were kept
     ]
-    return f"# wherefrom bench: {title}\n\nCommand: `{command}`\n\n" + table + "\n" + warning_notes(warned)
 
 
 def planned_rows(config: BenchConfig) -> tuple[dict[int, BenchTask], dict[int, dict[str, Any]]]:

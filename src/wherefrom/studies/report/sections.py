@@ -208,7 +208,7 @@ def scores_sections(
         for opponents, kind in ((False, "proponents"), (True, "opponents")):
             entries = top_entries(scores, q, top_k, rows, opponents, labels)
             # userM: a similarity's ends were titled proponents / "lowest scores (..., not opponents)"
-            end = end_name(kind, [e["score"] for e in entries], similarity is not None)
+            end = end_name(kind, [e["score"] for e in entries], similarity)
             blocks.append(entries_block(entries, f"Query {query_id}: {end}"))
     if len(scores.query_ids) > max_queries:
         blocks.append({"type": "note", "text": f"The first {max_queries} queries are shown."})
@@ -237,6 +237,15 @@ def compact_json(value: Any) -> str:
 def settings_section(heading: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """Settings or provenance shown as indented JSON (:func:`compact_json`)."""
     return {"heading": heading, "blocks": [{"type": "pre", "caption": "", "text": compact_json(settings)}]}
+
+
+def warning_lines(where: str, texts: Sequence[str] | None) -> list[str]:
+    """The report's notes on one row's recorded warnings (:func:`wherefrom.studies.toolkit.recorded_warnings`):
+    ``Warning of <where>: <text>`` each, or one saying they were not recorded (``texts`` ``None``: a row cached by
+    an earlier version, which kept none)."""
+    if texts is None:
+        return [f"Warnings of {where}: not recorded (a row cached by an earlier version)"]
+    return [f"Warning of {where}: {text}" for text in texts]
 
 
 def metric_sections(
@@ -279,10 +288,7 @@ def metric_sections(
         said = entry.get("warnings", [])  # a bench's by seed, an evaluate row's a list (None: not recorded)
         said = said.items() if isinstance(said, Mapping) else [(None, said)]
         for seed, texts in said:
-            where = f"{method}{'' if seed is None else f', seed {seed}'}"
-            notes += [f"Warning of {where}: {text}" for text in texts or ()]
-            if texts is None:
-                notes.append(f"Warnings of {where}: not recorded (a row cached by an earlier version)")
+            notes += warning_lines(f"{method}{'' if seed is None else f', seed {seed}'}", texts)
         seeds = [f"{entry.get('n_ok')}/{entry.get('n_seeds')}"] if counted else []
         failure = entry.get("error") or (
             next(iter(errors.values()), "no result") if counted and not entry["n_ok"] else None
@@ -355,9 +361,7 @@ def diagnose_section(rows: Sequence[Mapping[str, Any]], missing: str | None = No
     blocks: list[dict[str, Any]] = [{"type": "table", "caption": "", "columns": columns, "rows": table}]
     if missing:
         blocks.append({"type": "note", "text": f"No exact reference: {missing}"})
-    for r in rows:
-        for warning in r.get("warnings") or []:
-            blocks.append({"type": "note", "text": f"Warning of {r['method']}: {warning}"})
+    blocks += [{"type": "note", "text": line} for r in rows for line in warning_lines(r["method"], r.get("warnings"))]
     if stats:
         svg = plots.interval_plot(stats, "mean per-query Spearman vs exact influence")
         blocks.append({"type": "figure", "caption": "Agreement with exact influence", "svg": svg})
@@ -391,9 +395,9 @@ def word_order_section(payload: Mapping[str, Any]) -> dict[str, Any]:
                 "svg": plots.interval_plot(groups, "mean influence per row"),
             },
             *(
-                {"type": "note", "text": f"Warning of {method}, seed {seed['seed']}: {text}"}
+                {"type": "note", "text": line}
                 for seed in payload.get("seeds", [])
-                for text in seed.get("warnings") or []
+                for line in warning_lines(f"{method}, seed {seed['seed']}", seed.get("warnings"))
             ),
         ],
     }
@@ -447,7 +451,7 @@ def query_sections(
     ``report``: the dict ``wherefrom query --json`` prints; ``query_tokens``: ``[{"id": train_id,
     "tokens": [[text, value], ...]}]``, the query's tokens' share of its score on that row.
     """
-    similarity = similarity_family(report.get("strategy")) is not None
+    similarity = similarity_family(report.get("strategy"))
     ends = {
         kind: end_name(kind, [e["score"] for e in report[kind]], similarity) for kind in ("proponents", "opponents")
     }
@@ -456,7 +460,7 @@ def query_sections(
         {  # a similarity's file written before it said so read "positive = proponent"
             "type": "note",
             "text": f"strategy {report.get('strategy')}; "
-            + (sign_note(similarity_family(report["strategy"])) if similarity else report.get("sign", "")),
+            + (sign_note(similarity) if similarity else report.get("sign", "")),
         },
         {
             "type": "table",
