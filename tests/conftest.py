@@ -71,3 +71,18 @@ def train_records() -> list[Record]:
 @pytest.fixture(scope="session")
 def query_records() -> list[Record]:
     return make_records(4, seed=2, prefix="q")
+
+
+@pytest.fixture
+def nan_last_step(monkeypatch):
+    """Within the test, every AdamW step leaves the first parameter it updates NaN, as a last step that overflowed
+    would: a fine-tuning whose every loss is finite ends with non-finite weights (reviewU)."""
+    real = torch.optim.AdamW.step
+
+    def overflowing(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)

@@ -774,6 +774,16 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         "chat template",
+        "--chat-template with a tokenizer whose template raises (as Llama-2's on roles it does not take)",
+        EXIT,
+        "the chat template of tokenizer",
+        "a template that cannot render a row cannot tell its prompt tokens from its answer's (a jinja2 traceback, "
+        "exit 1)",
+        command=(*FIT, "new", "--chat-template", "--model", "raising-template"),
+        settled=True,
+    ),
+    Refusal(
+        "chat template",
         "a chat template whose text around the answer depends on the answer",
         "ValueError",
         "record 'r': the chat template renders text around the assistant content",

@@ -82,16 +82,20 @@ def workspace(tmp_path_factory):
     write_lines(root / "two-forms.jsonl", [good % 0, chat + b'"prompt": "ef:", "completion": " gh"}'])
     (root / "empty.jsonl").write_bytes(b"")
     # damaged model folders
-    for name in ("no-weights", "truncated", "empty-weights", "no-template"):
+    for name in ("no-weights", "truncated", "empty-weights", "no-template", "raising-template"):
         shutil.copytree(root / "model", root / name)
     (root / "no-weights" / "model.safetensors").unlink()
     weights = (root / "model" / "model.safetensors").read_bytes()
     (root / "truncated" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     (root / "empty-weights" / "model.safetensors").write_bytes(b"")
     (root / "no-template" / "chat_template.jinja").unlink(missing_ok=True)
-    tokenizer_config = root / "no-template" / "tokenizer_config.json"
-    tokenizer_config.write_text(
-        json.dumps({k: v for k, v in json.loads(tokenizer_config.read_text()).items() if k != "chat_template"})
+    for name in ("no-template", "raising-template"):
+        tokenizer_config = root / name / "tokenizer_config.json"
+        tokenizer_config.write_text(
+            json.dumps({k: v for k, v in json.loads(tokenizer_config.read_text()).items() if k != "chat_template"})
+        )
+    (root / "raising-template" / "chat_template.jinja").write_text(
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
     )
     # adapters
     vocab = len(tiny_tokenizer())

@@ -229,3 +229,23 @@ def test_boundary_token_is_what_the_trainer_sees(template: str) -> None:
     n_prompt = example.num_prompt_tokens
     assert example.input_ids[:n_prompt] == ids(tok, prompt_text.rstrip(" "))
     assert tok.convert_ids_to_tokens(scored[0]).lstrip("\u2581").startswith("e")
+
+
+@pytest.mark.parametrize(
+    "template, error",
+    [
+        ("{% for m in messages %}{{ m['content'] }", "TemplateSyntaxError: unexpected '}'"),
+        (
+            "{{ raise_exception('Conversation roles must alternate') }}",
+            "TemplateError: Conversation roles must alternate",
+        ),
+    ],
+)
+def test_a_template_that_fails_to_render_is_named_with_the_row(template: str, error: str) -> None:
+    """userP: a chat template with a syntax error, or one that raises (Llama-2's, Mistral's on roles they do not
+    take), ended in a jinja2 traceback; it is a ValueError naming the row, the tokenizer and what failed."""
+    tok = tiny_tokenizer()
+    tok.chat_template = template
+    with pytest.raises(ValueError, match=r"^record 'a': the chat template of tokenizer ") as raised:
+        encode_records(RECORDS, tok, chat_template=True)
+    assert error in str(raised.value) and "leave out --chat-template" in str(raised.value)

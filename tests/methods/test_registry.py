@@ -298,3 +298,45 @@ def test_with_curvature_false_the_projected_curvature_settings_change_no_score_a
     spec = METHODS[name]
     assert not spec.takes("fisher", "empirical", off) and spec.takes("fisher", "empirical", {})
     assert spec.takes("damping", 0.5, off)
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"base": 5}, "method 'tracin': option 'base' got 5: Model folder not found: 5"),
+        ({"base": "no-such-folder"}, "option 'base' got 'no-such-folder': Model folder not found"),
+        ({"device": "bogus"}, "option 'device' got 'bogus': not a device; available here: cpu"),
+        ({"device": "cuda:7"}, "option 'device' got 'cuda:7': CUDA device cuda:7 is not available on this machine"),
+    ],
+)
+def test_tracins_base_and_device_are_checked_as_options(options, said):
+    """userO: ``base`` and ``device`` took any value (``object``), so ``base=5`` and ``device="cuda"`` on a CPU
+    machine ended in tracebacks after the model loaded; each is an :class:`OptionError` naming the option."""
+    from wherefrom.methods.registry import method_settings
+
+    with pytest.raises(OptionError) as caught:
+        method_settings("tracin", None, options, supplied=("checkpoints",))
+    assert said in str(caught.value)
+    assert method_settings("tracin", None, {"base": lambda: None, "device": "cpu"}, supplied=("checkpoints",))
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["--option", "damping=0.3", "--damping-factor", "0.5"],
+        ["--damping", "0.3", "--option", "damping_factor=0.5"],
+    ],
+)
+def test_an_absolute_damping_and_a_factor_from_a_flag_and_an_option_are_refused(tmp_path, given):
+    """userO: ``--damping`` with ``--damping-factor`` (or both as options) was refused, one as a flag and the other as
+    an option was taken, the factor recorded and unused (scores equal to the run without it)."""
+    for name in ("train", "queries"):
+        write_jsonl(make_records(2, seed=1, prefix=name), tmp_path / f"{name}.jsonl")
+    (tmp_path / "no-model").mkdir()
+    (tmp_path / "no-model" / "config.json").write_text("{}")  # never loaded: refused before
+    args = ["attribute", "--method", "ekfac", "--train", str(tmp_path / "train.jsonl"), "--queries"]
+    args += [str(tmp_path / "queries.jsonl"), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, [*args, *given])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "damping=0.3 sets lambda itself, so damping_factor=0.5" in said, result.output
+    assert not (tmp_path / "o").exists()

@@ -482,6 +482,18 @@ def test_an_analysis_says_when_it_fine_tunes_a_missing_seed_again(bench_dir, tmp
     assert not any("fine-tuned again" in line for line in said), said
 
 
+def test_an_analysis_of_a_seed_whose_fine_tuning_is_not_finite_is_refused(bench_dir, tmp_path, monkeypatch):
+    """An analysis read a bench's fine-tuning whose weights were NaN (its bench rows had failed on it) and went on."""
+    from wherefrom.models.finetune import FinetuneResult
+
+    folder = tmp_path / "bench"
+    shutil.copytree(bench_dir, folder)
+    shutil.rmtree(folder / "seed-0" / "weights", ignore_errors=True)  # made by an earlier test of this module
+    monkeypatch.setattr(FinetuneResult, "divergence", lambda result: "the fine-tuning diverged (say)")
+    with pytest.raises(ValueError, match=r"^seed 0: the fine-tuning diverged \(say\)$"):
+        run_weights(folder, log=lambda line: None)
+
+
 def test_the_note_on_exacts_missing_cross_module_terms_is_only_under_a_full_reference(reports, bench_dir):
     """userJ: under ``--exact-blocks module`` (the reference per module too, ``exact``'s error 0) the report still
     said ``exact``'s error against the full-GGN reference is what the cross-module terms carry."""

@@ -228,7 +228,9 @@ def test_failed_method_is_recorded_and_retried(tmp_path, tiny_model):
     assert (
         report["aggregate"]["gradsim"]["n_ok"] == 0 and "out of memory" in report["aggregate"]["gradsim"]["errors"]["0"]
     )
-    assert "gradsim | failed:" in (tmp_path / "f" / "bench.md").read_text()
+    table = (tmp_path / "f" / "bench.md").read_text()
+    assert "| gradsim | failed: RuntimeError: out of memory, say |  |  |  |  | 0/1 |" in table  # seeds ok: was empty
+    assert "Failed seeds (each error in full):\n\n- gradsim, seed 0: RuntimeError: out of memory, say\n" in table
     folder = tmp_path / "f" / "seed-0"
     before = {m: (folder / f"{m}.json").stat().st_mtime_ns for m in ("bm25", "gradsim")}
     again = run_bench(config)
@@ -538,3 +540,15 @@ def test_a_methods_warnings_are_recorded_in_its_row_and_listed_in_bench_md(tmp_p
 
     page = write_html_report(tmp_path / "w").read_text()  # the HTML report lists them as bench.md does
     assert "Warning of cg, seed 0: ConvergenceWarning: cg did not converge" in page and "Warning of bm25" not in page
+
+
+def test_a_fine_tuning_with_nan_weights_fails_its_rows_unscored(tmp_path, tiny_model, nan_last_step):
+    """reviewU: a bench went on to score a fine-tuning whose weights were NaN: each method computed every gradient,
+    then failed on "non-finite score(s)" naming modules, not the cause. Its rows fail at once naming the fine-tuning
+    (here its first step leaves NaN weights, so every later loss is NaN); BM25, which reads no model, is scored."""
+    config = tiny_config("rules", tmp_path / "nan", tiny_model, ["bm25", "gradsim"], 10, 2)
+    with failing_methods(lambda name, _config: name == "gradsim"):  # were it fitted, it would fail otherwise
+        report = run_bench(config)
+    error = report["aggregate"]["gradsim"]["errors"]["0"]
+    assert error.startswith("not scored: the fine-tuning diverged (the mean loss of epoch 1 is not finite)")
+    assert "lower the learning rate (--learning-rate)" in error and report["aggregate"]["bm25"]["n_ok"] == 1

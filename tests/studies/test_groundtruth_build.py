@@ -506,6 +506,29 @@ def test_pbrf_options_are_checked_before_any_fine_tuning(tmp_path, option, value
         GroundTruthConfig(task="rules", out="o", pbrf_options={"steps": 5}).validate()
 
 
+def test_a_full_data_model_with_nan_weights_is_refused_before_any_retraining(tmp_path, nan_last_step):
+    """reviewU: a ground truth went on from a full-data model whose weights were NaN (every measurement NaN)."""
+    with pytest.raises(
+        ValueError, match=r"the full-data model: the fine-tuning diverged \(the mean loss of epoch 1 is not finite\)"
+    ):
+        build_small(tmp_path)
+    assert not (tmp_path / "gt" / "jobs").exists()
+
+
+def test_a_retraining_that_diverged_is_named_not_measured(tmp_path, monkeypatch):
+    """A retraining on a subset whose weights end non-finite failed nowhere: its NaN measurements were left out of
+    LDS unsaid. The first such job stops the build naming it (finished jobs stay cached)."""
+    from wherefrom.models.finetune import FinetuneResult
+    from wherefrom.studies.groundtruth.retrain import SCRATCH_PREFIX
+
+    def diverged_retraining(result):  # the full-data model is fine; each retraining (in a scratch folder) is not
+        return "the fine-tuning diverged (say)" if SCRATCH_PREFIX in str(result.output_dir) else None
+
+    monkeypatch.setattr(FinetuneResult, "divergence", diverged_retraining)
+    with pytest.raises(ValueError, match=r"retraining on \d+ rows \(seed \d+\): the fine-tuning diverged \(say\)"):
+        build_small(tmp_path)
+
+
 def test_targets_of_too_few_rows_to_correlate_are_said_before_any_fine_tuning(tmp_path, monkeypatch):
     """``--pbrf-rows 2`` (or ``--loo-rows 2``) gave correlations of +-1 whatever the scores, reported with intervals;
     they are undefined now (``metrics.pearson_rows``), and ``groundtruth`` says so before it trains (``--subsets 2``

@@ -190,6 +190,10 @@ def test_bench_evaluate_and_diagnose_reports(tmp_path):
     assert self_contained(evaluate) and "lds" in evaluate and "0.688 [0.613, 0.760]" in evaluate  # ekfac's LDS
     # userI: the noise floors and the memory were only in evaluate.md; one LDS seed read "– x the seed noise"
     assert "LOO signal-to-noise 0.747 over 3 seeds" in evaluate and "<th>peak memory, MiB</th>" in evaluate
+    # userP: columns titled by their keys (lds, loo_pearson) and methods sorted, where evaluate.md has them in order
+    assert "<th>LDS</th>" in evaluate and "<th>LOO Pearson</th>" in evaluate and "<th>loo_pearson</th>" not in evaluate
+    given = json.loads((RESULTS / "groundtruth-tiny" / "evaluate.json").read_text())["config"]["methods"]
+    assert [evaluate.index(f"<td>{m}</td>") for m in given] == sorted(evaluate.index(f"<td>{m}</td>") for m in given)
     assert "LDS seed noise not measured (one seed per subset; --subset-seeds 2 or more measures it)" in evaluate
     # `evaluate --out STEM` writes STEM.json: reported as a file (only the default evaluate.json was recognised)
     stem = tmp_path / "mine.json"

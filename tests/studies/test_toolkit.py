@@ -153,7 +153,8 @@ def test_report_cells():
     assert interval_cell({"mean": -4e-5, "low": -1.0, "high": 1.0}, "+.3f") == "+0.000 [-1.000, +1.000]"
     assert number(-4e-4, ".1%") == "0.0%" and number(-1e-4, ".3g") == "-0.0001" and number(-0.0006) == "-0.001"
     assert number(None) == "–" and number(float("nan")) == "–" and number(2.0, ".1f") == "2.0"
-    assert failure_cell("ValueError: a | b\nc" + "x" * 300) == "failed: " + ("ValueError: a \\| b c" + "x" * 300)[:200]
+    cut = "failed: " + ("ValueError: a \\| b c" + "x" * 300)[:200] + "…"  # userP read a cut error as whole
+    assert failure_cell("ValueError: a | b\nc" + "x" * 300) == cut and failure_cell("x" * 200) == "failed: " + "x" * 200
     assert failure_cell(None) == "failed: no result"
 
 

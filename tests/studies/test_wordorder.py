@@ -95,6 +95,17 @@ def test_reversed_statements_carry_less_influence_than_the_query_order(tmp_path)
     )
 
 
+def test_a_seed_whose_fine_tuning_left_nan_weights_is_named_not_scored(tmp_path, nan_last_step):
+    """reviewU: the study scored a fine-tuning whose weights were NaN, and failed naming the method's non-finite
+    scores, not the fine-tuning (here its first step leaves NaN weights, so every later loss is NaN)."""
+    save_tiny(tmp_path / "model", arch="llama")
+    config = WordOrderConfig(out=str(tmp_path / "out"), model=str(tmp_path / "model"), seeds=[3], device="cpu")
+    with pytest.raises(
+        RuntimeError, match=r"word-order: seed 3: the fine-tuning diverged \(the mean loss of epoch 1 is not finite\)"
+    ):
+        run_word_order(config, log=lambda line: None)
+
+
 def test_bad_settings_are_named_before_training(tmp_path):
     with pytest.raises(ValueError, match="n_facts"):
         run_word_order(WordOrderConfig(out=str(tmp_path), n_facts=0))
@@ -115,7 +126,9 @@ def test_the_query_measures_the_fact_without_the_appended_eos(tmp_path, monkeypa
 
     monkeypatch.setattr(wordorder, "scored_method", scored)
     monkeypatch.setattr(
-        wordorder, "finetune", lambda model, *args, **kwargs: SimpleNamespace(model=model, epoch_losses=[1.0])
+        wordorder,
+        "finetune",
+        lambda model, *args, **kwargs: SimpleNamespace(model=model, epoch_losses=[1.0], divergence=lambda: None),
     )
     save_tiny(tmp_path / "model", arch="llama")
     padded = replace(tiny_finetune(), pad_left=True)  # a layout other than the attribution's default
@@ -216,7 +229,9 @@ def test_a_rerun_of_other_settings_is_refused_unless_overwrite(tmp_path, monkeyp
         ),
     )
     monkeypatch.setattr(
-        wordorder, "finetune", lambda model, *args, **kwargs: SimpleNamespace(model=model, epoch_losses=[2.0, 1.0])
+        wordorder,
+        "finetune",
+        lambda model, *args, **kwargs: SimpleNamespace(model=model, epoch_losses=[2.0, 1.0], divergence=lambda: None),
     )
     save_tiny(tmp_path / "model", arch="llama")
     out = tmp_path / "out"

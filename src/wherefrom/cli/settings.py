@@ -40,7 +40,7 @@ from wherefrom.curvature.exact import BLOCKS
 from wherefrom.engine.api import FISHERS, AttributionConfig
 from wherefrom.engine.run import PRECONDITION, PRECONDITIONS
 from wherefrom.models.finetune import LR_SCHEDULES, FinetuneConfig
-from wherefrom.models.loading import adapter_folder_problem, model_folder_problem
+from wherefrom.models.loading import adapter_folder_problem, device_here, model_folder_problem
 from wherefrom.studies.analyses.ihvp import REFERENCES, IhvpSettings
 from wherefrom.studies.diagnose import EXACT_BLOCKS
 from wherefrom.studies.finetuning import LATER_FINETUNING
@@ -317,31 +317,6 @@ def preset_name(value: Any) -> str | None:
     from wherefrom.studies.presets import PRESETS
 
     return None if value in PRESETS else f"unknown preset; choose one of {', '.join(sorted(PRESETS))}"
-
-
-def available_devices() -> list[str]:
-    """``cpu`` and the accelerators torch sees here (``cuda:0``..., ``mps``)."""
-    import torch
-
-    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return devices + (["mps"] if torch.backends.mps.is_available() else [])
-
-
-def device_here(value: Any) -> str | None:
-    """A torch device that exists on this machine."""
-    import torch
-
-    try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError):
-        return f"not a device; available here: {', '.join(available_devices())}"
-    here = available_devices()
-    name = "cuda:0" if str(device) == "cuda" else str(device)
-    if device.type in ("cuda", "mps") and name not in here:
-        return f"{device.type.upper()} device {name} is not available on this machine; available: {', '.join(here)}"
-    if device.type not in ("cpu", "cuda", "mps"):
-        return f"unsupported device type {device.type!r}; available here: {', '.join(here)}"
-    return None
 
 
 def default_threads() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
@@ -86,18 +85,9 @@ def finetune(train, out, model, full, lora_rank, lora_target, overwrite, device,
     if result.resumed_after:
         state = f"resumed an interrupted identical run after epoch {result.resumed_after} and trained"
     say(f"{state}: mean loss per epoch {losses} -> {result.weights_dir} ({len(result.checkpoints)} checkpoints)")
-    diverged = [k for k, loss in enumerate(result.epoch_losses, 1) if not math.isfinite(loss)]
-    if diverged:  # userK: it exited 0, so a script went on to attribute a model whose every score is NaN
-        incomplete([
-            f"the fine-tuning diverged (the mean loss of epoch {diverged[0]} is not finite): the weights in "
-            f"{result.weights_dir} are not finite either; rerun with a lower --learning-rate and --overwrite"
-        ])  # fmt: skip
-    broken = result.nonfinite_parameters()  # every loss finite, and the last step overflowed (reviewU)
-    if broken:
-        incomplete([
-            f"the fine-tuning diverged in its last step (every mean loss is finite): {len(broken)} parameter(s) in "
-            f"{result.weights_dir} are not finite ({broken[0]}, ...); rerun with a lower --learning-rate and --overwrite"
-        ])  # fmt: skip
+    problem = result.divergence()
+    if problem:  # userK: it exited 0, so a script went on to attribute a model whose every score is NaN
+        incomplete([f"{problem}, and rerun with --overwrite"])
 
 
 PRESET_SETTINGS = (*FIRST_FINETUNING, *REFERENCE_SWITCHES, "damping", "damping_factor")

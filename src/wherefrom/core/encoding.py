@@ -38,6 +38,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import jinja2
 import torch
 
 from wherefrom.core.data import DataError, Record
@@ -103,8 +104,22 @@ CONTENT_SENTINEL = "WHEREFROMASSISTANTCONTENT"
 """A stand-in assistant message: rendering it shows what the template puts around any content."""
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+WITHOUT_TEMPLATE = "chat_template=False: leave out --chat-template"
+"""How every refusal of a chat template says to encode without one."""
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], where: str) -> str:
+    """The conversation as the tokenizer's chat template renders it; ``ValueError`` naming ``where`` and the tokenizer
+    when the template fails (a syntax error, or one that raises, as Llama-2's and Mistral's do on roles they do not
+    take): userP, it ended in a jinja2 traceback, exit 1, its run's record kept."""
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    except jinja2.TemplateError as error:
+        raise ValueError(
+            f"{where}: the chat template of tokenizer {getattr(tokenizer, 'name_or_path', '') or '(unnamed)'!r} "
+            f"failed: {type(error).__name__}: {error}; fix it (chat_template.jinja or tokenizer_config.json) or "
+            f"encode without it ({WITHOUT_TEMPLATE})"
+        ) from error
     if not isinstance(text, str):  # defensive: some versions may wrap the result
         raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, not str")
     return text
@@ -127,7 +142,7 @@ def _around_content(tokenizer: PreTrainedTokenizerBase, prompt: str, where: str)
     """The text the template renders before and after the assistant content of ``[user: prompt, assistant:
     CONTENT_SENTINEL]``; ``ValueError`` naming ``where`` when it does not render the assistant message once."""
     probe = _render(
-        tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": CONTENT_SENTINEL}]
+        tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": CONTENT_SENTINEL}], where
     )
     if probe.count(CONTENT_SENTINEL) != 1:
         raise ValueError(f"the chat template does not render the assistant message once ({where})")
@@ -142,12 +157,14 @@ def _chat_texts(record: Record, tokenizer: PreTrainedTokenizerBase) -> tuple[str
     which shows the text before and after any content (header, trimming, marker)."""
     before, after = _around_content(tokenizer, record.prompt, record.named())
     full = _render(
-        tokenizer, [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.completion}]
+        tokenizer,
+        [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.completion}],
+        record.named(),
     )
     if not (full.startswith(before) and full.endswith(after) and len(full) >= len(before) + len(after)):
         raise ValueError(
             f"{record.named()}: the chat template renders text around the assistant content that depends on "
-            f"the content; wherefrom cannot tell which tokens are the answer (use chat_template=False)"
+            f"the content; wherefrom cannot tell which tokens are the answer ({WITHOUT_TEMPLATE})"
         )
     content = full[len(before) : len(full) - len(after)]
     marker_end = _end_of_turn(after, tokenizer)
@@ -191,7 +208,7 @@ def _check_template(tokenizer: PreTrainedTokenizerBase) -> None:
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
             "chat_template=True but the tokenizer has no chat template (tokenizer.chat_template "
-            "is not set); use chat_template=False or load a tokenizer that defines one"
+            f"is not set); load a tokenizer that defines one or encode without it ({WITHOUT_TEMPLATE})"
         )
 
 

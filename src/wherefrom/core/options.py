@@ -87,12 +87,14 @@ class OptionSpec:
     """One keyword option of a strategy or method.
 
     ``type``: ``int``, ``float``, ``bool``, ``str``, ``list`` (a list or tuple), ``callable`` (any
-    callable), ``object`` (anything) or a class (``isinstance``). ``low``/``high``: inclusive bounds for
+    callable), ``object`` (anything), a class (``isinstance``) or a tuple of these (any one of them: tracin's
+    ``base``, a folder or a loader, was ``object``, and ``base=5`` ended in a traceback). ``low``/``high``: inclusive bounds for
     numbers (``low_inclusive=False`` makes ``low`` exclusive; a ``float`` is finite: ``inf`` met every lower bound,
     and NaN every option without one: lissa's ``safety=inf`` divided by zero, cg's ``tol=inf`` stopped at once with
     no warning, bm25's ``k1=inf`` scored NaN); ``choices``: the allowed values;
     ``nullable``: ``None`` is allowed; ``required``: the option must be given (it has no default).
-    ``source``: the paper (and equation) the option's meaning comes from, if any.
+    ``source``: the paper (and equation) the option's meaning comes from, if any. ``problem``: what is wrong with
+    a value of the right type, or ``None`` (tracin's ``device``: one that this machine has).
     """
 
     name: str
@@ -106,9 +108,13 @@ class OptionSpec:
     nullable: bool = False
     required: bool = False
     source: str = ""
+    problem: Callable[[Any], str | None] | None = None
 
     def allowed(self) -> str:
         """What the option accepts, in words (used by error messages and ``wherefrom methods``)."""
+        if isinstance(self.type, tuple):
+            words = [replace(self, type=kind, nullable=False).allowed() for kind in self.type]
+            return " or ".join(words) + (" or null" if self.nullable else "")
         if self.choices is not None:
             text = "one of " + ", ".join(json.dumps(c) for c in self.choices)
         elif self.type is bool:
@@ -147,10 +153,15 @@ class OptionSpec:
             raise OptionError(f"{owner}: option {self.name!r} got {value!r}: {problem}")
         if converted is UNSET or not self._in_range(converted):
             raise OptionError(f"{owner}: option {self.name!r} got {value!r}; allowed: {self.allowed()}")
+        if self.problem is not None and (problem := self.problem(converted)):
+            raise OptionError(f"{owner}: option {self.name!r} got {value!r}: {problem}")
         return converted
 
     def _convert(self, value: Any) -> Any:
         """``value`` as this type (text read as JSON where that helps), or :data:`UNSET`."""
+        if isinstance(self.type, tuple):  # the first of the types that takes it
+            converted = (replace(self, type=kind)._convert(value) for kind in self.type)
+            return next((c for c in converted if c is not UNSET), UNSET)
         if isinstance(value, str) and self.type in (int, float, bool, list):
             try:
                 value = json.loads(value)
@@ -210,6 +221,8 @@ class OptionSpec:
 
 
 def _type_name(kind: Any) -> str:
+    if isinstance(kind, tuple):
+        return " | ".join(_type_name(k) for k in kind)
     if kind is callable:
         return "callable"
     return getattr(kind, "__name__", str(kind))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -46,7 +47,7 @@ from wherefrom.methods.lexical import BM25
 from wherefrom.methods.projection import ProjectedInfluence
 from wherefrom.methods.representation import RepSim
 from wherefrom.methods.tracin import TracIn, tracin_scores
-from wherefrom.models.loading import is_peft
+from wherefrom.models.loading import device_here, is_peft, model_folder_problem
 
 __all__ = [
     "FAMILIES",
@@ -417,16 +418,23 @@ _SPECS = [
             ),
             OptionSpec(
                 "base",
-                type=object,
+                type=(str, Path, callable),
                 default=None,
                 nullable=True,
+                problem=lambda base: None if callable(base) else model_folder_problem(base),
                 help="base model folder (or loader) for LoRA checkpoints; null: a copy of the given model, without "
                 "its LoRA adapter when it has one (--adapter)",
             ),
             *from_signature(
                 tracin_scores,
                 OptionSpec("learning_rates", help="one per checkpoint; null: from each trainer_state.json"),
-                OptionSpec("device", help="where checkpoint folders are loaded; null: GPU if available"),
+                OptionSpec(
+                    "device",
+                    type=(str, torch.device),
+                    nullable=True,
+                    problem=device_here,
+                    help="where checkpoint folders are loaded; null: GPU if available",
+                ),
                 OptionSpec("dtype", help="dtype checkpoint folders are loaded in (a torch.dtype)"),
             ),
             *_settings("reduction", "query_rank"),

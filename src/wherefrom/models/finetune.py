@@ -346,6 +346,26 @@ class FinetuneResult:
             if parameter.is_floating_point() and not bool(torch.isfinite(parameter).all())
         ]
 
+    def divergence(self) -> str | None:
+        """Why this fine-tuning's weights cannot be scored, or ``None`` when they are finite: a mean epoch loss that is
+        not finite (the weights are not either), or, every loss finite, parameters left non-finite by the last step
+        (:meth:`nonfinite_parameters`). Every caller that scores the model checks it first (``finetune`` exits 1; a
+        bench row, the word-order study and the ground truth fail naming it: they scored NaN weights, a bench row
+        failing with "non-finite score(s)" after every gradient was computed)."""
+        diverged = [k for k, loss in enumerate(self.epoch_losses, 1) if not math.isfinite(loss)]
+        if diverged:
+            return (
+                f"the fine-tuning diverged (the mean loss of epoch {diverged[0]} is not finite): the weights in "
+                f"{self.weights_dir} are not finite either; lower the learning rate (--learning-rate)"
+            )
+        broken = self.nonfinite_parameters()
+        if broken:
+            return (
+                f"the fine-tuning diverged in its last step (every mean loss is finite): {len(broken)} parameter(s) "
+                f"in {self.weights_dir} are not finite ({broken[0]}, ...); lower the learning rate (--learning-rate)"
+            )
+        return None
+
 
 # --------------------------------------------------------------------------------------------
 # atomic writes

@@ -147,6 +147,29 @@ def pick_device(requested: str | torch.device | None = None) -> torch.device:
     return torch.device(requested)
 
 
+def available_devices() -> list[str]:
+    """``cpu`` and the accelerators torch sees here (``cuda:0``..., ``mps``)."""
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return devices + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def device_here(value: Any) -> str | None:
+    """What is wrong with ``value`` as a torch device of this machine (not a device, or one it lacks), or ``None``:
+    the check of ``--device`` and of tracin's ``device`` option (userO: ``device=\"cuda\"`` on a CPU machine ended
+    in torch's assertion)."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        return f"not a device; available here: {', '.join(available_devices())}"
+    here = available_devices()
+    name = "cuda:0" if str(device) == "cuda" else str(device)
+    if device.type in ("cuda", "mps") and name not in here:
+        return f"{device.type.upper()} device {name} is not available on this machine; available: {', '.join(here)}"
+    if device.type not in ("cpu", "cuda", "mps"):
+        return f"unsupported device type {device.type!r}; available here: {', '.join(here)}"
+    return None
+
+
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """The wherefrom cache folder: ``cache_dir``, else ``$WHEREFROM_CACHE``, else ``~/.cache/wherefrom``."""
     if cache_dir is not None:

@@ -494,8 +494,9 @@ def markdown(summary: dict[str, Any], kind: str, command: str, title: str) -> st
     names = table_metrics(kind)
     rows = []
     for method, entry in summary.items():
-        if not entry["n_ok"]:
-            rows.append([method, failure_cell(next(iter(entry["errors"].values()), None))])
+        if not entry["n_ok"]:  # userP: the seeds column was empty
+            failed = failure_cell(next(iter(entry["errors"].values()), None))
+            rows.append([method, failed, *[""] * (len(names) + 1), f"0/{entry['n_seeds']}"])
             continue
         rows.append(
             [
@@ -507,9 +508,15 @@ def markdown(summary: dict[str, Any], kind: str, command: str, title: str) -> st
             ]
         )
     table = markdown_table(["method", *names, "time, s", "peak memory, MiB", "seeds ok"], rows)
-    return (
-        f"# wherefrom bench: {title}\n\nCommand: `{command}`\n\n" + table + "\n" + warning_notes(seed_warnings(summary))
+    failures = "".join(
+        f"- {method}, seed {seed}: {' '.join(error.split())}\n"
+        for method, entry in summary.items()
+        for seed, error in entry.get("errors", {}).items()
     )
+    if failures:  # userP: only the table's cut cell, while the README promised each failed seed's error
+        failures = "\nFailed seeds (each error in full):\n\n" + failures
+    head = f"# wherefrom bench: {title}\n\nCommand: `{command}`\n\n"
+    return head + table + "\n" + failures + warning_notes(seed_warnings(summary))
 
 
 def seed_warnings(summary: dict[str, Any], run: str = "") -> list[tuple[str, list[str] | None]]:
@@ -583,11 +590,13 @@ def run_bench(
                 say(f"seed {seed} {method}: reused")
                 rows.append(done[method])
                 continue
-            row = store(
-                _row_path(out, seed, method),
-                keys[seed][method],
-                method_row(config, task, seed, method, tuned, loaded and loaded.tokenizer, progress=progress),
-            )
+            problem = tuned and not in_family(method, "lexical") and tuned.divergence()
+            if problem:  # not scored: every gradient of NaN weights was computed, to fail on "non-finite score(s)"
+                usage = {"seconds": None, "peak_mib": None, "error": f"not scored: {problem}", "warnings": []}
+                row = {"seed": seed, "method": method, "metrics": None, **usage}
+            else:
+                row = method_row(config, task, seed, method, tuned, loaded and loaded.tokenizer, progress=progress)
+            row = store(_row_path(out, seed, method), keys[seed][method], row)
             say(f"seed {seed} {method}: " + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s"))
             rows.append(row)
         tuned = loaded = None

@@ -308,10 +308,11 @@ def interval_cell(stat: Mapping[str, Any] | None, fmt: str = ".3f") -> str:
 
 
 def failure_text(error: str | None, limit: int = 200) -> str:
-    """``"failed: <error>"`` on one line (newlines as spaces, the error cut to ``limit`` characters): a table cell
-    of a method or row that failed (``failure_cell`` in Markdown, the HTML report's tables)."""
+    """``"failed: <error>"`` on one line (newlines as spaces, the error cut to ``limit`` characters, ending ``…``
+    where cut: userP read a cut error as whole): a table cell of a method or row that failed (``failure_cell`` in
+    Markdown, the HTML report's tables)."""
     text = (error or "no result").replace("\n", " ")
-    return f"failed: {text[:limit]}"
+    return f"failed: {text if len(text) <= limit else text[:limit] + '…'}"
 
 
 def failure_cell(error: str | None, limit: int = 200) -> str:

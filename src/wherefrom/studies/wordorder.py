@@ -215,6 +215,9 @@ def run_word_order(
             progress=False,
             overwrite=overwrite,
         )
+        problem = tuned.divergence()
+        if problem:
+            raise RuntimeError(f"word-order: seed {seed}: {problem}")
         attribution = config.attribution(seed)
         scores, usage = scored_method(
             config.method, tuned.model, loaded.tokenizer, attribution, {}, train, queries, config.device, progress

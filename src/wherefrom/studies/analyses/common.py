@@ -104,10 +104,13 @@ class Bench:
         """The base model and the seed's fine-tuned model (:func:`wherefrom.studies.bench.finetuned`): the bench's
         own, reused; one made from other inputs (another base model where the bench's relative ``model`` now
         names another folder) is refused, :class:`wherefrom.core.store.OutputExists`, not trained again in its
-        place. One that is missing (deleted, or never finished) is trained, and ``log`` says so (userJ: it was
+        place, and one whose weights are not finite (:meth:`wherefrom.models.finetune.FinetuneResult.divergence`) is refused, ``ValueError``. One that is missing (deleted, or never finished) is trained, and ``log`` says so (userJ: it was
         trained again without a word, while the bench's metrics an analysis pairs with came from the deleted one)."""
         allow = f"--overwrite to `wherefrom bench` for {self.folder} (an analysis never replaces a fine-tuning)"
         loaded, tuned = finetuned(self.config, seed, task, overwrite=False, directory=self.directory, allow=allow)
+        problem = tuned.divergence()
+        if problem:  # the bench's rows of this seed failed on it; an analysis would read NaN weights
+            raise ValueError(f"seed {seed}: {problem}")
         if not tuned.reused:
             log(
                 f"seed {seed}: the bench's fine-tuning was not in {tuned.output_dir}: fine-tuned again (the bench's "

@@ -305,6 +305,9 @@ def build_groundtruth(
     tuned = finetune(
         loaded.model, loaded.tokenizer, train, settings, out / "model", progress=False, overwrite=overwrite
     )
+    problem = tuned.divergence()
+    if problem:  # every measurement of the retrained models would be compared with NaN
+        raise ValueError(f"the full-data model: {problem}")
     recorded = read_json_object(out / "model" / FINETUNE_RECORD)["tokenizer_fingerprint"]  # the folder's form
     full_f = measure_queries(tuned.model, loaded.tokenizer, queries, config.batch_size, **settings.layout())
     timings["finetune_s"] = time.perf_counter() - tick

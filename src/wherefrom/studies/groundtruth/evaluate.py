@@ -73,7 +73,14 @@ __all__ = [
     "scored_row",
 ]
 
-TARGETS = ("lds", "loo_pearson", "loo_spearman", "pbrf_spearman")
+TARGET_TITLES = {
+    "lds": "LDS",
+    "loo_pearson": "LOO Pearson",
+    "loo_spearman": "LOO Spearman",
+    "pbrf_spearman": "PBRF Spearman",
+}
+"""Each metric against a ground-truth target, and its title in ``evaluate.md`` and the report."""
+TARGETS = tuple(TARGET_TITLES)
 REPORT_TITLE = "# wherefrom evaluate:"
 REPORT_MARKS = {
     ".json": r'\A\{\s*"command": "(?:[^"\\]|\\.)*",\s*"config": \{\s*"attribution": \{',
@@ -299,7 +306,7 @@ def markdown(
         ]
         for method, row in rows.items()
     ]
-    header = ["method", "LDS", "LOO Pearson", "LOO Spearman", "PBRF Spearman", "time, s", "peak memory, MiB"]
+    header = ["method", *TARGET_TITLES.values(), "time, s", "peak memory, MiB"]
     return (
         f"{REPORT_TITLE} {title}\n\nCommand: `{command}`\n\n"
         + markdown_table(header, table)

@@ -172,7 +172,7 @@ def markdown(report: dict[str, Any]) -> str:
                 "**chosen**" if i == chosen else "",
             ]
         )
-    header = [*keys, "LDS selection", "LDS held-out", "time, s", ""]
+    header = [*keys, "LDS selection", "LDS held-out", "time, s", "chosen"]  # userP: an empty header cell
     lines = [markdown_table(header, table, ["---"] * len(keys) + ["---:", "---:", "---:", "---"])]
     split = report["split"]
     text = [

@@ -44,7 +44,7 @@ from wherefrom.methods.registry import similarity_family
 from wherefrom.models.finetune import CONFIG_FILE as FINETUNE_RECORD
 from wherefrom.studies.ablation import ABLATION_METRICS, SIGNED, runs_line, short_rows_heading, short_rows_table
 from wherefrom.studies.bench import table_metrics
-from wherefrom.studies.groundtruth.evaluate import noise_line
+from wherefrom.studies.groundtruth.evaluate import TARGET_TITLES, TARGETS, noise_line
 from wherefrom.studies.outputs import marked_commands, recorded_commands
 from wherefrom.studies.report import plots
 from wherefrom.studies.report.render import render, write_html
@@ -215,7 +215,9 @@ def _evaluate_report(path: Path, data: dict[str, Any]) -> tuple[str, list[dict[s
     """The report of an ``evaluate`` JSON ``path`` (``data``: its content): named by its folder for the default
     ``evaluate.json``, else by its stem (``--out STEM``)."""
     extra = {"seconds": "time, s", "peak_mib": "peak memory, MiB"}
-    section = metric_sections(data["methods"], "Methods against the ground truth", extra)
+    methods = in_order(data["methods"], data.get("config", {}).get("methods") or list(data["methods"]))
+    # userP: the methods came alphabetically (the JSON's order) and the columns by their keys (lds, loo_pearson)
+    section = metric_sections(methods, "Methods against the ground truth", extra, TARGETS, titles=TARGET_TITLES)
     noise = noise_line((data.get("groundtruth") or {}).get("noise"))  # userI: only in evaluate.md
     if noise:
         section["blocks"].insert(1, {"type": "note", "text": noise.strip()})

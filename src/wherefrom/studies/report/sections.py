@@ -256,13 +256,15 @@ def metric_sections(
     caption: str = "mean [95% interval]",
     fmt: str = ".3f",
     prefix: str = "",
+    titles: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """A table of every metric (mean [95% interval]) per method, and one interval plot per metric.
 
     ``per_method``: ``{method: {"metrics": {name: {mean, low, high} | None}, ...}}`` in the order shown (other
     metric entries, such as counts, are left out); ``extra_columns`` maps a key of the method's entry (e.g.
     ``seconds``) to its column title; ``metrics``: the metrics shown, in order (default every one, sorted), each
-    titled ``prefix + name`` (``"Δ "`` for an ablation's changes) with its numbers in ``fmt`` (``"+.3f"``). An entry
+    titled ``prefix + title`` (``"Δ "`` for an ablation's changes; ``titles`` maps a name to its title, default the
+    name: evaluate's ``LDS`` for ``lds``, as ``evaluate.md`` has them) with its numbers in ``fmt`` (``"+.3f"``). An entry
     counting its seeds (a bench's: ``n_ok``, ``n_seeds``, ``errors``) gets a "seeds ok" column and a method whose
     every seed failed its first error in place of its numbers, as in ``bench.md``, and each failed seed's error is
     a note (userI: the report showed a failed method as dashes and a mean over the seeds left as over all); an
@@ -270,7 +272,7 @@ def metric_sections(
     bench's by seed, an evaluate row's a list: :func:`wherefrom.studies.toolkit.recorded_warnings`) are notes, as the
     ``.md`` files list them.
     """
-    extra_columns = extra_columns or {}
+    extra_columns, titles = extra_columns or {}, titles or {}
     if metrics is None:
         metrics = sorted(
             {
@@ -311,7 +313,7 @@ def metric_sections(
             "caption": caption,
             "columns": [
                 "method",
-                *(prefix + m for m in metrics),
+                *(prefix + titles.get(m, m) for m in metrics),
                 *extra_columns.values(),
                 *(["seeds ok"] if counted else []),
             ],
@@ -322,7 +324,7 @@ def metric_sections(
     for metric in metrics:
         stats = {m: (e.get("metrics") or {}).get(metric) for m, e in per_method.items()}
         if any(s for s in stats.values()):
-            title = prefix + metric
+            title = prefix + titles.get(metric, metric)
             blocks.append({"type": "figure", "caption": title, "svg": plots.interval_plot(stats, title)})
     return {"heading": heading, "blocks": blocks}
 
