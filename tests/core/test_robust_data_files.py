@@ -61,6 +61,28 @@ def test_csv_variants_load_like_plain(tmp_path: Path, delimiter: str, encoding: 
     assert load_records(path) == EXPECTED
 
 
+@pytest.mark.parametrize("line_end, quoting", [("\r\n", csv.QUOTE_MINIMAL), ("\n", csv.QUOTE_ALL)])
+def test_line_ends_inside_a_csv_cell_are_kept_as_in_jsonl_and_parquet(tmp_path: Path, line_end: str, quoting) -> None:
+    """userO: the text was read with its line ends made LF before the CSV reader ran, so a cell ``l1\\r\\nl2`` (or
+    ``cr\\ronly``) loaded as ``l1\\nl2`` from CSV and as written from JSONL and Parquet: other tokens, other scores."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"id": "a", "prompt": "l1\r\nl2", "completion": " x"},
+        {"id": "b", "prompt": "cr\ronly", "completion": " y"},
+    ]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator=line_end, quoting=quoting)  # minimal quoting of LF rows misses a CR
+    writer.writerows([["id", "prompt", "completion"], *([r["id"], r["prompt"], r["completion"]] for r in rows)])
+    (tmp_path / "t.csv").write_text(buffer.getvalue(), encoding="utf-8", newline="")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    expected = [Record(r["id"], r["prompt"], r["completion"]) for r in rows]
+    for name in ("t.csv", "t.jsonl", "t.parquet"):
+        assert load_records(tmp_path / name) == expected, name
+
+
 def test_csv_excel_empty_rows_and_padded_header(tmp_path: Path) -> None:
     text = "id ; prompt ;completion;label\r\n1;p;c;\r\n;;;\r\n\r\n2;q;d;7\r\n;;;\r\n"
     path = tmp_path / "eu.csv"

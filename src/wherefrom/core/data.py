@@ -280,8 +280,10 @@ _BOMS = (
 )
 
 
-def _read_text(path: Path) -> str:
-    """The file's text with LF line ends: UTF-8, or the encoding its byte-order mark names."""
+def _read_text(path: Path, line_ends: bool = False) -> str:
+    """The file's text with LF line ends (``line_ends``: kept as they are, for a CSV reader, which ends rows at any of
+    them and keeps those inside a quoted cell: userO, a CSV cell ``l1\\r\\nl2`` read as ``l1\\nl2`` where JSONL and
+    Parquet keep it): UTF-8, or the encoding its byte-order mark names."""
     data = path.read_bytes()
     encoding, start = "utf-8", 0
     for bom, name in _BOMS:
@@ -315,7 +317,7 @@ def _read_text(path: Path) -> str:
             "UTF-32 without a byte-order mark (save it as UTF-8), or zero bytes (a file padded after a crash); text "
             "has no NUL characters"
         )
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    return text if line_ends else text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _refuse_repeated(names: Iterable[str], where: str) -> None:
@@ -419,7 +421,7 @@ def _csv_delimiter(text: str) -> str:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any, str]]:
-    text = _read_text(path)
+    text = _read_text(path, line_ends=True)
     # strict: a quote that does not pair up is an error (else a cell left open swallowed the next rows, and a quote
     # closing a cell early was dropped from the text: userH)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=_csv_delimiter(text), strict=True)
