@@ -341,6 +341,22 @@ def test_other_conversations_are_refused_naming_the_roles(tmp_path: Path, messag
         load_records(path)
 
 
+@pytest.mark.parametrize(
+    ("user", "assistant", "said"),
+    [
+        ({"role": "user"}, {"role": "assistant", "content": " x"}, "field 'messages[0].content' is null"),
+        ({"role": "user", "content": "q"}, {"role": "assistant", "content": 3}, "field 'messages[1].content' must be"),
+        ({"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}, "'messages[1].content': empty"),
+    ],
+)
+def test_a_chat_rows_bad_text_is_named_where_it_is(tmp_path: Path, user, assistant, said) -> None:
+    """userO: a user message without ``content`` was "field 'prompt' is null", a field the row does not have."""
+    path = write_jsonl(tmp_path / "chat.jsonl", [json.dumps({"messages": [user, assistant]})])
+    with pytest.raises(DataError, match=r"chat\.jsonl, line 1: ") as caught:
+        load_records(path)
+    assert said in str(caught.value)
+
+
 @pytest.mark.parametrize("extra", [{"prompt": "zz", "completion": " yy"}, {"completion": " yy"}, {"prompt": ""}])
 def test_a_row_with_messages_and_a_plain_field_is_refused(tmp_path: Path, extra) -> None:
     """Both forms in one row: the messages were dropped silently for the prompt/completion (and with only one

@@ -340,3 +340,17 @@ def test_an_absolute_damping_and_a_factor_from_a_flag_and_an_option_are_refused(
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "damping=0.3 sets lambda itself, so damping_factor=0.5" in said, result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_an_unknown_strategy_option_lists_the_strategys_own_options_not_the_damping_settings():
+    """userO: ``--strategy ekfac --strategy-option foo=1`` listed ``['damping', 'damping_factor']`` as ekfac's
+    options, and ``--strategy-option damping=0.3`` was then refused as "the damping setting, not a strategy
+    option"."""
+    from wherefrom.curvature import configured_curvature
+
+    with pytest.raises(OptionError, match=r"strategy 'ekfac' has no option\(s\) \['foo'\] .*its options are \[\]$"):
+        configured_curvature("ekfac", None, 0.1, {"foo": 1})
+    with pytest.raises(
+        OptionError, match=r"strategy 'lissa' has no option\(s\) \['foo'\].*its options are \['curvature', 'probes'"
+    ):
+        configured_curvature("lissa", None, 0.1, {"foo": 1})

@@ -177,6 +177,10 @@ def _from_messages(messages: Any, where: str) -> dict[str, Any]:
     return {"prompt": messages[0].get("content"), "completion": messages[1].get("content")}
 
 
+CHAT_FIELDS = {"prompt": "messages[0].content", "completion": "messages[1].content"}
+"""Where a chat-format row keeps its prompt and completion, as errors name them."""
+
+
 def _validate_row(row: Any, where: str, default_id: str) -> Record:
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected an object with fields 'prompt' and 'completion', got {type(row).__name__}")
@@ -189,18 +193,20 @@ def _validate_row(row: Any, where: str, default_id: str) -> Record:
                 "completion) pair, in the chat form or the plain one; keep one of them"
             )
         row = {**row, **_from_messages(row["messages"], where)}
+    # a chat row's texts are named where they are (userO: a user message without content was "field 'prompt' is null")
+    named = CHAT_FIELDS if chat else {"prompt": "prompt", "completion": "completion"}
     for field in ("prompt", "completion"):
         if field not in row:
             raise DataError(f"{where}: missing field {field!r}{_missing_hint(row, field)}")
         if row[field] is None:
-            raise DataError(f"{where}: field {field!r} is null; it must be a string")
+            raise DataError(f"{where}: field {named[field]!r} is null; it must be a string")
         if not isinstance(row[field], str):
-            raise DataError(f"{where}: field {field!r} must be a string, got {type(row[field]).__name__}")
-        _check_text(row[field], field, where)
+            raise DataError(f"{where}: field {named[field]!r} must be a string, got {type(row[field]).__name__}")
+        _check_text(row[field], named[field], where)
     prompt: str = row["prompt"]
     completion: str = row["completion"]
     if not completion.strip():
-        raise DataError(f"{where}: field 'completion': empty completion")
+        raise DataError(f"{where}: field {named['completion']!r}: empty completion")
 
     raw_id = _absent_if_nan(row.get("id"))
     record_id = default_id if raw_id is None else _scalar_to_str(raw_id, "id", where)

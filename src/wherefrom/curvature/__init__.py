@@ -48,13 +48,16 @@ def configured_curvature(
     (:attr:`wherefrom.engine.api.AttributionConfig.strategy_options`, ``--strategy-option``). Raises
     :class:`wherefrom.core.options.OptionError` naming the setting when ``options`` holds ``damping`` or
     ``damping_factor``: they are the configuration's own settings (given twice, they reached the strategy as a
-    ``TypeError`` naming none); else as :func:`make_curvature`."""
+    ``TypeError`` naming none), and an unknown option listing the strategy's own (they were listed with ``damping``
+    and ``damping_factor``, which the next try was refused for); else as :func:`make_curvature`."""
     clash = [spec.name for spec in DAMPING_OPTIONS if spec.name in options]
     if clash:
         raise OptionError(
             f"strategy {strategy!r}: {clash[0]} is the damping setting, not a strategy option; give it as "
             f"{clash[0]} (--{clash[0].replace('_', '-')} on the command line)"
         )
+    if strategy in STRATEGIES:  # an unknown one lists the strategy's own options, not the damping settings (userO)
+        check_options(f"strategy {strategy!r}", STRATEGIES[strategy].option_specs, options)
     return make_curvature(strategy, damping, damping_factor, **options)
 
 
