@@ -102,6 +102,9 @@ def test_datainf_presets_the_empirical_fisher_and_an_option_overrides_it(model, 
         ("bm25", {"epsilon": float("nan")}, ["method 'bm25'", "option 'epsilon'", "got nan", "a finite number"]),
         ("bm25", {"epsilon": "NaN"}, ["method 'bm25'", "option 'epsilon'", "'NaN'", "a finite number"]),
         ("cg", {"tol": "1" + "0" * 400}, ["method 'cg'", "option 'tol'", "a finite number > 0"]),  # OverflowError
+        # userO: above the option's bound of > 0, refused by the curvature's own check without naming the option
+        ("ekfac", {"damping": 1e-46}, ["method 'ekfac'", "option 'damping' got 1e-46", "at least 1.175e-38"]),
+        ("lissa", {"damping_factor": 1e-46}, ["method 'lissa'", "option 'damping_factor' got 1e-46", "at least"]),
         # userB: listed and taken, then refused by the fit, after the model was set up
         ("exact", {"reduction": "mean"}, ["method 'exact'", "reduction='mean' is not supported", "reduction='sum'"]),
         ("lissa", {"reduction": "mean"}, ["method 'lissa'", "forms the GGN of the summed completion loss itself"]),

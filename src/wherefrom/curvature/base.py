@@ -184,8 +184,17 @@ def check_damping(damping: float | None, damping_factor: float) -> None:
     ``damping_factor`` is finite and at least :data:`SMALLEST_DAMPING` (``1e-46`` passed a check of > 0 and was 0 in
     the float32 curvature: scores of 1e19-1e20, or decided by round-off).
     """
+    problem = damping_problem(damping, damping_factor)
+    if problem:
+        raise ValueError(problem)
+
+
+def damping_problem(damping: float | None, damping_factor: float = DAMPING_FACTOR) -> str | None:
+    """What :func:`check_damping` refuses, or ``None``: also the check of the ``damping`` and ``damping_factor``
+    options (:data:`DAMPING_OPTIONS`), so that ``--option damping=1e-46`` is named as a method's option (userO: the
+    bare text, after the option's own check of > 0 had passed)."""
     if damping is not None and not (math.isfinite(damping) and SMALLEST_DAMPING <= damping <= FLOAT32_LARGEST):
-        raise ValueError(
+        return (
             f"damping must be a finite number > 0, at least {SMALLEST_DAMPING:.4g} (float32's smallest normal number: "
             f"a smaller one is 0 or subnormal in float32) and at most {FLOAT32_LARGEST:.4g} (float32's largest) (an "
             f"absolute lambda), got {damping}: with lambda = 0 the damped "
@@ -194,10 +203,11 @@ def check_damping(damping: float | None, damping_factor: float) -> None:
             "damping_factor x mean eigenvalue"
         )
     if not (math.isfinite(damping_factor) and damping_factor >= SMALLEST_DAMPING):
-        raise ValueError(
+        return (
             f"damping_factor must be a finite number > 0, at least {SMALLEST_DAMPING:.4g} (float32's smallest normal "
             f"number), got {damping_factor} (default {DAMPING_FACTOR}: lambda = {DAMPING_FACTOR} x mean eigenvalue)"
         )
+    return None
 
 
 def unused_damping_factor(damping: float | None, damping_factor: float) -> str | None:
@@ -625,6 +635,7 @@ DAMPING_OPTIONS: tuple[OptionSpec, ...] = from_signature(
         "damping",
         low=0.0,
         low_inclusive=False,
+        problem=damping_problem,
         help="absolute damping lambda added to G; null: damping_factor x mean eigenvalue, per module",
         source=GROSSE_2023,
     ),
@@ -632,6 +643,7 @@ DAMPING_OPTIONS: tuple[OptionSpec, ...] = from_signature(
         "damping_factor",
         low=0.0,
         low_inclusive=False,
+        problem=lambda factor: damping_problem(None, factor),
         help="relative damping: lambda = damping_factor x mean eigenvalue of the module's G (when damping is null)",
         source=GROSSE_2023,
     ),
