@@ -344,7 +344,8 @@ def test_other_conversations_are_refused_naming_the_roles(tmp_path: Path, messag
 @pytest.mark.parametrize(
     ("user", "assistant", "said"),
     [
-        ({"role": "user"}, {"role": "assistant", "content": " x"}, "field 'messages[0].content' is null"),
+        ({"role": "user"}, {"role": "assistant", "content": " x"}, "field 'messages[0]' has no 'content'"),
+        ({"role": "user", "content": None}, {"role": "assistant", "content": " x"}, "'messages[0].content' is null"),
         ({"role": "user", "content": "q"}, {"role": "assistant", "content": 3}, "field 'messages[1].content' must be"),
         ({"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}, "'messages[1].content': empty"),
     ],

@@ -232,6 +232,11 @@ def test_ablate_two_switches_on_tiny_model(tmp_path, tiny_model):
     assert "Warnings while computing" not in text  # neither method said any
     report["runs"]["fisher"]["ekfac"]["warnings"] = {"1": ["ConvergenceWarning: x"]}  # as a bench row records one
     assert "- fisher: ekfac, seed 1: ConvergenceWarning: x" in ablation_markdown(report, "wherefrom ablate ...")
+    report["runs"]["fisher"]["ekfac"]["errors"] = {"0": "RuntimeError: out of\nmemory"}  # its table: "–" alone
+    assert (
+        "Failed (each error in full):\n\n- fisher: ekfac, seed 0: RuntimeError: out of memory\n"
+        in ablation_markdown(report, "wherefrom ablate ...")
+    )
     shown = invoke("report", out)
     assert shown.exit_code == 0, shown.output
     html = (out / "report.html").read_text()

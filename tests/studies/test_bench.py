@@ -230,7 +230,7 @@ def test_failed_method_is_recorded_and_retried(tmp_path, tiny_model):
     )
     table = (tmp_path / "f" / "bench.md").read_text()
     assert "| gradsim | failed: RuntimeError: out of memory, say |  |  |  |  | 0/1 |" in table  # seeds ok: was empty
-    assert "Failed seeds (each error in full):\n\n- gradsim, seed 0: RuntimeError: out of memory, say\n" in table
+    assert "Failed (each error in full):\n\n- gradsim, seed 0: RuntimeError: out of memory, say\n" in table
     folder = tmp_path / "f" / "seed-0"
     before = {m: (folder / f"{m}.json").stat().st_mtime_ns for m in ("bm25", "gradsim")}
     again = run_bench(config)

@@ -49,3 +49,22 @@ def test_a_demo_of_other_settings_is_refused_before_its_cache_changes(tmp_path):
         run_demo(cache=tmp_path, n_train=20, n_queries=2, epochs=1, console=Console(file=io.StringIO()))
     assert (tmp_path / "train.jsonl").read_text() == "the earlier rows\n"
     assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == made
+
+
+def test_a_demo_whose_fine_tuning_is_not_finite_stops_naming_it(tmp_path, monkeypatch):
+    """reviewW: the demo went on to fit EK-FAC on, and score, a fine-tuning whose weights were not finite."""
+    from wherefrom.models.finetune import FinetuneResult
+    from wherefrom.models.tiny import save_tiny
+
+    model = save_tiny(tmp_path / "model", arch="llama")
+    monkeypatch.setattr(FinetuneResult, "divergence", lambda result: "the fine-tuning diverged (say)")
+    with pytest.raises(ValueError, match=r"^the demo's fine-tuning: the fine-tuning diverged \(say\)$"):
+        run_demo(
+            cache=tmp_path / "c",
+            n_train=20,
+            n_queries=2,
+            epochs=1,
+            model=str(model),
+            console=Console(file=io.StringIO()),
+        )
+    assert (tmp_path / "c" / "finetune").is_dir() and not (tmp_path / "c" / "run-ekfac").exists()

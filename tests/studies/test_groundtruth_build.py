@@ -137,6 +137,9 @@ def test_a_failing_method_does_not_stop_the_others(folder, tmp_path):
     assert report["methods"]["kfac"]["error"] and report["methods"]["kfac"]["metrics"] is None
     assert report["methods"]["identity"]["error"] is None
     assert "| kfac | failed: " in (tmp_path / "r.md").read_text()
+    assert (
+        "Failed (each error in full):\n\n- kfac: RuntimeError: out of memory, say\n" in (tmp_path / "r.md").read_text()
+    )
     assert result.exit_code == 1 and "| identity | " in result.output, result.output  # it exited 0
     assert "error: kfac: RuntimeError: out of memory, say" in result.output
 

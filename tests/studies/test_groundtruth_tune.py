@@ -78,6 +78,7 @@ def test_default_point_runs_when_the_grid_lacks_it_and_errors_are_reported(groun
     assert report["points"][0]["error"] and "out of memory" in report["points"][0]["error"]
     assert report["chosen"] is None and report["default"]["held_out"]["mean"] is not None
     assert "failed" in (tmp_path / "t" / "tune.md").read_text()
+    assert '- `{"damping": 0.5}`: RuntimeError: out of memory, say\n' in (tmp_path / "t" / "tune.md").read_text()
 
 
 @pytest.mark.parametrize(

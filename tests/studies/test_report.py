@@ -202,6 +202,7 @@ def test_bench_evaluate_and_diagnose_reports(tmp_path):
     assert (tmp_path / "mine.html").is_file() and "Evaluate: mine" in page and "0.688 [0.613, 0.760]" in page
     rows = [Diagnosis("ekfac", 1.5, 10.0, 0.2, 0.9, 0.85), Diagnosis("cg", 2.0, None, error="diverged")]
     write_diagnosis(rows, None, tmp_path / "diag", {"command": "wherefrom diagnose ..."})
+    assert "\n\nFailed (each error in full):\n\n- cg: diverged\n" in (tmp_path / "diag" / "diagnose.md").read_text()
     diagnosis = write_report(tmp_path / "diag").read_text()
     assert "failed: diverged" in diagnosis and "0.850" in diagnosis and diagnosis.count("<svg") == 1
 
@@ -446,7 +447,7 @@ def test_the_html_diagnose_report_shows_the_warnings_damping_and_memory_of_diagn
         "Warning of cg: ConvergenceWarning: cg did not converge in max_iter=100",
     ]
     unrecorded = [b["text"] for b in diagnose_section([{"method": "lissa"}])["blocks"] if b["type"] == "note"]
-    assert unrecorded == ["Warnings of lissa: not recorded (a row cached by an earlier version)"]
+    assert unrecorded == ["Warnings of lissa: not recorded (a row written by an earlier version)"]
 
 
 def test_report_on_a_killed_bench_names_it_unfinished_with_its_replay_line(tmp_path):

@@ -84,7 +84,7 @@ def test_reversed_statements_carry_less_influence_than_the_query_order(tmp_path)
     assert notes == ["Warning of ekfac, seed 1: ConvergenceWarning: x"]
     del payload["seeds"][0]["warnings"]  # a seed cached by an earlier version: the HTML said nothing, as for "none"
     notes = [b["text"] for b in word_order_section(payload)["blocks"] if b["type"] == "note"]
-    assert notes[0] == "Warnings of ekfac, seed 0: not recorded (a row cached by an earlier version)"
+    assert notes[0] == "Warnings of ekfac, seed 0: not recorded (a row written by an earlier version)"
     assert "Warnings not recorded for seed 0" in markdown(payload)
     payload["seeds"][0]["warnings"] = []
     html = write_report(tmp_path / "out").read_text()
@@ -101,7 +101,7 @@ def test_a_seed_whose_fine_tuning_left_nan_weights_is_named_not_scored(tmp_path,
     save_tiny(tmp_path / "model", arch="llama")
     config = WordOrderConfig(out=str(tmp_path / "out"), model=str(tmp_path / "model"), seeds=[3], device="cpu")
     with pytest.raises(
-        RuntimeError, match=r"word-order: seed 3: the fine-tuning diverged \(the mean loss of epoch 1 is not finite\)"
+        ValueError, match=r"word-order: seed 3: the fine-tuning diverged \(the mean loss of epoch 1 is not finite\)"
     ):
         run_word_order(config, log=lambda line: None)
 
@@ -128,7 +128,7 @@ def test_the_query_measures_the_fact_without_the_appended_eos(tmp_path, monkeypa
     monkeypatch.setattr(
         wordorder,
         "finetune",
-        lambda model, *args, **kwargs: SimpleNamespace(model=model, epoch_losses=[1.0], divergence=lambda: None),
+        lambda model, *args, **kwargs: SimpleNamespace(model=model, epoch_losses=[1.0], check_finite=lambda what: None),
     )
     save_tiny(tmp_path / "model", arch="llama")
     padded = replace(tiny_finetune(), pad_left=True)  # a layout other than the attribution's default
@@ -231,7 +231,7 @@ def test_a_rerun_of_other_settings_is_refused_unless_overwrite(tmp_path, monkeyp
     monkeypatch.setattr(
         wordorder,
         "finetune",
-        lambda model, *args, **kwargs: SimpleNamespace(model=model, epoch_losses=[2.0, 1.0], divergence=lambda: None),
+        lambda model, *args, **kwargs: SimpleNamespace(model=model, epoch_losses=[2.0, 1.0], check_finite=lambda what: None),
     )
     save_tiny(tmp_path / "model", arch="llama")
     out = tmp_path / "out"

@@ -522,7 +522,9 @@ def refuse_unread_settings(
     too). ``preset``: a flag given at its default value counts too, as it overrides the preset (:func:`set_settings`:
     ``bench --preset``, ``ablate``). ``options``: the ``--option`` pairs as :func:`method_pairs` gives them; a
     method's own options may make a setting unread (``--fisher`` for ``logra`` with ``--option curvature=false``),
-    and an own option they make unread is refused too (:func:`wherefrom.methods.registry.refuse_skipped_options`)."""
+    and an own option they make unread is refused too (:func:`wherefrom.methods.registry.refuse_skipped_options`), as
+    is a method's own ``damping_factor`` option beside ``--damping`` or its own ``damping`` option (userO: taken,
+    recorded and unused; a method's own ``damping`` makes ``--damping-factor`` unread for it)."""
     from wherefrom.curvature.base import DAMPING_FACTOR, unused_damping_factor
     from wherefrom.engine.api import AttributionConfig
     from wherefrom.methods.registry import method_spec, refuse_skipped_options, split_settings
@@ -544,9 +546,9 @@ def refuse_unread_settings(
         refuse_skipped_options(method, *split_settings(own[method]))
         mine = split_settings(own[method])[0]  # its setting options, over the flags
         damping = mine.get("damping", given.get("damping"))
-        unused = unused_damping_factor(damping, mine.get("damping_factor", given.get("damping_factor", DAMPING_FACTOR)))
-        if unused:  # userO: refused as two flags or two options, taken as a flag and an option
-            raise ValueError(f"{kind} {method!r}: {unused} (as --damping/--damping-factor or --option pairs)")
+        unused = unused_damping_factor(damping, mine.get("damping_factor", DAMPING_FACTOR))
+        if unused:  # userO: refused as two flags or two options, taken as --damping and an option's factor
+            raise ValueError(f"{kind} {method!r}: option {unused} (--damping or its own --option damping=...)")
     unread = [n for n, (name, v) in fields_given.items() if not any(s.takes(name, v, own[m]) for m, s in specs.items())]
     if unread:
         shown = shown_flags({n: given[n] for n in unread})

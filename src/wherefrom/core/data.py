@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CHAT_FIELDS",
     "SUPPORTED_SUFFIXES",
     "DataError",
     "Record",
@@ -174,6 +175,9 @@ def _from_messages(messages: Any, where: str) -> dict[str, Any]:
             f"{where}: field 'messages': expected a user message then an assistant message, got roles {roles}; "
             "one row is one (prompt, completion) pair: write other conversations as prompt and completion"
         )
+    lacking = next((i for i, m in enumerate(messages) if "content" not in m), None)
+    if lacking is not None:  # reviewW: it was named a null content
+        raise DataError(f"{where}: field 'messages[{lacking}]' has no 'content'")
     return {"prompt": messages[0].get("content"), "completion": messages[1].get("content")}
 
 

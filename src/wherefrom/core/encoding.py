@@ -38,10 +38,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import jinja2
 import torch
 
-from wherefrom.core.data import DataError, Record
+from wherefrom.core.data import CHAT_FIELDS, DataError, Record
 from wherefrom.core.task import IGNORE_INDEX
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -114,7 +113,7 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], 
     take): userP, it ended in a jinja2 traceback, exit 1, its run's record kept."""
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    except jinja2.TemplateError as error:
+    except Exception as error:  # jinja2's TemplateError, or a TypeError of the template's own Python (reviewW)
         raise ValueError(
             f"{where}: the chat template of tokenizer {getattr(tokenizer, 'name_or_path', '') or '(unnamed)'!r} "
             f"failed: {type(error).__name__}: {error}; fix it (chat_template.jinja or tokenizer_config.json) or "
@@ -488,7 +487,7 @@ def _encoded_row(
         prompt = [int(bos)]
     if not completion:
         raise DataError(
-            f"{record.named()}: field 'completion' tokenizes to zero tokens "
+            f"{record.named()}: field {CHAT_FIELDS['completion'] if record.chat else 'completion'!r} tokenizes to zero tokens "
             f"(completion={record.completion!r}, append_eos={append_eos})"
         )
     total = len(prompt) + len(completion)

@@ -210,9 +210,12 @@ class MethodSpec:
         its ``options``: one of :attr:`settings_read` that it does not fix or preset (:attr:`settings`:
         ``method_settings`` lays those over the configuration, so ``datainf`` scores with the empirical Fisher
         whatever ``--fisher`` says; its own ``fisher`` is a setting option) nor skip (:meth:`skipped_with`:
-        ``logra``'s Fisher with ``curvature=False``), or a fixed or preset setting given at the method's own value."""
+        ``logra``'s Fisher with ``curvature=False``; the damping factor beside its own absolute ``damping`` option), or a
+        fixed or preset setting given at the method's own value."""
         if name in self.skipped_with(options or {}):
             return False
+        if name == "damping_factor" and (options or {}).get("damping") is not None:
+            return False  # its own absolute damping sets lambda (userO: --damping-factor beside it was taken, unused)
         if name in self.settings:
             return value is not UNSET and self.settings[name] == value
         return name in self.settings_read

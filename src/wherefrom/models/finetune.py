@@ -349,9 +349,11 @@ class FinetuneResult:
     def divergence(self) -> str | None:
         """Why this fine-tuning's weights cannot be scored, or ``None`` when they are finite: a mean epoch loss that is
         not finite (the weights are not either), or, every loss finite, parameters left non-finite by the last step
-        (:meth:`nonfinite_parameters`). Every caller that scores the model checks it first (``finetune`` exits 1; a
-        bench row, the word-order study and the ground truth fail naming it: they scored NaN weights, a bench row
-        failing with "non-finite score(s)" after every gradient was computed)."""
+        (:meth:`nonfinite_parameters`). Every caller that scores the model checks it first (``finetune`` exits 1, a
+        bench seed's rows fail "not scored", the others call :meth:`check_finite`: they scored NaN weights, a bench row
+        failing with "non-finite score(s)" after every gradient was computed). Only the final weights are read: an
+        AdamW step keeps a NaN weight NaN, so a fine-tuning with a non-finite checkpoint ends non-finite too (``analyze
+        convergence`` then refuses the seed, its finite first epochs included)."""
         diverged = [k for k, loss in enumerate(self.epoch_losses, 1) if not math.isfinite(loss)]
         if diverged:
             return (
@@ -365,6 +367,12 @@ class FinetuneResult:
                 f"in {self.weights_dir} are not finite ({broken[0]}, ...); lower the learning rate (--learning-rate)"
             )
         return None
+
+    def check_finite(self, what: str) -> None:
+        """``ValueError`` ``"<what>: <divergence>"`` when the weights cannot be scored (:meth:`divergence`)."""
+        problem = self.divergence()
+        if problem:
+            raise ValueError(f"{what}: {problem}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,11 +46,13 @@ __all__ = [
     "ModelLoadError",
     "Version1TokenizerRecord",
     "adapter_folder_problem",
+    "available_devices",
     "cache_root",
     "check_adapter",
     "check_safetensors",
     "check_weights",
     "default_model_dir",
+    "device_here",
     "load_model",
     "model_fingerprint",
     "model_folder_problem",
@@ -157,8 +159,11 @@ def device_here(value: Any) -> str | None:
     """What is wrong with ``value`` as a torch device of this machine (not a device, or one it lacks), or ``None``:
     the check of ``--device`` and of tracin's ``device`` option (userO: ``device=\"cuda\"`` on a CPU machine ended
     in torch's assertion)."""
+    text = value.strip().lower() if isinstance(value, str) else value  # as pick_device reads it
+    if text == "auto":
+        return None
     try:
-        device = torch.device(value)
+        device = torch.device(text)
     except (RuntimeError, ValueError):
         return f"not a device; available here: {', '.join(available_devices())}"
     here = available_devices()

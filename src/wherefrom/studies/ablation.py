@@ -37,15 +37,16 @@ from wherefrom.models.loading import load_model
 from wherefrom.studies.bench import (
     BenchConfig,
     build_task,
+    by_seed,
     check_task_name,
     planned_rows,
     row_units,
     run_bench,
-    seed_warnings,
 )
 from wherefrom.studies.metrics import mean_stat
 from wherefrom.studies.presets import SWITCHES, check_preset, resolve, switch_keys, switched, switches_between
 from wherefrom.studies.toolkit import (
+    failure_notes,
     interval_cell,
     markdown_table,
     number,
@@ -313,8 +314,10 @@ def markdown(payload: dict[str, Any], command: str) -> str:
     columns, rows = short_rows_table(payload)
     lines += ["", f"## {short_rows_heading(payload)}", ""]
     lines += [markdown_table(columns, rows, ["---", "---", "---:", "---:", "---:"])]
-    warned = [entry for run, aggregate in payload["runs"].items() for entry in seed_warnings(aggregate, run)]
-    return "\n".join(lines) + "\n" + warning_notes(warned)
+    runs = payload["runs"].items()
+    failed = [entry for run, aggregate in runs for entry in by_seed(aggregate, "errors", run)]  # its table: "–", 0/n
+    warned = [entry for run, aggregate in runs for entry in by_seed(aggregate, "warnings", run)]
+    return "\n".join(lines) + "\n" + failure_notes(failed) + warning_notes(warned)
 
 
 def runs_line(payload: dict[str, Any]) -> str:

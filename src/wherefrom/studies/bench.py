@@ -54,6 +54,7 @@ from wherefrom.studies.toolkit import (
     cached,
     check_seeds,
     failure_cell,
+    failure_notes,
     free_memory,
     interval_cell,
     key_digest,
@@ -72,6 +73,7 @@ __all__ = [
     "DEFAULT_METHODS",
     "BenchConfig",
     "build_task",
+    "by_seed",
     "check_task_name",
     "command_line",
     "finetuned",
@@ -413,11 +415,13 @@ def method_row(
     tokenizer,
     directory: Path | None = None,
     progress: Progress = no_progress,
+    unscored: str | None = None,
 ) -> dict[str, Any]:
     """One bench row: ``method`` fitted and scored on ``task`` with the fine-tuned ``tuned.model`` (:func:`scored_method`;
     ``tracin`` gets ``tuned.checkpoints`` and a loader of the base model), then its metrics. ``tuned`` and
     ``tokenizer`` are ``None`` for a method that needs no model (the ``lexical`` family: BM25). ``directory``: where
-    the bench ran (:func:`finetuned`); ``progress``: the method's passes.
+    the bench ran (:func:`finetuned`); ``progress``: the method's passes; ``unscored``: why the model cannot be
+    scored (:meth:`wherefrom.models.finetune.FinetuneResult.divergence`), the row's error then, with nothing run.
 
     Returns ``{seed, method, metrics, top1, seconds, peak_mib, error, warnings}`` (``top1``: each query's highest-scored
     training row id, when scored): ``metrics`` from
@@ -428,17 +432,20 @@ def method_row(
     if in_family(method, "checkpoint"):
         options.setdefault("checkpoints", [str(p) for p in tuned.checkpoints])
         options.setdefault("base", lambda: load_model(named_from(config.model, directory), device=config.device).model)
-    scores, usage = scored_method(
-        method,
-        tuned and tuned.model,
-        tokenizer,
-        config.attribution_config(seed),
-        options,
-        task.train,
-        task.test,
-        config.device,
-        progress,
-    )
+    if unscored:
+        scores, usage = None, {"seconds": None, "peak_mib": None, "error": f"not scored: {unscored}", "warnings": []}
+    else:
+        scores, usage = scored_method(
+            method,
+            tuned and tuned.model,
+            tokenizer,
+            config.attribution_config(seed),
+            options,
+            task.train,
+            task.test,
+            config.device,
+            progress,
+        )
     row: dict[str, Any] = {"seed": seed, "method": method, "metrics": None, **usage}
     if scores is not None:
         try:
@@ -508,24 +515,19 @@ def markdown(summary: dict[str, Any], kind: str, command: str, title: str) -> st
             ]
         )
     table = markdown_table(["method", *names, "time, s", "peak memory, MiB", "seeds ok"], rows)
-    failures = "".join(
-        f"- {method}, seed {seed}: {' '.join(error.split())}\n"
-        for method, entry in summary.items()
-        for seed, error in entry.get("errors", {}).items()
-    )
-    if failures:  # userP: only the table's cut cell, while the README promised each failed seed's error
-        failures = "\nFailed seeds (each error in full):\n\n" + failures
     head = f"# wherefrom bench: {title}\n\nCommand: `{command}`\n\n"
-    return head + table + "\n" + failures + warning_notes(seed_warnings(summary))
+    notes = failure_notes(by_seed(summary, "errors")) + warning_notes(by_seed(summary, "warnings"))
+    return head + table + "\n" + notes
 
 
-def seed_warnings(summary: dict[str, Any], run: str = "") -> list[tuple[str, list[str] | None]]:
-    """The recorded warnings of an :func:`aggregate` (of the ``run`` an ablation names, if any), labelled
-    ``[run: ]method, seed s``, as :func:`wherefrom.studies.toolkit.warning_notes` lists them."""
+def by_seed(summary: dict[str, Any], key: str, run: str = "") -> list[tuple[str, Any]]:
+    """An :func:`aggregate`'s ``errors`` or ``warnings`` (``key``; of the ``run`` an ablation names, if any) as
+    ``(label, value)`` pairs labelled ``[run: ]method, seed s``, as :func:`wherefrom.studies.toolkit.failure_notes`
+    and :func:`~wherefrom.studies.toolkit.warning_notes` list them."""
     return [
-        (f"{run + ': ' if run else ''}{method}, seed {seed}", said)
+        (f"{run + ': ' if run else ''}{method}, seed {seed}", value)
         for method, entry in summary.items()
-        for seed, said in entry.get("warnings", {}).items()  # no key in a bench.json written before they were kept
+        for seed, value in entry.get(key, {}).items()  # no warnings key in a bench.json written before they were kept
     ]
 
 
@@ -585,17 +587,17 @@ def run_bench(
         if any(done[m] is None and not in_family(m, "lexical") for m in config.methods):
             loaded, tuned = finetuned(config, seed, task, overwrite)
             say(f"seed {seed}: {'reused' if tuned.reused else 'trained'} the fine-tuned model")
+        # not scored: every gradient of NaN weights was computed, to fail on "non-finite score(s)"
+        diverged = tuned and tuned.divergence()
         for method in progress(config.methods, f"seed {seed}"):
             if done[method] is not None:
                 say(f"seed {seed} {method}: reused")
                 rows.append(done[method])
                 continue
-            problem = tuned and not in_family(method, "lexical") and tuned.divergence()
-            if problem:  # not scored: every gradient of NaN weights was computed, to fail on "non-finite score(s)"
-                usage = {"seconds": None, "peak_mib": None, "error": f"not scored: {problem}", "warnings": []}
-                row = {"seed": seed, "method": method, "metrics": None, **usage}
-            else:
-                row = method_row(config, task, seed, method, tuned, loaded and loaded.tokenizer, progress=progress)
+            unscored = None if in_family(method, "lexical") else diverged
+            row = method_row(
+                config, task, seed, method, tuned, loaded and loaded.tokenizer, progress=progress, unscored=unscored
+            )
             row = store(_row_path(out, seed, method), keys[seed][method], row)
             say(f"seed {seed} {method}: " + (f"failed: {row['error']}" if row["error"] else f"{row['seconds']:.1f} s"))
             rows.append(row)

@@ -81,6 +81,7 @@ def run_demo(
         base.model, base.tokenizer, train, FinetuneConfig(epochs=epochs, max_length=MAX_LENGTH), folder / "finetune",
         progress=True, overwrite=False,
     )  # fmt: skip
+    tuned.check_finite("the demo's fine-tuning")
     console.print(
         f"    {'reused earlier fine-tuning' if tuned.reused else 'trained'}; loss per epoch {[round(x, 3) for x in tuned.epoch_losses]}"
     )

@@ -39,7 +39,15 @@ from wherefrom.engine.api import AttributionConfig, Attributor
 from wherefrom.methods.registry import METHODS, InfluenceMethod, make_method, method_spec
 from wherefrom.studies import toolkit
 from wherefrom.studies.metrics import spearman_rows
-from wherefrom.studies.toolkit import failure_cell, markdown_table, measured, number, provenance, recorded_warnings
+from wherefrom.studies.toolkit import (
+    failure_cell,
+    failure_notes,
+    markdown_table,
+    measured,
+    number,
+    provenance,
+    recorded_warnings,
+)
 
 EXACT_BLOCKS = "full"
 """The default blocks of :func:`diagnose`'s exact reference (``--exact-blocks``): the whole GGN, cross-module terms
@@ -296,6 +304,7 @@ def write_report(
         + (f"Command: `{command}`\n\n" if command else "")
         + markdown_table(header, table)
         + (f"\n\nNo exact reference: {reason}" if reason else "")
+        + ("\n" + failure_notes((r.method, r.error) for r in rows)).rstrip("\n")
         + "".join(
             f"\n\nWarnings of {r.method}:\n" + "".join(f"\n- {w}" for w in r.warnings) for r in rows if r.warnings
         )

@@ -55,6 +55,7 @@ from wherefrom.core.store import (
 __all__ = [
     "cached",
     "failure_cell",
+    "failure_notes",
     "foreign_report",
     "free_memory",
     "interval_cell",
@@ -263,6 +264,14 @@ def recorded_warnings() -> Iterator[list[str]]:
                 text = f"{w.category.__name__}: {w.message}"
                 alike.setdefault(NUMBER.sub("#", text), [text, 0])[1] += 1
         own.extend(text if count == 1 else f"{text} (and {count - 1} more like it)" for text, count in alike.values())
+
+
+def failure_notes(failed: Iterable[tuple[str, str | None]]) -> str:
+    """The Markdown notes under a study's table giving each failed row's error in full, ``- label: error`` on one
+    line (the table's cell, :func:`failure_cell`, is cut at 200 characters: userP read ``bench.md``'s cut error, its
+    fix hint lost, as the whole); rows without an error are left out; ``""`` when none failed."""
+    lines = [f"- {label}: {' '.join(error.split())}" for label, error in failed if error]
+    return "\nFailed (each error in full):\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def warning_notes(warned: Iterable[tuple[str, Sequence[str] | None]]) -> str:

@@ -192,7 +192,7 @@ def run_word_order(
     (:func:`wherefrom.models.finetune.finetune`; one killed before ``wordorder.json`` was written).
 
     Raises ``ValueError`` for a bad setting (before training) or a method that scores every training row alike
-    (after the fine-tuning, which a rerun reuses), and ``RuntimeError`` when the method fails.
+    (after the fine-tuning, which a rerun reuses) or one whose weights ended non-finite (:meth:`wherefrom.models.finetune.FinetuneResult.check_finite`), and ``RuntimeError`` when the method fails.
     """
     config.validate()
     out = Path(config.out)
@@ -215,9 +215,7 @@ def run_word_order(
             progress=False,
             overwrite=overwrite,
         )
-        problem = tuned.divergence()
-        if problem:
-            raise RuntimeError(f"word-order: seed {seed}: {problem}")
+        tuned.check_finite(f"word-order: seed {seed}")
         attribution = config.attribution(seed)
         scores, usage = scored_method(
             config.method, tuned.model, loaded.tokenizer, attribution, {}, train, queries, config.device, progress

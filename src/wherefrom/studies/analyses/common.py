@@ -108,9 +108,7 @@ class Bench:
         trained again without a word, while the bench's metrics an analysis pairs with came from the deleted one)."""
         allow = f"--overwrite to `wherefrom bench` for {self.folder} (an analysis never replaces a fine-tuning)"
         loaded, tuned = finetuned(self.config, seed, task, overwrite=False, directory=self.directory, allow=allow)
-        problem = tuned.divergence()
-        if problem:  # the bench's rows of this seed failed on it; an analysis would read NaN weights
-            raise ValueError(f"seed {seed}: {problem}")
+        tuned.check_finite(f"seed {seed}")  # the bench's rows of this seed failed on it
         if not tuned.reused:
             log(
                 f"seed {seed}: the bench's fine-tuning was not in {tuned.output_dir}: fine-tuned again (the bench's "

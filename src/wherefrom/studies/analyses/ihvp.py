@@ -53,6 +53,7 @@ from wherefrom.studies.metrics import mean_stat, spearman
 from wherefrom.studies.toolkit import (
     cached,
     failure_cell,
+    failure_notes,
     free_memory,
     interval_cell,
     key_digest,
@@ -450,6 +451,9 @@ def _markdown(bench: Bench, payload: dict[str, Any]) -> str:
             ]
         )
     lines.append(markdown_table(["method", "iHVP rel. error", "scale-free", *names, "time, s", "seeds"], table))
+    failed = [(f"{m}, seed {s}", e) for m, entry in payload["per_method"].items() for s, e in entry["errors"].items()]
+    if failed:  # the table's cell is the first error, cut
+        lines.append(failure_notes(failed).rstrip("\n"))
     options = {m: method_options(bench, payload["settings"]["method_options"], m) for m in payload["per_method"]}
     if any(options.values()):
         lines += [

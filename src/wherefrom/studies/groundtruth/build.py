@@ -305,9 +305,7 @@ def build_groundtruth(
     tuned = finetune(
         loaded.model, loaded.tokenizer, train, settings, out / "model", progress=False, overwrite=overwrite
     )
-    problem = tuned.divergence()
-    if problem:  # every measurement of the retrained models would be compared with NaN
-        raise ValueError(f"the full-data model: {problem}")
+    tuned.check_finite("the full-data model")  # every retrained model's measurement would be compared with NaN
     recorded = read_json_object(out / "model" / FINETUNE_RECORD)["tokenizer_fingerprint"]  # the folder's form
     full_f = measure_queries(tuned.model, loaded.tokenizer, queries, config.batch_size, **settings.layout())
     timings["finetune_s"] = time.perf_counter() - tick

@@ -48,6 +48,7 @@ from wherefrom.studies.groundtruth.lds import lds_per_query, loo_correlations, s
 from wherefrom.studies.metrics import spearman_rows
 from wherefrom.studies.toolkit import (
     failure_cell,
+    failure_notes,
     free_memory,
     interval_cell,
     markdown_table,
@@ -62,6 +63,7 @@ from wherefrom.studies.toolkit import (
 __all__ = [
     "REPORT_MARKS",
     "TARGETS",
+    "TARGET_TITLES",
     "evaluate",
     "evaluate_scores",
     "load_method_scores",
@@ -313,6 +315,7 @@ def markdown(
         + "\n\nIntervals: 95% percentile bootstrap over queries. Time and memory: fit + scores of the method.\n"
         + "".join(f"{note}.\n" for note in notes)
         + noise_line(noise)
+        + failure_notes((method, row.get("error")) for method, row in rows.items())
         + warning_notes((method, row.get("warnings")) for method, row in rows.items())  # None: a row cached before
     )
 

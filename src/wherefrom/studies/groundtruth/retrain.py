@@ -195,9 +195,8 @@ class FinetuneRetrainer:
             Path(self.scratch).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=self.scratch) as folder:
             tuned = finetune(loaded.model, loaded.tokenizer, rows, config, folder, progress=False, resumable=False)
-            problem = tuned.divergence()
-            if problem:  # its measurements would be NaN, and LDS would leave them out unsaid
-                raise ValueError(f"retraining on {len(rows)} rows (seed {seed}): {problem}")
+            # its measurements would be NaN, and LDS would leave them out unsaid
+            tuned.check_finite(f"retraining on {len(rows)} rows (seed {seed})")
             return measure_queries(
                 tuned.model, loaded.tokenizer, self.queries, self.measure_batch_size, **config.layout()
             )

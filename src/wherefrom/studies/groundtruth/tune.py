@@ -45,6 +45,7 @@ from wherefrom.studies.groundtruth.evaluate import load_method_scores, measured_
 from wherefrom.studies.metrics import FEWEST_CORRELATED
 from wherefrom.studies.toolkit import (
     failure_cell,
+    failure_notes,
     free_memory,
     interval_cell,
     key_digest,
@@ -212,7 +213,8 @@ def markdown(report: dict[str, Any]) -> str:
     warned = [(f"`{json.dumps(row['point'])}`", row.get("warnings", [])) for row in report["points"]]
     if report["default"].get("grid_point") is None:  # run apart from the grid
         warned.append(("the default point", report["default"].get("warnings", [])))
-    return "\n".join(text) + "\n" + warning_notes(warned)
+    failed = [(f"`{json.dumps(row['point'])}`", row.get("error")) for row in report["points"]]
+    return "\n".join(text) + "\n" + failure_notes(failed) + warning_notes(warned)
 
 
 def tune(

@@ -241,10 +241,10 @@ def settings_section(heading: str, settings: Mapping[str, Any]) -> dict[str, Any
 
 def warning_lines(where: str, texts: Sequence[str] | None) -> list[str]:
     """The report's notes on one row's recorded warnings (:func:`wherefrom.studies.toolkit.recorded_warnings`):
-    ``Warning of <where>: <text>`` each, or one saying they were not recorded (``texts`` ``None``: a row cached by
+    ``Warning of <where>: <text>`` each, or one saying they were not recorded (``texts`` ``None``: a row written by
     an earlier version, which kept none)."""
     if texts is None:
-        return [f"Warnings of {where}: not recorded (a row cached by an earlier version)"]
+        return [f"Warnings of {where}: not recorded (a row written by an earlier version)"]
     return [f"Warning of {where}: {text}" for text in texts]
 
 
