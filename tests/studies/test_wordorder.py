@@ -231,7 +231,9 @@ def test_a_rerun_of_other_settings_is_refused_unless_overwrite(tmp_path, monkeyp
     monkeypatch.setattr(
         wordorder,
         "finetune",
-        lambda model, *args, **kwargs: SimpleNamespace(model=model, epoch_losses=[2.0, 1.0], check_finite=lambda what: None),
+        lambda model, *args, **kwargs: SimpleNamespace(
+            model=model, epoch_losses=[2.0, 1.0], check_finite=lambda what: None
+        ),
     )
     save_tiny(tmp_path / "model", arch="llama")
     out = tmp_path / "out"
