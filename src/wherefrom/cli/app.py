@@ -543,8 +543,8 @@ def refuse_unread_settings(
     fields_given = {n: (NEGATED_FLAGS[n], not given[n]) if n in NEGATED_FLAGS else (n, given[n]) for n in given}
     own = {method: options_for(options or {}, method) for method in methods}
     for method in methods:
-        refuse_skipped_options(method, *split_settings(own[method]))
-        mine = split_settings(own[method])[0]  # its setting options, over the flags
+        mine, constructor = split_settings(own[method])  # its setting options (over the flags) and the others
+        refuse_skipped_options(method, mine, constructor)
         damping = mine.get("damping", given.get("damping"))
         unused = unused_damping_factor(damping, mine.get("damping_factor", DAMPING_FACTOR))
         if unused:  # userO: refused as two flags or two options, taken as --damping and an option's factor
