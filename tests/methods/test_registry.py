@@ -89,6 +89,8 @@ def test_datainf_presets_the_empirical_fisher_and_an_option_overrides_it(model, 
         ("bm25", {"b": 2}, ["method 'bm25'", "option 'b'", "got 2", "a finite number in [0, 1]"]),
         ("repsim", {"pooling": "max"}, ["method 'repsim'", "option 'pooling'", '"last_prompt", "last", "mean"']),
         ("trak", {"dim": "many"}, ["method 'trak'", "option 'dim'", "'many'", "an integer >= 1"]),
+        # userO: listed by `wherefrom methods`, refused by the method after the model loaded (LoGra's only)
+        ("trak", {"strategy": "kfac"}, ["method 'trak'", "option 'strategy'", "'kfac'", 'allowed: one of "exact"']),
         ("tracin", {}, ["method 'tracin' needs option 'checkpoints'", "a list"]),
         ("tracin", {"checkpoints": "ckpt"}, ["method 'tracin'", "option 'checkpoints'", "'ckpt'", "a list"]),
         # userB: inf met every lower bound and NaN every option without one (lissa's safety=inf divided by zero in

@@ -557,7 +557,7 @@ def refuse_unread_settings(
             f"; {method}'s own {n} is --option {'' if one else method + '.'}{n}=..."
             for n in unread
             for method, spec in specs.items()
-            if n in {option.name for option in spec.options} - spec.skipped_with(own[method])
+            if n in {option.name for option in spec.options} - spec.unread_with(own[method])
         )
         who = f"{kind} {methods[0]!r} does not read" if one else f"none of the methods {', '.join(methods)} reads"
         raise ValueError(

@@ -212,13 +212,18 @@ class MethodSpec:
         whatever ``--fisher`` says; its own ``fisher`` is a setting option) nor skip (:meth:`skipped_with`:
         ``logra``'s Fisher with ``curvature=False``; the damping factor beside its own absolute ``damping`` option), or a
         fixed or preset setting given at the method's own value."""
-        if name in self.skipped_with(options or {}):
+        if name in self.unread_with(options or {}):
             return False
-        if name == "damping_factor" and (options or {}).get("damping") is not None:
-            return False  # its own absolute damping sets lambda (userO: --damping-factor beside it was taken, unused)
         if name in self.settings:
             return value is not UNSET and self.settings[name] == value
         return name in self.settings_read
+
+    def unread_with(self, options: Mapping[str, Any]) -> frozenset[str]:
+        """The settings this method does not read with its ``options``: those it skips (:meth:`skipped_with`), and
+        ``damping_factor`` beside its own absolute ``damping`` option, which sets lambda itself (userO:
+        ``--damping-factor`` beside it was taken, recorded and unused)."""
+        own_damping = {"damping_factor"} if options.get("damping") is not None else set()
+        return self.skipped_with(options) | own_damping
 
     def read(self, settings: Mapping[str, Any]) -> dict[str, Any]:
         """The entries of ``settings`` (:class:`~wherefrom.engine.api.AttributionConfig` names to values) in
@@ -296,13 +301,20 @@ PROJECTED_CURVATURE = from_signature(
 
 
 def _projected(
-    name: str, description: str, citation: str, build: Callable[..., ProjectedInfluence], *projection: OptionSpec
+    name: str,
+    description: str,
+    citation: str,
+    build: Callable[..., ProjectedInfluence],
+    strategies: tuple[str, ...],
+    *projection: OptionSpec,
 ) -> MethodSpec:
     """A :class:`ProjectedInfluence` made by ``build`` (``trak``/``logra``), with its projection options
-    (type and default read from ``build`` unless given), ``curvature`` and the damping and Fisher settings."""
+    (type and default read from ``build`` unless given), ``curvature`` and its projected curvature ``strategies``
+    (userO: trak listed kfac and ekfac, LoGra's only, and refused them after the model loaded), and the damping and
+    Fisher settings."""
     options = (
         *from_signature(build, *projection),
-        *PROJECTED_CURVATURE,
+        *(replace(spec, choices=strategies) if spec.name == "strategy" else spec for spec in PROJECTED_CURVATURE),
         *_settings("damping", "damping_factor", "fisher", "reduction"),
     )
     return MethodSpec(
@@ -388,6 +400,7 @@ _SPECS = [
         "influence in a dense random (Gaussian/Rademacher) projection of the gradients, damped projected Fisher",
         "Park et al. 2023, TRAK: Attributing Model Behavior at Scale",
         ProjectedInfluence.trak,
+        ("exact",),
         OptionSpec("dim", low=1, help="projected length k per module"),
         OptionSpec("kind", help="distribution of the projection's entries"),
     ),
@@ -396,6 +409,7 @@ _SPECS = [
         "influence in LoGra's Kronecker projection P_out g a^T P_in^T (the gradient is never formed)",
         "Choe et al. 2024, What is Your Data Worth to GPT? LLM-Scale Data Valuation with Influence Functions",
         ProjectedInfluence.logra,
+        ("exact", "kfac", "ekfac"),
         OptionSpec("dim_in", low=1, help="projected input side k_in per module"),
         OptionSpec("dim_out", low=1, help="projected output side k_out per module"),
         OptionSpec("kind", help="projection matrices' entries"),
